@@ -1,0 +1,137 @@
+//! Atomic outputs: write under a temporary name in the destination's directory, fsync, rename.
+//!
+//! A failed or killed run leaves at most a hidden `.<name>.tmp-XXXX` file or directory, never
+//! something at the destination path that looks complete.
+
+use crate::error::{Error, IoContext, Result};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// A file being written; it appears at its destination only after [`AtomicFile::commit`].
+pub struct AtomicFile {
+    temp: tempfile::NamedTempFile,
+    dest: PathBuf,
+}
+
+impl AtomicFile {
+    /// Start writing `dest`. Fails if `dest` exists and `overwrite` is false.
+    pub fn create(dest: &Path, overwrite: bool) -> Result<Self> {
+        if !overwrite && dest.exists() {
+            return Err(Error::OutputExists { path: dest.to_path_buf() });
+        }
+        let dir = parent_dir(dest);
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{}.tmp-", file_name(dest)))
+            .tempfile_in(&dir)
+            .at(&dir)?;
+        Ok(AtomicFile { temp, dest: dest.to_path_buf() })
+    }
+
+    /// The file to write into.
+    pub fn file(&mut self) -> &mut File {
+        self.temp.as_file_mut()
+    }
+
+    /// The destination path.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Flush to disk and move into place. Dropping without committing deletes the temp file.
+    pub fn commit(self) -> Result<()> {
+        self.temp.as_file().sync_all().at(&self.dest)?;
+        self.temp.persist(&self.dest).map_err(|e| Error::Io { path: self.dest.clone(), source: e.error })?;
+        sync_dir(&parent_dir(&self.dest));
+        Ok(())
+    }
+}
+
+/// A directory being written; it appears at its destination only after [`AtomicDir::commit`].
+pub struct AtomicDir {
+    temp: Option<tempfile::TempDir>,
+    dest: PathBuf,
+    overwrite: bool,
+}
+
+impl AtomicDir {
+    /// Start writing directory `dest`. Fails if it exists and `overwrite` is false.
+    pub fn create(dest: &Path, overwrite: bool) -> Result<Self> {
+        if !overwrite && dest.exists() {
+            return Err(Error::OutputExists { path: dest.to_path_buf() });
+        }
+        let dir = parent_dir(dest);
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{}.tmp-", file_name(dest)))
+            .tempdir_in(&dir)
+            .at(&dir)?;
+        Ok(AtomicDir { temp: Some(temp), dest: dest.to_path_buf(), overwrite })
+    }
+
+    /// Where to write the directory's contents for now.
+    pub fn path(&self) -> &Path {
+        self.temp.as_ref().expect("present until commit").path()
+    }
+
+    /// Move into place (replacing an existing destination when overwriting was allowed).
+    pub fn commit(mut self) -> Result<()> {
+        let temp = self.temp.take().expect("present until commit");
+        let staged = temp.keep();
+        if self.overwrite && self.dest.exists() {
+            let old = staged.with_extension("old");
+            std::fs::rename(&self.dest, &old).at(&self.dest)?;
+            std::fs::rename(&staged, &self.dest).at(&self.dest)?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&staged, &self.dest).at(&self.dest)?;
+        }
+        sync_dir(&parent_dir(&self.dest));
+        Ok(())
+    }
+}
+
+fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into())
+}
+
+/// Best effort: make the rename durable. Not all filesystems allow opening a directory.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn uncommitted_file_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.safetensors");
+        {
+            let mut f = AtomicFile::create(&dest, false).unwrap();
+            f.file().write_all(b"partial").unwrap();
+        }
+        assert!(!dest.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn committed_dir_appears_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("model");
+        let d = AtomicDir::create(&dest, false).unwrap();
+        std::fs::write(d.path().join("a"), b"x").unwrap();
+        d.commit().unwrap();
+        assert_eq!(std::fs::read(dest.join("a")).unwrap(), b"x");
+        assert!(matches!(AtomicDir::create(&dest, false), Err(Error::OutputExists { .. })));
+    }
+}

@@ -1,0 +1,362 @@
+//! The one value every format reads into and writes from: named lazy tensors plus metadata.
+//!
+//! A [`Checkpoint`] holds one [`Shard`] per (tensor-parallel, pipeline-parallel) rank; formats
+//! without parallelism have exactly one. A [`TensorEntry`] is dtype + shape + a [`ByteSource`]:
+//! no tensor bytes are read until a writer (or the compute core) asks for them.
+
+use crate::error::{Error, Result};
+use crate::DType;
+use indexmap::IndexMap;
+use memmap2::Mmap;
+use std::borrow::Cow;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A lazily produced byte buffer: little-endian, C-contiguous tensor data.
+#[derive(Clone)]
+pub enum ByteSource {
+    /// A range of a memory-mapped file (safetensors, stored zip entries, members of a plain tar).
+    Mapped {
+        /// The whole mapping, shared by every tensor of the file.
+        map: Arc<Mmap>,
+        /// Start of the tensor's bytes.
+        offset: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// Bytes already in memory (small tensors, test data, decompressed members).
+    Owned(Arc<[u8]>),
+    /// Bytes computed on demand from other sources (casts, byte swaps, strided gathers,
+    /// resharding transforms). The closure must be deterministic.
+    Derived(Arc<dyn Fn() -> Result<Vec<u8>> + Send + Sync>),
+}
+
+impl ByteSource {
+    /// A source over owned bytes.
+    pub fn owned(bytes: impl Into<Arc<[u8]>>) -> Self {
+        ByteSource::Owned(bytes.into())
+    }
+
+    /// A source computed by `f` when read.
+    pub fn derived(f: impl Fn() -> Result<Vec<u8>> + Send + Sync + 'static) -> Self {
+        ByteSource::Derived(Arc::new(f))
+    }
+
+    /// A range of a mapping; the caller has checked it lies inside the map.
+    pub fn mapped(map: Arc<Mmap>, offset: usize, len: usize) -> Self {
+        debug_assert!(offset + len <= map.len());
+        ByteSource::Mapped { map, offset, len }
+    }
+
+    /// The bytes: borrowed for mapped and owned sources, computed for derived ones.
+    pub fn bytes(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(match self {
+            ByteSource::Mapped { map, offset, len } => Cow::Borrowed(&map[*offset..*offset + *len]),
+            ByteSource::Owned(b) => Cow::Borrowed(b),
+            ByteSource::Derived(f) => Cow::Owned(f()?),
+        })
+    }
+
+    /// The length without producing the bytes, where it is known up front.
+    pub fn known_len(&self) -> Option<usize> {
+        match self {
+            ByteSource::Mapped { len, .. } => Some(*len),
+            ByteSource::Owned(b) => Some(b.len()),
+            ByteSource::Derived(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for ByteSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ByteSource::Mapped { offset, len, .. } => write!(f, "Mapped({offset}..{})", offset + len),
+            ByteSource::Owned(b) => write!(f, "Owned({} bytes)", b.len()),
+            ByteSource::Derived(_) => f.write_str("Derived"),
+        }
+    }
+}
+
+/// One tensor: what it is (dtype, shape), where its bytes come from, and where it was read.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions, outermost first; `[]` is a scalar.
+    pub shape: Vec<usize>,
+    /// How to get the bytes.
+    pub source: ByteSource,
+    /// The file (or `archive:member`) the tensor was read from, for error messages.
+    pub origin: Arc<Path>,
+}
+
+impl TensorEntry {
+    /// A tensor over the given source.
+    pub fn new(dtype: DType, shape: Vec<usize>, source: ByteSource, origin: Arc<Path>) -> Self {
+        TensorEntry { dtype, shape, source, origin }
+    }
+
+    /// Number of elements (1 for a scalar).
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes implied by dtype and shape.
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    /// The tensor's bytes, checked against dtype × shape.
+    pub fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        let bytes = self.source.bytes()?;
+        self.check_len(name, bytes.len())?;
+        Ok(bytes)
+    }
+
+    /// Fail with [`Error::TensorSize`] unless `got` equals [`TensorEntry::nbytes`].
+    pub fn check_len(&self, name: &str, got: usize) -> Result<()> {
+        if got != self.nbytes() {
+            return Err(Error::TensorSize {
+                path: self.origin.to_path_buf(),
+                tensor: name.to_string(),
+                dtype: self.dtype,
+                shape: self.shape.clone(),
+                expected: self.nbytes(),
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    /// The same tensor converted to `to` lazily (identity when the dtype already matches).
+    pub fn cast(&self, name: &str, to: DType) -> Result<TensorEntry> {
+        if self.dtype == to {
+            return Ok(self.clone());
+        }
+        if !self.dtype.is_float() || !to.is_float() {
+            return Err(Error::InvalidCast { tensor: name.to_string(), from: self.dtype, to });
+        }
+        let src = self.clone();
+        let name = name.to_string();
+        let from = self.dtype;
+        Ok(TensorEntry {
+            dtype: to,
+            shape: self.shape.clone(),
+            source: ByteSource::derived(move || {
+                let bytes = src.bytes(&name)?;
+                Ok(crate::dtype::cast_bytes(&bytes, from, to).expect("float dtypes checked above"))
+            }),
+            origin: self.origin.clone(),
+        })
+    }
+}
+
+/// Name → tensor, in the order the format stored them.
+pub type TensorMap = IndexMap<String, TensorEntry>;
+
+/// A model-parallel rank position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Rank {
+    /// Tensor-parallel rank.
+    pub tp: usize,
+    /// Pipeline-parallel rank.
+    pub pp: usize,
+}
+
+/// The tensors held by one rank.
+#[derive(Clone, Debug, Default)]
+pub struct Shard {
+    /// Which rank these tensors belong to.
+    pub rank: Rank,
+    /// The tensors, keyed by the format's own names.
+    pub tensors: TensorMap,
+}
+
+/// Tensor- and pipeline-parallel sizes of a checkpoint as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parallelism {
+    /// Tensor-parallel size.
+    pub tp: usize,
+    /// Pipeline-parallel size.
+    pub pp: usize,
+}
+
+impl Default for Parallelism {
+    fn default() -> Self {
+        Parallelism { tp: 1, pp: 1 }
+    }
+}
+
+/// How the weights of a `.nemo` archive are laid out (formats.md §1.3, §1.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NemoLayout {
+    /// `model_weights.ckpt` at the root (tp·pp = 1).
+    Single,
+    /// `mp_rank_XX/model_weights.ckpt` (tp > 1, pp = 1).
+    MpRank,
+    /// `tp_rank_XX_pp_rank_YYY/model_weights.ckpt` (pp > 1).
+    TpPpRank,
+    /// `model_weights/` Megatron-core distributed checkpoint (read in the conversion layer).
+    Distributed,
+}
+
+impl NemoLayout {
+    /// The layout NeMo writes for a given tp/pp (non-distributed).
+    pub fn for_parallelism(p: Parallelism) -> Self {
+        match (p.tp, p.pp) {
+            (1, 1) => NemoLayout::Single,
+            (_, 1) => NemoLayout::MpRank,
+            _ => NemoLayout::TpPpRank,
+        }
+    }
+
+    /// The archive path of one rank's `model_weights.ckpt` (formats.md §1.3).
+    pub fn weights_member(self, rank: Rank) -> String {
+        match self {
+            NemoLayout::Single | NemoLayout::Distributed => "model_weights.ckpt".to_string(),
+            NemoLayout::MpRank => format!("mp_rank_{:02}/model_weights.ckpt", rank.tp),
+            NemoLayout::TpPpRank => {
+                format!("tp_rank_{:02}_pp_rank_{:03}/model_weights.ckpt", rank.tp, rank.pp)
+            }
+        }
+    }
+}
+
+/// The container a checkpoint was read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    /// One `.safetensors` file.
+    SafetensorsFile,
+    /// A HuggingFace model directory (config.json + safetensors, single or sharded).
+    HfSafetensorsDir {
+        /// Whether the weights are split over several files with an index.
+        sharded: bool,
+    },
+    /// A HuggingFace model directory with `pytorch_model*.bin` weights.
+    HfBinDir {
+        /// Whether the weights are split over several files with an index.
+        sharded: bool,
+    },
+    /// One PyTorch zip checkpoint (`.bin`, `.pt`, `.ckpt`).
+    TorchZip,
+    /// A `.nemo` archive or its extracted directory.
+    Nemo {
+        /// How the weights are laid out.
+        layout: NemoLayout,
+        /// Read from a gzip-compressed tar (NeMo < 1.7).
+        gzip: bool,
+        /// Read from an extracted directory rather than a tar.
+        extracted: bool,
+    },
+}
+
+impl fmt::Display for Flavour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Flavour::SafetensorsFile => f.write_str("safetensors file"),
+            Flavour::HfSafetensorsDir { sharded } => {
+                write!(f, "HF safetensors directory ({})", if *sharded { "sharded" } else { "single file" })
+            }
+            Flavour::HfBinDir { sharded } => {
+                write!(
+                    f,
+                    "HF pytorch_model.bin directory ({})",
+                    if *sharded { "sharded" } else { "single file" }
+                )
+            }
+            Flavour::TorchZip => f.write_str("PyTorch zip checkpoint"),
+            Flavour::Nemo { layout, gzip, extracted } => {
+                let container = if *extracted {
+                    "extracted .nemo directory"
+                } else if *gzip {
+                    ".nemo (gzip tar)"
+                } else {
+                    ".nemo (tar)"
+                };
+                let layout = match layout {
+                    NemoLayout::Single => "model_weights.ckpt",
+                    NemoLayout::MpRank => "mp_rank_XX/",
+                    NemoLayout::TpPpRank => "tp_rank_XX_pp_rank_YYY/",
+                    NemoLayout::Distributed => "model_weights/ distributed checkpoint",
+                };
+                write!(f, "{container}, weights in {layout}")
+            }
+        }
+    }
+}
+
+/// A model configuration as the source stored it, kept verbatim so writing it back loses nothing.
+#[derive(Clone, Debug)]
+pub enum ModelConfig {
+    /// HuggingFace `config.json`.
+    HfJson(serde_json::Value),
+    /// NeMo `model_config.yaml`.
+    NemoYaml(crate::formats::nemo::NemoConfig),
+}
+
+/// A non-tensor file that travels with a checkpoint (tokenizer, generation config, ...).
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    /// File name as stored (for `.nemo`, the hashed `<32hex>_<basename>` member name).
+    pub name: String,
+    /// Its bytes.
+    pub source: ByteSource,
+}
+
+/// Everything about a checkpoint that is not a tensor.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    /// The path it was read from.
+    pub path: PathBuf,
+    /// Which container format.
+    pub flavour: Flavour,
+    /// Model-parallel sizes as stored.
+    pub parallel: Parallelism,
+    /// The model configuration, when the container has one.
+    pub config: Option<ModelConfig>,
+    /// Tokenizer files and other companions.
+    pub artifacts: Vec<Artifact>,
+}
+
+/// A checkpoint: metadata plus one tensor map per rank.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// Non-tensor information.
+    pub meta: Meta,
+    /// One entry per rank, ordered by (pp, tp).
+    pub shards: Vec<Shard>,
+}
+
+impl Checkpoint {
+    /// A checkpoint with a single rank.
+    pub fn single(meta: Meta, tensors: TensorMap) -> Self {
+        Checkpoint { meta, shards: vec![Shard { rank: Rank::default(), tensors }] }
+    }
+
+    /// The tensors of an unsharded checkpoint; an error naming the layout otherwise.
+    pub fn tensors(&self) -> Result<&TensorMap> {
+        match self.shards.as_slice() {
+            [only] => Ok(&only.tensors),
+            _ => Err(Error::invalid(
+                &self.meta.path,
+                format!(
+                    "checkpoint has {} ranks (tp={}, pp={}); merge them before use",
+                    self.shards.len(),
+                    self.meta.parallel.tp,
+                    self.meta.parallel.pp
+                ),
+            )),
+        }
+    }
+
+    /// Total tensor bytes over all ranks.
+    pub fn total_bytes(&self) -> usize {
+        self.shards.iter().flat_map(|s| s.tensors.values()).map(TensorEntry::nbytes).sum()
+    }
+
+    /// Total tensor count over all ranks.
+    pub fn tensor_count(&self) -> usize {
+        self.shards.iter().map(|s| s.tensors.len()).sum()
+    }
+}

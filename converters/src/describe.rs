@@ -1,0 +1,1 @@
+//! Architecture description (being written).

@@ -1,0 +1,1 @@
+//! Restricted pickle reader and writer (being written).
