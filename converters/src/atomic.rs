@@ -39,6 +39,8 @@ impl AtomicFile {
 
     /// Flush to disk and move into place. Dropping without committing deletes the temp file.
     pub fn commit(self) -> Result<()> {
+        // tempfile creates 0600; a finished checkpoint gets ordinary file permissions.
+        set_mode(self.temp.path(), 0o644)?;
         self.temp.as_file().sync_all().at(&self.dest)?;
         self.temp.persist(&self.dest).map_err(|e| Error::Io { path: self.dest.clone(), source: e.error })?;
         sync_dir(&parent_dir(&self.dest));
@@ -76,6 +78,7 @@ impl AtomicDir {
     pub fn commit(mut self) -> Result<()> {
         let temp = self.temp.take().expect("present until commit");
         let staged = temp.keep();
+        set_mode(&staged, 0o755)?;
         if self.overwrite && self.dest.exists() {
             let old = staged.with_extension("old");
             std::fs::rename(&self.dest, &old).at(&self.dest)?;
@@ -87,6 +90,17 @@ impl AtomicDir {
         sync_dir(&parent_dir(&self.dest));
         Ok(())
     }
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).at(path)
+}
+
+#[cfg(not(unix))]
+fn set_mode(_: &Path, _: u32) -> Result<()> {
+    Ok(())
 }
 
 fn parent_dir(p: &Path) -> PathBuf {

@@ -167,6 +167,12 @@ impl fmt::Display for DType {
     }
 }
 
+impl serde::Serialize for DType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// Convert little-endian float bytes of dtype `from` to little-endian bytes of dtype `to`.
 ///
 /// Returns `None` when either side is not a float type. `src.len()` must be a multiple of

@@ -1,0 +1,144 @@
+//! `shardsmith synth`: a synthetic HF LLaMA-2 checkpoint with the real tensor shapes of a preset
+//! and seeded random bf16 values, so benchmarks need no download.
+//!
+//! Values are a deterministic function of (seed, tensor name), generated lazily while the
+//! safetensors writer streams, so memory stays at one tensor whatever the model size.
+
+use anyhow::{bail, Result};
+use shardsmith_converters::atomic::AtomicDir;
+use shardsmith_converters::formats::safetensors;
+use shardsmith_converters::{ByteSource, DType, TensorEntry, TensorMap};
+use std::path::Path;
+use std::sync::Arc;
+
+/// LLaMA-2 hyper-parameters (formats.md notation table).
+#[derive(Clone, Copy, Debug)]
+pub struct LlamaShape {
+    /// Layers.
+    pub layers: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// MLP inner size.
+    pub ffn: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+}
+
+impl LlamaShape {
+    /// A named preset.
+    pub fn preset(name: &str) -> Result<Self> {
+        let (layers, hidden, ffn, heads, kv_heads) = match name {
+            "llama2-7b" => (32, 4096, 11008, 32, 32),
+            "llama2-13b" => (40, 5120, 13824, 40, 40),
+            "llama2-70b" => (80, 8192, 28672, 64, 8),
+            other => bail!("unknown preset '{other}' (choose llama2-7b, llama2-13b or llama2-70b)"),
+        };
+        Ok(LlamaShape { layers, hidden, ffn, heads, kv_heads, vocab: 32000 })
+    }
+
+    /// HF tensor names and shapes in `save_pretrained` order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, f) = (self.hidden, self.ffn);
+        let kv = self.kv_heads * (h / self.heads);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            out.extend([
+                (format!("{p}.self_attn.q_proj.weight"), vec![h, h]),
+                (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+                (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+                (format!("{p}.self_attn.o_proj.weight"), vec![h, h]),
+                (format!("{p}.mlp.gate_proj.weight"), vec![f, h]),
+                (format!("{p}.mlp.up_proj.weight"), vec![f, h]),
+                (format!("{p}.mlp.down_proj.weight"), vec![h, f]),
+                (format!("{p}.input_layernorm.weight"), vec![h]),
+                (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            ]);
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        out.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
+        out
+    }
+
+    /// The matching HF `config.json`.
+    pub fn config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.ffn,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": false,
+            "torch_dtype": "bfloat16",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        })
+    }
+}
+
+/// Seeded bf16 noise of roughly N(0, 0.02²) shape (sum of uniforms), cheap to generate.
+fn noise(seed: u64, numel: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(numel * 2);
+    for _ in 0..numel {
+        // xorshift64*: fast, deterministic, good enough for synthetic weights.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let r = state.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let u = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.07;
+        out.extend_from_slice(&half::bf16::from_f32(u).to_le_bytes());
+    }
+    out
+}
+
+fn seed_for(seed: u64, name: &str) -> u64 {
+    // FNV-1a over the name, mixed with the user seed.
+    name.bytes().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The synthetic tensors for `shape`, lazily generated.
+pub fn synthetic_tensors(shape: &LlamaShape, seed: u64) -> TensorMap {
+    let origin: Arc<Path> = Arc::from(Path::new("<synth>"));
+    shape
+        .tensors()
+        .into_iter()
+        .map(|(name, dims)| {
+            let numel: usize = dims.iter().product();
+            let s = seed_for(seed, &name);
+            let source = ByteSource::derived(move || Ok(noise(s, numel)));
+            let entry = TensorEntry::new(DType::BF16, dims, source, origin.clone());
+            (name, entry)
+        })
+        .collect()
+}
+
+/// The command.
+pub fn run(preset: &str, layers: Option<usize>, seed: u64, out: &Path, force: bool) -> Result<()> {
+    let mut shape = LlamaShape::preset(preset)?;
+    if let Some(l) = layers {
+        if l == 0 {
+            bail!("--layers must be at least 1");
+        }
+        shape.layers = l;
+    }
+    let tensors = synthetic_tensors(&shape, seed);
+    let dir = AtomicDir::create(out, force)?;
+    std::fs::write(dir.path().join("config.json"), serde_json::to_vec_pretty(&shape.config_json())?)?;
+    let files = safetensors::write_sharded(&tensors, dir.path(), 5 << 30)?;
+    dir.commit()?;
+    let bytes: usize = tensors.values().map(TensorEntry::nbytes).sum();
+    eprintln!("wrote {} ({} files, {:.2} GiB, {} layers)", out.display(), files.len(), bytes as f64 / (1u64 << 30) as f64, shape.layers);
+    Ok(())
+}
