@@ -101,7 +101,7 @@ pub fn read(dir: &Path) -> Result<Checkpoint> {
         }
         let part = match flavour {
             Flavour::HfSafetensorsDir { .. } => super::safetensors::read_file(path)?,
-            _ => super::torch_zip::read_checkpoint(path)?.shards.swap_remove(0).tensors,
+            _ => super::torch_zip::read_file(path)?.tensors,
         };
         for (name, t) in part {
             if let Some(prev) = tensors.get(&name) {

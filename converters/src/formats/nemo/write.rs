@@ -1,0 +1,355 @@
+//! Writing `.nemo` archives and extracted directories.
+//!
+//! The member set is planned and validated first (config present, ranks form the tp×pp grid,
+//! yaml agrees with it, artifact names are safe and collide with nothing), so a bad request fails
+//! before a byte is written. Then each member is written in Python `tarfile.add(dir, ".")` order:
+//! names sorted per directory, depth first, `./` prefixed, directories with a trailing `/`.
+//!
+//! A rank's `model_weights.ckpt` is never staged: its exact length comes from
+//! [`torch_zip::encoded_len`], the tar header is written with that size, and the zip writer then
+//! streams into a [`Window`] of the output file that starts at the member's data. Memory stays
+//! bounded by the largest tensor. All outputs go through [`AtomicFile`]/[`AtomicDir`], so an
+//! error leaves nothing at the destination.
+
+use super::tar::{dir_header, file_header, normalize, padding, trailer};
+use super::{torch_zip, NemoConfig, CONFIG, DIST_DIR, WEIGHTS};
+use crate::atomic::{AtomicDir, AtomicFile};
+use crate::checkpoint::{ByteSource, Checkpoint, ModelConfig, NemoLayout, Parallelism, Rank};
+use crate::error::{Error, IoContext, Result};
+use std::fs::File;
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::path::Path;
+
+/// The name `torch.save` gives the top directory inside the zip (the saved file's stem).
+const ZIP_ARCHIVE_NAME: &str = "model_weights";
+
+/// How to write a `.nemo`.
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    /// Weights layout; `None` means the one NeMo opens for the checkpoint's tp/pp
+    /// ([`NemoLayout::for_parallelism`]). Any other choice is refused, since NeMo would not load it.
+    pub layout: Option<NemoLayout>,
+    /// Gzip the tar (what NeMo < 1.7 wrote; current NeMo reads both).
+    pub gzip: bool,
+    /// Write an extracted directory instead of a tar.
+    pub extracted: bool,
+    /// Replace an existing destination.
+    pub overwrite: bool,
+}
+
+/// Write `ckpt` as a `.nemo` tar (or extracted directory) at `dest`, atomically.
+///
+/// The checkpoint must carry a [`ModelConfig::NemoYaml`] whose `tensor_model_parallel_size` /
+/// `pipeline_model_parallel_size` match its shards (edit them with [`NemoConfig::set_scalar`]
+/// when resharding). Only tensors are written into each rank's `model_weights.ckpt`.
+pub fn write(ckpt: &Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<()> {
+    if opts.gzip && opts.extracted {
+        return Err(Error::invalid(dest, "gzip applies to a .nemo tar, not to an extracted directory"));
+    }
+    let items = plan(ckpt, dest, opts)?;
+    if opts.extracted {
+        write_dir(&items, dest, opts.overwrite)
+    } else {
+        write_tar(&items, dest, opts)
+    }
+}
+
+/// What one member holds.
+enum Body<'a> {
+    Dir,
+    Bytes(&'a [u8]),
+    Source(&'a ByteSource),
+    Weights(torch_zip::TorchState),
+}
+
+/// One member to write, by normalised name (no `./`, no trailing `/`; `""` is the root).
+struct Item<'a> {
+    name: String,
+    body: Body<'a>,
+}
+
+impl Item<'_> {
+    /// The name as stored in the tar, the way Python's `tarfile.add(dir, arcname=".")` spells it.
+    fn tar_name(&self) -> String {
+        match (&self.body, self.name.is_empty()) {
+            (Body::Dir, true) => "./".to_string(),
+            (Body::Dir, false) => format!("./{}/", self.name),
+            _ => format!("./{}", self.name),
+        }
+    }
+}
+
+fn plan<'a>(ckpt: &'a Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<Vec<Item<'a>>> {
+    let config: &NemoConfig = match &ckpt.meta.config {
+        Some(ModelConfig::NemoYaml(c)) => c,
+        _ => {
+            return Err(Error::missing(
+                dest,
+                format!(
+                    "NeMo {CONFIG}: the checkpoint carries no NeMo config; build one before writing a .nemo"
+                ),
+            ));
+        }
+    };
+    let parallel = check_grid(ckpt, dest)?;
+    let nemo_layout = NemoLayout::for_parallelism(parallel);
+    let layout = opts.layout.unwrap_or(nemo_layout);
+    if layout == NemoLayout::Distributed {
+        return Err(Error::invalid(
+            dest,
+            format!(
+                "writing a {DIST_DIR}/ distributed checkpoint is not supported yet; use a per-rank layout"
+            ),
+        ));
+    }
+    if layout != nemo_layout {
+        return Err(Error::invalid(
+            dest,
+            format!(
+                "layout {layout:?} requested, but for tp={}, pp={} NeMo opens {nemo_layout:?} ({}); \
+                 it would not load the file",
+                parallel.tp,
+                parallel.pp,
+                nemo_layout.weights_member(Rank::default())
+            ),
+        ));
+    }
+    let yaml_tp = config.usize_or("tensor_model_parallel_size", 1)?;
+    let yaml_pp = config.usize_or("pipeline_model_parallel_size", 1)?;
+    if (yaml_tp, yaml_pp) != (parallel.tp, parallel.pp) {
+        return Err(Error::invalid(
+            dest,
+            format!(
+                "{CONFIG} says tensor_model_parallel_size={yaml_tp}, pipeline_model_parallel_size={yaml_pp} \
+                 but the checkpoint has tp={}, pp={}; update the yaml first (NemoConfig::set_scalar)",
+                parallel.tp, parallel.pp
+            ),
+        ));
+    }
+
+    let mut items = vec![Item { name: CONFIG.to_string(), body: Body::Bytes(config.raw.as_bytes()) }];
+    for shard in &ckpt.shards {
+        let state = torch_zip::TorchState::new(shard.tensors.clone(), Vec::new());
+        items.push(Item { name: layout.weights_member(shard.rank), body: Body::Weights(state) });
+    }
+    let reserved: Vec<String> = items.iter().map(|i| i.name.clone()).collect();
+    for artifact in &ckpt.meta.artifacts {
+        let name = normalize(artifact.name.as_bytes(), dest)?;
+        let clash = name.is_empty()
+            || reserved.iter().any(|r| {
+                *r == name || r.starts_with(&format!("{name}/")) || name.starts_with(&format!("{r}/"))
+            })
+            || name == DIST_DIR
+            || name.starts_with(&format!("{DIST_DIR}/"))
+            || name == WEIGHTS
+            || name.ends_with(&format!("/{WEIGHTS}"));
+        if clash {
+            return Err(Error::invalid(
+                dest,
+                format!("artifact '{}' would collide with the config or weights members", artifact.name),
+            ));
+        }
+        if items.iter().any(|i| i.name == name) {
+            return Err(Error::invalid(dest, format!("two artifacts are named '{name}'")));
+        }
+        items.push(Item { name, body: Body::Source(&artifact.source) });
+    }
+    // Directory entries for every parent, as `tarfile.add` walking the folder would record them.
+    let mut dirs = std::collections::BTreeSet::from([String::new()]);
+    for item in &items {
+        let mut at = item.name.as_str();
+        while let Some((parent, _)) = at.rsplit_once('/') {
+            dirs.insert(parent.to_string());
+            at = parent;
+        }
+    }
+    if let Some(both) = items.iter().find(|i| dirs.contains(&i.name)) {
+        return Err(Error::invalid(
+            dest,
+            format!("artifact '{}' would be both a file and a directory", both.name),
+        ));
+    }
+    items.extend(dirs.into_iter().map(|name| Item { name, body: Body::Dir }));
+    // Sorting component lists gives sorted-children depth-first order with each directory first.
+    items.sort_by(|a, b| {
+        a.name.split('/').filter(|s| !s.is_empty()).cmp(b.name.split('/').filter(|s| !s.is_empty()))
+    });
+    Ok(items)
+}
+
+/// The shards must be exactly the (tp, pp) grid of `meta.parallel`, each rank once.
+fn check_grid(ckpt: &Checkpoint, dest: &Path) -> Result<Parallelism> {
+    let p = ckpt.meta.parallel;
+    let ranks: Vec<String> =
+        ckpt.shards.iter().map(|s| format!("(tp {}, pp {})", s.rank.tp, s.rank.pp)).collect();
+    let bad = || {
+        Error::invalid(
+            dest,
+            format!("checkpoint declares tp={}, pp={} but holds ranks [{}]", p.tp, p.pp, ranks.join(", ")),
+        )
+    };
+    if p.tp == 0 || p.pp == 0 || p.tp.checked_mul(p.pp) != Some(ckpt.shards.len()) {
+        return Err(bad());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in &ckpt.shards {
+        if s.rank.tp >= p.tp || s.rank.pp >= p.pp || !seen.insert(s.rank) {
+            return Err(bad());
+        }
+    }
+    Ok(p)
+}
+
+fn write_tar(items: &[Item<'_>], dest: &Path, opts: &WriteOptions) -> Result<()> {
+    let mut out = AtomicFile::create(dest, opts.overwrite)?;
+    if opts.gzip {
+        // The weights need a seekable target, so the tar is staged uncompressed next to the
+        // destination (same filesystem the user sized for the output), then compressed.
+        let dir = match dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let mut staged = tempfile::tempfile_in(&dir).at(&dir)?;
+        write_tar_to(items, &mut staged, dest)?;
+        staged.seek(SeekFrom::Start(0)).at(dest)?;
+        let mut enc =
+            flate2::write::GzEncoder::new(BufWriter::with_capacity(1 << 20, out.file()), Default::default());
+        io::copy(&mut io::BufReader::with_capacity(1 << 20, staged), &mut enc).at(dest)?;
+        enc.finish().at(dest)?.flush().at(dest)?;
+    } else {
+        write_tar_to(items, out.file(), dest)?;
+    }
+    out.commit()
+}
+
+/// The tar being written, with its current length.
+struct TarOut<'f> {
+    file: &'f mut File,
+    pos: u64,
+    dest: &'f Path,
+}
+
+impl TarOut<'_> {
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.write_all(bytes).at(self.dest)?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn member(&mut self, tar_name: &str, bytes: &[u8]) -> Result<()> {
+        let len = bytes.len() as u64;
+        self.put(&file_header(tar_name, len))?;
+        self.put(bytes)?;
+        self.put(&vec![0; padding(len)])
+    }
+
+    /// A rank's zip, streamed into the member's data region.
+    fn weights(&mut self, tar_name: &str, state: &torch_zip::TorchState) -> Result<()> {
+        let dest = self.dest;
+        let len = torch_zip::encoded_len(state, ZIP_ARCHIVE_NAME)?;
+        self.put(&file_header(tar_name, len))?;
+        let start = self.pos;
+        let written = {
+            let mut w = BufWriter::with_capacity(1 << 20, Window::new(self.file, start).at(dest)?);
+            let n = torch_zip::write_to(state, &mut w, ZIP_ARCHIVE_NAME)?;
+            w.flush().at(dest)?;
+            n
+        };
+        let end = self.file.seek(SeekFrom::End(0)).at(dest)?;
+        if written != len || end != start + len {
+            return Err(Error::invalid(
+                dest,
+                format!(
+                    "member {tar_name}: the PyTorch zip writer announced {len} bytes but wrote {written} \
+                     (the file now ends {} bytes past the member start)",
+                    end.saturating_sub(start)
+                ),
+            ));
+        }
+        self.pos = end;
+        self.put(&vec![0; padding(len)])
+    }
+}
+
+fn write_tar_to(items: &[Item<'_>], file: &mut File, dest: &Path) -> Result<()> {
+    let mut out = TarOut { file, pos: 0, dest };
+    for item in items {
+        let tar_name = item.tar_name();
+        match &item.body {
+            Body::Dir => out.put(&dir_header(&tar_name))?,
+            Body::Bytes(b) => out.member(&tar_name, b)?,
+            Body::Source(src) => out.member(&tar_name, &src.bytes()?)?,
+            Body::Weights(state) => out.weights(&tar_name, state)?,
+        }
+    }
+    let end = trailer(out.pos);
+    out.put(&end)
+}
+
+fn write_dir(items: &[Item<'_>], dest: &Path, overwrite: bool) -> Result<()> {
+    let out = AtomicDir::create(dest, overwrite)?;
+    for item in items {
+        let path = out.path().join(&item.name);
+        match &item.body {
+            Body::Dir => std::fs::create_dir_all(&path).at(&path)?,
+            Body::Bytes(b) => std::fs::write(&path, b).at(&path)?,
+            Body::Source(src) => std::fs::write(&path, src.bytes()?).at(&path)?,
+            Body::Weights(state) => {
+                let len = torch_zip::encoded_len(state, ZIP_ARCHIVE_NAME)?;
+                let mut file = File::create(&path).at(&path)?;
+                let written = {
+                    let mut w = BufWriter::with_capacity(1 << 20, &mut file);
+                    let n = torch_zip::write_to(state, &mut w, ZIP_ARCHIVE_NAME)?;
+                    w.flush().at(&path)?;
+                    n
+                };
+                if written != len {
+                    return Err(Error::invalid(
+                        &path,
+                        format!("the PyTorch zip writer announced {len} bytes but wrote {written}"),
+                    ));
+                }
+                file.sync_all().at(&path)?;
+            }
+        }
+    }
+    out.commit()
+}
+
+/// A `Write + Seek` view of `file` whose position 0 is `base`: the zip writer sees an empty file
+/// that starts at the tar member's data, and cannot seek before it.
+struct Window<'f> {
+    file: &'f mut File,
+    base: u64,
+}
+
+impl<'f> Window<'f> {
+    fn new(file: &'f mut File, base: u64) -> io::Result<Self> {
+        file.seek(SeekFrom::Start(base))?;
+        Ok(Window { file, base })
+    }
+}
+
+impl Write for Window<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Seek for Window<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let target = match pos {
+            SeekFrom::Start(n) => self.base.checked_add(n),
+            SeekFrom::Current(d) => self.file.stream_position()?.checked_add_signed(d),
+            SeekFrom::End(d) => self.file.metadata()?.len().checked_add_signed(d),
+        };
+        match target {
+            Some(t) if t >= self.base => Ok(self.file.seek(SeekFrom::Start(t))? - self.base),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the tar member")),
+        }
+    }
+}
