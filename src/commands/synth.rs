@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 use shardsmith_converters::atomic::AtomicDir;
-use shardsmith_converters::formats::safetensors;
+use shardsmith_converters::formats::hf_dir;
 use shardsmith_converters::{ByteSource, DType, TensorEntry, TensorMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -136,7 +136,7 @@ pub fn run(preset: &str, layers: Option<usize>, seed: u64, out: &Path, force: bo
     let tensors = synthetic_tensors(&shape, seed);
     let dir = AtomicDir::create(out, force)?;
     std::fs::write(dir.path().join("config.json"), serde_json::to_vec_pretty(&shape.config_json())?)?;
-    let files = safetensors::write_sharded(&tensors, dir.path(), 5 << 30)?;
+    let files = hf_dir::write_weights(&tensors, dir.path(), &hf_dir::WriteOptions::default())?;
     dir.commit()?;
     let bytes: usize = tensors.values().map(TensorEntry::nbytes).sum();
     eprintln!("wrote {} ({} files, {:.2} GiB, {} layers)", out.display(), files.len(), bytes as f64 / (1u64 << 30) as f64, shape.layers);

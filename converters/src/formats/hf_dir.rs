@@ -165,3 +165,169 @@ fn check_index_agrees(dir: &Path, flavour: &Flavour, tensors: &TensorMap) -> Res
     }
     Ok(())
 }
+
+/// Which weight files an HF directory gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// `model.safetensors` / `model-0000i-of-0000n.safetensors`.
+    Safetensors,
+    /// `pytorch_model.bin` / `pytorch_model-0000i-of-0000n.bin`.
+    Bin,
+}
+
+impl WeightFormat {
+    fn file_name(self, i: usize, n: usize) -> String {
+        let (stem, ext) = match self {
+            WeightFormat::Safetensors => ("model", "safetensors"),
+            WeightFormat::Bin => ("pytorch_model", "bin"),
+        };
+        if n == 1 {
+            format!("{stem}.{ext}")
+        } else {
+            format!("{stem}-{:05}-of-{n:05}.{ext}", i + 1)
+        }
+    }
+
+    fn index_name(self) -> &'static str {
+        match self {
+            WeightFormat::Safetensors => ST_INDEX,
+            WeightFormat::Bin => BIN_INDEX,
+        }
+    }
+}
+
+/// Options for [`write`].
+#[derive(Clone, Copy, Debug)]
+pub struct WriteOptions {
+    /// Weight file format.
+    pub weights: WeightFormat,
+    /// Largest shard in bytes (HF's `max_shard_size`); a bigger tensor gets a shard of its own.
+    pub max_shard_bytes: u64,
+    /// Replace an existing destination.
+    pub overwrite: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions { weights: WeightFormat::Safetensors, max_shard_bytes: 5 << 30, overwrite: false }
+    }
+}
+
+/// Split `tensors`, in order, into groups of at most `max_bytes` each (a tensor larger than the
+/// cap gets a group of its own), the way HF's `save_pretrained` shards.
+pub fn plan_shards(tensors: &TensorMap, max_bytes: u64) -> Vec<Vec<&str>> {
+    let mut groups: Vec<Vec<&str>> = Vec::new();
+    let mut current = 0u64;
+    for (name, t) in tensors {
+        let n = t.nbytes() as u64;
+        if groups.is_empty() || (current + n > max_bytes && current > 0) {
+            groups.push(Vec::new());
+            current = 0;
+        }
+        groups.last_mut().expect("pushed above").push(name);
+        current += n;
+    }
+    groups
+}
+
+/// Write `tensors` into the existing directory `dir` as HF weight files, sharded with an index
+/// when more than one file results. Returns the file names written.
+pub fn write_weights(tensors: &TensorMap, dir: &Path, opts: &WriteOptions) -> Result<Vec<String>> {
+    let mut groups = plan_shards(tensors, opts.max_shard_bytes);
+    if groups.is_empty() {
+        groups.push(Vec::new());
+    }
+    let n = groups.len();
+    let mut weight_map = std::collections::BTreeMap::new();
+    let mut files = Vec::with_capacity(n + 1);
+    for (i, names) in groups.iter().enumerate() {
+        let file = opts.weights.file_name(i, n);
+        let subset: TensorMap = names.iter().map(|k| (k.to_string(), tensors[*k].clone())).collect();
+        let path = dir.join(&file);
+        match opts.weights {
+            WeightFormat::Safetensors => super::safetensors::write_file(&subset, &path, opts.overwrite)?,
+            WeightFormat::Bin => super::torch_zip::write_file(
+                &super::torch_zip::TorchState::new(subset, Vec::new()),
+                &path,
+                opts.overwrite,
+            )?,
+        }
+        weight_map.extend(names.iter().map(|k| (k.to_string(), file.clone())));
+        files.push(file);
+    }
+    if n > 1 {
+        let index = serde_json::json!({
+            "metadata": {
+                "total_parameters": tensors.values().map(|t| t.numel() as u64).sum::<u64>(),
+                "total_size": tensors.values().map(|t| t.nbytes() as u64).sum::<u64>(),
+            },
+            "weight_map": weight_map,
+        });
+        write_json(&dir.join(opts.weights.index_name()), &index, opts.overwrite)?;
+        files.push(opts.weights.index_name().to_string());
+    }
+    Ok(files)
+}
+
+/// Write `value` as 2-space-indented JSON with a final newline (Python's `json.dump(indent=2)`).
+pub fn write_json(path: &Path, value: &serde_json::Value, overwrite: bool) -> Result<()> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| Error::invalid(path, e.to_string()))?;
+    text.push(b'\n');
+    let mut out = crate::atomic::AtomicFile::create(path, overwrite)?;
+    std::io::Write::write_all(out.file(), &text).at(path)?;
+    out.commit()
+}
+
+/// Write an unsharded checkpoint as an HF directory: weights, `config.json` (when the checkpoint
+/// carries an HF config) and every artifact under its own name. Atomic as a whole.
+pub fn write(ckpt: &Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<Vec<String>> {
+    let tensors = ckpt.tensors()?;
+    let dir = crate::atomic::AtomicDir::create(dest, opts.overwrite)?;
+    let mut files = write_weights(tensors, dir.path(), &WriteOptions { overwrite: false, ..*opts })?;
+    if let Some(ModelConfig::HfJson(config)) = &ckpt.meta.config {
+        write_json(&dir.path().join("config.json"), config, false)?;
+        files.push("config.json".into());
+    }
+    for a in &ckpt.meta.artifacts {
+        if a.name.contains('/') || a.name.contains('\\') || a.name == ".." {
+            return Err(Error::invalid(dest, format!("artifact name '{}' is not a plain file name", a.name)));
+        }
+        let path = dir.path().join(&a.name);
+        std::fs::write(&path, a.source.bytes()?).at(&path)?;
+        files.push(a.name.clone());
+    }
+    dir.commit()?;
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ByteSource, DType, TensorEntry};
+    use std::sync::Arc;
+
+    fn tensors(n: usize) -> TensorMap {
+        (0..n)
+            .map(|i| {
+                let t = TensorEntry::new(DType::F32, vec![16], ByteSource::owned(vec![i as u8; 64]), Arc::from(Path::new("t")));
+                (format!("layer.{i}.w"), t)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sharding_respects_cap_and_writes_index() {
+        for weights in [WeightFormat::Safetensors, WeightFormat::Bin] {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = WriteOptions { weights, max_shard_bytes: 128, overwrite: false };
+            let files = write_weights(&tensors(5), dir.path(), &opts).unwrap();
+            assert_eq!(files.len(), 4, "{files:?}"); // 3 shards of ≤ 2 tensors + the index
+            let index: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.path().join(weights.index_name())).unwrap()).unwrap();
+            assert_eq!(index["metadata"]["total_size"], 5 * 64);
+            assert_eq!(index["weight_map"]["layer.4.w"], weights.file_name(2, 3));
+            let back = read(dir.path()).unwrap();
+            assert_eq!(back.tensors().unwrap().len(), 5);
+        }
+    }
+}

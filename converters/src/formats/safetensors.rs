@@ -132,65 +132,6 @@ pub fn encoded_len(tensors: &TensorMap) -> Result<u64> {
     Ok(head.len() as u64 + tensors.values().map(|t| t.nbytes() as u64).sum::<u64>())
 }
 
-/// HF's file name for shard `i` (0-based) of `n`.
-pub fn shard_file_name(i: usize, n: usize) -> String {
-    if n == 1 {
-        "model.safetensors".to_string()
-    } else {
-        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-    }
-}
-
-/// Split `tensors`, in order, into groups of at most `max_bytes` each (a tensor larger than the
-/// cap gets a group of its own), the way HF's `save_pretrained` shards.
-pub fn plan_shards(tensors: &TensorMap, max_bytes: u64) -> Vec<Vec<String>> {
-    let mut groups: Vec<Vec<String>> = Vec::new();
-    let mut current = 0u64;
-    for (name, t) in tensors {
-        let n = t.nbytes() as u64;
-        if groups.is_empty() || (current + n > max_bytes && current > 0) {
-            groups.push(Vec::new());
-            current = 0;
-        }
-        groups.last_mut().expect("pushed above").push(name.clone());
-        current += n;
-    }
-    groups
-}
-
-/// Write `tensors` into directory `dir` (which must exist) as HF-style safetensors, sharded at
-/// `max_shard_bytes` with `model.safetensors.index.json` when more than one file results.
-/// Returns the file names written.
-pub fn write_sharded(tensors: &TensorMap, dir: &Path, max_shard_bytes: u64) -> Result<Vec<String>> {
-    let groups = plan_shards(tensors, max_shard_bytes);
-    let n = groups.len().max(1);
-    let mut weight_map = serde_json::Map::new();
-    let mut files = Vec::with_capacity(n);
-    for (i, names) in groups.iter().enumerate() {
-        let file = shard_file_name(i, n);
-        let subset: TensorMap = names.iter().map(|k| (k.clone(), tensors[k.as_str()].clone())).collect();
-        write_file(&subset, &dir.join(&file), false)?;
-        for k in names {
-            weight_map.insert(k.clone(), serde_json::Value::String(file.clone()));
-        }
-        files.push(file);
-    }
-    if groups.is_empty() {
-        write_file(&TensorMap::new(), &dir.join(shard_file_name(0, 1)), false)?;
-        files.push(shard_file_name(0, 1));
-    }
-    if n > 1 {
-        let total: u64 = tensors.values().map(|t| t.nbytes() as u64).sum();
-        let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        let path = dir.join("model.safetensors.index.json");
-        let mut out = AtomicFile::create(&path, false)?;
-        serde_json::to_writer_pretty(out.file(), &index).map_err(|e| Error::invalid(&path, e.to_string()))?;
-        out.commit()?;
-        files.push("model.safetensors.index.json".into());
-    }
-    Ok(files)
-}
-
 fn to_st(d: DType) -> StDtype {
     match d {
         DType::F64 => StDtype::F64,
@@ -244,22 +185,6 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let err = read_file(&path).unwrap_err().to_string();
         assert!(err.contains("a.safetensors") && err.contains("malformed safetensors"), "{err}");
-    }
-
-    #[test]
-    fn sharding_respects_cap_and_writes_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut t = TensorMap::new();
-        for i in 0..5 {
-            t.insert(format!("layer.{i}.w"), entry(DType::F32, vec![16], i));
-        }
-        let files = write_sharded(&t, dir.path(), 128).unwrap();
-        assert_eq!(files.len(), 4, "{files:?}"); // 3 shards of ≤ 2 tensors + the index
-        let index: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join("model.safetensors.index.json")).unwrap())
-                .unwrap();
-        assert_eq!(index["metadata"]["total_size"], 5 * 64);
-        assert_eq!(index["weight_map"]["layer.4.w"], "model-00003-of-00003.safetensors");
     }
 
     proptest! {
