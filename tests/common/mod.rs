@@ -1,0 +1,56 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use shardsmith_converters::TensorMap;
+use std::path::{Path, PathBuf};
+
+/// A path under `fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+}
+
+/// Assert two tensor maps hold the same names, dtypes, shapes and bytes (order may differ).
+pub fn assert_same_tensors(a: &TensorMap, b: &TensorMap, what: &str) {
+    let mut names_a: Vec<&String> = a.keys().collect();
+    let mut names_b: Vec<&String> = b.keys().collect();
+    names_a.sort();
+    names_b.sort();
+    assert_eq!(names_a, names_b, "{what}: tensor names differ");
+    for (name, ta) in a {
+        let tb = &b[name.as_str()];
+        assert_eq!(ta.dtype, tb.dtype, "{what}: {name} dtype");
+        assert_eq!(ta.shape, tb.shape, "{what}: {name} shape");
+        assert!(ta.bytes(name).unwrap() == tb.bytes(name).unwrap(), "{what}: {name} bytes differ");
+    }
+}
+
+/// The reference Python (with torch and transformers), if set up.
+///
+/// `tests/run.sh` (the README's test command, and CI) always sets `SHARDSMITH_PYTHON`; a bare
+/// `cargo test` without the venv skips the interop checks with a note. Under CI a missing
+/// interpreter is a failure, never a silent skip.
+pub fn reference_python() -> Option<PathBuf> {
+    let candidate = std::env::var_os("SHARDSMITH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fixture("gen/.venv/bin/python"));
+    if candidate.is_file() {
+        return Some(candidate);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must run interop tests: no Python at {}", candidate.display());
+    eprintln!("skipping: no reference Python at {} (run bash tests/run.sh)", candidate.display());
+    None
+}
+
+/// Run a checker from `tests/interop/`, asserting success and returning its stdout.
+pub fn run_checker(python: &Path, script: &str, args: &[&Path]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(script);
+    let out = std::process::Command::new(python).arg(&script).args(args).output().expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{} failed:\n{stdout}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
