@@ -30,7 +30,7 @@ import glob, sys
 from safetensors import safe_open
 n = 0
 for f in sorted(glob.glob('$dir/*.safetensors')):
-    with safe_open(f, 'pt') as s:
+    with safe_open(f, 'numpy') as s:
         for k in s.keys():
             sl = s.get_slice(k); sl.get_dtype(); sl.get_shape(); n += 1
 ")
