@@ -13,6 +13,8 @@ pub mod describe;
 pub mod dtype;
 pub mod error;
 pub mod formats;
+pub mod shard;
+pub mod transforms;
 
 pub use checkpoint::{
     Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Rank, Shard,

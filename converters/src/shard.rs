@@ -1,0 +1,1 @@
+//! Tensor-parallel sharding rules (being written).

@@ -1,0 +1,1 @@
+//! Pure, lazy tensor transforms (being written).
