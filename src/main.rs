@@ -2,12 +2,20 @@
 //! checkpoints. This file only parses arguments and dispatches; each command is a short function
 //! in `shardsmith::commands`.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use shardsmith::commands::convert::{self, TargetKind};
+use shardsmith_converters::formats::hf_dir::WeightFormat;
+use shardsmith_converters::names::llama::NemoDialect;
+use shardsmith_converters::DType;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "shardsmith", version, about = "Convert, reshard and verify LLaMA-2 / CLIP / NeVA checkpoints")]
+#[command(
+    name = "shardsmith",
+    version,
+    about = "Convert, reshard and verify LLaMA-2 / CLIP / NeVA checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,6 +30,47 @@ enum Command {
         /// Only list tensors whose name matches this glob (e.g. '*layers.0.*').
         #[arg(long)]
         filter: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert between HF LLaMA directories and .nemo (any layout, TP, PP), or reshard.
+    Convert {
+        /// Source: HF directory, .nemo file or extracted .nemo directory.
+        src: PathBuf,
+        /// Destination: a `.nemo` path, or a directory for HF output.
+        dst: PathBuf,
+        #[command(flatten)]
+        opts: ConvertArgs,
+    },
+    /// Re-split a .nemo for another tensor/pipeline-parallel size.
+    Reshard {
+        /// The .nemo file or extracted directory.
+        src: PathBuf,
+        /// Output .nemo.
+        #[arg(short, long)]
+        out: PathBuf,
+        #[command(flatten)]
+        opts: ConvertArgs,
+    },
+    /// Print what `convert SRC DST` would write (same as `convert --dry-run`).
+    Plan {
+        /// Source checkpoint.
+        src: PathBuf,
+        /// Destination it would write.
+        dst: PathBuf,
+        #[command(flatten)]
+        opts: ConvertArgs,
+    },
+    /// Compare two checkpoints of any formats by canonical tensor name; exit 1 when they differ.
+    Diff {
+        /// First checkpoint.
+        a: PathBuf,
+        /// Second checkpoint.
+        b: PathBuf,
+        /// Accept value differences up to this absolute tolerance (default: bit-identical).
+        #[arg(long, default_value_t = 0.0)]
+        atol: f64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -46,12 +95,133 @@ enum Command {
     },
 }
 
+#[derive(Args, Clone)]
+struct ConvertArgs {
+    /// Target container (default: .nemo when the destination ends in .nemo, else HF).
+    #[arg(long, value_enum)]
+    to: Option<TargetKind>,
+    /// Tensor-parallel size of a .nemo target.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Pipeline-parallel size of a .nemo target.
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// NeMo key layout: mcore (default for new files) or legacy (no GQA).
+    #[arg(long, value_parser = parse_layout)]
+    layout: Option<NemoDialect>,
+    /// Cast floating-point weights: f32, f16 or bf16.
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+    /// HF weight files: safetensors or bin.
+    #[arg(long, default_value = "safetensors", value_parser = parse_weights)]
+    weights: WeightFormat,
+    /// Largest HF shard, e.g. 5GB, 500MB.
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    max_shard_size: u64,
+    /// Vocabulary rows to keep when exporting to HF (default: the tokenizer's size).
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// SentencePiece tokenizer.model to register in the .nemo (default: the source's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Write the .nemo as a gzip tar.
+    #[arg(long)]
+    gzip: bool,
+    /// Write an extracted .nemo directory instead of a tar.
+    #[arg(long)]
+    extracted: bool,
+    /// Print the plan (files, tensors, shapes, bytes, padding) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Replace an existing destination.
+    #[arg(long)]
+    force: bool,
+}
+
+impl ConvertArgs {
+    fn options(self, dry_run: bool) -> convert::Options {
+        convert::Options {
+            to: self.to,
+            tp: self.tp,
+            pp: self.pp,
+            layout: self.layout,
+            dtype: self.dtype,
+            weights: self.weights,
+            max_shard_bytes: self.max_shard_size,
+            vocab: self.vocab_size,
+            tokenizer: self.tokenizer,
+            gzip: self.gzip,
+            extracted: self.extracted,
+            dry_run: dry_run || self.dry_run,
+            json: self.json,
+            force: self.force,
+        }
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match DType::parse(s) {
+        Some(d) if d.is_float() && d != DType::F64 => Ok(d),
+        _ => Err(format!("'{s}' is not one of f32, f16, bf16")),
+    }
+}
+
+fn parse_layout(s: &str) -> Result<NemoDialect, String> {
+    match s {
+        "mcore" => Ok(NemoDialect::Mcore),
+        "legacy" => Ok(NemoDialect::Legacy),
+        _ => Err(format!("'{s}' is not one of mcore, legacy")),
+    }
+}
+
+fn parse_weights(s: &str) -> Result<WeightFormat, String> {
+    match s {
+        "safetensors" => Ok(WeightFormat::Safetensors),
+        "bin" => Ok(WeightFormat::Bin),
+        _ => Err(format!("'{s}' is not one of safetensors, bin")),
+    }
+}
+
+/// `5GB`, `500MB`, `100KB`, `1GiB` or plain bytes (HF's decimal units; `iB` binary).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("bad size '{s}'"))?;
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("bad size unit in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    Ok((n * mult) as u64)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { path, filter, json } => {
             shardsmith::commands::inspect::run(&path, filter.as_deref(), json)
         }
+        Command::Convert { src, dst, opts } => convert::run(&src, &dst, &opts.options(false)),
+        Command::Reshard { src, out, opts } => {
+            let mut o = opts.options(false);
+            o.to = Some(TargetKind::Nemo);
+            convert::run(&src, &out, &o)
+        }
+        Command::Plan { src, dst, opts } => convert::run(&src, &dst, &opts.options(true)),
+        Command::Diff { a, b, atol, json } => match shardsmith::commands::diff::run(&a, &b, atol, json) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Synth { preset, layers, seed, out, force } => {
             shardsmith::commands::synth::run(&preset, layers, seed, &out, force)
         }

@@ -6,8 +6,8 @@ mod common;
 use common::{assert_same_tensors, fixture};
 use shardsmith_converters::formats::{self, hf_dir, nemo, safetensors, torch_zip, Format};
 use shardsmith_converters::{
-    ByteSource, Checkpoint, Error, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Rank, Shard, TensorEntry,
-    TensorMap,
+    ByteSource, Checkpoint, Error, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Rank, Shard,
+    TensorEntry, TensorMap,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -95,7 +95,9 @@ fn hf_directories_round_trip() {
     for name in ["tokenizer.json", "tokenizer.model", "generation_config.json"] {
         assert_eq!(std::fs::read(src.join(name)).unwrap(), std::fs::read(dest.join(name)).unwrap(), "{name}");
     }
-    let (ModelConfig::HfJson(a), Some(ModelConfig::HfJson(b))) = (ckpt.meta.config.unwrap(), back.meta.config) else {
+    let (ModelConfig::HfJson(a), Some(ModelConfig::HfJson(b))) =
+        (ckpt.meta.config.unwrap(), back.meta.config)
+    else {
         panic!("config.json lost")
     };
     assert_eq!(a, b);
@@ -103,7 +105,11 @@ fn hf_directories_round_trip() {
     // .bin directory → .bin directory keeps every tensor.
     let bin = formats::open(&fixture("llama-gqa-bin")).unwrap();
     let dest = out.path().join("bin");
-    let opts = hf_dir::WriteOptions { weights: hf_dir::WeightFormat::Bin, max_shard_bytes: 180_000, ..Default::default() };
+    let opts = hf_dir::WriteOptions {
+        weights: hf_dir::WeightFormat::Bin,
+        max_shard_bytes: 180_000,
+        ..Default::default()
+    };
     hf_dir::write(&bin, &dest, &opts).unwrap();
     let back = formats::open(&dest).unwrap();
     assert_eq!(back.meta.flavour, Flavour::HfBinDir { sharded: true });
@@ -145,7 +151,7 @@ fn nemo_checkpoint(tp: usize, pp: usize) -> Checkpoint {
     let hf = formats::open(&fixture("llama-mha")).unwrap();
     let tokenizer = std::fs::read(fixture("llama-mha/tokenizer.model")).unwrap();
     let mut shards: Vec<Shard> = (0..pp)
-        .flat_map(|p| (0..tp).map(move |t| Shard { rank: Rank { tp: t, pp: p }, tensors: TensorMap::new() }))
+        .flat_map(|p| (0..tp).map(move |t| Shard::new(Rank { tp: t, pp: p }, TensorMap::new())))
         .collect();
     let n = shards.len();
     for (i, (name, t)) in hf.tensors().unwrap().iter().enumerate() {
@@ -153,7 +159,11 @@ fn nemo_checkpoint(tp: usize, pp: usize) -> Checkpoint {
     }
     let meta = Meta {
         path: "memory".into(),
-        flavour: Flavour::Nemo { layout: NemoLayout::for_parallelism(Parallelism { tp, pp }), gzip: false, extracted: false },
+        flavour: Flavour::Nemo {
+            layout: NemoLayout::for_parallelism(Parallelism { tp, pp }),
+            gzip: false,
+            extracted: false,
+        },
         parallel: Parallelism { tp, pp },
         config: Some(nemo_yaml(tp, pp)),
         artifacts: vec![shardsmith_converters::Artifact {
@@ -185,14 +195,19 @@ fn nemo_round_trips_in_every_layout_and_container() {
             assert_eq!(back.meta.parallel, Parallelism { tp, pp }, "{what}");
             assert_eq!(
                 back.meta.flavour,
-                Flavour::Nemo { layout: NemoLayout::for_parallelism(Parallelism { tp, pp }), gzip, extracted },
+                Flavour::Nemo {
+                    layout: NemoLayout::for_parallelism(Parallelism { tp, pp }),
+                    gzip,
+                    extracted
+                },
                 "{what}"
             );
             assert_same_checkpoint(&ckpt, &back, &what);
             let Some(ModelConfig::NemoYaml(cfg)) = &back.meta.config else { panic!("{what}: no yaml") };
             let Some(ModelConfig::NemoYaml(orig)) = &ckpt.meta.config else { unreachable!() };
             assert_eq!(cfg.raw, orig.raw, "{what}: yaml must survive verbatim, ${{...}} included");
-            let tok = nemo::resolve_artifact(&back, cfg.get_str("tokenizer.model").unwrap()).expect("tokenizer artifact");
+            let tok = nemo::resolve_artifact(&back, cfg.get_str("tokenizer.model").unwrap())
+                .expect("tokenizer artifact");
             assert_eq!(tok.source.bytes().unwrap(), ckpt.meta.artifacts[0].source.bytes().unwrap());
         }
         // A plain tar we wrote rewrites to the same bytes.

@@ -39,7 +39,7 @@ fn torch_load_reads_our_pytorch_files() {
 fn nemo_from_fixture(tp: usize, pp: usize) -> Checkpoint {
     let hf = formats::open(&fixture("llama-mha")).unwrap();
     let mut shards: Vec<Shard> = (0..pp)
-        .flat_map(|p| (0..tp).map(move |t| Shard { rank: Rank { tp: t, pp: p }, tensors: TensorMap::new() }))
+        .flat_map(|p| (0..tp).map(move |t| Shard::new(Rank { tp: t, pp: p }, TensorMap::new())))
         .collect();
     let n = shards.len();
     for (i, (name, t)) in hf.tensors().unwrap().iter().enumerate() {
@@ -51,7 +51,11 @@ fn nemo_from_fixture(tp: usize, pp: usize) -> Checkpoint {
     );
     let meta = Meta {
         path: "memory".into(),
-        flavour: Flavour::Nemo { layout: NemoLayout::for_parallelism(Parallelism { tp, pp }), gzip: false, extracted: false },
+        flavour: Flavour::Nemo {
+            layout: NemoLayout::for_parallelism(Parallelism { tp, pp }),
+            gzip: false,
+            extracted: false,
+        },
         parallel: Parallelism { tp, pp },
         config: Some(ModelConfig::NemoYaml(nemo::NemoConfig::parse(raw, Path::new("t.yaml")).unwrap())),
         artifacts: vec![shardsmith_converters::Artifact {
@@ -74,7 +78,8 @@ fn nemo_loaders_read_our_archives() {
         std::fs::create_dir(&expected).unwrap();
         let layout = NemoLayout::for_parallelism(Parallelism { tp, pp });
         for shard in &ckpt.shards {
-            let member = layout.weights_member(shard.rank).replace('/', "__").replace(".ckpt", ".safetensors");
+            let member =
+                layout.weights_member(shard.rank).replace('/', "__").replace(".ckpt", ".safetensors");
             safetensors::write_file(&shard.tensors, &expected.join(member), false).unwrap();
         }
         let line = run_checker(&py, "nemo_check.py", &[&dest, &expected]);
@@ -93,8 +98,12 @@ fn transformers_loads_our_hf_directories_and_reproduces_golden_logits() {
     ] {
         let ckpt = formats::open(&fixture(model)).unwrap();
         let dest = out.path().join(model);
-        hf_dir::write(&ckpt, &dest, &hf_dir::WriteOptions { weights, max_shard_bytes: 200_000, overwrite: false })
-            .unwrap();
+        hf_dir::write(
+            &ckpt,
+            &dest,
+            &hf_dir::WriteOptions { weights, max_shard_bytes: 200_000, overwrite: false },
+        )
+        .unwrap();
         let line = run_checker(&py, "hf_load_check.py", &[&dest, &fixture(&format!("{model}/golden"))]);
         assert!(line.starts_with("OK"), "{model}: {line}");
     }

@@ -171,6 +171,16 @@ pub struct Shard {
     pub rank: Rank,
     /// The tensors, keyed by the format's own names.
     pub tensors: TensorMap,
+    /// Keys stored with the value `None` (NeMo's `<module>._extra_state`): no data, but strict
+    /// loaders expect the key, so they travel with the rank.
+    pub none_keys: Vec<String>,
+}
+
+impl Shard {
+    /// A rank's tensors with no `None` entries.
+    pub fn new(rank: Rank, tensors: TensorMap) -> Self {
+        Shard { rank, tensors, none_keys: Vec::new() }
+    }
 }
 
 /// Tensor- and pipeline-parallel sizes of a checkpoint as stored.
@@ -331,7 +341,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// A checkpoint with a single rank.
     pub fn single(meta: Meta, tensors: TensorMap) -> Self {
-        Checkpoint { meta, shards: vec![Shard { rank: Rank::default(), tensors }] }
+        Checkpoint { meta, shards: vec![Shard::new(Rank::default(), tensors)] }
     }
 
     /// The tensors of an unsharded checkpoint; an error naming the layout otherwise.

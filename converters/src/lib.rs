@@ -9,10 +9,12 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod convert;
 pub mod describe;
 pub mod dtype;
 pub mod error;
 pub mod formats;
+pub mod names;
 pub mod shard;
 pub mod transforms;
 

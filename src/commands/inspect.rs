@@ -129,7 +129,14 @@ pub fn render(r: &Report) -> String {
     for t in &r.tensors {
         let rank = t.rank.map_or(String::new(), |[tp, pp]| format!("{tp:>2}.{pp:<3} "));
         let shape = format!("{:?}", t.shape);
-        let _ = writeln!(s, "{rank}{:<name_w$}  {:<5}  {:<22}  {:>14}", t.name, t.dtype.to_string(), shape, t.bytes);
+        let _ = writeln!(
+            s,
+            "{rank}{:<name_w$}  {:<5}  {:<22}  {:>14}",
+            t.name,
+            t.dtype.to_string(),
+            shape,
+            t.bytes
+        );
     }
     let by_dtype: Vec<String> = r.totals.params_by_dtype.iter().map(|(d, n)| format!("{d}: {n}")).collect();
     let _ = writeln!(

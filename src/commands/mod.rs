@@ -1,4 +1,6 @@
 //! One module per subcommand; each is a short function over library calls.
 
+pub mod convert;
+pub mod diff;
 pub mod inspect;
 pub mod synth;

@@ -139,6 +139,12 @@ pub fn run(preset: &str, layers: Option<usize>, seed: u64, out: &Path, force: bo
     let files = hf_dir::write_weights(&tensors, dir.path(), &hf_dir::WriteOptions::default())?;
     dir.commit()?;
     let bytes: usize = tensors.values().map(TensorEntry::nbytes).sum();
-    eprintln!("wrote {} ({} files, {:.2} GiB, {} layers)", out.display(), files.len(), bytes as f64 / (1u64 << 30) as f64, shape.layers);
+    eprintln!(
+        "wrote {} ({} files, {:.2} GiB, {} layers)",
+        out.display(),
+        files.len(),
+        bytes as f64 / (1u64 << 30) as f64,
+        shape.layers
+    );
     Ok(())
 }

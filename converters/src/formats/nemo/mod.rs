@@ -251,14 +251,18 @@ impl Store {
             }
             let tensors = zarr::read(&self, DIST_DIR)?;
             // The arrays are global (all ranks merged), so as stored this is one shard.
-            let shard = Shard { rank: Rank::default(), tensors };
+            let shard = Shard::new(Rank::default(), tensors);
             (NemoLayout::Distributed, Parallelism::default(), vec![shard])
         } else {
             let parallel = check_ranks(root, &config, &ranks)?;
             let mut shards = Vec::with_capacity(ranks.len());
             for (&(pp, tp), name) in &ranks {
                 let state = self.read_torch(name)?;
-                shards.push(Shard { rank: Rank { tp, pp }, tensors: state.tensors });
+                shards.push(Shard {
+                    rank: Rank { tp, pp },
+                    tensors: state.tensors,
+                    none_keys: state.none_keys,
+                });
             }
             (NemoLayout::for_parallelism(parallel), parallel, shards)
         };

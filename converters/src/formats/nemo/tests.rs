@@ -36,7 +36,7 @@ fn checkpoint(tp: usize, pp: usize) -> Checkpoint {
     let mut shards = Vec::new();
     for p in 0..pp {
         for t in 0..tp {
-            shards.push(Shard { rank: Rank { tp: t, pp: p }, tensors: tensors((p * tp + t) as u8 * 10) });
+            shards.push(Shard::new(Rank { tp: t, pp: p }, tensors((p * tp + t) as u8 * 10)));
         }
     }
     let meta = Meta {
@@ -578,6 +578,8 @@ for i, path in enumerate(sys.argv[1:]):
             if m.name.endswith("model_weights.ckpt"):
                 sd = torch.load(io.BytesIO(t.extractfile(m).read()), weights_only=True)
                 for k, v in sd.items():
+                    if v is None:  # `_extra_state` keys travel as None
+                        continue
                     b = v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                     print(i, m.name, k, str(v.dtype), list(v.shape), hashlib.sha256(b).hexdigest())
 "#;

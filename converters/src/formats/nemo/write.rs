@@ -129,7 +129,7 @@ fn plan<'a>(ckpt: &'a Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<Ve
 
     let mut items = vec![Item { name: CONFIG.to_string(), body: Body::Bytes(config.raw.as_bytes()) }];
     for shard in &ckpt.shards {
-        let state = torch_zip::TorchState::new(shard.tensors.clone(), Vec::new());
+        let state = torch_zip::TorchState::new(shard.tensors.clone(), shard.none_keys.clone());
         items.push(Item { name: layout.weights_member(shard.rank), body: Body::Weights(state) });
     }
     let reserved: Vec<String> = items.iter().map(|i| i.name.clone()).collect();

@@ -1,0 +1,6 @@
+//! Conversion is composition: read → rename to canonical → undo transforms → reshard → apply
+//! transforms → rename to target → write. This module holds the middle steps, as pure functions
+//! over lazy tensors, so a plan can be printed and checked before a byte moves.
+
+pub mod llama;
+pub mod tokenizer;

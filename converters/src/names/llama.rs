@@ -1,0 +1,539 @@
+//! LLaMA-2: hyper-parameters read from and written to each dialect's config, and the tensor name
+//! table (formats.md §3) with each NeMo tensor's shard rule (§4.1) and pipeline placement (§4.4).
+
+use super::yaml::{self, Node};
+use crate::error::{Error, Result};
+use crate::formats::nemo::NemoConfig;
+use crate::DType;
+use serde_json::{json, Value as Json};
+use std::path::Path;
+
+/// The NeMo key dialects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NemoDialect {
+    /// Megatron-core names (`model.decoder.layers.{L}.self_attention.linear_qkv.weight`), NeMo's default.
+    Mcore,
+    /// Legacy names (`model.language_model.encoder.layers.{L}...query_key_value.weight`); no GQA.
+    Legacy,
+}
+
+/// LLaMA-2 hyper-parameters, the meeting point of HF `config.json` and NeMo `model_config.yaml`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaHparams {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Hidden size H.
+    pub hidden: usize,
+    /// MLP inner size F.
+    pub ffn: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads (query groups).
+    pub groups: usize,
+    /// Per-head size d.
+    pub head_dim: usize,
+    /// Tokenizer vocabulary V (unpadded).
+    pub vocab: usize,
+    /// Context length.
+    pub max_positions: usize,
+    /// Rotary base (`rope_theta` / `rotary_base`).
+    pub rope_theta: f64,
+    /// Linear RoPE scaling factor (`rope_scaling.factor` / `seq_len_interpolation_factor`).
+    pub rope_linear_factor: Option<f64>,
+    /// RMSNorm epsilon.
+    pub norm_eps: f64,
+    /// Initialiser standard deviation.
+    pub init_std: f64,
+    /// Embedding and output head share one matrix.
+    pub tied: bool,
+    /// Begin-of-sequence token id.
+    pub bos: Option<i64>,
+    /// End-of-sequence token id.
+    pub eos: Option<i64>,
+}
+
+fn need_usize(v: &Json, key: &str, path: &Path) -> Result<usize> {
+    v.get(key)
+        .and_then(Json::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| Error::invalid(path, format!("config.json: missing or non-integer '{key}'")))
+}
+
+impl LlamaHparams {
+    /// Read an HF LLaMA `config.json` (2023 and 2024+ spellings, including `rope_parameters`).
+    pub fn from_hf(v: &Json, path: &Path) -> Result<Self> {
+        let model_type = v.get("model_type").and_then(Json::as_str).unwrap_or("");
+        if model_type != "llama" {
+            return Err(Error::invalid(
+                path,
+                format!("config.json: model_type is '{model_type}', expected 'llama'"),
+            ));
+        }
+        let heads = need_usize(v, "num_attention_heads", path)?;
+        let hidden = need_usize(v, "hidden_size", path)?;
+        let rope = v.get("rope_parameters").filter(|r| r.is_object());
+        let scaling = v.get("rope_scaling").filter(|r| r.is_object()).or(rope);
+        let rope_linear_factor = match scaling {
+            Some(s) => {
+                let kind = s.get("rope_type").or(s.get("type")).and_then(Json::as_str).unwrap_or("default");
+                match kind {
+                    "default" => None,
+                    "linear" => s.get("factor").and_then(Json::as_f64),
+                    other => {
+                        return Err(Error::invalid(
+                            path,
+                            format!(
+                                "config.json: rope scaling '{other}' has no NeMo equivalent (only 'linear')"
+                            ),
+                        ))
+                    }
+                }
+            }
+            None => None,
+        };
+        let rope_theta = v
+            .get("rope_theta")
+            .and_then(Json::as_f64)
+            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Json::as_f64))
+            .unwrap_or(10000.0);
+        let head_dim = v.get("head_dim").and_then(Json::as_u64).map_or(hidden / heads.max(1), |d| d as usize);
+        Ok(LlamaHparams {
+            layers: need_usize(v, "num_hidden_layers", path)?,
+            hidden,
+            ffn: need_usize(v, "intermediate_size", path)?,
+            heads,
+            groups: v.get("num_key_value_heads").and_then(Json::as_u64).map_or(heads, |g| g as usize),
+            head_dim,
+            vocab: need_usize(v, "vocab_size", path)?,
+            max_positions: v.get("max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096) as usize,
+            rope_theta,
+            rope_linear_factor,
+            norm_eps: v.get("rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6),
+            init_std: v.get("initializer_range").and_then(Json::as_f64).unwrap_or(0.02),
+            tied: v.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false),
+            bos: v.get("bos_token_id").and_then(Json::as_i64),
+            eos: v.get("eos_token_id").and_then(Json::as_i64),
+        })
+    }
+
+    /// Read a NeMo GPT `model_config.yaml`; `vocab` comes from the tokenizer (the yaml has none).
+    pub fn from_nemo(cfg: &NemoConfig, vocab: usize, path: &Path) -> Result<Self> {
+        let need = |k: &str| {
+            cfg.get_usize(k).ok_or_else(|| {
+                Error::invalid(path, format!("model_config.yaml: missing or non-integer '{k}'"))
+            })
+        };
+        let heads = need("num_attention_heads")?;
+        let hidden = need("hidden_size")?;
+        let groups = match cfg.get("num_query_groups") {
+            None | Some(serde_yaml::Value::Null) => heads,
+            Some(_) => need("num_query_groups")?,
+        };
+        let head_dim = match cfg.get("kv_channels") {
+            None | Some(serde_yaml::Value::Null) => hidden / heads.max(1),
+            Some(_) => need("kv_channels")?,
+        };
+        for (key, want) in [("normalization", "rmsnorm"), ("position_embedding_type", "rope")] {
+            if let Some(got) = cfg.get_str(key) {
+                if got != want {
+                    return Err(Error::invalid(
+                        path,
+                        format!("model_config.yaml: {key} is '{got}', LLaMA needs '{want}'"),
+                    ));
+                }
+            }
+        }
+        if let Some(act) = cfg.get_str("activation") {
+            if act != "fast-swiglu" && act != "swiglu" {
+                return Err(Error::invalid(
+                    path,
+                    format!("model_config.yaml: activation '{act}' is not SwiGLU"),
+                ));
+            }
+        }
+        Ok(LlamaHparams {
+            layers: need("num_layers")?,
+            hidden,
+            ffn: need("ffn_hidden_size")?,
+            heads,
+            groups,
+            head_dim,
+            vocab,
+            max_positions: cfg
+                .get_usize("max_position_embeddings")
+                .or(cfg.get_usize("encoder_seq_length"))
+                .unwrap_or(4096),
+            rope_theta: cfg.get_f64("rotary_base").unwrap_or(10000.0),
+            rope_linear_factor: cfg.get_f64("seq_len_interpolation_factor"),
+            norm_eps: cfg.get_f64("layernorm_epsilon").unwrap_or(1e-5),
+            init_std: cfg.get_f64("init_method_std").unwrap_or(0.02),
+            tied: cfg.get_bool("share_embeddings_and_output_weights").unwrap_or(false),
+            bos: None,
+            eos: None,
+        })
+    }
+
+    /// Heads per query group.
+    pub fn heads_per_group(&self) -> usize {
+        self.heads / self.groups.max(1)
+    }
+
+    /// Check internal consistency (heads divide into groups, hidden = heads·d is not required by
+    /// LLaMA, but q/k/v shapes follow from these numbers).
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        if self.heads == 0 || self.groups == 0 || self.heads % self.groups != 0 {
+            return Err(Error::invalid(
+                path,
+                format!("{} attention heads do not divide into {} query groups", self.heads, self.groups),
+            ));
+        }
+        if self.layers == 0 || self.hidden == 0 || self.ffn == 0 || self.head_dim == 0 || self.vocab == 0 {
+            return Err(Error::invalid(path, format!("degenerate LLaMA shape {self:?}")));
+        }
+        Ok(())
+    }
+
+    /// HF `config.json` for these parameters, stored in `dtype`.
+    pub fn hf_config(&self, dtype: DType) -> Json {
+        let rope_scaling = self
+            .rope_linear_factor
+            .map_or(Json::Null, |f| json!({"type": "linear", "rope_type": "linear", "factor": f}));
+        let mut v = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "attention_bias": false,
+            "bos_token_id": self.bos.unwrap_or(1),
+            "eos_token_id": self.eos.unwrap_or(2),
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden,
+            "initializer_range": self.init_std,
+            "intermediate_size": self.ffn,
+            "max_position_embeddings": self.max_positions,
+            "mlp_bias": false,
+            "model_type": "llama",
+            "num_attention_heads": self.heads,
+            "num_hidden_layers": self.layers,
+            "num_key_value_heads": self.groups,
+            "pretraining_tp": 1,
+            "rms_norm_eps": self.norm_eps,
+            "rope_scaling": rope_scaling,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tied,
+            "torch_dtype": dtype.torch_name(),
+            "use_cache": true,
+            "vocab_size": self.vocab,
+        });
+        if self.head_dim * self.heads == self.hidden {
+            v.as_object_mut().expect("object").remove("head_dim");
+        }
+        v
+    }
+
+    /// NeMo `model_config.yaml` text for these parameters (formats.md §3.8, §5.1).
+    pub fn nemo_yaml(&self, o: &NemoYamlOptions) -> String {
+        let mcore = o.dialect == NemoDialect::Mcore;
+        let precision: Node = match o.dtype {
+            DType::BF16 => "bf16".into(),
+            DType::F16 => Node::Int(16),
+            _ => Node::Int(32),
+        };
+        let tokenizer = Node::Map(vec![
+            ("library".into(), "sentencepiece".into()),
+            ("type".into(), Node::Null),
+            ("model".into(), o.tokenizer_model.clone().into()),
+            ("vocab_file".into(), Node::Null),
+            ("merge_file".into(), Node::Null),
+            ("delimiter".into(), Node::Null),
+            ("sentencepiece_legacy".into(), false.into()),
+        ]);
+        let kv_channels: Node =
+            if self.head_dim * self.heads == self.hidden { Node::Null } else { self.head_dim.into() };
+        let map: Vec<(String, Node)> = vec![
+            ("mcore_gpt".into(), mcore.into()),
+            ("transformer_engine".into(), mcore.into()),
+            ("precision".into(), precision),
+            ("megatron_amp_O2".into(), false.into()),
+            ("micro_batch_size".into(), 1usize.into()),
+            ("global_batch_size".into(), (o.tp * o.pp).max(1).into()),
+            ("tensor_model_parallel_size".into(), o.tp.into()),
+            ("pipeline_model_parallel_size".into(), o.pp.into()),
+            ("virtual_pipeline_model_parallel_size".into(), Node::Null),
+            ("encoder_seq_length".into(), self.max_positions.into()),
+            ("max_position_embeddings".into(), self.max_positions.into()),
+            ("num_layers".into(), self.layers.into()),
+            ("hidden_size".into(), self.hidden.into()),
+            ("ffn_hidden_size".into(), self.ffn.into()),
+            ("num_attention_heads".into(), self.heads.into()),
+            ("num_query_groups".into(), self.groups.into()),
+            ("kv_channels".into(), kv_channels),
+            ("init_method_std".into(), self.init_std.into()),
+            ("normalization".into(), "rmsnorm".into()),
+            ("layernorm_epsilon".into(), self.norm_eps.into()),
+            ("make_vocab_size_divisible_by".into(), o.divisible_by.into()),
+            ("bias".into(), false.into()),
+            ("activation".into(), "fast-swiglu".into()),
+            ("position_embedding_type".into(), "rope".into()),
+            ("rotary_percentage".into(), 1.0.into()),
+            ("rotary_base".into(), self.rope_theta.into()),
+            ("seq_len_interpolation_factor".into(), self.rope_linear_factor.into()),
+            ("share_embeddings_and_output_weights".into(), self.tied.into()),
+            ("hidden_dropout".into(), 0.0.into()),
+            ("attention_dropout".into(), 0.0.into()),
+            ("ffn_dropout".into(), 0.0.into()),
+            ("apply_query_key_layer_scaling".into(), false.into()),
+            ("use_cpu_initialization".into(), false.into()),
+            ("tokenizer".into(), tokenizer),
+            (
+                "target".into(),
+                "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel".into(),
+            ),
+            ("nemo_version".into(), "1.23.0".into()),
+        ];
+        yaml::emit(&map)
+    }
+}
+
+/// What [`LlamaHparams::nemo_yaml`] needs beyond the hyper-parameters.
+#[derive(Clone, Debug)]
+pub struct NemoYamlOptions {
+    /// Key dialect (decides `mcore_gpt` / `transformer_engine`).
+    pub dialect: NemoDialect,
+    /// Stored dtype (decides `precision`).
+    pub dtype: DType,
+    /// Tensor-parallel size.
+    pub tp: usize,
+    /// Pipeline-parallel size.
+    pub pp: usize,
+    /// `make_vocab_size_divisible_by`.
+    pub divisible_by: usize,
+    /// `tokenizer.model` value, e.g. `nemo:<32hex>_tokenizer.model`.
+    pub tokenizer_model: Option<String>,
+}
+
+/// How a NeMo tensor is built from canonical (HF) tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A plain rename.
+    Same(&'static str),
+    /// Q, K and V interleaved by query group (formats.md §3.4).
+    Qkv(&'static str, &'static str, &'static str),
+    /// `[gate; up]` (formats.md §3.5).
+    Glu(&'static str, &'static str),
+}
+
+/// How a NeMo tensor is split over tensor-parallel ranks (formats.md §4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Same on every rank.
+    Replicated,
+    /// Contiguous split of dim 0 (column-parallel; QKV by whole query groups).
+    Rows,
+    /// Contiguous split of dim 1 (row-parallel).
+    Cols,
+    /// Each GLU half split along dim 0.
+    GluHalves,
+    /// Vocabulary-parallel rows, padded to Vp.
+    Vocab,
+}
+
+/// Which pipeline stages hold a tensor (formats.md §4.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Stage 0 only.
+    First,
+    /// The last stage only.
+    Last,
+    /// The stage owning the layer `{L}` (names use stage-local layer indices).
+    Layer,
+}
+
+/// One row of the name table.
+#[derive(Clone, Copy, Debug)]
+pub struct Row {
+    /// Megatron-core name.
+    pub mcore: &'static str,
+    /// Legacy NeMo name.
+    pub legacy: &'static str,
+    /// Canonical source.
+    pub source: Source,
+    /// TP rule.
+    pub split: Split,
+    /// PP placement.
+    pub stage: Stage,
+}
+
+impl Row {
+    /// The name in `dialect`.
+    pub fn name(&self, dialect: NemoDialect) -> &'static str {
+        match dialect {
+            NemoDialect::Mcore => self.mcore,
+            NemoDialect::Legacy => self.legacy,
+        }
+    }
+}
+
+/// The layer placeholder in table names.
+pub const LAYER: &str = "{L}";
+
+/// Every LLaMA-2 tensor (formats.md §3.2, §3.3); the output head is absent when embeddings are tied.
+pub const TABLE: &[Row] = &[
+    Row {
+        mcore: "model.embedding.word_embeddings.weight",
+        legacy: "model.language_model.embedding.word_embeddings.weight",
+        source: Source::Same("model.embed_tokens.weight"),
+        split: Split::Vocab,
+        stage: Stage::First,
+    },
+    Row {
+        mcore: "model.decoder.layers.{L}.self_attention.linear_qkv.layer_norm_weight",
+        legacy: "model.language_model.encoder.layers.{L}.input_layernorm.weight",
+        source: Source::Same("model.layers.{L}.input_layernorm.weight"),
+        split: Split::Replicated,
+        stage: Stage::Layer,
+    },
+    Row {
+        mcore: "model.decoder.layers.{L}.self_attention.linear_qkv.weight",
+        legacy: "model.language_model.encoder.layers.{L}.self_attention.query_key_value.weight",
+        source: Source::Qkv(
+            "model.layers.{L}.self_attn.q_proj.weight",
+            "model.layers.{L}.self_attn.k_proj.weight",
+            "model.layers.{L}.self_attn.v_proj.weight",
+        ),
+        split: Split::Rows,
+        stage: Stage::Layer,
+    },
+    Row {
+        mcore: "model.decoder.layers.{L}.self_attention.linear_proj.weight",
+        legacy: "model.language_model.encoder.layers.{L}.self_attention.dense.weight",
+        source: Source::Same("model.layers.{L}.self_attn.o_proj.weight"),
+        split: Split::Cols,
+        stage: Stage::Layer,
+    },
+    Row {
+        mcore: "model.decoder.layers.{L}.mlp.linear_fc1.layer_norm_weight",
+        legacy: "model.language_model.encoder.layers.{L}.post_attention_layernorm.weight",
+        source: Source::Same("model.layers.{L}.post_attention_layernorm.weight"),
+        split: Split::Replicated,
+        stage: Stage::Layer,
+    },
+    Row {
+        mcore: "model.decoder.layers.{L}.mlp.linear_fc1.weight",
+        legacy: "model.language_model.encoder.layers.{L}.mlp.dense_h_to_4h.weight",
+        source: Source::Glu("model.layers.{L}.mlp.gate_proj.weight", "model.layers.{L}.mlp.up_proj.weight"),
+        split: Split::GluHalves,
+        stage: Stage::Layer,
+    },
+    Row {
+        mcore: "model.decoder.layers.{L}.mlp.linear_fc2.weight",
+        legacy: "model.language_model.encoder.layers.{L}.mlp.dense_4h_to_h.weight",
+        source: Source::Same("model.layers.{L}.mlp.down_proj.weight"),
+        split: Split::Cols,
+        stage: Stage::Layer,
+    },
+    Row {
+        mcore: "model.decoder.final_layernorm.weight",
+        legacy: "model.language_model.encoder.final_layernorm.weight",
+        source: Source::Same("model.norm.weight"),
+        split: Split::Replicated,
+        stage: Stage::Last,
+    },
+    Row {
+        mcore: "model.output_layer.weight",
+        legacy: "model.language_model.output_layer.weight",
+        source: Source::Same("lm_head.weight"),
+        split: Split::Vocab,
+        stage: Stage::Last,
+    },
+];
+
+/// The legacy rotary buffer, present on every stage of a legacy checkpoint (recomputed on write,
+/// dropped on read: formats.md §2.2).
+pub const LEGACY_INV_FREQ: &str = "model.language_model.rotary_pos_emb.inv_freq";
+
+/// Modules that get an `_extra_state: None` entry so NeMo ≥ 1.23 strict loading finds every key
+/// (formats.md §2.2). `{L}` is the stage-local layer.
+pub fn extra_state_modules(dialect: NemoDialect) -> &'static [&'static str] {
+    match dialect {
+        NemoDialect::Legacy => &[
+            "model.language_model.encoder.layers.{L}.self_attention.query_key_value",
+            "model.language_model.encoder.layers.{L}.self_attention.dense",
+            "model.language_model.encoder.layers.{L}.mlp.dense_h_to_4h",
+            "model.language_model.encoder.layers.{L}.mlp.dense_4h_to_h",
+        ],
+        NemoDialect::Mcore => &[
+            "model.decoder.layers.{L}.self_attention.linear_qkv",
+            "model.decoder.layers.{L}.self_attention.linear_proj",
+            "model.decoder.layers.{L}.mlp.linear_fc1",
+            "model.decoder.layers.{L}.mlp.linear_fc2",
+        ],
+    }
+}
+
+/// Substitute the layer index into a table name.
+pub fn at_layer(template: &str, layer: usize) -> String {
+    template.replace(LAYER, &layer.to_string())
+}
+
+/// HF tensors that carry no information and are dropped on import (old rotary buffers).
+pub fn is_ignorable_hf(name: &str) -> bool {
+    name.ends_with(".rotary_emb.inv_freq")
+}
+
+/// The dialect a NeMo config declares (`mcore_gpt`), or what its tensor names show.
+pub fn dialect_of<'a>(cfg: Option<&NemoConfig>, mut names: impl Iterator<Item = &'a str>) -> NemoDialect {
+    match cfg.and_then(|c| c.get_bool("mcore_gpt")) {
+        Some(true) => NemoDialect::Mcore,
+        Some(false) => NemoDialect::Legacy,
+        None => {
+            if names.any(|n| n.starts_with("model.language_model.")) {
+                NemoDialect::Legacy
+            } else {
+                NemoDialect::Mcore
+            }
+        }
+    }
+}
+
+/// Rotary inverse frequencies `1 / theta^(2k/d)`, k < d/2, as NeMo's legacy buffer holds them.
+pub fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2).map(|k| (1.0 / theta.powf((2 * k) as f64 / head_dim as f64)) as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_config(name: &str) -> Json {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name).join("config.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn hf_config_round_trips_through_nemo_yaml() {
+        for name in ["llama-mha", "llama-gqa"] {
+            let hp = LlamaHparams::from_hf(&fixture_config(name), Path::new(name)).unwrap();
+            let text = hp.nemo_yaml(&NemoYamlOptions {
+                dialect: NemoDialect::Mcore,
+                dtype: DType::BF16,
+                tp: 2,
+                pp: 1,
+                divisible_by: 1,
+                tokenizer_model: Some("nemo:00_tokenizer.model".into()),
+            });
+            let cfg = NemoConfig::parse(text, Path::new("y")).unwrap();
+            let back = LlamaHparams::from_nemo(&cfg, hp.vocab, Path::new("y")).unwrap();
+            assert_eq!(LlamaHparams { bos: hp.bos, eos: hp.eos, ..back }, hp, "{name}");
+            assert_eq!(cfg.get_str("precision"), Some("bf16"));
+            assert_eq!(cfg.get_usize("tensor_model_parallel_size"), Some(2));
+            // And back to config.json.
+            let json = hp.hf_config(DType::F32);
+            assert_eq!(LlamaHparams::from_hf(&json, Path::new("j")).unwrap(), hp, "{name}");
+        }
+    }
+
+    #[test]
+    fn gqa_fixture_reads_rope_scaling() {
+        let hp = LlamaHparams::from_hf(&fixture_config("llama-gqa"), Path::new("gqa")).unwrap();
+        assert_eq!((hp.heads, hp.groups, hp.rope_theta, hp.rope_linear_factor), (8, 2, 500000.0, Some(2.0)));
+    }
+}

@@ -1,0 +1,148 @@
+//! A small YAML emitter for the configs we generate (NeMo `model_config.yaml`).
+//!
+//! Written by hand rather than through serde_yaml because NeMo's configs are read by PyYAML
+//! (YAML 1.1): a float must carry a dot and a signed exponent (`1.0e-05`, not `1e-5`, which PyYAML
+//! reads as a string), and the key order should follow NeMo's own files so diffs stay readable.
+
+use std::fmt::Write as _;
+
+/// A YAML scalar or nested mapping.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Node {
+    /// `null`.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float, always written with a dot.
+    Float(f64),
+    /// A string, quoted when YAML would read it as something else.
+    Str(String),
+    /// A nested mapping in insertion order.
+    Map(Vec<(String, Node)>),
+}
+
+impl From<bool> for Node {
+    fn from(v: bool) -> Self {
+        Node::Bool(v)
+    }
+}
+impl From<usize> for Node {
+    fn from(v: usize) -> Self {
+        Node::Int(v as i64)
+    }
+}
+impl From<f64> for Node {
+    fn from(v: f64) -> Self {
+        Node::Float(v)
+    }
+}
+impl From<&str> for Node {
+    fn from(v: &str) -> Self {
+        Node::Str(v.to_string())
+    }
+}
+impl From<String> for Node {
+    fn from(v: String) -> Self {
+        Node::Str(v)
+    }
+}
+impl<T: Into<Node>> From<Option<T>> for Node {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Node::Null, Into::into)
+    }
+}
+
+/// Format a float the way PyYAML writes and reads it (`0.02`, `10000.0`, `1.0e-05`).
+pub fn float(x: f64) -> String {
+    if x.is_nan() {
+        return ".nan".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { ".inf".into() } else { "-.inf".into() };
+    }
+    if x == 0.0 || (1e-4..1e16).contains(&x.abs()) {
+        let s = format!("{x}");
+        return if s.contains('.') { s } else { format!("{s}.0") };
+    }
+    let s = format!("{x:e}"); // e.g. "1e-5", "1.5e20"
+    let (mantissa, exp) = s.split_once('e').expect("{:e} always has an exponent");
+    let mantissa = if mantissa.contains('.') { mantissa.to_string() } else { format!("{mantissa}.0") };
+    let (sign, digits) = exp.strip_prefix('-').map_or(("+", exp), |d| ("-", d));
+    format!("{mantissa}e{sign}{digits:0>2}")
+}
+
+fn scalar(node: &Node) -> String {
+    match node {
+        Node::Null => "null".into(),
+        Node::Bool(b) => b.to_string(),
+        Node::Int(i) => i.to_string(),
+        Node::Float(f) => float(*f),
+        Node::Str(s) => {
+            let plain = !s.is_empty()
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-/:${}".contains(c))
+                && !s.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.')
+                && !matches!(
+                    s.to_ascii_lowercase().as_str(),
+                    "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "~"
+                );
+            if plain {
+                s.clone()
+            } else {
+                format!("'{}'", s.replace('\'', "''"))
+            }
+        }
+        Node::Map(_) => unreachable!("maps are written as blocks"),
+    }
+}
+
+/// Emit a mapping as block YAML with two-space indentation.
+pub fn emit(map: &[(String, Node)]) -> String {
+    fn go(out: &mut String, map: &[(String, Node)], indent: usize) {
+        for (k, v) in map {
+            match v {
+                Node::Map(inner) if !inner.is_empty() => {
+                    let _ = writeln!(out, "{:indent$}{k}:", "");
+                    go(out, inner, indent + 2);
+                }
+                Node::Map(_) => {
+                    let _ = writeln!(out, "{:indent$}{k}: {{}}", "");
+                }
+                _ => {
+                    let _ = writeln!(out, "{:indent$}{k}: {}", "", scalar(v));
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    go(&mut out, map, 0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_read_back_as_floats() {
+        for (x, s) in
+            [(1e-5, "1.0e-05"), (0.02, "0.02"), (10000.0, "10000.0"), (2.5e-7, "2.5e-07"), (0.0, "0.0")]
+        {
+            assert_eq!(float(x), s);
+            let v: serde_yaml::Value = serde_yaml::from_str(&format!("a: {s}")).unwrap();
+            assert_eq!(v["a"].as_f64(), Some(x), "{s}");
+        }
+    }
+
+    #[test]
+    fn strings_that_look_like_other_types_are_quoted() {
+        let text = emit(&[
+            ("a".into(), "bf16".into()),
+            ("b".into(), "16".into()),
+            ("c".into(), "null".into()),
+            ("d".into(), Node::Map(vec![("e".into(), "nemo:abc_tokenizer.model".into())])),
+        ]);
+        assert_eq!(text, "a: bf16\nb: '16'\nc: 'null'\nd:\n  e: nemo:abc_tokenizer.model\n");
+    }
+}
