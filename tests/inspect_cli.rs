@@ -8,7 +8,11 @@ use std::sync::Arc;
 
 fn shardsmith(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).output().expect("run shardsmith");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn fixture(rel: &str) -> PathBuf {
@@ -19,7 +23,10 @@ fn tiny_llama_safetensors(dir: &Path) -> PathBuf {
     let mut t = TensorMap::new();
     let mut add = |name: &str, shape: Vec<usize>| {
         let n = shape.iter().product::<usize>() * 2;
-        t.insert(name.into(), TensorEntry::new(DType::BF16, shape, ByteSource::owned(vec![0u8; n]), Arc::from(Path::new("t"))));
+        t.insert(
+            name.into(),
+            TensorEntry::new(DType::BF16, shape, ByteSource::owned(vec![0u8; n]), Arc::from(Path::new("t"))),
+        );
     };
     add("model.embed_tokens.weight", vec![300, 16]);
     for l in 0..3 {
@@ -46,7 +53,8 @@ fn inspect_describes_a_safetensors_file_from_its_tensors() {
 fn inspect_json_and_filter() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_llama_safetensors(dir.path());
-    let (ok, out, err) = shardsmith(&["inspect", path.to_str().unwrap(), "--json", "--filter", "*layers.1.*"]);
+    let (ok, out, err) =
+        shardsmith(&["inspect", path.to_str().unwrap(), "--json", "--filter", "*layers.1.*"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["tensors"].as_array().unwrap().len(), 1);
@@ -79,7 +87,8 @@ fn inspect_rejects_a_corrupt_safetensors_header() {
     let mut bytes = std::fs::read(&path).unwrap();
     // Point the first tensor's end offset past the buffer: keep the JSON valid, break the layout.
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    let at = text.find("\"data_offsets\":[0,").expect("first tensor at offset 0") + "\"data_offsets\":[0,".len();
+    let at =
+        text.find("\"data_offsets\":[0,").expect("first tensor at offset 0") + "\"data_offsets\":[0,".len();
     bytes[at] = b'9';
     std::fs::write(&path, &bytes).unwrap();
     let (ok, _, err) = shardsmith(&["inspect", path.to_str().unwrap()]);

@@ -56,7 +56,8 @@ pub fn describe(ckpt: &Checkpoint) -> Architecture {
         None => Architecture::default(),
     };
     arch.source = if arch.family.is_some() { "config" } else { "tensors" };
-    let names: BTreeSet<&str> = ckpt.shards.iter().flat_map(|s| s.tensors.keys().map(String::as_str)).collect();
+    let names: BTreeSet<&str> =
+        ckpt.shards.iter().flat_map(|s| s.tensors.keys().map(String::as_str)).collect();
     if arch.family.is_none() {
         arch.family = Some(family_from_names(&names));
     }
@@ -195,7 +196,9 @@ fn tokenizer_vocab(ckpt: &Checkpoint) -> Option<usize> {
         let bytes = a.source.bytes().ok()?;
         if a.name.ends_with("tokenizer.json") {
             let v: Json = serde_json::from_slice(&bytes).ok()?;
-            let base = v.pointer("/model/vocab").and_then(|m| m.as_object().map(|m| m.len()).or(m.as_array().map(Vec::len)))?;
+            let base = v
+                .pointer("/model/vocab")
+                .and_then(|m| m.as_object().map(|m| m.len()).or(m.as_array().map(Vec::len)))?;
             let added = v
                 .get("added_tokens")
                 .and_then(Json::as_array)
@@ -261,7 +264,8 @@ mod tests {
     #[test]
     fn counts_layers_from_names() {
         let names: BTreeSet<&str> =
-            ["model.layers.0.mlp.up_proj.weight", "model.layers.11.input_layernorm.weight", "lm_head.weight"].into();
+            ["model.layers.0.mlp.up_proj.weight", "model.layers.11.input_layernorm.weight", "lm_head.weight"]
+                .into();
         assert_eq!(count_layers(&names), Some(12));
     }
 

@@ -36,7 +36,11 @@ pub fn reference_python() -> Option<PathBuf> {
     if candidate.is_file() {
         return Some(candidate);
     }
-    assert!(std::env::var_os("CI").is_none(), "CI must run interop tests: no Python at {}", candidate.display());
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run interop tests: no Python at {}",
+        candidate.display()
+    );
     eprintln!("skipping: no reference Python at {} (run bash tests/run.sh)", candidate.display());
     None
 }

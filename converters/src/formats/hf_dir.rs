@@ -1,7 +1,9 @@
 //! HuggingFace model directories: `config.json`, weights as safetensors or `pytorch_model*.bin`
 //! (single file or sharded with an index), and tokenizer / generation files carried as artifacts.
 
-use crate::checkpoint::{Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, Parallelism, TensorMap};
+use crate::checkpoint::{
+    Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, Parallelism, TensorMap,
+};
 use crate::error::{Error, IoContext, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -107,7 +109,11 @@ pub fn read(dir: &Path) -> Result<Checkpoint> {
             if let Some(prev) = tensors.get(&name) {
                 return Err(Error::invalid(
                     dir,
-                    format!("tensor '{name}' appears in both {} and {}", prev.origin.display(), path.display()),
+                    format!(
+                        "tensor '{name}' appears in both {} and {}",
+                        prev.origin.display(),
+                        path.display()
+                    ),
                 ));
             }
             tensors.insert(name, t);
@@ -128,7 +134,10 @@ pub fn read(dir: &Path) -> Result<Checkpoint> {
     for name in COMPANION_FILES {
         let p = dir.join(name);
         if p.is_file() {
-            artifacts.push(Artifact { name: name.to_string(), source: ByteSource::owned(std::fs::read(&p).at(&p)?) });
+            artifacts.push(Artifact {
+                name: name.to_string(),
+                source: ByteSource::owned(std::fs::read(&p).at(&p)?),
+            });
         }
     }
     let meta = Meta { path: dir.to_path_buf(), flavour, parallel: Parallelism::default(), config, artifacts };
@@ -148,7 +157,9 @@ fn check_index_agrees(dir: &Path, flavour: &Flavour, tensors: &TensorMap) -> Res
     let entries = read_index(&index)?;
     for (name, file) in &entries {
         match tensors.get(name) {
-            None => return Err(Error::missing(&index, format!("tensor '{name}' (index says it is in {file})"))),
+            None => {
+                return Err(Error::missing(&index, format!("tensor '{name}' (index says it is in {file})")))
+            }
             Some(t) if t.origin.file_name().is_none_or(|f| f != file.as_str()) => {
                 return Err(Error::invalid(
                     &index,
@@ -309,7 +320,12 @@ mod tests {
     fn tensors(n: usize) -> TensorMap {
         (0..n)
             .map(|i| {
-                let t = TensorEntry::new(DType::F32, vec![16], ByteSource::owned(vec![i as u8; 64]), Arc::from(Path::new("t")));
+                let t = TensorEntry::new(
+                    DType::F32,
+                    vec![16],
+                    ByteSource::owned(vec![i as u8; 64]),
+                    Arc::from(Path::new("t")),
+                );
                 (format!("layer.{i}.w"), t)
             })
             .collect()
@@ -323,7 +339,8 @@ mod tests {
             let files = write_weights(&tensors(5), dir.path(), &opts).unwrap();
             assert_eq!(files.len(), 4, "{files:?}"); // 3 shards of ≤ 2 tensors + the index
             let index: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.path().join(weights.index_name())).unwrap()).unwrap();
+                serde_json::from_slice(&std::fs::read(dir.path().join(weights.index_name())).unwrap())
+                    .unwrap();
             assert_eq!(index["metadata"]["total_size"], 5 * 64);
             assert_eq!(index["weight_map"]["layer.4.w"], weights.file_name(2, 3));
             let back = read(dir.path()).unwrap();
