@@ -1,0 +1,211 @@
+//! `shardsmith convert / reshard / plan / diff` on the fixtures: bit-exact round trips through
+//! every NeMo layout and TP/PP, refusals before any write, and the plan.
+
+mod common;
+
+use common::fixture;
+use shardsmith::commands::synth::{synthetic_tensors, LlamaShape};
+use shardsmith_converters::formats::{self, hf_dir};
+use shardsmith_converters::{Checkpoint, Flavour, Meta, ModelConfig, Parallelism};
+use std::path::Path;
+use std::process::Command;
+
+fn shardsmith(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).output().expect("run shardsmith");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (ok, out, err) = shardsmith(args);
+    assert!(ok, "shardsmith {args:?} failed: {err}");
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// HF → .nemo (tp, pp, layout) → HF must give back every tensor bit for bit.
+fn round_trip(src: &Path, work: &Path, tp: usize, pp: usize, layout: &str) {
+    let tag = format!("{}-{tp}-{pp}-{layout}", src.file_name().unwrap().to_string_lossy());
+    let nemo = work.join(format!("{tag}.nemo"));
+    let back = work.join(format!("{tag}-hf"));
+    ok(&["convert", s(src), s(&nemo), "--tp", &tp.to_string(), "--pp", &pp.to_string(), "--layout", layout]);
+    let c = formats::open(&nemo).unwrap();
+    assert_eq!(c.meta.parallel, Parallelism { tp, pp }, "{tag}");
+    assert_eq!(c.shards.len(), tp * pp, "{tag}");
+    ok(&["convert", s(&nemo), s(&back)]);
+    let report = ok(&["diff", s(src), s(&back)]);
+    assert!(report.contains("MATCH") && report.contains("0 differ in value"), "{tag}: {report}");
+}
+
+#[test]
+fn fixtures_round_trip_bit_exactly_through_every_layout() {
+    let work = tempfile::tempdir().unwrap();
+    for (tp, pp, layout) in
+        [(1, 1, "mcore"), (2, 2, "mcore"), (4, 2, "mcore"), (4, 1, "legacy"), (2, 2, "legacy")]
+    {
+        round_trip(&fixture("llama-mha"), work.path(), tp, pp, layout);
+    }
+    for (tp, pp) in [(1, 1), (2, 1), (2, 3), (1, 3)] {
+        round_trip(&fixture("llama-gqa"), work.path(), tp, pp, "mcore");
+    }
+    // The exported safetensors file is the very file transformers wrote: same order, same header.
+    let back = work.path().join("llama-mha-2-2-mcore-hf");
+    assert!(
+        std::fs::read(back.join("model.safetensors")).unwrap()
+            == std::fs::read(fixture("llama-mha/model.safetensors")).unwrap()
+    );
+    // And the tokenizer made the trip.
+    assert_eq!(
+        std::fs::read(back.join("tokenizer.model")).unwrap(),
+        std::fs::read(fixture("llama-mha/tokenizer.model")).unwrap()
+    );
+}
+
+/// A GQA model big enough for TP-8: 16 heads in 8 groups, 4 layers, vocab 333 (padded per TP).
+fn tp8_model(dir: &Path) -> std::path::PathBuf {
+    let shape = LlamaShape { layers: 4, hidden: 64, ffn: 96, heads: 16, kv_heads: 8, vocab: 333 };
+    let tensors = synthetic_tensors(&shape, 7);
+    let meta = Meta {
+        path: dir.to_path_buf(),
+        flavour: Flavour::HfSafetensorsDir { sharded: false },
+        parallel: Parallelism::default(),
+        config: Some(ModelConfig::HfJson(shape.config_json())),
+        artifacts: vec![shardsmith_converters::Artifact {
+            name: "tokenizer.model".into(),
+            source: shardsmith_converters::ByteSource::owned(
+                std::fs::read(fixture("llama-gqa/tokenizer.model")).unwrap(),
+            ),
+        }],
+    };
+    let out = dir.join("tp8-src");
+    hf_dir::write(
+        &Checkpoint::single(meta, tensors),
+        &out,
+        &hf_dir::WriteOptions { max_shard_bytes: 100_000, ..Default::default() },
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn tp8_pp2_reshards_back_to_tp1_bit_exactly() {
+    let work = tempfile::tempdir().unwrap();
+    let src = tp8_model(work.path());
+    let nemo8 = work.path().join("tp8pp2.nemo");
+    ok(&["convert", s(&src), s(&nemo8), "--tp", "8", "--pp", "2"]);
+    let c8 = formats::open(&nemo8).unwrap();
+    // Vocabulary 333 with make_vocab_size_divisible_by 1 pads to 336 at tp 8: 42 rows per rank.
+    let emb = &c8.shards[0].tensors["model.embedding.word_embeddings.weight"];
+    assert_eq!(emb.shape, [42, 64]);
+    let nemo1 = work.path().join("tp1.nemo");
+    ok(&["reshard", s(&nemo8), "-o", s(&nemo1), "--tp", "1", "--pp", "1"]);
+    let c1 = formats::open(&nemo1).unwrap();
+    assert_eq!(c1.meta.parallel, Parallelism { tp: 1, pp: 1 });
+    let Some(ModelConfig::NemoYaml(cfg)) = &c1.meta.config else { panic!() };
+    assert_eq!(cfg.get_usize("tensor_model_parallel_size"), Some(1));
+    assert_eq!(cfg.get_usize("num_query_groups"), Some(8), "other keys survive the reshard");
+    assert!(ok(&["diff", s(&nemo8), s(&nemo1)]).contains("MATCH"));
+    let back = work.path().join("back");
+    ok(&["convert", s(&nemo1), s(&back)]);
+    assert!(ok(&["diff", s(&src), s(&back)]).contains("MATCH"));
+    // Legacy MHA at TP-8 as well (8 heads = 8 groups).
+    let mha = LlamaShape { layers: 2, hidden: 64, ffn: 64, heads: 8, kv_heads: 8, vocab: 256 };
+    let meta = Meta {
+        path: "mha".into(),
+        flavour: Flavour::HfSafetensorsDir { sharded: false },
+        parallel: Parallelism::default(),
+        config: Some(ModelConfig::HfJson(mha.config_json())),
+        artifacts: vec![],
+    };
+    let mha_dir = work.path().join("mha");
+    hf_dir::write(&Checkpoint::single(meta, synthetic_tensors(&mha, 3)), &mha_dir, &Default::default())
+        .unwrap();
+    let legacy = work.path().join("legacy8.nemo");
+    let tok = fixture("llama-mha/tokenizer.model");
+    ok(&[
+        "convert",
+        s(&mha_dir),
+        s(&legacy),
+        "--tp",
+        "8",
+        "--pp",
+        "2",
+        "--layout",
+        "legacy",
+        "--tokenizer",
+        s(&tok),
+    ]);
+    let back = work.path().join("legacy-back");
+    ok(&["convert", s(&legacy), s(&back), "--vocab-size", "256"]);
+    assert!(ok(&["diff", s(&mha_dir), s(&back)]).contains("MATCH"));
+}
+
+#[test]
+fn impossible_layouts_are_refused_before_anything_is_written() {
+    let work = tempfile::tempdir().unwrap();
+    let dst = work.path().join("out.nemo");
+    let gqa = fixture("llama-gqa");
+    for (args, want) in [
+        (vec!["--tp", "4"], "query groups (2) do not divide by tp=4"),
+        (vec!["--pp", "2"], "layers (3) do not divide by pp=2"),
+        (vec!["--layout", "legacy"], "no grouped-query attention"),
+    ] {
+        let mut full = vec!["convert", s(&gqa), s(&dst)];
+        full.extend(args);
+        let (success, _, err) = shardsmith(&full);
+        assert!(!success && err.contains(want), "{full:?}: {err}");
+        assert!(err.contains("llama-gqa"), "the error names the source: {err}");
+    }
+    assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 0, "nothing written");
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let dst = work.path().join("plan.nemo");
+    let out = ok(&["convert", s(&fixture("llama-gqa")), s(&dst), "--tp", "2", "--dry-run"]);
+    assert!(out.contains("plan: write"), "{out}");
+    assert!(out.contains("vocab: 333 tokenizer rows, padded to 334"), "{out}");
+    assert!(out.contains(" 1.0   model.decoder.layers.2.mlp.linear_fc1.weight"), "{out}");
+    assert!(!dst.exists());
+    let plan = ok(&["plan", s(&fixture("llama-gqa")), s(&dst), "--tp", "2", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    assert_eq!(v["plan"]["tp"], 2);
+    assert_eq!(v["plan"]["architecture"]["padded_vocab"], 334);
+    assert!(!dst.exists());
+}
+
+#[test]
+fn diff_reports_what_differs_and_exits_nonzero() {
+    let work = tempfile::tempdir().unwrap();
+    // Same weights in bf16: values differ, names and shapes agree.
+    let bf16 = work.path().join("bf16");
+    ok(&["convert", s(&fixture("llama-mha")), s(&bf16), "--dtype", "bf16"]);
+    let (same, out, _) = shardsmith(&["diff", s(&fixture("llama-mha")), s(&bf16)]);
+    assert!(!same && out.contains("differs: max abs") && out.contains("(f32 vs bf16)"), "{out}");
+    let (same, _, _) = shardsmith(&["diff", s(&fixture("llama-mha")), s(&bf16), "--atol", "0.05"]);
+    assert!(same, "bf16 rounding is within 0.05 on these weights (|w| < 4)");
+    // A renamed tensor: reported on both sides, with a suggestion.
+    let original = fixture("llama-mha/model.safetensors");
+    let mut tensors = shardsmith_converters::formats::safetensors::read_file(&original).unwrap();
+    let head = tensors.shift_remove("lm_head.weight").unwrap();
+    tensors.insert("lm_head.weights".into(), head);
+    let renamed = work.path().join("renamed.safetensors");
+    shardsmith_converters::formats::safetensors::write_file(&tensors, &renamed, false).unwrap();
+    let (same, out, _) = shardsmith(&["diff", s(&original), s(&renamed), "--json"]);
+    assert!(!same);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["matches"], false);
+    let row =
+        |name: &str| v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap().clone();
+    assert_eq!(row("lm_head.weight")["status"], "missing_in_b");
+    assert_eq!(row("lm_head.weight")["did_you_mean"], "lm_head.weights");
+    assert_eq!(row("lm_head.weights")["status"], "missing_in_a");
+    assert_eq!(row("model.norm.weight")["status"], "identical");
+}
