@@ -15,6 +15,7 @@ pub mod dtype;
 pub mod error;
 pub mod formats;
 pub mod names;
+pub mod progress;
 pub mod shard;
 pub mod transforms;
 

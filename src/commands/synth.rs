@@ -124,6 +124,40 @@ pub fn synthetic_tensors(shape: &LlamaShape, seed: u64) -> TensorMap {
         .collect()
 }
 
+/// A SentencePiece `ModelProto` with `vocab` pieces (`<unk>`, `<s>`, `</s>`, then `▁tok<i>`), so
+/// a synthetic checkpoint carries a tokenizer of the right size. Protobuf written by hand: three
+/// fields of one repeated message do not justify a protobuf dependency.
+pub fn sentencepiece_model(vocab: usize) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut out = Vec::new();
+    for i in 0..vocab {
+        let (piece, kind) = match i {
+            0 => ("<unk>".to_string(), 2u64), // UNKNOWN
+            1 => ("<s>".to_string(), 3),      // CONTROL
+            2 => ("</s>".to_string(), 3),
+            _ => (format!("\u{2581}tok{i}"), 1), // NORMAL
+        };
+        let mut msg = Vec::new();
+        msg.push(0x0a); // field 1 (piece), length-delimited
+        varint(&mut msg, piece.len() as u64);
+        msg.extend_from_slice(piece.as_bytes());
+        msg.push(0x15); // field 2 (score), fixed32
+        msg.extend_from_slice(&(-(i as f32)).to_le_bytes());
+        msg.push(0x18); // field 3 (type), varint
+        varint(&mut msg, kind);
+        out.push(0x0a); // ModelProto field 1 (pieces)
+        varint(&mut out, msg.len() as u64);
+        out.extend_from_slice(&msg);
+    }
+    out
+}
+
 /// The command.
 pub fn run(preset: &str, layers: Option<usize>, seed: u64, out: &Path, force: bool) -> Result<()> {
     let mut shape = LlamaShape::preset(preset)?;
@@ -136,6 +170,7 @@ pub fn run(preset: &str, layers: Option<usize>, seed: u64, out: &Path, force: bo
     let tensors = synthetic_tensors(&shape, seed);
     let dir = AtomicDir::create(out, force)?;
     std::fs::write(dir.path().join("config.json"), serde_json::to_vec_pretty(&shape.config_json())?)?;
+    std::fs::write(dir.path().join("tokenizer.model"), sentencepiece_model(shape.vocab))?;
     let files = hf_dir::write_weights(&tensors, dir.path(), &hf_dir::WriteOptions::default())?;
     dir.commit()?;
     let bytes: usize = tensors.values().map(TensorEntry::nbytes).sum();

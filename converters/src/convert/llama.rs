@@ -189,8 +189,10 @@ pub fn from_nemo(ckpt: &Checkpoint, vocab: Option<usize>) -> Result<CanonicalLla
     let mut consumed: BTreeSet<(usize, usize, String)> = BTreeSet::new();
     let mut canonical = TensorMap::new();
     for (row, layer) in instances(&hparams) {
-        let full = if distributed {
-            global_from_dist(&by_rank, row, layer, dialect, &mut consumed, path)?
+        // Each rank's part (a distributed checkpoint holds one global part).
+        let (local, parts) = if distributed {
+            let global = global_from_dist(&by_rank, row, layer, dialect, &mut consumed, path)?;
+            (row.name(dialect).to_string(), vec![global])
         } else {
             let (stage, local) = place(row, layer, dialect, &hparams, pp)?;
             let mut parts = Vec::with_capacity(tp);
@@ -201,31 +203,47 @@ pub fn from_nemo(ckpt: &Checkpoint, vocab: Option<usize>) -> Result<CanonicalLla
                 consumed.insert((stage, t, local.clone()));
                 parts.push((*entry).clone());
             }
-            let padded = parts.iter().map(|p| p.shape.first().copied().unwrap_or(0)).sum();
-            shard::merge(&local, &parts, &spec(row.split, hparams.vocab, padded))?
+            (local, parts)
         };
-        let full = if row.split == Split::Vocab && full.shape.first().is_some_and(|&r| r > hparams.vocab) {
-            transforms::trim_rows(row.name(dialect), &full, hparams.vocab)?
-        } else {
-            full
-        };
+        let ranks = parts.len();
         let l = layer.unwrap_or(0);
-        match row.source {
+        // Fused tensors are unfused per rank and the pieces concatenated, so every canonical
+        // tensor gathers its rows straight from the stored parts.
+        let unfused: Vec<(&str, Vec<TensorEntry>)> = match row.source {
             Source::Same(hf) => {
-                canonical.insert(at_layer(hf, l), full);
+                let padded = parts.iter().map(|p| p.shape.first().copied().unwrap_or(0)).sum();
+                let full = shard::merge(&local, &parts, &spec(row.split, hparams.vocab, padded))?;
+                let full =
+                    if row.split == Split::Vocab && full.shape.first().is_some_and(|&r| r > hparams.vocab) {
+                        transforms::trim_rows(&local, &full, hparams.vocab)?
+                    } else {
+                        full
+                    };
+                vec![(hf, vec![full])]
             }
             Source::Qkv(q, k, v) => {
-                let [tq, tk, tv] =
-                    transforms::split_qkv(row.name(dialect), &full, hparams.heads, hparams.groups)?;
-                canonical.insert(at_layer(q, l), tq);
-                canonical.insert(at_layer(k, l), tk);
-                canonical.insert(at_layer(v, l), tv);
+                let (heads, groups) = (hparams.heads / ranks, hparams.groups / ranks);
+                let split = parts
+                    .iter()
+                    .map(|p| transforms::split_qkv(&local, p, heads, groups))
+                    .collect::<Result<Vec<_>>>()?;
+                let pick = |i: usize| split.iter().map(|s| s[i].clone()).collect::<Vec<_>>();
+                vec![(q, pick(0)), (k, pick(1)), (v, pick(2))]
             }
             Source::Glu(g, u) => {
-                let [tg, tu] = transforms::split_glu(row.name(dialect), &full)?;
-                canonical.insert(at_layer(g, l), tg);
-                canonical.insert(at_layer(u, l), tu);
+                let split =
+                    parts.iter().map(|p| transforms::split_glu(&local, p)).collect::<Result<Vec<_>>>()?;
+                let pick = |i: usize| split.iter().map(|s| s[i].clone()).collect::<Vec<_>>();
+                vec![(g, pick(0)), (u, pick(1))]
             }
+        };
+        for (hf, pieces) in unfused {
+            let name = at_layer(hf, l);
+            let tensor = match pieces.as_slice() {
+                [one] => one.clone(),
+                _ => transforms::concat_rows(&name, &pieces)?,
+            };
+            canonical.insert(name, tensor);
         }
     }
     // Everything stored must have been used, apart from buffers NeMo regenerates.
@@ -307,14 +325,27 @@ pub fn to_nemo_shards(
     for (row, layer) in instances(hp) {
         let (stage, local) = place(row, layer, dialect, hp, pp)?;
         let l = layer.unwrap_or(0);
-        let full = match row.source {
-            Source::Same(name) => get(name, l)?.clone(),
-            Source::Qkv(q, k, v) => {
-                transforms::fuse_qkv(&local, get(q, l)?, get(k, l)?, get(v, l)?, hp.heads, hp.groups)?
+        // Fused tensors are built per rank from row slices of their inputs (whole query groups,
+        // GLU half slices): each output then reads only its own rows, straight from the mapped
+        // source, instead of every rank re-deriving the whole fused tensor.
+        let rows = |name: &str| shard::split(&local, get(name, l)?, &ShardSpec::SplitRows, tp);
+        let parts = match row.source {
+            Source::Same(name) => {
+                shard::split(&local, get(name, l)?, &spec(row.split, hp.vocab, padded), tp)?
             }
-            Source::Glu(g, u) => transforms::fuse_glu(&local, get(g, l)?, get(u, l)?)?,
+            Source::Qkv(q, k, v) => {
+                let (qs, ks, vs) = (rows(q)?, rows(k)?, rows(v)?);
+                (0..tp)
+                    .map(|t| {
+                        transforms::fuse_qkv(&local, &qs[t], &ks[t], &vs[t], hp.heads / tp, hp.groups / tp)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Source::Glu(g, u) => {
+                let (gs, us) = (rows(g)?, rows(u)?);
+                (0..tp).map(|t| transforms::fuse_glu(&local, &gs[t], &us[t])).collect::<Result<Vec<_>>>()?
+            }
         };
-        let parts = shard::split(&local, &full, &spec(row.split, hp.vocab, padded), tp)?;
         for (t, part) in parts.into_iter().enumerate() {
             shards[stage * tp + t].tensors.insert(local.clone(), part);
         }
@@ -392,6 +423,13 @@ pub fn cast_all(tensors: &TensorMap, dtype: Option<DType>) -> Result<TensorMap> 
         .collect()
 }
 
+fn cast_shards(mut shards: Vec<Shard>, dtype: Option<DType>) -> Result<Vec<Shard>> {
+    for s in &mut shards {
+        s.tensors = cast_all(&s.tensors, dtype)?;
+    }
+    Ok(shards)
+}
+
 /// HF directory checkpoint → `.nemo` checkpoint (yaml derived from `config.json`, tokenizer as a
 /// `nemo:` artifact). `tokenizer_model` is the SentencePiece file to register.
 pub fn hf_to_nemo(
@@ -399,10 +437,11 @@ pub fn hf_to_nemo(
     target: &NemoTarget,
     tokenizer_model: Option<&Artifact>,
 ) -> Result<Checkpoint> {
-    let mut c = from_hf(src)?;
-    c.tensors = cast_all(&c.tensors, target.dtype)?;
+    let c = from_hf(src)?;
     let divisible_by = shard::divisible_by_for_hf_vocab(c.hparams.vocab);
-    let shards = to_nemo_shards(&c, target.dialect, target.tp, target.pp, divisible_by)?;
+    // Cast after splitting, so each rank's piece is converted once, from its own rows.
+    let shards =
+        cast_shards(to_nemo_shards(&c, target.dialect, target.tp, target.pp, divisible_by)?, target.dtype)?;
     let mut artifacts = Vec::new();
     let tokenizer_ref = match tokenizer_model {
         Some(a) => {
@@ -412,7 +451,8 @@ pub fn hf_to_nemo(
         }
         None => None,
     };
-    let dtype = c.tensors.get("model.embed_tokens.weight").map_or(DType::F32, |t| t.dtype);
+    let dtype =
+        target.dtype.unwrap_or(c.tensors.get("model.embed_tokens.weight").map_or(DType::F32, |t| t.dtype));
     let yaml = c.hparams.nemo_yaml(&NemoYamlOptions {
         dialect: target.dialect,
         dtype,
@@ -448,13 +488,12 @@ pub fn reshard_nemo(
     let Some(ModelConfig::NemoYaml(cfg)) = &src.meta.config else {
         return Err(Error::missing(&src.meta.path, "model_config.yaml"));
     };
-    let mut c = from_nemo(src, None)?;
-    c.tensors = cast_all(&c.tensors, dtype)?;
+    let c = from_nemo(src, None)?;
     let stored =
         names::dialect_of(Some(cfg), src.shards.iter().flat_map(|s| s.tensors.keys().map(String::as_str)));
     let dialect = dialect.unwrap_or(stored);
     let divisible_by = cfg.get_usize("make_vocab_size_divisible_by").unwrap_or(128);
-    let shards = to_nemo_shards(&c, dialect, tp, pp, divisible_by)?;
+    let shards = cast_shards(to_nemo_shards(&c, dialect, tp, pp, divisible_by)?, dtype)?;
     let mut cfg = cfg.clone();
     cfg.set_scalar("tensor_model_parallel_size", serde_yaml::Value::from(tp as u64))?;
     cfg.set_scalar("pipeline_model_parallel_size", serde_yaml::Value::from(pp as u64))?;

@@ -117,6 +117,7 @@ pub fn map_file(path: &Path) -> Result<std::sync::Arc<memmap2::Mmap>> {
     let file = std::fs::File::open(path).at(path)?;
     // SAFETY: the map is read-only; like every mmap-based reader (safetensors, torch) we assume
     // the file is not truncated by another process while we hold it.
-    let map = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
-    Ok(std::sync::Arc::new(map))
+    let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&file) }.at(path)?);
+    crate::progress::register_map(&map);
+    Ok(map)
 }

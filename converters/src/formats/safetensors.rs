@@ -122,6 +122,8 @@ pub fn write_to(tensors: &TensorMap, w: &mut impl Write, dest: &Path) -> Result<
         let bytes = t.bytes(name)?;
         w.write_all(&bytes).at(dest)?;
         written += bytes.len() as u64;
+        drop(bytes);
+        crate::progress::tensor_written(t.nbytes() as u64);
     }
     Ok(written)
 }

@@ -393,8 +393,10 @@ fn gunzip(path: &Path, compressed: &[u8]) -> Result<Arc<Mmap>> {
         out.flush().at(&tmp_dir)?;
     }
     // SAFETY: the file is anonymous (already unlinked) and only this process holds it.
-    let map = unsafe { Mmap::map(&file) }.at(&tmp_dir)?;
-    Ok(Arc::new(map))
+    let map = Arc::new(unsafe { Mmap::map(&file) }.at(&tmp_dir)?);
+    // File-backed (not anonymous), so its pages may be released while streaming.
+    crate::progress::register_map(&map);
+    Ok(map)
 }
 
 #[cfg(test)]

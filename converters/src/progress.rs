@@ -1,0 +1,56 @@
+//! Bounded memory while streaming, and progress reporting, through one hook.
+//!
+//! Readers map input files; every page a writer touches would otherwise stay in the process's
+//! resident set until the map is dropped, so converting a 13 GB model would show 13 GB RSS. The
+//! writers call [`tensor_written`] after each tensor; every [`RELEASE_EVERY`] bytes it tells the
+//! kernel (`MADV_DONTNEED`) that the mapped input pages may be dropped from our page tables. They
+//! stay in the page cache, and a later read of the same range simply faults them back in, so this
+//! never changes what is read — it only keeps peak RSS independent of model size.
+//!
+//! The same counter feeds progress bars: [`bytes_written`] is cheap to poll from another thread.
+
+use memmap2::{Mmap, UncheckedAdvice};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Bytes written between two releases of mapped input pages.
+pub const RELEASE_EVERY: u64 = 128 << 20;
+
+static WRITTEN: AtomicU64 = AtomicU64::new(0);
+static SINCE_RELEASE: AtomicU64 = AtomicU64::new(0);
+static MAPS: Mutex<Vec<Weak<Mmap>>> = Mutex::new(Vec::new());
+
+/// Remember a mapping so its pages can be released while streaming.
+pub fn register_map(map: &Arc<Mmap>) {
+    let mut maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    maps.retain(|w| w.strong_count() > 0);
+    maps.push(Arc::downgrade(map));
+}
+
+/// Record that a writer finished `n` bytes of output.
+pub fn tensor_written(n: u64) {
+    WRITTEN.fetch_add(n, Ordering::Relaxed);
+    if SINCE_RELEASE.fetch_add(n, Ordering::Relaxed) + n >= RELEASE_EVERY {
+        SINCE_RELEASE.store(0, Ordering::Relaxed);
+        release_mapped_pages();
+    }
+}
+
+/// Total bytes written by this process so far.
+pub fn bytes_written() -> u64 {
+    WRITTEN.load(Ordering::Relaxed)
+}
+
+/// Drop every registered input mapping's pages from the resident set.
+pub fn release_mapped_pages() {
+    let maps: Vec<Arc<Mmap>> = {
+        let maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+        maps.iter().filter_map(Weak::upgrade).collect()
+    };
+    for map in maps {
+        // SAFETY: the maps are read-only views of files (never anonymous or written), so after
+        // MADV_DONTNEED a read faults the same bytes back in from the page cache or the file.
+        // Concurrent readers on other threads therefore still see correct data.
+        let _ = unsafe { map.unchecked_advise(UncheckedAdvice::DontNeed) };
+    }
+}
