@@ -2,5 +2,6 @@
 //! (The candle compute core — models, validation, training — lands here in later issues.)
 
 pub mod commands;
+pub mod progress;
 
 pub use shardsmith_converters as converters;

@@ -157,7 +157,10 @@ pub fn run(src: &Path, dst: &Path, o: &Options) -> Result<()> {
     if o.dry_run {
         return print_plan(&target, to, dst, o.json);
     }
-    write_target(&target, to, dst, o)?;
+    {
+        let _bar = crate::progress::WriteProgress::start(target.total_bytes() as u64, "writing");
+        write_target(&target, to, dst, o)?;
+    }
     let bytes = target.total_bytes();
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
