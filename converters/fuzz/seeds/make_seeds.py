@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Write the committed fuzz seeds (stdlib only, deterministic): a few small valid inputs per
+target, taken from fixtures/torch/ or built here. Run from anywhere:
+
+    python3 converters/fuzz/seeds/make_seeds.py
+
+Fills converters/fuzz/seeds/{pickle,torch_zip,tar,safetensors_header}/ (about 40 KB in all).
+"""
+import collections
+import io
+import json
+import pickle
+import shutil
+import struct
+import tarfile
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TORCH = HERE.parents[2] / "fixtures" / "torch"
+
+
+def fresh(name):
+    d = HERE / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    return d
+
+
+def member(zip_path, suffix):
+    with zipfile.ZipFile(zip_path) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(suffix)]
+        return z.read(name)
+
+
+def pickles():
+    d = fresh("pickle")
+    # torch.save's protocol-2 state dict: tensors and Transformer Engine's BytesIO _extra_state.
+    (d / "extra_state.pkl").write_bytes(member(TORCH / "extra_state.ckpt", "/data.pkl"))
+    # Text opcodes (protocol 0: ASCII only, the reader takes no escaped literals) and framed
+    # protocol-4 opcodes, over allowed globals only.
+    value = collections.OrderedDict(
+        [("i", [0, 255, 65535, -1, 2**40]), ("f", (1.5, -0.0)), ("s", "text"), ("b", b"\x01\x7f"),
+         ("set", {1, 2}), ("fs", frozenset([3])), ("ba", bytearray(b"x")), ("t", (None, True, False)),
+         ("memo", None)])
+    value["memo"] = value["i"]  # a shared reference: memo PUT/GET
+    (d / "text_p0.pkl").write_bytes(pickle.dumps(value, protocol=0))
+    value["big"] = -(2**70)  # LONG1; protocol 0's LONG literals are limited to 64 bits here
+    (d / "framed_p4.pkl").write_bytes(pickle.dumps(value, protocol=4))
+
+
+def torch_zips():
+    d = fresh("torch_zip")
+    for name in ["parameters.pt", "shared_storage.pt", "extra_state.ckpt"]:
+        shutil.copy(TORCH / name, d / name)
+
+
+def tar_bytes(members):
+    """An uncompressed PAX tar like NeMo's, with only the two end-of-archive blocks (no record
+    padding, to keep the seed small)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 0
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                info.mode = 0o644
+                t.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    end = len(raw.rstrip(b"\0"))
+    end = (end + 511) // 512 * 512
+    return raw[:end] + b"\0" * 1024
+
+
+def tars():
+    d = fresh("tar")
+    weights = (TORCH / "parameters.pt").read_bytes()
+    tok = "0123456789abcdef0123456789abcdef_tokenizer.model"
+    yaml = lambda tp: (f"precision: bf16\ntensor_model_parallel_size: {tp}\npipeline_model_parallel_size: 1\n"
+                       f"tokenizer:\n  library: sentencepiece\n  model: nemo:{tok}\n").encode()
+    (d / "single.nemo").write_bytes(tar_bytes([
+        ("./", None), ("./model_config.yaml", yaml(1)), ("./model_weights.ckpt", weights),
+        (f"./{tok}", b"sp")]))
+    (d / "mp_rank.nemo").write_bytes(tar_bytes([
+        ("./", None), ("./model_config.yaml", yaml(2)),
+        ("./mp_rank_00/", None), ("./mp_rank_00/model_weights.ckpt", weights),
+        ("./mp_rank_01/", None), ("./mp_rank_01/model_weights.ckpt", weights)]))
+    f32 = lambda *v: struct.pack(f"<{len(v)}f", *v)
+    zarray = lambda shape, chunks, dtype: json.dumps(
+        {"chunks": chunks, "compressor": None, "dtype": dtype, "fill_value": None, "filters": None,
+         "order": "C", "shape": shape, "zarr_format": 2}).encode()
+    (d / "zarr.nemo").write_bytes(tar_bytes([
+        ("./", None), ("./model_config.yaml", b"mcore_gpt: true\ntensor_model_parallel_size: 2\n"),
+        ("./model_weights/", None),
+        ("./model_weights/metadata.json", b'{"sharded_backend": "zarr", "sharded_backend_version": 1}'),
+        ("./model_weights/w/.zarray", zarray([3, 2], [2, 2], "<f4")),
+        ("./model_weights/w/0.0", f32(1, 2, 3, 4)), ("./model_weights/w/1.0", f32(5, 6, 0, 0)),
+        ("./model_weights/b/.zarray", zarray([2], [2], "bfloat16")),
+        ("./model_weights/b/0", b"\x01\x02\x03\x04")]))
+
+
+def safetensors():
+    d = fresh("safetensors_header")
+
+    def write(name, tensors, metadata=None):
+        header, data = {}, b""
+        for key, dtype, shape, payload in tensors:
+            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(payload)]}
+            data += payload
+        if metadata is not None:
+            header["__metadata__"] = metadata
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)
+        (d / name).write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+    write("small.safetensors", [
+        ("a", "F32", [2, 2], struct.pack("<4f", 1, 2, 3, 4)),
+        ("b", "BF16", [3], b"\x80\x3f\x00\x40\x40\x40"),
+        ("c", "I64", [], struct.pack("<q", 7)),
+    ], {"format": "pt"})
+    write("edge.safetensors", [
+        ("empty", "F16", [0, 4], b""), ("u8", "U8", [1, 1, 3], b"\x01\x02\x03"),
+        ("bool", "BOOL", [2], b"\x00\x01"),
+    ])
+
+
+if __name__ == "__main__":
+    pickles()
+    torch_zips()
+    tars()
+    safetensors()
+    total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file() and p.suffix != ".py")
+    print(f"seeds written under {HERE} ({total} bytes)")
