@@ -2,6 +2,7 @@
 //! (The candle compute core — models, validation, training — lands here in later issues.)
 
 pub mod commands;
+pub mod hub;
 pub mod progress;
 
 pub use shardsmith_converters as converters;

@@ -152,7 +152,7 @@ pub fn write_target(target: &Checkpoint, to: TargetKind, dst: &Path, o: &Options
 /// The `convert` / `reshard` command.
 pub fn run(src: &Path, dst: &Path, o: &Options) -> Result<()> {
     let started = std::time::Instant::now();
-    let source = formats::open(src)?;
+    let source = formats::open(&crate::hub::resolve(src)?)?;
     let (target, to) = build_target(&source, dst, o)?;
     if o.dry_run {
         return print_plan(&target, to, dst, o.json);

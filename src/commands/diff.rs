@@ -209,7 +209,7 @@ fn hint(d: &Option<String>) -> String {
 
 /// The command; returns whether the checkpoints match.
 pub fn run(a: &Path, b: &Path, atol: f64, json: bool) -> Result<bool> {
-    let (ca, cb) = (formats::open(a)?, formats::open(b)?);
+    let (ca, cb) = (formats::open(&crate::hub::resolve(a)?)?, formats::open(&crate::hub::resolve(b)?)?);
     let report = diff(&canonical(&ca)?, &canonical(&cb)?, atol)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

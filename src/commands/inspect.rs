@@ -153,7 +153,7 @@ pub fn render(r: &Report) -> String {
 
 /// The command: open, describe, print.
 pub fn run(path: &Path, filter: Option<&str>, json: bool) -> Result<()> {
-    let ckpt = formats::open(path)?;
+    let ckpt = formats::open(&crate::hub::resolve(path)?)?;
     let report = report(&ckpt, filter)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
