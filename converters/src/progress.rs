@@ -13,6 +13,22 @@ use memmap2::{Mmap, UncheckedAdvice};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+/// Threads that produce and write tensors in parallel. Each holds at most one output tensor (plus
+/// its lazily gathered inputs), so peak memory stays near two tensors on any machine.
+pub const WRITER_THREADS: usize = 2;
+
+/// The writers' thread pool ([`WRITER_THREADS`] threads, built once).
+pub fn writer_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(WRITER_THREADS)
+            .thread_name(|i| format!("shardsmith-writer-{i}"))
+            .build()
+            .expect("a two-thread pool can always be built")
+    })
+}
+
 /// Bytes written between two releases of mapped input pages.
 pub const RELEASE_EVERY: u64 = 128 << 20;
 

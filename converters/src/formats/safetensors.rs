@@ -13,7 +13,7 @@ use crate::DType;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, Metadata, TensorInfo};
 use std::collections::HashMap;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -76,13 +76,36 @@ pub fn read_mapped(map: Arc<Mmap>, offset: usize, len: usize, origin: Arc<Path>)
 }
 
 /// Write `tensors` to `dest` atomically.
+///
+/// Tensors are produced and written in parallel with positional writes (every offset is known
+/// from the header), at most [`crate::progress::WRITER_THREADS`] at a time.
 pub fn write_file(tensors: &TensorMap, dest: &Path, overwrite: bool) -> Result<()> {
+    use rayon::prelude::*;
+    use std::os::unix::fs::FileExt;
     let mut out = AtomicFile::create(dest, overwrite)?;
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, out.file());
-        write_to(tensors, &mut w, dest)?;
-        w.flush().at(dest)?;
-    }
+    let (head, order) = header(tensors, dest)?;
+    let file = out.file();
+    file.write_all_at(&head, 0).at(dest)?;
+    let mut at = head.len() as u64;
+    let placed: Vec<(&str, &TensorEntry, u64)> = order
+        .into_iter()
+        .map(|(n, t)| {
+            let here = at;
+            at += t.nbytes() as u64;
+            (n, t, here)
+        })
+        .collect();
+    // A zero-byte tail still needs the file to have its full length.
+    file.set_len(at).at(dest)?;
+    crate::progress::writer_pool().install(|| {
+        placed.par_iter().try_for_each(|(name, t, offset)| {
+            let bytes = t.bytes(name)?;
+            file.write_all_at(&bytes, *offset).at(dest)?;
+            drop(bytes);
+            crate::progress::tensor_written(t.nbytes() as u64);
+            Ok::<(), Error>(())
+        })
+    })?;
     out.commit()
 }
 

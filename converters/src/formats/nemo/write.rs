@@ -249,12 +249,7 @@ impl TarOut<'_> {
         let len = torch_zip::encoded_len(state, ZIP_ARCHIVE_NAME)?;
         self.put(&file_header(tar_name, len))?;
         let start = self.pos;
-        let written = {
-            let mut w = BufWriter::with_capacity(1 << 20, Window::new(self.file, start).at(dest)?);
-            let n = torch_zip::write_to(state, &mut w, ZIP_ARCHIVE_NAME)?;
-            w.flush().at(dest)?;
-            n
-        };
+        let written = torch_zip::write_at(state, self.file, start, ZIP_ARCHIVE_NAME, dest)?;
         let end = self.file.seek(SeekFrom::End(0)).at(dest)?;
         if written != len || end != start + len {
             return Err(Error::invalid(
@@ -296,13 +291,8 @@ fn write_dir(items: &[Item<'_>], dest: &Path, overwrite: bool) -> Result<()> {
             Body::Source(src) => std::fs::write(&path, src.bytes()?).at(&path)?,
             Body::Weights(state) => {
                 let len = torch_zip::encoded_len(state, ZIP_ARCHIVE_NAME)?;
-                let mut file = File::create(&path).at(&path)?;
-                let written = {
-                    let mut w = BufWriter::with_capacity(1 << 20, &mut file);
-                    let n = torch_zip::write_to(state, &mut w, ZIP_ARCHIVE_NAME)?;
-                    w.flush().at(&path)?;
-                    n
-                };
+                let file = File::create(&path).at(&path)?;
+                let written = torch_zip::write_at(state, &file, 0, ZIP_ARCHIVE_NAME, &path)?;
                 if written != len {
                     return Err(Error::invalid(
                         &path,
@@ -314,42 +304,4 @@ fn write_dir(items: &[Item<'_>], dest: &Path, overwrite: bool) -> Result<()> {
         }
     }
     out.commit()
-}
-
-/// A `Write + Seek` view of `file` whose position 0 is `base`: the zip writer sees an empty file
-/// that starts at the tar member's data, and cannot seek before it.
-struct Window<'f> {
-    file: &'f mut File,
-    base: u64,
-}
-
-impl<'f> Window<'f> {
-    fn new(file: &'f mut File, base: u64) -> io::Result<Self> {
-        file.seek(SeekFrom::Start(base))?;
-        Ok(Window { file, base })
-    }
-}
-
-impl Write for Window<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl Seek for Window<'_> {
-    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        let target = match pos {
-            SeekFrom::Start(n) => self.base.checked_add(n),
-            SeekFrom::Current(d) => self.file.stream_position()?.checked_add_signed(d),
-            SeekFrom::End(d) => self.file.metadata()?.len().checked_add_signed(d),
-        };
-        match target {
-            Some(t) if t >= self.base => Ok(self.file.seek(SeekFrom::Start(t))? - self.base),
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the tar member")),
-        }
-    }
 }

@@ -11,7 +11,7 @@ use crate::DType;
 use memmap2::Mmap;
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::{BufWriter, Seek, Write};
+use std::io::{Seek, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,11 +21,7 @@ pub fn write_file(state: &TorchState, dest: &Path, overwrite: bool) -> Result<()
     let archive_name =
         dest.file_stem().and_then(|s| s.to_str()).filter(|s| !s.is_empty()).unwrap_or("archive").to_string();
     let mut out = AtomicFile::create(dest, overwrite)?;
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, out.file());
-        write_with(state, &mut w, &archive_name, dest, false)?;
-        w.flush().at(dest)?;
-    }
+    write_at(state, out.file(), 0, &archive_name, dest)?;
     out.commit()
 }
 
@@ -35,6 +31,66 @@ pub fn write_file(state: &TorchState, dest: &Path, overwrite: bool) -> Result<()
 /// position is read again at the end to check the length against the layout.
 pub fn write_to<W: Write + Seek>(state: &TorchState, w: &mut W, archive_name: &str) -> Result<u64> {
     write_with(state, w, archive_name, Path::new(archive_name), false)
+}
+
+/// Write a torch zip image of `state` into `file` at byte `base` with positional writes, filling
+/// records in parallel (every offset is known from headers, so records land in any order; the
+/// CRC goes into each local header after its data is known). Returns the bytes written (always
+/// [`encoded_len`]). At most [`crate::progress::WRITER_THREADS`] records are in memory at once.
+pub fn write_at(
+    state: &TorchState,
+    file: &std::fs::File,
+    base: u64,
+    archive_name: &str,
+    dest: &Path,
+) -> Result<u64> {
+    use rayon::prelude::*;
+    use std::os::unix::fs::FileExt;
+    let plan = Plan::new(state, dest)?;
+    let records = plan.records(archive_name, dest)?;
+    let layout = layout_of(&records, false);
+    let crcs = crate::progress::writer_pool().install(|| {
+        records
+            .par_iter()
+            .zip(&layout.entries)
+            .map(|(rec, entry)| {
+                let bytes = plan.bytes(&rec.content, dest)?;
+                if bytes.len() as u64 != rec.size {
+                    return Err(Error::invalid(
+                        dest,
+                        format!(
+                            "record '{}' produced {} bytes, expected {}",
+                            rec.name,
+                            bytes.len(),
+                            rec.size
+                        ),
+                    ));
+                }
+                let crc = crc32(&bytes);
+                let header = entry.local_header(crc);
+                let at = base + entry.offset();
+                file.write_all_at(&header, at).at(dest)?;
+                file.write_all_at(&bytes, at + header.len() as u64).at(dest)?;
+                drop(bytes);
+                crate::progress::tensor_written(rec.size);
+                Ok(crc)
+            })
+            .collect::<Result<Vec<u32>>>()
+    })?;
+    let mut tail = Vec::new();
+    for (entry, crc) in layout.entries.iter().zip(&crcs) {
+        tail.extend_from_slice(&entry.central_header(*crc));
+    }
+    tail.extend_from_slice(&layout.end_records());
+    let central = super::zip::EntryLayout::central_offset(&layout);
+    file.write_all_at(&tail, base + central).at(dest)?;
+    if central + tail.len() as u64 != layout.total {
+        return Err(Error::invalid(
+            dest,
+            format!("wrote {} bytes, layout predicted {}", central + tail.len() as u64, layout.total),
+        ));
+    }
+    Ok(layout.total)
 }
 
 /// The exact number of bytes [`write_to`] produces for `state`, computed from headers only.

@@ -277,6 +277,16 @@ impl EntryLayout {
     }
 
     /// The local file header, with torch's `FB` alignment padding, that precedes the data.
+    /// Where the entry's local header starts, relative to the archive start.
+    pub(super) fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Where the whole central directory starts, relative to the archive start.
+    pub(super) fn central_offset(layout: &ZipLayout) -> u64 {
+        layout.central_offset
+    }
+
     pub(super) fn local_header(&self, crc: u32) -> Vec<u8> {
         let extra_len = if self.zip64_size { 20 } else { 0 } + 4 + self.pad;
         let mut b = Vec::with_capacity(LOCAL_HEADER as usize + self.name.len() + extra_len);
