@@ -15,6 +15,7 @@
 
 mod config;
 mod tar;
+mod torch_dist;
 mod write;
 mod zarr;
 
@@ -249,7 +250,10 @@ impl Store {
                     ),
                 ));
             }
-            let tensors = zarr::read(&self, DIST_DIR)?;
+            let tensors = match torch_dist::backend(&self, DIST_DIR)? {
+                torch_dist::Backend::Zarr => zarr::read(&self, DIST_DIR)?,
+                torch_dist::Backend::TorchDist => torch_dist::read(&self, DIST_DIR)?,
+            };
             // The arrays are global (all ranks merged), so as stored this is one shard.
             let shard = Shard::new(Rank::default(), tensors);
             (NemoLayout::Distributed, Parallelism::default(), vec![shard])

@@ -178,9 +178,6 @@ impl Value {
 }
 
 /// Which globals a pickle may name.
-///
-/// Kept as an enum so a later, opt-in list (for the distributed-checkpoint `.metadata` pickle,
-/// which names `torch.distributed.checkpoint.metadata` dataclasses) can sit beside the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AllowList {
@@ -192,6 +189,16 @@ pub enum AllowList {
     /// tuples starting with `'storage'`.
     #[default]
     TorchWeights,
+    /// The `.metadata` pickle of a torch.distributed.checkpoint (torch_dist) directory
+    /// (formats.md §1.6.2): the `torch.distributed.checkpoint.metadata` dataclasses (`Metadata`,
+    /// `TensorStorageMetadata`, `BytesStorageMetadata`, `ChunkStorageMetadata`,
+    /// `TensorProperties`, `MetadataIndex`, `StorageMeta`, the `_MEM_FORMAT_ENCODING` enum),
+    /// `torch.distributed.checkpoint.filesystem._StorageInfo`, their torch < 2.1 home
+    /// `torch.distributed._shard.sharded_tensor.metadata`, `torch.Size`, dtypes, layouts and
+    /// memory formats, `torch.serialization._get_layout`, `collections.OrderedDict`,
+    /// `builtins.set/frozenset`, and the `pathlib` path classes (newer torch pickles
+    /// `StorageMeta.checkpoint_id` as a `PosixPath`). No persistent ids.
+    DistMetadata,
 }
 
 impl AllowList {
@@ -199,7 +206,41 @@ impl AllowList {
     pub fn allows(self, module: &str, name: &str) -> bool {
         match self {
             AllowList::TorchWeights => torch_weights_allows(module, name),
+            AllowList::DistMetadata => dist_metadata_allows(module, name),
         }
+    }
+}
+
+fn dist_metadata_allows(module: &str, name: &str) -> bool {
+    match module {
+        "torch.distributed.checkpoint.metadata" => matches!(
+            name,
+            "Metadata"
+                | "TensorStorageMetadata"
+                | "BytesStorageMetadata"
+                | "ChunkStorageMetadata"
+                | "TensorProperties"
+                | "MetadataIndex"
+                | "StorageMeta"
+                | "_MEM_FORMAT_ENCODING"
+        ),
+        "torch.distributed.checkpoint.filesystem" => name == "_StorageInfo",
+        "torch.distributed._shard.sharded_tensor.metadata" => {
+            matches!(name, "TensorProperties" | "MEM_FORMAT_ENCODING")
+        }
+        "torch" => {
+            name == "Size"
+                || TORCH_DTYPES.contains(&name)
+                || TORCH_LAYOUTS_AND_QSCHEMES.contains(&name)
+                || TORCH_MEMORY_FORMATS.contains(&name)
+        }
+        "torch.serialization" => name == "_get_layout",
+        "collections" => name == "OrderedDict",
+        "builtins" => matches!(name, "set" | "frozenset"),
+        "pathlib" => {
+            matches!(name, "Path" | "PosixPath" | "WindowsPath" | "PurePosixPath" | "PureWindowsPath")
+        }
+        _ => false,
     }
 }
 
@@ -292,6 +333,9 @@ const TORCH_LAYOUTS_AND_QSCHEMES: &[&str] = &[
     "per_channel_symmetric",
     "per_channel_affine_float_qparams",
 ];
+
+const TORCH_MEMORY_FORMATS: &[&str] =
+    &["contiguous_format", "channels_last", "channels_last_3d", "preserve_format"];
 
 const STORAGE_CLASSES: &[&str] = &[
     "UntypedStorage",

@@ -194,6 +194,11 @@ impl Vm<'_> {
                     )));
                 }
             }
+            AllowList::DistMetadata => {
+                return Err(
+                    self.err("persistent id in a distributed-checkpoint metadata pickle, which has none")
+                )
+            }
         }
         self.node(Node::PersistentId(pid))
     }
