@@ -209,3 +209,42 @@ fn diff_reports_what_differs_and_exits_nonzero() {
     assert_eq!(row("lm_head.weights")["status"], "missing_in_a");
     assert_eq!(row("model.norm.weight")["status"], "identical");
 }
+
+#[test]
+fn a_killed_conversion_leaves_nothing_that_looks_complete_and_a_rerun_succeeds() {
+    let work = tempfile::tempdir().unwrap();
+    // ~100 MB of weights: long enough to be caught mid-write.
+    let shape = LlamaShape { layers: 2, hidden: 1024, ffn: 4096, heads: 8, kv_heads: 8, vocab: 8000 };
+    let meta = Meta {
+        path: "big".into(),
+        flavour: Flavour::HfSafetensorsDir { sharded: false },
+        parallel: Parallelism::default(),
+        config: Some(ModelConfig::HfJson(shape.config_json())),
+        artifacts: vec![],
+    };
+    let src = work.path().join("src");
+    hf_dir::write(&Checkpoint::single(meta, synthetic_tensors(&shape, 1)), &src, &Default::default())
+        .unwrap();
+    let out_dir = work.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let dst = out_dir.join("m.nemo");
+    let tok = work.path().join("tokenizer.model");
+    std::fs::write(&tok, shardsmith::commands::synth::sentencepiece_model(shape.vocab)).unwrap();
+    let args = ["convert", s(&src), s(&dst), "--tp", "2", "--tokenizer", s(&tok)];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).spawn().unwrap();
+    // Kill it as soon as its temporary output exists.
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&out_dir).unwrap().count() == 0 && started.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the conversion was meant to be killed mid-write");
+    assert!(!dst.exists(), "a killed run must not leave the destination");
+    for e in std::fs::read_dir(&out_dir).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        assert!(name.starts_with(".m.nemo.tmp-"), "only a hidden temporary may remain, found {name}");
+    }
+    ok(&args);
+    assert!(ok(&["diff", s(&src), s(&dst)]).contains("MATCH"));
+}
