@@ -1,11 +1,13 @@
-//! The `model_weights/` Megatron-core distributed checkpoint (formats.md §1.6, §8.3).
+//! The zarr backend of the `model_weights/` Megatron-core distributed checkpoint (formats.md
+//! §1.6.1, §8.3); [`super::torch_dist`] reads `metadata.json` and dispatches here or to the
+//! torch_dist backend.
 //!
-//! Only the zarr backend is read: one zarr v2 array directory per global key, each a `.zarray`
-//! JSON plus uncompressed little-endian C-order chunk files named by grid coordinates. Each
-//! array becomes one lazy tensor of its global (layer-stacked) shape; a single-chunk array is a
-//! zero-copy range, a chunked one is assembled from its chunks when its bytes are asked for.
-//! Object directories (`shard_*.pt`, Transformer-Engine `_extra_state`), `common.pt` and zarr
-//! group metadata are not tensors and are skipped. The torch_dist backend is refused by name.
+//! One zarr v2 array directory per global key, each a `.zarray` JSON plus uncompressed
+//! little-endian C-order chunk files named by grid coordinates. Each array becomes one lazy
+//! tensor of its global (layer-stacked) shape; a single-chunk array is a zero-copy range, a
+//! chunked one is assembled from its chunks when its bytes are asked for. Object directories
+//! (`shard_*.pt`, Transformer-Engine `_extra_state`), `common.pt` and zarr group metadata are not
+//! tensors and are skipped.
 
 use super::Store;
 use crate::checkpoint::{ByteSource, TensorEntry, TensorMap};
@@ -34,39 +36,10 @@ fn c_order() -> String {
     "C".into()
 }
 
-/// Read the distributed checkpoint under directory `dir` of `store`.
+/// Read the zarr distributed checkpoint under directory `dir` of `store`, whose `metadata.json`
+/// [`super::torch_dist::backend`] has checked.
 pub(super) fn read(store: &Store, dir: &str) -> Result<TensorMap> {
     let prefix = format!("{dir}/");
-    let meta_name = format!("{prefix}metadata.json");
-    if !store.files.contains_key(&meta_name) {
-        return Err(Error::missing(
-            &store.root,
-            format!("member {meta_name} ({dir}/ is not a Megatron-core distributed checkpoint without it)"),
-        ));
-    }
-    let origin = store.origin(&meta_name);
-    let meta_bytes = store.source(&meta_name)?;
-    let meta: serde_json::Value = serde_json::from_slice(&meta_bytes.bytes()?)
-        .map_err(|e| Error::malformed(&*origin, "json", e.to_string()))?;
-    match meta.get("sharded_backend").and_then(|v| v.as_str()) {
-        Some("zarr") => {}
-        Some("torch_dist") => {
-            return Err(Error::invalid(
-                &store.root,
-                format!(
-                    "{dir}/ is a torch_dist distributed checkpoint (.distcp files); \
-                     torch_dist distributed checkpoints are not supported yet (zarr ones are)"
-                ),
-            ));
-        }
-        other => {
-            return Err(Error::invalid(
-                &*origin,
-                format!("unknown sharded_backend {other:?} (supported: zarr)"),
-            ));
-        }
-    }
-
     let mut tensors = TensorMap::new();
     for name in store.files.keys() {
         let Some(key) = name.strip_prefix(&prefix).and_then(|r| r.strip_suffix("/.zarray")) else { continue };

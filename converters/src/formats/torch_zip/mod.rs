@@ -24,7 +24,7 @@ mod zip;
 #[cfg(test)]
 mod tests;
 
-pub use self::read::{read_checkpoint, read_file, read_mapped};
+pub use self::read::{read_checkpoint, read_file, read_mapped, read_mapped_tensor};
 pub use self::write::{encoded_len, write_at, write_file, write_to};
 
 use crate::checkpoint::TensorMap;

@@ -45,66 +45,7 @@ pub fn read_file(path: &Path) -> Result<TorchState> {
 /// `state_dict` (a Lightning checkpoint) or else `model`, that nested dict is read instead, with
 /// its own keys (no `state_dict.` prefix); the other top-level keys are reported as skipped.
 pub fn read_mapped(map: Arc<Mmap>, offset: usize, len: usize, origin: Arc<Path>) -> Result<TorchState> {
-    let image = offset
-        .checked_add(len)
-        .and_then(|end| map.get(offset..end))
-        .ok_or_else(|| malformed(&origin, "range lies outside the file"))?;
-    if image.starts_with(LEGACY_MAGIC) {
-        return Err(Error::LegacyTorchFile { path: origin.to_path_buf() });
-    }
-    if !image.starts_with(ZIP_MAGIC) {
-        let head: Vec<String> = image.iter().take(4).map(|b| format!("{b:02x}")).collect();
-        return Err(malformed(
-            &origin,
-            format!("expected a zip local header (50 4b 03 04) at the start, found [{}]", head.join(" ")),
-        ));
-    }
-    let archive = Archive::open(image, offset, &origin)?;
-    let member = |rel: &str| PathBuf::from(format!("{}:{}/{rel}", origin.display(), archive.prefix));
-
-    if archive.get("constants.pkl").is_some() {
-        return Err(Error::invalid(
-            &*origin,
-            "a TorchScript archive (has constants.pkl), not a torch.save checkpoint",
-        ));
-    }
-    let version = archive
-        .get(".data/version")
-        .or_else(|| archive.get("version"))
-        .ok_or_else(|| Error::missing(&*origin, format!("record '{}/version'", archive.prefix)))?;
-    let text = archive.small(&map, version, &origin)?;
-    match std::str::from_utf8(text).ok().map(str::trim).and_then(|s| s.parse::<u64>().ok()) {
-        Some(v) if v >= 1 => {}
-        _ => {
-            return Err(malformed(
-                &origin,
-                format!(
-                    "record '{}' should hold a positive decimal version, got {:?}",
-                    version.name,
-                    lossy(text)
-                ),
-            ))
-        }
-    }
-    let big_endian = match archive.get("byteorder") {
-        None => false,
-        Some(rec) => match archive.small(&map, rec, &origin)? {
-            b"little" => false,
-            b"big" => true,
-            other => {
-                return Err(malformed(
-                    &origin,
-                    format!("record '{}' should be 'little' or 'big', got {:?}", rec.name, lossy(other)),
-                ))
-            }
-        },
-    };
-    let pkl = archive
-        .get("data.pkl")
-        .ok_or_else(|| Error::missing(&*origin, format!("record '{}/data.pkl'", archive.prefix)))?;
-    let root =
-        pickle::load(archive.small(&map, pkl, &origin)?, AllowList::TorchWeights, &member("data.pkl"))?;
-
+    let Opened { archive, big_endian, root } = open(&map, offset, len, &origin)?;
     let Value::Dict(top) = root else {
         return Err(Error::invalid(
             &*origin,
@@ -136,6 +77,98 @@ pub fn read_mapped(map: Arc<Mmap>, offset: usize, len: usize, origin: Arc<Path>)
         }
     }
     Ok(state)
+}
+
+/// Index the torch zip image at `[offset, offset + len)` of `map` whose top-level object is a
+/// single tensor, as `torch.save(tensor)` writes it (each chunk of a torch.distributed.checkpoint
+/// `.distcp` file is one). The tensor is decoded exactly as a state-dict entry of [`read_mapped`]
+/// is: a zero-copy range when contiguous, else a lazy gather and/or byte swap.
+pub fn read_mapped_tensor(
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+    origin: Arc<Path>,
+) -> Result<TensorEntry> {
+    /// The name errors give the tensor: the file holds no key for it.
+    const NAME: &str = "<top level>";
+    let Opened { archive, big_endian, root } = open(&map, offset, len, &origin)?;
+    let spec = tensor_spec(&root, NAME, &origin)?.ok_or_else(|| {
+        Error::invalid(&*origin, format!("top-level object is a {}, expected a tensor", root.describe()))
+    })?;
+    let mut reader =
+        TensorReader { map: &map, archive: &archive, origin: &origin, big_endian, storages: HashMap::new() };
+    reader.entry(NAME, spec)
+}
+
+/// A torch zip image with its records indexed and its `data.pkl` decoded.
+struct Opened {
+    archive: Archive,
+    big_endian: bool,
+    root: Value,
+}
+
+/// Check the image at `[offset, offset + len)` of `map` is a `torch.save` zip (not a legacy
+/// file, not TorchScript), validate its `version` and `byteorder` records and load `data.pkl`.
+fn open(map: &Mmap, offset: usize, len: usize, origin: &Path) -> Result<Opened> {
+    let image = offset
+        .checked_add(len)
+        .and_then(|end| map.get(offset..end))
+        .ok_or_else(|| malformed(origin, "range lies outside the file"))?;
+    if image.starts_with(LEGACY_MAGIC) {
+        return Err(Error::LegacyTorchFile { path: origin.to_path_buf() });
+    }
+    if !image.starts_with(ZIP_MAGIC) {
+        let head: Vec<String> = image.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        return Err(malformed(
+            origin,
+            format!("expected a zip local header (50 4b 03 04) at the start, found [{}]", head.join(" ")),
+        ));
+    }
+    let archive = Archive::open(image, offset, origin)?;
+    let member = |rel: &str| PathBuf::from(format!("{}:{}/{rel}", origin.display(), archive.prefix));
+
+    if archive.get("constants.pkl").is_some() {
+        return Err(Error::invalid(
+            origin,
+            "a TorchScript archive (has constants.pkl), not a torch.save checkpoint",
+        ));
+    }
+    let version = archive
+        .get(".data/version")
+        .or_else(|| archive.get("version"))
+        .ok_or_else(|| Error::missing(origin, format!("record '{}/version'", archive.prefix)))?;
+    let text = archive.small(map, version, origin)?;
+    match std::str::from_utf8(text).ok().map(str::trim).and_then(|s| s.parse::<u64>().ok()) {
+        Some(v) if v >= 1 => {}
+        _ => {
+            return Err(malformed(
+                origin,
+                format!(
+                    "record '{}' should hold a positive decimal version, got {:?}",
+                    version.name,
+                    lossy(text)
+                ),
+            ))
+        }
+    }
+    let big_endian = match archive.get("byteorder") {
+        None => false,
+        Some(rec) => match archive.small(map, rec, origin)? {
+            b"little" => false,
+            b"big" => true,
+            other => {
+                return Err(malformed(
+                    origin,
+                    format!("record '{}' should be 'little' or 'big', got {:?}", rec.name, lossy(other)),
+                ))
+            }
+        },
+    };
+    let pkl = archive
+        .get("data.pkl")
+        .ok_or_else(|| Error::missing(origin, format!("record '{}/data.pkl'", archive.prefix)))?;
+    let root = pickle::load(archive.small(map, pkl, origin)?, AllowList::TorchWeights, &member("data.pkl"))?;
+    Ok(Opened { archive, big_endian, root })
 }
 
 /// The dict whose entries are the checkpoint's tensors (see [`read_mapped`]).

@@ -1,7 +1,10 @@
 use super::read::LEGACY_MAGIC;
 use super::write::{ordered_entries, write_with};
 use super::zip::ZipLayout;
-use super::{encoded_len, read_checkpoint, read_mapped, write_file, write_to, Skipped, TorchState, FORMAT};
+use super::{
+    encoded_len, read_checkpoint, read_mapped, read_mapped_tensor, write_file, write_to, Skipped, TorchState,
+    FORMAT,
+};
 use crate::checkpoint::{ByteSource, Flavour, TensorEntry, TensorMap};
 use crate::error::{Error, Result};
 use crate::formats::pickle::build::P;
@@ -274,6 +277,43 @@ fn big_endian_files_are_swapped_lazily() {
     ]);
     let state = read_bytes(&zip).unwrap();
     assert_eq!(state.tensors["w"].bytes("w").unwrap(), f32_bytes([1.5, -2.0]));
+}
+
+#[test]
+fn bare_tensor_files_read_like_state_dict_entries() {
+    // `torch.save(t.T)` of a [2, 3] f32 written big-endian, behind 5 bytes of other data (as a
+    // chunk sits inside a `.distcp` file).
+    let data: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_be_bytes()).collect();
+    let pickle = pickle::dump(&view(DType::F32, "0", 6, 0, &[3, 2], &[1, 3]), Path::new("x")).unwrap();
+    let zip = zip_of(&[
+        ("c/data.pkl", &pickle),
+        ("c/byteorder", b"big"),
+        ("c/data/0", &data),
+        ("c/version", b"3\n"),
+    ]);
+    let file = [&b"junk!"[..], &zip].concat();
+    let t = read_mapped_tensor(mmap_of(&file), 5, zip.len(), origin()).unwrap();
+    assert_eq!((t.dtype, &t.shape), (DType::F32, &vec![3, 2]));
+    assert!(matches!(t.source, ByteSource::Derived(_)), "strided and big-endian: gathered lazily");
+    assert_eq!(t.bytes("t").unwrap(), f32_bytes([0, 3, 1, 4, 2, 5].map(|i| i as f32)));
+
+    // A contiguous little-endian one is a range of the mapping.
+    let pickle = pickle::dump(&view(DType::F32, "0", 6, 2, &[4], &[1]), Path::new("x")).unwrap();
+    let data = f32_bytes((0..6).map(|i| i as f32));
+    let zip = zip_of(&[("c/data.pkl", &pickle), ("c/data/0", &data), ("c/version", b"3\n")]);
+    let t = read_mapped_tensor(mmap_of(&zip), 0, zip.len(), origin()).unwrap();
+    assert!(matches!(t.source, ByteSource::Mapped { .. }));
+    assert_eq!(t.bytes("t").unwrap(), f32_bytes([2.0, 3.0, 4.0, 5.0]));
+
+    // A state dict is not a bare tensor, and the storage checks of state dicts apply.
+    let dict = pkl(vec![("w", view(DType::F32, "0", 6, 0, &[6], &[1]))]);
+    let zip = zip_of(&[("c/data.pkl", &dict), ("c/data/0", &data), ("c/version", b"3\n")]);
+    let err = read_mapped_tensor(mmap_of(&zip), 0, zip.len(), origin()).unwrap_err();
+    assert!(err.to_string().contains("top-level object is a dict"), "{err}");
+    let past = pickle::dump(&view(DType::F32, "0", 6, 4, &[3], &[1]), Path::new("x")).unwrap();
+    let zip = zip_of(&[("c/data.pkl", &past), ("c/data/0", &data), ("c/version", b"3\n")]);
+    let err = read_mapped_tensor(mmap_of(&zip), 0, zip.len(), origin()).unwrap_err();
+    assert!(err.to_string().contains("reaches past storage"), "{err}");
 }
 
 #[test]

@@ -15,19 +15,18 @@
 //! (Megatron ShardedObjects such as Transformer Engine `_extra_state`) are not tensors and are
 //! skipped.
 //!
-//! The embedded zips hold a bare tensor, not a state dict, so [`embedded`] reads them rather than
-//! [`crate::formats::torch_zip::read_mapped`], which wants a dict at the top. [`metadata`]
-//! decodes `.metadata` and checks the chunk layout.
+//! The embedded zips hold a bare tensor, not a state dict: each is read by
+//! [`torch_zip::read_mapped_tensor`], which decodes it (strided views, big-endian files) exactly
+//! as a state-dict entry. [`metadata`] decodes `.metadata` and checks the chunk layout.
 
-mod embedded;
 mod metadata;
 
-use self::embedded::embedded_tensor;
 use self::metadata::{check_tiling, ChunkMeta, Index, Location, TensorMeta};
 use super::{Blob, Store};
 use crate::checkpoint::{ByteSource, TensorEntry, TensorMap};
 use crate::error::{Error, Result};
 use crate::formats::pickle::{self, AllowList};
+use crate::formats::torch_zip;
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -107,32 +106,13 @@ pub(super) fn read(store: &Store, dir: &str) -> Result<TensorMap> {
 // `.distcp` files and the tensors embedded in them
 // ---------------------------------------------------------------------------------------------
 
-/// One chunk's data, located and checked: element `i` (a multi-index over `sizes`) is the
-/// `esize` bytes at `start + Σ i_d · strides_d · esize` of `map`.
+/// One chunk, located and checked against the metadata: its stored tensor (little-endian,
+/// C-order bytes of `sizes`, possibly with size-1 dimensions added or dropped) and where it goes.
 #[derive(Clone)]
 struct Piece {
-    map: Arc<Mmap>,
-    start: usize,
-    strides: Vec<usize>,
+    tensor: TensorEntry,
     offsets: Vec<usize>,
     sizes: Vec<usize>,
-    /// Written on a big-endian machine: bytes of each element are reversed when placed.
-    swap: bool,
-}
-
-impl Piece {
-    fn is_contiguous(&self) -> bool {
-        let mut expected = 1usize;
-        for (&n, &s) in self.sizes.iter().zip(&self.strides).rev() {
-            if n != 1 {
-                if s != expected {
-                    return false;
-                }
-                expected = expected.saturating_mul(n);
-            }
-        }
-        true
-    }
 }
 
 /// The `.distcp` files named by `.metadata`, each mapped once.
@@ -195,11 +175,12 @@ impl Files<'_> {
                 ),
             )
         })?;
-        let origin = PathBuf::from(format!("{}@{}..{end}", file_origin.display(), at.offset));
-        let e = embedded_tensor(&map, base + at.offset, at.length, &origin)?;
+        let origin: Arc<Path> =
+            Arc::from(PathBuf::from(format!("{}@{}..{end}", file_origin.display(), at.offset)));
+        let e = torch_zip::read_mapped_tensor(map, base + at.offset, at.length, origin.clone())?;
         let bad = |detail: String| {
             Error::invalid(
-                &origin,
+                &*origin,
                 format!("chunk at offsets {:?} of tensor '{}': {detail}", c.offsets, t.key),
             )
         };
@@ -208,27 +189,23 @@ impl Files<'_> {
         }
         // Compare with size-1 dimensions dropped: a writer may add or drop the layer axis of a
         // one-layer chunk, which does not move any element.
-        let squeeze = |shape: &[usize], strides: &[usize]| -> (Vec<usize>, Vec<usize>) {
-            shape.iter().zip(strides).filter(|(&n, _)| n != 1).map(|(&n, &s)| (n, s)).unzip()
-        };
-        let (stored, stored_strides) = squeeze(&e.shape, &e.strides);
-        let (wanted, _) = squeeze(&c.sizes, &c.sizes);
-        if stored != wanted {
+        let squeeze = |shape: &[usize]| -> Vec<usize> { shape.iter().copied().filter(|&n| n != 1).collect() };
+        if squeeze(&e.shape) != squeeze(&c.sizes) {
             return Err(bad(format!(
                 "holds a tensor of shape {:?}, the metadata says {:?}",
                 e.shape, c.sizes
             )));
         }
-        let mut it = stored_strides.into_iter();
-        let strides = c.sizes.iter().map(|&n| if n == 1 { 0 } else { it.next().unwrap_or(0) }).collect();
-        Ok(Piece {
-            map,
-            start: e.start,
-            strides,
-            offsets: c.offsets.clone(),
-            sizes: c.sizes.clone(),
-            swap: e.big_endian && t.dtype.size() > 1,
-        })
+        // A DCP chunk is never a broadcast view (torch clones any chunk whose storage is not
+        // exactly its own); refusing one keeps assembly bounded by the input's size.
+        if e.nbytes() > at.length {
+            return Err(bad(format!(
+                "holds {} bytes of tensor data in {} bytes of file (a broadcast view)",
+                e.nbytes(),
+                at.length
+            )));
+        }
+        Ok(Piece { tensor: e, offsets: c.offsets.clone(), sizes: c.sizes.clone() })
     }
 }
 
@@ -236,7 +213,8 @@ impl Files<'_> {
 // Assembly
 // ---------------------------------------------------------------------------------------------
 
-/// The bytes of tensor `t`: a range of the file for one contiguous chunk, else a lazy assembly.
+/// The bytes of tensor `t`: the chunk's own source (a range of the file when it is contiguous)
+/// for a single chunk, else a lazy assembly.
 fn lazy_tensor(t: &TensorMeta, pieces: Vec<Piece>, origin: Arc<Path>) -> ByteSource {
     let esize = t.dtype.size();
     let nbytes = t.shape.iter().product::<usize>() * esize;
@@ -244,69 +222,52 @@ fn lazy_tensor(t: &TensorMeta, pieces: Vec<Piece>, origin: Arc<Path>) -> ByteSou
         return ByteSource::owned(Vec::new());
     }
     if let [only] = pieces.as_slice() {
-        if only.sizes == t.shape && only.is_contiguous() && !only.swap {
-            return ByteSource::mapped(only.map.clone(), only.start, nbytes);
+        if only.sizes == t.shape {
+            return only.tensor.source.clone();
         }
     }
     let (shape, key) = (t.shape.clone(), t.key.clone());
-    ByteSource::derived(move || {
-        assemble(&shape, esize, &pieces)
-            .map_err(|detail| Error::invalid(&*origin, format!("tensor '{key}': {detail}")))
-    })
+    ByteSource::derived(move || assemble(&shape, esize, &pieces, &origin, &key))
 }
 
 /// Place every piece at its offsets in one C-order buffer of `shape`. The pieces tile the shape
-/// (checked when they were read), so every byte is written exactly once.
-fn assemble(shape: &[usize], esize: usize, pieces: &[Piece]) -> std::result::Result<Vec<u8>, String> {
+/// (checked when they were read), so every byte is written exactly once. Each piece's bytes are
+/// produced (a strided or byte-swapped chunk is copied once) and placed one piece at a time.
+fn assemble(shape: &[usize], esize: usize, pieces: &[Piece], origin: &Path, key: &str) -> Result<Vec<u8>> {
     let total = shape.iter().product::<usize>() * esize;
     let mut out = Vec::new();
-    out.try_reserve_exact(total).map_err(|_| format!("its {total} bytes cannot be allocated"))?;
+    out.try_reserve_exact(total).map_err(|_| {
+        Error::invalid(origin, format!("tensor '{key}': its {total} bytes cannot be allocated"))
+    })?;
     out.resize(total, 0);
     let n = shape.len();
     let mut out_stride = vec![esize; n];
     for d in (0..n.saturating_sub(1)).rev() {
         out_stride[d] = out_stride[d + 1] * shape[d + 1];
     }
-    let outside = || "a chunk's data lies outside its file (changed while open?)".to_string();
     for p in pieces {
+        // Checked against dtype × the stored shape, which has the chunk's element count.
+        let src = p.tensor.bytes(key)?;
         if n == 0 {
-            let src = p.map.get(p.start..p.start + esize).ok_or_else(outside)?;
-            out.copy_from_slice(src);
-        } else {
-            let last = n - 1;
-            let (inner, inner_stride) = (p.sizes[last], p.strides[last]);
-            let rows: usize = p.sizes[..last].iter().product();
-            let mut idx = vec![0usize; last];
-            for _ in 0..rows {
-                let src_at = p.start + (0..last).map(|d| idx[d] * p.strides[d]).sum::<usize>() * esize;
-                let dst_at = (0..n)
-                    .map(|d| (p.offsets[d] + idx.get(d).copied().unwrap_or(0)) * out_stride[d])
-                    .sum::<usize>();
-                let dst = &mut out[dst_at..dst_at + inner * esize];
-                if inner_stride == 1 || inner == 1 {
-                    dst.copy_from_slice(p.map.get(src_at..src_at + inner * esize).ok_or_else(outside)?);
-                } else {
-                    for j in 0..inner {
-                        let at = src_at + j * inner_stride * esize;
-                        dst[j * esize..(j + 1) * esize]
-                            .copy_from_slice(p.map.get(at..at + esize).ok_or_else(outside)?);
-                    }
-                }
-                if p.swap {
-                    dst.chunks_exact_mut(esize).for_each(<[u8]>::reverse);
-                }
-                // Odometer over all but the last (contiguous) axis.
-                for d in (0..last).rev() {
-                    idx[d] += 1;
-                    if idx[d] < p.sizes[d] {
-                        break;
-                    }
-                    idx[d] = 0;
-                }
-            }
+            out.copy_from_slice(&src);
+            continue;
         }
-        if p.swap && n == 0 {
-            out.reverse();
+        let last = n - 1;
+        let row = p.sizes[last] * esize;
+        let mut idx = vec![0usize; last];
+        for chunk_row in src.chunks_exact(row) {
+            let dst_at = (0..n)
+                .map(|d| (p.offsets[d] + idx.get(d).copied().unwrap_or(0)) * out_stride[d])
+                .sum::<usize>();
+            out[dst_at..dst_at + row].copy_from_slice(chunk_row);
+            // Odometer over all but the last (contiguous) axis.
+            for d in (0..last).rev() {
+                idx[d] += 1;
+                if idx[d] < p.sizes[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
         }
     }
     Ok(out)

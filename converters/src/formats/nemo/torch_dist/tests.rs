@@ -56,42 +56,38 @@ fn tiling_accepts_megatron_grids_and_names_gaps_and_overlaps() {
     assert!(check_tiling(&[usize::MAX, 4], &[]).unwrap_err().contains("overflow"));
 }
 
-fn anon_map(bytes: &[u8]) -> Arc<Mmap> {
-    let mut m = memmap2::MmapMut::map_anon(bytes.len().max(1)).unwrap();
-    m[..bytes.len()].copy_from_slice(bytes);
-    Arc::new(m.make_read_only().unwrap())
+fn u16_piece(values: &[u16], shape: &[usize], offsets: &[usize], sizes: &[usize]) -> Piece {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let origin: Arc<Path> = Arc::from(Path::new("chunk"));
+    Piece {
+        tensor: TensorEntry::new(DType::I16, shape.to_vec(), ByteSource::owned(bytes), origin),
+        offsets: offsets.to_vec(),
+        sizes: sizes.to_vec(),
+    }
 }
 
 #[test]
-fn assemble_places_strided_and_byte_swapped_pieces() {
-    // Global [2, 3] of u16 (element (r, c) = 10r + c) as two pieces: row 0 stored transposed
-    // ([3, 1] with strides that walk a column-major buffer) and row 1 big-endian.
-    let mut data: Vec<u8> = [0u16, 1, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
-    data.extend([10u16, 11, 12].iter().flat_map(|v| v.to_be_bytes()));
-    let map = anon_map(&data);
-    let row0 = Piece {
-        map: map.clone(),
-        start: 0,
-        strides: vec![0, 1],
-        offsets: vec![0, 0],
-        sizes: vec![1, 3],
-        swap: false,
-    };
-    let row1 = Piece { start: 6, offsets: vec![1, 0], swap: true, ..row0.clone() };
-    let out = assemble(&[2, 3], 2, &[row1.clone(), row0.clone()]).unwrap();
+fn assemble_places_pieces_at_their_offsets() {
+    // Global [2, 3] of u16 (element (r, c) = 10r + c) as three pieces, given out of order: row 1
+    // stored with an extra leading axis, then the [1, 2] head and [1, 1] tail of row 0.
+    let row1 = u16_piece(&[10, 11, 12], &[1, 1, 3], &[1, 0], &[1, 3]);
+    let head = u16_piece(&[0, 1], &[2], &[0, 0], &[1, 2]);
+    let tail = u16_piece(&[2], &[1, 1], &[0, 2], &[1, 1]);
+    let out = assemble(&[2, 3], 2, &[row1, head.clone(), tail], Path::new("m"), "t").unwrap();
     let got: Vec<u16> = out.chunks(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
     assert_eq!(got, [0, 1, 2, 10, 11, 12]);
 
-    // A [2, 2] piece read through strides (2, 1) → [1, 2]: a transposed view.
-    let t = Piece { start: 0, strides: vec![1, 2], offsets: vec![0, 0], sizes: vec![2, 2], ..row0.clone() };
-    assert!(!t.is_contiguous());
-    let out = assemble(&[2, 2], 2, &[t]).unwrap();
+    // A column piece of a [2, 2] tensor: one element per row.
+    let col = |c: usize, v: [u16; 2]| u16_piece(&v, &[2, 1], &[0, c], &[2, 1]);
+    let out = assemble(&[2, 2], 2, &[col(1, [1, 11]), col(0, [0, 10])], Path::new("m"), "t").unwrap();
     let got: Vec<u16> = out.chunks(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-    assert_eq!(got, [0, 2, 1, 10u16.swap_bytes()]);
+    assert_eq!(got, [0, 1, 10, 11]);
 
-    // A piece whose range is not in the map is an error, not a panic.
-    let past = Piece { start: data.len() - 1, ..row0 };
-    assert!(assemble(&[1, 3], 2, &[past]).unwrap_err().contains("outside"));
+    // A piece whose bytes do not match its stored shape is an error naming the tensor, not a panic.
+    let short =
+        Piece { tensor: TensorEntry { source: ByteSource::owned(vec![0u8; 3]), ..head.tensor }, ..head };
+    let err = assemble(&[1, 2], 2, &[short], Path::new("m"), "t").unwrap_err();
+    assert!(matches!(&err, Error::TensorSize { tensor, .. } if tensor == "t"), "{err}");
 }
 
 #[test]
@@ -255,7 +251,7 @@ fn corrupt_chunk_bytes_are_named() {
         b[at.offset..at.offset + 4].copy_from_slice(b"XXXX");
         std::fs::write(&f, b).unwrap();
     });
-    assert!(err.to_string().contains("expected a torch.save zip"), "{err}");
+    assert!(err.to_string().contains("expected a zip local header"), "{err}");
 }
 
 /// Mutated archives give an error or a checkpoint whose reads fail cleanly, never a panic.
