@@ -207,7 +207,7 @@ impl WeightFormat {
     }
 }
 
-/// Options for [`write`].
+/// Options for [`write()`].
 #[derive(Clone, Copy, Debug)]
 pub struct WriteOptions {
     /// Weight file format.

@@ -109,8 +109,11 @@ pub fn write_file(tensors: &TensorMap, dest: &Path, overwrite: bool) -> Result<(
     out.commit()
 }
 
+/// Tensors in the order they are laid out in the file.
+type WriteOrder<'a> = Vec<(&'a str, &'a TensorEntry)>;
+
 /// The header bytes (length prefix included) and the write order for `tensors`.
-fn header<'a>(tensors: &'a TensorMap, dest: &Path) -> Result<(Vec<u8>, Vec<(&'a str, &'a TensorEntry)>)> {
+fn header<'a>(tensors: &'a TensorMap, dest: &Path) -> Result<(Vec<u8>, WriteOrder<'a>)> {
     let mut order: Vec<(&str, &TensorEntry)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     order.sort_by(|(ln, lt), (rn, rt)| to_st(rt.dtype).cmp(&to_st(lt.dtype)).then(ln.cmp(rn)));
     let mut infos = Vec::with_capacity(order.len());
