@@ -25,6 +25,7 @@
 # also runs before each step. The page cache is not dropped (shared machine): every step reads the
 # same source, which the preceding steps have warmed alike.
 #   1. cp -r DIR COPY                                  (the physical floor; the copy is deleted)
+#   1b. cat of every file into COPY                    (the same bytes through user space)
 #   2. shardsmith convert DIR OURS.nemo --tp 8         (HF -> .nemo TP-8)
 #   3. shardsmith convert OURS.nemo OURS_BACK          (.nemo TP-8 -> HF)
 #   4. pytorch_convert.py hf2nemo DIR PY.nemo --tp 8
@@ -193,6 +194,12 @@ checks=()
 tp=8
 measure "cp -r (same bytes)" "$work/copy" -- cp -r "$src" "$work/copy"
 rm -rf "$work/copy"
+# cp copies inside the kernel (copy_file_range); any converter that must look at the bytes (a
+# CRC for the zip, a gather for fused tensors) reads them into user space and writes them back,
+# which is what this baseline measures: the same bytes through a user-space buffer.
+mkdir -p "$work/cat"
+measure "cat > file (user-space copy of the same bytes)" "$work/cat" -- sh -c 'mkdir -p "$2" && for f in "$1"/*; do cat "$f" > "$2/$(basename "$f")"; done' _ "$src" "$work/cat"
+rm -rf "$work/cat"
 
 measure "shardsmith HF → .nemo TP-$tp" "$work/ours.nemo" -- "$bin" convert "$src" "$work/ours.nemo" --tp $tp --tokenizer "$tok"
 if ((refcheck)); then

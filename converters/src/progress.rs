@@ -29,8 +29,48 @@ pub fn writer_pool() -> &'static rayon::ThreadPool {
     })
 }
 
+/// Admission control for tensors in flight: a writer task waits until its output fits under the
+/// limit next to the others (a task alone is always admitted). With the limit set to the largest
+/// output tensor, peak memory is about one largest tensor, while small tensors still overlap.
+pub struct Budget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+/// A share of a [`Budget`], returned when dropped.
+pub struct BudgetGuard<'b> {
+    budget: &'b Budget,
+    n: u64,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Budget { limit, used: Mutex::new(0), freed: std::sync::Condvar::new() }
+    }
+
+    /// Wait for room for `n` bytes.
+    pub fn acquire(&self, n: u64) -> BudgetGuard<'_> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + n > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+        BudgetGuard { budget: self, n }
+    }
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= self.n;
+        self.budget.freed.notify_all();
+    }
+}
+
 /// Bytes written between two releases of mapped input pages.
-pub const RELEASE_EVERY: u64 = 128 << 20;
+pub const RELEASE_EVERY: u64 = 64 << 20;
 
 static WRITTEN: AtomicU64 = AtomicU64::new(0);
 static SINCE_RELEASE: AtomicU64 = AtomicU64::new(0);

@@ -97,8 +97,11 @@ pub fn write_file(tensors: &TensorMap, dest: &Path, overwrite: bool) -> Result<(
         .collect();
     // A zero-byte tail still needs the file to have its full length.
     file.set_len(at).at(dest)?;
+    let largest = placed.iter().map(|(_, t, _)| t.nbytes() as u64).max().unwrap_or(0);
+    let budget = crate::progress::Budget::new(largest);
     crate::progress::writer_pool().install(|| {
         placed.par_iter().try_for_each(|(name, t, offset)| {
+            let _room = budget.acquire(t.nbytes() as u64);
             let bytes = t.bytes(name)?;
             file.write_all_at(&bytes, *offset).at(dest)?;
             drop(bytes);

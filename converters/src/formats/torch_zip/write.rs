@@ -49,11 +49,14 @@ pub fn write_at(
     let plan = Plan::new(state, dest)?;
     let records = plan.records(archive_name, dest)?;
     let layout = layout_of(&records, false);
+    let largest = records.iter().map(|r| r.size).max().unwrap_or(0);
+    let budget = crate::progress::Budget::new(largest);
     let crcs = crate::progress::writer_pool().install(|| {
         records
             .par_iter()
             .zip(&layout.entries)
             .map(|(rec, entry)| {
+                let _room = budget.acquire(rec.size);
                 let bytes = plan.bytes(&rec.content, dest)?;
                 if bytes.len() as u64 != rec.size {
                     return Err(Error::invalid(
