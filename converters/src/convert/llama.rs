@@ -222,13 +222,36 @@ pub fn from_nemo(ckpt: &Checkpoint, vocab: Option<usize>) -> Result<CanonicalLla
                 vec![(hf, vec![full])]
             }
             Source::Qkv(q, k, v) => {
-                let (heads, groups) = (hparams.heads / ranks, hparams.groups / ranks);
-                let split = parts
-                    .iter()
-                    .map(|p| transforms::split_qkv(&local, p, heads, groups))
-                    .collect::<Result<Vec<_>>>()?;
-                let pick = |i: usize| split.iter().map(|s| s[i].clone()).collect::<Vec<_>>();
-                vec![(q, pick(0)), (k, pick(1)), (v, pick(2))]
+                // Each rank's fused rows are, per query group, [hpg Q heads; K; V] blocks of d
+                // rows (formats.md §3.4). Slicing the stored part keeps every block a zero-copy
+                // range, so q, k and v each gather their rows from the parts in one pass.
+                let (hpg, d) = (hparams.heads_per_group(), hparams.head_dim);
+                let groups = hparams.groups / ranks;
+                let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+                for p in &parts {
+                    let rows = p.shape.first().copied().unwrap_or(0);
+                    if rows != groups * (hpg + 2) * d {
+                        return Err(Error::invalid(
+                            p.origin.to_path_buf(),
+                            format!(
+                                "tensor '{local}': expected {} fused QKV rows ({groups} groups × ({hpg} + 2) heads × {d}), got {rows}",
+                                groups * (hpg + 2) * d
+                            ),
+                        ));
+                    }
+                    for g in 0..groups {
+                        let base = g * (hpg + 2) * d;
+                        qs.push(transforms::slice_rows(&local, p, base, base + hpg * d)?);
+                        ks.push(transforms::slice_rows(&local, p, base + hpg * d, base + (hpg + 1) * d)?);
+                        vs.push(transforms::slice_rows(
+                            &local,
+                            p,
+                            base + (hpg + 1) * d,
+                            base + (hpg + 2) * d,
+                        )?);
+                    }
+                }
+                vec![(q, qs), (k, ks), (v, vs)]
             }
             Source::Glu(g, u) => {
                 let split =

@@ -95,8 +95,6 @@ pub fn write_file(tensors: &TensorMap, dest: &Path, overwrite: bool) -> Result<(
             (n, t, here)
         })
         .collect();
-    // A zero-byte tail still needs the file to have its full length.
-    file.set_len(at).at(dest)?;
     let largest = placed.iter().map(|(_, t, _)| t.nbytes() as u64).max().unwrap_or(0);
     let budget = crate::progress::Budget::new(largest);
     crate::progress::writer_pool().install(|| {
@@ -109,6 +107,10 @@ pub fn write_file(tensors: &TensorMap, dest: &Path, overwrite: bool) -> Result<(
             Ok::<(), Error>(())
         })
     })?;
+    // Zero-byte tensors at the end write nothing; the file still ends where the header says.
+    if file.metadata().at(dest)?.len() < at {
+        file.set_len(at).at(dest)?;
+    }
     out.commit()
 }
 
