@@ -3,11 +3,10 @@
 
 mod common;
 
-use common::{assert_same_tensors, fixture};
+use common::{assert_same_tensors, fixture, nemo_checkpoint};
 use shardsmith_converters::formats::{self, hf_dir, nemo, safetensors, torch_zip, Format};
 use shardsmith_converters::{
-    ByteSource, Checkpoint, Error, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Rank, Shard,
-    TensorEntry, TensorMap,
+    ByteSource, Checkpoint, Error, Flavour, ModelConfig, NemoLayout, Parallelism, TensorEntry, TensorMap,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -135,43 +134,6 @@ fn torch_files_round_trip_and_rewrite_byte_identically() {
         let (a, b) = (std::fs::read(&once).unwrap(), std::fs::read(&twice).unwrap());
         assert!(a == b, "{file}: second write differs from the first");
     }
-}
-
-fn nemo_yaml(tp: usize, pp: usize) -> ModelConfig {
-    let raw = format!(
-        "# written by the test\nmcore_gpt: true\nnum_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\n\
-         tensor_model_parallel_size: {tp}\npipeline_model_parallel_size: {pp}\ntokenizer:\n  library: sentencepiece\n  \
-         model: nemo:0123456789abcdef0123456789abcdef_tokenizer.model\nprecision: ${{trainer.precision}}\n"
-    );
-    ModelConfig::NemoYaml(nemo::NemoConfig::parse(raw, Path::new("test.yaml")).unwrap())
-}
-
-/// A .nemo-shaped checkpoint holding the llama-mha fixture's tensors, dealt round-robin to ranks.
-fn nemo_checkpoint(tp: usize, pp: usize) -> Checkpoint {
-    let hf = formats::open(&fixture("llama-mha")).unwrap();
-    let tokenizer = std::fs::read(fixture("llama-mha/tokenizer.model")).unwrap();
-    let mut shards: Vec<Shard> = (0..pp)
-        .flat_map(|p| (0..tp).map(move |t| Shard::new(Rank { tp: t, pp: p }, TensorMap::new())))
-        .collect();
-    let n = shards.len();
-    for (i, (name, t)) in hf.tensors().unwrap().iter().enumerate() {
-        shards[i % n].tensors.insert(name.clone(), t.clone());
-    }
-    let meta = Meta {
-        path: "memory".into(),
-        flavour: Flavour::Nemo {
-            layout: NemoLayout::for_parallelism(Parallelism { tp, pp }),
-            gzip: false,
-            extracted: false,
-        },
-        parallel: Parallelism { tp, pp },
-        config: Some(nemo_yaml(tp, pp)),
-        artifacts: vec![shardsmith_converters::Artifact {
-            name: "0123456789abcdef0123456789abcdef_tokenizer.model".into(),
-            source: ByteSource::owned(tokenizer),
-        }],
-    };
-    Checkpoint { meta, shards }
 }
 
 fn assert_same_checkpoint(a: &Checkpoint, b: &Checkpoint, what: &str) {

@@ -5,9 +5,7 @@ mod common;
 
 use common::{fixture, reference_python, run_checker};
 use shardsmith_converters::formats::{self, hf_dir, nemo, safetensors, torch_zip};
-use shardsmith_converters::{
-    ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Rank, Shard, TensorMap,
-};
+use shardsmith_converters::{NemoLayout, Parallelism};
 use std::path::Path;
 
 #[test]
@@ -36,42 +34,12 @@ fn torch_load_reads_our_pytorch_files() {
     }
 }
 
-fn nemo_from_fixture(tp: usize, pp: usize) -> Checkpoint {
-    let hf = formats::open(&fixture("llama-mha")).unwrap();
-    let mut shards: Vec<Shard> = (0..pp)
-        .flat_map(|p| (0..tp).map(move |t| Shard::new(Rank { tp: t, pp: p }, TensorMap::new())))
-        .collect();
-    let n = shards.len();
-    for (i, (name, t)) in hf.tensors().unwrap().iter().enumerate() {
-        shards[i % n].tensors.insert(name.clone(), t.clone());
-    }
-    let raw = format!(
-        "mcore_gpt: false\nnum_layers: 2\ntensor_model_parallel_size: {tp}\npipeline_model_parallel_size: {pp}\n\
-         tokenizer:\n  model: nemo:00112233445566778899aabbccddeeff_tokenizer.model\n"
-    );
-    let meta = Meta {
-        path: "memory".into(),
-        flavour: Flavour::Nemo {
-            layout: NemoLayout::for_parallelism(Parallelism { tp, pp }),
-            gzip: false,
-            extracted: false,
-        },
-        parallel: Parallelism { tp, pp },
-        config: Some(ModelConfig::NemoYaml(nemo::NemoConfig::parse(raw, Path::new("t.yaml")).unwrap())),
-        artifacts: vec![shardsmith_converters::Artifact {
-            name: "00112233445566778899aabbccddeeff_tokenizer.model".into(),
-            source: ByteSource::owned(std::fs::read(fixture("llama-mha/tokenizer.model")).unwrap()),
-        }],
-    };
-    Checkpoint { meta, shards }
-}
-
 #[test]
 fn nemo_loaders_read_our_archives() {
     let Some(py) = reference_python() else { return };
     let out = tempfile::tempdir().unwrap();
     for (tp, pp, gzip) in [(1, 1, false), (2, 1, false), (2, 2, false), (2, 1, true)] {
-        let ckpt = nemo_from_fixture(tp, pp);
+        let ckpt = common::nemo_checkpoint(tp, pp);
         let dest = out.path().join(format!("m{tp}{pp}{gzip}.nemo"));
         nemo::write(&ckpt, &dest, &nemo::WriteOptions { gzip, ..Default::default() }).unwrap();
         let expected = out.path().join(format!("expected{tp}{pp}{gzip}"));

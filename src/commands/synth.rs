@@ -6,7 +6,9 @@
 
 use anyhow::{bail, Result};
 use shardsmith_converters::atomic::AtomicDir;
+use shardsmith_converters::convert::llama::canonical_shapes;
 use shardsmith_converters::formats::hf_dir;
+use shardsmith_converters::names::llama::LlamaHparams;
 use shardsmith_converters::{ByteSource, DType, TensorEntry, TensorMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -40,50 +42,35 @@ impl LlamaShape {
         Ok(LlamaShape { layers, hidden, ffn, heads, kv_heads, vocab: 32000 })
     }
 
+    /// The hyper-parameters these shapes stand for.
+    pub fn hparams(&self) -> LlamaHparams {
+        LlamaHparams {
+            layers: self.layers,
+            hidden: self.hidden,
+            ffn: self.ffn,
+            heads: self.heads,
+            groups: self.kv_heads,
+            head_dim: self.hidden / self.heads,
+            vocab: self.vocab,
+            max_positions: 4096,
+            rope_theta: 10000.0,
+            rope_linear_factor: None,
+            norm_eps: 1e-5,
+            init_std: 0.02,
+            tied: false,
+            bos: Some(1),
+            eos: Some(2),
+        }
+    }
+
     /// HF tensor names and shapes in `save_pretrained` order.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, f) = (self.hidden, self.ffn);
-        let kv = self.kv_heads * (h / self.heads);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
-        for l in 0..self.layers {
-            let p = format!("model.layers.{l}");
-            out.extend([
-                (format!("{p}.self_attn.q_proj.weight"), vec![h, h]),
-                (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
-                (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
-                (format!("{p}.self_attn.o_proj.weight"), vec![h, h]),
-                (format!("{p}.mlp.gate_proj.weight"), vec![f, h]),
-                (format!("{p}.mlp.up_proj.weight"), vec![f, h]),
-                (format!("{p}.mlp.down_proj.weight"), vec![h, f]),
-                (format!("{p}.input_layernorm.weight"), vec![h]),
-                (format!("{p}.post_attention_layernorm.weight"), vec![h]),
-            ]);
-        }
-        out.push(("model.norm.weight".to_string(), vec![h]));
-        out.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
-        out
+        canonical_shapes(&self.hparams())
     }
 
     /// The matching HF `config.json`.
     pub fn config_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": self.hidden,
-            "intermediate_size": self.ffn,
-            "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads,
-            "vocab_size": self.vocab,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "hidden_act": "silu",
-            "tie_word_embeddings": false,
-            "torch_dtype": "bfloat16",
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        })
+        self.hparams().hf_config(DType::BF16)
     }
 }
 

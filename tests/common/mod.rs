@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use shardsmith_converters::TensorMap;
+use shardsmith_converters::formats::{self, nemo};
+use shardsmith_converters::{
+    ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Rank, Shard, TensorMap,
+};
 use std::path::{Path, PathBuf};
 
 /// A path under `fixtures/`.
@@ -57,4 +60,41 @@ pub fn run_checker(python: &Path, script: &str, args: &[&Path]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+pub fn nemo_yaml(tp: usize, pp: usize) -> ModelConfig {
+    let raw = format!(
+        "# written by the test\nmcore_gpt: true\nnum_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\n\
+         tensor_model_parallel_size: {tp}\npipeline_model_parallel_size: {pp}\ntokenizer:\n  library: sentencepiece\n  \
+         model: nemo:0123456789abcdef0123456789abcdef_tokenizer.model\nprecision: ${{trainer.precision}}\n"
+    );
+    ModelConfig::NemoYaml(nemo::NemoConfig::parse(raw, Path::new("test.yaml")).unwrap())
+}
+
+/// A .nemo-shaped checkpoint holding the llama-mha fixture's tensors, dealt round-robin to ranks.
+pub fn nemo_checkpoint(tp: usize, pp: usize) -> Checkpoint {
+    let hf = formats::open(&fixture("llama-mha")).unwrap();
+    let tokenizer = std::fs::read(fixture("llama-mha/tokenizer.model")).unwrap();
+    let mut shards: Vec<Shard> = (0..pp)
+        .flat_map(|p| (0..tp).map(move |t| Shard::new(Rank { tp: t, pp: p }, TensorMap::new())))
+        .collect();
+    let n = shards.len();
+    for (i, (name, t)) in hf.tensors().unwrap().iter().enumerate() {
+        shards[i % n].tensors.insert(name.clone(), t.clone());
+    }
+    let meta = Meta {
+        path: "memory".into(),
+        flavour: Flavour::Nemo {
+            layout: NemoLayout::for_parallelism(Parallelism { tp, pp }),
+            gzip: false,
+            extracted: false,
+        },
+        parallel: Parallelism { tp, pp },
+        config: Some(nemo_yaml(tp, pp)),
+        artifacts: vec![shardsmith_converters::Artifact {
+            name: "0123456789abcdef0123456789abcdef_tokenizer.model".into(),
+            source: ByteSource::owned(tokenizer),
+        }],
+    };
+    Checkpoint { meta, shards }
 }

@@ -453,6 +453,28 @@ fn cast_shards(mut shards: Vec<Shard>, dtype: Option<DType>) -> Result<Vec<Shard
     Ok(shards)
 }
 
+/// A `.nemo` checkpoint (plain tar, NeMo's rank layout for `parallel`) derived from `src`.
+fn nemo_checkpoint(
+    src: &Checkpoint,
+    parallel: Parallelism,
+    cfg: NemoConfig,
+    artifacts: Vec<Artifact>,
+    shards: Vec<Shard>,
+) -> Checkpoint {
+    let meta = Meta {
+        path: src.meta.path.clone(),
+        flavour: Flavour::Nemo {
+            layout: NemoLayout::for_parallelism(parallel),
+            gzip: false,
+            extracted: false,
+        },
+        parallel,
+        config: Some(ModelConfig::NemoYaml(cfg)),
+        artifacts,
+    };
+    Checkpoint { meta, shards }
+}
+
 /// HF directory checkpoint → `.nemo` checkpoint (yaml derived from `config.json`, tokenizer as a
 /// `nemo:` artifact). `tokenizer_model` is the SentencePiece file to register.
 pub fn hf_to_nemo(
@@ -484,19 +506,8 @@ pub fn hf_to_nemo(
         divisible_by,
         tokenizer_model: tokenizer_ref,
     });
-    let parallel = Parallelism { tp: target.tp, pp: target.pp };
-    let meta = Meta {
-        path: src.meta.path.clone(),
-        flavour: Flavour::Nemo {
-            layout: NemoLayout::for_parallelism(parallel),
-            gzip: false,
-            extracted: false,
-        },
-        parallel,
-        config: Some(ModelConfig::NemoYaml(NemoConfig::parse(yaml, Path::new("model_config.yaml"))?)),
-        artifacts,
-    };
-    Ok(Checkpoint { meta, shards })
+    let cfg = NemoConfig::parse(yaml, Path::new("model_config.yaml"))?;
+    Ok(nemo_checkpoint(src, Parallelism { tp: target.tp, pp: target.pp }, cfg, artifacts, shards))
 }
 
 /// `.nemo` checkpoint → `.nemo` checkpoint at another TP/PP (same dialect unless asked), the yaml
@@ -533,19 +544,7 @@ pub fn reshard_nemo(
         };
         cfg.set_scalar("precision", precision)?;
     }
-    let parallel = Parallelism { tp, pp };
-    let meta = Meta {
-        path: src.meta.path.clone(),
-        flavour: Flavour::Nemo {
-            layout: NemoLayout::for_parallelism(parallel),
-            gzip: false,
-            extracted: false,
-        },
-        parallel,
-        config: Some(ModelConfig::NemoYaml(cfg)),
-        artifacts: src.meta.artifacts.clone(),
-    };
-    Ok(Checkpoint { meta, shards })
+    Ok(nemo_checkpoint(src, Parallelism { tp, pp }, cfg, src.meta.artifacts.clone(), shards))
 }
 
 /// `.nemo` checkpoint → HF directory checkpoint: `config.json` derived from the yaml, the
