@@ -64,6 +64,8 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
     });
     let target = match (is_nemo(src), to) {
         (false, TargetKind::Nemo) => {
+            // Say what the model is before asking for a tokenizer (headers only; cheap).
+            llama::from_hf(src)?;
             let tokenizer = match &o.tokenizer {
                 Some(p) => Some(shardsmith_converters::Artifact {
                     name: "tokenizer.model".into(),
