@@ -67,29 +67,31 @@ fn fixtures_round_trip_bit_exactly_through_every_layout() {
     );
 }
 
-/// A GQA model big enough for TP-8: 16 heads in 8 groups, 4 layers, vocab 333 (padded per TP).
-fn tp8_model(dir: &Path) -> std::path::PathBuf {
-    let shape = LlamaShape { layers: 4, hidden: 64, ffn: 96, heads: 16, kv_heads: 8, vocab: 333 };
-    let tensors = synthetic_tensors(&shape, 7);
+/// Write a synthetic HF LLaMA checkpoint of `shape` to `out` (with `tokenizer` when given).
+fn synthetic_hf(shape: &LlamaShape, seed: u64, out: &Path, tokenizer: Option<&Path>, max_shard_bytes: u64) {
+    let artifacts = tokenizer
+        .map(|t| shardsmith_converters::Artifact {
+            name: "tokenizer.model".into(),
+            source: shardsmith_converters::ByteSource::owned(std::fs::read(t).unwrap()),
+        })
+        .into_iter()
+        .collect();
     let meta = Meta {
-        path: dir.to_path_buf(),
+        path: out.to_path_buf(),
         flavour: Flavour::HfSafetensorsDir { sharded: false },
         parallel: Parallelism::default(),
         config: Some(ModelConfig::HfJson(shape.config_json())),
-        artifacts: vec![shardsmith_converters::Artifact {
-            name: "tokenizer.model".into(),
-            source: shardsmith_converters::ByteSource::owned(
-                std::fs::read(fixture("llama-gqa/tokenizer.model")).unwrap(),
-            ),
-        }],
+        artifacts,
     };
+    let opts = hf_dir::WriteOptions { max_shard_bytes, ..Default::default() };
+    hf_dir::write(&Checkpoint::single(meta, synthetic_tensors(shape, seed)), out, &opts).unwrap();
+}
+
+/// A GQA model big enough for TP-8: 16 heads in 8 groups, 4 layers, vocab 333 (padded per TP).
+fn tp8_model(dir: &Path) -> std::path::PathBuf {
+    let shape = LlamaShape { layers: 4, hidden: 64, ffn: 96, heads: 16, kv_heads: 8, vocab: 333 };
     let out = dir.join("tp8-src");
-    hf_dir::write(
-        &Checkpoint::single(meta, tensors),
-        &out,
-        &hf_dir::WriteOptions { max_shard_bytes: 100_000, ..Default::default() },
-    )
-    .unwrap();
+    synthetic_hf(&shape, 7, &out, Some(&fixture("llama-gqa/tokenizer.model")), 100_000);
     out
 }
 
@@ -116,16 +118,8 @@ fn tp8_pp2_reshards_back_to_tp1_bit_exactly() {
     assert!(ok(&["diff", s(&src), s(&back)]).contains("MATCH"));
     // Legacy MHA at TP-8 as well (8 heads = 8 groups).
     let mha = LlamaShape { layers: 2, hidden: 64, ffn: 64, heads: 8, kv_heads: 8, vocab: 256 };
-    let meta = Meta {
-        path: "mha".into(),
-        flavour: Flavour::HfSafetensorsDir { sharded: false },
-        parallel: Parallelism::default(),
-        config: Some(ModelConfig::HfJson(mha.config_json())),
-        artifacts: vec![],
-    };
     let mha_dir = work.path().join("mha");
-    hf_dir::write(&Checkpoint::single(meta, synthetic_tensors(&mha, 3)), &mha_dir, &Default::default())
-        .unwrap();
+    synthetic_hf(&mha, 3, &mha_dir, None, 5 << 30);
     let legacy = work.path().join("legacy8.nemo");
     let tok = fixture("llama-mha/tokenizer.model");
     ok(&[
@@ -215,16 +209,8 @@ fn a_killed_conversion_leaves_nothing_that_looks_complete_and_a_rerun_succeeds()
     let work = tempfile::tempdir().unwrap();
     // ~100 MB of weights: long enough to be caught mid-write.
     let shape = LlamaShape { layers: 2, hidden: 1024, ffn: 4096, heads: 8, kv_heads: 8, vocab: 8000 };
-    let meta = Meta {
-        path: "big".into(),
-        flavour: Flavour::HfSafetensorsDir { sharded: false },
-        parallel: Parallelism::default(),
-        config: Some(ModelConfig::HfJson(shape.config_json())),
-        artifacts: vec![],
-    };
     let src = work.path().join("src");
-    hf_dir::write(&Checkpoint::single(meta, synthetic_tensors(&shape, 1)), &src, &Default::default())
-        .unwrap();
+    synthetic_hf(&shape, 1, &src, None, 5 << 30);
     let out_dir = work.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let dst = out_dir.join("m.nemo");
