@@ -211,14 +211,9 @@ pub fn from_nemo(ckpt: &Checkpoint, vocab: Option<usize>) -> Result<CanonicalLla
         // tensor gathers its rows straight from the stored parts.
         let unfused: Vec<(&str, Vec<TensorEntry>)> = match row.source {
             Source::Same(hf) => {
-                let padded = parts.iter().map(|p| p.shape.first().copied().unwrap_or(0)).sum();
-                let full = shard::merge(&local, &parts, &spec(row.split, hparams.vocab, padded))?;
-                let full =
-                    if row.split == Split::Vocab && full.shape.first().is_some_and(|&r| r > hparams.vocab) {
-                        transforms::trim_rows(&local, &full, hparams.vocab)?
-                    } else {
-                        full
-                    };
+                // A vocabulary merge keeps the first `vocab` rows whatever padding the parts were
+                // saved with (`padded` is not consulted), which also trims a distributed array.
+                let full = shard::merge(&local, &parts, &spec(row.split, hparams.vocab, hparams.vocab))?;
                 vec![(hf, vec![full])]
             }
             Source::Qkv(q, k, v) => {
