@@ -1,8 +1,16 @@
-//! The shardsmith core: command implementations over the `shardsmith-converters` crate.
-//! (The candle compute core — models, validation, training — lands here in later issues.)
+//! The shardsmith core: the candle models (LLaMA-2, CLIP vision, projector, NeVA/LLaVA), simulated
+//! tensor parallelism, inference and validation, and the command implementations over the
+//! `shardsmith-converters` crate.
 
 pub mod commands;
+pub mod error;
 pub mod hub;
+pub mod infer;
+pub mod models;
+pub mod parallel;
 pub mod progress;
+pub mod validate;
+pub mod weights;
 
+pub use error::{Error, Result};
 pub use shardsmith_converters as converters;

@@ -93,6 +93,30 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Run a checkpoint and compare it with reference outputs or with another checkpoint; exit 1
+    /// when it misses its tolerance tier.
+    Validate {
+        /// The checkpoint to run (HF LLaMA / llava-hf directory, .nemo, hf://org/name).
+        ckpt: PathBuf,
+        /// Golden outputs: a fixture directory (golden/golden.safetensors) or a .safetensors file.
+        #[arg(long, required_unless_present = "against", conflicts_with = "against")]
+        reference: Option<PathBuf>,
+        /// Another checkpoint of the same model to agree with.
+        #[arg(long)]
+        against: Option<PathBuf>,
+        /// Run at this tensor-parallel size (default: the checkpoint's own; 1 for HF).
+        #[arg(long)]
+        tp: Option<usize>,
+        /// Tensor-parallel size for the --against checkpoint.
+        #[arg(long)]
+        against_tp: Option<usize>,
+        /// Compute dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "f32", value_parser = parse_compute_dtype)]
+        dtype: candle_core::DType,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -169,6 +193,10 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
+fn parse_compute_dtype(s: &str) -> Result<candle_core::DType, String> {
+    shardsmith::weights::parse_dtype(s).map_err(|e| e.to_string())
+}
+
 fn parse_layout(s: &str) -> Result<NemoDialect, String> {
     match s {
         "mcore" => Ok(NemoDialect::Mcore),
@@ -224,6 +252,22 @@ fn main() -> ExitCode {
         },
         Command::Synth { preset, layers, seed, out, force } => {
             shardsmith::commands::synth::run(&preset, layers, seed, &out, force)
+        }
+        Command::Validate { ckpt, reference, against, tp, against_tp, dtype, json } => {
+            use shardsmith::commands::validate::{self, Against};
+            let target = match (&reference, &against) {
+                (Some(r), _) => Against::Reference(r),
+                (None, Some(b)) => Against::Checkpoint(b),
+                (None, None) => {
+                    eprintln!("error: give --reference FIXTURE or --against CHECKPOINT");
+                    return ExitCode::from(2);
+                }
+            };
+            match validate::run(&ckpt, target, tp, against_tp, dtype, json) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::from(1),
+                Err(e) => Err(e),
+            }
         }
     };
     match result {

@@ -4,3 +4,4 @@ pub mod convert;
 pub mod diff;
 pub mod inspect;
 pub mod synth;
+pub mod validate;

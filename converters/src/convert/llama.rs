@@ -104,10 +104,16 @@ pub fn from_hf(ckpt: &Checkpoint) -> Result<CanonicalLlama> {
     let Some(ModelConfig::HfJson(cfg)) = &ckpt.meta.config else {
         return Err(Error::missing(path, "config.json (an HF LLaMA directory needs one)"));
     };
+    from_hf_parts(cfg, ckpt.tensors()?.clone(), path)
+}
+
+/// HF-named LLaMA tensors and their `config.json` object (also the `text_config` of a LLaVA
+/// checkpoint) → canonical, proving every tensor is there and nothing is left over.
+pub fn from_hf_parts(cfg: &serde_json::Value, tensors: TensorMap, path: &Path) -> Result<CanonicalLlama> {
     let hparams = LlamaHparams::from_hf(cfg, path)?;
     hparams.validate(path)?;
-    let tensors = check_canonical(&hparams, ckpt.tensors()?.clone(), path)?;
-    Ok(CanonicalLlama { hparams, tensors, origin: path.clone() })
+    let tensors = check_canonical(&hparams, tensors, path)?;
+    Ok(CanonicalLlama { hparams, tensors, origin: path.to_path_buf() })
 }
 
 fn spec(split: Split, vocab: usize, padded: usize) -> ShardSpec {

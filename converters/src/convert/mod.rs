@@ -3,4 +3,5 @@
 //! over lazy tensors, so a plan can be printed and checked before a byte moves.
 
 pub mod llama;
+pub mod llava;
 pub mod tokenizer;

@@ -499,6 +499,32 @@ pub fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
     (0..head_dim / 2).map(|k| (1.0 / theta.powf((2 * k) as f64 / head_dim as f64)) as f32).collect()
 }
 
+/// How a canonical (HF-named, unfused) LLaMA tensor is divided over tensor-parallel ranks when
+/// a model runs at TP = N: q/k/v and gate/up are column-parallel (whole heads, and whole query
+/// groups, since HF orders query heads group by group), o/down row-parallel, the embedding and
+/// head vocab-parallel over `padded` rows, norms replicated. The same rules as the NeMo table's,
+/// before fusion.
+pub fn canonical_shard_spec(name: &str, vocab: usize, padded: usize) -> crate::shard::ShardSpec {
+    use crate::shard::ShardSpec;
+    const COLUMN: [&str; 5] = [
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+    ];
+    const ROW: [&str; 2] = ["self_attn.o_proj.weight", "mlp.down_proj.weight"];
+    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+        ShardSpec::Vocab { rows: vocab, padded }
+    } else if COLUMN.iter().any(|s| name.ends_with(s)) {
+        ShardSpec::SplitRows
+    } else if ROW.iter().any(|s| name.ends_with(s)) {
+        ShardSpec::SplitCols
+    } else {
+        ShardSpec::Replicated
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

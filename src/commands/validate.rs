@@ -1,0 +1,51 @@
+//! `shardsmith validate CKPT --reference FIXTURE | --against OTHER`: run the model and compare.
+
+use crate::models::{self, LoadOptions};
+use crate::validate;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use std::path::Path;
+
+/// What to compare with.
+pub enum Against<'a> {
+    /// Golden outputs (a fixture directory or a golden `.safetensors`).
+    Reference(&'a Path),
+    /// Another checkpoint of the same model.
+    Checkpoint(&'a Path),
+}
+
+/// Run the validation; `Ok(false)` when it fails its tier.
+pub fn run(
+    ckpt: &Path,
+    against: Against,
+    tp: Option<usize>,
+    other_tp: Option<usize>,
+    dtype: DType,
+    json: bool,
+) -> Result<bool> {
+    let opts = LoadOptions { tp, dtype, device: Device::Cpu };
+    let (mut model, info) = models::load(&crate::hub::resolve(ckpt)?, &opts)?;
+    let report = match against {
+        Against::Reference(r) => validate::against_golden(&mut model, &info, r)?,
+        Against::Checkpoint(other) => {
+            let other_opts = LoadOptions { tp: other_tp, ..opts };
+            let (mut b, binfo) = models::load(&crate::hub::resolve(other)?, &other_opts)?;
+            if binfo.family != info.family {
+                bail!(
+                    "{} is a {} model but {} is a {} model",
+                    ckpt.display(),
+                    info.family,
+                    other.display(),
+                    binfo.family
+                );
+            }
+            validate::against_model((&mut model, &info), (&mut b, &binfo))?
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", validate::render(&report));
+    }
+    Ok(report.passed)
+}

@@ -1,0 +1,6 @@
+//! Inference building blocks: tokenizers, chat templates, image preprocessing, sampling.
+
+pub mod image;
+pub mod sampling;
+pub mod template;
+pub mod tokenizer;

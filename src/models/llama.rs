@@ -1,0 +1,353 @@
+//! LLaMA-2 (`LlamaForCausalLM`) in candle, as one tensor-parallel rank.
+//!
+//! Every weight is the rank's local shard ([`crate::weights::rank_tensors`] with
+//! [`canonical_shard_spec`]): q/k/v and gate/up are column-parallel (the rank owns whole query
+//! groups and their heads), o/down are row-parallel and end in an all-reduce, the embedding and
+//! the head are vocab-parallel over the padded vocabulary. With one rank this is plain LLaMA.
+//! Semantics follow transformers' `modeling_llama.py`: RMSNorm in f32, rotary on the two halves
+//! of each head (`rotate_half`), linear RoPE scaling as `inv_freq / factor`, softmax in f32.
+//!
+//! Shapes: B batch, T new tokens, S cached + new tokens, H hidden, V vocabulary (Vp padded),
+//! Hl / Gl query heads / query groups on this rank, D head dim, F/N the rank's MLP width.
+
+use crate::parallel::Collective;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{linear_no_bias as linear, Linear, RmsNorm, VarBuilder};
+use shardsmith_converters::names::llama::LlamaHparams;
+
+pub use shardsmith_converters::names::llama::canonical_shard_spec;
+
+/// What one rank needs to know about the parallel layout.
+#[derive(Clone, Copy, Debug)]
+pub struct RankLayout {
+    /// Tensor-parallel size N.
+    pub tp: usize,
+    /// This rank.
+    pub rank: usize,
+    /// Padded vocabulary Vp (divisible by N); rank r owns rows `[r·Vp/N, (r+1)·Vp/N)`.
+    pub padded_vocab: usize,
+}
+
+/// Rotary position embedding tables for a run of positions.
+struct Rope {
+    /// `1 / theta^(2k/D) / factor`, k < D/2, rounded to f32 the way transformers computes it.
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    fn new(hp: &LlamaHparams) -> Self {
+        let d = hp.head_dim;
+        let factor = hp.rope_linear_factor.unwrap_or(1.0) as f32;
+        let inv_freq = (0..d / 2)
+            .map(|k| {
+                // torch: base ** (arange(0, d, 2).float() / d), in f32.
+                let exponent = (2 * k) as f32 / d as f32;
+                let inv = (1.0 / hp.rope_theta.powf(exponent as f64)) as f32;
+                inv / factor
+            })
+            .collect();
+        Rope { inv_freq }
+    }
+
+    /// `(cos, sin)`, each [T, D/2], for positions `start..start + t`, in `dtype`.
+    fn tables(&self, start: usize, t: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in start..start + t {
+            for &f in &self.inv_freq {
+                // The angle is an f32 product, as in transformers' f32 matmul of positions.
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), dev)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// RMSNorm computed in f32 and cast back, then scaled (transformers' `LlamaRMSNorm`).
+struct Norm(RmsNorm);
+
+impl Norm {
+    fn load(vb: VarBuilder, hp: &LlamaHparams) -> Result<Self> {
+        Ok(Norm(candle_nn::rms_norm(hp.hidden, hp.norm_eps, vb)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.0.forward(x)?)
+    }
+}
+
+/// Self-attention on this rank's query groups.
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    /// Row-parallel: [H, Hl·D]; its partial sums are all-reduced.
+    o_proj: Linear,
+    heads: usize,
+    groups: usize,
+    head_dim: usize,
+    cache: KvCache,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, hp: &LlamaHparams, tp: usize) -> Result<Self> {
+        let (h, d) = (hp.hidden, hp.head_dim);
+        let (heads, groups) = (hp.heads / tp, hp.groups / tp);
+        Ok(Attention {
+            q_proj: linear(h, heads * d, vb.pp("q_proj"))?,
+            k_proj: linear(h, groups * d, vb.pp("k_proj"))?,
+            v_proj: linear(h, groups * d, vb.pp("v_proj"))?,
+            o_proj: linear(heads * d, h, vb.pp("o_proj"))?,
+            heads,
+            groups,
+            head_dim: d,
+            cache: KvCache::new(2, 64),
+        })
+    }
+
+    /// x [B, T, H] at positions `start..start+T` → this rank's partial output [B, T, H].
+    fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (hl, gl, d) = (self.heads, self.groups, self.head_dim);
+        let per_group = hl / gl;
+        let q = self.q_proj.forward(x)?.reshape((b, t, hl, d))?.transpose(1, 2)?.contiguous()?; // [B, Hl, T, D]
+        let k = self.k_proj.forward(x)?.reshape((b, t, gl, d))?.transpose(1, 2)?.contiguous()?; // [B, Gl, T, D]
+        let v = self.v_proj.forward(x)?.reshape((b, t, gl, d))?.transpose(1, 2)?.contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = self.cache.append(&k, &v)?; // [B, Gl, S, D]
+        let s = k.dim(2)?;
+        // GQA without copying K/V: a group's query heads are consecutive, so the group's queries
+        // stack into one [per_group·T, D] matrix against its single K/V head.
+        let q = q.reshape((b, gl, per_group * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [B, Gl, per_group·T, S]
+        let scores = scores.to_dtype(DType::F32)?.reshape((b, gl, per_group, t, s))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?, // m [T, S]: 0 or -inf
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let y = probs.reshape((b, gl, per_group * t, s))?.matmul(&v.contiguous()?)?; // [B, Gl, per_group·T, D]
+        let y = y.reshape((b, hl, t, d))?.transpose(1, 2)?.reshape((b, t, hl * d))?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}
+
+/// SwiGLU MLP on this rank's F/N slice: down(silu(gate(x)) · up(x)), down row-parallel.
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, hp: &LlamaHparams, tp: usize) -> Result<Self> {
+        let (h, f) = (hp.hidden, hp.ffn / tp);
+        Ok(Mlp {
+            gate_proj: linear(h, f, vb.pp("gate_proj"))?,
+            up_proj: linear(h, f, vb.pp("up_proj"))?,
+            down_proj: linear(f, h, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (candle_nn::ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&gated)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: Norm,
+    self_attn: Attention,
+    post_attention_layernorm: Norm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(vb: VarBuilder, hp: &LlamaHparams, tp: usize) -> Result<Self> {
+        Ok(DecoderLayer {
+            input_layernorm: Norm::load(vb.pp("input_layernorm"), hp)?,
+            self_attn: Attention::load(vb.pp("self_attn"), hp, tp)?,
+            post_attention_layernorm: Norm::load(vb.pp("post_attention_layernorm"), hp)?,
+            mlp: Mlp::load(vb.pp("mlp"), hp, tp)?,
+        })
+    }
+
+    fn forward(
+        &mut self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        comm: &dyn Collective,
+    ) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+        let x = (x + comm.all_reduce_sum(&attn)?)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((&x + comm.all_reduce_sum(&mlp)?)?)
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct LlamaOutput {
+    /// [B, T', V] logits over the true vocabulary (T' = T, or 1 with `last_only`), in f32.
+    pub logits: Tensor,
+    /// With `hidden_states`: L + 1 tensors [B, T, H] as transformers' `output_hidden_states`
+    /// (0 = embeddings, k = output of layer k − 1, L = after the final norm).
+    pub hidden_states: Vec<Tensor>,
+}
+
+/// One rank of a LLaMA-2 model.
+pub struct Llama {
+    /// Local rows [Vp/N, H] of the embedding.
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Norm,
+    /// Local rows [Vp/N, H] of the output head (the embedding when tied).
+    lm_head: Tensor,
+    rope: Rope,
+    layout: RankLayout,
+    vocab: usize,
+    /// Tokens already in the KV cache.
+    position: usize,
+}
+
+impl Llama {
+    /// Load rank `layout.rank` from a `VarBuilder` over that rank's canonical (HF-named) shards.
+    pub fn load(vb: VarBuilder, hp: &LlamaHparams, layout: RankLayout) -> Result<Self> {
+        let tp = layout.tp;
+        if hp.heads % tp != 0 || hp.groups % tp != 0 || hp.ffn % tp != 0 || layout.padded_vocab % tp != 0 {
+            return Err(Error::Usage(format!(
+                "cannot run at tp={tp}: heads {}, query groups {}, ffn {} and padded vocab {} must all divide by it",
+                hp.heads, hp.groups, hp.ffn, layout.padded_vocab
+            )));
+        }
+        let rows = layout.padded_vocab / tp;
+        let embed_tokens = vb.get((rows, hp.hidden), "model.embed_tokens.weight")?;
+        let lm_head =
+            if hp.tied { embed_tokens.clone() } else { vb.get((rows, hp.hidden), "lm_head.weight")? };
+        let layers = (0..hp.layers)
+            .map(|l| DecoderLayer::load(vb.pp(format!("model.layers.{l}")), hp, tp))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm: Norm::load(vb.pp("model.norm"), hp)?,
+            lm_head,
+            rope: Rope::new(hp),
+            layout,
+            vocab: hp.vocab,
+            position: 0,
+        })
+    }
+
+    /// The dtype the weights run in.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Tokens currently held in the KV cache.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Forget the KV cache (start a new sequence).
+    pub fn reset(&mut self) {
+        for l in &mut self.layers {
+            l.self_attn.cache.reset();
+        }
+        self.position = 0;
+    }
+
+    /// Vocab-parallel embedding lookup: ids [B, T] (u32) → [B, T, H]. Ids outside this rank's
+    /// rows contribute zeros; the all-reduce assembles the full rows.
+    pub fn embed(&self, ids: &Tensor, comm: &dyn Collective) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let rows = self.embed_tokens.dim(0)?;
+        let flat = ids.flatten_all()?;
+        let max = flat.max(0)?.to_scalar::<u32>()? as usize;
+        if max >= self.vocab {
+            return Err(Error::Usage(format!("token id {max} is outside the vocabulary of {}", self.vocab)));
+        }
+        let h = self.embed_tokens.dim(1)?;
+        if self.layout.tp == 1 {
+            return Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, h))?);
+        }
+        let start = (self.layout.rank * rows) as f64;
+        let local = flat.to_dtype(DType::F32)?.affine(1.0, -start)?; // id − start
+        let mine = local.ge(0.0)?.mul(&local.lt(rows as f64)?)?; // [B·T] u8
+        let clamped = local.clamp(0.0, (rows - 1) as f64)?.to_dtype(DType::U32)?;
+        let gathered = self.embed_tokens.index_select(&clamped, 0)?; // [B·T, H]
+        let masked = gathered.broadcast_mul(&mine.to_dtype(gathered.dtype())?.unsqueeze(1)?)?;
+        Ok(comm.all_reduce_sum(&masked)?.reshape((b, t, h))?)
+    }
+
+    /// Run the decoder on embeddings x [B, T, H] placed after the cached tokens, and return
+    /// logits (all positions, or the last with `last_only`) and optionally every hidden state.
+    pub fn forward_embeds(
+        &mut self,
+        x: &Tensor,
+        comm: &dyn Collective,
+        last_only: bool,
+        hidden_states: bool,
+    ) -> Result<LlamaOutput> {
+        let (_, t, _) = x.dims3()?;
+        let start = self.position;
+        let (cos, sin) = self.rope.tables(start, t, x.dtype(), x.device())?;
+        let mask = if t > 1 { Some(causal_mask(t, start, x.device())?) } else { None };
+        let mut hidden = Vec::new();
+        let mut x = x.clone();
+        for layer in &mut self.layers {
+            if hidden_states {
+                hidden.push(x.clone());
+            }
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), comm)?;
+        }
+        self.position += t;
+        let x = self.norm.forward(&x)?;
+        if hidden_states {
+            hidden.push(x.clone());
+        }
+        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        // Column-parallel head: local logits [B, T', Vp/N], gathered to [B, T', Vp], trimmed to V.
+        let local = x.broadcast_matmul(&self.lm_head.t()?)?;
+        let logits = comm.all_gather_last_dim(&local)?.narrow(D::Minus1, 0, self.vocab)?;
+        Ok(LlamaOutput { logits: logits.to_dtype(DType::F32)?, hidden_states: hidden })
+    }
+
+    /// `embed` then `forward_embeds`.
+    pub fn forward(
+        &mut self,
+        ids: &Tensor,
+        comm: &dyn Collective,
+        last_only: bool,
+        hidden_states: bool,
+    ) -> Result<LlamaOutput> {
+        let x = self.embed(ids, comm)?;
+        self.forward_embeds(&x, comm, last_only, hidden_states)
+    }
+}
+
+/// [T, S] additive causal mask for T new queries after `past` cached keys: 0 where key j ≤
+/// query position, −∞ after it.
+fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
+    let s = past + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, s), dev)?)
+}

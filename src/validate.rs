@@ -1,0 +1,351 @@
+//! `validate`: run a checkpoint and compare it with reference outputs (golden files written by
+//! HF transformers in `fixtures/gen/`), or with another checkpoint of the same model.
+//!
+//! Tolerance tiers (targets.md): an f32 run must keep max |Δlogit| ≤ 1e-4 × max |reference
+//! logit|; a bf16 / f16 run must agree on the top-1 token at every position (its max |Δ| is
+//! reported). Greedy continuations recorded in the reference must match token for token in f32.
+
+use crate::models::{Model, ModelInfo};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// f32 tier: max |Δ| relative to the reference's largest |logit|.
+pub const F32_REL_TOL: f64 = 1e-4;
+
+/// The comparison of one output tensor with its reference.
+#[derive(Clone, Debug, Serialize)]
+pub struct Compare {
+    /// max |ours − reference|.
+    pub max_abs: f64,
+    /// `max_abs / max |reference|`.
+    pub rel_to_max: f64,
+    /// Cosine similarity of the flattened tensors.
+    pub cosine: f64,
+    /// Fraction of positions whose argmax over the last dimension agrees.
+    pub top1_agreement: f64,
+}
+
+/// One validated input.
+#[derive(Clone, Debug, Serialize)]
+pub struct Case {
+    /// Which input (`prompt 0`, `text`, …).
+    pub name: String,
+    /// Tokens in the prompt.
+    pub tokens: usize,
+    /// Whether an image was part of the input.
+    pub image: bool,
+    /// Logits against the reference.
+    pub logits: Compare,
+    /// The first hidden state (0 = embeddings) whose relative difference exceeds the tier, if
+    /// the reference has hidden states and one does.
+    pub first_divergent_layer: Option<usize>,
+    /// Relative difference per hidden state, where the reference has them.
+    pub hidden_rel: Vec<f64>,
+    /// Whether greedy decoding reproduced the reference continuation (`None`: none recorded or
+    /// not checked in this dtype).
+    pub greedy_match: Option<bool>,
+    /// Whether this case meets its tier.
+    pub passed: bool,
+}
+
+/// The whole validation.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The checkpoint run.
+    pub checkpoint: PathBuf,
+    /// The reference file or the other checkpoint.
+    pub reference: PathBuf,
+    /// `llama` or `llava`.
+    pub family: String,
+    /// Compute dtype.
+    pub dtype: String,
+    /// Tensor-parallel size it ran at.
+    pub tp: usize,
+    /// The tier applied.
+    pub tier: String,
+    /// Per input.
+    pub cases: Vec<Case>,
+    /// All cases passed.
+    pub passed: bool,
+}
+
+/// The golden file for `reference`: a `.safetensors` file, or a fixture directory holding
+/// `golden/golden.safetensors`.
+pub fn golden_path(reference: &Path) -> Result<PathBuf> {
+    let candidates = [
+        reference.to_path_buf(),
+        reference.join("golden/golden.safetensors"),
+        reference.join("golden.safetensors"),
+    ];
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        Error::config(reference, "no reference outputs here (expected a .safetensors golden file or a directory with golden/golden.safetensors)")
+    })
+}
+
+/// Compare `ours` with `reference` (same shape; last dimension = classes for top-1).
+pub fn compare(ours: &Tensor, reference: &Tensor) -> Result<Compare> {
+    if ours.dims() != reference.dims() {
+        return Err(Error::Usage(format!(
+            "output shape {:?} differs from the reference's {:?}",
+            ours.dims(),
+            reference.dims()
+        )));
+    }
+    let a = ours.to_dtype(DType::F64)?;
+    let b = reference.to_dtype(DType::F64)?;
+    let max_abs = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let max_ref = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let dot = (&a * &b)?.sum_all()?.to_scalar::<f64>()?;
+    let na = a.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let nb = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let top_a = a.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+    let top_b = b.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+    let agree = top_a.iter().zip(&top_b).filter(|(x, y)| x == y).count();
+    Ok(Compare {
+        max_abs,
+        rel_to_max: if max_ref > 0.0 { max_abs / max_ref } else { max_abs },
+        cosine: if na > 0.0 && nb > 0.0 { dot / (na * nb) } else { 1.0 },
+        top1_agreement: agree as f64 / top_a.len().max(1) as f64,
+    })
+}
+
+/// Greedy continuation of `prompt` [1, T] for `steps` tokens with the KV cache.
+pub fn greedy(model: &mut Model, prompt: &Tensor, pixels: Option<&Tensor>, steps: usize) -> Result<Vec<u32>> {
+    model.llm().reset();
+    let mut out = Vec::with_capacity(steps);
+    let mut logits = model.forward(prompt, pixels, true, false)?.logits;
+    for step in 0..steps {
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        out.push(next);
+        if step + 1 < steps {
+            let ids = Tensor::new(&[[next]], prompt.device())?;
+            logits = model.forward(&ids, None, true, false)?.logits;
+        }
+    }
+    Ok(out)
+}
+
+fn tier(dtype: DType) -> &'static str {
+    if dtype == DType::F32 {
+        "f32: max|Δlogit| <= 1e-4 x max|logit|, greedy tokens identical"
+    } else {
+        "reduced precision: top-1 agreement 100%"
+    }
+}
+
+fn get<'a>(golden: &'a HashMap<String, Tensor>, key: &str, path: &Path) -> Result<&'a Tensor> {
+    golden.get(key).ok_or_else(|| Error::config(path, format!("reference has no '{key}'")))
+}
+
+/// The pixel values a golden file's image prompts were made with.
+fn golden_pixels(golden: &HashMap<String, Tensor>) -> Option<&Tensor> {
+    ["pixel_values_pad", "pixel_values"].iter().find_map(|k| golden.get(*k))
+}
+
+/// Validate `model` against the golden file at `reference`.
+pub fn against_golden(model: &mut Model, info: &ModelInfo, reference: &Path) -> Result<Report> {
+    let path = golden_path(reference)?;
+    let golden = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let dtype = model.llm().dtype();
+    let device = model.llm().device().clone();
+    let f32_run = dtype == DType::F32;
+    let mut names: Vec<String> =
+        golden.keys().filter_map(|k| k.strip_prefix("input_ids_").map(str::to_string)).collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(Error::config(&path, "reference has no 'input_ids_*' prompts"));
+    }
+    let mut cases = Vec::new();
+    for name in names {
+        let ids =
+            get(&golden, &format!("input_ids_{name}"), &path)?.to_dtype(DType::U32)?.to_device(&device)?;
+        let ref_logits = get(&golden, &format!("logits_{name}"), &path)?;
+        let has_image = info.image_tokens.is_some() && name != "text";
+        let pixels = if has_image {
+            let p = golden_pixels(&golden)
+                .ok_or_else(|| Error::config(&path, "reference has no pixel values"))?;
+            Some(p.to_device(&device)?)
+        } else {
+            None
+        };
+        model.llm().reset();
+        let out = model.forward(&ids, pixels.as_ref(), false, true)?;
+        // Reduced precision is judged against the same-precision reference when there is one.
+        let target = if f32_run {
+            ref_logits
+        } else {
+            golden.get(&format!("logits_bf16_{name}")).unwrap_or(ref_logits)
+        };
+        let logits = compare(&out.logits, target)?;
+        let mut hidden_rel = Vec::new();
+        let mut first_divergent_layer = None;
+        for (k, ours) in out.hidden_states.iter().enumerate() {
+            let Some(r) = golden.get(&format!("hidden_{name}_layer_{k}")) else { break };
+            let c = compare(ours, r)?;
+            if first_divergent_layer.is_none()
+                && c.rel_to_max > F32_REL_TOL.max(if f32_run { 0.0 } else { 2e-2 })
+            {
+                first_divergent_layer = Some(k);
+            }
+            hidden_rel.push(c.rel_to_max);
+        }
+        let greedy_match = match golden.get(&format!("generated_{name}")) {
+            Some(g) if f32_run => {
+                let want = g.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+                let t = ids.dim(1)?;
+                let got = greedy(model, &ids, pixels.as_ref(), want.len().saturating_sub(t))?;
+                Some(got == want[t..])
+            }
+            _ => None,
+        };
+        let passed = if f32_run {
+            logits.rel_to_max <= F32_REL_TOL && greedy_match != Some(false)
+        } else {
+            logits.top1_agreement == 1.0
+        };
+        cases.push(Case {
+            name: if name.chars().all(|c| c.is_ascii_digit()) { format!("prompt {name}") } else { name },
+            tokens: ids.dim(1)?,
+            image: pixels.is_some(),
+            logits,
+            first_divergent_layer,
+            hidden_rel,
+            greedy_match,
+            passed,
+        });
+    }
+    let passed = cases.iter().all(|c| c.passed);
+    Ok(Report {
+        checkpoint: info.path.clone(),
+        reference: path,
+        family: info.family.into(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        tp: info.tp,
+        tier: tier(dtype).into(),
+        cases,
+        passed,
+    })
+}
+
+/// Deterministic prompt ids in `[3, vocab)` (a 64-bit LCG: the same on every platform).
+pub fn seeded_prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut out = vec![1u32];
+    while out.len() < len {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        out.push(3 + ((state >> 33) % (vocab as u64 - 3)) as u32);
+    }
+    out
+}
+
+/// Validate `a` against `b`, another checkpoint of the same model: both run the same seeded
+/// prompts (with a seeded image for vision models) and must agree within the tier of `a`'s dtype.
+pub fn against_model(a: (&mut Model, &ModelInfo), b: (&mut Model, &ModelInfo)) -> Result<Report> {
+    let (ma, ia) = a;
+    let (mb, ib) = b;
+    let (ha, hb) = (ma.llm().hparams().clone(), mb.llm().hparams().clone());
+    if (ha.vocab, ha.hidden, ha.layers) != (hb.vocab, hb.hidden, hb.layers) || ia.family != ib.family {
+        return Err(Error::Usage(format!(
+            "{} ({} layers, hidden {}, vocab {}) and {} ({} layers, hidden {}, vocab {}) are not the same model",
+            ia.path.display(), ha.layers, ha.hidden, ha.vocab, ib.path.display(), hb.layers, hb.hidden, hb.vocab
+        )));
+    }
+    let dtype = ma.llm().dtype();
+    let device = ma.llm().device().clone();
+    let mut cases = Vec::new();
+    for (i, len) in [7usize, 16].into_iter().enumerate() {
+        let mut ids = seeded_prompt(len, ha.vocab, 17 + i as u64);
+        let pixels = match (ia.image_tokens, ia.image_size, &*ma) {
+            (Some(n), Some(side), Model::Neva(neva)) => {
+                // One image's tokens in the middle of the prompt, seeded pixels in [-1, 1).
+                let at = ids.len() / 2;
+                ids.splice(at..at, neva.image_tokens().expand(n));
+                let values: Vec<f32> = seeded_prompt(3 * side * side + 1, 1 << 20, 99 + i as u64)[1..]
+                    .iter()
+                    .map(|&v| v as f32 / (1 << 19) as f32 - 1.0)
+                    .collect();
+                Some(Tensor::from_vec(values, (1, 3, side, side), &device)?)
+            }
+            _ => None,
+        };
+        let t = ids.len();
+        let ids = Tensor::from_vec(ids, (1, t), &device)?;
+        ma.llm().reset();
+        mb.llm().reset();
+        let oa = ma.forward(&ids, pixels.as_ref(), false, true)?;
+        let ob = mb.forward(&ids, pixels.as_ref(), false, true)?;
+        let logits = compare(&oa.logits, &ob.logits)?;
+        let mut hidden_rel = Vec::new();
+        let mut first_divergent_layer = None;
+        for (k, (x, y)) in oa.hidden_states.iter().zip(&ob.hidden_states).enumerate() {
+            let c = compare(x, y)?;
+            if first_divergent_layer.is_none() && c.rel_to_max > F32_REL_TOL {
+                first_divergent_layer = Some(k);
+            }
+            hidden_rel.push(c.rel_to_max);
+        }
+        let passed =
+            if dtype == DType::F32 { logits.rel_to_max <= F32_REL_TOL } else { logits.top1_agreement == 1.0 };
+        cases.push(Case {
+            name: format!("seeded prompt {i}"),
+            tokens: t,
+            image: pixels.is_some(),
+            logits,
+            first_divergent_layer,
+            hidden_rel,
+            greedy_match: None,
+            passed,
+        });
+    }
+    let passed = cases.iter().all(|c| c.passed);
+    Ok(Report {
+        checkpoint: ia.path.clone(),
+        reference: ib.path.clone(),
+        family: ia.family.into(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        tp: ia.tp,
+        tier: tier(dtype).into(),
+        cases,
+        passed,
+    })
+}
+
+/// Human-readable report.
+pub fn render(r: &Report) -> String {
+    let mut s = format!(
+        "validate {} ({}, {}, tp={}) against {}\ntier: {}\n",
+        r.checkpoint.display(),
+        r.family,
+        r.dtype,
+        r.tp,
+        r.reference.display(),
+        r.tier
+    );
+    for c in &r.cases {
+        s += &format!(
+            "  {:<16} {:>4} tokens{}  max|Δ| {:.3e}  rel {:.3e}  cos {:.8}  top-1 {:.1}%{}{}  {}\n",
+            c.name,
+            c.tokens,
+            if c.image { " +image" } else { "" },
+            c.logits.max_abs,
+            c.logits.rel_to_max,
+            c.logits.cosine,
+            100.0 * c.logits.top1_agreement,
+            match c.greedy_match {
+                Some(true) => "  greedy ok",
+                Some(false) => "  greedy DIFFERS",
+                None => "",
+            },
+            match c.first_divergent_layer {
+                Some(k) => format!("  first divergent hidden state: {k}"),
+                None => String::new(),
+            },
+            if c.passed { "PASS" } else { "FAIL" }
+        );
+    }
+    s += if r.passed { "result: PASS\n" } else { "result: FAIL\n" };
+    s
+}
