@@ -93,6 +93,11 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Benchmarks (not tests): `bench forward MODEL` times prefill and decode on the CPU.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Run a checkpoint and compare it with reference outputs or with another checkpoint; exit 1
     /// when it misses its tolerance tier.
     Validate {
@@ -116,6 +121,33 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time prefill and per-token decode (KV cache) of a model; prints one JSON line.
+    Forward {
+        /// HF LLaMA / llava-hf directory or .nemo.
+        model: PathBuf,
+        /// Prompt tokens.
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Decode steps.
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        /// Timed runs after one warm-up (medians reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Compute dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "f32", value_parser = parse_compute_dtype)]
+        dtype: candle_core::DType,
+        /// Simulated tensor-parallel size.
+        #[arg(long)]
+        tp: Option<usize>,
+        /// Include one image (vision models).
+        #[arg(long)]
+        image: bool,
     },
 }
 
@@ -252,6 +284,10 @@ fn main() -> ExitCode {
         },
         Command::Synth { preset, layers, seed, out, force } => {
             shardsmith::commands::synth::run(&preset, layers, seed, &out, force)
+        }
+        Command::Bench { what: BenchCommand::Forward { model, prompt_len, decode, runs, dtype, tp, image } } => {
+            let o = shardsmith::commands::bench::Options { prompt_len, decode, runs, dtype, tp, image };
+            shardsmith::commands::bench::forward(&model, &o)
         }
         Command::Validate { ckpt, reference, against, tp, against_tp, dtype, json } => {
             use shardsmith::commands::validate::{self, Against};

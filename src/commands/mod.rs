@@ -1,5 +1,6 @@
 //! One module per subcommand; each is a short function over library calls.
 
+pub mod bench;
 pub mod convert;
 pub mod diff;
 pub mod inspect;

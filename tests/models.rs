@@ -1,0 +1,123 @@
+//! The candle core against transformers' golden outputs: LLaMA (MHA and GQA) from HF and from
+//! `.nemo` in every layout and TP/PP, run at simulated TP 1/2/4; f32 and bf16 tiers; greedy
+//! decoding token for token; `validate --against`; and the CLI's exit status.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::fixture;
+use shardsmith::models::{self, LoadOptions};
+use shardsmith::validate::{self, Report};
+use std::path::Path;
+use std::process::Command;
+
+fn validate_golden(ckpt: &Path, golden: &str, tp: Option<usize>, dtype: DType) -> Report {
+    let (mut model, info) = models::load(ckpt, &LoadOptions { tp, dtype, device: Device::Cpu })
+        .unwrap_or_else(|e| panic!("loading {}: {e}", ckpt.display()));
+    let report = validate::against_golden(&mut model, &info, &fixture(golden)).unwrap();
+    assert!(report.passed, "{}", validate::render(&report));
+    report
+}
+
+fn convert(src: &Path, dst: &Path, extra: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .arg("convert")
+        .arg(src)
+        .arg(dst)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "convert failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn hf_llama_matches_transformers_at_every_tp() {
+    for (name, tps) in [("llama-mha", &[1usize, 2, 4][..]), ("llama-gqa", &[1, 2][..])] {
+        for &tp in tps {
+            let r = validate_golden(&fixture(name), name, Some(tp), DType::F32);
+            assert_eq!(r.tp, tp);
+            for c in &r.cases {
+                assert!(c.logits.rel_to_max <= 1e-5, "{name} tp={tp}: {}", c.logits.rel_to_max);
+                assert_eq!(c.greedy_match, Some(true), "{name} tp={tp} {}", c.name);
+                assert_eq!(c.first_divergent_layer, None);
+            }
+        }
+    }
+}
+
+#[test]
+fn pytorch_bin_checkpoint_matches_too() {
+    validate_golden(&fixture("llama-gqa-bin"), "llama-gqa", None, DType::F32);
+}
+
+#[test]
+fn nemo_checkpoints_run_at_their_own_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &[&str], usize)] = &[
+        ("llama-mha", &["--tp", "2", "--pp", "2"], 2),
+        ("llama-mha", &["--tp", "4", "--layout", "legacy"], 4),
+        ("llama-gqa", &["--tp", "2", "--pp", "3"], 2),
+        ("llama-gqa", &["--dtype", "bf16"], 1),
+    ];
+    for (i, (name, args, tp)) in cases.iter().enumerate() {
+        let nemo = dir.path().join(format!("{i}.nemo"));
+        convert(&fixture(name), &nemo, args);
+        let dtype = if args.contains(&"bf16") { DType::BF16 } else { DType::F32 };
+        let r = validate_golden(&nemo, name, None, dtype);
+        assert_eq!(r.tp, *tp, "{name} {args:?}");
+    }
+    // NeMo's distributed checkpoints (zarr and torch_dist), at a simulated TP the file never had.
+    for f in ["llama-mha-zarr.nemo", "llama-mha-torch_dist.nemo"] {
+        validate_golden(&fixture(&format!("nemo-dist/{f}")), "llama-mha", Some(2), DType::F32);
+    }
+}
+
+#[test]
+fn bf16_agrees_on_every_top1() {
+    for name in ["llama-mha", "llama-gqa"] {
+        let r = validate_golden(&fixture(name), name, Some(2), DType::BF16);
+        assert!(r.cases.iter().all(|c| c.logits.top1_agreement == 1.0));
+    }
+}
+
+#[test]
+fn resharded_checkpoint_agrees_with_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let nemo = dir.path().join("gqa.nemo");
+    convert(&fixture("llama-gqa"), &nemo, &["--tp", "2"]);
+    let o = |tp| LoadOptions { tp, dtype: DType::F32, device: Device::Cpu };
+    let (mut a, ia) = models::load(&nemo, &o(None)).unwrap();
+    let (mut b, ib) = models::load(&fixture("llama-gqa"), &o(Some(1))).unwrap();
+    let r = validate::against_model((&mut a, &ia), (&mut b, &ib)).unwrap();
+    assert!(r.passed, "{}", validate::render(&r));
+    assert_eq!((r.tp, r.cases.len()), (2, 2));
+}
+
+#[test]
+fn cli_validate_reports_and_sets_the_exit_status() {
+    let bin = env!("CARGO_BIN_EXE_shardsmith");
+    let ok = Command::new(bin)
+        .args(["validate", "--json", "--tp", "2", "--reference"])
+        .arg(fixture("llama-mha"))
+        .arg(fixture("llama-mha"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["tp"], 2);
+    // The wrong model's golden: a clear failure, exit status 1, not a crash.
+    let bad = Command::new(bin)
+        .args(["validate", "--reference"])
+        .arg(fixture("llama-mha"))
+        .arg(fixture("llama-gqa"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(!bad.stderr.is_empty() || String::from_utf8_lossy(&bad.stdout).contains("FAIL"));
+    // A TP the model cannot divide into: a named refusal.
+    let tp3 = Command::new(bin).args(["validate", "--tp", "3", "--reference"]).arg(fixture("llama-mha")).arg(fixture("llama-mha")).output().unwrap();
+    assert!(!tp3.status.success());
+    let err = String::from_utf8_lossy(&tp3.stderr);
+    assert!(err.contains("tp=3"), "{err}");
+}
