@@ -33,7 +33,7 @@ pub struct Compare {
 pub struct Case {
     /// Which input (`prompt 0`, `text`, …).
     pub name: String,
-    /// Tokens in the prompt.
+    /// Tokens in the prompt (images, for a vision tower).
     pub tokens: usize,
     /// Whether an image was part of the input.
     pub image: bool,
@@ -68,6 +68,8 @@ pub struct Report {
     pub tier: String,
     /// Per input.
     pub cases: Vec<Case>,
+    /// Projected image features against the reference's `image_features` (vision models).
+    pub image_features: Option<Compare>,
     /// All cases passed.
     pub passed: bool,
 }
@@ -217,8 +219,22 @@ pub fn against_golden(model: &mut Model, info: &ModelInfo, reference: &Path) -> 
             passed,
         });
     }
-    let passed = cases.iter().all(|c| c.passed);
+    let image_features = match (&*model, golden.get("image_features"), golden_pixels(&golden)) {
+        (Model::Neva(neva), Some(want), Some(pixels)) => {
+            Some(compare(&neva.image_features(&pixels.to_device(&device)?)?.to_dtype(DType::F32)?, want)?)
+        }
+        _ => None,
+    };
+    let features_ok = image_features.as_ref().is_none_or(|c| {
+        if f32_run {
+            c.rel_to_max <= F32_REL_TOL
+        } else {
+            c.cosine > 0.999
+        }
+    });
+    let passed = cases.iter().all(|c| c.passed) && features_ok;
     Ok(Report {
+        image_features,
         checkpoint: info.path.clone(),
         reference: path,
         family: info.family.into(),
@@ -302,6 +318,7 @@ pub fn against_model(a: (&mut Model, &ModelInfo), b: (&mut Model, &ModelInfo)) -
     }
     let passed = cases.iter().all(|c| c.passed);
     Ok(Report {
+        image_features: None,
         checkpoint: ia.path.clone(),
         reference: ib.path.clone(),
         family: ia.family.into(),
@@ -326,10 +343,11 @@ pub fn render(r: &Report) -> String {
     );
     for c in &r.cases {
         s += &format!(
-            "  {:<16} {:>4} tokens{}  max|Δ| {:.3e}  rel {:.3e}  cos {:.8}  top-1 {:.1}%{}{}  {}\n",
+            "  {:<16} {:>4} {}{}  max|Δ| {:.3e}  rel {:.3e}  cos {:.8}  top-1 {:.1}%{}{}  {}\n",
             c.name,
             c.tokens,
-            if c.image { " +image" } else { "" },
+            if r.family == "clip" { "images" } else { "tokens" },
+            if c.image && r.family != "clip" { " +image" } else { "" },
             c.logits.max_abs,
             c.logits.rel_to_max,
             c.logits.cosine,
@@ -346,6 +364,98 @@ pub fn render(r: &Report) -> String {
             if c.passed { "PASS" } else { "FAIL" }
         );
     }
+    if let Some(c) = &r.image_features {
+        s += &format!(
+            "  image features          max|Δ| {:.3e}  rel {:.3e}  cos {:.8}\n",
+            c.max_abs, c.rel_to_max, c.cosine
+        );
+    }
     s += if r.passed { "result: PASS\n" } else { "result: FAIL\n" };
     s
+}
+
+/// Whether `ckpt` holds a CLIP vision tower (or a full CLIP model) rather than a language model.
+pub fn is_clip(ckpt: &shardsmith_converters::Checkpoint) -> bool {
+    matches!(&ckpt.meta.config, Some(shardsmith_converters::ModelConfig::HfJson(cfg))
+        if matches!(cfg.get("model_type").and_then(|t| t.as_str()), Some("clip_vision_model" | "clip")))
+}
+
+/// Validate a CLIP vision tower against its golden file: every hidden state and the pooled
+/// output on the reference's pixels, and the last hidden state on its preprocessed image.
+pub fn clip_against_golden(
+    ckpt: &shardsmith_converters::Checkpoint,
+    reference: &Path,
+    dtype: DType,
+) -> Result<Report> {
+    use crate::models::clip::{ClipVisionConfig, ClipVisionModel};
+    use crate::weights::TensorMapBackend;
+    let Some(shardsmith_converters::ModelConfig::HfJson(cfg)) = &ckpt.meta.config else {
+        return Err(Error::config(&ckpt.meta.path, "no config.json"));
+    };
+    let vcfg = ClipVisionConfig::from_json(cfg, &ckpt.meta.path)?;
+    let vb =
+        TensorMapBackend::new(ckpt.tensors()?.clone(), &ckpt.meta.path).into_var_builder(dtype, &Device::Cpu);
+    let model = ClipVisionModel::load(vb, &vcfg)?;
+    let path = golden_path(reference)?;
+    let golden = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let f32_run = dtype == DType::F32;
+    let judge = |c: &Compare| if f32_run { c.rel_to_max <= F32_REL_TOL } else { c.cosine >= 0.999 };
+    let mut cases = Vec::new();
+    for (name, pixels_key, hidden_prefix, last_key) in [
+        ("pixels", "pixel_values", Some("hidden_states_"), "last_hidden_state"),
+        ("image", "image_pixel_values", None, "image_last_hidden_state"),
+    ] {
+        let (Some(pixels), Some(want)) = (golden.get(pixels_key), golden.get(last_key)) else { continue };
+        let out = model.forward(pixels, hidden_prefix.is_some())?;
+        let logits = compare(&out.last_hidden_state.to_dtype(DType::F32)?, want)?;
+        let mut hidden_rel = Vec::new();
+        let mut first_divergent_layer = None;
+        if let Some(prefix) = hidden_prefix {
+            for (k, ours) in out.hidden_states.iter().enumerate() {
+                let Some(r) = golden.get(&format!("{prefix}{k}")) else { break };
+                let c = compare(&ours.to_dtype(DType::F32)?, r)?;
+                if first_divergent_layer.is_none() && !judge(&c) {
+                    first_divergent_layer = Some(k);
+                }
+                hidden_rel.push(c.rel_to_max);
+            }
+        }
+        let pooled_ok = match (hidden_prefix, golden.get("pooler_output")) {
+            (Some(_), Some(p)) => judge(&compare(&out.pooler_output.to_dtype(DType::F32)?, p)?),
+            _ => true,
+        };
+        let (images, _, _, _) = pixels.dims4()?;
+        cases.push(Case {
+            name: name.into(),
+            tokens: images,
+            image: true,
+            passed: judge(&logits) && pooled_ok && first_divergent_layer.is_none(),
+            logits,
+            first_divergent_layer,
+            hidden_rel,
+            greedy_match: None,
+        });
+    }
+    if cases.is_empty() {
+        return Err(Error::config(
+            &path,
+            "reference has no CLIP outputs ('pixel_values' + 'last_hidden_state')",
+        ));
+    }
+    let passed = cases.iter().all(|c| c.passed);
+    Ok(Report {
+        image_features: None,
+        checkpoint: ckpt.meta.path.clone(),
+        reference: path,
+        family: "clip".into(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        tp: 1,
+        tier: if f32_run {
+            "f32: max|Δ| <= 1e-4 x max|reference| for every hidden state".into()
+        } else {
+            "reduced precision: cosine >= 0.999 for every hidden state".into()
+        },
+        cases,
+        passed,
+    })
 }

@@ -116,8 +116,73 @@ fn cli_validate_reports_and_sets_the_exit_status() {
     assert_eq!(bad.status.code(), Some(1), "{}", String::from_utf8_lossy(&bad.stderr));
     assert!(!bad.stderr.is_empty() || String::from_utf8_lossy(&bad.stdout).contains("FAIL"));
     // A TP the model cannot divide into: a named refusal.
-    let tp3 = Command::new(bin).args(["validate", "--tp", "3", "--reference"]).arg(fixture("llama-mha")).arg(fixture("llama-mha")).output().unwrap();
+    let tp3 = Command::new(bin)
+        .args(["validate", "--tp", "3", "--reference"])
+        .arg(fixture("llama-mha"))
+        .arg(fixture("llama-mha"))
+        .output()
+        .unwrap();
     assert!(!tp3.status.success());
     let err = String::from_utf8_lossy(&tp3.stderr);
     assert!(err.contains("tp=3"), "{err}");
+}
+
+#[test]
+fn llava_hf_image_and_text_paths_match_transformers() {
+    for tp in [1, 2] {
+        let r = validate_golden(&fixture("llava-tiny"), "llava-tiny", Some(tp), DType::F32);
+        assert_eq!(r.family, "llava");
+        assert_eq!(r.cases.iter().filter(|c| c.image).count(), 2, "two image prompts");
+        assert!(r.cases.iter().all(|c| c.greedy_match == Some(true)));
+        let features = r.image_features.as_ref().expect("image features compared");
+        assert!(features.rel_to_max <= 1e-5, "{}", features.rel_to_max);
+    }
+    let r = validate_golden(&fixture("llava-tiny"), "llava-tiny", Some(2), DType::BF16);
+    assert!(r.cases.iter().all(|c| c.logits.top1_agreement == 1.0));
+}
+
+#[test]
+fn clip_vision_tower_matches_transformers() {
+    let ckpt = shardsmith_converters::formats::open(&fixture("clip-vision")).unwrap();
+    assert!(validate::is_clip(&ckpt));
+    for dtype in [DType::F32, DType::BF16] {
+        let r = validate::clip_against_golden(&ckpt, &fixture("clip-vision"), dtype).unwrap();
+        assert!(r.passed, "{}", validate::render(&r));
+        assert_eq!(r.cases.len(), 2);
+    }
+}
+
+#[test]
+fn a_text_model_refuses_an_image() {
+    let (mut model, _) = models::load(
+        &fixture("llama-mha"),
+        &LoadOptions { tp: None, dtype: DType::F32, device: Device::Cpu },
+    )
+    .unwrap();
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 6]], &Device::Cpu).unwrap();
+    let pixels = candle_core::Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let err = model.forward(&ids, Some(&pixels), true, false).unwrap_err();
+    assert!(err.to_string().contains("text-only"), "{err}");
+}
+
+#[test]
+fn image_count_must_match_the_prompt() {
+    let (mut model, info) = models::load(
+        &fixture("llava-tiny"),
+        &LoadOptions { tp: None, dtype: DType::F32, device: Device::Cpu },
+    )
+    .unwrap();
+    let n = info.image_tokens.unwrap();
+    let side = info.image_size.unwrap();
+    let pixels = candle_core::Tensor::zeros((1, 3, side, side), DType::F32, &Device::Cpu).unwrap();
+    // No image tokens in the prompt, but an image given.
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 6]], &Device::Cpu).unwrap();
+    let err = model.forward(&ids, Some(&pixels), true, false).unwrap_err();
+    assert!(err.to_string().contains("image span"), "{err}");
+    // Too few image tokens.
+    let mut short = vec![1u32];
+    short.extend(std::iter::repeat_n(256, n - 1));
+    let ids = candle_core::Tensor::new(short.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let err = model.forward(&ids, Some(&pixels), true, false).unwrap_err();
+    assert!(err.to_string().contains("image tokens"), "{err}");
 }

@@ -24,8 +24,15 @@ pub fn run(
     json: bool,
 ) -> Result<bool> {
     let opts = LoadOptions { tp, dtype, device: Device::Cpu };
-    let (mut model, info) = models::load(&crate::hub::resolve(ckpt)?, &opts)?;
-    let report = match against {
+    let checkpoint = shardsmith_converters::formats::open(&crate::hub::resolve(ckpt)?)?;
+    if validate::is_clip(&checkpoint) {
+        let Against::Reference(r) = against else {
+            bail!("--against compares language models; validate a CLIP tower with --reference");
+        };
+        return report(validate::clip_against_golden(&checkpoint, r, dtype)?, json);
+    }
+    let (mut model, info) = models::load_checkpoint(&checkpoint, &opts)?;
+    let report_ = match against {
         Against::Reference(r) => validate::against_golden(&mut model, &info, r)?,
         Against::Checkpoint(other) => {
             let other_opts = LoadOptions { tp: other_tp, ..opts };
@@ -42,10 +49,14 @@ pub fn run(
             validate::against_model((&mut model, &info), (&mut b, &binfo))?
         }
     };
+    report(report_, json)
+}
+
+fn report(r: validate::Report, json: bool) -> Result<bool> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        print!("{}", validate::render(&report));
+        print!("{}", validate::render(&r));
     }
-    Ok(report.passed)
+    Ok(r.passed)
 }
