@@ -93,6 +93,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Generate text from a prompt (and an image, for vision models), streaming tokens to stdout.
+    Generate(GenerateArgs),
     /// Benchmarks (not tests): `bench forward MODEL` times prefill and decode on the CPU.
     Bench {
         #[command(subcommand)]
@@ -122,6 +124,56 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// HF LLaMA / llava-hf directory, .nemo, or hf://org/name.
+    ckpt: PathBuf,
+    /// The user's message.
+    #[arg(short, long)]
+    prompt: String,
+    /// An image (PNG or JPEG) for a vision model; `<image>` in the prompt marks where it goes
+    /// (default: before the text).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Chat template: llama_2, vicuna_v1, nvgpt, plain, or raw (default: vicuna_v1 for vision
+    /// models, raw for text models).
+    #[arg(long)]
+    template: Option<String>,
+    /// Template spelling: llava or nemo (default: nemo for .nemo checkpoints).
+    #[arg(long)]
+    flavour: Option<String>,
+    /// System prompt (default: the template's; "" for none).
+    #[arg(long)]
+    system: Option<String>,
+    /// Image aspect handling: pad (LLaVA-1.5), square or keep.
+    #[arg(long)]
+    aspect: Option<String>,
+    /// Tokenizer file or directory (default: the checkpoint's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Simulated tensor-parallel size.
+    #[arg(long)]
+    tp: Option<usize>,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = parse_compute_dtype)]
+    dtype: candle_core::DType,
+    /// Print one JSON object (prompt ids, new ids, text, timings) instead of streaming.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -285,7 +337,28 @@ fn main() -> ExitCode {
         Command::Synth { preset, layers, seed, out, force } => {
             shardsmith::commands::synth::run(&preset, layers, seed, &out, force)
         }
-        Command::Bench { what: BenchCommand::Forward { model, prompt_len, decode, runs, dtype, tp, image } } => {
+        Command::Generate(a) => {
+            let o = shardsmith::commands::generate::Options {
+                prompt: a.prompt,
+                image: a.image,
+                template: a.template,
+                flavour: a.flavour,
+                system: a.system,
+                aspect: a.aspect,
+                tokenizer: a.tokenizer,
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_p: a.top_p,
+                seed: a.seed,
+                tp: a.tp,
+                dtype: a.dtype,
+                json: a.json,
+            };
+            shardsmith::commands::generate::run(&a.ckpt, &o)
+        }
+        Command::Bench {
+            what: BenchCommand::Forward { model, prompt_len, decode, runs, dtype, tp, image },
+        } => {
             let o = shardsmith::commands::bench::Options { prompt_len, decode, runs, dtype, tp, image };
             shardsmith::commands::bench::forward(&model, &o)
         }

@@ -51,7 +51,8 @@ fn once(model: &mut Model, ids: &Tensor, pixels: Option<&Tensor>, decode: usize)
 pub fn forward(path: &Path, o: &Options) -> Result<()> {
     ensure!(o.runs >= 1 && o.prompt_len >= 2, "need --runs >= 1 and --prompt-len >= 2");
     let device = Device::Cpu;
-    let (mut model, info) = models::load(path, &LoadOptions { tp: o.tp, dtype: o.dtype, device: device.clone() })?;
+    let (mut model, info) =
+        models::load(path, &LoadOptions { tp: o.tp, dtype: o.dtype, device: device.clone() })?;
     let hp = model.llm().hparams().clone();
     let mut ids = seeded_prompt(o.prompt_len, hp.vocab, 7);
     let pixels = match (&model, o.image, info.image_tokens, info.image_size) {
@@ -71,10 +72,11 @@ pub fn forward(path: &Path, o: &Options) -> Result<()> {
         prefill.push(p);
         decode.push(d);
     }
-    let params: usize = hp.layers * (hp.hidden * (hp.heads + 2 * hp.groups) * hp.head_dim
-        + hp.hidden * hp.heads * hp.head_dim
-        + 3 * hp.hidden * hp.ffn
-        + 2 * hp.hidden)
+    let params: usize = hp.layers
+        * (hp.hidden * (hp.heads + 2 * hp.groups) * hp.head_dim
+            + hp.hidden * hp.heads * hp.head_dim
+            + 3 * hp.hidden * hp.ffn
+            + 2 * hp.hidden)
         + hp.vocab * hp.hidden * if hp.tied { 1 } else { 2 }
         + hp.hidden;
     let decode_s = median(decode);

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod diff;
+pub mod generate;
 pub mod inspect;
 pub mod synth;
 pub mod validate;

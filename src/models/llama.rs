@@ -14,7 +14,7 @@ use crate::parallel::Collective;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{linear_no_bias as linear, Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 use shardsmith_converters::names::llama::LlamaHparams;
 
 pub use shardsmith_converters::names::llama::canonical_shard_spec;
@@ -28,6 +28,31 @@ pub struct RankLayout {
     pub rank: usize,
     /// Padded vocabulary Vp (divisible by N); rank r owns rows `[r·Vp/N, (r+1)·Vp/N)`.
     pub padded_vocab: usize,
+}
+
+/// A bias-free linear layer `y = x Wᵀ` over a 2-D view of x (no broadcast batch). On the CPU,
+/// bf16 weights are widened to f32 once here: candle's CPU bf16 matmul widens both operands on
+/// every call, and bf16×bf16 products are exact in f32, so the result (f32 accumulation, rounded
+/// to bf16) is the same.
+struct Proj {
+    /// [out, in] in the compute dtype.
+    weight: Tensor,
+}
+
+impl Proj {
+    fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let w = vb.get((out_dim, in_dim), "weight")?;
+        let compute = if w.device().is_cpu() && w.dtype() == DType::BF16 { DType::F32 } else { w.dtype() };
+        Ok(Proj { weight: w.to_dtype(compute)? })
+    }
+
+    /// x [B, T, in] → [B, T, out] in x's dtype.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, k) = x.dims3()?;
+        let out = self.weight.dim(0)?;
+        let y = x.reshape((b * t, k))?.to_dtype(self.weight.dtype())?.matmul(&self.weight.t()?)?;
+        Ok(y.to_dtype(x.dtype())?.reshape((b, t, out))?)
+    }
 }
 
 /// Rotary position embedding tables for a run of positions.
@@ -85,11 +110,11 @@ impl Norm {
 
 /// Self-attention on this rank's query groups.
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
     /// Row-parallel: [H, Hl·D]; its partial sums are all-reduced.
-    o_proj: Linear,
+    o_proj: Proj,
     heads: usize,
     groups: usize,
     head_dim: usize,
@@ -101,10 +126,10 @@ impl Attention {
         let (h, d) = (hp.hidden, hp.head_dim);
         let (heads, groups) = (hp.heads / tp, hp.groups / tp);
         Ok(Attention {
-            q_proj: linear(h, heads * d, vb.pp("q_proj"))?,
-            k_proj: linear(h, groups * d, vb.pp("k_proj"))?,
-            v_proj: linear(h, groups * d, vb.pp("v_proj"))?,
-            o_proj: linear(heads * d, h, vb.pp("o_proj"))?,
+            q_proj: Proj::load(vb.pp("q_proj"), h, heads * d)?,
+            k_proj: Proj::load(vb.pp("k_proj"), h, groups * d)?,
+            v_proj: Proj::load(vb.pp("v_proj"), h, groups * d)?,
+            o_proj: Proj::load(vb.pp("o_proj"), heads * d, h)?,
             heads,
             groups,
             head_dim: d,
@@ -143,18 +168,18 @@ impl Attention {
 
 /// SwiGLU MLP on this rank's F/N slice: down(silu(gate(x)) · up(x)), down row-parallel.
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
     fn load(vb: VarBuilder, hp: &LlamaHparams, tp: usize) -> Result<Self> {
         let (h, f) = (hp.hidden, hp.ffn / tp);
         Ok(Mlp {
-            gate_proj: linear(h, f, vb.pp("gate_proj"))?,
-            up_proj: linear(h, f, vb.pp("up_proj"))?,
-            down_proj: linear(f, h, vb.pp("down_proj"))?,
+            gate_proj: Proj::load(vb.pp("gate_proj"), h, f)?,
+            up_proj: Proj::load(vb.pp("up_proj"), h, f)?,
+            down_proj: Proj::load(vb.pp("down_proj"), f, h)?,
         })
     }
 

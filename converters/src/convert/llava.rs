@@ -101,17 +101,18 @@ pub fn from_llava_hf(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
         ));
     }
     let strategy = cfg.get("vision_feature_select_strategy").and_then(Json::as_str).unwrap_or("default");
-    let drop_cls =
-        match strategy {
-            "default" => true,
-            "full" => false,
-            other => return Err(Error::invalid(
+    let drop_cls = match strategy {
+        "default" => true,
+        "full" => false,
+        other => {
+            return Err(Error::invalid(
                 path,
                 format!(
                     "config.json: vision_feature_select_strategy '{other}' (expected 'default' or 'full')"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let vision_feature_layer = match cfg.get("vision_feature_layer") {
         None => -2,
         Some(v) => v.as_i64().map(|l| l as isize).ok_or_else(|| {

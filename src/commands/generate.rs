@@ -1,0 +1,170 @@
+//! `shardsmith generate CKPT --prompt TEXT [--image PATH]`: chat-templated generation with the
+//! KV cache, tokens streamed to stdout, speed reported on stderr.
+
+use crate::infer::generate::{generate, Generation};
+use crate::infer::image::{preprocess_file, AspectMode, PreprocessConfig};
+use crate::infer::sampling::Sampler;
+use crate::infer::template::{self, Conversation, Flavour, Template, IMAGE_PLACEHOLDER};
+use crate::infer::tokenizer::Tokenizer;
+use crate::models::neva::ImageTokens;
+use crate::models::{self, LoadOptions, Model};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use shardsmith_converters::convert::tokenizer::nemo_tokenizer_model;
+use shardsmith_converters::{Checkpoint, Flavour as FileFlavour, ModelConfig};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Everything `generate` takes besides the checkpoint.
+pub struct Options {
+    /// The user's message.
+    pub prompt: String,
+    /// An image for a vision model.
+    pub image: Option<PathBuf>,
+    /// Chat template name, or `raw` for the prompt as given (default: `vicuna_v1` for vision
+    /// models, `raw` for text models).
+    pub template: Option<String>,
+    /// `llava` or `nemo` spelling of the template (default: from the checkpoint format).
+    pub flavour: Option<String>,
+    /// System prompt (`None`: the template's; empty: none).
+    pub system: Option<String>,
+    /// Image aspect handling: `pad` (LLaVA-1.5, default), `square`, `keep`.
+    pub aspect: Option<String>,
+    /// Tokenizer file or directory (default: the checkpoint's).
+    pub tokenizer: Option<PathBuf>,
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    pub top_p: Option<f64>,
+    /// Sampling seed.
+    pub seed: u64,
+    /// Simulated tensor-parallel size.
+    pub tp: Option<usize>,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Print one JSON object (ids, text, timings) instead of streaming text.
+    pub json: bool,
+}
+
+/// The tokenizer a checkpoint carries: `tokenizer.json`/`tokenizer.model` beside HF weights, or
+/// the SentencePiece artifact a `.nemo` references.
+fn checkpoint_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer> {
+    if let (FileFlavour::Nemo { .. }, Some(ModelConfig::NemoYaml(cfg))) =
+        (&ckpt.meta.flavour, &ckpt.meta.config)
+    {
+        let artifact = nemo_tokenizer_model(ckpt, cfg).with_context(|| {
+            format!("{}: the .nemo references no tokenizer model", ckpt.meta.path.display())
+        })?;
+        return Ok(Tokenizer::from_sentencepiece_bytes(
+            &artifact.source.bytes()?,
+            ckpt.meta.path.join(&artifact.name),
+        )?);
+    }
+    let dir =
+        if ckpt.meta.path.is_dir() { ckpt.meta.path.clone() } else { ckpt.meta.path.with_file_name("") };
+    Ok(Tokenizer::from_dir(&dir)?)
+}
+
+/// Run `generate`.
+pub fn run(path: &Path, o: &Options) -> Result<()> {
+    let path = crate::hub::resolve(path)?;
+    let ckpt = shardsmith_converters::formats::open(&path)?;
+    let (mut model, info) =
+        models::load_checkpoint(&ckpt, &LoadOptions { tp: o.tp, dtype: o.dtype, device: Device::Cpu })?;
+    let tokenizer = match &o.tokenizer {
+        Some(p) if p.is_dir() => Tokenizer::from_dir(p)?,
+        Some(p) => Tokenizer::from_file(p)?,
+        None => checkpoint_tokenizer(&ckpt)?,
+    };
+    let is_nemo = matches!(ckpt.meta.flavour, FileFlavour::Nemo { .. });
+    let flavour = match &o.flavour {
+        Some(f) => Flavour::parse(f)?,
+        None if is_nemo => Flavour::Nemo,
+        None => Flavour::Llava,
+    };
+    let vision = matches!(model, Model::Neva(_));
+    if o.image.is_some() && !vision {
+        bail!("{} is a text-only model; --image needs a vision model (llava-hf or NeVA)", path.display());
+    }
+    let template_name =
+        o.template.clone().unwrap_or_else(|| if vision { "vicuna_v1".into() } else { "raw".into() });
+    let mut user = o.prompt.clone();
+    if o.image.is_some() && !user.contains(IMAGE_PLACEHOLDER) {
+        user = format!("{IMAGE_PLACEHOLDER}\n{user}");
+    }
+    let (text, template) = if template_name == "raw" {
+        (user, None)
+    } else {
+        let t = Template::parse(&template_name)?;
+        let conv = Conversation { system: o.system.clone(), ..Conversation::single(user) };
+        (t.generation_prompt(&conv, flavour)?, Some(t))
+    };
+    let image_tokens = match (&model, info.image_tokens) {
+        (Model::Neva(neva), Some(n)) => Some(match neva.image_tokens() {
+            ImageTokens::Repeated { id } => template::ImageTokens::LlavaHf { image_token_id: id, n },
+            ImageTokens::NevaSpan { keep_markers, .. } => {
+                template::ImageTokens::Neva { n, use_im_start_end: keep_markers }
+            }
+        }),
+        _ => None,
+    };
+    let images = o.image.as_ref().and(image_tokens.as_ref());
+    let prompt = match template {
+        Some(t) => template::tokenize_prompt(&tokenizer, &text, t, flavour, images)?.ids,
+        // Raw prompts: the tokenizer's own BOS rule for HF, none for NeMo (its text_to_ids).
+        None => template::tokenize_prompt(&tokenizer, &text, Template::Plain, flavour, images)?.ids,
+    };
+    let pixels = match &o.image {
+        Some(img) => {
+            let side = info.image_size.unwrap_or(336);
+            let dir = if path.is_dir() { path.clone() } else { path.with_file_name("") };
+            let cfg = if dir.join("preprocessor_config.json").is_file() {
+                PreprocessConfig::from_dir(&dir)?
+            } else {
+                PreprocessConfig::clip_with_size(side as u32)
+            };
+            let mode = AspectMode::parse(o.aspect.as_deref().unwrap_or("pad"))?;
+            Some(preprocess_file(img, &cfg, mode)?.to_tensor(&Device::Cpu)?)
+        }
+        None => None,
+    };
+    let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed)?;
+    let eos = tokenizer.eos_id().or(model.llm().hparams().eos.map(|e| e as u32));
+    let stdout = std::io::stdout();
+    let json = o.json;
+    let out: Generation = generate(
+        &mut model,
+        &tokenizer,
+        &prompt,
+        pixels.as_ref(),
+        &mut sampler,
+        o.max_new_tokens,
+        eos,
+        |piece| {
+            if !json {
+                let mut lock = stdout.lock();
+                let _ = lock.write_all(piece.as_bytes());
+                let _ = lock.flush();
+            }
+        },
+    )?;
+    if json {
+        let mut v = serde_json::to_value(&out)?;
+        v["tokens_per_s"] = out.tokens_per_s().into();
+        v["template"] = template_name.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens in {:.2} s; {} new tokens, {:.1} tokens/s{}]",
+            out.prompt_ids.len(),
+            out.prefill_s,
+            out.new_ids.len(),
+            out.tokens_per_s(),
+            if out.stopped_at_eos { "; stopped at EOS" } else { "" }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! `shardsmith generate` token for token against transformers' `generate` (greedy), from the
+//! chat templates with the tokenizer, an image through the CLIP preprocessing, and from a `.nemo`.
+
+mod common;
+
+use common::fixture;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn generate(ckpt: &Path, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .arg("generate")
+        .arg(ckpt)
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "generate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn golden(model: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(fixture(&format!("{model}/golden/generate.json"))).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["cases"].as_array().unwrap().clone()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+fn check(case: &Value, got: &Value) {
+    assert_eq!(ids(&got["prompt_ids"]), ids(&case["input_ids"]), "prompt ids for {:?}", case["question"]);
+    assert_eq!(ids(&got["new_ids"]), ids(&case["new_ids"]), "new ids for {:?}", case["question"]);
+    if let Some(text) = case["new_text"].as_str() {
+        assert_eq!(got["text"].as_str().unwrap(), text);
+    }
+}
+
+#[test]
+fn llava_with_an_image_matches_transformers() {
+    for case in golden("llava-tiny") {
+        let image = fixture("llava-tiny").join(case["image"].as_str().unwrap());
+        let max = case["max_new_tokens"].to_string();
+        let got = generate(
+            &fixture("llava-tiny"),
+            &[
+                "--prompt",
+                case["question"].as_str().unwrap(),
+                "--image",
+                image.to_str().unwrap(),
+                "--aspect",
+                case["image_aspect_ratio"].as_str().unwrap(),
+                "--template",
+                case["template"].as_str().unwrap(),
+                "--max-new-tokens",
+                &max,
+            ],
+        );
+        check(&case, &got);
+    }
+}
+
+#[test]
+fn llama_chat_template_matches_transformers_at_tp_1_and_4() {
+    for case in golden("llama-mha") {
+        let max = case["max_new_tokens"].to_string();
+        for tp in ["1", "4"] {
+            let got = generate(
+                &fixture("llama-mha"),
+                &[
+                    "--prompt",
+                    case["question"].as_str().unwrap(),
+                    "--template",
+                    case["template"].as_str().unwrap(),
+                    "--system",
+                    case["system"].as_str().unwrap(),
+                    "--max-new-tokens",
+                    &max,
+                    "--tp",
+                    tp,
+                ],
+            );
+            check(&case, &got);
+        }
+    }
+}
+
+#[test]
+fn a_nemo_checkpoint_generates_what_its_hf_source_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let nemo = dir.path().join("mha.nemo");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .args(["convert", "--tp", "2"])
+        .arg(fixture("llama-gqa"))
+        .arg(&nemo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The .nemo carries only tokenizer.model; the HF directory's tokenizer.json must agree.
+    let args = ["--prompt", "The quick brown fox", "--flavour", "llava", "--max-new-tokens", "6"];
+    let hf = generate(&fixture("llama-gqa"), &args);
+    let from_nemo = generate(&nemo, &args);
+    assert_eq!(hf["prompt_ids"], from_nemo["prompt_ids"]);
+    assert_eq!(hf["new_ids"], from_nemo["new_ids"]);
+    assert_eq!(hf["text"], from_nemo["text"]);
+}
+
+#[test]
+fn sampling_is_reproducible_by_seed() {
+    let run = |seed: &str| {
+        generate(
+            &fixture("llama-mha"),
+            &[
+                "--prompt",
+                "Hello world",
+                "--temperature",
+                "1.5",
+                "--top-p",
+                "0.95",
+                "--seed",
+                seed,
+                "--max-new-tokens",
+                "12",
+            ],
+        )["new_ids"]
+            .clone()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert!((1..6).any(|s| run(&s.to_string()) != run("7")), "different seeds should sample differently");
+}
+
+#[test]
+fn an_image_for_a_text_model_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .arg("generate")
+        .arg(fixture("llama-mha"))
+        .args(["--prompt", "hi", "--image"])
+        .arg(fixture("llava-tiny/image.png"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("text-only"));
+}
