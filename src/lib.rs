@@ -7,6 +7,7 @@ pub mod error;
 pub mod hub;
 pub mod infer;
 pub mod models;
+pub mod ops;
 pub mod parallel;
 pub mod progress;
 pub mod validate;

@@ -10,11 +10,12 @@
 //! Shapes: B batch, T new tokens, S cached + new tokens, H hidden, V vocabulary (Vp padded),
 //! Hl / Gl query heads / query groups on this rank, D head dim, F/N the rank's MLP width.
 
+use crate::ops;
 use crate::parallel::Collective;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{RmsNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use shardsmith_converters::names::llama::LlamaHparams;
 
 pub use shardsmith_converters::names::llama::canonical_shard_spec;
@@ -30,18 +31,22 @@ pub struct RankLayout {
     pub padded_vocab: usize,
 }
 
-/// A bias-free linear layer `y = x Wᵀ` over a 2-D view of x (no broadcast batch). On the CPU,
-/// bf16 weights are widened to f32 once here: candle's CPU bf16 matmul widens both operands on
-/// every call, and bf16×bf16 products are exact in f32, so the result (f32 accumulation, rounded
-/// to bf16) is the same.
+/// A bias-free linear layer `y = x Wᵀ` over a 2-D view of x (no broadcast batch), computed in the
+/// weight's dtype and returned in x's. On the CPU, bf16 weights are widened to f32 once here:
+/// candle's CPU bf16 matmul widens both operands on every call, and bf16×bf16 products are exact
+/// in f32, so the result (f32 accumulation, rounded to bf16) is the same. A trainer's f32 master
+/// weights likewise serve bf16 activations.
 struct Proj {
-    /// [out, in] in the compute dtype.
+    /// [out, in].
     weight: Tensor,
 }
 
 impl Proj {
     fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let w = vb.get((out_dim, in_dim), "weight")?;
+        Self::new(vb.get((out_dim, in_dim), "weight")?)
+    }
+
+    fn new(w: Tensor) -> Result<Self> {
         let compute = if w.device().is_cpu() && w.dtype() == DType::BF16 { DType::F32 } else { w.dtype() };
         Ok(Proj { weight: w.to_dtype(compute)? })
     }
@@ -96,15 +101,18 @@ impl Rope {
 }
 
 /// RMSNorm computed in f32 and cast back, then scaled (transformers' `LlamaRMSNorm`).
-struct Norm(RmsNorm);
+struct Norm {
+    weight: Tensor,
+    eps: f64,
+}
 
 impl Norm {
     fn load(vb: VarBuilder, hp: &LlamaHparams) -> Result<Self> {
-        Ok(Norm(candle_nn::rms_norm(hp.hidden, hp.norm_eps, vb)?))
+        Ok(Norm { weight: vb.get(hp.hidden, "weight")?, eps: hp.norm_eps })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.0.forward(x)?)
+        Ok(ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 
@@ -119,6 +127,8 @@ struct Attention {
     groups: usize,
     head_dim: usize,
     cache: KvCache,
+    /// Off for training: every forward is a whole sequence.
+    use_cache: bool,
 }
 
 impl Attention {
@@ -134,6 +144,7 @@ impl Attention {
             groups,
             head_dim: d,
             cache: KvCache::new(2, 64),
+            use_cache: true,
         })
     }
 
@@ -145,9 +156,9 @@ impl Attention {
         let q = self.q_proj.forward(x)?.reshape((b, t, hl, d))?.transpose(1, 2)?.contiguous()?; // [B, Hl, T, D]
         let k = self.k_proj.forward(x)?.reshape((b, t, gl, d))?.transpose(1, 2)?.contiguous()?; // [B, Gl, T, D]
         let v = self.v_proj.forward(x)?.reshape((b, t, gl, d))?.transpose(1, 2)?.contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = self.cache.append(&k, &v)?; // [B, Gl, S, D]
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
+        let (k, v) = if self.use_cache { self.cache.append(&k, &v)? } else { (k, v) }; // [B, Gl, S, D]
         let s = k.dim(2)?;
         // GQA without copying K/V: a group's query heads are consecutive, so the group's queries
         // stack into one [per_group·T, D] matrix against its single K/V head.
@@ -159,7 +170,7 @@ impl Attention {
             Some(m) => scores.broadcast_add(m)?, // m [T, S]: 0 or -inf
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let y = probs.reshape((b, gl, per_group * t, s))?.matmul(&v.contiguous()?)?; // [B, Gl, per_group·T, D]
         let y = y.reshape((b, hl, t, d))?.transpose(1, 2)?.reshape((b, t, hl * d))?;
         Ok(self.o_proj.forward(&y)?)
@@ -238,7 +249,7 @@ pub struct Llama {
     layers: Vec<DecoderLayer>,
     norm: Norm,
     /// Local rows [Vp/N, H] of the output head (the embedding when tied).
-    lm_head: Tensor,
+    lm_head: Proj,
     rope: Rope,
     layout: RankLayout,
     vocab: usize,
@@ -258,8 +269,11 @@ impl Llama {
         }
         let rows = layout.padded_vocab / tp;
         let embed_tokens = vb.get((rows, hp.hidden), "model.embed_tokens.weight")?;
-        let lm_head =
-            if hp.tied { embed_tokens.clone() } else { vb.get((rows, hp.hidden), "lm_head.weight")? };
+        let lm_head = Proj::new(if hp.tied {
+            embed_tokens.clone()
+        } else {
+            vb.get((rows, hp.hidden), "lm_head.weight")?
+        })?;
         let layers = (0..hp.layers)
             .map(|l| DecoderLayer::load(vb.pp(format!("model.layers.{l}")), hp, tp))
             .collect::<Result<Vec<_>>>()?;
@@ -349,7 +363,7 @@ impl Llama {
         }
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
         // Column-parallel head: local logits [B, T', Vp/N], gathered to [B, T', Vp], trimmed to V.
-        let local = x.broadcast_matmul(&self.lm_head.t()?)?;
+        let local = self.lm_head.forward(&x)?;
         let logits = comm.all_gather_last_dim(&local)?.narrow(D::Minus1, 0, self.vocab)?;
         Ok(LlamaOutput { logits: logits.to_dtype(DType::F32)?, hidden_states: hidden })
     }

@@ -1,0 +1,340 @@
+//! Fused ops with backward passes: RMSNorm, rotary embedding and softmax over the last dim.
+//!
+//! candle's fused versions of these (`candle_nn::ops::rms_norm`, `softmax_last_dim`,
+//! `rotary_emb::rope`) have no backward, so a model built on them cannot train. These are
+//! `CustomOp`s with a CPU forward written here (the reference the CUDA kernels of `kernels/` are
+//! checked against) and a backward expressed in differentiable tensor ops, so one model serves
+//! inference and training.
+//!
+//! Numerics follow transformers: RMSNorm normalises in f32, rounds to the input dtype, then
+//! scales (`weight * hidden.to(input_dtype)`); softmax accumulates in f32; rope is exact
+//! per-element arithmetic in f32, rounded once.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Rows of length `n` of a contiguous layout, or an error naming the op.
+fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Apply `f` (over f32 values) to a float storage, returning storage of the same dtype.
+macro_rules! float_dispatch {
+    ($s:expr, $l:expr, $op:expr, |$x:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                let $x = contiguous(v, $l, $op)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::BF16(v) => {
+                let widened: Vec<f32> = contiguous(v, $l, $op)?.iter().map(|v| v.to_f32()).collect();
+                let $x = widened.as_slice();
+                let out: Vec<f32> = $body;
+                CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect())
+            }
+            CpuStorage::F16(v) => {
+                let widened: Vec<f32> = contiguous(v, $l, $op)?.iter().map(|v| v.to_f32()).collect();
+                let $x = widened.as_slice();
+                let out: Vec<f32> = $body;
+                CpuStorage::F16(out.into_iter().map(f16::from_f32).collect())
+            }
+            other => bail!("{}: unsupported dtype {:?}", $op, other.dtype()),
+        }
+    };
+}
+
+/// Values of a float storage as f32 (contiguous).
+fn as_f32(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f32>> {
+    Ok(match s {
+        CpuStorage::F32(v) => contiguous(v, l, op)?.to_vec(),
+        CpuStorage::BF16(v) => contiguous(v, l, op)?.iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F16(v) => contiguous(v, l, op)?.iter().map(|v| v.to_f32()).collect(),
+        other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// Round an f32 to the storage dtype and back (the rounding transformers applies mid-op).
+fn round_to(dtype: DType) -> fn(f32) -> f32 {
+    match dtype {
+        DType::BF16 => |v| bf16::from_f32(v).to_f32(),
+        DType::F16 => |v| f16::from_f32(v).to_f32(),
+        _ => |v| v,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+// ---------------------------------------------------------------------------------------------
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    /// x [..., H], w [H] → w · round(x / rms(x)), per row, in f32.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = l1.dims().last().copied().unwrap_or(1);
+        let w = as_f32(s2, l2, self.name())?;
+        if w.len() != h {
+            bail!("rms-norm: weight has {} elements, rows have {h}", w.len());
+        }
+        let round = round_to(s1.dtype());
+        let eps = self.eps;
+        let out = float_dispatch!(s1, l1, self.name(), |x| {
+            let mut y = vec![0f32; x.len()];
+            y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let r = 1.0 / (ms + eps).sqrt();
+                for ((y, x), w) in y.iter_mut().zip(x).zip(&w) {
+                    *y = w * round(x * r);
+                }
+            });
+            y
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // In f32: n = x·r, r = (mean(x²) + eps)^-½; y = w·n.
+        // dw = Σ_rows g·n;  dx = r · (g·w − n · mean(g·w·n)).
+        let dtype = x.dtype();
+        let (x, w, g) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
+        let n = x.broadcast_mul(&r)?;
+        let gw = g.broadcast_mul(&w)?;
+        let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+        let h = w.dim(0)?;
+        let dw = (g * n)?.reshape(((), h))?.sum(0)?;
+        Ok((Some(dx.to_dtype(dtype)?), Some(dw.to_dtype(w.dtype())?)))
+    }
+}
+
+/// RMSNorm over the last dimension: `w · (x / sqrt(mean(x²) + eps))`, differentiable in x and w.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let w = w.to_dtype(x.dtype())?;
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding (the two halves of each head, transformers' `rotate_half`)
+// ---------------------------------------------------------------------------------------------
+
+struct Rope;
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    /// x [B, H, T, D], cos/sin [T, D/2]: (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin).
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, t, d) = l1.shape().dims4()?;
+        let half = d / 2;
+        let (cos, sin) = (as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
+        if cos.len() < t * half || sin.len() < t * half {
+            bail!("rope: tables cover {} positions × {half}, need {t}", cos.len() / half.max(1));
+        }
+        let out = float_dispatch!(s1, l1, self.name(), |x| {
+            let mut y = vec![0f32; x.len()];
+            y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(y, x)| {
+                for p in 0..t {
+                    let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+                    let (x, y) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
+                    for i in 0..half {
+                        let (a, b) = (x[i], x[i + half]);
+                        y[i] = a * c[i] - b * s[i];
+                        y[i + half] = b * c[i] + a * s[i];
+                    }
+                }
+            });
+            y
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The rotation's transpose is the rotation by −θ.
+        Ok((Some(rope(g, cos, &sin.neg()?)?), None, None))
+    }
+}
+
+/// Rotary embedding of x [B, H, T, D] with tables cos/sin [T, D/2]; differentiable in x.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension
+// ---------------------------------------------------------------------------------------------
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = l.dims().last().copied().unwrap_or(1);
+        let out = float_dispatch!(s, l, self.name(), |x| {
+            let mut y = vec![0f32; x.len()];
+            y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (y, x) in y.iter_mut().zip(x) {
+                    *y = (x - max).exp();
+                    sum += *y;
+                }
+                y.iter_mut().for_each(|y| *y /= sum);
+            });
+            y
+        });
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // dx = y · (g − Σ g·y)
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * g.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// Softmax over the last dimension, accumulated in f32; differentiable.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= tol, "max |Δ| {d} > {tol}");
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The composed (slow, autograd-native) reference of each op.
+    fn rms_ref(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+        let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        x.broadcast_mul(&r).unwrap().broadcast_mul(w).unwrap()
+    }
+
+    fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let d = x.dim(D::Minus1).unwrap();
+        let (x1, x2) = (x.narrow(D::Minus1, 0, d / 2).unwrap(), x.narrow(D::Minus1, d / 2, d / 2).unwrap());
+        let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+        let cos = Tensor::cat(&[cos, cos], D::Minus1).unwrap();
+        let sin = Tensor::cat(&[sin, sin], D::Minus1).unwrap();
+        (x.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn forward_and_gradients_match_composed_references() {
+        let x = Var::from_tensor(&randn(&[2, 3, 5, 8], 1)).unwrap();
+        let w = Var::from_tensor(&(randn(&[8], 2) + 1.0).unwrap()).unwrap();
+        let cos = randn(&[5, 4], 3);
+        let sin = randn(&[5, 4], 4);
+        let probe = randn(&[2, 3, 5, 8], 5);
+        type Pipeline<'a> = Box<dyn Fn(&Tensor, &Tensor) -> Tensor + 'a>;
+        let ours: Pipeline = Box::new(|x, w| {
+            softmax_last_dim(&rope(&rms_norm(x, w, 1e-5).unwrap(), &cos, &sin).unwrap()).unwrap()
+        });
+        let reference: Pipeline = Box::new(|x, w| {
+            candle_nn::ops::softmax(&rope_ref(&rms_ref(x, w, 1e-5), &cos, &sin), D::Minus1).unwrap()
+        });
+        let run = |f: &Pipeline| {
+            let y = f(x.as_tensor(), w.as_tensor());
+            let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(&x).unwrap().clone(), grads.get(&w).unwrap().clone())
+        };
+        let (y1, gx1, gw1) = run(&ours);
+        let (y2, gx2, gw2) = run(&reference);
+        close(&y1, &y2, 1e-6);
+        close(&gx1, &gx2, 1e-5);
+        close(&gw1, &gw2, 1e-5);
+    }
+
+    #[test]
+    fn bf16_rms_norm_rounds_before_scaling_like_transformers() {
+        let x = randn(&[4, 16], 9).to_dtype(DType::BF16).unwrap();
+        let w = (randn(&[16], 10) + 1.0).unwrap().to_dtype(DType::BF16).unwrap();
+        let ours = rms_norm(&x, &w, 1e-6).unwrap().to_dtype(DType::F32).unwrap();
+        // transformers: (x.f32 * rsqrt(mean(x.f32²) + eps)).to(bf16) * w  (bf16 multiply).
+        let xf = x.to_dtype(DType::F32).unwrap();
+        let r = (xf.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-6)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let n = xf.broadcast_mul(&r).unwrap().to_dtype(DType::BF16).unwrap();
+        let want = n.broadcast_mul(&w).unwrap().to_dtype(DType::F32).unwrap();
+        close(&ours, &want, 0.0);
+    }
+}
