@@ -57,7 +57,8 @@ impl TensorMapBackend {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
-    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    /// The tensor `name` as `dtype` on `dev`.
+    pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let entry = self.tensors.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!("{}: tensor '{name}' is missing", self.origin.display()))
         })?;

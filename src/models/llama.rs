@@ -39,6 +39,19 @@ pub struct RankLayout {
 struct Proj {
     /// [out, in].
     weight: Tensor,
+    /// A low-rank update added to the output, when training with LoRA.
+    lora: Option<Lora>,
+}
+
+/// A LoRA adapter on one projection: `y += scale · (x Aᵀ) Bᵀ` (PEFT's `lora_A`, `lora_B`).
+#[derive(Clone, Debug)]
+pub struct Lora {
+    /// `lora_A` [r, in].
+    pub a: Tensor,
+    /// `lora_B` [out, r].
+    pub b: Tensor,
+    /// `alpha / r`.
+    pub scale: f64,
 }
 
 impl Proj {
@@ -48,14 +61,19 @@ impl Proj {
 
     fn new(w: Tensor) -> Result<Self> {
         let compute = if w.device().is_cpu() && w.dtype() == DType::BF16 { DType::F32 } else { w.dtype() };
-        Ok(Proj { weight: w.to_dtype(compute)? })
+        Ok(Proj { weight: w.to_dtype(compute)?, lora: None })
     }
 
     /// x [B, T, in] → [B, T, out] in x's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, k) = x.dims3()?;
         let out = self.weight.dim(0)?;
-        let y = x.reshape((b * t, k))?.to_dtype(self.weight.dtype())?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((b * t, k))?.to_dtype(self.weight.dtype())?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(l) = &self.lora {
+            let low = x2.matmul(&l.a.to_dtype(x2.dtype())?.t()?)?; // [B·T, r]
+            y = (y + (low.matmul(&l.b.to_dtype(x2.dtype())?.t()?)? * l.scale)?)?;
+        }
         Ok(y.to_dtype(x.dtype())?.reshape((b, t, out))?)
     }
 }
@@ -232,6 +250,16 @@ impl DecoderLayer {
     }
 }
 
+/// Per-sequence inputs shared by every layer.
+pub struct SequenceInputs {
+    /// [T, D/2].
+    pub cos: Tensor,
+    /// [T, D/2].
+    pub sin: Tensor,
+    /// [T, T] additive causal mask (none for one token).
+    pub mask: Option<Tensor>,
+}
+
 /// What a forward pass returns.
 #[derive(Debug)]
 pub struct LlamaOutput {
@@ -366,6 +394,82 @@ impl Llama {
         let local = self.lm_head.forward(&x)?;
         let logits = comm.all_gather_last_dim(&local)?.narrow(D::Minus1, 0, self.vocab)?;
         Ok(LlamaOutput { logits: logits.to_dtype(DType::F32)?, hidden_states: hidden })
+    }
+
+    /// Keep (inference) or skip (training: whole sequences) the KV cache.
+    pub fn set_use_cache(&mut self, on: bool) {
+        for l in &mut self.layers {
+            l.self_attn.use_cache = on;
+        }
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// What every layer of a fresh t-token sequence needs: rotary tables [T, D/2] and the
+    /// causal mask [T, T].
+    pub fn sequence_inputs(&self, t: usize, dtype: DType, dev: &Device) -> Result<SequenceInputs> {
+        let (cos, sin) = self.rope.tables(0, t, dtype, dev)?;
+        let mask = if t > 1 { Some(causal_mask(t, 0, dev)?) } else { None };
+        Ok(SequenceInputs { cos, sin, mask })
+    }
+
+    /// Decoder layer `i` on x [B, T, H] (training and activation recomputation).
+    pub fn layer(
+        &mut self,
+        i: usize,
+        x: &Tensor,
+        s: &SequenceInputs,
+        comm: &dyn Collective,
+    ) -> Result<Tensor> {
+        self.layers[i].forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
+    }
+
+    /// Final norm and head over every position: x [B, T, H] → f32 logits [B, T, V].
+    pub fn head(&self, x: &Tensor, comm: &dyn Collective) -> Result<Tensor> {
+        let local = self.lm_head.forward(&self.norm.forward(x)?)?;
+        Ok(comm.all_gather_last_dim(&local)?.narrow(D::Minus1, 0, self.vocab)?.to_dtype(DType::F32)?)
+    }
+
+    /// Attach LoRA adapters to the projections whose name (`q_proj`, …, `down_proj`) is in
+    /// `targets`; `make(name, out, in)` returns `(A [r, in], B [out, r])` for the canonical
+    /// weight name. Returns the adapters' canonical names (`….q_proj.lora_A.weight`, …) and
+    /// tensors, so the caller can train them.
+    pub fn attach_lora(
+        &mut self,
+        targets: &[String],
+        scale: f64,
+        mut make: impl FnMut(&str, usize, usize) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            let projs: [(&str, &mut Proj); 7] = [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ];
+            for (path, proj) in projs {
+                let short = path.rsplit('.').next().unwrap_or(path);
+                if !targets.iter().any(|t| t == short) {
+                    continue;
+                }
+                let name = format!("model.layers.{l}.{path}");
+                let (o, i) = proj.weight.dims2()?;
+                let (la, lb) = make(&format!("{name}.weight"), o, i)?;
+                out.push((format!("{name}.lora_A.weight"), la.clone()));
+                out.push((format!("{name}.lora_B.weight"), lb.clone()));
+                proj.lora = Some(Lora { a: la, b: lb, scale });
+            }
+        }
+        Ok(out)
     }
 
     /// `embed` then `forward_embeds`.

@@ -50,6 +50,19 @@ impl ParallelLlama {
         Ok(ParallelLlama { ranks, hparams: hp.clone() })
     }
 
+    /// The single rank of a TP-1 model (training runs at TP 1).
+    pub fn single_mut(&mut self) -> Result<&mut Llama> {
+        match self.ranks.as_mut_slice() {
+            [one] => Ok(one),
+            ranks => Err(Error::Usage(format!("expected a TP-1 model, this one runs {} ranks", ranks.len()))),
+        }
+    }
+
+    /// A TP-1 model from one rank (e.g. built over trainable variables).
+    pub fn from_rank(rank: Llama, hparams: LlamaHparams) -> Self {
+        ParallelLlama { ranks: vec![rank], hparams }
+    }
+
     /// The model's hyper-parameters.
     pub fn hparams(&self) -> &LlamaHparams {
         &self.hparams

@@ -1,0 +1,3 @@
+//! NeVA stage-1/stage-2 finetuning.
+
+pub mod model;
