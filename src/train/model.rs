@@ -271,8 +271,19 @@ impl TrainModel {
         Ok(StepOutput { loss: loss.to_scalar::<f32>()? as f64, tokens, grads })
     }
 
-    /// Move the trainable parameters' gradients from `from` into `into` (summing).
-    fn collect(&self, into: &mut GradStore, mut from: GradStore) -> Result<()> {
+    /// Multiply every trainable parameter's gradient in `grads` by `factor` (e.g. 1/micro-batches).
+    pub fn scale_grads(&self, grads: &mut GradStore, factor: f64) -> Result<()> {
+        for (_, v) in &self.params {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * factor)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Move the trainable parameters' gradients from `from` into `into` (summing): gradient
+    /// accumulation over micro-batches.
+    pub fn collect(&self, into: &mut GradStore, mut from: GradStore) -> Result<()> {
         for (_, v) in &self.params {
             if let Some(g) = from.remove(v.as_tensor()) {
                 let g = match into.remove(v.as_tensor()) {

@@ -1,0 +1,181 @@
+//! A synthetic visual question-answering set for the end-to-end demo: images of one coloured
+//! shape (circle, square or triangle; red, green, blue or yellow) at a random place and size on
+//! a light background, with questions about its colour and shape and a short caption, in the
+//! LLaVA training JSON format (formats.md §9.1). Deterministic in its seed.
+//!
+//! `train.json` and `test.json` share no (colour, shape, position, size) drawing: the test
+//! images are new, so answering them needs the image, not memory.
+
+use crate::{Error, Result};
+use image::{Rgb, RgbImage};
+use serde_json::json;
+use std::path::Path;
+
+/// Colours and their RGB values.
+pub const COLOURS: [(&str, [u8; 3]); 4] =
+    [("red", [220, 30, 30]), ("green", [30, 180, 40]), ("blue", [30, 60, 220]), ("yellow", [235, 215, 20])];
+
+/// Shapes.
+pub const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
+
+/// The questions and how each is answered from (colour, shape).
+pub const QUESTIONS: [(&str, Answer); 3] = [
+    ("What color is the shape?", Answer::Colour),
+    ("What shape is it?", Answer::Shape),
+    ("Describe the image.", Answer::Caption),
+];
+
+/// What a question asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The colour word.
+    Colour,
+    /// The shape word.
+    Shape,
+    /// "a {colour} {shape}".
+    Caption,
+}
+
+impl Answer {
+    /// The expected answer text.
+    pub fn text(self, colour: &str, shape: &str) -> String {
+        match self {
+            Answer::Colour => colour.to_string(),
+            Answer::Shape => shape.to_string(),
+            Answer::Caption => format!("a {colour} {shape}"),
+        }
+    }
+}
+
+/// SplitMix64: a portable seeded stream.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Draw one image: `shape` in `colour`, centre (cx, cy), half-size r, on a light grey field.
+pub fn draw(side: u32, colour: [u8; 3], shape: &str, cx: f32, cy: f32, r: f32) -> RgbImage {
+    RgbImage::from_fn(side, side, |x, y| {
+        let (px, py) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+        let inside = match shape {
+            "circle" => px * px + py * py <= r * r,
+            "square" => px.abs() <= r * 0.85 && py.abs() <= r * 0.85,
+            // Apex up: inside when below the two slanted edges and above the base.
+            _ => py <= r * 0.8 && py >= -r && px.abs() <= (py + r) * 0.6,
+        };
+        if inside {
+            Rgb(colour)
+        } else {
+            Rgb([235, 235, 235])
+        }
+    })
+}
+
+/// One record: image file name, colour and shape.
+#[derive(Clone, Debug)]
+pub struct Drawn {
+    /// File name under `images/`.
+    pub file: String,
+    /// Colour word.
+    pub colour: &'static str,
+    /// Shape word.
+    pub shape: &'static str,
+}
+
+/// Write `images/`, `train.json` (`train` images × every question) and `test.json` (`test`
+/// images × every question) under `dir`; images are `side` pixels square.
+pub fn write(
+    dir: &Path,
+    train: usize,
+    test: usize,
+    side: u32,
+    seed: u64,
+) -> Result<(Vec<Drawn>, Vec<Drawn>)> {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
+    let mut rng = Rng(seed);
+    let mut seen = std::collections::HashSet::new();
+    let mut all = Vec::with_capacity(train + test);
+    while all.len() < train + test {
+        let (ci, si) = (rng.below(4) as usize, rng.below(3) as usize);
+        let r = side as f32 * (0.22 + 0.12 * (rng.below(100) as f32 / 100.0));
+        let span = side as f32 - 2.0 * r;
+        let cx = r + span * (rng.below(100) as f32 / 100.0);
+        let cy = r + span * (rng.below(100) as f32 / 100.0);
+        if !seen.insert((ci, si, cx as u32, cy as u32, r as u32)) {
+            continue;
+        }
+        let file = format!("{:05}.png", all.len());
+        let img = draw(side, COLOURS[ci].1, SHAPES[si], cx, cy, r);
+        let path = images.join(&file);
+        img.save(&path).map_err(|e| Error::Image { path: path.clone(), detail: e.to_string() })?;
+        all.push(Drawn { file, colour: COLOURS[ci].0, shape: SHAPES[si] });
+    }
+    let test_set = all.split_off(train);
+    for (name, set) in [("train.json", &all), ("test.json", &test_set)] {
+        let records: Vec<_> = set
+            .iter()
+            .flat_map(|d| {
+                QUESTIONS.iter().enumerate().map(move |(qi, (q, a))| {
+                    json!({
+                        "id": format!("{}-{qi}", d.file.trim_end_matches(".png")),
+                        "image": d.file,
+                        "conversations": [
+                            {"from": "human", "value": format!("<image>\n{q}")},
+                            {"from": "gpt", "value": a.text(d.colour, d.shape)},
+                        ],
+                    })
+                })
+            })
+            .collect();
+        let path = dir.join(name);
+        let text = serde_json::to_string_pretty(&records).map_err(|e| Error::Usage(e.to_string()))?;
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok((all, test_set))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_set_is_deterministic_and_disjoint() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (train, test) = write(a.path(), 20, 6, 32, 7).unwrap();
+        write(b.path(), 20, 6, 32, 7).unwrap();
+        for f in ["train.json", "test.json", "images/00003.png", "images/00025.png"] {
+            assert_eq!(
+                std::fs::read(a.path().join(f)).unwrap(),
+                std::fs::read(b.path().join(f)).unwrap(),
+                "{f}"
+            );
+        }
+        assert_eq!((train.len(), test.len()), (20, 6));
+        let records: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(a.path().join("train.json")).unwrap()).unwrap();
+        assert_eq!(records.as_array().unwrap().len(), 60);
+        assert_eq!(records[0]["conversations"][0]["value"], "<image>\nWhat color is the shape?");
+    }
+
+    #[test]
+    fn shapes_are_drawn_in_their_colour() {
+        let img = draw(32, [220, 30, 30], "circle", 16.0, 16.0, 8.0);
+        assert_eq!(img.get_pixel(16, 16).0, [220, 30, 30]);
+        assert_eq!(img.get_pixel(1, 1).0, [235, 235, 235]);
+        let tri = draw(32, [30, 60, 220], "triangle", 16.0, 16.0, 10.0);
+        assert_eq!(tri.get_pixel(16, 20).0, [30, 60, 220]); // near the base, centre
+        assert_eq!(tri.get_pixel(8, 8).0, [235, 235, 235]); // beside the apex
+    }
+}
