@@ -124,6 +124,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Edit checkpoints: rename, drop, extract, resize-vocab, keep-layers, merge-lora, merge, swap-llm.
+    Surgery(shardsmith::commands::surgery::SurgeryArgs),
+    /// Build a NeVA .nemo from an HF LLaMA, an HF CLIP tower and a projector (file or seed).
+    Assemble(AssembleArgs),
 }
 
 #[derive(Args)]
@@ -153,6 +157,9 @@ struct GenerateArgs {
     /// Tokenizer file or directory (default: the checkpoint's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// HF CLIP directory, for a NeVA whose vision tower is referenced by a hub name.
+    #[arg(long)]
+    vision: Option<PathBuf>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
@@ -247,6 +254,66 @@ struct ConvertArgs {
     /// Replace an existing destination.
     #[arg(long)]
     force: bool,
+    /// Multimodal: the vision tower `bundle`d into the .nemo, written `separate`ly as an HF CLIP
+    /// directory beside it (default for llava-hf), or an HF CLIP directory PATH to use (bundled).
+    #[arg(long, value_parser = |s: &str| Ok::<_, String>(convert::VisionArg::parse(s)))]
+    vision: Option<convert::VisionArg>,
+    /// Multimodal: conversation template vicuna_v1 (v1), llama_2 or nvgpt.
+    #[arg(long, value_parser = shardsmith::commands::assemble::parse_template)]
+    template: Option<shardsmith_converters::names::neva::Template>,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("projector_source").required(true).args(["projector", "init_seed"])))]
+struct AssembleArgs {
+    /// HF LLaMA directory (or LLaMA .nemo) with a SentencePiece tokenizer.model.
+    #[arg(long)]
+    llm: PathBuf,
+    /// HF CLIP vision directory (CLIPVisionModel or CLIPModel).
+    #[arg(long)]
+    vision: PathBuf,
+    /// LLaVA projector weights (mm_projector.bin or .safetensors with model.mm_projector.* keys).
+    #[arg(long)]
+    projector: Option<PathBuf>,
+    /// Initialise the projector from this seed (PyTorch nn.Linear default distribution).
+    #[arg(long)]
+    init_seed: Option<u64>,
+    /// Projector architecture: mlp2x_gelu (default) or linear.
+    #[arg(long, value_parser = shardsmith::commands::assemble::parse_projector_type)]
+    projector_type: Option<shardsmith_converters::names::neva::ProjectorType>,
+    /// Conversation template: vicuna_v1 (default), llama_2 or nvgpt.
+    #[arg(long, default_value = "vicuna_v1", value_parser = shardsmith::commands::assemble::parse_template)]
+    template: shardsmith_converters::names::neva::Template,
+    /// Put the tower's weights inside the .nemo (freeze: false) instead of referencing --vision.
+    #[arg(long)]
+    bundle_vision: bool,
+    /// Output .nemo.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Tensor-parallel size.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Pipeline-parallel size (mcore only).
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// NeMo key layout: mcore (default) or legacy (no GQA).
+    #[arg(long, value_parser = parse_layout)]
+    layout: Option<NemoDialect>,
+    /// Cast floating-point weights: f32, f16 or bf16.
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+    /// SentencePiece tokenizer.model to use instead of the LLM's.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Print the plan and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Replace an existing destination.
+    #[arg(long)]
+    force: bool,
 }
 
 impl ConvertArgs {
@@ -266,6 +333,8 @@ impl ConvertArgs {
             dry_run: dry_run || self.dry_run,
             json: self.json,
             force: self.force,
+            vision: self.vision,
+            template: self.template,
         }
     }
 }
@@ -337,6 +406,42 @@ fn main() -> ExitCode {
         Command::Synth { preset, layers, seed, out, force } => {
             shardsmith::commands::synth::run(&preset, layers, seed, &out, force)
         }
+        Command::Surgery(args) => shardsmith::commands::surgery::run(args),
+        Command::Assemble(a) => {
+            use shardsmith_converters::convert::assemble::ProjectorSource;
+            let projector = match (a.projector, a.init_seed) {
+                (Some(p), _) => ProjectorSource::File(p),
+                (None, seed) => ProjectorSource::Seed(seed.unwrap_or_default()),
+            };
+            let o = shardsmith::commands::assemble::Options {
+                llm: a.llm,
+                vision: a.vision,
+                projector,
+                projector_type: a.projector_type,
+                template: a.template,
+                bundle_vision: a.bundle_vision,
+                tokenizer: a.tokenizer,
+                convert: convert::Options {
+                    to: Some(TargetKind::Nemo),
+                    tp: a.tp,
+                    pp: a.pp,
+                    layout: a.layout,
+                    dtype: a.dtype,
+                    weights: WeightFormat::Safetensors,
+                    max_shard_bytes: 5_000_000_000,
+                    vocab: None,
+                    tokenizer: None,
+                    gzip: false,
+                    extracted: false,
+                    dry_run: a.dry_run,
+                    json: a.json,
+                    force: a.force,
+                    vision: None,
+                    template: None,
+                },
+            };
+            shardsmith::commands::assemble::run(&o, &a.out)
+        }
         Command::Generate(a) => {
             let o = shardsmith::commands::generate::Options {
                 prompt: a.prompt,
@@ -346,6 +451,7 @@ fn main() -> ExitCode {
                 system: a.system,
                 aspect: a.aspect,
                 tokenizer: a.tokenizer,
+                vision: a.vision,
                 max_new_tokens: a.max_new_tokens,
                 temperature: a.temperature,
                 top_p: a.top_p,

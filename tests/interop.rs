@@ -126,3 +126,55 @@ fn converted_nemo_matches_the_pytorch_reference_and_megatron_forward() {
         }
     }
 }
+
+/// NeVA conversions end in llava-hf directories transformers loads and that reproduce llava-tiny's
+/// golden logits (≤ 1e-5; from the original-LLaVA copy, whose rows past the 256 text tokens are
+/// re-initialised, on the text-token columns), with a working processor and chat template; the
+/// NeVA tokenizer is byte-identical to NeMo's protobuf recipe.
+#[test]
+fn transformers_loads_llava_hf_converted_through_neva() {
+    let Some(py) = reference_python() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_shardsmith");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let p = |name: &str| out.path().join(name).to_str().unwrap().to_string();
+    let tiny = fixture("llava-tiny");
+    let orig = fixture("llava-orig-tiny");
+    let tower = fixture("llava-tiny-clip");
+    for (tag, src, extra, template, cols) in [
+        ("hf-tp2", &tiny, vec!["--tp", "2"], "vicuna_v1", None),
+        ("hf-bundle-pp2", &tiny, vec!["--tp", "2", "--pp", "2", "--vision", "bundle"], "vicuna_v1", None),
+        ("orig", &orig, vec!["--vision", tower.to_str().unwrap()], "llama_2", Some("256")),
+    ] {
+        let nemo = p(&format!("{tag}.nemo"));
+        let hf = p(&format!("{tag}-hf"));
+        let mut args = vec!["convert", src.to_str().unwrap(), &nemo, "--template", template];
+        args.extend(extra);
+        run(&args);
+        run(&["convert", &nemo, &hf]);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/llava_hf_check.py");
+        let mut check = std::process::Command::new(&py);
+        check.arg(&script).arg(&hf).arg(fixture("llava-tiny/golden")).args(["--template", template]);
+        if let Some(c) = cols {
+            check.args(["--vocab-cols", c]);
+        }
+        let result = check.output().unwrap();
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert!(
+            result.status.success() && stdout.starts_with("OK"),
+            "{tag}: {stdout}{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        // The NeVA tokenizer inside the .nemo.
+        let ckpt = formats::open(Path::new(&nemo)).unwrap();
+        let model = ckpt.meta.artifacts.iter().find(|a| a.name.ends_with("_tokenizer.model")).unwrap();
+        let extracted = out.path().join(format!("{tag}-tokenizer.model"));
+        std::fs::write(&extracted, model.source.bytes().unwrap()).unwrap();
+        let line =
+            run_checker(&py, "neva_tokenizer_check.py", &[&extracted, &fixture("llama-mha/tokenizer.model")]);
+        assert!(line.starts_with("OK"), "{tag}: {line}");
+    }
+}

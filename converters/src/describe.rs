@@ -110,8 +110,10 @@ fn from_hf_config(v: &Json) -> Architecture {
                 ..Architecture::default()
             }
         }
+        // llava-hf nests the LLaMA config; the original LLaVA's older configs used the same
+        // model_type for a flat LLaMA config with mm_* keys.
         "llava" => {
-            let mut a = v.get("text_config").map(llama_from_hf).unwrap_or_default();
+            let mut a = llama_from_hf(v.get("text_config").unwrap_or(v));
             a.family = Some(Family::Llava);
             a
         }

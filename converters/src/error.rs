@@ -129,6 +129,38 @@ pub enum Error {
         detail: String,
     },
 
+    /// A command-line style argument (rename rule, glob, token list) that cannot be used.
+    #[error("{arg}: {detail}")]
+    Argument {
+        /// The argument as given (e.g. `--rule 'a(=b'`).
+        arg: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// Two tensors would end up under one name.
+    #[error("{path}: tensors '{first}' and '{second}' would both be named '{target}'")]
+    Collision {
+        /// The checkpoint (and rank, where it has several).
+        path: PathBuf,
+        /// The first tensor mapped to `target`.
+        first: String,
+        /// The second one.
+        second: String,
+        /// The name both would get.
+        target: String,
+    },
+
+    /// A multimodal bundle lacks parts it needs (LLM, vision tower or its reference, projector,
+    /// tokenizer with the image tokens, template); each entry says what and how to supply it.
+    #[error("{path}: incomplete multimodal bundle, missing: {}", .missing.join("; "))]
+    IncompleteBundle {
+        /// The source checkpoint.
+        path: PathBuf,
+        /// The missing parts.
+        missing: Vec<String>,
+    },
+
     /// The destination already exists and overwriting was not asked for.
     #[error("{path}: output already exists (pass --force to replace it)")]
     OutputExists {
@@ -146,6 +178,11 @@ impl Error {
     /// Shorthand for [`Error::Invalid`].
     pub fn invalid(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
         Error::Invalid { path: path.into(), detail: detail.into() }
+    }
+
+    /// Shorthand for [`Error::Argument`].
+    pub fn argument(arg: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Argument { arg: arg.into(), detail: detail.into() }
     }
 
     /// Shorthand for [`Error::Missing`].

@@ -17,6 +17,7 @@ pub mod formats;
 pub mod names;
 pub mod progress;
 pub mod shard;
+pub mod surgery;
 pub mod transforms;
 
 pub use checkpoint::{

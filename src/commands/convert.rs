@@ -1,21 +1,54 @@
 //! `shardsmith convert`, `reshard` and `plan`: build the target checkpoint from headers (a pure
 //! function of the source), print it as the plan, or stream it to disk.
+//!
+//! Multimodal sources (NeVA `.nemo`, llava-hf, original LLaVA) go through the canonical bundle
+//! (`convert::llava`, `convert::neva`); a conversion may then write two outputs, the vision tower
+//! as an HF CLIP directory beside the main one, and every destination is checked before the first
+//! byte is written.
 
 use super::inspect;
 use anyhow::{bail, Context, Result};
+use shardsmith_converters::convert::clip::{self, ClipVision};
 use shardsmith_converters::convert::llama::{self, NemoTarget};
+use shardsmith_converters::convert::llava::{self, CanonicalLlava, VisionSource};
+use shardsmith_converters::convert::neva::{self, NevaTarget, VisionPlacement};
 use shardsmith_converters::formats::{self, hf_dir, nemo};
 use shardsmith_converters::names::llama::NemoDialect;
-use shardsmith_converters::{Checkpoint, DType, Flavour, ModelConfig};
-use std::path::Path;
+use shardsmith_converters::names::neva::Template;
+use shardsmith_converters::{ByteSource, Checkpoint, DType, Flavour, ModelConfig};
+use std::path::{Path, PathBuf};
 
 /// Where a conversion writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TargetKind {
-    /// A `.nemo` archive.
+    /// A `.nemo` archive (NeVA for multimodal sources).
     Nemo,
-    /// A HuggingFace model directory.
+    /// A HuggingFace model directory (llava-hf for multimodal sources).
     Hf,
+    /// An original LLaVA (liuhaotian) directory; multimodal sources only.
+    Llava,
+}
+
+/// What `--vision` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VisionArg {
+    /// Put the tower's weights inside the `.nemo` (`freeze: false`).
+    Bundle,
+    /// Write the tower as an HF CLIP directory beside the output and reference it (`freeze: true`).
+    Separate,
+    /// Use this HF CLIP directory as the tower, bundled into a `.nemo` output.
+    Path(PathBuf),
+}
+
+impl VisionArg {
+    /// `bundle`, `separate`, or a path.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "bundle" => VisionArg::Bundle,
+            "separate" => VisionArg::Separate,
+            p => VisionArg::Path(PathBuf::from(p)),
+        }
+    }
 }
 
 /// Everything `convert` and `reshard` take besides the paths.
@@ -49,6 +82,10 @@ pub struct Options {
     pub json: bool,
     /// Replace an existing destination.
     pub force: bool,
+    /// Vision tower placement / source (multimodal only).
+    pub vision: Option<VisionArg>,
+    /// Conversation template (multimodal only).
+    pub template: Option<Template>,
 }
 
 fn is_nemo(c: &Checkpoint) -> bool {
@@ -91,6 +128,9 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
         }
         (true, TargetKind::Nemo) => llama::reshard_nemo(src, o.tp, o.pp, o.layout, o.dtype)?,
         (true, TargetKind::Hf) => llama::nemo_to_hf(src, o.vocab, o.dtype)?,
+        (_, TargetKind::Llava) => {
+            bail!("--to llava needs a multimodal source (NeVA .nemo, llava-hf or LLaVA)")
+        }
         (false, TargetKind::Hf) => {
             let c = llama::from_hf(src)?;
             let mut out = Checkpoint::single(src.meta.clone(), llama::cast_all(&c.tensors, o.dtype)?);
@@ -111,11 +151,12 @@ pub fn print_plan(target: &Checkpoint, to: TargetKind, dst: &Path, json: bool) -
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!(
-        "plan: write {} as {}",
-        dst.display(),
-        if to == TargetKind::Nemo { ".nemo" } else { "HF directory" }
-    );
+    let what = match to {
+        TargetKind::Nemo => ".nemo",
+        TargetKind::Hf => "HF directory",
+        TargetKind::Llava => "LLaVA directory",
+    };
+    println!("plan: write {} as {what}", dst.display());
     if let Some(ModelConfig::NemoYaml(cfg)) = &target.meta.config {
         let a = &report.architecture;
         if let (Some(v), Some(p)) = (a.vocab, a.padded_vocab) {
@@ -139,7 +180,7 @@ pub fn write_target(target: &Checkpoint, to: TargetKind, dst: &Path, o: &Options
                 nemo::WriteOptions { layout: None, gzip: o.gzip, extracted: o.extracted, overwrite: o.force };
             nemo::write(target, dst, &opts)?;
         }
-        TargetKind::Hf => {
+        TargetKind::Hf | TargetKind::Llava => {
             let opts = hf_dir::WriteOptions {
                 weights: o.weights,
                 max_shard_bytes: o.max_shard_bytes,
@@ -151,27 +192,197 @@ pub fn write_target(target: &Checkpoint, to: TargetKind, dst: &Path, o: &Options
     Ok(())
 }
 
+/// One checkpoint a conversion writes.
+pub struct Output {
+    /// The checkpoint (headers only).
+    pub ckpt: Checkpoint,
+    /// Its container.
+    pub kind: TargetKind,
+    /// Where it goes.
+    pub dest: PathBuf,
+}
+
+/// The HF CLIP directory a separately written vision tower gets: `<dst stem>-clip` beside `dst`.
+pub fn vision_dir_for(dst: &Path) -> PathBuf {
+    let stem = dst
+        .file_stem()
+        .or(dst.file_name())
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    dst.with_file_name(format!("{stem}-clip"))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The bundle's tower as a CLIP directory checkpoint (for `separate` and LLaVA outputs).
+fn vision_output(c: &CanonicalLlava, dest: PathBuf, dtype: Option<DType>) -> Result<Output> {
+    if c.vision.is_empty() {
+        bail!(
+            "{}: the vision tower has no weights here to write separately; pass an HF CLIP directory with --vision PATH",
+            c.origin.display()
+        );
+    }
+    let v = ClipVision {
+        tensors: c.vision.clone(),
+        config: c.vision_config.clone(),
+        preprocessor: c.preprocessor.clone(),
+        origin: c.origin.clone(),
+    };
+    Ok(Output { ckpt: clip::clip_checkpoint(&v, dtype)?, kind: TargetKind::Hf, dest })
+}
+
+/// Build every output of a multimodal conversion (headers only; nothing is written).
+pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec<Output>> {
+    if o.vocab.is_some() {
+        bail!(
+            "--vocab-size applies to LLaMA exports; multimodal conversions restore the source's vocabulary"
+        );
+    }
+    let to = o.to.unwrap_or(if dst.extension().is_some_and(|e| e == "nemo") || o.extracted && is_nemo(src) {
+        TargetKind::Nemo
+    } else {
+        TargetKind::Hf
+    });
+    let given = match &o.vision {
+        Some(VisionArg::Path(p)) => Some(clip::read_hf_clip(p)?),
+        _ => None,
+    };
+    let nemo_source = is_nemo(src);
+    if nemo_source && to == TargetKind::Nemo {
+        if o.vision.is_some() {
+            bail!("--vision does not apply to resharding a NeVA .nemo: the tower keeps its placement");
+        }
+        let t = neva_target(o, VisionPlacement::Bundle, None);
+        return Ok(vec![Output { ckpt: neva::reshard_neva(src, &t)?, kind: to, dest: dst.to_path_buf() }]);
+    }
+    let mut c = match &src.meta.config {
+        Some(ModelConfig::NemoYaml(_)) => {
+            let mut c = neva::from_neva(src, given)?;
+            neva::undo_neva_tokens(&mut c)?;
+            c
+        }
+        Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg) => {
+            let mut c = llava::from_llava_hf_checked(src)?;
+            if let Some(v) = given {
+                (c.vision, c.vision_config, c.vision_source) =
+                    (v.tensors, v.config, VisionSource::Directory(v.origin));
+                c.preprocessor = v.preprocessor.or(c.preprocessor);
+            }
+            c
+        }
+        _ => llava::from_llava_original(src, given)?,
+    };
+    c.template = o.template.or(c.template);
+    if let Some(p) = &o.tokenizer {
+        let bytes = std::fs::read(p).with_context(|| format!("reading tokenizer {}", p.display()))?;
+        c.tokenizer = Some(ByteSource::owned(bytes));
+    }
+    let side = vision_dir_for(dst);
+    let mut outputs = Vec::new();
+    match to {
+        TargetKind::Nemo => {
+            // Default: the tower stays outside the .nemo, as NeMo keeps a frozen tower; a llava-hf
+            // source has it only inside, so it is written beside the .nemo.
+            let placement = match (&o.vision, &c.vision_source) {
+                (Some(VisionArg::Bundle | VisionArg::Path(_)), _) => VisionPlacement::Bundle,
+                (Some(VisionArg::Separate), _) | (None, VisionSource::Bundled) => {
+                    outputs.push(vision_output(&c, side.clone(), o.dtype)?);
+                    VisionPlacement::Reference(absolute(&side).display().to_string())
+                }
+                (None, VisionSource::Directory(p)) => {
+                    VisionPlacement::Reference(absolute(p).display().to_string())
+                }
+                (None, VisionSource::Named(n)) => VisionPlacement::Reference(n.clone()),
+            };
+            let t = neva_target(o, placement, None);
+            outputs.push(Output { ckpt: neva::to_neva(&c, &t)?, kind: to, dest: dst.to_path_buf() });
+        }
+        TargetKind::Hf => {
+            outputs.push(Output { ckpt: llava::to_llava_hf(&c, o.dtype)?, kind: to, dest: dst.to_path_buf() })
+        }
+        TargetKind::Llava => {
+            let reference = match (&o.vision, &c.vision_source) {
+                (Some(VisionArg::Path(p)), _) => absolute(p).display().to_string(),
+                (None | Some(VisionArg::Bundle), VisionSource::Named(n)) => n.clone(),
+                (None | Some(VisionArg::Bundle), VisionSource::Directory(p)) => {
+                    absolute(p).display().to_string()
+                }
+                _ => {
+                    // LLaVA never stores the tower: write it beside the directory and point at it.
+                    outputs.push(vision_output(&c, side.clone(), o.dtype)?);
+                    absolute(&side).display().to_string()
+                }
+            };
+            outputs.push(Output {
+                ckpt: llava::to_llava_original(&c, o.dtype, &reference)?,
+                kind: to,
+                dest: dst.to_path_buf(),
+            });
+        }
+    }
+    Ok(outputs)
+}
+
+fn neva_target(o: &Options, vision: VisionPlacement, format: Option<&str>) -> NevaTarget {
+    NevaTarget {
+        dialect: o.layout.unwrap_or(NemoDialect::Mcore),
+        tp: o.tp,
+        pp: o.pp,
+        dtype: o.dtype,
+        vision,
+        template: o.template,
+        image_aspect_ratio: None,
+        divisible_by: None,
+        source_format: format.map(str::to_string),
+    }
+}
+
+/// Plan or write `outputs`: every destination is checked first, the vision directory is written
+/// before the checkpoint that references it, each atomically.
+pub fn emit(outputs: &[Output], o: &Options, started: std::time::Instant) -> Result<()> {
+    if o.dry_run {
+        for out in outputs {
+            print_plan(&out.ckpt, out.kind, &out.dest, o.json)?;
+        }
+        return Ok(());
+    }
+    if !o.force {
+        if let Some(out) = outputs.iter().find(|out| out.dest.exists()) {
+            return Err(shardsmith_converters::Error::OutputExists { path: out.dest.clone() }.into());
+        }
+    }
+    for out in outputs {
+        {
+            let _bar = crate::progress::WriteProgress::start(out.ckpt.total_bytes() as u64, "writing");
+            write_target(&out.ckpt, out.kind, &out.dest, o)?;
+        }
+        let bytes = out.ckpt.total_bytes();
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "wrote {} ({} tensors, {:.2} GiB in {:.1} s, {:.0} MiB/s)",
+            out.dest.display(),
+            out.ckpt.tensor_count(),
+            bytes as f64 / (1u64 << 30) as f64,
+            secs,
+            bytes as f64 / (1u64 << 20) as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
 /// The `convert` / `reshard` command.
 pub fn run(src: &Path, dst: &Path, o: &Options) -> Result<()> {
     let started = std::time::Instant::now();
     let source = formats::open(&crate::hub::resolve(src)?)?;
-    let (target, to) = build_target(&source, dst, o)?;
-    if o.dry_run {
-        return print_plan(&target, to, dst, o.json);
-    }
-    {
-        let _bar = crate::progress::WriteProgress::start(target.total_bytes() as u64, "writing");
-        write_target(&target, to, dst, o)?;
-    }
-    let bytes = target.total_bytes();
-    let secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "wrote {} ({} tensors, {:.2} GiB in {:.1} s, {:.0} MiB/s)",
-        dst.display(),
-        target.tensor_count(),
-        bytes as f64 / (1u64 << 30) as f64,
-        secs,
-        bytes as f64 / (1u64 << 20) as f64 / secs.max(1e-9)
-    );
-    Ok(())
+    let outputs = if neva::is_multimodal(&source) {
+        build_multimodal(&source, dst, o)?
+    } else {
+        if o.vision.is_some() || o.template.is_some() {
+            bail!("--vision and --template apply to multimodal sources (NeVA .nemo, llava-hf, LLaVA)");
+        }
+        let (ckpt, kind) = build_target(&source, dst, o)?;
+        vec![Output { ckpt, kind, dest: dst.to_path_buf() }]
+    };
+    emit(&outputs, o, started)
 }

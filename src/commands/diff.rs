@@ -66,6 +66,16 @@ pub struct Report {
 /// Tensors under canonical names: LLaMA checkpoints (HF or NeMo, any TP/PP) are mapped;
 /// anything else is compared under its own names.
 pub fn canonical(c: &Checkpoint) -> Result<TensorMap> {
+    // NeVA and llava-hf map to canonical names (the vision tower included when it resolves);
+    // original LLaVA compares under its own names, which are already LLaMA's plus the projector.
+    let multimodal = match &c.meta.config {
+        Some(ModelConfig::NemoYaml(cfg)) => shardsmith_converters::convert::neva::is_neva(cfg),
+        Some(ModelConfig::HfJson(cfg)) => shardsmith_converters::convert::llava::is_llava_hf(cfg),
+        None => false,
+    };
+    if multimodal {
+        return Ok(shardsmith_converters::convert::neva::canonical_tensors(c)?);
+    }
     Ok(match (&c.meta.flavour, &c.meta.config) {
         (Flavour::Nemo { .. }, _) => llama::from_nemo(c, None)?.tensors,
         (_, Some(ModelConfig::HfJson(v)))

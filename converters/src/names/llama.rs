@@ -231,6 +231,12 @@ impl LlamaHparams {
 
     /// NeMo `model_config.yaml` text for these parameters (formats.md §3.8, §5.1).
     pub fn nemo_yaml(&self, o: &NemoYamlOptions) -> String {
+        yaml::emit(&self.nemo_yaml_map(o))
+    }
+
+    /// The mapping [`LlamaHparams::nemo_yaml`] writes, in NeMo's key order, for callers (NeVA)
+    /// that add sections before emitting it.
+    pub fn nemo_yaml_map(&self, o: &NemoYamlOptions) -> Vec<(String, Node)> {
         let mcore = o.dialect == NemoDialect::Mcore;
         let precision: Node = match o.dtype {
             DType::BF16 => "bf16".into(),
@@ -248,7 +254,7 @@ impl LlamaHparams {
         ]);
         let kv_channels: Node =
             if self.head_dim * self.heads == self.hidden { Node::Null } else { self.head_dim.into() };
-        let map: Vec<(String, Node)> = vec![
+        vec![
             ("mcore_gpt".into(), mcore.into()),
             ("transformer_engine".into(), mcore.into()),
             ("precision".into(), precision),
@@ -288,8 +294,7 @@ impl LlamaHparams {
                 "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel".into(),
             ),
             ("nemo_version".into(), "1.23.0".into()),
-        ];
-        yaml::emit(&map)
+        ]
     }
 }
 

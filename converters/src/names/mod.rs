@@ -3,4 +3,5 @@
 //! they keep every tensor separate, so each other dialect is a rename plus named transforms.
 
 pub mod llama;
+pub mod neva;
 pub mod yaml;

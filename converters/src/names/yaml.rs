@@ -21,6 +21,8 @@ pub enum Node {
     Str(String),
     /// A nested mapping in insertion order.
     Map(Vec<(String, Node)>),
+    /// A sequence of scalars, written in flow style (`[336, 336]`).
+    Seq(Vec<Node>),
 }
 
 impl From<bool> for Node {
@@ -41,6 +43,11 @@ impl From<f64> for Node {
 impl From<&str> for Node {
     fn from(v: &str) -> Self {
         Node::Str(v.to_string())
+    }
+}
+impl From<i64> for Node {
+    fn from(v: i64) -> Self {
+        Node::Int(v)
     }
 }
 impl From<String> for Node {
@@ -93,6 +100,7 @@ fn scalar(node: &Node) -> String {
                 format!("'{}'", s.replace('\'', "''"))
             }
         }
+        Node::Seq(items) => format!("[{}]", items.iter().map(scalar).collect::<Vec<_>>().join(", ")),
         Node::Map(_) => unreachable!("maps are written as blocks"),
     }
 }

@@ -1,0 +1,397 @@
+//! Which token ids a checkpoint's tokenizer uses, and adding tokens to it.
+//!
+//! Read from every file that can assign an id: `tokenizer.json` (model vocabulary and
+//! `added_tokens`), `tokenizer_config.json` (`added_tokens_decoder`), `added_tokens.json`, and the
+//! SentencePiece `tokenizer.model` (a `.nemo`'s through its yaml, plus
+//! `tokenizer.additional_special_tokens`, which NeMo numbers after the pieces, formats.md §4.2).
+//!
+//! Adding tokens edits what the loader of that container reads:
+//!
+//! * HF: what `tokenizer.add_special_tokens({"additional_special_tokens": …})` + `save_pretrained`
+//!   changes: `tokenizer.json` `added_tokens`, `tokenizer_config.json` `added_tokens_decoder` and
+//!   `additional_special_tokens`, `special_tokens_map.json` `additional_special_tokens`, and
+//!   `added_tokens.json` (each when present; `added_tokens.json` is created when the directory
+//!   has only a SentencePiece model). `tokenizer.model` is left alone, as transformers does. The
+//!   tokens are special: matched whole, never normalised or split.
+//! * `.nemo`: the SentencePiece model gets USER_DEFINED pieces appended — what NeMo's
+//!   `add_special_tokens_to_sentencepiece.py` does — and is stored under a new content-addressed
+//!   artifact name. A yaml with `additional_special_tokens` is refused (their ids sit after the
+//!   pieces and would move).
+
+use super::extract::json_bytes;
+use super::model::{LlamaModel, Store};
+use crate::checkpoint::{Artifact, ByteSource};
+use crate::convert::tokenizer;
+use crate::error::{Error, Result};
+use serde_json::{json, Value as Json};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The ids a tokenizer assigns.
+#[derive(Clone, Debug, Default)]
+pub struct TokenizerView {
+    /// id → token text (the last file read wins; they agree in a sane checkpoint).
+    pub ids: BTreeMap<u32, String>,
+    /// Which files were read.
+    pub files: Vec<String>,
+}
+
+impl TokenizerView {
+    /// Whether any tokenizer file was found.
+    pub fn found(&self) -> bool {
+        !self.files.is_empty()
+    }
+
+    /// Number of ids in use (highest id + 1), 0 without a tokenizer.
+    pub fn len(&self) -> usize {
+        self.ids.keys().next_back().map_or(0, |m| *m as usize + 1)
+    }
+
+    /// Whether no id is known.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The id of token `text`, if the tokenizer has it.
+    pub fn id_of(&self, text: &str) -> Option<u32> {
+        self.ids.iter().find(|(_, t)| t.as_str() == text).map(|(id, _)| *id)
+    }
+
+    /// Read the tokenizer of a LLaMA checkpoint.
+    pub fn read(model: &LlamaModel) -> Result<Self> {
+        let src = &model.source;
+        match &model.store {
+            Store::Hf(_) => Self::from_hf_artifacts(&src.meta.path, &src.meta.artifacts),
+            Store::Nemo { cfg, .. } => {
+                let mut view = TokenizerView::default();
+                if let Some(a) = tokenizer::nemo_tokenizer_model(src, cfg) {
+                    view.add_sentencepiece(&a.source.bytes()?, &src.meta.path.join(&a.name))?;
+                    view.files.push(a.name.clone());
+                    if let Some(serde_yaml::Value::Sequence(extra)) =
+                        cfg.get("tokenizer.additional_special_tokens")
+                    {
+                        let base = view.len() as u32;
+                        for (i, t) in extra.iter().enumerate() {
+                            view.ids.insert(base + i as u32, t.as_str().unwrap_or("?").to_string());
+                        }
+                    }
+                }
+                Ok(view)
+            }
+        }
+    }
+
+    /// Read the tokenizer files of an HF directory (`dir` names them in errors).
+    pub fn from_hf_artifacts(dir: &Path, artifacts: &[Artifact]) -> Result<Self> {
+        let mut view = TokenizerView::default();
+        for a in artifacts {
+            let origin = dir.join(&a.name);
+            match a.name.as_str() {
+                "tokenizer.model" => view.add_sentencepiece(&a.source.bytes()?, &origin)?,
+                "tokenizer.json" => view.add_tokenizer_json(&parse_json(&a.source.bytes()?, &origin)?),
+                "tokenizer_config.json" => {
+                    let v = parse_json(&a.source.bytes()?, &origin)?;
+                    if let Some(d) = v.get("added_tokens_decoder").and_then(Json::as_object) {
+                        for (id, t) in d {
+                            if let (Ok(id), Some(text)) =
+                                (id.parse(), t.get("content").and_then(Json::as_str))
+                            {
+                                view.ids.insert(id, text.to_string());
+                            }
+                        }
+                    }
+                }
+                "added_tokens.json" => {
+                    let v = parse_json(&a.source.bytes()?, &origin)?;
+                    for (text, id) in v.as_object().into_iter().flatten() {
+                        if let Some(id) = id.as_u64() {
+                            view.ids.insert(id as u32, text.clone());
+                        }
+                    }
+                }
+                _ => continue,
+            }
+            view.files.push(a.name.clone());
+        }
+        Ok(view)
+    }
+
+    fn add_sentencepiece(&mut self, bytes: &[u8], origin: &Path) -> Result<()> {
+        let pieces = sentencepiece_pieces(bytes).ok_or_else(|| {
+            Error::malformed(origin, "sentencepiece model", "not a SentencePiece ModelProto")
+        })?;
+        for (i, p) in pieces.into_iter().enumerate() {
+            self.ids.insert(i as u32, p);
+        }
+        Ok(())
+    }
+
+    fn add_tokenizer_json(&mut self, v: &Json) {
+        match v.pointer("/model/vocab") {
+            Some(Json::Object(m)) => {
+                for (text, id) in m {
+                    if let Some(id) = id.as_u64() {
+                        self.ids.insert(id as u32, text.clone());
+                    }
+                }
+            }
+            // Unigram: [[piece, score], ...], the id is the position.
+            Some(Json::Array(a)) => {
+                for (i, e) in a.iter().enumerate() {
+                    let text = e.get(0).and_then(Json::as_str).unwrap_or("?");
+                    self.ids.insert(i as u32, text.to_string());
+                }
+            }
+            _ => {}
+        }
+        for t in v.get("added_tokens").and_then(Json::as_array).into_iter().flatten() {
+            if let (Some(id), Some(text)) =
+                (t.get("id").and_then(Json::as_u64), t.get("content").and_then(Json::as_str))
+            {
+                self.ids.insert(id as u32, text.to_string());
+            }
+        }
+    }
+}
+
+fn parse_json(bytes: &[u8], origin: &Path) -> Result<Json> {
+    serde_json::from_slice(bytes).map_err(|e| Error::malformed(origin, "json", e.to_string()))
+}
+
+/// Tokenizer edits for added tokens: new artifacts, plan lines, and the yaml edit a `.nemo` needs
+/// (its tokenizer's new artifact name).
+pub struct AddedTokens {
+    /// The checkpoint's companion files after the edit.
+    pub artifacts: Vec<Artifact>,
+    /// One line per edited file.
+    pub lines: Vec<String>,
+    /// `nemo:<new name>` for the yaml's `tokenizer.model`.
+    pub nemo_tokenizer_ref: Option<String>,
+}
+
+/// Give `tokens` the ids `first, first + 1, …` in the tokenizer files of `model`.
+pub fn add_tokens(model: &LlamaModel, tokens: &[String], first: u32) -> Result<AddedTokens> {
+    let src = &model.source;
+    let mut artifacts = src.meta.artifacts.clone();
+    let mut lines = Vec::new();
+    let ids = || tokens.iter().enumerate().map(|(i, t)| (first + i as u32, t.as_str()));
+    let range = format!("ids {}..={}", first, first as usize + tokens.len() - 1);
+    match &model.store {
+        Store::Hf(_) => {
+            let names: Vec<String> = artifacts.iter().map(|a| a.name.clone()).collect();
+            for a in artifacts.iter_mut() {
+                let origin = src.meta.path.join(&a.name);
+                let mut v = match a.name.as_str() {
+                    "tokenizer.json"
+                    | "tokenizer_config.json"
+                    | "added_tokens.json"
+                    | "special_tokens_map.json" => parse_json(&a.source.bytes()?, &origin)?,
+                    _ => continue,
+                };
+                let bad = || Error::invalid(&origin, "unexpected JSON layout (expected an object)");
+                match a.name.as_str() {
+                    "tokenizer.json" => {
+                        let o = v.as_object_mut().ok_or_else(bad)?;
+                        let added = o.entry("added_tokens").or_insert_with(|| json!([]));
+                        let list = added.as_array_mut().ok_or_else(bad)?;
+                        for (id, t) in ids() {
+                            list.push(json!({
+                                "id": id, "content": t, "single_word": false, "lstrip": false,
+                                "rstrip": false, "normalized": false, "special": true,
+                            }));
+                        }
+                    }
+                    "tokenizer_config.json" => {
+                        let o = v.as_object_mut().ok_or_else(bad)?;
+                        let dec = o.entry("added_tokens_decoder").or_insert_with(|| json!({}));
+                        let map = dec.as_object_mut().ok_or_else(bad)?;
+                        for (id, t) in ids() {
+                            map.insert(
+                                id.to_string(),
+                                json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false,
+                                       "single_word": false, "special": true}),
+                            );
+                        }
+                        additional(o, ids().map(|(_, t)| json!(t))).ok_or_else(bad)?;
+                    }
+                    "special_tokens_map.json" => {
+                        let o = v.as_object_mut().ok_or_else(bad)?;
+                        let entry = |t: &str| json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false});
+                        additional(o, ids().map(|(_, t)| entry(t))).ok_or_else(bad)?;
+                    }
+                    _ => {
+                        let o = v.as_object_mut().ok_or_else(bad)?;
+                        for (id, t) in ids() {
+                            o.insert(t.to_string(), json!(id));
+                        }
+                    }
+                }
+                a.source = ByteSource::owned(json_bytes(&v));
+                lines.push(format!("{}: {} added tokens ({range})", a.name, tokens.len()));
+            }
+            if !names.iter().any(|n| n == "tokenizer.json" || n == "added_tokens.json") {
+                if !names.iter().any(|n| n == "tokenizer.model") {
+                    return Err(Error::missing(
+                        &src.meta.path,
+                        "a tokenizer (tokenizer.json or tokenizer.model) to add tokens to",
+                    ));
+                }
+                let v: serde_json::Map<String, Json> =
+                    ids().map(|(id, t)| (t.to_string(), json!(id))).collect();
+                artifacts.push(Artifact {
+                    name: "added_tokens.json".into(),
+                    source: ByteSource::owned(json_bytes(&Json::Object(v))),
+                });
+                lines.push(format!("added_tokens.json: created with {} tokens ({range})", tokens.len()));
+            }
+            Ok(AddedTokens { artifacts, lines, nemo_tokenizer_ref: None })
+        }
+        Store::Nemo { cfg, .. } => {
+            if matches!(cfg.get("tokenizer.additional_special_tokens"), Some(serde_yaml::Value::Sequence(s)) if !s.is_empty())
+            {
+                return Err(Error::invalid(
+                    &src.meta.path,
+                    "model_config.yaml: tokenizer.additional_special_tokens is set; their ids follow the \
+                     SentencePiece pieces and would move if pieces were added — fold them into the \
+                     SentencePiece model first",
+                ));
+            }
+            if let Some(lib) = cfg.get_str("tokenizer.library") {
+                if lib != "sentencepiece" {
+                    return Err(Error::invalid(
+                        &src.meta.path,
+                        format!("model_config.yaml: tokenizer.library is '{lib}'; only sentencepiece tokenizers can get tokens"),
+                    ));
+                }
+            }
+            let old = tokenizer::nemo_tokenizer_model(src, cfg).ok_or_else(|| {
+                Error::missing(&src.meta.path, "the SentencePiece tokenizer.model the yaml names")
+            })?;
+            let bytes = append_user_defined(&old.source.bytes()?, tokens);
+            let name = tokenizer::artifact_name("tokenizer.model", &bytes);
+            lines.push(format!(
+                "{} -> {name}: {} USER_DEFINED SentencePiece pieces appended ({range})",
+                old.name,
+                tokens.len()
+            ));
+            let old_name = old.name.clone();
+            artifacts.retain(|a| a.name != old_name);
+            artifacts.push(Artifact { name: name.clone(), source: ByteSource::owned(bytes) });
+            Ok(AddedTokens { artifacts, lines, nemo_tokenizer_ref: Some(format!("nemo:{name}")) })
+        }
+    }
+}
+
+/// Append to `additional_special_tokens` (created when absent), the list through which
+/// transformers treats the tokens as special (the slow tokenizer then drops the `▁` it would
+/// otherwise put before one at the start of a text). `None` if the key holds no list.
+fn additional(o: &mut serde_json::Map<String, Json>, items: impl Iterator<Item = Json>) -> Option<()> {
+    let list = o.entry("additional_special_tokens").or_insert_with(|| json!([]));
+    list.as_array_mut()?.extend(items);
+    Some(())
+}
+
+fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*i)?;
+        *i += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Visit each `(field, wire type, payload)` of a protobuf message; `None` if it does not parse.
+fn fields(bytes: &[u8], mut f: impl FnMut(u64, &[u8])) -> Option<()> {
+    let mut i = 0;
+    while i < bytes.len() {
+        let key = varint(bytes, &mut i)?;
+        match key & 7 {
+            0 => {
+                varint(bytes, &mut i)?;
+            }
+            1 => i = i.checked_add(8)?,
+            2 => {
+                let len = usize::try_from(varint(bytes, &mut i)?).ok()?;
+                let at = i;
+                i = i.checked_add(len)?;
+                if i > bytes.len() {
+                    return None;
+                }
+                f(key >> 3, &bytes[at..i]);
+                continue;
+            }
+            5 => i = i.checked_add(4)?,
+            _ => return None,
+        }
+        if i > bytes.len() {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// The piece strings of a SentencePiece `ModelProto`, in id order.
+pub fn sentencepiece_pieces(bytes: &[u8]) -> Option<Vec<String>> {
+    let mut pieces = Vec::new();
+    let mut ok = true;
+    fields(bytes, |field, payload| {
+        if field == 1 {
+            let mut text = None;
+            ok &= fields(payload, |f, p| {
+                if f == 1 {
+                    text = Some(String::from_utf8_lossy(p).into_owned());
+                }
+            })
+            .is_some();
+            pieces.push(text.unwrap_or_default());
+        }
+    })?;
+    (ok && !pieces.is_empty()).then_some(pieces)
+}
+
+/// `bytes` with one USER_DEFINED piece (type 4, score 0) per token appended. Protobuf parsers
+/// concatenate repeated fields wherever they occur, so the new pieces get the next ids.
+pub fn append_user_defined(bytes: &[u8], tokens: &[String]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for t in tokens {
+        let mut piece = Vec::with_capacity(t.len() + 10);
+        piece.push(0x0a); // field 1 (piece), length-delimited
+        put_varint(&mut piece, t.len() as u64);
+        piece.extend_from_slice(t.as_bytes());
+        piece.push(0x15); // field 2 (score), 32-bit
+        piece.extend_from_slice(&0f32.to_le_bytes());
+        piece.extend_from_slice(&[0x18, 4]); // field 3 (type) = USER_DEFINED
+        out.push(0x0a); // ModelProto field 1 (pieces)
+        put_varint(&mut out, piece.len() as u64);
+        out.extend_from_slice(&piece);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appended_pieces_parse_after_the_originals() {
+        // Two pieces "a", "bc", then a trainer_spec-like field 2 message.
+        let base = [0x0a, 3, 0x0a, 1, b'a', 0x0a, 4, 0x0a, 2, b'b', b'c', 0x12, 2, 0x08, 1];
+        assert_eq!(sentencepiece_pieces(&base).unwrap(), ["a", "bc"]);
+        let more = append_user_defined(&base, &["<x>".into(), "<yy>".into()]);
+        assert_eq!(sentencepiece_pieces(&more).unwrap(), ["a", "bc", "<x>", "<yy>"]);
+        assert_eq!(crate::describe::sentencepiece_pieces(&more), Some(4));
+        assert!(sentencepiece_pieces(&[0x0a, 9, 1]).is_none());
+    }
+}

@@ -1,0 +1,748 @@
+//! `shardsmith surgery …` on the fixtures: rename / drop, extract, resize-vocab, keep-layers,
+//! merge-lora (against torch's merge in fixtures/lora-tiny), merge and swap-llm; refusals before
+//! any write; dry runs; reruns give identical bytes. The interop tests at the end have
+//! transformers and sentencepiece load what we wrote (skipped without the reference venv).
+
+mod common;
+
+use common::{assert_same_tensors, fixture, reference_python, run_checker};
+use shardsmith::commands::diff;
+use shardsmith::commands::synth::{sentencepiece_model, synthetic_tensors, LlamaShape};
+use shardsmith_converters::convert::{llama, llava};
+use shardsmith_converters::formats::{self, hf_dir, safetensors};
+use shardsmith_converters::surgery::numeric::to_f32;
+use shardsmith_converters::{Checkpoint, Flavour, Meta, ModelConfig, Parallelism, TensorMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn shardsmith(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).output().expect("run shardsmith");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (ok, out, err) = shardsmith(args);
+    assert!(ok, "shardsmith {args:?} failed: {err}");
+    out
+}
+
+/// Run a command that must fail; returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let (ok, out, err) = shardsmith(args);
+    assert!(!ok, "shardsmith {args:?} should have failed: {out}");
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn tensors(p: &Path) -> TensorMap {
+    formats::open(p).unwrap().tensors().unwrap().clone()
+}
+
+fn hf_config(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p.join("config.json")).unwrap()).unwrap()
+}
+
+/// Every file of a directory (or the file itself), by relative name.
+fn file_bytes(p: &Path) -> Vec<(String, Vec<u8>)> {
+    if p.is_file() {
+        return vec![(String::new(), std::fs::read(p).unwrap())];
+    }
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|f| (f.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&f).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A synthetic HF LLaMA (seeded bf16 values) with a SentencePiece tokenizer of its vocabulary.
+fn synthetic_hf(shape: &LlamaShape, out: &Path) -> PathBuf {
+    let meta = Meta {
+        path: out.to_path_buf(),
+        flavour: Flavour::HfSafetensorsDir { sharded: false },
+        parallel: Parallelism::default(),
+        config: Some(ModelConfig::HfJson(shape.config_json())),
+        artifacts: vec![shardsmith_converters::Artifact {
+            name: "tokenizer.model".into(),
+            source: shardsmith_converters::ByteSource::owned(sentencepiece_model(shape.vocab)),
+        }],
+    };
+    hf_dir::write(&Checkpoint::single(meta, synthetic_tensors(shape, 11)), out, &Default::default()).unwrap();
+    out.to_path_buf()
+}
+
+#[test]
+fn rename_and_drop_by_pattern_round_trip_and_refuse_collisions() {
+    let work = tempfile::tempdir().unwrap();
+    let src = fixture("llama-mha");
+    let renamed = work.path().join("renamed");
+    let plan = ok(&[
+        "surgery",
+        "rename",
+        s(&src),
+        "-o",
+        s(&renamed),
+        "--rule",
+        r"^model\.layers\.(\d+)\.mlp\.=blocks.$1.ffn.",
+        "--dry-run",
+    ]);
+    assert!(
+        plan.contains("renamed  blocks.0.ffn.up_proj.weight")
+            && plan.contains("<- model.layers.0.mlp.up_proj.weight"),
+        "{plan}"
+    );
+    assert!(!renamed.exists(), "a dry run writes nothing");
+    ok(&[
+        "surgery",
+        "rename",
+        s(&src),
+        "-o",
+        s(&renamed),
+        "--rule",
+        r"^model\.layers\.(\d+)\.mlp\.=blocks.$1.ffn.",
+    ]);
+    assert!(tensors(&renamed).contains_key("blocks.1.ffn.down_proj.weight"));
+    // And back: the very file transformers wrote (same names, same header, same bytes).
+    let back = work.path().join("back");
+    let report = ok(&[
+        "surgery",
+        "rename",
+        s(&renamed),
+        "-o",
+        s(&back),
+        "--rule",
+        r"^blocks\.(\d+)\.ffn\.=model.layers.$1.mlp.",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!((v["written"].as_bool(), v["plan"]["summary"]["renamed"].as_u64()), (Some(true), Some(6)));
+    assert!(
+        std::fs::read(back.join("model.safetensors")).unwrap()
+            == std::fs::read(src.join("model.safetensors")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(back.join("tokenizer.json")).unwrap(),
+        std::fs::read(src.join("tokenizer.json")).unwrap()
+    );
+
+    // Two tensors onto one name: refused, naming both, before anything is written.
+    let dst = work.path().join("collide");
+    let err =
+        refused(&["surgery", "rename", s(&src), "-o", s(&dst), "--rule", r"^model\.layers\.\d+\.(.*)$=$1"]);
+    assert!(err.contains("'model.layers.0.input_layernorm.weight' and 'model.layers.1.input_layernorm.weight' would both be named 'input_layernorm.weight'"), "{err}");
+    let err = refused(&["surgery", "rename", s(&src), "-o", s(&dst), "--rule", "^lm_head=model.norm"]);
+    assert!(err.contains("'lm_head.weight' and 'model.norm.weight'"), "{err}");
+    assert!(refused(&["surgery", "rename", s(&src), "-o", s(&dst), "--rule", "nothing_like_this=x"])
+        .contains("matches no tensor"));
+    assert!(refused(&["surgery", "rename", s(&src), "-o", s(&dst), "--rule", "(unclosed=x"])
+        .contains("--rule '(unclosed=x'"));
+    assert!(!dst.exists());
+
+    // Drop on every rank of a .nemo; the None keys of dropped modules go too.
+    let nemo = work.path().join("m.nemo");
+    ok(&["convert", s(&src), s(&nemo), "--tp", "2", "--pp", "2"]);
+    let dropped = work.path().join("dropped.nemo");
+    let out = ok(&["surgery", "drop", s(&nemo), "-o", s(&dropped), "--pattern", "*linear_fc1*"]);
+    // fc1 weight + its fused norm, for 1 layer per stage × 2 stages × 2 tp ranks.
+    assert!(out.contains("; 8 dropped"), "{out}");
+    let c = formats::open(&dropped).unwrap();
+    assert_eq!(c.meta.parallel, Parallelism { tp: 2, pp: 2 });
+    for shard in &c.shards {
+        assert!(shard.tensors.keys().all(|n| !n.contains("linear_fc1")));
+        assert!(shard.none_keys.iter().all(|n| !n.contains("linear_fc1")), "{:?}", shard.none_keys);
+        assert!(!shard.none_keys.is_empty());
+    }
+    let err = refused(&["surgery", "drop", s(&nemo), "-o", s(&dropped), "--pattern", "*no_such*", "--force"]);
+    assert!(err.contains("--pattern '*no_such*'") && err.contains("matches no tensor"), "{err}");
+}
+
+#[test]
+fn extract_writes_each_part_byte_exact_in_its_own_format() {
+    let work = tempfile::tempdir().unwrap();
+    let src = fixture("llava-tiny");
+    let parts = llava::from_llava_hf(&formats::open(&src).unwrap()).unwrap();
+    let (llm, vision, proj) =
+        (work.path().join("llm"), work.path().join("vision"), work.path().join("mm_projector.safetensors"));
+    ok(&["surgery", "extract", s(&src), "--part", "llm", "-o", s(&llm)]);
+    ok(&["surgery", "extract", s(&src), "--part", "vision", "-o", s(&vision)]);
+    ok(&["surgery", "extract", s(&src), "--part", "projector", "-o", s(&proj)]);
+
+    let c = llama::from_hf(&formats::open(&llm).unwrap()).unwrap();
+    assert_eq!(c.hparams, parts.llm.hparams);
+    assert_same_tensors(&c.tensors, &parts.llm.tensors, "llm");
+    assert_eq!(hf_config(&llm)["architectures"][0], "LlamaForCausalLM");
+    for f in ["tokenizer.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json"] {
+        assert_eq!(std::fs::read(llm.join(f)).unwrap(), std::fs::read(src.join(f)).unwrap(), "{f} copied");
+    }
+    assert_same_tensors(&tensors(&vision), &parts.vision, "vision");
+    assert_eq!(hf_config(&vision)["model_type"], "clip_vision_model");
+    assert!(vision.join("preprocessor_config.json").is_file());
+    let p: TensorMap = parts.projector.iter().map(|(n, t)| (format!("model.{n}"), t.clone())).collect();
+    assert_same_tensors(&tensors(&proj), &p, "projector");
+
+    // A projector directory gets LLaVA's config beside the weights.
+    let pdir = work.path().join("pdir");
+    ok(&["surgery", "extract", s(&src), "--part", "projector", "-o", s(&pdir)]);
+    let cfg = hf_config(&pdir);
+    assert_eq!(
+        (cfg["mm_projector_type"].as_str(), cfg["mm_hidden_size"].as_u64(), cfg["hidden_size"].as_u64()),
+        (Some("mlp2x_gelu"), Some(48), Some(64))
+    );
+    assert!(pdir.join("mm_projector.safetensors").is_file());
+    // Not multimodal: a clear refusal.
+    let err = refused(&[
+        "surgery",
+        "extract",
+        s(&fixture("llama-mha")),
+        "--part",
+        "llm",
+        "-o",
+        s(&work.path().join("x")),
+    ]);
+    assert!(err.contains("expected 'llava'"), "{err}");
+}
+
+/// Rows `[0, rows)` of a `[R, C]` f32 matrix, summed per column in f64 in row order, over `rows`.
+fn column_mean(m: &[f32], cols: usize, rows: usize) -> Vec<f32> {
+    let mut sum = vec![0f64; cols];
+    for r in m.chunks_exact(cols).take(rows) {
+        sum.iter_mut().zip(r).for_each(|(s, x)| *s += f64::from(*x));
+    }
+    sum.into_iter().map(|s| (s / rows as f64) as f32).collect()
+}
+
+#[test]
+fn resize_vocab_adds_tokens_reproducibly_and_refuses_unsafe_shrinks() {
+    let work = tempfile::tempdir().unwrap();
+    let src = fixture("llama-mha");
+    let out = work.path().join("added");
+    ok(&["surgery", "resize-vocab", s(&src), "-o", s(&out), "--add-tokens", "<a>,<bb>"]);
+    assert_eq!(hf_config(&out)["vocab_size"], 258);
+    let (before, after) = (tensors(&src), tensors(&out));
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let (old, new) = (to_f32(name, &before[name]).unwrap(), to_f32(name, &after[name]).unwrap());
+        assert_eq!(after[name].shape, [258, 64]);
+        assert_eq!(&new[..256 * 64], &old[..], "{name}: existing rows untouched");
+        let mean = column_mean(&old, 64, 256);
+        assert_eq!(&new[256 * 64..257 * 64], &mean[..], "{name}: new row = mean of the token rows");
+        assert_eq!(&new[257 * 64..], &mean[..]);
+    }
+    let tj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("tokenizer.json")).unwrap()).unwrap();
+    let added: Vec<(u64, &str)> = tj["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_u64().unwrap(), t["content"].as_str().unwrap()))
+        .collect();
+    assert_eq!(&added[3..], [(256, "<a>"), (257, "<bb>")]);
+    // Bit-reproducible: a second run writes identical bytes, for every init.
+    let again = work.path().join("again");
+    ok(&["surgery", "resize-vocab", s(&src), "-o", s(&again), "--add-tokens", "<a>,<bb>"]);
+    assert!(file_bytes(&out) == file_bytes(&again), "rerun differs");
+    let seeded = |tag: &str, init: &str| {
+        let p = work.path().join(tag);
+        ok(&["surgery", "resize-vocab", s(&src), "-o", s(&p), "--to", "300", "--init", init]);
+        std::fs::read(p.join("model.safetensors")).unwrap()
+    };
+    assert!(seeded("s1", "seeded:7") == seeded("s2", "seeded:7"));
+    assert!(seeded("s3", "seeded:7") != seeded("s4", "seeded:8"));
+    let z = tensors(&work.path().join("s1"));
+    assert_eq!(z["lm_head.weight"].shape, [300, 64]);
+
+    // Shrinking: dropping rows the tokenizer uses is refused; padding rows can go.
+    let err = refused(&["surgery", "resize-vocab", s(&src), "-o", s(&work.path().join("x")), "--to", "250"]);
+    assert!(err.contains("cannot shrink the vocabulary to 250") && err.contains("255 ("), "{err}");
+    let err = refused(&[
+        "surgery",
+        "resize-vocab",
+        s(&src),
+        "-o",
+        s(&work.path().join("x")),
+        "--add-tokens",
+        "<s>",
+    ]);
+    assert!(err.contains("already has '<s>' (id 1)"), "{err}");
+    let grown = work.path().join("grown");
+    ok(&["surgery", "resize-vocab", s(&fixture("llama-gqa")), "-o", s(&grown), "--to", "384"]);
+    let shrunk = work.path().join("shrunk");
+    ok(&["surgery", "resize-vocab", s(&grown), "-o", s(&shrunk), "--to", "333"]);
+    assert!(ok(&["diff", s(&fixture("llama-gqa")), s(&shrunk)]).contains("MATCH"));
+
+    // .nemo (tp 2, pp 2): the SentencePiece model gets the pieces, the vocabulary follows it.
+    let nemo = work.path().join("m.nemo");
+    ok(&["convert", s(&src), s(&nemo), "--tp", "2", "--pp", "2"]);
+    let nemo_out = work.path().join("added.nemo");
+    let plan = ok(&["surgery", "resize-vocab", s(&nemo), "-o", s(&nemo_out), "--add-tokens", "<a>,<bb>"]);
+    assert!(plan.contains("USER_DEFINED SentencePiece pieces appended"), "{plan}");
+    let c = formats::open(&nemo_out).unwrap();
+    assert_eq!(c.meta.parallel, Parallelism { tp: 2, pp: 2 });
+    let canon = llama::from_nemo(&c, None).unwrap();
+    assert_eq!(canon.hparams.vocab, 258, "the tokenizer now has 258 pieces");
+    assert_same_tensors(
+        &canon.tensors,
+        &llama::from_hf(&formats::open(&out).unwrap()).unwrap().tensors,
+        "nemo vs HF resize",
+    );
+    let err =
+        refused(&["surgery", "resize-vocab", s(&nemo), "-o", s(&work.path().join("y.nemo")), "--to", "300"]);
+    assert!(err.contains("follows its tokenizer"), "{err}");
+}
+
+#[test]
+fn keep_layers_is_byte_exact_for_hf_llava_and_nemo() {
+    let work = tempfile::tempdir().unwrap();
+    // HF LLaMA (sharded source): every kept tensor bit-identical, config updated.
+    let src = fixture("llama-gqa");
+    let out = work.path().join("gqa2");
+    ok(&["surgery", "keep-layers", s(&src), "--first", "2", "-o", s(&out)]);
+    assert_eq!(hf_config(&out)["num_hidden_layers"], 2);
+    let (a, b) = (
+        diff::canonical(&formats::open(&src).unwrap()).unwrap(),
+        diff::canonical(&formats::open(&out).unwrap()).unwrap(),
+    );
+    let report = diff::diff(&a, &b, 0.0).unwrap();
+    for row in &report.tensors {
+        let is_layer2 = row.name.starts_with("model.layers.2.");
+        match &row.verdict {
+            diff::Verdict::Identical => assert!(!is_layer2, "{}", row.name),
+            diff::Verdict::MissingInB { .. } => assert!(is_layer2, "{}", row.name),
+            other => panic!("{}: {other:?}", row.name),
+        }
+    }
+    assert_eq!(b.len(), 3 + 2 * 9);
+
+    // llava-hf: the language model's layers go, vision tower and projector stay.
+    let lv = work.path().join("llava1");
+    ok(&["surgery", "keep-layers", s(&fixture("llava-tiny")), "--first", "1", "-o", s(&lv)]);
+    assert_eq!(hf_config(&lv)["text_config"]["num_hidden_layers"], 1);
+    let (orig, cut) = (tensors(&fixture("llava-tiny")), tensors(&lv));
+    assert_eq!(orig.len() - cut.len(), 9);
+    for (n, t) in &cut {
+        assert!(t.bytes(n).unwrap() == orig[n.as_str()].bytes(n).unwrap(), "{n}");
+    }
+    assert_eq!(llava::from_llava_hf(&formats::open(&lv).unwrap()).unwrap().llm.hparams.layers, 1);
+
+    // .nemo at tp 2, pp 2: re-emitted at tp 2, pp 2 with num_layers updated; bit-identical.
+    let shape = LlamaShape { layers: 4, hidden: 64, ffn: 96, heads: 4, kv_heads: 2, vocab: 128 };
+    let hf4 = synthetic_hf(&shape, &work.path().join("syn4"));
+    let nemo = work.path().join("syn4.nemo");
+    ok(&["convert", s(&hf4), s(&nemo), "--tp", "2", "--pp", "2"]);
+    let cut = work.path().join("syn2.nemo");
+    ok(&["surgery", "keep-layers", s(&nemo), "--first", "2", "-o", s(&cut)]);
+    let c = formats::open(&cut).unwrap();
+    assert_eq!(c.meta.parallel, Parallelism { tp: 2, pp: 2 });
+    let Some(ModelConfig::NemoYaml(cfg)) = &c.meta.config else { panic!("no yaml") };
+    assert_eq!(cfg.get_usize("num_layers"), Some(2));
+    let hf2 = work.path().join("syn2-hf");
+    ok(&["surgery", "keep-layers", s(&hf4), "--first", "2", "-o", s(&hf2)]);
+    assert!(ok(&["diff", s(&cut), s(&hf2)]).contains("MATCH"));
+    // Layers that no longer split over the pipeline stages: refused with what to do.
+    let err =
+        refused(&["surgery", "keep-layers", s(&nemo), "--first", "3", "-o", s(&work.path().join("z.nemo"))]);
+    assert!(err.contains("do not split over 2 pipeline stages") && err.contains("reshard"), "{err}");
+    let err = refused(&["surgery", "keep-layers", s(&src), "--first", "4", "-o", s(&work.path().join("z"))]);
+    assert!(err.contains("only 3 layers"), "{err}");
+}
+
+/// Compare each golden tensor with ours: max |ours − torch| ≤ 1e-6 · max |torch|.
+fn assert_close_to_golden(ours: &TensorMap, golden: &TensorMap, what: &str) {
+    for (name, want) in golden {
+        let (a, b) = (to_f32(name, &ours[name.as_str()]).unwrap(), to_f32(name, want).unwrap());
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-6 * scale, "{what} {name}: max abs error {err:e} vs scale {scale}");
+    }
+}
+
+#[test]
+fn merge_lora_matches_torch_and_reruns_bit_exactly() {
+    let work = tempfile::tempdir().unwrap();
+    let base = fixture("llama-mha");
+    let base_t = tensors(&base);
+    for adapter in ["adapter", "adapter-rslora"] {
+        let out = work.path().join(adapter);
+        ok(&[
+            "surgery",
+            "merge-lora",
+            s(&base),
+            "--adapter",
+            s(&fixture(&format!("lora-tiny/{adapter}"))),
+            "-o",
+            s(&out),
+        ]);
+        let merged = tensors(&out);
+        let golden =
+            safetensors::read_file(&fixture(&format!("lora-tiny/golden/merged-{adapter}.safetensors")))
+                .unwrap();
+        assert_close_to_golden(&merged, &golden, adapter);
+        let replaced = if adapter == "adapter-rslora" { vec!["lm_head.weight"] } else { vec![] };
+        for (n, t) in &merged {
+            if golden.contains_key(n) {
+                continue;
+            }
+            let want = if replaced.contains(&n.as_str()) {
+                let a =
+                    safetensors::read_file(&fixture("lora-tiny/adapter-rslora/adapter_model.safetensors"))
+                        .unwrap();
+                a["base_model.model.lm_head.weight"].bytes(n).unwrap().into_owned()
+            } else {
+                base_t[n.as_str()].bytes(n).unwrap().into_owned()
+            };
+            assert!(t.bytes(n).unwrap() == want, "{adapter}: {n} should be untouched or replaced");
+        }
+        let again = work.path().join(format!("{adapter}-again"));
+        ok(&[
+            "surgery",
+            "merge-lora",
+            s(&base),
+            "--adapter",
+            s(&fixture(&format!("lora-tiny/{adapter}"))),
+            "-o",
+            s(&again),
+        ]);
+        assert!(file_bytes(&out) == file_bytes(&again), "{adapter}: rerun differs");
+    }
+    // A .nemo base merges to the same weights, at its own tp.
+    let nemo = work.path().join("m.nemo");
+    ok(&["convert", s(&base), s(&nemo), "--tp", "2"]);
+    let nemo_out = work.path().join("merged.nemo");
+    ok(&[
+        "surgery",
+        "merge-lora",
+        s(&nemo),
+        "--adapter",
+        s(&fixture("lora-tiny/adapter")),
+        "-o",
+        s(&nemo_out),
+    ]);
+    assert_eq!(formats::open(&nemo_out).unwrap().meta.parallel.tp, 2);
+    assert!(ok(&["diff", s(&nemo_out), s(&work.path().join("adapter"))]).contains("MATCH"));
+    // An adapter for another model is refused with the shapes.
+    let err = refused(&[
+        "surgery",
+        "merge-lora",
+        s(&fixture("llama-gqa")),
+        "--adapter",
+        s(&fixture("lora-tiny/adapter")),
+        "-o",
+        s(&work.path().join("x")),
+    ]);
+    assert!(err.contains("module 'model.layers.0.self_attn.v_proj'") || err.contains("shape"), "{err}");
+}
+
+#[test]
+fn merge_averages_in_f32_and_refuses_different_architectures() {
+    let work = tempfile::tempdir().unwrap();
+    let a = fixture("llama-mha");
+    // A with itself at 0.5 / 0.5 is A, bit for bit.
+    let same = work.path().join("same");
+    ok(&["surgery", "merge", s(&a), s(&a), "-o", s(&same)]);
+    assert!(ok(&["diff", s(&a), s(&same)]).contains("MATCH"));
+    // A with a LoRA-merged copy: exactly 0.75·a + 0.25·b in f32, element by element.
+    let b = work.path().join("b");
+    ok(&["surgery", "merge-lora", s(&a), "--adapter", s(&fixture("lora-tiny/adapter")), "-o", s(&b)]);
+    let m = work.path().join("m");
+    ok(&["surgery", "merge", s(&a), s(&b), "--weight", "0.25", "-o", s(&m)]);
+    let (ta, tb, tm) = (tensors(&a), tensors(&b), tensors(&m));
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight"] {
+        let (x, y, z) = (
+            to_f32(name, &ta[name]).unwrap(),
+            to_f32(name, &tb[name]).unwrap(),
+            to_f32(name, &tm[name]).unwrap(),
+        );
+        let want: Vec<f32> = x.iter().zip(&y).map(|(x, y)| 0.75 * x + 0.25 * y).collect();
+        assert_eq!(z, want, "{name}");
+    }
+    // HF and .nemo merge by canonical name; the output takes A's container.
+    let nemo = work.path().join("b.nemo");
+    ok(&["convert", s(&b), s(&nemo), "--tp", "2"]);
+    let m2 = work.path().join("m2");
+    ok(&["surgery", "merge", s(&a), s(&nemo), "--weights", "0.75,0.25", "-o", s(&m2)]);
+    assert!(ok(&["diff", s(&m), s(&m2)]).contains("MATCH"));
+    // Different architectures: every difference listed.
+    let err =
+        refused(&["surgery", "merge", s(&a), s(&fixture("llama-gqa")), "-o", s(&work.path().join("x"))]);
+    assert!(
+        err.contains("layers: A 2, B 3")
+            && err.contains("query groups: A 4, B 2")
+            && err.contains("vocabulary: A 256, B 333"),
+        "{err}"
+    );
+    let err =
+        refused(&["surgery", "merge", s(&a), s(&fixture("llava-tiny")), "-o", s(&work.path().join("x"))]);
+    assert!(err.contains("A is a LLaMA checkpoint and B is not"), "{err}");
+    // Non-LLaMA checkpoints merge by stored name.
+    let lv = work.path().join("lv");
+    ok(&[
+        "surgery",
+        "merge",
+        s(&fixture("llava-tiny")),
+        s(&fixture("llava-tiny")),
+        "-o",
+        s(&lv),
+        "--weights",
+        "0.5,0.5",
+    ]);
+    assert!(
+        std::fs::read(lv.join("model.safetensors")).unwrap()
+            == std::fs::read(fixture("llava-tiny/model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn swap_llm_keeps_vision_and_projector_and_refuses_mismatches() {
+    let work = tempfile::tempdir().unwrap();
+    let bundle = fixture("llava-tiny");
+    let llm = work.path().join("llm");
+    ok(&["surgery", "extract", s(&bundle), "--part", "llm", "-o", s(&llm)]);
+    let llm1 = work.path().join("llm1");
+    ok(&["surgery", "keep-layers", s(&llm), "--first", "1", "-o", s(&llm1)]);
+    let out = work.path().join("swapped");
+    ok(&["surgery", "swap-llm", s(&bundle), "--llm", s(&llm1), "-o", s(&out)]);
+    let (orig, swapped, new_llm) = (tensors(&bundle), tensors(&out), tensors(&llm1));
+    for (n, t) in &orig {
+        if !n.starts_with("language_model.") {
+            assert!(swapped[n.as_str()].bytes(n).unwrap() == t.bytes(n).unwrap(), "{n} must stay byte-exact");
+        }
+    }
+    for (n, t) in &new_llm {
+        let stored = if n == "lm_head.weight" {
+            "language_model.lm_head.weight".to_string()
+        } else {
+            format!("language_model.{n}")
+        };
+        assert!(swapped[stored.as_str()].bytes(n).unwrap() == t.bytes(n).unwrap(), "{stored}");
+    }
+    assert_eq!(hf_config(&out)["text_config"]["num_hidden_layers"], 1);
+    assert_eq!(hf_config(&out)["text_config"]["pad_token_id"], 257);
+    // Hidden sizes must match (the projector outputs the old one).
+    let small = synthetic_hf(
+        &LlamaShape { layers: 1, hidden: 32, ffn: 48, heads: 2, kv_heads: 2, vocab: 320 },
+        &work.path().join("h32"),
+    );
+    let err =
+        refused(&["surgery", "swap-llm", s(&bundle), "--llm", s(&small), "-o", s(&work.path().join("x"))]);
+    assert!(err.contains("hidden size 32") && err.contains("(64,"), "{err}");
+    // The bundle's tokenizer (258 ids, <pad> = 257) needs rows llama-mha (256) does not have.
+    let err = refused(&[
+        "surgery",
+        "swap-llm",
+        s(&bundle),
+        "--llm",
+        s(&fixture("llama-mha")),
+        "-o",
+        s(&work.path().join("x")),
+    ]);
+    assert!(err.contains("vocabulary 256 is too small") && err.contains("--to 258"), "{err}");
+    assert!(!work.path().join("x").exists());
+}
+
+#[test]
+fn dry_runs_print_json_plans_and_write_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let dst = work.path().join("out");
+    for args in [
+        vec!["keep-layers", s(&fixture("llama-mha")), "--first", "1"],
+        vec!["resize-vocab", s(&fixture("llama-mha")), "--add-tokens", "<x>"],
+        vec!["extract", s(&fixture("llava-tiny")), "--part", "vision"],
+        vec!["drop", s(&fixture("llama-mha")), "--pattern", "lm_head*"],
+    ] {
+        let mut full = vec!["surgery"];
+        full.extend(&args);
+        full.extend(["-o", s(&dst), "--dry-run", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&ok(&full)).unwrap();
+        assert_eq!(v["written"], false, "{args:?}");
+        assert!(v["plan"]["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["bytes"].is_u64() && t["shape"].is_array()));
+        assert!(!dst.exists(), "{args:?} wrote something");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Interop: the reference stack loads what surgery wrote.
+
+#[test]
+fn transformers_loads_extracted_parts_and_swapped_bundle() {
+    let Some(py) = reference_python() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let src = fixture("llava-tiny");
+    let (llm, vision, proj) =
+        (work.path().join("llm"), work.path().join("vision"), work.path().join("p.safetensors"));
+    ok(&["surgery", "extract", s(&src), "--part", "llm", "-o", s(&llm)]);
+    ok(&["surgery", "extract", s(&src), "--part", "vision", "-o", s(&vision)]);
+    ok(&["surgery", "extract", s(&src), "--part", "projector", "-o", s(&proj)]);
+    let line = run_checker(&py, "surgery_check.py", &[Path::new("extract"), &src, &llm, &vision, &proj]);
+    assert!(line.starts_with("OK"), "{line}");
+    let llm1 = work.path().join("llm1");
+    ok(&["surgery", "keep-layers", s(&llm), "--first", "1", "-o", s(&llm1)]);
+    let swapped = work.path().join("swapped");
+    ok(&["surgery", "swap-llm", s(&src), "--llm", s(&llm1), "-o", s(&swapped)]);
+    let line = run_checker(&py, "surgery_check.py", &[Path::new("swap"), &src, &llm1, &swapped]);
+    assert!(line.starts_with("OK"), "{line}");
+}
+
+#[test]
+fn transformers_and_sentencepiece_read_added_tokens() {
+    let Some(py) = reference_python() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("hf");
+    ok(&["surgery", "resize-vocab", s(&fixture("llama-mha")), "-o", s(&out), "--add-tokens", "<a>,<bb>"]);
+    let line = run_checker(
+        &py,
+        "surgery_check.py",
+        &[Path::new("tokens"), &out, Path::new("256"), Path::new("<a>"), Path::new("<bb>")],
+    );
+    assert!(line.starts_with("OK"), "{line}");
+    // A directory with only a SentencePiece model gets an added_tokens.json transformers reads.
+    let sp = work.path().join("sp");
+    std::fs::create_dir(&sp).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.model"] {
+        std::fs::copy(fixture("llama-mha").join(f), sp.join(f)).unwrap();
+    }
+    let sp_out = work.path().join("sp-out");
+    ok(&["surgery", "resize-vocab", s(&sp), "-o", s(&sp_out), "--add-tokens", "<a>,<bb>"]);
+    assert!(sp_out.join("added_tokens.json").is_file());
+    let line = run_checker(
+        &py,
+        "surgery_check.py",
+        &[Path::new("tokens"), &sp_out, Path::new("256"), Path::new("<a>"), Path::new("<bb>")],
+    );
+    assert!(line.starts_with("OK"), "{line}");
+    // The .nemo's edited SentencePiece model equals protobuf's own edit.
+    let nemo = work.path().join("m.nemo");
+    ok(&["convert", s(&fixture("llama-mha")), s(&nemo)]);
+    let nemo_out = work.path().join("added.nemo");
+    ok(&["surgery", "resize-vocab", s(&nemo), "-o", s(&nemo_out), "--add-tokens", "<a>,<bb>"]);
+    let c = formats::open(&nemo_out).unwrap();
+    let model = work.path().join("edited.model");
+    std::fs::write(
+        &model,
+        c.meta
+            .artifacts
+            .iter()
+            .find(|a| a.name.ends_with("tokenizer.model"))
+            .unwrap()
+            .source
+            .bytes()
+            .unwrap(),
+    )
+    .unwrap();
+    let line = run_checker(
+        &py,
+        "surgery_check.py",
+        &[
+            Path::new("sentencepiece"),
+            &fixture("llama-mha/tokenizer.model"),
+            &model,
+            Path::new("<a>"),
+            Path::new("<bb>"),
+        ],
+    );
+    assert!(line.starts_with("OK"), "{line}");
+}
+
+/// A NeMo LoRA adapter `.nemo` (tp 2) for llama-mha's layer-0 QKV, with `linear_out` = `out`.
+fn nemo_lora_adapter(dir: &Path, name: &str, out: f32) -> PathBuf {
+    use shardsmith_converters::formats::nemo;
+    use shardsmith_converters::{ByteSource, NemoLayout, Rank, Shard, TensorEntry};
+    let origin: std::sync::Arc<Path> = std::sync::Arc::from(Path::new("adapter"));
+    let t = |rows: usize, cols: usize, v: f32| {
+        let bytes: Vec<u8> =
+            (0..rows * cols).flat_map(|i| (v * ((i % 7) as f32 - 3.0)).to_le_bytes()).collect();
+        TensorEntry::new(
+            shardsmith_converters::DType::F32,
+            vec![rows, cols],
+            ByteSource::owned(bytes),
+            origin.clone(),
+        )
+    };
+    let pre = "model.decoder.layers.0.self_attention.adapter_layer.lora_kqv_adapter";
+    let shards = (0..2)
+        .map(|tp| {
+            let mut m = TensorMap::new();
+            m.insert(format!("{pre}.linear_in.weight"), t(2, 64, 0.01));
+            m.insert(format!("{pre}.linear_out.weight"), t(96, 4, out));
+            Shard::new(Rank { tp, pp: 0 }, m)
+        })
+        .collect();
+    let yaml = "mcore_gpt: true\ntensor_model_parallel_size: 2\npipeline_model_parallel_size: 1\n\
+                peft:\n  peft_scheme: lora\n  lora_tuning:\n    adapter_dim: 4\n    alpha: 8\n";
+    let parallel = Parallelism { tp: 2, pp: 1 };
+    let meta = Meta {
+        path: dir.join(name),
+        flavour: Flavour::Nemo {
+            layout: NemoLayout::for_parallelism(parallel),
+            gzip: false,
+            extracted: false,
+        },
+        parallel,
+        config: Some(ModelConfig::NemoYaml(nemo::NemoConfig::parse(yaml.into(), Path::new("y")).unwrap())),
+        artifacts: vec![],
+    };
+    let path = dir.join(name);
+    nemo::write(&Checkpoint { meta, shards }, &path, &Default::default()).unwrap();
+    path
+}
+
+#[test]
+fn merge_lora_reads_nemo_lora_adapters() {
+    let work = tempfile::tempdir().unwrap();
+    let base = work.path().join("base.nemo");
+    ok(&["convert", s(&fixture("llama-mha")), s(&base), "--tp", "2"]);
+    // linear_out = 0: the merge is the identity.
+    let zero = nemo_lora_adapter(work.path(), "zero.nemo", 0.0);
+    let same = work.path().join("same.nemo");
+    ok(&["surgery", "merge-lora", s(&base), "--adapter", s(&zero), "-o", s(&same)]);
+    assert!(ok(&["diff", s(&base), s(&same)]).contains("MATCH"));
+    // Otherwise exactly layer 0's q, k and v change, and the layout is kept.
+    let lora = nemo_lora_adapter(work.path(), "lora.nemo", 0.5);
+    let merged = work.path().join("merged.nemo");
+    let plan = ok(&["surgery", "merge-lora", s(&base), "--adapter", s(&lora), "-o", s(&merged)]);
+    assert!(plan.contains("2 modified") && plan.contains("alpha 8 / dim 4"), "{plan}");
+    assert_eq!(formats::open(&merged).unwrap().meta.parallel, Parallelism { tp: 2, pp: 1 });
+    let report = diff::diff(
+        &diff::canonical(&formats::open(&base).unwrap()).unwrap(),
+        &diff::canonical(&formats::open(&merged).unwrap()).unwrap(),
+        0.0,
+    )
+    .unwrap();
+    let changed: Vec<&str> = report
+        .tensors
+        .iter()
+        .filter(|r| !matches!(r.verdict, diff::Verdict::Identical))
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(
+        changed,
+        [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight"
+        ]
+    );
+    // An adapter saved at another tp is refused.
+    let tp1 = work.path().join("tp1.nemo");
+    ok(&["convert", s(&fixture("llama-mha")), s(&tp1)]);
+    let err = refused(&[
+        "surgery",
+        "merge-lora",
+        s(&tp1),
+        "--adapter",
+        s(&lora),
+        "-o",
+        s(&work.path().join("x.nemo")),
+    ]);
+    assert!(err.contains("adapter saved at tp=2 pp=1, base at tp=1 pp=1"), "{err}");
+}
