@@ -263,37 +263,70 @@ pub fn against_model(a: (&mut Model, &ModelInfo), b: (&mut Model, &ModelInfo)) -
     let (ma, ia) = a;
     let (mb, ib) = b;
     let (ha, hb) = (ma.llm().hparams().clone(), mb.llm().hparams().clone());
-    if (ha.vocab, ha.hidden, ha.layers) != (hb.vocab, hb.hidden, hb.layers) || ia.family != ib.family {
+    let vision = |m: &Model| matches!(m, Model::Neva(_));
+    if (ha.hidden, ha.layers) != (hb.hidden, hb.layers) || vision(ma) != vision(mb) {
         return Err(Error::Usage(format!(
             "{} ({} layers, hidden {}, vocab {}) and {} ({} layers, hidden {}, vocab {}) are not the same model",
-            ia.path.display(), ha.layers, ha.hidden, ha.vocab, ib.path.display(), hb.layers, hb.hidden, hb.vocab
+            ia.path.display(),
+            ha.layers,
+            ha.hidden,
+            ha.vocab,
+            ib.path.display(),
+            hb.layers,
+            hb.hidden,
+            hb.vocab
         )));
     }
+    // Vocabularies may differ in their tail (NeVA's <extra_id_*> vs llava-hf's <image>/<pad>):
+    // prompts use ids below every special image id, logits are compared on the shared columns.
+    let shared = ha.vocab.min(hb.vocab);
+    let special = |m: &Model| match m {
+        Model::Neva(n) => n.image_tokens().expand(3).into_iter().min().map(|id| id as usize),
+        Model::Llama(_) => None,
+    };
+    let text_limit = [Some(shared), special(ma), special(mb)].into_iter().flatten().min().unwrap_or(shared);
     let dtype = ma.llm().dtype();
     let device = ma.llm().device().clone();
     let mut cases = Vec::new();
     for (i, len) in [7usize, 16].into_iter().enumerate() {
-        let mut ids = seeded_prompt(len, ha.vocab, 17 + i as u64);
-        let pixels = match (ia.image_tokens, ia.image_size, &*ma) {
-            (Some(n), Some(side), Model::Neva(neva)) => {
-                // One image's tokens in the middle of the prompt, seeded pixels in [-1, 1).
-                let at = ids.len() / 2;
+        let text = seeded_prompt(len, text_limit, 17 + i as u64);
+        let at = text.len() / 2;
+        let (side, n) = (ia.image_size.unwrap_or(0), ia.image_tokens.unwrap_or(0));
+        // One image's tokens in the middle of the prompt (each model spells them its own way),
+        // with seeded pixels in [-1, 1).
+        let with_image = |m: &Model| -> Vec<u32> {
+            let mut ids = text.clone();
+            if let Model::Neva(neva) = m {
                 ids.splice(at..at, neva.image_tokens().expand(n));
-                let values: Vec<f32> = seeded_prompt(3 * side * side + 1, 1 << 20, 99 + i as u64)[1..]
-                    .iter()
-                    .map(|&v| v as f32 / (1 << 19) as f32 - 1.0)
-                    .collect();
-                Some(Tensor::from_vec(values, (1, 3, side, side), &device)?)
             }
-            _ => None,
+            ids
         };
-        let t = ids.len();
-        let ids = Tensor::from_vec(ids, (1, t), &device)?;
+        let (ids_a, ids_b) = (with_image(ma), with_image(mb));
+        let pixels = if vision(ma) {
+            let values: Vec<f32> = seeded_prompt(3 * side * side + 1, 1 << 20, 99 + i as u64)[1..]
+                .iter()
+                .map(|&v| v as f32 / (1 << 19) as f32 - 1.0)
+                .collect();
+            Some(Tensor::from_vec(values, (1, 3, side, side), &device)?)
+        } else {
+            None
+        };
+        if ids_a.len() != ids_b.len() {
+            return Err(Error::Usage(format!(
+                "the two models spell an image with different numbers of tokens ({} vs {})",
+                ids_a.len(),
+                ids_b.len()
+            )));
+        }
+        let t = ids_a.len();
+        let ids_a = Tensor::from_vec(ids_a, (1, t), &device)?;
+        let ids_b = Tensor::from_vec(ids_b, (1, t), &device)?;
         ma.llm().reset();
         mb.llm().reset();
-        let oa = ma.forward(&ids, pixels.as_ref(), false, true)?;
-        let ob = mb.forward(&ids, pixels.as_ref(), false, true)?;
-        let logits = compare(&oa.logits, &ob.logits)?;
+        let oa = ma.forward(&ids_a, pixels.as_ref(), false, true)?;
+        let ob = mb.forward(&ids_b, pixels.as_ref(), false, true)?;
+        let logits =
+            compare(&oa.logits.narrow(D::Minus1, 0, shared)?, &ob.logits.narrow(D::Minus1, 0, shared)?)?;
         let mut hidden_rel = Vec::new();
         let mut first_divergent_layer = None;
         for (k, (x, y)) in oa.hidden_states.iter().zip(&ob.hidden_states).enumerate() {

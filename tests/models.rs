@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn validate_golden(ckpt: &Path, golden: &str, tp: Option<usize>, dtype: DType) -> Report {
-    let (mut model, info) = models::load(ckpt, &LoadOptions { tp, dtype, device: Device::Cpu })
+    let (mut model, info) = models::load(ckpt, &LoadOptions { tp, dtype, device: Device::Cpu, vision: None })
         .unwrap_or_else(|e| panic!("loading {}: {e}", ckpt.display()));
     let report = validate::against_golden(&mut model, &info, &fixture(golden)).unwrap();
     assert!(report.passed, "{}", validate::render(&report));
@@ -85,7 +85,7 @@ fn resharded_checkpoint_agrees_with_its_source() {
     let dir = tempfile::tempdir().unwrap();
     let nemo = dir.path().join("gqa.nemo");
     convert(&fixture("llama-gqa"), &nemo, &["--tp", "2"]);
-    let o = |tp| LoadOptions { tp, dtype: DType::F32, device: Device::Cpu };
+    let o = |tp| LoadOptions { tp, dtype: DType::F32, device: Device::Cpu, vision: None };
     let (mut a, ia) = models::load(&nemo, &o(None)).unwrap();
     let (mut b, ib) = models::load(&fixture("llama-gqa"), &o(Some(1))).unwrap();
     let r = validate::against_model((&mut a, &ia), (&mut b, &ib)).unwrap();
@@ -156,7 +156,7 @@ fn clip_vision_tower_matches_transformers() {
 fn a_text_model_refuses_an_image() {
     let (mut model, _) = models::load(
         &fixture("llama-mha"),
-        &LoadOptions { tp: None, dtype: DType::F32, device: Device::Cpu },
+        &LoadOptions { tp: None, dtype: DType::F32, device: Device::Cpu, vision: None },
     )
     .unwrap();
     let ids = candle_core::Tensor::new(&[[1u32, 5, 6]], &Device::Cpu).unwrap();
@@ -169,7 +169,7 @@ fn a_text_model_refuses_an_image() {
 fn image_count_must_match_the_prompt() {
     let (mut model, info) = models::load(
         &fixture("llava-tiny"),
-        &LoadOptions { tp: None, dtype: DType::F32, device: Device::Cpu },
+        &LoadOptions { tp: None, dtype: DType::F32, device: Device::Cpu, vision: None },
     )
     .unwrap();
     let n = info.image_tokens.unwrap();

@@ -52,7 +52,7 @@ pub fn forward(path: &Path, o: &Options) -> Result<()> {
     ensure!(o.runs >= 1 && o.prompt_len >= 2, "need --runs >= 1 and --prompt-len >= 2");
     let device = Device::Cpu;
     let (mut model, info) =
-        models::load(path, &LoadOptions { tp: o.tp, dtype: o.dtype, device: device.clone() })?;
+        models::load(path, &LoadOptions { tp: o.tp, dtype: o.dtype, device: device.clone(), vision: None })?;
     let hp = model.llm().hparams().clone();
     let mut ids = seeded_prompt(o.prompt_len, hp.vocab, 7);
     let pixels = match (&model, o.image, info.image_tokens, info.image_size) {

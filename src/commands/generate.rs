@@ -32,6 +32,8 @@ pub struct Options {
     pub aspect: Option<String>,
     /// Tokenizer file or directory (default: the checkpoint's).
     pub tokenizer: Option<PathBuf>,
+    /// HF CLIP directory for a vision tower the checkpoint only references by name.
+    pub vision: Option<PathBuf>,
     /// Tokens to generate at most.
     pub max_new_tokens: usize,
     /// 0 = greedy.
@@ -71,8 +73,10 @@ fn checkpoint_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer> {
 pub fn run(path: &Path, o: &Options) -> Result<()> {
     let path = crate::hub::resolve(path)?;
     let ckpt = shardsmith_converters::formats::open(&path)?;
-    let (mut model, info) =
-        models::load_checkpoint(&ckpt, &LoadOptions { tp: o.tp, dtype: o.dtype, device: Device::Cpu })?;
+    let (mut model, info) = models::load_checkpoint(
+        &ckpt,
+        &LoadOptions { tp: o.tp, dtype: o.dtype, device: Device::Cpu, vision: o.vision.clone() },
+    )?;
     let tokenizer = match &o.tokenizer {
         Some(p) if p.is_dir() => Tokenizer::from_dir(p)?,
         Some(p) => Tokenizer::from_file(p)?,
@@ -88,8 +92,13 @@ pub fn run(path: &Path, o: &Options) -> Result<()> {
     if o.image.is_some() && !vision {
         bail!("{} is a text-only model; --image needs a vision model (llava-hf or NeVA)", path.display());
     }
-    let template_name =
-        o.template.clone().unwrap_or_else(|| if vision { "vicuna_v1".into() } else { "raw".into() });
+    let template_name = o.template.clone().or(info.template.clone()).unwrap_or_else(|| {
+        if vision {
+            "vicuna_v1".into()
+        } else {
+            "raw".into()
+        }
+    });
     let mut user = o.prompt.clone();
     if o.image.is_some() && !user.contains(IMAGE_PLACEHOLDER) {
         user = format!("{IMAGE_PLACEHOLDER}\n{user}");
@@ -120,12 +129,12 @@ pub fn run(path: &Path, o: &Options) -> Result<()> {
         Some(img) => {
             let side = info.image_size.unwrap_or(336);
             let dir = if path.is_dir() { path.clone() } else { path.with_file_name("") };
-            let cfg = if dir.join("preprocessor_config.json").is_file() {
-                PreprocessConfig::from_dir(&dir)?
-            } else {
-                PreprocessConfig::clip_with_size(side as u32)
+            let cfg = match &info.preprocessor {
+                Some(json) => PreprocessConfig::from_json(json, &path)?,
+                None if dir.join("preprocessor_config.json").is_file() => PreprocessConfig::from_dir(&dir)?,
+                None => PreprocessConfig::clip_with_size(side as u32),
             };
-            let mode = AspectMode::parse(o.aspect.as_deref().unwrap_or("pad"))?;
+            let mode = AspectMode::parse(o.aspect.as_deref().or(info.aspect.as_deref()).unwrap_or("pad"))?;
             Some(preprocess_file(img, &cfg, mode)?.to_tensor(&Device::Cpu)?)
         }
         None => None,

@@ -23,7 +23,7 @@ pub fn run(
     dtype: DType,
     json: bool,
 ) -> Result<bool> {
-    let opts = LoadOptions { tp, dtype, device: Device::Cpu };
+    let opts = LoadOptions { tp, dtype, device: Device::Cpu, vision: None };
     let checkpoint = shardsmith_converters::formats::open(&crate::hub::resolve(ckpt)?)?;
     if validate::is_clip(&checkpoint) {
         let Against::Reference(r) = against else {
@@ -37,7 +37,7 @@ pub fn run(
         Against::Checkpoint(other) => {
             let other_opts = LoadOptions { tp: other_tp, ..opts };
             let (mut b, binfo) = models::load(&crate::hub::resolve(other)?, &other_opts)?;
-            if binfo.family != info.family {
+            if (binfo.family == "llama") != (info.family == "llama") {
                 bail!(
                     "{} is a {} model but {} is a {} model",
                     ckpt.display(),

@@ -14,7 +14,8 @@ use clip::{ClipVisionConfig, ClipVisionModel};
 use llama::LlamaOutput;
 use neva::{ImageTokens, Neva};
 use projector::{Projector, ProjectorKind};
-use shardsmith_converters::convert::{llama as llama_convert, llava};
+use shardsmith_converters::convert::llava::{self, CanonicalLlava, ImageTokenScheme};
+use shardsmith_converters::convert::{llama as llama_convert, neva as neva_convert};
 use shardsmith_converters::{Checkpoint, Flavour, ModelConfig};
 use std::path::{Path, PathBuf};
 use tp::ParallelLlama;
@@ -28,6 +29,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Where the weights live.
     pub device: Device,
+    /// An HF CLIP directory for a vision tower the checkpoint only references.
+    pub vision: Option<PathBuf>,
 }
 
 /// A loaded model of any supported family.
@@ -51,6 +54,27 @@ pub struct ModelInfo {
     pub image_size: Option<usize>,
     /// Features per image N (vision models).
     pub image_tokens: Option<usize>,
+    /// The chat template the checkpoint records (NeVA's `data.conv_template`).
+    pub template: Option<String>,
+    /// The image aspect mode the checkpoint records (`pad`, `square`, `keep`).
+    pub aspect: Option<String>,
+    /// The vision tower's `preprocessor_config.json`, when the checkpoint carries one.
+    pub preprocessor: Option<serde_json::Value>,
+}
+
+impl ModelInfo {
+    fn text(family: &'static str, path: PathBuf, tp: usize) -> Self {
+        ModelInfo {
+            family,
+            path,
+            tp,
+            image_size: None,
+            image_tokens: None,
+            template: None,
+            aspect: None,
+            preprocessor: None,
+        }
+    }
 }
 
 impl Model {
@@ -80,6 +104,64 @@ impl Model {
     }
 }
 
+/// A vision-language model from its canonical parts.
+fn vision_language(
+    c: &CanonicalLlava,
+    family: &'static str,
+    tp: usize,
+    o: &LoadOptions,
+) -> Result<(Model, ModelInfo)> {
+    let path = c.origin.clone();
+    let tokens = match c.image_tokens {
+        ImageTokenScheme::Repeated { image, .. } => ImageTokens::Repeated { id: image },
+        ImageTokenScheme::NevaSpan { start, patch, end, use_im_start_end } => ImageTokens::NevaSpan {
+            start_id: start,
+            patch_id: patch,
+            end_id: end,
+            keep_markers: use_im_start_end,
+        },
+        ImageTokenScheme::Placeholder => return Err(Error::config(
+            &path,
+            "original LLaVA checkpoints mark images with the placeholder id -200, which has no embedding; \
+                 convert to llava-hf or NeVA first (shardsmith convert)",
+        )),
+    };
+    if c.vision.is_empty() {
+        return Err(Error::config(
+            &path,
+            "the vision tower's weights are not available (pass --vision CLIP_DIR)",
+        ));
+    }
+    let llm = ParallelLlama::load(&c.llm, tp, o.dtype, &o.device)?;
+    let vcfg = ClipVisionConfig::from_json(&c.vision_config, &path)?;
+    let vb = TensorMapBackend::new(c.vision.clone(), &path).into_var_builder(o.dtype, &o.device);
+    let vision = ClipVisionModel::load(vb, &vcfg)?;
+    let kind = ProjectorKind::parse(&c.projector_type)?;
+    let vb = TensorMapBackend::new(c.projector.clone(), &path).into_var_builder(o.dtype, &o.device);
+    let projector = Projector::load(vb, kind, vcfg.hidden_size, c.llm.hparams.hidden)?;
+    let grid = vcfg.image_size / vcfg.patch_size;
+    let n = grid * grid + usize::from(!c.drop_cls);
+    let preprocessor = match &c.preprocessor {
+        Some(bytes) => Some(
+            serde_json::from_slice(&bytes.bytes()?)
+                .map_err(|e| Error::config(&path, format!("preprocessor_config.json: {e}")))?,
+        ),
+        None => None,
+    };
+    let info = ModelInfo {
+        family,
+        path,
+        tp,
+        image_size: Some(vcfg.image_size),
+        image_tokens: Some(n),
+        template: c.template.map(|t| t.name().to_string()),
+        aspect: c.image_aspect_ratio.clone(),
+        preprocessor,
+    };
+    let model = Neva::new(llm, vision, projector, c.vision_feature_layer, c.drop_cls, tokens);
+    Ok((Model::Neva(model), info))
+}
+
 /// Open `path` (any format the converters crate reads) and build the model it holds.
 pub fn load(path: &Path, o: &LoadOptions) -> Result<(Model, ModelInfo)> {
     let ckpt = shardsmith_converters::formats::open(path)?;
@@ -91,44 +173,26 @@ pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, Mod
     let path = ckpt.meta.path.clone();
     let stored_tp = ckpt.meta.parallel.tp;
     match (&ckpt.meta.flavour, &ckpt.meta.config) {
+        (Flavour::Nemo { .. }, Some(ModelConfig::NemoYaml(cfg))) if neva_convert::is_neva(cfg) => {
+            let c = neva_convert::load_neva(ckpt, o.vision.as_deref())?;
+            let tp = o.tp.unwrap_or(stored_tp);
+            vision_language(&c, "neva", tp, o)
+        }
         (Flavour::Nemo { .. }, _) => {
             let c = llama_convert::from_nemo(ckpt, None)?;
             let tp = o.tp.unwrap_or(stored_tp);
             let llm = ParallelLlama::load(&c, tp, o.dtype, &o.device)?;
-            let info = ModelInfo { family: "llama", path, tp, image_size: None, image_tokens: None };
-            Ok((Model::Llama(llm), info))
+            Ok((Model::Llama(llm), ModelInfo::text("llama", path, tp)))
         }
         (_, Some(ModelConfig::HfJson(cfg))) if llava::is_llava_hf(cfg) => {
             let c = llava::from_llava_hf(ckpt)?;
-            let tp = o.tp.unwrap_or(1);
-            let llm = ParallelLlama::load(&c.llm, tp, o.dtype, &o.device)?;
-            let vcfg = ClipVisionConfig::from_json(&c.vision_config, &path)?;
-            let vb = TensorMapBackend::new(c.vision.clone(), &path).into_var_builder(o.dtype, &o.device);
-            let vision = ClipVisionModel::load(vb, &vcfg)?;
-            let kind = ProjectorKind::parse(&c.projector_type)?;
-            let vb = TensorMapBackend::new(c.projector.clone(), &path).into_var_builder(o.dtype, &o.device);
-            let projector = Projector::load(vb, kind, vcfg.hidden_size, c.llm.hparams.hidden)?;
-            let grid = vcfg.image_size / vcfg.patch_size;
-            let n = grid * grid + usize::from(!c.drop_cls);
-            let info = ModelInfo {
-                family: "llava",
-                path,
-                tp,
-                image_size: Some(vcfg.image_size),
-                image_tokens: Some(n),
-            };
-            let tokens = ImageTokens::Repeated { id: c.image_token };
-            let model = Neva::new(llm, vision, projector, c.vision_feature_layer, c.drop_cls, tokens);
-            Ok((Model::Neva(model), info))
+            vision_language(&c, "llava", o.tp.unwrap_or(1), o)
         }
         (_, Some(ModelConfig::HfJson(_))) => {
             let c = llama_convert::from_hf(ckpt)?;
             let tp = o.tp.unwrap_or(1);
             let llm = ParallelLlama::load(&c, tp, o.dtype, &o.device)?;
-            Ok((
-                Model::Llama(llm),
-                ModelInfo { family: "llama", path, tp, image_size: None, image_tokens: None },
-            ))
+            Ok((Model::Llama(llm), ModelInfo::text("llama", path, tp)))
         }
         _ => Err(Error::config(
             &path,
