@@ -95,6 +95,39 @@ enum Command {
     },
     /// Generate text from a prompt (and an image, for vision models), streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Finetune a NeVA / llava-hf checkpoint (stage 1, stage 2 or LoRA) from a YAML config.
+    Train {
+        /// The training config (see fixtures/train-tiny/train.yaml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Continue from the latest checkpoint under output.dir, or from this checkpoint directory.
+        #[arg(long, num_args = 0..=1)]
+        resume: Option<Option<PathBuf>>,
+        /// Override a config value, e.g. --set trainer.max_steps=20 (repeatable).
+        #[arg(long = "set")]
+        overrides: Vec<String>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the synthetic coloured-shapes VQA set of the end-to-end demo.
+    DemoData {
+        /// Output directory.
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Training images (each gets every question).
+        #[arg(long, default_value_t = 200)]
+        train: usize,
+        /// Held-out images.
+        #[arg(long, default_value_t = 30)]
+        test: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Benchmarks (not tests): `bench forward MODEL` times prefill and decode on the CPU.
     Bench {
         #[command(subcommand)]
@@ -461,6 +494,12 @@ fn main() -> ExitCode {
                 json: a.json,
             };
             shardsmith::commands::generate::run(&a.ckpt, &o)
+        }
+        Command::Train { config, resume, overrides, json } => {
+            shardsmith::commands::train::train(&config, resume, overrides, json)
+        }
+        Command::DemoData { out, train, test, size, seed } => {
+            shardsmith::commands::train::demo_data(&out, train, test, size, seed)
         }
         Command::Bench {
             what: BenchCommand::Forward { model, prompt_len, decode, runs, dtype, tp, image },

@@ -103,3 +103,158 @@ fn lora_matches_pytorch() {
     let spec = LoraSpec { rank: 2, alpha: 4.0, targets: vec!["q_proj".into(), "v_proj".into()], seed: 0 };
     run(Stage::Lora(spec), "lora");
 }
+
+fn shardsmith(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).output().unwrap()
+}
+
+fn losses(metrics: &std::path::Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn resume_continues_with_identical_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture("train-tiny/train.yaml");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let set = |out: &std::path::Path| {
+        vec![
+            "--set".to_string(),
+            format!("output.dir={}", out.display()),
+            "--set".into(),
+            "trainer.max_steps=6".into(),
+            "--set".into(),
+            "trainer.save_every_n_steps=3".into(),
+            "--set".into(),
+            "mm_cfg.llm.freeze=false".into(), // stage 2: the LLM trains too
+            "--set".into(),
+            "model.activations_checkpointing=true".into(),
+        ]
+    };
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["train".to_string(), "--config".into(), config.display().to_string()];
+        args.extend(set(out));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = shardsmith(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&a, &[]);
+    // An interrupted run: only the step-3 checkpoint survived, and the log has a torn line.
+    run(&b, &[]);
+    std::fs::remove_dir_all(b.join("checkpoints/step-000006")).unwrap();
+    let log = b.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(
+        &log,
+        format!("{}{{\"step\":4,\"lo", text.lines().take(3).collect::<Vec<_>>().join("\n") + "\n"),
+    )
+    .unwrap();
+    run(&b, &["--resume"]);
+    assert_eq!(losses(&a.join("metrics.jsonl")), losses(&log), "losses after resume differ");
+    let (oa, ob) =
+        ("checkpoints/step-000006/optimizer.safetensors", "checkpoints/step-000006/optimizer.safetensors");
+    assert_eq!(std::fs::read(a.join(oa)).unwrap(), std::fs::read(b.join(ob)).unwrap());
+    // Both saved formats hold the same model, which `validate` can run.
+    let ck = a.join("checkpoints/step-000006");
+    let o = shardsmith(&[
+        "validate",
+        ck.join("model.nemo").to_str().unwrap(),
+        "--against",
+        ck.join("hf").to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(a.join("loss.png").is_file());
+}
+
+#[test]
+fn lora_run_saves_merged_weights_and_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lora");
+    let o = shardsmith(&[
+        "train",
+        "--config",
+        fixture("train-tiny/train.yaml").to_str().unwrap(),
+        "--set",
+        &format!("output.dir={}", out.display()),
+        "--set",
+        "trainer.max_steps=3",
+        "--set",
+        "peft.peft_scheme=lora",
+        "--set",
+        "output.save_formats=[hf]",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["steps"], 3);
+    let ck = out.join("checkpoints/step-000003");
+    assert!(ck.join("lora_adapters.safetensors").is_file());
+    // The merged checkpoint differs from the base only in the LoRA targets and the projector.
+    let d = shardsmith(&[
+        "diff",
+        fixture("llava-tiny").to_str().unwrap(),
+        ck.join("hf").to_str().unwrap(),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
+    let changed: Vec<String> = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"] != "identical")
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!changed.is_empty());
+    assert!(
+        changed.iter().all(|n| n.starts_with("mm_projector.") || n.contains("_proj.weight")),
+        "unexpected changes: {changed:?}"
+    );
+}
+
+#[test]
+fn bad_records_are_skipped_or_rejected_by_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.json");
+    let good = std::fs::read_to_string(fixture("train-tiny/data.json")).unwrap();
+    let mut records: Vec<serde_json::Value> = serde_json::from_str(&good).unwrap();
+    records.push(serde_json::json!({"id": "no-image-file", "image": "missing.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}));
+    records.push(serde_json::json!({"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]}));
+    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let args = |policy: &str| {
+        vec![
+            "train".to_string(),
+            "--config".into(),
+            fixture("train-tiny/train.yaml").display().to_string(),
+            "--set".into(),
+            format!("data.data_path={}", data.display()),
+            "--set".into(),
+            format!("data.image_folder={}", fixture("train-tiny/images").display()),
+            "--set".into(),
+            format!("output.dir={}", dir.path().join(policy).display()),
+            "--set".into(),
+            "trainer.max_steps=3".into(),
+            "--set".into(),
+            format!("data.on_bad_record={policy}"),
+        ]
+    };
+    let run = |policy: &str| shardsmith(&args(policy).iter().map(String::as_str).collect::<Vec<_>>());
+    let rejected = run("error");
+    assert!(!rejected.status.success());
+    assert!(String::from_utf8_lossy(&rejected.stderr).contains("no-image-file"));
+    let skipped = run("skip");
+    assert!(skipped.status.success(), "{}", String::from_utf8_lossy(&skipped.stderr));
+    assert!(String::from_utf8_lossy(&skipped.stdout).contains("2 bad records skipped"));
+}

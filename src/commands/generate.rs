@@ -1,7 +1,7 @@
 //! `shardsmith generate CKPT --prompt TEXT [--image PATH]`: chat-templated generation with the
 //! KV cache, tokens streamed to stdout, speed reported on stderr.
 
-use crate::infer::generate::{generate, Generation};
+use crate::infer::generate::{generate, Generation, Stop};
 use crate::infer::image::{preprocess_file, AspectMode, PreprocessConfig};
 use crate::infer::sampling::Sampler;
 use crate::infer::template::{self, Conversation, Flavour, Template, IMAGE_PLACEHOLDER};
@@ -149,8 +149,7 @@ pub fn run(path: &Path, o: &Options) -> Result<()> {
         &prompt,
         pixels.as_ref(),
         &mut sampler,
-        o.max_new_tokens,
-        eos,
+        Stop { max_new_tokens: o.max_new_tokens, eos },
         |piece| {
             if !json {
                 let mut lock = stdout.lock();

@@ -8,4 +8,5 @@ pub mod generate;
 pub mod inspect;
 pub mod surgery;
 pub mod synth;
+pub mod train;
 pub mod validate;

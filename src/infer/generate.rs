@@ -37,18 +37,27 @@ impl Generation {
     }
 }
 
-/// Generate up to `max_new_tokens` after `prompt` (with `pixels` for a vision model's image),
-/// stopping at `eos`; every new piece of text is passed to `on_text` as soon as it is known.
+/// When generation stops.
+#[derive(Clone, Copy, Debug)]
+pub struct Stop {
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+    /// The end-of-sequence id (generation ends after producing it).
+    pub eos: Option<u32>,
+}
+
+/// Generate after `prompt` (with `pixels` for a vision model's image) until `stop`; every new
+/// piece of text is passed to `on_text` as soon as it is known.
 pub fn generate(
     model: &mut Model,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     pixels: Option<&Tensor>,
     sampler: &mut Sampler,
-    max_new_tokens: usize,
-    eos: Option<u32>,
+    stop: Stop,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
+    let Stop { max_new_tokens, eos } = stop;
     let device = model.llm().device().clone();
     model.llm().reset();
     let mut stream = tokenizer.stream(true);

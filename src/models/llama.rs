@@ -191,7 +191,7 @@ impl Attention {
         let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let y = probs.reshape((b, gl, per_group * t, s))?.matmul(&v.contiguous()?)?; // [B, Gl, per_group·T, D]
         let y = y.reshape((b, hl, t, d))?.transpose(1, 2)?.reshape((b, t, hl * d))?;
-        Ok(self.o_proj.forward(&y)?)
+        self.o_proj.forward(&y)
     }
 }
 
@@ -214,7 +214,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gated = (candle_nn::ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&gated)?)
+        self.down_proj.forward(&gated)
     }
 }
 

@@ -38,7 +38,7 @@ pub enum Model {
     /// A text-only LLaMA-2.
     Llama(ParallelLlama),
     /// A vision-language model (llava-hf, NeVA).
-    Neva(Neva),
+    Neva(Box<Neva>),
 }
 
 /// Facts about a loaded model the commands need.
@@ -104,15 +104,9 @@ impl Model {
     }
 }
 
-/// A vision-language model from its canonical parts.
-fn vision_language(
-    c: &CanonicalLlava,
-    family: &'static str,
-    tp: usize,
-    o: &LoadOptions,
-) -> Result<(Model, ModelInfo)> {
-    let path = c.origin.clone();
-    let tokens = match c.image_tokens {
+/// How a vision-language checkpoint marks image positions in its token ids.
+pub fn image_tokens_of(c: &CanonicalLlava) -> Result<ImageTokens> {
+    Ok(match c.image_tokens {
         ImageTokenScheme::Repeated { image, .. } => ImageTokens::Repeated { id: image },
         ImageTokenScheme::NevaSpan { start, patch, end, use_im_start_end } => ImageTokens::NevaSpan {
             start_id: start,
@@ -121,11 +115,22 @@ fn vision_language(
             keep_markers: use_im_start_end,
         },
         ImageTokenScheme::Placeholder => return Err(Error::config(
-            &path,
+            &c.origin,
             "original LLaVA checkpoints mark images with the placeholder id -200, which has no embedding; \
                  convert to llava-hf or NeVA first (shardsmith convert)",
         )),
-    };
+    })
+}
+
+/// A vision-language model from its canonical parts.
+fn vision_language(
+    c: &CanonicalLlava,
+    family: &'static str,
+    tp: usize,
+    o: &LoadOptions,
+) -> Result<(Model, ModelInfo)> {
+    let path = c.origin.clone();
+    let tokens = image_tokens_of(c)?;
     if c.vision.is_empty() {
         return Err(Error::config(
             &path,
@@ -159,7 +164,7 @@ fn vision_language(
         preprocessor,
     };
     let model = Neva::new(llm, vision, projector, c.vision_feature_layer, c.drop_cls, tokens);
-    Ok((Model::Neva(model), info))
+    Ok((Model::Neva(Box::new(model)), info))
 }
 
 /// Open `path` (any format the converters crate reads) and build the model it holds.

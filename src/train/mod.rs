@@ -7,4 +7,5 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod run;
 pub mod schedule;

@@ -8,7 +8,7 @@
 
 use crate::models::clip::{ClipVisionConfig, ClipVisionModel};
 use crate::models::llama::{canonical_shard_spec, Llama, RankLayout};
-use crate::models::neva::{ImageTokens, Neva};
+use crate::models::neva::Neva;
 use crate::models::projector::{Projector, ProjectorKind};
 use crate::models::tp::{ImageSpan, ParallelLlama};
 use crate::parallel::Solo;
@@ -65,6 +65,8 @@ pub struct TrainModel {
     params: Vec<(String, Var)>,
     /// Activation dtype.
     compute: DType,
+    /// `alpha / r` of the LoRA adapters, when training them.
+    lora_scale: Option<f64>,
 }
 
 /// The result of one forward/backward.
@@ -156,9 +158,18 @@ impl TrainModel {
         let kind = ProjectorKind::parse(&c.projector_type)?;
         let projector = Projector::load(vb(projector_map), kind, vcfg.hidden_size, hp.hidden)?;
         let llm = ParallelLlama::from_rank(llama, hp.clone());
-        let tokens = ImageTokens::Repeated { id: c.image_token };
+        let tokens = crate::models::image_tokens_of(c)?;
         let neva = Neva::new(llm, vision, projector, c.vision_feature_layer, c.drop_cls, tokens);
-        Ok(TrainModel { neva, params, compute })
+        let lora_scale = match &stage {
+            Stage::Lora(spec) => Some(spec.alpha / spec.rank as f64),
+            _ => None,
+        };
+        Ok(TrainModel { neva, params, compute, lora_scale })
+    }
+
+    /// `alpha / r` of the LoRA adapters, when training them.
+    pub fn lora_scale(&self) -> Option<f64> {
+        self.lora_scale
     }
 
     /// Trainable parameters (canonical names, f32 masters), in a fixed order.
