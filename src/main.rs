@@ -110,6 +110,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Score greedy answers of a vision-language model on LLaVA-format records (exact match).
+    Evaluate {
+        /// The checkpoint (llava-hf directory or NeVA .nemo).
+        ckpt: PathBuf,
+        /// LLaVA-format JSON records; the first human turn is asked, the first gpt turn expected.
+        #[arg(long)]
+        data: PathBuf,
+        /// Image directory (default: the data file's directory).
+        #[arg(long)]
+        image_folder: Option<PathBuf>,
+        /// Most tokens per answer.
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        /// Chat template (default: the checkpoint's, else vicuna_v1).
+        #[arg(long)]
+        template: Option<String>,
+        /// Print the score as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the synthetic coloured-shapes VQA set of the end-to-end demo.
     DemoData {
         /// Output directory.
@@ -497,6 +517,26 @@ fn main() -> ExitCode {
         }
         Command::Train { config, resume, overrides, json } => {
             shardsmith::commands::train::train(&config, resume, overrides, json)
+        }
+        Command::Evaluate { ckpt, data, image_folder, max_new_tokens, template, json } => {
+            let o = shardsmith::commands::generate::Options {
+                prompt: String::new(),
+                image: None,
+                template,
+                flavour: None,
+                system: None,
+                aspect: None,
+                tokenizer: None,
+                vision: None,
+                max_new_tokens,
+                temperature: 0.0,
+                top_p: None,
+                seed: 0,
+                tp: None,
+                dtype: candle_core::DType::F32,
+                json,
+            };
+            shardsmith::commands::evaluate::run(&ckpt, &data, image_folder.as_deref(), &o, json).map(|_| ())
         }
         Command::DemoData { out, train, test, size, seed } => {
             shardsmith::commands::train::demo_data(&out, train, test, size, seed)

@@ -186,3 +186,20 @@ fn image_count_must_match_the_prompt() {
     let err = model.forward(&ids, Some(&pixels), true, false).unwrap_err();
     assert!(err.to_string().contains("image tokens"), "{err}");
 }
+
+#[test]
+fn neva_converted_from_llava_hf_matches_transformers_at_tp_1_and_2() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, args) in [&["--tp", "1"][..], &["--tp", "2", "--vision", "bundle"][..]].into_iter().enumerate() {
+        let nemo = dir.path().join(format!("neva{i}.nemo"));
+        let mut all = vec!["--template", "vicuna_v1"];
+        all.extend_from_slice(args);
+        convert(&fixture("llava-tiny"), &nemo, &all);
+        // The golden prompts spell the image with llava-hf's id; the NeVA file records it, so
+        // validate respells them with NeVA's <extra_id_4/3/5> span.
+        let r = validate_golden(&nemo, "llava-tiny", None, DType::F32);
+        assert_eq!(r.family, "neva");
+        assert_eq!(r.cases.iter().filter(|c| c.image).count(), 2);
+        assert!(r.image_features.as_ref().is_some_and(|f| f.rel_to_max <= 1e-5));
+    }
+}

@@ -7,7 +7,7 @@ use crate::infer::sampling::Sampler;
 use crate::infer::template::{self, Conversation, Flavour, Template, IMAGE_PLACEHOLDER};
 use crate::infer::tokenizer::Tokenizer;
 use crate::models::neva::ImageTokens;
-use crate::models::{self, LoadOptions, Model};
+use crate::models::{self, LoadOptions, Model, ModelInfo};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use shardsmith_converters::convert::tokenizer::nemo_tokenizer_model;
@@ -69,83 +69,151 @@ fn checkpoint_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer> {
     Ok(Tokenizer::from_dir(&dir)?)
 }
 
+/// A loaded model with everything needed to turn a user message (and image) into prompt ids.
+pub struct Chat {
+    /// The model.
+    pub model: Model,
+    /// What the loader found out about it.
+    pub info: ModelInfo,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    flavour: Flavour,
+    template_name: String,
+    system: Option<String>,
+    aspect: Option<String>,
+    path: PathBuf,
+}
+
+impl Chat {
+    /// Load the checkpoint and its tokenizer, and settle the template and flavour.
+    pub fn open(path: &Path, o: &Options) -> Result<Self> {
+        let path = crate::hub::resolve(path)?;
+        let ckpt = shardsmith_converters::formats::open(&path)?;
+        let (model, info) = models::load_checkpoint(
+            &ckpt,
+            &LoadOptions { tp: o.tp, dtype: o.dtype, device: Device::Cpu, vision: o.vision.clone() },
+        )?;
+        let tokenizer = match &o.tokenizer {
+            Some(p) if p.is_dir() => Tokenizer::from_dir(p)?,
+            Some(p) => Tokenizer::from_file(p)?,
+            None => checkpoint_tokenizer(&ckpt)?,
+        };
+        let is_nemo = matches!(ckpt.meta.flavour, FileFlavour::Nemo { .. });
+        let flavour = match &o.flavour {
+            Some(f) => Flavour::parse(f)?,
+            None if is_nemo => Flavour::Nemo,
+            None => Flavour::Llava,
+        };
+        let vision = matches!(model, Model::Neva(_));
+        let template_name = o.template.clone().or(info.template.clone()).unwrap_or_else(|| {
+            if vision {
+                "vicuna_v1".into()
+            } else {
+                "raw".into()
+            }
+        });
+        Ok(Chat {
+            model,
+            info,
+            tokenizer,
+            flavour,
+            template_name,
+            system: o.system.clone(),
+            aspect: o.aspect.clone(),
+            path,
+        })
+    }
+
+    /// The template in use (`raw`: none).
+    pub fn template_name(&self) -> &str {
+        &self.template_name
+    }
+
+    /// Prompt ids for one user message, and the image's pixel values.
+    pub fn prompt(
+        &self,
+        message: &str,
+        image: Option<&Path>,
+    ) -> Result<(Vec<u32>, Option<candle_core::Tensor>)> {
+        let vision = matches!(self.model, Model::Neva(_));
+        if image.is_some() && !vision {
+            bail!(
+                "{} is a text-only model; --image needs a vision model (llava-hf or NeVA)",
+                self.path.display()
+            );
+        }
+        let mut user = message.to_string();
+        if image.is_some() && !user.contains(IMAGE_PLACEHOLDER) {
+            user = format!("{IMAGE_PLACEHOLDER}\n{user}");
+        }
+        let (text, template) = if self.template_name == "raw" {
+            (user, None)
+        } else {
+            let t = Template::parse(&self.template_name)?;
+            let conv = Conversation { system: self.system.clone(), ..Conversation::single(user) };
+            (t.generation_prompt(&conv, self.flavour)?, Some(t))
+        };
+        let image_tokens = match (&self.model, self.info.image_tokens) {
+            (Model::Neva(neva), Some(n)) => Some(match neva.image_tokens() {
+                ImageTokens::Repeated { id } => template::ImageTokens::LlavaHf { image_token_id: id, n },
+                ImageTokens::NevaSpan { keep_markers, .. } => {
+                    template::ImageTokens::Neva { n, use_im_start_end: keep_markers }
+                }
+            }),
+            _ => None,
+        };
+        let images = image.and(image_tokens.as_ref());
+        // Raw prompts use Plain only for its (absent) id remapping: the tokenizer's own BOS rule
+        // for HF, none for NeMo (its text_to_ids).
+        let ids = template::tokenize_prompt(
+            &self.tokenizer,
+            &text,
+            template.unwrap_or(Template::Plain),
+            self.flavour,
+            images,
+        )?
+        .ids;
+        let pixels = match image {
+            Some(img) => {
+                let side = self.info.image_size.unwrap_or(336);
+                let path = &self.path;
+                let dir = if path.is_dir() { path.clone() } else { path.with_file_name("") };
+                let cfg = match &self.info.preprocessor {
+                    Some(json) => PreprocessConfig::from_json(json, path)?,
+                    None if dir.join("preprocessor_config.json").is_file() => {
+                        PreprocessConfig::from_dir(&dir)?
+                    }
+                    None => PreprocessConfig::clip_with_size(side as u32),
+                };
+                let mode = AspectMode::parse(
+                    self.aspect.as_deref().or(self.info.aspect.as_deref()).unwrap_or("pad"),
+                )?;
+                Some(preprocess_file(img, &cfg, mode)?.to_tensor(&Device::Cpu)?)
+            }
+            None => None,
+        };
+        Ok((ids, pixels))
+    }
+
+    /// The id generation stops at.
+    pub fn eos(&mut self) -> Option<u32> {
+        self.tokenizer.eos_id().or(self.model.llm().hparams().eos.map(|e| e as u32))
+    }
+}
+
 /// Run `generate`.
 pub fn run(path: &Path, o: &Options) -> Result<()> {
-    let path = crate::hub::resolve(path)?;
-    let ckpt = shardsmith_converters::formats::open(&path)?;
-    let (mut model, info) = models::load_checkpoint(
-        &ckpt,
-        &LoadOptions { tp: o.tp, dtype: o.dtype, device: Device::Cpu, vision: o.vision.clone() },
-    )?;
-    let tokenizer = match &o.tokenizer {
-        Some(p) if p.is_dir() => Tokenizer::from_dir(p)?,
-        Some(p) => Tokenizer::from_file(p)?,
-        None => checkpoint_tokenizer(&ckpt)?,
-    };
-    let is_nemo = matches!(ckpt.meta.flavour, FileFlavour::Nemo { .. });
-    let flavour = match &o.flavour {
-        Some(f) => Flavour::parse(f)?,
-        None if is_nemo => Flavour::Nemo,
-        None => Flavour::Llava,
-    };
-    let vision = matches!(model, Model::Neva(_));
-    if o.image.is_some() && !vision {
-        bail!("{} is a text-only model; --image needs a vision model (llava-hf or NeVA)", path.display());
-    }
-    let template_name = o.template.clone().or(info.template.clone()).unwrap_or_else(|| {
-        if vision {
-            "vicuna_v1".into()
-        } else {
-            "raw".into()
-        }
-    });
-    let mut user = o.prompt.clone();
-    if o.image.is_some() && !user.contains(IMAGE_PLACEHOLDER) {
-        user = format!("{IMAGE_PLACEHOLDER}\n{user}");
-    }
-    let (text, template) = if template_name == "raw" {
-        (user, None)
-    } else {
-        let t = Template::parse(&template_name)?;
-        let conv = Conversation { system: o.system.clone(), ..Conversation::single(user) };
-        (t.generation_prompt(&conv, flavour)?, Some(t))
-    };
-    let image_tokens = match (&model, info.image_tokens) {
-        (Model::Neva(neva), Some(n)) => Some(match neva.image_tokens() {
-            ImageTokens::Repeated { id } => template::ImageTokens::LlavaHf { image_token_id: id, n },
-            ImageTokens::NevaSpan { keep_markers, .. } => {
-                template::ImageTokens::Neva { n, use_im_start_end: keep_markers }
-            }
-        }),
-        _ => None,
-    };
-    let images = o.image.as_ref().and(image_tokens.as_ref());
-    let prompt = match template {
-        Some(t) => template::tokenize_prompt(&tokenizer, &text, t, flavour, images)?.ids,
-        // Raw prompts: the tokenizer's own BOS rule for HF, none for NeMo (its text_to_ids).
-        None => template::tokenize_prompt(&tokenizer, &text, Template::Plain, flavour, images)?.ids,
-    };
-    let pixels = match &o.image {
-        Some(img) => {
-            let side = info.image_size.unwrap_or(336);
-            let dir = if path.is_dir() { path.clone() } else { path.with_file_name("") };
-            let cfg = match &info.preprocessor {
-                Some(json) => PreprocessConfig::from_json(json, &path)?,
-                None if dir.join("preprocessor_config.json").is_file() => PreprocessConfig::from_dir(&dir)?,
-                None => PreprocessConfig::clip_with_size(side as u32),
-            };
-            let mode = AspectMode::parse(o.aspect.as_deref().or(info.aspect.as_deref()).unwrap_or("pad"))?;
-            Some(preprocess_file(img, &cfg, mode)?.to_tensor(&Device::Cpu)?)
-        }
-        None => None,
-    };
+    let mut chat = Chat::open(path, o)?;
+    let (prompt, pixels) = chat.prompt(&o.prompt, o.image.as_deref())?;
+    let template_name = chat.template_name().to_string();
+    let eos = chat.eos();
+    let Chat { model, tokenizer, .. } = &mut chat;
     let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed)?;
-    let eos = tokenizer.eos_id().or(model.llm().hparams().eos.map(|e| e as u32));
     let stdout = std::io::stdout();
     let json = o.json;
     let out: Generation = generate(
-        &mut model,
-        &tokenizer,
+        model,
+        tokenizer,
         &prompt,
         pixels.as_ref(),
         &mut sampler,

@@ -4,6 +4,7 @@ pub mod assemble;
 pub mod bench;
 pub mod convert;
 pub mod diff;
+pub mod evaluate;
 pub mod generate;
 pub mod inspect;
 pub mod surgery;

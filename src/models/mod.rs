@@ -60,6 +60,9 @@ pub struct ModelInfo {
     pub aspect: Option<String>,
     /// The vision tower's `preprocessor_config.json`, when the checkpoint carries one.
     pub preprocessor: Option<serde_json::Value>,
+    /// For a NeVA converted from llava-hf: llava-hf's image token id, so prompts written for the
+    /// source (e.g. its golden outputs) can be respelled with NeVA's image span.
+    pub source_image_token: Option<u32>,
 }
 
 impl ModelInfo {
@@ -73,6 +76,7 @@ impl ModelInfo {
             template: None,
             aspect: None,
             preprocessor: None,
+            source_image_token: None,
         }
     }
 }
@@ -162,6 +166,7 @@ fn vision_language(
         template: c.template.map(|t| t.name().to_string()),
         aspect: c.image_aspect_ratio.clone(),
         preprocessor,
+        source_image_token: c.converted_from.as_ref().and_then(|f| f.image_token_index),
     };
     let model = Neva::new(llm, vision, projector, c.vision_feature_layer, c.drop_cls, tokens);
     Ok((Model::Neva(Box::new(model)), info))

@@ -109,10 +109,12 @@ pub fn write(
     let mut all = Vec::with_capacity(train + test);
     while all.len() < train + test {
         let (ci, si) = (rng.below(4) as usize, rng.below(3) as usize);
-        let r = side as f32 * (0.22 + 0.12 * (rng.below(100) as f32 / 100.0));
-        let span = side as f32 - 2.0 * r;
-        let cx = r + span * (rng.below(100) as f32 / 100.0);
-        let cy = r + span * (rng.below(100) as f32 / 100.0);
+        // Large and near the centre: at the tiny tower's 8-pixel patches the shapes differ in
+        // which patches they fill, which a frozen random tower still shows.
+        let r = side as f32 * (0.34 + 0.1 * (rng.below(100) as f32 / 100.0));
+        let jitter = |rng: &mut Rng| (rng.below(5) as f32 - 2.0) * side as f32 / 32.0;
+        let cx = side as f32 / 2.0 + jitter(&mut rng);
+        let cy = side as f32 / 2.0 + jitter(&mut rng);
         if !seen.insert((ci, si, cx as u32, cy as u32, r as u32)) {
             continue;
         }
