@@ -120,7 +120,7 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // In f32: n = x·r, r = (mean(x²) + eps)^-½; y = w·n.
         // dw = Σ_rows g·n;  dx = r · (g·w − n · mean(g·w·n)).
-        let dtype = x.dtype();
+        let (x_dtype, w_dtype) = (x.dtype(), w.dtype());
         let (x, w, g) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
         let n = x.broadcast_mul(&r)?;
@@ -129,7 +129,7 @@ impl CustomOp2 for RmsNorm {
         let dx = (gw - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
         let h = w.dim(0)?;
         let dw = (g * n)?.reshape(((), h))?.sum(0)?;
-        Ok((Some(dx.to_dtype(dtype)?), Some(dw.to_dtype(w.dtype())?)))
+        Ok((Some(dx.to_dtype(x_dtype)?), Some(dw.to_dtype(w_dtype)?)))
     }
 }
 

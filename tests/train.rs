@@ -258,3 +258,41 @@ fn bad_records_are_skipped_or_rejected_by_flag() {
     assert!(skipped.status.success(), "{}", String::from_utf8_lossy(&skipped.stderr));
     assert!(String::from_utf8_lossy(&skipped.stdout).contains("2 bad records skipped"));
 }
+
+#[test]
+fn bf16_o2_tracks_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |precision: &str| {
+        let out = dir.path().join(precision);
+        let o = shardsmith(&[
+            "train",
+            "--config",
+            fixture("train-tiny/train.yaml").to_str().unwrap(),
+            "--set",
+            &format!("output.dir={}", out.display()),
+            "--set",
+            &format!("model.precision={precision}"),
+            "--set",
+            "mm_cfg.llm.freeze=false",
+            "--set",
+            "trainer.max_steps=4",
+            "--set",
+            "output.save_formats=[hf]",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (losses(&out.join("metrics.jsonl")), out)
+    };
+    let (f32_losses, _) = run("f32");
+    let (bf16_losses, out) = run("bf16");
+    for ((a, _), (b, _)) in f32_losses.iter().zip(&bf16_losses) {
+        assert!((a - b).abs() / a < 0.02, "bf16 loss {b} vs f32 {a}");
+    }
+    assert_ne!(f32_losses, bf16_losses, "bf16 compute should round differently");
+    // Master weights and optimizer state stay f32.
+    let state = candle_core::safetensors::load(
+        out.join("checkpoints/step-000004/optimizer.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(state.iter().filter(|(k, _)| !k.starts_with("step.")).all(|(_, t)| t.dtype() == DType::F32));
+}
