@@ -1,6 +1,6 @@
 //! `shardsmith surgery …` on the fixtures: rename / drop, extract, resize-vocab, keep-layers,
-//! merge-lora (against torch's merge in fixtures/lora-tiny), merge and swap-llm; refusals before
-//! any write; dry runs; reruns give identical bytes. The interop tests at the end have
+//! merge-lora (against torch's merge in fixtures/lora-tiny), merge and swap-llm (llava-hf and NeVA
+//! `.nemo`); refusals before any write; dry runs; reruns give identical bytes. The interop tests at the end have
 //! transformers and sentencepiece load what we wrote (skipped without the reference venv).
 
 mod common;
@@ -8,8 +8,10 @@ mod common;
 use common::{assert_same_tensors, fixture, reference_python, run_checker};
 use shardsmith::commands::diff;
 use shardsmith::commands::synth::{sentencepiece_model, synthetic_tensors, LlamaShape};
-use shardsmith_converters::convert::{llama, llava};
+use shardsmith_converters::convert::sentencepiece::SentencePieceModel;
+use shardsmith_converters::convert::{llama, llava, neva};
 use shardsmith_converters::formats::{self, hf_dir, safetensors};
+use shardsmith_converters::names::neva::EXTRA_IDS;
 use shardsmith_converters::surgery::numeric::to_f32;
 use shardsmith_converters::{Checkpoint, Flavour, Meta, ModelConfig, Parallelism, TensorMap};
 use std::path::{Path, PathBuf};
@@ -745,4 +747,264 @@ fn merge_lora_reads_nemo_lora_adapters() {
         s(&work.path().join("x.nemo")),
     ]);
     assert!(err.contains("adapter saved at tp=2 pp=1, base at tp=1 pp=1"), "{err}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// NeVA `.nemo` bundles.
+
+/// llava-tiny → NeVA `.nemo` with `args` (`--tp`, `--vision bundle`, …).
+fn neva_from_tiny(work: &Path, tag: &str, args: &[&str]) -> PathBuf {
+    let nemo = work.join(format!("{tag}.nemo"));
+    let tiny = fixture("llava-tiny");
+    let mut full = vec!["convert", s(&tiny), s(&nemo), "--template", "vicuna_v1"];
+    full.extend(args);
+    ok(&full);
+    nemo
+}
+
+fn neva_parts(nemo: &Path) -> llava::CanonicalLlava {
+    neva::from_neva(&formats::open(nemo).unwrap(), None).unwrap()
+}
+
+/// The first `rows` rows of a `[R, C]` tensor, as bytes.
+fn first_rows(t: &shardsmith_converters::TensorEntry, rows: usize) -> Vec<u8> {
+    let b = t.bytes("rows").unwrap();
+    b[..rows * (b.len() / t.shape[0])].to_vec()
+}
+
+/// The stored projector and vision-tower tensors of a NeVA `.nemo`, per rank.
+fn stored_non_llm(nemo: &Path) -> Vec<((usize, usize), String, Vec<u8>)> {
+    let c = formats::open(nemo).unwrap();
+    let mut out = Vec::new();
+    for shard in &c.shards {
+        for (n, t) in &shard.tensors {
+            if n.contains("mm_projector") || n.contains("vision_encoder") {
+                out.push(((shard.rank.tp, shard.rank.pp), n.clone(), t.bytes(n).unwrap().into_owned()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn extract_takes_each_part_out_of_a_neva_nemo_byte_exact() {
+    let work = tempfile::tempdir().unwrap();
+    let tiny = fixture("llava-tiny");
+    let hf = llava::from_llava_hf(&formats::open(&tiny).unwrap()).unwrap();
+    let hf_sp = std::fs::read(tiny.join("tokenizer.model")).unwrap();
+    for (tag, args) in [("bundled-tp2", vec!["--tp", "2", "--vision", "bundle"]), ("referenced-tp1", vec![])]
+    {
+        let nemo = neva_from_tiny(work.path(), tag, &args);
+        let parts = neva_parts(&nemo);
+        let dir = work.path().join(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (llm, vision, proj) = (dir.join("llm"), dir.join("vision"), dir.join("mm_projector.safetensors"));
+        ok(&["surgery", "extract", s(&nemo), "--part", "llm", "-o", s(&llm)]);
+        ok(&["surgery", "extract", s(&nemo), "--part", "vision", "-o", s(&vision)]);
+        ok(&["surgery", "extract", s(&nemo), "--part", "projector", "-o", s(&proj)]);
+
+        // LLM: NeVA's tokenizer as stored = llava-tiny's 256 pieces + <extra_id_0..7> (ids
+        // 256..=263), and the embedding and head cut to exactly those 264 ids.
+        let sp_bytes = std::fs::read(llm.join("tokenizer.model")).unwrap();
+        assert!(sp_bytes == parts.tokenizer.as_ref().unwrap().bytes().unwrap().as_ref(), "{tag}: tokenizer");
+        let sp = SentencePieceModel::parse(sp_bytes, &llm).unwrap();
+        assert_eq!(sp.len(), 264, "{tag}");
+        assert_eq!(sp.id("<extra_id_0>"), Some(256));
+        assert_eq!(sp.without_appended(&EXTRA_IDS, &llm).unwrap().bytes(), hf_sp.as_slice(), "{tag}");
+        let c = llama::from_hf(&formats::open(&llm).unwrap()).unwrap();
+        assert_eq!(hf_config(&llm)["vocab_size"], 264);
+        assert_eq!(hf_config(&llm)["architectures"][0], "LlamaForCausalLM");
+        let mut expect = c.hparams.clone();
+        expect.vocab = parts.llm.hparams.vocab;
+        // NeVA's yaml leaves BOS / EOS to the tokenizer; config.json spells LLaMA's 1 / 2.
+        assert_eq!((c.hparams.bos, c.hparams.eos), (Some(1), Some(2)));
+        (expect.bos, expect.eos) = (parts.llm.hparams.bos, parts.llm.hparams.eos);
+        assert_eq!(expect, parts.llm.hparams, "{tag}: hparams other than the vocabulary");
+        assert_eq!((parts.llm.hparams.vocab, hf.llm.hparams.vocab), (320, 320));
+        assert_eq!(c.tensors.keys().collect::<Vec<_>>(), hf.llm.tensors.keys().collect::<Vec<_>>());
+        for (n, t) in &c.tensors {
+            if n == "model.embed_tokens.weight" || n == "lm_head.weight" {
+                // Rows 0..264 are bit-identical to NeVA's canonical rows and to llava-hf's (rows
+                // 256..263 hold what llava-hf had there: <image>, <pad>, padding); llava-hf's
+                // rows 264..320 are padding past the NeVA tokenizer, dropped.
+                assert_eq!(t.shape, [264, 64], "{tag}: {n}");
+                let got = t.bytes(n).unwrap();
+                assert!(*got == first_rows(&parts.llm.tensors[n.as_str()], 264), "{tag}: {n} vs NeVA");
+                assert!(*got == first_rows(&hf.llm.tensors[n.as_str()], 264), "{tag}: {n} vs llava-hf");
+            } else {
+                let (a, b) = (&parts.llm.tensors[n.as_str()], &hf.llm.tensors[n.as_str()]);
+                assert!(t.bytes(n).unwrap() == a.bytes(n).unwrap(), "{tag}: {n} vs NeVA");
+                assert!(t.bytes(n).unwrap() == b.bytes(n).unwrap(), "{tag}: {n} vs llava-hf");
+            }
+        }
+        // Vision tower (bundled, or the local from_pretrained directory) and projector.
+        assert_same_tensors(&tensors(&vision), &parts.vision, "vision vs NeVA");
+        assert_same_tensors(&tensors(&vision), &hf.vision, "vision vs llava-hf");
+        assert_eq!(hf_config(&vision)["model_type"], "clip_vision_model");
+        assert!(vision.join("preprocessor_config.json").is_file());
+        let p: TensorMap = hf.projector.iter().map(|(n, t)| (format!("model.{n}"), t.clone())).collect();
+        assert_same_tensors(&tensors(&proj), &p, "projector");
+        // Extracting twice gives identical bytes.
+        let again = dir.join("llm2");
+        ok(&["surgery", "extract", s(&nemo), "--part", "llm", "-o", s(&again)]);
+        assert_eq!(file_bytes(&llm), file_bytes(&again), "{tag}: rerun");
+    }
+    // A projector directory carries LLaVA's config.
+    let nemo = work.path().join("referenced-tp1.nemo");
+    let pdir = work.path().join("pdir");
+    ok(&["surgery", "extract", s(&nemo), "--part", "projector", "-o", s(&pdir)]);
+    let cfg = hf_config(&pdir);
+    assert_eq!(
+        (cfg["mm_projector_type"].as_str(), cfg["mm_hidden_size"].as_u64(), cfg["hidden_size"].as_u64()),
+        (Some("mlp2x_gelu"), Some(48), Some(64))
+    );
+    assert_eq!(cfg["mm_vision_select_feature"], "patch");
+
+    // A referenced tower that does not resolve: refused, naming from_pretrained; nothing written.
+    let y = match formats::open(&nemo).unwrap().meta.config {
+        Some(ModelConfig::NemoYaml(c)) => c,
+        _ => unreachable!(),
+    };
+    let tower = PathBuf::from(y.get_str("mm_cfg.vision_encoder.from_pretrained").unwrap());
+    std::fs::remove_dir_all(&tower).unwrap();
+    let dst = work.path().join("novision");
+    let err = refused(&["surgery", "extract", s(&nemo), "--part", "vision", "-o", s(&dst)]);
+    assert!(err.contains("vision tower weights") && err.contains(tower.to_str().unwrap()), "{err}");
+    assert!(!dst.exists());
+    // The other parts do not need the tower.
+    ok(&["surgery", "extract", s(&nemo), "--part", "projector", "-o", s(&dst)]);
+}
+
+#[test]
+fn swap_llm_in_a_neva_nemo_keeps_tower_and_projector() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let tiny = fixture("llava-tiny");
+    let nemo = neva_from_tiny(w, "src", &["--tp", "2", "--vision", "bundle"]);
+    let src = neva_parts(&nemo);
+    // The new LLM: llava-tiny's language model (320 rows, a 256-piece tokenizer) cut to 1 layer.
+    let llm = w.join("llm");
+    ok(&["surgery", "extract", s(&tiny), "--part", "llm", "-o", s(&llm)]);
+    let llm1 = w.join("llm1");
+    ok(&["surgery", "keep-layers", s(&llm), "--first", "1", "-o", s(&llm1)]);
+    let out = w.join("swapped.nemo");
+    let plan = ok(&["surgery", "swap-llm", s(&nemo), "--llm", s(&llm1), "-o", s(&out), "--dry-run"]);
+    assert!(
+        plan.contains(
+            "tokenizer.model: the new LLM's (256 pieces) with <extra_id_0..7> appended at ids 256..=263"
+        ) && plan.contains("dropped  model.layers.1.mlp.up_proj.weight")
+            && plan.contains("llm num_hidden_layers: 2 -> 1")
+            && plan.contains("tp=2 pp=1 mcore"),
+        "{plan}"
+    );
+    assert!(!out.exists(), "a dry run writes nothing");
+    ok(&["surgery", "swap-llm", s(&nemo), "--llm", s(&llm1), "-o", s(&out)]);
+
+    let ckpt = formats::open(&out).unwrap();
+    assert_eq!((ckpt.meta.parallel.tp, ckpt.meta.parallel.pp), (2, 1));
+    let y = match &ckpt.meta.config {
+        Some(ModelConfig::NemoYaml(c)) => c.clone(),
+        _ => unreachable!(),
+    };
+    assert_eq!(y.get_bool("mm_cfg.vision_encoder.freeze"), Some(false), "the tower stays bundled");
+    assert_eq!(y.get_usize("num_layers"), Some(1));
+    // Projector and tower: the stored tensors, every rank, byte for byte.
+    assert_eq!(stored_non_llm(&out), stored_non_llm(&nemo));
+    let swapped = neva_parts(&out);
+    assert_same_tensors(&swapped.projector, &src.projector, "projector");
+    assert_same_tensors(&swapped.vision, &src.vision, "vision");
+    // The LLM is the new one, all 320 rows: 0..256 its tokens, 256..264 now <extra_id_*> (the
+    // new LLM's rows there, kept as convert keeps them), 264..320 read back via converted_from.
+    let new = llama::from_hf(&formats::open(&llm1).unwrap()).unwrap();
+    assert_same_tensors(&swapped.llm.tensors, &new.tensors, "llm");
+    let sp = swapped.sentencepiece().unwrap().unwrap();
+    assert_eq!((sp.len(), sp.id("<extra_id_3>")), (264, Some(259)));
+    assert!(matches!(swapped.image_tokens, llava::ImageTokenScheme::NevaSpan { patch: 259, .. }));
+
+    // llava-tiny's whole LLM swapped in is, canonically, llava-tiny again.
+    let full = w.join("full.nemo");
+    ok(&["surgery", "swap-llm", s(&nemo), "--llm", s(&llm), "-o", s(&full)]);
+    let report = ok(&["diff", s(&full), s(&tiny)]);
+    assert!(report.contains("MATCH") && report.contains(" 0 differ in value, 0 missing"), "{report}");
+
+    // The NeVA's own LLM, extracted and swapped back: same tokenizer, same tensors on the
+    // tokenizer's 264 rows, and the bundle validates against the original.
+    let own = w.join("own");
+    ok(&["surgery", "extract", s(&nemo), "--part", "llm", "-o", s(&own)]);
+    let back = w.join("back.nemo");
+    let plan = ok(&["surgery", "swap-llm", s(&nemo), "--llm", s(&own), "-o", s(&back)]);
+    assert!(plan.contains("already with <extra_id_0..7>"), "{plan}");
+    let b = neva_parts(&back);
+    assert!(b.tokenizer.unwrap().bytes().unwrap() == src.tokenizer.as_ref().unwrap().bytes().unwrap());
+    assert_eq!(b.llm.hparams.vocab, 264);
+    for (n, t) in &src.llm.tensors {
+        let got = b.llm.tensors[n.as_str()].bytes(n).unwrap().into_owned();
+        let want = if t.shape[0] == 320 { first_rows(t, 264) } else { t.bytes(n).unwrap().into_owned() };
+        assert!(got == want, "{n}");
+    }
+    assert_eq!(stored_non_llm(&back), stored_non_llm(&nemo));
+    let report = ok(&["validate", s(&back), "--against", s(&nemo)]);
+    assert!(report.contains("result: PASS"), "{report}");
+
+    // A .nemo LLM works too (its tokenizer from the archive).
+    let llm_nemo = w.join("llm1.nemo");
+    ok(&["convert", s(&llm1), s(&llm_nemo)]);
+    let from_nemo = w.join("from-nemo.nemo");
+    let plan = ok(&["surgery", "swap-llm", s(&nemo), "--llm", s(&llm_nemo), "-o", s(&from_nemo)]);
+    assert!(plan.contains("rows 256 -> 264"), "{plan}");
+    // A .nemo's vocabulary follows its tokenizer: 256 rows, grown to 264 by the mean rule.
+    let got = neva_parts(&from_nemo).llm;
+    assert_eq!(got.hparams.vocab, 264);
+    for (n, t) in &new.tensors {
+        let g = &got.tensors[n.as_str()];
+        if t.shape[0] == 320 {
+            assert_eq!(g.shape, [264, 64], "{n}");
+            assert!(first_rows(g, 256) == first_rows(t, 256), "{n}");
+        } else {
+            assert!(g.bytes(n).unwrap() == t.bytes(n).unwrap(), "{n}");
+        }
+    }
+
+    // Refusals, before anything is written.
+    let x = w.join("x.nemo");
+    let small = synthetic_hf(
+        &LlamaShape { layers: 1, hidden: 32, ffn: 48, heads: 2, kv_heads: 2, vocab: 320 },
+        &w.join("h32"),
+    );
+    let err = refused(&["surgery", "swap-llm", s(&nemo), "--llm", s(&small), "-o", s(&x)]);
+    assert!(err.contains("hidden size 32") && err.contains("(64,"), "{err}");
+    let err = refused(&["surgery", "swap-llm", s(&nemo), "--llm", s(&nemo), "-o", s(&x)]);
+    assert!(err.contains("multimodal") && err.contains("extract"), "{err}");
+    assert!(!x.exists());
+}
+
+#[test]
+fn transformers_loads_parts_extracted_from_neva() {
+    let Some(py) = reference_python() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let nemo = neva_from_tiny(work.path(), "n", &["--vision", "bundle"]);
+    let (llm, vision) = (work.path().join("llm"), work.path().join("vision"));
+    ok(&["surgery", "extract", s(&nemo), "--part", "llm", "-o", s(&llm)]);
+    ok(&["surgery", "extract", s(&nemo), "--part", "vision", "-o", s(&vision)]);
+    let script = r#"
+import sys, torch
+from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+llm, vision = sys.argv[1], sys.argv[2]
+m, info = LlamaForCausalLM.from_pretrained(llm, output_loading_info=True)
+assert not any(info.values()), info
+tok = AutoTokenizer.from_pretrained(llm, use_fast=False)
+assert len(tok) == m.config.vocab_size == 264, (len(tok), m.config.vocab_size)
+assert tok.convert_tokens_to_ids("<extra_id_3>") == 259
+ids = tok("a <extra_id_4>", add_special_tokens=False).input_ids
+assert 260 in ids, ids
+with torch.no_grad():
+    m(torch.tensor([[1, 5, 259]]))
+v, info = CLIPVisionModel.from_pretrained(vision, output_loading_info=True)
+assert not info["missing_keys"] and not info["mismatched_keys"], info
+print("OK")
+"#;
+    let out = Command::new(&py).arg("-c").arg(script).arg(&llm).arg(&vision).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("OK"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -64,9 +64,10 @@ enum SurgeryCommand {
         out: OutArgs,
     },
     /// Take the LLM (HF LLaMA dir), vision tower (HF CLIPVisionModel dir) or projector
-    /// (mm_projector.safetensors, LLaVA keys) out of a llava-hf checkpoint.
+    /// (mm_projector.safetensors, LLaVA keys) out of a llava-hf directory or a NeVA .nemo (whose
+    /// LLM keeps NeVA's tokenizer, <extra_id_*> included, with the embedding cut to it).
     Extract {
-        /// A llava-hf directory.
+        /// A llava-hf directory or a NeVA .nemo.
         src: PathBuf,
         /// llm, vision or projector.
         #[arg(long, value_parser = parse_part)]
@@ -127,10 +128,11 @@ enum SurgeryCommand {
         #[command(flatten)]
         out: OutArgs,
     },
-    /// Replace the language model of a llava-hf bundle with another LLaMA of the same hidden
-    /// size; vision tower and projector stay byte-exact.
+    /// Replace the language model of a llava-hf bundle or NeVA .nemo with another LLaMA of the
+    /// same hidden size; vision tower and projector stay byte-exact. A NeVA .nemo is written at
+    /// its own TP/PP/dialect, the new tokenizer extended with <extra_id_0..7> as convert does.
     SwapLlm {
-        /// The llava-hf directory.
+        /// The llava-hf directory or NeVA .nemo.
         bundle: PathBuf,
         /// The new language model (HF LLaMA directory or .nemo).
         #[arg(long)]

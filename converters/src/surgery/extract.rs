@@ -7,7 +7,8 @@
 //!   as LLaVA's pre-training stage saves it — a bare file, or a directory with a LLaVA-style
 //!   `config.json` naming the projector type and sizes.
 //!
-//! Tensors are passed through byte for byte under their canonical names ([`super::parts`]).
+//! Tensors are passed through byte for byte under their canonical names ([`super::parts`]). A
+//! NeVA `.nemo` is read into canonical form instead ([`super::neva`]).
 
 use super::parts::{Bundle, Part};
 use super::plan::{Action, Change, Edit, Plan, WriteAs};
@@ -35,6 +36,9 @@ const POSITION_IDS: &str = "vision_model.embeddings.position_ids";
 /// Extract `part` of a multimodal checkpoint. `as_file` writes the projector as a bare
 /// `.safetensors` file (otherwise a directory with `mm_projector.safetensors` + `config.json`).
 pub fn extract(src: &Checkpoint, part: Part, as_file: bool) -> Result<Edit> {
+    if super::neva::is_neva(src) {
+        return super::neva::extract_neva(src, part, as_file);
+    }
     let path = &src.meta.path;
     let bundle = Bundle::split(src)?;
     let mut plan = Plan::new(&format!("extract --part {}", part.name()), path);
@@ -95,14 +99,13 @@ pub fn extract(src: &Checkpoint, part: Part, as_file: bool) -> Result<Edit> {
             }
             let text = bundle.sub_config("text_config", path)?;
             let vision = bundle.sub_config("vision_config", path)?;
-            let cfg = json!({
-                "mm_projector_type": "mlp2x_gelu",
-                "mm_hidden_size": vision.get("hidden_size").cloned().unwrap_or(Json::Null),
-                "hidden_size": text.get("hidden_size").cloned().unwrap_or(Json::Null),
-                "mm_vision_select_layer": bundle.config.get("vision_feature_layer").cloned().unwrap_or(json!(-2)),
-                "mm_vision_select_feature":
-                    if bundle.config.get("vision_feature_select_strategy").and_then(Json::as_str) == Some("full") { "cls_patch" } else { "patch" },
-            });
+            let cfg = projector_config(
+                "mlp2x_gelu",
+                vision.get("hidden_size").cloned().unwrap_or(Json::Null),
+                text.get("hidden_size").cloned().unwrap_or(Json::Null),
+                bundle.config.get("vision_feature_layer").cloned().unwrap_or(json!(-2)),
+                bundle.config.get("vision_feature_select_strategy").and_then(Json::as_str) == Some("full"),
+            );
             let write_as = if as_file { WriteAs::SafetensorsFile } else { WriteAs::ProjectorDir };
             (tensors, (!as_file).then_some(cfg), Vec::new(), write_as)
         }
@@ -142,6 +145,24 @@ pub fn extract(src: &Checkpoint, part: Part, as_file: bool) -> Result<Edit> {
         artifacts,
     };
     Ok(Edit::new(Checkpoint::single(meta, tensors), write_as, plan))
+}
+
+/// The LLaVA-style `config.json` beside an extracted `mm_projector.safetensors` (what LLaVA's
+/// pre-training stage writes); `cls_patch`: the CLS feature is kept.
+pub(crate) fn projector_config(
+    kind: &str,
+    mm_hidden: Json,
+    hidden: Json,
+    select_layer: Json,
+    cls_patch: bool,
+) -> Json {
+    json!({
+        "mm_projector_type": kind,
+        "mm_hidden_size": mm_hidden,
+        "hidden_size": hidden,
+        "mm_vision_select_layer": select_layer,
+        "mm_vision_select_feature": if cls_patch { "cls_patch" } else { "patch" },
+    })
 }
 
 fn out_name(part: Part, canonical: &str) -> String {

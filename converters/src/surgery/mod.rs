@@ -5,12 +5,12 @@
 //! | operation | module | what |
 //! |---|---|---|
 //! | rename / drop | [`rename`] | regex renames, glob drops, by stored name, any format and rank |
-//! | extract | [`extract`] | a multimodal checkpoint's LLM, vision tower or projector, as its ecosystem loads it |
+//! | extract | [`extract`], [`neva`] | a multimodal checkpoint's (llava-hf or NeVA) LLM, vision tower or projector, as its ecosystem loads it |
 //! | resize-vocab | [`vocab`] | grow or shrink a LLaMA's vocabulary, tokenizer included |
 //! | keep-layers | [`layers`] | the first N decoder layers, byte for byte |
 //! | merge-lora | [`lora`], [`lora_nemo`] | fold a PEFT (or NeMo) LoRA adapter into the weights |
 //! | merge | [`merge`] | weighted average of two checkpoints of one architecture |
-//! | swap-llm | [`swap`] | replace a multimodal bundle's language model |
+//! | swap-llm | [`swap`], [`neva`] | replace a multimodal bundle's (llava-hf or NeVA) language model |
 //!
 //! Tensors that change are lazy [`crate::ByteSource::Derived`] computations (or zero-copy
 //! slices) over their inputs, so building an edit reads headers only — the plan is exact for
@@ -24,6 +24,7 @@ pub mod lora;
 pub mod lora_nemo;
 pub mod merge;
 pub mod model;
+pub mod neva;
 pub mod numeric;
 pub mod parts;
 pub mod plan;

@@ -3,8 +3,10 @@
 //!
 //! Canonical names per part: the LLM uses HF LLaMA names (`model.layers.0…`, `lm_head.weight`),
 //! the vision tower HF `CLIPVisionModel` names (`vision_model.…`), the projector the LLaVA/NeVA
-//! suffixes (`mm_projector.0.weight`, formats.md §6.1–§6.3). A new layout (NeVA's `.nemo` names,
-//! liuhaotian LLaVA) is a new table and a [`Layout`] entry; the code below does not change.
+//! suffixes (`mm_projector.0.weight`, formats.md §6.1–§6.3). A new layout that stores tensors
+//! whole (liuhaotian LLaVA) is a new table and a [`Layout`] entry; the code below does not change.
+//! NeVA's `.nemo` fuses and splits its LLM per rank, so it goes through canonical form instead
+//! ([`super::neva`]).
 
 use crate::checkpoint::{Checkpoint, ModelConfig, TensorEntry};
 use crate::error::{Error, Result};
@@ -141,8 +143,8 @@ impl Bundle {
             return Err(Error::invalid(
                 path,
                 format!(
-                    "multimodal surgery reads {} checkpoints; a NeVA .nemo has no part table yet \
-                     (convert it to llava-hf first)",
+                    "the part tables cover {} checkpoints; a NeVA .nemo stores its LLM fused per rank \
+                     and is taken apart through its canonical form (surgery::neva)",
                     LAYOUTS.iter().map(|l| l.name).collect::<Vec<_>>().join(", ")
                 ),
             ));

@@ -1,6 +1,6 @@
-//! Replace the language model inside a multimodal bundle (llava-hf for now) with another LLaMA of
-//! the same hidden size: the projector's output feeds the LLM's embedding space, so the sizes
-//! must agree. Vision tower and projector are written byte for byte under their stored names.
+//! Replace the language model inside a multimodal bundle (llava-hf here; a NeVA `.nemo` in
+//! [`super::neva`]) with another LLaMA of the same hidden size: the projector's output feeds the
+//! LLM's embedding space, so the sizes must agree. Vision tower and projector are written byte for byte under their stored names.
 //!
 //! The new LLM's tensors go under the bundle's own spelling ([`super::parts`]); `text_config`
 //! becomes the new LLM's config (keeping the bundle's `pad_token_id`, which its tokenizer
@@ -23,6 +23,9 @@ const NOT_TEXT_CONFIG: &[&str] =
 
 /// Put `llm` (HF LLaMA directory or `.nemo`) into the multimodal `bundle`.
 pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
+    if super::neva::is_neva(bundle_ckpt) {
+        return super::neva::swap_llm_neva(bundle_ckpt, llm_ckpt);
+    }
     let path = &bundle_ckpt.meta.path;
     let bundle = Bundle::split(bundle_ckpt)?;
     let old_text = bundle.sub_config("text_config", path)?;
