@@ -148,7 +148,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Benchmarks (not tests): `bench forward MODEL` times prefill and decode on the CPU.
+    /// Benchmarks (not tests): `bench forward MODEL` times prefill and decode on the CPU;
+    /// `bench train-step MODEL` one training step.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
@@ -260,6 +261,30 @@ enum BenchCommand {
         /// Include one image (vision models).
         #[arg(long)]
         image: bool,
+    },
+    /// Time one training step (forward + backward, clip 1.0, AdamW) of a LLaVA / NeVA model on
+    /// the CPU; prints one JSON line.
+    TrainStep {
+        /// llava-hf directory or NeVA .nemo.
+        model: PathBuf,
+        /// What trains: 1 (projector), 2 (projector + LLM) or lora (projector + rank-8 adapters).
+        #[arg(long, default_value = "2", value_parser = ["1", "2", "lora"])]
+        stage: String,
+        /// Sequences per step (one image each).
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
+        /// Timed steps after one warm-up (median reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Compute dtype: f32, bf16 or f16 (master weights and AdamW state stay f32).
+        #[arg(long, default_value = "f32", value_parser = parse_compute_dtype)]
+        dtype: candle_core::DType,
+        /// Activation checkpointing (each decoder layer recomputed in the backward pass).
+        #[arg(long)]
+        checkpointing: bool,
     },
 }
 
@@ -546,6 +571,19 @@ fn main() -> ExitCode {
         } => {
             let o = shardsmith::commands::bench::Options { prompt_len, decode, runs, dtype, tp, image };
             shardsmith::commands::bench::forward(&model, &o)
+        }
+        Command::Bench {
+            what: BenchCommand::TrainStep { model, stage, batch, seq, runs, dtype, checkpointing },
+        } => {
+            use shardsmith::commands::bench;
+            use shardsmith::train::model::Stage;
+            let stage = match stage.as_str() {
+                "1" => Stage::Projector,
+                "2" => Stage::ProjectorAndLlm,
+                _ => Stage::Lora(bench::bench_lora()),
+            };
+            let o = bench::TrainStepOptions { stage, batch, seq, runs, dtype, checkpointing };
+            bench::train_step(&model, &o)
         }
         Command::Validate { ckpt, reference, against, tp, against_tp, dtype, json } => {
             use shardsmith::commands::validate::{self, Against};

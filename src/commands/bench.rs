@@ -1,12 +1,20 @@
 //! `shardsmith bench forward`: CPU (or CUDA) forward timing — prefill of a prompt and per-token
 //! decode with the KV cache — printed as one JSON line in the same shape as
-//! `bench/pytorch_forward.py`, so `bench/forward.sh` can put both in one table.
+//! `bench/pytorch_forward.py`, so `bench/forward.sh` can put both in one table; and
+//! `shardsmith bench train-step`: one CPU training step (forward + backward, clipping, AdamW) of a
+//! LLaVA / NeVA model, in the shape of `bench/pytorch_train_step.py` (`bench/train.sh`).
 
+use crate::models::clip::ClipVisionConfig;
 use crate::models::{self, LoadOptions, Model};
+use crate::train::model::{Batch, LoraSpec, Stage, TrainModel, IGNORE};
+use crate::train::optim::{AdamW, AdamWConfig};
 use crate::validate::seeded_prompt;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
+use shardsmith_converters::convert::llava::{self, CanonicalLlava};
+use shardsmith_converters::convert::neva;
+use shardsmith_converters::ModelConfig;
 use std::path::Path;
 use std::time::Instant;
 
@@ -100,4 +108,132 @@ pub fn forward(path: &Path, o: &Options) -> Result<()> {
 /// Threads candle's CPU kernels use (`RAYON_NUM_THREADS`, else the core count).
 fn rayon_threads() -> usize {
     candle_core::utils::get_num_threads()
+}
+
+/// What `bench train-step` times.
+pub struct TrainStepOptions {
+    /// What trains (stage 1, stage 2, LoRA).
+    pub stage: Stage,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence (BOS + image tokens + text).
+    pub seq: usize,
+    /// Timed steps (after one warm-up); the median is reported.
+    pub runs: usize,
+    /// Compute dtype (master weights and optimizer state stay f32).
+    pub dtype: DType,
+    /// Recompute each decoder layer in the backward pass.
+    pub checkpointing: bool,
+}
+
+/// The LoRA adapters `bench train-step --stage lora` trains (bench/pytorch_train_step.py
+/// builds the same): rank 8, alpha 16, every linear of the decoder layers.
+pub fn bench_lora() -> LoraSpec {
+    LoraSpec {
+        rank: 8,
+        alpha: 16.0,
+        targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            .map(String::from)
+            .to_vec(),
+        seed: 0,
+    }
+}
+
+/// A portable seeded stream of u64s (SplitMix64).
+fn splitmix(seed: u64) -> impl FnMut() -> u64 {
+    let mut s = seed;
+    move || {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// The deterministic benchmark batch: per sequence BOS, one image's tokens, then seeded text ids
+/// in [3, 256); labels are the ids on the text after the image (`IGNORE` elsewhere); pixels are
+/// seeded, uniform in [-1, 1).
+fn train_batch(c: &CanonicalLlava, batch: usize, seq: usize) -> Result<Batch> {
+    let dev = Device::Cpu;
+    let vcfg = ClipVisionConfig::from_json(&c.vision_config, &c.origin)?;
+    let grid = vcfg.image_size / vcfg.patch_size;
+    let n = grid * grid + usize::from(!c.drop_cls);
+    let image = models::image_tokens_of(c)?.expand(n);
+    let text_from = 1 + image.len();
+    ensure!(
+        seq >= text_from + 2,
+        "--seq {seq} is too short: BOS + {} image tokens + at least 2 text tokens",
+        image.len()
+    );
+    let mut next = splitmix(0x5eed);
+    let (mut ids, mut labels) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
+    for _ in 0..batch {
+        ids.push(1u32);
+        ids.extend_from_slice(&image);
+        for _ in text_from..seq {
+            ids.push(3 + (next() % 253) as u32);
+        }
+        let row = &ids[ids.len() - seq..];
+        labels
+            .extend(row.iter().enumerate().map(|(i, &t)| if i >= text_from { i64::from(t) } else { IGNORE }));
+    }
+    let side = vcfg.image_size;
+    let pixels: Vec<f32> = (0..batch * vcfg.num_channels * side * side)
+        .map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        .collect();
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (batch, seq), &dev)?,
+        labels: Tensor::from_vec(labels, (batch, seq), &dev)?,
+        pixel_values: Some(Tensor::from_vec(pixels, (batch, vcfg.num_channels, side, side), &dev)?),
+    })
+}
+
+/// Time one training step (forward + backward, clip to 1.0, AdamW) of a llava-hf directory or a
+/// NeVA .nemo on the CPU and print the JSON line `bench/pytorch_train_step.py` also prints.
+pub fn train_step(path: &Path, o: &TrainStepOptions) -> Result<()> {
+    ensure!(o.runs >= 1 && o.batch >= 1, "need --runs >= 1 and --batch >= 1");
+    let ckpt = shardsmith_converters::formats::open(path)?;
+    let c = match &ckpt.meta.config {
+        Some(ModelConfig::NemoYaml(cfg)) if neva::is_neva(cfg) => neva::load_neva(&ckpt, None)?,
+        Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg) => llava::from_llava_hf(&ckpt)?,
+        _ => anyhow::bail!("{}: bench train-step needs a llava-hf directory or a NeVA .nemo", path.display()),
+    };
+    let batch = train_batch(&c, o.batch, o.seq)?;
+    let mut model = TrainModel::from_llava(&c, o.stage.clone(), o.dtype)?;
+    drop(c);
+    let trainable: usize = model.params().iter().map(|(_, v)| v.elem_count()).sum();
+    // torch.optim.AdamW's defaults.
+    let cfg = AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, no_decay_patterns: vec![] };
+    let mut opt = AdamW::new(model.params().to_vec(), cfg)?;
+    let mut step = |model: &mut TrainModel| -> Result<f64> {
+        let t0 = Instant::now();
+        let mut out = model.forward_backward(&batch, o.checkpointing)?;
+        opt.clip_grad_norm(&mut out.grads, Some(1.0))?;
+        opt.step(&out.grads, 1e-5)?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    step(&mut model)?; // warm-up
+    let times = (0..o.runs).map(|_| step(&mut model)).collect::<Result<Vec<_>>>()?;
+    let stage = match o.stage {
+        Stage::Projector => "1",
+        Stage::ProjectorAndLlm => "2",
+        Stage::Lora(_) => "lora",
+    };
+    let line = json!({
+        "impl": "shardsmith",
+        "bench": "train_step",
+        "model": path.display().to_string(),
+        "stage": stage,
+        "params_trainable": trainable,
+        "threads": rayon_threads(),
+        "dtype": format!("{:?}", o.dtype).to_lowercase(),
+        "batch": o.batch,
+        "seq": o.seq,
+        "checkpointing": o.checkpointing,
+        "runs": o.runs,
+        "step_ms": median(times) * 1e3,
+    });
+    println!("{line}");
+    Ok(())
 }
