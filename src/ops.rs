@@ -1,4 +1,5 @@
-//! Fused ops with backward passes: RMSNorm, rotary embedding and softmax over the last dim.
+//! Fused ops with backward passes: RMSNorm, rotary embedding and softmax over the last dim here;
+//! SwiGLU, cross-entropy, AdamW and causal attention in submodules.
 //!
 //! candle's fused versions of these (`candle_nn::ops::rms_norm`, `softmax_last_dim`,
 //! `rotary_emb::rope`) have no backward, so a model built on them cannot train. These are
@@ -9,6 +10,12 @@
 //! Numerics follow transformers: RMSNorm normalises in f32, rounds to the input dtype, then
 //! scales (`weight * hidden.to(input_dtype)`); softmax accumulates in f32; rope is exact
 //! per-element arithmetic in f32, rounded once.
+//!
+//! More fused ops live in submodules: SwiGLU, vocabulary cross-entropy and the AdamW step
+//! ([`fused`]), and causal flash attention ([`attention`]). With the `cuda` feature every op
+//! also has a `cuda_fwd` launching a kernel of `kernels/` (the `cuda` submodule has the
+//! launchers); the CPU forwards are the references the kernels are parity-tested against
+//! (tests/cuda_parity.rs).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -69,6 +76,16 @@ fn round_to(dtype: DType) -> fn(f32) -> f32 {
     }
 }
 
+pub mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod fused;
+
+pub use attention::{causal_attention, causal_attention_backward, causal_attention_forward};
+pub use fused::{
+    adamw_step, adamw_step_ref, cross_entropy, cross_entropy_mean, swiglu, swiglu_backward, AdamWStep,
+};
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 // ---------------------------------------------------------------------------------------------
@@ -111,6 +128,17 @@ impl CustomOp2 for RmsNorm {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::rms_norm_fwd(s1, l1, s2, l2, self.eps)?, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -118,6 +146,12 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+            // The formulas below in one kernel (rmsnorm.cu), dw summed in f32.
+            let (dx, dw) = cuda::rms_norm_bwd(x, w, g, self.eps)?;
+            return Ok((Some(dx), Some(dw.to_dtype(w.dtype())?)));
+        }
         // In f32: n = x·r, r = (mean(x²) + eps)^-½; y = w·n.
         // dw = Σ_rows g·n;  dx = r · (g·w − n · mean(g·w·n)).
         let (x_dtype, w_dtype) = (x.dtype(), w.dtype());
@@ -184,6 +218,19 @@ impl CustomOp3 for Rope {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::rope(s1, l1, s2, l2, s3, l3)?, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -229,6 +276,15 @@ impl CustomOp1 for Softmax {
             y
         });
         Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::softmax(s, l)?, l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -318,6 +374,24 @@ mod tests {
         close(&y1, &y2, 1e-6);
         close(&gx1, &gx2, 1e-5);
         close(&gw1, &gw2, 1e-5);
+    }
+
+    /// Gradients come back in each input's dtype, so candle can sum them into its grad store.
+    #[test]
+    fn bf16_gradients_flow_through_every_op() {
+        let x = Var::from_tensor(&randn(&[1, 2, 3, 8], 1).to_dtype(DType::BF16).unwrap()).unwrap();
+        let w = Var::from_tensor(&(randn(&[8], 2) + 1.0).unwrap().to_dtype(DType::BF16).unwrap()).unwrap();
+        let (cos, sin) = (
+            randn(&[3, 4], 3).to_dtype(DType::BF16).unwrap(),
+            randn(&[3, 4], 4).to_dtype(DType::BF16).unwrap(),
+        );
+        let y = softmax_last_dim(
+            &rope(&rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(), &cos, &sin).unwrap(),
+        )
+        .unwrap();
+        let grads = y.to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(grads.get(&x).unwrap().dtype(), DType::BF16);
+        assert_eq!(grads.get(&w).unwrap().dtype(), DType::BF16);
     }
 
     #[test]

@@ -1,0 +1,93 @@
+//! Compiles every `src/*.cu` to PTX with nvcc and the PTX to a cubin with ptxas, into OUT_DIR,
+//! when the `cuda` feature is on; does nothing otherwise.
+//!
+//! Flags (one PTX module per file):
+//!   nvcc  --ptx -arch=sm_$CAP -O3 -std=c++17      (no --use_fast_math: the kernels are checked
+//!                                                  against CPU references, so expf / division /
+//!                                                  sqrt keep their IEEE-accurate forms)
+//!   ptxas -arch=sm_$CAP -O3                        (the cubin the loader prefers: no JIT at run time)
+//! `$CAP` is `CUDA_COMPUTE_CAP` (`90` or `9.0`; default 90). nvcc is `$NVCC`, else
+//! `$CUDA_HOME/bin/nvcc` (or `$CUDA_PATH`), else `nvcc` on PATH; ptxas sits beside it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src");
+    for var in ["CUDA_COMPUTE_CAP", "NVCC", "CUDA_HOME", "CUDA_PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cap: String = std::env::var("CUDA_COMPUTE_CAP")
+        .unwrap_or_else(|_| "90".into())
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    if cap.is_empty() {
+        panic!("CUDA_COMPUTE_CAP must be a compute capability such as 90 or 9.0");
+    }
+    println!("cargo:rustc-env=SHARDSMITH_KERNELS_ARCH=sm_{cap}");
+    let nvcc = nvcc();
+    let ptxas = match nvcc.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join("ptxas"),
+        _ => PathBuf::from("ptxas"),
+    };
+
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("src")
+        .expect("kernels/src")
+        .map(|e| e.expect("kernels/src entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    // One thread per file: flash_attn.cu dominates, the rest finish alongside it.
+    std::thread::scope(|s| {
+        let jobs: Vec<_> =
+            sources.iter().map(|src| s.spawn(|| compile(&nvcc, &ptxas, src, &out, &cap))).collect();
+        for j in jobs {
+            j.join().expect("kernel compile thread");
+        }
+    });
+}
+
+fn nvcc() -> PathBuf {
+    if let Some(p) = std::env::var_os("NVCC") {
+        return p.into();
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = std::env::var_os(var) {
+            let p = Path::new(&home).join("bin").join("nvcc");
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    PathBuf::from("nvcc")
+}
+
+fn compile(nvcc: &Path, ptxas: &Path, src: &Path, out: &Path, cap: &str) {
+    let stem = src.file_stem().and_then(|s| s.to_str()).expect("utf-8 kernel file name");
+    let ptx = out.join(format!("{stem}.ptx"));
+    let cubin = out.join(format!("{stem}.cubin"));
+    let arch = format!("-arch=sm_{cap}");
+    run(Command::new(nvcc).args(["--ptx", &arch, "-O3", "-std=c++17", "-o"]).arg(&ptx).arg(src));
+    run(Command::new(ptxas).args([&arch, "-O3", "-o"]).arg(&cubin).arg(&ptx));
+}
+
+fn run(cmd: &mut Command) {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {shown}: {e} (install CUDA, or `source shared/tools/cuda-toolchain.sh`)")
+    });
+    if !out.status.success() {
+        panic!(
+            "{shown} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

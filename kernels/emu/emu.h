@@ -1,0 +1,165 @@
+// A CPU emulator for shardsmith's CUDA kernels: one std::thread per CUDA thread, blocks run one
+// after another, `__shared__` variables become function statics (shared by the block's threads,
+// reused by the next block), __syncthreads is a block barrier, warp shuffles and mma.sync go
+// through a per-warp exchange buffer with a warp barrier. Slow, but it runs the kernels'
+// indexing, reductions, masking and MMA fragment packing exactly as written, so logic errors
+// show up on a machine without a GPU. Build: see kernels/emu/run.sh.
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <algorithm>
+#include <cmath>
+#include <math.h>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define DYN_SMEM(name) unsigned char *name = emu::dyn_smem
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+struct __nv_bfloat16 {
+    uint16_t x;
+};
+inline float __bfloat162float(__nv_bfloat16 v) {
+    uint32_t u = (uint32_t)v.x << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if (std::isnan(f)) return {(uint16_t)((u >> 16) | 0x40)};
+    u += 0x7fff + ((u >> 16) & 1);
+    return {(uint16_t)(u >> 16)};
+}
+using std::max;
+using std::min;
+struct float4 {
+    float x, y, z, w;
+};
+struct uint4 {
+    unsigned x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float __uint_as_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 v) { return v.x; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+
+namespace emu {
+alignas(16) inline unsigned char dyn_smem[1 << 20];
+inline std::barrier<> *block_bar;
+struct Warp {
+    std::unique_ptr<std::barrier<>> bar;
+    uint64_t buf[32][8];
+};
+inline std::vector<Warp> warps;
+
+inline int flat_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+
+inline void warp_sync() { warps[flat_tid() / 32].bar->arrive_and_wait(); }
+
+template <class T> T shfl_from(T v, int src) {
+    const int tid = flat_tid(), lane = tid % 32;
+    Warp &w = warps[tid / 32];
+    std::memcpy(&w.buf[lane][0], &v, sizeof(T));
+    w.bar->arrive_and_wait();
+    T r;
+    std::memcpy(&r, &w.buf[src & 31][0], sizeof(T));
+    w.bar->arrive_and_wait();
+    return r;
+}
+
+// mma.sync.m16n8k16 row.col bf16 → f32, from the documented fragment layout.
+inline void mma_bf16_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+    const int tid = flat_tid(), lane = tid % 32;
+    Warp &w = warps[tid / 32];
+    for (int i = 0; i < 4; ++i) w.buf[lane][i] = a[i];
+    w.buf[lane][4] = b[0];
+    w.buf[lane][5] = b[1];
+    w.bar->arrive_and_wait();
+    float A[16][16], B[16][8];
+    auto lo = [](uint64_t r) { return __bfloat162float({(uint16_t)(r & 0xffff)}); };
+    auto hi = [](uint64_t r) { return __bfloat162float({(uint16_t)((r >> 16) & 0xffff)}); };
+    for (int l = 0; l < 32; ++l) {
+        const int g = l / 4, t = l % 4;
+        const uint64_t *r = w.buf[l];
+        A[g][2 * t] = lo(r[0]), A[g][2 * t + 1] = hi(r[0]);
+        A[g + 8][2 * t] = lo(r[1]), A[g + 8][2 * t + 1] = hi(r[1]);
+        A[g][2 * t + 8] = lo(r[2]), A[g][2 * t + 9] = hi(r[2]);
+        A[g + 8][2 * t + 8] = lo(r[3]), A[g + 8][2 * t + 9] = hi(r[3]);
+        B[2 * t][g] = lo(r[4]), B[2 * t + 1][g] = hi(r[4]);
+        B[2 * t + 8][g] = lo(r[5]), B[2 * t + 9][g] = hi(r[5]);
+    }
+    w.bar->arrive_and_wait();
+    const int g = lane / 4, t = lane % 4;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+        float s = 0;
+        for (int k = 0; k < 16; ++k) s += A[rows[i]][k] * B[k][cols[i]];
+        c[i] += s;
+    }
+}
+
+template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K kernel, A... args) {
+    if (smem > sizeof(dyn_smem)) throw "emu: dynamic shared memory too large";
+    const unsigned n = block.x * block.y * block.z;
+    if (n % 32 != 0) throw "emu: block size must be a multiple of 32";
+    gridDim = grid;
+    blockDim = block;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                std::barrier<> bar(n);
+                block_bar = &bar;
+                warps.clear();
+                warps.resize(n / 32);
+                for (auto &w : warps) w.bar = std::make_unique<std::barrier<>>(32);
+                std::memset(dyn_smem, 0xcd, smem);  // garbage, like real shared memory
+                std::vector<std::thread> ts;
+                ts.reserve(n);
+                for (unsigned i = 0; i < n; ++i)
+                    ts.emplace_back([=] {
+                        threadIdx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+                        blockIdx = dim3(bx, by, bz);
+                        kernel(args...);
+                    });
+                for (auto &t : ts) t.join();
+            }
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
+template <class T> T __shfl_xor_sync(unsigned, T v, int m) {
+    return emu::shfl_from(v, (emu::flat_tid() % 32) ^ m);
+}
+template <class T> T __shfl_sync(unsigned, T v, int src) { return emu::shfl_from(v, src); }
+inline float atomicAdd(float *p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }

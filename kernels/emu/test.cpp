@@ -1,0 +1,238 @@
+// Emulator checks of the kernels' logic against plain C++ references (double precision).
+// Run: kernels/emu/run.sh. Shapes are small and odd on purpose: partial tiles, GQA, tiny rows.
+#include "../src/adamw.cu"
+#include "../src/cross_entropy.cu"
+#include "../src/flash_attn.cu"
+#include "../src/rmsnorm.cu"
+#include "../src/rope.cu"
+#include "../src/softmax.cu"
+#include "../src/swiglu.cu"
+#include <cstdio>
+#include <random>
+
+static std::mt19937 rng(7);
+static std::vector<float> randv(size_t n, float lo = -1, float hi = 1) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (auto &x : v) x = d(rng);
+    return v;
+}
+template <class T> std::vector<T> cast(const std::vector<float> &v) {
+    std::vector<T> r(v.size());
+    for (size_t i = 0; i < v.size(); ++i) r[i] = from_f32<T>(v[i]);
+    return r;
+}
+template <class T> std::vector<float> widen(const std::vector<T> &v) {
+    std::vector<float> r(v.size());
+    for (size_t i = 0; i < v.size(); ++i) r[i] = to_f32(v[i]);
+    return r;
+}
+static int failures = 0;
+static void check(const char *what, const std::vector<float> &got, const std::vector<double> &want, double tol) {
+    double md = 0, mref = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        md = std::max(md, std::fabs(got[i] - want[i]));
+        mref = std::max(mref, std::fabs(want[i]));
+    }
+    const double rel = md / std::max(1.0, mref);
+    const bool ok = rel <= tol && std::isfinite(rel);
+    if (!ok) failures++;
+    std::printf("%-44s max|d| %.3e  rel %.3e  (tol %.1e) %s\n", what, md, rel, tol, ok ? "ok" : "FAIL");
+}
+
+template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t, const char *name, double tol, int shift = 0) {
+    const float scale = 1.0f / std::sqrt((float)D);
+    auto qf = widen(cast<T>(randv((size_t)B * hq * t * D)));
+    auto kf = widen(cast<T>(randv((size_t)B * hk * t * D)));
+    auto vf = widen(cast<T>(randv((size_t)B * hk * t * D)));
+    auto dof = widen(cast<T>(randv((size_t)B * hq * t * D)));
+    auto q = cast<T>(qf), k = cast<T>(kf), v = cast<T>(vf), dO = cast<T>(dof);
+    if (shift) {  // misalign every input by `shift` elements: the scalar load path
+        for (auto *x : {&q, &k, &v, &dO}) x->insert(x->begin(), shift, from_f32<T>(0.f));
+    }
+    std::vector<T> o((size_t)B * hq * t * D), dk(k.size()), dv(v.size()), dq(q.size());
+    std::vector<float> lse((size_t)B * hq * t), delta(lse.size()), dq_acc(q.size(), 0.f);
+    const int nq = (t + 63) / 64;
+    emu::launch(dim3(nq, hq, B), dim3(128), fwd_smem_bytes<T, D>(), flash_fwd<T, D>, q.data() + shift, k.data() + shift,
+                v.data() + shift, o.data(), lse.data(), hq, hk, t, scale);
+    const long long rows = (long long)B * hq * t;
+    emu::launch(dim3((rows + 3) / 4), dim3(128), 0, flash_bwd_pre<T, D>, o.data(), dO.data() + shift, delta.data(), rows);
+    emu::launch(dim3(nq, hk, B), dim3(128), bwd_smem_bytes<T, D>(), flash_bwd<T, D>, q.data() + shift, k.data() + shift,
+                v.data() + shift, dO.data() + shift, lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), hq, hk, t,
+                scale);
+    // Reference in double.
+    std::vector<double> ro(o.size()), rl(lse.size()), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0);
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < hq; ++h) {
+            const int kv = h / (hq / hk);
+            const float *Q = &qf[((size_t)b * hq + h) * t * D], *K = &kf[((size_t)b * hk + kv) * t * D],
+                        *V = &vf[((size_t)b * hk + kv) * t * D], *dO_ = &dof[((size_t)b * hq + h) * t * D];
+            for (int i = 0; i < t; ++i) {
+                std::vector<double> p(i + 1);
+                double mx = -1e300;
+                for (int j = 0; j <= i; ++j) {
+                    double s = 0;
+                    for (int d = 0; d < D; ++d) s += (double)Q[i * D + d] * K[j * D + d];
+                    p[j] = s * scale;
+                    mx = std::max(mx, p[j]);
+                }
+                double l = 0;
+                for (int j = 0; j <= i; ++j) l += (p[j] = std::exp(p[j] - mx));
+                for (int j = 0; j <= i; ++j) p[j] /= l;
+                rl[((size_t)b * hq + h) * t + i] = mx + std::log(l);
+                std::vector<double> od(D, 0);
+                for (int j = 0; j <= i; ++j)
+                    for (int d = 0; d < D; ++d) od[d] += p[j] * V[j * D + d];
+                double dl = 0;
+                for (int d = 0; d < D; ++d) {
+                    ro[(((size_t)b * hq + h) * t + i) * D + d] = od[d];
+                    dl += od[d] * dO_[i * D + d];
+                }
+                for (int j = 0; j <= i; ++j) {
+                    double dp = 0;
+                    for (int d = 0; d < D; ++d) {
+                        dp += (double)dO_[i * D + d] * V[j * D + d];
+                        rdv[(((size_t)b * hk + kv) * t + j) * D + d] += p[j] * dO_[i * D + d];
+                    }
+                    const double ds = p[j] * (dp - dl) * scale;
+                    for (int d = 0; d < D; ++d) {
+                        rdq[(((size_t)b * hq + h) * t + i) * D + d] += ds * K[j * D + d];
+                        rdk[(((size_t)b * hk + kv) * t + j) * D + d] += ds * Q[i * D + d];
+                    }
+                }
+            }
+        }
+    char buf[128];
+    std::snprintf(buf, sizeof buf, "attn %s D%d B%d Hq%d Hk%d T%d o", name, D, B, hq, hk, t);
+    check(buf, widen(o), ro, tol);
+    std::snprintf(buf, sizeof buf, "attn %s D%d B%d Hq%d Hk%d T%d lse", name, D, B, hq, hk, t);
+    check(buf, lse, rl, tol);
+    std::snprintf(buf, sizeof buf, "attn %s D%d B%d Hq%d Hk%d T%d dq", name, D, B, hq, hk, t);
+    check(buf, dq_acc, rdq, tol);
+    std::snprintf(buf, sizeof buf, "attn %s D%d B%d Hq%d Hk%d T%d dk", name, D, B, hq, hk, t);
+    check(buf, widen(dk), rdk, tol);
+    std::snprintf(buf, sizeof buf, "attn %s D%d B%d Hq%d Hk%d T%d dv", name, D, B, hq, hk, t);
+    check(buf, widen(dv), rdv, tol);
+}
+
+template <class T> void test_rmsnorm(int rows, int h, double tol) {
+    auto xf = widen(cast<T>(randv((size_t)rows * h))), wf = widen(cast<T>(randv(h, 0.5, 1.5)));
+    auto gf = widen(cast<T>(randv((size_t)rows * h)));
+    auto x = cast<T>(xf), w = cast<T>(wf), g = cast<T>(gf);
+    std::vector<T> y(x.size()), dx(x.size());
+    std::vector<float> dw(h, 0.f);
+    const int bs = std::min(256, (h + 31) / 32 * 32);
+    emu::launch(dim3(rows), dim3(bs), 0, rmsnorm_fwd<T>, x.data(), w.data(), y.data(), h, 1e-5f);
+    emu::launch(dim3(std::min(rows, 3)), dim3(bs), (size_t)h * 4, rmsnorm_bwd<T>, x.data(), w.data(), g.data(),
+                dx.data(), dw.data(), rows, h, 1e-5f);
+    std::vector<double> ry(x.size()), rdx(x.size()), rdw(h, 0);
+    for (int r = 0; r < rows; ++r) {
+        double ss = 0, gwn = 0;
+        for (int i = 0; i < h; ++i) ss += (double)xf[r * h + i] * xf[r * h + i];
+        const double rr = 1 / std::sqrt(ss / h + 1e-5);
+        for (int i = 0; i < h; ++i) {
+            ry[r * h + i] = wf[i] * to_f32(from_f32<T>((float)(xf[r * h + i] * rr)));
+            gwn += (double)gf[r * h + i] * wf[i] * xf[r * h + i] * rr;
+            rdw[i] += gf[r * h + i] * xf[r * h + i] * rr;
+        }
+        for (int i = 0; i < h; ++i)
+            rdx[r * h + i] = (gf[r * h + i] * wf[i] - xf[r * h + i] * rr * gwn / h) * rr;
+    }
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "rmsnorm %zu-byte R%d H%d y", sizeof(T), rows, h);
+    check(buf, widen(y), ry, tol);
+    std::snprintf(buf, sizeof buf, "rmsnorm %zu-byte R%d H%d dx", sizeof(T), rows, h);
+    check(buf, widen(dx), rdx, tol);
+    std::snprintf(buf, sizeof buf, "rmsnorm %zu-byte R%d H%d dw", sizeof(T), rows, h);
+    check(buf, dw, rdw, tol);
+}
+
+void test_softmax_ce(int rows, int n) {
+    auto x = randv((size_t)rows * n, -4, 4);
+    std::vector<float> y(x.size()), loss(rows), dl(x.size());
+    std::vector<long long> tg(rows);
+    for (int r = 0; r < rows; ++r) tg[r] = r == 1 ? -100 : (r * 7919) % n;
+    const int bs = std::min(256, (n + 31) / 32 * 32);
+    emu::launch(dim3(rows), dim3(bs), 0, softmax<float>, x.data(), y.data(), n);
+    emu::launch(dim3(rows), dim3(bs), 0, cross_entropy<float>, x.data(), tg.data(), loss.data(), dl.data(), n,
+                -100LL);
+    std::vector<double> ry(x.size()), rl(rows), rdl(x.size());
+    for (int r = 0; r < rows; ++r) {
+        double m = -1e300, s = 0;
+        for (int j = 0; j < n; ++j) m = std::max(m, (double)x[r * n + j]);
+        for (int j = 0; j < n; ++j) s += std::exp(x[r * n + j] - m);
+        for (int j = 0; j < n; ++j) {
+            ry[r * n + j] = std::exp(x[r * n + j] - m) / s;
+            rdl[r * n + j] = tg[r] == -100 ? 0 : ry[r * n + j] - (j == tg[r]);
+        }
+        rl[r] = tg[r] == -100 ? 0 : m + std::log(s) - x[r * n + tg[r]];
+    }
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "softmax R%d N%d", rows, n);
+    check(buf, y, ry, 1e-6);
+    std::snprintf(buf, sizeof buf, "cross-entropy R%d V%d loss", rows, n);
+    check(buf, loss, rl, 1e-5);
+    std::snprintf(buf, sizeof buf, "cross-entropy R%d V%d dlogits", rows, n);
+    check(buf, dl, rdl, 1e-6);
+}
+
+void test_elementwise() {
+    const long long n = 8 * 37 + 5;
+    auto gf = widen(cast<bf16>(randv(n, -6, 6))), uf = widen(cast<bf16>(randv(n))), df = widen(cast<bf16>(randv(n)));
+    auto g = cast<bf16>(gf), u = cast<bf16>(uf), d = cast<bf16>(df);
+    std::vector<bf16> y(n), dgd(2 * n);
+    emu::launch(dim3(3), dim3(64), 0, swiglu_fwd<bf16>, g.data(), u.data(), y.data(), n);
+    emu::launch(dim3(3), dim3(64), 0, swiglu_bwd<bf16>, g.data(), u.data(), d.data(), dgd.data(), n);
+    std::vector<double> ry(n), rdgd(2 * n);
+    for (long long i = 0; i < n; ++i) {
+        const double sg = 1 / (1 + std::exp(-(double)gf[i]));
+        ry[i] = gf[i] * sg * uf[i];
+        rdgd[i] = df[i] * uf[i] * sg * (1 + gf[i] * (1 - sg));
+        rdgd[n + i] = df[i] * gf[i] * sg;
+    }
+    check("swiglu bf16 fwd (vector + tail)", widen(y), ry, 1e-2);
+    check("swiglu bf16 bwd (vector + tail)", widen(dgd), rdgd, 1e-2);
+
+    // AdamW: the vector path (aligned) and the scalar path (shifted by one) agree bit for bit.
+    auto p0 = randv(n), g0 = randv(n, -0.1f, 0.1f);
+    std::vector<float> pa = p0, ma(n, 0.01f), va(n, 0.02f), pb(n + 1), mb(n + 1, 0.01f), vb(n + 1, 0.02f), gb(n + 1);
+    std::copy(p0.begin(), p0.end(), pb.begin() + 1);
+    std::copy(g0.begin(), g0.end(), gb.begin() + 1);
+    emu::launch(dim3(2), dim3(64), 0, adamw_f32, pa.data(), g0.data(), ma.data(), va.data(), n, 1, 0.9999f, 0.1f,
+                0.9f, 0.95f, 0.05f, -3e-4f, 0.2f, 1e-8f);
+    emu::launch(dim3(2), dim3(64), 0, adamw_f32, pb.data() + 1, gb.data() + 1, mb.data() + 1, vb.data() + 1, n, 1,
+                0.9999f, 0.1f, 0.9f, 0.95f, 0.05f, -3e-4f, 0.2f, 1e-8f);
+    int diff = 0;
+    for (long long i = 0; i < n; ++i) diff += pa[i] != pb[i + 1] || ma[i] != mb[i + 1] || va[i] != vb[i + 1];
+    if (diff) failures++;
+    std::printf("%-44s %d elements differ %s\n", "adamw vector vs scalar path", diff, diff ? "FAIL" : "ok");
+
+    // Cross-entropy backward scaling, V % 8 = 0 (vector) and V = 7 (scalar).
+    for (int v : {16, 7}) {
+        const int rows = 5;
+        auto dl = randv((size_t)rows * v), gl = randv(rows);
+        std::vector<float> dx(dl.size());
+        emu::launch(dim3(2), dim3(64), 0, cross_entropy_bwd<float>, dl.data(), gl.data(), dx.data(),
+                    (long long)dl.size(), v);
+        std::vector<double> want(dl.size());
+        for (size_t i = 0; i < dl.size(); ++i) want[i] = (double)dl[i] * gl[i / v];
+        check(v == 16 ? "cross-entropy bwd scale V16" : "cross-entropy bwd scale V7", dx, want, 1e-6);
+    }
+}
+
+int main() {
+    test_elementwise();
+    test_rmsnorm<float>(5, 37, 1e-5);
+    test_rmsnorm<bf16>(4, 300, 2e-2);
+    test_softmax_ce(3, 1000);
+    test_softmax_ce(4, 7);
+    test_attention<float>(1, 2, 1, 70, "f32", 1e-4);
+    test_attention<bf16>(1, 2, 1, 70, "bf16", 3e-2);
+    test_attention<bf16>(2, 3, 3, 17, "bf16", 3e-2);
+    test_attention<float>(1, 4, 2, 130, "f32", 1e-4);
+    test_attention<bf16, 128>(1, 2, 1, 40, "bf16", 3e-2);
+    test_attention<float, 96>(1, 1, 1, 33, "f32", 1e-4);
+    test_attention<bf16, 64>(1, 2, 2, 45, "bf16 misaligned", 3e-2, 1);
+    std::printf(failures ? "%d FAILED\n" : "all ok\n", failures);
+    return failures != 0;
+}

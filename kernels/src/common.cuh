@@ -1,0 +1,208 @@
+// Shared helpers for shardsmith's kernels: dtype conversion, warp/block reductions, and the
+// bf16 tensor-core MMA (mma.sync.m16n8k16) with its fragment layout written down.
+//
+// Every kernel file is compiled on its own by build.rs (one PTX module per .cu). With
+// SHARDSMITH_EMU defined, the same sources build as host C++ against kernels/emu/emu.h, a
+// thread-per-CUDA-thread emulator used to check indexing and reductions without a GPU.
+#pragma once
+
+#ifdef SHARDSMITH_EMU
+#include "../emu/emu.h"
+#else
+#include <cuda_bf16.h>
+#include <stdint.h>
+#define DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+// Round to nearest even, as half::bf16::from_f32 on the CPU.
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16(x); }
+
+// Eight consecutive elements as f32, moved with 16-byte (bf16) or 2×16-byte (f32) accesses; the
+// pointer must be 16-byte aligned (see aligned16).
+__device__ __forceinline__ void load8(const float *p, float v[8]) {
+    const float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const bf16 *p, float v[8]) {
+    const uint4 u = *reinterpret_cast<const uint4 *>(p);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void store8(float *p, const float v[8]) {
+    reinterpret_cast<float4 *>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4 *>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16(lo)) |
+           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+}
+__device__ __forceinline__ void store8(bf16 *p, const float v[8]) {
+    *reinterpret_cast<uint4 *>(p) =
+        make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+}
+__device__ __forceinline__ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a 1-D block (blockDim.x a multiple of 32, at most 1024); every thread must call it,
+// every thread gets the total. `scratch` is 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float *scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float t = lane < nw ? scratch[lane] : 0.f;
+        t = warp_sum(t);
+        if (lane == 0) scratch[0] = t;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+__device__ __forceinline__ float block_max(float v, float *scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float t = lane < nw ? scratch[lane] : -INFINITY;
+        t = warp_max(t);
+        if (lane == 0) scratch[0] = t;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level 16×8×16 tile product, C[16×8] += A[16×16] · B[16×8], fp32 accumulate.
+//
+// Fragment layout of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA, "Matrix
+// fragments for mma.m16n8k16"), lane = 4·g + t (g = lane/4 ∈ [0,8), t = lane%4):
+//   A regs a0..a3, each two bf16 (low half = lower column):
+//     a0 = A[g][2t..2t+1]   a1 = A[g+8][2t..2t+1]   a2 = A[g][2t+8..]   a3 = A[g+8][2t+8..]
+//   B regs b0, b1 (low half = lower k):  b0 = B[2t..2t+1][g]   b1 = B[2t+8..2t+9][g]
+//   C/D: c0,c1 = C[g][2t], C[g][2t+1];  c2,c3 = C[g+8][2t], C[g+8][2t+1]
+// Operands are read through accessors: `a(r, k)` = A[r][k] and `bt(n, k)` = B[k][n] (B
+// transposed, so both pair along their second index). Row-major accessors load the pair as one
+// 32-bit word; transposed ones make two 16-bit loads. For f32 operands the same accumulator
+// layout is computed with scalar FMAs (each lane reads its rows/columns directly), so the
+// kernels around the product are shared between the bf16 (tensor-core) and f32 paths.
+// ---------------------------------------------------------------------------------------------
+
+// Element (r, c) at p[r·ld + c].
+template <typename T> struct RowMajor {
+    const T *p;
+    int ld;
+    __device__ __forceinline__ RowMajor(const T *p_, int ld_) : p(p_), ld(ld_) {}
+    __device__ __forceinline__ float get(int r, int c) const { return to_f32(p[r * ld + c]); }
+    // Elements (r, c) and (r, c+1) as a bf16 pair; c even, ld even, p 4-byte aligned.
+    __device__ __forceinline__ uint32_t pair(int r, int c) const {
+        return *reinterpret_cast<const uint32_t *>(p + r * ld + c);
+    }
+    __device__ __forceinline__ RowMajor at(int r, int c) const { return RowMajor(p + r * ld + c, ld); }
+};
+
+// Element (r, c) at p[c·ld + r] (a transposed view of a row-major buffer).
+template <typename T> struct ColMajor {
+    const T *p;
+    int ld;
+    __device__ __forceinline__ ColMajor(const T *p_, int ld_) : p(p_), ld(ld_) {}
+    __device__ __forceinline__ float get(int r, int c) const { return to_f32(p[c * ld + r]); }
+    __device__ __forceinline__ uint32_t pair(int r, int c) const {
+        const uint16_t *q = reinterpret_cast<const uint16_t *>(p);
+        return (uint32_t)q[c * ld + r] | ((uint32_t)q[(c + 1) * ld + r] << 16);
+    }
+    __device__ __forceinline__ ColMajor at(int r, int c) const { return ColMajor(p + c * ld + r, ld); }
+};
+
+__device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef SHARDSMITH_EMU
+    emu::mma_bf16_16816(c, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// C += A · B for one 16×8 output tile, k = 16. `a` is positioned at A's tile origin, `bt` at
+// Bᵀ's (n, k) origin. T = bf16 uses the tensor cores; T = float uses scalar FMAs.
+template <typename T, typename AA, typename BB>
+__device__ __forceinline__ void mma_tile(float c[4], const AA &a, const BB &bt) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    if constexpr (sizeof(T) == 2) {
+        uint32_t ar[4], br[2];
+        ar[0] = a.pair(g, 2 * t);
+        ar[1] = a.pair(g + 8, 2 * t);
+        ar[2] = a.pair(g, 2 * t + 8);
+        ar[3] = a.pair(g + 8, 2 * t + 8);
+        br[0] = bt.pair(g, 2 * t);
+        br[1] = bt.pair(g, 2 * t + 8);
+        mma_bf16_16816(c, ar, br);
+    } else {
+#pragma unroll 4  // the f32 path is for parity, not speed: keep its code small
+        for (int k = 0; k < 16; ++k) {
+            const float a0 = a.get(g, k), a1 = a.get(g + 8, k);
+            const float b0 = bt.get(2 * t, k), b1 = bt.get(2 * t + 1, k);
+            c[0] = fmaf(a0, b0, c[0]);
+            c[1] = fmaf(a0, b1, c[1]);
+            c[2] = fmaf(a1, b0, c[2]);
+            c[3] = fmaf(a1, b1, c[3]);
+        }
+    }
+}
+
+// C += A · B where A [16×16] is held in registers in the accumulator layout of two adjacent
+// 16×8 tiles (a0 = columns 0..7, a1 = columns 8..15) — what a previous mma_tile left, like
+// FlashAttention's P. For bf16 the C layout of the pair is exactly the A-fragment layout
+// (a0 = {a0[0], a0[1]}, a1 = {a0[2], a0[3]}, a2 = {a1[0], a1[1]}, a3 = {a1[2], a1[3]}), rounded
+// to bf16; for f32 each lane gathers its rows with shuffles (column k = 8h + 2t' + e of row g
+// sits in lane 4g + t', tile h, element e; row g+8 in element e + 2).
+template <typename T, typename BB>
+__device__ __forceinline__ void mma_tile_areg(float c[4], const float a0[4], const float a1[4], const BB &bt) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    if constexpr (sizeof(T) == 2) {
+        const uint32_t ar[4] = {pack_bf16(a0[0], a0[1]), pack_bf16(a0[2], a0[3]), pack_bf16(a1[0], a1[1]),
+                                pack_bf16(a1[2], a1[3])};
+        const uint32_t br[2] = {bt.pair(g, 2 * t), bt.pair(g, 2 * t + 8)};
+        mma_bf16_16816(c, ar, br);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const float *a = k < 8 ? a0 : a1;
+            const int src = 4 * g + ((k & 7) >> 1), e = k & 1;
+            const float lo = __shfl_sync(0xffffffffu, a[e], src), hi = __shfl_sync(0xffffffffu, a[e + 2], src);
+            const float b0 = bt.get(2 * t, k), b1 = bt.get(2 * t + 1, k);
+            c[0] = fmaf(lo, b0, c[0]);
+            c[1] = fmaf(lo, b1, c[1]);
+            c[2] = fmaf(hi, b0, c[2]);
+            c[3] = fmaf(hi, b1, c[3]);
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! shardsmith's CUDA kernels as compiled modules (PTX text and an sm-specific cubin each).
+//!
+//! With the `cuda` feature, `build.rs` compiles every `src/*.cu` (see its docs for the flags) and
+//! this crate exposes one [`Module`] per file; the launchers live in the main crate's `ops`
+//! (each kernel file's header comment gives its shapes, launch geometry and numerics). Without
+//! the feature the crate is empty and needs no CUDA toolchain.
+
+/// One compiled kernel file.
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy, Debug)]
+pub struct Module {
+    /// The file stem, e.g. `"rmsnorm"`; unique, used as a cache key.
+    pub name: &'static str,
+    /// PTX for the virtual architecture of [`ARCH`], JIT-compiled by the driver when the cubin
+    /// does not fit the device.
+    pub ptx: &'static str,
+    /// SASS for [`ARCH`] (loaded directly: no JIT).
+    pub cubin: &'static [u8],
+}
+
+/// The architecture the modules were compiled for (`sm_` + `CUDA_COMPUTE_CAP`).
+#[cfg(feature = "cuda")]
+pub const ARCH: &str = env!("SHARDSMITH_KERNELS_ARCH");
+
+#[cfg(feature = "cuda")]
+macro_rules! modules {
+    ($($(#[$doc:meta])* $id:ident = $file:literal;)*) => {$(
+        $(#[$doc])*
+        pub const $id: Module = Module {
+            name: $file,
+            ptx: include_str!(concat!(env!("OUT_DIR"), "/", $file, ".ptx")),
+            cubin: include_bytes!(concat!(env!("OUT_DIR"), "/", $file, ".cubin")),
+        };
+    )*};
+}
+
+#[cfg(feature = "cuda")]
+modules! {
+    /// `rmsnorm_{fwd,bwd}_{f32,bf16}`.
+    RMSNORM = "rmsnorm";
+    /// `rope_{f32_f32,bf16_bf16,bf16_f32}`.
+    ROPE = "rope";
+    /// `softmax_{f32,bf16}`.
+    SOFTMAX = "softmax";
+    /// `swiglu_{fwd,bwd}_{f32,bf16}`.
+    SWIGLU = "swiglu";
+    /// `cross_entropy_{f32,bf16}`, `cross_entropy_bwd_{f32,bf16}`.
+    CROSS_ENTROPY = "cross_entropy";
+    /// `adamw_f32`.
+    ADAMW = "adamw";
+    /// `flash_{fwd,bwd_pre,bwd}_{f32,bf16}_d{32,64,96,128}`, `flash_dq_convert_bf16`.
+    FLASH_ATTN = "flash_attn";
+}

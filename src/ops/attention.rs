@@ -1,0 +1,274 @@
+//! Causal self-attention as one differentiable op.
+//!
+//! On CUDA it runs the FlashAttention-style kernels of `kernels/flash_attn.cu` (tiled, online
+//! softmax, no T×T matrix; backward by recomputation from the saved log-sum-exp). On the CPU the
+//! forward is the plain materialised softmax(QKᵀ·scale)V in f32 and the backward the same in
+//! candle tensor ops: these are the references the kernels are parity-tested against.
+//!
+//! Shapes: q [B, Hq, T, D], k and v [B, Hk, T, D], Hq % Hk = 0 (GQA: query head h uses K/V head
+//! h / (Hq/Hk), a group's heads consecutive as in `models::llama`). Queries and keys cover the
+//! same T positions (training, no KV cache); query i attends to keys j ≤ i.
+
+use super::as_f32;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Checked (B, Hq, Hk, T, D) of q [B, Hq, T, D], k and v [B, Hk, T, D].
+pub(crate) fn attention_dims(q: &Shape, k: &Shape, v: &Shape) -> Result<(usize, usize, usize, usize, usize)> {
+    let (b, hq, t, d) = q.dims4()?;
+    let (bk, hk, tk, dk) = k.dims4()?;
+    if (bk, tk, dk) != (b, t, d) || v.dims() != k.dims() || hk == 0 || hq % hk != 0 {
+        bail!("causal-attention: q {q:?} and k {k:?} / v {v:?} need [B, Hq, T, D] and [B, Hk, T, D] with Hq % Hk = 0");
+    }
+    Ok((b, hq, hk, t, d))
+}
+
+struct CausalAttention {
+    scale: f32,
+    /// [B, Hq, T] f32 log-sum-exp of the scaled scores, made by the forward for the backward.
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    /// Per (b, h, i): s_j = scale·q_i·k_j (j ≤ i, f32 sums), o_i = Σ softmax(s)_j v_j in f32,
+    /// rounded to the dtype once; lse_i = max + ln Σ exp(s − max).
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, hq, hk, t, d) = attention_dims(l1.shape(), l2.shape(), l3.shape())?;
+        let (q, k, v) =
+            (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
+        let group = hq / hk;
+        let mut o = vec![0f32; b * hq * t * d];
+        let mut lse = vec![0f32; b * hq * t];
+        o.par_chunks_mut(t * d).zip(lse.par_chunks_mut(t)).enumerate().for_each(|(bh, (o, lse))| {
+            let (bi, h) = (bh / hq, bh % hq);
+            let q = &q[bh * t * d..(bh + 1) * t * d];
+            let kv = (bi * hk + h / group) * t * d;
+            let (k, v) = (&k[kv..kv + t * d], &v[kv..kv + t * d]);
+            let mut s = vec![0f32; t];
+            for i in 0..t {
+                let qi = &q[i * d..(i + 1) * d];
+                for (j, s) in s[..=i].iter_mut().enumerate() {
+                    *s = self.scale * qi.iter().zip(&k[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum::<f32>();
+                }
+                let m = s[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut l = 0f32;
+                for s in &mut s[..=i] {
+                    *s = (*s - m).exp();
+                    l += *s;
+                }
+                let oi = &mut o[i * d..(i + 1) * d];
+                for (j, p) in s[..=i].iter().enumerate() {
+                    for (o, v) in oi.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                        *o += p * v;
+                    }
+                }
+                oi.iter_mut().for_each(|o| *o /= l);
+                lse[i] = m + l.ln();
+            }
+        });
+        let lse = Tensor::from_vec(lse, (b, hq, t), &Device::Cpu)?;
+        *self.lse.lock().expect("attention state") = Some(lse);
+        let o = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(o),
+            DType::BF16 => CpuStorage::BF16(o.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(o.into_iter().map(f16::from_f32).collect()),
+            other => bail!("causal-attention: unsupported dtype {other:?}"),
+        };
+        Ok((o, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (o, lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale)?;
+        *self.lse.lock().expect("attention state") = Some(lse);
+        Ok((o, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().expect("attention state").clone();
+        let Some(lse) = lse else { bail!("causal-attention: backward before forward") };
+        let (dq, dk, dv) = causal_attention_backward(q, k, v, o, &lse, g, self.scale as f64)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Causal attention softmax(q kᵀ·scale + causal mask) v, as one op: FlashAttention-style kernels
+/// on CUDA (f32 or bf16, D ∈ {32, 64, 96, 128}), the materialised f32 reference on the CPU.
+/// Differentiable in q, k and v. Shapes in the module docs.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_dims(q.shape(), k.shape(), v.shape())?;
+    let op = CausalAttention { scale: scale as f32, lse: Mutex::new(None) };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// The forward alone, outside autograd: (o [B, Hq, T, D], lse [B, Hq, T] f32, the log-sum-exp of
+/// the scaled scores), for callers that run [`causal_attention_backward`] themselves
+/// (recomputation schemes, benchmarks of the kernels without candle's autograd around them).
+pub fn causal_attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    attention_dims(q.shape(), k.shape(), v.shape())?;
+    let op = CausalAttention { scale: scale as f32, lse: Mutex::new(None) };
+    let o = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    let lse = op.lse.lock().expect("attention state").take();
+    match lse {
+        Some(lse) => Ok((o, lse)),
+        None => bail!("causal-attention: the forward left no log-sum-exp"),
+    }
+}
+
+/// (dq, dk, dv) of causal attention from the forward's o and lse and the output gradient `g`:
+/// the FlashAttention backward kernels on CUDA (o and lse used), the materialised f32 reference
+/// on the CPU (recomputed from q, k, v).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return super::cuda::attention_bwd(q, k, v, o, lse, g, scale as f32);
+    }
+    let _ = (o, lse);
+    reference_backward(q, k, v, g, scale)
+}
+
+/// k or v [B, Hk, T, D] repeated to [B, Hk·group, T, D] (each K/V head `group` times in a row).
+fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(x.clone());
+    }
+    let (b, hk, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, hk, group, t, d))?.reshape((b, hk * group, t, d))
+}
+
+/// [T, T] additive causal mask (0 on and below the diagonal, −∞ above).
+fn causal_mask(t: usize, dev: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+    Tensor::from_vec(m, (t, t), dev)
+}
+
+/// The materialised attention in f32 candle ops (differentiable through candle's autograd),
+/// returned in q's dtype: the independent reference for tests.
+pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, hq, hk, t, _) = attention_dims(q.shape(), k.shape(), v.shape())?;
+    let (qf, kf, vf) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+    let (ke, ve) = (repeat_kv(&kf, hq / hk)?, repeat_kv(&vf, hq / hk)?);
+    let s = (qf.matmul(&ke.t()?.contiguous()?)? * scale)?.broadcast_add(&causal_mask(t, q.device())?)?;
+    let p = candle_nn::ops::softmax(&s, D::Minus1)?; // composed, so autograd goes through it
+    p.matmul(&ve.contiguous()?)?.to_dtype(q.dtype())
+}
+
+/// (dq, dk, dv) of causal attention by recomputation, in f32 tensor ops; any device.
+fn reference_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, hq, hk, t, d) = attention_dims(q.shape(), k.shape(), v.shape())?;
+    let group = hq / hk;
+    let (qf, kf, vf) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+    let gf = g.to_dtype(DType::F32)?;
+    let (ke, ve) = (repeat_kv(&kf, group)?.contiguous()?, repeat_kv(&vf, group)?.contiguous()?);
+    let s = (qf.matmul(&ke.t()?)? * scale)?.broadcast_add(&causal_mask(t, q.device())?)?;
+    let p = super::softmax_last_dim(&s)?.detach(); // [B, Hq, T, T]
+    let dv = p.t()?.matmul(&gf)?; // [B, Hq, T, D]
+    let dp = gf.matmul(&ve.t()?)?;
+    let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+    let dq = (ds.matmul(&ke)? * scale)?;
+    let dk = (ds.t()?.matmul(&qf)? * scale)?;
+    let fold = |x: Tensor| x.reshape((b, hk, group, t, d))?.sum(2);
+    Ok((dq.to_dtype(q.dtype())?, fold(dk)?.to_dtype(k.dtype())?, fold(dv)?.to_dtype(v.dtype())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The CPU op (forward loops, backward in tensor ops) against candle autograd through the
+    /// materialised reference, with GQA and a T that is no multiple of anything.
+    #[test]
+    fn cpu_op_matches_autograd_through_the_reference() {
+        for (hq, hk) in [(4, 2), (3, 3)] {
+            let q = Var::from_tensor(&randn(&[2, hq, 13, 8], 1)).unwrap();
+            let k = Var::from_tensor(&randn(&[2, hk, 13, 8], 2)).unwrap();
+            let v = Var::from_tensor(&randn(&[2, hk, 13, 8], 3)).unwrap();
+            let probe = randn(&[2, hq, 13, 8], 4);
+            let scale = 1.0 / 8f64.sqrt();
+            let run = |ours: bool| {
+                let f = if ours { causal_attention } else { attention_reference };
+                let o = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
+                let grads = (&o * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = |x: &Var| grads.get(x).unwrap().clone();
+                (o, g(&q), g(&k), g(&v))
+            };
+            let (o1, dq1, dk1, dv1) = run(true);
+            let (o2, dq2, dk2, dv2) = run(false);
+            assert!(max_diff(&o1, &o2) < 1e-6, "o");
+            assert!(max_diff(&dq1, &dq2) < 1e-5, "dq");
+            assert!(max_diff(&dk1, &dk2) < 1e-5, "dk");
+            assert!(max_diff(&dv1, &dv2) < 1e-5, "dv");
+        }
+    }
+
+    #[test]
+    fn shape_errors_name_the_op() {
+        let q = randn(&[1, 3, 4, 8], 1);
+        let k = randn(&[1, 2, 4, 8], 2);
+        let e = causal_attention(&q, &k, &k, 1.0).unwrap_err().to_string();
+        assert!(e.contains("causal-attention") && e.contains("Hq % Hk"), "{e}");
+    }
+}

@@ -1,0 +1,543 @@
+//! Launchers of the kernels in `kernels/` (one function per op, called from the `cuda_fwd` of
+//! the matching CustomOp or from the op's backward). Every kernel's shapes, launch geometry and
+//! numerics are in the header comment of its `.cu` file; the grid/block choices here follow them.
+//!
+//! Modules are loaded once per device from the cubin built for `shardsmith_kernels::ARCH`
+//! (falling back to the PTX, JIT-compiled by the driver, on another architecture) and launched
+//! on candle's stream, with every buffer allocated by candle, so outputs are ordinary tensors.
+
+use super::attention::attention_dims;
+use super::fused::AdamWScalars;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use half::bf16;
+use shardsmith_kernels::{self as kernels, Module};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Static shared memory a block gets without opting in.
+const DEFAULT_SMEM: u32 = 48 * 1024;
+
+fn function(dev: &CudaDevice, m: &Module, name: &str) -> Result<CudaFunction> {
+    type Cache = Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
+    static MODULES: OnceLock<Cache> = OnceLock::new();
+    let mut cache = MODULES.get_or_init(Default::default).lock().expect("kernel module cache");
+    let module = match cache.get(&(dev.id(), m.name)) {
+        Some(module) => module.clone(),
+        None => {
+            let ctx = dev.cuda_stream().context().clone();
+            let module = match ctx.load_module(Ptx::from_binary(m.cubin.to_vec())) {
+                Ok(module) => module,
+                // Another architecture than the cubin's: let the driver JIT the PTX.
+                Err(_) => ctx.load_module(Ptx::from_src(m.ptx)).w()?,
+            };
+            cache.insert((dev.id(), m.name), module.clone());
+            module
+        }
+    };
+    module.load_function(name).w()
+}
+
+/// The function, allowed `smem` bytes of dynamic shared memory.
+fn function_smem(dev: &CudaDevice, m: &Module, name: &str, smem: u32) -> Result<CudaFunction> {
+    let f = function(dev, m, name)?;
+    if smem > DEFAULT_SMEM {
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .w()?;
+    }
+    Ok(f)
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem }
+}
+
+/// A 1-D grid-stride launch over `n` items, 256 threads a block.
+fn cfg_1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+    cfg((blocks, 1, 1), 256, 0)
+}
+
+/// Threads for one block per row of length `n`: a multiple of 32, at most `max`.
+fn row_block(n: usize, max: usize) -> u32 {
+    n.div_ceil(32).clamp(1, max / 32) as u32 * 32
+}
+
+/// The contiguous elements of `l` in `s`.
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn cuda_of<'a>(s: &'a Storage, op: &str) -> Result<&'a CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("{op}: every input must be on the same cuda device"),
+    }
+}
+
+fn tensor<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}
+
+/// The kernel-name suffix of a float dtype, or an error naming the op.
+fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        other => bail!("{op}: no cuda kernel for {other:?} (f32 and bf16 only)"),
+    }
+}
+
+/// Run `$body` with `$T` bound to the Rust type of `$dtype` (f32 or bf16).
+macro_rules! with_float {
+    ($dtype:expr, $op:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $T = bf16;
+                $body
+            }
+            other => bail!("{}: no cuda kernel for {other:?} (f32 and bf16 only)", $op),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm, rope, softmax (the cuda_fwd of the CustomOps in ops.rs)
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn rms_norm_fwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f32,
+) -> Result<CudaStorage> {
+    const OP: &str = "rms-norm";
+    let h = xl.dims().last().copied().unwrap_or(1);
+    let rows = xl.shape().elem_count() / h.max(1);
+    if wl.shape().elem_count() != h {
+        bail!("{OP}: weight has {} elements, rows have {h}", wl.shape().elem_count());
+    }
+    if w.dtype() != x.dtype() {
+        bail!("{OP}: weight dtype {:?} differs from the input's {:?}", w.dtype(), x.dtype());
+    }
+    let dev = x.device();
+    let name = format!("rmsnorm_fwd_{}", suffix(x.dtype(), OP)?);
+    let f = function(dev, &kernels::RMSNORM, &name)?;
+    with_float!(x.dtype(), OP, |T| {
+        let (xv, wv) = (view::<T>(x, xl, OP)?, view::<T>(w, wl, OP)?);
+        let mut y = unsafe { dev.alloc::<T>(rows * h)? };
+        let h32 = h as i32;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xv).arg(&wv).arg(&mut y).arg(&h32).arg(&eps);
+        // SAFETY: the argument list matches rmsnorm.cu; every buffer holds rows·h (w: h) elements.
+        unsafe { b.launch(cfg((rows as u32, 1, 1), row_block(h, 256), 0)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// (dx in x's dtype, dw f32) of RMSNorm for x, g [.., H], w [H].
+pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "rms-norm backward";
+    let h = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / h.max(1);
+    let (x, w, g) =
+        (x.contiguous()?, w.to_dtype(x.dtype())?.contiguous()?, g.to_dtype(x.dtype())?.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (xs, ws, gs) = (cuda_of(&xs, OP)?, cuda_of(&ws, OP)?, cuda_of(&gs, OP)?);
+    let dev = xs.device();
+    let name = format!("rmsnorm_bwd_{}", suffix(x.dtype(), OP)?);
+    let smem = (4 * h) as u32;
+    let f = function_smem(dev, &kernels::RMSNORM, &name, smem)?;
+    // A few blocks per SM, each striding over rows: fewer dw atomics than one block per row.
+    let grid = rows.clamp(1, 256) as u32;
+    with_float!(x.dtype(), OP, |T| {
+        let (xv, wv, gv) = (view::<T>(xs, xl, OP)?, view::<T>(ws, wl, OP)?, view::<T>(gs, gl, OP)?);
+        let mut dx = unsafe { dev.alloc::<T>(rows * h)? };
+        let mut dw = dev.alloc_zeros::<f32>(h)?;
+        let (rows32, h32) = (rows as i32, h as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xv).arg(&wv).arg(&gv).arg(&mut dx).arg(&mut dw);
+        b.arg(&rows32).arg(&h32).arg(&eps);
+        // SAFETY: matches rmsnorm.cu; dw is zero-filled, smem holds h floats.
+        unsafe { b.launch(cfg((grid, 1, 1), row_block(h, 256), smem)) }.w()?;
+        Ok((tensor(dx, dev, x.shape().clone()), tensor(dw, dev, h)))
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rope(
+    x: &CudaStorage,
+    xl: &Layout,
+    cos: &CudaStorage,
+    cl: &Layout,
+    sin: &CudaStorage,
+    sl: &Layout,
+) -> Result<CudaStorage> {
+    const OP: &str = "rope";
+    let (_, _, t, d) = xl.shape().dims4()?;
+    let half = d / 2;
+    let n = xl.shape().elem_count();
+    if cl.shape().elem_count() < t * half || sl.shape().elem_count() < t * half {
+        bail!("{OP}: tables cover {} positions × {half}, need {t}", cl.shape().elem_count() / half.max(1));
+    }
+    if cos.dtype() != sin.dtype() {
+        bail!("{OP}: cos is {:?} but sin is {:?}", cos.dtype(), sin.dtype());
+    }
+    let dev = x.device();
+    let (pairs, t32, d32) = ((n / 2) as i64, t as i32, d as i32);
+    macro_rules! go {
+        ($T:ty, $C:ty, $name:literal) => {{
+            let f = function(dev, &kernels::ROPE, $name)?;
+            let (xv, cv, sv) = (view::<$T>(x, xl, OP)?, view::<$C>(cos, cl, OP)?, view::<$C>(sin, sl, OP)?);
+            let mut y = unsafe { dev.alloc::<$T>(n)? };
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&xv).arg(&cv).arg(&sv).arg(&mut y).arg(&pairs).arg(&t32).arg(&d32);
+            // SAFETY: matches rope.cu; the tables hold at least t·d/2 elements (checked above).
+            unsafe { b.launch(cfg_1d(n / 2)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        }};
+    }
+    match (x.dtype(), cos.dtype()) {
+        (DType::F32, DType::F32) => go!(f32, f32, "rope_f32_f32"),
+        (DType::BF16, DType::BF16) => go!(bf16, bf16, "rope_bf16_bf16"),
+        (DType::BF16, DType::F32) => go!(bf16, f32, "rope_bf16_f32"),
+        (a, b) => bail!("{OP}: no cuda kernel for x {a:?} with tables {b:?}"),
+    }
+}
+
+pub(super) fn softmax(x: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    const OP: &str = "softmax-last-dim";
+    let n = l.dims().last().copied().unwrap_or(1);
+    let rows = l.shape().elem_count() / n.max(1);
+    let dev = x.device();
+    let f = function(dev, &kernels::SOFTMAX, &format!("softmax_{}", suffix(x.dtype(), OP)?))?;
+    with_float!(x.dtype(), OP, |T| {
+        let xv = view::<T>(x, l, OP)?;
+        let mut y = unsafe { dev.alloc::<T>(rows * n)? };
+        let n32 = n as i32;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xv).arg(&mut y).arg(&n32);
+        // SAFETY: matches softmax.cu.
+        unsafe { b.launch(cfg((rows as u32, 1, 1), row_block(n, 256), 0)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU, cross-entropy, AdamW
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn swiglu_fwd(g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<CudaStorage> {
+    const OP: &str = "swiglu";
+    let n = gl.shape().elem_count();
+    if ul.shape() != gl.shape() || u.dtype() != g.dtype() {
+        bail!("{OP}: gate {:?} {:?} and up {:?} {:?} differ", gl.shape(), g.dtype(), ul.shape(), u.dtype());
+    }
+    let dev = g.device();
+    let f = function(dev, &kernels::SWIGLU, &format!("swiglu_fwd_{}", suffix(g.dtype(), OP)?))?;
+    with_float!(g.dtype(), OP, |T| {
+        let (gv, uv) = (view::<T>(g, gl, OP)?, view::<T>(u, ul, OP)?);
+        let mut y = unsafe { dev.alloc::<T>(n)? };
+        let n64 = n as i64;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&gv).arg(&uv).arg(&mut y).arg(&n64);
+        // SAFETY: matches swiglu.cu (8 elements a thread).
+        unsafe { b.launch(cfg_1d(n.div_ceil(8))) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// [2·N]: d gate then d up.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn swiglu_bwd(
+    g: &CudaStorage,
+    gl: &Layout,
+    u: &CudaStorage,
+    ul: &Layout,
+    dy: &CudaStorage,
+    dl: &Layout,
+) -> Result<CudaStorage> {
+    const OP: &str = "swiglu backward";
+    let n = gl.shape().elem_count();
+    if ul.shape() != gl.shape()
+        || dl.shape() != gl.shape()
+        || u.dtype() != g.dtype()
+        || dy.dtype() != g.dtype()
+    {
+        bail!("{OP}: gate, up and the gradient must share shape and dtype");
+    }
+    let dev = g.device();
+    let f = function(dev, &kernels::SWIGLU, &format!("swiglu_bwd_{}", suffix(g.dtype(), OP)?))?;
+    with_float!(g.dtype(), OP, |T| {
+        let (gv, uv, dv) = (view::<T>(g, gl, OP)?, view::<T>(u, ul, OP)?, view::<T>(dy, dl, OP)?);
+        let mut out = unsafe { dev.alloc::<T>(2 * n)? };
+        let n64 = n as i64;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&gv).arg(&uv).arg(&dv).arg(&mut out).arg(&n64);
+        // SAFETY: matches swiglu.cu; out holds 2n elements.
+        unsafe { b.launch(cfg_1d(n.div_ceil(8))) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    })
+}
+
+/// (loss [N] f32, dlogits [N, V] in the logits' dtype) for logits [N, V] and targets [N] i64.
+pub(super) fn cross_entropy(
+    logits: &CudaStorage,
+    ll: &Layout,
+    targets: &CudaStorage,
+    tl: &Layout,
+    ignore_index: i64,
+) -> Result<(CudaStorage, Tensor)> {
+    const OP: &str = "cross-entropy";
+    let (n, v) = ll.shape().dims2()?;
+    if tl.shape().elem_count() != n {
+        bail!("{OP}: {} targets for {n} rows of logits", tl.shape().elem_count());
+    }
+    let dev = logits.device();
+    let f =
+        function(dev, &kernels::CROSS_ENTROPY, &format!("cross_entropy_{}", suffix(logits.dtype(), OP)?))?;
+    let tv = view::<i64>(targets, tl, OP)?;
+    with_float!(logits.dtype(), OP, |T| {
+        let lv = view::<T>(logits, ll, OP)?;
+        let mut loss = unsafe { dev.alloc::<f32>(n)? };
+        let mut dlogits = unsafe { dev.alloc::<T>(n * v)? };
+        let v32 = v as i32;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&lv).arg(&tv).arg(&mut loss).arg(&mut dlogits).arg(&v32).arg(&ignore_index);
+        // SAFETY: matches cross_entropy.cu.
+        unsafe { b.launch(cfg((n as u32, 1, 1), row_block(v, 1024), 0)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(loss, dev.clone()), tensor(dlogits, dev, (n, v))))
+    })
+}
+
+/// d logits = round_T(dlogits · dloss[row]) for dlogits [N, V] and dloss [N] (f32).
+pub(super) fn cross_entropy_bwd(dlogits: &Tensor, dloss: &Tensor) -> Result<Tensor> {
+    const OP: &str = "cross-entropy backward";
+    let (n, v) = dlogits.dims2()?;
+    let dloss = dloss.to_dtype(DType::F32)?.contiguous()?;
+    let (ds, dl) = dlogits.storage_and_layout();
+    let (gs, gl) = dloss.storage_and_layout();
+    let (ds, gs) = (cuda_of(&ds, OP)?, cuda_of(&gs, OP)?);
+    let dev = ds.device();
+    let f =
+        function(dev, &kernels::CROSS_ENTROPY, &format!("cross_entropy_bwd_{}", suffix(ds.dtype(), OP)?))?;
+    with_float!(ds.dtype(), OP, |T| {
+        let (dv, gv) = (view::<T>(ds, dl, OP)?, view::<f32>(gs, gl, OP)?);
+        let mut dx = unsafe { dev.alloc::<T>(n * v)? };
+        let (nv, v32) = ((n * v) as i64, v as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&dv).arg(&gv).arg(&mut dx).arg(&nv).arg(&v32);
+        // SAFETY: matches cross_entropy.cu (cross_entropy_bwd).
+        unsafe { b.launch(cfg_1d((n * v).div_ceil(8))) }.w()?;
+        Ok(tensor(dx, dev, (n, v)))
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn adamw(
+    p: &mut CudaStorage,
+    pl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    m: &mut CudaStorage,
+    ml: &Layout,
+    v: &mut CudaStorage,
+    vl: &Layout,
+    s: &AdamWScalars,
+) -> Result<()> {
+    const OP: &str = "adamw";
+    let n = pl.shape().elem_count();
+    for (what, l) in [("grad", gl), ("exp_avg", ml), ("exp_avg_sq", vl)] {
+        if l.shape().elem_count() != n {
+            bail!("{OP}: {what} has {} elements, the parameter {n}", l.shape().elem_count());
+        }
+    }
+    let range = |l: &Layout| match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => bail!("{OP}: every tensor must be contiguous"),
+    };
+    let (pr, mr, vr) = (range(pl)?, range(ml)?, range(vl)?);
+    let dev = p.device().clone();
+    let f = function(&dev, &kernels::ADAMW, "adamw_f32")?;
+    let gv = view::<f32>(g, gl, OP)?;
+    let mut pv = p.as_cuda_slice_mut::<f32>()?.slice_mut(pr);
+    let mut mv = m.as_cuda_slice_mut::<f32>()?.slice_mut(mr);
+    let mut vv = v.as_cuda_slice_mut::<f32>()?.slice_mut(vr);
+    let (n64, decay_on, decay) = (n as i64, s.decay.is_some() as i32, s.decay.unwrap_or(1.0));
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&mut pv).arg(&gv).arg(&mut mv).arg(&mut vv).arg(&n64);
+    b.arg(&decay_on).arg(&decay);
+    b.arg(&s.w).arg(&s.one_minus_w).arg(&s.beta2).arg(&s.one_minus_beta2);
+    b.arg(&s.neg_step_size).arg(&s.bc2_sqrt).arg(&s.eps);
+    // SAFETY: matches adamw.cu; all four buffers hold n f32 (checked above).
+    unsafe { b.launch(cfg_1d(n.div_ceil(8))) }.w()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal flash attention
+// ---------------------------------------------------------------------------------------------
+
+/// Head dims the attention kernels are instantiated for.
+pub(super) const ATTENTION_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+
+/// Bytes of padding per shared-memory row (flash_attn.cu's PAD).
+fn attn_pad(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
+fn attn_fwd_smem(dtype: DType, d: usize) -> u32 {
+    let p = attn_pad(dtype);
+    // Q, K [64][D+p] and Vᵀ [D][64+p].
+    ((2 * 64 * (d + p) + d * (64 + p)) * dtype.size_in_bytes()) as u32
+}
+
+fn attn_bwd_smem(dtype: DType, d: usize) -> u32 {
+    let p = attn_pad(dtype);
+    // K, V [64][D+p], Kᵀ [D][64+p], Q, dO [32][D+p], Qᵀ, dOᵀ [D][32+p], dS [32][64+p]; lse, delta.
+    let elems = 2 * 64 * (d + p) + d * (64 + p) + 2 * 32 * (d + p) + 2 * d * (32 + p) + 32 * (64 + p);
+    (elems * dtype.size_in_bytes() + 2 * 32 * 4) as u32
+}
+
+/// (o [B, Hq, T, D], lse [B, Hq, T] f32).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_fwd(
+    qs: &CudaStorage,
+    ql: &Layout,
+    ks: &CudaStorage,
+    kl: &Layout,
+    vs: &CudaStorage,
+    vl: &Layout,
+    scale: f32,
+) -> Result<(CudaStorage, Tensor)> {
+    const OP: &str = "causal-attention";
+    let (b, hq, hk, t, d) = attention_dims(ql.shape(), kl.shape(), vl.shape())?;
+    if !ATTENTION_HEAD_DIMS.contains(&d) {
+        bail!("{OP}: no cuda kernel for head dim {d} (have {ATTENTION_HEAD_DIMS:?})");
+    }
+    let dtype = qs.dtype();
+    if ks.dtype() != dtype || vs.dtype() != dtype {
+        bail!("{OP}: q, k and v must share a dtype");
+    }
+    let dev = qs.device();
+    let smem = attn_fwd_smem(dtype, d);
+    let f =
+        function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_fwd_{}_d{d}", suffix(dtype, OP)?), smem)?;
+    with_float!(dtype, OP, |T| {
+        let (qv, kv, vv) = (view::<T>(qs, ql, OP)?, view::<T>(ks, kl, OP)?, view::<T>(vs, vl, OP)?);
+        let mut o = unsafe { dev.alloc::<T>(b * hq * t * d)? };
+        let mut lse = unsafe { dev.alloc::<f32>(b * hq * t)? };
+        let (hq32, hk32, t32) = (hq as i32, hk as i32, t as i32);
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&qv).arg(&kv).arg(&vv).arg(&mut o).arg(&mut lse);
+        bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
+        let grid = (t.div_ceil(64) as u32, hq as u32, b as u32);
+        // SAFETY: matches flash_attn.cu (flash_fwd); smem from the same formula as the kernel's.
+        unsafe { bld.launch(cfg(grid, 128, smem)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), tensor(lse, dev, (b, hq, t))))
+    })
+}
+
+/// (dq, dk, dv) of causal attention from the forward's o and lse and the output gradient `g`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_bwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "causal-attention backward";
+    let (b, hq, hk, t, d) = attention_dims(q.shape(), k.shape(), v.shape())?;
+    let dtype = q.dtype();
+    let (q, k, v, o) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, o.contiguous()?);
+    let g = g.to_dtype(dtype)?.contiguous()?;
+    let lse = lse.contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (os, ol) = o.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (ls, ll) = lse.storage_and_layout();
+    let (qs, ks, vs) = (cuda_of(&qs, OP)?, cuda_of(&ks, OP)?, cuda_of(&vs, OP)?);
+    let (os, gs, ls) = (cuda_of(&os, OP)?, cuda_of(&gs, OP)?, cuda_of(&ls, OP)?);
+    let dev = qs.device();
+    let sfx = suffix(dtype, OP)?;
+    let rows = b * hq * t;
+    let pre = function(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_pre_{sfx}_d{d}"))?;
+    let smem = attn_bwd_smem(dtype, d);
+    let main = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_{sfx}_d{d}"), smem)?;
+    let stream = dev.cuda_stream();
+    with_float!(dtype, OP, |T| {
+        let (qv, kv, vv) = (view::<T>(qs, ql, OP)?, view::<T>(ks, kl, OP)?, view::<T>(vs, vl, OP)?);
+        let (ov, gv, lv) = (view::<T>(os, ol, OP)?, view::<T>(gs, gl, OP)?, view::<f32>(ls, ll, OP)?);
+        let mut delta = unsafe { dev.alloc::<f32>(rows)? };
+        let (rows64, hq32, hk32, t32) = (rows as i64, hq as i32, hk as i32, t as i32);
+        let mut bld = stream.launch_builder(&pre);
+        bld.arg(&ov).arg(&gv).arg(&mut delta).arg(&rows64);
+        // SAFETY: matches flash_attn.cu (flash_bwd_pre): one warp per row, 4 rows a block.
+        unsafe { bld.launch(cfg((rows.div_ceil(4) as u32, 1, 1), 128, 0)) }.w()?;
+
+        let mut dq_acc = dev.alloc_zeros::<f32>(rows * d)?;
+        let mut dk = unsafe { dev.alloc::<T>(b * hk * t * d)? };
+        let mut dv = unsafe { dev.alloc::<T>(b * hk * t * d)? };
+        let mut bld = stream.launch_builder(&main);
+        bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta);
+        bld.arg(&mut dq_acc).arg(&mut dk).arg(&mut dv);
+        bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
+        let grid = (t.div_ceil(64) as u32, hk as u32, b as u32);
+        // SAFETY: matches flash_attn.cu (flash_bwd); dq_acc is zero-filled.
+        unsafe { bld.launch(cfg(grid, 128, smem)) }.w()?;
+
+        let dq = tensor(dq_acc, dev, (b, hq, t, d));
+        let dq = if dtype == DType::F32 {
+            dq
+        } else {
+            let conv = function(dev, &kernels::FLASH_ATTN, "flash_dq_convert_bf16")?;
+            let (accs, accl) = dq.storage_and_layout();
+            let accv = view::<f32>(cuda_of(&accs, OP)?, accl, OP)?;
+            let mut out = unsafe { dev.alloc::<bf16>(rows * d)? };
+            let n64 = (rows * d) as i64;
+            let mut bld = stream.launch_builder(&conv);
+            bld.arg(&accv).arg(&mut out).arg(&n64);
+            // SAFETY: matches flash_attn.cu (flash_dq_convert_bf16).
+            unsafe { bld.launch(cfg_1d(rows * d)) }.w()?;
+            tensor(out, dev, (b, hq, t, d))
+        };
+        Ok((dq, tensor(dk, dev, (b, hk, t, d)), tensor(dv, dev, (b, hk, t, d))))
+    })
+}

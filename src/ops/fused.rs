@@ -1,0 +1,505 @@
+//! Fused SwiGLU, vocabulary cross-entropy and the AdamW step: each a CPU reference written here
+//! and, with the `cuda` feature, a kernel of `kernels/` (swiglu.cu, cross_entropy.cu, adamw.cu).
+
+use super::{as_f32, contiguous, round_to};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp1, Layout, Result, Shape, Tensor,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+/// Store f32 values in `dtype` (f32, bf16 or f16).
+fn store(v: Vec<f32>, dtype: DType, op: &str) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        other => bail!("{op}: unsupported dtype {other:?}"),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+// ---------------------------------------------------------------------------------------------
+
+fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    /// gate, up [...] → silu(gate)·up in f32, rounded once to the dtype.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() || s1.dtype() != s2.dtype() {
+            bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
+        }
+        let (g, u) = (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?);
+        let y = g.par_iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
+        Ok((store(y, s1.dtype(), self.name())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((super::cuda::swiglu_fwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = swiglu_backward(gate, up, dy)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// (gate, up, dy) → [2, ...]: d gate, d up.
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    /// σ = sigmoid(g): d up = dy·g·σ, d gate = dy·u·σ·(1 + g·(1 − σ)), in f32.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = as_f32(s1, l1, self.name())?;
+        let (u, dy) = (as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_iter_mut().zip(du.par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
+            let (g, u, d) = (g[i], u[i], dy[i]);
+            let sig = 1.0 / (1.0 + (-g).exp());
+            *dg = d * u * (sig * (1.0 + g * (1.0 - sig)));
+            *du = d * (g * sig);
+        });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((store(out, s1.dtype(), self.name())?, Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((super::cuda::swiglu_bwd(s1, l1, s2, l2, s3, l3)?, Shape::from(dims)))
+    }
+}
+
+/// (d gate, d up) of [`swiglu`] for the output gradient `dy`, in one pass (swiglu.cu on CUDA).
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dy = dy.to_dtype(gate.dtype())?.contiguous()?;
+    let both = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &dy, &SwiGluBwd)?; // [2, ...]
+    let dg = both.narrow(0, 0, 1)?.reshape(gate.shape())?;
+    let du = both.narrow(0, 1, 1)?.reshape(gate.shape())?;
+    Ok((dg, du))
+}
+
+/// `silu(gate) · up` (the LLaMA MLP activation) fused: computed in f32 and rounded once;
+/// differentiable in both inputs. gate and up share shape and dtype.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy over the vocabulary
+// ---------------------------------------------------------------------------------------------
+
+/// Labels that do not count (HF's and torch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+struct CrossEntropy {
+    /// softmax − one-hot [N, V] in the logits' dtype, made by the forward for the backward.
+    dlogits: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    /// logits [N, V], targets [N] i64 → loss [N] f32 (`lse − logit[target]`, 0 when ignored).
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let x = as_f32(s1, l1, self.name())?;
+        let targets = match s2 {
+            CpuStorage::I64(t) => contiguous(t, l2, self.name())?,
+            other => bail!("cross-entropy: targets must be i64, got {:?}", other.dtype()),
+        };
+        if targets.len() != n {
+            bail!("cross-entropy: {} targets for {n} rows of logits", targets.len());
+        }
+        if let Some(&t) = targets.iter().find(|&&t| t != IGNORE_INDEX && !(0..v as i64).contains(&t)) {
+            bail!("cross-entropy: target {t} outside the vocabulary of {v}");
+        }
+        let round = round_to(s1.dtype());
+        let mut loss = vec![0f32; n];
+        let mut dl = vec![0f32; n * v];
+        loss.par_iter_mut().zip(dl.par_chunks_mut(v)).enumerate().for_each(|(r, (loss, dl))| {
+            let t = targets[r];
+            if t == IGNORE_INDEX {
+                return;
+            }
+            let x = &x[r * v..(r + 1) * v];
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m + x.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+            for (j, (d, x)) in dl.iter_mut().zip(x).enumerate() {
+                let p = (x - lse).exp();
+                *d = round(if j as i64 == t { p - 1.0 } else { p });
+            }
+            *loss = lse - x[t as usize];
+        });
+        let dl = Tensor::from_vec(dl, (n, v), &Device::Cpu)?.to_dtype(s1.dtype())?;
+        *self.dlogits.lock().expect("cross-entropy state") = Some(dl);
+        Ok((CpuStorage::F32(loss), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (loss, dl) = super::cuda::cross_entropy(s1, l1, s2, l2, IGNORE_INDEX)?;
+        *self.dlogits.lock().expect("cross-entropy state") = Some(dl);
+        Ok((loss, Shape::from(l1.dims()[0])))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        _t: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dl = self.dlogits.lock().expect("cross-entropy state").clone();
+        let Some(dl) = dl else { bail!("cross-entropy: backward before forward") };
+        // d logits = (softmax − one-hot) · d loss_row, scaled in f32.
+        #[cfg(feature = "cuda")]
+        if dl.device().is_cuda() {
+            return Ok((Some(super::cuda::cross_entropy_bwd(&dl, g)?), None));
+        }
+        let grad = dl.to_dtype(DType::F32)?.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(1)?)?;
+        Ok((Some(grad.to_dtype(logits.dtype())?), None))
+    }
+}
+
+/// Per-row softmax cross-entropy of logits [N, V] against targets [N] (any integer dtype;
+/// [`IGNORE_INDEX`] rows give 0): loss [N] f32, differentiable in the logits. The forward also
+/// makes d loss / d logits (one pass over the vocabulary; kept until the graph is dropped).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::I64)?.contiguous()?;
+    logits.contiguous()?.apply_op2(&targets, CrossEntropy { dlogits: Mutex::new(None) })
+}
+
+/// Mean cross-entropy over the rows whose target is not [`IGNORE_INDEX`] (torch's
+/// `cross_entropy(..., ignore_index=-100)`), and that count; an error when no row counts.
+pub fn cross_entropy_mean(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
+    let targets = targets.to_dtype(DType::I64)?;
+    let count = targets.ne(IGNORE_INDEX)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    if count == 0 {
+        bail!("cross-entropy: every target is ignore_index");
+    }
+    Ok(((cross_entropy(logits, &targets)?.sum_all()? / count as f64)?, count))
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW
+// ---------------------------------------------------------------------------------------------
+
+/// One AdamW update of one parameter, with `train::optim::AdamW`'s (torch's) semantics.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// (β1, β2).
+    pub betas: (f64, f64),
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay of this parameter (0 = none).
+    pub weight_decay: f64,
+    /// The step count after this update (1 on the first).
+    pub step: u64,
+}
+
+/// The step's scalars, formed in f64 like Python floats and rounded to f32 as torch does; the
+/// kernel and the CPU reference both take exactly these.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct AdamWScalars {
+    pub decay: Option<f32>,
+    pub w: f32,
+    pub one_minus_w: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub neg_step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+}
+
+impl AdamWStep {
+    fn scalars(&self) -> AdamWScalars {
+        let (beta1, beta2) = self.betas;
+        let t = self.step as f64;
+        let w = (1.0 - beta1) as f32;
+        AdamWScalars {
+            decay: (self.weight_decay != 0.0).then_some((1.0 - self.lr * self.weight_decay) as f32),
+            w,
+            one_minus_w: 1.0f32 - w,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            neg_step_size: (-(self.lr / (1.0 - beta1.powf(t)))) as f32,
+            bc2_sqrt: (1.0 - beta2.powf(t)).powf(0.5) as f32,
+            eps: self.eps as f32,
+        }
+    }
+}
+
+/// The CPU reference of the fused step: p, m (exp_avg), v (exp_avg_sq) updated in place from g,
+/// in torch's operation order with f32 rounding after every operation (see adamw.cu).
+pub fn adamw_step_ref(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
+    let s = step.scalars();
+    p.par_iter_mut().zip(m.par_iter_mut()).zip(v.par_iter_mut()).zip(g.par_iter()).for_each(
+        |(((p, m), v), &g)| {
+            if let Some(decay) = s.decay {
+                *p *= decay;
+            }
+            let diff = g - *m;
+            *m = if s.w < 0.5 { *m + diff * s.w } else { g - diff * s.one_minus_w };
+            *v = *v * s.beta2 + (g * s.one_minus_beta2) * g;
+            let denom = v.sqrt() / s.bc2_sqrt + s.eps;
+            *p += (*m * s.neg_step_size) / denom;
+        },
+    );
+}
+
+/// A write-locked storage handed to [`with_mut`]'s closure.
+enum Dst<'a> {
+    Cpu(&'a mut CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(&'a mut candle_core::CudaStorage),
+}
+
+/// An in-place op that runs a closure on the storage it is given.
+struct WithMut<F>(RefCell<Option<F>>);
+
+impl<F: for<'a, 'b> FnOnce(Dst<'a>, &'b Layout) -> Result<()>> InplaceOp1 for WithMut<F> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        match self.0.borrow_mut().take() {
+            Some(f) => f(Dst::Cpu(s), l),
+            None => bail!("adamw: in-place closure ran twice"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        match self.0.borrow_mut().take() {
+            Some(f) => f(Dst::Cuda(s), l),
+            None => bail!("adamw: in-place closure ran twice"),
+        }
+    }
+}
+
+/// Run `f` on `t`'s storage, write-locked (candle's in-place op machinery).
+fn with_mut<F: for<'a, 'b> FnOnce(Dst<'a>, &'b Layout) -> Result<()>>(t: &Tensor, f: F) -> Result<()> {
+    t.inplace_op1(&WithMut(RefCell::new(Some(f))))
+}
+
+fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(v) = s else { bail!("adamw: {what} must be f32") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut v[a..b]),
+        None => bail!("adamw: {what} must be contiguous"),
+    }
+}
+
+/// One fused AdamW step, in place on the f32 master `p` and its moments `m` (exp_avg) and `v`
+/// (exp_avg_sq), from the gradient `g` (any float dtype, widened to f32). On CUDA one kernel
+/// reads p, g, m, v once and writes p, m, v once (adamw.cu); on the CPU it is
+/// [`adamw_step_ref`]. p, m and v must be distinct tensors (each is write-locked in turn).
+pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, step: &AdamWStep) -> Result<()> {
+    let n = p.elem_count();
+    if g.elem_count() != n || m.elem_count() != n || v.elem_count() != n {
+        bail!(
+            "adamw: parameter {:?}, grad {:?}, exp_avg {:?}, exp_avg_sq {:?} differ",
+            p.shape(),
+            g.shape(),
+            m.shape(),
+            v.shape()
+        );
+    }
+    if p.id() == m.id() || p.id() == v.id() || m.id() == v.id() {
+        bail!("adamw: the parameter and its two moments must be distinct tensors");
+    }
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    with_mut(p, move |pd, pl| {
+        with_mut(m, move |md, ml| {
+            with_mut(v, move |vd, vl| match (pd, md, vd) {
+                (Dst::Cpu(ps), Dst::Cpu(ms), Dst::Cpu(vs)) => {
+                    let g = g.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                    let p = f32_slice_mut(ps, pl, "the parameter")?;
+                    let m = f32_slice_mut(ms, ml, "exp_avg")?;
+                    let v = f32_slice_mut(vs, vl, "exp_avg_sq")?;
+                    adamw_step_ref(p, &g, m, v, step);
+                    Ok(())
+                }
+                #[cfg(feature = "cuda")]
+                (Dst::Cuda(ps), Dst::Cuda(ms), Dst::Cuda(vs)) => {
+                    let (gs, gl) = g.storage_and_layout();
+                    let candle_core::Storage::Cuda(gs) = &*gs else { bail!("adamw: grad on another device") };
+                    super::cuda::adamw(ps, pl, gs, gl, ms, ml, vs, vl, &step.scalars())
+                }
+                #[allow(unreachable_patterns)]
+                _ => bail!("adamw: the parameter, its moments and its grad must share a device"),
+            })
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optim::{AdamW, AdamWConfig};
+    use candle_core::backprop::GradStore;
+    use candle_core::{Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn swiglu_matches_composed_silu_times_up_with_gradients() {
+        let gate = Var::from_tensor(&(randn(&[3, 7, 5], 1) * 4.0).unwrap()).unwrap();
+        let up = Var::from_tensor(&randn(&[3, 7, 5], 2)).unwrap();
+        let probe = randn(&[3, 7, 5], 3);
+        let run = |fused: bool| {
+            let y = if fused {
+                swiglu(gate.as_tensor(), up.as_tensor()).unwrap()
+            } else {
+                (candle_nn::ops::silu(gate.as_tensor()).unwrap() * up.as_tensor()).unwrap()
+            };
+            let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(&gate).unwrap().clone(), grads.get(&up).unwrap().clone())
+        };
+        let (y1, dg1, du1) = run(true);
+        let (y2, dg2, du2) = run(false);
+        assert!(max_diff(&y1, &y2) < 1e-6);
+        assert!(max_diff(&dg1, &dg2) < 1e-5);
+        assert!(max_diff(&du1, &du2) < 1e-6);
+    }
+
+    #[test]
+    fn cross_entropy_matches_log_softmax_with_ignore_index() {
+        let logits = Var::from_tensor(&(randn(&[6, 11], 4) * 3.0).unwrap()).unwrap();
+        let targets = Tensor::new(&[3i64, -100, 0, 10, 5, -100], &Device::Cpu).unwrap();
+        let (loss, count) = cross_entropy_mean(logits.as_tensor(), &targets).unwrap();
+        assert_eq!(count, 4);
+        let grads = loss.backward().unwrap();
+        let ours = grads.get(&logits).unwrap().clone();
+
+        let logp = candle_nn::ops::log_softmax(logits.as_tensor(), D::Minus1).unwrap();
+        let keep = Tensor::new(&[1f32, 0., 1., 1., 1., 0.], &Device::Cpu).unwrap();
+        let safe = Tensor::new(&[3u32, 0, 0, 10, 5, 0], &Device::Cpu).unwrap();
+        let picked = logp.gather(&safe.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap();
+        let want = ((picked * keep).unwrap().sum_all().unwrap().neg().unwrap() / 4.0).unwrap();
+        let grads = want.backward().unwrap();
+        assert!(max_diff(&loss, &want) < 1e-5);
+        assert!(max_diff(&ours, grads.get(&logits).unwrap()) < 1e-6);
+
+        let bad = Tensor::new(&[11i64, 0, 0, 0, 0, 0], &Device::Cpu).unwrap();
+        let err = cross_entropy(logits.as_tensor(), &bad).unwrap_err().to_string();
+        assert!(err.contains("target 11 outside the vocabulary of 11"), "{err}");
+    }
+
+    /// The fused step is bit-identical to the optimizer's tensor-op step (with and without decay).
+    #[test]
+    fn fused_adamw_matches_the_optimizer_bit_for_bit() {
+        for wd in [0.0, 0.1] {
+            let cfg = AdamWConfig { betas: (0.9, 0.95), eps: 1e-8, weight_decay: wd, ..Default::default() };
+            let var = Var::from_tensor(&randn(&[37, 5], 5)).unwrap();
+            let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg).unwrap();
+            let p = randn(&[37, 5], 5);
+            let (m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap());
+            for step in 1..=4u64 {
+                let g = randn(&[37, 5], 10 + step);
+                let lr = 1e-3 * step as f64;
+                let mut grads = GradStore::default();
+                grads.insert(var.as_tensor(), g.clone());
+                opt.step(&grads, lr).unwrap();
+                let hyper = AdamWStep { lr, betas: cfg_betas(), eps: 1e-8, weight_decay: wd, step };
+                adamw_step(&p, &g, &m, &v, &hyper).unwrap();
+            }
+            let (om, ov) = opt.moments("w").unwrap();
+            assert_eq!(max_diff(&p, var.as_tensor()), 0.0, "param, wd {wd}");
+            assert_eq!(max_diff(&m, om), 0.0, "exp_avg, wd {wd}");
+            assert_eq!(max_diff(&v, ov), 0.0, "exp_avg_sq, wd {wd}");
+        }
+    }
+
+    fn cfg_betas() -> (f64, f64) {
+        (0.9, 0.95)
+    }
+}

@@ -1,0 +1,379 @@
+//! CUDA kernels (kernels/*.cu via src/ops) against their CPU references, forward and backward.
+//!
+//! Each check runs the same op on the GPU and on the CPU from identical inputs (bf16 inputs are
+//! rounded once, then copied to both) and compares in f32 with the metric
+//! `rel = max |gpu − cpu| / max(1, max |cpu|)`, printed for every case:
+//!   f32 ops: rel ≤ 1e-5 (rmsnorm, softmax, swiglu, cross-entropy; attention ≤ 1e-4: different
+//!            summation order over D and T), rope and AdamW bit-identical (rel = 0);
+//!   bf16 ops: one bf16 rounding of the output (2⁻⁸ relative) plus f32 reordering: rel ≤ 1e-2;
+//!            bf16 attention rounds P and dS to bf16 before the tensor-core products, as
+//!            FlashAttention does: rel ≤ 2e-2 (o) and 3e-2 (dq, dk, dv).
+//! Run on a GPU machine: `cargo test --release --features cuda --test cuda_parity -- --nocapture`.
+//! The `bench_*` tests are `#[ignore]`d micro-benchmarks (`-- --ignored bench`).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor, Var};
+use shardsmith::ops;
+
+/// One device for the whole process: every `Device::new_cuda` is a distinct device to candle.
+fn gpu() -> Device {
+    static GPU: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| Device::new_cuda(0).expect("a CUDA device")).clone()
+}
+
+fn randn(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// `rel` of the module docs; panics above `tol`.
+fn check(what: &str, gpu: &Tensor, cpu: &Tensor, tol: f32) {
+    let g = gpu.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let c = cpu.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    assert_eq!(g.dims(), c.dims(), "{what}: shapes");
+    let (g, c) = (g.to_vec1::<f32>().unwrap(), c.to_vec1::<f32>().unwrap());
+    let diff = g.iter().zip(&c).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let peak = c.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    let rel = diff / peak.max(1.0);
+    let ok = rel <= tol && g.iter().all(|v| v.is_finite() || c.iter().any(|c| !c.is_finite()));
+    println!(
+        "parity {what:<58} max|Δ| {diff:.3e}  rel {rel:.3e}  tol {tol:.0e}  {}",
+        if ok { "ok" } else { "FAIL" }
+    );
+    assert!(ok, "{what}: rel {rel} > {tol}");
+}
+
+/// Input of `dtype` on the CPU and the same values on the GPU (as Vars, for gradients).
+fn pair(shape: &[usize], seed: u64, scale: f32, dtype: DType) -> (Var, Var) {
+    let t = randn(shape, seed, scale).to_dtype(dtype).unwrap();
+    (Var::from_tensor(&t).unwrap(), Var::from_tensor(&t.to_device(&gpu()).unwrap()).unwrap())
+}
+
+fn tol(dtype: DType, f32_tol: f32) -> f32 {
+    if dtype == DType::F32 {
+        f32_tol
+    } else {
+        1e-2
+    }
+}
+
+#[test]
+fn rms_norm_forward_and_backward() {
+    for (shape, dtype) in
+        [(vec![3, 5, 37], DType::F32), (vec![4, 4096], DType::BF16), (vec![2, 7, 300], DType::BF16)]
+    {
+        let h = *shape.last().unwrap();
+        let (xc, xg) = pair(&shape, 1, 2.0, dtype);
+        let (wc, wg) = pair(&[h], 2, 1.0, dtype);
+        let probe = randn(&shape, 3, 1.0).to_dtype(dtype).unwrap();
+        let run = |x: &Var, w: &Var| {
+            let y = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+            let p = probe.to_device(y.device()).unwrap();
+            let grads = (y.to_dtype(DType::F32).unwrap() * p.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (y, grads.get(x).unwrap().clone(), grads.get(w).unwrap().clone())
+        };
+        let (yg, dxg, dwg) = run(&xg, &wg);
+        let (yc, dxc, dwc) = run(&xc, &wc);
+        let name = format!("rms_norm {dtype:?} {shape:?}");
+        check(&format!("{name} y"), &yg, &yc, tol(dtype, 1e-5));
+        check(&format!("{name} dx"), &dxg, &dxc, tol(dtype, 1e-5));
+        check(&format!("{name} dw"), &dwg, &dwc, tol(dtype, 1e-5));
+    }
+}
+
+#[test]
+fn rope_forward_and_backward_are_exact() {
+    for (xd, cd) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::BF16, DType::F32)] {
+        let (xc, xg) = pair(&[2, 3, 17, 64], 4, 1.0, xd);
+        let cos = randn(&[17, 32], 5, 1.0).to_dtype(cd).unwrap();
+        let sin = randn(&[17, 32], 6, 1.0).to_dtype(cd).unwrap();
+        let probe = randn(&[2, 3, 17, 64], 7, 1.0).to_dtype(xd).unwrap();
+        let run = |x: &Var| {
+            let dev = x.device();
+            let (c, s) = (cos.to_device(dev).unwrap(), sin.to_device(dev).unwrap());
+            let y = ops::rope(x.as_tensor(), &c, &s).unwrap();
+            let grads = (&y * probe.to_device(dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(x).unwrap().clone())
+        };
+        let (yg, dxg) = run(&xg);
+        let (yc, dxc) = run(&xc);
+        check(&format!("rope x {xd:?} tables {cd:?} y"), &yg, &yc, 0.0);
+        // The backward's gradient goes through a probe product and sum, rounded in x's dtype.
+        check(&format!("rope x {xd:?} tables {cd:?} dx"), &dxg, &dxc, tol(xd, 1e-6));
+    }
+}
+
+#[test]
+fn softmax_forward() {
+    for (shape, dtype) in
+        [(vec![5, 1000], DType::F32), (vec![2, 3, 33], DType::BF16), (vec![4, 32000], DType::BF16)]
+    {
+        let x = randn(&shape, 8, 6.0).to_dtype(dtype).unwrap();
+        let yg = ops::softmax_last_dim(&x.to_device(&gpu()).unwrap()).unwrap();
+        let yc = ops::softmax_last_dim(&x).unwrap();
+        check(&format!("softmax {dtype:?} {shape:?}"), &yg, &yc, tol(dtype, 1e-5));
+    }
+}
+
+#[test]
+fn swiglu_forward_and_backward() {
+    for (shape, dtype) in [(vec![3, 7, 41], DType::F32), (vec![2, 5, 11008], DType::BF16)] {
+        let (gc, gg) = pair(&shape, 9, 4.0, dtype);
+        let (uc, ug) = pair(&shape, 10, 1.0, dtype);
+        let probe = randn(&shape, 11, 1.0).to_dtype(dtype).unwrap();
+        let run = |g: &Var, u: &Var| {
+            let y = ops::swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+            let grads =
+                (&y * probe.to_device(g.device()).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(g).unwrap().clone(), grads.get(u).unwrap().clone())
+        };
+        let (yg, dgg, dug) = run(&gg, &ug);
+        let (yc, dgc, duc) = run(&gc, &uc);
+        let name = format!("swiglu {dtype:?} {shape:?}");
+        check(&format!("{name} y"), &yg, &yc, tol(dtype, 1e-5));
+        check(&format!("{name} dgate"), &dgg, &dgc, tol(dtype, 1e-5));
+        check(&format!("{name} dup"), &dug, &duc, tol(dtype, 1e-5));
+    }
+}
+
+#[test]
+fn cross_entropy_forward_and_backward() {
+    for (n, v, dtype) in [(7, 1001, DType::F32), (9, 32003, DType::BF16), (5, 32000, DType::F32)] {
+        let (lc, lg) = pair(&[n, v], 12, 8.0, dtype);
+        let targets: Vec<i64> =
+            (0..n).map(|i| if i % 3 == 1 { -100 } else { (i as i64 * 7919) % v as i64 }).collect();
+        let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let run = |l: &Var| {
+            let (loss, _) =
+                ops::cross_entropy_mean(l.as_tensor(), &targets.to_device(l.device()).unwrap()).unwrap();
+            let per_row = ops::cross_entropy(l.as_tensor(), &targets.to_device(l.device()).unwrap()).unwrap();
+            let grads = loss.backward().unwrap();
+            (per_row, grads.get(l).unwrap().clone())
+        };
+        let (rg, dg) = run(&lg);
+        let (rc, dc) = run(&lc);
+        let name = format!("cross_entropy {dtype:?} N{n} V{v}");
+        check(&format!("{name} loss"), &rg, &rc, 1e-5);
+        check(&format!("{name} dlogits"), &dg, &dc, tol(dtype, 1e-5));
+    }
+}
+
+#[test]
+fn adamw_step_is_bit_identical() {
+    for wd in [0.0, 0.1] {
+        let n = 100_003;
+        let p = randn(&[n], 13, 1.0);
+        let (pg, mg, vg) = (
+            p.to_device(&gpu()).unwrap(),
+            Tensor::zeros(n, DType::F32, &gpu()).unwrap(),
+            Tensor::zeros(n, DType::F32, &gpu()).unwrap(),
+        );
+        let (pc, mc, vc) = (p.copy().unwrap(), p.zeros_like().unwrap(), p.zeros_like().unwrap());
+        for step in 1..=3u64 {
+            let g = randn(&[n], 20 + step, 0.1);
+            let hyper = ops::AdamWStep { lr: 3e-4, betas: (0.9, 0.95), eps: 1e-8, weight_decay: wd, step };
+            ops::adamw_step(&pg, &g.to_device(&gpu()).unwrap(), &mg, &vg, &hyper).unwrap();
+            ops::adamw_step(&pc, &g, &mc, &vc, &hyper).unwrap();
+        }
+        check(&format!("adamw wd {wd} param (3 steps)"), &pg, &pc, 0.0);
+        check(&format!("adamw wd {wd} exp_avg"), &mg, &mc, 0.0);
+        check(&format!("adamw wd {wd} exp_avg_sq"), &vg, &vc, 0.0);
+    }
+}
+
+#[test]
+fn causal_attention_forward_and_backward() {
+    // (B, Hq, Hk, T, D, dtype): GQA ratios 1, 2, 3, 4; T = 1, < tile, not a tile multiple, > 2 tiles.
+    let cases = [
+        (1, 4, 1, 77, 64, DType::BF16),
+        (2, 4, 2, 130, 128, DType::BF16),
+        (1, 2, 2, 1, 128, DType::BF16),
+        (1, 3, 1, 200, 32, DType::BF16),
+        (1, 2, 2, 64, 32, DType::F32),
+        (1, 6, 2, 150, 96, DType::F32),
+        (2, 2, 1, 97, 128, DType::F32),
+    ];
+    for (b, hq, hk, t, d, dtype) in cases {
+        let (qc, qg) = pair(&[b, hq, t, d], 14, 2.0, dtype);
+        let (kc, kg) = pair(&[b, hk, t, d], 15, 2.0, dtype);
+        let (vc, vg) = pair(&[b, hk, t, d], 16, 1.0, dtype);
+        let probe = randn(&[b, hq, t, d], 17, 1.0).to_dtype(dtype).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let run = |q: &Var, k: &Var, v: &Var| {
+            let o = ops::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
+            let p = probe.to_device(q.device()).unwrap().to_dtype(DType::F32).unwrap();
+            let grads = (o.to_dtype(DType::F32).unwrap() * p).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |x: &Var| grads.get(x).unwrap().clone();
+            (o, g(q), g(k), g(v))
+        };
+        let (og, dqg, dkg, dvg) = run(&qg, &kg, &vg);
+        let (oc, dqc, dkc, dvc) = run(&qc, &kc, &vc);
+        let name = format!("attention {dtype:?} B{b} Hq{hq} Hk{hk} T{t} D{d}");
+        let (to, tg) = if dtype == DType::F32 { (1e-4, 1e-4) } else { (2e-2, 3e-2) };
+        check(&format!("{name} o"), &og, &oc, to);
+        check(&format!("{name} dq"), &dqg, &dqc, tg);
+        check(&format!("{name} dk"), &dkg, &dkc, tg);
+        check(&format!("{name} dv"), &dvg, &dvc, tg);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-benchmarks (ignored by default; bench/gpu_kernels.sh runs them next to PyTorch)
+// ---------------------------------------------------------------------------------------------
+
+/// Median milliseconds of `f` over `iters` runs after `warm` warm-up runs, device-synchronised.
+fn time_ms(dev: &Device, warm: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warm {
+        f();
+    }
+    dev.synchronize().unwrap();
+    let mut v: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            f();
+            dev.synchronize().unwrap();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore]
+fn bench_kernels() {
+    let dev = gpu();
+    let bf = DType::BF16;
+    let on = |shape: &[usize], seed: u64, scale: f32| {
+        Var::from_tensor(&randn(shape, seed, scale).to_dtype(bf).unwrap().to_device(&dev).unwrap()).unwrap()
+    };
+    println!("bench | op | shape | ours ms | TFLOP/s or GB/s");
+    // Attention, B2 H32 T2048 D128 causal.
+    let (b, h, t, d) = (2, 32, 2048, 128);
+    let (q, k, v) = (on(&[b, h, t, d], 1, 1.0), on(&[b, h, t, d], 2, 1.0), on(&[b, h, t, d], 3, 1.0));
+    let probe = on(&[b, h, t, d], 4, 1.0).as_tensor().clone();
+    let scale = 1.0 / (d as f64).sqrt();
+    let flops_fwd = 4.0 * (b * h * t * t * d) as f64 / 2.0;
+    let fwd = time_ms(&dev, 3, 20, || {
+        ops::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
+    });
+    let fwd_bwd = time_ms(&dev, 3, 20, || {
+        let o = ops::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
+        (o * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    });
+    println!(
+        "bench | attention fwd | B{b} H{h} T{t} D{d} causal bf16 | {fwd:.3} | {:.1} TFLOP/s",
+        flops_fwd / fwd / 1e9
+    );
+    println!(
+        "bench | attention fwd+bwd | B{b} H{h} T{t} D{d} causal bf16 | {fwd_bwd:.3} | {:.1} TFLOP/s",
+        3.5 * flops_fwd / fwd_bwd / 1e9
+    );
+    drop((q, k, v, probe));
+
+    // RMSNorm [4096, 4096].
+    let (x, w) = (on(&[4096, 4096], 5, 1.0), on(&[4096], 6, 1.0));
+    let probe = on(&[4096, 4096], 7, 1.0).as_tensor().clone();
+    let bytes = 2.0 * 4096.0 * 4096.0 * 2.0;
+    let ms = time_ms(&dev, 3, 50, || {
+        ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+    });
+    println!("bench | rms_norm fwd | [4096, 4096] bf16 | {ms:.3} | {:.0} GB/s", bytes / ms / 1e6);
+    let ms = time_ms(&dev, 3, 50, || {
+        let y = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    });
+    println!("bench | rms_norm fwd+bwd (+probe·sum) | [4096, 4096] bf16 | {ms:.3} | -");
+    drop((x, w, probe));
+
+    // SwiGLU [4096, 11008].
+    let (g, u) = (on(&[4096, 11008], 8, 2.0), on(&[4096, 11008], 9, 1.0));
+    let probe = on(&[4096, 11008], 10, 1.0).as_tensor().clone();
+    let bytes = 3.0 * 4096.0 * 11008.0 * 2.0;
+    let ms = time_ms(&dev, 3, 50, || {
+        ops::swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+    });
+    println!("bench | swiglu fwd | [4096, 11008] bf16 | {ms:.3} | {:.0} GB/s", bytes / ms / 1e6);
+    let ms = time_ms(&dev, 3, 50, || {
+        let y = ops::swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+        (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    });
+    println!("bench | swiglu fwd+bwd (+probe·sum) | [4096, 11008] bf16 | {ms:.3} | -");
+    drop((g, u, probe));
+
+    // Cross-entropy [4096, 32000].
+    let logits = on(&[4096, 32000], 11, 4.0);
+    let targets: Vec<i64> = (0..4096).map(|i| (i * 7919) % 32000).collect();
+    let targets = Tensor::new(targets.as_slice(), &dev).unwrap();
+    let ms = time_ms(&dev, 3, 50, || {
+        ops::cross_entropy(logits.as_tensor(), &targets).unwrap();
+    });
+    println!(
+        "bench | cross_entropy fwd (+dlogits) | [4096, 32000] bf16 | {ms:.3} | {:.0} GB/s",
+        2.0 * 4096.0 * 32000.0 * 2.0 / ms / 1e6
+    );
+    let ms = time_ms(&dev, 3, 50, || {
+        let (loss, _) = ops::cross_entropy_mean(logits.as_tensor(), &targets).unwrap();
+        loss.backward().unwrap();
+    });
+    println!("bench | cross_entropy mean fwd+bwd | [4096, 32000] bf16 | {ms:.3} | -");
+}
+
+/// The attention and SwiGLU kernels timed on their own, outside candle's autograd (whose
+/// `sum_all` of the probe product and gradient accumulation are inside `bench_kernels`'
+/// fwd+bwd rows). Added after the measured run in BENCHMARKS.md: not yet run on a GPU.
+#[test]
+#[ignore]
+fn bench_kernels_direct() {
+    let dev = gpu();
+    let bf = DType::BF16;
+    let on =
+        |shape: &[usize], seed: u64| randn(shape, seed, 1.0).to_dtype(bf).unwrap().to_device(&dev).unwrap();
+    let (b, h, t, d) = (2, 32, 2048, 128);
+    let (q, k, v, g) =
+        (on(&[b, h, t, d], 1), on(&[b, h, t, d], 2), on(&[b, h, t, d], 3), on(&[b, h, t, d], 4));
+    let scale = 1.0 / (d as f64).sqrt();
+    let flops_fwd = 4.0 * (b * h * t * t * d) as f64 / 2.0;
+    let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
+    let fwd = time_ms(&dev, 3, 20, || {
+        ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
+    });
+    let bwd = time_ms(&dev, 3, 20, || {
+        ops::causal_attention_backward(&q, &k, &v, &o, &lse, &g, scale).unwrap();
+    });
+    println!(
+        "bench | attention fwd kernel | B{b} H{h} T{t} D{d} causal bf16 | {fwd:.3} | {:.1} TFLOP/s",
+        flops_fwd / fwd / 1e9
+    );
+    println!(
+        "bench | attention bwd kernels | B{b} H{h} T{t} D{d} causal bf16 | {bwd:.3} | {:.1} TFLOP/s",
+        2.5 * flops_fwd / bwd / 1e9
+    );
+    println!(
+        "bench | attention fwd+bwd kernels | B{b} H{h} T{t} D{d} causal bf16 | {:.3} | {:.1} TFLOP/s",
+        fwd + bwd,
+        3.5 * flops_fwd / (fwd + bwd) / 1e9
+    );
+    drop((q, k, v, g, o, lse));
+
+    let (gate, up, dy) = (on(&[4096, 11008], 5), on(&[4096, 11008], 6), on(&[4096, 11008], 7));
+    let ms = time_ms(&dev, 3, 50, || {
+        ops::swiglu_backward(&gate, &up, &dy).unwrap();
+    });
+    println!(
+        "bench | swiglu bwd kernel | [4096, 11008] bf16 | {ms:.3} | {:.0} GB/s",
+        5.0 * 4096.0 * 11008.0 * 2.0 / ms / 1e6
+    );
+}
