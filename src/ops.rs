@@ -67,6 +67,16 @@ fn as_f32(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f32>> {
     })
 }
 
+/// Store f32 values in `dtype` (f32, bf16 or f16): the inverse of [`as_f32`].
+fn store(v: Vec<f32>, dtype: DType, op: &str) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        other => bail!("{op}: unsupported dtype {other:?}"),
+    })
+}
+
 /// Round an f32 to the storage dtype and back (the rounding transformers applies mid-op).
 fn round_to(dtype: DType) -> fn(f32) -> f32 {
     match dtype {

@@ -9,10 +9,9 @@
 //! h / (Hq/Hk), a group's heads consecutive as in `models::llama`). Queries and keys cover the
 //! same T positions (training, no KV cache); query i attends to keys j ≤ i.
 
-use super::as_f32;
+use super::{as_f32, store};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
-use half::{bf16, f16};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -83,12 +82,7 @@ impl CustomOp3 for CausalAttention {
         });
         let lse = Tensor::from_vec(lse, (b, hq, t), &Device::Cpu)?;
         *self.lse.lock().expect("attention state") = Some(lse);
-        let o = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(o),
-            DType::BF16 => CpuStorage::BF16(o.into_iter().map(bf16::from_f32).collect()),
-            DType::F16 => CpuStorage::F16(o.into_iter().map(f16::from_f32).collect()),
-            other => bail!("causal-attention: unsupported dtype {other:?}"),
-        };
+        let o = store(o, s1.dtype(), "causal-attention")?;
         Ok((o, l1.shape().clone()))
     }
 

@@ -1,25 +1,14 @@
 //! Fused SwiGLU, vocabulary cross-entropy and the AdamW step: each a CPU reference written here
 //! and, with the `cuda` feature, a kernel of `kernels/` (swiglu.cu, cross_entropy.cu, adamw.cu).
 
-use super::{as_f32, contiguous, round_to};
+use super::{as_f32, contiguous, round_to, store};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp1, Layout, Result, Shape, Tensor,
 };
-use half::{bf16, f16};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
-
-/// Store f32 values in `dtype` (f32, bf16 or f16).
-fn store(v: Vec<f32>, dtype: DType, op: &str) -> Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
-        other => bail!("{op}: unsupported dtype {other:?}"),
-    })
-}
 
 // ---------------------------------------------------------------------------------------------
 // SwiGLU
