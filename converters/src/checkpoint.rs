@@ -28,8 +28,64 @@ pub enum ByteSource {
     /// Bytes already in memory (small tensors, test data, decompressed members).
     Owned(Arc<[u8]>),
     /// Bytes computed on demand from other sources (casts, byte swaps, strided gathers,
-    /// resharding transforms). The closure must be deterministic.
-    Derived(Arc<dyn Fn() -> Result<Vec<u8>> + Send + Sync>),
+    /// resharding transforms). The computation must be deterministic.
+    Derived(Arc<dyn Produce>),
+}
+
+/// A deterministic computation of a tensor's bytes (see [`ByteSource::Derived`]).
+pub trait Produce: Send + Sync {
+    /// All the bytes, in one buffer.
+    fn produce(&self) -> Result<Vec<u8>>;
+
+    /// The same bytes as consecutive [`Segment`]s, for writers that stream them to a file. The
+    /// default hands over [`Produce::produce`]'s buffer; gather plans override it to pass mapped
+    /// ranges through untouched and assemble only strided runs, a bounded chunk at a time.
+    fn stream(&self, emit: &mut dyn FnMut(Segment<'_>) -> Result<()>) -> Result<()> {
+        emit(Segment::Bytes(&self.produce()?))
+    }
+}
+
+/// One stretch of a tensor's bytes handed to a streaming writer.
+#[derive(Clone, Copy, Debug)]
+pub enum Segment<'a> {
+    /// `map[offset..offset + len]`: a writer may copy it file to file without touching it.
+    Mapped {
+        /// The file mapping.
+        map: &'a Arc<Mmap>,
+        /// Start within the mapping.
+        offset: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// Bytes in memory.
+    Bytes(&'a [u8]),
+    /// This many zero bytes.
+    Zeros(usize),
+}
+
+impl Segment<'_> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Segment::Mapped { len, .. } => *len,
+            Segment::Bytes(b) => b.len(),
+            Segment::Zeros(n) => *n,
+        }
+    }
+
+    /// Whether the segment is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A closure as a [`Produce`].
+struct FnProduce<F>(F);
+
+impl<F: Fn() -> Result<Vec<u8>> + Send + Sync> Produce for FnProduce<F> {
+    fn produce(&self) -> Result<Vec<u8>> {
+        (self.0)()
+    }
 }
 
 impl ByteSource {
@@ -40,7 +96,12 @@ impl ByteSource {
 
     /// A source computed by `f` when read.
     pub fn derived(f: impl Fn() -> Result<Vec<u8>> + Send + Sync + 'static) -> Self {
-        ByteSource::Derived(Arc::new(f))
+        ByteSource::Derived(Arc::new(FnProduce(f)))
+    }
+
+    /// A source computed (and possibly streamed) by `p`.
+    pub fn produced(p: impl Produce + 'static) -> Self {
+        ByteSource::Derived(Arc::new(p))
     }
 
     /// A range of a mapping; the caller has checked it lies inside the map.
@@ -54,8 +115,19 @@ impl ByteSource {
         Ok(match self {
             ByteSource::Mapped { map, offset, len } => Cow::Borrowed(&map[*offset..*offset + *len]),
             ByteSource::Owned(b) => Cow::Borrowed(b),
-            ByteSource::Derived(f) => Cow::Owned(f()?),
+            ByteSource::Derived(f) => Cow::Owned(f.produce()?),
         })
+    }
+
+    /// Hand the bytes to `emit` as consecutive segments (see [`Produce::stream`]).
+    pub fn stream(&self, emit: &mut dyn FnMut(Segment<'_>) -> Result<()>) -> Result<()> {
+        match self {
+            ByteSource::Mapped { map, offset, len } => {
+                emit(Segment::Mapped { map, offset: *offset, len: *len })
+            }
+            ByteSource::Owned(b) => emit(Segment::Bytes(b)),
+            ByteSource::Derived(f) => f.stream(emit),
+        }
     }
 
     /// The length without producing the bytes, where it is known up front.
@@ -112,6 +184,21 @@ impl TensorEntry {
         let bytes = self.source.bytes()?;
         self.check_len(name, bytes.len())?;
         Ok(bytes)
+    }
+
+    /// Stream the tensor's bytes to `emit` (see [`Produce::stream`]); checked against dtype × shape
+    /// once the last segment is out, so a short producer is an error, never a short write.
+    pub fn stream(&self, name: &str, emit: &mut dyn FnMut(Segment<'_>) -> Result<()>) -> Result<()> {
+        let mut total = 0usize;
+        let expected = self.nbytes();
+        self.source.stream(&mut |seg| {
+            total += seg.len();
+            if total > expected {
+                return self.check_len(name, total);
+            }
+            emit(seg)
+        })?;
+        self.check_len(name, total)
     }
 
     /// Fail with [`Error::TensorSize`] unless `got` equals [`TensorEntry::nbytes`].

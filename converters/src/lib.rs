@@ -17,12 +17,13 @@ pub mod formats;
 pub mod names;
 pub mod progress;
 pub mod shard;
+pub mod sink;
 pub mod surgery;
 pub mod transforms;
 
 pub use checkpoint::{
-    Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Rank, Shard,
-    TensorEntry, TensorMap,
+    Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Produce, Rank,
+    Segment, Shard, TensorEntry, TensorMap,
 };
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -10,6 +10,7 @@
 //! The same counter feeds progress bars: [`bytes_written`] is cheap to poll from another thread.
 
 use memmap2::{Mmap, UncheckedAdvice};
+use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -74,13 +75,21 @@ pub const RELEASE_EVERY: u64 = 64 << 20;
 
 static WRITTEN: AtomicU64 = AtomicU64::new(0);
 static SINCE_RELEASE: AtomicU64 = AtomicU64::new(0);
-static MAPS: Mutex<Vec<Weak<Mmap>>> = Mutex::new(Vec::new());
+/// Every live mapping of a whole file (from offset 0), with that file.
+static MAPS: Mutex<Vec<(Weak<Mmap>, Arc<File>)>> = Mutex::new(Vec::new());
 
-/// Remember a mapping so its pages can be released while streaming.
-pub fn register_map(map: &Arc<Mmap>) {
+/// Remember a mapping of the whole of `file`, so its pages can be released while streaming and
+/// writers can copy its ranges file to file ([`file_of`]).
+pub fn register_map(map: &Arc<Mmap>, file: File) {
     let mut maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
-    maps.retain(|w| w.strong_count() > 0);
-    maps.push(Arc::downgrade(map));
+    maps.retain(|(w, _)| w.strong_count() > 0);
+    maps.push((Arc::downgrade(map), Arc::new(file)));
+}
+
+/// The file `map` maps from its first byte, when it was registered.
+pub fn file_of(map: &Arc<Mmap>) -> Option<Arc<File>> {
+    let maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    maps.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(map))).map(|(_, f)| f.clone())
 }
 
 /// Record that a writer finished `n` bytes of output.
@@ -101,7 +110,7 @@ pub fn bytes_written() -> u64 {
 pub fn release_mapped_pages() {
     let maps: Vec<Arc<Mmap>> = {
         let maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
-        maps.iter().filter_map(Weak::upgrade).collect()
+        maps.iter().filter_map(|(w, _)| w.upgrade()).collect()
     };
     for map in maps {
         // SAFETY: the maps are read-only views of files (never anonymous or written), so after

@@ -582,7 +582,7 @@ mod tests {
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
         let parts = split("w", &t, &ShardSpec::GluHalves, 2).unwrap();
         assert!(matches!(parts[0].source, ByteSource::Derived(_)));
-        let _ = bytes(&parts[0]);
+        let _ = produced(&parts[0]);
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 

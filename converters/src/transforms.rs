@@ -25,7 +25,7 @@
 //! Plans hold one entry per run of rows, not per row (strided runs cover row permutations), so
 //! planning a whole 70B model stays small.
 
-use crate::checkpoint::{ByteSource, TensorEntry};
+use crate::checkpoint::{ByteSource, Produce, Segment, TensorEntry};
 use crate::error::{Error, Result};
 use crate::DType;
 use memmap2::Mmap;
@@ -227,8 +227,7 @@ impl Gather {
                     last_use,
                     len,
                 };
-                let plan = Arc::new(plan);
-                ByteSource::derived(move || plan.run())
+                ByteSource::produced(plan)
             }
         };
         TensorEntry::new(dtype, shape, source, origin)
@@ -303,6 +302,90 @@ impl Plan {
             return Err(self.internal(&format!("produced {} bytes, expected {}", out.len(), self.len)));
         }
         Ok(out)
+    }
+}
+
+/// Bytes a strided gather assembles before handing them on: big enough that a writer's syscalls
+/// are few, small enough to stay in cache and never to matter for peak memory. Tests use a tiny
+/// chunk so that their small tensors cross chunk boundaries.
+const STREAM_CHUNK: usize = if cfg!(test) { 7 } else { 4 << 20 };
+
+impl Produce for Plan {
+    fn produce(&self) -> Result<Vec<u8>> {
+        self.run()
+    }
+
+    /// Contiguous runs go out as they are (a mapped run as a [`Segment::Mapped`], which a writer
+    /// can copy file to file); strided runs are assembled [`STREAM_CHUNK`] bytes at a time. So
+    /// streaming a plan never holds the whole output, unlike [`Plan::run`].
+    fn stream(&self, emit: &mut dyn FnMut(Segment<'_>) -> Result<()>) -> Result<()> {
+        let mut chunk: Vec<u8> = Vec::new();
+        let mut held: Vec<Option<Cow<'_, [u8]>>> = vec![None; self.srcs.len()];
+        let flush = |chunk: &mut Vec<u8>, emit: &mut dyn FnMut(Segment<'_>) -> Result<()>| {
+            if !chunk.is_empty() {
+                emit(Segment::Bytes(chunk))?;
+                chunk.clear();
+            }
+            Ok::<(), Error>(())
+        };
+        let mut sent = 0usize;
+        for (i, piece) in self.pieces.iter().enumerate() {
+            match piece {
+                Piece::Zeros(n) => {
+                    flush(&mut chunk, emit)?;
+                    emit(Segment::Zeros(*n))?;
+                }
+                Piece::Zip { count, runs } => {
+                    for r in runs {
+                        if held[r.src].is_none() && !matches!(self.srcs[r.src], Src::Map(_)) {
+                            held[r.src] = Some(self.srcs[r.src].bytes()?);
+                        }
+                    }
+                    let slice = |r: &Run, step: usize| -> Result<&[u8]> {
+                        let at = r.start + step * r.stride;
+                        let buf: &[u8] = match (&self.srcs[r.src], &held[r.src]) {
+                            (Src::Map(map), _) => map,
+                            (_, Some(b)) => b,
+                            (_, None) => return Err(self.internal("input not loaded")),
+                        };
+                        buf.get(at..at + r.len).ok_or_else(|| self.internal("run past the end of its input"))
+                    };
+                    if let ([r], 1) = (runs.as_slice(), *count) {
+                        flush(&mut chunk, emit)?;
+                        let bytes = slice(r, 0)?;
+                        match &self.srcs[r.src] {
+                            Src::Map(map) => {
+                                emit(Segment::Mapped { map, offset: r.start, len: bytes.len() })?
+                            }
+                            _ => emit(Segment::Bytes(bytes))?,
+                        }
+                    } else {
+                        if chunk.capacity() == 0 {
+                            chunk.reserve_exact(STREAM_CHUNK.min(self.len));
+                        }
+                        for step in 0..*count {
+                            for r in runs {
+                                chunk.extend_from_slice(slice(r, step)?);
+                            }
+                            if chunk.len() >= STREAM_CHUNK {
+                                flush(&mut chunk, emit)?;
+                            }
+                        }
+                    }
+                    for r in runs {
+                        if self.last_use[r.src] == i {
+                            held[r.src] = None;
+                        }
+                    }
+                }
+            }
+            sent += piece.len();
+        }
+        flush(&mut chunk, emit)?;
+        if sent != self.len {
+            return Err(self.internal(&format!("streamed {sent} bytes, expected {}", self.len)));
+        }
+        Ok(())
     }
 }
 
@@ -819,8 +902,29 @@ pub(crate) mod testing {
         (TensorEntry::new(dtype, shape, source, origin()), calls)
     }
 
-    pub(crate) fn bytes(t: &TensorEntry) -> Vec<u8> {
+    /// The tensor's bytes, produced whole once (for tests that count reads).
+    pub(crate) fn produced(t: &TensorEntry) -> Vec<u8> {
         t.bytes("test").expect("bytes").into_owned()
+    }
+
+    /// The tensor's bytes, asserting that streaming them (what writers do) gives the same bytes
+    /// as producing them whole, so every transform test also covers [`Produce::stream`].
+    pub(crate) fn bytes(t: &TensorEntry) -> Vec<u8> {
+        let whole = t.bytes("test").expect("bytes").into_owned();
+        let mut streamed = Vec::new();
+        t.stream("test", &mut |seg| {
+            match seg {
+                Segment::Mapped { map, offset, len } => {
+                    streamed.extend_from_slice(&map[offset..offset + len])
+                }
+                Segment::Bytes(b) => streamed.extend_from_slice(b),
+                Segment::Zeros(n) => streamed.resize(streamed.len() + n, 0),
+            }
+            Ok(())
+        })
+        .expect("stream");
+        assert!(whole == streamed, "streamed bytes differ from produced bytes");
+        whole
     }
 
     /// Whether two entries hold the same dtype, shape and bytes.
@@ -1053,15 +1157,15 @@ mod tests {
         let (qkv, calls) = counted(DType::F32, vec![(8 + 2 * 2) * 3, 5], 9);
         let [q, k, v] = split_qkv("qkv", &qkv, 8, 2).unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 0, "planning must not read bytes");
-        let _ = bytes(&q);
+        let _ = produced(&q);
         assert_eq!(calls.load(Ordering::SeqCst), 1, "q gathers 2 groups from one read");
         let back = fuse_qkv("qkv", &q, &k, &v, 8, 2).unwrap();
-        let _ = bytes(&back);
+        let _ = produced(&back);
         // q, k and v each read the input once
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         let (w, calls) = counted(DType::BF16, vec![4 * 8, 3], 10);
         let p = permute_rotary("wq", &w, 4).unwrap();
-        let _ = bytes(&p);
+        let _ = produced(&p);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 

@@ -118,6 +118,6 @@ pub fn map_file(path: &Path) -> Result<std::sync::Arc<memmap2::Mmap>> {
     // SAFETY: the map is read-only; like every mmap-based reader (safetensors, torch) we assume
     // the file is not truncated by another process while we hold it.
     let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&file) }.at(path)?);
-    crate::progress::register_map(&map);
+    crate::progress::register_map(&map, file);
     Ok(map)
 }

@@ -100,9 +100,7 @@ pub fn write_file(tensors: &TensorMap, dest: &Path, overwrite: bool) -> Result<(
     crate::progress::writer_pool().install(|| {
         placed.par_iter().try_for_each(|(name, t, offset)| {
             let _room = budget.acquire(t.nbytes() as u64);
-            let bytes = t.bytes(name)?;
-            file.write_all_at(&bytes, *offset).at(dest)?;
-            drop(bytes);
+            crate::sink::write_tensor_at(file, dest, *offset, name, t, false)?;
             crate::progress::tensor_written(t.nbytes() as u64);
             Ok::<(), Error>(())
         })

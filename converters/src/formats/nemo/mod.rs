@@ -399,7 +399,7 @@ fn gunzip(path: &Path, compressed: &[u8]) -> Result<Arc<Mmap>> {
     // SAFETY: the file is anonymous (already unlinked) and only this process holds it.
     let map = Arc::new(unsafe { Mmap::map(&file) }.at(&tmp_dir)?);
     // File-backed (not anonymous), so its pages may be released while streaming.
-    crate::progress::register_map(&map);
+    crate::progress::register_map(&map, file);
     Ok(map)
 }
 

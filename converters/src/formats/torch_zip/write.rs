@@ -4,7 +4,7 @@
 use super::zip::{crc32, ZipLayout};
 use super::TorchState;
 use crate::atomic::AtomicFile;
-use crate::checkpoint::{ByteSource, TensorEntry, TensorMap};
+use crate::checkpoint::{ByteSource, Segment, TensorEntry, TensorMap};
 use crate::error::{Error, IoContext, Result};
 use crate::formats::pickle::{self, Value};
 use crate::DType;
@@ -57,24 +57,20 @@ pub fn write_at(
             .zip(&layout.entries)
             .map(|(rec, entry)| {
                 let _room = budget.acquire(rec.size);
-                let bytes = plan.bytes(&rec.content, dest)?;
-                if bytes.len() as u64 != rec.size {
+                // The data first (streamed, CRC on the way), then the local header that holds the CRC.
+                let at = base + entry.offset();
+                let data_at = at + entry.local_header(0).len() as u64;
+                let mut sink = crate::sink::PositionalSink::new(file, dest, data_at, true);
+                plan.stream(&rec.content, &mut sink)?;
+                let written = sink.pos() - data_at;
+                if written != rec.size {
                     return Err(Error::invalid(
                         dest,
-                        format!(
-                            "record '{}' produced {} bytes, expected {}",
-                            rec.name,
-                            bytes.len(),
-                            rec.size
-                        ),
+                        format!("record '{}' produced {written} bytes, expected {}", rec.name, rec.size),
                     ));
                 }
-                let crc = crc32(&bytes);
-                let header = entry.local_header(crc);
-                let at = base + entry.offset();
-                file.write_all_at(&header, at).at(dest)?;
-                file.write_all_at(&bytes, at + header.len() as u64).at(dest)?;
-                drop(bytes);
+                let crc = sink.crc().expect("the sink was asked for a CRC");
+                file.write_all_at(&entry.local_header(crc), at).at(dest)?;
                 crate::progress::tensor_written(rec.size);
                 Ok(crc)
             })
@@ -252,6 +248,20 @@ impl<'a> Plan<'a> {
             ));
         }
         Ok(out)
+    }
+
+    /// Stream a record's bytes into `sink` (see [`crate::sink`]).
+    fn stream(&self, content: &Content, sink: &mut crate::sink::PositionalSink<'_>) -> Result<()> {
+        match content {
+            Content::Pickle => sink.put(Segment::Bytes(&self.pickle)),
+            Content::Text(t) => sink.put(Segment::Bytes(t)),
+            Content::Storage(key) => match &self.storages[*key].0 {
+                StorageSource::Range { map, offset, len } => {
+                    sink.put(Segment::Mapped { map, offset: *offset, len: *len })
+                }
+                StorageSource::Tensor { name, entry } => entry.stream(name, &mut |seg| sink.put(seg)),
+            },
+        }
     }
 
     fn bytes(&self, content: &Content, dest: &Path) -> Result<Cow<'_, [u8]>> {
