@@ -28,6 +28,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// the write copies it.
 pub const CRC_CHUNK: usize = 1 << 20;
 
+/// Tensors smaller than this are left to the kernel's own writeback.
+const WRITEBACK_MIN: u64 = 1 << 20;
+
 /// Cleared after the first `copy_file_range` that the kernel or filesystem refuses.
 static COPY_RANGE_WORKS: AtomicBool = AtomicBool::new(true);
 
@@ -35,6 +38,7 @@ static COPY_RANGE_WORKS: AtomicBool = AtomicBool::new(true);
 pub struct PositionalSink<'a> {
     file: &'a File,
     dest: &'a Path,
+    start: u64,
     pos: u64,
     crc: Option<flate2::Crc>,
 }
@@ -42,7 +46,7 @@ pub struct PositionalSink<'a> {
 impl<'a> PositionalSink<'a> {
     /// A sink writing `file` (named `dest` in errors) from `pos`, computing a CRC-32 when asked.
     pub fn new(file: &'a File, dest: &'a Path, pos: u64, with_crc: bool) -> Self {
-        PositionalSink { file, dest, pos, crc: with_crc.then(flate2::Crc::new) }
+        PositionalSink { file, dest, start: pos, pos, crc: with_crc.then(flate2::Crc::new) }
     }
 
     /// The CRC-32 of everything written so far (when asked for at creation).
@@ -53,6 +57,26 @@ impl<'a> PositionalSink<'a> {
     /// Where the next byte goes.
     pub fn pos(&self) -> u64 {
         self.pos
+    }
+
+    /// Ask the kernel to start writing what this sink wrote to disk now, without waiting. The
+    /// output's final fsync (see [`crate::atomic`]) then finds most pages clean, so the disk works
+    /// while we produce the next tensors instead of all at the end. Advisory: errors are ignored
+    /// (the fsync reports real ones).
+    pub fn start_writeback(&self) {
+        let len = self.pos - self.start;
+        if len < WRITEBACK_MIN {
+            return;
+        }
+        // SAFETY: a plain syscall on an open descriptor; no memory is passed.
+        let _ = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                self.start as i64,
+                len as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
     }
 
     /// Write one segment.
@@ -159,6 +183,7 @@ pub fn write_tensor_at(
 ) -> Result<Option<u32>> {
     let mut sink = PositionalSink::new(file, dest, offset, with_crc);
     entry.stream(name, &mut |seg| sink.put(seg))?;
+    sink.start_writeback();
     Ok(sink.crc())
 }
 

@@ -44,6 +44,18 @@ impl SplitMix64 {
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
+
+    /// A uniform double in `(0, 1)`, never 0 (53 random bits, centred in their bucket), for
+    /// logarithms.
+    pub fn uniform_open(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// A standard normal sample (Box–Muller, one of the pair).
+    pub fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform_open(), self.uniform_open());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
 }
 
 /// A freshly initialised projector mapping vision width `c` to LLM width `h` (see the module

@@ -590,7 +590,9 @@ pub fn is_multimodal(ckpt: &Checkpoint) -> bool {
 /// survive.
 pub fn reshard_neva(src: &Checkpoint, t: &NevaTarget) -> Result<Checkpoint> {
     let c = from_neva(src, None)?;
-    let Some(ModelConfig::NemoYaml(cfg)) = &src.meta.config else { unreachable!("from_neva checked") };
+    let Some(ModelConfig::NemoYaml(cfg)) = &src.meta.config else {
+        return Err(Error::missing(&src.meta.path, "model_config.yaml (a NeVA .nemo's config)"));
+    };
     let mut t = t.clone();
     t.divisible_by = t.divisible_by.or(cfg.get_usize("make_vocab_size_divisible_by"));
     t.vision = if c.vision_source == VisionSource::Bundled {

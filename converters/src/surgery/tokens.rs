@@ -21,6 +21,7 @@
 use super::extract::json_bytes;
 use super::model::{LlamaModel, Store};
 use crate::checkpoint::{Artifact, ByteSource};
+use crate::convert::sentencepiece::SentencePieceModel;
 use crate::convert::tokenizer;
 use crate::error::{Error, Result};
 use serde_json::{json, Value as Json};
@@ -117,11 +118,9 @@ impl TokenizerView {
     }
 
     fn add_sentencepiece(&mut self, bytes: &[u8], origin: &Path) -> Result<()> {
-        let pieces = sentencepiece_pieces(bytes).ok_or_else(|| {
-            Error::malformed(origin, "sentencepiece model", "not a SentencePiece ModelProto")
-        })?;
-        for (i, p) in pieces.into_iter().enumerate() {
-            self.ids.insert(i as u32, p);
+        let model = SentencePieceModel::parse(bytes.to_vec(), origin)?;
+        for (i, p) in model.pieces().iter().enumerate() {
+            self.ids.insert(i as u32, p.piece.clone());
         }
         Ok(())
     }
@@ -267,7 +266,10 @@ pub fn add_tokens(model: &LlamaModel, tokens: &[String], first: u32) -> Result<A
             let old = tokenizer::nemo_tokenizer_model(src, cfg).ok_or_else(|| {
                 Error::missing(&src.meta.path, "the SentencePiece tokenizer.model the yaml names")
             })?;
-            let bytes = append_user_defined(&old.source.bytes()?, tokens);
+            let origin = src.meta.path.join(&old.name);
+            let model = SentencePieceModel::parse(old.source.bytes()?.into_owned(), &origin)?;
+            let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+            let bytes = model.with_user_defined(&tokens, &origin)?.bytes().to_vec();
             let name = tokenizer::artifact_name("tokenizer.model", &bytes);
             lines.push(format!(
                 "{} -> {name}: {} USER_DEFINED SentencePiece pieces appended ({range})",
@@ -289,109 +291,4 @@ fn additional(o: &mut serde_json::Map<String, Json>, items: impl Iterator<Item =
     let list = o.entry("additional_special_tokens").or_insert_with(|| json!([]));
     list.as_array_mut()?.extend(items);
     Some(())
-}
-
-fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*i)?;
-        *i += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Visit each `(field, wire type, payload)` of a protobuf message; `None` if it does not parse.
-fn fields(bytes: &[u8], mut f: impl FnMut(u64, &[u8])) -> Option<()> {
-    let mut i = 0;
-    while i < bytes.len() {
-        let key = varint(bytes, &mut i)?;
-        match key & 7 {
-            0 => {
-                varint(bytes, &mut i)?;
-            }
-            1 => i = i.checked_add(8)?,
-            2 => {
-                let len = usize::try_from(varint(bytes, &mut i)?).ok()?;
-                let at = i;
-                i = i.checked_add(len)?;
-                if i > bytes.len() {
-                    return None;
-                }
-                f(key >> 3, &bytes[at..i]);
-                continue;
-            }
-            5 => i = i.checked_add(4)?,
-            _ => return None,
-        }
-        if i > bytes.len() {
-            return None;
-        }
-    }
-    Some(())
-}
-
-/// The piece strings of a SentencePiece `ModelProto`, in id order.
-pub fn sentencepiece_pieces(bytes: &[u8]) -> Option<Vec<String>> {
-    let mut pieces = Vec::new();
-    let mut ok = true;
-    fields(bytes, |field, payload| {
-        if field == 1 {
-            let mut text = None;
-            ok &= fields(payload, |f, p| {
-                if f == 1 {
-                    text = Some(String::from_utf8_lossy(p).into_owned());
-                }
-            })
-            .is_some();
-            pieces.push(text.unwrap_or_default());
-        }
-    })?;
-    (ok && !pieces.is_empty()).then_some(pieces)
-}
-
-/// `bytes` with one USER_DEFINED piece (type 4, score 0) per token appended. Protobuf parsers
-/// concatenate repeated fields wherever they occur, so the new pieces get the next ids.
-pub fn append_user_defined(bytes: &[u8], tokens: &[String]) -> Vec<u8> {
-    let mut out = bytes.to_vec();
-    for t in tokens {
-        let mut piece = Vec::with_capacity(t.len() + 10);
-        piece.push(0x0a); // field 1 (piece), length-delimited
-        put_varint(&mut piece, t.len() as u64);
-        piece.extend_from_slice(t.as_bytes());
-        piece.push(0x15); // field 2 (score), 32-bit
-        piece.extend_from_slice(&0f32.to_le_bytes());
-        piece.extend_from_slice(&[0x18, 4]); // field 3 (type) = USER_DEFINED
-        out.push(0x0a); // ModelProto field 1 (pieces)
-        put_varint(&mut out, piece.len() as u64);
-        out.extend_from_slice(&piece);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn appended_pieces_parse_after_the_originals() {
-        // Two pieces "a", "bc", then a trainer_spec-like field 2 message.
-        let base = [0x0a, 3, 0x0a, 1, b'a', 0x0a, 4, 0x0a, 2, b'b', b'c', 0x12, 2, 0x08, 1];
-        assert_eq!(sentencepiece_pieces(&base).unwrap(), ["a", "bc"]);
-        let more = append_user_defined(&base, &["<x>".into(), "<yy>".into()]);
-        assert_eq!(sentencepiece_pieces(&more).unwrap(), ["a", "bc", "<x>", "<yy>"]);
-        assert_eq!(crate::describe::sentencepiece_pieces(&more), Some(4));
-        assert!(sentencepiece_pieces(&[0x0a, 9, 1]).is_none());
-    }
 }

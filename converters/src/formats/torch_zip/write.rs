@@ -71,6 +71,7 @@ pub fn write_at(
                 }
                 let crc = sink.crc().expect("the sink was asked for a CRC");
                 file.write_all_at(&entry.local_header(crc), at).at(dest)?;
+                sink.start_writeback();
                 crate::progress::tensor_written(rec.size);
                 Ok(crc)
             })
