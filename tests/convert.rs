@@ -3,31 +3,12 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, ok, s, shardsmith};
 use shardsmith::commands::synth::{synthetic_tensors, LlamaShape};
 use shardsmith_converters::formats::{self, hf_dir};
 use shardsmith_converters::{Checkpoint, Flavour, Meta, ModelConfig, Parallelism};
 use std::path::Path;
 use std::process::Command;
-
-fn shardsmith(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).output().expect("run shardsmith");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (ok, out, err) = shardsmith(args);
-    assert!(ok, "shardsmith {args:?} failed: {err}");
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// HF → .nemo (tp, pp, layout) → HF must give back every tensor bit for bit.
 fn round_trip(src: &Path, work: &Path, tp: usize, pp: usize, layout: &str) {

@@ -1,23 +1,12 @@
 //! `shardsmith inspect` as a user runs it: text and JSON output, filters, and clear failures.
 
+mod common;
+
+use common::{fixture, shardsmith};
 use shardsmith_converters::formats::safetensors;
 use shardsmith_converters::{ByteSource, DType, TensorEntry, TensorMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
-
-fn shardsmith(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).output().expect("run shardsmith");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
-}
 
 fn tiny_llama_safetensors(dir: &Path) -> PathBuf {
     let mut t = TensorMap::new();

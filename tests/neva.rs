@@ -5,39 +5,13 @@
 
 mod common;
 
-use common::{assert_same_tensors, fixture};
+use common::{assert_same_tensors, fixture, ok, refused, s};
 use shardsmith_converters::convert::llava::{self, ImageTokenScheme, VisionSource};
 use shardsmith_converters::convert::{clip, llama, neva};
 use shardsmith_converters::formats::nemo::NemoConfig;
 use shardsmith_converters::formats::{self, hf_dir};
 use shardsmith_converters::{Checkpoint, ModelConfig, TensorMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn shardsmith(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).output().expect("run shardsmith");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (ok, out, err) = shardsmith(args);
-    assert!(ok, "shardsmith {args:?} failed: {err}");
-    out
-}
-
-fn fails(args: &[&str]) -> String {
-    let (ok, _, err) = shardsmith(args);
-    assert!(!ok, "shardsmith {args:?} should have failed");
-    err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn yaml(nemo: &Path) -> NemoConfig {
     match formats::open(nemo).unwrap().meta.config {
@@ -90,7 +64,7 @@ fn llava_hf_round_trips_bit_exactly_through_neva() {
     }
     // GQA has no legacy layout: refused with the LLaMA path's error, nothing written.
     let dst = work.path().join("legacy.nemo");
-    let err = fails(&["convert", s(&tiny), s(&dst), "--template", "v1", "--layout", "legacy"]);
+    let err = refused(&["convert", s(&tiny), s(&dst), "--template", "v1", "--layout", "legacy"]);
     assert!(err.contains("no grouped-query attention"), "{err}");
     assert!(!dst.exists() && !work.path().join("legacy-clip").exists());
 
@@ -107,7 +81,7 @@ fn llava_hf_round_trips_bit_exactly_through_neva() {
         assert_eq!(c.meta.parallel.tp, tp, "{tag}");
     }
     // Legacy NeVA has no pipeline parallelism (NeMo 1.23).
-    let err = fails(&[
+    let err = refused(&[
         "convert",
         s(&mha),
         s(&work.path().join("x.nemo")),
@@ -174,7 +148,7 @@ fn original_llava_converts_both_ways() {
     let tower = fixture("llava-tiny-clip");
     // The tower is referenced by a name nobody resolves: refused, naming it, nothing written.
     let nemo = work.path().join("orig.nemo");
-    let err = fails(&["convert", s(&orig), s(&nemo), "--template", "v1"]);
+    let err = refused(&["convert", s(&orig), s(&nemo), "--template", "v1"]);
     assert!(
         err.contains("incomplete multimodal bundle") && err.contains("shardsmith-fixtures/llava-tiny-clip"),
         "{err}"
@@ -265,7 +239,7 @@ fn incomplete_bundles_are_refused_before_anything_is_written() {
     }
     let out = work.path().join("out");
     std::fs::create_dir(&out).unwrap();
-    let err = fails(&["convert", s(&src), s(&out.join("x.nemo"))]);
+    let err = refused(&["convert", s(&src), s(&out.join("x.nemo"))]);
     assert!(err.contains("incomplete multimodal bundle"), "{err}");
     assert!(err.contains("tokenizer") && err.contains("conversation template"), "{err}");
     // A projector missing a tensor.
@@ -295,7 +269,7 @@ fn incomplete_bundles_are_refused_before_anything_is_written() {
     // Outputs that exist are refused before the first (vision) output is written.
     let dst = out.join("y.nemo");
     std::fs::write(&dst, b"keep").unwrap();
-    let err = fails(&["convert", s(&fixture("llava-tiny")), s(&dst), "--template", "v1"]);
+    let err = refused(&["convert", s(&fixture("llava-tiny")), s(&dst), "--template", "v1"]);
     assert!(err.contains("already exists"), "{err}");
     assert!(!out.join("y-clip").exists());
     assert_eq!(std::fs::read(&dst).unwrap(), b"keep");
@@ -416,7 +390,7 @@ fn assemble_builds_a_neva_starting_checkpoint() {
     assert!(p1[n].bytes(n).unwrap() != p2[n].bytes(n).unwrap());
     assert_eq!(yaml(&s1).get_bool("mm_cfg.vision_encoder.freeze"), Some(false));
     // Projector type disagreeing with the file is refused.
-    let err = fails(&[
+    let err = refused(&[
         "assemble",
         "--llm",
         s(&llm),

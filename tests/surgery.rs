@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_same_tensors, fixture, reference_python, run_checker};
+use common::{assert_same_tensors, fixture, ok, reference_python, refused, run_checker, s};
 use shardsmith::commands::diff;
 use shardsmith::commands::synth::{sentencepiece_model, synthetic_tensors, LlamaShape};
 use shardsmith_converters::convert::sentencepiece::SentencePieceModel;
@@ -16,32 +16,6 @@ use shardsmith_converters::surgery::numeric::to_f32;
 use shardsmith_converters::{Checkpoint, Flavour, Meta, ModelConfig, Parallelism, TensorMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn shardsmith(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).output().expect("run shardsmith");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (ok, out, err) = shardsmith(args);
-    assert!(ok, "shardsmith {args:?} failed: {err}");
-    out
-}
-
-/// Run a command that must fail; returns its stderr.
-fn refused(args: &[&str]) -> String {
-    let (ok, out, err) = shardsmith(args);
-    assert!(!ok, "shardsmith {args:?} should have failed: {out}");
-    err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn tensors(p: &Path) -> TensorMap {
     formats::open(p).unwrap().tensors().unwrap().clone()

@@ -7,6 +7,38 @@ use shardsmith_converters::{
 };
 use std::path::{Path, PathBuf};
 
+/// Run the `shardsmith` binary: (success, stdout, stderr).
+pub fn shardsmith(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .args(args)
+        .output()
+        .expect("run shardsmith");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Run a command that must succeed; returns its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let (ok, out, err) = shardsmith(args);
+    assert!(ok, "shardsmith {args:?} failed: {err}");
+    out
+}
+
+/// Run a command that must fail; returns its stderr.
+pub fn refused(args: &[&str]) -> String {
+    let (ok, out, err) = shardsmith(args);
+    assert!(!ok, "shardsmith {args:?} should have failed: {out}");
+    err
+}
+
+/// A path as the `&str` a command line takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
 /// A path under `fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
