@@ -224,18 +224,95 @@ impl TensorEntry {
         if !self.dtype.is_float() || !to.is_float() {
             return Err(Error::InvalidCast { tensor: name.to_string(), from: self.dtype, to });
         }
-        let src = self.clone();
-        let name = name.to_string();
-        let from = self.dtype;
         Ok(TensorEntry {
             dtype: to,
             shape: self.shape.clone(),
-            source: ByteSource::derived(move || {
-                let bytes = src.bytes(&name)?;
-                Ok(crate::dtype::cast_bytes(&bytes, from, to).expect("float dtypes checked above"))
-            }),
+            source: ByteSource::produced(Cast { src: self.clone(), name: name.to_string(), to }),
             origin: self.origin.clone(),
         })
+    }
+}
+
+/// A float tensor converted to another float dtype (round to nearest, ties to even).
+struct Cast {
+    src: TensorEntry,
+    name: String,
+    to: DType,
+}
+
+/// Input bytes converted per step when a cast is streamed.
+const CAST_CHUNK: usize = if cfg!(test) { 6 } else { 1 << 20 };
+
+impl Produce for Cast {
+    fn produce(&self) -> Result<Vec<u8>> {
+        let bytes = self.src.bytes(&self.name)?;
+        Ok(crate::dtype::cast_bytes(&bytes, self.src.dtype, self.to).expect("float dtypes checked by cast"))
+    }
+
+    /// The input streamed and converted [`CAST_CHUNK`] bytes at a time; an element cut by a
+    /// segment boundary waits in a carry for the rest of its bytes.
+    fn stream(&self, emit: &mut dyn FnMut(Segment<'_>) -> Result<()>) -> Result<()> {
+        let mut conv = Converter { from: self.src.dtype, to: self.to, carry: Vec::new() };
+        self.src.stream(&self.name, &mut |seg| match seg {
+            Segment::Mapped { map, offset, len } => {
+                let bytes =
+                    offset.checked_add(len).and_then(|end| map.get(offset..end)).ok_or_else(|| {
+                        Error::invalid(
+                            &*self.src.origin,
+                            format!("tensor '{}': range outside its file", self.name),
+                        )
+                    })?;
+                conv.feed(bytes, emit)
+            }
+            Segment::Bytes(b) => conv.feed(b, emit),
+            // +0.0 is all zero bits in every float dtype.
+            Segment::Zeros(n) if conv.carry.is_empty() && n % conv.from.size() == 0 => {
+                emit(Segment::Zeros(n / conv.from.size() * conv.to.size()))
+            }
+            Segment::Zeros(mut n) => {
+                const ZEROS: [u8; 64] = [0; 64];
+                while n > 0 {
+                    let k = n.min(ZEROS.len());
+                    conv.feed(&ZEROS[..k], emit)?;
+                    n -= k;
+                }
+                Ok(())
+            }
+        })
+        // The length check in `TensorEntry::stream` guarantees whole elements: nothing is left
+        // in the carry here.
+    }
+}
+
+/// Float conversion of a byte stream cut at arbitrary points.
+struct Converter {
+    from: DType,
+    to: DType,
+    /// The first bytes of an element whose rest has not arrived yet.
+    carry: Vec<u8>,
+}
+
+impl Converter {
+    fn feed(&mut self, mut bytes: &[u8], emit: &mut dyn FnMut(Segment<'_>) -> Result<()>) -> Result<()> {
+        let size = self.from.size();
+        let cast =
+            |b: &[u8]| crate::dtype::cast_bytes(b, self.from, self.to).expect("float dtypes checked by cast");
+        if !self.carry.is_empty() {
+            let take = (size - self.carry.len()).min(bytes.len());
+            self.carry.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.carry.len() < size {
+                return Ok(());
+            }
+            emit(Segment::Bytes(&cast(&self.carry)))?;
+            self.carry.clear();
+        }
+        let whole = bytes.len() / size * size;
+        for piece in bytes[..whole].chunks(CAST_CHUNK.div_ceil(size) * size) {
+            emit(Segment::Bytes(&cast(piece)))?;
+        }
+        self.carry.extend_from_slice(&bytes[whole..]);
+        Ok(())
     }
 }
 

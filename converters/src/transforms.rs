@@ -1080,6 +1080,25 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// A cast over a strided gather with zero rows: streamed (7-byte chunks in tests, so
+        /// elements are cut between segments) it gives the same bytes as produced whole.
+        #[test]
+        fn casts_stream_like_they_produce(
+            r in 0usize..6, c in 1usize..6, cut in 0usize..6, pad in 0usize..3,
+            from in dtype().prop_filter("float", |d| d.is_float()),
+            to in dtype().prop_filter("float", |d| d.is_float()),
+            seed: u64, k in kind()
+        ) {
+            let t = random(from, vec![r, c], seed, k);
+            let cut = cut.min(c);
+            let swapped = concat_cols("t", &[slice_cols("t", &t, cut, c).unwrap(), slice_cols("t", &t, 0, cut).unwrap()]).unwrap();
+            let g = pad_rows("t", &swapped, r + pad).unwrap();
+            let cast = g.cast("t", to).unwrap();
+            prop_assert_eq!(bytes(&cast), crate::dtype::cast_bytes(&bytes(&g), from, to).unwrap());
+        }
+    }
+
     #[test]
     fn fuse_qkv_hand_checked() {
         // nh = 4, ng = 2 (hpg = 2), d = 1, H = 1: [q0 q1 k0 v0 | q2 q3 k1 v1]
