@@ -149,7 +149,8 @@ enum Command {
         seed: u64,
     },
     /// Benchmarks (not tests): `bench forward MODEL` times prefill and decode on the CPU;
-    /// `bench train-step MODEL` one training step.
+    /// `bench train-step MODEL` one training step; `bench gpu-layer | attention | decode |
+    /// neva-step` time 7B-sized work over random weights on a GPU (bench/gpu.sh).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
@@ -232,6 +233,9 @@ struct GenerateArgs {
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = parse_compute_dtype)]
     dtype: candle_core::DType,
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print one JSON object (prompt ids, new ids, text, timings) instead of streaming.
     #[arg(long)]
     json: bool,
@@ -286,6 +290,156 @@ enum BenchCommand {
         #[arg(long)]
         checkpointing: bool,
     },
+    /// LLaMA decoder layers forward + backward over random weights (default 7B-shaped, bf16,
+    /// B2 × S4096, 4 layers); prints one JSON line with TFLOP/s.
+    GpuLayer {
+        #[command(flatten)]
+        shape: LlamaShapeArgs,
+        #[command(flatten)]
+        common: GpuCommonArgs,
+        /// Sequences.
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 4096)]
+        seq: usize,
+    },
+    /// Causal attention kernels forward and forward + backward (default B2 H32 S4096 D128 bf16).
+    Attention {
+        #[command(flatten)]
+        common: GpuCommonArgs,
+        /// Sequences.
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Query heads.
+        #[arg(long, default_value_t = 32)]
+        heads: usize,
+        /// Key/value heads (GQA when fewer than the query heads).
+        #[arg(long, default_value_t = 32)]
+        kv_heads: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 4096)]
+        seq: usize,
+        /// Head dim.
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+    },
+    /// Prefill + greedy decode of a synthetic LLaMA (random weights on the device, default 7B
+    /// shape, 32 layers) with the KV cache; one JSON line per batch size.
+    Decode {
+        #[command(flatten)]
+        shape: LlamaShapeArgs,
+        #[command(flatten)]
+        common: GpuCommonArgs,
+        /// Batch sizes, comma-separated.
+        #[arg(long, default_value = "1,8", value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// Prompt tokens.
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Decode steps timed.
+        #[arg(long, default_value_t = 128)]
+        steps: usize,
+    },
+    /// One NeVA stage-1 training step (LLaMA + CLIP ViT + mlp2x_gelu projector over random
+    /// weights; default LLaMA-7B + ViT-L/14-336, B4 × S640 with one image each).
+    NevaStep {
+        #[command(flatten)]
+        shape: LlamaShapeArgs,
+        #[command(flatten)]
+        common: GpuCommonArgs,
+        /// CLIP encoder layers.
+        #[arg(long, default_value_t = 24)]
+        vision_layers: usize,
+        /// CLIP width.
+        #[arg(long, default_value_t = 1024)]
+        vision_hidden: usize,
+        /// CLIP heads.
+        #[arg(long, default_value_t = 16)]
+        vision_heads: usize,
+        /// CLIP MLP width.
+        #[arg(long, default_value_t = 4096)]
+        vision_intermediate: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 336)]
+        image_size: usize,
+        /// Patch side.
+        #[arg(long, default_value_t = 14)]
+        patch: usize,
+        /// Sequences (one image each).
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence (BOS + image tokens + text).
+        #[arg(long, default_value_t = 640)]
+        seq: usize,
+        /// Activation checkpointing.
+        #[arg(long)]
+        checkpointing: bool,
+    },
+}
+
+/// A LLaMA shape for the GPU benchmarks (LLaMA-2-7B by default).
+#[derive(Args, Clone)]
+struct LlamaShapeArgs {
+    /// Decoder layers (default: 4 for gpu-layer, 32 otherwise).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Hidden size.
+    #[arg(long, default_value_t = 4096)]
+    hidden: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 32)]
+    kv_heads: usize,
+    /// MLP width.
+    #[arg(long, default_value_t = 11008)]
+    ffn: usize,
+    /// Vocabulary.
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
+}
+
+impl LlamaShapeArgs {
+    fn shape(&self, default_layers: usize) -> shardsmith::commands::bench_gpu::LlamaShape {
+        shardsmith::commands::bench_gpu::LlamaShape {
+            layers: self.layers.unwrap_or(default_layers),
+            hidden: self.hidden,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            ffn: self.ffn,
+            vocab: self.vocab,
+        }
+    }
+}
+
+/// Device, dtype and repetitions of the GPU benchmarks.
+#[derive(Args, Clone)]
+struct GpuCommonArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Compute dtype: bf16, f32 or f16.
+    #[arg(long, default_value = "bf16", value_parser = parse_compute_dtype)]
+    dtype: candle_core::DType,
+    /// Timed runs (median reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+}
+
+impl GpuCommonArgs {
+    fn common(&self) -> anyhow::Result<shardsmith::commands::bench_gpu::Common> {
+        Ok(shardsmith::commands::bench_gpu::Common {
+            device: shardsmith::models::parse_device(&self.device)?,
+            dtype: self.dtype,
+            runs: self.runs,
+            warmup: self.warmup,
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -521,7 +675,15 @@ fn main() -> ExitCode {
             shardsmith::commands::assemble::run(&o, &a.out)
         }
         Command::Generate(a) => {
+            let device = match shardsmith::models::parse_device(&a.device) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let o = shardsmith::commands::generate::Options {
+                device,
                 prompt: a.prompt,
                 image: a.image,
                 template: a.template,
@@ -559,6 +721,7 @@ fn main() -> ExitCode {
                 seed: 0,
                 tp: None,
                 dtype: candle_core::DType::F32,
+                device: candle_core::Device::Cpu,
                 json,
             };
             shardsmith::commands::evaluate::run(&ckpt, &data, image_folder.as_deref(), &o, json).map(|_| ())
@@ -584,6 +747,50 @@ fn main() -> ExitCode {
             };
             let o = bench::TrainStepOptions { stage, batch, seq, runs, dtype, checkpointing };
             bench::train_step(&model, &o)
+        }
+        Command::Bench { what: BenchCommand::GpuLayer { shape, common, batch, seq } } => common
+            .common()
+            .and_then(|c| shardsmith::commands::bench_gpu::gpu_layer(&shape.shape(4), batch, seq, &c)),
+        Command::Bench {
+            what: BenchCommand::Attention { common, batch, heads, kv_heads, seq, head_dim },
+        } => common.common().and_then(|c| {
+            shardsmith::commands::bench_gpu::attention(batch, heads, kv_heads, seq, head_dim, &c)
+        }),
+        Command::Bench { what: BenchCommand::Decode { shape, common, batch, prompt_len, steps } } => {
+            common.common().and_then(|c| {
+                shardsmith::commands::bench_gpu::decode(&shape.shape(32), &batch, prompt_len, steps, &c)
+            })
+        }
+        Command::Bench {
+            what:
+                BenchCommand::NevaStep {
+                    shape,
+                    common,
+                    vision_layers,
+                    vision_hidden,
+                    vision_heads,
+                    vision_intermediate,
+                    image_size,
+                    patch,
+                    batch,
+                    seq,
+                    checkpointing,
+                },
+        } => {
+            use shardsmith::commands::bench_gpu::{neva_step, ClipShape};
+            let v = ClipShape {
+                layers: vision_layers,
+                hidden: vision_hidden,
+                heads: vision_heads,
+                intermediate: vision_intermediate,
+                image: image_size,
+                patch,
+            };
+            let mut s = shape.shape(32);
+            if shape.vocab == 32000 {
+                s.vocab = 32064; // llava-hf's: 32000 + the image token, padded
+            }
+            common.common().and_then(|c| neva_step(&s, &v, batch, seq, checkpointing, &c))
         }
         Command::Validate { ckpt, reference, against, tp, against_tp, dtype, json } => {
             use shardsmith::commands::validate::{self, Against};

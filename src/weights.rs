@@ -121,3 +121,69 @@ pub fn rank_tensors(
     }
     Ok(out)
 }
+
+/// Synthetic weights for benchmarks: every tensor a model asks for is made on the spot, on the
+/// model's device (no checkpoint, no host copy). Matrices are N(0, `std`²); vectors are ones
+/// (norm and layer-norm weights) or zeros (names ending in `bias`), so activations stay finite
+/// through any depth. With `trainable`, each tensor is a fresh [`candle_core::Var`], collected
+/// for [`RandomBackend::vars`].
+pub struct RandomBackend {
+    std: f64,
+    trainable: bool,
+    vars: std::sync::Mutex<Vec<(String, candle_core::Var)>>,
+}
+
+impl RandomBackend {
+    /// A backend drawing N(0, std²) matrices.
+    pub fn new(std: f64, trainable: bool) -> Self {
+        RandomBackend { std, trainable, vars: Default::default() }
+    }
+
+    /// The `Var`s made so far (with `trainable`), by name.
+    pub fn vars(&self) -> Vec<(String, candle_core::Var)> {
+        self.vars.lock().expect("random backend").clone()
+    }
+
+    /// A `VarBuilder` over a shared backend.
+    pub fn var_builder(self: &std::sync::Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(SharedRandom(self.clone())), dtype, device.clone())
+    }
+
+    fn make(&self, shape: Shape, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = match shape.rank() {
+            0 | 1 if name.ends_with("bias") => Tensor::zeros(shape, dtype, dev)?,
+            0 | 1 => Tensor::ones(shape, dtype, dev)?,
+            _ => Tensor::randn(0f32, self.std as f32, shape, dev)?.to_dtype(dtype)?,
+        };
+        if !self.trainable {
+            return Ok(t);
+        }
+        let v = candle_core::Var::from_tensor(&t)?;
+        let t = v.as_tensor().clone();
+        self.vars.lock().expect("random backend").push((name.to_string(), v));
+        Ok(t)
+    }
+}
+
+struct SharedRandom(std::sync::Arc<RandomBackend>);
+
+impl SimpleBackend for SharedRandom {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.make(s, name, dtype, dev).map_err(candle_core::Error::wrap)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights: '{name}' was asked for without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}

@@ -142,3 +142,28 @@ fn an_image_for_a_text_model_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("text-only"));
 }
+
+/// `--device cpu` is the default path; an unknown device (and CUDA in a build without it) is a
+/// clear error rather than a silent CPU run.
+#[test]
+fn the_device_flag_is_honoured_or_refused() {
+    let base = generate(&fixture("llama-mha"), &["--prompt", "Hello world", "--max-new-tokens", "6"]);
+    let cpu = generate(
+        &fixture("llama-mha"),
+        &["--prompt", "Hello world", "--max-new-tokens", "6", "--device", "cpu"],
+    );
+    assert_eq!(base["new_ids"], cpu["new_ids"]);
+    let refused = |device: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+            .arg("generate")
+            .arg(fixture("llama-mha"))
+            .args(["--prompt", "hi", "--device", device])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--device {device} should fail");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(refused("tpu").contains("unknown device 'tpu'"));
+    #[cfg(not(feature = "cuda"))]
+    assert!(refused("cuda").contains("--features cuda"));
+}

@@ -128,6 +128,62 @@ inline void mma_bf16_16816(float c[4], const uint32_t a[4], const uint32_t b[2])
     }
 }
 
+// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16 (PTX ISA "Warp-level matrix load
+// instruction: ldmatrix"): lanes 8m..8m+7 supply the row addresses of matrix m; register m of
+// lane l = 4g + t receives row g, elements 2t (low half) and 2t+1 — or, with .trans, elements
+// [2t][g] (low) and [2t+1][g] of matrix m. Rows must be 16-byte aligned (checked).
+inline void ldmatrix(uint32_t *r, int num, bool trans, const void *p) {
+    const int tid = flat_tid(), lane = tid % 32;
+    Warp &w = warps[tid / 32];
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw "emu: ldmatrix row address not 16-byte aligned";
+    w.buf[lane][0] = (uint64_t)reinterpret_cast<uintptr_t>(p);
+    w.bar->arrive_and_wait();
+    const int g = lane / 4, t = lane % 4;
+    for (int m = 0; m < num; ++m) {
+        uint16_t e[2];
+        for (int j = 0; j < 2; ++j) {
+            const int row = trans ? 2 * t + j : g, col = trans ? g : 2 * t + j;
+            const uint16_t *rowp = reinterpret_cast<const uint16_t *>((uintptr_t)w.buf[8 * m + row][0]);
+            e[j] = rowp[col];
+        }
+        r[m] = (uint32_t)e[0] | ((uint32_t)e[1] << 16);
+    }
+    w.bar->arrive_and_wait();
+}
+
+// cp.async: each thread queues its copies; commit closes a group; wait_group(n) performs all but
+// the newest n committed groups. Copies therefore land as late as the PTX semantics allow, so a
+// read that is not covered by a wait (+ barrier) sees the stale contents.
+struct CpAsync {
+    void *dst;
+    const void *src;
+    int bytes, src_bytes;
+};
+struct CpAsyncState {
+    std::vector<CpAsync> open;
+    std::vector<std::vector<CpAsync>> groups;
+};
+inline thread_local CpAsyncState cp_state;
+inline void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
+    if (reinterpret_cast<uintptr_t>(dst) % bytes || (src_bytes && reinterpret_cast<uintptr_t>(src) % bytes))
+        throw "emu: cp.async address misaligned";
+    cp_state.open.push_back({dst, src, bytes, src_bytes});
+}
+inline void cp_async_commit() {
+    cp_state.groups.push_back(std::move(cp_state.open));
+    cp_state.open.clear();
+}
+inline void cp_async_wait(int n) {
+    auto &gs = cp_state.groups;
+    while ((int)gs.size() > n) {
+        for (const CpAsync &c : gs.front()) {
+            std::memset(c.dst, 0, c.bytes);
+            if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);
+        }
+        gs.erase(gs.begin());
+    }
+}
+
 template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K kernel, A... args) {
     if (smem > sizeof(dyn_smem)) throw "emu: dynamic shared memory too large";
     const unsigned n = block.x * block.y * block.z;
@@ -149,7 +205,14 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
                     ts.emplace_back([=] {
                         threadIdx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
                         blockIdx = dim3(bx, by, bz);
+                        cp_state = CpAsyncState{};
                         kernel(args...);
+                        if (!cp_state.open.empty() || !cp_state.groups.empty()) {
+                            // Copies never waited for: legal only if nothing reads them; apply them
+                            // so a missing wait shows up as a wrong result, not a silent skip.
+                            cp_async_commit();
+                            cp_async_wait(0);
+                        }
                     });
                 for (auto &t : ts) t.join();
             }

@@ -31,7 +31,8 @@ static int failures = 0;
 static void check(const char *what, const std::vector<float> &got, const std::vector<double> &want, double tol) {
     double md = 0, mref = 0;
     for (size_t i = 0; i < got.size(); ++i) {
-        md = std::max(md, std::fabs(got[i] - want[i]));
+        const double d = std::fabs(got[i] - want[i]);
+        md = std::isnan(d) ? INFINITY : std::max(md, d);  // a NaN must not vanish in max()
         mref = std::max(mref, std::fabs(want[i]));
     }
     const double rel = md / std::max(1.0, mref);
@@ -52,14 +53,30 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
     }
     std::vector<T> o((size_t)B * hq * t * D), dk(k.size()), dv(v.size()), dq(q.size());
     std::vector<float> lse((size_t)B * hq * t), delta(lse.size()), dq_acc(q.size(), 0.f);
-    const int nq = (t + 63) / 64;
-    emu::launch(dim3(nq, hq, B), dim3(128), fwd_smem_bytes<T, D>(), flash_fwd<T, D>, q.data() + shift, k.data() + shift,
-                v.data() + shift, o.data(), lse.data(), hq, hk, t, scale);
     const long long rows = (long long)B * hq * t;
-    emu::launch(dim3((rows + 3) / 4), dim3(128), 0, flash_bwd_pre<T, D>, o.data(), dO.data() + shift, delta.data(), rows);
-    emu::launch(dim3(nq, hk, B), dim3(128), bwd_smem_bytes<T, D>(), flash_bwd<T, D>, q.data() + shift, k.data() + shift,
-                v.data() + shift, dO.data() + shift, lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), hq, hk, t,
-                scale);
+    if constexpr (sizeof(T) == 4) {
+        const int nq = (t + 63) / 64;
+        emu::launch(dim3(nq, hq, B), dim3(128), fwd_smem_bytes<T, D>(), flash_fwd<T, D>, q.data() + shift,
+                    k.data() + shift, v.data() + shift, o.data(), lse.data(), hq, hk, t, scale);
+        emu::launch(dim3((rows + 3) / 4), dim3(128), 0, flash_bwd_pre<T, D>, o.data(), dO.data() + shift,
+                    delta.data(), rows);
+        emu::launch(dim3(nq, hk, B), dim3(128), bwd_smem_bytes<T, D>(), flash_bwd<T, D>, q.data() + shift,
+                    k.data() + shift, v.data() + shift, dO.data() + shift, lse.data(), delta.data(), dq_acc.data(),
+                    dk.data(), dv.data(), hq, hk, t, scale);
+    } else {  // the tensor-core kernels: 256 threads, 128-row tiles
+        const int nq = (t + TC_BM - 1) / TC_BM, nk = (t + TC_BK - 1) / TC_BK;
+        emu::launch(dim3(nq, hq, B), dim3(TC_FWD_THREADS), fwd_tc_smem_bytes<D>(), flash_fwd_tc<D>, q.data() + shift,
+                    k.data() + shift, v.data() + shift, o.data(), lse.data(), hq, hk, t, scale);
+        emu::launch(dim3((rows + 3) / 4), dim3(128), 0, flash_bwd_pre<T, D>, o.data(), dO.data() + shift,
+                    delta.data(), rows);
+        emu::launch(dim3(nq, hq, B), dim3(TC_DQ_THREADS), dq_tc_smem_bytes<D>(), flash_bwd_dq_tc<D>, q.data() + shift,
+                    k.data() + shift, v.data() + shift, dO.data() + shift, lse.data(), delta.data(), dq.data(), hq,
+                    hk, t, scale);
+        emu::launch(dim3(nk, hk, B), dim3(TC_THREADS), dkdv_tc_smem_bytes<D>(), flash_bwd_dkdv_tc<D>,
+                    q.data() + shift, k.data() + shift, v.data() + shift, dO.data() + shift, lse.data(), delta.data(),
+                    dk.data(), dv.data(), hq, hk, t, scale);
+        dq_acc = widen(dq);
+    }
     // Reference in double.
     std::vector<double> ro(o.size()), rl(lse.size()), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0);
     for (int b = 0; b < B; ++b)
@@ -233,6 +250,13 @@ int main() {
     test_attention<bf16, 128>(1, 2, 1, 40, "bf16", 3e-2);
     test_attention<float, 96>(1, 1, 1, 33, "f32", 1e-4);
     test_attention<bf16, 64>(1, 2, 2, 45, "bf16 misaligned", 3e-2, 1);
+    // tensor-core kernels: several 128-row query tiles, 64-key tiles, 32-query dkdv steps, partial
+    // last tiles, GQA 2 and 3, every head dim, the misaligned (synchronous copy) path
+    test_attention<bf16, 128>(1, 4, 2, 300, "bf16", 3e-2);
+    test_attention<bf16, 96>(1, 3, 1, 161, "bf16", 3e-2);
+    test_attention<bf16, 32>(2, 2, 2, 257, "bf16", 3e-2);
+    test_attention<bf16, 64>(1, 2, 1, 129, "bf16 misaligned", 3e-2, 1);
+    test_attention<bf16, 128>(1, 1, 1, 1, "bf16", 3e-2);
     std::printf(failures ? "%d FAILED\n" : "all ok\n", failures);
     return failures != 0;
 }

@@ -11,6 +11,7 @@
 #else
 #include <cuda_bf16.h>
 #include <stdint.h>
+#define SHARDSMITH_DEVICE 1
 #define DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
@@ -43,9 +44,16 @@ __device__ __forceinline__ void store8(float *p, const float v[8]) {
     reinterpret_cast<float4 *>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
     reinterpret_cast<float4 *>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
+// Two floats as a bf16 pair (lo in the low half), each rounded to nearest even: one
+// cvt.rn.bf16x2.f32 on the device.
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+#ifdef SHARDSMITH_EMU
     return (uint32_t)__bfloat16_as_ushort(__float2bfloat16(lo)) |
            ((uint32_t)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+#else
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo: the low half
+    return *reinterpret_cast<const uint32_t *>(&v);
+#endif
 }
 __device__ __forceinline__ void store8(bf16 *p, const float v[8]) {
     *reinterpret_cast<uint4 *>(p) =
@@ -205,4 +213,77 @@ __device__ __forceinline__ void mma_tile_areg(float c[4], const float a0[4], con
             c[3] = fmaf(hi, b1, c[3]);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ldmatrix, cp.async and ex2 (sm_80+), used by the bf16 attention kernels. In the emulator
+// (emu.h) ldmatrix is emulated from its PTX fragment semantics and cp.async copies are deferred
+// until the cp.async.wait_group that covers them (so a read before the wait sees stale data).
+//
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lanes 8m..8m+7 give the row addresses
+// (16 bytes each, 16-byte aligned) of 8×8 matrix m; register m of lane l = 4g + t holds row g,
+// columns 2t, 2t+1 of matrix m (low half = lower column); with .trans, rows 2t, 2t+1 of
+// column g (i.e. the same positions of the transposed matrix).
+// ---------------------------------------------------------------------------------------------
+#ifdef SHARDSMITH_DEVICE
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+#endif
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
+#ifdef SHARDSMITH_EMU
+    emu::ldmatrix(r, 4, false, p);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
+#ifdef SHARDSMITH_EMU
+    emu::ldmatrix(r, 4, true, p);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+#endif
+}
+
+// 16 bytes global → shared, asynchronously (L2 only: .cg); `valid` false zero-fills the 16 bytes
+// without reading `src` (src-size 0). Both addresses 16-byte aligned.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+#ifdef SHARDSMITH_EMU
+    emu::cp_async(dst, src, 16, valid ? 16 : 0);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef SHARDSMITH_EMU
+    emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Wait until at most N of this thread's committed groups are pending (then __syncthreads to see
+// the other threads' copies).
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifdef SHARDSMITH_EMU
+    emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// 2^x with the hardware approximation (ex2.approx.ftz: ~2 ulp, -inf → +0), as FlashAttention
+// uses for the softmax.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef SHARDSMITH_EMU
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+#endif
 }

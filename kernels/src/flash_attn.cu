@@ -1,33 +1,45 @@
 // Causal self-attention in the FlashAttention-2 style: tiled, online softmax, no T×T matrix in
-// memory; forward, and backward by recomputation from the saved log-sum-exp.
+// memory; forward, and backward by recomputation from the saved log-sum-exp. Two families:
+// bf16 runs the tensor-core kernels (`*_tc`, second half of this file: ldmatrix, cp.async double
+// buffering, 128-row query tiles); f32 runs the scalar-FMA kernels of the first half (a parity
+// path: same algorithm, simple code).
 //
 // Shapes (row-major contiguous): q, o, do, dq [B, Hq, T, D]; k, v, dk, dv [B, Hk, T, D] with
 //   Hq % Hk == 0 (GQA: query head h reads K/V head h / (Hq/Hk), the group's heads consecutive,
-//   as in models::llama); lse, delta [B, Hq, T] f32; dq_acc [B, Hq, T, D] f32, zero-filled.
+//   as in models::llama); lse, delta [B, Hq, T] f32; dq_acc [B, Hq, T, D] f32, zero-filled (f32).
 //   Queries and keys are the same T positions (training); query i sees keys j ≤ i.
-//   D ∈ {32, 64, 96, 128}; T any (partial tiles are masked / zero-filled).
-// Launch (4 warps = 128 threads per block; PAD = 16 bytes of T per shared row against bank
+//   D ∈ {32, 64, 96, 128}; T ≥ 1 any (partial tiles are masked / zero-filled).
+// bf16 kernels (geometry and shared memory in detail above each kernel):
+//   flash_fwd_bf16_dD       grid (⌈T/128⌉, Hq, B), block 128 (4 warps × 32 query rows), 2 blocks
+//                           an SM; smem (128 + 4·64)·(D+8)·2 bytes.
+//   flash_bwd_pre_bf16_dD   grid (⌈B·Hq·T/4⌉), block 128, one warp per row: delta = Σ_d dO·O.
+//   flash_bwd_dq_bf16_dD    grid (⌈T/128⌉, Hq, B), block 128 (4 warps × 32 query rows); writes dq
+//                           (bf16) directly; smem (2·128 + 4·32)·(D+8)·2 bytes.
+//   flash_bwd_dkdv_bf16_dD  grid (⌈T/128⌉, Hk, B), block 256 (8 warps × 16 keys); writes dk, dv;
+//                           smem (2·128 + 4·32)·(D+8)·2 + 4·32·4 bytes.
+//   No atomics: dQ is recomputed per query tile (S and dP again: 7 tile products instead of 5)
+//   rather than accumulated from the key-tile blocks.
+// f32 kernels (4 warps = 128 threads per block; PAD = 16 bytes of T per shared row against bank
 //   conflicts; LD = D + PAD; global tiles move in 16-byte chunks when 16-byte aligned):
-//   flash_fwd   grid (⌈T/64⌉, Hq, B); block i handles query tile ⌈T/64⌉−1−i (longest first),
+//   flash_fwd_f32_dD  grid (⌈T/64⌉, Hq, B); block i handles query tile ⌈T/64⌉−1−i (longest first),
 //               16 query rows per warp, 64-key tiles. P stays in registers (the S accumulators
 //               are the A operand of P·V). Dynamic smem (64·LD·2 + D·(64+PAD))·sizeof(T):
 //               Q, K and Vᵀ tiles.
-//   flash_bwd_pre  grid (⌈B·Hq·T/4⌉), block 128, one warp per row: delta = Σ_d dO·O.
-//   flash_bwd   grid (⌈T/64⌉, Hk, B); block = one 64-key tile of one K/V head, 16 keys per warp;
-//               loops over the group's query heads and the 32-query tiles at or after the key
-//               tile; Sᵀ, dPᵀ (hence Pᵀ, dSᵀ) live in registers and feed dV += Pᵀ dO and
+//   flash_bwd_pre_f32_dD  as the bf16 one.
+//   flash_bwd_f32_dD  grid (⌈T/64⌉, Hk, B); block = one 64-key tile of one K/V head, 16 keys per
+//               warp; loops over the group's query heads and the 32-query tiles at or after the
+//               key tile; Sᵀ, dPᵀ (hence Pᵀ, dSᵀ) live in registers and feed dV += Pᵀ dO and
 //               dK += dSᵀ Q directly; dK, dV accumulate in registers (summed over the group: no
-//               atomics); dS goes through shared memory for dQ += dS K, added to dq_acc with f32
-//               atomics. Dynamic smem (2·64·LD + D·(64+PAD) + 2·32·LD + 2·D·(32+PAD)
+//               atomics); dS goes through shared memory for dQ += dS K, added to dq_acc (= dq)
+//               with f32 atomics. Dynamic smem (2·64·LD + D·(64+PAD) + 2·32·LD + 2·D·(32+PAD)
 //               + 32·(64+PAD))·sizeof(T) + 2·32·4: K, Kᵀ, V, Q, Qᵀ, dO, dOᵀ, dS tiles, lse and
 //               delta of the query tile (transposed copies so every B operand is row-major).
-//   flash_dq_convert  1-D grid-stride, block 256: dq = round_T(dq_acc) (bf16 only).
-// Numerics: every product through mma_tile (common.cuh): bf16 operands on the tensor cores
-//   (mma.sync m16n8k16) with f32 accumulation, or f32 operands with scalar f32 FMAs. Softmax
-//   statistics in f32, base 2 with the scale folded in (s·scale·log2 e); lse is stored in natural
-//   units of the scaled scores. P (and dS) are rounded to T before they multiply V (dO, Q, K),
-//   as FlashAttention does; the row sum l uses the unrounded P. dS carries the softmax scale.
-//   Reference: ops::attention's CPU forward (materialised softmax(QKᵀ·scale)V in f32) and
+// Numerics: bf16 operands on the tensor cores (mma.sync m16n8k16) with f32 accumulation, or f32
+//   operands with scalar f32 FMAs (mma_tile, common.cuh). Softmax statistics in f32, base 2 with
+//   the scale folded in (s·scale·log2 e; the bf16 kernels use ex2.approx); lse is stored in
+//   natural units of the scaled scores. P (and dS) are rounded to T before they multiply V (dO,
+//   Q, K), as FlashAttention does; the row sum l uses the unrounded P. dS carries the softmax
+//   scale. Reference: ops::attention's CPU forward (materialised softmax(QKᵀ·scale)V in f32) and
 //   candle autograd through it.
 #include "common.cuh"
 
@@ -52,12 +64,15 @@ template <typename T, int D> __host__ __device__ constexpr int bwd_smem_bytes() 
            2 * BQ * 4;
 }
 
-// A launch with less dynamic shared memory than the tiles need would corrupt memory silently.
-__device__ __forceinline__ void require_smem(unsigned need) {
+// A launch with less dynamic shared memory than the tiles need (or, for the kernels that pass
+// it, another block size than they are written for) would corrupt memory silently.
+__device__ __forceinline__ void require_smem(unsigned need, unsigned threads = 0) {
 #ifndef SHARDSMITH_EMU
     unsigned have;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
-    if (have < need) __trap();
+    if (have < need || (threads && blockDim.x != threads)) __trap();
+#else
+    if (threads && blockDim.x != threads) throw "emu: wrong block size";
 #endif
 }
 
@@ -334,34 +349,577 @@ __device__ void flash_bwd(const T *__restrict__ q, const T *__restrict__ k, cons
     }
 }
 
-#define FLASH(TY, NAME, D)                                                                            \
-    extern "C" __global__ void __launch_bounds__(128)                                                 \
-        flash_fwd_##NAME##_d##D(const TY *q, const TY *k, const TY *v, TY *o, float *lse, int hq,      \
-                                int hk, int t, float scale) {                                         \
-        flash_fwd<TY, D>(q, k, v, o, lse, hq, hk, t, scale);                                          \
-    }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128)                                                 \
-        flash_bwd_pre_##NAME##_d##D(const TY *o, const TY *dout, float *delta, long long rows) {      \
-        flash_bwd_pre<TY, D>(o, dout, delta, rows);                                                   \
-    }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128)                                                 \
-        flash_bwd_##NAME##_d##D(const TY *q, const TY *k, const TY *v, const TY *dout,                \
-                                const float *lse, const float *delta, float *dq_acc, TY *dk, TY *dv,  \
-                                int hq, int hk, int t, float scale) {                                 \
-        flash_bwd<TY, D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, hq, hk, t, scale);                \
-    }
-FLASH(float, f32, 32)
-FLASH(float, f32, 64)
-FLASH(float, f32, 96)
-FLASH(float, f32, 128)
-FLASH(bf16, bf16, 32)
-FLASH(bf16, bf16, 64)
-FLASH(bf16, bf16, 96)
-FLASH(bf16, bf16, 128)
+// =============================================================================================
+// bf16 tensor-core kernels (the fast path). Geometry: every warp owns 16-row m-tiles of its
+// block's tile (fwd: 4 warps × 2 m-tiles; dq, dkdv: 8 warps × 1). Shared tiles are row-major [rows][D + 8] bf16: the 16-byte pad
+// makes the row stride an odd multiple of 16 bytes for every D ∈ {32, 64, 96, 128}, so the 8 row
+// addresses of each ldmatrix phase and the 8 16-byte cp.async stores of each quarter-warp fall in
+// 8 distinct 4-bank groups (no bank conflicts; an XOR swizzle has no form for D = 96's 12
+// chunks). Every MMA operand comes from shared memory through ldmatrix (.trans where the operand
+// is needed transposed: V in P·V, dO/Q in dV/dK, K in dQ) or from registers (P, dS: the
+// accumulator layout of S is the A-fragment layout). Global → shared through cp.async.cg
+// (16-byte chunks, rows past T zero-filled) with double buffering: the next tile is in flight
+// while the current one is computed. Inputs not 16-byte aligned take a synchronous copy into the
+// same layout (same results).
+// =============================================================================================
+constexpr int TC_WARPS = 8, TC_THREADS = 32 * TC_WARPS;
+constexpr int TC_BM = 128;  // fwd, dq: query rows per block
+constexpr int TC_BN = 64;   // fwd, dq: keys per tile
+constexpr int TC_BK = 128;  // dkdv: keys per block
+constexpr int TC_BQ = 32;   // dkdv: queries per step
 
-extern "C" __global__ void flash_dq_convert_bf16(const float *__restrict__ acc, bf16 *__restrict__ dq,
-                                                 long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        dq[i] = from_f32<bf16>(acc[i]);
+template <int D> __host__ __device__ constexpr int fwd_tc_smem_bytes() { return (TC_BM + 4 * TC_BN) * (D + 8) * 2; }
+template <int D> __host__ __device__ constexpr int dkdv_tc_smem_bytes() {
+    return (2 * TC_BK + 4 * TC_BQ) * (D + 8) * 2 + 4 * TC_BQ * 4;
 }
+
+// Rows [r0, r0 + N) of a row-major [t, D] bf16 matrix into dst [N][D + 8]; rows ≥ t zero-filled.
+// vec: cp.async (the caller commits and waits), else synchronous loads/stores.
+template <int D, int N, int NTH = TC_THREADS>
+__device__ __forceinline__ void tile_load(bf16 *dst, const bf16 *__restrict__ src, int r0, int t, bool vec) {
+    constexpr int C = D / 8, LDS = D + 8;
+    if (!vec) {
+        // Synchronous fallback (misaligned inputs), kept rolled: unrolled, its loads would all be
+        // in flight at once, next to the kernel's accumulators (register spills).
+#pragma unroll 1
+        for (int i = threadIdx.x; i < N * C; i += NTH) {
+            const int r = i / C, c = (i % C) * 8;
+            const bool ok = r0 + r < t;
+            const uint16_t *u = reinterpret_cast<const uint16_t *>(src + (size_t)(ok ? r0 + r : 0) * D + c);
+            uint32_t w[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) w[j] = ok ? (uint32_t)u[2 * j] | ((uint32_t)u[2 * j + 1] << 16) : 0u;
+            *reinterpret_cast<uint4 *>(dst + r * LDS + c) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    } else if constexpr (NTH % C == 0 && (N * C) % NTH == 0) {
+        // Every thread keeps one 8-column chunk and steps down the rows: one base address plus
+        // compile-time offsets.
+        constexpr int RS = NTH / C;  // rows per pass
+        const int r = threadIdx.x / C, c = (threadIdx.x % C) * 8;
+        const bf16 *p = src + (size_t)(r0 + r) * D + c;
+        bf16 *d = dst + r * LDS + c;
+#pragma unroll
+        for (int n = 0; n < N / RS; ++n) {
+            const bool ok = r0 + r + n * RS < t;
+            cp_async16(d + n * RS * LDS, ok ? p + n * RS * D : src, ok);
+        }
+    } else {
+#pragma unroll
+        for (int i = threadIdx.x; i < N * C; i += NTH) {
+            const int r = i / C, c = (i % C) * 8;
+            const bool ok = r0 + r < t;
+            cp_async16(dst + r * LDS + c, src + (size_t)(ok ? r0 + r : 0) * D + c, ok);
+        }
+    }
+}
+
+// ldmatrix row addresses (lane l, matrix m = l/8) for the three operand shapes, 16×16 each:
+//   A (row-major [m][k] at rows r0.., cols c0..): matrices (r 0-7, k 0-7), (r 8-15, k 0-7),
+//     (r 0-7, k 8-15), (r 8-15, k 8-15) = a0..a3.
+//   Bᵀ row-major ([n][k], e.g. K in Q·Kᵀ), n0.., k0..: (n 0-7, k 0-7), (n 0-7, k 8-15),
+//     (n 8-15, k 0-7), (n 8-15, k 8-15) = {b0, b1} of n-tile 0, {b0, b1} of n-tile 1.
+//   B row-major ([k][n], e.g. V in P·V), with .trans: (k 0-7, n 0-7), (k 8-15, n 0-7),
+//     (k 0-7, n 8-15), (k 8-15, n 8-15) = {b0, b1} of n-tile 0, {b0, b1} of n-tile 1.
+template <int LDS> __device__ __forceinline__ const bf16 *a_addr(const bf16 *s, int r0, int c0, int lane) {
+    return s + (r0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + c0 + 8 * (lane >> 4);
+}
+template <int LDS> __device__ __forceinline__ const bf16 *bt_addr(const bf16 *s, int n0, int k0, int lane) {
+    return s + (n0 + (lane & 7) + 8 * (lane >> 4)) * LDS + k0 + 8 * ((lane >> 3) & 1);
+}
+template <int LDS> __device__ __forceinline__ const bf16 *b_trans_addr(const bf16 *s, int k0, int n0, int lane) {
+    return a_addr<LDS>(s, k0, n0, lane);
+}
+__device__ __forceinline__ void mma2(float c0[4], float c1[4], const uint32_t a[4], const uint32_t b[4]) {
+    mma_bf16_16816(c0, a, b);
+    mma_bf16_16816(c1, a, b + 2);
+}
+// A fragment of a 16×16 product operand held as two adjacent 16×8 accumulator tiles.
+__device__ __forceinline__ void acc_to_a(uint32_t a[4], const float lo[4], const float hi[4]) {
+    a[0] = pack_bf16(lo[0], lo[1]);
+    a[1] = pack_bf16(lo[2], lo[3]);
+    a[2] = pack_bf16(hi[0], hi[1]);
+    a[3] = pack_bf16(hi[2], hi[3]);
+}
+
+// Forward. grid (⌈T/128⌉, Hq, B), 128 threads (4 warps, 2 blocks per SM); block i: query tile
+// ⌈T/128⌉−1−i (longest first); warp w: rows q0 + 32w .. as two 16-row m-tiles, so every K/V
+// fragment read from shared memory feeds two MMAs (half the shared traffic per FLOP of 16 rows a
+// warp, and two independent accumulator chains). 64-key tiles from 0 up to the diagonal, K/V
+// double-buffered. A warp skips tiles whose keys all lie past its rows and masks only tiles that
+// cross its diagonal. Softmax in base 2: m is kept in raw-score units and scale·log2 e is folded
+// into one FMA before ex2. Smem fwd_tc_smem_bytes: Q [128], K [2][64], V [2][64] rows.
+constexpr int TC_FWD_WARPS = 4, TC_FWD_THREADS = 32 * TC_FWD_WARPS, TC_FWD_MT = TC_BM / 16 / TC_FWD_WARPS;
+template <int D>
+__device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                             bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale) {
+    constexpr int LDS = D + 8, KS = D / 16, MT = TC_FWD_MT, NTH = TC_FWD_THREADS;
+    constexpr int KB = D > 64 ? 32 : 64;  // keys per softmax step (S: MT·KB/2 registers; 64 spills at D ≥ 96)
+    require_smem(fwd_tc_smem_bytes<D>(), NTH);
+    DYN_SMEM(smem);
+    bf16 *sQ = reinterpret_cast<bf16 *>(smem);
+    bf16 *sK = sQ + TC_BM * LDS;
+    bf16 *sV = sK + 2 * TC_BN * LDS;
+
+    const int nq = (t + TC_BM - 1) / TC_BM;
+    const int qt = nq - 1 - (int)blockIdx.x;
+    const int hkv = blockIdx.y / (hq / hk);
+    const bf16 *qh = q + ((size_t)blockIdx.z * hq + blockIdx.y) * t * D;
+    const bf16 *kh = k + ((size_t)blockIdx.z * hk + hkv) * t * D;
+    const bf16 *vh = v + ((size_t)blockIdx.z * hk + hkv) * t * D;
+    const int q0 = qt * TC_BM;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int wr0 = 16 * MT * warp;  // this warp's first row in the tile
+    const int wq0 = q0 + wr0;        // ... as a query position
+    const bool vec = aligned16(q) && aligned16(k) && aligned16(v);
+    const int ntiles = (min(q0 + TC_BM, t) + TC_BN - 1) / TC_BN;
+
+    tile_load<D, TC_BM, NTH>(sQ, qh, q0, t, vec);
+    tile_load<D, TC_BN, NTH>(sK, kh, 0, t, vec);
+    tile_load<D, TC_BN, NTH>(sV, vh, 0, t, vec);
+    cp_async_commit();
+
+    float m_r[MT][2], l_r[MT][2];
+    float acc[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        m_r[mt][0] = m_r[mt][1] = -INFINITY;
+        l_r[mt][0] = l_r[mt][1] = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+    }
+    const float sl2 = scale * LOG2E;
+
+    for (int j = 0; j < ntiles; ++j) {
+        const int k0 = j * TC_BN;
+        if (j + 1 < ntiles) {
+            const int nb = (j + 1) & 1;
+            tile_load<D, TC_BN, NTH>(sK + nb * TC_BN * LDS, kh, k0 + TC_BN, t, vec);
+            tile_load<D, TC_BN, NTH>(sV + nb * TC_BN * LDS, vh, k0 + TC_BN, t, vec);
+        }
+        cp_async_commit();  // possibly empty: keeps the wait count uniform
+        cp_async_wait<1>();
+        __syncthreads();
+#pragma unroll
+        for (int kh0 = 0; kh0 < TC_BN; kh0 += KB) {
+            const int kb0 = k0 + kh0;  // first key of this softmax step
+            if (kb0 > wq0 + 16 * MT - 1) break;  // every key from here on lies past this warp's rows
+            const bf16 *cK = sK + (j & 1) * TC_BN * LDS + kh0 * LDS, *cV = sV + (j & 1) * TC_BN * LDS + kh0 * LDS;
+            float s[MT][KB / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < KB / 8; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                uint32_t aq[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(aq[mt], a_addr<LDS>(sQ, wr0 + 16 * mt, 16 * ks, lane));
+#pragma unroll
+                for (int np = 0; np < KB / 16; ++np) {
+                    uint32_t bk[4];
+                    ldmatrix_x4(bk, bt_addr<LDS>(cK, 16 * np, 16 * ks, lane));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) mma2(s[mt][2 * np], s[mt][2 * np + 1], aq[mt], bk);
+                }
+            }
+            if (kb0 + KB - 1 > wq0) {  // the step crosses this warp's diagonal
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < KB / 8; ++nt)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const int query = wq0 + 16 * mt + g + 8 * (i >> 1);
+                            const int key = kb0 + 8 * nt + 2 * tq + (i & 1);
+                            if (key > query) s[mt][nt][i] = -INFINITY;  // keys ≥ t lie past every valid row
+                        }
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                float mb[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float mx = m_r[mt][r];
+#pragma unroll
+                    for (int nt = 0; nt < KB / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    // finite: key 0 (first step, never skipped) is visible to every row
+                    const float alpha = fast_exp2((m_r[mt][r] - mx) * sl2);
+                    m_r[mt][r] = mx;
+                    mb[r] = mx * sl2;
+                    l_r[mt][r] *= alpha;
+#pragma unroll
+                    for (int nt = 0; nt < D / 8; ++nt) acc[mt][nt][2 * r] *= alpha, acc[mt][nt][2 * r + 1] *= alpha;
+                }
+#pragma unroll
+                for (int nt = 0; nt < KB / 8; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float p = fast_exp2(fmaf(s[mt][nt][i], sl2, -mb[i >> 1]));
+                        l_r[mt][i >> 1] += p;
+                        s[mt][nt][i] = p;
+                    }
+            }
+#pragma unroll
+            for (int kk = 0; kk < KB / 16; ++kk) {
+                uint32_t a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) acc_to_a(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    uint32_t bv[4];
+                    ldmatrix_x4_trans(bv, b_trans_addr<LDS>(cV, 16 * kk, 16 * dp, lane));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) mma2(acc[mt][2 * dp], acc[mt][2 * dp + 1], a[mt], bv);
+                }
+            }
+        }
+        __syncthreads();  // the next iteration's loads overwrite this tile's buffer
+    }
+
+    // (the head's offset recomputed from blockIdx: nothing of it stays live across the loop)
+    const size_t hoff = ((size_t)blockIdx.z * hq + blockIdx.y) * t;
+    bf16 *oh = o + hoff * D;
+    float *lh = lse + hoff;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = l_r[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int query = wq0 + 16 * mt + g + 8 * r;
+            if (query >= t) continue;
+            const float inv = 1.0f / l;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt)
+                *reinterpret_cast<uint32_t *>(oh + (size_t)query * D + 8 * nt + 2 * tq) =
+                    pack_bf16(acc[mt][nt][2 * r] * inv, acc[mt][nt][2 * r + 1] * inv);
+            if (tq == 0) lh[query] = (m_r[mt][r] * sl2 + log2f(l)) * LN2;
+        }
+}
+
+// Backward, dQ. grid (⌈T/128⌉, Hq, B), TC_DQ_THREADS threads (TC_DQ_WARPS warps × TC_DQ_MT 16-row
+// m-tiles); the forward's loop again (128-query tile per block, DQ_BN-key tiles double-buffered,
+// processed TC_DQ_KB keys at a time): S = Q Kᵀ and dP = dO Vᵀ, P from the saved lse,
+// dS = P ⊙ (dP − Δ)·scale kept in registers as the A operand of dQ += dS K. No atomics; dq is
+// written once, rounded to bf16. Smem dq_tc_smem_bytes: Q, dO [128], K, V [2][DQ_BN] rows.
+// 2 m-tiles a warp, 32-key steps and 32-key tiles (104 KB of smem at D = 128, so 2 blocks an
+// SM); the head-dim loop of S/dP unrolled by 2 only (254 registers; fully unrolled it spills at
+// D = 128, for no gain). Measured on an H100, B2 H32 T4096 D128: 1.31 ms, vs 1.45 with 64-key
+// tiles (1 block an SM) and 1.51 with 8 warps × 1 m-tile × 64 keys.
+constexpr int TC_DQ_MT = 2, TC_DQ_KB = 32, DQ_BN = 32;
+constexpr int TC_DQ_WARPS = TC_BM / 16 / TC_DQ_MT, TC_DQ_THREADS = 32 * TC_DQ_WARPS;
+template <int D> __host__ __device__ constexpr int dq_tc_smem_bytes() { return (2 * TC_BM + 4 * DQ_BN) * (D + 8) * 2; }
+template <int D>
+__device__ void flash_bwd_dq_tc(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                                const bf16 *__restrict__ dout, const float *__restrict__ lse,
+                                const float *__restrict__ delta, bf16 *__restrict__ dq, int hq, int hk, int t,
+                                float scale) {
+    constexpr int LDS = D + 8, KS = D / 16, MT = TC_DQ_MT, KB = TC_DQ_KB, NTH = TC_DQ_THREADS;
+    require_smem(dq_tc_smem_bytes<D>(), NTH);
+    DYN_SMEM(smem);
+    bf16 *sQ = reinterpret_cast<bf16 *>(smem);
+    bf16 *sdO = sQ + TC_BM * LDS;
+    bf16 *sK = sdO + TC_BM * LDS;
+    bf16 *sV = sK + 2 * DQ_BN * LDS;
+
+    const int nq = (t + TC_BM - 1) / TC_BM;
+    const int qt = nq - 1 - (int)blockIdx.x;
+    const int hkv = blockIdx.y / (hq / hk);
+    const size_t qoff = ((size_t)blockIdx.z * hq + blockIdx.y) * t * D;
+    const size_t loff = ((size_t)blockIdx.z * hq + blockIdx.y) * t;
+    const bf16 *kh = k + ((size_t)blockIdx.z * hk + hkv) * t * D;
+    const bf16 *vh = v + ((size_t)blockIdx.z * hk + hkv) * t * D;
+    const int q0 = qt * TC_BM;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int wr0 = 16 * MT * warp, wq0 = q0 + wr0;
+    const bool vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
+    const int ntiles = (min(q0 + TC_BM, t) + DQ_BN - 1) / DQ_BN;
+
+    tile_load<D, TC_BM, NTH>(sQ, q + qoff, q0, t, vec);
+    tile_load<D, TC_BM, NTH>(sdO, dout + qoff, q0, t, vec);
+    tile_load<D, DQ_BN, NTH>(sK, kh, 0, t, vec);
+    tile_load<D, DQ_BN, NTH>(sV, vh, 0, t, vec);
+    cp_async_commit();
+
+    const float sl2 = scale * LOG2E;
+    float lr[MT][2], dl[MT][2];  // this thread's rows: lse·log2 e (+∞ past T: P = 0) and Δ
+    float acc[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int query = wq0 + 16 * mt + g + 8 * r;
+            lr[mt][r] = query < t ? lse[loff + query] * LOG2E : INFINITY;
+            dl[mt][r] = query < t ? delta[loff + query] : 0.f;
+        }
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+    }
+
+    for (int j = 0; j < ntiles; ++j) {
+        const int k0 = j * DQ_BN;
+        if (j + 1 < ntiles) {
+            const int nb = (j + 1) & 1;
+            tile_load<D, DQ_BN, NTH>(sK + nb * DQ_BN * LDS, kh, k0 + DQ_BN, t, vec);
+            tile_load<D, DQ_BN, NTH>(sV + nb * DQ_BN * LDS, vh, k0 + DQ_BN, t, vec);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+#pragma unroll
+        for (int kh0 = 0; kh0 < DQ_BN; kh0 += KB) {
+            const int kb0 = k0 + kh0;
+            if (kb0 > wq0 + 16 * MT - 1) break;  // every key from here on lies past this warp's rows
+            const bf16 *cK = sK + (j & 1) * DQ_BN * LDS + kh0 * LDS, *cV = sV + (j & 1) * DQ_BN * LDS + kh0 * LDS;
+            float s[MT][KB / 8][4], dp[MT][KB / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < KB / 8; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) s[mt][nt][i] = dp[mt][nt][i] = 0.f;
+#pragma unroll 2
+            for (int ks = 0; ks < KS; ++ks) {
+                uint32_t aq[MT][4], ao[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    ldmatrix_x4(aq[mt], a_addr<LDS>(sQ, wr0 + 16 * mt, 16 * ks, lane));
+                    ldmatrix_x4(ao[mt], a_addr<LDS>(sdO, wr0 + 16 * mt, 16 * ks, lane));
+                }
+#pragma unroll
+                for (int np = 0; np < KB / 16; ++np) {
+                    uint32_t bk[4], bv[4];
+                    ldmatrix_x4(bk, bt_addr<LDS>(cK, 16 * np, 16 * ks, lane));
+                    ldmatrix_x4(bv, bt_addr<LDS>(cV, 16 * np, 16 * ks, lane));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma2(s[mt][2 * np], s[mt][2 * np + 1], aq[mt], bk);
+                        mma2(dp[mt][2 * np], dp[mt][2 * np + 1], ao[mt], bv);
+                    }
+                }
+            }
+            const bool diag = kb0 + KB - 1 > wq0;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < KB / 8; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int r = i >> 1;
+                        float p = fast_exp2(fmaf(s[mt][nt][i], sl2, -lr[mt][r]));
+                        if (diag && kb0 + 8 * nt + 2 * tq + (i & 1) > wq0 + 16 * mt + g + 8 * r) p = 0.f;
+                        s[mt][nt][i] = p * (dp[mt][nt][i] - dl[mt][r]) * scale;  // dS
+                    }
+#pragma unroll
+            for (int kk = 0; kk < KB / 16; ++kk) {
+                uint32_t a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) acc_to_a(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+#pragma unroll
+                for (int dp2 = 0; dp2 < D / 16; ++dp2) {
+                    uint32_t bk[4];
+                    ldmatrix_x4_trans(bk, b_trans_addr<LDS>(cK, 16 * kk, 16 * dp2, lane));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) mma2(acc[mt][2 * dp2], acc[mt][2 * dp2 + 1], a[mt], bk);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    bf16 *dqh = dq + qoff;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int query = wq0 + 16 * mt + g + 8 * r;
+            if (query >= t) continue;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt)
+                *reinterpret_cast<uint32_t *>(dqh + (size_t)query * D + 8 * nt + 2 * tq) =
+                    pack_bf16(acc[mt][nt][2 * r], acc[mt][nt][2 * r + 1]);
+        }
+}
+
+// Backward, dK and dV. grid (⌈T/128⌉, Hk, B), 256 threads; block = 128 keys of one K/V head, warp
+// w: keys k0 + 16w ..; steps over the group's query heads × the 32-query tiles from k0 on (Q, dO,
+// lse, Δ double-buffered). Sᵀ = K Qᵀ and dPᵀ = V dOᵀ in registers, Pᵀ and dSᵀ feed dV += Pᵀ dO and
+// dK += dSᵀ Q directly (B operands through ldmatrix.trans); dK, dV accumulate in registers over
+// the whole group. Smem dkdv_tc_smem_bytes: K, V [128], Q, dO [2][32] rows, lse, Δ [2][32] f32.
+template <int D>
+__device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
+                                  const bf16 *__restrict__ v, const bf16 *__restrict__ dout,
+                                  const float *__restrict__ lse, const float *__restrict__ delta,
+                                  bf16 *__restrict__ dk, bf16 *__restrict__ dv, int hq, int hk, int t, float scale) {
+    constexpr int LDS = D + 8, KS = D / 16;
+    require_smem(dkdv_tc_smem_bytes<D>(), TC_THREADS);
+    DYN_SMEM(smem);
+    bf16 *sK = reinterpret_cast<bf16 *>(smem);
+    bf16 *sV = sK + TC_BK * LDS;
+    bf16 *sQ = sV + TC_BK * LDS;     // [2][TC_BQ][LDS]
+    bf16 *sdO = sQ + 2 * TC_BQ * LDS;  // [2][TC_BQ][LDS]
+    float *sL = reinterpret_cast<float *>(sdO + 2 * TC_BQ * LDS);  // [2][TC_BQ]
+    float *sDl = sL + 2 * TC_BQ;                                    // [2][TC_BQ]
+
+    const int kt = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
+    const int group = hq / hk;
+    const int k0 = kt * TC_BK;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int wk0 = k0 + 16 * warp;  // this warp's first key
+    const bool vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
+    const size_t kvoff = ((size_t)b * hk + hkv) * t * D;
+    const int nqt = (t - k0 + TC_BQ - 1) / TC_BQ;  // query tiles from k0 (TC_BK % TC_BQ == 0)
+    const int steps = group * nqt;
+    const float sl2 = scale * LOG2E;
+
+    // Step s: head hkv·group + s / nqt, queries k0 + (s % nqt)·TC_BQ ..; into buffer s & 1.
+    auto issue = [&](int s) {
+        const int h = hkv * group + s / nqt, q0 = k0 + (s % nqt) * TC_BQ, buf = s & 1;
+        const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
+        tile_load<D, TC_BQ>(sQ + buf * TC_BQ * LDS, q + qoff, q0, t, vec);
+        tile_load<D, TC_BQ>(sdO + buf * TC_BQ * LDS, dout + qoff, q0, t, vec);
+        for (int i = threadIdx.x; i < TC_BQ; i += TC_THREADS) {
+            const bool ok = q0 + i < t;
+            sL[buf * TC_BQ + i] = ok ? lse[loff + q0 + i] * LOG2E : INFINITY;  // past T: P = 0
+            sDl[buf * TC_BQ + i] = ok ? delta[loff + q0 + i] : 0.f;
+        }
+    };
+    tile_load<D, TC_BK>(sK, k + kvoff, k0, t, vec);
+    tile_load<D, TC_BK>(sV, v + kvoff, k0, t, vec);
+    issue(0);
+    cp_async_commit();
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dk_acc[nt][i] = dv_acc[nt][i] = 0.f;
+
+    for (int s = 0; s < steps; ++s) {
+        if (s + 1 < steps) issue(s + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int q0 = k0 + (s % nqt) * TC_BQ, buf = s & 1;
+        if (q0 + TC_BQ - 1 >= wk0) {  // else every query of the tile precedes this warp's keys
+            const bf16 *cQ = sQ + buf * TC_BQ * LDS, *cdO = sdO + buf * TC_BQ * LDS;
+            const float *cL = sL + buf * TC_BQ, *cDl = sDl + buf * TC_BQ;
+            float st[TC_BQ / 8][4], dpt[TC_BQ / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < TC_BQ / 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) st[nt][i] = dpt[nt][i] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                uint32_t ak[4], av[4];
+                ldmatrix_x4(ak, a_addr<LDS>(sK, 16 * warp, 16 * ks, lane));
+                ldmatrix_x4(av, a_addr<LDS>(sV, 16 * warp, 16 * ks, lane));
+#pragma unroll
+                for (int np = 0; np < TC_BQ / 16; ++np) {
+                    uint32_t bq[4], bo[4];
+                    ldmatrix_x4(bq, bt_addr<LDS>(cQ, 16 * np, 16 * ks, lane));
+                    ldmatrix_x4(bo, bt_addr<LDS>(cdO, 16 * np, 16 * ks, lane));
+                    mma2(st[2 * np], st[2 * np + 1], ak, bq);
+                    mma2(dpt[2 * np], dpt[2 * np + 1], av, bo);
+                }
+            }
+            const bool diag = q0 < wk0 + 15;
+#pragma unroll
+            for (int nt = 0; nt < TC_BQ / 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int qc = 8 * nt + 2 * tq + (i & 1);
+                    float p = fast_exp2(fmaf(st[nt][i], sl2, -cL[qc]));
+                    if (diag && wk0 + g + 8 * (i >> 1) > q0 + qc) p = 0.f;
+                    st[nt][i] = p;
+                    dpt[nt][i] = p * (dpt[nt][i] - cDl[qc]) * scale;
+                }
+#pragma unroll
+            for (int kk = 0; kk < TC_BQ / 16; ++kk) {
+                uint32_t ap[4], ad[4];
+                acc_to_a(ap, st[2 * kk], st[2 * kk + 1]);
+                acc_to_a(ad, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    uint32_t bo[4], bq[4];
+                    ldmatrix_x4_trans(bo, b_trans_addr<LDS>(cdO, 16 * kk, 16 * dp, lane));
+                    ldmatrix_x4_trans(bq, b_trans_addr<LDS>(cQ, 16 * kk, 16 * dp, lane));
+                    mma2(dv_acc[2 * dp], dv_acc[2 * dp + 1], ap, bo);
+                    mma2(dk_acc[2 * dp], dk_acc[2 * dp + 1], ad, bq);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    bf16 *dkh = dk + kvoff, *dvh = dv + kvoff;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = wk0 + g + 8 * r;
+        if (key >= t) continue;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            *reinterpret_cast<uint32_t *>(dkh + (size_t)key * D + 8 * nt + 2 * tq) =
+                pack_bf16(dk_acc[nt][2 * r], dk_acc[nt][2 * r + 1]);
+            *reinterpret_cast<uint32_t *>(dvh + (size_t)key * D + 8 * nt + 2 * tq) =
+                pack_bf16(dv_acc[nt][2 * r], dv_acc[nt][2 * r + 1]);
+        }
+    }
+}
+
+// f32: the scalar-FMA kernels above (parity path). bf16: the tensor-core kernels.
+#define FLASH_F32(D)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                                                 \
+        flash_fwd_f32_d##D(const float *q, const float *k, const float *v, float *o, float *lse,      \
+                           int hq, int hk, int t, float scale) {                                      \
+        flash_fwd<float, D>(q, k, v, o, lse, hq, hk, t, scale);                                       \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                 \
+        flash_bwd_pre_f32_d##D(const float *o, const float *dout, float *delta, long long rows) {     \
+        flash_bwd_pre<float, D>(o, dout, delta, rows);                                                \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                 \
+        flash_bwd_f32_d##D(const float *q, const float *k, const float *v, const float *dout,         \
+                           const float *lse, const float *delta, float *dq_acc, float *dk, float *dv, \
+                           int hq, int hk, int t, float scale) {                                      \
+        flash_bwd<float, D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, hq, hk, t, scale);             \
+    }
+#define FLASH_BF16(D)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_FWD_THREADS, 2)                                   \
+        flash_fwd_bf16_d##D(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, \
+                            int hk, int t, float scale) {                                             \
+        flash_fwd_tc<D>(q, k, v, o, lse, hq, hk, t, scale);                                           \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                 \
+        flash_bwd_pre_bf16_d##D(const bf16 *o, const bf16 *dout, float *delta, long long rows) {      \
+        flash_bwd_pre<bf16, D>(o, dout, delta, rows);                                                 \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_DQ_THREADS, 256 / TC_DQ_THREADS)                 \
+        flash_bwd_dq_bf16_d##D(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout,         \
+                               const float *lse, const float *delta, bf16 *dq, int hq, int hk, int t, \
+                               float scale) {                                                         \
+        flash_bwd_dq_tc<D>(q, k, v, dout, lse, delta, dq, hq, hk, t, scale);                          \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, 1)                                       \
+        flash_bwd_dkdv_bf16_d##D(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout,       \
+                                 const float *lse, const float *delta, bf16 *dk, bf16 *dv, int hq,    \
+                                 int hk, int t, float scale) {                                        \
+        flash_bwd_dkdv_tc<D>(q, k, v, dout, lse, delta, dk, dv, hq, hk, t, scale);                    \
+    }
+FLASH_F32(32)
+FLASH_F32(64)
+FLASH_F32(96)
+FLASH_F32(128)
+FLASH_BF16(32)
+FLASH_BF16(64)
+FLASH_BF16(96)
+FLASH_BF16(128)

@@ -46,6 +46,8 @@ pub struct Options {
     pub tp: Option<usize>,
     /// Compute dtype.
     pub dtype: DType,
+    /// Where the model runs.
+    pub device: Device,
     /// Print one JSON object (ids, text, timings) instead of streaming text.
     pub json: bool,
 }
@@ -91,7 +93,7 @@ impl Chat {
         let ckpt = shardsmith_converters::formats::open(&path)?;
         let (model, info) = models::load_checkpoint(
             &ckpt,
-            &LoadOptions { tp: o.tp, dtype: o.dtype, device: Device::Cpu, vision: o.vision.clone() },
+            &LoadOptions { tp: o.tp, dtype: o.dtype, device: o.device.clone(), vision: o.vision.clone() },
         )?;
         let tokenizer = match &o.tokenizer {
             Some(p) if p.is_dir() => Tokenizer::from_dir(p)?,

@@ -2,6 +2,7 @@
 
 pub mod assemble;
 pub mod bench;
+pub mod bench_gpu;
 pub mod convert;
 pub mod diff;
 pub mod evaluate;

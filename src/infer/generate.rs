@@ -60,6 +60,10 @@ pub fn generate(
     let Stop { max_new_tokens, eos } = stop;
     let device = model.llm().device().clone();
     model.llm().reset();
+    // The whole sequence's KV cache at once: decode steps write into it in place.
+    model.llm().reserve(prompt.len() + max_new_tokens);
+    let pixels = pixels.map(|p| p.to_device(&device)).transpose()?;
+    let pixels = pixels.as_ref();
     let mut stream = tokenizer.stream(true);
     let mut text = String::new();
     let mut new_ids = Vec::with_capacity(max_new_tokens);

@@ -14,7 +14,6 @@ use crate::ops;
 use crate::parallel::Collective;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 use shardsmith_converters::names::llama::LlamaHparams;
 
@@ -134,6 +133,70 @@ impl Norm {
     }
 }
 
+/// Keys and values of the tokens seen so far, in buffers [B, Gl, capacity, D] allocated once:
+/// each step writes its new rows in place (`slice_set`) and attention reads a narrowed view, so
+/// decoding allocates and copies nothing per token. The capacity is what [`Llama::reserve`] asked
+/// for; past it the buffers grow (doubling, one copy), so an unreserved cache still works.
+struct KvCache {
+    /// [B, Gl, capacity, D] each, or none before the first token.
+    buffers: Option<(Tensor, Tensor)>,
+    /// Positions filled.
+    len: usize,
+    /// Positions to allocate at the first append.
+    reserve: usize,
+}
+
+impl KvCache {
+    fn new() -> Self {
+        KvCache { buffers: None, len: 0, reserve: 0 }
+    }
+
+    /// Forget the tokens; the buffers stay for the next sequence.
+    fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Write k, v [B, Gl, T, D] after the cached positions; returns views [B, Gl, S, D] of all.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, g, t, d) = k.dims4()?;
+        let need = self.len + t;
+        let fits = match &self.buffers {
+            Some((bk, _)) => {
+                let (bb, bg, cap, bd) = bk.dims4()?;
+                (bb, bg, bd) == (b, g, d)
+                    && bk.dtype() == k.dtype()
+                    && bk.device().same_device(k.device())
+                    && cap >= need
+                    // A new sequence starts in a buffer of the reserved size.
+                    && (self.len > 0 || cap >= self.reserve)
+            }
+            None => false,
+        };
+        if !fits {
+            let cap = self.reserve.max(need).max(2 * self.capacity());
+            let kb = Tensor::zeros((b, g, cap, d), k.dtype(), k.device())?;
+            let vb = Tensor::zeros((b, g, cap, d), v.dtype(), v.device())?;
+            match &self.buffers {
+                Some((ok, ov)) if self.len > 0 && ok.dims4()?.0 == b => {
+                    kb.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    vb.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                _ => self.len = 0,
+            }
+            self.buffers = Some((kb, vb));
+        }
+        let Some((kb, vb)) = &self.buffers else { unreachable!("allocated above") };
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += t;
+        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+    }
+
+    fn capacity(&self) -> usize {
+        self.buffers.as_ref().and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
+    }
+}
+
 /// Self-attention on this rank's query groups.
 struct Attention {
     q_proj: Proj,
@@ -161,7 +224,7 @@ impl Attention {
             heads,
             groups,
             head_dim: d,
-            cache: KvCache::new(2, 64),
+            cache: KvCache::new(),
             use_cache: true,
         })
     }
@@ -176,20 +239,44 @@ impl Attention {
         let v = self.v_proj.forward(x)?.reshape((b, t, gl, d))?.transpose(1, 2)?.contiguous()?;
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let past = if self.use_cache { self.cache.len } else { 0 };
+        // The fused kernel's semantics are exactly "queries and keys are the same T positions,
+        // causal": training and a prefill into an empty cache. Decode (T < S) takes the path below.
+        if past == 0 && ops::attention::has_kernel(&q) {
+            if self.use_cache {
+                self.cache.append(&k, &v)?;
+            }
+            let y = ops::causal_attention(&q, &k, &v, scale)?; // [B, Hl, T, D]
+            let y = y.transpose(1, 2)?.reshape((b, t, hl * d))?;
+            return self.o_proj.forward(&y);
+        }
         let (k, v) = if self.use_cache { self.cache.append(&k, &v)? } else { (k, v) }; // [B, Gl, S, D]
         let s = k.dim(2)?;
         // GQA without copying K/V: a group's query heads are consecutive, so the group's queries
         // stack into one [per_group·T, D] matrix against its single K/V head.
         let q = q.reshape((b, gl, per_group * t, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [B, Gl, per_group·T, S]
-        let scores = scores.to_dtype(DType::F32)?.reshape((b, gl, per_group, t, s))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?, // m [T, S]: 0 or -inf
-            None => scores,
+        // On CUDA, cuBLAS reads the cache's narrowed views in place (rows D apart, batches one
+        // buffer apart), and the softmax kernel widens to f32 and rounds once itself: decode
+        // saves two copies and two casts per layer. The values are the same either way.
+        let cuda = x.device().is_cuda();
+        let kt = if cuda { k.t()? } else { k.t()?.contiguous()? };
+        let scores = (q.matmul(&kt)? * scale)?; // [B, Gl, per_group·T, S]
+        let probs = match mask {
+            None if cuda && matches!(scores.dtype(), DType::F32 | DType::BF16) => {
+                ops::softmax_last_dim(&scores)?
+            }
+            _ => {
+                let scores = scores.to_dtype(DType::F32)?.reshape((b, gl, per_group, t, s))?;
+                let scores = match mask {
+                    Some(m) => scores.broadcast_add(m)?, // m [T, S]: 0 or -inf
+                    None => scores,
+                };
+                ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?.reshape((b, gl, per_group * t, s))?
+            }
         };
-        let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let y = probs.reshape((b, gl, per_group * t, s))?.matmul(&v.contiguous()?)?; // [B, Gl, per_group·T, D]
+        let v = if cuda { v } else { v.contiguous()? };
+        let y = probs.matmul(&v)?; // [B, Gl, per_group·T, D]
         let y = y.reshape((b, hl, t, d))?.transpose(1, 2)?.reshape((b, t, hl * d))?;
         self.o_proj.forward(&y)
     }
@@ -213,7 +300,14 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (candle_nn::ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        // One kernel (and one saved pair for the backward) on CUDA; on the CPU the composed ops,
+        // which the CPU goldens were checked with.
+        let gated = if x.device().is_cuda() {
+            ops::swiglu(&gate, &up)?
+        } else {
+            (candle_nn::ops::silu(&gate)? * up)?
+        };
         self.down_proj.forward(&gated)
     }
 }
@@ -256,7 +350,7 @@ pub struct SequenceInputs {
     pub cos: Tensor,
     /// [T, D/2].
     pub sin: Tensor,
-    /// [T, T] additive causal mask (none for one token).
+    /// [T, T] additive causal mask (none for one token, or when the fused kernel masks).
     pub mask: Option<Tensor>,
 }
 
@@ -279,6 +373,12 @@ pub struct Llama {
     /// Local rows [Vp/N, H] of the output head (the embedding when tied).
     lm_head: Proj,
     rope: Rope,
+    /// Rotary tables (cos, sin) [P, D/2] for positions 0..P on the activations' device, built
+    /// once per sequence length instead of per forward; each forward narrows them.
+    rope_tables: Option<(Tensor, Tensor)>,
+    /// Positions a sequence will reach ([`Llama::reserve`]): the KV cache and rotary tables are
+    /// allocated for that many at once.
+    reserved: usize,
     layout: RankLayout,
     vocab: usize,
     /// Tokens already in the KV cache.
@@ -311,6 +411,8 @@ impl Llama {
             norm: Norm::load(vb.pp("model.norm"), hp)?,
             lm_head,
             rope: Rope::new(hp),
+            rope_tables: None,
+            reserved: 0,
             layout,
             vocab: hp.vocab,
             position: 0,
@@ -330,6 +432,39 @@ impl Llama {
     /// Tokens currently held in the KV cache.
     pub fn position(&self) -> usize {
         self.position
+    }
+
+    /// Allocate the KV cache (and rotary tables) for sequences of up to `positions` tokens at
+    /// the next forward, so decoding never reallocates. Longer sequences still work (the cache
+    /// grows).
+    pub fn reserve(&mut self, positions: usize) {
+        self.reserved = positions;
+        for l in &mut self.layers {
+            l.self_attn.cache.reserve = positions;
+        }
+    }
+
+    /// (cos, sin) [T, D/2] for positions `start..start + t` in `dtype` on `dev`: a view of the
+    /// cached tables (the same values [`Rope::tables`] gives for the run).
+    fn rope_run(&mut self, start: usize, t: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let end = start + t;
+        let fits = match &self.rope_tables {
+            Some((c, _)) => c.dim(0)? >= end && c.dtype() == dtype && c.device().same_device(dev),
+            None => false,
+        };
+        if !fits {
+            let have = self.rope_tables.as_ref().map_or(0, |(c, _)| c.dim(0).unwrap_or(0));
+            let n = end.max(self.reserved).max(2 * have);
+            self.rope_tables = Some(self.rope.tables(0, n, dtype, dev)?);
+        }
+        let Some((cos, sin)) = &self.rope_tables else { unreachable!("built above") };
+        Ok((cos.narrow(0, start, t)?, sin.narrow(0, start, t)?))
+    }
+
+    /// Whether attention over a fresh sequence runs the fused causal kernel here (then no mask
+    /// is built: it would be T×T floats, unused).
+    fn fused_attention(&self, dtype: DType, dev: &Device) -> bool {
+        ops::attention::kernel_supports(dev, dtype, 2 * self.rope.inv_freq.len())
     }
 
     /// Forget the KV cache (start a new sequence).
@@ -374,8 +509,9 @@ impl Llama {
     ) -> Result<LlamaOutput> {
         let (_, t, _) = x.dims3()?;
         let start = self.position;
-        let (cos, sin) = self.rope.tables(start, t, x.dtype(), x.device())?;
-        let mask = if t > 1 { Some(causal_mask(t, start, x.device())?) } else { None };
+        let (cos, sin) = self.rope_run(start, t, x.dtype(), x.device())?;
+        let fused = start == 0 && self.fused_attention(x.dtype(), x.device());
+        let mask = if t > 1 && !fused { Some(causal_mask(t, start, x.device())?) } else { None };
         let mut hidden = Vec::new();
         let mut x = x.clone();
         for layer in &mut self.layers {
@@ -412,7 +548,8 @@ impl Llama {
     /// causal mask [T, T].
     pub fn sequence_inputs(&self, t: usize, dtype: DType, dev: &Device) -> Result<SequenceInputs> {
         let (cos, sin) = self.rope.tables(0, t, dtype, dev)?;
-        let mask = if t > 1 { Some(causal_mask(t, 0, dev)?) } else { None };
+        let fused = self.fused_attention(dtype, dev);
+        let mask = if t > 1 && !fused { Some(causal_mask(t, 0, dev)?) } else { None };
         Ok(SequenceInputs { cos, sin, mask })
     }
 
@@ -493,4 +630,54 @@ fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
         .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Ok(Tensor::from_vec(mask, (t, s), dev)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(t: usize, seed: f32) -> Tensor {
+        let v: Vec<f32> = (0..2 * 3 * t * 4).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+        Tensor::from_vec(v, (2, 3, t, 4), &Device::Cpu).unwrap()
+    }
+
+    /// Reserved or growing, the cache returns exactly the concatenation of what was appended,
+    /// and a reset reuses the buffers for a new sequence.
+    #[test]
+    fn kv_cache_holds_the_concatenation_reserved_or_growing() {
+        for reserve in [0, 5, 64] {
+            let mut cache = KvCache::new();
+            cache.reserve = reserve;
+            for round in 0..2 {
+                let chunks: Vec<Tensor> =
+                    [3, 1, 1, 4, 1].iter().map(|&t| seq(t, round as f32 + t as f32)).collect();
+                for (i, c) in chunks.iter().enumerate() {
+                    let (k, v) = cache.append(c, &(c * 2.0).unwrap()).unwrap();
+                    let want = Tensor::cat(&chunks[..=i], 2).unwrap();
+                    let diff = |a: &Tensor, b: &Tensor| {
+                        (a - b)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .max(0)
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap()
+                    };
+                    assert_eq!(diff(&k, &want), 0.0, "k after chunk {i}, reserve {reserve}");
+                    assert_eq!(
+                        diff(&v, &(&want * 2.0).unwrap()),
+                        0.0,
+                        "v after chunk {i}, reserve {reserve}"
+                    );
+                }
+                if reserve >= 10 {
+                    assert_eq!(cache.capacity(), reserve, "a reserved cache never grows");
+                }
+                cache.reset();
+            }
+        }
+    }
 }

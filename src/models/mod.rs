@@ -33,6 +33,25 @@ pub struct LoadOptions {
     pub vision: Option<PathBuf>,
 }
 
+/// The device a `--device` argument names: `cpu`, `cuda` (GPU 0) or `cuda:N`. Without the
+/// `cuda` feature a CUDA device is an error that says how to build with it.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let ordinal = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => return Err(Error::Usage(format!("unknown device '{spec}' (expected cpu, cuda or cuda:N)"))),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(Error::Usage(format!(
+            "device '{spec}': this shardsmith was built without CUDA (cargo build --release --features cuda)"
+        )));
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
 /// A loaded model of any supported family.
 pub enum Model {
     /// A text-only LLaMA-2.

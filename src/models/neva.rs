@@ -130,8 +130,10 @@ impl Neva {
     /// pixel_values [I, 3, S, S] → projected features [I, N, H] in the LLM's dtype.
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let patches = self.vision.features(pixel_values, self.select_layer, self.drop_cls)?; // [I, N, C]
-        let projected = self.projector.forward(&patches.to_dtype(self.llm.dtype())?)?;
-        Ok(projected)
+                                                                                             // The projector may hold f32 masters over a bf16 LLM (training on CUDA).
+        let dtype = self.projector.dtype().unwrap_or(self.llm.dtype());
+        let projected = self.projector.forward(&patches.to_dtype(dtype)?)?;
+        Ok(projected.to_dtype(self.llm.dtype())?)
     }
 
     /// ids [B, T] after the cached tokens; with `pixel_values` [I, 3, S, S] the I images fill the

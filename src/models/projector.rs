@@ -133,6 +133,11 @@ impl Projector {
         Ok(Self { kind, mm_projector })
     }
 
+    /// The weights' dtype (none for the identity).
+    pub fn dtype(&self) -> Option<candle_core::DType> {
+        self.mm_projector.first().map(|l| l.weight().dtype())
+    }
+
     /// The architecture loaded.
     pub fn kind(&self) -> ProjectorKind {
         self.kind

@@ -88,6 +88,11 @@ impl ParallelLlama {
         self.ranks[0].position()
     }
 
+    /// Allocate KV caches for sequences of up to `positions` tokens ([`Llama::reserve`]).
+    pub fn reserve(&mut self, positions: usize) {
+        self.ranks.iter_mut().for_each(|r| r.reserve(positions));
+    }
+
     /// Start a new sequence.
     pub fn reset(&mut self) {
         self.ranks.iter_mut().for_each(Llama::reset);

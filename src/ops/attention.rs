@@ -116,6 +116,24 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
+/// Whether [`causal_attention`] runs a kernel for q [B, Hq, T, `head_dim`] here: a CUDA device,
+/// f32 or bf16, a head dim flash_attn.cu is instantiated for. The models take their fused path
+/// only then (on the CPU the op is a reference, slower than their batched matmuls).
+pub fn has_kernel(q: &Tensor) -> bool {
+    q.dim(D::Minus1).is_ok_and(|d| kernel_supports(q.device(), q.dtype(), d))
+}
+
+/// [`has_kernel`] from the device, dtype and head dim alone.
+pub fn kernel_supports(dev: &Device, dtype: DType, head_dim: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        return matches!(dtype, DType::F32 | DType::BF16)
+            && super::cuda::ATTENTION_HEAD_DIMS.contains(&head_dim);
+    }
+    let _ = (dev, dtype, head_dim);
+    false
+}
+
 /// Causal attention softmax(q kᵀ·scale + causal mask) v, as one op: FlashAttention-style kernels
 /// on CUDA (f32 or bf16, D ∈ {32, 64, 96, 128}), the materialised f32 reference on the CPU.
 /// Differentiable in q, k and v. Shapes in the module docs.

@@ -412,12 +412,29 @@ pub(super) fn adamw(
 /// Head dims the attention kernels are instantiated for.
 pub(super) const ATTENTION_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 
-/// Bytes of padding per shared-memory row (flash_attn.cu's PAD).
+/// Bytes of padding per shared-memory row of the f32 kernels (flash_attn.cu's PAD).
 fn attn_pad(dtype: DType) -> usize {
     16 / dtype.size_in_bytes()
 }
 
+/// bf16 (tensor-core) kernels: threads per block (fwd and dq; dkdv), query rows per fwd/dq
+/// block, keys per dkdv block, and shared rows of D + 8 bf16 (flash_attn.cu's TC_* constants and
+/// *_tc_smem_bytes; the kernels trap on another block size or less shared memory).
+const ATTN_TC_FWD_THREADS: u32 = 128;
+const ATTN_TC_DQ_THREADS: u32 = 128;
+const ATTN_TC_THREADS: u32 = 256;
+const ATTN_TC_BM: usize = 128;
+const ATTN_TC_BK: usize = 128;
+
+fn attn_tc_smem(rows: usize, d: usize) -> u32 {
+    (rows * (d + 8) * 2) as u32
+}
+
 fn attn_fwd_smem(dtype: DType, d: usize) -> u32 {
+    if dtype == DType::BF16 {
+        // Q [128], K, V [2][64] rows.
+        return attn_tc_smem(128 + 4 * 64, d);
+    }
     let p = attn_pad(dtype);
     // Q, K [64][D+p] and Vᵀ [D][64+p].
     ((2 * 64 * (d + p) + d * (64 + p)) * dtype.size_in_bytes()) as u32
@@ -463,9 +480,12 @@ pub(super) fn attention_fwd(
         let mut bld = stream.launch_builder(&f);
         bld.arg(&qv).arg(&kv).arg(&vv).arg(&mut o).arg(&mut lse);
         bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
-        let grid = (t.div_ceil(64) as u32, hq as u32, b as u32);
-        // SAFETY: matches flash_attn.cu (flash_fwd); smem from the same formula as the kernel's.
-        unsafe { bld.launch(cfg(grid, 128, smem)) }.w()?;
+        let (rows_per_block, threads) =
+            if dtype == DType::BF16 { (ATTN_TC_BM, ATTN_TC_FWD_THREADS) } else { (64, 128) };
+        let grid = (t.div_ceil(rows_per_block) as u32, hq as u32, b as u32);
+        // SAFETY: matches flash_attn.cu (flash_fwd_tc for bf16, flash_fwd for f32); smem from the
+        // same formula as the kernel's (which traps on less).
+        unsafe { bld.launch(cfg(grid, threads, smem)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), tensor(lse, dev, (b, hq, t))))
     })
 }
@@ -499,9 +519,47 @@ pub(super) fn attention_bwd(
     let sfx = suffix(dtype, OP)?;
     let rows = b * hq * t;
     let pre = function(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_pre_{sfx}_d{d}"))?;
+    let stream = dev.cuda_stream();
+    if dtype == DType::BF16 {
+        // Tensor-core path: dK/dV per key block and dQ per query block in two kernels, no atomics.
+        let (smem_dq, smem_dkdv) =
+            (attn_tc_smem(2 * 128 + 4 * 32, d), attn_tc_smem(2 * 128 + 4 * 32, d) + 4 * 32 * 4);
+        let dqf = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_dq_{sfx}_d{d}"), smem_dq)?;
+        let dkdvf =
+            function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_dkdv_{sfx}_d{d}"), smem_dkdv)?;
+        let (qv, kv, vv) = (view::<bf16>(qs, ql, OP)?, view::<bf16>(ks, kl, OP)?, view::<bf16>(vs, vl, OP)?);
+        let (ov, gv, lv) = (view::<bf16>(os, ol, OP)?, view::<bf16>(gs, gl, OP)?, view::<f32>(ls, ll, OP)?);
+        let mut delta = unsafe { dev.alloc::<f32>(rows)? };
+        let (rows64, hq32, hk32, t32) = (rows as i64, hq as i32, hk as i32, t as i32);
+        let mut bld = stream.launch_builder(&pre);
+        bld.arg(&ov).arg(&gv).arg(&mut delta).arg(&rows64);
+        // SAFETY: matches flash_attn.cu (flash_bwd_pre): one warp per row, 4 rows a block.
+        unsafe { bld.launch(cfg((rows.div_ceil(4) as u32, 1, 1), 128, 0)) }.w()?;
+
+        let mut dq = unsafe { dev.alloc::<bf16>(rows * d)? };
+        let mut bld = stream.launch_builder(&dqf);
+        bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta).arg(&mut dq);
+        bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
+        let grid = (t.div_ceil(ATTN_TC_BM) as u32, hq as u32, b as u32);
+        // SAFETY: matches flash_attn.cu (flash_bwd_dq_tc); every dq row < T is written.
+        unsafe { bld.launch(cfg(grid, ATTN_TC_DQ_THREADS, smem_dq)) }.w()?;
+
+        let mut dk = unsafe { dev.alloc::<bf16>(b * hk * t * d)? };
+        let mut dv = unsafe { dev.alloc::<bf16>(b * hk * t * d)? };
+        let mut bld = stream.launch_builder(&dkdvf);
+        bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta).arg(&mut dk).arg(&mut dv);
+        bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
+        let grid = (t.div_ceil(ATTN_TC_BK) as u32, hk as u32, b as u32);
+        // SAFETY: matches flash_attn.cu (flash_bwd_dkdv_tc); every dk/dv row < T is written.
+        unsafe { bld.launch(cfg(grid, ATTN_TC_THREADS, smem_dkdv)) }.w()?;
+        return Ok((
+            tensor(dq, dev, (b, hq, t, d)),
+            tensor(dk, dev, (b, hk, t, d)),
+            tensor(dv, dev, (b, hk, t, d)),
+        ));
+    }
     let smem = attn_bwd_smem(dtype, d);
     let main = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_{sfx}_d{d}"), smem)?;
-    let stream = dev.cuda_stream();
     with_float!(dtype, OP, |T| {
         let (qv, kv, vv) = (view::<T>(qs, ql, OP)?, view::<T>(ks, kl, OP)?, view::<T>(vs, vl, OP)?);
         let (ov, gv, lv) = (view::<T>(os, ol, OP)?, view::<T>(gs, gl, OP)?, view::<f32>(ls, ll, OP)?);
@@ -520,24 +578,10 @@ pub(super) fn attention_bwd(
         bld.arg(&mut dq_acc).arg(&mut dk).arg(&mut dv);
         bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
         let grid = (t.div_ceil(64) as u32, hk as u32, b as u32);
-        // SAFETY: matches flash_attn.cu (flash_bwd); dq_acc is zero-filled.
+        // SAFETY: matches flash_attn.cu (flash_bwd, f32 only); dq_acc is zero-filled.
         unsafe { bld.launch(cfg(grid, 128, smem)) }.w()?;
-
+        // f32: dq_acc is dq.
         let dq = tensor(dq_acc, dev, (b, hq, t, d));
-        let dq = if dtype == DType::F32 {
-            dq
-        } else {
-            let conv = function(dev, &kernels::FLASH_ATTN, "flash_dq_convert_bf16")?;
-            let (accs, accl) = dq.storage_and_layout();
-            let accv = view::<f32>(cuda_of(&accs, OP)?, accl, OP)?;
-            let mut out = unsafe { dev.alloc::<bf16>(rows * d)? };
-            let n64 = (rows * d) as i64;
-            let mut bld = stream.launch_builder(&conv);
-            bld.arg(&accv).arg(&mut out).arg(&n64);
-            // SAFETY: matches flash_attn.cu (flash_dq_convert_bf16).
-            unsafe { bld.launch(cfg_1d(rows * d)) }.w()?;
-            tensor(out, dev, (b, hq, t, d))
-        };
         Ok((dq, tensor(dk, dev, (b, hk, t, d)), tensor(dv, dev, (b, hk, t, d))))
     })
 }

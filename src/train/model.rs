@@ -8,7 +8,7 @@
 
 use crate::models::clip::{ClipVisionConfig, ClipVisionModel};
 use crate::models::llama::{canonical_shard_spec, Llama, RankLayout};
-use crate::models::neva::Neva;
+use crate::models::neva::{ImageTokens, Neva};
 use crate::models::projector::{Projector, ProjectorKind};
 use crate::models::tp::{ImageSpan, ParallelLlama};
 use crate::parallel::Solo;
@@ -18,6 +18,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use shardsmith_converters::convert::llava::CanonicalLlava;
+use shardsmith_converters::names::llama::LlamaHparams;
 use shardsmith_converters::shard;
 use std::collections::HashMap;
 
@@ -97,7 +98,14 @@ fn uniform(seed: u64, n: usize, bound: f32) -> Vec<f32> {
 impl TrainModel {
     /// Build from a canonical LLaVA / NeVA checkpoint (TP 1, CPU).
     pub fn from_llava(c: &CanonicalLlava, stage: Stage, compute: DType) -> Result<Self> {
-        let dev = Device::Cpu;
+        Self::from_llava_on(c, stage, compute, &Device::Cpu)
+    }
+
+    /// [`TrainModel::from_llava`] with the weights (and so the whole step) on `dev`. On CUDA the
+    /// decoder runs the fused kernels (attention, SwiGLU, RMSNorm, rope) and the loss the fused
+    /// cross-entropy.
+    pub fn from_llava_on(c: &CanonicalLlava, stage: Stage, compute: DType, dev: &Device) -> Result<Self> {
+        let dev = dev.clone();
         let hp = &c.llm.hparams;
         let padded_vocab = shard::padded_vocab(hp.vocab, shard::divisible_by_for_hf_vocab(hp.vocab), 1);
         let train_llm = stage == Stage::ProjectorAndLlm;
@@ -127,8 +135,12 @@ impl TrainModel {
         let llm_map = materialise(&llm_tensors, train_llm)?;
         let projector_map = materialise(&c.projector, true)?;
         let vision_map = materialise(&c.vision, false)?;
-        let vb = |m: HashMap<String, Tensor>| VarBuilder::from_tensors(m, DType::F32, &dev);
-        let mut llama = Llama::load(vb(llm_map), hp, RankLayout { tp: 1, rank: 0, padded_vocab })?;
+        // Frozen weights need no f32 master: on CUDA they are held in the compute dtype (half
+        // the memory, bf16 GEMMs). On the CPU everything stays f32, as the goldens were made.
+        let frozen = if dev.is_cuda() { compute } else { DType::F32 };
+        let vb = |m: HashMap<String, Tensor>, dt: DType| VarBuilder::from_tensors(m, dt, &dev);
+        let llm_dt = if train_llm { DType::F32 } else { frozen };
+        let mut llama = Llama::load(vb(llm_map, llm_dt), hp, RankLayout { tp: 1, rank: 0, padded_vocab })?;
         llama.set_use_cache(false);
         if let Stage::Lora(spec) = &stage {
             let mut made = Vec::new();
@@ -154,9 +166,9 @@ impl TrainModel {
             }
         }
         let vcfg = ClipVisionConfig::from_json(&c.vision_config, &c.origin)?;
-        let vision = ClipVisionModel::load(vb(vision_map), &vcfg)?;
+        let vision = ClipVisionModel::load(vb(vision_map, frozen), &vcfg)?;
         let kind = ProjectorKind::parse(&c.projector_type)?;
-        let projector = Projector::load(vb(projector_map), kind, vcfg.hidden_size, hp.hidden)?;
+        let projector = Projector::load(vb(projector_map, DType::F32), kind, vcfg.hidden_size, hp.hidden)?;
         let llm = ParallelLlama::from_rank(llama, hp.clone());
         let tokens = crate::models::image_tokens_of(c)?;
         let neva = Neva::new(llm, vision, projector, c.vision_feature_layer, c.drop_cls, tokens);
@@ -165,6 +177,36 @@ impl TrainModel {
             _ => None,
         };
         Ok(TrainModel { neva, params, compute, lora_scale })
+    }
+
+    /// A stage-1 model (projector trains; LLM and vision tower frozen in `compute`) with random
+    /// weights made on `dev`, for benchmarks at real sizes without a checkpoint: `hp` LLaMA,
+    /// `vcfg` CLIP tower (features of layer −2, CLS dropped, as LLaVA-1.5), a `kind` projector in
+    /// f32 masters; image positions marked by `image_token` repeated (llava-hf).
+    pub fn synthetic_stage1(
+        hp: &LlamaHparams,
+        vcfg: &ClipVisionConfig,
+        kind: ProjectorKind,
+        image_token: u32,
+        compute: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        use crate::weights::RandomBackend;
+        use std::sync::Arc;
+        let padded_vocab = shard::padded_vocab(hp.vocab, shard::divisible_by_for_hf_vocab(hp.vocab), 1);
+        let frozen = Arc::new(RandomBackend::new(0.02, false));
+        let mut llama =
+            Llama::load(frozen.var_builder(compute, dev), hp, RankLayout { tp: 1, rank: 0, padded_vocab })?;
+        llama.set_use_cache(false);
+        let vision = ClipVisionModel::load(frozen.var_builder(compute, dev).pp("vision_tower"), vcfg)?;
+        let trained = Arc::new(RandomBackend::new(0.02, true));
+        let projector =
+            Projector::load(trained.var_builder(DType::F32, dev), kind, vcfg.hidden_size, hp.hidden)?;
+        let params = trained.vars();
+        let llm = ParallelLlama::from_rank(llama, hp.clone());
+        let tokens = ImageTokens::Repeated { id: image_token };
+        let neva = Neva::new(llm, vision, projector, -2, true, tokens);
+        Ok(TrainModel { neva, params, compute, lora_scale: None })
     }
 
     /// `alpha / r` of the LoRA adapters, when training them.
@@ -233,6 +275,18 @@ impl TrainModel {
     /// Loss and gradients of one micro-batch. With `checkpointing`, only each layer's input is
     /// kept from the forward pass and the layer is recomputed during the backward pass.
     pub fn forward_backward(&mut self, batch: &Batch, checkpointing: bool) -> Result<StepOutput> {
+        let dev = self.device().clone();
+        let moved;
+        let batch = if batch.ids.device().same_device(&dev) {
+            batch
+        } else {
+            moved = Batch {
+                ids: batch.ids.to_device(&dev)?,
+                labels: batch.labels.to_device(&dev)?,
+                pixel_values: batch.pixel_values.as_ref().map(|p| p.to_device(&dev)).transpose()?,
+            };
+            &moved
+        };
         let x0 = self.embeddings(batch)?;
         let (_, t, _) = x0.dims3()?;
         let llama = self.neva.llm.single_mut()?;
@@ -282,6 +336,11 @@ impl TrainModel {
         Ok(StepOutput { loss: loss.to_scalar::<f32>()? as f64, tokens, grads })
     }
 
+    /// The device the model (and its step) runs on.
+    pub fn device(&self) -> &Device {
+        self.neva.llm.device()
+    }
+
     /// Multiply every trainable parameter's gradient in `grads` by `factor` (e.g. 1/micro-batches).
     pub fn scale_grads(&self, grads: &mut GradStore, factor: f64) -> Result<()> {
         for (_, v) in &self.params {
@@ -319,6 +378,11 @@ pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor,
     let (b, t, v) = logits.dims3()?;
     let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let labels = labels.narrow(1, 1, t - 1)?.flatten_all()?.to_dtype(DType::I64)?;
+    if logits.device().is_cuda() {
+        // One kernel: loss per row and d logits in the same pass over the vocabulary.
+        let (loss, count) = crate::ops::cross_entropy_mean(&logits, &labels)?;
+        return Ok((loss, count));
+    }
     let keep = labels.ne(IGNORE)?; // [N] u8
     let count = keep.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
     if count == 0 {

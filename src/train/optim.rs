@@ -114,12 +114,13 @@ impl AdamW {
                     got: format!("{:?}", var.dtype()),
                 });
             }
-            let zeros = var.as_tensor().zeros_like()?;
+            // Two distinct buffers: the fused CUDA step updates them in place.
+            let (exp_avg, exp_avg_sq) = (var.as_tensor().zeros_like()?, var.as_tensor().zeros_like()?);
             states.push(ParamState {
                 weight_decay: cfg.weight_decay_for(&name),
                 name,
-                exp_avg: zeros.clone(),
-                exp_avg_sq: zeros,
+                exp_avg,
+                exp_avg_sq,
                 var,
                 step: 0,
             });
@@ -167,8 +168,26 @@ impl AdamW {
                     got: format!("{:?}", grad.dims()),
                 });
             }
-            let g = grad.detach().to_dtype(DType::F32)?;
             st.step += 1;
+            if st.var.device().is_cuda() {
+                // adamw.cu: the same arithmetic in one kernel, p, m and v updated in place.
+                let hyper = crate::ops::AdamWStep {
+                    lr,
+                    betas: self.cfg.betas,
+                    eps: self.cfg.eps,
+                    weight_decay: st.weight_decay,
+                    step: st.step,
+                };
+                crate::ops::adamw_step(
+                    st.var.as_tensor(),
+                    &grad.detach(),
+                    &st.exp_avg,
+                    &st.exp_avg_sq,
+                    &hyper,
+                )?;
+                continue;
+            }
+            let g = grad.detach().to_dtype(DType::F32)?;
             let t = st.step as f64;
 
             let mut p = st.var.as_tensor().detach();

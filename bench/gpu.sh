@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Issue 7 GPU check in one device call: kernel parity tests, then shardsmith vs PyTorch on the same
+# card (LLaMA-7B-shaped layers fwd+bwd → MFU, causal attention fwd+bwd, 7B synthetic decode at
+# batch 1 and 8, a NeVA-7B stage-1 training step), ending with one markdown table.
+#
+# Build here (no GPU needed), from the repository root (bench/gpu_carry.sh does exactly this):
+#   source ../shared/tools/cuda-toolchain.sh
+#   export CARGO_TARGET_DIR=/work/target-cuda
+#   cargo build --release --features cuda
+#   cargo test --release --features cuda --test cuda_parity --no-run
+#   mkdir -p target/cuda-carry
+#   strip -o target/cuda-carry/shardsmith $CARGO_TARGET_DIR/release/shardsmith
+#   strip -o target/cuda-carry/cuda_parity $(ls -t $CARGO_TARGET_DIR/release/deps/cuda_parity-* | grep -v '\.d$' | head -1)
+#   gzip -f target/cuda-carry/shardsmith target/cuda-carry/cuda_parity
+# Device call (carry target/cuda-carry), from the repository root:  bash bench/gpu.sh
+#
+# Everything runs under `timeout`, and the whole script under a budget (GPU_SH_BUDGET seconds,
+# default 285) so it ends inside 5 minutes even when a step hangs. Weights are random and made
+# on the device; nothing is read from disk or downloaded. JSON lines of every run are kept in
+# $OUT/gpu_results.jsonl when $OUT is set (else /tmp/shardsmith-gpu/). MFU uses PEAK_TFLOPS
+# (default: 989 for H100 SXM / H200 bf16 dense, 756 for an H100 PCIe).
+set -uo pipefail
+START=$SECONDS
+BUDGET=${GPU_SH_BUDGET:-285}
+CARRY=${1:-target/cuda-carry}
+W=/tmp/shardsmith-gpu
+mkdir -p "$W"
+RES=${OUT:-$W}/gpu_results.jsonl
+: >"$RES"
+export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+status=0
+
+gunzip -c "$CARRY/shardsmith.gz" >"$W/shardsmith" && gunzip -c "$CARRY/cuda_parity.gz" >"$W/cuda_parity" || {
+    echo "missing $CARRY/shardsmith.gz or $CARRY/cuda_parity.gz (see the header of bench/gpu.sh)"
+    exit 2
+}
+chmod +x "$W/shardsmith" "$W/cuda_parity"
+SS=$W/shardsmith
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+date -u +%Y-%m-%dT%H:%M:%SZ
+case "$GPU" in *PCIe*) DEFAULT_PEAK=756 ;; *) DEFAULT_PEAK=989 ;; esac
+PEAK=${PEAK_TFLOPS:-$DEFAULT_PEAK}
+
+# timeout for a step: its own limit, cut to what is left of the budget (10 s kept for the table).
+limit() {
+    local left=$((BUDGET - (SECONDS - START) - 10))
+    ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
+}
+
+# step NAME SECONDS CMD...: run with a timeout, JSON lines to $RES, anything else to the log.
+step() {
+    local name=$1 t
+    t=$(limit "$2")
+    shift 2
+    local t0=$SECONDS
+    timeout "$t" "$@" >"$W/$name.out" 2>"$W/$name.err"
+    local rc=$?
+    grep '^{' "$W/$name.out" >>"$RES"
+    if ((rc != 0)); then
+        status=1
+        echo "## $name: FAILED (exit $rc$( ((rc == 124)) && echo ", timed out after ${t}s")); last lines:"
+        { tail -n 5 "$W/$name.err"; tail -n 3 "$W/$name.out"; } | sed 's/^/    /'
+    else
+        echo "## $name: ok ($((SECONDS - t0)) s)"
+    fi
+}
+
+echo "### parity (tests/cuda_parity.rs)"
+for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softmax_forward \
+    swiglu_forward_and_backward cross_entropy_forward_and_backward adamw_step_is_bit_identical \
+    causal_attention_forward_and_backward; do
+    timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
+    rc=$?
+    grep -oE "parity .*|panicked.*|test result.*" "$W/parity.log"
+    ((rc == 0)) || { status=1; echo "## parity $t: FAILED (exit $rc)"; tail -3 "$W/parity.log"; }
+done
+
+echo "### benchmarks"
+PY="${PYTHON:-python3} bench/pytorch_gpu.py"
+# GPU_SH_TINY=1: toy shapes on the CPU, to check the script end to end without a GPU.
+L=() A=() D=() N=() C=()
+if [[ -n ${GPU_SH_TINY:-} ]]; then
+    L=(--layers 2 --hidden 64 --heads 4 --kv-heads 2 --ffn 172 --vocab 300)
+    C=(--device cpu --dtype f32)
+    A=(--batch 1 --heads 4 --kv-heads 2 --seq 16 --head-dim 16)
+    D=(--batch 1,3 --prompt-len 5 --steps 4)
+    N=(--vision-layers 2 --vision-hidden 32 --vision-heads 2 --vision-intermediate 64 --image-size 28 --patch 14 --batch 2 --seq 12)
+    L2=(--batch 2 --seq 16)
+fi
+step ours-gpu-layer 60 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
+step torch-gpu-layer 60 $PY gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
+step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
+step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
+step ours-decode 60 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
+step torch-decode 60 $PY decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
+step ours-neva 60 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+step torch-neva 60 $PY neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+
+echo "### results ($GPU, peak $PEAK TFLOP/s bf16 for MFU; $((SECONDS - START)) s)"
+python3 - "$RES" "$PEAK" <<'EOF' || status=1
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+peak = float(sys.argv[2])
+def find(bench, impl, **kv):
+    for r in rows:
+        if r["bench"] == bench and r["impl"] == impl and all(r.get(k) == v for k, v in kv.items()):
+            return r
+def fmt(x, unit=""):
+    return "—" if x is None else f"{x:.1f}{unit}"
+out = ["| benchmark | metric | shardsmith | PyTorch eager | ours vs eager (>1: ours faster) | PyTorch other |",
+       "|---|---|---|---|---|---|"]
+def line(name, metric, ours, base, others, higher_better=True):
+    ratio = None
+    if ours is not None and base:
+        ratio = ours / base if higher_better else base / ours
+    out.append(f"| {name} | {metric} | {fmt(ours)} | {fmt(base)} | {'—' if ratio is None else f'{ratio:.2f}×'} | {others} |")
+g = lambda r, k: None if r is None else r[k]
+o, t, c = find("gpu_layer", "shardsmith"), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+if o or t:
+    r = o or t
+    name = f"LLaMA-7B layers ×{r['layers']} fwd+bwd, B{r['batch']}×S{r['seq']}"
+    line(name, "TFLOP/s", g(o, "tflops"), g(t, "tflops"), f"full ckpt {fmt(g(c, 'tflops'))}")
+    mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
+    line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}")
+o, t = find("attention", "shardsmith"), find("attention", "pytorch")
+fl, cu = find("attention", "pytorch_flash"), find("attention", "pytorch_cudnn")
+if o or t:
+    r = o or t
+    name = f"causal attention B{r['batch']} H{r['heads']} S{r['seq']} D{r['head_dim']}"
+    line(name, "fwd+bwd TFLOP/s", g(o, "tflops_fwd_bwd"), g(t, "tflops_fwd_bwd"),
+         f"flash {fmt(g(fl, 'tflops_fwd_bwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd_bwd'))}")
+    line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
+         f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}")
+for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
+    o, t, gr = find("decode", "shardsmith", batch=b), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
+    r = o or t or gr
+    name = f"7B decode ({r['layers']} layers), batch {b}, prompt {r['prompt_len']} + {r['steps']}"
+    line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"), f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}")
+o, t = find("neva_step", "shardsmith"), find("neva_step", "pytorch")
+if o or t:
+    r = o or t
+    name = f"NeVA-7B stage 1 step (LLaMA ×{r['llm_layers']} + ViT-L/14-336 ×{r['vision_layers']}), B{r['batch']}×S{r['seq']}"
+    line(name, "step ms (ratio: eager ÷ ours)", g(o, "step_ms"), g(t, "step_ms"), "", higher_better=False)
+print("\n".join(out))
+EOF
+echo "(total $((SECONDS - START)) s; JSON lines in $RES)"
+exit $status

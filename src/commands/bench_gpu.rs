@@ -1,0 +1,409 @@
+//! GPU benchmarks at real sizes over random weights made on the device (no checkpoint): one JSON
+//! line each, in the shape `bench/pytorch_gpu.py` prints for the same shapes, so `bench/gpu.sh`
+//! can put ours and PyTorch's in one table.
+//!
+//! - `bench gpu-layer`: LLaMA decoder layers forward + backward (weights and input trainable).
+//! - `bench attention`: causal attention forward, and forward + backward (the kernels alone).
+//! - `bench decode`: prefill then greedy decode of a synthetic LLaMA with the KV cache.
+//! - `bench neva-step`: one NeVA stage-1 training step (forward, backward, clip, AdamW).
+//!
+//! Every shape is a flag (7B defaults), so each runs on the CPU at toy sizes too (tests).
+//! FLOPs are counted the same way on both sides: a linear layer 2·tokens·in·out forward, causal
+//! attention 4·B·H·S²·D/2 forward; forward + backward is 3× forward for the layers and 3.5×
+//! forward for attention alone (the FlashAttention convention, backward = 2.5× forward).
+
+use crate::models::clip::{ClipActivation, ClipVisionConfig};
+use crate::models::llama::{Llama, RankLayout};
+use crate::models::neva::ImageTokens;
+use crate::models::projector::ProjectorKind;
+use crate::models::tp::ParallelLlama;
+use crate::models::Model;
+use crate::parallel::Solo;
+use crate::train::model::{Batch, TrainModel, IGNORE};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::weights::RandomBackend;
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde_json::json;
+use shardsmith_converters::names::llama::LlamaHparams;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A LLaMA's shape (LLaMA-2-7B by default).
+#[derive(Clone, Copy, Debug)]
+pub struct LlamaShape {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Hidden size H.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// MLP width F.
+    pub ffn: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+}
+
+impl LlamaShape {
+    fn hparams(&self) -> LlamaHparams {
+        LlamaHparams {
+            layers: self.layers,
+            hidden: self.hidden,
+            ffn: self.ffn,
+            heads: self.heads,
+            groups: self.kv_heads,
+            head_dim: self.hidden / self.heads,
+            vocab: self.vocab,
+            max_positions: 4096,
+            rope_theta: 10_000.0,
+            rope_linear_factor: None,
+            norm_eps: 1e-5,
+            init_std: 0.02,
+            tied: false,
+            bos: Some(1),
+            eos: Some(2),
+        }
+    }
+
+    /// Forward FLOPs of the linear layers of one decoder layer per token.
+    fn layer_linear_flops_per_token(&self) -> f64 {
+        let (h, d) = (self.hidden as f64, (self.hidden / self.heads) as f64);
+        let qkvo = h * (2 * self.heads + 2 * self.kv_heads) as f64 * d;
+        2.0 * (qkvo + 3.0 * h * self.ffn as f64)
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure!(
+            self.heads > 0
+                && self.hidden % self.heads == 0
+                && self.kv_heads > 0
+                && self.heads % self.kv_heads == 0,
+            "shape: hidden {} must divide by heads {}, and heads by kv heads {}",
+            self.hidden,
+            self.heads,
+            self.kv_heads
+        );
+        Ok(())
+    }
+}
+
+/// What every GPU benchmark takes.
+#[derive(Clone, Debug)]
+pub struct Common {
+    /// Where to run.
+    pub device: Device,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Timed repetitions after `warmup` untimed ones; the median is reported.
+    pub runs: usize,
+    /// Untimed repetitions first.
+    pub warmup: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of `f` over `c.runs` runs after `c.warmup`, the device drained around each.
+fn time(c: &Common, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..c.warmup {
+        f()?;
+    }
+    c.device.synchronize()?;
+    let mut times = Vec::with_capacity(c.runs);
+    for _ in 0..c.runs.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        c.device.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+fn device_name(d: &Device) -> &'static str {
+    if d.is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+fn dtype_name(d: DType) -> String {
+    format!("{d:?}").to_lowercase()
+}
+
+/// A rank-0, TP-1 LLaMA over random weights on the device (`trainable`: every weight a Var).
+fn random_llama(s: &LlamaShape, c: &Common, trainable: bool) -> Result<Llama> {
+    s.check()?;
+    let backend = Arc::new(RandomBackend::new(0.02, trainable));
+    let layout = RankLayout { tp: 1, rank: 0, padded_vocab: s.vocab };
+    Ok(Llama::load(backend.var_builder(c.dtype, &c.device), &s.hparams(), layout)?)
+}
+
+/// `bench gpu-layer`: `s.layers` decoder layers forward + backward on x [B, S, H].
+pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, c: &Common) -> Result<()> {
+    let mut llama = random_llama(s, c, true)?;
+    llama.set_use_cache(false);
+    let inputs = llama.sequence_inputs(seq, c.dtype, &c.device)?;
+    let x =
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, seq, s.hidden), &c.device)?.to_dtype(c.dtype)?)?;
+    let secs = time(c, || {
+        let mut y = x.as_tensor().clone();
+        for i in 0..s.layers {
+            y = llama.layer(i, &y, &inputs, &Solo)?;
+        }
+        let grads = y.backward()?;
+        ensure!(grads.get(x.as_tensor()).is_some(), "no gradient reached the input");
+        Ok(())
+    })?;
+    let tokens = (batch * seq) as f64;
+    let d = s.hidden / s.heads;
+    let attn_fwd = 4.0 * (batch * s.heads * seq * seq * d) as f64 / 2.0;
+    let flops = 3.0 * s.layers as f64 * (tokens * s.layer_linear_flops_per_token() + attn_fwd);
+    let line = json!({
+        "impl": "shardsmith",
+        "bench": "gpu_layer",
+        "device": device_name(&c.device),
+        "dtype": dtype_name(c.dtype),
+        "layers": s.layers,
+        "hidden": s.hidden,
+        "batch": batch,
+        "seq": seq,
+        "step_ms": secs * 1e3,
+        "tflops": flops / secs / 1e12,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// `bench attention`: causal attention over q [B, H, S, D], k/v [B, Hk, S, D].
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    seq: usize,
+    head_dim: usize,
+    c: &Common,
+) -> Result<()> {
+    ensure!(kv_heads > 0 && heads % kv_heads == 0, "heads must divide by kv heads");
+    let randn = |h: usize| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (batch, h, seq, head_dim), &c.device)?.to_dtype(c.dtype)?)
+    };
+    let (q, k, v, g) = (randn(heads)?, randn(kv_heads)?, randn(kv_heads)?, randn(heads)?);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let fwd = time(c, || {
+        crate::ops::causal_attention_forward(&q, &k, &v, scale)?;
+        Ok(())
+    })?;
+    let fwd_bwd = time(c, || {
+        let (o, lse) = crate::ops::causal_attention_forward(&q, &k, &v, scale)?;
+        crate::ops::causal_attention_backward(&q, &k, &v, &o, &lse, &g, scale)?;
+        Ok(())
+    })?;
+    let flops = 4.0 * (batch * heads * seq * seq * head_dim) as f64 / 2.0;
+    let line = json!({
+        "impl": "shardsmith",
+        "bench": "attention",
+        "device": device_name(&c.device),
+        "dtype": dtype_name(c.dtype),
+        "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq": seq, "head_dim": head_dim,
+        "fwd_ms": fwd * 1e3,
+        "fwd_bwd_ms": fwd_bwd * 1e3,
+        "tflops_fwd": flops / fwd / 1e12,
+        "tflops_fwd_bwd": 3.5 * flops / fwd_bwd / 1e12,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Seeded ids in [3, vocab) (SplitMix64).
+fn seeded_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            3 + ((z ^ (z >> 31)) % (vocab as u64 - 3)) as u32
+        })
+        .collect()
+}
+
+/// `bench decode`: for each batch size, prefill `prompt` tokens, then `steps` greedy steps
+/// exactly as `generate` runs them (KV cache reserved for the whole sequence, the next ids
+/// read back to the host each step). One JSON line per batch size.
+pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c: &Common) -> Result<()> {
+    ensure!(prompt >= 1 && steps >= 1, "need --prompt-len >= 1 and --steps >= 1");
+    let llama = random_llama(s, c, false)?;
+    let mut model = Model::Llama(ParallelLlama::from_rank(llama, s.hparams()));
+    for &b in batches {
+        let ids = Tensor::from_vec(seeded_ids(b * prompt, s.vocab, b as u64), (b, prompt), &c.device)?;
+        let mut run = |steps: usize| -> Result<(f64, f64)> {
+            let llm = model.llm();
+            llm.reset();
+            llm.reserve(prompt + steps + 1);
+            let t0 = Instant::now();
+            let mut logits = model.forward(&ids, None, true, false)?.logits; // [B, 1, V]
+            let mut next = logits.argmax(D::Minus1)?.to_vec2::<u32>()?; // [B, 1]
+            let prefill = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            for _ in 0..steps {
+                let step = Tensor::new(next, &c.device)?;
+                logits = model.forward(&step, None, true, false)?.logits;
+                next = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
+            }
+            Ok((prefill, t1.elapsed().as_secs_f64()))
+        };
+        for _ in 0..c.warmup {
+            run(steps.min(8))?;
+        }
+        let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+        for _ in 0..c.runs.max(1) {
+            let (p, d) = run(steps)?;
+            prefill.push(p);
+            decode.push(d);
+        }
+        let (prefill, decode) = (median(prefill), median(decode));
+        let line = json!({
+            "impl": "shardsmith",
+            "bench": "decode",
+            "device": device_name(&c.device),
+            "dtype": dtype_name(c.dtype),
+            "layers": s.layers,
+            "hidden": s.hidden,
+            "batch": b,
+            "prompt_len": prompt,
+            "steps": steps,
+            "prefill_ms": prefill * 1e3,
+            "ms_per_step": decode / steps as f64 * 1e3,
+            "tokens_per_s": (b * steps) as f64 / decode,
+        });
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// A CLIP vision tower's shape (ViT-L/14-336 by default).
+#[derive(Clone, Copy, Debug)]
+pub struct ClipShape {
+    /// Encoder layers.
+    pub layers: usize,
+    /// Width C.
+    pub hidden: usize,
+    /// Heads.
+    pub heads: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Image side.
+    pub image: usize,
+    /// Patch side.
+    pub patch: usize,
+}
+
+impl ClipShape {
+    fn config(&self) -> ClipVisionConfig {
+        ClipVisionConfig {
+            hidden_size: self.hidden,
+            intermediate_size: self.intermediate,
+            num_hidden_layers: self.layers,
+            num_attention_heads: self.heads,
+            patch_size: self.patch,
+            image_size: self.image,
+            num_channels: 3,
+            layer_norm_eps: 1e-5,
+            hidden_act: ClipActivation::QuickGelu,
+        }
+    }
+}
+
+/// The benchmark batch: per sequence BOS, one image's tokens (`tokens`, N of them), then seeded
+/// text ids in [3, 256); labels on the text after the image; seeded pixels in [-1, 1).
+pub fn synthetic_batch(
+    vcfg: &ClipVisionConfig,
+    tokens: ImageTokens,
+    drop_cls: bool,
+    batch: usize,
+    seq: usize,
+    dev: &Device,
+) -> Result<Batch> {
+    let grid = vcfg.image_size / vcfg.patch_size;
+    let n = grid * grid + usize::from(!drop_cls);
+    let image = tokens.expand(n);
+    let text_from = 1 + image.len();
+    ensure!(
+        seq >= text_from + 2,
+        "--seq {seq} is too short: BOS + {} image tokens + at least 2 text tokens",
+        image.len()
+    );
+    let text = seeded_ids(batch * seq, 256, 0x5eed);
+    let (mut ids, mut labels) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
+    for row in 0..batch {
+        let start = ids.len();
+        ids.push(1u32);
+        ids.extend_from_slice(&image);
+        ids.extend_from_slice(&text[row * seq + text_from..(row + 1) * seq]);
+        let row = &ids[start..];
+        labels
+            .extend(row.iter().enumerate().map(|(i, &t)| if i >= text_from { i64::from(t) } else { IGNORE }));
+    }
+    let side = vcfg.image_size;
+    let pixels = (Tensor::rand(0f32, 2.0, (batch, vcfg.num_channels, side, side), dev)? - 1.0)?;
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (batch, seq), dev)?,
+        labels: Tensor::from_vec(labels, (batch, seq), dev)?,
+        pixel_values: Some(pixels),
+    })
+}
+
+/// `bench neva-step`: one stage-1 step (projector trains, LLM and tower frozen in the compute
+/// dtype) of LLaMA `s` + CLIP `v` + mlp2x_gelu: forward, backward through the whole LLM to the
+/// projector, clip to 1.0, AdamW (torch defaults, wd 0.01).
+pub fn neva_step(
+    s: &LlamaShape,
+    v: &ClipShape,
+    batch: usize,
+    seq: usize,
+    checkpointing: bool,
+    c: &Common,
+) -> Result<()> {
+    s.check()?;
+    let vcfg = v.config();
+    let image_token = (s.vocab - 1) as u32;
+    let kind = ProjectorKind::MlpGelu { depth: 2 };
+    let mut model = TrainModel::synthetic_stage1(&s.hparams(), &vcfg, kind, image_token, c.dtype, &c.device)?;
+    let batch_t =
+        synthetic_batch(&vcfg, ImageTokens::Repeated { id: image_token }, true, batch, seq, &c.device)?;
+    let cfg = AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, no_decay_patterns: vec![] };
+    let mut opt = AdamW::new(model.params().to_vec(), cfg)?;
+    let mut loss = 0.0;
+    let secs = time(c, || {
+        let mut out = model.forward_backward(&batch_t, checkpointing)?;
+        opt.clip_grad_norm(&mut out.grads, Some(1.0))?;
+        opt.step(&out.grads, 1e-5)?;
+        loss = out.loss;
+        Ok(())
+    })?;
+    ensure!(loss.is_finite(), "the loss is {loss}");
+    let line = json!({
+        "impl": "shardsmith",
+        "bench": "neva_step",
+        "device": device_name(&c.device),
+        "dtype": dtype_name(c.dtype),
+        "stage": "1",
+        "llm_layers": s.layers,
+        "vision_layers": v.layers,
+        "batch": batch,
+        "seq": seq,
+        "checkpointing": checkpointing,
+        "loss": loss,
+        "step_ms": secs * 1e3,
+        "tokens_per_s": (batch * seq) as f64 / secs,
+    });
+    println!("{line}");
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! The GPU benchmark subcommands (`bench gpu-layer | attention | decode | neva-step`, run by
+//! bench/gpu.sh at 7B sizes on a GPU) at toy sizes on the CPU: each runs and prints the JSON
+//! line the script's table reads, so nothing fails on the device for a trivial reason.
+
+use serde_json::Value;
+use std::process::Command;
+
+const LLAMA: &[&str] =
+    &["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--ffn", "172", "--vocab", "300"];
+const COMMON: &[&str] = &["--device", "cpu", "--runs", "1", "--warmup", "1"];
+
+fn bench(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith")).arg("bench").args(args).output().unwrap();
+    assert!(out.status.success(), "bench {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn positive(v: &Value, key: &str) -> f64 {
+    let x = v[key].as_f64().unwrap_or_else(|| panic!("no number '{key}' in {v}"));
+    assert!(x.is_finite() && x > 0.0, "{key} = {x} in {v}");
+    x
+}
+
+#[test]
+fn gpu_layer_and_attention_run_at_toy_sizes() {
+    for dtype in ["f32", "bf16"] {
+        let args =
+            [&["gpu-layer"], LLAMA, COMMON, &["--dtype", dtype, "--batch", "2", "--seq", "16"]].concat();
+        let rows = bench(&args);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["bench"], "gpu_layer");
+        assert_eq!(rows[0]["dtype"], dtype);
+        positive(&rows[0], "step_ms");
+        positive(&rows[0], "tflops");
+    }
+    let args = [
+        &["attention"],
+        COMMON,
+        &["--batch", "1", "--heads", "4", "--kv-heads", "2", "--seq", "16", "--head-dim", "16"],
+    ]
+    .concat();
+    let rows = bench(&args);
+    for key in ["fwd_ms", "fwd_bwd_ms", "tflops_fwd", "tflops_fwd_bwd"] {
+        positive(&rows[0], key);
+    }
+}
+
+#[test]
+fn decode_prints_one_line_per_batch_size() {
+    let args =
+        [&["decode"], LLAMA, COMMON, &["--batch", "1,3", "--prompt-len", "5", "--steps", "4"]].concat();
+    let rows = bench(&args);
+    assert_eq!(rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3]);
+    for r in &rows {
+        positive(r, "tokens_per_s");
+        positive(r, "prefill_ms");
+    }
+}
+
+#[test]
+fn neva_step_trains_the_projector_at_toy_sizes() {
+    let vision = [
+        "--vision-layers",
+        "2",
+        "--vision-hidden",
+        "32",
+        "--vision-heads",
+        "2",
+        "--vision-intermediate",
+        "64",
+    ];
+    let args = [
+        &["neva-step"],
+        LLAMA,
+        COMMON,
+        &vision,
+        &["--image-size", "28", "--patch", "14", "--batch", "2", "--seq", "12", "--dtype", "bf16"],
+    ]
+    .concat();
+    let rows = bench(&args);
+    assert_eq!(rows[0]["stage"], "1");
+    positive(&rows[0], "loss");
+    positive(&rows[0], "step_ms");
+}
+
+#[test]
+fn too_short_a_sequence_for_the_image_is_an_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .args(["bench", "neva-step"])
+        .args(LLAMA)
+        .args(COMMON)
+        .args([
+            "--vision-layers",
+            "1",
+            "--vision-hidden",
+            "32",
+            "--vision-heads",
+            "2",
+            "--vision-intermediate",
+            "64",
+        ])
+        .args(["--image-size", "28", "--patch", "14", "--seq", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too short"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
