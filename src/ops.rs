@@ -12,7 +12,8 @@
 //! per-element arithmetic in f32, rounded once.
 //!
 //! More fused ops live in submodules: SwiGLU, vocabulary cross-entropy and the AdamW step
-//! ([`fused`]), and causal flash attention ([`attention`]). With the `cuda` feature every op
+//! ([`fused`]), and causal flash attention ([`attention`]). [`bf16_gemm`] is the CPU bf16 GEMM
+//! (AVX512-BF16) behind the LLaMA projections. With the `cuda` feature every op
 //! also has a `cuda_fwd` launching a kernel of `kernels/` (the `cuda` submodule has the
 //! launchers); the CPU forwards are the references the kernels are parity-tested against
 //! (tests/cuda_parity.rs).
@@ -87,6 +88,7 @@ fn round_to(dtype: DType) -> fn(f32) -> f32 {
 }
 
 pub mod attention;
+pub mod bf16_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod fused;

@@ -30,16 +30,20 @@ pub struct RankLayout {
     pub padded_vocab: usize,
 }
 
-/// A bias-free linear layer `y = x Wᵀ` over a 2-D view of x (no broadcast batch), computed in the
-/// weight's dtype and returned in x's. On the CPU, bf16 weights are widened to f32 once here:
-/// candle's CPU bf16 matmul widens both operands on every call, and bf16×bf16 products are exact
-/// in f32, so the result (f32 accumulation, rounded to bf16) is the same. A trainer's f32 master
-/// weights likewise serve bf16 activations.
+/// A bias-free linear layer `y = x Wᵀ` over a 2-D view of x (no broadcast batch), returned in
+/// x's dtype. With bf16 activations on a CPU with AVX512-BF16 it runs the bf16 GEMM of
+/// [`ops::bf16_gemm`] (as PyTorch's oneDNN path does): bf16 weights as they are, a trainer's f32
+/// master weights cast to bf16 per step (differentiably; frozen ones once, cached). Elsewhere
+/// it computes in the weight's dtype, and bf16 CPU weights are widened to f32 once at load:
+/// candle's CPU bf16 matmul widens both operands on every call. Either way bf16×bf16 products
+/// are exact in f32 and accumulate in f32, so the two paths differ only in summation order.
 struct Proj {
     /// [out, in].
     weight: Tensor,
     /// A low-rank update added to the output, when training with LoRA.
     lora: Option<Lora>,
+    /// bf16 copy of a frozen f32 weight for the bf16 GEMM, made on first use.
+    bf16: std::sync::OnceLock<Tensor>,
 }
 
 /// A LoRA adapter on one projection: `y += scale · (x Aᵀ) Bᵀ` (PEFT's `lora_A`, `lora_B`).
@@ -59,16 +63,50 @@ impl Proj {
     }
 
     fn new(w: Tensor) -> Result<Self> {
-        let compute = if w.device().is_cpu() && w.dtype() == DType::BF16 { DType::F32 } else { w.dtype() };
-        Ok(Proj { weight: w.to_dtype(compute)?, lora: None })
+        let widen = w.device().is_cpu() && w.dtype() == DType::BF16 && !ops::bf16_gemm::available();
+        let weight = if widen { w.to_dtype(DType::F32)? } else { w };
+        Ok(Proj { weight, lora: None, bf16: std::sync::OnceLock::new() })
+    }
+
+    /// The weight in bf16 for the bf16 GEMM: as is, cast (a trainable weight, so gradients reach
+    /// its f32 master) or cached (a frozen one).
+    fn weight_bf16(&self) -> Result<Tensor> {
+        let w = &self.weight;
+        if w.dtype() == DType::BF16 {
+            return Ok(w.clone());
+        }
+        if w.is_variable() || w.track_op() {
+            return Ok(w.to_dtype(DType::BF16)?);
+        }
+        if let Some(c) = self.bf16.get() {
+            return Ok(c.clone());
+        }
+        let c = w.to_dtype(DType::BF16)?;
+        Ok(self.bf16.get_or_init(|| c).clone())
     }
 
     /// x [B, T, in] → [B, T, out] in x's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, k) = x.dims3()?;
         let out = self.weight.dim(0)?;
-        let x2 = x.reshape((b * t, k))?.to_dtype(self.weight.dtype())?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        if x.dtype() == DType::BF16 && x.device().is_cpu() && ops::bf16_gemm::available() {
+            let x2 = x.reshape((b * t, k))?; // [B·T, in]
+            let mut y = ops::bf16_gemm::matmul(&x2, &self.weight_bf16()?.t()?)?;
+            if let Some(l) = &self.lora {
+                let bf = |t: &Tensor| t.to_dtype(DType::BF16);
+                let low = ops::bf16_gemm::matmul(&x2, &bf(&l.a)?.t()?)?; // [B·T, r]
+                y = (y + (ops::bf16_gemm::matmul(&low, &bf(&l.b)?.t()?)? * l.scale)?)?;
+            }
+            return Ok(y.reshape((b, t, out))?);
+        }
+        let compute = if self.weight.dtype() == DType::BF16 && self.weight.device().is_cpu() {
+            DType::F32 // bf16 weights kept for the GEMM, f32 activations: widen per call
+        } else {
+            self.weight.dtype()
+        };
+        let w = self.weight.to_dtype(compute)?;
+        let x2 = x.reshape((b * t, k))?.to_dtype(compute)?;
+        let mut y = x2.matmul(&w.t()?)?;
         if let Some(l) = &self.lora {
             let low = x2.matmul(&l.a.to_dtype(x2.dtype())?.t()?)?; // [B·T, r]
             y = (y + (low.matmul(&l.b.to_dtype(x2.dtype())?.t()?)? * l.scale)?)?;
@@ -389,7 +427,11 @@ impl Llama {
     /// Load rank `layout.rank` from a `VarBuilder` over that rank's canonical (HF-named) shards.
     pub fn load(vb: VarBuilder, hp: &LlamaHparams, layout: RankLayout) -> Result<Self> {
         let tp = layout.tp;
-        if hp.heads % tp != 0 || hp.groups % tp != 0 || hp.ffn % tp != 0 || layout.padded_vocab % tp != 0 {
+        if !hp.heads.is_multiple_of(tp)
+            || !hp.groups.is_multiple_of(tp)
+            || !hp.ffn.is_multiple_of(tp)
+            || !layout.padded_vocab.is_multiple_of(tp)
+        {
             return Err(Error::Usage(format!(
                 "cannot run at tp={tp}: heads {}, query groups {}, ffn {} and padded vocab {} must all divide by it",
                 hp.heads, hp.groups, hp.ffn, layout.padded_vocab

@@ -54,7 +54,7 @@ impl ImageTokens {
         match *self {
             ImageTokens::Repeated { id } => {
                 let positions: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == id).map(|(i, _)| i).collect();
-                if positions.len() % n != 0 {
+                if !positions.len().is_multiple_of(n) {
                     return Err(Error::Usage(format!(
                         "the prompt has {} image tokens (id {id}); each image needs exactly {n}",
                         positions.len()

@@ -413,7 +413,8 @@ impl TrainerConfig {
 
     /// Whether a checkpoint is due after `step` optimizer steps (1-based count).
     pub fn save_due(&self, step: u64) -> bool {
-        step == self.max_steps || matches!(self.save_every_n_steps, Some(n) if n > 0 && step % n == 0)
+        step == self.max_steps
+            || matches!(self.save_every_n_steps, Some(n) if n > 0 && step.is_multiple_of(n))
     }
 }
 
@@ -650,7 +651,7 @@ impl TrainConfig {
         if t.global_batch_size == 0 {
             return Err("trainer.global_batch_size must be at least 1".into());
         }
-        if t.global_batch_size % t.micro_batch_size != 0 {
+        if !t.global_batch_size.is_multiple_of(t.micro_batch_size) {
             return Err(format!(
                 "trainer.global_batch_size ({}) must be a multiple of trainer.micro_batch_size ({})",
                 t.global_batch_size, t.micro_batch_size
