@@ -77,9 +77,9 @@ impl LlamaShape {
     fn check(&self) -> Result<()> {
         ensure!(
             self.heads > 0
-                && self.hidden % self.heads == 0
+                && self.hidden.is_multiple_of(self.heads)
                 && self.kv_heads > 0
-                && self.heads % self.kv_heads == 0,
+                && self.heads.is_multiple_of(self.kv_heads),
             "shape: hidden {} must divide by heads {}, and heads by kv heads {}",
             self.hidden,
             self.heads,
@@ -189,7 +189,7 @@ pub fn attention(
     head_dim: usize,
     c: &Common,
 ) -> Result<()> {
-    ensure!(kv_heads > 0 && heads % kv_heads == 0, "heads must divide by kv heads");
+    ensure!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "heads must divide by kv heads");
     let randn = |h: usize| -> Result<Tensor> {
         Ok(Tensor::randn(0f32, 1.0, (batch, h, seq, head_dim), &c.device)?.to_dtype(c.dtype)?)
     };
