@@ -617,8 +617,33 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult) as u64)
 }
 
+/// The compute commands allocate and free tensor-sized buffers on every op. glibc hands buffers
+/// above its mmap threshold back to the kernel on free (and trims the heap top), so the next op
+/// faults in and zeroes fresh pages: 15–30 % of a CPU train step in `perf`. Raising the threshold
+/// to 1 GiB and not trimming keeps freed memory for reuse (measured: 134M stage-1 f32 train step
+/// 2.31 → 1.62–1.68 s). The peak RSS is unchanged: the memory was in use at the peak anyway. Only for compute: converters stream in small chunks and their peak RSS is
+/// a documented bound.
+fn keep_freed_memory_for_reuse() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any worker thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Generate(_)
+            | Command::Train { .. }
+            | Command::Evaluate { .. }
+            | Command::Bench { .. }
+            | Command::Validate { .. }
+    ) {
+        keep_freed_memory_for_reuse();
+    }
     let result = match cli.command {
         Command::Inspect { path, filter, json } => {
             shardsmith::commands::inspect::run(&path, filter.as_deref(), json)
