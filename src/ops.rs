@@ -311,26 +311,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
 }
 
+/// Deterministic inputs and comparisons shared by the ops' unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
+pub(crate) mod testing {
+    use candle_core::{DType, Device, Tensor};
 
-    fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d <= tol, "max |Δ| {d} > {tol}");
-    }
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    /// Uniform values in [-1, 1) from a seeded LCG, on the CPU.
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let mut s = seed;
         let v: Vec<f32> = (0..n)
@@ -340,6 +327,24 @@ mod tests {
             })
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// max |a − b| over all elements, compared in f32.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{max_diff, randn};
+    use super::*;
+    use candle_core::Var;
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = max_diff(a, b);
+        assert!(d <= tol, "max |Δ| {d} > {tol}");
     }
 
     /// The composed (slow, autograd-native) reference of each op.

@@ -677,6 +677,7 @@ fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::max_diff;
 
     fn seq(t: usize, seed: f32) -> Tensor {
         let v: Vec<f32> = (0..2 * 3 * t * 4).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
@@ -696,21 +697,9 @@ mod tests {
                 for (i, c) in chunks.iter().enumerate() {
                     let (k, v) = cache.append(c, &(c * 2.0).unwrap()).unwrap();
                     let want = Tensor::cat(&chunks[..=i], 2).unwrap();
-                    let diff = |a: &Tensor, b: &Tensor| {
-                        (a - b)
-                            .unwrap()
-                            .abs()
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .max(0)
-                            .unwrap()
-                            .to_scalar::<f32>()
-                            .unwrap()
-                    };
-                    assert_eq!(diff(&k, &want), 0.0, "k after chunk {i}, reserve {reserve}");
+                    assert_eq!(max_diff(&k, &want), 0.0, "k after chunk {i}, reserve {reserve}");
                     assert_eq!(
-                        diff(&v, &(&want * 2.0).unwrap()),
+                        max_diff(&v, &(&want * 2.0).unwrap()),
                         0.0,
                         "v after chunk {i}, reserve {reserve}"
                     );

@@ -398,26 +398,10 @@ pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, step: &AdamWSt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{max_diff, randn};
     use crate::train::optim::{AdamW, AdamWConfig};
     use candle_core::backprop::GradStore;
     use candle_core::{Var, D};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-        d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
 
     #[test]
     fn swiglu_matches_composed_silu_times_up_with_gradients() {

@@ -398,6 +398,7 @@ pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::max_diff;
     use shardsmith_converters::convert::llava::from_llava_hf;
 
     fn tiny() -> CanonicalLlava {
@@ -420,10 +421,6 @@ mod tests {
             labels: Tensor::from_vec(labels, (1, t), &dev).unwrap(),
             pixel_values: Some(Tensor::from_vec(pixels, (1, 3, 32, 32), &dev).unwrap()),
         }
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     #[test]
