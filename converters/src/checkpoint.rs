@@ -63,7 +63,7 @@ pub enum Segment<'a> {
     Zeros(usize),
 }
 
-impl Segment<'_> {
+impl<'a> Segment<'a> {
     /// Length in bytes.
     pub fn len(&self) -> usize {
         match self {
@@ -76,6 +76,18 @@ impl Segment<'_> {
     /// Whether the segment is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The bytes of a `Mapped` or `Bytes` segment; `None` for zeros and for a mapped range that
+    /// lies outside its mapping.
+    pub fn as_slice(&self) -> Option<&'a [u8]> {
+        match *self {
+            Segment::Mapped { map, offset, len } => {
+                offset.checked_add(len).and_then(|end| map.get(offset..end))
+            }
+            Segment::Bytes(b) => Some(b),
+            Segment::Zeros(_) => None,
+        }
     }
 }
 
@@ -254,14 +266,13 @@ impl Produce for Cast {
     fn stream(&self, emit: &mut dyn FnMut(Segment<'_>) -> Result<()>) -> Result<()> {
         let mut conv = Converter { from: self.src.dtype, to: self.to, carry: Vec::new() };
         self.src.stream(&self.name, &mut |seg| match seg {
-            Segment::Mapped { map, offset, len } => {
-                let bytes =
-                    offset.checked_add(len).and_then(|end| map.get(offset..end)).ok_or_else(|| {
-                        Error::invalid(
-                            &*self.src.origin,
-                            format!("tensor '{}': range outside its file", self.name),
-                        )
-                    })?;
+            Segment::Mapped { .. } => {
+                let bytes = seg.as_slice().ok_or_else(|| {
+                    Error::invalid(
+                        &*self.src.origin,
+                        format!("tensor '{}': range outside its file", self.name),
+                    )
+                })?;
                 conv.feed(bytes, emit)
             }
             Segment::Bytes(b) => conv.feed(b, emit),

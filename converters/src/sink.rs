@@ -93,10 +93,9 @@ impl<'a> PositionalSink<'a> {
                 Ok(())
             }
             Segment::Mapped { map, offset, len } => {
-                let bytes =
-                    offset.checked_add(len).and_then(|end| map.get(offset..end)).ok_or_else(|| {
-                        Error::invalid(self.dest, "a mapped tensor range lies outside its file")
-                    })?;
+                let bytes = seg.as_slice().ok_or_else(|| {
+                    Error::invalid(self.dest, "a mapped tensor range lies outside its file")
+                })?;
                 if self.crc.is_some() {
                     for piece in bytes.chunks(CRC_CHUNK) {
                         self.bytes(piece)?;
