@@ -913,12 +913,9 @@ pub(crate) mod testing {
         let whole = t.bytes("test").expect("bytes").into_owned();
         let mut streamed = Vec::new();
         t.stream("test", &mut |seg| {
-            match seg {
-                Segment::Mapped { map, offset, len } => {
-                    streamed.extend_from_slice(&map[offset..offset + len])
-                }
-                Segment::Bytes(b) => streamed.extend_from_slice(b),
-                Segment::Zeros(n) => streamed.resize(streamed.len() + n, 0),
+            match seg.as_slice() {
+                Some(b) => streamed.extend_from_slice(b),
+                None => streamed.resize(streamed.len() + seg.len(), 0),
             }
             Ok(())
         })
