@@ -634,17 +634,23 @@ fn keep_freed_memory_for_reuse() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(
+    let compute = matches!(
         cli.command,
         Command::Generate(_)
             | Command::Train { .. }
             | Command::Evaluate { .. }
             | Command::Bench { .. }
             | Command::Validate { .. }
-    ) {
+    );
+    if compute {
         keep_freed_memory_for_reuse();
     }
-    let result = match cli.command {
+    run(cli.command)
+}
+
+/// Run one command; its exit status.
+fn run(command: Command) -> ExitCode {
+    let result = match command {
         Command::Inspect { path, filter, json } => {
             shardsmith::commands::inspect::run(&path, filter.as_deref(), json)
         }

@@ -12,8 +12,8 @@
 //! per-element arithmetic in f32, rounded once.
 //!
 //! More fused ops live in submodules: SwiGLU, vocabulary cross-entropy and the AdamW step
-//! ([`fused`]), and causal flash attention ([`attention`]). [`bf16_gemm`] is the CPU bf16 GEMM
-//! (AVX512-BF16) behind the LLaMA projections. With the `cuda` feature every op
+//! ([`fused`]), and causal flash attention ([`attention`]). [`matmul`] ([`linear`]) is the projections'
+//! GEMM: it skips frozen operands' gradients and runs [`cpu_gemm`] (AVX-512) on the CPU. With the `cuda` feature every op
 //! also has a `cuda_fwd` launching a kernel of `kernels/` (the `cuda` submodule has the
 //! launchers); the CPU forwards are the references the kernels are parity-tested against
 //! (tests/cuda_parity.rs).
@@ -23,7 +23,6 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 /// Rows of length `n` of a contiguous layout, or an error naming the op.
 fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
@@ -58,12 +57,13 @@ macro_rules! float_dispatch {
     };
 }
 
-/// Values of a float storage as f32 (contiguous).
-fn as_f32(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f32>> {
+/// Values of a float storage as f32 (contiguous): f32 borrowed in place, bf16/f16 widened.
+fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
+    use std::borrow::Cow;
     Ok(match s {
-        CpuStorage::F32(v) => contiguous(v, l, op)?.to_vec(),
-        CpuStorage::BF16(v) => contiguous(v, l, op)?.iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::F16(v) => contiguous(v, l, op)?.iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F32(v) => Cow::Borrowed(contiguous(v, l, op)?),
+        CpuStorage::BF16(v) => Cow::Owned(contiguous(v, l, op)?.iter().map(|v| v.to_f32()).collect()),
+        CpuStorage::F16(v) => Cow::Owned(contiguous(v, l, op)?.iter().map(|v| v.to_f32()).collect()),
         other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
     })
 }
@@ -88,15 +88,20 @@ fn round_to(dtype: DType) -> fn(f32) -> f32 {
 }
 
 pub mod attention;
-pub mod bf16_gemm;
+pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod fused;
+pub mod heads;
+pub mod linear;
+pub(crate) mod par;
 
 pub use attention::{causal_attention, causal_attention_backward, causal_attention_forward};
 pub use fused::{
     adamw_step, adamw_step_ref, cross_entropy, cross_entropy_mean, swiglu, swiglu_backward, AdamWStep,
 };
+pub use heads::{merge_heads, split_heads};
+pub use linear::matmul;
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
@@ -128,10 +133,11 @@ impl CustomOp2 for RmsNorm {
         let eps = self.eps;
         let out = float_dispatch!(s1, l1, self.name(), |x| {
             let mut y = vec![0f32; x.len()];
-            y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+            par::chunks_mut(&mut y, h, |r, y| {
+                let x = &x[r * h..(r + 1) * h];
                 let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
                 let r = 1.0 / (ms + eps).sqrt();
-                for ((y, x), w) in y.iter_mut().zip(x).zip(&w) {
+                for ((y, x), w) in y.iter_mut().zip(x).zip(w.iter()) {
                     *y = w * round(x * r);
                 }
             });
@@ -214,7 +220,8 @@ impl CustomOp3 for Rope {
         }
         let out = float_dispatch!(s1, l1, self.name(), |x| {
             let mut y = vec![0f32; x.len()];
-            y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(y, x)| {
+            par::chunks_mut(&mut y, t * d, |bh, y| {
+                let x = &x[bh * t * d..(bh + 1) * t * d];
                 for p in 0..t {
                     let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
                     let (x, y) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
@@ -276,7 +283,8 @@ impl CustomOp1 for Softmax {
         let n = l.dims().last().copied().unwrap_or(1);
         let out = float_dispatch!(s, l, self.name(), |x| {
             let mut y = vec![0f32; x.len()];
-            y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+            par::chunks_mut(&mut y, n, |r, y| {
+                let x = &x[r * n..(r + 1) * n];
                 let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for (y, x) in y.iter_mut().zip(x) {

@@ -206,15 +206,20 @@ pub fn train_step(path: &Path, o: &TrainStepOptions) -> Result<()> {
     // torch.optim.AdamW's defaults.
     let cfg = AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, no_decay_patterns: vec![] };
     let mut opt = AdamW::new(model.params().to_vec(), cfg)?;
-    let mut step = |model: &mut TrainModel| -> Result<f64> {
+    // (whole step, forward + backward, clipping, optimizer) seconds.
+    let mut step = |model: &mut TrainModel| -> Result<[f64; 4]> {
         let t0 = Instant::now();
         let mut out = model.forward_backward(&batch, o.checkpointing)?;
+        let t1 = Instant::now();
         opt.clip_grad_norm(&mut out.grads, Some(1.0))?;
+        let t2 = Instant::now();
         opt.step(&out.grads, 1e-5)?;
-        Ok(t0.elapsed().as_secs_f64())
+        let t3 = Instant::now();
+        Ok([t3 - t0, t1 - t0, t2 - t1, t3 - t2].map(|d| d.as_secs_f64()))
     };
     step(&mut model)?; // warm-up
     let times = (0..o.runs).map(|_| step(&mut model)).collect::<Result<Vec<_>>>()?;
+    let phase = |i: usize| median(times.iter().map(|t| t[i]).collect()) * 1e3;
     let stage = match o.stage {
         Stage::Projector => "1",
         Stage::ProjectorAndLlm => "2",
@@ -232,7 +237,10 @@ pub fn train_step(path: &Path, o: &TrainStepOptions) -> Result<()> {
         "seq": o.seq,
         "checkpointing": o.checkpointing,
         "runs": o.runs,
-        "step_ms": median(times) * 1e3,
+        "step_ms": phase(0),
+        "forward_backward_ms": phase(1),
+        "clip_ms": phase(2),
+        "optimizer_ms": phase(3),
     });
     println!("{line}");
     Ok(())

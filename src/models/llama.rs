@@ -32,7 +32,7 @@ pub struct RankLayout {
 
 /// A bias-free linear layer `y = x Wᵀ` over a 2-D view of x (no broadcast batch), returned in
 /// x's dtype. With bf16 activations on a CPU with AVX512-BF16 it runs the bf16 GEMM of
-/// [`ops::bf16_gemm`] (as PyTorch's oneDNN path does): bf16 weights as they are, a trainer's f32
+/// [`ops::cpu_gemm`] (as PyTorch's oneDNN path does): bf16 weights as they are, a trainer's f32
 /// master weights cast to bf16 per step (differentiably; frozen ones once, cached). Elsewhere
 /// it computes in the weight's dtype, and bf16 CPU weights are widened to f32 once at load:
 /// candle's CPU bf16 matmul widens both operands on every call. Either way bf16×bf16 products
@@ -63,7 +63,7 @@ impl Proj {
     }
 
     fn new(w: Tensor) -> Result<Self> {
-        let widen = w.device().is_cpu() && w.dtype() == DType::BF16 && !ops::bf16_gemm::available();
+        let widen = w.device().is_cpu() && w.dtype() == DType::BF16 && !ops::cpu_gemm::bf16_available();
         let weight = if widen { w.to_dtype(DType::F32)? } else { w };
         Ok(Proj { weight, lora: None, bf16: std::sync::OnceLock::new() })
     }
@@ -87,31 +87,23 @@ impl Proj {
 
     /// x [B, T, in] → [B, T, out] in x's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, k) = x.dims3()?;
-        let out = self.weight.dim(0)?;
-        if x.dtype() == DType::BF16 && x.device().is_cpu() && ops::bf16_gemm::available() {
-            let x2 = x.reshape((b * t, k))?; // [B·T, in]
-            let mut y = ops::bf16_gemm::matmul(&x2, &self.weight_bf16()?.t()?)?;
-            if let Some(l) = &self.lora {
-                let bf = |t: &Tensor| t.to_dtype(DType::BF16);
-                let low = ops::bf16_gemm::matmul(&x2, &bf(&l.a)?.t()?)?; // [B·T, r]
-                y = (y + (ops::bf16_gemm::matmul(&low, &bf(&l.b)?.t()?)? * l.scale)?)?;
-            }
-            return Ok(y.reshape((b, t, out))?);
-        }
-        let compute = if self.weight.dtype() == DType::BF16 && self.weight.device().is_cpu() {
-            DType::F32 // bf16 weights kept for the GEMM, f32 activations: widen per call
+        let bf16_gemm = x.dtype() == DType::BF16 && x.device().is_cpu() && ops::cpu_gemm::bf16_available();
+        let (compute, w) = if bf16_gemm {
+            (DType::BF16, self.weight_bf16()?)
+        } else if self.weight.dtype() == DType::BF16 && self.weight.device().is_cpu() {
+            (DType::F32, self.weight.to_dtype(DType::F32)?) // bf16 weights, f32 activations
         } else {
-            self.weight.dtype()
+            (self.weight.dtype(), self.weight.clone())
         };
-        let w = self.weight.to_dtype(compute)?;
-        let x2 = x.reshape((b * t, k))?.to_dtype(compute)?;
-        let mut y = x2.matmul(&w.t()?)?;
+        // [B, T, in] straight into the GEMM (its rows are one matrix): no reshape nodes.
+        let xc = x.to_dtype(compute)?;
+        let mut y = ops::matmul(&xc, &w.t()?)?;
         if let Some(l) = &self.lora {
-            let low = x2.matmul(&l.a.to_dtype(x2.dtype())?.t()?)?; // [B·T, r]
-            y = (y + (low.matmul(&l.b.to_dtype(x2.dtype())?.t()?)? * l.scale)?)?;
+            let (a, lb) = (l.a.to_dtype(compute)?, l.b.to_dtype(compute)?);
+            let low = ops::matmul(&xc, &a.t()?)?; // [B, T, r]
+            y = (y + (ops::matmul(&low, &lb.t()?)? * l.scale)?)?;
         }
-        Ok(y.to_dtype(x.dtype())?.reshape((b, t, out))?)
+        Ok(y.to_dtype(x.dtype())?)
     }
 }
 
@@ -272,11 +264,9 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (hl, gl, d) = (self.heads, self.groups, self.head_dim);
         let per_group = hl / gl;
-        let q = self.q_proj.forward(x)?.reshape((b, t, hl, d))?.transpose(1, 2)?.contiguous()?; // [B, Hl, T, D]
-        let k = self.k_proj.forward(x)?.reshape((b, t, gl, d))?.transpose(1, 2)?.contiguous()?; // [B, Gl, T, D]
-        let v = self.v_proj.forward(x)?.reshape((b, t, gl, d))?.transpose(1, 2)?.contiguous()?;
-        let q = ops::rope(&q, cos, sin)?;
-        let k = ops::rope(&k, cos, sin)?;
+        let q = ops::split_heads(&self.q_proj.forward(x)?, hl, Some((cos, sin)))?; // [B, Hl, T, D]
+        let k = ops::split_heads(&self.k_proj.forward(x)?, gl, Some((cos, sin)))?; // [B, Gl, T, D]
+        let v = ops::split_heads(&self.v_proj.forward(x)?, gl, None)?;
         let scale = 1.0 / (d as f64).sqrt();
         let past = if self.use_cache { self.cache.len } else { 0 };
         // The fused kernel's semantics are exactly "queries and keys are the same T positions,
@@ -286,8 +276,7 @@ impl Attention {
                 self.cache.append(&k, &v)?;
             }
             let y = ops::causal_attention(&q, &k, &v, scale)?; // [B, Hl, T, D]
-            let y = y.transpose(1, 2)?.reshape((b, t, hl * d))?;
-            return self.o_proj.forward(&y);
+            return self.o_proj.forward(&ops::merge_heads(&y)?);
         }
         let (k, v) = if self.use_cache { self.cache.append(&k, &v)? } else { (k, v) }; // [B, Gl, S, D]
         let s = k.dim(2)?;
@@ -315,8 +304,7 @@ impl Attention {
         };
         let v = if cuda { v } else { v.contiguous()? };
         let y = probs.matmul(&v)?; // [B, Gl, per_group·T, D]
-        let y = y.reshape((b, hl, t, d))?.transpose(1, 2)?.reshape((b, t, hl * d))?;
-        self.o_proj.forward(&y)
+        self.o_proj.forward(&ops::merge_heads(&y.reshape((b, hl, t, d))?)?)
     }
 }
 
@@ -339,14 +327,9 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
-        // One kernel (and one saved pair for the backward) on CUDA; on the CPU the composed ops,
-        // which the CPU goldens were checked with.
-        let gated = if x.device().is_cuda() {
-            ops::swiglu(&gate, &up)?
-        } else {
-            (candle_nn::ops::silu(&gate)? * up)?
-        };
-        self.down_proj.forward(&gated)
+        // One fused op (and one saved pair for the backward) instead of silu, its composed
+        // backward and a product: ~10 passes over [B, T, F] per layer in training.
+        self.down_proj.forward(&ops::swiglu(&gate, &up)?)
     }
 }
 
@@ -608,8 +591,14 @@ impl Llama {
 
     /// Final norm and head over every position: x [B, T, H] → f32 logits [B, T, V].
     pub fn head(&self, x: &Tensor, comm: &dyn Collective) -> Result<Tensor> {
+        Ok(self.head_native(x, comm)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Llama::head`] in the compute dtype: the trainer's fused cross-entropy widens the
+    /// logits itself, which saves a cast of [B, T, V] each way.
+    pub fn head_native(&self, x: &Tensor, comm: &dyn Collective) -> Result<Tensor> {
         let local = self.lm_head.forward(&self.norm.forward(x)?)?;
-        Ok(comm.all_gather_last_dim(&local)?.narrow(D::Minus1, 0, self.vocab)?.to_dtype(DType::F32)?)
+        Ok(comm.all_gather_last_dim(&local)?.narrow(D::Minus1, 0, self.vocab)?)
     }
 
     /// Attach LoRA adapters to the projections whose name (`q_proj`, …, `down_proj`) is in

@@ -9,10 +9,9 @@
 //! h / (Hq/Hk), a group's heads consecutive as in `models::llama`). Queries and keys cover the
 //! same T positions (training, no KV cache); query i attends to keys j ≤ i.
 
-use super::{as_f32, store};
+use super::{as_f32, par, store};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// Checked (B, Hq, Hk, T, D) of q [B, Hq, T, D], k and v [B, Hk, T, D].
@@ -53,7 +52,7 @@ impl CustomOp3 for CausalAttention {
         let group = hq / hk;
         let mut o = vec![0f32; b * hq * t * d];
         let mut lse = vec![0f32; b * hq * t];
-        o.par_chunks_mut(t * d).zip(lse.par_chunks_mut(t)).enumerate().for_each(|(bh, (o, lse))| {
+        par::chunks_mut2(&mut o, t * d, &mut lse, t, |bh, o, lse| {
             let (bi, h) = (bh / hq, bh % hq);
             let q = &q[bh * t * d..(bh + 1) * t * d];
             let kv = (bi * hk + h / group) * t * d;

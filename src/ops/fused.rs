@@ -1,12 +1,14 @@
 //! Fused SwiGLU, vocabulary cross-entropy and the AdamW step: each a CPU reference written here
 //! and, with the `cuda` feature, a kernel of `kernels/` (swiglu.cu, cross_entropy.cu, adamw.cu).
 
-use super::{as_f32, contiguous, round_to, store};
+use super::{as_f32, contiguous, par, round_to, store};
+
+/// Elements per parallel task of an element-wise loop.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp1, Layout, Result, Shape, Tensor,
 };
-use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
 
@@ -37,7 +39,16 @@ impl CustomOp2 for SwiGlu {
             bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
         }
         let (g, u) = (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?);
-        let y = g.par_iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
+        // silu(g) rounded to the input dtype before the product, as torch's `act_fn(gate) * up`
+        // rounds its two ops (identity in f32).
+        let round = round_to(s1.dtype());
+        let mut y = vec![0f32; g.len()];
+        par::chunks_mut(&mut y, ELEMENTWISE_CHUNK, |i, y| {
+            let at = i * ELEMENTWISE_CHUNK;
+            for ((y, &g), &u) in y.iter_mut().zip(&g[at..]).zip(&u[at..]) {
+                *y = round(silu(g)) * u;
+            }
+        });
         Ok((store(y, s1.dtype(), self.name())?, l1.shape().clone()))
     }
 
@@ -87,11 +98,14 @@ impl CustomOp3 for SwiGluBwd {
         let n = g.len();
         let mut out = vec![0f32; 2 * n];
         let (dg, du) = out.split_at_mut(n);
-        dg.par_iter_mut().zip(du.par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
-            let (g, u, d) = (g[i], u[i], dy[i]);
-            let sig = 1.0 / (1.0 + (-g).exp());
-            *dg = d * u * (sig * (1.0 + g * (1.0 - sig)));
-            *du = d * (g * sig);
+        par::chunks_mut2(dg, ELEMENTWISE_CHUNK, du, ELEMENTWISE_CHUNK, |c, dg, du| {
+            let at = c * ELEMENTWISE_CHUNK;
+            for (i, (dg, du)) in dg.iter_mut().zip(du).enumerate() {
+                let (g, u, d) = (g[at + i], u[at + i], dy[at + i]);
+                let sig = 1.0 / (1.0 + (-g).exp());
+                *dg = d * u * (sig * (1.0 + g * (1.0 - sig)));
+                *du = d * (g * sig);
+            }
         });
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
@@ -169,7 +183,8 @@ impl CustomOp2 for CrossEntropy {
         let round = round_to(s1.dtype());
         let mut loss = vec![0f32; n];
         let mut dl = vec![0f32; n * v];
-        loss.par_iter_mut().zip(dl.par_chunks_mut(v)).enumerate().for_each(|(r, (loss, dl))| {
+        par::chunks_mut2(&mut loss, 1, &mut dl, v, |r, loss, dl| {
+            let loss = &mut loss[0];
             let t = targets[r];
             if t == IGNORE_INDEX {
                 return;
@@ -294,8 +309,13 @@ impl AdamWStep {
 /// in torch's operation order with f32 rounding after every operation (see adamw.cu).
 pub fn adamw_step_ref(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
     let s = step.scalars();
-    p.par_iter_mut().zip(m.par_iter_mut()).zip(v.par_iter_mut()).zip(g.par_iter()).for_each(
-        |(((p, m), v), &g)| {
+    let (mp, vp) = (par::SendPtr::new(m), par::SendPtr::new(v));
+    let n = p.len();
+    par::chunks_mut(p, ELEMENTWISE_CHUNK, |c, p| {
+        let at = c * ELEMENTWISE_CHUNK;
+        // SAFETY: chunk c of m and v, like p's, is touched by this task only.
+        let (m, v) = unsafe { (mp.slice(at, p.len()), vp.slice(at, p.len())) };
+        for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(&g[at..n]) {
             if let Some(decay) = s.decay {
                 *p *= decay;
             }
@@ -304,8 +324,8 @@ pub fn adamw_step_ref(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], st
             *v = *v * s.beta2 + (g * s.one_minus_beta2) * g;
             let denom = v.sqrt() / s.bc2_sqrt + s.eps;
             *p += (*m * s.neg_step_size) / denom;
-        },
-    );
+        }
+    });
 }
 
 /// A write-locked storage handed to [`with_mut`]'s closure.
@@ -375,11 +395,15 @@ pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, step: &AdamWSt
         with_mut(m, move |md, ml| {
             with_mut(v, move |vd, vl| match (pd, md, vd) {
                 (Dst::Cpu(ps), Dst::Cpu(ms), Dst::Cpu(vs)) => {
-                    let g = g.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                    let (gs, gl) = g.storage_and_layout();
+                    let candle_core::Storage::Cpu(CpuStorage::F32(gv)) = &*gs else {
+                        bail!("adamw: grad on another device")
+                    };
+                    let (a, b) = gl.contiguous_offsets().expect("made contiguous above");
                     let p = f32_slice_mut(ps, pl, "the parameter")?;
                     let m = f32_slice_mut(ms, ml, "exp_avg")?;
                     let v = f32_slice_mut(vs, vl, "exp_avg_sq")?;
-                    adamw_step_ref(p, &g, m, v, step);
+                    adamw_step_ref(p, &gv[a..b], m, v, step);
                     Ok(())
                 }
                 #[cfg(feature = "cuda")]
@@ -399,8 +423,6 @@ pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, step: &AdamWSt
 mod tests {
     use super::*;
     use crate::ops::testing::{max_diff, randn};
-    use crate::train::optim::{AdamW, AdamWConfig};
-    use candle_core::backprop::GradStore;
     use candle_core::{Var, D};
 
     #[test]
@@ -449,26 +471,44 @@ mod tests {
 
     /// The fused step is bit-identical to the optimizer's tensor-op step (with and without decay).
     #[test]
-    fn fused_adamw_matches_the_optimizer_bit_for_bit() {
+    fn fused_adamw_matches_composed_tensor_ops_bit_for_bit() {
+        // torch's `_single_tensor_adam` order (the optimizer module docs), one tensor op at a
+        // time with f32 rounding after each: the fused loop must give the same bits, on a
+        // size that spans several parallel chunks.
+        let n = 3 * ELEMENTWISE_CHUNK + 77;
+        let f32s = |x: f64| x as f32 as f64;
         for wd in [0.0, 0.1] {
-            let cfg = AdamWConfig { betas: (0.9, 0.95), eps: 1e-8, weight_decay: wd, ..Default::default() };
-            let var = Var::from_tensor(&randn(&[37, 5], 5)).unwrap();
-            let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg).unwrap();
-            let p = randn(&[37, 5], 5);
+            let (beta1, beta2) = cfg_betas();
+            let p = randn(&[n], 5);
             let (m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap());
+            let (mut rp, mut rm, mut rv) = (p.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
             for step in 1..=4u64 {
-                let g = randn(&[37, 5], 10 + step);
+                let g = randn(&[n], 10 + step);
                 let lr = 1e-3 * step as f64;
-                let mut grads = GradStore::default();
-                grads.insert(var.as_tensor(), g.clone());
-                opt.step(&grads, lr).unwrap();
                 let hyper = AdamWStep { lr, betas: cfg_betas(), eps: 1e-8, weight_decay: wd, step };
                 adamw_step(&p, &g, &m, &v, &hyper).unwrap();
+                if wd != 0.0 {
+                    rp = rp.affine(f32s(1.0 - lr * wd), 0.0).unwrap();
+                }
+                let w = (1.0 - beta1) as f32;
+                let diff = (&g - &rm).unwrap();
+                rm = if w < 0.5 {
+                    (&rm + diff.affine(w as f64, 0.0).unwrap()).unwrap()
+                } else {
+                    (&g - diff.affine((1.0f32 - w) as f64, 0.0).unwrap()).unwrap()
+                };
+                let gg = (g.affine(f32s(1.0 - beta2), 0.0).unwrap() * &g).unwrap();
+                rv = (rv.affine(f32s(beta2), 0.0).unwrap() + gg).unwrap();
+                let t = step as f64;
+                let step_size = lr / (1.0 - beta1.powf(t));
+                let bc2_sqrt = Tensor::new((1.0 - beta2.powf(t)).powf(0.5) as f32, &Device::Cpu).unwrap();
+                let eps = Tensor::new(1e-8f32, &Device::Cpu).unwrap();
+                let denom = rv.sqrt().unwrap().broadcast_div(&bc2_sqrt).unwrap().broadcast_add(&eps).unwrap();
+                rp = (rp + rm.affine(f32s(-step_size), 0.0).unwrap().div(&denom).unwrap()).unwrap();
             }
-            let (om, ov) = opt.moments("w").unwrap();
-            assert_eq!(max_diff(&p, var.as_tensor()), 0.0, "param, wd {wd}");
-            assert_eq!(max_diff(&m, om), 0.0, "exp_avg, wd {wd}");
-            assert_eq!(max_diff(&v, ov), 0.0, "exp_avg_sq, wd {wd}");
+            assert_eq!(max_diff(&p, &rp), 0.0, "param, wd {wd}");
+            assert_eq!(max_diff(&m, &rm), 0.0, "exp_avg, wd {wd}");
+            assert_eq!(max_diff(&v, &rv), 0.0, "exp_avg_sq, wd {wd}");
         }
     }
 

@@ -15,7 +15,7 @@ use crate::parallel::Solo;
 use crate::weights::{rank_tensors, TensorMapBackend};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use shardsmith_converters::convert::llava::CanonicalLlava;
 use shardsmith_converters::names::llama::LlamaHparams;
@@ -298,7 +298,7 @@ impl TrainModel {
             for i in 0..layers {
                 x = llama.layer(i, &x, &seq, &Solo)?;
             }
-            let (loss, tokens) = masked_cross_entropy(&llama.head(&x, &Solo)?, &batch.labels)?;
+            let (loss, tokens) = masked_cross_entropy(&llama.head_native(&x, &Solo)?, &batch.labels)?;
             self.collect(&mut grads, loss.backward()?)?;
             (loss, tokens)
         } else {
@@ -310,7 +310,8 @@ impl TrainModel {
             }
             // Head: from the last layer's output as a leaf, to get dL/dx there.
             let last = Var::from_tensor(&inputs[layers])?;
-            let (loss, tokens) = masked_cross_entropy(&llama.head(last.as_tensor(), &Solo)?, &batch.labels)?;
+            let (loss, tokens) =
+                masked_cross_entropy(&llama.head_native(last.as_tensor(), &Solo)?, &batch.labels)?;
             let mut g_all = loss.backward()?;
             let mut g = g_all
                 .remove(last.as_tensor())
@@ -372,27 +373,26 @@ impl TrainModel {
     }
 }
 
-/// Mean next-token cross-entropy: logits [B, T, V] (f32) against labels [B, T] shifted by one;
+/// Mean next-token cross-entropy: logits [B, T, V] (any float dtype) against labels [B, T] shifted by one;
 /// `IGNORE` labels do not count. Returns the scalar loss and the number of counted tokens.
 pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let (b, t, v) = logits.dims3()?;
-    let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let labels = labels.narrow(1, 1, t - 1)?.flatten_all()?.to_dtype(DType::I64)?;
-    if logits.device().is_cuda() {
-        // One kernel: loss per row and d logits in the same pass over the vocabulary.
-        let (loss, count) = crate::ops::cross_entropy_mean(&logits, &labels)?;
-        return Ok((loss, count));
-    }
-    let keep = labels.ne(IGNORE)?; // [N] u8
-    let count = keep.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
-    if count == 0 {
+    // Position p predicts label p + 1; the last position predicts nothing (ignored). Scoring
+    // every position against shifted labels keeps the logits one contiguous [B·T, V] block:
+    // no narrowed copy of the logits forward and no scatter of their gradient backward.
+    let shifted = Tensor::cat(
+        &[
+            &labels.narrow(1, 1, t - 1)?.to_dtype(DType::I64)?,
+            &Tensor::full(IGNORE, (b, 1), labels.device())?,
+        ],
+        1,
+    )?;
+    // One fused op (CUDA kernel or CPU reference): per row the loss and d logits in the same
+    // pass over the vocabulary, in f32 from logits of any float dtype.
+    if shifted.ne(IGNORE)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? == 0.0 {
         return Err(Error::Usage("a micro-batch with no labelled tokens".into()));
     }
-    let safe = keep.where_cond(&labels, &labels.zeros_like()?)?.to_dtype(DType::U32)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?; // [N]
-    let total = (picked * keep.to_dtype(DType::F32)?)?.sum_all()?;
-    Ok(((total.neg()? / count as f64)?, count))
+    Ok(crate::ops::cross_entropy_mean(&logits.reshape((b * t, v))?, &shifted.flatten_all()?)?)
 }
 
 #[cfg(test)]

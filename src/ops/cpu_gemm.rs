@@ -1,0 +1,817 @@
+//! CPU GEMMs on AVX-512 for the model's projections, which [`super::matmul`] runs: bf16 on
+//! AVX512-BF16 (`vdpbf16ps`) and f32 on AVX512-F (`vfmadd231ps`).
+//!
+//! Why hand-written: no maintained Rust crate has a CPU bf16 GEMM (`gemm` covers f16/f32/f64;
+//! candle's CPU matmul widens bf16 operands to f32 on every call), and `vdpbf16ps` does two
+//! bf16 products per f32 lane per instruction: twice the rate of the f32 FMA path. For f32 the
+//! `gemm` crate (candle's CPU matmul) is fast when B is row-major but runs at 40–50 % of that
+//! when B is a transposed view with K > N — x·Wᵀ for `o_proj` and `down_proj` (measured 2 threads,
+//! M = 256: 79 vs 208 GFLOP/s for K 2048 × N 768); packing makes every layout the same speed.
+//!
+//! Shapes and layout: `C [M, N] (f32, row-major) = A [M, K] · B [K, N]`, A and B given as
+//! strided views (element (i, j) at `data[i·rs + j·cs]`), so the transposes the model and its
+//! backward need — x·Wᵀ, dy·W, dyᵀ·x — are only strides, and any M, N, K (odd edges included)
+//! works. Operands are packed into panels of 32-bit *units*, each holding [`Element::KU`]
+//! consecutive k values of one row or column (bf16: the k-pair `vdpbf16ps` consumes, low half
+//! even; f32: one value):
+//! - A panel (MR rows): `[K/KU][MR]` units;
+//! - B panel (NR cols): `[K/KU][NR]` units: one zmm per 16 columns;
+//!
+//! zero-padded to MR rows, NR columns and whole units. The MR×NR = 8×48 microkernel keeps 24 zmm
+//! accumulators; per unit it loads 3 B vectors and broadcasts 8 A units. Blocking: K in blocks
+//! of ≤ KCU units (a B micro-panel, 96 KiB, stays in L2), M in blocks of ≤ MC (packed A stays in
+//! L2); the threads run (M-chunk, N-chunk) tasks, each packing its B micro-panels one at a time. When
+//! M is tiny (bf16 decode) and both operands are K-contiguous (x·Wᵀ), a packing-free
+//! dot-product kernel reads W once instead.
+//!
+//! Numerics: bf16×bf16 products are exact in f32 and accumulate in f32, as in the widened f32
+//! path, up to summation order; bf16 outputs are rounded to nearest even. f32 accumulates in
+//! f32 by FMA. Each C tile is summed by one task in a fixed order: results do not depend on the
+//! thread count.
+//!
+//! Only x86-64 with AVX-512 (detected at run time: [`bf16_available`], [`f32_available`]);
+//! everywhere else callers keep candle's matmul.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Result};
+use half::bf16;
+
+/// Microkernel rows.
+const MR: usize = 8;
+/// Microkernel columns (3 zmm of 16 f32).
+const NR: usize = 48;
+/// Largest K block, in units: a packed B micro-panel is KCU·NR·4 bytes = 96 KiB, L2-resident
+/// (the microkernel needs 192 bytes of B per 24 multiply-adds, far below L2 bandwidth), and few
+/// K blocks keep C's read-modify-write passes few.
+const KCU: usize = 512;
+/// Largest M block: packed A for one K block is MC·KCU·4 bytes = 512 KiB.
+const MC: usize = 256;
+/// Up to this many rows, bf16 x·Wᵀ runs the packing-free dot-product kernel.
+const DOT_MAX_M: usize = 4;
+
+/// A strided matrix view: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a, T> {
+    /// The elements (the view may skip some).
+    pub data: &'a [T],
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Row stride, in elements.
+    pub rs: usize,
+    /// Column stride, in elements.
+    pub cs: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+
+    fn check(&self, what: &str) -> Result<()> {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.rs + (self.cols - 1) * self.cs;
+            if last >= self.data.len() {
+                bail!(
+                    "cpu-gemm: {what} view [{}, {}] overruns its {} elements",
+                    self.rows,
+                    self.cols,
+                    self.data.len()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An element type of the packed GEMM: how k values pack into 32-bit units, and the microkernel.
+trait Element: Copy + Send + Sync + 'static {
+    /// Consecutive k values per packed unit.
+    const KU: usize;
+
+    /// The unit of `v`'s row or column `r` (along the non-K dimension, stride `rstride`) that
+    /// starts at k index `k0` (stride `kstride`), zero past `k`.
+    fn unit(v: &MatRef<Self>, r: usize, k0: usize, k: usize, kstride: usize, rstride: usize) -> u32;
+
+    /// One unit from `KU` contiguous k values (all inside K).
+    fn unit_of(values: &[Self]) -> u32;
+
+    /// Units of `live` consecutive columns from K-rows `rows[0..KU]` (a row past K is `None`:
+    /// zeros), into `dst[..live]`.
+    fn units_of_rows(rows: [Option<&[Self]>; 2], dst: &mut [u32]);
+
+    /// `C[..rows, ..cols] (+)= Apanel · Bpanel` over `ku` units.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features; the panels hold `ku` units; C has `rows` rows of
+    /// `cols` writable elements `ldc` apart.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel(
+        ku: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    );
+}
+
+impl Element for bf16 {
+    const KU: usize = 2;
+
+    #[inline(always)]
+    fn unit(v: &MatRef<bf16>, r: usize, k0: usize, k: usize, kstride: usize, rstride: usize) -> u32 {
+        let base = r * rstride + k0 * kstride;
+        let lo = v.data[base].to_bits() as u32;
+        let hi = if k0 + 1 < k { v.data[base + kstride].to_bits() as u32 } else { 0 };
+        lo | (hi << 16)
+    }
+
+    #[inline(always)]
+    fn unit_of(values: &[bf16]) -> u32 {
+        values[0].to_bits() as u32 | (values[1].to_bits() as u32) << 16
+    }
+
+    fn units_of_rows(rows: [Option<&[bf16]>; 2], dst: &mut [u32]) {
+        let lo = rows[0].expect("the first row of a unit is inside K");
+        match rows[1] {
+            Some(hi) => {
+                for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
+                    *d = l.to_bits() as u32 | (h.to_bits() as u32) << 16;
+                }
+            }
+            None => {
+                for (d, l) in dst.iter_mut().zip(lo) {
+                    *d = l.to_bits() as u32;
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn kernel(
+        ku: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        kernel_bf16(ku, a, b, c, ldc, rows, cols, accumulate)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn kernel(
+        _: usize,
+        _: *const u32,
+        _: *const u32,
+        _: *mut f32,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: bool,
+    ) {
+        unreachable!("bf16_available() is false off x86-64")
+    }
+}
+
+impl Element for f32 {
+    const KU: usize = 1;
+
+    #[inline(always)]
+    fn unit(v: &MatRef<f32>, r: usize, k0: usize, _k: usize, kstride: usize, rstride: usize) -> u32 {
+        v.data[r * rstride + k0 * kstride].to_bits()
+    }
+
+    #[inline(always)]
+    fn unit_of(values: &[f32]) -> u32 {
+        values[0].to_bits()
+    }
+
+    fn units_of_rows(rows: [Option<&[f32]>; 2], dst: &mut [u32]) {
+        let row = rows[0].expect("the row of a unit is inside K");
+        for (d, x) in dst.iter_mut().zip(row) {
+            *d = x.to_bits();
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn kernel(
+        ku: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        kernel_f32(ku, a, b, c, ldc, rows, cols, accumulate)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn kernel(
+        _: usize,
+        _: *const u32,
+        _: *const u32,
+        _: *mut f32,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: bool,
+    ) {
+        unreachable!("f32_available() is false off x86-64")
+    }
+}
+
+/// Whether this CPU runs the bf16 kernels (x86-64 with AVX512-F/BW/BF16), detected once.
+/// `SHARDSMITH_NO_BF16_GEMM=1` turns them off (the widened f32 path instead).
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("SHARDSMITH_NO_BF16_GEMM").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU runs the f32 kernel (x86-64 with AVX512-F), detected once.
+/// `SHARDSMITH_NO_F32_GEMM=1` turns it off (candle's matmul instead).
+pub fn f32_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("SHARDSMITH_NO_F32_GEMM").is_none() && is_x86_feature_detected!("avx512f")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+use super::par::{chunks_mut, for_each as parallel_for, threads as pool_threads, SendPtr};
+
+/// Shapes agree and views stay inside their data; (m, k, n).
+fn check_shapes<T>(a: &MatRef<T>, b: &MatRef<T>, c_len: usize) -> Result<(usize, usize, usize)> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || c_len != m * n {
+        bail!("cpu-gemm: A [{m}, {k}] · B [{}, {n}] into {c_len} elements", b.rows);
+    }
+    a.check("A")?;
+    b.check("B")?;
+    Ok((m, k, n))
+}
+
+/// bf16 `C = A · B` with C [M, N] f32 row-major (overwritten). Errors when the CPU lacks the
+/// kernels or the shapes disagree.
+pub fn gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) -> Result<()> {
+    if !bf16_available() {
+        bail!("cpu-gemm: this CPU has no avx512_bf16");
+    }
+    let (m, k, n) = check_shapes(&a, &b, c.len())?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if m <= DOT_MAX_M && a.cs == 1 && b.rs == 1 {
+        dot_gemm(a, b, c);
+        return Ok(());
+    }
+    packed_gemm(a, b, c);
+    Ok(())
+}
+
+/// f32 `C = A · B` with C [M, N] row-major (overwritten). Errors when the CPU lacks AVX512-F or
+/// the shapes disagree.
+pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32]) -> Result<()> {
+    if !f32_available() {
+        bail!("cpu-gemm: this CPU has no avx512f");
+    }
+    let (m, k, n) = check_shapes(&a, &b, c.len())?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return Ok(());
+    }
+    packed_gemm(a, b, c);
+    Ok(())
+}
+
+/// `A · B` rounded to bf16 (nearest even), row-major [M, N].
+pub fn gemm_bf16(a: MatRef<bf16>, b: MatRef<bf16>) -> Result<Vec<bf16>> {
+    let mut c = vec![0f32; a.rows * b.cols];
+    gemm(a, b, &mut c)?;
+    Ok(round_bf16(&c))
+}
+
+/// f32 → bf16, round to nearest even (NaN stays NaN), vectorisable and in parallel.
+pub fn round_bf16(c: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; c.len()];
+    const CHUNK: usize = 1 << 14;
+    chunks_mut(&mut out, CHUNK, |i, o| {
+        for (o, &x) in o.iter_mut().zip(&c[i * CHUNK..]) {
+            let bits = x.to_bits();
+            let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+            *o = bf16::from_bits(if x.is_nan() { (bits >> 16) as u16 | 0x40 } else { rounded });
+        }
+    });
+    out
+}
+
+/// Pack rows `i0..i0+rows` × units `u0..u0+ku` of A into MR-row panels `[ku][MR]`.
+fn pack_a<T: Element>(a: &MatRef<T>, i0: usize, rows: usize, u0: usize, ku: usize, out: &mut [u32]) {
+    let k = a.cols;
+    chunks_mut(out, ku * MR, |blk, panel| {
+        let r0 = i0 + blk * MR;
+        let live = MR.min(i0 + rows - r0);
+        if live < MR {
+            panel.fill(0);
+        }
+        // Row by row: with K contiguous (x, dy) each row is a sequential read.
+        for r in 0..live {
+            for u in 0..ku {
+                panel[u * MR + r] = T::unit(a, r0 + r, T::KU * (u0 + u), k, a.cs, a.rs);
+            }
+        }
+    });
+}
+
+/// Pack columns `j0..j0+cols` × units `u0..u0+ku` of B into NR-column panels `[ku][NR]`.
+fn pack_b<T: Element>(b: &MatRef<T>, j0: usize, cols: usize, u0: usize, ku: usize, out: &mut [u32]) {
+    let k = b.rows;
+    for (blk, panel) in out.chunks_exact_mut(ku * NR).enumerate() {
+        let c0 = j0 + blk * NR;
+        let live = NR.min(j0 + cols - c0);
+        if live < NR {
+            panel.fill(0);
+        }
+        if b.rs == 1 {
+            // K contiguous (Wᵀ: W's rows): whole units from each column. Unit-major, so the
+            // panel is written sequentially while the `live` column streams (one cache line
+            // per 64 bytes of K each) stay in L1; column-major order wrote every unit to a
+            // different line, 12 % of a prefill.
+            let full = (k - T::KU * u0).min(T::KU * ku) / T::KU; // units wholly inside K
+            let mut cols: [&[T]; NR] = [&[]; NR];
+            for (c, col) in cols.iter_mut().enumerate().take(live) {
+                let start = (c0 + c) * b.cs + T::KU * u0;
+                *col = &b.data[start..start + T::KU * full];
+            }
+            // Units per 64-byte line of a column stream, and how far ahead to prefetch: with
+            // 48 streams the hardware prefetchers lose track and every new line waits on DRAM.
+            let per_line = 64 / (T::KU * std::mem::size_of::<T>());
+            for u in 0..full {
+                if u % per_line == 0 {
+                    for col in &cols[..live] {
+                        prefetch(
+                            col.as_ptr()
+                                .wrapping_add(T::KU * u + PREFETCH_AHEAD_BYTES / std::mem::size_of::<T>()),
+                        );
+                    }
+                }
+                let row = &mut panel[u * NR..u * NR + live];
+                for (dst, col) in row.iter_mut().zip(&cols) {
+                    *dst = T::unit_of(&col[T::KU * u..T::KU * u + T::KU]);
+                }
+            }
+            if full < ku {
+                for c in 0..live {
+                    panel[full * NR + c] = T::unit(b, c0 + c, T::KU * (u0 + full), k, b.rs, b.cs);
+                }
+            }
+        } else if b.cs == 1 {
+            // N contiguous (W in dy·W, x in dyᵀ·x): each unit row from KU runs of `live` values.
+            for u in 0..ku {
+                let k0 = T::KU * (u0 + u);
+                let run = |kk: usize| (kk < k).then(|| &b.data[kk * b.rs + c0..kk * b.rs + c0 + live]);
+                T::units_of_rows(
+                    [run(k0), if T::KU == 2 { run(k0 + 1) } else { None }],
+                    &mut panel[u * NR..u * NR + live],
+                );
+            }
+        } else {
+            for u in 0..ku {
+                for c in 0..live {
+                    panel[u * NR + c] = T::unit(b, c0 + c, T::KU * (u0 + u), k, b.rs, b.cs);
+                }
+            }
+        }
+    }
+}
+
+/// How far ahead of the packing position a column stream is prefetched.
+const PREFETCH_AHEAD_BYTES: usize = 512;
+
+/// Hint the line holding `p` into L1 (no fault if `p` is past the data).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+fn packed_gemm<T: Element>(a: MatRef<T>, b: MatRef<T>, c: &mut [f32]) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let units = k.div_ceil(T::KU);
+    // Equal K blocks of at most KCU units.
+    let kblocks = units.div_ceil(KCU);
+    let kcu = units.div_ceil(kblocks);
+    let threads = pool_threads();
+    let n_panels = n.div_ceil(NR);
+    let mut a_pack = vec![0u32; MC.min(m.div_ceil(MR) * MR) * kcu];
+    let cptr = SendPtr::new(c);
+    for i0 in (0..m).step_by(MC) {
+        let rows = MC.min(m - i0);
+        let m_panels = rows.div_ceil(MR);
+        for kb in 0..kblocks {
+            let u0 = kb * kcu;
+            let ku = kcu.min(units - u0);
+            let a_pack = &mut a_pack[..m_panels * MR * ku];
+            pack_a(&a, i0, rows, u0, ku, a_pack);
+            let a_pack = &*a_pack;
+            // Tasks: N chunks (each packs its B chunk), a few per thread; M split too when N is
+            // too narrow to feed the threads.
+            let n_chunks = n_panels.min(4 * threads);
+            let m_chunks =
+                if n_chunks >= 2 * threads { 1 } else { m_panels.min((2 * threads).div_ceil(n_chunks)) };
+            let per_n = n_panels.div_ceil(n_chunks);
+            let per_m = m_panels.div_ceil(m_chunks);
+            let accumulate = kb > 0;
+            parallel_for(n_chunks * m_chunks, |task| {
+                let (nc, mc) = (task / m_chunks, task % m_chunks);
+                let (pn0, pn1) = (nc * per_n, ((nc + 1) * per_n).min(n_panels));
+                let (pm0, pm1) = (mc * per_m, ((mc + 1) * per_m).min(m_panels));
+                if pn0 >= pn1 || pm0 >= pm1 {
+                    return;
+                }
+                // One B micro-panel at a time, used against every A panel while it is hot.
+                let mut bp = vec![0u32; ku * NR];
+                for pn in pn0..pn1 {
+                    let jc = pn * NR;
+                    let ncols = NR.min(n - jc);
+                    pack_b(&b, jc, ncols, u0, ku, &mut bp);
+                    for ip in pm0..pm1 {
+                        let ic = i0 + ip * MR;
+                        let nrows = MR.min(m - ic);
+                        let ap = &a_pack[ip * MR * ku..(ip + 1) * MR * ku];
+                        // SAFETY: the public entry checked the CPU's features; tasks write
+                        // disjoint tiles of C (rows ic..ic+nrows < m, columns jc..jc+ncols < n);
+                        // panels hold ku units.
+                        unsafe {
+                            T::kernel(
+                                ku,
+                                ap.as_ptr(),
+                                bp.as_ptr(),
+                                cptr.get().add(ic * n + jc),
+                                n,
+                                nrows,
+                                ncols,
+                                accumulate,
+                            );
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Write (or add) an MR×NR accumulator tile into C's first `rows` × `cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_tile(
+    acc: &[[std::arch::x86_64::__m512; 3]; MR],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let masks: [__mmask16; 3] = std::array::from_fn(|v| {
+        let live = cols.saturating_sub(16 * v).min(16);
+        ((1u32 << live) - 1) as __mmask16
+    });
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        let row = c.add(r * ldc);
+        for v in 0..3 {
+            let ptr = row.add(16 * v);
+            let mut x = acc[v];
+            if masks[v] == 0xffff {
+                if accumulate {
+                    x = _mm512_add_ps(x, _mm512_loadu_ps(ptr));
+                }
+                _mm512_storeu_ps(ptr, x);
+            } else if masks[v] != 0 {
+                if accumulate {
+                    x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(masks[v], ptr));
+                }
+                _mm512_mask_storeu_ps(ptr, masks[v], x);
+            }
+        }
+    }
+}
+
+/// The bf16 microkernel: per k-pair, 3 B vectors × 8 broadcast A pairs, `vdpbf16ps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_bf16(
+    ku: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+    for p in 0..ku {
+        let bp = b.add(p * NR);
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+        let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
+        let ap = a.add(p * MR);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            acc[0] = _mm512_dpbf16_ps(acc[0], ar, b0);
+            acc[1] = _mm512_dpbf16_ps(acc[1], ar, b1);
+            acc[2] = _mm512_dpbf16_ps(acc[2], ar, b2);
+        }
+    }
+    store_tile(&acc, c, ldc, rows, cols, accumulate)
+}
+
+/// The f32 microkernel: per k, 3 B vectors × 8 broadcast A values, `vfmadd231ps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_f32(
+    ku: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let (a, b) = (a as *const f32, b as *const f32);
+    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+    for p in 0..ku {
+        let bp = b.add(p * NR);
+        let (b0, b1, b2) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)), _mm512_loadu_ps(bp.add(32)));
+        let ap = a.add(p * MR);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let ar = _mm512_set1_ps(*ap.add(r));
+            acc[0] = _mm512_fmadd_ps(ar, b0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(ar, b1, acc[1]);
+            acc[2] = _mm512_fmadd_ps(ar, b2, acc[2]);
+        }
+    }
+    store_tile(&acc, c, ldc, rows, cols, accumulate)
+}
+
+/// Small M with K-contiguous rows of A and columns of B (x·Wᵀ in decode): dot products straight
+/// from the operands, B read once, columns split across threads.
+#[cfg(target_arch = "x86_64")]
+fn dot_gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) {
+    let (m, n) = (a.rows, b.cols);
+    let cptr = SendPtr::new(c);
+    let chunk = 64;
+    parallel_for(n.div_ceil(chunk), |blk| {
+        let (j0, j1) = (blk * chunk, ((blk + 1) * chunk).min(n));
+        // SAFETY: `bf16_available()` checked the CPU; `check` bounded every row/column read; each
+        // task writes its own columns.
+        unsafe { dot_columns(&a, &b, j0, j1, cptr.get(), n, m) }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dot_columns(
+    a: &MatRef<bf16>,
+    b: &MatRef<bf16>,
+    j0: usize,
+    j1: usize,
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+) {
+    use std::arch::x86_64::*;
+    let k = a.cols;
+    let tail = k % 32;
+    let tmask: __mmask32 = if tail == 0 { 0 } else { (1u32 << tail) - 1 };
+    let (ap, bp) = (a.data.as_ptr() as *const u16, b.data.as_ptr() as *const u16);
+    for j in j0..j1 {
+        let col = bp.add(j * b.cs);
+        let mut acc = [_mm512_setzero_ps(); DOT_MAX_M];
+        let mut kk = 0;
+        while kk + 32 <= k {
+            let bv: __m512bh = std::mem::transmute(_mm512_loadu_si512(col.add(kk) as *const _));
+            for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                let av: __m512bh = std::mem::transmute(_mm512_loadu_si512(ap.add(i * a.rs + kk) as *const _));
+                *acc = _mm512_dpbf16_ps(*acc, av, bv);
+            }
+            kk += 32;
+        }
+        if tail != 0 {
+            let bv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(tmask, col.add(kk) as *const _));
+            for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_maskz_loadu_epi16(tmask, ap.add(i * a.rs + kk) as *const _));
+                *acc = _mm512_dpbf16_ps(*acc, av, bv);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate().take(m) {
+            *c.add(i * ldc + j) = _mm512_reduce_add_ps(*acc);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Views of candle storages
+// ---------------------------------------------------------------------------------------------
+
+/// The 2-D strided view of a 2-D layout over `data`.
+fn view_of<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<MatRef<'a, T>> {
+    let (rows, cols) = l.shape().dims2()?;
+    let (rs, cs) = match l.stride() {
+        [rs, cs] => (*rs, *cs),
+        other => bail!("cpu-gemm: {what} has strides {other:?}"),
+    };
+    Ok(MatRef { data: &data[l.start_offset()..], rows, cols, rs, cs })
+}
+
+/// The 2-D strided view of a bf16 storage.
+pub(crate) fn view<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<MatRef<'a, bf16>> {
+    let CpuStorage::BF16(v) = s else { bail!("cpu-gemm: {what} is {:?}, not bf16", s.dtype()) };
+    view_of(v, l, what)
+}
+
+/// The 2-D strided view of an f32 storage.
+pub(crate) fn view_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<MatRef<'a, f32>> {
+    let CpuStorage::F32(v) = s else { bail!("cpu-gemm: {what} is {:?}, not f32", s.dtype()) };
+    view_of(v, l, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A stored [M, K] (or [K, M] viewed transposed) and B [K, N] (or [N, K] transposed).
+    fn views<T>(
+        av: &[T],
+        bv: &[T],
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+    ) -> (MatRef<'static, T>, MatRef<'static, T>)
+    where
+        T: Clone + 'static,
+    {
+        let (av, bv): (&'static [T], &'static [T]) = (av.to_vec().leak(), bv.to_vec().leak());
+        let a = if ta {
+            MatRef { data: av, rows: k, cols: m, rs: m, cs: 1 }.t()
+        } else {
+            MatRef { data: av, rows: m, cols: k, rs: k, cs: 1 }
+        };
+        let b = if tb {
+            MatRef { data: bv, rows: n, cols: k, rs: k, cs: 1 }.t()
+        } else {
+            MatRef { data: bv, rows: k, cols: n, rs: n, cs: 1 }
+        };
+        (a, b)
+    }
+
+    /// C against an f64 reference of op(A)·op(B); the elements as f64 by `f`.
+    fn compare<T: Copy>(a: MatRef<T>, b: MatRef<T>, c: &[f32], f: impl Fn(T) -> f64, what: &str) {
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut want, mut mag) = (0f64, 0f64);
+                for p in 0..k {
+                    let x = f(a.data[i * a.rs + p * a.cs]) * f(b.data[p * b.rs + j * b.cs]);
+                    want += x;
+                    mag += x.abs();
+                }
+                let got = c[i * n + j] as f64;
+                // f32 accumulation: error ≤ ~K·2⁻²⁴·Σ|x| (bf16 products are exact, f32 ones
+                // round once more: the +2).
+                let tol = 1e-6 + (k as f64 + 2.0) * 6e-8 * mag;
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{what} [{m}x{k}]·[{k}x{n}] at ({i},{j}): {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// Both kernels (where the CPU has them) on one shape and layout.
+    fn check(m: usize, n: usize, k: usize, ta: bool, tb: bool, seed: u64) {
+        let (af, bf) = (values(m * k, seed), values(k * n, seed ^ 0x55));
+        let what = format!("ta={ta} tb={tb}");
+        if bf16_available() {
+            let to = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+            let (a, b) = views(&to(&af), &to(&bf), m, n, k, ta, tb);
+            let mut c = vec![f32::NAN; m * n];
+            gemm(a, b, &mut c).unwrap();
+            compare(a, b, &c, |x| x.to_f64(), &format!("bf16 {what}"));
+        }
+        if f32_available() {
+            let (a, b) = views(&af, &bf, m, n, k, ta, tb);
+            let mut c = vec![f32::NAN; m * n];
+            gemm_f32(a, b, &mut c).unwrap();
+            compare(a, b, &c, |x| x as f64, &format!("f32 {what}"));
+        }
+    }
+
+    #[test]
+    fn edges_and_transposes() {
+        if !bf16_available() && !f32_available() {
+            eprintln!("skipped: no avx512");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 7, 3),
+            (3, 48, 64),
+            (8, 49, 257),
+            (9, 95, 513),
+            (17, 130, 1),
+            (600, 50, 40),
+            (10, 50, 2101),
+            (300, 60, 2049),
+        ] {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                check(m, n, k, ta, tb, (m * 31 + n * 7 + k) as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn overrunning_views_and_mismatched_shapes_are_errors() {
+        if !f32_available() {
+            return;
+        }
+        let data = vec![0f32; 12];
+        let a = MatRef { data: &data, rows: 3, cols: 4, rs: 4, cs: 1 };
+        let short = MatRef { data: &data[..10], rows: 4, cols: 3, rs: 3, cs: 1 };
+        let mut c = vec![0f32; 9];
+        assert!(gemm_f32(a, short, &mut c).unwrap_err().to_string().contains("overruns"));
+        let b = MatRef { data: &data, rows: 4, cols: 3, rs: 3, cs: 1 };
+        assert!(gemm_f32(a, b, &mut c[..8]).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn matches_f64_reference(m in 1usize..70, n in 1usize..120, k in 1usize..600, ta: bool, tb: bool, seed: u64) {
+            check(m, n, k, ta, tb, seed);
+        }
+    }
+}
