@@ -62,8 +62,8 @@ fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<std::borrow::Co
     use std::borrow::Cow;
     Ok(match s {
         CpuStorage::F32(v) => Cow::Borrowed(contiguous(v, l, op)?),
-        CpuStorage::BF16(v) => Cow::Owned(contiguous(v, l, op)?.iter().map(|v| v.to_f32()).collect()),
-        CpuStorage::F16(v) => Cow::Owned(contiguous(v, l, op)?.iter().map(|v| v.to_f32()).collect()),
+        CpuStorage::BF16(v) => Cow::Owned(convert(contiguous(v, l, op)?, |v| v.to_f32())),
+        CpuStorage::F16(v) => Cow::Owned(convert(contiguous(v, l, op)?, |v| v.to_f32())),
         other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
     })
 }
@@ -72,10 +72,23 @@ fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<std::borrow::Co
 fn store(v: Vec<f32>, dtype: DType, op: &str) -> Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(convert(&v, bf16::from_f32)),
+        DType::F16 => CpuStorage::F16(convert(&v, f16::from_f32)),
         other => bail!("{op}: unsupported dtype {other:?}"),
     })
+}
+
+/// `f` over every element, on the pool's threads (a bf16 op's widening and rounding were
+/// single-threaded stretches while candle's other worker spun).
+fn convert<A: Copy + Sync, B: Copy + Default + Send>(src: &[A], f: impl Fn(A) -> B + Sync) -> Vec<B> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![B::default(); src.len()];
+    par::chunks_mut(&mut out, CHUNK, |i, o| {
+        for (o, &x) in o.iter_mut().zip(&src[i * CHUNK..]) {
+            *o = f(x);
+        }
+    });
+    out
 }
 
 /// Round an f32 to the storage dtype and back (the rounding transformers applies mid-op).

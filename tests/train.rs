@@ -303,3 +303,34 @@ fn bf16_o2_tracks_f32() {
     .unwrap();
     assert!(state.iter().filter(|(k, _)| !k.starts_with("step.")).all(|(_, t)| t.dtype() == DType::F32));
 }
+
+/// `trainer.device`: a bad name is a config error, CUDA on a build without it says how to get
+/// it; either way nothing is written. (`cpu`, the default, is what every other test runs.)
+#[test]
+fn the_device_key_is_checked_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |device: &str| {
+        shardsmith(&[
+            "train",
+            "--config",
+            fixture("train-tiny/train.yaml").to_str().unwrap(),
+            "--set",
+            &format!("output.dir={}", dir.path().join("out").display()),
+            "--set",
+            &format!("trainer.device={device}"),
+        ])
+    };
+    let bad = run("tpu");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("trainer.device: unknown device 'tpu'"));
+    if !cfg!(feature = "cuda") {
+        let cuda = run("cuda:0");
+        assert!(!cuda.status.success());
+        assert!(
+            String::from_utf8_lossy(&cuda.stderr).contains("built without CUDA"),
+            "{}",
+            String::from_utf8_lossy(&cuda.stderr)
+        );
+    }
+    assert!(!dir.path().join("out").exists(), "a refused run wrote output");
+}

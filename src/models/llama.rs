@@ -87,7 +87,11 @@ impl Proj {
 
     /// x [B, T, in] → [B, T, out] in x's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let bf16_gemm = x.dtype() == DType::BF16 && x.device().is_cpu() && ops::cpu_gemm::bf16_available();
+        // bf16 activations compute in bf16 where a bf16 GEMM exists (cuBLAS; AVX512-BF16), also
+        // against f32 master weights (cast per step, differentiably): otherwise a stage-2 run on
+        // CUDA would multiply in f32.
+        let bf16_gemm = x.dtype() == DType::BF16
+            && (x.device().is_cuda() || (x.device().is_cpu() && ops::cpu_gemm::bf16_available()));
         let (compute, w) = if bf16_gemm {
             (DType::BF16, self.weight_bf16()?)
         } else if self.weight.dtype() == DType::BF16 && self.weight.device().is_cpu() {

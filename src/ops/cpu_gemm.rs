@@ -86,6 +86,31 @@ impl<'a, T> MatRef<'a, T> {
     }
 }
 
+/// A microkernel: `C[..rows, ..cols] (+)= Apanel · Bpanel` over `ku` units (args: ku, A panel,
+/// B panel, C, ldc, rows, cols, accumulate).
+///
+/// # Safety
+/// The CPU has the kernel's features; the panels hold `ku` units; C has `rows` rows of `cols`
+/// writable elements `ldc` apart.
+type Kernel = unsafe fn(usize, *const u32, *const u32, *mut f32, usize, usize, usize, bool);
+
+/// Off x86-64 there are no kernels, and the public entries refuse before reaching one.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel_bf16(
+    _: usize,
+    _: *const u32,
+    _: *const u32,
+    _: *mut f32,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: bool,
+) {
+    unreachable!("no packed GEMM off x86-64")
+}
+#[cfg(not(target_arch = "x86_64"))]
+use kernel_bf16 as kernel_f32;
+
 /// An element type of the packed GEMM: how k values pack into 32-bit units, and the microkernel.
 trait Element: Copy + Send + Sync + 'static {
     /// Consecutive k values per packed unit.
@@ -102,22 +127,8 @@ trait Element: Copy + Send + Sync + 'static {
     /// zeros), into `dst[..live]`.
     fn units_of_rows(rows: [Option<&[Self]>; 2], dst: &mut [u32]);
 
-    /// `C[..rows, ..cols] (+)= Apanel · Bpanel` over `ku` units.
-    ///
-    /// # Safety
-    /// The CPU has the kernel's features; the panels hold `ku` units; C has `rows` rows of
-    /// `cols` writable elements `ldc` apart.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel(
-        ku: usize,
-        a: *const u32,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        accumulate: bool,
-    );
+    /// The microkernel for this element type.
+    const KERNEL: Kernel;
 }
 
 impl Element for bf16 {
@@ -152,33 +163,7 @@ impl Element for bf16 {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn kernel(
-        ku: usize,
-        a: *const u32,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
-        kernel_bf16(ku, a, b, c, ldc, rows, cols, accumulate)
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn kernel(
-        _: usize,
-        _: *const u32,
-        _: *const u32,
-        _: *mut f32,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: bool,
-    ) {
-        unreachable!("bf16_available() is false off x86-64")
-    }
+    const KERNEL: Kernel = kernel_bf16;
 }
 
 impl Element for f32 {
@@ -201,33 +186,7 @@ impl Element for f32 {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn kernel(
-        ku: usize,
-        a: *const u32,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
-        kernel_f32(ku, a, b, c, ldc, rows, cols, accumulate)
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn kernel(
-        _: usize,
-        _: *const u32,
-        _: *const u32,
-        _: *mut f32,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: bool,
-    ) {
-        unreachable!("f32_available() is false off x86-64")
-    }
+    const KERNEL: Kernel = kernel_f32;
 }
 
 /// Whether this CPU runs the bf16 kernels (x86-64 with AVX512-F/BW/BF16), detected once.
@@ -485,7 +444,7 @@ fn packed_gemm<T: Element>(a: MatRef<T>, b: MatRef<T>, c: &mut [f32]) {
                         // disjoint tiles of C (rows ic..ic+nrows < m, columns jc..jc+ncols < n);
                         // panels hold ku units.
                         unsafe {
-                            T::kernel(
+                            (T::KERNEL)(
                                 ku,
                                 ap.as_ptr(),
                                 bp.as_ptr(),

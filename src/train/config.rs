@@ -398,6 +398,14 @@ pub struct TrainerConfig {
     /// Clip the global gradient L2 norm to this (PyTorch `clip_grad_norm_`); null or 0 = off.
     #[serde(default)]
     pub gradient_clip_val: Option<f64>,
+    /// Where the step runs: `cpu` (default), `cuda` or `cuda:N` (a build with `--features cuda`:
+    /// fused kernels for attention, SwiGLU, RMSNorm, rope, cross-entropy and AdamW).
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
 }
 
 impl TrainerConfig {
@@ -570,6 +578,11 @@ impl TrainConfig {
 
     /// Checks every value and combination; the message names the key (`trainer.micro_batch_size`).
     pub fn validate(&self) -> std::result::Result<(), String> {
+        let d = self.trainer.device.as_str();
+        if !(d == "cpu" || d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()))
+        {
+            return Err(format!("trainer.device: unknown device '{d}' (expected cpu, cuda or cuda:N)"));
+        }
         let m = &self.model;
         if m.checkpoint.as_os_str().is_empty() {
             return Err("model.checkpoint is empty".into());

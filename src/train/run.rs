@@ -162,7 +162,10 @@ pub fn run(config: &Path, o: &RunOptions) -> Result<Summary> {
         }
     }
     let stage = stage_of(&cfg)?;
-    let mut model = TrainModel::from_llava(c, stage.clone(), cfg.model.precision.compute_dtype())?;
+    let device = crate::models::parse_device(&cfg.trainer.device)
+        .map_err(|e| Error::config(config, format!("trainer.device: {e}")))?;
+    let mut model =
+        TrainModel::from_llava_on(c, stage.clone(), cfg.model.precision.compute_dtype(), &device)?;
 
     // Data.
     let n = c.image_token_len().ok_or_else(|| Error::config(&c.origin, "cannot size the image span"))?;
