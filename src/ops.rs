@@ -80,14 +80,17 @@ fn store(v: Vec<f32>, dtype: DType, op: &str) -> Result<CpuStorage> {
 
 /// `f` over every element, on the pool's threads (a bf16 op's widening and rounding were
 /// single-threaded stretches while candle's other worker spun).
-fn convert<A: Copy + Sync, B: Copy + Default + Send>(src: &[A], f: impl Fn(A) -> B + Sync) -> Vec<B> {
+fn convert<A: Copy + Sync, B: Copy + Send>(src: &[A], f: impl Fn(A) -> B + Sync) -> Vec<B> {
     const CHUNK: usize = 1 << 14;
-    let mut out = vec![B::default(); src.len()];
-    par::chunks_mut(&mut out, CHUNK, |i, o| {
+    // Written straight into the spare capacity: zero-filling first would be one more pass.
+    let mut out = Vec::with_capacity(src.len());
+    par::chunks_mut(&mut out.spare_capacity_mut()[..src.len()], CHUNK, |i, o| {
         for (o, &x) in o.iter_mut().zip(&src[i * CHUNK..]) {
-            *o = f(x);
+            o.write(f(x));
         }
     });
+    // SAFETY: the pieces cover 0..len and each element was written above.
+    unsafe { out.set_len(src.len()) };
     out
 }
 
