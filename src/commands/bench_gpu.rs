@@ -25,68 +25,32 @@ use crate::weights::RandomBackend;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde_json::json;
-use shardsmith_converters::names::llama::LlamaHparams;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// A LLaMA's shape (LLaMA-2-7B by default).
-#[derive(Clone, Copy, Debug)]
-pub struct LlamaShape {
-    /// Decoder layers.
-    pub layers: usize,
-    /// Hidden size H.
-    pub hidden: usize,
-    /// Attention heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// MLP width F.
-    pub ffn: usize,
-    /// Vocabulary.
-    pub vocab: usize,
+/// A LLaMA's shape (the benchmarks default to LLaMA-2-7B's): the one `synth` makes checkpoints of.
+pub use super::synth::LlamaShape;
+
+/// Forward FLOPs of the linear layers of one decoder layer of `s`, per token.
+fn layer_linear_flops_per_token(s: &LlamaShape) -> f64 {
+    let (h, d) = (s.hidden as f64, (s.hidden / s.heads) as f64);
+    let qkvo = h * (2 * s.heads + 2 * s.kv_heads) as f64 * d;
+    2.0 * (qkvo + 3.0 * h * s.ffn as f64)
 }
 
-impl LlamaShape {
-    fn hparams(&self) -> LlamaHparams {
-        LlamaHparams {
-            layers: self.layers,
-            hidden: self.hidden,
-            ffn: self.ffn,
-            heads: self.heads,
-            groups: self.kv_heads,
-            head_dim: self.hidden / self.heads,
-            vocab: self.vocab,
-            max_positions: 4096,
-            rope_theta: 10_000.0,
-            rope_linear_factor: None,
-            norm_eps: 1e-5,
-            init_std: 0.02,
-            tied: false,
-            bos: Some(1),
-            eos: Some(2),
-        }
-    }
-
-    /// Forward FLOPs of the linear layers of one decoder layer per token.
-    fn layer_linear_flops_per_token(&self) -> f64 {
-        let (h, d) = (self.hidden as f64, (self.hidden / self.heads) as f64);
-        let qkvo = h * (2 * self.heads + 2 * self.kv_heads) as f64 * d;
-        2.0 * (qkvo + 3.0 * h * self.ffn as f64)
-    }
-
-    fn check(&self) -> Result<()> {
-        ensure!(
-            self.heads > 0
-                && self.hidden.is_multiple_of(self.heads)
-                && self.kv_heads > 0
-                && self.heads.is_multiple_of(self.kv_heads),
-            "shape: hidden {} must divide by heads {}, and heads by kv heads {}",
-            self.hidden,
-            self.heads,
-            self.kv_heads
-        );
-        Ok(())
-    }
+/// Heads divide the hidden size and kv heads divide the heads.
+fn check_shape(s: &LlamaShape) -> Result<()> {
+    ensure!(
+        s.heads > 0
+            && s.hidden.is_multiple_of(s.heads)
+            && s.kv_heads > 0
+            && s.heads.is_multiple_of(s.kv_heads),
+        "shape: hidden {} must divide by heads {}, and heads by kv heads {}",
+        s.hidden,
+        s.heads,
+        s.kv_heads
+    );
+    Ok(())
 }
 
 /// What every GPU benchmark takes.
@@ -137,7 +101,7 @@ fn dtype_name(d: DType) -> String {
 
 /// A rank-0, TP-1 LLaMA over random weights on the device (`trainable`: every weight a Var).
 fn random_llama(s: &LlamaShape, c: &Common, trainable: bool) -> Result<Llama> {
-    s.check()?;
+    check_shape(s)?;
     let backend = Arc::new(RandomBackend::new(0.02, trainable));
     let layout = RankLayout { tp: 1, rank: 0, padded_vocab: s.vocab };
     Ok(Llama::load(backend.var_builder(c.dtype, &c.device), &s.hparams(), layout)?)
@@ -162,7 +126,7 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, c: &Common) -> Result
     let tokens = (batch * seq) as f64;
     let d = s.hidden / s.heads;
     let attn_fwd = 4.0 * (batch * s.heads * seq * seq * d) as f64 / 2.0;
-    let flops = 3.0 * s.layers as f64 * (tokens * s.layer_linear_flops_per_token() + attn_fwd);
+    let flops = 3.0 * s.layers as f64 * (tokens * layer_linear_flops_per_token(s) + attn_fwd);
     let line = json!({
         "impl": "shardsmith",
         "bench": "gpu_layer",
@@ -371,7 +335,7 @@ pub fn neva_step(
     checkpointing: bool,
     c: &Common,
 ) -> Result<()> {
-    s.check()?;
+    check_shape(s)?;
     let vcfg = v.config();
     let image_token = (s.vocab - 1) as u32;
     let kind = ProjectorKind::MlpGelu { depth: 2 };

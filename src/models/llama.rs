@@ -30,11 +30,12 @@ pub struct RankLayout {
     pub padded_vocab: usize,
 }
 
-/// A bias-free linear layer `y = x Wᵀ` over a 2-D view of x (no broadcast batch), returned in
-/// x's dtype. With bf16 activations on a CPU with AVX512-BF16 it runs the bf16 GEMM of
-/// [`ops::cpu_gemm`] (as PyTorch's oneDNN path does): bf16 weights as they are, a trainer's f32
-/// master weights cast to bf16 per step (differentiably; frozen ones once, cached). Elsewhere
-/// it computes in the weight's dtype, and bf16 CPU weights are widened to f32 once at load:
+/// A bias-free linear layer `y = x Wᵀ` over x [.., in] (its rows one matrix, [`ops::matmul`]),
+/// returned in x's dtype. bf16 activations multiply in bf16 where a bf16 GEMM exists (cuBLAS,
+/// or [`ops::cpu_gemm`] on a CPU with AVX512-BF16, as PyTorch's oneDNN path does): bf16
+/// weights as they are, a trainer's f32 master weights cast to bf16 per step (differentiably;
+/// frozen ones once, cached). Elsewhere it computes in the weight's dtype, and bf16 CPU weights
+/// are widened to f32 once at load:
 /// candle's CPU bf16 matmul widens both operands on every call. Either way bf16×bf16 products
 /// are exact in f32 and accumulate in f32, so the two paths differ only in summation order.
 struct Proj {

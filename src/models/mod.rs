@@ -33,17 +33,23 @@ pub struct LoadOptions {
     pub vision: Option<PathBuf>,
 }
 
-/// The device a `--device` argument names: `cpu`, `cuda` (GPU 0) or `cuda:N`. Without the
-/// `cuda` feature a CUDA device is an error that says how to build with it.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let ordinal = match spec {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
+/// The CUDA ordinal a device name stands for (`None` for `cpu`): `cpu`, `cuda` (GPU 0) or
+/// `cuda:N`, anything else an error. Only the syntax: nothing is opened.
+pub fn device_ordinal(spec: &str) -> Result<Option<usize>> {
+    match spec {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
         s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
-            _ => return Err(Error::Usage(format!("unknown device '{spec}' (expected cpu, cuda or cuda:N)"))),
+            Some(Ok(n)) => Ok(Some(n)),
+            _ => Err(Error::Usage(format!("unknown device '{spec}' (expected cpu, cuda or cuda:N)"))),
         },
-    };
+    }
+}
+
+/// The device a `--device` argument names ([`device_ordinal`]). Without the `cuda` feature a
+/// CUDA device is an error that says how to build with it.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let Some(ordinal) = device_ordinal(spec)? else { return Ok(Device::Cpu) };
     if !cfg!(feature = "cuda") {
         return Err(Error::Usage(format!(
             "device '{spec}': this shardsmith was built without CUDA (cargo build --release --features cuda)"

@@ -228,33 +228,33 @@ pub fn f32_available() -> bool {
 
 use super::par::{chunks_mut, for_each as parallel_for, threads as pool_threads, SendPtr};
 
-/// Shapes agree and views stay inside their data; (m, k, n).
-fn check_shapes<T>(a: &MatRef<T>, b: &MatRef<T>, c_len: usize) -> Result<(usize, usize, usize)> {
+/// Checks shared by both entries: the CPU has the kernel, shapes agree, views stay inside
+/// their data. Handles the empty cases (nothing to do; K = 0 zeroes C) and returns whether a
+/// product is left to compute.
+fn prologue<T>(available: bool, what: &str, a: &MatRef<T>, b: &MatRef<T>, c: &mut [f32]) -> Result<bool> {
+    if !available {
+        bail!("cpu-gemm: this CPU has no {what}");
+    }
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k || c_len != m * n {
-        bail!("cpu-gemm: A [{m}, {k}] · B [{}, {n}] into {c_len} elements", b.rows);
+    if b.rows != k || c.len() != m * n {
+        bail!("cpu-gemm: A [{m}, {k}] · B [{}, {n}] into {} elements", b.rows, c.len());
     }
     a.check("A")?;
     b.check("B")?;
-    Ok((m, k, n))
+    if k == 0 {
+        c.fill(0.0);
+    }
+    Ok(m > 0 && n > 0 && k > 0)
 }
 
 /// bf16 `C = A · B` with C [M, N] f32 row-major (overwritten). Errors when the CPU lacks the
 /// kernels or the shapes disagree.
 pub fn gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) -> Result<()> {
-    if !bf16_available() {
-        bail!("cpu-gemm: this CPU has no avx512_bf16");
-    }
-    let (m, k, n) = check_shapes(&a, &b, c.len())?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        c.fill(0.0);
+    if !prologue(bf16_available(), "avx512_bf16", &a, &b, c)? {
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if m <= DOT_MAX_M && a.cs == 1 && b.rs == 1 {
+    if a.rows <= DOT_MAX_M && a.cs == 1 && b.rs == 1 {
         dot_gemm(a, b, c);
         return Ok(());
     }
@@ -265,18 +265,9 @@ pub fn gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) -> Result<()> {
 /// f32 `C = A · B` with C [M, N] row-major (overwritten). Errors when the CPU lacks AVX512-F or
 /// the shapes disagree.
 pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32]) -> Result<()> {
-    if !f32_available() {
-        bail!("cpu-gemm: this CPU has no avx512f");
+    if prologue(f32_available(), "avx512f", &a, &b, c)? {
+        packed_gemm(a, b, c);
     }
-    let (m, k, n) = check_shapes(&a, &b, c.len())?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        c.fill(0.0);
-        return Ok(());
-    }
-    packed_gemm(a, b, c);
     Ok(())
 }
 

@@ -244,14 +244,15 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// Mean cross-entropy over the rows whose target is not [`IGNORE_INDEX`] (torch's
-/// `cross_entropy(..., ignore_index=-100)`), and that count; an error when no row counts.
-pub fn cross_entropy_mean(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
+/// `cross_entropy(..., ignore_index=-100)`), and that count; `None` when no row counts (the
+/// caller says what that means for its data).
+pub fn cross_entropy_mean(logits: &Tensor, targets: &Tensor) -> Result<Option<(Tensor, usize)>> {
     let targets = targets.to_dtype(DType::I64)?;
     let count = targets.ne(IGNORE_INDEX)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
     if count == 0 {
-        bail!("cross-entropy: every target is ignore_index");
+        return Ok(None);
     }
-    Ok(((cross_entropy(logits, &targets)?.sum_all()? / count as f64)?, count))
+    Ok(Some(((cross_entropy(logits, &targets)?.sum_all()? / count as f64)?, count)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -450,7 +451,7 @@ mod tests {
     fn cross_entropy_matches_log_softmax_with_ignore_index() {
         let logits = Var::from_tensor(&(randn(&[6, 11], 4) * 3.0).unwrap()).unwrap();
         let targets = Tensor::new(&[3i64, -100, 0, 10, 5, -100], &Device::Cpu).unwrap();
-        let (loss, count) = cross_entropy_mean(logits.as_tensor(), &targets).unwrap();
+        let (loss, count) = cross_entropy_mean(logits.as_tensor(), &targets).unwrap().unwrap();
         assert_eq!(count, 4);
         let grads = loss.backward().unwrap();
         let ours = grads.get(&logits).unwrap().clone();

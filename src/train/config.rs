@@ -578,11 +578,7 @@ impl TrainConfig {
 
     /// Checks every value and combination; the message names the key (`trainer.micro_batch_size`).
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let d = self.trainer.device.as_str();
-        if !(d == "cpu" || d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()))
-        {
-            return Err(format!("trainer.device: unknown device '{d}' (expected cpu, cuda or cuda:N)"));
-        }
+        crate::models::device_ordinal(&self.trainer.device).map_err(|e| format!("trainer.device: {e}"))?;
         let m = &self.model;
         if m.checkpoint.as_os_str().is_empty() {
             return Err("model.checkpoint is empty".into());
