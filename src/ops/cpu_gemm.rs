@@ -320,31 +320,24 @@ fn pack_b<T: Element>(b: &MatRef<T>, j0: usize, cols: usize, u0: usize, ku: usiz
             panel.fill(0);
         }
         if b.rs == 1 {
-            // K contiguous (Wᵀ: W's rows): whole units from each column. Unit-major, so the
-            // panel is written sequentially while the `live` column streams (one cache line
-            // per 64 bytes of K each) stay in L1; column-major order wrote every unit to a
-            // different line, 12 % of a prefill.
+            // K contiguous (Wᵀ: W's rows): whole units from each column, a cache line of a
+            // column at a time (16 units), scattered into the panel's rows. The columns are K
+            // elements apart — 4 KiB multiples for the model's K — so they alias in L1: a
+            // unit-at-a-time walk over all `live` columns kept 48 lines of one L1 set alive and
+            // re-missed on every unit (packing took more time than the kernel at K 2048). The
+            // panel's 16-unit strip (3 KiB) stays in L1 while it is written.
             let full = (k - T::KU * u0).min(T::KU * ku) / T::KU; // units wholly inside K
-            let mut cols: [&[T]; NR] = [&[]; NR];
-            for (c, col) in cols.iter_mut().enumerate().take(live) {
-                let start = (c0 + c) * b.cs + T::KU * u0;
-                *col = &b.data[start..start + T::KU * full];
-            }
-            // Units per 64-byte line of a column stream, and how far ahead to prefetch: with
-            // 48 streams the hardware prefetchers lose track and every new line waits on DRAM.
             let per_line = 64 / (T::KU * std::mem::size_of::<T>());
-            for u in 0..full {
-                if u % per_line == 0 {
-                    for col in &cols[..live] {
-                        prefetch(
-                            col.as_ptr()
-                                .wrapping_add(T::KU * u + PREFETCH_AHEAD_BYTES / std::mem::size_of::<T>()),
-                        );
+            for strip in (0..full).step_by(per_line) {
+                let end = (strip + per_line).min(full);
+                for c in 0..live {
+                    let start = (c0 + c) * b.cs + T::KU * u0;
+                    let col = &b.data[start + T::KU * strip..start + T::KU * end];
+                    // The same column's next lines, so they are in flight when it comes round.
+                    prefetch(col.as_ptr().wrapping_add(PREFETCH_AHEAD_BYTES / std::mem::size_of::<T>()));
+                    for (i, unit) in col.chunks_exact(T::KU).enumerate() {
+                        panel[(strip + i) * NR + c] = T::unit_of(unit);
                     }
-                }
-                let row = &mut panel[u * NR..u * NR + live];
-                for (dst, col) in row.iter_mut().zip(&cols) {
-                    *dst = T::unit_of(&col[T::KU * u..T::KU * u + T::KU]);
                 }
             }
             if full < ku {
