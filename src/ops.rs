@@ -111,6 +111,7 @@ pub mod fused;
 pub mod heads;
 pub mod linear;
 pub(crate) mod par;
+pub(crate) mod vmath;
 
 pub use attention::{causal_attention, causal_attention_backward, causal_attention_forward};
 pub use fused::{

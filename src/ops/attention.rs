@@ -1,15 +1,19 @@
 //! Causal self-attention as one differentiable op.
 //!
 //! On CUDA it runs the FlashAttention-style kernels of `kernels/flash_attn.cu` (tiled, online
-//! softmax, no T×T matrix; backward by recomputation from the saved log-sum-exp). On the CPU the
-//! forward is the plain materialised softmax(QKᵀ·scale)V in f32 and the backward the same in
-//! candle tensor ops: these are the references the kernels are parity-tested against.
+//! softmax, no T×T matrix; backward by recomputation from the saved log-sum-exp). On the CPU
+//! ([`cpu`]) the same algorithm blocked by query rows, in f32 GEMMs and a vectorised exp: what
+//! the models run there, and what the CUDA kernels are parity-tested against. The materialised
+//! softmax(QKᵀ·scale)V in candle ops ([`attention_reference`]) is the independent reference both
+//! are tested against.
 //!
 //! Shapes: q [B, Hq, T, D], k and v [B, Hk, T, D], Hq % Hk = 0 (GQA: query head h uses K/V head
 //! h / (Hq/Hk), a group's heads consecutive as in `models::llama`). Queries and keys cover the
 //! same T positions (training, no KV cache); query i attends to keys j ≤ i.
 
-use super::{as_f32, par, store};
+use super::{as_f32, store};
+
+mod cpu;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 use std::sync::Mutex;
@@ -46,39 +50,11 @@ impl CustomOp3 for CausalAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, hq, hk, t, d) = attention_dims(l1.shape(), l2.shape(), l3.shape())?;
+        let dims = attention_dims(l1.shape(), l2.shape(), l3.shape())?;
         let (q, k, v) =
             (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
-        let group = hq / hk;
-        let mut o = vec![0f32; b * hq * t * d];
-        let mut lse = vec![0f32; b * hq * t];
-        par::chunks_mut2(&mut o, t * d, &mut lse, t, |bh, o, lse| {
-            let (bi, h) = (bh / hq, bh % hq);
-            let q = &q[bh * t * d..(bh + 1) * t * d];
-            let kv = (bi * hk + h / group) * t * d;
-            let (k, v) = (&k[kv..kv + t * d], &v[kv..kv + t * d]);
-            let mut s = vec![0f32; t];
-            for i in 0..t {
-                let qi = &q[i * d..(i + 1) * d];
-                for (j, s) in s[..=i].iter_mut().enumerate() {
-                    *s = self.scale * qi.iter().zip(&k[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum::<f32>();
-                }
-                let m = s[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut l = 0f32;
-                for s in &mut s[..=i] {
-                    *s = (*s - m).exp();
-                    l += *s;
-                }
-                let oi = &mut o[i * d..(i + 1) * d];
-                for (j, p) in s[..=i].iter().enumerate() {
-                    for (o, v) in oi.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-                        *o += p * v;
-                    }
-                }
-                oi.iter_mut().for_each(|o| *o /= l);
-                lse[i] = m + l.ln();
-            }
-        });
+        let (o, lse) = cpu::forward(&q, &k, &v, dims, self.scale)?;
+        let (b, hq, _, t, _) = dims;
         let lse = Tensor::from_vec(lse, (b, hq, t), &Device::Cpu)?;
         *self.lse.lock().expect("attention state") = Some(lse);
         let o = store(o, s1.dtype(), "causal-attention")?;
@@ -115,9 +91,9 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
-/// Whether [`causal_attention`] runs a kernel for q [B, Hq, T, `head_dim`] here: a CUDA device,
-/// f32 or bf16, a head dim flash_attn.cu is instantiated for. The models take their fused path
-/// only then (on the CPU the op is a reference, slower than their batched matmuls).
+/// Whether [`causal_attention`] runs a kernel for q [B, Hq, T, `head_dim`] here: the CPU (f32,
+/// bf16 or f16, any head dim), or a CUDA device with f32 or bf16 and a head dim flash_attn.cu is
+/// instantiated for. The models take their fused path only then.
 pub fn has_kernel(q: &Tensor) -> bool {
     q.dim(D::Minus1).is_ok_and(|d| kernel_supports(q.device(), q.dtype(), d))
 }
@@ -129,12 +105,12 @@ pub fn kernel_supports(dev: &Device, dtype: DType, head_dim: usize) -> bool {
         return matches!(dtype, DType::F32 | DType::BF16)
             && super::cuda::ATTENTION_HEAD_DIMS.contains(&head_dim);
     }
-    let _ = (dev, dtype, head_dim);
-    false
+    let _ = head_dim;
+    dev.is_cpu() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
 
 /// Causal attention softmax(q kᵀ·scale + causal mask) v, as one op: FlashAttention-style kernels
-/// on CUDA (f32 or bf16, D ∈ {32, 64, 96, 128}), the materialised f32 reference on the CPU.
+/// on CUDA (f32 or bf16, D ∈ {32, 64, 96, 128}), the blocked f32 kernel of [`cpu`] on the CPU.
 /// Differentiable in q, k and v. Shapes in the module docs.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     attention_dims(q.shape(), k.shape(), v.shape())?;
@@ -157,8 +133,8 @@ pub fn causal_attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) 
 }
 
 /// (dq, dk, dv) of causal attention from the forward's o and lse and the output gradient `g`:
-/// the FlashAttention backward kernels on CUDA (o and lse used), the materialised f32 reference
-/// on the CPU (recomputed from q, k, v).
+/// the FlashAttention backward kernels on CUDA, the blocked f32 one of [`cpu`] on the CPU (both
+/// recompute the probabilities from q, k and lse).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_attention_backward(
     q: &Tensor,
@@ -173,8 +149,21 @@ pub fn causal_attention_backward(
     if q.device().is_cuda() {
         return super::cuda::attention_bwd(q, k, v, o, lse, g, scale as f32);
     }
-    let _ = (o, lse);
-    reference_backward(q, k, v, g, scale)
+    let dims = attention_dims(q.shape(), k.shape(), v.shape())?;
+    let f32s = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    let (dq, dk, dv) = cpu::backward(
+        &f32s(q)?,
+        &f32s(k)?,
+        &f32s(v)?,
+        &f32s(o)?,
+        &f32s(lse)?,
+        &f32s(g)?,
+        dims,
+        scale as f32,
+    )?;
+    let back =
+        |x: Vec<f32>, like: &Tensor| Tensor::from_vec(x, like.shape(), like.device())?.to_dtype(like.dtype());
+    Ok((back(dq, q)?, back(dk, k)?, back(dv, v)?))
 }
 
 /// k or v [B, Hk, T, D] repeated to [B, Hk·group, T, D] (each K/V head `group` times in a row).
@@ -203,46 +192,22 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
     p.matmul(&ve.contiguous()?)?.to_dtype(q.dtype())
 }
 
-/// (dq, dk, dv) of causal attention by recomputation, in f32 tensor ops; any device.
-fn reference_backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    g: &Tensor,
-    scale: f64,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, hq, hk, t, d) = attention_dims(q.shape(), k.shape(), v.shape())?;
-    let group = hq / hk;
-    let (qf, kf, vf) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-    let gf = g.to_dtype(DType::F32)?;
-    let (ke, ve) = (repeat_kv(&kf, group)?.contiguous()?, repeat_kv(&vf, group)?.contiguous()?);
-    let s = (qf.matmul(&ke.t()?)? * scale)?.broadcast_add(&causal_mask(t, q.device())?)?;
-    let p = super::softmax_last_dim(&s)?.detach(); // [B, Hq, T, T]
-    let dv = p.t()?.matmul(&gf)?; // [B, Hq, T, D]
-    let dp = gf.matmul(&ve.t()?)?;
-    let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-    let dq = (ds.matmul(&ke)? * scale)?;
-    let dk = (ds.t()?.matmul(&qf)? * scale)?;
-    let fold = |x: Tensor| x.reshape((b, hk, group, t, d))?.sum(2);
-    Ok((dq.to_dtype(q.dtype())?, fold(dk)?.to_dtype(k.dtype())?, fold(dv)?.to_dtype(v.dtype())?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::testing::{max_diff, randn};
     use candle_core::Var;
 
-    /// The CPU op (forward loops, backward in tensor ops) against candle autograd through the
-    /// materialised reference, with GQA and a T that is no multiple of anything.
+    /// The CPU op against candle autograd through the materialised reference, with GQA, a T
+    /// that is no multiple of anything and one that spans several query blocks.
     #[test]
     fn cpu_op_matches_autograd_through_the_reference() {
-        for (hq, hk) in [(4, 2), (3, 3)] {
-            let q = Var::from_tensor(&randn(&[2, hq, 13, 8], 1)).unwrap();
-            let k = Var::from_tensor(&randn(&[2, hk, 13, 8], 2)).unwrap();
-            let v = Var::from_tensor(&randn(&[2, hk, 13, 8], 3)).unwrap();
-            let probe = randn(&[2, hq, 13, 8], 4);
-            let scale = 1.0 / 8f64.sqrt();
+        for (hq, hk, t, d) in [(4, 2, 13, 8), (3, 3, 13, 8), (2, 1, 150, 16)] {
+            let q = Var::from_tensor(&randn(&[2, hq, t, d], 1)).unwrap();
+            let k = Var::from_tensor(&randn(&[2, hk, t, d], 2)).unwrap();
+            let v = Var::from_tensor(&randn(&[2, hk, t, d], 3)).unwrap();
+            let probe = randn(&[2, hq, t, d], 4);
+            let scale = 1.0 / (d as f64).sqrt();
             let run = |ours: bool| {
                 let f = if ours { causal_attention } else { attention_reference };
                 let o = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
@@ -252,11 +217,27 @@ mod tests {
             };
             let (o1, dq1, dk1, dv1) = run(true);
             let (o2, dq2, dk2, dv2) = run(false);
-            assert!(max_diff(&o1, &o2) < 1e-6, "o");
-            assert!(max_diff(&dq1, &dq2) < 1e-5, "dq");
-            assert!(max_diff(&dk1, &dk2) < 1e-5, "dk");
-            assert!(max_diff(&dv1, &dv2) < 1e-5, "dv");
+            let what = format!("Hq {hq} Hk {hk} T {t} D {d}");
+            assert!(max_diff(&o1, &o2) < 1e-6, "o {what}: {}", max_diff(&o1, &o2));
+            assert!(max_diff(&dq1, &dq2) < 1e-5, "dq {what}: {}", max_diff(&dq1, &dq2));
+            assert!(max_diff(&dk1, &dk2) < 1e-5, "dk {what}: {}", max_diff(&dk1, &dk2));
+            assert!(max_diff(&dv1, &dv2) < 1e-5, "dv {what}: {}", max_diff(&dv1, &dv2));
         }
+    }
+
+    /// bf16 operands: computed in f32 and rounded once, so within a bf16 rounding of the f32
+    /// reference on the same (bf16-representable) values.
+    #[test]
+    fn bf16_is_the_f32_result_rounded() {
+        let (q, k, v) = (randn(&[1, 4, 70, 32], 5), randn(&[1, 2, 70, 32], 6), randn(&[1, 2, 70, 32], 7));
+        let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+        let (qb, kb, vb) = (bf(&q), bf(&k), bf(&v));
+        let ours = causal_attention(&qb, &kb, &vb, 0.125).unwrap();
+        assert_eq!(ours.dtype(), DType::BF16);
+        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let want = attention_reference(&f(&qb), &f(&kb), &f(&vb), 0.125).unwrap();
+        // |o| ≤ 1: half a bf16 ulp is ≤ 2⁻⁹.
+        assert!(max_diff(&ours, &want) <= 1.0 / 512.0 + 1e-6, "{}", max_diff(&ours, &want));
     }
 
     #[test]

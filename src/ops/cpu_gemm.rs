@@ -231,7 +231,14 @@ use super::par::{chunks_mut, for_each as parallel_for, threads as pool_threads, 
 /// Checks shared by both entries: the CPU has the kernel, shapes agree, views stay inside
 /// their data. Handles the empty cases (nothing to do; K = 0 zeroes C) and returns whether a
 /// product is left to compute.
-fn prologue<T>(available: bool, what: &str, a: &MatRef<T>, b: &MatRef<T>, c: &mut [f32]) -> Result<bool> {
+fn prologue<T>(
+    available: bool,
+    what: &str,
+    a: &MatRef<T>,
+    b: &MatRef<T>,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<bool> {
     if !available {
         bail!("cpu-gemm: this CPU has no {what}");
     }
@@ -241,7 +248,7 @@ fn prologue<T>(available: bool, what: &str, a: &MatRef<T>, b: &MatRef<T>, c: &mu
     }
     a.check("A")?;
     b.check("B")?;
-    if k == 0 {
+    if k == 0 && !accumulate {
         c.fill(0.0);
     }
     Ok(m > 0 && n > 0 && k > 0)
@@ -250,7 +257,7 @@ fn prologue<T>(available: bool, what: &str, a: &MatRef<T>, b: &MatRef<T>, c: &mu
 /// bf16 `C = A · B` with C [M, N] f32 row-major (overwritten). Errors when the CPU lacks the
 /// kernels or the shapes disagree.
 pub fn gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) -> Result<()> {
-    if !prologue(bf16_available(), "avx512_bf16", &a, &b, c)? {
+    if !prologue(bf16_available(), "avx512_bf16", &a, &b, c, false)? {
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
@@ -258,17 +265,40 @@ pub fn gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) -> Result<()> {
         dot_gemm(a, b, c);
         return Ok(());
     }
-    packed_gemm(a, b, c);
+    packed_gemm(a, b, c, Threads::Pool, false);
     Ok(())
 }
 
 /// f32 `C = A · B` with C [M, N] row-major (overwritten). Errors when the CPU lacks AVX512-F or
 /// the shapes disagree.
 pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32]) -> Result<()> {
-    if prologue(f32_available(), "avx512f", &a, &b, c)? {
-        packed_gemm(a, b, c);
+    if prologue(f32_available(), "avx512f", &a, &b, c, false)? {
+        packed_gemm(a, b, c, Threads::Pool, false);
     }
     Ok(())
+}
+
+/// f32 `C (+)= A · B` on the calling thread alone, for kernels that are already one task of a
+/// parallel loop (the pool cannot be entered again from inside one of its tasks): per head of
+/// an attention, say. Adds into C when `accumulate`, else overwrites it.
+pub fn gemm_f32_serial(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32], accumulate: bool) -> Result<()> {
+    if prologue(f32_available(), "avx512f", &a, &b, c, accumulate)? {
+        packed_gemm(a, b, c, Threads::Caller, accumulate);
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// This thread's packed B micro-panel (every element is rewritten by each `pack_b`, so it
+    /// is reused without zeroing).
+    static B_PANEL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where a GEMM runs: spread over the pool, or on the calling thread only.
+#[derive(Clone, Copy, PartialEq)]
+enum Threads {
+    Pool,
+    Caller,
 }
 
 /// `A · B` rounded to bf16 (nearest even), row-major [M, N].
@@ -293,9 +323,17 @@ pub fn round_bf16(c: &[f32]) -> Vec<bf16> {
 }
 
 /// Pack rows `i0..i0+rows` × units `u0..u0+ku` of A into MR-row panels `[ku][MR]`.
-fn pack_a<T: Element>(a: &MatRef<T>, i0: usize, rows: usize, u0: usize, ku: usize, out: &mut [u32]) {
+fn pack_a<T: Element>(
+    a: &MatRef<T>,
+    i0: usize,
+    rows: usize,
+    u0: usize,
+    ku: usize,
+    out: &mut [u32],
+    threads: Threads,
+) {
     let k = a.cols;
-    chunks_mut(out, ku * MR, |blk, panel| {
+    let pack = |blk: usize, panel: &mut [u32]| {
         let r0 = i0 + blk * MR;
         let live = MR.min(i0 + rows - r0);
         if live < MR {
@@ -307,7 +345,11 @@ fn pack_a<T: Element>(a: &MatRef<T>, i0: usize, rows: usize, u0: usize, ku: usiz
                 panel[u * MR + r] = T::unit(a, r0 + r, T::KU * (u0 + u), k, a.cs, a.rs);
             }
         }
-    });
+    };
+    match threads {
+        Threads::Pool => chunks_mut(out, ku * MR, pack),
+        Threads::Caller => out.chunks_mut(ku * MR).enumerate().for_each(|(blk, panel)| pack(blk, panel)),
+    }
 }
 
 /// Pack columns `j0..j0+cols` × units `u0..u0+ku` of B into NR-column panels `[ku][NR]`.
@@ -330,7 +372,31 @@ fn pack_b<T: Element>(b: &MatRef<T>, j0: usize, cols: usize, u0: usize, ku: usiz
             let per_line = 64 / (T::KU * std::mem::size_of::<T>());
             for strip in (0..full).step_by(per_line) {
                 let end = (strip + per_line).min(full);
-                for c in 0..live {
+                // Whole 16 × 16 tiles by register transposes (a unit is 32 bits for either
+                // element type, so a 64-byte line of a column is 16 units), the rest by units.
+                let mut tiled = 0;
+                #[cfg(target_arch = "x86_64")]
+                if end - strip == 16 {
+                    while tiled + 16 <= live {
+                        let start = (c0 + tiled) * b.cs + T::KU * (u0 + strip);
+                        // Whole units of 16 columns inside the view (`full` units are in K).
+                        let last = start + 15 * b.cs + T::KU * 16;
+                        let src = &b.data[start..last];
+                        // SAFETY: packed GEMMs run only where AVX512-F is (`prologue`); the 16
+                        // rows of 64 bytes, `b.cs` elements apart, are inside `src`; the panel
+                        // holds rows strip..strip+16 of NR ≥ tiled + 16 units.
+                        unsafe {
+                            transpose_16x16(
+                                src.as_ptr() as *const u32,
+                                b.cs * std::mem::size_of::<T>(),
+                                panel[strip * NR + tiled..].as_mut_ptr(),
+                                NR,
+                            )
+                        };
+                        tiled += 16;
+                    }
+                }
+                for c in tiled..live {
                     let start = (c0 + c) * b.cs + T::KU * u0;
                     let col = &b.data[start + T::KU * strip..start + T::KU * end];
                     // The same column's next lines, so they are in flight when it comes round.
@@ -365,6 +431,47 @@ fn pack_b<T: Element>(b: &MatRef<T>, j0: usize, cols: usize, u0: usize, ku: usiz
     }
 }
 
+/// `dst[r·dst_stride + c] = src_c[r]` for a 16 × 16 tile of 32-bit units, where source row c
+/// starts `c · src_stride_bytes` bytes after `src` (16 units, 64 bytes): four rounds of
+/// 32-, 64- and 128-bit interleaves. Each source row is prefetched `PREFETCH_AHEAD_BYTES` on.
+///
+/// # Safety
+/// AVX512-F; the 16 source rows and the 16 destination rows of 16 units are valid.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_16x16(src: *const u32, src_stride_bytes: usize, dst: *mut u32, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    let row = |c: usize| (src as *const u8).add(c * src_stride_bytes);
+    let r: [__m512; 16] = std::array::from_fn(|c| {
+        prefetch(row(c).wrapping_add(PREFETCH_AHEAD_BYTES));
+        _mm512_loadu_ps(row(c) as *const f32)
+    });
+    // 32-bit interleave of row pairs: t[2i] = (r[2i][0], r[2i+1][0], r[2i][1], r[2i+1][1], ...)
+    // within each 128-bit lane.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) }
+    });
+    // 64-bit interleave of pairs of those: each 128-bit lane now holds one column of 4 rows.
+    let pd = _mm512_castps_pd;
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (base, j) = (i / 4 * 4, i % 4);
+        let (a, b) = (pd(t[base + j / 2]), pd(t[base + 2 + j / 2]));
+        _mm512_castpd_ps(if j % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+    });
+    // 128-bit lane shuffles across the four groups of four rows.
+    let v: [__m512; 16] = std::array::from_fn(|i| {
+        let (half, j) = (i / 8, i % 8);
+        let (a, b) = (u[half * 8 + j % 4], u[half * 8 + 4 + j % 4]);
+        if j < 4 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) }
+    });
+    for i in 0..16 {
+        let (a, b) = (v[i % 8], v[8 + i % 8]);
+        let out = if i < 8 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) };
+        _mm512_storeu_ps(dst.add(i * dst_stride) as *mut f32, out);
+    }
+}
+
 /// How far ahead of the packing position a column stream is prefetched.
 const PREFETCH_AHEAD_BYTES: usize = 512;
 
@@ -380,13 +487,20 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
-fn packed_gemm<T: Element>(a: MatRef<T>, b: MatRef<T>, c: &mut [f32]) {
+/// `C = A · B` (or `C += A · B` with `accumulate_into`) by packed panels.
+fn packed_gemm<T: Element>(
+    a: MatRef<T>,
+    b: MatRef<T>,
+    c: &mut [f32],
+    run_on: Threads,
+    accumulate_into: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let units = k.div_ceil(T::KU);
     // Equal K blocks of at most KCU units.
     let kblocks = units.div_ceil(KCU);
     let kcu = units.div_ceil(kblocks);
-    let threads = pool_threads();
+    let threads = if run_on == Threads::Pool { pool_threads() } else { 1 };
     let n_panels = n.div_ceil(NR);
     let mut a_pack = vec![0u32; MC.min(m.div_ceil(MR) * MR) * kcu];
     let cptr = SendPtr::new(c);
@@ -397,51 +511,63 @@ fn packed_gemm<T: Element>(a: MatRef<T>, b: MatRef<T>, c: &mut [f32]) {
             let u0 = kb * kcu;
             let ku = kcu.min(units - u0);
             let a_pack = &mut a_pack[..m_panels * MR * ku];
-            pack_a(&a, i0, rows, u0, ku, a_pack);
+            pack_a(&a, i0, rows, u0, ku, a_pack, run_on);
             let a_pack = &*a_pack;
-            // Tasks: N chunks (each packs its B chunk), a few per thread; M split too when N is
-            // too narrow to feed the threads.
-            let n_chunks = n_panels.min(4 * threads);
-            let m_chunks =
-                if n_chunks >= 2 * threads { 1 } else { m_panels.min((2 * threads).div_ceil(n_chunks)) };
+            // Tasks: one B micro-panel each on the pool (finer tasks balance the threads: N/48
+            // panels in 8 chunks left one thread 20 % more work), M split too when N is too
+            // narrow to feed the threads; one task on the caller's thread.
+            let (n_chunks, m_chunks) = match run_on {
+                Threads::Caller => (1, 1),
+                Threads::Pool if n_panels >= 2 * threads => (n_panels, 1),
+                Threads::Pool => (n_panels, m_panels.min((2 * threads).div_ceil(n_panels))),
+            };
             let per_n = n_panels.div_ceil(n_chunks);
             let per_m = m_panels.div_ceil(m_chunks);
-            let accumulate = kb > 0;
-            parallel_for(n_chunks * m_chunks, |task| {
+            let accumulate = kb > 0 || accumulate_into;
+            let task = |task: usize| {
                 let (nc, mc) = (task / m_chunks, task % m_chunks);
                 let (pn0, pn1) = (nc * per_n, ((nc + 1) * per_n).min(n_panels));
                 let (pm0, pm1) = (mc * per_m, ((mc + 1) * per_m).min(m_panels));
                 if pn0 >= pn1 || pm0 >= pm1 {
                     return;
                 }
-                // One B micro-panel at a time, used against every A panel while it is hot.
-                let mut bp = vec![0u32; ku * NR];
-                for pn in pn0..pn1 {
-                    let jc = pn * NR;
-                    let ncols = NR.min(n - jc);
-                    pack_b(&b, jc, ncols, u0, ku, &mut bp);
-                    for ip in pm0..pm1 {
-                        let ic = i0 + ip * MR;
-                        let nrows = MR.min(m - ic);
-                        let ap = &a_pack[ip * MR * ku..(ip + 1) * MR * ku];
-                        // SAFETY: the public entry checked the CPU's features; tasks write
-                        // disjoint tiles of C (rows ic..ic+nrows < m, columns jc..jc+ncols < n);
-                        // panels hold ku units.
-                        unsafe {
-                            (T::KERNEL)(
-                                ku,
-                                ap.as_ptr(),
-                                bp.as_ptr(),
-                                cptr.get().add(ic * n + jc),
-                                n,
-                                nrows,
-                                ncols,
-                                accumulate,
-                            );
+                B_PANEL.with_borrow_mut(|bp| {
+                    // One B micro-panel at a time, used against every A panel while it is hot.
+                    if bp.len() < ku * NR {
+                        bp.resize(ku * NR, 0);
+                    }
+                    let bp = &mut bp[..ku * NR];
+                    for pn in pn0..pn1 {
+                        let jc = pn * NR;
+                        let ncols = NR.min(n - jc);
+                        pack_b(&b, jc, ncols, u0, ku, bp);
+                        for ip in pm0..pm1 {
+                            let ic = i0 + ip * MR;
+                            let nrows = MR.min(m - ic);
+                            let ap = &a_pack[ip * MR * ku..(ip + 1) * MR * ku];
+                            // SAFETY: the public entry checked the CPU's features; tasks write
+                            // disjoint tiles of C (rows ic..ic+nrows < m, columns jc..jc+ncols < n);
+                            // panels hold ku units.
+                            unsafe {
+                                (T::KERNEL)(
+                                    ku,
+                                    ap.as_ptr(),
+                                    bp.as_ptr(),
+                                    cptr.get().add(ic * n + jc),
+                                    n,
+                                    nrows,
+                                    ncols,
+                                    accumulate,
+                                );
+                            }
                         }
                     }
-                }
-            });
+                });
+            };
+            match run_on {
+                Threads::Pool => parallel_for(n_chunks * m_chunks, task),
+                Threads::Caller => (0..n_chunks * m_chunks).for_each(task),
+            }
         }
     }
 }
@@ -710,6 +836,16 @@ mod tests {
             let mut c = vec![f32::NAN; m * n];
             gemm_f32(a, b, &mut c).unwrap();
             compare(a, b, &c, |x| x as f64, &format!("f32 {what}"));
+            // On the caller's thread: the same sums in the same order, so the same bits; and
+            // accumulating into C adds the product to what was there.
+            let mut serial = vec![f32::NAN; m * n];
+            gemm_f32_serial(a, b, &mut serial, false).unwrap();
+            assert!(serial.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "serial {what}");
+            let base = values(m * n, seed ^ 0x77);
+            let mut acc = base.clone();
+            gemm_f32_serial(a, b, &mut acc, true).unwrap();
+            let added: Vec<f32> = acc.iter().zip(&base).map(|(x, b)| x - b).collect();
+            compare(a, b, &added, |x| x as f64, &format!("f32 accumulate {what}"));
         }
     }
 

@@ -83,6 +83,29 @@ pub(crate) fn chunks_mut2<A: Send, B: Send>(
     });
 }
 
+/// The first error of a parallel loop's fallible tasks (the others still run to the end).
+pub(crate) struct FirstError(std::sync::Mutex<Option<candle_core::Error>>);
+
+impl FirstError {
+    pub(crate) fn new() -> Self {
+        FirstError(std::sync::Mutex::new(None))
+    }
+
+    /// Keep `r`'s error unless one came first.
+    pub(crate) fn record(&self, r: candle_core::Result<()>) {
+        if let Err(e) = r {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        }
+    }
+
+    pub(crate) fn into_result(self) -> candle_core::Result<()> {
+        match self.0.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
