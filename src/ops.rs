@@ -41,16 +41,16 @@ macro_rules! float_dispatch {
                 CpuStorage::F32($body)
             }
             CpuStorage::BF16(v) => {
-                let widened: Vec<f32> = contiguous(v, $l, $op)?.iter().map(|v| v.to_f32()).collect();
+                let widened = convert(contiguous(v, $l, $op)?, |v| v.to_f32());
                 let $x = widened.as_slice();
                 let out: Vec<f32> = $body;
-                CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect())
+                CpuStorage::BF16(convert(&out, bf16::from_f32))
             }
             CpuStorage::F16(v) => {
-                let widened: Vec<f32> = contiguous(v, $l, $op)?.iter().map(|v| v.to_f32()).collect();
+                let widened = convert(contiguous(v, $l, $op)?, |v| v.to_f32());
                 let $x = widened.as_slice();
                 let out: Vec<f32> = $body;
-                CpuStorage::F16(out.into_iter().map(f16::from_f32).collect())
+                CpuStorage::F16(convert(&out, f16::from_f32))
             }
             other => bail!("{}: unsupported dtype {:?}", $op, other.dtype()),
         }
@@ -110,6 +110,7 @@ mod cuda;
 pub mod fused;
 pub mod heads;
 pub mod linear;
+pub mod opaque;
 pub(crate) mod par;
 pub(crate) mod vmath;
 
@@ -117,8 +118,9 @@ pub use attention::{causal_attention, causal_attention_backward, causal_attentio
 pub use fused::{
     adamw_step, adamw_step_ref, cross_entropy, cross_entropy_mean, swiglu, swiglu_backward, AdamWStep,
 };
-pub use heads::{merge_heads, split_heads};
+pub use heads::{merge_heads, split_heads, split_heads_backward};
 pub use linear::matmul;
+pub use opaque::opaque;
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
@@ -187,18 +189,83 @@ impl CustomOp2 for RmsNorm {
             let (dx, dw) = cuda::rms_norm_bwd(x, w, g, self.eps)?;
             return Ok((Some(dx), Some(dw.to_dtype(w.dtype())?)));
         }
-        // In f32: n = x·r, r = (mean(x²) + eps)^-½; y = w·n.
-        // dw = Σ_rows g·n;  dx = r · (g·w − n · mean(g·w·n)).
-        let (x_dtype, w_dtype) = (x.dtype(), w.dtype());
-        let (x, w, g) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
-        let n = x.broadcast_mul(&r)?;
-        let gw = g.broadcast_mul(&w)?;
-        let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
-        let h = w.dim(0)?;
-        let dw = (g * n)?.reshape(((), h))?.sum(0)?;
-        Ok((Some(dx.to_dtype(x_dtype)?), Some(dw.to_dtype(w_dtype)?)))
+        // In f32: n = x·r, r = (mean(x²) + eps)^-½; y = w·n. dw = Σ_rows g·n, and only for a
+        // weight that trains (a frozen norm's dw was a full pass over the activations for
+        // nothing).
+        let dx = rms_norm_backward_input(x, w, g, self.eps as f64)?;
+        if !(w.is_variable() || w.track_op()) {
+            return Ok((Some(dx), None));
+        }
+        let (xf, gf) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
+        let n = xf.broadcast_mul(&r)?;
+        let dw = (gf * n)?.reshape(((), w.dim(0)?))?.sum(0)?;
+        Ok((Some(dx), Some(dw.to_dtype(w.dtype())?)))
+    }
+}
+
+/// dx of [`rms_norm`] at x [.., H] with weight w [H] for the output gradient g:
+/// `dx = r · (g·w − n · mean(g·w·n))`, n = x·r, r = (mean(x²) + eps)^-½, in f32, returned in x's
+/// dtype. One fused pass per row on the CPU; composed tensor ops elsewhere.
+pub fn rms_norm_backward_input(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return Ok(cuda::rms_norm_bwd(x, w, g, eps as f32)?.0);
+    }
+    if x.device().is_cpu() {
+        let w = w.to_dtype(x.dtype())?;
+        return x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &g.contiguous()?,
+            &RmsNormBackward { eps: eps as f32 },
+        );
+    }
+    let x_dtype = x.dtype();
+    let (x, w, g) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let n = x.broadcast_mul(&r)?;
+    let gw = g.broadcast_mul(&w)?;
+    let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
+    (gw - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?.to_dtype(x_dtype)
+}
+
+/// [`rms_norm_backward_input`]'s CPU pass (x, w, g → dx).
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = l1.dims().last().copied().unwrap_or(1);
+        let (x, w, g) =
+            (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
+        if w.len() != h || g.len() != x.len() {
+            bail!("rms-norm-backward: x {:?}, weight {:?}, gradient {:?}", l1.dims(), l2.dims(), l3.dims());
+        }
+        let mut dx = vec![0f32; x.len()];
+        par::chunks_mut(&mut dx, h, |row, dx| {
+            let (x, g) = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            // mean(g·w·n) = r · mean(g·w·x)
+            let dot = r * x.iter().zip(g).zip(w.iter()).map(|((x, g), w)| g * w * x).sum::<f32>() / h as f32;
+            for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w.iter()) {
+                *dx = r * (g * w - x * r * dot);
+            }
+        });
+        Ok((store(dx, s1.dtype(), self.name())?, l1.shape().clone()))
     }
 }
 

@@ -38,6 +38,7 @@ pub struct RankLayout {
 /// are widened to f32 once at load:
 /// candle's CPU bf16 matmul widens both operands on every call. Either way bf16×bf16 products
 /// are exact in f32 and accumulate in f32, so the two paths differ only in summation order.
+#[derive(Clone)]
 struct Proj {
     /// [out, in].
     weight: Tensor,
@@ -86,20 +87,37 @@ impl Proj {
         Ok(self.bf16.get_or_init(|| c).clone())
     }
 
-    /// x [B, T, in] → [B, T, out] in x's dtype.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The GEMM's dtype for activations like `x`, and the weight in it.
+    fn compute_weight(&self, x: &Tensor) -> Result<(DType, Tensor)> {
         // bf16 activations compute in bf16 where a bf16 GEMM exists (cuBLAS; AVX512-BF16), also
         // against f32 master weights (cast per step, differentiably): otherwise a stage-2 run on
         // CUDA would multiply in f32.
         let bf16_gemm = x.dtype() == DType::BF16
             && (x.device().is_cuda() || (x.device().is_cpu() && ops::cpu_gemm::bf16_available()));
-        let (compute, w) = if bf16_gemm {
+        Ok(if bf16_gemm {
             (DType::BF16, self.weight_bf16()?)
         } else if self.weight.dtype() == DType::BF16 && self.weight.device().is_cpu() {
             (DType::F32, self.weight.to_dtype(DType::F32)?) // bf16 weights, f32 activations
         } else {
             (self.weight.dtype(), self.weight.clone())
-        };
+        })
+    }
+
+    /// Whether nothing here trains: no adapter, and a weight that is neither a variable nor
+    /// computed from one.
+    fn frozen(&self) -> bool {
+        self.lora.is_none() && !self.weight.is_variable() && !self.weight.track_op()
+    }
+
+    /// dx = dy · W for the output gradient dy [B, T, out] of a frozen projection, in dy's dtype.
+    fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
+        let (compute, w) = self.compute_weight(dy)?;
+        Ok(ops::matmul(&dy.to_dtype(compute)?, &w)?.to_dtype(dy.dtype())?)
+    }
+
+    /// x [B, T, in] → [B, T, out] in x's dtype.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (compute, w) = self.compute_weight(x)?;
         // [B, T, in] straight into the GEMM (its rows are one matrix): no reshape nodes.
         let xc = x.to_dtype(compute)?;
         let mut y = ops::matmul(&xc, &w.t()?)?;
@@ -153,6 +171,7 @@ impl Rope {
 }
 
 /// RMSNorm computed in f32 and cast back, then scaled (transformers' `LlamaRMSNorm`).
+#[derive(Clone)]
 struct Norm {
     weight: Tensor,
     eps: f64,
@@ -165,6 +184,15 @@ impl Norm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+
+    fn frozen(&self) -> bool {
+        !self.weight.is_variable() && !self.weight.track_op()
+    }
+
+    /// dx for the output gradient dy at input x (outside autograd).
+    fn backward_input(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        Ok(ops::rms_norm_backward_input(x, &self.weight, dy, self.eps)?)
     }
 }
 
@@ -368,6 +396,63 @@ impl DecoderLayer {
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((&x + comm.all_reduce_sum(&mlp)?)?)
     }
+
+    /// Whether no parameter of the layer trains.
+    fn frozen(&self) -> bool {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        self.input_layernorm.frozen()
+            && self.post_attention_layernorm.frozen()
+            && [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                .iter()
+                .all(|p| p.frozen())
+    }
+
+    /// [`DecoderLayer::forward`] of a frozen layer on one rank, for a fresh sequence with the
+    /// fused attention, when x's gradient is wanted (NeVA stage 1: the projector's gradient
+    /// flows back through the frozen LLM). The forward runs on detached tensors, keeping what
+    /// the backward needs, and joins x's graph as one node ([`ops::opaque`]) whose backward is
+    /// written out here: candle's per-node gradient bookkeeping over the layer's ~17 nodes
+    /// was a fifth of a bf16 stage-1 step. Same ops, same values as the composed forward.
+    fn forward_frozen(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let xd = x.detach();
+        let n1 = self.input_layernorm.forward(&xd)?;
+        let rope = Some((cos, sin));
+        let q = ops::split_heads(&a.q_proj.forward(&n1)?, a.heads, rope)?; // [B, Hq, T, D]
+        let k = ops::split_heads(&a.k_proj.forward(&n1)?, a.groups, rope)?; // [B, Hk, T, D]
+        let v = ops::split_heads(&a.v_proj.forward(&n1)?, a.groups, None)?;
+        let scale = 1.0 / (a.head_dim as f64).sqrt();
+        let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale)?;
+        let h = (&xd + a.o_proj.forward(&ops::merge_heads(&o)?)?)?;
+        let n2 = self.post_attention_layernorm.forward(&h)?;
+        let (gate, up) = (m.gate_proj.forward(&n2)?, m.up_proj.forward(&n2)?);
+        let y = (&h + m.down_proj.forward(&ops::swiglu(&gate, &up)?)?)?;
+
+        let (norm1, norm2) = (self.input_layernorm.clone(), self.post_attention_layernorm.clone());
+        let [qp, kp, vp, op, gp, upp, dp] =
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                .map(Proj::clone);
+        let heads = a.heads;
+        let (cos, sin) = (cos.clone(), sin.clone());
+        let backward = move |dy: &Tensor| -> candle_core::Result<Tensor> {
+            let run = || -> Result<Tensor> {
+                // MLP: y = h + down(swiglu(gate(n2), up(n2))), n2 = norm2(h).
+                let (dgate, dup) = ops::swiglu_backward(&gate, &up, &dp.backward_input(dy)?)?;
+                let dn2 = (gp.backward_input(&dgate)? + upp.backward_input(&dup)?)?;
+                let dh = (dy + norm2.backward_input(&h, &dn2)?)?;
+                // Attention: h = x + o_proj(merge(attn(q, k, v))), q/k/v from n1 = norm1(x).
+                let dout = ops::split_heads(&op.backward_input(&dh)?, heads, None)?;
+                let (dq, dk, dv) = ops::causal_attention_backward(&q, &k, &v, &o, &lse, &dout, scale)?;
+                let rope = Some((&cos, &sin));
+                let dn1 = ((qp.backward_input(&ops::split_heads_backward(&dq, rope)?)?
+                    + kp.backward_input(&ops::split_heads_backward(&dk, rope)?)?)?
+                    + vp.backward_input(&ops::merge_heads(&dv)?)?)?;
+                Ok((dh + norm1.backward_input(&xd, &dn1)?)?)
+            };
+            run().map_err(|e| candle_core::Error::Msg(format!("frozen decoder layer backward: {e}")))
+        };
+        Ok(ops::opaque(x, y, backward)?)
+    }
 }
 
 /// Per-sequence inputs shared by every layer.
@@ -409,6 +494,8 @@ pub struct Llama {
     vocab: usize,
     /// Tokens already in the KV cache.
     position: usize,
+    /// [`Llama::set_frozen_layer_ops`].
+    frozen_layer_ops: bool,
 }
 
 impl Llama {
@@ -446,6 +533,7 @@ impl Llama {
             layout,
             vocab: hp.vocab,
             position: 0,
+            frozen_layer_ops: true,
         })
     }
 
@@ -591,7 +679,23 @@ impl Llama {
         s: &SequenceInputs,
         comm: &dyn Collective,
     ) -> Result<Tensor> {
-        self.layers[i].forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
+        let layer = &mut self.layers[i];
+        if self.frozen_layer_ops
+            && x.track_op()
+            && self.layout.tp == 1
+            && s.mask.is_none()
+            && layer.frozen()
+            && ops::attention::kernel_supports(x.device(), x.dtype(), layer.self_attn.head_dim)
+        {
+            return layer.forward_frozen(x, &s.cos, &s.sin);
+        }
+        layer.forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
+    }
+
+    /// Run frozen layers that x's gradient passes through as one graph node each (the default;
+    /// [`DecoderLayer::forward_frozen`]) or as the composed ops (off: for comparisons).
+    pub fn set_frozen_layer_ops(&mut self, on: bool) {
+        self.frozen_layer_ops = on;
     }
 
     /// Final norm and head over every position: x [B, T, H] → f32 logits [B, T, V].

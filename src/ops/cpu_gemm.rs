@@ -450,7 +450,11 @@ unsafe fn transpose_16x16(src: *const u32, src_stride_bytes: usize, dst: *mut u3
     // within each 128-bit lane.
     let t: [__m512; 16] = std::array::from_fn(|i| {
         let (a, b) = (r[i & !1], r[i | 1]);
-        if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) }
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
     });
     // 64-bit interleave of pairs of those: each 128-bit lane now holds one column of 4 rows.
     let pd = _mm512_castps_pd;
@@ -463,7 +467,11 @@ unsafe fn transpose_16x16(src: *const u32, src_stride_bytes: usize, dst: *mut u3
     let v: [__m512; 16] = std::array::from_fn(|i| {
         let (half, j) = (i / 8, i % 8);
         let (a, b) = (u[half * 8 + j % 4], u[half * 8 + 4 + j % 4]);
-        if j < 4 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) }
+        if j < 4 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
     });
     for i in 0..16 {
         let (a, b) = (v[i % 8], v[8 + i % 8]);

@@ -206,6 +206,22 @@ pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
     y.contiguous()?.apply_op3(&cos, &sin, Heads { heads: h, split: false, rotate: false, sign: 1.0 })
 }
 
+/// The gradient of [`split_heads`] outside autograd (hand-written backwards): g [B, H, T, D] →
+/// [B, T, H·D], rotated back by −θ when the split rotated.
+pub fn split_heads_backward(g: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    let (b, h, t, d) = g.dims4()?;
+    if !g.device().is_cpu() {
+        let g = match rope {
+            Some((cos, sin)) => super::rope(g, cos, &sin.neg()?)?,
+            None => g.clone(),
+        };
+        return g.transpose(1, 2)?.reshape((b, t, h * d));
+    }
+    let op = Heads { heads: h, split: true, rotate: rope.is_some(), sign: 1.0 }.transposed();
+    let (cos, sin) = tables(g, rope)?;
+    g.contiguous()?.apply_op3_no_bwd(&cos, &sin, &op)
+}
+
 /// The rotary tables, contiguous, or empty stand-ins (never read) when not rotating.
 fn tables(x: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Result<(Tensor, Tensor)> {
     match rope {
