@@ -423,10 +423,10 @@ impl DecoderLayer {
         let v = ops::split_heads(&a.v_proj.forward(&n1)?, a.groups, None)?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale)?;
-        let h = (&xd + a.o_proj.forward(&ops::merge_heads(&o)?)?)?;
+        let h = ops::add_detached(&xd, &a.o_proj.forward(&ops::merge_heads(&o)?)?)?;
         let n2 = self.post_attention_layernorm.forward(&h)?;
         let (gate, up) = (m.gate_proj.forward(&n2)?, m.up_proj.forward(&n2)?);
-        let y = (&h + m.down_proj.forward(&ops::swiglu(&gate, &up)?)?)?;
+        let y = ops::add_detached(&h, &m.down_proj.forward(&ops::swiglu(&gate, &up)?)?)?;
 
         let (norm1, norm2) = (self.input_layernorm.clone(), self.post_attention_layernorm.clone());
         let [qp, kp, vp, op, gp, upp, dp] =
@@ -438,16 +438,21 @@ impl DecoderLayer {
             let run = || -> Result<Tensor> {
                 // MLP: y = h + down(swiglu(gate(n2), up(n2))), n2 = norm2(h).
                 let (dgate, dup) = ops::swiglu_backward(&gate, &up, &dp.backward_input(dy)?)?;
-                let dn2 = (gp.backward_input(&dgate)? + upp.backward_input(&dup)?)?;
-                let dh = (dy + norm2.backward_input(&h, &dn2)?)?;
+                let add = ops::add_detached;
+                let dn2 = add(&gp.backward_input(&dgate)?, &upp.backward_input(&dup)?)?;
+                let dh = add(dy, &norm2.backward_input(&h, &dn2)?)?;
                 // Attention: h = x + o_proj(merge(attn(q, k, v))), q/k/v from n1 = norm1(x).
                 let dout = ops::split_heads(&op.backward_input(&dh)?, heads, None)?;
                 let (dq, dk, dv) = ops::causal_attention_backward(&q, &k, &v, &o, &lse, &dout, scale)?;
                 let rope = Some((&cos, &sin));
-                let dn1 = ((qp.backward_input(&ops::split_heads_backward(&dq, rope)?)?
-                    + kp.backward_input(&ops::split_heads_backward(&dk, rope)?)?)?
-                    + vp.backward_input(&ops::merge_heads(&dv)?)?)?;
-                Ok((dh + norm1.backward_input(&xd, &dn1)?)?)
+                let dn1 = add(
+                    &add(
+                        &qp.backward_input(&ops::split_heads_backward(&dq, rope)?)?,
+                        &kp.backward_input(&ops::split_heads_backward(&dk, rope)?)?,
+                    )?,
+                    &vp.backward_input(&ops::merge_heads(&dv)?)?,
+                )?;
+                Ok(add(&dh, &norm1.backward_input(&xd, &dn1)?)?)
             };
             run().map_err(|e| candle_core::Error::Msg(format!("frozen decoder layer backward: {e}")))
         };

@@ -314,12 +314,19 @@ pub fn round_bf16(c: &[f32]) -> Vec<bf16> {
     const CHUNK: usize = 1 << 14;
     chunks_mut(&mut out, CHUNK, |i, o| {
         for (o, &x) in o.iter_mut().zip(&c[i * CHUNK..]) {
-            let bits = x.to_bits();
-            let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-            *o = bf16::from_bits(if x.is_nan() { (bits >> 16) as u16 | 0x40 } else { rounded });
+            *o = to_bf16(x);
         }
     });
     out
+}
+
+/// f32 → bf16, round to nearest even, NaN kept quiet: `bf16::from_f32` as branch-free bit
+/// arithmetic that vectorises.
+#[inline(always)]
+pub(crate) fn to_bf16(x: f32) -> bf16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    bf16::from_bits(if x.is_nan() { (bits >> 16) as u16 | 0x40 } else { rounded })
 }
 
 /// Pack rows `i0..i0+rows` × units `u0..u0+ku` of A into MR-row panels `[ku][MR]`.
