@@ -111,7 +111,13 @@ impl CustomOp2 for AddBf16 {
         "add-bf16"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (CpuStorage::BF16(a), CpuStorage::BF16(b)) = (s1, s2) else {
             bail!("add-bf16: operands are {:?} and {:?}", s1.dtype(), s2.dtype());
         };
@@ -157,7 +163,7 @@ pub use fused::{
 };
 pub use heads::{merge_heads, split_heads, split_heads_backward};
 pub use linear::matmul;
-pub use opaque::opaque;
+pub use opaque::{opaque, GradSink};
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
@@ -233,12 +239,17 @@ impl CustomOp2 for RmsNorm {
         if !(w.is_variable() || w.track_op()) {
             return Ok((Some(dx), None));
         }
-        let (xf, gf) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
-        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
-        let n = xf.broadcast_mul(&r)?;
-        let dw = (gf * n)?.reshape(((), w.dim(0)?))?.sum(0)?;
+        let dw = rms_norm_backward_weight(x, g, self.eps as f64)?;
         Ok((Some(dx), Some(dw.to_dtype(w.dtype())?)))
     }
+}
+
+/// dw of [`rms_norm`] at x [.., H] for the output gradient g: `Σ_rows g · x·r`, in f32 [H].
+pub fn rms_norm_backward_weight(x: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xf, gf) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let n = xf.broadcast_mul(&r)?;
+    (gf * n)?.reshape(((), x.dim(D::Minus1)?))?.sum(0)
 }
 
 /// dx of [`rms_norm`] at x [.., H] with weight w [H] for the output gradient g:
@@ -479,7 +490,13 @@ mod tests {
     /// The fast bf16 add rounds exactly as candle's add (bit for bit, specials included).
     #[test]
     fn add_detached_matches_candle_bit_for_bit() {
-        let mut a = randn(&[3, 40_000], 1).to_dtype(DType::BF16).unwrap().flatten_all().unwrap().to_vec1::<bf16>().unwrap();
+        let mut a = randn(&[3, 40_000], 1)
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<bf16>()
+            .unwrap();
         let b = randn(&[3, 40_000], 2).affine(1e-3, 0.0).unwrap().to_dtype(DType::BF16).unwrap();
         a[..4].copy_from_slice(&[bf16::NAN, bf16::INFINITY, bf16::NEG_INFINITY, bf16::MAX]);
         let a = Tensor::from_vec(a, (3, 40_000), &candle_core::Device::Cpu).unwrap();

@@ -103,18 +103,6 @@ impl Proj {
         })
     }
 
-    /// Whether nothing here trains: no adapter, and a weight that is neither a variable nor
-    /// computed from one.
-    fn frozen(&self) -> bool {
-        self.lora.is_none() && !self.weight.is_variable() && !self.weight.track_op()
-    }
-
-    /// dx = dy · W for the output gradient dy [B, T, out] of a frozen projection, in dy's dtype.
-    fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
-        let (compute, w) = self.compute_weight(dy)?;
-        Ok(ops::matmul(&dy.to_dtype(compute)?, &w)?.to_dtype(dy.dtype())?)
-    }
-
     /// x [B, T, in] → [B, T, out] in x's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (compute, w) = self.compute_weight(x)?;
@@ -185,14 +173,77 @@ impl Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::rms_norm(x, &self.weight, self.eps)?)
     }
+}
 
-    fn frozen(&self) -> bool {
-        !self.weight.is_variable() && !self.weight.track_op()
+/// Whether a parameter can live inside a one-node layer: frozen, or a variable itself (its
+/// gradient is then deposited for it; a weight computed from a variable would need candle's
+/// graph to carry the gradient on).
+fn node_ready(w: &Tensor) -> bool {
+    w.is_variable() || !w.track_op()
+}
+
+/// A projection inside a one-node layer ([`DecoderLayer::forward_node`]): the GEMM weight
+/// [out, in] in the compute dtype, made once for the forward and the backward, and the
+/// variable that trains, if the weight does.
+struct NodeProj {
+    compute: DType,
+    w: Tensor,
+    trains: Option<Tensor>,
+}
+
+impl NodeProj {
+    fn new(p: &Proj, like: &Tensor) -> Result<Self> {
+        let (compute, w) = p.compute_weight(like)?;
+        Ok(NodeProj { compute, w: w.detach(), trains: p.weight.is_variable().then(|| p.weight.clone()) })
     }
 
-    /// dx for the output gradient dy at input x (outside autograd).
-    fn backward_input(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        Ok(ops::rms_norm_backward_input(x, &self.weight, dy, self.eps)?)
+    /// x [B, T, in] → [B, T, out] in x's dtype.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::matmul(&x.to_dtype(self.compute)?, &self.w.t()?)?.to_dtype(x.dtype())?)
+    }
+
+    /// dx = dy·W for the output gradient dy at input x; for a trained weight also
+    /// dW = dyᵀ·x over all rows (in the compute dtype, then the variable's: the composed
+    /// backward's rounding), contiguous [out, in], into `sink`.
+    fn backward(&self, x: &Tensor, dy: &Tensor, sink: &ops::GradSink) -> Result<Tensor> {
+        let dyc = dy.to_dtype(self.compute)?;
+        if let Some(var) = &self.trains {
+            let x2 = x.to_dtype(self.compute)?.reshape(((), x.dim(D::Minus1)?))?;
+            let dy2 = dyc.reshape(((), dyc.dim(D::Minus1)?))?;
+            sink.deposit(var, ops::matmul(&dy2.t()?, &x2)?.to_dtype(var.dtype())?);
+        }
+        Ok(ops::matmul(&dyc, &self.w)?.to_dtype(dy.dtype())?)
+    }
+}
+
+/// An RMSNorm inside a one-node layer: its weight (detached) and the variable, if it trains.
+struct NodeNorm {
+    w: Tensor,
+    eps: f64,
+    trains: Option<Tensor>,
+}
+
+impl NodeNorm {
+    fn new(n: &Norm) -> Self {
+        NodeNorm {
+            w: n.weight.detach(),
+            eps: n.eps,
+            trains: n.weight.is_variable().then(|| n.weight.clone()),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::rms_norm(x, &self.w, self.eps)?)
+    }
+
+    /// dx for the output gradient dy at input x; dw (in x's dtype, as the composed backward
+    /// rounds it, then the variable's) into `sink` when the weight trains.
+    fn backward(&self, x: &Tensor, dy: &Tensor, sink: &ops::GradSink) -> Result<Tensor> {
+        if let Some(var) = &self.trains {
+            let dw = ops::rms_norm_backward_weight(x, dy, self.eps)?;
+            sink.deposit(var, dw.to_dtype(x.dtype())?.to_dtype(var.dtype())?);
+        }
+        Ok(ops::rms_norm_backward_input(x, &self.w, dy, self.eps)?)
     }
 }
 
@@ -397,64 +448,75 @@ impl DecoderLayer {
         Ok((&x + comm.all_reduce_sum(&mlp)?)?)
     }
 
-    /// Whether no parameter of the layer trains.
-    fn frozen(&self) -> bool {
+    /// Whether the layer can run as one graph node: no adapters, and every parameter frozen or
+    /// a variable ([`node_ready`]).
+    fn node_ready(&self) -> bool {
         let (a, m) = (&self.self_attn, &self.mlp);
-        self.input_layernorm.frozen()
-            && self.post_attention_layernorm.frozen()
+        node_ready(&self.input_layernorm.weight)
+            && node_ready(&self.post_attention_layernorm.weight)
             && [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
                 .iter()
-                .all(|p| p.frozen())
+                .all(|p| p.lora.is_none() && node_ready(&p.weight))
     }
 
-    /// [`DecoderLayer::forward`] of a frozen layer on one rank, for a fresh sequence with the
-    /// fused attention, when x's gradient is wanted (NeVA stage 1: the projector's gradient
-    /// flows back through the frozen LLM). The forward runs on detached tensors, keeping what
-    /// the backward needs, and joins x's graph as one node ([`ops::opaque`]) whose backward is
-    /// written out here: candle's per-node gradient bookkeeping over the layer's ~17 nodes
-    /// was a fifth of a bf16 stage-1 step. Same ops, same values as the composed forward.
-    fn forward_frozen(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// [`DecoderLayer::forward`] as one node of x's graph ([`ops::opaque`]), on one rank, for a
+    /// fresh sequence with the fused attention, when x's gradient is wanted (training). The
+    /// forward runs on detached tensors, keeping what the backward needs; the backward is
+    /// written out here and deposits the gradients of the weights that train into `sink`.
+    /// candle's per-node gradient bookkeeping over the layer's ~17 nodes (a zero-filled
+    /// accumulator and an add per gradient, bf16 adds through its slow path) was a fifth of a
+    /// bf16 step. Same ops, same values as the composed forward and backward.
+    fn forward_node(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, sink: &ops::GradSink) -> Result<Tensor> {
         let (a, m) = (&self.self_attn, &self.mlp);
         let xd = x.detach();
-        let n1 = self.input_layernorm.forward(&xd)?;
+        let [qp, kp, vp, op, gp, upp, dp] = [
+            NodeProj::new(&a.q_proj, &xd)?,
+            NodeProj::new(&a.k_proj, &xd)?,
+            NodeProj::new(&a.v_proj, &xd)?,
+            NodeProj::new(&a.o_proj, &xd)?,
+            NodeProj::new(&m.gate_proj, &xd)?,
+            NodeProj::new(&m.up_proj, &xd)?,
+            NodeProj::new(&m.down_proj, &xd)?,
+        ];
+        let (norm1, norm2) =
+            (NodeNorm::new(&self.input_layernorm), NodeNorm::new(&self.post_attention_layernorm));
+        let n1 = norm1.forward(&xd)?;
         let rope = Some((cos, sin));
-        let q = ops::split_heads(&a.q_proj.forward(&n1)?, a.heads, rope)?; // [B, Hq, T, D]
-        let k = ops::split_heads(&a.k_proj.forward(&n1)?, a.groups, rope)?; // [B, Hk, T, D]
-        let v = ops::split_heads(&a.v_proj.forward(&n1)?, a.groups, None)?;
+        let q = ops::split_heads(&qp.forward(&n1)?, a.heads, rope)?; // [B, Hq, T, D]
+        let k = ops::split_heads(&kp.forward(&n1)?, a.groups, rope)?; // [B, Hk, T, D]
+        let v = ops::split_heads(&vp.forward(&n1)?, a.groups, None)?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale)?;
-        let h = ops::add_detached(&xd, &a.o_proj.forward(&ops::merge_heads(&o)?)?)?;
-        let n2 = self.post_attention_layernorm.forward(&h)?;
-        let (gate, up) = (m.gate_proj.forward(&n2)?, m.up_proj.forward(&n2)?);
-        let y = ops::add_detached(&h, &m.down_proj.forward(&ops::swiglu(&gate, &up)?)?)?;
+        let merged = ops::merge_heads(&o)?;
+        let h = ops::add_detached(&xd, &op.forward(&merged)?)?;
+        let n2 = norm2.forward(&h)?;
+        let (gate, up) = (gp.forward(&n2)?, upp.forward(&n2)?);
+        let act = ops::swiglu(&gate, &up)?;
+        let y = ops::add_detached(&h, &dp.forward(&act)?)?;
 
-        let (norm1, norm2) = (self.input_layernorm.clone(), self.post_attention_layernorm.clone());
-        let [qp, kp, vp, op, gp, upp, dp] =
-            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-                .map(Proj::clone);
         let heads = a.heads;
-        let (cos, sin) = (cos.clone(), sin.clone());
+        let (cos, sin, sink) = (cos.clone(), sin.clone(), sink.clone());
         let backward = move |dy: &Tensor| -> candle_core::Result<Tensor> {
             let run = || -> Result<Tensor> {
-                // MLP: y = h + down(swiglu(gate(n2), up(n2))), n2 = norm2(h).
-                let (dgate, dup) = ops::swiglu_backward(&gate, &up, &dp.backward_input(dy)?)?;
                 let add = ops::add_detached;
-                let dn2 = add(&gp.backward_input(&dgate)?, &upp.backward_input(&dup)?)?;
-                let dh = add(dy, &norm2.backward_input(&h, &dn2)?)?;
+                // MLP: y = h + down(swiglu(gate(n2), up(n2))), n2 = norm2(h).
+                let (dgate, dup) = ops::swiglu_backward(&gate, &up, &dp.backward(&act, dy, &sink)?)?;
+                let dn2 = add(&gp.backward(&n2, &dgate, &sink)?, &upp.backward(&n2, &dup, &sink)?)?;
+                let dh = add(dy, &norm2.backward(&h, &dn2, &sink)?)?;
                 // Attention: h = x + o_proj(merge(attn(q, k, v))), q/k/v from n1 = norm1(x).
-                let dout = ops::split_heads(&op.backward_input(&dh)?, heads, None)?;
+                let dout = ops::split_heads(&op.backward(&merged, &dh, &sink)?, heads, None)?;
                 let (dq, dk, dv) = ops::causal_attention_backward(&q, &k, &v, &o, &lse, &dout, scale)?;
                 let rope = Some((&cos, &sin));
                 let dn1 = add(
                     &add(
-                        &qp.backward_input(&ops::split_heads_backward(&dq, rope)?)?,
-                        &kp.backward_input(&ops::split_heads_backward(&dk, rope)?)?,
+                        &qp.backward(&n1, &ops::split_heads_backward(&dq, rope)?, &sink)?,
+                        &kp.backward(&n1, &ops::split_heads_backward(&dk, rope)?, &sink)?,
                     )?,
-                    &vp.backward_input(&ops::merge_heads(&dv)?)?,
+                    &vp.backward(&n1, &ops::merge_heads(&dv)?, &sink)?,
                 )?;
-                Ok(add(&dh, &norm1.backward_input(&xd, &dn1)?)?)
+                Ok(add(&dh, &norm1.backward(&xd, &dn1, &sink)?)?)
             };
-            run().map_err(|e| candle_core::Error::Msg(format!("frozen decoder layer backward: {e}")))
+            run().map_err(|e| candle_core::Error::Msg(format!("decoder layer backward: {e}")))
         };
         Ok(ops::opaque(x, y, backward)?)
     }
@@ -499,8 +561,10 @@ pub struct Llama {
     vocab: usize,
     /// Tokens already in the KV cache.
     position: usize,
-    /// [`Llama::set_frozen_layer_ops`].
-    frozen_layer_ops: bool,
+    /// [`Llama::set_layer_nodes`].
+    layer_nodes: bool,
+    /// [`Llama::param_grads`].
+    param_grads: ops::GradSink,
 }
 
 impl Llama {
@@ -538,7 +602,8 @@ impl Llama {
             layout,
             vocab: hp.vocab,
             position: 0,
-            frozen_layer_ops: true,
+            layer_nodes: true,
+            param_grads: ops::GradSink::default(),
         })
     }
 
@@ -685,22 +750,31 @@ impl Llama {
         comm: &dyn Collective,
     ) -> Result<Tensor> {
         let layer = &mut self.layers[i];
-        if self.frozen_layer_ops
+        // CPU only for now: the CUDA pieces exist (kernels, `opaque`'s cuda_fwd) but this path
+        // has not run on a GPU yet; CUDA training keeps the composed graph.
+        if self.layer_nodes
+            && x.device().is_cpu()
             && x.track_op()
             && self.layout.tp == 1
             && s.mask.is_none()
-            && layer.frozen()
+            && layer.node_ready()
             && ops::attention::kernel_supports(x.device(), x.dtype(), layer.self_attn.head_dim)
         {
-            return layer.forward_frozen(x, &s.cos, &s.sin);
+            return layer.forward_node(x, &s.cos, &s.sin, &self.param_grads);
         }
         layer.forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
     }
 
-    /// Run frozen layers that x's gradient passes through as one graph node each (the default;
-    /// [`DecoderLayer::forward_frozen`]) or as the composed ops (off: for comparisons).
-    pub fn set_frozen_layer_ops(&mut self, on: bool) {
-        self.frozen_layer_ops = on;
+    /// Run decoder layers in training as one graph node each (the default;
+    /// [`DecoderLayer::forward_node`]) or as the composed ops (off: for comparisons).
+    pub fn set_layer_nodes(&mut self, on: bool) {
+        self.layer_nodes = on;
+    }
+
+    /// Where one-node layers leave the gradients of their trained weights during a backward
+    /// pass: the trainer drains it into that backward's gradients.
+    pub fn param_grads(&self) -> &ops::GradSink {
+        &self.param_grads
     }
 
     /// Final norm and head over every position: x [B, T, H] → f32 logits [B, T, V].

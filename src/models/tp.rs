@@ -58,6 +58,11 @@ impl ParallelLlama {
         }
     }
 
+    /// The ranks, in order.
+    pub fn ranks(&self) -> &[Llama] {
+        &self.ranks
+    }
+
     /// A TP-1 model from one rank (e.g. built over trainable variables).
     pub fn from_rank(rank: Llama, hparams: LlamaHparams) -> Self {
         ParallelLlama { ranks: vec![rank], hparams }

@@ -8,8 +8,35 @@
 //! tensors and join the graph once, through [`opaque`].
 
 use candle_core::backend::BackendStorage;
+use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+/// Parameter gradients computed by opaque blocks' backwards, keyed by the parameter's tensor
+/// (a variable), until [`GradSink::drain_into`] moves them into a backward's [`GradStore`].
+#[derive(Clone, Default)]
+pub struct GradSink(Arc<Mutex<Vec<(Tensor, Tensor)>>>);
+
+impl GradSink {
+    /// Record `grad` for `param` (summed with any other for the same parameter when drained).
+    pub fn deposit(&self, param: &Tensor, grad: Tensor) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push((param.clone(), grad));
+    }
+
+    /// Add every recorded gradient into `grads` (to what is there for the same parameter) and
+    /// forget them.
+    pub fn drain_into(&self, grads: &mut GradStore) -> Result<()> {
+        let pending = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for (param, g) in pending {
+            let g = match grads.remove(&param) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            grads.insert(&param, g);
+        }
+        Ok(())
+    }
+}
 
 /// The backward of an opaque block: output gradient → input gradient.
 type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
