@@ -1,7 +1,9 @@
 //! Fused SwiGLU, vocabulary cross-entropy and the AdamW step: each a CPU reference written here
 //! and, with the `cuda` feature, a kernel of `kernels/` (swiglu.cu, cross_entropy.cu, adamw.cu).
 
-use super::{as_f32, contiguous, par, round_to, store};
+use super::cpu_gemm::to_bf16;
+use super::par::SendPtr;
+use super::{as_f32, contiguous, par, round_to, vmath};
 
 /// Elements per parallel task of an element-wise loop.
 const ELEMENTWISE_CHUNK: usize = 1 << 14;
@@ -16,8 +18,100 @@ use std::sync::Mutex;
 // SwiGLU
 // ---------------------------------------------------------------------------------------------
 
-fn silu(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
+/// An element-wise op's operand: f32 borrowed in place, bf16/f16 widened a chunk at a time
+/// (no full-size f32 copy of a [B, T, F] activation).
+enum Operand<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> Operand<'a> {
+    fn new(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Self> {
+        Ok(match s {
+            CpuStorage::F32(v) => Operand::F32(contiguous(v, l, op)?),
+            CpuStorage::BF16(v) => Operand::Bf16(contiguous(v, l, op)?),
+            CpuStorage::F16(v) => Operand::F16(contiguous(v, l, op)?),
+            other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Operand::F32(v) => v.len(),
+            Operand::Bf16(v) => v.len(),
+            Operand::F16(v) => v.len(),
+        }
+    }
+
+    /// Elements `r` as f32: borrowed, or widened into `buf`.
+    fn chunk<'b>(&'b self, r: std::ops::Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        buf.clear();
+        match self {
+            Operand::F32(v) => return &v[r],
+            Operand::Bf16(v) => buf.extend(v[r].iter().map(|x| x.to_f32())),
+            Operand::F16(v) => buf.extend(v[r].iter().map(|x| x.to_f32())),
+        }
+        buf
+    }
+}
+
+/// An element-wise op over N same-length operands with `outs` outputs per element, chunk by
+/// chunk on the pool: `f(inputs, outputs)` sees f32 chunks (widened into per-task scratch) and
+/// writes f32 results, which are stored in `dtype` as one buffer [outs, n]. One pass over the
+/// data: no full-size f32 copies of bf16 operands or results.
+fn elementwise<const N: usize>(
+    ins: [Operand; N],
+    outs: usize,
+    dtype: DType,
+    op: &str,
+    f: impl Fn([&[f32]; N], &mut [&mut [f32]]) + Sync,
+) -> Result<CpuStorage> {
+    let n = ins.first().map_or(0, Operand::len);
+    if ins.iter().any(|x| x.len() != n) {
+        bail!("{op}: operands of different sizes");
+    }
+    let run = |out_chunk: &mut dyn FnMut(usize, &[f32]), c: usize| {
+        let r = c * ELEMENTWISE_CHUNK..((c + 1) * ELEMENTWISE_CHUNK).min(n);
+        let mut bufs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        let mut it = bufs.iter_mut();
+        let chunks: [&[f32]; N] =
+            std::array::from_fn(|i| ins[i].chunk(r.clone(), it.next().expect("N buffers")));
+        let mut results = vec![0f32; outs * r.len()];
+        let mut parts: Vec<&mut [f32]> = results.chunks_mut(r.len().max(1)).collect();
+        f(chunks, &mut parts);
+        for (j, part) in results.chunks(r.len().max(1)).enumerate() {
+            out_chunk(j * n + r.start, part);
+        }
+    };
+    let tasks = n.div_ceil(ELEMENTWISE_CHUNK);
+    macro_rules! stored {
+        ($t:ty, $variant:ident, $narrow:expr) => {{
+            let mut out: Vec<$t> = Vec::with_capacity(outs * n);
+            let ptr = SendPtr::new(out.spare_capacity_mut());
+            par::for_each(tasks, |c| {
+                run(
+                    &mut |at, vals| {
+                        // SAFETY: chunks write disjoint ranges at..at+len of the capacity.
+                        let dst = unsafe { ptr.slice(at, vals.len()) };
+                        for (d, &v) in dst.iter_mut().zip(vals) {
+                            d.write($narrow(v));
+                        }
+                    },
+                    c,
+                )
+            });
+            // SAFETY: the tasks wrote every element of 0..outs·n (each output's n values).
+            unsafe { out.set_len(outs * n) };
+            CpuStorage::$variant(out)
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => stored!(f32, F32, |v: f32| v),
+        DType::BF16 => stored!(half::bf16, BF16, to_bf16),
+        DType::F16 => stored!(half::f16, F16, half::f16::from_f32),
+        other => bail!("{op}: unsupported dtype {other:?}"),
+    })
 }
 
 struct SwiGlu;
@@ -38,18 +132,33 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() || s1.dtype() != s2.dtype() {
             bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
         }
-        let (g, u) = (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?);
-        // silu(g) rounded to the input dtype before the product, as torch's `act_fn(gate) * up`
-        // rounds its two ops (identity in f32).
-        let round = round_to(s1.dtype());
-        let mut y = vec![0f32; g.len()];
-        par::chunks_mut(&mut y, ELEMENTWISE_CHUNK, |i, y| {
-            let at = i * ELEMENTWISE_CHUNK;
-            for ((y, &g), &u) in y.iter_mut().zip(&g[at..]).zip(&u[at..]) {
-                *y = round(silu(g)) * u;
+        let ins = [Operand::new(s1, l1, self.name())?, Operand::new(s2, l2, self.name())?];
+        let dtype = s1.dtype();
+        let out = elementwise(ins, 1, dtype, self.name(), |[g, u], out| {
+            let y = &mut *out[0];
+            // e^−g, vectorised; then silu(g) = g / (1 + e^−g), rounded to the input dtype before
+            // the product, as torch's `act_fn(gate) * up` rounds its two ops (identity in f32).
+            y.copy_from_slice(g);
+            vmath::exp_affine_sum(y, -1.0, 0.0);
+            match dtype {
+                DType::BF16 => {
+                    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                        *y = to_bf16(g / (1.0 + *y)).to_f32() * u;
+                    }
+                }
+                DType::F16 => {
+                    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                        *y = half::f16::from_f32(g / (1.0 + *y)).to_f32() * u;
+                    }
+                }
+                _ => {
+                    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                        *y = g / (1.0 + *y) * u;
+                    }
+                }
             }
-        });
-        Ok((store(y, s1.dtype(), self.name())?, l1.shape().clone()))
+        })?;
+        Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -93,23 +202,24 @@ impl CustomOp3 for SwiGluBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = as_f32(s1, l1, self.name())?;
-        let (u, dy) = (as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
-        let n = g.len();
-        let mut out = vec![0f32; 2 * n];
-        let (dg, du) = out.split_at_mut(n);
-        par::chunks_mut2(dg, ELEMENTWISE_CHUNK, du, ELEMENTWISE_CHUNK, |c, dg, du| {
-            let at = c * ELEMENTWISE_CHUNK;
-            for (i, (dg, du)) in dg.iter_mut().zip(du).enumerate() {
-                let (g, u, d) = (g[at + i], u[at + i], dy[at + i]);
-                let sig = 1.0 / (1.0 + (-g).exp());
+        let ins = [
+            Operand::new(s1, l1, self.name())?,
+            Operand::new(s2, l2, self.name())?,
+            Operand::new(s3, l3, self.name())?,
+        ];
+        let out = elementwise(ins, 2, s1.dtype(), self.name(), |[g, u, dy], out| {
+            let [dg, du] = out else { unreachable!("two outputs") };
+            dg.copy_from_slice(g);
+            vmath::exp_affine_sum(dg, -1.0, 0.0); // e^−g
+            for ((((dg, du), &g), &u), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+                let sig = 1.0 / (1.0 + *dg);
                 *dg = d * u * (sig * (1.0 + g * (1.0 - sig)));
                 *du = d * (g * sig);
             }
-        });
+        })?;
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
-        Ok((store(out, s1.dtype(), self.name())?, Shape::from(dims)))
+        Ok((out, Shape::from(dims)))
     }
 
     #[cfg(feature = "cuda")]
@@ -445,6 +555,32 @@ mod tests {
         assert!(max_diff(&y1, &y2) < 1e-6);
         assert!(max_diff(&dg1, &dg2) < 1e-5);
         assert!(max_diff(&du1, &du2) < 1e-6);
+    }
+
+    /// bf16 over several element-wise chunks (and a ragged tail): the f32 computation with
+    /// torch's two roundings, to within one bf16 rounding (the exp's last bits may flip one);
+    /// the backward within bf16 rounding of the f32 formula.
+    #[test]
+    fn swiglu_bf16_across_chunks() {
+        let n = 3 * ELEMENTWISE_CHUNK + 77;
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let (g, u, dy) = (bf((randn(&[n], 4) * 6.0).unwrap()), bf(randn(&[n], 5)), bf(randn(&[n], 6)));
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let (gv, uv, dv) = (f(&g), f(&u), f(&dy));
+        let y = f(&swiglu(&g, &u).unwrap());
+        let (dg, du) = swiglu_backward(&g, &u, &dy).unwrap();
+        let (dg, du) = (f(&dg), f(&du));
+        let r = |x: f32| half::bf16::from_f32(x).to_f32();
+        for i in 0..n {
+            let (gi, ui, di) = (gv[i] as f64, uv[i] as f64, dv[i] as f64);
+            let sig = 1.0 / (1.0 + (-gi).exp());
+            let want = r(r((gi * sig) as f32) * ui as f32);
+            assert!((y[i] - want).abs() <= want.abs() / 128.0 + 1e-30, "y[{i}] {} vs {want}", y[i]);
+            let want_dg = di * ui * sig * (1.0 + gi * (1.0 - sig));
+            let want_du = di * gi * sig;
+            assert!((dg[i] as f64 - want_dg).abs() <= want_dg.abs() / 128.0 + 1e-6, "dg[{i}]");
+            assert!((du[i] as f64 - want_du).abs() <= want_du.abs() / 128.0 + 1e-6, "du[{i}]");
+        }
     }
 
     #[test]
