@@ -68,6 +68,105 @@ fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<std::borrow::Co
     })
 }
 
+/// An element-wise op's operand: f32 borrowed in place, bf16/f16 widened a chunk at a time
+/// (no full-size f32 copy of a [B, T, F] activation).
+enum Operand<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Operand<'a> {
+    fn new(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Self> {
+        Ok(match s {
+            CpuStorage::F32(v) => Operand::F32(contiguous(v, l, op)?),
+            CpuStorage::BF16(v) => Operand::Bf16(contiguous(v, l, op)?),
+            CpuStorage::F16(v) => Operand::F16(contiguous(v, l, op)?),
+            other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Operand::F32(v) => v.len(),
+            Operand::Bf16(v) => v.len(),
+            Operand::F16(v) => v.len(),
+        }
+    }
+
+    /// Elements `r` as f32: borrowed, or widened into `buf`.
+    fn chunk<'b>(&'b self, r: std::ops::Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        buf.clear();
+        match self {
+            Operand::F32(v) => return &v[r],
+            Operand::Bf16(v) => buf.extend(v[r].iter().map(|x| x.to_f32())),
+            Operand::F16(v) => buf.extend(v[r].iter().map(|x| x.to_f32())),
+        }
+        buf
+    }
+}
+
+/// An element-wise op over N same-length operands with `outs` outputs per element, `chunk`
+/// elements at a time on the pool (a multiple of the row length for row-wise ops):
+/// `f(inputs, outputs)` sees f32 chunks (widened into per-task scratch) and writes f32 results,
+/// which are stored in `dtype` as one buffer [outs, n]. One pass over the data: no full-size
+/// f32 copies of bf16 operands or results.
+fn elementwise<const N: usize>(
+    ins: [Operand; N],
+    outs: usize,
+    chunk: usize,
+    dtype: DType,
+    op: &str,
+    f: impl Fn([&[f32]; N], &mut [&mut [f32]]) + Sync,
+) -> Result<CpuStorage> {
+    let n = ins.first().map_or(0, Operand::len);
+    if ins.iter().any(|x| x.len() != n) {
+        bail!("{op}: operands of different sizes");
+    }
+    let run = |out_chunk: &mut dyn FnMut(usize, &[f32]), c: usize| {
+        let r = c * chunk..((c + 1) * chunk).min(n);
+        let mut bufs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        let mut it = bufs.iter_mut();
+        let chunks: [&[f32]; N] =
+            std::array::from_fn(|i| ins[i].chunk(r.clone(), it.next().expect("N buffers")));
+        let mut results = vec![0f32; outs * r.len()];
+        let mut parts: Vec<&mut [f32]> = results.chunks_mut(r.len().max(1)).collect();
+        f(chunks, &mut parts);
+        for (j, part) in results.chunks(r.len().max(1)).enumerate() {
+            out_chunk(j * n + r.start, part);
+        }
+    };
+    let chunk = chunk.max(1);
+    let tasks = n.div_ceil(chunk);
+    macro_rules! stored {
+        ($t:ty, $variant:ident, $narrow:expr) => {{
+            let mut out: Vec<$t> = Vec::with_capacity(outs * n);
+            let ptr = par::SendPtr::new(out.spare_capacity_mut());
+            par::for_each(tasks, |c| {
+                run(
+                    &mut |at, vals| {
+                        // SAFETY: chunks write disjoint ranges at..at+len of the capacity.
+                        let dst = unsafe { ptr.slice(at, vals.len()) };
+                        for (d, &v) in dst.iter_mut().zip(vals) {
+                            d.write($narrow(v));
+                        }
+                    },
+                    c,
+                )
+            });
+            // SAFETY: the tasks wrote every element of 0..outs·n (each output's n values).
+            unsafe { out.set_len(outs * n) };
+            CpuStorage::$variant(out)
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => stored!(f32, F32, |v: f32| v),
+        DType::BF16 => stored!(bf16, BF16, cpu_gemm::to_bf16),
+        DType::F16 => stored!(f16, F16, f16::from_f32),
+        other => bail!("{op}: unsupported dtype {other:?}"),
+    })
+}
+
 /// Store f32 values in `dtype` (f32, bf16 or f16): the inverse of [`as_f32`].
 fn store(v: Vec<f32>, dtype: DType, op: &str) -> Result<CpuStorage> {
     Ok(match dtype {
@@ -191,20 +290,25 @@ impl CustomOp2 for RmsNorm {
         if w.len() != h {
             bail!("rms-norm: weight has {} elements, rows have {h}", w.len());
         }
-        let round = round_to(s1.dtype());
-        let eps = self.eps;
-        let out = float_dispatch!(s1, l1, self.name(), |x| {
-            let mut y = vec![0f32; x.len()];
-            par::chunks_mut(&mut y, h, |r, y| {
-                let x = &x[r * h..(r + 1) * h];
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
-                let r = 1.0 / (ms + eps).sqrt();
-                for ((y, x), w) in y.iter_mut().zip(x).zip(w.iter()) {
-                    *y = w * round(x * r);
+        let (eps, dtype) = (self.eps, s1.dtype());
+        // Whole rows per chunk; each row normalised in f32, rounded to the dtype (transformers'
+        // `hidden.to(input_dtype)`), then scaled.
+        let chunk = ((1 << 14) / h).max(1) * h;
+        let out =
+            elementwise([Operand::new(s1, l1, self.name())?], 1, chunk, dtype, self.name(), |[x], out| {
+                for (x, y) in x.chunks_exact(h).zip(out[0].chunks_exact_mut(h)) {
+                    let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                    let r = 1.0 / (ms + eps).sqrt();
+                    let rows = y.iter_mut().zip(x).zip(w.iter());
+                    match dtype {
+                        DType::BF16 => {
+                            rows.for_each(|((y, x), w)| *y = w * cpu_gemm::to_bf16(x * r).to_f32())
+                        }
+                        DType::F16 => rows.for_each(|((y, x), w)| *y = w * f16::from_f32(x * r).to_f32()),
+                        _ => rows.for_each(|((y, x), w)| *y = w * (x * r)),
+                    }
                 }
-            });
-            y
-        });
+            })?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -297,23 +401,26 @@ impl CustomOp3 for RmsNormBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let h = l1.dims().last().copied().unwrap_or(1);
-        let (x, w, g) =
-            (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
+        let w = as_f32(s2, l2, self.name())?;
+        let (x, g) = (Operand::new(s1, l1, self.name())?, Operand::new(s3, l3, self.name())?);
         if w.len() != h || g.len() != x.len() {
             bail!("rms-norm-backward: x {:?}, weight {:?}, gradient {:?}", l1.dims(), l2.dims(), l3.dims());
         }
-        let mut dx = vec![0f32; x.len()];
-        par::chunks_mut(&mut dx, h, |row, dx| {
-            let (x, g) = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
-            // mean(g·w·n) = r · mean(g·w·x)
-            let dot = r * x.iter().zip(g).zip(w.iter()).map(|((x, g), w)| g * w * x).sum::<f32>() / h as f32;
-            for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w.iter()) {
-                *dx = r * (g * w - x * r * dot);
+        let eps = self.eps;
+        let chunk = ((1 << 14) / h).max(1) * h;
+        let dx = elementwise([x, g], 1, chunk, s1.dtype(), self.name(), |[x, g], out| {
+            for ((x, g), dx) in x.chunks_exact(h).zip(g.chunks_exact(h)).zip(out[0].chunks_exact_mut(h)) {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let r = 1.0 / (ms + eps).sqrt();
+                // mean(g·w·n) = r · mean(g·w·x)
+                let dot =
+                    r * x.iter().zip(g).zip(w.iter()).map(|((x, g), w)| g * w * x).sum::<f32>() / h as f32;
+                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w.iter()) {
+                    *dx = r * (g * w - x * r * dot);
+                }
             }
-        });
-        Ok((store(dx, s1.dtype(), self.name())?, l1.shape().clone()))
+        })?;
+        Ok((dx, l1.shape().clone()))
     }
 }
 

@@ -442,10 +442,15 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         comm: &dyn Collective,
     ) -> Result<Tensor> {
+        // Residual adds: outside autograd (inference) one parallel pass instead of candle's
+        // bf16 add; in a graph, candle's differentiable add.
+        let residual = |x: &Tensor, y: &Tensor| -> Result<Tensor> {
+            Ok(if x.track_op() || y.track_op() { (x + y)? } else { ops::add_detached(x, y)? })
+        };
         let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
-        let x = (x + comm.all_reduce_sum(&attn)?)?;
+        let x = residual(x, &comm.all_reduce_sum(&attn)?)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((&x + comm.all_reduce_sum(&mlp)?)?)
+        residual(&x, &comm.all_reduce_sum(&mlp)?)
     }
 
     /// Whether the layer can run as one graph node: no adapters, and every parameter frozen or

@@ -2,8 +2,7 @@
 //! and, with the `cuda` feature, a kernel of `kernels/` (swiglu.cu, cross_entropy.cu, adamw.cu).
 
 use super::cpu_gemm::to_bf16;
-use super::par::SendPtr;
-use super::{as_f32, contiguous, par, round_to, vmath};
+use super::{as_f32, contiguous, elementwise, par, round_to, vmath, Operand};
 
 /// Elements per parallel task of an element-wise loop.
 const ELEMENTWISE_CHUNK: usize = 1 << 14;
@@ -17,102 +16,6 @@ use std::sync::Mutex;
 // ---------------------------------------------------------------------------------------------
 // SwiGLU
 // ---------------------------------------------------------------------------------------------
-
-/// An element-wise op's operand: f32 borrowed in place, bf16/f16 widened a chunk at a time
-/// (no full-size f32 copy of a [B, T, F] activation).
-enum Operand<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [half::bf16]),
-    F16(&'a [half::f16]),
-}
-
-impl<'a> Operand<'a> {
-    fn new(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Self> {
-        Ok(match s {
-            CpuStorage::F32(v) => Operand::F32(contiguous(v, l, op)?),
-            CpuStorage::BF16(v) => Operand::Bf16(contiguous(v, l, op)?),
-            CpuStorage::F16(v) => Operand::F16(contiguous(v, l, op)?),
-            other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
-        })
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Operand::F32(v) => v.len(),
-            Operand::Bf16(v) => v.len(),
-            Operand::F16(v) => v.len(),
-        }
-    }
-
-    /// Elements `r` as f32: borrowed, or widened into `buf`.
-    fn chunk<'b>(&'b self, r: std::ops::Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32] {
-        buf.clear();
-        match self {
-            Operand::F32(v) => return &v[r],
-            Operand::Bf16(v) => buf.extend(v[r].iter().map(|x| x.to_f32())),
-            Operand::F16(v) => buf.extend(v[r].iter().map(|x| x.to_f32())),
-        }
-        buf
-    }
-}
-
-/// An element-wise op over N same-length operands with `outs` outputs per element, chunk by
-/// chunk on the pool: `f(inputs, outputs)` sees f32 chunks (widened into per-task scratch) and
-/// writes f32 results, which are stored in `dtype` as one buffer [outs, n]. One pass over the
-/// data: no full-size f32 copies of bf16 operands or results.
-fn elementwise<const N: usize>(
-    ins: [Operand; N],
-    outs: usize,
-    dtype: DType,
-    op: &str,
-    f: impl Fn([&[f32]; N], &mut [&mut [f32]]) + Sync,
-) -> Result<CpuStorage> {
-    let n = ins.first().map_or(0, Operand::len);
-    if ins.iter().any(|x| x.len() != n) {
-        bail!("{op}: operands of different sizes");
-    }
-    let run = |out_chunk: &mut dyn FnMut(usize, &[f32]), c: usize| {
-        let r = c * ELEMENTWISE_CHUNK..((c + 1) * ELEMENTWISE_CHUNK).min(n);
-        let mut bufs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
-        let mut it = bufs.iter_mut();
-        let chunks: [&[f32]; N] =
-            std::array::from_fn(|i| ins[i].chunk(r.clone(), it.next().expect("N buffers")));
-        let mut results = vec![0f32; outs * r.len()];
-        let mut parts: Vec<&mut [f32]> = results.chunks_mut(r.len().max(1)).collect();
-        f(chunks, &mut parts);
-        for (j, part) in results.chunks(r.len().max(1)).enumerate() {
-            out_chunk(j * n + r.start, part);
-        }
-    };
-    let tasks = n.div_ceil(ELEMENTWISE_CHUNK);
-    macro_rules! stored {
-        ($t:ty, $variant:ident, $narrow:expr) => {{
-            let mut out: Vec<$t> = Vec::with_capacity(outs * n);
-            let ptr = SendPtr::new(out.spare_capacity_mut());
-            par::for_each(tasks, |c| {
-                run(
-                    &mut |at, vals| {
-                        // SAFETY: chunks write disjoint ranges at..at+len of the capacity.
-                        let dst = unsafe { ptr.slice(at, vals.len()) };
-                        for (d, &v) in dst.iter_mut().zip(vals) {
-                            d.write($narrow(v));
-                        }
-                    },
-                    c,
-                )
-            });
-            // SAFETY: the tasks wrote every element of 0..outs·n (each output's n values).
-            unsafe { out.set_len(outs * n) };
-            CpuStorage::$variant(out)
-        }};
-    }
-    Ok(match dtype {
-        DType::F32 => stored!(f32, F32, |v: f32| v),
-        DType::BF16 => stored!(half::bf16, BF16, to_bf16),
-        DType::F16 => stored!(half::f16, F16, half::f16::from_f32),
-        other => bail!("{op}: unsupported dtype {other:?}"),
-    })
-}
 
 struct SwiGlu;
 
@@ -134,7 +37,7 @@ impl CustomOp2 for SwiGlu {
         }
         let ins = [Operand::new(s1, l1, self.name())?, Operand::new(s2, l2, self.name())?];
         let dtype = s1.dtype();
-        let out = elementwise(ins, 1, dtype, self.name(), |[g, u], out| {
+        let out = elementwise(ins, 1, ELEMENTWISE_CHUNK, dtype, self.name(), |[g, u], out| {
             let y = &mut *out[0];
             // e^−g, vectorised; then silu(g) = g / (1 + e^−g), rounded to the input dtype before
             // the product, as torch's `act_fn(gate) * up` rounds its two ops (identity in f32).
@@ -207,7 +110,7 @@ impl CustomOp3 for SwiGluBwd {
             Operand::new(s2, l2, self.name())?,
             Operand::new(s3, l3, self.name())?,
         ];
-        let out = elementwise(ins, 2, s1.dtype(), self.name(), |[g, u, dy], out| {
+        let out = elementwise(ins, 2, ELEMENTWISE_CHUNK, s1.dtype(), self.name(), |[g, u, dy], out| {
             let [dg, du] = out else { unreachable!("two outputs") };
             dg.copy_from_slice(g);
             vmath::exp_affine_sum(dg, -1.0, 0.0); // e^−g
