@@ -16,6 +16,7 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use shardsmith_converters::names::llama::LlamaHparams;
+use std::sync::Arc;
 
 pub use shardsmith_converters::names::llama::canonical_shard_spec;
 
@@ -46,6 +47,9 @@ struct Proj {
     lora: Option<Lora>,
     /// bf16 copy of a frozen f32 weight for the bf16 GEMM, made on first use.
     bf16: std::sync::OnceLock<Tensor>,
+    /// A frozen weight's Wᵀ pre-packed for the CPU GEMM, made at the first product that packs
+    /// it (none past the pre-packing budget, or where it does not apply).
+    packed: std::sync::OnceLock<Option<Arc<ops::cpu_gemm::PackedB>>>,
 }
 
 /// A LoRA adapter on one projection: `y += scale · (x Aᵀ) Bᵀ` (PEFT's `lora_A`, `lora_B`).
@@ -67,7 +71,7 @@ impl Proj {
     fn new(w: Tensor) -> Result<Self> {
         let widen = w.device().is_cpu() && w.dtype() == DType::BF16 && !ops::cpu_gemm::bf16_available();
         let weight = if widen { w.to_dtype(DType::F32)? } else { w };
-        Ok(Proj { weight, lora: None, bf16: std::sync::OnceLock::new() })
+        Ok(Proj { weight, lora: None, bf16: std::sync::OnceLock::new(), packed: std::sync::OnceLock::new() })
     }
 
     /// The weight in bf16 for the bf16 GEMM: as is, cast (a trainable weight, so gradients reach
@@ -103,12 +107,49 @@ impl Proj {
         })
     }
 
+    /// Wᵀ of `w` (this projection's weight in the compute dtype) pre-packed for the CPU GEMM,
+    /// when the weight is frozen and a product of `rows` rows would pack it (made at the first
+    /// such product, within the budget of [`ops::cpu_gemm::PackedB::within_budget`]).
+    fn prepacked(&self, w: &Tensor, rows: usize) -> Result<Option<Arc<ops::cpu_gemm::PackedB>>> {
+        use ops::cpu_gemm::{self as g, MatRef, PackedB};
+        let frozen = !(self.weight.is_variable() || self.weight.track_op() || w.track_op());
+        if !frozen || !w.device().is_cpu() || rows <= g::DOT_MAX_M {
+            return Ok(self.packed.get().cloned().flatten());
+        }
+        if let Some(p) = self.packed.get() {
+            return Ok(p.clone());
+        }
+        let w = w.contiguous()?;
+        let (out, inp) = w.dims2()?;
+        let packed = match w.dtype() {
+            DType::BF16 if g::bf16_available() => {
+                let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
+                PackedB::within_budget(MatRef { data: &v, rows: out, cols: inp, rs: inp, cs: 1 }.t())?
+            }
+            DType::F32 if g::f32_available() => {
+                let v = w.flatten_all()?.to_vec1::<f32>()?;
+                PackedB::within_budget(MatRef { data: &v, rows: out, cols: inp, rs: inp, cs: 1 }.t())?
+            }
+            _ => None,
+        };
+        Ok(self.packed.get_or_init(|| packed.map(Arc::new)).clone())
+    }
+
+    /// `x · wᵀ` through the pre-packed Wᵀ when there is one.
+    fn product(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        Ok(match self.prepacked(w, rows)? {
+            Some(p) => ops::linear::matmul_prepacked(x, &w.t()?, &p)?,
+            None => ops::matmul(x, &w.t()?)?,
+        })
+    }
+
     /// x [B, T, in] → [B, T, out] in x's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (compute, w) = self.compute_weight(x)?;
         // [B, T, in] straight into the GEMM (its rows are one matrix): no reshape nodes.
         let xc = x.to_dtype(compute)?;
-        let mut y = ops::matmul(&xc, &w.t()?)?;
+        let mut y = self.product(&xc, &w)?;
         if let Some(l) = &self.lora {
             let (a, lb) = (l.a.to_dtype(compute)?, l.b.to_dtype(compute)?);
             let low = ops::matmul(&xc, &a.t()?)?; // [B, T, r]
@@ -189,17 +230,31 @@ struct NodeProj {
     compute: DType,
     w: Tensor,
     trains: Option<Tensor>,
+    /// Wᵀ pre-packed, for a frozen weight ([`Proj::prepacked`]).
+    packed: Option<Arc<ops::cpu_gemm::PackedB>>,
 }
 
 impl NodeProj {
     fn new(p: &Proj, like: &Tensor) -> Result<Self> {
         let (compute, w) = p.compute_weight(like)?;
-        Ok(NodeProj { compute, w: w.detach(), trains: p.weight.is_variable().then(|| p.weight.clone()) })
+        let rows = like.elem_count() / like.dim(D::Minus1)?.max(1);
+        let packed = p.prepacked(&w, rows)?;
+        Ok(NodeProj {
+            compute,
+            w: w.detach(),
+            trains: p.weight.is_variable().then(|| p.weight.clone()),
+            packed,
+        })
     }
 
     /// x [B, T, in] → [B, T, out] in x's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::matmul(&x.to_dtype(self.compute)?, &self.w.t()?)?.to_dtype(x.dtype())?)
+        let (xc, wt) = (x.to_dtype(self.compute)?, self.w.t()?);
+        let y = match &self.packed {
+            Some(p) => ops::linear::matmul_prepacked(&xc, &wt, p)?,
+            None => ops::matmul(&xc, &wt)?,
+        };
+        Ok(y.to_dtype(x.dtype())?)
     }
 
     /// dx = dy·W for the output gradient dy at input x; for a trained weight also

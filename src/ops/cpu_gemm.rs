@@ -47,7 +47,7 @@ const KCU: usize = 512;
 /// Largest M block: packed A for one K block is MC·KCU·4 bytes = 512 KiB.
 const MC: usize = 256;
 /// Up to this many rows, bf16 x·Wᵀ runs the packing-free dot-product kernel.
-const DOT_MAX_M: usize = 4;
+pub(crate) const DOT_MAX_M: usize = 4;
 
 /// A strided matrix view: element (i, j) at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -265,7 +265,7 @@ pub fn gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) -> Result<()> {
         dot_gemm(a, b, c);
         return Ok(());
     }
-    packed_gemm(a, b, c, Threads::Pool, false);
+    packed_gemm(a, BSource::View(b), c, Threads::Pool, false);
     Ok(())
 }
 
@@ -273,7 +273,34 @@ pub fn gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) -> Result<()> {
 /// the shapes disagree.
 pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32]) -> Result<()> {
     if prologue(f32_available(), "avx512f", &a, &b, c, false)? {
-        packed_gemm(a, b, c, Threads::Pool, false);
+        packed_gemm(a, BSource::View(b), c, Threads::Pool, false);
+    }
+    Ok(())
+}
+
+/// `C = A · B` against a B packed beforehand ([`PackedB::new`]), with C [M, N] f32 row-major
+/// (overwritten): the same sums as [`gemm`] / [`gemm_f32`], without packing B.
+pub fn gemm_prepacked<T: PackElement>(a: MatRef<T>, b: &PackedB, c: &mut [f32]) -> Result<()> {
+    if b.kind != T::KIND {
+        bail!("cpu-gemm: B was packed as {:?}, A is {:?}", b.kind, T::KIND);
+    }
+    let available = match T::KIND {
+        PackKind::Bf16 => bf16_available(),
+        PackKind::F32 => f32_available(),
+    };
+    if !available {
+        bail!("cpu-gemm: this CPU has no kernel for {:?}", T::KIND);
+    }
+    if a.cols != b.k || c.len() != a.rows * b.n {
+        bail!("cpu-gemm: A [{}, {}] · packed B [{}, {}] into {} elements", a.rows, a.cols, b.k, b.n, c.len());
+    }
+    a.check("A")?;
+    if a.rows > 0 && b.n > 0 {
+        if b.k == 0 {
+            c.fill(0.0);
+        } else {
+            packed_gemm(a, BSource::Packed(b), c, Threads::Pool, false);
+        }
     }
     Ok(())
 }
@@ -283,9 +310,134 @@ pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32]) -> Result<()> {
 /// an attention, say. Adds into C when `accumulate`, else overwrites it.
 pub fn gemm_f32_serial(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32], accumulate: bool) -> Result<()> {
     if prologue(f32_available(), "avx512f", &a, &b, c, accumulate)? {
-        packed_gemm(a, b, c, Threads::Caller, accumulate);
+        packed_gemm(a, BSource::View(b), c, Threads::Caller, accumulate);
     }
     Ok(())
+}
+
+/// (units, K blocks, units per block) of a K: equal blocks of at most KCU units. A product and
+/// a pre-packed B must agree on it.
+fn k_blocking<T: Element>(k: usize) -> (usize, usize, usize) {
+    let units = k.div_ceil(T::KU);
+    let kblocks = units.div_ceil(KCU).max(1);
+    (units, kblocks, units.div_ceil(kblocks))
+}
+
+/// Where a product's B panels come from: packed per call from a view, or packed beforehand.
+enum BSource<'a, T> {
+    View(MatRef<'a, T>),
+    Packed(&'a PackedB),
+}
+
+impl<T> BSource<'_, T> {
+    fn cols(&self) -> usize {
+        match self {
+            BSource::View(b) => b.cols,
+            BSource::Packed(p) => p.n,
+        }
+    }
+}
+
+/// The element type a [`PackedB`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PackKind {
+    Bf16,
+    F32,
+}
+
+/// An element type B can be pre-packed in.
+#[allow(private_bounds)]
+pub trait PackElement: Element {
+    const KIND: PackKind;
+}
+impl PackElement for bf16 {
+    const KIND: PackKind = PackKind::Bf16;
+}
+impl PackElement for f32 {
+    const KIND: PackKind = PackKind::F32;
+}
+
+/// B [K, N] packed once into the panels a product would pack on the fly ([kblock][panel], each
+/// [units][NR]), for a matrix that meets many products: a frozen weight, Wᵀ in x·Wᵀ. Packing
+/// per product read the weight column by column — 48 strided streams from DRAM, a fifth of a
+/// bf16 prefill — where a product over packed panels streams them in order. Same blocking, so
+/// the same sums: results are bit-identical to [`gemm`] / [`gemm_f32`].
+pub struct PackedB {
+    kind: PackKind,
+    k: usize,
+    n: usize,
+    /// Units per K block (the last block may hold fewer).
+    kcu: usize,
+    units: usize,
+    n_panels: usize,
+    panels: Vec<u32>,
+}
+
+impl PackedB {
+    /// Pack B (any strided view). Errors where the CPU has no kernel for `T`.
+    pub fn new<T: PackElement>(b: MatRef<T>) -> Result<Self> {
+        let available = match T::KIND {
+            PackKind::Bf16 => bf16_available(),
+            PackKind::F32 => f32_available(),
+        };
+        if !available {
+            bail!("cpu-gemm: this CPU has no kernel for {:?}", T::KIND);
+        }
+        b.check("B")?;
+        let (k, n) = (b.rows, b.cols);
+        let (units, kblocks, kcu) = k_blocking::<T>(k);
+        let n_panels = n.div_ceil(NR);
+        let mut panels = vec![0u32; kblocks * n_panels * kcu * NR];
+        chunks_mut(&mut panels, kcu * NR, |i, slot| {
+            let (kb, pn) = (i / n_panels, i % n_panels);
+            let (u0, jc) = (kb * kcu, pn * NR);
+            let ku = kcu.min(units - u0);
+            pack_b(&b, jc, NR.min(n - jc), u0, ku, &mut slot[..ku * NR]);
+        });
+        Ok(PackedB { kind: T::KIND, k, n, kcu, units, n_panels, panels })
+    }
+
+    /// [`PackedB::new`] if the process-wide budget for pre-packed copies still has its bytes:
+    /// `SHARDSMITH_PACK_BUDGET_MB` (default 2048; 0 turns pre-packing off). A pre-packed weight
+    /// is a second copy of it, so the budget bounds what pre-packing adds to the footprint.
+    pub fn within_budget<T: PackElement>(b: MatRef<T>) -> Result<Option<Self>> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::OnceLock;
+        static LEFT: OnceLock<AtomicUsize> = OnceLock::new();
+        let left = LEFT.get_or_init(|| {
+            let mb = std::env::var("SHARDSMITH_PACK_BUDGET_MB").ok().and_then(|v| v.parse::<usize>().ok());
+            AtomicUsize::new(mb.unwrap_or(2048) << 20)
+        });
+        let (_, kblocks, kcu) = k_blocking::<T>(b.rows);
+        let bytes = kblocks * b.cols.div_ceil(NR) * kcu * NR * 4;
+        let took = left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(bytes)).is_ok();
+        if !took {
+            return Ok(None);
+        }
+        Self::new(b).map(Some)
+    }
+
+    /// Panel `pn` of K block `kb`: [units of the block][NR].
+    fn panel(&self, kb: usize, pn: usize) -> &[u32] {
+        let ku = self.kcu.min(self.units - kb * self.kcu);
+        let at = (kb * self.n_panels + pn) * self.kcu * NR;
+        &self.panels[at..at + ku * NR]
+    }
+
+    /// (K, N) of the packed matrix.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// The element type of the panels.
+    pub fn kind(&self) -> PackKind {
+        self.kind
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.panels.len() * 4
+    }
 }
 
 thread_local! {
@@ -505,16 +657,13 @@ fn prefetch<T>(p: *const T) {
 /// `C = A · B` (or `C += A · B` with `accumulate_into`) by packed panels.
 fn packed_gemm<T: Element>(
     a: MatRef<T>,
-    b: MatRef<T>,
+    b: BSource<T>,
     c: &mut [f32],
     run_on: Threads,
     accumulate_into: bool,
 ) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    let units = k.div_ceil(T::KU);
-    // Equal K blocks of at most KCU units.
-    let kblocks = units.div_ceil(KCU);
-    let kcu = units.div_ceil(kblocks);
+    let (m, k, n) = (a.rows, a.cols, b.cols());
+    let (units, kblocks, kcu) = k_blocking::<T>(k);
     let threads = if run_on == Threads::Pool { pool_threads() } else { 1 };
     let n_panels = n.div_ceil(NR);
     let mut a_pack = vec![0u32; MC.min(m.div_ceil(MR) * MR) * kcu];
@@ -546,38 +695,45 @@ fn packed_gemm<T: Element>(
                 if pn0 >= pn1 || pm0 >= pm1 {
                     return;
                 }
-                B_PANEL.with_borrow_mut(|bp| {
-                    // One B micro-panel at a time, used against every A panel while it is hot.
-                    if bp.len() < ku * NR {
-                        bp.resize(ku * NR, 0);
-                    }
-                    let bp = &mut bp[..ku * NR];
-                    for pn in pn0..pn1 {
-                        let jc = pn * NR;
-                        let ncols = NR.min(n - jc);
-                        pack_b(&b, jc, ncols, u0, ku, bp);
-                        for ip in pm0..pm1 {
-                            let ic = i0 + ip * MR;
-                            let nrows = MR.min(m - ic);
-                            let ap = &a_pack[ip * MR * ku..(ip + 1) * MR * ku];
-                            // SAFETY: the public entry checked the CPU's features; tasks write
-                            // disjoint tiles of C (rows ic..ic+nrows < m, columns jc..jc+ncols < n);
-                            // panels hold ku units.
-                            unsafe {
-                                (T::KERNEL)(
-                                    ku,
-                                    ap.as_ptr(),
-                                    bp.as_ptr(),
-                                    cptr.get().add(ic * n + jc),
-                                    n,
-                                    nrows,
-                                    ncols,
-                                    accumulate,
-                                );
-                            }
+                // Every A panel against one B micro-panel while it is hot.
+                let run_panel = |pn: usize, bp: &[u32]| {
+                    let jc = pn * NR;
+                    let ncols = NR.min(n - jc);
+                    for ip in pm0..pm1 {
+                        let ic = i0 + ip * MR;
+                        let nrows = MR.min(m - ic);
+                        let ap = &a_pack[ip * MR * ku..(ip + 1) * MR * ku];
+                        // SAFETY: the public entry checked the CPU's features; tasks write
+                        // disjoint tiles of C (rows ic..ic+nrows < m, columns jc..jc+ncols < n);
+                        // panels hold ku units.
+                        unsafe {
+                            (T::KERNEL)(
+                                ku,
+                                ap.as_ptr(),
+                                bp.as_ptr(),
+                                cptr.get().add(ic * n + jc),
+                                n,
+                                nrows,
+                                ncols,
+                                accumulate,
+                            );
                         }
                     }
-                });
+                };
+                match &b {
+                    BSource::Packed(p) => (pn0..pn1).for_each(|pn| run_panel(pn, p.panel(kb, pn))),
+                    BSource::View(b) => B_PANEL.with_borrow_mut(|bp| {
+                        if bp.len() < ku * NR {
+                            bp.resize(ku * NR, 0);
+                        }
+                        let bp = &mut bp[..ku * NR];
+                        for pn in pn0..pn1 {
+                            let jc = pn * NR;
+                            pack_b(b, jc, NR.min(n - jc), u0, ku, bp);
+                            run_panel(pn, bp);
+                        }
+                    }),
+                }
             };
             match run_on {
                 Threads::Pool => parallel_for(n_chunks * m_chunks, task),
@@ -845,6 +1001,12 @@ mod tests {
             let mut c = vec![f32::NAN; m * n];
             gemm(a, b, &mut c).unwrap();
             compare(a, b, &c, |x| x.to_f64(), &format!("bf16 {what}"));
+            if m > DOT_MAX_M {
+                // Pre-packed B: the same bits (rows ≤ DOT_MAX_M may take the dot kernel).
+                let mut pre = vec![f32::NAN; m * n];
+                gemm_prepacked(a, &PackedB::new(b).unwrap(), &mut pre).unwrap();
+                assert!(pre.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "bf16 prepacked {what}");
+            }
         }
         if f32_available() {
             let (a, b) = views(&af, &bf, m, n, k, ta, tb);
@@ -853,6 +1015,9 @@ mod tests {
             compare(a, b, &c, |x| x as f64, &format!("f32 {what}"));
             // On the caller's thread: the same sums in the same order, so the same bits; and
             // accumulating into C adds the product to what was there.
+            let mut pre = vec![f32::NAN; m * n];
+            gemm_prepacked(a, &PackedB::new(b).unwrap(), &mut pre).unwrap();
+            assert!(pre.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "f32 prepacked {what}");
             let mut serial = vec![f32::NAN; m * n];
             gemm_f32_serial(a, b, &mut serial, false).unwrap();
             assert!(serial.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "serial {what}");

@@ -14,8 +14,12 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 use super::cpu_gemm;
+use std::sync::Arc;
 
-struct Matmul;
+struct Matmul {
+    /// b packed beforehand (a frozen weight), used when the product would pack it anyway.
+    packed: Option<Arc<cpu_gemm::PackedB>>,
+}
 
 /// Whether the packed f32 kernel runs this product rather than the `gemm` crate: everything
 /// with a row-major A past a few rows (decode stays on `gemm`: packing costs more than it
@@ -79,14 +83,27 @@ impl CustomOp2 for Matmul {
         let (shape, l1) = (l1, &rows_view(l1)?);
         let (m, n, k) = dims(l1, l2)?;
         let (d1, d2) = (s1.dtype(), s2.dtype());
+        // The pre-packed b, when it is what this product would pack (more rows than the
+        // dot-product kernel takes).
+        let packed = self.packed.as_deref().filter(|p| p.dims() == (k, n) && m > cpu_gemm::DOT_MAX_M);
         let out = if d1 == DType::BF16 && d2 == DType::BF16 && cpu_gemm::bf16_available() {
-            let (a, b) = (cpu_gemm::view(s1, l1, "a")?, cpu_gemm::view(s2, l2, "b")?);
-            CpuStorage::BF16(cpu_gemm::gemm_bf16(a, b)?)
+            let a = cpu_gemm::view(s1, l1, "a")?;
+            CpuStorage::BF16(match packed.filter(|p| p.kind() == cpu_gemm::PackKind::Bf16) {
+                Some(p) => {
+                    let mut c = vec![0f32; m * n];
+                    cpu_gemm::gemm_prepacked(a, p, &mut c)?;
+                    cpu_gemm::round_bf16(&c)
+                }
+                None => cpu_gemm::gemm_bf16(a, cpu_gemm::view(s2, l2, "b")?)?,
+            })
         } else if d1 == DType::F32 && d2 == DType::F32 && f32_packed_wins(m, l1) && cpu_gemm::f32_available()
         {
-            let (a, b) = (cpu_gemm::view_f32(s1, l1, "a")?, cpu_gemm::view_f32(s2, l2, "b")?);
+            let a = cpu_gemm::view_f32(s1, l1, "a")?;
             let mut c = vec![0f32; m * n];
-            cpu_gemm::gemm_f32(a, b, &mut c)?;
+            match packed.filter(|p| p.kind() == cpu_gemm::PackKind::F32) {
+                Some(p) => cpu_gemm::gemm_prepacked(a, p, &mut c)?,
+                None => cpu_gemm::gemm_f32(a, cpu_gemm::view_f32(s2, l2, "b")?, &mut c)?,
+            }
             CpuStorage::F32(c)
         } else {
             s1.matmul(s2, (1, m, n, k), l1, l2)?
@@ -134,13 +151,25 @@ impl CustomOp2 for Matmul {
 /// one matrix, so a projection of [B, T, K] needs no reshape), differentiable in whichever
 /// operand needs it.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    apply(a, b, None)
+}
+
+/// [`matmul`] with b also given packed ([`cpu_gemm::PackedB::new`] of exactly b's values, which
+/// the caller guarantees): the CPU products that would pack b read the panels instead. The
+/// result and the backward are [`matmul`]'s.
+pub fn matmul_prepacked(a: &Tensor, b: &Tensor, packed: &Arc<cpu_gemm::PackedB>) -> Result<Tensor> {
+    apply(a, b, Some(packed.clone()))
+}
+
+fn apply(a: &Tensor, b: &Tensor, packed: Option<Arc<cpu_gemm::PackedB>>) -> Result<Tensor> {
     if a.dtype() != b.dtype() {
         bail!("matmul: operands are {:?} and {:?}", a.dtype(), b.dtype());
     }
+    let op = Matmul { packed };
     if a.rank() > 2 && rows_view(a.layout()).is_err() {
-        return a.contiguous()?.apply_op2(b, Matmul);
+        return a.contiguous()?.apply_op2(b, op);
     }
-    a.apply_op2(b, Matmul)
+    a.apply_op2(b, op)
 }
 
 #[cfg(test)]
@@ -166,6 +195,35 @@ mod tests {
             for v in [&x, &w] {
                 let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
                 assert!(max_diff(a, b) <= tol * 4.0, "{dtype:?} gradient");
+            }
+        }
+    }
+
+    /// Through a pre-packed weight: the same bits as packing per product, f32 and bf16, 3-D
+    /// activations; a product with too few rows (or another dtype) ignores the panels.
+    #[test]
+    fn prepacked_weight_gives_the_same_bits() {
+        use cpu_gemm::{MatRef, PackedB};
+        for dtype in [DType::F32, DType::BF16] {
+            let x = randn(&[2, 9, 70], 1).to_dtype(dtype).unwrap();
+            let w = randn(&[53, 70], 2).to_dtype(dtype).unwrap(); // [out, in]
+            let packed = match dtype {
+                DType::F32 if cpu_gemm::f32_available() => {
+                    let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    PackedB::new(MatRef { data: &v, rows: 53, cols: 70, rs: 70, cs: 1 }.t()).unwrap()
+                }
+                DType::BF16 if cpu_gemm::bf16_available() => {
+                    let v = w.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+                    PackedB::new(MatRef { data: &v, rows: 53, cols: 70, rs: 70, cs: 1 }.t()).unwrap()
+                }
+                _ => continue,
+            };
+            let packed = Arc::new(packed);
+            let wt = w.t().unwrap();
+            for x in [x.clone(), x.narrow(1, 0, 1).unwrap()] {
+                let a = matmul_prepacked(&x, &wt, &packed).unwrap().to_dtype(DType::F32).unwrap();
+                let b = matmul(&x, &wt).unwrap().to_dtype(DType::F32).unwrap();
+                assert_eq!(max_diff(&a, &b), 0.0, "{dtype:?} {:?}", x.shape());
             }
         }
     }
