@@ -498,9 +498,36 @@ fn pack_a<T: Element>(
         if live < MR {
             panel.fill(0);
         }
-        // Row by row: with K contiguous (x, dy) each row is a sequential read.
-        for r in 0..live {
-            for u in 0..ku {
+        // Units wholly inside K (the last may be cut short when K is odd for bf16).
+        let full = (k - T::KU * u0).min(T::KU * ku) / T::KU;
+        if a.cs == 1 {
+            // K contiguous (x, dy): each row a sequential read, whole units straight from it.
+            for r in 0..live {
+                let start = (r0 + r) * a.rs + T::KU * u0;
+                for (u, unit) in a.data[start..start + T::KU * full].chunks_exact(T::KU).enumerate() {
+                    panel[u * MR + r] = T::unit_of(unit);
+                }
+            }
+        } else if a.rs == 1 {
+            // Rows contiguous (dyᵀ in dW = dyᵀ·x): each unit row of the panel from KU runs of
+            // `live` values.
+            for u in 0..full {
+                let k0 = T::KU * (u0 + u);
+                let run = |kk: usize| (kk < k).then(|| &a.data[kk * a.cs + r0..kk * a.cs + r0 + live]);
+                T::units_of_rows(
+                    [run(k0), if T::KU == 2 { run(k0 + 1) } else { None }],
+                    &mut panel[u * MR..u * MR + live],
+                );
+            }
+        } else {
+            for r in 0..live {
+                for u in 0..full {
+                    panel[u * MR + r] = T::unit(a, r0 + r, T::KU * (u0 + u), k, a.cs, a.rs);
+                }
+            }
+        }
+        for u in full..ku {
+            for r in 0..live {
                 panel[u * MR + r] = T::unit(a, r0 + r, T::KU * (u0 + u), k, a.cs, a.rs);
             }
         }
