@@ -50,6 +50,17 @@ struct Proj {
     /// A frozen weight's Wᵀ pre-packed for the CPU GEMM, made at the first product that packs
     /// it (none past the pre-packing budget, or where it does not apply).
     packed: std::sync::OnceLock<Option<Arc<ops::cpu_gemm::PackedB>>>,
+    /// The same for W itself, the B of the input gradient dy·W (training through frozen layers).
+    packed_w: std::sync::OnceLock<Option<Arc<ops::cpu_gemm::PackedB>>>,
+}
+
+/// Which form of a projection's weight a product reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Operand {
+    /// Wᵀ [in, out]: the forward x·Wᵀ.
+    Wt,
+    /// W [out, in]: the input gradient dy·W.
+    W,
 }
 
 /// A LoRA adapter on one projection: `y += scale · (x Aᵀ) Bᵀ` (PEFT's `lora_A`, `lora_B`).
@@ -71,7 +82,13 @@ impl Proj {
     fn new(w: Tensor) -> Result<Self> {
         let widen = w.device().is_cpu() && w.dtype() == DType::BF16 && !ops::cpu_gemm::bf16_available();
         let weight = if widen { w.to_dtype(DType::F32)? } else { w };
-        Ok(Proj { weight, lora: None, bf16: std::sync::OnceLock::new(), packed: std::sync::OnceLock::new() })
+        Ok(Proj {
+            weight,
+            lora: None,
+            bf16: std::sync::OnceLock::new(),
+            packed: std::sync::OnceLock::new(),
+            packed_w: std::sync::OnceLock::new(),
+        })
     }
 
     /// The weight in bf16 for the bf16 GEMM: as is, cast (a trainable weight, so gradients reach
@@ -107,38 +124,53 @@ impl Proj {
         })
     }
 
-    /// Wᵀ of `w` (this projection's weight in the compute dtype) pre-packed for the CPU GEMM,
-    /// when the weight is frozen and a product of `rows` rows would pack it (made at the first
-    /// such product, within the budget of [`ops::cpu_gemm::PackedB::within_budget`]).
-    fn prepacked(&self, w: &Tensor, rows: usize) -> Result<Option<Arc<ops::cpu_gemm::PackedB>>> {
+    /// `w` (this projection's weight in the compute dtype) pre-packed for the CPU GEMM — as Wᵀ
+    /// for the forward x·Wᵀ, or as W for the input gradient dy·W (`Operand::W`) — when the
+    /// weight is frozen and a product of `rows` rows would pack it (made at the first such
+    /// product, within the budget of [`ops::cpu_gemm::PackedB::within_budget`]).
+    fn prepacked(
+        &self,
+        w: &Tensor,
+        rows: usize,
+        operand: Operand,
+    ) -> Result<Option<Arc<ops::cpu_gemm::PackedB>>> {
         use ops::cpu_gemm::{self as g, MatRef, PackedB};
+        let cache = match operand {
+            Operand::Wt => &self.packed,
+            Operand::W => &self.packed_w,
+        };
         let frozen = !(self.weight.is_variable() || self.weight.track_op() || w.track_op());
         if !frozen || !w.device().is_cpu() || rows <= g::DOT_MAX_M {
-            return Ok(self.packed.get().cloned().flatten());
+            return Ok(cache.get().cloned().flatten());
         }
-        if let Some(p) = self.packed.get() {
+        if let Some(p) = cache.get() {
             return Ok(p.clone());
         }
         let w = w.contiguous()?;
         let (out, inp) = w.dims2()?;
+        fn pack<T: g::PackElement>(
+            v: &[T],
+            out: usize,
+            inp: usize,
+            operand: Operand,
+        ) -> Result<Option<PackedB>> {
+            let w = MatRef { data: v, rows: out, cols: inp, rs: inp, cs: 1 };
+            Ok(PackedB::within_budget(if operand == Operand::Wt { w.t() } else { w })?)
+        }
         let packed = match w.dtype() {
             DType::BF16 if g::bf16_available() => {
-                let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
-                PackedB::within_budget(MatRef { data: &v, rows: out, cols: inp, rs: inp, cs: 1 }.t())?
+                pack(&w.flatten_all()?.to_vec1::<half::bf16>()?, out, inp, operand)?
             }
-            DType::F32 if g::f32_available() => {
-                let v = w.flatten_all()?.to_vec1::<f32>()?;
-                PackedB::within_budget(MatRef { data: &v, rows: out, cols: inp, rs: inp, cs: 1 }.t())?
-            }
+            DType::F32 if g::f32_available() => pack(&w.flatten_all()?.to_vec1::<f32>()?, out, inp, operand)?,
             _ => None,
         };
-        Ok(self.packed.get_or_init(|| packed.map(Arc::new)).clone())
+        Ok(cache.get_or_init(|| packed.map(Arc::new)).clone())
     }
 
     /// `x · wᵀ` through the pre-packed Wᵀ when there is one.
     fn product(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-        Ok(match self.prepacked(w, rows)? {
+        Ok(match self.prepacked(w, rows, Operand::Wt)? {
             Some(p) => ops::linear::matmul_prepacked(x, &w.t()?, &p)?,
             None => ops::matmul(x, &w.t()?)?,
         })
@@ -230,21 +262,18 @@ struct NodeProj {
     compute: DType,
     w: Tensor,
     trains: Option<Tensor>,
-    /// Wᵀ pre-packed, for a frozen weight ([`Proj::prepacked`]).
+    /// Wᵀ and W pre-packed, for a frozen weight ([`Proj::prepacked`]).
     packed: Option<Arc<ops::cpu_gemm::PackedB>>,
+    packed_w: Option<Arc<ops::cpu_gemm::PackedB>>,
 }
 
 impl NodeProj {
     fn new(p: &Proj, like: &Tensor) -> Result<Self> {
         let (compute, w) = p.compute_weight(like)?;
         let rows = like.elem_count() / like.dim(D::Minus1)?.max(1);
-        let packed = p.prepacked(&w, rows)?;
-        Ok(NodeProj {
-            compute,
-            w: w.detach(),
-            trains: p.weight.is_variable().then(|| p.weight.clone()),
-            packed,
-        })
+        let (packed, packed_w) = (p.prepacked(&w, rows, Operand::Wt)?, p.prepacked(&w, rows, Operand::W)?);
+        let trains = p.weight.is_variable().then(|| p.weight.clone());
+        Ok(NodeProj { compute, w: w.detach(), trains, packed, packed_w })
     }
 
     /// x [B, T, in] → [B, T, out] in x's dtype.
@@ -267,7 +296,11 @@ impl NodeProj {
             let dy2 = dyc.reshape(((), dyc.dim(D::Minus1)?))?;
             sink.deposit(var, ops::matmul(&dy2.t()?, &x2)?.to_dtype(var.dtype())?);
         }
-        Ok(ops::matmul(&dyc, &self.w)?.to_dtype(dy.dtype())?)
+        let dx = match &self.packed_w {
+            Some(p) => ops::linear::matmul_prepacked(&dyc, &self.w, p)?,
+            None => ops::matmul(&dyc, &self.w)?,
+        };
+        Ok(dx.to_dtype(dy.dtype())?)
     }
 }
 
