@@ -576,10 +576,23 @@ pub(crate) mod testing {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// max |a − b| over all elements, compared in f32.
+    /// max |a − b| over all elements, compared in f32; infinite when either side has a NaN or
+    /// an infinity where the other has not (a reduction's max would skip the NaN).
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-        d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        assert_eq!(a.shape(), b.shape(), "max_diff of different shapes");
+        let v = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v(a).iter()
+            .zip(&v(b))
+            .map(|(x, y)| {
+                if x == y {
+                    0.0
+                } else if (x - y).is_nan() {
+                    f32::INFINITY
+                } else {
+                    (x - y).abs()
+                }
+            })
+            .fold(0.0, f32::max)
     }
 }
 

@@ -240,6 +240,19 @@ mod tests {
         assert!(max_diff(&ours, &want) <= 1.0 / 512.0 + 1e-6, "{}", max_diff(&ours, &want));
     }
 
+    /// Any scale, a negative one included (the softmax shift must be the largest scaled score).
+    #[test]
+    fn negative_scale_matches_the_reference() {
+        let (q, k, v) = (randn(&[1, 2, 20, 8], 1), randn(&[1, 2, 20, 8], 2), randn(&[1, 2, 20, 8], 3));
+        // |scale · q·k| reaches thousands: exp overflows unless shifted by the true row maximum.
+        for scale in [-1000.0, 1000.0] {
+            let ours = causal_attention(&q, &k, &v, scale).unwrap();
+            let finite = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite());
+            let d = max_diff(&ours, &attention_reference(&q, &k, &v, scale).unwrap());
+            assert!(finite && d < 1e-5, "scale {scale}: finite {finite}, max |Δ| {d}");
+        }
+    }
+
     #[test]
     fn shape_errors_name_the_op() {
         let q = randn(&[1, 3, 4, 8], 1);

@@ -69,10 +69,12 @@ fn probabilities(
     for (r, row) in s.chunks_exact_mut(keys).enumerate() {
         let (live, above) = row.split_at_mut(i0 + r + 1);
         above.fill(0.0);
-        // scale > 0 (1/√D), so the scaled max is scale · the max.
         shifts[r] = match lse {
             Some(lse) => lse[i0 + r],
-            None => scale * vmath::max(live),
+            // The largest scaled score: scale · the max (scale is 1/√D > 0 in the models), or
+            // scale · the min for a negative scale.
+            None if scale >= 0.0 => scale * vmath::max(live),
+            None => -scale * vmath::max(&live.iter().map(|x| -x).collect::<Vec<_>>()),
         };
         sums[r] = vmath::exp_affine_sum(live, scale, shifts[r]);
     }
