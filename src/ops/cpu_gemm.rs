@@ -392,7 +392,7 @@ impl PackedB {
             let (kb, pn) = (i / n_panels, i % n_panels);
             let (u0, jc) = (kb * kcu, pn * NR);
             let ku = kcu.min(units - u0);
-            pack_b(&b, jc, NR.min(n - jc), u0, ku, &mut slot[..ku * NR]);
+            pack_panels::<T, NR>(&b, jc, NR.min(n - jc), u0, ku, &mut slot[..ku * NR]);
         });
         Ok(PackedB { kind: T::KIND, k, n, kcu, units, n_panels, panels })
     }
@@ -441,7 +441,7 @@ impl PackedB {
 }
 
 thread_local! {
-    /// This thread's packed B micro-panel (every element is rewritten by each `pack_b`, so it
+    /// This thread's packed B micro-panel (every element is rewritten by each `pack_panels`, so it
     /// is reused without zeroing).
     static B_PANEL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -481,7 +481,8 @@ pub(crate) fn to_bf16(x: f32) -> bf16 {
     bf16::from_bits(if x.is_nan() { (bits >> 16) as u16 | 0x40 } else { rounded })
 }
 
-/// Pack rows `i0..i0+rows` × units `u0..u0+ku` of A into MR-row panels `[ku][MR]`.
+/// Pack rows `i0..i0+rows` × units `u0..u0+ku` of A into MR-row panels `[ku][MR]`: A's rows
+/// are the columns of Aᵀ [K, M], packed as B's columns are.
 fn pack_a<T: Element>(
     a: &MatRef<T>,
     i0: usize,
@@ -491,46 +492,10 @@ fn pack_a<T: Element>(
     out: &mut [u32],
     threads: Threads,
 ) {
-    let k = a.cols;
+    let at = a.t();
     let pack = |blk: usize, panel: &mut [u32]| {
         let r0 = i0 + blk * MR;
-        let live = MR.min(i0 + rows - r0);
-        if live < MR {
-            panel.fill(0);
-        }
-        // Units wholly inside K (the last may be cut short when K is odd for bf16).
-        let full = (k - T::KU * u0).min(T::KU * ku) / T::KU;
-        if a.cs == 1 {
-            // K contiguous (x, dy): each row a sequential read, whole units straight from it.
-            for r in 0..live {
-                let start = (r0 + r) * a.rs + T::KU * u0;
-                for (u, unit) in a.data[start..start + T::KU * full].chunks_exact(T::KU).enumerate() {
-                    panel[u * MR + r] = T::unit_of(unit);
-                }
-            }
-        } else if a.rs == 1 {
-            // Rows contiguous (dyᵀ in dW = dyᵀ·x): each unit row of the panel from KU runs of
-            // `live` values.
-            for u in 0..full {
-                let k0 = T::KU * (u0 + u);
-                let run = |kk: usize| (kk < k).then(|| &a.data[kk * a.cs + r0..kk * a.cs + r0 + live]);
-                T::units_of_rows(
-                    [run(k0), if T::KU == 2 { run(k0 + 1) } else { None }],
-                    &mut panel[u * MR..u * MR + live],
-                );
-            }
-        } else {
-            for r in 0..live {
-                for u in 0..full {
-                    panel[u * MR + r] = T::unit(a, r0 + r, T::KU * (u0 + u), k, a.cs, a.rs);
-                }
-            }
-        }
-        for u in full..ku {
-            for r in 0..live {
-                panel[u * MR + r] = T::unit(a, r0 + r, T::KU * (u0 + u), k, a.cs, a.rs);
-            }
-        }
+        pack_panels::<T, MR>(&at, r0, MR.min(i0 + rows - r0), u0, ku, panel);
     };
     match threads {
         Threads::Pool => chunks_mut(out, ku * MR, pack),
@@ -538,17 +503,25 @@ fn pack_a<T: Element>(
     }
 }
 
-/// Pack columns `j0..j0+cols` × units `u0..u0+ku` of B into NR-column panels `[ku][NR]`.
-fn pack_b<T: Element>(b: &MatRef<T>, j0: usize, cols: usize, u0: usize, ku: usize, out: &mut [u32]) {
+/// Pack columns `j0..j0+cols` × units `u0..u0+ku` of B [K, N] into WIDTH-column panels `[ku][WIDTH]`
+/// (B's NR-column panels, and A's MR-row ones through Aᵀ).
+fn pack_panels<T: Element, const WIDTH: usize>(
+    b: &MatRef<T>,
+    j0: usize,
+    cols: usize,
+    u0: usize,
+    ku: usize,
+    out: &mut [u32],
+) {
     let k = b.rows;
-    for (blk, panel) in out.chunks_exact_mut(ku * NR).enumerate() {
-        let c0 = j0 + blk * NR;
-        let live = NR.min(j0 + cols - c0);
-        if live < NR {
+    for (blk, panel) in out.chunks_exact_mut(ku * WIDTH).enumerate() {
+        let c0 = j0 + blk * WIDTH;
+        let live = WIDTH.min(j0 + cols - c0);
+        if live < WIDTH {
             panel.fill(0);
         }
         if b.rs == 1 {
-            // K contiguous (Wᵀ: W's rows): whole units from each column, a cache line of a
+            // K contiguous (Wᵀ: W's rows; x, dy as Aᵀ): whole units from each column, a line of a
             // column at a time (16 units), scattered into the panel's rows. The columns are K
             // elements apart — 4 KiB multiples for the model's K — so they alias in L1: a
             // unit-at-a-time walk over all `live` columns kept 48 lines of one L1 set alive and
@@ -556,8 +529,11 @@ fn pack_b<T: Element>(b: &MatRef<T>, j0: usize, cols: usize, u0: usize, ku: usiz
             // panel's 16-unit strip (3 KiB) stays in L1 while it is written.
             let full = (k - T::KU * u0).min(T::KU * ku) / T::KU; // units wholly inside K
             let per_line = 64 / (T::KU * std::mem::size_of::<T>());
-            for strip in (0..full).step_by(per_line) {
-                let end = (strip + per_line).min(full);
+            // A's 8-row panels neither alias nor tile: each row in one run (strips cost ~2 % of
+            // an f32 stage-1 step there).
+            let strip_len = if WIDTH >= 16 { per_line } else { full.max(1) };
+            for strip in (0..full).step_by(strip_len) {
+                let end = (strip + strip_len).min(full);
                 // Whole 16 × 16 tiles by register transposes (a unit is 32 bits for either
                 // element type, so a 64-byte line of a column is 16 units), the rest by units.
                 let mut tiled = 0;
@@ -570,13 +546,13 @@ fn pack_b<T: Element>(b: &MatRef<T>, j0: usize, cols: usize, u0: usize, ku: usiz
                         let src = &b.data[start..last];
                         // SAFETY: packed GEMMs run only where AVX512-F is (`prologue`); the 16
                         // rows of 64 bytes, `b.cs` elements apart, are inside `src`; the panel
-                        // holds rows strip..strip+16 of NR ≥ tiled + 16 units.
+                        // holds rows strip..strip+16 of WIDTH ≥ tiled + 16 units.
                         unsafe {
                             transpose_16x16(
                                 src.as_ptr() as *const u32,
                                 b.cs * std::mem::size_of::<T>(),
-                                panel[strip * NR + tiled..].as_mut_ptr(),
-                                NR,
+                                panel[strip * WIDTH + tiled..].as_mut_ptr(),
+                                WIDTH,
                             )
                         };
                         tiled += 16;
@@ -588,13 +564,13 @@ fn pack_b<T: Element>(b: &MatRef<T>, j0: usize, cols: usize, u0: usize, ku: usiz
                     // The same column's next lines, so they are in flight when it comes round.
                     prefetch(col.as_ptr().wrapping_add(PREFETCH_AHEAD_BYTES / std::mem::size_of::<T>()));
                     for (i, unit) in col.chunks_exact(T::KU).enumerate() {
-                        panel[(strip + i) * NR + c] = T::unit_of(unit);
+                        panel[(strip + i) * WIDTH + c] = T::unit_of(unit);
                     }
                 }
             }
             if full < ku {
                 for c in 0..live {
-                    panel[full * NR + c] = T::unit(b, c0 + c, T::KU * (u0 + full), k, b.rs, b.cs);
+                    panel[full * WIDTH + c] = T::unit(b, c0 + c, T::KU * (u0 + full), k, b.rs, b.cs);
                 }
             }
         } else if b.cs == 1 {
@@ -604,13 +580,13 @@ fn pack_b<T: Element>(b: &MatRef<T>, j0: usize, cols: usize, u0: usize, ku: usiz
                 let run = |kk: usize| (kk < k).then(|| &b.data[kk * b.rs + c0..kk * b.rs + c0 + live]);
                 T::units_of_rows(
                     [run(k0), if T::KU == 2 { run(k0 + 1) } else { None }],
-                    &mut panel[u * NR..u * NR + live],
+                    &mut panel[u * WIDTH..u * WIDTH + live],
                 );
             }
         } else {
             for u in 0..ku {
                 for c in 0..live {
-                    panel[u * NR + c] = T::unit(b, c0 + c, T::KU * (u0 + u), k, b.rs, b.cs);
+                    panel[u * WIDTH + c] = T::unit(b, c0 + c, T::KU * (u0 + u), k, b.rs, b.cs);
                 }
             }
         }
@@ -756,7 +732,7 @@ fn packed_gemm<T: Element>(
                         let bp = &mut bp[..ku * NR];
                         for pn in pn0..pn1 {
                             let jc = pn * NR;
-                            pack_b(b, jc, NR.min(n - jc), u0, ku, bp);
+                            pack_panels::<T, NR>(b, jc, NR.min(n - jc), u0, ku, bp);
                             run_panel(pn, bp);
                         }
                     }),
