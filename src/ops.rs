@@ -217,22 +217,11 @@ impl CustomOp2 for AddBf16 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::BF16(a), CpuStorage::BF16(b)) = (s1, s2) else {
-            bail!("add-bf16: operands are {:?} and {:?}", s1.dtype(), s2.dtype());
-        };
-        let (a, b) = (contiguous(a, l1, self.name())?, contiguous(b, l2, self.name())?);
-        if a.len() != b.len() {
-            bail!("add-bf16: {:?} and {:?}", l1.dims(), l2.dims());
-        }
-        const CHUNK: usize = 1 << 14;
-        let mut out = vec![bf16::ZERO; a.len()];
-        par::chunks_mut(&mut out, CHUNK, |i, o| {
-            let (a, b) = (&a[i * CHUNK..], &b[i * CHUNK..]);
-            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = cpu_gemm::to_bf16(a.to_f32() + b.to_f32());
-            }
-        });
-        Ok((CpuStorage::BF16(out), l1.shape().clone()))
+        let ins = [Operand::new(s1, l1, self.name())?, Operand::new(s2, l2, self.name())?];
+        let out = elementwise(ins, 1, 1 << 14, DType::BF16, self.name(), |[a, b], out| {
+            out[0].iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a + b);
+        })?;
+        Ok((out, l1.shape().clone()))
     }
 }
 
