@@ -303,6 +303,10 @@ enum BenchCommand {
         /// Tokens per sequence.
         #[arg(long, default_value_t = 4096)]
         seq: usize,
+        /// Run each decoder layer as candle's composed ops instead of one graph node with the
+        /// hand-written backward (the default): for comparison.
+        #[arg(long)]
+        composed: bool,
     },
     /// Causal attention kernels forward and forward + backward (default B2 H32 S4096 D128 bf16).
     Attention {
@@ -375,6 +379,10 @@ enum BenchCommand {
         /// Activation checkpointing.
         #[arg(long)]
         checkpointing: bool,
+        /// Run each decoder layer as candle's composed ops instead of one graph node with the
+        /// hand-written backward (the default): for comparison.
+        #[arg(long)]
+        composed: bool,
     },
 }
 
@@ -783,9 +791,11 @@ fn run(command: Command) -> ExitCode {
             let o = bench::TrainStepOptions { stage, batch, seq, runs, dtype, checkpointing };
             bench::train_step(&model, &o)
         }
-        Command::Bench { what: BenchCommand::GpuLayer { shape, common, batch, seq } } => common
-            .common()
-            .and_then(|c| shardsmith::commands::bench_gpu::gpu_layer(&shape.shape(4), batch, seq, &c)),
+        Command::Bench { what: BenchCommand::GpuLayer { shape, common, batch, seq, composed } } => {
+            common.common().and_then(|c| {
+                shardsmith::commands::bench_gpu::gpu_layer(&shape.shape(4), batch, seq, !composed, &c)
+            })
+        }
         Command::Bench {
             what: BenchCommand::Attention { common, batch, heads, kv_heads, seq, head_dim },
         } => common.common().and_then(|c| {
@@ -810,9 +820,10 @@ fn run(command: Command) -> ExitCode {
                     batch,
                     seq,
                     checkpointing,
+                    composed,
                 },
         } => {
-            use shardsmith::commands::bench_gpu::{neva_step, ClipShape};
+            use shardsmith::commands::bench_gpu::{neva_step, ClipShape, NevaStepOptions};
             let v = ClipShape {
                 layers: vision_layers,
                 hidden: vision_hidden,
@@ -825,7 +836,8 @@ fn run(command: Command) -> ExitCode {
             if shape.vocab == 32000 {
                 s.vocab = 32064; // llava-hf's: 32000 + the image token, padded
             }
-            common.common().and_then(|c| neva_step(&s, &v, batch, seq, checkpointing, &c))
+            let o = NevaStepOptions { batch, seq, checkpointing, layer_nodes: !composed };
+            common.common().and_then(|c| neva_step(&s, &v, &o, &c))
         }
         Command::Validate { ckpt, reference, against, tp, against_tp, dtype, json } => {
             use shardsmith::commands::validate::{self, Against};

@@ -24,14 +24,20 @@ fn positive(v: &Value, key: &str) -> f64 {
 #[test]
 fn gpu_layer_and_attention_run_at_toy_sizes() {
     for dtype in ["f32", "bf16"] {
-        let args =
-            [&["gpu-layer"], LLAMA, COMMON, &["--dtype", dtype, "--batch", "2", "--seq", "16"]].concat();
-        let rows = bench(&args);
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0]["bench"], "gpu_layer");
-        assert_eq!(rows[0]["dtype"], dtype);
-        positive(&rows[0], "step_ms");
-        positive(&rows[0], "tflops");
+        for composed in [false, true] {
+            let mut args =
+                [&["gpu-layer"], LLAMA, COMMON, &["--dtype", dtype, "--batch", "2", "--seq", "16"]].concat();
+            if composed {
+                args.push("--composed");
+            }
+            let rows = bench(&args);
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0]["bench"], "gpu_layer");
+            assert_eq!(rows[0]["dtype"], dtype);
+            assert_eq!(rows[0]["layer_nodes"], !composed);
+            positive(&rows[0], "step_ms");
+            positive(&rows[0], "tflops");
+        }
     }
     let args = [
         &["attention"],
@@ -77,10 +83,15 @@ fn neva_step_trains_the_projector_at_toy_sizes() {
         &["--image-size", "28", "--patch", "14", "--batch", "2", "--seq", "12", "--dtype", "bf16"],
     ]
     .concat();
-    let rows = bench(&args);
-    assert_eq!(rows[0]["stage"], "1");
-    positive(&rows[0], "loss");
-    positive(&rows[0], "step_ms");
+    for composed in [false, true] {
+        let rows = bench(&[&args[..], if composed { &["--composed"] } else { &[] }].concat());
+        assert_eq!(rows[0]["stage"], "1");
+        assert_eq!(rows[0]["layer_nodes"], !composed);
+        positive(&rows[0], "loss");
+        for key in ["step_ms", "fwd_bwd_ms", "vision_projector_ms"] {
+            positive(&rows[0], key);
+        }
+    }
 }
 
 #[test]

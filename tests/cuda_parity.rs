@@ -230,6 +230,88 @@ fn causal_attention_forward_and_backward() {
     }
 }
 
+/// A NeVA training step with each decoder layer as one graph node (`forward_node`: the
+/// kernels above composed by hand, backward written out) gives the loss and every trained
+/// parameter's gradient of the same step through candle's composed graph, on the GPU: stage 1
+/// (only the projector trains; bf16 frozen LLM) and stage 2 (LLM in f32 masters too), f32 and
+/// bf16 compute, head dims 64 and 128, GQA. The metric is `rel` against the composed step;
+/// gradients relative to their own peak (bf16: 2e-2, the CPU test's tolerance, since the two
+/// graphs round their bf16 partial sums at different points).
+#[test]
+fn train_step_layer_nodes_match_the_composed_graph() {
+    use shardsmith::commands::bench_gpu::{synthetic_batch, LlamaShape};
+    use shardsmith::models::clip::{ClipActivation, ClipVisionConfig};
+    use shardsmith::models::neva::ImageTokens;
+    use shardsmith::models::projector::ProjectorKind;
+    use shardsmith::train::model::TrainModel;
+    let dev = gpu();
+    let vcfg = ClipVisionConfig {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        patch_size: 8,
+        image_size: 32,
+        num_channels: 3,
+        layer_norm_eps: 1e-5,
+        hidden_act: ClipActivation::QuickGelu,
+    };
+    for (hidden, heads, kv_heads) in [(256, 4, 2), (256, 2, 2)] {
+        let shape = LlamaShape { layers: 2, hidden, ffn: 688, heads, kv_heads, vocab: 512 };
+        let image = ImageTokens::Repeated { id: 511 };
+        let batch = synthetic_batch(&vcfg, image, true, 2, 48, &dev).unwrap();
+        for train_llm in [false, true] {
+            for dtype in [DType::F32, DType::BF16] {
+                let hp = shape.hparams();
+                let kind = ProjectorKind::MlpGelu { depth: 2 };
+                let mut m = TrainModel::synthetic(&hp, &vcfg, kind, 511, train_llm, dtype, &dev).unwrap();
+                let nodes = m.forward_backward(&batch, false).unwrap();
+                m.set_layer_nodes(false);
+                let composed = m.forward_backward(&batch, false).unwrap();
+                let what = format!(
+                    "layer nodes stage {} {dtype:?} D{} Hq{heads} Hk{kv_heads}",
+                    if train_llm { 2 } else { 1 },
+                    hidden / heads
+                );
+                let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+                let loss = |l: f64| Tensor::new(&[l as f32], &Device::Cpu).unwrap();
+                check(&format!("{what} loss"), &loss(nodes.loss), &loss(composed.loss), tol);
+                // Every gradient against its own peak; the worst one printed and checked.
+                let (mut worst, mut worst_name, mut checked) = (0f32, String::new(), 0);
+                for (name, v) in m.params() {
+                    let (Some(a), Some(b)) =
+                        (nodes.grads.get(v.as_tensor()), composed.grads.get(v.as_tensor()))
+                    else {
+                        panic!("{what}: {name} has a gradient in only one of the steps (or none)");
+                    };
+                    let max = |t: &Tensor| {
+                        let m = t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                        m.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
+                    };
+                    let peak = max(b);
+                    if peak == 0.0 {
+                        assert!(name.contains("embed_tokens"), "{what} {name}: zero gradient");
+                        continue;
+                    }
+                    let rel = max(&(a - b).unwrap()) / peak;
+                    assert!(rel.is_finite(), "{what} {name}: rel {rel}");
+                    if rel >= worst {
+                        (worst, worst_name) = (rel, name.clone());
+                    }
+                    checked += 1;
+                }
+                println!(
+                    "parity {:<58} rel {worst:.3e} (worst: {worst_name})  tol {tol:.0e}  {}",
+                    format!("{what} {checked} grads"),
+                    if worst <= tol { "ok" } else { "FAIL" }
+                );
+                assert!(worst <= tol, "{what}: {worst_name} rel {worst} > {tol}");
+                assert!(checked >= if train_llm { 20 } else { 4 }, "{what}: only {checked} gradients");
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Micro-benchmarks (ignored by default; bench/gpu_kernels.sh runs them next to PyTorch)
 // ---------------------------------------------------------------------------------------------

@@ -107,10 +107,12 @@ fn random_llama(s: &LlamaShape, c: &Common, trainable: bool) -> Result<Llama> {
     Ok(Llama::load(backend.var_builder(c.dtype, &c.device), &s.hparams(), layout)?)
 }
 
-/// `bench gpu-layer`: `s.layers` decoder layers forward + backward on x [B, S, H].
-pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, c: &Common) -> Result<()> {
+/// `bench gpu-layer`: `s.layers` decoder layers forward + backward on x [B, S, H], each layer
+/// one graph node with the hand-written backward (`layer_nodes`) or candle's composed ops.
+pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, layer_nodes: bool, c: &Common) -> Result<()> {
     let mut llama = random_llama(s, c, true)?;
     llama.set_use_cache(false);
+    llama.set_layer_nodes(layer_nodes);
     let inputs = llama.sequence_inputs(seq, c.dtype, &c.device)?;
     let x =
         Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, seq, s.hidden), &c.device)?.to_dtype(c.dtype)?)?;
@@ -119,7 +121,9 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, c: &Common) -> Result
         for i in 0..s.layers {
             y = llama.layer(i, &y, &inputs, &Solo)?;
         }
-        let grads = y.backward()?;
+        let mut grads = y.backward()?;
+        // One-node layers leave their weights' gradients aside: gather them as a step would.
+        llama.param_grads().drain_into(&mut grads)?;
         ensure!(grads.get(x.as_tensor()).is_some(), "no gradient reached the input");
         Ok(())
     })?;
@@ -136,6 +140,7 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, c: &Common) -> Result
         "hidden": s.hidden,
         "batch": batch,
         "seq": seq,
+        "layer_nodes": layer_nodes,
         "step_ms": secs * 1e3,
         "tflops": flops / secs / 1e12,
     });
@@ -324,35 +329,52 @@ pub fn synthetic_batch(
     })
 }
 
+/// What `bench neva-step` runs besides the shapes.
+#[derive(Clone, Copy, Debug)]
+pub struct NevaStepOptions {
+    /// Sequences (one image each).
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Activation checkpointing.
+    pub checkpointing: bool,
+    /// Decoder layers as one graph node each (the trainer's default) or candle's composed ops.
+    pub layer_nodes: bool,
+}
+
 /// `bench neva-step`: one stage-1 step (projector trains, LLM and tower frozen in the compute
 /// dtype) of LLaMA `s` + CLIP `v` + mlp2x_gelu: forward, backward through the whole LLM to the
-/// projector, clip to 1.0, AdamW (torch defaults, wd 0.01).
-pub fn neva_step(
-    s: &LlamaShape,
-    v: &ClipShape,
-    batch: usize,
-    seq: usize,
-    checkpointing: bool,
-    c: &Common,
-) -> Result<()> {
+/// projector, clip to 1.0, AdamW (torch defaults, wd 0.01). Also times its parts on their own:
+/// the vision tower + projector forward, and forward + backward without the optimizer.
+pub fn neva_step(s: &LlamaShape, v: &ClipShape, o: &NevaStepOptions, c: &Common) -> Result<()> {
     check_shape(s)?;
     let vcfg = v.config();
     let image_token = (s.vocab - 1) as u32;
     let kind = ProjectorKind::MlpGelu { depth: 2 };
-    let mut model = TrainModel::synthetic_stage1(&s.hparams(), &vcfg, kind, image_token, c.dtype, &c.device)?;
+    let mut model = TrainModel::synthetic(&s.hparams(), &vcfg, kind, image_token, false, c.dtype, &c.device)?;
+    model.set_layer_nodes(o.layer_nodes);
     let batch_t =
-        synthetic_batch(&vcfg, ImageTokens::Repeated { id: image_token }, true, batch, seq, &c.device)?;
+        synthetic_batch(&vcfg, ImageTokens::Repeated { id: image_token }, true, o.batch, o.seq, &c.device)?;
     let cfg = AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, no_decay_patterns: vec![] };
     let mut opt = AdamW::new(model.params().to_vec(), cfg)?;
     let mut loss = 0.0;
     let secs = time(c, || {
-        let mut out = model.forward_backward(&batch_t, checkpointing)?;
+        let mut out = model.forward_backward(&batch_t, o.checkpointing)?;
         opt.clip_grad_norm(&mut out.grads, Some(1.0))?;
         opt.step(&out.grads, 1e-5)?;
         loss = out.loss;
         Ok(())
     })?;
     ensure!(loss.is_finite(), "the loss is {loss}");
+    let fwd_bwd = time(c, || {
+        model.forward_backward(&batch_t, o.checkpointing)?;
+        Ok(())
+    })?;
+    let pixels = batch_t.pixel_values.as_ref().expect("the benchmark batch has images");
+    let vision = time(c, || {
+        model.image_features(pixels)?;
+        Ok(())
+    })?;
     let line = json!({
         "impl": "shardsmith",
         "bench": "neva_step",
@@ -361,12 +383,15 @@ pub fn neva_step(
         "stage": "1",
         "llm_layers": s.layers,
         "vision_layers": v.layers,
-        "batch": batch,
-        "seq": seq,
-        "checkpointing": checkpointing,
+        "batch": o.batch,
+        "seq": o.seq,
+        "checkpointing": o.checkpointing,
+        "layer_nodes": o.layer_nodes,
         "loss": loss,
         "step_ms": secs * 1e3,
-        "tokens_per_s": (batch * seq) as f64 / secs,
+        "fwd_bwd_ms": fwd_bwd * 1e3,
+        "vision_projector_ms": vision * 1e3,
+        "tokens_per_s": (o.batch * o.seq) as f64 / secs,
     });
     println!("{line}");
     Ok(())

@@ -843,10 +843,7 @@ impl Llama {
         comm: &dyn Collective,
     ) -> Result<Tensor> {
         let layer = &mut self.layers[i];
-        // CPU only for now: the CUDA pieces exist (kernels, `opaque`'s cuda_fwd) but this path
-        // has not run on a GPU yet; CUDA training keeps the composed graph.
         if self.layer_nodes
-            && x.device().is_cpu()
             && x.track_op()
             && self.layout.tp == 1
             && s.mask.is_none()

@@ -63,6 +63,11 @@ impl ParallelLlama {
         &self.ranks
     }
 
+    /// The ranks, in order, mutably.
+    pub fn ranks_mut(&mut self) -> &mut [Llama] {
+        &mut self.ranks
+    }
+
     /// A TP-1 model from one rank (e.g. built over trainable variables).
     pub fn from_rank(rank: Llama, hparams: LlamaHparams) -> Self {
         ParallelLlama { ranks: vec![rank], hparams }

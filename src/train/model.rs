@@ -179,15 +179,17 @@ impl TrainModel {
         Ok(TrainModel { neva, params, compute, lora_scale })
     }
 
-    /// A stage-1 model (projector trains; LLM and vision tower frozen in `compute`) with random
-    /// weights made on `dev`, for benchmarks at real sizes without a checkpoint: `hp` LLaMA,
-    /// `vcfg` CLIP tower (features of layer −2, CLS dropped, as LLaVA-1.5), a `kind` projector in
-    /// f32 masters; image positions marked by `image_token` repeated (llava-hf).
-    pub fn synthetic_stage1(
+    /// A stage-1 model (projector trains; LLM and vision tower frozen in `compute`), or with
+    /// `train_llm` stage 2 (the LLM trains too, in f32 masters), with random weights made on
+    /// `dev`, for benchmarks and device tests at real sizes without a checkpoint: `hp` LLaMA,
+    /// `vcfg` CLIP tower (features of layer −2, CLS dropped, as LLaVA-1.5), a `kind` projector
+    /// in f32 masters; image positions marked by `image_token` repeated (llava-hf).
+    pub fn synthetic(
         hp: &LlamaHparams,
         vcfg: &ClipVisionConfig,
         kind: ProjectorKind,
         image_token: u32,
+        train_llm: bool,
         compute: DType,
         dev: &Device,
     ) -> Result<Self> {
@@ -195,11 +197,12 @@ impl TrainModel {
         use std::sync::Arc;
         let padded_vocab = shard::padded_vocab(hp.vocab, shard::divisible_by_for_hf_vocab(hp.vocab), 1);
         let frozen = Arc::new(RandomBackend::new(0.02, false));
-        let mut llama =
-            Llama::load(frozen.var_builder(compute, dev), hp, RankLayout { tp: 1, rank: 0, padded_vocab })?;
+        let trained = Arc::new(RandomBackend::new(0.02, true));
+        let llm_vb =
+            if train_llm { trained.var_builder(DType::F32, dev) } else { frozen.var_builder(compute, dev) };
+        let mut llama = Llama::load(llm_vb, hp, RankLayout { tp: 1, rank: 0, padded_vocab })?;
         llama.set_use_cache(false);
         let vision = ClipVisionModel::load(frozen.var_builder(compute, dev).pp("vision_tower"), vcfg)?;
-        let trained = Arc::new(RandomBackend::new(0.02, true));
         let projector =
             Projector::load(trained.var_builder(DType::F32, dev), kind, vcfg.hidden_size, hp.hidden)?;
         let params = trained.vars();
@@ -207,6 +210,20 @@ impl TrainModel {
         let tokens = ImageTokens::Repeated { id: image_token };
         let neva = Neva::new(llm, vision, projector, -2, true, tokens);
         Ok(TrainModel { neva, params, compute, lora_scale: None })
+    }
+
+    /// Run the LLM's decoder layers as one graph node each (the default) or as candle's
+    /// composed ops (comparisons: [`crate::models::llama::Llama::set_layer_nodes`]).
+    pub fn set_layer_nodes(&mut self, on: bool) {
+        for llama in self.neva.llm.ranks_mut() {
+            llama.set_layer_nodes(on);
+        }
+    }
+
+    /// The projected image features [I, N, H] of `pixels` [I, 3, S, S] (vision tower and
+    /// projector forward; benchmarks time it on its own).
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.neva.image_features(pixels)
     }
 
     /// `alpha / r` of the LoRA adapters, when training them.
