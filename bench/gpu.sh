@@ -69,7 +69,7 @@ step() {
 echo "### parity (tests/cuda_parity.rs)"
 for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softmax_forward \
     swiglu_forward_and_backward cross_entropy_forward_and_backward adamw_step_is_bit_identical \
-    causal_attention_forward_and_backward train_step_layer_nodes_match_the_composed_graph; do
+    causal_attention_forward_and_backward full_attention_forward train_step_layer_nodes_match_the_composed_graph; do
     timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
     rc=$?
     grep -oE "parity .*|panicked.*|test result.*" "$W/parity.log"
@@ -103,13 +103,16 @@ if [[ -n ${GPU_SH_TINY:-} ]]; then
 fi
 step ours-gpu-layer 60 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-gpu-layer-composed 60 "$SS" bench gpu-layer --composed --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
+step ours-gpu-layer-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step torch-gpu-layer 60 $PY gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 step ours-decode 60 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
+step ours-decode-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step torch-decode 60 $PY decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-neva 60 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-composed 60 "$SS" bench neva-step --composed --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+step ours-neva-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step torch-neva 60 $PY neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 
 echo "### results ($GPU, peak $PEAK TFLOP/s bf16 for MFU; $((SECONDS - START)) s)"
@@ -131,14 +134,16 @@ def line(name, metric, ours, base, others, higher_better=True):
         ratio = ours / base if higher_better else base / ours
     out.append(f"| {name} | {metric} | {fmt(ours)} | {fmt(base)} | {'—' if ratio is None else f'{ratio:.2f}×'} | {others} |")
 g = lambda r, k: None if r is None else r[k]
-o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
 oc = find("gpu_layer", "shardsmith", layer_nodes=False)
+op = find("gpu_layer", "shardsmith", cuda_pool_keep=False)
 if o or t:
     r = o or t
     name = f"LLaMA-7B layers ×{r['layers']} fwd+bwd, B{r['batch']}×S{r['seq']}"
-    line(name, "TFLOP/s", g(o, "tflops"), g(t, "tflops"), f"full ckpt {fmt(g(c, 'tflops'))}; ours composed {fmt(g(oc, 'tflops'))}")
+    line(name, "TFLOP/s", g(o, "tflops"), g(t, "tflops"),
+         f"full ckpt {fmt(g(c, 'tflops'))}; ours composed {fmt(g(oc, 'tflops'))}, pool released {fmt(g(op, 'tflops'))}")
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
-    line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}")
+    line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
 o, t = find("attention", "shardsmith"), find("attention", "pytorch")
 fl, cu = find("attention", "pytorch_flash"), find("attention", "pytorch_cudnn")
 if o or t:
@@ -149,18 +154,21 @@ if o or t:
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
          f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}")
 for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
-    o, t, gr = find("decode", "shardsmith", batch=b), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
+    o, t, gr = find("decode", "shardsmith", batch=b, cuda_pool_keep=True), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
+    op = find("decode", "shardsmith", batch=b, cuda_pool_keep=False)
     r = o or t or gr
     name = f"7B decode ({r['layers']} layers), batch {b}, prompt {r['prompt_len']} + {r['steps']}"
-    line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"), f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}")
-o, t = find("neva_step", "shardsmith", layer_nodes=True), find("neva_step", "pytorch")
+    line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"),
+         f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours pool released {fmt(g(op, 'tokens_per_s'))}")
+o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True), find("neva_step", "pytorch")
 oc = find("neva_step", "shardsmith", layer_nodes=False)
+op = find("neva_step", "shardsmith", cuda_pool_keep=False)
 if o or t:
     r = o or t
     name = f"NeVA-7B stage 1 step (LLaMA ×{r['llm_layers']} + ViT-L/14-336 ×{r['vision_layers']}), B{r['batch']}×S{r['seq']}"
     parts = lambda r: "—" if r is None else f"fwd+bwd {r['fwd_bwd_ms']:.1f}, vision+projector fwd {r['vision_projector_ms']:.1f}"
     line(name, "step ms (ratio: eager ÷ ours)", g(o, "step_ms"), g(t, "step_ms"),
-         f"ours: {parts(o)}; composed {fmt(g(oc, 'step_ms'))} ({parts(oc)})", higher_better=False)
+         f"ours: {parts(o)}; composed {fmt(g(oc, 'step_ms'))} ({parts(oc)}); pool released {fmt(g(op, 'step_ms'))}", higher_better=False)
 print("\n".join(out))
 EOF
 echo "(total $((SECONDS - START)) s; JSON lines in $RES)"

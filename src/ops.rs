@@ -238,6 +238,8 @@ pub mod attention;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+pub use cuda::keep_pool_memory;
 pub mod fused;
 pub mod heads;
 pub mod linear;
@@ -335,6 +337,25 @@ impl CustomOp2 for RmsNorm {
         let dw = rms_norm_backward_weight(x, g, self.eps as f64)?;
         Ok((Some(dx), Some(dw.to_dtype(w.dtype())?)))
     }
+}
+
+/// (dx, dw) of [`rms_norm`] outside autograd (hand-written backwards), dw (f32 [H]) only
+/// `with_weight`: on CUDA one kernel gives both in the same pass over x and g (rmsnorm.cu);
+/// elsewhere [`rms_norm_backward_input`] and [`rms_norm_backward_weight`].
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+    with_weight: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        let (dx, dw) = cuda::rms_norm_bwd(x, w, g, eps as f32)?;
+        return Ok((dx, with_weight.then_some(dw)));
+    }
+    let dw = if with_weight { Some(rms_norm_backward_weight(x, g, eps)?) } else { None };
+    Ok((rms_norm_backward_input(x, w, g, eps)?, dw))
 }
 
 /// dw of [`rms_norm`] at x [.., H] for the output gradient g: `Σ_rows g · x·r`, in f32 [H].

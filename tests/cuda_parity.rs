@@ -230,6 +230,25 @@ fn causal_attention_forward_and_backward() {
     }
 }
 
+/// The unmasked bf16 attention kernel (CLIP's vision tower on CUDA) against the materialised
+/// softmax(QKᵀ·scale)V in f32 on the CPU: ViT-L/14-336's 577 tokens at D 64, GQA, a partial key
+/// tile, one token.
+#[test]
+fn full_attention_forward() {
+    for (b, hq, hk, t, d) in [(2, 16, 16, 577, 64), (1, 4, 2, 130, 128), (1, 2, 2, 1, 32), (1, 3, 1, 20, 128)]
+    {
+        let (qc, qg) = pair(&[b, hq, t, d], 21, 2.0, DType::BF16);
+        let (kc, kg) = pair(&[b, hk, t, d], 22, 2.0, DType::BF16);
+        let (vc, vg) = pair(&[b, hk, t, d], 23, 1.0, DType::BF16);
+        let scale = 1.0 / (d as f64).sqrt();
+        let og =
+            ops::attention::full_attention(qg.as_tensor(), kg.as_tensor(), vg.as_tensor(), scale).unwrap();
+        let f32 = |x: &Var| x.as_tensor().to_dtype(DType::F32).unwrap();
+        let oc = ops::attention::full_attention(&f32(&qc), &f32(&kc), &f32(&vc), scale).unwrap();
+        check(&format!("full attention BF16 B{b} Hq{hq} Hk{hk} T{t} D{d} o"), &og, &oc, 2e-2);
+    }
+}
+
 /// A NeVA training step with each decoder layer as one graph node (`forward_node`: the
 /// kernels above composed by hand, backward written out) gives the loss and every trained
 /// parameter's gradient of the same step through candle's composed graph, on the GPU: stage 1
@@ -459,4 +478,121 @@ fn bench_kernels_direct() {
         "bench | swiglu bwd kernel | [4096, 11008] bf16 | {ms:.3} | {:.0} GB/s",
         5.0 * 4096.0 * 11008.0 * 2.0 / ms / 1e6
     );
+}
+
+/// Where a 7B decoder layer's and a ViT-L/14-336 layer's time goes, part by part (bf16, device
+/// synchronised around each timed call): the layer's GEMMs alone at its shapes (forward x·Wᵀ,
+/// input gradient dy·W, weight gradient dyᵀ·x), the attention kernels, and the CLIP layer's
+/// pieces (layer norm, attention block, MLP block, candle_nn's 3-D `Linear` against the same
+/// product as one 2-D GEMM). `bench gpu-layer` / `bench neva-step` give the totals.
+#[test]
+#[ignore]
+fn bench_layer_parts() {
+    use candle_core::Module;
+    use shardsmith::models::clip::{
+        ClipActivation, ClipAttention, ClipEncoderLayer, ClipMlp, ClipVisionConfig,
+    };
+    let dev = gpu();
+    let bf = DType::BF16;
+    let on =
+        |shape: &[usize], seed: u64| randn(shape, seed, 0.5).to_dtype(bf).unwrap().to_device(&dev).unwrap();
+
+    // LLaMA-7B layer at B2 × S4096: (in, out, how many per layer).
+    let m = 8192;
+    let (mut fwd, mut dx, mut dw, mut flops) = (0.0, 0.0, 0.0, 0.0);
+    for (k, n, count) in [(4096, 4096, 4), (4096, 11008, 2), (11008, 4096, 1)] {
+        let (x, w, dy) = (on(&[m, k], 1), on(&[n, k], 2), on(&[m, n], 3));
+        let f = time_ms(&dev, 3, 10, || {
+            ops::matmul(&x, &w.t().unwrap()).unwrap();
+        });
+        let d = time_ms(&dev, 3, 10, || {
+            ops::matmul(&dy, &w).unwrap();
+        });
+        let g = time_ms(&dev, 3, 10, || {
+            ops::matmul(&dy.t().unwrap(), &x).unwrap();
+        });
+        let tf = |ms: f64| 2.0 * (m * n * k) as f64 / ms / 1e9;
+        println!(
+            "bench | gemm M{m} K{k} N{n} | x·Wᵀ {f:.3} ms {:.0} TFLOP/s | dy·W {d:.3} ms {:.0} | dyᵀ·x {g:.3} ms {:.0}",
+            tf(f),
+            tf(d),
+            tf(g)
+        );
+        fwd += f * count as f64;
+        dx += d * count as f64;
+        dw += g * count as f64;
+        flops += 2.0 * (m * n * k * count) as f64;
+    }
+    println!(
+        "bench | 7B layer GEMMs B2×S4096 | fwd {fwd:.2} ms | dx {dx:.2} ms | dW {dw:.2} ms | all {:.2} ms, {:.0} TFLOP/s",
+        fwd + dx + dw,
+        3.0 * flops / (fwd + dx + dw) / 1e9
+    );
+    let (b, h, t, d) = (2, 32, 4096, 128);
+    let (q, k, v, g) =
+        (on(&[b, h, t, d], 4), on(&[b, h, t, d], 5), on(&[b, h, t, d], 6), on(&[b, h, t, d], 7));
+    let scale = 1.0 / (d as f64).sqrt();
+    let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
+    let af = time_ms(&dev, 2, 10, || {
+        ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
+    });
+    let ab = time_ms(&dev, 2, 10, || {
+        ops::causal_attention_backward(&q, &k, &v, &o, &lse, &g, scale).unwrap();
+    });
+    let fl = 2.0 * (b * h * t * t * d) as f64;
+    println!(
+        "bench | 7B layer attention B2 H32 S4096 D128 | fwd {af:.2} ms {:.0} TFLOP/s | bwd {ab:.2} ms {:.0} TFLOP/s",
+        fl / af / 1e9,
+        2.5 * fl / ab / 1e9
+    );
+    drop((q, k, v, g, o, lse));
+
+    // ViT-L/14-336 layer over 4 images: [4, 577, 1024], MLP 4096, 16 heads.
+    let cfg = ClipVisionConfig {
+        hidden_size: 1024,
+        intermediate_size: 4096,
+        num_hidden_layers: 1,
+        num_attention_heads: 16,
+        patch_size: 14,
+        image_size: 336,
+        num_channels: 3,
+        layer_norm_eps: 1e-5,
+        hidden_act: ClipActivation::QuickGelu,
+    };
+    let backend = std::sync::Arc::new(shardsmith::weights::RandomBackend::new(0.02, false));
+    let vb = backend.var_builder(bf, &dev);
+    let layer = ClipEncoderLayer::load(vb.pp("l"), &cfg).unwrap();
+    let attn = ClipAttention::load(vb.pp("a"), &cfg).unwrap();
+    let mlp = ClipMlp::load(vb.pp("m"), &cfg).unwrap();
+    let x = on(&[4, 577, 1024], 8);
+    let time = |what: &str, f: &dyn Fn()| {
+        let ms = time_ms(&dev, 3, 20, f);
+        println!("bench | ViT-L layer part, [4, 577, 1024] bf16 | {what} | {ms:.3} ms");
+    };
+    time("whole encoder layer", &|| {
+        layer.forward(&x).unwrap();
+    });
+    time("attention block (q/k/v/out linears, materialised softmax)", &|| {
+        attn.forward(&x).unwrap();
+    });
+    time("MLP block (fc1, quick GELU, fc2)", &|| {
+        mlp.forward(&x).unwrap();
+    });
+    let ln = candle_nn::LayerNorm::new(
+        Tensor::ones(1024, bf, &dev).unwrap(),
+        Tensor::zeros(1024, bf, &dev).unwrap(),
+        1e-5,
+    );
+    time("layer norm (candle_nn)", &|| {
+        ln.forward(&x).unwrap();
+    });
+    let w = on(&[4096, 1024], 9);
+    let lin = candle_nn::Linear::new(w.clone(), Some(on(&[4096], 10)));
+    time("candle_nn Linear 1024→4096 on [4, 577, 1024] (+bias)", &|| {
+        lin.forward(&x).unwrap();
+    });
+    let x2 = x.reshape((4 * 577, 1024)).unwrap();
+    time("one 2-D GEMM 1024→4096 on [2308, 1024] (no bias)", &|| {
+        ops::matmul(&x2, &w.t().unwrap()).unwrap();
+    });
 }

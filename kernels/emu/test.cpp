@@ -132,6 +132,48 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
     check(buf, widen(dv), rdv, tol);
 }
 
+// The non-causal bf16 forward (flash_fwd_tc<D, false>): o and lse against double precision.
+template <int D> void test_full_attention(int B, int hq, int hk, int t, double tol) {
+    const float scale = 1.0f / std::sqrt((float)D);
+    auto qf = widen(cast<bf16>(randv((size_t)B * hq * t * D)));
+    auto kf = widen(cast<bf16>(randv((size_t)B * hk * t * D)));
+    auto vf = widen(cast<bf16>(randv((size_t)B * hk * t * D)));
+    auto q = cast<bf16>(qf), k = cast<bf16>(kf), v = cast<bf16>(vf);
+    std::vector<bf16> o((size_t)B * hq * t * D);
+    std::vector<float> lse((size_t)B * hq * t);
+    const int nq = (t + TC_BM - 1) / TC_BM;
+    emu::launch(dim3(nq, hq, B), dim3(TC_FWD_THREADS), fwd_tc_smem_bytes<D>(), flash_fwd_tc<D, false>, q.data(),
+                k.data(), v.data(), o.data(), lse.data(), hq, hk, t, scale);
+    std::vector<double> ro(o.size()), rl(lse.size());
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < hq; ++h) {
+            const int kv = h / (hq / hk);
+            const float *Q = &qf[((size_t)b * hq + h) * t * D], *K = &kf[((size_t)b * hk + kv) * t * D],
+                        *V = &vf[((size_t)b * hk + kv) * t * D];
+            for (int i = 0; i < t; ++i) {
+                std::vector<double> p(t);
+                double mx = -1e300, l = 0;
+                for (int j = 0; j < t; ++j) {
+                    double s = 0;
+                    for (int d = 0; d < D; ++d) s += (double)Q[i * D + d] * K[j * D + d];
+                    mx = std::max(mx, p[j] = s * scale);
+                }
+                for (int j = 0; j < t; ++j) l += (p[j] = std::exp(p[j] - mx));
+                rl[((size_t)b * hq + h) * t + i] = mx + std::log(l);
+                for (int d = 0; d < D; ++d) {
+                    double od = 0;
+                    for (int j = 0; j < t; ++j) od += p[j] / l * V[j * D + d];
+                    ro[(((size_t)b * hq + h) * t + i) * D + d] = od;
+                }
+            }
+        }
+    char buf[128];
+    std::snprintf(buf, sizeof buf, "attn full bf16 D%d B%d Hq%d Hk%d T%d o", D, B, hq, hk, t);
+    check(buf, widen(o), ro, tol);
+    std::snprintf(buf, sizeof buf, "attn full bf16 D%d B%d Hq%d Hk%d T%d lse", D, B, hq, hk, t);
+    check(buf, lse, rl, tol);
+}
+
 template <class T> void test_rmsnorm(int rows, int h, double tol) {
     auto xf = widen(cast<T>(randv((size_t)rows * h))), wf = widen(cast<T>(randv(h, 0.5, 1.5)));
     auto gf = widen(cast<T>(randv((size_t)rows * h)));
@@ -257,6 +299,11 @@ int main() {
     test_attention<bf16, 32>(2, 2, 2, 257, "bf16", 3e-2);
     test_attention<bf16, 64>(1, 2, 1, 129, "bf16 misaligned", 3e-2, 1);
     test_attention<bf16, 128>(1, 1, 1, 1, "bf16", 3e-2);
+    // non-causal forward: keys past the diagonal and a partial last key tile (T 161, 40, 1)
+    test_full_attention<64>(1, 2, 1, 161, 2e-2);
+    test_full_attention<128>(2, 2, 2, 40, 2e-2);
+    test_full_attention<32>(1, 1, 1, 1, 2e-2);
+    test_full_attention<128>(1, 3, 1, 20, 2e-2);  // the second 32-key step lies wholly past T
     std::printf(failures ? "%d FAILED\n" : "all ok\n", failures);
     return failures != 0;
 }

@@ -1,4 +1,4 @@
-// Causal self-attention in the FlashAttention-2 style: tiled, online softmax, no T×T matrix in
+// Causal self-attention (and a non-causal bf16 forward) in the FlashAttention-2 style: tiled, online softmax, no T×T matrix in
 // memory; forward, and backward by recomputation from the saved log-sum-exp. Two families:
 // bf16 runs the tensor-core kernels (`*_tc`, second half of this file: ldmatrix, cp.async double
 // buffering, 128-row query tiles); f32 runs the scalar-FMA kernels of the first half (a parity
@@ -12,6 +12,8 @@
 // bf16 kernels (geometry and shared memory in detail above each kernel):
 //   flash_fwd_bf16_dD       grid (⌈T/128⌉, Hq, B), block 128 (4 warps × 32 query rows), 2 blocks
 //                           an SM; smem (128 + 4·64)·(D+8)·2 bytes.
+//   flash_fwd_full_bf16_dD  the same without the causal mask (every query sees all T keys; forward
+//                           only): the CLIP vision tower's attention.
 //   flash_bwd_pre_bf16_dD   grid (⌈B·Hq·T/4⌉), block 128, one warp per row: delta = Σ_d dO·O.
 //   flash_bwd_dq_bf16_dD    grid (⌈T/128⌉, Hq, B), block 128 (4 warps × 32 query rows); writes dq
 //                           (bf16) directly; smem (2·128 + 4·32)·(D+8)·2 bytes.
@@ -449,7 +451,7 @@ __device__ __forceinline__ void acc_to_a(uint32_t a[4], const float lo[4], const
 // cross its diagonal. Softmax in base 2: m is kept in raw-score units and scale·log2 e is folded
 // into one FMA before ex2. Smem fwd_tc_smem_bytes: Q [128], K [2][64], V [2][64] rows.
 constexpr int TC_FWD_WARPS = 4, TC_FWD_THREADS = 32 * TC_FWD_WARPS, TC_FWD_MT = TC_BM / 16 / TC_FWD_WARPS;
-template <int D>
+template <int D, bool CAUSAL = true>
 __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                              bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale) {
     constexpr int LDS = D + 8, KS = D / 16, MT = TC_FWD_MT, NTH = TC_FWD_THREADS;
@@ -471,7 +473,7 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
     const int wr0 = 16 * MT * warp;  // this warp's first row in the tile
     const int wq0 = q0 + wr0;        // ... as a query position
     const bool vec = aligned16(q) && aligned16(k) && aligned16(v);
-    const int ntiles = (min(q0 + TC_BM, t) + TC_BN - 1) / TC_BN;
+    const int ntiles = ((CAUSAL ? min(q0 + TC_BM, t) : t) + TC_BN - 1) / TC_BN;
 
     tile_load<D, TC_BM, NTH>(sQ, qh, q0, t, vec);
     tile_load<D, TC_BN, NTH>(sK, kh, 0, t, vec);
@@ -504,7 +506,8 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
 #pragma unroll
         for (int kh0 = 0; kh0 < TC_BN; kh0 += KB) {
             const int kb0 = k0 + kh0;  // first key of this softmax step
-            if (kb0 > wq0 + 16 * MT - 1) break;  // every key from here on lies past this warp's rows
+            // Every key from here on lies past this warp's rows (causal) or past the sequence.
+            if (CAUSAL ? kb0 > wq0 + 16 * MT - 1 : kb0 >= t) break;
             const bf16 *cK = sK + (j & 1) * TC_BN * LDS + kh0 * LDS, *cV = sV + (j & 1) * TC_BN * LDS + kh0 * LDS;
             float s[MT][KB / 8][4];
 #pragma unroll
@@ -526,7 +529,7 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
                     for (int mt = 0; mt < MT; ++mt) mma2(s[mt][2 * np], s[mt][2 * np + 1], aq[mt], bk);
                 }
             }
-            if (kb0 + KB - 1 > wq0) {  // the step crosses this warp's diagonal
+            if (CAUSAL ? kb0 + KB - 1 > wq0 : kb0 + KB > t) {  // the step crosses the diagonal / the end
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -535,7 +538,8 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
                         for (int i = 0; i < 4; ++i) {
                             const int query = wq0 + 16 * mt + g + 8 * (i >> 1);
                             const int key = kb0 + 8 * nt + 2 * tq + (i & 1);
-                            if (key > query) s[mt][nt][i] = -INFINITY;  // keys ≥ t lie past every valid row
+                            // causal: keys ≥ t lie past every valid row
+                            if (CAUSAL ? key > query : key >= t) s[mt][nt][i] = -INFINITY;
                         }
             }
 #pragma unroll
@@ -898,6 +902,11 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
         flash_fwd_bf16_d##D(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, \
                             int hk, int t, float scale) {                                             \
         flash_fwd_tc<D>(q, k, v, o, lse, hq, hk, t, scale);                                           \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_FWD_THREADS, 2)                                   \
+        flash_fwd_full_bf16_d##D(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse,    \
+                                 int hq, int hk, int t, float scale) {                                \
+        flash_fwd_tc<D, false>(q, k, v, o, lse, hq, hk, t, scale);                                    \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(128)                                                 \
         flash_bwd_pre_bf16_d##D(const bf16 *o, const bf16 *dout, float *delta, long long rows) {      \

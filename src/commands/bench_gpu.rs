@@ -87,6 +87,12 @@ fn time(c: &Common, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(times))
 }
 
+/// Whether freed CUDA memory stays in the driver's pool (`ops::keep_pool_memory`, the default;
+/// `SHARDSMITH_CUDA_POOL_KEEP=0` turns it off for comparisons).
+fn cuda_pool_keep() -> bool {
+    std::env::var("SHARDSMITH_CUDA_POOL_KEEP").map_or(true, |v| v != "0")
+}
+
 fn device_name(d: &Device) -> &'static str {
     if d.is_cuda() {
         "cuda"
@@ -141,6 +147,7 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, layer_nodes: bool, c:
         "batch": batch,
         "seq": seq,
         "layer_nodes": layer_nodes,
+        "cuda_pool_keep": cuda_pool_keep(),
         "step_ms": secs * 1e3,
         "tflops": flops / secs / 1e12,
     });
@@ -248,6 +255,7 @@ pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c:
             "batch": b,
             "prompt_len": prompt,
             "steps": steps,
+            "cuda_pool_keep": cuda_pool_keep(),
             "prefill_ms": prefill * 1e3,
             "ms_per_step": decode / steps as f64 * 1e3,
             "tokens_per_s": (b * steps) as f64 / decode,
@@ -387,6 +395,7 @@ pub fn neva_step(s: &LlamaShape, v: &ClipShape, o: &NevaStepOptions, c: &Common)
         "seq": o.seq,
         "checkpointing": o.checkpointing,
         "layer_nodes": o.layer_nodes,
+        "cuda_pool_keep": cuda_pool_keep(),
         "loss": loss,
         "step_ms": secs * 1e3,
         "fwd_bwd_ms": fwd_bwd * 1e3,

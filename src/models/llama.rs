@@ -327,11 +327,11 @@ impl NodeNorm {
     /// dx for the output gradient dy at input x; dw (in x's dtype, as the composed backward
     /// rounds it, then the variable's) into `sink` when the weight trains.
     fn backward(&self, x: &Tensor, dy: &Tensor, sink: &ops::GradSink) -> Result<Tensor> {
-        if let Some(var) = &self.trains {
-            let dw = ops::rms_norm_backward_weight(x, dy, self.eps)?;
+        let (dx, dw) = ops::rms_norm_backward(x, &self.w, dy, self.eps, self.trains.is_some())?;
+        if let (Some(var), Some(dw)) = (&self.trains, dw) {
             sink.deposit(var, dw.to_dtype(x.dtype())?.to_dtype(var.dtype())?);
         }
-        Ok(ops::rms_norm_backward_input(x, &self.w, dy, self.eps)?)
+        Ok(dx)
     }
 }
 

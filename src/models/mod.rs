@@ -55,7 +55,12 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             "device '{spec}': this shardsmith was built without CUDA (cargo build --release --features cuda)"
         )));
     }
-    Ok(Device::new_cuda(ordinal)?)
+    let dev = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &dev {
+        crate::ops::keep_pool_memory(cuda)?;
+    }
+    Ok(dev)
 }
 
 /// A loaded model of any supported family.

@@ -71,7 +71,7 @@ impl CustomOp3 for CausalAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (o, lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale)?;
+        let (o, lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale, true)?;
         *self.lse.lock().expect("attention state") = Some(lse);
         Ok((o, l1.shape().clone()))
     }
@@ -88,6 +88,66 @@ impl CustomOp3 for CausalAttention {
         let Some(lse) = lse else { bail!("causal-attention: backward before forward") };
         let (dq, dk, dv) = causal_attention_backward(q, k, v, o, &lse, g, self.scale as f64)?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Unmasked attention softmax(q kᵀ·scale) v (every query sees every key: the CLIP vision
+/// tower), forward only: no gradient reaches q, k or v. q [B, Hq, T, D], k and v [B, Hk, T, D].
+/// On CUDA in bf16 with a head dim flash_attn.cu has, the FlashAttention-style kernel (no T×T
+/// matrix; P rounded to bf16 before P·V); elsewhere the materialised scores in q's dtype, the
+/// softmax in f32 (as transformers' CLIP runs it), then P·V in q's dtype.
+pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, hq, hk, _, d) = attention_dims(q.shape(), k.shape(), v.shape())?;
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && q.dtype() == DType::BF16 && super::cuda::ATTENTION_HEAD_DIMS.contains(&d) {
+        return q.contiguous()?.apply_op3_no_bwd(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            &FullAttention { scale: scale as f32 },
+        );
+    }
+    let _ = d;
+    let (k, v) = (repeat_kv(k, hq / hk)?, repeat_kv(v, hq / hk)?);
+    let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, T, T]
+    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// [`full_attention`]'s CUDA kernel (no CPU implementation: the CPU takes the materialised path).
+#[cfg(feature = "cuda")]
+struct FullAttention {
+    scale: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for FullAttention {
+    fn name(&self) -> &'static str {
+        "full-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("full-attention: the kernel op runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (o, _lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale, false)?;
+        Ok((o, l1.shape().clone()))
     }
 }
 

@@ -447,7 +447,8 @@ fn attn_bwd_smem(dtype: DType, d: usize) -> u32 {
     (elems * dtype.size_in_bytes() + 2 * 32 * 4) as u32
 }
 
-/// (o [B, Hq, T, D], lse [B, Hq, T] f32).
+/// (o [B, Hq, T, D], lse [B, Hq, T] f32) of causal attention, or with `causal` false of
+/// unmasked attention (bf16 only: `flash_fwd_full_bf16_dD`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_fwd(
     qs: &CudaStorage,
@@ -457,22 +458,26 @@ pub(super) fn attention_fwd(
     vs: &CudaStorage,
     vl: &Layout,
     scale: f32,
+    causal: bool,
 ) -> Result<(CudaStorage, Tensor)> {
-    const OP: &str = "causal-attention";
+    let op = if causal { "causal-attention" } else { "full-attention" };
     let (b, hq, hk, t, d) = attention_dims(ql.shape(), kl.shape(), vl.shape())?;
     if !ATTENTION_HEAD_DIMS.contains(&d) {
-        bail!("{OP}: no cuda kernel for head dim {d} (have {ATTENTION_HEAD_DIMS:?})");
+        bail!("{op}: no cuda kernel for head dim {d} (have {ATTENTION_HEAD_DIMS:?})");
     }
     let dtype = qs.dtype();
     if ks.dtype() != dtype || vs.dtype() != dtype {
-        bail!("{OP}: q, k and v must share a dtype");
+        bail!("{op}: q, k and v must share a dtype");
+    }
+    if !causal && dtype != DType::BF16 {
+        bail!("{op}: the unmasked kernel is bf16 only, got {dtype:?}");
     }
     let dev = qs.device();
     let smem = attn_fwd_smem(dtype, d);
-    let f =
-        function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_fwd_{}_d{d}", suffix(dtype, OP)?), smem)?;
-    with_float!(dtype, OP, |T| {
-        let (qv, kv, vv) = (view::<T>(qs, ql, OP)?, view::<T>(ks, kl, OP)?, view::<T>(vs, vl, OP)?);
+    let kind = if causal { suffix(dtype, op)? } else { "full_bf16" };
+    let f = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_fwd_{kind}_d{d}"), smem)?;
+    with_float!(dtype, op, |T| {
+        let (qv, kv, vv) = (view::<T>(qs, ql, op)?, view::<T>(ks, kl, op)?, view::<T>(vs, vl, op)?);
         let mut o = unsafe { dev.alloc::<T>(b * hq * t * d)? };
         let mut lse = unsafe { dev.alloc::<f32>(b * hq * t)? };
         let (hq32, hk32, t32) = (hq as i32, hk as i32, t as i32);
@@ -483,7 +488,7 @@ pub(super) fn attention_fwd(
         let (rows_per_block, threads) =
             if dtype == DType::BF16 { (ATTN_TC_BM, ATTN_TC_FWD_THREADS) } else { (64, 128) };
         let grid = (t.div_ceil(rows_per_block) as u32, hq as u32, b as u32);
-        // SAFETY: matches flash_attn.cu (flash_fwd_tc for bf16, flash_fwd for f32); smem from the
+        // SAFETY: matches flash_attn.cu (flash_fwd_tc<D, causal> for bf16, flash_fwd for f32); smem from the
         // same formula as the kernel's (which traps on less).
         unsafe { bld.launch(cfg(grid, threads, smem)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), tensor(lse, dev, (b, hq, t))))
@@ -584,4 +589,41 @@ pub(super) fn attention_bwd(
         let dq = tensor(dq_acc, dev, (b, hq, t, d));
         Ok((dq, tensor(dk, dev, (b, hk, t, d)), tensor(dv, dev, (b, hk, t, d))))
     })
+}
+
+/// Keep freed device memory in the driver's default memory pool instead of handing it back at
+/// every synchronisation. candle allocates each tensor with `cuMemAllocAsync` from that pool,
+/// whose release threshold is 0 by default: a training step that synchronises (its loss read
+/// back) then maps its working set of several GB afresh every step. PyTorch's caching allocator
+/// keeps freed blocks the same way. `SHARDSMITH_CUDA_POOL_KEEP=0` leaves the driver's default (for
+/// comparisons).
+pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    if std::env::var("SHARDSMITH_CUDA_POOL_KEEP").is_ok_and(|v| v == "0") {
+        return Ok(());
+    }
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the context is current; `pool` and `threshold` outlive the calls, and the
+    // attribute takes a u64 (cuMemPoolSetAttribute's documentation).
+    let (got, set) = unsafe {
+        let got = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+        let set = if got == sys::CUresult::CUDA_SUCCESS {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        } else {
+            got
+        };
+        (got, set)
+    };
+    if got != sys::CUresult::CUDA_SUCCESS || set != sys::CUresult::CUDA_SUCCESS {
+        bail!("cuda: could not keep freed memory in the default pool ({got:?}, {set:?})");
+    }
+    Ok(())
 }

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Where the GPU time goes (issue 7), one device call: the `bench_layer_parts` micro-benchmarks of
+# tests/cuda_parity.rs (a 7B layer's GEMMs at B2×S4096 by kind, the attention kernels, a ViT-L
+# layer's pieces) and, when Nsight Systems is on the machine, the kernels of a NeVA step with 4
+# LLM layers by total time. Same carry as bench/gpu.sh (bash bench/gpu_carry.sh here), then on
+# the GPU machine:  bash bench/gpu_profile.sh
+set -uo pipefail
+START=$SECONDS
+BUDGET=${GPU_SH_BUDGET:-240}
+CARRY=${1:-target/cuda-carry}
+W=/tmp/shardsmith-gpu
+mkdir -p "$W"
+export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+status=0
+gunzip -c "$CARRY/shardsmith.gz" >"$W/shardsmith" && gunzip -c "$CARRY/cuda_parity.gz" >"$W/cuda_parity" || {
+    echo "missing $CARRY/shardsmith.gz or $CARRY/cuda_parity.gz (bash bench/gpu_carry.sh)"
+    exit 2
+}
+chmod +x "$W/shardsmith" "$W/cuda_parity"
+SS=$W/shardsmith
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+date -u +%Y-%m-%dT%H:%M:%SZ
+limit() {
+    local left=$((BUDGET - (SECONDS - START) - 5))
+    ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
+}
+echo "### where a layer's time goes (cuda_parity bench_layer_parts)"
+timeout "$(limit 120)" "$W/cuda_parity" bench_layer_parts --exact --ignored --nocapture 2>&1 |
+    grep -oE "bench .*|panicked.*|error.*" || status=1
+# With Nsight Systems on the machine: the kernels of a NeVA step (4 LLM layers, the whole ViT) and
+# of 2 decoder layers fwd+bwd at B2×S4096, by total GPU time.
+NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -1)
+profile() {
+    local name=$1
+    shift
+    echo "## nsys: $*"
+    timeout "$(limit 90)" "$NSYS" profile -o "$W/$name" --force-overwrite true -t cuda "$SS" "$@" >/dev/null 2>&1 &&
+        timeout "$(limit 60)" "$NSYS" stats -r cuda_gpu_kern_sum -f csv "$W/$name.nsys-rep" 2>/dev/null |
+        python3 -c '
+import csv, sys
+rows = [r for r in csv.reader(sys.stdin) if len(r) > 8]
+head, body = rows[0], rows[1:]
+t, n, name = head.index("Total Time (ns)"), head.index("Instances"), head.index("Name")
+total = sum(float(r[t]) for r in body)
+print(f"{len(body)} kernels, {total / 1e6:.1f} ms of GPU time in all (warm-up and timed runs)")
+for r in body[:25]:
+    print(f"  {float(r[t]) / total * 100:5.1f} %  {float(r[t]) / 1e6:8.2f} ms  x{r[n]:>6}  {r[name][:110]}")
+' || { status=1; echo "nsys failed"; }
+}
+if [[ -n $NSYS ]]; then
+    profile neva bench neva-step --layers 4 --runs 2 --warmup 1
+    profile layer bench gpu-layer --layers 2 --runs 2 --warmup 1
+else
+    echo "no nsys here"
+fi
+exit $status
