@@ -6,6 +6,8 @@
 #   bash bench/train.sh      # llava-tiny stage 2 B4xT64; llava-100m stage 2 and stage 1 B2xT128
 #
 # Environment (optional): THREADS (default 2), RUNS (default 5), DTYPES (default "f32 bf16"),
+# ROUNDS (default 1: how many times each configuration alternates ours and PyTorch; this
+# machine's speed drifts by 10-30 % between minutes, so 3 rounds give a steadier ratio),
 # CHECKPOINTING (1: activation checkpointing on both sides), MODEL_DIR (default
 # bench/out/llava-100m, created by bench/make_llava_100m.py when missing), SHARDSMITH_BIN (default
 # target/release/shardsmith, built if missing).
@@ -40,23 +42,36 @@ run_pair() { # model stage batch seq dtype
         --runs "$RUNS" --threads "$THREADS" --dtype "$dtype" "${ckpt[@]}" >> "$out"
 }
 
+ROUNDS=${ROUNDS:-1}
 for dtype in $DTYPES; do
-    run_pair fixtures/llava-tiny 2 4 64 "$dtype"
-    run_pair "$MODEL_DIR" 2 2 128 "$dtype"
-    run_pair "$MODEL_DIR" 1 2 128 "$dtype"
+    for config in "fixtures/llava-tiny 2 4 64" "$MODEL_DIR 2 2 128" "$MODEL_DIR 1 2 128"; do
+        for ((round = 0; round < ROUNDS; round++)); do
+            # shellcheck disable=SC2086 # the config is four words
+            run_pair $config "$dtype"
+        done
+    done
 done
 
-"$PY" - "$out" "$THREADS" <<'PYEOF'
-import json, sys
+"$PY" - "$out" "$THREADS" "$ROUNDS" <<'PYEOF'
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print(f"\nthreads={sys.argv[2]}; times are medians; ratio = shardsmith / PyTorch\n")
-print("| model | stage | trainable | dtype | batch × seq | ours ms/step | torch ms/step | ratio |")
-print("|---|---|---|---|---|---|---|---|")
-for ours, torch in zip(rows[0::2], rows[1::2]):
-    assert ours["params_trainable"] == torch["params_trainable"], (ours, torch)
+rounds = int(sys.argv[3])
+print(f"\nthreads={sys.argv[2]}; times are medians (within a process, then over {rounds} alternating "
+      f"round(s)); ratio = shardsmith / PyTorch, the median of the rounds' ratios\n")
+print("| model | stage | trainable | dtype | batch × seq | ours ms/step | torch ms/step | ratio | rounds' ratios |")
+print("|---|---|---|---|---|---|---|---|---|")
+pairs = list(zip(rows[0::2], rows[1::2]))
+for i in range(0, len(pairs), rounds):
+    group = pairs[i : i + rounds]
+    ours, torch = group[0]
+    for o, t in group:
+        assert o["params_trainable"] == t["params_trainable"] == ours["params_trainable"], (o, t)
     name = ours["model"].rstrip("/").split("/")[-1]
     ck = " (ckpt)" if ours.get("checkpointing") else ""
+    med = lambda xs: statistics.median(xs)
+    o_ms, t_ms = med([o["step_ms"] for o, _ in group]), med([t["step_ms"] for _, t in group])
+    ratios = [o["step_ms"] / t["step_ms"] for o, t in group]
     print(f"| {name} | {ours['stage']}{ck} | {ours['params_trainable']/1e6:.2f}M | {ours['dtype']} | "
-          f"{ours['batch']} × {ours['seq']} | {ours['step_ms']:.1f} | {torch['step_ms']:.1f} | "
-          f"{ours['step_ms']/torch['step_ms']:.2f} |")
+          f"{ours['batch']} × {ours['seq']} | {o_ms:.1f} | {t_ms:.1f} | {med(ratios):.2f} | "
+          f"{', '.join(f'{r:.2f}' for r in ratios)} |")
 PYEOF

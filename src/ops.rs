@@ -521,7 +521,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 // Softmax over the last dimension
 // ---------------------------------------------------------------------------------------------
 
-struct Softmax;
+/// softmax(scale·x) over the last dimension.
+struct Softmax {
+    scale: f32,
+}
 
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
@@ -530,14 +533,15 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = l.dims().last().copied().unwrap_or(1);
+        let scale = self.scale;
         let out = float_dispatch!(s, l, self.name(), |x| {
             let mut y = vec![0f32; x.len()];
             par::chunks_mut(&mut y, n, |r, y| {
                 let x = &x[r * n..(r + 1) * n];
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = x.iter().map(|x| scale * x).fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for (y, x) in y.iter_mut().zip(x) {
-                    *y = (x - max).exp();
+                    *y = (scale * x - max).exp();
                     sum += *y;
                 }
                 y.iter_mut().for_each(|y| *y /= sum);
@@ -553,19 +557,26 @@ impl CustomOp1 for Softmax {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::softmax(s, l)?, l.shape().clone()))
+        Ok((cuda::softmax(s, l, self.scale)?, l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // dx = y · (g − Σ g·y)
+        // dx = scale · y · (g − Σ g·y)
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((y * g.broadcast_sub(&dot)?)?))
+        let dx = (y * g.broadcast_sub(&dot)?)?;
+        Ok(Some(if self.scale == 1.0 { dx } else { (dx * self.scale as f64)? }))
     }
 }
 
 /// Softmax over the last dimension, accumulated in f32; differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
+    softmax_last_dim_scaled(x, 1.0)
+}
+
+/// softmax(scale·x) over the last dimension, the scaling done in f32 inside the same pass (the
+/// scaled scores are never stored); differentiable. Scale 1 is [`softmax_last_dim`].
+pub fn softmax_last_dim_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax { scale: scale as f32 })
 }
 
 /// Deterministic inputs and comparisons shared by the ops' unit tests.
@@ -680,6 +691,28 @@ mod tests {
         close(&y1, &y2, 1e-6);
         close(&gx1, &gx2, 1e-5);
         close(&gw1, &gw2, 1e-5);
+    }
+
+    /// softmax(scale·x), negative scale included, forward and gradient against candle's
+    /// softmax of the scaled input; scale 1 is bit-identical to the unscaled op.
+    #[test]
+    fn scaled_softmax_matches_softmax_of_the_scaled_input() {
+        let x = Var::from_tensor(&(randn(&[3, 4, 37], 6) * 3.0).unwrap()).unwrap();
+        let probe = randn(&[3, 4, 37], 7);
+        for scale in [0.125, -0.7] {
+            let run = |y: Tensor| {
+                let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, g.get(&x).unwrap().clone())
+            };
+            let (y1, g1) = run(softmax_last_dim_scaled(x.as_tensor(), scale).unwrap());
+            let (y2, g2) =
+                run(candle_nn::ops::softmax(&(x.as_tensor() * scale).unwrap(), D::Minus1).unwrap());
+            close(&y1, &y2, 1e-6);
+            close(&g1, &g2, 1e-6);
+        }
+        let (a, b) =
+            (softmax_last_dim_scaled(x.as_tensor(), 1.0).unwrap(), softmax_last_dim(x.as_tensor()).unwrap());
+        assert_eq!(max_diff(&a, &b), 0.0);
     }
 
     /// Gradients come back in each input's dtype, so candle can sum them into its grad store.

@@ -124,6 +124,9 @@ fn softmax_forward() {
         let yg = ops::softmax_last_dim(&x.to_device(&gpu()).unwrap()).unwrap();
         let yc = ops::softmax_last_dim(&x).unwrap();
         check(&format!("softmax {dtype:?} {shape:?}"), &yg, &yc, tol(dtype, 1e-5));
+        let yg = ops::softmax_last_dim_scaled(&x.to_device(&gpu()).unwrap(), -0.09).unwrap();
+        let yc = ops::softmax_last_dim_scaled(&x, -0.09).unwrap();
+        check(&format!("softmax scale -0.09 {dtype:?} {shape:?}"), &yg, &yc, tol(dtype, 1e-5));
     }
 }
 

@@ -208,15 +208,21 @@ template <class T> void test_rmsnorm(int rows, int h, double tol) {
 
 void test_softmax_ce(int rows, int n) {
     auto x = randv((size_t)rows * n, -4, 4);
-    std::vector<float> y(x.size()), loss(rows), dl(x.size());
+    std::vector<float> y(x.size()), ys(x.size()), loss(rows), dl(x.size());
     std::vector<long long> tg(rows);
     for (int r = 0; r < rows; ++r) tg[r] = r == 1 ? -100 : (r * 7919) % n;
     const int bs = std::min(256, (n + 31) / 32 * 32);
-    emu::launch(dim3(rows), dim3(bs), 0, softmax<float>, x.data(), y.data(), n);
+    const float scale = -0.37f;  // a negative scale: the max must be taken of scale·x
+    emu::launch(dim3(rows), dim3(bs), 0, softmax<float>, x.data(), y.data(), n, 1.0f);
+    emu::launch(dim3(rows), dim3(bs), 0, softmax<float>, x.data(), ys.data(), n, scale);
     emu::launch(dim3(rows), dim3(bs), 0, cross_entropy<float>, x.data(), tg.data(), loss.data(), dl.data(), n,
                 -100LL);
-    std::vector<double> ry(x.size()), rl(rows), rdl(x.size());
+    std::vector<double> ry(x.size()), rys(x.size()), rl(rows), rdl(x.size());
     for (int r = 0; r < rows; ++r) {
+        double ms = -1e300, ss = 0;
+        for (int j = 0; j < n; ++j) ms = std::max(ms, (double)scale * x[r * n + j]);
+        for (int j = 0; j < n; ++j) ss += std::exp((double)scale * x[r * n + j] - ms);
+        for (int j = 0; j < n; ++j) rys[r * n + j] = std::exp((double)scale * x[r * n + j] - ms) / ss;
         double m = -1e300, s = 0;
         for (int j = 0; j < n; ++j) m = std::max(m, (double)x[r * n + j]);
         for (int j = 0; j < n; ++j) s += std::exp(x[r * n + j] - m);
@@ -229,6 +235,8 @@ void test_softmax_ce(int rows, int n) {
     char buf[64];
     std::snprintf(buf, sizeof buf, "softmax R%d N%d", rows, n);
     check(buf, y, ry, 1e-6);
+    std::snprintf(buf, sizeof buf, "softmax scale -0.37 R%d N%d", rows, n);
+    check(buf, ys, rys, 1e-6);
     std::snprintf(buf, sizeof buf, "cross-entropy R%d V%d loss", rows, n);
     check(buf, loss, rl, 1e-5);
     std::snprintf(buf, sizeof buf, "cross-entropy R%d V%d dlogits", rows, n);

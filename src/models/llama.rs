@@ -399,11 +399,67 @@ impl KvCache {
     }
 }
 
+/// Projections of one input held as one weight: the rows of `weight` [Σ out, in] are the
+/// projections' weights in order, and each projection's own weight is a view of its rows (no
+/// second copy). A single-row product (decode at batch 1) then runs one GEMM instead of one
+/// per projection: fewer launches per token where the host's launch rate bounds decoding.
+struct FusedProj {
+    weight: Tensor,
+}
+
+impl FusedProj {
+    /// Fuse `projs` when their weights are frozen, share a dtype and live on a CUDA device
+    /// (the CPU keeps per-projection pre-packed panels instead); otherwise `None`.
+    fn new(projs: &mut [&mut Proj]) -> Result<Option<Self>> {
+        let first = &projs[0].weight;
+        let fusable = first.device().is_cuda()
+            && projs.iter().all(|p| {
+                !(p.weight.is_variable() || p.weight.track_op()) && p.weight.dtype() == first.dtype()
+            });
+        if !fusable {
+            return Ok(None);
+        }
+        let weight = Tensor::cat(&projs.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0)?;
+        let mut row = 0;
+        for p in projs.iter_mut() {
+            let n = p.weight.dim(0)?;
+            p.weight = weight.narrow(0, row, n)?;
+            row += n;
+        }
+        Ok(Some(FusedProj { weight }))
+    }
+
+    /// Each projection of x [.., in] as in `projs` (the projections it was made from), through
+    /// one GEMM, when x is a single row in the weights' dtype and no projection has an adapter;
+    /// otherwise `None` (the caller runs them one by one). The outputs are column views of one
+    /// [.., Σ out] product, contiguous for one row.
+    fn single_row(fused: Option<&Self>, x: &Tensor, projs: &[&Proj]) -> Result<Option<Vec<Tensor>>> {
+        let Some(f) = fused else { return Ok(None) };
+        if x.elem_count() != x.dim(D::Minus1)?
+            || x.dtype() != f.weight.dtype()
+            || projs.iter().any(|p| p.lora.is_some())
+        {
+            return Ok(None);
+        }
+        let y = ops::matmul(x, &f.weight.t()?)?;
+        let mut col = 0;
+        let mut out = Vec::with_capacity(projs.len());
+        for p in projs {
+            let n = p.weight.dim(0)?;
+            out.push(y.narrow(D::Minus1, col, n)?);
+            col += n;
+        }
+        Ok(Some(out))
+    }
+}
+
 /// Self-attention on this rank's query groups.
 struct Attention {
     q_proj: Proj,
     k_proj: Proj,
     v_proj: Proj,
+    /// q, k and v fused ([`FusedProj`]), for frozen weights on CUDA.
+    qkv: Option<FusedProj>,
     /// Row-parallel: [H, Hl·D]; its partial sums are all-reduced.
     o_proj: Proj,
     heads: usize,
@@ -418,10 +474,15 @@ impl Attention {
     fn load(vb: VarBuilder, hp: &LlamaHparams, tp: usize) -> Result<Self> {
         let (h, d) = (hp.hidden, hp.head_dim);
         let (heads, groups) = (hp.heads / tp, hp.groups / tp);
+        let mut q_proj = Proj::load(vb.pp("q_proj"), h, heads * d)?;
+        let mut k_proj = Proj::load(vb.pp("k_proj"), h, groups * d)?;
+        let mut v_proj = Proj::load(vb.pp("v_proj"), h, groups * d)?;
+        let qkv = FusedProj::new(&mut [&mut q_proj, &mut k_proj, &mut v_proj])?;
         Ok(Attention {
-            q_proj: Proj::load(vb.pp("q_proj"), h, heads * d)?,
-            k_proj: Proj::load(vb.pp("k_proj"), h, groups * d)?,
-            v_proj: Proj::load(vb.pp("v_proj"), h, groups * d)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            qkv,
             o_proj: Proj::load(vb.pp("o_proj"), heads * d, h)?,
             heads,
             groups,
@@ -436,9 +497,14 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (hl, gl, d) = (self.heads, self.groups, self.head_dim);
         let per_group = hl / gl;
-        let q = ops::split_heads(&self.q_proj.forward(x)?, hl, Some((cos, sin)))?; // [B, Hl, T, D]
-        let k = ops::split_heads(&self.k_proj.forward(x)?, gl, Some((cos, sin)))?; // [B, Gl, T, D]
-        let v = ops::split_heads(&self.v_proj.forward(x)?, gl, None)?;
+        let (qp, kp, vp) = (&self.q_proj, &self.k_proj, &self.v_proj);
+        let (q, k, v) = match FusedProj::single_row(self.qkv.as_ref(), x, &[qp, kp, vp])?.as_deref() {
+            Some([q, k, v]) => (q.clone(), k.clone(), v.clone()),
+            _ => (qp.forward(x)?, kp.forward(x)?, vp.forward(x)?),
+        };
+        let q = ops::split_heads(&q, hl, Some((cos, sin)))?; // [B, Hl, T, D]
+        let k = ops::split_heads(&k, gl, Some((cos, sin)))?; // [B, Gl, T, D]
+        let v = ops::split_heads(&v, gl, None)?;
         let scale = 1.0 / (d as f64).sqrt();
         let past = if self.use_cache { self.cache.len } else { 0 };
         // The fused kernel's semantics are exactly "queries and keys are the same T positions,
@@ -460,12 +526,14 @@ impl Attention {
         // saves two copies and two casts per layer. The values are the same either way.
         let cuda = x.device().is_cuda();
         let kt = if cuda { k.t()? } else { k.t()?.contiguous()? };
-        let scores = (q.matmul(&kt)? * scale)?; // [B, Gl, per_group·T, S]
+        let scores = q.matmul(&kt)?; // [B, Gl, per_group·T, S], unscaled
         let probs = match mask {
+            // The kernel scales in f32 in its own pass: one launch fewer per layer and token.
             None if cuda && matches!(scores.dtype(), DType::F32 | DType::BF16) => {
-                ops::softmax_last_dim(&scores)?
+                ops::softmax_last_dim_scaled(&scores, scale)?
             }
             _ => {
+                let scores = (scores * scale)?;
                 let scores = scores.to_dtype(DType::F32)?.reshape((b, gl, per_group, t, s))?;
                 let scores = match mask {
                     Some(m) => scores.broadcast_add(m)?, // m [T, S]: 0 or -inf
@@ -485,20 +553,25 @@ struct Mlp {
     gate_proj: Proj,
     up_proj: Proj,
     down_proj: Proj,
+    /// gate and up fused ([`FusedProj`]), for frozen weights on CUDA.
+    gate_up: Option<FusedProj>,
 }
 
 impl Mlp {
     fn load(vb: VarBuilder, hp: &LlamaHparams, tp: usize) -> Result<Self> {
         let (h, f) = (hp.hidden, hp.ffn / tp);
-        Ok(Mlp {
-            gate_proj: Proj::load(vb.pp("gate_proj"), h, f)?,
-            up_proj: Proj::load(vb.pp("up_proj"), h, f)?,
-            down_proj: Proj::load(vb.pp("down_proj"), f, h)?,
-        })
+        let mut gate_proj = Proj::load(vb.pp("gate_proj"), h, f)?;
+        let mut up_proj = Proj::load(vb.pp("up_proj"), h, f)?;
+        let gate_up = FusedProj::new(&mut [&mut gate_proj, &mut up_proj])?;
+        Ok(Mlp { gate_proj, up_proj, down_proj: Proj::load(vb.pp("down_proj"), f, h)?, gate_up })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let (gp, up) = (&self.gate_proj, &self.up_proj);
+        let (gate, up) = match FusedProj::single_row(self.gate_up.as_ref(), x, &[gp, up])?.as_deref() {
+            Some([gate, up]) => (gate.clone(), up.clone()),
+            _ => (gp.forward(x)?, up.forward(x)?),
+        };
         // One fused op (and one saved pair for the backward) instead of silu, its composed
         // backward and a product: ~10 passes over [B, T, F] per layer in training.
         self.down_proj.forward(&ops::swiglu(&gate, &up)?)

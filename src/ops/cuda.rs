@@ -230,7 +230,8 @@ pub(super) fn rope(
     }
 }
 
-pub(super) fn softmax(x: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+/// softmax(scale·x) over the last dimension.
+pub(super) fn softmax(x: &CudaStorage, l: &Layout, scale: f32) -> Result<CudaStorage> {
     const OP: &str = "softmax-last-dim";
     let n = l.dims().last().copied().unwrap_or(1);
     let rows = l.shape().elem_count() / n.max(1);
@@ -242,7 +243,7 @@ pub(super) fn softmax(x: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         let n32 = n as i32;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&xv).arg(&mut y).arg(&n32);
+        b.arg(&xv).arg(&mut y).arg(&n32).arg(&scale);
         // SAFETY: matches softmax.cu.
         unsafe { b.launch(cfg((rows as u32, 1, 1), row_block(n, 256), 0)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
