@@ -402,20 +402,21 @@ impl KvCache {
 /// Projections of one input held as one weight: the rows of `weight` [Σ out, in] are the
 /// projections' weights in order, and each projection's own weight is a view of its rows (no
 /// second copy). A single-row product (decode at batch 1) then runs one GEMM instead of one
-/// per projection: fewer launches per token where the host's launch rate bounds decoding.
+/// per projection: fewer launches per token. Made at a layer's first single-row forward
+/// ([`DecoderLayer::fuse_for_decode`]), so training never holds the extra copy while loading.
 struct FusedProj {
     weight: Tensor,
 }
 
 impl FusedProj {
-    /// Fuse `projs` when their weights are frozen, share a dtype and live on a CUDA device
-    /// (the CPU keeps per-projection pre-packed panels instead); otherwise `None`.
+    /// Fuse `projs` when their weights are frozen and share a dtype and device; otherwise `None`.
     fn new(projs: &mut [&mut Proj]) -> Result<Option<Self>> {
         let first = &projs[0].weight;
-        let fusable = first.device().is_cuda()
-            && projs.iter().all(|p| {
-                !(p.weight.is_variable() || p.weight.track_op()) && p.weight.dtype() == first.dtype()
-            });
+        let fusable = projs.iter().all(|p| {
+            !(p.weight.is_variable() || p.weight.track_op())
+                && p.weight.dtype() == first.dtype()
+                && p.weight.device().same_device(first.device())
+        });
         if !fusable {
             return Ok(None);
         }
@@ -458,7 +459,7 @@ struct Attention {
     q_proj: Proj,
     k_proj: Proj,
     v_proj: Proj,
-    /// q, k and v fused ([`FusedProj`]), for frozen weights on CUDA.
+    /// q, k and v fused ([`FusedProj`]) once the layer decodes, for frozen weights.
     qkv: Option<FusedProj>,
     /// Row-parallel: [H, Hl·D]; its partial sums are all-reduced.
     o_proj: Proj,
@@ -474,15 +475,11 @@ impl Attention {
     fn load(vb: VarBuilder, hp: &LlamaHparams, tp: usize) -> Result<Self> {
         let (h, d) = (hp.hidden, hp.head_dim);
         let (heads, groups) = (hp.heads / tp, hp.groups / tp);
-        let mut q_proj = Proj::load(vb.pp("q_proj"), h, heads * d)?;
-        let mut k_proj = Proj::load(vb.pp("k_proj"), h, groups * d)?;
-        let mut v_proj = Proj::load(vb.pp("v_proj"), h, groups * d)?;
-        let qkv = FusedProj::new(&mut [&mut q_proj, &mut k_proj, &mut v_proj])?;
         Ok(Attention {
-            q_proj,
-            k_proj,
-            v_proj,
-            qkv,
+            q_proj: Proj::load(vb.pp("q_proj"), h, heads * d)?,
+            k_proj: Proj::load(vb.pp("k_proj"), h, groups * d)?,
+            v_proj: Proj::load(vb.pp("v_proj"), h, groups * d)?,
+            qkv: None,
             o_proj: Proj::load(vb.pp("o_proj"), heads * d, h)?,
             heads,
             groups,
@@ -553,17 +550,19 @@ struct Mlp {
     gate_proj: Proj,
     up_proj: Proj,
     down_proj: Proj,
-    /// gate and up fused ([`FusedProj`]), for frozen weights on CUDA.
+    /// gate and up fused ([`FusedProj`]) once the layer decodes, for frozen weights.
     gate_up: Option<FusedProj>,
 }
 
 impl Mlp {
     fn load(vb: VarBuilder, hp: &LlamaHparams, tp: usize) -> Result<Self> {
         let (h, f) = (hp.hidden, hp.ffn / tp);
-        let mut gate_proj = Proj::load(vb.pp("gate_proj"), h, f)?;
-        let mut up_proj = Proj::load(vb.pp("up_proj"), h, f)?;
-        let gate_up = FusedProj::new(&mut [&mut gate_proj, &mut up_proj])?;
-        Ok(Mlp { gate_proj, up_proj, down_proj: Proj::load(vb.pp("down_proj"), f, h)?, gate_up })
+        Ok(Mlp {
+            gate_proj: Proj::load(vb.pp("gate_proj"), h, f)?,
+            up_proj: Proj::load(vb.pp("up_proj"), h, f)?,
+            down_proj: Proj::load(vb.pp("down_proj"), f, h)?,
+            gate_up: None,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -583,6 +582,8 @@ struct DecoderLayer {
     self_attn: Attention,
     post_attention_layernorm: Norm,
     mlp: Mlp,
+    /// [`DecoderLayer::fuse_for_decode`] ran.
+    decode_fused: bool,
 }
 
 impl DecoderLayer {
@@ -592,6 +593,7 @@ impl DecoderLayer {
             self_attn: Attention::load(vb.pp("self_attn"), hp, tp)?,
             post_attention_layernorm: Norm::load(vb.pp("post_attention_layernorm"), hp)?,
             mlp: Mlp::load(vb.pp("mlp"), hp, tp)?,
+            decode_fused: false,
         })
     }
 
@@ -603,6 +605,9 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         comm: &dyn Collective,
     ) -> Result<Tensor> {
+        if !self.decode_fused && !x.track_op() && x.elem_count() == x.dim(D::Minus1)? {
+            self.fuse_for_decode()?;
+        }
         // Residual adds: outside autograd (inference) one parallel pass instead of candle's
         // bf16 add; in a graph, candle's differentiable add.
         let residual = |x: &Tensor, y: &Tensor| -> Result<Tensor> {
@@ -612,6 +617,17 @@ impl DecoderLayer {
         let x = residual(x, &comm.all_reduce_sum(&attn)?)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         residual(&x, &comm.all_reduce_sum(&mlp)?)
+    }
+
+    /// Fuse q/k/v and gate/up ([`FusedProj`]) at the first single-row forward outside autograd
+    /// (decode), once: a model that only trains or prefills never makes the fused copy.
+    fn fuse_for_decode(&mut self) -> Result<()> {
+        self.decode_fused = true;
+        let a = &mut self.self_attn;
+        a.qkv = FusedProj::new(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+        let m = &mut self.mlp;
+        m.gate_up = FusedProj::new(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        Ok(())
     }
 
     /// Whether the layer can run as one graph node: no adapters, and every parameter frozen or

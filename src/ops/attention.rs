@@ -92,21 +92,28 @@ impl CustomOp3 for CausalAttention {
 }
 
 /// Unmasked attention softmax(q kᵀ·scale) v (every query sees every key: the CLIP vision
-/// tower), forward only: no gradient reaches q, k or v. q [B, Hq, T, D], k and v [B, Hk, T, D].
+/// tower). q [B, Hq, T, D], k and v [B, Hk, T, D].
 /// On CUDA in bf16 with a head dim flash_attn.cu has, the FlashAttention-style kernel (no T×T
-/// matrix; P rounded to bf16 before P·V); elsewhere the materialised scores in q's dtype, the
-/// softmax in f32 (as transformers' CLIP runs it), then P·V in q's dtype.
+/// matrix; P rounded to bf16 before P·V; forward only, so taken only when no input needs a
+/// gradient); elsewhere the materialised scores in q's dtype, the softmax in f32 (as
+/// transformers' CLIP runs it), then P·V in q's dtype, differentiable.
 pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (_, hq, hk, _, d) = attention_dims(q.shape(), k.shape(), v.shape())?;
+    // The kernel has no backward: inputs that need a gradient take the differentiable path.
+    let tracked = q.track_op() || k.track_op() || v.track_op();
     #[cfg(feature = "cuda")]
-    if q.device().is_cuda() && q.dtype() == DType::BF16 && super::cuda::ATTENTION_HEAD_DIMS.contains(&d) {
+    if !tracked
+        && q.device().is_cuda()
+        && q.dtype() == DType::BF16
+        && super::cuda::ATTENTION_HEAD_DIMS.contains(&d)
+    {
         return q.contiguous()?.apply_op3_no_bwd(
             &k.contiguous()?,
             &v.contiguous()?,
             &FullAttention { scale: scale as f32 },
         );
     }
-    let _ = d;
+    let _ = (d, tracked);
     let (k, v) = (repeat_kv(k, hq / hk)?, repeat_kv(v, hq / hk)?);
     let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, T, T]
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?;
