@@ -28,15 +28,28 @@ pub(crate) fn attention_dims(q: &Shape, k: &Shape, v: &Shape) -> Result<(usize, 
     Ok((b, hq, hk, t, d))
 }
 
-struct CausalAttention {
+/// Attention as one op: causal (forward on the CPU and CUDA, backward), or without the mask
+/// (`causal` false: [`full_attention`]'s CUDA forward only).
+struct FlashAttention {
     scale: f32,
+    causal: bool,
     /// [B, Hq, T] f32 log-sum-exp of the scaled scores, made by the forward for the backward.
     lse: Mutex<Option<Tensor>>,
 }
 
-impl CustomOp3 for CausalAttention {
+impl FlashAttention {
+    fn new(scale: f64, causal: bool) -> Self {
+        FlashAttention { scale: scale as f32, causal, lse: Mutex::new(None) }
+    }
+}
+
+impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
-        "causal-attention"
+        if self.causal {
+            "causal-attention"
+        } else {
+            "full-attention"
+        }
     }
 
     /// Per (b, h, i): s_j = scale·q_i·k_j (j ≤ i, f32 sums), o_i = Σ softmax(s)_j v_j in f32,
@@ -50,6 +63,9 @@ impl CustomOp3 for CausalAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if !self.causal {
+            bail!("full-attention: the kernel op runs on CUDA only (the CPU takes the materialised path)");
+        }
         let dims = attention_dims(l1.shape(), l2.shape(), l3.shape())?;
         let (q, k, v) =
             (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
@@ -71,7 +87,7 @@ impl CustomOp3 for CausalAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (o, lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale, true)?;
+        let (o, lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale, self.causal)?;
         *self.lse.lock().expect("attention state") = Some(lse);
         Ok((o, l1.shape().clone()))
     }
@@ -84,6 +100,9 @@ impl CustomOp3 for CausalAttention {
         o: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !self.causal {
+            bail!("full-attention: no backward (full_attention differentiates the materialised path)");
+        }
         let lse = self.lse.lock().expect("attention state").clone();
         let Some(lse) = lse else { bail!("causal-attention: backward before forward") };
         let (dq, dk, dv) = causal_attention_backward(q, k, v, o, &lse, g, self.scale as f64)?;
@@ -110,7 +129,7 @@ pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
         return q.contiguous()?.apply_op3_no_bwd(
             &k.contiguous()?,
             &v.contiguous()?,
-            &FullAttention { scale: scale as f32 },
+            &FlashAttention::new(scale, false),
         );
     }
     let _ = (d, tracked);
@@ -118,44 +137,6 @@ pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
     let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, T, T]
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?;
     probs.matmul(&v.contiguous()?)
-}
-
-/// [`full_attention`]'s CUDA kernel (no CPU implementation: the CPU takes the materialised path).
-#[cfg(feature = "cuda")]
-struct FullAttention {
-    scale: f32,
-}
-
-#[cfg(feature = "cuda")]
-impl CustomOp3 for FullAttention {
-    fn name(&self) -> &'static str {
-        "full-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("full-attention: the kernel op runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (o, _lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale, false)?;
-        Ok((o, l1.shape().clone()))
-    }
 }
 
 /// Whether [`causal_attention`] runs a kernel for q [B, Hq, T, `head_dim`] here: the CPU (f32,
@@ -181,7 +162,7 @@ pub fn kernel_supports(dev: &Device, dtype: DType, head_dim: usize) -> bool {
 /// Differentiable in q, k and v. Shapes in the module docs.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     attention_dims(q.shape(), k.shape(), v.shape())?;
-    let op = CausalAttention { scale: scale as f32, lse: Mutex::new(None) };
+    let op = FlashAttention::new(scale, true);
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -190,7 +171,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 /// (recomputation schemes, benchmarks of the kernels without candle's autograd around them).
 pub fn causal_attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
     attention_dims(q.shape(), k.shape(), v.shape())?;
-    let op = CausalAttention { scale: scale as f32, lse: Mutex::new(None) };
+    let op = FlashAttention::new(scale, true);
     let o = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
     let lse = op.lse.lock().expect("attention state").take();
     match lse {

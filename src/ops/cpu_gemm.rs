@@ -284,13 +284,7 @@ pub fn gemm_prepacked<T: PackElement>(a: MatRef<T>, b: &PackedB, c: &mut [f32]) 
     if b.kind != T::KIND {
         bail!("cpu-gemm: B was packed as {:?}, A is {:?}", b.kind, T::KIND);
     }
-    let available = match T::KIND {
-        PackKind::Bf16 => bf16_available(),
-        PackKind::F32 => f32_available(),
-    };
-    if !available {
-        bail!("cpu-gemm: this CPU has no kernel for {:?}", T::KIND);
-    }
+    require_kernel(T::KIND)?;
     if a.cols != b.k || c.len() != a.rows * b.n {
         bail!("cpu-gemm: A [{}, {}] · packed B [{}, {}] into {} elements", a.rows, a.cols, b.k, b.n, c.len());
     }
@@ -345,6 +339,18 @@ pub enum PackKind {
     F32,
 }
 
+/// An error where this CPU has no packed kernel for `kind`.
+fn require_kernel(kind: PackKind) -> Result<()> {
+    let available = match kind {
+        PackKind::Bf16 => bf16_available(),
+        PackKind::F32 => f32_available(),
+    };
+    if !available {
+        bail!("cpu-gemm: this CPU has no kernel for {kind:?}");
+    }
+    Ok(())
+}
+
 /// An element type B can be pre-packed in.
 #[allow(private_bounds)]
 pub trait PackElement: Element {
@@ -376,13 +382,7 @@ pub struct PackedB {
 impl PackedB {
     /// Pack B (any strided view). Errors where the CPU has no kernel for `T`.
     pub fn new<T: PackElement>(b: MatRef<T>) -> Result<Self> {
-        let available = match T::KIND {
-            PackKind::Bf16 => bf16_available(),
-            PackKind::F32 => f32_available(),
-        };
-        if !available {
-            bail!("cpu-gemm: this CPU has no kernel for {:?}", T::KIND);
-        }
+        require_kernel(T::KIND)?;
         b.check("B")?;
         let (k, n) = (b.rows, b.cols);
         let (units, kblocks, kcu) = k_blocking::<T>(k);
