@@ -23,30 +23,17 @@ set -uo pipefail
 START=$SECONDS
 BUDGET=${GPU_SH_BUDGET:-285}
 CARRY=${1:-target/cuda-carry}
-W=/tmp/shardsmith-gpu
-mkdir -p "$W"
+RESERVE=10 # seconds kept for the table
+source "$(dirname "$0")/gpu_lib.sh"
 RES=${OUT:-$W}/gpu_results.jsonl
 : >"$RES"
-export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 status=0
 
-gunzip -c "$CARRY/shardsmith.gz" >"$W/shardsmith" && gunzip -c "$CARRY/cuda_parity.gz" >"$W/cuda_parity" || {
-    echo "missing $CARRY/shardsmith.gz or $CARRY/cuda_parity.gz (see the header of bench/gpu.sh)"
-    exit 2
-}
-chmod +x "$W/shardsmith" "$W/cuda_parity"
-SS=$W/shardsmith
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 date -u +%Y-%m-%dT%H:%M:%SZ
 case "$GPU" in *PCIe*) DEFAULT_PEAK=756 ;; *) DEFAULT_PEAK=989 ;; esac
 PEAK=${PEAK_TFLOPS:-$DEFAULT_PEAK}
-
-# timeout for a step: its own limit, cut to what is left of the budget (10 s kept for the table).
-limit() {
-    local left=$((BUDGET - (SECONDS - START) - 10))
-    ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
-}
 
 # step NAME SECONDS CMD...: run with a timeout, JSON lines to $RES, anything else to the log.
 step() {

@@ -8,22 +8,11 @@ set -uo pipefail
 START=$SECONDS
 BUDGET=${GPU_SH_BUDGET:-240}
 CARRY=${1:-target/cuda-carry}
-W=/tmp/shardsmith-gpu
-mkdir -p "$W"
-export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+RESERVE=5
+source "$(dirname "$0")/gpu_lib.sh"
 status=0
-gunzip -c "$CARRY/shardsmith.gz" >"$W/shardsmith" && gunzip -c "$CARRY/cuda_parity.gz" >"$W/cuda_parity" || {
-    echo "missing $CARRY/shardsmith.gz or $CARRY/cuda_parity.gz (bash bench/gpu_carry.sh)"
-    exit 2
-}
-chmod +x "$W/shardsmith" "$W/cuda_parity"
-SS=$W/shardsmith
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 date -u +%Y-%m-%dT%H:%M:%SZ
-limit() {
-    local left=$((BUDGET - (SECONDS - START) - 5))
-    ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
-}
 echo "### where a layer's time goes (cuda_parity bench_layer_parts)"
 timeout "$(limit 120)" "$W/cuda_parity" bench_layer_parts --exact --ignored --nocapture 2>&1 |
     grep -oE "bench .*|panicked.*|error.*" || status=1

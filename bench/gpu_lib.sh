@@ -1,0 +1,18 @@
+# Sourced by bench/gpu.sh and bench/gpu_profile.sh on the GPU machine: unpacks the binaries
+# bench/gpu_carry.sh packed (from $CARRY) into $W, puts the device image's CUDA libraries on the
+# library path, sets SS (our binary), and defines limit SECONDS: a step's timeout cut to what is
+# left of the caller's $BUDGET since $START, keeping $RESERVE seconds for what follows the steps.
+W=/tmp/shardsmith-gpu
+mkdir -p "$W"
+export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+gunzip -c "$CARRY/shardsmith.gz" >"$W/shardsmith" && gunzip -c "$CARRY/cuda_parity.gz" >"$W/cuda_parity" || {
+    echo "missing $CARRY/shardsmith.gz or $CARRY/cuda_parity.gz (run bash bench/gpu_carry.sh first)"
+    exit 2
+}
+chmod +x "$W/shardsmith" "$W/cuda_parity"
+SS=$W/shardsmith
+
+limit() {
+    local left=$((BUDGET - (SECONDS - START) - RESERVE))
+    ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
+}
