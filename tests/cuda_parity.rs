@@ -187,7 +187,16 @@ fn adamw_step_is_bit_identical() {
         let (pc, mc, vc) = (p.copy().unwrap(), p.zeros_like().unwrap(), p.zeros_like().unwrap());
         for step in 1..=3u64 {
             let g = randn(&[n], 20 + step, 0.1);
-            let hyper = ops::AdamWStep { lr: 3e-4, betas: (0.9, 0.95), eps: 1e-8, weight_decay: wd, step };
+            // Step 2 with a clipping factor on the gradient.
+            let grad_scale = if step == 2 { 0.37 } else { 1.0 };
+            let hyper = ops::AdamWStep {
+                lr: 3e-4,
+                betas: (0.9, 0.95),
+                eps: 1e-8,
+                weight_decay: wd,
+                step,
+                grad_scale,
+            };
             ops::adamw_step(&pg, &g.to_device(&gpu()).unwrap(), &mg, &vg, &hyper).unwrap();
             ops::adamw_step(&pc, &g, &mc, &vc, &hyper).unwrap();
         }

@@ -66,7 +66,7 @@ fn run(stage: Stage, key: &str) {
             model.collect(&mut grads, out.grads).unwrap();
         }
         model.scale_grads(&mut grads, 1.0 / r.micro as f64).unwrap();
-        let norm = opt.clip_grad_norm(&mut grads, Some(1.0)).unwrap();
+        let norm = opt.clip_grad_norm(&grads, Some(1.0)).unwrap();
         opt.step(&grads, r.lrs[s]).unwrap();
         assert!(rel(loss, want_loss[s] as f64) < 1e-4, "{key} step {s}: loss {loss} vs {}", want_loss[s]);
         worst_loss = worst_loss.max(rel(loss, want_loss[s] as f64));

@@ -265,9 +265,9 @@ void test_elementwise() {
     std::vector<float> pa = p0, ma(n, 0.01f), va(n, 0.02f), pb(n + 1), mb(n + 1, 0.01f), vb(n + 1, 0.02f), gb(n + 1);
     std::copy(p0.begin(), p0.end(), pb.begin() + 1);
     std::copy(g0.begin(), g0.end(), gb.begin() + 1);
-    emu::launch(dim3(2), dim3(64), 0, adamw_f32, pa.data(), g0.data(), ma.data(), va.data(), n, 1, 0.9999f, 0.1f,
+    emu::launch(dim3(2), dim3(64), 0, adamw_f32, pa.data(), g0.data(), ma.data(), va.data(), n, 0.37f, 1, 0.9999f, 0.1f,
                 0.9f, 0.95f, 0.05f, -3e-4f, 0.2f, 1e-8f);
-    emu::launch(dim3(2), dim3(64), 0, adamw_f32, pb.data() + 1, gb.data() + 1, mb.data() + 1, vb.data() + 1, n, 1,
+    emu::launch(dim3(2), dim3(64), 0, adamw_f32, pb.data() + 1, gb.data() + 1, mb.data() + 1, vb.data() + 1, n, 0.37f, 1,
                 0.9999f, 0.1f, 0.9f, 0.95f, 0.05f, -3e-4f, 0.2f, 1e-8f);
     int diff = 0;
     for (long long i = 0; i < n; ++i) diff += pa[i] != pb[i + 1] || ma[i] != mb[i + 1] || va[i] != vb[i + 1];

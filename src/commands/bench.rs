@@ -209,9 +209,9 @@ pub fn train_step(path: &Path, o: &TrainStepOptions) -> Result<()> {
     // (whole step, forward + backward, clipping, optimizer) seconds.
     let mut step = |model: &mut TrainModel| -> Result<[f64; 4]> {
         let t0 = Instant::now();
-        let mut out = model.forward_backward(&batch, o.checkpointing)?;
+        let out = model.forward_backward(&batch, o.checkpointing)?;
         let t1 = Instant::now();
-        opt.clip_grad_norm(&mut out.grads, Some(1.0))?;
+        opt.clip_grad_norm(&out.grads, Some(1.0))?;
         let t2 = Instant::now();
         opt.step(&out.grads, 1e-5)?;
         let t3 = Instant::now();

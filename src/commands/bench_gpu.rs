@@ -367,8 +367,8 @@ pub fn neva_step(s: &LlamaShape, v: &ClipShape, o: &NevaStepOptions, c: &Common)
     let mut opt = AdamW::new(model.params().to_vec(), cfg)?;
     let mut loss = 0.0;
     let secs = time(c, || {
-        let mut out = model.forward_backward(&batch_t, o.checkpointing)?;
-        opt.clip_grad_norm(&mut out.grads, Some(1.0))?;
+        let out = model.forward_backward(&batch_t, o.checkpointing)?;
+        opt.clip_grad_norm(&out.grads, Some(1.0))?;
         opt.step(&out.grads, 1e-5)?;
         loss = out.loss;
         Ok(())

@@ -287,14 +287,20 @@ impl NodeProj {
     }
 
     /// dx = dy·W for the output gradient dy at input x; for a trained weight also
-    /// dW = dyᵀ·x over all rows (in the compute dtype, then the variable's: the composed
-    /// backward's rounding), contiguous [out, in], into `sink`.
+    /// dW = dyᵀ·x over all rows, contiguous [out, in], into `sink`: computed from compute-dtype
+    /// operands and kept at the GEMM's f32 precision for an f32 variable (the composed
+    /// backward rounds it to bf16 first, then widens it: two passes over every weight, and
+    /// precision lost on the way to an f32 master).
     fn backward(&self, x: &Tensor, dy: &Tensor, sink: &ops::GradSink) -> Result<Tensor> {
         let dyc = dy.to_dtype(self.compute)?;
         if let Some(var) = &self.trains {
             let x2 = x.to_dtype(self.compute)?.reshape(((), x.dim(D::Minus1)?))?;
             let dy2 = dyc.reshape(((), dyc.dim(D::Minus1)?))?;
-            sink.deposit(var, ops::matmul(&dy2.t()?, &x2)?.to_dtype(var.dtype())?);
+            let dw = match var.dtype() {
+                DType::F32 => ops::matmul_f32(&dy2.t()?, &x2)?,
+                dtype => ops::matmul(&dy2.t()?, &x2)?.to_dtype(dtype)?,
+            };
+            sink.deposit(var, dw);
         }
         let dx = match &self.packed_w {
             Some(p) => ops::linear::matmul_prepacked(&dyc, &self.w, p)?,

@@ -35,6 +35,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result};
 use half::bf16;
+use std::mem::MaybeUninit;
 
 /// Microkernel rows.
 const MR: usize = 8;
@@ -129,6 +130,12 @@ trait Element: Copy + Send + Sync + 'static {
 
     /// The microkernel for this element type.
     const KERNEL: Kernel;
+
+    /// Run the product on a packing-free path instead, where one applies (returns whether it
+    /// did); C as in [`gemm_into`].
+    fn dot_product(_a: &MatRef<Self>, _b: &MatRef<Self>, _c: &mut [MaybeUninit<f32>]) -> bool {
+        false
+    }
 }
 
 impl Element for bf16 {
@@ -164,6 +171,17 @@ impl Element for bf16 {
     }
 
     const KERNEL: Kernel = kernel_bf16;
+
+    /// A few rows with K-contiguous rows of A and columns of B (x·Wᵀ in decode): [`dot_gemm`].
+    fn dot_product(a: &MatRef<bf16>, b: &MatRef<bf16>, c: &mut [MaybeUninit<f32>]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if a.rows <= DOT_MAX_M && a.cs == 1 && b.rs == 1 {
+            dot_gemm(*a, *b, c);
+            return true;
+        }
+        let _ = (a, b, c);
+        false
+    }
 }
 
 impl Element for f32 {
@@ -228,20 +246,88 @@ pub fn f32_available() -> bool {
 
 use super::par::{chunks_mut, for_each as parallel_for, threads as pool_threads, SendPtr};
 
-/// Checks shared by both entries: the CPU has the kernel, shapes agree, views stay inside
-/// their data. Handles the empty cases (nothing to do; K = 0 zeroes C) and returns whether a
-/// product is left to compute.
-fn prologue<T>(
-    available: bool,
-    what: &str,
-    a: &MatRef<T>,
-    b: &MatRef<T>,
-    c: &mut [f32],
-    accumulate: bool,
-) -> Result<bool> {
-    if !available {
-        bail!("cpu-gemm: this CPU has no {what}");
+/// `c` as memory a product writes: every product here stores each element of C before it reads
+/// any (the first K block stores, later blocks add to what it stored), so C may start
+/// uninitialised ([`gemm_new`]).
+fn as_out(c: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and only initialised f32 are written through it.
+    unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// The checks and dispatch of every pool-threaded entry: the CPU has the kernel, shapes agree,
+/// views stay inside their data; the empty cases (K = 0 zeroes C); the dot-product kernel for a
+/// bf16 x·Wᵀ of a few rows; else the packed product.
+fn gemm_into<T: PackElement>(a: MatRef<T>, b: BSource<T>, c: &mut [MaybeUninit<f32>]) -> Result<()> {
+    require_kernel(T::KIND)?;
+    let (m, k, n) = (a.rows, a.cols, b.cols());
+    match &b {
+        BSource::View(b) => {
+            if b.rows != k || c.len() != m * n {
+                bail!("cpu-gemm: A [{m}, {k}] · B [{}, {n}] into {} elements", b.rows, c.len());
+            }
+            b.check("B")?;
+        }
+        BSource::Packed(p) => {
+            if p.kind != T::KIND {
+                bail!("cpu-gemm: B was packed as {:?}, A is {:?}", p.kind, T::KIND);
+            }
+            if p.k != k || c.len() != m * n {
+                bail!("cpu-gemm: A [{m}, {k}] · packed B [{}, {n}] into {} elements", p.k, c.len());
+            }
+        }
     }
+    a.check("A")?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c.fill(MaybeUninit::new(0.0));
+        return Ok(());
+    }
+    if let BSource::View(bv) = &b {
+        if T::dot_product(&a, bv, c) {
+            return Ok(());
+        }
+    }
+    packed_gemm(a, b, c, Threads::Pool, false);
+    Ok(())
+}
+
+/// bf16 `C = A · B` with C [M, N] f32 row-major (overwritten). Errors when the CPU lacks the
+/// kernels or the shapes disagree.
+pub fn gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) -> Result<()> {
+    gemm_into(a, BSource::View(b), as_out(c))
+}
+
+/// f32 `C = A · B` with C [M, N] row-major (overwritten). Errors when the CPU lacks AVX512-F or
+/// the shapes disagree.
+pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32]) -> Result<()> {
+    gemm_into(a, BSource::View(b), as_out(c))
+}
+
+/// `C = A · B` against a B packed beforehand ([`PackedB::new`]), with C [M, N] f32 row-major
+/// (overwritten): the same sums as [`gemm`] / [`gemm_f32`], without packing B.
+pub fn gemm_prepacked<T: PackElement>(a: MatRef<T>, b: &PackedB, c: &mut [f32]) -> Result<()> {
+    gemm_into(a, BSource::Packed(b), as_out(c))
+}
+
+/// `A · B` as a new f32 row-major [M, N] (B a view, or packed beforehand). The output is not
+/// zero-filled first (every element is written before it is read): zeroing each product's
+/// output — calloc's memset once the heap recycles — was a tenth of a bf16 train step.
+pub fn gemm_new<T: PackElement>(a: MatRef<T>, b: BSource<T>) -> Result<Vec<f32>> {
+    let len = a.rows * b.cols();
+    let mut c = Vec::with_capacity(len);
+    gemm_into(a, b, &mut c.spare_capacity_mut()[..len])?;
+    // SAFETY: `gemm_into` returned Ok, so it wrote all `len` elements.
+    unsafe { c.set_len(len) };
+    Ok(c)
+}
+
+/// f32 `C (+)= A · B` on the calling thread alone, for kernels that are already one task of a
+/// parallel loop (the pool cannot be entered again from inside one of its tasks): per head of
+/// an attention, say. Adds into C when `accumulate`, else overwrites it.
+pub fn gemm_f32_serial(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32], accumulate: bool) -> Result<()> {
+    require_kernel(PackKind::F32)?;
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k || c.len() != m * n {
         bail!("cpu-gemm: A [{m}, {k}] · B [{}, {n}] into {} elements", b.rows, c.len());
@@ -251,60 +337,8 @@ fn prologue<T>(
     if k == 0 && !accumulate {
         c.fill(0.0);
     }
-    Ok(m > 0 && n > 0 && k > 0)
-}
-
-/// bf16 `C = A · B` with C [M, N] f32 row-major (overwritten). Errors when the CPU lacks the
-/// kernels or the shapes disagree.
-pub fn gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) -> Result<()> {
-    if !prologue(bf16_available(), "avx512_bf16", &a, &b, c, false)? {
-        return Ok(());
-    }
-    #[cfg(target_arch = "x86_64")]
-    if a.rows <= DOT_MAX_M && a.cs == 1 && b.rs == 1 {
-        dot_gemm(a, b, c);
-        return Ok(());
-    }
-    packed_gemm(a, BSource::View(b), c, Threads::Pool, false);
-    Ok(())
-}
-
-/// f32 `C = A · B` with C [M, N] row-major (overwritten). Errors when the CPU lacks AVX512-F or
-/// the shapes disagree.
-pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32]) -> Result<()> {
-    if prologue(f32_available(), "avx512f", &a, &b, c, false)? {
-        packed_gemm(a, BSource::View(b), c, Threads::Pool, false);
-    }
-    Ok(())
-}
-
-/// `C = A · B` against a B packed beforehand ([`PackedB::new`]), with C [M, N] f32 row-major
-/// (overwritten): the same sums as [`gemm`] / [`gemm_f32`], without packing B.
-pub fn gemm_prepacked<T: PackElement>(a: MatRef<T>, b: &PackedB, c: &mut [f32]) -> Result<()> {
-    if b.kind != T::KIND {
-        bail!("cpu-gemm: B was packed as {:?}, A is {:?}", b.kind, T::KIND);
-    }
-    require_kernel(T::KIND)?;
-    if a.cols != b.k || c.len() != a.rows * b.n {
-        bail!("cpu-gemm: A [{}, {}] · packed B [{}, {}] into {} elements", a.rows, a.cols, b.k, b.n, c.len());
-    }
-    a.check("A")?;
-    if a.rows > 0 && b.n > 0 {
-        if b.k == 0 {
-            c.fill(0.0);
-        } else {
-            packed_gemm(a, BSource::Packed(b), c, Threads::Pool, false);
-        }
-    }
-    Ok(())
-}
-
-/// f32 `C (+)= A · B` on the calling thread alone, for kernels that are already one task of a
-/// parallel loop (the pool cannot be entered again from inside one of its tasks): per head of
-/// an attention, say. Adds into C when `accumulate`, else overwrites it.
-pub fn gemm_f32_serial(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32], accumulate: bool) -> Result<()> {
-    if prologue(f32_available(), "avx512f", &a, &b, c, accumulate)? {
-        packed_gemm(a, BSource::View(b), c, Threads::Caller, accumulate);
+    if m > 0 && n > 0 && k > 0 {
+        packed_gemm(a, BSource::View(b), as_out(c), Threads::Caller, accumulate);
     }
     Ok(())
 }
@@ -317,9 +351,11 @@ fn k_blocking<T: Element>(k: usize) -> (usize, usize, usize) {
     (units, kblocks, units.div_ceil(kblocks))
 }
 
-/// Where a product's B panels come from: packed per call from a view, or packed beforehand.
-enum BSource<'a, T> {
+/// Where a product's B comes from: a strided view (packed per call), or panels packed beforehand.
+pub enum BSource<'a, T> {
+    /// B [K, N] as a view.
     View(MatRef<'a, T>),
+    /// B packed by [`PackedB::new`] (its kind must be T's).
     Packed(&'a PackedB),
 }
 
@@ -453,22 +489,18 @@ enum Threads {
     Caller,
 }
 
-/// `A · B` rounded to bf16 (nearest even), row-major [M, N].
-pub fn gemm_bf16(a: MatRef<bf16>, b: MatRef<bf16>) -> Result<Vec<bf16>> {
-    let mut c = vec![0f32; a.rows * b.cols];
-    gemm(a, b, &mut c)?;
-    Ok(round_bf16(&c))
-}
-
-/// f32 → bf16, round to nearest even (NaN stays NaN), vectorisable and in parallel.
+/// f32 → bf16, round to nearest even (NaN stays NaN), vectorisable and in parallel, into a
+/// new vector that is not zero-filled first.
 pub fn round_bf16(c: &[f32]) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; c.len()];
+    let mut out = Vec::with_capacity(c.len());
     const CHUNK: usize = 1 << 14;
-    chunks_mut(&mut out, CHUNK, |i, o| {
+    chunks_mut(&mut out.spare_capacity_mut()[..c.len()], CHUNK, |i, o| {
         for (o, &x) in o.iter_mut().zip(&c[i * CHUNK..]) {
-            *o = to_bf16(x);
+            o.write(to_bf16(x));
         }
     });
+    // SAFETY: the chunks cover all c.len() elements, each written above.
+    unsafe { out.set_len(c.len()) };
     out
 }
 
@@ -544,7 +576,7 @@ fn pack_panels<T: Element, const WIDTH: usize>(
                         // Whole units of 16 columns inside the view (`full` units are in K).
                         let last = start + 15 * b.cs + T::KU * 16;
                         let src = &b.data[start..last];
-                        // SAFETY: packed GEMMs run only where AVX512-F is (`prologue`); the 16
+                        // SAFETY: packed GEMMs run only where AVX512-F is (`require_kernel`); the 16
                         // rows of 64 bytes, `b.cs` elements apart, are inside `src`; the panel
                         // holds rows strip..strip+16 of WIDTH ≥ tiled + 16 units.
                         unsafe {
@@ -661,7 +693,7 @@ fn prefetch<T>(p: *const T) {
 fn packed_gemm<T: Element>(
     a: MatRef<T>,
     b: BSource<T>,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     run_on: Threads,
     accumulate_into: bool,
 ) {
@@ -714,7 +746,7 @@ fn packed_gemm<T: Element>(
                                 ku,
                                 ap.as_ptr(),
                                 bp.as_ptr(),
-                                cptr.get().add(ic * n + jc),
+                                cptr.get().add(ic * n + jc) as *mut f32,
                                 n,
                                 nrows,
                                 ncols,
@@ -849,7 +881,7 @@ unsafe fn kernel_f32(
 /// Small M with K-contiguous rows of A and columns of B (x·Wᵀ in decode): dot products straight
 /// from the operands, B read once, columns split across threads.
 #[cfg(target_arch = "x86_64")]
-fn dot_gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) {
+fn dot_gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [MaybeUninit<f32>]) {
     let (m, n) = (a.rows, b.cols);
     let cptr = SendPtr::new(c);
     let chunk = 64;
@@ -857,7 +889,7 @@ fn dot_gemm(a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) {
         let (j0, j1) = (blk * chunk, ((blk + 1) * chunk).min(n));
         // SAFETY: `bf16_available()` checked the CPU; `check` bounded every row/column read; each
         // task writes its own columns.
-        unsafe { dot_columns(&a, &b, j0, j1, cptr.get(), n, m) }
+        unsafe { dot_columns(&a, &b, j0, j1, cptr.get() as *mut f32, n, m) }
     });
 }
 

@@ -398,7 +398,7 @@ pub(super) fn adamw(
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(&mut pv).arg(&gv).arg(&mut mv).arg(&mut vv).arg(&n64);
-    b.arg(&decay_on).arg(&decay);
+    b.arg(&s.grad_scale).arg(&decay_on).arg(&decay);
     b.arg(&s.w).arg(&s.one_minus_w).arg(&s.beta2).arg(&s.one_minus_beta2);
     b.arg(&s.neg_step_size).arg(&s.bc2_sqrt).arg(&s.eps);
     // SAFETY: matches adamw.cu; all four buffers hold n f32 (checked above).

@@ -19,6 +19,8 @@ use std::sync::Arc;
 struct Matmul {
     /// b packed beforehand (a frozen weight), used when the product would pack it anyway.
     packed: Option<Arc<cpu_gemm::PackedB>>,
+    /// Return f32 whatever the operands ([`matmul_f32`]).
+    widen: bool,
 }
 
 /// Whether the packed f32 kernel runs this product rather than the `gemm` crate: everything
@@ -88,25 +90,31 @@ impl CustomOp2 for Matmul {
         let packed = self.packed.as_deref().filter(|p| p.dims() == (k, n) && m > cpu_gemm::DOT_MAX_M);
         let out = if d1 == DType::BF16 && d2 == DType::BF16 && cpu_gemm::bf16_available() {
             let a = cpu_gemm::view(s1, l1, "a")?;
-            CpuStorage::BF16(match packed.filter(|p| p.kind() == cpu_gemm::PackKind::Bf16) {
-                Some(p) => {
-                    let mut c = vec![0f32; m * n];
-                    cpu_gemm::gemm_prepacked(a, p, &mut c)?;
-                    cpu_gemm::round_bf16(&c)
-                }
-                None => cpu_gemm::gemm_bf16(a, cpu_gemm::view(s2, l2, "b")?)?,
-            })
+            let b = match packed.filter(|p| p.kind() == cpu_gemm::PackKind::Bf16) {
+                Some(p) => cpu_gemm::BSource::Packed(p),
+                None => cpu_gemm::BSource::View(cpu_gemm::view(s2, l2, "b")?),
+            };
+            let c = cpu_gemm::gemm_new(a, b)?;
+            if self.widen {
+                CpuStorage::F32(c)
+            } else {
+                CpuStorage::BF16(cpu_gemm::round_bf16(&c))
+            }
         } else if d1 == DType::F32 && d2 == DType::F32 && f32_packed_wins(m, l1) && cpu_gemm::f32_available()
         {
             let a = cpu_gemm::view_f32(s1, l1, "a")?;
-            let mut c = vec![0f32; m * n];
-            match packed.filter(|p| p.kind() == cpu_gemm::PackKind::F32) {
-                Some(p) => cpu_gemm::gemm_prepacked(a, p, &mut c)?,
-                None => cpu_gemm::gemm_f32(a, cpu_gemm::view_f32(s2, l2, "b")?, &mut c)?,
-            }
-            CpuStorage::F32(c)
+            let b = match packed.filter(|p| p.kind() == cpu_gemm::PackKind::F32) {
+                Some(p) => cpu_gemm::BSource::Packed(p),
+                None => cpu_gemm::BSource::View(cpu_gemm::view_f32(s2, l2, "b")?),
+            };
+            CpuStorage::F32(cpu_gemm::gemm_new(a, b)?)
         } else {
-            s1.matmul(s2, (1, m, n, k), l1, l2)?
+            let c = s1.matmul(s2, (1, m, n, k), l1, l2)?;
+            if self.widen {
+                c.to_dtype(&Layout::contiguous((m, n)), DType::F32)?
+            } else {
+                c
+            }
         };
         Ok((out, out_shape(shape, n)))
     }
@@ -121,7 +129,9 @@ impl CustomOp2 for Matmul {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (shape, l1) = (l1, &rows_view(l1)?);
         let (m, n, k) = dims(l1, l2)?;
-        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, out_shape(shape, n)))
+        let c = s1.matmul(s2, (1, m, n, k), l1, l2)?;
+        let c = if self.widen { c.to_dtype(&Layout::contiguous((m, n)), DType::F32)? } else { c };
+        Ok((c, out_shape(shape, n)))
     }
 
     /// da = g·bᵀ and db = aᵀ·g, each only when that operand is trained or computed from
@@ -133,6 +143,9 @@ impl CustomOp2 for Matmul {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.widen {
+            bail!("matmul_f32 has no backward (it serves hand-written backwards)");
+        }
         let g = g.to_dtype(a.dtype())?;
         let da = if a.track_op() { Some(matmul(&g, &b.t()?)?) } else { None };
         let db = if b.track_op() {
@@ -151,21 +164,29 @@ impl CustomOp2 for Matmul {
 /// one matrix, so a projection of [B, T, K] needs no reshape), differentiable in whichever
 /// operand needs it.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    apply(a, b, None)
+    apply(a, b, None, false)
+}
+
+/// [`matmul`] with an f32 result whatever the operands' dtype: on the CPU the bf16 GEMM's f32
+/// sums as they are, not rounded to bf16 and widened again (what `matmul(..)?.to_dtype(F32)`
+/// costs: two passes and a rounding), for weight gradients that go to f32 master weights;
+/// elsewhere the backend's product widened. Not differentiable: for hand-written backwards.
+pub fn matmul_f32(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    apply(a, b, None, true)
 }
 
 /// [`matmul`] with b also given packed ([`cpu_gemm::PackedB::new`] of exactly b's values, which
 /// the caller guarantees): the CPU products that would pack b read the panels instead. The
 /// result and the backward are [`matmul`]'s.
 pub fn matmul_prepacked(a: &Tensor, b: &Tensor, packed: &Arc<cpu_gemm::PackedB>) -> Result<Tensor> {
-    apply(a, b, Some(packed.clone()))
+    apply(a, b, Some(packed.clone()), false)
 }
 
-fn apply(a: &Tensor, b: &Tensor, packed: Option<Arc<cpu_gemm::PackedB>>) -> Result<Tensor> {
+fn apply(a: &Tensor, b: &Tensor, packed: Option<Arc<cpu_gemm::PackedB>>, widen: bool) -> Result<Tensor> {
     if a.dtype() != b.dtype() {
         bail!("matmul: operands are {:?} and {:?}", a.dtype(), b.dtype());
     }
-    let op = Matmul { packed };
+    let op = Matmul { packed, widen };
     if a.rank() > 2 && rows_view(a.layout()).is_err() {
         return a.contiguous()?.apply_op2(b, op);
     }

@@ -21,8 +21,8 @@
 //! decay, no step count), as in torch.
 //!
 //! **Clipping** (`clip_grad_norm_` with norm type 2, `foreach=None`): `total = ‖(‖g_i‖₂)_i‖₂`,
-//! `coef = max_norm / (total + 1e-6)`, and when `coef < 1` every gradient is multiplied by it.
-//! torch computes in f32; here the sums of squares are accumulated in f64 and the total rounded
+//! `coef = max_norm / (total + 1e-6)`, and when `coef < 1` every gradient is multiplied by it
+//! (here inside the next fused step, not as a pass of its own). torch computes in f32; here the sums of squares are accumulated in f64 and the total rounded
 //! to f32 (torch's cascade summation is close to exact, a naive f32 sum over millions of
 //! elements is not), then `coef` is formed in f32 as torch does.
 //!
@@ -95,6 +95,8 @@ struct ParamState {
 pub struct AdamW {
     params: Vec<ParamState>,
     cfg: AdamWConfig,
+    /// The clipping factor [`AdamW::clip_grad_norm`] found, for the next step (1 = none).
+    grad_scale: f32,
 }
 
 const STATE_PREFIXES: [&str; 4] = ["exp_avg.", "exp_avg_sq.", "step.", "param."];
@@ -126,7 +128,7 @@ impl AdamW {
                 step: 0,
             });
         }
-        Ok(AdamW { params: states, cfg })
+        Ok(AdamW { params: states, cfg, grad_scale: 1.0 })
     }
 
     /// The hyper-parameters.
@@ -150,14 +152,20 @@ impl AdamW {
     }
 
     /// The pre-clip global L2 norm of the parameters' gradients in `grads`, and clipping to
-    /// `max_norm` when given (see the module docs). Non-finite norms are returned as they are
-    /// (the gradients then become NaN when clipped, as in torch); the caller decides.
-    pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: Option<f64>) -> Result<f64> {
-        clip_grad_norm(grads, self.params.iter().map(|p| p.var.as_tensor()), max_norm)
+    /// `max_norm` when given (see the module docs). `grads` is not rewritten: the factor
+    /// multiplies each gradient inside the next [`AdamW::step`]'s fused pass (f32, rounded as
+    /// torch's `grad.mul_(clip_coef)`), which saves a read and a write of every gradient.
+    /// Non-finite norms are returned as they are; the caller decides whether to step.
+    pub fn clip_grad_norm(&mut self, grads: &GradStore, max_norm: Option<f64>) -> Result<f64> {
+        let (norm, coef) = clip_factor(grads, self.params.iter().map(|p| p.var.as_tensor()), max_norm)?;
+        self.grad_scale = coef.unwrap_or(1.0);
+        Ok(norm)
     }
 
-    /// One AdamW update of every parameter that has a gradient in `grads`, at learning rate `lr`.
+    /// One AdamW update of every parameter that has a gradient in `grads`, at learning rate `lr`,
+    /// with the gradients clipped by the last [`AdamW::clip_grad_norm`] since the previous step.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let grad_scale = std::mem::replace(&mut self.grad_scale, 1.0);
         for st in &mut self.params {
             let Some(grad) = grads.get(st.var.as_tensor()) else { continue };
             if grad.dims() != st.var.dims() {
@@ -177,6 +185,7 @@ impl AdamW {
                 eps: self.cfg.eps,
                 weight_decay: st.weight_decay,
                 step: st.step,
+                grad_scale,
             };
             crate::ops::adamw_step(st.var.as_tensor(), &grad.detach(), &st.exp_avg, &st.exp_avg_sq, &hyper)?;
         }
@@ -263,55 +272,77 @@ impl AdamW {
     }
 }
 
-/// `torch.nn.utils.clip_grad_norm_` over the gradients of `params` present in `grads` (see the
-/// module docs); returns the pre-clip total norm.
-pub fn clip_grad_norm<'a>(
-    grads: &mut GradStore,
+/// `torch.nn.utils.clip_grad_norm_`'s arithmetic over the gradients of `params` present in
+/// `grads` (see the module docs): the pre-clip total norm, and with `max_norm` the factor torch
+/// would multiply every gradient by (`None` when the norm is within the limit, or not finite:
+/// `coef < 1` is false for NaN).
+pub fn clip_factor<'a>(
+    grads: &GradStore,
     params: impl IntoIterator<Item = &'a Tensor>,
     max_norm: Option<f64>,
-) -> Result<f64> {
-    let params: Vec<&Tensor> = params.into_iter().filter(|p| grads.get(p).is_some()).collect();
+) -> Result<(f64, Option<f32>)> {
     let mut sum_sq = 0f64;
-    for p in &params {
-        let g = grads.get(p).expect("filtered");
+    for g in params.into_iter().filter_map(|p| grads.get(p)) {
         sum_sq += sum_of_squares(g)?;
     }
     let total = sum_sq.sqrt() as f32;
-    if let Some(max_norm) = max_norm {
-        let coef = max_norm as f32 / (total + 1e-6f32);
-        if coef < 1.0 {
-            for p in params {
-                let g = grads.remove(p).expect("filtered");
-                let dtype = g.dtype();
-                let scaled = g.to_dtype(DType::F32)?.affine(coef as f64, 0.0)?.to_dtype(dtype)?;
-                grads.insert(p, scaled);
-            }
-        }
-    }
-    Ok(total as f64)
+    let coef = max_norm.map(|max_norm| max_norm as f32 / (total + 1e-6f32)).filter(|&coef| coef < 1.0);
+    Ok((total as f64, coef))
 }
 
 /// Σ x² of a float tensor, accumulated in f64. On the CPU it reads the storage in place, in
-/// fixed 64 Ki-element chunks whose partial sums are added in order (the same result for any
-/// thread count); elsewhere it is the tensor-op version, which copies the gradient to f64.
+/// fixed 64 Ki-element chunks whose partial sums are added in order, each chunk summed in 16
+/// interleaved lanes (one running sum is a chain of dependent adds, 4× slower than memory): the
+/// same result for any thread count and CPU. Elsewhere it is the tensor-op version, which copies
+/// the gradient to f64.
 fn sum_of_squares(t: &Tensor) -> Result<f64> {
     use candle_core::{CpuStorage, Storage};
-    fn chunked<T: Copy + Sync>(v: &[T], sq: impl Fn(T) -> f64 + Sync) -> f64 {
+    fn chunked<T: Copy + Sync>(v: &[T], widen: impl Fn(T) -> f64 + Copy + Sync) -> f64 {
         const CHUNK: usize = 1 << 16;
         let mut parts = vec![0f64; v.len().div_ceil(CHUNK)];
         crate::ops::par::chunks_mut(&mut parts, 1, |i, part| {
-            part[0] = v[i * CHUNK..((i + 1) * CHUNK).min(v.len())].iter().map(|&x| sq(x)).sum();
+            let chunk = &v[i * CHUNK..((i + 1) * CHUNK).min(v.len())];
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX512-F (checked just above).
+                part[0] = unsafe { lanes_avx512(chunk, widen) };
+                return;
+            }
+            part[0] = lanes(chunk, widen);
         });
         parts.iter().sum()
+    }
+    /// [`lanes`] built for AVX512-F (the crate's baseline x86-64 target vectorises it to SSE).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn lanes_avx512<T: Copy>(v: &[T], widen: impl Fn(T) -> f64) -> f64 {
+        lanes(v, widen)
+    }
+    #[inline(always)]
+    fn lanes<T: Copy>(v: &[T], widen: impl Fn(T) -> f64) -> f64 {
+        let mut acc = [0f64; 16];
+        let mut rows = v.chunks_exact(16);
+        for row in &mut rows {
+            for (a, &x) in acc.iter_mut().zip(row) {
+                *a += widen(x) * widen(x);
+            }
+        }
+        for (a, &x) in acc.iter_mut().zip(rows.remainder()) {
+            *a += widen(x) * widen(x);
+        }
+        acc.iter().sum()
     }
     if t.device().is_cpu() {
         let t = t.contiguous()?;
         let (storage, layout) = t.storage_and_layout();
         let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+        // bf16/f16 → f64 through f32 (exact); bf16 by its bits, which vectorises.
         let sum = match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Some(chunked(&v[start..end], |x| (x as f64) * (x as f64))),
-            Storage::Cpu(CpuStorage::BF16(v)) => Some(chunked(&v[start..end], |x| x.to_f64() * x.to_f64())),
-            Storage::Cpu(CpuStorage::F16(v)) => Some(chunked(&v[start..end], |x| x.to_f64() * x.to_f64())),
+            Storage::Cpu(CpuStorage::F32(v)) => Some(chunked(&v[start..end], |x| x as f64)),
+            Storage::Cpu(CpuStorage::BF16(v)) => {
+                Some(chunked(&v[start..end], |x| f32::from_bits(u32::from(x.to_bits()) << 16) as f64))
+            }
+            Storage::Cpu(CpuStorage::F16(v)) => Some(chunked(&v[start..end], |x| x.to_f64())),
             _ => None,
         };
         if let Some(sum) = sum {
@@ -509,8 +540,8 @@ mod tests {
                 let l_val = l.to_scalar::<f32>().unwrap() as f64;
                 let want_loss = step["loss"].as_f64().unwrap();
                 assert!((l_val - want_loss).abs() <= 1e-6 * want_loss, "{what}: loss {l_val} vs {want_loss}");
-                let mut grads = l.backward().unwrap();
-                let norm = opt.clip_grad_norm(&mut grads, max_norm).unwrap();
+                let grads = l.backward().unwrap();
+                let norm = opt.clip_grad_norm(&grads, max_norm).unwrap();
                 let want_norm = step["grad_norm"].as_f64().unwrap();
                 assert!(
                     (norm - want_norm).abs() <= 1e-6 * want_norm,
@@ -536,19 +567,49 @@ mod tests {
     fn clipping_only_when_over_the_limit() {
         let p = Var::new(&[3f32, 4.0], &Device::Cpu).unwrap();
         let q = Var::new(&[[0f32]], &Device::Cpu).unwrap();
-        let loss = |p: &Var| (p.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
         // grad = p = [3, 4], norm 5.
-        let mut grads = loss(&p).backward().unwrap();
-        let norm = clip_grad_norm(&mut grads, [p.as_tensor(), q.as_tensor()], Some(10.0)).unwrap();
-        assert_eq!(norm, 5.0);
-        assert_eq!(grads.get(&p).unwrap().to_vec1::<f32>().unwrap(), vec![3.0, 4.0]);
-        let norm = clip_grad_norm(&mut grads, [p.as_tensor()], Some(1.0)).unwrap();
-        assert_eq!(norm, 5.0);
+        let grads = half_sum_of_squares(&p).backward().unwrap();
+        assert_eq!(clip_factor(&grads, [p.as_tensor(), q.as_tensor()], Some(10.0)).unwrap(), (5.0, None));
         let coef = 1.0f32 / (5.0 + 1e-6);
-        assert_eq!(grads.get(&p).unwrap().to_vec1::<f32>().unwrap(), vec![3.0 * coef, 4.0 * coef]);
+        assert_eq!(clip_factor(&grads, [p.as_tensor()], Some(1.0)).unwrap(), (5.0, Some(coef)));
         // No clipping asked: the norm only.
-        let norm = clip_grad_norm(&mut grads, [p.as_tensor()], None).unwrap();
-        assert!((norm - 1.0).abs() < 1e-6);
+        assert_eq!(clip_factor(&grads, [p.as_tensor()], None).unwrap(), (5.0, None));
+    }
+
+    fn half_sum_of_squares(p: &Var) -> Tensor {
+        (p.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap()
+    }
+
+    /// The factor `clip_grad_norm` finds multiplies the gradients of the next step, exactly as
+    /// scaling them beforehand (torch's `clip_grad_norm_`) would, and only that step.
+    #[test]
+    fn clipping_scales_the_next_step_only() {
+        // A large eps makes the update depend on the gradient's scale (Adam's is scale-free).
+        let cfg = AdamWConfig { eps: 1.0, ..Default::default() };
+        let vars: Vec<Var> = (0..3).map(|_| Var::new(&[3f32, 4.0, -7.5], &Device::Cpu).unwrap()).collect();
+        let mut opts: Vec<AdamW> =
+            vars.iter().map(|v| AdamW::new(vec![("p".into(), v.clone())], cfg.clone()).unwrap()).collect();
+        let grads: Vec<GradStore> = vars.iter().map(|v| half_sum_of_squares(v).backward().unwrap()).collect();
+        // 0: clipped through the optimizer; 1: gradients scaled by hand; 2: not clipped.
+        let norm = opts[0].clip_grad_norm(&grads[0], Some(2.0)).unwrap();
+        let (_, coef) = clip_factor(&grads[1], [vars[1].as_tensor()], Some(2.0)).unwrap();
+        assert_eq!(norm, (9.0f64 + 16.0 + 56.25).sqrt() as f32 as f64);
+        let mut scaled = GradStore::default();
+        let g = grads[1].get(vars[1].as_tensor()).unwrap();
+        scaled.insert(vars[1].as_tensor(), g.affine(coef.unwrap() as f64, 0.0).unwrap());
+        opts[0].step(&grads[0], 0.1).unwrap();
+        opts[1].step(&scaled, 0.1).unwrap();
+        opts[2].step(&grads[2], 0.1).unwrap();
+        let values = |i: usize| vars[i].as_tensor().to_vec1::<f32>().unwrap();
+        assert_eq!(values(0), values(1));
+        assert_ne!(values(0), values(2));
+        // The next step, with no clipping asked, takes the gradients as they are.
+        for (o, v) in opts.iter_mut().zip(&vars).take(2) {
+            o.step(&half_sum_of_squares(v).backward().unwrap(), 0.1).unwrap();
+        }
+        assert_eq!(values(0), values(1));
+        let (m0, m1) = (opts[0].moments("p").unwrap().0, opts[1].moments("p").unwrap().0);
+        assert_eq!(m0.to_vec1::<f32>().unwrap(), m1.to_vec1::<f32>().unwrap());
     }
 
     #[test]
@@ -597,8 +658,8 @@ mod tests {
                     .unwrap();
                 loss = (loss + d.sqr().unwrap().sum_all().unwrap()).unwrap();
             }
-            let mut grads = loss.backward().unwrap();
-            opt.clip_grad_norm(&mut grads, Some(0.5)).unwrap();
+            let grads = loss.backward().unwrap();
+            opt.clip_grad_norm(&grads, Some(0.5)).unwrap();
             opt.step(&grads, 0.01 * (1.0 + s as f64)).unwrap();
         }
     }
@@ -715,14 +776,14 @@ mod tests {
             acc.add(&mw, &l.backward().unwrap()).unwrap();
         }
         assert_eq!(acc.micro_batches(), 2);
-        let mut grads = acc.take();
+        let grads = acc.take();
         assert_eq!(acc.micro_batches(), 0);
         let master = mw.masters()[0].1.clone();
         let g = grads.get(master.as_tensor()).unwrap();
         assert_eq!(g.dtype(), DType::F32);
         assert_eq!(g.to_vec2::<f32>().unwrap(), vec![vec![1.5, 2.5], vec![3.5, 4.5]]);
 
-        opt.clip_grad_norm(&mut grads, None).unwrap();
+        opt.clip_grad_norm(&grads, None).unwrap();
         opt.step(&grads, 0.01).unwrap();
         // First Adam step moves every weight by -lr·sign(g) (up to eps).
         let m = master.as_tensor().to_vec2::<f32>().unwrap();

@@ -289,7 +289,7 @@ pub fn run(config: &Path, o: &RunOptions) -> Result<Summary> {
         }
         skipped += loader.take_skipped().len();
         model.scale_grads(&mut grads, 1.0 / accumulation as f64)?;
-        let grad_norm = opt.clip_grad_norm(&mut grads, cfg.trainer.grad_clip())?;
+        let grad_norm = opt.clip_grad_norm(&grads, cfg.trainer.grad_clip())?;
         let mut extra = serde_json::Map::new();
         if grad_norm.is_finite() && loss.is_finite() {
             opt.step(&grads, lr)?;
