@@ -44,7 +44,7 @@ macro_rules! float_dispatch {
                 let widened = convert(contiguous(v, $l, $op)?, |v| v.to_f32());
                 let $x = widened.as_slice();
                 let out: Vec<f32> = $body;
-                CpuStorage::BF16(convert(&out, bf16::from_f32))
+                CpuStorage::BF16(convert(&out, cpu_gemm::to_bf16))
             }
             CpuStorage::F16(v) => {
                 let widened = convert(contiguous(v, $l, $op)?, |v| v.to_f32());
@@ -171,7 +171,7 @@ fn elementwise<const N: usize>(
 fn store(v: Vec<f32>, dtype: DType, op: &str) -> Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(convert(&v, bf16::from_f32)),
+        DType::BF16 => CpuStorage::BF16(convert(&v, cpu_gemm::to_bf16)),
         DType::F16 => CpuStorage::F16(convert(&v, f16::from_f32)),
         other => bail!("{op}: unsupported dtype {other:?}"),
     })
@@ -235,6 +235,7 @@ fn round_to(dtype: DType) -> fn(f32) -> f32 {
 }
 
 pub mod attention;
+mod cast;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -248,6 +249,7 @@ pub(crate) mod par;
 pub(crate) mod vmath;
 
 pub use attention::{causal_attention, causal_attention_backward, causal_attention_forward};
+pub use cast::cast;
 pub use fused::{
     adamw_step, adamw_step_ref, cross_entropy, cross_entropy_mean, swiglu, swiglu_backward, AdamWStep,
 };

@@ -99,7 +99,7 @@ impl Proj {
             return Ok(w.clone());
         }
         if w.is_variable() || w.track_op() {
-            return Ok(w.to_dtype(DType::BF16)?);
+            return Ok(ops::cast(w, DType::BF16)?);
         }
         if let Some(c) = self.bf16.get() {
             return Ok(c.clone());
@@ -950,8 +950,9 @@ impl Llama {
         layer.forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
     }
 
-    /// Run decoder layers in training as one graph node each (the default;
-    /// [`DecoderLayer::forward_node`]) or as the composed ops (off: for comparisons).
+    /// Run decoder layers and the head in training as one graph node each (the default;
+    /// [`DecoderLayer::forward_node`], [`Llama::head_native`]) or as the composed ops (off: for
+    /// comparisons).
     pub fn set_layer_nodes(&mut self, on: bool) {
         self.layer_nodes = on;
     }
@@ -970,8 +971,37 @@ impl Llama {
     /// [`Llama::head`] in the compute dtype: the trainer's fused cross-entropy widens the
     /// logits itself, which saves a cast of [B, T, V] each way.
     pub fn head_native(&self, x: &Tensor, comm: &dyn Collective) -> Result<Tensor> {
-        let local = self.lm_head.forward(&self.norm.forward(x)?)?;
+        let local = if self.layer_nodes
+            && x.track_op()
+            && self.layout.tp == 1
+            && self.lm_head.lora.is_none()
+            && node_ready(&self.norm.weight)
+            && node_ready(&self.lm_head.weight)
+        {
+            self.head_node(x)?
+        } else {
+            self.lm_head.forward(&self.norm.forward(x)?)?
+        };
         Ok(comm.all_gather_last_dim(&local)?.narrow(D::Minus1, 0, self.vocab)?)
+    }
+
+    /// Final norm and head as one node of x's graph, like a one-node decoder layer
+    /// ([`DecoderLayer::forward_node`]): the head's weight gradient [V, H] is the largest of
+    /// the model, and candle's backward took it through the weight's transpose and its cast
+    /// (a zero-filled accumulator and an add at each, a bf16 rounding and a widening): as
+    /// much memory traffic as the head's GEMMs. Here dW goes into the sink in f32 directly.
+    fn head_node(&self, x: &Tensor) -> Result<Tensor> {
+        let xd = x.detach();
+        let norm = NodeNorm::new(&self.norm);
+        let normed = norm.forward(&xd)?;
+        let head = NodeProj::new(&self.lm_head, &normed)?;
+        let logits = head.forward(&normed)?;
+        let sink = self.param_grads.clone();
+        let backward = move |dy: &Tensor| -> candle_core::Result<Tensor> {
+            let run = || -> Result<Tensor> { norm.backward(&xd, &head.backward(&normed, dy, &sink)?, &sink) };
+            run().map_err(|e| candle_core::Error::Msg(format!("head backward: {e}")))
+        };
+        Ok(ops::opaque(x, logits, backward)?)
     }
 
     /// Attach LoRA adapters to the projections whose name (`q_proj`, …, `down_proj`) is in

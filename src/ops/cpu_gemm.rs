@@ -480,6 +480,23 @@ thread_local! {
     /// This thread's packed B micro-panel (every element is rewritten by each `pack_panels`, so it
     /// is reused without zeroing).
     static B_PANEL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// This thread's packed A block, reused the same way ([`with_a_pack`]).
+    static A_PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` over this thread's A-pack buffer of `len` units. `pack_a` rewrites every unit a product
+/// reads, so the buffer is reused as it is: a zero-filled 512 KiB per product was 2 % of a bf16
+/// train step. A product nested inside another on the same thread gets a buffer of its own.
+fn with_a_pack<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    A_PACK.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0u32; len]),
+    })
 }
 
 /// Where a GEMM runs: spread over the pool, or on the calling thread only.
@@ -701,81 +718,83 @@ fn packed_gemm<T: Element>(
     let (units, kblocks, kcu) = k_blocking::<T>(k);
     let threads = if run_on == Threads::Pool { pool_threads() } else { 1 };
     let n_panels = n.div_ceil(NR);
-    let mut a_pack = vec![0u32; MC.min(m.div_ceil(MR) * MR) * kcu];
-    let cptr = SendPtr::new(c);
-    for i0 in (0..m).step_by(MC) {
-        let rows = MC.min(m - i0);
-        let m_panels = rows.div_ceil(MR);
-        for kb in 0..kblocks {
-            let u0 = kb * kcu;
-            let ku = kcu.min(units - u0);
-            let a_pack = &mut a_pack[..m_panels * MR * ku];
-            pack_a(&a, i0, rows, u0, ku, a_pack, run_on);
-            let a_pack = &*a_pack;
-            // Tasks: one B micro-panel each on the pool (finer tasks balance the threads: N/48
-            // panels in 8 chunks left one thread 20 % more work), M split too when N is too
-            // narrow to feed the threads; one task on the caller's thread.
-            let (n_chunks, m_chunks) = match run_on {
-                Threads::Caller => (1, 1),
-                Threads::Pool if n_panels >= 2 * threads => (n_panels, 1),
-                Threads::Pool => (n_panels, m_panels.min((2 * threads).div_ceil(n_panels))),
-            };
-            let per_n = n_panels.div_ceil(n_chunks);
-            let per_m = m_panels.div_ceil(m_chunks);
-            let accumulate = kb > 0 || accumulate_into;
-            let task = |task: usize| {
-                let (nc, mc) = (task / m_chunks, task % m_chunks);
-                let (pn0, pn1) = (nc * per_n, ((nc + 1) * per_n).min(n_panels));
-                let (pm0, pm1) = (mc * per_m, ((mc + 1) * per_m).min(m_panels));
-                if pn0 >= pn1 || pm0 >= pm1 {
-                    return;
-                }
-                // Every A panel against one B micro-panel while it is hot.
-                let run_panel = |pn: usize, bp: &[u32]| {
-                    let jc = pn * NR;
-                    let ncols = NR.min(n - jc);
-                    for ip in pm0..pm1 {
-                        let ic = i0 + ip * MR;
-                        let nrows = MR.min(m - ic);
-                        let ap = &a_pack[ip * MR * ku..(ip + 1) * MR * ku];
-                        // SAFETY: the public entry checked the CPU's features; tasks write
-                        // disjoint tiles of C (rows ic..ic+nrows < m, columns jc..jc+ncols < n);
-                        // panels hold ku units.
-                        unsafe {
-                            (T::KERNEL)(
-                                ku,
-                                ap.as_ptr(),
-                                bp.as_ptr(),
-                                cptr.get().add(ic * n + jc) as *mut f32,
-                                n,
-                                nrows,
-                                ncols,
-                                accumulate,
-                            );
+    let a_len = MC.min(m.div_ceil(MR) * MR) * kcu;
+    with_a_pack(a_len, |a_pack| {
+        let cptr = SendPtr::new(c);
+        for i0 in (0..m).step_by(MC) {
+            let rows = MC.min(m - i0);
+            let m_panels = rows.div_ceil(MR);
+            for kb in 0..kblocks {
+                let u0 = kb * kcu;
+                let ku = kcu.min(units - u0);
+                let a_pack = &mut a_pack[..m_panels * MR * ku];
+                pack_a(&a, i0, rows, u0, ku, a_pack, run_on);
+                let a_pack = &*a_pack;
+                // Tasks: one B micro-panel each on the pool (finer tasks balance the threads: N/48
+                // panels in 8 chunks left one thread 20 % more work), M split too when N is too
+                // narrow to feed the threads; one task on the caller's thread.
+                let (n_chunks, m_chunks) = match run_on {
+                    Threads::Caller => (1, 1),
+                    Threads::Pool if n_panels >= 2 * threads => (n_panels, 1),
+                    Threads::Pool => (n_panels, m_panels.min((2 * threads).div_ceil(n_panels))),
+                };
+                let per_n = n_panels.div_ceil(n_chunks);
+                let per_m = m_panels.div_ceil(m_chunks);
+                let accumulate = kb > 0 || accumulate_into;
+                let task = |task: usize| {
+                    let (nc, mc) = (task / m_chunks, task % m_chunks);
+                    let (pn0, pn1) = (nc * per_n, ((nc + 1) * per_n).min(n_panels));
+                    let (pm0, pm1) = (mc * per_m, ((mc + 1) * per_m).min(m_panels));
+                    if pn0 >= pn1 || pm0 >= pm1 {
+                        return;
+                    }
+                    // Every A panel against one B micro-panel while it is hot.
+                    let run_panel = |pn: usize, bp: &[u32]| {
+                        let jc = pn * NR;
+                        let ncols = NR.min(n - jc);
+                        for ip in pm0..pm1 {
+                            let ic = i0 + ip * MR;
+                            let nrows = MR.min(m - ic);
+                            let ap = &a_pack[ip * MR * ku..(ip + 1) * MR * ku];
+                            // SAFETY: the public entry checked the CPU's features; tasks write
+                            // disjoint tiles of C (rows ic..ic+nrows < m, columns jc..jc+ncols < n);
+                            // panels hold ku units.
+                            unsafe {
+                                (T::KERNEL)(
+                                    ku,
+                                    ap.as_ptr(),
+                                    bp.as_ptr(),
+                                    cptr.get().add(ic * n + jc) as *mut f32,
+                                    n,
+                                    nrows,
+                                    ncols,
+                                    accumulate,
+                                );
+                            }
                         }
+                    };
+                    match &b {
+                        BSource::Packed(p) => (pn0..pn1).for_each(|pn| run_panel(pn, p.panel(kb, pn))),
+                        BSource::View(b) => B_PANEL.with_borrow_mut(|bp| {
+                            if bp.len() < ku * NR {
+                                bp.resize(ku * NR, 0);
+                            }
+                            let bp = &mut bp[..ku * NR];
+                            for pn in pn0..pn1 {
+                                let jc = pn * NR;
+                                pack_panels::<T, NR>(b, jc, NR.min(n - jc), u0, ku, bp);
+                                run_panel(pn, bp);
+                            }
+                        }),
                     }
                 };
-                match &b {
-                    BSource::Packed(p) => (pn0..pn1).for_each(|pn| run_panel(pn, p.panel(kb, pn))),
-                    BSource::View(b) => B_PANEL.with_borrow_mut(|bp| {
-                        if bp.len() < ku * NR {
-                            bp.resize(ku * NR, 0);
-                        }
-                        let bp = &mut bp[..ku * NR];
-                        for pn in pn0..pn1 {
-                            let jc = pn * NR;
-                            pack_panels::<T, NR>(b, jc, NR.min(n - jc), u0, ku, bp);
-                            run_panel(pn, bp);
-                        }
-                    }),
+                match run_on {
+                    Threads::Pool => parallel_for(n_chunks * m_chunks, task),
+                    Threads::Caller => (0..n_chunks * m_chunks).for_each(task),
                 }
-            };
-            match run_on {
-                Threads::Pool => parallel_for(n_chunks * m_chunks, task),
-                Threads::Caller => (0..n_chunks * m_chunks).for_each(task),
             }
         }
-    }
+    })
 }
 
 /// Write (or add) an MR×NR accumulator tile into C's first `rows` × `cols`.

@@ -152,8 +152,10 @@ impl Element for half::f16 {
 fn permute<T: Element>(x: &[T], g: Geometry, rotation: Option<(&[f32], &[f32], f32)>) -> Vec<T> {
     let Geometry { h, t, d, .. } = g;
     let half = d / 2;
-    let mut y = vec![T::default(); x.len()];
-    let yp = par::SendPtr::new(&mut y);
+    // Written straight into the spare capacity: every (b, h, p) run is written below, and
+    // zero-filling first was one more pass over the activations.
+    let mut y = Vec::with_capacity(x.len());
+    let yp = par::SendPtr::new(&mut y.spare_capacity_mut()[..x.len()]);
     // One task per (batch, head).
     par::for_each(g.b * h, |bh| {
         let (bi, hi) = (bh / h, bh % h);
@@ -165,17 +167,21 @@ fn permute<T: Element>(x: &[T], g: Geometry, rotation: Option<(&[f32], &[f32], f
             // SAFETY: (b, h, p) names a distinct D-run of y for every task and position.
             let dst = unsafe { yp.slice(to, d) };
             let Some((cos, sin, sign)) = rotation else {
-                dst.copy_from_slice(src);
+                dst.iter_mut().zip(src).for_each(|(d, &v)| {
+                    d.write(v);
+                });
                 continue;
             };
             let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
             for i in 0..half {
                 let (a, bb, si) = (src[i].widen(), src[i + half].widen(), sign * s[i]);
-                dst[i] = T::narrow(a * c[i] - bb * si);
-                dst[i + half] = T::narrow(bb * c[i] + a * si);
+                dst[i].write(T::narrow(a * c[i] - bb * si));
+                dst[i + half].write(T::narrow(bb * c[i] + a * si));
             }
         }
     });
+    // SAFETY: the tasks wrote every D-run of all B·H·T positions: x.len() elements.
+    unsafe { y.set_len(x.len()) };
     y
 }
 
