@@ -24,6 +24,46 @@ use candle_core::{
 };
 use half::{bf16, f16};
 
+/// A float element the CPU ops compute on in f32: widened exactly, narrowed to nearest even.
+pub(crate) trait Float: Copy + Default + Send + Sync {
+    fn widen(self) -> f32;
+    fn narrow(v: f32) -> Self;
+}
+
+impl Float for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        v
+    }
+}
+
+impl Float for bf16 {
+    /// By the bits: vectorises, where `to_f32` need not.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        cpu_gemm::to_bf16(v)
+    }
+}
+
+impl Float for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
 /// Rows of length `n` of a contiguous layout, or an error naming the op.
 fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -222,15 +262,6 @@ impl CustomOp2 for AddBf16 {
             out[0].iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a + b);
         })?;
         Ok((out, l1.shape().clone()))
-    }
-}
-
-/// Round an f32 to the storage dtype and back (the rounding transformers applies mid-op).
-fn round_to(dtype: DType) -> fn(f32) -> f32 {
-    match dtype {
-        DType::BF16 => |v| bf16::from_f32(v).to_f32(),
-        DType::F16 => |v| f16::from_f32(v).to_f32(),
-        _ => |v| v,
     }
 }
 

@@ -2,7 +2,7 @@
 //! and, with the `cuda` feature, a kernel of `kernels/` (swiglu.cu, cross_entropy.cu, adamw.cu).
 
 use super::cpu_gemm::to_bf16;
-use super::{as_f32, contiguous, elementwise, par, round_to, vmath, Operand};
+use super::{contiguous, elementwise, par, vmath, Float, Operand};
 
 /// Elements per parallel task of an element-wise loop.
 const ELEMENTWISE_CHUNK: usize = 1 << 14;
@@ -182,7 +182,6 @@ impl CustomOp2 for CrossEntropy {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let x = as_f32(s1, l1, self.name())?;
         let targets = match s2 {
             CpuStorage::I64(t) => contiguous(t, l2, self.name())?,
             other => bail!("cross-entropy: targets must be i64, got {:?}", other.dtype()),
@@ -193,25 +192,21 @@ impl CustomOp2 for CrossEntropy {
         if let Some(&t) = targets.iter().find(|&&t| t != IGNORE_INDEX && !(0..v as i64).contains(&t)) {
             bail!("cross-entropy: target {t} outside the vocabulary of {v}");
         }
-        let round = round_to(s1.dtype());
-        let mut loss = vec![0f32; n];
-        let mut dl = vec![0f32; n * v];
-        par::chunks_mut2(&mut loss, 1, &mut dl, v, |r, loss, dl| {
-            let loss = &mut loss[0];
-            let t = targets[r];
-            if t == IGNORE_INDEX {
-                return;
+        let (loss, dl) = match s1 {
+            CpuStorage::F32(x) => {
+                let (loss, dl) = cross_entropy_rows(contiguous(x, l1, self.name())?, targets, v);
+                (loss, Tensor::from_vec(dl, (n, v), &Device::Cpu)?)
             }
-            let x = &x[r * v..(r + 1) * v];
-            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = m + x.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
-            for (j, (d, x)) in dl.iter_mut().zip(x).enumerate() {
-                let p = (x - lse).exp();
-                *d = round(if j as i64 == t { p - 1.0 } else { p });
+            CpuStorage::BF16(x) => {
+                let (loss, dl) = cross_entropy_rows(contiguous(x, l1, self.name())?, targets, v);
+                (loss, Tensor::from_vec(dl, (n, v), &Device::Cpu)?)
             }
-            *loss = lse - x[t as usize];
-        });
-        let dl = Tensor::from_vec(dl, (n, v), &Device::Cpu)?.to_dtype(s1.dtype())?;
+            CpuStorage::F16(x) => {
+                let (loss, dl) = cross_entropy_rows(contiguous(x, l1, self.name())?, targets, v);
+                (loss, Tensor::from_vec(dl, (n, v), &Device::Cpu)?)
+            }
+            other => bail!("cross-entropy: unsupported dtype {:?}", other.dtype()),
+        };
         *self.dlogits.lock().expect("cross-entropy state") = Some(dl);
         Ok((CpuStorage::F32(loss), Shape::from(n)))
     }
@@ -243,8 +238,98 @@ impl CustomOp2 for CrossEntropy {
         if dl.device().is_cuda() {
             return Ok((Some(super::cuda::cross_entropy_bwd(&dl, g)?), None));
         }
-        let grad = dl.to_dtype(DType::F32)?.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(1)?)?;
-        Ok((Some(grad.to_dtype(logits.dtype())?), None))
+        Ok((
+            Some(
+                dl.apply_op2_no_bwd(&g.to_dtype(DType::F32)?.contiguous()?, &ScaleRows)?
+                    .to_dtype(logits.dtype())?,
+            ),
+            None,
+        ))
+    }
+}
+
+/// The CPU forward over rows of logits [N, V] in their storage dtype: per row the loss
+/// `lse − x[target]` and `softmax − one-hot` rounded to the dtype (zeros for ignored rows),
+/// in f32 with the vectorised exp, the outputs written once (no zero-fill, no f32 copy of the
+/// logits or of the gradient).
+fn cross_entropy_rows<T: Float>(x: &[T], targets: &[i64], v: usize) -> (Vec<f32>, Vec<T>) {
+    let n = targets.len();
+    let mut loss = vec![0f32; n];
+    let mut dl: Vec<T> = Vec::with_capacity(n * v);
+    par::chunks_mut2(&mut loss, 1, &mut dl.spare_capacity_mut()[..n * v], v, |r, loss, dl| {
+        let t = targets[r];
+        if t == IGNORE_INDEX {
+            dl.iter_mut().for_each(|d| {
+                d.write(T::default());
+            });
+            return;
+        }
+        ROW.with_borrow_mut(|e| {
+            e.clear();
+            e.extend(x[r * v..(r + 1) * v].iter().map(|&x| x.widen()));
+            let m = vmath::max(e);
+            let target = e[t as usize];
+            // e ← exp(x − m); softmax = e / Σe, lse = m + ln Σe.
+            let sum = vmath::exp_affine_sum(e, 1.0, m);
+            let inv = 1.0 / sum;
+            for (d, &e) in dl.iter_mut().zip(e.iter()) {
+                d.write(T::narrow(e * inv));
+            }
+            dl[t as usize].write(T::narrow(e[t as usize] * inv - 1.0));
+            loss[0] = m + sum.ln() - target;
+        });
+    });
+    // SAFETY: every row of N·V elements was written above (ignored rows with zeros).
+    unsafe { dl.set_len(n * v) };
+    (loss, dl)
+}
+
+thread_local! {
+    /// A row of logits widened to f32, reused across rows and calls.
+    static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// dl [N, V] (any float dtype) × g [N] f32, row by row, rounded to dl's dtype once (the CPU
+/// half of the cross-entropy backward; one pass instead of a widening, a broadcast multiply
+/// and a rounding).
+struct ScaleRows;
+
+impl CustomOp2 for ScaleRows {
+    fn name(&self) -> &'static str {
+        "cross-entropy-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let CpuStorage::F32(g) = s2 else { bail!("{}: the row scales must be f32", self.name()) };
+        let g = contiguous(g, l2, self.name())?;
+        if g.len() != n {
+            bail!("{}: {} scales for {n} rows", self.name(), g.len());
+        }
+        fn scale<T: Float>(x: &[T], g: &[f32], v: usize) -> Vec<T> {
+            let mut out: Vec<T> = Vec::with_capacity(x.len());
+            par::chunks_mut(&mut out.spare_capacity_mut()[..x.len()], v, |r, o| {
+                for (o, &x) in o.iter_mut().zip(&x[r * v..(r + 1) * v]) {
+                    o.write(T::narrow(x.widen() * g[r]));
+                }
+            });
+            // SAFETY: the rows cover all N·V elements, each written above.
+            unsafe { out.set_len(x.len()) };
+            out
+        }
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(scale(contiguous(x, l1, self.name())?, g, v)),
+            CpuStorage::BF16(x) => CpuStorage::BF16(scale(contiguous(x, l1, self.name())?, g, v)),
+            CpuStorage::F16(x) => CpuStorage::F16(scale(contiguous(x, l1, self.name())?, g, v)),
+            other => bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
 

@@ -10,7 +10,7 @@
 //!
 //! CPU only: elsewhere these are the composed ops, whose CUDA kernels (rope) already exist.
 
-use super::{as_f32, contiguous, par};
+use super::{as_f32, contiguous, par, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -114,42 +114,9 @@ struct Geometry {
     split: bool,
 }
 
-/// A float element the permutation moves, widened to f32 only to rotate.
-trait Element: Copy + Default + Send + Sync {
-    fn widen(self) -> f32;
-    fn narrow(v: f32) -> Self;
-}
-
-impl Element for f32 {
-    fn widen(self) -> f32 {
-        self
-    }
-    fn narrow(v: f32) -> Self {
-        v
-    }
-}
-
-impl Element for half::bf16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    fn narrow(v: f32) -> Self {
-        half::bf16::from_f32(v)
-    }
-}
-
-impl Element for half::f16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    fn narrow(v: f32) -> Self {
-        half::f16::from_f32(v)
-    }
-}
-
 /// Move every D-run between [b, t, h, :] and [b, h, t, :] (direction by `g.split`), rotating
 /// each by `(cos, sin, sign)` when given: rope's arithmetic in f32, rounded once.
-fn permute<T: Element>(x: &[T], g: Geometry, rotation: Option<(&[f32], &[f32], f32)>) -> Vec<T> {
+fn permute<T: Float>(x: &[T], g: Geometry, rotation: Option<(&[f32], &[f32], f32)>) -> Vec<T> {
     let Geometry { h, t, d, .. } = g;
     let half = d / 2;
     // Written straight into the spare capacity: every (b, h, p) run is written below, and
