@@ -129,7 +129,7 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, layer_nodes: bool, c:
         }
         let mut grads = y.backward()?;
         // One-node layers leave their weights' gradients aside: gather them as a step would.
-        llama.param_grads().drain_into(&mut grads)?;
+        llama.take_param_grads(&mut grads)?;
         ensure!(grads.get(x.as_tensor()).is_some(), "no gradient reached the input");
         Ok(())
     })?;

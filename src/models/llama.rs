@@ -710,6 +710,22 @@ impl DecoderLayer {
     }
 }
 
+/// The dense gradient [V, H] of a gather of rows `ids` [N] from a [V, H] table, given the rows'
+/// gradient `d` [N, H]: zeros, plus each row's gradient added at its id in order (as candle's
+/// `index_add`). On the CPU (f32) one zero-filled buffer written in place.
+fn scatter_rows((v, h): (usize, usize), ids: &Tensor, d: &Tensor) -> Result<Tensor> {
+    if d.device().is_cpu() && d.dtype() == DType::F32 {
+        let (ids, d) = (ids.to_vec1::<u32>()?, d.flatten_all()?.to_vec1::<f32>()?);
+        let mut dense = vec![0f32; v * h];
+        for (i, &id) in ids.iter().enumerate() {
+            let row = &mut dense[id as usize * h..(id as usize + 1) * h];
+            row.iter_mut().zip(&d[i * h..(i + 1) * h]).for_each(|(a, b)| *a += b);
+        }
+        return Ok(Tensor::from_vec(dense, (v, h), &Device::Cpu)?);
+    }
+    Ok(Tensor::zeros((v, h), d.dtype(), d.device())?.index_add(ids, &d.reshape(((), h))?, 0)?)
+}
+
 /// Per-sequence inputs shared by every layer.
 pub struct SequenceInputs {
     /// [T, D/2].
@@ -753,6 +769,8 @@ pub struct Llama {
     layer_nodes: bool,
     /// [`Llama::param_grads`].
     param_grads: ops::GradSink,
+    /// Embedding rows gathered for training, as leaves, with their ids ([`Llama::embed`]).
+    embed_leaves: std::sync::Mutex<Vec<(candle_core::Var, Tensor)>>,
 }
 
 impl Llama {
@@ -792,6 +810,7 @@ impl Llama {
             position: 0,
             layer_nodes: true,
             param_grads: ops::GradSink::default(),
+            embed_leaves: Default::default(),
         })
     }
 
@@ -862,6 +881,18 @@ impl Llama {
             return Err(Error::Usage(format!("token id {max} is outside the vocabulary of {}", self.vocab)));
         }
         let h = self.embed_tokens.dim(1)?;
+        if self.layout.tp == 1 && self.layer_nodes && self.embed_tokens.is_variable() {
+            // Training the table: the rows as a leaf whose gradient [B·T, H]
+            // [`Llama::take_param_grads`] scatters into the table's. candle's gather backward
+            // zero-fills a [V, H] accumulator, then index_add copies it into another: three
+            // passes over the largest gradient of the model where one zero-fill will do.
+            let rows = candle_core::Var::from_tensor(&self.embed_tokens.detach().index_select(&flat, 0)?)?;
+            let x = rows.as_tensor().reshape((b, t, h))?;
+            // Only the latest gather waits for its gradient: one forward per backward, and a
+            // forward that never had one (evaluation) is dropped here.
+            *self.embed_leaves.lock().unwrap_or_else(|p| p.into_inner()) = vec![(rows, flat)];
+            return Ok(x);
+        }
         if self.layout.tp == 1 {
             return Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, h))?);
         }
@@ -958,9 +989,35 @@ impl Llama {
     }
 
     /// Where one-node layers leave the gradients of their trained weights during a backward
-    /// pass: the trainer drains it into that backward's gradients.
+    /// pass ([`Llama::take_param_grads`] moves them into that backward's gradients).
     pub fn param_grads(&self) -> &ops::GradSink {
         &self.param_grads
+    }
+
+    /// Complete a backward pass's gradients `grads`: add the trained weights' gradients the
+    /// one-node layers and head left aside, and, when `grads` has the gradient of the latest
+    /// embedding gather made for training, turn it into the table's (summed with the head's
+    /// when tied). A gather whose gradient is not in `grads` keeps waiting (with activation
+    /// checkpointing it arrives with the last of the layer-by-layer backwards).
+    pub fn take_param_grads(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        self.param_grads.drain_into(grads)?;
+        let mut leaves = self.embed_leaves.lock().unwrap_or_else(|p| p.into_inner());
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut *leaves)
+            .into_iter()
+            .partition(|(rows, _)| grads.get(rows.as_tensor()).is_some());
+        *leaves = waiting;
+        drop(leaves);
+        for (rows, ids) in done {
+            let Some(d) = grads.remove(rows.as_tensor()) else { continue };
+            let table = &self.embed_tokens;
+            let dense = scatter_rows(table.dims2()?, &ids, &d.to_dtype(table.dtype())?)?;
+            let sum = match grads.remove(table) {
+                Some(prev) => (prev + dense)?,
+                None => dense,
+            };
+            grads.insert(table, sum);
+        }
+        Ok(())
     }
 
     /// Final norm and head over every position: x [B, T, H] → f32 logits [B, T, V].

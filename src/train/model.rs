@@ -286,7 +286,7 @@ impl TrainModel {
                 &s.features.unsqueeze(0)?,
             )?;
         }
-        Ok(x.to_dtype(self.compute)?)
+        Ok(crate::ops::cast(&x, self.compute)?)
     }
 
     /// Loss and gradients of one micro-batch. With `checkpointing`, only each layer's input is
@@ -374,7 +374,7 @@ impl TrainModel {
     pub fn collect(&self, into: &mut GradStore, mut from: GradStore) -> Result<()> {
         // Gradients the one-node decoder layers computed outside candle's graph.
         for llama in self.neva.llm.ranks() {
-            llama.param_grads().drain_into(&mut from)?;
+            llama.take_param_grads(&mut from)?;
         }
         for (_, v) in &self.params {
             if let Some(g) = from.remove(v.as_tensor()) {
