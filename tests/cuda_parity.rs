@@ -297,8 +297,12 @@ fn train_step_layer_nodes_match_the_composed_graph() {
                 let kind = ProjectorKind::MlpGelu { depth: 2 };
                 let mut m = TrainModel::synthetic(&hp, &vcfg, kind, 511, train_llm, dtype, &dev).unwrap();
                 let nodes = m.forward_backward(&batch, false).unwrap();
+                // The node path ran (layers and head), then only the composed one.
+                let ran = m.node_forwards();
+                assert!(ran > 0, "no layer ran as a node on the GPU");
                 m.set_layer_nodes(false);
                 let composed = m.forward_backward(&batch, false).unwrap();
+                assert_eq!(m.node_forwards(), ran);
                 let what = format!(
                     "layer nodes stage {} {dtype:?} D{} Hq{heads} Hk{kv_heads}",
                     if train_llm { 2 } else { 1 },

@@ -771,6 +771,8 @@ pub struct Llama {
     param_grads: ops::GradSink,
     /// Embedding rows gathered for training, as leaves, with their ids ([`Llama::embed`]).
     embed_leaves: std::sync::Mutex<Vec<(candle_core::Var, Tensor)>>,
+    /// [`Llama::node_forwards`].
+    node_forwards: std::sync::atomic::AtomicUsize,
 }
 
 impl Llama {
@@ -811,6 +813,7 @@ impl Llama {
             layer_nodes: true,
             param_grads: ops::GradSink::default(),
             embed_leaves: Default::default(),
+            node_forwards: Default::default(),
         })
     }
 
@@ -976,6 +979,7 @@ impl Llama {
             && layer.node_ready()
             && ops::attention::kernel_supports(x.device(), x.dtype(), layer.self_attn.head_dim)
         {
+            self.node_forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return layer.forward_node(x, &s.cos, &s.sin, &self.param_grads);
         }
         layer.forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
@@ -986,6 +990,12 @@ impl Llama {
     /// comparisons).
     pub fn set_layer_nodes(&mut self, on: bool) {
         self.layer_nodes = on;
+    }
+
+    /// How many decoder layers and heads have run as one graph node so far: what tests and
+    /// benchmarks check to know which path they measured.
+    pub fn node_forwards(&self) -> usize {
+        self.node_forwards.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Where one-node layers leave the gradients of their trained weights during a backward
@@ -1035,6 +1045,7 @@ impl Llama {
             && node_ready(&self.norm.weight)
             && node_ready(&self.lm_head.weight)
         {
+            self.node_forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.head_node(x)?
         } else {
             self.lm_head.forward(&self.norm.forward(x)?)?

@@ -212,12 +212,18 @@ impl TrainModel {
         Ok(TrainModel { neva, params, compute, lora_scale: None })
     }
 
-    /// Run the LLM's decoder layers as one graph node each (the default) or as candle's
-    /// composed ops (comparisons: [`crate::models::llama::Llama::set_layer_nodes`]).
+    /// Run the LLM's decoder layers and head as one graph node each (the default) or as
+    /// candle's composed ops (comparisons: [`crate::models::llama::Llama::set_layer_nodes`]).
     pub fn set_layer_nodes(&mut self, on: bool) {
         for llama in self.neva.llm.ranks_mut() {
             llama.set_layer_nodes(on);
         }
+    }
+
+    /// Decoder layers and heads run as one node so far, over every rank
+    /// ([`crate::models::llama::Llama::node_forwards`]).
+    pub fn node_forwards(&self) -> usize {
+        self.neva.llm.ranks().iter().map(|l| l.node_forwards()).sum()
     }
 
     /// The projected image features [I, N, H] of `pixels` [I, 3, S, S] (vision tower and
@@ -512,8 +518,12 @@ mod tests {
             for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
                 let mut m = TrainModel::from_llava(&c, stage.clone(), dtype).unwrap();
                 let nodes = m.forward_backward(&batch(), false).unwrap();
-                m.neva.llm.single_mut().unwrap().set_layer_nodes(false);
+                // Every decoder layer and the head ran as a node, and then none did.
+                let ran = m.node_forwards();
+                assert_eq!(ran, m.neva.llm.single_mut().unwrap().num_layers() + 1);
+                m.set_layer_nodes(false);
                 let composed = m.forward_backward(&batch(), false).unwrap();
+                assert_eq!(m.node_forwards(), ran);
                 let what = format!("{stage:?} {dtype:?}");
                 assert!(
                     (nodes.loss - composed.loss).abs() < tol * composed.loss.abs(),
