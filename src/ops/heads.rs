@@ -67,6 +67,10 @@ impl CustomOp3 for Heads {
         };
         let half = d / 2;
         let (cos, sin) = if self.rotate {
+            // Rotation pairs the two halves of a head: an odd size would leave an element unwritten.
+            if !d.is_multiple_of(2) {
+                bail!("{}: rotary heads need an even size, got {d}", self.name());
+            }
             let (c, s) = (as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
             if c.len() < t * half || s.len() < t * half {
                 bail!("{}: tables cover {} positions × {half}, need {t}", self.name(), c.len() / half.max(1));

@@ -110,7 +110,7 @@ impl CustomOp2 for Matmul {
             CpuStorage::F32(cpu_gemm::gemm_new(a, b)?)
         } else {
             let c = s1.matmul(s2, (1, m, n, k), l1, l2)?;
-            if self.widen {
+            if self.widen && c.dtype() != DType::F32 {
                 c.to_dtype(&Layout::contiguous((m, n)), DType::F32)?
             } else {
                 c
@@ -130,7 +130,11 @@ impl CustomOp2 for Matmul {
         let (shape, l1) = (l1, &rows_view(l1)?);
         let (m, n, k) = dims(l1, l2)?;
         let c = s1.matmul(s2, (1, m, n, k), l1, l2)?;
-        let c = if self.widen { c.to_dtype(&Layout::contiguous((m, n)), DType::F32)? } else { c };
+        let c = if self.widen && c.dtype() != DType::F32 {
+            c.to_dtype(&Layout::contiguous((m, n)), DType::F32)?
+        } else {
+            c
+        };
         Ok((c, out_shape(shape, n)))
     }
 
