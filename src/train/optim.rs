@@ -95,8 +95,9 @@ struct ParamState {
 pub struct AdamW {
     params: Vec<ParamState>,
     cfg: AdamWConfig,
-    /// The clipping factor [`AdamW::clip_grad_norm`] found, for the next step (1 = none).
-    grad_scale: f32,
+    /// The clipping factor [`AdamW::clip_grad_norm`] found, and the id of the first gradient
+    /// it was found for (`step` applies it to those gradients only).
+    clip: Option<(f32, candle_core::TensorId)>,
 }
 
 const STATE_PREFIXES: [&str; 4] = ["exp_avg.", "exp_avg_sq.", "step.", "param."];
@@ -128,7 +129,7 @@ impl AdamW {
                 step: 0,
             });
         }
-        Ok(AdamW { params: states, cfg, grad_scale: 1.0 })
+        Ok(AdamW { params: states, cfg, clip: None })
     }
 
     /// The hyper-parameters.
@@ -158,14 +159,24 @@ impl AdamW {
     /// Non-finite norms are returned as they are; the caller decides whether to step.
     pub fn clip_grad_norm(&mut self, grads: &GradStore, max_norm: Option<f64>) -> Result<f64> {
         let (norm, coef) = clip_factor(grads, self.params.iter().map(|p| p.var.as_tensor()), max_norm)?;
-        self.grad_scale = coef.unwrap_or(1.0);
+        self.clip = coef.zip(self.first_grad_id(grads));
         Ok(norm)
     }
 
+    /// The id of the first parameter's gradient in `grads`: what ties a clipping factor to the
+    /// gradients it was computed from.
+    fn first_grad_id(&self, grads: &GradStore) -> Option<candle_core::TensorId> {
+        self.params.iter().find_map(|p| grads.get(p.var.as_tensor())).map(|g| g.id())
+    }
+
     /// One AdamW update of every parameter that has a gradient in `grads`, at learning rate `lr`,
-    /// with the gradients clipped by the last [`AdamW::clip_grad_norm`] since the previous step.
+    /// with the gradients clipped when [`AdamW::clip_grad_norm`] was last called on these same
+    /// gradients (a factor found for other gradients, say of a skipped step, is dropped).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let grad_scale = std::mem::replace(&mut self.grad_scale, 1.0);
+        let grad_scale = match self.clip.take() {
+            Some((coef, id)) if self.first_grad_id(grads) == Some(id) => coef,
+            _ => 1.0,
+        };
         for st in &mut self.params {
             let Some(grad) = grads.get(st.var.as_tensor()) else { continue };
             if grad.dims() != st.var.dims() {
@@ -610,6 +621,12 @@ mod tests {
         assert_eq!(values(0), values(1));
         let (m0, m1) = (opts[0].moments("p").unwrap().0, opts[1].moments("p").unwrap().0);
         assert_eq!(m0.to_vec1::<f32>().unwrap(), m1.to_vec1::<f32>().unwrap());
+        // A factor found for gradients whose step was skipped does not clip other gradients.
+        opts[0].clip_grad_norm(&half_sum_of_squares(&vars[0]).backward().unwrap(), Some(2.0)).unwrap();
+        for (o, v) in opts.iter_mut().zip(&vars).take(2) {
+            o.step(&half_sum_of_squares(v).backward().unwrap(), 0.1).unwrap();
+        }
+        assert_eq!(values(0), values(1));
     }
 
     #[test]
