@@ -176,17 +176,7 @@ fn elementwise<const N: usize>(
             std::array::from_fn(|i| ins[i].chunk(r.clone(), it.next().expect("N buffers")));
         // Per-thread result scratch, reused without zeroing: `f` writes every result (a
         // zero-filled buffer per chunk was ~70 MB of memset per bf16 train step).
-        RESULTS.with(|cell| {
-            let mut fresh = Vec::new();
-            let mut held = cell.try_borrow_mut();
-            let results = match held.as_mut() {
-                Ok(buf) => &mut **buf,
-                Err(_) => &mut fresh,
-            };
-            if results.len() < outs * r.len() {
-                results.resize(outs * r.len(), 0.0);
-            }
-            let results = &mut results[..outs * r.len()];
+        par::with_scratch(&RESULTS, outs * r.len(), |results| {
             let mut parts: Vec<&mut [f32]> = results.chunks_mut(r.len().max(1)).collect();
             f(chunks, &mut parts);
             for (j, part) in results.chunks(r.len().max(1)).enumerate() {

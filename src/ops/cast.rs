@@ -5,10 +5,9 @@
 //! branchy `from_f32`): 5 % of a 134M bf16 step. Same rounding (nearest even, NaN kept quiet),
 //! so the same bits.
 
-use super::{contiguous, convert, cpu_gemm::to_bf16};
+use super::{contiguous, convert, cpu_gemm::to_bf16, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
-use half::bf16;
 
 struct Cast {
     to: DType,
@@ -25,9 +24,7 @@ impl CustomOp1 for Cast {
                 CpuStorage::BF16(convert(contiguous(v, l, "cast")?, to_bf16))
             }
             (CpuStorage::BF16(v), DType::F32) => {
-                CpuStorage::F32(convert(contiguous(v, l, "cast")?, |x: bf16| {
-                    f32::from_bits(u32::from(x.to_bits()) << 16)
-                }))
+                CpuStorage::F32(convert(contiguous(v, l, "cast")?, Float::widen))
             }
             _ => s.to_dtype(l, self.to)?,
         };

@@ -244,7 +244,7 @@ pub fn f32_available() -> bool {
     }
 }
 
-use super::par::{chunks_mut, for_each as parallel_for, threads as pool_threads, SendPtr};
+use super::par::{chunks_mut, for_each as parallel_for, threads as pool_threads, with_scratch, SendPtr};
 
 /// `c` as memory a product writes: every product here stores each element of C before it reads
 /// any (the first K block stores, later blocks add to what it stored), so C may start
@@ -480,23 +480,9 @@ thread_local! {
     /// This thread's packed B micro-panel (every element is rewritten by each `pack_panels`, so it
     /// is reused without zeroing).
     static B_PANEL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// This thread's packed A block, reused the same way ([`with_a_pack`]).
+    /// This thread's packed A block, reused the same way (`pack_a` rewrites every unit a product
+    /// reads; a zero-filled 512 KiB per product was 2 % of a bf16 train step).
     static A_PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// `f` over this thread's A-pack buffer of `len` units. `pack_a` rewrites every unit a product
-/// reads, so the buffer is reused as it is: a zero-filled 512 KiB per product was 2 % of a bf16
-/// train step. A product nested inside another on the same thread gets a buffer of its own.
-fn with_a_pack<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
-    A_PACK.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            f(&mut buf[..len])
-        }
-        Err(_) => f(&mut vec![0u32; len]),
-    })
 }
 
 /// Where a GEMM runs: spread over the pool, or on the calling thread only.
@@ -509,16 +495,7 @@ enum Threads {
 /// f32 → bf16, round to nearest even (NaN stays NaN), vectorisable and in parallel, into a
 /// new vector that is not zero-filled first.
 pub fn round_bf16(c: &[f32]) -> Vec<bf16> {
-    let mut out = Vec::with_capacity(c.len());
-    const CHUNK: usize = 1 << 14;
-    chunks_mut(&mut out.spare_capacity_mut()[..c.len()], CHUNK, |i, o| {
-        for (o, &x) in o.iter_mut().zip(&c[i * CHUNK..]) {
-            o.write(to_bf16(x));
-        }
-    });
-    // SAFETY: the chunks cover all c.len() elements, each written above.
-    unsafe { out.set_len(c.len()) };
-    out
+    super::convert(c, to_bf16)
 }
 
 /// f32 → bf16, round to nearest even, NaN kept quiet: `bf16::from_f32` as branch-free bit
@@ -719,7 +696,7 @@ fn packed_gemm<T: Element>(
     let threads = if run_on == Threads::Pool { pool_threads() } else { 1 };
     let n_panels = n.div_ceil(NR);
     let a_len = MC.min(m.div_ceil(MR) * MR) * kcu;
-    with_a_pack(a_len, |a_pack| {
+    with_scratch(&A_PACK, a_len, |a_pack| {
         let cptr = SendPtr::new(c);
         for i0 in (0..m).step_by(MC) {
             let rows = MC.min(m - i0);
@@ -775,11 +752,7 @@ fn packed_gemm<T: Element>(
                     };
                     match &b {
                         BSource::Packed(p) => (pn0..pn1).for_each(|pn| run_panel(pn, p.panel(kb, pn))),
-                        BSource::View(b) => B_PANEL.with_borrow_mut(|bp| {
-                            if bp.len() < ku * NR {
-                                bp.resize(ku * NR, 0);
-                            }
-                            let bp = &mut bp[..ku * NR];
+                        BSource::View(b) => with_scratch(&B_PANEL, ku * NR, |bp| {
                             for pn in pn0..pn1 {
                                 let jc = pn * NR;
                                 pack_panels::<T, NR>(b, jc, NR.min(n - jc), u0, ku, bp);

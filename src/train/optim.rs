@@ -351,7 +351,7 @@ fn sum_of_squares(t: &Tensor) -> Result<f64> {
         let sum = match &*storage {
             Storage::Cpu(CpuStorage::F32(v)) => Some(chunked(&v[start..end], |x| x as f64)),
             Storage::Cpu(CpuStorage::BF16(v)) => {
-                Some(chunked(&v[start..end], |x| f32::from_bits(u32::from(x.to_bits()) << 16) as f64))
+                Some(chunked(&v[start..end], |x| crate::ops::Float::widen(x) as f64))
             }
             Storage::Cpu(CpuStorage::F16(v)) => Some(chunked(&v[start..end], |x| x.to_f64())),
             _ => None,
