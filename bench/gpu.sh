@@ -56,7 +56,8 @@ step() {
 echo "### parity (tests/cuda_parity.rs)"
 for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softmax_forward \
     swiglu_forward_and_backward cross_entropy_forward_and_backward adamw_step_is_bit_identical \
-    causal_attention_forward_and_backward full_attention_forward train_step_layer_nodes_match_the_composed_graph; do
+    causal_attention_forward_and_backward full_attention_forward decode_gemv_forward \
+    train_step_layer_nodes_match_the_composed_graph; do
     timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
     rc=$?
     grep -oE "parity .*|panicked.*|test result.*" "$W/parity.log"
@@ -75,6 +76,10 @@ rel = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
 print(f"train-tiny losses: {len(gpu)} CUDA steps vs {len(cpu)} CPU, max rel diff {rel:.2e}", "ok" if len(cpu) == len(gpu) == 10 and rel < 1e-4 else "FAIL")
 sys.exit(0 if len(cpu) == len(gpu) == 10 and rel < 1e-4 else 1)
 EOF2
+
+echo "### decode GEMV against cuBLAS (7B layer shapes, bf16)"
+[[ -n ${GPU_SH_TINY:-} ]] || timeout "$(limit 40)" "$W/cuda_parity" bench_gemv --exact --ignored --nocapture 2>&1 |
+    grep -oE "bench .*|panicked.*" || status=1
 
 echo "### benchmarks"
 PY="${PYTHON:-python3} bench/pytorch_gpu.py"
@@ -95,7 +100,7 @@ step torch-gpu-layer 60 $PY gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2
 step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 step ours-decode 60 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
-step ours-decode-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
+step ours-decode-cublas 60 env SHARDSMITH_CUDA_GEMV=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step torch-decode 60 $PY decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-neva 60 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-composed 60 "$SS" bench neva-step --composed --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
@@ -141,12 +146,12 @@ if o or t:
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
          f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}")
 for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
-    o, t, gr = find("decode", "shardsmith", batch=b, cuda_pool_keep=True), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
-    op = find("decode", "shardsmith", batch=b, cuda_pool_keep=False)
+    o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv=True), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
+    oc = find("decode", "shardsmith", batch=b, cuda_gemv=False)
     r = o or t or gr
     name = f"7B decode ({r['layers']} layers), batch {b}, prompt {r['prompt_len']} + {r['steps']}"
     line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"),
-         f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours pool released {fmt(g(op, 'tokens_per_s'))}")
+         f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours with cuBLAS GEMMs {fmt(g(oc, 'tokens_per_s'))}")
 o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True), find("neva_step", "pytorch")
 oc = find("neva_step", "shardsmith", layer_nodes=False)
 op = find("neva_step", "shardsmith", cuda_pool_keep=False)

@@ -273,13 +273,21 @@ impl CustomOp2 for AddBf16 {
     }
 }
 
+/// Whether products of a few rows on CUDA (decode) use the GEMV kernels of
+/// `kernels/src/gemv.cu` (the default) rather than cuBLAS; `SHARDSMITH_CUDA_GEMV=0` turns them
+/// off, for comparisons.
+pub fn cuda_gemv_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_GEMV").map_or(true, |v| v != "0"))
+}
+
 pub mod attention;
 mod cast;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub use cuda::keep_pool_memory;
+pub use cuda::{gemv_launches as cuda_gemv_launches, keep_pool_memory};
 pub mod fused;
 pub mod heads;
 pub mod linear;

@@ -268,6 +268,53 @@ fn full_attention_forward() {
 /// bf16 compute, head dims 64 and 128, GQA. The metric is `rel` against the composed step;
 /// gradients relative to their own peak (bf16: 2e-2, the CPU test's tolerance, since the two
 /// graphs round their bf16 partial sums at different points).
+/// Decode's products through the GEMV kernel (a few rows against a linear's weight), against
+/// the CPU's matmul: M 1..8, N not a multiple of the block's 4 columns, K past several unrolled
+/// steps, a weight that is a row block of a larger one (FusedProj's views) and x as [1, 1, K];
+/// shapes the kernel does not take (K not a multiple of 8, more than 8 rows) still match through
+/// cuBLAS.
+#[test]
+fn decode_gemv_forward() {
+    for dtype in [DType::F32, DType::BF16] {
+        for (m, n, k, rows_before) in [
+            (1, 37, 264, 0),
+            (3, 300, 4104, 8),
+            (8, 1001, 2056, 0),
+            (1, 4096, 11008, 0),
+            (5, 19, 13, 0),
+            (9, 40, 64, 0),
+        ] {
+            let x = randn(&[m, k], 20, 1.0).to_dtype(dtype).unwrap();
+            let whole = randn(&[rows_before + n + 3, k], 21, 0.05).to_dtype(dtype).unwrap();
+            let w = whole.narrow(0, rows_before, n).unwrap();
+            let (xg, wholeg) = (x.to_device(&gpu()).unwrap(), whole.to_device(&gpu()).unwrap());
+            let wg = wholeg.narrow(0, rows_before, n).unwrap();
+            let before = ops::cuda_gemv_launches();
+            let yg = ops::matmul(&xg, &wg.t().unwrap()).unwrap();
+            let took_kernel = ops::cuda_gemv_launches() > before;
+            assert_eq!(took_kernel, m <= 8 && k % 8 == 0, "M {m} K {k}: GEMV kernel used: {took_kernel}");
+            let yc = ops::matmul(&x, &w.t().unwrap()).unwrap();
+            check(
+                &format!("gemv {dtype:?} M{m} N{n} K{k} (rows from {rows_before})"),
+                &yg,
+                &yc,
+                tol(dtype, 1e-5),
+            );
+        }
+        let x = randn(&[1, 1, 4096], 22, 1.0).to_dtype(dtype).unwrap();
+        let w = randn(&[512, 4096], 23, 0.05).to_dtype(dtype).unwrap();
+        let yg =
+            ops::matmul(&x.to_device(&gpu()).unwrap(), &w.to_device(&gpu()).unwrap().t().unwrap()).unwrap();
+        assert_eq!(yg.dims(), &[1, 1, 512]);
+        check(
+            &format!("gemv {dtype:?} x [1, 1, 4096]"),
+            &yg,
+            &ops::matmul(&x, &w.t().unwrap()).unwrap(),
+            tol(dtype, 1e-5),
+        );
+    }
+}
+
 #[test]
 fn train_step_layer_nodes_match_the_composed_graph() {
     use shardsmith::commands::bench_gpu::{synthetic_batch, LlamaShape};
@@ -447,6 +494,40 @@ fn bench_kernels() {
         loss.backward().unwrap();
     });
     println!("bench | cross_entropy mean fwd+bwd | [4096, 32000] bf16 | {ms:.3} | -");
+}
+
+/// The decode GEMV against cuBLAS (candle's matmul, what `SHARDSMITH_CUDA_GEMV=0` runs) on a
+/// LLaMA-7B layer's decode products, weight bytes over time: M = 1 is bound by HBM bandwidth.
+#[test]
+#[ignore]
+fn bench_gemv() {
+    let dev = gpu();
+    println!("bench | op | shape | ours ms | ours GB/s | cuBLAS ms | cuBLAS GB/s");
+    for (what, n, k) in [
+        ("q/k/v fused", 12288, 4096),
+        ("o_proj", 4096, 4096),
+        ("gate/up fused", 22016, 4096),
+        ("down_proj", 4096, 11008),
+        ("lm_head", 32000, 4096),
+    ] {
+        let w = randn(&[n, k], 30, 0.02).to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let wt = w.t().unwrap();
+        for m in [1, 8] {
+            let x = randn(&[m, k], 31, 1.0).to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+            let ours = time_ms(&dev, 5, 50, || {
+                ops::matmul(&x, &wt).unwrap();
+            });
+            let cublas = time_ms(&dev, 5, 50, || {
+                x.matmul(&wt).unwrap();
+            });
+            let mbytes = (n * k * 2) as f64 / 1e6; // MB over ms: GB/s
+            println!(
+                "bench | gemv {what} | M{m} N{n} K{k} bf16 | {ours:.4} | {:.0} | {cublas:.4} | {:.0}",
+                mbytes / ours,
+                mbytes / cublas
+            );
+        }
+    }
 }
 
 /// The attention and SwiGLU kernels timed on their own, outside candle's autograd (whose

@@ -3,6 +3,7 @@
 #include "../src/adamw.cu"
 #include "../src/cross_entropy.cu"
 #include "../src/flash_attn.cu"
+#include "../src/gemv.cu"
 #include "../src/rmsnorm.cu"
 #include "../src/rope.cu"
 #include "../src/softmax.cu"
@@ -287,12 +288,39 @@ void test_elementwise() {
     }
 }
 
+// y = x · wᵀ for M rows through the decode GEMV: rows of x and w padded (ldx > K, ldw > K) and
+// x offset by a whole chunk, N not a multiple of the block's 4 columns, K below one lane sweep
+// (33 chunks) and above two of the bf16 kernel's 8-chunk unrolled steps (257 chunks).
+template <class T, int M> void test_gemv(int n, int k, double tol) {
+    const int ldx = k + 8, ldw = k + 16;
+    auto x = cast<T>(randv((size_t)M * ldx + 8)), w = cast<T>(randv((size_t)n * ldw));
+    std::vector<T> y((size_t)M * n);
+    const T *xp = x.data() + 8;
+    emu::launch(dim3((n + GEMV_WARPS - 1) / GEMV_WARPS), dim3(32 * GEMV_WARPS), 0, gemv<T, M>, xp,
+                (long long)ldx, (const T *)w.data(), (long long)ldw, y.data(), n, k);
+    std::vector<double> want((size_t)M * n);
+    for (int m = 0; m < M; ++m)
+        for (int j = 0; j < n; ++j) {
+            double s = 0;
+            for (int i = 0; i < k; ++i) s += (double)to_f32(xp[m * ldx + i]) * to_f32(w[(size_t)j * ldw + i]);
+            want[(size_t)m * n + j] = s;
+        }
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "gemv %s M%d N%d K%d", sizeof(T) == 4 ? "f32" : "bf16", M, n, k);
+    check(buf, widen(y), want, tol);
+}
+
 int main() {
     test_elementwise();
     test_rmsnorm<float>(5, 37, 1e-5);
     test_rmsnorm<bf16>(4, 300, 2e-2);
     test_softmax_ce(3, 1000);
     test_softmax_ce(4, 7);
+    test_gemv<float, 1>(37, 264, 1e-5);
+    test_gemv<float, 3>(9, 2056, 1e-5);
+    test_gemv<bf16, 1>(37, 264, 1e-2);
+    test_gemv<bf16, 8>(6, 2056, 1e-2);
+    test_gemv<bf16, 5>(5, 8, 1e-2);
     test_attention<float>(1, 2, 1, 70, "f32", 1e-4);
     test_attention<bf16>(1, 2, 1, 70, "bf16", 3e-2);
     test_attention<bf16>(2, 3, 3, 17, "bf16", 3e-2);

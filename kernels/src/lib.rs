@@ -48,6 +48,8 @@ modules! {
     CROSS_ENTROPY = "cross_entropy";
     /// `adamw_f32`.
     ADAMW = "adamw";
+    /// `gemv_{f32,bf16}_m{1..8}`.
+    GEMV = "gemv";
     /// `flash_{fwd,bwd_pre,bwd}_{f32,bf16}_d{32,64,96,128}`, `flash_dq_convert_bf16`.
     FLASH_ATTN = "flash_attn";
 }

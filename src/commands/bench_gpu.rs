@@ -256,6 +256,7 @@ pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c:
             "prompt_len": prompt,
             "steps": steps,
             "cuda_pool_keep": cuda_pool_keep(),
+            "cuda_gemv": crate::ops::cuda_gemv_enabled(),
             "prefill_ms": prefill * 1e3,
             "ms_per_step": decode / steps as f64 * 1e3,
             "tokens_per_s": (b * steps) as f64 / decode,

@@ -407,6 +407,78 @@ pub(super) fn adamw(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode GEMV
+// ---------------------------------------------------------------------------------------------
+
+/// Most rows of x the GEMV kernels take (gemv.cu's instantiations); more go to cuBLAS.
+pub(super) const GEMV_MAX_ROWS: usize = 8;
+
+/// `a · b` through gemv.cu when it is a few rows against a linear's weight: a [M, K] with rows
+/// of unit stride, M ≤ [`GEMV_MAX_ROWS`], b = wᵀ [K, N] for a row-major w [N, K] (strides
+/// [1, ldw]), same float dtype, K, the row strides and both offsets multiples of 8 (16-byte
+/// loads). `None` for anything else: the caller runs cuBLAS.
+pub(super) fn gemv(
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+) -> Result<Option<CudaStorage>> {
+    const OP: &str = "matmul (gemv)";
+    let ((m, k), (k2, n)) = (la.shape().dims2()?, lb.shape().dims2()?);
+    let dtype = a.dtype();
+    if !super::cuda_gemv_enabled()
+        || !(1..=GEMV_MAX_ROWS).contains(&m)
+        || n == 0
+        || k == 0
+        || k != k2
+        || i32::try_from(n.max(k)).is_err()
+        || b.dtype() != dtype
+        || !matches!(dtype, DType::F32 | DType::BF16)
+    {
+        return Ok(None);
+    }
+    let (sa, sb) = (la.stride(), lb.stride());
+    // A single row's stride is never used; the kernel still wants it 16-byte aligned.
+    let ldx = if m == 1 { k } else { sa[0] };
+    let ldw = if n == 1 { k } else { sb[1] };
+    let aligned = |v: usize| v.is_multiple_of(8);
+    if sa[1] != 1
+        || sb[0] != 1
+        || ![k, ldx, ldw, la.start_offset(), lb.start_offset()].into_iter().all(aligned)
+    {
+        return Ok(None);
+    }
+    let dev = a.device();
+    let f = function(dev, &kernels::GEMV, &format!("gemv_{}_m{m}", suffix(dtype, OP)?))?;
+    with_float!(dtype, OP, |T| {
+        let (oa, ob) = (la.start_offset(), lb.start_offset());
+        let xv = a.as_cuda_slice::<T>()?.slice(oa..oa + (m - 1) * ldx + k);
+        let wv = b.as_cuda_slice::<T>()?.slice(ob..ob + (n - 1) * ldw + k);
+        let mut y = unsafe { dev.alloc::<T>(m * n)? };
+        let (ldx64, ldw64, n32, k32) = (ldx as i64, ldw as i64, n as i32, k as i32);
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&xv).arg(&ldx64).arg(&wv).arg(&ldw64).arg(&mut y).arg(&n32).arg(&k32);
+        // SAFETY: matches gemv.cu: x holds M rows ldx apart, w N rows ldw apart (sliced to
+        // exactly that), both 16-byte aligned (candle's allocations are 256-byte aligned and the
+        // offsets are multiples of 8 elements); every one of the M·N outputs is written.
+        unsafe { launch.launch(cfg((n.div_ceil(GEMV_WARPS) as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }
+            .w()?;
+        Ok(Some(CudaStorage::wrap_cuda_slice(y, dev.clone())))
+    })
+}
+
+/// Output columns per GEMV block (gemv.cu's GEMV_WARPS: a warp per column).
+const GEMV_WARPS: usize = 4;
+
+static GEMV_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// GEMV kernel launches so far in this process (tests check that a product took the kernel).
+pub fn gemv_launches() -> usize {
+    GEMV_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Causal flash attention
 // ---------------------------------------------------------------------------------------------
 

@@ -7,8 +7,10 @@
 //! (`track_op`: a variable, or computed from one) before its gradient is computed.
 //!
 //! Forward: on a CPU with AVX-512, bf16 and (past a few rows) f32 run [`super::cpu_gemm`];
-//! everything else runs the backend's matmul (the `gemm` crate on the CPU, cuBLAS on CUDA), exactly what
-//! `Tensor::matmul` would run. Operands may be any 2-D strided views (transposes are free).
+//! on CUDA a few rows against a linear's weight (decode) run the GEMV kernel of
+//! `kernels/src/gemv.cu`; everything else runs the backend's matmul (the `gemm` crate on the
+//! CPU, cuBLAS on CUDA), exactly what `Tensor::matmul` would run. Operands may be any 2-D
+//! strided views (transposes are free).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
@@ -129,6 +131,11 @@ impl CustomOp2 for Matmul {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (shape, l1) = (l1, &rows_view(l1)?);
         let (m, n, k) = dims(l1, l2)?;
+        if !self.widen {
+            if let Some(c) = super::cuda::gemv(s1, l1, s2, l2)? {
+                return Ok((c, out_shape(shape, n)));
+            }
+        }
         let c = s1.matmul(s2, (1, m, n, k), l1, l2)?;
         let c = if self.widen && c.dtype() != DType::F32 {
             c.to_dtype(&Layout::contiguous((m, n)), DType::F32)?
