@@ -315,6 +315,47 @@ fn decode_gemv_forward() {
     }
 }
 
+/// Decode attention (one query position against a KV cache, heads merged) against the op's CPU
+/// forward: GQA, the cache's narrowed views read in place, one split (S ≤ 512) and several
+/// with a partial last one (the combine kernel), and K/V rows that are not contiguous (copied
+/// by the launcher first).
+#[test]
+fn decode_attention_forward() {
+    for (b, hq, hk, s, d, dtype) in [
+        (2, 4, 2, 37, 64, DType::F32),
+        (1, 32, 32, 1100, 128, DType::BF16),
+        (3, 6, 2, 513, 96, DType::BF16),
+        (1, 2, 1, 1, 32, DType::BF16),
+    ] {
+        let q = randn(&[b, hq, 1, d], 40, 1.0).to_dtype(dtype).unwrap();
+        let kc = randn(&[b, hk, s + 8, d], 41, 2.0).to_dtype(dtype).unwrap();
+        let vc = randn(&[b, hk, s + 8, d], 42, 1.0).to_dtype(dtype).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let on_gpu = |x: &Tensor| x.to_device(&gpu()).unwrap();
+        let (kg, vg) = (on_gpu(&kc).narrow(2, 0, s).unwrap(), on_gpu(&vc).narrow(2, 0, s).unwrap());
+        let yg = ops::attention::decode_attention(&on_gpu(&q), &kg, &vg, scale).unwrap();
+        let (k, v) = (kc.narrow(2, 0, s).unwrap(), vc.narrow(2, 0, s).unwrap());
+        let yc = ops::attention::decode_attention(&q, &k, &v, scale).unwrap();
+        let name = format!("decode attention {dtype:?} B{b} Hq{hq} Hk{hk} S{s} D{d}");
+        check(&name, &yg, &yc, tol(dtype, 1e-5));
+    }
+    // Rows of K/V D apart no more: every other column block of a [.., 2D] buffer.
+    let (b, h, s, d) = (1, 2, 20, 64);
+    let q = randn(&[b, h, 1, d], 43, 1.0).to_dtype(DType::BF16).unwrap();
+    let wide = randn(&[b, h, s, 2 * d], 44, 1.0).to_dtype(DType::BF16).unwrap();
+    let (k, v) = (wide.narrow(3, 0, d).unwrap(), wide.narrow(3, d, d).unwrap());
+    let wg = wide.to_device(&gpu()).unwrap();
+    let yg = ops::attention::decode_attention(
+        &q.to_device(&gpu()).unwrap(),
+        &wg.narrow(3, 0, d).unwrap(),
+        &wg.narrow(3, d, d).unwrap(),
+        0.125,
+    )
+    .unwrap();
+    let yc = ops::attention::decode_attention(&q, &k, &v, 0.125).unwrap();
+    check("decode attention BF16 strided K/V rows (copied)", &yg, &yc, 1e-2);
+}
+
 #[test]
 fn train_step_layer_nodes_match_the_composed_graph() {
     use shardsmith::commands::bench_gpu::{synthetic_batch, LlamaShape};

@@ -2,6 +2,7 @@
 // Run: kernels/emu/run.sh. Shapes are small and odd on purpose: partial tiles, GQA, tiny rows.
 #include "../src/adamw.cu"
 #include "../src/cross_entropy.cu"
+#include "../src/decode_attn.cu"
 #include "../src/flash_attn.cu"
 #include "../src/gemv.cu"
 #include "../src/rmsnorm.cu"
@@ -310,6 +311,46 @@ template <class T, int M> void test_gemv(int n, int k, double tol) {
     check(buf, widen(y), want, tol);
 }
 
+// One query position per sequence against a KV cache of capacity `cap` > S (strided views),
+// GQA, one split (S ≤ 512) or several with a partial last one (then the combine kernel).
+template <class T, int D> void test_decode_attn(int B, int hq, int hk, int s, int cap, double tol) {
+    const float scale = 1.0f / std::sqrt((float)D);
+    auto q = cast<T>(randv((size_t)B * hq * D));
+    auto k = cast<T>(randv((size_t)B * hk * cap * D, -2, 2)), v = cast<T>(randv((size_t)B * hk * cap * D));
+    const long long sh = (long long)cap * D, sb = hk * sh;
+    const int ns = (s + DECODE_CHUNK - 1) / DECODE_CHUNK;
+    std::vector<T> out((size_t)B * hq * D);
+    std::vector<float> po((size_t)B * hq * ns * D), pm((size_t)B * hq * ns), pl(pm.size());
+    emu::launch(dim3(hq, B, ns), dim3(32 * DECODE_WARPS), 0, decode_attn<T, D>, (const T *)q.data(),
+                (const T *)k.data(), (const T *)v.data(), sb, sh, out.data(), po.data(), pm.data(), pl.data(), hq, hk,
+                s, scale);
+    if (ns > 1)
+        emu::launch(dim3(hq, B), dim3((D + 31) / 32 * 32), 0, decode_attn_combine<T>, (const float *)po.data(),
+                    (const float *)pm.data(), (const float *)pl.data(), out.data(), hq, D, ns);
+    std::vector<double> want(out.size());
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < hq; ++h) {
+            const size_t kv = b * sb + (size_t)(h / (hq / hk)) * sh;
+            std::vector<double> sc(s);
+            double mx = -INFINITY, den = 0;
+            for (int j = 0; j < s; ++j) {
+                double d = 0;
+                for (int i = 0; i < D; ++i) d += (double)to_f32(q[((size_t)b * hq + h) * D + i]) * to_f32(k[kv + (size_t)j * D + i]);
+                sc[j] = d * scale;
+                mx = std::max(mx, sc[j]);
+            }
+            for (int j = 0; j < s; ++j) den += sc[j] = std::exp(sc[j] - mx);
+            for (int i = 0; i < D; ++i) {
+                double o = 0;
+                for (int j = 0; j < s; ++j) o += sc[j] * to_f32(v[kv + (size_t)j * D + i]);
+                want[((size_t)b * hq + h) * D + i] = o / den;
+            }
+        }
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "decode attention %s D%d Hq%d Hk%d S%d", sizeof(T) == 4 ? "f32" : "bf16", D, hq, hk, s);
+    check(buf, widen(out), want, tol);
+}
+
 int main() {
     test_elementwise();
     test_rmsnorm<float>(5, 37, 1e-5);
@@ -321,6 +362,10 @@ int main() {
     test_gemv<bf16, 1>(37, 264, 1e-2);
     test_gemv<bf16, 8>(6, 2056, 1e-2);
     test_gemv<bf16, 5>(5, 8, 1e-2);
+    test_decode_attn<float, 64>(2, 4, 2, 37, 40, 1e-5);
+    test_decode_attn<bf16, 128>(1, 2, 1, 1100, 1104, 1e-2);
+    test_decode_attn<bf16, 96>(1, 3, 3, 1, 8, 1e-2);
+    test_decode_attn<float, 32>(1, 2, 1, 513, 520, 1e-5);
     test_attention<float>(1, 2, 1, 70, "f32", 1e-4);
     test_attention<bf16>(1, 2, 1, 70, "bf16", 3e-2);
     test_attention<bf16>(2, 3, 3, 17, "bf16", 3e-2);

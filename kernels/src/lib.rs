@@ -48,6 +48,8 @@ modules! {
     CROSS_ENTROPY = "cross_entropy";
     /// `adamw_f32`.
     ADAMW = "adamw";
+    /// `decode_attn_{f32,bf16}_d{32,64,96,128}`, `decode_attn_combine_{f32,bf16}`.
+    DECODE_ATTN = "decode_attn";
     /// `gemv_{f32,bf16}_m{1..8}`.
     GEMV = "gemv";
     /// `flash_{fwd,bwd_pre,bwd}_{f32,bf16}_d{32,64,96,128}`, `flash_dq_convert_bf16`.

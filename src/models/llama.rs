@@ -520,6 +520,15 @@ impl Attention {
             return self.o_proj.forward(&ops::merge_heads(&y)?);
         }
         let (k, v) = if self.use_cache { self.cache.append(&k, &v)? } else { (k, v) }; // [B, Gl, S, D]
+                                                                                       // One new position against the cache (no mask: every key precedes it): one kernel for
+                                                                                       // what is below (two GEMMs, the softmax and the head merge), reading the cache in place.
+        if t == 1
+            && mask.is_none()
+            && !q.track_op()
+            && ops::attention::decode_kernel_supports(x.device(), q.dtype(), d)
+        {
+            return self.o_proj.forward(&ops::attention::decode_attention(&q, &k, &v, scale)?);
+        }
         let s = k.dim(2)?;
         // GQA without copying K/V: a group's query heads are consecutive, so the group's queries
         // stack into one [per_group·T, D] matrix against its single K/V head.

@@ -14,8 +14,10 @@
 use super::{as_f32, store};
 
 mod cpu;
+mod decode;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+pub use decode::{decode_attention, decode_kernel_supports};
 use std::sync::Mutex;
 
 /// Checked (B, Hq, Hk, T, D) of q [B, Hq, T, D], k and v [B, Hk, T, D].

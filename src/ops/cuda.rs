@@ -8,7 +8,7 @@
 
 use super::attention::attention_dims;
 use super::fused::AdamWScalars;
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
@@ -476,6 +476,109 @@ static GEMV_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::Atomic
 /// GEMV kernel launches so far in this process (tests check that a product took the kernel).
 pub fn gemv_launches() -> usize {
     GEMV_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention
+// ---------------------------------------------------------------------------------------------
+
+/// Keys per decode-attention split (decode_attn.cu's DECODE_CHUNK) and threads per block.
+const DECODE_CHUNK: usize = 512;
+const DECODE_THREADS: u32 = 128;
+
+/// [B, 1, Hq·D] attention output of q [B, Hq, 1, D] against k, v [B, Hk, S, D]: each read in
+/// place when its rows of D are contiguous and its offset and strides are multiples of 8
+/// elements (16-byte loads; the KV cache's views are), else copied first.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn decode_attention(
+    q: &CudaStorage,
+    lq: &Layout,
+    k: &CudaStorage,
+    lk: &Layout,
+    v: &CudaStorage,
+    lv: &Layout,
+    (b, hq, hk, s, d): (usize, usize, usize, usize, usize),
+    scale: f32,
+) -> Result<CudaStorage> {
+    const OP: &str = "decode-attention";
+    let dtype = q.dtype();
+    if k.dtype() != dtype || v.dtype() != dtype {
+        bail!("{OP}: q {dtype:?}, k {:?} and v {:?} must share a dtype", k.dtype(), v.dtype());
+    }
+    if !ATTENTION_HEAD_DIMS.contains(&d) {
+        bail!("{OP}: no kernel for head dim {d} (one of {ATTENTION_HEAD_DIMS:?})");
+    }
+    // A fresh contiguous copy of a view (for views the 16-byte loads cannot read in place).
+    let copy = |x: &CudaStorage, l: &Layout| -> Result<CudaStorage> {
+        // SAFETY: every element is written by the copy.
+        let mut c = unsafe { x.device().alloc_uninit(l.shape(), dtype)? };
+        x.copy_strided_src(&mut c, 0, l)?;
+        Ok(c)
+    };
+    let qc;
+    let (q, q0) = match lq.contiguous_offsets() {
+        Some((q0, _)) if q0 % 8 == 0 => (q, q0),
+        _ => {
+            qc = copy(q, lq)?;
+            (&qc, 0)
+        }
+    };
+    // (start, batch stride, head stride) of a K/V view the kernel reads in place.
+    let in_place = |l: &Layout| {
+        let st = l.stride();
+        let ok = st[3] == 1 && st[2] == d && [l.start_offset(), st[0], st[1]].iter().all(|x| x % 8 == 0);
+        ok.then(|| (l.start_offset(), st[0], st[1]))
+    };
+    let (kc, vc);
+    let ((k, k0), (v, v0)) = match (in_place(lk), in_place(lv)) {
+        (Some(kp), Some(vp)) if kp.1 == vp.1 && kp.2 == vp.2 => ((k, kp), (v, vp)),
+        _ => {
+            (kc, vc) = (copy(k, lk)?, copy(v, lv)?);
+            let packed = (0, hk * s * d, s * d);
+            ((&kc, packed), (&vc, packed))
+        }
+    };
+    let (sb, sh) = (k0.1 as i64, k0.2 as i64);
+    let ns = s.div_ceil(DECODE_CHUNK);
+    let dev = q.device();
+    let f = function(dev, &kernels::DECODE_ATTN, &format!("decode_attn_{}_d{d}", suffix(dtype, OP)?))?;
+    let (hq32, hk32, s32, ns32, d32) = (hq as i32, hk as i32, s as i32, ns as i32, d as i32);
+    let stream = dev.cuda_stream();
+    with_float!(dtype, OP, |T| {
+        let qv = q.as_cuda_slice::<T>()?.slice(q0..q0 + b * hq * d);
+        // The views' extents: the last row of the last head of the last batch.
+        let end = |start: usize| start + (b - 1) * sb as usize + (hk - 1) * sh as usize + s * d;
+        let kv = k.as_cuda_slice::<T>()?.slice(k0.0..end(k0.0));
+        let vv = v.as_cuda_slice::<T>()?.slice(v0.0..end(v0.0));
+        let mut out = unsafe { dev.alloc::<T>(b * hq * d)? };
+        let grid = (hq as u32, b as u32, ns as u32);
+        if ns == 1 {
+            let mut launch = stream.launch_builder(&f);
+            let null = 0u64; // po, pm, pl: unused with one split
+            launch.arg(&qv).arg(&kv).arg(&vv).arg(&sb).arg(&sh).arg(&mut out);
+            launch.arg(&null).arg(&null).arg(&null).arg(&hq32).arg(&hk32).arg(&s32).arg(&scale);
+            // SAFETY: matches decode_attn.cu: q holds B·Hq rows of D, k and v every (b, h, j)
+            // row the strides reach (sliced to exactly that); one split writes out directly.
+            unsafe { launch.launch(cfg(grid, DECODE_THREADS, 0)) }.w()?;
+        } else {
+            let rows = b * hq;
+            let mut po = unsafe { dev.alloc::<f32>(rows * ns * d)? };
+            let mut pm = unsafe { dev.alloc::<f32>(rows * ns)? };
+            let mut pl = unsafe { dev.alloc::<f32>(rows * ns)? };
+            let mut launch = stream.launch_builder(&f);
+            launch.arg(&qv).arg(&kv).arg(&vv).arg(&sb).arg(&sh).arg(&mut out);
+            launch.arg(&mut po).arg(&mut pm).arg(&mut pl).arg(&hq32).arg(&hk32).arg(&s32).arg(&scale);
+            // SAFETY: as above; po, pm and pl hold every split's partials, all written.
+            unsafe { launch.launch(cfg(grid, DECODE_THREADS, 0)) }.w()?;
+            let combine =
+                function(dev, &kernels::DECODE_ATTN, &format!("decode_attn_combine_{}", suffix(dtype, OP)?))?;
+            let mut launch = stream.launch_builder(&combine);
+            launch.arg(&po).arg(&pm).arg(&pl).arg(&mut out).arg(&hq32).arg(&d32).arg(&ns32);
+            // SAFETY: matches decode_attn_combine: a block of ≥ D threads per (h, b).
+            unsafe { launch.launch(cfg((hq as u32, b as u32, 1), row_block(d, 128), 0)) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

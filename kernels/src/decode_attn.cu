@@ -1,0 +1,147 @@
+// Attention of one new query position per sequence against its KV cache (decode), heads merged
+// on the way out: softmax(q·Kᵀ·scale)·V for every query head in one launch (two for long
+// caches), where the composed path ran a batched q·Kᵀ GEMM, a softmax, a batched P·V GEMM and a
+// head merge per layer and token. No mask: every cached key precedes the query.
+//
+// Shapes: q [B, Hq, D] contiguous (the [B, Hq, 1, D] query); k, v [B, Hk, S, D] with rows of D
+//         contiguous and any batch / head strides `sb`, `sh` (elements): the cache's narrowed
+//         views, read in place; query head h reads K/V head h / (Hq / Hk). out [B, Hq·D] (head
+//         h's values at h·D: merge_heads' layout for T = 1). D ∈ {32, 64, 96, 128}.
+//         Split S (NS > 1): po [B, Hq, NS, D] f32 (unnormalised partial outputs), pm, pl
+//         [B, Hq, NS] f32 (each split's max and sum of exponentials, base 2).
+// Launch: decode_attn_T_dD    grid (Hq, B, NS), NS = ⌈S / DECODE_CHUNK⌉, block 128 (4 warps),
+//                             static smem only; split z handles keys [z·CHUNK, min(S, (z+1)·CHUNK)).
+//                             NS = 1 writes out directly; otherwise po/pm/pl.
+//         decode_attn_combine_T  grid (Hq, B), block D (a multiple of 32): out from the NS splits.
+//         Inside a block, lanes work in groups of L = D/8 rounded up to a power of two: lane
+//         `sub` of a group holds elements 8·sub..8·sub+7 of a row (16-byte loads when T is bf16),
+//         each group takes one key (or V row) per step, 32/L of them per warp.
+// Numerics: f32 throughout: s_j = Σ_d q_d·k_jd · (scale·log2 e), m = max s, p_j = 2^(s_j − m),
+//           l = Σ p_j, o = Σ p_j·v_j / l, rounded to T once (the composed path rounds the scores
+//           and P to T as well). Splits combine as o = Σ 2^(m_i − M)·o_i / Σ 2^(m_i − M)·l_i.
+//           Reference: ops::attention::decode_attention's cpu_fwd (same formula, f32).
+// Supported T: f32, bf16.
+#include "common.cuh"
+
+#define LOG2E_F 1.4426950408889634f
+constexpr int DECODE_WARPS = 4;
+constexpr int DECODE_CHUNK = 512;  // keys per split
+
+template <int D> __host__ __device__ constexpr int decode_group() {
+    return D / 8 <= 4 ? 4 : D / 8 <= 8 ? 8 : D / 8 <= 16 ? 16 : 32;
+}
+
+template <typename T, int D>
+__device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
+                            long long sb, long long sh, T *__restrict__ out, float *__restrict__ po,
+                            float *__restrict__ pm, float *__restrict__ pl, int hq, int hk, int s, float scale) {
+    constexpr int L = decode_group<D>(), PER_WARP = 32 / L, STEP = DECODE_WARPS * PER_WARP;
+    __shared__ float p[DECODE_CHUNK];                   // scores, then probabilities
+    __shared__ float red[DECODE_WARPS * PER_WARP][D];   // each group's partial output
+    __shared__ float scratch[32];
+    const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z, ns = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % L, slot = lane / L;
+    const bool active = 8 * sub < D;  // D = 96: the last 4 lanes of a 16-lane group idle
+    const int j0 = split * DECODE_CHUNK, n = min(DECODE_CHUNK, s - j0);
+    const long long kv = b * sb + (long long)(h / (hq / hk)) * sh;
+    const T *kh = k + kv, *vh = v + kv;
+
+    float qv[8] = {};
+    if (active) {
+        load8(q + ((long long)b * hq + h) * D + 8 * sub, qv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) qv[i] *= scale * LOG2E_F;
+    }
+    // Scores: group `slot` of warp `warp` takes keys warp·PER_WARP + slot, + STEP, ...
+    for (int base = warp * PER_WARP; base < n; base += STEP) {
+        const int j = base + slot;
+        float part = 0.f;
+        if (active && j < n) {
+            float kr[8];
+            load8(kh + (long long)(j0 + j) * D + 8 * sub, kr);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) part = fmaf(qv[i], kr[i], part);
+        }
+#pragma unroll
+        for (int o = L / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+        if (sub == 0 && j < n) p[j] = part;
+    }
+    __syncthreads();
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, p[j]);
+    m = block_max(m, scratch);
+    float l = 0.f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float e = exp2f(p[j] - m);
+        p[j] = e;
+        l += e;
+    }
+    l = block_sum(l, scratch);  // its barriers also publish p
+    // o = Σ p_j v_j: group `slot` takes rows as above, lane `sub` its 8 columns.
+    if (active) {
+        float acc[8] = {};
+        for (int j = warp * PER_WARP + slot; j < n; j += STEP) {
+            float vr[8];
+            load8(vh + (long long)(j0 + j) * D + 8 * sub, vr);
+            const float pj = p[j];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] = fmaf(pj, vr[i], acc[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) red[warp * PER_WARP + slot][8 * sub + i] = acc[i];
+    }
+    __syncthreads();
+    const long long row = (long long)b * hq + h;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0.f;
+#pragma unroll
+        for (int g = 0; g < DECODE_WARPS * PER_WARP; ++g) o += red[g][d];
+        if (ns == 1) {
+            out[row * D + d] = from_f32<T>(o / l);
+        } else {
+            po[(row * ns + split) * D + d] = o;
+        }
+    }
+    if (ns > 1 && threadIdx.x == 0) {
+        pm[row * ns + split] = m;
+        pl[row * ns + split] = l;
+    }
+}
+
+template <typename T>
+__device__ void decode_attn_combine(const float *__restrict__ po, const float *__restrict__ pm,
+                                    const float *__restrict__ pl, T *__restrict__ out, int hq, int d, int ns) {
+    const long long row = (long long)blockIdx.y * hq + blockIdx.x;
+    const float *m = pm + row * ns, *l = pl + row * ns;
+    float mx = -INFINITY;
+    for (int i = 0; i < ns; ++i) mx = fmaxf(mx, m[i]);
+    float den = 0.f, num = 0.f;
+    for (int i = 0; i < ns; ++i) {
+        const float w = exp2f(m[i] - mx);
+        den += w * l[i];
+        if ((int)threadIdx.x < d) num += w * po[(row * ns + i) * d + threadIdx.x];
+    }
+    if ((int)threadIdx.x < d) out[row * d + threadIdx.x] = from_f32<T>(num / den);
+}
+
+#define DECODE_ATTN(TY, NAME, D)                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * DECODE_WARPS)                                        \
+        decode_attn_##NAME##_d##D(const TY *q, const TY *k, const TY *v, long long sb, long long sh, TY *out, \
+                                  float *po, float *pm, float *pl, int hq, int hk, int s, float scale) {    \
+        decode_attn<TY, D>(q, k, v, sb, sh, out, po, pm, pl, hq, hk, s, scale);                            \
+    }
+#define DECODE_ATTN_COMBINE(TY, NAME)                                                                       \
+    extern "C" __global__ void decode_attn_combine_##NAME(const float *po, const float *pm, const float *pl, \
+                                                          TY *out, int hq, int d, int ns) {                  \
+        decode_attn_combine<TY>(po, pm, pl, out, hq, d, ns);                                                 \
+    }
+DECODE_ATTN(float, f32, 32)
+DECODE_ATTN(float, f32, 64)
+DECODE_ATTN(float, f32, 96)
+DECODE_ATTN(float, f32, 128)
+DECODE_ATTN(bf16, bf16, 32)
+DECODE_ATTN(bf16, bf16, 64)
+DECODE_ATTN(bf16, bf16, 96)
+DECODE_ATTN(bf16, bf16, 128)
+DECODE_ATTN_COMBINE(float, f32)
+DECODE_ATTN_COMBINE(bf16, bf16)
