@@ -537,30 +537,46 @@ fn bench_kernels() {
     println!("bench | cross_entropy mean fwd+bwd | [4096, 32000] bf16 | {ms:.3} | -");
 }
 
-/// The decode GEMV against cuBLAS (candle's matmul, what `SHARDSMITH_CUDA_GEMV=0` runs) on a
-/// LLaMA-7B layer's decode products, weight bytes over time: M = 1 is bound by HBM bandwidth.
+/// Decode's kernels against what they replace, on LLaMA-7B's decode shapes (bf16, batch 1 and
+/// 8): the GEMV against cuBLAS (candle's matmul, what `SHARDSMITH_CUDA_GEMV=0` runs) as weight
+/// bytes over time (M = 1 is bound by HBM bandwidth), and the decode attention kernel against
+/// the composed q·Kᵀ, scaled softmax and P·V. Each time is of 20 back-to-back calls (a decode
+/// step issues them that way), per call. The per-token sums (32 layers + lm_head) set against
+/// `bench decode`'s ms per token give the time spent outside the weight products.
 #[test]
 #[ignore]
 fn bench_gemv() {
     let dev = gpu();
+    let per_call = |f: &mut dyn FnMut()| {
+        time_ms(&dev, 2, 10, || {
+            for _ in 0..20 {
+                f();
+            }
+        }) / 20.0
+    };
     println!("bench | op | shape | ours ms | ours GB/s | cuBLAS ms | cuBLAS GB/s");
-    for (what, n, k) in [
-        ("q/k/v fused", 12288, 4096),
-        ("o_proj", 4096, 4096),
-        ("gate/up fused", 22016, 4096),
-        ("down_proj", 4096, 11008),
-        ("lm_head", 32000, 4096),
+    let mut token = [[0.0; 2]; 2]; // [m = 1, 8][ours, cuBLAS] ms per token
+    let mut token_mbytes = 0.0;
+    for (what, n, k, per_token) in [
+        ("q/k/v fused", 12288, 4096, 32),
+        ("o_proj", 4096, 4096, 32),
+        ("gate/up fused", 22016, 4096, 32),
+        ("down_proj", 4096, 11008, 32),
+        ("lm_head", 32000, 4096, 1),
     ] {
         let w = randn(&[n, k], 30, 0.02).to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
         let wt = w.t().unwrap();
-        for m in [1, 8] {
+        token_mbytes += (n * k * 2 * per_token) as f64 / 1e6;
+        for (i, m) in [1, 8].into_iter().enumerate() {
             let x = randn(&[m, k], 31, 1.0).to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
-            let ours = time_ms(&dev, 5, 50, || {
+            let ours = per_call(&mut || {
                 ops::matmul(&x, &wt).unwrap();
             });
-            let cublas = time_ms(&dev, 5, 50, || {
+            let cublas = per_call(&mut || {
                 x.matmul(&wt).unwrap();
             });
+            token[i][0] += ours * per_token as f64;
+            token[i][1] += cublas * per_token as f64;
             let mbytes = (n * k * 2) as f64 / 1e6; // MB over ms: GB/s
             println!(
                 "bench | gemv {what} | M{m} N{n} K{k} bf16 | {ours:.4} | {:.0} | {cublas:.4} | {:.0}",
@@ -568,6 +584,34 @@ fn bench_gemv() {
                 mbytes / cublas
             );
         }
+    }
+    for (i, m) in [1, 8].into_iter().enumerate() {
+        println!(
+            "bench | gemv per 7B token (32 layers + lm_head) | M{m} | {:.3} | {:.0} | {:.3} | {:.0}",
+            token[i][0],
+            token_mbytes / token[i][0],
+            token[i][1],
+            token_mbytes / token[i][1]
+        );
+    }
+    println!("bench | op | shape | ours ms | - | composed ms | -");
+    for (b, s) in [(1, 256), (1, 4096), (8, 256)] {
+        let (h, d) = (32, 128);
+        let on = |shape: &[usize], seed| {
+            randn(shape, seed, 1.0).to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap()
+        };
+        let q = on(&[b, h, 1, d], 32);
+        let (kc, vc) = (on(&[b, h, s + 64, d], 33), on(&[b, h, s + 64, d], 34));
+        let (k, v) = (kc.narrow(2, 0, s).unwrap(), vc.narrow(2, 0, s).unwrap());
+        let scale = 1.0 / (d as f64).sqrt();
+        let ours = per_call(&mut || {
+            ops::attention::decode_attention(&q, &k, &v, scale).unwrap();
+        });
+        let composed = per_call(&mut || {
+            let p = ops::softmax_last_dim_scaled(&q.matmul(&k.t().unwrap()).unwrap(), scale).unwrap();
+            p.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, 1, h * d)).unwrap();
+        });
+        println!("bench | decode attention | B{b} H{h} S{s} D{d} bf16 | {ours:.4} | - | {composed:.4} | -");
     }
 }
 
