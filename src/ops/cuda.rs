@@ -26,33 +26,57 @@ use std::sync::{Arc, Mutex, OnceLock};
 const DEFAULT_SMEM: u32 = 48 * 1024;
 
 fn function(dev: &CudaDevice, m: &Module, name: &str) -> Result<CudaFunction> {
-    type Cache = Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
+    function_smem(dev, m, name, 0)
+}
+
+/// A loaded module and the functions looked up in it so far, each with the dynamic shared
+/// memory it is allowed.
+struct Loaded {
+    module: Arc<CudaModule>,
+    functions: HashMap<String, (CudaFunction, u32)>,
+}
+
+/// The function, allowed `smem` bytes of dynamic shared memory. Modules, functions and the
+/// shared-memory opt-in are looked up in the driver once per device and cached: a decode step
+/// launches ~15 kernels per layer, and each lookup (`cuModuleGetFunction`, a `CString`, and
+/// `cuFuncSetAttribute` for the attention kernels) was host time on every launch.
+fn function_smem(dev: &CudaDevice, m: &Module, name: &str, smem: u32) -> Result<CudaFunction> {
+    type Cache = Mutex<HashMap<(DeviceId, &'static str), Loaded>>;
     static MODULES: OnceLock<Cache> = OnceLock::new();
     let mut cache = MODULES.get_or_init(Default::default).lock().expect("kernel module cache");
-    let module = match cache.get(&(dev.id(), m.name)) {
-        Some(module) => module.clone(),
-        None => {
+    let loaded = match cache.entry((dev.id(), m.name)) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
             let ctx = dev.cuda_stream().context().clone();
             let module = match ctx.load_module(Ptx::from_binary(m.cubin.to_vec())) {
                 Ok(module) => module,
                 // Another architecture than the cubin's: let the driver JIT the PTX.
                 Err(_) => ctx.load_module(Ptx::from_src(m.ptx)).w()?,
             };
-            cache.insert((dev.id(), m.name), module.clone());
-            module
+            e.insert(Loaded { module, functions: HashMap::new() })
         }
     };
-    module.load_function(name).w()
-}
-
-/// The function, allowed `smem` bytes of dynamic shared memory.
-fn function_smem(dev: &CudaDevice, m: &Module, name: &str, smem: u32) -> Result<CudaFunction> {
-    let f = function(dev, m, name)?;
-    if smem > DEFAULT_SMEM {
+    let allow = |f: &CudaFunction| -> Result<()> {
         f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .w()?;
+            .w()
+    };
+    match loaded.functions.get_mut(name) {
+        Some((f, allowed)) => {
+            if smem > *allowed {
+                allow(f)?;
+                *allowed = smem;
+            }
+            Ok(f.clone())
+        }
+        None => {
+            let f = loaded.module.load_function(name).w()?;
+            if smem > DEFAULT_SMEM {
+                allow(&f)?;
+            }
+            loaded.functions.insert(name.to_string(), (f.clone(), smem.max(DEFAULT_SMEM)));
+            Ok(f)
+        }
     }
-    Ok(f)
 }
 
 fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
