@@ -290,6 +290,7 @@ mod cuda;
 pub use cuda::{gemv_launches as cuda_gemv_launches, keep_pool_memory};
 pub mod fused;
 pub mod heads;
+pub mod kv_step;
 pub mod linear;
 pub mod opaque;
 pub(crate) mod par;

@@ -356,6 +356,46 @@ fn decode_attention_forward() {
     check("decode attention BF16 strided K/V rows (copied)", &yg, &yc, 1e-2);
 }
 
+/// One decode step's q, k, v into attention's layout and the KV cache (ops::kv_step): q and the
+/// cache bit-identical to the CPU op, with q, k, v as column views of one fused product, a
+/// cache with rows before and after the written positions, and every table dtype pairing.
+#[test]
+fn rope_qkv_into_cache_is_exact() {
+    use candle_core::IndexOp;
+    for (xd, cd, t) in
+        [(DType::F32, DType::F32, 1), (DType::BF16, DType::BF16, 1), (DType::BF16, DType::F32, 3)]
+    {
+        let (b, hq, g, d, cap, pos) = (2, 8, 2, 64, 16, 5);
+        let y = randn(&[b, t, (hq + 2 * g) * d], 50, 1.0).to_dtype(xd).unwrap();
+        let cos = randn(&[t, d / 2], 51, 1.0).to_dtype(cd).unwrap();
+        let sin = randn(&[t, d / 2], 52, 1.0).to_dtype(cd).unwrap();
+        let cache = randn(&[2, b, g, cap, d], 53, 1.0).to_dtype(xd).unwrap();
+        let run = |dev: &Device| {
+            let (y, cos, sin) =
+                (y.to_device(dev).unwrap(), cos.to_device(dev).unwrap(), sin.to_device(dev).unwrap());
+            let kv = cache.to_device(dev).unwrap().copy().unwrap();
+            let cols = |from: usize, n: usize| y.narrow(2, from * d, n * d).unwrap();
+            let q = ops::kv_step::rope_qkv_into_cache(
+                &cols(0, hq),
+                &cols(hq, g),
+                &cols(hq + g, g),
+                (&cos, &sin),
+                &kv,
+                pos,
+                hq,
+            )
+            .unwrap();
+            (q, kv)
+        };
+        let ((qg, kvg), (qc, kvc)) = (run(&gpu()), run(&Device::Cpu));
+        check(&format!("rope_qkv_into_cache x {xd:?} tables {cd:?} T{t} q"), &qg, &qc, 0.0);
+        for half in 0..2 {
+            let what = format!("rope_qkv_into_cache x {xd:?} tables {cd:?} T{t} cache {half}");
+            check(&what, &kvg.i(half).unwrap(), &kvc.i(half).unwrap(), 0.0);
+        }
+    }
+}
+
 #[test]
 fn train_step_layer_nodes_match_the_composed_graph() {
     use shardsmith::commands::bench_gpu::{synthetic_batch, LlamaShape};

@@ -351,6 +351,50 @@ template <class T, int D> void test_decode_attn(int B, int hq, int hk, int s, in
     check(buf, widen(out), want, tol);
 }
 
+// q, k, v as column views of one fused [B, T, (Hq + 2G)·D] product, rotated / copied into
+// q_out and a [2, B, G, cap, D] cache at pos..pos+T; cache rows outside stay as they were.
+template <class T, class C> void test_rope_qkv_cache(int B, int t, int hq, int g, int d, int cap, int pos) {
+    const int half = d / 2, width = (hq + 2 * g) * d;
+    auto y = cast<T>(randv((size_t)B * t * width));
+    auto cs = cast<C>(randv((size_t)t * half)), sn = cast<C>(randv((size_t)t * half));
+    const T sentinel = from_f32<T>(7.f);
+    std::vector<T> q_out((size_t)B * hq * t * d), kv((size_t)2 * B * g * cap * d, sentinel);
+    const long long sb = (long long)t * width, st = width;
+    const long long pairs = (long long)B * t * (hq + 2 * g) * half;
+    emu::launch(dim3((unsigned)std::min<long long>((pairs + 63) / 64, 3)), dim3(64), 0, rope_qkv_cache<T, C>,
+                (const T *)y.data(), sb, st, (const T *)y.data() + hq * d, sb, st, (const T *)y.data() + (hq + g) * d, sb,
+                st, (const C *)cs.data(), (const C *)sn.data(), q_out.data(), kv.data(), B, t, hq, g, d, cap, pos);
+    std::vector<double> wq(q_out.size()), wkv(kv.size(), 7.0);
+    auto rot = [&](const T *src, int p, int i, bool second) {
+        const float a = to_f32(src[i]), b = to_f32(src[i + half]);
+        const float c = to_f32(cs[p * half + i]), s = to_f32(sn[p * half + i]);
+        return (double)to_f32(from_f32<T>(second ? b * c + a * s : a * c - b * s));
+    };
+    for (int b = 0; b < B; ++b)
+        for (int p = 0; p < t; ++p) {
+            const T *row = y.data() + b * sb + p * st;
+            for (int h = 0; h < hq + 2 * g; ++h)
+                for (int i = 0; i < half; ++i) {
+                    const T *src = row + (size_t)h * d;
+                    if (h < hq) {
+                        const size_t o = (((size_t)b * hq + h) * t + p) * d;
+                        wq[o + i] = rot(src, p, i, false), wq[o + i + half] = rot(src, p, i, true);
+                    } else if (h < hq + g) {
+                        const size_t o = (((size_t)b * g + h - hq) * cap + pos + p) * d;
+                        wkv[o + i] = rot(src, p, i, false), wkv[o + i + half] = rot(src, p, i, true);
+                    } else {
+                        const size_t o = ((((size_t)B + b) * g + h - hq - g) * cap + pos + p) * d;
+                        wkv[o + i] = to_f32(src[i]), wkv[o + i + half] = to_f32(src[i + half]);
+                    }
+                }
+        }
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "rope_qkv_cache %s q B%d T%d Hq%d G%d D%d", sizeof(T) == 4 ? "f32" : "bf16", B, t, hq, g, d);
+    check(buf, widen(q_out), wq, 0.0);
+    std::snprintf(buf, sizeof buf, "rope_qkv_cache %s cache pos %d cap %d", sizeof(T) == 4 ? "f32" : "bf16", pos, cap);
+    check(buf, widen(kv), wkv, 0.0);
+}
+
 int main() {
     test_elementwise();
     test_rmsnorm<float>(5, 37, 1e-5);
@@ -363,6 +407,9 @@ int main() {
     test_gemv<bf16, 8>(6, 2056, 1e-2);
     test_gemv<bf16, 5>(5, 8, 1e-2);
     test_decode_attn<float, 64>(2, 4, 2, 37, 40, 1e-5);
+    test_rope_qkv_cache<float, float>(2, 1, 4, 2, 16, 9, 5);
+    test_rope_qkv_cache<bf16, bf16>(1, 3, 2, 1, 8, 6, 2);
+    test_rope_qkv_cache<bf16, float>(2, 2, 3, 3, 12, 4, 0);
     test_decode_attn<bf16, 128>(1, 2, 1, 1100, 1104, 1e-2);
     test_decode_attn<bf16, 96>(1, 3, 3, 1, 8, 1e-2);
     test_decode_attn<float, 32>(1, 2, 1, 513, 520, 1e-5);

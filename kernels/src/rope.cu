@@ -8,6 +8,17 @@
 //           own (__fmul_rn / __fadd_rn, no FMA contraction), rounded to T once: bit-identical
 //           to the CPU reference (ops::Rope::cpu_fwd).
 // Supported (T, C): (f32, f32), (bf16, bf16), (bf16, f32).
+//
+// rope_qkv_cache_*: one inference step's q, k and v into attention's layout in one launch — q
+// rotated into q_out, k rotated and v copied into the KV cache at positions pos..pos+T (what
+// two rotations, three head splits and two cache writes did).
+// Shapes: q [B, T, Hq·D], k and v [B, T, G·D], element (b, t, j) at x[b·sb + t·st + j] (column
+//         views of one fused projection are fine); cos/sin [T, D/2] for positions pos..pos+T;
+//         q_out [B, Hq, T, D] contiguous; kv [2, B, G, cap, D] contiguous (keys, then values),
+//         pos + T ≤ cap.
+// Launch: 1-D grid-stride over B·T·(Hq + 2G)·D/2 (one thread per pair (i, i + D/2) of one head
+//         row), block 256.
+// Numerics: the rotation as above (bit-identical to ops::RopeQkvCache's CPU forward); v copied.
 #include "common.cuh"
 
 template <typename T, typename C>
@@ -26,10 +37,59 @@ __device__ void rope(const T *__restrict__ x, const C *__restrict__ cos, const C
     }
 }
 
+template <typename T, typename C>
+__device__ void rope_qkv_cache(const T *__restrict__ q, long long sqb, long long sqt, const T *__restrict__ k,
+                               long long skb, long long skt, const T *__restrict__ v, long long svb, long long svt,
+                               const C *__restrict__ cos, const C *__restrict__ sin,
+                               T *__restrict__ q_out, T *__restrict__ kv, int b, int t, int hq, int g, int d, int cap,
+                               int pos) {
+    const int half = d / 2, heads = hq + 2 * g;
+    const long long pairs = (long long)b * t * heads * half;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < pairs;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)(idx % half);
+        long long r = idx / half;
+        const int head = (int)(r % heads);
+        r /= heads;
+        const int p = (int)(r % t);
+        const int bi = (int)(r / t);
+        const T *src;
+        T *dst;
+        bool rotate = true;
+        if (head < hq) {
+            src = q + bi * sqb + p * sqt + (long long)head * d;
+            dst = q_out + (((long long)bi * hq + head) * t + p) * d;
+        } else if (head < hq + g) {
+            src = k + bi * skb + p * skt + (long long)(head - hq) * d;
+            dst = kv + (((long long)bi * g + (head - hq)) * cap + pos + p) * d;
+        } else {
+            src = v + bi * svb + p * svt + (long long)(head - hq - g) * d;
+            dst = kv + ((((long long)b + bi) * g + (head - hq - g)) * cap + pos + p) * d;
+            rotate = false;
+        }
+        if (rotate) {
+            const float a = to_f32(src[i]), bv = to_f32(src[i + half]);
+            const float c = to_f32(cos[p * half + i]), s = to_f32(sin[p * half + i]);
+            dst[i] = from_f32<T>(__fsub_rn(__fmul_rn(a, c), __fmul_rn(bv, s)));
+            dst[i + half] = from_f32<T>(__fadd_rn(__fmul_rn(bv, c), __fmul_rn(a, s)));
+        } else {
+            dst[i] = src[i];
+            dst[i + half] = src[i + half];
+        }
+    }
+}
+
 #define ROPE(TY, CY, NAME)                                                                            \
     extern "C" __global__ void rope_##NAME(const TY *x, const CY *cos, const CY *sin, TY *y,           \
                                            long long pairs, int t, int d) {                           \
         rope<TY, CY>(x, cos, sin, y, pairs, t, d);                                                    \
+    }                                                                                                 \
+    extern "C" __global__ void rope_qkv_cache_##NAME(                                                 \
+        const TY *q, long long sqb, long long sqt, const TY *k, long long skb, long long skt, const TY *v,    \
+        long long svb, long long svt, const CY *cos, const CY *sin, TY *q_out, TY *kv, int b, int t, int hq, \
+        int g, int d, int cap, int pos) {                                                                   \
+        rope_qkv_cache<TY, CY>(q, sqb, sqt, k, skb, skt, v, svb, svt, cos, sin, q_out, kv, b, t, hq, g, d, cap, \
+                               pos);                                                                        \
     }
 ROPE(float, float, f32_f32)
 ROPE(bf16, bf16, bf16_bf16)

@@ -13,7 +13,7 @@
 use crate::ops;
 use crate::parallel::Collective;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use shardsmith_converters::names::llama::LlamaHparams;
 use std::sync::Arc;
@@ -341,13 +341,14 @@ impl NodeNorm {
     }
 }
 
-/// Keys and values of the tokens seen so far, in buffers [B, Gl, capacity, D] allocated once:
-/// each step writes its new rows in place (`slice_set`) and attention reads a narrowed view, so
-/// decoding allocates and copies nothing per token. The capacity is what [`Llama::reserve`] asked
-/// for; past it the buffers grow (doubling, one copy), so an unreserved cache still works.
+/// Keys and values of the tokens seen so far, in one buffer [2, B, Gl, capacity, D] (keys, then
+/// values) allocated once: each step writes its new rows in place and attention reads narrowed
+/// views, so decoding allocates and copies nothing per token. The capacity is what
+/// [`Llama::reserve`] asked for; past it the buffer grows (doubling, one copy), so an unreserved
+/// cache still works.
 struct KvCache {
-    /// [B, Gl, capacity, D] each, or none before the first token.
-    buffers: Option<(Tensor, Tensor)>,
+    /// [2, B, Gl, capacity, D], or none before the first token.
+    buffer: Option<Tensor>,
     /// Positions filled.
     len: usize,
     /// Positions to allocate at the first append.
@@ -356,24 +357,24 @@ struct KvCache {
 
 impl KvCache {
     fn new() -> Self {
-        KvCache { buffers: None, len: 0, reserve: 0 }
+        KvCache { buffer: None, len: 0, reserve: 0 }
     }
 
-    /// Forget the tokens; the buffers stay for the next sequence.
+    /// Forget the tokens; the buffer stays for the next sequence.
     fn reset(&mut self) {
         self.len = 0;
     }
 
-    /// Write k, v [B, Gl, T, D] after the cached positions; returns views [B, Gl, S, D] of all.
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, g, t, d) = k.dims4()?;
+    /// The buffer, with room for `t` more positions of [B, Gl, ·, D] rows like `like`'s (dtype,
+    /// device): as it is, or a new one holding the cached positions.
+    fn room(&mut self, (b, g, t, d): (usize, usize, usize, usize), like: &Tensor) -> Result<Tensor> {
         let need = self.len + t;
-        let fits = match &self.buffers {
-            Some((bk, _)) => {
-                let (bb, bg, cap, bd) = bk.dims4()?;
-                (bb, bg, bd) == (b, g, d)
-                    && bk.dtype() == k.dtype()
-                    && bk.device().same_device(k.device())
+        let fits = match &self.buffer {
+            Some(kv) => {
+                let (_, kb, kg, cap, kd) = kv.dims5()?;
+                (kb, kg, kd) == (b, g, d)
+                    && kv.dtype() == like.dtype()
+                    && kv.device().same_device(like.device())
                     && cap >= need
                     // A new sequence starts in a buffer of the reserved size.
                     && (self.len > 0 || cap >= self.reserve)
@@ -382,26 +383,58 @@ impl KvCache {
         };
         if !fits {
             let cap = self.reserve.max(need).max(2 * self.capacity());
-            let kb = Tensor::zeros((b, g, cap, d), k.dtype(), k.device())?;
-            let vb = Tensor::zeros((b, g, cap, d), v.dtype(), v.device())?;
-            match &self.buffers {
-                Some((ok, ov)) if self.len > 0 && ok.dims4()?.0 == b => {
-                    kb.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    vb.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            let kv = Tensor::zeros((2, b, g, cap, d), like.dtype(), like.device())?;
+            match &self.buffer {
+                Some(old) if self.len > 0 && old.dim(1)? == b => {
+                    for half in 0..2 {
+                        kv.i(half)?.slice_set(&old.i(half)?.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
                 }
                 _ => self.len = 0,
             }
-            self.buffers = Some((kb, vb));
+            self.buffer = Some(kv);
         }
-        let Some((kb, vb)) = &self.buffers else { unreachable!("allocated above") };
-        kb.slice_set(&k.contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok(self.buffer.clone().expect("allocated above"))
+    }
+
+    /// Views [B, Gl, S, D] of the keys and values of every cached position.
+    fn views(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((kv.i(0)?.narrow(2, 0, self.len)?, kv.i(1)?.narrow(2, 0, self.len)?))
+    }
+
+    /// Write k, v [B, Gl, T, D] after the cached positions; returns views [B, Gl, S, D] of all.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, g, t, d) = k.dims4()?;
+        let kv = self.room((b, g, t, d), k)?;
+        kv.i(0)?.slice_set(&k.contiguous()?, 2, self.len)?;
+        kv.i(1)?.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len += t;
-        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+        self.views(&kv)
+    }
+
+    /// One step from the projections q [B, T, Hl·D], k and v [B, T, Gl·D] (`ops::kv_step`):
+    /// k rotated and v written after the cached positions; returns q rotated [B, Hl, T, D] and
+    /// views [B, Gl, S, D] of all keys and values.
+    fn append_rotated(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        tables: (&Tensor, &Tensor),
+        heads: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, qw) = q.dims3()?;
+        let d = qw / heads.max(1);
+        let g = k.dim(2)? / d.max(1);
+        let kv = self.room((b, g, t, d), k)?;
+        let q = ops::kv_step::rope_qkv_into_cache(q, k, v, tables, &kv, self.len, heads)?;
+        self.len += t;
+        let (k, v) = self.views(&kv)?;
+        Ok((q, k, v))
     }
 
     fn capacity(&self) -> usize {
-        self.buffers.as_ref().and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
+        self.buffer.as_ref().and_then(|kv| kv.dim(3).ok()).unwrap_or(0)
     }
 }
 
@@ -505,26 +538,42 @@ impl Attention {
             Some([q, k, v]) => (q.clone(), k.clone(), v.clone()),
             _ => (qp.forward(x)?, kp.forward(x)?, vp.forward(x)?),
         };
-        let q = ops::split_heads(&q, hl, Some((cos, sin)))?; // [B, Hl, T, D]
-        let k = ops::split_heads(&k, gl, Some((cos, sin)))?; // [B, Gl, T, D]
-        let v = ops::split_heads(&v, gl, None)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let past = if self.use_cache { self.cache.len } else { 0 };
-        // The fused kernel's semantics are exactly "queries and keys are the same T positions,
-        // causal": training and a prefill into an empty cache. Decode (T < S) takes the path below.
-        if past == 0 && ops::attention::has_kernel(&q) {
-            if self.use_cache {
-                self.cache.append(&k, &v)?;
+        let tracked = x.track_op() || q.track_op() || k.track_op() || v.track_op();
+        // One decode step: q rotated, and k rotated and v written into the cache, in one op
+        // (one kernel on CUDA) instead of two rotations, three head splits and two cache writes.
+        let one_step = self.use_cache
+            && t == 1
+            && !tracked
+            && matches!(
+                (q.dtype(), cos.dtype()),
+                (DType::F32, DType::F32) | (DType::BF16, DType::BF16 | DType::F32)
+            );
+        let (q, k, v) = if one_step {
+            self.cache.append_rotated(&q, &k, &v, (cos, sin), hl)? // [B, Hl, 1, D], [B, Gl, S, D] ×2
+        } else {
+            let q = ops::split_heads(&q, hl, Some((cos, sin)))?; // [B, Hl, T, D]
+            let k = ops::split_heads(&k, gl, Some((cos, sin)))?; // [B, Gl, T, D]
+            let v = ops::split_heads(&v, gl, None)?;
+            // The fused kernel's semantics are exactly "queries and keys are the same T
+            // positions, causal": training and a prefill into an empty cache. Decode (T < S)
+            // takes the path below.
+            let past = if self.use_cache { self.cache.len } else { 0 };
+            if past == 0 && ops::attention::has_kernel(&q) {
+                if self.use_cache {
+                    self.cache.append(&k, &v)?;
+                }
+                let y = ops::causal_attention(&q, &k, &v, scale)?; // [B, Hl, T, D]
+                return self.o_proj.forward(&ops::merge_heads(&y)?);
             }
-            let y = ops::causal_attention(&q, &k, &v, scale)?; // [B, Hl, T, D]
-            return self.o_proj.forward(&ops::merge_heads(&y)?);
-        }
-        let (k, v) = if self.use_cache { self.cache.append(&k, &v)? } else { (k, v) }; // [B, Gl, S, D]
-                                                                                       // One new position against the cache (no mask: every key precedes it): one kernel for
-                                                                                       // what is below (two GEMMs, the softmax and the head merge), reading the cache in place.
+            let (k, v) = if self.use_cache { self.cache.append(&k, &v)? } else { (k, v) }; // [B, Gl, S, D]
+            (q, k, v)
+        };
+        // One new position against the cache (no mask: every key precedes it): one kernel for
+        // what is below (two GEMMs, the softmax and the head merge), reading the cache in place.
         if t == 1
             && mask.is_none()
-            && !q.track_op()
+            && !tracked
             && ops::attention::decode_kernel_supports(x.device(), q.dtype(), d)
         {
             return self.o_proj.forward(&ops::attention::decode_attention(&q, &k, &v, scale)?);

@@ -254,6 +254,64 @@ pub(super) fn rope(
     }
 }
 
+/// One inference step into attention (ops::kv_step): q, k, v [B, T, H·D] views with unit-stride
+/// rows; q rotated is returned as [B, Hq, T, D], k rotated and v written into the cache `kv`
+/// [2, B, G, cap, D] (contiguous) at positions pos..pos+T. Shapes checked by the caller.
+pub(super) fn rope_qkv_cache(
+    [q, k, v]: [&Tensor; 3],
+    (cos, sin): (&Tensor, &Tensor),
+    kv: &mut CudaStorage,
+    n: &super::kv_step::Dims,
+    pos: usize,
+) -> Result<Tensor> {
+    const OP: &str = "rope-qkv-into-cache";
+    let guards = [q, k, v, cos, sin].map(|x| x.storage_and_layout());
+    let mut st = Vec::with_capacity(5);
+    for (s, l) in &guards {
+        st.push((cuda_of(s, OP)?, *l));
+    }
+    let strides = |i: usize| (st[i].1.stride()[0] as i64, st[i].1.stride()[1] as i64);
+    let ((sqb, sqt), (skb, skt), (svb, svt)) = (strides(0), strides(1), strides(2));
+    let (b, t, hq, g, d, cap) = (n.b as i32, n.t as i32, n.hq as i32, n.g as i32, n.d as i32, n.cap as i32);
+    let pos32 = pos as i32;
+    let pairs = n.b * n.t * (n.hq + 2 * n.g) * n.d / 2;
+    let dev = kv.device().clone();
+    // Each view from its first element to the end of its last row.
+    fn rows<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, width: usize) -> Result<CudaView<'a, T>> {
+        let (b, t) = (l.dims()[0], l.dims()[1]);
+        let end = l.start_offset() + (b - 1) * l.stride()[0] + (t - 1) * l.stride()[1] + width;
+        Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..end))
+    }
+    macro_rules! go {
+        ($T:ty, $C:ty, $name:literal) => {{
+            let f = function(&dev, &kernels::ROPE, $name)?;
+            let qv = rows::<$T>(st[0].0, st[0].1, n.hq * n.d)?;
+            let kv_in = rows::<$T>(st[1].0, st[1].1, n.g * n.d)?;
+            let vv = rows::<$T>(st[2].0, st[2].1, n.g * n.d)?;
+            let (cv, sv) = (view::<$C>(st[3].0, st[3].1, OP)?, view::<$C>(st[4].0, st[4].1, OP)?);
+            let mut q_out = unsafe { dev.alloc::<$T>(n.b * n.hq * n.t * n.d)? };
+            let mut cache =
+                kv.as_cuda_slice_mut::<$T>()?.slice_mut(n.start..n.start + 2 * n.b * n.g * n.cap * n.d);
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&f);
+            launch.arg(&qv).arg(&sqb).arg(&sqt).arg(&kv_in).arg(&skb).arg(&skt).arg(&vv).arg(&svb).arg(&svt);
+            launch.arg(&cv).arg(&sv).arg(&mut q_out).arg(&mut cache);
+            launch.arg(&b).arg(&t).arg(&hq).arg(&g).arg(&d).arg(&cap).arg(&pos32);
+            // SAFETY: matches rope.cu (rope_qkv_cache): every view reaches its last row (sliced to
+            // it), the cache holds 2·B·G·cap·D elements and pos + T ≤ cap (checked by the op),
+            // and q_out's B·Hq·T·D elements are all written.
+            unsafe { launch.launch(cfg_1d(pairs)) }.w()?;
+            Ok(tensor(q_out, &dev, (n.b, n.hq, n.t, n.d)))
+        }};
+    }
+    match (q.dtype(), cos.dtype()) {
+        (DType::F32, DType::F32) => go!(f32, f32, "rope_qkv_cache_f32_f32"),
+        (DType::BF16, DType::BF16) => go!(bf16, bf16, "rope_qkv_cache_bf16_bf16"),
+        (DType::BF16, DType::F32) => go!(bf16, f32, "rope_qkv_cache_bf16_f32"),
+        (a, b) => bail!("{OP}: no cuda kernel for q {a:?} with tables {b:?}"),
+    }
+}
+
 /// softmax(scale·x) over the last dimension.
 pub(super) fn softmax(x: &CudaStorage, l: &Layout, scale: f32) -> Result<CudaStorage> {
     const OP: &str = "softmax-last-dim";
