@@ -286,6 +286,7 @@ mod cast;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod epilogue;
 #[cfg(feature = "cuda")]
 pub use cuda::{gemv_launches as cuda_gemv_launches, keep_pool_memory};
 pub mod fused;

@@ -396,6 +396,33 @@ fn rope_qkv_into_cache_is_exact() {
     }
 }
 
+/// A linear's epilogue act(x + b) (+ r) (ops::epilogue, the CLIP tower's projections) against
+/// its CPU forward: the vector path (C % 8 = 0) and the scalar one, with and without the
+/// residual, quick GELU and identity.
+#[test]
+fn bias_act_forward() {
+    use ops::epilogue::{bias_act, Act};
+    for (shape, dtype) in
+        [(vec![4, 577, 4096], DType::BF16), (vec![3, 7, 36], DType::F32), (vec![5, 12], DType::BF16)]
+    {
+        let c = *shape.last().unwrap();
+        let x = randn(&shape, 60, 4.0).to_dtype(dtype).unwrap();
+        let b = randn(&[c], 61, 1.0).to_dtype(dtype).unwrap();
+        let r = randn(&shape, 62, 1.0).to_dtype(dtype).unwrap();
+        let g = |t: &Tensor| t.to_device(&gpu()).unwrap();
+        for (act, residual) in [(Act::QuickGelu, false), (Act::Identity, true), (Act::QuickGelu, true)] {
+            let yg = bias_act(&g(&x), &g(&b), act, residual.then(|| g(&r)).as_ref()).unwrap();
+            let yc = bias_act(&x, &b, act, residual.then_some(&r)).unwrap();
+            check(
+                &format!("bias_act {dtype:?} {shape:?} {act:?} residual {residual}"),
+                &yg,
+                &yc,
+                tol(dtype, 1e-5),
+            );
+        }
+    }
+}
+
 #[test]
 fn train_step_layer_nodes_match_the_composed_graph() {
     use shardsmith::commands::bench_gpu::{synthetic_batch, LlamaShape};
@@ -794,11 +821,11 @@ fn bench_layer_parts() {
     time("whole encoder layer", &|| {
         layer.forward(&x).unwrap();
     });
-    time("attention block (q/k/v/out linears, materialised softmax)", &|| {
-        attn.forward(&x).unwrap();
+    time("attention block (fused q/k/v, flash kernel, out_proj + residual)", &|| {
+        attn.forward(&x, Some(&x)).unwrap();
     });
-    time("MLP block (fc1, quick GELU, fc2)", &|| {
-        mlp.forward(&x).unwrap();
+    time("MLP block (fc1 + quick GELU, fc2 + residual)", &|| {
+        mlp.forward(&x, Some(&x)).unwrap();
     });
     let ln = candle_nn::LayerNorm::new(
         Tensor::ones(1024, bf, &dev).unwrap(),

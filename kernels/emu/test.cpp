@@ -1,6 +1,7 @@
 // Emulator checks of the kernels' logic against plain C++ references (double precision).
 // Run: kernels/emu/run.sh. Shapes are small and odd on purpose: partial tiles, GQA, tiny rows.
 #include "../src/adamw.cu"
+#include "../src/bias_act.cu"
 #include "../src/cross_entropy.cu"
 #include "../src/decode_attn.cu"
 #include "../src/flash_attn.cu"
@@ -395,8 +396,31 @@ template <class T, class C> void test_rope_qkv_cache(int B, int t, int hq, int g
     check(buf, widen(kv), wkv, 0.0);
 }
 
+// act(x + b) (+ r) over rows of `cols`: the vector path (cols % 8 == 0) and the scalar one.
+template <class T> void test_bias_act(int rows, int cols, int act, bool residual, double tol) {
+    auto x = cast<T>(randv((size_t)rows * cols, -4, 4)), b = cast<T>(randv(cols)), r = cast<T>(randv((size_t)rows * cols));
+    std::vector<T> y(x.size());
+    const long long n = (long long)x.size();
+    emu::launch(dim3(2), dim3(64), 0, bias_act<T>, (const T *)x.data(), (const T *)b.data(),
+                residual ? (const T *)r.data() : (const T *)nullptr, y.data(), n, cols, act);
+    std::vector<double> want(x.size());
+    for (long long i = 0; i < n; ++i) {
+        double v = (double)to_f32(x[i]) + to_f32(b[i % cols]);
+        if (act == 1) v = v / (1 + std::exp(-1.702 * v));
+        want[i] = v + (residual ? to_f32(r[i]) : 0.0);
+    }
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "bias_act %s [%d, %d] act %d%s", sizeof(T) == 4 ? "f32" : "bf16", rows, cols, act,
+                  residual ? " + residual" : "");
+    check(buf, widen(y), want, tol);
+}
+
 int main() {
     test_elementwise();
+    test_bias_act<float>(3, 40, 1, false, 1e-6);
+    test_bias_act<float>(5, 13, 0, true, 1e-6);
+    test_bias_act<bf16>(4, 64, 1, true, 1e-2);
+    test_bias_act<bf16>(3, 12, 1, false, 1e-2);
     test_rmsnorm<float>(5, 37, 1e-5);
     test_rmsnorm<bf16>(4, 300, 2e-2);
     test_softmax_ce(3, 1000);

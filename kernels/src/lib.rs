@@ -38,7 +38,9 @@ macro_rules! modules {
 modules! {
     /// `rmsnorm_{fwd,bwd}_{f32,bf16}`.
     RMSNORM = "rmsnorm";
-    /// `rope_{f32_f32,bf16_bf16,bf16_f32}`.
+    /// `bias_act_{f32,bf16}`.
+    BIAS_ACT = "bias_act";
+    /// `rope_{f32_f32,bf16_bf16,bf16_f32}`, `rope_qkv_cache_*` (same suffixes).
     ROPE = "rope";
     /// `softmax_{f32,bf16}`.
     SOFTMAX = "softmax";

@@ -11,7 +11,7 @@ use candle_core::{DType, IndexOp, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use serde_json::Value;
 
-use crate::{Error, Result};
+use crate::{ops, Error, Result};
 
 /// The vision-tower hyper-parameters of HF's `CLIPVisionConfig`.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,12 +234,46 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::ops::matmul(x, &self.weight.t()?)?;
-        Ok(match &self.bias {
+        self.forward_with(x, None, None)
+    }
+
+    /// act(x·Wᵀ + b) (+ residual). Outside autograd the bias, a quick GELU and the residual
+    /// follow the GEMM as one pass ([`ops::epilogue`]); otherwise (and for the erf GELU) as
+    /// candle's ops.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        act: Option<ClipActivation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        use ops::epilogue::{bias_act, Act};
+        let y = ops::matmul(x, &self.weight.t()?)?;
+        let tracked = y.track_op() || residual.is_some_and(|r| r.track_op());
+        let fused = match act {
+            None => Some(Act::Identity),
+            Some(ClipActivation::QuickGelu) => Some(Act::QuickGelu),
+            Some(ClipActivation::Gelu) => None,
+        };
+        if let (Some(b), Some(fused), false) = (&self.bias, fused, tracked || b_tracked(&self.bias)) {
+            return Ok(bias_act(&y, b, fused, residual)?);
+        }
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match act {
+            Some(a) => a.forward(&y)?,
+            None => y,
+        };
+        Ok(match residual {
+            Some(r) => (r + y)?,
             None => y,
         })
     }
+}
+
+fn b_tracked(b: &Option<Tensor>) -> bool {
+    b.as_ref().is_some_and(|b| b.track_op())
 }
 
 fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
@@ -318,41 +352,47 @@ impl ClipVisionEmbeddings {
 /// `self_attn`: non-causal multi-head attention with biased q/k/v/out projections.
 #[derive(Debug, Clone)]
 pub struct ClipAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v as one projection: weight [3C, C] (q's rows, then k's, then v's), bias [3C].
+    qkv: Linear,
     out_proj: Linear,
     num_heads: usize,
     head_dim: usize,
 }
 
 impl ClipAttention {
-    /// Loads `self_attn.{q,k,v,out}_proj`.
+    /// Loads `self_attn.{q,k,v,out}_proj`; q, k and v are fused into one projection (one GEMM
+    /// and one bias pass instead of three each).
     pub fn load(vb: VarBuilder, cfg: &ClipVisionConfig) -> Result<Self> {
         let c = cfg.hidden_size;
+        let [q, k, v] = ["q_proj", "k_proj", "v_proj"].map(|n| linear(vb.pp(n), c, c));
+        let (q, k, v) = (q?, k?, v?);
+        let bias = |l: &Linear| l.bias.clone().expect("CLIP projections have biases");
+        let qkv = Linear::new(
+            Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
+            Some(Tensor::cat(&[bias(&q), bias(&k), bias(&v)], 0)?),
+        );
         Ok(Self {
-            q_proj: linear(vb.pp("q_proj"), c, c)?,
-            k_proj: linear(vb.pp("k_proj"), c, c)?,
-            v_proj: linear(vb.pp("v_proj"), c, c)?,
+            qkv,
             out_proj: linear(vb.pp("out_proj"), c, c)?,
             num_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         })
     }
 
-    /// `[B, T, C]` → `[B, T, C]`: softmax(QKᵀ·d^−½)V per head.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `[B, T, C]` → `[B, T, C]`: softmax(QKᵀ·d^−½)V per head, plus `residual` when given
+    /// (added in the output projection's epilogue).
+    pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
-        let heads = |proj: &Linear| -> Result<Tensor> {
-            let y = proj.forward(x)?.reshape((b, t, self.num_heads, self.head_dim))?;
-            Ok(y.transpose(1, 2)?.contiguous()?) // [B, H, T, d]
-        };
-        let (q, k, v) = (heads(&self.q_proj)?, heads(&self.k_proj)?, heads(&self.v_proj)?);
-        let scale = (self.head_dim as f64).powf(-0.5);
+        let (h, d) = (self.num_heads, self.head_dim);
+        // [B, T, 3, H, d] → [3, B, H, T, d] in one copy; q, k and v are contiguous views of it.
+        let qkv = self.qkv.forward_with(x, None, None)?.reshape((b, t, 3, h, d))?;
+        let qkv = qkv.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let (q, k, v) = (qkv.i(0)?, qkv.i(1)?, qkv.i(2)?);
+        let scale = (d as f64).powf(-0.5);
         // softmax(QKᵀ·scale)V, the softmax in f32 as HF runs it (a fused kernel on CUDA in bf16).
-        let y = crate::ops::attention::full_attention(&q, &k, &v, scale)?; // [B, H, T, d]
+        let y = ops::attention::full_attention(&q, &k, &v, scale)?; // [B, H, T, d]
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // [B, T, C]
-        self.out_proj.forward(&y)
+        self.out_proj.forward_with(&y, None, residual)
     }
 }
 
@@ -374,10 +414,10 @@ impl ClipMlp {
         })
     }
 
-    /// `[B, T, C]` → `[B, T, C]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.act.forward(&self.fc1.forward(x)?)?; // [B, T, I]
-        self.fc2.forward(&h)
+    /// `[B, T, C]` → `[B, T, C]`, plus `residual` when given (in fc2's epilogue).
+    pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.fc1.forward_with(x, Some(self.act), None)?; // [B, T, I]
+        self.fc2.forward_with(&h, None, residual)
     }
 }
 
@@ -403,8 +443,8 @@ impl ClipEncoderLayer {
 
     /// `x + attn(LN1(x))`, then `+ mlp(LN2(·))`; `[B, T, C]` → `[B, T, C]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
-        Ok((&x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?)?)
+        let x = self.self_attn.forward(&self.layer_norm1.forward(x)?, Some(x))?;
+        self.mlp.forward(&self.layer_norm2.forward(&x)?, Some(&x))
     }
 }
 
