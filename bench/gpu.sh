@@ -57,7 +57,7 @@ echo "### parity (tests/cuda_parity.rs)"
 for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softmax_forward \
     swiglu_forward_and_backward cross_entropy_forward_and_backward adamw_step_is_bit_identical \
     causal_attention_forward_and_backward full_attention_forward decode_gemv_forward decode_attention_forward \
-    rope_qkv_into_cache_is_exact bias_act_forward \
+    rope_qkv_into_cache_is_exact bias_act_forward batched_decode_matches_the_cpu \
     train_step_layer_nodes_match_the_composed_graph; do
     timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
     rc=$?

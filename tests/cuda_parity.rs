@@ -301,6 +301,25 @@ fn decode_gemv_forward() {
                 tol(dtype, 1e-5),
             );
         }
+        // The epilogues: + residual (rounded product + r) and SwiGLU of a [gate; up] weight.
+        for (m, n, k) in [(1, 4096, 4096), (3, 1001, 2056), (8, 37, 264)] {
+            let x = randn(&[m, k], 24, 1.0).to_dtype(dtype).unwrap();
+            let w = randn(&[2 * n, k], 25, 0.05).to_dtype(dtype).unwrap();
+            let r = randn(&[m, n], 26, 1.0).to_dtype(dtype).unwrap();
+            let g = |t: &Tensor| t.to_device(&gpu()).unwrap();
+            let wn = w.narrow(0, 0, n).unwrap();
+            let yg = ops::linear::gemv_add(&g(&x), &g(&wn).t().unwrap(), &g(&r))
+                .unwrap()
+                .expect("the add epilogue applies");
+            let yc = ops::add_detached(&r, &ops::matmul(&x, &wn.t().unwrap()).unwrap()).unwrap();
+            check(&format!("gemv + residual {dtype:?} M{m} N{n} K{k}"), &yg, &yc, tol(dtype, 1e-5));
+            let yg = ops::linear::gemv_swiglu(&g(&x), &g(&w).t().unwrap())
+                .unwrap()
+                .expect("the SwiGLU epilogue applies");
+            let both = ops::matmul(&x, &w.t().unwrap()).unwrap();
+            let yc = ops::swiglu(&both.narrow(1, 0, n).unwrap(), &both.narrow(1, n, n).unwrap()).unwrap();
+            check(&format!("gemv swiglu {dtype:?} M{m} N{n} K{k}"), &yg, &yc, tol(dtype, 1e-5));
+        }
         let x = randn(&[1, 1, 4096], 22, 1.0).to_dtype(dtype).unwrap();
         let w = randn(&[512, 4096], 23, 0.05).to_dtype(dtype).unwrap();
         let yg =
@@ -419,6 +438,44 @@ fn bias_act_forward() {
                 &yc,
                 tol(dtype, 1e-5),
             );
+        }
+    }
+}
+
+/// Decode on CUDA through every decode kernel (the GEMV with its residual and SwiGLU
+/// epilogues, the q/k/v step into the KV cache, decode attention) against the CPU, on the
+/// llama-gqa fixture (GQA, f32 and bf16), at batch 1 (fused q/k/v and gate/up) and batch 3:
+/// the prompt's last logits and those of six steps fed the CPU's greedy tokens.
+#[test]
+fn batched_decode_matches_the_cpu() {
+    use shardsmith::models::{self, LoadOptions};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa");
+    for dtype in [DType::F32, DType::BF16] {
+        let load = |device: Device| {
+            models::load(&path, &LoadOptions { tp: None, dtype, device, vision: None }).unwrap().0
+        };
+        let (mut cpu, mut cuda) = (load(Device::Cpu), load(gpu()));
+        for b in [1usize, 3] {
+            let prompt: Vec<u32> = (0..b * 5).map(|i| (i as u32 * 37 + 11) % 200 + 3).collect();
+            let ids = Tensor::from_vec(prompt, (b, 5), &Device::Cpu).unwrap();
+            for m in [&mut cpu, &mut cuda] {
+                m.llm().reset();
+                m.llm().reserve(16);
+            }
+            let before = ops::cuda_gemv_launches();
+            let mut ids_now = ids;
+            for step in 0..7 {
+                let lc = cpu.forward(&ids_now, None, true, false).unwrap().logits;
+                let lg = cuda.forward(&ids_now.to_device(&gpu()).unwrap(), None, true, false).unwrap().logits;
+                check(
+                    &format!("decode {dtype:?} batch {b} step {step} logits"),
+                    &lg,
+                    &lc,
+                    tol(dtype, 1e-4) * 3.0,
+                );
+                ids_now = lc.argmax(candle_core::D::Minus1).unwrap();
+            }
+            assert!(ops::cuda_gemv_launches() > before, "batch {b}: decode took no GEMV kernel");
         }
     }
 }

@@ -292,23 +292,33 @@ void test_elementwise() {
 
 // y = x · wᵀ for M rows through the decode GEMV: rows of x and w padded (ldx > K, ldw > K) and
 // x offset by a whole chunk, N not a multiple of the block's 4 columns, K below one lane sweep
-// (33 chunks) and above two of the bf16 kernel's 8-chunk unrolled steps (257 chunks).
-template <class T, int M> void test_gemv(int n, int k, double tol) {
-    const int ldx = k + 8, ldw = k + 16;
-    auto x = cast<T>(randv((size_t)M * ldx + 8)), w = cast<T>(randv((size_t)n * ldw));
+// (33 chunks) and above two of the bf16 kernel's 8-chunk unrolled steps (257 chunks). MODE adds
+// the residual r [M, N] (rounded product + r) or takes w as [2N, K] gate/up rows (SwiGLU of the
+// two rounded products).
+template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, double tol) {
+    const int ldx = k + 8, ldw = k + 16, rows = MODE == GEMV_SWIGLU ? 2 * n : n;
+    auto x = cast<T>(randv((size_t)M * ldx + 8)), w = cast<T>(randv((size_t)rows * ldw)), r = cast<T>(randv((size_t)M * n));
     std::vector<T> y((size_t)M * n);
     const T *xp = x.data() + 8;
-    emu::launch(dim3((n + GEMV_WARPS - 1) / GEMV_WARPS), dim3(32 * GEMV_WARPS), 0, gemv<T, M>, xp,
-                (long long)ldx, (const T *)w.data(), (long long)ldw, y.data(), n, k);
+    emu::launch(dim3((n + GEMV_WARPS - 1) / GEMV_WARPS), dim3(32 * GEMV_WARPS), 0, gemv<T, M, MODE>, xp,
+                (long long)ldx, (const T *)w.data(), (long long)ldw, (const T *)r.data(), y.data(), n, k);
+    auto dot = [&](int m, int row) {
+        double s = 0;
+        for (int i = 0; i < k; ++i) s += (double)to_f32(xp[m * ldx + i]) * to_f32(w[(size_t)row * ldw + i]);
+        return s;
+    };
     std::vector<double> want((size_t)M * n);
     for (int m = 0; m < M; ++m)
         for (int j = 0; j < n; ++j) {
-            double s = 0;
-            for (int i = 0; i < k; ++i) s += (double)to_f32(xp[m * ldx + i]) * to_f32(w[(size_t)j * ldw + i]);
-            want[(size_t)m * n + j] = s;
+            const size_t o = (size_t)m * n + j;
+            const double p = dot(m, j);
+            if (MODE == GEMV_PLAIN) want[o] = p;
+            if (MODE == GEMV_ADD) want[o] = p + to_f32(r[o]);
+            if (MODE == GEMV_SWIGLU) want[o] = p / (1 + std::exp(-p)) * dot(m, n + j);
         }
     char buf[96];
-    std::snprintf(buf, sizeof buf, "gemv %s M%d N%d K%d", sizeof(T) == 4 ? "f32" : "bf16", M, n, k);
+    std::snprintf(buf, sizeof buf, "gemv%s %s M%d N%d K%d", MODE == GEMV_ADD ? " + r" : MODE == GEMV_SWIGLU ? " swiglu" : "",
+                  sizeof(T) == 4 ? "f32" : "bf16", M, n, k);
     check(buf, widen(y), want, tol);
 }
 
@@ -430,6 +440,10 @@ int main() {
     test_gemv<bf16, 1>(37, 264, 1e-2);
     test_gemv<bf16, 8>(6, 2056, 1e-2);
     test_gemv<bf16, 5>(5, 8, 1e-2);
+    test_gemv<float, 2, GEMV_ADD>(9, 264, 1e-5);
+    test_gemv<bf16, 1, GEMV_ADD>(37, 2056, 1e-2);
+    test_gemv<float, 3, GEMV_SWIGLU>(9, 1032, 1e-5);
+    test_gemv<bf16, 1, GEMV_SWIGLU>(13, 2056, 1e-2);
     test_decode_attn<float, 64>(2, 4, 2, 37, 40, 1e-5);
     test_rope_qkv_cache<float, float>(2, 1, 4, 2, 16, 9, 5);
     test_rope_qkv_cache<bf16, bf16>(1, 3, 2, 1, 8, 6, 2);

@@ -10,9 +10,17 @@
 //         of a linear's weight [out, in]); y [M, N] contiguous. 1 ≤ M ≤ 8 (the template
 //         argument), K a multiple of 8, ldx and ldw multiples of 8, x and w 16-byte aligned
 //         (the launcher, ops::cuda::gemv, checks all of it and leaves other shapes to cuBLAS).
+// Epilogues (decode's element-wise ops after a projection, saving their launches):
+//   gemv_T_mM           y = x·wᵀ
+//   gemv_add_T_mM       y = x·wᵀ + r, r [M, N] contiguous (the residual add after o_proj and
+//                       down_proj): the product is rounded to T before the add, as the composed
+//                       add sees it, so the result is the composed one bit for bit.
+//   gemv_swiglu_T_mM    w [2N, K] = gate rows then up rows (the fused gate/up weight);
+//                       y = silu(g)·u with g = x·w[n]ᵀ, u = x·w[N + n]ᵀ each rounded to T first,
+//                       exactly swiglu.cu's formula: the composed GEMV + SwiGLU bit for bit.
 // Launch: grid ⌈N / 4⌉, block 128 (4 warps), no shared memory: warp i of block b computes
 //         output column n = 4b + i for all M rows. Lane l reads the 8-element chunks
-//         l, l + 32, l + 64, … of w's row n, U chunks (U·16 bytes) in flight per lane.
+//         l, l + 32, l + 64, … of w's row n (and N + n for SwiGLU), 128 bytes in flight per lane.
 // Numerics: f32 accumulation with fmaf, each lane over its chunks in order, then a xor-shuffle
 //           tree over the warp; one rounding to T. cuBLAS (the reference: ops::matmul on the
 //           CPU) also accumulates bf16 products in f32, in another order.
@@ -61,61 +69,96 @@ __device__ __forceinline__ void unpack8(const Chunk8<float> &c, float v[8]) {
     for (int i = 0; i < 8; ++i) v[i] = __uint_as_float(w[i]);
 }
 
-// One step of a lane: the chunks c0, c0 + 32, …, c0 + 32·(U − 1) of w's row `wr`, all loads
-// issued before the first product. FULL: every one of them exists (no bounds checks).
-template <typename T, int M, int U, bool FULL>
-__device__ __forceinline__ void gemv_step(const T *__restrict__ x, long long ldx, const T *__restrict__ wr,
-                                          int c0, int chunks, float acc[M]) {
-    Chunk8<T> wc[U];
+enum GemvEpilogue { GEMV_PLAIN = 0, GEMV_ADD = 1, GEMV_SWIGLU = 2 };
+
+// One step of a lane: the chunks c0, c0 + 32, …, c0 + 32·(U − 1) of each of the R weight rows
+// `wr`, all loads issued before the first product. FULL: every one of them exists (no bounds
+// checks).
+template <typename T, int M, int U, int R, bool FULL>
+__device__ __forceinline__ void gemv_step(const T *__restrict__ x, long long ldx, const T *const wr[R], int c0,
+                                          int chunks, float acc[R][M]) {
+    Chunk8<T> wc[R][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int c = c0 + 32 * u;
-        if (FULL || c < chunks) wc[u] = load_chunk_stream(wr + 8 * c);
+#pragma unroll
+        for (int q = 0; q < R; ++q)
+            if (FULL || c < chunks) wc[q][u] = load_chunk_stream(wr[q] + 8 * c);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int c = c0 + 32 * u;
         if (!FULL && c >= chunks) break;
-        float wv[8];
-        unpack8(wc[u], wv);
+        float wv[R][8];
+#pragma unroll
+        for (int q = 0; q < R; ++q) unpack8(wc[q][u], wv[q]);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             float xv[8];
             load8(x + m * ldx + 8 * c, xv);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[m] = fmaf(wv[j], xv[j], acc[m]);
+            for (int q = 0; q < R; ++q)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[q][m] = fmaf(wv[q][j], xv[j], acc[q][m]);
         }
     }
 }
 
-template <typename T, int M>
+template <typename T, int M, int MODE>
 __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict__ w, long long ldw,
-                     T *__restrict__ y, int n, int k) {
-    // 128 bytes of the weight in flight per lane whatever T.
-    constexpr int U = sizeof(T) == 2 ? 8 : 4;
+                     const T *__restrict__ r, T *__restrict__ y, int n, int k) {
+    constexpr int R = MODE == GEMV_SWIGLU ? 2 : 1;  // weight rows per output column
+    // 128 bytes of weights in flight per lane whatever T and R.
+    constexpr int U = (sizeof(T) == 2 ? 8 : 4) / R;
     const int lane = threadIdx.x & 31;
     const int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (col >= n) return;  // the whole warp: no shuffles below are left half-done
-    const T *wr = w + (long long)col * ldw;
+    const T *wr[R];
+#pragma unroll
+    for (int q = 0; q < R; ++q) wr[q] = w + (long long)(col + q * n) * ldw;
     const int chunks = k / 8;
-    float acc[M];
+    float acc[R][M];
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    for (int q = 0; q < R; ++q)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[q][m] = 0.f;
     int c0 = lane;
-    for (; c0 + 32 * (U - 1) < chunks; c0 += 32 * U) gemv_step<T, M, U, true>(x, ldx, wr, c0, chunks, acc);
-    if (c0 < chunks) gemv_step<T, M, U, false>(x, ldx, wr, c0, chunks, acc);  // the rest, in one step
+    for (; c0 + 32 * (U - 1) < chunks; c0 += 32 * U) gemv_step<T, M, U, R, true>(x, ldx, wr, c0, chunks, acc);
+    if (c0 < chunks) gemv_step<T, M, U, R, false>(x, ldx, wr, c0, chunks, acc);  // the rest, in one step
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+    for (int q = 0; q < R; ++q)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[q][m] = warp_sum(acc[q][m]);
     if (lane == 0) {
 #pragma unroll
-        for (int m = 0; m < M; ++m) y[(long long)m * n + col] = from_f32<T>(acc[m]);
+        for (int m = 0; m < M; ++m) {
+            const long long o = (long long)m * n + col;
+            if (MODE == GEMV_PLAIN) {
+                y[o] = from_f32<T>(acc[0][m]);
+            } else if (MODE == GEMV_ADD) {
+                y[o] = from_f32<T>(to_f32(from_f32<T>(acc[0][m])) + to_f32(r[o]));
+            } else {
+                const float g = to_f32(from_f32<T>(acc[0][m])), u = to_f32(from_f32<T>(acc[1][m]));
+                y[o] = from_f32<T>(g / (1.0f + expf(-g)) * u);
+            }
+        }
     }
 }
 
-#define GEMV(TY, NAME, M)                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                      \
-        gemv_##NAME##_m##M(const TY *x, long long ldx, const TY *w, long long ldw, TY *y, int n, int k) { \
-        gemv<TY, M>(x, ldx, w, ldw, y, n, k);                                                          \
+#define GEMV(TY, NAME, M)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                         \
+        gemv_##NAME##_m##M(const TY *x, long long ldx, const TY *w, long long ldw, TY *y, int n, int k) {    \
+        gemv<TY, M, GEMV_PLAIN>(x, ldx, w, ldw, nullptr, y, n, k);                                        \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                         \
+        gemv_add_##NAME##_m##M(const TY *x, long long ldx, const TY *w, long long ldw, const TY *r, TY *y, \
+                               int n, int k) {                                                            \
+        gemv<TY, M, GEMV_ADD>(x, ldx, w, ldw, r, y, n, k);                                                \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                         \
+        gemv_swiglu_##NAME##_m##M(const TY *x, long long ldx, const TY *w, long long ldw, TY *y, int n,    \
+                                  int k) {                                                                \
+        gemv<TY, M, GEMV_SWIGLU>(x, ldx, w, ldw, nullptr, y, n, k);                                       \
     }
 #define GEMV_ALL_M(TY, NAME) \
     GEMV(TY, NAME, 1)        \

@@ -189,6 +189,23 @@ impl Proj {
         }
         Ok(y.to_dtype(x.dtype())?)
     }
+
+    /// [`Proj::forward`] plus `residual` (the layer's residual add, outside autograd): on CUDA
+    /// for a decode step the add runs in the GEMV's epilogue (the same values, one launch
+    /// fewer); otherwise the product, then one add.
+    fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let Some(r) = residual else { return self.forward(x) };
+        if self.lora.is_none() && r.dtype() == x.dtype() {
+            let (compute, w) = self.compute_weight(x)?;
+            if compute == x.dtype() {
+                if let Some(y) = ops::linear::gemv_add(x, &w.t()?, r)? {
+                    return Ok(y);
+                }
+            }
+        }
+        let y = self.forward(x)?;
+        Ok(if r.track_op() || y.track_op() { (r + y)? } else { ops::add_detached(r, &y)? })
+    }
 }
 
 /// Rotary position embedding tables for a run of positions.
@@ -469,16 +486,19 @@ impl FusedProj {
         Ok(Some(FusedProj { weight }))
     }
 
+    /// Whether x [.., in] goes through the fused weight: the few rows of a decode step (one, or
+    /// on CUDA as many as the GEMV kernel takes) in the weights' dtype, no projection with an
+    /// adapter.
+    fn applies(&self, x: &Tensor, projs: &[&Proj]) -> Result<bool> {
+        Ok(decode_rows(x)? && x.dtype() == self.weight.dtype() && projs.iter().all(|p| p.lora.is_none()))
+    }
+
     /// Each projection of x [.., in] as in `projs` (the projections it was made from), through
-    /// one GEMM, when x is a single row in the weights' dtype and no projection has an adapter;
-    /// otherwise `None` (the caller runs them one by one). The outputs are column views of one
-    /// [.., Σ out] product, contiguous for one row.
-    fn single_row(fused: Option<&Self>, x: &Tensor, projs: &[&Proj]) -> Result<Option<Vec<Tensor>>> {
+    /// one GEMM, where [`FusedProj::applies`]; otherwise `None` (the caller runs them one by
+    /// one). The outputs are column views of one [.., Σ out] product (contiguous for one row).
+    fn split(fused: Option<&Self>, x: &Tensor, projs: &[&Proj]) -> Result<Option<Vec<Tensor>>> {
         let Some(f) = fused else { return Ok(None) };
-        if x.elem_count() != x.dim(D::Minus1)?
-            || x.dtype() != f.weight.dtype()
-            || projs.iter().any(|p| p.lora.is_some())
-        {
+        if !f.applies(x, projs)? {
             return Ok(None);
         }
         let y = ops::matmul(x, &f.weight.t()?)?;
@@ -491,6 +511,22 @@ impl FusedProj {
         }
         Ok(Some(out))
     }
+
+    /// silu(x·W_gateᵀ)·(x·W_upᵀ) for a fused [gate; up] weight in one GEMV launch (the kernel's
+    /// SwiGLU epilogue), where [`FusedProj::applies`] and the kernel takes it; otherwise `None`.
+    fn swiglu(fused: Option<&Self>, x: &Tensor, projs: &[&Proj]) -> Result<Option<Tensor>> {
+        match fused {
+            Some(f) if f.applies(x, projs)? => Ok(ops::linear::gemv_swiglu(x, &f.weight.t()?)?),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Whether x [.., in] is the few rows of a decode step: one row, or on CUDA up to
+/// [`ops::linear::GEMV_MAX_ROWS`] (batched decode through the GEMV kernels).
+fn decode_rows(x: &Tensor) -> Result<bool> {
+    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+    Ok(rows == 1 || (x.device().is_cuda() && rows <= ops::linear::GEMV_MAX_ROWS))
 }
 
 /// Self-attention on this rank's query groups.
@@ -529,12 +565,20 @@ impl Attention {
     }
 
     /// x [B, T, H] at positions `start..start+T` → this rank's partial output [B, T, H].
-    fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Plus `residual` when given (decode: in the output projection's GEMV epilogue).
+    fn forward(
+        &mut self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (hl, gl, d) = (self.heads, self.groups, self.head_dim);
         let per_group = hl / gl;
         let (qp, kp, vp) = (&self.q_proj, &self.k_proj, &self.v_proj);
-        let (q, k, v) = match FusedProj::single_row(self.qkv.as_ref(), x, &[qp, kp, vp])?.as_deref() {
+        let (q, k, v) = match FusedProj::split(self.qkv.as_ref(), x, &[qp, kp, vp])?.as_deref() {
             Some([q, k, v]) => (q.clone(), k.clone(), v.clone()),
             _ => (qp.forward(x)?, kp.forward(x)?, vp.forward(x)?),
         };
@@ -564,7 +608,7 @@ impl Attention {
                     self.cache.append(&k, &v)?;
                 }
                 let y = ops::causal_attention(&q, &k, &v, scale)?; // [B, Hl, T, D]
-                return self.o_proj.forward(&ops::merge_heads(&y)?);
+                return self.o_proj.forward_add(&ops::merge_heads(&y)?, residual);
             }
             let (k, v) = if self.use_cache { self.cache.append(&k, &v)? } else { (k, v) }; // [B, Gl, S, D]
             (q, k, v)
@@ -576,7 +620,7 @@ impl Attention {
             && !tracked
             && ops::attention::decode_kernel_supports(x.device(), q.dtype(), d)
         {
-            return self.o_proj.forward(&ops::attention::decode_attention(&q, &k, &v, scale)?);
+            return self.o_proj.forward_add(&ops::attention::decode_attention(&q, &k, &v, scale)?, residual);
         }
         let s = k.dim(2)?;
         // GQA without copying K/V: a group's query heads are consecutive, so the group's queries
@@ -605,7 +649,7 @@ impl Attention {
         };
         let v = if cuda { v } else { v.contiguous()? };
         let y = probs.matmul(&v)?; // [B, Gl, per_group·T, D]
-        self.o_proj.forward(&ops::merge_heads(&y.reshape((b, hl, t, d))?)?)
+        self.o_proj.forward_add(&ops::merge_heads(&y.reshape((b, hl, t, d))?)?, residual)
     }
 }
 
@@ -629,15 +673,23 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// down(silu(gate(x))·up(x)), plus `residual` when given (decode: in the down projection's
+    /// GEMV epilogue where it applies).
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (gp, up) = (&self.gate_proj, &self.up_proj);
-        let (gate, up) = match FusedProj::single_row(self.gate_up.as_ref(), x, &[gp, up])?.as_deref() {
-            Some([gate, up]) => (gate.clone(), up.clone()),
-            _ => (gp.forward(x)?, up.forward(x)?),
+        let act = match FusedProj::swiglu(self.gate_up.as_ref(), x, &[gp, up])? {
+            Some(act) => act,
+            None => {
+                let (gate, up) = match FusedProj::split(self.gate_up.as_ref(), x, &[gp, up])?.as_deref() {
+                    Some([gate, up]) => (gate.clone(), up.clone()),
+                    _ => (gp.forward(x)?, up.forward(x)?),
+                };
+                // One fused op (and one saved pair for the backward) instead of silu, its
+                // composed backward and a product: ~10 passes over [B, T, F] per layer in training.
+                ops::swiglu(&gate, &up)?
+            }
         };
-        // One fused op (and one saved pair for the backward) instead of silu, its composed
-        // backward and a product: ~10 passes over [B, T, F] per layer in training.
-        self.down_proj.forward(&ops::swiglu(&gate, &up)?)
+        self.down_proj.forward_add(&act, residual)
     }
 }
 
@@ -669,22 +721,30 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         comm: &dyn Collective,
     ) -> Result<Tensor> {
-        if !self.decode_fused && !x.track_op() && x.elem_count() == x.dim(D::Minus1)? {
+        if !self.decode_fused && !x.track_op() && decode_rows(x)? {
             self.fuse_for_decode()?;
+        }
+        let (attn_norm, mlp_norm) = (&self.input_layernorm, &self.post_attention_layernorm);
+        if comm.world_size() == 1 && !x.track_op() {
+            // One rank, inference: each residual add goes to the projection before it (on CUDA
+            // into the decode GEMV's epilogue), there being no partial sums to reduce first.
+            let x = self.self_attn.forward(&attn_norm.forward(x)?, cos, sin, mask, Some(x))?;
+            return self.mlp.forward(&mlp_norm.forward(&x)?, Some(&x));
         }
         // Residual adds: outside autograd (inference) one parallel pass instead of candle's
         // bf16 add; in a graph, candle's differentiable add.
         let residual = |x: &Tensor, y: &Tensor| -> Result<Tensor> {
             Ok(if x.track_op() || y.track_op() { (x + y)? } else { ops::add_detached(x, y)? })
         };
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+        let attn = self.self_attn.forward(&attn_norm.forward(x)?, cos, sin, mask, None)?;
         let x = residual(x, &comm.all_reduce_sum(&attn)?)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let mlp = self.mlp.forward(&mlp_norm.forward(&x)?, None)?;
         residual(&x, &comm.all_reduce_sum(&mlp)?)
     }
 
-    /// Fuse q/k/v and gate/up ([`FusedProj`]) at the first single-row forward outside autograd
-    /// (decode), once: a model that only trains or prefills never makes the fused copy.
+    /// Fuse q/k/v and gate/up ([`FusedProj`]) at the first decode-sized forward outside
+    /// autograd ([`decode_rows`]), once: a model that only trains or prefills never makes the
+    /// fused copy.
     fn fuse_for_decode(&mut self) -> Result<()> {
         self.decode_fused = true;
         let a = &mut self.self_attn;

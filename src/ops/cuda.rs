@@ -528,28 +528,43 @@ pub(super) fn adamw(
 // Decode GEMV
 // ---------------------------------------------------------------------------------------------
 
-/// Most rows of x the GEMV kernels take (gemv.cu's instantiations); more go to cuBLAS.
-pub(super) const GEMV_MAX_ROWS: usize = 8;
+use super::linear::GEMV_MAX_ROWS;
 
-/// `a · b` through gemv.cu when it is a few rows against a linear's weight: a [M, K] with rows
-/// of unit stride, M ≤ [`GEMV_MAX_ROWS`], b = wᵀ [K, N] for a row-major w [N, K] (strides
-/// [1, ldw]), same float dtype, K, the row strides and both offsets multiples of 8 (16-byte
-/// loads). `None` for anything else: the caller runs cuBLAS.
+/// What follows the product in the GEMV kernel (gemv.cu's epilogues).
+#[derive(Clone, Copy)]
+pub(super) enum GemvEpilogue<'a> {
+    /// y = a·b.
+    Plain,
+    /// y = a·b + r, r [M, N] contiguous: the residual add after a projection.
+    Add(&'a CudaStorage, &'a Layout),
+    /// b = wᵀ [K, 2N] for w = gate rows then up rows: y = silu(a·b_gate)·(a·b_up), N columns.
+    SwiGlu,
+}
+
+/// `a · b` (then `epilogue`) through gemv.cu when it is a few rows against a linear's weight:
+/// a [M, K] with rows of unit stride, M ≤ [`GEMV_MAX_ROWS`], b = wᵀ [K, N] for a row-major
+/// w [N, K] (strides [1, ldw]), same float dtype, K, the row strides and both offsets multiples
+/// of 8 (16-byte loads). `None` for anything else: the caller runs cuBLAS (and the epilogue).
 pub(super) fn gemv(
     a: &CudaStorage,
     la: &Layout,
     b: &CudaStorage,
     lb: &Layout,
+    epilogue: GemvEpilogue,
 ) -> Result<Option<CudaStorage>> {
     const OP: &str = "matmul (gemv)";
-    let ((m, k), (k2, n)) = (la.shape().dims2()?, lb.shape().dims2()?);
+    let ((m, k), (k2, wn)) = (la.shape().dims2()?, lb.shape().dims2()?);
+    // Output columns: the weight's rows, or half of them (gate, then up) for SwiGLU.
+    let swiglu = matches!(epilogue, GemvEpilogue::SwiGlu);
+    let n = if swiglu { wn / 2 } else { wn };
     let dtype = a.dtype();
     if !super::cuda_gemv_enabled()
         || !(1..=GEMV_MAX_ROWS).contains(&m)
         || n == 0
+        || (swiglu && wn % 2 != 0)
         || k == 0
         || k != k2
-        || i32::try_from(n.max(k)).is_err()
+        || i32::try_from(wn.max(k)).is_err()
         || b.dtype() != dtype
         || !matches!(dtype, DType::F32 | DType::BF16)
     {
@@ -558,7 +573,7 @@ pub(super) fn gemv(
     let (sa, sb) = (la.stride(), lb.stride());
     // A single row's stride is never used; the kernel still wants it 16-byte aligned.
     let ldx = if m == 1 { k } else { sa[0] };
-    let ldw = if n == 1 { k } else { sb[1] };
+    let ldw = if wn == 1 { k } else { sb[1] };
     let aligned = |v: usize| v.is_multiple_of(8);
     if sa[1] != 1
         || sb[0] != 1
@@ -566,24 +581,74 @@ pub(super) fn gemv(
     {
         return Ok(None);
     }
+    let residual = match epilogue {
+        GemvEpilogue::Add(r, lr) => match lr.contiguous_offsets() {
+            Some((start, end)) if end - start == m * n && r.dtype() == dtype => Some((r, start)),
+            _ => return Ok(None),
+        },
+        _ => None,
+    };
     let dev = a.device();
-    let f = function(dev, &kernels::GEMV, &format!("gemv_{}_m{m}", suffix(dtype, OP)?))?;
+    let kind = match epilogue {
+        GemvEpilogue::Plain => "gemv",
+        GemvEpilogue::Add(..) => "gemv_add",
+        GemvEpilogue::SwiGlu => "gemv_swiglu",
+    };
+    let f = function(dev, &kernels::GEMV, &format!("{kind}_{}_m{m}", suffix(dtype, OP)?))?;
     with_float!(dtype, OP, |T| {
         let (oa, ob) = (la.start_offset(), lb.start_offset());
         let xv = a.as_cuda_slice::<T>()?.slice(oa..oa + (m - 1) * ldx + k);
-        let wv = b.as_cuda_slice::<T>()?.slice(ob..ob + (n - 1) * ldw + k);
+        let wv = b.as_cuda_slice::<T>()?.slice(ob..ob + (wn - 1) * ldw + k);
+        let rv = residual
+            .map(|(r, start)| r.as_cuda_slice::<T>().map(|s| s.slice(start..start + m * n)))
+            .transpose()?;
         let mut y = unsafe { dev.alloc::<T>(m * n)? };
         let (ldx64, ldw64, n32, k32) = (ldx as i64, ldw as i64, n as i32, k as i32);
         let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&f);
-        launch.arg(&xv).arg(&ldx64).arg(&wv).arg(&ldw64).arg(&mut y).arg(&n32).arg(&k32);
-        // SAFETY: matches gemv.cu: x holds M rows ldx apart, w N rows ldw apart (sliced to
-        // exactly that), both 16-byte aligned (candle's allocations are 256-byte aligned and the
-        // offsets are multiples of 8 elements); every one of the M·N outputs is written.
+        launch.arg(&xv).arg(&ldx64).arg(&wv).arg(&ldw64);
+        if let Some(rv) = &rv {
+            launch.arg(rv);
+        }
+        launch.arg(&mut y).arg(&n32).arg(&k32);
+        // SAFETY: matches gemv.cu: x holds M rows ldx apart, w N (2N for SwiGLU) rows ldw apart
+        // (sliced to exactly that), both 16-byte aligned (candle's allocations are 256-byte
+        // aligned and the offsets are multiples of 8 elements), r M·N elements; every one of the
+        // M·N outputs is written.
         unsafe { launch.launch(cfg((n.div_ceil(GEMV_WARPS) as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }
             .w()?;
+        GEMV_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Some(CudaStorage::wrap_cuda_slice(y, dev.clone())))
     })
+}
+
+/// [`gemv`] on tensors, outside autograd: x [.., K] (its rows one run), wt = wᵀ, the residual
+/// r [.., N] for [`GemvEpilogue::Add`] (`swiglu` false) or SwiGLU of the gate/up halves
+/// (`swiglu` true). The result has x's leading dims; `None` where the kernel does not apply.
+pub(super) fn gemv_tensor(
+    x: &Tensor,
+    wt: &Tensor,
+    r: Option<&Tensor>,
+    swiglu: bool,
+) -> Result<Option<Tensor>> {
+    const OP: &str = "matmul (gemv)";
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = wt.storage_and_layout();
+    let rows = match super::linear::rows_view(xl) {
+        Ok(l) => l,
+        Err(_) => return Ok(None),
+    };
+    let rg = r.map(|r| r.storage_and_layout());
+    let epilogue = match &rg {
+        Some((rs, rl)) => GemvEpilogue::Add(cuda_of(rs, OP)?, rl),
+        None if swiglu => GemvEpilogue::SwiGlu,
+        None => GemvEpilogue::Plain,
+    };
+    let Some(y) = gemv(cuda_of(&xs, OP)?, &rows, cuda_of(&ws, OP)?, wl, epilogue)? else { return Ok(None) };
+    let mut dims = x.dims().to_vec();
+    let wn = wl.dims()[1];
+    *dims.last_mut().expect("x has rows") = if swiglu { wn / 2 } else { wn };
+    Ok(Some(Tensor::from_storage(Storage::Cuda(y), dims, BackpropOp::none(), false)))
 }
 
 /// Output columns per GEMV block (gemv.cu's GEMV_WARPS: a warp per column).

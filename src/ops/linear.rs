@@ -18,6 +18,10 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use super::cpu_gemm;
 use std::sync::Arc;
 
+/// Most rows of a product the decode GEMV kernels take on CUDA (`kernels/src/gemv.cu`'s
+/// instantiations); more go to cuBLAS.
+pub const GEMV_MAX_ROWS: usize = 8;
+
 struct Matmul {
     /// b packed beforehand (a frozen weight), used when the product would pack it anyway.
     packed: Option<Arc<cpu_gemm::PackedB>>,
@@ -39,7 +43,7 @@ fn f32_packed_wins(m: usize, a: &Layout) -> bool {
 
 /// `a [.., K]` as the 2-D [M, K] view of its rows (M = the product of the leading dims), or an
 /// error when its leading dims do not merge into evenly spaced rows.
-fn rows_view(l: &Layout) -> Result<Layout> {
+pub(super) fn rows_view(l: &Layout) -> Result<Layout> {
     let (dims, stride) = (l.dims(), l.stride());
     let r = dims.len();
     if r < 2 {
@@ -132,7 +136,7 @@ impl CustomOp2 for Matmul {
         let (shape, l1) = (l1, &rows_view(l1)?);
         let (m, n, k) = dims(l1, l2)?;
         if !self.widen {
-            if let Some(c) = super::cuda::gemv(s1, l1, s2, l2)? {
+            if let Some(c) = super::cuda::gemv(s1, l1, s2, l2, super::cuda::GemvEpilogue::Plain)? {
                 return Ok((c, out_shape(shape, n)));
             }
         }
@@ -169,6 +173,32 @@ impl CustomOp2 for Matmul {
         };
         Ok((da, db))
     }
+}
+
+/// `x · wt + r` (x [.., K], wt = wᵀ [K, N], r [.., N]) outside autograd, the product rounded to
+/// the dtype before the add as the composed ops round it, when decode's GEMV kernel takes it (a
+/// few rows on CUDA; gemv.cu's add epilogue: the residual add after a projection without a
+/// launch of its own). `None` elsewhere: the caller runs the product and the add.
+pub fn gemv_add(x: &Tensor, wt: &Tensor, r: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && !(x.track_op() || wt.track_op() || r.track_op()) {
+        return super::cuda::gemv_tensor(x, wt, Some(r), false);
+    }
+    let _ = (x, wt, r);
+    Ok(None)
+}
+
+/// `silu(x · wt_gate) · (x · wt_up)` for wt = [w_gate; w_up]ᵀ [K, 2F] (a fused gate/up weight's
+/// transpose) → [.., F], outside autograd, when decode's GEMV kernel takes it (gemv.cu's SwiGLU
+/// epilogue: the same values as the GEMV followed by `ops::swiglu`, one launch fewer). `None`
+/// elsewhere.
+pub fn gemv_swiglu(x: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && !(x.track_op() || wt.track_op()) {
+        return super::cuda::gemv_tensor(x, wt, None, true);
+    }
+    let _ = (x, wt);
+    Ok(None)
 }
 
 /// `a [.., M, K] · b [K, N] → [.., M, N]` (same dtype and device; a's leading dims are rows of
