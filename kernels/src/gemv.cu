@@ -9,7 +9,9 @@
 // Shapes: x [M, K] rows `ldx` elements apart; w [N, K] rows `ldw` apart (row-major, the layout
 //         of a linear's weight [out, in]); y [M, N] contiguous. 1 ≤ M ≤ 8 (the template
 //         argument), K a multiple of 8, ldx and ldw multiples of 8, x and w 16-byte aligned
-//         (the launcher, ops::cuda::gemv, checks all of it and leaves other shapes to cuBLAS).
+//         (the launcher, ops::cuda::gemv, checks the shapes, strides and element offsets and
+//         leaves other products to cuBLAS; the base pointers are candle's allocations, 256-byte
+//         aligned).
 // Epilogues (decode's element-wise ops after a projection, saving their launches):
 //   gemv_T_mM           y = x·wᵀ
 //   gemv_add_T_mM       y = x·wᵀ + r, r [M, N] contiguous (the residual add after o_proj and

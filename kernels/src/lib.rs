@@ -52,7 +52,7 @@ modules! {
     ADAMW = "adamw";
     /// `decode_attn_{f32,bf16}_d{32,64,96,128}`, `decode_attn_combine_{f32,bf16}`.
     DECODE_ATTN = "decode_attn";
-    /// `gemv_{f32,bf16}_m{1..8}`.
+    /// `gemv_{f32,bf16}_m{1..8}`, `gemv_add_*` and `gemv_swiglu_*` (same suffixes).
     GEMV = "gemv";
     /// `flash_{fwd,bwd_pre,bwd}_{f32,bf16}_d{32,64,96,128}`, `flash_dq_convert_bf16`.
     FLASH_ATTN = "flash_attn";

@@ -195,7 +195,8 @@ impl Proj {
     /// fewer); otherwise the product, then one add.
     fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let Some(r) = residual else { return self.forward(x) };
-        if self.lora.is_none() && r.dtype() == x.dtype() {
+        let frozen = !(self.weight.is_variable() || self.weight.track_op());
+        if x.device().is_cuda() && frozen && self.lora.is_none() && r.dtype() == x.dtype() {
             let (compute, w) = self.compute_weight(x)?;
             if compute == x.dtype() {
                 if let Some(y) = ops::linear::gemv_add(x, &w.t()?, r)? {
@@ -440,9 +441,8 @@ impl KvCache {
         tables: (&Tensor, &Tensor),
         heads: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, qw) = q.dims3()?;
-        let d = qw / heads.max(1);
-        let g = k.dim(2)? / d.max(1);
+        // Checked before the buffer is touched: a bad step must not grow or reset the cache.
+        let (b, t, g, d) = ops::kv_step::step_dims(q, k, v, heads)?;
         let kv = self.room((b, g, t, d), k)?;
         let q = ops::kv_step::rope_qkv_into_cache(q, k, v, tables, &kv, self.len, heads)?;
         self.len += t;
@@ -457,9 +457,10 @@ impl KvCache {
 
 /// Projections of one input held as one weight: the rows of `weight` [Σ out, in] are the
 /// projections' weights in order, and each projection's own weight is a view of its rows (no
-/// second copy). A single-row product (decode at batch 1) then runs one GEMM instead of one
-/// per projection: fewer launches per token. Made at a layer's first single-row forward
-/// ([`DecoderLayer::fuse_for_decode`]), so training never holds the extra copy while loading.
+/// second copy). A decode step's product ([`decode_rows`]: one row, or up to 8 on CUDA) then
+/// runs one GEMM instead of one per projection: fewer launches per token. Made at a layer's
+/// first decode-sized forward ([`DecoderLayer::fuse_for_decode`]), so training never holds the
+/// extra copy while loading.
 struct FusedProj {
     weight: Tensor,
 }

@@ -612,12 +612,12 @@ pub(super) fn gemv(
         }
         launch.arg(&mut y).arg(&n32).arg(&k32);
         // SAFETY: matches gemv.cu: x holds M rows ldx apart, w N (2N for SwiGLU) rows ldw apart
-        // (sliced to exactly that), both 16-byte aligned (candle's allocations are 256-byte
-        // aligned and the offsets are multiples of 8 elements), r M·N elements; every one of the
-        // M·N outputs is written.
+        // (sliced to exactly that), both 16-byte aligned: every CudaStorage is a candle
+        // allocation (cuMemAllocAsync: 256-byte aligned) and the offsets and strides were
+        // checked to be multiples of 8 elements; r M·N elements; all M·N outputs are written.
         unsafe { launch.launch(cfg((n.div_ceil(GEMV_WARPS) as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }
             .w()?;
-        GEMV_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        GEMV_LAUNCHES.with(|c| c.set(c.get() + 1));
         Ok(Some(CudaStorage::wrap_cuda_slice(y, dev.clone())))
     })
 }
@@ -638,6 +638,12 @@ pub(super) fn gemv_tensor(
         Ok(l) => l,
         Err(_) => return Ok(None),
     };
+    let wn = wl.dims()[1];
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has rows") = if swiglu { wn / 2 } else { wn };
+    if r.is_some_and(|r| r.dims() != dims) {
+        return Ok(None); // the caller's add reports (or broadcasts) a mismatched residual
+    }
     let rg = r.map(|r| r.storage_and_layout());
     let epilogue = match &rg {
         Some((rs, rl)) => GemvEpilogue::Add(cuda_of(rs, OP)?, rl),
@@ -645,20 +651,20 @@ pub(super) fn gemv_tensor(
         None => GemvEpilogue::Plain,
     };
     let Some(y) = gemv(cuda_of(&xs, OP)?, &rows, cuda_of(&ws, OP)?, wl, epilogue)? else { return Ok(None) };
-    let mut dims = x.dims().to_vec();
-    let wn = wl.dims()[1];
-    *dims.last_mut().expect("x has rows") = if swiglu { wn / 2 } else { wn };
     Ok(Some(Tensor::from_storage(Storage::Cuda(y), dims, BackpropOp::none(), false)))
 }
 
 /// Output columns per GEMV block (gemv.cu's GEMV_WARPS: a warp per column).
 const GEMV_WARPS: usize = 4;
 
-static GEMV_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    static GEMV_LAUNCHES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
-/// GEMV kernel launches so far in this process (tests check that a product took the kernel).
+/// GEMV kernel launches so far on this thread (tests check that a product took the kernel; per
+/// thread, so tests running alongside do not count).
 pub fn gemv_launches() -> usize {
-    GEMV_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+    GEMV_LAUNCHES.with(|c| c.get())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@
 
 use super::{as_f32, elementwise, Operand};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// What follows the bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,9 +152,22 @@ impl CustomOp3 for BiasAct {
     }
 }
 
-/// act(x + b) (+ `residual`) in one pass, in x's dtype (f32, bf16; f16 on the CPU). Forward
-/// only: callers whose inputs need gradients use the composed ops.
+/// act(x + b) (+ `residual`) in one pass, in x's dtype (f32, bf16; f16 on the CPU; elsewhere
+/// candle's composed ops). Forward only: callers whose inputs need gradients use the composed
+/// ops.
 pub fn bias_act(x: &Tensor, b: &Tensor, act: Act, residual: Option<&Tensor>) -> Result<Tensor> {
+    if !x.device().is_cpu() && !matches!(x.dtype(), DType::F32 | DType::BF16) {
+        // No kernel for this dtype (f16 on CUDA): the composed ops.
+        let y = x.broadcast_add(b)?;
+        let y = match act {
+            Act::Identity => y,
+            Act::QuickGelu => (&y * candle_nn::ops::sigmoid(&(&y * 1.702)?)?)?,
+        };
+        return match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        };
+    }
     let op = BiasAct { act };
     let (x, b) = (x.contiguous()?, b.contiguous()?);
     match residual {
@@ -167,7 +180,6 @@ pub fn bias_act(x: &Tensor, b: &Tensor, act: Act, residual: Option<&Tensor>) -> 
 mod tests {
     use super::*;
     use crate::ops::testing::{max_diff, randn};
-    use candle_core::DType;
 
     /// Against the composed broadcast add, quick GELU (x·σ(1.702x)) and residual add.
     #[test]

@@ -39,25 +39,34 @@ pub(super) struct Dims {
     pub start: usize,
 }
 
+const OP: &str = "rope-qkv-into-cache";
+
+/// (B, T, G, D) of a step's q [B, T, heads·D], k and v [B, T, G·D], checked: nothing empty, an
+/// even head size, k and v alike.
+pub fn step_dims(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<(usize, usize, usize, usize)> {
+    let (b, t, qw) = q.dims3()?;
+    let (_, _, kw) = k.dims3()?;
+    let d = qw / heads.max(1);
+    if heads == 0 || b == 0 || t == 0 || d == 0 || qw != heads * d || !d.is_multiple_of(2) {
+        bail!("{OP}: q {:?} is not [B, T, {heads} heads × an even head size] with B, T ≥ 1", q.shape());
+    }
+    let g = kw / d;
+    if g == 0 || k.dims() != [b, t, g * d] || v.dims() != k.dims() {
+        bail!("{OP}: k {:?} and v {:?} are not [{b}, {t}, G × {d}] with G ≥ 1", k.shape(), v.shape());
+    }
+    Ok((b, t, g, d))
+}
+
 impl QkvIntoCache {
     fn dims(&self, kv: &Layout) -> Result<Dims> {
-        const OP: &str = "rope-qkv-into-cache";
-        let (two, b, g, cap, d) = kv.shape().dims5()?;
-        let (qb, t, qw) = self.q.dims3()?;
-        if two != 2 || !kv.is_contiguous() {
-            bail!("{OP}: the cache must be a contiguous [2, B, G, cap, D], got {:?}", kv.shape());
-        }
-        if self.heads == 0 || qw != self.heads * d || qb != b || d % 2 != 0 {
-            bail!("{OP}: q {:?} is not [{b}, T, {} × {d}] (an even head size)", self.q.shape(), self.heads);
-        }
-        for (what, x) in [("k", &self.k), ("v", &self.v)] {
-            if x.dims() != [b, t, g * d] {
-                bail!("{OP}: {what} {:?} is not [{b}, {t}, {g} × {d}]", x.shape());
-            }
+        let (b, t, g, d) = step_dims(&self.q, &self.k, &self.v, self.heads)?;
+        let (two, cb, cg, cap, cd) = kv.shape().dims5()?;
+        if two != 2 || (cb, cg, cd) != (b, g, d) || !kv.is_contiguous() {
+            bail!("{OP}: the cache must be a contiguous [2, {b}, {g}, cap, {d}], got {:?}", kv.shape());
         }
         for (what, x) in [("cos", &self.cos), ("sin", &self.sin)] {
-            if x.elem_count() < t * d / 2 {
-                bail!("{OP}: {what} {:?} covers fewer than {t} positions × {}", x.shape(), d / 2);
+            if x.rank() != 2 || x.dim(0)? < t || x.dim(1)? != d / 2 {
+                bail!("{OP}: {what} {:?} is not [≥ {t} positions, {}]", x.shape(), d / 2);
             }
         }
         if self.pos + t > cap {
@@ -83,7 +92,7 @@ fn cpu_step<T: Float>(
     let (cos_s, cos_l) = cos.storage_and_layout();
     let (sin_s, sin_l) = sin.storage_and_layout();
     let (Storage::Cpu(cs), Storage::Cpu(ss)) = (&*cos_s, &*sin_s) else { unreachable!("moved to the CPU") };
-    let (cos, sin) = (as_f32(cs, cos_l, "rope-qkv-into-cache")?, as_f32(ss, sin_l, "rope-qkv-into-cache")?);
+    let (cos, sin) = (as_f32(cs, cos_l, OP)?, as_f32(ss, sin_l, OP)?);
     let (half, d) = (n.d / 2, n.d);
     let rotate = |x: &[T], p: usize, out: &mut [T]| {
         let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
@@ -114,7 +123,7 @@ fn cpu_step<T: Float>(
 
 impl InplaceOp1 for QkvIntoCache {
     fn name(&self) -> &'static str {
-        "rope-qkv-into-cache"
+        OP
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
@@ -198,7 +207,7 @@ pub fn rope_qkv_into_cache(
     let q_out = op.q_out.lock().expect("q_out").take();
     match q_out {
         Some(q) => Ok(q),
-        None => bail!("rope-qkv-into-cache: the op left no q"),
+        None => bail!("{OP}: the op left no q"),
     }
 }
 
@@ -258,5 +267,8 @@ mod tests {
         assert!(err.to_string().contains("past the cache's capacity 4"), "{err}");
         let err = rope_qkv_into_cache(&q, &q, &kv_row, (&tables.0, &tables.1), &kv, 0, 4).unwrap_err();
         assert!(err.to_string().contains("k [1, 1, 32]"), "{err}");
+        let wide = (randn(&[1, 8], 3), randn(&[1, 8], 4)); // [T, D] tables: not this op's
+        let err = rope_qkv_into_cache(&q, &kv_row, &kv_row, (&wide.0, &wide.1), &kv, 0, 4).unwrap_err();
+        assert!(err.to_string().contains("cos [1, 8] is not"), "{err}");
     }
 }
