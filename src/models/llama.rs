@@ -1290,4 +1290,35 @@ mod tests {
             }
         }
     }
+
+    /// Decode steps (`append_rotated`, identity rotation here) after a prompt (`append`) land in
+    /// the same buffer, growing it when needed: the views are the concatenation of the steps'
+    /// keys and values in [B, G, S, D], and q comes back split into heads.
+    #[test]
+    fn kv_cache_steps_follow_the_prompt_through_growth() {
+        let (b, g, d, heads) = (2, 3, 4, 6);
+        let (cos, sin) = (
+            Tensor::ones((1, d / 2), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((1, d / 2), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let mut cache = KvCache::new();
+        let prompt = seq(3, 0.5);
+        cache.append(&prompt, &(&prompt * 2.0).unwrap()).unwrap();
+        let (mut keys, mut values) = (vec![prompt.clone()], vec![(&prompt * 2.0).unwrap()]);
+        for step in 0..5 {
+            let row = |n: usize, seed: f32| {
+                let v: Vec<f32> = (0..b * n * d).map(|i| (i as f32 * 0.11 + seed).cos()).collect();
+                Tensor::from_vec(v, (b, 1, n * d), &Device::Cpu).unwrap()
+            };
+            let (q, k, v) = (row(heads, step as f32), row(g, 10.0 + step as f32), row(g, 20.0 + step as f32));
+            let (qr, kv_k, kv_v) = cache.append_rotated(&q, &k, &v, (&cos, &sin), heads).unwrap();
+            let split = |x: &Tensor, n: usize| x.reshape((b, 1, n, d)).unwrap().transpose(1, 2).unwrap();
+            assert_eq!(max_diff(&qr, &split(&q, heads)), 0.0, "q at step {step}");
+            keys.push(split(&k, g));
+            values.push(split(&v, g));
+            assert_eq!(max_diff(&kv_k, &Tensor::cat(&keys, 2).unwrap()), 0.0, "keys after step {step}");
+            assert_eq!(max_diff(&kv_v, &Tensor::cat(&values, 2).unwrap()), 0.0, "values after step {step}");
+        }
+        assert!(cache.capacity() >= 8, "the cache grew past the prompt's 3 positions");
+    }
 }
