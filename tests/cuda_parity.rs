@@ -462,12 +462,10 @@ fn batched_decode_matches_the_cpu() {
             for step in 0..7 {
                 let lc = cpu.forward(&ids_now, None, true, false).unwrap().logits;
                 let lg = cuda.forward(&ids_now.to_device(&gpu()).unwrap(), None, true, false).unwrap().logits;
-                check(
-                    &format!("decode {dtype:?} batch {b} step {step} logits"),
-                    &lg,
-                    &lc,
-                    tol(dtype, 1e-4) * 3.0,
-                );
+                // A whole model's logits: bf16 rounds every op's output on both sides, in
+                // different summation orders, so a few bf16 ulps of the peak logit.
+                let tol = if dtype == DType::F32 { 3e-4 } else { 6e-2 };
+                check(&format!("decode {dtype:?} batch {b} step {step} logits"), &lg, &lc, tol);
                 ids_now = lc.argmax(candle_core::D::Minus1).unwrap();
             }
             assert!(
