@@ -300,7 +300,8 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
     auto x = cast<T>(randv((size_t)M * ldx + 8)), w = cast<T>(randv((size_t)rows * ldw)), r = cast<T>(randv((size_t)M * n));
     std::vector<T> y((size_t)M * n);
     const T *xp = x.data() + 8;
-    emu::launch(dim3((n + GEMV_WARPS - 1) / GEMV_WARPS), dim3(32 * GEMV_WARPS), 0, gemv<T, M, MODE>, xp,
+    const int per_block = GEMV_WARPS * gemv_cols(M);
+    emu::launch(dim3((n + per_block - 1) / per_block), dim3(32 * GEMV_WARPS), 0, gemv<T, M, MODE>, xp,
                 (long long)ldx, (const T *)w.data(), (long long)ldw, (const T *)r.data(), y.data(), n, k);
     auto dot = [&](int m, int row) {
         double s = 0;
@@ -444,6 +445,10 @@ int main() {
     test_gemv<bf16, 1, GEMV_ADD>(37, 2056, 1e-2);
     test_gemv<float, 3, GEMV_SWIGLU>(9, 1032, 1e-5);
     test_gemv<bf16, 1, GEMV_SWIGLU>(13, 2056, 1e-2);
+    // 2 and 4 columns per warp, N not a multiple of a block's columns
+    test_gemv<bf16, 4, GEMV_PLAIN>(19, 264, 1e-2);
+    test_gemv<float, 8, GEMV_ADD>(37, 264, 1e-5);
+    test_gemv<bf16, 6, GEMV_SWIGLU>(23, 2056, 1e-2);
     test_decode_attn<float, 64>(2, 4, 2, 37, 40, 1e-5);
     test_rope_qkv_cache<float, float>(2, 1, 4, 2, 16, 9, 5);
     test_rope_qkv_cache<bf16, bf16>(1, 3, 2, 1, 8, 6, 2);

@@ -20,9 +20,10 @@
 //   gemv_swiglu_T_mM    w [2N, K] = gate rows then up rows (the fused gate/up weight);
 //                       y = silu(g)·u with g = x·w[n]ᵀ, u = x·w[N + n]ᵀ each rounded to T first,
 //                       exactly swiglu.cu's formula: the composed GEMV + SwiGLU bit for bit.
-// Launch: grid ⌈N / 4⌉, block 128 (4 warps), no shared memory: warp i of block b computes
-//         output column n = 4b + i for all M rows. Lane l reads the 8-element chunks
-//         l, l + 32, l + 64, … of w's row n (and N + n for SwiGLU), 128 bytes in flight per lane.
+// Launch: grid ⌈N / (4·C)⌉ with C = gemv_cols(M) ∈ {1, 2, 4} output columns per warp, block 128
+//         (4 warps), no shared memory: warp i of block b computes columns (4b + i)·C .. + C for
+//         all M rows. Lane l reads the 8-element chunks l, l + 32, l + 64, … of those columns'
+//         rows of w (and rows N + n for SwiGLU), 128 bytes in flight per lane.
 // Numerics: f32 accumulation with fmaf, each lane over its chunks in order, then a xor-shuffle
 //           tree over the warp; one rounding to T. cuBLAS (the reference: ops::matmul on the
 //           CPU) also accumulates bf16 products in f32, in another order.
@@ -106,42 +107,56 @@ __device__ __forceinline__ void gemv_step(const T *__restrict__ x, long long ldx
     }
 }
 
+// Output columns per warp for M rows: each x chunk loaded from L1 feeds C weight rows, so at
+// M = 8 the x traffic per weight byte stays 2× (not 8×) and L1 keeps up with HBM. The launcher
+// (ops::cuda::gemv) sizes the grid with the same function.
+__host__ __device__ constexpr int gemv_cols(int m) { return m <= 2 ? 1 : m <= 4 ? 2 : 4; }
+
 template <typename T, int M, int MODE>
 __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict__ w, long long ldw,
                      const T *__restrict__ r, T *__restrict__ y, int n, int k) {
+    constexpr int C = gemv_cols(M);                 // output columns per warp
     constexpr int R = MODE == GEMV_SWIGLU ? 2 : 1;  // weight rows per output column
-    // 128 bytes of weights in flight per lane whatever T and R.
-    constexpr int U = (sizeof(T) == 2 ? 8 : 4) / R;
+    constexpr int NR = R * C;                       // weight rows per warp: q·C + j
+    // 128 bytes of weights in flight per lane whatever T, R and C.
+    constexpr int U = (sizeof(T) == 2 ? 8 : 4) / NR > 0 ? (sizeof(T) == 2 ? 8 : 4) / NR : 1;
     const int lane = threadIdx.x & 31;
-    const int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (col >= n) return;  // the whole warp: no shuffles below are left half-done
-    const T *wr[R];
-#pragma unroll
-    for (int q = 0; q < R; ++q) wr[q] = w + (long long)(col + q * n) * ldw;
-    const int chunks = k / 8;
-    float acc[R][M];
+    const int col0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * C;
+    if (col0 >= n) return;  // the whole warp: no shuffles below are left half-done
+    const T *wr[NR];
 #pragma unroll
     for (int q = 0; q < R; ++q)
+#pragma unroll
+        for (int j = 0; j < C; ++j)  // columns past N read the last one again (never stored)
+            wr[q * C + j] = w + (long long)(min(col0 + j, n - 1) + q * n) * ldw;
+    const int chunks = k / 8;
+    float acc[NR][M];
+#pragma unroll
+    for (int q = 0; q < NR; ++q)
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[q][m] = 0.f;
     int c0 = lane;
-    for (; c0 + 32 * (U - 1) < chunks; c0 += 32 * U) gemv_step<T, M, U, R, true>(x, ldx, wr, c0, chunks, acc);
-    if (c0 < chunks) gemv_step<T, M, U, R, false>(x, ldx, wr, c0, chunks, acc);  // the rest, in one step
+    for (; c0 + 32 * (U - 1) < chunks; c0 += 32 * U) gemv_step<T, M, U, NR, true>(x, ldx, wr, c0, chunks, acc);
+    if (c0 < chunks) gemv_step<T, M, U, NR, false>(x, ldx, wr, c0, chunks, acc);  // the rest, in one step
 #pragma unroll
-    for (int q = 0; q < R; ++q)
+    for (int q = 0; q < NR; ++q)
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[q][m] = warp_sum(acc[q][m]);
     if (lane == 0) {
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-            const long long o = (long long)m * n + col;
-            if (MODE == GEMV_PLAIN) {
-                y[o] = from_f32<T>(acc[0][m]);
-            } else if (MODE == GEMV_ADD) {
-                y[o] = from_f32<T>(to_f32(from_f32<T>(acc[0][m])) + to_f32(r[o]));
-            } else {
-                const float g = to_f32(from_f32<T>(acc[0][m])), u = to_f32(from_f32<T>(acc[1][m]));
-                y[o] = from_f32<T>(g / (1.0f + expf(-g)) * u);
+        for (int j = 0; j < C; ++j) {
+            if (col0 + j >= n) break;
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const long long o = (long long)m * n + col0 + j;
+                if (MODE == GEMV_PLAIN) {
+                    y[o] = from_f32<T>(acc[j][m]);
+                } else if (MODE == GEMV_ADD) {
+                    y[o] = from_f32<T>(to_f32(from_f32<T>(acc[j][m])) + to_f32(r[o]));
+                } else {
+                    const float g = to_f32(from_f32<T>(acc[j][m])), u = to_f32(from_f32<T>(acc[C + j][m]));
+                    y[o] = from_f32<T>(g / (1.0f + expf(-g)) * u);
+                }
             }
         }
     }

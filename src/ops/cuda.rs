@@ -615,8 +615,8 @@ pub(super) fn gemv(
         // (sliced to exactly that), both 16-byte aligned: every CudaStorage is a candle
         // allocation (cuMemAllocAsync: 256-byte aligned) and the offsets and strides were
         // checked to be multiples of 8 elements; r M·N elements; all M·N outputs are written.
-        unsafe { launch.launch(cfg((n.div_ceil(GEMV_WARPS) as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }
-            .w()?;
+        let blocks = n.div_ceil(GEMV_WARPS * gemv_cols(m));
+        unsafe { launch.launch(cfg((blocks as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }.w()?;
         GEMV_LAUNCHES.with(|c| c.set(c.get() + 1));
         Ok(Some(CudaStorage::wrap_cuda_slice(y, dev.clone())))
     })
@@ -654,8 +654,17 @@ pub(super) fn gemv_tensor(
     Ok(Some(Tensor::from_storage(Storage::Cuda(y), dims, BackpropOp::none(), false)))
 }
 
-/// Output columns per GEMV block (gemv.cu's GEMV_WARPS: a warp per column).
+/// Warps per GEMV block (gemv.cu's GEMV_WARPS).
 const GEMV_WARPS: usize = 4;
+
+/// Output columns per GEMV warp for M rows (gemv.cu's gemv_cols).
+fn gemv_cols(m: usize) -> usize {
+    match m {
+        0..=2 => 1,
+        3..=4 => 2,
+        _ => 4,
+    }
+}
 
 thread_local! {
     static GEMV_LAUNCHES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
