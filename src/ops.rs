@@ -72,6 +72,29 @@ fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     }
 }
 
+/// Run `$body` with `$x` bound to the contiguous `&[T]` of a float storage (f32, bf16 or f16;
+/// T its element type, so generic code runs on the values as stored); every arm's result has one
+/// type.
+macro_rules! with_float_slice {
+    ($s:expr, $l:expr, $op:expr, |$x:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                let $x = contiguous(v, $l, $op)?;
+                $body
+            }
+            CpuStorage::BF16(v) => {
+                let $x = contiguous(v, $l, $op)?;
+                $body
+            }
+            CpuStorage::F16(v) => {
+                let $x = contiguous(v, $l, $op)?;
+                $body
+            }
+            other => bail!("{}: unsupported dtype {:?}", $op, other.dtype()),
+        }
+    };
+}
+
 /// Apply `f` (over f32 values) to a float storage, returning storage of the same dtype.
 macro_rules! float_dispatch {
     ($s:expr, $l:expr, $op:expr, |$x:ident| $body:expr) => {
@@ -455,22 +478,8 @@ impl CustomOp2 for RmsNormWeightGrad {
             dw
         }
         let name = self.name();
-        macro_rules! with_g {
-            ($x:expr) => {
-                match s2 {
-                    CpuStorage::F32(g) => run($x, contiguous(g, l2, name)?, h, self.eps),
-                    CpuStorage::BF16(g) => run($x, contiguous(g, l2, name)?, h, self.eps),
-                    CpuStorage::F16(g) => run($x, contiguous(g, l2, name)?, h, self.eps),
-                    other => bail!("{name}: unsupported dtype {:?}", other.dtype()),
-                }
-            };
-        }
-        let dw = match s1 {
-            CpuStorage::F32(x) => with_g!(contiguous(x, l1, name)?),
-            CpuStorage::BF16(x) => with_g!(contiguous(x, l1, name)?),
-            CpuStorage::F16(x) => with_g!(contiguous(x, l1, name)?),
-            other => bail!("{name}: unsupported dtype {:?}", other.dtype()),
-        };
+        let dw =
+            with_float_slice!(s1, l1, name, |x| with_float_slice!(s2, l2, name, |g| run(x, g, h, self.eps)));
         Ok((CpuStorage::F32(dw), Shape::from(h)))
     }
 }

@@ -192,21 +192,10 @@ impl CustomOp2 for CrossEntropy {
         if let Some(&t) = targets.iter().find(|&&t| t != IGNORE_INDEX && !(0..v as i64).contains(&t)) {
             bail!("cross-entropy: target {t} outside the vocabulary of {v}");
         }
-        let (loss, dl) = match s1 {
-            CpuStorage::F32(x) => {
-                let (loss, dl) = cross_entropy_rows(contiguous(x, l1, self.name())?, targets, v);
-                (loss, Tensor::from_vec(dl, (n, v), &Device::Cpu)?)
-            }
-            CpuStorage::BF16(x) => {
-                let (loss, dl) = cross_entropy_rows(contiguous(x, l1, self.name())?, targets, v);
-                (loss, Tensor::from_vec(dl, (n, v), &Device::Cpu)?)
-            }
-            CpuStorage::F16(x) => {
-                let (loss, dl) = cross_entropy_rows(contiguous(x, l1, self.name())?, targets, v);
-                (loss, Tensor::from_vec(dl, (n, v), &Device::Cpu)?)
-            }
-            other => bail!("cross-entropy: unsupported dtype {:?}", other.dtype()),
-        };
+        let (loss, dl) = with_float_slice!(s1, l1, self.name(), |x| {
+            let (loss, dl) = cross_entropy_rows(x, targets, v);
+            (loss, Tensor::from_vec(dl, (n, v), &Device::Cpu)?)
+        });
         *self.dlogits.lock().expect("cross-entropy state") = Some(dl);
         Ok((CpuStorage::F32(loss), Shape::from(n)))
     }
