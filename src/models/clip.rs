@@ -237,9 +237,8 @@ impl Linear {
         self.forward_with(x, None, None)
     }
 
-    /// act(x·Wᵀ + b) (+ residual). Outside autograd the bias, a quick GELU and the residual
-    /// follow the GEMM as one pass ([`ops::epilogue`]); otherwise (and for the erf GELU) as
-    /// candle's ops.
+    /// act(x·Wᵀ + b) (+ residual): the bias, a quick GELU and the residual follow the GEMM as
+    /// one pass outside autograd ([`ops::epilogue::bias_act`]); the erf GELU runs after the bias.
     fn forward_with(
         &self,
         x: &Tensor,
@@ -248,32 +247,20 @@ impl Linear {
     ) -> Result<Tensor> {
         use ops::epilogue::{bias_act, Act};
         let y = ops::matmul(x, &self.weight.t()?)?;
-        let tracked = y.track_op() || residual.is_some_and(|r| r.track_op());
-        let fused = match act {
-            None => Some(Act::Identity),
-            Some(ClipActivation::QuickGelu) => Some(Act::QuickGelu),
-            Some(ClipActivation::Gelu) => None,
-        };
-        if let (Some(b), Some(fused), false) = (&self.bias, fused, tracked || b_tracked(&self.bias)) {
-            return Ok(bias_act(&y, b, fused, residual)?);
-        }
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let y = match act {
-            Some(a) => a.forward(&y)?,
-            None => y,
+        let y = match (&self.bias, act) {
+            (Some(b), None) => return Ok(bias_act(&y, b, Act::Identity, residual)?),
+            (Some(b), Some(ClipActivation::QuickGelu)) => {
+                return Ok(bias_act(&y, b, Act::QuickGelu, residual)?)
+            }
+            (Some(b), Some(a)) => a.forward(&bias_act(&y, b, Act::Identity, None)?)?,
+            (None, Some(a)) => a.forward(&y)?,
+            (None, None) => y,
         };
         Ok(match residual {
             Some(r) => (r + y)?,
             None => y,
         })
     }
-}
-
-fn b_tracked(b: &Option<Tensor>) -> bool {
-    b.as_ref().is_some_and(|b| b.track_op())
 }
 
 fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {

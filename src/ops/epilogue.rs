@@ -46,11 +46,14 @@ struct BiasAct {
 }
 
 impl BiasAct {
-    /// C (the row length), checking b [C] against x [.., C].
-    fn cols(&self, x: &Layout, b: &Layout) -> Result<usize> {
+    /// C (the row length), checking b [C] and the residual against x [.., C].
+    fn cols(&self, x: &Layout, b: &Layout, r: Option<&Layout>) -> Result<usize> {
         let c = x.dims().last().copied().unwrap_or(1);
         if b.dims() != [c] {
             bail!("bias-act: bias {:?} does not match rows of {c} (x {:?})", b.shape(), x.shape());
+        }
+        if let Some(r) = r.filter(|r| r.shape() != x.shape()) {
+            bail!("bias-act: residual {:?} differs from x {:?}", r.shape(), x.shape());
         }
         Ok(c)
     }
@@ -62,7 +65,7 @@ impl BiasAct {
         r: Option<(&CpuStorage, &Layout)>,
     ) -> Result<CpuStorage> {
         const OP: &str = "bias-act";
-        let c = self.cols(x.1, b.1)?;
+        let c = self.cols(x.1, b.1, r.map(|r| r.1))?;
         let bias = as_f32(b.0, b.1, OP)?;
         // Whole rows per task, so an element's column is its index in the chunk modulo C.
         let chunk = c * (1usize << 14).div_ceil(c.max(1));
@@ -75,16 +78,11 @@ impl BiasAct {
                     *o = act.apply(v + bias[i % c]);
                 }
             }),
-            Some(r) => {
-                if r.1.shape() != x.1.shape() {
-                    bail!("{OP}: residual {:?} differs from x {:?}", r.1.shape(), x.1.shape());
+            Some(r) => elementwise([xs, Operand::new(r.0, r.1, OP)?], 1, chunk, dtype, OP, |[x, r], out| {
+                for (i, ((o, &v), &rv)) in out[0].iter_mut().zip(x).zip(r).enumerate() {
+                    *o = act.apply(v + bias[i % c]) + rv;
                 }
-                elementwise([xs, Operand::new(r.0, r.1, OP)?], 1, chunk, dtype, OP, |[x, r], out| {
-                    for (i, ((o, &v), &rv)) in out[0].iter_mut().zip(x).zip(r).enumerate() {
-                        *o = act.apply(v + bias[i % c]) + rv;
-                    }
-                })
-            }
+            }),
         }
     }
 }
@@ -112,7 +110,7 @@ impl CustomOp2 for BiasAct {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let c = self.cols(l1, l2)?;
+        let c = self.cols(l1, l2, None)?;
         Ok((super::cuda::bias_act((s1, l1), (s2, l2), None, c, self.act)?, l1.shape().clone()))
     }
 }
@@ -144,20 +142,17 @@ impl CustomOp3 for BiasAct {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let c = self.cols(l1, l2)?;
-        if l3.shape() != l1.shape() {
-            bail!("bias-act: residual {:?} differs from x {:?}", l3.shape(), l1.shape());
-        }
+        let c = self.cols(l1, l2, Some(l3))?;
         Ok((super::cuda::bias_act((s1, l1), (s2, l2), Some((s3, l3)), c, self.act)?, l1.shape().clone()))
     }
 }
 
-/// act(x + b) (+ `residual`) in one pass, in x's dtype (f32, bf16; f16 on the CPU; elsewhere
-/// candle's composed ops). Forward only: callers whose inputs need gradients use the composed
-/// ops.
+/// act(x + b) (+ `residual`) in x's dtype: one pass (f32, bf16; f16 on the CPU) outside
+/// autograd; candle's composed, differentiable ops when an input needs a gradient or no kernel
+/// takes the dtype (f16 on CUDA).
 pub fn bias_act(x: &Tensor, b: &Tensor, act: Act, residual: Option<&Tensor>) -> Result<Tensor> {
-    if !x.device().is_cpu() && !matches!(x.dtype(), DType::F32 | DType::BF16) {
-        // No kernel for this dtype (f16 on CUDA): the composed ops.
+    let tracked = x.track_op() || b.track_op() || residual.is_some_and(|r| r.track_op());
+    if tracked || (!x.device().is_cpu() && !matches!(x.dtype(), DType::F32 | DType::BF16)) {
         let y = x.broadcast_add(b)?;
         let y = match act {
             Act::Identity => y,
