@@ -102,6 +102,15 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<Cu
     }
 }
 
+/// The elements of `l` in `s` from its first to its last (any strides, all non-negative): what a
+/// kernel indexing the view by its strides may touch.
+fn strided_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let start = l.start_offset();
+    let last: usize = l.dims().iter().zip(l.stride()).map(|(&n, &st)| n.saturating_sub(1) * st).sum();
+    let end = if l.shape().elem_count() == 0 { start } else { start + last + 1 };
+    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
 fn cuda_of<'a>(s: &'a Storage, op: &str) -> Result<&'a CudaStorage> {
     match s {
         Storage::Cuda(s) => Ok(s),
@@ -276,18 +285,12 @@ pub(super) fn rope_qkv_cache(
     let pos32 = pos as i32;
     let pairs = n.b * n.t * (n.hq + 2 * n.g) * n.d / 2;
     let dev = kv.device().clone();
-    // Each view from its first element to the end of its last row.
-    fn rows<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, width: usize) -> Result<CudaView<'a, T>> {
-        let (b, t) = (l.dims()[0], l.dims()[1]);
-        let end = l.start_offset() + (b - 1) * l.stride()[0] + (t - 1) * l.stride()[1] + width;
-        Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..end))
-    }
     macro_rules! go {
         ($T:ty, $C:ty, $name:literal) => {{
             let f = function(&dev, &kernels::ROPE, $name)?;
-            let qv = rows::<$T>(st[0].0, st[0].1, n.hq * n.d)?;
-            let kv_in = rows::<$T>(st[1].0, st[1].1, n.g * n.d)?;
-            let vv = rows::<$T>(st[2].0, st[2].1, n.g * n.d)?;
+            let qv = strided_view::<$T>(st[0].0, st[0].1)?;
+            let kv_in = strided_view::<$T>(st[1].0, st[1].1)?;
+            let vv = strided_view::<$T>(st[2].0, st[2].1)?;
             let (cv, sv) = (view::<$C>(st[3].0, st[3].1, OP)?, view::<$C>(st[4].0, st[4].1, OP)?);
             let mut q_out = unsafe { dev.alloc::<$T>(n.b * n.hq * n.t * n.d)? };
             let mut cache =
@@ -596,9 +599,7 @@ pub(super) fn gemv(
     };
     let f = function(dev, &kernels::GEMV, &format!("{kind}_{}_m{m}", suffix(dtype, OP)?))?;
     with_float!(dtype, OP, |T| {
-        let (oa, ob) = (la.start_offset(), lb.start_offset());
-        let xv = a.as_cuda_slice::<T>()?.slice(oa..oa + (m - 1) * ldx + k);
-        let wv = b.as_cuda_slice::<T>()?.slice(ob..ob + (wn - 1) * ldw + k);
+        let (xv, wv) = (strided_view::<T>(a, la)?, strided_view::<T>(b, lb)?);
         let rv = residual
             .map(|(r, start)| r.as_cuda_slice::<T>().map(|s| s.slice(start..start + m * n)))
             .transpose()?;
@@ -721,22 +722,20 @@ pub(super) fn decode_attention(
             (&qc, 0)
         }
     };
-    // (start, batch stride, head stride) of a K/V view the kernel reads in place.
+    // K/V views the kernel reads in place: rows of D contiguous, offset and strides multiples of
+    // 8, and K and V alike (one pair of strides goes to the kernel).
     let in_place = |l: &Layout| {
         let st = l.stride();
-        let ok = st[3] == 1 && st[2] == d && [l.start_offset(), st[0], st[1]].iter().all(|x| x % 8 == 0);
-        ok.then(|| (l.start_offset(), st[0], st[1]))
+        st[3] == 1 && st[2] == d && [l.start_offset(), st[0], st[1]].iter().all(|x| x % 8 == 0)
     };
-    let (kc, vc);
-    let ((k, k0), (v, v0)) = match (in_place(lk), in_place(lv)) {
-        (Some(kp), Some(vp)) if kp.1 == vp.1 && kp.2 == vp.2 => ((k, kp), (v, vp)),
-        _ => {
-            (kc, vc) = (copy(k, lk)?, copy(v, lv)?);
-            let packed = (0, hk * s * d, s * d);
-            ((&kc, packed), (&vc, packed))
-        }
+    let (kc, vc, packed);
+    let ((k, lk), (v, lv)) = if in_place(lk) && in_place(lv) && lk.stride() == lv.stride() {
+        ((k, lk), (v, lv))
+    } else {
+        (kc, vc, packed) = (copy(k, lk)?, copy(v, lv)?, Layout::contiguous(lk.shape()));
+        ((&kc, &packed), (&vc, &packed))
     };
-    let (sb, sh) = (k0.1 as i64, k0.2 as i64);
+    let (sb, sh) = (lk.stride()[0] as i64, lk.stride()[1] as i64);
     let ns = s.div_ceil(DECODE_CHUNK);
     let dev = q.device();
     let f = function(dev, &kernels::DECODE_ATTN, &format!("decode_attn_{}_d{d}", suffix(dtype, OP)?))?;
@@ -744,34 +743,39 @@ pub(super) fn decode_attention(
     let stream = dev.cuda_stream();
     with_float!(dtype, OP, |T| {
         let qv = q.as_cuda_slice::<T>()?.slice(q0..q0 + b * hq * d);
-        // The views' extents: the last row of the last head of the last batch.
-        let end = |start: usize| start + (b - 1) * sb as usize + (hk - 1) * sh as usize + s * d;
-        let kv = k.as_cuda_slice::<T>()?.slice(k0.0..end(k0.0));
-        let vv = v.as_cuda_slice::<T>()?.slice(v0.0..end(v0.0));
+        let (kv, vv) = (strided_view::<T>(k, lk)?, strided_view::<T>(v, lv)?);
         let mut out = unsafe { dev.alloc::<T>(b * hq * d)? };
-        let grid = (hq as u32, b as u32, ns as u32);
-        if ns == 1 {
-            let mut launch = stream.launch_builder(&f);
-            let null = 0u64; // po, pm, pl: unused with one split
-            launch.arg(&qv).arg(&kv).arg(&vv).arg(&sb).arg(&sh).arg(&mut out);
-            launch.arg(&null).arg(&null).arg(&null).arg(&hq32).arg(&hk32).arg(&s32).arg(&scale);
-            // SAFETY: matches decode_attn.cu: q holds B·Hq rows of D, k and v every (b, h, j)
-            // row the strides reach (sliced to exactly that); one split writes out directly.
-            unsafe { launch.launch(cfg(grid, DECODE_THREADS, 0)) }.w()?;
+        // Several splits leave their partials (po, pm, pl) for the combine kernel; one split
+        // writes out directly and gets null pointers for them.
+        let rows = b * hq;
+        let mut partials = if ns > 1 {
+            // SAFETY: the splits write every partial before the combine reads it.
+            unsafe {
+                Some((
+                    dev.alloc::<f32>(rows * ns * d)?,
+                    dev.alloc::<f32>(rows * ns)?,
+                    dev.alloc::<f32>(rows * ns)?,
+                ))
+            }
         } else {
-            let rows = b * hq;
-            let mut po = unsafe { dev.alloc::<f32>(rows * ns * d)? };
-            let mut pm = unsafe { dev.alloc::<f32>(rows * ns)? };
-            let mut pl = unsafe { dev.alloc::<f32>(rows * ns)? };
-            let mut launch = stream.launch_builder(&f);
-            launch.arg(&qv).arg(&kv).arg(&vv).arg(&sb).arg(&sh).arg(&mut out);
-            launch.arg(&mut po).arg(&mut pm).arg(&mut pl).arg(&hq32).arg(&hk32).arg(&s32).arg(&scale);
-            // SAFETY: as above; po, pm and pl hold every split's partials, all written.
-            unsafe { launch.launch(cfg(grid, DECODE_THREADS, 0)) }.w()?;
+            None
+        };
+        let null = 0u64;
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&qv).arg(&kv).arg(&vv).arg(&sb).arg(&sh).arg(&mut out);
+        match &mut partials {
+            Some((po, pm, pl)) => launch.arg(po).arg(pm).arg(pl),
+            None => launch.arg(&null).arg(&null).arg(&null),
+        };
+        launch.arg(&hq32).arg(&hk32).arg(&s32).arg(&scale);
+        // SAFETY: matches decode_attn.cu: q holds B·Hq rows of D, k and v every (b, h, j) row the
+        // strides reach (sliced to exactly that); po/pm/pl hold every split's partials.
+        unsafe { launch.launch(cfg((hq as u32, b as u32, ns as u32), DECODE_THREADS, 0)) }.w()?;
+        if let Some((po, pm, pl)) = &partials {
             let combine =
                 function(dev, &kernels::DECODE_ATTN, &format!("decode_attn_combine_{}", suffix(dtype, OP)?))?;
             let mut launch = stream.launch_builder(&combine);
-            launch.arg(&po).arg(&pm).arg(&pl).arg(&mut out).arg(&hq32).arg(&d32).arg(&ns32);
+            launch.arg(po).arg(pm).arg(pl).arg(&mut out).arg(&hq32).arg(&d32).arg(&ns32);
             // SAFETY: matches decode_attn_combine: a block of ≥ D threads per (h, b).
             unsafe { launch.launch(cfg((hq as u32, b as u32, 1), row_block(d, 128), 0)) }.w()?;
         }
