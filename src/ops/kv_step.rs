@@ -81,12 +81,14 @@ fn at(l: &Layout, b: usize, t: usize) -> usize {
     l.start_offset() + b * l.stride()[0] + t * l.stride()[1]
 }
 
-fn cpu_step<T: Float>(
+/// The CPU forward in the cache's element type: q, k, v (`src`) are read as stored, and the
+/// rotated q is returned as a [B, Hq, T, D] tensor.
+fn cpu_step<T: Float + candle_core::WithDType>(
     op: &QkvIntoCache,
     kv: &mut [T],
     n: &Dims,
-    src: [(&[T], &Layout); 3],
-) -> Result<Vec<T>> {
+    src: &[(&CpuStorage, &Layout)],
+) -> Result<Tensor> {
     let cpu = |x: &Tensor| x.to_device(&candle_core::Device::Cpu);
     let (cos, sin) = (cpu(&op.cos)?, cpu(&op.sin)?);
     let (cos_s, cos_l) = cos.storage_and_layout();
@@ -102,7 +104,8 @@ fn cpu_step<T: Float>(
             out[i + half] = T::narrow(b * c[i] + a * s[i]);
         }
     };
-    let [(q, ql), (k, kl), (v, vl)] = src;
+    let get = |i: usize| -> Result<(&[T], &Layout)> { Ok((src[i].0.as_slice::<T>()?, src[i].1)) };
+    let [(q, ql), (k, kl), (v, vl)] = [get(0)?, get(1)?, get(2)?];
     let mut q_out = vec![T::default(); n.b * n.hq * n.t * d];
     let values = n.b * n.g * n.cap * d; // where the values' half of the cache starts
     for b in 0..n.b {
@@ -118,7 +121,7 @@ fn cpu_step<T: Float>(
             }
         }
     }
-    Ok(q_out)
+    Tensor::from_vec(q_out, (n.b, n.hq, n.t, d), &candle_core::Device::Cpu)
 }
 
 impl InplaceOp1 for QkvIntoCache {
@@ -135,19 +138,8 @@ impl InplaceOp1 for QkvIntoCache {
             src.push((c, *layout));
         }
         let q_out = match s {
-            CpuStorage::F32(kv) => {
-                let get =
-                    |i: usize| -> Result<(&[f32], &Layout)> { Ok((src[i].0.as_slice::<f32>()?, src[i].1)) };
-                let out = cpu_step(self, &mut kv[n.start..], &n, [get(0)?, get(1)?, get(2)?])?;
-                Tensor::from_vec(out, (n.b, n.hq, n.t, n.d), &candle_core::Device::Cpu)?
-            }
-            CpuStorage::BF16(kv) => {
-                let get = |i: usize| -> Result<(&[half::bf16], &Layout)> {
-                    Ok((src[i].0.as_slice::<half::bf16>()?, src[i].1))
-                };
-                let out = cpu_step(self, &mut kv[n.start..], &n, [get(0)?, get(1)?, get(2)?])?;
-                Tensor::from_vec(out, (n.b, n.hq, n.t, n.d), &candle_core::Device::Cpu)?
-            }
+            CpuStorage::F32(kv) => cpu_step(self, &mut kv[n.start..], &n, &src)?,
+            CpuStorage::BF16(kv) => cpu_step(self, &mut kv[n.start..], &n, &src)?,
             other => bail!("{}: no CPU path for {:?} (f32 and bf16)", self.name(), other.dtype()),
         };
         *self.q_out.lock().expect("q_out") = Some(q_out);
