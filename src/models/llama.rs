@@ -204,9 +204,14 @@ impl Proj {
                 }
             }
         }
-        let y = self.forward(x)?;
-        Ok(if r.track_op() || y.track_op() { (r + y)? } else { ops::add_detached(r, &y)? })
+        residual_add(r, &self.forward(x)?)
     }
+}
+
+/// x + y for a residual connection: outside autograd (inference) one parallel pass
+/// (`ops::add_detached`) instead of candle's bf16 add; in a graph, candle's differentiable add.
+fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    Ok(if x.track_op() || y.track_op() { (x + y)? } else { ops::add_detached(x, y)? })
 }
 
 /// Rotary position embedding tables for a run of positions.
@@ -732,15 +737,10 @@ impl DecoderLayer {
             let x = self.self_attn.forward(&attn_norm.forward(x)?, cos, sin, mask, Some(x))?;
             return self.mlp.forward(&mlp_norm.forward(&x)?, Some(&x));
         }
-        // Residual adds: outside autograd (inference) one parallel pass instead of candle's
-        // bf16 add; in a graph, candle's differentiable add.
-        let residual = |x: &Tensor, y: &Tensor| -> Result<Tensor> {
-            Ok(if x.track_op() || y.track_op() { (x + y)? } else { ops::add_detached(x, y)? })
-        };
         let attn = self.self_attn.forward(&attn_norm.forward(x)?, cos, sin, mask, None)?;
-        let x = residual(x, &comm.all_reduce_sum(&attn)?)?;
+        let x = residual_add(x, &comm.all_reduce_sum(&attn)?)?;
         let mlp = self.mlp.forward(&mlp_norm.forward(&x)?, None)?;
-        residual(&x, &comm.all_reduce_sum(&mlp)?)
+        residual_add(&x, &comm.all_reduce_sum(&mlp)?)
     }
 
     /// Fuse q/k/v and gate/up ([`FusedProj`]) at the first decode-sized forward outside
