@@ -242,6 +242,51 @@ fn causal_attention_forward_and_backward() {
     }
 }
 
+/// The three bf16 backward kernel sets (`FlashBackward`: split, wide, fused) on the same forward:
+/// dq, dk, dv against the CPU backward, and dk, dv bit-identical across the variants (the same
+/// products in the same order; only dQ's summation order differs). T spans several 128-key
+/// blocks and 64-query steps, with partial last tiles and GQA 1, 2, 3.
+#[test]
+fn attention_backward_variants_agree() {
+    use ops::attention::{causal_attention_backward_with, FlashBackward};
+    let cases =
+        [(1, 4, 2, 300, 128), (2, 3, 1, 161, 96), (1, 2, 2, 257, 32), (1, 2, 1, 129, 64), (1, 1, 1, 1, 128)];
+    for (b, hq, hk, t, d) in cases {
+        let bf =
+            |shape: &[usize], seed: u64, scale: f32| randn(shape, seed, scale).to_dtype(DType::BF16).unwrap();
+        let (q, k, v, g) = (
+            bf(&[b, hq, t, d], 21, 2.0),
+            bf(&[b, hk, t, d], 22, 2.0),
+            bf(&[b, hk, t, d], 23, 1.0),
+            bf(&[b, hq, t, d], 24, 1.0),
+        );
+        let scale = 1.0 / (d as f64).sqrt();
+        let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
+        let (dqc, dkc, dvc) = ops::causal_attention_backward(&q, &k, &v, &o, &lse, &g, scale).unwrap();
+        let on = |x: &Tensor| x.to_device(&gpu()).unwrap();
+        let (qg, kg, vg, gg) = (on(&q), on(&k), on(&v), on(&g));
+        let (og, lseg) = ops::causal_attention_forward(&qg, &kg, &vg, scale).unwrap();
+        let mut first: Option<(Tensor, Tensor)> = None;
+        for variant in FlashBackward::ALL {
+            let (dq, dk, dv) =
+                causal_attention_backward_with(variant, &qg, &kg, &vg, &og, &lseg, &gg, scale).unwrap();
+            let name = format!("attention bwd {variant:?} B{b} Hq{hq} Hk{hk} T{t} D{d}");
+            check(&format!("{name} dq"), &dq, &dqc, 3e-2);
+            check(&format!("{name} dk"), &dk, &dkc, 3e-2);
+            check(&format!("{name} dv"), &dv, &dvc, 3e-2);
+            match &first {
+                None => {
+                    first = Some((dk.to_device(&Device::Cpu).unwrap(), dv.to_device(&Device::Cpu).unwrap()))
+                }
+                Some((dk0, dv0)) => {
+                    check(&format!("{name} dk vs Split"), &dk, dk0, 0.0);
+                    check(&format!("{name} dv vs Split"), &dv, dv0, 0.0);
+                }
+            }
+        }
+    }
+}
+
 /// The unmasked bf16 attention kernel (CLIP's vision tower on CUDA) against the materialised
 /// softmax(QKᵀ·scale)V in f32 on the CPU: ViT-L/14-336's 577 tokens at D 64, GQA, a partial key
 /// tile, one token.
@@ -761,22 +806,24 @@ fn bench_kernels_direct() {
     let fwd = time_ms(&dev, 3, 20, || {
         ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
     });
-    let bwd = time_ms(&dev, 3, 20, || {
-        ops::causal_attention_backward(&q, &k, &v, &o, &lse, &g, scale).unwrap();
-    });
     println!(
         "bench | attention fwd kernel | B{b} H{h} T{t} D{d} causal bf16 | {fwd:.3} | {:.1} TFLOP/s",
         flops_fwd / fwd / 1e9
     );
-    println!(
-        "bench | attention bwd kernels | B{b} H{h} T{t} D{d} causal bf16 | {bwd:.3} | {:.1} TFLOP/s",
-        2.5 * flops_fwd / bwd / 1e9
-    );
-    println!(
-        "bench | attention fwd+bwd kernels | B{b} H{h} T{t} D{d} causal bf16 | {:.3} | {:.1} TFLOP/s",
-        fwd + bwd,
-        3.5 * flops_fwd / (fwd + bwd) / 1e9
-    );
+    for variant in ops::attention::FlashBackward::ALL {
+        let bwd = time_ms(&dev, 3, 20, || {
+            ops::attention::causal_attention_backward_with(variant, &q, &k, &v, &o, &lse, &g, scale).unwrap();
+        });
+        println!(
+            "bench | attention bwd kernels ({variant:?}) | B{b} H{h} T{t} D{d} causal bf16 | {bwd:.3} | {:.1} TFLOP/s",
+            2.5 * flops_fwd / bwd / 1e9
+        );
+        println!(
+            "bench | attention fwd+bwd kernels ({variant:?}) | B{b} H{h} T{t} D{d} causal bf16 | {:.3} | {:.1} TFLOP/s",
+            fwd + bwd,
+            3.5 * flops_fwd / (fwd + bwd) / 1e9
+        );
+    }
     drop((q, k, v, g, o, lse));
 
     let (gate, up, dy) = (on(&[4096, 11008], 5), on(&[4096, 11008], 6), on(&[4096, 11008], 7));

@@ -57,6 +57,12 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
     std::vector<T> o((size_t)B * hq * t * D), dk(k.size()), dv(v.size()), dq(q.size());
     std::vector<float> lse((size_t)B * hq * t), delta(lse.size()), dq_acc(q.size(), 0.f);
     const long long rows = (long long)B * hq * t;
+    struct Extra {
+        const char *what;
+        std::vector<float> got;
+        bool is_dq;  // else dk or dv, by the name's last letter
+    };
+    std::vector<Extra> extra;  // the bf16 backward's other kernel variants
     if constexpr (sizeof(T) == 4) {
         const int nq = (t + 63) / 64;
         emu::launch(dim3(nq, hq, B), dim3(128), fwd_smem_bytes<T, D>(), flash_fwd<T, D>, q.data() + shift,
@@ -79,6 +85,28 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                     q.data() + shift, k.data() + shift, v.data() + shift, dO.data() + shift, lse.data(), delta.data(),
                     dk.data(), dv.data(), hq, hk, t, scale);
         dq_acc = widen(dq);
+        // The 64-query dK/dV kernel, without (dQ from the dQ kernel above) and with dQ by atomics.
+        std::vector<T> dk2(k.size()), dv2(v.size()), dk3(k.size()), dv3(v.size());
+        std::vector<float> dq3(q.size(), 0.f);
+        emu::launch(dim3(nk, hk, B), dim3(TC_THREADS), kv64_tc_smem_bytes<D>(), flash_bwd_kv64_tc<D, false>,
+                    q.data() + shift, k.data() + shift, v.data() + shift, dO.data() + shift, lse.data(), delta.data(),
+                    dk2.data(), dv2.data(), (float *)nullptr, hq, hk, t, scale);
+        emu::launch(dim3(nk, hk, B), dim3(TC_THREADS), kv64_tc_smem_bytes<D>(), flash_bwd_kv64_tc<D, true>,
+                    q.data() + shift, k.data() + shift, v.data() + shift, dO.data() + shift, lse.data(), delta.data(),
+                    dk3.data(), dv3.data(), dq3.data(), hq, hk, t, scale);
+        // Same products in the same order as the 32-query kernel: dK and dV bit-identical.
+        const bool same = std::memcmp(dk2.data(), dk.data(), dk.size() * sizeof(T)) == 0 &&
+                          std::memcmp(dv2.data(), dv.data(), dv.size() * sizeof(T)) == 0 &&
+                          std::memcmp(dk3.data(), dk.data(), dk.size() * sizeof(T)) == 0 &&
+                          std::memcmp(dv3.data(), dv.data(), dv.size() * sizeof(T)) == 0;
+        if (!same) failures++;
+        std::printf("attn %s D%d B%d Hq%d Hk%d T%d kv64 dk, dv identical to dkdv's: %s\n", name, D, B, hq, hk, t,
+                    same ? "ok" : "FAIL");
+        extra.push_back({"kv64 dk", widen(dk2), false});
+        extra.push_back({"kv64 dv", widen(dv2), false});
+        extra.push_back({"fused dq", dq3, true});
+        extra.push_back({"fused dk", widen(dk3), false});
+        extra.push_back({"fused dv", widen(dv3), false});
     }
     // Reference in double.
     std::vector<double> ro(o.size()), rl(lse.size()), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0);
@@ -133,6 +161,11 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
     check(buf, widen(dk), rdk, tol);
     std::snprintf(buf, sizeof buf, "attn %s D%d B%d Hq%d Hk%d T%d dv", name, D, B, hq, hk, t);
     check(buf, widen(dv), rdv, tol);
+    for (const Extra &e : extra) {
+        std::snprintf(buf, sizeof buf, "attn %s D%d B%d Hq%d Hk%d T%d %s", name, D, B, hq, hk, t, e.what);
+        const char last = e.what[std::strlen(e.what) - 1];
+        check(buf, e.got, e.is_dq ? rdq : last == 'k' ? rdk : rdv, tol);
+    }
 }
 
 // The non-causal bf16 forward (flash_fwd_tc<D, false>): o and lse against double precision.

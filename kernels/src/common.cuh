@@ -287,3 +287,15 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 #endif
 }
+
+// dst[0] += a, dst[1] += b in global memory (dst 8-byte aligned): one vector reduction
+// (red.global.add.v2.f32, sm_90 and later), else two f32 atomics. Nothing is returned, so the
+// adds are fire-and-forget reductions either way.
+__device__ __forceinline__ void atomic_add2(float *dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+#endif
+}

@@ -21,6 +21,11 @@
 //                           smem (2·128 + 4·32)·(D+8)·2 + 4·32·4 bytes.
 //   No atomics: dQ is recomputed per query tile (S and dP again: 7 tile products instead of 5)
 //   rather than accumulated from the key-tile blocks.
+//   flash_bwd_dkdv64_bf16_dD  the same grid and outputs in 64-query steps, Pᵀ and dSᵀ staged in
+//                           shared memory (fewer shared reads per MMA); smem kv64_tc_smem_bytes.
+//   flash_bwd_dkdvdq_bf16_dD  dkdv64 that also adds dS·K into dq_acc (f32, zero-filled) with
+//                           atomics: 5 tile products, no dQ kernel. The launcher picks one of
+//                           dq + dkdv, dq + dkdv64, dkdvdq (ops::attention::FlashBackward).
 // f32 kernels (4 warps = 128 threads per block; PAD = 16 bytes of T per shared row against bank
 //   conflicts; LD = D + PAD; global tiles move in 16-byte chunks when 16-byte aligned):
 //   flash_fwd_f32_dD  grid (⌈T/64⌉, Hq, B); block i handles query tile ⌈T/64⌉−1−i (longest first),
@@ -880,6 +885,219 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
     }
 }
 
+// Backward, dK and dV in 64-query steps, and with FUSE_DQ dQ as well. grid (⌈T/128⌉, Hk, B), 256
+// threads (8 warps); block = 128 keys of one K/V head; steps over the group's query heads × the
+// 64-query tiles from k0 on (Q, dO, lse, Δ double-buffered). Each step in three phases:
+//   1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: warp w computes keys 32·(w%4).. × queries 32·(w/4).. (2 × 4
+//      accumulator tiles: every K/V fragment feeds 4 MMAs, every Q/dO fragment 2), turns them into
+//      Pᵀ and dSᵀ and stores both, rounded to bf16, in shared memory [128 keys][64 + 8].
+//   2. dV += Pᵀ dO and dK += dSᵀ Q: warp w owns keys 32·(w%4).. × head-dim half (w/4) of dK and
+//      dV (D floats a lane), A operands from the stored Pᵀ/dSᵀ, B operands dO, Q (.trans).
+//   3. FUSE_DQ: dQ += dS K for queries 16·(w%4).. × head-dim half (w/4); dS is the stored dSᵀ
+//      read through ldmatrix.trans; the partial sums go to dq_acc (f32, zero-filled, [B,Hq,T,D])
+//      by atomic_add2. Without it the dQ kernel above computes dQ (S and dP again).
+// Why: flash_bwd_dkdv_tc computes 16 keys × 32 queries a warp and is bound by shared-memory reads
+// (per warp and step at D = 128: 80 ldmatrix.x4 for 128 MMAs, where the dQ kernel has 80 for 192
+// and runs 1.5× faster per FLOP, H100). Here phases 1 + 2 take 112 ldmatrix.x4 plus 4 KB of Pᵀ/dSᵀ
+// stores for 256 MMAs. Smem kv64_tc_smem_bytes: K, V [128], Q, dO [2][64] rows of D + 8; Pᵀ, dSᵀ
+// [128][72]; lse, Δ [2][64] f32 (173 KB at D = 128: one block an SM, as the 32-query kernel).
+constexpr int KV_BQ = 64, KV_LDP = KV_BQ + 8;
+template <int D> __host__ __device__ constexpr int kv64_tc_smem_bytes() {
+    return (2 * TC_BK + 4 * KV_BQ) * (D + 8) * 2 + 2 * TC_BK * KV_LDP * 2 + 4 * KV_BQ * 4;
+}
+template <int D, bool FUSE_DQ>
+__device__ void flash_bwd_kv64_tc(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                                  const bf16 *__restrict__ dout, const float *__restrict__ lse,
+                                  const float *__restrict__ delta, bf16 *__restrict__ dk, bf16 *__restrict__ dv,
+                                  float *__restrict__ dq_acc, int hq, int hk, int t, float scale) {
+    constexpr int LDS = D + 8, LDP = KV_LDP, KS = D / 16, DH = D / 2;
+    require_smem(kv64_tc_smem_bytes<D>(), TC_THREADS);
+    DYN_SMEM(smem);
+    bf16 *sK = reinterpret_cast<bf16 *>(smem);
+    bf16 *sV = sK + TC_BK * LDS;
+    bf16 *sQ = sV + TC_BK * LDS;                                    // [2][KV_BQ][LDS]
+    bf16 *sdO = sQ + 2 * KV_BQ * LDS;                               // [2][KV_BQ][LDS]
+    bf16 *sP = sdO + 2 * KV_BQ * LDS;                               // Pᵀ [TC_BK][LDP]
+    bf16 *sdS = sP + TC_BK * LDP;                                   // dSᵀ [TC_BK][LDP]
+    float *sL = reinterpret_cast<float *>(sdS + TC_BK * LDP);       // [2][KV_BQ]
+    float *sDl = sL + 2 * KV_BQ;                                    // [2][KV_BQ]
+
+    const int hkv = blockIdx.y, b = blockIdx.z, group = hq / hk;
+    const int k0 = blockIdx.x * TC_BK;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int kr = 32 * (warp & 3);  // phases 1, 2: this warp's keys k0 + kr ..
+    const int qc = 32 * (warp >> 2);  // phase 1: its queries q0 + qc ..
+    const int dc = DH * (warp >> 2);  // phases 2, 3: its head-dim columns dc ..
+    const int qr = 16 * (warp & 3);   // phase 3: its queries q0 + qr ..
+    const bool vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
+    const size_t kvoff = ((size_t)b * hk + hkv) * t * D;
+    const int nqt = (t - k0 + KV_BQ - 1) / KV_BQ;  // query tiles from k0 (TC_BK % KV_BQ == 0)
+    const int steps = group * nqt;
+    const float sl2 = scale * LOG2E;
+
+    // Step s: head hkv·group + s / nqt, queries k0 + (s % nqt)·KV_BQ ..; into buffer s & 1.
+    auto issue = [&](int s) {
+        const int h = hkv * group + s / nqt, q0 = k0 + (s % nqt) * KV_BQ, buf = s & 1;
+        const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
+        tile_load<D, KV_BQ>(sQ + buf * KV_BQ * LDS, q + qoff, q0, t, vec);
+        tile_load<D, KV_BQ>(sdO + buf * KV_BQ * LDS, dout + qoff, q0, t, vec);
+        for (int i = threadIdx.x; i < KV_BQ; i += TC_THREADS) {
+            const bool ok = q0 + i < t;
+            sL[buf * KV_BQ + i] = ok ? lse[loff + q0 + i] * LOG2E : INFINITY;  // past T: P = 0
+            sDl[buf * KV_BQ + i] = ok ? delta[loff + q0 + i] : 0.f;
+        }
+    };
+    tile_load<D, TC_BK>(sK, k + kvoff, k0, t, vec);
+    tile_load<D, TC_BK>(sV, v + kvoff, k0, t, vec);
+    issue(0);
+    cp_async_commit();
+
+    float dk_acc[2][DH / 8][4], dv_acc[2][DH / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < DH / 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dk_acc[mt][nt][i] = dv_acc[mt][nt][i] = 0.f;
+
+    for (int s = 0; s < steps; ++s) {
+        if (s + 1 < steps) issue(s + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int q0 = k0 + (s % nqt) * KV_BQ, buf = s & 1;
+        const bf16 *cQ = sQ + buf * KV_BQ * LDS, *cdO = sdO + buf * KV_BQ * LDS;
+        const float *cL = sL + buf * KV_BQ, *cDl = sDl + buf * KV_BQ;
+
+        {  // 1. Pᵀ, dSᵀ of keys k0 + kr .. + 32 × queries q0 + qc .. + 32
+            const int wk0 = k0 + kr, wq0 = q0 + qc;
+            const bool live = wq0 + 31 >= wk0;  // else every query precedes every key: all zero
+            const bool diag = wq0 < wk0 + 31;   // some key lies past some query: mask
+            float st[2][4][4], dpt[2][4][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) st[mt][nt][i] = dpt[mt][nt][i] = 0.f;
+            if (live) {
+#pragma unroll 2
+                for (int ks = 0; ks < KS; ++ks) {
+                    uint32_t ak[2][4], av[2][4];
+#pragma unroll
+                    for (int mt = 0; mt < 2; ++mt) {
+                        ldmatrix_x4(ak[mt], a_addr<LDS>(sK, kr + 16 * mt, 16 * ks, lane));
+                        ldmatrix_x4(av[mt], a_addr<LDS>(sV, kr + 16 * mt, 16 * ks, lane));
+                    }
+#pragma unroll
+                    for (int np = 0; np < 2; ++np) {
+                        uint32_t bq[4], bo[4];
+                        ldmatrix_x4(bq, bt_addr<LDS>(cQ, qc + 16 * np, 16 * ks, lane));
+                        ldmatrix_x4(bo, bt_addr<LDS>(cdO, qc + 16 * np, 16 * ks, lane));
+#pragma unroll
+                        for (int mt = 0; mt < 2; ++mt) {
+                            mma2(st[mt][2 * np], st[mt][2 * np + 1], ak[mt], bq);
+                            mma2(dpt[mt][2 * np], dpt[mt][2 * np + 1], av[mt], bo);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int qi = qc + 8 * nt + 2 * tq + (i & 1);  // query q0 + qi
+                        float p = live ? fast_exp2(fmaf(st[mt][nt][i], sl2, -cL[qi])) : 0.f;
+                        if (diag && wk0 + 16 * mt + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
+                        st[mt][nt][i] = p;
+                        dpt[mt][nt][i] = p * (dpt[mt][nt][i] - cDl[qi]) * scale;
+                    }
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int at = (kr + 16 * mt + g + 8 * r) * LDP + qc + 8 * nt + 2 * tq;
+                        *reinterpret_cast<uint32_t *>(sP + at) = pack_bf16(st[mt][nt][2 * r], st[mt][nt][2 * r + 1]);
+                        *reinterpret_cast<uint32_t *>(sdS + at) =
+                            pack_bf16(dpt[mt][nt][2 * r], dpt[mt][nt][2 * r + 1]);
+                    }
+                }
+        }
+        __syncthreads();
+
+        // 2. dV += Pᵀ dO, dK += dSᵀ Q over the step's queries, 16 at a time.
+#pragma unroll
+        for (int kk = 0; kk < KV_BQ / 16; ++kk) {
+            if (q0 + 16 * kk + 15 < k0 + kr) continue;  // these queries precede the warp's keys: P = 0
+            uint32_t ap[2][4], ad[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                ldmatrix_x4(ap[mt], a_addr<LDP>(sP, kr + 16 * mt, 16 * kk, lane));
+                ldmatrix_x4(ad[mt], a_addr<LDP>(sdS, kr + 16 * mt, 16 * kk, lane));
+            }
+#pragma unroll
+            for (int dp = 0; dp < DH / 16; ++dp) {
+                uint32_t bo[4], bq[4];
+                ldmatrix_x4_trans(bo, b_trans_addr<LDS>(cdO, 16 * kk, dc + 16 * dp, lane));
+                ldmatrix_x4_trans(bq, b_trans_addr<LDS>(cQ, 16 * kk, dc + 16 * dp, lane));
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma2(dv_acc[mt][2 * dp], dv_acc[mt][2 * dp + 1], ap[mt], bo);
+                    mma2(dk_acc[mt][2 * dp], dk_acc[mt][2 * dp + 1], ad[mt], bq);
+                }
+            }
+        }
+
+        if constexpr (FUSE_DQ) {  // 3. dQ += dS K for queries q0 + qr .. + 16, over the block's keys
+            const int wq0 = q0 + qr;
+            float acc[DH / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < DH / 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+            // A = dS [16 queries][16 keys]: the transposed fragments of the stored dSᵀ rows (keys).
+#pragma unroll 2
+            for (int kk = 0; kk < TC_BK / 16; ++kk) {
+                if (k0 + 16 * kk > wq0 + 15) break;  // keys from here on lie past these queries
+                uint32_t a[4];
+                ldmatrix_x4_trans(a, bt_addr<LDP>(sdS, 16 * kk, qr, lane));
+#pragma unroll
+                for (int dp = 0; dp < DH / 16; ++dp) {
+                    uint32_t bk[4];
+                    ldmatrix_x4_trans(bk, b_trans_addr<LDS>(sK, 16 * kk, dc + 16 * dp, lane));
+                    mma2(acc[2 * dp], acc[2 * dp + 1], a, bk);
+                }
+            }
+            const int h = hkv * group + s / nqt;
+            float *dqh = dq_acc + ((size_t)b * hq + h) * t * D;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int query = wq0 + g + 8 * r;
+                if (query >= t) continue;
+#pragma unroll
+                for (int nt = 0; nt < DH / 8; ++nt)
+                    atomic_add2(dqh + (size_t)query * D + dc + 8 * nt + 2 * tq, acc[nt][2 * r], acc[nt][2 * r + 1]);
+            }
+        }
+        __syncthreads();
+    }
+
+    bf16 *dkh = dk + kvoff, *dvh = dv + kvoff;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int key = k0 + kr + 16 * mt + g + 8 * r;
+            if (key >= t) continue;
+#pragma unroll
+            for (int nt = 0; nt < DH / 8; ++nt) {
+                const size_t at = (size_t)key * D + dc + 8 * nt + 2 * tq;
+                *reinterpret_cast<uint32_t *>(dkh + at) = pack_bf16(dk_acc[mt][nt][2 * r], dk_acc[mt][nt][2 * r + 1]);
+                *reinterpret_cast<uint32_t *>(dvh + at) = pack_bf16(dv_acc[mt][nt][2 * r], dv_acc[mt][nt][2 * r + 1]);
+            }
+        }
+}
+
 // f32: the scalar-FMA kernels above (parity path). bf16: the tensor-core kernels.
 #define FLASH_F32(D)                                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                 \
@@ -923,6 +1141,18 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
                                  const float *lse, const float *delta, bf16 *dk, bf16 *dv, int hq,    \
                                  int hk, int t, float scale) {                                        \
         flash_bwd_dkdv_tc<D>(q, k, v, dout, lse, delta, dk, dv, hq, hk, t, scale);                    \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, 1)                                       \
+        flash_bwd_dkdv64_bf16_d##D(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout,     \
+                                   const float *lse, const float *delta, bf16 *dk, bf16 *dv, int hq,  \
+                                   int hk, int t, float scale) {                                      \
+        flash_bwd_kv64_tc<D, false>(q, k, v, dout, lse, delta, dk, dv, nullptr, hq, hk, t, scale);    \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, 1)                                       \
+        flash_bwd_dkdvdq_bf16_d##D(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout,     \
+                                   const float *lse, const float *delta, bf16 *dk, bf16 *dv,          \
+                                   float *dq_acc, int hq, int hk, int t, float scale) {               \
+        flash_bwd_kv64_tc<D, true>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);      \
     }
 FLASH_F32(32)
 FLASH_F32(64)

@@ -3,7 +3,8 @@
 //! can put ours and PyTorch's in one table.
 //!
 //! - `bench gpu-layer`: LLaMA decoder layers forward + backward (weights and input trainable).
-//! - `bench attention`: causal attention forward, and forward + backward (the kernels alone).
+//! - `bench attention`: causal attention forward, and forward + backward (the kernels alone; on
+//!   CUDA in bf16 one line per backward variant, `FlashBackward`).
 //! - `bench decode`: prefill then greedy decode of a synthetic LLaMA with the KV cache.
 //! - `bench neva-step`: one NeVA stage-1 training step (forward, backward, clip, AdamW).
 //!
@@ -18,6 +19,7 @@ use crate::models::neva::ImageTokens;
 use crate::models::projector::ProjectorKind;
 use crate::models::tp::ParallelLlama;
 use crate::models::Model;
+use crate::ops::attention::{causal_attention_backward_with, FlashBackward};
 use crate::parallel::Solo;
 use crate::train::model::{Batch, TrainModel, IGNORE};
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -93,6 +95,11 @@ fn cuda_pool_keep() -> bool {
     std::env::var("SHARDSMITH_CUDA_POOL_KEEP").map_or(true, |v| v != "0")
 }
 
+/// The bf16 attention backward the models run (`SHARDSMITH_FLASH_BWD`), as the JSON names it.
+fn flash_bwd_name() -> Result<String> {
+    Ok(format!("{:?}", FlashBackward::from_env()?).to_lowercase())
+}
+
 fn device_name(d: &Device) -> &'static str {
     if d.is_cuda() {
         "cuda"
@@ -148,6 +155,7 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, layer_nodes: bool, c:
         "seq": seq,
         "layer_nodes": layer_nodes,
         "cuda_pool_keep": cuda_pool_keep(),
+        "flash_bwd": flash_bwd_name()?,
         "step_ms": secs * 1e3,
         "tflops": flops / secs / 1e12,
     });
@@ -175,24 +183,34 @@ pub fn attention(
         crate::ops::causal_attention_forward(&q, &k, &v, scale)?;
         Ok(())
     })?;
-    let fwd_bwd = time(c, || {
-        let (o, lse) = crate::ops::causal_attention_forward(&q, &k, &v, scale)?;
-        crate::ops::causal_attention_backward(&q, &k, &v, &o, &lse, &g, scale)?;
-        Ok(())
-    })?;
     let flops = 4.0 * (batch * heads * seq * seq * head_dim) as f64 / 2.0;
-    let line = json!({
-        "impl": "shardsmith",
-        "bench": "attention",
-        "device": device_name(&c.device),
-        "dtype": dtype_name(c.dtype),
-        "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq": seq, "head_dim": head_dim,
-        "fwd_ms": fwd * 1e3,
-        "fwd_bwd_ms": fwd_bwd * 1e3,
-        "tflops_fwd": flops / fwd / 1e12,
-        "tflops_fwd_bwd": 3.5 * flops / fwd_bwd / 1e12,
-    });
-    println!("{line}");
+    // Every bf16 backward variant on CUDA (one line each, to compare them on the same card);
+    // elsewhere the one backward there is.
+    let variants = if c.device.is_cuda() && c.dtype == DType::BF16 {
+        FlashBackward::ALL.to_vec()
+    } else {
+        vec![FlashBackward::Split]
+    };
+    for variant in variants {
+        let fwd_bwd = time(c, || {
+            let (o, lse) = crate::ops::causal_attention_forward(&q, &k, &v, scale)?;
+            causal_attention_backward_with(variant, &q, &k, &v, &o, &lse, &g, scale)?;
+            Ok(())
+        })?;
+        let line = json!({
+            "impl": "shardsmith",
+            "bench": "attention",
+            "device": device_name(&c.device),
+            "dtype": dtype_name(c.dtype),
+            "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq": seq, "head_dim": head_dim,
+            "flash_bwd": format!("{variant:?}").to_lowercase(),
+            "fwd_ms": fwd * 1e3,
+            "fwd_bwd_ms": fwd_bwd * 1e3,
+            "tflops_fwd": flops / fwd / 1e12,
+            "tflops_fwd_bwd": 3.5 * flops / fwd_bwd / 1e12,
+        });
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -397,6 +415,7 @@ pub fn neva_step(s: &LlamaShape, v: &ClipShape, o: &NevaStepOptions, c: &Common)
         "checkpointing": o.checkpointing,
         "layer_nodes": o.layer_nodes,
         "cuda_pool_keep": cuda_pool_keep(),
+        "flash_bwd": flash_bwd_name()?,
         "loss": loss,
         "step_ms": secs * 1e3,
         "fwd_bwd_ms": fwd_bwd * 1e3,

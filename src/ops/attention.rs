@@ -182,9 +182,51 @@ pub fn causal_attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) 
     }
 }
 
+/// Which kernels run the bf16 causal-attention backward on CUDA. All three compute the same dK
+/// and dV (bit-identical); dQ differs in summation order only. Chosen by `SHARDSMITH_FLASH_BWD`
+/// (`split`, `wide` or `fused`; [`FlashBackward::from_env`]) until GPU measurements settle on one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashBackward {
+    /// dQ per 128-query block and dK/dV per 128-key block in 32-query steps, no atomics
+    /// (`flash_bwd_dq` + `flash_bwd_dkdv`; the measured kernels, the default).
+    Split,
+    /// The same dQ kernel; dK/dV in 64-query steps with Pᵀ and dSᵀ staged in shared memory
+    /// (`flash_bwd_dkdv64`: fewer shared-memory reads per MMA).
+    Wide,
+    /// One kernel: the 64-query dK/dV kernel also adds dS·K into an f32 dQ with atomics
+    /// (`flash_bwd_dkdvdq`: no second pass over S and dP), then dQ is rounded to bf16. The
+    /// atomics' order varies between runs, so dQ is not bit-reproducible (dK, dV are).
+    Fused,
+}
+
+impl FlashBackward {
+    pub const ALL: [FlashBackward; 3] = [FlashBackward::Split, FlashBackward::Wide, FlashBackward::Fused];
+
+    /// `SHARDSMITH_FLASH_BWD`, read once: `split` (or unset), `wide` or `fused`; any other
+    /// value is an error naming the variable.
+    pub fn from_env() -> Result<FlashBackward> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<FlashBackward, String>> =
+            std::sync::OnceLock::new();
+        let var = || std::env::var("SHARDSMITH_FLASH_BWD").ok();
+        match CHOICE.get_or_init(|| FlashBackward::parse(var().as_deref())) {
+            Ok(c) => Ok(*c),
+            Err(e) => bail!("{e}"),
+        }
+    }
+
+    fn parse(value: Option<&str>) -> std::result::Result<FlashBackward, String> {
+        match value {
+            None | Some("" | "split") => Ok(FlashBackward::Split),
+            Some("wide") => Ok(FlashBackward::Wide),
+            Some("fused") => Ok(FlashBackward::Fused),
+            Some(other) => Err(format!("SHARDSMITH_FLASH_BWD={other:?}: expected split, wide or fused")),
+        }
+    }
+}
+
 /// (dq, dk, dv) of causal attention from the forward's o and lse and the output gradient `g`:
-/// the FlashAttention backward kernels on CUDA, the blocked f32 one of [`cpu`] on the CPU (both
-/// recompute the probabilities from q, k and lse).
+/// the FlashAttention backward kernels on CUDA (bf16: those of [`FlashBackward::from_env`]), the
+/// blocked f32 one of [`cpu`] on the CPU (both recompute the probabilities from q, k and lse).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_attention_backward(
     q: &Tensor,
@@ -195,10 +237,28 @@ pub fn causal_attention_backward(
     g: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let variant = if q.device().is_cuda() { FlashBackward::from_env()? } else { FlashBackward::Split };
+    causal_attention_backward_with(variant, q, k, v, o, lse, g, scale)
+}
+
+/// [`causal_attention_backward`] with the bf16 CUDA kernels chosen by the caller (parity tests
+/// and benchmarks compare them in one process); `variant` has no effect elsewhere.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_backward_with(
+    variant: FlashBackward,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        return super::cuda::attention_bwd(q, k, v, o, lse, g, scale as f32);
+        return super::cuda::attention_bwd(q, k, v, o, lse, g, scale as f32, variant);
     }
+    let _ = variant;
     let dims = attention_dims(q.shape(), k.shape(), v.shape())?;
     let f32s = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
     let (dq, dk, dv) = cpu::backward(
@@ -247,6 +307,17 @@ mod tests {
     use super::*;
     use crate::ops::testing::{max_diff, randn};
     use candle_core::Var;
+
+    #[test]
+    fn flash_backward_choice_parses_and_names_the_variable_on_error() {
+        assert_eq!(FlashBackward::parse(None), Ok(FlashBackward::Split));
+        assert_eq!(FlashBackward::parse(Some("")), Ok(FlashBackward::Split));
+        assert_eq!(FlashBackward::parse(Some("split")), Ok(FlashBackward::Split));
+        assert_eq!(FlashBackward::parse(Some("wide")), Ok(FlashBackward::Wide));
+        assert_eq!(FlashBackward::parse(Some("fused")), Ok(FlashBackward::Fused));
+        let err = FlashBackward::parse(Some("atomic")).unwrap_err();
+        assert!(err.contains("SHARDSMITH_FLASH_BWD") && err.contains("atomic"), "{err}");
+    }
 
     /// The CPU op against candle autograd through the materialised reference, with GQA, a T
     /// that is no multiple of anything and one that spans several query blocks.

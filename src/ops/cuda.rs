@@ -6,7 +6,7 @@
 //! (falling back to the PTX, JIT-compiled by the driver, on another architecture) and launched
 //! on candle's stream, with every buffer allocated by candle, so outputs are ordinary tensors.
 
-use super::attention::attention_dims;
+use super::attention::{attention_dims, FlashBackward};
 use super::fused::AdamWScalars;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -808,6 +808,12 @@ fn attn_tc_smem(rows: usize, d: usize) -> u32 {
     (rows * (d + 8) * 2) as u32
 }
 
+/// The 64-query dK/dV kernels (flash_attn.cu's kv64_tc_smem_bytes): K, V [128], Q, dO [2][64]
+/// rows of D + 8; Pᵀ, dSᵀ [128][64 + 8]; lse, Δ [2][64] f32.
+fn attn_kv64_smem(d: usize) -> u32 {
+    attn_tc_smem(2 * 128 + 4 * 64, d) + (2 * 128 * (64 + 8) * 2 + 4 * 64 * 4) as u32
+}
+
 fn attn_fwd_smem(dtype: DType, d: usize) -> u32 {
     if dtype == DType::BF16 {
         // Q [128], K, V [2][64] rows.
@@ -873,7 +879,8 @@ pub(super) fn attention_fwd(
     })
 }
 
-/// (dq, dk, dv) of causal attention from the forward's o and lse and the output gradient `g`.
+/// (dq, dk, dv) of causal attention from the forward's o and lse and the output gradient `g`;
+/// bf16 through the tensor-core kernels `variant` names, f32 through the scalar one.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_bwd(
     q: &Tensor,
@@ -883,6 +890,7 @@ pub(super) fn attention_bwd(
     lse: &Tensor,
     g: &Tensor,
     scale: f32,
+    variant: FlashBackward,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "causal-attention backward";
     let (b, hq, hk, t, d) = attention_dims(q.shape(), k.shape(), v.shape())?;
@@ -904,12 +912,8 @@ pub(super) fn attention_bwd(
     let pre = function(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_pre_{sfx}_d{d}"))?;
     let stream = dev.cuda_stream();
     if dtype == DType::BF16 {
-        // Tensor-core path: dK/dV per key block and dQ per query block in two kernels, no atomics.
-        let (smem_dq, smem_dkdv) =
-            (attn_tc_smem(2 * 128 + 4 * 32, d), attn_tc_smem(2 * 128 + 4 * 32, d) + 4 * 32 * 4);
-        let dqf = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_dq_{sfx}_d{d}"), smem_dq)?;
-        let dkdvf =
-            function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_dkdv_{sfx}_d{d}"), smem_dkdv)?;
+        // Δ = rowsum(dO ⊙ O), then dK/dV per 128-key block and dQ per 128-query block (Split,
+        // Wide) or added by the dK/dV blocks with atomics (Fused). See flash_attn.cu.
         let (qv, kv, vv) = (view::<bf16>(qs, ql, OP)?, view::<bf16>(ks, kl, OP)?, view::<bf16>(vs, vl, OP)?);
         let (ov, gv, lv) = (view::<bf16>(os, ol, OP)?, view::<bf16>(gs, gl, OP)?, view::<f32>(ls, ll, OP)?);
         let mut delta = unsafe { dev.alloc::<f32>(rows)? };
@@ -919,6 +923,25 @@ pub(super) fn attention_bwd(
         // SAFETY: matches flash_attn.cu (flash_bwd_pre): one warp per row, 4 rows a block.
         unsafe { bld.launch(cfg((rows.div_ceil(4) as u32, 1, 1), 128, 0)) }.w()?;
 
+        let mut dk = unsafe { dev.alloc::<bf16>(b * hk * t * d)? };
+        let mut dv = unsafe { dev.alloc::<bf16>(b * hk * t * d)? };
+        let kv_grid = (t.div_ceil(ATTN_TC_BK) as u32, hk as u32, b as u32);
+        if variant == FlashBackward::Fused {
+            let smem = attn_kv64_smem(d);
+            let f = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_dkdvdq_{sfx}_d{d}"), smem)?;
+            let mut dq_acc = dev.alloc_zeros::<f32>(rows * d)?;
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta).arg(&mut dk).arg(&mut dv);
+            bld.arg(&mut dq_acc).arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
+            // SAFETY: matches flash_attn.cu (flash_bwd_kv64_tc<D, true>); every dk/dv row < T is
+            // written; dq_acc is zero-filled and only added to.
+            unsafe { bld.launch(cfg(kv_grid, ATTN_TC_THREADS, smem)) }.w()?;
+            let dq = tensor(dq_acc, dev, (b, hq, t, d)).to_dtype(DType::BF16)?;
+            return Ok((dq, tensor(dk, dev, (b, hk, t, d)), tensor(dv, dev, (b, hk, t, d))));
+        }
+
+        let smem_dq = attn_tc_smem(2 * 128 + 4 * 32, d);
+        let dqf = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_dq_{sfx}_d{d}"), smem_dq)?;
         let mut dq = unsafe { dev.alloc::<bf16>(rows * d)? };
         let mut bld = stream.launch_builder(&dqf);
         bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta).arg(&mut dq);
@@ -927,14 +950,17 @@ pub(super) fn attention_bwd(
         // SAFETY: matches flash_attn.cu (flash_bwd_dq_tc); every dq row < T is written.
         unsafe { bld.launch(cfg(grid, ATTN_TC_DQ_THREADS, smem_dq)) }.w()?;
 
-        let mut dk = unsafe { dev.alloc::<bf16>(b * hk * t * d)? };
-        let mut dv = unsafe { dev.alloc::<bf16>(b * hk * t * d)? };
+        let (name, smem) = match variant {
+            FlashBackward::Wide => ("dkdv64", attn_kv64_smem(d)),
+            _ => ("dkdv", attn_tc_smem(2 * 128 + 4 * 32, d) + 4 * 32 * 4),
+        };
+        let dkdvf = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_{name}_{sfx}_d{d}"), smem)?;
         let mut bld = stream.launch_builder(&dkdvf);
         bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta).arg(&mut dk).arg(&mut dv);
         bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
-        let grid = (t.div_ceil(ATTN_TC_BK) as u32, hk as u32, b as u32);
-        // SAFETY: matches flash_attn.cu (flash_bwd_dkdv_tc); every dk/dv row < T is written.
-        unsafe { bld.launch(cfg(grid, ATTN_TC_THREADS, smem_dkdv)) }.w()?;
+        // SAFETY: matches flash_attn.cu (flash_bwd_dkdv_tc, flash_bwd_kv64_tc<D, false>); every
+        // dk/dv row < T is written.
+        unsafe { bld.launch(cfg(kv_grid, ATTN_TC_THREADS, smem)) }.w()?;
         return Ok((
             tensor(dq, dev, (b, hq, t, d)),
             tensor(dk, dev, (b, hk, t, d)),
