@@ -56,7 +56,8 @@ step() {
 echo "### parity (tests/cuda_parity.rs)"
 for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softmax_forward \
     swiglu_forward_and_backward cross_entropy_forward_and_backward adamw_step_is_bit_identical \
-    causal_attention_forward_and_backward attention_backward_variants_agree full_attention_forward \
+    causal_attention_forward_and_backward attention_backward_variants_agree wgmma_forward_matches_the_cpu \
+    full_attention_forward \
     decode_gemv_forward decode_attention_forward \
     rope_qkv_into_cache_is_exact bias_act_forward batched_decode_matches_the_cpu \
     train_step_layer_nodes_match_the_composed_graph; do
@@ -98,9 +99,12 @@ fi
 step ours-gpu-layer 60 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-gpu-layer-composed 60 "$SS" bench gpu-layer --composed --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-gpu-layer-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
-# The other bf16 attention backward kernels (ops::attention::FlashBackward) in the whole layer.
-for bwd in wide fused; do
-    step ours-gpu-layer-$bwd 60 env SHARDSMITH_FLASH_BWD=$bwd "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
+# The other bf16 attention kernels (ops::attention::FlashForward, FlashBackward) in the whole
+# layer: backward wide, fused; the wgmma forward with the default and the fused backward.
+for kv in "mma wide" "mma fused" "wgmma split" "wgmma fused"; do
+    set -- $kv
+    [[ -n ${GPU_SH_TINY:-} && $1 == wgmma ]] && continue # a CPU build has no wgmma kernels
+    step ours-gpu-layer-$1-$2 60 env SHARDSMITH_FLASH_FWD=$1 SHARDSMITH_FLASH_BWD=$2 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 done
 step torch-gpu-layer 60 $PY gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
@@ -111,7 +115,7 @@ step torch-decode 60 $PY decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-neva 60 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-composed 60 "$SS" bench neva-step --composed --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
-step ours-neva-fused 60 env SHARDSMITH_FLASH_BWD=fused "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+[[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-wgmma-fused 60 env SHARDSMITH_FLASH_FWD=wgmma SHARDSMITH_FLASH_BWD=fused "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step torch-neva 60 $PY neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 
 echo "### results ($GPU, peak $PEAK TFLOP/s bf16 for MFU; $((SECONDS - START)) s)"
@@ -133,29 +137,29 @@ def line(name, metric, ours, base, others, higher_better=True):
         ratio = ours / base if higher_better else base / ours
     out.append(f"| {name} | {metric} | {fmt(ours)} | {fmt(base)} | {'—' if ratio is None else f'{ratio:.2f}×'} | {others} |")
 g = lambda r, k: None if r is None else r[k]
-o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_bwd="split"), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
-ow, of = find("gpu_layer", "shardsmith", flash_bwd="wide"), find("gpu_layer", "shardsmith", flash_bwd="fused")
+o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split"), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+kern = lambda bench, key: ", ".join(f"{f}+{b} {fmt(g(find(bench, 'shardsmith', flash_fwd=f, flash_bwd=b), key))}"
+                                     for f, b in [("mma", "wide"), ("mma", "fused"), ("wgmma", "split"), ("wgmma", "fused")])
 oc = find("gpu_layer", "shardsmith", layer_nodes=False)
 op = find("gpu_layer", "shardsmith", cuda_pool_keep=False)
 if o or t:
     r = o or t
     name = f"LLaMA-7B layers ×{r['layers']} fwd+bwd, B{r['batch']}×S{r['seq']}"
     line(name, "TFLOP/s", g(o, "tflops"), g(t, "tflops"),
-         f"full ckpt {fmt(g(c, 'tflops'))}; ours composed {fmt(g(oc, 'tflops'))}, pool released {fmt(g(op, 'tflops'))}, "
-         f"attention bwd wide {fmt(g(ow, 'tflops'))} / fused {fmt(g(of, 'tflops'))}")
+         f"full ckpt {fmt(g(c, 'tflops'))}; ours composed {fmt(g(oc, 'tflops'))}, pool released {fmt(g(op, 'tflops'))}; "
+         f"attention fwd+bwd kernels {kern('gpu_layer', 'tflops')}")
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
     line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
-o, t = find("attention", "shardsmith", flash_bwd="split"), find("attention", "pytorch")
-ow, of = find("attention", "shardsmith", flash_bwd="wide"), find("attention", "shardsmith", flash_bwd="fused")
+o, t = find("attention", "shardsmith", flash_fwd="mma", flash_bwd="split"), find("attention", "pytorch")
+wg = find("attention", "shardsmith", flash_fwd="wgmma")
 fl, cu = find("attention", "pytorch_flash"), find("attention", "pytorch_cudnn")
 if o or t:
     r = o or t
     name = f"causal attention B{r['batch']} H{r['heads']} S{r['seq']} D{r['head_dim']}"
     line(name, "fwd+bwd TFLOP/s", g(o, "tflops_fwd_bwd"), g(t, "tflops_fwd_bwd"),
-         f"flash {fmt(g(fl, 'tflops_fwd_bwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd_bwd'))}; "
-         f"ours with bwd wide {fmt(g(ow, 'tflops_fwd_bwd'))} / fused {fmt(g(of, 'tflops_fwd_bwd'))}")
+         f"flash {fmt(g(fl, 'tflops_fwd_bwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd_bwd'))}; ours {kern('attention', 'tflops_fwd_bwd')}")
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
-         f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}")
+         f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}")
 for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv=True), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
     oc = find("decode", "shardsmith", batch=b, cuda_gemv=False)
@@ -163,8 +167,8 @@ for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     name = f"7B decode ({r['layers']} layers), batch {b}, prompt {r['prompt_len']} + {r['steps']}"
     line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"),
          f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours with cuBLAS GEMMs {fmt(g(oc, 'tokens_per_s'))}")
-o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_bwd="split"), find("neva_step", "pytorch")
-of = find("neva_step", "shardsmith", flash_bwd="fused")
+o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split"), find("neva_step", "pytorch")
+of = find("neva_step", "shardsmith", flash_fwd="wgmma", flash_bwd="fused")
 oc = find("neva_step", "shardsmith", layer_nodes=False)
 op = find("neva_step", "shardsmith", cuda_pool_keep=False)
 if o or t:
@@ -173,7 +177,7 @@ if o or t:
     parts = lambda r: "—" if r is None else f"fwd+bwd {r['fwd_bwd_ms']:.1f}, vision+projector fwd {r['vision_projector_ms']:.1f}"
     line(name, "step ms (ratio: eager ÷ ours)", g(o, "step_ms"), g(t, "step_ms"),
          f"ours: {parts(o)}; composed {fmt(g(oc, 'step_ms'))} ({parts(oc)}); pool released {fmt(g(op, 'step_ms'))}; "
-         f"attention bwd fused {fmt(g(of, 'step_ms'))}", higher_better=False)
+         f"attention wgmma+fused {fmt(g(of, 'step_ms'))}", higher_better=False)
 print("\n".join(out))
 EOF
 echo "(total $((SECONDS - START)) s; JSON lines in $RES)"

@@ -6,7 +6,7 @@
 //!                                                  against CPU references, so expf / division /
 //!                                                  sqrt keep their IEEE-accurate forms)
 //!   ptxas -arch=sm_$CAP -O3                        (the cubin the loader prefers: no JIT at run time)
-//! `$CAP` is `CUDA_COMPUTE_CAP` (`90` or `9.0`; default 90). nvcc is `$NVCC`, else
+//! `$CAP` is `CUDA_COMPUTE_CAP` (`90` or `9.0`; default 90; 90 compiles as `90a`, see below). nvcc is `$NVCC`, else
 //! `$CUDA_HOME/bin/nvcc` (or `$CUDA_PATH`), else `nvcc` on PATH; ptxas sits beside it.
 
 use std::path::{Path, PathBuf};
@@ -30,6 +30,10 @@ fn main() {
     if cap.is_empty() {
         panic!("CUDA_COMPUTE_CAP must be a compute capability such as 90 or 9.0");
     }
+    // Compute capability 9.0 builds for sm_90a: the same GPUs (H100, H200), plus the
+    // architecture-specific instructions (wgmma) that flash_wg.cu needs; its cubin and PTX run on
+    // 9.0 devices only, as an sm_90 cubin would.
+    let cap = if cap == "90" { "90a".to_string() } else { cap };
     println!("cargo:rustc-env=SHARDSMITH_KERNELS_ARCH=sm_{cap}");
     let nvcc = nvcc();
     let ptxas = match nvcc.parent() {

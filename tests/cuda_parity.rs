@@ -287,6 +287,39 @@ fn attention_backward_variants_agree() {
     }
 }
 
+/// The wgmma forward (kernels/src/flash_wg.cu, `FlashForward::Wgmma`), causal and unmasked, against
+/// the CPU forward (o, lse) and against the mma.sync kernel on the same inputs. Skipped (with a
+/// line saying so) in a build without it (CUDA_COMPUTE_CAP other than 90).
+#[test]
+fn wgmma_forward_matches_the_cpu() {
+    use ops::attention::{causal_attention_forward_with, full_attention, full_attention_with, FlashForward};
+    if !ops::attention::wgmma_available() {
+        println!("parity wgmma forward: skipped (no sm_90a kernels in this build)");
+        return;
+    }
+    // (B, Hq, Hk, T, D): several 128-row blocks, a partial last tile, GQA, T 1; D 128 (LLaMA) and 64 (CLIP).
+    let cases = [(1, 4, 2, 300, 128), (2, 3, 1, 129, 64), (1, 2, 2, 1, 128), (1, 2, 1, 577, 64)];
+    for (b, hq, hk, t, d) in cases {
+        let bf = |shape: &[usize], seed: u64| randn(shape, seed, 2.0).to_dtype(DType::BF16).unwrap();
+        let (q, k, v) = (bf(&[b, hq, t, d], 31), bf(&[b, hk, t, d], 32), bf(&[b, hk, t, d], 33));
+        let scale = 1.0 / (d as f64).sqrt();
+        let on = |x: &Tensor| x.to_device(&gpu()).unwrap();
+        let (qg, kg, vg) = (on(&q), on(&k), on(&v));
+        let name = format!("wgmma forward B{b} Hq{hq} Hk{hk} T{t} D{d}");
+        let (oc, lc) = ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
+        let (ow, lw) = causal_attention_forward_with(FlashForward::Wgmma, &qg, &kg, &vg, scale).unwrap();
+        let (om, lm) = causal_attention_forward_with(FlashForward::MmaSync, &qg, &kg, &vg, scale).unwrap();
+        check(&format!("{name} causal o"), &ow, &oc, 2e-2);
+        check(&format!("{name} causal lse"), &lw, &lc, 1e-3);
+        check(&format!("{name} causal o vs mma.sync"), &ow, &om.to_device(&Device::Cpu).unwrap(), 1e-2);
+        check(&format!("{name} causal lse vs mma.sync"), &lw, &lm.to_device(&Device::Cpu).unwrap(), 1e-4);
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let fc = full_attention(&f32(&q), &f32(&k), &f32(&v), scale).unwrap();
+        let fw = full_attention_with(FlashForward::Wgmma, &qg, &kg, &vg, scale).unwrap();
+        check(&format!("{name} full o"), &fw, &fc, 2e-2);
+    }
+}
+
 /// The unmasked bf16 attention kernel (CLIP's vision tower on CUDA) against the materialised
 /// softmax(QKᵀ·scale)V in f32 on the CPU: ViT-L/14-336's 577 tokens at D 64, GQA, a partial key
 /// tile, one token.

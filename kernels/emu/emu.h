@@ -6,6 +6,7 @@
 // show up on a machine without a GPU. Build: see kernels/emu/run.sh.
 #pragma once
 #include <atomic>
+#include <cstddef>
 #include <barrier>
 #include <algorithm>
 #include <cmath>
@@ -81,6 +82,12 @@ struct Warp {
     uint64_t buf[32][8];
 };
 inline std::vector<Warp> warps;
+// A warpgroup (4 consecutive warps): its barrier and the A registers its threads pass to wgmma.
+struct WarpGroup {
+    std::unique_ptr<std::barrier<>> bar;
+    uint32_t a[128][4];
+};
+inline std::vector<WarpGroup> warpgroups;
 
 inline int flat_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
@@ -184,6 +191,55 @@ inline void cp_async_wait(int n) {
     }
 }
 
+// wgmma (kernels/src/wgmma.cuh): descriptors hold the offset into dynamic shared memory (the
+// device's shared-window address); the no-swizzle canonical layouts decoded as the PTX ISA's
+// "Canonical Layouts" state them (K-major and MN-major, documented in wgmma.cuh).
+inline uint64_t wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {
+    const ptrdiff_t off = static_cast<const unsigned char *>(smem) - dyn_smem;
+    if (off < 0 || off >= (ptrdiff_t)sizeof(dyn_smem) || off % 16 || lbo % 16 || sbo % 16)
+        throw "emu: wgmma descriptor outside dynamic shared memory or not 16-byte aligned";
+    return (uint64_t)((off & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+}
+inline float wgmma_elem(uint64_t desc, int mn, int k, bool mn_major) {
+    const size_t base = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+    if (desc >> 62) throw "emu: only wgmma's no-swizzle layout is emulated";
+    const size_t off = mn_major ? (mn % 8) * 2 + (mn / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                                : (mn % 8) * 16 + (mn / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+    if (base + off + 2 > sizeof(dyn_smem)) throw "emu: wgmma operand past shared memory";
+    uint16_t v;
+    std::memcpy(&v, dyn_smem + base + off, 2);
+    return __bfloat162float({v});
+}
+// wgmma.mma_async m64nNk16 bf16 → f32 for the calling thread's accumulator fragment: A [64][16]
+// from the group's registers (a_regs, the m16n8k16 A layout per warp) or from desc_a (K-major),
+// B [16][N] from desc_b (K-major, or MN-major: the .trans form). Computed at issue, so the
+// fence / commit / wait protocol is not checked here.
+template <int N>
+inline void wgmma(float (&d)[N / 8][4], const uint32_t *a_regs, uint64_t desc_a, uint64_t desc_b, bool b_mn_major,
+                  int accumulate) {
+    const int tid = flat_tid(), idx = tid % 128;
+    if (warpgroups.empty()) throw "emu: wgmma needs a block of whole warpgroups";
+    WarpGroup &w = warpgroups[tid / 128];
+    if (a_regs)
+        for (int i = 0; i < 4; ++i) w.a[idx][i] = a_regs[i];
+    w.bar->arrive_and_wait();
+    auto a_at = [&](int row, int k) {
+        if (!a_regs) return wgmma_elem(desc_a, row, k, false);
+        const int r16 = row % 16, lane = 4 * (r16 % 8) + (k % 8) / 2;
+        const uint32_t reg = w.a[32 * (row / 16) + lane][(r16 >= 8) + 2 * (k >= 8)];
+        return __bfloat162float({(uint16_t)(k % 2 ? reg >> 16 : reg & 0xffff)});
+    };
+    const int warp = idx / 32, lane = idx % 32, g = lane / 4, t = lane % 4;
+    for (int j = 0; j < N / 8; ++j)
+        for (int i = 0; i < 4; ++i) {
+            const int row = 16 * warp + g + 8 * (i >> 1), col = 8 * j + 2 * t + (i & 1);
+            float s = 0;
+            for (int k = 0; k < 16; ++k) s += a_at(row, k) * wgmma_elem(desc_b, col, k, b_mn_major);
+            d[j][i] = (accumulate ? d[j][i] : 0.f) + s;
+        }
+    w.bar->arrive_and_wait();
+}
+
 template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K kernel, A... args) {
     if (smem > sizeof(dyn_smem)) throw "emu: dynamic shared memory too large";
     const unsigned n = block.x * block.y * block.z;
@@ -198,6 +254,11 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
                 warps.clear();
                 warps.resize(n / 32);
                 for (auto &w : warps) w.bar = std::make_unique<std::barrier<>>(32);
+                warpgroups.clear();
+                if (n % 128 == 0) {
+                    warpgroups.resize(n / 128);
+                    for (auto &w : warpgroups) w.bar = std::make_unique<std::barrier<>>(128);
+                }
                 std::memset(dyn_smem, 0xcd, smem);  // garbage, like real shared memory
                 std::vector<std::thread> ts;
                 ts.reserve(n);

@@ -5,6 +5,7 @@
 #include "../src/cross_entropy.cu"
 #include "../src/decode_attn.cu"
 #include "../src/flash_attn.cu"
+#include "../src/flash_wg.cu"
 #include "../src/gemv.cu"
 #include "../src/rmsnorm.cu"
 #include "../src/rope.cu"
@@ -168,46 +169,62 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
     }
 }
 
-// The non-causal bf16 forward (flash_fwd_tc<D, false>): o and lse against double precision.
-template <int D> void test_full_attention(int B, int hq, int hk, int t, double tol) {
+// The bf16 forwards alone, causal or not: flash_fwd_tc<D, causal> (mma.sync) and, for D 64 and
+// 128, flash_fwd_wg<D, causal> (wgmma, flash_wg.cu): o and lse against double precision.
+template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, double tol) {
     const float scale = 1.0f / std::sqrt((float)D);
     auto qf = widen(cast<bf16>(randv((size_t)B * hq * t * D)));
     auto kf = widen(cast<bf16>(randv((size_t)B * hk * t * D)));
     auto vf = widen(cast<bf16>(randv((size_t)B * hk * t * D)));
     auto q = cast<bf16>(qf), k = cast<bf16>(kf), v = cast<bf16>(vf);
-    std::vector<bf16> o((size_t)B * hq * t * D);
-    std::vector<float> lse((size_t)B * hq * t);
-    const int nq = (t + TC_BM - 1) / TC_BM;
-    emu::launch(dim3(nq, hq, B), dim3(TC_FWD_THREADS), fwd_tc_smem_bytes<D>(), flash_fwd_tc<D, false>, q.data(),
-                k.data(), v.data(), o.data(), lse.data(), hq, hk, t, scale);
-    std::vector<double> ro(o.size()), rl(lse.size());
+    std::vector<double> ro((size_t)B * hq * t * D), rl((size_t)B * hq * t);
     for (int b = 0; b < B; ++b)
         for (int h = 0; h < hq; ++h) {
             const int kv = h / (hq / hk);
             const float *Q = &qf[((size_t)b * hq + h) * t * D], *K = &kf[((size_t)b * hk + kv) * t * D],
                         *V = &vf[((size_t)b * hk + kv) * t * D];
             for (int i = 0; i < t; ++i) {
-                std::vector<double> p(t);
+                const int n = causal ? i + 1 : t;  // keys this query sees
+                std::vector<double> p(n);
                 double mx = -1e300, l = 0;
-                for (int j = 0; j < t; ++j) {
+                for (int j = 0; j < n; ++j) {
                     double s = 0;
                     for (int d = 0; d < D; ++d) s += (double)Q[i * D + d] * K[j * D + d];
                     mx = std::max(mx, p[j] = s * scale);
                 }
-                for (int j = 0; j < t; ++j) l += (p[j] = std::exp(p[j] - mx));
+                for (int j = 0; j < n; ++j) l += (p[j] = std::exp(p[j] - mx));
                 rl[((size_t)b * hq + h) * t + i] = mx + std::log(l);
                 for (int d = 0; d < D; ++d) {
                     double od = 0;
-                    for (int j = 0; j < t; ++j) od += p[j] / l * V[j * D + d];
+                    for (int j = 0; j < n; ++j) od += p[j] / l * V[j * D + d];
                     ro[(((size_t)b * hq + h) * t + i) * D + d] = od;
                 }
             }
         }
-    char buf[128];
-    std::snprintf(buf, sizeof buf, "attn full bf16 D%d B%d Hq%d Hk%d T%d o", D, B, hq, hk, t);
-    check(buf, widen(o), ro, tol);
-    std::snprintf(buf, sizeof buf, "attn full bf16 D%d B%d Hq%d Hk%d T%d lse", D, B, hq, hk, t);
-    check(buf, lse, rl, tol);
+    auto run = [&](const char *kernel, auto launch) {
+        std::vector<bf16> o(ro.size());
+        std::vector<float> lse(rl.size());
+        launch(o.data(), lse.data());
+        char buf[128];
+        const char *mask = causal ? "causal" : "full";
+        std::snprintf(buf, sizeof buf, "fwd %s %s D%d B%d Hq%d Hk%d T%d o", kernel, mask, D, B, hq, hk, t);
+        check(buf, widen(o), ro, tol);
+        std::snprintf(buf, sizeof buf, "fwd %s %s D%d B%d Hq%d Hk%d T%d lse", kernel, mask, D, B, hq, hk, t);
+        check(buf, lse, rl, tol);
+    };
+    run("mma.sync", [&](bf16 *o, float *lse) {
+        const int nq = (t + TC_BM - 1) / TC_BM;
+        auto kernel = causal ? flash_fwd_tc<D, true> : flash_fwd_tc<D, false>;
+        emu::launch(dim3(nq, hq, B), dim3(TC_FWD_THREADS), fwd_tc_smem_bytes<D>(), kernel, q.data(), k.data(),
+                    v.data(), o, lse, hq, hk, t, scale);
+    });
+    if constexpr (D == 64 || D == 128)
+        run("wgmma", [&](bf16 *o, float *lse) {
+            const int nq = (t + WG_BM - 1) / WG_BM;
+            auto kernel = causal ? flash_fwd_wg<D, true> : flash_fwd_wg<D, false>;
+            emu::launch(dim3(nq, hq, B), dim3(WG_THREADS), wg_fwd_smem_bytes<D>(), kernel, q.data(), k.data(),
+                        v.data(), o, lse, hq, hk, t, scale);
+        });
 }
 
 template <class T> void test_rmsnorm(int rows, int h, double tol) {
@@ -504,10 +521,16 @@ int main() {
     test_attention<bf16, 64>(1, 2, 1, 129, "bf16 misaligned", 3e-2, 1);
     test_attention<bf16, 128>(1, 1, 1, 1, "bf16", 3e-2);
     // non-causal forward: keys past the diagonal and a partial last key tile (T 161, 40, 1)
-    test_full_attention<64>(1, 2, 1, 161, 2e-2);
-    test_full_attention<128>(2, 2, 2, 40, 2e-2);
-    test_full_attention<32>(1, 1, 1, 1, 2e-2);
-    test_full_attention<128>(1, 3, 1, 20, 2e-2);  // the second 32-key step lies wholly past T
+    test_forward<64>(1, 2, 1, 161, false, 2e-2);
+    test_forward<128>(2, 2, 2, 40, false, 2e-2);
+    test_forward<32>(1, 1, 1, 1, false, 2e-2);
+    test_forward<128>(1, 3, 1, 20, false, 2e-2);  // the second 32-key step lies wholly past T
+    // causal forwards, both kernels: several 128-row blocks and 64-key tiles, a second warpgroup
+    // with no rows (T 40), partial tiles, GQA 2 and 3, T 1
+    test_forward<128>(1, 4, 2, 300, true, 2e-2);
+    test_forward<64>(1, 3, 1, 129, true, 2e-2);
+    test_forward<128>(1, 1, 1, 40, true, 2e-2);
+    test_forward<64>(1, 1, 1, 1, true, 2e-2);
     std::printf(failures ? "%d FAILED\n" : "all ok\n", failures);
     return failures != 0;
 }

@@ -54,6 +54,14 @@ modules! {
     DECODE_ATTN = "decode_attn";
     /// `gemv_{f32,bf16}_m{1..8}`, `gemv_add_*` and `gemv_swiglu_*` (same suffixes).
     GEMV = "gemv";
-    /// `flash_{fwd,bwd_pre,bwd}_{f32,bf16}_d{32,64,96,128}`, `flash_dq_convert_bf16`.
+    /// `flash_{fwd,bwd_pre,bwd}_f32_d*`, `flash_{fwd,fwd_full,bwd_pre,bwd_dq,bwd_dkdv,bwd_dkdv64,
+    /// bwd_dkdvdq}_bf16_d*` (d 32, 64, 96, 128).
     FLASH_ATTN = "flash_attn";
+    /// `flash_fwd_wg_bf16_d{64,128}`, `flash_fwd_full_wg_bf16_d{64,128}` (wgmma; only in an
+    /// sm_90a build, see [`WGMMA`]).
+    FLASH_WG = "flash_wg";
 }
+
+/// Whether the modules hold the wgmma (sm_90a) kernels of `flash_wg.cu`.
+#[cfg(feature = "cuda")]
+pub const WGMMA: bool = matches!(ARCH.as_bytes(), b"sm_90a");

@@ -4,7 +4,7 @@
 //!
 //! - `bench gpu-layer`: LLaMA decoder layers forward + backward (weights and input trainable).
 //! - `bench attention`: causal attention forward, and forward + backward (the kernels alone; on
-//!   CUDA in bf16 one line per backward variant, `FlashBackward`).
+//!   CUDA in bf16 one line per kernel variant pair, `FlashForward` × `FlashBackward`).
 //! - `bench decode`: prefill then greedy decode of a synthetic LLaMA with the KV cache.
 //! - `bench neva-step`: one NeVA stage-1 training step (forward, backward, clip, AdamW).
 //!
@@ -19,7 +19,10 @@ use crate::models::neva::ImageTokens;
 use crate::models::projector::ProjectorKind;
 use crate::models::tp::ParallelLlama;
 use crate::models::Model;
-use crate::ops::attention::{causal_attention_backward_with, FlashBackward};
+use crate::ops::attention::{
+    causal_attention_backward_with, causal_attention_forward_with, wgmma_available, FlashBackward,
+    FlashForward,
+};
 use crate::parallel::Solo;
 use crate::train::model::{Batch, TrainModel, IGNORE};
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -95,9 +98,9 @@ fn cuda_pool_keep() -> bool {
     std::env::var("SHARDSMITH_CUDA_POOL_KEEP").map_or(true, |v| v != "0")
 }
 
-/// The bf16 attention backward the models run (`SHARDSMITH_FLASH_BWD`), as the JSON names it.
-fn flash_bwd_name() -> Result<String> {
-    Ok(format!("{:?}", FlashBackward::from_env()?).to_lowercase())
+/// The bf16 attention kernels the models run (`SHARDSMITH_FLASH_FWD`, `SHARDSMITH_FLASH_BWD`).
+fn flash_names() -> Result<(&'static str, &'static str)> {
+    Ok((FlashForward::from_env()?.name(), FlashBackward::from_env()?.name()))
 }
 
 fn device_name(d: &Device) -> &'static str {
@@ -155,7 +158,8 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, layer_nodes: bool, c:
         "seq": seq,
         "layer_nodes": layer_nodes,
         "cuda_pool_keep": cuda_pool_keep(),
-        "flash_bwd": flash_bwd_name()?,
+        "flash_fwd": flash_names()?.0,
+        "flash_bwd": flash_names()?.1,
         "step_ms": secs * 1e3,
         "tflops": flops / secs / 1e12,
     });
@@ -179,37 +183,42 @@ pub fn attention(
     };
     let (q, k, v, g) = (randn(heads)?, randn(kv_heads)?, randn(kv_heads)?, randn(heads)?);
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let fwd = time(c, || {
-        crate::ops::causal_attention_forward(&q, &k, &v, scale)?;
-        Ok(())
-    })?;
     let flops = 4.0 * (batch * heads * seq * seq * head_dim) as f64 / 2.0;
-    // Every bf16 backward variant on CUDA (one line each, to compare them on the same card);
-    // elsewhere the one backward there is.
-    let variants = if c.device.is_cuda() && c.dtype == DType::BF16 {
-        FlashBackward::ALL.to_vec()
+    // On CUDA in bf16 every kernel variant (one line per forward × backward pair, to compare them
+    // on the same card); elsewhere the one path there is.
+    let bf16_cuda = c.device.is_cuda() && c.dtype == DType::BF16;
+    let forwards = if bf16_cuda && wgmma_available() && [64, 128].contains(&head_dim) {
+        FlashForward::ALL.to_vec()
     } else {
-        vec![FlashBackward::Split]
+        vec![FlashForward::MmaSync]
     };
-    for variant in variants {
-        let fwd_bwd = time(c, || {
-            let (o, lse) = crate::ops::causal_attention_forward(&q, &k, &v, scale)?;
-            causal_attention_backward_with(variant, &q, &k, &v, &o, &lse, &g, scale)?;
+    let backwards = if bf16_cuda { FlashBackward::ALL.to_vec() } else { vec![FlashBackward::Split] };
+    for fwd_variant in forwards {
+        let fwd = time(c, || {
+            causal_attention_forward_with(fwd_variant, &q, &k, &v, scale)?;
             Ok(())
         })?;
-        let line = json!({
-            "impl": "shardsmith",
-            "bench": "attention",
-            "device": device_name(&c.device),
-            "dtype": dtype_name(c.dtype),
-            "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq": seq, "head_dim": head_dim,
-            "flash_bwd": format!("{variant:?}").to_lowercase(),
-            "fwd_ms": fwd * 1e3,
-            "fwd_bwd_ms": fwd_bwd * 1e3,
-            "tflops_fwd": flops / fwd / 1e12,
-            "tflops_fwd_bwd": 3.5 * flops / fwd_bwd / 1e12,
-        });
-        println!("{line}");
+        for bwd_variant in &backwards {
+            let fwd_bwd = time(c, || {
+                let (o, lse) = causal_attention_forward_with(fwd_variant, &q, &k, &v, scale)?;
+                causal_attention_backward_with(*bwd_variant, &q, &k, &v, &o, &lse, &g, scale)?;
+                Ok(())
+            })?;
+            let line = json!({
+                "impl": "shardsmith",
+                "bench": "attention",
+                "device": device_name(&c.device),
+                "dtype": dtype_name(c.dtype),
+                "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq": seq, "head_dim": head_dim,
+                "flash_fwd": fwd_variant.name(),
+                "flash_bwd": bwd_variant.name(),
+                "fwd_ms": fwd * 1e3,
+                "fwd_bwd_ms": fwd_bwd * 1e3,
+                "tflops_fwd": flops / fwd / 1e12,
+                "tflops_fwd_bwd": 3.5 * flops / fwd_bwd / 1e12,
+            });
+            println!("{line}");
+        }
     }
     Ok(())
 }
@@ -415,7 +424,8 @@ pub fn neva_step(s: &LlamaShape, v: &ClipShape, o: &NevaStepOptions, c: &Common)
         "checkpointing": o.checkpointing,
         "layer_nodes": o.layer_nodes,
         "cuda_pool_keep": cuda_pool_keep(),
-        "flash_bwd": flash_bwd_name()?,
+        "flash_fwd": flash_names()?.0,
+        "flash_bwd": flash_names()?.1,
         "loss": loss,
         "step_ms": secs * 1e3,
         "fwd_bwd_ms": fwd_bwd * 1e3,

@@ -35,13 +35,16 @@ pub(crate) fn attention_dims(q: &Shape, k: &Shape, v: &Shape) -> Result<(usize, 
 struct FlashAttention {
     scale: f32,
     causal: bool,
+    /// The bf16 CUDA forward kernel; `None`: [`FlashForward::from_env`].
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    forward: Option<FlashForward>,
     /// [B, Hq, T] f32 log-sum-exp of the scaled scores, made by the forward for the backward.
     lse: Mutex<Option<Tensor>>,
 }
 
 impl FlashAttention {
     fn new(scale: f64, causal: bool) -> Self {
-        FlashAttention { scale: scale as f32, causal, lse: Mutex::new(None) }
+        FlashAttention { scale: scale as f32, causal, forward: None, lse: Mutex::new(None) }
     }
 }
 
@@ -89,7 +92,8 @@ impl CustomOp3 for FlashAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (o, lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale, self.causal)?;
+        let variant = self.forward.map_or_else(FlashForward::from_env, Ok)?;
+        let (o, lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale, self.causal, variant)?;
         *self.lse.lock().expect("attention state") = Some(lse);
         Ok((o, l1.shape().clone()))
     }
@@ -119,6 +123,27 @@ impl CustomOp3 for FlashAttention {
 /// gradient); elsewhere the materialised scores in q's dtype, the softmax in f32 (as
 /// transformers' CLIP runs it), then P·V in q's dtype, differentiable.
 pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    full_attention_kernel(None, q, k, v, scale)
+}
+
+/// [`full_attention`] with the bf16 CUDA forward kernel chosen by the caller (parity tests).
+pub fn full_attention_with(
+    variant: FlashForward,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    full_attention_kernel(Some(variant), q, k, v, scale)
+}
+
+fn full_attention_kernel(
+    forward: Option<FlashForward>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (_, hq, hk, _, d) = attention_dims(q.shape(), k.shape(), v.shape())?;
     // The kernel has no backward: inputs that need a gradient take the differentiable path.
     let tracked = q.track_op() || k.track_op() || v.track_op();
@@ -131,10 +156,10 @@ pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
         return q.contiguous()?.apply_op3_no_bwd(
             &k.contiguous()?,
             &v.contiguous()?,
-            &FlashAttention::new(scale, false),
+            &FlashAttention { forward, ..FlashAttention::new(scale, false) },
         );
     }
-    let _ = (d, tracked);
+    let _ = (d, tracked, forward);
     let (k, v) = (repeat_kv(k, hq / hk)?, repeat_kv(v, hq / hk)?);
     let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, T, T]
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?;
@@ -172,14 +197,109 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 /// the scaled scores), for callers that run [`causal_attention_backward`] themselves
 /// (recomputation schemes, benchmarks of the kernels without candle's autograd around them).
 pub fn causal_attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    forward_only(None, q, k, v, scale)
+}
+
+/// [`causal_attention_forward`] with the bf16 CUDA forward kernel chosen by the caller (parity
+/// tests and benchmarks compare them in one process); `variant` has no effect elsewhere.
+pub fn causal_attention_forward_with(
+    variant: FlashForward,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    forward_only(Some(variant), q, k, v, scale)
+}
+
+fn forward_only(
+    forward: Option<FlashForward>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
     attention_dims(q.shape(), k.shape(), v.shape())?;
-    let op = FlashAttention::new(scale, true);
+    let op = FlashAttention { forward, ..FlashAttention::new(scale, true) };
     let o = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
     let lse = op.lse.lock().expect("attention state").take();
     match lse {
         Some(lse) => Ok((o, lse)),
         None => bail!("causal-attention: the forward left no log-sum-exp"),
     }
+}
+
+/// One of `choices` by the value of the environment variable `var` (the first when unset or
+/// empty), or an error naming the variable and the choices.
+fn env_choice<T: Copy>(
+    var: &str,
+    value: Option<&str>,
+    choices: &[(&str, T)],
+) -> std::result::Result<T, String> {
+    match value {
+        None | Some("") => Ok(choices[0].1),
+        Some(v) => choices.iter().find(|(name, _)| *name == v).map(|(_, c)| *c).ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            format!("{var}={v:?}: expected one of {}", names.join(", "))
+        }),
+    }
+}
+
+/// `var` read once per process into `cell` through [`env_choice`].
+fn env_choice_once<T: Copy + Send + Sync>(
+    cell: &'static std::sync::OnceLock<std::result::Result<T, String>>,
+    var: &str,
+    choices: &[(&str, T)],
+) -> Result<T> {
+    match cell.get_or_init(|| env_choice(var, std::env::var(var).ok().as_deref(), choices)) {
+        Ok(c) => Ok(*c),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// Which kernel runs the bf16 causal (and CLIP's unmasked) attention forward on CUDA. Chosen by
+/// `SHARDSMITH_FLASH_FWD` (`mma`, the default, or `wgmma`; [`FlashForward::from_env`]) until GPU
+/// measurements settle on one. Both give the same o and lse up to summation order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashForward {
+    /// FlashAttention-2 style on mma.sync (`flash_fwd_bf16`; any head dim, any alignment, any
+    /// GPU; the measured kernel).
+    MmaSync,
+    /// Hopper's warpgroup MMA (`kernels/src/flash_wg.cu`): taken for head dims 64 and 128 with
+    /// 16-byte aligned inputs in a build for compute capability 9.0 ([`wgmma_available`]); other
+    /// calls keep the mma.sync kernel.
+    Wgmma,
+}
+
+impl FlashForward {
+    pub const ALL: [FlashForward; 2] = [FlashForward::MmaSync, FlashForward::Wgmma];
+    const CHOICES: [(&'static str, FlashForward); 2] =
+        [("mma", FlashForward::MmaSync), ("wgmma", FlashForward::Wgmma)];
+
+    /// The variant's `SHARDSMITH_FLASH_FWD` spelling.
+    pub fn name(self) -> &'static str {
+        Self::CHOICES.iter().find(|(_, c)| *c == self).map_or("?", |(n, _)| n)
+    }
+
+    /// `SHARDSMITH_FLASH_FWD`, read once: `mma` (or unset) or `wgmma`; any other value, or
+    /// `wgmma` in a build without it, is an error naming the variable.
+    pub fn from_env() -> Result<FlashForward> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<FlashForward, String>> =
+            std::sync::OnceLock::new();
+        let c = env_choice_once(&CHOICE, "SHARDSMITH_FLASH_FWD", &Self::CHOICES)?;
+        if c == FlashForward::Wgmma && !wgmma_available() {
+            bail!("SHARDSMITH_FLASH_FWD=wgmma needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)");
+        }
+        Ok(c)
+    }
+}
+
+/// Whether this build has the wgmma attention forward (`--features cuda`, compiled for sm_90a).
+pub fn wgmma_available() -> bool {
+    #[cfg(feature = "cuda")]
+    return shardsmith_kernels::WGMMA;
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 /// Which kernels run the bf16 causal-attention backward on CUDA. All three compute the same dK
@@ -201,26 +321,20 @@ pub enum FlashBackward {
 
 impl FlashBackward {
     pub const ALL: [FlashBackward; 3] = [FlashBackward::Split, FlashBackward::Wide, FlashBackward::Fused];
+    const CHOICES: [(&'static str, FlashBackward); 3] =
+        [("split", FlashBackward::Split), ("wide", FlashBackward::Wide), ("fused", FlashBackward::Fused)];
+
+    /// The variant's `SHARDSMITH_FLASH_BWD` spelling.
+    pub fn name(self) -> &'static str {
+        Self::CHOICES.iter().find(|(_, c)| *c == self).map_or("?", |(n, _)| n)
+    }
 
     /// `SHARDSMITH_FLASH_BWD`, read once: `split` (or unset), `wide` or `fused`; any other
     /// value is an error naming the variable.
     pub fn from_env() -> Result<FlashBackward> {
         static CHOICE: std::sync::OnceLock<std::result::Result<FlashBackward, String>> =
             std::sync::OnceLock::new();
-        let var = || std::env::var("SHARDSMITH_FLASH_BWD").ok();
-        match CHOICE.get_or_init(|| FlashBackward::parse(var().as_deref())) {
-            Ok(c) => Ok(*c),
-            Err(e) => bail!("{e}"),
-        }
-    }
-
-    fn parse(value: Option<&str>) -> std::result::Result<FlashBackward, String> {
-        match value {
-            None | Some("" | "split") => Ok(FlashBackward::Split),
-            Some("wide") => Ok(FlashBackward::Wide),
-            Some("fused") => Ok(FlashBackward::Fused),
-            Some(other) => Err(format!("SHARDSMITH_FLASH_BWD={other:?}: expected split, wide or fused")),
-        }
+        env_choice_once(&CHOICE, "SHARDSMITH_FLASH_BWD", &Self::CHOICES)
     }
 }
 
@@ -309,14 +423,23 @@ mod tests {
     use candle_core::Var;
 
     #[test]
-    fn flash_backward_choice_parses_and_names_the_variable_on_error() {
-        assert_eq!(FlashBackward::parse(None), Ok(FlashBackward::Split));
-        assert_eq!(FlashBackward::parse(Some("")), Ok(FlashBackward::Split));
-        assert_eq!(FlashBackward::parse(Some("split")), Ok(FlashBackward::Split));
-        assert_eq!(FlashBackward::parse(Some("wide")), Ok(FlashBackward::Wide));
-        assert_eq!(FlashBackward::parse(Some("fused")), Ok(FlashBackward::Fused));
-        let err = FlashBackward::parse(Some("atomic")).unwrap_err();
-        assert!(err.contains("SHARDSMITH_FLASH_BWD") && err.contains("atomic"), "{err}");
+    fn kernel_choices_parse_and_name_the_variable_on_error() {
+        let bwd = |v| env_choice("SHARDSMITH_FLASH_BWD", v, &FlashBackward::CHOICES);
+        assert_eq!(bwd(None), Ok(FlashBackward::Split));
+        assert_eq!(bwd(Some("")), Ok(FlashBackward::Split));
+        assert_eq!(bwd(Some("split")), Ok(FlashBackward::Split));
+        assert_eq!(bwd(Some("wide")), Ok(FlashBackward::Wide));
+        assert_eq!(bwd(Some("fused")), Ok(FlashBackward::Fused));
+        let err = bwd(Some("atomic")).unwrap_err();
+        assert!(
+            err.contains("SHARDSMITH_FLASH_BWD") && err.contains("atomic") && err.contains("fused"),
+            "{err}"
+        );
+        let fwd = |v| env_choice("SHARDSMITH_FLASH_FWD", v, &FlashForward::CHOICES);
+        assert_eq!(fwd(None), Ok(FlashForward::MmaSync));
+        assert_eq!(fwd(Some("mma")), Ok(FlashForward::MmaSync));
+        assert_eq!(fwd(Some("wgmma")), Ok(FlashForward::Wgmma));
+        assert!(fwd(Some("fa3")).unwrap_err().contains("SHARDSMITH_FLASH_FWD"));
     }
 
     /// The CPU op against candle autograd through the materialised reference, with GQA, a T

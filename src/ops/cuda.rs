@@ -6,7 +6,7 @@
 //! (falling back to the PTX, JIT-compiled by the driver, on another architecture) and launched
 //! on candle's stream, with every buffer allocated by candle, so outputs are ordinary tensors.
 
-use super::attention::{attention_dims, FlashBackward};
+use super::attention::{attention_dims, FlashBackward, FlashForward};
 use super::fused::AdamWScalars;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -789,6 +789,9 @@ pub(super) fn decode_attention(
 
 /// Head dims the attention kernels are instantiated for.
 pub(super) const ATTENTION_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+/// Head dims of the wgmma forward (flash_wg.cu) and its block size (2 warpgroups).
+const ATTENTION_WGMMA_HEAD_DIMS: [usize; 2] = [64, 128];
+const ATTN_WG_THREADS: u32 = 256;
 
 /// Bytes of padding per shared-memory row of the f32 kernels (flash_attn.cu's PAD).
 fn attn_pad(dtype: DType) -> usize {
@@ -843,6 +846,7 @@ pub(super) fn attention_fwd(
     vl: &Layout,
     scale: f32,
     causal: bool,
+    variant: FlashForward,
 ) -> Result<(CudaStorage, Tensor)> {
     let op = if causal { "causal-attention" } else { "full-attention" };
     let (b, hq, hk, t, d) = attention_dims(ql.shape(), kl.shape(), vl.shape())?;
@@ -857,9 +861,21 @@ pub(super) fn attention_fwd(
         bail!("{op}: the unmasked kernel is bf16 only, got {dtype:?}");
     }
     let dev = qs.device();
-    let smem = attn_fwd_smem(dtype, d);
-    let kind = if causal { suffix(dtype, op)? } else { "full_bf16" };
-    let f = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_fwd_{kind}_d{d}"), smem)?;
+    // The wgmma kernel reads every input with 16-byte cp.async (no unaligned fallback).
+    let wgmma = variant == FlashForward::Wgmma
+        && kernels::WGMMA
+        && dtype == DType::BF16
+        && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
+        && [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
+    let (module, smem, name) = if wgmma {
+        let kind = if causal { "wg_bf16" } else { "full_wg_bf16" };
+        // Q [128] and K, V [2][64] rows of D bf16 (flash_wg.cu's wg_fwd_smem_bytes).
+        (&kernels::FLASH_WG, ((128 + 4 * 64) * d * 2) as u32, format!("flash_fwd_{kind}_d{d}"))
+    } else {
+        let kind = if causal { suffix(dtype, op)? } else { "full_bf16" };
+        (&kernels::FLASH_ATTN, attn_fwd_smem(dtype, d), format!("flash_fwd_{kind}_d{d}"))
+    };
+    let f = function_smem(dev, module, &name, smem)?;
     with_float!(dtype, op, |T| {
         let (qv, kv, vv) = (view::<T>(qs, ql, op)?, view::<T>(ks, kl, op)?, view::<T>(vs, vl, op)?);
         let mut o = unsafe { dev.alloc::<T>(b * hq * t * d)? };
@@ -869,11 +885,15 @@ pub(super) fn attention_fwd(
         let mut bld = stream.launch_builder(&f);
         bld.arg(&qv).arg(&kv).arg(&vv).arg(&mut o).arg(&mut lse);
         bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
-        let (rows_per_block, threads) =
-            if dtype == DType::BF16 { (ATTN_TC_BM, ATTN_TC_FWD_THREADS) } else { (64, 128) };
+        let (rows_per_block, threads) = match (wgmma, dtype) {
+            (true, _) => (128, ATTN_WG_THREADS),
+            (false, DType::BF16) => (ATTN_TC_BM, ATTN_TC_FWD_THREADS),
+            _ => (64, 128),
+        };
         let grid = (t.div_ceil(rows_per_block) as u32, hq as u32, b as u32);
-        // SAFETY: matches flash_attn.cu (flash_fwd_tc<D, causal> for bf16, flash_fwd for f32); smem from the
-        // same formula as the kernel's (which traps on less).
+        // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, causal>: bf16, 16-byte aligned inputs) or
+        // flash_attn.cu (flash_fwd_tc<D, causal> for bf16, flash_fwd for f32); smem from the same
+        // formula as the kernel's (which traps on less, or on another block size).
         unsafe { bld.launch(cfg(grid, threads, smem)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), tensor(lse, dev, (b, hq, t))))
     })
