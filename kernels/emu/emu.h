@@ -211,12 +211,12 @@ inline float wgmma_elem(uint64_t desc, int mn, int k, bool mn_major) {
     return __bfloat162float({v});
 }
 // wgmma.mma_async m64nNk16 bf16 → f32 for the calling thread's accumulator fragment: A [64][16]
-// from the group's registers (a_regs, the m16n8k16 A layout per warp) or from desc_a (K-major),
-// B [16][N] from desc_b (K-major, or MN-major: the .trans form). Computed at issue, so the
+// from the group's registers (a_regs, the m16n8k16 A layout per warp) or from desc_a (K-major, or
+// MN-major: the .trans form), B [16][N] from desc_b (likewise). Computed at issue, so the
 // fence / commit / wait protocol is not checked here.
 template <int N>
-inline void wgmma(float (&d)[N / 8][4], const uint32_t *a_regs, uint64_t desc_a, uint64_t desc_b, bool b_mn_major,
-                  int accumulate) {
+inline void wgmma(float (&d)[N / 8][4], const uint32_t *a_regs, uint64_t desc_a, bool a_mn_major, uint64_t desc_b,
+                  bool b_mn_major, int accumulate) {
     const int tid = flat_tid(), idx = tid % 128;
     if (warpgroups.empty()) throw "emu: wgmma needs a block of whole warpgroups";
     WarpGroup &w = warpgroups[tid / 128];
@@ -224,7 +224,7 @@ inline void wgmma(float (&d)[N / 8][4], const uint32_t *a_regs, uint64_t desc_a,
         for (int i = 0; i < 4; ++i) w.a[idx][i] = a_regs[i];
     w.bar->arrive_and_wait();
     auto a_at = [&](int row, int k) {
-        if (!a_regs) return wgmma_elem(desc_a, row, k, false);
+        if (!a_regs) return wgmma_elem(desc_a, row, k, a_mn_major);
         const int r16 = row % 16, lane = 4 * (r16 % 8) + (k % 8) / 2;
         const uint32_t reg = w.a[32 * (row / 16) + lane][(r16 >= 8) + 2 * (k >= 8)];
         return __bfloat162float({(uint16_t)(k % 2 ? reg >> 16 : reg & 0xffff)});

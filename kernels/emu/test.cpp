@@ -103,6 +103,18 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
         if (!same) failures++;
         std::printf("attn %s D%d B%d Hq%d Hk%d T%d kv64 dk, dv identical to dkdv's: %s\n", name, D, B, hq, hk, t,
                     same ? "ok" : "FAIL");
+        if constexpr (D == 128) {  // the wgmma backward (flash_wg.cu): dq by atomics, dk, dv
+            std::vector<T> dk4(k.size()), dv4(v.size());
+            std::vector<float> dq4(q.size(), 0.f);
+            if (!shift) {  // 16-byte aligned inputs only (the launcher falls back otherwise)
+                emu::launch(dim3(nk, hk, B), dim3(WG_THREADS), wg_bwd_smem_bytes<D>(), flash_bwd_wg<D>, q.data(), k.data(),
+                            v.data(), dO.data(), lse.data(), delta.data(), dk4.data(), dv4.data(), dq4.data(), hq, hk,
+                            t, scale);
+                extra.push_back({"wgmma dq", dq4, true});
+                extra.push_back({"wgmma dk", widen(dk4), false});
+                extra.push_back({"wgmma dv", widen(dv4), false});
+            }
+        }
         extra.push_back({"kv64 dk", widen(dk2), false});
         extra.push_back({"kv64 dv", widen(dv2), false});
         extra.push_back({"fused dq", dq3, true});
@@ -520,6 +532,7 @@ int main() {
     test_attention<bf16, 32>(2, 2, 2, 257, "bf16", 3e-2);
     test_attention<bf16, 64>(1, 2, 1, 129, "bf16 misaligned", 3e-2, 1);
     test_attention<bf16, 128>(1, 1, 1, 1, "bf16", 3e-2);
+    test_attention<bf16, 128>(1, 3, 1, 200, "bf16", 3e-2);  // GQA 3, a partial second key block
     // non-causal forward: keys past the diagonal and a partial last key tile (T 161, 40, 1)
     test_forward<64>(1, 2, 1, 161, false, 2e-2);
     test_forward<128>(2, 2, 2, 40, false, 2e-2);

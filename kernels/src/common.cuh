@@ -248,6 +248,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) 
 #endif
 }
 
+// The A fragment of a 16×16 operand (rows as an accumulator's, 16 columns) from two adjacent
+// 16×8 accumulator tiles, rounded to bf16: how P and dS feed the next product in registers.
+__device__ __forceinline__ void acc_to_a(uint32_t a[4], const float lo[4], const float hi[4]) {
+    a[0] = pack_bf16(lo[0], lo[1]);
+    a[1] = pack_bf16(lo[2], lo[3]);
+    a[2] = pack_bf16(hi[0], hi[1]);
+    a[3] = pack_bf16(hi[2], hi[3]);
+}
+
 // 16 bytes global → shared, asynchronously (L2 only: .cg); `valid` false zero-fills the 16 bytes
 // without reading `src` (src-size 0). Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {

@@ -25,7 +25,8 @@
 //                           shared memory (fewer shared reads per MMA); smem kv64_tc_smem_bytes.
 //   flash_bwd_dkdvdq_bf16_dD  dkdv64 that also adds dS·K into dq_acc (f32, zero-filled) with
 //                           atomics: 5 tile products, no dQ kernel. The launcher picks one of
-//                           dq + dkdv, dq + dkdv64, dkdvdq (ops::attention::FlashBackward).
+//                           dq + dkdv, dq + dkdv64, dkdvdq, or flash_wg.cu's wgmma backward
+//                           (ops::attention::FlashBackward).
 // f32 kernels (4 warps = 128 threads per block; PAD = 16 bytes of T per shared row against bank
 //   conflicts; LD = D + PAD; global tiles move in 16-byte chunks when 16-byte aligned):
 //   flash_fwd_f32_dD  grid (⌈T/64⌉, Hq, B); block i handles query tile ⌈T/64⌉−1−i (longest first),
@@ -439,13 +440,6 @@ template <int LDS> __device__ __forceinline__ const bf16 *b_trans_addr(const bf1
 __device__ __forceinline__ void mma2(float c0[4], float c1[4], const uint32_t a[4], const uint32_t b[4]) {
     mma_bf16_16816(c0, a, b);
     mma_bf16_16816(c1, a, b + 2);
-}
-// A fragment of a 16×16 product operand held as two adjacent 16×8 accumulator tiles.
-__device__ __forceinline__ void acc_to_a(uint32_t a[4], const float lo[4], const float hi[4]) {
-    a[0] = pack_bf16(lo[0], lo[1]);
-    a[1] = pack_bf16(lo[2], lo[3]);
-    a[2] = pack_bf16(hi[0], hi[1]);
-    a[3] = pack_bf16(hi[2], hi[3]);
 }
 
 // Forward. grid (⌈T/128⌉, Hq, B), 128 threads (4 warps, 2 blocks per SM); block i: query tile

@@ -1,9 +1,10 @@
-// Attention forward (causal, and unmasked for CLIP) on Hopper's warpgroup MMA: the
-// FlashAttention-3 core (wgmma for both products, P kept in registers as the A operand of P·V)
-// without its warp specialisation and TMA: K/V tiles come in by cp.async, double-buffered, as in
-// flash_attn.cu's mma.sync kernels, which stay the path on other GPUs and for the backward.
-// Needs sm_90a (kernels/build.rs compiles for it when CUDA_COMPUTE_CAP is 90); elsewhere this
-// file compiles to nothing and the launcher keeps the mma.sync forward.
+// Attention on Hopper's warpgroup MMA: the forward (causal, and unmasked for CLIP) and the
+// backward (flash_bwd_wg, below). The FlashAttention-3 core (wgmma for every product, P kept in
+// registers as the A operand of P·V) without its warp specialisation and TMA: tiles come in by
+// cp.async, double-buffered, as in flash_attn.cu's mma.sync kernels, which stay the path on
+// other GPUs, head dims and alignments. Needs sm_90a (kernels/build.rs compiles for it when
+// CUDA_COMPUTE_CAP is 90); elsewhere this file compiles to nothing and the launcher keeps the
+// mma.sync kernels.
 //
 // Shapes as flash_attn.cu: q, o [B, Hq, T, D] and k, v [B, Hk, T, D] bf16, row-major contiguous
 // (16-byte aligned; the launcher checks), Hq % Hk == 0; lse [B, Hq, T] f32; D ∈ {64, 128}.
@@ -147,19 +148,17 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                     l_r[i >> 1] += p;
                     s[nt][i] = p;
                 }
-            wgmma_fence();  // acc was rescaled by ordinary instructions
+            uint32_t a[WG_BN / 16][4];  // P as the A operand, 16 keys each (packed before the fence)
+#pragma unroll
+            for (int kk = 0; kk < WG_BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
+            wgmma_fence();  // acc was rescaled and a written by ordinary instructions
 #pragma unroll
             for (int kk = 0; kk < WG_BN / 16; ++kk) {  // 16 keys = 2 core matrices along K
-                uint32_t a[4];
-                a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-                a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-                a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
                 const uint64_t dv = wgmma_desc(cV + kk * 2 * D / 8 * 64, MN_LBO, MN_SBO);
                 if constexpr (D == 128)
-                    wgmma_rs_m64n128k16_tb(acc, a, dv, 1);
+                    wgmma_rs_m64n128k16_tb(acc, a[kk], dv, 1);
                 else
-                    wgmma_rs_m64n64k16_tb(acc, a, dv, 1);
+                    wgmma_rs_m64n64k16_tb(acc, a[kk], dv, 1);
             }
             wgmma_commit();
             wgmma_wait<0>();
@@ -186,6 +185,193 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     }
 }
 
+// Backward, all of dQ, dK, dV in one kernel on wgmma (D = 128; the FlashAttention-3 backward's
+// products without its warp specialisation): grid (⌈T/128⌉, Hk, B), 256 threads = 2 warpgroups;
+// block = 128 keys of one K/V head, warpgroup w its keys k0 + 64w ..; steps over the group's
+// query heads × the 64-query tiles from k0 on (Q, dO, lse, Δ double-buffered by cp.async). Step:
+//   1. Sᵀ = K Qᵀ, dPᵀ = V dOᵀ   D/16 × wgmma.m64n64k16 each, all operands K-major from shared
+//      memory; then Pᵀ = exp2(Sᵀ·scale·log2 e − lse·log2 e) (masked) and dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)·scale
+//      in registers, dSᵀ also stored (bf16) to shared memory.
+//   2. dV += Pᵀ dO, dK += dSᵀ Q   4 × wgmma.m64n128k16, A = Pᵀ / dSᵀ from registers, B = dO / Q
+//      MN-major (.trans): dK, dV of the warpgroup's 64 keys accumulate in registers (64 floats
+//      each a thread) over the whole group.
+//   3. dQ += dS K   warpgroup w: the step's 64 queries × head-dim half w, over the block's keys
+//      (up to the diagonal): A = dS from the stored dSᵀ (MN-major), B = K (MN-major); added to
+//      dq_acc (f32, zero-filled, [B, Hq, T, D]) by atomic_add2.
+// A warpgroup whose keys all lie past the step's queries skips 1 and 2 (and 3 never reads its
+// dSᵀ rows). Smem wg_bwd_smem_bytes: K, V [128], Q, dO [2][64] rows of D, dSᵀ [128][64] bf16, all
+// in the canonical layout (dSᵀ: core matrix (key/8, query/8) at ((key/8)·8 + query/8)·128);
+// lse·log2 e and Δ [2][64] f32: 145 KB at D = 128, one block an SM.
+// Numerics as flash_bwd_kv64_tc<D, true> (P, dS rounded to bf16 before the products).
+constexpr int WGB_BQ = 64;
+template <int D> __host__ __device__ constexpr int wg_bwd_smem_bytes() {
+    return (2 * 128 + 4 * WGB_BQ) * D * 2 + 128 * WGB_BQ * 2 + 4 * WGB_BQ * 4;
+}
+
+template <int D>
+__device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                             const bf16 *__restrict__ dout, const float *__restrict__ lse,
+                             const float *__restrict__ delta, bf16 *__restrict__ dk, bf16 *__restrict__ dv,
+                             float *__restrict__ dq_acc, int hq, int hk, int t, float scale) {
+    static_assert(D == 128, "wgmma backward: D 128");
+    constexpr int KS = D / 16, QT = WGB_BQ * D;  // elements of a Q or dO tile
+    constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K, V, Q, dO read K-major
+    constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // Q, dO, K read MN-major
+    constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
+#ifndef SHARDSMITH_EMU
+    {
+        unsigned have;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+        if (have < (unsigned)wg_bwd_smem_bytes<D>() || blockDim.x != WG_THREADS) __trap();
+    }
+#endif
+    DYN_SMEM(smem);
+    bf16 *sK = reinterpret_cast<bf16 *>(smem);  // [128 keys]
+    bf16 *sV = sK + 128 * D;                      // [128 keys]
+    bf16 *sQ = sV + 128 * D;                      // [2][64 queries]
+    bf16 *sdO = sQ + 2 * QT;                      // [2][64 queries]
+    bf16 *sdS = sdO + 2 * QT;                     // dSᵀ [128 keys][64 queries]
+    float *sL = reinterpret_cast<float *>(sdS + 128 * WGB_BQ);  // [2][64]
+    float *sDl = sL + 2 * WGB_BQ;                                // [2][64]
+
+    const int hkv = blockIdx.y, b = blockIdx.z, group = hq / hk;
+    const int k0 = blockIdx.x * 128;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int wk0 = k0 + 64 * wg;      // this warpgroup's first key
+    const int rk0 = wk0 + 16 * warp;   // this warp's keys rk0 + g, rk0 + g + 8 (phases 1, 2)
+    const size_t kvoff = ((size_t)b * hk + hkv) * t * D;
+    const int nqt = (t - k0 + WGB_BQ - 1) / WGB_BQ;  // query tiles from k0 (128 % 64 == 0)
+    const int steps = group * nqt;
+    const float sl2 = scale * LOG2E;
+
+    auto issue = [&](int s) {  // step s into buffer s & 1
+        const int h = hkv * group + s / nqt, q0 = k0 + (s % nqt) * WGB_BQ, buf = s & 1;
+        const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
+        wg_tile_load<D, WGB_BQ>(sQ + buf * QT, q + qoff, q0, t);
+        wg_tile_load<D, WGB_BQ>(sdO + buf * QT, dout + qoff, q0, t);
+        for (int i = threadIdx.x; i < WGB_BQ; i += WG_THREADS) {
+            const bool ok = q0 + i < t;
+            sL[buf * WGB_BQ + i] = ok ? lse[loff + q0 + i] * LOG2E : INFINITY;  // past T: P = 0
+            sDl[buf * WGB_BQ + i] = ok ? delta[loff + q0 + i] : 0.f;
+        }
+    };
+    wg_tile_load<D, 128>(sK, k + kvoff, k0, t);
+    wg_tile_load<D, 128>(sV, v + kvoff, k0, t);
+    issue(0);
+    cp_async_commit();
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.f;
+    const bf16 *wK = sK + 64 * wg * D, *wV = sV + 64 * wg * D;  // this warpgroup's 64 keys
+
+    for (int s = 0; s < steps; ++s) {
+        if (s + 1 < steps) issue(s + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        wgmma_fence_smem();
+        __syncthreads();
+        const int q0 = k0 + (s % nqt) * WGB_BQ, buf = s & 1;
+        const bf16 *cQ = sQ + buf * QT, *cdO = sdO + buf * QT;
+        const float *cL = sL + buf * WGB_BQ, *cDl = sDl + buf * WGB_BQ;
+
+        if (q0 + WGB_BQ - 1 >= wk0) {  // else every query precedes every key of this warpgroup
+            // 1. Sᵀ, dPᵀ [64 keys][64 queries]
+            float st[WGB_BQ / 8][4], dpt[WGB_BQ / 8][4];
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                wgmma_ss_m64n64k16(st, wgmma_desc(wK + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO),
+                                   wgmma_desc(cQ + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO), ks > 0);
+                wgmma_ss_m64n64k16(dpt, wgmma_desc(wV + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO),
+                                   wgmma_desc(cdO + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO), ks > 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
+#pragma unroll
+            for (int j = 0; j < WGB_BQ / 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int qi = 8 * j + 2 * tq + (i & 1);  // query q0 + qi
+                    float p = fast_exp2(fmaf(st[j][i], sl2, -cL[qi]));
+                    if (diag && rk0 + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
+                    st[j][i] = p;
+                    dpt[j][i] = p * (dpt[j][i] - cDl[qi]) * scale;
+                }
+            // dSᵀ rows 64·wg + 16·warp + g (+8) of the block, queries 8j + 2t, +1
+#pragma unroll
+            for (int j = 0; j < WGB_BQ / 8; ++j)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int key = 64 * wg + 16 * warp + g + 8 * r;
+                    const int at = ((key / 8) * (WGB_BQ / 8) + j) * 64 + (key % 8) * 8 + 2 * tq;
+                    *reinterpret_cast<uint32_t *>(sdS + at) = pack_bf16(dpt[j][2 * r], dpt[j][2 * r + 1]);
+                }
+            // 2. dV += Pᵀ dO, dK += dSᵀ Q over the step's 64 queries, 16 at a time; the A
+            // fragments are packed before the fence (registers wgmma reads are written first).
+            uint32_t ap[WGB_BQ / 16][4], ad[WGB_BQ / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk) {
+                acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
+                acc_to_a(ad[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+            }
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk) {
+                const int rows = kk * 2 * D / 8 * 64;  // queries 16·kk ..: row groups 2kk, 2kk + 1
+                wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc(cdO + rows, MN_LBO, MN_SBO), 1);
+                wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc(cQ + rows, MN_LBO, MN_SBO), 1);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+        }
+        wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
+        __syncthreads();
+
+        {  // 3. dQ [64 queries][head-dim half wg] += dS K over keys k0 .. up to the last query
+            float acc[8][4];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 128 / 16; ++kk) {
+                if (k0 + 16 * kk > q0 + WGB_BQ - 1) break;  // these keys lie past every query
+                wgmma_ss_m64n64k16_tt(acc, wgmma_desc(sdS + kk * 2 * (WGB_BQ / 8) * 64, DS_LBO, DS_SBO),
+                                      wgmma_desc(sK + kk * 2 * D / 8 * 64 + wg * (D / 16) * 64, MN_LBO, MN_SBO),
+                                      kk > 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            const int h = hkv * group + s / nqt;
+            float *dqh = dq_acc + ((size_t)b * hq + h) * t * D;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int query = q0 + 16 * warp + g + 8 * r;
+                if (query >= t) continue;
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    atomic_add2(dqh + (size_t)query * D + 64 * wg + 8 * j + 2 * tq, acc[j][0 + 2 * r], acc[j][1 + 2 * r]);
+            }
+        }
+        __syncthreads();  // the next step's loads and dSᵀ stores overwrite this step's buffers
+    }
+
+    bf16 *dkh = dk + kvoff, *dvh = dv + kvoff;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = rk0 + g + 8 * r;
+        if (key >= t) continue;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            const size_t at = (size_t)key * D + 8 * j + 2 * tq;
+            *reinterpret_cast<uint32_t *>(dkh + at) = pack_bf16(dk_acc[j][0 + 2 * r], dk_acc[j][1 + 2 * r]);
+            *reinterpret_cast<uint32_t *>(dvh + at) = pack_bf16(dv_acc[j][0 + 2 * r], dv_acc[j][1 + 2 * r]);
+        }
+    }
+}
+
 // D = 128 needs more than the 128 registers of two blocks an SM (O alone is 64 a thread): one.
 #define FLASH_WG(D, BLOCKS_PER_SM)                                                                    \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, BLOCKS_PER_SM)                           \
@@ -200,4 +386,9 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     }
 FLASH_WG(64, 2)
 FLASH_WG(128, 1)
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    flash_bwd_wg_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
+                           const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t, float scale) {
+    flash_bwd_wg<128>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
+}
 #endif  // SHARDSMITH_WGMMA

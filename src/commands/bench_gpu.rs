@@ -192,7 +192,14 @@ pub fn attention(
     } else {
         vec![FlashForward::MmaSync]
     };
-    let backwards = if bf16_cuda { FlashBackward::ALL.to_vec() } else { vec![FlashBackward::Split] };
+    // (the wgmma backward only where it runs its own kernel rather than Fused's)
+    let backwards: Vec<FlashBackward> = match bf16_cuda {
+        true => FlashBackward::ALL
+            .into_iter()
+            .filter(|b| *b != FlashBackward::Wgmma || (wgmma_available() && head_dim == 128))
+            .collect(),
+        false => vec![FlashBackward::Split],
+    };
     for fwd_variant in forwards {
         let fwd = time(c, || {
             causal_attention_forward_with(fwd_variant, &q, &k, &v, scale)?;

@@ -302,9 +302,10 @@ pub fn wgmma_available() -> bool {
     false
 }
 
-/// Which kernels run the bf16 causal-attention backward on CUDA. All three compute the same dK
-/// and dV (bit-identical); dQ differs in summation order only. Chosen by `SHARDSMITH_FLASH_BWD`
-/// (`split`, `wide` or `fused`; [`FlashBackward::from_env`]) until GPU measurements settle on one.
+/// Which kernels run the bf16 causal-attention backward on CUDA. Split, Wide and Fused compute the
+/// same dK and dV (bit-identical), Wgmma the same up to summation order; dQ differs in summation
+/// order only. Chosen by `SHARDSMITH_FLASH_BWD` (`split`, `wide`, `fused` or `wgmma`;
+/// [`FlashBackward::from_env`]) until GPU measurements settle on one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashBackward {
     /// dQ per 128-query block and dK/dV per 128-key block in 32-query steps, no atomics
@@ -317,24 +318,37 @@ pub enum FlashBackward {
     /// (`flash_bwd_dkdvdq`: no second pass over S and dP), then dQ is rounded to bf16. The
     /// atomics' order varies between runs, so dQ is not bit-reproducible (dK, dV are).
     Fused,
+    /// Fused's algorithm on Hopper's warpgroup MMA (`flash_bwd_wg`, kernels/src/flash_wg.cu):
+    /// taken for head dim 128 with 16-byte aligned inputs in a build for compute capability 9.0
+    /// ([`wgmma_available`]); other calls run Fused. dQ is not bit-reproducible.
+    Wgmma,
 }
 
 impl FlashBackward {
-    pub const ALL: [FlashBackward; 3] = [FlashBackward::Split, FlashBackward::Wide, FlashBackward::Fused];
-    const CHOICES: [(&'static str, FlashBackward); 3] =
-        [("split", FlashBackward::Split), ("wide", FlashBackward::Wide), ("fused", FlashBackward::Fused)];
+    pub const ALL: [FlashBackward; 4] =
+        [FlashBackward::Split, FlashBackward::Wide, FlashBackward::Fused, FlashBackward::Wgmma];
+    const CHOICES: [(&'static str, FlashBackward); 4] = [
+        ("split", FlashBackward::Split),
+        ("wide", FlashBackward::Wide),
+        ("fused", FlashBackward::Fused),
+        ("wgmma", FlashBackward::Wgmma),
+    ];
 
     /// The variant's `SHARDSMITH_FLASH_BWD` spelling.
     pub fn name(self) -> &'static str {
         Self::CHOICES.iter().find(|(_, c)| *c == self).map_or("?", |(n, _)| n)
     }
 
-    /// `SHARDSMITH_FLASH_BWD`, read once: `split` (or unset), `wide` or `fused`; any other
-    /// value is an error naming the variable.
+    /// `SHARDSMITH_FLASH_BWD`, read once: `split` (or unset), `wide`, `fused` or `wgmma`; any
+    /// other value, or `wgmma` in a build without it, is an error naming the variable.
     pub fn from_env() -> Result<FlashBackward> {
         static CHOICE: std::sync::OnceLock<std::result::Result<FlashBackward, String>> =
             std::sync::OnceLock::new();
-        env_choice_once(&CHOICE, "SHARDSMITH_FLASH_BWD", &Self::CHOICES)
+        let c = env_choice_once(&CHOICE, "SHARDSMITH_FLASH_BWD", &Self::CHOICES)?;
+        if c == FlashBackward::Wgmma && !wgmma_available() {
+            bail!("SHARDSMITH_FLASH_BWD=wgmma needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)");
+        }
+        Ok(c)
     }
 }
 
@@ -430,6 +444,7 @@ mod tests {
         assert_eq!(bwd(Some("split")), Ok(FlashBackward::Split));
         assert_eq!(bwd(Some("wide")), Ok(FlashBackward::Wide));
         assert_eq!(bwd(Some("fused")), Ok(FlashBackward::Fused));
+        assert_eq!(bwd(Some("wgmma")), Ok(FlashBackward::Wgmma));
         let err = bwd(Some("atomic")).unwrap_err();
         assert!(
             err.contains("SHARDSMITH_FLASH_BWD") && err.contains("atomic") && err.contains("fused"),

@@ -946,16 +946,34 @@ pub(super) fn attention_bwd(
         let mut dk = unsafe { dev.alloc::<bf16>(b * hk * t * d)? };
         let mut dv = unsafe { dev.alloc::<bf16>(b * hk * t * d)? };
         let kv_grid = (t.div_ceil(ATTN_TC_BK) as u32, hk as u32, b as u32);
-        if variant == FlashBackward::Fused {
-            let smem = attn_kv64_smem(d);
-            let f = function_smem(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_dkdvdq_{sfx}_d{d}"), smem)?;
+        // The wgmma kernel reads every input with 16-byte cp.async (no unaligned fallback).
+        let wgmma = variant == FlashBackward::Wgmma
+            && kernels::WGMMA
+            && d == 128
+            && [ql, kl, vl, gl].iter().all(|l| l.start_offset().is_multiple_of(8));
+        if matches!(variant, FlashBackward::Fused | FlashBackward::Wgmma) {
+            let (module, name, smem, threads) = if wgmma {
+                // K, V [128], Q, dO [2][64] rows of D; dSᵀ [128][64] bf16; lse, Δ [2][64] f32
+                // (flash_wg.cu's wg_bwd_smem_bytes).
+                let smem = ((2 * 128 + 4 * 64) * d * 2 + 128 * 64 * 2 + 4 * 64 * 4) as u32;
+                (&kernels::FLASH_WG, format!("flash_bwd_wg_{sfx}_d{d}"), smem, ATTN_WG_THREADS)
+            } else {
+                (
+                    &kernels::FLASH_ATTN,
+                    format!("flash_bwd_dkdvdq_{sfx}_d{d}"),
+                    attn_kv64_smem(d),
+                    ATTN_TC_THREADS,
+                )
+            };
+            let f = function_smem(dev, module, &name, smem)?;
             let mut dq_acc = dev.alloc_zeros::<f32>(rows * d)?;
             let mut bld = stream.launch_builder(&f);
             bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta).arg(&mut dk).arg(&mut dv);
             bld.arg(&mut dq_acc).arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
-            // SAFETY: matches flash_attn.cu (flash_bwd_kv64_tc<D, true>); every dk/dv row < T is
-            // written; dq_acc is zero-filled and only added to.
-            unsafe { bld.launch(cfg(kv_grid, ATTN_TC_THREADS, smem)) }.w()?;
+            // SAFETY: matches flash_attn.cu (flash_bwd_kv64_tc<D, true>) or flash_wg.cu
+            // (flash_bwd_wg<128>: 16-byte aligned inputs), same arguments and grid; every dk/dv
+            // row < T is written; dq_acc is zero-filled and only added to.
+            unsafe { bld.launch(cfg(kv_grid, threads, smem)) }.w()?;
             let dq = tensor(dq_acc, dev, (b, hq, t, d)).to_dtype(DType::BF16)?;
             return Ok((dq, tensor(dk, dev, (b, hk, t, d)), tensor(dv, dev, (b, hk, t, d))));
         }
