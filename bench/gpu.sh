@@ -57,6 +57,7 @@ echo "### parity (tests/cuda_parity.rs)"
 for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softmax_forward \
     swiglu_forward_and_backward cross_entropy_forward_and_backward adamw_step_is_bit_identical \
     causal_attention_forward_and_backward attention_backward_variants_agree wgmma_forward_matches_the_cpu \
+    wgmma_backward_matches_the_cpu \
     full_attention_forward \
     decode_gemv_forward decode_attention_forward \
     rope_qkv_into_cache_is_exact bias_act_forward batched_decode_matches_the_cpu \
@@ -100,14 +101,21 @@ step ours-gpu-layer 60 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@
 step ours-gpu-layer-composed 60 "$SS" bench gpu-layer --composed --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-gpu-layer-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 # The other bf16 attention kernels (ops::attention::FlashForward, FlashBackward) in the whole
-# layer: backward wide, fused; the wgmma forward with the default backward and with wgmma's.
-for kv in "mma wide" "mma fused" "wgmma split" "wgmma wgmma"; do
+# layer: backward wide, fused, wgmma; the wgmma forward with the default backward and with wgmma's.
+for kv in "mma wide" "mma fused" "mma wgmma" "wgmma split" "wgmma wgmma"; do
     set -- $kv
-    [[ -n ${GPU_SH_TINY:-} && $1 == wgmma ]] && continue # a CPU build has no wgmma kernels
+    [[ -n ${GPU_SH_TINY:-} && $kv == *wgmma* ]] && continue # a CPU build has no wgmma kernels
     step ours-gpu-layer-$1-$2 60 env SHARDSMITH_FLASH_FWD=$1 SHARDSMITH_FLASH_BWD=$2 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 done
 step torch-gpu-layer 60 $PY gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
-step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
+# The wgmma kernels in their own runs, so that a fault in one cannot cost the others' numbers.
+AK=()
+[[ -n ${GPU_SH_TINY:-} ]] || AK=(--forward mma --backward split,wide,fused)
+step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}" ${AK[@]+"${AK[@]}"}
+if [[ -z ${GPU_SH_TINY:-} ]]; then
+    step ours-attention-wgmma 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma --backward split
+    step ours-attention-wgmma-bwd 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,mma --backward wgmma
+fi
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 step ours-decode 60 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-cublas 60 env SHARDSMITH_CUDA_GEMV=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
@@ -139,7 +147,7 @@ def line(name, metric, ours, base, others, higher_better=True):
 g = lambda r, k: None if r is None else r[k]
 o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split"), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
 kern = lambda bench, key: ", ".join(f"{f}+{b} {fmt(g(find(bench, 'shardsmith', flash_fwd=f, flash_bwd=b), key))}"
-                                     for f, b in [("mma", "wide"), ("mma", "fused"), ("wgmma", "split"), ("wgmma", "wgmma")])
+                                     for f, b in [("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("wgmma", "split"), ("wgmma", "wgmma")])
 oc = find("gpu_layer", "shardsmith", layer_nodes=False)
 op = find("gpu_layer", "shardsmith", cuda_pool_keep=False)
 if o or t:

@@ -327,6 +327,13 @@ enum BenchCommand {
         /// Head dim.
         #[arg(long, default_value_t = 128)]
         head_dim: usize,
+        /// bf16 CUDA forward kernels to time (comma-separated: mma, wgmma); default every one
+        /// this build and head dim have.
+        #[arg(long, value_delimiter = ',')]
+        forward: Vec<String>,
+        /// bf16 CUDA backward kernels to time (split, wide, fused, wgmma); default every one.
+        #[arg(long, value_delimiter = ',')]
+        backward: Vec<String>,
     },
     /// Prefill + greedy decode of a synthetic LLaMA (random weights on the device, default 7B
     /// shape, 32 layers) with the KV cache; one JSON line per batch size.
@@ -797,9 +804,10 @@ fn run(command: Command) -> ExitCode {
             })
         }
         Command::Bench {
-            what: BenchCommand::Attention { common, batch, heads, kv_heads, seq, head_dim },
+            what: BenchCommand::Attention { common, batch, heads, kv_heads, seq, head_dim, forward, backward },
         } => common.common().and_then(|c| {
-            shardsmith::commands::bench_gpu::attention(batch, heads, kv_heads, seq, head_dim, &c)
+            let kernels = shardsmith::commands::bench_gpu::AttentionKernels::named(&forward, &backward)?;
+            shardsmith::commands::bench_gpu::attention(batch, heads, kv_heads, seq, head_dim, &kernels, &c)
         }),
         Command::Bench { what: BenchCommand::Decode { shape, common, batch, prompt_len, steps } } => {
             common.common().and_then(|c| {

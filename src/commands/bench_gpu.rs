@@ -167,6 +167,24 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, layer_nodes: bool, c:
     Ok(())
 }
 
+/// The bf16 CUDA attention kernels `bench attention` times; empty: every one the build and head
+/// dim have.
+#[derive(Clone, Debug, Default)]
+pub struct AttentionKernels {
+    pub forward: Vec<FlashForward>,
+    pub backward: Vec<FlashBackward>,
+}
+
+impl AttentionKernels {
+    /// From the `--forward` / `--backward` spellings (`mma,wgmma`, `split,wide,fused,wgmma`).
+    pub fn named(forward: &[String], backward: &[String]) -> Result<AttentionKernels> {
+        Ok(AttentionKernels {
+            forward: forward.iter().map(|n| FlashForward::named(n)).collect::<candle_core::Result<_>>()?,
+            backward: backward.iter().map(|n| FlashBackward::named(n)).collect::<candle_core::Result<_>>()?,
+        })
+    }
+}
+
 /// `bench attention`: causal attention over q [B, H, S, D], k/v [B, Hk, S, D].
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
@@ -175,6 +193,7 @@ pub fn attention(
     kv_heads: usize,
     seq: usize,
     head_dim: usize,
+    kernels: &AttentionKernels,
     c: &Common,
 ) -> Result<()> {
     ensure!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "heads must divide by kv heads");
@@ -184,22 +203,40 @@ pub fn attention(
     let (q, k, v, g) = (randn(heads)?, randn(kv_heads)?, randn(kv_heads)?, randn(heads)?);
     let scale = 1.0 / (head_dim as f64).sqrt();
     let flops = 4.0 * (batch * heads * seq * seq * head_dim) as f64 / 2.0;
-    // On CUDA in bf16 every kernel variant (one line per forward × backward pair, to compare them
-    // on the same card); elsewhere the one path there is.
+    // On CUDA in bf16 every kernel variant asked for (one line per forward × backward pair, to
+    // compare them on the same card); elsewhere the one path there is.
     let bf16_cuda = c.device.is_cuda() && c.dtype == DType::BF16;
-    let forwards = if bf16_cuda && wgmma_available() && [64, 128].contains(&head_dim) {
-        FlashForward::ALL.to_vec()
+    let wgmma_fwd = wgmma_available() && [64, 128].contains(&head_dim);
+    let wgmma_bwd = wgmma_available() && head_dim == 128;
+    let (forwards, backwards) = if bf16_cuda {
+        let fwd = match kernels.forward.is_empty() {
+            true => {
+                FlashForward::ALL.into_iter().filter(|f| *f != FlashForward::Wgmma || wgmma_fwd).collect()
+            }
+            false => kernels.forward.clone(),
+        };
+        let bwd = match kernels.backward.is_empty() {
+            true => {
+                FlashBackward::ALL.into_iter().filter(|b| *b != FlashBackward::Wgmma || wgmma_bwd).collect()
+            }
+            false => kernels.backward.clone(),
+        };
+        (fwd, bwd)
     } else {
-        vec![FlashForward::MmaSync]
+        ensure!(
+            kernels.forward.is_empty() && kernels.backward.is_empty(),
+            "--forward / --backward choose among the bf16 CUDA kernels (this run: {} {})",
+            device_name(&c.device),
+            dtype_name(c.dtype)
+        );
+        (vec![FlashForward::MmaSync], vec![FlashBackward::Split])
     };
-    // (the wgmma backward only where it runs its own kernel rather than Fused's)
-    let backwards: Vec<FlashBackward> = match bf16_cuda {
-        true => FlashBackward::ALL
-            .into_iter()
-            .filter(|b| *b != FlashBackward::Wgmma || (wgmma_available() && head_dim == 128))
-            .collect(),
-        false => vec![FlashBackward::Split],
-    };
+    // A wgmma variant asked for where it would silently run another kernel is an error.
+    ensure!(
+        (wgmma_fwd || !forwards.contains(&FlashForward::Wgmma)) && (wgmma_bwd || !backwards.contains(&FlashBackward::Wgmma)),
+        "the wgmma attention kernels need an sm_90a build and head dim 128 (forward: 64 or 128); got head dim {head_dim}, sm_90a build: {}",
+        wgmma_available()
+    );
     for fwd_variant in forwards {
         let fwd = time(c, || {
             causal_attention_forward_with(fwd_variant, &q, &k, &v, scale)?;

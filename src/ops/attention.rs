@@ -245,6 +245,20 @@ fn env_choice<T: Copy>(
     }
 }
 
+/// The choice spelled `name` (as in the environment variable `var`), or an error listing them.
+fn choice_named<T: Copy>(var: &str, name: &str, choices: &[(&str, T)]) -> Result<T> {
+    match choices.iter().find(|(n, _)| *n == name) {
+        Some((_, c)) => Ok(*c),
+        None => {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            Err(candle_core::Error::Msg(format!(
+                "attention kernel {name:?} (as {var} names them): expected one of {}",
+                names.join(", ")
+            )))
+        }
+    }
+}
+
 /// `var` read once per process into `cell` through [`env_choice`].
 fn env_choice_once<T: Copy + Send + Sync>(
     cell: &'static std::sync::OnceLock<std::result::Result<T, String>>,
@@ -275,6 +289,11 @@ impl FlashForward {
     pub const ALL: [FlashForward; 2] = [FlashForward::MmaSync, FlashForward::Wgmma];
     const CHOICES: [(&'static str, FlashForward); 2] =
         [("mma", FlashForward::MmaSync), ("wgmma", FlashForward::Wgmma)];
+
+    /// The variant spelled `name` as in `SHARDSMITH_FLASH_FWD` (`mma`, `wgmma`).
+    pub fn named(name: &str) -> Result<FlashForward> {
+        choice_named("SHARDSMITH_FLASH_FWD", name, &Self::CHOICES)
+    }
 
     /// The variant's `SHARDSMITH_FLASH_FWD` spelling.
     pub fn name(self) -> &'static str {
@@ -333,6 +352,11 @@ impl FlashBackward {
         ("fused", FlashBackward::Fused),
         ("wgmma", FlashBackward::Wgmma),
     ];
+
+    /// The variant spelled `name` as in `SHARDSMITH_FLASH_BWD` (`split`, `wide`, `fused`, `wgmma`).
+    pub fn named(name: &str) -> Result<FlashBackward> {
+        choice_named("SHARDSMITH_FLASH_BWD", name, &Self::CHOICES)
+    }
 
     /// The variant's `SHARDSMITH_FLASH_BWD` spelling.
     pub fn name(self) -> &'static str {
