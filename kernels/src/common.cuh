@@ -257,6 +257,19 @@ __device__ __forceinline__ void acc_to_a(uint32_t a[4], const float lo[4], const
     a[3] = pack_bf16(hi[2], hi[3]);
 }
 
+// For the attention backward kernels: lse·log2 e and Δ of queries q0 .. q0 + N of one head (loff:
+// the head's offset into [B, Hq, T]) into shared memory, +∞ and 0 past T (so P = 0 there); NTH
+// threads share the work.
+template <int N, int NTH>
+__device__ __forceinline__ void stage_lse_delta(float *sl, float *sd, const float *__restrict__ lse,
+                                                const float *__restrict__ delta, size_t loff, int q0, int t) {
+    for (int i = threadIdx.x; i < N; i += NTH) {
+        const bool ok = q0 + i < t;
+        sl[i] = ok ? lse[loff + q0 + i] * 1.4426950408889634f : INFINITY;  // × log2 e
+        sd[i] = ok ? delta[loff + q0 + i] : 0.f;
+    }
+}
+
 // 16 bytes global → shared, asynchronously (L2 only: .cg); `valid` false zero-fills the 16 bytes
 // without reading `src` (src-size 0). Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {

@@ -790,11 +790,7 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
         const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
         tile_load<D, TC_BQ>(sQ + buf * TC_BQ * LDS, q + qoff, q0, t, vec);
         tile_load<D, TC_BQ>(sdO + buf * TC_BQ * LDS, dout + qoff, q0, t, vec);
-        for (int i = threadIdx.x; i < TC_BQ; i += TC_THREADS) {
-            const bool ok = q0 + i < t;
-            sL[buf * TC_BQ + i] = ok ? lse[loff + q0 + i] * LOG2E : INFINITY;  // past T: P = 0
-            sDl[buf * TC_BQ + i] = ok ? delta[loff + q0 + i] : 0.f;
-        }
+        stage_lse_delta<TC_BQ, TC_THREADS>(sL + buf * TC_BQ, sDl + buf * TC_BQ, lse, delta, loff, q0, t);
     };
     tile_load<D, TC_BK>(sK, k + kvoff, k0, t, vec);
     tile_load<D, TC_BK>(sV, v + kvoff, k0, t, vec);
@@ -935,11 +931,7 @@ __device__ void flash_bwd_kv64_tc(const bf16 *__restrict__ q, const bf16 *__rest
         const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
         tile_load<D, KV_BQ>(sQ + buf * KV_BQ * LDS, q + qoff, q0, t, vec);
         tile_load<D, KV_BQ>(sdO + buf * KV_BQ * LDS, dout + qoff, q0, t, vec);
-        for (int i = threadIdx.x; i < KV_BQ; i += TC_THREADS) {
-            const bool ok = q0 + i < t;
-            sL[buf * KV_BQ + i] = ok ? lse[loff + q0 + i] * LOG2E : INFINITY;  // past T: P = 0
-            sDl[buf * KV_BQ + i] = ok ? delta[loff + q0 + i] : 0.f;
-        }
+        stage_lse_delta<KV_BQ, TC_THREADS>(sL + buf * KV_BQ, sDl + buf * KV_BQ, lse, delta, loff, q0, t);
     };
     tile_load<D, TC_BK>(sK, k + kvoff, k0, t, vec);
     tile_load<D, TC_BK>(sV, v + kvoff, k0, t, vec);

@@ -107,13 +107,15 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         if (!CAUSAL || k0 <= wq0 + 63) {
             const bf16 *cK = sK + (j & 1) * TILE, *cV = sV + (j & 1) * TILE;
             float s[WG_BN / 8][4];
+            wgmma_pin(s);
+            const uint64_t q_desc = wgmma_desc(wQ, KMAJ_LBO, KMAJ_SBO), k_desc = wgmma_desc(cK, KMAJ_LBO, KMAJ_SBO);
             wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 2 core matrices along K
-                wgmma_ss_m64n64k16(s, wgmma_desc(wQ + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO),
-                                   wgmma_desc(cK + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO), ks > 0);
+            for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 2 core matrices (256 bytes) along K
+                wgmma_ss_m64n64k16(s, wgmma_desc_add(q_desc, 256 * ks), wgmma_desc_add(k_desc, 256 * ks), ks > 0);
             wgmma_commit();
             wgmma_wait<0>();
+            wgmma_pin(s);
             if (CAUSAL ? k0 + WG_BN - 1 > rq0 : k0 + WG_BN > t) {  // crosses the diagonal / the end
 #pragma unroll
                 for (int nt = 0; nt < WG_BN / 8; ++nt)
@@ -151,10 +153,13 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             uint32_t a[WG_BN / 16][4];  // P as the A operand, 16 keys each (packed before the fence)
 #pragma unroll
             for (int kk = 0; kk < WG_BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
+            const uint64_t v_desc = wgmma_desc(cV, MN_LBO, MN_SBO);
+            wgmma_pin(acc);
+            wgmma_pin(a);
             wgmma_fence();  // acc was rescaled and a written by ordinary instructions
 #pragma unroll
-            for (int kk = 0; kk < WG_BN / 16; ++kk) {  // 16 keys = 2 core matrices along K
-                const uint64_t dv = wgmma_desc(cV + kk * 2 * D / 8 * 64, MN_LBO, MN_SBO);
+            for (int kk = 0; kk < WG_BN / 16; ++kk) {  // 16 keys = 2 row groups (2·LBO bytes) along K
+                const uint64_t dv = wgmma_desc_add(v_desc, 2 * MN_LBO * kk);
                 if constexpr (D == 128)
                     wgmma_rs_m64n128k16_tb(acc, a[kk], dv, 1);
                 else
@@ -162,6 +167,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             }
             wgmma_commit();
             wgmma_wait<0>();
+            wgmma_pin(acc);
         }
         __syncthreads();  // the next iteration's loads overwrite this tile's buffer
     }
@@ -250,11 +256,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
         wg_tile_load<D, WGB_BQ>(sQ + buf * QT, q + qoff, q0, t);
         wg_tile_load<D, WGB_BQ>(sdO + buf * QT, dout + qoff, q0, t);
-        for (int i = threadIdx.x; i < WGB_BQ; i += WG_THREADS) {
-            const bool ok = q0 + i < t;
-            sL[buf * WGB_BQ + i] = ok ? lse[loff + q0 + i] * LOG2E : INFINITY;  // past T: P = 0
-            sDl[buf * WGB_BQ + i] = ok ? delta[loff + q0 + i] : 0.f;
-        }
+        stage_lse_delta<WGB_BQ, WG_THREADS>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t);
     };
     wg_tile_load<D, 128>(sK, k + kvoff, k0, t);
     wg_tile_load<D, 128>(sV, v + kvoff, k0, t);
@@ -281,16 +283,20 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         if (q0 + WGB_BQ - 1 >= wk0) {  // else every query precedes every key of this warpgroup
             // 1. Sᵀ, dPᵀ [64 keys][64 queries]
             float st[WGB_BQ / 8][4], dpt[WGB_BQ / 8][4];
+            wgmma_pin(st);
+            wgmma_pin(dpt);
+            const uint64_t k_desc = wgmma_desc(wK, KMAJ_LBO, KMAJ_SBO), q_desc = wgmma_desc(cQ, KMAJ_LBO, KMAJ_SBO);
+            const uint64_t v_desc = wgmma_desc(wV, KMAJ_LBO, KMAJ_SBO), o_desc = wgmma_desc(cdO, KMAJ_LBO, KMAJ_SBO);
             wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                wgmma_ss_m64n64k16(st, wgmma_desc(wK + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO),
-                                   wgmma_desc(cQ + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO), ks > 0);
-                wgmma_ss_m64n64k16(dpt, wgmma_desc(wV + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO),
-                                   wgmma_desc(cdO + ks * 2 * 64, KMAJ_LBO, KMAJ_SBO), ks > 0);
+            for (int ks = 0; ks < KS; ++ks) {  // 16 columns of D = 256 bytes along K
+                wgmma_ss_m64n64k16(st, wgmma_desc_add(k_desc, 256 * ks), wgmma_desc_add(q_desc, 256 * ks), ks > 0);
+                wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
             }
             wgmma_commit();
             wgmma_wait<0>();
+            wgmma_pin(st);
+            wgmma_pin(dpt);
             const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
 #pragma unroll
             for (int j = 0; j < WGB_BQ / 8; ++j)
@@ -319,31 +325,41 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
                 acc_to_a(ad[kk], dpt[2 * kk], dpt[2 * kk + 1]);
             }
+            wgmma_pin(dv_acc);
+            wgmma_pin(dk_acc);
+            wgmma_pin(ap);
+            wgmma_pin(ad);
+            const uint64_t o_mn = wgmma_desc(cdO, MN_LBO, MN_SBO), q_mn = wgmma_desc(cQ, MN_LBO, MN_SBO);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk) {
-                const int rows = kk * 2 * D / 8 * 64;  // queries 16·kk ..: row groups 2kk, 2kk + 1
-                wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc(cdO + rows, MN_LBO, MN_SBO), 1);
-                wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc(cQ + rows, MN_LBO, MN_SBO), 1);
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk) {  // queries 16·kk ..: row groups 2kk, 2kk + 1
+                wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
+                wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
             }
             wgmma_commit();
             wgmma_wait<0>();
+            wgmma_pin(dv_acc);
+            wgmma_pin(dk_acc);
         }
         wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
         __syncthreads();
 
         {  // 3. dQ [64 queries][head-dim half wg] += dS K over keys k0 .. up to the last query
             float acc[8][4];
+            // keys 16·kk ..: 2 row groups of dSᵀ and of K (this warpgroup's 64 columns of K)
+            const uint64_t ds_desc = wgmma_desc(sdS, DS_LBO, DS_SBO);
+            const uint64_t k_mn = wgmma_desc(sK + wg * (D / 16) * 64, MN_LBO, MN_SBO);
+            wgmma_pin(acc);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < 128 / 16; ++kk) {
                 if (k0 + 16 * kk > q0 + WGB_BQ - 1) break;  // these keys lie past every query
-                wgmma_ss_m64n64k16_tt(acc, wgmma_desc(sdS + kk * 2 * (WGB_BQ / 8) * 64, DS_LBO, DS_SBO),
-                                      wgmma_desc(sK + kk * 2 * D / 8 * 64 + wg * (D / 16) * 64, MN_LBO, MN_SBO),
-                                      kk > 0);
+                wgmma_ss_m64n64k16_tt(acc, wgmma_desc_add(ds_desc, 2 * DS_LBO * kk),
+                                      wgmma_desc_add(k_mn, 2 * MN_LBO * kk), kk > 0);
             }
             wgmma_commit();
             wgmma_wait<0>();
+            wgmma_pin(acc);
             const int h = hkv * group + s / nqt;
             float *dqh = dq_acc + ((size_t)b * hq + h) * t * D;
 #pragma unroll

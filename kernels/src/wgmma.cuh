@@ -19,7 +19,8 @@
 //   MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)): element (mn, k) at byte
 //            (mn%8)·2 + (mn/8)·SBO + (k%8)·16 + (k/8)·LBO.
 // Shared memory written by ordinary stores or cp.async must be fenced to the async proxy
-// (wgmma_fence_smem) before the barrier that precedes the wgmma reading it.
+// (wgmma_fence_smem) before the barrier that precedes the wgmma reading it; registers a batch uses
+// are pinned (wgmma_pin) before its wgmma_fence and after its wgmma_wait.
 #pragma once
 #include "common.cuh"
 
@@ -30,6 +31,10 @@
 #endif
 
 #if SHARDSMITH_WGMMA
+// `desc` with its start address moved `bytes` (a multiple of 16) further into shared memory: one
+// add on the start-address field (bits 0-13), which shared memory's 228 KB cannot overflow.
+__device__ __forceinline__ uint64_t wgmma_desc_add(uint64_t desc, int bytes) { return desc + (uint64_t)(bytes >> 4); }
+
 #ifdef SHARDSMITH_EMU
 __device__ __forceinline__ uint64_t wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {
     return emu::wgmma_desc(smem, lbo, sbo);
@@ -38,6 +43,8 @@ __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() {}
 template <int N> __device__ __forceinline__ void wgmma_wait() {}
 __device__ __forceinline__ void wgmma_fence_smem() {}
+template <int N> __device__ __forceinline__ void wgmma_pin(float (&)[N][4]) {}
+template <int N> __device__ __forceinline__ void wgmma_pin(uint32_t (&)[N][4]) {}
 __device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     emu::wgmma<64>(d, nullptr, desc_a, false, desc_b, false, accumulate);
 }
@@ -63,6 +70,22 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void wgmma_fence_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Pins accumulator (or A-operand) registers in place: the fence / commit / wait asm does not name
+// them, so without this the compiler may move ordinary reads and writes of them across the
+// asynchronous region, which the hardware does not order (CUTLASS's warpgroup_fence_operand).
+// Call on every register set a wgmma batch uses, before wgmma_fence and after wgmma_wait.
+template <int N> __device__ __forceinline__ void wgmma_pin(float (&d)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(d[j][i])::"memory");
+}
+template <int N> __device__ __forceinline__ void wgmma_pin(uint32_t (&a)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[j][i])::"memory");
+}
 // D[64][64] (+)= A[64][16] · B[16][64]: A and B from shared memory by descriptor, both K-major.
 __device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     asm volatile(

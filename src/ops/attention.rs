@@ -229,45 +229,61 @@ fn forward_only(
     }
 }
 
-/// One of `choices` by the value of the environment variable `var` (the first when unset or
-/// empty), or an error naming the variable and the choices.
-fn env_choice<T: Copy>(
-    var: &str,
-    value: Option<&str>,
-    choices: &[(&str, T)],
-) -> std::result::Result<T, String> {
-    match value {
-        None | Some("") => Ok(choices[0].1),
-        Some(v) => choices.iter().find(|(name, _)| *name == v).map(|(_, c)| *c).ok_or_else(|| {
-            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-            format!("{var}={v:?}: expected one of {}", names.join(", "))
-        }),
-    }
-}
+/// A kernel variant picked by an environment variable, by name: [`FlashForward`],
+/// [`FlashBackward`]. The first of `CHOICES` is the default.
+trait KernelChoice: Copy + PartialEq + Send + Sync + 'static {
+    /// The environment variable.
+    const VAR: &'static str;
+    /// Each variant's spelling.
+    const CHOICES: &'static [(&'static str, Self)];
+    /// The variant that needs the wgmma kernels ([`wgmma_available`]).
+    const WGMMA: Self;
+    /// Where the variable's value is kept once read.
+    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>>;
 
-/// The choice spelled `name` (as in the environment variable `var`), or an error listing them.
-fn choice_named<T: Copy>(var: &str, name: &str, choices: &[(&str, T)]) -> Result<T> {
-    match choices.iter().find(|(n, _)| *n == name) {
-        Some((_, c)) => Ok(*c),
-        None => {
-            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-            Err(candle_core::Error::Msg(format!(
-                "attention kernel {name:?} (as {var} names them): expected one of {}",
-                names.join(", ")
-            )))
+    fn spelling(self) -> &'static str {
+        Self::CHOICES.iter().find(|(_, c)| *c == self).map_or("?", |(n, _)| n)
+    }
+
+    fn expected() -> String {
+        Self::CHOICES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The variant spelled `name`, or an error listing the spellings.
+    fn by_name(name: &str) -> Result<Self> {
+        match Self::CHOICES.iter().find(|(n, _)| *n == name) {
+            Some((_, c)) => Ok(*c),
+            None => Err(candle_core::Error::Msg(format!(
+                "attention kernel {name:?} (as {} names them): expected one of {}",
+                Self::VAR,
+                Self::expected()
+            ))),
         }
     }
-}
 
-/// `var` read once per process into `cell` through [`env_choice`].
-fn env_choice_once<T: Copy + Send + Sync>(
-    cell: &'static std::sync::OnceLock<std::result::Result<T, String>>,
-    var: &str,
-    choices: &[(&str, T)],
-) -> Result<T> {
-    match cell.get_or_init(|| env_choice(var, std::env::var(var).ok().as_deref(), choices)) {
-        Ok(c) => Ok(*c),
-        Err(e) => bail!("{e}"),
+    /// The variable's `value` (the default when unset or empty).
+    fn parse(value: Option<&str>) -> std::result::Result<Self, String> {
+        match value {
+            None | Some("") => Ok(Self::CHOICES[0].1),
+            Some(v) => Self::CHOICES
+                .iter()
+                .find(|(n, _)| *n == v)
+                .map(|(_, c)| *c)
+                .ok_or_else(|| format!("{}={v:?}: expected one of {}", Self::VAR, Self::expected())),
+        }
+    }
+
+    /// The variable, read once per process; the wgmma variant in a build without it is an error.
+    fn from_var() -> Result<Self> {
+        let choice = Self::cell().get_or_init(|| Self::parse(std::env::var(Self::VAR).ok().as_deref()));
+        match choice {
+            Ok(c) if *c == Self::WGMMA && !wgmma_available() => bail!(
+                "{}=wgmma needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)",
+                Self::VAR
+            ),
+            Ok(c) => Ok(*c),
+            Err(e) => bail!("{e}"),
+        }
     }
 }
 
@@ -285,31 +301,35 @@ pub enum FlashForward {
     Wgmma,
 }
 
+impl KernelChoice for FlashForward {
+    const VAR: &'static str = "SHARDSMITH_FLASH_FWD";
+    const CHOICES: &'static [(&'static str, FlashForward)] =
+        &[("mma", FlashForward::MmaSync), ("wgmma", FlashForward::Wgmma)];
+    const WGMMA: FlashForward = FlashForward::Wgmma;
+    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
+        static CELL: std::sync::OnceLock<std::result::Result<FlashForward, String>> =
+            std::sync::OnceLock::new();
+        &CELL
+    }
+}
+
 impl FlashForward {
     pub const ALL: [FlashForward; 2] = [FlashForward::MmaSync, FlashForward::Wgmma];
-    const CHOICES: [(&'static str, FlashForward); 2] =
-        [("mma", FlashForward::MmaSync), ("wgmma", FlashForward::Wgmma)];
-
-    /// The variant spelled `name` as in `SHARDSMITH_FLASH_FWD` (`mma`, `wgmma`).
-    pub fn named(name: &str) -> Result<FlashForward> {
-        choice_named("SHARDSMITH_FLASH_FWD", name, &Self::CHOICES)
-    }
-
-    /// The variant's `SHARDSMITH_FLASH_FWD` spelling.
-    pub fn name(self) -> &'static str {
-        Self::CHOICES.iter().find(|(_, c)| *c == self).map_or("?", |(n, _)| n)
-    }
 
     /// `SHARDSMITH_FLASH_FWD`, read once: `mma` (or unset) or `wgmma`; any other value, or
     /// `wgmma` in a build without it, is an error naming the variable.
     pub fn from_env() -> Result<FlashForward> {
-        static CHOICE: std::sync::OnceLock<std::result::Result<FlashForward, String>> =
-            std::sync::OnceLock::new();
-        let c = env_choice_once(&CHOICE, "SHARDSMITH_FLASH_FWD", &Self::CHOICES)?;
-        if c == FlashForward::Wgmma && !wgmma_available() {
-            bail!("SHARDSMITH_FLASH_FWD=wgmma needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)");
-        }
-        Ok(c)
+        Self::from_var()
+    }
+
+    /// The variant spelled `name` as in `SHARDSMITH_FLASH_FWD`.
+    pub fn named(name: &str) -> Result<FlashForward> {
+        Self::by_name(name)
+    }
+
+    /// The variant's `SHARDSMITH_FLASH_FWD` spelling.
+    pub fn name(self) -> &'static str {
+        self.spelling()
     }
 }
 
@@ -343,36 +363,40 @@ pub enum FlashBackward {
     Wgmma,
 }
 
-impl FlashBackward {
-    pub const ALL: [FlashBackward; 4] =
-        [FlashBackward::Split, FlashBackward::Wide, FlashBackward::Fused, FlashBackward::Wgmma];
-    const CHOICES: [(&'static str, FlashBackward); 4] = [
+impl KernelChoice for FlashBackward {
+    const VAR: &'static str = "SHARDSMITH_FLASH_BWD";
+    const CHOICES: &'static [(&'static str, FlashBackward)] = &[
         ("split", FlashBackward::Split),
         ("wide", FlashBackward::Wide),
         ("fused", FlashBackward::Fused),
         ("wgmma", FlashBackward::Wgmma),
     ];
-
-    /// The variant spelled `name` as in `SHARDSMITH_FLASH_BWD` (`split`, `wide`, `fused`, `wgmma`).
-    pub fn named(name: &str) -> Result<FlashBackward> {
-        choice_named("SHARDSMITH_FLASH_BWD", name, &Self::CHOICES)
+    const WGMMA: FlashBackward = FlashBackward::Wgmma;
+    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
+        static CELL: std::sync::OnceLock<std::result::Result<FlashBackward, String>> =
+            std::sync::OnceLock::new();
+        &CELL
     }
+}
 
-    /// The variant's `SHARDSMITH_FLASH_BWD` spelling.
-    pub fn name(self) -> &'static str {
-        Self::CHOICES.iter().find(|(_, c)| *c == self).map_or("?", |(n, _)| n)
-    }
+impl FlashBackward {
+    pub const ALL: [FlashBackward; 4] =
+        [FlashBackward::Split, FlashBackward::Wide, FlashBackward::Fused, FlashBackward::Wgmma];
 
     /// `SHARDSMITH_FLASH_BWD`, read once: `split` (or unset), `wide`, `fused` or `wgmma`; any
     /// other value, or `wgmma` in a build without it, is an error naming the variable.
     pub fn from_env() -> Result<FlashBackward> {
-        static CHOICE: std::sync::OnceLock<std::result::Result<FlashBackward, String>> =
-            std::sync::OnceLock::new();
-        let c = env_choice_once(&CHOICE, "SHARDSMITH_FLASH_BWD", &Self::CHOICES)?;
-        if c == FlashBackward::Wgmma && !wgmma_available() {
-            bail!("SHARDSMITH_FLASH_BWD=wgmma needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)");
-        }
-        Ok(c)
+        Self::from_var()
+    }
+
+    /// The variant spelled `name` as in `SHARDSMITH_FLASH_BWD`.
+    pub fn named(name: &str) -> Result<FlashBackward> {
+        Self::by_name(name)
+    }
+
+    /// The variant's `SHARDSMITH_FLASH_BWD` spelling.
+    pub fn name(self) -> &'static str {
+        self.spelling()
     }
 }
 
@@ -462,23 +486,26 @@ mod tests {
 
     #[test]
     fn kernel_choices_parse_and_name_the_variable_on_error() {
-        let bwd = |v| env_choice("SHARDSMITH_FLASH_BWD", v, &FlashBackward::CHOICES);
+        let bwd = FlashBackward::parse;
         assert_eq!(bwd(None), Ok(FlashBackward::Split));
         assert_eq!(bwd(Some("")), Ok(FlashBackward::Split));
-        assert_eq!(bwd(Some("split")), Ok(FlashBackward::Split));
-        assert_eq!(bwd(Some("wide")), Ok(FlashBackward::Wide));
-        assert_eq!(bwd(Some("fused")), Ok(FlashBackward::Fused));
-        assert_eq!(bwd(Some("wgmma")), Ok(FlashBackward::Wgmma));
+        for v in FlashBackward::ALL {
+            assert_eq!(bwd(Some(v.name())), Ok(v));
+            assert_eq!(FlashBackward::named(v.name()).unwrap(), v);
+        }
         let err = bwd(Some("atomic")).unwrap_err();
         assert!(
             err.contains("SHARDSMITH_FLASH_BWD") && err.contains("atomic") && err.contains("fused"),
             "{err}"
         );
-        let fwd = |v| env_choice("SHARDSMITH_FLASH_FWD", v, &FlashForward::CHOICES);
+        let fwd = FlashForward::parse;
         assert_eq!(fwd(None), Ok(FlashForward::MmaSync));
-        assert_eq!(fwd(Some("mma")), Ok(FlashForward::MmaSync));
-        assert_eq!(fwd(Some("wgmma")), Ok(FlashForward::Wgmma));
+        for v in FlashForward::ALL {
+            assert_eq!(fwd(Some(v.name())), Ok(v));
+        }
         assert!(fwd(Some("fa3")).unwrap_err().contains("SHARDSMITH_FLASH_FWD"));
+        let err = FlashForward::named("fa3").unwrap_err().to_string();
+        assert!(err.contains("\"fa3\"") && err.contains("mma, wgmma"), "{err}");
     }
 
     /// The CPU op against candle autograd through the materialised reference, with GQA, a T
