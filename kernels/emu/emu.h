@@ -212,32 +212,81 @@ inline float wgmma_elem(uint64_t desc, int mn, int k, bool mn_major) {
 }
 // wgmma.mma_async m64nNk16 bf16 → f32 for the calling thread's accumulator fragment: A [64][16]
 // from the group's registers (a_regs, the m16n8k16 A layout per warp) or from desc_a (K-major, or
-// MN-major: the .trans form), B [16][N] from desc_b (likewise). Computed at issue, so the
-// fence / commit / wait protocol is not checked here.
+// MN-major: the .trans form), B [16][N] from desc_b (likewise). Asynchronous as on the device:
+// issue reads the A registers (exchanged through the warpgroup), commit closes a group, and
+// wait_group(n) runs all but the newest n groups, reading shared memory then. Between issue and
+// completion the accumulator holds NaN, so a read that no wait covers (or shared memory
+// overwritten too early) shows up as a wrong result. Successive wgmmas on one accumulator chain
+// in order, as on the device.
+struct WgmmaOp {
+    float *d;            // the caller's accumulator fragment, N/2 floats
+    int n;               // N
+    bool accumulate;     // D += A·B (else D = A·B)
+    bool chained;        // another pending op writes d first: start from its result
+    float a[2][16];      // this thread's rows (g, g + 8 of its warp) of A, when from registers
+    bool a_in_regs, a_mn_major, b_mn_major;
+    uint64_t desc_a, desc_b;
+    std::vector<float> init;  // d at issue (first op of a chain with accumulate)
+};
+struct WgmmaState {
+    std::vector<WgmmaOp> open;
+    std::vector<std::vector<WgmmaOp>> groups;
+};
+inline thread_local WgmmaState wgmma_state;
+
+inline void wgmma_run(WgmmaOp &op) {
+    const int idx = flat_tid() % 128, warp = idx / 32, lane = idx % 32, g = lane / 4, t = lane % 4;
+    for (int j = 0; j < op.n / 8; ++j)
+        for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1, row = 16 * warp + g + 8 * r, col = 8 * j + 2 * t + (i & 1);
+            float s = 0;
+            for (int k = 0; k < 16; ++k) {
+                const float a = op.a_in_regs ? op.a[r][k] : wgmma_elem(op.desc_a, row, k, op.a_mn_major);
+                s += a * wgmma_elem(op.desc_b, col, k, op.b_mn_major);
+            }
+            float &d = op.d[4 * j + i];
+            d = (op.accumulate ? (op.chained ? d : op.init[4 * j + i]) : 0.f) + s;
+        }
+}
+
 template <int N>
 inline void wgmma(float (&d)[N / 8][4], const uint32_t *a_regs, uint64_t desc_a, bool a_mn_major, uint64_t desc_b,
                   bool b_mn_major, int accumulate) {
     const int tid = flat_tid(), idx = tid % 128;
     if (warpgroups.empty()) throw "emu: wgmma needs a block of whole warpgroups";
     WarpGroup &w = warpgroups[tid / 128];
-    if (a_regs)
+    WgmmaOp op{&d[0][0], N, accumulate != 0, false, {}, a_regs != nullptr, a_mn_major, b_mn_major, desc_a, desc_b, {}};
+    if (a_regs) {  // the A registers are read at issue: the group's, through its barrier
         for (int i = 0; i < 4; ++i) w.a[idx][i] = a_regs[i];
-    w.bar->arrive_and_wait();
-    auto a_at = [&](int row, int k) {
-        if (!a_regs) return wgmma_elem(desc_a, row, k, a_mn_major);
-        const int r16 = row % 16, lane = 4 * (r16 % 8) + (k % 8) / 2;
-        const uint32_t reg = w.a[32 * (row / 16) + lane][(r16 >= 8) + 2 * (k >= 8)];
-        return __bfloat162float({(uint16_t)(k % 2 ? reg >> 16 : reg & 0xffff)});
+        w.bar->arrive_and_wait();
+        const int warp = idx / 32, g = idx % 32 / 4;
+        for (int r = 0; r < 2; ++r)
+            for (int k = 0; k < 16; ++k) {
+                const uint32_t reg = w.a[32 * warp + 4 * g + (k % 8) / 2][r + 2 * (k >= 8)];
+                op.a[r][k] = __bfloat162float({(uint16_t)(k % 2 ? reg >> 16 : reg & 0xffff)});
+            }
+        w.bar->arrive_and_wait();
+    }
+    auto pending_on_d = [&](const std::vector<WgmmaOp> &ops) {
+        return std::any_of(ops.begin(), ops.end(), [&](const WgmmaOp &o) { return o.d == op.d; });
     };
-    const int warp = idx / 32, lane = idx % 32, g = lane / 4, t = lane % 4;
+    op.chained = pending_on_d(wgmma_state.open) ||
+                 std::any_of(wgmma_state.groups.begin(), wgmma_state.groups.end(), pending_on_d);
+    if (op.accumulate && !op.chained) op.init.assign(&d[0][0], &d[0][0] + N / 2);
     for (int j = 0; j < N / 8; ++j)
-        for (int i = 0; i < 4; ++i) {
-            const int row = 16 * warp + g + 8 * (i >> 1), col = 8 * j + 2 * t + (i & 1);
-            float s = 0;
-            for (int k = 0; k < 16; ++k) s += a_at(row, k) * wgmma_elem(desc_b, col, k, b_mn_major);
-            d[j][i] = (accumulate ? d[j][i] : 0.f) + s;
-        }
-    w.bar->arrive_and_wait();
+        for (int i = 0; i < 4; ++i) d[j][i] = NAN;  // in flight
+    wgmma_state.open.push_back(std::move(op));
+}
+inline void wgmma_commit() {
+    wgmma_state.groups.push_back(std::move(wgmma_state.open));
+    wgmma_state.open.clear();
+}
+inline void wgmma_wait(int n) {
+    auto &gs = wgmma_state.groups;
+    while ((int)gs.size() > n) {
+        for (WgmmaOp &op : gs.front()) wgmma_run(op);
+        gs.erase(gs.begin());
+    }
 }
 
 template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K kernel, A... args) {
@@ -267,7 +316,10 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
                         threadIdx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
                         blockIdx = dim3(bx, by, bz);
                         cp_state = CpAsyncState{};
+                        wgmma_state = WgmmaState{};
                         kernel(args...);
+                        if (!wgmma_state.open.empty() || !wgmma_state.groups.empty())
+                            throw "emu: wgmma issued but never waited for";
                         if (!cp_state.open.empty() || !cp_state.groups.empty()) {
                             // Copies never waited for: legal only if nothing reads them; apply them
                             // so a missing wait shows up as a wrong result, not a silent skip.

@@ -1,7 +1,8 @@
 // Hopper's warpgroup MMA (wgmma.mma_async, sm_90a) for bf16 operands with f32 accumulation: the
-// shared-memory matrix descriptor, the fence / commit / wait protocol, and the three shapes the
-// attention kernels use (`_tb`: B MN-major; `_tt`: A and B MN-major). SHARDSMITH_WGMMA is 1 where they exist (an sm_90a build, or the
-// emulator, kernels/emu/emu.h, which computes each product when it is issued).
+// shared-memory matrix descriptor, the fence / commit / wait protocol, and the four shapes the
+// attention kernels use (`_tb`: B MN-major; `_tt`: A and B MN-major). SHARDSMITH_WGMMA is 1
+// where they exist: an sm_90a build, or the emulator (kernels/emu/emu.h), which runs each
+// product at the wait_group that covers it, with the accumulator NaN while in flight.
 //
 // A warpgroup is 4 consecutive warps (128 threads) and issues each wgmma together. Accumulator
 // layout of m64nNk16 (PTX ISA, "Register fragment layout for accumulator matrix D"): warp w of the
@@ -40,8 +41,8 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void *smem, uint32_t lbo, u
     return emu::wgmma_desc(smem, lbo, sbo);
 }
 __device__ __forceinline__ void wgmma_fence() {}
-__device__ __forceinline__ void wgmma_commit() {}
-template <int N> __device__ __forceinline__ void wgmma_wait() {}
+__device__ __forceinline__ void wgmma_commit() { emu::wgmma_commit(); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { emu::wgmma_wait(N); }
 __device__ __forceinline__ void wgmma_fence_smem() {}
 template <int N> __device__ __forceinline__ void wgmma_pin(float (&)[N][4]) {}
 template <int N> __device__ __forceinline__ void wgmma_pin(uint32_t (&)[N][4]) {}
