@@ -196,8 +196,9 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // block = 128 keys of one K/V head, warpgroup w its keys k0 + 64w ..; steps over the group's
 // query heads × the 64-query tiles from k0 on (Q, dO, lse, Δ double-buffered by cp.async). Step:
 //   1. Sᵀ = K Qᵀ, dPᵀ = V dOᵀ   D/16 × wgmma.m64n64k16 each, all operands K-major from shared
-//      memory; then Pᵀ = exp2(Sᵀ·scale·log2 e − lse·log2 e) (masked) and dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)·scale
-//      in registers, dSᵀ also stored (bf16) to shared memory.
+//      memory, in two groups: Pᵀ = exp2(Sᵀ·scale·log2 e − lse·log2 e) (masked) is computed while
+//      dPᵀ's products run; then dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)·scale in registers, also stored (bf16) to
+//      shared memory.
 //   2. dV += Pᵀ dO, dK += dSᵀ Q   4 × wgmma.m64n128k16, A = Pᵀ / dSᵀ from registers, B = dO / Q
 //      MN-major (.trans): dK, dV of the warpgroup's 64 keys accumulate in registers (64 floats
 //      each a thread) over the whole group.
@@ -287,16 +288,18 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             wgmma_pin(dpt);
             const uint64_t k_desc = wgmma_desc(wK, KMAJ_LBO, KMAJ_SBO), q_desc = wgmma_desc(cQ, KMAJ_LBO, KMAJ_SBO);
             const uint64_t v_desc = wgmma_desc(wV, KMAJ_LBO, KMAJ_SBO), o_desc = wgmma_desc(cdO, KMAJ_LBO, KMAJ_SBO);
+            // Sᵀ and dPᵀ as two groups: Pᵀ is computed while dPᵀ's products run.
             wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {  // 16 columns of D = 256 bytes along K
+            for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 256 bytes along K
                 wgmma_ss_m64n64k16(st, wgmma_desc_add(k_desc, 256 * ks), wgmma_desc_add(q_desc, 256 * ks), ks > 0);
-                wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
-            }
             wgmma_commit();
-            wgmma_wait<0>();
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+                wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
+            wgmma_commit();
+            wgmma_wait<1>();  // Sᵀ done, dPᵀ in flight
             wgmma_pin(st);
-            wgmma_pin(dpt);
             const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
 #pragma unroll
             for (int j = 0; j < WGB_BQ / 8; ++j)
@@ -306,8 +309,13 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                     float p = fast_exp2(fmaf(st[j][i], sl2, -cL[qi]));
                     if (diag && rk0 + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
                     st[j][i] = p;
-                    dpt[j][i] = p * (dpt[j][i] - cDl[qi]) * scale;
                 }
+            wgmma_wait<0>();
+            wgmma_pin(dpt);
+#pragma unroll
+            for (int j = 0; j < WGB_BQ / 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - cDl[8 * j + 2 * tq + (i & 1)]) * scale;
             // dSᵀ rows 64·wg + 16·warp + g (+8) of the block, queries 8j + 2t, +1
 #pragma unroll
             for (int j = 0; j < WGB_BQ / 8; ++j)
