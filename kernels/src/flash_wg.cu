@@ -13,7 +13,11 @@
 //   S = Q Kᵀ   D/16 × wgmma.m64n64k16, Q and K from shared memory (K-major both);
 //   O += P V   4 × wgmma.m64nDk16, P from registers (S's accumulators rounded to bf16, the
 //              same packing as flash_fwd_tc), V from shared memory (MN-major: .trans).
-// A warpgroup skips the tiles wholly past its last row and masks the ones crossing its diagonal.
+// P·V of tile j is issued in iteration j + 1 together with S of tile j + 1 and runs while that
+// tile's softmax is computed; O is rescaled once it lands (FlashAttention-3's intra-warpgroup
+// overlap). So V loads lag K's by a tile: iteration j loads K_{j+1} and V_j.
+// A warpgroup masks the tiles crossing its diagonal (and computes a block's last tile even where
+// it lies wholly past its rows: a skip there makes ptxas serialise the wgmmas).
 // Shared memory: every [rows][D] tile in wgmma's no-swizzle canonical layout (wgmma.cuh): core
 // matrix (r/8, c/8) of 8 rows × 8 columns at byte ((r/8)·(D/8) + c/8)·128, row r%8 at +16·(r%8).
 // Read as K-major (Q, K) it has LBO 128 and SBO D/8·128; read as MN-major (V, whose rows are
@@ -79,7 +83,6 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 
     wg_tile_load<D, WG_BM>(sQ, qh, q0, t);
     wg_tile_load<D, WG_BN>(sK, kh, 0, t);
-    wg_tile_load<D, WG_BN>(sV, vh, 0, t);
     cp_async_commit();
 
     float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
@@ -91,31 +94,54 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     const float sl2 = scale * LOG2E;
     // This warpgroup's 64 rows of Q: 8-row groups 8·wg .. as the A descriptor's start.
     const bf16 *wQ = sQ + 64 * wg * D;
+    const uint64_t q_desc = wgmma_desc(wQ, KMAJ_LBO, KMAJ_SBO);
+    // P of the previous tile, as the A operand (16 keys each) of its P·V, which is issued one
+    // iteration late so that it runs while this tile's softmax is computed (FlashAttention-3's
+    // intra-warpgroup overlap).
+    uint32_t a[WG_BN / 16][4];
+    auto issue_pv = [&](const bf16 *cV) {
+        const uint64_t v_desc = wgmma_desc(cV, MN_LBO, MN_SBO);
+#pragma unroll
+        for (int kk = 0; kk < WG_BN / 16; ++kk) {  // 16 keys = 2 row groups (2·LBO bytes) along K
+            if constexpr (D == 128)
+                wgmma_rs_m64n128k16_tb(acc, a[kk], wgmma_desc_add(v_desc, 2 * MN_LBO * kk), 1);
+            else
+                wgmma_rs_m64n64k16_tb(acc, a[kk], wgmma_desc_add(v_desc, 2 * MN_LBO * kk), 1);
+        }
+        wgmma_commit();
+    };
 
+    // Iteration j: S = Q K_j and the P·V of tile j − 1 in flight together; K_j and V_{j−1} in
+    // shared memory (V lags K by a tile: K_{j+1} and V_j load meanwhile).
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * WG_BN;
-        if (j + 1 < ntiles) {
-            const int nb = (j + 1) & 1;
-            wg_tile_load<D, WG_BN>(sK + nb * TILE, kh, k0 + WG_BN, t);
-            wg_tile_load<D, WG_BN>(sV + nb * TILE, vh, k0 + WG_BN, t);
-        }
-        cp_async_commit();  // possibly empty: keeps the wait count uniform
-        cp_async_wait<1>();
+        if (j + 1 < ntiles) wg_tile_load<D, WG_BN>(sK + ((j + 1) & 1) * TILE, kh, k0 + WG_BN, t);
+        wg_tile_load<D, WG_BN>(sV + (j & 1) * TILE, vh, k0, t);
+        cp_async_commit();
+        cp_async_wait<1>();  // K_j and V_{j−1}: the previous group
         wgmma_fence_smem();  // this thread's cp.async data → visible to wgmma (async proxy)
         __syncthreads();
-        // Every key of the tile lies past this warpgroup's rows (causal), warpgroup-uniform.
-        if (!CAUSAL || k0 <= wq0 + 63) {
-            const bf16 *cK = sK + (j & 1) * TILE, *cV = sV + (j & 1) * TILE;
-            float s[WG_BN / 8][4];
-            wgmma_pin(s);
-            const uint64_t q_desc = wgmma_desc(wQ, KMAJ_LBO, KMAJ_SBO), k_desc = wgmma_desc(cK, KMAJ_LBO, KMAJ_SBO);
-            wgmma_fence();
+        // A warpgroup whose rows all precede the tile's keys (causal: warpgroup 0 in a block's
+        // last tile) still computes it, fully masked (p = 0, its max and O unchanged): skipping
+        // makes ptxas serialise every wgmma of the kernel (C7520, a wgmma in a divergent path).
+        float s[WG_BN / 8][4], alpha[2];
+        wgmma_pin(s);
+        wgmma_pin(acc);
+        wgmma_pin(a);
+        wgmma_fence();  // acc was rescaled and a written by ordinary instructions
+        const uint64_t k_desc = wgmma_desc(sK + (j & 1) * TILE, KMAJ_LBO, KMAJ_SBO);
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 2 core matrices (256 bytes) along K
-                wgmma_ss_m64n64k16(s, wgmma_desc_add(q_desc, 256 * ks), wgmma_desc_add(k_desc, 256 * ks), ks > 0);
-            wgmma_commit();
+        for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 2 core matrices (256 bytes) along K
+            wgmma_ss_m64n64k16(s, wgmma_desc_add(q_desc, 256 * ks), wgmma_desc_add(k_desc, 256 * ks), ks > 0);
+        wgmma_commit();
+        if (j > 0) {
+            issue_pv(sV + ((j - 1) & 1) * TILE);
+            wgmma_wait<1>();  // S done (the older group), P·V still in flight
+        } else {
             wgmma_wait<0>();
-            wgmma_pin(s);
+        }
+        wgmma_pin(s);
+        {  // softmax of tile j, while the P·V of tile j − 1 runs
             if (CAUSAL ? k0 + WG_BN - 1 > rq0 : k0 + WG_BN > t) {  // crosses the diagonal / the end
 #pragma unroll
                 for (int nt = 0; nt < WG_BN / 8; ++nt)
@@ -135,12 +161,10 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 // finite once a row has seen key 0 (tile 0 is never skipped): a row whose keys
                 // in this tile all lie past it keeps its max (−∞ − m is −∞, p = 0)
-                const float alpha = fast_exp2((m_r[r] - mx) * sl2);
+                alpha[r] = fast_exp2((m_r[r] - mx) * sl2);
                 m_r[r] = mx;
                 mb[r] = mx * sl2;
-                l_r[r] *= alpha;
-#pragma unroll
-                for (int nt = 0; nt < D / 8; ++nt) acc[nt][2 * r] *= alpha, acc[nt][2 * r + 1] *= alpha;
+                l_r[r] *= alpha[r];
             }
 #pragma unroll
             for (int nt = 0; nt < WG_BN / 8; ++nt)
@@ -150,27 +174,29 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                     l_r[i >> 1] += p;
                     s[nt][i] = p;
                 }
-            uint32_t a[WG_BN / 16][4];  // P as the A operand, 16 keys each (packed before the fence)
-#pragma unroll
-            for (int kk = 0; kk < WG_BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
-            const uint64_t v_desc = wgmma_desc(cV, MN_LBO, MN_SBO);
-            wgmma_pin(acc);
-            wgmma_pin(a);
-            wgmma_fence();  // acc was rescaled and a written by ordinary instructions
-#pragma unroll
-            for (int kk = 0; kk < WG_BN / 16; ++kk) {  // 16 keys = 2 row groups (2·LBO bytes) along K
-                const uint64_t dv = wgmma_desc_add(v_desc, 2 * MN_LBO * kk);
-                if constexpr (D == 128)
-                    wgmma_rs_m64n128k16_tb(acc, a[kk], dv, 1);
-                else
-                    wgmma_rs_m64n64k16_tb(acc, a[kk], dv, 1);
-            }
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_pin(acc);
         }
-        __syncthreads();  // the next iteration's loads overwrite this tile's buffer
+        wgmma_wait<0>();  // P·V of tile j − 1 done: acc is O up to tile j − 1
+        wgmma_pin(acc);
+        wgmma_pin(a);
+        // rescale O to this tile's max; P of this tile becomes the A of the next P·V
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[nt][i] *= alpha[i >> 1];
+#pragma unroll
+        for (int kk = 0; kk < WG_BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
+        __syncthreads();  // the next iteration's loads overwrite K_{j−1}'s and V_{j−1}'s buffers
     }
+    // The last P·V (its V loaded in the last iteration's group).
+    cp_async_wait<0>();
+    wgmma_fence_smem();
+    __syncthreads();
+    wgmma_pin(acc);
+    wgmma_pin(a);
+    wgmma_fence();
+    issue_pv(sV + ((ntiles - 1) & 1) * TILE);
+    wgmma_wait<0>();
+    wgmma_pin(acc);
 
     const size_t hoff = ((size_t)blockIdx.z * hq + blockIdx.y) * t;
     bf16 *oh = o + hoff * D;
