@@ -863,6 +863,7 @@ fn bench_gemv() {
 #[test]
 #[ignore]
 fn bench_kernels_direct() {
+    use ops::attention::{causal_attention_forward_with, wgmma_available, FlashBackward, FlashForward};
     let dev = gpu();
     let bf = DType::BF16;
     let on =
@@ -872,15 +873,24 @@ fn bench_kernels_direct() {
         (on(&[b, h, t, d], 1), on(&[b, h, t, d], 2), on(&[b, h, t, d], 3), on(&[b, h, t, d], 4));
     let scale = 1.0 / (d as f64).sqrt();
     let flops_fwd = 4.0 * (b * h * t * t * d) as f64 / 2.0;
+    // The wgmma variants only where they run their own kernels (else they would time others').
+    let mut fwd_ms = 0.0;
+    for variant in FlashForward::ALL.into_iter().filter(|f| *f != FlashForward::Wgmma || wgmma_available()) {
+        let ms = time_ms(&dev, 3, 20, || {
+            causal_attention_forward_with(variant, &q, &k, &v, scale).unwrap();
+        });
+        println!(
+            "bench | attention fwd kernel ({variant:?}) | B{b} H{h} T{t} D{d} causal bf16 | {ms:.3} | {:.1} TFLOP/s",
+            flops_fwd / ms / 1e9
+        );
+        if variant == FlashForward::MmaSync {
+            fwd_ms = ms;
+        }
+    }
     let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
-    let fwd = time_ms(&dev, 3, 20, || {
-        ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
-    });
-    println!(
-        "bench | attention fwd kernel | B{b} H{h} T{t} D{d} causal bf16 | {fwd:.3} | {:.1} TFLOP/s",
-        flops_fwd / fwd / 1e9
-    );
-    for variant in ops::attention::FlashBackward::ALL {
+    let fwd = fwd_ms;
+    for variant in FlashBackward::ALL.into_iter().filter(|b| *b != FlashBackward::Wgmma || wgmma_available())
+    {
         let bwd = time_ms(&dev, 3, 20, || {
             ops::attention::causal_attention_backward_with(variant, &q, &k, &v, &o, &lse, &g, scale).unwrap();
         });
@@ -889,7 +899,7 @@ fn bench_kernels_direct() {
             2.5 * flops_fwd / bwd / 1e9
         );
         println!(
-            "bench | attention fwd+bwd kernels ({variant:?}) | B{b} H{h} T{t} D{d} causal bf16 | {:.3} | {:.1} TFLOP/s",
+            "bench | attention fwd (mma) + bwd kernels ({variant:?}) | B{b} H{h} T{t} D{d} causal bf16 | {:.3} | {:.1} TFLOP/s",
             fwd + bwd,
             3.5 * flops_fwd / (fwd + bwd) / 1e9
         );
