@@ -230,7 +230,8 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 //      each a thread) over the whole group.
 //   3. dQ += dS K   warpgroup w: the step's 64 queries × head-dim half w, over the block's keys
 //      (up to the diagonal): A = dS from the stored dSᵀ (MN-major), B = K (MN-major); added to
-//      dq_acc (f32, zero-filled, [B, Hq, T, D]) by atomic_add2.
+//      dq_acc (f32, zero-filled, [B, Hq, T, D]) by atomic_add2. Phase 2's products are waited
+//      for together with phase 3's, so they run across the barrier between the two.
 // A warpgroup whose keys all lie past the step's queries skips 1 and 2 (and 3 never reads its
 // dSᵀ rows). Smem wg_bwd_smem_bytes: K, V [128], Q, dO [2][64] rows of D, dSᵀ [128][64] bf16, all
 // in the canonical layout (dSᵀ: core matrix (key/8, query/8) at ((key/8)·8 + query/8)·128);
@@ -307,6 +308,8 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         const bf16 *cQ = sQ + buf * QT, *cdO = sdO + buf * QT;
         const float *cL = sL + buf * WGB_BQ, *cDl = sDl + buf * WGB_BQ;
 
+        // Pᵀ, dSᵀ as the A operands of phase 2, whose products may still run during phase 3.
+        uint32_t ap[WGB_BQ / 16][4], ad[WGB_BQ / 16][4];
         if (q0 + WGB_BQ - 1 >= wk0) {  // else every query precedes every key of this warpgroup
             // 1. Sᵀ, dPᵀ [64 keys][64 queries]
             float st[WGB_BQ / 8][4], dpt[WGB_BQ / 8][4];
@@ -353,7 +356,6 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 }
             // 2. dV += Pᵀ dO, dK += dSᵀ Q over the step's 64 queries, 16 at a time; the A
             // fragments are packed before the fence (registers wgmma reads are written first).
-            uint32_t ap[WGB_BQ / 16][4], ad[WGB_BQ / 16][4];
 #pragma unroll
             for (int kk = 0; kk < WGB_BQ / 16; ++kk) {
                 acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
@@ -370,10 +372,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
                 wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
             }
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_pin(dv_acc);
-            wgmma_pin(dk_acc);
+            wgmma_commit();  // waited for after phase 3's products are issued
         }
         wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
         __syncthreads();
@@ -392,8 +391,12 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                                       wgmma_desc_add(k_mn, 2 * MN_LBO * kk), kk > 0);
             }
             wgmma_commit();
-            wgmma_wait<0>();
+            wgmma_wait<0>();  // phase 2's and phase 3's products
             wgmma_pin(acc);
+            wgmma_pin(dv_acc);
+            wgmma_pin(dk_acc);
+            wgmma_pin(ap);
+            wgmma_pin(ad);
             const int h = hkv * group + s / nqt;
             float *dqh = dq_acc + ((size_t)b * hq + h) * t * D;
 #pragma unroll
