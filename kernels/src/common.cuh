@@ -257,6 +257,18 @@ __device__ __forceinline__ void acc_to_a(uint32_t a[4], const float lo[4], const
     a[3] = pack_bf16(hi[2], hi[3]);
 }
 
+// A launch with less dynamic shared memory than the tiles need (or, for the kernels that pass
+// it, another block size than they are written for) would corrupt memory silently.
+__device__ __forceinline__ void require_smem(unsigned need, unsigned threads = 0) {
+#ifndef SHARDSMITH_EMU
+    unsigned have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < need || (threads && blockDim.x != threads)) __trap();
+#else
+    if (threads && blockDim.x != threads) throw "emu: wrong block size";
+#endif
+}
+
 // For the attention backward kernels: lse·log2 e and Δ of queries q0 .. q0 + N of one head (loff:
 // the head's offset into [B, Hq, T]) into shared memory, +∞ and 0 past T (so P = 0 there); NTH
 // threads share the work.

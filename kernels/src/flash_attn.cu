@@ -72,18 +72,6 @@ template <typename T, int D> __host__ __device__ constexpr int bwd_smem_bytes() 
            2 * BQ * 4;
 }
 
-// A launch with less dynamic shared memory than the tiles need (or, for the kernels that pass
-// it, another block size than they are written for) would corrupt memory silently.
-__device__ __forceinline__ void require_smem(unsigned need, unsigned threads = 0) {
-#ifndef SHARDSMITH_EMU
-    unsigned have;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
-    if (have < need || (threads && blockDim.x != threads)) __trap();
-#else
-    if (threads && blockDim.x != threads) throw "emu: wrong block size";
-#endif
-}
-
 // Rows [r0, r0 + N) of a row-major [t, D] matrix into shared memory, row-major into `dst` (row
 // stride ld) and/or transposed into `dst_t` ([D][ldt]); zeros past row t. Each thread moves
 // 8-element chunks, rows fastest across the block (so the transposed stores hit distinct banks);

@@ -57,13 +57,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     constexpr int KS = D / 16, TILE = WG_BN * D;  // elements of a K or V tile
     constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // Q, K
     constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // V
-#ifndef SHARDSMITH_EMU
-    {
-        unsigned have;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
-        if (have < (unsigned)wg_fwd_smem_bytes<D>() || blockDim.x != WG_THREADS) __trap();
-    }
-#endif
+    require_smem(wg_fwd_smem_bytes<D>(), WG_THREADS);
     DYN_SMEM(smem);
     bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [128 rows]
     bf16 *sK = sQ + WG_BM * D;                    // [2][64 rows]
@@ -252,13 +246,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K, V, Q, dO read K-major
     constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // Q, dO, K read MN-major
     constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
-#ifndef SHARDSMITH_EMU
-    {
-        unsigned have;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
-        if (have < (unsigned)wg_bwd_smem_bytes<D>() || blockDim.x != WG_THREADS) __trap();
-    }
-#endif
+    require_smem(wg_bwd_smem_bytes<D>(), WG_THREADS);
     DYN_SMEM(smem);
     bf16 *sK = reinterpret_cast<bf16 *>(smem);  // [128 keys]
     bf16 *sV = sK + 128 * D;                      // [128 keys]
