@@ -158,6 +158,29 @@ inline void ldmatrix(uint32_t *r, int num, bool trans, const void *p) {
     w.bar->arrive_and_wait();
 }
 
+// A thread's asynchronous operations in commit groups, as cp.async and wgmma keep them: issued
+// ones stay `open` until commit closes a group; wait(n, run) performs all but the newest n
+// committed groups, oldest first.
+template <class Op> struct AsyncGroups {
+    std::vector<Op> open;
+    std::vector<std::vector<Op>> groups;
+    void commit() {
+        groups.push_back(std::move(open));
+        open.clear();
+    }
+    template <class Run> void wait(int n, Run run) {
+        while ((int)groups.size() > n) {
+            for (Op &op : groups.front()) run(op);
+            groups.erase(groups.begin());
+        }
+    }
+    bool empty() const { return open.empty() && groups.empty(); }
+    template <class Pred> bool any(Pred pred) const {
+        auto in = [&](const std::vector<Op> &ops) { return std::any_of(ops.begin(), ops.end(), pred); };
+        return in(open) || std::any_of(groups.begin(), groups.end(), in);
+    }
+};
+
 // cp.async: each thread queues its copies; commit closes a group; wait_group(n) performs all but
 // the newest n committed groups. Copies therefore land as late as the PTX semantics allow, so a
 // read that is not covered by a wait (+ barrier) sees the stale contents.
@@ -166,29 +189,18 @@ struct CpAsync {
     const void *src;
     int bytes, src_bytes;
 };
-struct CpAsyncState {
-    std::vector<CpAsync> open;
-    std::vector<std::vector<CpAsync>> groups;
-};
-inline thread_local CpAsyncState cp_state;
+inline thread_local AsyncGroups<CpAsync> cp_state;
 inline void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
     if (reinterpret_cast<uintptr_t>(dst) % bytes || (src_bytes && reinterpret_cast<uintptr_t>(src) % bytes))
         throw "emu: cp.async address misaligned";
     cp_state.open.push_back({dst, src, bytes, src_bytes});
 }
-inline void cp_async_commit() {
-    cp_state.groups.push_back(std::move(cp_state.open));
-    cp_state.open.clear();
-}
+inline void cp_async_commit() { cp_state.commit(); }
 inline void cp_async_wait(int n) {
-    auto &gs = cp_state.groups;
-    while ((int)gs.size() > n) {
-        for (const CpAsync &c : gs.front()) {
-            std::memset(c.dst, 0, c.bytes);
-            if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);
-        }
-        gs.erase(gs.begin());
-    }
+    cp_state.wait(n, [](const CpAsync &c) {
+        std::memset(c.dst, 0, c.bytes);
+        if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);
+    });
 }
 
 // wgmma (kernels/src/wgmma.cuh): descriptors hold the offset into dynamic shared memory (the
@@ -228,11 +240,7 @@ struct WgmmaOp {
     uint64_t desc_a, desc_b;
     std::vector<float> init;  // d at issue (first op of a chain with accumulate)
 };
-struct WgmmaState {
-    std::vector<WgmmaOp> open;
-    std::vector<std::vector<WgmmaOp>> groups;
-};
-inline thread_local WgmmaState wgmma_state;
+inline thread_local AsyncGroups<WgmmaOp> wgmma_state;
 
 inline void wgmma_run(WgmmaOp &op) {
     const int idx = flat_tid() % 128, warp = idx / 32, lane = idx % 32, g = lane / 4, t = lane % 4;
@@ -267,27 +275,14 @@ inline void wgmma(float (&d)[N / 8][4], const uint32_t *a_regs, uint64_t desc_a,
             }
         w.bar->arrive_and_wait();
     }
-    auto pending_on_d = [&](const std::vector<WgmmaOp> &ops) {
-        return std::any_of(ops.begin(), ops.end(), [&](const WgmmaOp &o) { return o.d == op.d; });
-    };
-    op.chained = pending_on_d(wgmma_state.open) ||
-                 std::any_of(wgmma_state.groups.begin(), wgmma_state.groups.end(), pending_on_d);
+    op.chained = wgmma_state.any([&](const WgmmaOp &o) { return o.d == op.d; });
     if (op.accumulate && !op.chained) op.init.assign(&d[0][0], &d[0][0] + N / 2);
     for (int j = 0; j < N / 8; ++j)
         for (int i = 0; i < 4; ++i) d[j][i] = NAN;  // in flight
     wgmma_state.open.push_back(std::move(op));
 }
-inline void wgmma_commit() {
-    wgmma_state.groups.push_back(std::move(wgmma_state.open));
-    wgmma_state.open.clear();
-}
-inline void wgmma_wait(int n) {
-    auto &gs = wgmma_state.groups;
-    while ((int)gs.size() > n) {
-        for (WgmmaOp &op : gs.front()) wgmma_run(op);
-        gs.erase(gs.begin());
-    }
-}
+inline void wgmma_commit() { wgmma_state.commit(); }
+inline void wgmma_wait(int n) { wgmma_state.wait(n, wgmma_run); }
 
 template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K kernel, A... args) {
     if (smem > sizeof(dyn_smem)) throw "emu: dynamic shared memory too large";
@@ -315,12 +310,12 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
                     ts.emplace_back([=] {
                         threadIdx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
                         blockIdx = dim3(bx, by, bz);
-                        cp_state = CpAsyncState{};
-                        wgmma_state = WgmmaState{};
+                        cp_state = {};
+                        wgmma_state = {};
                         kernel(args...);
-                        if (!wgmma_state.open.empty() || !wgmma_state.groups.empty())
+                        if (!wgmma_state.empty())
                             throw "emu: wgmma issued but never waited for";
-                        if (!cp_state.open.empty() || !cp_state.groups.empty()) {
+                        if (!cp_state.empty()) {
                             // Copies never waited for: legal only if nothing reads them; apply them
                             // so a missing wait shows up as a wrong result, not a silent skip.
                             cp_async_commit();
