@@ -492,6 +492,10 @@ struct ConvertArgs {
     /// Write an extracted .nemo directory instead of a tar.
     #[arg(long)]
     extracted: bool,
+    /// Write the .nemo weights as a Megatron-core distributed checkpoint (`model_weights/`), what
+    /// NeMo 1.21–1.23 saves for mcore models: `zarr`. Default: one model_weights.ckpt per rank.
+    #[arg(long, value_enum)]
+    dist_ckpt: Option<convert::DistFormat>,
     /// Print the plan (files, tensors, shapes, bytes, padding) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -577,6 +581,7 @@ impl ConvertArgs {
             tokenizer: self.tokenizer,
             gzip: self.gzip,
             extracted: self.extracted,
+            dist_ckpt: self.dist_ckpt,
             dry_run: dry_run || self.dry_run,
             json: self.json,
             force: self.force,
@@ -715,6 +720,7 @@ fn run(command: Command) -> ExitCode {
                     tokenizer: None,
                     gzip: false,
                     extracted: false,
+                    dist_ckpt: None,
                     dry_run: a.dry_run,
                     json: a.json,
                     force: a.force,

@@ -29,6 +29,13 @@ pub enum TargetKind {
     Llava,
 }
 
+/// The backend of a distributed-checkpoint `.nemo` (`--dist-ckpt`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DistFormat {
+    /// Zarr v2 arrays, one chunk file per layer × TP fragment (Megatron-core's zarr strategy).
+    Zarr,
+}
+
 /// What `--vision` asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VisionArg {
@@ -76,6 +83,8 @@ pub struct Options {
     pub gzip: bool,
     /// Write an extracted `.nemo` directory.
     pub extracted: bool,
+    /// Write the `.nemo` weights as a distributed checkpoint of this backend.
+    pub dist_ckpt: Option<DistFormat>,
     /// Print the plan only.
     pub dry_run: bool,
     /// Plan as JSON.
@@ -144,10 +153,35 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
 }
 
 /// Print the plan: target files, per-rank tensors, shapes, bytes and vocabulary padding.
-pub fn print_plan(target: &Checkpoint, to: TargetKind, dst: &Path, json: bool) -> Result<()> {
+pub fn print_plan(
+    target: &Checkpoint,
+    to: TargetKind,
+    dst: &Path,
+    json: bool,
+    dist: Option<DistFormat>,
+) -> Result<()> {
     let report = inspect::report(target, None)?;
+    // A distributed checkpoint stores global arrays, not the ranks' tensors: plan those.
+    let dist = match (to, dist) {
+        (TargetKind::Nemo, Some(_)) => Some(llama::dist_weights(target)?),
+        _ => None,
+    };
     if json {
-        let v = serde_json::json!({ "destination": dst, "target": format!("{to:?}").to_lowercase(), "plan": report });
+        let mut v = serde_json::json!({ "destination": dst, "target": format!("{to:?}").to_lowercase(), "plan": report });
+        if let Some(w) = &dist {
+            let arrays: Vec<_> = w
+                .arrays
+                .iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "key": a.key, "dtype": a.dtype.to_string(), "shape": a.shape, "chunk": a.chunk,
+                        "chunk_files": a.chunks.len(), "bytes": a.chunks.iter().map(|c| c.nbytes()).sum::<usize>(),
+                    })
+                })
+                .collect();
+            v["distributed"] =
+                serde_json::json!({ "backend": "zarr", "arrays": arrays, "objects": w.objects });
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
@@ -168,8 +202,48 @@ pub fn print_plan(target: &Checkpoint, to: TargetKind, dst: &Path, json: bool) -
             );
         }
     }
-    print!("{}", inspect::render(&report));
+    match &dist {
+        None => print!("{}", inspect::render(&report)),
+        Some(w) => print!("{}", render_dist(w)),
+    }
     Ok(())
+}
+
+/// The arrays and objects of a distributed checkpoint to write, as a table.
+fn render_dist(w: &nemo::DistWeights) -> String {
+    use std::fmt::Write;
+    let files: usize = w.arrays.iter().map(|a| a.chunks.len()).sum();
+    let mut out = format!(
+        "weights       model_weights/ zarr distributed checkpoint: {} arrays in {files} chunk files, {} extra-state objects\n\n",
+        w.arrays.len(),
+        w.objects.len()
+    );
+    let width = w.arrays.iter().map(|a| a.key.len()).max().unwrap_or(4).max(4);
+    let _ = writeln!(
+        out,
+        "{:<width$}  dtype  {:<16} {:<16} {:>5} {:>14}",
+        "name", "shape", "chunk", "files", "bytes"
+    );
+    let mut total = 0;
+    for a in &w.arrays {
+        let bytes: usize = a.chunks.iter().map(|c| c.nbytes()).sum();
+        total += bytes;
+        let (shape, chunk) = (format!("{:?}", a.shape), format!("{:?}", a.chunk));
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<5}  {shape:<16} {chunk:<16} {:>5} {bytes:>14}",
+            a.key,
+            a.dtype.to_string(),
+            a.chunks.len()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\ntotal         {} arrays, {total} bytes ({:.2} GiB)",
+        w.arrays.len(),
+        total as f64 / (1u64 << 30) as f64
+    );
+    out
 }
 
 /// Write `target` to `dst`.
@@ -178,7 +252,12 @@ pub fn write_target(target: &Checkpoint, to: TargetKind, dst: &Path, o: &Options
         TargetKind::Nemo => {
             let opts =
                 nemo::WriteOptions { layout: None, gzip: o.gzip, extracted: o.extracted, overwrite: o.force };
-            nemo::write(target, dst, &opts)?;
+            match o.dist_ckpt {
+                Some(DistFormat::Zarr) => {
+                    nemo::write_distributed(target, &llama::dist_weights(target)?, dst, &opts)?
+                }
+                None => nemo::write(target, dst, &opts)?,
+            }
         }
         TargetKind::Hf | TargetKind::Llava => {
             let opts = hf_dir::WriteOptions {
@@ -238,6 +317,9 @@ pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec
         bail!(
             "--vocab-size applies to LLaMA exports; multimodal conversions restore the source's vocabulary"
         );
+    }
+    if o.dist_ckpt.is_some() {
+        bail!("--dist-ckpt writes LLaMA (MegatronGPTModel) .nemo files; NeVA is written per rank");
     }
     let to = o.to.unwrap_or(if dst.extension().is_some_and(|e| e == "nemo") || o.extracted && is_nemo(src) {
         TargetKind::Nemo
@@ -343,7 +425,7 @@ fn neva_target(o: &Options, vision: VisionPlacement, format: Option<&str>) -> Ne
 pub fn emit(outputs: &[Output], o: &Options, started: std::time::Instant) -> Result<()> {
     if o.dry_run {
         for out in outputs {
-            print_plan(&out.ckpt, out.kind, &out.dest, o.json)?;
+            print_plan(&out.ckpt, out.kind, &out.dest, o.json, o.dist_ckpt)?;
         }
         return Ok(());
     }

@@ -10,7 +10,7 @@ use crate::checkpoint::{
 };
 use crate::convert::tokenizer;
 use crate::error::{Error, Result};
-use crate::formats::nemo::NemoConfig;
+use crate::formats::nemo::{self, NemoConfig};
 use crate::names::llama::{
     self as names, at_layer, LlamaHparams, NemoDialect, NemoYamlOptions, Row, Source, Split, Stage, TABLE,
 };
@@ -391,6 +391,104 @@ pub fn to_nemo_shards(
     Ok(shards)
 }
 
+/// A per-rank mcore NeMo checkpoint (what [`to_nemo_shards`] builds) as the global arrays of the
+/// Megatron-core distributed checkpoint NeMo ≥ 1.21 saves for it (formats.md §1.6): layers
+/// stacked on a leading axis, one chunk per layer × TP fragment (GLU fc1 in 2·tp fragments, gate
+/// halves then up halves), the vocabulary padded for the checkpoint's tp, one `_extra_state`
+/// object per Transformer Engine module and layer. Every chunk is a rank's stored tensor or a
+/// zero-copy half of it, so nothing is read here.
+pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
+    let path = &ckpt.meta.path;
+    let Some(ModelConfig::NemoYaml(cfg)) = &ckpt.meta.config else {
+        return Err(Error::missing(path, "model_config.yaml"));
+    };
+    let Parallelism { tp, pp } = ckpt.meta.parallel;
+    let rank = |stage: usize, t: usize| ckpt.shards.iter().find(|s| s.rank == Rank { tp: t, pp: stage });
+    let dialect =
+        names::dialect_of(Some(cfg), ckpt.shards.iter().flat_map(|s| s.tensors.keys().map(String::as_str)));
+    if dialect != NemoDialect::Mcore {
+        return Err(Error::invalid(
+            path,
+            "a distributed checkpoint holds megatron-core names; the legacy layout has none (use --layout mcore)",
+        ));
+    }
+    let first = TABLE[0].name(dialect);
+    let vocab_rows: usize = (0..tp)
+        .filter_map(|t| rank(0, t)?.tensors.get(first).map(|e| e.shape.first().copied().unwrap_or(0)))
+        .sum();
+    let hp = LlamaHparams::from_nemo(cfg, vocab_rows, path)?;
+    let part = |row: &Row, layer: Option<usize>, t: usize| -> Result<&TensorEntry> {
+        let (stage, local) = place(row, layer, dialect, &hp, pp)?;
+        rank(stage, t)
+            .and_then(|s| s.tensors.get(&local))
+            .ok_or_else(|| Error::missing(path, format!("tensor '{local}' on rank tp={t} pp={stage}")))
+    };
+    let mut arrays: Vec<nemo::DistArray> = Vec::new();
+    for (row, layer) in instances(&hp) {
+        if layer.is_some_and(|l| l > 0) {
+            continue; // a layer row's array is built once, over all layers
+        }
+        let layers: Vec<Option<usize>> = match layer {
+            Some(_) => (0..hp.layers).map(Some).collect(),
+            None => vec![None],
+        };
+        let key = row.name(dialect).replace(".{L}.", ".");
+        let sample = part(row, layer, 0)?;
+        let local = sample.shape.clone();
+        // The chunk shape within one layer and how many fragments each axis has.
+        let (chunk, fragments): (Vec<usize>, Vec<usize>) = match (row.split, local.as_slice()) {
+            (Split::Replicated, _) => (local.clone(), vec![1; local.len()]),
+            (Split::Rows | Split::Vocab, [r, c]) => (vec![*r, *c], vec![tp, 1]),
+            (Split::Cols, [r, c]) => (vec![*r, *c], vec![1, tp]),
+            (Split::GluHalves, [r, c]) if r % 2 == 0 => (vec![r / 2, *c], vec![2 * tp, 1]),
+            _ => {
+                return Err(Error::invalid(
+                    path,
+                    format!("tensor '{key}': shape {local:?} does not fit its split rule {:?}", row.split),
+                ))
+            }
+        };
+        let mut chunks = Vec::with_capacity(layers.len() * fragments.iter().product::<usize>());
+        for &l in &layers {
+            let parts = (0..tp).map(|t| part(row, l, t)).collect::<Result<Vec<_>>>()?;
+            if let Some(odd) = parts.iter().find(|p| p.shape != local || p.dtype != sample.dtype) {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "tensor '{key}': ranks disagree ({} {:?} vs {} {local:?})",
+                        odd.dtype, odd.shape, sample.dtype
+                    ),
+                ));
+            }
+            match row.split {
+                Split::Replicated => chunks.push(parts[0].clone()),
+                Split::GluHalves => {
+                    let halves =
+                        parts.iter().map(|p| transforms::split_glu(&key, p)).collect::<Result<Vec<_>>>()?;
+                    chunks.extend(halves.iter().map(|[g, _]| g.clone()));
+                    chunks.extend(halves.iter().map(|[_, u]| u.clone()));
+                }
+                _ => chunks.extend(parts.into_iter().cloned()),
+            }
+        }
+        let mut shape: Vec<usize> = chunk.iter().zip(&fragments).map(|(c, f)| c * f).collect();
+        let mut chunk = chunk;
+        if layer.is_some() {
+            shape.insert(0, hp.layers);
+            chunk.insert(0, 1);
+        }
+        arrays.push(nemo::DistArray { key, dtype: sample.dtype, shape, chunk, chunks });
+    }
+    let objects = names::extra_state_modules(dialect)
+        .iter()
+        .flat_map(|m| {
+            let module = m.replace(".{L}.", ".");
+            (0..hp.layers).map(move |l| format!("{module}._extra_state/shard_{l}_{}", hp.layers))
+        })
+        .collect();
+    Ok(nemo::DistWeights { arrays, objects })
+}
+
 /// Refuse, before any work, a TP/PP the model does not divide into (formats.md §4.1, §4.4).
 pub fn check_parallelism(
     hp: &LlamaHparams,
@@ -707,6 +805,34 @@ mod tests {
             let padded = shard::padded_vocab(vocab, m, tp);
             prop_assert_eq!(nemo.shards[0].tensors[TABLE[0].name(dialect)].shape[0], padded / tp);
             let back = from_nemo(&nemo, Some(vocab)).unwrap();
+            prop_assert_eq!(&back.hparams, &hp);
+            assert_same(&back.tensors, &c.tensors);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        /// Per-rank mcore ranks → zarr distributed `.nemo` on disk → canonical is the identity,
+        /// and the arrays have Megatron's chunk grid (one chunk per layer × TP fragment).
+        #[test]
+        fn dist_round_trip_is_identity(
+            groups_log in 0u32..3, hpg in prop_oneof![Just(1usize), Just(2)], head_dim in 1usize..3,
+            ffn_mult in 1usize..3, layers_per_stage in 1usize..3, vocab in 3usize..40, tied: bool,
+            tp_log in 0u32..3, pp in 1usize..3, m in prop_oneof![Just(1usize), Just(8)],
+        ) {
+            let groups = 1usize << groups_log;
+            let tp = 1usize << tp_log.min(groups_log);
+            let hp = hparams(groups * hpg, groups, head_dim * 2, ffn_mult * tp, layers_per_stage * pp, vocab, tied);
+            let c = canonical(&hp);
+            let ranks = as_nemo(&c, NemoDialect::Mcore, tp, pp, m);
+            let weights = dist_weights(&ranks).unwrap();
+            let fc1 = weights.arrays.iter().find(|a| a.key == "model.decoder.layers.mlp.linear_fc1.weight").unwrap();
+            prop_assert_eq!(fc1.chunks.len(), hp.layers * 2 * tp);
+            prop_assert_eq!(weights.objects.len(), 4 * hp.layers);
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("dist.nemo");
+            nemo::write_distributed(&ranks, &weights, &dest, &Default::default()).unwrap();
+            let back = from_nemo(&nemo::read(&dest).unwrap(), Some(vocab)).unwrap();
             prop_assert_eq!(&back.hparams, &hp);
             assert_same(&back.tensors, &c.tensors);
         }

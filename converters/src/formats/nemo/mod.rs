@@ -14,14 +14,16 @@
 //! member with no temporary copy.
 
 mod config;
+mod distributed;
 mod tar;
 mod torch_dist;
 mod write;
 mod zarr;
 
 pub use self::config::NemoConfig;
+pub use self::distributed::{DistArray, DistWeights};
 pub use self::tar::{list_members, MemberKind, TarMember};
-pub use self::write::{write, WriteOptions};
+pub use self::write::{write, write_distributed, WriteOptions};
 
 use super::torch_zip;
 use crate::checkpoint::{

@@ -11,10 +11,11 @@
 //! bounded by the largest tensor. All outputs go through [`AtomicFile`]/[`AtomicDir`], so an
 //! error leaves nothing at the destination.
 
+use super::distributed::{zarr_members, DistMember, DistWeights};
 use super::tar::{dir_header, file_header, normalize, padding, trailer};
 use super::{torch_zip, NemoConfig, CONFIG, DIST_DIR, WEIGHTS};
 use crate::atomic::{AtomicDir, AtomicFile};
-use crate::checkpoint::{ByteSource, Checkpoint, ModelConfig, NemoLayout, Parallelism, Rank};
+use crate::checkpoint::{ByteSource, Checkpoint, ModelConfig, NemoLayout, Parallelism, Rank, TensorEntry};
 use crate::error::{Error, IoContext, Result};
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
@@ -43,10 +44,31 @@ pub struct WriteOptions {
 /// `pipeline_model_parallel_size` match its shards (edit them with [`NemoConfig::set_scalar`]
 /// when resharding). Only tensors are written into each rank's `model_weights.ckpt`.
 pub fn write(ckpt: &Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<()> {
+    write_items(ckpt, dest, opts, None)
+}
+
+/// Write `ckpt` as a `.nemo` whose weights are the `model_weights/` distributed checkpoint
+/// `weights` (zarr backend, formats.md §1.6.1) instead of its shards, atomically. The yaml's
+/// tp/pp must match `ckpt.meta.parallel` as for [`write`]; the shards themselves are not written.
+pub fn write_distributed(
+    ckpt: &Checkpoint,
+    weights: &DistWeights,
+    dest: &Path,
+    opts: &WriteOptions,
+) -> Result<()> {
+    write_items(ckpt, dest, opts, Some(weights))
+}
+
+fn write_items(
+    ckpt: &Checkpoint,
+    dest: &Path,
+    opts: &WriteOptions,
+    dist: Option<&DistWeights>,
+) -> Result<()> {
     if opts.gzip && opts.extracted {
         return Err(Error::invalid(dest, "gzip applies to a .nemo tar, not to an extracted directory"));
     }
-    let items = plan(ckpt, dest, opts)?;
+    let items = plan(ckpt, dest, opts, dist)?;
     if opts.extracted {
         write_dir(&items, dest, opts.overwrite)
     } else {
@@ -58,7 +80,10 @@ pub fn write(ckpt: &Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<()> 
 enum Body<'a> {
     Dir,
     Bytes(&'a [u8]),
+    Owned(Vec<u8>),
     Source(&'a ByteSource),
+    /// A tensor's raw bytes (a zarr chunk), streamed; the `&str` names it in errors.
+    Tensor(&'a str, &'a TensorEntry),
     Weights(torch_zip::TorchState),
 }
 
@@ -79,7 +104,12 @@ impl Item<'_> {
     }
 }
 
-fn plan<'a>(ckpt: &'a Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<Vec<Item<'a>>> {
+fn plan<'a>(
+    ckpt: &'a Checkpoint,
+    dest: &Path,
+    opts: &WriteOptions,
+    dist: Option<&'a DistWeights>,
+) -> Result<Vec<Item<'a>>> {
     let config: &NemoConfig = match &ckpt.meta.config {
         Some(ModelConfig::NemoYaml(c)) => c,
         _ => {
@@ -91,14 +121,15 @@ fn plan<'a>(ckpt: &'a Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<Ve
             ));
         }
     };
-    let parallel = check_grid(ckpt, dest)?;
-    let nemo_layout = NemoLayout::for_parallelism(parallel);
+    let parallel = if dist.is_some() { ckpt.meta.parallel } else { check_grid(ckpt, dest)? };
+    let nemo_layout =
+        if dist.is_some() { NemoLayout::Distributed } else { NemoLayout::for_parallelism(parallel) };
     let layout = opts.layout.unwrap_or(nemo_layout);
-    if layout == NemoLayout::Distributed {
+    if layout == NemoLayout::Distributed && dist.is_none() {
         return Err(Error::invalid(
             dest,
             format!(
-                "writing a {DIST_DIR}/ distributed checkpoint is not supported yet; use a per-rank layout"
+                "a {DIST_DIR}/ distributed checkpoint is written from its global arrays (write_distributed)"
             ),
         ));
     }
@@ -128,9 +159,25 @@ fn plan<'a>(ckpt: &'a Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<Ve
     }
 
     let mut items = vec![Item { name: CONFIG.to_string(), body: Body::Bytes(config.raw.as_bytes()) }];
-    for shard in &ckpt.shards {
-        let state = torch_zip::TorchState::new(shard.tensors.clone(), shard.none_keys.clone());
-        items.push(Item { name: layout.weights_member(shard.rank), body: Body::Weights(state) });
+    match dist {
+        Some(weights) => {
+            for member in zarr_members(weights, dest)? {
+                items.push(match member {
+                    DistMember::Bytes(name, bytes) => {
+                        Item { name: format!("{DIST_DIR}/{name}"), body: Body::Owned(bytes) }
+                    }
+                    DistMember::Chunk(name, key, chunk) => {
+                        Item { name: format!("{DIST_DIR}/{name}"), body: Body::Tensor(key, chunk) }
+                    }
+                });
+            }
+        }
+        None => {
+            for shard in &ckpt.shards {
+                let state = torch_zip::TorchState::new(shard.tensors.clone(), shard.none_keys.clone());
+                items.push(Item { name: layout.weights_member(shard.rank), body: Body::Weights(state) });
+            }
+        }
     }
     let reserved: Vec<String> = items.iter().map(|i| i.name.clone()).collect();
     for artifact in &ckpt.meta.artifacts {
@@ -236,6 +283,25 @@ impl TarOut<'_> {
         Ok(())
     }
 
+    /// A tensor's bytes, streamed into the member's data region (`name` in errors).
+    fn tensor(&mut self, tar_name: &str, name: &str, entry: &TensorEntry) -> Result<()> {
+        let dest = self.dest;
+        let len = entry.nbytes() as u64;
+        self.put(&file_header(tar_name, len))?;
+        let start = self.pos;
+        crate::sink::write_tensor_at(self.file, dest, start, name, entry, false)?;
+        let end = self.file.seek(SeekFrom::End(0)).at(dest)?;
+        if end != start + len {
+            return Err(Error::invalid(
+                dest,
+                format!("member {tar_name}: tensor '{name}' should be {len} bytes, wrote {}", end - start),
+            ));
+        }
+        self.pos = end;
+        crate::progress::tensor_written(len);
+        self.put(&vec![0; padding(len)])
+    }
+
     fn member(&mut self, tar_name: &str, bytes: &[u8]) -> Result<()> {
         let len = bytes.len() as u64;
         self.put(&file_header(tar_name, len))?;
@@ -273,7 +339,9 @@ fn write_tar_to(items: &[Item<'_>], file: &mut File, dest: &Path) -> Result<()> 
         match &item.body {
             Body::Dir => out.put(&dir_header(&tar_name))?,
             Body::Bytes(b) => out.member(&tar_name, b)?,
+            Body::Owned(b) => out.member(&tar_name, b)?,
             Body::Source(src) => out.member(&tar_name, &src.bytes()?)?,
+            Body::Tensor(name, entry) => out.tensor(&tar_name, name, entry)?,
             Body::Weights(state) => out.weights(&tar_name, state)?,
         }
     }
@@ -288,7 +356,21 @@ fn write_dir(items: &[Item<'_>], dest: &Path, overwrite: bool) -> Result<()> {
         match &item.body {
             Body::Dir => std::fs::create_dir_all(&path).at(&path)?,
             Body::Bytes(b) => std::fs::write(&path, b).at(&path)?,
+            Body::Owned(b) => std::fs::write(&path, b).at(&path)?,
             Body::Source(src) => std::fs::write(&path, src.bytes()?).at(&path)?,
+            Body::Tensor(name, entry) => {
+                let file = File::create(&path).at(&path)?;
+                crate::sink::write_tensor_at(&file, &path, 0, name, entry, false)?;
+                let len = file.metadata().at(&path)?.len();
+                if len != entry.nbytes() as u64 {
+                    return Err(Error::invalid(
+                        &path,
+                        format!("tensor '{name}' should be {} bytes, wrote {len}", entry.nbytes()),
+                    ));
+                }
+                crate::progress::tensor_written(len);
+                file.sync_all().at(&path)?;
+            }
             Body::Weights(state) => {
                 let len = torch_zip::encoded_len(state, ZIP_ARCHIVE_NAME)?;
                 let file = File::create(&path).at(&path)?;

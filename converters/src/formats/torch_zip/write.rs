@@ -100,6 +100,16 @@ pub fn encoded_len(state: &TorchState, archive_name: &str) -> Result<u64> {
     Ok(layout_of(&plan.records(archive_name, dest)?, false).total)
 }
 
+/// `torch.save(value)` of a value that holds no tensors (`None`, `{}`: Megatron's `common.pt` and
+/// Transformer Engine's empty `_extra_state` objects), as bytes.
+pub fn save_plain(value: &Value, archive_name: &str) -> Result<Vec<u8>> {
+    let dest = Path::new(archive_name);
+    let plan = Plan { pickle: pickle::dump(value, dest)?, storages: Vec::new() };
+    let mut out = std::io::Cursor::new(Vec::new());
+    write_plan(&plan, &mut out, archive_name, dest, false)?;
+    Ok(out.into_inner())
+}
+
 /// [`write_to`], optionally with ZIP64 fields on every entry (so tests cover that path without
 /// writing 4 GiB).
 pub(super) fn write_with<W: Write + Seek>(
@@ -109,7 +119,16 @@ pub(super) fn write_with<W: Write + Seek>(
     dest: &Path,
     force_zip64: bool,
 ) -> Result<u64> {
-    let plan = Plan::new(state, dest)?;
+    write_plan(&Plan::new(state, dest)?, w, archive_name, dest, force_zip64)
+}
+
+fn write_plan<W: Write + Seek>(
+    plan: &Plan<'_>,
+    w: &mut W,
+    archive_name: &str,
+    dest: &Path,
+    force_zip64: bool,
+) -> Result<u64> {
     let records = plan.records(archive_name, dest)?;
     let layout = layout_of(&records, force_zip64);
     let start = w.stream_position().at(dest)?;

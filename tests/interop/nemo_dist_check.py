@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Check a .nemo whose weights are a Megatron-core zarr distributed checkpoint (formats.md §1.6,
+§1.6.1) against the independent PyTorch reference conversion of the same HF checkpoint.
+
+    nemo_dist_check.py HF_DIR OUR.nemo --tp N [--dtype bf16|f16|f32]
+
+The expected global arrays are built the way Megatron-core's sharded state dict defines them,
+from nemo_reference.py's TP-1 tensors (QKV interleaved per query group, fc1 = [gate; up], the
+vocabulary padded for tp): layers stacked on a leading axis, `model.`-prefixed keys without a
+layer index. The chunking must be Megatron's for a tp-N save: one chunk per layer x TP fragment
+on the TP axis (fc1 in 2N fragments). OUR.nemo is read without zarr or NeMo: `.zarray` JSON
+decides dtype, shape and chunks, each chunk file is raw C-order bytes at its grid position.
+
+Checks (every failure is listed): model_config.yaml's tensor_model_parallel_size, metadata.json
+(the zarr CheckpointingConfig), common.pt (torch.load -> {}), exactly the expected arrays with
+their dtype, shape, chunk shape, zarr fields and bit-identical values, every chunk file present
+with its exact size and nothing else, and one `_extra_state/shard_<l>_<L>.pt` per Transformer
+Engine module and layer that torch.load(weights_only=True) reads as None.
+
+Prints "OK ..." or "FAIL ..." plus the problems; exit 0 when everything matches, 1 otherwise.
+"""
+
+import argparse
+import io
+import itertools
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+import nemo_reference as ref  # noqa: E402
+
+ZARR_DTYPES = {"<f4": torch.float32, "<f2": torch.float16, "bfloat16": torch.bfloat16}
+TE_MODULES = [
+    "model.decoder.layers.self_attention.linear_qkv",
+    "model.decoder.layers.self_attention.linear_proj",
+    "model.decoder.layers.mlp.linear_fc1",
+    "model.decoder.layers.mlp.linear_fc2",
+]
+
+
+def expected_arrays(full, hp):
+    """key -> (global tensor, TP axis or None, fragments on it)."""
+    stack = lambda role: torch.stack([full[(role, l)] for l in range(hp.L)])  # noqa: E731
+    p = "model.decoder.layers."
+    return {
+        "model.embedding.word_embeddings.weight": (full[("embedding", None)], 0, 1),
+        p + "self_attention.linear_qkv.layer_norm_weight": (stack("input_norm"), None, 1),
+        p + "self_attention.linear_qkv.weight": (stack("qkv"), 1, 1),
+        p + "self_attention.linear_proj.weight": (stack("proj"), 2, 1),
+        p + "mlp.linear_fc1.layer_norm_weight": (stack("post_norm"), None, 1),
+        p + "mlp.linear_fc1.weight": (stack("fc1"), 1, 2),
+        p + "mlp.linear_fc2.weight": (stack("fc2"), 2, 1),
+        "model.decoder.final_layernorm.weight": (full[("final_norm", None)], None, 1),
+        "model.output_layer.weight": (full[("output", None)], 0, 1),
+    }
+
+
+def as_bytes(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def load_torch(data):
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("hf_dir")
+    ap.add_argument("nemo")
+    ap.add_argument("--tp", type=int, required=True)
+    ap.add_argument("--dtype", choices=sorted(ref.DTYPES))
+    a = ap.parse_args()
+    problems = []
+
+    hp, full, dtype = ref.prepare_hf2nemo(a.hf_dir, a.tp, 1, "mcore", a.dtype)
+    with tarfile.open(a.nemo, "r:") as tar:
+        files = {ref._strip(m.name): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+    cfg = yaml.safe_load(files.get("model_config.yaml", b"{}"))
+    if cfg.get("tensor_model_parallel_size") != a.tp:
+        problems.append(f"model_config.yaml: tensor_model_parallel_size {cfg.get('tensor_model_parallel_size')}, expected {a.tp}")
+    w = {k[len("model_weights/"):]: v for k, v in files.items() if k.startswith("model_weights/")}
+    if any(k == "model_weights.ckpt" or k.endswith("/model_weights.ckpt") for k in files):
+        problems.append("per-rank model_weights.ckpt members next to model_weights/")
+    want_meta = {"sharded_backend": "zarr", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
+    if json.loads(w.pop("metadata.json", b"null")) != want_meta:
+        problems.append("metadata.json is not the zarr CheckpointingConfig")
+    common = w.pop("common.pt", None)
+    if common is None or load_torch(common) != {}:
+        problems.append("common.pt missing or not torch.save({})")
+
+    for module in TE_MODULES:
+        for l in range(hp.L):
+            name = f"{module}._extra_state/shard_{l}_{hp.L}.pt"
+            data = w.pop(name, None)
+            if data is None:
+                problems.append(f"missing {name}")
+            elif load_torch(data) is not None:
+                problems.append(f"{name}: not None")
+
+    arrays = expected_arrays(full, hp)
+    for key, (t, axis, per_rank) in arrays.items():
+        zraw = w.pop(f"{key}/.zarray", None)
+        if zraw is None:
+            problems.append(f"missing array {key}")
+            continue
+        z = json.loads(zraw)
+        shape, chunks = list(t.shape), list(t.shape)
+        if key.startswith("model.decoder.layers."):
+            chunks[0] = 1
+        if axis is not None:
+            chunks[axis] //= a.tp * per_rank
+        fields = {"shape": shape, "chunks": chunks, "dtype": {v: k for k, v in ZARR_DTYPES.items()}[dtype],
+                  "compressor": None, "fill_value": None, "filters": None, "order": "C", "zarr_format": 2}
+        for f, v in fields.items():
+            if z.get(f) != v:
+                problems.append(f"{key}/.zarray: {f} {z.get(f)!r}, expected {v!r}")
+        if any(z.get(f) != v for f, v in fields.items()):
+            continue
+        got = torch.empty(shape, dtype=dtype)
+        size = 1
+        for c in chunks:
+            size *= c
+        size *= t.element_size()
+        for idx in itertools.product(*[range(s // c) for s, c in zip(shape, chunks)]):
+            name = f"{key}/{'.'.join(map(str, idx))}"
+            data = w.pop(name, None)
+            if data is None or len(data) != size:
+                problems.append(f"{name}: {'missing' if data is None else f'{len(data)} bytes, expected {size}'}")
+                continue
+            view = got
+            for d, (i, c) in enumerate(zip(idx, chunks)):
+                view = view.narrow(d, i * c, c)
+            view.copy_(torch.frombuffer(bytearray(data), dtype=dtype).reshape(chunks))
+        if not torch.equal(as_bytes(got), as_bytes(t)):
+            diff = (got.float() - t.float()).abs()
+            problems.append(f"{key}: values differ ({int((diff > 0).sum())} elements, max |diff| {diff.max().item():.3g})")
+    for extra in sorted(w):
+        problems.append(f"unexpected member model_weights/{extra}")
+
+    if problems:
+        print(f"FAIL {len(problems)} problem(s)")
+        for p in problems[:60]:
+            print("  " + p)
+        sys.exit(1)
+    print(f"OK zarr tp={a.tp}: {len(arrays)} arrays bit-identical, {len(TE_MODULES) * hp.L} extra-state objects None")
+
+
+if __name__ == "__main__":
+    main()
