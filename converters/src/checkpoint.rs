@@ -43,6 +43,12 @@ pub trait Produce: Send + Sync {
     fn stream(&self, emit: &mut dyn FnMut(Segment<'_>) -> Result<()>) -> Result<()> {
         emit(Segment::Bytes(&self.produce()?))
     }
+
+    /// The producer as `Any`, for producers that others may look inside (gather plans compose:
+    /// a slice of a plan is planned from the plan's own inputs instead of its whole output).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// One stretch of a tensor's bytes handed to a streaming writer.

@@ -129,15 +129,50 @@ impl Gather {
             }
             ByteSource::Derived(_) => (Src::Derived { label: label.to_string(), entry: t.clone() }, 0),
         };
-        if let Some(i) = self.srcs.iter().position(|s| s.same(&src)) {
-            return Ok((i, base));
-        }
-        self.srcs.push(src);
-        Ok((self.srcs.len() - 1, base))
+        Ok((self.add(src), base))
     }
 
-    /// Append a contiguous run.
+    /// The index of `src`, registered once.
+    fn add(&mut self, src: Src) -> usize {
+        if let Some(i) = self.srcs.iter().position(|s| s.same(&src)) {
+            return i;
+        }
+        self.srcs.push(src);
+        self.srcs.len() - 1
+    }
+
+    /// Append a contiguous run. A run of an input that is itself a gather plan is planned from
+    /// that plan's inputs where its pieces allow ([`Plan::sub_range`]): slicing one layer out of
+    /// a layer-stacked array assembled from chunk files then reads those files' ranges, instead
+    /// of producing the whole array for every layer.
     fn run(&mut self, src: usize, start: usize, len: usize) {
+        if let Src::Derived { entry, .. } = &self.srcs[src] {
+            if let ByteSource::Derived(producer) = &entry.source {
+                let producer = producer.clone();
+                let inner = producer.as_any().and_then(|a| a.downcast_ref::<Plan>());
+                if let Some((inner, pieces)) = inner.and_then(|p| Some((p, p.sub_range(start, len)?))) {
+                    let mut index = vec![None; inner.srcs.len()];
+                    for piece in pieces {
+                        let piece = match piece {
+                            Piece::Zip { count, runs } => {
+                                let runs = runs
+                                    .into_iter()
+                                    .map(|r| {
+                                        let src = *index[r.src]
+                                            .get_or_insert_with(|| self.add(inner.srcs[r.src].clone()));
+                                        Run { src, ..r }
+                                    })
+                                    .collect();
+                                Piece::Zip { count, runs }
+                            }
+                            zeros => zeros,
+                        };
+                        self.push(piece);
+                    }
+                    return;
+                }
+            }
+        }
         self.push(Piece::Zip { count: 1, runs: vec![Run { src, start, len, stride: len }] });
     }
 
@@ -247,6 +282,42 @@ struct Plan {
 }
 
 impl Plan {
+    /// Bytes `start..start + len` of the output as pieces over this plan's own inputs, where the
+    /// range cuts no strided piece mid-step; `None` otherwise (the caller then reads the output).
+    fn sub_range(&self, start: usize, len: usize) -> Option<Vec<Piece>> {
+        let end = start.checked_add(len).filter(|&e| e <= self.len)?;
+        let mut out = Vec::new();
+        let mut at = 0;
+        for piece in &self.pieces {
+            let (from, to) = (at, at + piece.len());
+            at = to;
+            if to <= start || from >= end {
+                continue;
+            }
+            let (s, e) = (start.max(from) - from, end.min(to) - from);
+            match piece {
+                Piece::Zeros(_) => out.push(Piece::Zeros(e - s)),
+                Piece::Zip { count: 1, runs } if runs.len() == 1 => {
+                    let r = runs[0];
+                    out.push(Piece::Zip {
+                        count: 1,
+                        runs: vec![Run { start: r.start + s, len: e - s, stride: e - s, ..r }],
+                    });
+                }
+                Piece::Zip { runs, .. } => {
+                    let step: usize = runs.iter().map(|r| r.len).sum();
+                    if step == 0 || s % step != 0 || e % step != 0 {
+                        return None;
+                    }
+                    let skip = s / step;
+                    let runs = runs.iter().map(|r| Run { start: r.start + skip * r.stride, ..*r }).collect();
+                    out.push(Piece::Zip { count: (e - s) / step, runs });
+                }
+            }
+        }
+        Some(out)
+    }
+
     fn internal(&self, what: &str) -> Error {
         Error::invalid(&*self.origin, format!("tensor '{}': internal gather error: {what}", self.name))
     }
@@ -313,6 +384,10 @@ const STREAM_CHUNK: usize = if cfg!(test) { 7 } else { 4 << 20 };
 impl Produce for Plan {
     fn produce(&self) -> Result<Vec<u8>> {
         self.run()
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     /// Contiguous runs go out as they are (a mapped run as a [`Segment::Mapped`], which a writer
@@ -528,6 +603,109 @@ impl<'a> RowPlan<'a> {
         shape.extend_from_slice(&self.trailing);
         self.gather.finish(self.name, self.dtype, shape, self.origin)
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Chunked arrays
+
+/// One stored chunk of a chunked array (zarr, torch_dist): where it sits in the array, how much
+/// of it lies inside (zarr stores edge chunks full size), and its own C-order shape.
+pub(crate) struct Placed<'a> {
+    /// Index of the chunk's first element in the array.
+    pub offsets: &'a [usize],
+    /// Elements of the chunk inside the array, per axis.
+    pub extent: &'a [usize],
+    /// The chunk's stored shape (≥ `extent`), whose C-order strides address its bytes.
+    pub storage: &'a [usize],
+    /// The chunk's bytes (element count = the product of `storage`).
+    pub tensor: &'a TensorEntry,
+}
+
+/// Arrays whose plan would take more than this many (index, chunk) visits fall back to
+/// assembling in memory: it bounds planning work and plan size for absurd shapes.
+const MAX_BOX_WORK: usize = 1 << 22;
+
+/// A C-order array of `shape` from chunks that tile it (checked by the caller), as a gather plan:
+/// per index of the axes before the last two and per band of rows of the second-to-last axis,
+/// one strided piece that zips the chunks side by side along the last axis. Slices of the result
+/// (one layer of a layer-stacked array) are planned from the chunks directly ([`Gather::run`]).
+/// `None` when planning would exceed [`MAX_BOX_WORK`] or the chunks leave a gap in a band; the
+/// caller then assembles the array.
+pub(crate) fn gather_boxes(
+    name: &str,
+    dtype: DType,
+    shape: &[usize],
+    boxes: &[Placed<'_>],
+    origin: Arc<Path>,
+) -> Result<Option<TensorEntry>> {
+    let es = dtype.size();
+    // Arrays of rank < 2 are one band of one row.
+    let pad = 2usize.saturating_sub(shape.len());
+    let lift = |fill: usize, v: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(fill, pad).chain(v.iter().copied()).collect()
+    };
+    let full = lift(1, shape);
+    let n = full.len();
+    let (band_axis, last) = (n - 2, n - 1);
+    let outer: usize = full[..band_axis].iter().product();
+    if outer.saturating_mul(boxes.len().max(1)) > MAX_BOX_WORK || full.contains(&0) {
+        return Ok(None);
+    }
+    let mut gather = Gather::default();
+    let mut placed = Vec::with_capacity(boxes.len());
+    for b in boxes {
+        let (src, base) = gather.input(name, "chunk", b.tensor)?;
+        let (offsets, extent, storage) = (lift(0, b.offsets), lift(1, b.extent), lift(1, b.storage));
+        let mut stride = vec![es; n];
+        for d in (0..n - 1).rev() {
+            stride[d] = stride[d + 1] * storage[d + 1];
+        }
+        placed.push((src, base, offsets, extent, stride));
+    }
+    let mut idx = vec![0usize; band_axis];
+    for _ in 0..outer {
+        let here: Vec<_> = placed
+            .iter()
+            .filter(|(_, _, o, e, _)| (0..band_axis).all(|d| o[d] <= idx[d] && idx[d] < o[d] + e[d]))
+            .collect();
+        let mut cuts: Vec<usize> =
+            here.iter().flat_map(|(_, _, o, e, _)| [o[band_axis], o[band_axis] + e[band_axis]]).collect();
+        cuts.push(0);
+        cuts.push(full[band_axis]);
+        cuts.sort_unstable();
+        cuts.dedup();
+        for w in cuts.windows(2) {
+            let (r0, r1) = (w[0], w[1]);
+            let mut row: Vec<_> = here
+                .iter()
+                .filter(|(_, _, o, e, _)| o[band_axis] <= r0 && r1 <= o[band_axis] + e[band_axis])
+                .collect();
+            row.sort_by_key(|(_, _, o, _, _)| o[last]);
+            let mut col = 0;
+            let mut runs = Vec::with_capacity(row.len());
+            for (src, base, o, e, stride) in row {
+                if o[last] != col {
+                    return Ok(None);
+                }
+                col += e[last];
+                let at: usize = (0..band_axis).map(|d| (idx[d] - o[d]) * stride[d]).sum::<usize>()
+                    + (r0 - o[band_axis]) * stride[band_axis];
+                runs.push(Run { src: *src, start: base + at, len: e[last] * es, stride: stride[band_axis] });
+            }
+            if col != full[last] {
+                return Ok(None);
+            }
+            gather.push(Piece::Zip { count: r1 - r0, runs });
+        }
+        for d in (0..band_axis).rev() {
+            idx[d] += 1;
+            if idx[d] < full[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    Ok(Some(gather.finish(name, dtype, shape.to_vec(), origin)))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1136,6 +1314,103 @@ mod tests {
     }
 
     #[test]
+    fn slices_of_plans_read_the_plans_inputs() {
+        // Two separate mappings stacked: the stack is a plan, and slicing one part back out
+        // plans from that part's mapping (zero-copy) instead of producing the whole stack.
+        let (a, b) = (noise(1, 3 * 4 * 2), noise(2, 2 * 4 * 2));
+        let ta = TensorEntry::new(
+            DType::F16,
+            vec![3, 4],
+            ByteSource::mapped(anon_map(&a, 8), 8, a.len()),
+            origin(),
+        );
+        let tb = TensorEntry::new(
+            DType::F16,
+            vec![2, 4],
+            ByteSource::mapped(anon_map(&b, 8), 8, b.len()),
+            origin(),
+        );
+        let stack = concat_rows("s", &[ta, tb]).unwrap();
+        assert!(matches!(stack.source, ByteSource::Derived(_)));
+        let back = slice_rows("s", &stack, 3, 5).unwrap();
+        assert!(is_mapped(&back), "{:?}", back.source);
+        assert_eq!(bytes(&back), b);
+        // A slice across both parts, and one of a strided plan cut at whole rows, read the
+        // inputs without producing the stack; a counted derived input shows it.
+        let (c, calls) = counted(DType::F16, vec![4, 2], 3);
+        let wide = concat_cols("w", &[c.clone(), c]).unwrap();
+        let rows = concat_rows("r", &[wide.clone(), wide]).unwrap();
+        let cut = slice_rows("r", &rows, 2, 6).unwrap();
+        let want = produced(&rows)[2 * 8..6 * 8].to_vec();
+        calls.store(0, Ordering::SeqCst);
+        assert_eq!(produced(&cut), want);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the derived input is produced once, not via the stack");
+        // A cut in the middle of a strided step cannot be planned from inputs; it still works.
+        let part = random(DType::U8, vec![3, 3], 4, Kind::Owned);
+        let odd = slice_cols("o", &concat_cols("w", &[part.clone(), part]).unwrap(), 1, 5).unwrap();
+        let flat = TensorEntry { shape: vec![12], ..odd.clone() };
+        assert_eq!(bytes(&slice_rows("f", &flat, 1, 7).unwrap()), produced(&odd)[1..7].to_vec());
+    }
+
+    proptest! {
+        /// A chunked array planned by [`gather_boxes`] (zarr-style grid, edge chunks stored full
+        /// size) holds every element at its place, as a whole and slice by slice of dim 0.
+        #[test]
+        fn gather_boxes_places_every_chunk(
+            shape in proptest::collection::vec(1usize..5, 1..4),
+            chunk_seed in any::<u64>(),
+            k in kind(),
+        ) {
+            let n = shape.len();
+            let chunks: Vec<usize> =
+                shape.iter().enumerate().map(|(d, &s)| 1 + (chunk_seed as usize >> (4 * d)) % s).collect();
+            let grid: Vec<usize> = shape.iter().zip(&chunks).map(|(s, c)| s.div_ceil(*c)).collect();
+            let total: usize = shape.iter().product();
+            // Element i of the array holds value i (u16), so any misplacement shows.
+            let mut tensors = Vec::new();
+            let mut placed = Vec::new();
+            let mut coord = vec![0usize; n];
+            for _ in 0..grid.iter().product::<usize>() {
+                let offsets: Vec<usize> = coord.iter().zip(&chunks).map(|(g, c)| g * c).collect();
+                let extent: Vec<usize> =
+                    offsets.iter().zip(&chunks).zip(&shape).map(|((o, c), s)| (*c).min(s - o)).collect();
+                let mut data = Vec::new();
+                let mut local = vec![0usize; n];
+                for _ in 0..chunks.iter().product::<usize>() {
+                    let inside = (0..n).all(|d| local[d] < extent[d]);
+                    let flat = (0..n).fold(0, |acc, d| acc * shape[d] + offsets[d] + local[d]);
+                    data.extend_from_slice(&(if inside { flat as u16 } else { 0xFFFF }).to_le_bytes());
+                    for d in (0..n).rev() {
+                        local[d] += 1;
+                        if local[d] < chunks[d] { break; }
+                        local[d] = 0;
+                    }
+                }
+                tensors.push(entry(DType::I16, chunks.clone(), data, k));
+                placed.push((offsets, extent));
+                for d in (0..n).rev() {
+                    coord[d] += 1;
+                    if coord[d] < grid[d] { break; }
+                    coord[d] = 0;
+                }
+            }
+            let boxes: Vec<Placed<'_>> = placed
+                .iter()
+                .zip(&tensors)
+                .map(|((offsets, extent), tensor)| Placed { offsets, extent, storage: &chunks, tensor })
+                .collect();
+            let array = gather_boxes("a", DType::I16, &shape, &boxes, origin()).unwrap().expect("planned");
+            let want: Vec<u8> = (0..total).flat_map(|i| (i as u16).to_le_bytes()).collect();
+            prop_assert_eq!(bytes(&array), want.clone());
+            let per = 2 * total / shape[0];
+            for i in 0..shape[0] {
+                let s = slice_rows("a", &array, i, i + 1).unwrap();
+                prop_assert_eq!(bytes(&s), want[i * per..(i + 1) * per].to_vec());
+            }
+        }
+    }
+
+    #[test]
     fn mapped_slices_stay_mapped() {
         let data = noise(5, 6 * 4 * 2);
         let map = anon_map(&data, 40);
@@ -1177,8 +1452,8 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1, "q gathers 2 groups from one read");
         let back = fuse_qkv("qkv", &q, &k, &v, 8, 2).unwrap();
         let _ = produced(&back);
-        // q, k and v each read the input once
-        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        // q, k and v are plans over the input, so fusing them back plans from it: one read
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
         let (w, calls) = counted(DType::BF16, vec![4 * 8, 3], 10);
         let p = permute_rotary("wq", &w, 4).unwrap();
         let _ = produced(&p);

@@ -12,6 +12,7 @@
 use super::Store;
 use crate::checkpoint::{ByteSource, TensorEntry, TensorMap};
 use crate::error::{Error, Result};
+use crate::transforms::{gather_boxes, Placed};
 use crate::DType;
 use serde::Deserialize;
 
@@ -141,6 +142,26 @@ fn array(store: &Store, dir: &str) -> Result<(DType, Vec<usize>, ByteSource)> {
         if let Some(only) = sources.pop() {
             return Ok((dtype, shape, only));
         }
+    }
+    // A plan over the chunk files, so that one layer of a stacked array reads only its chunks.
+    let tensors: Vec<TensorEntry> =
+        sources.iter().map(|s| TensorEntry::new(dtype, chunks.clone(), s.clone(), origin.clone())).collect();
+    let mut placed = Vec::with_capacity(n_chunks);
+    let mut coord = vec![0usize; grid.len()];
+    for _ in 0..n_chunks {
+        let offsets: Vec<usize> = coord.iter().zip(&chunks).map(|(g, c)| g * c).collect();
+        let extent: Vec<usize> =
+            offsets.iter().zip(&chunks).zip(&shape).map(|((o, c), s)| (*c).min(s - o)).collect();
+        placed.push((offsets, extent));
+        advance(&mut coord, &grid);
+    }
+    let boxes: Vec<Placed<'_>> = placed
+        .iter()
+        .zip(&tensors)
+        .map(|((offsets, extent), tensor)| Placed { offsets, extent, storage: &chunks, tensor })
+        .collect();
+    if let Some(planned) = gather_boxes(dir, dtype, &shape, &boxes, origin.clone())? {
+        return Ok((dtype, shape, planned.source));
     }
     let (s, c) = (shape.clone(), chunks);
     let source = ByteSource::derived(move || assemble(&s, &c, dtype.size(), &sources));

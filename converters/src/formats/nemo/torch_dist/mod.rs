@@ -27,6 +27,7 @@ use crate::checkpoint::{ByteSource, TensorEntry, TensorMap};
 use crate::error::{Error, Result};
 use crate::formats::pickle::{self, AllowList};
 use crate::formats::torch_zip;
+use crate::transforms::{gather_boxes, Placed};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -225,6 +226,14 @@ fn lazy_tensor(t: &TensorMeta, pieces: Vec<Piece>, origin: Arc<Path>) -> ByteSou
         if only.sizes == t.shape {
             return only.tensor.source.clone();
         }
+    }
+    // A plan over the chunks, so that one layer of a stacked array reads only its chunks.
+    let boxes: Vec<Placed<'_>> = pieces
+        .iter()
+        .map(|p| Placed { offsets: &p.offsets, extent: &p.sizes, storage: &p.sizes, tensor: &p.tensor })
+        .collect();
+    if let Ok(Some(planned)) = gather_boxes(&t.key, t.dtype, &t.shape, &boxes, origin.clone()) {
+        return planned.source;
     }
     let (shape, key) = (t.shape.clone(), t.key.clone());
     ByteSource::derived(move || assemble(&shape, esize, &pieces, &origin, &key))
