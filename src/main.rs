@@ -492,8 +492,9 @@ struct ConvertArgs {
     /// Write an extracted .nemo directory instead of a tar.
     #[arg(long)]
     extracted: bool,
-    /// Write the .nemo weights as a Megatron-core distributed checkpoint (`model_weights/`), what
-    /// NeMo 1.21–1.23 saves for mcore models: `zarr`. Default: one model_weights.ckpt per rank.
+    /// Write the .nemo weights as a Megatron-core distributed checkpoint (`model_weights/`), as
+    /// NeMo saves mcore models: zarr (NeMo 1.21–1.23) or torch_dist (later). Default: one
+    /// model_weights.ckpt per rank.
     #[arg(long, value_enum)]
     dist_ckpt: Option<convert::DistFormat>,
     /// Print the plan (files, tensors, shapes, bytes, padding) and write nothing.

@@ -110,21 +110,25 @@ fn zarr_output_matches_the_fixture_member_for_member() {
     assert_eq!(ours.len(), 39 + 1 + objects, "arrays, common.pt, objects and nothing else");
 }
 
-/// HF → zarr distributed `.nemo` at any tp/pp/dtype → HF gives the HF tensors back bit for bit,
-/// as a tar and as an extracted directory, and the yaml keeps the requested parallelism.
+/// HF → distributed `.nemo` (both backends) at any tp/pp/dtype → HF gives the HF tensors back
+/// bit for bit, as a tar and as an extracted directory, and the yaml keeps the requested
+/// parallelism.
 #[test]
-fn zarr_output_round_trips_to_hf() {
+fn dist_output_round_trips_to_hf() {
     let work = tempfile::tempdir().unwrap();
-    for (model, tp, pp, dtype, extracted) in [
-        ("llama-gqa", 1, 1, None, false),
-        ("llama-gqa", 2, 3, None, false),
-        ("llama-mha", 4, 2, Some("bf16"), false),
-        ("llama-mha", 2, 1, None, true),
+    for (model, tp, pp, dtype, extracted, backend) in [
+        ("llama-gqa", 1, 1, None, false, "zarr"),
+        ("llama-gqa", 2, 3, None, false, "zarr"),
+        ("llama-mha", 4, 2, Some("bf16"), false, "zarr"),
+        ("llama-mha", 2, 1, None, true, "zarr"),
+        ("llama-gqa", 2, 3, None, false, "torch_dist"),
+        ("llama-mha", 4, 1, Some("bf16"), false, "torch_dist"),
+        ("llama-mha", 1, 2, None, true, "torch_dist"),
     ] {
-        let tag = format!("{model}-{tp}-{pp}-{}-{extracted}", dtype.unwrap_or("same"));
+        let tag = format!("{model}-{tp}-{pp}-{}-{extracted}-{backend}", dtype.unwrap_or("same"));
         let nemo = work.path().join(format!("{tag}.nemo"));
         let src = fixture(model);
-        let mut args = strings(&["convert", "--dist-ckpt", "zarr"]);
+        let mut args = strings(&["convert", "--dist-ckpt", backend]);
         args.extend([path(&src), path(&nemo), "--tp".into(), tp.to_string(), "--pp".into(), pp.to_string()]);
         if let Some(d) = dtype {
             args.extend(strings(&["--dtype", d]));
@@ -151,16 +155,22 @@ fn zarr_output_round_trips_to_hf() {
     }
 }
 
-/// A zarr `.nemo` reshards to a per-rank file and back to zarr with identical arrays.
+/// A zarr `.nemo` reshards to a per-rank file, to torch_dist and back to zarr with identical
+/// arrays.
 #[test]
-fn zarr_output_reshards_both_ways() {
+fn dist_output_reshards_both_ways() {
     let work = tempfile::tempdir().unwrap();
-    let (a, b, c) = (work.path().join("a.nemo"), work.path().join("b.nemo"), work.path().join("c.nemo"));
+    let [a, b, c, d] = ["a", "b", "c", "d"].map(|n| work.path().join(format!("{n}.nemo")));
     let src = fixture("llama-gqa");
-    for (from, to, tp, zarr) in [(&src, &a, "2", true), (&a, &b, "1", false), (&b, &c, "2", true)] {
+    for (from, to, tp, dist) in [
+        (&src, &a, "2", Some("zarr")),
+        (&a, &b, "1", None),
+        (&b, &c, "2", Some("torch_dist")),
+        (&c, &d, "2", Some("zarr")),
+    ] {
         let mut args = vec!["convert".to_string(), path(from), path(to), "--tp".into(), tp.into()];
-        if zarr {
-            args.extend(strings(&["--dist-ckpt", "zarr"]));
+        if let Some(backend) = dist {
+            args.extend(strings(&["--dist-ckpt", backend]));
         }
         let o = shardsmith(&args);
         assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -170,7 +180,12 @@ fn zarr_output_reshards_both_ways() {
     let arrays = |nemo: &std::path::Path| {
         dist_members(nemo).into_iter().filter(|(n, _)| !n.ends_with(".pt")).collect::<Vec<_>>()
     };
-    assert!(arrays(&a) == arrays(&c), "tp 2 zarr → tp 1 file → tp 2 zarr changed the arrays");
+    assert!(arrays(&a) == arrays(&d), "tp 2 zarr → tp 1 file → torch_dist → zarr changed the arrays");
+    let torch_dist = dist_members(&c);
+    assert!(
+        torch_dist.contains_key("model_weights/.metadata")
+            && torch_dist.contains_key("model_weights/__0_0.distcp")
+    );
 }
 
 /// What a distributed checkpoint cannot hold is refused before anything is written.

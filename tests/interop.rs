@@ -127,21 +127,27 @@ fn converted_nemo_matches_the_pytorch_reference_and_megatron_forward() {
     }
 }
 
-/// `convert --dist-ckpt zarr` against the PyTorch reference conversion, read the way Megatron's
-/// zarr strategy lays arrays out (layer-stacked, one chunk per layer × TP fragment), with torch
-/// loading `common.pt` and every `_extra_state` object.
+/// `convert --dist-ckpt zarr|torch_dist` against the PyTorch reference conversion, laid out as
+/// Megatron's strategies do (layer-stacked, one chunk per layer × TP fragment): zarr read from its
+/// chunk files, torch_dist loaded by `torch.distributed.checkpoint` itself, torch loading
+/// `common.pt` and every `_extra_state` object.
 #[test]
-fn zarr_distributed_nemo_matches_the_pytorch_reference() {
+fn distributed_nemo_matches_the_pytorch_reference() {
     let Some(py) = reference_python() else { return };
     let out = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_shardsmith");
-    for (model, tp, pp, dtype) in [("llama-gqa", 2, 3, None), ("llama-mha", 4, 1, Some("bf16"))] {
+    for (model, tp, pp, dtype, backend) in [
+        ("llama-gqa", 2, 3, None, "zarr"),
+        ("llama-mha", 4, 1, Some("bf16"), "zarr"),
+        ("llama-gqa", 2, 3, None, "torch_dist"),
+        ("llama-mha", 4, 1, Some("bf16"), "torch_dist"),
+    ] {
         let src = fixture(model);
-        let nemo = out.path().join(format!("{model}-{tp}-{pp}.nemo"));
+        let nemo = out.path().join(format!("{model}-{tp}-{pp}-{backend}.nemo"));
         let (tp_s, pp_s) = (tp.to_string(), pp.to_string());
         let mut args =
             vec!["convert", src.to_str().unwrap(), nemo.to_str().unwrap(), "--tp", &tp_s, "--pp", &pp_s];
-        args.extend(["--dist-ckpt", "zarr"]);
+        args.extend(["--dist-ckpt", backend]);
         let mut check = vec![src.to_str().unwrap(), nemo.to_str().unwrap(), "--tp", &tp_s];
         if let Some(d) = dtype {
             args.extend(["--dtype", d]);
@@ -151,7 +157,7 @@ fn zarr_distributed_nemo_matches_the_pytorch_reference() {
         assert!(status.success(), "{args:?}");
         let check: Vec<&Path> = check.iter().map(Path::new).collect();
         let line = run_checker(&py, "nemo_dist_check.py", &check);
-        assert!(line.starts_with("OK"), "{model} tp={tp} pp={pp}: {line}");
+        assert!(line.starts_with(&format!("OK {backend}")), "{model} tp={tp} pp={pp} {backend}: {line}");
     }
 }
 

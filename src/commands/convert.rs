@@ -32,8 +32,22 @@ pub enum TargetKind {
 /// The backend of a distributed-checkpoint `.nemo` (`--dist-ckpt`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DistFormat {
-    /// Zarr v2 arrays, one chunk file per layer × TP fragment (Megatron-core's zarr strategy).
+    /// Zarr v2 arrays, one chunk file per layer × TP fragment (Megatron-core's zarr strategy;
+    /// what NeMo 1.21–1.23 writes).
     Zarr,
+    /// torch.distributed.checkpoint `.metadata` + `.distcp`, the same chunks (NeMo from 2024-08).
+    #[value(name = "torch_dist")]
+    TorchDist,
+}
+
+impl DistFormat {
+    /// The name Megatron's `metadata.json` gives the backend.
+    pub fn name(self) -> &'static str {
+        match self {
+            DistFormat::Zarr => "zarr",
+            DistFormat::TorchDist => "torch_dist",
+        }
+    }
 }
 
 /// What `--vision` asks for.
@@ -163,12 +177,12 @@ pub fn print_plan(
     let report = inspect::report(target, None)?;
     // A distributed checkpoint stores global arrays, not the ranks' tensors: plan those.
     let dist = match (to, dist) {
-        (TargetKind::Nemo, Some(_)) => Some(llama::dist_weights(target)?),
+        (TargetKind::Nemo, Some(format)) => Some((llama::dist_weights(target)?, format)),
         _ => None,
     };
     if json {
         let mut v = serde_json::json!({ "destination": dst, "target": format!("{to:?}").to_lowercase(), "plan": report });
-        if let Some(w) = &dist {
+        if let Some((w, format)) = &dist {
             let arrays: Vec<_> = w
                 .arrays
                 .iter()
@@ -180,7 +194,7 @@ pub fn print_plan(
                 })
                 .collect();
             v["distributed"] =
-                serde_json::json!({ "backend": "zarr", "arrays": arrays, "objects": w.objects });
+                serde_json::json!({ "backend": format.name(), "arrays": arrays, "objects": w.objects });
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -204,17 +218,18 @@ pub fn print_plan(
     }
     match &dist {
         None => print!("{}", inspect::render(&report)),
-        Some(w) => print!("{}", render_dist(w)),
+        Some((w, format)) => print!("{}", render_dist(w, *format)),
     }
     Ok(())
 }
 
 /// The arrays and objects of a distributed checkpoint to write, as a table.
-fn render_dist(w: &nemo::DistWeights) -> String {
+fn render_dist(w: &nemo::DistWeights, format: DistFormat) -> String {
     use std::fmt::Write;
     let files: usize = w.arrays.iter().map(|a| a.chunks.len()).sum();
     let mut out = format!(
-        "weights       model_weights/ zarr distributed checkpoint: {} arrays in {files} chunk files, {} extra-state objects\n\n",
+        "weights       model_weights/ {} distributed checkpoint: {} arrays in {files} chunks, {} extra-state objects\n\n",
+        format.name(),
         w.arrays.len(),
         w.objects.len()
     );
@@ -222,7 +237,7 @@ fn render_dist(w: &nemo::DistWeights) -> String {
     let _ = writeln!(
         out,
         "{:<width$}  dtype  {:<16} {:<16} {:>5} {:>14}",
-        "name", "shape", "chunk", "files", "bytes"
+        "name", "shape", "chunk", "count", "bytes"
     );
     let mut total = 0;
     for a in &w.arrays {
@@ -253,8 +268,12 @@ pub fn write_target(target: &Checkpoint, to: TargetKind, dst: &Path, o: &Options
             let opts =
                 nemo::WriteOptions { layout: None, gzip: o.gzip, extracted: o.extracted, overwrite: o.force };
             match o.dist_ckpt {
-                Some(DistFormat::Zarr) => {
-                    nemo::write_distributed(target, &llama::dist_weights(target)?, dst, &opts)?
+                Some(format) => {
+                    let backend = match format {
+                        DistFormat::Zarr => nemo::DistBackend::Zarr,
+                        DistFormat::TorchDist => nemo::DistBackend::TorchDist,
+                    };
+                    nemo::write_distributed(target, &llama::dist_weights(target)?, backend, dst, &opts)?
                 }
                 None => nemo::write(target, dst, &opts)?,
             }

@@ -812,7 +812,7 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(16))]
-        /// Per-rank mcore ranks → zarr distributed `.nemo` on disk → canonical is the identity,
+        /// Per-rank mcore ranks → distributed `.nemo` on disk (both backends) → canonical is the identity,
         /// and the arrays have Megatron's chunk grid (one chunk per layer × TP fragment).
         #[test]
         fn dist_round_trip_is_identity(
@@ -830,11 +830,13 @@ mod tests {
             prop_assert_eq!(fc1.chunks.len(), hp.layers * 2 * tp);
             prop_assert_eq!(weights.objects.len(), 4 * hp.layers);
             let dir = tempfile::tempdir().unwrap();
-            let dest = dir.path().join("dist.nemo");
-            nemo::write_distributed(&ranks, &weights, &dest, &Default::default()).unwrap();
-            let back = from_nemo(&nemo::read(&dest).unwrap(), Some(vocab)).unwrap();
-            prop_assert_eq!(&back.hparams, &hp);
-            assert_same(&back.tensors, &c.tensors);
+            for backend in [nemo::DistBackend::Zarr, nemo::DistBackend::TorchDist] {
+                let dest = dir.path().join(format!("{backend:?}.nemo"));
+                nemo::write_distributed(&ranks, &weights, backend, &dest, &Default::default()).unwrap();
+                let back = from_nemo(&nemo::read(&dest).unwrap(), Some(vocab)).unwrap();
+                prop_assert_eq!(&back.hparams, &hp);
+                assert_same(&back.tensors, &c.tensors);
+            }
         }
     }
 

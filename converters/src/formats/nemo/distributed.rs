@@ -1,16 +1,24 @@
-//! Writing the `model_weights/` Megatron-core distributed checkpoint (formats.md §1.6), zarr
-//! backend (§1.6.1): what NeMo 1.21–1.23 `save_to` writes for an mcore GPT model.
+//! Writing the `model_weights/` Megatron-core distributed checkpoint (formats.md §1.6): what
+//! NeMo `save_to` writes for an mcore GPT model, in either backend.
 //!
 //! The caller (which knows the model: `convert::llama::dist_weights`) hands over each global
 //! array as its grid of chunks, every chunk a lazy tensor (usually one rank's stored tensor, or a
-//! zero-copy GLU half of it). This module knows only the container: one zarr v2 array directory
-//! per key, a `.zarray` exactly as zarr 2.x serialises it, raw little-endian C-order chunk files
-//! named by grid coordinates, one `torch.save(None)` file per ShardedObject (Transformer Engine's
-//! `_extra_state` with no FP8 state), `common.pt` (`torch.save({})`) and `metadata.json`.
-//! Chunks are streamed into their members like any tensor, so memory stays bounded by one chunk.
+//! zero-copy GLU half of it). This module knows only the containers:
+//!
+//! * zarr (§1.6.1, NeMo 1.21–1.23): one zarr v2 array directory per key, a `.zarray` exactly as
+//!   zarr 2.x serialises it, raw little-endian C-order chunk files named by grid coordinates, one
+//!   `torch.save(None)` file per ShardedObject (Transformer Engine's `_extra_state` with no FP8
+//!   state);
+//! * torch_dist (§1.6.2, NeMo from 2024-08): one `__0_0.distcp` file of items, each chunk a
+//!   `torch.save(chunk)` zip and each ShardedObject `torch.save(BytesIO(torch.save(None)))`
+//!   (what DCP's planner makes of Megatron's `BytesIO`), indexed by a `.metadata` pickle of
+//!   `torch.distributed.checkpoint.metadata.Metadata` built here as pickle values.
+//!
+//! Both get `common.pt` (`torch.save({})`) and `metadata.json`. Chunks are streamed into their
+//! members like any tensor, so memory stays bounded by one chunk.
 
 use crate::checkpoint::TensorEntry;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::formats::pickle::Value;
 use crate::formats::torch_zip;
 use crate::DType;
@@ -43,22 +51,226 @@ pub struct DistWeights {
     pub objects: Vec<String>,
 }
 
+/// The storage backend of a distributed checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DistBackend {
+    /// Zarr v2 arrays (formats.md §1.6.1).
+    Zarr,
+    /// torch.distributed.checkpoint `.metadata` + `.distcp` (formats.md §1.6.2).
+    TorchDist,
+}
+
 /// A member of `model_weights/` (path relative to it) and what it holds.
 pub(super) enum DistMember<'a> {
     /// Small metadata, built here.
     Bytes(String, Vec<u8>),
     /// A chunk file: the chunk's bytes, streamed.
     Chunk(String, &'a str, &'a TensorEntry),
+    /// A `.distcp` file: its items back to back, `len` bytes in all.
+    Items(String, Vec<DistItem<'a>>, u64),
 }
 
-/// The `model_weights/metadata.json` of a zarr checkpoint (Megatron's `CheckpointingConfig`).
-const ZARR_METADATA: &str = r#"{"sharded_backend": "zarr", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
+/// One item of a `.distcp` file.
+pub(super) enum DistItem<'a> {
+    /// Bytes built here (a ShardedObject's payload).
+    Bytes(Vec<u8>),
+    /// `torch.save(chunk)` of a chunk of array `key` (shaped as the chunk), `len` bytes.
+    Tensor { key: &'a str, chunk: TensorEntry, len: u64 },
+}
+
+/// Write `items` back to back into `file` from byte `base`; returns the bytes written.
+pub(super) fn write_items(
+    items: &[DistItem<'_>],
+    file: &std::fs::File,
+    base: u64,
+    dest: &Path,
+) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut at = base;
+    for item in items {
+        match item {
+            DistItem::Bytes(b) => {
+                file.write_all_at(b, at).at(dest)?;
+                at += b.len() as u64;
+            }
+            DistItem::Tensor { key, chunk, len } => {
+                let wrote = torch_zip::write_tensor_at(key, chunk, file, at, "archive", dest)?;
+                if wrote != *len {
+                    return Err(Error::invalid(
+                        dest,
+                        format!("a chunk of '{key}' took {wrote} bytes, {len} were planned"),
+                    ));
+                }
+                at += len;
+            }
+        }
+    }
+    Ok(at - base)
+}
+
+/// Megatron's `CheckpointingConfig` in `model_weights/metadata.json`.
+fn metadata_json(backend: &str) -> Vec<u8> {
+    format!(r#"{{"sharded_backend": "{backend}", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}}"#)
+        .into_bytes()
+}
+
+/// The members of `weights` in `backend`, checked first (see [`zarr_members`]).
+pub(super) fn members<'a>(
+    weights: &'a DistWeights,
+    backend: DistBackend,
+    dest: &Path,
+) -> Result<Vec<DistMember<'a>>> {
+    match backend {
+        DistBackend::Zarr => zarr_members(weights, dest),
+        DistBackend::TorchDist => torch_dist_members(weights, dest),
+    }
+}
+
+/// The file every item goes into (one writer, as `FileSystemWriter(thread_count=1)` names it).
+const DISTCP: &str = "__0_0.distcp";
+
+/// The torch_dist members: `metadata.json`, `common.pt`, `.metadata` and one `.distcp`.
+fn torch_dist_members<'a>(weights: &'a DistWeights, dest: &Path) -> Result<Vec<DistMember<'a>>> {
+    const MD: &str = "torch.distributed.checkpoint.metadata";
+    let object = |class: &str, state: Option<Value>| Value::Object {
+        class: Box::new(Value::global(MD, class)),
+        args: Box::new(Value::Tuple(Vec::new())),
+        kwargs: None,
+        state: state.map(Box::new),
+    };
+    let fields = |pairs: Vec<(&str, Value)>| {
+        Value::Dict(pairs.into_iter().map(|(k, v)| (Value::Str(k.into()), v)).collect())
+    };
+    let size = |dims: &[usize]| Value::Reduce {
+        callable: Box::new(Value::global("torch", "Size")),
+        args: Box::new(Value::Tuple(vec![Value::Tuple(
+            dims.iter().map(|&d| Value::Int(d as i64)).collect(),
+        )])),
+        state: None,
+    };
+    let storage_info = |offset: u64, length: u64| Value::Object {
+        class: Box::new(Value::global("torch.distributed.checkpoint.filesystem", "_StorageInfo")),
+        args: Box::new(Value::Tuple(Vec::new())),
+        kwargs: None,
+        state: Some(Box::new(fields(vec![
+            ("relative_path", Value::Str(DISTCP.into())),
+            ("offset", Value::Int(offset as i64)),
+            ("length", Value::Int(length as i64)),
+        ]))),
+    };
+    let mut items = Vec::new();
+    let (mut sdm, mut planner, mut storage) = (Vec::new(), Vec::new(), Vec::new());
+    let mut at = 0u64;
+    let mut seen = std::collections::HashSet::new();
+    // A ShardedObject: Megatron hands DCP `BytesIO(torch.save(obj))`, which DCP's planner saves.
+    let bytes_io = Value::Object {
+        class: Box::new(Value::global("_io", "BytesIO")),
+        args: Box::new(Value::Tuple(Vec::new())),
+        kwargs: None,
+        state: Some(Box::new(Value::Tuple(vec![
+            Value::Bytes(torch_zip::save_plain(&Value::None, "archive")?),
+            Value::Int(0),
+            Value::Dict(Vec::new()),
+        ]))),
+    };
+    let payload = torch_zip::save_plain(&bytes_io, "archive")?;
+    for key in &weights.objects {
+        if key.is_empty() || !seen.insert(key.as_str()) {
+            return Err(Error::invalid(dest, format!("object key '{key}' is empty or listed twice")));
+        }
+        let len = payload.len() as u64;
+        sdm.push((Value::Str(key.clone()), object("BytesStorageMetadata", None)));
+        planner.push((Value::Str(key.clone()), Value::Tuple(vec![Value::Str(key.clone())])));
+        let index = object(
+            "MetadataIndex",
+            Some(fields(vec![("fqn", Value::Str(key.clone())), ("index", Value::None)])),
+        );
+        storage.push((index, storage_info(at, len)));
+        items.push(DistItem::Bytes(payload.clone()));
+        at += len;
+    }
+    for a in &weights.arrays {
+        if a.key.is_empty() || !seen.insert(a.key.as_str()) {
+            return Err(Error::invalid(dest, format!("array key '{}' is empty or listed twice", a.key)));
+        }
+        let grid = check_grid(a, dest)?;
+        let mut chunks = Vec::with_capacity(a.chunks.len());
+        let mut coord = vec![0usize; grid.len()];
+        for (i, c) in a.chunks.iter().enumerate() {
+            let offsets: Vec<usize> = coord.iter().zip(&a.chunk).map(|(g, n)| g * n).collect();
+            let chunk = TensorEntry { shape: a.chunk.clone(), ..c.clone() };
+            let len = torch_zip::tensor_encoded_len(&a.key, &chunk, "archive")?;
+            chunks.push(object(
+                "ChunkStorageMetadata",
+                Some(fields(vec![("offsets", size(&offsets)), ("sizes", size(&a.chunk))])),
+            ));
+            let index = object(
+                "MetadataIndex",
+                Some(fields(vec![
+                    ("fqn", Value::Str(a.key.clone())),
+                    ("index", Value::Int(i as i64)),
+                    ("offset", size(&offsets)),
+                ])),
+            );
+            storage.push((index, storage_info(at, len)));
+            items.push(DistItem::Tensor { key: &a.key, chunk, len });
+            at += len;
+            advance(&mut coord, &grid);
+        }
+        // TensorProperties pickles its fields as a tuple (torch.memory_format cannot be
+        // pickled); the 5-field form every torch since 2.0 reads.
+        let properties = object(
+            "TensorProperties",
+            Some(Value::Tuple(vec![
+                Value::global("torch", a.dtype.torch_name()),
+                Value::Reduce {
+                    callable: Box::new(Value::global("torch.serialization", "_get_layout")),
+                    args: Box::new(Value::Tuple(vec![Value::Str("torch.strided".into())])),
+                    state: None,
+                },
+                Value::Bool(false),
+                Value::Reduce {
+                    callable: Box::new(Value::global(MD, "_MEM_FORMAT_ENCODING")),
+                    args: Box::new(Value::Tuple(vec![Value::Int(0)])),
+                    state: None,
+                },
+                Value::Bool(false),
+            ])),
+        );
+        let meta = object(
+            "TensorStorageMetadata",
+            Some(fields(vec![
+                ("properties", properties),
+                ("size", size(&a.shape)),
+                ("chunks", Value::List(chunks)),
+            ])),
+        );
+        sdm.push((Value::Str(a.key.clone()), meta));
+        planner.push((Value::Str(a.key.clone()), Value::Tuple(vec![Value::Str(a.key.clone())])));
+    }
+    let metadata = object(
+        "Metadata",
+        Some(fields(vec![
+            ("state_dict_metadata", Value::Dict(sdm)),
+            ("planner_data", Value::Dict(planner)),
+            ("storage_data", Value::Dict(storage)),
+            // Megatron's save planner records tensor reformulations here; none for weights.
+            ("mcore_data", Value::Dict(Vec::new())),
+        ])),
+    );
+    Ok(vec![
+        DistMember::Bytes("metadata.json".into(), metadata_json("torch_dist")),
+        DistMember::Bytes("common.pt".into(), torch_zip::save_plain(&Value::Dict(Vec::new()), "common")?),
+        DistMember::Bytes(".metadata".into(), crate::formats::pickle::dump(&metadata, dest)?),
+        DistMember::Items(DISTCP.into(), items, at),
+    ])
+}
 
 /// The members of `weights` as a zarr distributed checkpoint, checked first: every key a safe
 /// single path component, unique, chunks that tile their array with the array's dtype.
-pub(super) fn zarr_members<'a>(weights: &'a DistWeights, dest: &Path) -> Result<Vec<DistMember<'a>>> {
+fn zarr_members<'a>(weights: &'a DistWeights, dest: &Path) -> Result<Vec<DistMember<'a>>> {
     let mut out = vec![
-        DistMember::Bytes("metadata.json".into(), ZARR_METADATA.as_bytes().to_vec()),
+        DistMember::Bytes("metadata.json".into(), metadata_json("zarr")),
         DistMember::Bytes("common.pt".into(), torch_zip::save_plain(&Value::Dict(Vec::new()), "common")?),
     ];
     let mut seen = std::collections::HashSet::new();
@@ -227,7 +439,7 @@ mod tests {
             .unwrap()
             .into_iter()
             .map(|m| match m {
-                DistMember::Bytes(n, _) | DistMember::Chunk(n, _, _) => n,
+                DistMember::Bytes(n, _) | DistMember::Chunk(n, _, _) | DistMember::Items(n, _, _) => n,
             })
             .collect();
         assert_eq!(
@@ -243,6 +455,45 @@ mod tests {
                 "m._extra_state/shard_0_2.pt"
             ]
         );
+    }
+
+    #[test]
+    fn torch_dist_indexes_every_item_in_one_distcp() {
+        let w = DistWeights {
+            arrays: vec![array("w", &[2, 4], &[1, 2], (0..4).map(|_| chunk(DType::BF16, &[2])).collect())],
+            objects: vec!["m._extra_state/shard_0_2".into(), "m._extra_state/shard_1_2".into()],
+        };
+        let members = members(&w, DistBackend::TorchDist, Path::new("o")).unwrap();
+        let names: Vec<&str> = members
+            .iter()
+            .map(|m| match m {
+                DistMember::Bytes(n, _) | DistMember::Chunk(n, _, _) | DistMember::Items(n, _, _) => {
+                    n.as_str()
+                }
+            })
+            .collect();
+        assert_eq!(names, ["metadata.json", "common.pt", ".metadata", "__0_0.distcp"]);
+        let DistMember::Items(_, items, len) = &members[3] else { panic!("no .distcp") };
+        assert_eq!(items.len(), 2 + 4, "one item per object and per chunk");
+        let sum: u64 = items
+            .iter()
+            .map(|i| match i {
+                DistItem::Bytes(b) => b.len() as u64,
+                DistItem::Tensor { len, chunk, .. } => {
+                    assert_eq!(chunk.shape, [1, 2], "chunks are saved with the chunk shape");
+                    *len
+                }
+            })
+            .sum();
+        assert_eq!(sum, *len);
+        // The index decodes under the allow-list our reader uses for NeMo's own files.
+        let DistMember::Bytes(_, pickle) = &members[2] else { panic!("no .metadata") };
+        let v = crate::formats::pickle::load(
+            pickle,
+            crate::formats::pickle::AllowList::DistMetadata,
+            Path::new("m"),
+        );
+        assert!(v.is_ok(), "{v:?}");
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!
 //! Writing ([`write()`]) produces what NeMo's `tarfile` call produces: an uncompressed PAX tar with
 //! `./`-prefixed names in sorted depth-first order, each rank's zip streamed straight into its
-//! member with no temporary copy.
+//! member with no temporary copy. [`write_distributed`] writes the weights as a
+//! `model_weights/` distributed checkpoint instead (zarr or torch_dist, [`distributed`]), chunks
+//! streamed the same way.
 
 mod config;
 mod distributed;
@@ -21,7 +23,7 @@ mod write;
 mod zarr;
 
 pub use self::config::NemoConfig;
-pub use self::distributed::{DistArray, DistWeights};
+pub use self::distributed::{DistArray, DistBackend, DistWeights};
 pub use self::tar::{list_members, MemberKind, TarMember};
 pub use self::write::{write, write_distributed, WriteOptions};
 

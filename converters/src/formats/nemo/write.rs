@@ -11,7 +11,7 @@
 //! bounded by the largest tensor. All outputs go through [`AtomicFile`]/[`AtomicDir`], so an
 //! error leaves nothing at the destination.
 
-use super::distributed::{zarr_members, DistMember, DistWeights};
+use super::distributed::{self, DistBackend, DistItem, DistMember, DistWeights};
 use super::tar::{dir_header, file_header, normalize, padding, trailer};
 use super::{torch_zip, NemoConfig, CONFIG, DIST_DIR, WEIGHTS};
 use crate::atomic::{AtomicDir, AtomicFile};
@@ -48,22 +48,23 @@ pub fn write(ckpt: &Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<()> 
 }
 
 /// Write `ckpt` as a `.nemo` whose weights are the `model_weights/` distributed checkpoint
-/// `weights` (zarr backend, formats.md §1.6.1) instead of its shards, atomically. The yaml's
-/// tp/pp must match `ckpt.meta.parallel` as for [`write`]; the shards themselves are not written.
+/// `weights` in `backend` (formats.md §1.6) instead of its shards, atomically. The yaml's tp/pp
+/// must match `ckpt.meta.parallel` as for [`write`]; the shards themselves are not written.
 pub fn write_distributed(
     ckpt: &Checkpoint,
     weights: &DistWeights,
+    backend: DistBackend,
     dest: &Path,
     opts: &WriteOptions,
 ) -> Result<()> {
-    write_items(ckpt, dest, opts, Some(weights))
+    write_items(ckpt, dest, opts, Some((weights, backend)))
 }
 
 fn write_items(
     ckpt: &Checkpoint,
     dest: &Path,
     opts: &WriteOptions,
-    dist: Option<&DistWeights>,
+    dist: Option<(&DistWeights, DistBackend)>,
 ) -> Result<()> {
     if opts.gzip && opts.extracted {
         return Err(Error::invalid(dest, "gzip applies to a .nemo tar, not to an extracted directory"));
@@ -84,6 +85,8 @@ enum Body<'a> {
     Source(&'a ByteSource),
     /// A tensor's raw bytes (a zarr chunk), streamed; the `&str` names it in errors.
     Tensor(&'a str, &'a TensorEntry),
+    /// A `.distcp` file's items, `u64` bytes in all.
+    Items(Vec<DistItem<'a>>, u64),
     Weights(torch_zip::TorchState),
 }
 
@@ -108,7 +111,7 @@ fn plan<'a>(
     ckpt: &'a Checkpoint,
     dest: &Path,
     opts: &WriteOptions,
-    dist: Option<&'a DistWeights>,
+    dist: Option<(&'a DistWeights, DistBackend)>,
 ) -> Result<Vec<Item<'a>>> {
     let config: &NemoConfig = match &ckpt.meta.config {
         Some(ModelConfig::NemoYaml(c)) => c,
@@ -160,16 +163,14 @@ fn plan<'a>(
 
     let mut items = vec![Item { name: CONFIG.to_string(), body: Body::Bytes(config.raw.as_bytes()) }];
     match dist {
-        Some(weights) => {
-            for member in zarr_members(weights, dest)? {
-                items.push(match member {
-                    DistMember::Bytes(name, bytes) => {
-                        Item { name: format!("{DIST_DIR}/{name}"), body: Body::Owned(bytes) }
-                    }
-                    DistMember::Chunk(name, key, chunk) => {
-                        Item { name: format!("{DIST_DIR}/{name}"), body: Body::Tensor(key, chunk) }
-                    }
-                });
+        Some((weights, backend)) => {
+            for member in distributed::members(weights, backend, dest)? {
+                let (name, body) = match member {
+                    DistMember::Bytes(name, bytes) => (name, Body::Owned(bytes)),
+                    DistMember::Chunk(name, key, chunk) => (name, Body::Tensor(key, chunk)),
+                    DistMember::Items(name, parts, len) => (name, Body::Items(parts, len)),
+                };
+                items.push(Item { name: format!("{DIST_DIR}/{name}"), body });
             }
         }
         None => {
@@ -302,6 +303,23 @@ impl TarOut<'_> {
         self.put(&vec![0; padding(len)])
     }
 
+    /// A `.distcp` file's items, written in place in the member's data region.
+    fn items(&mut self, tar_name: &str, parts: &[DistItem<'_>], len: u64) -> Result<()> {
+        let dest = self.dest;
+        self.put(&file_header(tar_name, len))?;
+        let start = self.pos;
+        let written = distributed::write_items(parts, self.file, start, dest)?;
+        let end = self.file.seek(SeekFrom::End(0)).at(dest)?;
+        if written != len || end != start + len {
+            return Err(Error::invalid(
+                dest,
+                format!("member {tar_name}: {len} bytes were planned, {written} written"),
+            ));
+        }
+        self.pos = end;
+        self.put(&vec![0; padding(len)])
+    }
+
     fn member(&mut self, tar_name: &str, bytes: &[u8]) -> Result<()> {
         let len = bytes.len() as u64;
         self.put(&file_header(tar_name, len))?;
@@ -342,6 +360,7 @@ fn write_tar_to(items: &[Item<'_>], file: &mut File, dest: &Path) -> Result<()> 
             Body::Owned(b) => out.member(&tar_name, b)?,
             Body::Source(src) => out.member(&tar_name, &src.bytes()?)?,
             Body::Tensor(name, entry) => out.tensor(&tar_name, name, entry)?,
+            Body::Items(parts, len) => out.items(&tar_name, parts, *len)?,
             Body::Weights(state) => out.weights(&tar_name, state)?,
         }
     }
@@ -369,6 +388,17 @@ fn write_dir(items: &[Item<'_>], dest: &Path, overwrite: bool) -> Result<()> {
                     ));
                 }
                 crate::progress::tensor_written(len);
+                file.sync_all().at(&path)?;
+            }
+            Body::Items(parts, len) => {
+                let file = File::create(&path).at(&path)?;
+                let written = distributed::write_items(parts, &file, 0, &path)?;
+                if written != *len {
+                    return Err(Error::invalid(
+                        &path,
+                        format!("{len} bytes were planned, {written} written"),
+                    ));
+                }
                 file.sync_all().at(&path)?;
             }
             Body::Weights(state) => {

@@ -25,7 +25,9 @@ mod zip;
 mod tests;
 
 pub use self::read::{read_checkpoint, read_file, read_mapped, read_mapped_tensor};
-pub use self::write::{encoded_len, save_plain, write_at, write_file, write_to};
+pub use self::write::{
+    encoded_len, save_plain, tensor_encoded_len, write_at, write_file, write_tensor_at, write_to,
+};
 
 use crate::checkpoint::TensorMap;
 use crate::error::Error;

@@ -44,9 +44,39 @@ pub fn write_at(
     archive_name: &str,
     dest: &Path,
 ) -> Result<u64> {
+    write_plan_at(&Plan::new(state, dest)?, file, base, archive_name, dest)
+}
+
+/// `torch.save(tensor)` of one tensor (`name` in errors) — a zip whose top-level object is the
+/// tensor, as each chunk of a torch.distributed.checkpoint `.distcp` file is — written into
+/// `file` at byte `base` like [`write_at`]. Returns the bytes written ([`tensor_encoded_len`]).
+pub fn write_tensor_at(
+    name: &str,
+    entry: &TensorEntry,
+    file: &std::fs::File,
+    base: u64,
+    archive_name: &str,
+    dest: &Path,
+) -> Result<u64> {
+    write_plan_at(&Plan::bare(name, entry, dest)?, file, base, archive_name, dest)
+}
+
+/// The exact length [`write_tensor_at`] writes, from headers only.
+pub fn tensor_encoded_len(name: &str, entry: &TensorEntry, archive_name: &str) -> Result<u64> {
+    let dest = Path::new(archive_name);
+    let plan = Plan::bare(name, entry, dest)?;
+    Ok(layout_of(&plan.records(archive_name, dest)?, false).total)
+}
+
+fn write_plan_at(
+    plan: &Plan<'_>,
+    file: &std::fs::File,
+    base: u64,
+    archive_name: &str,
+    dest: &Path,
+) -> Result<u64> {
     use rayon::prelude::*;
     use std::os::unix::fs::FileExt;
-    let plan = Plan::new(state, dest)?;
     let records = plan.records(archive_name, dest)?;
     let layout = layout_of(&records, false);
     let largest = records.iter().map(|r| r.size).max().unwrap_or(0);
@@ -195,6 +225,19 @@ struct Plan<'a> {
 }
 
 impl<'a> Plan<'a> {
+    /// The plan of `torch.save(entry)`: the tensor itself is the pickled object.
+    fn bare(name: &'a str, entry: &'a TensorEntry, dest: &Path) -> Result<Plan<'a>> {
+        if let Some(n) = entry.source.known_len() {
+            entry.check_len(name, n)?;
+        }
+        let size = entry.nbytes() as u64;
+        let value = tensor_value(entry, 0, size / entry.dtype.size() as u64, 0, dest)?;
+        Ok(Plan {
+            pickle: pickle::dump(&value, dest)?,
+            storages: vec![(StorageSource::Tensor { name, entry }, size)],
+        })
+    }
+
     fn new(state: &'a TorchState, dest: &Path) -> Result<Plan<'a>> {
         let order = ordered_entries(state, dest)?;
         for (name, entry) in &state.tensors {
