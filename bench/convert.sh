@@ -19,7 +19,7 @@
 #                    default: on when the checkpoint is <= 4 GiB.
 #   SHARDSMITH_BIN   binary to use (default target/release/shardsmith, built if missing).
 #   KEEP=1           keep the work directory.
-#   DIST=0           skip the two distributed-checkpoint steps (2b, 3b; default: run them).
+#   DIST=0           skip the distributed-checkpoint steps (2b, 3b; default: run them).
 #
 # Steps, each timed as wall clock from start to the end of a following `sync` (so every step is
 # charged for getting its bytes to disk) and run under /usr/bin/time -v for the peak RSS; `sync`
@@ -29,8 +29,9 @@
 #   1b. cat of every file into COPY                    (the same bytes through user space)
 #   2. shardsmith convert DIR OURS.nemo --tp 8         (HF -> .nemo TP-8)
 #   3. shardsmith convert OURS.nemo OURS_BACK          (.nemo TP-8 -> HF)
-#   2b. shardsmith convert DIR ZARR.nemo --tp 8 --dist-ckpt zarr   (HF -> zarr distributed .nemo)
-#   3b. shardsmith convert ZARR.nemo ZARR_BACK         (zarr distributed .nemo -> HF)
+#   2b. shardsmith convert DIR D.nemo --tp 8 --dist-ckpt B   (HF -> distributed .nemo, B = zarr
+#       and torch_dist)
+#   3b. shardsmith convert D.nemo D_BACK               (distributed .nemo -> HF)
 #   4. pytorch_convert.py hf2nemo DIR PY.nemo --tp 8
 #   5. pytorch_convert.py nemo2hf PY.nemo PY_BACK
 # Peak RSS of the PyTorch rows includes the HF file pages that safetensors maps (see the docstring
@@ -223,12 +224,14 @@ rm -rf "$work/nemo_copy"
 rm -f "$work/ours.nemo"
 
 if [[ ${DIST:-1} != 0 ]]; then
-    measure "shardsmith HF → zarr dist .nemo (TP-$tp yaml)" "$work/zarr.nemo" -- "$bin" convert "$src" "$work/zarr.nemo" --tp $tp --tokenizer "$tok" --dist-ckpt zarr
-    measure "shardsmith zarr dist .nemo → HF" "$work/zarr_back" -- "$bin" convert "$work/zarr.nemo" "$work/zarr_back"
-    rm -f "$work/zarr.nemo"
-    if same_as_source "$work/zarr_back"; then checks+=("shardsmith round trip HF → zarr dist .nemo → HF: bit-identical ($ntensors tensors)")
-    else checks+=("shardsmith round trip HF → zarr dist .nemo → HF: **DIFFERS**"); fi
-    rm -rf "$work/zarr_back"
+    for backend in zarr torch_dist; do
+        measure "shardsmith HF → $backend dist .nemo (TP-$tp chunks)" "$work/dist.nemo" -- "$bin" convert "$src" "$work/dist.nemo" --tp $tp --tokenizer "$tok" --dist-ckpt $backend
+        measure "shardsmith $backend dist .nemo → HF" "$work/dist_back" -- "$bin" convert "$work/dist.nemo" "$work/dist_back"
+        rm -f "$work/dist.nemo"
+        if same_as_source "$work/dist_back"; then checks+=("shardsmith round trip HF → $backend dist .nemo → HF: bit-identical ($ntensors tensors)")
+        else checks+=("shardsmith round trip HF → $backend dist .nemo → HF: **DIFFERS**"); fi
+        rm -rf "$work/dist_back"
+    done
 fi
 
 measure "PyTorch HF → .nemo TP-$tp" "$work/py.nemo" -- "$py" bench/pytorch_convert.py hf2nemo "$src" "$work/py.nemo" --tp $tp --tokenizer "$tok"
