@@ -152,6 +152,10 @@ fn dist_output_round_trips_to_hf() {
         };
         assert_eq!(cfg.get_usize("tensor_model_parallel_size"), Some(tp), "{tag}");
         assert_eq!(cfg.get_usize("pipeline_model_parallel_size"), Some(pp), "{tag}");
+        // `inspect` reports the parallelism NeMo loads it at, not the one global shard.
+        let o = shardsmith(&["inspect".to_string(), path(&nemo), "--json".into()]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!((v["tp"].as_u64(), v["pp"].as_u64()), (Some(tp as u64), Some(pp as u64)), "{tag}");
     }
 }
 

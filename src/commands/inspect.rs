@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use serde::Serialize;
 use shardsmith_converters::describe::{describe, Architecture};
-use shardsmith_converters::{formats, Checkpoint, DType};
+use shardsmith_converters::{formats, Checkpoint, DType, Flavour, ModelConfig, NemoLayout};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -85,11 +85,20 @@ pub fn report(ckpt: &Checkpoint, filter: Option<&str>) -> Result<Report> {
             });
         }
     }
+    // A distributed checkpoint stores global arrays (one shard); the parallelism it is loaded at
+    // is the yaml's.
+    let (tp, pp) = match (&ckpt.meta.flavour, &ckpt.meta.config) {
+        (Flavour::Nemo { layout: NemoLayout::Distributed, .. }, Some(ModelConfig::NemoYaml(cfg))) => (
+            cfg.get_usize("tensor_model_parallel_size").unwrap_or(1),
+            cfg.get_usize("pipeline_model_parallel_size").unwrap_or(1),
+        ),
+        _ => (ckpt.meta.parallel.tp, ckpt.meta.parallel.pp),
+    };
     Ok(Report {
         path: ckpt.meta.path.display().to_string(),
         format: ckpt.meta.flavour.to_string(),
-        tp: ckpt.meta.parallel.tp,
-        pp: ckpt.meta.parallel.pp,
+        tp,
+        pp,
         architecture: describe(ckpt),
         artifacts: ckpt.meta.artifacts.iter().map(|a| a.name.clone()).collect(),
         tensors: rows,

@@ -17,6 +17,7 @@
 //! Both get `common.pt` (`torch.save({})`) and `metadata.json`. Chunks are streamed into their
 //! members like any tensor, so memory stays bounded by one chunk.
 
+use super::zarr::advance;
 use crate::checkpoint::TensorEntry;
 use crate::error::{Error, IoContext, Result};
 use crate::formats::pickle::Value;
@@ -79,7 +80,7 @@ pub(super) enum DistItem<'a> {
 }
 
 /// Write `items` back to back into `file` from byte `base`; returns the bytes written.
-pub(super) fn write_items(
+pub(super) fn write_distcp(
     items: &[DistItem<'_>],
     file: &std::fs::File,
     base: u64,
@@ -381,17 +382,6 @@ fn zarray(a: &DistArray) -> Vec<u8> {
     let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
     serde::Serialize::serialize(&v, &mut ser).expect("JSON values serialise");
     out
-}
-
-/// Step a C-order odometer over `grid`.
-fn advance(coord: &mut [usize], grid: &[usize]) {
-    for d in (0..coord.len()).rev() {
-        coord[d] += 1;
-        if coord[d] < grid[d] {
-            return;
-        }
-        coord[d] = 0;
-    }
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ pub struct WriteOptions {
 /// `pipeline_model_parallel_size` match its shards (edit them with [`NemoConfig::set_scalar`]
 /// when resharding). Only tensors are written into each rank's `model_weights.ckpt`.
 pub fn write(ckpt: &Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<()> {
-    write_items(ckpt, dest, opts, None)
+    write_nemo(ckpt, dest, opts, None)
 }
 
 /// Write `ckpt` as a `.nemo` whose weights are the `model_weights/` distributed checkpoint
@@ -57,10 +57,10 @@ pub fn write_distributed(
     dest: &Path,
     opts: &WriteOptions,
 ) -> Result<()> {
-    write_items(ckpt, dest, opts, Some((weights, backend)))
+    write_nemo(ckpt, dest, opts, Some((weights, backend)))
 }
 
-fn write_items(
+fn write_nemo(
     ckpt: &Checkpoint,
     dest: &Path,
     opts: &WriteOptions,
@@ -308,7 +308,7 @@ impl TarOut<'_> {
         let dest = self.dest;
         self.put(&file_header(tar_name, len))?;
         let start = self.pos;
-        let written = distributed::write_items(parts, self.file, start, dest)?;
+        let written = distributed::write_distcp(parts, self.file, start, dest)?;
         let end = self.file.seek(SeekFrom::End(0)).at(dest)?;
         if written != len || end != start + len {
             return Err(Error::invalid(
@@ -392,7 +392,7 @@ fn write_dir(items: &[Item<'_>], dest: &Path, overwrite: bool) -> Result<()> {
             }
             Body::Items(parts, len) => {
                 let file = File::create(&path).at(&path)?;
-                let written = distributed::write_items(parts, &file, 0, &path)?;
+                let written = distributed::write_distcp(parts, &file, 0, &path)?;
                 if written != *len {
                     return Err(Error::invalid(
                         &path,

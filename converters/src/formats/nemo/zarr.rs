@@ -172,8 +172,8 @@ fn checked_product(dims: &[usize], init: usize) -> Option<usize> {
     dims.iter().try_fold(init, |acc, &d| acc.checked_mul(d))
 }
 
-/// Step a C-order odometer over `grid`.
-fn advance(coord: &mut [usize], grid: &[usize]) {
+/// Step a C-order odometer over `grid` (chunk grid coordinates, as zarr names chunk files).
+pub(super) fn advance(coord: &mut [usize], grid: &[usize]) {
     for d in (0..coord.len()).rev() {
         coord[d] += 1;
         if coord[d] < grid[d] {
