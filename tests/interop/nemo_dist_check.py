@@ -19,7 +19,8 @@ Engine module and layer that torch.load(weights_only=True) reads as None.
 torch_dist: loaded by torch.distributed.checkpoint itself (`dcp.load`, no process group) into
 tensors of the expected global shapes and `BytesIO`s; checks `.metadata`'s dtype, global shape
 and chunk list per array, exactly the expected keys, and that each `_extra_state/shard_<l>_<L>`
-object holds `torch.save(None)` (Megatron's ShardedObject payload).
+object loads as `[None]` (Megatron's torch_dist strategy saves a ShardedObject as
+`torch.save([obj])` and unwraps the one-element list after DCP's `torch.load`).
 
 Both: model_config.yaml's tensor_model_parallel_size, metadata.json (the CheckpointingConfig),
 common.pt (torch.load -> {}), bit-identical values.
@@ -48,11 +49,15 @@ import nemo_reference as ref  # noqa: E402
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 
 ZARR_DTYPES = {"<f4": torch.float32, "<f2": torch.float16, "bfloat16": torch.bfloat16}
+# Transformer Engine modules with extra state: the four linears, and core attention under both
+# names TE has used (1.6-1.7: core_attention.fused_attention, from 1.8: core_attention).
 TE_MODULES = [
     "model.decoder.layers.self_attention.linear_qkv",
     "model.decoder.layers.self_attention.linear_proj",
     "model.decoder.layers.mlp.linear_fc1",
     "model.decoder.layers.mlp.linear_fc2",
+    "model.decoder.layers.self_attention.core_attention",
+    "model.decoder.layers.self_attention.core_attention.fused_attention",
 ]
 
 
@@ -168,11 +173,8 @@ def check_torch_dist(w, arrays, hp, tp, dtype, problems):
             if not torch.equal(as_bytes(state[key]), as_bytes(t)):
                 problems.append(f"{key}: values differ after dcp.load")
         for k in object_keys(hp):
-            obj = state[k]
-            if not isinstance(obj, io.BytesIO):
-                problems.append(f"{k}: dcp.load gave {type(obj).__name__}, expected BytesIO")
-            elif load_torch(obj.getvalue()) is not None:
-                problems.append(f"{k}: payload is not torch.save(None)")
+            if state[k] != [None]:
+                problems.append(f"{k}: dcp.load gave {state[k]!r}, expected [None]")
         extra = sorted(set(w) - {".metadata", "__0_0.distcp"})
         for name in extra:
             problems.append(f"unexpected member model_weights/{name}")

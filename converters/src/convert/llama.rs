@@ -395,7 +395,8 @@ pub fn to_nemo_shards(
 /// Megatron-core distributed checkpoint NeMo ≥ 1.21 saves for it (formats.md §1.6): layers
 /// stacked on a leading axis, one chunk per layer × TP fragment (GLU fc1 in 2·tp fragments, gate
 /// halves then up halves), the vocabulary padded for the checkpoint's tp, one `_extra_state`
-/// object per Transformer Engine module and layer. Every chunk is a rank's stored tensor or a
+/// object per Transformer Engine module and layer (the four linears and both attention names,
+/// [`names::DIST_ATTENTION_EXTRA_STATE`]). Every chunk is a rank's stored tensor or a
 /// zero-copy half of it, so nothing is read here.
 pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
     let path = &ckpt.meta.path;
@@ -481,6 +482,7 @@ pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
     }
     let objects = names::extra_state_modules(dialect)
         .iter()
+        .chain(&names::DIST_ATTENTION_EXTRA_STATE)
         .flat_map(|m| {
             let module = m.replace(".{L}.", ".");
             (0..hp.layers).map(move |l| format!("{module}._extra_state/shard_{l}_{}", hp.layers))
@@ -828,7 +830,7 @@ mod tests {
             let weights = dist_weights(&ranks).unwrap();
             let fc1 = weights.arrays.iter().find(|a| a.key == "model.decoder.layers.mlp.linear_fc1.weight").unwrap();
             prop_assert_eq!(fc1.chunks.len(), hp.layers * 2 * tp);
-            prop_assert_eq!(weights.objects.len(), 4 * hp.layers);
+            prop_assert_eq!(weights.objects.len(), 6 * hp.layers);
             let dir = tempfile::tempdir().unwrap();
             for backend in [nemo::DistBackend::Zarr, nemo::DistBackend::TorchDist] {
                 let dest = dir.path().join(format!("{backend:?}.nemo"));

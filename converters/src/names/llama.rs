@@ -474,6 +474,15 @@ pub fn extra_state_modules(dialect: NemoDialect) -> &'static [&'static str] {
     }
 }
 
+/// Transformer Engine's attention modules with extra state, which a distributed checkpoint also
+/// carries as ShardedObjects: Megatron asks for whatever TE's `state_dict` has, which is
+/// `core_attention._extra_state` from TE 1.8 and `core_attention.fused_attention._extra_state` in
+/// TE 1.6–1.7 (none before). A loader only opens the objects it asks for, so both are written.
+pub const DIST_ATTENTION_EXTRA_STATE: [&str; 2] = [
+    "model.decoder.layers.{L}.self_attention.core_attention",
+    "model.decoder.layers.{L}.self_attention.core_attention.fused_attention",
+];
+
 /// Substitute the layer index into a table name.
 pub fn at_layer(template: &str, layer: usize) -> String {
     template.replace(LAYER, &layer.to_string())

@@ -10,8 +10,9 @@
 //!   `torch.save(None)` file per ShardedObject (Transformer Engine's `_extra_state` with no FP8
 //!   state);
 //! * torch_dist (§1.6.2, NeMo from 2024-08): one `__0_0.distcp` file of items, each chunk a
-//!   `torch.save(chunk)` zip and each ShardedObject `torch.save(BytesIO(torch.save(None)))`
-//!   (what DCP's planner makes of Megatron's `BytesIO`), indexed by a `.metadata` pickle of
+//!   `torch.save(chunk)` zip and each ShardedObject `torch.save([None])` (Megatron's
+//!   `_mcore_to_torch_sharded_object` wraps the object in a list, its save planner writes the
+//!   bytes untouched, its loader unwraps the list), indexed by a `.metadata` pickle of
 //!   `torch.distributed.checkpoint.metadata.Metadata` built here as pickle values.
 //!
 //! Both get `common.pt` (`torch.save({})`) and `metadata.json`. Chunks are streamed into their
@@ -163,18 +164,10 @@ fn torch_dist_members<'a>(weights: &'a DistWeights, dest: &Path) -> Result<Vec<D
     let (mut sdm, mut planner, mut storage) = (Vec::new(), Vec::new(), Vec::new());
     let mut at = 0u64;
     let mut seen = std::collections::HashSet::new();
-    // A ShardedObject: Megatron hands DCP `BytesIO(torch.save(obj))`, which DCP's planner saves.
-    let bytes_io = Value::Object {
-        class: Box::new(Value::global("_io", "BytesIO")),
-        args: Box::new(Value::Tuple(Vec::new())),
-        kwargs: None,
-        state: Some(Box::new(Value::Tuple(vec![
-            Value::Bytes(torch_zip::save_plain(&Value::None, "archive")?),
-            Value::Int(0),
-            Value::Dict(Vec::new()),
-        ]))),
-    };
-    let payload = torch_zip::save_plain(&bytes_io, "archive")?;
+    // A ShardedObject: Megatron's torch_dist strategy stores `torch.save([obj])` (a one-element
+    // list, which its loader unpacks after DCP's `torch.load`) and its save planner writes those
+    // bytes as they are.
+    let payload = torch_zip::save_plain(&Value::List(vec![Value::None]), "archive")?;
     for key in &weights.objects {
         if key.is_empty() || !seen.insert(key.as_str()) {
             return Err(Error::invalid(dest, format!("object key '{key}' is empty or listed twice")));
