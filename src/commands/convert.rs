@@ -483,6 +483,17 @@ pub fn run(src: &Path, dst: &Path, o: &Options) -> Result<()> {
             bail!("--vision and --template apply to multimodal sources (NeVA .nemo, llava-hf, LLaVA)");
         }
         let (ckpt, kind) = build_target(&source, dst, o)?;
+        let dist_source = matches!(
+            source.meta.flavour,
+            Flavour::Nemo { layout: shardsmith_converters::NemoLayout::Distributed, .. }
+        );
+        if kind == TargetKind::Nemo && dist_source && o.dist_ckpt.is_none() && !o.json {
+            eprintln!(
+                "note: {} is a distributed checkpoint; writing one model_weights.ckpt per rank \
+                 (--dist-ckpt zarr|torch_dist writes a distributed checkpoint again)",
+                src.display()
+            );
+        }
         vec![Output { ckpt, kind, dest: dst.to_path_buf() }]
     };
     emit(&outputs, o, started)
