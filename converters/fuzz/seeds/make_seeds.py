@@ -4,7 +4,7 @@ target, taken from fixtures/torch/ or built here. Run from anywhere:
 
     python3 converters/fuzz/seeds/make_seeds.py
 
-Fills converters/fuzz/seeds/{pickle,torch_zip,tar,safetensors_header}/ (about 40 KB in all).
+Fills converters/fuzz/seeds/{pickle,torch_zip,tar,safetensors_header}/ (about 60 KB in all).
 """
 import collections
 import io
@@ -78,7 +78,12 @@ def tar_bytes(members):
 
 
 def tars():
+    # torch_dist.nemo is written by the Rust writer (see the README), not here: keep it.
+    kept = HERE / "tar" / "torch_dist.nemo"
+    torch_dist = kept.read_bytes() if kept.exists() else None
     d = fresh("tar")
+    if torch_dist is not None:
+        kept.write_bytes(torch_dist)
     weights = (TORCH / "parameters.pt").read_bytes()
     tok = "0123456789abcdef0123456789abcdef_tokenizer.model"
     yaml = lambda tp: (f"precision: bf16\ntensor_model_parallel_size: {tp}\npipeline_model_parallel_size: 1\n"

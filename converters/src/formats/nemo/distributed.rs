@@ -479,6 +479,55 @@ mod tests {
         assert!(v.is_ok(), "{v:?}");
     }
 
+    /// Writes the torch_dist fuzz seed `fuzz/seeds/tar/torch_dist.nemo` (a few KB: the torch_dist
+    /// reader's `.metadata` decoding, chunk tiling and `.distcp` zips get a valid starting point).
+    /// Run `cargo test -p shardsmith-converters write_torch_dist_fuzz_seed -- --ignored`.
+    #[test]
+    #[ignore = "writes a committed fuzz seed"]
+    fn write_torch_dist_fuzz_seed() {
+        use crate::checkpoint::{Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism};
+        let bytes = |n: usize| -> Vec<u8> { (0..n as u8).collect() };
+        let entry = |dtype: DType, shape: &[usize]| {
+            let n = shape.iter().product::<usize>() * dtype.size();
+            TensorEntry::new(dtype, shape.to_vec(), ByteSource::owned(bytes(n)), Arc::from(Path::new("seed")))
+        };
+        let weights = DistWeights {
+            arrays: vec![
+                array("w", &[2, 2, 2], &[1, 1, 2], (0..4).map(|_| entry(DType::BF16, &[2])).collect()),
+                DistArray {
+                    key: "n".into(),
+                    dtype: DType::F32,
+                    shape: vec![3],
+                    chunk: vec![3],
+                    chunks: vec![entry(DType::F32, &[3])],
+                },
+            ],
+            objects: vec!["w._extra_state/shard_0_2".into()],
+        };
+        let yaml = "mcore_gpt: true\ntensor_model_parallel_size: 1\npipeline_model_parallel_size: 1\n";
+        let meta = Meta {
+            path: "seed".into(),
+            flavour: Flavour::Nemo { layout: NemoLayout::Distributed, gzip: false, extracted: false },
+            parallel: Parallelism::default(),
+            config: Some(ModelConfig::NemoYaml(
+                crate::formats::nemo::NemoConfig::parse(yaml.into(), Path::new("y")).unwrap(),
+            )),
+            artifacts: vec![],
+        };
+        let dest = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/tar/torch_dist.nemo");
+        let opts = super::super::WriteOptions { overwrite: true, ..Default::default() };
+        super::super::write_distributed(
+            &Checkpoint { meta, shards: vec![] },
+            &weights,
+            DistBackend::TorchDist,
+            &dest,
+            &opts,
+        )
+        .unwrap();
+        let back = crate::formats::nemo::read(&dest).unwrap();
+        assert_eq!(back.shards[0].tensors.len(), 2);
+    }
+
     #[test]
     fn chunks_that_do_not_tile_the_array_are_named() {
         let two = || (0..2).map(|_| chunk(DType::BF16, &[1, 2])).collect::<Vec<_>>();
