@@ -17,6 +17,7 @@ use super::{torch_zip, NemoConfig, CONFIG, DIST_DIR, WEIGHTS};
 use crate::atomic::{AtomicDir, AtomicFile};
 use crate::checkpoint::{ByteSource, Checkpoint, ModelConfig, NemoLayout, Parallelism, Rank, TensorEntry};
 use crate::error::{Error, IoContext, Result};
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -80,14 +81,47 @@ fn write_nemo(
 /// What one member holds.
 enum Body<'a> {
     Dir,
-    Bytes(&'a [u8]),
-    Owned(Vec<u8>),
+    Bytes(Cow<'a, [u8]>),
     Source(&'a ByteSource),
-    /// A tensor's raw bytes (a zarr chunk), streamed; the `&str` names it in errors.
+    /// Written in place at its offset in the output, by a streaming writer.
+    Placed(Placed<'a>),
+}
+
+/// A member whose exact length is known from headers and whose writer fills it in place (so
+/// neither the member nor the tensors in it are ever held whole).
+enum Placed<'a> {
+    /// A rank's `model_weights.ckpt` zip.
+    Weights(torch_zip::TorchState),
+    /// A tensor's raw bytes (a zarr chunk); the `&str` names it in errors.
     Tensor(&'a str, &'a TensorEntry),
     /// A `.distcp` file's items, `u64` bytes in all.
     Items(Vec<DistItem<'a>>, u64),
-    Weights(torch_zip::TorchState),
+}
+
+impl Placed<'_> {
+    /// The member's length.
+    fn len(&self) -> Result<u64> {
+        Ok(match self {
+            Placed::Weights(state) => torch_zip::encoded_len(state, ZIP_ARCHIVE_NAME)?,
+            Placed::Tensor(_, entry) => entry.nbytes() as u64,
+            Placed::Items(_, len) => *len,
+        })
+    }
+
+    /// Write the member at byte `at` of `file` (`dest` in errors); returns the bytes written as
+    /// its writer counts them, which the caller checks against [`Placed::len`] and the file.
+    fn write(&self, file: &File, at: u64, dest: &Path) -> Result<u64> {
+        match self {
+            Placed::Weights(state) => torch_zip::write_at(state, file, at, ZIP_ARCHIVE_NAME, dest),
+            Placed::Tensor(name, entry) => {
+                crate::sink::write_tensor_at(file, dest, at, name, entry, false)?;
+                let len = entry.nbytes() as u64;
+                crate::progress::tensor_written(len);
+                Ok(len)
+            }
+            Placed::Items(parts, _) => distributed::write_distcp(parts, file, at, dest),
+        }
+    }
 }
 
 /// One member to write, by normalised name (no `./`, no trailing `/`; `""` is the root).
@@ -161,14 +195,15 @@ fn plan<'a>(
         ));
     }
 
-    let mut items = vec![Item { name: CONFIG.to_string(), body: Body::Bytes(config.raw.as_bytes()) }];
+    let mut items =
+        vec![Item { name: CONFIG.to_string(), body: Body::Bytes(Cow::Borrowed(config.raw.as_bytes())) }];
     match dist {
         Some((weights, backend)) => {
             for member in distributed::members(weights, backend, dest)? {
                 let (name, body) = match member {
-                    DistMember::Bytes(name, bytes) => (name, Body::Owned(bytes)),
-                    DistMember::Chunk(name, key, chunk) => (name, Body::Tensor(key, chunk)),
-                    DistMember::Items(name, parts, len) => (name, Body::Items(parts, len)),
+                    DistMember::Bytes(name, bytes) => (name, Body::Bytes(Cow::Owned(bytes))),
+                    DistMember::Chunk(name, key, chunk) => (name, Body::Placed(Placed::Tensor(key, chunk))),
+                    DistMember::Items(name, parts, len) => (name, Body::Placed(Placed::Items(parts, len))),
                 };
                 items.push(Item { name: format!("{DIST_DIR}/{name}"), body });
             }
@@ -176,7 +211,10 @@ fn plan<'a>(
         None => {
             for shard in &ckpt.shards {
                 let state = torch_zip::TorchState::new(shard.tensors.clone(), shard.none_keys.clone());
-                items.push(Item { name: layout.weights_member(shard.rank), body: Body::Weights(state) });
+                items.push(Item {
+                    name: layout.weights_member(shard.rank),
+                    body: Body::Placed(Placed::Weights(state)),
+                });
             }
         }
     }
@@ -284,42 +322,6 @@ impl TarOut<'_> {
         Ok(())
     }
 
-    /// A tensor's bytes, streamed into the member's data region (`name` in errors).
-    fn tensor(&mut self, tar_name: &str, name: &str, entry: &TensorEntry) -> Result<()> {
-        let dest = self.dest;
-        let len = entry.nbytes() as u64;
-        self.put(&file_header(tar_name, len))?;
-        let start = self.pos;
-        crate::sink::write_tensor_at(self.file, dest, start, name, entry, false)?;
-        let end = self.file.seek(SeekFrom::End(0)).at(dest)?;
-        if end != start + len {
-            return Err(Error::invalid(
-                dest,
-                format!("member {tar_name}: tensor '{name}' should be {len} bytes, wrote {}", end - start),
-            ));
-        }
-        self.pos = end;
-        crate::progress::tensor_written(len);
-        self.put(&vec![0; padding(len)])
-    }
-
-    /// A `.distcp` file's items, written in place in the member's data region.
-    fn items(&mut self, tar_name: &str, parts: &[DistItem<'_>], len: u64) -> Result<()> {
-        let dest = self.dest;
-        self.put(&file_header(tar_name, len))?;
-        let start = self.pos;
-        let written = distributed::write_distcp(parts, self.file, start, dest)?;
-        let end = self.file.seek(SeekFrom::End(0)).at(dest)?;
-        if written != len || end != start + len {
-            return Err(Error::invalid(
-                dest,
-                format!("member {tar_name}: {len} bytes were planned, {written} written"),
-            ));
-        }
-        self.pos = end;
-        self.put(&vec![0; padding(len)])
-    }
-
     fn member(&mut self, tar_name: &str, bytes: &[u8]) -> Result<()> {
         let len = bytes.len() as u64;
         self.put(&file_header(tar_name, len))?;
@@ -327,19 +329,19 @@ impl TarOut<'_> {
         self.put(&vec![0; padding(len)])
     }
 
-    /// A rank's zip, streamed into the member's data region.
-    fn weights(&mut self, tar_name: &str, state: &torch_zip::TorchState) -> Result<()> {
+    /// A placed member, written straight into its data region.
+    fn placed(&mut self, tar_name: &str, body: &Placed<'_>) -> Result<()> {
         let dest = self.dest;
-        let len = torch_zip::encoded_len(state, ZIP_ARCHIVE_NAME)?;
+        let len = body.len()?;
         self.put(&file_header(tar_name, len))?;
         let start = self.pos;
-        let written = torch_zip::write_at(state, self.file, start, ZIP_ARCHIVE_NAME, dest)?;
+        let written = body.write(self.file, start, dest)?;
         let end = self.file.seek(SeekFrom::End(0)).at(dest)?;
         if written != len || end != start + len {
             return Err(Error::invalid(
                 dest,
                 format!(
-                    "member {tar_name}: the PyTorch zip writer announced {len} bytes but wrote {written} \
+                    "member {tar_name}: its writer announced {len} bytes but wrote {written} \
                      (the file now ends {} bytes past the member start)",
                     end.saturating_sub(start)
                 ),
@@ -357,11 +359,8 @@ fn write_tar_to(items: &[Item<'_>], file: &mut File, dest: &Path) -> Result<()> 
         match &item.body {
             Body::Dir => out.put(&dir_header(&tar_name))?,
             Body::Bytes(b) => out.member(&tar_name, b)?,
-            Body::Owned(b) => out.member(&tar_name, b)?,
             Body::Source(src) => out.member(&tar_name, &src.bytes()?)?,
-            Body::Tensor(name, entry) => out.tensor(&tar_name, name, entry)?,
-            Body::Items(parts, len) => out.items(&tar_name, parts, *len)?,
-            Body::Weights(state) => out.weights(&tar_name, state)?,
+            Body::Placed(body) => out.placed(&tar_name, body)?,
         }
     }
     let end = trailer(out.pos);
@@ -375,40 +374,16 @@ fn write_dir(items: &[Item<'_>], dest: &Path, overwrite: bool) -> Result<()> {
         match &item.body {
             Body::Dir => std::fs::create_dir_all(&path).at(&path)?,
             Body::Bytes(b) => std::fs::write(&path, b).at(&path)?,
-            Body::Owned(b) => std::fs::write(&path, b).at(&path)?,
             Body::Source(src) => std::fs::write(&path, src.bytes()?).at(&path)?,
-            Body::Tensor(name, entry) => {
+            Body::Placed(body) => {
+                let len = body.len()?;
                 let file = File::create(&path).at(&path)?;
-                crate::sink::write_tensor_at(&file, &path, 0, name, entry, false)?;
-                let len = file.metadata().at(&path)?.len();
-                if len != entry.nbytes() as u64 {
+                let written = body.write(&file, 0, &path)?;
+                let size = file.metadata().at(&path)?.len();
+                if written != len || size != len {
                     return Err(Error::invalid(
                         &path,
-                        format!("tensor '{name}' should be {} bytes, wrote {len}", entry.nbytes()),
-                    ));
-                }
-                crate::progress::tensor_written(len);
-                file.sync_all().at(&path)?;
-            }
-            Body::Items(parts, len) => {
-                let file = File::create(&path).at(&path)?;
-                let written = distributed::write_distcp(parts, &file, 0, &path)?;
-                if written != *len {
-                    return Err(Error::invalid(
-                        &path,
-                        format!("{len} bytes were planned, {written} written"),
-                    ));
-                }
-                file.sync_all().at(&path)?;
-            }
-            Body::Weights(state) => {
-                let len = torch_zip::encoded_len(state, ZIP_ARCHIVE_NAME)?;
-                let file = File::create(&path).at(&path)?;
-                let written = torch_zip::write_at(state, &file, 0, ZIP_ARCHIVE_NAME, &path)?;
-                if written != len {
-                    return Err(Error::invalid(
-                        &path,
-                        format!("the PyTorch zip writer announced {len} bytes but wrote {written}"),
+                        format!("its writer announced {len} bytes but wrote {written} (the file has {size})"),
                     ));
                 }
                 file.sync_all().at(&path)?;
