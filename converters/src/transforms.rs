@@ -613,6 +613,19 @@ impl<'a> RowPlan<'a> {
 // ------------------------------------------------------------------------------------------------
 // Chunked arrays
 
+/// Step a C-order odometer `index` over the box `dims` (last axis fastest). Returns `false` when
+/// it wrapped back to all zeros, i.e. every index has been visited (at once for no axes).
+pub(crate) fn advance(index: &mut [usize], dims: &[usize]) -> bool {
+    for d in (0..index.len()).rev() {
+        index[d] += 1;
+        if index[d] < dims[d] {
+            return true;
+        }
+        index[d] = 0;
+    }
+    false
+}
+
 /// One stored chunk of a chunked array (zarr, torch_dist): where it sits in the array, how much
 /// of it lies inside (zarr stores edge chunks full size), and its own C-order shape.
 pub(crate) struct Placed<'a> {
@@ -702,13 +715,7 @@ pub(crate) fn gather_boxes(
             }
             gather.push(Piece::Zip { count: r1 - r0, runs });
         }
-        for d in (0..band_axis).rev() {
-            idx[d] += 1;
-            if idx[d] < full[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
+        advance(&mut idx, &full[..band_axis]);
     }
     Ok(Some(gather.finish(name, dtype, shape.to_vec(), origin)))
 }

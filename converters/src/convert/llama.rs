@@ -296,7 +296,7 @@ fn global_from_dist(
     path: &Path,
 ) -> Result<TensorEntry> {
     let all = by_rank.get(&(0, 0)).ok_or_else(|| Error::missing(path, "distributed checkpoint arrays"))?;
-    let key = row.name(dialect).replace(".{L}.", ".");
+    let key = names::stacked(row.name(dialect));
     let t = all.get(&key).ok_or_else(|| Error::missing(path, format!("array '{key}'")))?;
     consumed.insert((0, 0, key.clone()));
     let Some(l) = layer else { return Ok((*t).clone()) };
@@ -433,11 +433,11 @@ pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
             Some(_) => (0..hp.layers).map(Some).collect(),
             None => vec![None],
         };
-        let key = row.name(dialect).replace(".{L}.", ".");
+        let key = names::stacked(row.name(dialect));
         let sample = part(row, layer, 0)?;
         let local = sample.shape.clone();
         // The chunk shape within one layer and how many fragments each axis has.
-        let (chunk, fragments): (Vec<usize>, Vec<usize>) = match (row.split, local.as_slice()) {
+        let (mut chunk, fragments): (Vec<usize>, Vec<usize>) = match (row.split, local.as_slice()) {
             (Split::Replicated, _) => (local.clone(), vec![1; local.len()]),
             (Split::Rows | Split::Vocab, [r, c]) => (vec![*r, *c], vec![tp, 1]),
             (Split::Cols, [r, c]) => (vec![*r, *c], vec![1, tp]),
@@ -473,7 +473,6 @@ pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
             }
         }
         let mut shape: Vec<usize> = chunk.iter().zip(&fragments).map(|(c, f)| c * f).collect();
-        let mut chunk = chunk;
         if layer.is_some() {
             shape.insert(0, hp.layers);
             chunk.insert(0, 1);
@@ -484,7 +483,7 @@ pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
         .iter()
         .chain(&names::DIST_ATTENTION_EXTRA_STATE)
         .flat_map(|m| {
-            let module = m.replace(".{L}.", ".");
+            let module = names::stacked(m);
             (0..hp.layers).map(move |l| format!("{module}._extra_state/shard_{l}_{}", hp.layers))
         })
         .collect();

@@ -488,6 +488,12 @@ pub fn at_layer(template: &str, layer: usize) -> String {
     template.replace(LAYER, &layer.to_string())
 }
 
+/// A table name without its layer index: the key of the layer-stacked array (or object) that a
+/// distributed checkpoint stores for all layers at once (formats.md §1.6).
+pub fn stacked(template: &str) -> String {
+    template.replace(&format!(".{LAYER}."), ".")
+}
+
 /// HF tensors that carry no information and are dropped on import (old rotary buffers).
 pub fn is_ignorable_hf(name: &str) -> bool {
     name.ends_with(".rotary_emb.inv_freq")

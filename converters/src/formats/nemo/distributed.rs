@@ -18,11 +18,11 @@
 //! Both get `common.pt` (`torch.save({})`) and `metadata.json`. Chunks are streamed into their
 //! members like any tensor, so memory stays bounded by one chunk.
 
-use super::zarr::advance;
 use crate::checkpoint::TensorEntry;
 use crate::error::{Error, IoContext, Result};
 use crate::formats::pickle::Value;
 use crate::formats::torch_zip;
+use crate::transforms::advance;
 use crate::DType;
 use std::path::Path;
 
@@ -47,9 +47,9 @@ pub struct DistArray {
 pub struct DistWeights {
     /// Global arrays.
     pub arrays: Vec<DistArray>,
-    /// ShardedObject keys (`<module>._extra_state/shard_<layer>_<layers>`), each written as
-    /// `torch.save(None)`: what Transformer Engine stores without FP8 state, and what its
-    /// `set_extra_state` ignores.
+    /// ShardedObject keys (`<module>._extra_state/shard_<layer>_<layers>`), each holding `None`:
+    /// what Transformer Engine stores without FP8 state, and what its `set_extra_state` ignores
+    /// (zarr: a `torch.save(None)` file; torch_dist: a `torch.save([None])` item).
     pub objects: Vec<String>,
 }
 
@@ -110,55 +110,60 @@ pub(super) fn write_distcp(
     Ok(at - base)
 }
 
-/// Megatron's `CheckpointingConfig` in `model_weights/metadata.json`.
-fn metadata_json(backend: &str) -> Vec<u8> {
-    format!(r#"{{"sharded_backend": "{backend}", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}}"#)
-        .into_bytes()
-}
-
-/// The members of `weights` in `backend`, checked first (see [`zarr_members`]).
+/// The members of `weights` in `backend`, checked first (see [`zarr_members`]): Megatron's
+/// `metadata.json`, `common.pt` (`torch.save({})`: a GPT model's weights have no common part),
+/// then the backend's own.
 pub(super) fn members<'a>(
     weights: &'a DistWeights,
     backend: DistBackend,
     dest: &Path,
 ) -> Result<Vec<DistMember<'a>>> {
-    match backend {
-        DistBackend::Zarr => zarr_members(weights, dest),
-        DistBackend::TorchDist => torch_dist_members(weights, dest),
-    }
+    let name = match backend {
+        DistBackend::Zarr => "zarr",
+        DistBackend::TorchDist => "torch_dist",
+    };
+    let config = format!(
+        r#"{{"sharded_backend": "{name}", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}}"#
+    );
+    let mut out = vec![
+        DistMember::Bytes("metadata.json".into(), config.into_bytes()),
+        DistMember::Bytes("common.pt".into(), torch_zip::save_plain(&Value::Dict(Vec::new()), "common")?),
+    ];
+    out.extend(match backend {
+        DistBackend::Zarr => zarr_members(weights, dest)?,
+        DistBackend::TorchDist => torch_dist_members(weights, dest)?,
+    });
+    Ok(out)
 }
 
 /// The file every item goes into (one writer, as `FileSystemWriter(thread_count=1)` names it).
 const DISTCP: &str = "__0_0.distcp";
 
-/// The torch_dist members: `metadata.json`, `common.pt`, `.metadata` and one `.distcp`.
+/// The torch_dist members: `.metadata` and one `.distcp`.
 fn torch_dist_members<'a>(weights: &'a DistWeights, dest: &Path) -> Result<Vec<DistMember<'a>>> {
     const MD: &str = "torch.distributed.checkpoint.metadata";
-    let object = |class: &str, state: Option<Value>| Value::Object {
-        class: Box::new(Value::global(MD, class)),
+    // `cls.__new__(cls)` then `BUILD` with `state`: how pickle restores these dataclasses.
+    let new = |module: &str, class: &str, state: Option<Value>| Value::Object {
+        class: Box::new(Value::global(module, class)),
         args: Box::new(Value::Tuple(Vec::new())),
         kwargs: None,
         state: state.map(Box::new),
     };
+    let object = |class: &str, state: Option<Value>| new(MD, class, state);
     let fields = |pairs: Vec<(&str, Value)>| {
         Value::Dict(pairs.into_iter().map(|(k, v)| (Value::Str(k.into()), v)).collect())
     };
-    let size = |dims: &[usize]| Value::Reduce {
-        callable: Box::new(Value::global("torch", "Size")),
-        args: Box::new(Value::Tuple(vec![Value::Tuple(
-            dims.iter().map(|&d| Value::Int(d as i64)).collect(),
-        )])),
-        state: None,
+    let size = |dims: &[usize]| {
+        let dims = dims.iter().map(|&d| Value::Int(d as i64)).collect();
+        Value::call(Value::global("torch", "Size"), vec![Value::Tuple(dims)])
     };
-    let storage_info = |offset: u64, length: u64| Value::Object {
-        class: Box::new(Value::global("torch.distributed.checkpoint.filesystem", "_StorageInfo")),
-        args: Box::new(Value::Tuple(Vec::new())),
-        kwargs: None,
-        state: Some(Box::new(fields(vec![
+    let storage_info = |offset: u64, length: u64| {
+        let state = fields(vec![
             ("relative_path", Value::Str(DISTCP.into())),
             ("offset", Value::Int(offset as i64)),
             ("length", Value::Int(length as i64)),
-        ]))),
+        ]);
+        new("torch.distributed.checkpoint.filesystem", "_StorageInfo", Some(state))
     };
     let mut items = Vec::new();
     let (mut sdm, mut planner, mut storage) = (Vec::new(), Vec::new(), Vec::new());
@@ -217,17 +222,12 @@ fn torch_dist_members<'a>(weights: &'a DistWeights, dest: &Path) -> Result<Vec<D
             "TensorProperties",
             Some(Value::Tuple(vec![
                 Value::global("torch", a.dtype.torch_name()),
-                Value::Reduce {
-                    callable: Box::new(Value::global("torch.serialization", "_get_layout")),
-                    args: Box::new(Value::Tuple(vec![Value::Str("torch.strided".into())])),
-                    state: None,
-                },
+                Value::call(
+                    Value::global("torch.serialization", "_get_layout"),
+                    vec![Value::Str("torch.strided".into())],
+                ),
                 Value::Bool(false),
-                Value::Reduce {
-                    callable: Box::new(Value::global(MD, "_MEM_FORMAT_ENCODING")),
-                    args: Box::new(Value::Tuple(vec![Value::Int(0)])),
-                    state: None,
-                },
+                Value::call(Value::global(MD, "_MEM_FORMAT_ENCODING"), vec![Value::Int(0)]),
                 Value::Bool(false),
             ])),
         );
@@ -253,20 +253,15 @@ fn torch_dist_members<'a>(weights: &'a DistWeights, dest: &Path) -> Result<Vec<D
         ])),
     );
     Ok(vec![
-        DistMember::Bytes("metadata.json".into(), metadata_json("torch_dist")),
-        DistMember::Bytes("common.pt".into(), torch_zip::save_plain(&Value::Dict(Vec::new()), "common")?),
         DistMember::Bytes(".metadata".into(), crate::formats::pickle::dump(&metadata, dest)?),
         DistMember::Items(DISTCP.into(), items, at),
     ])
 }
 
-/// The members of `weights` as a zarr distributed checkpoint, checked first: every key a safe
-/// single path component, unique, chunks that tile their array with the array's dtype.
+/// The zarr members of `weights`, checked first: every key a safe single path component,
+/// unique, chunks that tile their array with the array's dtype.
 fn zarr_members<'a>(weights: &'a DistWeights, dest: &Path) -> Result<Vec<DistMember<'a>>> {
-    let mut out = vec![
-        DistMember::Bytes("metadata.json".into(), metadata_json("zarr")),
-        DistMember::Bytes("common.pt".into(), torch_zip::save_plain(&Value::Dict(Vec::new()), "common")?),
-    ];
+    let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for a in &weights.arrays {
         check_key(&a.key, dest)?;
@@ -400,7 +395,7 @@ mod tests {
 
     fn members_err(arrays: Vec<DistArray>, objects: &[&str]) -> String {
         let w = DistWeights { arrays, objects: objects.iter().map(|s| s.to_string()).collect() };
-        zarr_members(&w, Path::new("out.nemo")).err().map(|e| e.to_string()).unwrap_or_default()
+        members(&w, DistBackend::Zarr, Path::new("out.nemo")).err().map(|e| e.to_string()).unwrap_or_default()
     }
 
     #[test]
@@ -418,7 +413,7 @@ mod tests {
             arrays: vec![array("w", &[2, 4], &[1, 2], (0..4).map(|_| chunk(DType::BF16, &[2])).collect())],
             objects: vec!["m._extra_state/shard_0_2".into()],
         };
-        let names: Vec<String> = zarr_members(&w, Path::new("o"))
+        let names: Vec<String> = members(&w, DistBackend::Zarr, Path::new("o"))
             .unwrap()
             .into_iter()
             .map(|m| match m {

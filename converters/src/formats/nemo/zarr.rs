@@ -12,7 +12,7 @@
 use super::Store;
 use crate::checkpoint::{ByteSource, TensorEntry, TensorMap};
 use crate::error::{Error, Result};
-use crate::transforms::{gather_boxes, Placed};
+use crate::transforms::{advance, gather_boxes, Placed};
 use crate::DType;
 use serde::Deserialize;
 
@@ -170,17 +170,6 @@ fn array(store: &Store, dir: &str) -> Result<(DType, Vec<usize>, ByteSource)> {
 
 fn checked_product(dims: &[usize], init: usize) -> Option<usize> {
     dims.iter().try_fold(init, |acc, &d| acc.checked_mul(d))
-}
-
-/// Step a C-order odometer over `grid` (chunk grid coordinates, as zarr names chunk files).
-pub(super) fn advance(coord: &mut [usize], grid: &[usize]) {
-    for d in (0..coord.len()).rev() {
-        coord[d] += 1;
-        if coord[d] < grid[d] {
-            return;
-        }
-        coord[d] = 0;
-    }
 }
 
 /// Place every chunk (in C-order grid order) into one C-order buffer of `shape`. Edge chunks are

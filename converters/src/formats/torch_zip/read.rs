@@ -498,18 +498,8 @@ fn gather(src: &[u8], shape: &[usize], stride: &[usize], esize: usize) -> Option
                 out.extend_from_slice(&src[at..at + esize]);
             }
         }
-        // Odometer over the outer dimensions, last fastest.
-        let mut d = outer.len();
-        loop {
-            if d == 0 {
-                return Some(out);
-            }
-            d -= 1;
-            index[d] += 1;
-            if index[d] < outer[d] {
-                break;
-            }
-            index[d] = 0;
+        if !crate::transforms::advance(&mut index, outer) {
+            return Some(out);
         }
     }
 }

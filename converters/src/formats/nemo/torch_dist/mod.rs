@@ -27,7 +27,7 @@ use crate::checkpoint::{ByteSource, TensorEntry, TensorMap};
 use crate::error::{Error, Result};
 use crate::formats::pickle::{self, AllowList};
 use crate::formats::torch_zip;
-use crate::transforms::{gather_boxes, Placed};
+use crate::transforms::{advance, gather_boxes, Placed};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -269,14 +269,8 @@ fn assemble(shape: &[usize], esize: usize, pieces: &[Piece], origin: &Path, key:
                 .map(|d| (p.offsets[d] + idx.get(d).copied().unwrap_or(0)) * out_stride[d])
                 .sum::<usize>();
             out[dst_at..dst_at + row].copy_from_slice(chunk_row);
-            // Odometer over all but the last (contiguous) axis.
-            for d in (0..last).rev() {
-                idx[d] += 1;
-                if idx[d] < p.sizes[d] {
-                    break;
-                }
-                idx[d] = 0;
-            }
+            // Next row: all but the last (contiguous) axis.
+            advance(&mut idx, &p.sizes[..last]);
         }
     }
     Ok(out)
