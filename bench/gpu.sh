@@ -61,6 +61,7 @@ for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softm
     full_attention_forward \
     decode_gemv_forward decode_attention_forward \
     rope_qkv_into_cache_is_exact bias_act_forward batched_decode_matches_the_cpu \
+    graph_decode_matches_the_eager_steps \
     train_step_layer_nodes_match_the_composed_graph; do
     timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
     rc=$?
@@ -118,6 +119,8 @@ if [[ -z ${GPU_SH_TINY:-} ]]; then
 fi
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 step ours-decode 60 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
+step ours-decode-eager 60 env SHARDSMITH_CUDA_GRAPH=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
+step ours-decode-eager-events 60 env SHARDSMITH_CUDA_GRAPH=0 SHARDSMITH_CUDA_EVENTS=1 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-cublas 60 env SHARDSMITH_CUDA_GEMV=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step torch-decode 60 $PY decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-neva 60 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
@@ -169,12 +172,15 @@ if o or t:
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
          f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}")
 for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
-    o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv=True), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
+    o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv=True, cuda_graph=True), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
     oc = find("decode", "shardsmith", batch=b, cuda_gemv=False)
+    oe = find("decode", "shardsmith", batch=b, cuda_gemv=True, cuda_graph=False, cuda_events=False)
+    ov = find("decode", "shardsmith", batch=b, cuda_gemv=True, cuda_graph=False, cuda_events=True)
     r = o or t or gr
     name = f"7B decode ({r['layers']} layers), batch {b}, prompt {r['prompt_len']} + {r['steps']}"
     line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"),
-         f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours with cuBLAS GEMMs {fmt(g(oc, 'tokens_per_s'))}")
+         f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours eager {fmt(g(oe, 'tokens_per_s'))}, "
+         f"eager with cudarc events {fmt(g(ov, 'tokens_per_s'))}, with cuBLAS GEMMs {fmt(g(oc, 'tokens_per_s'))}")
 o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split"), find("neva_step", "pytorch")
 of = find("neva_step", "shardsmith", flash_fwd="wgmma", flash_bwd="wgmma")
 oc = find("neva_step", "shardsmith", layer_nodes=False)

@@ -304,14 +304,26 @@ pub fn cuda_gemv_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_GEMV").map_or(true, |v| v != "0"))
 }
 
+/// Whether a single-rank decode step on CUDA replays a recorded CUDA graph
+/// ([`decode_graph`]; the default, where it applies) rather than issuing its launches one by
+/// one; `SHARDSMITH_CUDA_GRAPH=0` turns it off, for comparisons. The graph runs the GEMV kernels,
+/// so `SHARDSMITH_CUDA_GEMV=0` turns it off too.
+pub fn cuda_graph_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_GRAPH").map_or(true, |v| v != "0"))
+        && cuda_gemv_enabled()
+}
+
 pub mod attention;
 mod cast;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+pub mod decode_graph;
 pub mod epilogue;
 #[cfg(feature = "cuda")]
-pub use cuda::{gemv_launches as cuda_gemv_launches, keep_pool_memory};
+pub use cuda::{gemv_launches as cuda_gemv_launches, keep_pool_memory, quiet_event_tracking};
 pub mod fused;
 pub mod heads;
 pub mod kv_step;

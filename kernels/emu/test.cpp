@@ -6,6 +6,7 @@
 #include "../src/decode_attn.cu"
 #include "../src/flash_attn.cu"
 #include "../src/flash_wg.cu"
+#include "../src/gather.cu"
 #include "../src/gemv.cu"
 #include "../src/rmsnorm.cu"
 #include "../src/rope.cu"
@@ -387,17 +388,20 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
 
 // One query position per sequence against a KV cache of capacity `cap` > S (strided views),
 // GQA, one split (S ≤ 512) or several with a partial last one (then the combine kernel).
-template <class T, int D> void test_decode_attn(int B, int hq, int hk, int s, int cap, double tol) {
+// `device_s`: S read from device memory and the grid sized for the capacity (a CUDA-graph step),
+// so splits past S are empty and must not disturb the combine.
+template <class T, int D> void test_decode_attn(int B, int hq, int hk, int s, int cap, double tol, bool device_s = false) {
     const float scale = 1.0f / std::sqrt((float)D);
     auto q = cast<T>(randv((size_t)B * hq * D));
     auto k = cast<T>(randv((size_t)B * hk * cap * D, -2, 2)), v = cast<T>(randv((size_t)B * hk * cap * D));
     const long long sh = (long long)cap * D, sb = hk * sh;
-    const int ns = (s + DECODE_CHUNK - 1) / DECODE_CHUNK;
+    const int ns = ((device_s ? cap : s) + DECODE_CHUNK - 1) / DECODE_CHUNK;
+    const int s_dev = s;
     std::vector<T> out((size_t)B * hq * D);
     std::vector<float> po((size_t)B * hq * ns * D), pm((size_t)B * hq * ns), pl(pm.size());
     emu::launch(dim3(hq, B, ns), dim3(32 * DECODE_WARPS), 0, decode_attn<T, D>, (const T *)q.data(),
                 (const T *)k.data(), (const T *)v.data(), sb, sh, out.data(), po.data(), pm.data(), pl.data(), hq, hk,
-                s, scale);
+                device_s ? -1 : s, scale, device_s ? &s_dev : (const int *)nullptr);
     if (ns > 1)
         emu::launch(dim3(hq, B), dim3((D + 31) / 32 * 32), 0, decode_attn_combine<T>, (const float *)po.data(),
                     (const float *)pm.data(), (const float *)pl.data(), out.data(), hq, D, ns);
@@ -421,27 +425,32 @@ template <class T, int D> void test_decode_attn(int B, int hq, int hk, int s, in
             }
         }
     char buf[96];
-    std::snprintf(buf, sizeof buf, "decode attention %s D%d Hq%d Hk%d S%d", sizeof(T) == 4 ? "f32" : "bf16", D, hq, hk, s);
+    std::snprintf(buf, sizeof buf, "decode attention %s D%d Hq%d Hk%d S%d%s", sizeof(T) == 4 ? "f32" : "bf16", D, hq, hk, s,
+                  device_s ? " (device S, capacity grid)" : "");
     check(buf, widen(out), want, tol);
 }
 
 // q, k, v as column views of one fused [B, T, (Hq + 2G)·D] product, rotated / copied into
 // q_out and a [2, B, G, cap, D] cache at pos..pos+T; cache rows outside stay as they were.
-template <class T, class C> void test_rope_qkv_cache(int B, int t, int hq, int g, int d, int cap, int pos) {
+// `device_pos`: the position read from device memory and the tables whole (absolute rows).
+template <class T, class C>
+void test_rope_qkv_cache(int B, int t, int hq, int g, int d, int cap, int pos, bool device_pos = false) {
     const int half = d / 2, width = (hq + 2 * g) * d;
     auto y = cast<T>(randv((size_t)B * t * width));
-    auto cs = cast<C>(randv((size_t)t * half)), sn = cast<C>(randv((size_t)t * half));
+    const int row0 = device_pos ? pos : 0, table_rows = device_pos ? cap : t;
+    auto cs = cast<C>(randv((size_t)table_rows * half)), sn = cast<C>(randv((size_t)table_rows * half));
     const T sentinel = from_f32<T>(7.f);
     std::vector<T> q_out((size_t)B * hq * t * d), kv((size_t)2 * B * g * cap * d, sentinel);
     const long long sb = (long long)t * width, st = width;
     const long long pairs = (long long)B * t * (hq + 2 * g) * half;
     emu::launch(dim3((unsigned)std::min<long long>((pairs + 63) / 64, 3)), dim3(64), 0, rope_qkv_cache<T, C>,
                 (const T *)y.data(), sb, st, (const T *)y.data() + hq * d, sb, st, (const T *)y.data() + (hq + g) * d, sb,
-                st, (const C *)cs.data(), (const C *)sn.data(), q_out.data(), kv.data(), B, t, hq, g, d, cap, pos);
+                st, (const C *)cs.data(), (const C *)sn.data(), q_out.data(), kv.data(), B, t, hq, g, d, cap,
+                device_pos ? -1 : pos, device_pos ? &pos : (const int *)nullptr);
     std::vector<double> wq(q_out.size()), wkv(kv.size(), 7.0);
     auto rot = [&](const T *src, int p, int i, bool second) {
         const float a = to_f32(src[i]), b = to_f32(src[i + half]);
-        const float c = to_f32(cs[p * half + i]), s = to_f32(sn[p * half + i]);
+        const float c = to_f32(cs[(row0 + p) * half + i]), s = to_f32(sn[(row0 + p) * half + i]);
         return (double)to_f32(from_f32<T>(second ? b * c + a * s : a * c - b * s));
     };
     for (int b = 0; b < B; ++b)
@@ -465,7 +474,8 @@ template <class T, class C> void test_rope_qkv_cache(int B, int t, int hq, int g
     char buf[96];
     std::snprintf(buf, sizeof buf, "rope_qkv_cache %s q B%d T%d Hq%d G%d D%d", sizeof(T) == 4 ? "f32" : "bf16", B, t, hq, g, d);
     check(buf, widen(q_out), wq, 0.0);
-    std::snprintf(buf, sizeof buf, "rope_qkv_cache %s cache pos %d cap %d", sizeof(T) == 4 ? "f32" : "bf16", pos, cap);
+    std::snprintf(buf, sizeof buf, "rope_qkv_cache %s cache pos %d%s cap %d", sizeof(T) == 4 ? "f32" : "bf16", pos,
+                  device_pos ? " (device)" : "", cap);
     check(buf, widen(kv), wkv, 0.0);
 }
 
@@ -486,6 +496,19 @@ template <class T> void test_bias_act(int rows, int cols, int act, bool residual
     std::snprintf(buf, sizeof buf, "bias_act %s [%d, %d] act %d%s", sizeof(T) == 4 ? "f32" : "bf16", rows, cols, act,
                   residual ? " + residual" : "");
     check(buf, widen(y), want, tol);
+}
+
+// Rows of a [V, H] table by device ids, an out-of-range id giving zeros.
+template <class T> void test_embed_rows(int v, int h) {
+    auto table = cast<T>(randv((size_t)v * h));
+    const std::vector<unsigned> ids = {3, 0, (unsigned)v - 1, (unsigned)v, 1u << 31};
+    const int rows = (int)ids.size();
+    std::vector<T> out((size_t)rows * h, from_f32<T>(7.f));
+    emu::launch(dim3(2), dim3(64), 0, embed_rows<T>, ids.data(), (const T *)table.data(), out.data(), rows, h, v);
+    std::vector<double> want(out.size(), 0.0);
+    for (int r = 0; r < rows; ++r)
+        for (int i = 0; i < h && ids[r] < (unsigned)v; ++i) want[(size_t)r * h + i] = to_f32(table[(size_t)ids[r] * h + i]);
+    check(sizeof(T) == 4 ? "embed_rows f32" : "embed_rows bf16", widen(out), want, 0.0);
 }
 
 int main() {
@@ -518,6 +541,14 @@ int main() {
     test_decode_attn<bf16, 128>(1, 2, 1, 1100, 1104, 1e-2);
     test_decode_attn<bf16, 96>(1, 3, 3, 1, 8, 1e-2);
     test_decode_attn<float, 32>(1, 2, 1, 513, 520, 1e-5);
+    // CUDA-graph steps: S from device memory, the grid for the capacity (empty splits; one split)
+    test_decode_attn<bf16, 128>(2, 4, 2, 37, 1100, 1e-2, true);
+    test_decode_attn<float, 64>(1, 2, 1, 600, 1500, 1e-5, true);
+    test_decode_attn<bf16, 64>(1, 2, 2, 1, 300, 1e-2, true);
+    test_rope_qkv_cache<bf16, bf16>(2, 1, 4, 2, 16, 9, 5, true);
+    test_rope_qkv_cache<float, float>(1, 1, 2, 1, 8, 6, 0, true);
+    test_embed_rows<float>(11, 24);
+    test_embed_rows<bf16>(5, 40);
     test_attention<float>(1, 2, 1, 70, "f32", 1e-4);
     test_attention<bf16>(1, 2, 1, 70, "bf16", 3e-2);
     test_attention<bf16>(2, 3, 3, 17, "bf16", 3e-2);

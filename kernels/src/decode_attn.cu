@@ -7,6 +7,9 @@
 //         contiguous and any batch / head strides `sb`, `sh` (elements): the cache's narrowed
 //         views, read in place; query head h reads K/V head h / (Hq / Hk). out [B, Hq·D] (head
 //         h's values at h·D: merge_heads' layout for T = 1). D ∈ {32, 64, 96, 128}.
+//         s_dev (nullable): a device int holding S instead of `s`, for a step replayed from a
+//         CUDA graph; the grid is then sized for the cache's capacity and splits past S
+//         contribute nothing (max −∞, sum 0) to the combine.
 //         Split S (NS > 1): po [B, Hq, NS, D] f32 (unnormalised partial outputs), pm, pl
 //         [B, Hq, NS] f32 (each split's max and sum of exponentials, base 2).
 // Launch: decode_attn_T_dD    grid (Hq, B, NS), NS = ⌈S / DECODE_CHUNK⌉, block 128 (4 warps),
@@ -34,7 +37,9 @@ template <int D> __host__ __device__ constexpr int decode_group() {
 template <typename T, int D>
 __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
                             long long sb, long long sh, T *__restrict__ out, float *__restrict__ po,
-                            float *__restrict__ pm, float *__restrict__ pl, int hq, int hk, int s, float scale) {
+                            float *__restrict__ pm, float *__restrict__ pl, int hq, int hk, int s, float scale,
+                            const int *__restrict__ s_dev) {
+    if (s_dev) s = *s_dev;
     constexpr int L = decode_group<D>(), PER_WARP = 32 / L, STEP = DECODE_WARPS * PER_WARP;
     __shared__ float p[DECODE_CHUNK];                   // scores, then probabilities
     __shared__ float red[DECODE_WARPS * PER_WARP][D];   // each group's partial output
@@ -127,8 +132,9 @@ __device__ void decode_attn_combine(const float *__restrict__ po, const float *_
 #define DECODE_ATTN(TY, NAME, D)                                                                           \
     extern "C" __global__ void __launch_bounds__(32 * DECODE_WARPS)                                        \
         decode_attn_##NAME##_d##D(const TY *q, const TY *k, const TY *v, long long sb, long long sh, TY *out, \
-                                  float *po, float *pm, float *pl, int hq, int hk, int s, float scale) {    \
-        decode_attn<TY, D>(q, k, v, sb, sh, out, po, pm, pl, hq, hk, s, scale);                            \
+                                  float *po, float *pm, float *pl, int hq, int hk, int s, float scale,      \
+                                  const int *s_dev) {                                                      \
+        decode_attn<TY, D>(q, k, v, sb, sh, out, po, pm, pl, hq, hk, s, scale, s_dev);                     \
     }
 #define DECODE_ATTN_COMBINE(TY, NAME)                                                                       \
     extern "C" __global__ void decode_attn_combine_##NAME(const float *po, const float *pm, const float *pl, \

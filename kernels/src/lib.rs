@@ -52,6 +52,8 @@ modules! {
     ADAMW = "adamw";
     /// `decode_attn_{f32,bf16}_d{32,64,96,128}`, `decode_attn_combine_{f32,bf16}`.
     DECODE_ATTN = "decode_attn";
+    /// `embed_rows_{f32,bf16}`.
+    GATHER = "gather";
     /// `gemv_{f32,bf16}_m{1..8}`, `gemv_add_*` and `gemv_swiglu_*` (same suffixes).
     GEMV = "gemv";
     /// `flash_{fwd,bwd_pre,bwd}_f32_d*`, `flash_{fwd,fwd_full,bwd_pre,bwd_dq,bwd_dkdv,bwd_dkdv64,

@@ -16,6 +16,9 @@
 //         views of one fused projection are fine); cos/sin [T, D/2] for positions pos..pos+T;
 //         q_out [B, Hq, T, D] contiguous; kv [2, B, G, cap, D] contiguous (keys, then values),
 //         pos + T ≤ cap.
+//         pos_dev (nullable): a device int holding the position instead of `pos`, for a
+//         decode step replayed from a CUDA graph (the position changes, the launch does not);
+//         cos/sin are then the whole tables [≥ cap, D/2], indexed by absolute position.
 // Launch: 1-D grid-stride over B·T·(Hq + 2G)·D/2 (one thread per pair (i, i + D/2) of one head
 //         row), block 256.
 // Numerics: the rotation as above (bit-identical to ops::RopeQkvCache's CPU forward); v copied.
@@ -42,7 +45,12 @@ __device__ void rope_qkv_cache(const T *__restrict__ q, long long sqb, long long
                                long long skb, long long skt, const T *__restrict__ v, long long svb, long long svt,
                                const C *__restrict__ cos, const C *__restrict__ sin,
                                T *__restrict__ q_out, T *__restrict__ kv, int b, int t, int hq, int g, int d, int cap,
-                               int pos) {
+                               int pos, const int *__restrict__ pos_dev) {
+    // Table rows: relative to pos (host position), or absolute (device position).
+    const int row0 = pos_dev ? *pos_dev : 0;
+    if (pos_dev) pos = row0;
+    cos += (long long)row0 * (d / 2);
+    sin += (long long)row0 * (d / 2);
     const int half = d / 2, heads = hq + 2 * g;
     const long long pairs = (long long)b * t * heads * half;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < pairs;
@@ -87,9 +95,9 @@ __device__ void rope_qkv_cache(const T *__restrict__ q, long long sqb, long long
     extern "C" __global__ void rope_qkv_cache_##NAME(                                                 \
         const TY *q, long long sqb, long long sqt, const TY *k, long long skb, long long skt, const TY *v,    \
         long long svb, long long svt, const CY *cos, const CY *sin, TY *q_out, TY *kv, int b, int t, int hq, \
-        int g, int d, int cap, int pos) {                                                                   \
+        int g, int d, int cap, int pos, const int *pos_dev) {                                               \
         rope_qkv_cache<TY, CY>(q, sqb, sqt, k, skb, skt, v, svb, svt, cos, sin, q_out, kv, b, t, hq, g, d, cap, \
-                               pos);                                                                        \
+                               pos, pos_dev);                                                               \
     }
 ROPE(float, float, f32_f32)
 ROPE(bf16, bf16, bf16_bf16)

@@ -98,6 +98,12 @@ fn cuda_pool_keep() -> bool {
     std::env::var("SHARDSMITH_CUDA_POOL_KEEP").map_or(true, |v| v != "0")
 }
 
+/// Whether cudarc's per-buffer events are kept (`SHARDSMITH_CUDA_EVENTS=1`; off by default,
+/// `ops::quiet_event_tracking`).
+fn cuda_events() -> bool {
+    std::env::var("SHARDSMITH_CUDA_EVENTS").is_ok_and(|v| v == "1")
+}
+
 /// The bf16 attention kernels the models run (`SHARDSMITH_FLASH_FWD`, `SHARDSMITH_FLASH_BWD`).
 fn flash_names() -> Result<(&'static str, &'static str)> {
     Ok((FlashForward::from_env()?.name(), FlashBackward::from_env()?.name()))
@@ -116,7 +122,7 @@ fn dtype_name(d: DType) -> String {
 }
 
 /// A rank-0, TP-1 LLaMA over random weights on the device (`trainable`: every weight a Var).
-fn random_llama(s: &LlamaShape, c: &Common, trainable: bool) -> Result<Llama> {
+pub fn random_llama(s: &LlamaShape, c: &Common, trainable: bool) -> Result<Llama> {
     check_shape(s)?;
     let backend = Arc::new(RandomBackend::new(0.02, trainable));
     let layout = RankLayout { tp: 1, rank: 0, padded_vocab: s.vocab };
@@ -328,6 +334,8 @@ pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c:
             "steps": steps,
             "cuda_pool_keep": cuda_pool_keep(),
             "cuda_gemv": crate::ops::cuda_gemv_enabled(),
+            "cuda_graph": crate::ops::cuda_graph_enabled(),
+            "cuda_events": cuda_events(),
             "prefill_ms": prefill * 1e3,
             "ms_per_step": decode / steps as f64 * 1e3,
             "tokens_per_s": (b * steps) as f64 / decode,

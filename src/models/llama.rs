@@ -892,6 +892,9 @@ pub struct Llama {
     embed_leaves: std::sync::Mutex<Vec<(candle_core::Var, Tensor)>>,
     /// [`Llama::node_forwards`].
     node_forwards: std::sync::atomic::AtomicUsize,
+    /// The recorded decode step ([`Llama::graph_step`]), or why none can be recorded here.
+    #[cfg(feature = "cuda")]
+    decode_graph: Option<std::result::Result<ops::decode_graph::DecodeGraph, String>>,
 }
 
 impl Llama {
@@ -933,6 +936,8 @@ impl Llama {
             param_grads: ops::GradSink::default(),
             embed_leaves: Default::default(),
             node_forwards: Default::default(),
+            #[cfg(feature = "cuda")]
+            decode_graph: None,
         })
     }
 
@@ -978,10 +983,151 @@ impl Llama {
         Ok((cos.narrow(0, start, t)?, sin.narrow(0, start, t)?))
     }
 
+    /// One decode step — ids [B, 1], B ≤ 8, after the cached tokens — replayed from a recorded
+    /// CUDA graph ([`ops::decode_graph`]): the same kernels as the eager step, without the host
+    /// issuing ~8 launches per layer. Applies on one CUDA rank with the KV cache in use and
+    /// room for the token, frozen weights in one dtype, no adapters, after a prefill; `Ok(None)`
+    /// otherwise (the caller runs the layers). The graph is recorded at the first such step
+    /// and again whenever a tensor it reads was replaced (a new cache, other weights).
+    /// Returns f32 logits [B, 1, V].
+    #[cfg(feature = "cuda")]
+    pub fn graph_step(&mut self, ids: &Tensor) -> Result<Option<LlamaOutput>> {
+        use ops::decode_graph::DecodeGraph;
+        let rows = match ids.dims() {
+            &[b, 1] if (1..=ops::linear::GEMV_MAX_ROWS).contains(&b) => b,
+            _ => return Ok(None),
+        };
+        if !ops::cuda_graph_enabled()
+            || !self.device().is_cuda()
+            || self.layout.tp != 1
+            || self.position == 0
+            || matches!(self.decode_graph, Some(Err(_)))
+        {
+            return Ok(None);
+        }
+        let Some(model) = self.step_model(rows)? else { return Ok(None) };
+        let room = model.layers[0].cache.dim(3)?;
+        if self.position + 1 > room {
+            return Ok(None); // the eager step grows the cache (and the graph is recorded anew)
+        }
+        if !matches!(&self.decode_graph, Some(Ok(g)) if g.fits(&model, rows)) {
+            // The old graph's buffers go before the new graph's are made. A capture the driver
+            // refuses leaves the eager path, said once per model.
+            self.decode_graph = None;
+            self.decode_graph = Some(DecodeGraph::record(&model, rows).map_err(|e| {
+                eprintln!("warning: cuda graph decode is off for this model, decoding eagerly: {e}");
+                e.to_string()
+            }));
+        }
+        let Some(Ok(graph)) = &mut self.decode_graph else { return Ok(None) };
+        // The ids on the host: checked as the eager embedding checks them, and copied in with
+        // the position in one transfer.
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(Error::Usage(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
+        }
+        let logits = graph.step(&model, &ids, self.position)?; // [B, V'], the model's dtype
+        for l in &mut self.layers {
+            l.self_attn.cache.len += 1;
+        }
+        self.position += 1;
+        let logits = logits.narrow(1, 0, self.vocab)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        Ok(Some(LlamaOutput { logits, hidden_states: Vec::new() }))
+    }
+
+    /// Let decode steps replay a recorded CUDA graph where they can ([`Llama::graph_step`], the
+    /// default) or always run eagerly (comparisons, tests).
+    #[cfg(feature = "cuda")]
+    pub fn set_graph_decode(&mut self, on: bool) {
+        self.decode_graph = if on { None } else { Some(Err("turned off".into())) };
+    }
+
+    /// The weights and caches a graph decode step of `rows` sequences reads, where one applies
+    /// ([`Llama::graph_step`]'s conditions).
+    #[cfg(feature = "cuda")]
+    fn step_model(&mut self, rows: usize) -> Result<Option<ops::decode_graph::StepModel>> {
+        use ops::decode_graph::{StepLayer, StepModel};
+        let dtype = self.dtype();
+        let plain = |w: &Tensor| w.dtype() == dtype && !(w.is_variable() || w.track_op());
+        let plain_proj = |p: &Proj| p.lora.is_none() && plain(&p.weight);
+        if !plain_proj(&self.lm_head)
+            || !plain(&self.norm.weight)
+            || !matches!(dtype, DType::F32 | DType::BF16)
+        {
+            return Ok(None);
+        }
+        let (position, eps) = (self.position, self.norm.eps);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &mut self.layers {
+            if !layer.decode_fused {
+                layer.fuse_for_decode()?;
+            }
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            let projs = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
+            let norms = [&layer.input_layernorm, &layer.post_attention_layernorm];
+            let (Some(qkv), Some(gate_up), Some(cache)) = (&a.qkv, &m.gate_up, &a.cache.buffer) else {
+                return Ok(None);
+            };
+            if !a.use_cache
+                || a.cache.len != position
+                || cache.dim(1)? != rows
+                || cache.dtype() != dtype
+                || !projs.iter().all(|p| plain_proj(p))
+                || !norms.iter().all(|n| plain(&n.weight) && n.eps == eps)
+            {
+                return Ok(None);
+            }
+            layers.push(StepLayer {
+                attn_norm: layer.input_layernorm.weight.clone(),
+                qkv: qkv.weight.clone(),
+                o: a.o_proj.weight.clone(),
+                mlp_norm: layer.post_attention_layernorm.weight.clone(),
+                gate_up: gate_up.weight.clone(),
+                down: m.down_proj.weight.clone(),
+                cache: cache.clone(),
+            });
+        }
+        let Some(first) = self.layers.first() else { return Ok(None) };
+        let a = &first.self_attn;
+        let heads = (a.heads, a.groups, a.head_dim);
+        if !ops::attention::decode_kernel_supports(self.device(), dtype, a.head_dim) {
+            return Ok(None);
+        }
+        let capacity = layers[0].cache.dim(3)?;
+        let dev = self.device().clone();
+        // The whole cached tables (not a narrowed view: a view is a new tensor at every call,
+        // and the graph is keyed by the tensors it reads).
+        self.rope_run(0, capacity, dtype, &dev)?;
+        let Some(tables) = self.rope_tables.clone() else { return Ok(None) };
+        Ok(Some(StepModel {
+            embed: self.embed_tokens.clone(),
+            layers,
+            norm: self.norm.weight.clone(),
+            lm_head: self.lm_head.weight.clone(),
+            tables,
+            eps: eps as f32,
+            heads,
+        }))
+    }
+
     /// Whether attention over a fresh sequence runs the fused causal kernel here (then no mask
     /// is built: it would be T×T floats, unused).
     fn fused_attention(&self, dtype: DType, dev: &Device) -> bool {
         ops::attention::kernel_supports(dev, dtype, 2 * self.rope.inv_freq.len())
+    }
+
+    /// Free the KV caches, the rotary tables and a recorded decode graph (the next forward
+    /// allocates them afresh, at the size reserved then).
+    pub fn release_caches(&mut self) {
+        self.reset();
+        for l in &mut self.layers {
+            l.self_attn.cache.buffer = None;
+        }
+        self.rope_tables = None;
+        #[cfg(feature = "cuda")]
+        if matches!(self.decode_graph, Some(Ok(_))) {
+            self.decode_graph = None;
+        }
     }
 
     /// Forget the KV cache (start a new sequence).
@@ -1320,5 +1466,39 @@ mod tests {
             assert_eq!(max_diff(&kv_v, &Tensor::cat(&values, 2).unwrap()), 0.0, "values after step {step}");
         }
         assert!(cache.capacity() >= 8, "the cache grew past the prompt's 3 positions");
+    }
+
+    /// `release_caches` frees the KV buffers and rotary tables, and the next sequence rebuilds
+    /// them at the size reserved then, with the logits of the first run.
+    #[test]
+    fn released_caches_are_rebuilt_for_the_next_sequence() {
+        use crate::models::{self, LoadOptions, Model};
+        fn run(model: &mut Model, reserve: usize) -> Vec<f32> {
+            model.llm().reset();
+            model.llm().reserve(reserve);
+            let prompt = Tensor::new(&[[5u32, 17, 42, 9, 3]], &Device::Cpu).unwrap();
+            let mut logits = model.forward(&prompt, None, true, false).unwrap().logits;
+            let mut all = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for _ in 0..3 {
+                let next = logits.argmax(D::Minus1).unwrap();
+                logits = model.forward(&next, None, true, false).unwrap().logits;
+                all.extend(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            let rank = &model.llm().ranks()[0];
+            assert!(
+                rank.layers.iter().all(|l| l.self_attn.cache.capacity() == reserve),
+                "reserved {reserve}"
+            );
+            all
+        }
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa");
+        let load = LoadOptions { tp: None, dtype: DType::F32, device: Device::Cpu, vision: None };
+        let mut model = models::load(&path, &load).unwrap().0;
+        let first = run(&mut model, 9);
+        model.llm().release_caches();
+        let rank = &model.llm().ranks()[0];
+        assert!(rank.layers.iter().all(|l| l.self_attn.cache.buffer.is_none()) && rank.rope_tables.is_none());
+        assert_eq!(rank.position(), 0);
+        assert_eq!(run(&mut model, 32), first);
     }
 }

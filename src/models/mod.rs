@@ -59,6 +59,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = &dev {
         crate::ops::keep_pool_memory(cuda)?;
+        crate::ops::quiet_event_tracking(cuda);
     }
     Ok(dev)
 }

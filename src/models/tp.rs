@@ -103,6 +103,18 @@ impl ParallelLlama {
         self.ranks.iter_mut().for_each(|r| r.reserve(positions));
     }
 
+    /// Decode through recorded CUDA graphs where they apply (the default) or eagerly
+    /// ([`Llama::set_graph_decode`]).
+    #[cfg(feature = "cuda")]
+    pub fn set_graph_decode(&mut self, on: bool) {
+        self.ranks.iter_mut().for_each(|r| r.set_graph_decode(on));
+    }
+
+    /// Free the KV caches and rotary tables ([`Llama::release_caches`]).
+    pub fn release_caches(&mut self) {
+        self.ranks.iter_mut().for_each(Llama::release_caches);
+    }
+
     /// Start a new sequence.
     pub fn reset(&mut self) {
         self.ranks.iter_mut().for_each(Llama::reset);
@@ -117,6 +129,14 @@ impl ParallelLlama {
         last_only: bool,
         hidden_states: bool,
     ) -> Result<LlamaOutput> {
+        // A decode step on one CUDA rank: replayed from a recorded graph where it applies.
+        #[cfg(feature = "cuda")]
+        if let ([rank], true) = (self.ranks.as_mut_slice(), images.is_empty() && last_only && !hidden_states)
+        {
+            if let Some(out) = rank.graph_step(ids)? {
+                return Ok(out);
+            }
+        }
         let mut outs = run_ranks(&mut self.ranks, |rank, comm| {
             let mut x = rank.embed(ids, comm)?;
             for span in images {

@@ -554,12 +554,16 @@ mod tests {
     #[test]
     fn negative_scale_matches_the_reference() {
         let (q, k, v) = (randn(&[1, 2, 20, 8], 1), randn(&[1, 2, 20, 8], 2), randn(&[1, 2, 20, 8], 3));
-        // |scale · q·k| reaches thousands: exp overflows unless shifted by the true row maximum.
+        // |scale · q·k| reaches thousands: exp overflows unless shifted by the true row maximum
+        // (a wrong shift gives inf/NaN or O(1) errors). Scores that large carry f32 rounding of
+        // ~10³·2⁻²⁴ ≈ 10⁻⁴ each, which the exponential turns into relative errors of the weights
+        // of that size, summed in a different order on each path (the AVX2 and AVX-512 builds of
+        // the kernel differ here): 1e-4 is what f32 can promise, not 1e-5.
         for scale in [-1000.0, 1000.0] {
             let ours = causal_attention(&q, &k, &v, scale).unwrap();
             let finite = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite());
             let d = max_diff(&ours, &attention_reference(&q, &k, &v, scale).unwrap());
-            assert!(finite && d < 1e-5, "scale {scale}: finite {finite}, max |Δ| {d}");
+            assert!(finite && d < 1e-4, "scale {scale}: finite {finite}, max |Δ| {d}");
         }
     }
 

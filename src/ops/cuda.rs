@@ -11,7 +11,8 @@ use super::fused::AdamWScalars;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
@@ -174,17 +175,17 @@ pub(super) fn rms_norm_fwd(
         bail!("{OP}: weight dtype {:?} differs from the input's {:?}", w.dtype(), x.dtype());
     }
     let dev = x.device();
-    let name = format!("rmsnorm_fwd_{}", suffix(x.dtype(), OP)?);
-    let f = function(dev, &kernels::RMSNORM, &name)?;
+    let f = rms_norm_function(dev, x.dtype())?;
     with_float!(x.dtype(), OP, |T| {
         let (xv, wv) = (view::<T>(x, xl, OP)?, view::<T>(w, wl, OP)?);
         let mut y = unsafe { dev.alloc::<T>(rows * h)? };
-        let h32 = h as i32;
         let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&xv).arg(&wv).arg(&mut y).arg(&h32).arg(&eps);
-        // SAFETY: the argument list matches rmsnorm.cu; every buffer holds rows·h (w: h) elements.
-        unsafe { b.launch(cfg((rows as u32, 1, 1), row_block(h, 256), 0)) }.w()?;
+        {
+            let ((xa, _gx), (wa, _gw)) = (xv.device_ptr(&stream), wv.device_ptr(&stream));
+            let (ya, _gy) = y.device_ptr_mut(&stream);
+            // SAFETY: every buffer holds rows·h elements (w: h) of the launch's dtype.
+            unsafe { launch_rms_norm(&stream, &f, [xa, wa, ya], rows, h, eps) }?;
+        }
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })
 }
@@ -280,14 +281,11 @@ pub(super) fn rope_qkv_cache(
         st.push((cuda_of(s, OP)?, *l));
     }
     let strides = |i: usize| (st[i].1.stride()[0] as i64, st[i].1.stride()[1] as i64);
-    let ((sqb, sqt), (skb, skt), (svb, svt)) = (strides(0), strides(1), strides(2));
-    let (b, t, hq, g, d, cap) = (n.b as i32, n.t as i32, n.hq as i32, n.g as i32, n.d as i32, n.cap as i32);
-    let pos32 = pos as i32;
-    let pairs = n.b * n.t * (n.hq + 2 * n.g) * n.d / 2;
+    let dims = RopeQkvDims { b: n.b, t: n.t, hq: n.hq, g: n.g, d: n.d, cap: n.cap };
     let dev = kv.device().clone();
+    let f = rope_qkv_function(&dev, q.dtype(), cos.dtype())?;
     macro_rules! go {
-        ($T:ty, $C:ty, $name:literal) => {{
-            let f = function(&dev, &kernels::ROPE, $name)?;
+        ($T:ty, $C:ty) => {{
             let qv = strided_view::<$T>(st[0].0, st[0].1)?;
             let kv_in = strided_view::<$T>(st[1].0, st[1].1)?;
             let vv = strided_view::<$T>(st[2].0, st[2].1)?;
@@ -296,21 +294,32 @@ pub(super) fn rope_qkv_cache(
             let mut cache =
                 kv.as_cuda_slice_mut::<$T>()?.slice_mut(n.start..n.start + 2 * n.b * n.g * n.cap * n.d);
             let stream = dev.cuda_stream();
-            let mut launch = stream.launch_builder(&f);
-            launch.arg(&qv).arg(&sqb).arg(&sqt).arg(&kv_in).arg(&skb).arg(&skt).arg(&vv).arg(&svb).arg(&svt);
-            launch.arg(&cv).arg(&sv).arg(&mut q_out).arg(&mut cache);
-            launch.arg(&b).arg(&t).arg(&hq).arg(&g).arg(&d).arg(&cap).arg(&pos32);
-            // SAFETY: matches rope.cu (rope_qkv_cache): every view reaches its last row (sliced to
-            // it), the cache holds 2·B·G·cap·D elements and pos + T ≤ cap (checked by the op),
-            // and q_out's B·Hq·T·D elements are all written.
-            unsafe { launch.launch(cfg_1d(pairs)) }.w()?;
+            {
+                let ((qa, _g0), (ka, _g1), (va, _g2)) =
+                    (qv.device_ptr(&stream), kv_in.device_ptr(&stream), vv.device_ptr(&stream));
+                let ((ca, _g3), (sa, _g4)) = (cv.device_ptr(&stream), sv.device_ptr(&stream));
+                let ((qo, _g5), (cache_a, _g6)) =
+                    (q_out.device_ptr_mut(&stream), cache.device_ptr_mut(&stream));
+                let args = RopeQkvArgs {
+                    q: (qa, strides(0)),
+                    k: (ka, strides(1)),
+                    v: (va, strides(2)),
+                    tables: (ca, sa),
+                    q_out: qo,
+                    kv: cache_a,
+                };
+                // SAFETY: every view reaches its last row (sliced to it), the tables hold T rows,
+                // the cache 2·B·G·cap·D elements and pos + T ≤ cap (checked by the op), and
+                // q_out's B·Hq·T·D elements are all written.
+                unsafe { launch_rope_qkv(&stream, &f, &args, &dims, StepPos::Host(pos)) }?;
+            }
             Ok(tensor(q_out, &dev, (n.b, n.hq, n.t, n.d)))
         }};
     }
     match (q.dtype(), cos.dtype()) {
-        (DType::F32, DType::F32) => go!(f32, f32, "rope_qkv_cache_f32_f32"),
-        (DType::BF16, DType::BF16) => go!(bf16, bf16, "rope_qkv_cache_bf16_bf16"),
-        (DType::BF16, DType::F32) => go!(bf16, f32, "rope_qkv_cache_bf16_f32"),
+        (DType::F32, DType::F32) => go!(f32, f32),
+        (DType::BF16, DType::BF16) => go!(bf16, bf16),
+        (DType::BF16, DType::F32) => go!(bf16, f32),
         (a, b) => bail!("{OP}: no cuda kernel for q {a:?} with tables {b:?}"),
     }
 }
@@ -544,6 +553,16 @@ pub(super) enum GemvEpilogue<'a> {
     SwiGlu,
 }
 
+impl GemvEpilogue<'_> {
+    fn kind(&self) -> GemvKind {
+        match self {
+            GemvEpilogue::Plain => GemvKind::Plain,
+            GemvEpilogue::Add(..) => GemvKind::Add,
+            GemvEpilogue::SwiGlu => GemvKind::SwiGlu,
+        }
+    }
+}
+
 /// `a · b` (then `epilogue`) through gemv.cu when it is a few rows against a linear's weight:
 /// a [M, K] with rows of unit stride, M ≤ [`GEMV_MAX_ROWS`], b = wᵀ [K, N] for a row-major
 /// w [N, K] (strides [1, ldw]), same float dtype, K, the row strides and both offsets multiples
@@ -592,32 +611,25 @@ pub(super) fn gemv(
         _ => None,
     };
     let dev = a.device();
-    let kind = match epilogue {
-        GemvEpilogue::Plain => "gemv",
-        GemvEpilogue::Add(..) => "gemv_add",
-        GemvEpilogue::SwiGlu => "gemv_swiglu",
-    };
-    let f = function(dev, &kernels::GEMV, &format!("{kind}_{}_m{m}", suffix(dtype, OP)?))?;
+    let f = gemv_function(dev, epilogue.kind(), dtype, m)?;
     with_float!(dtype, OP, |T| {
         let (xv, wv) = (strided_view::<T>(a, la)?, strided_view::<T>(b, lb)?);
         let rv = residual
             .map(|(r, start)| r.as_cuda_slice::<T>().map(|s| s.slice(start..start + m * n)))
             .transpose()?;
         let mut y = unsafe { dev.alloc::<T>(m * n)? };
-        let (ldx64, ldw64, n32, k32) = (ldx as i64, ldw as i64, n as i32, k as i32);
         let stream = dev.cuda_stream();
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&xv).arg(&ldx64).arg(&wv).arg(&ldw64);
-        if let Some(rv) = &rv {
-            launch.arg(rv);
+        {
+            let ((x, _gx), (w, _gw)) = (xv.device_ptr(&stream), wv.device_ptr(&stream));
+            let r = rv.as_ref().map(|r| r.device_ptr(&stream));
+            let (ya, _gy) = y.device_ptr_mut(&stream);
+            let args = GemvArgs { x, ldx, w, ldw, r: r.as_ref().map(|(a, _)| *a), y: ya, m, n, k };
+            // SAFETY: x holds M rows ldx apart, w N (2N for SwiGLU) rows ldw apart (sliced to
+            // exactly that), both 16-byte aligned: every CudaStorage is a candle allocation
+            // (cuMemAllocAsync: 256-byte aligned) and the offsets and strides were checked to be
+            // multiples of 8 elements; r M·N elements; all M·N outputs are written.
+            unsafe { launch_gemv(&stream, &f, &args) }?;
         }
-        launch.arg(&mut y).arg(&n32).arg(&k32);
-        // SAFETY: matches gemv.cu: x holds M rows ldx apart, w N (2N for SwiGLU) rows ldw apart
-        // (sliced to exactly that), both 16-byte aligned: every CudaStorage is a candle
-        // allocation (cuMemAllocAsync: 256-byte aligned) and the offsets and strides were
-        // checked to be multiples of 8 elements; r M·N elements; all M·N outputs are written.
-        let blocks = n.div_ceil(GEMV_WARPS * gemv_cols(m));
-        unsafe { launch.launch(cfg((blocks as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }.w()?;
         GEMV_LAUNCHES.with(|c| c.set(c.get() + 1));
         Ok(Some(CudaStorage::wrap_cuda_slice(y, dev.clone())))
     })
@@ -738,15 +750,14 @@ pub(super) fn decode_attention(
     let (sb, sh) = (lk.stride()[0] as i64, lk.stride()[1] as i64);
     let ns = s.div_ceil(DECODE_CHUNK);
     let dev = q.device();
-    let f = function(dev, &kernels::DECODE_ATTN, &format!("decode_attn_{}_d{d}", suffix(dtype, OP)?))?;
-    let (hq32, hk32, s32, ns32, d32) = (hq as i32, hk as i32, s as i32, ns as i32, d as i32);
+    let (attend, combine) = decode_attention_functions(dev, dtype, d)?;
     let stream = dev.cuda_stream();
     with_float!(dtype, OP, |T| {
         let qv = q.as_cuda_slice::<T>()?.slice(q0..q0 + b * hq * d);
         let (kv, vv) = (strided_view::<T>(k, lk)?, strided_view::<T>(v, lv)?);
         let mut out = unsafe { dev.alloc::<T>(b * hq * d)? };
         // Several splits leave their partials (po, pm, pl) for the combine kernel; one split
-        // writes out directly and gets null pointers for them.
+        // writes out directly.
         let rows = b * hq;
         let mut partials = if ns > 1 {
             // SAFETY: the splits write every partial before the combine reads it.
@@ -760,27 +771,267 @@ pub(super) fn decode_attention(
         } else {
             None
         };
-        let null = 0u64;
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&qv).arg(&kv).arg(&vv).arg(&sb).arg(&sh).arg(&mut out);
-        match &mut partials {
-            Some((po, pm, pl)) => launch.arg(po).arg(pm).arg(pl),
-            None => launch.arg(&null).arg(&null).arg(&null),
-        };
-        launch.arg(&hq32).arg(&hk32).arg(&s32).arg(&scale);
-        // SAFETY: matches decode_attn.cu: q holds B·Hq rows of D, k and v every (b, h, j) row the
-        // strides reach (sliced to exactly that); po/pm/pl hold every split's partials.
-        unsafe { launch.launch(cfg((hq as u32, b as u32, ns as u32), DECODE_THREADS, 0)) }.w()?;
-        if let Some((po, pm, pl)) = &partials {
-            let combine =
-                function(dev, &kernels::DECODE_ATTN, &format!("decode_attn_combine_{}", suffix(dtype, OP)?))?;
-            let mut launch = stream.launch_builder(&combine);
-            launch.arg(po).arg(pm).arg(pl).arg(&mut out).arg(&hq32).arg(&d32).arg(&ns32);
-            // SAFETY: matches decode_attn_combine: a block of ≥ D threads per (h, b).
-            unsafe { launch.launch(cfg((hq as u32, b as u32, 1), row_block(d, 128), 0)) }.w()?;
+        {
+            let ((qa, _g0), (ka, _g1), (va, _g2)) =
+                (qv.device_ptr(&stream), kv.device_ptr(&stream), vv.device_ptr(&stream));
+            let (oa, _g3) = out.device_ptr_mut(&stream);
+            let parts = partials.as_mut().map(|(po, pm, pl)| {
+                (po.device_ptr_mut(&stream), pm.device_ptr_mut(&stream), pl.device_ptr_mut(&stream))
+            });
+            let args = DecodeAttnArgs {
+                q: qa,
+                k: ka,
+                v: va,
+                strides: (sb, sh),
+                out: oa,
+                partials: parts.as_ref().map(|((po, _), (pm, _), (pl, _))| (*po, *pm, *pl)),
+                dims: (b, hq, hk, d),
+                splits: ns,
+                keys: StepPos::Host(s),
+                scale,
+            };
+            // SAFETY: q holds B·Hq rows of D, k and v every (b, h, j) row the strides reach
+            // (sliced to exactly that), S ≤ NS·CHUNK keys; po/pm/pl hold every split's partials.
+            unsafe { launch_decode_attention(&stream, (&attend, &combine), &args) }?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launches on device addresses: the one place each decode kernel's argument list is written,
+// shared by the tensor launchers above and by the CUDA-graph decode step (ops::decode_graph),
+// which records them over buffers it owns. Each is `unsafe`: the caller vouches that every
+// address holds what the kernel's header comment says.
+// ---------------------------------------------------------------------------------------------
+
+/// A device address for a kernel's pointer argument (0 is null).
+pub(super) type Addr = u64;
+
+/// Where a decode kernel finds the position: an argument (eager steps), or a device int
+/// (a step replayed from a CUDA graph, whose launches never change).
+#[derive(Clone, Copy)]
+pub(super) enum StepPos {
+    Host(usize),
+    Device(Addr),
+}
+
+impl StepPos {
+    /// The kernel's (int value, int pointer) pair for this position.
+    fn args(self) -> (i32, Addr) {
+        match self {
+            StepPos::Host(p) => (p as i32, 0),
+            StepPos::Device(a) => (-1, a),
+        }
+    }
+}
+
+pub(super) fn rms_norm_function(dev: &CudaDevice, dtype: DType) -> Result<CudaFunction> {
+    function(dev, &kernels::RMSNORM, &format!("rmsnorm_fwd_{}", suffix(dtype, "rms-norm")?))
+}
+
+/// rmsnorm.cu's forward: y [rows, h] = RMSNorm(x [rows, h]) · w [h].
+///
+/// # Safety
+/// `x`, `y` hold rows·h elements and `w` h of the function's dtype.
+pub(super) unsafe fn launch_rms_norm(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    [x, w, y]: [Addr; 3],
+    rows: usize,
+    h: usize,
+    eps: f32,
+) -> Result<()> {
+    let h32 = h as i32;
+    let mut b = stream.launch_builder(f);
+    b.arg(&x).arg(&w).arg(&y).arg(&h32).arg(&eps);
+    unsafe { b.launch(cfg((rows as u32, 1, 1), row_block(h, 256), 0)) }.w()?;
+    Ok(())
+}
+
+/// The kernel family of a GEMV launch (gemv.cu's epilogues).
+#[derive(Clone, Copy)]
+pub(super) enum GemvKind {
+    Plain,
+    Add,
+    SwiGlu,
+}
+
+pub(super) fn gemv_function(
+    dev: &CudaDevice,
+    kind: GemvKind,
+    dtype: DType,
+    m: usize,
+) -> Result<CudaFunction> {
+    let kind = match kind {
+        GemvKind::Plain => "gemv",
+        GemvKind::Add => "gemv_add",
+        GemvKind::SwiGlu => "gemv_swiglu",
+    };
+    function(dev, &kernels::GEMV, &format!("{kind}_{}_m{m}", suffix(dtype, "matmul (gemv)")?))
+}
+
+/// One GEMV launch: y [m, n] = x [m, k] (rows `ldx` apart) · wᵀ, w rows `ldw` apart (2n rows
+/// for SwiGLU), plus r [m, n] for the add epilogue.
+pub(super) struct GemvArgs {
+    pub x: Addr,
+    pub ldx: usize,
+    pub w: Addr,
+    pub ldw: usize,
+    pub r: Option<Addr>,
+    pub y: Addr,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// # Safety
+/// The buffers hold what [`GemvArgs`] says, x and w 16-byte aligned with k, ldx and ldw
+/// multiples of 8 (gemv.cu's header), 1 ≤ m ≤ 8, and `r` is given exactly for `GemvKind::Add`.
+pub(super) unsafe fn launch_gemv(stream: &CudaStream, f: &CudaFunction, a: &GemvArgs) -> Result<()> {
+    let (ldx, ldw, n32, k32) = (a.ldx as i64, a.ldw as i64, a.n as i32, a.k as i32);
+    let mut b = stream.launch_builder(f);
+    b.arg(&a.x).arg(&ldx).arg(&a.w).arg(&ldw);
+    if let Some(r) = &a.r {
+        b.arg(r);
+    }
+    b.arg(&a.y).arg(&n32).arg(&k32);
+    let blocks = a.n.div_ceil(GEMV_WARPS * gemv_cols(a.m));
+    unsafe { b.launch(cfg((blocks as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }.w()?;
+    Ok(())
+}
+
+pub(super) fn rope_qkv_function(dev: &CudaDevice, x: DType, tables: DType) -> Result<CudaFunction> {
+    let name = match (x, tables) {
+        (DType::F32, DType::F32) => "rope_qkv_cache_f32_f32",
+        (DType::BF16, DType::BF16) => "rope_qkv_cache_bf16_bf16",
+        (DType::BF16, DType::F32) => "rope_qkv_cache_bf16_f32",
+        (a, b) => bail!("rope-qkv-into-cache: no cuda kernel for q {a:?} with tables {b:?}"),
+    };
+    function(dev, &kernels::ROPE, name)
+}
+
+/// The shape of a rope + KV-cache write: B sequences of T positions, Hq query heads, G K/V
+/// heads of D, a cache of `cap` positions.
+pub(super) struct RopeQkvDims {
+    pub b: usize,
+    pub t: usize,
+    pub hq: usize,
+    pub g: usize,
+    pub d: usize,
+    pub cap: usize,
+}
+
+/// The buffers of a rope + KV-cache write (rope.cu's rope_qkv_cache): q, k, v with their
+/// (batch, position) strides, the (cos, sin) tables, q_out [B, Hq, T, D], kv [2, B, G, cap, D].
+pub(super) struct RopeQkvArgs {
+    pub q: (Addr, (i64, i64)),
+    pub k: (Addr, (i64, i64)),
+    pub v: (Addr, (i64, i64)),
+    pub tables: (Addr, Addr),
+    pub q_out: Addr,
+    pub kv: Addr,
+}
+
+/// # Safety
+/// The buffers hold what rope.cu's header says for `n` (the tables T rows from the position
+/// for [`StepPos::Host`], every row below `cap` for [`StepPos::Device`]), position + T ≤ cap.
+pub(super) unsafe fn launch_rope_qkv(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    a: &RopeQkvArgs,
+    n: &RopeQkvDims,
+    pos: StepPos,
+) -> Result<()> {
+    let (b, t, hq, g, d, cap) = (n.b as i32, n.t as i32, n.hq as i32, n.g as i32, n.d as i32, n.cap as i32);
+    let (pos32, pos_dev) = pos.args();
+    let pairs = n.b * n.t * (n.hq + 2 * n.g) * n.d / 2;
+    let mut l = stream.launch_builder(f);
+    l.arg(&a.q.0).arg(&a.q.1 .0).arg(&a.q.1 .1);
+    l.arg(&a.k.0).arg(&a.k.1 .0).arg(&a.k.1 .1);
+    l.arg(&a.v.0).arg(&a.v.1 .0).arg(&a.v.1 .1);
+    l.arg(&a.tables.0).arg(&a.tables.1).arg(&a.q_out).arg(&a.kv);
+    l.arg(&b).arg(&t).arg(&hq).arg(&g).arg(&d).arg(&cap).arg(&pos32).arg(&pos_dev);
+    unsafe { l.launch(cfg_1d(pairs)) }.w()?;
+    Ok(())
+}
+
+pub(super) fn embed_rows_function(dev: &CudaDevice, dtype: DType) -> Result<CudaFunction> {
+    function(dev, &kernels::GATHER, &format!("embed_rows_{}", suffix(dtype, "embedding")?))
+}
+
+/// gather.cu: out [rows, h] = table [vocab, h] at ids [rows] (u32, device memory; an id ≥ vocab
+/// gives zeros).
+///
+/// # Safety
+/// `ids` holds `rows` u32, `table` vocab·h and `out` rows·h elements of the function's dtype.
+pub(super) unsafe fn launch_embed_rows(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    [ids, table, out]: [Addr; 3],
+    (rows, h, vocab): (usize, usize, usize),
+) -> Result<()> {
+    let (rows32, h32, vocab32) = (rows as i32, h as i32, vocab as i32);
+    let mut l = stream.launch_builder(f);
+    l.arg(&ids).arg(&table).arg(&out).arg(&rows32).arg(&h32).arg(&vocab32);
+    unsafe { l.launch(cfg_1d(rows * h)) }.w()?;
+    Ok(())
+}
+
+/// decode_attn.cu's (attention, combine) kernels for a dtype and head dim.
+pub(super) fn decode_attention_functions(
+    dev: &CudaDevice,
+    dtype: DType,
+    d: usize,
+) -> Result<(CudaFunction, CudaFunction)> {
+    const OP: &str = "decode-attention";
+    let t = suffix(dtype, OP)?;
+    Ok((
+        function(dev, &kernels::DECODE_ATTN, &format!("decode_attn_{t}_d{d}"))?,
+        function(dev, &kernels::DECODE_ATTN, &format!("decode_attn_combine_{t}"))?,
+    ))
+}
+
+/// One decode-attention launch: q [B, Hq, D], k/v rows of D with (batch, head) strides, out
+/// [B, Hq·D], the partials (po [B, Hq, NS, D], pm, pl [B, Hq, NS], f32) when NS > 1.
+pub(super) struct DecodeAttnArgs {
+    pub q: Addr,
+    pub k: Addr,
+    pub v: Addr,
+    pub strides: (i64, i64),
+    pub out: Addr,
+    pub partials: Option<(Addr, Addr, Addr)>,
+    /// (B, Hq, Hk, D).
+    pub dims: (usize, usize, usize, usize),
+    /// NS: splits of DECODE_CHUNK keys (the grid's z).
+    pub splits: usize,
+    /// S: the keys attended to, ≤ NS·DECODE_CHUNK.
+    pub keys: StepPos,
+    pub scale: f32,
+}
+
+/// # Safety
+/// The buffers hold what decode_attn.cu's header says; `partials` is given exactly when
+/// `splits` > 1; the functions are [`decode_attention_functions`] for the buffers' dtype and D.
+pub(super) unsafe fn launch_decode_attention(
+    stream: &CudaStream,
+    (attend, combine): (&CudaFunction, &CudaFunction),
+    a: &DecodeAttnArgs,
+) -> Result<()> {
+    let (b, hq, hk, d) = a.dims;
+    let (hq32, hk32, d32, ns32) = (hq as i32, hk as i32, d as i32, a.splits as i32);
+    let (s32, s_dev) = a.keys.args();
+    let (po, pm, pl) = a.partials.unwrap_or((0, 0, 0));
+    let mut l = stream.launch_builder(attend);
+    l.arg(&a.q).arg(&a.k).arg(&a.v).arg(&a.strides.0).arg(&a.strides.1).arg(&a.out);
+    l.arg(&po).arg(&pm).arg(&pl).arg(&hq32).arg(&hk32).arg(&s32).arg(&a.scale).arg(&s_dev);
+    unsafe { l.launch(cfg((hq as u32, b as u32, a.splits as u32), DECODE_THREADS, 0)) }.w()?;
+    if a.splits > 1 {
+        let mut l = stream.launch_builder(combine);
+        l.arg(&po).arg(&pm).arg(&pl).arg(&a.out).arg(&hq32).arg(&d32).arg(&ns32);
+        unsafe { l.launch(cfg((hq as u32, b as u32, 1), row_block(d, 128), 0)) }.w()?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1031,6 +1282,21 @@ pub(super) fn attention_bwd(
         let dq = tensor(dq_acc, dev, (b, hq, t, d));
         Ok((dq, tensor(dk, dev, (b, hk, t, d)), tensor(dv, dev, (b, hk, t, d))))
     })
+}
+
+/// Stop cudarc's per-buffer event tracking on `dev`'s context. cudarc gives every buffer a read
+/// and a write event (two `cuEventCreate` per allocation, two `cuEventDestroy` per free), which
+/// it only uses to order work across the streams of a context that has several. candle runs a
+/// device on the per-thread default stream and makes no other, so the events order nothing,
+/// while candle allocates every op's output: a decode step paid ~4 event calls per launch for
+/// them. `SHARDSMITH_CUDA_EVENTS=1` keeps them (for comparisons).
+pub fn quiet_event_tracking(dev: &CudaDevice) {
+    if std::env::var("SHARDSMITH_CUDA_EVENTS").is_ok_and(|v| v == "1") {
+        return;
+    }
+    // SAFETY: cudarc would only consult the events once the context had a second stream, and
+    // neither candle nor shardsmith makes one: stream order already orders every access.
+    unsafe { dev.disable_event_tracking() };
 }
 
 /// Keep freed device memory in the driver's default memory pool instead of handing it back at

@@ -1,0 +1,378 @@
+//! A LLaMA decode step as one CUDA graph.
+//!
+//! An eager decode step at batch 1 is ~8 launches per layer (RMSNorm, q/k/v GEMV, rope + KV-cache
+//! write, decode attention, o_proj GEMV + residual, RMSNorm, gate/up GEMV + SwiGLU, down GEMV +
+//! residual), ~260 for a 7B model, and candle spends a few µs of host time on each (argument
+//! events, an allocation per output): about as long as the GPU needs to stream the weights once.
+//! Here the step's launches are recorded once into a CUDA graph over buffers that never move
+//! (the weights, the model's KV caches, the rotary tables, work buffers owned by the graph) and
+//! replayed per token with one `cuGraphLaunch`. What changes between tokens lives in device
+//! memory the kernels read: the token ids and the position, copied in before each replay
+//! (rope.cu and decode_attn.cu take the position from a device int; the attention grid is sized
+//! for the cache's capacity, and splits past the position contribute nothing).
+//!
+//! The graph holds only its own work buffers. The model's tensors it addresses are known by
+//! their ids, and [`DecodeGraph::step`] replays only over the very tensors it was recorded over
+//! (passed in again, alive for the launch): a model that reallocates its KV cache frees the old
+//! one at once, and the stale graph is never launched.
+//!
+//! The kernels are the eager path's own (`ops::cuda`'s `launch_*`, one argument list per
+//! kernel), so a replay computes what an eager step computes, bit for bit.
+
+use super::cuda::{
+    decode_attention_functions, embed_rows_function, gemv_function, launch_decode_attention,
+    launch_embed_rows, launch_gemv, launch_rms_norm, launch_rope_qkv, rms_norm_function, rope_qkv_function,
+    Addr, DecodeAttnArgs, GemvArgs, GemvKind, RopeQkvArgs, RopeQkvDims, StepPos,
+};
+use super::linear::GEMV_MAX_ROWS;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, DType, Device, Result, Storage, Tensor, TensorId};
+use std::cell::Cell;
+
+/// Keys per decode-attention split (decode_attn.cu's DECODE_CHUNK).
+const DECODE_CHUNK: usize = 512;
+
+/// One decoder layer as a decode step reads it.
+pub struct StepLayer {
+    /// [H] input RMSNorm weight.
+    pub attn_norm: Tensor,
+    /// [(Hq + 2G)·D, H]: q, k and v projections' rows, in that order.
+    pub qkv: Tensor,
+    /// [H, Hq·D].
+    pub o: Tensor,
+    /// [H] post-attention RMSNorm weight.
+    pub mlp_norm: Tensor,
+    /// [2F, H]: gate rows, then up rows.
+    pub gate_up: Tensor,
+    /// [H, F].
+    pub down: Tensor,
+    /// [2, B, G, cap, D]: the layer's KV cache (keys, then values), written in place.
+    pub cache: Tensor,
+}
+
+/// A single-rank LLaMA's weights and KV caches as a decode step reads them: one CUDA device, one
+/// dtype (f32 or bf16), every tensor contiguous.
+pub struct StepModel {
+    /// [V', H] embedding rows (V' the padded vocabulary).
+    pub embed: Tensor,
+    pub layers: Vec<StepLayer>,
+    /// [H] final RMSNorm weight.
+    pub norm: Tensor,
+    /// [V', H] output head (may be `embed` itself).
+    pub lm_head: Tensor,
+    /// (cos, sin) [≥ cap, D/2] for positions from 0, in the model's dtype (or f32 for bf16).
+    pub tables: (Tensor, Tensor),
+    pub eps: f32,
+    /// (Hq, G, D): query heads, K/V heads, head dim.
+    pub heads: (usize, usize, usize),
+}
+
+impl StepModel {
+    /// Every tensor the step addresses, in a fixed order (the graph's validity key).
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut all = vec![&self.embed, &self.norm, &self.lm_head, &self.tables.0, &self.tables.1];
+        for l in &self.layers {
+            all.extend([&l.attn_norm, &l.qkv, &l.o, &l.mlp_norm, &l.gate_up, &l.down, &l.cache]);
+        }
+        all
+    }
+}
+
+thread_local! {
+    static REPLAYS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Decode steps replayed from a graph so far on this thread (tests check the graph ran).
+pub fn replays() -> usize {
+    REPLAYS.with(Cell::get)
+}
+
+/// One recorded decode step for `rows` sequences over a [`StepModel`]'s tensors.
+pub struct DecodeGraph {
+    graph: OwnedGraph,
+    stream: std::sync::Arc<CudaStream>,
+    /// Ids of the model tensors the graph was recorded over ([`StepModel::tensors`]).
+    model_ids: Vec<TensorId>,
+    /// The graph's work buffers (the residual stream, normed rows, q/k/v, attention output,
+    /// SwiGLU output, attention partials), alive as long as the graph.
+    _work: Vec<Tensor>,
+    /// [B + 2] u32: the step's token ids, then the position and the position + 1 (where the
+    /// step writes, and how many keys it attends to), copied in before each replay.
+    inputs: CudaSlice<u32>,
+    /// [B, V'] the step's logits in the model's dtype, overwritten by each replay.
+    logits: Tensor,
+    rows: usize,
+    capacity: usize,
+}
+
+/// A recorded graph, owned by one [`DecodeGraph`].
+struct OwnedGraph(CudaGraph);
+
+// SAFETY: CUDA graph objects are not internally synchronised, so calls on one must not overlap
+// (the driver API's thread-safety notes); they may come from any thread. An `OwnedGraph` is only
+// reached through its `DecodeGraph`, by `&mut` (replay) or by value (drop): never from two
+// threads at once. It is not `Sync`. (candle's stream is the per-thread default stream, so a
+// replay is ordered after the work the replaying thread queued, as candle's own ops are.)
+unsafe impl Send for OwnedGraph {}
+
+/// The first element of `t`, as a device address: `t` contiguous on CUDA.
+fn address(t: &Tensor, stream: &CudaStream, what: &str) -> Result<Addr> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*s else { bail!("decode graph: {what} is not on a cuda device") };
+    if !l.is_contiguous() {
+        bail!("decode graph: {what} {:?} is not contiguous", t.dims());
+    }
+    let start = l.start_offset();
+    Ok(match cs.dtype() {
+        DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.slice(start..).device_ptr(stream).0,
+        DType::F32 => cs.as_cuda_slice::<f32>()?.slice(start..).device_ptr(stream).0,
+        other => bail!("decode graph: {what} is {other:?} (f32 or bf16 only)"),
+    })
+}
+
+/// `a` moved on by `elems` elements of `dtype`.
+fn offset(a: Addr, elems: usize, dtype: DType) -> Addr {
+    a + (elems * dtype.size_in_bytes()) as Addr
+}
+
+impl DecodeGraph {
+    /// Whether this graph was recorded over exactly `m`'s tensors for `rows` sequences.
+    pub fn fits(&self, m: &StepModel, rows: usize) -> bool {
+        rows == self.rows && m.tensors().iter().map(|t| t.id()).eq(self.model_ids.iter().copied())
+    }
+
+    /// Record one decode step of `m` for `rows` sequences (1 ≤ rows ≤ 8, the caches' batch).
+    pub fn record(m: &StepModel, rows: usize) -> Result<Self> {
+        let dtype = m.embed.dtype();
+        let Device::Cuda(dev) = m.embed.device() else {
+            bail!("decode graph: the model is not on a cuda device")
+        };
+        let (vocab_rows, h) = m.embed.dims2()?;
+        let (hq, g, d) = m.heads;
+        let Some(first) = m.layers.first() else { bail!("decode graph: the model has no layers") };
+        let (_, b, _, cap, _) = first.cache.dims5()?;
+        let f = first.gate_up.dim(0)? / 2;
+        let (nq, nqkv) = (hq * d, (hq + 2 * g) * d);
+        // Shapes: a mismatch is a caller's bug, but a graph over wrong sizes would read out of
+        // bounds on every replay, so each is checked here, named.
+        let expect = |t: &Tensor, dims: &[usize], what: &str| -> Result<()> {
+            if t.dims() != dims || t.dtype() != dtype || !t.device().same_device(m.embed.device()) {
+                bail!(
+                    "decode graph: {what} is {:?} {:?}, expected {dims:?} {dtype:?} on the embedding's device",
+                    t.dims(),
+                    t.dtype()
+                );
+            }
+            Ok(())
+        };
+        if rows == 0 || rows > GEMV_MAX_ROWS || b != rows {
+            bail!("decode graph: {rows} rows against caches for {b} sequences (at most {GEMV_MAX_ROWS})");
+        }
+        if ![h, nq, f].iter().all(|k| k % 8 == 0) {
+            bail!(
+                "decode graph: hidden {h}, Hq·D {nq} and ffn {f} must be multiples of 8 (16-byte GEMV loads)"
+            );
+        }
+        expect(&m.norm, &[h], "the final norm")?;
+        expect(&m.lm_head, &[vocab_rows, h], "the output head")?;
+        for (i, l) in m.layers.iter().enumerate() {
+            expect(&l.attn_norm, &[h], &format!("layer {i} input norm"))?;
+            expect(&l.qkv, &[nqkv, h], &format!("layer {i} q/k/v weight"))?;
+            expect(&l.o, &[h, nq], &format!("layer {i} o_proj weight"))?;
+            expect(&l.mlp_norm, &[h], &format!("layer {i} post-attention norm"))?;
+            expect(&l.gate_up, &[2 * f, h], &format!("layer {i} gate/up weight"))?;
+            expect(&l.down, &[h, f], &format!("layer {i} down_proj weight"))?;
+            expect(&l.cache, &[2, b, g, cap, d], &format!("layer {i} KV cache"))?;
+        }
+        let (cos, sin) = &m.tables;
+        if cos.dims() != sin.dims() || cos.dim(0)? < cap || cos.dim(1)? != d / 2 {
+            bail!(
+                "decode graph: rotary tables {:?} / {:?} must be [≥ {cap}, {}]",
+                cos.dims(),
+                sin.dims(),
+                d / 2
+            );
+        }
+        // Kernels first: module loads and attribute calls are not allowed while capturing.
+        let fn_norm = rms_norm_function(dev, dtype)?;
+        let fn_embed = embed_rows_function(dev, dtype)?;
+        let fn_rope = rope_qkv_function(dev, dtype, cos.dtype())?;
+        let fn_attn = decode_attention_functions(dev, dtype, d)?;
+        let fn_plain = gemv_function(dev, GemvKind::Plain, dtype, rows)?;
+        let fn_add = gemv_function(dev, GemvKind::Add, dtype, rows)?;
+        let fn_swiglu = gemv_function(dev, GemvKind::SwiGlu, dtype, rows)?;
+
+        // Work buffers (the graph's own; the residual stream ping-pongs between xa and xb so no
+        // kernel writes the buffer it reads its residual from).
+        let splits = cap.div_ceil(DECODE_CHUNK);
+        let work = |n: usize, dt: DType| Tensor::zeros(n, dt, m.embed.device());
+        let (xa, xb, hn) = (work(rows * h, dtype)?, work(rows * h, dtype)?, work(rows * h, dtype)?);
+        let (qkv, q_rot, att) = (work(rows * nqkv, dtype)?, work(rows * nq, dtype)?, work(rows * nq, dtype)?);
+        let act = work(rows * f, dtype)?;
+        let logits = work(rows * vocab_rows, dtype)?.reshape((rows, vocab_rows))?;
+        let partials = if splits > 1 {
+            let n = rows * hq * splits;
+            Some((work(n * d, DType::F32)?, work(n, DType::F32)?, work(n, DType::F32)?))
+        } else {
+            None
+        };
+        let stream = dev.cuda_stream();
+        let inputs = stream.alloc_zeros::<u32>(rows + 2).w()?;
+
+        let at = |t: &Tensor, what: &str| address(t, &stream, what);
+        let (a_xa, a_xb, a_hn) = (at(&xa, "x")?, at(&xb, "x")?, at(&hn, "normed x")?);
+        let (a_qkv, a_qrot, a_att, a_act) =
+            (at(&qkv, "qkv")?, at(&q_rot, "q")?, at(&att, "att")?, at(&act, "act")?);
+        let a_logits = at(&logits, "logits")?;
+        let a_partials = match &partials {
+            Some((po, pm, pl)) => Some((at(po, "po")?, at(pm, "pm")?, at(pl, "pl")?)),
+            None => None,
+        };
+        let a_ids = inputs.device_ptr(&stream).0;
+        let a_pos = a_ids + (rows * std::mem::size_of::<u32>()) as Addr; // read as an int
+        let (a_cos, a_sin) = (at(cos, "cos")?, at(sin, "sin")?);
+        struct LayerAddrs {
+            attn_norm: Addr,
+            qkv: Addr,
+            o: Addr,
+            mlp_norm: Addr,
+            gate_up: Addr,
+            down: Addr,
+            cache: Addr,
+        }
+        let layers = m
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerAddrs {
+                    attn_norm: at(&l.attn_norm, "input norm")?,
+                    qkv: at(&l.qkv, "q/k/v weight")?,
+                    o: at(&l.o, "o_proj weight")?,
+                    mlp_norm: at(&l.mlp_norm, "post-attention norm")?,
+                    gate_up: at(&l.gate_up, "gate/up weight")?,
+                    down: at(&l.down, "down_proj weight")?,
+                    cache: at(&l.cache, "KV cache")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (a_embed, a_norm, a_head) =
+            (at(&m.embed, "embedding")?, at(&m.norm, "final norm")?, at(&m.lm_head, "head")?);
+        // 16-byte GEMV loads: every weight's first element on a 16-byte boundary.
+        for (what, a) in [("embedding", a_embed), ("head", a_head)].into_iter().chain(
+            layers
+                .iter()
+                .flat_map(|l| [("q/k/v", l.qkv), ("o_proj", l.o), ("gate/up", l.gate_up), ("down", l.down)]),
+        ) {
+            if a % 16 != 0 {
+                bail!("decode graph: the {what} weight does not start on a 16-byte boundary");
+            }
+        }
+
+        let eps = m.eps;
+        let scale = (1.0 / (d as f64).sqrt()) as f32; // as the eager step rounds it
+        let rope_dims = RopeQkvDims { b: rows, t: 1, hq, g, d, cap };
+        let row_strides = (nqkv as i64, nqkv as i64);
+        let half = b * g * cap * d; // elements of the cache's keys
+        let gemv = |x: Addr, k: usize, w: Addr, r: Option<Addr>, y: Addr, n: usize| GemvArgs {
+            x,
+            ldx: k,
+            w,
+            ldw: k,
+            r,
+            y,
+            m: rows,
+            n,
+            k,
+        };
+        let record = || -> Result<()> {
+            // SAFETY (every launch below): the addresses are the tensors checked above, each
+            // holding what its kernel's header comment asks for these shapes; the position ints
+            // are written before each replay, position + 1 ≤ cap ([`DecodeGraph::step`]).
+            unsafe {
+                launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
+                for l in &layers {
+                    launch_rms_norm(&stream, &fn_norm, [a_xa, l.attn_norm, a_hn], rows, h, eps)?;
+                    launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv))?;
+                    let qkv_args = RopeQkvArgs {
+                        q: (a_qkv, row_strides),
+                        k: (offset(a_qkv, nq, dtype), row_strides),
+                        v: (offset(a_qkv, nq + g * d, dtype), row_strides),
+                        tables: (a_cos, a_sin),
+                        q_out: a_qrot,
+                        kv: l.cache,
+                    };
+                    launch_rope_qkv(&stream, &fn_rope, &qkv_args, &rope_dims, StepPos::Device(a_pos))?;
+                    let attn_args = DecodeAttnArgs {
+                        q: a_qrot,
+                        k: l.cache,
+                        v: offset(l.cache, half, dtype),
+                        strides: ((g * cap * d) as i64, (cap * d) as i64),
+                        out: a_att,
+                        partials: a_partials,
+                        dims: (rows, hq, g, d),
+                        splits,
+                        keys: StepPos::Device(a_pos + std::mem::size_of::<i32>() as Addr),
+                        scale,
+                    };
+                    launch_decode_attention(&stream, (&fn_attn.0, &fn_attn.1), &attn_args)?;
+                    launch_gemv(&stream, &fn_add, &gemv(a_att, nq, l.o, Some(a_xa), a_xb, h))?;
+                    launch_rms_norm(&stream, &fn_norm, [a_xb, l.mlp_norm, a_hn], rows, h, eps)?;
+                    launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f))?;
+                    launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h))?;
+                }
+                launch_rms_norm(&stream, &fn_norm, [a_xa, a_norm, a_hn], rows, h, eps)?;
+                launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, a_head, None, a_logits, vocab_rows))?;
+            }
+            Ok(())
+        };
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+        let recorded = record();
+        // The capture is ended whatever happened, so the stream is usable again.
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        let Some(graph) = graph.w()? else { bail!("decode graph: the capture recorded nothing") };
+        graph.upload().w()?;
+
+        let model_ids = m.tensors().iter().map(|t| t.id()).collect();
+        let mut work = vec![xa, xb, hn, qkv, q_rot, att, act];
+        work.extend(partials.into_iter().flat_map(|(po, pm, pl)| [po, pm, pl]));
+        Ok(DecodeGraph {
+            graph: OwnedGraph(graph),
+            stream,
+            model_ids,
+            _work: work,
+            inputs,
+            logits,
+            rows,
+            capacity: cap,
+        })
+    }
+
+    /// Replay the step over `m` (the tensors it was recorded over: [`DecodeGraph::fits`]) for
+    /// token `ids` (B of them, each below the embedding's rows) at position `pos` (tokens already
+    /// in the caches): the logits [B, V'] in the model's dtype, a copy of the graph's buffer.
+    pub fn step(&mut self, m: &StepModel, ids: &[u32], pos: usize) -> Result<Tensor> {
+        if !self.fits(m, ids.len()) {
+            bail!("decode graph: replayed over other tensors or {} rows than it was recorded for", ids.len());
+        }
+        let vocab_rows = self.logits.dim(1)?;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab_rows) {
+            bail!("decode graph: token id {bad} is past the embedding's {vocab_rows} rows");
+        }
+        if pos + 1 > self.capacity || pos + 1 > i32::MAX as usize {
+            bail!("decode graph: position {pos} is past the caches' capacity {}", self.capacity);
+        }
+        let mut inputs = Vec::with_capacity(self.rows + 2);
+        inputs.extend_from_slice(ids);
+        inputs.extend([pos as u32, pos as u32 + 1]);
+        // Pageable host memory: the driver stages it before the call returns.
+        self.stream.memcpy_htod(&inputs, &mut self.inputs).w()?;
+        self.graph.0.launch().w()?;
+        REPLAYS.with(|c| c.set(c.get() + 1));
+        // A copy, queued before any later replay overwrites the buffer.
+        self.logits.copy()
+    }
+}
