@@ -281,7 +281,6 @@ pub(super) fn rope_qkv_cache(
         st.push((cuda_of(s, OP)?, *l));
     }
     let strides = |i: usize| (st[i].1.stride()[0] as i64, st[i].1.stride()[1] as i64);
-    let dims = RopeQkvDims { b: n.b, t: n.t, hq: n.hq, g: n.g, d: n.d, cap: n.cap };
     let dev = kv.device().clone();
     let f = rope_qkv_function(&dev, q.dtype(), cos.dtype())?;
     macro_rules! go {
@@ -311,7 +310,7 @@ pub(super) fn rope_qkv_cache(
                 // SAFETY: every view reaches its last row (sliced to it), the tables hold T rows,
                 // the cache 2·B·G·cap·D elements and pos + T ≤ cap (checked by the op), and
                 // q_out's B·Hq·T·D elements are all written.
-                unsafe { launch_rope_qkv(&stream, &f, &args, &dims, StepPos::Host(pos)) }?;
+                unsafe { launch_rope_qkv(&stream, &f, &args, n, StepPos::Host(pos)) }?;
             }
             Ok(tensor(q_out, &dev, (n.b, n.hq, n.t, n.d)))
         }};
@@ -911,17 +910,6 @@ pub(super) fn rope_qkv_function(dev: &CudaDevice, x: DType, tables: DType) -> Re
     function(dev, &kernels::ROPE, name)
 }
 
-/// The shape of a rope + KV-cache write: B sequences of T positions, Hq query heads, G K/V
-/// heads of D, a cache of `cap` positions.
-pub(super) struct RopeQkvDims {
-    pub b: usize,
-    pub t: usize,
-    pub hq: usize,
-    pub g: usize,
-    pub d: usize,
-    pub cap: usize,
-}
-
 /// The buffers of a rope + KV-cache write (rope.cu's rope_qkv_cache): q, k, v with their
 /// (batch, position) strides, the (cos, sin) tables, q_out [B, Hq, T, D], kv [2, B, G, cap, D].
 pub(super) struct RopeQkvArgs {
@@ -934,13 +922,14 @@ pub(super) struct RopeQkvArgs {
 }
 
 /// # Safety
-/// The buffers hold what rope.cu's header says for `n` (the tables T rows from the position
-/// for [`StepPos::Host`], every row below `cap` for [`StepPos::Device`]), position + T ≤ cap.
+/// The buffers hold what rope.cu's header says for `n` (its `start` unused: `a.kv` is the
+/// cache's first element; the tables T rows from the position for [`StepPos::Host`], every row
+/// below `cap` for [`StepPos::Device`]), position + T ≤ cap.
 pub(super) unsafe fn launch_rope_qkv(
     stream: &CudaStream,
     f: &CudaFunction,
     a: &RopeQkvArgs,
-    n: &RopeQkvDims,
+    n: &super::kv_step::Dims,
     pos: StepPos,
 ) -> Result<()> {
     let (b, t, hq, g, d, cap) = (n.b as i32, n.t as i32, n.hq as i32, n.g as i32, n.d as i32, n.cap as i32);

@@ -22,7 +22,7 @@
 use super::cuda::{
     decode_attention_functions, embed_rows_function, gemv_function, launch_decode_attention,
     launch_embed_rows, launch_gemv, launch_rms_norm, launch_rope_qkv, rms_norm_function, rope_qkv_function,
-    Addr, DecodeAttnArgs, GemvArgs, GemvKind, RopeQkvArgs, RopeQkvDims, StepPos,
+    Addr, DecodeAttnArgs, GemvArgs, GemvKind, RopeQkvArgs, StepPos,
 };
 use super::linear::GEMV_MAX_ROWS;
 use candle_core::backend::BackendStorage;
@@ -273,7 +273,7 @@ impl DecodeGraph {
 
         let eps = m.eps;
         let scale = (1.0 / (d as f64).sqrt()) as f32; // as the eager step rounds it
-        let rope_dims = RopeQkvDims { b: rows, t: 1, hq, g, d, cap };
+        let rope_dims = super::kv_step::Dims { b: rows, t: 1, hq, g, d, cap, start: 0 };
         let row_strides = (nqkv as i64, nqkv as i64);
         let half = b * g * cap * d; // elements of the cache's keys
         let gemv = |x: Addr, k: usize, w: Addr, r: Option<Addr>, y: Addr, n: usize| GemvArgs {
