@@ -179,7 +179,7 @@ for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     r = o or t or gr
     name = f"7B decode ({r['layers']} layers), batch {b}, prompt {r['prompt_len']} + {r['steps']}"
     line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"),
-         f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours eager {fmt(g(oe, 'tokens_per_s'))}, "
+         f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours: {g(o, 'graph_replays')} steps replayed from its graph, eager {fmt(g(oe, 'tokens_per_s'))}, "
          f"eager with cudarc events {fmt(g(ov, 'tokens_per_s'))}, with cuBLAS GEMMs {fmt(g(oc, 'tokens_per_s'))}")
 o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split"), find("neva_step", "pytorch")
 of = find("neva_step", "shardsmith", flash_fwd="wgmma", flash_bwd="wgmma")

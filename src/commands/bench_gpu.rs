@@ -98,6 +98,14 @@ fn cuda_pool_keep() -> bool {
     std::env::var("SHARDSMITH_CUDA_POOL_KEEP").map_or(true, |v| v != "0")
 }
 
+/// Decode steps replayed from a CUDA graph so far on this thread (`ops::decode_graph`).
+fn graph_replays() -> usize {
+    #[cfg(feature = "cuda")]
+    return crate::ops::decode_graph::replays();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// Whether cudarc's per-buffer events are kept (`SHARDSMITH_CUDA_EVENTS=1`; off by default,
 /// `ops::quiet_event_tracking`).
 fn cuda_events() -> bool {
@@ -316,11 +324,15 @@ pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c:
             run(steps.min(8))?;
         }
         let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+        let replays_before = graph_replays();
         for _ in 0..c.runs.max(1) {
             let (p, d) = run(steps)?;
             prefill.push(p);
             decode.push(d);
         }
+        // Timed steps replayed from a CUDA graph: all of them when the graph applies, 0 where it
+        // does not (CPU, SHARDSMITH_CUDA_GRAPH=0, a refused capture).
+        let replayed = graph_replays() - replays_before;
         let (prefill, decode) = (median(prefill), median(decode));
         let line = json!({
             "impl": "shardsmith",
@@ -336,6 +348,7 @@ pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c:
             "cuda_gemv": crate::ops::cuda_gemv_enabled(),
             "cuda_graph": crate::ops::cuda_graph_enabled(),
             "cuda_events": cuda_events(),
+            "graph_replays": replayed,
             "prefill_ms": prefill * 1e3,
             "ms_per_step": decode / steps as f64 * 1e3,
             "tokens_per_s": (b * steps) as f64 / decode,
