@@ -3,7 +3,8 @@
 //! An eager decode step at batch 1 is ~8 launches per layer (RMSNorm, q/k/v GEMV, rope + KV-cache
 //! write, decode attention, o_proj GEMV + residual, RMSNorm, gate/up GEMV + SwiGLU, down GEMV +
 //! residual), ~260 for a 7B model, and candle spends a few µs of host time on each (argument
-//! events, an allocation per output): about as long as the GPU needs to stream the weights once.
+//! packing, an allocation per output, kernel lookup): in total about as long as the GPU needs to
+//! stream the weights once.
 //! Here the step's launches are recorded once into a CUDA graph over buffers that never move
 //! (the weights, the model's KV caches, the rotary tables, work buffers owned by the graph) and
 //! replayed per token with one `cuGraphLaunch`. What changes between tokens lives in device
