@@ -314,6 +314,12 @@ pub fn cuda_graph_enabled() -> bool {
         && cuda_gemv_enabled()
 }
 
+/// Whether cudarc's per-buffer event tracking stays on for devices shardsmith opens
+/// (`SHARDSMITH_CUDA_EVENTS=1`, for comparisons); off by default (`quiet_event_tracking`).
+pub fn cuda_events_kept() -> bool {
+    std::env::var("SHARDSMITH_CUDA_EVENTS").is_ok_and(|v| v == "1")
+}
+
 pub mod attention;
 mod cast;
 pub mod cpu_gemm;

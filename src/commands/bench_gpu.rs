@@ -106,12 +106,6 @@ fn graph_replays() -> usize {
     0
 }
 
-/// Whether cudarc's per-buffer events are kept (`SHARDSMITH_CUDA_EVENTS=1`; off by default,
-/// `ops::quiet_event_tracking`).
-fn cuda_events() -> bool {
-    std::env::var("SHARDSMITH_CUDA_EVENTS").is_ok_and(|v| v == "1")
-}
-
 /// The bf16 attention kernels the models run (`SHARDSMITH_FLASH_FWD`, `SHARDSMITH_FLASH_BWD`).
 fn flash_names() -> Result<(&'static str, &'static str)> {
     Ok((FlashForward::from_env()?.name(), FlashBackward::from_env()?.name()))
@@ -347,7 +341,7 @@ pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c:
             "cuda_pool_keep": cuda_pool_keep(),
             "cuda_gemv": crate::ops::cuda_gemv_enabled(),
             "cuda_graph": crate::ops::cuda_graph_enabled(),
-            "cuda_events": cuda_events(),
+            "cuda_events": crate::ops::cuda_events_kept(),
             "graph_replays": replayed,
             "prefill_ms": prefill * 1e3,
             "ms_per_step": decode / steps as f64 * 1e3,

@@ -1010,6 +1010,10 @@ impl Llama {
         if self.position + 1 > room {
             return Ok(None); // the eager step grows the cache (and the graph is recorded anew)
         }
+        // The ids on the host: checked as the eager embedding checks them, and copied in with
+        // the position in one transfer.
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        ids.iter().try_for_each(|&id| self.check_id(id))?;
         if !matches!(&self.decode_graph, Some(Ok(g)) if g.fits(&model, rows)) {
             // The old graph's buffers go before the new graph's are made. A capture the driver
             // refuses leaves the eager path, said once per model.
@@ -1020,12 +1024,6 @@ impl Llama {
             }));
         }
         let Some(Ok(graph)) = &mut self.decode_graph else { return Ok(None) };
-        // The ids on the host: checked as the eager embedding checks them, and copied in with
-        // the position in one transfer.
-        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(Error::Usage(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
-        }
         let logits = graph.step(&model, &ids, self.position)?; // [B, V'], the model's dtype
         for l in &mut self.layers {
             l.self_attn.cache.len += 1;
@@ -1138,16 +1136,21 @@ impl Llama {
         self.position = 0;
     }
 
+    /// A token id must name a row of the true vocabulary (not the padding).
+    fn check_id(&self, id: u32) -> Result<()> {
+        if id as usize >= self.vocab {
+            return Err(Error::Usage(format!("token id {id} is outside the vocabulary of {}", self.vocab)));
+        }
+        Ok(())
+    }
+
     /// Vocab-parallel embedding lookup: ids [B, T] (u32) → [B, T, H]. Ids outside this rank's
     /// rows contribute zeros; the all-reduce assembles the full rows.
     pub fn embed(&self, ids: &Tensor, comm: &dyn Collective) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let rows = self.embed_tokens.dim(0)?;
         let flat = ids.flatten_all()?;
-        let max = flat.max(0)?.to_scalar::<u32>()? as usize;
-        if max >= self.vocab {
-            return Err(Error::Usage(format!("token id {max} is outside the vocabulary of {}", self.vocab)));
-        }
+        self.check_id(flat.max(0)?.to_scalar::<u32>()?)?;
         let h = self.embed_tokens.dim(1)?;
         if self.layout.tp == 1 && self.layer_nodes && self.embed_tokens.is_variable() {
             // Training the table: the rows as a leaf whose gradient [B·T, H]

@@ -807,6 +807,13 @@ pub(super) fn decode_attention(
 /// A device address for a kernel's pointer argument (0 is null).
 pub(super) type Addr = u64;
 
+/// The device address of contiguous `t`'s first element (f32 or bf16; `op` names it in errors).
+pub(super) fn tensor_address(t: &Tensor, stream: &CudaStream, op: &str) -> Result<Addr> {
+    let (s, l) = t.storage_and_layout();
+    let s = cuda_of(&s, op)?;
+    with_float!(s.dtype(), op, |T| Ok(view::<T>(s, l, op)?.device_ptr(stream).0))
+}
+
 /// Where a decode kernel finds the position: an argument (eager steps), or a device int
 /// (a step replayed from a CUDA graph, whose launches never change).
 #[derive(Clone, Copy)]
@@ -1280,7 +1287,7 @@ pub(super) fn attention_bwd(
 /// while candle allocates every op's output: a decode step paid ~4 event calls per launch for
 /// them. `SHARDSMITH_CUDA_EVENTS=1` keeps them (for comparisons).
 pub fn quiet_event_tracking(dev: &CudaDevice) {
-    if std::env::var("SHARDSMITH_CUDA_EVENTS").is_ok_and(|v| v == "1") {
+    if super::cuda_events_kept() {
         return;
     }
     // SAFETY: cudarc would only consult the events once the context had a second stream, and

@@ -23,14 +23,13 @@
 use super::cuda::{
     decode_attention_functions, embed_rows_function, gemv_function, launch_decode_attention,
     launch_embed_rows, launch_gemv, launch_rms_norm, launch_rope_qkv, rms_norm_function, rope_qkv_function,
-    Addr, DecodeAttnArgs, GemvArgs, GemvKind, RopeQkvArgs, StepPos,
+    tensor_address, Addr, DecodeAttnArgs, GemvArgs, GemvKind, RopeQkvArgs, StepPos,
 };
 use super::linear::GEMV_MAX_ROWS;
-use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, DType, Device, Result, Storage, Tensor, TensorId};
+use candle_core::{bail, DType, Device, Result, Tensor, TensorId};
 use std::cell::Cell;
 
 /// Keys per decode-attention split (decode_attn.cu's DECODE_CHUNK).
@@ -118,21 +117,6 @@ struct OwnedGraph(CudaGraph);
 // threads at once. It is not `Sync`. (candle's stream is the per-thread default stream, so a
 // replay is ordered after the work the replaying thread queued, as candle's own ops are.)
 unsafe impl Send for OwnedGraph {}
-
-/// The first element of `t`, as a device address: `t` contiguous on CUDA.
-fn address(t: &Tensor, stream: &CudaStream, what: &str) -> Result<Addr> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*s else { bail!("decode graph: {what} is not on a cuda device") };
-    if !l.is_contiguous() {
-        bail!("decode graph: {what} {:?} is not contiguous", t.dims());
-    }
-    let start = l.start_offset();
-    Ok(match cs.dtype() {
-        DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.slice(start..).device_ptr(stream).0,
-        DType::F32 => cs.as_cuda_slice::<f32>()?.slice(start..).device_ptr(stream).0,
-        other => bail!("decode graph: {what} is {other:?} (f32 or bf16 only)"),
-    })
-}
 
 /// `a` moved on by `elems` elements of `dtype`.
 fn offset(a: Addr, elems: usize, dtype: DType) -> Addr {
@@ -223,7 +207,7 @@ impl DecodeGraph {
         let stream = dev.cuda_stream();
         let inputs = stream.alloc_zeros::<u32>(rows + 2).w()?;
 
-        let at = |t: &Tensor, what: &str| address(t, &stream, what);
+        let at = |t: &Tensor, what: &str| tensor_address(t, &stream, &format!("decode graph: {what}"));
         let (a_xa, a_xb, a_hn) = (at(&xa, "x")?, at(&xb, "x")?, at(&hn, "normed x")?);
         let (a_qkv, a_qrot, a_att, a_act) =
             (at(&qkv, "qkv")?, at(&q_rot, "q")?, at(&att, "att")?, at(&act, "act")?);
