@@ -56,7 +56,8 @@ step() {
 echo "### parity (tests/cuda_parity.rs)"
 for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softmax_forward \
     swiglu_forward_and_backward cross_entropy_forward_and_backward adamw_step_is_bit_identical \
-    causal_attention_forward_and_backward attention_backward_variants_agree wgmma_forward_matches_the_cpu \
+    causal_attention_forward_and_backward attention_backward_variants_agree wgmma_forms_are_exact \
+    wgmma_forward_matches_the_cpu \
     wgmma_backward_matches_the_cpu \
     full_attention_forward \
     decode_gemv_forward decode_attention_forward \

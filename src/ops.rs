@@ -305,7 +305,7 @@ pub fn cuda_gemv_enabled() -> bool {
 }
 
 /// Whether a single-rank decode step on CUDA replays a recorded CUDA graph
-/// ([`decode_graph`]; the default, where it applies) rather than issuing its launches one by
+/// (`decode_graph`; the default, where it applies) rather than issuing its launches one by
 /// one; `SHARDSMITH_CUDA_GRAPH=0` turns it off, for comparisons. The graph runs the GEMV kernels,
 /// so `SHARDSMITH_CUDA_GEMV=0` turns it off too.
 pub fn cuda_graph_enabled() -> bool {
@@ -337,6 +337,7 @@ pub mod linear;
 pub mod opaque;
 pub(crate) mod par;
 pub(crate) mod vmath;
+pub mod wgmma_check;
 
 pub use attention::{causal_attention, causal_attention_backward, causal_attention_forward};
 pub use cast::cast;
@@ -431,7 +432,7 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// (dx, dw) of [`rms_norm`] outside autograd (hand-written backwards), dw (f32 [H]) only
+/// (dx, dw) of [`rms_norm`] outside autograd (hand-written backwards), dw (f32 `[H]`) only
 /// `with_weight`: on CUDA one kernel gives both in the same pass over x and g (rmsnorm.cu);
 /// elsewhere [`rms_norm_backward_input`] and [`rms_norm_backward_weight`].
 pub fn rms_norm_backward(
@@ -450,7 +451,7 @@ pub fn rms_norm_backward(
     Ok((rms_norm_backward_input(x, w, g, eps)?, dw))
 }
 
-/// dw of [`rms_norm`] at x [.., H] for the output gradient g: `Σ_rows g · x·r`, in f32 [H].
+/// dw of [`rms_norm`] at x [.., H] for the output gradient g: `Σ_rows g · x·r`, in f32 `[H]`.
 pub fn rms_norm_backward_weight(x: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
     if x.device().is_cpu() && x.shape() == g.shape() {
         return x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &RmsNormWeightGrad { eps: eps as f32 });
@@ -502,7 +503,7 @@ impl CustomOp2 for RmsNormWeightGrad {
     }
 }
 
-/// dx of [`rms_norm`] at x [.., H] with weight w [H] for the output gradient g:
+/// dx of [`rms_norm`] at x [.., H] with weight w `[H]` for the output gradient g:
 /// `dx = r · (g·w − n · mean(g·w·n))`, n = x·r, r = (mean(x²) + eps)^-½, in f32, returned in x's
 /// dtype. One fused pass per row on the CPU; composed tensor ops elsewhere.
 pub fn rms_norm_backward_input(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {

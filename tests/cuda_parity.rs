@@ -303,6 +303,23 @@ fn backward_variants(
         .collect()
 }
 
+/// The four wgmma forms the attention kernels use, on one tile each (flash_wg.cu's `wgmma_probe`,
+/// ops::wgmma_check): every output bit-exact. Printed whole, so that one run on a new GPU says
+/// which form is wrong and where its elements came from. Skipped in a build without wgmma.
+#[test]
+fn wgmma_forms_are_exact() {
+    if !ops::attention::wgmma_available() {
+        println!("parity wgmma forms: skipped (no sm_90a kernels in this build)");
+        return;
+    }
+    let Device::Cuda(dev) = gpu() else { unreachable!("gpu() is a CUDA device") };
+    let report = ops::wgmma_check::self_check(&dev).unwrap();
+    for line in report.to_string().lines() {
+        println!("parity wgmma form {line}");
+    }
+    assert!(report.passed(), "wgmma forms:\n{report}");
+}
+
 /// The wgmma backward (kernels/src/flash_wg.cu, `FlashBackward::Wgmma`, D 128) against the CPU
 /// and against Split on the same inputs (its own summation order: within a bf16 rounding).
 /// Skipped (with a line saying so) in a build without it. Its own test so that a fault in the

@@ -26,8 +26,8 @@
 //! planning a whole 70B model stays small.
 //!
 //! Plans compose: a contiguous range taken from an input that is itself a plan is planned from
-//! that plan's inputs ([`Gather::run`]), so slicing one layer out of a layer-stacked array that
-//! [`gather_boxes`] assembles from chunk files (distributed checkpoints) reads that layer's
+//! that plan's inputs (`Gather::run`), so slicing one layer out of a layer-stacked array that
+//! `gather_boxes` assembles from chunk files (distributed checkpoints) reads that layer's
 //! chunks only, and a slice of a concatenation of mapped tensors is a mapped range again.
 
 use crate::checkpoint::{ByteSource, Produce, Segment, TensorEntry};

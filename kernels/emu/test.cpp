@@ -240,6 +240,40 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
         });
 }
 
+// flash_wg.cu's wgmma_probe on small integers (every product and sum exact in f32, s exact in
+// bf16): each of its four outputs equal to its plain definition.
+void test_wgmma_probe() {
+    std::uniform_int_distribution<int> d(-2, 2);
+    auto ints = [&](size_t n) {
+        std::vector<float> x(n);
+        for (auto &e : x) e = (float)d(rng);
+        return x;
+    };
+    auto af = ints(64 * 64), bf = ints(64 * 64), cf = ints(64 * 64), vf = ints(64 * 128);
+    auto a = cast<bf16>(af), b = cast<bf16>(bf), c = cast<bf16>(cf), v = cast<bf16>(vf);
+    std::vector<float> out(5 * 64 * 64);
+    emu::launch(dim3(1), dim3(WG_THREADS), WG_PROBE_SMEM, wgmma_probe, a.data(), b.data(), c.data(), v.data(),
+                out.data());
+    std::vector<double> rs(64 * 64), ro(64 * 128), rp(64 * 64), ru(64 * 64);
+    for (int m = 0; m < 64; ++m)
+        for (int n = 0; n < 64; ++n)
+            for (int k = 0; k < 64; ++k) {
+                rs[m * 64 + n] += (double)af[m * 64 + k] * bf[n * 64 + k];
+                ru[m * 64 + n] += (double)af[k * 64 + m] * vf[k * 128 + 64 + n];
+            }
+    for (int m = 0; m < 64; ++m)
+        for (int k = 0; k < 64; ++k) {
+            const double pk = rs[m * 64 + k];  // |s| ≤ 256: exact in bf16
+            for (int n = 0; n < 128; ++n) ro[m * 128 + n] += pk * vf[k * 128 + n];
+            for (int n = 0; n < 64; ++n) rp[m * 64 + n] += pk * cf[k * 64 + n];
+        }
+    auto part = [&](size_t at, size_t n) { return std::vector<float>(out.begin() + at, out.begin() + at + n); };
+    check("wgmma probe s = a bT (ss, K-major)", part(0, 4096), rs, 0);
+    check("wgmma probe o = s v (rs, MN-major B, n128)", part(4096, 8192), ro, 0);
+    check("wgmma probe p = s c (rs, MN-major B, n64)", part(12288, 4096), rp, 0);
+    check("wgmma probe u = aT v[:, 64:] (ss, MN-major A, B)", part(16384, 4096), ru, 0);
+}
+
 template <class T> void test_rmsnorm(int rows, int h, double tol) {
     auto xf = widen(cast<T>(randv((size_t)rows * h))), wf = widen(cast<T>(randv(h, 0.5, 1.5)));
     auto gf = widen(cast<T>(randv((size_t)rows * h)));
@@ -512,6 +546,7 @@ template <class T> void test_embed_rows(int v, int h) {
 }
 
 int main() {
+    test_wgmma_probe();
     test_elementwise();
     test_bias_act<float>(3, 40, 1, false, 1e-6);
     test_bias_act<float>(5, 13, 0, true, 1e-6);

@@ -413,6 +413,97 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     }
 }
 
+// The four wgmma forms above, each on one tile laid out and described exactly as the attention
+// kernels lay out and describe theirs: a check of the descriptor and fragment conventions
+// (wgmma.cuh) on the device itself, which ops::attention's wgmma self-check runs once per GPU
+// before the first wgmma attention launch (the emulator checks it too). If they are wrong for
+// some GPU or toolkit, this says which form, and the self-check's index patterns say how.
+// Inputs bf16 row-major: a, b, c [64][64], v [64][128]. Output f32 [5·64·64], four blocks in order:
+//   s [64][64]   = a · bᵀ             ss, A and B K-major            (S = Q Kᵀ; Sᵀ, dPᵀ)
+//   o [64][128]  = bf16(s) · v        rs, B MN-major, n128           (O = P V at D 128; dV, dK)
+//   p [64][64]   = bf16(s) · c        rs, B MN-major, n64            (O = P V at D 64)
+//   u [64][64]   = aᵀ · v[:, 64:128]  ss, A and B MN-major, B from a column offset (dQ = dS K)
+// One block of 256 threads: both warpgroups compute every product (no wgmma in a divergent
+// path); warpgroup 0 stores. Smem WG_PROBE_SMEM: a, b, c then v in the canonical layout.
+constexpr int WG_PROBE_SMEM = (3 * 64 * 64 + 64 * 128) * 2;
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    wgmma_probe(const bf16 *a, const bf16 *b, const bf16 *c, const bf16 *v, float *out) {
+    require_smem(WG_PROBE_SMEM, WG_THREADS);
+    DYN_SMEM(probe_smem);
+    bf16 *sa = reinterpret_cast<bf16 *>(probe_smem), *sb = sa + 64 * 64, *sc = sb + 64 * 64, *sv = sc + 64 * 64;
+    wg_tile_load<64, 64>(sa, a, 0, 64);
+    wg_tile_load<64, 64>(sb, b, 0, 64);
+    wg_tile_load<64, 64>(sc, c, 0, 64);
+    wg_tile_load<128, 64>(sv, v, 0, 64);
+    cp_async_commit();
+    cp_async_wait<0>();
+    wgmma_fence_smem();
+    __syncthreads();
+    // Descriptor strides as flash_fwd_wg<64> (a, b: Q, K; c: V), flash_fwd_wg<128> (v: V) and
+    // flash_bwd_wg<128> (a: dSᵀ read as dS; v: K read MN-major from head-dim column 64).
+    constexpr uint32_t K64_LBO = 128, K64_SBO = 64 / 8 * 128, MN64_LBO = 64 / 8 * 128, MN128_LBO = 128 / 8 * 128;
+    float s[8][4], o[16][4], p[8][4], u[8][4];
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            o[j][i] = 0.f;
+            if (j < 8) s[j][i] = p[j][i] = u[j][i] = 0.f;
+        }
+    wgmma_pin(s);
+    wgmma_fence();
+    const uint64_t a_k = wgmma_desc(sa, K64_LBO, K64_SBO), b_k = wgmma_desc(sb, K64_LBO, K64_SBO);
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+        wgmma_ss_m64n64k16(s, wgmma_desc_add(a_k, 256 * ks), wgmma_desc_add(b_k, 256 * ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(s);
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) acc_to_a(pa[kk], s[2 * kk], s[2 * kk + 1]);
+    wgmma_pin(o);
+    wgmma_pin(p);
+    wgmma_pin(u);
+    wgmma_pin(pa);
+    wgmma_fence();
+    const uint64_t v_mn = wgmma_desc(sv, MN128_LBO, 128), c_mn = wgmma_desc(sc, MN64_LBO, 128);
+    const uint64_t a_mn = wgmma_desc(sa, MN64_LBO, 128), v_mn_hi = wgmma_desc(sv + (128 / 16) * 64, MN128_LBO, 128);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {  // 16 rows of the contraction = 2 row groups (2·LBO bytes)
+        wgmma_rs_m64n128k16_tb(o, pa[kk], wgmma_desc_add(v_mn, 2 * MN128_LBO * kk), 1);
+        wgmma_rs_m64n64k16_tb(p, pa[kk], wgmma_desc_add(c_mn, 2 * MN64_LBO * kk), 1);
+        wgmma_ss_m64n64k16_tt(u, wgmma_desc_add(a_mn, 2 * MN64_LBO * kk), wgmma_desc_add(v_mn_hi, 2 * MN128_LBO * kk),
+                              kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(o);
+    wgmma_pin(p);
+    wgmma_pin(u);
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    if (wg != 0) return;
+    float *os = out, *oo = os + 64 * 64, *op = oo + 64 * 128, *ou = op + 64 * 64;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = 16 * warp + g + 8 * r;
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = 8 * j + 2 * tq + e;
+                oo[row * 128 + col] = o[j][2 * r + e];
+                if (j < 8) {
+                    os[row * 64 + col] = s[j][2 * r + e];
+                    op[row * 64 + col] = p[j][2 * r + e];
+                    ou[row * 64 + col] = u[j][2 * r + e];
+                }
+            }
+    }
+}
+
 // D = 128 needs more than the 128 registers of two blocks an SM (O alone is 64 a thread): one.
 #define FLASH_WG(D, BLOCKS_PER_SM)                                                                    \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, BLOCKS_PER_SM)                           \

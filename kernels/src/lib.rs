@@ -1,7 +1,7 @@
 //! shardsmith's CUDA kernels as compiled modules (PTX text and an sm-specific cubin each).
 //!
 //! With the `cuda` feature, `build.rs` compiles every `src/*.cu` (see its docs for the flags) and
-//! this crate exposes one [`Module`] per file; the launchers live in the main crate's `ops`
+//! this crate exposes one `Module` per file; the launchers live in the main crate's `ops`
 //! (each kernel file's header comment gives its shapes, launch geometry and numerics). Without
 //! the feature the crate is empty and needs no CUDA toolchain.
 

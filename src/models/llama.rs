@@ -1254,7 +1254,7 @@ impl Llama {
     }
 
     /// Run decoder layers and the head in training as one graph node each (the default;
-    /// [`DecoderLayer::forward_node`], [`Llama::head_native`]) or as the composed ops (off: for
+    /// `DecoderLayer::forward_node`, [`Llama::head_native`]) or as the composed ops (off: for
     /// comparisons).
     pub fn set_layer_nodes(&mut self, on: bool) {
         self.layer_nodes = on;

@@ -2,7 +2,7 @@
 //!
 //! On CUDA it runs the FlashAttention-style kernels of `kernels/flash_attn.cu` (tiled, online
 //! softmax, no T×T matrix; backward by recomputation from the saved log-sum-exp). On the CPU
-//! ([`cpu`]) the same algorithm blocked by query rows, in f32 GEMMs and a vectorised exp: what
+//! (`cpu`) the same algorithm blocked by query rows, in f32 GEMMs and a vectorised exp: what
 //! the models run there, and what the CUDA kernels are parity-tested against. The materialised
 //! softmax(QKᵀ·scale)V in candle ops ([`attention_reference`]) is the independent reference both
 //! are tested against.
@@ -185,7 +185,7 @@ pub fn kernel_supports(dev: &Device, dtype: DType, head_dim: usize) -> bool {
 }
 
 /// Causal attention softmax(q kᵀ·scale + causal mask) v, as one op: FlashAttention-style kernels
-/// on CUDA (f32 or bf16, D ∈ {32, 64, 96, 128}), the blocked f32 kernel of [`cpu`] on the CPU.
+/// on CUDA (f32 or bf16, D ∈ {32, 64, 96, 128}), the blocked f32 kernel of `cpu` on the CPU.
 /// Differentiable in q, k and v. Shapes in the module docs.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     attention_dims(q.shape(), k.shape(), v.shape())?;
@@ -297,7 +297,8 @@ pub enum FlashForward {
     MmaSync,
     /// Hopper's warpgroup MMA (`kernels/src/flash_wg.cu`): taken for head dims 64 and 128 with
     /// 16-byte aligned inputs in a build for compute capability 9.0 ([`wgmma_available`]); other
-    /// calls keep the mma.sync kernel.
+    /// calls keep the mma.sync kernel. The first launch on a GPU runs
+    /// [`super::wgmma_check`]'s self-check there; a failure is an error with its report.
     Wgmma,
 }
 
@@ -359,7 +360,8 @@ pub enum FlashBackward {
     Fused,
     /// Fused's algorithm on Hopper's warpgroup MMA (`flash_bwd_wg`, kernels/src/flash_wg.cu):
     /// taken for head dim 128 with 16-byte aligned inputs in a build for compute capability 9.0
-    /// ([`wgmma_available`]); other calls run Fused. dQ is not bit-reproducible.
+    /// ([`wgmma_available`]); other calls run Fused. dQ is not bit-reproducible. Self-checked
+    /// as [`FlashForward::Wgmma`] is.
     Wgmma,
 }
 
@@ -402,7 +404,7 @@ impl FlashBackward {
 
 /// (dq, dk, dv) of causal attention from the forward's o and lse and the output gradient `g`:
 /// the FlashAttention backward kernels on CUDA (bf16: those of [`FlashBackward::from_env`]), the
-/// blocked f32 one of [`cpu`] on the CPU (both recompute the probabilities from q, k and lse).
+/// blocked f32 one of `cpu` on the CPU (both recompute the probabilities from q, k and lse).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_attention_backward(
     q: &Tensor,

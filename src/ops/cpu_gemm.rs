@@ -11,7 +11,7 @@
 //! Shapes and layout: `C [M, N] (f32, row-major) = A [M, K] · B [K, N]`, A and B given as
 //! strided views (element (i, j) at `data[i·rs + j·cs]`), so the transposes the model and its
 //! backward need — x·Wᵀ, dy·W, dyᵀ·x — are only strides, and any M, N, K (odd edges included)
-//! works. Operands are packed into panels of 32-bit *units*, each holding [`Element::KU`]
+//! works. Operands are packed into panels of 32-bit *units*, each holding `Element::KU`
 //! consecutive k values of one row or column (bf16: the k-pair `vdpbf16ps` consumes, low half
 //! even; f32: one value):
 //! - A panel (MR rows): `[K/KU][MR]` units;
@@ -306,7 +306,7 @@ pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: &mut [f32]) -> Result<()> {
 }
 
 /// `C = A · B` against a B packed beforehand ([`PackedB::new`]), with C [M, N] f32 row-major
-/// (overwritten): the same sums as [`gemm`] / [`gemm_f32`], without packing B.
+/// (overwritten): the same sums as [`gemm()`] / [`gemm_f32`], without packing B.
 pub fn gemm_prepacked<T: PackElement>(a: MatRef<T>, b: &PackedB, c: &mut [f32]) -> Result<()> {
     gemm_into(a, BSource::Packed(b), as_out(c))
 }
@@ -399,11 +399,11 @@ impl PackElement for f32 {
     const KIND: PackKind = PackKind::F32;
 }
 
-/// B [K, N] packed once into the panels a product would pack on the fly ([kblock][panel], each
-/// [units][NR]), for a matrix that meets many products: a frozen weight, Wᵀ in x·Wᵀ. Packing
+/// B [K, N] packed once into the panels a product would pack on the fly (`[kblock][panel]`, each
+/// `[units][NR]`), for a matrix that meets many products: a frozen weight, Wᵀ in x·Wᵀ. Packing
 /// per product read the weight column by column — 48 strided streams from DRAM, a fifth of a
 /// bf16 prefill — where a product over packed panels streams them in order. Same blocking, so
-/// the same sums: results are bit-identical to [`gemm`] / [`gemm_f32`].
+/// the same sums: results are bit-identical to [`gemm()`] / [`gemm_f32`].
 pub struct PackedB {
     kind: PackKind,
     k: usize,

@@ -1114,6 +1114,9 @@ pub(super) fn attention_fwd(
         && dtype == DType::BF16
         && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
         && [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
+    if wgmma {
+        super::wgmma_check::ensure_verified(qs.device())?;
+    }
     let (module, smem, name) = if wgmma {
         let kind = if causal { "wg_bf16" } else { "full_wg_bf16" };
         // Q [128] and K, V [2][64] rows of D bf16 (flash_wg.cu's wg_fwd_smem_bytes).
@@ -1144,6 +1147,27 @@ pub(super) fn attention_fwd(
         unsafe { bld.launch(cfg(grid, threads, smem)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), tensor(lse, dev, (b, hq, t))))
     })
+}
+
+/// Dynamic shared memory of flash_wg.cu's `wgmma_probe`: a, b, c [64][64] and v [64][128] bf16.
+const WGMMA_PROBE_SMEM: u32 = (3 * 64 * 64 + 64 * 128) * 2;
+
+/// flash_wg.cu's `wgmma_probe` on `x` (ops::wgmma_check): its f32 outputs, on the host.
+pub(super) fn wgmma_probe(dev: &CudaDevice, x: &super::wgmma_check::ProbeInputs) -> Result<Vec<f32>> {
+    if !kernels::WGMMA {
+        bail!("wgmma probe: this build has no wgmma kernels (CUDA_COMPUTE_CAP=90 builds them)");
+    }
+    let f = function_smem(dev, &kernels::FLASH_WG, "wgmma_probe", WGMMA_PROBE_SMEM)?;
+    let stream = dev.cuda_stream();
+    let upload = |m: &[f32]| stream.clone_htod(&m.iter().map(|&e| bf16::from_f32(e)).collect::<Vec<_>>()).w();
+    let (a, b, c, v) = (upload(&x.a)?, upload(&x.b)?, upload(&x.c)?, upload(&x.v)?);
+    let mut out = stream.alloc_zeros::<f32>(super::wgmma_check::PROBE_OUT).w()?;
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(&a).arg(&b).arg(&c).arg(&v).arg(&mut out);
+    // SAFETY: matches flash_wg.cu (wgmma_probe): one block of 256 threads, the inputs' and the
+    // output's sizes as its header says, WGMMA_PROBE_SMEM bytes of shared memory.
+    unsafe { bld.launch(cfg((1, 1, 1), ATTN_WG_THREADS, WGMMA_PROBE_SMEM)) }.w()?;
+    stream.clone_dtoh(&out).w()
 }
 
 /// (dq, dk, dv) of causal attention from the forward's o and lse and the output gradient `g`;
@@ -1198,6 +1222,9 @@ pub(super) fn attention_bwd(
             && kernels::WGMMA
             && d == 128
             && [ql, kl, vl, gl].iter().all(|l| l.start_offset().is_multiple_of(8));
+        if wgmma {
+            super::wgmma_check::ensure_verified(dev)?;
+        }
         if matches!(variant, FlashBackward::Fused | FlashBackward::Wgmma) {
             let (module, name, smem, threads) = if wgmma {
                 // K, V [128], Q, dO [2][64] rows of D; dSᵀ [128][64] bf16; lse, Δ [2][64] f32

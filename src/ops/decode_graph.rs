@@ -37,13 +37,13 @@ const DECODE_CHUNK: usize = 512;
 
 /// One decoder layer as a decode step reads it.
 pub struct StepLayer {
-    /// [H] input RMSNorm weight.
+    /// `[H]` input RMSNorm weight.
     pub attn_norm: Tensor,
     /// [(Hq + 2G)·D, H]: q, k and v projections' rows, in that order.
     pub qkv: Tensor,
     /// [H, Hq·D].
     pub o: Tensor,
-    /// [H] post-attention RMSNorm weight.
+    /// `[H]` post-attention RMSNorm weight.
     pub mlp_norm: Tensor,
     /// [2F, H]: gate rows, then up rows.
     pub gate_up: Tensor,
@@ -59,7 +59,7 @@ pub struct StepModel {
     /// [V', H] embedding rows (V' the padded vocabulary).
     pub embed: Tensor,
     pub layers: Vec<StepLayer>,
-    /// [H] final RMSNorm weight.
+    /// `[H]` final RMSNorm weight.
     pub norm: Tensor,
     /// [V', H] output head (may be `embed` itself).
     pub lm_head: Tensor,

@@ -7,7 +7,7 @@
 //! and rounded to the dtype once (the composed ops round after each step, so bf16 results differ
 //! by rounding; f32 agrees to a few ulp).
 //!
-//! Shapes: x [.., C] (any leading dims), b [C], r like x.
+//! Shapes: x [.., C] (any leading dims), b `[C]`, r like x.
 
 use super::{as_f32, elementwise, Operand};
 use candle_core::backend::BackendStorage;

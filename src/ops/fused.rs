@@ -322,8 +322,8 @@ impl CustomOp2 for ScaleRows {
     }
 }
 
-/// Per-row softmax cross-entropy of logits [N, V] against targets [N] (any integer dtype;
-/// [`IGNORE_INDEX`] rows give 0): loss [N] f32, differentiable in the logits. The forward also
+/// Per-row softmax cross-entropy of logits [N, V] against targets `[N]` (any integer dtype;
+/// [`IGNORE_INDEX`] rows give 0): loss `[N]` f32, differentiable in the logits. The forward also
 /// makes d loss / d logits (one pass over the vocabulary; kept until the graph is dropped).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let targets = targets.to_dtype(DType::I64)?.contiguous()?;

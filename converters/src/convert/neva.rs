@@ -11,7 +11,7 @@
 //! What was changed is recorded in the yaml (`converted_from`) so converting back restores the
 //! source exactly.
 //!
-//! Everything is checked before anything is built: [`check_bundle`] names every missing part.
+//! Everything is checked before anything is built: `check_bundle` names every missing part.
 //!
 //! Reading ([`from_neva`], and [`load_neva`] for the compute core) undoes the layout: projector and
 //! vision keys are split off by prefix, the rest is the LLaMA part (or, for a projector-only file

@@ -1,5 +1,5 @@
 //! Checkpoint surgery: edits that are pure functions from one [`Checkpoint`] to an [`Edit`] (the
-//! output checkpoint, still lazy, plus the [`Plan`] describing it), written by [`write`] in the
+//! output checkpoint, still lazy, plus the [`Plan`] describing it), written by [`write()`] in the
 //! input's own container unless asked otherwise.
 //!
 //! | operation | module | what |

@@ -1,5 +1,5 @@
 //! What a surgery will do ([`Plan`]), the lazy result it builds ([`Edit`]), and writing that
-//! result in the container it was read from ([`write`]).
+//! result in the container it was read from ([`write()`]).
 //!
 //! Every surgery is a function `Checkpoint → Edit` over headers only: the plan is complete before
 //! a tensor byte is read, so `--dry-run` prints exactly what a real run writes.
@@ -286,7 +286,7 @@ impl Edit {
     }
 }
 
-/// Options for [`write`].
+/// Options for [`write()`].
 #[derive(Clone, Copy, Debug)]
 pub struct WriteOptions {
     /// Largest HF shard in bytes.

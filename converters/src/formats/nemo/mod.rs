@@ -12,7 +12,7 @@
 //! Writing ([`write()`]) produces what NeMo's `tarfile` call produces: an uncompressed PAX tar with
 //! `./`-prefixed names in sorted depth-first order, each rank's zip streamed straight into its
 //! member with no temporary copy. [`write_distributed`] writes the weights as a
-//! `model_weights/` distributed checkpoint instead (zarr or torch_dist, [`distributed`]), chunks
+//! `model_weights/` distributed checkpoint instead (zarr or torch_dist, `distributed`), chunks
 //! streamed the same way.
 
 mod config;

@@ -50,7 +50,7 @@ pub fn write(ckpt: &Checkpoint, dest: &Path, opts: &WriteOptions) -> Result<()> 
 
 /// Write `ckpt` as a `.nemo` whose weights are the `model_weights/` distributed checkpoint
 /// `weights` in `backend` (formats.md §1.6) instead of its shards, atomically. The yaml's tp/pp
-/// must match `ckpt.meta.parallel` as for [`write`]; the shards themselves are not written.
+/// must match `ckpt.meta.parallel` as for [`write()`]; the shards themselves are not written.
 pub fn write_distributed(
     ckpt: &Checkpoint,
     weights: &DistWeights,
