@@ -130,7 +130,10 @@ fn converted_nemo_matches_the_pytorch_reference_and_megatron_forward() {
 /// `convert --dist-ckpt zarr|torch_dist` against the PyTorch reference conversion, laid out as
 /// Megatron's strategies do (layer-stacked, one chunk per layer × TP fragment): zarr read from its
 /// chunk files, torch_dist loaded by `torch.distributed.checkpoint` itself, torch loading
-/// `common.pt` and every `_extra_state` object.
+/// `common.pt` and every `_extra_state` object; then each restored by Megatron-core's own
+/// `dist_checkpointing.load` at tensor-parallel size 1, as a NeMo job restores it
+/// (`megatron_dist_load.py`): torch_dist by megatron-core 0.16, zarr by 0.5.0 (NeMo 1.23's,
+/// through TensorStore; fixtures/gen/requirements-interop.txt, requirements-megatron-zarr.txt).
 #[test]
 fn distributed_nemo_matches_the_pytorch_reference() {
     let Some(py) = reference_python() else { return };
@@ -158,6 +161,12 @@ fn distributed_nemo_matches_the_pytorch_reference() {
         let check: Vec<&Path> = check.iter().map(Path::new).collect();
         let line = run_checker(&py, "nemo_dist_check.py", &check);
         assert!(line.starts_with(&format!("OK {backend}")), "{model} tp={tp} pp={pp} {backend}: {line}");
+        let out = run_checker(&py, "megatron_dist_load.py", &check);
+        let last = out.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("OK megatron-core") && last.contains(&format!("load of {backend},")),
+            "{model} tp={tp} pp={pp} Megatron: {out}"
+        );
     }
 }
 
