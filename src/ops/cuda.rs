@@ -693,7 +693,7 @@ pub fn gemv_launches() -> usize {
 // ---------------------------------------------------------------------------------------------
 
 /// Keys per decode-attention split (decode_attn.cu's DECODE_CHUNK) and threads per block.
-const DECODE_CHUNK: usize = 512;
+pub(super) const DECODE_CHUNK: usize = 512;
 const DECODE_THREADS: u32 = 128;
 
 /// [B, 1, Hq·D] attention output of q [B, Hq, 1, D] against k, v [B, Hk, S, D]: each read in

@@ -23,7 +23,7 @@
 use super::cuda::{
     decode_attention_functions, embed_rows_function, gemv_function, launch_decode_attention,
     launch_embed_rows, launch_gemv, launch_rms_norm, launch_rope_qkv, rms_norm_function, rope_qkv_function,
-    tensor_address, Addr, DecodeAttnArgs, GemvArgs, GemvKind, RopeQkvArgs, StepPos,
+    tensor_address, Addr, DecodeAttnArgs, GemvArgs, GemvKind, RopeQkvArgs, StepPos, DECODE_CHUNK,
 };
 use super::linear::GEMV_MAX_ROWS;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -31,9 +31,6 @@ use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Device, Result, Tensor, TensorId};
 use std::cell::Cell;
-
-/// Keys per decode-attention split (decode_attn.cu's DECODE_CHUNK).
-const DECODE_CHUNK: usize = 512;
 
 /// One decoder layer as a decode step reads it.
 pub struct StepLayer {
@@ -90,6 +87,32 @@ pub fn replays() -> usize {
     REPLAYS.with(Cell::get)
 }
 
+/// Ends a capture still open on its stream when dropped. cudarc's `end_capture` checks the
+/// context's recorded errors before it ends the capture and returns early on one, and a panic
+/// skips it; the driver calls here do neither (the captured graph, if any, is destroyed).
+struct CaptureGuard(std::sync::Arc<CudaStream>);
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys::CUstreamCaptureStatus};
+        let stream = self.0.cu_stream();
+        // SAFETY: the stream is alive (held); this thread made its context current for the
+        // capture, and a graph ended here is destroyed once, by us.
+        unsafe {
+            if !matches!(
+                result::stream::is_capturing(stream),
+                Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+            ) {
+                if let Ok(graph) = result::stream::end_capture(stream) {
+                    if !graph.is_null() {
+                        let _ = result::graph::destroy(graph);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One recorded decode step for `rows` sequences over a [`StepModel`]'s tensors.
 pub struct DecodeGraph {
     graph: OwnedGraph,
@@ -114,8 +137,11 @@ struct OwnedGraph(CudaGraph);
 // SAFETY: CUDA graph objects are not internally synchronised, so calls on one must not overlap
 // (the driver API's thread-safety notes); they may come from any thread. An `OwnedGraph` is only
 // reached through its `DecodeGraph`, by `&mut` (replay) or by value (drop): never from two
-// threads at once. It is not `Sync`. (candle's stream is the per-thread default stream, so a
-// replay is ordered after the work the replaying thread queued, as candle's own ops are.)
+// threads at once. It is not `Sync`. Moving it is memory-safe but not ordered: candle's stream
+// is the per-thread default stream (handle 0x2, "the calling thread's"), so a replay is ordered
+// only after the work the *replaying* thread queued, and the work buffers drop on the dropping
+// thread's stream. The model that owns the graph is driven by one thread (generate, bench, and
+// the tp = 1 rank that `ParallelLlama` runs inline); keep it so.
 unsafe impl Send for OwnedGraph {}
 
 /// `a` moved on by `elems` elements of `dtype`.
@@ -173,11 +199,14 @@ impl DecodeGraph {
             expect(&l.cache, &[2, b, g, cap, d], &format!("layer {i} KV cache"))?;
         }
         let (cos, sin) = &m.tables;
-        if cos.dims() != sin.dims() || cos.dim(0)? < cap || cos.dim(1)? != d / 2 {
+        if cos.dims() != sin.dims() || cos.dtype() != sin.dtype() || cos.dim(0)? < cap || cos.dim(1)? != d / 2
+        {
             bail!(
-                "decode graph: rotary tables {:?} / {:?} must be [≥ {cap}, {}]",
+                "decode graph: rotary tables {:?} {:?} / {:?} {:?} must be [≥ {cap}, {}] of one dtype",
                 cos.dims(),
+                cos.dtype(),
                 sin.dims(),
+                sin.dtype(),
                 d / 2
             );
         }
@@ -314,8 +343,10 @@ impl DecodeGraph {
             Ok(())
         };
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+        // From here the stream leaves capture mode whatever happens (an error, a panic), or every
+        // later launch on this thread would be recorded instead of run.
+        let _guard = CaptureGuard(stream.clone());
         let recorded = record();
-        // The capture is ended whatever happened, so the stream is usable again.
         let graph = stream.end_capture(CUgraphInstantiate_flags(0));
         recorded?;
         let Some(graph) = graph.w()? else { bail!("decode graph: the capture recorded nothing") };
