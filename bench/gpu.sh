@@ -15,13 +15,13 @@
 # Device call (carry target/cuda-carry), from the repository root:  bash bench/gpu.sh
 #
 # Everything runs under `timeout`, and the whole script under a budget (GPU_SH_BUDGET seconds,
-# default 285) so it ends inside 5 minutes even when a step hangs. Weights are random and made
+# default 330) so it ends inside 6 minutes even when a step hangs. Weights are random and made
 # on the device; nothing is read from disk or downloaded. JSON lines of every run are kept in
 # $OUT/gpu_results.jsonl when $OUT is set (else /tmp/shardsmith-gpu/). MFU uses PEAK_TFLOPS
 # (default: 989 for H100 SXM / H200 bf16 dense, 756 for an H100 PCIe).
 set -uo pipefail
 START=$SECONDS
-BUDGET=${GPU_SH_BUDGET:-285}
+BUDGET=${GPU_SH_BUDGET:-330}
 CARRY=${1:-target/cuda-carry}
 RESERVE=10 # seconds kept for the table
 source "$(dirname "$0")/gpu_lib.sh"
@@ -56,6 +56,7 @@ step() {
 echo "### parity (tests/cuda_parity.rs)"
 for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softmax_forward \
     swiglu_forward_and_backward cross_entropy_forward_and_backward adamw_step_is_bit_identical \
+    gemm_backends_match_the_cpu \
     causal_attention_forward_and_backward attention_backward_variants_agree wgmma_forms_are_exact \
     wgmma_forward_matches_the_cpu \
     wgmma_backward_matches_the_cpu \
@@ -109,7 +110,15 @@ for kv in "mma wide" "mma fused" "mma wgmma" "wgmma split" "wgmma wgmma"; do
     [[ -n ${GPU_SH_TINY:-} && $kv == *wgmma* ]] && continue # a CPU build has no wgmma kernels
     step ours-gpu-layer-$1-$2 60 env SHARDSMITH_FLASH_FWD=$1 SHARDSMITH_FLASH_BWD=$2 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 done
+# The layer's GEMMs through cuBLAS directly (ops::cublas) instead of candle's matmul.
+for g in cublas cublaslt; do
+    step ours-gpu-layer-gemm-$g 60 env SHARDSMITH_GEMM=$g "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
+done
 step torch-gpu-layer 60 $PY gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
+G=()
+[[ -n ${GPU_SH_TINY:-} ]] && G=(--rows 32 --square 48)
+step ours-gemm 40 "$SS" bench gemm --runs 10 --warmup 2 "${L[@]}" "${C[@]}" ${G[@]+"${G[@]}"}
+step torch-gemm 40 $PY gemm --runs 10 --warmup 2 "${L[@]}" "${C[@]}" ${G[@]+"${G[@]}"}
 # The wgmma kernels in their own runs, so that a fault in one cannot cost the others' numbers.
 AK=()
 [[ -n ${GPU_SH_TINY:-} ]] || AK=(--forward mma --backward split,wide,fused)
@@ -128,6 +137,7 @@ step ours-neva 60 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-composed 60 "$SS" bench neva-step --composed --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 [[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-wgmma 60 env SHARDSMITH_FLASH_FWD=wgmma SHARDSMITH_FLASH_BWD=wgmma "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+step ours-neva-gemm-cublaslt 60 env SHARDSMITH_GEMM=cublaslt "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step torch-neva 60 $PY neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 
 echo "### results ($GPU, peak $PEAK TFLOP/s bf16 for MFU; $((SECONDS - START)) s)"
@@ -149,17 +159,18 @@ def line(name, metric, ours, base, others, higher_better=True):
         ratio = ours / base if higher_better else base / ours
     out.append(f"| {name} | {metric} | {fmt(ours)} | {fmt(base)} | {'—' if ratio is None else f'{ratio:.2f}×'} | {others} |")
 g = lambda r, k: None if r is None else r[k]
-o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split"), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
-kern = lambda bench, key: ", ".join(f"{f}+{b} {fmt(g(find(bench, 'shardsmith', flash_fwd=f, flash_bwd=b), key))}"
+o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split", gemm="candle"), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+kern = lambda bench, key: ", ".join(f"{f}+{b} {fmt(g(find(bench, 'shardsmith', flash_fwd=f, flash_bwd=b, gemm='candle'), key))}"
                                      for f, b in [("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("wgmma", "split"), ("wgmma", "wgmma")])
 oc = find("gpu_layer", "shardsmith", layer_nodes=False)
 op = find("gpu_layer", "shardsmith", cuda_pool_keep=False)
+gemms = lambda bench, key: ", ".join(f"{x} {fmt(g(find(bench, 'shardsmith', gemm=x, flash_fwd='mma', flash_bwd='split', layer_nodes=True, cuda_pool_keep=True), key))}" for x in ("cublas", "cublaslt"))
 if o or t:
     r = o or t
     name = f"LLaMA-7B layers ×{r['layers']} fwd+bwd, B{r['batch']}×S{r['seq']}"
     line(name, "TFLOP/s", g(o, "tflops"), g(t, "tflops"),
          f"full ckpt {fmt(g(c, 'tflops'))}; ours composed {fmt(g(oc, 'tflops'))}, pool released {fmt(g(op, 'tflops'))}; "
-         f"attention fwd+bwd kernels {kern('gpu_layer', 'tflops')}")
+         f"attention fwd+bwd kernels {kern('gpu_layer', 'tflops')}; GEMMs by {gemms('gpu_layer', 'tflops')}")
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
     line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
 o, t = find("attention", "shardsmith", flash_fwd="mma", flash_bwd="split"), find("attention", "pytorch")
@@ -182,7 +193,8 @@ for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"),
          f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours: {g(o, 'graph_replays')} steps replayed from its graph, eager {fmt(g(oe, 'tokens_per_s'))}, "
          f"eager with cudarc events {fmt(g(ov, 'tokens_per_s'))}, with cuBLAS GEMMs {fmt(g(oc, 'tokens_per_s'))}")
-o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split"), find("neva_step", "pytorch")
+o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split", gemm="candle"), find("neva_step", "pytorch")
+ol = find("neva_step", "shardsmith", gemm="cublaslt")
 of = find("neva_step", "shardsmith", flash_fwd="wgmma", flash_bwd="wgmma")
 oc = find("neva_step", "shardsmith", layer_nodes=False)
 op = find("neva_step", "shardsmith", cuda_pool_keep=False)
@@ -192,7 +204,15 @@ if o or t:
     parts = lambda r: "—" if r is None else f"fwd+bwd {r['fwd_bwd_ms']:.1f}, vision+projector fwd {r['vision_projector_ms']:.1f}"
     line(name, "step ms (ratio: eager ÷ ours)", g(o, "step_ms"), g(t, "step_ms"),
          f"ours: {parts(o)}; composed {fmt(g(oc, 'step_ms'))} ({parts(oc)}); pool released {fmt(g(op, 'step_ms'))}; "
-         f"attention kernels wgmma+wgmma {fmt(g(of, 'step_ms'))}", higher_better=False)
+         f"attention kernels wgmma+wgmma {fmt(g(of, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
+gemm_rows = [r for r in rows if r["bench"] == "gemm" and r["impl"] == "shardsmith" and r["gemm"] == "candle"]
+if gemm_rows:
+    out += ["", "| GEMM (bf16) | M×N×K | candle TFLOP/s | cublas | cublaslt | PyTorch |", "|---|---|---|---|---|---|"]
+    for r in gemm_rows:
+        key = dict(name=r["name"], op=r["op"], m=r["m"], n=r["n"], k=r["k"])
+        cells = [fmt(r["tflops"])] + [fmt(g(find("gemm", "shardsmith", gemm=x, **key), "tflops")) for x in ("cublas", "cublaslt")]
+        cells.append(fmt(g(find("gemm", "pytorch", **key), "tflops")))
+        out.append(f"| {r['name']} {r['op']} | {r['m']}×{r['n']}×{r['k']} | " + " | ".join(cells) + " |")
 print("\n".join(out))
 EOF
 echo "(total $((SECONDS - START)) s; JSON lines in $RES)"

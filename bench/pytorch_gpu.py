@@ -1,12 +1,13 @@
-"""PyTorch baselines for bench/gpu.sh: the same work as `shardsmith bench gpu-layer | attention |
-decode | neva-step`, same shapes, same FLOP counts, same JSON line shape ("impl": "pytorch...").
+"""PyTorch baselines for bench/gpu.sh: the same work as `shardsmith bench gpu-layer | gemm |
+attention | decode | neva-step`, same shapes, same FLOP counts, same JSON line shape
+("impl": "pytorch...").
 
 Random weights are made on the device (std 0.02; norm weights ones, biases zeros), nothing is
 read from disk or downloaded. Models are written out here in plain PyTorch (no transformers):
 LLaMA decoder layers (RMSNorm in f32, rotate-half rope, SDPA causal attention, SwiGLU), CLIP
 ViT (pre-LN, quick-GELU) and the mlp2x_gelu projector.
 
-    python3 bench/pytorch_gpu.py gpu-layer|attention|decode|neva-step [flags]
+    python3 bench/pytorch_gpu.py gpu-layer|gemm|attention|decode|neva-step [flags]
     python3 bench/pytorch_gpu.py all --tiny     # CPU smoke test of every bench at toy sizes
 
 Timing: wall clock around each call with the device synchronised; median of --runs after
@@ -141,6 +142,39 @@ def bench_gpu_layer(a, dev, dtype):
         emit(impl=impl, bench="gpu_layer", device=dev.type, dtype=a.dtype,
              layers=a.layers, hidden=a.hidden, batch=a.batch, seq=a.seq,
              step_ms=secs * 1e3, tflops=flops / secs / 1e12)
+
+
+def bench_gemm(a, dev, dtype):
+    """The products of a layer's training step (as `shardsmith bench gemm`): per projection the
+    forward x·Wᵀ, the input gradient dy·W and the weight gradient dyᵀ·x in f32 (torch.matmul
+    with out_dtype where this PyTorch has it, else the bf16 product widened, as autograd into f32
+    master weights would see it); then square products."""
+    d = a.hidden // a.heads
+    projections = [("qkv", a.hidden, (a.heads + 2 * a.kv_heads) * d), ("o", a.heads * d, a.hidden),
+                   ("gate_up", a.hidden, 2 * a.ffn), ("down", a.ffn, a.hidden)]
+    rn = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype)  # noqa: E731
+
+    def out(name, op, m, n, k, secs):
+        emit(impl="pytorch", bench="gemm", device=dev.type, dtype=a.dtype, name=name, op=op, m=m, n=n, k=k,
+             ms=secs * 1e3, tflops=2.0 * m * n * k / secs / 1e12)
+
+    def wide(x, y):
+        if x.dtype != torch.float32 and dev.type == "cuda":
+            try:
+                return torch.mm(x, y, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass
+        return torch.mm(x, y).float()
+
+    r = a.rows
+    for name, fan_in, fan_out in projections:
+        x, w, dy = rn(r, fan_in), rn(fan_out, fan_in), rn(r, fan_out)
+        out(name, "x·Wᵀ", r, fan_out, fan_in, timed(lambda: torch.mm(x, w.t()), dev, a.runs, a.warmup))
+        out(name, "dy·W", r, fan_in, fan_out, timed(lambda: torch.mm(dy, w), dev, a.runs, a.warmup))
+        out(name, "dyᵀ·x (f32)", fan_out, fan_in, r, timed(lambda: wide(dy.t(), x), dev, a.runs, a.warmup))
+    for n in a.square:
+        x, y = rn(n, n), rn(n, n)
+        out("square", "a·b", n, n, n, timed(lambda: torch.mm(x, y), dev, a.runs, a.warmup))
 
 
 def bench_attention(a, dev, dtype):
@@ -418,6 +452,10 @@ def parser():
     add_llama(p, 4), add_common(p)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=4096)
+    p = sub.add_parser("gemm")
+    add_llama(p, 1), add_common(p)
+    p.add_argument("--rows", type=int, default=8192)
+    p.add_argument("--square", type=lambda s: [int(x) for x in s.split(",") if x], default=[4096, 8192])
     p = sub.add_parser("attention")
     add_common(p)
     for k, v in [("batch", 2), ("heads", 32), ("kv-heads", 32), ("seq", 4096), ("head-dim", 128)]:
@@ -442,6 +480,7 @@ TINY_LLAMA = ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "
 TINY_COMMON = ["--device", "cpu", "--dtype", "f32", "--runs", "2"]
 TINY = {
     "gpu-layer": TINY_LLAMA + TINY_COMMON + ["--batch", "2", "--seq", "16"],
+    "gemm": TINY_LLAMA + TINY_COMMON + ["--rows", "32", "--square", "48"],
     "attention": TINY_COMMON + ["--batch", "1", "--heads", "4", "--kv-heads", "2", "--seq", "16", "--head-dim", "16"],
     "decode": TINY_LLAMA + TINY_COMMON + ["--batch", "1,3", "--prompt-len", "5", "--steps", "4"],
     "neva-step": TINY_LLAMA + TINY_COMMON + ["--vision-layers", "2", "--vision-hidden", "32", "--vision-heads", "2",
@@ -449,7 +488,7 @@ TINY = {
                                              "--batch", "2", "--seq", "12"],
 }
 
-RUN = {"gpu-layer": bench_gpu_layer, "attention": bench_attention, "decode": bench_decode, "neva-step": bench_neva_step}
+RUN = {"gpu-layer": bench_gpu_layer, "gemm": bench_gemm, "attention": bench_attention, "decode": bench_decode, "neva-step": bench_neva_step}
 
 
 def main(argv):

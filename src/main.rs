@@ -149,7 +149,7 @@ enum Command {
         seed: u64,
     },
     /// Benchmarks (not tests): `bench forward MODEL` times prefill and decode on the CPU;
-    /// `bench train-step MODEL` one training step; `bench gpu-layer | attention | decode |
+    /// `bench train-step MODEL` one training step; `bench gpu-layer | gemm | attention | decode |
     /// neva-step` time 7B-sized work over random weights on a GPU (bench/gpu.sh).
     Bench {
         #[command(subcommand)]
@@ -334,6 +334,24 @@ enum BenchCommand {
         /// bf16 CUDA backward kernels to time (split, wide, fused, wgmma); default every one.
         #[arg(long, value_delimiter = ',')]
         backward: Vec<String>,
+    },
+    /// The GEMMs of a LLaMA layer's training step (forward x·Wᵀ, input gradient dy·W, weight
+    /// gradient dyᵀ·x into f32) at B·S rows, and square ones, through each CUDA GEMM library
+    /// (`SHARDSMITH_GEMM`: candle, cublas, cublaslt); one JSON line per product and library.
+    Gemm {
+        #[command(flatten)]
+        shape: LlamaShapeArgs,
+        #[command(flatten)]
+        common: GpuCommonArgs,
+        /// Rows of the products: tokens of a step (B·S).
+        #[arg(long, default_value_t = 8192)]
+        rows: usize,
+        /// Sizes of square products also timed (comma-separated; empty for none).
+        #[arg(long, value_delimiter = ',', default_value = "4096,8192")]
+        square: Vec<usize>,
+        /// Libraries to time (comma-separated: candle, cublas, cublaslt); default all.
+        #[arg(long, value_delimiter = ',')]
+        backends: Vec<String>,
     },
     /// Prefill + greedy decode of a synthetic LLaMA (random weights on the device, default 7B
     /// shape, 32 layers) with the KV cache; one JSON line per batch size.
@@ -816,6 +834,15 @@ fn run(command: Command) -> ExitCode {
             let kernels = shardsmith::commands::bench_gpu::AttentionKernels::named(&forward, &backward)?;
             shardsmith::commands::bench_gpu::attention(batch, heads, kv_heads, seq, head_dim, &kernels, &c)
         }),
+        Command::Bench { what: BenchCommand::Gemm { shape, common, rows, square, backends } } => {
+            common.common().and_then(|c| {
+                let backends = backends
+                    .iter()
+                    .map(|b| shardsmith::ops::linear::GemmBackend::named(b))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                shardsmith::commands::bench_gpu::gemm(&shape.shape(1), rows, &square, &backends, &c)
+            })
+        }
         Command::Bench { what: BenchCommand::Decode { shape, common, batch, prompt_len, steps } } => {
             common.common().and_then(|c| {
                 shardsmith::commands::bench_gpu::decode(&shape.shape(32), &batch, prompt_len, steps, &c)

@@ -324,6 +324,8 @@ pub mod attention;
 mod cast;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
+mod cublas;
+#[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
 pub mod decode_graph;

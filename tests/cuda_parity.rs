@@ -303,6 +303,44 @@ fn backward_variants(
         .collect()
 }
 
+/// The CUDA GEMM libraries (ops::linear::GemmBackend) against the CPU product from the same
+/// bf16 values: x·Wᵀ (W transposed, as projections call it), dy·W, dyᵀ·x widened to f32 (weight
+/// gradients), at odd sizes and one row; and, for the cuBLAS ones, x as a view of rows longer
+/// than K (a leading dimension candle's matmul refuses). bf16 results within one rounding; the
+/// direct libraries' f32 results unrounded, so within tensor-core f32 accumulation (1e-4).
+#[test]
+fn gemm_backends_match_the_cpu() {
+    use ops::linear::{matmul_with, GemmBackend};
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    for (m, k, n) in [(37, 70, 129), (1, 64, 256), (300, 520, 72)] {
+        let bf = |shape: &[usize], seed: u64| randn(shape, seed, 1.0).to_dtype(DType::BF16).unwrap();
+        let (x, w, dy, wide) = (bf(&[m, k], 41), bf(&[n, k], 42), bf(&[m, n], 43), bf(&[m, k + 24], 44));
+        let want_fwd = f32(&x).matmul(&f32(&w).t().unwrap()).unwrap();
+        let want_dgrad = f32(&dy).matmul(&f32(&w)).unwrap();
+        let want_wgrad = f32(&dy).t().unwrap().matmul(&f32(&x)).unwrap();
+        let xv = wide.narrow(1, 3, k).unwrap();
+        let want_view = f32(&xv).matmul(&f32(&w).t().unwrap()).unwrap();
+        let on = |t: &Tensor| t.to_device(&gpu()).unwrap();
+        let (xg, wg, dyg, wideg) = (on(&x), on(&w), on(&dy), on(&wide));
+        for b in GemmBackend::ALL {
+            let name = format!("gemm {} M{m} K{k} N{n}", b.name());
+            let fwd = matmul_with(b, &xg, &wg.t().unwrap(), false).unwrap();
+            check(&format!("{name} x·Wᵀ"), &fwd, &want_fwd, 1e-2);
+            let dgrad = matmul_with(b, &dyg, &wg, false).unwrap();
+            check(&format!("{name} dy·W"), &dgrad, &want_dgrad, 1e-2);
+            let wgrad = matmul_with(b, &dyg.t().unwrap(), &xg, true).unwrap();
+            assert_eq!(wgrad.dtype(), DType::F32, "{name}: a widened product is f32");
+            let tol = if b == GemmBackend::Candle { 1e-2 } else { 1e-4 };
+            check(&format!("{name} dyᵀ·x f32"), &wgrad, &want_wgrad, tol);
+            if b != GemmBackend::Candle {
+                let xv = wideg.narrow(1, 3, k).unwrap();
+                let view = matmul_with(b, &xv, &wg.t().unwrap(), false).unwrap();
+                check(&format!("{name} x (rows of {}) ·Wᵀ", k + 24), &view, &want_view, 1e-2);
+            }
+        }
+    }
+}
+
 /// The four wgmma forms the attention kernels use, on one tile each (flash_wg.cu's `wgmma_probe`,
 /// ops::wgmma_check): every output bit-exact. Printed whole, so that one run on a new GPU says
 /// which form is wrong and where its elements came from. Skipped in a build without wgmma.

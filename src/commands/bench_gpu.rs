@@ -23,6 +23,7 @@ use crate::ops::attention::{
     causal_attention_backward_with, causal_attention_forward_with, wgmma_available, FlashBackward,
     FlashForward,
 };
+use crate::ops::linear::{matmul_with, GemmBackend};
 use crate::parallel::Solo;
 use crate::train::model::{Batch, TrainModel, IGNORE};
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -168,10 +169,79 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, layer_nodes: bool, c:
         "cuda_pool_keep": cuda_pool_keep(),
         "flash_fwd": flash_names()?.0,
         "flash_bwd": flash_names()?.1,
+        "gemm": GemmBackend::from_env()?.name(),
         "step_ms": secs * 1e3,
         "tflops": flops / secs / 1e12,
     });
     println!("{line}");
+    Ok(())
+}
+
+/// `bench gemm`: the products of a LLaMA layer's training step at `rows` tokens, for each
+/// projection (fused q/k/v, o, fused gate/up, down): forward x [rows, in] · Wᵀ, input gradient
+/// dy [rows, out] · W, weight gradient dyᵀ · x widened to f32 (as for f32 master weights); and
+/// `square` products n × n × n; each through every library of `backends` (empty: all), one JSON
+/// line each. On the CPU every library is the CPU's product (one line per product).
+pub fn gemm(
+    s: &LlamaShape,
+    rows: usize,
+    square: &[usize],
+    backends: &[GemmBackend],
+    c: &Common,
+) -> Result<()> {
+    check_shape(s)?;
+    let d = s.hidden / s.heads;
+    let projections = [
+        ("qkv", s.hidden, (s.heads + 2 * s.kv_heads) * d),
+        ("o", s.heads * d, s.hidden),
+        ("gate_up", s.hidden, 2 * s.ffn),
+        ("down", s.ffn, s.hidden),
+    ];
+    let backends = match (c.device.is_cuda(), backends.is_empty()) {
+        (false, _) => vec![GemmBackend::Candle],
+        (true, true) => GemmBackend::ALL.to_vec(),
+        (true, false) => backends.to_vec(),
+    };
+    let randn = |r: usize, k: usize| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (r, k), &c.device)?.to_dtype(c.dtype)?)
+    };
+    let emit = |name: &str, op: &str, (m, n, k): (usize, usize, usize), b: GemmBackend, secs: f64| {
+        let line = json!({
+            "impl": "shardsmith",
+            "bench": "gemm",
+            "device": device_name(&c.device),
+            "dtype": dtype_name(c.dtype),
+            "gemm": b.name(),
+            "name": name,
+            "op": op,
+            "m": m,
+            "n": n,
+            "k": k,
+            "ms": secs * 1e3,
+            "tflops": 2.0 * (m * n * k) as f64 / secs / 1e12,
+        });
+        println!("{line}");
+    };
+    for (name, fan_in, fan_out) in projections {
+        let (x, w, dy) = (randn(rows, fan_in)?, randn(fan_out, fan_in)?, randn(rows, fan_out)?);
+        let wt = w.t()?;
+        let dyt = dy.t()?;
+        for &b in &backends {
+            let fwd = time(c, || Ok(matmul_with(b, &x, &wt, false).map(drop)?))?;
+            emit(name, "x·Wᵀ", (rows, fan_out, fan_in), b, fwd);
+            let dgrad = time(c, || Ok(matmul_with(b, &dy, &w, false).map(drop)?))?;
+            emit(name, "dy·W", (rows, fan_in, fan_out), b, dgrad);
+            let wgrad = time(c, || Ok(matmul_with(b, &dyt, &x, true).map(drop)?))?;
+            emit(name, "dyᵀ·x (f32)", (fan_out, fan_in, rows), b, wgrad);
+        }
+    }
+    for &n in square {
+        let (a, bm) = (randn(n, n)?, randn(n, n)?);
+        for &b in &backends {
+            let secs = time(c, || Ok(matmul_with(b, &a, &bm, false).map(drop)?))?;
+            emit("square", "a·b", (n, n, n), b, secs);
+        }
+    }
     Ok(())
 }
 
@@ -485,6 +555,7 @@ pub fn neva_step(s: &LlamaShape, v: &ClipShape, o: &NevaStepOptions, c: &Common)
         "cuda_pool_keep": cuda_pool_keep(),
         "flash_fwd": flash_names()?.0,
         "flash_bwd": flash_names()?.1,
+        "gemm": GemmBackend::from_env()?.name(),
         "loss": loss,
         "step_ms": secs * 1e3,
         "fwd_bwd_ms": fwd_bwd * 1e3,

@@ -27,6 +27,69 @@ struct Matmul {
     packed: Option<Arc<cpu_gemm::PackedB>>,
     /// Return f32 whatever the operands ([`matmul_f32`]).
     widen: bool,
+    /// The library of a CUDA product ([`GemmBackend::from_env`] when `None`).
+    backend: Option<GemmBackend>,
+}
+
+/// Which library runs the CUDA products of [`matmul`] (all but decode's GEMV kernel). Chosen by
+/// `SHARDSMITH_GEMM` (`candle`, the default, `cublas` or `cublaslt`; [`GemmBackend::from_env`])
+/// until GPU measurements settle on one (`bench gpu-layer` and cuda_parity's `bench_gemm` run
+/// each). All three accumulate in f32; they differ in kernel choice (summation order) only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmBackend {
+    /// candle's matmul: `cublasGemmStridedBatchedEx`, a batch of one, cuBLAS's default workspace.
+    Candle,
+    /// `cublasGemmEx` on a handle with a 32 MiB workspace, as PyTorch's matmul (bf16, f16;
+    /// `ops::cublas`). A widened product is written in f32 straight from the accumulators.
+    Cublas,
+    /// cuBLASLt with a 32 MiB workspace and its heuristic's algorithm, as PyTorch's addmm.
+    CublasLt,
+}
+
+impl GemmBackend {
+    pub const ALL: [GemmBackend; 3] = [GemmBackend::Candle, GemmBackend::Cublas, GemmBackend::CublasLt];
+    const VAR: &'static str = "SHARDSMITH_GEMM";
+
+    /// The `SHARDSMITH_GEMM` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmBackend::Candle => "candle",
+            GemmBackend::Cublas => "cublas",
+            GemmBackend::CublasLt => "cublaslt",
+        }
+    }
+
+    /// The backend spelled `name`, or an error listing the spellings.
+    pub fn named(name: &str) -> Result<GemmBackend> {
+        match Self::ALL.into_iter().find(|b| b.name() == name) {
+            Some(b) => Ok(b),
+            None => bail!(
+                "GEMM library {name:?} (as {} names them): expected one of {}",
+                Self::VAR,
+                Self::ALL.map(GemmBackend::name).join(", ")
+            ),
+        }
+    }
+
+    /// `SHARDSMITH_GEMM`, read once per process (unset or empty: `candle`).
+    pub fn from_env() -> Result<GemmBackend> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<GemmBackend, String>> =
+            std::sync::OnceLock::new();
+        let choice = CHOICE.get_or_init(|| match std::env::var(Self::VAR) {
+            Ok(v) if !v.is_empty() => Self::ALL.into_iter().find(|b| b.name() == v).ok_or_else(|| {
+                format!(
+                    "{}={v:?}: expected one of {}",
+                    Self::VAR,
+                    Self::ALL.map(GemmBackend::name).join(", ")
+                )
+            }),
+            _ => Ok(GemmBackend::Candle),
+        });
+        match choice {
+            Ok(b) => Ok(*b),
+            Err(e) => bail!("{e}"),
+        }
+    }
 }
 
 /// Whether the packed f32 kernel runs this product rather than the `gemm` crate: everything
@@ -140,6 +203,13 @@ impl CustomOp2 for Matmul {
                 return Ok((c, out_shape(shape, n)));
             }
         }
+        let backend = match self.backend {
+            Some(b) => b,
+            None => GemmBackend::from_env()?,
+        };
+        if let Some(c) = super::cublas::gemm(backend, s1, l1, s2, l2, (m, n, k), self.widen)? {
+            return Ok((c, out_shape(shape, n)));
+        }
         let c = s1.matmul(s2, (1, m, n, k), l1, l2)?;
         let c = if self.widen && c.dtype() != DType::F32 {
             c.to_dtype(&Layout::contiguous((m, n)), DType::F32)?
@@ -162,12 +232,13 @@ impl CustomOp2 for Matmul {
             bail!("matmul_f32 has no backward (it serves hand-written backwards)");
         }
         let g = g.to_dtype(a.dtype())?;
-        let da = if a.track_op() { Some(matmul(&g, &b.t()?)?) } else { None };
+        let product = |x: &Tensor, y: &Tensor| apply_with(x, y, None, false, self.backend);
+        let da = if a.track_op() { Some(product(&g, &b.t()?)?) } else { None };
         let db = if b.track_op() {
             // Over a's rows as one [M, K] matrix (a view when a is contiguous).
             let k = a.dim(D::Minus1)?;
             let (a2, g2) = (a.reshape(((), k))?, g.reshape(((), g.dim(D::Minus1)?))?);
-            Some(matmul(&a2.t()?, &g2)?)
+            Some(product(&a2.t()?, &g2)?)
         } else {
             None
         };
@@ -223,11 +294,27 @@ pub fn matmul_prepacked(a: &Tensor, b: &Tensor, packed: &Arc<cpu_gemm::PackedB>)
     apply(a, b, Some(packed.clone()), false)
 }
 
+/// [`matmul`] (or with `widen`, [`matmul_f32`]) with the CUDA library chosen by the caller
+/// (parity tests and benchmarks compare them in one process); no effect elsewhere.
+pub fn matmul_with(backend: GemmBackend, a: &Tensor, b: &Tensor, widen: bool) -> Result<Tensor> {
+    apply_with(a, b, None, widen, Some(backend))
+}
+
 fn apply(a: &Tensor, b: &Tensor, packed: Option<Arc<cpu_gemm::PackedB>>, widen: bool) -> Result<Tensor> {
+    apply_with(a, b, packed, widen, None)
+}
+
+fn apply_with(
+    a: &Tensor,
+    b: &Tensor,
+    packed: Option<Arc<cpu_gemm::PackedB>>,
+    widen: bool,
+    backend: Option<GemmBackend>,
+) -> Result<Tensor> {
     if a.dtype() != b.dtype() {
         bail!("matmul: operands are {:?} and {:?}", a.dtype(), b.dtype());
     }
-    let op = Matmul { packed, widen };
+    let op = Matmul { packed, widen, backend };
     if a.rank() > 2 && rows_view(a.layout()).is_err() {
         return a.contiguous()?.apply_op2(b, op);
     }
@@ -320,6 +407,22 @@ mod tests {
             assert!(max_diff(grads.get(w.as_tensor()).unwrap(), &want_dw) < 1e-4);
             let want_dx = g.matmul(w.as_tensor()).unwrap().reshape((2, 5, 8)).unwrap();
             assert!(max_diff(grads.get(x.as_tensor()).unwrap(), &want_dx) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn gemm_backends_are_named_as_the_variable_spells_them() {
+        for b in GemmBackend::ALL {
+            assert_eq!(GemmBackend::named(b.name()).unwrap(), b);
+        }
+        let err = GemmBackend::named("cutlass").unwrap_err().to_string();
+        assert!(err.contains("\"cutlass\"") && err.contains("candle, cublas, cublaslt"), "{err}");
+        // On the CPU every library is the CPU's product.
+        let a = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let want = a.matmul(&a.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        for b in GemmBackend::ALL {
+            let got = matmul_with(b, &a, &a.t().unwrap(), false).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(got, want, "{b:?}");
         }
     }
 

@@ -1,0 +1,377 @@
+//! 2-D products on cuBLAS called directly, for [`super::linear`]'s CUDA GEMMs when
+//! `SHARDSMITH_GEMM` picks [`GemmBackend::Cublas`] or [`GemmBackend::CublasLt`].
+//!
+//! Why not candle's matmul: it calls `cublasGemmStridedBatchedEx` with a batch of one on a handle
+//! with cuBLAS's default workspace, and measured well below PyTorch's GEMMs at the same shapes
+//! (targets.md, H200: 734 against 858 TFLOP/s at 4096³, 774 against 892 at 8192³); in a 7B layer
+//! the GEMMs are three quarters of the time. PyTorch's matmul calls `cublasGemmEx` on a handle
+//! given a 32 MiB workspace on Hopper (NVIDIA's recommendation), and its addmm cuBLASLt. Both
+//! are here, on candle's stream, each with its own 32 MiB workspace, for `bench` to decide
+//! between on the GPU. They also take what candle's call refuses: row strides larger than the
+//! row (views into a fused projection's output), and an f32 result from bf16 operands without a
+//! rounding (weight gradients for f32 master weights).
+//!
+//! Layout: cuBLAS is column-major, so C [M, N] (row-major, contiguous) = A · B is computed as
+//! Cᵀ = Bᵀ · Aᵀ: cuBLAS's "A" is our B and its "B" our A, each passed as stored with a
+//! transpose flag chosen from its strides ([`col_major`]); ldc = N.
+
+use super::linear::GemmBackend;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{self, sys as blas_sys};
+use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys as lt_sys};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
+use half::{bf16, f16};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The workspace each handle gets (NVIDIA's recommendation for Hopper; cudarc's cuBLASLt
+/// default there).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// One device's handles: a cuBLAS handle of our own (candle's keeps its default workspace) and
+/// a cuBLASLt handle, sharing one workspace (their calls are serialised by the lock and ordered
+/// on the one stream, so never overlap).
+struct Handles {
+    blas: cublas::CudaBlas,
+    lt: lt_sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    /// candle's stream, which both handles run on.
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: the raw cuBLASLt handle is only used under the `Mutex` that owns `Handles`.
+unsafe impl Send for Handles {}
+
+/// The device's handles, made at its first product and kept for the process. The lock is held
+/// for each call: a cuBLAS handle must not be used by two threads at once.
+fn handles(dev: &CudaDevice) -> Result<Arc<Mutex<Handles>>> {
+    type Cache = Mutex<HashMap<DeviceId, Arc<Mutex<Handles>>>>;
+    static HANDLES: OnceLock<Cache> = OnceLock::new();
+    let mut cache = HANDLES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = cache.get(&dev.id()) {
+        return Ok(h.clone());
+    }
+    let stream = dev.cuda_stream();
+    let blas = cublas::CudaBlas::new(stream.clone()).w()?;
+    let mut workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
+    {
+        let (ptr, _guard) = workspace.device_ptr_mut(&stream);
+        // SAFETY: the handle is ours and the buffer lives as long as it (both in `Handles`,
+        // kept for the process).
+        let status =
+            unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, WORKSPACE_BYTES) };
+        if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!("cublasSetWorkspace: {status:?}");
+        }
+    }
+    let lt = lt_ok(lt::create_handle(), "cublasLtCreate")?;
+    let h = Arc::new(Mutex::new(Handles { blas, lt, workspace, stream }));
+    cache.insert(dev.id(), h.clone());
+    Ok(h)
+}
+
+/// How cuBLAS reads a matrix X [rows, cols] (element (r, c) at r·s_row + c·s_col from its
+/// start) as the column-major operand whose op is Xᵀ [cols, rows]: (transpose, leading
+/// dimension). Untransposed when X's rows are unit-stride runs (Xᵀ stored column-major with
+/// ld = s_row), transposed when its columns are (X itself stored column-major, ld = s_col);
+/// a dimension of 1 takes any stride. `None` for anything else.
+fn col_major(rows: usize, cols: usize, s_row: usize, s_col: usize) -> Option<(bool, usize)> {
+    if s_col == 1 || cols == 1 {
+        let ld = if rows == 1 { cols } else { s_row };
+        if ld >= cols.max(1) {
+            return Some((false, ld));
+        }
+    }
+    if s_row == 1 || rows == 1 {
+        let ld = if cols == 1 { rows } else { s_col };
+        if ld >= rows.max(1) {
+            return Some((true, ld));
+        }
+    }
+    None
+}
+
+/// The part of `s` a strided 2-D view `l` touches, from its first element.
+fn operand<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let start = l.start_offset();
+    let [r, c] = [l.dims()[0], l.dims()[1]];
+    let (sr, sc) = (l.stride()[0], l.stride()[1]);
+    let end = if r == 0 || c == 0 { start } else { start + (r - 1) * sr + (c - 1) * sc + 1 };
+    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// `a [M, K] · b [K, N]` (2-D strided views, same dtype) through `backend`, into a new
+/// contiguous [M, N] of the operands' dtype, or f32 with `widen`. `None` where it does not
+/// apply (the Candle backend, f32 operands, strides cuBLAS cannot read, sizes past i32): the
+/// caller runs candle's matmul.
+pub(super) fn gemm(
+    backend: GemmBackend,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    (m, n, k): (usize, usize, usize),
+    widen: bool,
+) -> Result<Option<CudaStorage>> {
+    let dtype = s1.dtype();
+    if backend == GemmBackend::Candle || !matches!(dtype, DType::BF16 | DType::F16) || s2.dtype() != dtype {
+        return Ok(None);
+    }
+    if [m, n, k].iter().any(|&d| d == 0 || d > i32::MAX as usize) {
+        return Ok(None);
+    }
+    // cuBLAS's A = our B read as Bᵀ [N, K]; its B = our A read as Aᵀ [K, M].
+    let (Some((ta, lda)), Some((tb, ldb))) =
+        (col_major(k, n, l2.stride()[0], l2.stride()[1]), col_major(m, k, l1.stride()[0], l1.stride()[1]))
+    else {
+        return Ok(None);
+    };
+    if lda > i32::MAX as usize || ldb > i32::MAX as usize {
+        return Ok(None);
+    }
+    let dev = s1.device();
+    let h = handles(dev)?;
+    let h = h.lock().unwrap_or_else(|p| p.into_inner());
+    let dims = Dims { ta, tb, m: n, n: m, k, lda, ldb, ldc: n };
+    macro_rules! run {
+        ($T:ty, $O:ty) => {{
+            let (a, b) = (operand::<$T>(s2, l2)?, operand::<$T>(s1, l1)?);
+            // SAFETY: every element is written (beta = 0).
+            let mut c = unsafe { dev.alloc::<$O>(m * n)? };
+            call::<$T, $O>(backend, &h, &dims, &a, &b, &mut c)?;
+            CudaStorage::wrap_cuda_slice(c, dev.clone())
+        }};
+    }
+    Ok(Some(match (dtype, widen) {
+        (DType::BF16, false) => run!(bf16, bf16),
+        (DType::BF16, true) => run!(bf16, f32),
+        (DType::F16, false) => run!(f16, f16),
+        _ => run!(f16, f32),
+    }))
+}
+
+/// cuBLAS's column-major problem: op(A) [m, k] · op(B) [k, n] → C [m, n], ld = ldc.
+struct Dims {
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+}
+
+/// The cudaDataType of an operand or result type, as cuBLAS's and cuBLASLt's bindings spell it.
+trait BlasType: CudaDType {
+    const DATA: blas_sys::cudaDataType_t;
+    const LT: lt_sys::cudaDataType_t;
+}
+impl BlasType for bf16 {
+    const DATA: blas_sys::cudaDataType_t = blas_sys::cudaDataType_t::CUDA_R_16BF;
+    const LT: lt_sys::cudaDataType_t = lt_sys::cudaDataType_t::CUDA_R_16BF;
+}
+impl BlasType for f16 {
+    const DATA: blas_sys::cudaDataType_t = blas_sys::cudaDataType_t::CUDA_R_16F;
+    const LT: lt_sys::cudaDataType_t = lt_sys::cudaDataType_t::CUDA_R_16F;
+}
+impl BlasType for f32 {
+    const DATA: blas_sys::cudaDataType_t = blas_sys::cudaDataType_t::CUDA_R_32F;
+    const LT: lt_sys::cudaDataType_t = lt_sys::cudaDataType_t::CUDA_R_32F;
+}
+
+fn call<T: BlasType, O: BlasType>(
+    backend: GemmBackend,
+    h: &Handles,
+    d: &Dims,
+    a: &CudaView<T>,
+    b: &CudaView<T>,
+    c: &mut CudaSlice<O>,
+) -> Result<()> {
+    let op = |t: bool| {
+        if t {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    match backend {
+        GemmBackend::Cublas => {
+            let stream = h.stream.clone();
+            let (pa, _ga) = a.device_ptr(&stream);
+            let (pb, _gb) = b.device_ptr(&stream);
+            let (pc, _gc) = c.device_ptr_mut(&stream);
+            let (alpha, beta) = (1f32, 0f32);
+            // SAFETY: the views hold op(A), op(B) as Dims describes them (col_major checked the
+            // leading dimensions) and c holds m·n elements; alpha and beta are f32 for a
+            // CUBLAS_COMPUTE_32F product.
+            unsafe {
+                cublas::result::gemm_ex(
+                    *h.blas.handle(),
+                    op(d.ta),
+                    op(d.tb),
+                    d.m as i32,
+                    d.n as i32,
+                    d.k as i32,
+                    &alpha as *const f32 as *const _,
+                    pa as *const _,
+                    T::DATA,
+                    d.lda as i32,
+                    pb as *const _,
+                    T::DATA,
+                    d.ldb as i32,
+                    &beta as *const f32 as *const _,
+                    pc as *mut _,
+                    O::DATA,
+                    d.ldc as i32,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                )
+            }
+            .w()
+        }
+        GemmBackend::CublasLt => lt_matmul(h, d, a, b, c),
+        GemmBackend::Candle => bail!("gemm: the candle backend runs candle's matmul"),
+    }
+}
+
+/// A cuBLASLt status as candle's error, naming the call.
+fn lt_ok<T>(r: std::result::Result<T, lt::CublasError>, call: &str) -> Result<T> {
+    r.map_err(|e| candle_core::Error::Msg(format!("{call}: {:?}", e.0)))
+}
+
+/// A cuBLASLt object destroyed when dropped.
+struct LtObject<T: Copy>(T, unsafe fn(T) -> std::result::Result<(), lt::CublasError>);
+
+impl<T: Copy> Drop for LtObject<T> {
+    fn drop(&mut self) {
+        // SAFETY: made by the matching create call and used by nothing after this.
+        let _ = unsafe { (self.1)(self.0) };
+    }
+}
+
+/// cuBLASLt: D = op(A)·op(B) (C = D, beta 0) with the heuristic's first algorithm for these
+/// descriptors and the shared workspace.
+fn lt_matmul<T: BlasType, O: BlasType>(
+    h: &Handles,
+    d: &Dims,
+    a: &CudaView<T>,
+    b: &CudaView<T>,
+    c: &mut CudaSlice<O>,
+) -> Result<()> {
+    let layout =
+        |ty, rows: usize, cols: usize, ld: usize| -> Result<LtObject<lt_sys::cublasLtMatrixLayout_t>> {
+            let l = lt_ok(
+                lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64),
+                "cublasLtMatrixLayoutCreate",
+            )?;
+            Ok(LtObject(l, lt::destroy_matrix_layout))
+        };
+    // Stored shapes: op(A) is [m, k], op(B) [k, n].
+    let (ar, ac) = if d.ta { (d.k, d.m) } else { (d.m, d.k) };
+    let (br, bc) = if d.tb { (d.n, d.k) } else { (d.k, d.n) };
+    let (la, lb, lc) =
+        (layout(T::LT, ar, ac, d.lda)?, layout(T::LT, br, bc, d.ldb)?, layout(O::LT, d.m, d.n, d.ldc)?);
+    let desc = LtObject(
+        lt_ok(
+            lt::create_matmul_desc(
+                lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                lt_sys::cudaDataType_t::CUDA_R_32F,
+            ),
+            "cublasLtMatmulDescCreate",
+        )?,
+        lt::destroy_matmul_desc,
+    );
+    let pref =
+        LtObject(lt_ok(lt::create_matmul_pref(), "cublasLtMatmulPreferenceCreate")?, lt::destroy_matmul_pref);
+    let stream = h.stream.clone();
+    // SAFETY: the descriptors are live (dropped at the end); attribute buffers are the types the
+    // cuBLASLt API documents (i32 transposes, usize workspace bytes); the pointers are live
+    // device buffers of the sizes the layouts describe, and the workspace is WORKSPACE_BYTES.
+    unsafe {
+        for (attr, t) in [
+            (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, d.ta),
+            (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, d.tb),
+        ] {
+            // cublasOperation_t, an i32 attribute (cuBLASLt's bindings reuse cuBLAS's enum)
+            let op = if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            };
+            let v = op as i32;
+            lt_ok(
+                lt::set_matmul_desc_attribute(
+                    desc.0,
+                    attr,
+                    &v as *const i32 as *const _,
+                    std::mem::size_of::<i32>(),
+                ),
+                "cublasLtMatmulDescSetAttribute",
+            )?;
+        }
+        let size = WORKSPACE_BYTES;
+        lt_ok(
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &size as *const usize as *const _,
+                std::mem::size_of::<usize>(),
+            ),
+            "cublasLtMatmulPreferenceSetAttribute",
+        )?;
+        let heuristic = lt_ok(
+            lt::get_matmul_algo_heuristic(h.lt, desc.0, la.0, lb.0, lc.0, lc.0, pref.0),
+            "cublasLtMatmulAlgoGetHeuristic",
+        )?;
+        let (pa, _ga) = a.device_ptr(&stream);
+        let (pb, _gb) = b.device_ptr(&stream);
+        let (pc, _gc) = c.device_ptr_mut(&stream);
+        let (pw, _gw) = h.workspace.device_ptr(&stream);
+        let (alpha, beta) = (1f32, 0f32);
+        lt_ok(
+            lt::matmul(
+                h.lt,
+                desc.0,
+                &alpha as *const f32 as *const _,
+                &beta as *const f32 as *const _,
+                pa as *const _,
+                la.0,
+                pb as *const _,
+                lb.0,
+                pc as *const _,
+                lc.0,
+                pc as *mut _,
+                lc.0,
+                &heuristic.algo as *const _,
+                pw as *mut _,
+                size,
+                stream.cu_stream() as *mut _,
+            ),
+            "cublasLtMatmul",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::col_major;
+
+    #[test]
+    fn operands_are_read_as_stored() {
+        // a row-major [4, 6] matrix, rows 6 apart: Xᵀ untransposed, ld 6
+        assert_eq!(col_major(4, 6, 6, 1), Some((false, 6)));
+        // rows of a wider buffer (a view into a fused output): ld is the row stride
+        assert_eq!(col_major(4, 6, 10, 1), Some((false, 10)));
+        // Wᵀ of a row-major W [6, 4]: X [4, 6] with columns 4 apart, transposed, ld 4
+        assert_eq!(col_major(4, 6, 1, 4), Some((true, 4)));
+        // one row or one column takes any stride
+        assert_eq!(col_major(1, 6, 999, 1), Some((false, 6)));
+        assert_eq!(col_major(4, 1, 1, 999), Some((false, 1)));
+        // a row stride shorter than the row, or no unit stride: not readable
+        assert_eq!(col_major(4, 6, 3, 1), None);
+        assert_eq!(col_major(4, 6, 12, 2), None);
+    }
+}
