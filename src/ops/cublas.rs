@@ -6,7 +6,7 @@
 //! (targets.md, H200: 734 against 858 TFLOP/s at 4096³, 774 against 892 at 8192³); in a 7B layer
 //! the GEMMs are three quarters of the time. PyTorch's matmul calls `cublasGemmEx` on a handle
 //! given a 32 MiB workspace on Hopper (NVIDIA's recommendation), and its addmm cuBLASLt. Both
-//! are here, on candle's stream, each with its own 32 MiB workspace, for `bench` to decide
+//! are here, on candle's stream with a 32 MiB workspace (per thread: [`Handles`]), for `bench` to decide
 //! between on the GPU. They also take what candle's call refuses: row strides larger than the
 //! row (views into a fused projection's output), and an f32 result from bf16 operands without a
 //! rounding (weight gradients for f32 master weights).
@@ -23,16 +23,19 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView,
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 /// The workspace each handle gets (NVIDIA's recommendation for Hopper; cudarc's cuBLASLt
 /// default there).
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// One device's handles: a cuBLAS handle of our own (candle's keeps its default workspace) and
-/// a cuBLASLt handle, sharing one workspace (their calls are serialised by the lock and ordered
-/// on the one stream, so never overlap).
+/// One thread's handles for one device: a cuBLAS handle of our own (candle's keeps its default
+/// workspace) and a cuBLASLt handle, sharing one workspace. Per thread because candle's stream
+/// is the per-thread default stream: the products of two threads (tensor-parallel ranks) run on
+/// two streams and may overlap, so they must not share a workspace; one thread's calls are
+/// ordered on its stream and never overlap.
 struct Handles {
     blas: cublas::CudaBlas,
     lt: lt_sys::cublasLtHandle_t,
@@ -41,25 +44,36 @@ struct Handles {
     stream: Arc<CudaStream>,
 }
 
-// SAFETY: the raw cuBLASLt handle is only used under the `Mutex` that owns `Handles`.
-unsafe impl Send for Handles {}
-
-/// The device's handles, made at its first product and kept for the process. The lock is held
-/// for each call: a cuBLAS handle must not be used by two threads at once.
-fn handles(dev: &CudaDevice) -> Result<Arc<Mutex<Handles>>> {
-    type Cache = Mutex<HashMap<DeviceId, Arc<Mutex<Handles>>>>;
-    static HANDLES: OnceLock<Cache> = OnceLock::new();
-    let mut cache = HANDLES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(h) = cache.get(&dev.id()) {
-        return Ok(h.clone());
+impl Drop for Handles {
+    fn drop(&mut self) {
+        // SAFETY: made by cublasLtCreate in `with_handles`, used by nothing after this (work
+        // already queued keeps running; the workspace is freed in stream order after it).
+        let _ = unsafe { lt::destroy_handle(self.lt) };
     }
+}
+
+/// Runs `f` with this thread's handles for `dev`, made at the thread's first product on it.
+fn with_handles<T>(dev: &CudaDevice, f: impl FnOnce(&Handles) -> Result<T>) -> Result<T> {
+    thread_local! {
+        static HANDLES: RefCell<HashMap<DeviceId, Handles>> = RefCell::new(HashMap::new());
+    }
+    HANDLES.with(|cell| {
+        let mut map = cell.borrow_mut();
+        let h = match map.entry(dev.id()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(new_handles(dev)?),
+        };
+        f(h)
+    })
+}
+
+fn new_handles(dev: &CudaDevice) -> Result<Handles> {
     let stream = dev.cuda_stream();
     let blas = cublas::CudaBlas::new(stream.clone()).w()?;
     let mut workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
     {
         let (ptr, _guard) = workspace.device_ptr_mut(&stream);
-        // SAFETY: the handle is ours and the buffer lives as long as it (both in `Handles`,
-        // kept for the process).
+        // SAFETY: the handle is ours and the buffer lives as long as it (both in `Handles`).
         let status =
             unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, WORKSPACE_BYTES) };
         if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
@@ -67,9 +81,7 @@ fn handles(dev: &CudaDevice) -> Result<Arc<Mutex<Handles>>> {
         }
     }
     let lt = lt_ok(lt::create_handle(), "cublasLtCreate")?;
-    let h = Arc::new(Mutex::new(Handles { blas, lt, workspace, stream }));
-    cache.insert(dev.id(), h.clone());
-    Ok(h)
+    Ok(Handles { blas, lt, workspace, stream })
 }
 
 /// How cuBLAS reads a matrix X [rows, cols] (element (r, c) at r·s_row + c·s_col from its
@@ -132,24 +144,24 @@ pub(super) fn gemm(
         return Ok(None);
     }
     let dev = s1.device();
-    let h = handles(dev)?;
-    let h = h.lock().unwrap_or_else(|p| p.into_inner());
     let dims = Dims { ta, tb, m: n, n: m, k, lda, ldb, ldc: n };
-    macro_rules! run {
-        ($T:ty, $O:ty) => {{
-            let (a, b) = (operand::<$T>(s2, l2)?, operand::<$T>(s1, l1)?);
-            // SAFETY: every element is written (beta = 0).
-            let mut c = unsafe { dev.alloc::<$O>(m * n)? };
-            call::<$T, $O>(backend, &h, &dims, &a, &b, &mut c)?;
-            CudaStorage::wrap_cuda_slice(c, dev.clone())
-        }};
-    }
-    Ok(Some(match (dtype, widen) {
-        (DType::BF16, false) => run!(bf16, bf16),
-        (DType::BF16, true) => run!(bf16, f32),
-        (DType::F16, false) => run!(f16, f16),
-        _ => run!(f16, f32),
-    }))
+    with_handles(dev, |h| {
+        macro_rules! run {
+            ($T:ty, $O:ty) => {{
+                let (a, b) = (operand::<$T>(s2, l2)?, operand::<$T>(s1, l1)?);
+                // SAFETY: every element is written (beta = 0).
+                let mut c = unsafe { dev.alloc::<$O>(m * n)? };
+                call::<$T, $O>(backend, h, &dims, &a, &b, &mut c)?;
+                CudaStorage::wrap_cuda_slice(c, dev.clone())
+            }};
+        }
+        Ok(Some(match (dtype, widen) {
+            (DType::BF16, false) => run!(bf16, bf16),
+            (DType::BF16, true) => run!(bf16, f32),
+            (DType::F16, false) => run!(f16, f16),
+            _ => run!(f16, f32),
+        }))
+    })
 }
 
 /// cuBLAS's column-major problem: op(A) [m, k] · op(B) [k, n] → C [m, n], ld = ldc.
