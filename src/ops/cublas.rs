@@ -6,10 +6,10 @@
 //! (targets.md, H200: 734 against 858 TFLOP/s at 4096³, 774 against 892 at 8192³); in a 7B layer
 //! the GEMMs are three quarters of the time. PyTorch's matmul calls `cublasGemmEx` on a handle
 //! given a 32 MiB workspace on Hopper (NVIDIA's recommendation), and its addmm cuBLASLt. Both
-//! are here, on candle's stream with a 32 MiB workspace (per thread: [`Handles`]), for `bench` to decide
-//! between on the GPU. They also take what candle's call refuses: row strides larger than the
-//! row (views into a fused projection's output), and an f32 result from bf16 operands without a
-//! rounding (weight gradients for f32 master weights).
+//! are here, on candle's stream with a 32 MiB workspace (per thread: `Handles`), for `bench` to
+//! decide between on the GPU. They also take what candle's call refuses: row strides larger
+//! than the row (views into a fused projection's output), and an f32 result from bf16 operands
+//! without a rounding (weight gradients for f32 master weights).
 //!
 //! Layout: cuBLAS is column-major, so C [M, N] (row-major, contiguous) = A · B is computed as
 //! Cᵀ = Bᵀ · Aᵀ: cuBLAS's "A" is our B and its "B" our A, each passed as stored with a
