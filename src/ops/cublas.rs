@@ -42,6 +42,8 @@ struct Handles {
     workspace: CudaSlice<u8>,
     /// candle's stream, which both handles run on.
     stream: Arc<CudaStream>,
+    /// cuBLASLt's algorithm for each problem seen (its heuristic is a host-side search).
+    algos: HashMap<AlgoKey, lt_sys::cublasLtMatmulAlgo_t>,
 }
 
 impl Drop for Handles {
@@ -53,7 +55,7 @@ impl Drop for Handles {
 }
 
 /// Runs `f` with this thread's handles for `dev`, made at the thread's first product on it.
-fn with_handles<T>(dev: &CudaDevice, f: impl FnOnce(&Handles) -> Result<T>) -> Result<T> {
+fn with_handles<T>(dev: &CudaDevice, f: impl FnOnce(&mut Handles) -> Result<T>) -> Result<T> {
     thread_local! {
         static HANDLES: RefCell<HashMap<DeviceId, Handles>> = RefCell::new(HashMap::new());
     }
@@ -81,7 +83,7 @@ fn new_handles(dev: &CudaDevice) -> Result<Handles> {
         }
     }
     let lt = lt_ok(lt::create_handle(), "cublasLtCreate")?;
-    Ok(Handles { blas, lt, workspace, stream })
+    Ok(Handles { blas, lt, workspace, stream, algos: HashMap::new() })
 }
 
 /// How cuBLAS reads a matrix X [rows, cols] (element (r, c) at r·s_row + c·s_col from its
@@ -196,7 +198,7 @@ impl BlasType for f32 {
 
 fn call<T: BlasType, O: BlasType>(
     backend: GemmBackend,
-    h: &Handles,
+    h: &mut Handles,
     d: &Dims,
     a: &CudaView<T>,
     b: &CudaView<T>,
@@ -264,10 +266,20 @@ impl<T: Copy> Drop for LtObject<T> {
     }
 }
 
+/// What picks a cuBLASLt algorithm: the problem (transposes, sizes, leading dimensions), the
+/// operand and result types, and the pointers' alignments (the heuristic may pick an algorithm
+/// that needs 16-byte or better aligned operands only when told they are).
+type AlgoKey = ([bool; 2], [usize; 6], [i32; 2], [u32; 3]);
+
+/// The largest power of two (at most 256, cuBLASLt's default assumption) dividing `addr`.
+fn alignment(addr: u64) -> u32 {
+    1u32 << addr.trailing_zeros().min(8)
+}
+
 /// cuBLASLt: D = op(A)·op(B) (C = D, beta 0) with the heuristic's first algorithm for these
-/// descriptors and the shared workspace.
+/// descriptors, asked once per [`AlgoKey`] on this thread, and the shared workspace.
 fn lt_matmul<T: BlasType, O: BlasType>(
-    h: &Handles,
+    h: &mut Handles,
     d: &Dims,
     a: &CudaView<T>,
     b: &CudaView<T>,
@@ -296,12 +308,17 @@ fn lt_matmul<T: BlasType, O: BlasType>(
         )?,
         lt::destroy_matmul_desc,
     );
-    let pref =
-        LtObject(lt_ok(lt::create_matmul_pref(), "cublasLtMatmulPreferenceCreate")?, lt::destroy_matmul_pref);
     let stream = h.stream.clone();
+    let (pa, _ga) = a.device_ptr(&stream);
+    let (pb, _gb) = b.device_ptr(&stream);
+    let (pc, _gc) = c.device_ptr_mut(&stream);
+    let aligns = [alignment(pa), alignment(pb), alignment(pc)];
+    let key: AlgoKey =
+        ([d.ta, d.tb], [d.m, d.n, d.k, d.lda, d.ldb, d.ldc], [T::LT as i32, O::LT as i32], aligns);
     // SAFETY: the descriptors are live (dropped at the end); attribute buffers are the types the
-    // cuBLASLt API documents (i32 transposes, usize workspace bytes); the pointers are live
-    // device buffers of the sizes the layouts describe, and the workspace is WORKSPACE_BYTES.
+    // cuBLASLt API documents (i32 transposes, u64 workspace bytes, u32 alignments); the pointers
+    // are live device buffers of the sizes the layouts describe, and the workspace is
+    // WORKSPACE_BYTES.
     unsafe {
         for (attr, t) in [
             (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, d.ta),
@@ -324,23 +341,48 @@ fn lt_matmul<T: BlasType, O: BlasType>(
                 "cublasLtMatmulDescSetAttribute",
             )?;
         }
-        let size = WORKSPACE_BYTES;
-        lt_ok(
-            lt::set_matmul_pref_attribute(
-                pref.0,
-                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &size as *const usize as *const _,
-                std::mem::size_of::<usize>(),
-            ),
-            "cublasLtMatmulPreferenceSetAttribute",
-        )?;
-        let heuristic = lt_ok(
-            lt::get_matmul_algo_heuristic(h.lt, desc.0, la.0, lb.0, lc.0, lc.0, pref.0),
-            "cublasLtMatmulAlgoGetHeuristic",
-        )?;
-        let (pa, _ga) = a.device_ptr(&stream);
-        let (pb, _gb) = b.device_ptr(&stream);
-        let (pc, _gc) = c.device_ptr_mut(&stream);
+        let algo = match h.algos.get(&key) {
+            Some(algo) => *algo,
+            None => {
+                use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+                let pref = LtObject(
+                    lt_ok(lt::create_matmul_pref(), "cublasLtMatmulPreferenceCreate")?,
+                    lt::destroy_matmul_pref,
+                );
+                let size = WORKSPACE_BYTES as u64;
+                lt_ok(
+                    lt::set_matmul_pref_attribute(
+                        pref.0,
+                        Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                        &size as *const u64 as *const _,
+                        std::mem::size_of::<u64>(),
+                    ),
+                    "cublasLtMatmulPreferenceSetAttribute",
+                )?;
+                for (attr, align) in [
+                    (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aligns[0]),
+                    (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, aligns[1]),
+                    (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, aligns[2]),
+                    (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, aligns[2]),
+                ] {
+                    lt_ok(
+                        lt::set_matmul_pref_attribute(
+                            pref.0,
+                            attr,
+                            &align as *const u32 as *const _,
+                            std::mem::size_of::<u32>(),
+                        ),
+                        "cublasLtMatmulPreferenceSetAttribute",
+                    )?;
+                }
+                let heuristic = lt_ok(
+                    lt::get_matmul_algo_heuristic(h.lt, desc.0, la.0, lb.0, lc.0, lc.0, pref.0),
+                    "cublasLtMatmulAlgoGetHeuristic",
+                )?;
+                h.algos.insert(key, heuristic.algo);
+                heuristic.algo
+            }
+        };
         let (pw, _gw) = h.workspace.device_ptr(&stream);
         let (alpha, beta) = (1f32, 0f32);
         lt_ok(
@@ -357,9 +399,9 @@ fn lt_matmul<T: BlasType, O: BlasType>(
                 lc.0,
                 pc as *mut _,
                 lc.0,
-                &heuristic.algo as *const _,
+                &algo as *const _,
                 pw as *mut _,
-                size,
+                WORKSPACE_BYTES,
                 stream.cu_stream() as *mut _,
             ),
             "cublasLtMatmul",
