@@ -35,9 +35,13 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 /// workspace) and a cuBLASLt handle, sharing one workspace. Per thread because candle's stream
 /// is the per-thread default stream: the products of two threads (tensor-parallel ranks) run on
 /// two streams and may overlap, so they must not share a workspace; one thread's calls are
-/// ordered on its stream and never overlap.
+/// ordered on its stream and never overlap. The cost: tensor-parallel ranks run in threads made
+/// for each call (`parallel::run_ranks`), so each rank makes its handles, workspace and
+/// algorithm choices anew every call, and its exit synchronises the device (cublasDestroy).
 struct Handles {
-    blas: cublas::CudaBlas,
+    /// Raw, not cudarc's `CudaBlas`, whose drop panics when the destroy fails (a sticky CUDA
+    /// error from any earlier kernel), which in a thread-local destructor aborts the process.
+    blas: blas_sys::cublasHandle_t,
     lt: lt_sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     /// candle's stream, which both handles run on.
@@ -48,9 +52,13 @@ struct Handles {
 
 impl Drop for Handles {
     fn drop(&mut self) {
-        // SAFETY: made by cublasLtCreate in `with_handles`, used by nothing after this (work
-        // already queued keeps running; the workspace is freed in stream order after it).
-        let _ = unsafe { lt::destroy_handle(self.lt) };
+        // SAFETY: made in `new_handles`, used by nothing after this (work already queued keeps
+        // running; cublasDestroy synchronises the device, and the workspace is freed after it,
+        // in stream order). Errors are ignored: the process may be ending on a CUDA error.
+        unsafe {
+            let _ = lt::destroy_handle(self.lt);
+            let _ = cublas::result::destroy_handle(self.blas);
+        }
     }
 }
 
@@ -71,19 +79,30 @@ fn with_handles<T>(dev: &CudaDevice, f: impl FnOnce(&mut Handles) -> Result<T>) 
 
 fn new_handles(dev: &CudaDevice) -> Result<Handles> {
     let stream = dev.cuda_stream();
-    let blas = cublas::CudaBlas::new(stream.clone()).w()?;
-    let mut workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
-    {
-        let (ptr, _guard) = workspace.device_ptr_mut(&stream);
-        // SAFETY: the handle is ours and the buffer lives as long as it (both in `Handles`).
-        let status =
-            unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, WORKSPACE_BYTES) };
+    let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
+    let blas = cublas::result::create_handle().w()?;
+    let lt = match lt::create_handle() {
+        Ok(lt) => lt,
+        Err(e) => {
+            // SAFETY: just made, used by nothing.
+            let _ = unsafe { cublas::result::destroy_handle(blas) };
+            return lt_ok(Err(e), "cublasLtCreate");
+        }
+    };
+    // From here `Handles` owns both and destroys them whatever follows.
+    let mut h = Handles { blas, lt, workspace, stream, algos: HashMap::new() };
+    let (ptr, _guard) = h.workspace.device_ptr_mut(&h.stream);
+    // SAFETY: the handle is ours; the stream is candle's (set first: cublasSetStream resets a
+    // user workspace); the buffer lives as long as the handle (both in `Handles`).
+    unsafe {
+        cublas::result::set_stream(h.blas, h.stream.cu_stream() as _).w()?;
+        let status = blas_sys::cublasSetWorkspace_v2(h.blas, ptr as *mut _, WORKSPACE_BYTES);
         if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             bail!("cublasSetWorkspace: {status:?}");
         }
     }
-    let lt = lt_ok(lt::create_handle(), "cublasLtCreate")?;
-    Ok(Handles { blas, lt, workspace, stream, algos: HashMap::new() })
+    drop(_guard);
+    Ok(h)
 }
 
 /// How cuBLAS reads a matrix X [rows, cols] (element (r, c) at r·s_row + c·s_col from its
@@ -153,7 +172,9 @@ pub(super) fn gemm(
                 let (a, b) = (operand::<$T>(s2, l2)?, operand::<$T>(s1, l1)?);
                 // SAFETY: every element is written (beta = 0).
                 let mut c = unsafe { dev.alloc::<$O>(m * n)? };
-                call::<$T, $O>(backend, h, &dims, &a, &b, &mut c)?;
+                if !call::<$T, $O>(backend, h, &dims, &a, &b, &mut c)? {
+                    return Ok(None); // the library has no algorithm for it: candle's matmul
+                }
                 CudaStorage::wrap_cuda_slice(c, dev.clone())
             }};
         }
@@ -196,6 +217,8 @@ impl BlasType for f32 {
     const LT: lt_sys::cudaDataType_t = lt_sys::cudaDataType_t::CUDA_R_32F;
 }
 
+/// Runs the product on `backend`: true when done, false when the library reports
+/// CUBLAS_STATUS_NOT_SUPPORTED (no algorithm for these types, sizes and alignments).
 fn call<T: BlasType, O: BlasType>(
     backend: GemmBackend,
     h: &mut Handles,
@@ -203,7 +226,7 @@ fn call<T: BlasType, O: BlasType>(
     a: &CudaView<T>,
     b: &CudaView<T>,
     c: &mut CudaSlice<O>,
-) -> Result<()> {
+) -> Result<bool> {
     let op = |t: bool| {
         if t {
             blas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -221,9 +244,9 @@ fn call<T: BlasType, O: BlasType>(
             // SAFETY: the views hold op(A), op(B) as Dims describes them (col_major checked the
             // leading dimensions) and c holds m·n elements; alpha and beta are f32 for a
             // CUBLAS_COMPUTE_32F product.
-            unsafe {
+            let done = unsafe {
                 cublas::result::gemm_ex(
-                    *h.blas.handle(),
+                    h.blas,
                     op(d.ta),
                     op(d.tb),
                     d.m as i32,
@@ -243,8 +266,12 @@ fn call<T: BlasType, O: BlasType>(
                     blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
                 )
+            };
+            match done {
+                Ok(()) => Ok(true),
+                Err(e) if e.0 == blas_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => Ok(false),
+                Err(e) => Err(e).w(),
             }
-            .w()
         }
         GemmBackend::CublasLt => lt_matmul(h, d, a, b, c),
         GemmBackend::Candle => bail!("gemm: the candle backend runs candle's matmul"),
@@ -284,7 +311,8 @@ fn lt_matmul<T: BlasType, O: BlasType>(
     a: &CudaView<T>,
     b: &CudaView<T>,
     c: &mut CudaSlice<O>,
-) -> Result<()> {
+) -> Result<bool> {
+    let not_supported = |e: &lt::CublasError| e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED;
     let layout =
         |ty, rows: usize, cols: usize, ld: usize| -> Result<LtObject<lt_sys::cublasLtMatrixLayout_t>> {
             let l = lt_ok(
@@ -375,37 +403,39 @@ fn lt_matmul<T: BlasType, O: BlasType>(
                         "cublasLtMatmulPreferenceSetAttribute",
                     )?;
                 }
-                let heuristic = lt_ok(
-                    lt::get_matmul_algo_heuristic(h.lt, desc.0, la.0, lb.0, lc.0, lc.0, pref.0),
-                    "cublasLtMatmulAlgoGetHeuristic",
-                )?;
+                let heuristic =
+                    match lt::get_matmul_algo_heuristic(h.lt, desc.0, la.0, lb.0, lc.0, lc.0, pref.0) {
+                        Err(e) if not_supported(&e) => return Ok(false),
+                        r => lt_ok(r, "cublasLtMatmulAlgoGetHeuristic")?,
+                    };
                 h.algos.insert(key, heuristic.algo);
                 heuristic.algo
             }
         };
         let (pw, _gw) = h.workspace.device_ptr(&stream);
         let (alpha, beta) = (1f32, 0f32);
-        lt_ok(
-            lt::matmul(
-                h.lt,
-                desc.0,
-                &alpha as *const f32 as *const _,
-                &beta as *const f32 as *const _,
-                pa as *const _,
-                la.0,
-                pb as *const _,
-                lb.0,
-                pc as *const _,
-                lc.0,
-                pc as *mut _,
-                lc.0,
-                &algo as *const _,
-                pw as *mut _,
-                WORKSPACE_BYTES,
-                stream.cu_stream() as *mut _,
-            ),
-            "cublasLtMatmul",
-        )
+        let done = lt::matmul(
+            h.lt,
+            desc.0,
+            &alpha as *const f32 as *const _,
+            &beta as *const f32 as *const _,
+            pa as *const _,
+            la.0,
+            pb as *const _,
+            lb.0,
+            pc as *const _,
+            lc.0,
+            pc as *mut _,
+            lc.0,
+            &algo as *const _,
+            pw as *mut _,
+            WORKSPACE_BYTES,
+            stream.cu_stream() as *mut _,
+        );
+        match done {
+            Err(e) if not_supported(&e) => Ok(false),
+            r => lt_ok(r, "cublasLtMatmul").map(|()| true),
+        }
     }
 }
 
