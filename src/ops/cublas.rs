@@ -217,6 +217,15 @@ impl BlasType for f32 {
     const LT: lt_sys::cudaDataType_t = lt_sys::cudaDataType_t::CUDA_R_32F;
 }
 
+/// cuBLAS's transpose flag.
+fn blas_op(transpose: bool) -> blas_sys::cublasOperation_t {
+    if transpose {
+        blas_sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas_sys::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
 /// Runs the product on `backend`: true when done, false when the library reports
 /// CUBLAS_STATUS_NOT_SUPPORTED (no algorithm for these types, sizes and alignments).
 fn call<T: BlasType, O: BlasType>(
@@ -227,13 +236,6 @@ fn call<T: BlasType, O: BlasType>(
     b: &CudaView<T>,
     c: &mut CudaSlice<O>,
 ) -> Result<bool> {
-    let op = |t: bool| {
-        if t {
-            blas_sys::cublasOperation_t::CUBLAS_OP_T
-        } else {
-            blas_sys::cublasOperation_t::CUBLAS_OP_N
-        }
-    };
     match backend {
         GemmBackend::Cublas => {
             let stream = h.stream.clone();
@@ -247,8 +249,8 @@ fn call<T: BlasType, O: BlasType>(
             let done = unsafe {
                 cublas::result::gemm_ex(
                     h.blas,
-                    op(d.ta),
-                    op(d.tb),
+                    blas_op(d.ta),
+                    blas_op(d.tb),
                     d.m as i32,
                     d.n as i32,
                     d.k as i32,
@@ -281,6 +283,20 @@ fn call<T: BlasType, O: BlasType>(
 /// A cuBLASLt status as candle's error, naming the call.
 fn lt_ok<T>(r: std::result::Result<T, lt::CublasError>, call: &str) -> Result<T> {
     r.map_err(|e| candle_core::Error::Msg(format!("{call}: {:?}", e.0)))
+}
+
+/// A cuBLASLt attribute setter (`set_matmul_desc_attribute`, `set_matmul_pref_attribute`)
+/// called with `value`, whose type must be the one the API documents for `attr`.
+///
+/// # Safety
+/// `object` is live and `V` is `attr`'s documented type.
+unsafe fn lt_attr<O, A, V>(
+    setter: unsafe fn(O, A, *const std::ffi::c_void, usize) -> std::result::Result<(), lt::CublasError>,
+    object: O,
+    attr: A,
+    value: &V,
+) -> std::result::Result<(), lt::CublasError> {
+    setter(object, attr, value as *const V as *const _, std::mem::size_of::<V>())
 }
 
 /// A cuBLASLt object destroyed when dropped.
@@ -353,19 +369,9 @@ fn lt_matmul<T: BlasType, O: BlasType>(
             (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, d.tb),
         ] {
             // cublasOperation_t, an i32 attribute (cuBLASLt's bindings reuse cuBLAS's enum)
-            let op = if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            };
-            let v = op as i32;
+            let op = blas_op(t);
             lt_ok(
-                lt::set_matmul_desc_attribute(
-                    desc.0,
-                    attr,
-                    &v as *const i32 as *const _,
-                    std::mem::size_of::<i32>(),
-                ),
+                lt_attr(lt::set_matmul_desc_attribute, desc.0, attr, &(op as i32)),
                 "cublasLtMatmulDescSetAttribute",
             )?;
         }
@@ -377,15 +383,11 @@ fn lt_matmul<T: BlasType, O: BlasType>(
                     lt_ok(lt::create_matmul_pref(), "cublasLtMatmulPreferenceCreate")?,
                     lt::destroy_matmul_pref,
                 );
-                let size = WORKSPACE_BYTES as u64;
+                const SET: &str = "cublasLtMatmulPreferenceSetAttribute";
+                let (pref_set, workspace) = (lt::set_matmul_pref_attribute, WORKSPACE_BYTES as u64);
                 lt_ok(
-                    lt::set_matmul_pref_attribute(
-                        pref.0,
-                        Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                        &size as *const u64 as *const _,
-                        std::mem::size_of::<u64>(),
-                    ),
-                    "cublasLtMatmulPreferenceSetAttribute",
+                    lt_attr(pref_set, pref.0, Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace),
+                    SET,
                 )?;
                 for (attr, align) in [
                     (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aligns[0]),
@@ -393,15 +395,7 @@ fn lt_matmul<T: BlasType, O: BlasType>(
                     (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, aligns[2]),
                     (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, aligns[2]),
                 ] {
-                    lt_ok(
-                        lt::set_matmul_pref_attribute(
-                            pref.0,
-                            attr,
-                            &align as *const u32 as *const _,
-                            std::mem::size_of::<u32>(),
-                        ),
-                        "cublasLtMatmulPreferenceSetAttribute",
-                    )?;
+                    lt_ok(lt_attr(pref_set, pref.0, attr, &align), SET)?;
                 }
                 let heuristic =
                     match lt::get_matmul_algo_heuristic(h.lt, desc.0, la.0, lb.0, lc.0, lc.0, pref.0) {

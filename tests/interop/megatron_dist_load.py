@@ -23,7 +23,6 @@ Prints lines of Megatron's own, then "OK ..." or "FAIL ..." last; exit 0 when ev
 matches, 1 otherwise.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import nemo_reference as ref  # noqa: E402
-from nemo_dist_check import TE_MODULES, expected_arrays  # noqa: E402
+from nemo_dist_check import TE_MODULES, expected_arrays, parse_cli  # noqa: E402
 
 LAYERED = "model.decoder.layers."
 
@@ -84,12 +83,7 @@ def sharded_state_dict(arrays, L, ShardedTensor, ShardedObject):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("hf_dir")
-    ap.add_argument("nemo")
-    ap.add_argument("--tp", type=int, required=True)
-    ap.add_argument("--dtype", choices=sorted(ref.DTYPES))
-    a = ap.parse_args()
+    a = parse_cli()
     hp, full, _ = ref.prepare_hf2nemo(a.hf_dir, a.tp, 1, "mcore", a.dtype)
     arrays = expected_arrays(full, hp)
     problems = []

@@ -86,13 +86,18 @@ def load_torch(data):
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
-def main():
+def parse_cli():
+    """HF_DIR OUR.nemo --tp N [--dtype]: this script's arguments, and megatron_dist_load.py's."""
     ap = argparse.ArgumentParser()
     ap.add_argument("hf_dir")
     ap.add_argument("nemo")
     ap.add_argument("--tp", type=int, required=True)
     ap.add_argument("--dtype", choices=sorted(ref.DTYPES))
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    a = parse_cli()
     problems = []
 
     hp, full, dtype = ref.prepare_hf2nemo(a.hf_dir, a.tp, 1, "mcore", a.dtype)
