@@ -163,6 +163,12 @@ fn distributed_nemo_matches_the_pytorch_reference() {
         assert!(line.starts_with(&format!("OK {backend}")), "{model} tp={tp} pp={pp} {backend}: {line}");
         let out = run_checker(&py, "megatron_dist_load.py", &check);
         let last = out.lines().last().unwrap_or_default();
+        // No megatron-core 0.5.0 for this Python (setup_venv.sh's marker): said, not failed.
+        let marker = py.parent().and_then(Path::parent).map(|venv| venv.join("megatron-zarr/UNAVAILABLE"));
+        if backend == "zarr" && last.starts_with("SKIP") && marker.is_some_and(|m| m.exists()) {
+            eprintln!("{model} tp={tp}: {last}");
+            continue;
+        }
         assert!(
             last.starts_with("OK megatron-core") && last.contains(&format!("load of {backend},")),
             "{model} tp={tp} pp={pp} Megatron: {out}"

@@ -17,7 +17,9 @@ assemble per-layer tensors from them.
 Which Megatron-core: torch_dist checkpoints with the venv's (fixtures/gen/requirements-interop.txt,
 0.16), zarr ones with the 0.5.0 NeMo 1.23 shipped, from <venv>/megatron-zarr
 (requirements-megatron-zarr.txt; 0.16 has no zarr strategy); SHARDSMITH_MEGATRON, a directory
-holding `megatron/`, overrides both. Exits 2 ("SKIP ...") when it cannot be imported. Needs only
+holding `megatron/`, overrides both. Exits 2 ("SKIP ...") when it cannot be imported, 0 with
+"SKIP ..." for zarr where setup_venv.sh left <venv>/megatron-zarr/UNAVAILABLE (no wheels of
+megatron-core 0.5.0 for this Python). Needs only
 torch (CPU) beside it: torch.distributed runs on gloo in one process.
 Prints lines of Megatron's own, then "OK ..." or "FAIL ..." last; exit 0 when everything
 matches, 1 otherwise.
@@ -45,6 +47,10 @@ def import_megatron(backend):
     where = os.environ.get("SHARDSMITH_MEGATRON")
     if not where and backend == "zarr":
         where = str(Path(sys.prefix) / "megatron-zarr")
+        marker = Path(where) / "UNAVAILABLE"
+        if marker.exists():  # setup_venv.sh found no wheels for this Python
+            print(f"SKIP megatron-core 0.5.0 (zarr) unavailable: {marker.read_text().strip()}")
+            sys.exit(0)
     if where:
         sys.path.insert(0, where)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
