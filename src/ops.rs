@@ -321,6 +321,8 @@ pub fn cuda_events_kept() -> bool {
 }
 
 pub mod attention;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by ops::cublas; tested everywhere
+mod blas_plan;
 mod cast;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]

@@ -13,8 +13,9 @@
 //!
 //! Layout: cuBLAS is column-major, so C [M, N] (row-major, contiguous) = A · B is computed as
 //! Cᵀ = Bᵀ · Aᵀ: cuBLAS's "A" is our B and its "B" our A, each passed as stored with a
-//! transpose flag chosen from its strides ([`col_major`]); ldc = N.
+//! transpose flag chosen from its strides; ldc = N (`ops::blas_plan`, checked on the CPU).
 
+use super::blas_plan::{plan, BlasPlan};
 use super::linear::GemmBackend;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{self, sys as blas_sys};
@@ -105,27 +106,6 @@ fn new_handles(dev: &CudaDevice) -> Result<Handles> {
     Ok(h)
 }
 
-/// How cuBLAS reads a matrix X [rows, cols] (element (r, c) at r·s_row + c·s_col from its
-/// start) as the column-major operand whose op is Xᵀ [cols, rows]: (transpose, leading
-/// dimension). Untransposed when X's rows are unit-stride runs (Xᵀ stored column-major with
-/// ld = s_row), transposed when its columns are (X itself stored column-major, ld = s_col);
-/// a dimension of 1 takes any stride. `None` for anything else.
-fn col_major(rows: usize, cols: usize, s_row: usize, s_col: usize) -> Option<(bool, usize)> {
-    if s_col == 1 || cols == 1 {
-        let ld = if rows == 1 { cols } else { s_row };
-        if ld >= cols.max(1) {
-            return Some((false, ld));
-        }
-    }
-    if s_row == 1 || rows == 1 {
-        let ld = if cols == 1 { rows } else { s_col };
-        if ld >= rows.max(1) {
-            return Some((true, ld));
-        }
-    }
-    None
-}
-
 /// The part of `s` a strided 2-D view `l` touches, from its first element.
 fn operand<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     let start = l.start_offset();
@@ -152,20 +132,10 @@ pub(super) fn gemm(
     if backend == GemmBackend::Candle || !matches!(dtype, DType::BF16 | DType::F16) || s2.dtype() != dtype {
         return Ok(None);
     }
-    if [m, n, k].iter().any(|&d| d == 0 || d > i32::MAX as usize) {
-        return Ok(None);
-    }
-    // cuBLAS's A = our B read as Bᵀ [N, K]; its B = our A read as Aᵀ [K, M].
-    let (Some((ta, lda)), Some((tb, ldb))) =
-        (col_major(k, n, l2.stride()[0], l2.stride()[1]), col_major(m, k, l1.stride()[0], l1.stride()[1]))
-    else {
-        return Ok(None);
-    };
-    if lda > i32::MAX as usize || ldb > i32::MAX as usize {
-        return Ok(None);
-    }
+    // cuBLAS's A = our B read as Bᵀ [N, K]; its B = our A read as Aᵀ [K, M] (blas_plan).
+    let strides = |l: &Layout| [l.stride()[0], l.stride()[1]];
+    let Some(dims) = plan((m, n, k), strides(l1), strides(l2)) else { return Ok(None) };
     let dev = s1.device();
-    let dims = Dims { ta, tb, m: n, n: m, k, lda, ldb, ldc: n };
     with_handles(dev, |h| {
         macro_rules! run {
             ($T:ty, $O:ty) => {{
@@ -185,18 +155,6 @@ pub(super) fn gemm(
             _ => run!(f16, f32),
         }))
     })
-}
-
-/// cuBLAS's column-major problem: op(A) [m, k] · op(B) [k, n] → C [m, n], ld = ldc.
-struct Dims {
-    ta: bool,
-    tb: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    lda: usize,
-    ldb: usize,
-    ldc: usize,
 }
 
 /// The cudaDataType of an operand or result type, as cuBLAS's and cuBLASLt's bindings spell it.
@@ -231,7 +189,7 @@ fn blas_op(transpose: bool) -> blas_sys::cublasOperation_t {
 fn call<T: BlasType, O: BlasType>(
     backend: GemmBackend,
     h: &mut Handles,
-    d: &Dims,
+    d: &BlasPlan,
     a: &CudaView<T>,
     b: &CudaView<T>,
     c: &mut CudaSlice<O>,
@@ -243,7 +201,7 @@ fn call<T: BlasType, O: BlasType>(
             let (pb, _gb) = b.device_ptr(&stream);
             let (pc, _gc) = c.device_ptr_mut(&stream);
             let (alpha, beta) = (1f32, 0f32);
-            // SAFETY: the views hold op(A), op(B) as Dims describes them (col_major checked the
+            // SAFETY: the views hold op(A), op(B) as the plan describes them (blas_plan checked the
             // leading dimensions) and c holds m·n elements; alpha and beta are f32 for a
             // CUBLAS_COMPUTE_32F product.
             let done = unsafe {
@@ -323,7 +281,7 @@ fn alignment(addr: u64) -> u32 {
 /// descriptors, asked once per [`AlgoKey`] on this thread, and the shared workspace.
 fn lt_matmul<T: BlasType, O: BlasType>(
     h: &mut Handles,
-    d: &Dims,
+    d: &BlasPlan,
     a: &CudaView<T>,
     b: &CudaView<T>,
     c: &mut CudaSlice<O>,
@@ -430,26 +388,5 @@ fn lt_matmul<T: BlasType, O: BlasType>(
             Err(e) if not_supported(&e) => Ok(false),
             r => lt_ok(r, "cublasLtMatmul").map(|()| true),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::col_major;
-
-    #[test]
-    fn operands_are_read_as_stored() {
-        // a row-major [4, 6] matrix, rows 6 apart: Xᵀ untransposed, ld 6
-        assert_eq!(col_major(4, 6, 6, 1), Some((false, 6)));
-        // rows of a wider buffer (a view into a fused output): ld is the row stride
-        assert_eq!(col_major(4, 6, 10, 1), Some((false, 10)));
-        // Wᵀ of a row-major W [6, 4]: X [4, 6] with columns 4 apart, transposed, ld 4
-        assert_eq!(col_major(4, 6, 1, 4), Some((true, 4)));
-        // one row or one column takes any stride
-        assert_eq!(col_major(1, 6, 999, 1), Some((false, 6)));
-        assert_eq!(col_major(4, 1, 1, 999), Some((false, 1)));
-        // a row stride shorter than the row, or no unit stride: not readable
-        assert_eq!(col_major(4, 6, 3, 1), None);
-        assert_eq!(col_major(4, 6, 12, 2), None);
     }
 }
