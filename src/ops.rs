@@ -324,6 +324,7 @@ pub mod attention;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by ops::cublas; tested everywhere
 mod blas_plan;
 mod cast;
+mod choice;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
 mod cublas;

@@ -11,6 +11,7 @@
 //! h / (Hq/Hk), a group's heads consecutive as in `models::llama`). Queries and keys cover the
 //! same T positions (training, no KV cache); query i attends to keys j ≤ i.
 
+use super::choice::EnvChoice;
 use super::{as_f32, store};
 
 mod cpu;
@@ -229,63 +230,8 @@ fn forward_only(
     }
 }
 
-/// A kernel variant picked by an environment variable, by name: [`FlashForward`],
-/// [`FlashBackward`]. The first of `CHOICES` is the default.
-trait KernelChoice: Copy + PartialEq + Send + Sync + 'static {
-    /// The environment variable.
-    const VAR: &'static str;
-    /// Each variant's spelling.
-    const CHOICES: &'static [(&'static str, Self)];
-    /// The variant that needs the wgmma kernels ([`wgmma_available`]).
-    const WGMMA: Self;
-    /// Where the variable's value is kept once read.
-    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>>;
-
-    fn spelling(self) -> &'static str {
-        Self::CHOICES.iter().find(|(_, c)| *c == self).map_or("?", |(n, _)| n)
-    }
-
-    fn expected() -> String {
-        Self::CHOICES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-    }
-
-    /// The variant spelled `name`, or an error listing the spellings.
-    fn by_name(name: &str) -> Result<Self> {
-        match Self::CHOICES.iter().find(|(n, _)| *n == name) {
-            Some((_, c)) => Ok(*c),
-            None => Err(candle_core::Error::Msg(format!(
-                "attention kernel {name:?} (as {} names them): expected one of {}",
-                Self::VAR,
-                Self::expected()
-            ))),
-        }
-    }
-
-    /// The variable's `value` (the default when unset or empty).
-    fn parse(value: Option<&str>) -> std::result::Result<Self, String> {
-        match value {
-            None | Some("") => Ok(Self::CHOICES[0].1),
-            Some(v) => Self::CHOICES
-                .iter()
-                .find(|(n, _)| *n == v)
-                .map(|(_, c)| *c)
-                .ok_or_else(|| format!("{}={v:?}: expected one of {}", Self::VAR, Self::expected())),
-        }
-    }
-
-    /// The variable, read once per process; the wgmma variant in a build without it is an error.
-    fn from_var() -> Result<Self> {
-        let choice = Self::cell().get_or_init(|| Self::parse(std::env::var(Self::VAR).ok().as_deref()));
-        match choice {
-            Ok(c) if *c == Self::WGMMA && !wgmma_available() => bail!(
-                "{}=wgmma needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)",
-                Self::VAR
-            ),
-            Ok(c) => Ok(*c),
-            Err(e) => bail!("{e}"),
-        }
-    }
-}
+/// Why a wgmma variant cannot run in a build without the sm_90a kernels.
+const WGMMA_BUILD: &str = "needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)";
 
 /// Which kernel runs the bf16 causal (and CLIP's unmasked) attention forward on CUDA. Chosen by
 /// `SHARDSMITH_FLASH_FWD` (`mma`, the default, or `wgmma`; [`FlashForward::from_env`]) until GPU
@@ -302,11 +248,14 @@ pub enum FlashForward {
     Wgmma,
 }
 
-impl KernelChoice for FlashForward {
+impl EnvChoice for FlashForward {
     const VAR: &'static str = "SHARDSMITH_FLASH_FWD";
     const CHOICES: &'static [(&'static str, FlashForward)] =
         &[("mma", FlashForward::MmaSync), ("wgmma", FlashForward::Wgmma)];
-    const WGMMA: FlashForward = FlashForward::Wgmma;
+    const NOUN: &'static str = "attention kernel";
+    fn unavailable(self) -> Option<String> {
+        (self == FlashForward::Wgmma && !wgmma_available()).then(|| WGMMA_BUILD.to_string())
+    }
     fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
         static CELL: std::sync::OnceLock<std::result::Result<FlashForward, String>> =
             std::sync::OnceLock::new();
@@ -365,7 +314,7 @@ pub enum FlashBackward {
     Wgmma,
 }
 
-impl KernelChoice for FlashBackward {
+impl EnvChoice for FlashBackward {
     const VAR: &'static str = "SHARDSMITH_FLASH_BWD";
     const CHOICES: &'static [(&'static str, FlashBackward)] = &[
         ("split", FlashBackward::Split),
@@ -373,7 +322,10 @@ impl KernelChoice for FlashBackward {
         ("fused", FlashBackward::Fused),
         ("wgmma", FlashBackward::Wgmma),
     ];
-    const WGMMA: FlashBackward = FlashBackward::Wgmma;
+    const NOUN: &'static str = "attention kernel";
+    fn unavailable(self) -> Option<String> {
+        (self == FlashBackward::Wgmma && !wgmma_available()).then(|| WGMMA_BUILD.to_string())
+    }
     fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
         static CELL: std::sync::OnceLock<std::result::Result<FlashBackward, String>> =
             std::sync::OnceLock::new();

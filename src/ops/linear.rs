@@ -15,6 +15,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
+use super::choice::EnvChoice;
 use super::cpu_gemm;
 use std::sync::Arc;
 
@@ -33,8 +34,8 @@ struct Matmul {
 
 /// Which library runs the CUDA products of [`matmul`] (all but decode's GEMV kernel). Chosen by
 /// `SHARDSMITH_GEMM` (`candle`, the default, `cublas` or `cublaslt`; [`GemmBackend::from_env`])
-/// until GPU measurements settle on one (`bench gpu-layer` and cuda_parity's `bench_gemm` run
-/// each). All three accumulate in f32; they differ in kernel choice (summation order) only.
+/// until GPU measurements settle on one (`bench gemm` and `bench gpu-layer` run each). All three
+/// accumulate in f32; they differ in kernel choice (summation order) only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmBackend {
     /// candle's matmul: `cublasGemmStridedBatchedEx`, a batch of one, cuBLAS's default workspace.
@@ -46,49 +47,37 @@ pub enum GemmBackend {
     CublasLt,
 }
 
+impl EnvChoice for GemmBackend {
+    const VAR: &'static str = "SHARDSMITH_GEMM";
+    const NOUN: &'static str = "GEMM library";
+    const CHOICES: &'static [(&'static str, GemmBackend)] = &[
+        ("candle", GemmBackend::Candle),
+        ("cublas", GemmBackend::Cublas),
+        ("cublaslt", GemmBackend::CublasLt),
+    ];
+    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
+        static CELL: std::sync::OnceLock<std::result::Result<GemmBackend, String>> =
+            std::sync::OnceLock::new();
+        &CELL
+    }
+}
+
 impl GemmBackend {
     pub const ALL: [GemmBackend; 3] = [GemmBackend::Candle, GemmBackend::Cublas, GemmBackend::CublasLt];
-    const VAR: &'static str = "SHARDSMITH_GEMM";
 
     /// The `SHARDSMITH_GEMM` spelling.
     pub fn name(self) -> &'static str {
-        match self {
-            GemmBackend::Candle => "candle",
-            GemmBackend::Cublas => "cublas",
-            GemmBackend::CublasLt => "cublaslt",
-        }
+        self.spelling()
     }
 
     /// The backend spelled `name`, or an error listing the spellings.
     pub fn named(name: &str) -> Result<GemmBackend> {
-        match Self::ALL.into_iter().find(|b| b.name() == name) {
-            Some(b) => Ok(b),
-            None => bail!(
-                "GEMM library {name:?} (as {} names them): expected one of {}",
-                Self::VAR,
-                Self::ALL.map(GemmBackend::name).join(", ")
-            ),
-        }
+        Self::by_name(name)
     }
 
     /// `SHARDSMITH_GEMM`, read once per process (unset or empty: `candle`).
     pub fn from_env() -> Result<GemmBackend> {
-        static CHOICE: std::sync::OnceLock<std::result::Result<GemmBackend, String>> =
-            std::sync::OnceLock::new();
-        let choice = CHOICE.get_or_init(|| match std::env::var(Self::VAR) {
-            Ok(v) if !v.is_empty() => Self::ALL.into_iter().find(|b| b.name() == v).ok_or_else(|| {
-                format!(
-                    "{}={v:?}: expected one of {}",
-                    Self::VAR,
-                    Self::ALL.map(GemmBackend::name).join(", ")
-                )
-            }),
-            _ => Ok(GemmBackend::Candle),
-        });
-        match choice {
-            Ok(b) => Ok(*b),
-            Err(e) => bail!("{e}"),
-        }
+        Self::from_var()
     }
 }
 
