@@ -16,6 +16,7 @@
 //! transpose flag chosen from its strides; ldc = N (`ops::blas_plan`, checked on the CPU).
 
 use super::blas_plan::{plan, BlasPlan};
+use super::cuda::strided_view;
 use super::linear::GemmBackend;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{self, sys as blas_sys};
@@ -106,15 +107,6 @@ fn new_handles(dev: &CudaDevice) -> Result<Handles> {
     Ok(h)
 }
 
-/// The part of `s` a strided 2-D view `l` touches, from its first element.
-fn operand<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
-    let start = l.start_offset();
-    let [r, c] = [l.dims()[0], l.dims()[1]];
-    let (sr, sc) = (l.stride()[0], l.stride()[1]);
-    let end = if r == 0 || c == 0 { start } else { start + (r - 1) * sr + (c - 1) * sc + 1 };
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
-}
-
 /// `a [M, K] · b [K, N]` (2-D strided views, same dtype) through `backend`, into a new
 /// contiguous [M, N] of the operands' dtype, or f32 with `widen`. `None` where it does not
 /// apply (the Candle backend, f32 operands, strides cuBLAS cannot read, sizes past i32): the
@@ -139,7 +131,7 @@ pub(super) fn gemm(
     with_handles(dev, |h| {
         macro_rules! run {
             ($T:ty, $O:ty) => {{
-                let (a, b) = (operand::<$T>(s2, l2)?, operand::<$T>(s1, l1)?);
+                let (a, b) = (strided_view::<$T>(s2, l2)?, strided_view::<$T>(s1, l1)?);
                 // SAFETY: every element is written (beta = 0).
                 let mut c = unsafe { dev.alloc::<$O>(m * n)? };
                 if !call::<$T, $O>(backend, h, &dims, &a, &b, &mut c)? {

@@ -105,7 +105,7 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<Cu
 
 /// The elements of `l` in `s` from its first to its last (any strides, all non-negative): what a
 /// kernel indexing the view by its strides may touch.
-fn strided_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+pub(super) fn strided_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     let start = l.start_offset();
     let last: usize = l.dims().iter().zip(l.stride()).map(|(&n, &st)| n.saturating_sub(1) * st).sum();
     let end = if l.shape().elem_count() == 0 { start } else { start + last + 1 };
