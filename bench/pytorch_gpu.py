@@ -146,7 +146,7 @@ def bench_gpu_layer(a, dev, dtype):
 
 def bench_gemm(a, dev, dtype):
     """The products of a layer's training step (as `shardsmith bench gemm`): per projection the
-    forward x·Wᵀ, the input gradient dy·W and the weight gradient dyᵀ·x in f32 (torch.matmul
+    forward x·Wᵀ, the input gradient dy·W and the weight gradient dyᵀ·x in f32 (torch.mm
     with out_dtype where this PyTorch has it, else the bf16 product widened, as autograd into f32
     master weights would see it); then square products."""
     d = a.hidden // a.heads
@@ -154,24 +154,32 @@ def bench_gemm(a, dev, dtype):
                    ("gate_up", a.hidden, 2 * a.ffn), ("down", a.ffn, a.hidden)]
     rn = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype)  # noqa: E731
 
-    def out(name, op, m, n, k, secs):
+    def out(name, op, m, n, k, secs, **extra):
         emit(impl="pytorch", bench="gemm", device=dev.type, dtype=a.dtype, name=name, op=op, m=m, n=n, k=k,
-             ms=secs * 1e3, tflops=2.0 * m * n * k / secs / 1e12)
+             ms=secs * 1e3, tflops=2.0 * m * n * k / secs / 1e12, **extra)
+
+    # torch.mm(out_dtype=float32) from bf16 operands exists in recent PyTorch on CUDA only: asked
+    # once, and the answer goes into every weight-gradient line ("f32_out").
+    f32_out = False
+    if dtype != torch.float32 and dev.type == "cuda":
+        probe = torch.ones(2, 2, device=dev, dtype=dtype)
+        try:
+            torch.mm(probe, probe, out_dtype=torch.float32)
+            f32_out = True
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            print(f"bench gemm: torch.mm(out_dtype=float32) unavailable here ({e}); weight gradients "
+                  "are the bf16 product widened", file=sys.stderr)
 
     def wide(x, y):
-        if x.dtype != torch.float32 and dev.type == "cuda":
-            try:
-                return torch.mm(x, y, out_dtype=torch.float32)
-            except (TypeError, RuntimeError, NotImplementedError):
-                pass
-        return torch.mm(x, y).float()
+        return torch.mm(x, y, out_dtype=torch.float32) if f32_out else torch.mm(x, y).float()
 
     r = a.rows
     for name, fan_in, fan_out in projections:
         x, w, dy = rn(r, fan_in), rn(fan_out, fan_in), rn(r, fan_out)
         out(name, "x·Wᵀ", r, fan_out, fan_in, timed(lambda: torch.mm(x, w.t()), dev, a.runs, a.warmup))
         out(name, "dy·W", r, fan_in, fan_out, timed(lambda: torch.mm(dy, w), dev, a.runs, a.warmup))
-        out(name, "dyᵀ·x (f32)", fan_out, fan_in, r, timed(lambda: wide(dy.t(), x), dev, a.runs, a.warmup))
+        out(name, "dyᵀ·x (f32)", fan_out, fan_in, r, timed(lambda: wide(dy.t(), x), dev, a.runs, a.warmup),
+            f32_out=f32_out)
     for n in a.square:
         x, y = rn(n, n), rn(n, n)
         out("square", "a·b", n, n, n, timed(lambda: torch.mm(x, y), dev, a.runs, a.warmup))

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import nemo_reference as ref  # noqa: E402
-from nemo_dist_check import TE_MODULES, expected_arrays, parse_cli  # noqa: E402
+from nemo_dist_check import TE_MODULES, expected_arrays, finish, parse_cli  # noqa: E402
 
 LAYERED = "model.decoder.layers."
 
@@ -131,12 +131,7 @@ def main():
     objects = [k for k in loaded if k.endswith("._extra_state")]
     if len(objects) != len(TE_MODULES) * hp.L or any(loaded[k] is not None for k in objects):
         problems.append(f"_extra_state: {len(objects)} objects loaded, expected {len(TE_MODULES) * hp.L} all None")
-    if problems:
-        print(f"FAIL {len(problems)} problem(s)")
-        for p in problems[:60]:
-            print("  " + p)
-        sys.exit(1)
-    print(f"OK megatron-core {version()} dist_checkpointing.load of {backend}, tp={a.tp} checkpoint read at tp=1: {len(arrays)} arrays over {hp.L} layers bit-identical, {len(objects)} extra-state objects None")
+    finish(problems, f"OK megatron-core {version()} dist_checkpointing.load of {backend}, tp={a.tp} checkpoint read at tp=1: {len(arrays)} arrays over {hp.L} layers bit-identical, {len(objects)} extra-state objects None")
 
 
 if __name__ == "__main__":

@@ -123,12 +123,18 @@ def main():
         check_torch_dist(w, arrays, hp, a.tp, dtype, problems)
     else:
         check_zarr(w, arrays, hp, a.tp, dtype, problems)
+    finish(problems, f"OK {backend} tp={a.tp}: {len(arrays)} arrays bit-identical, {len(TE_MODULES) * hp.L} extra-state objects None")
+
+
+def finish(problems, ok_line):
+    """Prints "FAIL n problem(s)" and the first 60, exit 1; or `ok_line`. This script's ending,
+    and megatron_dist_load.py's."""
     if problems:
         print(f"FAIL {len(problems)} problem(s)")
         for p in problems[:60]:
             print("  " + p)
         sys.exit(1)
-    print(f"OK {backend} tp={a.tp}: {len(arrays)} arrays bit-identical, {len(TE_MODULES) * hp.L} extra-state objects None")
+    print(ok_line)
 
 
 def chunk_shape(key, t, axis, per_rank, tp):
