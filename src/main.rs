@@ -511,8 +511,9 @@ struct ConvertArgs {
     #[arg(long)]
     extracted: bool,
     /// Write the .nemo weights as a Megatron-core distributed checkpoint (`model_weights/`), as
-    /// NeMo saves mcore models: zarr (NeMo 1.21–1.23) or torch_dist (later). Default: one
-    /// model_weights.ckpt per rank.
+    /// NeMo saves mcore models: zarr (NeMo 1.21–1.23) or torch_dist (later). NeVA .nemo files
+    /// in this form need a NeMo from after May 2024 (1.23's NeVA reads per-rank files only).
+    /// Default: one model_weights.ckpt per rank.
     #[arg(long, value_enum)]
     dist_ckpt: Option<convert::DistFormat>,
     /// Print the plan (files, tensors, shapes, bytes, padding) and write nothing.

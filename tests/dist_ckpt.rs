@@ -200,14 +200,15 @@ fn dist_output_reshards_both_ways() {
     );
 }
 
-/// What a distributed checkpoint cannot hold is refused before anything is written.
+/// What a distributed checkpoint cannot hold, or an output that is not a `.nemo`, is refused
+/// before anything is written.
 #[test]
 fn dist_ckpt_refusals_are_named_and_write_nothing() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("x.nemo");
     for (model, extra, want) in [
         ("llama-mha", &["--layout", "legacy"][..], "megatron-core names"),
-        ("llava-tiny", &[][..], "NeVA is written per rank"),
+        ("llava-tiny", &["--to", "hf"][..], "applies to .nemo outputs"),
     ] {
         let mut args = vec!["convert".to_string(), path(&fixture(model)), path(&out)];
         args.extend(strings(&["--dist-ckpt", "zarr"]));

@@ -162,17 +162,54 @@ fn distributed_nemo_matches_the_pytorch_reference() {
         let line = run_checker(&py, "nemo_dist_check.py", &check);
         assert!(line.starts_with(&format!("OK {backend}")), "{model} tp={tp} pp={pp} {backend}: {line}");
         let out = run_checker(&py, "megatron_dist_load.py", &check);
-        let last = out.lines().last().unwrap_or_default();
-        // No megatron-core 0.5.0 for this Python (setup_venv.sh's marker): said, not failed.
-        let marker = py.parent().and_then(Path::parent).map(|venv| venv.join("megatron-zarr/UNAVAILABLE"));
-        if backend == "zarr" && last.starts_with("SKIP") && marker.is_some_and(|m| m.exists()) {
-            eprintln!("{model} tp={tp}: {last}");
-            continue;
-        }
-        assert!(
-            last.starts_with("OK megatron-core") && last.contains(&format!("load of {backend},")),
-            "{model} tp={tp} pp={pp} Megatron: {out}"
+        megatron_verdict(
+            &py,
+            backend,
+            &format!("load of {backend},"),
+            &out,
+            &format!("{model} tp={tp} pp={pp}"),
         );
+    }
+}
+
+/// Asserts a Megatron loader script's last line is its OK line (containing `want`), except that a
+/// zarr check may SKIP where setup_venv.sh left its marker (no megatron-core 0.5.0 wheels for this
+/// Python): said on stderr, not failed.
+fn megatron_verdict(py: &Path, backend: &str, want: &str, out: &str, what: &str) {
+    let last = out.lines().last().unwrap_or_default();
+    let marker = py.parent().and_then(Path::parent).map(|venv| venv.join("megatron-zarr/UNAVAILABLE"));
+    if backend == "zarr" && last.starts_with("SKIP") && marker.is_some_and(|m| m.exists()) {
+        eprintln!("{what}: {last}");
+        return;
+    }
+    assert!(last.starts_with("OK megatron-core") && last.contains(want), "{what} Megatron: {out}");
+}
+
+/// A NeVA `.nemo` written as a distributed checkpoint is what Megatron-core's loader reads for
+/// MegatronNevaModel's sharded state dict (`megatron_neva_load.py`: GPT's filtered to NeVA's
+/// parameters, no extra-state objects, replicated projector and tower), with every tensor equal
+/// to the same conversion's per-rank file merged by the independent reference.
+#[test]
+fn megatron_loads_neva_distributed_checkpoints() {
+    let Some(py) = reference_python() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_shardsmith");
+    let tiny = fixture("llava-tiny");
+    let convert = |dst: &Path, extra: &[&str]| {
+        let mut args =
+            vec!["convert", tiny.to_str().unwrap(), dst.to_str().unwrap(), "--template", "vicuna_v1"];
+        args.extend(["--tp", "2", "--pp", "2", "--vision", "bundle"]);
+        args.extend(extra);
+        let o = std::process::Command::new(bin).args(&args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let per_rank = out.path().join("per-rank.nemo");
+    convert(&per_rank, &[]);
+    for backend in ["zarr", "torch_dist"] {
+        let dist = out.path().join(format!("{backend}.nemo"));
+        convert(&dist, &["--dist-ckpt", backend]);
+        let log = run_checker(&py, "megatron_neva_load.py", &[&per_rank, &dist]);
+        megatron_verdict(&py, backend, &format!("load of NeVA {backend}:"), &log, &format!("NeVA {backend}"));
     }
 }
 

@@ -483,3 +483,80 @@ fn clip_towers_are_read_and_written_as_bin() {
     assert_eq!(c.vision_source, VisionSource::Bundled);
     assert_same_tensors(&c.vision, &tiny.vision, "bundled from a .bin tower");
 }
+
+/// The names of a `.nemo` tar's files under `model_weights/`.
+fn dist_member_names(nemo: &Path) -> Vec<String> {
+    let map = std::fs::read(nemo).unwrap();
+    formats::nemo::list_members(&map, nemo)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.kind == formats::nemo::MemberKind::File)
+        .map(|m| m.name)
+        .filter(|n| n.starts_with("model_weights/"))
+        .collect()
+}
+
+/// `--dist-ckpt` writes a NeVA `.nemo` as MegatronNevaModel saves one (NeMo after May 2024): the
+/// LLM as GPT's stacked arrays, the projector and bundled tower as replicated arrays under their
+/// state-dict keys, no `_extra_state` objects (NeVA saves parameters only). Both backends read
+/// back to the source bit for bit, reshard to per-rank files and agree with them; the legacy
+/// layout is refused before anything is written. (interop.rs loads these with Megatron-core.)
+#[test]
+fn neva_distributed_checkpoints_round_trip() {
+    let work = tempfile::tempdir().unwrap();
+    let tiny = fixture("llava-tiny");
+    let per_rank =
+        round_trip(&tiny, work.path(), "per-rank", &["--tp", "2", "--pp", "2", "--vision", "bundle"]);
+    for backend in ["zarr", "torch_dist"] {
+        let args = ["--tp", "2", "--pp", "2", "--vision", "bundle", "--dist-ckpt", backend];
+        let nemo = round_trip(&tiny, work.path(), backend, &args);
+        let names = dist_member_names(&nemo);
+        assert!(names.iter().any(|n| n == "model_weights/metadata.json"), "{backend}: {names:?}");
+        assert!(!names.iter().any(|n| n.contains("_extra_state")), "{backend}: NeVA saves no extra state");
+        if backend == "zarr" {
+            let projector = "model_weights/model.embedding.word_embeddings.adapter_layer.mm_projector_adapter.mm_projector.0.weight/0.0";
+            assert!(names.iter().any(|n| n == projector), "one replicated chunk: {names:?}");
+        }
+        let y = yaml(&nemo);
+        let parallel = ["tensor_model_parallel_size", "pipeline_model_parallel_size"].map(|k| y.get_usize(k));
+        assert_eq!(parallel, [Some(2), Some(2)], "{backend}: the yaml keeps tp/pp");
+        // Back to per-rank files: the same tensors as the per-rank conversion.
+        let one = work.path().join(format!("{backend}-tp1.nemo"));
+        ok(&["convert", s(&nemo), s(&one), "--tp", "1"]);
+        assert!(matches(&ok(&["diff", s(&one), s(&per_rank)])), "{backend}");
+        assert!(dist_member_names(&one).is_empty(), "{backend}: per-rank output");
+    }
+    // A NeVA holding only its projector (mm_cfg.llm.freeze) has only replicated arrays.
+    let mut projector_only = formats::open(&per_rank).unwrap();
+    for s in &mut projector_only.shards {
+        s.tensors.retain(|k, _| k.contains(".adapter_layer."));
+    }
+    let w = neva::dist_weights(&projector_only).unwrap();
+    assert_eq!(w.arrays.len(), 4, "mlp2x_gelu: two weights, two biases");
+    assert!(w.objects.is_empty() && w.arrays.iter().all(|a| a.chunks.len() == 1 && a.chunk == a.shape));
+    // Replicas that disagree are named.
+    let mut odd = formats::open(&per_rank).unwrap();
+    let key = "model.embedding.word_embeddings.adapter_layer.mm_projector_adapter.mm_projector.2.bias";
+    let rank1 = odd.shards.iter_mut().find(|s| s.rank.tp == 1 && s.rank.pp == 0).unwrap();
+    rank1.tensors.shift_remove(key);
+    let err = neva::dist_weights(&odd).unwrap_err().to_string();
+    assert!(err.contains(key) && err.contains("rank tp=1 holds nothing"), "{err}");
+    // The legacy layout has no distributed form.
+    let mha = mha_llava_hf(work.path());
+    let dst = work.path().join("legacy-dist.nemo");
+    let err = refused(&[
+        "convert",
+        s(&mha),
+        s(&dst),
+        "--template",
+        "v1",
+        "--layout",
+        "legacy",
+        "--vision",
+        "bundle",
+        "--dist-ckpt",
+        "zarr",
+    ]);
+    assert!(err.contains("legacy NeVA layout has none"), "{err}");
+    assert!(!dst.exists());
+}

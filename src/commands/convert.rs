@@ -177,7 +177,7 @@ pub fn print_plan(
     let report = inspect::report(target, None)?;
     // A distributed checkpoint stores global arrays, not the ranks' tensors: plan those.
     let dist = match (to, dist) {
-        (TargetKind::Nemo, Some(format)) => Some((llama::dist_weights(target)?, format)),
+        (TargetKind::Nemo, Some(format)) => Some((dist_weights(target)?, format)),
         _ => None,
     };
     if json {
@@ -261,6 +261,12 @@ fn render_dist(w: &nemo::DistWeights, format: DistFormat) -> String {
     out
 }
 
+/// The distributed-checkpoint arrays of a per-rank `.nemo` target: NeVA's (its sharded state
+/// dict filtered to what it saves) or LLaMA's.
+fn dist_weights(target: &Checkpoint) -> Result<nemo::DistWeights> {
+    Ok(if neva::is_multimodal(target) { neva::dist_weights(target)? } else { llama::dist_weights(target)? })
+}
+
 /// Write `target` to `dst`.
 pub fn write_target(target: &Checkpoint, to: TargetKind, dst: &Path, o: &Options) -> Result<()> {
     match to {
@@ -273,7 +279,7 @@ pub fn write_target(target: &Checkpoint, to: TargetKind, dst: &Path, o: &Options
                         DistFormat::Zarr => nemo::DistBackend::Zarr,
                         DistFormat::TorchDist => nemo::DistBackend::TorchDist,
                     };
-                    nemo::write_distributed(target, &llama::dist_weights(target)?, backend, dst, &opts)?
+                    nemo::write_distributed(target, &dist_weights(target)?, backend, dst, &opts)?
                 }
                 None => nemo::write(target, dst, &opts)?,
             }
@@ -336,9 +342,6 @@ pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec
         bail!(
             "--vocab-size applies to LLaMA exports; multimodal conversions restore the source's vocabulary"
         );
-    }
-    if o.dist_ckpt.is_some() {
-        bail!("--dist-ckpt writes LLaMA (MegatronGPTModel) .nemo files; NeVA is written per rank");
     }
     let to = o.to.unwrap_or(if dst.extension().is_some_and(|e| e == "nemo") || o.extracted && is_nemo(src) {
         TargetKind::Nemo
@@ -460,10 +463,13 @@ pub fn emit(outputs: &[Output], o: &Options, started: std::time::Instant) -> Res
         }
         let bytes = out.ckpt.total_bytes();
         let secs = started.elapsed().as_secs_f64();
+        let count = match (out.kind, o.dist_ckpt) {
+            (TargetKind::Nemo, Some(_)) => format!("{} arrays", dist_weights(&out.ckpt)?.arrays.len()),
+            _ => format!("{} tensors", out.ckpt.tensor_count()),
+        };
         eprintln!(
-            "wrote {} ({} tensors, {:.2} GiB in {:.1} s, {:.0} MiB/s)",
+            "wrote {} ({count}, {:.2} GiB in {:.1} s, {:.0} MiB/s)",
             out.dest.display(),
-            out.ckpt.tensor_count(),
             bytes as f64 / (1u64 << 30) as f64,
             secs,
             bytes as f64 / (1u64 << 20) as f64 / secs.max(1e-9)
@@ -483,18 +489,22 @@ pub fn run(src: &Path, dst: &Path, o: &Options) -> Result<()> {
             bail!("--vision and --template apply to multimodal sources (NeVA .nemo, llava-hf, LLaVA)");
         }
         let (ckpt, kind) = build_target(&source, dst, o)?;
-        let dist_source = matches!(
-            source.meta.flavour,
-            Flavour::Nemo { layout: shardsmith_converters::NemoLayout::Distributed, .. }
-        );
-        if kind == TargetKind::Nemo && dist_source && o.dist_ckpt.is_none() && !o.json {
-            eprintln!(
-                "note: {} is a distributed checkpoint; writing one model_weights.ckpt per rank \
-                 (--dist-ckpt zarr|torch_dist writes a distributed checkpoint again)",
-                src.display()
-            );
-        }
         vec![Output { ckpt, kind, dest: dst.to_path_buf() }]
     };
+    if o.dist_ckpt.is_some() && !outputs.iter().any(|out| out.kind == TargetKind::Nemo) {
+        bail!("--dist-ckpt applies to .nemo outputs; {} is not one", dst.display());
+    }
+    let dist_source = matches!(
+        source.meta.flavour,
+        Flavour::Nemo { layout: shardsmith_converters::NemoLayout::Distributed, .. }
+    );
+    let per_rank_nemo = outputs.iter().any(|out| out.kind == TargetKind::Nemo) && o.dist_ckpt.is_none();
+    if dist_source && per_rank_nemo && !o.json {
+        eprintln!(
+            "note: {} is a distributed checkpoint; writing one model_weights.ckpt per rank \
+             (--dist-ckpt zarr|torch_dist writes a distributed checkpoint again)",
+            src.display()
+        );
+    }
     emit(&outputs, o, started)
 }

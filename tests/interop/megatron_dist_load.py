@@ -69,8 +69,10 @@ def version():
     return __version__
 
 
-def sharded_state_dict(arrays, L, ShardedTensor, ShardedObject):
-    """state-dict name -> ShardedTensor / ShardedObject, as GPTModel.sharded_state_dict builds it."""
+def sharded_state_dict(arrays, L, ShardedTensor, ShardedObject, extra_state=True):
+    """state-dict name -> ShardedTensor / ShardedObject, as GPTModel.sharded_state_dict builds it
+    (without the `_extra_state` objects when not `extra_state`: NeVA filters them out). A key
+    outside the decoder layers is one replicated tensor."""
     sd = {}
     for key, (t, _, _) in arrays.items():
         empty = lambda shape: torch.full(shape, float("nan"), dtype=t.dtype)  # noqa: E731
@@ -81,20 +83,18 @@ def sharded_state_dict(arrays, L, ShardedTensor, ShardedObject):
         else:
             vocab = key in ("model.embedding.word_embeddings.weight", "model.output_layer.weight")
             sd[key] = ShardedTensor.from_rank_offsets(key, empty(t.shape), replica_id=0, allow_shape_mismatch=vocab)
-    for module in TE_MODULES:
+    for module in TE_MODULES if extra_state else []:
         for l in range(L):
             name = f"{LAYERED}{l}.{module[len(LAYERED):]}._extra_state"
             sd[name] = ShardedObject(f"{module}._extra_state", None, (L,), (l,), replica_id=0)
     return sd
 
 
-def main():
-    a = parse_cli()
-    hp, full, _ = ref.prepare_hf2nemo(a.hf_dir, a.tp, 1, "mcore", a.dtype)
-    arrays = expected_arrays(full, hp)
-    problems = []
+def load(nemo, sharded, problems):
+    """Megatron's load of `nemo`'s model_weights/ for the sharded state dict `sharded(ShardedTensor,
+    ShardedObject)`, its common state checked to be {}. Returns (loaded dict, backend)."""
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(a.nemo, "r:") as tar:
+        with tarfile.open(nemo, "r:") as tar:
             for m in tar.getmembers():
                 name = ref._strip(m.name)
                 if m.isfile() and name.startswith("model_weights/"):
@@ -110,13 +110,16 @@ def main():
             common = dist_checkpointing.load_common_state_dict(str(ckpt))
             if common != {}:
                 problems.append(f"common.pt: Megatron read {common!r}, expected {{}}")
-            loaded = dist_checkpointing.load(sharded_state_dict(arrays, hp.L, ShardedTensor, ShardedObject), str(ckpt))
+            return dist_checkpointing.load(sharded(ShardedTensor, ShardedObject), str(ckpt)), backend
         finally:
             torch.distributed.destroy_process_group()
 
+
+def compare(arrays, loaded, L, problems):
+    """Every expected array against what Megatron loaded (per layer for the decoder's), bit for bit."""
     for key, (t, _, _) in arrays.items():
         if key.startswith(LAYERED):
-            got = [loaded.get(f"{LAYERED}{l}.{key[len(LAYERED):]}") for l in range(hp.L)]
+            got = [loaded.get(f"{LAYERED}{l}.{key[len(LAYERED):]}") for l in range(L)]
             if any(g is None for g in got):
                 problems.append(f"{key}: Megatron returned no tensor for some layer")
                 continue
@@ -128,11 +131,19 @@ def main():
                 continue
         if got.dtype != t.dtype or got.shape != t.shape or not torch.equal(got.view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8)):
             problems.append(f"{key}: Megatron loaded {got.dtype} {list(got.shape)}, not the reference's {t.dtype} {list(t.shape)} bit for bit")
+
+
+def main():
+    a = parse_cli()
+    hp, full, _ = ref.prepare_hf2nemo(a.hf_dir, a.tp, 1, "mcore", a.dtype)
+    arrays = expected_arrays(full, hp)
+    problems = []
+    loaded, backend = load(a.nemo, lambda st, so: sharded_state_dict(arrays, hp.L, st, so), problems)
+    compare(arrays, loaded, hp.L, problems)
     objects = [k for k in loaded if k.endswith("._extra_state")]
     if len(objects) != len(TE_MODULES) * hp.L or any(loaded[k] is not None for k in objects):
         problems.append(f"_extra_state: {len(objects)} objects loaded, expected {len(TE_MODULES) * hp.L} all None")
     finish(problems, f"OK megatron-core {version()} dist_checkpointing.load of {backend}, tp={a.tp} checkpoint read at tp=1: {len(arrays)} arrays over {hp.L} layers bit-identical, {len(objects)} extra-state objects None")
-
 
 if __name__ == "__main__":
     main()

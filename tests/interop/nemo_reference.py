@@ -589,19 +589,10 @@ def read_nemo_ranks(nemo_path, extract_dir):
     return y, ranks, (tok if tok is not None and tok.exists() else None)
 
 
-def nemo2hf(nemo_path, out_dir, vocab=None, max_shard_bytes=MAX_SHARD_BYTES):
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".nemo-extract-") as tmp:
-        y, ranks, tok = read_nemo_ranks(nemo_path, tmp)
-        if tok is not None:
-            shutil.copyfile(tok, out_dir / "tokenizer.model")
-        if vocab is None:
-            if tok is None:
-                raise ConvertError(f"{nemo_path}: tokenizer.model artifact not found; pass --vocab-size")
-            vocab = sentencepiece_vocab(tok, y.get("tokenizer"))
-    # the extracted copy is gone (NeMo's restore_from cleans up its temporary directory too)
-    hp = HParams.from_yaml(y, vocab)
+def rank_gatherer(nemo_path, y, ranks, hp):
+    """gather(role, layer) -> the global NeMo tensor of `role` (layer None: a non-layer role),
+    merged over the tensor-parallel ranks of its pipeline stage (§4.1, §4.4) and popped from
+    `ranks`, so what is left afterwards was never mapped."""
     layout = "mcore" if y.get("mcore_gpt", False) else "legacy"
     tp, pp = y.get("tensor_model_parallel_size", 1), y.get("pipeline_model_parallel_size", 1)
     check_parallelism(hp, layout, tp, pp)
@@ -617,6 +608,24 @@ def nemo2hf(nemo_path, out_dir, vocab=None, max_shard_bytes=MAX_SHARD_BYTES):
                 raise ConvertError(f"{nemo_path}: {member_name(t, p, tp, pp)} has no {name!r}")
             parts.append(ranks[(t, p)].pop(name))
         return merge_tp(role, parts, hp)
+
+    return gather
+
+
+def nemo2hf(nemo_path, out_dir, vocab=None, max_shard_bytes=MAX_SHARD_BYTES):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".nemo-extract-") as tmp:
+        y, ranks, tok = read_nemo_ranks(nemo_path, tmp)
+        if tok is not None:
+            shutil.copyfile(tok, out_dir / "tokenizer.model")
+        if vocab is None:
+            if tok is None:
+                raise ConvertError(f"{nemo_path}: tokenizer.model artifact not found; pass --vocab-size")
+            vocab = sentencepiece_vocab(tok, y.get("tokenizer"))
+    # the extracted copy is gone (NeMo's restore_from cleans up its temporary directory too)
+    hp = HParams.from_yaml(y, vocab)
+    gather = rank_gatherer(nemo_path, y, ranks, hp)
 
     # views (vocabulary trim, gate/up halves) get their own storage: save_file refuses tensors that
     # share memory, and the merged parent can then be freed

@@ -18,7 +18,7 @@
 //! with `mm_cfg.llm.freeze: true`, the `.nemo` that `mm_cfg.llm.from_pretrained` names).
 
 use crate::checkpoint::{
-    Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, TensorMap,
+    Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Shard, TensorMap,
 };
 use crate::convert::clip::{self, ClipVision};
 use crate::convert::llama::{self, CanonicalLlama};
@@ -26,7 +26,7 @@ use crate::convert::llava::{self, CanonicalLlava, ImageTokenScheme, VisionSource
 use crate::convert::sentencepiece::SentencePieceModel;
 use crate::convert::tokenizer;
 use crate::error::{Error, Result};
-use crate::formats::{self, nemo::NemoConfig};
+use crate::formats::{self, nemo, nemo::NemoConfig};
 use crate::names::llama::{self as llama_names, NemoDialect, NemoYamlOptions};
 use crate::names::neva::{
     self as names, ConvertedFrom, NevaYaml, ProjectorType, Template, VisionYaml, EXTRA_IDS,
@@ -603,6 +603,74 @@ pub fn reshard_neva(src: &Checkpoint, t: &NevaTarget) -> Result<Checkpoint> {
         )
     };
     to_neva(&c, &t)
+}
+
+/// A per-rank mcore NeVA checkpoint (what [`to_neva`] builds) as the Megatron-core distributed
+/// checkpoint NeMo's MegatronNevaModel saves since dist-ckpt support came to NeVA (May 2024,
+/// formats.md §1.6, §6.1). Its `sharded_state_dict` is GPT's filtered to the parameters NeVA
+/// saves (`get_keys_to_keep`: the projector always, the LLM and the tower when unfrozen), so:
+/// the LLM's arrays are exactly LLaMA's ([`llama::dist_weights`]) when the file holds the LLM,
+/// but without Transformer Engine's `_extra_state` objects (not parameters, so filtered out);
+/// the projector and a bundled tower are each one replicated array under its state-dict key, as
+/// `NevaWordEmbeddingMixin.sharded_state_dict` makes them. Nothing is read here.
+pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
+    let path = &ckpt.meta.path;
+    let Some(ModelConfig::NemoYaml(cfg)) = &ckpt.meta.config else {
+        return Err(Error::missing(path, "model_config.yaml (a NeVA .nemo's config)"));
+    };
+    let keys = ckpt.shards.iter().flat_map(|s| s.tensors.keys().map(String::as_str));
+    if llama_names::dialect_of(Some(cfg), keys) != NemoDialect::Mcore {
+        return Err(Error::invalid(
+            path,
+            "a distributed checkpoint holds megatron-core names; the legacy NeVA layout has none (use --layout mcore)",
+        ));
+    }
+    let multimodal = |key: &str| {
+        names::neva_projector_canonical(key).is_some() || names::neva_vision_canonical(key).is_some()
+    };
+    let holds_llm = ckpt.shards.iter().any(|s| s.tensors.keys().any(|k| !multimodal(k)));
+    let mut weights = if holds_llm {
+        let mut llm = llama::dist_weights(ckpt)?;
+        llm.objects.clear();
+        llm
+    } else {
+        nemo::DistWeights::default()
+    };
+    // Replicated on the first stage's ranks: rank tp=0 holds the tensor, the others must agree.
+    let first_stage: Vec<&Shard> = ckpt.shards.iter().filter(|s| s.rank.pp == 0).collect();
+    let Some(first) = first_stage.iter().find(|s| s.rank.tp == 0) else {
+        return Err(Error::missing(path, "rank tp=0 pp=0 (where NeVA keeps its projector)"));
+    };
+    for (key, t) in first.tensors.iter().filter(|(k, _)| multimodal(k)) {
+        for s in &first_stage {
+            match s.tensors.get(key) {
+                Some(other) if other.shape == t.shape && other.dtype == t.dtype => {}
+                other => {
+                    return Err(Error::invalid(
+                        path,
+                        format!(
+                            "tensor '{key}' is replicated but rank tp={} holds {} where tp=0 holds {} {:?}",
+                            s.rank.tp,
+                            other.map_or("nothing".to_string(), |o| format!("{} {:?}", o.dtype, o.shape)),
+                            t.dtype,
+                            t.shape
+                        ),
+                    ))
+                }
+            }
+        }
+        weights.arrays.push(nemo::DistArray {
+            key: key.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            chunk: t.shape.clone(),
+            chunks: vec![t.clone()],
+        });
+    }
+    if weights.arrays.is_empty() {
+        return Err(Error::missing(path, "NeVA weights (neither LLM nor projector tensors)"));
+    }
+    Ok(weights)
 }
 
 /// The tensors of any multimodal checkpoint under canonical names — LLaMA's HF names, the tower's
