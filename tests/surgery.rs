@@ -329,6 +329,50 @@ fn keep_layers_is_byte_exact_for_hf_llava_and_nemo() {
     assert!(err.contains("only 3 layers"), "{err}");
 }
 
+/// keep-layers on a NeVA `.nemo` (per rank or a distributed checkpoint) keeps the language
+/// model's first layers at the source's layout, projector and tower untouched: the same bundle as
+/// cutting the llava-hf source first and converting that.
+#[test]
+fn keep_layers_cuts_a_neva_language_model() {
+    let work = tempfile::tempdir().unwrap();
+    let tiny = fixture("llava-tiny");
+    let lv = work.path().join("llava1");
+    ok(&["surgery", "keep-layers", s(&tiny), "--first", "1", "-o", s(&lv)]);
+    let want = work.path().join("want.nemo");
+    let to_neva = ["--template", "vicuna_v1", "--tp", "2", "--vision", "bundle"];
+    let mut args = vec!["convert", s(&lv), s(&want)];
+    args.extend(to_neva);
+    ok(&args);
+    for (tag, extra) in [("per-rank", &[][..]), ("zarr", &["--dist-ckpt", "zarr"][..])] {
+        let nemo = work.path().join(format!("{tag}.nemo"));
+        let mut args = vec!["convert", s(&tiny), s(&nemo)];
+        args.extend(to_neva);
+        args.extend(extra);
+        ok(&args);
+        let cut = work.path().join(format!("{tag}-1.nemo"));
+        let plan = ok(&["surgery", "keep-layers", s(&nemo), "--first", "1", "-o", s(&cut)]);
+        assert!(plan.contains("num_layers: 2 -> 1"), "{tag}: {plan}");
+        let c = formats::open(&cut).unwrap();
+        assert_eq!(c.meta.parallel, Parallelism { tp: 2, pp: 1 }, "{tag}: the source's layout, per rank");
+        let report = ok(&["diff", s(&cut), s(&want)]);
+        assert!(
+            report.contains("MATCH") && report.contains(" 0 differ in value, 0 missing"),
+            "{tag}: {report}"
+        );
+        let back = neva::from_neva(&c, None).unwrap();
+        assert_eq!(back.llm.hparams.layers, 1);
+    }
+    // Layers that no longer split over the pipeline stages: refused, nothing written.
+    let pp2 = work.path().join("pp2.nemo");
+    let mut args = vec!["convert", s(&tiny), s(&pp2), "--pp", "2"];
+    args.extend(to_neva);
+    ok(&args);
+    let dst = work.path().join("z.nemo");
+    let err = refused(&["surgery", "keep-layers", s(&pp2), "--first", "1", "-o", s(&dst)]);
+    assert!(err.contains("do not split over 2 pipeline stages"), "{err}");
+    assert!(!dst.exists());
+}
+
 /// Compare each golden tensor with ours: max |ours − torch| ≤ 1e-6 · max |torch|.
 fn assert_close_to_golden(ours: &TensorMap, golden: &TensorMap, what: &str) {
     for (name, want) in golden {

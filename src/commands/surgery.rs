@@ -91,7 +91,8 @@ enum SurgeryCommand {
         #[command(flatten)]
         out: OutArgs,
     },
-    /// Keep the first N decoder layers, byte for byte (HF LLaMA, llava-hf, .nemo at any TP/PP).
+    /// Keep the first N decoder layers (HF LLaMA and llava-hf byte for byte; LLaMA and NeVA .nemo
+    /// files at any TP/PP, re-emitted at their own layout).
     KeepLayers {
         /// HF LLaMA / llava-hf directory or .nemo.
         src: PathBuf,

@@ -4,7 +4,8 @@
 //! tensor keeps its name, dtype and bytes, and the result is proven complete by reading it back as
 //! the model it claims to be. A `.nemo` is canonicalised, cut and re-emitted at its own TP, PP
 //! and dialect; PP must still divide the layer count (the layers live on stages), otherwise the
-//! cut is refused with what to do instead.
+//! cut is refused with what to do instead. A NeVA `.nemo` is cut the same way in its language
+//! model, projector and tower kept ([`super::neva::keep_layers_neva`]).
 
 use super::model::{ConfigEdits, LlamaModel};
 use super::plan::{Action, Change, Edit, Plan, WriteAs};
@@ -24,6 +25,10 @@ pub fn keep_layers(src: &Checkpoint, first: usize) -> Result<Edit> {
         return Err(Error::argument("--first 0", "keep at least one layer"));
     }
     match (&src.meta.flavour, &src.meta.config) {
+        (Flavour::Nemo { .. }, _) if super::neva::is_neva(src) => {
+            let re = Regex::new(LAYER_NAME).expect("constant regex");
+            super::neva::keep_layers_neva(src, first, |name| !beyond(&re, name, first))
+        }
         (Flavour::Nemo { .. }, _) => keep_nemo(src, first),
         (_, Some(ModelConfig::HfJson(cfg))) => keep_hf(src, cfg, first),
         _ => Err(Error::missing(
@@ -49,8 +54,7 @@ fn keep_hf(src: &Checkpoint, cfg: &Json, first: usize) -> Result<Edit> {
     let mut plan = Plan::new(&format!("keep-layers --first {first}"), path);
     let mut tensors = TensorMap::new();
     for (name, t) in src.tensors()? {
-        let layer = re.captures(name).and_then(|c| c[1].parse::<usize>().ok());
-        if layer.is_some_and(|l| l >= first) {
+        if beyond(&re, name, first) {
             plan.push(Change::new(name, Action::Dropped, t));
         } else {
             plan.push(Change::new(name, Action::Kept, t));
@@ -82,25 +86,16 @@ fn keep_nemo(src: &Checkpoint, first: usize) -> Result<Edit> {
     let model = LlamaModel::open(src)?;
     let mut c = model.canonical.clone();
     let layers = c.hparams.layers;
-    check_first(path, first, layers)?;
-    if let super::model::Store::Nemo { pp, .. } = model.store {
-        if first % pp != 0 {
-            return Err(Error::invalid(
-                path,
-                format!(
-                    "keeping {first} layers at pp={pp}: {first} layers do not split over {pp} pipeline stages; \
-                     reshard first (shardsmith reshard SRC -o OUT --pp P with P dividing {first}) or keep a \
-                     multiple of {pp} layers"
-                ),
-            ));
-        }
-    }
+    let pp = match model.store {
+        super::model::Store::Nemo { pp, .. } => pp,
+        _ => 1,
+    };
+    check_cut(path, first, layers, pp)?;
     let re = Regex::new(LAYER_NAME).expect("constant regex");
     let mut plan = Plan::new(&format!("keep-layers --first {first}"), path);
     let mut kept = TensorMap::new();
     for (name, t) in &c.tensors {
-        let layer = re.captures(name).and_then(|c| c[1].parse::<usize>().ok());
-        if layer.is_some_and(|l| l >= first) {
+        if beyond(&re, name, first) {
             plan.push(Change::new(name, Action::Dropped, t));
         } else {
             plan.push(Change::new(name, Action::Kept, t));
@@ -119,9 +114,31 @@ fn keep_nemo(src: &Checkpoint, first: usize) -> Result<Edit> {
     Ok(Edit::new(output, write_as, plan))
 }
 
+/// Whether `name` is a decoder layer's tensor at or past layer `first` (cut away).
+fn beyond(layer_name: &Regex, name: &str, first: usize) -> bool {
+    layer_name.captures(name).and_then(|c| c[1].parse::<usize>().ok()).is_some_and(|l| l >= first)
+}
+
 fn check_first(path: &std::path::Path, first: usize, layers: usize) -> Result<()> {
     if first > layers {
         return Err(Error::invalid(path, format!("--first {first}: the model has only {layers} layers")));
+    }
+    Ok(())
+}
+
+/// Keeping `first` of `layers` layers of a `.nemo` stored over `pp` pipeline stages: there must
+/// be that many, and they must still split over the stages.
+pub(super) fn check_cut(path: &std::path::Path, first: usize, layers: usize, pp: usize) -> Result<()> {
+    check_first(path, first, layers)?;
+    if first % pp != 0 {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "keeping {first} layers at pp={pp}: {first} layers do not split over {pp} pipeline stages; \
+                 reshard first (shardsmith reshard SRC -o OUT --pp P with P dividing {first}) or keep a \
+                 multiple of {pp} layers"
+            ),
+        ));
     }
     Ok(())
 }

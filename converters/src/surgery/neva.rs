@@ -1,7 +1,7 @@
-//! `extract` and `swap-llm` on a NeVA `.nemo`. Its language model is stored fused and split per
-//! rank, so a name table ([`super::parts`]) cannot take it apart: the bundle is read into canonical
-//! form ([`neva::from_neva`]: LLaMA's HF names, `vision_model.*`, `mm_projector.*`) and each part
-//! leaves from there.
+//! `extract`, `swap-llm` and `keep-layers` on a NeVA `.nemo`. Its language model is stored fused
+//! and split per rank, so a name table ([`super::parts`]) cannot take it apart: the bundle is read
+//! into canonical form ([`neva::from_neva`]: LLaMA's HF names, `vision_model.*`, `mm_projector.*`)
+//! and each part leaves from there.
 //!
 //! * `extract --part llm`: an HF LLaMA directory with NeVA's own SentencePiece model — *with*
 //!   `<extra_id_0..7>`, the pieces the LLM was trained with (NeVA trains their rows as the image
@@ -15,6 +15,9 @@
 //!   its embedding and head grow by the mean rule, exactly as `convert` / `assemble` do (the
 //!   writing is [`neva::to_neva`]'s); the `.nemo` is written at the source's TP, PP, dialect and
 //!   `make_vocab_size_divisible_by`, the tower keeps its placement, the projector its bytes.
+//!
+//! * `keep-layers`: the language model's first N layers, projector and tower as they are, written
+//!   at the source's layout like `swap-llm`.
 //!
 //! Tensors are listed in the plans by canonical name.
 
@@ -233,7 +236,6 @@ pub fn swap_llm_neva(src: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
              (shardsmith surgery extract BUNDLE --part llm -o DIR)",
         ));
     }
-    let cfg = yaml(src)?;
     let mut c = neva::from_neva(src, None)?;
     let llm_model = super::model::LlamaModel::open(llm_ckpt)?;
     let mut llm = llm_model.canonical.clone();
@@ -324,40 +326,11 @@ pub fn swap_llm_neva(src: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
         }
     }
 
-    // The target: the source's own layout (as reshard_neva derives it).
-    let Parallelism { tp, pp } = match src.meta.flavour {
-        Flavour::Nemo { layout: NemoLayout::Distributed, .. } => Parallelism {
-            tp: cfg.usize_or("tensor_model_parallel_size", 1)?.max(1),
-            pp: cfg.usize_or("pipeline_model_parallel_size", 1)?.max(1),
-        },
-        _ => src.meta.parallel,
-    };
-    let dialect = llama_names::dialect_of(
-        Some(cfg),
-        src.shards.iter().flat_map(|s| s.tensors.keys().map(String::as_str)),
-    );
-    let vision = if c.vision_source == VisionSource::Bundled {
-        VisionPlacement::Bundle
-    } else {
-        VisionPlacement::Reference(
-            cfg.get_str("mm_cfg.vision_encoder.from_pretrained").unwrap_or_default().to_string(),
-        )
-    };
-    let target = NevaTarget {
-        dialect,
-        tp,
-        pp,
-        dtype: None,
-        vision: vision.clone(),
-        template: None,
-        image_aspect_ratio: None,
-        divisible_by: cfg.get_usize("make_vocab_size_divisible_by"),
-        source_format: None,
-    };
+    let target = source_target(src, &c)?;
     for (n, t) in &c.projector {
         plan.push(Change::new(n, Action::Kept, t));
     }
-    match &vision {
+    match &target.vision {
         VisionPlacement::Bundle => {
             for (n, t) in &c.vision {
                 plan.push(Change::new(n, Action::Kept, t));
@@ -390,7 +363,55 @@ pub fn swap_llm_neva(src: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
     c.image_token = patch;
     c.tokenizer = Some(tok.source.clone());
     c.llm = llm;
-    let mut out = neva::to_neva(&c, &target)?;
+    write_like_source(src, &c, &target, plan)
+}
+
+/// The target that rewrites the NeVA `src` (read as `c`) at its own layout, as `reshard_neva`
+/// derives it: TP/PP (a distributed source's from its yaml), dialect,
+/// `make_vocab_size_divisible_by`, and the tower's placement.
+fn source_target(src: &Checkpoint, c: &CanonicalLlava) -> Result<NevaTarget> {
+    let cfg = yaml(src)?;
+    let Parallelism { tp, pp } = match src.meta.flavour {
+        Flavour::Nemo { layout: NemoLayout::Distributed, .. } => Parallelism {
+            tp: cfg.usize_or("tensor_model_parallel_size", 1)?.max(1),
+            pp: cfg.usize_or("pipeline_model_parallel_size", 1)?.max(1),
+        },
+        _ => src.meta.parallel,
+    };
+    let dialect = llama_names::dialect_of(
+        Some(cfg),
+        src.shards.iter().flat_map(|s| s.tensors.keys().map(String::as_str)),
+    );
+    let vision = if c.vision_source == VisionSource::Bundled {
+        VisionPlacement::Bundle
+    } else {
+        VisionPlacement::Reference(
+            cfg.get_str("mm_cfg.vision_encoder.from_pretrained").unwrap_or_default().to_string(),
+        )
+    };
+    Ok(NevaTarget {
+        dialect,
+        tp,
+        pp,
+        dtype: None,
+        vision,
+        template: None,
+        image_aspect_ratio: None,
+        divisible_by: cfg.get_usize("make_vocab_size_divisible_by"),
+        source_format: None,
+    })
+}
+
+/// The edited bundle `c` as a `.nemo` at `target` (from [`source_target`]) in the source's
+/// container (tar, gzip or extracted; a distributed source is written per rank), checked to read
+/// back as a complete NeVA bundle.
+fn write_like_source(
+    src: &Checkpoint,
+    c: &CanonicalLlava,
+    target: &NevaTarget,
+    mut plan: Plan,
+) -> Result<Edit> {
+    let mut out = neva::to_neva(c, target)?;
     let (gzip, extracted) = match src.meta.flavour {
         Flavour::Nemo { gzip, extracted, .. } => (gzip, extracted),
         _ => (false, false),
@@ -398,17 +419,46 @@ pub fn swap_llm_neva(src: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
     if let Flavour::Nemo { gzip: g, extracted: e, .. } = &mut out.meta.flavour {
         (*g, *e) = (gzip, extracted);
     }
-    out.meta.path = path.clone();
+    out.meta.path = src.meta.path.clone();
     plan.notes.push(format!(
-        "written at the source's layout: tp={tp} pp={pp} {} dialect, make_vocab_size_divisible_by {}; \
+        "written at the source's layout: tp={} pp={} {} dialect, make_vocab_size_divisible_by {}; \
          model_config.yaml regenerated as reshard does",
-        match dialect {
+        target.tp,
+        target.pp,
+        match target.dialect {
             llama_names::NemoDialect::Mcore => "mcore",
             llama_names::NemoDialect::Legacy => "legacy",
         },
         target.divisible_by.map_or("derived".to_string(), |d| d.to_string()),
     ));
-    // The result must read back as a complete NeVA bundle.
     neva::from_neva(&out, None)?;
     Ok(Edit::new(out, WriteAs::Nemo { gzip, extracted }, plan))
+}
+
+/// `keep-layers` on a NeVA `.nemo`: the language model keeps its first `first` decoder layers;
+/// projector and tower are kept as they are; written at the source's layout. `keep` says which
+/// canonical LLM names stay (the caller's layer rule).
+pub fn keep_layers_neva(src: &Checkpoint, first: usize, keep: impl Fn(&str) -> bool) -> Result<Edit> {
+    let mut c = neva::from_neva(src, None)?;
+    let target = source_target(src, &c)?;
+    let layers = c.llm.hparams.layers;
+    super::layers::check_cut(&src.meta.path, first, layers, target.pp)?;
+    let mut plan = Plan::new(&format!("keep-layers --first {first}"), &src.meta.path);
+    plan.notes.push("tensors are listed by canonical name (the .nemo stores the LLM fused, per rank)".into());
+    let mut kept = TensorMap::new();
+    for (n, t) in &c.llm.tensors {
+        if keep(n) {
+            plan.push(Change::new(n, Action::Kept, t));
+            kept.insert(n.clone(), t.clone());
+        } else {
+            plan.push(Change::new(n, Action::Dropped, t));
+        }
+    }
+    for (n, t) in c.projector.iter().chain(&c.vision) {
+        plan.push(Change::new(n, Action::Kept, t));
+    }
+    c.llm.tensors = kept;
+    c.llm.hparams.layers = first;
+    plan.config.push(format!("num_layers: {layers} -> {first}"));
+    write_like_source(src, &c, &target, plan)
 }
