@@ -373,6 +373,39 @@ fn keep_layers_cuts_a_neva_language_model() {
     assert!(!dst.exists());
 }
 
+/// merge of two NeVA `.nemo` files (per rank and distributed, different TP) is the NeVA of the
+/// merged llava-hf sources: language model, projector and bundled tower merged under canonical
+/// names, written like A. Mixed architectures and tower placements are refused.
+#[test]
+fn merge_combines_neva_bundles_part_by_part() {
+    let work = tempfile::tempdir().unwrap();
+    let p = |name: &str| work.path().join(name);
+    let tiny = fixture("llava-tiny");
+    let (a2, want) = (p("a2"), p("want"));
+    ok(&["surgery", "merge", s(&tiny), s(&tiny), "--weights", "2,0", "-o", s(&a2)]);
+    ok(&["surgery", "merge", s(&tiny), s(&a2), "--weights", "0.25,0.75", "-o", s(&want)]);
+    let neva = ["--template", "vicuna_v1", "--vision", "bundle"];
+    let (na, nb, got) = (p("a.nemo"), p("b.nemo"), p("got.nemo"));
+    let mut args = vec!["convert", s(&tiny), s(&na), "--tp", "2"];
+    args.extend(neva);
+    ok(&args);
+    let mut args = vec!["convert", s(&a2), s(&nb), "--dist-ckpt", "torch_dist"];
+    args.extend(neva);
+    ok(&args);
+    ok(&["surgery", "merge", s(&na), s(&nb), "--weights", "0.25,0.75", "-o", s(&got)]);
+    let report = ok(&["diff", s(&got), s(&want)]);
+    assert!(report.contains("MATCH") && report.contains(" 80 bit-identical"), "{report}");
+    assert_eq!(formats::open(&got).unwrap().meta.parallel, Parallelism { tp: 2, pp: 1 }, "A's layout");
+
+    let err = refused(&["surgery", "merge", s(&na), s(&tiny), "-o", s(&p("x.nemo"))]);
+    assert!(err.contains("A is a NeVA .nemo and B is not"), "{err}");
+    let referenced = p("ref.nemo");
+    ok(&["convert", s(&tiny), s(&referenced), "--template", "vicuna_v1"]);
+    let err = refused(&["surgery", "merge", s(&na), s(&referenced), "-o", s(&p("x.nemo"))]);
+    assert!(err.contains("A bundles its vision tower and B references one"), "{err}");
+    assert!(!p("x.nemo").exists());
+}
+
 /// Compare each golden tensor with ours: max |ours − torch| ≤ 1e-6 · max |torch|.
 fn assert_close_to_golden(ours: &TensorMap, golden: &TensorMap, what: &str) {
     for (name, want) in golden {

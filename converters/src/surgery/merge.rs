@@ -4,7 +4,8 @@
 //! LLaMA checkpoints are compared after canonical mapping, so an HF directory merges with a
 //! `.nemo` at any TP/PP; anything else is compared by stored name. Names, shapes and (for LLaMA)
 //! the shape-defining hyper-parameters must agree; every difference is listed before refusing.
-//! Integer tensors (buffers such as position ids) must be identical and are copied from A.
+//! Integer tensors (buffers such as position ids) must be identical and are copied from A. Two
+//! NeVA `.nemo` files merge part by part ([`super::neva::merge_neva`]).
 
 use super::model::{ConfigEdits, LlamaModel};
 use super::numeric::{derived_f32, to_f32};
@@ -20,40 +21,24 @@ pub fn merge(a: &Checkpoint, b: &Checkpoint, wa: f32, wb: f32) -> Result<Edit> {
     let path = &a.meta.path;
     let mut plan = Plan::new(&format!("merge {wa}·A + {wb}·B"), path);
     plan.notes.push(format!("A = {}, B = {}", a.meta.path.display(), b.meta.path.display()));
+    match (super::neva::is_neva(a), super::neva::is_neva(b)) {
+        (true, true) => return super::neva::merge_neva(a, b, wa, wb, plan),
+        (false, false) => {}
+        (na, _) => {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "{} is a NeVA .nemo and {} is not; merge needs the same architecture (convert the other to NeVA first)",
+                    if na { "A" } else { "B" },
+                    if na { "B" } else { "A" }
+                ),
+            ))
+        }
+    }
     match (is_llama(a), is_llama(b)) {
         (true, true) => {
             let (ma, mb) = (LlamaModel::open(a)?, LlamaModel::open(b)?);
-            let (ha, hb) = (&ma.canonical.hparams, &mb.canonical.hparams);
-            let mut diffs = Vec::new();
-            for (what, x, y) in [
-                ("layers", ha.layers, hb.layers),
-                ("hidden size", ha.hidden, hb.hidden),
-                ("ffn size", ha.ffn, hb.ffn),
-                ("attention heads", ha.heads, hb.heads),
-                ("query groups", ha.groups, hb.groups),
-                ("head dim", ha.head_dim, hb.head_dim),
-                ("vocabulary", ha.vocab, hb.vocab),
-                ("tied embeddings", ha.tied as usize, hb.tied as usize),
-            ] {
-                if x != y {
-                    diffs.push(format!("{what}: A {x}, B {y}"));
-                }
-            }
-            for (what, x, y) in [
-                ("rope theta", ha.rope_theta, hb.rope_theta),
-                ("rms norm eps", ha.norm_eps, hb.norm_eps),
-                ("max positions", ha.max_positions as f64, hb.max_positions as f64),
-            ] {
-                if x != y {
-                    plan.notes.push(format!("{what} differs (A {x}, B {y}); the output keeps A's"));
-                }
-            }
-            if !diffs.is_empty() {
-                return Err(Error::invalid(
-                    path,
-                    format!("A and B are different architectures: {}", diffs.join("; ")),
-                ));
-            }
+            check_same_llama(&ma.canonical.hparams, &mb.canonical.hparams, &mut plan, path)?;
             let tensors = merge_maps(&ma.canonical.tensors, &mb.canonical.tensors, wa, wb, &mut plan, path)?;
             let mut c = ma.canonical.clone();
             c.tensors = tensors;
@@ -79,6 +64,47 @@ pub fn merge(a: &Checkpoint, b: &Checkpoint, wa: f32, wb: f32) -> Result<Edit> {
     }
 }
 
+/// Refuse two LLaMAs whose shapes differ (every difference listed); note the hyper-parameters
+/// that differ without changing a shape (the output keeps A's).
+pub(super) fn check_same_llama(
+    ha: &crate::names::llama::LlamaHparams,
+    hb: &crate::names::llama::LlamaHparams,
+    plan: &mut Plan,
+    path: &std::path::Path,
+) -> Result<()> {
+    let mut diffs = Vec::new();
+    for (what, x, y) in [
+        ("layers", ha.layers, hb.layers),
+        ("hidden size", ha.hidden, hb.hidden),
+        ("ffn size", ha.ffn, hb.ffn),
+        ("attention heads", ha.heads, hb.heads),
+        ("query groups", ha.groups, hb.groups),
+        ("head dim", ha.head_dim, hb.head_dim),
+        ("vocabulary", ha.vocab, hb.vocab),
+        ("tied embeddings", ha.tied as usize, hb.tied as usize),
+    ] {
+        if x != y {
+            diffs.push(format!("{what}: A {x}, B {y}"));
+        }
+    }
+    for (what, x, y) in [
+        ("rope theta", ha.rope_theta, hb.rope_theta),
+        ("rms norm eps", ha.norm_eps, hb.norm_eps),
+        ("max positions", ha.max_positions as f64, hb.max_positions as f64),
+    ] {
+        if x != y {
+            plan.notes.push(format!("{what} differs (A {x}, B {y}); the output keeps A's"));
+        }
+    }
+    if !diffs.is_empty() {
+        return Err(Error::invalid(
+            path,
+            format!("A and B are different architectures: {}", diffs.join("; ")),
+        ));
+    }
+    Ok(())
+}
+
 /// LLaMA checkpoints are merged by canonical name: any `.nemo`, or an HF config of `model_type` llama.
 fn is_llama(c: &Checkpoint) -> bool {
     match (&c.meta.flavour, &c.meta.config) {
@@ -90,7 +116,7 @@ fn is_llama(c: &Checkpoint) -> bool {
     }
 }
 
-fn merge_maps(
+pub(super) fn merge_maps(
     a: &TensorMap,
     b: &TensorMap,
     wa: f32,

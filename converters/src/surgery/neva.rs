@@ -18,6 +18,8 @@
 //!
 //! * `keep-layers`: the language model's first N layers, projector and tower as they are, written
 //!   at the source's layout like `swap-llm`.
+//! * `merge`: language model, projector and (when both bundle it) tower merged tensor by tensor
+//!   under their canonical names, written at A's layout with A's tokenizer and yaml facts.
 //!
 //! Tensors are listed in the plans by canonical name.
 
@@ -461,4 +463,49 @@ pub fn keep_layers_neva(src: &Checkpoint, first: usize, keep: impl Fn(&str) -> b
     c.llm.hparams.layers = first;
     plan.config.push(format!("num_layers: {layers} -> {first}"));
     write_like_source(src, &c, &target, plan)
+}
+
+/// `merge` of two NeVA `.nemo` files: `wa·A + wb·B` for the language model (same shapes, as for
+/// LLaMA), the projector, and the tower when both bundle it (a referenced tower is frozen: A's
+/// reference is kept, B's must be the same). Written like A.
+pub fn merge_neva(a: &Checkpoint, b: &Checkpoint, wa: f32, wb: f32, mut plan: Plan) -> Result<Edit> {
+    let path = &a.meta.path;
+    let (mut ca, cb) = (neva::from_neva(a, None)?, neva::from_neva(b, None)?);
+    super::merge::check_same_llama(&ca.llm.hparams, &cb.llm.hparams, &mut plan, path)?;
+    let target = source_target(a, &ca)?;
+    let (bundled_a, bundled_b) =
+        (ca.vision_source == VisionSource::Bundled, cb.vision_source == VisionSource::Bundled);
+    if bundled_a != bundled_b {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "{} bundles its vision tower and {} references one; merge needs both to bundle it (convert with \
+                 --vision bundle) or both to reference the same tower",
+                if bundled_a { "A" } else { "B" },
+                if bundled_a { "B" } else { "A" }
+            ),
+        ));
+    }
+    if !bundled_a {
+        let reference = |c: &Checkpoint| -> Result<String> {
+            Ok(yaml(c)?.get_str("mm_cfg.vision_encoder.from_pretrained").unwrap_or_default().to_string())
+        };
+        let (ra, rb) = (reference(a)?, reference(b)?);
+        if ra != rb {
+            return Err(Error::invalid(
+                path,
+                format!("A references vision tower '{ra}' and B '{rb}'; a referenced tower is frozen, so they must be the same"),
+            ));
+        }
+        plan.notes.push(format!("vision tower: referenced as '{ra}' by both (frozen, not merged)"));
+    }
+    let merge = super::merge::merge_maps;
+    ca.llm.tensors = merge(&ca.llm.tensors, &cb.llm.tensors, wa, wb, &mut plan, path)?;
+    ca.projector = merge(&ca.projector, &cb.projector, wa, wb, &mut plan, path)?;
+    if bundled_a {
+        ca.vision = merge(&ca.vision, &cb.vision, wa, wb, &mut plan, path)?;
+    }
+    plan.notes
+        .push("tensors are listed by canonical name; tokenizer and model_config.yaml facts are A's".into());
+    write_like_source(a, &ca, &target, plan)
 }
