@@ -403,6 +403,9 @@ fn merge_combines_neva_bundles_part_by_part() {
     ok(&["convert", s(&tiny), s(&referenced), "--template", "vicuna_v1"]);
     let err = refused(&["surgery", "merge", s(&na), s(&referenced), "-o", s(&p("x.nemo"))]);
     assert!(err.contains("A bundles its vision tower and B references one"), "{err}");
+    // LLaMA-only edits point a NeVA file to extract → edit → swap-llm.
+    let err = refused(&["surgery", "resize-vocab", s(&na), "--to", "400", "-o", s(&p("x.nemo"))]);
+    assert!(err.contains("a NeVA .nemo") && err.contains("swap-llm"), "{err}");
     assert!(!p("x.nemo").exists());
 }
 

@@ -58,6 +58,14 @@ impl LlamaModel {
     pub fn open(ckpt: &Checkpoint) -> Result<Self> {
         let path = &ckpt.meta.path;
         match (&ckpt.meta.flavour, &ckpt.meta.config) {
+            (Flavour::Nemo { .. }, Some(ModelConfig::NemoYaml(cfg))) if crate::convert::neva::is_neva(cfg) => {
+                Err(Error::invalid(
+                    path,
+                    "a NeVA .nemo (its yaml has mm_cfg), and this edit takes a LLaMA: take the language model \
+                     out (shardsmith surgery extract SRC --part llm -o DIR), edit that, and put it back \
+                     (shardsmith surgery swap-llm SRC --llm DIR -o OUT)",
+                ))
+            }
             (Flavour::Nemo { layout, .. }, Some(ModelConfig::NemoYaml(cfg))) => {
                 let canonical = llama::from_nemo(ckpt, None)?;
                 let dialect = names::dialect_of(
