@@ -520,6 +520,12 @@ fn neva_distributed_checkpoints_round_trip() {
         let y = yaml(&nemo);
         let parallel = ["tensor_model_parallel_size", "pipeline_model_parallel_size"].map(|k| y.get_usize(k));
         assert_eq!(parallel, [Some(2), Some(2)], "{backend}: the yaml keeps tp/pp");
+        // It runs at the tp it was saved for and reproduces llava-tiny's golden logits.
+        let report = ok(&["validate", s(&nemo), "--reference", s(&tiny)]);
+        assert!(
+            report.contains("(neva, f32, tp=2)") && report.contains("result: PASS"),
+            "{backend}: {report}"
+        );
         // Back to per-rank files: the same tensors as the per-rank conversion.
         let one = work.path().join(format!("{backend}-tp1.nemo"));
         ok(&["convert", s(&nemo), s(&one), "--tp", "1"]);

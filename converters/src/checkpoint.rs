@@ -525,6 +525,21 @@ impl Checkpoint {
         Checkpoint { meta, shards: vec![Shard::new(Rank::default(), tensors)] }
     }
 
+    /// The tensor/pipeline parallelism the checkpoint was saved at: its ranks' for per-rank
+    /// files, the yaml's for a distributed checkpoint (whose arrays are global: one shard).
+    pub fn saved_parallelism(&self) -> Result<Parallelism> {
+        match (&self.meta.flavour, &self.meta.config) {
+            (Flavour::Nemo { layout: NemoLayout::Distributed, .. }, Some(ModelConfig::NemoYaml(cfg))) => {
+                let size = |key: &str| cfg.usize_or(key, 1).map(|n| n.max(1));
+                Ok(Parallelism {
+                    tp: size("tensor_model_parallel_size")?,
+                    pp: size("pipeline_model_parallel_size")?,
+                })
+            }
+            _ => Ok(self.meta.parallel),
+        }
+    }
+
     /// The tensors of an unsharded checkpoint; an error naming the layout otherwise.
     pub fn tensors(&self) -> Result<&TensorMap> {
         match self.shards.as_slice() {

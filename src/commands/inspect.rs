@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use serde::Serialize;
 use shardsmith_converters::describe::{describe, Architecture};
-use shardsmith_converters::{formats, Checkpoint, DType, Flavour, ModelConfig, NemoLayout};
+use shardsmith_converters::{formats, Checkpoint, DType, Parallelism};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -85,15 +85,7 @@ pub fn report(ckpt: &Checkpoint, filter: Option<&str>) -> Result<Report> {
             });
         }
     }
-    // A distributed checkpoint stores global arrays (one shard); the parallelism it is loaded at
-    // is the yaml's.
-    let (tp, pp) = match (&ckpt.meta.flavour, &ckpt.meta.config) {
-        (Flavour::Nemo { layout: NemoLayout::Distributed, .. }, Some(ModelConfig::NemoYaml(cfg))) => (
-            cfg.get_usize("tensor_model_parallel_size").unwrap_or(1),
-            cfg.get_usize("pipeline_model_parallel_size").unwrap_or(1),
-        ),
-        _ => (ckpt.meta.parallel.tp, ckpt.meta.parallel.pp),
-    };
+    let Parallelism { tp, pp } = ckpt.saved_parallelism()?;
     Ok(Report {
         path: ckpt.meta.path.display().to_string(),
         format: ckpt.meta.flavour.to_string(),

@@ -212,7 +212,7 @@ pub fn load(path: &Path, o: &LoadOptions) -> Result<(Model, ModelInfo)> {
 /// Build the model a checkpoint holds.
 pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, ModelInfo)> {
     let path = ckpt.meta.path.clone();
-    let stored_tp = ckpt.meta.parallel.tp;
+    let stored_tp = ckpt.saved_parallelism()?.tp;
     match (&ckpt.meta.flavour, &ckpt.meta.config) {
         (Flavour::Nemo { .. }, Some(ModelConfig::NemoYaml(cfg))) if neva_convert::is_neva(cfg) => {
             let c = neva_convert::load_neva(ckpt, o.vision.as_deref())?;

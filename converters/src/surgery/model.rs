@@ -73,14 +73,7 @@ impl LlamaModel {
                     ckpt.shards.iter().flat_map(|s| s.tensors.keys().map(String::as_str)),
                 );
                 let distributed = *layout == NemoLayout::Distributed;
-                let Parallelism { tp, pp } = if distributed {
-                    Parallelism {
-                        tp: cfg.usize_or("tensor_model_parallel_size", 1)?.max(1),
-                        pp: cfg.usize_or("pipeline_model_parallel_size", 1)?.max(1),
-                    }
-                } else {
-                    ckpt.meta.parallel
-                };
+                let Parallelism { tp, pp } = ckpt.saved_parallelism()?;
                 let divisible_by = cfg.usize_or("make_vocab_size_divisible_by", 128)?;
                 let store = Store::Nemo { cfg: cfg.clone(), dialect, tp, pp, divisible_by, distributed };
                 Ok(LlamaModel { canonical, source: ckpt.clone(), store })

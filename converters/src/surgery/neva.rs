@@ -27,7 +27,7 @@ use super::extract::{json_bytes, projector_config};
 use super::parts::Part;
 use super::plan::{Action, Change, Edit, Plan, WriteAs};
 use crate::checkpoint::{
-    Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, TensorMap,
+    Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, Parallelism, TensorMap,
 };
 use crate::convert::clip::{self, ClipVision};
 use crate::convert::llava::{self, CanonicalLlava, ImageTokenScheme, VisionSource};
@@ -373,13 +373,7 @@ pub fn swap_llm_neva(src: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
 /// `make_vocab_size_divisible_by`, and the tower's placement.
 fn source_target(src: &Checkpoint, c: &CanonicalLlava) -> Result<NevaTarget> {
     let cfg = yaml(src)?;
-    let Parallelism { tp, pp } = match src.meta.flavour {
-        Flavour::Nemo { layout: NemoLayout::Distributed, .. } => Parallelism {
-            tp: cfg.usize_or("tensor_model_parallel_size", 1)?.max(1),
-            pp: cfg.usize_or("pipeline_model_parallel_size", 1)?.max(1),
-        },
-        _ => src.meta.parallel,
-    };
+    let Parallelism { tp, pp } = src.saved_parallelism()?;
     let dialect = llama_names::dialect_of(
         Some(cfg),
         src.shards.iter().flat_map(|s| s.tensors.keys().map(String::as_str)),
