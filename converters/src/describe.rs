@@ -217,45 +217,12 @@ fn tokenizer_vocab(ckpt: &Checkpoint) -> Option<usize> {
     None
 }
 
-/// Count the `pieces` (field 1, length-delimited) of a SentencePiece `ModelProto`.
-///
-/// Written by hand because a protobuf dependency for one repeated-field count is not worth it;
-/// returns `None` on anything that does not parse as protobuf.
+/// Count the `pieces` (field 1, length-delimited) of a SentencePiece `ModelProto`; `None` on
+/// anything that does not parse as protobuf or holds no pieces.
 pub fn sentencepiece_pieces(bytes: &[u8]) -> Option<usize> {
-    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *b.get(*i)?;
-            *i += 1;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
-    let (mut i, mut pieces) = (0usize, 0usize);
-    while i < bytes.len() {
-        let key = varint(bytes, &mut i)?;
-        match key & 7 {
-            0 => {
-                varint(bytes, &mut i)?;
-            }
-            1 => i = i.checked_add(8)?,
-            2 => {
-                let len = usize::try_from(varint(bytes, &mut i)?).ok()?;
-                i = i.checked_add(len)?;
-                if key >> 3 == 1 {
-                    pieces += 1;
-                }
-            }
-            5 => i = i.checked_add(4)?,
-            _ => return None,
-        }
-        if i > bytes.len() {
-            return None;
-        }
-    }
+    use crate::formats::protobuf::{Reader, Wire};
+    let fields = Reader::new(bytes).fields().ok()?;
+    let pieces = fields.iter().filter(|f| f.number == 1 && matches!(f.value, Wire::Bytes(_))).count();
     (pieces > 0).then_some(pieces)
 }
 

@@ -115,13 +115,7 @@ pub fn synthetic_tensors(shape: &LlamaShape, seed: u64) -> TensorMap {
 /// a synthetic checkpoint carries a tokenizer of the right size. Protobuf written by hand: three
 /// fields of one repeated message do not justify a protobuf dependency.
 pub fn sentencepiece_model(vocab: usize) -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, mut v: u64) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
+    use shardsmith_converters::formats::protobuf::put_varint as varint;
     let mut out = Vec::new();
     for i in 0..vocab {
         let (piece, kind) = match i {

@@ -2,14 +2,12 @@
 //! pieces (NeMo's `add_special_tokens_to_sentencepiece.py --is_userdefined`, formats.md §6.4), and
 //! remove pieces a conversion appended.
 //!
-//! Hand-written instead of a protobuf dependency because the edit is a byte splice: a
-//! `ModelProto` is a sequence of top-level records, each piece one length-delimited field-1
-//! record, so appending pieces means inserting records after the last piece and leaving every
-//! other byte (trainer and normaliser specs, unknown fields) exactly as it was. Re-serialising
-//! through generated code would instead rewrite fields it does not know and tie the output bytes
-//! to one protobuf library's choices. The converters crate must also stay free of the core's
-//! tokenizer code (dependencies point one way), and this needs a fraction of a protobuf runtime:
-//! varints, length-delimited records and one fixed32.
+//! No protobuf dependency because the edit is a byte splice: a `ModelProto` is a sequence of
+//! top-level records, each piece one length-delimited field-1 record, so appending pieces means
+//! inserting records after the last piece and leaving every other byte (trainer and normaliser
+//! specs, unknown fields) exactly as it was. Re-serialising through generated code would instead
+//! rewrite fields it does not know and tie the output bytes to one protobuf library's choices.
+//! The records are read with [`crate::formats::protobuf`], which gives each one's byte span.
 //!
 //! A new piece is written the way Python protobuf serialises
 //! `SentencePiece(piece=token, score=0.0, type=USER_DEFINED)`: field 1 (string), field 2 (float
@@ -17,6 +15,7 @@
 //! compare our bytes with that reference.
 
 use crate::error::{Error, Result};
+use crate::formats::protobuf::{put_varint, Reader, Wire};
 use std::path::Path;
 
 /// A piece's type (`SentencePiece.Type`).
@@ -74,78 +73,20 @@ pub struct SentencePieceModel {
 
 const FORMAT: &str = "sentencepiece model";
 
-fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*i)?;
-        *i += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// One top-level record: (field, wire type, record start, payload start, end).
-type Record = (u64, u64, usize, usize, usize);
-
-/// Walk the records of a message.
-fn records(b: &[u8]) -> Option<Vec<Record>> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let start = i;
-        let key = varint(b, &mut i)?;
-        let (field, wire) = (key >> 3, key & 7);
-        let payload = i;
-        match wire {
-            0 => {
-                varint(b, &mut i)?;
-            }
-            1 => i = i.checked_add(8)?,
-            2 => {
-                let len = usize::try_from(varint(b, &mut i)?).ok()?;
-                i = i.checked_add(len)?;
-                return_if_past(b, i)?;
-                out.push((field, wire, start, i - len, i));
-                continue;
-            }
-            5 => i = i.checked_add(4)?,
-            _ => return None,
-        }
-        return_if_past(b, i)?;
-        out.push((field, wire, start, payload, i));
-    }
-    Some(out)
-}
-
-fn return_if_past(b: &[u8], i: usize) -> Option<()> {
-    (i <= b.len()).then_some(())
-}
-
-fn parse_piece(b: &[u8]) -> Option<Piece> {
+fn parse_piece(b: &[u8]) -> std::result::Result<Piece, String> {
     let mut piece = Piece { piece: String::new(), score: 0.0, kind: PieceType::Normal };
-    for (field, wire, _, payload, end) in records(b)? {
-        match (field, wire) {
-            (1, 2) => piece.piece = String::from_utf8(b[payload..end].to_vec()).ok()?,
-            (2, 5) => piece.score = f32::from_le_bytes(b[payload..end].try_into().ok()?),
-            (3, 0) => {
-                let mut i = payload;
-                piece.kind = PieceType::from_raw(varint(b, &mut i)?);
+    let mut r = Reader::new(b);
+    while let Some(f) = r.next_field()? {
+        match (f.number, f.value) {
+            (1, Wire::Bytes(text)) => {
+                piece.piece = String::from_utf8(text.to_vec()).map_err(|_| "its text is not UTF-8")?
             }
+            (2, Wire::Fixed32(bits)) => piece.score = f32::from_bits(bits),
+            (3, Wire::Varint(kind)) => piece.kind = PieceType::from_raw(kind),
             _ => {}
         }
     }
-    Some(piece)
+    Ok(piece)
 }
 
 /// The record bytes of a user-defined piece with score 0 (see the module comment).
@@ -163,23 +104,20 @@ fn user_defined_record(token: &str) -> Vec<u8> {
 impl SentencePieceModel {
     /// Parse `bytes`; `origin` names the file in errors.
     pub fn parse(bytes: Vec<u8>, origin: &Path) -> Result<Self> {
-        let bad = |detail: &str| Error::malformed(origin, FORMAT, detail.to_string());
-        let top = records(&bytes).ok_or_else(|| bad("not a protobuf message"))?;
+        let bad = |detail: String| Error::malformed(origin, FORMAT, detail);
+        let top = Reader::new(&bytes).fields().map_err(|e| bad(format!("not a protobuf message: {e}")))?;
         let mut pieces = Vec::new();
         let mut spans = Vec::new();
-        for (field, wire, start, payload, end) in top {
-            if field == 1 {
-                if wire != 2 {
-                    return Err(bad("field 1 (pieces) is not length-delimited"));
-                }
-                let p = parse_piece(&bytes[payload..end])
-                    .ok_or_else(|| bad(&format!("piece {} does not parse", pieces.len())))?;
-                pieces.push(p);
-                spans.push((start, end));
-            }
+        for f in top.into_iter().filter(|f| f.number == 1) {
+            let Wire::Bytes(record) = f.value else {
+                return Err(bad("field 1 (pieces) is not length-delimited".into()));
+            };
+            let p = parse_piece(record).map_err(|e| bad(format!("piece {}: {e}", pieces.len())))?;
+            pieces.push(p);
+            spans.push(f.span);
         }
         if pieces.is_empty() {
-            return Err(bad("no pieces"));
+            return Err(bad("no pieces".into()));
         }
         Ok(SentencePieceModel { bytes, pieces, records: spans })
     }
@@ -282,6 +220,26 @@ mod tests {
         assert!(sp.without_appended(&tokens, Path::new("t")).is_none(), "nothing was appended");
         let err = grown.with_user_defined(&["<extra_id_0>"], Path::new("t")).unwrap_err().to_string();
         assert!(err.contains("already has the piece '<extra_id_0>'"), "{err}");
+    }
+
+    proptest::proptest! {
+        /// Appending user-defined pieces and removing them again are inverse, byte for byte, for
+        /// any new tokens (UTF-8 of any length, so multi-byte varint lengths occur).
+        #[test]
+        fn appending_then_removing_gives_the_same_bytes(
+            tokens in proptest::collection::btree_set("[a-z<>_\u{2581}\u{4e00}]{1,200}", 1..6)
+        ) {
+            let sp = fixture_model();
+            let tokens: Vec<&str> = tokens.iter().map(String::as_str).filter(|t| sp.id(t).is_none()).collect();
+            proptest::prop_assume!(!tokens.is_empty());
+            let grown = sp.with_user_defined(&tokens, Path::new("t")).unwrap();
+            proptest::prop_assert_eq!(grown.len(), sp.len() + tokens.len());
+            for (i, t) in tokens.iter().enumerate() {
+                proptest::prop_assert_eq!(grown.id(t), Some((sp.len() + i) as u32));
+            }
+            let back = grown.without_appended(&tokens, Path::new("t")).unwrap();
+            proptest::prop_assert_eq!(back.bytes(), sp.bytes());
+        }
     }
 
     #[test]

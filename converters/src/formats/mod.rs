@@ -7,6 +7,7 @@
 pub mod hf_dir;
 pub mod nemo;
 pub mod pickle;
+pub mod protobuf;
 pub mod safetensors;
 pub mod torch_zip;
 

@@ -2,8 +2,11 @@
 //!
 //! Hand-written on purpose: the `sentencepiece` crate binds the C++ library (a C++ toolchain and
 //! cmake in every build) and the protobuf crates need the `.proto` compiled in, while a BPE
-//! LLaMA tokenizer needs a dozen fields of three messages. The reader refuses what it would get
-//! wrong (unigram models, custom normalisation rules) instead of tokenising differently.
+//! LLaMA tokenizer needs a dozen fields of three messages, read here with the converters' wire
+//! reader ([`shardsmith_converters::formats::protobuf`]). It refuses what it would get wrong
+//! (unigram models, custom normalisation rules) instead of tokenising differently.
+
+use shardsmith_converters::formats::protobuf::{Reader, Wire};
 
 /// SentencePiece piece types (`ModelProto.SentencePiece.Type`), also used to classify the pieces
 /// of a `tokenizer.json` for decoding.
@@ -73,9 +76,9 @@ impl SpModel {
             remove_extra_whitespaces: true,
             escape_whitespaces: true,
         };
-        let mut r = WireReader::new(bytes);
-        while let Some((field, value)) = r.next_field()? {
-            match (field, value) {
+        let mut r = Reader::new(bytes);
+        while let Some(f) = r.next_field().map_err(|e| format!("not a SentencePiece model: {e}"))? {
+            match (f.number, f.value) {
                 (1, Wire::Bytes(b)) => m.pieces.push(parse_piece(b, m.pieces.len())?),
                 (2, Wire::Bytes(b)) => m.parse_trainer_spec(b)?,
                 (3, Wire::Bytes(b)) => m.parse_normalizer_spec(b)?,
@@ -89,9 +92,9 @@ impl SpModel {
     }
 
     fn parse_trainer_spec(&mut self, bytes: &[u8]) -> std::result::Result<(), String> {
-        let mut r = WireReader::new(bytes);
-        while let Some((field, value)) = r.next_field()? {
-            match (field, value) {
+        let mut r = Reader::new(bytes);
+        while let Some(f) = r.next_field().map_err(|e| format!("not a SentencePiece model: {e}"))? {
+            match (f.number, f.value) {
                 (3, Wire::Varint(v)) => self.model_type = v,
                 (24, Wire::Varint(v)) => self.treat_whitespace_as_suffix = v != 0,
                 (35, Wire::Varint(v)) => self.byte_fallback = v != 0,
@@ -107,9 +110,9 @@ impl SpModel {
     }
 
     fn parse_normalizer_spec(&mut self, bytes: &[u8]) -> std::result::Result<(), String> {
-        let mut r = WireReader::new(bytes);
-        while let Some((field, value)) = r.next_field()? {
-            match (field, value) {
+        let mut r = Reader::new(bytes);
+        while let Some(f) = r.next_field().map_err(|e| format!("not a SentencePiece model: {e}"))? {
+            match (f.number, f.value) {
                 (1, Wire::Bytes(b)) => self.normalizer_name = utf8(b, "normalizer_spec.name")?,
                 (2, Wire::Bytes(b)) => self.has_charsmap = !b.is_empty(),
                 (3, Wire::Varint(v)) => self.add_dummy_prefix = v != 0,
@@ -178,9 +181,9 @@ fn parse_piece(bytes: &[u8], index: usize) -> std::result::Result<SpPiece, Strin
     let mut piece = None;
     let mut score = 0.0;
     let mut kind = 1;
-    let mut r = WireReader::new(bytes);
-    while let Some((field, value)) = r.next_field()? {
-        match (field, value) {
+    let mut r = Reader::new(bytes);
+    while let Some(f) = r.next_field()? {
+        match (f.number, f.value) {
             (1, Wire::Bytes(b)) => piece = Some(utf8(b, "piece")?),
             (2, Wire::Fixed32(bits)) => score = f32::from_bits(bits),
             (3, Wire::Varint(v)) => kind = v,
@@ -204,75 +207,6 @@ fn parse_piece(bytes: &[u8], index: usize) -> std::result::Result<SpPiece, Strin
 
 fn utf8(bytes: &[u8], what: &str) -> std::result::Result<String, String> {
     String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not valid UTF-8"))
-}
-
-/// One protobuf field value.
-enum Wire<'a> {
-    Varint(u64),
-    Fixed64(#[allow(dead_code)] u64),
-    Bytes(&'a [u8]),
-    Fixed32(u32),
-}
-
-/// A protobuf wire-format reader over one message (no groups: proto2 groups are not used here).
-struct WireReader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> WireReader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
-    }
-
-    fn next_field(&mut self) -> std::result::Result<Option<(u64, Wire<'a>)>, String> {
-        if self.pos == self.buf.len() {
-            return Ok(None);
-        }
-        let key = self.varint()?;
-        let field = key >> 3;
-        let value = match key & 7 {
-            0 => Wire::Varint(self.varint()?),
-            1 => Wire::Fixed64(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| "short")?)),
-            2 => {
-                let len = usize::try_from(self.varint()?).map_err(|_| "length overflows")?;
-                Wire::Bytes(self.take(len)?)
-            }
-            5 => Wire::Fixed32(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| "short")?)),
-            other => {
-                return Err(format!(
-                    "not a SentencePiece model: unsupported protobuf wire type {other} at byte {}",
-                    self.pos
-                ))
-            }
-        };
-        Ok(Some((field, value)))
-    }
-
-    fn varint(&mut self) -> std::result::Result<u64, String> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *self
-                .buf
-                .get(self.pos)
-                .ok_or_else(|| format!("truncated protobuf varint at byte {}", self.pos))?;
-            self.pos += 1;
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(format!("protobuf varint longer than 10 bytes at byte {}", self.pos))
-    }
-
-    fn take(&mut self, len: usize) -> std::result::Result<&'a [u8], String> {
-        let end = self.pos.checked_add(len).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            format!("truncated protobuf: {len} bytes wanted at byte {} of {}", self.pos, self.buf.len())
-        })?;
-        let out = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(out)
-    }
 }
 
 #[cfg(test)]
