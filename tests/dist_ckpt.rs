@@ -208,7 +208,11 @@ fn dist_ckpt_refusals_are_named_and_write_nothing() {
     let out = work.path().join("x.nemo");
     for (model, extra, want) in [
         ("llama-mha", &["--layout", "legacy"][..], "megatron-core names"),
-        ("llava-tiny", &["--to", "hf"][..], "applies to .nemo outputs"),
+        (
+            "llava-tiny",
+            &["--to", "hf"][..],
+            "applies to .nemo outputs; this conversion writes an HF directory",
+        ),
     ] {
         let mut args = vec!["convert".to_string(), path(&fixture(model)), path(&out)];
         args.extend(strings(&["--dist-ckpt", "zarr"]));

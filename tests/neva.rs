@@ -547,22 +547,22 @@ fn neva_distributed_checkpoints_round_trip() {
     rank1.tensors.shift_remove(key);
     let err = neva::dist_weights(&odd).unwrap_err().to_string();
     assert!(err.contains(key) && err.contains("rank tp=1 holds nothing"), "{err}");
-    // The legacy layout has no distributed form.
+    let mut stray = formats::open(&per_rank).unwrap();
+    let copy = stray.shards[0].tensors[key].clone();
+    let later = stray.shards.iter_mut().find(|s| s.rank.pp == 1).unwrap();
+    later.tensors.insert(key.to_string(), copy);
+    let err = neva::dist_weights(&stray).unwrap_err().to_string();
+    assert!(err.contains("pp=1 holds") && err.contains("first pipeline stage"), "{err}");
+    // The legacy layout has no distributed form: refused before anything is written, the tower
+    // directory a non-bundled conversion writes beside the .nemo included.
     let mha = mha_llava_hf(work.path());
     let dst = work.path().join("legacy-dist.nemo");
-    let err = refused(&[
-        "convert",
-        s(&mha),
-        s(&dst),
-        "--template",
-        "v1",
-        "--layout",
-        "legacy",
-        "--vision",
-        "bundle",
-        "--dist-ckpt",
-        "zarr",
-    ]);
-    assert!(err.contains("legacy NeVA layout has none"), "{err}");
-    assert!(!dst.exists());
+    for vision in [&["--vision", "bundle"][..], &[][..]] {
+        let mut args = vec!["convert", s(&mha), s(&dst), "--template", "v1", "--layout", "legacy"];
+        args.extend(["--dist-ckpt", "zarr"]);
+        args.extend(vision);
+        let err = refused(&args);
+        assert!(err.contains("legacy NeVA layout has none"), "{err}");
+        assert!(!dst.exists() && !work.path().join("legacy-dist-clip").exists(), "{args:?}");
+    }
 }

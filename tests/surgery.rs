@@ -406,6 +406,14 @@ fn merge_combines_neva_bundles_part_by_part() {
     // LLaMA-only edits point a NeVA file to extract → edit → swap-llm.
     let err = refused(&["surgery", "resize-vocab", s(&na), "--to", "400", "-o", s(&p("x.nemo"))]);
     assert!(err.contains("a NeVA .nemo") && err.contains("swap-llm"), "{err}");
+    let adapter = fixture("lora-tiny/adapter");
+    let err = refused(&["surgery", "merge-lora", s(&na), "--adapter", s(&adapter), "-o", s(&p("x.nemo"))]);
+    assert!(err.contains("a NeVA .nemo") && err.contains("swap-llm"), "{err}");
+    // A multimodal --llm for swap-llm is named as such, for either kind of bundle.
+    for bundle in [&tiny, &na] {
+        let err = refused(&["surgery", "swap-llm", s(bundle), "--llm", s(&nb), "-o", s(&p("x.nemo"))]);
+        assert!(err.contains("--llm is a multimodal checkpoint"), "{err}");
+    }
     assert!(!p("x.nemo").exists());
 }
 

@@ -530,7 +530,10 @@ impl Checkpoint {
     pub fn saved_parallelism(&self) -> Result<Parallelism> {
         match (&self.meta.flavour, &self.meta.config) {
             (Flavour::Nemo { layout: NemoLayout::Distributed, .. }, Some(ModelConfig::NemoYaml(cfg))) => {
-                let size = |key: &str| cfg.usize_or(key, 1).map(|n| n.max(1));
+                let size = |key: &str| match cfg.usize_or(key, 1)? {
+                    0 => Err(Error::invalid(&self.meta.path, format!("model_config.yaml: '{key}' is 0"))),
+                    n => Ok(n),
+                };
                 Ok(Parallelism {
                     tp: size("tensor_model_parallel_size")?,
                     pp: size("pipeline_model_parallel_size")?,

@@ -267,6 +267,19 @@ fn dist_weights(target: &Checkpoint) -> Result<nemo::DistWeights> {
     Ok(if neva::is_multimodal(target) { neva::dist_weights(target)? } else { llama::dist_weights(target)? })
 }
 
+/// What `outputs` are, for messages: "an HF directory", "a LLaVA directory and an HF directory".
+fn outputs_named(outputs: &[Output]) -> String {
+    let names: Vec<&str> = outputs
+        .iter()
+        .map(|out| match out.kind {
+            TargetKind::Nemo => "a .nemo",
+            TargetKind::Hf => "an HF directory",
+            TargetKind::Llava => "a LLaVA directory",
+        })
+        .collect();
+    names.join(" and ")
+}
+
 /// Write `target` to `dst`.
 pub fn write_target(target: &Checkpoint, to: TargetKind, dst: &Path, o: &Options) -> Result<()> {
     match to {
@@ -491,8 +504,16 @@ pub fn run(src: &Path, dst: &Path, o: &Options) -> Result<()> {
         let (ckpt, kind) = build_target(&source, dst, o)?;
         vec![Output { ckpt, kind, dest: dst.to_path_buf() }]
     };
-    if o.dist_ckpt.is_some() && !outputs.iter().any(|out| out.kind == TargetKind::Nemo) {
-        bail!("--dist-ckpt applies to .nemo outputs; {} is not one", dst.display());
+    if o.dist_ckpt.is_some() {
+        let nemo: Vec<&Output> = outputs.iter().filter(|out| out.kind == TargetKind::Nemo).collect();
+        if nemo.is_empty() {
+            bail!("--dist-ckpt applies to .nemo outputs; this conversion writes {}", outputs_named(&outputs));
+        }
+        // What a distributed checkpoint cannot hold is refused before any output (a vision
+        // directory written beside the .nemo included) is written.
+        for out in nemo {
+            dist_weights(&out.ckpt)?;
+        }
     }
     let dist_source = matches!(
         source.meta.flavour,

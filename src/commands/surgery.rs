@@ -92,7 +92,7 @@ enum SurgeryCommand {
         out: OutArgs,
     },
     /// Keep the first N decoder layers (HF LLaMA and llava-hf byte for byte; LLaMA and NeVA .nemo
-    /// files at any TP/PP, re-emitted at their own layout).
+    /// files at any TP/PP, re-emitted per rank at their own TP/PP and key layout).
     KeepLayers {
         /// HF LLaMA / llava-hf directory or .nemo.
         src: PathBuf,

@@ -43,7 +43,10 @@ def reference_arrays(per_rank, problems):
     # Replicated: tp rank 0 of the first stage holds it, every other rank of that stage a copy.
     mm = {k: v for k, v in ranks[(0, 0)].items() if k.startswith(MULTIMODAL)}
     for (t, p), sd in ranks.items():
-        for k in [k for k in sd if k.startswith(MULTIMODAL)]:
+        held = [k for k in sd if k.startswith(MULTIMODAL)]
+        if p == 0 and sorted(held) != sorted(mm):
+            problems.append(f"{per_rank}: rank tp={t} pp=0 holds other projector/vision keys than tp=0")
+        for k in held:
             v = sd.pop(k)
             if p != 0 or not torch.equal(v, mm.get(k, torch.empty(0))):
                 problems.append(f"{per_rank}: '{k}' on rank tp={t} pp={p} is not the replicated copy")

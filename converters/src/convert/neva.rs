@@ -636,11 +636,27 @@ pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
     } else {
         nemo::DistWeights::default()
     };
-    // Replicated on the first stage's ranks: rank tp=0 holds the tensor, the others must agree.
+    // Replicated on the first stage's ranks: rank tp=0's copy is the array; every other rank of
+    // that stage holds the same keys with the same shapes and dtypes (values are not compared:
+    // that would read every copy), and no later stage holds any.
     let first_stage: Vec<&Shard> = ckpt.shards.iter().filter(|s| s.rank.pp == 0).collect();
     let Some(first) = first_stage.iter().find(|s| s.rank.tp == 0) else {
         return Err(Error::missing(path, "rank tp=0 pp=0 (where NeVA keeps its projector)"));
     };
+    for s in &ckpt.shards {
+        if let Some(key) =
+            s.tensors.keys().find(|k| multimodal(k) && (s.rank.pp != 0 || !first.tensors.contains_key(*k)))
+        {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "rank tp={} pp={} holds '{key}', which rank tp=0 pp=0 does not; NeVA keeps one replicated copy \
+                     per rank of the first pipeline stage",
+                    s.rank.tp, s.rank.pp
+                ),
+            ));
+        }
+    }
     for (key, t) in first.tensors.iter().filter(|(k, _)| multimodal(k)) {
         for s in &first_stage {
             match s.tensors.get(key) {

@@ -27,7 +27,7 @@ use super::extract::{json_bytes, projector_config};
 use super::parts::Part;
 use super::plan::{Action, Change, Edit, Plan, WriteAs};
 use crate::checkpoint::{
-    Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, Parallelism, TensorMap,
+    Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, TensorMap,
 };
 use crate::convert::clip::{self, ClipVision};
 use crate::convert::llava::{self, CanonicalLlava, ImageTokenScheme, VisionSource};
@@ -231,13 +231,6 @@ fn llm_as_hf(
 pub fn swap_llm_neva(src: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
     let path = &src.meta.path;
     let new_path = &llm_ckpt.meta.path;
-    if neva::is_multimodal(llm_ckpt) {
-        return Err(Error::invalid(
-            new_path,
-            "--llm is a multimodal checkpoint; take its language model out first \
-             (shardsmith surgery extract BUNDLE --part llm -o DIR)",
-        ));
-    }
     let mut c = neva::from_neva(src, None)?;
     let llm_model = super::model::LlamaModel::open(llm_ckpt)?;
     let mut llm = llm_model.canonical.clone();
@@ -399,8 +392,8 @@ fn source_target(src: &Checkpoint, c: &CanonicalLlava) -> Result<NevaTarget> {
 }
 
 /// The edited bundle `c` as a `.nemo` at `target` (from [`source_target`]) in the source's
-/// container (tar, gzip or extracted; a distributed source is written per rank), checked to read
-/// back as a complete NeVA bundle.
+/// container (tar, gzip or extracted; a distributed source is written per rank, and the plan
+/// says so), checked to read back as a complete NeVA bundle.
 fn write_like_source(
     src: &Checkpoint,
     c: &CanonicalLlava,
@@ -427,6 +420,13 @@ fn write_like_source(
         },
         target.divisible_by.map_or("derived".to_string(), |d| d.to_string()),
     ));
+    if matches!(src.meta.flavour, Flavour::Nemo { layout: NemoLayout::Distributed, .. }) {
+        plan.notes.push(
+            "the source is a model_weights/ distributed checkpoint; the output is written per rank \
+             (shardsmith convert OUT OUT2 --tp T --pp P --dist-ckpt zarr|torch_dist makes it one again)"
+                .into(),
+        );
+    }
     neva::from_neva(&out, None)?;
     Ok(Edit::new(out, WriteAs::Nemo { gzip, extracted }, plan))
 }

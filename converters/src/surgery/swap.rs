@@ -23,6 +23,13 @@ const NOT_TEXT_CONFIG: &[&str] =
 
 /// Put `llm` (HF LLaMA directory or `.nemo`) into the multimodal `bundle`.
 pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
+    if crate::convert::neva::is_multimodal(llm_ckpt) {
+        return Err(Error::invalid(
+            &llm_ckpt.meta.path,
+            "--llm is a multimodal checkpoint; take its language model out first \
+             (shardsmith surgery extract BUNDLE --part llm -o DIR)",
+        ));
+    }
     if super::neva::is_neva(bundle_ckpt) {
         return super::neva::swap_llm_neva(bundle_ckpt, llm_ckpt);
     }
