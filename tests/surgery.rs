@@ -329,6 +329,13 @@ fn keep_layers_is_byte_exact_for_hf_llava_and_nemo() {
     assert!(err.contains("only 3 layers"), "{err}");
 }
 
+/// `convert SRC DST` to a NeVA `.nemo` with the tower bundled, plus `extra` arguments.
+fn to_bundled_neva(src: &Path, dst: &Path, extra: &[&str]) {
+    let mut args = vec!["convert", s(src), s(dst), "--template", "vicuna_v1", "--vision", "bundle"];
+    args.extend(extra);
+    ok(&args);
+}
+
 /// keep-layers on a NeVA `.nemo` (per rank or a distributed checkpoint) keeps the language
 /// model's first layers at the source's layout, projector and tower untouched: the same bundle as
 /// cutting the llava-hf source first and converting that.
@@ -339,16 +346,10 @@ fn keep_layers_cuts_a_neva_language_model() {
     let lv = work.path().join("llava1");
     ok(&["surgery", "keep-layers", s(&tiny), "--first", "1", "-o", s(&lv)]);
     let want = work.path().join("want.nemo");
-    let to_neva = ["--template", "vicuna_v1", "--tp", "2", "--vision", "bundle"];
-    let mut args = vec!["convert", s(&lv), s(&want)];
-    args.extend(to_neva);
-    ok(&args);
+    to_bundled_neva(&lv, &want, &["--tp", "2"]);
     for (tag, extra) in [("per-rank", &[][..]), ("zarr", &["--dist-ckpt", "zarr"][..])] {
         let nemo = work.path().join(format!("{tag}.nemo"));
-        let mut args = vec!["convert", s(&tiny), s(&nemo)];
-        args.extend(to_neva);
-        args.extend(extra);
-        ok(&args);
+        to_bundled_neva(&tiny, &nemo, &[&["--tp", "2"][..], extra].concat());
         let cut = work.path().join(format!("{tag}-1.nemo"));
         let plan = ok(&["surgery", "keep-layers", s(&nemo), "--first", "1", "-o", s(&cut)]);
         assert!(plan.contains("num_layers: 2 -> 1"), "{tag}: {plan}");
@@ -364,9 +365,7 @@ fn keep_layers_cuts_a_neva_language_model() {
     }
     // Layers that no longer split over the pipeline stages: refused, nothing written.
     let pp2 = work.path().join("pp2.nemo");
-    let mut args = vec!["convert", s(&tiny), s(&pp2), "--pp", "2"];
-    args.extend(to_neva);
-    ok(&args);
+    to_bundled_neva(&tiny, &pp2, &["--tp", "2", "--pp", "2"]);
     let dst = work.path().join("z.nemo");
     let err = refused(&["surgery", "keep-layers", s(&pp2), "--first", "1", "-o", s(&dst)]);
     assert!(err.contains("do not split over 2 pipeline stages"), "{err}");
@@ -384,14 +383,9 @@ fn merge_combines_neva_bundles_part_by_part() {
     let (a2, want) = (p("a2"), p("want"));
     ok(&["surgery", "merge", s(&tiny), s(&tiny), "--weights", "2,0", "-o", s(&a2)]);
     ok(&["surgery", "merge", s(&tiny), s(&a2), "--weights", "0.25,0.75", "-o", s(&want)]);
-    let neva = ["--template", "vicuna_v1", "--vision", "bundle"];
     let (na, nb, got) = (p("a.nemo"), p("b.nemo"), p("got.nemo"));
-    let mut args = vec!["convert", s(&tiny), s(&na), "--tp", "2"];
-    args.extend(neva);
-    ok(&args);
-    let mut args = vec!["convert", s(&a2), s(&nb), "--dist-ckpt", "torch_dist"];
-    args.extend(neva);
-    ok(&args);
+    to_bundled_neva(&tiny, &na, &["--tp", "2"]);
+    to_bundled_neva(&a2, &nb, &["--dist-ckpt", "torch_dist"]);
     ok(&["surgery", "merge", s(&na), s(&nb), "--weights", "0.25,0.75", "-o", s(&got)]);
     let report = ok(&["diff", s(&got), s(&want)]);
     assert!(report.contains("MATCH") && report.contains(" 80 bit-identical"), "{report}");

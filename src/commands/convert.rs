@@ -172,17 +172,12 @@ pub fn print_plan(
     to: TargetKind,
     dst: &Path,
     json: bool,
-    dist: Option<DistFormat>,
+    dist: Option<(&nemo::DistWeights, DistFormat)>,
 ) -> Result<()> {
     let report = inspect::report(target, None)?;
-    // A distributed checkpoint stores global arrays, not the ranks' tensors: plan those.
-    let dist = match (to, dist) {
-        (TargetKind::Nemo, Some(format)) => Some((dist_weights(target)?, format)),
-        _ => None,
-    };
     if json {
         let mut v = serde_json::json!({ "destination": dst, "target": format!("{to:?}").to_lowercase(), "plan": report });
-        if let Some((w, format)) = &dist {
+        if let Some((w, format)) = dist {
             let arrays: Vec<_> = w
                 .arrays
                 .iter()
@@ -216,9 +211,9 @@ pub fn print_plan(
             );
         }
     }
-    match &dist {
+    match dist {
         None => print!("{}", inspect::render(&report)),
-        Some((w, format)) => print!("{}", render_dist(w, *format)),
+        Some((w, format)) => print!("{}", render_dist(w, format)),
     }
     Ok(())
 }
@@ -280,19 +275,25 @@ fn outputs_named(outputs: &[Output]) -> String {
     names.join(" and ")
 }
 
-/// Write `target` to `dst`.
-pub fn write_target(target: &Checkpoint, to: TargetKind, dst: &Path, o: &Options) -> Result<()> {
+/// Write `target` to `dst`; a `.nemo` as the distributed checkpoint `dist` when given.
+pub fn write_target(
+    target: &Checkpoint,
+    to: TargetKind,
+    dst: &Path,
+    o: &Options,
+    dist: Option<(&nemo::DistWeights, DistFormat)>,
+) -> Result<()> {
     match to {
         TargetKind::Nemo => {
             let opts =
                 nemo::WriteOptions { layout: None, gzip: o.gzip, extracted: o.extracted, overwrite: o.force };
-            match o.dist_ckpt {
-                Some(format) => {
+            match dist {
+                Some((weights, format)) => {
                     let backend = match format {
                         DistFormat::Zarr => nemo::DistBackend::Zarr,
                         DistFormat::TorchDist => nemo::DistBackend::TorchDist,
                     };
-                    nemo::write_distributed(target, &dist_weights(target)?, backend, dst, &opts)?
+                    nemo::write_distributed(target, weights, backend, dst, &opts)?
                 }
                 None => nemo::write(target, dst, &opts)?,
             }
@@ -458,9 +459,23 @@ fn neva_target(o: &Options, vision: VisionPlacement, format: Option<&str>) -> Ne
 /// Plan or write `outputs`: every destination is checked first, the vision directory is written
 /// before the checkpoint that references it, each atomically.
 pub fn emit(outputs: &[Output], o: &Options, started: std::time::Instant) -> Result<()> {
+    // With --dist-ckpt every .nemo output's global arrays are planned here, once, so what a
+    // distributed checkpoint cannot hold is refused before any output (a vision directory written
+    // beside the .nemo included) is written.
+    let dist: Vec<Option<(nemo::DistWeights, DistFormat)>> = outputs
+        .iter()
+        .map(|out| match (out.kind, o.dist_ckpt) {
+            (TargetKind::Nemo, Some(format)) => Ok(Some((dist_weights(&out.ckpt)?, format))),
+            _ => Ok(None),
+        })
+        .collect::<Result<_>>()?;
+    if o.dist_ckpt.is_some() && dist.iter().all(Option::is_none) {
+        bail!("--dist-ckpt applies to .nemo outputs; this conversion writes {}", outputs_named(outputs));
+    }
+    let dist_of = |i: usize| dist[i].as_ref().map(|(w, format)| (w, *format));
     if o.dry_run {
-        for out in outputs {
-            print_plan(&out.ckpt, out.kind, &out.dest, o.json, o.dist_ckpt)?;
+        for (i, out) in outputs.iter().enumerate() {
+            print_plan(&out.ckpt, out.kind, &out.dest, o.json, dist_of(i))?;
         }
         return Ok(());
     }
@@ -469,16 +484,16 @@ pub fn emit(outputs: &[Output], o: &Options, started: std::time::Instant) -> Res
             return Err(shardsmith_converters::Error::OutputExists { path: out.dest.clone() }.into());
         }
     }
-    for out in outputs {
+    for (i, out) in outputs.iter().enumerate() {
         {
             let _bar = crate::progress::WriteProgress::start(out.ckpt.total_bytes() as u64, "writing");
-            write_target(&out.ckpt, out.kind, &out.dest, o)?;
+            write_target(&out.ckpt, out.kind, &out.dest, o, dist_of(i))?;
         }
         let bytes = out.ckpt.total_bytes();
         let secs = started.elapsed().as_secs_f64();
-        let count = match (out.kind, o.dist_ckpt) {
-            (TargetKind::Nemo, Some(_)) => format!("{} arrays", dist_weights(&out.ckpt)?.arrays.len()),
-            _ => format!("{} tensors", out.ckpt.tensor_count()),
+        let count = match dist_of(i) {
+            Some((w, _)) => format!("{} arrays", w.arrays.len()),
+            None => format!("{} tensors", out.ckpt.tensor_count()),
         };
         eprintln!(
             "wrote {} ({count}, {:.2} GiB in {:.1} s, {:.0} MiB/s)",
@@ -504,17 +519,6 @@ pub fn run(src: &Path, dst: &Path, o: &Options) -> Result<()> {
         let (ckpt, kind) = build_target(&source, dst, o)?;
         vec![Output { ckpt, kind, dest: dst.to_path_buf() }]
     };
-    if o.dist_ckpt.is_some() {
-        let nemo: Vec<&Output> = outputs.iter().filter(|out| out.kind == TargetKind::Nemo).collect();
-        if nemo.is_empty() {
-            bail!("--dist-ckpt applies to .nemo outputs; this conversion writes {}", outputs_named(&outputs));
-        }
-        // What a distributed checkpoint cannot hold is refused before any output (a vision
-        // directory written beside the .nemo included) is written.
-        for out in nemo {
-            dist_weights(&out.ckpt)?;
-        }
-    }
     let dist_source = matches!(
         source.meta.flavour,
         Flavour::Nemo { layout: shardsmith_converters::NemoLayout::Distributed, .. }
