@@ -142,11 +142,14 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         test: usize,
         /// Image side in pixels.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(8..=4096))]
         size: u32,
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Replace the output directory if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Benchmarks (not tests): `bench forward MODEL` times prefill and decode on the CPU;
     /// `bench train-step MODEL` one training step; `bench gpu-layer | gemm | attention | decode |
@@ -676,7 +679,19 @@ fn keep_freed_memory_for_reuse() {
     }
 }
 
+/// Die quietly, as `cat` and `grep` do, when the reader of stdout goes away (`shardsmith inspect
+/// X | head`). Rust ignores SIGPIPE, which turns the closed pipe into a panic inside `println!`.
+/// A conversion killed this way leaves at most a hidden temp file, as on Ctrl-C (`atomic.rs`).
+fn die_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    die_on_closed_stdout();
     let cli = Cli::parse();
     let compute = matches!(
         cli.command,
@@ -802,8 +817,8 @@ fn run(command: Command) -> ExitCode {
             };
             shardsmith::commands::evaluate::run(&ckpt, &data, image_folder.as_deref(), &o, json).map(|_| ())
         }
-        Command::DemoData { out, train, test, size, seed } => {
-            shardsmith::commands::train::demo_data(&out, train, test, size, seed)
+        Command::DemoData { out, train, test, size, seed, force } => {
+            shardsmith::commands::train::demo_data(&out, train, test, size, seed, force)
         }
         Command::Bench {
             what: BenchCommand::Forward { model, prompt_len, decode, runs, dtype, tp, image },

@@ -98,3 +98,23 @@ fn inspect_names_the_bundled_fixtures() {
         assert!(out.contains(&format!("architecture  {family} (from config)")), "{rel}: {out}");
     }
 }
+
+/// `shardsmith inspect X | head -1`: the reader goes away after one line. The listing must end the
+/// way `cat`'s does (killed by SIGPIPE, nothing on stderr), not with a panic inside `println!`.
+#[cfg(unix)]
+#[test]
+fn inspect_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .args(["inspect", fixture("llama-gqa").to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before the first line is written
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+    assert!(err.is_empty(), "{err}");
+}

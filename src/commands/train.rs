@@ -35,8 +35,8 @@ pub fn train(
 }
 
 /// Write the coloured-shapes VQA set.
-pub fn demo_data(out: &Path, train: usize, test: usize, size: u32, seed: u64) -> Result<()> {
-    let (tr, te) = crate::train::demo::write(out, train, test, size, seed)?;
+pub fn demo_data(out: &Path, train: usize, test: usize, size: u32, seed: u64, force: bool) -> Result<()> {
+    let (tr, te) = crate::train::demo::write(out, train, test, size, seed, force)?;
     println!(
         "wrote {} training and {} held-out images ({} and {} question records) to {}",
         tr.len(),

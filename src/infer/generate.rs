@@ -46,6 +46,9 @@ pub struct Stop {
     pub eos: Option<u32>,
 }
 
+/// The most new positions reserved before decoding: LLaMA-2's context length.
+const UPFRONT_NEW_TOKENS: usize = 4096;
+
 /// Generate after `prompt` (with `pixels` for a vision model's image) until `stop`; every new
 /// piece of text is passed to `on_text` as soon as it is known.
 pub fn generate(
@@ -60,13 +63,15 @@ pub fn generate(
     let Stop { max_new_tokens, eos } = stop;
     let device = model.llm().device().clone();
     model.llm().reset();
-    // The whole sequence's KV cache at once: decode steps write into it in place.
-    model.llm().reserve(prompt.len() + max_new_tokens);
+    // The whole sequence's KV cache at once: decode steps write into it in place. A budget past
+    // LLaMA-2's context ("until end of sequence") reserves that much; the cache doubles beyond.
+    let expected_new = max_new_tokens.min(UPFRONT_NEW_TOKENS);
+    model.llm().reserve(prompt.len() + expected_new);
     let pixels = pixels.map(|p| p.to_device(&device)).transpose()?;
     let pixels = pixels.as_ref();
     let mut stream = tokenizer.stream(true);
     let mut text = String::new();
-    let mut new_ids = Vec::with_capacity(max_new_tokens);
+    let mut new_ids = Vec::with_capacity(expected_new);
     let ids = Tensor::from_slice(prompt, (1, prompt.len()), &device)?;
     let t0 = Instant::now();
     let mut logits = model.forward(&ids, pixels, true, false)?.logits; // [1, 1, V]

@@ -93,35 +93,66 @@ pub struct Drawn {
     pub shape: &'static str,
 }
 
+/// A drawing's radius for the random draw `k` in `0..100`: large, so that at the tiny tower's
+/// 8-pixel patches the shapes differ in which patches they fill, which a frozen random tower
+/// still shows.
+fn radius(side: u32, k: u64) -> f32 {
+    side as f32 * (0.34 + 0.1 * (k as f32 / 100.0))
+}
+
+/// A centre coordinate for the random draw `j` in `0..5`: near the middle.
+fn centre(side: u32, j: u64) -> f32 {
+    side as f32 / 2.0 + (j as f32 - 2.0) * side as f32 / 32.0
+}
+
+/// How many different drawings exist at `side` pixels: (colour, shape, centre, radius) in whole
+/// pixels, as `write` tells them apart.
+pub fn distinct_drawings(side: u32) -> usize {
+    let count = |values: &mut dyn Iterator<Item = f32>| {
+        values.map(|v| v as u32).collect::<std::collections::HashSet<_>>().len()
+    };
+    let centres = count(&mut (0..5).map(|j| centre(side, j)));
+    let radii = count(&mut (0..100).map(|k| radius(side, k)));
+    COLOURS.len() * SHAPES.len() * centres * centres * radii
+}
+
 /// Write `images/`, `train.json` (`train` images × every question) and `test.json` (`test`
-/// images × every question) under `dir`; images are `side` pixels square.
+/// images × every question) as the directory `dir` (replacing it only when `overwrite`); images
+/// are `side` pixels square and all different. The directory appears whole or not at all.
 pub fn write(
     dir: &Path,
     train: usize,
     test: usize,
     side: u32,
     seed: u64,
+    overwrite: bool,
 ) -> Result<(Vec<Drawn>, Vec<Drawn>)> {
-    let images = dir.join("images");
+    let available = distinct_drawings(side);
+    let wanted = train.checked_add(test).filter(|&n| n <= available).ok_or_else(|| {
+        Error::Usage(format!(
+            "--train {train} and --test {test} ask for more images than the {available} different \
+             drawings there are at --size {side}; ask for fewer or a larger size"
+        ))
+    })?;
+    let staged = shardsmith_converters::atomic::AtomicDir::create(dir, overwrite)?;
+    let images = staged.path().join("images");
     std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
     let mut rng = Rng(seed);
     let mut seen = std::collections::HashSet::new();
-    let mut all = Vec::with_capacity(train + test);
-    while all.len() < train + test {
+    let mut all = Vec::with_capacity(wanted);
+    while all.len() < wanted {
         let (ci, si) = (rng.below(4) as usize, rng.below(3) as usize);
-        // Large and near the centre: at the tiny tower's 8-pixel patches the shapes differ in
-        // which patches they fill, which a frozen random tower still shows.
-        let r = side as f32 * (0.34 + 0.1 * (rng.below(100) as f32 / 100.0));
-        let jitter = |rng: &mut Rng| (rng.below(5) as f32 - 2.0) * side as f32 / 32.0;
-        let cx = side as f32 / 2.0 + jitter(&mut rng);
-        let cy = side as f32 / 2.0 + jitter(&mut rng);
+        let r = radius(side, rng.below(100));
+        let cx = centre(side, rng.below(5));
+        let cy = centre(side, rng.below(5));
         if !seen.insert((ci, si, cx as u32, cy as u32, r as u32)) {
             continue;
         }
         let file = format!("{:05}.png", all.len());
         let img = draw(side, COLOURS[ci].1, SHAPES[si], cx, cy, r);
         let path = images.join(&file);
-        img.save(&path).map_err(|e| Error::Image { path: path.clone(), detail: e.to_string() })?;
+        img.save(&path)
+            .map_err(|e| Error::Image { path: dir.join("images").join(&file), detail: e.to_string() })?;
         all.push(Drawn { file, colour: COLOURS[ci].0, shape: SHAPES[si] });
     }
     let test_set = all.split_off(train);
@@ -141,10 +172,11 @@ pub fn write(
                 })
             })
             .collect();
-        let path = dir.join(name);
+        let path = staged.path().join(name);
         let text = serde_json::to_string_pretty(&records).map_err(|e| Error::Usage(e.to_string()))?;
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| Error::io(&dir.join(name), e))?;
     }
+    staged.commit()?;
     Ok((all, test_set))
 }
 
@@ -155,18 +187,18 @@ mod tests {
     #[test]
     fn the_set_is_deterministic_and_disjoint() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (train, test) = write(a.path(), 20, 6, 32, 7).unwrap();
-        write(b.path(), 20, 6, 32, 7).unwrap();
+        let (train, test) = write(&a.path().join("d"), 20, 6, 32, 7, false).unwrap();
+        write(&b.path().join("d"), 20, 6, 32, 7, false).unwrap();
         for f in ["train.json", "test.json", "images/00003.png", "images/00025.png"] {
             assert_eq!(
-                std::fs::read(a.path().join(f)).unwrap(),
-                std::fs::read(b.path().join(f)).unwrap(),
+                std::fs::read(a.path().join("d").join(f)).unwrap(),
+                std::fs::read(b.path().join("d").join(f)).unwrap(),
                 "{f}"
             );
         }
         assert_eq!((train.len(), test.len()), (20, 6));
         let records: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(a.path().join("train.json")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(a.path().join("d/train.json")).unwrap()).unwrap();
         assert_eq!(records.as_array().unwrap().len(), 60);
         assert_eq!(records[0]["conversations"][0]["value"], "<image>\nWhat color is the shape?");
     }
@@ -179,5 +211,41 @@ mod tests {
         let tri = draw(32, [30, 60, 220], "triangle", 16.0, 16.0, 10.0);
         assert_eq!(tri.get_pixel(16, 20).0, [30, 60, 220]); // near the base, centre
         assert_eq!(tri.get_pixel(8, 8).0, [235, 235, 235]); // beside the apex
+    }
+
+    #[test]
+    fn every_distinct_drawing_can_be_asked_for_and_no_more() {
+        let root = tempfile::tempdir().unwrap();
+        let side = 8;
+        let n = distinct_drawings(side);
+        // 12 (colour, shape) × centres² × radii; at 8 pixels the centres are 3, 3, 4, 4, 4 → 2.
+        assert_eq!(n, 12 * 2 * 2 * distinct_radii(side));
+        let (train, test) = write(&root.path().join("all"), n - 1, 1, side, 0, false).unwrap();
+        assert_eq!(train.len() + test.len(), n);
+
+        let more = root.path().join("more");
+        let err = write(&more, n, 1, side, 0, false).unwrap_err().to_string();
+        assert!(err.contains(&format!("the {n} different drawings there are at --size 8")), "{err}");
+        let err = write(&more, usize::MAX, 1, side, 0, false).unwrap_err().to_string();
+        assert!(err.contains("ask for fewer"), "{err}");
+        assert!(!more.exists(), "a refused set writes nothing");
+    }
+
+    #[test]
+    fn an_existing_directory_is_replaced_only_when_asked() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("d");
+        write(&dir, 2, 1, 16, 0, false).unwrap();
+        let err = write(&dir, 2, 1, 16, 0, false).unwrap_err().to_string();
+        assert!(err.contains("exists"), "{err}");
+        write(&dir, 3, 1, 16, 0, true).unwrap();
+        assert!(dir.join("images/00003.png").exists());
+        let leftovers: Vec<_> =
+            std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, ["d"], "no staging directory is left behind");
+    }
+
+    fn distinct_radii(side: u32) -> usize {
+        (0..100).map(|k| radius(side, k) as u32).collect::<std::collections::HashSet<_>>().len()
     }
 }
