@@ -334,3 +334,25 @@ fn the_device_key_is_checked_before_anything_runs() {
     }
     assert!(!dir.path().join("out").exists(), "a refused run wrote output");
 }
+
+/// An `output.nemo_tp` the model does not split into is refused before the first step, not at
+/// the first save after training; nothing is written.
+#[test]
+fn the_output_tp_is_checked_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = shardsmith(&[
+        "train",
+        "--config",
+        fixture("train-tiny/train.yaml").to_str().unwrap(),
+        "--set",
+        &format!("output.dir={}", dir.path().join("out").display()),
+        "--set",
+        "output.save_formats=[nemo]",
+        "--set",
+        "output.nemo_tp=3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("train.yaml: output.nemo_tp: attention heads (4) do not divide by tp=3"), "{err}");
+    assert!(!dir.path().join("out").exists(), "a refused run wrote output");
+}

@@ -31,6 +31,9 @@ pub enum ProjectorKind {
     Identity,
 }
 
+/// The deepest `mlpNx_gelu` accepted: LLaVA uses 2; far deeper is a typo, not a projector.
+const MAX_MLP_DEPTH: usize = 64;
+
 const VALID_FORMS: &str = "linear, mlp2x_gelu (any mlpNx_gelu with N >= 1), identity";
 
 impl ProjectorKind {
@@ -43,9 +46,9 @@ impl ProjectorKind {
             // Digits only, like LLaVA's `^mlp(\d+)x_gelu$` (so no sign or spaces slip through).
             (_, Some(n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
                 match n.parse::<usize>() {
-                    Ok(depth) if depth >= 1 => Ok(Self::MlpGelu { depth }),
+                    Ok(depth) if (1..=MAX_MLP_DEPTH).contains(&depth) => Ok(Self::MlpGelu { depth }),
                     _ => Err(Error::Usage(format!(
-                        "projector type '{s}': depth must be at least 1 (valid: {VALID_FORMS})"
+                        "projector type '{s}': depth must be 1 to {MAX_MLP_DEPTH} (valid: {VALID_FORMS})"
                     ))),
                 }
             }
@@ -259,7 +262,16 @@ mod tests {
         assert_eq!(ProjectorKind::parse("identity").unwrap(), ProjectorKind::Identity);
         assert_eq!(ProjectorKind::parse("mlp2x_gelu").unwrap(), ProjectorKind::MlpGelu { depth: 2 });
         assert_eq!(ProjectorKind::parse("mlp12x_gelu").unwrap(), ProjectorKind::MlpGelu { depth: 12 });
-        for bad in ["mlp0x_gelu", "mlpx_gelu", "mlp+2x_gelu", "mlp2x_relu", "Linear", ""] {
+        for bad in [
+            "mlp0x_gelu",
+            "mlp65x_gelu",
+            "mlp99999999999999999999x_gelu",
+            "mlpx_gelu",
+            "mlp+2x_gelu",
+            "mlp2x_relu",
+            "Linear",
+            "",
+        ] {
             let err = ProjectorKind::parse(bad).unwrap_err().to_string();
             assert!(err.contains("mlp2x_gelu") && err.contains("identity"), "{bad}: {err}");
         }

@@ -450,6 +450,16 @@ pub enum SaveFormat {
     Hf,
 }
 
+impl SaveFormat {
+    /// The config's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaveFormat::Nemo => "nemo",
+            SaveFormat::Hf => "hf",
+        }
+    }
+}
+
 /// What a run trains, from `mm_cfg.llm.freeze` and `peft.peft_scheme`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -526,7 +536,7 @@ impl TrainConfig {
     /// [`TrainConfig::load`] with Hydra-style `dotted.key=value` overrides applied first (the value
     /// is parsed as YAML: `trainer.max_steps=10`, `optim.betas=[0.9,0.95]`, `peft.peft_scheme=lora`).
     pub fn load_with_overrides(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        let text = read_config_text(path)?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Self::parse(&text, path, &base, overrides)
     }
@@ -578,6 +588,8 @@ impl TrainConfig {
 
     /// Checks every value and combination; the message names the key (`trainer.micro_batch_size`).
     pub fn validate(&self) -> std::result::Result<(), String> {
+        // Each worker is a thread decoding images; thousands only exhaust memory and threads.
+        const MAX_DATA_WORKERS: usize = 256;
         crate::models::device_ordinal(&self.trainer.device).map_err(|e| format!("trainer.device: {e}"))?;
         let m = &self.model;
         if m.checkpoint.as_os_str().is_empty() {
@@ -630,6 +642,12 @@ impl TrainConfig {
         if d.max_seq_length == 0 {
             return Err("data.max_seq_length must be at least 1".into());
         }
+        if d.num_workers > MAX_DATA_WORKERS {
+            return Err(format!(
+                "data.num_workers must be at most {MAX_DATA_WORKERS}, got {}",
+                d.num_workers
+            ));
+        }
 
         let o = &self.optim;
         if !(o.lr.is_finite() && o.lr > 0.0) {
@@ -646,10 +664,6 @@ impl TrainConfig {
         if !(o.eps.is_finite() && o.eps > 0.0) {
             return Err(format!("optim.eps must be positive, got {}", o.eps));
         }
-        if let Some(s) = &o.sched {
-            self.validate_sched(s)?;
-        }
-
         let t = &self.trainer;
         if t.max_steps == 0 {
             return Err("trainer.max_steps must be at least 1".into());
@@ -675,6 +689,11 @@ impl TrainConfig {
             }
         }
 
+        // After trainer.max_steps, which the schedule's length defaults to.
+        if let Some(s) = &o.sched {
+            self.validate_sched(s)?;
+        }
+
         let out = &self.output;
         if out.dir.as_os_str().is_empty() {
             return Err("output.dir is empty".into());
@@ -684,7 +703,7 @@ impl TrainConfig {
         }
         for (i, f) in out.save_formats.iter().enumerate() {
             if out.save_formats[..i].contains(f) {
-                return Err(format!("output.save_formats lists {f:?} twice"));
+                return Err(format!("output.save_formats lists {} twice", f.name()));
             }
         }
         if out.nemo_tp == 0 {
@@ -773,6 +792,20 @@ fn apply_override(doc: &mut serde_yaml::Value, o: &str) -> std::result::Result<(
     }
     *node = value;
     Ok(())
+}
+
+/// A config is a few kilobytes: reading stops past 16 MiB, so a wrong path (`/dev/zero`, a
+/// dataset) is named instead of filling memory.
+fn read_config_text(path: &Path) -> Result<String> {
+    use std::io::Read;
+    const LIMIT: u64 = 16 << 20;
+    let io = |source| Error::Io { path: path.into(), source };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).map_err(io)?.take(LIMIT + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > LIMIT {
+        return Err(Error::config(path, "is larger than 16 MiB; is this the training config?"));
+    }
+    String::from_utf8(bytes).map_err(|_| Error::config(path, "is not UTF-8 text"))
 }
 
 #[cfg(test)]
@@ -958,7 +991,12 @@ output: {dir: runs/x}
             (&["data.max_seq_length=0"], "data.max_seq_length must be at least 1"),
             (&["output.dir=''"], "output.dir is empty"),
             (&["output.save_formats=[]"], "output.save_formats is empty"),
-            (&["output.save_formats=[hf, hf]"], "lists Hf twice"),
+            (&["output.save_formats=[hf, hf]"], "output.save_formats lists hf twice"),
+            (&["data.num_workers=100000"], "data.num_workers must be at most 256, got 100000"),
+            (
+                &["trainer.max_steps=0", "optim.sched={name: CosineAnnealing, warmup_steps: 0}"],
+                "trainer.max_steps must be at least 1",
+            ),
             (&["output.nemo_tp=0"], "output.nemo_tp must be at least 1"),
             (
                 &["optim.sched={name: CosineAnnealing, warmup_steps: 2, warmup_ratio: 0.1}"],

@@ -149,6 +149,23 @@ pub fn run(config: &Path, o: &RunOptions) -> Result<Summary> {
     }
     let src = open_source(&cfg.model.checkpoint)?;
     let c = &src.canonical;
+    if cfg.output.save_formats.contains(&SaveFormat::Nemo) {
+        // Checked now, not at the first save after hours of training.
+        let tp = cfg.output.nemo_tp;
+        shardsmith_converters::convert::llama::check_parallelism(
+            &c.llm.hparams,
+            NemoDialect::Mcore,
+            tp,
+            1,
+            config,
+        )
+        .map_err(|e| match e {
+            shardsmith_converters::Error::Invalid { detail, .. } => {
+                Error::config(config, format!("output.nemo_tp: {detail}"))
+            }
+            other => other.into(),
+        })?;
+    }
     if let Some(kind) = cfg.mm_cfg.projector_kind()? {
         if kind.to_string() != c.projector_type {
             return Err(Error::config(
@@ -423,6 +440,28 @@ fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let written = write_checkpoint_files(cfg, src, model, opt, state, &tmp);
+    if let Err(e) = written {
+        // Best effort: the error being returned is the one the user needs to see.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    Ok(final_dir)
+}
+
+/// The files of one checkpoint, into the staging directory `tmp`.
+fn write_checkpoint_files(
+    cfg: &TrainConfig,
+    src: &Source,
+    model: &TrainModel,
+    opt: &AdamW,
+    state: &TrainerState,
+    tmp: &Path,
+) -> Result<()> {
     let c = trained_canonical(src, model)?;
     for format in &cfg.output.save_formats {
         match format {
@@ -460,10 +499,6 @@ fn save(
     }
     opt.save_state(&tmp.join("optimizer.safetensors"), true)?;
     let text = serde_json::to_string_pretty(state).map_err(|e| Error::Usage(e.to_string()))?;
-    std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| Error::io(&tmp, e))?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    Ok(final_dir)
+    std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| Error::io(tmp, e))?;
+    Ok(())
 }
