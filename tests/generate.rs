@@ -167,3 +167,20 @@ fn the_device_flag_is_honoured_or_refused() {
     #[cfg(not(feature = "cuda"))]
     assert!(refused("cuda").contains("--features cuda"));
 }
+
+/// An original LLaVA directory is recognised as one (not as a LLaMA with an odd model_type), and
+/// the refusal says why it cannot run and what to do.
+#[test]
+fn original_llava_is_named_and_sent_to_convert() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .args(["generate", fixture("llava-orig-tiny").to_str().unwrap(), "--prompt", "hi"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("llava-orig-tiny: original LLaVA checkpoints mark images with the placeholder id -200"),
+        "{err}"
+    );
+    assert!(err.contains("convert to llava-hf or NeVA first"), "{err}");
+}

@@ -229,6 +229,11 @@ pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, Mod
             let c = llava::from_llava_hf(ckpt)?;
             vision_language(&c, "llava", o.tp.unwrap_or(1), o)
         }
+        (_, Some(ModelConfig::HfJson(cfg))) if llava::is_llava_original(cfg) => {
+            // Read as what it is, so the refusal says why it cannot run (its image placeholder).
+            let c = llava::from_llava_original(ckpt, None)?;
+            vision_language(&c, "llava", o.tp.unwrap_or(1), o)
+        }
         (_, Some(ModelConfig::HfJson(_))) => {
             let c = llama_convert::from_hf(ckpt)?;
             let tp = o.tp.unwrap_or(1);

@@ -96,6 +96,20 @@ impl LlamaHparams {
             .and_then(Json::as_f64)
             .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Json::as_f64))
             .unwrap_or(10000.0);
+        // What LLaMA computes; anything else would convert and then run as if it were LLaMA.
+        if let Some(act) = v.get("hidden_act").filter(|a| !a.is_null()) {
+            if act.as_str() != Some("silu") {
+                return Err(Error::invalid(
+                    path,
+                    format!("config.json: hidden_act is {act}, LLaMA's SwiGLU needs \"silu\""),
+                ));
+            }
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if v.get(key).and_then(Json::as_bool) == Some(true) {
+                return Err(Error::invalid(path, format!("config.json: {key} is true; LLaMA has no biases")));
+            }
+        }
         let head_dim = v.get("head_dim").and_then(Json::as_u64).map_or(hidden / heads.max(1), |d| d as usize);
         Ok(LlamaHparams {
             layers: need_usize(v, "num_hidden_layers", path)?,
@@ -143,6 +157,15 @@ impl LlamaHparams {
                 }
             }
         }
+        if cfg.get_bool("bias") == Some(true) {
+            return Err(Error::invalid(path, "model_config.yaml: bias is true; LLaMA has no biases"));
+        }
+        if let Some(p) = cfg.get_f64("rotary_percentage").filter(|&p| p != 1.0) {
+            return Err(Error::invalid(
+                path,
+                format!("model_config.yaml: rotary_percentage is {p}; LLaMA rotates whole heads (1.0)"),
+            ));
+        }
         if let Some(act) = cfg.get_str("activation") {
             if act != "fast-swiglu" && act != "swiglu" {
                 return Err(Error::invalid(
@@ -181,14 +204,39 @@ impl LlamaHparams {
     /// Check internal consistency (heads divide into groups, hidden = heads·d is not required by
     /// LLaMA, but q/k/v shapes follow from these numbers).
     pub fn validate(&self, path: &Path) -> Result<()> {
-        if self.heads == 0 || self.groups == 0 || self.heads % self.groups != 0 {
+        // Generous bounds (LLaMA-3-405B: 126 layers, hidden 16384, vocab 128256) that keep every
+        // shape product far inside u64 and a typo'd layer count from listing 10^12 tensors.
+        const MAX_LAYERS: usize = 1 << 14;
+        const MAX_DIM: usize = 1 << 24;
+        let sizes = [
+            ("layers", self.layers, MAX_LAYERS),
+            ("hidden size", self.hidden, MAX_DIM),
+            ("ffn hidden size", self.ffn, MAX_DIM),
+            ("attention heads", self.heads, MAX_DIM),
+            ("query groups", self.groups, MAX_DIM),
+            ("head size", self.head_dim, MAX_DIM),
+            ("vocabulary size", self.vocab, MAX_DIM),
+        ];
+        for (what, n, max) in sizes {
+            if !(1..=max).contains(&n) {
+                return Err(Error::invalid(path, format!("LLaMA {what} is {n}, expected 1 to {max}")));
+            }
+        }
+        if self.heads % self.groups != 0 {
             return Err(Error::invalid(
                 path,
                 format!("{} attention heads do not divide into {} query groups", self.heads, self.groups),
             ));
         }
-        if self.layers == 0 || self.hidden == 0 || self.ffn == 0 || self.head_dim == 0 || self.vocab == 0 {
-            return Err(Error::invalid(path, format!("degenerate LLaMA shape {self:?}")));
+        let positive = [
+            ("rotary base (rope_theta / rotary_base)", Some(self.rope_theta)),
+            ("RMSNorm epsilon (rms_norm_eps / layernorm_epsilon)", Some(self.norm_eps)),
+            ("linear RoPE scaling factor", self.rope_linear_factor),
+        ];
+        for (what, value) in positive {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(Error::invalid(path, format!("{what} is {v}, expected a positive number")));
+            }
         }
         Ok(())
     }
@@ -581,5 +629,60 @@ mod tests {
     fn gqa_fixture_reads_rope_scaling() {
         let hp = LlamaHparams::from_hf(&fixture_config("llama-gqa"), Path::new("gqa")).unwrap();
         assert_eq!((hp.heads, hp.groups, hp.rope_theta, hp.rope_linear_factor), (8, 2, 500000.0, Some(2.0)));
+    }
+
+    /// What a config must not slip past: each refusal names the value, or the field it came from.
+    #[test]
+    fn configs_llama_cannot_run_are_refused_by_name() {
+        let read = |edit: &dyn Fn(&mut serde_json::Map<String, Json>)| {
+            let mut v = fixture_config("llama-mha");
+            edit(v.as_object_mut().unwrap());
+            LlamaHparams::from_hf(&v, Path::new("c")).and_then(|hp| hp.validate(Path::new("c")))
+        };
+        assert!(read(&|_| {}).is_ok());
+        let cases: &[(&str, Json, &str)] = &[
+            (
+                "num_hidden_layers",
+                json!(1_000_000_000_000u64),
+                "layers is 1000000000000, expected 1 to 16384",
+            ),
+            ("num_hidden_layers", json!(0), "layers is 0"),
+            ("intermediate_size", json!(0), "ffn hidden size is 0"),
+            ("vocab_size", json!(1u64 << 40), "vocabulary size is 1099511627776"),
+            ("num_key_value_heads", json!(3), "attention heads do not divide into 3 query groups"),
+            ("rope_theta", json!(0.0), "rotary base (rope_theta / rotary_base) is 0"),
+            ("rms_norm_eps", json!(-1e-5), "epsilon (rms_norm_eps / layernorm_epsilon) is -0.00001"),
+            ("rope_scaling", json!({"type": "linear", "factor": 0.0}), "linear RoPE scaling factor is 0"),
+            ("hidden_act", json!("gelu"), "hidden_act is \"gelu\", LLaMA's SwiGLU needs \"silu\""),
+            ("attention_bias", json!(true), "attention_bias is true; LLaMA has no biases"),
+            ("mlp_bias", json!(true), "mlp_bias is true"),
+        ];
+        for (key, value, want) in cases {
+            let err = read(&|m| {
+                m.insert(key.to_string(), value.clone());
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with("c: ") && err.contains(want), "{key}={value}: {err}");
+        }
+
+        let hp = LlamaHparams::from_hf(&fixture_config("llama-mha"), Path::new("c")).unwrap();
+        let yaml = hp.nemo_yaml(&NemoYamlOptions {
+            dialect: NemoDialect::Mcore,
+            dtype: DType::BF16,
+            tp: 1,
+            pp: 1,
+            divisible_by: 1,
+            tokenizer_model: None,
+        });
+        for (from, to, want) in [
+            ("bias: false", "bias: true", "bias is true; LLaMA has no biases"),
+            ("rotary_percentage: 1.0", "rotary_percentage: 0.5", "rotary_percentage is 0.5"),
+        ] {
+            assert!(yaml.contains(from), "{from} in {yaml}");
+            let cfg = NemoConfig::parse(yaml.replacen(from, to, 1), Path::new("y")).unwrap();
+            let err = LlamaHparams::from_nemo(&cfg, hp.vocab, Path::new("y")).unwrap_err().to_string();
+            assert!(err.contains(want), "{to}: {err}");
+        }
     }
 }
