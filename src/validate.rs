@@ -142,6 +142,24 @@ fn get<'a>(golden: &'a HashMap<String, Tensor>, key: &str, path: &Path) -> Resul
     golden.get(key).ok_or_else(|| Error::config(path, format!("reference has no '{key}'")))
 }
 
+/// A golden prompt as u32 ids: integer [B, T] with T ≥ 1 and every id in 0..2³², checked
+/// because a float or out-of-range id would otherwise be converted silently.
+fn prompt_ids(t: &Tensor, key: &str, path: &Path) -> Result<Tensor> {
+    let bad = |detail: String| Error::config(path, format!("reference '{key}': {detail}"));
+    if !matches!(t.dtype(), DType::I64 | DType::U32 | DType::U8) {
+        return Err(bad(format!("expected integer token ids, got {:?}", t.dtype())));
+    }
+    match t.dims() {
+        [b, n] if *b >= 1 && *n >= 1 => {}
+        dims => return Err(bad(format!("expected ids [batch, tokens] with both at least 1, got {dims:?}"))),
+    }
+    let wide = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    if let Some(id) = wide.iter().find(|&&id| u32::try_from(id).is_err()) {
+        return Err(bad(format!("token id {id} is not a vocabulary index")));
+    }
+    Ok(t.to_dtype(DType::U32)?)
+}
+
 /// Golden prompts of a llava-hf model spell an image as N copies of its image id; a NeVA
 /// converted from it spells it with its own span of the same length. Respell when the model
 /// records the source's id.
@@ -177,7 +195,10 @@ fn golden_pixels(golden: &HashMap<String, Tensor>) -> Option<&Tensor> {
 /// Validate `model` against the golden file at `reference`.
 pub fn against_golden(model: &mut Model, info: &ModelInfo, reference: &Path) -> Result<Report> {
     let path = golden_path(reference)?;
-    let golden = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    // Our reader first: its errors name the file and the tensor (candle's name neither).
+    shardsmith_converters::formats::safetensors::read_file(&path)?;
+    let golden = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| Error::config(&path, format!("reading the reference: {e}")))?;
     let dtype = model.llm().dtype();
     let device = model.llm().device().clone();
     let f32_run = dtype == DType::F32;
@@ -189,7 +210,11 @@ pub fn against_golden(model: &mut Model, info: &ModelInfo, reference: &Path) -> 
     }
     let mut cases = Vec::new();
     for name in names {
-        let ids = get(&golden, &format!("input_ids_{name}"), &path)?.to_dtype(DType::U32)?;
+        let ids = prompt_ids(
+            get(&golden, &format!("input_ids_{name}"), &path)?,
+            &format!("input_ids_{name}"),
+            &path,
+        )?;
         let ids = respell_images(model, info, &ids)?.to_device(&device)?;
         let ref_logits = get(&golden, &format!("logits_{name}"), &path)?;
         let has_image = info.image_tokens.is_some() && name != "text";

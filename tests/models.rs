@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::fixture;
 use shardsmith::models::{self, LoadOptions};
 use shardsmith::validate::{self, Report};
@@ -202,4 +202,54 @@ fn neva_converted_from_llava_hf_matches_transformers_at_tp_1_and_2() {
         assert_eq!(r.cases.iter().filter(|c| c.image).count(), 2);
         assert!(r.image_features.as_ref().is_some_and(|f| f.rel_to_max <= 1e-5));
     }
+}
+
+/// A golden file whose prompt is not integer ids [B, T] in range, or that is cut short: a named
+/// refusal (file, key, what was expected), never a conversion that reads other tokens.
+#[test]
+fn a_malformed_reference_is_named() {
+    let golden = fixture("llama-mha/golden/golden.safetensors");
+    let tensors = candle_core::safetensors::load(&golden, &Device::Cpu).unwrap();
+    let key = tensors.keys().find(|k| k.starts_with("input_ids_")).unwrap().clone();
+    let ids = tensors[&key].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |edit: Tensor, name: &str| {
+        let mut t = tensors.clone();
+        t.insert(key.clone(), edit);
+        let path = dir.path().join(name);
+        candle_core::safetensors::save(&t, &path).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+            .args(["validate", "--reference"])
+            .arg(&path)
+            .arg(fixture("llama-mha"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let as_f64 = run(ids.to_dtype(DType::F64).unwrap(), "f64.safetensors");
+    assert!(
+        as_f64.contains(&format!("f64.safetensors: reference '{key}': expected integer token ids, got F64")),
+        "{as_f64}"
+    );
+    let flat = run(ids.flatten_all().unwrap(), "flat.safetensors");
+    assert!(flat.contains("expected ids [batch, tokens] with both at least 1, got ["), "{flat}");
+    let huge = Tensor::new(&[[1i64 << 40]], &Device::Cpu).unwrap();
+    let huge = run(huge, "huge.safetensors");
+    assert!(huge.contains("token id 1099511627776 is not a vocabulary index"), "{huge}");
+
+    let cut = dir.path().join("cut.safetensors");
+    let bytes = std::fs::read(&golden).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .args(["validate", "--reference"])
+        .arg(&cut)
+        .arg(fixture("llama-mha"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cut.safetensors: malformed safetensors") && err.contains("truncated by 10 bytes"),
+        "{err}"
+    );
 }

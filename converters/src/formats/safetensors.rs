@@ -50,8 +50,9 @@ pub fn read_mapped(map: Arc<Mmap>, offset: usize, len: usize, origin: Arc<Path>)
     let buf = map
         .get(offset..offset.saturating_add(len))
         .ok_or_else(|| Error::malformed(&*origin, "safetensors", "range lies outside the file"))?;
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(buf)
-        .map_err(|e| Error::malformed(&*origin, "safetensors", e.to_string()))?;
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(buf).map_err(|e| {
+        Error::malformed(&*origin, "safetensors", explain_layout(buf).unwrap_or(e.to_string()))
+    })?;
     let data_start = offset + 8 + header_len;
     let mut tensors = TensorMap::with_capacity(metadata.offset_keys().len());
     for name in metadata.offset_keys() {
@@ -73,6 +74,44 @@ pub fn read_mapped(map: Arc<Mmap>, offset: usize, len: usize, origin: Arc<Path>)
         tensors.insert(name, entry);
     }
     Ok(tensors)
+}
+
+/// The crate's layout errors name neither the tensor nor the sizes ("invalid shape, data type, or
+/// offset for tensor", "incomplete metadata, file not fully covered"). For a header that parses,
+/// say which tensor's byte range disagrees with its dtype × shape, or by how many bytes the file
+/// is short (truncated) or long. `None` leaves the crate's message.
+fn explain_layout(buf: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(buf.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(buf.get(8..8usize.checked_add(n)?)?).ok()?;
+    let mut data_end = 0usize;
+    for (name, value) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let info: TensorInfo = serde_json::from_value(value.clone()).ok()?;
+        let (begin, end) = info.data_offsets;
+        let bits = info.shape.iter().try_fold(info.dtype.bitsize(), |a, &d| a.checked_mul(d))?;
+        if end < begin || end - begin != bits / 8 {
+            return Some(format!(
+                "tensor '{name}': {:?} {:?} needs {} bytes, but its data_offsets [{begin}, {end}] span {}",
+                info.dtype,
+                info.shape,
+                bits / 8,
+                end as i128 - begin as i128
+            ));
+        }
+        data_end = data_end.max(end);
+    }
+    let want = 8usize.checked_add(n)?.checked_add(data_end)?;
+    match buf.len().cmp(&want) {
+        std::cmp::Ordering::Less => Some(format!(
+            "the file is {} bytes but its header places tensor data up to byte {want}: truncated by {} bytes",
+            buf.len(),
+            want - buf.len()
+        )),
+        std::cmp::Ordering::Greater => {
+            Some(format!("{} bytes follow the last tensor's data (byte {want})", buf.len() - want))
+        }
+        std::cmp::Ordering::Equal => None,
+    }
 }
 
 /// Write `tensors` to `dest` atomically.
@@ -216,6 +255,30 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let err = read_file(&path).unwrap_err().to_string();
         assert!(err.contains("a.safetensors") && err.contains("malformed safetensors"), "{err}");
+        assert!(err.contains("the file is 157 bytes but its header places tensor data up to byte 160: truncated by 3 bytes"), "{err}");
+        std::fs::write(&path, [&bytes[..], b"xy"].concat()).unwrap();
+        let err = read_file(&path).unwrap_err().to_string();
+        assert!(err.contains("2 bytes follow the last tensor's data (byte 160)"), "{err}");
+    }
+
+    #[test]
+    fn a_tensor_whose_range_disagrees_with_its_shape_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        let mut t = TensorMap::new();
+        t.insert("lm_head.weight".into(), entry(DType::F32, vec![4, 4], 1));
+        write_file(&t, &path, false).unwrap();
+        // Same header length: F32 → F16 leaves the 64-byte range for a 32-byte tensor.
+        let bytes = std::fs::read(&path).unwrap();
+        let text = String::from_utf8_lossy(&bytes).replacen("\"F32\"", "\"F16\"", 1);
+        std::fs::write(&path, text.as_bytes()).unwrap();
+        let err = read_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "tensor 'lm_head.weight': F16 [4, 4] needs 32 bytes, but its data_offsets [0, 64] span 64"
+            ),
+            "{err}"
+        );
     }
 
     proptest! {
