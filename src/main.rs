@@ -69,7 +69,7 @@ enum Command {
         /// Second checkpoint.
         b: PathBuf,
         /// Accept value differences up to this absolute tolerance (default: bit-identical).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = parse_tolerance)]
         atol: f64,
         /// Print the report as JSON.
         #[arg(long)]
@@ -642,6 +642,15 @@ fn parse_weights(s: &str) -> Result<WeightFormat, String> {
 }
 
 /// `5GB`, `500MB`, `100KB`, `1GiB` or plain bytes (HF's decimal units; `iB` binary).
+/// A finite, non-negative tolerance: NaN against a number differs by +inf, so `--atol inf`
+/// would call NaN weights a match.
+fn parse_tolerance(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("'{s}' is not a finite tolerance >= 0")),
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());

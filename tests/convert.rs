@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture, ok, s, shardsmith};
+use common::{fixture, ok, refused, s, shardsmith};
 use shardsmith::commands::synth::{synthetic_tensors, LlamaShape};
 use shardsmith_converters::formats::{self, hf_dir};
 use shardsmith_converters::{Checkpoint, Flavour, Meta, ModelConfig, Parallelism};
@@ -183,6 +183,26 @@ fn diff_reports_what_differs_and_exits_nonzero() {
     assert_eq!(row("lm_head.weight")["did_you_mean"], "lm_head.weights");
     assert_eq!(row("lm_head.weights")["status"], "missing_in_a");
     assert_eq!(row("model.norm.weight")["status"], "identical");
+    // A NaN weight differs from any number by +inf, so no tolerance may be infinite.
+    let mut tensors = shardsmith_converters::formats::safetensors::read_file(&original).unwrap();
+    let norm = &tensors["model.norm.weight"];
+    let mut bytes = norm.bytes("model.norm.weight").unwrap().to_vec();
+    bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let nan = shardsmith_converters::TensorEntry::new(
+        norm.dtype,
+        norm.shape.clone(),
+        shardsmith_converters::ByteSource::owned(bytes),
+        std::sync::Arc::from(std::path::Path::new("nan")),
+    );
+    tensors.insert("model.norm.weight".into(), nan);
+    let with_nan = work.path().join("nan.safetensors");
+    shardsmith_converters::formats::safetensors::write_file(&tensors, &with_nan, false).unwrap();
+    let (same, out, _) = shardsmith(&["diff", s(&original), s(&with_nan), "--atol", "1e30"]);
+    assert!(!same && out.contains("max abs inf"), "{out}");
+    for atol in ["inf", "NaN", "-1"] {
+        let err = refused(&["diff", s(&original), s(&with_nan), &format!("--atol={atol}")]);
+        assert!(err.contains(&format!("'{atol}' is not a finite tolerance >= 0")), "{err}");
+    }
 }
 
 #[test]
@@ -214,4 +234,43 @@ fn a_killed_conversion_leaves_nothing_that_looks_complete_and_a_rerun_succeeds()
     }
     ok(&args);
     assert!(ok(&["diff", s(&src), s(&dst)]).contains("MATCH"));
+}
+
+/// A tokenizer that is not a SentencePiece model — given with `--tokenizer` or sitting in the
+/// source directory — is refused under its own name before anything is written (it used to be
+/// copied into the .nemo, or blamed on the LLM's own tokenizer).
+#[test]
+fn a_broken_tokenizer_is_refused_by_name() {
+    let work = tempfile::tempdir().unwrap();
+    let not_sp = fixture("llama-mha/config.json");
+    let out = work.path().join("a.nemo");
+    let err = refused(&["convert", s(&fixture("llama-mha")), s(&out), "--tokenizer", s(&not_sp)]);
+    assert!(err.contains("llama-mha/config.json: malformed sentencepiece model"), "{err}");
+    let err = refused(&[
+        "assemble",
+        "--llm",
+        s(&fixture("llama-mha")),
+        "--vision",
+        s(&fixture("clip-vision")),
+        "--init-seed",
+        "1",
+        "--tokenizer",
+        s(&not_sp),
+        "-o",
+        s(&out),
+    ]);
+    assert!(err.contains("llama-mha/config.json: malformed sentencepiece model"), "{err}");
+
+    let src = work.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for f in std::fs::read_dir(fixture("llama-mha")).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, src.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(src.join("tokenizer.model"), b"").unwrap();
+    let err = refused(&["convert", s(&src), s(&out)]);
+    assert!(err.contains("src/tokenizer.model: malformed sentencepiece model"), "{err}");
+    assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 1, "nothing written beside src");
 }

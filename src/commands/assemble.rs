@@ -2,12 +2,12 @@
 //! tower and a projector (LLaVA's `mm_projector.bin` or a seeded initialisation).
 
 use super::convert::{self, Output, TargetKind};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use shardsmith_converters::convert::assemble::{self, AssembleOptions, ProjectorSource};
-use shardsmith_converters::convert::clip;
 use shardsmith_converters::convert::neva::{self, NevaTarget, VisionPlacement};
+use shardsmith_converters::convert::{clip, sentencepiece};
+use shardsmith_converters::formats;
 use shardsmith_converters::names::neva::{ProjectorType, Template};
-use shardsmith_converters::{formats, ByteSource};
 use std::path::{Path, PathBuf};
 
 /// Everything `assemble` takes.
@@ -47,12 +47,7 @@ pub fn run(o: &Options, out: &Path) -> Result<()> {
     let llm = formats::open(&crate::hub::resolve(&o.llm)?)?;
     let vision = clip::read_hf_clip(&crate::hub::resolve(&o.vision)?)?;
     let vision_dir = std::path::absolute(&vision.origin).unwrap_or_else(|_| vision.origin.clone());
-    let tokenizer = match &o.tokenizer {
-        Some(p) => Some(ByteSource::owned(
-            std::fs::read(p).with_context(|| format!("reading tokenizer {}", p.display()))?,
-        )),
-        None => None,
-    };
+    let tokenizer = o.tokenizer.as_deref().map(sentencepiece::read_model_file).transpose()?;
     let opts = AssembleOptions {
         projector_type: o.projector_type,
         template: o.template,

@@ -7,15 +7,16 @@
 //! byte is written.
 
 use super::inspect;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use shardsmith_converters::convert::clip::{self, ClipVision};
 use shardsmith_converters::convert::llama::{self, NemoTarget};
 use shardsmith_converters::convert::llava::{self, CanonicalLlava, VisionSource};
 use shardsmith_converters::convert::neva::{self, NevaTarget, VisionPlacement};
+use shardsmith_converters::convert::sentencepiece;
 use shardsmith_converters::formats::{self, hf_dir, nemo};
 use shardsmith_converters::names::llama::NemoDialect;
 use shardsmith_converters::names::neva::Template;
-use shardsmith_converters::{ByteSource, Checkpoint, DType, Flavour, ModelConfig};
+use shardsmith_converters::{Checkpoint, DType, Flavour, ModelConfig};
 use std::path::{Path, PathBuf};
 
 /// Where a conversion writes.
@@ -129,11 +130,17 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
             let tokenizer = match &o.tokenizer {
                 Some(p) => Some(shardsmith_converters::Artifact {
                     name: "tokenizer.model".into(),
-                    source: shardsmith_converters::ByteSource::owned(
-                        std::fs::read(p).with_context(|| format!("reading tokenizer {}", p.display()))?,
-                    ),
+                    source: sentencepiece::read_model_file(p)?,
                 }),
-                None => src.meta.artifacts.iter().find(|a| a.name == "tokenizer.model").cloned(),
+                None => {
+                    let found = src.meta.artifacts.iter().find(|a| a.name == "tokenizer.model").cloned();
+                    if let Some(a) = &found {
+                        // A broken one would be copied into the .nemo and fail only when used.
+                        let here = src.meta.path.join(&a.name);
+                        sentencepiece::SentencePieceModel::parse(a.source.bytes()?.into_owned(), &here)?;
+                    }
+                    found
+                }
             };
             if tokenizer.is_none() {
                 bail!(
@@ -393,8 +400,7 @@ pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec
     };
     c.template = o.template.or(c.template);
     if let Some(p) = &o.tokenizer {
-        let bytes = std::fs::read(p).with_context(|| format!("reading tokenizer {}", p.display()))?;
-        c.tokenizer = Some(ByteSource::owned(bytes));
+        c.tokenizer = Some(sentencepiece::read_model_file(p)?);
     }
     let side = vision_dir_for(dst);
     let mut outputs = Vec::new();

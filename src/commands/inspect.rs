@@ -61,9 +61,12 @@ pub struct Report {
 /// Build the report for an opened checkpoint.
 pub fn report(ckpt: &Checkpoint, filter: Option<&str>) -> Result<Report> {
     let matcher = filter
-        .map(|g| globset::Glob::new(g).map(|g| g.compile_matcher()))
-        .transpose()
-        .with_context(|| format!("bad --filter glob {filter:?}"))?;
+        .map(|g| {
+            globset::Glob::new(g)
+                .map(|g| g.compile_matcher())
+                .with_context(|| format!("bad --filter glob '{g}'"))
+        })
+        .transpose()?;
     let sharded = ckpt.shards.len() > 1;
     let mut rows = Vec::new();
     let mut totals = Totals::default();

@@ -475,12 +475,13 @@ fn expand_llava_hf(
     match tokenizer.token_to_id(IMAGE_PLACEHOLDER) {
         Some(id) if id == image_token_id => {}
         found => {
+            let found = found.map_or("no such token".into(), |id| format!("it as token {id}"));
             return Err(Error::Tokenizer {
                 path: tokenizer.origin().to_path_buf(),
                 detail: format!(
-                    "<image> should be token {image_token_id} (image_token_index) but the tokenizer has {found:?}"
+                    "<image> should be token {image_token_id} (image_token_index) but the tokenizer has {found}"
                 ),
-            })
+            });
         }
     }
     // `<image>` is an added token, so N copies in the text tokenise to N copies of the id with

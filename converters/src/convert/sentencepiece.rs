@@ -101,6 +101,14 @@ fn user_defined_record(token: &str) -> Vec<u8> {
     rec
 }
 
+/// Read a SentencePiece model a user names (`--tokenizer`): its bytes, once they parse as one,
+/// so a wrong file is refused under its own name before anything is written.
+pub fn read_model_file(path: &Path) -> Result<crate::ByteSource> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    let model = SentencePieceModel::parse(bytes, path)?;
+    Ok(crate::ByteSource::owned(model.bytes))
+}
+
 impl SentencePieceModel {
     /// Parse `bytes`; `origin` names the file in errors.
     pub fn parse(bytes: Vec<u8>, origin: &Path) -> Result<Self> {

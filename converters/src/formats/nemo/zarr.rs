@@ -129,10 +129,9 @@ fn array(store: &Store, dir: &str) -> Result<(DType, Vec<usize>, ByteSource)> {
             Error::missing(&*origin, format!("chunk file '{key}' (Megatron writes every chunk)"))
         })?;
         if source.known_len() != Some(chunk_bytes) {
+            let got = source.known_len().map_or("of unknown size".into(), |n| format!("{n} bytes"));
             return Err(bad(format!(
-                "chunk '{key}' is {:?} bytes, expected {chunk_bytes} ({} {chunks:?}, uncompressed)",
-                source.known_len(),
-                dtype
+                "chunk '{key}' is {got}, expected {chunk_bytes} bytes ({dtype} {chunks:?}, uncompressed)"
             )));
         }
         sources.push(source);
