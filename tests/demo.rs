@@ -62,3 +62,45 @@ fn a_tiny_neva_learns_to_answer_about_unseen_images() {
     assert!(colour[0].as_u64().unwrap() >= 11, "colours of held-out images: {score}");
     assert!(score["correct"].as_u64().unwrap() >= 18, "held-out exact matches: {score}");
 }
+
+/// `evaluate` checks every record before loading the model: roles out of order, an `<image>`
+/// marker without an image, two markers for one image, or an empty file are named errors with
+/// the data file and the record; they used to be scored (or give "0/0") with exit status 0.
+#[test]
+fn evaluate_refuses_records_it_cannot_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let turn = |from: &str, value: &str| serde_json::json!({"from": from, "value": value});
+    let cases = [
+        (serde_json::json!([]), "no records to evaluate"),
+        (
+            serde_json::json!([{"id": "r1", "image": "image.png",
+                "conversations": [turn("human", "<image>\na"), turn("human", "b")]}]),
+            "record \"r1\" (#0): needs a human question followed by a gpt answer, got human then human",
+        ),
+        (
+            serde_json::json!([{"id": "r2", "conversations": [turn("human", "<image>\nwhat?"), turn("gpt", "x")]}]),
+            "record \"r2\" (#0): the question has an <image> marker but the record has no image",
+        ),
+        (
+            serde_json::json!([{"id": "r3", "image": "image.png",
+                "conversations": [turn("human", "<image> <image> what?"), turn("gpt", "x")]}]),
+            "record \"r3\" (#0): the question has 2 <image> markers for one image",
+        ),
+        (
+            serde_json::json!([{"id": "r4", "conversations": [turn("human", "q"), {"from": "gpt", "value": 7}]}]),
+            "record \"r4\" (#0): turn 1: `value` must be a string, got a number",
+        ),
+    ];
+    for (i, (records, want)) in cases.iter().enumerate() {
+        let data = dir.path().join(format!("d{i}.json"));
+        std::fs::write(&data, records.to_string()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+            .args(["evaluate", fixture("llava-tiny").to_str().unwrap(), "--data", data.to_str().unwrap()])
+            .args(["--image-folder", fixture("llava-tiny").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{records}");
+        assert!(err.contains(&format!("d{i}.json: {want}")), "{records}: {err}");
+    }
+}

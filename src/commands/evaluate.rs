@@ -1,11 +1,14 @@
 //! `shardsmith evaluate CKPT --data test.json`: greedy answers to the first question of every
-//! LLaVA-format record, scored by exact match (after trimming whitespace) against the record's
-//! first assistant turn, per question text and overall.
+//! record (LLaVA JSON or NeMo `.jsonl`, read by the trainer's reader), scored by exact match
+//! (after trimming whitespace) against the assistant turn that follows it, per question text and
+//! overall.
 
 use super::generate::{Chat, Options};
 use crate::infer::generate::{generate, Stop};
 use crate::infer::sampling::Sampler;
-use anyhow::{bail, Context, Result};
+use crate::infer::template::IMAGE_PLACEHOLDER;
+use crate::train::data::{read_records, Record, Speaker};
+use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,26 +28,25 @@ pub struct Score {
 
 /// Evaluate `ckpt` on `data` (images under `image_folder`, default: the data file's directory).
 pub fn run(ckpt: &Path, data: &Path, image_folder: Option<&Path>, o: &Options, json: bool) -> Result<Score> {
-    let text = std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
-    let records: Vec<serde_json::Value> = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a JSON array of records", data.display()))?;
+    let records = read_records(data)?;
+    if records.is_empty() {
+        bail!("{}: no records to evaluate", data.display());
+    }
     let folder = image_folder.map(Path::to_path_buf).unwrap_or_else(|| data.with_file_name(""));
+    // Every record is checked before the model is loaded and the first answer generated.
+    let mut cases = Vec::with_capacity(records.len());
+    for r in records {
+        let r = r.map_err(|bad| anyhow!("{}: {bad}", data.display()))?;
+        let (question, answer) = question_and_answer(&r)
+            .map_err(|why| anyhow!("{}: record {:?} (#{}): {why}", data.display(), r.id, r.index))?;
+        let message = question.replace("<image>\n", "").replace(IMAGE_PLACEHOLDER, "");
+        let image = r.image.as_deref().map(|f| folder.join(f));
+        cases.push((r.id.clone(), message, answer.trim().to_string(), image));
+    }
     let mut chat = Chat::open(ckpt, o)?;
     let eos = chat.eos();
     let mut score = Score { total: 0, correct: 0, by_question: BTreeMap::new(), misses: Vec::new() };
-    for r in &records {
-        let id = r["id"].as_str().unwrap_or("?").to_string();
-        let turns =
-            r["conversations"].as_array().with_context(|| format!("record {id}: no conversations"))?;
-        let (Some(q), Some(a)) = (turns.first(), turns.get(1)) else {
-            bail!("record {id}: needs a question and an answer");
-        };
-        let (question, answer) = (
-            q["value"].as_str().unwrap_or_default().to_string(),
-            a["value"].as_str().unwrap_or_default().trim().to_string(),
-        );
-        let image = r["image"].as_str().map(|f| folder.join(f));
-        let message = question.replace("<image>\n", "").replace("<image>", "");
+    for (id, message, answer, image) in cases {
         let (prompt, pixels) = chat.prompt(&message, image.as_deref())?;
         let Chat { model, tokenizer, .. } = &mut chat;
         let out = generate(
@@ -85,4 +87,26 @@ pub fn run(ckpt: &Path, data: &Path, image_folder: Option<&Path>, o: &Options, j
         }
     }
     Ok(score)
+}
+
+/// The record's first human turn and the gpt turn right after it (a leading gpt turn is skipped,
+/// as in training), with at most one `<image>` marker, and one only where there is an image.
+fn question_and_answer(r: &Record) -> std::result::Result<(&str, &str), String> {
+    let mut turns = r.turns.iter().skip_while(|t| t.from == Speaker::Gpt);
+    let (Some(q), Some(a)) = (turns.next(), turns.next()) else {
+        return Err("needs a human question followed by a gpt answer".into());
+    };
+    if (q.from, a.from) != (Speaker::Human, Speaker::Gpt) {
+        let name = |s: Speaker| if s == Speaker::Human { "human" } else { "gpt" };
+        return Err(format!(
+            "needs a human question followed by a gpt answer, got {} then {}",
+            name(q.from),
+            name(a.from)
+        ));
+    }
+    match (r.image.is_some(), q.value.matches(IMAGE_PLACEHOLDER).count()) {
+        (false, 0) | (true, 0 | 1) => Ok((&q.value, &a.value)),
+        (false, _) => Err("the question has an <image> marker but the record has no image".into()),
+        (true, n) => Err(format!("the question has {n} <image> markers for one image")),
+    }
 }
