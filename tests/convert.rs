@@ -274,3 +274,34 @@ fn a_broken_tokenizer_is_refused_by_name() {
     assert!(err.contains("src/tokenizer.model: malformed sentencepiece model"), "{err}");
     assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 1, "nothing written beside src");
 }
+
+/// Integer tensors where LLaMA has weights are refused by name (they converted and ran).
+#[test]
+fn integer_weights_are_refused_by_name() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for f in std::fs::read_dir(fixture("llama-mha")).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, src.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let file = src.join("model.safetensors");
+    let mut tensors = shardsmith_converters::formats::safetensors::read_file(&file).unwrap();
+    let head = tensors["lm_head.weight"].clone();
+    assert_eq!(head.dtype, shardsmith_converters::DType::F32);
+    let bytes = head.bytes("lm_head.weight").unwrap().into_owned();
+    let as_int = shardsmith_converters::TensorEntry::new(
+        shardsmith_converters::DType::I32,
+        head.shape.clone(),
+        shardsmith_converters::ByteSource::owned(bytes),
+        std::sync::Arc::from(file.as_path()),
+    );
+    tensors.insert("lm_head.weight".into(), as_int);
+    let staged = work.path().join("m.safetensors");
+    shardsmith_converters::formats::safetensors::write_file(&tensors, &staged, false).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    let err = refused(&["convert", s(&src), s(&work.path().join("o.nemo"))]);
+    assert!(err.contains("tensor 'lm_head.weight': expected floating-point weights, got"), "{err}");
+}

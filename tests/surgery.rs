@@ -484,6 +484,23 @@ fn merge_lora_matches_torch_and_reruns_bit_exactly() {
     ]);
     assert_eq!(formats::open(&nemo_out).unwrap().meta.parallel.tp, 2);
     assert!(ok(&["diff", s(&nemo_out), s(&work.path().join("adapter"))]).contains("MATCH"));
+    // fan_in_fan_out: true merges as false: PEFT turns it off for nn.Linear targets (all of
+    // LLaMA's), so transposing the product (the same shape for q_proj) would be silently wrong.
+    let fifo = work.path().join("adapter-fifo");
+    std::fs::create_dir(&fifo).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(fixture("lora-tiny/adapter").join(f), fifo.join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(fifo.join("adapter_config.json")).unwrap();
+    assert!(config.contains("\"fan_in_fan_out\": false"), "{config}");
+    std::fs::write(
+        fifo.join("adapter_config.json"),
+        config.replace("\"fan_in_fan_out\": false", "\"fan_in_fan_out\": true"),
+    )
+    .unwrap();
+    let fifo_out = work.path().join("merged-fifo");
+    ok(&["surgery", "merge-lora", s(&base), "--adapter", s(&fifo), "-o", s(&fifo_out)]);
+    assert!(ok(&["diff", s(&fifo_out), s(&work.path().join("adapter"))]).contains("MATCH"));
     // An adapter for another model is refused with the shapes.
     let err = refused(&[
         "surgery",

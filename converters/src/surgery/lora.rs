@@ -7,7 +7,8 @@
 //! ([out, r]); an adapter name (`lora_A.default.weight`) is accepted too. The scale is
 //! `lora_alpha / r`, or `lora_alpha / √r` with `use_rslora`, with per-module `rank_pattern` /
 //! `alpha_pattern` overrides matched the way PEFT matches them (`(^|.*\.)KEY$`). `fan_in_fan_out`
-//! (weights stored [in, out]) adds the transposed product. Embedding adapters
+//! is ignored: it describes GPT-2's `Conv1D` ([in, out] weights), and PEFT itself turns it off for
+//! `nn.Linear` targets, which every LLaMA projection is. Embedding adapters
 //! (`lora_embedding_A` [r, V], `lora_embedding_B` [H, r]) add `(B·A)ᵀ`. Full tensors the adapter
 //! saves (`modules_to_save`) replace the base's. DoRA is refused.
 //!
@@ -34,8 +35,6 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// `alpha / sqrt(r)` instead of `alpha / r`.
     pub rslora: bool,
-    /// Base weights stored `[in, out]` (GPT-2 `Conv1D`).
-    pub fan_in_fan_out: bool,
     /// `target_modules`: a list of module-name suffixes, or one regex (full match).
     pub targets: Targets,
     /// Per-module rank overrides.
@@ -113,7 +112,6 @@ impl LoraConfig {
             r,
             alpha,
             rslora: v.get("use_rslora").and_then(Json::as_bool).unwrap_or(false),
-            fan_in_fan_out: v.get("fan_in_fan_out").and_then(Json::as_bool).unwrap_or(false),
             targets,
             rank_pattern,
             alpha_pattern,
@@ -281,8 +279,8 @@ pub fn merge_lora(base: &Checkpoint, adapter: &Adapter) -> Result<Edit> {
                 format!("module '{module}': expected rank {r} from adapter_config.json, got lora_A {:?}, lora_B {:?}", a.shape, b.shape),
             ));
         }
-        // The product B·A is [bm, an]; it is added transposed for embeddings and fan_in_fan_out.
-        let transpose = p.embedding || adapter.config.fan_in_fan_out;
+        // The product B·A is [bm, an]; it is added transposed for embeddings.
+        let transpose = p.embedding;
         let want = if transpose { vec![an, bm] } else { vec![bm, an] };
         if w.shape != want {
             return Err(Error::invalid(
