@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture, ok, refused, s, shardsmith};
+use common::{copy_fixture, edit_config, fixture, ok, refused, s, shardsmith};
 use shardsmith::commands::synth::{synthetic_tensors, LlamaShape};
 use shardsmith_converters::formats::{self, hf_dir};
 use shardsmith_converters::{Checkpoint, Flavour, Meta, ModelConfig, Parallelism};
@@ -261,14 +261,7 @@ fn a_broken_tokenizer_is_refused_by_name() {
     ]);
     assert!(err.contains("llama-mha/config.json: malformed sentencepiece model"), "{err}");
 
-    let src = work.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    for f in std::fs::read_dir(fixture("llama-mha")).unwrap() {
-        let f = f.unwrap().path();
-        if f.is_file() {
-            std::fs::copy(&f, src.join(f.file_name().unwrap())).unwrap();
-        }
-    }
+    let src = copy_fixture("llama-mha", &work.path().join("src"));
     std::fs::write(src.join("tokenizer.model"), b"").unwrap();
     let err = refused(&["convert", s(&src), s(&out)]);
     assert!(err.contains("src/tokenizer.model: malformed sentencepiece model"), "{err}");
@@ -279,14 +272,7 @@ fn a_broken_tokenizer_is_refused_by_name() {
 #[test]
 fn integer_weights_are_refused_by_name() {
     let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    for f in std::fs::read_dir(fixture("llama-mha")).unwrap() {
-        let f = f.unwrap().path();
-        if f.is_file() {
-            std::fs::copy(&f, src.join(f.file_name().unwrap())).unwrap();
-        }
-    }
+    let src = copy_fixture("llama-mha", &work.path().join("src"));
     let file = src.join("model.safetensors");
     let mut tensors = shardsmith_converters::formats::safetensors::read_file(&file).unwrap();
     let head = tensors["lm_head.weight"].clone();
@@ -304,4 +290,33 @@ fn integer_weights_are_refused_by_name() {
     std::fs::rename(&staged, &file).unwrap();
     let err = refused(&["convert", s(&src), s(&work.path().join("o.nemo"))]);
     assert!(err.contains("tensor 'lm_head.weight': expected floating-point weights, got"), "{err}");
+}
+
+/// llava-hf config values the model cannot run are refused by `convert` as they are by
+/// `generate`, instead of being written into a .nemo that fails later.
+#[test]
+fn llava_hf_configs_that_cannot_run_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let cases: [(&str, fn(&mut serde_json::Value), &str); 4] = [
+        ("token", |v| v["image_token_index"] = 99999.into(), "image_token_index 99999 is past the"),
+        (
+            "layer",
+            |v| v["vision_feature_layer"] = (-99).into(),
+            "vision_feature_layer -99 is out of range for a tower with",
+        ),
+        ("act", |v| v["vision_config"]["hidden_act"] = "nope".into(), "hidden_act \"nope\" is not supported"),
+        (
+            "heads",
+            |v| v["vision_config"]["num_attention_heads"] = 5.into(),
+            "is not a multiple of num_attention_heads 5",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let src = copy_fixture("llava-tiny", &work.path().join(name));
+        edit_config(&src, edit);
+        let out = work.path().join(format!("{name}.nemo"));
+        let err = refused(&["convert", s(&src), s(&out), "--template", "vicuna_v1"]);
+        assert!(err.contains(&format!("{name}: ")) && err.contains(want), "{name}: {err}");
+        assert!(!out.exists());
+    }
 }

@@ -44,6 +44,26 @@ pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
 }
 
+/// A copy of the files of fixture `rel` (not its subdirectories) in `dir`, to edit.
+pub fn copy_fixture(rel: &str, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in std::fs::read_dir(fixture(rel)).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    dir.to_path_buf()
+}
+
+/// Edit the `config.json` of a checkpoint directory.
+pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
 /// Assert two tensor maps hold the same names, dtypes, shapes and bytes (order may differ).
 pub fn assert_same_tensors(a: &TensorMap, b: &TensorMap, what: &str) {
     let mut names_a: Vec<&String> = a.keys().collect();

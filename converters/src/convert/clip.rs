@@ -32,7 +32,9 @@ fn need(cfg: &Json, key: &str, path: &Path) -> Result<usize> {
         .ok_or_else(|| Error::invalid(path, format!("CLIP vision config: missing or non-integer '{key}'")))
 }
 
-/// Canonical tensor names and shapes for a `CLIPVisionConfig`, in `state_dict()` order.
+/// Canonical tensor names and shapes for a `CLIPVisionConfig`, in `state_dict()` order. The
+/// config is checked for what the tower needs to run (the same rules as the model's loader), so
+/// a conversion does not write a tower nothing can load.
 pub fn clip_shapes(cfg: &Json, path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     let (c, inter, layers) = (
         need(cfg, "hidden_size", path)?,
@@ -41,11 +43,46 @@ pub fn clip_shapes(cfg: &Json, path: &Path) -> Result<Vec<(String, Vec<usize>)>>
     );
     let (image, patch) = (need(cfg, "image_size", path)?, need(cfg, "patch_size", path)?);
     let channels = cfg.get("num_channels").and_then(Json::as_u64).unwrap_or(3) as usize;
-    if patch == 0 || image % patch != 0 {
-        return Err(Error::invalid(
-            path,
-            format!("CLIP vision config: image_size {image} is not a multiple of patch_size {patch}"),
-        ));
+    // HF's CLIPVisionConfig defaults where a key is absent.
+    let heads = cfg.get("num_attention_heads").and_then(Json::as_u64).unwrap_or(12) as usize;
+    const MAX_LAYERS: usize = 1 << 10;
+    const MAX_DIM: usize = 1 << 20;
+    let sizes = [
+        ("num_hidden_layers", layers, MAX_LAYERS),
+        ("hidden_size", c, MAX_DIM),
+        ("intermediate_size", inter, MAX_DIM),
+        ("num_attention_heads", heads, MAX_DIM),
+        ("image_size", image, MAX_DIM),
+        ("patch_size", patch, MAX_DIM),
+        ("num_channels", channels, 64),
+    ];
+    for (key, n, max) in sizes {
+        if !(1..=max).contains(&n) {
+            return Err(Error::invalid(
+                path,
+                format!("CLIP vision config: {key} is {n}, expected 1 to {max}"),
+            ));
+        }
+    }
+    for (key, n, of, by) in
+        [("image_size", image, "patch_size", patch), ("hidden_size", c, "num_attention_heads", heads)]
+    {
+        if n % by != 0 {
+            return Err(Error::invalid(
+                path,
+                format!("CLIP vision config: {key} {n} is not a multiple of {of} {by}"),
+            ));
+        }
+    }
+    match cfg.get("hidden_act") {
+        None | Some(Json::Null) => {}
+        Some(Json::String(a)) if a == "quick_gelu" || a == "gelu" => {}
+        Some(other) => {
+            return Err(Error::invalid(
+                path,
+                format!("CLIP vision config: hidden_act {other} is not supported (quick_gelu, gelu)"),
+            ))
+        }
     }
     let positions = (image / patch).pow(2) + 1;
     let e = "vision_model.embeddings";
@@ -78,6 +115,24 @@ pub fn clip_shapes(cfg: &Json, path: &Path) -> Result<Vec<(String, Vec<usize>)>>
         ("vision_model.post_layernorm.bias".into(), vec![c]),
     ]);
     Ok(out)
+}
+
+/// Refuse a feature layer the tower does not have: `hidden_states` has `layers + 1` entries, and
+/// a negative index counts from the end as in Python (LLaVA-1.5's −2).
+pub fn check_feature_layer(layer: isize, cfg: &Json, key: &str, path: &Path) -> Result<()> {
+    let count = need(cfg, "num_hidden_layers", path)? as isize + 1;
+    if !(-count..count).contains(&layer) {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "{key} {layer} is out of range for a tower with {} layers (valid {}..={})",
+                count - 1,
+                -count,
+                count - 1
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Order `found` by [`clip_shapes`], proving every tensor is there with its shape and nothing is

@@ -379,6 +379,20 @@ pub fn from_llava_hf_checked(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
     let mut c = from_llava_hf(ckpt)?;
     let path = &ckpt.meta.path;
     c.vision = clip::check_clip(&c.vision_config, std::mem::take(&mut c.vision), path)?;
+    clip::check_feature_layer(
+        c.vision_feature_layer,
+        &c.vision_config,
+        "config.json: vision_feature_layer",
+        path,
+    )?;
+    // The image token is an embedding row like any other.
+    let rows = c.llm.hparams.vocab;
+    if c.image_token as usize >= rows {
+        return Err(Error::invalid(
+            path,
+            format!("config.json: image_token_index {} is past the {rows}-row embedding", c.image_token),
+        ));
+    }
     let width = c.vision_hidden().unwrap_or(0);
     c.projector = check_projector(
         c.projector_kind()?,
