@@ -102,7 +102,8 @@ fn tp8_pp2_reshards_back_to_tp1_bit_exactly() {
     let mha_dir = work.path().join("mha");
     synthetic_hf(&mha, 3, &mha_dir, None, 5 << 30);
     let legacy = work.path().join("legacy8.nemo");
-    let tok = fixture("llama-mha/tokenizer.model");
+    let tok = work.path().join("tokenizer-256.model");
+    std::fs::write(&tok, shardsmith::commands::synth::sentencepiece_model(256)).unwrap();
     ok(&[
         "convert",
         s(&mha_dir),
@@ -119,6 +120,9 @@ fn tp8_pp2_reshards_back_to_tp1_bit_exactly() {
     let back = work.path().join("legacy-back");
     ok(&["convert", s(&legacy), s(&back), "--vocab-size", "256"]);
     assert!(ok(&["diff", s(&mha_dir), s(&back)]).contains("MATCH"));
+    // Fewer rows than the tokenizer has pieces would leave ids without an embedding row.
+    let err = refused(&["convert", s(&legacy), s(&work.path().join("short")), "--vocab-size", "200"]);
+    assert!(err.contains("--vocab-size 200 is below the tokenizer's 256 pieces"), "{err}");
 }
 
 #[test]
@@ -319,4 +323,23 @@ fn llava_hf_configs_that_cannot_run_are_refused() {
         assert!(err.contains(&format!("{name}: ")) && err.contains(want), "{name}: {err}");
         assert!(!out.exists());
     }
+}
+
+/// A .nemo whose config names a tokenizer model the archive does not hold: `generate` and the
+/// conversion to HF both say which name is missing (the conversion used to drop the tokenizer).
+#[test]
+fn a_dangling_tokenizer_reference_is_named() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("m");
+    ok(&["convert", s(&fixture("llama-mha")), s(&dir), "--to", "nemo", "--extracted"]);
+    let yaml_path = dir.join("model_config.yaml");
+    let yaml = std::fs::read_to_string(&yaml_path).unwrap();
+    let line =
+        yaml.lines().find(|l| l.trim_start().starts_with("model: nemo:")).expect("tokenizer line").to_owned();
+    std::fs::write(&yaml_path, yaml.replace(&line, "  model: nemo:nonexistent.model")).unwrap();
+    let want = "missing the tokenizer model 'nemo:nonexistent.model' that model_config.yaml names";
+    let err = refused(&["convert", s(&dir), s(&work.path().join("hf"))]);
+    assert!(err.contains(want), "{err}");
+    let err = refused(&["generate", s(&dir), "--prompt", "hi"]);
+    assert!(err.contains(want), "{err}");
 }

@@ -8,9 +8,9 @@ use crate::infer::template::{self, Conversation, Flavour, Template, IMAGE_PLACEH
 use crate::infer::tokenizer::Tokenizer;
 use crate::models::neva::ImageTokens;
 use crate::models::{self, LoadOptions, Model, ModelInfo};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
-use shardsmith_converters::convert::tokenizer::nemo_tokenizer_model;
+use shardsmith_converters::convert::tokenizer::require_nemo_tokenizer_model;
 use shardsmith_converters::{Checkpoint, Flavour as FileFlavour, ModelConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -58,9 +58,7 @@ fn checkpoint_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer> {
     if let (FileFlavour::Nemo { .. }, Some(ModelConfig::NemoYaml(cfg))) =
         (&ckpt.meta.flavour, &ckpt.meta.config)
     {
-        let artifact = nemo_tokenizer_model(ckpt, cfg).with_context(|| {
-            format!("{}: the .nemo references no tokenizer model", ckpt.meta.path.display())
-        })?;
+        let artifact = require_nemo_tokenizer_model(ckpt, cfg)?;
         return Ok(Tokenizer::from_sentencepiece_bytes(
             &artifact.source.bytes()?,
             ckpt.meta.path.join(&artifact.name),

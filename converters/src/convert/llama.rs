@@ -671,7 +671,21 @@ pub fn nemo_to_hf(src: &Checkpoint, vocab: Option<usize>, dtype: Option<DType>) 
             &serde_json::json!({"bos_token_id": bos, "eos_token_id": eos, "_from_model_config": true}),
         )),
     }];
-    if let Some(model) = tokenizer::nemo_tokenizer_model(src, cfg) {
+    // A tokenizer the config names must come along: an HF directory without it is not usable.
+    let model = match cfg.get_str("tokenizer.model") {
+        Some(_) => Some(tokenizer::require_nemo_tokenizer_model(src, cfg)?),
+        None => None,
+    };
+    if let (Some(want), Some(model)) = (vocab, model) {
+        let pieces = crate::describe::sentencepiece_pieces(&model.source.bytes()?).unwrap_or(0);
+        if want < pieces {
+            return Err(Error::invalid(
+                &src.meta.path,
+                format!("--vocab-size {want} is below the tokenizer's {pieces} pieces: ids from {want} on would have no embedding row"),
+            ));
+        }
+    }
+    if let Some(model) = model {
         artifacts.push(Artifact { name: "tokenizer.model".into(), source: model.source.clone() });
         let tok_cfg = serde_json::json!({
             "tokenizer_class": "LlamaTokenizer",

@@ -2,6 +2,7 @@
 
 use crate::checkpoint::{Artifact, Checkpoint};
 use crate::describe::sentencepiece_pieces;
+use crate::error::{Error, Result};
 use crate::formats::nemo::{self, NemoConfig};
 
 /// Vocabulary of a `.nemo`'s tokenizer: SentencePiece pieces plus
@@ -20,6 +21,25 @@ pub fn nemo_vocab(ckpt: &Checkpoint, cfg: &NemoConfig) -> Option<usize> {
 /// The SentencePiece model a `.nemo` references, if any.
 pub fn nemo_tokenizer_model<'a>(ckpt: &'a Checkpoint, cfg: &NemoConfig) -> Option<&'a Artifact> {
     nemo::resolve_artifact(ckpt, cfg.get_str("tokenizer.model")?)
+}
+
+/// The SentencePiece model a `.nemo` must carry: an error that says whether the config names
+/// none or names one the archive does not hold.
+pub fn require_nemo_tokenizer_model<'a>(ckpt: &'a Checkpoint, cfg: &NemoConfig) -> Result<&'a Artifact> {
+    let path = &ckpt.meta.path;
+    let Some(named) = cfg.get_str("tokenizer.model") else {
+        return Err(Error::missing(path, "a tokenizer model (model_config.yaml has no tokenizer.model)"));
+    };
+    nemo::resolve_artifact(ckpt, named).ok_or_else(|| {
+        let held: Vec<&str> = ckpt.meta.artifacts.iter().map(|a| a.name.as_str()).collect();
+        Error::missing(
+            path,
+            format!(
+                "the tokenizer model '{named}' that model_config.yaml names (the archive holds: {})",
+                held.join(", ")
+            ),
+        )
+    })
 }
 
 /// NeMo's artifact name `<32 hex>_<basename>`. NeMo uses a random uuid; we hash the content so
