@@ -237,6 +237,10 @@ fn resize_vocab_adds_tokens_reproducibly_and_refuses_unsafe_shrinks() {
     // Shrinking: dropping rows the tokenizer uses is refused; padding rows can go.
     let err = refused(&["surgery", "resize-vocab", s(&src), "-o", s(&work.path().join("x")), "--to", "250"]);
     assert!(err.contains("cannot shrink the vocabulary to 250") && err.contains("255 ("), "{err}");
+    // A typo'd size is refused before rows are allocated for it.
+    let err =
+        refused(&["surgery", "resize-vocab", s(&src), "-o", s(&work.path().join("x")), "--to", "100000000"]);
+    assert!(err.contains("--to 100000000: at most 16777216 rows"), "{err}");
     let err = refused(&[
         "surgery",
         "resize-vocab",

@@ -143,8 +143,8 @@ pub fn sentencepiece_model(vocab: usize) -> Vec<u8> {
 pub fn run(preset: &str, layers: Option<usize>, seed: u64, out: &Path, force: bool) -> Result<()> {
     let mut shape = LlamaShape::preset(preset)?;
     if let Some(l) = layers {
-        if l == 0 {
-            bail!("--layers must be at least 1");
+        if !(1..=shape.layers).contains(&l) {
+            bail!("--layers {l}: the {preset} preset has {} layers; keep 1 to {0}", shape.layers);
         }
         shape.layers = l;
     }
@@ -163,4 +163,23 @@ pub fn run(preset: &str, layers: Option<usize>, seed: u64, out: &Path, force: bo
         shape.layers
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_beyond_the_preset_are_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("s");
+        for layers in [0, 33, usize::MAX] {
+            let err = run("llama2-7b", Some(layers), 0, &out, false).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("--layers {layers}: the llama2-7b preset has 32 layers; keep 1 to 32")),
+                "{err}"
+            );
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }

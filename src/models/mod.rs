@@ -174,6 +174,13 @@ fn vision_language(
     }
     let llm = ParallelLlama::load(&c.llm, tp, o.dtype, &o.device)?;
     let vcfg = ClipVisionConfig::from_json(&c.vision_config, &path)?;
+    // Checked at load, where the file can be named, not at the first image.
+    shardsmith_converters::convert::clip::check_feature_layer(
+        c.vision_feature_layer,
+        &c.vision_config,
+        "vision feature layer (vision_feature_layer / mm_vision_select_layer / vision_select_layer)",
+        &path,
+    )?;
     let vb = TensorMapBackend::new(c.vision.clone(), &path).into_var_builder(o.dtype, &o.device);
     let vision = ClipVisionModel::load(vb, &vcfg)?;
     let kind = ProjectorKind::parse(&c.projector_type)?;

@@ -120,7 +120,9 @@ pub fn clip_shapes(cfg: &Json, path: &Path) -> Result<Vec<(String, Vec<usize>)>>
 /// Refuse a feature layer the tower does not have: `hidden_states` has `layers + 1` entries, and
 /// a negative index counts from the end as in Python (LLaVA-1.5's −2).
 pub fn check_feature_layer(layer: isize, cfg: &Json, key: &str, path: &Path) -> Result<()> {
-    let count = need(cfg, "num_hidden_layers", path)? as isize + 1;
+    // HF's CLIPVisionConfig default when the key is absent.
+    let layers = cfg.get("num_hidden_layers").and_then(Json::as_u64).unwrap_or(12);
+    let count = isize::try_from(layers).unwrap_or(isize::MAX - 1) + 1;
     if !(-count..count).contains(&layer) {
         return Err(Error::invalid(
             path,

@@ -201,13 +201,18 @@ impl LlamaHparams {
         self.heads / self.groups.max(1)
     }
 
+    /// The most decoder layers a config may have (see [`LlamaHparams::validate`]).
+    pub const MAX_LAYERS: usize = 1 << 14;
+    /// The largest width, head count or vocabulary a config may have.
+    pub const MAX_DIM: usize = 1 << 24;
+
     /// Check internal consistency (heads divide into groups, hidden = heads·d is not required by
-    /// LLaMA, but q/k/v shapes follow from these numbers).
+    /// LLaMA, but q/k/v shapes follow from these numbers) and bounds.
     pub fn validate(&self, path: &Path) -> Result<()> {
         // Generous bounds (LLaMA-3-405B: 126 layers, hidden 16384, vocab 128256) that keep every
         // shape product far inside u64 and a typo'd layer count from listing 10^12 tensors.
-        const MAX_LAYERS: usize = 1 << 14;
-        const MAX_DIM: usize = 1 << 24;
+        const MAX_LAYERS: usize = LlamaHparams::MAX_LAYERS;
+        const MAX_DIM: usize = LlamaHparams::MAX_DIM;
         let sizes = [
             ("layers", self.layers, MAX_LAYERS),
             ("hidden size", self.hidden, MAX_DIM),

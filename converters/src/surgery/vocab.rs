@@ -19,6 +19,7 @@ use super::plan::{Action, Change, Edit, Plan};
 use super::tokens::{add_tokens, TokenizerView};
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{Error, Result};
+use crate::names::llama::LlamaHparams;
 use crate::transforms;
 use serde_json::json;
 use std::ops::Range;
@@ -130,6 +131,15 @@ pub fn resize_vocab(src: &Checkpoint, change: &VocabChange, init: Init) -> Resul
             let n = *n;
             if n == 0 {
                 return Err(Error::argument("--to 0", "a vocabulary needs at least one row"));
+            }
+            if n > LlamaHparams::MAX_DIM {
+                return Err(Error::argument(
+                    format!("--to {n}"),
+                    format!(
+                        "at most {} rows (the largest size a LLaMA config may have)",
+                        LlamaHparams::MAX_DIM
+                    ),
+                ));
             }
             if model.is_nemo() && n != v {
                 return Err(Error::invalid(

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use serde_yaml::{Mapping, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The key NeMo strips when a config arrives wrapped as `model: {…}` (formats.md §1.2).
 const WRAPPER: &str = "model";
@@ -21,6 +21,8 @@ pub struct NemoConfig {
     /// Parsed view for reading fields (the model section: a top-level `model:` wrapper, if the
     /// file has one, is already stripped as NeMo does).
     pub value: serde_yaml::Value,
+    /// Where it was read (`x.nemo:model_config.yaml`), for errors about its values.
+    pub origin: PathBuf,
 }
 
 impl NemoConfig {
@@ -28,7 +30,7 @@ impl NemoConfig {
     pub fn parse(raw: String, origin: &Path) -> Result<Self> {
         let doc = parse_doc(&raw, origin)?;
         let value = strip_wrapper(doc);
-        Ok(NemoConfig { raw, value })
+        Ok(NemoConfig { raw, value, origin: origin.to_path_buf() })
     }
 
     /// The value at a dotted path such as `tokenizer.model` or `num_layers`.
@@ -64,7 +66,7 @@ impl NemoConfig {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
                 Error::invalid(
-                    "model_config.yaml",
+                    &self.origin,
                     format!("'{key_path}' should be a non-negative integer, found {}", render_inline(v)),
                 )
             }),
@@ -81,9 +83,7 @@ impl NemoConfig {
     /// from the old document anywhere but the target, nothing is changed and an error says why.
     pub fn set_scalar(&mut self, key_path: &str, value: impl Into<Value>) -> Result<()> {
         let value = value.into();
-        let err = |detail: String| {
-            Error::invalid("model_config.yaml", format!("cannot set '{key_path}': {detail}"))
-        };
+        let err = |detail: String| Error::invalid(&self.origin, format!("cannot set '{key_path}': {detail}"));
         if !matches!(value, Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_)) {
             return Err(err("only scalars (null, bool, number, string) can be set".into()));
         }
@@ -94,7 +94,8 @@ impl NemoConfig {
         if segments.iter().any(|s| s.is_empty()) {
             return Err(err("empty path segment".into()));
         }
-        let origin = Path::new("model_config.yaml");
+        let origin = self.origin.clone();
+        let origin = origin.as_path();
         let old_doc = parse_doc(&self.raw, origin)?;
         let wrapped = is_wrapped(&old_doc);
         let mut full: Vec<&str> = Vec::with_capacity(segments.len() + 1);
@@ -451,7 +452,15 @@ encoder_seq_length: 4096
         assert_eq!(c.get("tokenizer.vocab_file"), Some(&Value::Null));
         assert_eq!(c.get("tokenizer.nope"), None);
         assert_eq!(c.usize_or("virtual_pipeline_model_parallel_size", 1).unwrap(), 1);
-        assert!(c.usize_or("precision", 1).is_err());
+        let err = c.usize_or("precision", 1).unwrap_err().to_string();
+        assert!(err.starts_with("t.yaml: 'precision' should be a non-negative integer"), "{err}");
+        let inside = NemoConfig::parse(
+            "tensor_model_parallel_size: -1\n".into(),
+            Path::new("m.nemo:model_config.yaml"),
+        )
+        .unwrap();
+        let err = inside.usize_or("tensor_model_parallel_size", 1).unwrap_err().to_string();
+        assert!(err.starts_with("m.nemo:model_config.yaml: 'tensor_model_parallel_size'"), "{err}");
     }
 
     #[test]
