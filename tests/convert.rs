@@ -301,8 +301,18 @@ fn integer_weights_are_refused_by_name() {
 #[test]
 fn llava_hf_configs_that_cannot_run_are_refused() {
     let work = tempfile::tempdir().unwrap();
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 4] = [
+    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
         ("token", |v| v["image_token_index"] = 99999.into(), "image_token_index 99999 is past the"),
+        (
+            "negative",
+            |v| v["image_token_index"] = (-1).into(),
+            "image_token_index must be a token id, got -1",
+        ),
+        (
+            "notext",
+            |v| drop(v.as_object_mut().unwrap().remove("text_config")),
+            "model_type 'llava' but has neither llava-hf's text_config nor original LLaVA's mm_* keys",
+        ),
         (
             "layer",
             |v| v["vision_feature_layer"] = (-99).into(),

@@ -520,7 +520,21 @@ pub fn run(src: &Path, dst: &Path, o: &Options) -> Result<()> {
         build_multimodal(&source, dst, o)?
     } else {
         if o.vision.is_some() || o.template.is_some() {
-            bail!("--vision and --template apply to multimodal sources (NeVA .nemo, llava-hf, LLaVA)");
+            let what = match &source.meta.config {
+                Some(ModelConfig::HfJson(v)) => match v.get("model_type").and_then(|t| t.as_str()) {
+                    Some(t @ ("llava" | "llava_llama")) => format!(
+                        "its config.json says model_type '{t}' but has neither llava-hf's text_config \
+                         nor original LLaVA's mm_* keys"
+                    ),
+                    Some(t) => format!("it is a '{t}' checkpoint"),
+                    None => "its config.json has no model_type".into(),
+                },
+                _ => "it is a text-only checkpoint".into(),
+            };
+            bail!(
+                "{}: --vision and --template apply to multimodal sources (NeVA .nemo, llava-hf, LLaVA); {what}",
+                source.meta.path.display()
+            );
         }
         let (ckpt, kind) = build_target(&source, dst, o)?;
         vec![Output { ckpt, kind, dest: dst.to_path_buf() }]

@@ -323,11 +323,12 @@ pub fn from_llava_hf(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
             )
         })?,
     };
-    let image_token =
-        cfg.get("image_token_index")
-            .or_else(|| cfg.get("image_token_id"))
-            .and_then(Json::as_u64)
-            .ok_or_else(|| Error::missing(path, "config.json: 'image_token_index'"))? as u32;
+    let image_token = match cfg.get("image_token_index").or_else(|| cfg.get("image_token_id")) {
+        None | Some(Json::Null) => return Err(Error::missing(path, "config.json: 'image_token_index'")),
+        Some(v) => v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
+            Error::invalid(path, format!("config.json: image_token_index must be a token id, got {v}"))
+        })?,
+    };
     let pad = cfg
         .get("pad_token_id")
         .or_else(|| text_config.get("pad_token_id"))
