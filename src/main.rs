@@ -641,16 +641,14 @@ fn parse_weights(s: &str) -> Result<WeightFormat, String> {
     }
 }
 
-/// `5GB`, `500MB`, `100KB`, `1GiB` or plain bytes (HF's decimal units; `iB` binary).
-/// A finite, non-negative tolerance: NaN against a number differs by +inf, so `--atol inf`
-/// would call NaN weights a match.
+/// A finite, non-negative tolerance ([`shardsmith::commands::diff::check_tolerance`]).
 fn parse_tolerance(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
-        _ => Err(format!("'{s}' is not a finite tolerance >= 0")),
-    }
+    let t = s.parse::<f64>().map_err(|_| format!("'{s}' is not a finite tolerance >= 0"))?;
+    shardsmith::commands::diff::check_tolerance(t)
+        .map_err(|_| format!("'{s}' is not a finite tolerance >= 0"))
 }
 
+/// `5GB`, `500MB`, `100KB`, `1GiB` or plain bytes (HF's decimal units; `iB` binary).
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());

@@ -146,7 +146,7 @@ fn get<'a>(golden: &'a HashMap<String, Tensor>, key: &str, path: &Path) -> Resul
 /// because a float or out-of-range id would otherwise be converted silently.
 fn prompt_ids(t: &Tensor, key: &str, path: &Path) -> Result<Tensor> {
     let bad = |detail: String| Error::config(path, format!("reference '{key}': {detail}"));
-    if !matches!(t.dtype(), DType::I64 | DType::U32 | DType::U8) {
+    if !t.dtype().is_int() {
         return Err(bad(format!("expected integer token ids, got {:?}", t.dtype())));
     }
     match t.dims() {

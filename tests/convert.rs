@@ -351,5 +351,11 @@ fn a_dangling_tokenizer_reference_is_named() {
     let err = refused(&["convert", s(&dir), s(&work.path().join("hf"))]);
     assert!(err.contains(want), "{err}");
     let err = refused(&["generate", s(&dir), "--prompt", "hi"]);
-    assert!(err.contains(want), "{err}");
+    assert!(err.contains(want) && err.contains("pass --tokenizer PATH"), "{err}");
+    // Supplying it converts, and the HF directory gets that tokenizer.
+    let hf = work.path().join("hf");
+    let tok = fixture("llama-mha/tokenizer.model");
+    ok(&["convert", s(&dir), s(&hf), "--tokenizer", s(&tok)]);
+    assert_eq!(std::fs::read(hf.join("tokenizer.model")).unwrap(), std::fs::read(&tok).unwrap());
+    assert!(ok(&["diff", s(&fixture("llama-mha")), s(&hf)]).contains("MATCH"));
 }

@@ -157,7 +157,12 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
             llama::hf_to_nemo(src, &t, tokenizer.as_ref())?
         }
         (true, TargetKind::Nemo) => llama::reshard_nemo(src, o.tp, o.pp, o.layout, o.dtype)?,
-        (true, TargetKind::Hf) => llama::nemo_to_hf(src, o.vocab, o.dtype)?,
+        (true, TargetKind::Hf) => {
+            let given = o.tokenizer.as_deref().map(sentencepiece::read_model_file).transpose()?;
+            let given = given
+                .map(|source| shardsmith_converters::Artifact { name: "tokenizer.model".into(), source });
+            llama::nemo_to_hf(src, o.vocab, o.dtype, given.as_ref())?
+        }
         (_, TargetKind::Llava) => {
             bail!("--to llava needs a multimodal source (NeVA .nemo, llava-hf or LLaVA)")
         }

@@ -154,8 +154,19 @@ fn closest(name: &str, candidates: &TensorMap, exclude: &TensorMap) -> Option<St
         .map(|(_, c)| c.clone())
 }
 
+/// `atol` when it is finite and non-negative: NaN against a number differs by +inf, so an
+/// infinite tolerance would call NaN weights a match.
+pub fn check_tolerance(atol: f64) -> Result<f64> {
+    if atol.is_finite() && atol >= 0.0 {
+        Ok(atol)
+    } else {
+        anyhow::bail!("tolerance {atol} is not a finite number >= 0")
+    }
+}
+
 /// Compare two tensor maps.
 pub fn diff(a: &TensorMap, b: &TensorMap, atol: f64) -> Result<Report> {
+    check_tolerance(atol)?;
     let mut rows = Vec::new();
     let mut matches = true;
     for (name, ta) in a {

@@ -116,6 +116,21 @@ pub fn distinct_drawings(side: u32) -> usize {
     COLOURS.len() * SHAPES.len() * centres * centres * radii
 }
 
+/// `--force` replaces a demo set, never a directory holding anything else (`-o ~/data` by mistake).
+fn refuse_foreign_contents(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in entries {
+        let name = e.map_err(|e| Error::io(dir, e))?.file_name();
+        if !matches!(name.to_str(), Some("images" | "train.json" | "test.json")) {
+            return Err(Error::Usage(format!(
+                "{} holds {name:?}, which no demo set has; not replacing it (choose another -o)",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Write `images/`, `train.json` (`train` images × every question) and `test.json` (`test`
 /// images × every question) as the directory `dir` (replacing it only when `overwrite`); images
 /// are `side` pixels square and all different. The directory appears whole or not at all.
@@ -134,6 +149,9 @@ pub fn write(
              drawings there are at --size {side}; ask for fewer or a larger size"
         ))
     })?;
+    if overwrite {
+        refuse_foreign_contents(dir)?;
+    }
     let staged = shardsmith_converters::atomic::AtomicDir::create(dir, overwrite)?;
     let images = staged.path().join("images");
     std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
@@ -240,6 +258,10 @@ mod tests {
         assert!(err.contains("exists"), "{err}");
         write(&dir, 3, 1, 16, 0, true).unwrap();
         assert!(dir.join("images/00003.png").exists());
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let err = write(&dir, 3, 1, 16, 0, true).unwrap_err().to_string();
+        assert!(err.contains("holds \"notes.txt\", which no demo set has; not replacing it"), "{err}");
+        assert!(dir.join("notes.txt").exists());
         let leftovers: Vec<_> =
             std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers, ["d"], "no staging directory is left behind");

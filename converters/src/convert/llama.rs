@@ -655,9 +655,14 @@ pub fn reshard_nemo(
 }
 
 /// `.nemo` checkpoint → HF directory checkpoint: `config.json` derived from the yaml, the
-/// vocabulary trimmed to the tokenizer's, the SentencePiece model written as `tokenizer.model`
-/// with the small JSON files transformers needs to load it.
-pub fn nemo_to_hf(src: &Checkpoint, vocab: Option<usize>, dtype: Option<DType>) -> Result<Checkpoint> {
+/// vocabulary trimmed to the tokenizer's, the SentencePiece model (`tokenizer`, else the one the
+/// yaml names) written as `tokenizer.model` with the small JSON files transformers needs to load it.
+pub fn nemo_to_hf(
+    src: &Checkpoint,
+    vocab: Option<usize>,
+    dtype: Option<DType>,
+    tokenizer: Option<&Artifact>,
+) -> Result<Checkpoint> {
     let Some(ModelConfig::NemoYaml(cfg)) = &src.meta.config else {
         return Err(Error::missing(&src.meta.path, "model_config.yaml"));
     };
@@ -672,9 +677,10 @@ pub fn nemo_to_hf(src: &Checkpoint, vocab: Option<usize>, dtype: Option<DType>) 
         )),
     }];
     // A tokenizer the config names must come along: an HF directory without it is not usable.
-    let model = match cfg.get_str("tokenizer.model") {
-        Some(_) => Some(tokenizer::require_nemo_tokenizer_model(src, cfg)?),
-        None => None,
+    let model = match (tokenizer, cfg.get_str("tokenizer.model")) {
+        (Some(given), _) => Some(given),
+        (None, Some(_)) => Some(tokenizer::require_nemo_tokenizer_model(src, cfg)?),
+        (None, None) => None,
     };
     if let (Some(want), Some(model)) = (vocab, model) {
         let pieces = crate::describe::sentencepiece_pieces(&model.source.bytes()?).unwrap_or(0);

@@ -28,14 +28,18 @@ pub fn nemo_tokenizer_model<'a>(ckpt: &'a Checkpoint, cfg: &NemoConfig) -> Optio
 pub fn require_nemo_tokenizer_model<'a>(ckpt: &'a Checkpoint, cfg: &NemoConfig) -> Result<&'a Artifact> {
     let path = &ckpt.meta.path;
     let Some(named) = cfg.get_str("tokenizer.model") else {
-        return Err(Error::missing(path, "a tokenizer model (model_config.yaml has no tokenizer.model)"));
+        return Err(Error::missing(
+            path,
+            "a tokenizer model (model_config.yaml has no tokenizer.model; pass --tokenizer PATH)",
+        ));
     };
     nemo::resolve_artifact(ckpt, named).ok_or_else(|| {
         let held: Vec<&str> = ckpt.meta.artifacts.iter().map(|a| a.name.as_str()).collect();
         Error::missing(
             path,
             format!(
-                "the tokenizer model '{named}' that model_config.yaml names (the archive holds: {})",
+                "the tokenizer model '{named}' that model_config.yaml names (the archive holds: {}; \
+                 pass --tokenizer PATH)",
                 held.join(", ")
             ),
         )

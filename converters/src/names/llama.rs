@@ -97,13 +97,26 @@ impl LlamaHparams {
             .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Json::as_f64))
             .unwrap_or(10000.0);
         // What LLaMA computes; anything else would convert and then run as if it were LLaMA.
+        // transformers' ACT2CLS maps both names to nn.SiLU.
         if let Some(act) = v.get("hidden_act").filter(|a| !a.is_null()) {
-            if act.as_str() != Some("silu") {
+            if !matches!(act.as_str(), Some("silu" | "swish")) {
                 return Err(Error::invalid(
                     path,
                     format!("config.json: hidden_act is {act}, LLaMA's SwiGLU needs \"silu\""),
                 ));
             }
+        }
+        // Partial rotary embedding (rotating only part of each head), read by transformers'
+        // default RoPE for any model; LLaMA rotates whole heads.
+        let partial = v
+            .get("partial_rotary_factor")
+            .or_else(|| rope.and_then(|r| r.get("partial_rotary_factor")))
+            .and_then(Json::as_f64);
+        if let Some(f) = partial.filter(|&f| f != 1.0) {
+            return Err(Error::invalid(
+                path,
+                format!("config.json: partial_rotary_factor is {f}; LLaMA rotates whole heads (1.0)"),
+            ));
         }
         for key in ["attention_bias", "mlp_bias"] {
             if v.get(key).and_then(Json::as_bool) == Some(true) {
@@ -211,21 +224,28 @@ impl LlamaHparams {
     pub fn validate(&self, path: &Path) -> Result<()> {
         // Generous bounds (LLaMA-3-405B: 126 layers, hidden 16384, vocab 128256) that keep every
         // shape product far inside u64 and a typo'd layer count from listing 10^12 tensors.
-        const MAX_LAYERS: usize = LlamaHparams::MAX_LAYERS;
-        const MAX_DIM: usize = LlamaHparams::MAX_DIM;
         let sizes = [
-            ("layers", self.layers, MAX_LAYERS),
-            ("hidden size", self.hidden, MAX_DIM),
-            ("ffn hidden size", self.ffn, MAX_DIM),
-            ("attention heads", self.heads, MAX_DIM),
-            ("query groups", self.groups, MAX_DIM),
-            ("head size", self.head_dim, MAX_DIM),
-            ("vocabulary size", self.vocab, MAX_DIM),
+            ("layers", self.layers, Self::MAX_LAYERS),
+            ("hidden size", self.hidden, Self::MAX_DIM),
+            ("ffn hidden size", self.ffn, Self::MAX_DIM),
+            ("attention heads", self.heads, Self::MAX_DIM),
+            ("query groups", self.groups, Self::MAX_DIM),
+            ("head size (head_dim / kv_channels, else hidden / heads)", self.head_dim, Self::MAX_DIM),
+            ("vocabulary size", self.vocab, Self::MAX_DIM),
         ];
         for (what, n, max) in sizes {
             if !(1..=max).contains(&n) {
                 return Err(Error::invalid(path, format!("LLaMA {what} is {n}, expected 1 to {max}")));
             }
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "LLaMA head size {} is odd; rotary embedding rotates pairs of channels",
+                    self.head_dim
+                ),
+            ));
         }
         if self.heads % self.groups != 0 {
             return Err(Error::invalid(
@@ -645,6 +665,10 @@ mod tests {
             LlamaHparams::from_hf(&v, Path::new("c")).and_then(|hp| hp.validate(Path::new("c")))
         };
         assert!(read(&|_| {}).is_ok());
+        assert!(
+            read(&|m| drop(m.insert("hidden_act".into(), json!("swish")))).is_ok(),
+            "transformers' alias"
+        );
         let cases: &[(&str, Json, &str)] = &[
             (
                 "num_hidden_layers",
@@ -661,6 +685,8 @@ mod tests {
             ("hidden_act", json!("gelu"), "hidden_act is \"gelu\", LLaMA's SwiGLU needs \"silu\""),
             ("attention_bias", json!(true), "attention_bias is true; LLaMA has no biases"),
             ("mlp_bias", json!(true), "mlp_bias is true"),
+            ("partial_rotary_factor", json!(0.5), "partial_rotary_factor is 0.5; LLaMA rotates whole heads"),
+            ("head_dim", json!(7), "LLaMA head size 7 is odd"),
         ];
         for (key, value, want) in cases {
             let err = read(&|m| {
