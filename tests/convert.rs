@@ -359,3 +359,19 @@ fn a_dangling_tokenizer_reference_is_named() {
     assert_eq!(std::fs::read(hf.join("tokenizer.model")).unwrap(), std::fs::read(&tok).unwrap());
     assert!(ok(&["diff", s(&fixture("llama-mha")), s(&hf)]).contains("MATCH"));
 }
+
+/// The feature layer is checked by every bundle writer, whatever the source: an original LLaVA
+/// whose mm_vision_select_layer is outside its tower is refused, not written into a .nemo.
+#[test]
+fn every_bundle_writer_checks_the_feature_layer() {
+    let work = tempfile::tempdir().unwrap();
+    let src = copy_fixture("llava-orig-tiny", &work.path().join("orig"));
+    edit_config(&src, |v| v["mm_vision_select_layer"] = (-99).into());
+    let tower = fixture("llava-tiny-clip");
+    for dst in ["o.nemo", "hf"] {
+        let out = work.path().join(dst);
+        let err = refused(&["convert", s(&src), s(&out), "--vision", s(&tower), "--template", "v1"]);
+        assert!(err.contains("vision feature layer -99 is out of range for a tower with"), "{dst}: {err}");
+        assert!(!out.exists());
+    }
+}

@@ -11,7 +11,7 @@ use crate::train::data::{read_records, Record, Speaker};
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The score.
 #[derive(Serialize)]
@@ -24,6 +24,17 @@ pub struct Score {
     pub by_question: BTreeMap<String, (usize, usize)>,
     /// The first few misses: (id, expected, got).
     pub misses: Vec<(String, String, String)>,
+}
+
+/// One record's question, as asked.
+struct Case {
+    id: String,
+    /// The question without its `<image>` marker (the chat places the image).
+    message: String,
+    answer: String,
+    image: Option<PathBuf>,
+    /// The record's own system prompt (NeMo `.jsonl`), over the template's.
+    system: Option<String>,
 }
 
 /// Evaluate `ckpt` on `data` (images under `image_folder`, default: the data file's directory).
@@ -39,15 +50,19 @@ pub fn run(ckpt: &Path, data: &Path, image_folder: Option<&Path>, o: &Options, j
         let r = r.map_err(|bad| anyhow!("{}: {bad}", data.display()))?;
         let (question, answer) = question_and_answer(&r)
             .map_err(|why| anyhow!("{}: record {:?} (#{}): {why}", data.display(), r.id, r.index))?;
-        let message = question.replace("<image>\n", "").replace(IMAGE_PLACEHOLDER, "");
-        let image = r.image.as_deref().map(|f| folder.join(f));
-        cases.push((r.id.clone(), message, answer.trim().to_string(), image));
+        cases.push(Case {
+            message: question.replace("<image>\n", "").replace(IMAGE_PLACEHOLDER, ""),
+            answer: answer.trim().to_string(),
+            image: r.image.as_deref().map(|f| folder.join(f)),
+            system: r.system.clone(),
+            id: r.id,
+        });
     }
     let mut chat = Chat::open(ckpt, o)?;
     let eos = chat.eos();
     let mut score = Score { total: 0, correct: 0, by_question: BTreeMap::new(), misses: Vec::new() };
-    for (id, message, answer, image) in cases {
-        let (prompt, pixels) = chat.prompt(&message, image.as_deref())?;
+    for Case { id, message, answer, image, system } in cases {
+        let (prompt, pixels) = chat.prompt(&message, image.as_deref(), system.as_deref())?;
         let Chat { model, tokenizer, .. } = &mut chat;
         let out = generate(
             model,
@@ -97,11 +112,9 @@ fn question_and_answer(r: &Record) -> std::result::Result<(&str, &str), String> 
         return Err("needs a human question followed by a gpt answer".into());
     };
     if (q.from, a.from) != (Speaker::Human, Speaker::Gpt) {
-        let name = |s: Speaker| if s == Speaker::Human { "human" } else { "gpt" };
         return Err(format!(
             "needs a human question followed by a gpt answer, got {} then {}",
-            name(q.from),
-            name(a.from)
+            q.from, a.from
         ));
     }
     match (r.image.is_some(), q.value.matches(IMAGE_PLACEHOLDER).count()) {

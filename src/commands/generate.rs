@@ -129,11 +129,13 @@ impl Chat {
         &self.template_name
     }
 
-    /// Prompt ids for one user message, and the image's pixel values.
+    /// Prompt ids for one user message, and the image's pixel values. `system` replaces the
+    /// chat's system prompt (a record's own, in evaluation).
     pub fn prompt(
         &self,
         message: &str,
         image: Option<&Path>,
+        system: Option<&str>,
     ) -> Result<(Vec<u32>, Option<candle_core::Tensor>)> {
         let vision = matches!(self.model, Model::Neva(_));
         if image.is_some() && !vision {
@@ -150,7 +152,8 @@ impl Chat {
             (user, None)
         } else {
             let t = Template::parse(&self.template_name)?;
-            let conv = Conversation { system: self.system.clone(), ..Conversation::single(user) };
+            let system = system.map(str::to_owned).or_else(|| self.system.clone());
+            let conv = Conversation { system, ..Conversation::single(user) };
             (t.generation_prompt(&conv, self.flavour)?, Some(t))
         };
         let image_tokens = match (&self.model, self.info.image_tokens) {
@@ -204,7 +207,7 @@ impl Chat {
 /// Run `generate`.
 pub fn run(path: &Path, o: &Options) -> Result<()> {
     let mut chat = Chat::open(path, o)?;
-    let (prompt, pixels) = chat.prompt(&o.prompt, o.image.as_deref())?;
+    let (prompt, pixels) = chat.prompt(&o.prompt, o.image.as_deref(), None)?;
     let template_name = chat.template_name().to_string();
     let eos = chat.eos();
     let Chat { model, tokenizer, .. } = &mut chat;

@@ -143,8 +143,9 @@ pub fn sentencepiece_model(vocab: usize) -> Vec<u8> {
 pub fn run(preset: &str, layers: Option<usize>, seed: u64, out: &Path, force: bool) -> Result<()> {
     let mut shape = LlamaShape::preset(preset)?;
     if let Some(l) = layers {
-        if !(1..=shape.layers).contains(&l) {
-            bail!("--layers {l}: the {preset} preset has {} layers; keep 1 to {0}", shape.layers);
+        let n = shape.layers;
+        if !(1..=n).contains(&l) {
+            bail!("--layers {l}: the {preset} preset has {n} layers; keep 1 to {n}");
         }
         shape.layers = l;
     }

@@ -658,6 +658,28 @@ mod tests {
         check_probes("llama-gqa");
     }
 
+    /// llama-mha's two tokenizers and the characters its vocabulary spells as single pieces
+    /// (`▁` as a space), built once for all property cases.
+    static ROUND_TRIP: std::sync::LazyLock<([Tokenizer; 2], Vec<char>)> = std::sync::LazyLock::new(|| {
+        let tokenizers = both("llama-mha");
+        let mut alphabet: Vec<char> = tokenizers[0]
+            .inner()
+            .get_vocab(false)
+            .keys()
+            .filter_map(|p| {
+                let mut chars = p.chars();
+                match (chars.next(), chars.next()) {
+                    (Some('<' | '>'), None) => None,
+                    (Some(c), None) => Some(if c == '\u{2581}' { ' ' } else { c }),
+                    _ => None,
+                }
+            })
+            .collect();
+        alphabet.sort_unstable();
+        assert!(alphabet.len() > 20, "the fixture vocabulary spells {} characters", alphabet.len());
+        (tokenizers, alphabet)
+    });
+
     proptest::proptest! {
         /// Encoding is inverted by decoding, for any text the vocabulary spells without `<unk>`
         /// (every character is a piece), and the tokenizer.json and tokenizer.model readers
@@ -666,22 +688,7 @@ mod tests {
         /// for `b` here), and each reader follows its own.
         #[test]
         fn decode_inverts_encode(picks in proptest::collection::vec(0usize..1000, 0..40)) {
-            let [json, sp] = both("llama-mha");
-            let mut alphabet: Vec<char> = json
-                .inner()
-                .get_vocab(false)
-                .keys()
-                .filter_map(|p| {
-                    let mut chars = p.chars();
-                    match (chars.next(), chars.next()) {
-                        (Some('<' | '>'), None) => None,
-                        (Some(c), None) => Some(if c == '\u{2581}' { ' ' } else { c }),
-                        _ => None,
-                    }
-                })
-                .collect();
-            alphabet.sort_unstable();
-            proptest::prop_assume!(alphabet.len() > 20);
+            let ([json, sp], alphabet) = &*ROUND_TRIP;
             let text: String = picks.iter().map(|&i| alphabet[i % alphabet.len()]).collect();
             let ids = json.encode(&text, true).unwrap();
             proptest::prop_assert_eq!(&ids, &sp.encode(&text, true).unwrap());

@@ -172,15 +172,16 @@ fn vision_language(
             "the vision tower's weights are not available (pass --vision CLIP_DIR)",
         ));
     }
-    let llm = ParallelLlama::load(&c.llm, tp, o.dtype, &o.device)?;
+    // The tower's config is checked before the LLM's weights are loaded onto the device, and
+    // the feature layer here, where the file can be named, not at the first image.
     let vcfg = ClipVisionConfig::from_json(&c.vision_config, &path)?;
-    // Checked at load, where the file can be named, not at the first image.
     shardsmith_converters::convert::clip::check_feature_layer(
         c.vision_feature_layer,
         &c.vision_config,
         "vision feature layer (vision_feature_layer / mm_vision_select_layer / vision_select_layer)",
         &path,
     )?;
+    let llm = ParallelLlama::load(&c.llm, tp, o.dtype, &o.device)?;
     let vb = TensorMapBackend::new(c.vision.clone(), &path).into_var_builder(o.dtype, &o.device);
     let vision = ClipVisionModel::load(vb, &vcfg)?;
     let kind = ProjectorKind::parse(&c.projector_type)?;

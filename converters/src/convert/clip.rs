@@ -146,6 +146,7 @@ pub fn check_clip(cfg: &Json, mut found: TensorMap, path: &Path) -> Result<Tenso
     for (name, shape) in clip_shapes(cfg, path)? {
         match found.shift_remove(&name) {
             Some(t) if t.shape == shape => {
+                super::require_float("vision tensor", &name, &t, path)?;
                 out.insert(name, t);
             }
             Some(t) => {

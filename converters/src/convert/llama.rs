@@ -64,14 +64,8 @@ fn check_canonical(hp: &LlamaHparams, mut found: TensorMap, path: &Path) -> Resu
     let mut missing = Vec::new();
     for (name, shape) in canonical_shapes(hp) {
         match found.shift_remove(&name) {
-            // Integer "weights" would be cast or multiplied as numbers and give garbage.
-            Some(t) if !t.dtype.is_float() => {
-                return Err(Error::invalid(
-                    path,
-                    format!("tensor '{name}': expected floating-point weights, got {}", t.dtype),
-                ))
-            }
             Some(t) if t.shape == shape => {
+                super::require_float("tensor", &name, &t, path)?;
                 out.insert(name, t);
             }
             Some(t) => {

@@ -137,6 +137,20 @@ impl CanonicalLlava {
         (p > 0).then(|| (s / p).pow(2) + usize::from(!self.drop_cls))
     }
 
+    /// Refuse a feature layer the tower does not have, when its config is known (a tower only
+    /// named by a hub id has none here). Every bundle writer checks it, whatever the source.
+    pub fn check_feature_layer(&self) -> Result<()> {
+        if self.vision_config.get("num_hidden_layers").is_none() {
+            return Ok(());
+        }
+        clip::check_feature_layer(
+            self.vision_feature_layer,
+            &self.vision_config,
+            "vision feature layer",
+            &self.origin,
+        )
+    }
+
     /// The parsed projector type.
     pub fn projector_kind(&self) -> Result<ProjectorType> {
         ProjectorType::parse(&self.projector_type).ok_or_else(|| {
@@ -217,6 +231,7 @@ pub fn check_projector(
     for (name, shape) in kind.shapes(c, h) {
         match found.shift_remove(&name) {
             Some(t) if t.shape == shape => {
+                super::require_float("projector tensor", &name, &t, path)?;
                 out.insert(name, t);
             }
             Some(t) => {
@@ -323,11 +338,13 @@ pub fn from_llava_hf(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
             )
         })?,
     };
-    let image_token = match cfg.get("image_token_index").or_else(|| cfg.get("image_token_id")) {
+    let key = if cfg.get("image_token_index").is_some() { "image_token_index" } else { "image_token_id" };
+    let image_token = match cfg.get(key) {
         None | Some(Json::Null) => return Err(Error::missing(path, "config.json: 'image_token_index'")),
-        Some(v) => v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
-            Error::invalid(path, format!("config.json: image_token_index must be a token id, got {v}"))
-        })?,
+        Some(v) => v
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| Error::invalid(path, format!("config.json: {key} must be a token id, got {v}")))?,
     };
     let pad = cfg
         .get("pad_token_id")
@@ -354,6 +371,14 @@ pub fn from_llava_hf(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
     // Buffers older files carry; the model recomputes them.
     vision.shift_remove("vision_model.embeddings.position_ids");
     let llm = llama::from_hf_parts(text_config, llm, path)?;
+    // The image token is an embedding row like any other.
+    let rows = llm.hparams.vocab;
+    if image_token as usize >= rows {
+        return Err(Error::invalid(
+            path,
+            format!("config.json: image_token_index {image_token} is past the {rows}-row embedding"),
+        ));
+    }
     Ok(CanonicalLlava {
         llm,
         vision,
@@ -386,14 +411,6 @@ pub fn from_llava_hf_checked(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
         "config.json: vision_feature_layer",
         path,
     )?;
-    // The image token is an embedding row like any other.
-    let rows = c.llm.hparams.vocab;
-    if c.image_token as usize >= rows {
-        return Err(Error::invalid(
-            path,
-            format!("config.json: image_token_index {} is past the {rows}-row embedding", c.image_token),
-        ));
-    }
     let width = c.vision_hidden().unwrap_or(0);
     c.projector = check_projector(
         c.projector_kind()?,
@@ -616,6 +633,7 @@ fn require_vision<'a>(c: &'a CanonicalLlava, target: &str) -> Result<(&'a Tensor
 /// Canonical bundle → llava-hf directory checkpoint (`config.json`, weights under the published
 /// llava-hf names, tokenizer and processor files).
 pub fn to_llava_hf(c: &CanonicalLlava, dtype: Option<DType>) -> Result<Checkpoint> {
+    c.check_feature_layer()?;
     let kind = c.projector_kind()?;
     if kind != (ProjectorType::MlpGelu { depth: 2 }) {
         return Err(Error::invalid(
@@ -752,6 +770,7 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
 /// `model.mm_projector.*`, `mm_*` config keys; the vision tower is referenced by
 /// `mm_vision_tower` = `vision_ref` (LLaVA never stores it).
 pub fn to_llava_original(c: &CanonicalLlava, dtype: Option<DType>, vision_ref: &str) -> Result<Checkpoint> {
+    c.check_feature_layer()?;
     let kind = c.projector_kind()?;
     let width =
         c.vision_hidden().ok_or_else(|| Error::missing(&c.origin, "the vision width (mm_hidden_size)"))?;

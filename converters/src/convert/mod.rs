@@ -11,3 +11,20 @@ pub mod neva;
 pub mod sentencepiece;
 pub mod tokenizer;
 pub mod vocab;
+
+/// Refuse an integer tensor where the model has weights: it would be cast or multiplied as
+/// numbers and give garbage instead of an error.
+pub(crate) fn require_float(
+    what: &str,
+    name: &str,
+    t: &crate::TensorEntry,
+    path: &std::path::Path,
+) -> crate::Result<()> {
+    if t.dtype.is_float() {
+        return Ok(());
+    }
+    Err(crate::Error::invalid(
+        path,
+        format!("{what} '{name}': expected floating-point weights, got {}", t.dtype),
+    ))
+}

@@ -204,6 +204,7 @@ pub fn to_neva(c: &CanonicalLlava, t: &NevaTarget) -> Result<Checkpoint> {
         ));
     }
     let checked = check_bundle(c, t)?;
+    c.check_feature_layer()?;
     llama::check_parallelism(&c.llm.hparams, t.dialect, t.tp, t.pp, &c.origin)?;
     let pieces = checked.tokenizer.len();
     let mut llm: CanonicalLlama = c.llm.clone();

@@ -244,13 +244,25 @@ fn resize_rows(
     let count = fresh.len();
     let src = t.clone();
     let label = name.to_string();
+    let origin = t.origin.clone();
     let fill = derived_f32(t.dtype, vec![count, h], t.origin.clone(), move || {
+        // The new rows are computed whole: a named error, not an abort, when they do not fit.
+        let mut out: Vec<f32> = Vec::new();
+        out.try_reserve_exact(count * h).map_err(|_| {
+            Error::invalid(
+                &*origin,
+                format!(
+                    "tensor '{label}': cannot allocate {count} new rows × {h} in f32 ({} bytes)",
+                    count * h * 4
+                ),
+            )
+        })?;
         if init == Init::Zeros {
-            return Ok(vec![0f32; count * h]);
+            out.resize(count * h, 0.0);
+            return Ok(out);
         }
         let values = to_f32(&label, &src)?;
         let (mean, std) = column_stats(&values, h, stat_rows);
-        let mut out = Vec::with_capacity(count * h);
         match init {
             Init::Seeded(seed) => {
                 let mut rng = SplitMix64::new(seed ^ fnv(&label));

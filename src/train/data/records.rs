@@ -23,6 +23,16 @@ pub enum Speaker {
     Gpt,
 }
 
+impl std::fmt::Display for Speaker {
+    /// LLaVA's spelling (`from`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Speaker::Human => "human",
+            Speaker::Gpt => "gpt",
+        })
+    }
+}
+
 /// One turn of a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Turn {
