@@ -301,7 +301,9 @@ fn integer_weights_are_refused_by_name() {
 #[test]
 fn llava_hf_configs_that_cannot_run_are_refused() {
     let work = tempfile::tempdir().unwrap();
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+    // (case, config edit, what the refusal says)
+    type Case = (&'static str, fn(&mut serde_json::Value), &'static str);
+    let cases: [Case; 6] = [
         ("token", |v| v["image_token_index"] = 99999.into(), "image_token_index 99999 is past the"),
         (
             "negative",

@@ -192,7 +192,7 @@ pub fn write(
             .collect();
         let path = staged.path().join(name);
         let text = serde_json::to_string_pretty(&records).map_err(|e| Error::Usage(e.to_string()))?;
-        std::fs::write(&path, text).map_err(|e| Error::io(&dir.join(name), e))?;
+        std::fs::write(&path, text).map_err(|e| Error::io(dir.join(name), e))?;
     }
     staged.commit()?;
     Ok((all, test_set))
