@@ -354,6 +354,13 @@ fn a_dangling_tokenizer_reference_is_named() {
     assert!(err.contains(want), "{err}");
     let err = refused(&["generate", s(&dir), "--prompt", "hi"]);
     assert!(err.contains(want) && err.contains("pass --tokenizer PATH"), "{err}");
+    let out = work.path().join("x");
+    let err = refused(&["surgery", "resize-vocab", s(&dir), "-o", s(&out), "--add-tokens", "<a>"]);
+    assert!(err.contains(want), "{err}");
+    let (clip, out) = (fixture("clip-vision"), work.path().join("x.nemo"));
+    let err =
+        refused(&["assemble", "--llm", s(&dir), "--vision", s(&clip), "--init-seed", "1", "-o", s(&out)]);
+    assert!(err.contains(want), "{err}");
     // Supplying it converts, and the HF directory gets that tokenizer.
     let hf = work.path().join("hf");
     let tok = fixture("llama-mha/tokenizer.model");

@@ -384,7 +384,12 @@ pub fn from_neva(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<Canoni
     let ids =
         sp.as_ref().map(|sp| [names::IMAGE_START, names::IMAGE_PATCH, names::IMAGE_END].map(|t| sp.id(t)));
     match (&sp, ids) {
-        (None, _) => missing.push("tokenizer (tokenizer.model is not in the archive)".to_string()),
+        (None, _) => missing.push(match cfg.get_str("tokenizer.model") {
+            Some(named) => {
+                format!("tokenizer ('{named}', which model_config.yaml names, is not in the archive)")
+            }
+            None => "tokenizer (model_config.yaml names no tokenizer.model)".to_string(),
+        }),
         (Some(_), Some([Some(_), Some(_), Some(_)])) => {}
         (Some(_), _) => {
             missing.push("NeVA image tokens <extra_id_3>, <extra_id_4>, <extra_id_5> in the tokenizer".into())

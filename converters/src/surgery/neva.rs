@@ -249,13 +249,15 @@ pub fn swap_llm_neva(src: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
     // The new LLM's SentencePiece model, with NeVA's pieces as convert / assemble add them.
     let tok = match (&llm_ckpt.meta.flavour, &llm_ckpt.meta.config) {
         (Flavour::Nemo { .. }, Some(ModelConfig::NemoYaml(lcfg))) => {
-            tokenizer::nemo_tokenizer_model(llm_ckpt, lcfg)
+            tokenizer::require_nemo_tokenizer_model(llm_ckpt, lcfg)?
         }
-        _ => llm_ckpt.meta.artifacts.iter().find(|a| a.name == "tokenizer.model"),
-    }
-    .ok_or_else(|| {
-        Error::missing(new_path, "tokenizer.model (a NeVA bundle needs the LLM's SentencePiece tokenizer)")
-    })?;
+        _ => llm_ckpt.meta.artifacts.iter().find(|a| a.name == "tokenizer.model").ok_or_else(|| {
+            Error::missing(
+                new_path,
+                "tokenizer.model (a NeVA bundle needs the LLM's SentencePiece tokenizer)",
+            )
+        })?,
+    };
     let sp = SentencePieceModel::parse(tok.source.bytes()?.into_owned(), &new_path.join("tokenizer.model"))?;
     let present: Vec<&str> = EXTRA_IDS.iter().copied().filter(|t| sp.id(t).is_some()).collect();
     let added = match present.len() {

@@ -65,7 +65,12 @@ impl TokenizerView {
             Store::Hf(_) => Self::from_hf_artifacts(&src.meta.path, &src.meta.artifacts),
             Store::Nemo { cfg, .. } => {
                 let mut view = TokenizerView::default();
-                if let Some(a) = tokenizer::nemo_tokenizer_model(src, cfg) {
+                // A tokenizer the yaml names must be there: resizing without it would misjudge
+                // which ids are in use.
+                let named = cfg.get_str("tokenizer.model").is_some();
+                if let Some(a) =
+                    named.then(|| tokenizer::require_nemo_tokenizer_model(src, cfg)).transpose()?
+                {
                     view.add_sentencepiece(&a.source.bytes()?, &src.meta.path.join(&a.name))?;
                     view.files.push(a.name.clone());
                     if let Some(serde_yaml::Value::Sequence(extra)) =
@@ -263,9 +268,7 @@ pub fn add_tokens(model: &LlamaModel, tokens: &[String], first: u32) -> Result<A
                     ));
                 }
             }
-            let old = tokenizer::nemo_tokenizer_model(src, cfg).ok_or_else(|| {
-                Error::missing(&src.meta.path, "the SentencePiece tokenizer.model the yaml names")
-            })?;
+            let old = tokenizer::require_nemo_tokenizer_model(src, cfg)?;
             let origin = src.meta.path.join(&old.name);
             let model = SentencePieceModel::parse(old.source.bytes()?.into_owned(), &origin)?;
             let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
