@@ -723,8 +723,12 @@ fn run(command: Command) -> ExitCode {
         Command::Convert { src, dst, opts } => convert::run(&src, &dst, &opts.options(false)),
         Command::Reshard { src, out, opts } => {
             let mut o = opts.options(false);
-            o.to = Some(TargetKind::Nemo);
-            convert::run(&src, &out, &o)
+            match o.to.replace(TargetKind::Nemo) {
+                Some(TargetKind::Hf) => Err(anyhow::anyhow!(
+                    "reshard writes a .nemo; to write an HF directory use `shardsmith convert SRC DST --to hf`"
+                )),
+                _ => convert::run(&src, &out, &o),
+            }
         }
         Command::Plan { src, dst, opts } => convert::run(&src, &dst, &opts.options(true)),
         Command::Diff { a, b, atol, json } => match shardsmith::commands::diff::run(&a, &b, atol, json) {

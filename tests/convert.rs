@@ -384,3 +384,20 @@ fn every_bundle_writer_checks_the_feature_layer() {
         assert!(!out.exists());
     }
 }
+
+/// Flags a command cannot honour are refused, not ignored or allocated: `reshard --to hf` (it
+/// wrote a .nemo anyway) and a `bench forward` sequence of billions of positions (it aborted).
+#[test]
+fn flags_a_command_cannot_honour_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("o");
+    let err = refused(&["reshard", s(&fixture("llama-mha")), "--out", s(&out), "--to", "hf"]);
+    assert!(
+        err.contains("reshard writes a .nemo; to write an HF directory use `shardsmith convert"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let err =
+        refused(&["bench", "forward", s(&fixture("llama-mha")), "--prompt-len", "4000000000", "--runs", "1"]);
+    assert!(err.contains("--prompt-len 4000000000 + --decode"), "{err}");
+}

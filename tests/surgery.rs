@@ -1085,3 +1085,14 @@ print("OK")
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("OK"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `extract` on a text-only .nemo says so, instead of calling it a NeVA file.
+#[test]
+fn extract_on_a_text_only_nemo_says_it_has_no_parts() {
+    let work = tempfile::tempdir().unwrap();
+    let nemo = work.path().join("m.nemo");
+    ok(&["convert", s(&fixture("llama-gqa")), s(&nemo), "--tp", "2"]);
+    let err =
+        refused(&["surgery", "extract", s(&nemo), "--part", "projector", "-o", s(&work.path().join("p"))]);
+    assert!(err.contains("a text-only .nemo has no parts to take apart"), "{err}");
+}

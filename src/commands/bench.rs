@@ -55,9 +55,19 @@ fn once(model: &mut Model, ids: &Tensor, pixels: Option<&Tensor>, decode: usize)
     Ok((prefill, t1.elapsed().as_secs_f64() / decode.max(1) as f64))
 }
 
+/// The longest sequence `bench forward` runs: 32 × LLaMA-2's context.
+const MAX_BENCH_POSITIONS: usize = 1 << 17;
+
 /// Time `path` and print the JSON line.
 pub fn forward(path: &Path, o: &Options) -> Result<()> {
     ensure!(o.runs >= 1 && o.prompt_len >= 2, "need --runs >= 1 and --prompt-len >= 2");
+    // A benchmark sizes its work from the flags: an absurd one is refused, not allocated.
+    ensure!(
+        o.prompt_len.saturating_add(o.decode) <= MAX_BENCH_POSITIONS,
+        "--prompt-len {} + --decode {} is more than {MAX_BENCH_POSITIONS} positions",
+        o.prompt_len,
+        o.decode
+    );
     let device = Device::Cpu;
     let (mut model, info) =
         models::load(path, &LoadOptions { tp: o.tp, dtype: o.dtype, device: device.clone(), vision: None })?;

@@ -140,13 +140,11 @@ impl Bundle {
     pub fn split(ckpt: &Checkpoint) -> Result<Bundle> {
         let path = &ckpt.meta.path;
         if matches!(ckpt.meta.flavour, crate::Flavour::Nemo { .. }) {
+            // NeVA .nemo files are taken apart before this (surgery::neva); this one is not NeVA.
             return Err(Error::invalid(
                 path,
-                format!(
-                    "the part tables cover {} checkpoints; a NeVA .nemo stores its LLM fused per rank \
-                     and is taken apart through its canonical form (surgery::neva)",
-                    LAYOUTS.iter().map(|l| l.name).collect::<Vec<_>>().join(", ")
-                ),
+                "a text-only .nemo has no parts to take apart (extract works on NeVA .nemo and llava-hf \
+                 checkpoints)",
             ));
         }
         let Some(ModelConfig::HfJson(config)) = &ckpt.meta.config else {

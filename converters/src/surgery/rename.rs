@@ -35,6 +35,12 @@ impl RenameRule {
             return Err(Error::argument(&arg, "empty regular expression"));
         }
         let pattern = Regex::new(pattern).map_err(|e| Error::argument(&arg, e.to_string()))?;
+        if let Some(group) = unknown_groups(&pattern, replacement).into_iter().next() {
+            return Err(Error::argument(
+                &arg,
+                format!("the replacement uses ${group}, a group the expression does not have (it would expand to nothing)"),
+            ));
+        }
         Ok(RenameRule { pattern, replacement: replacement.to_string(), text: rule.to_string() })
     }
 
@@ -43,6 +49,40 @@ impl RenameRule {
             .is_match(name)
             .then(|| self.pattern.replace(name, self.replacement.as_str()).into_owned())
     }
+}
+
+/// The `$1` / `$name` / `${name}` references of `replacement` (regex's syntax: `$$` is a literal
+/// `$`, a bare name is the longest run of `[_0-9A-Za-z]`) that `pattern` has no group for: the
+/// regex crate expands those to nothing, silently.
+fn unknown_groups(pattern: &Regex, replacement: &str) -> Vec<String> {
+    let names: Vec<&str> = pattern.capture_names().flatten().collect();
+    let known = |g: &str| match g.parse::<usize>() {
+        Ok(i) => i < pattern.captures_len(),
+        Err(_) => names.contains(&g),
+    };
+    let mut unknown = Vec::new();
+    let mut rest = replacement;
+    while let Some(at) = rest.find('$') {
+        let after = &rest[at + 1..];
+        let (group, len) = if let Some(braced) = after.strip_prefix('{') {
+            match braced.find('}') {
+                Some(end) => (&braced[..end], end + 2),
+                None => ("", 0), // not a reference: kept literally
+            }
+        } else {
+            let end = after.find(|c: char| !(c == '_' || c.is_ascii_alphanumeric())).unwrap_or(after.len());
+            (&after[..end], end)
+        };
+        if after.starts_with('$') {
+            rest = &after[1..];
+            continue;
+        }
+        if !group.is_empty() && !known(group) {
+            unknown.push(group.to_string());
+        }
+        rest = &after[len..];
+    }
+    unknown
 }
 
 fn rank_label(ckpt: &Checkpoint, s: &Shard) -> String {
@@ -203,6 +243,22 @@ fn refuse_distributed(src: &Checkpoint) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn replacements_may_only_name_groups_the_expression_has() {
+        use super::RenameRule;
+        for ok in [r"a\.(\d+)=b.$1", r"(?P<x>w)=${x}_$x", r"w=$$9 costs", r"w=plain", r"w=$"] {
+            assert!(RenameRule::parse(ok).is_ok(), "{ok}");
+        }
+        for (bad, group) in [(r"model\.norm\.weight=$9", "9"), (r"(?P<x>w)=a.$x.$y", "y"), (r"(w)=${2}", "2")]
+        {
+            let err = RenameRule::parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("uses ${group}, a group the expression does not have")),
+                "{bad}: {err}"
+            );
+        }
+    }
+
     use super::*;
     use crate::checkpoint::{ByteSource, Flavour, Meta, Parallelism, TensorEntry};
     use crate::DType;
