@@ -64,6 +64,10 @@ fn unknown_groups(pattern: &Regex, replacement: &str) -> Vec<String> {
     let mut rest = replacement;
     while let Some(at) = rest.find('$') {
         let after = &rest[at + 1..];
+        if let Some(literal) = after.strip_prefix('$') {
+            rest = literal; // `$$`
+            continue;
+        }
         let (group, len) = if let Some(braced) = after.strip_prefix('{') {
             match braced.find('}') {
                 Some(end) => (&braced[..end], end + 2),
@@ -73,10 +77,6 @@ fn unknown_groups(pattern: &Regex, replacement: &str) -> Vec<String> {
             let end = after.find(|c: char| !(c == '_' || c.is_ascii_alphanumeric())).unwrap_or(after.len());
             (&after[..end], end)
         };
-        if after.starts_with('$') {
-            rest = &after[1..];
-            continue;
-        }
         if !group.is_empty() && !known(group) {
             unknown.push(group.to_string());
         }
