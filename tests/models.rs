@@ -213,19 +213,22 @@ fn a_malformed_reference_is_named() {
     let key = tensors.keys().find(|k| k.starts_with("input_ids_")).unwrap().clone();
     let ids = tensors[&key].clone();
     let dir = tempfile::tempdir().unwrap();
-    let run = |edit: Tensor, name: &str| {
-        let mut t = tensors.clone();
-        t.insert(key.clone(), edit);
-        let path = dir.path().join(name);
-        candle_core::safetensors::save(&t, &path).unwrap();
+    let refusal = |reference: &Path| {
         let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
             .args(["validate", "--reference"])
-            .arg(&path)
+            .arg(reference)
             .arg(fixture("llama-mha"))
             .output()
             .unwrap();
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let run = |edit: Tensor, name: &str| {
+        let mut t = tensors.clone();
+        t.insert(key.clone(), edit);
+        let path = dir.path().join(name);
+        candle_core::safetensors::save(&t, &path).unwrap();
+        refusal(&path)
     };
     let as_f64 = run(ids.to_dtype(DType::F64).unwrap(), "f64.safetensors");
     assert!(
@@ -241,13 +244,7 @@ fn a_malformed_reference_is_named() {
     let cut = dir.path().join("cut.safetensors");
     let bytes = std::fs::read(&golden).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
-        .args(["validate", "--reference"])
-        .arg(&cut)
-        .arg(fixture("llama-mha"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refusal(&cut);
     assert!(
         err.contains("cut.safetensors: malformed safetensors") && err.contains("truncated by 10 bytes"),
         "{err}"

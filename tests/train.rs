@@ -115,6 +115,17 @@ fn shardsmith(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_shardsmith")).args(args).output().unwrap()
 }
 
+/// `train` on the train-tiny config, writing under `dir/out`, with `--set` overrides.
+fn tiny_run(dir: &std::path::Path, sets: &[&str]) -> std::process::Output {
+    let config = fixture("train-tiny/train.yaml");
+    let out_dir = format!("output.dir={}", dir.join("out").display());
+    let mut args = vec!["train", "--config", config.to_str().unwrap(), "--set", &out_dir];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    shardsmith(&args)
+}
+
 fn losses(metrics: &std::path::Path) -> Vec<(f64, f64)> {
     std::fs::read_to_string(metrics)
         .unwrap()
@@ -309,17 +320,7 @@ fn bf16_o2_tracks_f32() {
 #[test]
 fn the_device_key_is_checked_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |device: &str| {
-        shardsmith(&[
-            "train",
-            "--config",
-            fixture("train-tiny/train.yaml").to_str().unwrap(),
-            "--set",
-            &format!("output.dir={}", dir.path().join("out").display()),
-            "--set",
-            &format!("trainer.device={device}"),
-        ])
-    };
+    let run = |device: &str| tiny_run(dir.path(), &[&format!("trainer.device={device}")]);
     let bad = run("tpu");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("trainer.device: unknown device 'tpu'"));
@@ -340,17 +341,7 @@ fn the_device_key_is_checked_before_anything_runs() {
 #[test]
 fn the_output_tp_is_checked_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let out = shardsmith(&[
-        "train",
-        "--config",
-        fixture("train-tiny/train.yaml").to_str().unwrap(),
-        "--set",
-        &format!("output.dir={}", dir.path().join("out").display()),
-        "--set",
-        "output.save_formats=[nemo]",
-        "--set",
-        "output.nemo_tp=3",
-    ]);
+    let out = tiny_run(dir.path(), &["output.save_formats=[nemo]", "output.nemo_tp=3"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("train.yaml: output.nemo_tp: attention heads (4) do not divide by tp=3"), "{err}");

@@ -116,6 +116,12 @@ fn is_nemo(c: &Checkpoint) -> bool {
     matches!(c.meta.flavour, Flavour::Nemo { .. })
 }
 
+/// The `--tokenizer` SentencePiece model as the `tokenizer.model` artifact, checked to parse.
+fn given_tokenizer(o: &Options) -> Result<Option<shardsmith_converters::Artifact>> {
+    let source = o.tokenizer.as_deref().map(sentencepiece::read_model_file).transpose()?;
+    Ok(source.map(|source| shardsmith_converters::Artifact { name: "tokenizer.model".into(), source }))
+}
+
 /// Build the target checkpoint (headers only).
 pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkpoint, TargetKind)> {
     let to = o.to.unwrap_or(if dst.extension().is_some_and(|e| e == "nemo") || o.extracted && is_nemo(src) {
@@ -127,11 +133,8 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
         (false, TargetKind::Nemo) => {
             // Say what the model is before asking for a tokenizer (headers only; cheap).
             llama::from_hf(src)?;
-            let tokenizer = match &o.tokenizer {
-                Some(p) => Some(shardsmith_converters::Artifact {
-                    name: "tokenizer.model".into(),
-                    source: sentencepiece::read_model_file(p)?,
-                }),
+            let tokenizer = match given_tokenizer(o)? {
+                Some(given) => Some(given),
                 None => {
                     let found = src.meta.artifacts.iter().find(|a| a.name == "tokenizer.model").cloned();
                     if let Some(a) = &found {
@@ -157,12 +160,7 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
             llama::hf_to_nemo(src, &t, tokenizer.as_ref())?
         }
         (true, TargetKind::Nemo) => llama::reshard_nemo(src, o.tp, o.pp, o.layout, o.dtype)?,
-        (true, TargetKind::Hf) => {
-            let given = o.tokenizer.as_deref().map(sentencepiece::read_model_file).transpose()?;
-            let given = given
-                .map(|source| shardsmith_converters::Artifact { name: "tokenizer.model".into(), source });
-            llama::nemo_to_hf(src, o.vocab, o.dtype, given.as_ref())?
-        }
+        (true, TargetKind::Hf) => llama::nemo_to_hf(src, o.vocab, o.dtype, given_tokenizer(o)?.as_ref())?,
         (_, TargetKind::Llava) => {
             bail!("--to llava needs a multimodal source (NeVA .nemo, llava-hf or LLaVA)")
         }

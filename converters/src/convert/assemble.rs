@@ -95,12 +95,10 @@ pub fn assemble(
     let (llm, tokenizer) = match (&llm_ckpt.meta.flavour, &llm_ckpt.meta.config) {
         (Flavour::Nemo { .. }, Some(ModelConfig::NemoYaml(cfg))) => (
             llama::from_nemo(llm_ckpt, None)?,
-            // A tokenizer the yaml names must be there, unless one is given instead.
-            match (&o.tokenizer, cfg.get_str("tokenizer.model")) {
-                (None, Some(_)) => {
-                    Some(tokenizer::require_nemo_tokenizer_model(llm_ckpt, cfg)?.source.clone())
-                }
-                _ => tokenizer::nemo_tokenizer_model(llm_ckpt, cfg).map(|a| a.source.clone()),
+            // A tokenizer given instead makes the archive's irrelevant, even a missing one.
+            match &o.tokenizer {
+                Some(_) => None,
+                None => tokenizer::nemo_tokenizer_model(llm_ckpt, cfg)?.map(|a| a.source.clone()),
             },
         ),
         _ => (

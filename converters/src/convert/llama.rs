@@ -671,10 +671,9 @@ pub fn nemo_to_hf(
         )),
     }];
     // A tokenizer the config names must come along: an HF directory without it is not usable.
-    let model = match (tokenizer, cfg.get_str("tokenizer.model")) {
-        (Some(given), _) => Some(given),
-        (None, Some(_)) => Some(tokenizer::require_nemo_tokenizer_model(src, cfg)?),
-        (None, None) => None,
+    let model = match tokenizer {
+        Some(given) => Some(given),
+        None => tokenizer::nemo_tokenizer_model(src, cfg)?,
     };
     if let (Some(want), Some(model)) = (vocab, model) {
         let pieces = crate::describe::sentencepiece_pieces(&model.source.bytes()?).unwrap_or(0);

@@ -378,9 +378,13 @@ pub fn from_neva(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<Canoni
         }
     }
     let mut missing = Vec::new();
-    let sp = tokenizer::nemo_tokenizer_model(ckpt, cfg)
-        .map(|a| SentencePieceModel::parse(a.source.bytes()?.into_owned(), &path.join("tokenizer.model")))
-        .transpose()?;
+    // A missing tokenizer is reported with every other missing part, not on its own.
+    let sp = match tokenizer::nemo_tokenizer_model(ckpt, cfg) {
+        Ok(Some(a)) => {
+            Some(SentencePieceModel::parse(a.source.bytes()?.into_owned(), &path.join("tokenizer.model"))?)
+        }
+        _ => None,
+    };
     let ids =
         sp.as_ref().map(|sp| [names::IMAGE_START, names::IMAGE_PATCH, names::IMAGE_END].map(|t| sp.id(t)));
     match (&sp, ids) {

@@ -18,30 +18,31 @@ pub fn nemo_vocab(ckpt: &Checkpoint, cfg: &NemoConfig) -> Option<usize> {
     Some(pieces + extra)
 }
 
-/// The SentencePiece model a `.nemo` references, if any.
-pub fn nemo_tokenizer_model<'a>(ckpt: &'a Checkpoint, cfg: &NemoConfig) -> Option<&'a Artifact> {
-    nemo::resolve_artifact(ckpt, cfg.get_str("tokenizer.model")?)
-}
-
-/// The SentencePiece model a `.nemo` must carry: an error that says whether the config names
-/// none or names one the archive does not hold.
-pub fn require_nemo_tokenizer_model<'a>(ckpt: &'a Checkpoint, cfg: &NemoConfig) -> Result<&'a Artifact> {
-    let path = &ckpt.meta.path;
-    let Some(named) = cfg.get_str("tokenizer.model") else {
-        return Err(Error::missing(
-            path,
-            "a tokenizer model (model_config.yaml has no tokenizer.model; pass --tokenizer PATH)",
-        ));
-    };
-    nemo::resolve_artifact(ckpt, named).ok_or_else(|| {
+/// The SentencePiece model a `.nemo` references: `None` when model_config.yaml names none, an
+/// error naming it when the archive does not hold the one it names (every caller would
+/// otherwise carry on without a tokenizer the model was saved with).
+pub fn nemo_tokenizer_model<'a>(ckpt: &'a Checkpoint, cfg: &NemoConfig) -> Result<Option<&'a Artifact>> {
+    let Some(named) = cfg.get_str("tokenizer.model") else { return Ok(None) };
+    nemo::resolve_artifact(ckpt, named).map(Some).ok_or_else(|| {
         let held: Vec<&str> = ckpt.meta.artifacts.iter().map(|a| a.name.as_str()).collect();
         Error::missing(
-            path,
+            &ckpt.meta.path,
             format!(
                 "the tokenizer model '{named}' that model_config.yaml names (the archive holds: {}; \
                  pass --tokenizer PATH)",
                 held.join(", ")
             ),
+        )
+    })
+}
+
+/// The SentencePiece model a `.nemo` must carry ([`nemo_tokenizer_model`], and an error when
+/// model_config.yaml names none).
+pub fn require_nemo_tokenizer_model<'a>(ckpt: &'a Checkpoint, cfg: &NemoConfig) -> Result<&'a Artifact> {
+    nemo_tokenizer_model(ckpt, cfg)?.ok_or_else(|| {
+        Error::missing(
+            &ckpt.meta.path,
+            "a tokenizer model (model_config.yaml has no tokenizer.model; pass --tokenizer PATH)",
         )
     })
 }

@@ -65,12 +65,7 @@ impl TokenizerView {
             Store::Hf(_) => Self::from_hf_artifacts(&src.meta.path, &src.meta.artifacts),
             Store::Nemo { cfg, .. } => {
                 let mut view = TokenizerView::default();
-                // A tokenizer the yaml names must be there: resizing without it would misjudge
-                // which ids are in use.
-                let named = cfg.get_str("tokenizer.model").is_some();
-                if let Some(a) =
-                    named.then(|| tokenizer::require_nemo_tokenizer_model(src, cfg)).transpose()?
-                {
+                if let Some(a) = tokenizer::nemo_tokenizer_model(src, cfg)? {
                     view.add_sentencepiece(&a.source.bytes()?, &src.meta.path.join(&a.name))?;
                     view.files.push(a.name.clone());
                     if let Some(serde_yaml::Value::Sequence(extra)) =
