@@ -1,6 +1,7 @@
 //! The GPU benchmark subcommands (`bench gpu-layer | attention | decode | neva-step`, run by
 //! bench/gpu.sh at 7B sizes on a GPU) at toy sizes on the CPU: each runs and prints the JSON
-//! line the script's table reads, so nothing fails on the device for a trivial reason.
+//! line the script's table reads, so nothing fails on the device for a trivial reason; and `bench
+//! forward`, the CPU forward benchmark.
 
 use serde_json::Value;
 use std::process::Command;
@@ -119,4 +120,18 @@ fn too_short_a_sequence_for_the_image_is_an_error() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `bench forward` (bench/forward.sh's line) on a fixture: a rate when it decoded, and null decode
+/// fields, not an infinite rate, for `--decode 0`.
+#[test]
+fn forward_reports_decode_only_when_it_decoded() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/llama-gqa");
+    let common = ["forward", model, "--prompt-len", "8", "--runs", "1"];
+    let rows = bench(&[&common[..], &["--decode", "3"]].concat());
+    positive(&rows[0], "prefill_ms");
+    positive(&rows[0], "tokens_per_s");
+    let rows = bench(&[&common[..], &["--decode", "0"]].concat());
+    positive(&rows[0], "prefill_ms");
+    assert!(rows[0]["tokens_per_s"].is_null() && rows[0]["decode_ms_per_token"].is_null(), "{}", rows[0]);
 }

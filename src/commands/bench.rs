@@ -97,7 +97,8 @@ pub fn forward(path: &Path, o: &Options) -> Result<()> {
             + 2 * hp.hidden)
         + hp.vocab * hp.hidden * if hp.tied { 1 } else { 2 }
         + hp.hidden;
-    let decode_s = median(decode);
+    // No decode steps (`--decode 0`): the decode fields are null rather than a rate over nothing.
+    let decode_s = (o.decode > 0).then(|| median(decode));
     let line = json!({
         "impl": "shardsmith",
         "model": path.display().to_string(),
@@ -108,8 +109,8 @@ pub fn forward(path: &Path, o: &Options) -> Result<()> {
         "tp": info.tp,
         "prompt_len": t,
         "prefill_ms": median(prefill) * 1e3,
-        "decode_ms_per_token": decode_s * 1e3,
-        "tokens_per_s": 1.0 / decode_s,
+        "decode_ms_per_token": decode_s.map(|s| s * 1e3),
+        "tokens_per_s": decode_s.map(|s| 1.0 / s),
     });
     println!("{line}");
     Ok(())

@@ -5,187 +5,18 @@
 //! `pre_layrnorm`, `hidden_states[k]` the output of layer k−1, and `post_layernorm` touches only
 //! the pooled CLS vector. [`ClipVisionModel::features`] is the NeVA/LLaVA path of §6.6.
 
-use std::path::Path;
-
 use candle_core::{DType, IndexOp, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
-use serde_json::Value;
 
 use crate::{ops, Error, Result};
 
-/// The vision-tower hyper-parameters of HF's `CLIPVisionConfig`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClipVisionConfig {
-    /// Residual width C (1024 for ViT-L/14).
-    pub hidden_size: usize,
-    /// MLP inner width (4096 for ViT-L/14).
-    pub intermediate_size: usize,
-    /// Encoder layers L.
-    pub num_hidden_layers: usize,
-    /// Attention heads; `hidden_size` must be a multiple of it.
-    pub num_attention_heads: usize,
-    /// Side P of the square patches (the conv kernel and stride).
-    pub patch_size: usize,
-    /// Side S of the square input image; a multiple of `patch_size`.
-    pub image_size: usize,
-    /// Input channels (3).
-    pub num_channels: usize,
-    /// Epsilon of every layer norm.
-    pub layer_norm_eps: f64,
-    /// MLP activation.
-    pub hidden_act: ClipActivation,
-}
+pub use shardsmith_converters::convert::clip::{ClipActivation, ClipVisionConfig};
 
-/// The MLP activations HF CLIP checkpoints use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClipActivation {
-    /// `x·sigmoid(1.702x)`, the OpenAI CLIP towers.
-    QuickGelu,
-    /// Exact erf GELU (HF `"gelu"`).
-    Gelu,
-}
-
-impl ClipActivation {
-    fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Self::Gelu => x.gelu_erf(),
-        }
-    }
-}
-
-impl Default for ClipVisionConfig {
-    /// HF `CLIPVisionConfig()` defaults (ViT-B/32), used for keys a config omits.
-    fn default() -> Self {
-        Self {
-            hidden_size: 768,
-            intermediate_size: 3072,
-            num_hidden_layers: 12,
-            num_attention_heads: 12,
-            patch_size: 32,
-            image_size: 224,
-            num_channels: 3,
-            layer_norm_eps: 1e-5,
-            hidden_act: ClipActivation::QuickGelu,
-        }
-    }
-}
-
-impl ClipVisionConfig {
-    /// Reads and parses a `config.json` (see [`ClipVisionConfig::from_json`]).
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let json: Value =
-            serde_json::from_str(&text).map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
-        Self::from_json(&json, path)
-    }
-
-    /// Parses the vision config out of an HF config: a standalone `clip_vision_model` config, or
-    /// the `vision_config` object of a `clip` (`CLIPModel`) or `llava` (llava-hf) config. `path`
-    /// only names the file in errors. Absent keys take HF's defaults.
-    pub fn from_json(json: &Value, path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let model_type = json.get("model_type").and_then(Value::as_str);
-        let vision = match (model_type, json.get("vision_config")) {
-            (Some("clip_vision_model"), _) => json,
-            (Some("clip" | "llava" | "llava_next"), Some(v)) | (None, Some(v)) => v,
-            (Some(t @ ("clip" | "llava" | "llava_next")), None) => {
-                // liuhaotian LLaVA configs only name the tower; its own config has to be read.
-                let tower = json.get("mm_vision_tower").and_then(Value::as_str);
-                return Err(Error::config(
-                    path,
-                    format!(
-                        "'{t}' config has no vision_config (mm_vision_tower: {})",
-                        tower.unwrap_or("absent")
-                    ),
-                ));
-            }
-            (None, None) => json,
-            (Some(other), _) => {
-                return Err(Error::config(
-                    path,
-                    format!(
-                        "model_type '{other}' is not a CLIP vision config (supported: \
-                         clip_vision_model, clip, llava with vision_config)"
-                    ),
-                ))
-            }
-        };
-        if let Some(t) = vision.get("model_type").and_then(Value::as_str) {
-            if t != "clip_vision_model" {
-                return Err(Error::config(
-                    path,
-                    format!("vision_config.model_type '{t}' is not supported (clip_vision_model)"),
-                ));
-            }
-        }
-
-        let d = Self::default();
-        let int = |key: &str, default: usize| -> Result<usize> {
-            match vision.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(v) => {
-                    v.as_u64().and_then(|n| usize::try_from(n).ok()).filter(|&n| n > 0).ok_or_else(|| {
-                        Error::config(path, format!("{key}: expected a positive integer, got {v}"))
-                    })
-                }
-            }
-        };
-        let layer_norm_eps = match vision.get("layer_norm_eps") {
-            None | Some(Value::Null) => d.layer_norm_eps,
-            Some(v) => v.as_f64().filter(|e| *e > 0.0).ok_or_else(|| {
-                Error::config(path, format!("layer_norm_eps: expected a positive number, got {v}"))
-            })?,
-        };
-        let hidden_act = match vision.get("hidden_act").map(|v| (v, v.as_str())) {
-            None => d.hidden_act,
-            Some((_, Some("quick_gelu"))) => ClipActivation::QuickGelu,
-            Some((_, Some("gelu"))) => ClipActivation::Gelu,
-            Some((v, _)) => {
-                return Err(Error::config(
-                    path,
-                    format!("hidden_act {v} is not supported (quick_gelu, gelu)"),
-                ))
-            }
-        };
-        let cfg = Self {
-            hidden_size: int("hidden_size", d.hidden_size)?,
-            intermediate_size: int("intermediate_size", d.intermediate_size)?,
-            num_hidden_layers: int("num_hidden_layers", d.num_hidden_layers)?,
-            num_attention_heads: int("num_attention_heads", d.num_attention_heads)?,
-            patch_size: int("patch_size", d.patch_size)?,
-            image_size: int("image_size", d.image_size)?,
-            num_channels: int("num_channels", d.num_channels)?,
-            layer_norm_eps,
-            hidden_act,
-        };
-        let multiples = [
-            ("hidden_size", cfg.hidden_size, "num_attention_heads", cfg.num_attention_heads),
-            ("image_size", cfg.image_size, "patch_size", cfg.patch_size),
-        ];
-        for (name, value, of, divisor) in multiples {
-            if value % divisor != 0 {
-                let detail = format!("{name} {value} is not a multiple of {of} {divisor}");
-                return Err(Error::config(path, detail));
-            }
-        }
-        Ok(cfg)
-    }
-
-    /// Patches per image N = (S/P)² (576 for ViT-L/14-336).
-    pub fn num_patches(&self) -> usize {
-        (self.image_size / self.patch_size).pow(2)
-    }
-
-    /// Sequence length N + 1 (the CLS token first).
-    pub fn num_positions(&self) -> usize {
-        self.num_patches() + 1
-    }
-
-    /// Per-head width C / heads.
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+/// The MLP activation applied to x.
+fn activate(act: ClipActivation, x: &Tensor) -> candle_core::Result<Tensor> {
+    match act {
+        ClipActivation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        ClipActivation::Gelu => x.gelu_erf(),
     }
 }
 
@@ -252,8 +83,8 @@ impl Linear {
             (Some(b), Some(ClipActivation::QuickGelu)) => {
                 return Ok(bias_act(&y, b, Act::QuickGelu, residual)?)
             }
-            (Some(b), Some(a)) => a.forward(&bias_act(&y, b, Act::Identity, None)?)?,
-            (None, Some(a)) => a.forward(&y)?,
+            (Some(b), Some(a)) => activate(a, &bias_act(&y, b, Act::Identity, None)?)?,
+            (None, Some(a)) => activate(a, &y)?,
             (None, None) => y,
         };
         Ok(match residual {
@@ -546,7 +377,10 @@ mod tests {
 
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarBuilder;
-    use serde_json::json;
+
+    use std::path::Path;
+
+    use serde_json::Value;
 
     use super::*;
 
@@ -554,8 +388,14 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clip-vision").join(rel)
     }
 
+    fn fixture_config() -> ClipVisionConfig {
+        let path = fixture("config.json");
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        ClipVisionConfig::from_json(&json, path).unwrap()
+    }
+
     fn setup(dtype: DType) -> (ClipVisionModel, HashMap<String, Tensor>) {
-        let cfg = ClipVisionConfig::from_file(fixture("config.json")).expect("config");
+        let cfg = fixture_config();
         let weights =
             candle_core::safetensors::load(fixture("model.safetensors"), &Device::Cpu).expect("weights");
         let model = ClipVisionModel::load(VarBuilder::from_tensors(weights, dtype, &Device::Cpu), &cfg)
@@ -612,7 +452,7 @@ mod tests {
     /// Poison the last layer: features(−2) must not touch it, forward must.
     #[test]
     fn features_stop_before_unneeded_layers() {
-        let cfg = ClipVisionConfig::from_file(fixture("config.json")).unwrap();
+        let cfg = fixture_config();
         let mut w = candle_core::safetensors::load(fixture("model.safetensors"), &Device::Cpu).unwrap();
         let name = "vision_model.encoder.layers.1.mlp.fc2.weight";
         w.insert(name.into(), (w[name].ones_like().unwrap() * f64::NAN).unwrap());
@@ -641,7 +481,7 @@ mod tests {
 
     #[test]
     fn missing_and_misshapen_weights_are_named() {
-        let cfg = ClipVisionConfig::from_file(fixture("config.json")).unwrap();
+        let cfg = fixture_config();
         let base = candle_core::safetensors::load(fixture("model.safetensors"), &Device::Cpu).unwrap();
         let name = "vision_model.encoder.layers.1.self_attn.k_proj.bias";
         let mut w = base.clone();
@@ -657,41 +497,5 @@ mod tests {
         let vb = VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
         let err = ClipVisionModel::load(vb, &cfg).unwrap_err().to_string();
         assert_eq!(err, format!("tensor '{name}': expected [48], got [7]"));
-    }
-
-    #[test]
-    fn config_sources_and_defaults() {
-        let fixture_cfg = ClipVisionConfig::from_file(fixture("config.json")).unwrap();
-        assert_eq!((fixture_cfg.hidden_size, fixture_cfg.num_positions()), (48, 17));
-        assert_eq!(fixture_cfg.hidden_act, ClipActivation::QuickGelu);
-        // llava-hf 1.5 stores only the non-default keys of its tower.
-        let llava = json!({"model_type": "llava", "projector_hidden_act": "gelu", "vision_config": {
-            "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-            "model_type": "clip_vision_model", "num_attention_heads": 16,
-            "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768}});
-        let cfg = ClipVisionConfig::from_json(&llava, "llava/config.json").unwrap();
-        assert_eq!((cfg.num_patches(), cfg.head_dim(), cfg.num_channels), (576, 64, 3));
-        assert_eq!((cfg.layer_norm_eps, cfg.hidden_act), (1e-5, ClipActivation::QuickGelu));
-        let clip = json!({"model_type": "clip", "text_config": {}, "vision_config": {"hidden_act": "gelu"}});
-        let cfg = ClipVisionConfig::from_json(&clip, "clip/config.json").unwrap();
-        assert_eq!(cfg, ClipVisionConfig { hidden_act: ClipActivation::Gelu, ..Default::default() });
-        let liuhaotian =
-            json!({"model_type": "llava", "mm_vision_tower": "openai/clip-vit-large-patch14-336"});
-        let err = ClipVisionConfig::from_json(&liuhaotian, "lv/config.json").unwrap_err().to_string();
-        assert!(err.starts_with("lv/config.json: ") && err.contains("clip-vit-large-patch14-336"), "{err}");
-        let bad = json!({"model_type": "clip_vision_model", "image_size": 30, "patch_size": 8});
-        assert!(ClipVisionConfig::from_json(&bad, "x.json").is_err());
-    }
-
-    #[test]
-    fn relu_activation_is_refused_naming_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.json");
-        let mut cfg: Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture("config.json")).unwrap()).unwrap();
-        cfg["hidden_act"] = json!("relu");
-        std::fs::write(&path, cfg.to_string()).unwrap();
-        let err = ClipVisionConfig::from_file(&path).unwrap_err().to_string();
-        assert!(err.contains(&path.display().to_string()) && err.contains("relu"), "{err}");
     }
 }
