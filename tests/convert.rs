@@ -157,7 +157,17 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let v: serde_json::Value = serde_json::from_str(&plan).unwrap();
     assert_eq!(v["plan"]["tp"], 2);
     assert_eq!(v["plan"]["architecture"]["padded_vocab"], 334);
+    assert_eq!(v["destination_exists"], false);
     assert!(!dst.exists());
+    // A destination already there: the plan says what the conversion would do about it.
+    std::fs::write(&dst, b"old").unwrap();
+    let out = ok(&["plan", s(&fixture("llama-gqa")), s(&dst)]);
+    assert!(out.contains("(it exists: the real run would refuse without --force)"), "{out}");
+    let out = ok(&["plan", s(&fixture("llama-gqa")), s(&dst), "--force"]);
+    assert!(out.contains("(it exists: --force replaces it)"), "{out}");
+    let plan = ok(&["plan", s(&fixture("llama-gqa")), s(&dst), "--json"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&plan).unwrap()["destination_exists"], true);
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old");
 }
 
 #[test]

@@ -86,6 +86,10 @@ fn rename_and_drop_by_pattern_round_trip_and_refuse_collisions() {
         r"^model\.layers\.(\d+)\.mlp\.=blocks.$1.ffn.",
     ]);
     assert!(tensors(&renamed).contains_key("blocks.1.ffn.down_proj.weight"));
+    // A dry run onto what now exists says the real run would refuse it.
+    let rule = r"^model\.layers\.(\d+)\.mlp\.=blocks.$1.ffn.";
+    let again = ok(&["surgery", "rename", s(&src), "-o", s(&renamed), "--rule", rule, "--dry-run"]);
+    assert!(again.contains("(it exists: the real run would refuse without --force)"), "{again}");
     // And back: the very file transformers wrote (same names, same header, same bytes).
     let back = work.path().join("back");
     let report = ok(&[

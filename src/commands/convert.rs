@@ -177,16 +177,31 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
 }
 
 /// Print the plan: target files, per-rank tensors, shapes, bytes and vocabulary padding.
+/// What a plan says of a destination already there: the real run refuses it, or replaces it
+/// with `--force`. Empty when there is none.
+pub fn existing_destination(dst: &Path, force: bool) -> &'static str {
+    match (dst.exists(), force) {
+        (false, _) => "",
+        (true, false) => " (it exists: the real run would refuse without --force)",
+        (true, true) => " (it exists: --force replaces it)",
+    }
+}
+
 pub fn print_plan(
     target: &Checkpoint,
     to: TargetKind,
     dst: &Path,
     json: bool,
+    force: bool,
     dist: Option<(&nemo::DistWeights, DistFormat)>,
 ) -> Result<()> {
     let report = inspect::report(target, None)?;
+    let exists = dst.exists();
     if json {
-        let mut v = serde_json::json!({ "destination": dst, "target": format!("{to:?}").to_lowercase(), "plan": report });
+        let mut v = serde_json::json!({
+            "destination": dst, "destination_exists": exists, "target": format!("{to:?}").to_lowercase(),
+            "plan": report,
+        });
         if let Some((w, format)) = dist {
             let arrays: Vec<_> = w
                 .arrays
@@ -209,7 +224,7 @@ pub fn print_plan(
         TargetKind::Hf => "HF directory",
         TargetKind::Llava => "LLaVA directory",
     };
-    println!("plan: write {} as {what}", dst.display());
+    println!("plan: write {} as {what}{}", dst.display(), existing_destination(dst, force));
     if let Some(ModelConfig::NemoYaml(cfg)) = &target.meta.config {
         let a = &report.architecture;
         if let (Some(v), Some(p)) = (a.vocab, a.padded_vocab) {
@@ -484,7 +499,7 @@ pub fn emit(outputs: &[Output], o: &Options, started: std::time::Instant) -> Res
     let dist_of = |i: usize| dist[i].as_ref().map(|(w, format)| (w, *format));
     if o.dry_run {
         for (i, out) in outputs.iter().enumerate() {
-            print_plan(&out.ckpt, out.kind, &out.dest, o.json, dist_of(i))?;
+            print_plan(&out.ckpt, out.kind, &out.dest, o.json, o.force, dist_of(i))?;
         }
         return Ok(());
     }

@@ -208,10 +208,13 @@ pub fn run(args: SurgeryArgs) -> Result<()> {
 fn finish(edit: &Edit, o: &OutArgs) -> Result<()> {
     if o.dry_run {
         if o.json {
-            let v = serde_json::json!({"destination": o.out, "written": false, "plan": edit.plan});
+            let v = serde_json::json!({
+                "destination": o.out, "destination_exists": o.out.exists(), "written": false, "plan": edit.plan,
+            });
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            println!("plan (dry run, nothing written): {}", o.out.display());
+            let existing = super::convert::existing_destination(&o.out, o.force);
+            println!("plan (dry run, nothing written): {}{existing}", o.out.display());
             print!("{}", edit.plan.render(true));
         }
         return Ok(());
