@@ -738,25 +738,36 @@ fn transformers_and_sentencepiece_read_added_tokens() {
 
 /// A NeMo LoRA adapter `.nemo` (tp 2) for llama-mha's layer-0 QKV, with `linear_out` = `out`.
 fn nemo_lora_adapter(dir: &Path, name: &str, out: f32) -> PathBuf {
+    nemo_lora_adapter_with(dir, name, out, 96, &[])
+}
+
+/// A NeMo LoRA adapter `.nemo` (tp 2, rank 4, hidden 64) for layer 0's QKV (`qkv_rows` per rank),
+/// `linear_out` = `out`, and `whole` tensors saved beside it on both ranks, as NeVA PEFT saves
+/// its projector.
+fn nemo_lora_adapter_with(
+    dir: &Path,
+    name: &str,
+    out: f32,
+    qkv_rows: usize,
+    whole: &[(String, Vec<usize>)],
+) -> PathBuf {
     use shardsmith_converters::formats::nemo;
     use shardsmith_converters::{ByteSource, NemoLayout, Rank, Shard, TensorEntry};
     let origin: std::sync::Arc<Path> = std::sync::Arc::from(Path::new("adapter"));
-    let t = |rows: usize, cols: usize, v: f32| {
-        let bytes: Vec<u8> =
-            (0..rows * cols).flat_map(|i| (v * ((i % 7) as f32 - 3.0)).to_le_bytes()).collect();
-        TensorEntry::new(
-            shardsmith_converters::DType::F32,
-            vec![rows, cols],
-            ByteSource::owned(bytes),
-            origin.clone(),
-        )
+    let t = |shape: Vec<usize>, v: f32| {
+        let n: usize = shape.iter().product();
+        let bytes: Vec<u8> = (0..n).flat_map(|i| (v * ((i % 7) as f32 - 3.0)).to_le_bytes()).collect();
+        TensorEntry::new(shardsmith_converters::DType::F32, shape, ByteSource::owned(bytes), origin.clone())
     };
     let pre = "model.decoder.layers.0.self_attention.adapter_layer.lora_kqv_adapter";
     let shards = (0..2)
         .map(|tp| {
             let mut m = TensorMap::new();
-            m.insert(format!("{pre}.linear_in.weight"), t(2, 64, 0.01));
-            m.insert(format!("{pre}.linear_out.weight"), t(96, 4, out));
+            m.insert(format!("{pre}.linear_in.weight"), t(vec![2, 64], 0.01));
+            m.insert(format!("{pre}.linear_out.weight"), t(vec![qkv_rows, 4], out));
+            for (name, shape) in whole {
+                m.insert(name.clone(), t(shape.clone(), 0.25));
+            }
             Shard::new(Rank { tp, pp: 0 }, m)
         })
         .collect();
@@ -777,6 +788,57 @@ fn nemo_lora_adapter(dir: &Path, name: &str, out: f32) -> PathBuf {
     let path = dir.join(name);
     nemo::write(&Checkpoint { meta, shards }, &path, &Default::default()).unwrap();
     path
+}
+
+/// NeVA PEFT saves the projector it trains beside the LoRA weights: merge-lora on a NeVA `.nemo`
+/// merges the LoRA into the language model and takes the adapter's projector, keeping the TP
+/// layout and the vision tower; a tensor the base lacks is refused by name.
+#[test]
+fn merge_lora_takes_a_neva_adapters_projector() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let base = neva_from_tiny(w, "base", &["--tp", "2"]);
+    let proj = "model.embedding.word_embeddings.adapter_layer.mm_projector_adapter.mm_projector";
+    let whole: Vec<(String, Vec<usize>)> =
+        [("0.weight", vec![64, 48]), ("0.bias", vec![64]), ("2.weight", vec![64, 64]), ("2.bias", vec![64])]
+            .into_iter()
+            .map(|(n, shape)| (format!("{proj}.{n}"), shape))
+            .collect();
+    let adapter = nemo_lora_adapter_with(w, "neva-lora.nemo", 0.5, 64, &whole);
+    let merged = w.join("merged.nemo");
+    let plan = ok(&["surgery", "merge-lora", s(&base), "--adapter", s(&adapter), "-o", s(&merged)]);
+    assert!(plan.contains("10 modified") && plan.contains("replaced by the adapter's"), "{plan}");
+    let (before, after) = (neva_parts(&base), neva_parts(&merged));
+    assert_eq!(formats::open(&merged).unwrap().meta.parallel, Parallelism { tp: 2, pp: 1 });
+    // The projector is the adapter's: every value v·((i mod 7) − 3) with v = 0.25.
+    for (name, t) in &after.projector {
+        let b = t.bytes(name).unwrap();
+        let got: Vec<f32> = b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert!(got.iter().enumerate().all(|(i, x)| *x == 0.25 * ((i % 7) as f32 - 3.0)), "{name}");
+    }
+    let changed: Vec<&String> = before
+        .llm
+        .tensors
+        .iter()
+        .filter(|(n, t)| t.bytes(n).unwrap() != after.llm.tensors[*n].bytes(n).unwrap())
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        changed,
+        [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight"
+        ]
+    );
+    assert!(before.vision.iter().all(|(n, t)| t.bytes(n).unwrap() == after.vision[n].bytes(n).unwrap()));
+    // A whole tensor the base does not have is named.
+    let stray =
+        nemo_lora_adapter_with(w, "stray.nemo", 0.5, 64, &[("model.extra.weight".into(), vec![2, 2])]);
+    let err =
+        refused(&["surgery", "merge-lora", s(&base), "--adapter", s(&stray), "-o", s(&w.join("x.nemo"))]);
+    assert!(err.contains("tensor 'model.extra.weight' (tp=0 pp=0) is neither a NeMo LoRA"), "{err}");
+    assert!(!w.join("x.nemo").exists());
 }
 
 #[test]

@@ -17,10 +17,15 @@
 //! which defaults to `adapter_dim`, i.e. a factor of 1; that script leaves it out). Adapters with
 //! an activation or a norm (`peft.lora_tuning.activation` other than `identity`,
 //! `norm_position` set) are not linear maps and are refused.
+//!
+//! Full tensors the adapter also saves under a name the base has on the same rank replace the
+//! base's (cast to its dtype): what NeMo's PEFT trains besides the LoRA weights — NeVA's
+//! projector (`…mm_projector_adapter.mm_projector.*`, trained with the LoRA in NeVA PEFT), or
+//! `tunable_base_param_names`. Any other tensor is refused by name.
 
 use super::lora::merged_entry;
 use super::plan::{Action, Change, Edit, Plan, WriteAs};
-use crate::checkpoint::{Checkpoint, Flavour, ModelConfig, NemoLayout, TensorEntry};
+use crate::checkpoint::{Checkpoint, Flavour, ModelConfig, NemoLayout, Rank, TensorEntry};
 use crate::error::{Error, Result};
 use crate::transforms;
 use regex::Regex;
@@ -49,6 +54,11 @@ const ADAPTERS: &[(&str, &str, &str, bool)] = &[
 pub fn is_nemo_lora(ckpt: &Checkpoint) -> bool {
     matches!(ckpt.meta.flavour, Flavour::Nemo { .. })
         && ckpt.shards.iter().flat_map(|s| s.tensors.keys()).any(|k| k.contains(".adapter_layer.lora_"))
+}
+
+/// Whether `base` holds a tensor `name` on `rank`.
+fn base_holds(base: &Checkpoint, rank: Rank, name: &str) -> bool {
+    base.shards.iter().any(|s| s.rank == rank && s.tensors.contains_key(name))
 }
 
 /// The adapter's `alpha / dim` from its yaml; `dim` is the adapter rank seen in the weights.
@@ -109,6 +119,8 @@ pub fn merge_nemo_lora(base: &Checkpoint, adapter: &Checkpoint) -> Result<Edit> 
     // (pp, layer prefix, adapter index) → per tp rank: (in, out)
     type Halves = BTreeMap<usize, (Option<TensorEntry>, Option<TensorEntry>)>;
     let mut groups: BTreeMap<(usize, String, usize), Halves> = BTreeMap::new();
+    // Full tensors that replace the base's: (rank, name, tensor).
+    let mut replacements: Vec<(Rank, String, TensorEntry)> = Vec::new();
     for s in &adapter.shards {
         for (key, t) in &s.tensors {
             let found = key_re.captures(key).and_then(|m| {
@@ -116,9 +128,17 @@ pub fn merge_nemo_lora(base: &Checkpoint, adapter: &Checkpoint) -> Result<Edit> 
                 Some((m[1].to_string(), i, &m[3] == "in"))
             });
             let Some((prefix, i, is_in)) = found else {
+                if base_holds(base, s.rank, key) {
+                    replacements.push((s.rank, key.clone(), t.clone()));
+                    continue;
+                }
                 return Err(Error::invalid(
                     &adapter.meta.path,
-                    format!("tensor '{key}' (tp={} pp={}) is not a NeMo LoRA linear_in/linear_out weight this merge knows", s.rank.tp, s.rank.pp),
+                    format!(
+                        "tensor '{key}' (tp={} pp={}) is neither a NeMo LoRA linear_in/linear_out weight this \
+                         merge knows nor a tensor the base has on that rank",
+                        s.rank.tp, s.rank.pp
+                    ),
                 ));
             };
             let slot = groups.entry((s.rank.pp, prefix, i)).or_default().entry(s.rank.tp).or_default();
@@ -137,6 +157,7 @@ pub fn merge_nemo_lora(base: &Checkpoint, adapter: &Checkpoint) -> Result<Edit> 
     let mut plan = Plan::new("merge-lora", path);
     plan.notes.push(format!("NeMo LoRA adapter {}", adapter.meta.path.display()));
     let mut modified: BTreeSet<(usize, usize, String)> = BTreeSet::new();
+    let mut replaced: BTreeSet<(usize, usize, String)> = BTreeSet::new();
     let mut how = String::new();
     for ((pp, prefix, i), ranks) in &groups {
         let (name, base_suffix, legacy_suffix, column) = ADAPTERS[*i];
@@ -211,11 +232,40 @@ pub fn merge_nemo_lora(base: &Checkpoint, adapter: &Checkpoint) -> Result<Edit> 
             modified.insert((t, *pp, target.clone()));
         }
     }
+    for (rank, name, t) in replacements {
+        let shard = out.shards.iter_mut().find(|s| s.rank == rank).expect("checked by base_holds");
+        let old = &shard.tensors[&name];
+        if modified.contains(&(rank.tp, rank.pp, name.clone())) {
+            return Err(Error::invalid(
+                &adapter.meta.path,
+                format!(
+                    "tensor '{name}' (tp={} pp={}) is both LoRA-adapted and saved whole",
+                    rank.tp, rank.pp
+                ),
+            ));
+        }
+        if old.shape != t.shape || !t.dtype.is_float() || !old.dtype.is_float() {
+            return Err(Error::invalid(
+                &adapter.meta.path,
+                format!(
+                    "tensor '{name}' (tp={} pp={}): the adapter's is {} {:?}, the base's {} {:?}",
+                    rank.tp, rank.pp, t.dtype, t.shape, old.dtype, old.shape
+                ),
+            ));
+        }
+        let t = t.cast(&name, old.dtype)?;
+        shard.tensors.insert(name.clone(), t);
+        replaced.insert((rank.tp, rank.pp, name));
+    }
     let multi = base.shards.len() > 1;
     for s in &out.shards {
         for (n, t) in &s.tensors {
-            let c = if modified.contains(&(s.rank.tp, s.rank.pp, n.clone())) {
+            let at = (s.rank.tp, s.rank.pp, n.clone());
+            let c = if modified.contains(&at) {
                 Change::new(n, Action::Modified, t).detail(format!("W + linear_out·linear_in ({how})"))
+            } else if replaced.contains(&at) {
+                Change::new(n, Action::Modified, t)
+                    .detail("replaced by the adapter's (trained alongside the LoRA)")
             } else {
                 Change::new(n, Action::Kept, t)
             };
