@@ -10,6 +10,7 @@ pub mod models;
 pub mod ops;
 pub mod parallel;
 pub mod progress;
+pub mod rng;
 pub mod train;
 pub mod validate;
 pub mod weights;

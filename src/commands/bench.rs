@@ -150,18 +150,6 @@ pub fn bench_lora() -> LoraSpec {
     }
 }
 
-/// A portable seeded stream of u64s (SplitMix64).
-fn splitmix(seed: u64) -> impl FnMut() -> u64 {
-    let mut s = seed;
-    move || {
-        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// The deterministic benchmark batch: per sequence BOS, one image's tokens, then seeded text ids
 /// in [3, 256); labels are the ids on the text after the image (`IGNORE` elsewhere); pixels are
 /// seeded, uniform in [-1, 1).
@@ -177,7 +165,8 @@ fn train_batch(c: &CanonicalLlava, batch: usize, seq: usize) -> Result<Batch> {
         "--seq {seq} is too short: BOS + {} image tokens + at least 2 text tokens",
         image.len()
     );
-    let mut next = splitmix(0x5eed);
+    let mut rng = crate::rng::SplitMix64::new(0x5eed);
+    let mut next = || rng.next_u64();
     let (mut ids, mut labels) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
     for _ in 0..batch {
         ids.push(1u32);

@@ -1,10 +1,9 @@
 //! Next-token selection: greedy, temperature and nucleus (top-p) sampling with a seeded RNG.
 //!
-//! The RNG is hand-written (SplitMix64 seeding a xoshiro256**) instead of `rand::StdRng` because
-//! `StdRng` explicitly does not promise the same stream across `rand` releases, and a seed on the
-//! command line must reproduce the same text next year. Both generators are public-domain
-//! reference algorithms with published test vectors (checked below).
+//! The RNG is [`crate::rng`]'s xoshiro256**, so a seed on the command line reproduces the same
+//! text next year.
 
+use crate::rng::Xoshiro256StarStar;
 use crate::{Error, Result};
 
 /// Picks the next token from a logits row.
@@ -138,77 +137,9 @@ fn nucleus_len(order: &[usize], probs: &[f64], p: f64) -> usize {
     order.len()
 }
 
-/// xoshiro256** (Blackman & Vigna), seeded through SplitMix64 as its authors recommend.
-#[derive(Debug, Clone)]
-struct Xoshiro256StarStar {
-    s: [u64; 4],
-}
-
-impl Xoshiro256StarStar {
-    fn seed_from_u64(seed: u64) -> Self {
-        let mut sm = SplitMix64(seed);
-        Self { s: [sm.next_u64(), sm.next_u64(), sm.next_u64(), sm.next_u64()] }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splitmix64_matches_reference_vector() {
-        // Reference outputs of splitmix64.c for seed 1234567.
-        let mut sm = SplitMix64(1234567);
-        let got: Vec<u64> = (0..5).map(|_| sm.next_u64()).collect();
-        assert_eq!(
-            got,
-            [
-                6457827717110365317,
-                3203168211198807973,
-                9817491932198370423,
-                4593380528125082431,
-                16408922859458223821
-            ]
-        );
-    }
-
-    #[test]
-    fn xoshiro_matches_reference_vector() {
-        // xoshiro256** from state [1, 2, 3, 4] (the reference implementation's first outputs).
-        let mut x = Xoshiro256StarStar { s: [1, 2, 3, 4] };
-        let got: Vec<u64> = (0..4).map(|_| x.next_u64()).collect();
-        assert_eq!(got, [11520, 0, 1509978240, 1215971899390074240]);
-    }
 
     #[test]
     fn greedy_takes_lowest_index_on_ties() {

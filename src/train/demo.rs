@@ -6,6 +6,7 @@
 //! `train.json` and `test.json` share no (colour, shape, position, size) drawing: the test
 //! images are new, so answering them needs the image, not memory.
 
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use image::{Rgb, RgbImage};
 use serde_json::json;
@@ -44,23 +45,6 @@ impl Answer {
             Answer::Shape => shape.to_string(),
             Answer::Caption => format!("a {colour} {shape}"),
         }
-    }
-}
-
-/// SplitMix64: a portable seeded stream.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -155,14 +139,16 @@ pub fn write(
     let staged = shardsmith_converters::atomic::AtomicDir::create(dir, overwrite)?;
     let images = staged.path().join("images");
     std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
+    // `% n` (slightly biased) is kept: it fixes which drawings a seed gives.
+    let mut below = |n: u64| rng.next_u64() % n;
     let mut seen = std::collections::HashSet::new();
     let mut all = Vec::with_capacity(wanted);
     while all.len() < wanted {
-        let (ci, si) = (rng.below(4) as usize, rng.below(3) as usize);
-        let r = radius(side, rng.below(100));
-        let cx = centre(side, rng.below(5));
-        let cy = centre(side, rng.below(5));
+        let (ci, si) = (below(4) as usize, below(3) as usize);
+        let r = radius(side, below(100));
+        let cx = centre(side, below(5));
+        let cy = centre(side, below(5));
         if !seen.insert((ci, si, cx as u32, cy as u32, r as u32)) {
             continue;
         }

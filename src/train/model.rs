@@ -80,19 +80,10 @@ pub struct StepOutput {
     pub grads: GradStore,
 }
 
-/// A portable seeded uniform stream (SplitMix64), for LoRA init.
+/// A portable seeded uniform stream in [-bound, bound) (24 random bits each), for LoRA init.
 fn uniform(seed: u64, n: usize, bound: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
-        })
-        .collect()
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    (0..n).map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound).collect()
 }
 
 impl TrainModel {
