@@ -106,6 +106,10 @@ enum Command {
         /// Override a config value, e.g. --set trainer.max_steps=20 (repeatable).
         #[arg(long = "set")]
         overrides: Vec<String>,
+        /// Start afresh in an output.dir that holds an earlier run, removing its checkpoints,
+        /// metrics.jsonl and loss.png (without --resume or --force such a run is refused).
+        #[arg(long, conflicts_with = "resume")]
+        force: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -804,8 +808,8 @@ fn run(command: Command) -> ExitCode {
             };
             shardsmith::commands::generate::run(&a.ckpt, &o)
         }
-        Command::Train { config, resume, overrides, json } => {
-            shardsmith::commands::train::train(&config, resume, overrides, json)
+        Command::Train { config, resume, overrides, force, json } => {
+            shardsmith::commands::train::train(&config, resume, overrides, force, json)
         }
         Command::Evaluate { ckpt, data, image_folder, max_new_tokens, template, json } => {
             let o = shardsmith::commands::generate::Options {

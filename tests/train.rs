@@ -121,7 +121,12 @@ fn tiny_run(dir: &std::path::Path, sets: &[&str]) -> std::process::Output {
     let out_dir = format!("output.dir={}", dir.join("out").display());
     let mut args = vec!["train", "--config", config.to_str().unwrap(), "--set", &out_dir];
     for s in sets {
-        args.extend(["--set", s]);
+        // Flags pass through as they are; the rest are config overrides.
+        if s.starts_with("--") {
+            args.push(s);
+        } else {
+            args.extend(["--set", s]);
+        }
     }
     shardsmith(&args)
 }
@@ -194,6 +199,32 @@ fn resume_continues_with_identical_losses() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(a.join("loss.png").is_file());
+}
+
+/// A fresh run into an output.dir holding an earlier run is refused (a later `--resume` would
+/// take the earlier run's further checkpoint); `--force` removes that run's files first.
+#[test]
+fn a_fresh_run_does_not_mix_with_an_earlier_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let first = tiny_run(dir.path(), &["trainer.max_steps=4", "trainer.save_every_n_steps=2"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let again = tiny_run(dir.path(), &["trainer.max_steps=2"]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "a second fresh run was accepted");
+    assert!(
+        err.contains("output.dir holds an earlier run (checkpoints, metrics.jsonl, loss.png): pass --resume"),
+        "{err}"
+    );
+    assert!(out.join("checkpoints/step-000004").is_dir(), "the refused run touched the earlier one");
+    let forced = tiny_run(dir.path(), &["trainer.max_steps=2", "--force"]);
+    assert!(forced.status.success(), "{}", String::from_utf8_lossy(&forced.stderr));
+    let steps: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(steps, ["step-000002"]);
+    assert_eq!(losses(&out.join("metrics.jsonl")).len(), 2);
 }
 
 #[test]

@@ -10,9 +10,10 @@ pub fn train(
     config: &Path,
     resume: Option<Option<PathBuf>>,
     overrides: Vec<String>,
+    force: bool,
     json: bool,
 ) -> Result<()> {
-    let summary = run::run(config, &RunOptions { resume, overrides })?;
+    let summary = run::run(config, &RunOptions { resume, overrides, force })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub resume: Option<Option<PathBuf>>,
     /// Hydra-style `key=value` overrides of the config.
     pub overrides: Vec<String>,
+    /// A fresh run in an `output.dir` that holds an earlier run removes that run's checkpoints,
+    /// metrics and plot first (without it such a run is refused).
+    pub force: bool,
 }
 
 /// What a finished run reports.
@@ -236,6 +239,9 @@ pub fn run(config: &Path, o: &RunOptions) -> Result<Summary> {
     let mut opt = AdamW::new(model.params().to_vec(), AdamWConfig::from_config(&cfg.optim))?;
     let sched = LrSchedule::from_config(&cfg);
     let out_dir = cfg.output.dir.clone();
+    if o.resume.is_none() {
+        clear_earlier_run(&out_dir, o.force)?;
+    }
     std::fs::create_dir_all(out_dir.join("checkpoints")).map_err(|e| Error::io(&out_dir, e))?;
     let metrics_path = out_dir.join("metrics.jsonl");
     let (mut step, mut consumed, mut elapsed0) = (0u64, 0u64, 0f64);
@@ -423,6 +429,43 @@ fn trained_canonical(src: &Source, model: &TrainModel) -> Result<CanonicalLlava>
         c.llm.tensors.insert(w_name, e);
     }
     Ok(c)
+}
+
+/// What a run writes into `output.dir`, where an earlier run's files would be found.
+const RUN_FILES: [&str; 3] = ["checkpoints", "metrics.jsonl", "loss.png"];
+
+/// A fresh run into a directory that holds an earlier run would mix the two: the metrics log
+/// restarts, but the earlier checkpoints stay, and a later `--resume` takes the latest step
+/// there, which may be the earlier run's. So such a directory is refused, or with `force` its
+/// run files are removed first (nothing else in it is touched).
+fn clear_earlier_run(out_dir: &Path, force: bool) -> Result<()> {
+    let found: Vec<PathBuf> = RUN_FILES
+        .iter()
+        .map(|f| out_dir.join(f))
+        .filter(|p| match std::fs::read_dir(p) {
+            Ok(mut entries) => entries.next().is_some(), // an empty checkpoints/ holds nothing
+            Err(_) => p.exists(),
+        })
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        let names: Vec<&str> = found.iter().filter_map(|p| p.file_name()?.to_str()).collect();
+        return Err(Error::config(
+            out_dir,
+            format!(
+                "output.dir holds an earlier run ({}): pass --resume to continue it, --force to start \
+                 afresh (its checkpoints, metrics and plot are removed), or choose another output.dir",
+                names.join(", ")
+            ),
+        ));
+    }
+    for p in found {
+        let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        removed.map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
 }
 
 /// Write `checkpoints/step-NNNNNN/` atomically: the model in the configured formats, the LoRA
