@@ -305,9 +305,10 @@ fn backward_variants(
 
 /// The CUDA GEMM libraries (ops::linear::GemmBackend) against the CPU product from the same
 /// bf16 values: x·Wᵀ (W transposed, as projections call it), dy·W, dyᵀ·x widened to f32 (weight
-/// gradients), at odd sizes and one row; and, for the cuBLAS ones, x as a view of rows longer
-/// than K (a leading dimension candle's matmul refuses). bf16 results within one rounding; the
-/// direct libraries' f32 results unrounded, so within tensor-core f32 accumulation (1e-4).
+/// gradients), both operands transposed, and x·Wᵀ in f16, at odd sizes and one row; and x as a
+/// view of rows longer than K (a leading dimension candle's own matmul refuses: copied first
+/// where a library turns it down). bf16/f16 results within one rounding; the direct libraries'
+/// f32 results unrounded, so within tensor-core f32 accumulation (1e-4).
 #[test]
 fn gemm_backends_match_the_cpu() {
     use ops::linear::{matmul_with, GemmBackend};
@@ -316,13 +317,17 @@ fn gemm_backends_match_the_cpu() {
     for (m, k, n) in [(37, 70, 129), (1, 64, 256), (9, 40, 24), (300, 520, 72)] {
         let bf = |shape: &[usize], seed: u64| randn(shape, seed, 1.0).to_dtype(DType::BF16).unwrap();
         let (x, w, dy, wide) = (bf(&[m, k], 41), bf(&[n, k], 42), bf(&[m, n], 43), bf(&[m, k + 24], 44));
+        let x_km = bf(&[k, m], 45);
         let want_fwd = f32(&x).matmul(&f32(&w).t().unwrap()).unwrap();
+        let want_tt = f32(&x_km).t().unwrap().matmul(&f32(&w).t().unwrap()).unwrap();
+        let (x16, w16) = (x.to_dtype(DType::F16).unwrap(), w.to_dtype(DType::F16).unwrap());
         let want_dgrad = f32(&dy).matmul(&f32(&w)).unwrap();
         let want_wgrad = f32(&dy).t().unwrap().matmul(&f32(&x)).unwrap();
         let xv = wide.narrow(1, 3, k).unwrap();
         let want_view = f32(&xv).matmul(&f32(&w).t().unwrap()).unwrap();
         let on = |t: &Tensor| t.to_device(&gpu()).unwrap();
-        let (xg, wg, dyg, wideg) = (on(&x), on(&w), on(&dy), on(&wide));
+        let (xg, wg, dyg, wideg, x_kmg) = (on(&x), on(&w), on(&dy), on(&wide), on(&x_km));
+        let (x16g, w16g) = (on(&x16), on(&w16));
         for b in GemmBackend::ALL {
             let name = format!("gemm {} M{m} K{k} N{n}", b.name());
             let fwd = matmul_with(b, &xg, &wg.t().unwrap(), false).unwrap();
@@ -333,11 +338,13 @@ fn gemm_backends_match_the_cpu() {
             assert_eq!(wgrad.dtype(), DType::F32, "{name}: a widened product is f32");
             let tol = if b == GemmBackend::Candle { 1e-2 } else { 1e-4 };
             check(&format!("{name} dyᵀ·x f32"), &wgrad, &want_wgrad, tol);
-            if b != GemmBackend::Candle {
-                let xv = wideg.narrow(1, 3, k).unwrap();
-                let view = matmul_with(b, &xv, &wg.t().unwrap(), false).unwrap();
-                check(&format!("{name} x (rows of {}) ·Wᵀ", k + 24), &view, &want_view, 1e-2);
-            }
+            let tt = matmul_with(b, &x_kmg.t().unwrap(), &wg.t().unwrap(), false).unwrap();
+            check(&format!("{name} xᵀ·Wᵀ"), &tt, &want_tt, 1e-2);
+            let fwd16 = matmul_with(b, &x16g, &w16g.t().unwrap(), false).unwrap();
+            check(&format!("{name} x·Wᵀ f16"), &fwd16, &want_fwd, 1e-2);
+            let xv = wideg.narrow(1, 3, k).unwrap();
+            let view = matmul_with(b, &xv, &wg.t().unwrap(), false).unwrap();
+            check(&format!("{name} x (rows of {}) ·Wᵀ", k + 24), &view, &want_view, 1e-2);
         }
     }
 }

@@ -20,6 +20,18 @@ pub(crate) struct BlasPlan {
     pub ldc: usize,
 }
 
+impl BlasPlan {
+    /// The stored (column-major) shapes of A and B, (rows, cols), as cuBLASLt's matrix layouts
+    /// describe them: op(A) is [m, k] and op(B) [k, n], so a transposed operand is stored
+    /// [k, m] or [n, k]. Each leading dimension covers its stored rows.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn stored(&self) -> ((usize, usize), (usize, usize)) {
+        let a = if self.ta { (self.k, self.m) } else { (self.m, self.k) };
+        let b = if self.tb { (self.n, self.k) } else { (self.k, self.n) };
+        (a, b)
+    }
+}
+
 /// The plan for `a [M, K] · b [K, N]` with strides `sa`, `sb` (row, column; elements), or `None`
 /// where cuBLAS cannot read an operand as stored (no unit stride, a row stride shorter than the
 /// row) or a size does not fit its 32-bit ints.
@@ -111,6 +123,10 @@ mod tests {
             let (b, sb, ob) = view(k, n, b_t, pads.1, offsets.1, seed ^ 0x5555);
             let p = plan((m, n, k), sa, sb).expect("unit-stride views are readable");
             let c = blas_gemm(&p, (&b, ob), (&a, oa)); // cuBLAS's A is our B
+            // cuBLASLt's layouts: the stored shapes, every leading dimension covering its rows.
+            let ((ar, ac), (br, bc)) = p.stored();
+            prop_assert_eq!((ar * ac, br * bc), (p.m * p.k, p.k * p.n));
+            prop_assert!(p.lda >= ar && p.ldb >= br && p.ldc >= p.m, "{:?}", p);
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|l| a[oa + i * sa[0] + l * sa[1]] * b[ob + l * sb[0] + j * sb[1]]).sum();

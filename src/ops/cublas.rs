@@ -287,9 +287,7 @@ fn lt_matmul<T: BlasType, O: BlasType>(
             )?;
             Ok(LtObject(l, lt::destroy_matrix_layout))
         };
-    // Stored shapes: op(A) is [m, k], op(B) [k, n].
-    let (ar, ac) = if d.ta { (d.k, d.m) } else { (d.m, d.k) };
-    let (br, bc) = if d.tb { (d.n, d.k) } else { (d.k, d.n) };
+    let ((ar, ac), (br, bc)) = d.stored();
     let (la, lb, lc) =
         (layout(T::LT, ar, ac, d.lda)?, layout(T::LT, br, bc, d.ldb)?, layout(O::LT, d.m, d.n, d.ldc)?);
     let desc = LtObject(

@@ -650,7 +650,7 @@ pub(super) fn gemv_tensor(
         Ok(l) => l,
         Err(_) => return Ok(None),
     };
-    let wn = wl.dims()[1];
+    let Ok((_, wn)) = wl.shape().dims2() else { return Ok(None) }; // the caller's matmul names it
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("x has rows") = if swiglu { wn / 2 } else { wn };
     if r.is_some_and(|r| r.dims() != dims) {

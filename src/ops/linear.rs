@@ -104,11 +104,17 @@ pub(super) fn rows_view(l: &Layout) -> Result<Layout> {
     if r == 2 {
         return Ok(l.clone());
     }
-    if (0..r - 2).any(|i| dims[i] > 1 && stride[i] != stride[i + 1] * dims[i + 1]) {
+    // The leading dims of more than one element, outermost first: each must step over exactly
+    // the rows of the next. A dim of 1 is skipped: its stride means nothing, and comparing with
+    // it hid e.g. [2, 1, 3, K] with strides [K, K, 2K, 1] (a permute), whose rows do not merge.
+    let lead: Vec<(usize, usize)> =
+        (0..r - 1).filter(|&i| dims[i] > 1).map(|i| (dims[i], stride[i])).collect();
+    if lead.windows(2).any(|w| w[0].1 != w[1].1 * w[1].0) {
         bail!("matmul: the leading dims of a {:?} (strides {stride:?}) are not one run of rows", l.shape());
     }
     let m = dims[..r - 1].iter().product::<usize>();
-    Ok(Layout::new(Shape::from((m, dims[r - 1])), vec![stride[r - 2], stride[r - 1]], l.start_offset()))
+    let row_stride = lead.last().map_or(dims[r - 1], |&(_, s)| s);
+    Ok(Layout::new(Shape::from((m, dims[r - 1])), vec![row_stride, stride[r - 1]], l.start_offset()))
 }
 
 /// (m, n, k) of `a [M, K] · b [K, N]` (2-D views), or an error naming the shapes.
@@ -199,6 +205,23 @@ impl CustomOp2 for Matmul {
         if let Some(c) = super::cublas::gemm(backend, s1, l1, s2, l2, (m, n, k), self.widen)? {
             return Ok((c, out_shape(shape, n)));
         }
+        // candle's matmul reads only unpadded operands (plain or transposed): a padded view the
+        // library turned down (its algorithms want aligned leading dims) is copied first.
+        let packed = |s: &candle_core::CudaStorage, l: &Layout| -> Result<Option<candle_core::CudaStorage>> {
+            let (st, (r, c)) = (l.stride(), l.shape().dims2()?);
+            if (st[1] == 1 && st[0] == c) || (st[0] == 1 && st[1] == r) {
+                return Ok(None);
+            }
+            use candle_core::backend::BackendDevice;
+            // SAFETY: every element is written by the copy below before it is read.
+            let mut dst = unsafe { s.device().alloc_uninit(l.shape(), s.dtype())? };
+            s.copy_strided_src(&mut dst, 0, l)?;
+            Ok(Some(dst))
+        };
+        let (p1, p2) = (packed(s1, l1)?, packed(s2, l2)?);
+        let (c1, c2) = (Layout::contiguous((m, k)), Layout::contiguous((k, n)));
+        let (s1, l1) = p1.as_ref().map_or((s1, l1), |p| (p, &c1));
+        let (s2, l2) = p2.as_ref().map_or((s2, l2), |p| (p, &c2));
         let c = s1.matmul(s2, (1, m, n, k), l1, l2)?;
         let c = if self.widen && c.dtype() != DType::F32 {
             c.to_dtype(&Layout::contiguous((m, n)), DType::F32)?
@@ -413,6 +436,26 @@ mod tests {
             let got = matmul_with(b, &a, &a.t().unwrap(), false).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(got, want, "{b:?}");
         }
+    }
+
+    /// [A, B, 1, K] permuted to [B, 1, A, K] (strides [K, K, B·K, 1]): the leading dims do not
+    /// merge into evenly spaced rows, which the size-1 dim used to hide (the product then read
+    /// the wrong rows, and past the buffer). Such a view is copied first, as any other that does
+    /// not merge.
+    #[test]
+    fn a_size_one_dim_does_not_hide_rows_that_do_not_merge() {
+        let (a, b, k, n) = (3, 2, 8, 5);
+        let x = randn(&[a, b, 1, k], 1).permute((1, 2, 0, 3)).unwrap();
+        assert!(rows_view(x.layout()).is_err(), "strides {:?}", x.stride());
+        let w = randn(&[n, k], 2);
+        let got = matmul(&x, &w.t().unwrap()).unwrap();
+        let want =
+            x.contiguous().unwrap().matmul(&w.t().unwrap().broadcast_as((b, 1, k, n)).unwrap()).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        // Size-1 dims around a mergeable run still give one view, without a copy.
+        let y = randn(&[1, 4, 1, 3, k], 3);
+        let v = rows_view(y.layout()).unwrap();
+        assert_eq!((v.dims(), v.stride()), (&[12, k][..], &[k, 1][..]));
     }
 
     #[test]
