@@ -736,6 +736,13 @@ fn transformers_and_sentencepiece_read_added_tokens() {
     assert!(line.starts_with("OK"), "{line}");
 }
 
+/// What a layer-0 QKV LoRA changes, by canonical name.
+const LAYER0_QKV: [&str; 3] = [
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.k_proj.weight",
+    "model.layers.0.self_attn.v_proj.weight",
+];
+
 /// A NeMo LoRA adapter `.nemo` (tp 2) for llama-mha's layer-0 QKV, with `linear_out` = `out`.
 fn nemo_lora_adapter(dir: &Path, name: &str, out: f32) -> PathBuf {
     nemo_lora_adapter_with(dir, name, out, 96, &[])
@@ -823,14 +830,7 @@ fn merge_lora_takes_a_neva_adapters_projector() {
         .filter(|(n, t)| t.bytes(n).unwrap() != after.llm.tensors[*n].bytes(n).unwrap())
         .map(|(n, _)| n)
         .collect();
-    assert_eq!(
-        changed,
-        [
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.0.self_attn.k_proj.weight",
-            "model.layers.0.self_attn.v_proj.weight"
-        ]
-    );
+    assert_eq!(changed, LAYER0_QKV);
     assert!(before.vision.iter().all(|(n, t)| t.bytes(n).unwrap() == after.vision[n].bytes(n).unwrap()));
     // A whole tensor the base does not have is named.
     let stray =
@@ -869,14 +869,7 @@ fn merge_lora_reads_nemo_lora_adapters() {
         .filter(|r| !matches!(r.verdict, diff::Verdict::Identical))
         .map(|r| r.name.as_str())
         .collect();
-    assert_eq!(
-        changed,
-        [
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.0.self_attn.k_proj.weight",
-            "model.layers.0.self_attn.v_proj.weight"
-        ]
-    );
+    assert_eq!(changed, LAYER0_QKV);
     // An adapter saved at another tp is refused.
     let tp1 = work.path().join("tp1.nemo");
     ok(&["convert", s(&fixture("llama-mha")), s(&tp1)]);
