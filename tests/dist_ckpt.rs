@@ -223,3 +223,37 @@ fn dist_ckpt_refusals_are_named_and_write_nothing() {
         assert!(!out.exists(), "{args:?} left {}", out.display());
     }
 }
+
+/// `surgery … --dist-ckpt` writes its `.nemo` as a distributed checkpoint: keep-layers keeping
+/// both layers of the zarr fixture gives the fixture's arrays back member for member (per rank
+/// without the flag); on an HF output the flag is refused before anything is written.
+#[test]
+fn surgery_writes_distributed_checkpoints() {
+    let work = tempfile::tempdir().unwrap();
+    let (dist, per_rank) = (work.path().join("dist.nemo"), work.path().join("per-rank.nemo"));
+    let keep = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = strings(&["surgery", "keep-layers", "--first", "2", "-o"]);
+        args.extend([path(out), path(&fixture(F32[0]))]);
+        args.extend(strings(extra));
+        shardsmith(&args)
+    };
+    let o = keep(&dist, &["--dist-ckpt", "zarr"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("layout: a distributed checkpoint (zarr, 9 arrays)"));
+    let (ours, theirs) = (dist_members(&dist), dist_members(&fixture(F32[0])));
+    for name in theirs.keys().filter(|n| !n.ends_with(".pt")) {
+        assert!(ours.get(name) == theirs.get(name), "{name} differs");
+    }
+    let o = keep(&per_rank, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .contains("per-rank model_weights.ckpt (tp=2, pp=1) unless --dist-ckpt"));
+    assert!(dist_members(&per_rank).is_empty());
+    let hf = work.path().join("hf");
+    let mut args = strings(&["surgery", "rename", "--rule", "a=b", "--dist-ckpt", "zarr", "-o"]);
+    args.extend([path(&hf), path(&fixture("llama-mha"))]);
+    let o = shardsmith(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--dist-ckpt applies to .nemo outputs"), "{err}");
+    assert!(!hf.exists());
+}

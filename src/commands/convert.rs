@@ -42,6 +42,14 @@ pub enum DistFormat {
 }
 
 impl DistFormat {
+    /// The writer's backend.
+    pub fn backend(self) -> nemo::DistBackend {
+        match self {
+            DistFormat::Zarr => nemo::DistBackend::Zarr,
+            DistFormat::TorchDist => nemo::DistBackend::TorchDist,
+        }
+    }
+
     /// The name Megatron's `metadata.json` gives the backend.
     pub fn name(self) -> &'static str {
         match self {
@@ -284,7 +292,7 @@ fn render_dist(w: &nemo::DistWeights, format: DistFormat) -> String {
 /// The distributed-checkpoint arrays of a per-rank `.nemo` target: NeVA's (its sharded state
 /// dict filtered to what it saves) or LLaMA's.
 fn dist_weights(target: &Checkpoint) -> Result<nemo::DistWeights> {
-    Ok(if neva::is_multimodal(target) { neva::dist_weights(target)? } else { llama::dist_weights(target)? })
+    Ok(shardsmith_converters::convert::dist_weights(target)?)
 }
 
 /// What `outputs` are, for messages: "an HF directory", "a LLaVA directory and an HF directory".
@@ -314,11 +322,7 @@ pub fn write_target(
                 nemo::WriteOptions { layout: None, gzip: o.gzip, extracted: o.extracted, overwrite: o.force };
             match dist {
                 Some((weights, format)) => {
-                    let backend = match format {
-                        DistFormat::Zarr => nemo::DistBackend::Zarr,
-                        DistFormat::TorchDist => nemo::DistBackend::TorchDist,
-                    };
-                    nemo::write_distributed(target, weights, backend, dst, &opts)?
+                    nemo::write_distributed(target, weights, format.backend(), dst, &opts)?
                 }
                 None => nemo::write(target, dst, &opts)?,
             }

@@ -9,10 +9,14 @@
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use shardsmith_converters::formats;
+use shardsmith_converters::formats::nemo::DistWeights;
+use shardsmith_converters::surgery::WriteAs;
 use shardsmith_converters::surgery::{
     self, extract, layers, lora, lora_nemo, merge, parts::Part, rename, swap, vocab, Edit, WriteOptions,
 };
 use shardsmith_converters::Checkpoint;
+
+use super::convert::DistFormat;
 use std::path::{Path, PathBuf};
 
 /// `shardsmith surgery`.
@@ -38,6 +42,10 @@ pub struct OutArgs {
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
+    /// Write a .nemo output as a Megatron distributed checkpoint (model_weights/) with this
+    /// backend, instead of per rank (mp_rank_XX/).
+    #[arg(long, value_enum)]
+    dist_ckpt: Option<DistFormat>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,33 +212,54 @@ pub fn run(args: SurgeryArgs) -> Result<()> {
     finish(&edit, &out)
 }
 
+/// The distributed-checkpoint arrays of a `--dist-ckpt` output (planned before anything is
+/// written, so what one cannot hold is refused first), and what the report says of the layout.
+fn nemo_layout(edit: &Edit, o: &OutArgs) -> Result<(Option<(DistWeights, DistFormat)>, Option<String>)> {
+    let nemo_out = matches!(edit.write_as, WriteAs::Nemo { .. });
+    // Without the flag a .nemo is written per rank; the plan's notes say so for a distributed source.
+    let Some(format) = o.dist_ckpt else { return Ok((None, None)) };
+    if !nemo_out {
+        bail!("--dist-ckpt applies to .nemo outputs; this edit writes a {}", edit.write_as);
+    }
+    let weights = shardsmith_converters::convert::dist_weights(&edit.output)?;
+    let note =
+        format!("layout: a distributed checkpoint ({}, {} arrays)", format.name(), weights.arrays.len());
+    Ok((Some((weights, format)), Some(note)))
+}
+
 /// Print the plan (`--dry-run`) or write and report.
 fn finish(edit: &Edit, o: &OutArgs) -> Result<()> {
+    let (dist, layout) = nemo_layout(edit, o)?;
     if o.dry_run {
         if o.json {
             let v = serde_json::json!({
-                "destination": o.out, "destination_exists": o.out.exists(), "written": false, "plan": edit.plan,
+                "destination": o.out, "destination_exists": o.out.exists(), "written": false,
+                "layout": layout, "plan": edit.plan,
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             let existing = super::convert::existing_destination(&o.out, o.force);
             println!("plan (dry run, nothing written): {}{existing}", o.out.display());
             print!("{}", edit.plan.render(true));
+            layout.iter().for_each(|l| println!("{l}"));
         }
         return Ok(());
     }
     let started = std::time::Instant::now();
     {
         let _bar = crate::progress::WriteProgress::start(edit.plan.summary.bytes_written as u64, "writing");
-        surgery::write(edit, &o.out, &WriteOptions { overwrite: o.force, ..Default::default() })?;
+        let dist = dist.as_ref().map(|(w, format)| (w, format.backend()));
+        surgery::write(edit, &o.out, &WriteOptions { overwrite: o.force, dist, ..Default::default() })?;
     }
     let secs = started.elapsed().as_secs_f64();
     if o.json {
-        let v =
-            serde_json::json!({"destination": o.out, "written": true, "seconds": secs, "plan": edit.plan});
+        let v = serde_json::json!({
+            "destination": o.out, "written": true, "seconds": secs, "layout": layout, "plan": edit.plan,
+        });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", edit.plan.render(false));
+        layout.iter().for_each(|l| println!("{l}"));
         println!("wrote {} in {secs:.1} s", o.out.display());
     }
     Ok(())

@@ -12,6 +12,16 @@ pub mod sentencepiece;
 pub mod tokenizer;
 pub mod vocab;
 
+/// The global arrays of a `.nemo` checkpoint (LLaMA or NeVA, any TP/PP) as a distributed
+/// checkpoint stores them.
+pub fn dist_weights(ckpt: &crate::Checkpoint) -> crate::Result<crate::formats::nemo::DistWeights> {
+    if neva::is_multimodal(ckpt) {
+        neva::dist_weights(ckpt)
+    } else {
+        llama::dist_weights(ckpt)
+    }
+}
+
 /// Refuse an integer tensor where the model has weights: it would be cast or multiplied as
 /// numbers and give garbage instead of an error.
 pub(crate) fn require_float(

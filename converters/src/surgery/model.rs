@@ -156,7 +156,8 @@ impl LlamaModel {
                 };
                 if *distributed {
                     lines.push(format!(
-                        "weights: model_weights/ distributed checkpoint -> per-rank model_weights.ckpt (tp={tp}, pp={pp})"
+                        "weights: model_weights/ distributed checkpoint -> per-rank model_weights.ckpt (tp={tp}, pp={pp}) \
+                         unless --dist-ckpt zarr|torch_dist"
                     ));
                 }
                 let meta = Meta {

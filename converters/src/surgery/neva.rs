@@ -425,7 +425,7 @@ fn write_like_source(
     if matches!(src.meta.flavour, Flavour::Nemo { layout: NemoLayout::Distributed, .. }) {
         plan.notes.push(
             "the source is a model_weights/ distributed checkpoint; the output is written per rank \
-             (shardsmith convert OUT OUT2 --tp T --pp P --dist-ckpt zarr|torch_dist makes it one again)"
+             unless --dist-ckpt zarr|torch_dist"
                 .into(),
         );
     }

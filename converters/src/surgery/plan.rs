@@ -288,16 +288,23 @@ impl Edit {
 
 /// Options for [`write()`].
 #[derive(Clone, Copy, Debug)]
-pub struct WriteOptions {
+pub struct WriteOptions<'a> {
     /// Largest HF shard in bytes.
     pub max_shard_bytes: u64,
     /// Replace an existing destination.
     pub overwrite: bool,
+    /// Write a `.nemo` output as a distributed checkpoint with these global arrays
+    /// ([`crate::convert::dist_weights`] of the output) and backend; per rank when `None`.
+    pub dist: Option<(&'a nemo::DistWeights, nemo::DistBackend)>,
 }
 
-impl Default for WriteOptions {
+impl Default for WriteOptions<'_> {
     fn default() -> Self {
-        WriteOptions { max_shard_bytes: hf_dir::WriteOptions::default().max_shard_bytes, overwrite: false }
+        WriteOptions {
+            max_shard_bytes: hf_dir::WriteOptions::default().max_shard_bytes,
+            overwrite: false,
+            dist: None,
+        }
     }
 }
 
@@ -308,6 +315,12 @@ pub const PROJECTOR_FILE: &str = "mm_projector.safetensors";
 /// so memory stays bounded by the largest tensor and its inputs).
 pub fn write(edit: &Edit, dest: &Path, opts: &WriteOptions) -> Result<()> {
     let ckpt = &edit.output;
+    if opts.dist.is_some() && !matches!(edit.write_as, WriteAs::Nemo { .. }) {
+        return Err(Error::argument(
+            "--dist-ckpt",
+            format!("applies to .nemo outputs; this edit writes a {}", edit.write_as),
+        ));
+    }
     match edit.write_as {
         WriteAs::SafetensorsFile => safetensors::write_file(ckpt.tensors()?, dest, opts.overwrite),
         WriteAs::TorchZip => {
@@ -325,7 +338,10 @@ pub fn write(edit: &Edit, dest: &Path, opts: &WriteOptions) -> Result<()> {
         }
         WriteAs::Nemo { gzip, extracted } => {
             let o = nemo::WriteOptions { layout: None, gzip, extracted, overwrite: opts.overwrite };
-            nemo::write(ckpt, dest, &o)
+            match opts.dist {
+                Some((weights, backend)) => nemo::write_distributed(ckpt, weights, backend, dest, &o),
+                None => nemo::write(ckpt, dest, &o),
+            }
         }
         WriteAs::ProjectorDir => {
             let dir = AtomicDir::create(dest, opts.overwrite)?;
