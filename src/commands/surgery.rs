@@ -212,24 +212,23 @@ pub fn run(args: SurgeryArgs) -> Result<()> {
     finish(&edit, &out)
 }
 
-/// The distributed-checkpoint arrays of a `--dist-ckpt` output (planned before anything is
-/// written, so what one cannot hold is refused first), and what the report says of the layout.
-fn nemo_layout(edit: &Edit, o: &OutArgs) -> Result<(Option<(DistWeights, DistFormat)>, Option<String>)> {
-    let nemo_out = matches!(edit.write_as, WriteAs::Nemo { .. });
-    // Without the flag a .nemo is written per rank; the plan's notes say so for a distributed source.
-    let Some(format) = o.dist_ckpt else { return Ok((None, None)) };
-    if !nemo_out {
+/// The distributed-checkpoint arrays of a `--dist-ckpt` output, planned before anything is
+/// written so that what one cannot hold is refused first. Without the flag a `.nemo` is written
+/// per rank (the plan's notes say so for a distributed source).
+fn dist_arrays(edit: &Edit, o: &OutArgs) -> Result<Option<(DistWeights, DistFormat)>> {
+    let Some(format) = o.dist_ckpt else { return Ok(None) };
+    if !matches!(edit.write_as, WriteAs::Nemo { .. }) {
         bail!("--dist-ckpt applies to .nemo outputs; this edit writes a {}", edit.write_as);
     }
-    let weights = shardsmith_converters::convert::dist_weights(&edit.output)?;
-    let note =
-        format!("layout: a distributed checkpoint ({}, {} arrays)", format.name(), weights.arrays.len());
-    Ok((Some((weights, format)), Some(note)))
+    Ok(Some((shardsmith_converters::convert::dist_weights(&edit.output)?, format)))
 }
 
 /// Print the plan (`--dry-run`) or write and report.
 fn finish(edit: &Edit, o: &OutArgs) -> Result<()> {
-    let (dist, layout) = nemo_layout(edit, o)?;
+    let dist = dist_arrays(edit, o)?;
+    let layout = dist.as_ref().map(|(w, format)| {
+        format!("layout: a distributed checkpoint ({}, {} arrays)", format.name(), w.arrays.len())
+    });
     if o.dry_run {
         if o.json {
             let v = serde_json::json!({
