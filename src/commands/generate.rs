@@ -159,6 +159,9 @@ impl Chat {
         let image_tokens = match (&self.model, self.info.image_tokens) {
             (Model::Neva(neva), Some(n)) => Some(match neva.image_tokens() {
                 ImageTokens::Repeated { id } => template::ImageTokens::LlavaHf { image_token_id: id, n },
+                ImageTokens::Placeholder => {
+                    template::ImageTokens::Llava { placeholder_id: crate::models::neva::PLACEHOLDER_ID, n }
+                }
                 ImageTokens::NevaSpan { keep_markers, .. } => {
                     template::ImageTokens::Neva { n, use_im_start_end: keep_markers }
                 }

@@ -139,7 +139,9 @@ impl Model {
     }
 }
 
-/// How a vision-language checkpoint marks image positions in its token ids.
+/// How a vision-language checkpoint marks image positions in its token ids, for training: the
+/// data pipeline and the trainer's embedding take llava-hf's and NeVA's markers, not original
+/// LLaVA's placeholder (inference takes all three, [`prompt_image_tokens_of`]).
 pub fn image_tokens_of(c: &CanonicalLlava) -> Result<ImageTokens> {
     Ok(match c.image_tokens {
         ImageTokenScheme::Repeated { image, .. } => ImageTokens::Repeated { id: image },
@@ -152,9 +154,18 @@ pub fn image_tokens_of(c: &CanonicalLlava) -> Result<ImageTokens> {
         ImageTokenScheme::Placeholder => return Err(Error::config(
             &c.origin,
             "original LLaVA checkpoints mark images with the placeholder id -200, which has no embedding; \
-                 convert to llava-hf or NeVA first (shardsmith convert)",
+                 convert to llava-hf or NeVA to train it (shardsmith convert)",
         )),
     })
+}
+
+/// [`image_tokens_of`], and original LLaVA's placeholder (inference: generate, evaluate,
+/// validate).
+pub fn prompt_image_tokens_of(c: &CanonicalLlava) -> Result<ImageTokens> {
+    match c.image_tokens {
+        ImageTokenScheme::Placeholder => Ok(ImageTokens::Placeholder),
+        _ => image_tokens_of(c),
+    }
 }
 
 /// A vision-language model from its canonical parts.
@@ -165,7 +176,7 @@ fn vision_language(
     o: &LoadOptions,
 ) -> Result<(Model, ModelInfo)> {
     let path = c.origin.clone();
-    let tokens = image_tokens_of(c)?;
+    let tokens = prompt_image_tokens_of(c)?;
     if c.vision.is_empty() {
         return Err(Error::config(
             &path,
@@ -238,8 +249,10 @@ pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, Mod
             vision_language(&c, "llava", o.tp.unwrap_or(1), o)
         }
         (_, Some(ModelConfig::HfJson(cfg))) if llava::is_llava_original(cfg) => {
-            // Read as what it is, so the refusal says why it cannot run (its image placeholder).
-            let c = llava::from_llava_original(ckpt, None)?;
+            // Its tower from --vision, else from mm_vision_tower when that is a local directory.
+            let tower =
+                o.vision.as_deref().map(shardsmith_converters::convert::clip::read_hf_clip).transpose()?;
+            let c = llava::from_llava_original(ckpt, tower)?;
             vision_language(&c, "llava", o.tp.unwrap_or(1), o)
         }
         (_, Some(ModelConfig::HfJson(_))) => {
@@ -252,5 +265,23 @@ pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, Mod
             &path,
             "no model config found (expected an HF config.json or a .nemo model_config.yaml)",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardsmith_converters::convert::clip::read_hf_clip;
+
+    /// Original LLaVA's placeholder runs in inference and is refused for training, by name.
+    #[test]
+    fn original_llava_placeholder_is_for_inference_only() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let ckpt = shardsmith_converters::formats::open(&fixtures.join("llava-orig-tiny")).unwrap();
+        let tower = read_hf_clip(&fixtures.join("llava-tiny-clip")).unwrap();
+        let c = llava::from_llava_original(&ckpt, Some(tower)).unwrap();
+        assert_eq!(prompt_image_tokens_of(&c).unwrap(), ImageTokens::Placeholder);
+        let err = image_tokens_of(&c).unwrap_err().to_string();
+        assert!(err.contains("placeholder id -200") && err.contains("to train it"), "{err}");
     }
 }

@@ -11,9 +11,16 @@ use crate::models::tp::{ImageSpan, ParallelLlama};
 use crate::{Error, Result};
 use candle_core::Tensor;
 
+/// The id an original-LLaVA image position holds in a prompt ([`ImageTokens::Placeholder`]).
+pub const PLACEHOLDER_ID: u32 = u32::MAX;
+
 /// How a prompt marks where image features go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageTokens {
+    /// Original LLaVA: `<image>` is no token but the placeholder −200 (`IMAGE_TOKEN_INDEX`),
+    /// which no vocabulary row stands for; here its N positions hold [`PLACEHOLDER_ID`], outside
+    /// every vocabulary, and are embedded as token 0 before the features overwrite them.
+    Placeholder,
     /// llava-hf: N copies of one id (`image_token_index`), each taking the next feature row.
     Repeated {
         /// The image token id.
@@ -39,6 +46,7 @@ impl ImageTokens {
     pub fn expand(&self, n: usize) -> Vec<u32> {
         match *self {
             ImageTokens::Repeated { id } => vec![id; n],
+            ImageTokens::Placeholder => vec![PLACEHOLDER_ID; n],
             ImageTokens::NevaSpan { start_id, patch_id, end_id, keep_markers } => {
                 let patches = if keep_markers { n } else { n.saturating_sub(2) };
                 let mut run = vec![start_id];
@@ -52,6 +60,7 @@ impl ImageTokens {
     /// Start positions of the image spans of length `n` in one sequence, in order.
     pub fn spans(&self, ids: &[u32], n: usize) -> Result<Vec<usize>> {
         match *self {
+            ImageTokens::Placeholder => ImageTokens::Repeated { id: PLACEHOLDER_ID }.spans(ids, n),
             ImageTokens::Repeated { id } => {
                 let positions: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == id).map(|(i, _)| i).collect();
                 if !positions.len().is_multiple_of(n) {
@@ -167,6 +176,14 @@ impl Neva {
                 "{images} image(s) given but the prompt has {} image span(s) of {n} tokens",
                 spans.len()
             )));
+        }
+        if self.tokens == ImageTokens::Placeholder {
+            // The placeholder has no embedding row: embed token 0 there; the features replace it.
+            let (b, t) = ids.dims2()?;
+            let mut flat = ids.flatten_all()?.to_vec1::<u32>()?;
+            flat.iter_mut().filter(|id| **id == PLACEHOLDER_ID).for_each(|id| *id = 0);
+            let ids = Tensor::from_vec(flat, (b, t), ids.device())?;
+            return self.llm.forward(&ids, &spans, last_only, hidden_states);
         }
         self.llm.forward(ids, &spans, last_only, hidden_states)
     }

@@ -191,6 +191,7 @@ pub fn run(config: &Path, o: &RunOptions) -> Result<Summary> {
     let n = c.image_token_len().ok_or_else(|| Error::config(&c.origin, "cannot size the image span"))?;
     let prompt_images = match crate::models::image_tokens_of(c)? {
         ImageTokens::Repeated { id } => PromptImageTokens::LlavaHf { image_token_id: id, n },
+        ImageTokens::Placeholder => unreachable!("image_tokens_of refuses original LLaVA"),
         ImageTokens::NevaSpan { keep_markers, .. } => {
             PromptImageTokens::Neva { n, use_im_start_end: keep_markers }
         }
