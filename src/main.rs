@@ -116,8 +116,11 @@ enum Command {
     },
     /// Score greedy answers of a vision-language model on LLaVA-format records (exact match).
     Evaluate {
-        /// The checkpoint (llava-hf directory or NeVA .nemo).
+        /// The checkpoint (llava-hf or original LLaVA directory, or NeVA .nemo).
         ckpt: PathBuf,
+        /// HF CLIP directory, for a vision tower the checkpoint only references by name.
+        #[arg(long)]
+        vision: Option<PathBuf>,
         /// LLaVA-format JSON records; the first human turn is asked, the first gpt turn expected.
         #[arg(long)]
         data: PathBuf,
@@ -811,7 +814,7 @@ fn run(command: Command) -> ExitCode {
         Command::Train { config, resume, overrides, force, json } => {
             shardsmith::commands::train::train(&config, resume, overrides, force, json)
         }
-        Command::Evaluate { ckpt, data, image_folder, max_new_tokens, template, json } => {
+        Command::Evaluate { ckpt, vision, data, image_folder, max_new_tokens, template, json } => {
             let o = shardsmith::commands::generate::Options {
                 prompt: String::new(),
                 image: None,
@@ -820,7 +823,7 @@ fn run(command: Command) -> ExitCode {
                 system: None,
                 aspect: None,
                 tokenizer: None,
-                vision: None,
+                vision,
                 max_new_tokens,
                 temperature: 0.0,
                 top_p: None,
