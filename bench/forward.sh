@@ -53,6 +53,7 @@ for ours, torch in zip(rows[0::2], rows[1::2]):
     name = ours["model"].rstrip("/").split("/")[-1]
     print(f"| {name} ({ours['params']/1e6:.1f}M) | {ours['dtype']} | {ours['prompt_len']} | "
           f"{ours['prefill_ms']:.1f} | {torch['prefill_ms']:.1f} | {ours['prefill_ms']/torch['prefill_ms']:.2f} | "
-          f"{ours['decode_ms_per_token']:.2f} | {torch['decode_ms_per_token']:.2f} | "
-          f"{ours['decode_ms_per_token']/torch['decode_ms_per_token']:.2f} |")
+          + (f"{ours['decode_ms_per_token']:.2f} | {torch['decode_ms_per_token']:.2f} | "
+             f"{ours['decode_ms_per_token']/torch['decode_ms_per_token']:.2f} |"
+             if ours["decode_ms_per_token"] is not None and torch["decode_ms_per_token"] else "– | – | – |"))
 PYEOF

@@ -74,7 +74,7 @@ done
 echo "### trainer end to end (fixtures/train-tiny, f32, stage 1, 10 steps): CUDA losses against the CPU's"
 for d in cpu cuda; do
     step "train-$d" 60 "$SS" train --config fixtures/train-tiny/train.yaml --set trainer.device=$d \
-        --set output.dir="$W/train-$d" --set output.save_formats=[hf]
+        --set output.dir="$W/train-$d" --set output.save_formats=[hf] --force
 done
 python3 - "$W/train-cpu/metrics.jsonl" "$W/train-cuda/metrics.jsonl" <<'EOF2' || status=1
 import json, sys

@@ -122,9 +122,11 @@ def main():
     for _ in range(args.runs):
         p, steps = one_run(model, ids, extra, args.decode)
         prefill.append(p * 1e3)
-        decode.append(sum(steps) * 1e3 / len(steps))
+        if steps:
+            decode.append(sum(steps) * 1e3 / len(steps))
     prefill_ms = statistics.median(prefill)
-    decode_ms = statistics.median(decode)
+    # No decode steps (--decode 0): null decode fields, as shardsmith prints them.
+    decode_ms = statistics.median(decode) if decode else None
     print(
         json.dumps(
             {
@@ -135,8 +137,8 @@ def main():
                 "dtype": args.dtype,
                 "prompt_len": args.prompt_len,
                 "prefill_ms": round(prefill_ms, 3),
-                "decode_ms_per_token": round(decode_ms, 3),
-                "tokens_per_s": round(1e3 / decode_ms, 2),
+                "decode_ms_per_token": None if decode_ms is None else round(decode_ms, 3),
+                "tokens_per_s": None if decode_ms is None else round(1e3 / decode_ms, 2),
                 "prefill_tokens_per_s": round(args.prompt_len * 1e3 / prefill_ms, 1),
                 "decode_tokens": args.decode,
                 "runs": args.runs,

@@ -678,7 +678,7 @@ fn batched_decode_matches_the_cpu() {
                     m.llm().reset();
                     m.llm().reserve(16);
                 }
-                let replays = ops::decode_graph::replays();
+                let (replays, gemvs) = (ops::decode_graph::replays(), ops::cuda_gemv_launches());
                 let mut ids_now = ids;
                 for step in 0..7 {
                     let lc = cpu.forward(&ids_now, None, true, false).unwrap().logits;
@@ -694,6 +694,9 @@ fn batched_decode_matches_the_cpu() {
                 let replayed = ops::decode_graph::replays() - replays;
                 if graphed && ops::cuda_graph_enabled() {
                     assert_eq!(replayed, 6, "{dtype:?} batch {b}: steps replayed from the CUDA graph");
+                } else if graphed && ops::cuda_gemv_enabled() {
+                    // Eager steps (SHARDSMITH_CUDA_GRAPH=0): each took the GEMV kernels.
+                    assert!(ops::cuda_gemv_launches() > gemvs + 6, "{dtype:?} batch {b}: no GEMV kernel ran");
                 }
             }
         }

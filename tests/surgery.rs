@@ -745,18 +745,19 @@ const LAYER0_QKV: [&str; 3] = [
 
 /// A NeMo LoRA adapter `.nemo` (tp 2) for llama-mha's layer-0 QKV, with `linear_out` = `out`.
 fn nemo_lora_adapter(dir: &Path, name: &str, out: f32) -> PathBuf {
-    nemo_lora_adapter_with(dir, name, out, 96, &[])
+    nemo_lora_adapter_with(dir, name, out, 96, &[], &[])
 }
 
 /// A NeMo LoRA adapter `.nemo` (tp 2, rank 4, hidden 64) for layer 0's QKV (`qkv_rows` per rank),
-/// `linear_out` = `out`, and `whole` tensors saved beside it on both ranks, as NeVA PEFT saves
-/// its projector.
+/// `linear_out` = `out`, and `whole` tensors saved beside it on the ranks `whole_ranks`, as NeVA
+/// PEFT saves its projector.
 fn nemo_lora_adapter_with(
     dir: &Path,
     name: &str,
     out: f32,
     qkv_rows: usize,
     whole: &[(String, Vec<usize>)],
+    whole_ranks: &[usize],
 ) -> PathBuf {
     use shardsmith_converters::formats::nemo;
     use shardsmith_converters::{ByteSource, NemoLayout, Rank, Shard, TensorEntry};
@@ -772,7 +773,7 @@ fn nemo_lora_adapter_with(
             let mut m = TensorMap::new();
             m.insert(format!("{pre}.linear_in.weight"), t(vec![2, 64], 0.01));
             m.insert(format!("{pre}.linear_out.weight"), t(vec![qkv_rows, 4], out));
-            for (name, shape) in whole {
+            for (name, shape) in whole.iter().filter(|_| whole_ranks.contains(&tp)) {
                 m.insert(name.clone(), t(shape.clone(), 0.25));
             }
             Shard::new(Rank { tp, pp: 0 }, m)
@@ -811,7 +812,7 @@ fn merge_lora_takes_a_neva_adapters_projector() {
             .into_iter()
             .map(|(n, shape)| (format!("{proj}.{n}"), shape))
             .collect();
-    let adapter = nemo_lora_adapter_with(w, "neva-lora.nemo", 0.5, 64, &whole);
+    let adapter = nemo_lora_adapter_with(w, "neva-lora.nemo", 0.5, 64, &whole, &[0, 1]);
     let merged = w.join("merged.nemo");
     let plan = ok(&["surgery", "merge-lora", s(&base), "--adapter", s(&adapter), "-o", s(&merged)]);
     assert!(plan.contains("10 modified") && plan.contains("replaced by the adapter's"), "{plan}");
@@ -832,13 +833,43 @@ fn merge_lora_takes_a_neva_adapters_projector() {
         .collect();
     assert_eq!(changed, LAYER0_QKV);
     assert!(before.vision.iter().all(|(n, t)| t.bytes(n).unwrap() == after.vision[n].bytes(n).unwrap()));
-    // A whole tensor the base does not have is named.
-    let stray =
-        nemo_lora_adapter_with(w, "stray.nemo", 0.5, 64, &[("model.extra.weight".into(), vec![2, 2])]);
-    let err =
-        refused(&["surgery", "merge-lora", s(&base), "--adapter", s(&stray), "-o", s(&w.join("x.nemo"))]);
-    assert!(err.contains("tensor 'model.extra.weight' (tp=0 pp=0) is neither a NeMo LoRA"), "{err}");
-    assert!(!w.join("x.nemo").exists());
+    // Refused by name, nothing written: a whole tensor the base does not have; one saved on only
+    // some of the ranks that hold it; a misshapen one; one that is also LoRA-adapted.
+    let qkv = "model.decoder.layers.0.self_attention.linear_qkv.weight";
+    type Case<'a> = (&'a str, Vec<(String, Vec<usize>)>, &'a [usize], &'a str);
+    let cases: [Case; 4] = [
+        (
+            "stray",
+            vec![("model.extra.weight".into(), vec![2, 2])],
+            &[0, 1],
+            "tensor 'model.extra.weight' (tp=0 pp=0) is neither a NeMo LoRA",
+        ),
+        (
+            "partial",
+            whole[..1].to_vec(),
+            &[0],
+            "mm_projector.0.weight' on tp=1 pp=0 (the adapter saves it whole on tp=0 pp=0",
+        ),
+        (
+            "shape",
+            vec![(whole[1].0.clone(), vec![32])],
+            &[0, 1],
+            "mm_projector.0.bias' (tp=0 pp=0): the adapter's is f32 [32], the base's f32 [64]",
+        ),
+        (
+            "both",
+            vec![(qkv.into(), vec![64, 64])],
+            &[0, 1],
+            "linear_qkv.weight' (tp=0 pp=0) is both LoRA-adapted and saved whole",
+        ),
+    ];
+    for (tag, whole, ranks, want) in cases {
+        let bad = nemo_lora_adapter_with(w, &format!("{tag}.nemo"), 0.5, 64, &whole, ranks);
+        let out = w.join(format!("{tag}-merged.nemo"));
+        let err = refused(&["surgery", "merge-lora", s(&base), "--adapter", s(&bad), "-o", s(&out)]);
+        assert!(err.contains(want), "{tag}: {err}");
+        assert!(!out.exists(), "{tag}");
+    }
 }
 
 #[test]

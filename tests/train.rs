@@ -213,7 +213,7 @@ fn a_fresh_run_does_not_mix_with_an_earlier_one() {
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(!again.status.success(), "a second fresh run was accepted");
     assert!(
-        err.contains("output.dir holds an earlier run (checkpoints, metrics.jsonl, loss.png): pass --resume"),
+        err.contains("output.dir holds an earlier run's checkpoints: pass --resume to continue it, --force"),
         "{err}"
     );
     assert!(out.join("checkpoints/step-000004").is_dir(), "the refused run touched the earlier one");
@@ -225,6 +225,16 @@ fn a_fresh_run_does_not_mix_with_an_earlier_one() {
         .collect();
     assert_eq!(steps, ["step-000002"]);
     assert_eq!(losses(&out.join("metrics.jsonl")).len(), 2);
+    // --force never removes the checkpoint it trains from.
+    let from = format!("model.checkpoint={}", out.join("checkpoints/step-000002/hf").display());
+    let own = tiny_run(dir.path(), &["trainer.max_steps=2", &from, "--force"]);
+    let err = String::from_utf8_lossy(&own.stderr);
+    assert!(!own.status.success() && err.contains("which --force would remove; train from a copy"), "{err}");
+    assert!(out.join("checkpoints/step-000002/hf").is_dir());
+    // A run that died before its first checkpoint (metrics.jsonl, no step-*) does not block a retry.
+    std::fs::remove_dir_all(out.join("checkpoints")).unwrap();
+    let retry = tiny_run(dir.path(), &["trainer.max_steps=2"]);
+    assert!(retry.status.success(), "{}", String::from_utf8_lossy(&retry.stderr));
 }
 
 #[test]

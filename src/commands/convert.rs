@@ -184,7 +184,6 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
     Ok((target, to))
 }
 
-/// Print the plan: target files, per-rank tensors, shapes, bytes and vocabulary padding.
 /// What a plan says of a destination already there: the real run refuses it, or replaces it
 /// with `--force`. Empty when there is none.
 pub fn existing_destination(dst: &Path, force: bool) -> &'static str {
@@ -195,6 +194,7 @@ pub fn existing_destination(dst: &Path, force: bool) -> &'static str {
     }
 }
 
+/// Print the plan: target files, per-rank tensors, shapes, bytes and vocabulary padding.
 pub fn print_plan(
     target: &Checkpoint,
     to: TargetKind,

@@ -1,4 +1,4 @@
-//! `shardsmith train --config train.yaml [--resume [DIR]] [--set key=value]…` and
+//! `shardsmith train --config train.yaml [--resume [DIR] | --force] [--set key=value]…` and
 //! `shardsmith demo-data -o DIR`: finetuning and the data of the end-to-end demo.
 
 use crate::train::run::{self, RunOptions};

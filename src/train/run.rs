@@ -1,4 +1,4 @@
-//! The training loop behind `shardsmith train --config train.yaml [--resume]`.
+//! The training loop behind `shardsmith train --config train.yaml [--resume | --force]`.
 //!
 //! One optimizer step = `global_batch_size / micro_batch_size` micro-batches; the step loss is
 //! the mean of the micro-batch losses (each the mean over its labelled tokens) and the gradient
@@ -150,6 +150,11 @@ pub fn run(config: &Path, o: &RunOptions) -> Result<Summary> {
             ),
         ));
     }
+    // Before anything loads: a fresh run into an earlier run's directory is refused or cleared.
+    let out_dir = cfg.output.dir.clone();
+    if o.resume.is_none() {
+        clear_earlier_run(&out_dir, &cfg.model.checkpoint, o.force)?;
+    }
     let src = open_source(&cfg.model.checkpoint)?;
     let c = &src.canonical;
     if cfg.output.save_formats.contains(&SaveFormat::Nemo) {
@@ -239,10 +244,6 @@ pub fn run(config: &Path, o: &RunOptions) -> Result<Summary> {
     // Optimizer, schedule, output.
     let mut opt = AdamW::new(model.params().to_vec(), AdamWConfig::from_config(&cfg.optim))?;
     let sched = LrSchedule::from_config(&cfg);
-    let out_dir = cfg.output.dir.clone();
-    if o.resume.is_none() {
-        clear_earlier_run(&out_dir, o.force)?;
-    }
     std::fs::create_dir_all(out_dir.join("checkpoints")).map_err(|e| Error::io(&out_dir, e))?;
     let metrics_path = out_dir.join("metrics.jsonl");
     let (mut step, mut consumed, mut elapsed0) = (0u64, 0u64, 0f64);
@@ -432,38 +433,47 @@ fn trained_canonical(src: &Source, model: &TrainModel) -> Result<CanonicalLlava>
     Ok(c)
 }
 
-/// What a run writes into `output.dir`, where an earlier run's files would be found.
+/// What a run writes into `output.dir` (what `--force` removes).
 const RUN_FILES: [&str; 3] = ["checkpoints", "metrics.jsonl", "loss.png"];
 
-/// A fresh run into a directory that holds an earlier run would mix the two: the metrics log
-/// restarts, but the earlier checkpoints stay, and a later `--resume` takes the latest step
-/// there, which may be the earlier run's. So such a directory is refused, or with `force` its
-/// run files are removed first (nothing else in it is touched).
-fn clear_earlier_run(out_dir: &Path, force: bool) -> Result<()> {
-    let found: Vec<PathBuf> = RUN_FILES
-        .iter()
-        .map(|f| out_dir.join(f))
-        .filter(|p| match std::fs::read_dir(p) {
-            Ok(mut entries) => entries.next().is_some(), // an empty checkpoints/ holds nothing
-            Err(_) => p.exists(),
-        })
-        .collect();
-    if found.is_empty() {
+/// A fresh run into a directory that holds an earlier run's checkpoints would mix the two: the
+/// metrics log restarts, but the earlier `checkpoints/step-*` stay, and a later `--resume` takes
+/// the latest step there, which may be the earlier run's. So such a directory is refused, or
+/// with `force` the run files are removed first (nothing else in it is touched). A run that died
+/// before its first checkpoint leaves none and does not count. `--force` never removes the
+/// checkpoint being trained from.
+fn clear_earlier_run(out_dir: &Path, source: &Path, force: bool) -> Result<()> {
+    let checkpoints = out_dir.join("checkpoints");
+    let saved = std::fs::read_dir(&checkpoints)
+        .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
+        .unwrap_or(false);
+    if !saved {
         return Ok(());
     }
     if !force {
-        let names: Vec<&str> = found.iter().filter_map(|p| p.file_name()?.to_str()).collect();
         return Err(Error::config(
             out_dir,
+            "output.dir holds an earlier run's checkpoints: pass --resume to continue it, --force to \
+             start afresh (its checkpoints, metrics.jsonl and loss.png are removed), or choose another \
+             output.dir",
+        ));
+    }
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if canonical(source).starts_with(canonical(&checkpoints)) {
+        return Err(Error::config(
+            source,
             format!(
-                "output.dir holds an earlier run ({}): pass --resume to continue it, --force to start \
-                 afresh (its checkpoints, metrics and plot are removed), or choose another output.dir",
-                names.join(", ")
+                "model.checkpoint lies under {}, which --force would remove; train from a copy",
+                checkpoints.display()
             ),
         ));
     }
-    for p in found {
-        let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+    for p in RUN_FILES.iter().map(|f| out_dir.join(f)) {
+        let removed = match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+            Ok(_) => std::fs::remove_file(&p), // files, and a symlink itself (never its target)
+            Err(_) => continue,
+        };
         removed.map_err(|e| Error::io(&p, e))?;
     }
     Ok(())

@@ -107,23 +107,29 @@ pub struct CanonicalLlava {
 }
 
 impl CanonicalLlava {
-    fn vision_usize(&self, key: &str) -> Option<usize> {
-        self.vision_config.get(key).and_then(Json::as_u64).map(|v| v as usize)
+    /// The tower's config as HF reads it (its defaults for absent keys), when there is one: `None`
+    /// for a tower only named by a hub id, or a config the reader refuses (the writers and the
+    /// loader report that one by name).
+    pub fn vision_dims(&self) -> Option<clip::ClipVisionConfig> {
+        if !self.vision_config.is_object() {
+            return None;
+        }
+        clip::ClipVisionConfig::from_vision_config(&self.vision_config, &self.origin).ok()
     }
 
     /// The vision tower's image side.
     pub fn image_size(&self) -> Option<usize> {
-        self.vision_usize("image_size")
+        self.vision_dims().map(|v| v.image_size)
     }
 
     /// The vision tower's patch side.
     pub fn patch_size(&self) -> Option<usize> {
-        self.vision_usize("patch_size")
+        self.vision_dims().map(|v| v.patch_size)
     }
 
     /// The vision width C (projector input), from the config or the projector's first weight.
     pub fn vision_hidden(&self) -> Option<usize> {
-        self.vision_usize("hidden_size").or_else(|| {
+        self.vision_dims().map(|v| v.hidden_size).or_else(|| {
             let first = ["mm_projector.0.weight", "mm_projector.weight"]
                 .into_iter()
                 .find_map(|n| self.projector.get(n))?;
@@ -140,7 +146,7 @@ impl CanonicalLlava {
     /// Refuse a feature layer the tower does not have, when its config is known (a tower only
     /// named by a hub id has none here). Every bundle writer checks it, whatever the source.
     pub fn check_feature_layer(&self) -> Result<()> {
-        if self.vision_config.get("num_hidden_layers").is_none() {
+        if !self.vision_config.is_object() {
             return Ok(());
         }
         clip::check_feature_layer(
@@ -536,8 +542,12 @@ pub fn from_llava_original(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Res
     })
 }
 
+/// The tower width of a `CLIPVisionConfig` object as HF reads it (its default for an absent
+/// key); `None` for no config (`null`) or one the reader refuses.
 fn tensors_width(cfg: &Json) -> Option<usize> {
-    cfg.get("hidden_size").and_then(Json::as_u64).map(|v| v as usize)
+    cfg.is_object()
+        .then(|| clip::ClipVisionConfig::from_vision_config(cfg, Path::new("")).ok())?
+        .map(|c| c.hidden_size)
 }
 
 fn hf_meta(origin: &Path, config: Json, artifacts: Vec<Artifact>) -> Meta {
@@ -824,6 +834,23 @@ mod tests {
 
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
+    }
+
+    /// The tower's sizes are read as HF reads its config: transformers saves only the keys that
+    /// differ from `CLIPVisionConfig()`'s defaults, so an absent key is the default, not unknown;
+    /// no config at all (a tower only named by a hub id) is unknown.
+    #[test]
+    fn tower_sizes_take_hf_defaults_for_absent_keys() {
+        let mut c = from_llava_hf(&formats::open(&fixture("llava-tiny")).unwrap()).unwrap();
+        let (width, tiny_n) = (c.vision_hidden(), c.image_token_len());
+        assert_eq!((width, tiny_n), (Some(48), Some(16)));
+        c.vision_config = json!({});
+        assert_eq!((c.image_size(), c.patch_size(), c.vision_hidden()), (Some(224), Some(32), Some(768)));
+        assert_eq!(c.image_token_len(), Some(49 + usize::from(!c.drop_cls)));
+        c.check_feature_layer().unwrap();
+        c.vision_config = Json::Null;
+        assert_eq!((c.image_size(), c.image_token_len()), (None, None));
+        assert_eq!(c.vision_hidden(), width, "from the projector's first weight");
     }
 
     #[test]

@@ -149,8 +149,7 @@ fn check_bundle(c: &CanonicalLlava, t: &NevaTarget) -> Result<Checked> {
             missing.push("vision tower reference (mm_cfg.vision_encoder.from_pretrained)".into());
         }
     }
-    let size = |key: &str| c.vision_config.get(key).and_then(Json::as_u64).map(|v| v as usize);
-    let (image, patch, hidden) = (size("image_size"), size("patch_size"), c.vision_hidden());
+    let (image, patch, hidden) = (c.image_size(), c.patch_size(), c.vision_hidden());
     if image.is_none() || patch.is_none() || hidden.is_none() {
         missing.push(format!(
             "vision tower config (image_size, patch_size, hidden_size){named}: not a known tower; pass an HF CLIP directory with --vision PATH"
@@ -490,10 +489,11 @@ pub fn from_neva(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<Canoni
             format!("mm_cfg.vision_encoder.class_token_length {class_tokens} (only 0 or 1 are supported)"),
         ));
     }
-    let width = vision_config
-        .get("hidden_size")
-        .and_then(Json::as_u64)
-        .map(|v| v as usize)
+    let dims =
+        vision_config.is_object().then(|| clip::ClipVisionConfig::from_vision_config(&vision_config, path));
+    let width = dims
+        .transpose()?
+        .map(|d| d.hidden_size)
         .or(cfg.get_usize("mm_cfg.vision_encoder.hidden_size"))
         .ok_or_else(|| Error::missing(path, "mm_cfg.vision_encoder.hidden_size"))?;
     let projector = llava::check_projector(kind, width, llm.hparams.hidden, projector, path)?;

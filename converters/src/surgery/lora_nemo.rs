@@ -232,8 +232,27 @@ pub fn merge_nemo_lora(base: &Checkpoint, adapter: &Checkpoint) -> Result<Edit> 
             modified.insert((t, *pp, target.clone()));
         }
     }
+    // A tensor replaced on one rank is replaced on every rank holding it (the projector is a copy
+    // per TP rank): a partial save would leave the ranks disagreeing.
+    for (rank, name, _) in &replacements {
+        for s in base.shards.iter().filter(|s| s.tensors.contains_key(name)) {
+            if !replacements.iter().any(|(r, n, _)| *r == s.rank && n == name) {
+                return Err(Error::missing(
+                    &adapter.meta.path,
+                    format!(
+                        "tensor '{name}' on tp={} pp={} (the adapter saves it whole on tp={} pp={}, and \
+                         the base holds it there too)",
+                        s.rank.tp, s.rank.pp, rank.tp, rank.pp
+                    ),
+                ));
+            }
+        }
+    }
     for (rank, name, t) in replacements {
-        let shard = out.shards.iter_mut().find(|s| s.rank == rank).expect("checked by base_holds");
+        let Some(shard) = out.shards.iter_mut().find(|s| s.rank == rank && s.tensors.contains_key(&name))
+        else {
+            continue; // base_holds found it on this rank, so there is such a shard
+        };
         let old = &shard.tensors[&name];
         if modified.contains(&(rank.tp, rank.pp, name.clone())) {
             return Err(Error::invalid(
