@@ -182,6 +182,10 @@ enum Command {
         /// Tensor-parallel size for the --against checkpoint.
         #[arg(long)]
         against_tp: Option<usize>,
+        /// HF CLIP directory, for a vision tower a checkpoint only references by name (an
+        /// original LLaVA, a NeVA with a hub tower).
+        #[arg(long)]
+        vision: Option<PathBuf>,
         /// Compute dtype: f32, bf16 or f16.
         #[arg(long, default_value = "f32", value_parser = parse_compute_dtype)]
         dtype: candle_core::DType,
@@ -915,7 +919,7 @@ fn run(command: Command) -> ExitCode {
             let o = NevaStepOptions { batch, seq, checkpointing, layer_nodes: !composed };
             common.common().and_then(|c| neva_step(&s, &v, &o, &c))
         }
-        Command::Validate { ckpt, reference, against, tp, against_tp, dtype, json } => {
+        Command::Validate { ckpt, reference, against, tp, against_tp, vision, dtype, json } => {
             use shardsmith::commands::validate::{self, Against};
             let target = match (&reference, &against) {
                 (Some(r), _) => Against::Reference(r),
@@ -925,7 +929,7 @@ fn run(command: Command) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match validate::run(&ckpt, target, tp, against_tp, dtype, json) {
+            match validate::run(&ckpt, target, tp, against_tp, dtype, vision.as_deref(), json) {
                 Ok(true) => Ok(()),
                 Ok(false) => return ExitCode::from(1),
                 Err(e) => Err(e),

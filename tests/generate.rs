@@ -213,4 +213,15 @@ fn original_llava_generates_what_llava_hf_does() {
         err.contains("llava-orig-tiny: the vision tower's weights are not available (pass --vision"),
         "{err}"
     );
+    // And `validate --against` its llava-hf twin, each spelling the image its own way: the same
+    // logits on the shared columns.
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .args(["validate", fixture("llava-orig-tiny").to_str().unwrap(), "--vision", tower.to_str().unwrap()])
+        .args(["--against", fixture("llava-tiny").to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["passed"], true, "{report}");
+    assert!(report["cases"].as_array().unwrap().iter().all(|c| c["image"] == true), "{report}");
 }

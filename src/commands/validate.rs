@@ -21,9 +21,11 @@ pub fn run(
     tp: Option<usize>,
     other_tp: Option<usize>,
     dtype: DType,
+    vision: Option<&Path>,
     json: bool,
 ) -> Result<bool> {
-    let opts = LoadOptions { tp, dtype, device: Device::Cpu, vision: None };
+    // The tower for a checkpoint that only names its own (either side of --against).
+    let opts = LoadOptions { tp, dtype, device: Device::Cpu, vision: vision.map(Path::to_path_buf) };
     let checkpoint = shardsmith_converters::formats::open(&crate::hub::resolve(ckpt)?)?;
     if validate::is_clip(&checkpoint) {
         let Against::Reference(r) = against else {
