@@ -25,6 +25,27 @@ fn golden(model: &str) -> Vec<Value> {
     serde_json::from_str::<Value>(&text).unwrap()["cases"].as_array().unwrap().clone()
 }
 
+/// `generate` on one of llava-tiny's golden image cases (its question, image, aspect, template
+/// and length), with `extra` flags.
+fn generate_image_case(ckpt: &Path, case: &Value, extra: &[&str]) -> Value {
+    let image = fixture("llava-tiny").join(case["image"].as_str().unwrap());
+    let max = case["max_new_tokens"].to_string();
+    let mut args = extra.to_vec();
+    args.extend([
+        "--prompt",
+        case["question"].as_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--aspect",
+        case["image_aspect_ratio"].as_str().unwrap(),
+        "--template",
+        case["template"].as_str().unwrap(),
+        "--max-new-tokens",
+        &max,
+    ]);
+    generate(ckpt, &args)
+}
+
 fn ids(v: &Value) -> Vec<u64> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
 }
@@ -40,24 +61,7 @@ fn check(case: &Value, got: &Value) {
 #[test]
 fn llava_with_an_image_matches_transformers() {
     for case in golden("llava-tiny") {
-        let image = fixture("llava-tiny").join(case["image"].as_str().unwrap());
-        let max = case["max_new_tokens"].to_string();
-        let got = generate(
-            &fixture("llava-tiny"),
-            &[
-                "--prompt",
-                case["question"].as_str().unwrap(),
-                "--image",
-                image.to_str().unwrap(),
-                "--aspect",
-                case["image_aspect_ratio"].as_str().unwrap(),
-                "--template",
-                case["template"].as_str().unwrap(),
-                "--max-new-tokens",
-                &max,
-            ],
-        );
-        check(&case, &got);
+        check(&case, &generate_image_case(&fixture("llava-tiny"), &case, &[]));
     }
 }
 
@@ -177,25 +181,8 @@ fn the_device_flag_is_honoured_or_refused() {
 fn original_llava_generates_what_llava_hf_does() {
     let tower = fixture("llava-tiny-clip");
     for case in golden("llava-tiny") {
-        let image = fixture("llava-tiny").join(case["image"].as_str().unwrap());
-        let max = case["max_new_tokens"].to_string();
-        let got = generate(
-            &fixture("llava-orig-tiny"),
-            &[
-                "--vision",
-                tower.to_str().unwrap(),
-                "--prompt",
-                case["question"].as_str().unwrap(),
-                "--image",
-                image.to_str().unwrap(),
-                "--aspect",
-                case["image_aspect_ratio"].as_str().unwrap(),
-                "--template",
-                case["template"].as_str().unwrap(),
-                "--max-new-tokens",
-                &max,
-            ],
-        );
+        let got =
+            generate_image_case(&fixture("llava-orig-tiny"), &case, &["--vision", tower.to_str().unwrap()]);
         let placeholder = u64::from(u32::MAX);
         let want: Vec<u64> =
             ids(&case["input_ids"]).into_iter().map(|id| if id == 256 { placeholder } else { id }).collect();

@@ -443,13 +443,11 @@ const RUN_FILES: [&str; 3] = ["checkpoints", "metrics.jsonl", "loss.png"];
 /// before its first checkpoint leaves none and does not count. `--force` never removes the
 /// checkpoint being trained from.
 fn clear_earlier_run(out_dir: &Path, source: &Path, force: bool) -> Result<()> {
-    let checkpoints = out_dir.join("checkpoints");
-    let saved = std::fs::read_dir(&checkpoints)
-        .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
-        .unwrap_or(false);
-    if !saved {
+    // What a later `--resume` would pick up is exactly the hazard.
+    if latest_checkpoint(out_dir).is_none() {
         return Ok(());
     }
+    let checkpoints = out_dir.join("checkpoints");
     if !force {
         return Err(Error::config(
             out_dir,

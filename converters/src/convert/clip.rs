@@ -232,6 +232,12 @@ impl ClipVisionConfig {
     }
 }
 
+/// A bundle's tower config as HF reads it ([`ClipVisionConfig::from_vision_config`]), or `None`
+/// where there is none (`null`: a tower known only by a hub id).
+pub fn tower_dims(cfg: &Json, path: &Path) -> Result<Option<ClipVisionConfig>> {
+    cfg.is_object().then(|| ClipVisionConfig::from_vision_config(cfg, path)).transpose()
+}
+
 /// Canonical tensor names and shapes for a `CLIPVisionConfig` object, in `state_dict()` order,
 /// after [`ClipVisionConfig::from_vision_config`]'s checks.
 pub fn clip_shapes(cfg: &Json, path: &Path) -> Result<Vec<(String, Vec<usize>)>> {

@@ -111,10 +111,7 @@ impl CanonicalLlava {
     /// for a tower only named by a hub id, or a config the reader refuses (the writers and the
     /// loader report that one by name).
     pub fn vision_dims(&self) -> Option<clip::ClipVisionConfig> {
-        if !self.vision_config.is_object() {
-            return None;
-        }
-        clip::ClipVisionConfig::from_vision_config(&self.vision_config, &self.origin).ok()
+        clip::tower_dims(&self.vision_config, &self.origin).ok().flatten()
     }
 
     /// The vision tower's image side.
@@ -545,9 +542,7 @@ pub fn from_llava_original(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Res
 /// The tower width of a `CLIPVisionConfig` object as HF reads it (its default for an absent
 /// key); `None` for no config (`null`) or one the reader refuses.
 fn tensors_width(cfg: &Json) -> Option<usize> {
-    cfg.is_object()
-        .then(|| clip::ClipVisionConfig::from_vision_config(cfg, Path::new("")).ok())?
-        .map(|c| c.hidden_size)
+    clip::tower_dims(cfg, Path::new("")).ok().flatten().map(|c| c.hidden_size)
 }
 
 fn hf_meta(origin: &Path, config: Json, artifacts: Vec<Artifact>) -> Meta {

@@ -489,10 +489,7 @@ pub fn from_neva(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<Canoni
             format!("mm_cfg.vision_encoder.class_token_length {class_tokens} (only 0 or 1 are supported)"),
         ));
     }
-    let dims =
-        vision_config.is_object().then(|| clip::ClipVisionConfig::from_vision_config(&vision_config, path));
-    let width = dims
-        .transpose()?
+    let width = clip::tower_dims(&vision_config, path)?
         .map(|d| d.hidden_size)
         .or(cfg.get_usize("mm_cfg.vision_encoder.hidden_size"))
         .ok_or_else(|| Error::missing(path, "mm_cfg.vision_encoder.hidden_size"))?;
