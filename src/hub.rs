@@ -40,6 +40,19 @@ impl HubRef {
             Err(anyhow!("bad hub reference '{s}': expected hf://org/name or hf://org/name@revision"))
         })
     }
+
+    /// A bare `org/name` repository id, as configs name a vision tower (LLaVA's `mm_vision_tower`,
+    /// NeVA's `from_pretrained`), at `main`; `None` for anything else (a path, a URL, a single
+    /// name). The characters are the Hub's own: letters, digits, `-`, `_`, `.`.
+    pub fn from_repo_id(s: &str) -> Option<HubRef> {
+        let (org, name) = s.split_once('/')?;
+        let part = |p: &str| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        (part(org) && part(name)).then(|| HubRef { repo: s.to_string(), revision: "main".into() })
+    }
 }
 
 /// The cache directory the HF tools use.
@@ -53,9 +66,14 @@ pub fn cache_dir() -> PathBuf {
 /// A local path for `arg`: itself, or the cache snapshot of an `hf://` reference.
 pub fn resolve(arg: &Path) -> Result<PathBuf> {
     let Some(parsed) = arg.to_str().and_then(HubRef::parse) else { return Ok(arg.to_path_buf()) };
-    let r = parsed?;
+    resolve_ref(&parsed?)
+}
+
+/// The cache snapshot of `r`, downloaded first when it is not (completely) there, a network is,
+/// and `HF_HUB_OFFLINE` is not set.
+pub fn resolve_ref(r: &HubRef) -> Result<PathBuf> {
     let cache = cache_dir();
-    if let Some(dir) = cached_snapshot(&cache, &r) {
+    if let Some(dir) = cached_snapshot(&cache, r) {
         if complete(&dir) {
             return Ok(dir);
         }
@@ -68,7 +86,7 @@ pub fn resolve(arg: &Path) -> Result<PathBuf> {
             cache.display()
         );
     }
-    download(&cache, &r).with_context(|| {
+    download(&cache, r).with_context(|| {
         format!(
             "{}@{} is not (completely) in the HuggingFace cache at {} and downloading it failed \
              (no network? set HF_HUB_CACHE / HF_HOME to a cache that has it)",
@@ -147,5 +165,16 @@ mod tests {
         assert!(HubRef::parse("hf://justname").unwrap().is_err());
         assert!(HubRef::parse("hf://a/../b").unwrap().is_err());
         assert!(HubRef::parse("/local/path").is_none());
+    }
+
+    #[test]
+    fn repo_ids_are_told_from_paths() {
+        let r = HubRef::from_repo_id("openai/clip-vit-large-patch14-336").unwrap();
+        assert_eq!((r.repo.as_str(), r.revision.as_str()), ("openai/clip-vit-large-patch14-336", "main"));
+        for not_an_id in
+            ["clip", "/abs/dir", "./rel/dir", "../up", "a/b/c", "a/", "/b", "a b/c", "hf://a/b", ""]
+        {
+            assert!(HubRef::from_repo_id(not_an_id).is_none(), "{not_an_id}");
+        }
     }
 }

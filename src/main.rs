@@ -118,7 +118,9 @@ enum Command {
     Evaluate {
         /// The checkpoint (llava-hf or original LLaVA directory, or NeVA .nemo).
         ckpt: PathBuf,
-        /// HF CLIP directory, for a vision tower the checkpoint only references by name.
+        /// HF CLIP directory (or hf://org/name) for the vision tower. Default: the bundled tower,
+        /// else the one the config names (mm_vision_tower, from_pretrained): a local directory or
+        /// a Hub id looked up in the HuggingFace cache.
         #[arg(long)]
         vision: Option<PathBuf>,
         /// LLaVA-format JSON records; the first human turn is asked, the first gpt turn expected.
@@ -182,8 +184,9 @@ enum Command {
         /// Tensor-parallel size for the --against checkpoint.
         #[arg(long)]
         against_tp: Option<usize>,
-        /// HF CLIP directory, for a vision tower a checkpoint only references by name (an
-        /// original LLaVA, a NeVA with a hub tower).
+        /// HF CLIP directory (or hf://org/name) for the vision tower. Default: the bundled tower,
+        /// else the one the config names (mm_vision_tower, from_pretrained): a local directory or
+        /// a Hub id looked up in the HuggingFace cache.
         #[arg(long)]
         vision: Option<PathBuf>,
         /// Compute dtype: f32, bf16 or f16.
@@ -226,7 +229,9 @@ struct GenerateArgs {
     /// Tokenizer file or directory (default: the checkpoint's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// HF CLIP directory, for a NeVA whose vision tower is referenced by a hub name.
+    /// HF CLIP directory (or hf://org/name) for the vision tower. Default: the bundled tower,
+    /// else the one the config names (mm_vision_tower, from_pretrained): a local directory or
+    /// a Hub id looked up in the HuggingFace cache.
     #[arg(long)]
     vision: Option<PathBuf>,
     /// Most tokens to generate.
@@ -540,7 +545,8 @@ struct ConvertArgs {
     #[arg(long)]
     force: bool,
     /// Multimodal: the vision tower `bundle`d into the .nemo, written `separate`ly as an HF CLIP
-    /// directory beside it (default for llava-hf), or an HF CLIP directory PATH to use (bundled).
+    /// directory beside it (default for llava-hf), or an HF CLIP directory PATH (or hf://org/name)
+    /// to use (bundled).
     #[arg(long, value_parser = |s: &str| Ok::<_, String>(convert::VisionArg::parse(s)))]
     vision: Option<convert::VisionArg>,
     /// Multimodal: conversation template vicuna_v1 (v1), llama_2 or nvgpt.
@@ -554,7 +560,7 @@ struct AssembleArgs {
     /// HF LLaMA directory (or LLaMA .nemo) with a SentencePiece tokenizer.model.
     #[arg(long)]
     llm: PathBuf,
-    /// HF CLIP vision directory (CLIPVisionModel or CLIPModel).
+    /// HF CLIP vision directory (CLIPVisionModel or CLIPModel), or hf://org/name.
     #[arg(long)]
     vision: PathBuf,
     /// LLaVA projector weights (mm_projector.bin or .safetensors with model.mm_projector.* keys).

@@ -176,7 +176,7 @@ fn the_device_flag_is_honoured_or_refused() {
 /// runs as itself: with its tower given by `--vision`, it generates what transformers generated
 /// from the same weights as llava-hf (llava-tiny's golden cases; llava-orig-tiny is llava-tiny
 /// without the <image>/<pad> rows), its prompt holding the placeholder where llava-hf has N
-/// image tokens. Without a tower it says which flag gives one; training it is refused.
+/// image tokens. Without a tower (none cached under the name it gives) it says which flag gives one.
 #[test]
 fn original_llava_generates_what_llava_hf_does() {
     let tower = fixture("llava-tiny-clip");
@@ -190,14 +190,19 @@ fn original_llava_generates_what_llava_hf_does() {
         assert_eq!(ids(&got["prompt_ids"]), want, "prompt ids for {:?}", case["question"]);
         assert_eq!(ids(&got["new_ids"]), ids(&case["new_ids"]), "new ids for {:?}", case["question"]);
     }
+    let empty_cache = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
         .args(["generate", fixture("llava-orig-tiny").to_str().unwrap(), "--prompt", "hi"])
+        .env("HF_HUB_CACHE", empty_cache.path())
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("llava-orig-tiny: the vision tower's weights are not available (pass --vision"),
+        err.contains(
+            "llava-orig-tiny: the vision tower mm_vision_tower names, 'shardsmith-fixtures/llava-tiny-clip'"
+        ) && err.contains("pass --vision CLIP_DIR"),
         "{err}"
     );
     // And `validate --against` its llava-hf twin, each spelling the image its own way: the same

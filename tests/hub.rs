@@ -72,3 +72,79 @@ fn missing_or_partial_hub_checkpoints_fail_clearly() {
     let (ok, _, err) = run(cache.path(), &["inspect", "hf://justaname"]);
     assert!(!ok && err.contains("bad hub reference"), "{err}");
 }
+
+/// A vision tower a checkpoint only names (an original LLaVA's `mm_vision_tower`, a NeVA's
+/// `from_pretrained`) is found in the cache by its Hub id, as LLaVA's and NeMo's own
+/// `from_pretrained` find it; `--vision` takes an `hf://` reference too. With neither a cached
+/// copy nor a network, the error names the config key, the id and the way out.
+#[test]
+fn named_vision_towers_resolve_in_the_local_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let (orig, tower) = (common::fixture("llava-orig-tiny"), common::fixture("llava-tiny-clip"));
+    let image = common::fixture("llava-tiny/image.png");
+    let generate = |ckpt: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", ckpt.to_str().unwrap(), "--prompt", "<image>\nWhat is this?"];
+        args.extend(["--image", image.to_str().unwrap(), "--max-new-tokens", "4", "--json"]);
+        args.extend(extra);
+        let (ok, out, err) = run(cache.path(), &args);
+        // The tokens, not the timings.
+        let tokens = ok.then(|| {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            (v["prompt_ids"].clone(), v["new_ids"].clone())
+        });
+        (ok, tokens, err)
+    };
+    let (ok, _, err) = generate(&orig, &[]);
+    assert!(!ok, "no tower anywhere yet");
+    assert!(
+        err.contains("the vision tower mm_vision_tower names, 'shardsmith-fixtures/llava-tiny-clip'")
+            && err.contains("HF_HUB_OFFLINE is set")
+            && err.contains("pass --vision CLIP_DIR"),
+        "{err}"
+    );
+
+    fake_cache(cache.path(), "models--shardsmith-fixtures--llava-tiny-clip", &tower, None);
+    let (ok, want, err) = generate(&orig, &["--vision", tower.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for extra in [&[][..], &["--vision", "hf://shardsmith-fixtures/llava-tiny-clip"]] {
+        let (ok, got, err) = generate(&orig, extra);
+        assert!(ok, "{extra:?}: {err}");
+        assert_eq!(got, want, "{extra:?}");
+    }
+
+    // A NeVA (extracted .nemo) whose yaml names the tower by its Hub id, nothing beside it.
+    let work = tempfile::tempdir().unwrap();
+    let neva = work.path().join("neva");
+    let (ok, _, err) = run(
+        cache.path(),
+        &[
+            "convert",
+            common::fixture("llava-tiny").to_str().unwrap(),
+            neva.to_str().unwrap(),
+            "--extracted",
+            "--to",
+            "nemo",
+            "--template",
+            "vicuna_v1",
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, with_dir, err) = generate(&neva, &[]);
+    assert!(ok, "{err}");
+    let side = work.path().join("neva-clip");
+    let yaml_path = neva.join("model_config.yaml");
+    let yaml = std::fs::read_to_string(&yaml_path).unwrap();
+    let named = yaml.replace(side.to_str().unwrap(), "shardsmith-fixtures/llava-tiny-clip");
+    assert_ne!(named, yaml, "the yaml names the side directory");
+    std::fs::write(&yaml_path, named).unwrap();
+    std::fs::remove_dir_all(&side).unwrap();
+    let (ok, got, err) = generate(&neva, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(got, with_dir);
+    // The trainer finds it the same way.
+    let (ok, out, err) = run(
+        cache.path(),
+        &["bench", "train-step", neva.to_str().unwrap(), "--batch", "1", "--seq", "24", "--runs", "1"],
+    );
+    assert!(ok && out.contains("\"step_ms\""), "{out}{err}");
+}

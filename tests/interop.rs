@@ -215,7 +215,8 @@ fn megatron_loads_neva_distributed_checkpoints() {
 
 /// NeVA conversions end in llava-hf directories transformers loads and that reproduce llava-tiny's
 /// golden logits (≤ 1e-5; from the original-LLaVA copy, whose rows past the 256 text tokens are
-/// re-initialised, on the text-token columns), with a working processor and chat template; the
+/// re-initialised, on the text-token columns), with a working processor and chat template, and
+/// that shardsmith itself generates from as transformers does (prompt ids and greedy tokens); the
 /// NeVA tokenizer is byte-identical to NeMo's protobuf recipe.
 #[test]
 fn transformers_loads_llava_hf_converted_through_neva() {
@@ -241,9 +242,29 @@ fn transformers_loads_llava_hf_converted_through_neva() {
         args.extend(extra);
         run(&args);
         run(&["convert", &nemo, &hf]);
+        // shardsmith reads the directory it wrote; the check asks transformers for the same tokens.
+        let image = fixture("llava-tiny/image.png");
+        let generated = out.path().join(format!("{tag}-generated.json"));
+        let o = std::process::Command::new(bin)
+            .args([
+                "generate",
+                &hf,
+                "--template",
+                template,
+                "--prompt",
+                "What is this?",
+                "--aspect",
+                "square",
+            ])
+            .args(["--image", image.to_str().unwrap(), "--max-new-tokens", "6", "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{tag}: generate: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::write(&generated, &o.stdout).unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/llava_hf_check.py");
         let mut check = std::process::Command::new(&py);
         check.arg(&script).arg(&hf).arg(fixture("llava-tiny/golden")).args(["--template", template]);
+        check.arg("--generated").arg(&generated).arg("--image").arg(&image);
         if let Some(c) = cols {
             check.args(["--vocab-cols", c]);
         }

@@ -195,7 +195,9 @@ pub fn train_step(path: &Path, o: &TrainStepOptions) -> Result<()> {
     ensure!(o.runs >= 1 && o.batch >= 1, "need --runs >= 1 and --batch >= 1");
     let ckpt = shardsmith_converters::formats::open(path)?;
     let c = match &ckpt.meta.config {
-        Some(ModelConfig::NemoYaml(cfg)) if neva::is_neva(cfg) => neva::load_neva(&ckpt, None)?,
+        Some(ModelConfig::NemoYaml(cfg)) if neva::is_neva(cfg) => {
+            crate::models::tower::with_tower(&ckpt, None)?
+        }
         Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg) => llava::from_llava_hf(&ckpt)?,
         _ => anyhow::bail!("{}: bench train-step needs a llava-hf directory or a NeVA .nemo", path.display()),
     };

@@ -392,7 +392,7 @@ pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec
         TargetKind::Hf
     });
     let given = match &o.vision {
-        Some(VisionArg::Path(p)) => Some(clip::read_hf_clip(p)?),
+        Some(VisionArg::Path(p)) => Some(clip::read_hf_clip(&crate::hub::resolve(p)?)?),
         _ => None,
     };
     let nemo_source = is_nemo(src);

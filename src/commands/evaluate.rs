@@ -3,7 +3,7 @@
 //! (after trimming whitespace) against the assistant turn that follows it, per question text and
 //! overall.
 
-use super::generate::{Chat, Options};
+use super::generate::{Chat, Options, Prompt};
 use crate::infer::generate::{generate, Stop};
 use crate::infer::sampling::Sampler;
 use crate::infer::template::IMAGE_PLACEHOLDER;
@@ -62,7 +62,8 @@ pub fn run(ckpt: &Path, data: &Path, image_folder: Option<&Path>, o: &Options, j
     let eos = chat.eos();
     let mut score = Score { total: 0, correct: 0, by_question: BTreeMap::new(), misses: Vec::new() };
     for Case { id, message, answer, image, system } in cases {
-        let (prompt, pixels) = chat.prompt(&message, image.as_deref(), system.as_deref())?;
+        let Prompt { ids: prompt, pixels, .. } =
+            chat.prompt(&message, image.as_deref(), system.as_deref())?;
         let Chat { model, tokenizer, .. } = &mut chat;
         let out = generate(
             model,

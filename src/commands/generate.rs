@@ -129,14 +129,9 @@ impl Chat {
         &self.template_name
     }
 
-    /// Prompt ids for one user message, and the image's pixel values. `system` replaces the
+    /// The prompt for one user message, and the image's pixel values. `system` replaces the
     /// chat's system prompt (a record's own, in evaluation).
-    pub fn prompt(
-        &self,
-        message: &str,
-        image: Option<&Path>,
-        system: Option<&str>,
-    ) -> Result<(Vec<u32>, Option<candle_core::Tensor>)> {
+    pub fn prompt(&self, message: &str, image: Option<&Path>, system: Option<&str>) -> Result<Prompt> {
         let vision = matches!(self.model, Model::Neva(_));
         if image.is_some() && !vision {
             bail!(
@@ -198,7 +193,7 @@ impl Chat {
             }
             None => None,
         };
-        Ok((ids, pixels))
+        Ok(Prompt { text, ids, pixels })
     }
 
     /// The id generation stops at.
@@ -207,10 +202,21 @@ impl Chat {
     }
 }
 
+/// One rendered prompt.
+pub struct Prompt {
+    /// The template's text, `<image>` where the image goes.
+    pub text: String,
+    /// Its token ids, the image's tokens expanded.
+    pub ids: Vec<u32>,
+    /// The preprocessed image, `[1, 3, side, side]`.
+    pub pixels: Option<candle_core::Tensor>,
+}
+
 /// Run `generate`.
 pub fn run(path: &Path, o: &Options) -> Result<()> {
     let mut chat = Chat::open(path, o)?;
-    let (prompt, pixels) = chat.prompt(&o.prompt, o.image.as_deref(), None)?;
+    let Prompt { text: prompt_text, ids: prompt, pixels } =
+        chat.prompt(&o.prompt, o.image.as_deref(), None)?;
     let template_name = chat.template_name().to_string();
     let eos = chat.eos();
     let Chat { model, tokenizer, .. } = &mut chat;
@@ -236,6 +242,7 @@ pub fn run(path: &Path, o: &Options) -> Result<()> {
         let mut v = serde_json::to_value(&out)?;
         v["tokens_per_s"] = out.tokens_per_s().into();
         v["template"] = template_name.into();
+        v["prompt"] = prompt_text.into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!();

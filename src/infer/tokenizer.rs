@@ -105,7 +105,11 @@ impl Tokenizer {
             let config = read_tokenizer_config(path)?;
             Self::from_json_bytes(&bytes, path, config.as_ref())
         } else {
-            Self::from_sentencepiece_bytes(&bytes, path)
+            let mut tok = Self::from_sentencepiece_bytes(&bytes, path)?;
+            for (id, token, special) in added_tokens_beside(path)? {
+                tok.append_added(id, &token, special)?;
+            }
+            Ok(tok)
         }
     }
 
@@ -332,24 +336,62 @@ impl Tokenizer {
                 ));
             }
             if self.token_to_id(token).is_none() {
-                let expected = self.vocab_size() as u32;
-                self.inner
-                    .add_tokens([AddedToken::from(token, false).normalized(false)])
-                    .map_err(|e| tok_err(&self.origin, format!("cannot add {token:?}: {e}")))?;
-                let id = self.token_to_id(token);
-                if id != Some(expected) {
-                    return Err(tok_err(
-                        &self.origin,
-                        format!("added {token:?} got id {id:?}, expected {expected} (ids have holes)"),
-                    ));
-                }
-                self.pieces.push(Some((token.to_owned(), PieceKind::UserDefined)));
+                self.push_token(token, false)?;
             }
         }
         tokens
             .iter()
             .map(|t| self.token_to_id(t).ok_or_else(|| tok_err(&self.origin, format!("{t:?} vanished"))))
             .collect()
+    }
+
+    /// Appends `token` as id `vocab_size()`: a special one is matched in text and skipped when
+    /// decoding with `skip_special` (a control piece), another is a user-defined piece.
+    fn push_token(&mut self, token: &str, special: bool) -> Result<u32> {
+        let expected = self.vocab_size() as u32;
+        self.inner
+            .add_tokens([AddedToken::from(token, special).normalized(false)])
+            .map_err(|e| tok_err(&self.origin, format!("cannot add {token:?}: {e}")))?;
+        let id = self.token_to_id(token);
+        if id != Some(expected) {
+            return Err(tok_err(
+                &self.origin,
+                format!("added {token:?} got id {id:?}, expected {expected} (ids have holes)"),
+            ));
+        }
+        let kind = if special { PieceKind::Control } else { PieceKind::UserDefined };
+        self.pieces.push(Some((token.to_owned(), kind)));
+        Ok(expected)
+    }
+
+    /// One of transformers' added tokens (see [`added_tokens_beside`]) at `id`: one the model
+    /// already has there is checked, a new one must be the next id.
+    fn append_added(&mut self, id: u32, token: &str, special: bool) -> Result<()> {
+        let size = self.vocab_size() as u32;
+        if id < size {
+            return match self.id_to_token(id) {
+                Some(piece) if piece == token => Ok(()),
+                piece => Err(tok_err(
+                    &self.origin,
+                    format!("an added token says id {id} is {token:?}, but the model has {piece:?} there"),
+                )),
+            };
+        }
+        if id > size {
+            return Err(tok_err(
+                &self.origin,
+                format!(
+                    "added token {token:?} has id {id}, but the vocabulary ends at {size} (ids have holes)"
+                ),
+            ));
+        }
+        if let Some(other) = self.token_to_id(token) {
+            return Err(tok_err(
+                &self.origin,
+                format!("added token {token:?} (id {id}) is already id {other}"),
+            ));
+        }
+        self.push_token(token, special).map(drop)
     }
 
     /// Piece kinds of a `tokenizer.json` vocabulary, for SentencePiece-style decoding.
@@ -583,6 +625,53 @@ fn read_tokenizer_config(tokenizer_json: &Path) -> Result<Option<serde_json::Val
     serde_json::from_str(&text).map(Some).map_err(|e| tok_err(&path, format!("not valid JSON: {e}")))
 }
 
+/// The tokens transformers appends to a SentencePiece model from the files beside it, as
+/// (id, token, special) in id order: `tokenizer_config.json`'s `added_tokens_decoder`
+/// (`{"32000": {"content": "<image>", "special": true}}`), else the older `added_tokens.json`
+/// (`{"<image>": 32000}`, all special). llava-hf keeps `<image>` and `<pad>` there.
+fn added_tokens_beside(model: &Path) -> Result<Vec<(u32, String, bool)>> {
+    let Some(dir) = model.parent() else { return Ok(Vec::new()) };
+    let read = |name: &str| -> Result<Option<serde_json::Value>> {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text).map(Some).map_err(|e| tok_err(&path, format!("not valid JSON: {e}")))
+    };
+    let bad = |name: &str, what: String| tok_err(&dir.join(name), what);
+    let mut added = Vec::new();
+    if let Some(decoder) = read("tokenizer_config.json")?.and_then(|c| c.get("added_tokens_decoder").cloned())
+    {
+        let name = "tokenizer_config.json";
+        let entries =
+            decoder.as_object().ok_or_else(|| bad(name, "added_tokens_decoder is not an object".into()))?;
+        for (id, entry) in entries {
+            let id = id
+                .parse::<u32>()
+                .map_err(|_| bad(name, format!("added_tokens_decoder key {id:?} is not an id")))?;
+            let content = entry
+                .get("content")
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| bad(name, format!("added_tokens_decoder[{id}] has no string 'content'")))?;
+            let special = entry.get("special").and_then(|s| s.as_bool()).unwrap_or(false);
+            added.push((id, content.to_owned(), special));
+        }
+    } else if let Some(map) = read("added_tokens.json")? {
+        let name = "added_tokens.json";
+        let entries = map.as_object().ok_or_else(|| bad(name, "not an object of token: id".into()))?;
+        for (token, id) in entries {
+            let id = id
+                .as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| bad(name, format!("{token:?}: {id} is not an id")))?;
+            added.push((id, token.clone(), true));
+        }
+    }
+    added.sort_by_key(|(id, ..)| *id);
+    Ok(added)
+}
+
 fn tok_err(path: &Path, detail: impl Into<String>) -> Error {
     Error::Tokenizer { path: path.to_path_buf(), detail: detail.into() }
 }
@@ -759,6 +848,56 @@ mod tests {
         assert_eq!(stream.finish().unwrap(), "");
         assert_eq!(tok.decode(&ids, true).unwrap(), "a b a");
         assert!(tok.encode("a", true).is_err(), "no BOS token to add");
+    }
+
+    /// A SentencePiece model gets the added tokens transformers reads beside it (llava-hf's
+    /// `<image>` and `<pad>`), from `tokenizer_config.json` or else `added_tokens.json`, encodes
+    /// like the `tokenizer.json` that carries them, and refuses a list it cannot honour.
+    #[test]
+    fn sentencepiece_directories_get_their_added_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture("llava-tiny/tokenizer.model"), dir.path().join("tokenizer.model")).unwrap();
+        let load = |config: &str, added: Option<&str>| {
+            std::fs::write(dir.path().join("tokenizer_config.json"), config).unwrap();
+            let legacy = dir.path().join("added_tokens.json");
+            match added {
+                Some(a) => std::fs::write(&legacy, a).unwrap(),
+                None => drop(std::fs::remove_file(&legacy)),
+            }
+            Tokenizer::from_dir(dir.path())
+        };
+        let decoder = r#"{"added_tokens_decoder": {
+            "0": {"content": "<unk>", "special": true},
+            "257": {"content": "<pad>", "special": true},
+            "256": {"content": "<image>", "special": true}}}"#;
+        let from_json = Tokenizer::from_file(fixture("llava-tiny/tokenizer.json")).unwrap();
+        for tok in
+            [load(decoder, None).unwrap(), load("{}", Some(r#"{"<pad>": 257, "<image>": 256}"#)).unwrap()]
+        {
+            assert_eq!(tok.vocab_size(), 258);
+            assert_eq!((tok.token_to_id("<image>"), tok.token_to_id("<pad>")), (Some(256), Some(257)));
+            let ids = tok.encode("USER: <image>\nWhat?<pad>", true).unwrap();
+            assert_eq!(ids.iter().filter(|&&i| i == 256).count(), 1, "{ids:?}");
+            assert_eq!(ids.last(), Some(&257));
+            assert_eq!(tok.decode(&ids, true).unwrap(), from_json.decode(&ids, true).unwrap());
+            assert!(tok.decode(&[256], false).unwrap().contains("<image>"));
+        }
+        let bad = [
+            (
+                r#"{"added_tokens_decoder": {"300": {"content": "<image>"}}}"#,
+                "vocabulary ends at 256 (ids have holes)",
+            ),
+            (r#"{"added_tokens_decoder": {"1": {"content": "<image>"}}}"#, "says id 1 is \"<image>\""),
+            (r#"{"added_tokens_decoder": {"256": {"content": "<s>"}}}"#, "is already id 1"),
+            (r#"{"added_tokens_decoder": {"x": {"content": "<s>"}}}"#, "key \"x\" is not an id"),
+            (r#"{"added_tokens_decoder": []}"#, "not an object"),
+        ];
+        for (config, want) in bad {
+            let err = load(config, None).unwrap_err().to_string();
+            assert!(err.contains(want), "{config}: {err}");
+        }
+        let err = load("{}", Some(r#"{"<image>": -1}"#)).unwrap_err().to_string();
+        assert!(err.contains("added_tokens.json") && err.contains("is not an id"), "{err}");
     }
 
     #[test]

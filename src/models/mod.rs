@@ -5,6 +5,7 @@ pub mod clip;
 pub mod llama;
 pub mod neva;
 pub mod projector;
+pub mod tower;
 pub mod tp;
 
 use crate::weights::TensorMapBackend;
@@ -234,7 +235,7 @@ pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, Mod
     let stored_tp = ckpt.saved_parallelism()?.tp;
     match (&ckpt.meta.flavour, &ckpt.meta.config) {
         (Flavour::Nemo { .. }, Some(ModelConfig::NemoYaml(cfg))) if neva_convert::is_neva(cfg) => {
-            let c = neva_convert::load_neva(ckpt, o.vision.as_deref())?;
+            let c = tower::with_tower(ckpt, o.vision.as_deref())?;
             let tp = o.tp.unwrap_or(stored_tp);
             vision_language(&c, "neva", tp, o)
         }
@@ -249,10 +250,7 @@ pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, Mod
             vision_language(&c, "llava", o.tp.unwrap_or(1), o)
         }
         (_, Some(ModelConfig::HfJson(cfg))) if llava::is_llava_original(cfg) => {
-            // Its tower from --vision, else from mm_vision_tower when that is a local directory.
-            let tower =
-                o.vision.as_deref().map(shardsmith_converters::convert::clip::read_hf_clip).transpose()?;
-            let c = llava::from_llava_original(ckpt, tower)?;
+            let c = tower::with_tower(ckpt, o.vision.as_deref())?;
             vision_language(&c, "llava", o.tp.unwrap_or(1), o)
         }
         (_, Some(ModelConfig::HfJson(_))) => {

@@ -85,7 +85,7 @@ fn open_source(path: &Path) -> Result<Source> {
     let ckpt = shardsmith_converters::formats::open(path)?;
     match &ckpt.meta.config {
         Some(ModelConfig::NemoYaml(cfg)) if neva::is_neva(cfg) => {
-            let canonical = neva::load_neva(&ckpt, None)?;
+            let canonical = crate::models::tower::with_tower(&ckpt, None)?;
             let bytes = canonical
                 .tokenizer
                 .as_ref()

@@ -2,6 +2,7 @@
 """Check that transformers loads a llava-hf directory and reproduces llava-tiny's golden outputs.
 
     llava_hf_check.py HF_DIR GOLDEN [--atol 1e-5] [--vocab-cols N] [--template NAME]
+                      [--generated JSON --image IMG]
 
 HF_DIR  a llava-hf model directory (LlavaForConditionalGeneration), loaded offline in float32
         on the CPU.
@@ -15,12 +16,16 @@ Checks, each a failure when it does not hold:
   --vocab-cols N, for a model whose extra rows were re-initialised);
 * the processor loads: its tokenizer maps <image> to config.image_token_index, and a prompt with
   <image> expands to image_seq_length image tokens;
-* with --template vicuna_v1 or llama_2, apply_chat_template renders LLaVA's prompt string.
+* with --template vicuna_v1 or llama_2, apply_chat_template renders LLaVA's prompt string;
+* with --generated (the --json output of `shardsmith generate HF_DIR ... --image IMG --aspect
+  square`), the processor's ids for its rendered prompt and that image are its prompt_ids, and
+  greedy model.generate continues with its new_ids.
 
 Prints one summary line ("OK ..." or "FAIL ...") and exits 0 / 1.
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -63,7 +68,11 @@ def main():
     ap.add_argument("--atol", type=float, default=1e-5)
     ap.add_argument("--vocab-cols", type=int, default=None)
     ap.add_argument("--template", default=None)
+    ap.add_argument("--generated", default=None)
+    ap.add_argument("--image", default=None)
     args = ap.parse_args()
+    if args.generated and not args.image:
+        ap.error("--generated needs --image")
 
     golden = load_file(str(golden_path(args.golden)))
     try:
@@ -127,6 +136,19 @@ def main():
             text = processor.apply_chat_template(conv, add_generation_prompt=True)
             if text != EXPECTED_PROMPT[args.template]:
                 problems.append(f"chat template renders {text!r}, expected {EXPECTED_PROMPT[args.template]!r}")
+        if args.generated:
+            ours = json.loads(Path(args.generated).read_text())
+            inputs = processor(text=ours["prompt"], images=Image.open(args.image).convert("RGB"), return_tensors="pt")
+            prompt = inputs["input_ids"][0].tolist()
+            if prompt != ours["prompt_ids"]:
+                problems.append(f"prompt ids: transformers {prompt}, shardsmith {ours['prompt_ids']}")
+            else:
+                with torch.no_grad():
+                    out = model.generate(**inputs, max_new_tokens=len(ours["new_ids"]), do_sample=False)
+                new = out[0, len(prompt) :].tolist()
+                if new != ours["new_ids"]:
+                    problems.append(f"greedy new ids: transformers {new}, shardsmith {ours['new_ids']}")
+                compared.append("generate")
     except Exception as e:  # noqa: BLE001
         problems.append(f"processor failed: {type(e).__name__}: {str(e).strip()[:300]}")
 
