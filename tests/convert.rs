@@ -168,6 +168,13 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let plan = ok(&["plan", s(&fixture("llama-gqa")), s(&dst), "--json"]);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&plan).unwrap()["destination_exists"], true);
     assert_eq!(std::fs::read(&dst).unwrap(), b"old");
+    // Two outputs (a llava-hf tower written beside the .nemo): one JSON document, an array.
+    let neva = work.path().join("neva.nemo");
+    let plan = ok(&["plan", s(&fixture("llava-tiny")), s(&neva), "--template", "vicuna_v1", "--json"]);
+    let plans: Vec<serde_json::Value> = serde_json::from_str(&plan).unwrap();
+    let dests: Vec<_> = plans.iter().map(|p| p["destination"].as_str().unwrap().to_string()).collect();
+    assert_eq!(dests, [s(&work.path().join("neva-clip")), s(&neva)]);
+    assert!(!neva.exists());
 }
 
 #[test]
@@ -396,7 +403,8 @@ fn every_bundle_writer_checks_the_feature_layer() {
 }
 
 /// Flags a command cannot honour are refused, not ignored or allocated: `reshard --to hf` (it
-/// wrote a .nemo anyway) and a `bench forward` sequence of billions of positions (it aborted).
+/// wrote a .nemo anyway), a `bench forward` sequence of billions of positions (it aborted), and
+/// `.nemo`-only or export-only flags on a conversion to an HF directory (it dropped them).
 #[test]
 fn flags_a_command_cannot_honour_are_refused() {
     let work = tempfile::tempdir().unwrap();
@@ -410,4 +418,24 @@ fn flags_a_command_cannot_honour_are_refused() {
     let err =
         refused(&["bench", "forward", s(&fixture("llama-mha")), "--prompt-len", "4000000000", "--runs", "1"]);
     assert!(err.contains("--prompt-len 4000000000 + --decode"), "{err}");
+    // Flags that shape only another container (it wrote the HF copy without them).
+    let dst = work.path().join("hf");
+    let (tok, mha) = (fixture("llama-gqa/tokenizer.model"), fixture("llama-mha"));
+    for (args, want) in [
+        (vec!["--tp", "2"], "--tp does not apply when writing an HF directory"),
+        (vec!["--gzip", "--pp", "2"], "--pp, --gzip do not apply"),
+        (vec!["--vocab-size", "256", "--tokenizer", s(&tok)], "--vocab-size, --tokenizer do not apply"),
+    ] {
+        let mut full = vec!["convert", s(&mha), s(&dst)];
+        full.extend(args);
+        let (success, _, err) = shardsmith(&full);
+        assert!(!success && err.contains(want), "{full:?}: {err}");
+    }
+    // From a .nemo, the export options apply; the NeMo-only ones are still refused.
+    let nemo = work.path().join("m.nemo");
+    ok(&["convert", s(&mha), s(&nemo)]);
+    let (success, _, err) = shardsmith(&["convert", s(&nemo), s(&dst), "--layout", "legacy"]);
+    assert!(!success && err.contains("--layout does not apply"), "{err}");
+    assert!(!dst.exists());
+    ok(&["convert", s(&nemo), s(&dst), "--vocab-size", "256"]);
 }

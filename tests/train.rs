@@ -259,7 +259,21 @@ fn lora_run_saves_merged_weights_and_adapters() {
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["steps"], 3);
     let ck = out.join("checkpoints/step-000003");
-    assert!(ck.join("lora_adapters.safetensors").is_file());
+    // The adapters are a PEFT adapter directory: merged into the base LLM by `surgery merge-lora`,
+    // they give the trained LLM the checkpoint holds (the trainer's f32 merge, summed in another order).
+    let adapter = ck.join("lora_adapter");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(8)));
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let o = shardsmith(args);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["surgery", "extract", fixture("llava-tiny").to_str().unwrap(), "--part", "llm", "-o", &p("base")]);
+    run(&["surgery", "extract", ck.join("hf").to_str().unwrap(), "--part", "llm", "-o", &p("trained")]);
+    run(&["surgery", "merge-lora", &p("base"), "--adapter", adapter.to_str().unwrap(), "-o", &p("merged")]);
+    run(&["diff", &p("merged"), &p("trained"), "--atol", "1e-6"]);
     // The merged checkpoint differs from the base only in the LoRA targets and the projector.
     let d = shardsmith(&[
         "diff",
@@ -387,4 +401,55 @@ fn the_output_tp_is_checked_before_anything_runs() {
     assert!(!out.status.success());
     assert!(err.contains("train.yaml: output.nemo_tp: attention heads (4) do not divide by tp=3"), "{err}");
     assert!(!dir.path().join("out").exists(), "a refused run wrote output");
+}
+
+/// From a NeVA `.nemo` (here one `assemble` built, whose `<extra_id_*>` rows it appended), the
+/// saved `hf/` is the llava-hf that `convert model.nemo` writes: one model, however it is saved.
+/// A format the model cannot take is refused before the first step, with nothing written.
+#[test]
+fn every_saved_format_holds_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let o = shardsmith(args);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (mha, clip) = (fixture("llama-mha"), fixture("clip-vision"));
+    let assemble = |out: &str, extra: &[&str]| {
+        let mut args = vec!["assemble", "--llm", mha.to_str().unwrap(), "--vision", clip.to_str().unwrap()];
+        args.extend(["--init-seed", "1", "-o", out]);
+        args.extend(extra);
+        run(&args);
+    };
+    assemble(&p("start.nemo"), &[]);
+    let from = format!("model.checkpoint={}", p("start.nemo"));
+    let o = tiny_run(
+        dir.path(),
+        &["trainer.max_steps=2", &from, "mm_cfg.llm.freeze=false", "output.save_formats=[nemo, hf]"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck = dir.path().join("out/checkpoints/step-000002");
+    run(&["convert", ck.join("model.nemo").to_str().unwrap(), &p("converted")]);
+    run(&["diff", ck.join("hf").to_str().unwrap(), &p("converted")]);
+
+    assemble(&p("linear.nemo"), &["--projector-type", "linear", "--template", "llama_2"]);
+    let from = format!("model.checkpoint={}", p("linear.nemo"));
+    let out = dir.path().join("linear-run");
+    let o = shardsmith(&[
+        "train",
+        "--config",
+        fixture("train-tiny/train.yaml").to_str().unwrap(),
+        "--set",
+        &format!("output.dir={}", out.display()),
+        "--set",
+        &from,
+        "--set",
+        "mm_cfg.mm_mlp_adapter_type=linear",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("output.save_formats: ") && err.contains("mlp2x_gelu"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
 }

@@ -130,13 +130,55 @@ fn given_tokenizer(o: &Options) -> Result<Option<shardsmith_converters::Artifact
     Ok(source.map(|source| shardsmith_converters::Artifact { name: "tokenizer.model".into(), source }))
 }
 
-/// Build the target checkpoint (headers only).
-pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkpoint, TargetKind)> {
+/// The container to write: `--to`, else a `.nemo` for a `.nemo` destination (or `--extracted`
+/// from a `.nemo`), else HF. Options that only shape another container are refused here rather
+/// than silently dropped.
+fn target_kind(src: &Checkpoint, dst: &Path, o: &Options) -> Result<TargetKind> {
     let to = o.to.unwrap_or(if dst.extension().is_some_and(|e| e == "nemo") || o.extracted && is_nemo(src) {
         TargetKind::Nemo
     } else {
         TargetKind::Hf
     });
+    let mut unused = Vec::new();
+    if to != TargetKind::Nemo {
+        let nemo_only = [
+            (o.tp != 1, "--tp"),
+            (o.pp != 1, "--pp"),
+            (o.layout.is_some(), "--layout"),
+            (o.gzip, "--gzip"),
+            (o.extracted, "--extracted"),
+        ];
+        unused.extend(nemo_only.iter().filter(|(given, _)| *given).map(|(_, flag)| *flag));
+    }
+    if !is_nemo(src) && to == TargetKind::Hf && !neva::is_multimodal(src) {
+        // An HF copy keeps its own vocabulary and tokenizer files.
+        unused.extend(
+            [(o.vocab.is_some(), "--vocab-size"), (o.tokenizer.is_some(), "--tokenizer")]
+                .iter()
+                .filter(|(given, _)| *given)
+                .map(|(_, flag)| *flag),
+        );
+    }
+    if !unused.is_empty() {
+        let what = match to {
+            TargetKind::Nemo => ".nemo",
+            TargetKind::Hf => "an HF directory",
+            TargetKind::Llava => "a LLaVA directory",
+        };
+        bail!(
+            "{} {} when writing {what} from {} (the destination {} decides the container; --to nemo writes a .nemo)",
+            unused.join(", "),
+            if unused.len() == 1 { "does not apply" } else { "do not apply" },
+            src.meta.path.display(),
+            dst.display()
+        );
+    }
+    Ok(to)
+}
+
+/// Build the target checkpoint (headers only).
+pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkpoint, TargetKind)> {
+    let to = target_kind(src, dst, o)?;
     let target = match (is_nemo(src), to) {
         (false, TargetKind::Nemo) => {
             // Say what the model is before asking for a tokenizer (headers only; cheap).
@@ -194,24 +236,22 @@ pub fn existing_destination(dst: &Path, force: bool) -> &'static str {
     }
 }
 
-/// Print the plan: target files, per-rank tensors, shapes, bytes and vocabulary padding.
-pub fn print_plan(
+/// The plan of one output as JSON: destination, target kind, the inspect report, and the
+/// arrays of a distributed checkpoint.
+fn plan_json(
     target: &Checkpoint,
     to: TargetKind,
     dst: &Path,
-    json: bool,
-    force: bool,
     dist: Option<(&nemo::DistWeights, DistFormat)>,
-) -> Result<()> {
+) -> Result<serde_json::Value> {
     let report = inspect::report(target, None)?;
     let exists = dst.exists();
-    if json {
-        let mut v = serde_json::json!({
-            "destination": dst, "destination_exists": exists, "target": format!("{to:?}").to_lowercase(),
-            "plan": report,
-        });
-        if let Some((w, format)) = dist {
-            let arrays: Vec<_> = w
+    let mut v = serde_json::json!({
+        "destination": dst, "destination_exists": exists, "target": format!("{to:?}").to_lowercase(),
+        "plan": report,
+    });
+    if let Some((w, format)) = dist {
+        let arrays: Vec<_> = w
                 .arrays
                 .iter()
                 .map(|a| {
@@ -221,12 +261,21 @@ pub fn print_plan(
                     })
                 })
                 .collect();
-            v["distributed"] =
-                serde_json::json!({ "backend": format.name(), "arrays": arrays, "objects": w.objects });
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        v["distributed"] =
+            serde_json::json!({ "backend": format.name(), "arrays": arrays, "objects": w.objects });
     }
+    Ok(v)
+}
+
+/// Print the plan: target files, per-rank tensors, shapes, bytes and vocabulary padding.
+fn print_plan(
+    target: &Checkpoint,
+    to: TargetKind,
+    dst: &Path,
+    force: bool,
+    dist: Option<(&nemo::DistWeights, DistFormat)>,
+) -> Result<()> {
+    let report = inspect::report(target, None)?;
     let what = match to {
         TargetKind::Nemo => ".nemo",
         TargetKind::Hf => "HF directory",
@@ -386,11 +435,7 @@ pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec
             "--vocab-size applies to LLaMA exports; multimodal conversions restore the source's vocabulary"
         );
     }
-    let to = o.to.unwrap_or(if dst.extension().is_some_and(|e| e == "nemo") || o.extracted && is_nemo(src) {
-        TargetKind::Nemo
-    } else {
-        TargetKind::Hf
-    });
+    let to = target_kind(src, dst, o)?;
     let given = match &o.vision {
         Some(VisionArg::Path(p)) => Some(clip::read_hf_clip(&crate::hub::resolve(p)?)?),
         _ => None,
@@ -501,9 +546,20 @@ pub fn emit(outputs: &[Output], o: &Options, started: std::time::Instant) -> Res
         bail!("--dist-ckpt applies to .nemo outputs; this conversion writes {}", outputs_named(outputs));
     }
     let dist_of = |i: usize| dist[i].as_ref().map(|(w, format)| (w, *format));
+    if o.dry_run && o.json {
+        // One JSON document: the plan, or an array of plans when a tower is written beside.
+        let mut plans = outputs
+            .iter()
+            .enumerate()
+            .map(|(i, out)| plan_json(&out.ckpt, out.kind, &out.dest, dist_of(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let doc = if plans.len() == 1 { plans.remove(0) } else { serde_json::Value::Array(plans) };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
     if o.dry_run {
         for (i, out) in outputs.iter().enumerate() {
-            print_plan(&out.ckpt, out.kind, &out.dest, o.json, o.force, dist_of(i))?;
+            print_plan(&out.ckpt, out.kind, &out.dest, o.force, dist_of(i))?;
         }
         return Ok(());
     }

@@ -12,7 +12,7 @@ use crate::infer::image::PreprocessConfig;
 use crate::infer::template::{Flavour, ImageTokens as PromptImageTokens};
 use crate::infer::tokenizer::Tokenizer;
 use crate::models::neva::ImageTokens;
-use crate::train::config::{SaveFormat, Stage as ConfigStage, TrainConfig};
+use crate::train::config::{LoraConfig, SaveFormat, Stage as ConfigStage, TrainConfig};
 use crate::train::data::{
     legacy_tokenizer, DataLoader, Dataset, DatasetConfig, ExampleConfig, LoaderOptions, LoaderState,
 };
@@ -29,7 +29,7 @@ use shardsmith_converters::convert::llava::{self, CanonicalLlava, ImageTokenSche
 use shardsmith_converters::convert::neva::{self, NevaTarget, VisionPlacement};
 use shardsmith_converters::formats::{hf_dir, nemo};
 use shardsmith_converters::names::llama::NemoDialect;
-use shardsmith_converters::{DType as FileDType, ModelConfig};
+use shardsmith_converters::{Checkpoint, DType as FileDType, ModelConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -186,6 +186,9 @@ pub fn run(config: &Path, o: &RunOptions) -> Result<Summary> {
             ));
         }
     }
+    // Every format the checkpoints are saved in is built once now, from the starting weights:
+    // one the model cannot take (llava-hf with a linear projector) fails here, not after training.
+    model_outputs(&cfg, &src, c).map_err(|e| Error::config(config, format!("output.save_formats: {e}")))?;
     let stage = stage_of(&cfg)?;
     let device = crate::models::parse_device(&cfg.trainer.device)
         .map_err(|e| Error::config(config, format!("trainer.device: {e}")))?;
@@ -477,6 +480,81 @@ fn clear_earlier_run(out_dir: &Path, source: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// The model in each of `output.save_formats` (headers; the bytes are written by the caller):
+/// llava-hf as `convert model.nemo` would write it (a NeVA source's vocabulary changes undone,
+/// so `hf/` and `model.nemo` hold the same model), NeVA at `output.nemo_tp` with the tower
+/// bundled. Built once before training too, so a format the model cannot take is refused then.
+fn model_outputs(
+    cfg: &TrainConfig,
+    src: &Source,
+    c: &CanonicalLlava,
+) -> Result<Vec<(SaveFormat, Checkpoint)>> {
+    let mut out = Vec::new();
+    for format in &cfg.output.save_formats {
+        let ckpt = match format {
+            SaveFormat::Hf => {
+                let mut c = c.clone();
+                if src.flavour == Flavour::Nemo {
+                    neva::undo_neva_tokens(&mut c)?;
+                }
+                llava::to_llava_hf(&c, None)?
+            }
+            SaveFormat::Nemo => {
+                let target = NevaTarget {
+                    dialect: NemoDialect::Mcore,
+                    tp: cfg.output.nemo_tp,
+                    pp: 1,
+                    dtype: None,
+                    vision: VisionPlacement::Bundle,
+                    template: None,
+                    image_aspect_ratio: Some(cfg.data.image_aspect_ratio.clone()),
+                    divisible_by: None,
+                    source_format: None,
+                };
+                let mut c = c.clone();
+                if c.template.is_none() {
+                    c.template = shardsmith_converters::names::neva::Template::parse(&cfg.data.conv_template);
+                }
+                neva::to_neva(&c, &target)?
+            }
+        };
+        out.push((*format, ckpt));
+    }
+    Ok(out)
+}
+
+/// The LoRA adapters as a PEFT adapter directory (`adapter_config.json`,
+/// `adapter_model.safetensors` with `base_model.model.model.layers.N.….lora_A.weight` keys, the
+/// layout of a PEFT `LlamaForCausalLM`), which `shardsmith surgery merge-lora` and PEFT read.
+/// The projector, trained beside them, is in the saved models.
+fn write_peft_adapter(lora: &LoraConfig, base: &Path, model: &TrainModel, dir: &Path) -> Result<()> {
+    let tensors: std::collections::HashMap<String, Tensor> = model
+        .trained()
+        .into_iter()
+        .filter(|(n, _)| n.contains(".lora_"))
+        .map(|(n, t)| (format!("base_model.model.{n}"), t))
+        .collect();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": lora.adapter_dim,
+        "lora_alpha": lora.scale() * lora.adapter_dim as f64,
+        "lora_dropout": lora.adapter_dropout,
+        "target_modules": lora.targets()?,
+        "use_rslora": false,
+        "use_dora": false,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "modules_to_save": null,
+    });
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Usage(e.to_string()))?;
+    let path = dir.join("adapter_config.json");
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+}
+
 /// Write `checkpoints/step-NNNNNN/` atomically: the model in the configured formats, the LoRA
 /// adapters (if any), the optimizer state with the f32 master weights, and the trainer state.
 fn save(
@@ -515,39 +593,20 @@ fn write_checkpoint_files(
     tmp: &Path,
 ) -> Result<()> {
     let c = trained_canonical(src, model)?;
-    for format in &cfg.output.save_formats {
-        match format {
+    for (dest, ckpt) in model_outputs(cfg, src, &c)? {
+        match dest {
             SaveFormat::Hf => {
-                let ckpt = llava::to_llava_hf(&c, None)?;
                 let o = hf_dir::WriteOptions { overwrite: true, ..hf_dir::WriteOptions::default() };
                 hf_dir::write(&ckpt, &tmp.join("hf"), &o)?;
             }
             SaveFormat::Nemo => {
-                let target = NevaTarget {
-                    dialect: NemoDialect::Mcore,
-                    tp: cfg.output.nemo_tp,
-                    pp: 1,
-                    dtype: None,
-                    vision: VisionPlacement::Bundle,
-                    template: None,
-                    image_aspect_ratio: Some(cfg.data.image_aspect_ratio.clone()),
-                    divisible_by: None,
-                    source_format: None,
-                };
-                let mut c = c.clone();
-                if c.template.is_none() {
-                    c.template = shardsmith_converters::names::neva::Template::parse(&cfg.data.conv_template);
-                }
-                let ckpt = neva::to_neva(&c, &target)?;
                 let o = nemo::WriteOptions { layout: None, gzip: false, extracted: false, overwrite: true };
                 nemo::write(&ckpt, &tmp.join("model.nemo"), &o)?;
             }
         }
     }
-    let lora: std::collections::HashMap<String, Tensor> =
-        model.trained().into_iter().filter(|(n, _)| n.contains(".lora_")).collect();
-    if !lora.is_empty() {
-        candle_core::safetensors::save(&lora, tmp.join("lora_adapters.safetensors"))?;
+    if let Some(lora) = cfg.peft.lora() {
+        write_peft_adapter(lora, &cfg.model.checkpoint, model, &tmp.join("lora_adapter"))?;
     }
     opt.save_state(&tmp.join("optimizer.safetensors"), true)?;
     let text = serde_json::to_string_pretty(state).map_err(|e| Error::Usage(e.to_string()))?;
