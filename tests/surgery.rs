@@ -582,7 +582,7 @@ fn merge_averages_in_f32_and_refuses_different_architectures() {
 }
 
 #[test]
-fn swap_llm_keeps_vision_and_projector_and_refuses_mismatches() {
+fn swap_llm_keeps_vision_and_projector_brings_the_tokenizer_and_refuses_mismatches() {
     let work = tempfile::tempdir().unwrap();
     let bundle = fixture("llava-tiny");
     let llm = work.path().join("llm");
@@ -615,17 +615,33 @@ fn swap_llm_keeps_vision_and_projector_and_refuses_mismatches() {
     let err =
         refused(&["surgery", "swap-llm", s(&bundle), "--llm", s(&small), "-o", s(&work.path().join("x"))]);
     assert!(err.contains("hidden size 32") && err.contains("(64,"), "{err}");
-    // The bundle's tokenizer (258 ids, <pad> = 257) needs rows llama-mha (256) does not have.
-    let err = refused(&[
-        "surgery",
-        "swap-llm",
-        s(&bundle),
-        "--llm",
-        s(&fixture("llama-mha")),
-        "-o",
-        s(&work.path().join("x")),
-    ]);
-    assert!(err.contains("vocabulary 256 is too small") && err.contains("--to 258"), "{err}");
+    // Another LLaMA brings its own tokenizer, <image> and <pad> appended after its 333 ids: it
+    // reads text exactly as it did alone, and the bundle still takes images.
+    let gqa = work.path().join("gqa-bundle");
+    ok(&["surgery", "swap-llm", s(&bundle), "--llm", s(&fixture("llama-gqa")), "-o", s(&gqa)]);
+    let cfg = hf_config(&gqa);
+    assert_eq!(
+        (cfg["image_token_index"].as_u64(), cfg["text_config"]["pad_token_id"].as_u64()),
+        (Some(333), Some(334))
+    );
+    assert!(gqa.join("processor_config.json").is_file() && !gqa.join("added_tokens.json").exists());
+    let generate = |ckpt: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", s(ckpt), "--max-new-tokens", "5", "--json"];
+        args.extend(extra);
+        let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+        (v["prompt_ids"].clone(), v["new_ids"].clone())
+    };
+    let text = ["--prompt", "Hello world, the model", "--template", "raw"];
+    assert_eq!(generate(&gqa, &text), generate(&fixture("llama-gqa"), &text));
+    let image = fixture("llava-tiny/image.png");
+    let (prompt, _) = generate(&gqa, &["--prompt", "What?", "--image", s(&image)]);
+    assert_eq!(prompt.as_array().unwrap().iter().filter(|id| id.as_u64() == Some(333)).count(), 16);
+    // A .nemo LLM is named: its tokenizer files would have to be made first.
+    let nemo = work.path().join("gqa.nemo");
+    ok(&["convert", s(&fixture("llama-gqa")), s(&nemo)]);
+    let err =
+        refused(&["surgery", "swap-llm", s(&bundle), "--llm", s(&nemo), "-o", s(&work.path().join("x"))]);
+    assert!(err.contains("convert the .nemo first"), "{err}");
     assert!(!work.path().join("x").exists());
 }
 

@@ -22,6 +22,7 @@ pub const COMPANION_FILES: &[&str] = &[
     "special_tokens_map.json",
     "added_tokens.json",
     "preprocessor_config.json",
+    "processor_config.json",
     "chat_template.json",
     "chat_template.jinja",
 ];

@@ -3,19 +3,22 @@
 //! LLM's embedding space, so the sizes must agree. Vision tower and projector are written byte for byte under their stored names.
 //!
 //! The new LLM's tensors go under the bundle's own spelling ([`super::parts`]); `text_config`
-//! becomes the new LLM's config (keeping the bundle's `pad_token_id`, which its tokenizer
-//! defines). The bundle's tokenizer stays — it carries the image token — so the new vocabulary
-//! must cover every id it uses, `image_token_index` included.
+//! becomes the new LLM's config. The new LLM's tokenizer comes with it (its embedding rows mean
+//! that tokenizer's ids), with the bundle's image and pad tokens (`<image>`, `<pad>`) added after
+//! its last id when it lacks them — rows initialised to the mean of its token rows, as
+//! `resize-vocab` does — and `image_token_index` / `pad_token_id` follow them.
 
 use super::model::LlamaModel;
 use super::parts::{stored_name, Bundle, Part};
 use super::plan::{Action, Change, Edit, Plan, WriteAs};
 use super::tokens::TokenizerView;
-use crate::checkpoint::{Checkpoint, ModelConfig, TensorMap};
+use super::vocab::{Init, VocabChange};
+use crate::checkpoint::{Artifact, ByteSource, Checkpoint, ModelConfig, TensorMap};
 use crate::error::{Error, Result};
 use crate::names::llama::LlamaHparams;
 use serde_json::{json, Value as Json};
 use std::collections::BTreeSet;
+use std::path::Path;
 
 /// Keys of an HF config that describe the file rather than the language model.
 const NOT_TEXT_CONFIG: &[&str] =
@@ -49,24 +52,44 @@ pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit>
             ),
         ));
     }
-    // Every id the bundle's tokenizer and config use must have an embedding row.
-    let view = TokenizerView::from_hf_artifacts(path, &bundle_ckpt.meta.artifacts)?;
-    let mut needed = vec![("the bundle's tokenizer".to_string(), view.len())];
-    for key in ["image_token_index", "image_token_id", "pad_token_id"] {
-        if let Some(id) = bundle.config.get(key).and_then(Json::as_u64) {
-            needed.push((format!("config.json {key} {id}"), id as usize + 1));
-        }
-    }
-    if let Some((what, rows)) = needed.iter().filter(|(_, n)| *n > new.vocab).max_by_key(|(_, n)| *n) {
+    // The new LLM reads text with its own tokenizer, so that tokenizer comes along, with the
+    // bundle's image (and pad) token added after its last id unless it has them.
+    if llm.is_nemo() {
         return Err(Error::invalid(
             &llm_ckpt.meta.path,
-            format!(
-                "vocabulary {} is too small for the bundle: {what} needs {rows} rows; grow it first \
-                 (shardsmith surgery resize-vocab LLM -o OUT --to {rows}, or --add-tokens)",
-                new.vocab
-            ),
+            "a llava-hf bundle takes an HF LLaMA (its tokenizer files come along); convert the .nemo first \
+             (shardsmith convert LLM.nemo DIR)",
         ));
     }
+    let view = TokenizerView::from_hf_artifacts(path, &bundle_ckpt.meta.artifacts)?;
+    let token_of = |key: &str, cfg: &Json| {
+        let id = cfg.get(key).and_then(Json::as_u64)?;
+        Some((key.to_string(), view.ids.get(&(id as u32))?.clone()))
+    };
+    let image = token_of("image_token_index", &bundle.config)
+        .or_else(|| token_of("image_token_id", &bundle.config))
+        .ok_or_else(|| {
+            Error::missing(path, "config.json image_token_index naming a token of its tokenizer")
+        })?;
+    let pad = token_of("pad_token_id", &old_text).or_else(|| token_of("pad_token_id", &bundle.config));
+    let new_view = TokenizerView::read(&llm)?;
+    let missing: Vec<String> = [Some(&image), pad.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|(_, t)| t.clone())
+        .filter(|t| new_view.id_of(t).is_none())
+        .collect();
+    let grown;
+    let (llm, llm_ckpt) = if missing.is_empty() {
+        (llm, llm_ckpt)
+    } else {
+        grown = super::vocab::resize_vocab(llm_ckpt, &VocabChange::AddTokens(missing.clone()), Init::Mean)?
+            .output;
+        (LlamaModel::open(&grown)?, &grown)
+    };
+    let new_view = TokenizerView::read(&llm)?;
+    let new = &llm.canonical.hparams;
+    let new_id = |token: &str| new_view.id_of(token).expect("present or just added");
 
     let mut plan = Plan::new("swap-llm", path);
     plan.notes.push(format!("new language model: {}", llm_ckpt.meta.path.display()));
@@ -111,8 +134,8 @@ pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit>
     for k in NOT_TEXT_CONFIG {
         o.remove(*k);
     }
-    if let Some(pad) = old_text.get("pad_token_id") {
-        o.insert("pad_token_id".into(), pad.clone());
+    if let Some((_, token)) = &pad {
+        o.insert("pad_token_id".into(), json!(new_id(token)));
     }
     for (key, was) in old_text.as_object().into_iter().flatten() {
         match o.get(key) {
@@ -123,6 +146,16 @@ pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit>
     }
     let mut cfg = bundle.config.clone();
     cfg["text_config"] = text;
+    for (key, token) in [Some(&image), pad.as_ref()].into_iter().flatten() {
+        if cfg.get(key).is_some() {
+            let id = new_id(token);
+            if cfg[key.as_str()] != json!(id) {
+                plan.config
+                    .push(format!("{key}: {} -> {id} ({token} in the new tokenizer)", cfg[key.as_str()]));
+            }
+            cfg[key.as_str()] = json!(id);
+        }
+    }
     if cfg.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false) != new.tied {
         plan.config.push(format!("tie_word_embeddings -> {}", new.tied));
         cfg["tie_word_embeddings"] = json!(new.tied);
@@ -136,11 +169,56 @@ pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit>
                 .push(format!("the new LLM is {b} while the projector is {a}; tensors keep their dtypes"));
         }
     }
-    plan.notes.push("tokenizer: the bundle's files are kept (they define the image token)".into());
+    plan.files.push(if missing.is_empty() {
+        "tokenizer: the new LLM's files".to_string()
+    } else {
+        format!(
+            "tokenizer: the new LLM's files, {} added after its last id (rows = mean of its token rows)",
+            missing.join(", ")
+        )
+    });
     let mut out = bundle_ckpt.clone();
+    out.meta.artifacts = with_tokenizer_of(&bundle_ckpt.meta.artifacts, &llm_ckpt.meta.artifacts, path)?;
     out.meta.config = Some(ModelConfig::HfJson(cfg));
     out.shards[0].tensors = tensors;
     // The result must read back as a complete llava-hf model.
     crate::convert::llava::from_llava_hf(&out)?;
     Ok(Edit::new(out, WriteAs::like(&bundle_ckpt.meta.flavour), plan))
+}
+
+/// The files a tokenizer is read from (transformers' `save_pretrained` set).
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+];
+
+/// The bundle's companion files with its tokenizer files replaced by the new LLM's. A chat
+/// template the bundle kept inside `tokenizer_config.json` moves into the new one (it belongs
+/// to the multimodal model, not to the LLM).
+fn with_tokenizer_of(bundle: &[Artifact], llm: &[Artifact], path: &Path) -> Result<Vec<Artifact>> {
+    let is_tok = |a: &&Artifact| TOKENIZER_FILES.contains(&a.name.as_str());
+    let mut out: Vec<Artifact> = bundle.iter().filter(|a| !is_tok(a)).cloned().collect();
+    let template = match bundle.iter().find(|a| a.name == "tokenizer_config.json") {
+        Some(a) => serde_json::from_slice::<Json>(&a.source.bytes()?)
+            .map_err(|e| Error::malformed(path.join(&a.name), "json", e.to_string()))?
+            .get("chat_template")
+            .cloned(),
+        None => None,
+    };
+    for a in llm.iter().filter(is_tok) {
+        let mut a = a.clone();
+        if let (Some(t), "tokenizer_config.json") = (&template, a.name.as_str()) {
+            let mut v: Json = serde_json::from_slice(&a.source.bytes()?)
+                .map_err(|e| Error::malformed(path.join(&a.name), "json", e.to_string()))?;
+            if let Some(o) = v.as_object_mut() {
+                o.entry("chat_template").or_insert_with(|| t.clone());
+            }
+            a.source = ByteSource::owned(serde_json::to_vec_pretty(&v).expect("JSON value"));
+        }
+        out.push(a);
+    }
+    Ok(out)
 }
