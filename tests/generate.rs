@@ -65,6 +65,27 @@ fn llava_with_an_image_matches_transformers() {
     }
 }
 
+/// A llava-hf directory written from llava-hf (here `convert`, a copy in another dtype in
+/// practice) keeps its `tokenizer.json` — transformers' fast tokenizer follows that file, not
+/// the SentencePiece model — so it still generates transformers' golden tokens.
+#[test]
+fn a_converted_llava_hf_keeps_its_tokenizer_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("copy");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .arg("convert")
+        .arg(fixture("llava-tiny"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json = |d: &Path| std::fs::read(d.join("tokenizer.json")).unwrap();
+    assert!(json(&out) == json(&fixture("llava-tiny")));
+    for case in golden("llava-tiny") {
+        check(&case, &generate_image_case(&out, &case, &[]));
+    }
+}
+
 #[test]
 fn llama_chat_template_matches_transformers_at_tp_1_and_4() {
     for case in golden("llama-mha") {

@@ -261,6 +261,8 @@ fn lora_run_saves_merged_weights_and_adapters() {
     let ck = out.join("checkpoints/step-000003");
     // The adapters are a PEFT adapter directory: merged into the base LLM by `surgery merge-lora`,
     // they give the trained LLM the checkpoint holds (the trainer's f32 merge, summed in another order).
+    let tokenizer_json = |d: &std::path::Path| std::fs::read(d.join("tokenizer.json")).unwrap();
+    assert!(tokenizer_json(&ck.join("hf")) == tokenizer_json(&fixture("llava-tiny")), "tokenized as trained");
     let adapter = ck.join("lora_adapter");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap()).unwrap();

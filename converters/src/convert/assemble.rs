@@ -151,6 +151,7 @@ pub fn assemble(
         image_aspect_ratio: Some(o.image_aspect_ratio.clone()),
         template: Some(o.template),
         tokenizer: o.tokenizer.clone().or(tokenizer),
+        tokenizer_json: None,
         preprocessor: vision.preprocessor,
         converted_from: None,
     })

@@ -100,6 +100,11 @@ pub struct CanonicalLlava {
     pub template: Option<Template>,
     /// The SentencePiece `tokenizer.model`.
     pub tokenizer: Option<ByteSource>,
+    /// The source's HF `tokenizer.json`. transformers' fast tokenizer does what this file says
+    /// (llava-hf's, like Llama-2's, puts the `▁` prefix after every special token), which a
+    /// file rebuilt from the SentencePiece model would not, so [`to_llava_hf`] writes it again
+    /// when it still describes `tokenizer` and the image tokens.
+    pub tokenizer_json: Option<ByteSource>,
     /// HF `preprocessor_config.json` of the vision tower, when the source has one.
     pub preprocessor: Option<ByteSource>,
     /// What a NeVA file records about the checkpoint it was converted from.
@@ -397,6 +402,7 @@ pub fn from_llava_hf(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
         image_aspect_ratio: None,
         template: hf_template(ckpt),
         tokenizer: artifact(ckpt, "tokenizer.model").cloned(),
+        tokenizer_json: artifact(ckpt, "tokenizer.json").cloned(),
         preprocessor: artifact(ckpt, "preprocessor_config.json").cloned(),
         converted_from: None,
     })
@@ -534,6 +540,7 @@ pub fn from_llava_original(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Res
         image_aspect_ratio: cfg.get("image_aspect_ratio").and_then(Json::as_str).map(str::to_string),
         template: None,
         tokenizer: artifact(ckpt, "tokenizer.model").cloned(),
+        tokenizer_json: artifact(ckpt, "tokenizer.json").cloned(),
         preprocessor,
         converted_from: None,
     })
@@ -746,6 +753,12 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
         "padding_side": "right",
     });
     let mut special = json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"});
+    let added: Vec<(u32, &str)> = hf_tokens
+        .map(|(image, pad)| vec![(image, names::HF_IMAGE_TOKEN), (pad, names::HF_PAD_TOKEN)])
+        .unwrap_or_default();
+    if let Some(json) = carried_tokenizer_json(c, &added)? {
+        out.push(Artifact { name: "tokenizer.json".into(), source: json });
+    }
     match hf_tokens {
         Some((image, pad)) => {
             tok["pad_token"] = json!(names::HF_PAD_TOKEN);
@@ -769,6 +782,50 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
     out.push(json_artifact("tokenizer_config.json", &tok));
     out.push(json_artifact("special_tokens_map.json", &special));
     Ok(out)
+}
+
+/// The source's `tokenizer.json` for an output whose tokenizer is `c.tokenizer` with exactly
+/// `added` after its pieces: written again (those tokens appended as special added tokens when
+/// it lacks them) when its vocabulary is that model's pieces, id for id, and every added token it
+/// has is one of them. `None` otherwise (a replaced tokenizer, other added tokens): the output
+/// then has the SentencePiece files only, which transformers converts itself.
+fn carried_tokenizer_json(c: &CanonicalLlava, added: &[(u32, &str)]) -> Result<Option<ByteSource>> {
+    let (Some(json), Some(sp)) = (&c.tokenizer_json, c.sentencepiece()?) else { return Ok(None) };
+    let Ok(mut v) = serde_json::from_slice::<Json>(&json.bytes()?) else { return Ok(None) };
+    let pieces = sp.pieces();
+    let same_vocabulary = v.pointer("/model/vocab").and_then(Json::as_object).is_some_and(|vocab| {
+        vocab.len() == pieces.len()
+            && pieces
+                .iter()
+                .enumerate()
+                .all(|(id, p)| vocab.get(&p.piece).and_then(Json::as_u64) == Some(id as u64))
+    });
+    let Some(list) = v.get_mut("added_tokens").and_then(Json::as_array_mut).filter(|_| same_vocabulary)
+    else {
+        return Ok(None);
+    };
+    let describes = |t: &Json| match (t["id"].as_u64(), t["content"].as_str()) {
+        (Some(id), Some(text)) => match pieces.get(id as usize) {
+            Some(p) => p.piece == text,
+            None => added.iter().any(|(i, a)| u64::from(*i) == id && *a == text),
+        },
+        _ => false,
+    };
+    if !list.iter().all(describes) {
+        return Ok(None);
+    }
+    let missing: Vec<_> = added
+        .iter()
+        .filter(|(id, _)| !list.iter().any(|t| t["id"].as_u64() == Some(u64::from(*id))))
+        .collect();
+    if missing.is_empty() {
+        return Ok(Some(json.clone()));
+    }
+    for (id, text) in missing {
+        list.push(json!({"id": id, "content": text, "single_word": false, "lstrip": false,
+                         "rstrip": false, "normalized": false, "special": true}));
+    }
+    Ok(Some(ByteSource::owned(json_bytes(&v))))
 }
 
 /// Canonical bundle → original LLaVA directory checkpoint (`LlavaLlamaForCausalLM`): LLaMA keys,
@@ -829,6 +886,34 @@ mod tests {
 
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
+    }
+
+    /// The source's tokenizer.json is written again only while it describes the tokenizer being
+    /// written: as it is, with the image tokens appended when it lacks them, else not at all.
+    #[test]
+    fn tokenizer_json_is_carried_only_while_it_describes_the_tokenizer() {
+        let c = from_llava_hf(&formats::open(&fixture("llava-tiny")).unwrap()).unwrap();
+        let tokens = [(256, "<image>"), (257, "<pad>")];
+        let original = c.tokenizer_json.as_ref().unwrap().bytes().unwrap().into_owned();
+        let carried = |c: &CanonicalLlava, added: &[(u32, &str)]| {
+            carried_tokenizer_json(c, added).unwrap().map(|b| b.bytes().unwrap().into_owned())
+        };
+        assert_eq!(carried(&c, &tokens), Some(original.clone()));
+        // Other ids for the image tokens, or no room for them: not this file.
+        assert_eq!(carried(&c, &[(300, "<image>"), (301, "<pad>")]), None);
+        assert_eq!(carried(&c, &[]), None);
+        // Without its added tokens, they are appended.
+        let mut v: Json = serde_json::from_slice(&original).unwrap();
+        v["added_tokens"].as_array_mut().unwrap().retain(|t| t["id"].as_u64() < Some(256));
+        let mut bare = c.clone();
+        bare.tokenizer_json = Some(ByteSource::owned(serde_json::to_vec(&v).unwrap()));
+        let back: Json = serde_json::from_slice(&carried(&bare, &tokens).unwrap()).unwrap();
+        assert_eq!(back["added_tokens"], serde_json::from_slice::<Json>(&original).unwrap()["added_tokens"]);
+        // Another SentencePiece model (convert --tokenizer): not this file.
+        let mut other = c.clone();
+        other.tokenizer =
+            Some(ByteSource::owned(std::fs::read(fixture("llama-gqa/tokenizer.model")).unwrap()));
+        assert_eq!(carried(&other, &tokens), None);
     }
 
     /// The tower's sizes are read as HF reads its config: transformers saves only the keys that

@@ -519,6 +519,7 @@ pub fn from_neva(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<Canoni
         image_aspect_ratio: cfg.get_str("data.image_aspect_ratio").map(str::to_string),
         template,
         tokenizer: Some(ByteSource::owned(sp.bytes().to_vec())),
+        tokenizer_json: None,
         preprocessor,
         converted_from,
     };
