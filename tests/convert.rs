@@ -439,3 +439,55 @@ fn flags_a_command_cannot_honour_are_refused() {
     assert!(!dst.exists());
     ok(&["convert", s(&nemo), s(&dst), "--vocab-size", "256"]);
 }
+
+/// Tokens an HF tokenizer added after its SentencePiece pieces (here by `resize-vocab`) become
+/// user-defined pieces of the `.nemo`'s tokenizer.model — NeMo reads nothing else — so they keep
+/// their ids there and their rows on the way back.
+#[test]
+fn hf_added_tokens_survive_the_nemo_round_trip() {
+    let work = tempfile::tempdir().unwrap();
+    let p = |name: &str| work.path().join(name);
+    ok(&[
+        "surgery",
+        "resize-vocab",
+        s(&fixture("llama-gqa")),
+        "--add-tokens",
+        "<a>,<b>",
+        "-o",
+        s(&p("added")),
+    ]);
+    ok(&["convert", s(&p("added")), s(&p("m.nemo"))]);
+    ok(&["convert", s(&p("m.nemo")), s(&p("back"))]);
+    ok(&["diff", s(&p("added")), s(&p("back"))]);
+    let ids = |ckpt: &Path| {
+        let out = ok(&[
+            "generate",
+            s(ckpt),
+            "--prompt",
+            "x <a> y <b>",
+            "--flavour",
+            "llava",
+            "--max-new-tokens",
+            "1",
+            "--json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["prompt_ids"].clone()
+    };
+    let nemo_ids = ids(&p("m.nemo"));
+    assert!(
+        nemo_ids.as_array().unwrap().iter().any(|i| i == 333)
+            && nemo_ids.as_array().unwrap().contains(&334.into()),
+        "{nemo_ids}"
+    );
+    assert_eq!(ids(&p("back")), nemo_ids);
+    // Added ids with a gap cannot be pieces.
+    let gap = p("gap");
+    std::fs::create_dir(&gap).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.model"] {
+        std::fs::copy(fixture("llama-mha").join(f), gap.join(f)).unwrap();
+    }
+    std::fs::write(gap.join("added_tokens.json"), r#"{"<a>": 256, "<c>": 258}"#).unwrap();
+    let (success, _, err) = shardsmith(&["convert", s(&gap), s(&p("gap.nemo"))]);
+    assert!(!success && err.contains("added token '<c>' has id 258 but would be piece 257"), "{err}");
+    assert!(!p("gap.nemo").exists());
+}
