@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_same_tensors, fixture, ok, refused, s};
+use common::{assert_same_tensors, fixture, ok, refused, s, shardsmith};
 use shardsmith_converters::convert::llava::{self, ImageTokenScheme, VisionSource};
 use shardsmith_converters::convert::{clip, llama, neva};
 use shardsmith_converters::formats::nemo::NemoConfig;
@@ -565,4 +565,28 @@ fn neva_distributed_checkpoints_round_trip() {
         assert!(err.contains("legacy NeVA layout has none"), "{err}");
         assert!(!dst.exists() && !work.path().join("legacy-dist-clip").exists(), "{args:?}");
     }
+}
+
+/// `diff` compares an original LLaVA by canonical names too: a llava-hf and the LLaVA directory
+/// `convert --to llava` made of it match, tower (written beside, named by path) included; a
+/// tower only named by a Hub id is left out, with a note, rather than reported missing.
+#[test]
+fn diff_compares_original_llava_by_canonical_names() {
+    let work = tempfile::tempdir().unwrap();
+    let llava = work.path().join("llava");
+    ok(&["convert", s(&fixture("llava-tiny")), s(&llava), "--to", "llava"]);
+    assert!(matches(&ok(&["diff", s(&fixture("llava-tiny")), s(&llava)])));
+    let (_, out, _) =
+        shardsmith(&["diff", s(&fixture("llava-orig-tiny")), s(&fixture("llava-tiny")), "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["vision_not_compared"], s(&fixture("llava-orig-tiny")));
+    let differing: Vec<&str> = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"] != "identical")
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    // Only the rows llava-hf adds past the 256 text tokens.
+    assert_eq!(differing, ["model.embed_tokens.weight", "lm_head.weight"]);
 }

@@ -66,15 +66,19 @@ pub struct Report {
 /// Tensors under canonical names: LLaMA checkpoints (HF or NeMo, any TP/PP) are mapped;
 /// anything else is compared under its own names.
 pub fn canonical(c: &Checkpoint) -> Result<TensorMap> {
-    // NeVA and llava-hf map to canonical names (the vision tower included when it resolves);
-    // original LLaVA compares under its own names, which are already LLaMA's plus the projector.
-    let multimodal = match &c.meta.config {
-        Some(ModelConfig::NemoYaml(cfg)) => shardsmith_converters::convert::neva::is_neva(cfg),
-        Some(ModelConfig::HfJson(cfg)) => shardsmith_converters::convert::llava::is_llava_hf(cfg),
-        None => false,
-    };
-    if multimodal {
-        return Ok(shardsmith_converters::convert::neva::canonical_tensors(c)?);
+    // NeVA, llava-hf and original LLaVA map to canonical names (the vision tower included when
+    // it resolves). An original LLaVA the converters refuse (its own image tokens in the
+    // vocabulary) still compares, under its own names.
+    use shardsmith_converters::convert::{llava, neva};
+    match &c.meta.config {
+        Some(ModelConfig::NemoYaml(cfg)) if neva::is_neva(cfg) => return Ok(neva::canonical_tensors(c)?),
+        Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg) => return Ok(neva::canonical_tensors(c)?),
+        Some(ModelConfig::HfJson(cfg)) if llava::is_llava_original(cfg) => {
+            if let Ok(t) = neva::canonical_tensors(c) {
+                return Ok(t);
+            }
+        }
+        _ => {}
     }
     Ok(match (&c.meta.flavour, &c.meta.config) {
         (Flavour::Nemo { .. }, _) => llama::from_nemo(c, None)?.tensors,
@@ -231,11 +235,39 @@ fn hint(d: &Option<String>) -> String {
 /// The command; returns whether the checkpoints match.
 pub fn run(a: &Path, b: &Path, atol: f64, json: bool) -> Result<bool> {
     let (ca, cb) = (formats::open(&crate::hub::resolve(a)?)?, formats::open(&crate::hub::resolve(b)?)?);
-    let report = diff(&canonical(&ca)?, &canonical(&cb)?, atol)?;
+    let (mut ta, mut tb) = (canonical(&ca)?, canonical(&cb)?);
+    let unresolved = drop_unmatched_tower(&mut ta, &mut tb).map(|side| if side { a } else { b });
+    let report = diff(&ta, &tb, atol)?;
+    let note = unresolved.map(|p| {
+        format!(
+            "note: {} only names its vision tower (not a local directory), so the towers are not compared\n",
+            p.display()
+        )
+    });
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["vision_not_compared"] = serde_json::json!(unresolved);
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", render(&report));
+        print!("{}{}", note.unwrap_or_default(), render(&report));
     }
     Ok(report.matches)
+}
+
+/// Two vision-language checkpoints of which only one has its tower's weights at hand (the other
+/// only names it, as original LLaVA and a frozen NeVA do): that tower is left out, since there
+/// is nothing to compare it with. Returns which side only named its tower (`true`: A).
+fn drop_unmatched_tower(a: &mut TensorMap, b: &mut TensorMap) -> Option<bool> {
+    let has = |m: &TensorMap, prefix: &str| m.keys().any(|k| k.starts_with(prefix));
+    let vision_language = |m: &TensorMap| has(m, "mm_projector.");
+    if !(vision_language(a) && vision_language(b)) {
+        return None;
+    }
+    let (tower_a, tower_b) = (has(a, "vision_model."), has(b, "vision_model."));
+    if tower_a == tower_b {
+        return None;
+    }
+    let holder = if tower_a { a } else { b };
+    holder.retain(|k, _| !k.starts_with("vision_model."));
+    Some(tower_b)
 }
