@@ -161,8 +161,8 @@ fn prompt_ids(t: &Tensor, key: &str, path: &Path) -> Result<Tensor> {
 }
 
 /// Golden prompts of a llava-hf model spell an image as N copies of its image id; a NeVA
-/// converted from it spells it with its own span of the same length. Respell when the model
-/// records the source's id.
+/// converted from it spells it with its own span of the same length, an original LLaVA with N
+/// placeholders. Respell when the model knows the llava-hf id.
 fn respell_images(model: &Model, info: &ModelInfo, ids: &Tensor) -> Result<Tensor> {
     let (Model::Neva(neva), Some(src), Some(n)) = (model, info.source_image_token, info.image_tokens) else {
         return Ok(ids.clone());

@@ -237,4 +237,17 @@ fn original_llava_generates_what_llava_hf_does() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["passed"], true, "{report}");
     assert!(report["cases"].as_array().unwrap().iter().all(|c| c["image"] == true), "{report}");
+    // And `validate --reference` llava-tiny's golden file, whose prompts spell the image with
+    // llava-hf's id: respelled as placeholders.
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .args(["validate", fixture("llava-orig-tiny").to_str().unwrap(), "--vision", tower.to_str().unwrap()])
+        .args(["--reference", fixture("llava-tiny").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("result: PASS"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -92,8 +92,9 @@ pub struct ModelInfo {
     pub aspect: Option<String>,
     /// The vision tower's `preprocessor_config.json`, when the checkpoint carries one.
     pub preprocessor: Option<serde_json::Value>,
-    /// For a NeVA converted from llava-hf: llava-hf's image token id, so prompts written for the
-    /// source (e.g. its golden outputs) can be respelled with NeVA's image span.
+    /// For a NeVA converted from llava-hf, or an original LLaVA: llava-hf's image token id, so
+    /// prompts written for that form (e.g. its golden outputs) can be respelled with the model's
+    /// own image span or placeholder.
     pub source_image_token: Option<u32>,
 }
 
@@ -208,6 +209,12 @@ fn vision_language(
         ),
         None => None,
     };
+    // An original LLaVA's references come from its llava-hf form, whose <image> is the first id
+    // after the tokenizer's pieces (what `convert` gives it).
+    let source_image_token = match tokens {
+        ImageTokens::Placeholder => c.sentencepiece()?.map(|sp| sp.len() as u32),
+        _ => c.converted_from.as_ref().and_then(|f| f.image_token_index),
+    };
     let info = ModelInfo {
         family,
         path,
@@ -217,7 +224,7 @@ fn vision_language(
         template: c.template.map(|t| t.name().to_string()),
         aspect: c.image_aspect_ratio.clone(),
         preprocessor,
-        source_image_token: c.converted_from.as_ref().and_then(|f| f.image_token_index),
+        source_image_token,
     };
     let model = Neva::new(llm, vision, projector, c.vision_feature_layer, c.drop_cls, tokens);
     Ok((Model::Neva(Box::new(model)), info))
