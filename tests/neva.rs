@@ -567,26 +567,36 @@ fn neva_distributed_checkpoints_round_trip() {
     }
 }
 
-/// `diff` compares an original LLaVA by canonical names too: a llava-hf and the LLaVA directory
-/// `convert --to llava` made of it match, tower (written beside, named by path) included; a
-/// tower only named by a Hub id is left out, with a note, rather than reported missing.
+/// `diff` compares an original LLaVA by canonical names too, its tower (written beside, named
+/// by path) included; a tower only named by a Hub id is left out, with a note, rather than
+/// reported missing. llava-hf → LLaVA drops the rows llava-hf added past the text tokens
+/// (<image>, <pad>, padding), so LLaVA → llava-hf → LLaVA is exact.
 #[test]
 fn diff_compares_original_llava_by_canonical_names() {
     let work = tempfile::tempdir().unwrap();
+    let differing = |a: &Path, b: &Path| {
+        let (_, out, _) = shardsmith(&["diff", s(a), s(b), "--json"]);
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let names: Vec<String> = report["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["status"] != "identical")
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect();
+        (names, report["vision_not_compared"].clone())
+    };
+    let rows = ["model.embed_tokens.weight", "lm_head.weight"];
     let llava = work.path().join("llava");
     ok(&["convert", s(&fixture("llava-tiny")), s(&llava), "--to", "llava"]);
-    assert!(matches(&ok(&["diff", s(&fixture("llava-tiny")), s(&llava)])));
-    let (_, out, _) =
-        shardsmith(&["diff", s(&fixture("llava-orig-tiny")), s(&fixture("llava-tiny")), "--json"]);
-    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(report["vision_not_compared"], s(&fixture("llava-orig-tiny")));
-    let differing: Vec<&str> = report["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|t| t["status"] != "identical")
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
-    // Only the rows llava-hf adds past the 256 text tokens.
-    assert_eq!(differing, ["model.embed_tokens.weight", "lm_head.weight"]);
+    assert_eq!(
+        differing(&fixture("llava-tiny"), &llava),
+        (rows.map(String::from).to_vec(), serde_json::Value::Null)
+    );
+    let (orig, tower) = (fixture("llava-orig-tiny"), fixture("llava-tiny-clip"));
+    assert_eq!(differing(&orig, &fixture("llava-tiny")), (rows.map(String::from).to_vec(), s(&orig).into()));
+    let (hf, back) = (work.path().join("hf"), work.path().join("back"));
+    ok(&["convert", s(&orig), s(&hf), "--vision", s(&tower)]);
+    ok(&["convert", s(&hf), s(&back), "--to", "llava"]);
+    assert!(matches(&ok(&["diff", s(&orig), s(&back)])));
 }

@@ -833,6 +833,19 @@ fn carried_tokenizer_json(c: &CanonicalLlava, added: &[(u32, &str)]) -> Result<O
 /// `mm_vision_tower` = `vision_ref` (LLaVA never stores it).
 pub fn to_llava_original(c: &CanonicalLlava, dtype: Option<DType>, vision_ref: &str) -> Result<Checkpoint> {
     c.check_feature_layer()?;
+    // llava-hf's <image> and <pad> (and its padding rows) sit past the tokenizer's pieces; the
+    // original layout spells the image as a placeholder and has no such rows, so they go (the
+    // inverse of the llava-hf conversion, which added them).
+    let mut c = c.clone();
+    if let (ImageTokenScheme::Repeated { image, pad }, Some(pieces)) =
+        (c.image_tokens, c.sentencepiece()?.map(|sp| sp.len()))
+    {
+        let past = |id: u32| id as usize >= pieces;
+        if past(image) && pad.is_none_or(past) && c.llm.hparams.vocab > pieces {
+            trim_vocab(&mut c.llm, pieces)?;
+        }
+    }
+    let c = &c;
     let kind = c.projector_kind()?;
     let width =
         c.vision_hidden().ok_or_else(|| Error::missing(&c.origin, "the vision width (mm_hidden_size)"))?;
