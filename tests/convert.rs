@@ -491,3 +491,21 @@ fn hf_added_tokens_survive_the_nemo_round_trip() {
     assert!(!success && err.contains("added token '<c>' has id 258 but would be piece 257"), "{err}");
     assert!(!p("gap.nemo").exists());
 }
+
+/// `--force` replaces a destination, but never one that is or holds a checkpoint being read:
+/// the source and anything beside it stay.
+#[test]
+fn force_never_replaces_a_source() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("P");
+    std::fs::create_dir(&dir).unwrap();
+    ok(&["convert", s(&fixture("llama-mha")), s(&dir.join("src.nemo"))]);
+    std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
+    for dst in [dir.clone(), dir.join("src.nemo")] {
+        let (success, _, err) =
+            shardsmith(&["convert", s(&dir.join("src.nemo")), s(&dst), "--force", "--to", "hf"]);
+        assert!(!success && err.contains("which this run reads"), "{err}");
+    }
+    assert_eq!(std::fs::read(dir.join("notes.txt")).unwrap(), b"mine");
+    ok(&["inspect", s(&dir.join("src.nemo"))]);
+}

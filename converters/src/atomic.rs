@@ -92,6 +92,61 @@ impl AtomicDir {
     }
 }
 
+/// Where an output that must appear together with others is written first: a hidden name
+/// beside its destination (same filesystem, so [`commit_together`] only renames).
+pub fn staging_path(dest: &Path) -> PathBuf {
+    parent_dir(dest).join(format!(".{}.tmp-staged-{}", file_name(dest), std::process::id()))
+}
+
+/// Move staged outputs (`(staged, dest)`, written at [`staging_path`]) into place together: a
+/// destination already there is set aside until every output has moved, then removed; if one
+/// cannot move, those already moved are removed and what they replaced is put back. Between
+/// two renames a crash can still leave some moved, but never a half-written output.
+pub fn commit_together(outputs: &[(PathBuf, PathBuf)]) -> Result<()> {
+    let mut moved: Vec<(&Path, Option<PathBuf>)> = Vec::new();
+    let undo = |moved: &[(&Path, Option<PathBuf>)]| {
+        for (dest, aside) in moved.iter().rev() {
+            remove_any(dest);
+            if let Some(a) = aside {
+                let _ = std::fs::rename(a, dest);
+            }
+        }
+    };
+    for (staged, dest) in outputs {
+        let aside = if dest.symlink_metadata().is_ok() {
+            let a =
+                parent_dir(dest).join(format!(".{}.tmp-replaced-{}", file_name(dest), std::process::id()));
+            if let Err(e) = std::fs::rename(dest, &a) {
+                undo(&moved);
+                return Err(Error::Io { path: dest.clone(), source: e });
+            }
+            Some(a)
+        } else {
+            None
+        };
+        if let Err(e) = std::fs::rename(staged, dest) {
+            if let Some(a) = &aside {
+                let _ = std::fs::rename(a, dest);
+            }
+            undo(&moved);
+            return Err(Error::Io { path: dest.clone(), source: e });
+        }
+        moved.push((dest, aside));
+    }
+    for (dest, aside) in moved {
+        if let Some(a) = aside {
+            remove_any(&a);
+        }
+        sync_dir(&parent_dir(dest));
+    }
+    Ok(())
+}
+
+/// Remove a file or directory tree, best effort (staged or replaced outputs).
+pub fn remove_any(path: &Path) {
+    let _ = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+}
+
 #[cfg(unix)]
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -125,6 +180,31 @@ fn sync_dir(dir: &Path) {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// Outputs committed together replace what was there; when one cannot move, the others are
+    /// taken back and what they replaced is restored.
+    #[test]
+    fn outputs_committed_together_appear_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, sub) = (dir.path().join("m.nemo"), dir.path().join("m-clip"));
+        std::fs::write(&file, b"old").unwrap();
+        let (sf, sd) = (staging_path(&file), staging_path(&sub));
+        std::fs::write(&sf, b"new").unwrap();
+        std::fs::create_dir(&sd).unwrap();
+        std::fs::write(sd.join("config.json"), b"{}").unwrap();
+        commit_together(&[(sd.clone(), sub.clone()), (sf.clone(), file.clone())]).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        assert!(sub.join("config.json").is_file());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "nothing staged or set aside is left");
+        // The second output's staged copy is missing: the first is taken back, the old restored.
+        std::fs::create_dir(&sd).unwrap();
+        std::fs::write(sd.join("config.json"), b"{\"v\": 2}").unwrap();
+        let err = commit_together(&[(sd.clone(), sub.clone()), (sf.clone(), file.clone())]).unwrap_err();
+        assert!(err.to_string().contains("m.nemo"), "{err}");
+        assert_eq!(std::fs::read(sub.join("config.json")).unwrap(), b"{}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
 
     #[test]
     fn uncommitted_file_leaves_nothing() {

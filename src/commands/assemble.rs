@@ -72,5 +72,9 @@ pub fn run(o: &Options, out: &Path) -> Result<()> {
         source_format: Some("hf".into()),
     };
     let ckpt = neva::to_neva(&bundle, &target)?;
-    convert::emit(&[Output { ckpt, kind: TargetKind::Nemo, dest: out.to_path_buf() }], c, started)
+    let mut sources = vec![o.llm.as_path(), o.vision.as_path()];
+    if let ProjectorSource::File(p) = &o.projector {
+        sources.push(p);
+    }
+    convert::emit(&[Output { ckpt, kind: TargetKind::Nemo, dest: out.to_path_buf() }], &sources, c, started)
 }

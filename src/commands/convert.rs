@@ -8,6 +8,7 @@
 
 use super::inspect;
 use anyhow::{bail, Result};
+use shardsmith_converters::atomic;
 use shardsmith_converters::convert::clip::{self, ClipVision};
 use shardsmith_converters::convert::llama::{self, NemoTarget};
 use shardsmith_converters::convert::llava::{self, CanonicalLlava, VisionSource};
@@ -560,9 +561,24 @@ fn neva_target(o: &Options, vision: VisionPlacement, format: Option<&str>) -> Ne
     }
 }
 
-/// Plan or write `outputs`: every destination is checked first, the vision directory is written
-/// before the checkpoint that references it, each atomically.
-pub fn emit(outputs: &[Output], o: &Options, started: std::time::Instant) -> Result<()> {
+/// A destination `--force` would replace must not be, or hold, a checkpoint being read.
+fn refuse_replacing_a_source(dest: &Path, sources: &[&Path]) -> Result<()> {
+    let Ok(dest_abs) = dest.canonicalize() else { return Ok(()) };
+    for src in sources {
+        if src.canonicalize().is_ok_and(|s| s.starts_with(&dest_abs)) {
+            bail!(
+                "{}: replacing it would delete {}, which this run reads; write somewhere else",
+                dest.display(),
+                src.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Plan or write `outputs` from `sources`: every destination is checked first (none may hold a
+/// source), then all are written, atomically together.
+pub fn emit(outputs: &[Output], sources: &[&Path], o: &Options, started: std::time::Instant) -> Result<()> {
     // With --dist-ckpt every .nemo output's global arrays are planned here, once, so what a
     // distributed checkpoint cannot hold is refused before any output (a vision directory written
     // beside the .nemo included) is written.
@@ -599,11 +615,35 @@ pub fn emit(outputs: &[Output], o: &Options, started: std::time::Instant) -> Res
             return Err(shardsmith_converters::Error::OutputExists { path: out.dest.clone() }.into());
         }
     }
+    for out in outputs {
+        refuse_replacing_a_source(&out.dest, sources)?;
+    }
+    // One output is written atomically by its writer. Several (a .nemo and the tower directory
+    // it names) are staged beside their destinations and moved into place together, so a failed
+    // run changes none of them.
+    let together = outputs.len() > 1;
+    let mut staged: Vec<(std::path::PathBuf, std::path::PathBuf)> = Vec::new();
     for (i, out) in outputs.iter().enumerate() {
-        {
+        let at = if together { atomic::staging_path(&out.dest) } else { out.dest.clone() };
+        let written = {
             let _bar = crate::progress::WriteProgress::start(out.ckpt.total_bytes() as u64, "writing");
-            write_target(&out.ckpt, out.kind, &out.dest, o, dist_of(i))?;
+            write_target(&out.ckpt, out.kind, &at, o, dist_of(i))
+        };
+        if let Err(e) = written {
+            staged.iter().for_each(|(s, _)| atomic::remove_any(s));
+            return Err(e);
         }
+        if together {
+            staged.push((at, out.dest.clone()));
+        }
+    }
+    if together {
+        if let Err(e) = atomic::commit_together(&staged) {
+            staged.iter().for_each(|(s, _)| atomic::remove_any(s));
+            return Err(e.into());
+        }
+    }
+    for (i, out) in outputs.iter().enumerate() {
         let bytes = out.ckpt.total_bytes();
         let secs = started.elapsed().as_secs_f64();
         let count = match dist_of(i) {
@@ -660,5 +700,5 @@ pub fn run(src: &Path, dst: &Path, o: &Options) -> Result<()> {
             src.display()
         );
     }
-    emit(&outputs, o, started)
+    emit(&outputs, &[src], o, started)
 }
