@@ -118,9 +118,9 @@ enum Command {
     Evaluate {
         /// The checkpoint (llava-hf or original LLaVA directory, or NeVA .nemo).
         ckpt: PathBuf,
-        /// HF CLIP directory (or hf://org/name) for the vision tower. Default: the bundled tower,
-        /// else the one the config names (mm_vision_tower, from_pretrained): a local directory or
-        /// a Hub id looked up in the HuggingFace cache.
+        /// HF CLIP directory (or hf://org/name) for a vision tower the checkpoint does not hold
+        /// (default: the one its config names, mm_vision_tower or from_pretrained: a local
+        /// directory, or a Hub id looked up in the HuggingFace cache).
         #[arg(long)]
         vision: Option<PathBuf>,
         /// LLaVA-format JSON records; the first human turn is asked, the first gpt turn expected.
@@ -184,9 +184,9 @@ enum Command {
         /// Tensor-parallel size for the --against checkpoint.
         #[arg(long)]
         against_tp: Option<usize>,
-        /// HF CLIP directory (or hf://org/name) for the vision tower. Default: the bundled tower,
-        /// else the one the config names (mm_vision_tower, from_pretrained): a local directory or
-        /// a Hub id looked up in the HuggingFace cache.
+        /// HF CLIP directory (or hf://org/name) for a vision tower the checkpoint does not hold
+        /// (default: the one its config names, mm_vision_tower or from_pretrained: a local
+        /// directory, or a Hub id looked up in the HuggingFace cache).
         #[arg(long)]
         vision: Option<PathBuf>,
         /// Compute dtype: f32, bf16 or f16.
@@ -229,9 +229,9 @@ struct GenerateArgs {
     /// Tokenizer file or directory (default: the checkpoint's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// HF CLIP directory (or hf://org/name) for the vision tower. Default: the bundled tower,
-    /// else the one the config names (mm_vision_tower, from_pretrained): a local directory or
-    /// a Hub id looked up in the HuggingFace cache.
+    /// HF CLIP directory (or hf://org/name) for a vision tower the checkpoint does not hold
+    /// (default: the one its config names, mm_vision_tower or from_pretrained: a local
+    /// directory, or a Hub id looked up in the HuggingFace cache).
     #[arg(long)]
     vision: Option<PathBuf>,
     /// Most tokens to generate.

@@ -438,6 +438,17 @@ fn flags_a_command_cannot_honour_are_refused() {
     assert!(!success && err.contains("--layout does not apply"), "{err}");
     assert!(!dst.exists());
     ok(&["convert", s(&nemo), s(&dst), "--vocab-size", "256"]);
+    // Into a .nemo, whose vocabulary follows its tokenizer.
+    let into = work.path().join("n.nemo");
+    for (src, args, want) in [
+        (&mha, vec!["--vocab-size", "300"], "--vocab-size does not apply when writing a .nemo"),
+        (&nemo, vec!["--tokenizer", s(&tok)], "--tokenizer does not apply when writing a .nemo"),
+    ] {
+        let mut full = vec!["convert", s(src), s(&into)];
+        full.extend(args);
+        let (success, _, err) = shardsmith(&full);
+        assert!(!success && err.contains(want), "{full:?}: {err}");
+    }
 }
 
 /// Tokens an HF tokenizer added after its SentencePiece pieces (here by `resize-vocab`) become

@@ -112,6 +112,21 @@ fn named_vision_towers_resolve_in_the_local_cache() {
         assert_eq!(got, want, "{extra:?}");
     }
 
+    // A config written from `--vision hf://…` names the tower by its Hub id, not by this cache.
+    let out = tempfile::tempdir().unwrap();
+    let llava = out.path().join("llava");
+    let (ok, _, err) = run(
+        cache.path(),
+        &["convert", common::fixture("llava-tiny").to_str().unwrap(), llava.to_str().unwrap()]
+            .into_iter()
+            .chain(["--to", "llava", "--vision", "hf://shardsmith-fixtures/llava-tiny-clip"])
+            .collect::<Vec<_>>(),
+    );
+    assert!(ok, "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(llava.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["mm_vision_tower"], "shardsmith-fixtures/llava-tiny-clip");
+
     // A NeVA (extracted .nemo) whose yaml names the tower by its Hub id, nothing beside it.
     let work = tempfile::tempdir().unwrap();
     let neva = work.path().join("neva");
@@ -141,7 +156,7 @@ fn named_vision_towers_resolve_in_the_local_cache() {
     let (ok, got, err) = generate(&neva, &[]);
     assert!(ok, "{err}");
     assert_eq!(got, with_dir);
-    // The trainer finds it the same way.
+    // The trainer's loader (`bench train-step` runs it) finds it the same way.
     let (ok, out, err) = run(
         cache.path(),
         &["bench", "train-step", neva.to_str().unwrap(), "--batch", "1", "--seq", "24", "--runs", "1"],

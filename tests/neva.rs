@@ -1,11 +1,12 @@
 //! Multimodal conversions on the fixtures: llava-hf and original LLaVA → NeVA `.nemo` (both
 //! layouts, TP/PP, vision tower bundled or separate) → back, bit for bit; `assemble`; the bundle
-//! checks that refuse an incomplete bundle before anything is written; and `load_neva`, the
-//! function the compute core reads a NeVA `.nemo` through.
+//! checks that refuse an incomplete bundle before anything is written; and `models::tower`, how
+//! the compute core reads a NeVA `.nemo` with its tower.
 
 mod common;
 
 use common::{assert_same_tensors, fixture, ok, refused, s, shardsmith};
+use shardsmith::models::tower::with_tower;
 use shardsmith_converters::convert::llava::{self, ImageTokenScheme, VisionSource};
 use shardsmith_converters::convert::{clip, llama, neva};
 use shardsmith_converters::formats::nemo::NemoConfig;
@@ -277,7 +278,7 @@ fn incomplete_bundles_are_refused_before_anything_is_written() {
 }
 
 #[test]
-fn load_neva_resolves_the_tower_for_the_core() {
+fn the_core_finds_a_nevas_tower() {
     let work = tempfile::tempdir().unwrap();
     let made = work.path().join("made");
     std::fs::create_dir(&made).unwrap();
@@ -292,21 +293,25 @@ fn load_neva_resolves_the_tower_for_the_core() {
         assert_eq!(c.template.map(|t| t.name()), Some("vicuna_v1"));
         assert!(c.sentencepiece().unwrap().unwrap().id("<extra_id_7>") == Some(263));
     };
-    let c = neva::load_neva(&formats::open(&nemo).unwrap(), None).unwrap();
+    let c = with_tower(&formats::open(&nemo).unwrap(), None).unwrap();
     assert!(matches!(c.vision_source, VisionSource::Directory(_)));
     check(&c);
     // Moved together to another directory: found beside the .nemo by its name.
     let moved = work.path().join("moved");
     std::fs::rename(&made, &moved).unwrap();
-    let c = neva::load_neva(&formats::open(&moved.join("m.nemo")).unwrap(), None).unwrap();
+    let c = with_tower(&formats::open(&moved.join("m.nemo")).unwrap(), None).unwrap();
     check(&c);
     // Without the tower, the core is told what is missing; given one explicitly, it is used.
     let lone = work.path().join("lone.nemo");
     std::fs::rename(moved.join("m.nemo"), &lone).unwrap();
     std::fs::rename(moved.join("m-clip"), work.path().join("elsewhere")).unwrap();
-    let err = neva::load_neva(&formats::open(&lone).unwrap(), None).unwrap_err().to_string();
-    assert!(err.contains("incomplete multimodal bundle") && err.contains("vision tower weights"), "{err}");
-    let c = neva::load_neva(&formats::open(&lone).unwrap(), Some(&work.path().join("elsewhere"))).unwrap();
+    let err = with_tower(&formats::open(&lone).unwrap(), None).unwrap_err().to_string();
+    assert!(
+        err.contains("the vision tower's weights are not in the checkpoint")
+            && err.contains("mm_cfg.vision_encoder.from_pretrained names"),
+        "{err}"
+    );
+    let c = with_tower(&formats::open(&lone).unwrap(), Some(&work.path().join("elsewhere"))).unwrap();
     check(&c);
 }
 
@@ -335,7 +340,7 @@ fn assemble_builds_a_neva_starting_checkpoint() {
     let y = yaml(&out);
     assert_eq!(y.get_bool("mm_cfg.vision_encoder.freeze"), Some(true));
     assert_eq!(y.get_str("data.conv_template"), Some("v1"));
-    let c = neva::load_neva(&formats::open(&out).unwrap(), None).unwrap();
+    let c = with_tower(&formats::open(&out).unwrap(), None).unwrap();
     let mm: TensorMap = shardsmith_converters::formats::torch_zip::read_file(&projector)
         .unwrap()
         .tensors
@@ -384,8 +389,8 @@ fn assemble_builds_a_neva_starting_checkpoint() {
             s(dst),
         ]);
     }
-    let p1 = neva::load_neva(&formats::open(&s1).unwrap(), None).unwrap().projector;
-    let p2 = neva::load_neva(&formats::open(&s2).unwrap(), None).unwrap().projector;
+    let p1 = with_tower(&formats::open(&s1).unwrap(), None).unwrap().projector;
+    let p2 = with_tower(&formats::open(&s2).unwrap(), None).unwrap().projector;
     let n = "mm_projector.0.weight";
     assert!(p1[n].bytes(n).unwrap() != p2[n].bytes(n).unwrap());
     assert_eq!(yaml(&s1).get_bool("mm_cfg.vision_encoder.freeze"), Some(false));
@@ -444,7 +449,7 @@ fn library_round_trip_keeps_every_part() {
         source_format: None,
     };
     let nemo: Checkpoint = neva::to_neva(&c, &t).unwrap();
-    let mut back = neva::load_neva(&nemo, None).unwrap();
+    let mut back = with_tower(&nemo, None).unwrap();
     assert_eq!(back.image_aspect_ratio.as_deref(), Some("square"));
     neva::undo_neva_tokens(&mut back).unwrap();
     assert_eq!(back.image_tokens, ImageTokenScheme::Repeated { image: 256, pad: Some(257) });
@@ -473,13 +478,13 @@ fn clip_towers_are_read_and_written_as_bin() {
     ok(&["convert", s(&fixture("llava-tiny")), s(&nemo), "--template", "v1", "--weights", "bin"]);
     let side = work.path().join("b-clip");
     assert!(side.join("pytorch_model.bin").is_file() && !side.join("model.safetensors").exists());
-    let c = neva::load_neva(&formats::open(&nemo).unwrap(), None).unwrap();
+    let c = with_tower(&formats::open(&nemo).unwrap(), None).unwrap();
     let tiny = llava::from_llava_hf(&formats::open(&fixture("llava-tiny")).unwrap()).unwrap();
     assert_same_tensors(&c.vision, &tiny.vision, "tower through .bin");
     // And a .bin tower given with --vision.
     let orig = work.path().join("o.nemo");
     ok(&["convert", s(&fixture("llava-orig-tiny")), s(&orig), "--template", "v1", "--vision", s(&side)]);
-    let c = neva::load_neva(&formats::open(&orig).unwrap(), None).unwrap();
+    let c = with_tower(&formats::open(&orig).unwrap(), None).unwrap();
     assert_eq!(c.vision_source, VisionSource::Bundled);
     assert_same_tensors(&c.vision, &tiny.vision, "bundled from a .bin tower");
 }

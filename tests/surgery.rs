@@ -625,6 +625,9 @@ fn swap_llm_keeps_vision_and_projector_brings_the_tokenizer_and_refuses_mismatch
         (Some(333), Some(334))
     );
     assert!(gqa.join("processor_config.json").is_file() && !gqa.join("added_tokens.json").exists());
+    let tok_cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(gqa.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(tok_cfg["pad_token"], "<pad>", "the bundle pads with <pad>");
     let generate = |ckpt: &Path, extra: &[&str]| {
         let mut args = vec!["generate", s(ckpt), "--max-new-tokens", "5", "--json"];
         args.extend(extra);
@@ -1135,15 +1138,16 @@ fn swap_llm_in_a_neva_nemo_keeps_tower_and_projector() {
     ok(&["convert", s(&llm1), s(&llm_nemo)]);
     let from_nemo = w.join("from-nemo.nemo");
     let plan = ok(&["surgery", "swap-llm", s(&nemo), "--llm", s(&llm_nemo), "-o", s(&from_nemo)]);
-    assert!(plan.contains("rows 256 -> 264"), "{plan}");
-    // A .nemo's vocabulary follows its tokenizer: 256 rows, grown to 264 by the mean rule.
+    assert!(plan.contains("rows 258 -> 266"), "{plan}");
+    // A .nemo's vocabulary follows its tokenizer: 256 pieces plus the <image> and <pad> its HF
+    // tokenizer had added (user-defined pieces now), grown to 266 by the mean rule.
     let got = neva_parts(&from_nemo).llm;
-    assert_eq!(got.hparams.vocab, 264);
+    assert_eq!(got.hparams.vocab, 266);
     for (n, t) in &new.tensors {
         let g = &got.tensors[n.as_str()];
         if t.shape[0] == 320 {
-            assert_eq!(g.shape, [264, 64], "{n}");
-            assert!(first_rows(g, 256) == first_rows(t, 256), "{n}");
+            assert_eq!(g.shape, [266, 64], "{n}");
+            assert!(first_rows(g, 258) == first_rows(t, 258), "{n}");
         } else {
             assert!(g.bytes(n).unwrap() == t.bytes(n).unwrap(), "{n}");
         }

@@ -46,7 +46,6 @@ pub fn run(o: &Options, out: &Path) -> Result<()> {
     let started = std::time::Instant::now();
     let llm = formats::open(&crate::hub::resolve(&o.llm)?)?;
     let vision = clip::read_hf_clip(&crate::hub::resolve(&o.vision)?)?;
-    let vision_dir = std::path::absolute(&vision.origin).unwrap_or_else(|_| vision.origin.clone());
     let tokenizer = o.tokenizer.as_deref().map(sentencepiece::read_model_file).transpose()?;
     let opts = AssembleOptions {
         projector_type: o.projector_type,
@@ -64,7 +63,7 @@ pub fn run(o: &Options, out: &Path) -> Result<()> {
         vision: if o.bundle_vision {
             VisionPlacement::Bundle
         } else {
-            VisionPlacement::Reference(vision_dir.display().to_string())
+            VisionPlacement::Reference(convert::tower_reference(&o.vision))
         },
         template: Some(o.template),
         image_aspect_ratio: None,

@@ -151,6 +151,18 @@ fn target_kind(src: &Checkpoint, dst: &Path, o: &Options) -> Result<TargetKind> 
         ];
         unused.extend(nemo_only.iter().filter(|(given, _)| *given).map(|(_, flag)| *flag));
     }
+    if to == TargetKind::Nemo {
+        // A .nemo's vocabulary follows its tokenizer; a reshard keeps the tokenizer it has.
+        unused.extend(
+            [(o.vocab.is_some(), "--vocab-size"), (is_nemo(src) && o.tokenizer.is_some(), "--tokenizer")]
+                .iter()
+                .filter(|(given, _)| *given)
+                .map(|(_, flag)| *flag),
+        );
+    }
+    if to == TargetKind::Hf && matches!(o.vision, Some(VisionArg::Bundle | VisionArg::Separate)) {
+        unused.push("--vision bundle|separate (a llava-hf directory always holds its tower)");
+    }
     if !is_nemo(src) && to == TargetKind::Hf && !neva::is_multimodal(src) {
         // An HF copy keeps its own vocabulary and tokenizer files.
         unused.extend(
@@ -162,16 +174,22 @@ fn target_kind(src: &Checkpoint, dst: &Path, o: &Options) -> Result<TargetKind> 
     }
     if !unused.is_empty() {
         let what = match to {
-            TargetKind::Nemo => ".nemo",
+            TargetKind::Nemo => "a .nemo",
             TargetKind::Hf => "an HF directory",
             TargetKind::Llava => "a LLaVA directory",
         };
+        let why = match to {
+            TargetKind::Nemo => {
+                "a .nemo's vocabulary follows its tokenizer, and a reshard keeps the tokenizer it has"
+                    .to_string()
+            }
+            _ => format!("the destination {} decides the container; --to nemo writes a .nemo", dst.display()),
+        };
         bail!(
-            "{} {} when writing {what} from {} (the destination {} decides the container; --to nemo writes a .nemo)",
+            "{} {} when writing {what} from {} ({why})",
             unused.join(", "),
             if unused.len() == 1 { "does not apply" } else { "do not apply" },
             src.meta.path.display(),
-            dst.display()
         );
     }
     Ok(to)
@@ -203,6 +221,16 @@ fn with_hf_added_tokens(
             src.meta.path.display(),
             sp.len() + i,
             sp.len()
+        );
+    }
+    let rows = llama::from_hf(src)?.hparams.vocab;
+    if sp.len() + added.len() > rows {
+        bail!(
+            "{}: the tokenizer adds {} tokens after its {} pieces (ids up to {}), past the embedding's {rows} rows",
+            src.meta.path.display(),
+            added.len(),
+            sp.len(),
+            sp.len() + added.len() - 1
         );
     }
     let tokens: Vec<&str> = added.iter().map(|(_, t)| *t).collect();
@@ -443,6 +471,15 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// How a written config names a `--vision` tower: its Hub id for `hf://org/name` (what
+/// `from_pretrained` resolves anywhere; the cache path is this machine's), else the absolute path.
+pub fn tower_reference(arg: &Path) -> String {
+    match arg.to_str().and_then(crate::hub::HubRef::parse) {
+        Some(Ok(r)) => r.repo,
+        _ => absolute(arg).display().to_string(),
+    }
+}
+
 /// The bundle's tower as a CLIP directory checkpoint (for `separate` and LLaVA outputs).
 fn vision_output(c: &CanonicalLlava, dest: PathBuf, dtype: Option<DType>) -> Result<Output> {
     if c.vision.is_empty() {
@@ -526,7 +563,7 @@ pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec
         }
         TargetKind::Llava => {
             let reference = match (&o.vision, &c.vision_source) {
-                (Some(VisionArg::Path(p)), _) => absolute(p).display().to_string(),
+                (Some(VisionArg::Path(p)), _) => tower_reference(p),
                 (None | Some(VisionArg::Bundle), VisionSource::Named(n)) => n.clone(),
                 (None | Some(VisionArg::Bundle), VisionSource::Directory(p)) => {
                     absolute(p).display().to_string()

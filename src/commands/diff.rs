@@ -67,15 +67,18 @@ pub struct Report {
 /// anything else is compared under its own names.
 pub fn canonical(c: &Checkpoint) -> Result<TensorMap> {
     // NeVA, llava-hf and original LLaVA map to canonical names (the vision tower included when
-    // it resolves). An original LLaVA the converters refuse (its own image tokens in the
-    // vocabulary) still compares, under its own names.
+    // it resolves). An original LLaVA with its own image tokens in the vocabulary, which the
+    // converters do not read, still compares, under its own names.
     use shardsmith_converters::convert::{llava, neva};
     match &c.meta.config {
         Some(ModelConfig::NemoYaml(cfg)) if neva::is_neva(cfg) => return Ok(neva::canonical_tensors(c)?),
         Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg) => return Ok(neva::canonical_tensors(c)?),
         Some(ModelConfig::HfJson(cfg)) if llava::is_llava_original(cfg) => {
-            if let Ok(t) = neva::canonical_tensors(c) {
-                return Ok(t);
+            let own_image_tokens = ["mm_use_im_start_end", "mm_use_im_patch_token"]
+                .iter()
+                .any(|k| cfg.get(*k).and_then(serde_json::Value::as_bool) == Some(true));
+            if !own_image_tokens {
+                return Ok(neva::canonical_tensors(c)?);
             }
         }
         _ => {}

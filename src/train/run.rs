@@ -525,9 +525,10 @@ fn model_outputs(
 
 /// The LoRA adapters as a PEFT adapter directory (`adapter_config.json`,
 /// `adapter_model.safetensors` with `base_model.model.model.layers.N.….lora_A.weight` keys, the
-/// layout of a PEFT `LlamaForCausalLM`), which `shardsmith surgery merge-lora` and PEFT read.
+/// layout of a PEFT `LlamaForCausalLM`, i.e. of the LLM `surgery extract --part llm` takes out),
+/// which `shardsmith surgery merge-lora` and PEFT read.
 /// The projector, trained beside them, is in the saved models.
-fn write_peft_adapter(lora: &LoraConfig, base: &Path, model: &TrainModel, dir: &Path) -> Result<()> {
+fn write_peft_adapter(lora: &LoraConfig, model: &TrainModel, dir: &Path) -> Result<()> {
     let tensors: std::collections::HashMap<String, Tensor> = model
         .trained()
         .into_iter()
@@ -539,7 +540,9 @@ fn write_peft_adapter(lora: &LoraConfig, base: &Path, model: &TrainModel, dir: &
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base,
+        // The keys fit the bare LLaMA (`surgery extract CKPT --part llm`), not the multimodal
+        // checkpoint trained from, so no base is named.
+        "base_model_name_or_path": null,
         "r": lora.adapter_dim,
         "lora_alpha": lora.scale() * lora.adapter_dim as f64,
         "lora_dropout": lora.adapter_dropout,
@@ -606,7 +609,7 @@ fn write_checkpoint_files(
         }
     }
     if let Some(lora) = cfg.peft.lora() {
-        write_peft_adapter(lora, &cfg.model.checkpoint, model, &tmp.join("lora_adapter"))?;
+        write_peft_adapter(lora, model, &tmp.join("lora_adapter"))?;
     }
     opt.save_state(&tmp.join("optimizer.safetensors"), true)?;
     let text = serde_json::to_string_pretty(state).map_err(|e| Error::Usage(e.to_string()))?;

@@ -13,7 +13,7 @@
 //!
 //! Everything is checked before anything is built: `check_bundle` names every missing part.
 //!
-//! Reading ([`from_neva`], and [`load_neva`] for the compute core) undoes the layout: projector and
+//! Reading ([`from_neva`]; the compute core's `models::tower` finds a tower it only names) undoes the layout: projector and
 //! vision keys are split off by prefix, the rest is the LLaMA part (or, for a projector-only file
 //! with `mm_cfg.llm.freeze: true`, the `.nemo` that `mm_cfg.llm.from_pretrained` names).
 
@@ -530,27 +530,6 @@ pub fn from_neva(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<Canoni
                 format!("data.image_token_len is {stored} but the vision tower gives {derived} features per image"),
             ));
         }
-    }
-    Ok(c)
-}
-
-/// NeVA `.nemo` → the complete bundle the compute core runs: every part present (the vision
-/// tower from the file, from `vision_dir`, or from a local `mm_cfg.vision_encoder.from_pretrained`),
-/// image tokens as NeVA's `<extra_id_4>` / `<extra_id_3>` / `<extra_id_5>` span.
-pub fn load_neva(ckpt: &Checkpoint, vision_dir: Option<&Path>) -> Result<CanonicalLlava> {
-    let vision = vision_dir.map(clip::read_hf_clip).transpose()?;
-    let c = from_neva(ckpt, vision)?;
-    if c.vision.is_empty() {
-        let name = match &c.vision_source {
-            VisionSource::Named(n) if !n.is_empty() => format!("'{n}', which is not a local directory"),
-            _ => "nothing".into(),
-        };
-        return Err(Error::IncompleteBundle {
-            path: c.origin.clone(),
-            missing: vec![format!(
-                "vision tower weights: the file has none (mm_cfg.vision_encoder.freeze: true) and from_pretrained names {name}; give an HF CLIP directory"
-            )],
-        });
     }
     Ok(c)
 }

@@ -73,12 +73,13 @@ pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit>
         })?;
     let pad = token_of("pad_token_id", &old_text).or_else(|| token_of("pad_token_id", &bundle.config));
     let new_view = TokenizerView::read(&llm)?;
-    let missing: Vec<String> = [Some(&image), pad.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|(_, t)| t.clone())
-        .filter(|t| new_view.id_of(t).is_none())
-        .collect();
+    let mut missing: Vec<String> = Vec::new();
+    for (_, t) in [Some(&image), pad.as_ref()].into_iter().flatten() {
+        // A bundle that pads with its image token names it once.
+        if new_view.id_of(t).is_none() && !missing.contains(t) {
+            missing.push(t.clone());
+        }
+    }
     let grown;
     let (llm, llm_ckpt) = if missing.is_empty() {
         (llm, llm_ckpt)
@@ -89,6 +90,12 @@ pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit>
     };
     let new_view = TokenizerView::read(&llm)?;
     let new = &llm.canonical.hparams;
+    if new_view.len() > new.vocab {
+        return Err(Error::invalid(
+            &llm_ckpt.meta.path,
+            format!("its tokenizer uses {} ids but its embedding has {} rows", new_view.len(), new.vocab),
+        ));
+    }
     let new_id = |token: &str| new_view.id_of(token).expect("present or just added");
 
     let mut plan = Plan::new("swap-llm", path);
@@ -178,7 +185,9 @@ pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit>
         )
     });
     let mut out = bundle_ckpt.clone();
-    out.meta.artifacts = with_tokenizer_of(&bundle_ckpt.meta.artifacts, &llm_ckpt.meta.artifacts, path)?;
+    let pad_token = pad.as_ref().map(|(_, t)| t.as_str());
+    out.meta.artifacts =
+        with_tokenizer_of(&bundle_ckpt.meta.artifacts, &llm_ckpt.meta.artifacts, pad_token, path)?;
     out.meta.config = Some(ModelConfig::HfJson(cfg));
     out.shards[0].tensors = tensors;
     // The result must read back as a complete llava-hf model.
@@ -196,9 +205,15 @@ const TOKENIZER_FILES: &[&str] = &[
 ];
 
 /// The bundle's companion files with its tokenizer files replaced by the new LLM's. A chat
-/// template the bundle kept inside `tokenizer_config.json` moves into the new one (it belongs
-/// to the multimodal model, not to the LLM).
-fn with_tokenizer_of(bundle: &[Artifact], llm: &[Artifact], path: &Path) -> Result<Vec<Artifact>> {
+/// template the bundle kept inside `tokenizer_config.json` replaces the new one's (it belongs
+/// to the multimodal model, not to the LLM), or becomes `chat_template.json` when the LLM has no
+/// `tokenizer_config.json`. The bundle's pad token becomes the tokenizer's `pad_token`.
+fn with_tokenizer_of(
+    bundle: &[Artifact],
+    llm: &[Artifact],
+    pad: Option<&str>,
+    path: &Path,
+) -> Result<Vec<Artifact>> {
     let is_tok = |a: &&Artifact| TOKENIZER_FILES.contains(&a.name.as_str());
     let mut out: Vec<Artifact> = bundle.iter().filter(|a| !is_tok(a)).cloned().collect();
     let template = match bundle.iter().find(|a| a.name == "tokenizer_config.json") {
@@ -210,15 +225,36 @@ fn with_tokenizer_of(bundle: &[Artifact], llm: &[Artifact], path: &Path) -> Resu
     };
     for a in llm.iter().filter(is_tok) {
         let mut a = a.clone();
-        if let (Some(t), "tokenizer_config.json") = (&template, a.name.as_str()) {
+        // The bundle's pad token (its batches pad with it) is the tokenizer's pad token.
+        if let (Some(p), "tokenizer_config.json" | "special_tokens_map.json") = (pad, a.name.as_str()) {
             let mut v: Json = serde_json::from_slice(&a.source.bytes()?)
                 .map_err(|e| Error::malformed(path.join(&a.name), "json", e.to_string()))?;
-            if let Some(o) = v.as_object_mut() {
-                o.entry("chat_template").or_insert_with(|| t.clone());
-            }
+            let o = v
+                .as_object_mut()
+                .ok_or_else(|| Error::invalid(path.join(&a.name), format!("{} is not an object", a.name)))?;
+            o.insert("pad_token".into(), json!(p));
             a.source = ByteSource::owned(serde_json::to_vec_pretty(&v).expect("JSON value"));
         }
         out.push(a);
+    }
+    if let Some(t) = template {
+        match out.iter_mut().find(|a| a.name == "tokenizer_config.json") {
+            Some(a) => {
+                let mut v: Json = serde_json::from_slice(&a.source.bytes()?)
+                    .map_err(|e| Error::malformed(path.join(&a.name), "json", e.to_string()))?;
+                let o = v.as_object_mut().ok_or_else(|| {
+                    Error::invalid(path.join(&a.name), "tokenizer_config.json is not an object")
+                })?;
+                o.insert("chat_template".into(), t);
+                a.source = ByteSource::owned(serde_json::to_vec_pretty(&v).expect("JSON value"));
+            }
+            None => out.push(Artifact {
+                name: "chat_template.json".into(),
+                source: ByteSource::owned(
+                    serde_json::to_vec_pretty(&json!({ "chat_template": t })).expect("JSON value"),
+                ),
+            }),
+        }
     }
     Ok(out)
 }
