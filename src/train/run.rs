@@ -579,10 +579,13 @@ fn save(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    // A step saved before (a resumed run passing it again) is replaced only once the new one is
+    // complete, and put back if the move fails.
+    shardsmith_converters::atomic::commit_together(&[(tmp.clone(), final_dir.clone())]).inspect_err(
+        |_| {
+            shardsmith_converters::atomic::remove_any(&tmp);
+        },
+    )?;
     Ok(final_dir)
 }
 

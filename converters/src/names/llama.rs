@@ -59,6 +59,35 @@ fn need_usize(v: &Json, key: &str, path: &Path) -> Result<usize> {
         .ok_or_else(|| Error::invalid(path, format!("config.json: missing or non-integer '{key}'")))
 }
 
+/// An optional `config.json` value of one JSON type: `None` when absent or null, an error naming
+/// the key when present as anything else (a `"500000"` string must not read as the default).
+fn opt<T>(
+    v: &Json,
+    key: &str,
+    path: &Path,
+    what: &str,
+    get: impl Fn(&Json) -> Option<T>,
+) -> Result<Option<T>> {
+    match v.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(x) => get(x)
+            .map(Some)
+            .ok_or_else(|| Error::invalid(path, format!("config.json: '{key}' should be {what}, found {x}"))),
+    }
+}
+
+fn opt_f64(v: &Json, key: &str, path: &Path) -> Result<Option<f64>> {
+    opt(v, key, path, "a number", |x| x.as_f64().filter(|f| f.is_finite()))
+}
+
+fn opt_u64(v: &Json, key: &str, path: &Path) -> Result<Option<u64>> {
+    opt(v, key, path, "a non-negative integer", Json::as_u64)
+}
+
+fn opt_bool(v: &Json, key: &str, path: &Path) -> Result<Option<bool>> {
+    opt(v, key, path, "true or false", Json::as_bool)
+}
+
 impl LlamaHparams {
     /// Read an HF LLaMA `config.json` (2023 and 2024+ spellings, including `rope_parameters`).
     pub fn from_hf(v: &Json, path: &Path) -> Result<Self> {
@@ -71,14 +100,32 @@ impl LlamaHparams {
         }
         let heads = need_usize(v, "num_attention_heads", path)?;
         let hidden = need_usize(v, "hidden_size", path)?;
-        let rope = v.get("rope_parameters").filter(|r| r.is_object());
-        let scaling = v.get("rope_scaling").filter(|r| r.is_object()).or(rope);
+        let object = |key: &str| match v.get(key) {
+            None | Some(Json::Null) => Ok(None),
+            Some(o) if o.is_object() => Ok(Some(o)),
+            Some(o) => {
+                Err(Error::invalid(path, format!("config.json: '{key}' should be an object, found {o}")))
+            }
+        };
+        let rope = object("rope_parameters")?;
+        let scaling = object("rope_scaling")?.or(rope);
         let rope_linear_factor = match scaling {
             Some(s) => {
                 let kind = s.get("rope_type").or(s.get("type")).and_then(Json::as_str).unwrap_or("default");
                 match kind {
                     "default" => None,
-                    "linear" => s.get("factor").and_then(Json::as_f64),
+                    "linear" => {
+                        Some(s.get("factor").and_then(Json::as_f64).filter(|f| f.is_finite()).ok_or_else(
+                            || {
+                                Error::invalid(
+                                    path,
+                                    format!(
+                                        "config.json: linear rope scaling needs a number 'factor', found {s}"
+                                    ),
+                                )
+                            },
+                        )?)
+                    }
                     other => {
                         return Err(Error::invalid(
                             path,
@@ -91,11 +138,11 @@ impl LlamaHparams {
             }
             None => None,
         };
-        let rope_theta = v
-            .get("rope_theta")
-            .and_then(Json::as_f64)
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Json::as_f64))
-            .unwrap_or(10000.0);
+        let rope_theta = match opt_f64(v, "rope_theta", path)? {
+            Some(t) => Some(t),
+            None => rope.map(|r| opt_f64(r, "rope_theta", path)).transpose()?.flatten(),
+        }
+        .unwrap_or(10000.0);
         // What LLaMA computes; anything else would convert and then run as if it were LLaMA.
         // transformers' ACT2CLS maps both names to nn.SiLU.
         if let Some(act) = v.get("hidden_act").filter(|a| !a.is_null()) {
@@ -108,10 +155,10 @@ impl LlamaHparams {
         }
         // Partial rotary embedding (rotating only part of each head), read by transformers'
         // default RoPE for any model; LLaMA rotates whole heads.
-        let partial = v
-            .get("partial_rotary_factor")
-            .or_else(|| rope.and_then(|r| r.get("partial_rotary_factor")))
-            .and_then(Json::as_f64);
+        let partial = match opt_f64(v, "partial_rotary_factor", path)? {
+            Some(f) => Some(f),
+            None => rope.map(|r| opt_f64(r, "partial_rotary_factor", path)).transpose()?.flatten(),
+        };
         if let Some(f) = partial.filter(|&f| f != 1.0) {
             return Err(Error::invalid(
                 path,
@@ -119,25 +166,25 @@ impl LlamaHparams {
             ));
         }
         for key in ["attention_bias", "mlp_bias"] {
-            if v.get(key).and_then(Json::as_bool) == Some(true) {
+            if opt_bool(v, key, path)? == Some(true) {
                 return Err(Error::invalid(path, format!("config.json: {key} is true; LLaMA has no biases")));
             }
         }
-        let head_dim = v.get("head_dim").and_then(Json::as_u64).map_or(hidden / heads.max(1), |d| d as usize);
+        let head_dim = opt_u64(v, "head_dim", path)?.map_or(hidden / heads.max(1), |d| d as usize);
         Ok(LlamaHparams {
             layers: need_usize(v, "num_hidden_layers", path)?,
             hidden,
             ffn: need_usize(v, "intermediate_size", path)?,
             heads,
-            groups: v.get("num_key_value_heads").and_then(Json::as_u64).map_or(heads, |g| g as usize),
+            groups: opt_u64(v, "num_key_value_heads", path)?.map_or(heads, |g| g as usize),
             head_dim,
             vocab: need_usize(v, "vocab_size", path)?,
-            max_positions: v.get("max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096) as usize,
+            max_positions: opt_u64(v, "max_position_embeddings", path)?.unwrap_or(4096) as usize,
             rope_theta,
             rope_linear_factor,
-            norm_eps: v.get("rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6),
-            init_std: v.get("initializer_range").and_then(Json::as_f64).unwrap_or(0.02),
-            tied: v.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false),
+            norm_eps: opt_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
+            init_std: opt_f64(v, "initializer_range", path)?.unwrap_or(0.02),
+            tied: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(false),
             bos: v.get("bos_token_id").and_then(Json::as_i64),
             eos: v.get("eos_token_id").and_then(Json::as_i64),
         })
@@ -170,10 +217,10 @@ impl LlamaHparams {
                 }
             }
         }
-        if cfg.get_bool("bias") == Some(true) {
+        if cfg.bool_opt("bias")? == Some(true) {
             return Err(Error::invalid(path, "model_config.yaml: bias is true; LLaMA has no biases"));
         }
-        if let Some(p) = cfg.get_f64("rotary_percentage").filter(|&p| p != 1.0) {
+        if let Some(p) = cfg.f64_opt("rotary_percentage")?.filter(|&p| p != 1.0) {
             return Err(Error::invalid(
                 path,
                 format!("model_config.yaml: rotary_percentage is {p}; LLaMA rotates whole heads (1.0)"),
@@ -199,11 +246,11 @@ impl LlamaHparams {
                 .get_usize("max_position_embeddings")
                 .or(cfg.get_usize("encoder_seq_length"))
                 .unwrap_or(4096),
-            rope_theta: cfg.get_f64("rotary_base").unwrap_or(10000.0),
-            rope_linear_factor: cfg.get_f64("seq_len_interpolation_factor"),
-            norm_eps: cfg.get_f64("layernorm_epsilon").unwrap_or(1e-5),
-            init_std: cfg.get_f64("init_method_std").unwrap_or(0.02),
-            tied: cfg.get_bool("share_embeddings_and_output_weights").unwrap_or(false),
+            rope_theta: cfg.f64_opt("rotary_base")?.unwrap_or(10000.0),
+            rope_linear_factor: cfg.f64_opt("seq_len_interpolation_factor")?,
+            norm_eps: cfg.f64_opt("layernorm_epsilon")?.unwrap_or(1e-5),
+            init_std: cfg.f64_opt("init_method_std")?.unwrap_or(0.02),
+            tied: cfg.bool_opt("share_embeddings_and_output_weights")?.unwrap_or(false),
             bos: None,
             eos: None,
         })
@@ -687,6 +734,13 @@ mod tests {
             ("mlp_bias", json!(true), "mlp_bias is true"),
             ("partial_rotary_factor", json!(0.5), "partial_rotary_factor is 0.5; LLaMA rotates whole heads"),
             ("head_dim", json!(7), "LLaMA head size 7 is odd"),
+            // Present with the wrong type: named, not read as the default.
+            ("rope_theta", json!("500000"), "'rope_theta' should be a number, found \"500000\""),
+            ("rms_norm_eps", json!("abc"), "'rms_norm_eps' should be a number"),
+            ("tie_word_embeddings", json!("yes"), "'tie_word_embeddings' should be true or false"),
+            ("num_key_value_heads", json!(2.5), "'num_key_value_heads' should be a non-negative integer"),
+            ("rope_scaling", json!("linear"), "'rope_scaling' should be an object"),
+            ("rope_scaling", json!({"rope_type": "linear"}), "linear rope scaling needs a number 'factor'"),
         ];
         for (key, value, want) in cases {
             let err = read(&|m| {
@@ -709,11 +763,20 @@ mod tests {
         for (from, to, want) in [
             ("bias: false", "bias: true", "bias is true; LLaMA has no biases"),
             ("rotary_percentage: 1.0", "rotary_percentage: 0.5", "rotary_percentage is 0.5"),
+            ("rotary_base: 10000.0", "rotary_base: abc", "'rotary_base' should be a number, found abc"),
+            ("bias: false", "bias: 'no'", "'bias' should be true or false"),
         ] {
             assert!(yaml.contains(from), "{from} in {yaml}");
             let cfg = NemoConfig::parse(yaml.replacen(from, to, 1), Path::new("y")).unwrap();
             let err = LlamaHparams::from_nemo(&cfg, hp.vocab, Path::new("y")).unwrap_err().to_string();
             assert!(err.contains(want), "{to}: {err}");
         }
+        // A number YAML 1.1 readers leave a string is read as the number.
+        let cfg = NemoConfig::parse(
+            yaml.replacen("rotary_base: 10000.0", "rotary_base: '500000'", 1),
+            Path::new("y"),
+        )
+        .unwrap();
+        assert_eq!(LlamaHparams::from_nemo(&cfg, hp.vocab, Path::new("y")).unwrap().rope_theta, 500000.0);
     }
 }

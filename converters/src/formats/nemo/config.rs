@@ -73,6 +73,38 @@ impl NemoConfig {
         }
     }
 
+    /// A number that is `None` when absent or null and an error when present as anything else;
+    /// a string holding a number (`'1e-5'`, which YAML 1.1 readers leave a string) is read as it.
+    pub fn f64_opt(&self, key_path: &str) -> Result<Option<f64>> {
+        match self.get(key_path) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .or_else(|| v.as_str().and_then(|s| s.trim().parse::<f64>().ok()))
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        &self.origin,
+                        format!("'{key_path}' should be a number, found {}", render_inline(v)),
+                    )
+                }),
+        }
+    }
+
+    /// A boolean that is `None` when absent or null and an error when present as anything else.
+    pub fn bool_opt(&self, key_path: &str) -> Result<Option<bool>> {
+        match self.get(key_path) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+                Error::invalid(
+                    &self.origin,
+                    format!("'{key_path}' should be true or false, found {}", render_inline(v)),
+                )
+            }),
+        }
+    }
+
     /// Set the scalar at `key_path` (dotted, relative to the model section) to `value`, in both
     /// the text and the parsed view.
     ///
