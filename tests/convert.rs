@@ -491,6 +491,17 @@ fn hf_added_tokens_survive_the_nemo_round_trip() {
         "{nemo_ids}"
     );
     assert_eq!(ids(&p("back")), nemo_ids);
+    // Into a NeVA too (assemble, swap-llm): NeVA's <extra_id_*> come after them, not over them.
+    ok(&["assemble", "--llm", s(&p("added")), "--vision", s(&fixture("clip-vision")), "--init-seed", "1"]
+        .into_iter()
+        .chain(["-o", s(&p("neva.nemo"))])
+        .collect::<Vec<_>>());
+    ok(&["surgery", "swap-llm", s(&p("neva.nemo")), "--llm", s(&p("added")), "-o", s(&p("swapped.nemo"))]);
+    for neva in ["neva.nemo", "swapped.nemo"] {
+        let llm = p(&format!("{neva}-llm"));
+        ok(&["surgery", "extract", s(&p(neva)), "--part", "llm", "-o", s(&llm)]);
+        assert_eq!(ids(&llm), nemo_ids, "{neva}");
+    }
     // Added ids with a gap cannot be pieces.
     let gap = p("gap");
     std::fs::create_dir(&gap).unwrap();

@@ -195,52 +195,6 @@ fn target_kind(src: &Checkpoint, dst: &Path, o: &Options) -> Result<TargetKind> 
     Ok(to)
 }
 
-/// An HF directory's `tokenizer.model` for its `.nemo`: checked to parse (a broken one would be
-/// copied and fail only when used), with the tokens HF added after its pieces (`tokenizer.json`
-/// `added_tokens`, `added_tokens.json`, `added_tokens_decoder`) appended as user-defined pieces —
-/// NeMo reads only the SentencePiece model, so they would lose their ids, and their rows on the
-/// way back, as `resize-vocab` does to a `.nemo`.
-fn with_hf_added_tokens(
-    src: &Checkpoint,
-    model: &shardsmith_converters::Artifact,
-) -> Result<shardsmith_converters::Artifact> {
-    let here = src.meta.path.join(&model.name);
-    let sp = sentencepiece::SentencePieceModel::parse(model.source.bytes()?.into_owned(), &here)?;
-    let view = shardsmith_converters::surgery::tokens::TokenizerView::from_hf_artifacts(
-        &src.meta.path,
-        &src.meta.artifacts,
-    )?;
-    let added: Vec<(u32, &str)> =
-        view.ids.range(sp.len() as u32..).map(|(id, t)| (*id, t.as_str())).collect();
-    if added.is_empty() {
-        return Ok(model.clone());
-    }
-    if let Some((i, (id, t))) = added.iter().enumerate().find(|(i, (id, _))| *id as usize != sp.len() + i) {
-        bail!(
-            "{}: added token '{t}' has id {id} but would be piece {} of the .nemo's tokenizer.model (ids after its {} pieces must be contiguous)",
-            src.meta.path.display(),
-            sp.len() + i,
-            sp.len()
-        );
-    }
-    let rows = llama::from_hf(src)?.hparams.vocab;
-    if sp.len() + added.len() > rows {
-        bail!(
-            "{}: the tokenizer adds {} tokens after its {} pieces (ids up to {}), past the embedding's {rows} rows",
-            src.meta.path.display(),
-            added.len(),
-            sp.len(),
-            sp.len() + added.len() - 1
-        );
-    }
-    let tokens: Vec<&str> = added.iter().map(|(_, t)| *t).collect();
-    let extended = sp.with_user_defined(&tokens, &here)?;
-    Ok(shardsmith_converters::Artifact {
-        name: model.name.clone(),
-        source: shardsmith_converters::ByteSource::owned(extended.bytes().to_vec()),
-    })
-}
-
 /// Build the target checkpoint (headers only).
 pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkpoint, TargetKind)> {
     let to = target_kind(src, dst, o)?;
@@ -251,7 +205,12 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
             let tokenizer = match given_tokenizer(o)? {
                 Some(given) => Some(given),
                 None => match src.meta.artifacts.iter().find(|a| a.name == "tokenizer.model") {
-                    Some(a) => Some(with_hf_added_tokens(src, a)?),
+                    Some(a) => Some(shardsmith_converters::convert::tokenizer::sentencepiece_with_hf_added(
+                        src,
+                        a,
+                        llama::from_hf(src)?.hparams.vocab,
+                        &[],
+                    )?),
                     None => None,
                 },
             };

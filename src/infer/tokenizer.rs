@@ -105,9 +105,20 @@ impl Tokenizer {
             let config = read_tokenizer_config(path)?;
             Self::from_json_bytes(&bytes, path, config.as_ref())
         } else {
+            // transformers appends the added tokens it finds beside the model (llava-hf's
+            // `<image>` and `<pad>`).
             let mut tok = Self::from_sentencepiece_bytes(&bytes, path)?;
-            for (id, token, special) in added_tokens_beside(path)? {
-                tok.append_added(id, &token, special)?;
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let read = |name: &str| {
+                let file = dir.join(name);
+                match std::fs::read(&file) {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(shardsmith_converters::Error::Io { path: file, source: e }),
+                }
+            };
+            for t in shardsmith_converters::convert::tokenizer::hf_added_tokens(read, dir)? {
+                tok.append_added(t.id, &t.content, t.special)?;
             }
             Ok(tok)
         }
@@ -364,7 +375,7 @@ impl Tokenizer {
         Ok(expected)
     }
 
-    /// One of transformers' added tokens (see [`added_tokens_beside`]) at `id`: one the model
+    /// One of transformers' added tokens at `id`: one the model
     /// already has there is checked, a new one must be the next id.
     fn append_added(&mut self, id: u32, token: &str, special: bool) -> Result<()> {
         let size = self.vocab_size() as u32;
@@ -373,7 +384,10 @@ impl Tokenizer {
                 Some(piece) if piece == token => Ok(()),
                 piece => Err(tok_err(
                     &self.origin,
-                    format!("an added token says id {id} is {token:?}, but the model has {piece:?} there"),
+                    format!(
+                        "an added token says id {id} is {token:?}, but the model has {:?} there",
+                        piece.unwrap_or_default()
+                    ),
                 )),
             };
         }
@@ -625,53 +639,6 @@ fn read_tokenizer_config(tokenizer_json: &Path) -> Result<Option<serde_json::Val
     serde_json::from_str(&text).map(Some).map_err(|e| tok_err(&path, format!("not valid JSON: {e}")))
 }
 
-/// The tokens transformers appends to a SentencePiece model from the files beside it, as
-/// (id, token, special) in id order: `tokenizer_config.json`'s `added_tokens_decoder`
-/// (`{"32000": {"content": "<image>", "special": true}}`), else the older `added_tokens.json`
-/// (`{"<image>": 32000}`, all special). llava-hf keeps `<image>` and `<pad>` there.
-fn added_tokens_beside(model: &Path) -> Result<Vec<(u32, String, bool)>> {
-    let Some(dir) = model.parent() else { return Ok(Vec::new()) };
-    let read = |name: &str| -> Result<Option<serde_json::Value>> {
-        let path = dir.join(name);
-        if !path.is_file() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text).map(Some).map_err(|e| tok_err(&path, format!("not valid JSON: {e}")))
-    };
-    let bad = |name: &str, what: String| tok_err(&dir.join(name), what);
-    let mut added = Vec::new();
-    if let Some(decoder) = read("tokenizer_config.json")?.and_then(|c| c.get("added_tokens_decoder").cloned())
-    {
-        let name = "tokenizer_config.json";
-        let entries =
-            decoder.as_object().ok_or_else(|| bad(name, "added_tokens_decoder is not an object".into()))?;
-        for (id, entry) in entries {
-            let id = id
-                .parse::<u32>()
-                .map_err(|_| bad(name, format!("added_tokens_decoder key {id:?} is not an id")))?;
-            let content = entry
-                .get("content")
-                .and_then(|c| c.as_str())
-                .ok_or_else(|| bad(name, format!("added_tokens_decoder[{id}] has no string 'content'")))?;
-            let special = entry.get("special").and_then(|s| s.as_bool()).unwrap_or(false);
-            added.push((id, content.to_owned(), special));
-        }
-    } else if let Some(map) = read("added_tokens.json")? {
-        let name = "added_tokens.json";
-        let entries = map.as_object().ok_or_else(|| bad(name, "not an object of token: id".into()))?;
-        for (token, id) in entries {
-            let id = id
-                .as_u64()
-                .and_then(|i| u32::try_from(i).ok())
-                .ok_or_else(|| bad(name, format!("{token:?}: {id} is not an id")))?;
-            added.push((id, token.clone(), true));
-        }
-    }
-    added.sort_by_key(|(id, ..)| *id);
-    Ok(added)
-}
-
 fn tok_err(path: &Path, detail: impl Into<String>) -> Error {
     Error::Tokenizer { path: path.to_path_buf(), detail: detail.into() }
 }
@@ -851,8 +818,9 @@ mod tests {
     }
 
     /// A SentencePiece model gets the added tokens transformers reads beside it (llava-hf's
-    /// `<image>` and `<pad>`), from `tokenizer_config.json` or else `added_tokens.json`, encodes
-    /// like the `tokenizer.json` that carries them, and refuses a list it cannot honour.
+    /// `<image>` and `<pad>`), from `tokenizer_config.json` or else `added_tokens.json`, splits
+    /// them out of text and decodes like the `tokenizer.json` that carries them, and refuses a
+    /// list it cannot honour.
     #[test]
     fn sentencepiece_directories_get_their_added_tokens() {
         let dir = tempfile::tempdir().unwrap();
@@ -898,6 +866,12 @@ mod tests {
         }
         let err = load("{}", Some(r#"{"<image>": -1}"#)).unwrap_err().to_string();
         assert!(err.contains("added_tokens.json") && err.contains("is not an id"), "{err}");
+        for (added, want) in
+            [(r#"{"<image>": 256, "<pad>": 256}"#, "collide"), (r#"{"": 256}"#, "empty text")]
+        {
+            let err = load("{}", Some(added)).unwrap_err().to_string();
+            assert!(err.contains("added_tokens.json") && err.contains(want), "{added}: {err}");
+        }
     }
 
     #[test]

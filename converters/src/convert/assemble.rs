@@ -101,10 +101,24 @@ pub fn assemble(
                 None => tokenizer::nemo_tokenizer_model(llm_ckpt, cfg)?.map(|a| a.source.clone()),
             },
         ),
-        _ => (
-            llama::from_hf(llm_ckpt)?,
-            llm_ckpt.meta.artifacts.iter().find(|a| a.name == "tokenizer.model").map(|a| a.source.clone()),
-        ),
+        _ => {
+            let llm = llama::from_hf(llm_ckpt)?;
+            // Tokens HF added after the pieces keep their ids as user-defined pieces; llava-hf's
+            // <image> and <pad> give their rows to NeVA's first <extra_id_*>, as convert does.
+            let tokenizer = match llm_ckpt.meta.artifacts.iter().find(|a| a.name == "tokenizer.model") {
+                Some(a) if o.tokenizer.is_none() => Some(
+                    tokenizer::sentencepiece_with_hf_added(
+                        llm_ckpt,
+                        a,
+                        llm.hparams.vocab,
+                        &tokenizer::LLAVA_HF_TOKENS,
+                    )?
+                    .source,
+                ),
+                a => a.map(|a| a.source.clone()),
+            };
+            (llm, tokenizer)
+        }
     };
     let width = vision
         .config

@@ -251,12 +251,24 @@ pub fn swap_llm_neva(src: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
         (Flavour::Nemo { .. }, Some(ModelConfig::NemoYaml(lcfg))) => {
             tokenizer::require_nemo_tokenizer_model(llm_ckpt, lcfg)?
         }
-        _ => llm_ckpt.meta.artifacts.iter().find(|a| a.name == "tokenizer.model").ok_or_else(|| {
-            Error::missing(
-                new_path,
-                "tokenizer.model (a NeVA bundle needs the LLM's SentencePiece tokenizer)",
-            )
-        })?,
+        _ => {
+            let model =
+                llm_ckpt.meta.artifacts.iter().find(|a| a.name == "tokenizer.model").ok_or_else(|| {
+                    Error::missing(
+                        new_path,
+                        "tokenizer.model (a NeVA bundle needs the LLM's SentencePiece tokenizer)",
+                    )
+                })?;
+            // Tokens HF added after the pieces keep their ids (and trained rows) as user-defined
+            // pieces; llava-hf's <image> and <pad> give their rows to NeVA's first <extra_id_*>,
+            // as convert does.
+            &crate::convert::tokenizer::sentencepiece_with_hf_added(
+                llm_ckpt,
+                model,
+                llm.hparams.vocab,
+                &crate::convert::tokenizer::LLAVA_HF_TOKENS,
+            )?
+        }
     };
     let sp = SentencePieceModel::parse(tok.source.bytes()?.into_owned(), &new_path.join("tokenizer.model"))?;
     let present: Vec<&str> = EXTRA_IDS.iter().copied().filter(|t| sp.id(t).is_some()).collect();
