@@ -68,7 +68,11 @@ enum Normalize {
     /// `tokenizer.json`: its own normaliser/pre-tokeniser does everything.
     Hf,
     /// SentencePiece normaliser emulation (the inner tokenizer has no normaliser).
-    SentencePiece { add_dummy_prefix: bool, remove_extra_whitespaces: bool },
+    /// `lone_prefix_before_special`: transformers' non-legacy `LlamaTokenizer` (an HF directory
+    /// with `legacy: false` and no `tokenizer.json`) drops the dummy-prefix `▁` when it stands
+    /// alone before a special token at the start (`<image>hi` → `<image>`, `hi`); SentencePiece
+    /// itself (NeMo) keeps it.
+    SentencePiece { add_dummy_prefix: bool, remove_extra_whitespaces: bool, drop_lone_prefix: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +123,12 @@ impl Tokenizer {
             };
             for t in shardsmith_converters::convert::tokenizer::hf_added_tokens(read, dir)? {
                 tok.append_added(t.id, &t.content, t.special)?;
+            }
+            let legacy = read_tokenizer_config(path)?.and_then(|c| c.get("legacy").and_then(|l| l.as_bool()));
+            if let (Normalize::SentencePiece { drop_lone_prefix, .. }, Some(false)) =
+                (&mut tok.normalize, legacy)
+            {
+                *drop_lone_prefix = true;
             }
             Ok(tok)
         }
@@ -229,6 +239,7 @@ impl Tokenizer {
             normalize: Normalize::SentencePiece {
                 add_dummy_prefix: model.add_dummy_prefix,
                 remove_extra_whitespaces: model.remove_extra_whitespaces,
+                drop_lone_prefix: false,
             },
             decode_style: DecodeStyle::SentencePiece {
                 strip_leading_space: model.add_dummy_prefix || model.remove_extra_whitespaces,
@@ -245,7 +256,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
         let prepared = match self.normalize {
             Normalize::Hf => text.to_owned(),
-            Normalize::SentencePiece { add_dummy_prefix, remove_extra_whitespaces } => {
+            Normalize::SentencePiece { add_dummy_prefix, remove_extra_whitespaces, .. } => {
                 sentencepiece_normalize(text, add_dummy_prefix, remove_extra_whitespaces)
             }
         };
@@ -259,7 +270,21 @@ impl Tokenizer {
                 tok_err(&self.origin, "a BOS token was requested but the tokenizer has none")
             })?);
         }
-        ids.extend_from_slice(encoding.get_ids());
+        let mut pieces = encoding.get_ids();
+        if let (Normalize::SentencePiece { drop_lone_prefix: true, .. }, [first, next, ..]) =
+            (self.normalize, pieces)
+        {
+            let lone_prefix = self
+                .pieces
+                .get(*first as usize)
+                .is_some_and(|p| matches!(p, Some((s, _)) if s == "\u{2581}"));
+            let special =
+                self.pieces.get(*next as usize).is_some_and(|p| matches!(p, Some((_, PieceKind::Control))));
+            if lone_prefix && special {
+                pieces = &pieces[1..];
+            }
+        }
+        ids.extend_from_slice(pieces);
         Ok(ids)
     }
 

@@ -2,7 +2,7 @@
 """Check that transformers loads a llava-hf directory and reproduces llava-tiny's golden outputs.
 
     llava_hf_check.py HF_DIR GOLDEN [--atol 1e-5] [--vocab-cols N] [--template NAME]
-                      [--generated JSON --image IMG]
+                      [--generated JSON ... --image IMG]
 
 HF_DIR  a llava-hf model directory (LlavaForConditionalGeneration), loaded offline in float32
         on the CPU.
@@ -17,8 +17,8 @@ Checks, each a failure when it does not hold:
 * the processor loads: its tokenizer maps <image> to config.image_token_index, and a prompt with
   <image> expands to image_seq_length image tokens;
 * with --template vicuna_v1 or llama_2, apply_chat_template renders LLaVA's prompt string;
-* with --generated (the --json output of `shardsmith generate HF_DIR ... --image IMG --aspect
-  square`), the processor's ids for its rendered prompt and that image are its prompt_ids, and
+* with --generated (each a --json output of `shardsmith generate HF_DIR ... --image IMG --aspect
+  square`; repeatable), the processor's ids for its rendered prompt and that image are its prompt_ids, and
   greedy model.generate continues with its new_ids.
 
 Prints one summary line ("OK ..." or "FAIL ...") and exits 0 / 1.
@@ -68,7 +68,7 @@ def main():
     ap.add_argument("--atol", type=float, default=1e-5)
     ap.add_argument("--vocab-cols", type=int, default=None)
     ap.add_argument("--template", default=None)
-    ap.add_argument("--generated", default=None)
+    ap.add_argument("--generated", action="append", default=[])
     ap.add_argument("--image", default=None)
     args = ap.parse_args()
     if args.generated and not args.image:
@@ -136,8 +136,8 @@ def main():
             text = processor.apply_chat_template(conv, add_generation_prompt=True)
             if text != EXPECTED_PROMPT[args.template]:
                 problems.append(f"chat template renders {text!r}, expected {EXPECTED_PROMPT[args.template]!r}")
-        if args.generated:
-            ours = json.loads(Path(args.generated).read_text())
+        for generated in args.generated:
+            ours = json.loads(Path(generated).read_text())
             inputs = processor(text=ours["prompt"], images=Image.open(args.image).convert("RGB"), return_tensors="pt")
             prompt = inputs["input_ids"][0].tolist()
             if prompt != ours["prompt_ids"]:
