@@ -502,6 +502,18 @@ fn hf_added_tokens_survive_the_nemo_round_trip() {
         ok(&["surgery", "extract", s(&p(neva)), "--part", "llm", "-o", s(&llm)]);
         assert_eq!(ids(&llm), nemo_ids, "{neva}");
     }
+    // Another model's larger tokenizer would index rows the embedding does not have.
+    let big = fixture("llama-gqa/tokenizer.model");
+    for (src, dst, extra) in [
+        (fixture("llama-mha"), p("mt.nemo"), &[][..]),
+        (fixture("llava-tiny"), p("lt.nemo"), &["--template", "vicuna_v1"][..]),
+    ] {
+        let mut args = vec!["convert", s(&src), s(&dst), "--tokenizer", s(&big)];
+        args.extend(extra);
+        let (success, _, err) = shardsmith(&args);
+        assert!(!success && err.contains("333 pieces, but the model's embedding has"), "{err}");
+        assert!(!dst.exists());
+    }
     // Added ids with a gap cannot be pieces.
     let gap = p("gap");
     std::fs::create_dir(&gap).unwrap();

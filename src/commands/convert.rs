@@ -125,10 +125,20 @@ fn is_nemo(c: &Checkpoint) -> bool {
     matches!(c.meta.flavour, Flavour::Nemo { .. })
 }
 
-/// The `--tokenizer` SentencePiece model as the `tokenizer.model` artifact, checked to parse.
-fn given_tokenizer(o: &Options) -> Result<Option<shardsmith_converters::Artifact>> {
-    let source = o.tokenizer.as_deref().map(sentencepiece::read_model_file).transpose()?;
-    Ok(source.map(|source| shardsmith_converters::Artifact { name: "tokenizer.model".into(), source }))
+/// The `--tokenizer` SentencePiece model as the `tokenizer.model` artifact, checked to parse
+/// and to fit the `rows` of the embedding it will index (a larger one writes a checkpoint that
+/// cannot be read back).
+fn given_tokenizer(o: &Options, rows: usize) -> Result<Option<shardsmith_converters::Artifact>> {
+    let Some(path) = o.tokenizer.as_deref() else { return Ok(None) };
+    let source = sentencepiece::read_model_file(path)?;
+    let pieces = sentencepiece::SentencePieceModel::parse(source.bytes()?.into_owned(), path)?.len();
+    if pieces > rows {
+        bail!(
+            "--tokenizer {}: {pieces} pieces, but the model's embedding has {rows} rows; it is another model's tokenizer",
+            path.display()
+        );
+    }
+    Ok(Some(shardsmith_converters::Artifact { name: "tokenizer.model".into(), source }))
 }
 
 /// The container to write: `--to`, else a `.nemo` for a `.nemo` destination (or `--extracted`
@@ -201,14 +211,14 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
     let target = match (is_nemo(src), to) {
         (false, TargetKind::Nemo) => {
             // Say what the model is before asking for a tokenizer (headers only; cheap).
-            llama::from_hf(src)?;
-            let tokenizer = match given_tokenizer(o)? {
+            let rows = llama::from_hf(src)?.hparams.vocab;
+            let tokenizer = match given_tokenizer(o, rows)? {
                 Some(given) => Some(given),
                 None => match src.meta.artifacts.iter().find(|a| a.name == "tokenizer.model") {
                     Some(a) => Some(shardsmith_converters::convert::tokenizer::sentencepiece_with_hf_added(
                         src,
                         a,
-                        llama::from_hf(src)?.hparams.vocab,
+                        rows,
                         &[],
                     )?),
                     None => None,
@@ -229,7 +239,10 @@ pub fn build_target(src: &Checkpoint, dst: &Path, o: &Options) -> Result<(Checkp
             llama::hf_to_nemo(src, &t, tokenizer.as_ref())?
         }
         (true, TargetKind::Nemo) => llama::reshard_nemo(src, o.tp, o.pp, o.layout, o.dtype)?,
-        (true, TargetKind::Hf) => llama::nemo_to_hf(src, o.vocab, o.dtype, given_tokenizer(o)?.as_ref())?,
+        // The reader checks the tokenizer against the stored rows (it may be the only tokenizer).
+        (true, TargetKind::Hf) => {
+            llama::nemo_to_hf(src, o.vocab, o.dtype, given_tokenizer(o, usize::MAX)?.as_ref())?
+        }
         (_, TargetKind::Llava) => {
             bail!("--to llava needs a multimodal source (NeVA .nemo, llava-hf or LLaVA)")
         }
@@ -494,8 +507,9 @@ pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec
         _ => llava::from_llava_original(src, given)?,
     };
     c.template = o.template.or(c.template);
-    if let Some(p) = &o.tokenizer {
-        c.tokenizer = Some(sentencepiece::read_model_file(p)?);
+    if let Some(given) = given_tokenizer(o, c.llm.hparams.vocab)? {
+        c.tokenizer = Some(given.source);
+        c.tokenizer_json = None;
     }
     let side = vision_dir_for(dst);
     let mut outputs = Vec::new();
