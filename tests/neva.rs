@@ -313,6 +313,14 @@ fn the_core_finds_a_nevas_tower() {
     );
     let c = with_tower(&formats::open(&lone).unwrap(), Some(&work.path().join("elsewhere"))).unwrap();
     check(&c);
+    // Another tower than the one the file records is named, not run.
+    let err =
+        with_tower(&formats::open(&lone).unwrap(), Some(&fixture("clip-vision"))).unwrap_err().to_string();
+    assert!(
+        err.contains("clip-vision/config.json: not the vision tower")
+            && err.contains("num_hidden_layers 2 vs 3"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -645,6 +645,16 @@ fn swap_llm_keeps_vision_and_projector_brings_the_tokenizer_and_refuses_mismatch
     let err =
         refused(&["surgery", "swap-llm", s(&bundle), "--llm", s(&nemo), "-o", s(&work.path().join("x"))]);
     assert!(err.contains("convert the .nemo first"), "{err}");
+    let err = refused(&[
+        "surgery",
+        "swap-llm",
+        s(&bundle),
+        "--llm",
+        s(&fixture("llama-gqa-bin")),
+        "-o",
+        s(&work.path().join("x")),
+    ]);
+    assert!(err.contains("missing a tokenizer (tokenizer.model or tokenizer.json)"), "{err}");
     assert!(!work.path().join("x").exists());
 }
 

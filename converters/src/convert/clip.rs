@@ -59,6 +59,31 @@ pub enum ClipActivation {
     Gelu,
 }
 
+impl ClipVisionConfig {
+    /// The fields that differ from `other`, as `name self vs other`.
+    pub fn differences(&self, other: &ClipVisionConfig) -> Vec<String> {
+        let fields = |c: &ClipVisionConfig| {
+            [
+                ("hidden_size", c.hidden_size.to_string()),
+                ("intermediate_size", c.intermediate_size.to_string()),
+                ("num_hidden_layers", c.num_hidden_layers.to_string()),
+                ("num_attention_heads", c.num_attention_heads.to_string()),
+                ("patch_size", c.patch_size.to_string()),
+                ("image_size", c.image_size.to_string()),
+                ("num_channels", c.num_channels.to_string()),
+                ("layer_norm_eps", c.layer_norm_eps.to_string()),
+                ("hidden_act", format!("{:?}", c.hidden_act)),
+            ]
+        };
+        fields(self)
+            .into_iter()
+            .zip(fields(other))
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((name, a), (_, b))| format!("{name} {a} vs {b}"))
+            .collect()
+    }
+}
+
 impl Default for ClipVisionConfig {
     /// HF `CLIPVisionConfig()` defaults (ViT-B/32), used for keys a config omits.
     fn default() -> Self {

@@ -474,7 +474,26 @@ pub fn from_neva(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<Canoni
             (None, None) => None,
         };
         match given {
-            Some(v) => (v.tensors, v.config, VisionSource::Directory(v.origin), v.preprocessor),
+            Some(v) => {
+                // The tower the file was made with is recorded; another one would run silently wrong.
+                if let (Some(recorded), Some(found)) = (
+                    yaml_config.as_ref().map(|c| clip::tower_dims(c, path)).transpose()?.flatten(),
+                    clip::tower_dims(&v.config, &v.origin)?,
+                ) {
+                    let differing = found.differences(&recorded);
+                    if !differing.is_empty() {
+                        return Err(Error::invalid(
+                            v.origin.join("config.json"),
+                            format!(
+                                "not the vision tower {} was made with: {} (this directory's, then mm_cfg.vision_encoder.hf_config's)",
+                                path.display(),
+                                differing.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                (v.tensors, v.config, VisionSource::Directory(v.origin), v.preprocessor)
+            }
             None => {
                 let name = from_pretrained.clone().unwrap_or_default();
                 let config = yaml_config.or_else(|| names::known_clip_config(&name)).unwrap_or(Json::Null);

@@ -63,7 +63,13 @@ impl LoraConfig {
                 return Err(bad(format!("peft_type is '{t}'; only LORA adapters can be merged")));
             }
         }
-        if v.get("use_dora").and_then(Json::as_bool) == Some(true) {
+        // A flag PEFT would read as true must not be read as false here.
+        let flag = |key: &str| match v.get(key) {
+            None | Some(Json::Null) => Ok(false),
+            Some(Json::Bool(b)) => Ok(*b),
+            Some(other) => Err(bad(format!("{key} should be true or false, found {other}"))),
+        };
+        if flag("use_dora")? {
             return Err(bad("use_dora: DoRA adapters (magnitude vectors) are not supported".into()));
         }
         let r = match v.get("r") {
@@ -108,14 +114,7 @@ impl LoraConfig {
                     .ok_or_else(|| bad(format!("alpha_pattern '{k}': {a} is not a number")))
             })
             .collect::<Result<_>>()?;
-        Ok(LoraConfig {
-            r,
-            alpha,
-            rslora: v.get("use_rslora").and_then(Json::as_bool).unwrap_or(false),
-            targets,
-            rank_pattern,
-            alpha_pattern,
-        })
+        Ok(LoraConfig { r, alpha, rslora: flag("use_rslora")?, targets, rank_pattern, alpha_pattern })
     }
 
     /// (rank, alpha, scale) for `module`.
@@ -425,6 +424,10 @@ mod tests {
         let rs = LoraConfig::parse(&json!({"r": 16, "lora_alpha": 8, "use_rslora": true}), Path::new("c"))
             .unwrap();
         assert_eq!(rs.scaling("x").unwrap().2, 2.0);
+        for bad in [json!({"use_rslora": "yes"}), json!({"use_dora": "true"})] {
+            let err = LoraConfig::parse(&bad, Path::new("c")).unwrap_err().to_string();
+            assert!(err.contains("should be true or false"), "{bad}: {err}");
+        }
         assert!(LoraConfig::parse(&json!({"use_dora": true}), Path::new("c"))
             .unwrap_err()
             .to_string()

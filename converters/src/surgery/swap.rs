@@ -73,6 +73,12 @@ pub fn swap_llm(bundle_ckpt: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit>
         })?;
     let pad = token_of("pad_token_id", &old_text).or_else(|| token_of("pad_token_id", &bundle.config));
     let new_view = TokenizerView::read(&llm)?;
+    if !new_view.found() {
+        return Err(Error::missing(
+            &llm_ckpt.meta.path,
+            "a tokenizer (tokenizer.model or tokenizer.json): the swapped bundle reads text with the new LLM's",
+        ));
+    }
     let mut missing: Vec<String> = Vec::new();
     for (_, t) in [Some(&image), pad.as_ref()].into_iter().flatten() {
         // A bundle that pads with its image token names it once.
