@@ -150,50 +150,35 @@ fn target_kind(src: &Checkpoint, dst: &Path, o: &Options) -> Result<TargetKind> 
     } else {
         TargetKind::Hf
     });
-    let mut unused = Vec::new();
-    if to != TargetKind::Nemo {
-        let nemo_only = [
-            (o.tp != 1, "--tp"),
-            (o.pp != 1, "--pp"),
-            (o.layout.is_some(), "--layout"),
-            (o.gzip, "--gzip"),
-            (o.extracted, "--extracted"),
-        ];
-        unused.extend(nemo_only.iter().filter(|(given, _)| *given).map(|(_, flag)| *flag));
-    }
-    if to == TargetKind::Nemo {
-        // A .nemo's vocabulary follows its tokenizer; a reshard keeps the tokenizer it has.
-        unused.extend(
-            [(o.vocab.is_some(), "--vocab-size"), (is_nemo(src) && o.tokenizer.is_some(), "--tokenizer")]
-                .iter()
-                .filter(|(given, _)| *given)
-                .map(|(_, flag)| *flag),
-        );
-    }
-    if to == TargetKind::Hf && matches!(o.vision, Some(VisionArg::Bundle | VisionArg::Separate)) {
-        unused.push("--vision bundle|separate (a llava-hf directory always holds its tower)");
-    }
-    if !is_nemo(src) && to == TargetKind::Hf && !neva::is_multimodal(src) {
-        // An HF copy keeps its own vocabulary and tokenizer files.
-        unused.extend(
-            [(o.vocab.is_some(), "--vocab-size"), (o.tokenizer.is_some(), "--tokenizer")]
-                .iter()
-                .filter(|(given, _)| *given)
-                .map(|(_, flag)| *flag),
-        );
-    }
+    let nemo = to == TargetKind::Nemo;
+    // An HF copy keeps its own vocabulary and tokenizer files; a .nemo's vocabulary follows its
+    // tokenizer, and a reshard keeps the tokenizer it has.
+    let hf_copy = !is_nemo(src) && to == TargetKind::Hf && !neva::is_multimodal(src);
+    let flags = [
+        (!nemo && o.tp != 1, "--tp"),
+        (!nemo && o.pp != 1, "--pp"),
+        (!nemo && o.layout.is_some(), "--layout"),
+        (!nemo && o.gzip, "--gzip"),
+        (!nemo && o.extracted, "--extracted"),
+        ((nemo || hf_copy) && o.vocab.is_some(), "--vocab-size"),
+        ((nemo && is_nemo(src) || hf_copy) && o.tokenizer.is_some(), "--tokenizer"),
+        (
+            to == TargetKind::Hf && matches!(o.vision, Some(VisionArg::Bundle | VisionArg::Separate)),
+            "--vision bundle|separate (a llava-hf directory always holds its tower)",
+        ),
+    ];
+    let unused: Vec<&str> = flags.iter().filter(|(refused, _)| *refused).map(|(_, flag)| *flag).collect();
     if !unused.is_empty() {
-        let what = match to {
-            TargetKind::Nemo => "a .nemo",
-            TargetKind::Hf => "an HF directory",
-            TargetKind::Llava => "a LLaVA directory",
-        };
-        let why = match to {
-            TargetKind::Nemo => {
+        let (what, why) = match to {
+            TargetKind::Nemo => (
+                "a .nemo",
                 "a .nemo's vocabulary follows its tokenizer, and a reshard keeps the tokenizer it has"
-                    .to_string()
-            }
-            _ => format!("the destination {} decides the container; --to nemo writes a .nemo", dst.display()),
+                    .to_string(),
+            ),
+            TargetKind::Hf | TargetKind::Llava => (
+                if to == TargetKind::Hf { "an HF directory" } else { "a LLaVA directory" },
+                format!("the destination {} decides the container; --to nemo writes a .nemo", dst.display()),
+            ),
         };
         bail!(
             "{} {} when writing {what} from {} ({why})",

@@ -11,9 +11,10 @@
 use super::model::LlamaModel;
 use super::parts::{stored_name, Bundle, Part};
 use super::plan::{Action, Change, Edit, Plan, WriteAs};
-use super::tokens::TokenizerView;
+use super::tokens::{parse_json, TokenizerView};
 use super::vocab::{Init, VocabChange};
 use crate::checkpoint::{Artifact, ByteSource, Checkpoint, ModelConfig, TensorMap};
+use crate::convert::clip::json_bytes;
 use crate::error::{Error, Result};
 use crate::names::llama::LlamaHparams;
 use serde_json::{json, Value as Json};
@@ -223,44 +224,37 @@ fn with_tokenizer_of(
     let is_tok = |a: &&Artifact| TOKENIZER_FILES.contains(&a.name.as_str());
     let mut out: Vec<Artifact> = bundle.iter().filter(|a| !is_tok(a)).cloned().collect();
     let template = match bundle.iter().find(|a| a.name == "tokenizer_config.json") {
-        Some(a) => serde_json::from_slice::<Json>(&a.source.bytes()?)
-            .map_err(|e| Error::malformed(path.join(&a.name), "json", e.to_string()))?
-            .get("chat_template")
-            .cloned(),
+        Some(a) => parse_json(&a.source.bytes()?, &path.join(&a.name))?.get("chat_template").cloned(),
         None => None,
     };
     for a in llm.iter().filter(is_tok) {
-        let mut a = a.clone();
         // The bundle's pad token (its batches pad with it) is the tokenizer's pad token.
-        if let (Some(p), "tokenizer_config.json" | "special_tokens_map.json") = (pad, a.name.as_str()) {
-            let mut v: Json = serde_json::from_slice(&a.source.bytes()?)
-                .map_err(|e| Error::malformed(path.join(&a.name), "json", e.to_string()))?;
-            let o = v
-                .as_object_mut()
-                .ok_or_else(|| Error::invalid(path.join(&a.name), format!("{} is not an object", a.name)))?;
-            o.insert("pad_token".into(), json!(p));
-            a.source = ByteSource::owned(serde_json::to_vec_pretty(&v).expect("JSON value"));
+        let mut set: Vec<(&str, Json)> = Vec::new();
+        if matches!(a.name.as_str(), "tokenizer_config.json" | "special_tokens_map.json") {
+            set.extend(pad.map(|p| ("pad_token", json!(p))));
         }
-        out.push(a);
+        if a.name == "tokenizer_config.json" {
+            set.extend(template.clone().map(|t| ("chat_template", t)));
+        }
+        out.push(if set.is_empty() { a.clone() } else { with_keys(a, &set, path)? });
     }
-    if let Some(t) = template {
-        match out.iter_mut().find(|a| a.name == "tokenizer_config.json") {
-            Some(a) => {
-                let mut v: Json = serde_json::from_slice(&a.source.bytes()?)
-                    .map_err(|e| Error::malformed(path.join(&a.name), "json", e.to_string()))?;
-                let o = v.as_object_mut().ok_or_else(|| {
-                    Error::invalid(path.join(&a.name), "tokenizer_config.json is not an object")
-                })?;
-                o.insert("chat_template".into(), t);
-                a.source = ByteSource::owned(serde_json::to_vec_pretty(&v).expect("JSON value"));
-            }
-            None => out.push(Artifact {
-                name: "chat_template.json".into(),
-                source: ByteSource::owned(
-                    serde_json::to_vec_pretty(&json!({ "chat_template": t })).expect("JSON value"),
-                ),
-            }),
-        }
+    if let Some(t) = template.filter(|_| !llm.iter().any(|a| a.name == "tokenizer_config.json")) {
+        out.push(Artifact {
+            name: "chat_template.json".into(),
+            source: ByteSource::owned(json_bytes(&json!({ "chat_template": t }))),
+        });
     }
     Ok(out)
+}
+
+/// A JSON-object artifact with `keys` set.
+fn with_keys(a: &Artifact, keys: &[(&str, Json)], path: &Path) -> Result<Artifact> {
+    let origin = path.join(&a.name);
+    let mut v = parse_json(&a.source.bytes()?, &origin)?;
+    let o =
+        v.as_object_mut().ok_or_else(|| Error::invalid(&origin, format!("{} is not an object", a.name)))?;
+    for (k, value) in keys {
+        o.insert((*k).into(), value.clone());
+    }
+    Ok(Artifact { name: a.name.clone(), source: ByteSource::owned(json_bytes(&v)) })
 }

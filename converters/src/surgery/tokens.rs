@@ -153,7 +153,7 @@ impl TokenizerView {
     }
 }
 
-fn parse_json(bytes: &[u8], origin: &Path) -> Result<Json> {
+pub(crate) fn parse_json(bytes: &[u8], origin: &Path) -> Result<Json> {
     serde_json::from_slice(bytes).map_err(|e| Error::malformed(origin, "json", e.to_string()))
 }
 
