@@ -280,3 +280,39 @@ fn transformers_loads_llava_hf_converted_through_neva() {
         assert!(line.starts_with("OK"), "{tag}: {line}");
     }
 }
+
+/// transformers tokenizes with what a round trip through a `.nemo` writes back exactly as with
+/// the directory it started from, fast and slow tokenizers both (special tokens mid-text, where
+/// LlamaTokenizer's `legacy` and `add_prefix_space` settings decide): LLaMA HF → .nemo (TP 2) →
+/// reshard → HF, llava-hf → NeVA → llava-hf, original LLaVA → NeVA → LLaVA.
+#[test]
+fn transformers_tokenizes_round_trips_as_their_source() {
+    let Some(py) = reference_python() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_shardsmith");
+    let p = |name: &str| out.path().join(name).to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let tower = fixture("llava-tiny-clip");
+    for (source, there, extra, back) in [
+        ("llama-gqa", vec!["--tp", "2"], vec!["--tp", "1"], vec![]),
+        ("llava-tiny", vec!["--tp", "2", "--template", "vicuna_v1"], vec!["--pp", "2"], vec![]),
+        (
+            "llava-orig-tiny",
+            vec!["--template", "llama_2", "--vision", tower.to_str().unwrap()],
+            vec![],
+            vec!["--to", "llava"],
+        ),
+    ] {
+        let (nemo, resharded, hf) =
+            (p(&format!("{source}.nemo")), p(&format!("{source}-2.nemo")), p(&format!("{source}-hf")));
+        let src = fixture(source);
+        run(&[&["convert", src.to_str().unwrap(), &nemo][..], &there].concat());
+        run(&[&["convert", &nemo, &resharded][..], &extra].concat());
+        run(&[&["convert", &resharded, &hf][..], &back].concat());
+        let line = run_checker(&py, "hf_tokenizer_check.py", &[Path::new(&hf), &src]);
+        assert!(line.starts_with("OK"), "{source}: {line}");
+    }
+}

@@ -150,6 +150,7 @@ pub fn assemble(
         }
     };
     let projector = llava::check_projector(kind, width, hidden, projector, origin)?;
+    let (llm_tokenizer_json, tokenizer_config) = tokenizer::hf_tokenizer_files(llm_ckpt);
     Ok(CanonicalLlava {
         llm,
         vision: vision.tensors,
@@ -165,7 +166,9 @@ pub fn assemble(
         image_aspect_ratio: Some(o.image_aspect_ratio.clone()),
         template: Some(o.template),
         tokenizer: o.tokenizer.clone().or(tokenizer),
-        tokenizer_json: None,
+        // The LLM's fast tokenizer describes its own SentencePiece model only.
+        tokenizer_json: if o.tokenizer.is_some() { None } else { llm_tokenizer_json },
+        tokenizer_config,
         preprocessor: vision.preprocessor,
         converted_from: None,
     })

@@ -8,6 +8,8 @@ use crate::checkpoint::{
     Artifact, ByteSource, Checkpoint, Flavour, Meta, ModelConfig, NemoLayout, Parallelism, Rank, Shard,
     TensorEntry, TensorMap,
 };
+use crate::convert::clip::json_bytes;
+use crate::convert::sentencepiece::SentencePieceModel;
 use crate::convert::tokenizer;
 use crate::error::{Error, Result};
 use crate::formats::nemo::{self, NemoConfig};
@@ -577,7 +579,9 @@ fn nemo_checkpoint(
 }
 
 /// HF directory checkpoint → `.nemo` checkpoint (yaml derived from `config.json`, tokenizer as a
-/// `nemo:` artifact). `tokenizer_model` is the SentencePiece file to register.
+/// `nemo:` artifact). `tokenizer_model` is the SentencePiece file to register. The source's
+/// `tokenizer.json` and `tokenizer_config.json` are kept beside it for converting back
+/// ([`tokenizer::hf_tokenizer_files`]; the first only while it describes the model then).
 pub fn hf_to_nemo(
     src: &Checkpoint,
     target: &NemoTarget,
@@ -597,6 +601,14 @@ pub fn hf_to_nemo(
         }
         None => None,
     };
+    if tokenizer_ref.is_some() {
+        let (json, config) = tokenizer::hf_tokenizer_files(src);
+        for (name, file) in
+            [(tokenizer::NEMO_HF_TOKENIZER_JSON, json), (tokenizer::NEMO_HF_TOKENIZER_CONFIG, config)]
+        {
+            artifacts.extend(file.map(|source| Artifact { name: name.into(), source }));
+        }
+    }
     let dtype =
         target.dtype.unwrap_or(c.tensors.get("model.embed_tokens.weight").map_or(DType::F32, |t| t.dtype));
     let yaml = c.hparams.nemo_yaml(&NemoYamlOptions {
@@ -684,18 +696,17 @@ pub fn nemo_to_hf(
             ));
         }
     }
+    let (kept_json, kept_config) = tokenizer::hf_tokenizer_files(src);
     if let Some(model) = model {
         artifacts.push(Artifact { name: "tokenizer.model".into(), source: model.source.clone() });
-        let tok_cfg = serde_json::json!({
-            "tokenizer_class": "LlamaTokenizer",
-            "bos_token": "<s>",
-            "eos_token": "</s>",
-            "unk_token": "<unk>",
-            "add_bos_token": true,
-            "add_eos_token": false,
-            "legacy": true,
-            "model_max_length": c.hparams.max_positions,
-        });
+        // The fast tokenizer this .nemo was converted with, while it still describes the model.
+        if let (None, Some(json)) = (tokenizer, &kept_json) {
+            let sp = SentencePieceModel::parse(model.source.bytes()?.into_owned(), &src.meta.path)?;
+            if let Some(carried) = tokenizer::carry_tokenizer_json(json, &sp, &[])? {
+                artifacts.push(Artifact { name: "tokenizer.json".into(), source: carried });
+            }
+        }
+        let tok_cfg = tokenizer::llama_tokenizer_config(c.hparams.max_positions, kept_config.as_ref());
         artifacts.push(Artifact {
             name: "tokenizer_config.json".into(),
             source: ByteSource::owned(json_bytes(&tok_cfg)),
@@ -714,12 +725,6 @@ pub fn nemo_to_hf(
         artifacts,
     };
     Ok(Checkpoint::single(meta, c.tensors))
-}
-
-fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
-    let mut b = serde_json::to_vec_pretty(v).expect("JSON values serialise");
-    b.push(b'\n');
-    b
 }
 
 #[cfg(test)]

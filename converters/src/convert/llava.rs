@@ -19,7 +19,7 @@ use crate::checkpoint::{
 use crate::convert::clip::{self, json_bytes, ClipVision};
 use crate::convert::llama::{self, CanonicalLlama};
 use crate::convert::sentencepiece::SentencePieceModel;
-use crate::convert::vocab;
+use crate::convert::{tokenizer, vocab};
 use crate::error::{Error, Result};
 use crate::names::neva::{self as names, ConvertedFrom, ProjectorType, Template};
 use crate::DType;
@@ -105,6 +105,9 @@ pub struct CanonicalLlava {
     /// file rebuilt from the SentencePiece model would not, so [`to_llava_hf`] writes it again
     /// when it still describes `tokenizer` and the image tokens.
     pub tokenizer_json: Option<ByteSource>,
+    /// The source's HF `tokenizer_config.json`, whose settings (`legacy`, `add_prefix_space`, …)
+    /// the HF directories written from this one keep ([`tokenizer::llama_tokenizer_config`]).
+    pub tokenizer_config: Option<ByteSource>,
     /// HF `preprocessor_config.json` of the vision tower, when the source has one.
     pub preprocessor: Option<ByteSource>,
     /// What a NeVA file records about the checkpoint it was converted from.
@@ -387,6 +390,7 @@ pub fn from_llava_hf(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
             format!("config.json: image_token_index {image_token} is past the {rows}-row embedding"),
         ));
     }
+    let (tokenizer_json, tokenizer_config) = tokenizer::hf_tokenizer_files(ckpt);
     Ok(CanonicalLlava {
         llm,
         vision,
@@ -402,7 +406,8 @@ pub fn from_llava_hf(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
         image_aspect_ratio: None,
         template: hf_template(ckpt),
         tokenizer: artifact(ckpt, "tokenizer.model").cloned(),
-        tokenizer_json: artifact(ckpt, "tokenizer.json").cloned(),
+        tokenizer_json,
+        tokenizer_config,
         preprocessor: artifact(ckpt, "preprocessor_config.json").cloned(),
         converted_from: None,
     })
@@ -525,6 +530,7 @@ pub fn from_llava_original(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Res
         }
     }
     let projector = check_projector(kind, width, hidden, projector, path)?;
+    let (tokenizer_json, tokenizer_config) = tokenizer::hf_tokenizer_files(ckpt);
     Ok(CanonicalLlava {
         llm,
         vision: tensors,
@@ -540,7 +546,8 @@ pub fn from_llava_original(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Res
         image_aspect_ratio: cfg.get("image_aspect_ratio").and_then(Json::as_str).map(str::to_string),
         template: None,
         tokenizer: artifact(ckpt, "tokenizer.model").cloned(),
-        tokenizer_json: artifact(ckpt, "tokenizer.json").cloned(),
+        tokenizer_json,
+        tokenizer_config,
         preprocessor,
         converted_from: None,
     })
@@ -741,17 +748,7 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
             &json!({"bos_token_id": bos, "eos_token_id": eos, "_from_model_config": true}),
         ),
     ];
-    let mut tok = json!({
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "add_bos_token": true,
-        "add_eos_token": false,
-        "legacy": false,
-        "model_max_length": c.llm.hparams.max_positions,
-        "padding_side": "right",
-    });
+    let mut tok = tokenizer::llama_tokenizer_config(c.llm.hparams.max_positions, c.tokenizer_config.as_ref());
     let mut special = json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"});
     let added: Vec<(u32, &str)> = hf_tokens
         .map(|(image, pad)| vec![(image, names::HF_IMAGE_TOKEN), (pad, names::HF_PAD_TOKEN)])
@@ -785,47 +782,12 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
 }
 
 /// The source's `tokenizer.json` for an output whose tokenizer is `c.tokenizer` with exactly
-/// `added` after its pieces: written again (those tokens appended as special added tokens when
-/// it lacks them) when its vocabulary is that model's pieces, id for id, and every added token it
-/// has is one of them. `None` otherwise (a replaced tokenizer, other added tokens): the output
-/// then has the SentencePiece files only, which transformers converts itself.
+/// `added` after its pieces ([`tokenizer::carry_tokenizer_json`]).
 fn carried_tokenizer_json(c: &CanonicalLlava, added: &[(u32, &str)]) -> Result<Option<ByteSource>> {
-    let (Some(json), Some(sp)) = (&c.tokenizer_json, c.sentencepiece()?) else { return Ok(None) };
-    let Ok(mut v) = serde_json::from_slice::<Json>(&json.bytes()?) else { return Ok(None) };
-    let pieces = sp.pieces();
-    let same_vocabulary = v.pointer("/model/vocab").and_then(Json::as_object).is_some_and(|vocab| {
-        vocab.len() == pieces.len()
-            && pieces
-                .iter()
-                .enumerate()
-                .all(|(id, p)| vocab.get(&p.piece).and_then(Json::as_u64) == Some(id as u64))
-    });
-    let Some(list) = v.get_mut("added_tokens").and_then(Json::as_array_mut).filter(|_| same_vocabulary)
-    else {
-        return Ok(None);
-    };
-    let describes = |t: &Json| match (t["id"].as_u64(), t["content"].as_str()) {
-        (Some(id), Some(text)) => match pieces.get(id as usize) {
-            Some(p) => p.piece == text,
-            None => added.iter().any(|(i, a)| u64::from(*i) == id && *a == text),
-        },
-        _ => false,
-    };
-    if !list.iter().all(describes) {
-        return Ok(None);
+    match (&c.tokenizer_json, c.sentencepiece()?) {
+        (Some(json), Some(sp)) => tokenizer::carry_tokenizer_json(json, &sp, added),
+        _ => Ok(None),
     }
-    let missing: Vec<_> = added
-        .iter()
-        .filter(|(id, _)| !list.iter().any(|t| t["id"].as_u64() == Some(u64::from(*id))))
-        .collect();
-    if missing.is_empty() {
-        return Ok(Some(json.clone()));
-    }
-    for (id, text) in missing {
-        list.push(json!({"id": id, "content": text, "single_word": false, "lstrip": false,
-                         "rstrip": false, "normalized": false, "special": true}));
-    }
-    Ok(Some(ByteSource::owned(json_bytes(&v))))
 }
 
 /// Canonical bundle → original LLaVA directory checkpoint (`LlavaLlamaForCausalLM`): LLaMA keys,

@@ -292,6 +292,17 @@ pub fn to_neva(c: &CanonicalLlava, t: &NevaTarget) -> Result<Checkpoint> {
         tokenizer_model: tokenizer_ref,
         converted_from,
     };
+    let mut artifacts = vec![Artifact { name: tok_name, source: ByteSource::owned(tok_bytes) }];
+    // The source's fast tokenizer, for converting back (checked against the model then).
+    let kept = [
+        (tokenizer::NEMO_HF_TOKENIZER_JSON, &c.tokenizer_json),
+        (tokenizer::NEMO_HF_TOKENIZER_CONFIG, &c.tokenizer_config),
+    ];
+    for (name, file) in kept {
+        if let Some(file) = file {
+            artifacts.push(Artifact { name: name.into(), source: file.clone() });
+        }
+    }
     let text = yaml::emit(&names::neva_yaml_map(map, &neva));
     let cfg = NemoConfig::parse(text, Path::new("model_config.yaml"))?;
     let parallel = Parallelism { tp: t.tp, pp: t.pp };
@@ -304,7 +315,7 @@ pub fn to_neva(c: &CanonicalLlava, t: &NevaTarget) -> Result<Checkpoint> {
         },
         parallel,
         config: Some(ModelConfig::NemoYaml(cfg)),
-        artifacts: vec![Artifact { name: tok_name, source: ByteSource::owned(tok_bytes) }],
+        artifacts,
     };
     Ok(Checkpoint { meta, shards })
 }
@@ -515,6 +526,8 @@ pub fn from_neva(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<Canoni
     let projector = llava::check_projector(kind, width, llm.hparams.hidden, projector, path)?;
     let template =
         cfg.get_str("data.conv_template").or(cfg.get_str("mm_cfg.llm.model_type")).and_then(Template::parse);
+    // The source's HF tokenizer files, kept for converting back (see `to_neva`).
+    let (tokenizer_json, tokenizer_config) = tokenizer::hf_tokenizer_files(ckpt);
     let c = CanonicalLlava {
         llm,
         vision: vision_tensors,
@@ -538,7 +551,8 @@ pub fn from_neva(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<Canoni
         image_aspect_ratio: cfg.get_str("data.image_aspect_ratio").map(str::to_string),
         template,
         tokenizer: Some(ByteSource::owned(sp.bytes().to_vec())),
-        tokenizer_json: None,
+        tokenizer_json,
+        tokenizer_config,
         preprocessor,
         converted_from,
     };

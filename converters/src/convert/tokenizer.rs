@@ -1,6 +1,7 @@
 //! Tokenizer facts the converters need: vocabulary size and deterministic artifact names.
 
-use crate::checkpoint::{Artifact, Checkpoint};
+use crate::checkpoint::{Artifact, ByteSource, Checkpoint};
+use crate::convert::sentencepiece::SentencePieceModel;
 use crate::describe::sentencepiece_pieces;
 use crate::error::{Error, Result};
 use crate::formats::nemo::{self, NemoConfig};
@@ -54,15 +55,120 @@ pub fn artifact_name(basename: &str, content: &[u8]) -> String {
     format!("{:016x}{:016x}_{basename}", fnv(0xcbf2_9ce4_8422_2325), fnv(0x6c62_272e_07bb_0142))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn artifact_names_are_content_addressed() {
-        let a = super::artifact_name("tokenizer.model", b"abc");
-        assert_eq!(a.len(), 32 + 1 + "tokenizer.model".len());
-        assert_eq!(a, super::artifact_name("tokenizer.model", b"abc"));
-        assert_ne!(a, super::artifact_name("tokenizer.model", b"abd"));
+/// Settings of transformers' `LlamaTokenizer` that change how it splits, pads or decodes text
+/// (`legacy`: a "▁" after special tokens; `add_prefix_space`: one before the text). They hold
+/// for any SentencePiece model, so a written directory takes the source's.
+const TOKENIZER_BEHAVIOUR: [&str; 8] = [
+    "legacy",
+    "add_prefix_space",
+    "add_bos_token",
+    "add_eos_token",
+    "clean_up_tokenization_spaces",
+    "spaces_between_special_tokens",
+    "padding_side",
+    "sp_model_kwargs",
+];
+
+/// The `tokenizer_config.json` of a `LlamaTokenizer` over a SentencePiece model, as our HF and
+/// llava-hf exports write it, with the [`TOKENIZER_BEHAVIOUR`] settings of `source` (the source
+/// directory's `tokenizer_config.json`) where it has them. Without one: `legacy: false`, which
+/// tokenizes as NeMo's SentencePiece tokenizer (`sentencepiece_legacy: false`) does, with no
+/// extra "▁" after a special token, and otherwise what Meta's LLaMA-2 directories ship.
+pub fn llama_tokenizer_config(max_positions: usize, source: Option<&ByteSource>) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": true,
+        "add_eos_token": false,
+        "legacy": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": max_positions,
+        "padding_side": "right",
+    });
+    // An unreadable source file was refused where its added tokens were read; here it only
+    // means there are no settings to keep.
+    let source = source.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b.bytes().ok()?).ok());
+    if let Some(source) = source.as_ref().and_then(serde_json::Value::as_object) {
+        for key in TOKENIZER_BEHAVIOUR {
+            if let Some(v) = source.get(key) {
+                config[key] = v.clone();
+            }
+        }
     }
+    config
+}
+
+/// The archive member in which a `.nemo` converted from an HF directory keeps that directory's
+/// `tokenizer_config.json`, whose [`TOKENIZER_BEHAVIOUR`] settings converting back restores.
+/// NeMo never reads it.
+pub const NEMO_HF_TOKENIZER_CONFIG: &str = "hf_tokenizer_config.json";
+
+/// The archive member in which a `.nemo` converted from an HF directory keeps that directory's
+/// fast tokenizer (`tokenizer.json`). NeMo never reads it: it reads the archive members its config
+/// names. Converting back writes it again while it still describes the SentencePiece model
+/// ([`carry_tokenizer_json`]). That matters because the fast tokenizer transformers builds from
+/// `tokenizer.model` alone can split text around special tokens differently from the one the
+/// user started with.
+pub const NEMO_HF_TOKENIZER_JSON: &str = "hf_tokenizer.json";
+
+/// `json` (a `tokenizer.json`) for an output whose tokenizer is `sp` with exactly `added` after
+/// its pieces. It is written again when its vocabulary is `sp`'s first pieces, id for id. Every
+/// further piece (an HF added token stored as a user-defined piece) must be one of its added
+/// tokens, and every added token it has must be a piece or one of `added`. Tokens of `added`
+/// that it lacks are appended as special added tokens. `None` otherwise (a replaced or edited
+/// tokenizer): the output then has the SentencePiece files only, which transformers converts
+/// itself.
+pub fn carry_tokenizer_json(
+    json: &ByteSource,
+    sp: &SentencePieceModel,
+    added: &[(u32, &str)],
+) -> Result<Option<ByteSource>> {
+    use serde_json::{json, Value as Json};
+    let Ok(mut v) = serde_json::from_slice::<Json>(&json.bytes()?) else { return Ok(None) };
+    let pieces = sp.pieces();
+    let base = v.pointer("/model/vocab").and_then(Json::as_object).filter(|vocab| {
+        vocab.len() <= pieces.len()
+            && pieces[..vocab.len()]
+                .iter()
+                .enumerate()
+                .all(|(id, p)| vocab.get(&p.piece).and_then(Json::as_u64) == Some(id as u64))
+    });
+    let Some(base) = base.map(|vocab| vocab.len()) else { return Ok(None) };
+    let Some(list) = v.get_mut("added_tokens").and_then(Json::as_array_mut) else { return Ok(None) };
+    let describes = |t: &Json| match (t["id"].as_u64(), t["content"].as_str()) {
+        (Some(id), Some(text)) => match pieces.get(id as usize) {
+            Some(p) => p.piece == text,
+            None => added.iter().any(|(i, a)| u64::from(*i) == id && *a == text),
+        },
+        _ => false,
+    };
+    let listed = |id: usize| list.iter().any(|t| t["id"].as_u64() == Some(id as u64));
+    if !list.iter().all(describes) || !(base..pieces.len()).all(listed) {
+        return Ok(None);
+    }
+    let missing: Vec<_> = added.iter().filter(|(id, _)| !listed(*id as usize)).collect();
+    if missing.is_empty() {
+        return Ok(Some(json.clone()));
+    }
+    for (id, text) in missing {
+        list.push(json!({"id": id, "content": text, "single_word": false, "lstrip": false,
+                         "rstrip": false, "normalized": false, "special": true}));
+    }
+    Ok(Some(ByteSource::owned(crate::convert::clip::json_bytes(&v))))
+}
+
+/// The HF tokenizer files a checkpoint carries for its SentencePiece model: (`tokenizer.json`,
+/// `tokenizer_config.json`) of an HF directory, or the copies a `.nemo` converted from one keeps
+/// ([`NEMO_HF_TOKENIZER_JSON`], [`NEMO_HF_TOKENIZER_CONFIG`]).
+pub fn hf_tokenizer_files(ckpt: &Checkpoint) -> (Option<ByteSource>, Option<ByteSource>) {
+    let nemo = matches!(ckpt.meta.flavour, crate::checkpoint::Flavour::Nemo { .. });
+    let file = |hf: &str, kept: &str| {
+        let name = if nemo { kept } else { hf };
+        ckpt.meta.artifacts.iter().find(|a| a.name == name).map(|a| a.source.clone())
+    };
+    (file("tokenizer.json", NEMO_HF_TOKENIZER_JSON), file("tokenizer_config.json", NEMO_HF_TOKENIZER_CONFIG))
 }
 
 /// llava-hf's own added tokens. Building a NeVA, they are not kept as pieces: their rows become
@@ -231,4 +337,75 @@ pub fn sentencepiece_with_hf_added(
     let tokens: Vec<&str> = added.iter().map(|t| t.content.as_str()).collect();
     let extended = sp.with_user_defined(&tokens, &here)?;
     Ok(Artifact { name: model.name.clone(), source: crate::ByteSource::owned(extended.bytes().to_vec()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn artifact_names_are_content_addressed() {
+        let a = artifact_name("tokenizer.model", b"abc");
+        assert_eq!(a.len(), 32 + 1 + "tokenizer.model".len());
+        assert_eq!(a, artifact_name("tokenizer.model", b"abc"));
+        assert_ne!(a, artifact_name("tokenizer.model", b"abd"));
+    }
+
+    fn fixture(path: &str) -> Vec<u8> {
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(path)).unwrap()
+    }
+
+    fn sp(path: &str) -> SentencePieceModel {
+        SentencePieceModel::parse(fixture(path), Path::new(path)).unwrap()
+    }
+
+    /// A kept tokenizer.json is written again only while it describes the model: its vocabulary
+    /// id for id, and every piece past it one of its added tokens.
+    #[test]
+    fn a_kept_tokenizer_json_is_carried_only_while_it_describes_the_model() {
+        let json = ByteSource::owned(fixture("llama-gqa/tokenizer.json"));
+        let model = sp("llama-gqa/tokenizer.model");
+        let carried = |json: &ByteSource, model: &SentencePieceModel, added: &[(u32, &str)]| {
+            carry_tokenizer_json(json, model, added).unwrap().map(|b| b.bytes().unwrap().into_owned())
+        };
+        let original = json.bytes().unwrap().into_owned();
+        assert_eq!(carried(&json, &model, &[]), Some(original.clone()));
+        // An HF added token became a user-defined piece: carried only when the file lists it.
+        let grown = model.with_user_defined(&["<a>"], Path::new("t")).unwrap();
+        assert_eq!(carried(&json, &grown, &[]), None);
+        let mut v: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        let id = model.len();
+        v["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({"id": id, "content": "<a>"}));
+        let listed = ByteSource::owned(serde_json::to_vec(&v).unwrap());
+        assert!(carried(&listed, &grown, &[]).is_some());
+        // …but not as another text, and not for a model without that piece.
+        v["added_tokens"].as_array_mut().unwrap().last_mut().unwrap()["content"] = "<b>".into();
+        assert_eq!(carried(&ByteSource::owned(serde_json::to_vec(&v).unwrap()), &grown, &[]), None);
+        assert_eq!(carried(&listed, &model, &[]), None);
+        // Tokens the output adds past the pieces are appended when the file lacks them.
+        let with_image = carried(&json, &model, &[(id as u32, "<image>")]).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&with_image).unwrap();
+        assert_eq!(v["added_tokens"].as_array().unwrap().last().unwrap()["content"], "<image>");
+        // Another model, or not JSON: not carried.
+        assert_eq!(carried(&json, &sp("llama-mha/tokenizer.model"), &[]), None);
+        assert_eq!(carried(&ByteSource::owned(b"{".to_vec()), &model, &[]), None);
+    }
+
+    /// The settings that change how text is split come from the source's config; its token
+    /// spellings and everything else do not.
+    #[test]
+    fn a_written_tokenizer_config_keeps_the_sources_behaviour() {
+        let plain = llama_tokenizer_config(64, None);
+        assert_eq!((&plain["legacy"], &plain["model_max_length"]), (&false.into(), &64.into()));
+        let source = ByteSource::owned(
+            br#"{"legacy": true, "add_prefix_space": null, "bos_token": "X", "model_max_length": 9}"#
+                .to_vec(),
+        );
+        let kept = llama_tokenizer_config(64, Some(&source));
+        assert_eq!(kept["legacy"], true);
+        assert!(kept.as_object().unwrap().get("add_prefix_space").is_some_and(serde_json::Value::is_null));
+        assert_eq!((&kept["bos_token"], &kept["model_max_length"]), (&"<s>".into(), &64.into()));
+        assert_eq!(llama_tokenizer_config(64, Some(&ByteSource::owned(b"[1]".to_vec()))), plain);
+    }
 }
