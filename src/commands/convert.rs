@@ -474,23 +474,8 @@ pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec
         let t = neva_target(o, VisionPlacement::Bundle, None);
         return Ok(vec![Output { ckpt: neva::reshard_neva(src, &t)?, kind: to, dest: dst.to_path_buf() }]);
     }
-    let mut c = match &src.meta.config {
-        Some(ModelConfig::NemoYaml(_)) => {
-            let mut c = neva::from_neva(src, given)?;
-            neva::undo_neva_tokens(&mut c)?;
-            c
-        }
-        Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg) => {
-            let mut c = llava::from_llava_hf_checked(src)?;
-            if let Some(v) = given {
-                (c.vision, c.vision_config, c.vision_source) =
-                    (v.tensors, v.config, VisionSource::Directory(v.origin));
-                c.preprocessor = v.preprocessor.or(c.preprocessor);
-            }
-            c
-        }
-        _ => llava::from_llava_original(src, given)?,
-    };
+    let mut c = neva::read_multimodal(src, given)?;
+    neva::undo_neva_tokens(&mut c)?;
     c.template = o.template.or(c.template);
     if let Some(given) = given_tokenizer(o, c.llm.hparams.vocab)? {
         c.tokenizer = Some(given.source);

@@ -8,23 +8,20 @@
 use crate::hub::{self, HubRef};
 use crate::{Error, Result};
 use shardsmith_converters::convert::clip::{read_hf_clip, ClipVision};
-use shardsmith_converters::convert::llava::{self, CanonicalLlava, VisionSource};
+use shardsmith_converters::convert::llava::{CanonicalLlava, VisionSource};
 use shardsmith_converters::convert::neva as neva_convert;
 use shardsmith_converters::{Checkpoint, ModelConfig};
 use std::path::Path;
 
-/// A NeVA `.nemo` or an original LLaVA directory in canonical form with its tower's weights: a
-/// bundled tower as it is (`vision` then only supplies a config the file lacks), else the
-/// directory `vision` gives (or `hf://org/name`), else the one the config names, found locally
-/// or through the Hub cache. An error names the config key when none is found.
+/// A multimodal checkpoint ([`neva_convert::read_multimodal`]) in canonical form with its tower's
+/// weights: a bundled tower as it is (for a NeVA, `vision` then only supplies a config the file
+/// lacks; llava-hf's is replaced), else the directory `vision` gives (or `hf://org/name`), else
+/// the one the config names, found locally or through the Hub cache. An error names the config
+/// key when none is found.
 pub fn with_tower(ckpt: &Checkpoint, vision: Option<&Path>) -> Result<CanonicalLlava> {
     let neva = matches!(&ckpt.meta.config, Some(ModelConfig::NemoYaml(cfg)) if neva_convert::is_neva(cfg));
     let read = |tower: Option<ClipVision>| -> Result<CanonicalLlava> {
-        Ok(if neva {
-            neva_convert::from_neva(ckpt, tower)?
-        } else {
-            llava::from_llava_original(ckpt, tower)?
-        })
+        Ok(neva_convert::read_multimodal(ckpt, tower)?)
     };
     if let Some(dir) = vision {
         return read(Some(read_hf_clip(&hub::resolve(dir).map_err(|e| usage_error(dir, e))?)?));

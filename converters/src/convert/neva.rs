@@ -709,21 +709,34 @@ pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
     Ok(weights)
 }
 
+/// Any multimodal checkpoint ([`is_multimodal`]) as canonical parts, in its own terms (a NeVA's
+/// vocabulary as NeVA has it; [`undo_neva_tokens`] restores its source's). `vision` is an HF
+/// CLIP tower the user gave: the tower a NeVA or LLaVA only names ([`from_neva`],
+/// [`llava::from_llava_original`]), or one replacing llava-hf's bundled tower.
+pub fn read_multimodal(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<CanonicalLlava> {
+    match &ckpt.meta.config {
+        Some(ModelConfig::NemoYaml(_)) => from_neva(ckpt, vision),
+        Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg) => {
+            let mut c = llava::from_llava_hf_checked(ckpt)?;
+            if let Some(v) = vision {
+                (c.vision, c.vision_config, c.vision_source) =
+                    (v.tensors, v.config, VisionSource::Directory(v.origin));
+                c.preprocessor = v.preprocessor.or(c.preprocessor);
+            }
+            Ok(c)
+        }
+        _ => llava::from_llava_original(ckpt, vision),
+    }
+}
+
 /// The tensors of any multimodal checkpoint under canonical names — LLaMA's HF names, the tower's
 /// `vision_model.*`, the projector's `mm_projector.*` — with a NeVA file's vocabulary changes
 /// undone ([`undo_neva_tokens`]), so a NeVA `.nemo` compares equal to the llava-hf or LLaVA
 /// checkpoint it was converted from (for `shardsmith diff`). The vision tower is included when
 /// its weights resolve (bundled, or a local `from_pretrained` / `mm_vision_tower` directory).
 pub fn canonical_tensors(ckpt: &Checkpoint) -> Result<TensorMap> {
-    let mut c = match &ckpt.meta.config {
-        Some(ModelConfig::NemoYaml(_)) => {
-            let mut c = from_neva(ckpt, None)?;
-            undo_neva_tokens(&mut c)?;
-            c
-        }
-        Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg) => llava::from_llava_hf(ckpt)?,
-        _ => llava::from_llava_original(ckpt, None)?,
-    };
+    let mut c = read_multimodal(ckpt, None)?;
+    undo_neva_tokens(&mut c)?;
     let mut out = std::mem::take(&mut c.llm.tensors);
     out.extend(std::mem::take(&mut c.vision));
     out.extend(std::mem::take(&mut c.projector));

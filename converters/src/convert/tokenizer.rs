@@ -26,13 +26,14 @@ pub fn nemo_tokenizer_model<'a>(ckpt: &'a Checkpoint, cfg: &NemoConfig) -> Resul
     let Some(named) = cfg.get_str("tokenizer.model") else { return Ok(None) };
     nemo::resolve_artifact(ckpt, named).map(Some).ok_or_else(|| {
         let held: Vec<&str> = ckpt.meta.artifacts.iter().map(|a| a.name.as_str()).collect();
+        let held = if held.is_empty() {
+            "no files besides the config and weights".to_string()
+        } else {
+            format!("only {}", held.join(", "))
+        };
         Error::missing(
             &ckpt.meta.path,
-            format!(
-                "the tokenizer model '{named}' that model_config.yaml names (the archive holds: {}; \
-                 pass --tokenizer PATH)",
-                held.join(", ")
-            ),
+            format!("the tokenizer model '{named}' that model_config.yaml names (the archive holds {held}; pass --tokenizer PATH)"),
         )
     })
 }

@@ -31,7 +31,7 @@ use std::path::Path;
 /// The ids a tokenizer assigns.
 #[derive(Clone, Debug, Default)]
 pub struct TokenizerView {
-    /// id → token text (the last file read wins; they agree in a sane checkpoint).
+    /// id → token text.
     pub ids: BTreeMap<u32, String>,
     /// Which files were read.
     pub files: Vec<String>,
@@ -82,38 +82,24 @@ impl TokenizerView {
         }
     }
 
-    /// Read the tokenizer files of an HF directory (`dir` names them in errors).
+    /// Read the tokenizer files of an HF directory (`dir` names them in errors): the
+    /// SentencePiece pieces (else the fast tokenizer's vocabulary), then the added tokens where
+    /// transformers reads them ([`tokenizer::hf_added_tokens`], which refuses inconsistent ones).
     pub fn from_hf_artifacts(dir: &Path, artifacts: &[Artifact]) -> Result<Self> {
+        const FILES: [&str; 4] =
+            ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "added_tokens.json"];
+        let file = |name: &str| artifacts.iter().find(|a| a.name == name);
         let mut view = TokenizerView::default();
-        for a in artifacts {
-            let origin = dir.join(&a.name);
-            match a.name.as_str() {
-                "tokenizer.model" => view.add_sentencepiece(&a.source.bytes()?, &origin)?,
-                "tokenizer.json" => view.add_tokenizer_json(&parse_json(&a.source.bytes()?, &origin)?),
-                "tokenizer_config.json" => {
-                    let v = parse_json(&a.source.bytes()?, &origin)?;
-                    if let Some(d) = v.get("added_tokens_decoder").and_then(Json::as_object) {
-                        for (id, t) in d {
-                            if let (Ok(id), Some(text)) =
-                                (id.parse(), t.get("content").and_then(Json::as_str))
-                            {
-                                view.ids.insert(id, text.to_string());
-                            }
-                        }
-                    }
-                }
-                "added_tokens.json" => {
-                    let v = parse_json(&a.source.bytes()?, &origin)?;
-                    for (text, id) in v.as_object().into_iter().flatten() {
-                        if let Some(id) = id.as_u64() {
-                            view.ids.insert(id as u32, text.clone());
-                        }
-                    }
-                }
-                _ => continue,
-            }
-            view.files.push(a.name.clone());
+        if let Some(a) = file("tokenizer.model") {
+            view.add_sentencepiece(&a.source.bytes()?, &dir.join(&a.name))?;
+        } else if let Some(a) = file("tokenizer.json") {
+            view.add_vocabulary(&parse_json(&a.source.bytes()?, &dir.join(&a.name))?);
         }
+        let read = |name: &str| file(name).map(|a| a.source.bytes().map(|b| b.into_owned())).transpose();
+        for t in tokenizer::hf_added_tokens(read, dir)? {
+            view.ids.insert(t.id, t.content);
+        }
+        view.files = FILES.iter().filter(|f| file(f).is_some()).map(|f| f.to_string()).collect();
         Ok(view)
     }
 
@@ -125,7 +111,8 @@ impl TokenizerView {
         Ok(())
     }
 
-    fn add_tokenizer_json(&mut self, v: &Json) {
+    /// A fast tokenizer's model vocabulary (`tokenizer.json` `model.vocab`).
+    fn add_vocabulary(&mut self, v: &Json) {
         match v.pointer("/model/vocab") {
             Some(Json::Object(m)) => {
                 for (text, id) in m {
@@ -142,13 +129,6 @@ impl TokenizerView {
                 }
             }
             _ => {}
-        }
-        for t in v.get("added_tokens").and_then(Json::as_array).into_iter().flatten() {
-            if let (Some(id), Some(text)) =
-                (t.get("id").and_then(Json::as_u64), t.get("content").and_then(Json::as_str))
-            {
-                self.ids.insert(id as u32, text.to_string());
-            }
         }
     }
 }
