@@ -197,90 +197,85 @@ pub fn hf_added_tokens(
     read: impl Fn(&str) -> Result<Option<Vec<u8>>>,
     dir: &std::path::Path,
 ) -> Result<Vec<AddedToken>> {
-    use serde_json::Value as Json;
-    let parse = |name: &str| -> Result<Option<Json>> {
-        read(name)?
-            .map(|b| {
-                serde_json::from_slice(&b)
-                    .map_err(|e| Error::malformed(dir.join(name), "json", e.to_string()))
-            })
-            .transpose()
-    };
-    let mut found: Option<(&str, Vec<AddedToken>)> = None;
-    let bad = |name: &str, what: String| Error::invalid(dir.join(name), what);
-    if let Some(decoder) =
-        parse("tokenizer_config.json")?.and_then(|c| c.get("added_tokens_decoder").cloned())
-    {
-        let name = "tokenizer_config.json";
-        let entries =
-            decoder.as_object().ok_or_else(|| bad(name, "added_tokens_decoder is not an object".into()))?;
-        let mut list = Vec::new();
-        for (id, entry) in entries {
-            let id = id
-                .parse::<u32>()
-                .map_err(|_| bad(name, format!("added_tokens_decoder key {id:?} is not an id")))?;
-            let content = entry
-                .get("content")
-                .and_then(Json::as_str)
-                .ok_or_else(|| bad(name, format!("added_tokens_decoder[{id}] has no string 'content'")))?;
-            let special = entry.get("special").and_then(Json::as_bool).unwrap_or(false);
-            list.push(AddedToken { id, content: content.to_owned(), special });
-        }
-        found = Some((name, list));
-    }
-    if found.is_none() {
-        if let Some(map) = parse("added_tokens.json")? {
-            let name = "added_tokens.json";
-            let entries = map.as_object().ok_or_else(|| bad(name, "not an object of token: id".into()))?;
-            let mut list = Vec::new();
-            for (token, id) in entries {
-                let id = id
-                    .as_u64()
-                    .and_then(|i| u32::try_from(i).ok())
-                    .ok_or_else(|| bad(name, format!("{token:?}: {id} is not an id")))?;
-                list.push(AddedToken { id, content: token.clone(), special: true });
+    // transformers' order; the first file with a list is the list (even an empty one).
+    let lists: [(&str, AddedTokenList); 3] = [
+        ("tokenizer_config.json", added_tokens_decoder),
+        ("added_tokens.json", added_tokens_json),
+        ("tokenizer.json", tokenizer_json_added),
+    ];
+    for (name, list_of) in lists {
+        let Some(bytes) = read(name)? else { continue };
+        let bad = |what: String| Error::invalid(dir.join(name), what);
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::malformed(dir.join(name), "json", e.to_string()))?;
+        let Some(list) = list_of(&v) else { continue };
+        let mut list = list.map_err(bad)?;
+        list.sort_by_key(|t| t.id);
+        for (i, t) in list.iter().enumerate() {
+            if t.content.is_empty() {
+                return Err(bad(format!("added token id {} has empty text", t.id)));
             }
-            found = Some((name, list));
-        }
-    }
-    if found.is_none() {
-        if let Some(v) = parse("tokenizer.json")? {
-            let name = "tokenizer.json";
-            let mut list = Vec::new();
-            if let Some(added) = v.get("added_tokens").filter(|a| !a.is_null()) {
-                let entries =
-                    added.as_array().ok_or_else(|| bad(name, "added_tokens is not a list".into()))?;
-                for t in entries {
-                    let (Some(id), Some(content)) = (
-                        t.get("id").and_then(Json::as_u64).and_then(|i| u32::try_from(i).ok()),
-                        t.get("content").and_then(Json::as_str),
-                    ) else {
-                        return Err(bad(name, format!("added_tokens entry {t} is not an id and a content")));
-                    };
-                    let special = t.get("special").and_then(Json::as_bool).unwrap_or(false);
-                    list.push(AddedToken { id, content: content.to_owned(), special });
-                }
-            }
-            found = Some((name, list));
-        }
-    }
-    let Some((name, mut list)) = found else { return Ok(Vec::new()) };
-    list.sort_by_key(|t| t.id);
-    for (i, t) in list.iter().enumerate() {
-        if t.content.is_empty() {
-            return Err(bad(name, format!("added token id {} has empty text", t.id)));
-        }
-        if let Some(other) = list[..i].iter().find(|o| o.id == t.id || o.content == t.content) {
-            return Err(bad(
-                name,
-                format!(
+            if let Some(other) = list[..i].iter().find(|o| o.id == t.id || o.content == t.content) {
+                return Err(bad(format!(
                     "added tokens {:?} (id {}) and {:?} (id {}) collide",
                     other.content, other.id, t.content, t.id
-                ),
-            ));
+                )));
+            }
         }
+        return Ok(list);
     }
-    Ok(list)
+    Ok(Vec::new())
+}
+
+/// The added tokens one file lists: `None` when it has no list, `Err` saying what is wrong.
+type AddedTokenList = fn(&serde_json::Value) -> Option<std::result::Result<Vec<AddedToken>, String>>;
+
+/// `tokenizer_config.json`'s `added_tokens_decoder`: `{"id": {"content": …, "special": …}}`.
+fn added_tokens_decoder(config: &serde_json::Value) -> Option<std::result::Result<Vec<AddedToken>, String>> {
+    let decoder = config.get("added_tokens_decoder")?;
+    let Some(entries) = decoder.as_object() else {
+        return Some(Err("added_tokens_decoder is not an object".into()));
+    };
+    let token = |(id, entry): (&String, &serde_json::Value)| {
+        let id = id.parse::<u32>().map_err(|_| format!("added_tokens_decoder key {id:?} is not an id"))?;
+        let content = entry
+            .get("content")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| format!("added_tokens_decoder[{id}] has no string 'content'"))?;
+        let special = entry.get("special").and_then(serde_json::Value::as_bool).unwrap_or(false);
+        Ok(AddedToken { id, content: content.to_owned(), special })
+    };
+    Some(entries.iter().map(token).collect())
+}
+
+/// The older `added_tokens.json`: `{"text": id}`, all special.
+fn added_tokens_json(map: &serde_json::Value) -> Option<std::result::Result<Vec<AddedToken>, String>> {
+    let Some(entries) = map.as_object() else { return Some(Err("not an object of token: id".into())) };
+    let token = |(text, id): (&String, &serde_json::Value)| {
+        let id = id
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| format!("{text:?}: {id} is not an id"))?;
+        Ok(AddedToken { id, content: text.clone(), special: true })
+    };
+    Some(entries.iter().map(token).collect())
+}
+
+/// `tokenizer.json`'s `added_tokens`: `[{"id": …, "content": …, "special": …}]` (absent: none).
+fn tokenizer_json_added(v: &serde_json::Value) -> Option<std::result::Result<Vec<AddedToken>, String>> {
+    let Some(added) = v.get("added_tokens").filter(|a| !a.is_null()) else { return Some(Ok(Vec::new())) };
+    let Some(entries) = added.as_array() else { return Some(Err("added_tokens is not a list".into())) };
+    let token = |t: &serde_json::Value| {
+        let id = t.get("id").and_then(serde_json::Value::as_u64).and_then(|i| u32::try_from(i).ok());
+        match (id, t.get("content").and_then(serde_json::Value::as_str)) {
+            (Some(id), Some(content)) => {
+                let special = t.get("special").and_then(serde_json::Value::as_bool).unwrap_or(false);
+                Ok(AddedToken { id, content: content.to_owned(), special })
+            }
+            _ => Err(format!("added_tokens entry {t} is not an id and a content")),
+        }
+    };
+    Some(entries.iter().map(token).collect())
 }
 
 /// An HF directory's `tokenizer.model` for a NeMo checkpoint, which reads nothing else: checked
