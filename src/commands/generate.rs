@@ -180,6 +180,10 @@ impl Chat {
                 let path = &self.path;
                 let dir = if path.is_dir() { path.clone() } else { path.with_file_name("") };
                 let cfg = match &self.info.preprocessor {
+                    // A directory's own file; a .nemo's comes from its tower.
+                    Some(json) if path.is_dir() => {
+                        PreprocessConfig::from_json(json, &path.join("preprocessor_config.json"))?
+                    }
                     Some(json) => PreprocessConfig::from_json(json, path)?,
                     None if dir.join("preprocessor_config.json").is_file() => {
                         PreprocessConfig::from_dir(&dir)?
@@ -189,6 +193,7 @@ impl Chat {
                 let mode = AspectMode::parse(
                     self.aspect.as_deref().or(self.info.aspect.as_deref()).unwrap_or("pad"),
                 )?;
+                cfg.check_tower_size(side as u32, mode, path)?;
                 Some(preprocess_file(img, &cfg, mode)?.to_tensor(&Device::Cpu)?)
             }
             None => None,

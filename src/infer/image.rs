@@ -329,6 +329,31 @@ impl PreprocessConfig {
         Ok(cfg)
     }
 
+    /// Checks that the images this config makes in `mode` are `side`×`side`, what the vision
+    /// tower takes (its `image_size`); a mismatch would otherwise surface as a shape error inside
+    /// the tower. `origin` names the checkpoint whose `preprocessor_config.json` this is. Sizes
+    /// that depend on the image (no crop, resizing the shortest edge of an unpadded image, or
+    /// LLaVA's `keep`) are not checked.
+    pub fn check_tower_size(&self, side: u32, mode: AspectMode, origin: &Path) -> Result<()> {
+        let out = match (mode, self.do_center_crop, self.do_resize, self.size) {
+            (AspectMode::Keep, ..) => return Ok(()),
+            (_, true, ..) => self.crop_size,
+            (AspectMode::Pad, false, true, ResizeTo::ShortestEdge(s)) => (s, s),
+            (_, false, true, ResizeTo::Exact { height, width }) => (height, width),
+            _ => return Ok(()),
+        };
+        if out == (side, side) {
+            return Ok(());
+        }
+        Err(Error::config(
+            origin,
+            format!(
+                "preprocessor_config.json makes {}×{} images (its crop_size, or size) but the vision tower takes {side}×{side} (its image_size)",
+                out.0, out.1
+            ),
+        ))
+    }
+
     /// LLaVA's pad colour: `tuple(int(x * 255) for x in image_mean)` = (122, 116, 104) for CLIP.
     pub fn pad_color(&self) -> [u8; 3] {
         self.image_mean.map(|m| (m * 255.0).trunc().clamp(0.0, 255.0) as u8)
@@ -679,6 +704,22 @@ mod tests {
             let err = max_abs(&pixels.data, &want);
             assert_eq!(err, 0.0, "{key}: max abs error {err}");
         }
+    }
+
+    /// A config whose images the tower cannot take is named before any image reaches it.
+    #[test]
+    fn a_config_for_another_tower_size_is_refused_by_name() {
+        let origin = Path::new("ckpt");
+        let bare = PreprocessConfig::from_json(&serde_json::json!({}), origin).unwrap();
+        let err = bare.check_tower_size(32, AspectMode::Pad, origin).unwrap_err().to_string();
+        assert!(err.contains("ckpt") && err.contains("224×224") && err.contains("32×32"), "{err}");
+        PreprocessConfig::clip_with_size(32).check_tower_size(32, AspectMode::Square, origin).unwrap();
+        // Sizes that depend on the image are left to the tower.
+        bare.check_tower_size(32, AspectMode::Keep, origin).unwrap();
+        let no_crop = PreprocessConfig { do_center_crop: false, ..bare.clone() };
+        no_crop.check_tower_size(32, AspectMode::Square, origin).unwrap();
+        no_crop.check_tower_size(224, AspectMode::Pad, origin).unwrap();
+        assert!(no_crop.check_tower_size(32, AspectMode::Pad, origin).is_err());
     }
 
     #[test]

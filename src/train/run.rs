@@ -211,6 +211,9 @@ pub fn run(config: &Path, o: &RunOptions) -> Result<Summary> {
         )?,
         None => PreprocessConfig::clip_with_size(c.image_size().unwrap_or(336) as u32),
     };
+    if let Some(side) = c.image_size() {
+        preprocess.check_tower_size(side as u32, cfg.data.aspect()?, &c.origin)?;
+    }
     let pad_id = match c.image_tokens {
         ImageTokenScheme::Repeated { pad: Some(p), .. } => p,
         _ => src.tokenizer.unk_id().unwrap_or(0),
