@@ -20,7 +20,10 @@ OUR.nemo the archive to check (plain tar, or gzip tar).
 Checks (every failure is listed):
   * archive members: exactly ./model_config.yaml, the weights members tp x pp calls for
     (formats.md §1.3), one ./<32 hex>_tokenizer.model artifact whose bytes equal the HF
-    tokenizer.model, and their directories;
+    tokenizer.model, and their directories; besides them (NeMo ignores members its config does
+    not name) shardsmith keeps the HF tokenizer.json and tokenizer_config.json for converting
+    back, as ./hf_tokenizer.json and ./hf_tokenizer_config.json: present exactly when HF_DIR has
+    the file, with its bytes;
   * model_config.yaml: the fields that decide how NeMo loads the weights (tp, pp, mcore_gpt,
     transformer_engine, shapes, vocab divisor, precision, rope, tokenizer reference);
   * each rank file, loaded with torch.load(weights_only=True): same tensor names as the reference
@@ -245,10 +248,19 @@ def main():
         files = {n for n, m in by_name.items() if m.isfile()}
         weights = [ref._strip(ref.member_name(t, p, a.tp, a.pp)) for p in range(a.pp) for t in range(a.tp)]
         artifacts = sorted(n for n in files if ref.ARTIFACT_RE.match(n))
-        expected = set(weights) | {"model_config.yaml"} | set(artifacts)
-        for n in sorted(set(weights) | {"model_config.yaml"}):
+        # The HF tokenizer files shardsmith keeps for converting back.
+        kept = {
+            f"hf_{name}": Path(a.hf_dir) / name
+            for name in ("tokenizer.json", "tokenizer_config.json")
+            if (Path(a.hf_dir) / name).is_file()
+        }
+        expected = set(weights) | {"model_config.yaml"} | set(artifacts) | set(kept)
+        for n in sorted(set(weights) | {"model_config.yaml"} | set(kept)):
             if n not in files:
                 problems.append(f"missing member ./{n}")
+        for n, source in sorted(kept.items()):
+            if n in files and tar.extractfile(by_name[n]).read() != source.read_bytes():
+                problems.append(f"./{n}: bytes differ from {source}")
         for n in sorted(files - expected):
             problems.append(f"unexpected member ./{n}")
         for n, m in sorted(by_name.items()):
