@@ -204,11 +204,16 @@ fn original_llava_generates_what_llava_hf_does() {
     for case in golden("llava-tiny") {
         let got =
             generate_image_case(&fixture("llava-orig-tiny"), &case, &["--vision", tower.to_str().unwrap()]);
-        let placeholder = u64::from(u32::MAX);
-        let want: Vec<u64> =
-            ids(&case["input_ids"]).into_iter().map(|id| if id == 256 { placeholder } else { id }).collect();
+        // LLaVA's IMAGE_TOKEN_INDEX.
+        let placeholder = -200;
+        let signed =
+            |v: &Value| -> Vec<i64> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
+        let want: Vec<i64> = signed(&case["input_ids"])
+            .into_iter()
+            .map(|id| if id == 256 { placeholder } else { id })
+            .collect();
         assert!(want.contains(&placeholder), "the case has an image");
-        assert_eq!(ids(&got["prompt_ids"]), want, "prompt ids for {:?}", case["question"]);
+        assert_eq!(signed(&got["prompt_ids"]), want, "prompt ids for {:?}", case["question"]);
         assert_eq!(ids(&got["new_ids"]), ids(&case["new_ids"]), "new ids for {:?}", case["question"]);
     }
     let empty_cache = tempfile::tempdir().unwrap();
@@ -250,4 +255,33 @@ fn original_llava_generates_what_llava_hf_does() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Embedding rows past the tokenizer's ids (here a smaller tokenizer than the LLM's embedding)
+/// stand for no text and are never generated, as NeMo's generation masks them.
+#[test]
+fn rows_past_the_tokenizer_are_never_generated() {
+    let work = tempfile::tempdir().unwrap();
+    let (nemo, hf) = (work.path().join("a.nemo"), work.path().join("hf"));
+    common::ok(&[
+        "assemble",
+        "--llm",
+        fixture("llama-gqa").to_str().unwrap(),
+        "--tokenizer",
+        fixture("llama-mha/tokenizer.model").to_str().unwrap(),
+        "--vision",
+        fixture("clip-vision").to_str().unwrap(),
+        "--init-seed",
+        "1",
+        "-o",
+        nemo.to_str().unwrap(),
+    ]);
+    common::ok(&["convert", nemo.to_str().unwrap(), hf.to_str().unwrap()]);
+    // llama-mha's 256 pieces, <image> and <pad>; llama-gqa's embedding has 333 rows.
+    for ckpt in [&nemo, &hf] {
+        let got = generate(ckpt, &["--prompt", "hi", "--max-new-tokens", "12"]);
+        let new = got["new_ids"].as_array().unwrap();
+        assert_eq!(new.len(), 12, "{got}");
+        assert!(new.iter().all(|id| id.as_u64().unwrap() < 264), "{got}");
+    }
 }

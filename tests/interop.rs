@@ -315,4 +315,127 @@ fn transformers_tokenizes_round_trips_as_their_source() {
         let line = run_checker(&py, "hf_tokenizer_check.py", &[Path::new(&hf), &src]);
         assert!(line.starts_with("OK"), "{source}: {line}");
     }
+    // Edits along the way: the directory tokenizes as the one whose tokenizer it now has. (A
+    // bundle has `<image>` as a token where a bare LLaMA or original LLaVA has text.)
+    let (gqa, tiny, mha) = (fixture("llama-gqa"), fixture("llava-tiny"), fixture("llama-mha"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let steps: [(&str, Vec<Vec<String>>, String, Option<&str>); 3] = [
+        (
+            "NeVA swap-llm",
+            vec![
+                vec![
+                    "surgery".into(),
+                    "swap-llm".into(),
+                    p("llava-tiny.nemo"),
+                    "--llm".into(),
+                    s(&gqa),
+                    "-o".into(),
+                    p("swapped.nemo"),
+                ],
+                vec!["convert".into(), p("swapped.nemo"), p("swapped-hf")],
+            ],
+            s(&gqa),
+            Some("<image>"),
+        ),
+        (
+            ".nemo resize-vocab",
+            vec![
+                vec!["convert".into(), s(&mha), p("mha.nemo")],
+                vec![
+                    "surgery".into(),
+                    "resize-vocab".into(),
+                    p("mha.nemo"),
+                    "--add-tokens".into(),
+                    "<a>,<b>".into(),
+                    "-o".into(),
+                    p("mha-ab.nemo"),
+                ],
+                vec!["convert".into(), p("mha-ab.nemo"), p("mha-ab-hf")],
+                vec![
+                    "surgery".into(),
+                    "resize-vocab".into(),
+                    s(&mha),
+                    "--add-tokens".into(),
+                    "<a>,<b>".into(),
+                    "-o".into(),
+                    p("mha-ab"),
+                ],
+            ],
+            p("mha-ab"),
+            None,
+        ),
+        (
+            "llava-hf to LLaVA",
+            vec![vec![
+                "convert".into(),
+                s(&tiny),
+                p("tiny-llava"),
+                "--to".into(),
+                "llava".into(),
+                "--template".into(),
+                "vicuna_v1".into(),
+            ]],
+            s(&tiny),
+            Some("<image>"),
+        ),
+    ];
+    for (what, commands, reference, ignore) in steps {
+        for args in &commands {
+            run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        let ours = &commands.iter().rev().find(|c| c[0] == "convert").unwrap()[2];
+        let mut check = vec![Path::new(ours), Path::new(&reference)];
+        if let Some(text) = ignore {
+            check.extend([Path::new("--ignore"), Path::new(text)]);
+        }
+        let line = run_checker(&py, "hf_tokenizer_check.py", &check);
+        assert!(line.starts_with("OK"), "{what}: {line}");
+    }
+}
+
+/// An HF directory without `tokenizer.json` tokenizes as transformers' slow `LlamaTokenizer`
+/// reads its config: `legacy` true (the default: every piece between special tokens gets its
+/// own "▁") or false, `add_prefix_space` true or false. (A null one, which saving a fast
+/// tokenizer writes, we take as true like that fast tokenizer; the slow one reads false.)
+#[test]
+fn sentencepiece_directories_tokenize_as_transformers_slow_llama_tokenizer() {
+    let Some(py) = reference_python() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let texts = [
+        "Hello world",
+        "A</s>B",
+        "x <s>\nWhat is this?",
+        "</s> hi",
+        "  two  spaces",
+        "<s>start",
+        "a <unk> b",
+    ];
+    let source: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("llama-mha/tokenizer_config.json")).unwrap()).unwrap();
+    let variants = [
+        ("absent", serde_json::json!({})),
+        ("legacy", serde_json::json!({"legacy": true})),
+        ("non-legacy", serde_json::json!({"legacy": false})),
+        ("no-prefix", serde_json::json!({"legacy": false, "add_prefix_space": false})),
+        ("legacy-no-prefix", serde_json::json!({"legacy": true, "add_prefix_space": false})),
+    ];
+    let mut dirs = Vec::new();
+    for (name, settings) in variants {
+        let dir = out.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(fixture("llama-mha/tokenizer.model"), dir.join("tokenizer.model")).unwrap();
+        let mut config = source.clone();
+        let o = config.as_object_mut().unwrap();
+        o.remove("legacy");
+        o.extend(settings.as_object().unwrap().clone());
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        let tok = shardsmith::infer::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t, true).unwrap()).collect();
+        std::fs::write(dir.join("ours.json"), serde_json::json!({"texts": texts, "ids": ids}).to_string())
+            .unwrap();
+        dirs.push(dir);
+    }
+    let dirs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
+    let line = run_checker(&py, "slow_tokenizer_check.py", &dirs);
+    assert!(line.starts_with("OK"), "{line}");
 }

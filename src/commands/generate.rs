@@ -246,6 +246,19 @@ pub fn run(path: &Path, o: &Options) -> Result<()> {
     if json {
         let mut v = serde_json::to_value(&out)?;
         v["tokens_per_s"] = out.tokens_per_s().into();
+        // Original LLaVA's image positions hold a placeholder no vocabulary row stands for:
+        // shown as LLaVA spells it (IMAGE_TOKEN_INDEX, -200), not as our internal id.
+        v["prompt_ids"] =
+            out.prompt_ids
+                .iter()
+                .map(|&id| {
+                    if id == crate::models::neva::PLACEHOLDER_ID {
+                        serde_json::json!(-200)
+                    } else {
+                        id.into()
+                    }
+                })
+                .collect();
         v["template"] = template_name.into();
         v["prompt"] = prompt_text.into();
         println!("{}", serde_json::to_string_pretty(&v)?);

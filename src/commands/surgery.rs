@@ -172,6 +172,12 @@ pub fn run(args: SurgeryArgs) -> Result<()> {
             if as_file && part != Part::Projector {
                 bail!("--part {} writes a directory; give -o a directory path", part.name());
             }
+            if out.out.extension().is_some_and(|e| e == "nemo") {
+                bail!(
+                    "--part {} writes an HF directory, not a .nemo; give -o a directory and `shardsmith convert` it to .nemo",
+                    part.name()
+                );
+            }
             (extract::extract(&open(&src)?, part, as_file)?, out)
         }
         SurgeryCommand::ResizeVocab { src, add_tokens, to, init, out } => {

@@ -79,7 +79,10 @@ pub fn generate(
     let t1 = Instant::now();
     let mut stopped_at_eos = false;
     while new_ids.len() < max_new_tokens {
-        let next = sampler.sample(&logits.flatten_all()?.to_vec1::<f32>()?)?;
+        // Rows past the tokenizer's ids (vocabulary padding, or a tokenizer smaller than the
+        // embedding) stand for no text: never sampled, as NeMo's generation masks them.
+        let scores = logits.flatten_all()?.to_vec1::<f32>()?;
+        let next = sampler.sample(&scores[..tokenizer.vocab_size().clamp(1, scores.len())])?;
         new_ids.push(next);
         if Some(next) == eos {
             stopped_at_eos = true;

@@ -41,6 +41,11 @@ pub struct Tokenizer {
     origin: PathBuf,
     /// How text is prepared before `inner` sees it.
     normalize: Normalize,
+    /// The tokens transformers' legacy `LlamaTokenizer` (an HF directory without `tokenizer.json`
+    /// whose config says `legacy: true` or nothing) cuts text at before SentencePiece encodes
+    /// each piece by itself, dummy prefix included: its special and added tokens. Empty
+    /// otherwise (SentencePiece's own way: one text, user-defined pieces matched inside it).
+    legacy_split: Vec<String>,
     /// How ids become text.
     decode_style: DecodeStyle,
     /// Per id: its piece string and what kind of piece it is (index = id).
@@ -121,14 +126,39 @@ impl Tokenizer {
                     Err(e) => Err(shardsmith_converters::Error::Io { path: file, source: e }),
                 }
             };
-            for t in shardsmith_converters::convert::tokenizer::hf_added_tokens(read, dir)? {
+            let added = shardsmith_converters::convert::tokenizer::hf_added_tokens(read, dir)?;
+            for t in &added {
                 tok.append_added(t.id, &t.content, t.special)?;
             }
-            let legacy = read_tokenizer_config(path)?.and_then(|c| c.get("legacy").and_then(|l| l.as_bool()));
-            if let (Normalize::SentencePiece { drop_lone_prefix, .. }, Some(false)) =
-                (&mut tok.normalize, legacy)
+            // As transformers' slow `LlamaTokenizer` reads its config: `legacy` and
+            // `add_prefix_space` default to true. A null `add_prefix_space` is what saving a fast
+            // tokenizer writes, which prefixes; we take it as true too, where the slow tokenizer
+            // would take it as false (its tokenizer.json, when there, decides anyway).
+            let config = read_tokenizer_config(path)?;
+            let setting =
+                |key: &str| config.as_ref().and_then(|c| c.get(key)).and_then(serde_json::Value::as_bool);
+            let legacy = setting("legacy").unwrap_or(true);
+            let add_prefix_space = setting("add_prefix_space").unwrap_or(true);
+            if legacy {
+                let specials = tok
+                    .pieces
+                    .iter()
+                    .flatten()
+                    .filter(|(_, kind)| matches!(kind, PieceKind::Control | PieceKind::Unknown));
+                tok.legacy_split =
+                    specials.map(|(p, _)| p.clone()).chain(added.into_iter().map(|t| t.content)).collect();
+                // Longest first, so the longest token at a position wins.
+                tok.legacy_split.sort_by_key(|t| std::cmp::Reverse(t.len()));
+            } else if let Normalize::SentencePiece { add_dummy_prefix, drop_lone_prefix, .. } =
+                &mut tok.normalize
             {
+                // Non-legacy: "▁" + text when add_prefix_space, none after special tokens, and a
+                // lone one before a special token at the start dropped; decoding strips it back.
+                *add_dummy_prefix = add_prefix_space;
                 *drop_lone_prefix = true;
+                if let DecodeStyle::SentencePiece { strip_leading_space, .. } = &mut tok.decode_style {
+                    *strip_leading_space = add_prefix_space;
+                }
             }
             Ok(tok)
         }
@@ -164,6 +194,7 @@ impl Tokenizer {
             inner,
             origin,
             normalize: Normalize::Hf,
+            legacy_split: Vec::new(),
             decode_style,
             pieces: Vec::new(),
             bos_id,
@@ -241,6 +272,7 @@ impl Tokenizer {
                 remove_extra_whitespaces: model.remove_extra_whitespaces,
                 drop_lone_prefix: false,
             },
+            legacy_split: Vec::new(),
             decode_style: DecodeStyle::SentencePiece {
                 strip_leading_space: model.add_dummy_prefix || model.remove_extra_whitespaces,
                 unk_surface: model.unk_surface.clone(),
@@ -254,6 +286,9 @@ impl Tokenizer {
 
     /// Token ids of `text`, with the BOS id first when `add_bos`.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        if !self.legacy_split.is_empty() {
+            return self.encode_legacy(text, add_bos);
+        }
         let prepared = match self.normalize {
             Normalize::Hf => text.to_owned(),
             Normalize::SentencePiece { add_dummy_prefix, remove_extra_whitespaces, .. } => {
@@ -285,6 +320,49 @@ impl Tokenizer {
             }
         }
         ids.extend_from_slice(pieces);
+        Ok(ids)
+    }
+
+    /// [`Tokenizer::encode`] for transformers' legacy `LlamaTokenizer`: the text is cut at
+    /// [`Tokenizer::legacy_split`] tokens (earliest, then longest match, as its trie does) and
+    /// every other piece is encoded by itself, each with its own dummy prefix.
+    fn encode_legacy(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if add_bos {
+            ids.push(self.bos_id.ok_or_else(|| {
+                tok_err(&self.origin, "a BOS token was requested but the tokenizer has none")
+            })?);
+        }
+        let Normalize::SentencePiece { add_dummy_prefix, remove_extra_whitespaces, .. } = self.normalize
+        else {
+            unreachable!("legacy splitting is only set up for SentencePiece models")
+        };
+        let segment = |piece: &str, ids: &mut Vec<u32>| -> Result<()> {
+            if piece.is_empty() {
+                return Ok(());
+            }
+            let prepared = sentencepiece_normalize(piece, add_dummy_prefix, remove_extra_whitespaces);
+            let encoding = self
+                .inner
+                .encode_fast(prepared.as_str(), false)
+                .map_err(|e| tok_err(&self.origin, format!("cannot encode {text:?}: {e}")))?;
+            ids.extend_from_slice(encoding.get_ids());
+            Ok(())
+        };
+        let (mut start, mut at) = (0, 0);
+        while at < text.len() {
+            match self.legacy_split.iter().find(|t| text[at..].starts_with(t.as_str())) {
+                Some(token) => {
+                    segment(&text[start..at], &mut ids)?;
+                    let id = self.token_to_id(token);
+                    ids.push(id.ok_or_else(|| tok_err(&self.origin, format!("{token:?} has no id")))?);
+                    at += token.len();
+                    start = at;
+                }
+                None => at += text[at..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        segment(&text[start..], &mut ids)?;
         Ok(ids)
     }
 

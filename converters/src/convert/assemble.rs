@@ -166,8 +166,8 @@ pub fn assemble(
         image_aspect_ratio: Some(o.image_aspect_ratio.clone()),
         template: Some(o.template),
         tokenizer: o.tokenizer.clone().or(tokenizer),
-        // The LLM's fast tokenizer describes its own SentencePiece model only.
-        tokenizer_json: if o.tokenizer.is_some() { None } else { llm_tokenizer_json },
+        // Written back only while it describes the tokenizer (`--tokenizer` may be another).
+        tokenizer_json: llm_tokenizer_json,
         tokenizer_config,
         preprocessor: vision.preprocessor,
         converted_from: None,

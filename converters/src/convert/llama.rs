@@ -699,23 +699,26 @@ pub fn nemo_to_hf(
     let (kept_json, kept_config) = tokenizer::hf_tokenizer_files(src);
     if let Some(model) = model {
         artifacts.push(Artifact { name: "tokenizer.model".into(), source: model.source.clone() });
+        let sp =
+            SentencePieceModel::parse(model.source.bytes()?.into_owned(), &src.meta.path.join(&model.name))?;
         // The fast tokenizer this .nemo was converted with, while it still describes the model.
-        if let (None, Some(json)) = (tokenizer, &kept_json) {
-            let sp = SentencePieceModel::parse(model.source.bytes()?.into_owned(), &src.meta.path)?;
-            if let Some(carried) = tokenizer::carry_tokenizer_json(json, &sp, &[])? {
-                artifacts.push(Artifact { name: "tokenizer.json".into(), source: carried });
-            }
+        let carried = match (tokenizer, &kept_json) {
+            (None, Some(json)) => tokenizer::carry_tokenizer_json(json, &sp, &[])?,
+            _ => None,
+        };
+        let tok_cfg = tokenizer::llama_tokenizer_config(
+            c.hparams.max_positions,
+            kept_config.as_ref(),
+            Some(&sp),
+            carried.is_some(),
+        );
+        if let Some(json) = carried {
+            artifacts.push(Artifact { name: "tokenizer.json".into(), source: json });
         }
-        let tok_cfg = tokenizer::llama_tokenizer_config(c.hparams.max_positions, kept_config.as_ref());
-        artifacts.push(Artifact {
-            name: "tokenizer_config.json".into(),
-            source: ByteSource::owned(json_bytes(&tok_cfg)),
-        });
-        let special = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"});
-        artifacts.push(Artifact {
-            name: "special_tokens_map.json".into(),
-            source: ByteSource::owned(json_bytes(&special)),
-        });
+        let special = tokenizer::special_tokens_map(&tok_cfg);
+        for (name, v) in [("tokenizer_config.json", &tok_cfg), ("special_tokens_map.json", &special)] {
+            artifacts.push(Artifact { name: name.into(), source: ByteSource::owned(json_bytes(v)) });
+        }
     }
     let meta = Meta {
         path: src.meta.path.clone(),

@@ -748,23 +748,28 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
             &json!({"bos_token_id": bos, "eos_token_id": eos, "_from_model_config": true}),
         ),
     ];
-    let mut tok = tokenizer::llama_tokenizer_config(c.llm.hparams.max_positions, c.tokenizer_config.as_ref());
-    let mut special = json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"});
     let added: Vec<(u32, &str)> = hf_tokens
         .map(|(image, pad)| vec![(image, names::HF_IMAGE_TOKEN), (pad, names::HF_PAD_TOKEN)])
         .unwrap_or_default();
-    if let Some(json) = carried_tokenizer_json(c, &added)? {
+    let carried = carried_tokenizer_json(c, &added)?;
+    let mut tok = tokenizer::llama_tokenizer_config(
+        c.llm.hparams.max_positions,
+        c.tokenizer_config.as_ref(),
+        c.sentencepiece()?.as_ref(),
+        carried.is_some(),
+    );
+    if let Some(json) = carried {
         out.push(Artifact { name: "tokenizer.json".into(), source: json });
     }
     match hf_tokens {
         Some((image, pad)) => {
             tok["pad_token"] = json!(names::HF_PAD_TOKEN);
-            tok["added_tokens_decoder"] = json!({
-                image.to_string(): added_token(names::HF_IMAGE_TOKEN),
-                pad.to_string(): added_token(names::HF_PAD_TOKEN),
-            });
-            special["pad_token"] = json!(names::HF_PAD_TOKEN);
-            special["additional_special_tokens"] = json!([names::HF_IMAGE_TOKEN]);
+            if !tok["added_tokens_decoder"].is_object() {
+                tok["added_tokens_decoder"] = json!({});
+            }
+            for (id, text) in [(image, names::HF_IMAGE_TOKEN), (pad, names::HF_PAD_TOKEN)] {
+                tok["added_tokens_decoder"][id.to_string()] = added_token(text);
+            }
             out.push(json_artifact(
                 "added_tokens.json",
                 &json!({names::HF_IMAGE_TOKEN: image, names::HF_PAD_TOKEN: pad}),
@@ -773,7 +778,18 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
         None => {
             // LLaVA trains with pad = unk (formats.md §7.4).
             tok["pad_token"] = json!("<unk>");
-            special["pad_token"] = json!("<unk>");
+        }
+    }
+    let mut special = tokenizer::special_tokens_map(&tok);
+    if hf_tokens.is_some() {
+        // transformers' LlavaProcessor finds the image token among the special tokens.
+        let list = special
+            .as_object_mut()
+            .expect("an object")
+            .entry("additional_special_tokens")
+            .or_insert(json!([]));
+        if let Some(list) = list.as_array_mut().filter(|l| !l.contains(&json!(names::HF_IMAGE_TOKEN))) {
+            list.push(json!(names::HF_IMAGE_TOKEN));
         }
     }
     out.push(json_artifact("tokenizer_config.json", &tok));
@@ -803,8 +819,15 @@ pub fn to_llava_original(c: &CanonicalLlava, dtype: Option<DType>, vision_ref: &
         (c.image_tokens, c.sentencepiece()?.map(|sp| sp.len()))
     {
         let past = |id: u32| id as usize >= pieces;
-        if past(image) && pad.is_none_or(past) && c.llm.hparams.vocab > pieces {
-            trim_vocab(&mut c.llm, pieces)?;
+        if past(image) && pad.is_none_or(past) {
+            if c.llm.hparams.vocab > pieces {
+                trim_vocab(&mut c.llm, pieces)?;
+            }
+            // …and from the fast tokenizer.
+            if let Some(json) = &c.tokenizer_json {
+                c.tokenizer_json =
+                    tokenizer::without_added_tokens(json, &tokenizer::LLAVA_HF_TOKENS, pieces)?;
+            }
         }
     }
     let c = &c;

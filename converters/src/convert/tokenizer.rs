@@ -70,12 +70,24 @@ const TOKENIZER_BEHAVIOUR: [&str; 8] = [
     "sp_model_kwargs",
 ];
 
-/// The `tokenizer_config.json` of a `LlamaTokenizer` over a SentencePiece model, as our HF and
-/// llava-hf exports write it, with the [`TOKENIZER_BEHAVIOUR`] settings of `source` (the source
-/// directory's `tokenizer_config.json`) where it has them. Without one: `legacy: false`, which
-/// tokenizes as NeMo's SentencePiece tokenizer (`sentencepiece_legacy: false`) does, with no
-/// extra "▁" after a special token, and otherwise what Meta's LLaMA-2 directories ship.
-pub fn llama_tokenizer_config(max_positions: usize, source: Option<&ByteSource>) -> serde_json::Value {
+/// The `tokenizer_config.json` of a `LlamaTokenizer` over the SentencePiece model `sp`, as our
+/// HF and llava-hf exports write it, with the [`TOKENIZER_BEHAVIOUR`] settings of `source` (the
+/// source directory's `tokenizer_config.json`) where it has them. Without one: `legacy: false`,
+/// which tokenizes as NeMo's SentencePiece tokenizer (`sentencepiece_legacy: false`) does, with
+/// no extra "▁" after a special token, and otherwise what Meta's LLaMA-2 directories ship.
+///
+/// `beside_source_json`: the output also has the source's `tokenizer.json`.
+///
+/// The source's added tokens that are pieces of `sp` keep their `added_tokens_decoder` entries
+/// and `additional_special_tokens` place: an HF added token a `.nemo` holds as a user-defined
+/// piece is special again (matched whole, skipped when decoding), as it was.
+pub fn llama_tokenizer_config(
+    max_positions: usize,
+    source: Option<&ByteSource>,
+    sp: Option<&SentencePieceModel>,
+    beside_source_json: bool,
+) -> serde_json::Value {
+    use serde_json::Value as Json;
     let mut config = serde_json::json!({
         "tokenizer_class": "LlamaTokenizer",
         "bos_token": "<s>",
@@ -89,16 +101,58 @@ pub fn llama_tokenizer_config(max_positions: usize, source: Option<&ByteSource>)
         "padding_side": "right",
     });
     // An unreadable source file was refused where its added tokens were read; here it only
-    // means there are no settings to keep.
-    let source = source.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b.bytes().ok()?).ok());
-    if let Some(source) = source.as_ref().and_then(serde_json::Value::as_object) {
-        for key in TOKENIZER_BEHAVIOUR {
-            if let Some(v) = source.get(key) {
-                config[key] = v.clone();
-            }
+    // means there is nothing to keep.
+    let source = source.and_then(|b| serde_json::from_slice::<Json>(&b.bytes().ok()?).ok());
+    let Some(source) = source.as_ref().and_then(Json::as_object) else { return config };
+    // A null is a setting left to the tokenizer.json it was saved with (a fast tokenizer saves
+    // `add_prefix_space: null`, meaning "as tokenizer.json prefixes"). It is kept only beside
+    // that file (`beside_source_json`); alone, the slow tokenizer would read it as false, so the
+    // default stands instead.
+    for key in TOKENIZER_BEHAVIOUR {
+        if let Some(v) = source.get(key).filter(|v| beside_source_json || !v.is_null()) {
+            config[key] = v.clone();
         }
     }
+    let Some(sp) = sp else { return config };
+    let is_piece = |id: u32, text: &str| sp.pieces().get(id as usize).is_some_and(|p| p.piece == text);
+    let decoder: serde_json::Map<String, Json> = source
+        .get("added_tokens_decoder")
+        .and_then(Json::as_object)
+        .into_iter()
+        .flatten()
+        .filter(|(id, entry)| {
+            let text = entry.get("content").and_then(Json::as_str);
+            id.parse().ok().zip(text).is_some_and(|(id, text)| is_piece(id, text))
+        })
+        .map(|(id, entry)| (id.clone(), entry.clone()))
+        .collect();
+    let special: Vec<Json> = source
+        .get("additional_special_tokens")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|t| t.as_str().and_then(|t| sp.id(t)).is_some())
+        .cloned()
+        .collect();
+    if !decoder.is_empty() {
+        config["added_tokens_decoder"] = Json::Object(decoder);
+    }
+    if !special.is_empty() {
+        config["additional_special_tokens"] = Json::Array(special);
+    }
     config
+}
+
+/// The `special_tokens_map.json` that goes with a `tokenizer_config.json` we write: its named
+/// tokens and `additional_special_tokens`.
+pub fn special_tokens_map(config: &serde_json::Value) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens"] {
+        if let Some(v) = config.get(key).filter(|v| !v.is_null()) {
+            map.insert(key.into(), v.clone());
+        }
+    }
+    serde_json::Value::Object(map)
 }
 
 /// The archive member in which a `.nemo` converted from an HF directory keeps that directory's
@@ -170,6 +224,25 @@ pub fn hf_tokenizer_files(ckpt: &Checkpoint) -> (Option<ByteSource>, Option<Byte
         ckpt.meta.artifacts.iter().find(|a| a.name == name).map(|a| a.source.clone())
     };
     (file("tokenizer.json", NEMO_HF_TOKENIZER_JSON), file("tokenizer_config.json", NEMO_HF_TOKENIZER_CONFIG))
+}
+
+/// `json` (a `tokenizer.json`) without its added tokens whose text is one of `texts` and id `from`
+/// or more: llava-hf's `<image>` and `<pad>`, for an output that drops their rows. `None` when it
+/// is not JSON with a list of added tokens.
+pub fn without_added_tokens(json: &ByteSource, texts: &[&str], from: usize) -> Result<Option<ByteSource>> {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&json.bytes()?) else { return Ok(None) };
+    let Some(list) = v.get_mut("added_tokens").and_then(serde_json::Value::as_array_mut) else {
+        return Ok(None);
+    };
+    let dropped = |t: &serde_json::Value| {
+        t["id"].as_u64().is_some_and(|id| id as usize >= from)
+            && t["content"].as_str().is_some_and(|text| texts.contains(&text))
+    };
+    if !list.iter().any(dropped) {
+        return Ok(Some(json.clone()));
+    }
+    list.retain(|t| !dropped(t));
+    Ok(Some(ByteSource::owned(crate::convert::clip::json_bytes(&v))))
 }
 
 /// llava-hf's own added tokens. Building a NeVA, they are not kept as pieces: their rows become
@@ -392,16 +465,19 @@ mod tests {
     /// spellings and everything else do not.
     #[test]
     fn a_written_tokenizer_config_keeps_the_sources_behaviour() {
-        let plain = llama_tokenizer_config(64, None);
+        let plain = llama_tokenizer_config(64, None, None, false);
         assert_eq!((&plain["legacy"], &plain["model_max_length"]), (&false.into(), &64.into()));
         let source = ByteSource::owned(
             br#"{"legacy": true, "add_prefix_space": null, "bos_token": "X", "model_max_length": 9}"#
                 .to_vec(),
         );
-        let kept = llama_tokenizer_config(64, Some(&source));
+        let kept = llama_tokenizer_config(64, Some(&source), None, false);
         assert_eq!(kept["legacy"], true);
-        assert!(kept.as_object().unwrap().get("add_prefix_space").is_some_and(serde_json::Value::is_null));
+        assert!(kept.as_object().unwrap().get("add_prefix_space").is_none());
+        // Beside the tokenizer.json it was saved with, a null stays (that file decides).
+        let beside = llama_tokenizer_config(64, Some(&source), None, true);
+        assert!(beside.as_object().unwrap().get("add_prefix_space").is_some_and(serde_json::Value::is_null));
         assert_eq!((&kept["bos_token"], &kept["model_max_length"]), (&"<s>".into(), &64.into()));
-        assert_eq!(llama_tokenizer_config(64, Some(&ByteSource::owned(b"[1]".to_vec()))), plain);
+        assert_eq!(llama_tokenizer_config(64, Some(&ByteSource::owned(b"[1]".to_vec())), None, false), plain);
     }
 }

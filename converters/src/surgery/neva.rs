@@ -190,25 +190,16 @@ fn llm_as_hf(
     let (bos, eos) = (llm.hparams.bos.unwrap_or(1), llm.hparams.eos.unwrap_or(2));
     let json_artifact =
         |name: &str, v: &Json| Artifact { name: name.into(), source: ByteSource::owned(json_bytes(v)) };
+    let tok_cfg = tokenizer::llama_tokenizer_config(
+        llm.hparams.max_positions,
+        c.tokenizer_config.as_ref(),
+        Some(&sp),
+        false,
+    );
     let artifacts = vec![
         Artifact { name: "tokenizer.model".into(), source: tok },
-        json_artifact(
-            "tokenizer_config.json",
-            &json!({
-                "tokenizer_class": "LlamaTokenizer",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "add_bos_token": true,
-                "add_eos_token": false,
-                "legacy": true,
-                "model_max_length": llm.hparams.max_positions,
-            }),
-        ),
-        json_artifact(
-            "special_tokens_map.json",
-            &json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
-        ),
+        json_artifact("tokenizer_config.json", &tok_cfg),
+        json_artifact("special_tokens_map.json", &tokenizer::special_tokens_map(&tok_cfg)),
         json_artifact(
             "generation_config.json",
             &json!({"bos_token_id": bos, "eos_token_id": eos, "_from_model_config": true}),
@@ -371,6 +362,8 @@ pub fn swap_llm_neva(src: &Checkpoint, llm_ckpt: &Checkpoint) -> Result<Edit> {
     c.image_tokens = ImageTokenScheme::NevaSpan { start, patch, end, use_im_start_end };
     c.image_token = patch;
     c.tokenizer = Some(tok.source.clone());
+    // The new LLM's HF tokenizer files (kept for converting back) replace the old one's.
+    (c.tokenizer_json, c.tokenizer_config) = tokenizer::hf_tokenizer_files(llm_ckpt);
     c.llm = llm;
     write_like_source(src, &c, &target, plan)
 }

@@ -158,55 +158,12 @@ pub fn add_tokens(model: &LlamaModel, tokens: &[String], first: u32) -> Result<A
     match &model.store {
         Store::Hf(_) => {
             let names: Vec<String> = artifacts.iter().map(|a| a.name.clone()).collect();
+            let added: Vec<(u32, &str)> = ids().collect();
             for a in artifacts.iter_mut() {
-                let origin = src.meta.path.join(&a.name);
-                let mut v = match a.name.as_str() {
-                    "tokenizer.json"
-                    | "tokenizer_config.json"
-                    | "added_tokens.json"
-                    | "special_tokens_map.json" => parse_json(&a.source.bytes()?, &origin)?,
-                    _ => continue,
-                };
-                let bad = || Error::invalid(&origin, "unexpected JSON layout (expected an object)");
-                match a.name.as_str() {
-                    "tokenizer.json" => {
-                        let o = v.as_object_mut().ok_or_else(bad)?;
-                        let added = o.entry("added_tokens").or_insert_with(|| json!([]));
-                        let list = added.as_array_mut().ok_or_else(bad)?;
-                        for (id, t) in ids() {
-                            list.push(json!({
-                                "id": id, "content": t, "single_word": false, "lstrip": false,
-                                "rstrip": false, "normalized": false, "special": true,
-                            }));
-                        }
-                    }
-                    "tokenizer_config.json" => {
-                        let o = v.as_object_mut().ok_or_else(bad)?;
-                        let dec = o.entry("added_tokens_decoder").or_insert_with(|| json!({}));
-                        let map = dec.as_object_mut().ok_or_else(bad)?;
-                        for (id, t) in ids() {
-                            map.insert(
-                                id.to_string(),
-                                json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false,
-                                       "single_word": false, "special": true}),
-                            );
-                        }
-                        additional(o, ids().map(|(_, t)| json!(t))).ok_or_else(bad)?;
-                    }
-                    "special_tokens_map.json" => {
-                        let o = v.as_object_mut().ok_or_else(bad)?;
-                        let entry = |t: &str| json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false});
-                        additional(o, ids().map(|(_, t)| entry(t))).ok_or_else(bad)?;
-                    }
-                    _ => {
-                        let o = v.as_object_mut().ok_or_else(bad)?;
-                        for (id, t) in ids() {
-                            o.insert(t.to_string(), json!(id));
-                        }
-                    }
+                let name = a.name.clone();
+                if edit_hf_file(a, &name, &src.meta.path, &added)? {
+                    lines.push(format!("{}: {} added tokens ({range})", a.name, tokens.len()));
                 }
-                a.source = ByteSource::owned(json_bytes(&v));
-                lines.push(format!("{}: {} added tokens ({range})", a.name, tokens.len()));
             }
             if !names.iter().any(|n| n == "tokenizer.json" || n == "added_tokens.json") {
                 if !names.iter().any(|n| n == "tokenizer.model") {
@@ -257,9 +214,73 @@ pub fn add_tokens(model: &LlamaModel, tokens: &[String], first: u32) -> Result<A
             let old_name = old.name.clone();
             artifacts.retain(|a| a.name != old_name);
             artifacts.push(Artifact { name: name.clone(), source: ByteSource::owned(bytes) });
+            // The HF tokenizer files the .nemo keeps for converting back get the tokens as an HF
+            // directory would, so they still describe its tokenizer.
+            let kept = [
+                (tokenizer::NEMO_HF_TOKENIZER_JSON, "tokenizer.json"),
+                (tokenizer::NEMO_HF_TOKENIZER_CONFIG, "tokenizer_config.json"),
+            ];
+            let added: Vec<(u32, &str)> = ids().collect();
+            for a in artifacts.iter_mut() {
+                let Some((_, as_hf)) = kept.iter().find(|(member, _)| *member == a.name) else { continue };
+                if edit_hf_file(a, as_hf, &src.meta.path, &added)? {
+                    lines.push(format!("{} (kept {as_hf}): {} added tokens ({range})", a.name, tokens.len()));
+                }
+            }
             Ok(AddedTokens { artifacts, lines, nemo_tokenizer_ref: Some(format!("nemo:{name}")) })
         }
     }
+}
+
+/// Add `tokens` (id, text) to `a`, an HF tokenizer file read as `name` (`tokenizer.json`,
+/// `tokenizer_config.json`, `special_tokens_map.json`, `added_tokens.json`) the way
+/// `add_special_tokens` + `save_pretrained` changes it. `false` for any other file.
+fn edit_hf_file(a: &mut Artifact, name: &str, dir: &Path, tokens: &[(u32, &str)]) -> Result<bool> {
+    let origin = dir.join(&a.name);
+    if !matches!(
+        name,
+        "tokenizer.json" | "tokenizer_config.json" | "added_tokens.json" | "special_tokens_map.json"
+    ) {
+        return Ok(false);
+    }
+    let mut v = parse_json(&a.source.bytes()?, &origin)?;
+    let bad = || Error::invalid(&origin, "unexpected JSON layout (expected an object)");
+    let o = v.as_object_mut().ok_or_else(bad)?;
+    match name {
+        "tokenizer.json" => {
+            let added = o.entry("added_tokens").or_insert_with(|| json!([]));
+            let list = added.as_array_mut().ok_or_else(bad)?;
+            for &(id, t) in tokens {
+                list.push(json!({
+                    "id": id, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true,
+                }));
+            }
+        }
+        "tokenizer_config.json" => {
+            let dec = o.entry("added_tokens_decoder").or_insert_with(|| json!({}));
+            let map = dec.as_object_mut().ok_or_else(bad)?;
+            for &(id, t) in tokens {
+                map.insert(
+                    id.to_string(),
+                    json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false,
+                           "single_word": false, "special": true}),
+                );
+            }
+            additional(o, tokens.iter().map(|(_, t)| json!(t))).ok_or_else(bad)?;
+        }
+        "special_tokens_map.json" => {
+            let entry = |t: &str| json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false});
+            additional(o, tokens.iter().map(|(_, t)| entry(t))).ok_or_else(bad)?;
+        }
+        _ => {
+            for &(id, t) in tokens {
+                o.insert(t.to_string(), json!(id));
+            }
+        }
+    }
+    a.source = ByteSource::owned(json_bytes(&v));
+    Ok(true)
 }
 
 /// Append to `additional_special_tokens` (created when absent), the list through which
