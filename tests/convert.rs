@@ -567,3 +567,22 @@ fn force_never_replaces_a_source() {
     assert_eq!(std::fs::read(dir.join("notes.txt")).unwrap(), b"mine");
     ok(&["inspect", s(&dir.join("src.nemo"))]);
 }
+
+/// An HF directory without tokenizer_config.json has transformers' defaults (`legacy: true`):
+/// the directory converted back through a .nemo says so, rather than our own default.
+#[test]
+fn a_missing_tokenizer_config_comes_back_as_transformers_defaults() {
+    let work = tempfile::tempdir().unwrap();
+    let p = |name: &str| work.path().join(name);
+    std::fs::create_dir(p("bare")).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.model"] {
+        std::fs::copy(fixture("llama-mha").join(f), p("bare").join(f)).unwrap();
+    }
+    let legacy = |dir: &Path| {
+        let text = std::fs::read(dir.join("tokenizer_config.json")).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&text).unwrap()["legacy"].clone()
+    };
+    ok(&["convert", s(&p("bare")), s(&p("bare.nemo"))]);
+    ok(&["convert", s(&p("bare.nemo")), s(&p("bare-hf"))]);
+    assert_eq!(legacy(&p("bare-hf")), true);
+}

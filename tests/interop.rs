@@ -395,8 +395,8 @@ fn transformers_tokenizes_round_trips_as_their_source() {
 
 /// An HF directory without `tokenizer.json` tokenizes as transformers' slow `LlamaTokenizer`
 /// reads its config: `legacy` true (the default: every piece between special tokens gets its
-/// own "▁") or false, `add_prefix_space` true or false. (A null one, which saving a fast
-/// tokenizer writes, we take as true like that fast tokenizer; the slow one reads false.)
+/// own "▁") or false, `add_prefix_space` true, false or null (read as false without a
+/// tokenizer.json), user-defined pieces its config lists as special added tokens.
 #[test]
 fn sentencepiece_directories_tokenize_as_transformers_slow_llama_tokenizer() {
     let Some(py) = reference_python() else { return };
@@ -409,7 +409,21 @@ fn sentencepiece_directories_tokenize_as_transformers_slow_llama_tokenizer() {
         "  two  spaces",
         "<s>start",
         "a <unk> b",
+        "<unk>",
+        "<a>hi <b>",
     ];
+    // llama-mha's model with <a> and <b> as user-defined pieces (what a .nemo makes of HF added
+    // tokens), which one config lists as special added tokens.
+    let model = shardsmith_converters::convert::sentencepiece::SentencePieceModel::parse(
+        std::fs::read(fixture("llama-mha/tokenizer.model")).unwrap(),
+        Path::new("tokenizer.model"),
+    )
+    .unwrap();
+    let with_ab = model.with_user_defined(&["<a>", "<b>"], Path::new("tokenizer.model")).unwrap();
+    let special = |content: &str| {
+        serde_json::json!({"content": content, "special": true, "lstrip": false, "rstrip": false,
+            "normalized": false, "single_word": false})
+    };
     let source: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture("llama-mha/tokenizer_config.json")).unwrap()).unwrap();
     let variants = [
@@ -417,13 +431,20 @@ fn sentencepiece_directories_tokenize_as_transformers_slow_llama_tokenizer() {
         ("legacy", serde_json::json!({"legacy": true})),
         ("non-legacy", serde_json::json!({"legacy": false})),
         ("no-prefix", serde_json::json!({"legacy": false, "add_prefix_space": false})),
+        ("null-prefix", serde_json::json!({"legacy": false, "add_prefix_space": null})),
         ("legacy-no-prefix", serde_json::json!({"legacy": true, "add_prefix_space": false})),
+        (
+            "special-pieces",
+            serde_json::json!({"legacy": false, "additional_special_tokens": ["<a>", "<b>"],
+                "added_tokens_decoder": {"256": special("<a>"), "257": special("<b>")}}),
+        ),
     ];
     let mut dirs = Vec::new();
     for (name, settings) in variants {
         let dir = out.path().join(name);
         std::fs::create_dir(&dir).unwrap();
-        std::fs::copy(fixture("llama-mha/tokenizer.model"), dir.join("tokenizer.model")).unwrap();
+        let pieces = if name == "special-pieces" { with_ab.bytes() } else { model.bytes() };
+        std::fs::write(dir.join("tokenizer.model"), pieces).unwrap();
         let mut config = source.clone();
         let o = config.as_object_mut().unwrap();
         o.remove("legacy");

@@ -475,6 +475,9 @@ pub fn build_multimodal(src: &Checkpoint, dst: &Path, o: &Options) -> Result<Vec
         return Ok(vec![Output { ckpt: neva::reshard_neva(src, &t)?, kind: to, dest: dst.to_path_buf() }]);
     }
     let mut c = neva::read_multimodal(src, given)?;
+    if matches!(&src.meta.config, Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg)) {
+        c = llava::checked_llava_hf(c, &src.meta.path)?;
+    }
     neva::undo_neva_tokens(&mut c)?;
     c.template = o.template.or(c.template);
     if let Some(given) = given_tokenizer(o, c.llm.hparams.vocab)? {

@@ -130,15 +130,21 @@ impl Tokenizer {
             for t in &added {
                 tok.append_added(t.id, &t.content, t.special)?;
             }
-            // As transformers' slow `LlamaTokenizer` reads its config: `legacy` and
-            // `add_prefix_space` default to true. A null `add_prefix_space` is what saving a fast
-            // tokenizer writes, which prefixes; we take it as true too, where the slow tokenizer
-            // would take it as false (its tokenizer.json, when there, decides anyway).
+            // An HF directory's model (a config beside it) is read as transformers' slow
+            // `LlamaTokenizer` reads its config: `legacy` and `add_prefix_space` default to true.
+            // A null `add_prefix_space` (what saving a fast tokenizer writes) defers to the
+            // tokenizer.json beside, which prefixes; alone, transformers reads it as false. A
+            // bare model file (a `.nemo`'s, `--tokenizer`) tokenizes as SentencePiece does.
             let config = read_tokenizer_config(path)?;
-            let setting =
-                |key: &str| config.as_ref().and_then(|c| c.get(key)).and_then(serde_json::Value::as_bool);
-            let legacy = setting("legacy").unwrap_or(true);
-            let add_prefix_space = setting("add_prefix_space").unwrap_or(true);
+            if config.is_none() && !dir.join("config.json").is_file() {
+                return Ok(tok);
+            }
+            let setting = |key: &str| config.as_ref().and_then(|c| c.get(key));
+            let legacy = setting("legacy").and_then(serde_json::Value::as_bool).unwrap_or(true);
+            let add_prefix_space = match setting("add_prefix_space") {
+                Some(serde_json::Value::Null) => dir.join("tokenizer.json").is_file(),
+                v => v.and_then(serde_json::Value::as_bool).unwrap_or(true),
+            };
             if legacy {
                 let specials = tok
                     .pieces
@@ -313,8 +319,12 @@ impl Tokenizer {
                 .pieces
                 .get(*first as usize)
                 .is_some_and(|p| matches!(p, Some((s, _)) if s == "\u{2581}"));
-            let special =
-                self.pieces.get(*next as usize).is_some_and(|p| matches!(p, Some((_, PieceKind::Control))));
+            // A special token spelled out in the text right after the prefix (`<unk>` standing
+            // for an unknown character is not one).
+            let after_prefix = prepared.strip_prefix(SPACE).unwrap_or_default();
+            let special = self.pieces.get(*next as usize).is_some_and(|p| {
+                matches!(p, Some((s, PieceKind::Control | PieceKind::Unknown)) if after_prefix.starts_with(s.as_str()))
+            });
             if lone_prefix && special {
                 pieces = &pieces[1..];
             }
@@ -484,7 +494,16 @@ impl Tokenizer {
         let size = self.vocab_size() as u32;
         if id < size {
             return match self.id_to_token(id) {
-                Some(piece) if piece == token => Ok(()),
+                Some(piece) if piece == token => {
+                    // A piece transformers lists as a special added token is one to it (split out
+                    // whole, skipped when decoding).
+                    if let (true, Some(Some((_, kind)))) = (special, self.pieces.get_mut(id as usize)) {
+                        if *kind == PieceKind::UserDefined {
+                            *kind = PieceKind::Control;
+                        }
+                    }
+                    Ok(())
+                }
                 piece => Err(tok_err(
                     &self.origin,
                     format!(

@@ -13,11 +13,10 @@ use shardsmith_converters::convert::neva as neva_convert;
 use shardsmith_converters::{Checkpoint, ModelConfig};
 use std::path::Path;
 
-/// A multimodal checkpoint ([`neva_convert::read_multimodal`]) in canonical form with its tower's
-/// weights: a bundled tower as it is (for a NeVA, `vision` then only supplies a config the file
-/// lacks; llava-hf's is replaced), else the directory `vision` gives (or `hf://org/name`), else
-/// the one the config names, found locally or through the Hub cache. An error names the config
-/// key when none is found.
+/// A NeVA `.nemo` or an original LLaVA directory in canonical form with its tower's weights: a
+/// bundled tower as it is (`vision` then only supplies a config the file lacks), else the
+/// directory `vision` gives (or `hf://org/name`), else the one the config names, found locally
+/// or through the Hub cache. An error names the config key when none is found.
 pub fn with_tower(ckpt: &Checkpoint, vision: Option<&Path>) -> Result<CanonicalLlava> {
     let neva = matches!(&ckpt.meta.config, Some(ModelConfig::NemoYaml(cfg)) if neva_convert::is_neva(cfg));
     let read = |tower: Option<ClipVision>| -> Result<CanonicalLlava> {

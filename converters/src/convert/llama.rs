@@ -706,12 +706,12 @@ pub fn nemo_to_hf(
             (None, Some(json)) => tokenizer::carry_tokenizer_json(json, &sp, &[])?,
             _ => None,
         };
-        let tok_cfg = tokenizer::llama_tokenizer_config(
-            c.hparams.max_positions,
-            kept_config.as_ref(),
-            Some(&sp),
-            carried.is_some(),
-        );
+        let source = tokenizer::SourceTokenizer {
+            config: kept_config.as_ref(),
+            model: Some(&sp),
+            json_left_behind: kept_json.is_some() && carried.is_none(),
+        };
+        let tok_cfg = tokenizer::llama_tokenizer_config(c.hparams.max_positions, source);
         if let Some(json) = carried {
             artifacts.push(Artifact { name: "tokenizer.json".into(), source: json });
         }

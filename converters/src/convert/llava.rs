@@ -416,8 +416,11 @@ pub fn from_llava_hf(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
 /// llava-hf → canonical with every part checked: the vision tower complete for its config and
 /// the projector complete for `mlp2x_gelu` (for conversions, which must not carry a partial part).
 pub fn from_llava_hf_checked(ckpt: &Checkpoint) -> Result<CanonicalLlava> {
-    let mut c = from_llava_hf(ckpt)?;
-    let path = &ckpt.meta.path;
+    checked_llava_hf(from_llava_hf(ckpt)?, &ckpt.meta.path)
+}
+
+/// [`from_llava_hf_checked`]'s checks on parts read from the llava-hf directory `path`.
+pub fn checked_llava_hf(mut c: CanonicalLlava, path: &Path) -> Result<CanonicalLlava> {
     c.vision = clip::check_clip(&c.vision_config, std::mem::take(&mut c.vision), path)?;
     clip::check_feature_layer(
         c.vision_feature_layer,
@@ -752,12 +755,13 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
         .map(|(image, pad)| vec![(image, names::HF_IMAGE_TOKEN), (pad, names::HF_PAD_TOKEN)])
         .unwrap_or_default();
     let carried = carried_tokenizer_json(c, &added)?;
-    let mut tok = tokenizer::llama_tokenizer_config(
-        c.llm.hparams.max_positions,
-        c.tokenizer_config.as_ref(),
-        c.sentencepiece()?.as_ref(),
-        carried.is_some(),
-    );
+    let sp = c.sentencepiece()?;
+    let source = tokenizer::SourceTokenizer {
+        config: c.tokenizer_config.as_ref(),
+        model: sp.as_ref(),
+        json_left_behind: c.tokenizer_json.is_some() && carried.is_none(),
+    };
+    let mut tok = tokenizer::llama_tokenizer_config(c.llm.hparams.max_positions, source);
     if let Some(json) = carried {
         out.push(Artifact { name: "tokenizer.json".into(), source: json });
     }

@@ -712,12 +712,14 @@ pub fn dist_weights(ckpt: &Checkpoint) -> Result<nemo::DistWeights> {
 /// Any multimodal checkpoint ([`is_multimodal`]) as canonical parts, in its own terms (a NeVA's
 /// vocabulary as NeVA has it; [`undo_neva_tokens`] restores its source's). `vision` is an HF
 /// CLIP tower the user gave: the tower a NeVA or LLaVA only names ([`from_neva`],
-/// [`llava::from_llava_original`]), or one replacing llava-hf's bundled tower.
+/// [`llava::from_llava_original`]), or one replacing llava-hf's bundled tower. A llava-hf's
+/// parts are as stored ([`llava::checked_llava_hf`] checks them), so `diff` can report what
+/// is missing.
 pub fn read_multimodal(ckpt: &Checkpoint, vision: Option<ClipVision>) -> Result<CanonicalLlava> {
     match &ckpt.meta.config {
         Some(ModelConfig::NemoYaml(_)) => from_neva(ckpt, vision),
         Some(ModelConfig::HfJson(cfg)) if llava::is_llava_hf(cfg) => {
-            let mut c = llava::from_llava_hf_checked(ckpt)?;
+            let mut c = llava::from_llava_hf(ckpt)?;
             if let Some(v) = vision {
                 (c.vision, c.vision_config, c.vision_source) =
                     (v.tensors, v.config, VisionSource::Directory(v.origin));

@@ -57,36 +57,47 @@ pub fn artifact_name(basename: &str, content: &[u8]) -> String {
 }
 
 /// Settings of transformers' `LlamaTokenizer` that change how it splits, pads or decodes text
-/// (`legacy`: a "▁" after special tokens; `add_prefix_space`: one before the text). They hold
-/// for any SentencePiece model, so a written directory takes the source's.
-const TOKENIZER_BEHAVIOUR: [&str; 8] = [
-    "legacy",
-    "add_prefix_space",
-    "add_bos_token",
-    "add_eos_token",
-    "clean_up_tokenization_spaces",
-    "spaces_between_special_tokens",
-    "padding_side",
-    "sp_model_kwargs",
+/// (`legacy`: a "▁" after special tokens; `add_prefix_space`: one before the text), with the
+/// JSON type each must have. They hold for any SentencePiece model, so a written directory takes
+/// the source's.
+const TOKENIZER_BEHAVIOUR: [(&str, fn(&serde_json::Value) -> bool); 8] = [
+    ("legacy", serde_json::Value::is_boolean),
+    ("add_prefix_space", serde_json::Value::is_boolean),
+    ("add_bos_token", serde_json::Value::is_boolean),
+    ("add_eos_token", serde_json::Value::is_boolean),
+    ("clean_up_tokenization_spaces", serde_json::Value::is_boolean),
+    ("spaces_between_special_tokens", serde_json::Value::is_boolean),
+    ("padding_side", serde_json::Value::is_string),
+    ("sp_model_kwargs", serde_json::Value::is_object),
 ];
 
-/// The `tokenizer_config.json` of a `LlamaTokenizer` over the SentencePiece model `sp`, as our
-/// HF and llava-hf exports write it, with the [`TOKENIZER_BEHAVIOUR`] settings of `source` (the
-/// source directory's `tokenizer_config.json`) where it has them. Without one: `legacy: false`,
-/// which tokenizes as NeMo's SentencePiece tokenizer (`sentencepiece_legacy: false`) does, with
-/// no extra "▁" after a special token, and otherwise what Meta's LLaMA-2 directories ship.
+/// What a `tokenizer_config.json` we write keeps of the source's.
+#[derive(Clone, Copy, Default)]
+pub struct SourceTokenizer<'a> {
+    /// The source directory's `tokenizer_config.json` (an HF directory without one has
+    /// transformers' defaults: `{}`), or the copy a `.nemo` keeps; `None` for a tokenizer that
+    /// never had one (NeMo's own).
+    pub config: Option<&'a ByteSource>,
+    /// The SentencePiece model written, whose pieces the source's added tokens must be to stay.
+    pub model: Option<&'a SentencePieceModel>,
+    /// The source had a `tokenizer.json` that is not written with this config. Its settings left
+    /// to that file (`add_prefix_space: null`, which a fast tokenizer saves, meaning "as the
+    /// file prefixes") then take the default, where transformers would read the null as false.
+    pub json_left_behind: bool,
+}
+
+/// The `tokenizer_config.json` of a `LlamaTokenizer`, as our HF and llava-hf exports write it,
+/// with the [`TOKENIZER_BEHAVIOUR`] settings of the source's config where it has them (of the
+/// right type) and transformers' default `legacy: true` where it has a config without one.
+/// Without a source config: `legacy: false`, which tokenizes as NeMo's SentencePiece tokenizer
+/// (`sentencepiece_legacy: false`) does, with no extra "▁" after a special token, and
+/// otherwise what Meta's LLaMA-2 directories ship.
 ///
-/// `beside_source_json`: the output also has the source's `tokenizer.json`.
-///
-/// The source's added tokens that are pieces of `sp` keep their `added_tokens_decoder` entries
-/// and `additional_special_tokens` place: an HF added token a `.nemo` holds as a user-defined
-/// piece is special again (matched whole, skipped when decoding), as it was.
-pub fn llama_tokenizer_config(
-    max_positions: usize,
-    source: Option<&ByteSource>,
-    sp: Option<&SentencePieceModel>,
-    beside_source_json: bool,
-) -> serde_json::Value {
+/// The source's added tokens that are pieces of the model keep their `added_tokens_decoder`
+/// entries and `additional_special_tokens` place, and its `pad_token` when it is a piece: an
+/// HF added token a `.nemo` holds as a user-defined piece is special again (matched whole,
+/// skipped when decoding), as it was.
+pub fn llama_tokenizer_config(max_positions: usize, source: SourceTokenizer) -> serde_json::Value {
     use serde_json::Value as Json;
     let mut config = serde_json::json!({
         "tokenizer_class": "LlamaTokenizer",
@@ -102,20 +113,19 @@ pub fn llama_tokenizer_config(
     });
     // An unreadable source file was refused where its added tokens were read; here it only
     // means there is nothing to keep.
-    let source = source.and_then(|b| serde_json::from_slice::<Json>(&b.bytes().ok()?).ok());
-    let Some(source) = source.as_ref().and_then(Json::as_object) else { return config };
-    // A null is a setting left to the tokenizer.json it was saved with (a fast tokenizer saves
-    // `add_prefix_space: null`, meaning "as tokenizer.json prefixes"). It is kept only beside
-    // that file (`beside_source_json`); alone, the slow tokenizer would read it as false, so the
-    // default stands instead.
-    for key in TOKENIZER_BEHAVIOUR {
-        if let Some(v) = source.get(key).filter(|v| beside_source_json || !v.is_null()) {
-            config[key] = v.clone();
+    let kept = source.config.and_then(|b| serde_json::from_slice::<Json>(&b.bytes().ok()?).ok());
+    let Some(kept) = kept.as_ref().and_then(Json::as_object) else { return config };
+    config["legacy"] = true.into();
+    for (key, well_typed) in TOKENIZER_BEHAVIOUR {
+        match kept.get(key) {
+            Some(Json::Null) if !source.json_left_behind => config[key] = Json::Null,
+            Some(v) if well_typed(v) => config[key] = v.clone(),
+            _ => {}
         }
     }
-    let Some(sp) = sp else { return config };
+    let Some(sp) = source.model else { return config };
     let is_piece = |id: u32, text: &str| sp.pieces().get(id as usize).is_some_and(|p| p.piece == text);
-    let decoder: serde_json::Map<String, Json> = source
+    let decoder: serde_json::Map<String, Json> = kept
         .get("added_tokens_decoder")
         .and_then(Json::as_object)
         .into_iter()
@@ -126,7 +136,7 @@ pub fn llama_tokenizer_config(
         })
         .map(|(id, entry)| (id.clone(), entry.clone()))
         .collect();
-    let special: Vec<Json> = source
+    let special: Vec<Json> = kept
         .get("additional_special_tokens")
         .and_then(Json::as_array)
         .into_iter()
@@ -139,6 +149,9 @@ pub fn llama_tokenizer_config(
     }
     if !special.is_empty() {
         config["additional_special_tokens"] = Json::Array(special);
+    }
+    if let Some(pad) = kept.get("pad_token").and_then(Json::as_str).filter(|p| sp.id(p).is_some()) {
+        config["pad_token"] = pad.into();
     }
     config
 }
@@ -215,15 +228,21 @@ pub fn carry_tokenizer_json(
 }
 
 /// The HF tokenizer files a checkpoint carries for its SentencePiece model: (`tokenizer.json`,
-/// `tokenizer_config.json`) of an HF directory, or the copies a `.nemo` converted from one keeps
-/// ([`NEMO_HF_TOKENIZER_JSON`], [`NEMO_HF_TOKENIZER_CONFIG`]).
+/// `tokenizer_config.json`) of an HF directory (`{}` when it has a `tokenizer.model` but no
+/// config), or the copies a `.nemo` converted from one keeps ([`NEMO_HF_TOKENIZER_JSON`],
+/// [`NEMO_HF_TOKENIZER_CONFIG`]).
 pub fn hf_tokenizer_files(ckpt: &Checkpoint) -> (Option<ByteSource>, Option<ByteSource>) {
     let nemo = matches!(ckpt.meta.flavour, crate::checkpoint::Flavour::Nemo { .. });
     let file = |hf: &str, kept: &str| {
         let name = if nemo { kept } else { hf };
         ckpt.meta.artifacts.iter().find(|a| a.name == name).map(|a| a.source.clone())
     };
-    (file("tokenizer.json", NEMO_HF_TOKENIZER_JSON), file("tokenizer_config.json", NEMO_HF_TOKENIZER_CONFIG))
+    let config = file("tokenizer_config.json", NEMO_HF_TOKENIZER_CONFIG);
+    // An HF directory without the file has transformers' defaults (`legacy: true`), which an
+    // empty config records.
+    let has_model = ckpt.meta.artifacts.iter().any(|a| a.name == "tokenizer.model");
+    let config = config.or_else(|| (!nemo && has_model).then(|| ByteSource::owned(b"{}".to_vec())));
+    (file("tokenizer.json", NEMO_HF_TOKENIZER_JSON), config)
 }
 
 /// `json` (a `tokenizer.json`) without its added tokens whose text is one of `texts` and id `from`
@@ -465,19 +484,25 @@ mod tests {
     /// spellings and everything else do not.
     #[test]
     fn a_written_tokenizer_config_keeps_the_sources_behaviour() {
-        let plain = llama_tokenizer_config(64, None, None, false);
+        let plain = llama_tokenizer_config(64, SourceTokenizer::default());
         assert_eq!((&plain["legacy"], &plain["model_max_length"]), (&false.into(), &64.into()));
-        let source = ByteSource::owned(
-            br#"{"legacy": true, "add_prefix_space": null, "bos_token": "X", "model_max_length": 9}"#
+        let config = ByteSource::owned(
+            br#"{"add_prefix_space": null, "bos_token": "X", "model_max_length": 9, "add_eos_token": "yes"}"#
                 .to_vec(),
         );
-        let kept = llama_tokenizer_config(64, Some(&source), None, false);
-        assert_eq!(kept["legacy"], true);
-        assert!(kept.as_object().unwrap().get("add_prefix_space").is_none());
-        // Beside the tokenizer.json it was saved with, a null stays (that file decides).
-        let beside = llama_tokenizer_config(64, Some(&source), None, true);
-        assert!(beside.as_object().unwrap().get("add_prefix_space").is_some_and(serde_json::Value::is_null));
+        let source = SourceTokenizer { config: Some(&config), ..Default::default() };
+        let kept = llama_tokenizer_config(64, source);
+        // A config without `legacy` is transformers' default; settings of the wrong type are not kept.
+        assert_eq!((&kept["legacy"], &kept["add_eos_token"]), (&true.into(), &false.into()));
+        assert!(kept.as_object().unwrap().get("add_prefix_space").is_some_and(serde_json::Value::is_null));
         assert_eq!((&kept["bos_token"], &kept["model_max_length"]), (&"<s>".into(), &64.into()));
-        assert_eq!(llama_tokenizer_config(64, Some(&ByteSource::owned(b"[1]".to_vec())), None, false), plain);
+        // Without the tokenizer.json a null deferred to, the default stands.
+        let left = llama_tokenizer_config(64, SourceTokenizer { json_left_behind: true, ..source });
+        assert!(left.as_object().unwrap().get("add_prefix_space").is_none());
+        let broken = ByteSource::owned(b"[1]".to_vec());
+        assert_eq!(
+            llama_tokenizer_config(64, SourceTokenizer { config: Some(&broken), ..Default::default() }),
+            plain
+        );
     }
 }

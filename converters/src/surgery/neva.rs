@@ -192,9 +192,13 @@ fn llm_as_hf(
         |name: &str, v: &Json| Artifact { name: name.into(), source: ByteSource::owned(json_bytes(v)) };
     let tok_cfg = tokenizer::llama_tokenizer_config(
         llm.hparams.max_positions,
-        c.tokenizer_config.as_ref(),
-        Some(&sp),
-        false,
+        tokenizer::SourceTokenizer {
+            config: c.tokenizer_config.as_ref(),
+            model: Some(&sp),
+            // The NeVA tokenizer (with <extra_id_*>) is not the one the source's tokenizer.json
+            // describes.
+            json_left_behind: c.tokenizer_json.is_some(),
+        },
     );
     let artifacts = vec![
         Artifact { name: "tokenizer.model".into(), source: tok },
