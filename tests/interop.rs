@@ -319,7 +319,9 @@ fn transformers_tokenizes_round_trips_as_their_source() {
     // bundle has `<image>` as a token where a bare LLaMA or original LLaVA has text.)
     let (gqa, tiny, mha) = (fixture("llama-gqa"), fixture("llava-tiny"), fixture("llama-mha"));
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let steps: [(&str, Vec<Vec<String>>, String, Option<&str>); 3] = [
+    // (what, commands, the directory to compare with, a text to leave out)
+    type Step<'a> = (&'a str, Vec<Vec<String>>, String, Option<&'a str>);
+    let steps: [Step; 3] = [
         (
             "NeVA swap-llm",
             vec![

@@ -60,7 +60,7 @@ pub fn artifact_name(basename: &str, content: &[u8]) -> String {
 /// (`legacy`: a "▁" after special tokens; `add_prefix_space`: one before the text), with the
 /// JSON type each must have. They hold for any SentencePiece model, so a written directory takes
 /// the source's.
-const TOKENIZER_BEHAVIOUR: [(&str, fn(&serde_json::Value) -> bool); 8] = [
+const TOKENIZER_BEHAVIOUR: [(&str, IsWellTyped); 8] = [
     ("legacy", serde_json::Value::is_boolean),
     ("add_prefix_space", serde_json::Value::is_boolean),
     ("add_bos_token", serde_json::Value::is_boolean),
@@ -70,6 +70,9 @@ const TOKENIZER_BEHAVIOUR: [(&str, fn(&serde_json::Value) -> bool); 8] = [
     ("padding_side", serde_json::Value::is_string),
     ("sp_model_kwargs", serde_json::Value::is_object),
 ];
+
+/// Whether a setting's JSON value has the type transformers expects.
+type IsWellTyped = fn(&serde_json::Value) -> bool;
 
 /// What a `tokenizer_config.json` we write keeps of the source's.
 #[derive(Clone, Copy, Default)]
