@@ -253,13 +253,8 @@ pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, Mod
             Ok((Model::Llama(llm), ModelInfo::text("llama", path, tp)))
         }
         (_, Some(ModelConfig::HfJson(cfg))) if llava::is_llava_hf(cfg) => {
-            if let Some(v) = &o.vision {
-                return Err(Error::Usage(format!(
-                    "--vision {}: {} bundles its vision tower; --vision gives one to a checkpoint that only names it",
-                    v.display(),
-                    path.display()
-                )));
-            }
+            // Its tower is bundled; `--vision` (for a checkpoint that only names one) does not
+            // apply. `validate --against` loads both checkpoints with the same options.
             let c = llava::from_llava_hf(ckpt)?;
             vision_language(&c, "llava", o.tp.unwrap_or(1), o)
         }
