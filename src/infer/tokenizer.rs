@@ -292,25 +292,41 @@ impl Tokenizer {
 
     /// Token ids of `text`, with the BOS id first when `add_bos`.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        if !self.legacy_split.is_empty() {
-            return self.encode_legacy(text, add_bos);
-        }
-        let prepared = match self.normalize {
-            Normalize::Hf => text.to_owned(),
-            Normalize::SentencePiece { add_dummy_prefix, remove_extra_whitespaces, .. } => {
-                sentencepiece_normalize(text, add_dummy_prefix, remove_extra_whitespaces)
-            }
-        };
-        let encoding = self
-            .inner
-            .encode_fast(prepared.as_str(), false)
-            .map_err(|e| tok_err(&self.origin, format!("cannot encode {text:?}: {e}")))?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        let mut ids = Vec::new();
         if add_bos {
             ids.push(self.bos_id.ok_or_else(|| {
                 tok_err(&self.origin, "a BOS token was requested but the tokenizer has none")
             })?);
         }
+        if self.legacy_split.is_empty() {
+            self.encode_whole(text, &mut ids)?;
+        } else {
+            self.encode_legacy(text, &mut ids)?;
+        }
+        Ok(ids)
+    }
+
+    /// `text` as `inner` reads it (see [`Normalize`]).
+    fn prepare(&self, text: &str) -> String {
+        match self.normalize {
+            Normalize::Hf => text.to_owned(),
+            Normalize::SentencePiece { add_dummy_prefix, remove_extra_whitespaces, .. } => {
+                sentencepiece_normalize(text, add_dummy_prefix, remove_extra_whitespaces)
+            }
+        }
+    }
+
+    /// `inner`'s encoding of `prepared`, part of `text` (named in errors).
+    fn encode_prepared(&self, prepared: &str, text: &str) -> Result<tokenizers::Encoding> {
+        self.inner
+            .encode_fast(prepared, false)
+            .map_err(|e| tok_err(&self.origin, format!("cannot encode {text:?}: {e}")))
+    }
+
+    /// The ids of `text` normalised as one piece, appended to `ids`.
+    fn encode_whole(&self, text: &str, ids: &mut Vec<u32>) -> Result<()> {
+        let prepared = self.prepare(text);
+        let encoding = self.encode_prepared(&prepared, text)?;
         let mut pieces = encoding.get_ids();
         if let (Normalize::SentencePiece { drop_lone_prefix: true, .. }, [first, next, ..]) =
             (self.normalize, pieces)
@@ -330,40 +346,24 @@ impl Tokenizer {
             }
         }
         ids.extend_from_slice(pieces);
-        Ok(ids)
+        Ok(())
     }
 
     /// [`Tokenizer::encode`] for transformers' legacy `LlamaTokenizer`: the text is cut at
     /// [`Tokenizer::legacy_split`] tokens (earliest, then longest match, as its trie does) and
     /// every other piece is encoded by itself, each with its own dummy prefix.
-    fn encode_legacy(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        if add_bos {
-            ids.push(self.bos_id.ok_or_else(|| {
-                tok_err(&self.origin, "a BOS token was requested but the tokenizer has none")
-            })?);
-        }
-        let Normalize::SentencePiece { add_dummy_prefix, remove_extra_whitespaces, .. } = self.normalize
-        else {
-            unreachable!("legacy splitting is only set up for SentencePiece models")
-        };
+    fn encode_legacy(&self, text: &str, ids: &mut Vec<u32>) -> Result<()> {
         let segment = |piece: &str, ids: &mut Vec<u32>| -> Result<()> {
-            if piece.is_empty() {
-                return Ok(());
+            if !piece.is_empty() {
+                ids.extend_from_slice(self.encode_prepared(&self.prepare(piece), text)?.get_ids());
             }
-            let prepared = sentencepiece_normalize(piece, add_dummy_prefix, remove_extra_whitespaces);
-            let encoding = self
-                .inner
-                .encode_fast(prepared.as_str(), false)
-                .map_err(|e| tok_err(&self.origin, format!("cannot encode {text:?}: {e}")))?;
-            ids.extend_from_slice(encoding.get_ids());
             Ok(())
         };
         let (mut start, mut at) = (0, 0);
         while at < text.len() {
             match self.legacy_split.iter().find(|t| text[at..].starts_with(t.as_str())) {
                 Some(token) => {
-                    segment(&text[start..at], &mut ids)?;
+                    segment(&text[start..at], ids)?;
                     let id = self.token_to_id(token);
                     ids.push(id.ok_or_else(|| tok_err(&self.origin, format!("{token:?} has no id")))?);
                     at += token.len();
@@ -372,8 +372,8 @@ impl Tokenizer {
                 None => at += text[at..].chars().next().map_or(1, char::len_utf8),
             }
         }
-        segment(&text[start..], &mut ids)?;
-        Ok(ids)
+        segment(&text[start..], ids)?;
+        Ok(())
     }
 
     /// The text of `ids`. With `skip_special`, control tokens (BOS/EOS/pad) are dropped and

@@ -603,11 +603,7 @@ pub fn hf_to_nemo(
     };
     if tokenizer_ref.is_some() {
         let (json, config) = tokenizer::hf_tokenizer_files(src);
-        for (name, file) in
-            [(tokenizer::NEMO_HF_TOKENIZER_JSON, json), (tokenizer::NEMO_HF_TOKENIZER_CONFIG, config)]
-        {
-            artifacts.extend(file.map(|source| Artifact { name: name.into(), source }));
-        }
+        artifacts.extend(tokenizer::kept_members(json.as_ref(), config.as_ref()));
     }
     let dtype =
         target.dtype.unwrap_or(c.tensors.get("model.embed_tokens.weight").map_or(DType::F32, |t| t.dtype));

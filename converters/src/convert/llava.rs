@@ -754,8 +754,8 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
     let added: Vec<(u32, &str)> = hf_tokens
         .map(|(image, pad)| vec![(image, names::HF_IMAGE_TOKEN), (pad, names::HF_PAD_TOKEN)])
         .unwrap_or_default();
-    let carried = carried_tokenizer_json(c, &added)?;
     let sp = c.sentencepiece()?;
+    let carried = carried_tokenizer_json(c, sp.as_ref(), &added)?;
     let source = tokenizer::SourceTokenizer {
         config: c.tokenizer_config.as_ref(),
         model: sp.as_ref(),
@@ -801,11 +801,15 @@ fn tokenizer_files(c: &CanonicalLlava, hf_tokens: Option<(u32, u32)>) -> Result<
     Ok(out)
 }
 
-/// The source's `tokenizer.json` for an output whose tokenizer is `c.tokenizer` with exactly
-/// `added` after its pieces ([`tokenizer::carry_tokenizer_json`]).
-fn carried_tokenizer_json(c: &CanonicalLlava, added: &[(u32, &str)]) -> Result<Option<ByteSource>> {
-    match (&c.tokenizer_json, c.sentencepiece()?) {
-        (Some(json), Some(sp)) => tokenizer::carry_tokenizer_json(json, &sp, added),
+/// The source's `tokenizer.json` for an output whose tokenizer is `sp` (`c.tokenizer`, parsed)
+/// with exactly `added` after its pieces ([`tokenizer::carry_tokenizer_json`]).
+fn carried_tokenizer_json(
+    c: &CanonicalLlava,
+    sp: Option<&SentencePieceModel>,
+    added: &[(u32, &str)],
+) -> Result<Option<ByteSource>> {
+    match (&c.tokenizer_json, sp) {
+        (Some(json), Some(sp)) => tokenizer::carry_tokenizer_json(json, sp, added),
         _ => Ok(None),
     }
 }
@@ -898,7 +902,8 @@ mod tests {
         let tokens = [(256, "<image>"), (257, "<pad>")];
         let original = c.tokenizer_json.as_ref().unwrap().bytes().unwrap().into_owned();
         let carried = |c: &CanonicalLlava, added: &[(u32, &str)]| {
-            carried_tokenizer_json(c, added).unwrap().map(|b| b.bytes().unwrap().into_owned())
+            let sp = c.sentencepiece().unwrap();
+            carried_tokenizer_json(c, sp.as_ref(), added).unwrap().map(|b| b.bytes().unwrap().into_owned())
         };
         assert_eq!(carried(&c, &tokens), Some(original.clone()));
         // Other ids for the image tokens, or no room for them: not this file.

@@ -293,16 +293,8 @@ pub fn to_neva(c: &CanonicalLlava, t: &NevaTarget) -> Result<Checkpoint> {
         converted_from,
     };
     let mut artifacts = vec![Artifact { name: tok_name, source: ByteSource::owned(tok_bytes) }];
-    // The source's fast tokenizer, for converting back (checked against the model then).
-    let kept = [
-        (tokenizer::NEMO_HF_TOKENIZER_JSON, &c.tokenizer_json),
-        (tokenizer::NEMO_HF_TOKENIZER_CONFIG, &c.tokenizer_config),
-    ];
-    for (name, file) in kept {
-        if let Some(file) = file {
-            artifacts.push(Artifact { name: name.into(), source: file.clone() });
-        }
-    }
+    // The source's HF tokenizer files, for converting back (checked against the model then).
+    artifacts.extend(tokenizer::kept_members(c.tokenizer_json.as_ref(), c.tokenizer_config.as_ref()));
     let text = yaml::emit(&names::neva_yaml_map(map, &neva));
     let cfg = NemoConfig::parse(text, Path::new("model_config.yaml"))?;
     let parallel = Parallelism { tp: t.tp, pp: t.pp };

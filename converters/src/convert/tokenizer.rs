@@ -236,16 +236,30 @@ pub fn carry_tokenizer_json(
 /// [`NEMO_HF_TOKENIZER_CONFIG`]).
 pub fn hf_tokenizer_files(ckpt: &Checkpoint) -> (Option<ByteSource>, Option<ByteSource>) {
     let nemo = matches!(ckpt.meta.flavour, crate::checkpoint::Flavour::Nemo { .. });
-    let file = |hf: &str, kept: &str| {
+    let [json, config] = KEPT_HF_FILES.map(|(hf, kept)| {
         let name = if nemo { kept } else { hf };
         ckpt.meta.artifacts.iter().find(|a| a.name == name).map(|a| a.source.clone())
-    };
-    let config = file("tokenizer_config.json", NEMO_HF_TOKENIZER_CONFIG);
+    });
     // An HF directory without the file has transformers' defaults (`legacy: true`), which an
     // empty config records.
     let has_model = ckpt.meta.artifacts.iter().any(|a| a.name == "tokenizer.model");
     let config = config.or_else(|| (!nemo && has_model).then(|| ByteSource::owned(b"{}".to_vec())));
-    (file("tokenizer.json", NEMO_HF_TOKENIZER_JSON), config)
+    (json, config)
+}
+
+/// The HF tokenizer files a `.nemo` keeps, each with the archive member that keeps it.
+pub const KEPT_HF_FILES: [(&str, &str); 2] =
+    [("tokenizer.json", NEMO_HF_TOKENIZER_JSON), ("tokenizer_config.json", NEMO_HF_TOKENIZER_CONFIG)];
+
+/// The `.nemo` members keeping `json` and `config` (the inverse of [`hf_tokenizer_files`]).
+pub fn kept_members(json: Option<&ByteSource>, config: Option<&ByteSource>) -> Vec<Artifact> {
+    KEPT_HF_FILES
+        .iter()
+        .zip([json, config])
+        .filter_map(|((_, member), file)| {
+            file.map(|f| Artifact { name: member.to_string(), source: f.clone() })
+        })
+        .collect()
 }
 
 /// `json` (a `tokenizer.json`) without its added tokens whose text is one of `texts` and id `from`

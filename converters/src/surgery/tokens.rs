@@ -216,13 +216,10 @@ pub fn add_tokens(model: &LlamaModel, tokens: &[String], first: u32) -> Result<A
             artifacts.push(Artifact { name: name.clone(), source: ByteSource::owned(bytes) });
             // The HF tokenizer files the .nemo keeps for converting back get the tokens as an HF
             // directory would, so they still describe its tokenizer.
-            let kept = [
-                (tokenizer::NEMO_HF_TOKENIZER_JSON, "tokenizer.json"),
-                (tokenizer::NEMO_HF_TOKENIZER_CONFIG, "tokenizer_config.json"),
-            ];
             let added: Vec<(u32, &str)> = ids().collect();
             for a in artifacts.iter_mut() {
-                let Some((_, as_hf)) = kept.iter().find(|(member, _)| *member == a.name) else { continue };
+                let kept = tokenizer::KEPT_HF_FILES.iter().find(|(_, member)| *member == a.name);
+                let Some((as_hf, _)) = kept else { continue };
                 if edit_hf_file(a, as_hf, &src.meta.path, &added)? {
                     lines.push(format!("{} (kept {as_hf}): {} added tokens ({range})", a.name, tokens.len()));
                 }
