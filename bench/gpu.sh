@@ -70,6 +70,13 @@ for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softm
     grep -oE "parity .*|panicked.*|test result.*" "$W/parity.log"
     ((rc == 0)) || { status=1; echo "## parity $t: FAILED (exit $rc)"; tail -3 "$W/parity.log"; }
 done
+# The GEMV kernels at every batch they have (the default hands batches past 4 to cuBLAS).
+for t in decode_gemv_forward batched_decode_matches_the_cpu; do
+    SHARDSMITH_CUDA_GEMV=8 timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
+    rc=$?
+    grep -oE "test result.*" "$W/parity.log" | sed "s/^/SHARDSMITH_CUDA_GEMV=8 $t: /"
+    ((rc == 0)) || { status=1; echo "## parity $t (SHARDSMITH_CUDA_GEMV=8): FAILED (exit $rc)"; tail -3 "$W/parity.log"; }
+done
 
 echo "### trainer end to end (fixtures/train-tiny, f32, stage 1, 10 steps): CUDA losses against the CPU's"
 for d in cpu cuda; do
@@ -85,7 +92,7 @@ sys.exit(0 if len(cpu) == len(gpu) == 10 and rel < 1e-4 else 1)
 EOF2
 
 echo "### decode GEMV against cuBLAS (7B layer shapes, bf16)"
-[[ -n ${GPU_SH_TINY:-} ]] || timeout "$(limit 40)" "$W/cuda_parity" bench_gemv --exact --ignored --nocapture 2>&1 |
+[[ -n ${GPU_SH_TINY:-} ]] || SHARDSMITH_CUDA_GEMV=8 timeout "$(limit 40)" "$W/cuda_parity" bench_gemv --exact --ignored --nocapture 2>&1 |
     grep -oE "bench .*|panicked.*" || status=1
 
 echo "### benchmarks"
@@ -104,8 +111,11 @@ step ours-gpu-layer 60 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@
 step ours-gpu-layer-composed 60 "$SS" bench gpu-layer --composed --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-gpu-layer-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 # The other bf16 attention kernels (ops::attention::FlashForward, FlashBackward) in the whole
-# layer: backward wide, fused, wgmma; the wgmma forward with the default backward and with wgmma's.
-for kv in "mma wide" "mma fused" "mma wgmma" "wgmma split" "wgmma wgmma"; do
+# layer (the default: mma forward, wgmma backward): backward split, wide, fused; the wgmma
+# forward with the split backward and with wgmma's.
+DEF_BWD=wgmma
+[[ -n ${GPU_SH_TINY:-} ]] && DEF_BWD=split # a CPU build has no wgmma kernels
+for kv in "mma split" "mma wide" "mma fused" "wgmma split" "wgmma wgmma"; do
     set -- $kv
     [[ -n ${GPU_SH_TINY:-} && $kv == *wgmma* ]] && continue # a CPU build has no wgmma kernels
     step ours-gpu-layer-$1-$2 60 env SHARDSMITH_FLASH_FWD=$1 SHARDSMITH_FLASH_BWD=$2 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
@@ -132,19 +142,25 @@ step ours-decode 60 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-eager 60 env SHARDSMITH_CUDA_GRAPH=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-eager-events 60 env SHARDSMITH_CUDA_GRAPH=0 SHARDSMITH_CUDA_EVENTS=1 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-cublas 60 env SHARDSMITH_CUDA_GEMV=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
+step ours-decode-gemv8 60 env SHARDSMITH_CUDA_GEMV=8 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step torch-decode 60 $PY decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-neva 60 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-composed 60 "$SS" bench neva-step --composed --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+step ours-neva-split 60 env SHARDSMITH_FLASH_BWD=split "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 [[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-wgmma 60 env SHARDSMITH_FLASH_FWD=wgmma SHARDSMITH_FLASH_BWD=wgmma "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-gemm-cublaslt 60 env SHARDSMITH_GEMM=cublaslt "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step torch-neva 60 $PY neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 
 echo "### results ($GPU, peak $PEAK TFLOP/s bf16 for MFU; $((SECONDS - START)) s)"
-python3 - "$RES" "$PEAK" <<'EOF' || status=1
+python3 - "$RES" "$PEAK" "$DEF_BWD" <<'EOF' || status=1
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 peak = float(sys.argv[2])
+# The default attention kernels and the variants measured beside them.
+DEF = dict(flash_fwd="mma", flash_bwd=sys.argv[3])
+VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("wgmma", "split"), ("wgmma", "wgmma")]
+            if (f, b) != (DEF["flash_fwd"], DEF["flash_bwd"])]
 def find(bench, impl, **kv):
     for r in rows:
         if r["bench"] == bench and r["impl"] == impl and all(r.get(k) == v for k, v in kv.items()):
@@ -159,21 +175,21 @@ def line(name, metric, ours, base, others, higher_better=True):
         ratio = ours / base if higher_better else base / ours
     out.append(f"| {name} | {metric} | {fmt(ours)} | {fmt(base)} | {'—' if ratio is None else f'{ratio:.2f}×'} | {others} |")
 g = lambda r, k: None if r is None else r[k]
-o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split", gemm="candle"), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
-kern = lambda bench, key: ", ".join(f"{f}+{b} {fmt(g(find(bench, 'shardsmith', flash_fwd=f, flash_bwd=b, gemm='candle'), key))}"
-                                     for f, b in [("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("wgmma", "split"), ("wgmma", "wgmma")])
+o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", **DEF), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+# The layer's variant runs are told apart from its GEMM-library runs by gemm; attention rows have no gemm.
+kern = lambda bench, key, **kv: ", ".join(f"{f}+{b} {fmt(g(find(bench, 'shardsmith', flash_fwd=f, flash_bwd=b, **kv), key))}" for f, b in VARIANTS)
 oc = find("gpu_layer", "shardsmith", layer_nodes=False)
 op = find("gpu_layer", "shardsmith", cuda_pool_keep=False)
-gemms = lambda bench, key: ", ".join(f"{x} {fmt(g(find(bench, 'shardsmith', gemm=x, flash_fwd='mma', flash_bwd='split', layer_nodes=True, cuda_pool_keep=True), key))}" for x in ("cublas", "cublaslt"))
+gemms = lambda bench, key: ", ".join(f"{x} {fmt(g(find(bench, 'shardsmith', gemm=x, layer_nodes=True, cuda_pool_keep=True, **DEF), key))}" for x in ("cublas", "cublaslt"))
 if o or t:
     r = o or t
     name = f"LLaMA-7B layers ×{r['layers']} fwd+bwd, B{r['batch']}×S{r['seq']}"
     line(name, "TFLOP/s", g(o, "tflops"), g(t, "tflops"),
          f"full ckpt {fmt(g(c, 'tflops'))}; ours composed {fmt(g(oc, 'tflops'))}, pool released {fmt(g(op, 'tflops'))}; "
-         f"attention fwd+bwd kernels {kern('gpu_layer', 'tflops')}; GEMMs by {gemms('gpu_layer', 'tflops')}")
+         f"attention fwd+bwd kernels {kern('gpu_layer', 'tflops', gemm='candle')}; GEMMs by {gemms('gpu_layer', 'tflops')}")
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
     line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
-o, t = find("attention", "shardsmith", flash_fwd="mma", flash_bwd="split"), find("attention", "pytorch")
+o, t = find("attention", "shardsmith", **DEF), find("attention", "pytorch")
 wg = find("attention", "shardsmith", flash_fwd="wgmma")
 fl, cu = find("attention", "pytorch_flash"), find("attention", "pytorch_cudnn")
 if o or t:
@@ -184,16 +200,21 @@ if o or t:
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
          f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}")
 for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
-    o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv=True, cuda_graph=True), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
-    oc = find("decode", "shardsmith", batch=b, cuda_gemv=False)
-    oe = find("decode", "shardsmith", batch=b, cuda_gemv=True, cuda_graph=False, cuda_events=False)
-    ov = find("decode", "shardsmith", batch=b, cuda_gemv=True, cuda_graph=False, cuda_events=True)
+    gemv_rows = {r["cuda_gemv_rows"] for r in rows if r["bench"] == "decode" and r["impl"] == "shardsmith"} - {0, 8}
+    dr = gemv_rows.pop() if len(gemv_rows) == 1 else 4  # the default's GEMV rows
+    o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=True, cuda_events=False), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
+    oc = find("decode", "shardsmith", batch=b, cuda_gemv_rows=0)
+    o8 = find("decode", "shardsmith", batch=b, cuda_gemv_rows=8)
+    oe = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=False, cuda_events=False)
+    ov = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=False, cuda_events=True)
     r = o or t or gr
     name = f"7B decode ({r['layers']} layers), batch {b}, prompt {r['prompt_len']} + {r['steps']}"
     line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"),
          f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours: {g(o, 'graph_replays')} steps replayed from its graph, eager {fmt(g(oe, 'tokens_per_s'))}, "
-         f"eager with cudarc events {fmt(g(ov, 'tokens_per_s'))}, with cuBLAS GEMMs {fmt(g(oc, 'tokens_per_s'))}")
-o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, flash_fwd="mma", flash_bwd="split", gemm="candle"), find("neva_step", "pytorch")
+         f"eager with cudarc events {fmt(g(ov, 'tokens_per_s'))}, all GEMMs by cuBLAS {fmt(g(oc, 'tokens_per_s'))}, "
+         f"GEMV kernels to batch 8 {fmt(g(o8, 'tokens_per_s'))} ({g(o8, 'graph_replays')} replayed)")
+o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", **DEF), find("neva_step", "pytorch")
+os_ = find("neva_step", "shardsmith", flash_fwd="mma", flash_bwd="split") if DEF["flash_bwd"] != "split" else None
 ol = find("neva_step", "shardsmith", gemm="cublaslt")
 of = find("neva_step", "shardsmith", flash_fwd="wgmma", flash_bwd="wgmma")
 oc = find("neva_step", "shardsmith", layer_nodes=False)
@@ -204,7 +225,7 @@ if o or t:
     parts = lambda r: "—" if r is None else f"fwd+bwd {r['fwd_bwd_ms']:.1f}, vision+projector fwd {r['vision_projector_ms']:.1f}"
     line(name, "step ms (ratio: eager ÷ ours)", g(o, "step_ms"), g(t, "step_ms"),
          f"ours: {parts(o)}; composed {fmt(g(oc, 'step_ms'))} ({parts(oc)}); pool released {fmt(g(op, 'step_ms'))}; "
-         f"attention kernels wgmma+wgmma {fmt(g(of, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
+         f"attention kernels mma+split {fmt(g(os_, 'step_ms'))}, wgmma+wgmma {fmt(g(of, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
 gemm_rows = [r for r in rows if r["bench"] == "gemm" and r["impl"] == "shardsmith" and r["gemm"] == "candle"]
 if gemm_rows:
     out += ["", "| GEMM (bf16) | M×N×K | candle TFLOP/s | cublas | cublaslt | PyTorch |", "|---|---|---|---|---|---|"]

@@ -296,22 +296,41 @@ impl CustomOp2 for AddBf16 {
     }
 }
 
-/// Whether products of a few rows on CUDA (decode) use the GEMV kernels of
-/// `kernels/src/gemv.cu` (the default) rather than cuBLAS; `SHARDSMITH_CUDA_GEMV=0` turns them
-/// off, for comparisons.
-pub fn cuda_gemv_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_GEMV").map_or(true, |v| v != "0"))
+/// Most rows of a product on CUDA (decode's batch) that the GEMV kernels of
+/// `kernels/src/gemv.cu` take; more rows go to cuBLAS. The kernels stream the weight once for
+/// all rows, so at batch 1 they beat cuBLAS (3.52 against 3.93 ms per 7B token on an H200), but
+/// their per-row FMAs make them compute-bound by batch 8 (5.93 against 3.98 ms; BENCHMARKS.md).
+/// `SHARDSMITH_CUDA_GEMV=N` (0 to [`linear::GEMV_MAX_ROWS`]) sets the limit, 0 turning the
+/// kernels off, for comparisons; another value is an error naming the variable.
+pub fn cuda_gemv_rows() -> Result<usize> {
+    static ROWS: std::sync::OnceLock<std::result::Result<usize, String>> = std::sync::OnceLock::new();
+    ROWS.get_or_init(|| parse_gemv_rows(std::env::var("SHARDSMITH_CUDA_GEMV").ok().as_deref()))
+        .clone()
+        .map_err(candle_core::Error::msg)
+}
+
+/// [`cuda_gemv_rows`]'s default: the batches the GEMV kernels won on an H200.
+pub const CUDA_GEMV_DEFAULT_ROWS: usize = 4;
+
+fn parse_gemv_rows(value: Option<&str>) -> std::result::Result<usize, String> {
+    match value {
+        None | Some("") => Ok(CUDA_GEMV_DEFAULT_ROWS),
+        Some(v) => v.parse::<usize>().ok().filter(|n| *n <= linear::GEMV_MAX_ROWS).ok_or_else(|| {
+            format!(
+                "SHARDSMITH_CUDA_GEMV={v:?}: expected the most rows for the GEMV kernels, 0 to {}",
+                linear::GEMV_MAX_ROWS
+            )
+        }),
+    }
 }
 
 /// Whether a single-rank decode step on CUDA replays a recorded CUDA graph
-/// (`decode_graph`; the default, where it applies) rather than issuing its launches one by
-/// one; `SHARDSMITH_CUDA_GRAPH=0` turns it off, for comparisons. The graph runs the GEMV kernels,
-/// so `SHARDSMITH_CUDA_GEMV=0` turns it off too.
+/// (`decode_graph`; the default, where it applies: batches up to [`cuda_gemv_rows`], since the
+/// graph runs the GEMV kernels) rather than issuing its launches one by one;
+/// `SHARDSMITH_CUDA_GRAPH=0` turns it off, for comparisons.
 pub fn cuda_graph_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_GRAPH").map_or(true, |v| v != "0"))
-        && cuda_gemv_enabled()
 }
 
 /// Whether cudarc's per-buffer event tracking stays on for devices shardsmith opens
@@ -764,6 +783,21 @@ mod tests {
     use super::testing::{max_diff, randn};
     use super::*;
     use candle_core::Var;
+
+    #[test]
+    fn gemv_rows_parse_and_name_the_variable_on_error() {
+        assert_eq!(parse_gemv_rows(None), Ok(CUDA_GEMV_DEFAULT_ROWS));
+        assert_eq!(parse_gemv_rows(Some("")), Ok(CUDA_GEMV_DEFAULT_ROWS));
+        assert_eq!(parse_gemv_rows(Some("0")), Ok(0));
+        assert_eq!(parse_gemv_rows(Some("8")), Ok(8));
+        for bad in ["9", "-1", "on"] {
+            let err = parse_gemv_rows(Some(bad)).unwrap_err();
+            assert!(
+                err.contains("SHARDSMITH_CUDA_GEMV") && err.contains(bad) && err.contains("0 to 8"),
+                "{err}"
+            );
+        }
+    }
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
         let d = max_diff(a, b);

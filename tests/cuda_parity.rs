@@ -463,9 +463,8 @@ fn decode_gemv_forward() {
             let before = ops::cuda_gemv_launches();
             let yg = ops::matmul(&xg, &wg.t().unwrap()).unwrap();
             let took_kernel = ops::cuda_gemv_launches() > before;
-            if ops::cuda_gemv_enabled() {
-                assert_eq!(took_kernel, m <= 8 && k % 8 == 0, "M {m} K {k}: GEMV kernel used: {took_kernel}");
-            }
+            let rows = ops::cuda_gemv_rows().unwrap();
+            assert_eq!(took_kernel, m <= rows && k % 8 == 0, "M {m} K {k}: GEMV kernel used: {took_kernel}");
             let yc = ops::matmul(&x, &w.t().unwrap()).unwrap();
             check(
                 &format!("gemv {dtype:?} M{m} N{n} K{k} (rows from {rows_before})"),
@@ -692,9 +691,10 @@ fn batched_decode_matches_the_cpu() {
                     ids_now = lc.argmax(candle_core::D::Minus1).unwrap();
                 }
                 let replayed = ops::decode_graph::replays() - replays;
-                if graphed && ops::cuda_graph_enabled() {
+                let gemv_rows = ops::cuda_gemv_rows().unwrap();
+                if graphed && ops::cuda_graph_enabled() && b <= gemv_rows {
                     assert_eq!(replayed, 6, "{dtype:?} batch {b}: steps replayed from the CUDA graph");
-                } else if graphed && ops::cuda_gemv_enabled() {
+                } else if graphed && b <= gemv_rows {
                     // Eager steps (SHARDSMITH_CUDA_GRAPH=0): each took the GEMV kernels.
                     assert!(ops::cuda_gemv_launches() > gemvs + 6, "{dtype:?} batch {b}: no GEMV kernel ran");
                 }
@@ -942,8 +942,9 @@ fn bench_kernels() {
     println!("bench | cross_entropy mean fwd+bwd | [4096, 32000] bf16 | {ms:.3} | -");
 }
 
-/// Decode's kernels against what they replace, on LLaMA-7B's decode shapes (bf16, batch 1 and
-/// 8): the GEMV against cuBLAS (candle's matmul, what `SHARDSMITH_CUDA_GEMV=0` runs) as weight
+/// Decode's kernels against what they replace, on LLaMA-7B's decode shapes (bf16, batch 1, 2,
+/// 4 and 8; run with `SHARDSMITH_CUDA_GEMV=8` so that every batch takes the GEMV kernel): the
+/// GEMV against cuBLAS (candle's matmul, what `SHARDSMITH_CUDA_GEMV=0` runs) as weight
 /// bytes over time (M = 1 is bound by HBM bandwidth), and the decode attention kernel against
 /// the composed q·Kᵀ, scaled softmax and P·V. Each time is of 20 back-to-back calls (a decode
 /// step issues them that way), per call. The per-token sums (32 layers + lm_head) set against
@@ -960,7 +961,8 @@ fn bench_gemv() {
         }) / 20.0
     };
     println!("bench | op | shape | ours ms | ours GB/s | cuBLAS ms | cuBLAS GB/s");
-    let mut token = [[0.0; 2]; 2]; // [m = 1, 8][ours, cuBLAS] ms per token
+    const MS: [usize; 4] = [1, 2, 4, 8];
+    let mut token = [[0.0; 2]; MS.len()]; // [m][ours, cuBLAS] ms per token
     let mut token_mbytes = 0.0;
     for (what, n, k, per_token) in [
         ("q/k/v fused", 12288, 4096, 32),
@@ -972,7 +974,7 @@ fn bench_gemv() {
         let w = randn(&[n, k], 30, 0.02).to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
         let wt = w.t().unwrap();
         token_mbytes += (n * k * 2 * per_token) as f64 / 1e6;
-        for (i, m) in [1, 8].into_iter().enumerate() {
+        for (i, m) in MS.into_iter().enumerate() {
             let x = randn(&[m, k], 31, 1.0).to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
             let ours = per_call(&mut || {
                 ops::matmul(&x, &wt).unwrap();
@@ -990,7 +992,7 @@ fn bench_gemv() {
             );
         }
     }
-    for (i, m) in [1, 8].into_iter().enumerate() {
+    for (i, m) in MS.into_iter().enumerate() {
         println!(
             "bench | gemv per 7B token (32 layers + lm_head) | M{m} | {:.3} | {:.0} | {:.3} | {:.0}",
             token[i][0],

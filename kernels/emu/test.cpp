@@ -421,21 +421,24 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
 }
 
 // One query position per sequence against a KV cache of capacity `cap` > S (strided views),
-// GQA, one split (S ≤ 512) or several with a partial last one (then the combine kernel).
+// GQA, one split or several with a partial last one (then the combine kernel), S spread over
+// `split_want` splits as ops::cuda::decode_splits spreads it.
 // `device_s`: S read from device memory and the grid sized for the capacity (a CUDA-graph step),
 // so splits past S are empty and must not disturb the combine.
-template <class T, int D> void test_decode_attn(int B, int hq, int hk, int s, int cap, double tol, bool device_s = false) {
+template <class T, int D>
+void test_decode_attn(int B, int hq, int hk, int s, int cap, double tol, bool device_s = false, int split_want = 1) {
     const float scale = 1.0f / std::sqrt((float)D);
     auto q = cast<T>(randv((size_t)B * hq * D));
     auto k = cast<T>(randv((size_t)B * hk * cap * D, -2, 2)), v = cast<T>(randv((size_t)B * hk * cap * D));
     const long long sh = (long long)cap * D, sb = hk * sh;
-    const int ns = ((device_s ? cap : s) + DECODE_CHUNK - 1) / DECODE_CHUNK;
+    const int ns = device_s ? std::max(split_want, (cap + DECODE_CHUNK - 1) / DECODE_CHUNK)
+                            : (s + decode_chunk(s, split_want) - 1) / decode_chunk(s, split_want);
     const int s_dev = s;
     std::vector<T> out((size_t)B * hq * D);
     std::vector<float> po((size_t)B * hq * ns * D), pm((size_t)B * hq * ns), pl(pm.size());
     emu::launch(dim3(hq, B, ns), dim3(32 * DECODE_WARPS), 0, decode_attn<T, D>, (const T *)q.data(),
                 (const T *)k.data(), (const T *)v.data(), sb, sh, out.data(), po.data(), pm.data(), pl.data(), hq, hk,
-                device_s ? -1 : s, scale, device_s ? &s_dev : (const int *)nullptr);
+                device_s ? -1 : s, split_want, scale, device_s ? &s_dev : (const int *)nullptr);
     if (ns > 1)
         emu::launch(dim3(hq, B), dim3((D + 31) / 32 * 32), 0, decode_attn_combine<T>, (const float *)po.data(),
                     (const float *)pm.data(), (const float *)pl.data(), out.data(), hq, D, ns);
@@ -459,8 +462,8 @@ template <class T, int D> void test_decode_attn(int B, int hq, int hk, int s, in
             }
         }
     char buf[96];
-    std::snprintf(buf, sizeof buf, "decode attention %s D%d Hq%d Hk%d S%d%s", sizeof(T) == 4 ? "f32" : "bf16", D, hq, hk, s,
-                  device_s ? " (device S, capacity grid)" : "");
+    std::snprintf(buf, sizeof buf, "decode attention %s D%d Hq%d Hk%d S%d, %d splits%s", sizeof(T) == 4 ? "f32" : "bf16", D,
+                  hq, hk, s, ns, device_s ? " (device S, capacity grid)" : "");
     check(buf, widen(out), want, tol);
 }
 
@@ -580,6 +583,12 @@ int main() {
     test_decode_attn<bf16, 128>(2, 4, 2, 37, 1100, 1e-2, true);
     test_decode_attn<float, 64>(1, 2, 1, 600, 1500, 1e-5, true);
     test_decode_attn<bf16, 64>(1, 2, 2, 1, 300, 1e-2, true);
+    // Keys spread over `want` splits (small B·Hq): 64-key chunks with a partial last one, 128-key
+    // chunks, a capacity grid whose chunk follows S, and S too long for `want` chunks of 512
+    test_decode_attn<float, 64>(1, 2, 1, 200, 210, 1e-5, false, 8);
+    test_decode_attn<bf16, 128>(2, 2, 1, 1000, 1000, 1e-2, false, 8);
+    test_decode_attn<float, 32>(1, 4, 2, 300, 2000, 1e-5, true, 6);
+    test_decode_attn<bf16, 64>(1, 2, 1, 1100, 1200, 1e-2, true, 2);
     test_rope_qkv_cache<bf16, bf16>(2, 1, 4, 2, 16, 9, 5, true);
     test_rope_qkv_cache<float, float>(1, 1, 2, 1, 8, 6, 0, true);
     test_embed_rows<float>(11, 24);

@@ -12,9 +12,14 @@
 //         contribute nothing (max −∞, sum 0) to the combine.
 //         Split S (NS > 1): po [B, Hq, NS, D] f32 (unnormalised partial outputs), pm, pl
 //         [B, Hq, NS] f32 (each split's max and sum of exponentials, base 2).
-// Launch: decode_attn_T_dD    grid (Hq, B, NS), NS = ⌈S / DECODE_CHUNK⌉, block 128 (4 warps),
-//                             static smem only; split z handles keys [z·CHUNK, min(S, (z+1)·CHUNK)).
-//                             NS = 1 writes out directly; otherwise po/pm/pl.
+// Launch: decode_attn_T_dD    grid (Hq, B, NS), block 128 (4 warps), static smem only. Split z
+//                             handles keys [z·C, min(S, (z+1)·C)) with C = decode_chunk(S, want):
+//                             S spread over `want` splits in multiples of 64 keys, at most
+//                             DECODE_CHUNK. The host picks `want` so that B·Hq·want blocks fill
+//                             the GPU (a batch-1 step with 32 heads ran 32 blocks on 132 SMs) and
+//                             NS ≥ ⌈S / C⌉; splits past S are empty. NS = 1 writes out directly;
+//                             otherwise po/pm/pl. C depends on S and want only, so an eager step
+//                             (NS = ⌈S / C⌉) and a graph step (NS for the capacity) split alike.
 //         decode_attn_combine_T  grid (Hq, B), block D (a multiple of 32): out from the NS splits.
 //         Inside a block, lanes work in groups of L = D/8 rounded up to a power of two: lane
 //         `sub` of a group holds elements 8·sub..8·sub+7 of a row (16-byte loads when T is bf16),
@@ -28,7 +33,16 @@
 
 #define LOG2E_F 1.4426950408889634f
 constexpr int DECODE_WARPS = 4;
-constexpr int DECODE_CHUNK = 512;  // keys per split
+constexpr int DECODE_CHUNK = 512;     // most keys per split (the scores' shared array)
+constexpr int DECODE_MIN_CHUNK = 64;  // fewest keys per split (a smaller split's work is its launch)
+
+// Keys per split for S keys spread over `want` splits: ⌈S / want⌉ rounded up to a multiple of
+// DECODE_MIN_CHUNK, clamped to [DECODE_MIN_CHUNK, DECODE_CHUNK]. ops::cuda::decode_chunk is the
+// same function on the host (the grid's NS).
+__host__ __device__ inline int decode_chunk(int s, int want) {
+    const int c = ((s + want - 1) / want + DECODE_MIN_CHUNK - 1) / DECODE_MIN_CHUNK * DECODE_MIN_CHUNK;
+    return c < DECODE_MIN_CHUNK ? DECODE_MIN_CHUNK : c > DECODE_CHUNK ? DECODE_CHUNK : c;
+}
 
 template <int D> __host__ __device__ constexpr int decode_group() {
     return D / 8 <= 4 ? 4 : D / 8 <= 8 ? 8 : D / 8 <= 16 ? 16 : 32;
@@ -37,7 +51,7 @@ template <int D> __host__ __device__ constexpr int decode_group() {
 template <typename T, int D>
 __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
                             long long sb, long long sh, T *__restrict__ out, float *__restrict__ po,
-                            float *__restrict__ pm, float *__restrict__ pl, int hq, int hk, int s, float scale,
+                            float *__restrict__ pm, float *__restrict__ pl, int hq, int hk, int s, int want, float scale,
                             const int *__restrict__ s_dev) {
     if (s_dev) s = *s_dev;
     constexpr int L = decode_group<D>(), PER_WARP = 32 / L, STEP = DECODE_WARPS * PER_WARP;
@@ -47,7 +61,7 @@ __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, co
     const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z, ns = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % L, slot = lane / L;
     const bool active = 8 * sub < D;  // D = 96: the last 4 lanes of a 16-lane group idle
-    const int j0 = split * DECODE_CHUNK, n = min(DECODE_CHUNK, s - j0);
+    const int chunk = decode_chunk(s, want), j0 = split * chunk, n = min(chunk, s - j0);
     const long long kv = b * sb + (long long)(h / (hq / hk)) * sh;
     const T *kh = k + kv, *vh = v + kv;
 
@@ -132,9 +146,9 @@ __device__ void decode_attn_combine(const float *__restrict__ po, const float *_
 #define DECODE_ATTN(TY, NAME, D)                                                                           \
     extern "C" __global__ void __launch_bounds__(32 * DECODE_WARPS)                                        \
         decode_attn_##NAME##_d##D(const TY *q, const TY *k, const TY *v, long long sb, long long sh, TY *out, \
-                                  float *po, float *pm, float *pl, int hq, int hk, int s, float scale,      \
-                                  const int *s_dev) {                                                      \
-        decode_attn<TY, D>(q, k, v, sb, sh, out, po, pm, pl, hq, hk, s, scale, s_dev);                     \
+                                  float *po, float *pm, float *pl, int hq, int hk, int s, int want,         \
+                                  float scale, const int *s_dev) {                                         \
+        decode_attn<TY, D>(q, k, v, sb, sh, out, po, pm, pl, hq, hk, s, want, scale, s_dev);               \
     }
 #define DECODE_ATTN_COMBINE(TY, NAME)                                                                       \
     extern "C" __global__ void decode_attn_combine_##NAME(const float *po, const float *pm, const float *pl, \

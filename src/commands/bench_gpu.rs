@@ -403,7 +403,7 @@ pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c:
             "prompt_len": prompt,
             "steps": steps,
             "cuda_pool_keep": cuda_pool_keep(),
-            "cuda_gemv": crate::ops::cuda_gemv_enabled(),
+            "cuda_gemv_rows": crate::ops::cuda_gemv_rows()?,
             "cuda_graph": crate::ops::cuda_graph_enabled(),
             "cuda_events": crate::ops::cuda_events_kept(),
             "graph_replays": replayed,

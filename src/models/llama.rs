@@ -983,7 +983,7 @@ impl Llama {
         Ok((cos.narrow(0, start, t)?, sin.narrow(0, start, t)?))
     }
 
-    /// One decode step — ids [B, 1], B ≤ 8, after the cached tokens — replayed from a recorded
+    /// One decode step — ids [B, 1], B ≤ [`ops::cuda_gemv_rows`], after the cached tokens — replayed from a recorded
     /// CUDA graph ([`ops::decode_graph`]): the same kernels as the eager step, without the host
     /// issuing ~8 launches per layer. Applies on one CUDA rank with the KV cache in use and
     /// room for the token, frozen weights in one dtype, no adapters, after a prefill; `Ok(None)`
@@ -994,7 +994,7 @@ impl Llama {
     pub fn graph_step(&mut self, ids: &Tensor) -> Result<Option<LlamaOutput>> {
         use ops::decode_graph::DecodeGraph;
         let rows = match ids.dims() {
-            &[b, 1] if (1..=ops::linear::GEMV_MAX_ROWS).contains(&b) => b,
+            &[b, 1] if (1..=ops::cuda_gemv_rows()?).contains(&b) => b,
             _ => return Ok(None),
         };
         if !ops::cuda_graph_enabled()

@@ -18,6 +18,8 @@ mod cpu;
 mod decode;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+#[cfg(feature = "cuda")]
+pub(crate) use decode::splits::{decode_splits, decode_want};
 pub use decode::{decode_attention, decode_kernel_supports};
 use std::sync::Mutex;
 
@@ -294,11 +296,13 @@ pub fn wgmma_available() -> bool {
 /// Which kernels run the bf16 causal-attention backward on CUDA. Split, Wide and Fused compute the
 /// same dK and dV (bit-identical), Wgmma the same up to summation order; dQ differs in summation
 /// order only. Chosen by `SHARDSMITH_FLASH_BWD` (`split`, `wide`, `fused` or `wgmma`;
-/// [`FlashBackward::from_env`]) until GPU measurements settle on one.
+/// [`FlashBackward::from_env`]); the default is Wgmma in a build that has it, else Split.
+/// Measured on an H200 (B2 H32 S4096 D128, with the mma.sync forward, fwd+bwd TFLOP/s): split
+/// 193, wide 205, fused 217, wgmma 242; a LLaMA-7B layer's fwd+bwd 449 → 467 (BENCHMARKS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashBackward {
     /// dQ per 128-query block and dK/dV per 128-key block in 32-query steps, no atomics
-    /// (`flash_bwd_dq` + `flash_bwd_dkdv`; the measured kernels, the default).
+    /// (`flash_bwd_dq` + `flash_bwd_dkdv`; bit-reproducible; the default without wgmma).
     Split,
     /// The same dQ kernel; dK/dV in 64-query steps with Pᵀ and dSᵀ staged in shared memory
     /// (`flash_bwd_dkdv64`: fewer shared-memory reads per MMA).
@@ -326,6 +330,13 @@ impl EnvChoice for FlashBackward {
     fn unavailable(self) -> Option<String> {
         (self == FlashBackward::Wgmma && !wgmma_available()).then(|| WGMMA_BUILD.to_string())
     }
+    fn default_choice() -> Self {
+        if wgmma_available() {
+            FlashBackward::Wgmma
+        } else {
+            FlashBackward::Split
+        }
+    }
     fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
         static CELL: std::sync::OnceLock<std::result::Result<FlashBackward, String>> =
             std::sync::OnceLock::new();
@@ -337,8 +348,9 @@ impl FlashBackward {
     pub const ALL: [FlashBackward; 4] =
         [FlashBackward::Split, FlashBackward::Wide, FlashBackward::Fused, FlashBackward::Wgmma];
 
-    /// `SHARDSMITH_FLASH_BWD`, read once: `split` (or unset), `wide`, `fused` or `wgmma`; any
-    /// other value, or `wgmma` in a build without it, is an error naming the variable.
+    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused` or `wgmma` (unset: wgmma in a
+    /// build that has it, else split); any other value, or `wgmma` in a build without it, is an
+    /// error naming the variable.
     pub fn from_env() -> Result<FlashBackward> {
         Self::from_var()
     }
@@ -441,8 +453,9 @@ mod tests {
     #[test]
     fn kernel_choices_parse_and_name_the_variable_on_error() {
         let bwd = FlashBackward::parse;
-        assert_eq!(bwd(None), Ok(FlashBackward::Split));
-        assert_eq!(bwd(Some("")), Ok(FlashBackward::Split));
+        let default = if wgmma_available() { FlashBackward::Wgmma } else { FlashBackward::Split };
+        assert_eq!(bwd(None), Ok(default));
+        assert_eq!(bwd(Some("")), Ok(default));
         for v in FlashBackward::ALL {
             assert_eq!(bwd(Some(v.name())), Ok(v));
             assert_eq!(FlashBackward::named(v.name()).unwrap(), v);

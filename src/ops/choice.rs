@@ -4,8 +4,8 @@
 
 use candle_core::{bail, Result};
 
-/// The variants of one choice and how the environment names them. The first of `CHOICES` is the
-/// default (unset or empty variable).
+/// The variants of one choice and how the environment names them. The default (unset or empty
+/// variable) is [`EnvChoice::default_choice`], the first of `CHOICES` unless a choice overrides it.
 pub(crate) trait EnvChoice: Copy + PartialEq + Send + Sync + 'static {
     /// The environment variable.
     const VAR: &'static str;
@@ -41,10 +41,16 @@ pub(crate) trait EnvChoice: Copy + PartialEq + Send + Sync + 'static {
         }
     }
 
+    /// The variant taken when the variable is unset or empty: the first of `CHOICES` unless
+    /// the choice says otherwise (one this build cannot run is never the default).
+    fn default_choice() -> Self {
+        Self::CHOICES[0].1
+    }
+
     /// The variable's `value` (the default when unset or empty).
     fn parse(value: Option<&str>) -> std::result::Result<Self, String> {
         match value {
-            None | Some("") => Ok(Self::CHOICES[0].1),
+            None | Some("") => Ok(Self::default_choice()),
             Some(v) => Self::CHOICES
                 .iter()
                 .find(|(n, _)| *n == v)

@@ -6,7 +6,7 @@
 //! (falling back to the PTX, JIT-compiled by the driver, on another architecture) and launched
 //! on candle's stream, with every buffer allocated by candle, so outputs are ordinary tensors.
 
-use super::attention::{attention_dims, FlashBackward, FlashForward};
+use super::attention::{attention_dims, decode_splits, decode_want, FlashBackward, FlashForward};
 use super::fused::AdamWScalars;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -579,8 +579,7 @@ pub(super) fn gemv(
     let swiglu = matches!(epilogue, GemvEpilogue::SwiGlu);
     let n = if swiglu { wn / 2 } else { wn };
     let dtype = a.dtype();
-    if !super::cuda_gemv_enabled()
-        || !(1..=GEMV_MAX_ROWS).contains(&m)
+    if !(1..=super::cuda_gemv_rows()?.min(GEMV_MAX_ROWS)).contains(&m)
         || n == 0
         || (swiglu && wn % 2 != 0)
         || k == 0
@@ -692,8 +691,6 @@ pub fn gemv_launches() -> usize {
 // Decode attention
 // ---------------------------------------------------------------------------------------------
 
-/// Keys per decode-attention split (decode_attn.cu's DECODE_CHUNK) and threads per block.
-pub(super) const DECODE_CHUNK: usize = 512;
 const DECODE_THREADS: u32 = 128;
 
 /// [B, 1, Hq·D] attention output of q [B, Hq, 1, D] against k, v [B, Hk, S, D]: each read in
@@ -747,7 +744,7 @@ pub(super) fn decode_attention(
         ((&kc, &packed), (&vc, &packed))
     };
     let (sb, sh) = (lk.stride()[0] as i64, lk.stride()[1] as i64);
-    let ns = s.div_ceil(DECODE_CHUNK);
+    let ns = decode_splits(b * hq, s, false);
     let dev = q.device();
     let (attend, combine) = decode_attention_functions(dev, dtype, d)?;
     let stream = dev.cuda_stream();
@@ -790,7 +787,8 @@ pub(super) fn decode_attention(
                 scale,
             };
             // SAFETY: q holds B·Hq rows of D, k and v every (b, h, j) row the strides reach
-            // (sliced to exactly that), S ≤ NS·CHUNK keys; po/pm/pl hold every split's partials.
+            // (sliced to exactly that), NS = decode_splits for S; po/pm/pl hold every split's
+            // partials.
             unsafe { launch_decode_attention(&stream, (&attend, &combine), &args) }?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
@@ -999,9 +997,9 @@ pub(super) struct DecodeAttnArgs {
     pub partials: Option<(Addr, Addr, Addr)>,
     /// (B, Hq, Hk, D).
     pub dims: (usize, usize, usize, usize),
-    /// NS: splits of DECODE_CHUNK keys (the grid's z).
+    /// NS: the grid's z, [`decode_splits`] for the keys (up to the capacity for `StepPos::Device`).
     pub splits: usize,
-    /// S: the keys attended to, ≤ NS·DECODE_CHUNK.
+    /// S: the keys attended to.
     pub keys: StepPos,
     pub scale: f32,
 }
@@ -1016,11 +1014,12 @@ pub(super) unsafe fn launch_decode_attention(
 ) -> Result<()> {
     let (b, hq, hk, d) = a.dims;
     let (hq32, hk32, d32, ns32) = (hq as i32, hk as i32, d as i32, a.splits as i32);
+    let want32 = decode_want(b * hq) as i32;
     let (s32, s_dev) = a.keys.args();
     let (po, pm, pl) = a.partials.unwrap_or((0, 0, 0));
     let mut l = stream.launch_builder(attend);
     l.arg(&a.q).arg(&a.k).arg(&a.v).arg(&a.strides.0).arg(&a.strides.1).arg(&a.out);
-    l.arg(&po).arg(&pm).arg(&pl).arg(&hq32).arg(&hk32).arg(&s32).arg(&a.scale).arg(&s_dev);
+    l.arg(&po).arg(&pm).arg(&pl).arg(&hq32).arg(&hk32).arg(&s32).arg(&want32).arg(&a.scale).arg(&s_dev);
     unsafe { l.launch(cfg((hq as u32, b as u32, a.splits as u32), DECODE_THREADS, 0)) }.w()?;
     if a.splits > 1 {
         let mut l = stream.launch_builder(combine);

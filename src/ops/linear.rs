@@ -19,8 +19,8 @@ use super::choice::EnvChoice;
 use super::cpu_gemm;
 use std::sync::Arc;
 
-/// Most rows of a product the decode GEMV kernels take on CUDA (`kernels/src/gemv.cu`'s
-/// instantiations); more go to cuBLAS.
+/// Most rows of a product the decode GEMV kernels can take on CUDA (`kernels/src/gemv.cu`'s
+/// instantiations); [`super::cuda_gemv_rows`] says how many they do take, more go to cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 8;
 
 struct Matmul {

@@ -3,8 +3,8 @@
 //!
 //! The composed decode path runs, per layer and token, a batched q·Kᵀ GEMM, a softmax, a
 //! batched P·V GEMM and a head merge (four launches, two of them cuBLAS batched GEMMs of a
-//! single row). On CUDA this op is `kernels/src/decode_attn.cu`: one launch for caches up to
-//! 512 keys, plus a combine launch past that. The CPU forward is the reference it is tested
+//! single row). On CUDA this op is `kernels/src/decode_attn.cu`: the keys split over enough
+//! blocks to fill the GPU ([`decode_splits`]), plus a combine launch when there are several. The CPU forward is the reference it is tested
 //! against (f32 throughout, one rounding); the models keep their composed path on the CPU.
 //!
 //! Shapes: q [B, Hq, 1, D]; k, v [B, Hk, S, D] (the cache's views: on CUDA read in place when
@@ -87,6 +87,44 @@ impl CustomOp3 for DecodeAttention {
     }
 }
 
+/// How the CUDA kernel splits the keys: the grid's arithmetic, mirrored by decode_attn.cu and
+/// tested on every build (only the CUDA launchers use it).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) mod splits {
+    /// Most and fewest keys per split of the CUDA kernel (decode_attn.cu's DECODE_CHUNK,
+    /// DECODE_MIN_CHUNK).
+    pub(super) const DECODE_CHUNK: usize = 512;
+    pub(super) const DECODE_MIN_CHUNK: usize = 64;
+    /// Blocks a decode-attention launch aims for: twice an H100's or H200's 132 SMs. One block per
+    /// (sequence, head) left a batch-1 step with 32 heads on 32 SMs, its keys read one after
+    /// another (14.7 µs at 256 keys, 285 GB/s, on an H200: BENCHMARKS.md).
+    const DECODE_BLOCKS: usize = 256;
+
+    /// Splits over the keys wanted for `rows` = B·Hq query rows (decode_attn.cu's `want`).
+    pub(crate) fn decode_want(rows: usize) -> usize {
+        DECODE_BLOCKS.div_ceil(rows.max(1))
+    }
+
+    /// Keys per split for `keys` keys (decode_attn.cu's decode_chunk: the same arithmetic).
+    pub(super) fn decode_chunk(keys: usize, want: usize) -> usize {
+        keys.div_ceil(want).next_multiple_of(DECODE_MIN_CHUNK).clamp(DECODE_MIN_CHUNK, DECODE_CHUNK)
+    }
+
+    /// NS, the splits a decode-attention grid needs for `rows` = B·Hq query rows over `keys` keys
+    /// (an eager step) or over up to `keys` keys (`up_to`: a CUDA-graph step, `keys` = the cache's
+    /// capacity). Every S ≤ `keys` then has ⌈S / decode_chunk(S)⌉ ≤ NS (while S ≤ DECODE_CHUNK·want
+    /// its chunk holds ⌈S / want⌉ keys, else DECODE_CHUNK), and the splits past S are empty; the
+    /// chunk depends on S and B·Hq only, so an eager step and a graph step split alike.
+    pub(crate) fn decode_splits(rows: usize, keys: usize, up_to: bool) -> usize {
+        let want = decode_want(rows);
+        if up_to {
+            want.max(keys.div_ceil(DECODE_CHUNK))
+        } else {
+            keys.div_ceil(decode_chunk(keys, want))
+        }
+    }
+}
+
 /// Whether [`decode_attention`] runs a kernel for a query head dim of `head_dim` on `dev` in
 /// `dtype` (CUDA, f32 or bf16, D ∈ {32, 64, 96, 128}). The models take it only then.
 pub fn decode_kernel_supports(dev: &Device, dtype: DType, head_dim: usize) -> bool {
@@ -113,8 +151,36 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 
 #[cfg(test)]
 mod tests {
+    use super::splits::*;
     use super::*;
     use crate::ops::testing::{max_diff, randn};
+
+    /// Every key count a CUDA graph may replay with (1..=capacity) fits the grid sized for the
+    /// capacity, and splits as the eager step does (the same chunk); chunks stay in range.
+    #[test]
+    fn decode_splits_cover_every_key_count_up_to_the_capacity() {
+        for rows in [1, 3, 32, 64, 256, 300] {
+            for cap in [1, 63, 64, 300, 512, 513, 4096, 5000] {
+                let grid = decode_splits(rows, cap, true);
+                for s in 1..=cap {
+                    let chunk = decode_chunk(s, decode_want(rows));
+                    assert!(
+                        (DECODE_MIN_CHUNK..=DECODE_CHUNK).contains(&chunk)
+                            && chunk.is_multiple_of(DECODE_MIN_CHUNK)
+                    );
+                    let eager = decode_splits(rows, s, false);
+                    assert_eq!(eager, s.div_ceil(chunk));
+                    assert!(eager <= grid, "rows {rows} cap {cap} S {s}: {eager} splits, grid {grid}");
+                }
+            }
+        }
+        // A batch-1 step of a 32-head model: 256 keys in 4 splits of 64, 4096 in 8 of 512; at
+        // batch 8 one split per 512 keys, as before.
+        assert_eq!(decode_splits(32, 256, false), 4);
+        assert_eq!(decode_splits(32, 4096, false), 8);
+        assert_eq!(decode_splits(8 * 32, 256, false), 1);
+        assert_eq!(decode_splits(8 * 32, 4096, false), 8);
+    }
 
     /// The op against the materialised softmax(q kᵀ·scale) v with its heads merged, GQA, keys in
     /// a larger cache (narrowed views), f32 and bf16.
