@@ -297,9 +297,12 @@ impl CustomOp2 for AddBf16 {
 }
 
 /// Most rows of a product on CUDA (decode's batch) that the GEMV kernels of
-/// `kernels/src/gemv.cu` take; more rows go to cuBLAS. The kernels stream the weight once for
-/// all rows, so at batch 1 they beat cuBLAS (3.52 against 3.93 ms per 7B token on an H200), but
-/// their per-row FMAs make them compute-bound by batch 8 (5.93 against 3.98 ms; BENCHMARKS.md).
+/// `kernels/src/gemv.cu` take; more rows go to cuBLAS (and the decode step runs eagerly: the
+/// CUDA graph runs the GEMV kernels). The kernels stream the weight once for all rows, so at
+/// batch 1 they beat cuBLAS (3.55 against 4.25 ms of a 7B token's products on an H200), but
+/// their per-row FMAs make them compute-bound by batch 4 (4.57 against 4.22) and 8 (5.97
+/// against 4.24). Whole steps, graph with GEMVs against eager with cuBLAS: batch 4 5.44 against
+/// 6.17 ms, batch 8 7.42 against 6.24 (BENCHMARKS.md, 2026-11-28).
 /// `SHARDSMITH_CUDA_GEMV=N` (0 to [`linear::GEMV_MAX_ROWS`]) sets the limit, 0 turning the
 /// kernels off, for comparisons; another value is an error naming the variable.
 pub fn cuda_gemv_rows() -> Result<usize> {
@@ -309,7 +312,8 @@ pub fn cuda_gemv_rows() -> Result<usize> {
         .map_err(candle_core::Error::msg)
 }
 
-/// [`cuda_gemv_rows`]'s default: the batches the GEMV kernels won on an H200.
+/// [`cuda_gemv_rows`]'s default: the largest measured batch whose graph step won on an H200
+/// (5 to 7 were not measured).
 pub const CUDA_GEMV_DEFAULT_ROWS: usize = 4;
 
 fn parse_gemv_rows(value: Option<&str>) -> std::result::Result<usize, String> {
