@@ -337,14 +337,6 @@ pub fn cuda_graph_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_GRAPH").map_or(true, |v| v != "0"))
 }
 
-/// Whether the CUDA-graph decode step launches its kernels with programmatic dependent launch
-/// (each kernel may start while the one before drains: `ops::cuda::Launch`); off unless
-/// `SHARDSMITH_CUDA_PDL=1` until measured.
-pub fn cuda_pdl_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_PDL").is_ok_and(|v| v == "1"))
-}
-
 /// Whether cudarc's per-buffer event tracking stays on for devices shardsmith opens
 /// (`SHARDSMITH_CUDA_EVENTS=1`, for comparisons); off by default (`quiet_event_tracking`).
 pub fn cuda_events_kept() -> bool {

@@ -61,31 +61,6 @@ __device__ __forceinline__ void store8(bf16 *p, const float v[8]) {
 }
 __device__ __forceinline__ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// Programmatic dependent launch (sm_90): a kernel launched with the attribute (ops::cuda's
-// `Pdl::After`, only inside the CUDA-graph decode step) may start while the kernel before it
-// drains. pdl_wait() returns once the grid before has finished and its writes are visible: a
-// kernel reads activations and writes anything only after it (weights, never written by a
-// step, may be touched before). pdl_launch_dependents() lets the next kernel start launching.
-// Both do nothing for a kernel launched without the attribute, below sm_90 and in the emulator.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(SHARDSMITH_EMU)
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(SHARDSMITH_EMU)
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-// Start fetching `p` into L2 (a weight the kernel reads after pdl_wait).
-__device__ __forceinline__ void prefetch_l2(const void *p) {
-#if defined(__CUDA_ARCH__) && !defined(SHARDSMITH_EMU)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-#else
-    (void)p;
-#endif
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

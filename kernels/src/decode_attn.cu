@@ -53,8 +53,6 @@ __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, co
                             long long sb, long long sh, T *__restrict__ out, float *__restrict__ po,
                             float *__restrict__ pm, float *__restrict__ pl, int hq, int hk, int s, int want, float scale,
                             const int *__restrict__ s_dev) {
-    pdl_launch_dependents();
-    pdl_wait();
     if (s_dev) s = *s_dev;
     constexpr int L = decode_group<D>(), PER_WARP = 32 / L, STEP = DECODE_WARPS * PER_WARP;
     __shared__ float p[DECODE_CHUNK];                   // scores, then probabilities
@@ -132,8 +130,6 @@ __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, co
 template <typename T>
 __device__ void decode_attn_combine(const float *__restrict__ po, const float *__restrict__ pm,
                                     const float *__restrict__ pl, T *__restrict__ out, int hq, int d, int ns) {
-    pdl_launch_dependents();
-    pdl_wait();
     const long long row = (long long)blockIdx.y * hq + blockIdx.x;
     const float *m = pm + row * ns, *l = pl + row * ns;
     float mx = -INFINITY;

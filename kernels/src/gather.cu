@@ -14,8 +14,6 @@ template <typename T>
 __device__ void embed_rows(const unsigned *__restrict__ ids, const T *__restrict__ table, T *__restrict__ out,
                            int rows, int h, int vocab) {
     const long long n = (long long)rows * h;
-    pdl_launch_dependents();
-    pdl_wait();
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
          idx += (long long)gridDim.x * blockDim.x) {
         const int r = (int)(idx / h), i = (int)(idx % h);

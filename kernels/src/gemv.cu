@@ -122,11 +122,7 @@ __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict
     constexpr int U = (sizeof(T) == 2 ? 8 : 4) / NR > 0 ? (sizeof(T) == 2 ? 8 : 4) / NR : 1;
     const int lane = threadIdx.x & 31;
     const int col0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * C;
-    pdl_launch_dependents();
-    if (col0 >= n) {  // the whole warp: no shuffles below are left half-done
-        pdl_wait();   // (a kernel's threads all wait: its completion then implies the grid's before)
-        return;
-    }
+    if (col0 >= n) return;  // the whole warp: no shuffles below are left half-done
     const T *wr[NR];
 #pragma unroll
     for (int q = 0; q < R; ++q)
@@ -134,13 +130,6 @@ __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict
         for (int j = 0; j < C; ++j)  // columns past N read the last one again (never stored)
             wr[q * C + j] = w + (long long)(min(col0 + j, n - 1) + q * n) * ldw;
     const int chunks = k / 8;
-    // The weights of the first step into L2 while the kernel before drains, then wait for x.
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int q = 0; q < NR; ++q)
-            if (lane + 32 * u < chunks) prefetch_l2(wr[q] + 8 * (lane + 32 * u));
-    pdl_wait();
     float acc[NR][M];
 #pragma unroll
     for (int q = 0; q < NR; ++q)

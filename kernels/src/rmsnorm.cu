@@ -17,8 +17,6 @@ template <typename T>
 __device__ void rmsnorm_fwd(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, int h,
                             float eps) {
     __shared__ float scratch[32];
-    pdl_launch_dependents();
-    pdl_wait();
     const size_t row = blockIdx.x;
     const T *xr = x + row * h;
     T *yr = y + row * h;

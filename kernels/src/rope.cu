@@ -46,8 +46,6 @@ __device__ void rope_qkv_cache(const T *__restrict__ q, long long sqb, long long
                                const C *__restrict__ cos, const C *__restrict__ sin,
                                T *__restrict__ q_out, T *__restrict__ kv, int b, int t, int hq, int g, int d, int cap,
                                int pos, const int *__restrict__ pos_dev) {
-    pdl_launch_dependents();
-    pdl_wait();
     // Table rows: relative to pos (host position), or absolute (device position).
     const int row0 = pos_dev ? *pos_dev : 0;
     if (pos_dev) pos = row0;

@@ -405,7 +405,6 @@ pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c:
             "cuda_pool_keep": cuda_pool_keep(),
             "cuda_gemv_rows": crate::ops::cuda_gemv_rows()?,
             "cuda_graph": crate::ops::cuda_graph_enabled(),
-            "cuda_pdl": crate::ops::cuda_pdl_enabled(),
             "cuda_events": crate::ops::cuda_events_kept(),
             "graph_replays": replayed,
             "prefill_ms": prefill * 1e3,

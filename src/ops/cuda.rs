@@ -184,7 +184,7 @@ pub(super) fn rms_norm_fwd(
             let ((xa, _gx), (wa, _gw)) = (xv.device_ptr(&stream), wv.device_ptr(&stream));
             let (ya, _gy) = y.device_ptr_mut(&stream);
             // SAFETY: every buffer holds rows·h elements (w: h) of the launch's dtype.
-            unsafe { launch_rms_norm(&stream, &f, [xa, wa, ya], rows, h, eps, Launch::Plain) }?;
+            unsafe { launch_rms_norm(&stream, &f, [xa, wa, ya], rows, h, eps) }?;
         }
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })
@@ -310,7 +310,7 @@ pub(super) fn rope_qkv_cache(
                 // SAFETY: every view reaches its last row (sliced to it), the tables hold T rows,
                 // the cache 2·B·G·cap·D elements and pos + T ≤ cap (checked by the op), and
                 // q_out's B·Hq·T·D elements are all written.
-                unsafe { launch_rope_qkv(&stream, &f, &args, n, StepPos::Host(pos), Launch::Plain) }?;
+                unsafe { launch_rope_qkv(&stream, &f, &args, n, StepPos::Host(pos)) }?;
             }
             Ok(tensor(q_out, &dev, (n.b, n.hq, n.t, n.d)))
         }};
@@ -626,7 +626,7 @@ pub(super) fn gemv(
             // exactly that), both 16-byte aligned: every CudaStorage is a candle allocation
             // (cuMemAllocAsync: 256-byte aligned) and the offsets and strides were checked to be
             // multiples of 8 elements; r M·N elements; all M·N outputs are written.
-            unsafe { launch_gemv(&stream, &f, &args, Launch::Plain) }?;
+            unsafe { launch_gemv(&stream, &f, &args) }?;
         }
         GEMV_LAUNCHES.with(|c| c.set(c.get() + 1));
         Ok(Some(CudaStorage::wrap_cuda_slice(y, dev.clone())))
@@ -789,7 +789,7 @@ pub(super) fn decode_attention(
             // SAFETY: q holds B·Hq rows of D, k and v every (b, h, j) row the strides reach
             // (sliced to exactly that), NS = decode_splits for S; po/pm/pl hold every split's
             // partials.
-            unsafe { launch_decode_attention(&stream, (&attend, &combine), &args, Launch::Plain) }?;
+            unsafe { launch_decode_attention(&stream, (&attend, &combine), &args) }?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     })
@@ -804,76 +804,6 @@ pub(super) fn decode_attention(
 
 /// A device address for a kernel's pointer argument (0 is null).
 pub(super) type Addr = u64;
-
-/// How a decode kernel is launched: `Plain`ly, or `AfterKernel` with programmatic dependent
-/// launch (the stream's previous operation is a kernel of common.cuh's PDL protocol): the
-/// kernel may then start while that one drains, prefetching weights, and waits for it in
-/// `pdl_wait`. Only the CUDA-graph decode step uses it ([`super::cuda_pdl_enabled`]); a GPU
-/// below sm_90 ignores the attribute.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Launch {
-    Plain,
-    AfterKernel,
-}
-
-/// A kernel's argument list as pointers to values that outlive the launch (what cudarc's
-/// launch builder keeps), launched through `cuLaunchKernelEx`, whose launch attributes
-/// (programmatic dependent launch) cudarc 0.19's builder cannot set.
-struct KernelArgs<'a> {
-    args: Vec<*mut std::ffi::c_void>,
-    values: std::marker::PhantomData<&'a ()>,
-}
-
-impl<'a> KernelArgs<'a> {
-    fn new() -> Self {
-        KernelArgs { args: Vec::with_capacity(24), values: std::marker::PhantomData }
-    }
-
-    fn arg<T>(&mut self, value: &'a T) -> &mut Self {
-        self.args.push(value as *const T as *mut std::ffi::c_void);
-        self
-    }
-
-    /// # Safety
-    /// The arguments are the kernel's parameters, in order and of its types, and every buffer
-    /// they address holds what the kernel reads and writes.
-    unsafe fn launch(
-        &mut self,
-        stream: &CudaStream,
-        f: &CudaFunction,
-        c: LaunchConfig,
-        how: Launch,
-    ) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        stream.context().bind_to_thread().w()?;
-        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
-        value.programmaticStreamSerializationAllowed = 1;
-        let mut pdl = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value,
-        };
-        let after = how == Launch::AfterKernel;
-        let config = sys::CUlaunchConfig {
-            gridDimX: c.grid_dim.0,
-            gridDimY: c.grid_dim.1,
-            gridDimZ: c.grid_dim.2,
-            blockDimX: c.block_dim.0,
-            blockDimY: c.block_dim.1,
-            blockDimZ: c.block_dim.2,
-            sharedMemBytes: c.shared_mem_bytes,
-            hStream: stream.cu_stream(),
-            attrs: if after { &mut pdl } else { std::ptr::null_mut() },
-            numAttrs: after as u32,
-        };
-        // SAFETY: the caller's contract; `config`, `pdl` and the argument values outlive the call.
-        unsafe {
-            sys::cuLaunchKernelEx(&config, f.cu_function(), self.args.as_mut_ptr(), std::ptr::null_mut())
-        }
-        .result()
-        .w()
-    }
-}
 
 /// The device address of contiguous `t`'s first element (f32 or bf16; `op` names it in errors).
 pub(super) fn tensor_address(t: &Tensor, stream: &CudaStream, op: &str) -> Result<Addr> {
@@ -915,12 +845,12 @@ pub(super) unsafe fn launch_rms_norm(
     rows: usize,
     h: usize,
     eps: f32,
-    how: Launch,
 ) -> Result<()> {
     let h32 = h as i32;
-    let mut b = KernelArgs::new();
+    let mut b = stream.launch_builder(f);
     b.arg(&x).arg(&w).arg(&y).arg(&h32).arg(&eps);
-    unsafe { b.launch(stream, f, cfg((rows as u32, 1, 1), row_block(h, 256), 0), how) }
+    unsafe { b.launch(cfg((rows as u32, 1, 1), row_block(h, 256), 0)) }.w()?;
+    Ok(())
 }
 
 /// The kernel family of a GEMV launch (gemv.cu's epilogues).
@@ -962,21 +892,17 @@ pub(super) struct GemvArgs {
 /// # Safety
 /// The buffers hold what [`GemvArgs`] says, x and w 16-byte aligned with k, ldx and ldw
 /// multiples of 8 (gemv.cu's header), 1 ≤ m ≤ 8, and `r` is given exactly for `GemvKind::Add`.
-pub(super) unsafe fn launch_gemv(
-    stream: &CudaStream,
-    f: &CudaFunction,
-    a: &GemvArgs,
-    how: Launch,
-) -> Result<()> {
+pub(super) unsafe fn launch_gemv(stream: &CudaStream, f: &CudaFunction, a: &GemvArgs) -> Result<()> {
     let (ldx, ldw, n32, k32) = (a.ldx as i64, a.ldw as i64, a.n as i32, a.k as i32);
-    let mut b = KernelArgs::new();
+    let mut b = stream.launch_builder(f);
     b.arg(&a.x).arg(&ldx).arg(&a.w).arg(&ldw);
     if let Some(r) = &a.r {
         b.arg(r);
     }
     b.arg(&a.y).arg(&n32).arg(&k32);
     let blocks = a.n.div_ceil(GEMV_WARPS * gemv_cols(a.m));
-    unsafe { b.launch(stream, f, cfg((blocks as u32, 1, 1), 32 * GEMV_WARPS as u32, 0), how) }
+    unsafe { b.launch(cfg((blocks as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }.w()?;
+    Ok(())
 }
 
 pub(super) fn rope_qkv_function(dev: &CudaDevice, x: DType, tables: DType) -> Result<CudaFunction> {
@@ -1010,18 +936,18 @@ pub(super) unsafe fn launch_rope_qkv(
     a: &RopeQkvArgs,
     n: &super::kv_step::Dims,
     pos: StepPos,
-    how: Launch,
 ) -> Result<()> {
     let (b, t, hq, g, d, cap) = (n.b as i32, n.t as i32, n.hq as i32, n.g as i32, n.d as i32, n.cap as i32);
     let (pos32, pos_dev) = pos.args();
     let pairs = n.b * n.t * (n.hq + 2 * n.g) * n.d / 2;
-    let mut l = KernelArgs::new();
+    let mut l = stream.launch_builder(f);
     l.arg(&a.q.0).arg(&a.q.1 .0).arg(&a.q.1 .1);
     l.arg(&a.k.0).arg(&a.k.1 .0).arg(&a.k.1 .1);
     l.arg(&a.v.0).arg(&a.v.1 .0).arg(&a.v.1 .1);
     l.arg(&a.tables.0).arg(&a.tables.1).arg(&a.q_out).arg(&a.kv);
     l.arg(&b).arg(&t).arg(&hq).arg(&g).arg(&d).arg(&cap).arg(&pos32).arg(&pos_dev);
-    unsafe { l.launch(stream, f, cfg_1d(pairs), how) }
+    unsafe { l.launch(cfg_1d(pairs)) }.w()?;
+    Ok(())
 }
 
 pub(super) fn embed_rows_function(dev: &CudaDevice, dtype: DType) -> Result<CudaFunction> {
@@ -1040,9 +966,10 @@ pub(super) unsafe fn launch_embed_rows(
     (rows, h, vocab): (usize, usize, usize),
 ) -> Result<()> {
     let (rows32, h32, vocab32) = (rows as i32, h as i32, vocab as i32);
-    let mut l = KernelArgs::new();
+    let mut l = stream.launch_builder(f);
     l.arg(&ids).arg(&table).arg(&out).arg(&rows32).arg(&h32).arg(&vocab32);
-    unsafe { l.launch(stream, f, cfg_1d(rows * h), Launch::Plain) }
+    unsafe { l.launch(cfg_1d(rows * h)) }.w()?;
+    Ok(())
 }
 
 /// decode_attn.cu's (attention, combine) kernels for a dtype and head dim.
@@ -1084,23 +1011,20 @@ pub(super) unsafe fn launch_decode_attention(
     stream: &CudaStream,
     (attend, combine): (&CudaFunction, &CudaFunction),
     a: &DecodeAttnArgs,
-    how: Launch,
 ) -> Result<()> {
     let (b, hq, hk, d) = a.dims;
     let (hq32, hk32, d32, ns32) = (hq as i32, hk as i32, d as i32, a.splits as i32);
     let want32 = decode_want(b * hq) as i32;
     let (s32, s_dev) = a.keys.args();
     let (po, pm, pl) = a.partials.unwrap_or((0, 0, 0));
-    let mut l = KernelArgs::new();
+    let mut l = stream.launch_builder(attend);
     l.arg(&a.q).arg(&a.k).arg(&a.v).arg(&a.strides.0).arg(&a.strides.1).arg(&a.out);
     l.arg(&po).arg(&pm).arg(&pl).arg(&hq32).arg(&hk32).arg(&s32).arg(&want32).arg(&a.scale).arg(&s_dev);
-    unsafe { l.launch(stream, attend, cfg((hq as u32, b as u32, a.splits as u32), DECODE_THREADS, 0), how) }?;
+    unsafe { l.launch(cfg((hq as u32, b as u32, a.splits as u32), DECODE_THREADS, 0)) }.w()?;
     if a.splits > 1 {
-        // After the attention kernel just launched: a kernel of the protocol whatever `how` was.
-        let after = if how == Launch::Plain { Launch::Plain } else { Launch::AfterKernel };
-        let mut l = KernelArgs::new();
+        let mut l = stream.launch_builder(combine);
         l.arg(&po).arg(&pm).arg(&pl).arg(&a.out).arg(&hq32).arg(&d32).arg(&ns32);
-        unsafe { l.launch(stream, combine, cfg((hq as u32, b as u32, 1), row_block(d, 128), 0), after) }?;
+        unsafe { l.launch(cfg((hq as u32, b as u32, 1), row_block(d, 128), 0)) }.w()?;
     }
     Ok(())
 }

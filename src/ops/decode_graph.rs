@@ -24,7 +24,7 @@ use super::attention::decode_splits;
 use super::cuda::{
     decode_attention_functions, embed_rows_function, gemv_function, launch_decode_attention,
     launch_embed_rows, launch_gemv, launch_rms_norm, launch_rope_qkv, rms_norm_function, rope_qkv_function,
-    tensor_address, Addr, DecodeAttnArgs, GemvArgs, GemvKind, Launch, RopeQkvArgs, StepPos,
+    tensor_address, Addr, DecodeAttnArgs, GemvArgs, GemvKind, RopeQkvArgs, StepPos,
 };
 use super::linear::GEMV_MAX_ROWS;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -302,9 +302,6 @@ impl DecodeGraph {
             n,
             k,
         };
-        // Every launch after the first (the embedding, which follows the inputs' copy) may
-        // start while the kernel before it drains (common.cuh's PDL protocol).
-        let after = if super::cuda_pdl_enabled() { Launch::AfterKernel } else { Launch::Plain };
         let record = || -> Result<()> {
             // SAFETY (every launch below): the addresses are the tensors checked above, each
             // holding what its kernel's header comment asks for these shapes; the position ints
@@ -312,8 +309,8 @@ impl DecodeGraph {
             unsafe {
                 launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
                 for l in &layers {
-                    launch_rms_norm(&stream, &fn_norm, [a_xa, l.attn_norm, a_hn], rows, h, eps, after)?;
-                    launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv), after)?;
+                    launch_rms_norm(&stream, &fn_norm, [a_xa, l.attn_norm, a_hn], rows, h, eps)?;
+                    launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv))?;
                     let qkv_args = RopeQkvArgs {
                         q: (a_qkv, row_strides),
                         k: (offset(a_qkv, nq, dtype), row_strides),
@@ -322,7 +319,7 @@ impl DecodeGraph {
                         q_out: a_qrot,
                         kv: l.cache,
                     };
-                    launch_rope_qkv(&stream, &fn_rope, &qkv_args, &rope_dims, StepPos::Device(a_pos), after)?;
+                    launch_rope_qkv(&stream, &fn_rope, &qkv_args, &rope_dims, StepPos::Device(a_pos))?;
                     let attn_args = DecodeAttnArgs {
                         q: a_qrot,
                         k: l.cache,
@@ -335,14 +332,14 @@ impl DecodeGraph {
                         keys: StepPos::Device(a_pos + std::mem::size_of::<i32>() as Addr),
                         scale,
                     };
-                    launch_decode_attention(&stream, (&fn_attn.0, &fn_attn.1), &attn_args, after)?;
-                    launch_gemv(&stream, &fn_add, &gemv(a_att, nq, l.o, Some(a_xa), a_xb, h), after)?;
-                    launch_rms_norm(&stream, &fn_norm, [a_xb, l.mlp_norm, a_hn], rows, h, eps, after)?;
-                    launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f), after)?;
-                    launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h), after)?;
+                    launch_decode_attention(&stream, (&fn_attn.0, &fn_attn.1), &attn_args)?;
+                    launch_gemv(&stream, &fn_add, &gemv(a_att, nq, l.o, Some(a_xa), a_xb, h))?;
+                    launch_rms_norm(&stream, &fn_norm, [a_xb, l.mlp_norm, a_hn], rows, h, eps)?;
+                    launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f))?;
+                    launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h))?;
                 }
-                launch_rms_norm(&stream, &fn_norm, [a_xa, a_norm, a_hn], rows, h, eps, after)?;
-                launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, a_head, None, a_logits, vocab_rows), after)?;
+                launch_rms_norm(&stream, &fn_norm, [a_xa, a_norm, a_hn], rows, h, eps)?;
+                launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, a_head, None, a_logits, vocab_rows))?;
             }
             Ok(())
         };
