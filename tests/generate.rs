@@ -168,6 +168,33 @@ fn an_image_for_a_text_model_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("text-only"));
 }
 
+/// `--vision` supplies a tower to a checkpoint that only names one; where no checkpoint takes it
+/// (a llava-hf directory bundles its tower, a LLaMA has none) it is refused by name rather than
+/// silently unused, in `generate` and in `validate` (either side of `--against`).
+#[test]
+fn a_vision_tower_nothing_takes_is_refused() {
+    use common::{refused, s};
+    let tower = fixture("llava-tiny-clip");
+    for ckpt in ["llava-tiny", "llama-mha"] {
+        let err = refused(&["generate", s(&fixture(ckpt)), "--prompt", "hi", "--vision", s(&tower)]);
+        assert!(
+            err.contains(&format!("--vision {}", tower.display()))
+                && err.contains(ckpt)
+                && err.contains("takes no vision tower"),
+            "{err}"
+        );
+    }
+    let err = refused(&[
+        "validate",
+        s(&fixture("llava-tiny")),
+        "--against",
+        s(&fixture("llava-tiny")),
+        "--vision",
+        s(&tower),
+    ]);
+    assert!(err.contains("takes no vision tower") && err.contains(" nor "), "{err}");
+}
+
 /// `--device cpu` is the default path; an unknown device (and CUDA in a build without it) is a
 /// clear error rather than a silent CPU run.
 #[test]

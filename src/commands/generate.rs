@@ -89,6 +89,7 @@ impl Chat {
     pub fn open(path: &Path, o: &Options) -> Result<Self> {
         let path = crate::hub::resolve(path)?;
         let ckpt = shardsmith_converters::formats::open(&path)?;
+        models::check_vision_option(o.vision.as_deref(), &[&ckpt])?;
         let (model, info) = models::load_checkpoint(
             &ckpt,
             &LoadOptions { tp: o.tp, dtype: o.dtype, device: o.device.clone(), vision: o.vision.clone() },

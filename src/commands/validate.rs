@@ -14,6 +14,12 @@ pub enum Against<'a> {
     Checkpoint(&'a Path),
 }
 
+/// [`Against`] with a checkpoint opened.
+enum Other<'a> {
+    Golden(&'a Path),
+    Model(&'a Path, Box<shardsmith_converters::Checkpoint>),
+}
+
 /// Run the validation; `Ok(false)` when it fails its tier.
 pub fn run(
     ckpt: &Path,
@@ -33,12 +39,24 @@ pub fn run(
         };
         return report(validate::clip_against_golden(&checkpoint, r, dtype)?, json);
     }
+    // The other side opened up front, so that --vision is checked against both.
+    let other = match against {
+        Against::Reference(r) => Other::Golden(r),
+        Against::Checkpoint(p) => {
+            Other::Model(p, Box::new(shardsmith_converters::formats::open(&crate::hub::resolve(p)?)?))
+        }
+    };
+    let other_ckpt = match &other {
+        Other::Model(_, c) => Some(&**c),
+        Other::Golden(_) => None,
+    };
+    models::check_vision_option(vision, &std::iter::once(&checkpoint).chain(other_ckpt).collect::<Vec<_>>())?;
     let (mut model, info) = models::load_checkpoint(&checkpoint, &opts)?;
-    let report_ = match against {
-        Against::Reference(r) => validate::against_golden(&mut model, &info, r)?,
-        Against::Checkpoint(other) => {
+    let report_ = match &other {
+        Other::Golden(r) => validate::against_golden(&mut model, &info, r)?,
+        Other::Model(other, other_checkpoint) => {
             let other_opts = LoadOptions { tp: other_tp, ..opts };
-            let (mut b, binfo) = models::load(&crate::hub::resolve(other)?, &other_opts)?;
+            let (mut b, binfo) = models::load_checkpoint(other_checkpoint, &other_opts)?;
             if (binfo.family == "llama") != (info.family == "llama") {
                 bail!(
                     "{} is a {} model but {} is a {} model",

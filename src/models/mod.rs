@@ -236,6 +236,34 @@ pub fn load(path: &Path, o: &LoadOptions) -> Result<(Model, ModelInfo)> {
     load_checkpoint(&ckpt, o)
 }
 
+/// Whether `--vision CLIP_DIR` means anything for `ckpt`: a NeVA `.nemo` or an original LLaVA
+/// directory, whose vision tower may be only named ([`tower::with_tower`]). A llava-hf directory
+/// bundles its tower and a LLaMA has none; [`load_checkpoint`] ignores the option for those.
+pub fn takes_vision_option(ckpt: &Checkpoint) -> bool {
+    match (&ckpt.meta.flavour, &ckpt.meta.config) {
+        (Flavour::Nemo { .. }, Some(ModelConfig::NemoYaml(cfg))) => neva_convert::is_neva(cfg),
+        (_, Some(ModelConfig::HfJson(cfg))) => llava::is_llava_original(cfg),
+        _ => false,
+    }
+}
+
+/// A usage error when `--vision` was given but none of `ckpts` takes it (see
+/// [`takes_vision_option`]), rather than a tower silently left unused.
+pub fn check_vision_option(vision: Option<&Path>, ckpts: &[&Checkpoint]) -> Result<()> {
+    match vision {
+        Some(dir) if !ckpts.iter().any(|c| takes_vision_option(c)) => {
+            let names: Vec<String> = ckpts.iter().map(|c| c.meta.path.display().to_string()).collect();
+            Err(Error::Usage(format!(
+                "--vision {}: {} takes no vision tower from outside (a llava-hf directory bundles its own, \
+                 a LLaMA has none); --vision is for a NeVA .nemo or an original LLaVA directory that only names its tower",
+                dir.display(),
+                names.join(" nor ")
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Build the model a checkpoint holds.
 pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, ModelInfo)> {
     let path = ckpt.meta.path.clone();
@@ -253,8 +281,9 @@ pub fn load_checkpoint(ckpt: &Checkpoint, o: &LoadOptions) -> Result<(Model, Mod
             Ok((Model::Llama(llm), ModelInfo::text("llama", path, tp)))
         }
         (_, Some(ModelConfig::HfJson(cfg))) if llava::is_llava_hf(cfg) => {
-            // Its tower is bundled; `--vision` (for a checkpoint that only names one) does not
-            // apply. `validate --against` loads both checkpoints with the same options.
+            // Its tower is bundled; `--vision` does not apply ([`takes_vision_option`]: the
+            // commands refuse it where no checkpoint takes it; `validate --against` loads both
+            // sides with the same options).
             let c = llava::from_llava_hf(ckpt)?;
             vision_language(&c, "llava", o.tp.unwrap_or(1), o)
         }
