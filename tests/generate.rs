@@ -179,8 +179,7 @@ fn a_vision_tower_nothing_takes_is_refused() {
         let err = refused(&["generate", s(&fixture(ckpt)), "--prompt", "hi", "--vision", s(&tower)]);
         assert!(
             err.contains(&format!("--vision {}", tower.display()))
-                && err.contains(ckpt)
-                && err.contains("takes no vision tower"),
+                && err.contains(&format!("{} takes no vision tower", fixture(ckpt).display())),
             "{err}"
         );
     }
@@ -193,6 +192,16 @@ fn a_vision_tower_nothing_takes_is_refused() {
         s(&tower),
     ]);
     assert!(err.contains("takes no vision tower") && err.contains(" nor "), "{err}");
+    // A CLIP tower validated against its golden outputs takes none either.
+    let err = refused(&[
+        "validate",
+        s(&fixture("clip-vision")),
+        "--reference",
+        s(&fixture("clip-vision")),
+        "--vision",
+        s(&tower),
+    ]);
+    assert!(err.contains("takes no vision tower"), "{err}");
 }
 
 /// `--device cpu` is the default path; an unknown device (and CUDA in a build without it) is a

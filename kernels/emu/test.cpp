@@ -422,7 +422,7 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
 
 // One query position per sequence against a KV cache of capacity `cap` > S (strided views),
 // GQA, one split or several with a partial last one (then the combine kernel), S spread over
-// `split_want` splits as ops::cuda::decode_splits spreads it.
+// `split_want` splits as ops::attention::decode::splits spreads it.
 // `device_s`: S read from device memory and the grid sized for the capacity (a CUDA-graph step),
 // so splits past S are empty and must not disturb the combine.
 template <class T, int D>

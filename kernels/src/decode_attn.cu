@@ -37,8 +37,8 @@ constexpr int DECODE_CHUNK = 512;     // most keys per split (the scores' shared
 constexpr int DECODE_MIN_CHUNK = 64;  // fewest keys per split (a smaller split's work is its launch)
 
 // Keys per split for S keys spread over `want` splits: ⌈S / want⌉ rounded up to a multiple of
-// DECODE_MIN_CHUNK, clamped to [DECODE_MIN_CHUNK, DECODE_CHUNK]. ops::cuda::decode_chunk is the
-// same function on the host (the grid's NS).
+// DECODE_MIN_CHUNK, clamped to [DECODE_MIN_CHUNK, DECODE_CHUNK]. ops::attention::decode::splits
+// has the same function on the host (the grid's NS).
 __host__ __device__ inline int decode_chunk(int s, int want) {
     const int c = ((s + want - 1) / want + DECODE_MIN_CHUNK - 1) / DECODE_MIN_CHUNK * DECODE_MIN_CHUNK;
     return c < DECODE_MIN_CHUNK ? DECODE_MIN_CHUNK : c > DECODE_CHUNK ? DECODE_CHUNK : c;

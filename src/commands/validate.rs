@@ -37,6 +37,7 @@ pub fn run(
         let Against::Reference(r) = against else {
             bail!("--against compares language models; validate a CLIP tower with --reference");
         };
+        models::check_vision_option(vision, &[&checkpoint])?;
         return report(validate::clip_against_golden(&checkpoint, r, dtype)?, json);
     }
     // The other side opened up front, so that --vision is checked against both.

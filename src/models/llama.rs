@@ -492,9 +492,8 @@ impl FusedProj {
         Ok(Some(FusedProj { weight }))
     }
 
-    /// Whether x [.., in] goes through the fused weight: the few rows of a decode step (one, or
-    /// on CUDA as many as the GEMV kernel takes) in the weights' dtype, no projection with an
-    /// adapter.
+    /// Whether x [.., in] goes through the fused weight: the few rows of a decode step
+    /// ([`decode_rows`]) in the weights' dtype, no projection with an adapter.
     fn applies(&self, x: &Tensor, projs: &[&Proj]) -> Result<bool> {
         Ok(decode_rows(x)? && x.dtype() == self.weight.dtype() && projs.iter().all(|p| p.lora.is_none()))
     }
@@ -529,7 +528,9 @@ impl FusedProj {
 }
 
 /// Whether x [.., in] is the few rows of a decode step: one row, or on CUDA up to
-/// [`ops::linear::GEMV_MAX_ROWS`] (batched decode through the GEMV kernels).
+/// [`ops::linear::GEMV_MAX_ROWS`] (batched decode: through the GEMV kernels up to
+/// [`ops::cuda_gemv_rows`], past that one cuBLAS product for the fused weight, the epilogues
+/// composed).
 fn decode_rows(x: &Tensor) -> Result<bool> {
     let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
     Ok(rows == 1 || (x.device().is_cuda() && rows <= ops::linear::GEMV_MAX_ROWS))
@@ -993,12 +994,14 @@ impl Llama {
     #[cfg(feature = "cuda")]
     pub fn graph_step(&mut self, ids: &Tensor) -> Result<Option<LlamaOutput>> {
         use ops::decode_graph::DecodeGraph;
+        if !self.device().is_cuda() {
+            return Ok(None);
+        }
         let rows = match ids.dims() {
             &[b, 1] if (1..=ops::cuda_gemv_rows()?).contains(&b) => b,
             _ => return Ok(None),
         };
         if !ops::cuda_graph_enabled()
-            || !self.device().is_cuda()
             || self.layout.tp != 1
             || self.position == 0
             || matches!(self.decode_graph, Some(Err(_)))

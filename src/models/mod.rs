@@ -255,7 +255,7 @@ pub fn check_vision_option(vision: Option<&Path>, ckpts: &[&Checkpoint]) -> Resu
             let names: Vec<String> = ckpts.iter().map(|c| c.meta.path.display().to_string()).collect();
             Err(Error::Usage(format!(
                 "--vision {}: {} takes no vision tower from outside (a llava-hf directory bundles its own, \
-                 a LLaMA has none); --vision is for a NeVA .nemo or an original LLaVA directory that only names its tower",
+                 a LLaMA has none, a CLIP checkpoint is one); --vision is for a NeVA .nemo or an original LLaVA directory that only names its tower",
                 dir.display(),
                 names.join(" nor ")
             )))

@@ -296,7 +296,8 @@ pub fn wgmma_available() -> bool {
 /// Which kernels run the bf16 causal-attention backward on CUDA. Split, Wide and Fused compute the
 /// same dK and dV (bit-identical), Wgmma the same up to summation order; dQ differs in summation
 /// order only. Chosen by `SHARDSMITH_FLASH_BWD` (`split`, `wide`, `fused` or `wgmma`;
-/// [`FlashBackward::from_env`]); the default is Wgmma in a build that has it, else Split.
+/// [`FlashBackward::from_env`]); the default is Wgmma in a build that has it (at head dim 128;
+/// Split elsewhere), else Split.
 /// Measured on an H200 (B2 H32 S4096 D128, with the mma.sync forward, fwd+bwd TFLOP/s): split
 /// 193, wide 205, fused 217, wgmma 242; a LLaMA-7B layer's fwd+bwd 449 → 467 (BENCHMARKS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -313,8 +314,9 @@ pub enum FlashBackward {
     Fused,
     /// Fused's algorithm on Hopper's warpgroup MMA (`flash_bwd_wg`, kernels/src/flash_wg.cu):
     /// taken for head dim 128 with 16-byte aligned inputs in a build for compute capability 9.0
-    /// ([`wgmma_available`]); other calls run Fused. dQ is not bit-reproducible. Self-checked
-    /// as [`FlashForward::Wgmma`] is.
+    /// ([`wgmma_available`]); other calls run Split. dQ is then not bit-reproducible (f32
+    /// atomics), so neither is bf16 CUDA training: `SHARDSMITH_FLASH_BWD=split` makes it so.
+    /// Self-checked as [`FlashForward::Wgmma`] is.
     Wgmma,
 }
 

@@ -1224,7 +1224,9 @@ pub(super) fn attention_bwd(
         if wgmma {
             super::wgmma_check::ensure_verified(dev)?;
         }
-        if matches!(variant, FlashBackward::Fused | FlashBackward::Wgmma) {
+        // Wgmma where its kernel does not apply (D ≠ 128, unaligned) runs Split, the
+        // bit-reproducible kernels, not Fused: it is the default on Hopper builds.
+        if variant == FlashBackward::Fused || wgmma {
             let (module, name, smem, threads) = if wgmma {
                 // K, V [128], Q, dO [2][64] rows of D; dSᵀ [128][64] bf16; lse, Δ [2][64] f32
                 // (flash_wg.cu's wg_bwd_smem_bytes).

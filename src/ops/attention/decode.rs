@@ -95,9 +95,9 @@ pub(crate) mod splits {
     /// DECODE_MIN_CHUNK).
     pub(super) const DECODE_CHUNK: usize = 512;
     pub(super) const DECODE_MIN_CHUNK: usize = 64;
-    /// Blocks a decode-attention launch aims for: twice an H100's or H200's 132 SMs. One block per
-    /// (sequence, head) left a batch-1 step with 32 heads on 32 SMs, its keys read one after
-    /// another (14.7 µs at 256 keys, 285 GB/s, on an H200: BENCHMARKS.md).
+    /// Blocks a decode-attention launch aims for: about twice an H100's or H200's 132 SMs. One
+    /// block per (sequence, head) left a batch-1 step with 32 heads on 32 SMs, each reading its
+    /// keys one after another.
     const DECODE_BLOCKS: usize = 256;
 
     /// Splits over the keys wanted for `rows` = B·Hq query rows (decode_attn.cu's `want`).
