@@ -19,7 +19,7 @@ mod decode;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 #[cfg(feature = "cuda")]
-pub(crate) use decode::splits::{decode_splits, decode_want};
+pub(crate) use decode::splits::{decode_graph_splits, decode_splits, decode_want};
 pub use decode::{decode_attention, decode_kernel_supports};
 use std::sync::Mutex;
 

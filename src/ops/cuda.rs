@@ -539,8 +539,6 @@ pub(super) fn adamw(
 // Decode GEMV
 // ---------------------------------------------------------------------------------------------
 
-use super::linear::GEMV_MAX_ROWS;
-
 /// What follows the product in the GEMV kernel (gemv.cu's epilogues).
 #[derive(Clone, Copy)]
 pub(super) enum GemvEpilogue<'a> {
@@ -563,7 +561,7 @@ impl GemvEpilogue<'_> {
 }
 
 /// `a · b` (then `epilogue`) through gemv.cu when it is a few rows against a linear's weight:
-/// a [M, K] with rows of unit stride, M ≤ [`GEMV_MAX_ROWS`], b = wᵀ [K, N] for a row-major
+/// a [M, K] with rows of unit stride, M ≤ [`super::cuda_gemv_rows`], b = wᵀ [K, N] for a row-major
 /// w [N, K] (strides [1, ldw]), same float dtype, K, the row strides and both offsets multiples
 /// of 8 (16-byte loads). `None` for anything else: the caller runs cuBLAS (and the epilogue).
 pub(super) fn gemv(
@@ -579,7 +577,7 @@ pub(super) fn gemv(
     let swiglu = matches!(epilogue, GemvEpilogue::SwiGlu);
     let n = if swiglu { wn / 2 } else { wn };
     let dtype = a.dtype();
-    if !(1..=super::cuda_gemv_rows()?.min(GEMV_MAX_ROWS)).contains(&m)
+    if !(1..=super::cuda_gemv_rows()?).contains(&m)
         || n == 0
         || (swiglu && wn % 2 != 0)
         || k == 0
@@ -744,7 +742,7 @@ pub(super) fn decode_attention(
         ((&kc, &packed), (&vc, &packed))
     };
     let (sb, sh) = (lk.stride()[0] as i64, lk.stride()[1] as i64);
-    let ns = decode_splits(b * hq, s, false);
+    let ns = decode_splits(b * hq, s);
     let dev = q.device();
     let (attend, combine) = decode_attention_functions(dev, dtype, d)?;
     let stream = dev.cuda_stream();
@@ -997,7 +995,8 @@ pub(super) struct DecodeAttnArgs {
     pub partials: Option<(Addr, Addr, Addr)>,
     /// (B, Hq, Hk, D).
     pub dims: (usize, usize, usize, usize),
-    /// NS: the grid's z, [`decode_splits`] for the keys (up to the capacity for `StepPos::Device`).
+    /// NS: the grid's z, [`decode_splits`] for the keys (for `StepPos::Device`,
+    /// [`super::attention::decode_graph_splits`] of the cache's capacity).
     pub splits: usize,
     /// S: the keys attended to.
     pub keys: StepPos,

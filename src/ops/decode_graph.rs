@@ -20,7 +20,7 @@
 //! The kernels are the eager path's own (`ops::cuda`'s `launch_*`, one argument list per
 //! kernel), so a replay computes what an eager step computes, bit for bit.
 
-use super::attention::decode_splits;
+use super::attention::decode_graph_splits;
 use super::cuda::{
     decode_attention_functions, embed_rows_function, gemv_function, launch_decode_attention,
     launch_embed_rows, launch_gemv, launch_rms_norm, launch_rope_qkv, rms_norm_function, rope_qkv_function,
@@ -222,7 +222,7 @@ impl DecodeGraph {
 
         // Work buffers (the graph's own; the residual stream ping-pongs between xa and xb so no
         // kernel writes the buffer it reads its residual from).
-        let splits = decode_splits(rows * hq, cap, true);
+        let splits = decode_graph_splits(rows * hq, cap);
         let work = |n: usize, dt: DType| Tensor::zeros(n, dt, m.embed.device());
         let (xa, xb, hn) = (work(rows * h, dtype)?, work(rows * h, dtype)?, work(rows * h, dtype)?);
         let (qkv, q_rot, att) = (work(rows * nqkv, dtype)?, work(rows * nq, dtype)?, work(rows * nq, dtype)?);

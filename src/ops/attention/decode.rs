@@ -4,7 +4,8 @@
 //! The composed decode path runs, per layer and token, a batched q·Kᵀ GEMM, a softmax, a
 //! batched P·V GEMM and a head merge (four launches, two of them cuBLAS batched GEMMs of a
 //! single row). On CUDA this op is `kernels/src/decode_attn.cu`: the keys split over enough
-//! blocks to fill the GPU ([`decode_splits`]), plus a combine launch when there are several. The CPU forward is the reference it is tested
+//! blocks to fill the GPU ([`splits`]), plus a combine launch when there are several. The CPU
+//! forward is the reference it is tested
 //! against (f32 throughout, one rounding); the models keep their composed path on the CPU.
 //!
 //! Shapes: q [B, Hq, 1, D]; k, v [B, Hk, S, D] (the cache's views: on CUDA read in place when
@@ -110,18 +111,17 @@ pub(crate) mod splits {
         keys.div_ceil(want).next_multiple_of(DECODE_MIN_CHUNK).clamp(DECODE_MIN_CHUNK, DECODE_CHUNK)
     }
 
-    /// NS, the splits a decode-attention grid needs for `rows` = B·Hq query rows over `keys` keys
-    /// (an eager step) or over up to `keys` keys (`up_to`: a CUDA-graph step, `keys` = the cache's
-    /// capacity). Every S ≤ `keys` then has ⌈S / decode_chunk(S)⌉ ≤ NS (while S ≤ DECODE_CHUNK·want
-    /// its chunk holds ⌈S / want⌉ keys, else DECODE_CHUNK), and the splits past S are empty; the
-    /// chunk depends on S and B·Hq only, so an eager step and a graph step split alike.
-    pub(crate) fn decode_splits(rows: usize, keys: usize, up_to: bool) -> usize {
-        let want = decode_want(rows);
-        if up_to {
-            want.max(keys.div_ceil(DECODE_CHUNK))
-        } else {
-            keys.div_ceil(decode_chunk(keys, want))
-        }
+    /// NS, the splits of an eager step's grid for `rows` = B·Hq query rows over `keys` keys.
+    pub(crate) fn decode_splits(rows: usize, keys: usize) -> usize {
+        keys.div_ceil(decode_chunk(keys, decode_want(rows)))
+    }
+
+    /// NS for a CUDA-graph step, whose grid serves every key count up to the cache's `capacity`:
+    /// each S ≤ capacity has [`decode_splits`] ≤ NS (while S ≤ DECODE_CHUNK·want its chunk holds
+    /// ⌈S / want⌉ keys, else DECODE_CHUNK) and the splits past them are empty. The chunk depends
+    /// on S and B·Hq only, so an eager step and a graph step split alike.
+    pub(crate) fn decode_graph_splits(rows: usize, capacity: usize) -> usize {
+        decode_want(rows).max(capacity.div_ceil(DECODE_CHUNK))
     }
 }
 
@@ -161,14 +161,14 @@ mod tests {
     fn decode_splits_cover_every_key_count_up_to_the_capacity() {
         for rows in [1, 3, 32, 64, 256, 300] {
             for cap in [1, 63, 64, 300, 512, 513, 4096, 5000] {
-                let grid = decode_splits(rows, cap, true);
+                let grid = decode_graph_splits(rows, cap);
                 for s in 1..=cap {
                     let chunk = decode_chunk(s, decode_want(rows));
                     assert!(
                         (DECODE_MIN_CHUNK..=DECODE_CHUNK).contains(&chunk)
                             && chunk.is_multiple_of(DECODE_MIN_CHUNK)
                     );
-                    let eager = decode_splits(rows, s, false);
+                    let eager = decode_splits(rows, s);
                     assert_eq!(eager, s.div_ceil(chunk));
                     assert!(eager <= grid, "rows {rows} cap {cap} S {s}: {eager} splits, grid {grid}");
                 }
@@ -176,10 +176,10 @@ mod tests {
         }
         // A batch-1 step of a 32-head model: 256 keys in 4 splits of 64, 4096 in 8 of 512; at
         // batch 8 one split per 512 keys, as before.
-        assert_eq!(decode_splits(32, 256, false), 4);
-        assert_eq!(decode_splits(32, 4096, false), 8);
-        assert_eq!(decode_splits(8 * 32, 256, false), 1);
-        assert_eq!(decode_splits(8 * 32, 4096, false), 8);
+        assert_eq!(decode_splits(32, 256), 4);
+        assert_eq!(decode_splits(32, 4096), 8);
+        assert_eq!(decode_splits(8 * 32, 256), 1);
+        assert_eq!(decode_splits(8 * 32, 4096), 8);
     }
 
     /// The op against the materialised softmax(q kᵀ·scale) v with its heads merged, GQA, keys in
