@@ -65,18 +65,10 @@ for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softm
     rope_qkv_into_cache_is_exact bias_act_forward batched_decode_matches_the_cpu \
     graph_decode_matches_the_eager_steps \
     train_step_layer_nodes_match_the_composed_graph; do
-    timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
-    rc=$?
-    grep -oE "parity .*|panicked.*|test result.*" "$W/parity.log"
-    ((rc == 0)) || { status=1; echo "## parity $t: FAILED (exit $rc)"; tail -3 "$W/parity.log"; }
+    parity "$t"
 done
 # The GEMV kernels at every row count they have (the default hands batches past 4 to cuBLAS).
-for t in decode_gemv_forward; do
-    SHARDSMITH_CUDA_GEMV=8 timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
-    rc=$?
-    grep -oE "test result.*" "$W/parity.log" | sed "s/^/SHARDSMITH_CUDA_GEMV=8 $t: /"
-    ((rc == 0)) || { status=1; echo "## parity $t (SHARDSMITH_CUDA_GEMV=8): FAILED (exit $rc)"; tail -3 "$W/parity.log"; }
-done
+parity decode_gemv_forward SHARDSMITH_CUDA_GEMV=8
 
 echo "### trainer end to end (fixtures/train-tiny, f32, stage 1, 10 steps): CUDA losses against the CPU's"
 for d in cpu cuda; do

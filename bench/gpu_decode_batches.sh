@@ -14,10 +14,7 @@ status=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 date -u +%Y-%m-%dT%H:%M:%SZ
 for t in decode_gemv_forward batched_decode_matches_the_cpu graph_decode_matches_the_eager_steps; do
-    timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
-    rc=$?
-    grep -oE "panicked.*|test result.*" "$W/parity.log" | sed "s/^/$t: /"
-    ((rc == 0)) || { status=1; tail -3 "$W/parity.log"; }
+    parity "$t"
 done
 echo "| GEMV rows | batch | ms per step | tokens/s | steps replayed |"
 echo "|---|---|---|---|---|"

@@ -1,7 +1,9 @@
 # Sourced by bench/gpu.sh and bench/gpu_profile.sh on the GPU machine: unpacks the binaries
 # bench/gpu_carry.sh packed (from $CARRY) into $W, puts the device image's CUDA libraries on the
 # library path, sets SS (our binary), and defines limit SECONDS: a step's timeout cut to what is
-# left of the caller's $BUDGET since $START, keeping $RESERVE seconds for what follows the steps.
+# left of the caller's $BUDGET since $START, keeping $RESERVE seconds for what follows the steps;
+# and parity TEST [VAR=VALUE ...]: one test of tests/cuda_parity.rs run with those variables, its
+# lines printed (prefixed by the variables), a failure setting the caller's status=1.
 W=/tmp/shardsmith-gpu
 mkdir -p "$W"
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -15,4 +17,13 @@ SS=$W/shardsmith
 limit() {
     local left=$((BUDGET - (SECONDS - START) - RESERVE))
     ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"
+}
+
+parity() {
+    local t=$1
+    shift
+    env "$@" timeout "$(limit 60)" "$W/cuda_parity" "$t" --exact --nocapture --test-threads=1 >"$W/parity.log" 2>&1
+    local rc=$?
+    grep -oE "parity .*|panicked.*|test result.*" "$W/parity.log" | sed "s/^/${*:+$* }/"
+    ((rc == 0)) || { status=1; echo "## parity $t${*:+ ($*)}: FAILED (exit $rc)"; tail -3 "$W/parity.log"; }
 }
