@@ -114,13 +114,20 @@ pub fn compare(ours: &Tensor, reference: &Tensor) -> Result<Compare> {
     })
 }
 
-/// Greedy continuation of `prompt` [1, T] for `steps` tokens with the KV cache.
-pub fn greedy(model: &mut Model, prompt: &Tensor, pixels: Option<&Tensor>, steps: usize) -> Result<Vec<u32>> {
+/// Greedy continuation of `prompt` [1, T] for `steps` tokens with the KV cache, choosing among
+/// the first `vocab` ids only (the reference's vocabulary).
+pub fn greedy(
+    model: &mut Model,
+    prompt: &Tensor,
+    pixels: Option<&Tensor>,
+    steps: usize,
+    vocab: usize,
+) -> Result<Vec<u32>> {
     model.llm().reset();
     let mut out = Vec::with_capacity(steps);
     let mut logits = model.forward(prompt, pixels, true, false)?.logits;
     for step in 0..steps {
-        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        let next = greedy_token(&logits, vocab)?;
         out.push(next);
         if step + 1 < steps {
             let ids = Tensor::new(&[[next]], prompt.device())?;
@@ -128,6 +135,18 @@ pub fn greedy(model: &mut Model, prompt: &Tensor, pixels: Option<&Tensor>, steps
         }
     }
     Ok(out)
+}
+
+/// The id of the largest of the last position's first `vocab` logits ([.., V'] with V' ≥ 1). Rows
+/// past the reference's vocabulary (a NeMo embedding's padding to a multiple of 128·TP, zero or
+/// random) stand for no token and are never chosen, as NeMo's own generation masks them; a
+/// padded row scoring highest would otherwise end the comparison with a token the reference
+/// cannot produce.
+fn greedy_token(logits: &Tensor, vocab: usize) -> Result<u32> {
+    let width = logits.dim(D::Minus1)?;
+    let flat = logits.flatten_all()?;
+    let last = flat.narrow(0, flat.dim(0)? - width, vocab.clamp(1, width))?;
+    Ok(last.argmax(0)?.to_scalar::<u32>()?)
 }
 
 fn tier(dtype: DType) -> &'static str {
@@ -257,7 +276,7 @@ pub fn against_golden(model: &mut Model, info: &ModelInfo, reference: &Path) -> 
                 if want[t..].iter().any(|&x| x as usize >= shared) {
                     None // the continuation leaves the shared vocabulary: not comparable
                 } else {
-                    let got = greedy(model, &ids, pixels.as_ref(), want.len().saturating_sub(t))?;
+                    let got = greedy(model, &ids, pixels.as_ref(), want.len().saturating_sub(t), shared)?;
                     Some(got == want[t..])
                 }
             }
@@ -551,4 +570,20 @@ pub fn clip_against_golden(
         cases,
         passed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_never_picks_a_padded_row() {
+        // [1, 2, 6]: two positions, vocabulary 4 padded to 6; the padding scores highest.
+        let logits =
+            Tensor::new(&[[[9f32, 0., 0., 0., 0., 0.], [-3., -1., -2., -5., 0., 7.]]], &Device::Cpu).unwrap();
+        assert_eq!(greedy_token(&logits, 4).unwrap(), 1, "the last position, among ids 0..4");
+        assert_eq!(greedy_token(&logits, 6).unwrap(), 5);
+        assert_eq!(greedy_token(&logits, 100).unwrap(), 5, "a wider vocabulary is the whole row");
+        assert_eq!(greedy_token(&logits, 0).unwrap(), 0, "at least one id");
+    }
 }
