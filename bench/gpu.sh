@@ -63,7 +63,7 @@ for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softm
     full_attention_forward \
     decode_gemv_forward decode_attention_forward \
     rope_qkv_into_cache_is_exact bias_act_forward batched_decode_matches_the_cpu \
-    graph_decode_matches_the_eager_steps \
+    graph_decode_matches_the_eager_steps decode_profile_times_every_kind_of_launch \
     train_step_layer_nodes_match_the_composed_graph; do
     parity "$t"
 done
@@ -128,7 +128,11 @@ if [[ -z ${GPU_SH_TINY:-} ]]; then
     step ours-attention-wgmma-bwd 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,mma --backward wgmma
 fi
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
-step ours-decode 60 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
+# --breakdown: the graph step's time by kind of launch, at each batch whose step is a graph
+# (a CUDA run only).
+BD=(--breakdown)
+[[ -n ${GPU_SH_TINY:-} ]] && BD=()
+step ours-decode 70 "$SS" bench decode --runs 3 ${BD[@]+"${BD[@]}"} "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-eager 60 env SHARDSMITH_CUDA_GRAPH=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-eager-events 60 env SHARDSMITH_CUDA_GRAPH=0 SHARDSMITH_CUDA_EVENTS=1 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-cublas 60 env SHARDSMITH_CUDA_GEMV=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
@@ -226,6 +230,14 @@ if gemm_rows:
         cells = [fmt(r["tflops"])] + [fmt(g(find("gemm", "shardsmith", gemm=x, **key), "tflops")) for x in ("cublas", "cublaslt")]
         cells.append(fmt(g(find("gemm", "pytorch", **key), "tflops")))
         out.append(f"| {r['name']} {r['op']} | {r['m']}×{r['n']}×{r['k']} | " + " | ".join(cells) + " |")
+for r in rows:
+    if r["bench"] != "decode_breakdown" or "kernels" not in r:
+        continue
+    out += ["", f"| decode step by launch (batch {r['batch']}, position {r['position']}, {r['dtype']}) | calls | ms per step | share of the step |",
+            "|---|---|---|---|"]
+    for k in r["kernels"]:
+        out.append(f"| {k['kernel']} | {k['calls']} | {k['ms']:.3f} | {100 * k['ms'] / r['step_ms']:.1f}% |")
+    out.append(f"| sum of the partial graphs / whole step | — | {r['sum_ms']:.3f} / {r['step_ms']:.3f} | {100 * r['sum_ms'] / r['step_ms']:.1f}% |")
 print("\n".join(out))
 EOF
 echo "(total $((SECONDS - START)) s; JSON lines in $RES)"

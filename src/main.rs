@@ -388,6 +388,10 @@ enum BenchCommand {
         /// Decode steps timed.
         #[arg(long, default_value_t = 128)]
         steps: usize,
+        /// Also time the CUDA graph step by kind of launch (RMSNorm, GEMVs, attention, …), each
+        /// kind as a graph of its own launches: one more JSON line per batch size.
+        #[arg(long)]
+        breakdown: bool,
     },
     /// One NeVA stage-1 training step (LLaMA + CLIP ViT + mlp2x_gelu projector over random
     /// weights; default LLaMA-7B + ViT-L/14-336, B4 × S640 with one image each).
@@ -887,11 +891,18 @@ fn run(command: Command) -> ExitCode {
                 shardsmith::commands::bench_gpu::gemm(&shape.shape(1), rows, &square, &backends, &c)
             })
         }
-        Command::Bench { what: BenchCommand::Decode { shape, common, batch, prompt_len, steps } } => {
-            common.common().and_then(|c| {
-                shardsmith::commands::bench_gpu::decode(&shape.shape(32), &batch, prompt_len, steps, &c)
-            })
-        }
+        Command::Bench {
+            what: BenchCommand::Decode { shape, common, batch, prompt_len, steps, breakdown },
+        } => common.common().and_then(|c| {
+            shardsmith::commands::bench_gpu::decode(
+                &shape.shape(32),
+                &batch,
+                prompt_len,
+                steps,
+                breakdown,
+                &c,
+            )
+        }),
         Command::Bench {
             what:
                 BenchCommand::NevaStep {

@@ -720,9 +720,14 @@ fn graph_decode_matches_the_eager_steps() {
     for dtype in [DType::F32, DType::BF16] {
         let c = Common { device: gpu(), dtype, runs: 1, warmup: 0 };
         let mut model = ParallelLlama::from_rank(random_llama(&shape, &c, false).unwrap(), shape.hparams());
-        for (b, reserve, graph_steps) in [(1usize, 8, 6), (3, 8, 6), (2, 700, 7)] {
-            let prompt: Vec<u32> = (0..b * 5).map(|i| (i as u32 * 37 + 11) % 500 + 3).collect();
-            let prompt = Tensor::from_vec(prompt, (b, 5), &gpu()).unwrap();
+        // (batch, prompt, reserve, steps replayed): caches that grow after the first step; a
+        // graph over 700 positions (many splits) after a short prompt; a long prompt, so the
+        // eager step too splits its keys over several blocks.
+        for (b, t, reserve, graph_steps) in
+            [(1usize, 5, 8, 6), (3, 5, 8, 6), (2, 5, 700, 7), (1, 600, 700, 7)]
+        {
+            let prompt: Vec<u32> = (0..b * t).map(|i| (i as u32 * 37 + 11) % 500 + 3).collect();
+            let prompt = Tensor::from_vec(prompt, (b, t), &gpu()).unwrap();
             let mut run = |graph: bool| -> Vec<Vec<f32>> {
                 model.set_graph_decode(graph);
                 // Fresh caches of the reserved size, so both runs grow them at the same step.
@@ -742,7 +747,9 @@ fn graph_decode_matches_the_eager_steps() {
             let before = ops::decode_graph::replays();
             let graphed = run(true);
             let replays = ops::decode_graph::replays() - before;
-            println!("parity graph decode {dtype:?} batch {b} reserve {reserve}: {replays} replays");
+            println!(
+                "parity graph decode {dtype:?} batch {b} prompt {t} reserve {reserve}: {replays} replays"
+            );
             assert_eq!(replays, graph_steps, "{dtype:?} batch {b}: steps replayed from the graph");
             for (step, (g, e)) in graphed.iter().zip(&eager).enumerate() {
                 let same = g.iter().zip(e).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
@@ -754,6 +761,32 @@ fn graph_decode_matches_the_eager_steps() {
                 );
             }
         }
+    }
+}
+
+/// `bench decode --breakdown`'s profile: the whole graph step and one partial graph per kind of
+/// launch, each with the launches a step makes of it, timed.
+#[test]
+fn decode_profile_times_every_kind_of_launch() {
+    use shardsmith::commands::bench_gpu::{random_llama, Common, LlamaShape};
+    use shardsmith::models::tp::ParallelLlama;
+    use shardsmith::ops::decode_graph::StepKernel;
+    let shape = LlamaShape { layers: 3, hidden: 256, ffn: 688, heads: 4, kv_heads: 2, vocab: 512 };
+    let c = Common { device: gpu(), dtype: DType::BF16, runs: 1, warmup: 0 };
+    let mut model = ParallelLlama::from_rank(random_llama(&shape, &c, false).unwrap(), shape.hparams());
+    let err = model.single_mut().unwrap().decode_profile(1, 5).unwrap_err().to_string();
+    assert!(err.contains("nothing was prefilled"), "{err}");
+    model.reserve(16);
+    let prompt = Tensor::from_vec((3..11).collect::<Vec<u32>>(), (1, 8), &gpu()).unwrap();
+    model.forward(&prompt, &[], true, false).unwrap();
+    let (step, kinds) = model.single_mut().unwrap().decode_profile(1, 5).unwrap();
+    println!("decode profile: step {step:.4} ms; {kinds:?}");
+    assert!(step.is_finite() && step > 0.0);
+    assert_eq!(kinds.iter().map(|k| k.kernel).collect::<Vec<_>>(), StepKernel::ALL);
+    for k in &kinds {
+        let per_layer = !matches!(k.kernel, StepKernel::Embed | StepKernel::FinalNorm | StepKernel::Head);
+        assert_eq!(k.calls, if per_layer { 3 } else { 1 }, "{:?}", k.kernel);
+        assert!(k.ms.is_finite() && k.ms > 0.0, "{:?}: {} ms", k.kernel, k.ms);
     }
 }
 

@@ -351,11 +351,51 @@ fn seeded_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     (0..n).map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32).collect()
 }
 
+/// `--breakdown` of `bench decode`: where the graph step's time goes after the timed runs
+/// (`ops::decode_graph::profile`, `reps` replays of each partial graph), as a JSON line.
+#[cfg(feature = "cuda")]
+fn decode_breakdown(model: &mut Model, batch: usize, reps: usize) -> Result<serde_json::Value> {
+    let llama = model.llm().single_mut()?;
+    let position = llama.position();
+    let (step_ms, kernels) = llama.decode_profile(batch, reps)?;
+    let sum_ms: f64 = kernels.iter().map(|k| k.ms).sum();
+    let kernels: Vec<_> =
+        kernels.iter().map(|k| json!({"kernel": k.kernel.name(), "calls": k.calls, "ms": k.ms})).collect();
+    Ok(json!({
+        "impl": "shardsmith",
+        "bench": "decode_breakdown",
+        "dtype": dtype_name(llama.dtype()),
+        "batch": batch,
+        "position": position,
+        "reps": reps,
+        "step_ms": step_ms,
+        "sum_ms": sum_ms,
+        "kernels": kernels,
+    }))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn decode_breakdown(_: &mut Model, _: usize, _: usize) -> Result<serde_json::Value> {
+    anyhow::bail!("--breakdown times the CUDA graph decode step: it needs a build with --features cuda")
+}
+
 /// `bench decode`: for each batch size, prefill `prompt` tokens, then `steps` greedy steps
 /// exactly as `generate` runs them (KV cache reserved for the whole sequence, the next ids
-/// read back to the host each step). One JSON line per batch size.
-pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c: &Common) -> Result<()> {
+/// read back to the host each step). One JSON line per batch size; with `breakdown`, a second
+/// one with the graph step's time by kind of launch.
+pub fn decode(
+    s: &LlamaShape,
+    batches: &[usize],
+    prompt: usize,
+    steps: usize,
+    breakdown: bool,
+    c: &Common,
+) -> Result<()> {
     ensure!(prompt >= 1 && steps >= 1, "need --prompt-len >= 1 and --steps >= 1");
+    ensure!(
+        !breakdown || c.device.is_cuda(),
+        "--breakdown times the CUDA graph decode step: add --device cuda"
+    );
     let llama = random_llama(s, c, false)?;
     let mut model = Model::Llama(ParallelLlama::from_rank(llama, s.hparams()));
     for &b in batches {
@@ -412,6 +452,16 @@ pub fn decode(s: &LlamaShape, batches: &[usize], prompt: usize, steps: usize, c:
             "tokens_per_s": (b * steps) as f64 / decode,
         });
         println!("{line}");
+        if breakdown && replayed > 0 {
+            // The last timed run left the caches at prompt + steps with room for one more.
+            println!("{}", decode_breakdown(&mut model, b, 50)?);
+        } else if breakdown {
+            let why = "no CUDA graph step at this batch (eager decode)";
+            println!(
+                "{}",
+                json!({"impl": "shardsmith", "bench": "decode_breakdown", "batch": b, "skipped": why})
+            );
+        }
     }
     Ok(())
 }

@@ -1036,6 +1036,37 @@ impl Llama {
         Ok(Some(LlamaOutput { logits, hidden_states: Vec::new() }))
     }
 
+    /// Where a graph decode step's time goes at the current position ([`ops::decode_graph::profile`]):
+    /// the whole step's milliseconds and each kind of launch's. Needs what [`Llama::graph_step`]
+    /// needs (a CUDA rank after a prefill of `rows` sequences, room for one more token); the
+    /// caches' next entry is left garbage, which the next step overwrites.
+    #[cfg(feature = "cuda")]
+    pub fn decode_profile(
+        &mut self,
+        rows: usize,
+        reps: usize,
+    ) -> Result<(f64, Vec<ops::decode_graph::KernelTime>)> {
+        let refuse = |why: String| Error::Usage(format!("no CUDA graph decode step to profile: {why}"));
+        if !self.device().is_cuda() {
+            return Err(refuse("the model is not on a CUDA device".into()));
+        }
+        if self.layout.tp != 1 {
+            return Err(refuse(format!("the model runs at tp={}", self.layout.tp)));
+        }
+        if self.position == 0 {
+            return Err(refuse("nothing was prefilled".into()));
+        }
+        let Some(model) = self.step_model(rows)? else {
+            return Err(refuse(format!(
+                "the model's weights, dtype or caches (for {rows} rows) are not what a graph step reads"
+            )));
+        };
+        if self.position + 1 > model.layers[0].cache.dim(3)? {
+            return Err(refuse(format!("the caches are full at position {}", self.position)));
+        }
+        Ok(ops::decode_graph::profile(&model, rows, self.position, reps)?)
+    }
+
     /// Let decode steps replay a recorded CUDA graph where they can ([`Llama::graph_step`], the
     /// default) or always run eagerly (comparisons, tests).
     #[cfg(feature = "cuda")]

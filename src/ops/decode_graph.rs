@@ -114,6 +114,99 @@ impl Drop for CaptureGuard {
     }
 }
 
+/// The launches of a decode step by what they compute, in step order: the rows of a
+/// [`profile`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepKernel {
+    Embed,
+    InputNorm,
+    Qkv,
+    RopeQkv,
+    Attention,
+    OProjAdd,
+    MlpNorm,
+    GateUpSwiglu,
+    DownAdd,
+    FinalNorm,
+    Head,
+}
+
+impl StepKernel {
+    pub const ALL: [StepKernel; 11] = [
+        StepKernel::Embed,
+        StepKernel::InputNorm,
+        StepKernel::Qkv,
+        StepKernel::RopeQkv,
+        StepKernel::Attention,
+        StepKernel::OProjAdd,
+        StepKernel::MlpNorm,
+        StepKernel::GateUpSwiglu,
+        StepKernel::DownAdd,
+        StepKernel::FinalNorm,
+        StepKernel::Head,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKernel::Embed => "embedding rows",
+            StepKernel::InputNorm => "input RMSNorm",
+            StepKernel::Qkv => "q/k/v GEMV",
+            StepKernel::RopeQkv => "rope + KV-cache write",
+            StepKernel::Attention => "decode attention (+ combine)",
+            StepKernel::OProjAdd => "o_proj GEMV + residual",
+            StepKernel::MlpNorm => "post-attention RMSNorm",
+            StepKernel::GateUpSwiglu => "gate/up GEMV + SwiGLU",
+            StepKernel::DownAdd => "down GEMV + residual",
+            StepKernel::FinalNorm => "final RMSNorm",
+            StepKernel::Head => "lm_head GEMV",
+        }
+    }
+}
+
+/// One kind of launch's share of a decode step ([`profile`]).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelTime {
+    pub kernel: StepKernel,
+    /// Launch calls per step (an attention call is one or two kernels: split, then combine).
+    pub calls: usize,
+    /// Milliseconds per step of a graph holding only these launches (so each one's launch and
+    /// drain are counted, as in the whole step).
+    pub ms: f64,
+}
+
+/// Where a decode step's time goes: the whole recorded step, then for each [`StepKernel`] a
+/// graph of only its launches over the same tensors, each replayed `reps` times back to back
+/// (after 3 warm-up replays) at position `pos`. A launch's cost in a graph is its kernel plus
+/// the gap before the next node starts; the sum of the rows against the whole step shows how
+/// much the kernels' order and dependencies add. Ids are 0. The partial graphs compute garbage
+/// into the graphs' own buffers and into the caches' entry `pos`, which the caller must treat
+/// as unwritten (a later step or prefill overwrites it).
+pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f64, Vec<KernelTime>)> {
+    let time = |keep: &dyn Fn(StepKernel) -> bool| -> Result<(f64, usize)> {
+        let (mut graph, calls) = DecodeGraph::record_only(m, rows, keep)?;
+        graph.set_inputs(&vec![0; rows], pos)?;
+        for _ in 0..3 {
+            graph.graph.0.launch().w()?;
+        }
+        graph.stream.synchronize().w()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            graph.graph.0.launch().w()?;
+        }
+        graph.stream.synchronize().w()?;
+        Ok((t0.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64, calls))
+    };
+    let (whole, _) = time(&|_| true)?;
+    let rows = StepKernel::ALL
+        .iter()
+        .map(|&kernel| {
+            let (ms, calls) = time(&|k| k == kernel)?;
+            Ok(KernelTime { kernel, calls, ms })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((whole, rows))
+}
+
 /// One recorded decode step for `rows` sequences over a [`StepModel`]'s tensors.
 pub struct DecodeGraph {
     graph: OwnedGraph,
@@ -158,6 +251,12 @@ impl DecodeGraph {
 
     /// Record one decode step of `m` for `rows` sequences (1 ≤ rows ≤ 8, the caches' batch).
     pub fn record(m: &StepModel, rows: usize) -> Result<Self> {
+        Ok(Self::record_only(m, rows, &|_| true)?.0)
+    }
+
+    /// Record the launches of one decode step that `keep` keeps (all of them: the step), with
+    /// the number of launch calls recorded.
+    fn record_only(m: &StepModel, rows: usize, keep: &dyn Fn(StepKernel) -> bool) -> Result<(Self, usize)> {
         let dtype = m.embed.dtype();
         let Device::Cuda(dev) = m.embed.device() else {
             bail!("decode graph: the model is not on a cuda device")
@@ -302,15 +401,29 @@ impl DecodeGraph {
             n,
             k,
         };
+        let calls = Cell::new(0);
+        // Whether to record a launch of kind `k` (counted).
+        let kept = |k: StepKernel| {
+            let on = keep(k);
+            calls.set(calls.get() + on as usize);
+            on
+        };
         let record = || -> Result<()> {
+            use StepKernel::*;
             // SAFETY (every launch below): the addresses are the tensors checked above, each
             // holding what its kernel's header comment asks for these shapes; the position ints
             // are written before each replay, position + 1 ≤ cap ([`DecodeGraph::step`]).
             unsafe {
-                launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
+                if kept(Embed) {
+                    launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
+                }
                 for l in &layers {
-                    launch_rms_norm(&stream, &fn_norm, [a_xa, l.attn_norm, a_hn], rows, h, eps)?;
-                    launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv))?;
+                    if kept(InputNorm) {
+                        launch_rms_norm(&stream, &fn_norm, [a_xa, l.attn_norm, a_hn], rows, h, eps)?;
+                    }
+                    if kept(Qkv) {
+                        launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv))?;
+                    }
                     let qkv_args = RopeQkvArgs {
                         q: (a_qkv, row_strides),
                         k: (offset(a_qkv, nq, dtype), row_strides),
@@ -319,7 +432,9 @@ impl DecodeGraph {
                         q_out: a_qrot,
                         kv: l.cache,
                     };
-                    launch_rope_qkv(&stream, &fn_rope, &qkv_args, &rope_dims, StepPos::Device(a_pos))?;
+                    if kept(RopeQkv) {
+                        launch_rope_qkv(&stream, &fn_rope, &qkv_args, &rope_dims, StepPos::Device(a_pos))?;
+                    }
                     let attn_args = DecodeAttnArgs {
                         q: a_qrot,
                         k: l.cache,
@@ -332,14 +447,28 @@ impl DecodeGraph {
                         keys: StepPos::Device(a_pos + std::mem::size_of::<i32>() as Addr),
                         scale,
                     };
-                    launch_decode_attention(&stream, (&fn_attn.0, &fn_attn.1), &attn_args)?;
-                    launch_gemv(&stream, &fn_add, &gemv(a_att, nq, l.o, Some(a_xa), a_xb, h))?;
-                    launch_rms_norm(&stream, &fn_norm, [a_xb, l.mlp_norm, a_hn], rows, h, eps)?;
-                    launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f))?;
-                    launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h))?;
+                    if kept(Attention) {
+                        launch_decode_attention(&stream, (&fn_attn.0, &fn_attn.1), &attn_args)?;
+                    }
+                    if kept(OProjAdd) {
+                        launch_gemv(&stream, &fn_add, &gemv(a_att, nq, l.o, Some(a_xa), a_xb, h))?;
+                    }
+                    if kept(MlpNorm) {
+                        launch_rms_norm(&stream, &fn_norm, [a_xb, l.mlp_norm, a_hn], rows, h, eps)?;
+                    }
+                    if kept(GateUpSwiglu) {
+                        launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f))?;
+                    }
+                    if kept(DownAdd) {
+                        launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h))?;
+                    }
                 }
-                launch_rms_norm(&stream, &fn_norm, [a_xa, a_norm, a_hn], rows, h, eps)?;
-                launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, a_head, None, a_logits, vocab_rows))?;
+                if kept(FinalNorm) {
+                    launch_rms_norm(&stream, &fn_norm, [a_xa, a_norm, a_hn], rows, h, eps)?;
+                }
+                if kept(Head) {
+                    launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, a_head, None, a_logits, vocab_rows))?;
+                }
             }
             Ok(())
         };
@@ -356,7 +485,7 @@ impl DecodeGraph {
         let model_ids = m.tensors().iter().map(|t| t.id()).collect();
         let mut work = vec![xa, xb, hn, qkv, q_rot, att, act];
         work.extend(partials.into_iter().flat_map(|(po, pm, pl)| [po, pm, pl]));
-        Ok(DecodeGraph {
+        let graph = DecodeGraph {
             graph: OwnedGraph(graph),
             stream,
             model_ids,
@@ -365,15 +494,15 @@ impl DecodeGraph {
             logits,
             rows,
             capacity: cap,
-        })
+        };
+        Ok((graph, calls.get()))
     }
 
-    /// Replay the step over `m` (the tensors it was recorded over: [`DecodeGraph::fits`]) for
-    /// token `ids` (B of them, each below the embedding's rows) at position `pos` (tokens already
-    /// in the caches): the logits [B, V'] in the model's dtype, a copy of the graph's buffer.
-    pub fn step(&mut self, m: &StepModel, ids: &[u32], pos: usize) -> Result<Tensor> {
-        if !self.fits(m, ids.len()) {
-            bail!("decode graph: replayed over other tensors or {} rows than it was recorded for", ids.len());
+    /// Check a step's inputs (`ids`, B of them, each below the embedding's rows; position `pos`
+    /// with room in the caches) and copy them where the graph reads them.
+    fn set_inputs(&mut self, ids: &[u32], pos: usize) -> Result<()> {
+        if ids.len() != self.rows {
+            bail!("decode graph: {} ids for a graph recorded for {} rows", ids.len(), self.rows);
         }
         let vocab_rows = self.logits.dim(1)?;
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab_rows) {
@@ -387,6 +516,17 @@ impl DecodeGraph {
         inputs.extend([pos as u32, pos as u32 + 1]);
         // Pageable host memory: the driver stages it before the call returns.
         self.stream.memcpy_htod(&inputs, &mut self.inputs).w()?;
+        Ok(())
+    }
+
+    /// Replay the step over `m` (the tensors it was recorded over: [`DecodeGraph::fits`]) for
+    /// token `ids` (B of them, each below the embedding's rows) at position `pos` (tokens already
+    /// in the caches): the logits [B, V'] in the model's dtype, a copy of the graph's buffer.
+    pub fn step(&mut self, m: &StepModel, ids: &[u32], pos: usize) -> Result<Tensor> {
+        if !self.fits(m, ids.len()) {
+            bail!("decode graph: replayed over other tensors or {} rows than it was recorded for", ids.len());
+        }
+        self.set_inputs(ids, pos)?;
         self.graph.0.launch().w()?;
         REPLAYS.with(|c| c.set(c.get() + 1));
         // A copy, queued before any later replay overwrites the buffer.
