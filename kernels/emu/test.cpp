@@ -241,7 +241,7 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
 }
 
 // flash_wg.cu's wgmma_probe on small integers (every product and sum exact in f32, s exact in
-// bf16): each of its four outputs equal to its plain definition.
+// bf16): each of its five outputs equal to its plain definition.
 void test_wgmma_probe() {
     std::uniform_int_distribution<int> d(-2, 2);
     auto ints = [&](size_t n) {
@@ -251,7 +251,7 @@ void test_wgmma_probe() {
     };
     auto af = ints(64 * 64), bf = ints(64 * 64), cf = ints(64 * 64), vf = ints(64 * 128);
     auto a = cast<bf16>(af), b = cast<bf16>(bf), c = cast<bf16>(cf), v = cast<bf16>(vf);
-    std::vector<float> out(5 * 64 * 64);
+    std::vector<float> out(6 * 64 * 64);
     emu::launch(dim3(1), dim3(WG_THREADS), WG_PROBE_SMEM, wgmma_probe, a.data(), b.data(), c.data(), v.data(),
                 out.data());
     std::vector<double> rs(64 * 64), ro(64 * 128), rp(64 * 64), ru(64 * 64);
@@ -272,6 +272,7 @@ void test_wgmma_probe() {
     check("wgmma probe o = s v (rs, MN-major B, n128)", part(4096, 8192), ro, 0);
     check("wgmma probe p = s c (rs, MN-major B, n64)", part(12288, 4096), rp, 0);
     check("wgmma probe u = aT v[:, 64:] (ss, MN-major A, B)", part(16384, 4096), ru, 0);
+    check("wgmma probe q = a bT (rs, A from wg_load_a, K-major B)", part(20480, 4096), rs, 0);
 }
 
 template <class T> void test_rmsnorm(int rows, int h, double tol) {

@@ -10,9 +10,15 @@
 // (16-byte aligned; the launcher checks), Hq % Hk == 0; lse [B, Hq, T] f32; D ∈ {64, 128}.
 // Geometry: grid (⌈T/128⌉, Hq, B), 256 threads = 2 warpgroups × 64 query rows; block i takes
 // query tile ⌈T/128⌉−1−i (longest first). 64-key tiles from 0 up to the diagonal (causal) or T:
-//   S = Q Kᵀ   D/16 × wgmma.m64n64k16, Q and K from shared memory (K-major both);
+//   S = Q Kᵀ   D/16 × wgmma.m64n64k16, Q from registers (its A fragments, read once from shared
+//              memory: wg_load_a), K from shared memory (K-major);
 //   O += P V   4 × wgmma.m64nDk16, P from registers (S's accumulators rounded to bf16, the
 //              same packing as flash_fwd_tc), V from shared memory (MN-major: .trans).
+// Q in registers because shared memory's bandwidth (128 bytes a clock an SM) is what binds: an
+// m64n64k16 with both operands in shared memory reads 4 KB in the ~32 clocks the tensor cores
+// take for it, all of the bandwidth with nothing left for the tiles cp.async writes; with A in
+// registers it reads 2 KB. (The first version read Q from shared memory: 199 TFLOP/s forward on
+// an H200, against 281 for the mma.sync kernel; BENCHMARKS.md.)
 // P·V of tile j is issued in iteration j + 1 together with S of tile j + 1 and runs while that
 // tile's softmax is computed; O is rescaled once it lands (FlashAttention-3's intra-warpgroup
 // overlap). So V loads lag K's by a tile: iteration j loads K_{j+1} and V_j.
@@ -37,6 +43,24 @@ constexpr int WG_BM = 128, WG_BN = 64, WG_THREADS = 256;
 template <int D> __host__ __device__ constexpr int wg_fwd_smem_bytes() { return (WG_BM + 4 * WG_BN) * D * 2; }
 
 #if SHARDSMITH_WGMMA
+// The A fragments (wgmma.cuh: the m16n8k16 A layout of the warp's 16 rows) of rows 16·warp ..
+// 16·warp + 15 of a 64-row tile in the canonical K-major layout with D columns, for each
+// 16-column step: a[ks][i] holds row g + 8·(i & 1), columns 16·ks + 2·tq + 8·(i >> 1) and the next
+// (g = lane / 4, tq = lane % 4). Each load instruction of the warp reads one core matrix's 128
+// contiguous bytes: no bank conflicts. The caller makes the tile's cp.async writes visible first.
+template <int D> __device__ __forceinline__ void wg_load_a(uint32_t (&a)[D / 16][4], const bf16 *tile, int warp, int lane) {
+    const int g = lane >> 2, tq = lane & 3;
+    const unsigned char *base = reinterpret_cast<const unsigned char *>(tile);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = 16 * warp + g + 8 * (i & 1), c = 16 * ks + 2 * tq + 8 * (i >> 1);
+            a[ks][i] = *reinterpret_cast<const uint32_t *>(base + ((r / 8) * (D / 8) + c / 8) * 128 + (r % 8) * 16 +
+                                                           (c % 8) * 2);
+        }
+}
+
 // Rows [r0, r0 + N) of a row-major [t, D] bf16 matrix into dst in the canonical layout (zeros
 // past row t), by cp.async (the caller commits and waits). Chunk i: row (i/8/(D/8))·8 + i%8,
 // column chunk (i/8) % (D/8).
@@ -55,7 +79,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                              bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale) {
     static_assert(D == 64 || D == 128, "wgmma forward: D 64 or 128");
     constexpr int KS = D / 16, TILE = WG_BN * D;  // elements of a K or V tile
-    constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // Q, K
+    constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K
     constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // V
     require_smem(wg_fwd_smem_bytes<D>(), WG_THREADS);
     DYN_SMEM(smem);
@@ -76,8 +100,9 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     const int ntiles = ((CAUSAL ? min(q0 + WG_BM, t) : t) + WG_BN - 1) / WG_BN;
 
     wg_tile_load<D, WG_BM>(sQ, qh, q0, t);
+    cp_async_commit();  // group: Q
     wg_tile_load<D, WG_BN>(sK, kh, 0, t);
-    cp_async_commit();
+    cp_async_commit();  // group: K_0
 
     float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
     float acc[D / 8][4];
@@ -86,9 +111,12 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
     const float sl2 = scale * LOG2E;
-    // This warpgroup's 64 rows of Q: 8-row groups 8·wg .. as the A descriptor's start.
-    const bf16 *wQ = sQ + 64 * wg * D;
-    const uint64_t q_desc = wgmma_desc(wQ, KMAJ_LBO, KMAJ_SBO);
+    // This warpgroup's 64 rows of Q as register A operands, for every tile's S (K_0 may still be
+    // in flight).
+    cp_async_wait<1>();
+    __syncthreads();
+    uint32_t qa[KS][4];
+    wg_load_a<D>(qa, sQ + 64 * wg * D, warp, lane);
     // P of the previous tile, as the A operand (16 keys each) of its P·V, which is issued one
     // iteration late so that it runs while this tile's softmax is computed (FlashAttention-3's
     // intra-warpgroup overlap).
@@ -122,11 +150,12 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         wgmma_pin(s);
         wgmma_pin(acc);
         wgmma_pin(a);
+        wgmma_pin(qa);
         wgmma_fence();  // acc was rescaled and a written by ordinary instructions
         const uint64_t k_desc = wgmma_desc(sK + (j & 1) * TILE, KMAJ_LBO, KMAJ_SBO);
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 2 core matrices (256 bytes) along K
-            wgmma_ss_m64n64k16(s, wgmma_desc_add(q_desc, 256 * ks), wgmma_desc_add(k_desc, 256 * ks), ks > 0);
+            wgmma_rs_m64n64k16(s, qa[ks], wgmma_desc_add(k_desc, 256 * ks), ks > 0);
         wgmma_commit();
         if (j > 0) {
             issue_pv(sV + ((j - 1) & 1) * TILE);
@@ -413,16 +442,17 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     }
 }
 
-// The four wgmma forms above, each on one tile laid out and described exactly as the attention
+// The five wgmma forms above, each on one tile laid out and described exactly as the attention
 // kernels lay out and describe theirs: a check of the descriptor and fragment conventions
 // (wgmma.cuh) on the device itself, which ops::attention's wgmma self-check runs once per GPU
 // before the first wgmma attention launch (the emulator checks it too). If they are wrong for
 // some GPU or toolkit, this says which form, and the self-check's index patterns say how.
-// Inputs bf16 row-major: a, b, c [64][64], v [64][128]. Output f32 [5·64·64], four blocks in order:
-//   s [64][64]   = a · bᵀ             ss, A and B K-major            (S = Q Kᵀ; Sᵀ, dPᵀ)
+// Inputs bf16 row-major: a, b, c [64][64], v [64][128]. Output f32 [6·64·64], five blocks in order:
+//   s [64][64]   = a · bᵀ             ss, A and B K-major            (Sᵀ, dPᵀ)
 //   o [64][128]  = bf16(s) · v        rs, B MN-major, n128           (O = P V at D 128; dV, dK)
 //   p [64][64]   = bf16(s) · c        rs, B MN-major, n64            (O = P V at D 64)
 //   u [64][64]   = aᵀ · v[:, 64:128]  ss, A and B MN-major, B from a column offset (dQ = dS K)
+//   q [64][64]   = a · bᵀ             rs, A read by wg_load_a, B K-major (S = Q Kᵀ)
 // One block of 256 threads: both warpgroups compute every product (no wgmma in a divergent
 // path); warpgroup 0 stores. Smem WG_PROBE_SMEM: a, b, c then v in the canonical layout.
 constexpr int WG_PROBE_SMEM = (3 * 64 * 64 + 64 * 128) * 2;
@@ -443,13 +473,13 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     // Descriptor strides as flash_fwd_wg<64> (a, b: Q, K; c: V), flash_fwd_wg<128> (v: V) and
     // flash_bwd_wg<128> (a: dSᵀ read as dS; v: K read MN-major from head-dim column 64).
     constexpr uint32_t K64_LBO = 128, K64_SBO = 64 / 8 * 128, MN64_LBO = 64 / 8 * 128, MN128_LBO = 128 / 8 * 128;
-    float s[8][4], o[16][4], p[8][4], u[8][4];
+    float s[8][4], o[16][4], p[8][4], u[8][4], q[8][4];
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             o[j][i] = 0.f;
-            if (j < 8) s[j][i] = p[j][i] = u[j][i] = 0.f;
+            if (j < 8) s[j][i] = p[j][i] = u[j][i] = q[j][i] = 0.f;
         }
     wgmma_pin(s);
     wgmma_fence();
@@ -484,8 +514,18 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     wgmma_pin(u);
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
+    uint32_t qa[4][4];
+    wg_load_a<64>(qa, sa, warp, lane);
+    wgmma_pin(q);
+    wgmma_pin(qa);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) wgmma_rs_m64n64k16(q, qa[ks], wgmma_desc_add(b_k, 256 * ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(q);
     if (wg != 0) return;
-    float *os = out, *oo = os + 64 * 64, *op = oo + 64 * 128, *ou = op + 64 * 64;
+    float *os = out, *oo = os + 64 * 64, *op = oo + 64 * 128, *ou = op + 64 * 64, *oq = ou + 64 * 64;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = 16 * warp + g + 8 * r;
@@ -499,6 +539,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
                     os[row * 64 + col] = s[j][2 * r + e];
                     op[row * 64 + col] = p[j][2 * r + e];
                     ou[row * 64 + col] = u[j][2 * r + e];
+                    oq[row * 64 + col] = q[j][2 * r + e];
                 }
             }
     }

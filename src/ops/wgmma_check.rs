@@ -2,7 +2,7 @@
 //! descriptors and register fragments whose conventions (`kernels/src/wgmma.cuh`) were written
 //! from the PTX ISA and checked only against the emulator's reading of the same text. A wrong
 //! convention gives wrong attention, not a crash. So before the first wgmma attention launch on
-//! a GPU, flash_wg.cu's `wgmma_probe` runs the four wgmma forms the kernels use, each on one tile
+//! a GPU, flash_wg.cu's `wgmma_probe` runs the five wgmma forms the kernels use, each on one tile
 //! laid out as the kernels lay theirs out, and its outputs are compared here with their plain
 //! definitions; a failure refuses the wgmma kernels on that GPU with a report that says which
 //! form is wrong and, from two index-pattern runs, where its elements came from.
@@ -16,8 +16,8 @@ use std::fmt;
 /// Tile rows and columns of the probe (flash_wg.cu), and v's columns.
 const N: usize = 64;
 const VN: usize = 128;
-/// f32 values in the probe's output: s [64, 64], o [64, 128], p [64, 64], u [64, 64].
-pub const PROBE_OUT: usize = 5 * N * N;
+/// f32 values in the probe's output: s [64, 64], o [64, 128], p [64, 64], u [64, 64], q [64, 64].
+pub const PROBE_OUT: usize = 6 * N * N;
 
 /// One run's inputs, row-major, as f32 holding bf16-exact integers: a, b, c [64, 64], v [64, 128].
 #[derive(Clone, Debug)]
@@ -28,7 +28,7 @@ pub struct ProbeInputs {
     pub v: Vec<f32>,
 }
 
-/// The four products the probe outputs, in its order.
+/// The five products the probe outputs, in its order.
 struct Form {
     name: &'static str,
     /// The wgmma form and the attention products that use it.
@@ -38,8 +38,8 @@ struct Form {
     cols: usize,
 }
 
-const FORMS: [Form; 4] = [
-    Form { name: "s = a·bᵀ", what: "ss, A and B K-major: S = Q·Kᵀ, Sᵀ, dPᵀ", at: 0, cols: N },
+const FORMS: [Form; 5] = [
+    Form { name: "s = a·bᵀ", what: "ss, A and B K-major: Sᵀ, dPᵀ", at: 0, cols: N },
     Form {
         name: "o = bf16(s)·v",
         what: "rs, B MN-major, n128: O = P·V at D 128, dV, dK",
@@ -53,6 +53,12 @@ const FORMS: [Form; 4] = [
         name: "u = aᵀ·v[:, 64..]",
         what: "ss, A and B MN-major, B at a column offset: dQ = dS·K",
         at: 2 * N * N + N * VN,
+        cols: N,
+    },
+    Form {
+        name: "q = a·bᵀ",
+        what: "rs, A from registers (wg_load_a), B K-major: S = Q·Kᵀ",
+        at: 3 * N * N + N * VN,
         cols: N,
     },
 ];
@@ -103,7 +109,8 @@ fn expected(x: &ProbeInputs, s: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; PROBE_OUT];
     let (os, rest) = out.split_at_mut(N * N);
     let (oo, rest) = rest.split_at_mut(N * VN);
-    let (op, ou) = rest.split_at_mut(N * N);
+    let (op, rest) = rest.split_at_mut(N * N);
+    let (ou, oq) = rest.split_at_mut(N * N);
     for m in 0..N {
         for n in 0..N {
             let (mut sv, mut uv) = (0f64, 0f64);
@@ -112,6 +119,7 @@ fn expected(x: &ProbeInputs, s: &[f32]) -> Vec<f32> {
                 uv += f64::from(x.a[k * N + m]) * f64::from(x.v[k * VN + N + n]);
             }
             os[m * N + n] = sv as f32;
+            oq[m * N + n] = sv as f32;
             ou[m * N + n] = uv as f32;
         }
         for n in 0..VN {
@@ -198,7 +206,7 @@ pub fn check_with(mut run: impl FnMut(&ProbeInputs) -> Result<Vec<f32>>) -> Resu
     }
     // Where the wrong elements come from: with identities for the A side, each output element
     // is one element of the B-side matrix, whose value names its row (one run) or column (the
-    // other). Right, element (m, n) reads b[n][m] (s), v[m][n] (o), c[m][n] (p), v[m][64 + n] (u).
+    // other). Right, element (m, n) reads b[n][m] (s, q), v[m][n] (o), c[m][n] (p), v[m][64 + n] (u).
     let s_runs = (probe(&ProbeInputs::s_pattern(true))?, probe(&ProbeInputs::s_pattern(false))?);
     let pv_runs = (probe(&ProbeInputs::pv_pattern(true))?, probe(&ProbeInputs::pv_pattern(false))?);
     let s_is_identity =
@@ -207,20 +215,21 @@ pub fn check_with(mut run: impl FnMut(&ProbeInputs) -> Result<Vec<f32>>) -> Resu
         if result.wrong == 0 {
             continue;
         }
-        let (rows, cols) = if idx == 0 { (&s_runs.0, &s_runs.1) } else { (&pv_runs.0, &pv_runs.1) };
+        let reads_b = idx == 0 || idx == 4; // the S forms: a = I, b the pattern
+        let (rows, cols) = if reads_b { (&s_runs.0, &s_runs.1) } else { (&pv_runs.0, &pv_runs.1) };
         let source = |m: usize, n: usize| -> (usize, usize) {
             match idx {
-                0 => (n, m),
+                0 | 4 => (n, m),
                 3 => (m, N + n),
                 _ => (m, n),
             }
         };
         let name = match idx {
-            0 => "b",
+            0 | 4 => "b",
             2 => "c",
             _ => "v",
         };
-        if idx > 0 && !s_is_identity {
+        if !reads_b && !s_is_identity {
             result
                 .diagnosis
                 .push("(the pattern runs multiply bf16(s), and s was not the identity: read s first)".into());
@@ -323,7 +332,7 @@ mod tests {
     fn right_hardware_passes_every_form() {
         let report = check_with(right).unwrap();
         assert!(report.passed(), "{report}");
-        assert_eq!(report.forms.len(), 4);
+        assert_eq!(report.forms.len(), 5);
         assert!(report.to_string().lines().all(|l| l.ends_with("exact")), "{report}");
     }
 
@@ -365,6 +374,30 @@ mod tests {
         assert!(text.contains("s = a·bᵀ (ss, A and B K-major"), "{text}");
     }
 
+    /// The register-A form with the two 8-row halves of each warp's fragment exchanged (a[i]
+    /// read for row g + 8 where it holds row g): only q is wrong, located through b.
+    #[test]
+    fn a_wrong_register_fragment_is_named_and_located() {
+        let halves = |x: &ProbeInputs| -> Result<Vec<f32>> {
+            let mut out = right(x)?;
+            let at = FORMS[4].at;
+            for m in 0..N {
+                for n in 0..N {
+                    let v: f64 =
+                        (0..N).map(|k| f64::from(x.a[(m ^ 8) * N + k]) * f64::from(x.b[n * N + k])).sum();
+                    out[at + m * N + n] = v as f32;
+                }
+            }
+            Ok(out)
+        };
+        let report = check_with(halves).unwrap();
+        let text = report.to_string();
+        assert!(report.forms[4].wrong > 0 && report.forms[..4].iter().all(|f| f.wrong == 0), "{text}");
+        // q[0][1] = Σ_k a[8][k] b[1][k]: with a = I that is b[1][8] (should be b[1][0])
+        assert!(text.contains("[0][1] read b[1][8], should read b[1][0]"), "{text}");
+        assert!(text.contains("q = a·bᵀ (rs, A from registers"), "{text}");
+    }
+
     /// A P·V form reading its B with rows and columns of each 8×8 core matrix exchanged.
     #[test]
     fn a_transposed_operand_shows_in_the_index_patterns() {
@@ -396,6 +429,6 @@ mod tests {
     #[test]
     fn a_probe_with_the_wrong_output_size_is_an_error() {
         let err = check_with(|_| Ok(vec![0.0; 10])).unwrap_err().to_string();
-        assert!(err.contains("10 outputs, expected 20480"), "{err}");
+        assert!(err.contains("10 outputs, expected 24576"), "{err}");
     }
 }
