@@ -983,8 +983,11 @@ fn bench_kernels() {
 /// GEMV against cuBLAS (candle's matmul, what `SHARDSMITH_CUDA_GEMV=0` runs) as weight
 /// bytes over time (M = 1 is bound by HBM bandwidth), and the decode attention kernel against
 /// the composed q·Kᵀ, scaled softmax and P·V. Each time is of 20 back-to-back calls (a decode
-/// step issues them that way), per call. The per-token sums (32 layers + lm_head) set against
-/// `bench decode`'s ms per token give the time spent outside the weight products.
+/// step issues them that way), per call, cycling through copies of the weight that together
+/// exceed 256 MB: one weight called again would be read from L2 (an o_proj's 32 MB fits an
+/// H100's or H200's 50 MB), which a decode step, streaming 32 layers, never does. The per-token
+/// sums (32 layers + lm_head) set against `bench decode`'s ms per token give the time spent
+/// outside the weight products.
 #[test]
 #[ignore]
 fn bench_gemv() {
@@ -1008,15 +1011,19 @@ fn bench_gemv() {
         ("lm_head", 32000, 4096, 1),
     ] {
         let w = randn(&[n, k], 30, 0.02).to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
-        let wt = w.t().unwrap();
+        let copies = (256usize << 20).div_ceil(n * k * 2);
+        let wts: Vec<Tensor> = (0..copies).map(|_| w.copy().unwrap().t().unwrap()).collect();
         token_mbytes += (n * k * 2 * per_token) as f64 / 1e6;
         for (i, m) in MS.into_iter().enumerate() {
             let x = randn(&[m, k], 31, 1.0).to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+            let mut call = 0;
             let ours = per_call(&mut || {
-                ops::matmul(&x, &wt).unwrap();
+                call += 1;
+                ops::matmul(&x, &wts[call % copies]).unwrap();
             });
             let cublas = per_call(&mut || {
-                x.matmul(&wt).unwrap();
+                call += 1;
+                x.matmul(&wts[call % copies]).unwrap();
             });
             token[i][0] += ours * per_token as f64;
             token[i][1] += cublas * per_token as f64;
