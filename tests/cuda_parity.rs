@@ -708,10 +708,10 @@ fn batched_decode_matches_the_cpu() {
 
 /// Decode steps replayed from the recorded CUDA graph (`ops::decode_graph`, the default on one
 /// CUDA rank) give the eager steps' logits bit for bit: the same kernels, the position read
-/// from device memory. Batch 1 and 3, f32 and bf16, GQA, head dim 64; the cache outgrows its
+/// from device memory. Batches 1 to 3, f32 and bf16, GQA, head dim 64; the cache outgrows its
 /// reservation mid-way (an eager step grows it, and the next step records a new graph over the
-/// new cache), and a reservation past 512 positions runs the attention grid for the capacity
-/// (empty splits).
+/// new cache), a reservation past 512 positions runs the attention grid for the capacity
+/// (empty splits), and after a 600-token prompt the eager step too splits its keys.
 #[test]
 fn graph_decode_matches_the_eager_steps() {
     use shardsmith::commands::bench_gpu::{random_llama, Common, LlamaShape};
@@ -780,7 +780,7 @@ fn decode_profile_times_every_kind_of_launch() {
     let prompt = Tensor::from_vec((3..11).collect::<Vec<u32>>(), (1, 8), &gpu()).unwrap();
     model.forward(&prompt, &[], true, false).unwrap();
     let (step, kinds) = model.single_mut().unwrap().decode_profile(1, 5).unwrap();
-    println!("decode profile: step {step:.4} ms; {kinds:?}");
+    println!("parity decode profile: step {step:.4} ms; {kinds:?}");
     assert!(step.is_finite() && step > 0.0);
     assert_eq!(kinds.iter().map(|k| k.kernel).collect::<Vec<_>>(), StepKernel::ALL);
     for k in &kinds {

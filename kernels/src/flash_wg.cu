@@ -26,7 +26,7 @@
 // it lies wholly past its rows: a skip there makes ptxas serialise the wgmmas).
 // Shared memory: every [rows][D] tile in wgmma's no-swizzle canonical layout (wgmma.cuh): core
 // matrix (r/8, c/8) of 8 rows × 8 columns at byte ((r/8)·(D/8) + c/8)·128, row r%8 at +16·(r%8).
-// Read as K-major (Q, K) it has LBO 128 and SBO D/8·128; read as MN-major (V, whose rows are
+// Read as K-major (K; Q is read into registers by wg_load_a) it has LBO 128 and SBO D/8·128; read as MN-major (V, whose rows are
 // the contraction) LBO D/8·128 and SBO 128. cp.async writes 16-byte chunks with the 8 rows of a
 // core matrix on consecutive threads (conflict-free; each global row read in 64-byte runs).
 // Smem wg_fwd_smem_bytes: Q [128], K [2][64], V [2][64] rows of D bf16 (96 KB at D = 128, 48 KB
@@ -470,8 +470,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     cp_async_wait<0>();
     wgmma_fence_smem();
     __syncthreads();
-    // Descriptor strides as flash_fwd_wg<64> (a, b: Q, K; c: V), flash_fwd_wg<128> (v: V) and
-    // flash_bwd_wg<128> (a: dSᵀ read as dS; v: K read MN-major from head-dim column 64).
+    // Descriptor strides as flash_bwd_wg<128> (a, b: K, Q for Sᵀ; a: dSᵀ read as dS; v: K read
+    // MN-major from head-dim column 64), flash_fwd_wg<64> (b: K, read by the q form with a in
+    // registers as wg_load_a reads Q; c: V) and flash_fwd_wg<128> (v: V).
     constexpr uint32_t K64_LBO = 128, K64_SBO = 64 / 8 * 128, MN64_LBO = 64 / 8 * 128, MN128_LBO = 128 / 8 * 128;
     float s[8][4], o[16][4], p[8][4], u[8][4], q[8][4];
 #pragma unroll

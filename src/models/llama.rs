@@ -1056,6 +1056,17 @@ impl Llama {
         if self.position == 0 {
             return Err(refuse("nothing was prefilled".into()));
         }
+        let gemv_rows = ops::cuda_gemv_rows()?;
+        if !(1..=gemv_rows).contains(&rows) {
+            return Err(refuse(format!(
+                "a batch of {rows} decodes eagerly (graph steps take 1 to {gemv_rows} rows, SHARDSMITH_CUDA_GEMV)"
+            )));
+        }
+        if !ops::cuda_graph_enabled() || matches!(self.decode_graph, Some(Err(_))) {
+            return Err(refuse(
+                "graph decode is off for this model (SHARDSMITH_CUDA_GRAPH=0, or refused)".into(),
+            ));
+        }
         let Some(model) = self.step_model(rows)? else {
             return Err(refuse(format!(
                 "the model's weights, dtype or caches (for {rows} rows) are not what a graph step reads"

@@ -197,14 +197,14 @@ pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f
         Ok((t0.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64, calls))
     };
     let (whole, _) = time(&|_| true)?;
-    let rows = StepKernel::ALL
+    let kinds = StepKernel::ALL
         .iter()
         .map(|&kernel| {
             let (ms, calls) = time(&|k| k == kernel)?;
             Ok(KernelTime { kernel, calls, ms })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((whole, rows))
+    Ok((whole, kinds))
 }
 
 /// One recorded decode step for `rows` sequences over a [`StepModel`]'s tensors.
