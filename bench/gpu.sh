@@ -104,8 +104,8 @@ step ours-gpu-layer-composed 60 "$SS" bench gpu-layer --composed --runs 5 "${L[@
 step ours-gpu-layer-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 # The other bf16 attention kernels (ops::attention::FlashForward, FlashBackward) in the whole
 # layer (the default: mma forward, wgmma backward): backward split, wide, fused; the wgmma
-# forward with the split backward and with wgmma's.
-for kv in "mma split" "mma wide" "mma fused" "wgmma split" "wgmma wgmma"; do
+# forward (64- and 128-key tiles) with the split backward and with wgmma's.
+for kv in "mma split" "mma wide" "mma fused" "wgmma split" "wgmma wgmma" "wgmma128 wgmma"; do
     set -- $kv
     [[ -n ${GPU_SH_TINY:-} && $kv == *wgmma* ]] && continue # a CPU build has no wgmma kernels
     step ours-gpu-layer-$1-$2 60 env SHARDSMITH_FLASH_FWD=$1 SHARDSMITH_FLASH_BWD=$2 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
@@ -124,8 +124,8 @@ AK=()
 [[ -n ${GPU_SH_TINY:-} ]] || AK=(--forward mma --backward split,wide,fused)
 step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}" ${AK[@]+"${AK[@]}"}
 if [[ -z ${GPU_SH_TINY:-} ]]; then
-    step ours-attention-wgmma 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma --backward split
-    step ours-attention-wgmma-bwd 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,mma --backward wgmma
+    step ours-attention-wgmma 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128 --backward split
+    step ours-attention-wgmma-bwd 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,mma --backward wgmma
 fi
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 # --breakdown: the graph step's time by kind of launch, at each batch whose step is a graph
@@ -155,7 +155,7 @@ peak = float(sys.argv[2])
 # without wgmma defaults to split) and the variants measured beside them.
 first = next((r for r in rows if r["bench"] == "gpu_layer" and r["impl"] == "shardsmith"), {})
 DEF = dict(flash_fwd=first.get("flash_fwd", "mma"), flash_bwd=first.get("flash_bwd", "split"))
-VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("wgmma", "split"), ("wgmma", "wgmma")]
+VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("wgmma", "split"), ("wgmma", "wgmma"), ("wgmma128", "wgmma")]
             if (f, b) != (DEF["flash_fwd"], DEF["flash_bwd"])]
 def find(bench, impl, **kv):
     for r in rows:
@@ -186,7 +186,7 @@ if o or t:
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
     line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
 o, t = find("attention", "shardsmith", **DEF), find("attention", "pytorch")
-wg = find("attention", "shardsmith", flash_fwd="wgmma")
+wg, wg128 = find("attention", "shardsmith", flash_fwd="wgmma"), find("attention", "shardsmith", flash_fwd="wgmma128")
 fl, cu = find("attention", "pytorch_flash"), find("attention", "pytorch_cudnn")
 if o or t:
     r = o or t
@@ -194,7 +194,7 @@ if o or t:
     line(name, "fwd+bwd TFLOP/s", g(o, "tflops_fwd_bwd"), g(t, "tflops_fwd_bwd"),
          f"flash {fmt(g(fl, 'tflops_fwd_bwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd_bwd'))}; ours {kern('attention', 'tflops_fwd_bwd')}")
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
-         f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}")
+         f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}, wgmma128 {fmt(g(wg128, 'tflops_fwd'))}")
 for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     # The default's GEMV rows: those of the first decode run, which sets no variable.
     dr = next((r.get("cuda_gemv_rows") for r in rows if r["bench"] == "decode" and r["impl"] == "shardsmith"), None)

@@ -387,8 +387,8 @@ fn wgmma_backward_matches_the_cpu() {
     }
 }
 
-/// The wgmma forward (kernels/src/flash_wg.cu, `FlashForward::Wgmma`), causal and unmasked, against
-/// the CPU forward (o, lse) and against the mma.sync kernel on the same inputs. Skipped (with a
+/// The wgmma forwards (kernels/src/flash_wg.cu, `FlashForward::Wgmma` and `Wgmma128`), causal and
+/// unmasked, against the CPU forward (o, lse) and against the mma.sync kernel on the same inputs. Skipped (with a
 /// line saying so) in a build without it (CUDA_COMPUTE_CAP other than 90).
 #[test]
 fn wgmma_forward_matches_the_cpu() {
@@ -405,18 +405,20 @@ fn wgmma_forward_matches_the_cpu() {
         let scale = 1.0 / (d as f64).sqrt();
         let on = |x: &Tensor| x.to_device(&gpu()).unwrap();
         let (qg, kg, vg) = (on(&q), on(&k), on(&v));
-        let name = format!("wgmma forward B{b} Hq{hq} Hk{hk} T{t} D{d}");
         let (oc, lc) = ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
-        let (ow, lw) = causal_attention_forward_with(FlashForward::Wgmma, &qg, &kg, &vg, scale).unwrap();
         let (om, lm) = causal_attention_forward_with(FlashForward::MmaSync, &qg, &kg, &vg, scale).unwrap();
-        check(&format!("{name} causal o"), &ow, &oc, 2e-2);
-        check(&format!("{name} causal lse"), &lw, &lc, 1e-3);
-        check(&format!("{name} causal o vs mma.sync"), &ow, &om.to_device(&Device::Cpu).unwrap(), 1e-2);
-        check(&format!("{name} causal lse vs mma.sync"), &lw, &lm.to_device(&Device::Cpu).unwrap(), 1e-4);
         let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let fc = full_attention(&f32(&q), &f32(&k), &f32(&v), scale).unwrap();
-        let fw = full_attention_with(FlashForward::Wgmma, &qg, &kg, &vg, scale).unwrap();
-        check(&format!("{name} full o"), &fw, &fc, 2e-2);
+        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128] {
+            let name = format!("{} forward B{b} Hq{hq} Hk{hk} T{t} D{d}", variant.name());
+            let (ow, lw) = causal_attention_forward_with(variant, &qg, &kg, &vg, scale).unwrap();
+            check(&format!("{name} causal o"), &ow, &oc, 2e-2);
+            check(&format!("{name} causal lse"), &lw, &lc, 1e-3);
+            check(&format!("{name} causal o vs mma.sync"), &ow, &om.to_device(&Device::Cpu).unwrap(), 1e-2);
+            check(&format!("{name} causal lse vs mma.sync"), &lw, &lm.to_device(&Device::Cpu).unwrap(), 1e-4);
+            let fw = full_attention_with(variant, &qg, &kg, &vg, scale).unwrap();
+            check(&format!("{name} full o"), &fw, &fc, 2e-2);
+        }
     }
 }
 
@@ -1083,7 +1085,7 @@ fn bench_kernels_direct() {
     let flops_fwd = 4.0 * (b * h * t * t * d) as f64 / 2.0;
     // The wgmma variants only where they run their own kernels (else they would time others').
     let mut fwd_ms = 0.0;
-    for variant in FlashForward::ALL.into_iter().filter(|f| *f != FlashForward::Wgmma || wgmma_available()) {
+    for variant in FlashForward::ALL.into_iter().filter(|f| !f.is_wgmma() || wgmma_available()) {
         let ms = time_ms(&dev, 3, 20, || {
             causal_attention_forward_with(variant, &q, &k, &v, scale).unwrap();
         });

@@ -183,7 +183,8 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
 }
 
 // The bf16 forwards alone, causal or not: flash_fwd_tc<D, causal> (mma.sync) and, for D 64 and
-// 128, flash_fwd_wg<D, causal> (wgmma, flash_wg.cu): o and lse against double precision.
+// 128, flash_fwd_wg<D, 64, causal> (wgmma, flash_wg.cu; at D 128 also its 128-key tiles): o and
+// lse against double precision.
 template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, double tol) {
     const float scale = 1.0f / std::sqrt((float)D);
     auto qf = widen(cast<bf16>(randv((size_t)B * hq * t * D)));
@@ -231,13 +232,16 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
         emu::launch(dim3(nq, hq, B), dim3(TC_FWD_THREADS), fwd_tc_smem_bytes<D>(), kernel, q.data(), k.data(),
                     v.data(), o, lse, hq, hk, t, scale);
     });
-    if constexpr (D == 64 || D == 128)
-        run("wgmma", [&](bf16 *o, float *lse) {
+    auto wgmma = [&]<int BN>(const char *name) {
+        run(name, [&](bf16 *o, float *lse) {
             const int nq = (t + WG_BM - 1) / WG_BM;
-            auto kernel = causal ? flash_fwd_wg<D, true> : flash_fwd_wg<D, false>;
-            emu::launch(dim3(nq, hq, B), dim3(WG_THREADS), wg_fwd_smem_bytes<D>(), kernel, q.data(), k.data(),
+            auto kernel = causal ? flash_fwd_wg<D, BN, true> : flash_fwd_wg<D, BN, false>;
+            emu::launch(dim3(nq, hq, B), dim3(WG_THREADS), wg_fwd_smem_bytes<D, BN>(), kernel, q.data(), k.data(),
                         v.data(), o, lse, hq, hk, t, scale);
         });
+    };
+    if constexpr (D == 64 || D == 128) wgmma.template operator()<64>("wgmma");
+    if constexpr (D == 128) wgmma.template operator()<128>("wgmma128");
 }
 
 // flash_wg.cu's wgmma_probe on small integers (every product and sum exact in f32, s exact in
@@ -619,6 +623,7 @@ int main() {
     test_forward<128>(1, 4, 2, 300, true, 2e-2);
     test_forward<64>(1, 3, 1, 129, true, 2e-2);
     test_forward<128>(1, 1, 1, 40, true, 2e-2);
+    test_forward<128>(1, 1, 1, 520, true, 2e-2);  // five 128-key tiles, the last partial
     test_forward<64>(1, 1, 1, 1, true, 2e-2);
     std::printf(failures ? "%d FAILED\n" : "all ok\n", failures);
     return failures != 0;

@@ -9,11 +9,14 @@
 // Shapes as flash_attn.cu: q, o [B, Hq, T, D] and k, v [B, Hk, T, D] bf16, row-major contiguous
 // (16-byte aligned; the launcher checks), Hq % Hk == 0; lse [B, Hq, T] f32; D ∈ {64, 128}.
 // Geometry: grid (⌈T/128⌉, Hq, B), 256 threads = 2 warpgroups × 64 query rows; block i takes
-// query tile ⌈T/128⌉−1−i (longest first). 64-key tiles from 0 up to the diagonal (causal) or T:
-//   S = Q Kᵀ   D/16 × wgmma.m64n64k16, Q from registers (its A fragments, read once from shared
+// query tile ⌈T/128⌉−1−i (longest first). BN-key tiles (64; 128 for `_n128`, D 128 only) from 0
+// up to the diagonal (causal) or T:
+//   S = Q Kᵀ   D/16 × wgmma.m64nBNk16, Q from registers (its A fragments, read once from shared
 //              memory: wg_load_a), K from shared memory (K-major);
-//   O += P V   4 × wgmma.m64nDk16, P from registers (S's accumulators rounded to bf16, the
+//   O += P V   BN/16 × wgmma.m64nDk16, P from registers (S's accumulators rounded to bf16, the
 //              same packing as flash_fwd_tc), V from shared memory (MN-major: .trans).
+// 128-key tiles halve the barriers, waits and O rescales per key and read B in wider products,
+// for 232 registers instead of 183 (one block an SM either way) and 160 KB of shared memory.
 // Q in registers because shared memory's bandwidth (128 bytes a clock an SM) is what binds: an
 // m64n64k16 with both operands in shared memory reads 4 KB in the ~32 clocks the tensor cores
 // take for it, all of the bandwidth with nothing left for the tiles cp.async writes; with A in
@@ -26,11 +29,12 @@
 // it lies wholly past its rows: a skip there makes ptxas serialise the wgmmas).
 // Shared memory: every [rows][D] tile in wgmma's no-swizzle canonical layout (wgmma.cuh): core
 // matrix (r/8, c/8) of 8 rows × 8 columns at byte ((r/8)·(D/8) + c/8)·128, row r%8 at +16·(r%8).
-// Read as K-major (K; Q is read into registers by wg_load_a) it has LBO 128 and SBO D/8·128; read as MN-major (V, whose rows are
-// the contraction) LBO D/8·128 and SBO 128. cp.async writes 16-byte chunks with the 8 rows of a
+// Read as K-major (K; Q is read into registers by wg_load_a) it has LBO 128 and SBO D/8·128;
+// read as MN-major (V, whose rows are the contraction) LBO D/8·128 and SBO 128. cp.async writes 16-byte chunks with the 8 rows of a
 // core matrix on consecutive threads (conflict-free; each global row read in 64-byte runs).
-// Smem wg_fwd_smem_bytes: Q [128], K [2][64], V [2][64] rows of D bf16 (96 KB at D = 128, 48 KB
-// at 64); registers allow two blocks an SM at D = 64, one at D = 128.
+// Smem wg_fwd_smem_bytes<D, BN>: Q [128], K [2][BN], V [2][BN] rows of D bf16 (96 KB at D = 128,
+// 160 KB with 128-key tiles, 48 KB at D = 64); registers allow two blocks an SM at D = 64, one at
+// D = 128.
 // Numerics as flash_fwd_tc: f32 accumulation, base-2 online softmax with the scale folded in,
 // P rounded to bf16 before P·V, l summed from the unrounded P, lse in natural units.
 #include "wgmma.cuh"
@@ -38,9 +42,10 @@
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-constexpr int WG_BM = 128, WG_BN = 64, WG_THREADS = 256;
+constexpr int WG_BM = 128, WG_THREADS = 256;
 
-template <int D> __host__ __device__ constexpr int wg_fwd_smem_bytes() { return (WG_BM + 4 * WG_BN) * D * 2; }
+// Shared memory of flash_fwd_wg<D, BN>: Q [128] and K, V [2][BN] rows of D bf16.
+template <int D, int BN> __host__ __device__ constexpr int wg_fwd_smem_bytes() { return (WG_BM + 4 * BN) * D * 2; }
 
 #if SHARDSMITH_WGMMA
 // The A fragments (wgmma.cuh: the m16n8k16 A layout of the warp's 16 rows) of rows 16·warp ..
@@ -74,14 +79,15 @@ template <int D, int N> __device__ __forceinline__ void wg_tile_load(bf16 *dst, 
     }
 }
 
-template <int D, bool CAUSAL>
+template <int D, int BN, bool CAUSAL>
 __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                              bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale) {
     static_assert(D == 64 || D == 128, "wgmma forward: D 64 or 128");
-    constexpr int KS = D / 16, TILE = WG_BN * D;  // elements of a K or V tile
+    static_assert(BN == 64 || BN == 128, "wgmma forward: 64- or 128-key tiles");
+    constexpr int KS = D / 16, TILE = BN * D;  // elements of a K or V tile
     constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K
     constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // V
-    require_smem(wg_fwd_smem_bytes<D>(), WG_THREADS);
+    require_smem(wg_fwd_smem_bytes<D, BN>(), WG_THREADS);
     DYN_SMEM(smem);
     bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [128 rows]
     bf16 *sK = sQ + WG_BM * D;                    // [2][64 rows]
@@ -97,11 +103,11 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     const int g = lane >> 2, tq = lane & 3;
     const int wq0 = q0 + 64 * wg;        // this warpgroup's first query
     const int rq0 = wq0 + 16 * warp;     // this warp's first query (rows rq0 + g, rq0 + g + 8)
-    const int ntiles = ((CAUSAL ? min(q0 + WG_BM, t) : t) + WG_BN - 1) / WG_BN;
+    const int ntiles = ((CAUSAL ? min(q0 + WG_BM, t) : t) + BN - 1) / BN;
 
     wg_tile_load<D, WG_BM>(sQ, qh, q0, t);
     cp_async_commit();  // group: Q
-    wg_tile_load<D, WG_BN>(sK, kh, 0, t);
+    wg_tile_load<D, BN>(sK, kh, 0, t);
     cp_async_commit();  // group: K_0
 
     float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
@@ -120,11 +126,11 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     // P of the previous tile, as the A operand (16 keys each) of its P·V, which is issued one
     // iteration late so that it runs while this tile's softmax is computed (FlashAttention-3's
     // intra-warpgroup overlap).
-    uint32_t a[WG_BN / 16][4];
+    uint32_t a[BN / 16][4];
     auto issue_pv = [&](const bf16 *cV) {
         const uint64_t v_desc = wgmma_desc(cV, MN_LBO, MN_SBO);
 #pragma unroll
-        for (int kk = 0; kk < WG_BN / 16; ++kk) {  // 16 keys = 2 row groups (2·LBO bytes) along K
+        for (int kk = 0; kk < BN / 16; ++kk) {  // 16 keys = 2 row groups (2·LBO bytes) along K
             if constexpr (D == 128)
                 wgmma_rs_m64n128k16_tb(acc, a[kk], wgmma_desc_add(v_desc, 2 * MN_LBO * kk), 1);
             else
@@ -136,9 +142,9 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     // Iteration j: S = Q K_j and the P·V of tile j − 1 in flight together; K_j and V_{j−1} in
     // shared memory (V lags K by a tile: K_{j+1} and V_j load meanwhile).
     for (int j = 0; j < ntiles; ++j) {
-        const int k0 = j * WG_BN;
-        if (j + 1 < ntiles) wg_tile_load<D, WG_BN>(sK + ((j + 1) & 1) * TILE, kh, k0 + WG_BN, t);
-        wg_tile_load<D, WG_BN>(sV + (j & 1) * TILE, vh, k0, t);
+        const int k0 = j * BN;
+        if (j + 1 < ntiles) wg_tile_load<D, BN>(sK + ((j + 1) & 1) * TILE, kh, k0 + BN, t);
+        wg_tile_load<D, BN>(sV + (j & 1) * TILE, vh, k0, t);
         cp_async_commit();
         cp_async_wait<1>();  // K_j and V_{j−1}: the previous group
         wgmma_fence_smem();  // this thread's cp.async data → visible to wgmma (async proxy)
@@ -146,7 +152,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         // A warpgroup whose rows all precede the tile's keys (causal: warpgroup 0 in a block's
         // last tile) still computes it, fully masked (p = 0, its max and O unchanged): skipping
         // makes ptxas serialise every wgmma of the kernel (C7520, a wgmma in a divergent path).
-        float s[WG_BN / 8][4], alpha[2];
+        float s[BN / 8][4], alpha[2];
         wgmma_pin(s);
         wgmma_pin(acc);
         wgmma_pin(a);
@@ -155,7 +161,10 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         const uint64_t k_desc = wgmma_desc(sK + (j & 1) * TILE, KMAJ_LBO, KMAJ_SBO);
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 2 core matrices (256 bytes) along K
-            wgmma_rs_m64n64k16(s, qa[ks], wgmma_desc_add(k_desc, 256 * ks), ks > 0);
+            if constexpr (BN == 64)
+                wgmma_rs_m64n64k16(s, qa[ks], wgmma_desc_add(k_desc, 256 * ks), ks > 0);
+            else
+                wgmma_rs_m64n128k16(s, qa[ks], wgmma_desc_add(k_desc, 256 * ks), ks > 0);
         wgmma_commit();
         if (j > 0) {
             issue_pv(sV + ((j - 1) & 1) * TILE);
@@ -165,9 +174,9 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         }
         wgmma_pin(s);
         {  // softmax of tile j, while the P·V of tile j − 1 runs
-            if (CAUSAL ? k0 + WG_BN - 1 > rq0 : k0 + WG_BN > t) {  // crosses the diagonal / the end
+            if (CAUSAL ? k0 + BN - 1 > rq0 : k0 + BN > t) {  // crosses the diagonal / the end
 #pragma unroll
-                for (int nt = 0; nt < WG_BN / 8; ++nt)
+                for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         const int query = rq0 + g + 8 * (i >> 1), key = k0 + 8 * nt + 2 * tq + (i & 1);
@@ -179,7 +188,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             for (int r = 0; r < 2; ++r) {
                 float mx = m_r[r];
 #pragma unroll
-                for (int nt = 0; nt < WG_BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 // finite once a row has seen key 0 (tile 0 is never skipped): a row whose keys
@@ -190,7 +199,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 l_r[r] *= alpha[r];
             }
 #pragma unroll
-            for (int nt = 0; nt < WG_BN / 8; ++nt)
+            for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const float p = fast_exp2(fmaf(s[nt][i], sl2, -mb[i >> 1]));
@@ -207,7 +216,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[nt][i] *= alpha[i >> 1];
 #pragma unroll
-        for (int kk = 0; kk < WG_BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
+        for (int kk = 0; kk < BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
         __syncthreads();  // the next iteration's loads overwrite K_{j−1}'s and V_{j−1}'s buffers
     }
     // The last P·V (its V loaded in the last iteration's group).
@@ -547,19 +556,21 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 }
 
 // D = 128 needs more than the 128 registers of two blocks an SM (O alone is 64 a thread): one.
-#define FLASH_WG(D, BLOCKS_PER_SM)                                                                    \
+// NAME: the kernels' suffix after the dtype (d64, d128: 64-key tiles; d128_n128: 128-key tiles).
+#define FLASH_WG(D, BN, NAME, BLOCKS_PER_SM)                                                          \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, BLOCKS_PER_SM)                           \
-        flash_fwd_wg_bf16_d##D(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, \
-                               int hk, int t, float scale) {                                          \
-        flash_fwd_wg<D, true>(q, k, v, o, lse, hq, hk, t, scale);                                     \
+        flash_fwd_wg_bf16_##NAME(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, \
+                                 int hk, int t, float scale) {                                        \
+        flash_fwd_wg<D, BN, true>(q, k, v, o, lse, hq, hk, t, scale);                                 \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, BLOCKS_PER_SM)                           \
-        flash_fwd_full_wg_bf16_d##D(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse,  \
-                                    int hq, int hk, int t, float scale) {                             \
-        flash_fwd_wg<D, false>(q, k, v, o, lse, hq, hk, t, scale);                                    \
+        flash_fwd_full_wg_bf16_##NAME(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, \
+                                      int hq, int hk, int t, float scale) {                           \
+        flash_fwd_wg<D, BN, false>(q, k, v, o, lse, hq, hk, t, scale);                                \
     }
-FLASH_WG(64, 2)
-FLASH_WG(128, 1)
+FLASH_WG(64, 64, d64, 2)
+FLASH_WG(128, 64, d128, 1)
+FLASH_WG(128, 128, d128_n128, 1)
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     flash_bwd_wg_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
                            const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t, float scale) {

@@ -288,9 +288,7 @@ pub fn attention(
     let wgmma_bwd = wgmma_available() && head_dim == 128;
     let (forwards, backwards) = if bf16_cuda {
         let fwd = match kernels.forward.is_empty() {
-            true => {
-                FlashForward::ALL.into_iter().filter(|f| *f != FlashForward::Wgmma || wgmma_fwd).collect()
-            }
+            true => FlashForward::ALL.into_iter().filter(|f| !f.is_wgmma() || wgmma_fwd).collect(),
             false => kernels.forward.clone(),
         };
         let bwd = match kernels.backward.is_empty() {
@@ -311,7 +309,7 @@ pub fn attention(
     };
     // A wgmma variant asked for where it would silently run another kernel is an error.
     ensure!(
-        (wgmma_fwd || !forwards.contains(&FlashForward::Wgmma)) && (wgmma_bwd || !backwards.contains(&FlashBackward::Wgmma)),
+        (wgmma_fwd || !forwards.iter().any(|f| f.is_wgmma())) && (wgmma_bwd || !backwards.contains(&FlashBackward::Wgmma)),
         "the wgmma attention kernels need an sm_90a build and head dim 128 (forward: 64 or 128); got head dim {head_dim}, sm_90a build: {}",
         wgmma_available()
     );

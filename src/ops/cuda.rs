@@ -1107,7 +1107,7 @@ pub(super) fn attention_fwd(
     }
     let dev = qs.device();
     // The wgmma kernel reads every input with 16-byte cp.async (no unaligned fallback).
-    let wgmma = variant == FlashForward::Wgmma
+    let wgmma = variant.is_wgmma()
         && kernels::WGMMA
         && dtype == DType::BF16
         && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
@@ -1117,8 +1117,10 @@ pub(super) fn attention_fwd(
     }
     let (module, smem, name) = if wgmma {
         let kind = if causal { "wg_bf16" } else { "full_wg_bf16" };
-        // Q [128] and K, V [2][64] rows of D bf16 (flash_wg.cu's wg_fwd_smem_bytes).
-        (&kernels::FLASH_WG, ((128 + 4 * 64) * d * 2) as u32, format!("flash_fwd_{kind}_d{d}"))
+        let keys = variant.wgmma_keys(d).unwrap_or(64);
+        let tiles = if keys == 64 { String::new() } else { format!("_n{keys}") };
+        // Q [128] and K, V [2][keys] rows of D bf16 (flash_wg.cu's wg_fwd_smem_bytes<D, keys>).
+        (&kernels::FLASH_WG, ((128 + 4 * keys) * d * 2) as u32, format!("flash_fwd_{kind}_d{d}{tiles}"))
     } else {
         let kind = if causal { suffix(dtype, op)? } else { "full_bf16" };
         (&kernels::FLASH_ATTN, attn_fwd_smem(dtype, d), format!("flash_fwd_{kind}_d{d}"))
@@ -1139,7 +1141,7 @@ pub(super) fn attention_fwd(
             _ => (64, 128),
         };
         let grid = (t.div_ceil(rows_per_block) as u32, hq as u32, b as u32);
-        // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, causal>: bf16, 16-byte aligned inputs) or
+        // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, keys, causal>: bf16, 16-byte aligned inputs) or
         // flash_attn.cu (flash_fwd_tc<D, causal> for bf16, flash_fwd for f32); smem from the same
         // formula as the kernel's (which traps on less, or on another block size).
         unsafe { bld.launch(cfg(grid, threads, smem)) }.w()?;
