@@ -1113,7 +1113,7 @@ pub(super) fn attention_fwd(
         && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
         && [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
     if wgmma {
-        super::wgmma_check::ensure_verified(qs.device())?;
+        super::wgmma_check::ensure_verified(qs.device(), super::wgmma_check::WgmmaKernels::Forward)?;
     }
     let (module, smem, name) = if wgmma {
         let kind = if causal { "wg_bf16" } else { "full_wg_bf16" };
@@ -1223,7 +1223,7 @@ pub(super) fn attention_bwd(
             && d == 128
             && [ql, kl, vl, gl].iter().all(|l| l.start_offset().is_multiple_of(8));
         if wgmma {
-            super::wgmma_check::ensure_verified(dev)?;
+            super::wgmma_check::ensure_verified(dev, super::wgmma_check::WgmmaKernels::Backward)?;
         }
         // Wgmma where its kernel does not apply (D ≠ 128, unaligned) runs Split, the
         // bit-reproducible kernels, not Fused: it is the default on Hopper builds.

@@ -4,8 +4,9 @@
 //! convention gives wrong attention, not a crash. So before the first wgmma attention launch on
 //! a GPU, flash_wg.cu's `wgmma_probe` runs the five wgmma forms the kernels use, each on one tile
 //! laid out as the kernels lay theirs out, and its outputs are compared here with their plain
-//! definitions; a failure refuses the wgmma kernels on that GPU with a report that says which
-//! form is wrong and, from two index-pattern runs, where its elements came from.
+//! definitions; a failure refuses the wgmma kernels that use a wrong form on that GPU (the
+//! forward and the backward each need their own forms: [`WgmmaKernels`]) with a report that says
+//! which form is wrong and, from two index-pattern runs, where its elements came from.
 //!
 //! Inputs are small integers (|x| ≤ 2), so every product and sum is exact in f32 and s is exact
 //! in bf16: the outputs must equal the references bit for bit.
@@ -156,6 +157,37 @@ impl WgmmaReport {
     pub fn passed(&self) -> bool {
         self.forms.iter().all(|f| f.wrong == 0)
     }
+
+    /// Whether every form `kernels` use came out exact.
+    pub fn passed_for(&self, kernels: WgmmaKernels) -> bool {
+        kernels.forms().iter().all(|&i| self.forms.get(i).is_some_and(|f| f.wrong == 0))
+    }
+}
+
+/// The wgmma attention kernels, by the probe forms (indices into the report) they use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgmmaKernels {
+    /// flash_fwd_wg: S = Q·Kᵀ with Q in registers (q), O += P·V at D 128 (o) and 64 (p).
+    Forward,
+    /// flash_bwd_wg: Sᵀ, dPᵀ (s), dV, dK (o), dQ (u).
+    Backward,
+}
+
+impl WgmmaKernels {
+    fn forms(self) -> &'static [usize] {
+        match self {
+            WgmmaKernels::Forward => &[1, 2, 4],
+            WgmmaKernels::Backward => &[0, 1, 3],
+        }
+    }
+
+    /// The kernels and the variable that picks them, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128)",
+            WgmmaKernels::Backward => "backward (SHARDSMITH_FLASH_BWD=wgmma, the default in this build)",
+        }
+    }
 }
 
 impl fmt::Display for WgmmaReport {
@@ -274,7 +306,7 @@ fn describe(v: f32) -> Option<usize> {
 
 #[cfg(feature = "cuda")]
 mod device {
-    use super::{check_with, WgmmaReport};
+    use super::{check_with, WgmmaKernels, WgmmaReport};
     use candle_core::{bail, CudaDevice, Result};
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
@@ -284,32 +316,31 @@ mod device {
         check_with(|x| super::super::cuda::wgmma_probe(dev, x))
     }
 
-    /// Ok once `dev` passed the self-check (run at the first call per device, kept for the
-    /// process); else an error with the report.
-    pub(crate) fn ensure_verified(dev: &CudaDevice) -> Result<()> {
-        type Verdicts = Mutex<HashMap<candle_core::cuda_backend::DeviceId, std::result::Result<(), String>>>;
+    /// Ok once every form `kernels` use passed the self-check on `dev` (run at the first call
+    /// per device, kept for the process); else an error with the report.
+    pub(crate) fn ensure_verified(dev: &CudaDevice, kernels: WgmmaKernels) -> Result<()> {
+        type Verdicts =
+            Mutex<HashMap<candle_core::cuda_backend::DeviceId, std::result::Result<WgmmaReport, String>>>;
         static VERDICTS: OnceLock<Verdicts> = OnceLock::new();
         let mut verdicts = VERDICTS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
         let verdict = match verdicts.get(&dev.id()) {
             Some(v) => v.clone(),
             None => {
-                let v = match self_check(dev) {
-                    Ok(report) if report.passed() => Ok(()),
-                    Ok(report) => Err(format!("its results are wrong on this GPU:\n{report}")),
-                    Err(e) => Err(format!("the probe kernel failed: {e}")),
-                };
+                let v = self_check(dev).map_err(|e| format!("the probe kernel failed: {e}"));
                 verdicts.insert(dev.id(), v.clone());
                 v
             }
         };
-        match verdict {
-            Ok(()) => Ok(()),
-            Err(why) => bail!(
-                "the wgmma attention kernels (SHARDSMITH_FLASH_FWD / SHARDSMITH_FLASH_BWD = wgmma) failed \
-                 their self-check, so they are not used: {why}\nUnset those variables to run the \
-                 mma.sync kernels."
-            ),
-        }
+        let why = match verdict {
+            Ok(report) if report.passed_for(kernels) => return Ok(()),
+            Ok(report) => format!("its results are wrong on this GPU:\n{report}"),
+            Err(why) => why,
+        };
+        bail!(
+            "the wgmma attention {} failed its self-check, so it is not used: {why}\nSet \
+             SHARDSMITH_FLASH_FWD=mma and SHARDSMITH_FLASH_BWD=split to run the mma.sync kernels.",
+            kernels.name()
+        )
     }
 }
 
@@ -332,6 +363,7 @@ mod tests {
     fn right_hardware_passes_every_form() {
         let report = check_with(right).unwrap();
         assert!(report.passed(), "{report}");
+        assert!(report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
         assert_eq!(report.forms.len(), 5);
         assert!(report.to_string().lines().all(|l| l.ends_with("exact")), "{report}");
     }
@@ -369,6 +401,7 @@ mod tests {
         assert!(!report.passed());
         let text = report.to_string();
         assert!(report.forms[0].wrong > 0 && report.forms[1..].iter().all(|f| f.wrong == 0), "{text}");
+        assert!(report.passed_for(WgmmaKernels::Forward) && !report.passed_for(WgmmaKernels::Backward));
         // s[0][1] = Σ_k a[0][k ^ 8] b[1][k]: with a = I that is b[1][8] (should be b[1][0])
         assert!(text.contains("[0][1] read b[1][8], should read b[1][0]"), "{text}");
         assert!(text.contains("s = a·bᵀ (ss, A and B K-major"), "{text}");
@@ -393,6 +426,8 @@ mod tests {
         let report = check_with(halves).unwrap();
         let text = report.to_string();
         assert!(report.forms[4].wrong > 0 && report.forms[..4].iter().all(|f| f.wrong == 0), "{text}");
+        // Only the forward uses the register-A form: the backward stays verified.
+        assert!(!report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
         // q[0][1] = Σ_k a[8][k] b[1][k]: with a = I that is b[1][8] (should be b[1][0])
         assert!(text.contains("[0][1] read b[1][8], should read b[1][0]"), "{text}");
         assert!(text.contains("q = a·bᵀ (rs, A from registers"), "{text}");
