@@ -349,7 +349,7 @@ fn gemm_backends_match_the_cpu() {
     }
 }
 
-/// The five wgmma forms the attention kernels use, on one tile each (flash_wg.cu's `wgmma_probe`,
+/// The six wgmma forms the attention kernels use, on one tile each (flash_wg.cu's `wgmma_probe`,
 /// ops::wgmma_check): every output bit-exact. Printed whole, so that one run on a new GPU says
 /// which form is wrong and where its elements came from. Skipped in a build without wgmma.
 #[test]

@@ -245,7 +245,7 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
 }
 
 // flash_wg.cu's wgmma_probe on small integers (every product and sum exact in f32, s exact in
-// bf16): each of its five outputs equal to its plain definition.
+// bf16): each of its six outputs equal to its plain definition.
 void test_wgmma_probe() {
     std::uniform_int_distribution<int> d(-2, 2);
     auto ints = [&](size_t n) {
@@ -255,15 +255,17 @@ void test_wgmma_probe() {
     };
     auto af = ints(64 * 64), bf = ints(64 * 64), cf = ints(64 * 64), vf = ints(64 * 128);
     auto a = cast<bf16>(af), b = cast<bf16>(bf), c = cast<bf16>(cf), v = cast<bf16>(vf);
-    std::vector<float> out(6 * 64 * 64);
+    std::vector<float> out(8 * 64 * 64);
     emu::launch(dim3(1), dim3(WG_THREADS), WG_PROBE_SMEM, wgmma_probe, a.data(), b.data(), c.data(), v.data(),
                 out.data());
-    std::vector<double> rs(64 * 64), ro(64 * 128), rp(64 * 64), ru(64 * 64);
+    std::vector<double> rs(64 * 64), ro(64 * 128), rp(64 * 64), ru(64 * 64), rw(64 * 128);
     for (int m = 0; m < 64; ++m)
         for (int n = 0; n < 64; ++n)
             for (int k = 0; k < 64; ++k) {
                 rs[m * 64 + n] += (double)af[m * 64 + k] * bf[n * 64 + k];
                 ru[m * 64 + n] += (double)af[k * 64 + m] * vf[k * 128 + 64 + n];
+                rw[m * 128 + n] += (double)af[m * 64 + k] * bf[n * 64 + k];
+                rw[m * 128 + 64 + n] += (double)af[m * 64 + k] * cf[n * 64 + k];
             }
     for (int m = 0; m < 64; ++m)
         for (int k = 0; k < 64; ++k) {
@@ -277,6 +279,7 @@ void test_wgmma_probe() {
     check("wgmma probe p = s c (rs, MN-major B, n64)", part(12288, 4096), rp, 0);
     check("wgmma probe u = aT v[:, 64:] (ss, MN-major A, B)", part(16384, 4096), ru, 0);
     check("wgmma probe q = a bT (rs, A from wg_load_a, K-major B)", part(20480, 4096), rs, 0);
+    check("wgmma probe w = a [b; c]T (rs, A from wg_load_a, K-major B, n128)", part(24576, 8192), rw, 0);
 }
 
 template <class T> void test_rmsnorm(int rows, int h, double tol) {
@@ -618,6 +621,7 @@ int main() {
     test_forward<128>(2, 2, 2, 40, false, 2e-2);
     test_forward<32>(1, 1, 1, 1, false, 2e-2);
     test_forward<128>(1, 3, 1, 20, false, 2e-2);  // the second 32-key step lies wholly past T
+    test_forward<128>(1, 2, 1, 300, false, 2e-2); // several 64- and 128-key tiles, the last partial
     // causal forwards, both kernels: several 128-row blocks and 64-key tiles, a second warpgroup
     // with no rows (T 40), partial tiles, GQA 2 and 3, T 1
     test_forward<128>(1, 4, 2, 300, true, 2e-2);

@@ -25,8 +25,9 @@
 // P·V of tile j is issued in iteration j + 1 together with S of tile j + 1 and runs while that
 // tile's softmax is computed; O is rescaled once it lands (FlashAttention-3's intra-warpgroup
 // overlap). So V loads lag K's by a tile: iteration j loads K_{j+1} and V_j.
-// A warpgroup masks the tiles crossing its diagonal (and computes a block's last tile even where
-// it lies wholly past its rows: a skip there makes ptxas serialise the wgmmas).
+// A warpgroup masks the tiles crossing its diagonal (and, with 64-key tiles, computes a block's
+// last tile even where it lies wholly past its rows: a skip there makes ptxas serialise the
+// wgmmas; a 128-key tile always starts at or before both warpgroups' first rows).
 // Shared memory: every [rows][D] tile in wgmma's no-swizzle canonical layout (wgmma.cuh): core
 // matrix (r/8, c/8) of 8 rows × 8 columns at byte ((r/8)·(D/8) + c/8)·128, row r%8 at +16·(r%8).
 // Read as K-major (K; Q is read into registers by wg_load_a) it has LBO 128 and SBO D/8·128;
@@ -90,8 +91,8 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     require_smem(wg_fwd_smem_bytes<D, BN>(), WG_THREADS);
     DYN_SMEM(smem);
     bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [128 rows]
-    bf16 *sK = sQ + WG_BM * D;                    // [2][64 rows]
-    bf16 *sV = sK + 2 * TILE;                     // [2][64 rows]
+    bf16 *sK = sQ + WG_BM * D;                    // [2][BN rows]
+    bf16 *sV = sK + 2 * TILE;                     // [2][BN rows]
 
     const int nq = (t + WG_BM - 1) / WG_BM;
     const int q0 = (nq - 1 - (int)blockIdx.x) * WG_BM;
@@ -149,8 +150,8 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         cp_async_wait<1>();  // K_j and V_{j−1}: the previous group
         wgmma_fence_smem();  // this thread's cp.async data → visible to wgmma (async proxy)
         __syncthreads();
-        // A warpgroup whose rows all precede the tile's keys (causal: warpgroup 0 in a block's
-        // last tile) still computes it, fully masked (p = 0, its max and O unchanged): skipping
+        // A warpgroup whose rows all precede the tile's keys (causal, 64-key tiles: warpgroup 0
+        // in a block's last tile) still computes it, fully masked (p = 0, its max and O unchanged): skipping
         // makes ptxas serialise every wgmma of the kernel (C7520, a wgmma in a divergent path).
         float s[BN / 8][4], alpha[2];
         wgmma_pin(s);
@@ -451,17 +452,19 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     }
 }
 
-// The five wgmma forms above, each on one tile laid out and described exactly as the attention
+// The six wgmma forms above, each on one tile laid out and described exactly as the attention
 // kernels lay out and describe theirs: a check of the descriptor and fragment conventions
 // (wgmma.cuh) on the device itself, which ops::attention's wgmma self-check runs once per GPU
 // before the first wgmma attention launch (the emulator checks it too). If they are wrong for
 // some GPU or toolkit, this says which form, and the self-check's index patterns say how.
-// Inputs bf16 row-major: a, b, c [64][64], v [64][128]. Output f32 [6·64·64], five blocks in order:
+// Inputs bf16 row-major: a, b, c [64][64], v [64][128]. Output f32 [8·64·64], six blocks in order:
 //   s [64][64]   = a · bᵀ             ss, A and B K-major            (Sᵀ, dPᵀ)
 //   o [64][128]  = bf16(s) · v        rs, B MN-major, n128           (O = P V at D 128; dV, dK)
 //   p [64][64]   = bf16(s) · c        rs, B MN-major, n64            (O = P V at D 64)
 //   u [64][64]   = aᵀ · v[:, 64:128]  ss, A and B MN-major, B from a column offset (dQ = dS K)
 //   q [64][64]   = a · bᵀ             rs, A read by wg_load_a, B K-major (S = Q Kᵀ)
+//   w [64][128]  = a · [b; c]ᵀ        rs, A as q, B K-major, n128 (S over 128-key tiles): b and c
+//                                     lie one after the other, the canonical layout of [b; c]
 // One block of 256 threads: both warpgroups compute every product (no wgmma in a divergent
 // path); warpgroup 0 stores. Smem WG_PROBE_SMEM: a, b, c then v in the canonical layout.
 constexpr int WG_PROBE_SMEM = (3 * 64 * 64 + 64 * 128) * 2;
@@ -534,25 +537,43 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_pin(q);
-    if (wg != 0) return;
     float *os = out, *oo = os + 64 * 64, *op = oo + 64 * 128, *ou = op + 64 * 64, *oq = ou + 64 * 64;
+    float *ow = oq + 64 * 64;
+    if (wg == 0) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = 16 * warp + g + 8 * r;
+        for (int r = 0; r < 2; ++r) {
+            const int row = 16 * warp + g + 8 * r;
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = 8 * j + 2 * tq + e;
+                    oo[row * 128 + col] = o[j][2 * r + e];
+                    if (j < 8) {
+                        os[row * 64 + col] = s[j][2 * r + e];
+                        op[row * 64 + col] = p[j][2 * r + e];
+                        ou[row * 64 + col] = u[j][2 * r + e];
+                        oq[row * 64 + col] = q[j][2 * r + e];
+                    }
+                }
+        }
+    }
+    // w into o's registers (stored above): both warpgroups again, outside the divergent store.
+    wgmma_pin(o);
+    wgmma_pin(qa);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) wgmma_rs_m64n128k16(o, qa[ks], wgmma_desc_add(b_k, 256 * ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(o);
+    if (wg != 0) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int j = 0; j < 16; ++j)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int col = 8 * j + 2 * tq + e;
-                oo[row * 128 + col] = o[j][2 * r + e];
-                if (j < 8) {
-                    os[row * 64 + col] = s[j][2 * r + e];
-                    op[row * 64 + col] = p[j][2 * r + e];
-                    ou[row * 64 + col] = u[j][2 * r + e];
-                    oq[row * 64 + col] = q[j][2 * r + e];
-                }
-            }
-    }
+            for (int e = 0; e < 2; ++e) ow[(16 * warp + g + 8 * r) * 128 + 8 * j + 2 * tq + e] = o[j][2 * r + e];
 }
 
 // D = 128 needs more than the 128 registers of two blocks an SM (O alone is 64 a thread): one.

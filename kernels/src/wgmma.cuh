@@ -1,5 +1,5 @@
 // Hopper's warpgroup MMA (wgmma.mma_async, sm_90a) for bf16 operands with f32 accumulation: the
-// shared-memory matrix descriptor, the fence / commit / wait protocol, and the five forms the
+// shared-memory matrix descriptor, the fence / commit / wait protocol, and the six forms the
 // attention kernels use (`_tb`: B MN-major; `_tt`: A and B MN-major; neither: K-major operands).
 // SHARDSMITH_WGMMA is 1 where they exist: an sm_90a build, or the emulator (kernels/emu/emu.h), which runs each
 // product at the wait_group that covers it, with the accumulator NaN while in flight.

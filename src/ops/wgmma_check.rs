@@ -2,7 +2,7 @@
 //! descriptors and register fragments whose conventions (`kernels/src/wgmma.cuh`) were written
 //! from the PTX ISA and checked only against the emulator's reading of the same text. A wrong
 //! convention gives wrong attention, not a crash. So before the first wgmma attention launch on
-//! a GPU, flash_wg.cu's `wgmma_probe` runs the five wgmma forms the kernels use, each on one tile
+//! a GPU, flash_wg.cu's `wgmma_probe` runs the six wgmma forms the kernels use, each on one tile
 //! laid out as the kernels lay theirs out, and its outputs are compared here with their plain
 //! definitions; a failure refuses the wgmma kernels that use a wrong form on that GPU (the
 //! forward and the backward each need their own forms: [`WgmmaKernels`]) with a report that says
@@ -17,8 +17,9 @@ use std::fmt;
 /// Tile rows and columns of the probe (flash_wg.cu), and v's columns.
 const N: usize = 64;
 const VN: usize = 128;
-/// f32 values in the probe's output: s [64, 64], o [64, 128], p [64, 64], u [64, 64], q [64, 64].
-pub const PROBE_OUT: usize = 6 * N * N;
+/// f32 values in the probe's output: s [64, 64], o [64, 128], p [64, 64], u [64, 64], q [64, 64],
+/// w [64, 128].
+pub const PROBE_OUT: usize = 4 * N * N + 2 * N * VN;
 
 /// One run's inputs, row-major, as f32 holding bf16-exact integers: a, b, c [64, 64], v [64, 128].
 #[derive(Clone, Debug)]
@@ -29,7 +30,7 @@ pub struct ProbeInputs {
     pub v: Vec<f32>,
 }
 
-/// The five products the probe outputs, in its order.
+/// The six products the probe outputs, in its order.
 struct Form {
     name: &'static str,
     /// The wgmma form and the attention products that use it.
@@ -39,7 +40,7 @@ struct Form {
     cols: usize,
 }
 
-const FORMS: [Form; 5] = [
+const FORMS: [Form; 6] = [
     Form { name: "s = a·bᵀ", what: "ss, A and B K-major: Sᵀ, dPᵀ", at: 0, cols: N },
     Form {
         name: "o = bf16(s)·v",
@@ -61,6 +62,12 @@ const FORMS: [Form; 5] = [
         what: "rs, A from registers (wg_load_a), B K-major: S = Q·Kᵀ",
         at: 3 * N * N + N * VN,
         cols: N,
+    },
+    Form {
+        name: "w = a·[b; c]ᵀ",
+        what: "rs, A from registers, B K-major, n128: S = Q·Kᵀ over 128-key tiles",
+        at: 4 * N * N + N * VN,
+        cols: VN,
     },
 ];
 
@@ -111,16 +118,20 @@ fn expected(x: &ProbeInputs, s: &[f32]) -> Vec<f32> {
     let (os, rest) = out.split_at_mut(N * N);
     let (oo, rest) = rest.split_at_mut(N * VN);
     let (op, rest) = rest.split_at_mut(N * N);
-    let (ou, oq) = rest.split_at_mut(N * N);
+    let (ou, rest) = rest.split_at_mut(N * N);
+    let (oq, ow) = rest.split_at_mut(N * N);
     for m in 0..N {
         for n in 0..N {
-            let (mut sv, mut uv) = (0f64, 0f64);
+            let (mut sv, mut uv, mut cv) = (0f64, 0f64, 0f64);
             for k in 0..N {
                 sv += f64::from(x.a[m * N + k]) * f64::from(x.b[n * N + k]);
                 uv += f64::from(x.a[k * N + m]) * f64::from(x.v[k * VN + N + n]);
+                cv += f64::from(x.a[m * N + k]) * f64::from(x.c[n * N + k]);
             }
             os[m * N + n] = sv as f32;
             oq[m * N + n] = sv as f32;
+            ow[m * VN + n] = sv as f32;
+            ow[m * VN + N + n] = cv as f32;
             ou[m * N + n] = uv as f32;
         }
         for n in 0..VN {
@@ -167,7 +178,8 @@ impl WgmmaReport {
 /// The wgmma attention kernels, by the probe forms (indices into the report) they use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WgmmaKernels {
-    /// flash_fwd_wg: S = Q·Kᵀ with Q in registers (q), O += P·V at D 128 (o) and 64 (p).
+    /// flash_fwd_wg: S = Q·Kᵀ with Q in registers (q; w over 128-key tiles), O += P·V at D 128
+    /// (o) and 64 (p).
     Forward,
     /// flash_bwd_wg: Sᵀ, dPᵀ (s), dV, dK (o), dQ (u).
     Backward,
@@ -176,7 +188,7 @@ pub enum WgmmaKernels {
 impl WgmmaKernels {
     fn forms(self) -> &'static [usize] {
         match self {
-            WgmmaKernels::Forward => &[1, 2, 4],
+            WgmmaKernels::Forward => &[1, 2, 4, 5],
             WgmmaKernels::Backward => &[0, 1, 3],
         }
     }
@@ -186,6 +198,18 @@ impl WgmmaKernels {
         match self {
             WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128)",
             WgmmaKernels::Backward => "backward (SHARDSMITH_FLASH_BWD=wgmma, the default in this build)",
+        }
+    }
+
+    /// How to run without these kernels.
+    pub fn remedy(self) -> &'static str {
+        match self {
+            WgmmaKernels::Forward => {
+                "Unset SHARDSMITH_FLASH_FWD (or set it to mma) to run the mma.sync forward."
+            }
+            WgmmaKernels::Backward => {
+                "Set SHARDSMITH_FLASH_BWD=split (or wide, fused) to run the mma.sync backward."
+            }
         }
     }
 }
@@ -238,7 +262,8 @@ pub fn check_with(mut run: impl FnMut(&ProbeInputs) -> Result<Vec<f32>>) -> Resu
     }
     // Where the wrong elements come from: with identities for the A side, each output element
     // is one element of the B-side matrix, whose value names its row (one run) or column (the
-    // other). Right, element (m, n) reads b[n][m] (s, q), v[m][n] (o), c[m][n] (p), v[m][64 + n] (u).
+    // other). Right, element (m, n) reads b[n][m] (s, q), v[m][n] (o), c[m][n] (p), v[m][64 + n]
+    // (u), and b[n][m] or c[n − 64][m] (w).
     let s_runs = (probe(&ProbeInputs::s_pattern(true))?, probe(&ProbeInputs::s_pattern(false))?);
     let pv_runs = (probe(&ProbeInputs::pv_pattern(true))?, probe(&ProbeInputs::pv_pattern(false))?);
     let s_is_identity =
@@ -247,18 +272,19 @@ pub fn check_with(mut run: impl FnMut(&ProbeInputs) -> Result<Vec<f32>>) -> Resu
         if result.wrong == 0 {
             continue;
         }
-        let reads_b = idx == 0 || idx == 4; // the S forms: a = I, b the pattern
+        let reads_b = matches!(idx, 0 | 4 | 5); // the S forms: a = I, b (and c) the patterns
         let (rows, cols) = if reads_b { (&s_runs.0, &s_runs.1) } else { (&pv_runs.0, &pv_runs.1) };
         let source = |m: usize, n: usize| -> (usize, usize) {
             match idx {
-                0 | 4 => (n, m),
+                0 | 4 | 5 => (n % N, m),
                 3 => (m, N + n),
                 _ => (m, n),
             }
         };
-        let name = match idx {
+        let name = |n: usize| match idx {
             0 | 4 => "b",
-            2 => "c",
+            5 if n < N => "b",
+            2 | 5 => "c",
             _ => "v",
         };
         if !reads_b && !s_is_identity {
@@ -280,6 +306,7 @@ pub fn check_with(mut run: impl FnMut(&ProbeInputs) -> Result<Vec<f32>>) -> Resu
                 if shown < SHOWN {
                     shown += 1;
                     let show = |v: f32, i: Option<usize>| i.map_or(format!("{v}?"), |i| i.to_string());
+                    let name = name(n);
                     result.diagnosis.push(format!(
                         "[{m}][{n}] read {name}[{}][{}], should read {name}[{}][{}]",
                         show(rows[at], found.0),
@@ -337,9 +364,9 @@ mod device {
             Err(why) => why,
         };
         bail!(
-            "the wgmma attention {} failed its self-check, so it is not used: {why}\nSet \
-             SHARDSMITH_FLASH_FWD=mma and SHARDSMITH_FLASH_BWD=split to run the mma.sync kernels.",
-            kernels.name()
+            "the wgmma attention {} failed its self-check, so it is refused: {why}\n{}",
+            kernels.name(),
+            kernels.remedy()
         )
     }
 }
@@ -364,7 +391,7 @@ mod tests {
         let report = check_with(right).unwrap();
         assert!(report.passed(), "{report}");
         assert!(report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
-        assert_eq!(report.forms.len(), 5);
+        assert_eq!(report.forms.len(), 6);
         assert!(report.to_string().lines().all(|l| l.ends_with("exact")), "{report}");
     }
 
@@ -425,12 +452,42 @@ mod tests {
         };
         let report = check_with(halves).unwrap();
         let text = report.to_string();
-        assert!(report.forms[4].wrong > 0 && report.forms[..4].iter().all(|f| f.wrong == 0), "{text}");
+        assert!(
+            report.forms[4].wrong > 0 && report.forms.iter().filter(|f| f.wrong > 0).count() == 1,
+            "{text}"
+        );
         // Only the forward uses the register-A form: the backward stays verified.
         assert!(!report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
         // q[0][1] = Σ_k a[8][k] b[1][k]: with a = I that is b[1][8] (should be b[1][0])
         assert!(text.contains("[0][1] read b[1][8], should read b[1][0]"), "{text}");
         assert!(text.contains("q = a·bᵀ (rs, A from registers"), "{text}");
+    }
+
+    /// The n128 register-A form reading the second half of its B (c's rows) with neighbouring
+    /// rows exchanged: w is wrong, located in c, and only the forward is refused.
+    #[test]
+    fn a_wrong_wide_form_is_located_in_its_second_operand() {
+        let rows_swapped = |x: &ProbeInputs| -> Result<Vec<f32>> {
+            let mut out = right(x)?;
+            let at = FORMS[5].at;
+            for m in 0..N {
+                for n in 0..N {
+                    let v: f64 =
+                        (0..N).map(|k| f64::from(x.a[m * N + k]) * f64::from(x.c[(n ^ 1) * N + k])).sum();
+                    out[at + m * VN + N + n] = v as f32;
+                }
+            }
+            Ok(out)
+        };
+        let report = check_with(rows_swapped).unwrap();
+        let text = report.to_string();
+        assert!(
+            report.forms[5].wrong > 0 && report.forms.iter().filter(|f| f.wrong > 0).count() == 1,
+            "{text}"
+        );
+        // w[0][64] = Σ_k a[0][k] c[1][k]: with a = I that is c[1][0] (should be c[0][0])
+        assert!(text.contains("[0][64] read c[1][0], should read c[0][0]"), "{text}");
+        assert!(!report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
     }
 
     /// A P·V form reading its B with rows and columns of each 8×8 core matrix exchanged.
@@ -464,6 +521,6 @@ mod tests {
     #[test]
     fn a_probe_with_the_wrong_output_size_is_an_error() {
         let err = check_with(|_| Ok(vec![0.0; 10])).unwrap_err().to_string();
-        assert!(err.contains("10 outputs, expected 24576"), "{err}");
+        assert!(err.contains("10 outputs, expected 32768"), "{err}");
     }
 }
