@@ -23,7 +23,7 @@ __device__ void rmsnorm_fwd(const T *__restrict__ x, const T *__restrict__ w, T 
     float ss = 0.f;
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
         const float v = to_f32(xr[i]);
-        ss += v * v;
+        ss = fmaf(v, v, ss);  // spelled out: gemv.cu's normalising prologue repeats this sum
     }
     ss = block_sum(ss, scratch);
     const float r = 1.0f / sqrtf(ss / (float)h + eps);

@@ -146,6 +146,11 @@ impl StepKernel {
         StepKernel::Head,
     ];
 
+    /// Whether the RMSNorm fold ([`super::decode_fold_norm`]) removes this kind's launches.
+    pub fn folded(self) -> bool {
+        matches!(self, StepKernel::InputNorm | StepKernel::MlpNorm | StepKernel::FinalNorm)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             StepKernel::Embed => "embedding rows",
@@ -178,7 +183,8 @@ pub struct KernelTime {
 /// graph of only its launches over the same tensors, each replayed `reps` times back to back
 /// (after 3 warm-up replays) at position `pos`. A launch's cost in a graph is its kernel plus
 /// the gap before the next node starts; the sum of the rows against the whole step shows how
-/// much the kernels' order and dependencies add. Ids are 0. The partial graphs compute garbage
+/// much the kernels' order and dependencies add. With the RMSNorm fold on, the norms have no
+/// rows (their work is in the GEMVs' rows). Ids are 0. The partial graphs compute garbage
 /// into the graphs' own buffers and into the caches' entry `pos`, which the caller must treat
 /// as unwritten (a later step or prefill overwrites it).
 pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f64, Vec<KernelTime>)> {
@@ -197,8 +203,10 @@ pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f
         Ok((t0.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64, calls))
     };
     let (whole, _) = time(&|_| true)?;
+    let fold = super::decode_fold_norm();
     let kinds = StepKernel::ALL
         .iter()
+        .filter(|k| !(fold && k.folded()))
         .map(|&kernel| {
             let (ms, calls) = time(&|k| k == kernel)?;
             Ok(KernelTime { kernel, calls, ms })
@@ -318,6 +326,15 @@ impl DecodeGraph {
         let fn_plain = gemv_function(dev, GemvKind::Plain, dtype, rows)?;
         let fn_add = gemv_function(dev, GemvKind::Add, dtype, rows)?;
         let fn_swiglu = gemv_function(dev, GemvKind::SwiGlu, dtype, rows)?;
+        // The RMSNorm fold: each norm's launch goes, the GEMV reading its output normalises.
+        let fold = super::decode_fold_norm();
+        let fn_norm_gemv = match fold {
+            true => Some((
+                gemv_function(dev, GemvKind::NormPlain, dtype, rows)?,
+                gemv_function(dev, GemvKind::NormSwiGlu, dtype, rows)?,
+            )),
+            false => None,
+        };
 
         // Work buffers (the graph's own; the residual stream ping-pongs between xa and xb so no
         // kernel writes the buffer it reads its residual from).
@@ -384,6 +401,11 @@ impl DecodeGraph {
                 bail!("decode graph: the {what} weight does not start on a 16-byte boundary");
             }
         }
+        // The fold's GEMVs read the norm weights with 16-byte loads too.
+        let norms = layers.iter().flat_map(|l| [l.attn_norm, l.mlp_norm]).chain([a_norm]);
+        if fold && norms.into_iter().any(|a| a % 16 != 0) {
+            bail!("decode graph: a norm weight does not start on a 16-byte boundary (SHARDSMITH_DECODE_FOLD_NORM=1)");
+        }
 
         let eps = m.eps;
         let scale = (1.0 / (d as f64).sqrt()) as f32; // as the eager step rounds it
@@ -396,10 +418,16 @@ impl DecodeGraph {
             w,
             ldw: k,
             r,
+            norm: None,
             y,
             m: rows,
             n,
             k,
+        };
+        // The same reading the raw rows x, normalised by RMSNorm with weight g first.
+        let gemv_norm = |x: Addr, g: Addr, w: Addr, y: Addr, n: usize| GemvArgs {
+            norm: Some((g, eps)),
+            ..gemv(x, h, w, None, y, n)
         };
         let calls = Cell::new(0);
         // Whether to record a launch of kind `k` (counted).
@@ -418,11 +446,20 @@ impl DecodeGraph {
                     launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
                 }
                 for l in &layers {
-                    if kept(InputNorm) {
+                    if !fold && kept(InputNorm) {
                         launch_rms_norm(&stream, &fn_norm, [a_xa, l.attn_norm, a_hn], rows, h, eps)?;
                     }
                     if kept(Qkv) {
-                        launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv))?;
+                        match &fn_norm_gemv {
+                            Some((plain, _)) => launch_gemv(
+                                &stream,
+                                plain,
+                                &gemv_norm(a_xa, l.attn_norm, l.qkv, a_qkv, nqkv),
+                            )?,
+                            None => {
+                                launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv))?
+                            }
+                        }
                     }
                     let qkv_args = RopeQkvArgs {
                         q: (a_qkv, row_strides),
@@ -453,21 +490,41 @@ impl DecodeGraph {
                     if kept(OProjAdd) {
                         launch_gemv(&stream, &fn_add, &gemv(a_att, nq, l.o, Some(a_xa), a_xb, h))?;
                     }
-                    if kept(MlpNorm) {
+                    if !fold && kept(MlpNorm) {
                         launch_rms_norm(&stream, &fn_norm, [a_xb, l.mlp_norm, a_hn], rows, h, eps)?;
                     }
                     if kept(GateUpSwiglu) {
-                        launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f))?;
+                        match &fn_norm_gemv {
+                            Some((_, swiglu)) => launch_gemv(
+                                &stream,
+                                swiglu,
+                                &gemv_norm(a_xb, l.mlp_norm, l.gate_up, a_act, f),
+                            )?,
+                            None => {
+                                launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f))?
+                            }
+                        }
                     }
                     if kept(DownAdd) {
                         launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h))?;
                     }
                 }
-                if kept(FinalNorm) {
+                if !fold && kept(FinalNorm) {
                     launch_rms_norm(&stream, &fn_norm, [a_xa, a_norm, a_hn], rows, h, eps)?;
                 }
                 if kept(Head) {
-                    launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, a_head, None, a_logits, vocab_rows))?;
+                    match &fn_norm_gemv {
+                        Some((plain, _)) => launch_gemv(
+                            &stream,
+                            plain,
+                            &gemv_norm(a_xa, a_norm, a_head, a_logits, vocab_rows),
+                        )?,
+                        None => launch_gemv(
+                            &stream,
+                            &fn_plain,
+                            &gemv(a_hn, h, a_head, None, a_logits, vocab_rows),
+                        )?,
+                    }
                 }
             }
             Ok(())
