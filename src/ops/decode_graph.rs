@@ -18,7 +18,10 @@
 //! one at once, and the stale graph is never launched.
 //!
 //! The kernels are the eager path's own (`ops::cuda`'s `launch_*`, one argument list per
-//! kernel), so a replay computes what an eager step computes, bit for bit.
+//! kernel), so a replay computes what an eager step computes, bit for bit. With
+//! `SHARDSMITH_DECODE_FOLD_NORM=1` ([`super::decode_fold_norm`]) the three RMSNorm launches of a
+//! layer and the head are left out and the GEMVs reading their outputs normalise their input
+//! themselves (gemv.cu's `_norm` kernels), reproducing rmsnorm.cu's arithmetic: still bit for bit.
 
 use super::attention::decode_graph_splits;
 use super::cuda::{
