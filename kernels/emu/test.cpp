@@ -432,9 +432,14 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
 // The GEMV with the RMSNorm folded in (gemv_norm_*, MODE plain or SwiGLU) against rmsnorm_fwd
 // (block of nb = min(256, K rounded up to 32) threads, as the launcher runs it) then the GEMV on
 // its output: bit for bit, which is what keeps a decode graph with the fold equal to eager steps.
-template <class T, int M, int MODE> void test_gemv_norm(int n, int k) {
+// `wide`: x spread over 2^±12, so that a sum taken in another order changes 1/rms (bf16's
+// rounding of x·r hides most such changes; f32's does not).
+template <class T, int M, int MODE> void test_gemv_norm(int n, int k, bool wide = false) {
     const int nb = std::min(256, (k + 31) / 32 * 32), rows = MODE == GEMV_SWIGLU ? 2 * n : n;
-    auto x = cast<T>(randv((size_t)M * k, -3, 3)), g = cast<T>(randv(k, 0.5, 1.5)), w = cast<T>(randv((size_t)rows * k));
+    auto xf = randv((size_t)M * k, -3, 3);
+    if (wide)
+        for (size_t i = 0; i < xf.size(); ++i) xf[i] = std::ldexp(xf[i], (int)((i * 7) % 25) - 12);
+    auto x = cast<T>(xf), g = cast<T>(randv(k, 0.5, 1.5)), w = cast<T>(randv((size_t)rows * k));
     std::vector<T> hn((size_t)M * k), composed((size_t)M * n), fused((size_t)M * n);
     emu::launch(dim3(M), dim3(nb), 0, rmsnorm_fwd<T>, (const T *)x.data(), (const T *)g.data(), hn.data(), k, 1e-5f);
     const int per_block = GEMV_WARPS * gemv_cols(M);
@@ -608,6 +613,8 @@ int main() {
     test_gemv_norm<float, 3, GEMV_PLAIN>(9, 40);
     test_gemv_norm<bf16, 8, GEMV_PLAIN>(6, 4096);
     test_gemv_norm<float, 2, GEMV_SWIGLU>(11, 264);
+    test_gemv_norm<float, 8, GEMV_PLAIN>(64, 2056, true);  // order-sensitive: a wrong nb fails here
+    test_gemv_norm<bf16, 2, GEMV_SWIGLU>(16, 520, true);
     test_decode_attn<float, 64>(2, 4, 2, 37, 40, 1e-5);
     test_rope_qkv_cache<float, float>(2, 1, 4, 2, 16, 9, 5);
     test_rope_qkv_cache<bf16, bf16>(1, 3, 2, 1, 8, 6, 2);
