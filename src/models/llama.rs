@@ -898,6 +898,42 @@ pub struct Llama {
     decode_graph: Option<std::result::Result<ops::decode_graph::DecodeGraph, String>>,
 }
 
+/// Why a decode step runs eagerly instead of replaying a CUDA graph ([`Llama::graph_step`]);
+/// cheap to make, since the eager path asks every step.
+#[cfg(feature = "cuda")]
+enum NoGraphStep {
+    NotCuda,
+    /// More rows than the GEMV kernels take (their limit).
+    Rows(usize),
+    Off,
+    Tp(usize),
+    NotPrefilled,
+    Unsupported,
+    Full,
+}
+
+#[cfg(feature = "cuda")]
+impl NoGraphStep {
+    /// The reason in words, for a step of `rows` sequences at `position`.
+    fn say(&self, rows: usize, position: usize) -> String {
+        match self {
+            NoGraphStep::NotCuda => "the model is not on a CUDA device".into(),
+            NoGraphStep::Rows(limit) => format!(
+                "a batch of {rows} decodes eagerly (graph steps take 1 to {limit} rows, SHARDSMITH_CUDA_GEMV)"
+            ),
+            NoGraphStep::Off => {
+                "graph decode is off for this model (SHARDSMITH_CUDA_GRAPH=0, or refused)".into()
+            }
+            NoGraphStep::Tp(tp) => format!("the model runs at tp={tp}"),
+            NoGraphStep::NotPrefilled => "nothing was prefilled".into(),
+            NoGraphStep::Unsupported => format!(
+                "the model's weights, dtype or caches (for {rows} rows) are not what a graph step reads"
+            ),
+            NoGraphStep::Full => format!("the caches are full at position {position}"),
+        }
+    }
+}
+
 impl Llama {
     /// Load rank `layout.rank` from a `VarBuilder` over that rank's canonical (HF-named) shards.
     pub fn load(vb: VarBuilder, hp: &LlamaHparams, layout: RankLayout) -> Result<Self> {
@@ -994,25 +1030,8 @@ impl Llama {
     #[cfg(feature = "cuda")]
     pub fn graph_step(&mut self, ids: &Tensor) -> Result<Option<LlamaOutput>> {
         use ops::decode_graph::DecodeGraph;
-        if !self.device().is_cuda() {
-            return Ok(None);
-        }
-        let rows = match ids.dims() {
-            &[b, 1] if (1..=ops::cuda_gemv_rows()?).contains(&b) => b,
-            _ => return Ok(None),
-        };
-        if !ops::cuda_graph_enabled()
-            || self.layout.tp != 1
-            || self.position == 0
-            || matches!(self.decode_graph, Some(Err(_)))
-        {
-            return Ok(None);
-        }
-        let Some(model) = self.step_model(rows)? else { return Ok(None) };
-        let room = model.layers[0].cache.dim(3)?;
-        if self.position + 1 > room {
-            return Ok(None); // the eager step grows the cache (and the graph is recorded anew)
-        }
+        let &[rows, 1] = ids.dims() else { return Ok(None) };
+        let Ok(model) = self.graph_step_model(rows)? else { return Ok(None) };
         // The ids on the host: checked as the eager embedding checks them, and copied in with
         // the position in one transfer.
         let ids = ids.flatten_all()?.to_vec1::<u32>()?;
@@ -1046,36 +1065,42 @@ impl Llama {
         rows: usize,
         reps: usize,
     ) -> Result<(f64, Vec<ops::decode_graph::KernelTime>)> {
-        let refuse = |why: String| Error::Usage(format!("no CUDA graph decode step to profile: {why}"));
+        let model = self.graph_step_model(rows)?.map_err(|why| {
+            Error::Usage(format!("no CUDA graph decode step to profile: {}", why.say(rows, self.position)))
+        })?;
+        Ok(ops::decode_graph::profile(&model, rows, self.position, reps)?)
+    }
+
+    /// What a graph decode step of `rows` sequences reads now, or why none applies (then the
+    /// eager step runs): a CUDA rank at tp 1 after a prefill, at most [`ops::cuda_gemv_rows`]
+    /// rows, graph decode on and not refused for this model, weights and caches a step can read,
+    /// room for the token (else the eager step grows the cache, and the graph is recorded anew).
+    #[cfg(feature = "cuda")]
+    fn graph_step_model(
+        &mut self,
+        rows: usize,
+    ) -> Result<std::result::Result<ops::decode_graph::StepModel, NoGraphStep>> {
         if !self.device().is_cuda() {
-            return Err(refuse("the model is not on a CUDA device".into()));
+            return Ok(Err(NoGraphStep::NotCuda));
         }
-        if self.layout.tp != 1 {
-            return Err(refuse(format!("the model runs at tp={}", self.layout.tp)));
-        }
-        if self.position == 0 {
-            return Err(refuse("nothing was prefilled".into()));
-        }
-        let gemv_rows = ops::cuda_gemv_rows()?;
-        if !(1..=gemv_rows).contains(&rows) {
-            return Err(refuse(format!(
-                "a batch of {rows} decodes eagerly (graph steps take 1 to {gemv_rows} rows, SHARDSMITH_CUDA_GEMV)"
-            )));
+        let limit = ops::cuda_gemv_rows()?;
+        if !(1..=limit).contains(&rows) {
+            return Ok(Err(NoGraphStep::Rows(limit)));
         }
         if !ops::cuda_graph_enabled() || matches!(self.decode_graph, Some(Err(_))) {
-            return Err(refuse(
-                "graph decode is off for this model (SHARDSMITH_CUDA_GRAPH=0, or refused)".into(),
-            ));
+            return Ok(Err(NoGraphStep::Off));
         }
-        let Some(model) = self.step_model(rows)? else {
-            return Err(refuse(format!(
-                "the model's weights, dtype or caches (for {rows} rows) are not what a graph step reads"
-            )));
-        };
+        if self.layout.tp != 1 {
+            return Ok(Err(NoGraphStep::Tp(self.layout.tp)));
+        }
+        if self.position == 0 {
+            return Ok(Err(NoGraphStep::NotPrefilled));
+        }
+        let Some(model) = self.step_model(rows)? else { return Ok(Err(NoGraphStep::Unsupported)) };
         if self.position + 1 > model.layers[0].cache.dim(3)? {
-            return Err(refuse(format!("the caches are full at position {}", self.position)));
+            return Ok(Err(NoGraphStep::Full));
         }
-        Ok(ops::decode_graph::profile(&model, rows, self.position, reps)?)
+        Ok(Ok(model))
     }
 
     /// Let decode steps replay a recorded CUDA graph where they can ([`Llama::graph_step`], the
