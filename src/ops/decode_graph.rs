@@ -31,7 +31,7 @@ use super::cuda::{
 };
 use super::linear::GEMV_MAX_ROWS;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Device, Result, Tensor, TensorId};
 use std::cell::Cell;
@@ -331,13 +331,8 @@ impl DecodeGraph {
         let fn_swiglu = gemv_function(dev, GemvKind::SwiGlu, dtype, rows)?;
         // The RMSNorm fold: each norm's launch goes, the GEMV reading its output normalises.
         let fold = super::decode_fold_norm();
-        let fn_norm_gemv = match fold {
-            true => Some((
-                gemv_function(dev, GemvKind::NormPlain, dtype, rows)?,
-                gemv_function(dev, GemvKind::NormSwiGlu, dtype, rows)?,
-            )),
-            false => None,
-        };
+        let norm_fn = |kind| fold.then(|| gemv_function(dev, kind, dtype, rows)).transpose();
+        let (fn_norm_plain, fn_norm_swiglu) = (norm_fn(GemvKind::NormPlain)?, norm_fn(GemvKind::NormSwiGlu)?);
 
         // Work buffers (the graph's own; the residual stream ping-pongs between xa and xb so no
         // kernel writes the buffer it reads its residual from).
@@ -439,6 +434,28 @@ impl DecodeGraph {
             calls.set(calls.get() + on as usize);
             on
         };
+        // RMSNorm of x (weight `gw`) into hn, then y = hn·wᵀ by `gemv` (its kinds `norm` and
+        // `product`); with the fold, one launch of `folded` reading x itself.
+        // SAFETY: as for the launches in `record` below.
+        let normed_gemv = |(norm, product): (StepKernel, StepKernel),
+                           (gemv_fn, folded): (&CudaFunction, Option<&CudaFunction>),
+                           [x, gw, w, y]: [Addr; 4],
+                           n: usize|
+         -> Result<()> {
+            unsafe {
+                if !fold && kept(norm) {
+                    launch_rms_norm(&stream, &fn_norm, [x, gw, a_hn], rows, h, eps)?;
+                }
+                if kept(product) {
+                    match folded {
+                        Some(f) => launch_gemv(&stream, f, &gemv_norm(x, gw, w, y, n))?,
+                        None => launch_gemv(&stream, gemv_fn, &gemv(a_hn, h, w, None, y, n))?,
+                    }
+                }
+            }
+            Ok(())
+        };
+        let (norm_plain, norm_swiglu) = (fn_norm_plain.as_ref(), fn_norm_swiglu.as_ref());
         let record = || -> Result<()> {
             use StepKernel::*;
             // SAFETY (every launch below): the addresses are the tensors checked above, each
@@ -449,21 +466,12 @@ impl DecodeGraph {
                     launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
                 }
                 for l in &layers {
-                    if !fold && kept(InputNorm) {
-                        launch_rms_norm(&stream, &fn_norm, [a_xa, l.attn_norm, a_hn], rows, h, eps)?;
-                    }
-                    if kept(Qkv) {
-                        match &fn_norm_gemv {
-                            Some((plain, _)) => launch_gemv(
-                                &stream,
-                                plain,
-                                &gemv_norm(a_xa, l.attn_norm, l.qkv, a_qkv, nqkv),
-                            )?,
-                            None => {
-                                launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv))?
-                            }
-                        }
-                    }
+                    normed_gemv(
+                        (InputNorm, Qkv),
+                        (&fn_plain, norm_plain),
+                        [a_xa, l.attn_norm, l.qkv, a_qkv],
+                        nqkv,
+                    )?;
                     let qkv_args = RopeQkvArgs {
                         q: (a_qkv, row_strides),
                         k: (offset(a_qkv, nq, dtype), row_strides),
@@ -493,42 +501,22 @@ impl DecodeGraph {
                     if kept(OProjAdd) {
                         launch_gemv(&stream, &fn_add, &gemv(a_att, nq, l.o, Some(a_xa), a_xb, h))?;
                     }
-                    if !fold && kept(MlpNorm) {
-                        launch_rms_norm(&stream, &fn_norm, [a_xb, l.mlp_norm, a_hn], rows, h, eps)?;
-                    }
-                    if kept(GateUpSwiglu) {
-                        match &fn_norm_gemv {
-                            Some((_, swiglu)) => launch_gemv(
-                                &stream,
-                                swiglu,
-                                &gemv_norm(a_xb, l.mlp_norm, l.gate_up, a_act, f),
-                            )?,
-                            None => {
-                                launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f))?
-                            }
-                        }
-                    }
+                    normed_gemv(
+                        (MlpNorm, GateUpSwiglu),
+                        (&fn_swiglu, norm_swiglu),
+                        [a_xb, l.mlp_norm, l.gate_up, a_act],
+                        f,
+                    )?;
                     if kept(DownAdd) {
                         launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h))?;
                     }
                 }
-                if !fold && kept(FinalNorm) {
-                    launch_rms_norm(&stream, &fn_norm, [a_xa, a_norm, a_hn], rows, h, eps)?;
-                }
-                if kept(Head) {
-                    match &fn_norm_gemv {
-                        Some((plain, _)) => launch_gemv(
-                            &stream,
-                            plain,
-                            &gemv_norm(a_xa, a_norm, a_head, a_logits, vocab_rows),
-                        )?,
-                        None => launch_gemv(
-                            &stream,
-                            &fn_plain,
-                            &gemv(a_hn, h, a_head, None, a_logits, vocab_rows),
-                        )?,
-                    }
-                }
+                normed_gemv(
+                    (FinalNorm, Head),
+                    (&fn_plain, norm_plain),
+                    [a_xa, a_norm, a_head, a_logits],
+                    vocab_rows,
+                )?;
             }
             Ok(())
         };
