@@ -386,6 +386,26 @@ mod tests {
         Ok(expected(x, &s[..N * N]))
     }
 
+    /// Right hardware but for one [64, 64] block of output starting at `at` with rows `stride`
+    /// apart: element (m, n) becomes Σ_k a(m, k)·b(n, k) over k < 64, `a` and `b` given the
+    /// right output's s and the inputs (wrong hardware reading the wrong place).
+    fn right_but(
+        x: &ProbeInputs,
+        (at, stride): (usize, usize),
+        a: impl Fn(&[f32], usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+    ) -> Result<Vec<f32>> {
+        let mut out = right(x)?;
+        let s = out[..N * N].to_vec();
+        for m in 0..N {
+            for n in 0..N {
+                let v: f64 = (0..N).map(|k| f64::from(a(&s, m, k)) * f64::from(b(n, k))).sum();
+                out[at + m * stride + n] = v as f32;
+            }
+        }
+        Ok(out)
+    }
+
     #[test]
     fn right_hardware_passes_every_form() {
         let report = check_with(right).unwrap();
@@ -438,17 +458,8 @@ mod tests {
     /// read for row g + 8 where it holds row g): only q is wrong, located through b.
     #[test]
     fn a_wrong_register_fragment_is_named_and_located() {
-        let halves = |x: &ProbeInputs| -> Result<Vec<f32>> {
-            let mut out = right(x)?;
-            let at = FORMS[4].at;
-            for m in 0..N {
-                for n in 0..N {
-                    let v: f64 =
-                        (0..N).map(|k| f64::from(x.a[(m ^ 8) * N + k]) * f64::from(x.b[n * N + k])).sum();
-                    out[at + m * N + n] = v as f32;
-                }
-            }
-            Ok(out)
+        let halves = |x: &ProbeInputs| {
+            right_but(x, (FORMS[4].at, N), |_, m, k| x.a[(m ^ 8) * N + k], |n, k| x.b[n * N + k])
         };
         let report = check_with(halves).unwrap();
         let text = report.to_string();
@@ -467,17 +478,8 @@ mod tests {
     /// rows exchanged: w is wrong, located in c, and only the forward is refused.
     #[test]
     fn a_wrong_wide_form_is_located_in_its_second_operand() {
-        let rows_swapped = |x: &ProbeInputs| -> Result<Vec<f32>> {
-            let mut out = right(x)?;
-            let at = FORMS[5].at;
-            for m in 0..N {
-                for n in 0..N {
-                    let v: f64 =
-                        (0..N).map(|k| f64::from(x.a[m * N + k]) * f64::from(x.c[(n ^ 1) * N + k])).sum();
-                    out[at + m * VN + N + n] = v as f32;
-                }
-            }
-            Ok(out)
+        let rows_swapped = |x: &ProbeInputs| {
+            right_but(x, (FORMS[5].at + N, VN), |_, m, k| x.a[m * N + k], |n, k| x.c[(n ^ 1) * N + k])
         };
         let report = check_with(rows_swapped).unwrap();
         let text = report.to_string();
@@ -493,22 +495,14 @@ mod tests {
     /// A P·V form reading its B with rows and columns of each 8×8 core matrix exchanged.
     #[test]
     fn a_transposed_operand_shows_in_the_index_patterns() {
-        let transposed = |x: &ProbeInputs| -> Result<Vec<f32>> {
-            let mut out = right(x)?;
-            let s = out[..N * N].to_vec();
-            let at = FORMS[2].at;
-            for m in 0..N {
-                for n in 0..N {
-                    let v: f64 = (0..N)
-                        .map(|k| {
-                            let (kk, nn) = (k / 8 * 8 + n % 8, n / 8 * 8 + k % 8);
-                            f64::from(s[m * N + k]) * f64::from(x.c[kk * N + nn])
-                        })
-                        .sum();
-                    out[at + m * N + n] = v as f32;
-                }
-            }
-            Ok(out)
+        // p[m][n] = Σ_k s[m][k]·c[k][n], c's element (k, n) read from its core matrix transposed
+        let transposed = |x: &ProbeInputs| {
+            right_but(
+                x,
+                (FORMS[2].at, N),
+                |s, m, k| s[m * N + k],
+                |n, k| x.c[(k / 8 * 8 + n % 8) * N + n / 8 * 8 + k % 8],
+            )
         };
         let report = check_with(transposed).unwrap();
         let text = report.to_string();
