@@ -398,7 +398,8 @@ fn transformers_tokenizes_round_trips_as_their_source() {
 /// An HF directory without `tokenizer.json` tokenizes as transformers' slow `LlamaTokenizer`
 /// reads its config: `legacy` true (the default: every piece between special tokens gets its
 /// own "▁") or false, `add_prefix_space` true, false or null (read as false without a
-/// tokenizer.json), user-defined pieces its config lists as special added tokens.
+/// tokenizer.json), user-defined pieces its config lists as special added tokens, and added
+/// tokens with `lstrip` / `rstrip` (the whitespace beside them dropped), legacy and not.
 #[test]
 fn sentencepiece_directories_tokenize_as_transformers_slow_llama_tokenizer() {
     let Some(py) = reference_python() else { return };
@@ -413,6 +414,13 @@ fn sentencepiece_directories_tokenize_as_transformers_slow_llama_tokenizer() {
         "a <unk> b",
         "<unk>",
         "<a>hi <b>",
+        "x <a> y",
+        "p  <b>  q",
+        "A </s>  B",
+        " \t<a>\n<b>\n end",
+        "<b> <a> <b>",
+        "  <a>",
+        "<b>   ",
     ];
     // llama-mha's model with <a> and <b> as user-defined pieces (what a .nemo makes of HF added
     // tokens), which one config lists as special added tokens.
@@ -422,9 +430,16 @@ fn sentencepiece_directories_tokenize_as_transformers_slow_llama_tokenizer() {
     )
     .unwrap();
     let with_ab = model.with_user_defined(&["<a>", "<b>"], Path::new("tokenizer.model")).unwrap();
-    let special = |content: &str| {
-        serde_json::json!({"content": content, "special": true, "lstrip": false, "rstrip": false,
+    let token = |content: &str, lstrip: bool, rstrip: bool| {
+        serde_json::json!({"content": content, "special": true, "lstrip": lstrip, "rstrip": rstrip,
             "normalized": false, "single_word": false})
+    };
+    let special = |content: &str| token(content, false, false);
+    // <a> eats the whitespace before it, <b> the whitespace after, </s> both.
+    let stripping = |legacy: bool| {
+        serde_json::json!({"legacy": legacy, "additional_special_tokens": ["<a>", "<b>"],
+            "added_tokens_decoder": {"0": token("<unk>", false, false), "1": token("<s>", false, false),
+                "2": token("</s>", true, true), "256": token("<a>", true, false), "257": token("<b>", false, true)}})
     };
     let source: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture("llama-mha/tokenizer_config.json")).unwrap()).unwrap();
@@ -440,12 +455,15 @@ fn sentencepiece_directories_tokenize_as_transformers_slow_llama_tokenizer() {
             serde_json::json!({"legacy": false, "additional_special_tokens": ["<a>", "<b>"],
                 "added_tokens_decoder": {"256": special("<a>"), "257": special("<b>")}}),
         ),
+        ("strip-legacy", stripping(true)),
+        ("strip-non-legacy", stripping(false)),
     ];
     let mut dirs = Vec::new();
     for (name, settings) in variants {
         let dir = out.path().join(name);
         std::fs::create_dir(&dir).unwrap();
-        let pieces = if name == "special-pieces" { with_ab.bytes() } else { model.bytes() };
+        let with_pieces = matches!(name, "special-pieces" | "strip-legacy" | "strip-non-legacy");
+        let pieces = if with_pieces { with_ab.bytes() } else { model.bytes() };
         std::fs::write(dir.join("tokenizer.model"), pieces).unwrap();
         let mut config = source.clone();
         let o = config.as_object_mut().unwrap();

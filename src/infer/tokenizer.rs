@@ -20,6 +20,7 @@
 //! only the first visible piece loses its dummy-prefix space. [`TokenStream`] is the same state
 //! machine fed one id at a time, so streamed pieces always concatenate to [`Tokenizer::decode`].
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -41,11 +42,16 @@ pub struct Tokenizer {
     origin: PathBuf,
     /// How text is prepared before `inner` sees it.
     normalize: Normalize,
-    /// The tokens transformers' legacy `LlamaTokenizer` (an HF directory without `tokenizer.json`
-    /// whose config says `legacy: true` or nothing) cuts text at before SentencePiece encodes
-    /// each piece by itself, dummy prefix included: its special and added tokens. Empty
-    /// otherwise (SentencePiece's own way: one text, user-defined pieces matched inside it).
-    legacy_split: Vec<String>,
+    /// The tokens transformers' slow `LlamaTokenizer` (an HF directory without `tokenizer.json`)
+    /// cuts text at, longest first: its special and added tokens. Empty otherwise
+    /// (SentencePiece's own way: one text, user-defined pieces matched inside it).
+    added_split: Vec<String>,
+    /// Its config says `legacy: true` or nothing: every piece between [`Self::added_split`]
+    /// tokens is encoded by itself, dummy prefix included.
+    legacy: bool,
+    /// The [`Self::added_split`] tokens with transformers' `lstrip` / `rstrip` (either), and
+    /// which: the whitespace beside them is dropped before encoding.
+    strip: HashMap<String, (bool, bool)>,
     /// How ids become text.
     decode_style: DecodeStyle,
     /// Per id: its piece string and what kind of piece it is (index = id).
@@ -65,6 +71,21 @@ impl std::fmt::Debug for Tokenizer {
             .field("eos_id", &self.eos_id)
             .finish()
     }
+}
+
+/// A piece of a text cut at added tokens ([`Tokenizer::split_added`]).
+#[derive(Clone, Copy, Debug)]
+enum Segment<'a> {
+    /// Text between tokens.
+    Text(&'a str),
+    /// One of the [`Tokenizer::added_split`] tokens.
+    Token(&'a str),
+}
+
+/// Python's `str.isspace`, which `str.strip` uses: Unicode whitespace and the separators
+/// U+001C–U+001F.
+fn py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 /// Text preparation before the `tokenizers` pipeline.
@@ -130,6 +151,19 @@ impl Tokenizer {
             for t in &added {
                 tok.append_added(t.id, &t.content, t.special)?;
             }
+            // transformers' slow tokenizers apply lstrip / rstrip to the text beside a token
+            // (done here, [`Tokenizer::strip_beside`]); single_word merges tokens into words,
+            // which this tokenizer does not do, so it refuses rather than disagree quietly.
+            if let Some(t) = added.iter().find(|t| t.single_word) {
+                return Err(tok_err(
+                    path,
+                    format!(
+                        "added token {:?} (id {}) is single_word, which is not supported for a \
+                         tokenizer.model directory (a tokenizer.json beside it would be used instead)",
+                        t.content, t.id
+                    ),
+                ));
+            }
             // An HF directory's model (a config beside it) is read as transformers' slow
             // `LlamaTokenizer` reads its config: `legacy` and `add_prefix_space` default to true.
             // A null `add_prefix_space` (what saving a fast tokenizer writes) defers to the
@@ -145,18 +179,24 @@ impl Tokenizer {
                 Some(serde_json::Value::Null) => dir.join("tokenizer.json").is_file(),
                 v => v.and_then(serde_json::Value::as_bool).unwrap_or(true),
             };
-            if legacy {
-                let specials = tok
-                    .pieces
-                    .iter()
-                    .flatten()
-                    .filter(|(_, kind)| matches!(kind, PieceKind::Control | PieceKind::Unknown));
-                tok.legacy_split =
-                    specials.map(|(p, _)| p.clone()).chain(added.into_iter().map(|t| t.content)).collect();
-                // Longest first, so the longest token at a position wins.
-                tok.legacy_split.sort_by_key(|t| std::cmp::Reverse(t.len()));
-            } else if let Normalize::SentencePiece { add_dummy_prefix, drop_lone_prefix, .. } =
-                &mut tok.normalize
+            tok.strip = added
+                .iter()
+                .filter(|t| t.lstrip || t.rstrip)
+                .map(|t| (t.content.clone(), (t.lstrip, t.rstrip)))
+                .collect();
+            let specials = tok
+                .pieces
+                .iter()
+                .flatten()
+                .filter(|(_, kind)| matches!(kind, PieceKind::Control | PieceKind::Unknown));
+            tok.added_split =
+                specials.map(|(p, _)| p.clone()).chain(added.into_iter().map(|t| t.content)).collect();
+            // Longest first, so the longest token at a position wins.
+            tok.added_split.sort_by_key(|t| std::cmp::Reverse(t.len()));
+            tok.added_split.dedup();
+            tok.legacy = legacy;
+            if let (false, Normalize::SentencePiece { add_dummy_prefix, drop_lone_prefix, .. }) =
+                (legacy, &mut tok.normalize)
             {
                 // Non-legacy: "▁" + text when add_prefix_space, none after special tokens, and a
                 // lone one before a special token at the start dropped; decoding strips it back.
@@ -200,7 +240,9 @@ impl Tokenizer {
             inner,
             origin,
             normalize: Normalize::Hf,
-            legacy_split: Vec::new(),
+            added_split: Vec::new(),
+            legacy: false,
+            strip: HashMap::new(),
             decode_style,
             pieces: Vec::new(),
             bos_id,
@@ -278,7 +320,9 @@ impl Tokenizer {
                 remove_extra_whitespaces: model.remove_extra_whitespaces,
                 drop_lone_prefix: false,
             },
-            legacy_split: Vec::new(),
+            added_split: Vec::new(),
+            legacy: false,
+            strip: HashMap::new(),
             decode_style: DecodeStyle::SentencePiece {
                 strip_leading_space: model.add_dummy_prefix || model.remove_extra_whitespaces,
                 unk_surface: model.unk_surface.clone(),
@@ -298,12 +342,68 @@ impl Tokenizer {
                 tok_err(&self.origin, "a BOS token was requested but the tokenizer has none")
             })?);
         }
-        if self.legacy_split.is_empty() {
+        // Without lstrip / rstrip tokens, a non-legacy text is encoded whole (`inner` splits the
+        // tokens out itself).
+        if self.added_split.is_empty() || (!self.legacy && self.strip.is_empty()) {
             self.encode_whole(text, &mut ids)?;
+            return Ok(ids);
+        }
+        let mut segments = self.split_added(text);
+        self.strip_beside(&mut segments);
+        if self.legacy {
+            self.encode_legacy(&segments, text, &mut ids)?;
         } else {
-            self.encode_legacy(text, &mut ids)?;
+            // The stripped text, which `inner` splits at the same tokens.
+            let stripped: String = segments
+                .iter()
+                .map(|s| match s {
+                    Segment::Text(t) | Segment::Token(t) => *t,
+                })
+                .collect();
+            self.encode_whole(&stripped, &mut ids)?;
         }
         Ok(ids)
+    }
+
+    /// `text` cut at [`Tokenizer::added_split`] tokens as transformers' trie does: at the
+    /// earliest position where one starts, the longest.
+    fn split_added<'a>(&'a self, text: &'a str) -> Vec<Segment<'a>> {
+        let mut segments = Vec::new();
+        let (mut start, mut at) = (0, 0);
+        while at < text.len() {
+            match self.added_split.iter().find(|t| text[at..].starts_with(t.as_str())) {
+                Some(token) => {
+                    if start < at {
+                        segments.push(Segment::Text(&text[start..at]));
+                    }
+                    segments.push(Segment::Token(token));
+                    at += token.len();
+                    start = at;
+                }
+                None => at += text[at..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        if start < text.len() {
+            segments.push(Segment::Text(&text[start..]));
+        }
+        segments
+    }
+
+    /// transformers' `tokenize`: the text after an `rstrip` token loses its leading whitespace,
+    /// the text before an `lstrip` token its trailing whitespace (Python's `str.isspace`).
+    fn strip_beside(&self, segments: &mut [Segment]) {
+        for i in 0..segments.len() {
+            let Segment::Token(token) = segments[i] else { continue };
+            let Some(&(lstrip, rstrip)) = self.strip.get(token) else { continue };
+            if let (true, Some(Segment::Text(right))) = (rstrip, segments.get_mut(i + 1)) {
+                *right = right.trim_start_matches(py_space);
+            }
+            if let (true, Some(Segment::Text(left))) =
+                (lstrip, i.checked_sub(1).and_then(|j| segments.get_mut(j)))
+            {
+                *left = left.trim_end_matches(py_space);
+            }
+        }
     }
 
     /// `text` as `inner` reads it (see [`Normalize`]).
@@ -349,30 +449,22 @@ impl Tokenizer {
         Ok(())
     }
 
-    /// [`Tokenizer::encode`] for transformers' legacy `LlamaTokenizer`: the text is cut at
-    /// [`Tokenizer::legacy_split`] tokens (earliest, then longest match, as its trie does) and
-    /// every other piece is encoded by itself, each with its own dummy prefix.
-    fn encode_legacy(&self, text: &str, ids: &mut Vec<u32>) -> Result<()> {
-        let segment = |piece: &str, ids: &mut Vec<u32>| -> Result<()> {
-            if !piece.is_empty() {
-                ids.extend_from_slice(self.encode_prepared(&self.prepare(piece), text)?.get_ids());
-            }
-            Ok(())
-        };
-        let (mut start, mut at) = (0, 0);
-        while at < text.len() {
-            match self.legacy_split.iter().find(|t| text[at..].starts_with(t.as_str())) {
-                Some(token) => {
-                    segment(&text[start..at], ids)?;
+    /// [`Tokenizer::encode`] for transformers' legacy `LlamaTokenizer`: each text segment
+    /// between tokens ([`Tokenizer::split_added`]) is encoded by itself, each with its own dummy
+    /// prefix (`text`, the whole, names errors).
+    fn encode_legacy(&self, segments: &[Segment], text: &str, ids: &mut Vec<u32>) -> Result<()> {
+        for s in segments {
+            match *s {
+                Segment::Text("") => {}
+                Segment::Text(piece) => {
+                    ids.extend_from_slice(self.encode_prepared(&self.prepare(piece), text)?.get_ids())
+                }
+                Segment::Token(token) => {
                     let id = self.token_to_id(token);
                     ids.push(id.ok_or_else(|| tok_err(&self.origin, format!("{token:?} has no id")))?);
-                    at += token.len();
-                    start = at;
                 }
-                None => at += text[at..].chars().next().map_or(1, char::len_utf8),
             }
         }
-        segment(&text[start..], ids)?;
         Ok(())
     }
 
@@ -981,6 +1073,10 @@ mod tests {
             (r#"{"added_tokens_decoder": {"256": {"content": "<s>"}}}"#, "is already id 1"),
             (r#"{"added_tokens_decoder": {"x": {"content": "<s>"}}}"#, "key \"x\" is not an id"),
             (r#"{"added_tokens_decoder": []}"#, "not an object"),
+            (
+                r#"{"added_tokens_decoder": {"256": {"content": "<image>", "single_word": true}}}"#,
+                "\"<image>\" (id 256) is single_word, which is not supported",
+            ),
         ];
         for (config, want) in bad {
             let err = load(config, None).unwrap_err().to_string();
@@ -993,6 +1089,33 @@ mod tests {
         {
             let err = load("{}", Some(added)).unwrap_err().to_string();
             assert!(err.contains("added_tokens.json") && err.contains(want), "{added}: {err}");
+        }
+    }
+
+    /// lstrip / rstrip drop the whitespace beside a token, up to the next token, legacy or not
+    /// (tests/interop.rs checks the ids against transformers); Python's whitespace includes
+    /// U+001C–U+001F, which Rust's does not.
+    #[test]
+    fn added_tokens_strip_the_whitespace_beside_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture("llava-tiny/tokenizer.model"), dir.path().join("tokenizer.model")).unwrap();
+        let load = |legacy: bool, lstrip: bool, rstrip: bool| {
+            let config = serde_json::json!({"legacy": legacy, "added_tokens_decoder": {
+                "256": {"content": "<image>", "special": true, "lstrip": lstrip, "rstrip": rstrip}}});
+            std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+            Tokenizer::from_dir(dir.path()).unwrap()
+        };
+        for legacy in [true, false] {
+            let plain = load(legacy, false, false);
+            let enc = |tok: &Tokenizer, text: &str| tok.encode(text, false).unwrap();
+            let (both, left, right) =
+                (load(legacy, true, true), load(legacy, true, false), load(legacy, false, true));
+            assert_eq!(enc(&both, "a \u{1c}\t<image>\n b"), enc(&plain, "a<image>b"), "legacy {legacy}");
+            assert_eq!(enc(&left, "a  <image>  b"), enc(&plain, "a<image>  b"), "legacy {legacy}");
+            assert_eq!(enc(&right, "a  <image>  b"), enc(&plain, "a  <image>b"), "legacy {legacy}");
+            // Only up to the neighbouring token: `<s>` keeps the space after it.
+            assert_eq!(enc(&left, "<s> <image>"), enc(&plain, "<s><image>"), "legacy {legacy}");
+            assert_eq!(enc(&right, "<image> </s> x"), enc(&plain, "<image></s> x"), "legacy {legacy}");
         }
     }
 

@@ -294,6 +294,31 @@ pub struct AddedToken {
     pub content: String,
     /// Special (skipped when decoding with `skip_special_tokens`).
     pub special: bool,
+    /// transformers' `lstrip`: the whitespace before the token in a text is dropped before the
+    /// rest is encoded.
+    pub lstrip: bool,
+    /// transformers' `rstrip`: the same for the whitespace after it.
+    pub rstrip: bool,
+    /// transformers' `single_word`: the token is only one where it stands as a word.
+    pub single_word: bool,
+}
+
+impl AddedToken {
+    /// A token without `lstrip`, `rstrip` or `single_word`.
+    fn plain(id: u32, content: String, special: bool) -> Self {
+        AddedToken { id, content, special, lstrip: false, rstrip: false, single_word: false }
+    }
+
+    /// `plain`, with the flags an `added_tokens_decoder` / `added_tokens` entry sets.
+    fn with_flags(id: u32, content: String, special: bool, entry: &serde_json::Value) -> Self {
+        let flag = |key: &str| entry.get(key).and_then(serde_json::Value::as_bool).unwrap_or(false);
+        AddedToken {
+            lstrip: flag("lstrip"),
+            rstrip: flag("rstrip"),
+            single_word: flag("single_word"),
+            ..Self::plain(id, content, special)
+        }
+    }
 }
 
 /// The tokens an HF directory adds to its SentencePiece model, in id order, read where
@@ -352,7 +377,7 @@ fn added_tokens_decoder(config: &serde_json::Value) -> Option<std::result::Resul
             .and_then(serde_json::Value::as_str)
             .ok_or_else(|| format!("added_tokens_decoder[{id}] has no string 'content'"))?;
         let special = entry.get("special").and_then(serde_json::Value::as_bool).unwrap_or(false);
-        Ok(AddedToken { id, content: content.to_owned(), special })
+        Ok(AddedToken::with_flags(id, content.to_owned(), special, entry))
     };
     Some(entries.iter().map(token).collect())
 }
@@ -365,7 +390,7 @@ fn added_tokens_json(map: &serde_json::Value) -> Option<std::result::Result<Vec<
             .as_u64()
             .and_then(|i| u32::try_from(i).ok())
             .ok_or_else(|| format!("{text:?}: {id} is not an id"))?;
-        Ok(AddedToken { id, content: text.clone(), special: true })
+        Ok(AddedToken::plain(id, text.clone(), true))
     };
     Some(entries.iter().map(token).collect())
 }
@@ -379,7 +404,7 @@ fn tokenizer_json_added(v: &serde_json::Value) -> Option<std::result::Result<Vec
         match (id, t.get("content").and_then(serde_json::Value::as_str)) {
             (Some(id), Some(content)) => {
                 let special = t.get("special").and_then(serde_json::Value::as_bool).unwrap_or(false);
-                Ok(AddedToken { id, content: content.to_owned(), special })
+                Ok(AddedToken::with_flags(id, content.to_owned(), special, t))
             }
             _ => Err(format!("added_tokens entry {t} is not an id and a content")),
         }
