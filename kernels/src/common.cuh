@@ -293,6 +293,34 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool vali
                  : "memory");
 #endif
 }
+// 4 bytes global → shared, asynchronously (.ca); `valid` false zero-fills them without reading
+// `src`. Both addresses 4-byte aligned.
+__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool valid) {
+#ifdef SHARDSMITH_EMU
+    emu::cp_async(dst, src, 4, valid ? 4 : 0);
+#else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 4 : 0)
+                 : "memory");
+#endif
+}
+
+// stage_lse_delta's rows by cp.async, in the caller's next commit group, so that no thread
+// stalls on the loads before the barrier that follows (the synchronous version held every
+// step of flash_bwd_wg for a global load's latency): lse as it is (the caller scales it by
+// log2 e where it reads it, the same rounding) and Δ, both zero past T. A query row past T
+// then gets P = 2^(0 − 0) = 1 instead of 0, which changes nothing when its Q and dO rows are
+// zero-filled (wg_tile_load): its dP, hence dS, is 0, and P·dO adds zeros.
+template <int N, int NTH>
+__device__ __forceinline__ void stage_lse_delta_async(float *sl, float *sd, const float *__restrict__ lse,
+                                                      const float *__restrict__ delta, size_t loff, int q0, int t) {
+    for (int i = threadIdx.x; i < 2 * N; i += NTH) {
+        const int r = i % N;
+        const bool ok = q0 + r < t;
+        cp_async4(i < N ? sl + r : sd + r, (i < N ? lse : delta) + loff + (ok ? q0 + r : 0), ok);
+    }
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #ifdef SHARDSMITH_EMU
     emu::cp_async_commit();

@@ -261,14 +261,17 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 //   2. dV += Pᵀ dO, dK += dSᵀ Q   4 × wgmma.m64n128k16, A = Pᵀ / dSᵀ from registers, B = dO / Q
 //      MN-major (.trans): dK, dV of the warpgroup's 64 keys accumulate in registers (64 floats
 //      each a thread) over the whole group.
-//   3. dQ += dS K   warpgroup w: the step's 64 queries × head-dim half w, over the block's keys
-//      (up to the diagonal): A = dS from the stored dSᵀ (MN-major), B = K (MN-major); added to
+//   3. dQ += dS K   warpgroup w: the step's 64 queries × head-dim half w, over the block's 128
+//      keys: A = dS from the stored dSᵀ (MN-major), B = K (MN-major); added to
 //      dq_acc (f32, zero-filled, [B, Hq, T, D]) by atomic_add2. Phase 2's products are waited
 //      for together with phase 3's, so they run across the barrier between the two.
-// A warpgroup whose keys all lie past the step's queries skips 1 and 2 (and 3 never reads its
-// dSᵀ rows). Smem wg_bwd_smem_bytes: K, V [128], Q, dO [2][64] rows of D, dSᵀ [128][64] bf16, all
+// A warpgroup whose keys all lie past the step's queries (warpgroup 1 in a block's first step)
+// skips 1 and 2 and stores zeros as its dSᵀ rows, so that 3 always runs its eight products as
+// one wgmma group (an early exit there made ptxas issue each product as a group of its own,
+// waiting for the one before: seen in the SASS). Smem wg_bwd_smem_bytes: K, V [128], Q, dO [2][64] rows of D, dSᵀ [128][64] bf16, all
 // in the canonical layout (dSᵀ: core matrix (key/8, query/8) at ((key/8)·8 + query/8)·128);
-// lse·log2 e and Δ [2][64] f32: 145 KB at D = 128, one block an SM.
+// lse and Δ [2][64] f32 (by 4-byte cp.async with the tiles: stage_lse_delta_async): 145 KB at
+// D = 128, one block an SM.
 // Numerics as flash_bwd_kv64_tc<D, true> (P, dS rounded to bf16 before the products).
 constexpr int WGB_BQ = 64;
 template <int D> __host__ __device__ constexpr int wg_bwd_smem_bytes() {
@@ -311,7 +314,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
         wg_tile_load<D, WGB_BQ>(sQ + buf * QT, q + qoff, q0, t);
         wg_tile_load<D, WGB_BQ>(sdO + buf * QT, dout + qoff, q0, t);
-        stage_lse_delta<WGB_BQ, WG_THREADS>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t);
+        stage_lse_delta_async<WGB_BQ, WG_THREADS>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t);
     };
     wg_tile_load<D, 128>(sK, k + kvoff, k0, t);
     wg_tile_load<D, 128>(sV, v + kvoff, k0, t);
@@ -362,7 +365,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int qi = 8 * j + 2 * tq + (i & 1);  // query q0 + qi
-                    float p = fast_exp2(fmaf(st[j][i], sl2, -cL[qi]));
+                    float p = fast_exp2(fmaf(st[j][i], sl2, -(cL[qi] * LOG2E)));  // cL: lse
                     if (diag && rk0 + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
                     st[j][i] = p;
                 }
@@ -400,11 +403,18 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
             }
             wgmma_commit();  // waited for after phase 3's products are issued
+        } else {
+            // Its dSᵀ rows are zeros (every key past every query), stored so that phase 3 runs
+            // all eight of its products as one group: a product skipped there by a branch made
+            // ptxas issue each of them as its own serialised group.
+            uint4 *rows = reinterpret_cast<uint4 *>(sdS + 64 * wg * WGB_BQ);  // 8 KB, contiguous
+#pragma unroll
+            for (int i = threadIdx.x % 128; i < 64 * WGB_BQ * 2 / 16; i += 128) rows[i] = make_uint4(0, 0, 0, 0);
         }
         wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
         __syncthreads();
 
-        {  // 3. dQ [64 queries][head-dim half wg] += dS K over keys k0 .. up to the last query
+        {  // 3. dQ [64 queries][head-dim half wg] += dS K over the block's 128 keys
             float acc[8][4];
             // keys 16·kk ..: 2 row groups of dSᵀ and of K (this warpgroup's 64 columns of K)
             const uint64_t ds_desc = wgmma_desc(sdS, DS_LBO, DS_SBO);
@@ -412,11 +422,9 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             wgmma_pin(acc);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < 128 / 16; ++kk) {
-                if (k0 + 16 * kk > q0 + WGB_BQ - 1) break;  // these keys lie past every query
+            for (int kk = 0; kk < 128 / 16; ++kk)
                 wgmma_ss_m64n64k16_tt(acc, wgmma_desc_add(ds_desc, 2 * DS_LBO * kk),
                                       wgmma_desc_add(k_mn, 2 * MN_LBO * kk), kk > 0);
-            }
             wgmma_commit();
             wgmma_wait<0>();  // phase 2's and phase 3's products
             wgmma_pin(acc);
