@@ -269,6 +269,24 @@ __device__ __forceinline__ void require_smem(unsigned need, unsigned threads = 0
 #endif
 }
 
+// The (tile, head, batch) a block of an attention grid (tiles, heads, batch) works on, read from
+// its linear index with the tile slowest. The block scheduler starts blocks in linear order (x
+// fastest), and the causal kernels number their tiles heaviest first, so the whole grid now
+// runs longest-first: every head's and sequence's tile 0 starts before any tile 1. Taken
+// straight from blockIdx, the order was longest-first only within a head, the last heads'
+// heaviest tiles started last, and the GPU ended on a tail of them (with 2048 blocks over 132
+// SMs, up to one heaviest tile, ~1/8 of a causal B2 H32 S4096 pass). A bijection of the grid:
+// launches are unchanged, each block does what some block did before.
+struct GridTile {
+    int tile, head, batch;
+};
+__device__ __forceinline__ GridTile heaviest_first() {
+    const unsigned hb = gridDim.y * gridDim.z;
+    const unsigned linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const unsigned rest = linear % hb;
+    return {(int)(linear / hb), (int)(rest % gridDim.y), (int)(rest / gridDim.y)};
+}
+
 // For the attention backward kernels: lse·log2 e and Δ of queries q0 .. q0 + N of one head (loff:
 // the head's offset into [B, Hq, T]) into shared memory, +∞ and 0 past T (so P = 0 there); NTH
 // threads share the work.

@@ -27,6 +27,9 @@
 //                           atomics: 5 tile products, no dQ kernel. The launcher picks one of
 //                           dq + dkdv, dq + dkdv64, dkdvdq, or flash_wg.cu's wgmma backward
 //                           (ops::attention::FlashBackward).
+// Block order (every kernel here and in flash_wg.cu): a block reads its (tile, head, batch) from
+//   its linear index, tile slowest (common.cuh's heaviest_first), so "block i" below means the
+//   i-th tile of every head, and the heaviest tiles of all heads start first.
 // f32 kernels (4 warps = 128 threads per block; PAD = 16 bytes of T per shared row against bank
 //   conflicts; LD = D + PAD; global tiles move in 16-byte chunks when 16-byte aligned):
 //   flash_fwd_f32_dD  grid (⌈T/64⌉, Hq, B); block i handles query tile ⌈T/64⌉−1−i (longest first),
@@ -115,8 +118,9 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
     T *sVt = sK + BC * LD;                  // [D][LDV]: V transposed, so P·V reads 32-bit pairs
 
     const int nq = (t + BR - 1) / BR;
-    const int qt = nq - 1 - (int)blockIdx.x;
-    const int h = blockIdx.y, b = blockIdx.z;
+    const GridTile at = heaviest_first();
+    const int qt = nq - 1 - at.tile;
+    const int h = at.head, b = at.batch;
     const int hkv = h / (hq / hk);
     const T *qh = q + ((size_t)b * hq + h) * t * D;
     const T *kh = k + ((size_t)b * hk + hkv) * t * D;
@@ -244,7 +248,8 @@ __device__ void flash_bwd(const T *__restrict__ q, const T *__restrict__ k, cons
     float *sL = reinterpret_cast<float *>(sdS + BQ * LDK);
     float *sDl = sL + BQ;
 
-    const int kt = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
+    const GridTile at = heaviest_first();
+    const int kt = at.tile, hkv = at.head, b = at.batch;
     const int group = hq / hk;
     const int k0 = kt * BC;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -450,11 +455,12 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
     bf16 *sV = sK + 2 * TC_BN * LDS;
 
     const int nq = (t + TC_BM - 1) / TC_BM;
-    const int qt = nq - 1 - (int)blockIdx.x;
-    const int hkv = blockIdx.y / (hq / hk);
-    const bf16 *qh = q + ((size_t)blockIdx.z * hq + blockIdx.y) * t * D;
-    const bf16 *kh = k + ((size_t)blockIdx.z * hk + hkv) * t * D;
-    const bf16 *vh = v + ((size_t)blockIdx.z * hk + hkv) * t * D;
+    const GridTile at = heaviest_first();
+    const int qt = nq - 1 - at.tile;
+    const int hkv = at.head / (hq / hk);
+    const bf16 *qh = q + ((size_t)at.batch * hq + at.head) * t * D;
+    const bf16 *kh = k + ((size_t)at.batch * hk + hkv) * t * D;
+    const bf16 *vh = v + ((size_t)at.batch * hk + hkv) * t * D;
     const int q0 = qt * TC_BM;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int wr0 = 16 * MT * warp;  // this warp's first row in the tile
@@ -573,8 +579,9 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
         __syncthreads();  // the next iteration's loads overwrite this tile's buffer
     }
 
-    // (the head's offset recomputed from blockIdx: nothing of it stays live across the loop)
-    const size_t hoff = ((size_t)blockIdx.z * hq + blockIdx.y) * t;
+    // (the head's offset recomputed: nothing of `at` stays live across the loop)
+    const GridTile here = heaviest_first();
+    const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
     bf16 *oh = o + hoff * D;
     float *lh = lse + hoff;
 #pragma unroll
@@ -621,12 +628,13 @@ __device__ void flash_bwd_dq_tc(const bf16 *__restrict__ q, const bf16 *__restri
     bf16 *sV = sK + 2 * DQ_BN * LDS;
 
     const int nq = (t + TC_BM - 1) / TC_BM;
-    const int qt = nq - 1 - (int)blockIdx.x;
-    const int hkv = blockIdx.y / (hq / hk);
-    const size_t qoff = ((size_t)blockIdx.z * hq + blockIdx.y) * t * D;
-    const size_t loff = ((size_t)blockIdx.z * hq + blockIdx.y) * t;
-    const bf16 *kh = k + ((size_t)blockIdx.z * hk + hkv) * t * D;
-    const bf16 *vh = v + ((size_t)blockIdx.z * hk + hkv) * t * D;
+    const GridTile at = heaviest_first();
+    const int qt = nq - 1 - at.tile;
+    const int hkv = at.head / (hq / hk);
+    const size_t qoff = ((size_t)at.batch * hq + at.head) * t * D;
+    const size_t loff = ((size_t)at.batch * hq + at.head) * t;
+    const bf16 *kh = k + ((size_t)at.batch * hk + hkv) * t * D;
+    const bf16 *vh = v + ((size_t)at.batch * hk + hkv) * t * D;
     const int q0 = qt * TC_BM;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int wr0 = 16 * MT * warp, wq0 = q0 + wr0;
@@ -761,7 +769,8 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
     float *sL = reinterpret_cast<float *>(sdO + 2 * TC_BQ * LDS);  // [2][TC_BQ]
     float *sDl = sL + 2 * TC_BQ;                                    // [2][TC_BQ]
 
-    const int kt = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
+    const GridTile at = heaviest_first();
+    const int kt = at.tile, hkv = at.head, b = at.batch;
     const int group = hq / hk;
     const int k0 = kt * TC_BK;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -900,8 +909,9 @@ __device__ void flash_bwd_kv64_tc(const bf16 *__restrict__ q, const bf16 *__rest
     float *sL = reinterpret_cast<float *>(sdS + TC_BK * LDP);       // [2][KV_BQ]
     float *sDl = sL + 2 * KV_BQ;                                    // [2][KV_BQ]
 
-    const int hkv = blockIdx.y, b = blockIdx.z, group = hq / hk;
-    const int k0 = blockIdx.x * TC_BK;
+    const GridTile at = heaviest_first();
+    const int hkv = at.head, b = at.batch, group = hq / hk;
+    const int k0 = at.tile * TC_BK;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int kr = 32 * (warp & 3);  // phases 1, 2: this warp's keys k0 + kr ..
     const int qc = 32 * (warp >> 2);  // phase 1: its queries q0 + qc ..

@@ -8,8 +8,9 @@
 //
 // Shapes as flash_attn.cu: q, o [B, Hq, T, D] and k, v [B, Hk, T, D] bf16, row-major contiguous
 // (16-byte aligned; the launcher checks), Hq % Hk == 0; lse [B, Hq, T] f32; D ∈ {64, 128}.
-// Geometry: grid (⌈T/128⌉, Hq, B), 256 threads = 2 warpgroups × 64 query rows; block i takes
-// query tile ⌈T/128⌉−1−i (longest first). BN-key tiles (64; 128 for `_n128`, D 128 only) from 0
+// Geometry: grid (⌈T/128⌉, Hq, B), 256 threads = 2 warpgroups × 64 query rows; block i (the
+// i-th tile of every head: common.cuh's heaviest_first) takes query tile ⌈T/128⌉−1−i (longest
+// first). BN-key tiles (64; 128 for `_n128`, D 128 only) from 0
 // up to the diagonal (causal) or T:
 //   S = Q Kᵀ   D/16 × wgmma.m64nBNk16, Q from registers (its A fragments, read once from shared
 //              memory: wg_load_a), K from shared memory (K-major);
@@ -95,11 +96,12 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     bf16 *sV = sK + 2 * TILE;                     // [2][BN rows]
 
     const int nq = (t + WG_BM - 1) / WG_BM;
-    const int q0 = (nq - 1 - (int)blockIdx.x) * WG_BM;
-    const int hkv = blockIdx.y / (hq / hk);
-    const bf16 *qh = q + ((size_t)blockIdx.z * hq + blockIdx.y) * t * D;
-    const bf16 *kh = k + ((size_t)blockIdx.z * hk + hkv) * t * D;
-    const bf16 *vh = v + ((size_t)blockIdx.z * hk + hkv) * t * D;
+    const GridTile at = heaviest_first();
+    const int q0 = (nq - 1 - at.tile) * WG_BM;
+    const int hkv = at.head / (hq / hk);
+    const bf16 *qh = q + ((size_t)at.batch * hq + at.head) * t * D;
+    const bf16 *kh = k + ((size_t)at.batch * hk + hkv) * t * D;
+    const bf16 *vh = v + ((size_t)at.batch * hk + hkv) * t * D;
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int wq0 = q0 + 64 * wg;        // this warpgroup's first query
@@ -231,7 +233,8 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     wgmma_wait<0>();
     wgmma_pin(acc);
 
-    const size_t hoff = ((size_t)blockIdx.z * hq + blockIdx.y) * t;
+    const GridTile here = heaviest_first();  // recomputed: nothing of `at` stays live across the loop
+    const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
     bf16 *oh = o + hoff * D;
     float *lh = lse + hoff;
 #pragma unroll
@@ -298,8 +301,9 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     float *sL = reinterpret_cast<float *>(sdS + 128 * WGB_BQ);  // [2][64]
     float *sDl = sL + 2 * WGB_BQ;                                // [2][64]
 
-    const int hkv = blockIdx.y, b = blockIdx.z, group = hq / hk;
-    const int k0 = blockIdx.x * 128;
+    const GridTile at = heaviest_first();
+    const int hkv = at.head, b = at.batch, group = hq / hk;
+    const int k0 = at.tile * 128;
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int wk0 = k0 + 64 * wg;      // this warpgroup's first key
