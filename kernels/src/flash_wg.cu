@@ -271,8 +271,10 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // A warpgroup whose keys all lie past the step's queries (warpgroup 1 in a block's first step)
 // skips 1 and 2 and stores zeros as its dSᵀ rows, so that 3 always runs its eight products as
 // one wgmma group (an early exit there made ptxas issue each product as a group of its own,
-// waiting for the one before: seen in the SASS). Smem wg_bwd_smem_bytes: K, V [128], Q, dO [2][64] rows of D, dSᵀ [128][64] bf16, all
-// in the canonical layout (dSᵀ: core matrix (key/8, query/8) at ((key/8)·8 + query/8)·128);
+// waiting for the one before: seen in the SASS). Two barriers a step: one before 1 (this step's
+// tiles visible, the last step's buffers free: only then are the next step's loads issued) and
+// one before 3 (dSᵀ complete). Smem wg_bwd_smem_bytes: K, V [128], Q, dO [2][64] rows of D,
+// dSᵀ [128][64] bf16, all in the canonical layout (dSᵀ: core matrix (key/8, query/8) at ((key/8)·8 + query/8)·128);
 // lse and Δ [2][64] f32 (by 4-byte cp.async with the tiles: stage_lse_delta_async): 145 KB at
 // D = 128, one block an SM.
 // Numerics as flash_bwd_kv64_tc<D, true> (P, dS rounded to bf16 before the products).
@@ -333,11 +335,14 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     const bf16 *wK = sK + 64 * wg * D, *wV = sV + 64 * wg * D;  // this warpgroup's 64 keys
 
     for (int s = 0; s < steps; ++s) {
-        if (s + 1 < steps) issue(s + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
+        // Step s's tiles (loaded during step s − 1) → visible to every thread and to wgmma. The
+        // barrier also means every thread is done with step s − 1, whose buffers the next loads
+        // and this step's dSᵀ stores reuse: one barrier where there were two.
+        cp_async_wait<0>();
         wgmma_fence_smem();
         __syncthreads();
+        if (s + 1 < steps) issue(s + 1);
+        cp_async_commit();
         const int q0 = k0 + (s % nqt) * WGB_BQ, buf = s & 1;
         const bf16 *cQ = sQ + buf * QT, *cdO = sdO + buf * QT;
         const float *cL = sL + buf * WGB_BQ, *cDl = sDl + buf * WGB_BQ;
@@ -373,7 +378,20 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                     if (diag && rk0 + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
                     st[j][i] = p;
                 }
-            wgmma_wait<0>();
+            // 2a. dV += Pᵀ dO over the step's 64 queries, 16 at a time (A packed before the
+            // fence: registers wgmma reads are written first), issued now so that it runs while
+            // dSᵀ is computed.
+            const uint64_t o_mn = wgmma_desc(cdO, MN_LBO, MN_SBO), q_mn = wgmma_desc(cQ, MN_LBO, MN_SBO);
+#pragma unroll
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
+            wgmma_pin(dv_acc);
+            wgmma_pin(ap);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk)  // queries 16·kk ..: row groups 2kk, 2kk + 1
+                wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
+            wgmma_commit();
+            wgmma_wait<1>();  // dPᵀ done (the older group), dV in flight
             wgmma_pin(dpt);
 #pragma unroll
             for (int j = 0; j < WGB_BQ / 8; ++j)
@@ -388,25 +406,16 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                     const int at = ((key / 8) * (WGB_BQ / 8) + j) * 64 + (key % 8) * 8 + 2 * tq;
                     *reinterpret_cast<uint32_t *>(sdS + at) = pack_bf16(dpt[j][2 * r], dpt[j][2 * r + 1]);
                 }
-            // 2. dV += Pᵀ dO, dK += dSᵀ Q over the step's 64 queries, 16 at a time; the A
-            // fragments are packed before the fence (registers wgmma reads are written first).
+            // 2b. dK += dSᵀ Q, the same way.
 #pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk) {
-                acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
-                acc_to_a(ad[kk], dpt[2 * kk], dpt[2 * kk + 1]);
-            }
-            wgmma_pin(dv_acc);
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ad[kk], dpt[2 * kk], dpt[2 * kk + 1]);
             wgmma_pin(dk_acc);
-            wgmma_pin(ap);
             wgmma_pin(ad);
-            const uint64_t o_mn = wgmma_desc(cdO, MN_LBO, MN_SBO), q_mn = wgmma_desc(cQ, MN_LBO, MN_SBO);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk) {  // queries 16·kk ..: row groups 2kk, 2kk + 1
-                wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk)
                 wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
-            }
-            wgmma_commit();  // waited for after phase 3's products are issued
+            wgmma_commit();  // 2a and 2b are waited for after phase 3's products are issued
         } else {
             // Its dSᵀ rows are zeros (every key past every query), stored so that phase 3 runs
             // all eight of its products as one group: a product skipped there by a branch made
@@ -447,7 +456,6 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                     atomic_add2(dqh + (size_t)query * D + 64 * wg + 8 * j + 2 * tq, acc[j][0 + 2 * r], acc[j][1 + 2 * r]);
             }
         }
-        __syncthreads();  // the next step's loads and dSᵀ stores overwrite this step's buffers
     }
 
     bf16 *dkh = dk + kvoff, *dvh = dv + kvoff;
