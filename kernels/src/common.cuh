@@ -287,19 +287,6 @@ __device__ __forceinline__ GridTile heaviest_first() {
     return {(int)(linear / hb), (int)(rest % gridDim.y), (int)(rest / gridDim.y)};
 }
 
-// For the attention backward kernels: lse·log2 e and Δ of queries q0 .. q0 + N of one head (loff:
-// the head's offset into [B, Hq, T]) into shared memory, +∞ and 0 past T (so P = 0 there); NTH
-// threads share the work.
-template <int N, int NTH>
-__device__ __forceinline__ void stage_lse_delta(float *sl, float *sd, const float *__restrict__ lse,
-                                                const float *__restrict__ delta, size_t loff, int q0, int t) {
-    for (int i = threadIdx.x; i < N; i += NTH) {
-        const bool ok = q0 + i < t;
-        sl[i] = ok ? lse[loff + q0 + i] * 1.4426950408889634f : INFINITY;  // × log2 e
-        sd[i] = ok ? delta[loff + q0 + i] : 0.f;
-    }
-}
-
 // 16 bytes global → shared, asynchronously (L2 only: .cg); `valid` false zero-fills the 16 bytes
 // without reading `src` (src-size 0). Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
@@ -323,12 +310,14 @@ __device__ __forceinline__ void cp_async4(void *dst, const void *src, bool valid
 #endif
 }
 
-// stage_lse_delta's rows by cp.async, in the caller's next commit group, so that no thread
-// stalls on the loads before the barrier that follows (the synchronous version held every
-// step of flash_bwd_wg for a global load's latency): lse as it is (the caller scales it by
-// log2 e where it reads it, the same rounding) and Δ, both zero past T. A query row past T
-// then gets P = 2^(0 − 0) = 1 instead of 0, which changes nothing when its Q and dO rows are
-// zero-filled (wg_tile_load): its dP, hence dS, is 0, and P·dO adds zeros.
+// For the attention backward kernels: lse and Δ of queries q0 .. q0 + N of one head (loff: the
+// head's offset into [B, Hq, T]) into shared memory by 4-byte cp.async, in the caller's next
+// commit group, so that no thread stalls on the loads before the barrier that follows (plain
+// loads and stores held every step for a global load's latency); NTH threads share the work.
+// lse as it is (the caller scales it by log2 e where it reads it: the same rounding), both zero
+// past T. A query row past T then gets P = 2^(0 − 0) = 1 rather than 0, which changes nothing
+// because its Q and dO rows are zero-filled by the tile loads: its dP, hence dS, is 0, and P·dO
+// adds zeros.
 template <int N, int NTH>
 __device__ __forceinline__ void stage_lse_delta_async(float *sl, float *sd, const float *__restrict__ lse,
                                                       const float *__restrict__ delta, size_t loff, int q0, int t) {

@@ -787,7 +787,7 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
         const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
         tile_load<D, TC_BQ>(sQ + buf * TC_BQ * LDS, q + qoff, q0, t, vec);
         tile_load<D, TC_BQ>(sdO + buf * TC_BQ * LDS, dout + qoff, q0, t, vec);
-        stage_lse_delta<TC_BQ, TC_THREADS>(sL + buf * TC_BQ, sDl + buf * TC_BQ, lse, delta, loff, q0, t);
+        stage_lse_delta_async<TC_BQ, TC_THREADS>(sL + buf * TC_BQ, sDl + buf * TC_BQ, lse, delta, loff, q0, t);
     };
     tile_load<D, TC_BK>(sK, k + kvoff, k0, t, vec);
     tile_load<D, TC_BK>(sV, v + kvoff, k0, t, vec);
@@ -834,7 +834,7 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int qc = 8 * nt + 2 * tq + (i & 1);
-                    float p = fast_exp2(fmaf(st[nt][i], sl2, -cL[qc]));
+                    float p = fast_exp2(fmaf(st[nt][i], sl2, -(cL[qc] * LOG2E)));  // cL: lse
                     if (diag && wk0 + g + 8 * (i >> 1) > q0 + qc) p = 0.f;
                     st[nt][i] = p;
                     dpt[nt][i] = p * (dpt[nt][i] - cDl[qc]) * scale;
@@ -929,7 +929,7 @@ __device__ void flash_bwd_kv64_tc(const bf16 *__restrict__ q, const bf16 *__rest
         const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
         tile_load<D, KV_BQ>(sQ + buf * KV_BQ * LDS, q + qoff, q0, t, vec);
         tile_load<D, KV_BQ>(sdO + buf * KV_BQ * LDS, dout + qoff, q0, t, vec);
-        stage_lse_delta<KV_BQ, TC_THREADS>(sL + buf * KV_BQ, sDl + buf * KV_BQ, lse, delta, loff, q0, t);
+        stage_lse_delta_async<KV_BQ, TC_THREADS>(sL + buf * KV_BQ, sDl + buf * KV_BQ, lse, delta, loff, q0, t);
     };
     tile_load<D, TC_BK>(sK, k + kvoff, k0, t, vec);
     tile_load<D, TC_BK>(sV, v + kvoff, k0, t, vec);
@@ -993,7 +993,7 @@ __device__ void flash_bwd_kv64_tc(const bf16 *__restrict__ q, const bf16 *__rest
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         const int qi = qc + 8 * nt + 2 * tq + (i & 1);  // query q0 + qi
-                        float p = live ? fast_exp2(fmaf(st[mt][nt][i], sl2, -cL[qi])) : 0.f;
+                        float p = live ? fast_exp2(fmaf(st[mt][nt][i], sl2, -(cL[qi] * LOG2E))) : 0.f;  // cL: lse
                         if (diag && wk0 + 16 * mt + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
                         st[mt][nt][i] = p;
                         dpt[mt][nt][i] = p * (dpt[mt][nt][i] - cDl[qi]) * scale;

@@ -73,8 +73,13 @@ template <int D> __device__ __forceinline__ void wg_load_a(uint32_t (&a)[D / 16]
 // column chunk (i/8) % (D/8).
 template <int D, int N> __device__ __forceinline__ void wg_tile_load(bf16 *dst, const bf16 *__restrict__ src, int r0, int t) {
     constexpr int C = D / 8;
+    // A whole number of chunks a thread (the kernels run WG_THREADS threads: require_smem), so
+    // the loop unrolls completely, without the bounds branches a strided loop from threadIdx
+    // compiles to.
+    static_assert(N * C % WG_THREADS == 0, "wg_tile_load: whole chunks per thread");
 #pragma unroll
-    for (int i = threadIdx.x; i < N * C; i += WG_THREADS) {
+    for (int it = 0; it < N * C / WG_THREADS; ++it) {
+        const int i = threadIdx.x + it * WG_THREADS;
         const int r8 = i % 8, c = (i / 8) % C, rg = i / 8 / C, r = 8 * rg + r8;
         const bool ok = r0 + r < t;
         cp_async16(dst + (rg * C + c) * 64 + r8 * 8, src + (size_t)(ok ? r0 + r : 0) * D + 8 * c, ok);
@@ -268,6 +273,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 //      keys: A = dS from the stored dSᵀ (MN-major), B = K (MN-major); added to
 //      dq_acc (f32, zero-filled, [B, Hq, T, D]) by atomic_add2. Phase 2's products are waited
 //      for together with phase 3's, so they run across the barrier between the two.
+// The next step's tiles are requested (cp.async) right after 1's products are issued.
 // A warpgroup whose keys all lie past the step's queries (warpgroup 1 in a block's first step)
 // skips 1 and 2 and stores zeros as its dSᵀ rows, so that 3 always runs its eight products as
 // one wgmma group (an early exit there made ptxas issue each product as a group of its own,
@@ -341,8 +347,13 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         cp_async_wait<0>();
         wgmma_fence_smem();
         __syncthreads();
-        if (s + 1 < steps) issue(s + 1);
-        cp_async_commit();
+        // The next step's loads (into the buffers step s − 1 used), issued once this step's
+        // first products are (or, in a warpgroup with none, at once): their address arithmetic
+        // then runs beside the tensor cores instead of before them.
+        auto issue_next = [&] {
+            if (s + 1 < steps) issue(s + 1);
+            cp_async_commit();
+        };
         const int q0 = k0 + (s % nqt) * WGB_BQ, buf = s & 1;
         const bf16 *cQ = sQ + buf * QT, *cdO = sdO + buf * QT;
         const float *cL = sL + buf * WGB_BQ, *cDl = sDl + buf * WGB_BQ;
@@ -366,6 +377,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             for (int ks = 0; ks < KS; ++ks)
                 wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
             wgmma_commit();
+            issue_next();
             wgmma_wait<1>();  // Sᵀ done, dPᵀ in flight
             wgmma_pin(st);
             const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
@@ -417,6 +429,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
             wgmma_commit();  // 2a and 2b are waited for after phase 3's products are issued
         } else {
+            issue_next();
             // Its dSᵀ rows are zeros (every key past every query), stored so that phase 3 runs
             // all eight of its products as one group: a product skipped there by a branch made
             // ptxas issue each of them as its own serialised group.
