@@ -488,14 +488,17 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
 
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * TC_BN;
+        // Tile j (loaded during iteration j − 1, or before the loop) → visible. The barrier also
+        // means every warp is done with tile j − 1, whose buffers the next loads reuse: one
+        // barrier an iteration (the loads still have the whole iteration to land).
+        cp_async_wait<0>();
+        __syncthreads();
         if (j + 1 < ntiles) {
             const int nb = (j + 1) & 1;
             tile_load<D, TC_BN, NTH>(sK + nb * TC_BN * LDS, kh, k0 + TC_BN, t, vec);
             tile_load<D, TC_BN, NTH>(sV + nb * TC_BN * LDS, vh, k0 + TC_BN, t, vec);
         }
-        cp_async_commit();  // possibly empty: keeps the wait count uniform
-        cp_async_wait<1>();
-        __syncthreads();
+        cp_async_commit();  // possibly empty
 #pragma unroll
         for (int kh0 = 0; kh0 < TC_BN; kh0 += KB) {
             const int kb0 = k0 + kh0;  // first key of this softmax step
@@ -576,7 +579,6 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
                 }
             }
         }
-        __syncthreads();  // the next iteration's loads overwrite this tile's buffer
     }
 
     // (the head's offset recomputed: nothing of `at` stays live across the loop)

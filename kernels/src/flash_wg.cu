@@ -151,12 +151,15 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     // shared memory (V lags K by a tile: K_{j+1} and V_j load meanwhile).
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * BN;
+        // K_j and V_{j−1} (loaded during iteration j − 1, K_0 before the loop) → visible to
+        // wgmma. The barrier also means every thread is done with iteration j − 1 (K_{j−1},
+        // V_{j−2}), whose buffers the next loads reuse: one barrier an iteration.
+        cp_async_wait<0>();
+        wgmma_fence_smem();  // this thread's cp.async data → visible to wgmma (async proxy)
+        __syncthreads();
         if (j + 1 < ntiles) wg_tile_load<D, BN>(sK + ((j + 1) & 1) * TILE, kh, k0 + BN, t);
         wg_tile_load<D, BN>(sV + (j & 1) * TILE, vh, k0, t);
         cp_async_commit();
-        cp_async_wait<1>();  // K_j and V_{j−1}: the previous group
-        wgmma_fence_smem();  // this thread's cp.async data → visible to wgmma (async proxy)
-        __syncthreads();
         // A warpgroup whose rows all precede the tile's keys (causal, 64-key tiles: warpgroup 0
         // in a block's last tile) still computes it, fully masked (p = 0, its max and O unchanged): skipping
         // makes ptxas serialise every wgmma of the kernel (C7520, a wgmma in a divergent path).
@@ -225,7 +228,6 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             for (int i = 0; i < 4; ++i) acc[nt][i] *= alpha[i >> 1];
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
-        __syncthreads();  // the next iteration's loads overwrite K_{j−1}'s and V_{j−1}'s buffers
     }
     // The last P·V (its V loaded in the last iteration's group).
     cp_async_wait<0>();
