@@ -183,16 +183,24 @@ template <class Op> struct AsyncGroups {
 
 // cp.async: each thread queues its copies; commit closes a group; wait_group(n) performs all but
 // the newest n committed groups. Copies therefore land as late as the PTX semantics allow, so a
-// read that is not covered by a wait (+ barrier) sees the stale contents.
+// read that is not covered by a wait (+ barrier) sees the stale contents. With `cp_at_issue`
+// they land as early as it allows instead, at issue: then a copy into a buffer other threads
+// still read (a missing barrier before the reload) corrupts what they read.
 struct CpAsync {
     void *dst;
     const void *src;
     int bytes, src_bytes;
 };
 inline thread_local AsyncGroups<CpAsync> cp_state;
+inline bool cp_at_issue = false;
 inline void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
     if (reinterpret_cast<uintptr_t>(dst) % bytes || (src_bytes && reinterpret_cast<uintptr_t>(src) % bytes))
         throw "emu: cp.async address misaligned";
+    if (cp_at_issue) {
+        std::memset(dst, 0, bytes);
+        if (src_bytes) std::memcpy(dst, src, src_bytes);
+        return;
+    }
     cp_state.open.push_back({dst, src, bytes, src_bytes});
 }
 inline void cp_async_commit() { cp_state.commit(); }

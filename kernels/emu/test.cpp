@@ -664,6 +664,18 @@ int main() {
     test_forward<128>(1, 1, 1, 40, true, 2e-2);
     test_forward<128>(1, 1, 1, 520, true, 2e-2);  // five 128-key tiles, the last partial
     test_forward<64>(1, 1, 1, 1, true, 2e-2);
+    // The pipelined attention kernels again with every cp.async landing at issue (emu.h): a
+    // tile reloaded while another thread still reads the buffer shows up here. Several tiles
+    // and steps, partial last ones, GQA, the synchronous path, both wgmma forwards.
+    std::printf("cp.async landing at issue:\n");
+    emu::cp_at_issue = true;
+    test_attention<bf16, 128>(1, 4, 2, 300, "bf16", 3e-2);
+    test_attention<bf16, 32>(2, 2, 2, 257, "bf16", 3e-2);
+    test_attention<bf16, 64>(1, 2, 1, 129, "bf16 misaligned", 3e-2, 1);
+    test_forward<128>(1, 4, 2, 300, true, 2e-2);
+    test_forward<128>(1, 1, 1, 520, true, 2e-2);
+    test_forward<64>(1, 2, 1, 161, false, 2e-2);
+    emu::cp_at_issue = false;
     std::printf(failures ? "%d FAILED\n" : "all ok\n", failures);
     return failures != 0;
 }

@@ -118,9 +118,9 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
     T *sVt = sK + BC * LD;                  // [D][LDV]: V transposed, so P·V reads 32-bit pairs
 
     const int nq = (t + BR - 1) / BR;
-    const GridTile at = heaviest_first();
-    const int qt = nq - 1 - at.tile;
-    const int h = at.head, b = at.batch;
+    const GridTile blk = heaviest_first();
+    const int qt = nq - 1 - blk.tile;
+    const int h = blk.head, b = blk.batch;
     const int hkv = h / (hq / hk);
     const T *qh = q + ((size_t)b * hq + h) * t * D;
     const T *kh = k + ((size_t)b * hk + hkv) * t * D;
@@ -248,8 +248,8 @@ __device__ void flash_bwd(const T *__restrict__ q, const T *__restrict__ k, cons
     float *sL = reinterpret_cast<float *>(sdS + BQ * LDK);
     float *sDl = sL + BQ;
 
-    const GridTile at = heaviest_first();
-    const int kt = at.tile, hkv = at.head, b = at.batch;
+    const GridTile blk = heaviest_first();
+    const int kt = blk.tile, hkv = blk.head, b = blk.batch;
     const int group = hq / hk;
     const int k0 = kt * BC;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -455,12 +455,12 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
     bf16 *sV = sK + 2 * TC_BN * LDS;
 
     const int nq = (t + TC_BM - 1) / TC_BM;
-    const GridTile at = heaviest_first();
-    const int qt = nq - 1 - at.tile;
-    const int hkv = at.head / (hq / hk);
-    const bf16 *qh = q + ((size_t)at.batch * hq + at.head) * t * D;
-    const bf16 *kh = k + ((size_t)at.batch * hk + hkv) * t * D;
-    const bf16 *vh = v + ((size_t)at.batch * hk + hkv) * t * D;
+    const GridTile blk = heaviest_first();
+    const int qt = nq - 1 - blk.tile;
+    const int hkv = blk.head / (hq / hk);
+    const bf16 *qh = q + ((size_t)blk.batch * hq + blk.head) * t * D;
+    const bf16 *kh = k + ((size_t)blk.batch * hk + hkv) * t * D;
+    const bf16 *vh = v + ((size_t)blk.batch * hk + hkv) * t * D;
     const int q0 = qt * TC_BM;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int wr0 = 16 * MT * warp;  // this warp's first row in the tile
@@ -581,7 +581,7 @@ __device__ void flash_fwd_tc(const bf16 *__restrict__ q, const bf16 *__restrict_
         }
     }
 
-    // (the head's offset recomputed: nothing of `at` stays live across the loop)
+    // (the head's offset recomputed: nothing of `blk` stays live across the loop)
     const GridTile here = heaviest_first();
     const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
     bf16 *oh = o + hoff * D;
@@ -630,13 +630,13 @@ __device__ void flash_bwd_dq_tc(const bf16 *__restrict__ q, const bf16 *__restri
     bf16 *sV = sK + 2 * DQ_BN * LDS;
 
     const int nq = (t + TC_BM - 1) / TC_BM;
-    const GridTile at = heaviest_first();
-    const int qt = nq - 1 - at.tile;
-    const int hkv = at.head / (hq / hk);
-    const size_t qoff = ((size_t)at.batch * hq + at.head) * t * D;
-    const size_t loff = ((size_t)at.batch * hq + at.head) * t;
-    const bf16 *kh = k + ((size_t)at.batch * hk + hkv) * t * D;
-    const bf16 *vh = v + ((size_t)at.batch * hk + hkv) * t * D;
+    const GridTile blk = heaviest_first();
+    const int qt = nq - 1 - blk.tile;
+    const int hkv = blk.head / (hq / hk);
+    const size_t qoff = ((size_t)blk.batch * hq + blk.head) * t * D;
+    const size_t loff = ((size_t)blk.batch * hq + blk.head) * t;
+    const bf16 *kh = k + ((size_t)blk.batch * hk + hkv) * t * D;
+    const bf16 *vh = v + ((size_t)blk.batch * hk + hkv) * t * D;
     const int q0 = qt * TC_BM;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int wr0 = 16 * MT * warp, wq0 = q0 + wr0;
@@ -771,8 +771,8 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
     float *sL = reinterpret_cast<float *>(sdO + 2 * TC_BQ * LDS);  // [2][TC_BQ]
     float *sDl = sL + 2 * TC_BQ;                                    // [2][TC_BQ]
 
-    const GridTile at = heaviest_first();
-    const int kt = at.tile, hkv = at.head, b = at.batch;
+    const GridTile blk = heaviest_first();
+    const int kt = blk.tile, hkv = blk.head, b = blk.batch;
     const int group = hq / hk;
     const int k0 = kt * TC_BK;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -911,9 +911,9 @@ __device__ void flash_bwd_kv64_tc(const bf16 *__restrict__ q, const bf16 *__rest
     float *sL = reinterpret_cast<float *>(sdS + TC_BK * LDP);       // [2][KV_BQ]
     float *sDl = sL + 2 * KV_BQ;                                    // [2][KV_BQ]
 
-    const GridTile at = heaviest_first();
-    const int hkv = at.head, b = at.batch, group = hq / hk;
-    const int k0 = at.tile * TC_BK;
+    const GridTile blk = heaviest_first();
+    const int hkv = blk.head, b = blk.batch, group = hq / hk;
+    const int k0 = blk.tile * TC_BK;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int kr = 32 * (warp & 3);  // phases 1, 2: this warp's keys k0 + kr ..
     const int qc = 32 * (warp >> 2);  // phase 1: its queries q0 + qc ..

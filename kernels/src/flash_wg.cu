@@ -101,12 +101,12 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     bf16 *sV = sK + 2 * TILE;                     // [2][BN rows]
 
     const int nq = (t + WG_BM - 1) / WG_BM;
-    const GridTile at = heaviest_first();
-    const int q0 = (nq - 1 - at.tile) * WG_BM;
-    const int hkv = at.head / (hq / hk);
-    const bf16 *qh = q + ((size_t)at.batch * hq + at.head) * t * D;
-    const bf16 *kh = k + ((size_t)at.batch * hk + hkv) * t * D;
-    const bf16 *vh = v + ((size_t)at.batch * hk + hkv) * t * D;
+    const GridTile blk = heaviest_first();
+    const int q0 = (nq - 1 - blk.tile) * WG_BM;
+    const int hkv = blk.head / (hq / hk);
+    const bf16 *qh = q + ((size_t)blk.batch * hq + blk.head) * t * D;
+    const bf16 *kh = k + ((size_t)blk.batch * hk + hkv) * t * D;
+    const bf16 *vh = v + ((size_t)blk.batch * hk + hkv) * t * D;
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int wq0 = q0 + 64 * wg;        // this warpgroup's first query
@@ -240,7 +240,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     wgmma_wait<0>();
     wgmma_pin(acc);
 
-    const GridTile here = heaviest_first();  // recomputed: nothing of `at` stays live across the loop
+    const GridTile here = heaviest_first();  // recomputed: nothing of `blk` stays live across the loop
     const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
     bf16 *oh = o + hoff * D;
     float *lh = lse + hoff;
@@ -311,9 +311,9 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     float *sL = reinterpret_cast<float *>(sdS + 128 * WGB_BQ);  // [2][64]
     float *sDl = sL + 2 * WGB_BQ;                                // [2][64]
 
-    const GridTile at = heaviest_first();
-    const int hkv = at.head, b = at.batch, group = hq / hk;
-    const int k0 = at.tile * 128;
+    const GridTile blk = heaviest_first();
+    const int hkv = blk.head, b = blk.batch, group = hq / hk;
+    const int k0 = blk.tile * 128;
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int wk0 = k0 + 64 * wg;      // this warpgroup's first key
