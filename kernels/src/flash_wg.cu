@@ -157,9 +157,13 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         cp_async_wait<0>();
         wgmma_fence_smem();  // this thread's cp.async data → visible to wgmma (async proxy)
         __syncthreads();
-        if (j + 1 < ntiles) wg_tile_load<D, BN>(sK + ((j + 1) & 1) * TILE, kh, k0 + BN, t);
-        wg_tile_load<D, BN>(sV + (j & 1) * TILE, vh, k0, t);
-        cp_async_commit();
+        // K_{j+1} and V_j, requested once this iteration's products are issued (below): their
+        // address arithmetic runs beside the tensor cores.
+        auto load_next = [&] {
+            if (j + 1 < ntiles) wg_tile_load<D, BN>(sK + ((j + 1) & 1) * TILE, kh, k0 + BN, t);
+            wg_tile_load<D, BN>(sV + (j & 1) * TILE, vh, k0, t);
+            cp_async_commit();
+        };
         // A warpgroup whose rows all precede the tile's keys (causal, 64-key tiles: warpgroup 0
         // in a block's last tile) still computes it, fully masked (p = 0, its max and O unchanged): skipping
         // makes ptxas serialise every wgmma of the kernel (C7520, a wgmma in a divergent path).
@@ -179,8 +183,10 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         wgmma_commit();
         if (j > 0) {
             issue_pv(sV + ((j - 1) & 1) * TILE);
+            load_next();
             wgmma_wait<1>();  // S done (the older group), P·V still in flight
         } else {
+            load_next();
             wgmma_wait<0>();
         }
         wgmma_pin(s);
