@@ -668,14 +668,16 @@ __device__ void flash_bwd_dq_tc(const bf16 *__restrict__ q, const bf16 *__restri
 
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * DQ_BN;
+        // Tile j → visible; every warp done with tile j − 1, whose buffers the next loads reuse
+        // (one barrier an iteration, as in the forward).
+        cp_async_wait<0>();
+        __syncthreads();
         if (j + 1 < ntiles) {
             const int nb = (j + 1) & 1;
             tile_load<D, DQ_BN, NTH>(sK + nb * DQ_BN * LDS, kh, k0 + DQ_BN, t, vec);
             tile_load<D, DQ_BN, NTH>(sV + nb * DQ_BN * LDS, vh, k0 + DQ_BN, t, vec);
         }
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
 #pragma unroll
         for (int kh0 = 0; kh0 < DQ_BN; kh0 += KB) {
             const int kb0 = k0 + kh0;
@@ -734,7 +736,6 @@ __device__ void flash_bwd_dq_tc(const bf16 *__restrict__ q, const bf16 *__restri
                 }
             }
         }
-        __syncthreads();
     }
 
     bf16 *dqh = dq + qoff;
@@ -803,10 +804,12 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
         for (int i = 0; i < 4; ++i) dk_acc[nt][i] = dv_acc[nt][i] = 0.f;
 
     for (int s = 0; s < steps; ++s) {
+        // Step s's tiles → visible; every warp done with step s − 1, whose buffers (and, in the
+        // 64-query kernels, the Pᵀ / dSᵀ staging) this step reuses: one barrier a step.
+        cp_async_wait<0>();
+        __syncthreads();
         if (s + 1 < steps) issue(s + 1);
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
         const int q0 = k0 + (s % nqt) * TC_BQ, buf = s & 1;
         if (q0 + TC_BQ - 1 >= wk0) {  // else every query of the tile precedes this warp's keys
             const bf16 *cQ = sQ + buf * TC_BQ * LDS, *cdO = sdO + buf * TC_BQ * LDS;
@@ -856,7 +859,6 @@ __device__ void flash_bwd_dkdv_tc(const bf16 *__restrict__ q, const bf16 *__rest
                 }
             }
         }
-        __syncthreads();
     }
 
     bf16 *dkh = dk + kvoff, *dvh = dv + kvoff;
@@ -947,10 +949,12 @@ __device__ void flash_bwd_kv64_tc(const bf16 *__restrict__ q, const bf16 *__rest
             for (int i = 0; i < 4; ++i) dk_acc[mt][nt][i] = dv_acc[mt][nt][i] = 0.f;
 
     for (int s = 0; s < steps; ++s) {
+        // Step s's tiles → visible; every warp done with step s − 1, whose buffers (and, in the
+        // 64-query kernels, the Pᵀ / dSᵀ staging) this step reuses: one barrier a step.
+        cp_async_wait<0>();
+        __syncthreads();
         if (s + 1 < steps) issue(s + 1);
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
         const int q0 = k0 + (s % nqt) * KV_BQ, buf = s & 1;
         const bf16 *cQ = sQ + buf * KV_BQ * LDS, *cdO = sdO + buf * KV_BQ * LDS;
         const float *cL = sL + buf * KV_BQ, *cDl = sDl + buf * KV_BQ;
@@ -1065,7 +1069,6 @@ __device__ void flash_bwd_kv64_tc(const bf16 *__restrict__ q, const bf16 *__rest
                     atomic_add2(dqh + (size_t)query * D + dc + 8 * nt + 2 * tq, acc[nt][2 * r], acc[nt][2 * r + 1]);
             }
         }
-        __syncthreads();
     }
 
     bf16 *dkh = dk + kvoff, *dvh = dv + kvoff;
