@@ -23,6 +23,7 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static
+#define __constant__
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define DYN_SMEM(name) unsigned char *name = emu::dyn_smem

@@ -277,10 +277,15 @@ __device__ __forceinline__ void require_smem(unsigned need, unsigned threads = 0
 // heaviest tiles started last, and the GPU ended on a tail of them (with 2048 blocks over 132
 // SMs, up to one heaviest tile, ~1/8 of a causal B2 H32 S4096 pass). A bijection of the grid:
 // launches are unchanged, each block does what some block did before.
+// For timing the two orders against each other: the host sets attn_head_major to 1 in the
+// attention modules (ops::cuda, SHARDSMITH_ATTN_ORDER=head), and then blockIdx's own order is
+// kept.
 struct GridTile {
     int tile, head, batch;
 };
+__constant__ int attn_head_major;
 __device__ __forceinline__ GridTile heaviest_first() {
+    if (attn_head_major) return {(int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z};
     const unsigned hb = gridDim.y * gridDim.z;
     const unsigned linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const unsigned rest = linear % hb;

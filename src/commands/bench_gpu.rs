@@ -340,6 +340,7 @@ pub fn attention(
                 "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq": seq, "head_dim": head_dim,
                 "flash_fwd": fwd_variant.name(),
                 "flash_bwd": bwd_variant.name(),
+                "attn_order": crate::ops::attention::AttentionGridOrder::from_env()?.name(),
                 "fwd_ms": fwd * 1e3,
                 "fwd_bwd_ms": fwd_bwd * 1e3,
                 "tflops_fwd": flops / fwd / 1e12,

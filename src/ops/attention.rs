@@ -235,6 +235,43 @@ fn forward_only(
 /// Why a wgmma variant cannot run in a build without the sm_90a kernels.
 const WGMMA_BUILD: &str = "needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)";
 
+/// The order the flash attention kernels take their blocks in (kernels/src/common.cuh's
+/// `heaviest_first`). Chosen by `SHARDSMITH_ATTN_ORDER` (`heaviest`, the default: each head's
+/// tile i before any head's tile i + 1, so the heaviest tiles of every head start first; or
+/// `head`: all of one head's tiles, heaviest first, before the next head's, which keeps a head's
+/// K/V in L2 but can end a pass on a tail of heavy tiles) until a GPU measures both. The same
+/// results either way; set once per device, when the kernels are loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionGridOrder {
+    HeaviestFirst,
+    HeadMajor,
+}
+
+impl EnvChoice for AttentionGridOrder {
+    const VAR: &'static str = "SHARDSMITH_ATTN_ORDER";
+    const CHOICES: &'static [(&'static str, AttentionGridOrder)] =
+        &[("heaviest", AttentionGridOrder::HeaviestFirst), ("head", AttentionGridOrder::HeadMajor)];
+    const NOUN: &'static str = "attention grid order";
+    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
+        static CELL: std::sync::OnceLock<std::result::Result<AttentionGridOrder, String>> =
+            std::sync::OnceLock::new();
+        &CELL
+    }
+}
+
+impl AttentionGridOrder {
+    /// `SHARDSMITH_ATTN_ORDER`, read once: `heaviest` (or unset) or `head`; any other value is
+    /// an error naming the variable.
+    pub fn from_env() -> Result<AttentionGridOrder> {
+        Self::from_var()
+    }
+
+    /// The order's `SHARDSMITH_ATTN_ORDER` spelling.
+    pub fn name(self) -> &'static str {
+        self.spelling()
+    }
+}
+
 /// Which kernel runs the bf16 causal (and CLIP's unmasked) attention forward on CUDA. Chosen by
 /// `SHARDSMITH_FLASH_FWD` (`mma`, the default, `wgmma` or `wgmma128`; [`FlashForward::from_env`])
 /// until GPU measurements settle on one. All give the same o and lse up to summation order.
@@ -500,6 +537,12 @@ mod tests {
         assert_eq!(FlashForward::Wgmma128.wgmma_keys(64), Some(64));
         assert_eq!(FlashForward::Wgmma.wgmma_keys(128), Some(64));
         assert_eq!(FlashForward::MmaSync.wgmma_keys(128), None);
+        let order = AttentionGridOrder::parse;
+        assert_eq!(order(None), Ok(AttentionGridOrder::HeaviestFirst));
+        assert_eq!(order(Some("head")), Ok(AttentionGridOrder::HeadMajor));
+        assert_eq!(AttentionGridOrder::HeadMajor.name(), "head");
+        let err = order(Some("tile")).unwrap_err();
+        assert!(err.contains("SHARDSMITH_ATTN_ORDER") && err.contains("heaviest, head"), "{err}");
     }
 
     /// The CPU op against candle autograd through the materialised reference, with GQA, a T

@@ -6,7 +6,9 @@
 //! (falling back to the PTX, JIT-compiled by the driver, on another architecture) and launched
 //! on candle's stream, with every buffer allocated by candle, so outputs are ordinary tensors.
 
-use super::attention::{attention_dims, decode_splits, decode_want, FlashBackward, FlashForward};
+use super::attention::{
+    attention_dims, decode_splits, decode_want, AttentionGridOrder, FlashBackward, FlashForward,
+};
 use super::fused::AdamWScalars;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -54,6 +56,9 @@ fn function_smem(dev: &CudaDevice, m: &Module, name: &str, smem: u32) -> Result<
                 // Another architecture than the cubin's: let the driver JIT the PTX.
                 Err(_) => ctx.load_module(Ptx::from_src(m.ptx)).w()?,
             };
+            if [kernels::FLASH_ATTN.name, kernels::FLASH_WG.name].contains(&m.name) {
+                set_attention_grid_order(&module, dev)?;
+            }
             e.insert(Loaded { module, functions: HashMap::new() })
         }
     };
@@ -78,6 +83,18 @@ fn function_smem(dev: &CudaDevice, m: &Module, name: &str, smem: u32) -> Result<
             Ok(f)
         }
     }
+}
+
+/// The attention kernels' block order ([`AttentionGridOrder`]): common.cuh's `attn_head_major`
+/// in a freshly loaded attention module, 1 for [`AttentionGridOrder::HeadMajor`] (0, the
+/// heaviest-first order, as loaded).
+fn set_attention_grid_order(module: &Arc<CudaModule>, dev: &CudaDevice) -> Result<()> {
+    if AttentionGridOrder::from_env()? == AttentionGridOrder::HeadMajor {
+        let stream = dev.cuda_stream();
+        let mut flag = module.get_global("attn_head_major", &stream).w()?;
+        stream.memcpy_htod(&1i32.to_ne_bytes(), &mut flag).w()?;
+    }
+    Ok(())
 }
 
 fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
