@@ -59,7 +59,7 @@ for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softm
     gemm_backends_match_the_cpu \
     causal_attention_forward_and_backward attention_backward_variants_agree wgmma_forms_are_exact \
     wgmma_forward_matches_the_cpu \
-    wgmma_backward_matches_the_cpu \
+    wgmma_backward_matches_the_cpu wgmma_phase_profiles_match_the_plain_kernels \
     full_attention_forward \
     decode_gemv_forward decode_attention_forward \
     rope_qkv_into_cache_is_exact bias_act_forward batched_decode_matches_the_cpu \
@@ -129,7 +129,8 @@ AK=()
 step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}" ${AK[@]+"${AK[@]}"}
 if [[ -z ${GPU_SH_TINY:-} ]]; then
     step ours-attention-wgmma 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128 --backward split
-    step ours-attention-wgmma-bwd 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,mma --backward wgmma
+    # --phases: then the profiled wgmma kernels, where their warps spend their cycles (tables below).
+    step ours-attention-wgmma-bwd 40 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,mma --backward wgmma --phases
     # The same kernels with the blocks in head-major order (after the rows above: `find` takes
     # the first match, so the table's other cells stay heaviest-first).
     step ours-attention-head-major 30 env SHARDSMITH_ATTN_ORDER=head "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward mma,wgmma --backward split,wgmma
@@ -252,6 +253,14 @@ for r in rows:
     for k in r["kernels"]:
         out.append(f"| {k['kernel']} | {k['calls']} | {k['ms']:.3f} | {100 * k['ms'] / r['step_ms']:.1f}% |")
     out.append(f"| sum of the partial graphs / whole step | — | {r['sum_ms']:.3f} / {r['step_ms']:.3f} | {100 * r['sum_ms'] / r['step_ms']:.1f}% |")
+# bench attention --phases: the profiled wgmma kernels' cycles by phase (ops::attention::phases).
+for r in rows:
+    if r["bench"] != "attention_phases":
+        continue
+    out += ["", f"| {r['kernel']} (B{r['batch']} H{r['heads']} S{r['seq']}; plain {r['plain_ms']:.2f} ms, profiled {r['profiled_ms']:.2f} ms) | share of warp cycles | runs | cycles a run |",
+            "|---|---|---|---|"]
+    for p in r["phases"]:
+        out.append(f"| {p['phase']} | {100 * p['share']:.1f}% | {p['runs']} | {p['cycles_per_run']:.0f} |")
 print("\n".join(out))
 EOF
 echo "(total $((SECONDS - START)) s; JSON lines in $RES)"

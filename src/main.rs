@@ -353,6 +353,10 @@ enum BenchCommand {
         /// bf16 CUDA backward kernels to time (split, wide, fused, wgmma); default every one.
         #[arg(long, value_delimiter = ',')]
         backward: Vec<String>,
+        /// Then profile the wgmma kernels (head dim 128, sm_90a build): where their warps spend
+        /// their cycles, phase by phase, beside the plain kernels' times (one JSON line each).
+        #[arg(long)]
+        phases: bool,
     },
     /// The GEMMs of a LLaMA layer's training step (forward x·Wᵀ, input gradient dy·W, weight
     /// gradient dyᵀ·x into f32) at B·S rows, and square ones, through each CUDA GEMM library
@@ -877,9 +881,21 @@ fn run(command: Command) -> ExitCode {
             })
         }
         Command::Bench {
-            what: BenchCommand::Attention { common, batch, heads, kv_heads, seq, head_dim, forward, backward },
+            what:
+                BenchCommand::Attention {
+                    common,
+                    batch,
+                    heads,
+                    kv_heads,
+                    seq,
+                    head_dim,
+                    forward,
+                    backward,
+                    phases,
+                },
         } => common.common().and_then(|c| {
-            let kernels = shardsmith::commands::bench_gpu::AttentionKernels::named(&forward, &backward)?;
+            let kernels =
+                shardsmith::commands::bench_gpu::AttentionKernels::named(&forward, &backward, phases)?;
             shardsmith::commands::bench_gpu::attention(batch, heads, kv_heads, seq, head_dim, &kernels, &c)
         }),
         Command::Bench { what: BenchCommand::Gemm { shape, common, rows, square, backends } } => {

@@ -50,6 +50,19 @@ fn gpu_layer_and_attention_run_at_toy_sizes() {
     for key in ["fwd_ms", "fwd_bwd_ms", "tflops_fwd", "tflops_fwd_bwd"] {
         positive(&rows[0], key);
     }
+    // --phases profiles the wgmma kernels: elsewhere a named error before anything is timed.
+    let out = Command::new(env!("CARGO_BIN_EXE_shardsmith"))
+        .arg("bench")
+        .args(&args)
+        .arg("--phases")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{err}");
+    assert!(
+        err.contains("--phases profiles the wgmma attention kernels") && err.contains("head dim 16"),
+        "{err}"
+    );
 }
 
 #[test]

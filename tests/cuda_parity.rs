@@ -422,6 +422,73 @@ fn wgmma_forward_matches_the_cpu() {
     }
 }
 
+/// The profiled wgmma kernels (ops::attention::phases, `bench attention --phases`): the plain
+/// kernels' o, lse, dk and dv bit for bit (dq to a bf16 rounding: its f32 atomics add in any
+/// order before the cast), every
+/// phase run as often as the grid's geometry says, and cycles charged to every phase some warp
+/// ran. Skipped (with a line saying so) in a build without the sm_90a kernels.
+#[test]
+fn wgmma_phase_profiles_match_the_plain_kernels() {
+    use ops::attention::{causal_attention_backward_with, causal_attention_forward_with, phases};
+    use ops::attention::{FlashBackward, FlashForward};
+    if !ops::attention::wgmma_available() {
+        println!("parity wgmma phase profiles: skipped (no sm_90a kernels in this build)");
+        return;
+    }
+    let bits =
+        |x: &Tensor| x.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+    let same = |what: &str, a: &Tensor, b: &Tensor| {
+        let (a, b) = (bits(a).to_vec1::<f32>().unwrap(), bits(b).to_vec1::<f32>().unwrap());
+        assert!(
+            a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{what}: not bit-identical"
+        );
+    };
+    let cycles_where_run = |p: &phases::PhaseProfile| {
+        for ph in &p.phases {
+            assert_eq!(
+                ph.cycles > 0,
+                ph.runs > 0,
+                "{}: phase {} ran {} times in {} cycles",
+                p.kernel,
+                ph.phase,
+                ph.runs,
+                ph.cycles
+            );
+        }
+    };
+    for (b, hq, hk, t) in [(1, 4, 2, 300), (2, 3, 1, 129), (1, 1, 1, 1)] {
+        let bf = |shape: &[usize], seed: u64| {
+            randn(shape, seed, 2.0).to_dtype(DType::BF16).unwrap().to_device(&gpu()).unwrap()
+        };
+        let (q, k, v, g) = (
+            bf(&[b, hq, t, 128], 41),
+            bf(&[b, hk, t, 128], 42),
+            bf(&[b, hk, t, 128], 43),
+            bf(&[b, hq, t, 128], 44),
+        );
+        let scale = 1.0 / 128f64.sqrt();
+        let name = format!("B{b} Hq{hq} Hk{hk} T{t}");
+        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128] {
+            let (o0, l0) = causal_attention_forward_with(variant, &q, &k, &v, scale).unwrap();
+            let (o, l, p) = phases::profile_forward(variant, &q, &k, &v, scale).unwrap();
+            same(&format!("profiled {} forward {name} o", variant.name()), &o, &o0);
+            same(&format!("profiled {} forward {name} lse", variant.name()), &l, &l0);
+            p.check_runs(&phases::forward_runs(b, hq, t, variant.wgmma_keys(128).unwrap())).unwrap();
+            cycles_where_run(&p);
+        }
+        let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, &q, &k, &v, scale).unwrap();
+        let (dq0, dk0, dv0) =
+            causal_attention_backward_with(FlashBackward::Wgmma, &q, &k, &v, &o, &lse, &g, scale).unwrap();
+        let ((dq, dk, dv), p) = phases::profile_backward(&q, &k, &v, &o, &lse, &g, scale).unwrap();
+        same(&format!("profiled backward {name} dk"), &dk, &dk0);
+        same(&format!("profiled backward {name} dv"), &dv, &dv0);
+        check(&format!("profiled backward {name} dq"), &dq, &dq0.to_device(&Device::Cpu).unwrap(), 1e-2);
+        p.check_runs(&phases::backward_runs(b, hq, hk, t)).unwrap();
+        cycles_where_run(&p);
+    }
+}
+
 /// The unmasked bf16 attention kernel (CLIP's vision tower on CUDA) against the materialised
 /// softmax(QKᵀ·scale)V in f32 on the CPU: ViT-L/14-336's 577 tokens at D 64, GQA, a partial key
 /// tile, one token.

@@ -90,6 +90,11 @@ struct WarpGroup {
 };
 inline std::vector<WarpGroup> warpgroups;
 
+// %clock for kernels/src/phases.cuh: a thread's own counter, one tick a read, so every phase
+// boundary charges exactly one cycle and a profile's cycles equal its runs.
+inline thread_local unsigned clock_ticks;
+inline unsigned cycle_clock() { return ++clock_ticks; }
+
 inline int flat_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
 inline void warp_sync() { warps[flat_tid() / 32].bar->arrive_and_wait(); }
@@ -343,3 +348,6 @@ template <class T> T __shfl_xor_sync(unsigned, T v, int m) {
 }
 template <class T> T __shfl_sync(unsigned, T v, int src) { return emu::shfl_from(v, src); }
 inline float atomicAdd(float *p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) {
+    return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}

@@ -46,6 +46,22 @@ static void check(const char *what, const std::vector<float> &got, const std::ve
     std::printf("%-44s max|d| %.3e  rel %.3e  (tol %.1e) %s\n", what, md, rel, tol, ok ? "ok" : "FAIL");
 }
 
+// A profiled kernel's counters (phases.cuh; prof [2][n]: cycles, then runs) against what its
+// geometry implies: the emulator's clock ticks once a read, so each phase's cycles equal its
+// runs, and `expect` gives the runs of some phases ({phase, runs}).
+static void check_phases(const char *what, const std::vector<unsigned long long> &prof, int n,
+                         std::initializer_list<std::pair<int, unsigned long long>> expect) {
+    bool ok = (int)prof.size() == 2 * n;
+    for (int p = 0; ok && p < n; ++p) ok = prof[p] == prof[n + p];
+    for (auto [phase, runs] : expect) ok = ok && prof[n + phase] == runs;
+    if (!ok) {
+        failures++;
+        for (int p = 0; p < n && (int)prof.size() == 2 * n; ++p)
+            std::printf("  phase %d: cycles %llu runs %llu\n", p, prof[p], prof[n + p]);
+    }
+    std::printf("%-44s phase counts %s\n", what, ok ? "ok" : "FAIL");
+}
+
 template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t, const char *name, double tol, int shift = 0) {
     const float scale = 1.0f / std::sqrt((float)D);
     auto qf = widen(cast<T>(randv((size_t)B * hq * t * D)));
@@ -110,7 +126,32 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
             if (!shift) {  // 16-byte aligned inputs only (the launcher falls back otherwise)
                 emu::launch(dim3(nk, hk, B), dim3(WG_THREADS), wg_bwd_smem_bytes<D>(), flash_bwd_wg<D>, q.data(), k.data(),
                             v.data(), dO.data(), lse.data(), delta.data(), dk4.data(), dv4.data(), dq4.data(), hq, hk,
-                            t, scale);
+                            t, scale, (unsigned long long *)nullptr);
+                // The profiled instantiation: the same outputs, bit for bit, and its phases run
+                // as often as the grid's steps say (8 warps a block; warpgroup 1 skips every
+                // group head's first step, whose queries all precede its keys).
+                std::vector<T> dk5(k.size()), dv5(v.size());
+                std::vector<float> dq5(q.size(), 0.f);
+                std::vector<unsigned long long> prof(2 * WB_PHASES, 0);
+                emu::launch(dim3(nk, hk, B), dim3(WG_THREADS), wg_bwd_smem_bytes<D>(), flash_bwd_wg<D, true>, q.data(),
+                            k.data(), v.data(), dO.data(), lse.data(), delta.data(), dk5.data(), dv5.data(), dq5.data(),
+                            hq, hk, t, scale, prof.data());
+                const bool same = std::memcmp(dk5.data(), dk4.data(), dk4.size() * sizeof(T)) == 0 &&
+                                  std::memcmp(dv5.data(), dv4.data(), dv4.size() * sizeof(T)) == 0 &&
+                                  std::memcmp(dq5.data(), dq4.data(), dq4.size() * sizeof(float)) == 0;
+                if (!same) failures++;
+                std::printf("attn %s D%d B%d Hq%d Hk%d T%d profiled wgmma bwd identical: %s\n", name, D, B, hq, hk, t,
+                            same ? "ok" : "FAIL");
+                unsigned long long blocks = (unsigned long long)nk * hk * B, steps = 0;
+                for (int kt = 0; kt < nk; ++kt) steps += (unsigned long long)B * hq * ((t - kt * 128 + 63) / 64);
+                const unsigned long long skipped = 4ull * B * hq * nk, worked = 8 * steps - skipped;
+                char what[96];
+                std::snprintf(what, sizeof what, "attn %s D%d B%d Hq%d Hk%d T%d wgmma bwd", name, D, B, hq, hk, t);
+                check_phases(what, prof, WB_PHASES,
+                             {{WB_PROLOGUE, 8 * blocks}, {WB_TILE_WAIT, 8 * steps}, {WB_ISSUE, worked}, {WB_WAIT_S, worked},
+                              {WB_P, worked}, {WB_WAIT_DP, worked}, {WB_DS, worked}, {WB_SKIPPED, skipped},
+                              {WB_BARRIER, 8 * steps}, {WB_DQ, 8 * steps}, {WB_ATOMICS, 8 * steps},
+                              {WB_EPILOGUE, 8 * blocks}});
                 extra.push_back({"wgmma dq", dq4, true});
                 extra.push_back({"wgmma dk", widen(dk4), false});
                 extra.push_back({"wgmma dv", widen(dv4), false});
@@ -232,13 +273,39 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
         emu::launch(dim3(nq, hq, B), dim3(TC_FWD_THREADS), fwd_tc_smem_bytes<D>(), kernel, q.data(), k.data(),
                     v.data(), o, lse, hq, hk, t, scale);
     });
+    const int nq = (t + WG_BM - 1) / WG_BM;
     auto wgmma = [&]<int BN>(const char *name) {
+        std::vector<bf16> o0;
+        std::vector<float> lse0;
         run(name, [&](bf16 *o, float *lse) {
-            const int nq = (t + WG_BM - 1) / WG_BM;
             auto kernel = causal ? flash_fwd_wg<D, BN, true> : flash_fwd_wg<D, BN, false>;
             emu::launch(dim3(nq, hq, B), dim3(WG_THREADS), wg_fwd_smem_bytes<D, BN>(), kernel, q.data(), k.data(),
-                        v.data(), o, lse, hq, hk, t, scale);
+                        v.data(), o, lse, hq, hk, t, scale, (unsigned long long *)nullptr);
+            o0.assign(o, o + ro.size());
+            lse0.assign(lse, lse + rl.size());
         });
+        if (!causal || D != 128) return;
+        // The profiled instantiation (causal, D 128): the same outputs, bit for bit, and every
+        // per-tile phase run once a key tile by each of a block's 8 warps.
+        std::vector<bf16> o(ro.size());
+        std::vector<float> lse(rl.size());
+        std::vector<unsigned long long> prof(2 * WF_PHASES, 0);
+        emu::launch(dim3(nq, hq, B), dim3(WG_THREADS), wg_fwd_smem_bytes<D, BN>(), flash_fwd_wg<D, BN, true, true>,
+                    q.data(), k.data(), v.data(), o.data(), lse.data(), hq, hk, t, scale, prof.data());
+        const bool same = std::memcmp(o.data(), o0.data(), o.size() * sizeof(bf16)) == 0 &&
+                          std::memcmp(lse.data(), lse0.data(), lse.size() * sizeof(float)) == 0;
+        if (!same) failures++;
+        std::printf("fwd %s causal D%d B%d Hq%d Hk%d T%d profiled identical: %s\n", name, D, B, hq, hk, t,
+                    same ? "ok" : "FAIL");
+        const unsigned long long blocks = (unsigned long long)nq * hq * B;
+        unsigned long long tiles = 0;
+        for (int i = 0; i < nq; ++i) tiles += (unsigned long long)B * hq * ((std::min((i + 1) * WG_BM, t) + BN - 1) / BN);
+        char what[96];
+        std::snprintf(what, sizeof what, "fwd %s causal D%d B%d Hq%d Hk%d T%d", name, D, B, hq, hk, t);
+        check_phases(what, prof, WF_PHASES,
+                     {{WF_PROLOGUE, 8 * blocks}, {WF_TILE_WAIT, 8 * tiles}, {WF_ISSUE, 8 * tiles}, {WF_WAIT_S, 8 * tiles},
+                      {WF_SOFTMAX, 8 * tiles}, {WF_WAIT_PV, 8 * tiles}, {WF_RESCALE, 8 * tiles},
+                      {WF_LAST_PV, 8 * blocks}, {WF_EPILOGUE, 8 * blocks}});
     };
     if constexpr (D == 64 || D == 128) wgmma.template operator()<64>("wgmma");
     if constexpr (D == 128) wgmma.template operator()<128>("wgmma128");

@@ -39,6 +39,7 @@
 // D = 128.
 // Numerics as flash_fwd_tc: f32 accumulation, base-2 online softmax with the scale folded in,
 // P rounded to bf16 before P·V, l summed from the unrounded P, lse in natural units.
+#include "phases.cuh"
 #include "wgmma.cuh"
 
 #define LOG2E 1.4426950408889634f
@@ -86,15 +87,22 @@ template <int D, int N> __device__ __forceinline__ void wg_tile_load(bf16 *dst, 
     }
 }
 
-template <int D, int BN, bool CAUSAL>
+// The phases of the profiled forward (PROF, phases.cuh), in the order and with the meaning of
+// ops::attention::phases::FORWARD.
+enum WgFwdPhase { WF_PROLOGUE, WF_TILE_WAIT, WF_ISSUE, WF_WAIT_S, WF_SOFTMAX, WF_WAIT_PV, WF_RESCALE, WF_LAST_PV, WF_EPILOGUE, WF_PHASES };
+
+// PROF: the profiled instantiation, counting cycles by phase into prof [2][WF_PHASES] (phases.cuh).
+template <int D, int BN, bool CAUSAL, bool PROF = false>
 __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                             bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale) {
+                             bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale,
+                             unsigned long long *prof = nullptr) {
     static_assert(D == 64 || D == 128, "wgmma forward: D 64 or 128");
     static_assert(BN == 64 || BN == 128, "wgmma forward: 64- or 128-key tiles");
     constexpr int KS = D / 16, TILE = BN * D;  // elements of a K or V tile
     constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K
     constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // V
     require_smem(wg_fwd_smem_bytes<D, BN>(), WG_THREADS);
+    PhaseClock<PROF, WF_PHASES, WG_THREADS / 32> clk(prof);
     DYN_SMEM(smem);
     bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [128 rows]
     bf16 *sK = sQ + WG_BM * D;                    // [2][BN rows]
@@ -131,6 +139,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     __syncthreads();
     uint32_t qa[KS][4];
     wg_load_a<D>(qa, sQ + 64 * wg * D, warp, lane);
+    clk.mark(WF_PROLOGUE);
     // P of the previous tile, as the A operand (16 keys each) of its P·V, which is issued one
     // iteration late so that it runs while this tile's softmax is computed (FlashAttention-3's
     // intra-warpgroup overlap).
@@ -157,6 +166,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         cp_async_wait<0>();
         wgmma_fence_smem();  // this thread's cp.async data → visible to wgmma (async proxy)
         __syncthreads();
+        clk.mark(WF_TILE_WAIT);
         // K_{j+1} and V_j, requested once this iteration's products are issued (below): their
         // address arithmetic runs beside the tensor cores.
         auto load_next = [&] {
@@ -184,12 +194,15 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         if (j > 0) {
             issue_pv(sV + ((j - 1) & 1) * TILE);
             load_next();
+            clk.mark(WF_ISSUE);
             wgmma_wait<1>();  // S done (the older group), P·V still in flight
         } else {
             load_next();
+            clk.mark(WF_ISSUE);
             wgmma_wait<0>();
         }
         wgmma_pin(s);
+        clk.mark(WF_WAIT_S);
         {  // softmax of tile j, while the P·V of tile j − 1 runs
             if (CAUSAL ? k0 + BN - 1 > rq0 : k0 + BN > t) {  // crosses the diagonal / the end
 #pragma unroll
@@ -224,9 +237,11 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                     s[nt][i] = p;
                 }
         }
+        clk.mark(WF_SOFTMAX);
         wgmma_wait<0>();  // P·V of tile j − 1 done: acc is O up to tile j − 1
         wgmma_pin(acc);
         wgmma_pin(a);
+        clk.mark(WF_WAIT_PV);
         // rescale O to this tile's max; P of this tile becomes the A of the next P·V
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt)
@@ -234,6 +249,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             for (int i = 0; i < 4; ++i) acc[nt][i] *= alpha[i >> 1];
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
+        clk.mark(WF_RESCALE);
     }
     // The last P·V (its V loaded in the last iteration's group).
     cp_async_wait<0>();
@@ -245,6 +261,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     issue_pv(sV + ((ntiles - 1) & 1) * TILE);
     wgmma_wait<0>();
     wgmma_pin(acc);
+    clk.mark(WF_LAST_PV);
 
     const GridTile here = heaviest_first();  // recomputed: nothing of `blk` stays live across the loop
     const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
@@ -264,6 +281,8 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 pack_bf16(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
         if (tq == 0) lh[query] = (m_r[r] * sl2 + log2f(l)) * LN2;
     }
+    clk.mark(WF_EPILOGUE);
+    clk.flush();
 }
 
 // Backward, all of dQ, dK, dV in one kernel on wgmma (D = 128; the FlashAttention-3 backward's
@@ -297,17 +316,27 @@ template <int D> __host__ __device__ constexpr int wg_bwd_smem_bytes() {
     return (2 * 128 + 4 * WGB_BQ) * D * 2 + 128 * WGB_BQ * 2 + 4 * WGB_BQ * 4;
 }
 
-template <int D>
+// The phases of the profiled backward (PROF, phases.cuh), in the order and with the meaning of
+// ops::attention::phases::BACKWARD.
+enum WgBwdPhase {
+    WB_PROLOGUE, WB_TILE_WAIT, WB_ISSUE, WB_WAIT_S, WB_P, WB_WAIT_DP, WB_DS, WB_SKIPPED, WB_BARRIER, WB_DQ, WB_ATOMICS,
+    WB_EPILOGUE, WB_PHASES
+};
+
+// PROF: the profiled instantiation, counting cycles by phase into prof [2][WB_PHASES] (phases.cuh).
+template <int D, bool PROF = false>
 __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                              const bf16 *__restrict__ dout, const float *__restrict__ lse,
                              const float *__restrict__ delta, bf16 *__restrict__ dk, bf16 *__restrict__ dv,
-                             float *__restrict__ dq_acc, int hq, int hk, int t, float scale) {
+                             float *__restrict__ dq_acc, int hq, int hk, int t, float scale,
+                             unsigned long long *prof = nullptr) {
     static_assert(D == 128, "wgmma backward: D 128");
     constexpr int KS = D / 16, QT = WGB_BQ * D;  // elements of a Q or dO tile
     constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K, V, Q, dO read K-major
     constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // Q, dO, K read MN-major
     constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
     require_smem(wg_bwd_smem_bytes<D>(), WG_THREADS);
+    PhaseClock<PROF, WB_PHASES, WG_THREADS / 32> clk(prof);
     DYN_SMEM(smem);
     bf16 *sK = reinterpret_cast<bf16 *>(smem);  // [128 keys]
     bf16 *sV = sK + 128 * D;                      // [128 keys]
@@ -347,6 +376,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 #pragma unroll
         for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.f;
     const bf16 *wK = sK + 64 * wg * D, *wV = sV + 64 * wg * D;  // this warpgroup's 64 keys
+    clk.mark(WB_PROLOGUE);
 
     for (int s = 0; s < steps; ++s) {
         // Step s's tiles (loaded during step s − 1) → visible to every thread and to wgmma. The
@@ -355,6 +385,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         cp_async_wait<0>();
         wgmma_fence_smem();
         __syncthreads();
+        clk.mark(WB_TILE_WAIT);
         // The next step's loads (into the buffers step s − 1 used), issued once this step's
         // first products are (or, in a warpgroup with none, at once): their address arithmetic
         // then runs beside the tensor cores instead of before them.
@@ -386,8 +417,10 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
             wgmma_commit();
             issue_next();
+            clk.mark(WB_ISSUE);
             wgmma_wait<1>();  // Sᵀ done, dPᵀ in flight
             wgmma_pin(st);
+            clk.mark(WB_WAIT_S);
             const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
 #pragma unroll
             for (int j = 0; j < WGB_BQ / 8; ++j)
@@ -411,8 +444,10 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             for (int kk = 0; kk < WGB_BQ / 16; ++kk)  // queries 16·kk ..: row groups 2kk, 2kk + 1
                 wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
             wgmma_commit();
+            clk.mark(WB_P);
             wgmma_wait<1>();  // dPᵀ done (the older group), dV in flight
             wgmma_pin(dpt);
+            clk.mark(WB_WAIT_DP);
 #pragma unroll
             for (int j = 0; j < WGB_BQ / 8; ++j)
 #pragma unroll
@@ -436,6 +471,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             for (int kk = 0; kk < WGB_BQ / 16; ++kk)
                 wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
             wgmma_commit();  // 2a and 2b are waited for after phase 3's products are issued
+            clk.mark(WB_DS);
         } else {
             issue_next();
             // Its dSᵀ rows are zeros (every key past every query), stored so that phase 3 runs
@@ -444,9 +480,11 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             uint4 *rows = reinterpret_cast<uint4 *>(sdS + 64 * wg * WGB_BQ);  // 8 KB, contiguous
 #pragma unroll
             for (int i = threadIdx.x % 128; i < 64 * WGB_BQ * 2 / 16; i += 128) rows[i] = make_uint4(0, 0, 0, 0);
+            clk.mark(WB_SKIPPED);
         }
         wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
         __syncthreads();
+        clk.mark(WB_BARRIER);
 
         {  // 3. dQ [64 queries][head-dim half wg] += dS K over the block's 128 keys
             float acc[8][4];
@@ -466,6 +504,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             wgmma_pin(dk_acc);
             wgmma_pin(ap);
             wgmma_pin(ad);
+            clk.mark(WB_DQ);
             const int h = hkv * group + s / nqt;
             float *dqh = dq_acc + ((size_t)b * hq + h) * t * D;
 #pragma unroll
@@ -476,6 +515,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 for (int j = 0; j < 8; ++j)
                     atomic_add2(dqh + (size_t)query * D + 64 * wg + 8 * j + 2 * tq, acc[j][0 + 2 * r], acc[j][1 + 2 * r]);
             }
+            clk.mark(WB_ATOMICS);
         }
     }
 
@@ -491,6 +531,8 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
             *reinterpret_cast<uint32_t *>(dvh + at) = pack_bf16(dv_acc[j][0 + 2 * r], dv_acc[j][1 + 2 * r]);
         }
     }
+    clk.mark(WB_EPILOGUE);
+    clk.flush();
 }
 
 // The six wgmma forms above, each on one tile laid out and described exactly as the attention
@@ -637,5 +679,22 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     flash_bwd_wg_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
                            const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t, float scale) {
     flash_bwd_wg<128>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
+}
+
+// The profiled instantiations (phases.cuh) of the causal kernels at D 128: the same arguments
+// plus prof, zero-filled [2][phases] u64 (ops::attention::phases).
+#define FLASH_WG_PROF(BN, NAME)                                                                        \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                        \
+        flash_fwd_wg_prof_bf16_##NAME(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, \
+                                      int hk, int t, float scale, unsigned long long *prof) {          \
+        flash_fwd_wg<128, BN, true, true>(q, k, v, o, lse, hq, hk, t, scale, prof);                    \
+    }
+FLASH_WG_PROF(64, d128)
+FLASH_WG_PROF(128, d128_n128)
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    flash_bwd_wg_prof_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
+                                const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t,
+                                float scale, unsigned long long *prof) {
+    flash_bwd_wg<128, true>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale, prof);
 }
 #endif  // SHARDSMITH_WGMMA

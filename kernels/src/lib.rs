@@ -59,8 +59,9 @@ modules! {
     /// `flash_{fwd,bwd_pre,bwd}_f32_d*`, `flash_{fwd,fwd_full,bwd_pre,bwd_dq,bwd_dkdv,bwd_dkdv64,
     /// bwd_dkdvdq}_bf16_d*` (d 32, 64, 96, 128).
     FLASH_ATTN = "flash_attn";
-    /// `flash_fwd_wg_bf16_d{64,128}`, `flash_fwd_full_wg_bf16_d{64,128}`, `flash_bwd_wg_bf16_d128`
-    /// (wgmma; only in an sm_90a build, see [`WGMMA`]).
+    /// `flash_fwd_wg_bf16_d{64,128}`, `flash_fwd_full_wg_bf16_d{64,128}`, `flash_bwd_wg_bf16_d128`,
+    /// the profiled `flash_fwd_wg_prof_bf16_d128{,_n128}`, `flash_bwd_wg_prof_bf16_d128` (wgmma;
+    /// only in an sm_90a build, see [`WGMMA`]).
     FLASH_WG = "flash_wg";
 }
 

@@ -246,19 +246,21 @@ pub fn gemm(
 }
 
 /// The bf16 CUDA attention kernels `bench attention` times; empty: every one the build and head
-/// dim have.
+/// dim have. `phases`: afterwards, profile the wgmma kernels' phases (`--phases`).
 #[derive(Clone, Debug, Default)]
 pub struct AttentionKernels {
     pub forward: Vec<FlashForward>,
     pub backward: Vec<FlashBackward>,
+    pub phases: bool,
 }
 
 impl AttentionKernels {
     /// From the `--forward` / `--backward` spellings (`mma,wgmma`, `split,wide,fused,wgmma`).
-    pub fn named(forward: &[String], backward: &[String]) -> Result<AttentionKernels> {
+    pub fn named(forward: &[String], backward: &[String], phases: bool) -> Result<AttentionKernels> {
         Ok(AttentionKernels {
             forward: forward.iter().map(|n| FlashForward::named(n)).collect::<candle_core::Result<_>>()?,
             backward: backward.iter().map(|n| FlashBackward::named(n)).collect::<candle_core::Result<_>>()?,
+            phases,
         })
     }
 }
@@ -315,7 +317,15 @@ pub fn attention(
         );
         (vec![FlashForward::MmaSync], vec![FlashBackward::Split])
     };
-    // A wgmma variant asked for where it would silently run another kernel is an error.
+    // A wgmma variant asked for where it would silently run another kernel is an error, and so
+    // is a profile of kernels this run does not have.
+    ensure!(
+        !kernels.phases || (bf16_cuda && wgmma_bwd),
+        "--phases profiles the wgmma attention kernels: a CUDA build for compute capability 9.0, bf16 and head dim 128 (this run: {} {}, head dim {head_dim}, sm_90a build: {})",
+        device_name(&c.device),
+        dtype_name(c.dtype),
+        wgmma_available()
+    );
     ensure!(
         (wgmma_fwd || !forwards.iter().any(|f| f.is_wgmma())) && (wgmma_bwd || !backwards.contains(&FlashBackward::Wgmma)),
         "the wgmma attention kernels need an sm_90a build and head dim 128 (forward: 64 or 128); got head dim {head_dim}, sm_90a build: {}",
@@ -349,7 +359,72 @@ pub fn attention(
             println!("{line}");
         }
     }
+    if kernels.phases {
+        let shape = AttentionShape { batch, heads, kv_heads, seq };
+        attention_phases(&shape, (&q, &k, &v, &g), scale, c)?;
+    }
     Ok(())
+}
+
+/// The sizes of a `bench attention` run (head dim 128 for the profiles).
+struct AttentionShape {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    seq: usize,
+}
+
+/// `bench attention --phases`: each profiled wgmma kernel (the forward over 64- and 128-key
+/// tiles, the backward) timed beside its plain kernel, its phase counts checked against the
+/// grid (`ops::attention::phases`), and its cycles by phase printed: one JSON line each
+/// (`"bench": "attention_phases"`).
+fn attention_phases(
+    s: &AttentionShape,
+    (q, k, v, g): (&Tensor, &Tensor, &Tensor, &Tensor),
+    scale: f64,
+    c: &Common,
+) -> Result<()> {
+    use crate::ops::attention::phases::{self, PhaseProfile};
+    let emit = |profile: &PhaseProfile, plain: f64, profiled: f64| {
+        let mut line = json!({
+            "impl": "shardsmith",
+            "bench": "attention_phases",
+            "batch": s.batch, "heads": s.heads, "kv_heads": s.kv_heads, "seq": s.seq, "head_dim": 128,
+            "attn_order": crate::ops::attention::AttentionGridOrder::from_env()?.name(),
+            "plain_ms": plain * 1e3,
+            "profiled_ms": profiled * 1e3,
+        });
+        let p = profile.to_json();
+        for key in ["kernel", "total_cycles", "phases"] {
+            line[key] = p[key].clone();
+        }
+        println!("{line}");
+        anyhow::Ok(())
+    };
+    for variant in [FlashForward::Wgmma, FlashForward::Wgmma128] {
+        let plain = time(c, || Ok(causal_attention_forward_with(variant, q, k, v, scale).map(drop)?))?;
+        let mut last = None;
+        let profiled = time(c, || {
+            last = Some(phases::profile_forward(variant, q, k, v, scale)?.2);
+            Ok(())
+        })?;
+        let profile = last.expect("time runs at least once");
+        let keys = variant.wgmma_keys(128).expect("a wgmma variant");
+        profile.check_runs(&phases::forward_runs(s.batch, s.heads, s.seq, keys))?;
+        emit(&profile, plain, profiled)?;
+    }
+    let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, q, k, v, scale)?;
+    let plain = time(c, || {
+        Ok(causal_attention_backward_with(FlashBackward::Wgmma, q, k, v, &o, &lse, g, scale).map(drop)?)
+    })?;
+    let mut last = None;
+    let profiled = time(c, || {
+        last = Some(phases::profile_backward(q, k, v, &o, &lse, g, scale)?.1);
+        Ok(())
+    })?;
+    let profile = last.expect("time runs at least once");
+    profile.check_runs(&phases::backward_runs(s.batch, s.heads, s.kv_heads, s.seq))?;
+    emit(&profile, plain, profiled)
 }
 
 /// Seeded ids in [3, vocab) (SplitMix64).

@@ -16,6 +16,7 @@ use super::{as_f32, store};
 
 mod cpu;
 mod decode;
+pub mod phases;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 #[cfg(feature = "cuda")]
@@ -96,7 +97,8 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let variant = self.forward.map_or_else(FlashForward::from_env, Ok)?;
-        let (o, lse) = super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale, self.causal, variant)?;
+        let (o, lse) =
+            super::cuda::attention_fwd(s1, l1, s2, l2, s3, l3, self.scale, self.causal, variant, None)?;
         *self.lse.lock().expect("attention state") = Some(lse);
         Ok((o, l1.shape().clone()))
     }
@@ -458,7 +460,7 @@ pub fn causal_attention_backward_with(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        return super::cuda::attention_bwd(q, k, v, o, lse, g, scale as f32, variant);
+        return super::cuda::attention_bwd(q, k, v, o, lse, g, scale as f32, variant, None);
     }
     let _ = variant;
     let dims = attention_dims(q.shape(), k.shape(), v.shape())?;

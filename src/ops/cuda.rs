@@ -1116,7 +1116,9 @@ fn attn_bwd_smem(dtype: DType, d: usize) -> u32 {
 }
 
 /// (o [B, Hq, T, D], lse [B, Hq, T] f32) of causal attention, or with `causal` false of
-/// unmasked attention (bf16 only: `flash_fwd_full_bf16_dD`).
+/// unmasked attention (bf16 only: `flash_fwd_full_bf16_dD`). With `prof` (zero-filled, 2 × the
+/// phases of ops::attention::phases::FORWARD), the profiled instantiation of the causal wgmma
+/// kernel runs instead and adds its cycle counts there (an error where that kernel does not).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_fwd(
     qs: &CudaStorage,
@@ -1128,6 +1130,7 @@ pub(super) fn attention_fwd(
     scale: f32,
     causal: bool,
     variant: FlashForward,
+    prof: Option<&mut CudaSlice<u64>>,
 ) -> Result<(CudaStorage, Tensor)> {
     let op = if causal { "causal-attention" } else { "full-attention" };
     let (b, hq, hk, t, d) = attention_dims(ql.shape(), kl.shape(), vl.shape())?;
@@ -1148,11 +1151,18 @@ pub(super) fn attention_fwd(
         && dtype == DType::BF16
         && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
         && [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
+    if prof.is_some() && !(wgmma && causal && d == 128) {
+        bail!("{op}: the phase profile needs the causal wgmma kernel (sm_90a build, bf16, head dim 128, 16-byte aligned inputs, a wgmma variant); got {variant:?}, head dim {d}, {dtype:?}");
+    }
     if wgmma {
         super::wgmma_check::ensure_verified(qs.device(), super::wgmma_check::WgmmaKernels::Forward)?;
     }
     let (module, smem, name) = if wgmma {
-        let kind = if causal { "wg_bf16" } else { "full_wg_bf16" };
+        let kind = match (causal, prof.is_some()) {
+            (true, true) => "wg_prof_bf16",
+            (true, false) => "wg_bf16",
+            (false, _) => "full_wg_bf16",
+        };
         let keys = variant.wgmma_keys(d).unwrap_or(64);
         let tiles = if keys == 64 { String::new() } else { format!("_n{keys}") };
         // Q [128] and K, V [2][keys] rows of D bf16 (flash_wg.cu's wg_fwd_smem_bytes<D, keys>).
@@ -1171,13 +1181,17 @@ pub(super) fn attention_fwd(
         let mut bld = stream.launch_builder(&f);
         bld.arg(&qv).arg(&kv).arg(&vv).arg(&mut o).arg(&mut lse);
         bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
+        if let Some(p) = prof {
+            bld.arg(p);
+        }
         let (rows_per_block, threads) = match (wgmma, dtype) {
             (true, _) => (128, ATTN_WG_THREADS),
             (false, DType::BF16) => (ATTN_TC_BM, ATTN_TC_FWD_THREADS),
             _ => (64, 128),
         };
         let grid = (t.div_ceil(rows_per_block) as u32, hq as u32, b as u32);
-        // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, keys, causal>: bf16, 16-byte aligned inputs) or
+        // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, keys, causal, prof>: bf16, 16-byte aligned
+        // inputs; the profiled kernel's prof holds 2 × its phases) or
         // flash_attn.cu (flash_fwd_tc<D, causal> for bf16, flash_fwd for f32); smem from the same
         // formula as the kernel's (which traps on less, or on another block size).
         unsafe { bld.launch(cfg(grid, threads, smem)) }.w()?;
@@ -1207,7 +1221,10 @@ pub(super) fn wgmma_probe(dev: &CudaDevice, x: &super::wgmma_check::ProbeInputs)
 }
 
 /// (dq, dk, dv) of causal attention from the forward's o and lse and the output gradient `g`;
-/// bf16 through the tensor-core kernels `variant` names, f32 through the scalar one.
+/// bf16 through the tensor-core kernels `variant` names, f32 through the scalar one. With
+/// `prof` (zero-filled, 2 × the phases of ops::attention::phases::BACKWARD), the profiled
+/// instantiation of the wgmma kernel runs and adds its cycle counts there (an error where the
+/// wgmma kernel does not run).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_bwd(
     q: &Tensor,
@@ -1218,6 +1235,7 @@ pub(super) fn attention_bwd(
     g: &Tensor,
     scale: f32,
     variant: FlashBackward,
+    prof: Option<&mut CudaSlice<u64>>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "causal-attention backward";
     let (b, hq, hk, t, d) = attention_dims(q.shape(), k.shape(), v.shape())?;
@@ -1258,6 +1276,9 @@ pub(super) fn attention_bwd(
             && kernels::WGMMA
             && d == 128
             && [ql, kl, vl, gl].iter().all(|l| l.start_offset().is_multiple_of(8));
+        if prof.is_some() && !wgmma {
+            bail!("{OP}: the phase profile needs the wgmma kernel (sm_90a build, head dim 128, 16-byte aligned inputs, variant wgmma); got {variant:?}, head dim {d}");
+        }
         if wgmma {
             super::wgmma_check::ensure_verified(dev, super::wgmma_check::WgmmaKernels::Backward)?;
         }
@@ -1268,7 +1289,8 @@ pub(super) fn attention_bwd(
                 // K, V [128], Q, dO [2][64] rows of D; dSᵀ [128][64] bf16; lse, Δ [2][64] f32
                 // (flash_wg.cu's wg_bwd_smem_bytes).
                 let smem = ((2 * 128 + 4 * 64) * d * 2 + 128 * 64 * 2 + 4 * 64 * 4) as u32;
-                (&kernels::FLASH_WG, format!("flash_bwd_wg_{sfx}_d{d}"), smem, ATTN_WG_THREADS)
+                let kind = if prof.is_some() { "wg_prof" } else { "wg" };
+                (&kernels::FLASH_WG, format!("flash_bwd_{kind}_{sfx}_d{d}"), smem, ATTN_WG_THREADS)
             } else {
                 (
                     &kernels::FLASH_ATTN,
@@ -1282,9 +1304,13 @@ pub(super) fn attention_bwd(
             let mut bld = stream.launch_builder(&f);
             bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta).arg(&mut dk).arg(&mut dv);
             bld.arg(&mut dq_acc).arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
+            if let Some(p) = prof {
+                bld.arg(p);
+            }
             // SAFETY: matches flash_attn.cu (flash_bwd_kv64_tc<D, true>) or flash_wg.cu
-            // (flash_bwd_wg<128>: 16-byte aligned inputs), same arguments and grid; every dk/dv
-            // row < T is written; dq_acc is zero-filled and only added to.
+            // (flash_bwd_wg<128, prof>: 16-byte aligned inputs; the profiled kernel's prof holds
+            // 2 × its phases), same arguments and grid; every dk/dv row < T is written; dq_acc is
+            // zero-filled and only added to.
             unsafe { bld.launch(cfg(kv_grid, threads, smem)) }.w()?;
             let dq = tensor(dq_acc, dev, (b, hq, t, d)).to_dtype(DType::BF16)?;
             return Ok((dq, tensor(dk, dev, (b, hk, t, d)), tensor(dv, dev, (b, hk, t, d))));
@@ -1343,6 +1369,51 @@ pub(super) fn attention_bwd(
         let dq = tensor(dq_acc, dev, (b, hq, t, d));
         Ok((dq, tensor(dk, dev, (b, hk, t, d)), tensor(dv, dev, (b, hk, t, d))))
     })
+}
+
+/// The causal wgmma forward's profiled instantiation on q, k, v (ops::attention::phases): o,
+/// lse and its counters (cycles, then runs, of each of `phases` phases, summed over the grid).
+pub(super) fn attention_fwd_profiled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    variant: FlashForward,
+    phases: usize,
+) -> Result<(Tensor, Tensor, Vec<u64>)> {
+    const OP: &str = "causal-attention phase profile";
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (qs, ks, vs) = (cuda_of(&qs, OP)?, cuda_of(&ks, OP)?, cuda_of(&vs, OP)?);
+    let dev = qs.device();
+    let mut counters = dev.alloc_zeros::<u64>(2 * phases)?;
+    let (o, lse) = attention_fwd(qs, ql, ks, kl, vs, vl, scale, true, variant, Some(&mut counters))?;
+    let o = Tensor::from_storage(Storage::Cuda(o), ql.shape().clone(), BackpropOp::none(), false);
+    Ok((o, lse, dev.cuda_stream().clone_dtoh(&counters).w()?))
+}
+
+/// The wgmma backward's profiled instantiation (ops::attention::phases): (dq, dk, dv) and its
+/// counters (cycles, then runs, of each of `phases` phases, summed over the grid).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_bwd_profiled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    scale: f32,
+    phases: usize,
+) -> Result<((Tensor, Tensor, Tensor), Vec<u64>)> {
+    let dev = match q.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        other => bail!("causal-attention phase profile: q is on {other:?}, not a cuda device"),
+    };
+    let mut counters = dev.alloc_zeros::<u64>(2 * phases)?;
+    let grads = attention_bwd(q, k, v, o, lse, g, scale, FlashBackward::Wgmma, Some(&mut counters))?;
+    Ok((grads, dev.cuda_stream().clone_dtoh(&counters).w()?))
 }
 
 /// Stop cudarc's per-buffer event tracking on `dev`'s context. cudarc gives every buffer a read
