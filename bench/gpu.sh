@@ -30,8 +30,6 @@ RES=${OUT:-$W}/gpu_results.jsonl
 status=0
 
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-date -u +%Y-%m-%dT%H:%M:%SZ
 case "$GPU" in *PCIe*) DEFAULT_PEAK=756 ;; *) DEFAULT_PEAK=989 ;; esac
 PEAK=${PEAK_TFLOPS:-$DEFAULT_PEAK}
 

@@ -11,8 +11,6 @@ CARRY=${1:-target/cuda-carry}
 RESERVE=5
 source "$(dirname "$0")/gpu_lib.sh"
 status=0
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-date -u +%Y-%m-%dT%H:%M:%SZ
 for t in decode_gemv_forward batched_decode_matches_the_cpu graph_decode_matches_the_eager_steps; do
     parity "$t"
 done

@@ -4,12 +4,8 @@
 # rows are reported (ties may flip) but do not fail. Carry target/cuda-carry (bench/gpu_carry.sh).
 #   on the GPU machine, from the repository root:  bash bench/gpu_generate_check.sh
 set -uo pipefail
-W=/tmp/shardsmith-gen
-mkdir -p "$W"
-export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-gunzip -c target/cuda-carry/shardsmith.gz >"$W/shardsmith" && chmod +x "$W/shardsmith" || exit 2
-SS=$W/shardsmith
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+CARRY=${1:-target/cuda-carry}
+source "$(dirname "$0")/gpu_lib.sh"
 status=0
 compare() { # name, args...
     local name=$1; shift

@@ -1,9 +1,15 @@
-# Sourced by bench/gpu.sh and bench/gpu_profile.sh on the GPU machine: unpacks the binaries
-# bench/gpu_carry.sh packed (from $CARRY) into $W, puts the device image's CUDA libraries on the
-# library path, sets SS (our binary), and defines limit SECONDS: a step's timeout cut to what is
-# left of the caller's $BUDGET since $START, keeping $RESERVE seconds for what follows the steps;
-# and parity TEST [VAR=VALUE ...]: one test of tests/cuda_parity.rs run with those variables, its
-# lines printed (prefixed by the variables), a failure setting the caller's status=1.
+# Sourced by the bench/gpu*.sh scripts on the GPU machine: unpacks the binaries
+# bench/gpu_carry.sh packed (from $CARRY, default target/cuda-carry) into $W, puts the device
+# image's CUDA libraries on the library path, sets SS (our binary), prints the card, driver and
+# time, and defines limit SECONDS: a step's timeout cut to what is left of the caller's $BUDGET
+# since $START (defaults: 300 s from now), keeping $RESERVE seconds (default 5) for what follows
+# the steps; and parity TEST [VAR=VALUE ...]: one test of tests/cuda_parity.rs run with those
+# variables, its lines printed (prefixed by the variables), a failure setting the caller's
+# status=1.
+CARRY=${CARRY:-target/cuda-carry}
+START=${START:-$SECONDS}
+BUDGET=${BUDGET:-300}
+RESERVE=${RESERVE:-5}
 W=/tmp/shardsmith-gpu
 mkdir -p "$W"
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -13,6 +19,8 @@ gunzip -c "$CARRY/shardsmith.gz" >"$W/shardsmith" && gunzip -c "$CARRY/cuda_pari
 }
 chmod +x "$W/shardsmith" "$W/cuda_parity"
 SS=$W/shardsmith
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+date -u +%Y-%m-%dT%H:%M:%SZ
 
 limit() {
     local left=$((BUDGET - (SECONDS - START) - RESERVE))

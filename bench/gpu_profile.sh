@@ -11,8 +11,6 @@ CARRY=${1:-target/cuda-carry}
 RESERVE=5
 source "$(dirname "$0")/gpu_lib.sh"
 status=0
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-date -u +%Y-%m-%dT%H:%M:%SZ
 echo "### where a layer's time goes (cuda_parity bench_layer_parts)"
 timeout "$(limit 120)" "$W/cuda_parity" bench_layer_parts --exact --ignored --nocapture 2>&1 |
     grep -oE "bench .*|panicked.*|error.*" || status=1
