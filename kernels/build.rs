@@ -5,7 +5,8 @@
 //!   nvcc  --ptx -arch=sm_$CAP -O3 -std=c++17      (no --use_fast_math: the kernels are checked
 //!                                                  against CPU references, so expf / division /
 //!                                                  sqrt keep their IEEE-accurate forms)
-//!   ptxas -arch=sm_$CAP -O3                        (the cubin the loader prefers: no JIT at run time)
+//!   ptxas -arch=sm_$CAP -O3 -v                     (the cubin the loader prefers: no JIT at run time;
+//!                                                  a note that wgmma is serialised fails the build)
 //! `$CAP` is `CUDA_COMPUTE_CAP` (`90` or `9.0`; default 90; 90 compiles as `90a`, see below). nvcc is `$NVCC`, else
 //! `$CUDA_HOME/bin/nvcc` (or `$CUDA_PATH`), else `nvcc` on PATH; ptxas sits beside it.
 
@@ -78,10 +79,23 @@ fn compile(nvcc: &Path, ptxas: &Path, src: &Path, out: &Path, cap: &str) {
     let cubin = out.join(format!("{stem}.cubin"));
     let arch = format!("-arch=sm_{cap}");
     run(Command::new(nvcc).args(["--ptx", &arch, "-O3", "-std=c++17", "-o"]).arg(&ptx).arg(src));
-    run(Command::new(ptxas).args([&arch, "-O3", "-o"]).arg(&cubin).arg(&ptx));
+    // -v for its notes (printed only then): "Potential Performance Loss: wgmma.mma_async
+    // instructions are serialized due to …" (C7510–C7520: a wgmma in a divergent path, an
+    // accumulator written mid-flight, too few registers…) means each product of the kernel waits
+    // for the one before, a silent loss of much of the tensor-core rate: it fails the build.
+    let notes = run(Command::new(ptxas).args([&arch, "-O3", "-v", "-o"]).arg(&cubin).arg(&ptx));
+    // ptxas sometimes runs two notes together on one line.
+    let serialised: Vec<&str> = notes
+        .split("ptxas info")
+        .filter(|n| n.contains("wgmma.mma_async instructions are serialized"))
+        .collect();
+    if !serialised.is_empty() {
+        panic!("{}: ptxas serialises wgmma:\n{}", src.display(), serialised.join("\n"));
+    }
 }
 
-fn run(cmd: &mut Command) {
+/// Runs `cmd`, panicking with its output on failure; its stdout and stderr otherwise.
+fn run(cmd: &mut Command) -> String {
     let shown = format!("{cmd:?}");
     let out = cmd.output().unwrap_or_else(|e| {
         panic!("cannot run {shown}: {e} (install CUDA, or `source shared/tools/cuda-toolchain.sh`)")
@@ -94,4 +108,5 @@ fn run(cmd: &mut Command) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }

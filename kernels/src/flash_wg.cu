@@ -17,7 +17,7 @@
 //   O += P V   BN/16 × wgmma.m64nDk16, P from registers (S's accumulators rounded to bf16, the
 //              same packing as flash_fwd_tc), V from shared memory (MN-major: .trans).
 // 128-key tiles halve the barriers, waits and O rescales per key and read B in wider products,
-// for 232 registers instead of 183 (one block an SM either way) and 160 KB of shared memory.
+// for 254 registers instead of 200 (one block an SM either way) and 160 KB of shared memory.
 // Q in registers because shared memory's bandwidth (128 bytes a clock an SM) is what binds: an
 // m64n64k16 with both operands in shared memory reads 4 KB in the ~32 clocks the tensor cores
 // take for it, all of the bandwidth with nothing left for the tiles cp.async writes; with A in

@@ -377,7 +377,8 @@ struct AttentionShape {
 /// `bench attention --phases`: each profiled wgmma kernel (the forward over 64- and 128-key
 /// tiles, the backward) timed beside its plain kernel, its phase counts checked against the
 /// grid (`ops::attention::phases`), and its cycles by phase printed: one JSON line each
-/// (`"bench": "attention_phases"`).
+/// (`"bench": "attention_phases"`). `profiled_ms` includes the counters' allocation and their
+/// read-back (a few hundred bytes, microseconds against the kernels' milliseconds).
 fn attention_phases(
     s: &AttentionShape,
     (q, k, v, g): (&Tensor, &Tensor, &Tensor, &Tensor),

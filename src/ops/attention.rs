@@ -288,7 +288,7 @@ pub enum FlashForward {
     /// [`super::wgmma_check`]'s self-check there; a failure is an error with its report.
     Wgmma,
     /// [`FlashForward::Wgmma`] over 128-key tiles at head dim 128 (twice the work between the
-    /// block's barriers and O rescales, 232 registers instead of 183, 160 KB of shared memory
+    /// block's barriers and O rescales, 254 registers instead of 200, 160 KB of shared memory
     /// instead of 96); head dim 64 runs `Wgmma`'s 64-key kernel.
     Wgmma128,
 }

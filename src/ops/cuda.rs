@@ -1256,6 +1256,9 @@ pub(super) fn attention_bwd(
     let rows = b * hq * t;
     let pre = function(dev, &kernels::FLASH_ATTN, &format!("flash_bwd_pre_{sfx}_d{d}"))?;
     let stream = dev.cuda_stream();
+    if prof.is_some() && dtype != DType::BF16 {
+        bail!("{OP}: the phase profile needs the bf16 wgmma kernel, got {dtype:?}");
+    }
     if dtype == DType::BF16 {
         // Δ = rowsum(dO ⊙ O), then dK/dV per 128-key block and dQ per 128-query block (Split,
         // Wide) or added by the dK/dV blocks with atomics (Fused). See flash_attn.cu.

@@ -231,6 +231,29 @@ pub fn profile_backward(
 mod tests {
     use super::*;
 
+    /// The kernels index their counters by flash_wg.cu's enums and the host sizes the buffer
+    /// from these name arrays: a phase added on one side only would write past it.
+    #[test]
+    fn names_match_the_kernels_enums() {
+        let src = include_str!("../../../kernels/src/flash_wg.cu");
+        let phases = |enum_name: &str, prefix: &str| -> Vec<String> {
+            let body = src.split(&format!("enum {enum_name} {{")).nth(1).expect("the enum in flash_wg.cu");
+            let body = &body[..body.find('}').expect("the enum's end")];
+            let names: Vec<_> = body.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            assert_eq!(
+                names.last(),
+                Some(&format!("{prefix}PHASES").as_str()),
+                "{enum_name} ends with its count"
+            );
+            names[..names.len() - 1]
+                .iter()
+                .map(|n| n.strip_prefix(prefix).expect("the enum's prefix").to_lowercase())
+                .collect()
+        };
+        assert_eq!(phases("WgFwdPhase", "WF_"), FORWARD);
+        assert_eq!(phases("WgBwdPhase", "WB_"), BACKWARD);
+    }
+
     #[test]
     fn geometry_counts_match_hand_counted_grids() {
         // T 300, 128-query blocks: tiles of 64 keys up to 128, 256, 300 → 2 + 4 + 5 per head.
