@@ -727,11 +727,11 @@ pub fn nemo_to_hf(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn hparams(
+    pub(crate) fn hparams(
         heads: usize,
         groups: usize,
         head_dim: usize,
@@ -760,7 +760,7 @@ mod tests {
     }
 
     /// Canonical tensors whose every element is distinct, so any misplaced row shows.
-    fn canonical(hp: &LlamaHparams) -> CanonicalLlama {
+    pub(crate) fn canonical(hp: &LlamaHparams) -> CanonicalLlama {
         let mut counter = 0u32;
         let origin: Arc<Path> = Arc::from(Path::new("synthetic"));
         let tensors = canonical_shapes(hp)
@@ -804,7 +804,7 @@ mod tests {
         Checkpoint { meta, shards }
     }
 
-    fn assert_same(a: &TensorMap, b: &TensorMap) {
+    pub(crate) fn assert_same(a: &TensorMap, b: &TensorMap) {
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
         for (n, t) in a {
             assert_eq!(t.shape, b[n.as_str()].shape, "{n}");

@@ -736,3 +736,100 @@ pub fn canonical_tensors(ckpt: &Checkpoint) -> Result<TensorMap> {
     out.extend(std::mem::take(&mut c.projector));
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::TensorEntry;
+    use crate::convert::llama::tests::{assert_same, canonical, hparams};
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn llava_tiny() -> CanonicalLlava {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/llava-tiny");
+        llava::from_llava_hf_checked(&formats::open(&dir).unwrap()).unwrap()
+    }
+
+    /// A projector of `kind` from vision width `c` to LLM width `h` whose elements are all distinct
+    /// (and distinct from the language model's, which count up from 1).
+    fn projector(kind: ProjectorType, c: usize, h: usize) -> TensorMap {
+        let origin: Arc<Path> = Arc::from(Path::new("synthetic"));
+        let mut next = 1u32 << 30;
+        kind.shapes(c, h)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let bytes: Vec<u8> = (0..n)
+                    .flat_map(|_| {
+                        next += 1;
+                        next.to_le_bytes()
+                    })
+                    .collect();
+                (name, TensorEntry::new(DType::F32, shape, ByteSource::owned(bytes), origin.clone()))
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// llava-tiny's tokenizer (256 pieces), tower and image tokens (llava-hf's `<image>` 256
+        /// and `<pad>` 257, any vocabulary past them; or original LLaVA's placeholder, with a
+        /// vocabulary from 16 rows short of the tokenizer, which NeVA grows, to 64 past it)
+        /// around a random language model (MHA or GQA, tied or not) and a random projector (linear or an MLP of 1–3 linears) → a NeVA
+        /// `.nemo` at any TP, PP, layout and vocabulary divisibility NeVA allows → back
+        /// ([`from_neva`], then [`undo_neva_tokens`], as `convert` does) is the identity: every
+        /// tensor bit for bit, the hyperparameters, projector type, image tokens and tokenizer.
+        /// On the way the projector and tower sit on every tensor-parallel rank of the first
+        /// stage and nowhere else, and the tokenizer has NeVA's `<extra_id_0..7>`.
+        #[test]
+        fn neva_round_trip_is_identity(
+            groups_log in 0u32..3, hpg in prop_oneof![Just(1usize), Just(2)], head_dim in 1usize..3,
+            ffn_mult in 1usize..3, layers_per_stage in 1usize..3, extra_rows in 0usize..80, tied: bool,
+            tp_log in 0u32..3, pp in 1usize..3, legacy: bool, depth in 0usize..4,
+            m in prop_oneof![Just(None), Just(Some(1usize)), Just(Some(8))], placeholder: bool,
+        ) {
+            let groups = 1usize << groups_log;
+            let tp = 1usize << tp_log.min(groups_log);
+            // NeVA's legacy layout has neither grouped-query attention nor pipeline stages.
+            let dialect = if legacy && hpg == 1 { NemoDialect::Legacy } else { NemoDialect::Mcore };
+            let pp = if dialect == NemoDialect::Legacy { 1 } else { pp };
+            let vocab = if placeholder { 240 + extra_rows } else { 258 + extra_rows };
+            let hp = hparams(groups * hpg, groups, head_dim * 2, ffn_mult * tp, layers_per_stage * pp, vocab, tied);
+            let kind = if depth == 0 { ProjectorType::Linear } else { ProjectorType::MlpGelu { depth } };
+            let mut c = llava_tiny();
+            let vision_width = c.vision_hidden().unwrap();
+            c.llm = canonical(&hp);
+            c.projector = projector(kind, vision_width, hp.hidden);
+            c.projector_type = kind.name();
+            c.template = Some(Template::VicunaV1);
+            if placeholder {
+                (c.image_tokens, c.image_token) = (ImageTokenScheme::Placeholder, u32::MAX);
+            }
+            let t = NevaTarget {
+                dialect, tp, pp, dtype: None, vision: VisionPlacement::Bundle, template: None,
+                image_aspect_ratio: None, divisible_by: m, source_format: None,
+            };
+            let nemo = to_neva(&c, &t).unwrap();
+            let (proj, vis) = (names::projector_prefix(dialect), names::vision_prefix(dialect));
+            for s in &nemo.shards {
+                let (p, v) = (s.tensors.keys().filter(|k| k.starts_with(proj)).count(), s.tensors.keys().filter(|k| k.starts_with(vis)).count());
+                let first = s.rank.pp == 0;
+                prop_assert_eq!((p, v), if first { (c.projector.len(), c.vision.len()) } else { (0, 0) }, "rank {:?}", s.rank);
+            }
+            let neva_view = from_neva(&nemo, None).unwrap();
+            let sp = neva_view.sentencepiece().unwrap().unwrap();
+            prop_assert!(EXTRA_IDS.iter().all(|t| sp.id(t).is_some()));
+            let mut back = neva_view;
+            undo_neva_tokens(&mut back).unwrap();
+            prop_assert_eq!(&back.llm.hparams, &c.llm.hparams);
+            assert_same(&back.llm.tensors, &c.llm.tensors);
+            assert_same(&back.projector, &c.projector);
+            assert_same(&back.vision, &c.vision);
+            prop_assert_eq!(&back.projector_type, &c.projector_type);
+            prop_assert_eq!(back.image_tokens, c.image_tokens);
+            prop_assert_eq!(back.image_token, c.image_token);
+            let bytes = |x: &CanonicalLlava| x.tokenizer.as_ref().unwrap().bytes().unwrap().into_owned();
+            prop_assert_eq!(bytes(&back), bytes(&c));
+        }
+    }
+}

@@ -522,6 +522,90 @@ mod tests {
         assert_eq!(carried(&ByteSource::owned(b"{".to_vec()), &model, &[]), None);
     }
 
+    /// An HF directory with `tokenizer.model` and the given files, as the readers see it.
+    fn hf_dir(files: Vec<(&str, Vec<u8>)>) -> Checkpoint {
+        use crate::checkpoint::{Flavour, Meta, Parallelism};
+        let artifacts = files
+            .into_iter()
+            .map(|(name, bytes)| Artifact { name: name.into(), source: ByteSource::owned(bytes) })
+            .collect();
+        let meta = Meta {
+            path: "hf".into(),
+            flavour: Flavour::HfSafetensorsDir { sharded: false },
+            parallel: Parallelism { tp: 1, pp: 1 },
+            config: None,
+            artifacts,
+        };
+        Checkpoint { meta, shards: vec![] }
+    }
+
+    proptest::proptest! {
+        /// Tokens an HF directory adds after its SentencePiece model's pieces (any text the
+        /// model lacks, any flags), listed in any of the three places transformers reads them,
+        /// are read back as written ([`hf_added_tokens`]), become user-defined pieces at their
+        /// ids in the `.nemo`'s model, which removing them restores byte for byte
+        /// ([`sentencepiece_with_hf_added`]); listed as transformers saves them now
+        /// (`added_tokens_decoder`), they are listed again, flags and all, in the config an HF
+        /// export writes from that `.nemo` ([`llama_tokenizer_config`]).
+        #[test]
+        fn added_tokens_survive_hf_to_nemo_to_hf(
+            texts in proptest::collection::btree_set("[<>a-z_|\u{2581}\u{4e00}]{1,12}", 1..6),
+            flags in proptest::collection::vec((proptest::bool::ANY, proptest::bool::ANY, proptest::bool::ANY), 6),
+            place in 0usize..3, spare_rows in 0usize..3,
+        ) {
+            use serde_json::{json, Map, Value as Json};
+            let base = sp("llama-mha/tokenizer.model");
+            let texts: Vec<&str> = texts.iter().map(String::as_str).filter(|t| base.id(t).is_none()).collect();
+            proptest::prop_assume!(!texts.is_empty());
+            let tokens: Vec<AddedToken> = texts
+                .iter()
+                .zip(&flags)
+                .enumerate()
+                .map(|(i, (text, &(special, lstrip, rstrip)))| AddedToken {
+                    lstrip, rstrip, ..AddedToken::plain((base.len() + i) as u32, text.to_string(), special)
+                })
+                .collect();
+            let entry = |t: &AddedToken| json!({"content": t.content, "special": t.special, "lstrip": t.lstrip,
+                                                "rstrip": t.rstrip, "single_word": false, "normalized": false});
+            let (file, listing) = match place {
+                0 => ("tokenizer_config.json", json!({"added_tokens_decoder": tokens.iter().map(|t| (t.id.to_string(), entry(t))).collect::<Map<_, _>>()})),
+                1 => ("added_tokens.json", Json::Object(tokens.iter().map(|t| (t.content.clone(), t.id.into())).collect())),
+                _ => ("tokenizer.json", json!({"added_tokens": tokens.iter().map(|t| { let mut e = entry(t); e["id"] = t.id.into(); e }).collect::<Vec<_>>()})),
+            };
+            let model = fixture("llama-mha/tokenizer.model");
+            let src = hf_dir(vec![("tokenizer.model", model.clone()), (file, serde_json::to_vec(&listing).unwrap())]);
+            let read = |name: &str| Ok(src.meta.artifacts.iter().find(|a| a.name == name).map(|a| a.source.bytes().unwrap().into_owned()));
+            // added_tokens.json has no flags: all its tokens are special, none strips.
+            let want: Vec<AddedToken> = match place {
+                1 => tokens.iter().map(|t| AddedToken::plain(t.id, t.content.clone(), true)).collect(),
+                _ => tokens.clone(),
+            };
+            proptest::prop_assert_eq!(hf_added_tokens(read, Path::new("hf")).unwrap(), want);
+
+            let rows = base.len() + tokens.len() + spare_rows;
+            let member = Artifact { name: "tokenizer.model".into(), source: ByteSource::owned(model.clone()) };
+            let grown = sentencepiece_with_hf_added(&src, &member, rows, &[]).unwrap();
+            let grown = SentencePieceModel::parse(grown.source.bytes().unwrap().into_owned(), Path::new("grown")).unwrap();
+            for t in &tokens {
+                proptest::prop_assert_eq!(grown.id(&t.content), Some(t.id));
+            }
+            let back = grown.without_appended(&texts, Path::new("grown")).unwrap();
+            proptest::prop_assert_eq!(back.bytes(), &model[..]);
+            // Too few embedding rows for them: a named error.
+            let err = sentencepiece_with_hf_added(&src, &member, rows - spare_rows - 1, &[]).unwrap_err().to_string();
+            proptest::prop_assert!(err.contains("past the embedding"), "{}", err);
+
+            if place == 0 {
+                let kept = ByteSource::owned(serde_json::to_vec(&listing).unwrap());
+                let source = SourceTokenizer { config: Some(&kept), model: Some(&grown), json_left_behind: false };
+                let written = serde_json::to_vec(&llama_tokenizer_config(64, source)).unwrap();
+                let out = hf_dir(vec![("tokenizer_config.json", written)]);
+                let read = |name: &str| Ok(out.meta.artifacts.iter().find(|a| a.name == name).map(|a| a.source.bytes().unwrap().into_owned()));
+                proptest::prop_assert_eq!(hf_added_tokens(read, Path::new("out")).unwrap(), tokens);
+            }
+        }
+    }
+
     /// The settings that change how text is split come from the source's config; its token
     /// spellings and everything else do not.
     #[test]
