@@ -3,13 +3,4 @@
 //! `.jsonl` verdict per non-empty line.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use shardsmith::train::data::{parse_json_array, parse_jsonl};
-use std::path::Path;
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let records = parse_jsonl(text);
-    assert_eq!(records.len(), text.lines().filter(|l| !l.trim().is_empty()).count());
-    let _ = parse_json_array(text, Path::new("fuzz.json"));
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| shardsmith_converters_fuzz::train_records(data));

@@ -4,7 +4,7 @@ target, taken from fixtures/torch/ or built here. Run from anywhere:
 
     python3 converters/fuzz/seeds/make_seeds.py
 
-Fills converters/fuzz/seeds/{pickle,torch_zip,tar,safetensors_header}/ (about 60 KB in all).
+Fills converters/fuzz/seeds/<target>/ for every target (about 80 KB in all).
 """
 import collections
 import io
@@ -134,10 +134,59 @@ def safetensors():
     ])
 
 
+FIXTURES = HERE.parents[2] / "fixtures"
+
+
+def tokenizers():
+    # The fixtures' SentencePiece models, for both readers (the converters' piece editor and the
+    # core's tokenizer).
+    for target in ("sentencepiece", "tokenizer_model"):
+        d = fresh(target)
+        for name in ("llama-mha", "llama-gqa"):
+            shutil.copy(FIXTURES / name / "tokenizer.model", d / f"{name}.model")
+
+
+# NeMo-style records (one JSON object a line) covering the shapes the masking code branches on:
+# an image marker first, last, missing or twice; several rounds; a system prompt and nvgpt labels;
+# a leading gpt turn; user/assistant spellings; an empty reply.
+RECORDS = [
+    {"id": "first", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A box."}]},
+    {"id": 7, "image": ["b.png"], "conversations": [
+        {"from": "human", "value": "Which colour?\n<image>"}, {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "And the lid?"}, {"from": "gpt", "value": "Blue, with a handle."}]},
+    {"id": "no-marker", "image": "c.png", "conversations": [
+        {"from": "user", "value": "Describe it."}, {"from": "assistant", "value": "Round."}]},
+    {"id": "two-markers", "image": "d.png", "conversations": [
+        {"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "Twice."}]},
+    {"id": "text", "system": "You are terse.", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello.", "label": "quality:4,humor:0"},
+        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": ""}]},
+    {"id": "gpt-first", "conversations": [
+        {"from": "gpt", "value": "Ahead."}, {"from": "human", "value": "What?"}, {"from": "gpt", "value": "Nothing."}]},
+]
+
+
+def training():
+    d = fresh("train_config")
+    shutil.copy(FIXTURES / "train-tiny" / "train.yaml", d / "train.yaml")
+    lines = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()
+    d = fresh("train_records")
+    shutil.copy(FIXTURES / "train-tiny" / "data.json", d / "data.json")
+    (d / "records.jsonl").write_bytes(lines)
+    d = fresh("train_examples")
+    (d / "records.jsonl").write_bytes(lines)
+    # The fixture's LLaVA array as one record a line.
+    data = json.loads((FIXTURES / "train-tiny" / "data.json").read_text())
+    (d / "train-tiny.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in data).encode())
+
+
 if __name__ == "__main__":
     pickles()
     torch_zips()
     tars()
     safetensors()
+    tokenizers()
+    training()
     total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file() and p.suffix != ".py")
     print(f"seeds written under {HERE} ({total} bytes)")

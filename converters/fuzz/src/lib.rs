@@ -1,0 +1,316 @@
+//! What each fuzz target asserts about its input, one function a target: shared by the libFuzzer
+//! targets (`fuzz_targets/`, each a one-line call) and by the main test suite, which includes
+//! this file (`tests/fuzz_seeds.rs`) and replays the committed seeds, their truncations and
+//! byte flips through the same checks on every CI run. Every check must return (the input was
+//! accepted or refused with a named error) or panic on a broken invariant, never hang or
+//! exhaust memory.
+//!
+//! Fixtures are embedded with `include_bytes!` (paths relative to this file) so the checks run
+//! the same wherever they are compiled.
+
+use shardsmith::infer::template::{Flavour, ImageTokens, Template};
+use shardsmith::infer::tokenizer::Tokenizer;
+use shardsmith::train::data::{build_example, parse_json_array, parse_jsonl, ExampleConfig, IGNORE_INDEX};
+use shardsmith_converters::convert::sentencepiece::SentencePieceModel;
+use shardsmith_converters::describe::sentencepiece_pieces;
+use shardsmith_converters::formats::nemo::{list_members, read_tar_bytes};
+use shardsmith_converters::formats::pickle::{dump, load, AllowList, Value};
+use shardsmith_converters::formats::{safetensors, torch_zip};
+use shardsmith_converters::names::neva::EXTRA_IDS;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+/// A tensor larger than this is not pulled: a stride-0 (`expand`) view or a sparse zarr array
+/// is a legitimate tensor of any size, and materialising it is what the user asked for.
+const MAX_PULL: usize = 64 << 20;
+
+/// Bytes as a safetensors file: every tensor it accepts has exactly dtype × shape bytes.
+pub fn safetensors_header(data: &[u8]) {
+    if let Ok(tensors) = safetensors::read_mapped(anon_map(data), 0, data.len(), Arc::from(Path::new("fuzz")))
+    {
+        for (name, t) in &tensors {
+            let bytes = t.bytes(name).expect("accepted tensors have consistent sizes");
+            assert_eq!(bytes.len(), t.nbytes());
+        }
+    }
+}
+
+/// Memo sharing lets a few hundred bytes decode to the reader's whole budget (about a million
+/// values); decoding the re-encoded form of such a tree again takes seconds under the sanitizer,
+/// so the round trip is checked only below this many encoded bytes.
+const MAX_ROUND_TRIP: usize = 1 << 16;
+
+/// Bytes as a pickle under torch's allow-list: whatever decodes encodes again (unless it holds
+/// an object with keyword arguments, which protocol 2 cannot express) and decodes back to the
+/// same value.
+pub fn pickle(data: &[u8]) {
+    let origin = Path::new("fuzz");
+    let Ok(value) = load(data, AllowList::default(), origin) else { return };
+    match dump(&value, origin) {
+        Ok(bytes) if bytes.len() <= MAX_ROUND_TRIP => {
+            let back = load(&bytes, AllowList::default(), origin).expect("our own pickle decodes");
+            assert!(same(&back, &value), "dump then load changed the value:\n{back:?}\n{value:?}");
+        }
+        Ok(_) => {}
+        Err(_) => assert!(has_kwargs(&value), "only objects with keyword arguments fail to encode"),
+    }
+}
+
+/// Equality with NaN equal to itself (floats compared bit for bit).
+fn same(a: &Value, b: &Value) -> bool {
+    let all = |x: &[Value], y: &[Value]| x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y));
+    let opt = |x: &Option<Box<Value>>, y: &Option<Box<Value>>| match (x, y) {
+        (Some(x), Some(y)) => same(x, y),
+        (x, y) => x.is_none() && y.is_none(),
+    };
+    match (a, b) {
+        (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits(),
+        (Value::Tuple(x), Value::Tuple(y))
+        | (Value::List(x), Value::List(y))
+        | (Value::Set(x), Value::Set(y)) => all(x, y),
+        (Value::Dict(x), Value::Dict(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|((k, v), (l, w))| same(k, l) && same(v, w))
+        }
+        (
+            Value::Reduce { callable: c, args: a, state: s },
+            Value::Reduce { callable: d, args: b, state: t },
+        ) => same(c, d) && same(a, b) && opt(s, t),
+        (
+            Value::Object { class: c, args: a, kwargs: k, state: s },
+            Value::Object { class: d, args: b, kwargs: l, state: t },
+        ) => same(c, d) && same(a, b) && opt(k, l) && opt(s, t),
+        (Value::PersistentId(x), Value::PersistentId(y)) => same(x, y),
+        _ => a == b,
+    }
+}
+
+fn has_kwargs(v: &Value) -> bool {
+    match v {
+        Value::Object { kwargs: Some(_), .. } => true,
+        Value::Tuple(items) | Value::List(items) | Value::Set(items) => items.iter().any(has_kwargs),
+        Value::Dict(pairs) => pairs.iter().any(|(k, v)| has_kwargs(k) || has_kwargs(v)),
+        Value::Reduce { callable, args, state } => {
+            has_kwargs(callable) || has_kwargs(args) || state.as_deref().is_some_and(has_kwargs)
+        }
+        Value::Object { class, args, state, .. } => {
+            has_kwargs(class) || has_kwargs(args) || state.as_deref().is_some_and(has_kwargs)
+        }
+        Value::PersistentId(p) => has_kwargs(p),
+        _ => false,
+    }
+}
+
+/// Bytes as a PyTorch zip checkpoint: every tensor it accepts yields exactly dtype × shape bytes
+/// or a named error, and an accepted state writes back to an archive of the predicted length
+/// that reads back to the same tensors.
+pub fn torch_zip(data: &[u8]) {
+    let Ok(state) = torch_zip::read_mapped(anon_map(data), 0, data.len(), Arc::from(Path::new("fuzz")))
+    else {
+        return;
+    };
+    let mut all_ok = true;
+    for (name, t) in &state.tensors {
+        if t.nbytes() > MAX_PULL {
+            all_ok = false;
+            continue;
+        }
+        match t.bytes(name) {
+            Ok(bytes) => assert_eq!(bytes.len(), t.nbytes(), "tensor '{name}'"),
+            Err(_) => all_ok = false,
+        }
+    }
+    if !all_ok {
+        return;
+    }
+    let predicted = torch_zip::encoded_len(&state, "fuzz").expect("a state read from a file has a layout");
+    let mut out = Cursor::new(Vec::new());
+    let written = torch_zip::write_to(&state, &mut out, "fuzz").expect("a readable state writes");
+    assert_eq!(written, predicted);
+    let out = out.into_inner();
+    let back = torch_zip::read_mapped(anon_map(&out), 0, out.len(), Arc::from(Path::new("fuzz-back")))
+        .expect("our own archive reads");
+    assert_eq!(back.tensors.len(), state.tensors.len());
+    for ((name, t), (name2, b)) in state.tensors.iter().zip(&back.tensors) {
+        assert_eq!(name, name2);
+        assert_eq!((t.dtype, &t.shape), (b.dtype, &b.shape), "tensor '{name}'");
+        assert_eq!(t.bytes(name).unwrap(), b.bytes(name).unwrap(), "tensor '{name}'");
+    }
+    let (mut none, mut none_back) = (state.none_keys.clone(), back.none_keys.clone());
+    none.sort();
+    none_back.sort();
+    assert_eq!(none, none_back);
+}
+
+/// Bytes as a `.nemo` tar: listed members lie inside the input; every tensor and artifact of an
+/// accepted checkpoint yields its bytes or a named error.
+pub fn tar(data: &[u8]) {
+    if let Ok(members) = list_members(data, Path::new("fuzz")) {
+        for m in &members {
+            assert!(m.offset.checked_add(m.len).is_some_and(|end| end <= data.len()), "{m:?}");
+        }
+    }
+    let Ok(ckpt) = read_tar_bytes(data) else { return };
+    for shard in &ckpt.shards {
+        for (name, t) in &shard.tensors {
+            if t.nbytes() <= MAX_PULL {
+                if let Ok(bytes) = t.bytes(name) {
+                    assert_eq!(bytes.len(), t.nbytes(), "tensor '{name}'");
+                }
+            }
+        }
+    }
+    for a in &ckpt.meta.artifacts {
+        let _ = a.source.bytes();
+    }
+}
+
+/// Bytes as a SentencePiece `ModelProto` (a `.nemo`'s `tokenizer.model`, the converters' piece
+/// editor): the piece counter agrees with the parser; an accepted model takes NeVA's
+/// `<extra_id_*>` pieces (unless it has one already) and gives back exactly its own bytes when
+/// they are removed again.
+pub fn sentencepiece(data: &[u8]) {
+    let counted = sentencepiece_pieces(data);
+    let Ok(sp) = SentencePieceModel::parse(data.to_vec(), Path::new("fuzz.model")) else { return };
+    assert_eq!(counted, Some(sp.len()), "the counter and the parser agree on the pieces");
+    if let Ok(grown) = sp.with_user_defined(&EXTRA_IDS, Path::new("fuzz.model")) {
+        assert_eq!(grown.len(), sp.len() + EXTRA_IDS.len());
+        let back = grown.without_appended(&EXTRA_IDS, Path::new("fuzz.model")).expect("we appended them");
+        assert_eq!(back.bytes(), sp.bytes());
+    }
+}
+
+/// Bytes as the `tokenizer.model` that `generate`, `evaluate` and `train` tokenise with (the
+/// core's reader): an accepted tokenizer encodes and decodes text, and streams it the same as it
+/// decodes it.
+pub fn tokenizer_model(data: &[u8]) {
+    let Ok(tok) = Tokenizer::from_sentencepiece_bytes(data, "fuzz.model") else { return };
+    for text in ["", "Hello world", "  two  spaces", "Ünïcödé 日本\n"] {
+        let Ok(ids) = tok.encode(text, false) else { continue };
+        let Ok(decoded) = tok.decode(&ids, true) else { continue };
+        let mut stream = tok.stream(true);
+        let mut streamed = String::new();
+        for &id in &ids {
+            streamed.push_str(&stream.next_token(id).expect("decoded above"));
+        }
+        streamed.push_str(&stream.finish().expect("decoded above"));
+        assert_eq!(streamed, decoded, "streaming {text:?}");
+    }
+}
+
+/// Text as training records, LLaVA's JSON array and NeMo's `.jsonl`: a file-level error or one
+/// verdict per record; a `.jsonl` verdict per non-empty line.
+pub fn train_records(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let records = parse_jsonl(text);
+    assert_eq!(records.len(), text.lines().filter(|l| !l.trim().is_empty()).count());
+    let _ = parse_json_array(text, Path::new("fuzz.json"));
+}
+
+/// Text as a `train --config` YAML, with and without a `--set` override: Ok or a named error.
+pub fn train_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let (origin, base) = (Path::new("fuzz.yaml"), Path::new("."));
+    let _ = shardsmith::train::config::TrainConfig::parse(text, origin, base, &[]);
+    let _ = shardsmith::train::config::TrainConfig::parse(
+        text,
+        origin,
+        base,
+        &["trainer.max_steps=3".to_string()],
+    );
+}
+
+/// The tokenizers and sample configurations `train_examples` builds every record with: LLaVA's
+/// flavour with llava-tiny's `tokenizer.json` (`<image>` 256, each template, legacy and not) and
+/// NeMo's with llama-gqa's `tokenizer.model` plus NeVA's `<extra_id_0..7>` (each template, image
+/// spans with and without start/end tokens); context lengths that cut some of the seed records
+/// (a template's system prompt alone is ~100 tokens).
+fn example_setups() -> &'static [(Tokenizer, ExampleConfig)] {
+    static SETUPS: OnceLock<Vec<(Tokenizer, ExampleConfig)>> = OnceLock::new();
+    SETUPS.get_or_init(|| {
+        let hf = include_bytes!("../../../fixtures/llava-tiny/tokenizer.json");
+        let hf =
+            Tokenizer::from_json_bytes(hf, "llava-tiny/tokenizer.json", None).expect("fixture tokenizer");
+        let sp = include_bytes!("../../../fixtures/llama-gqa/tokenizer.model");
+        let mut neva =
+            Tokenizer::from_sentencepiece_bytes(sp, "llama-gqa/tokenizer.model").expect("fixture tokenizer");
+        let extra: Vec<String> = (0..8).map(|i| format!("<extra_id_{i}>")).collect();
+        neva.add_special_tokens(&extra.iter().map(String::as_str).collect::<Vec<_>>()).expect("extra ids");
+        let mut setups = Vec::new();
+        for (template, max_len, legacy) in [
+            (Template::VicunaV1, 4096, false),
+            (Template::VicunaV1, 160, true),
+            (Template::Llama2, 200, false),
+            (Template::Plain, 4096, false),
+        ] {
+            let image_tokens = ImageTokens::LlavaHf { image_token_id: 256, n: 4 };
+            let cfg = ExampleConfig {
+                template,
+                flavour: Flavour::Llava,
+                image_tokens,
+                max_len,
+                legacy_tokenizer: legacy,
+            };
+            setups.push((hf.clone(), cfg));
+        }
+        for (template, max_len, use_im_start_end) in [
+            (Template::VicunaV1, 4096, false),
+            (Template::Llama2, 250, true),
+            (Template::Nvgpt, 4096, false),
+            (Template::Plain, 32, false),
+        ] {
+            let image_tokens = ImageTokens::Neva { n: 3, use_im_start_end };
+            let cfg = ExampleConfig {
+                template,
+                flavour: Flavour::Nemo,
+                image_tokens,
+                max_len,
+                legacy_tokenizer: false,
+            };
+            setups.push((neva.clone(), cfg));
+        }
+        for (tok, cfg) in &setups {
+            cfg.validate(tok).expect("a valid setup");
+        }
+        setups
+    })
+}
+
+/// Text as `.jsonl` training records, each record made a sample under every setup of
+/// [`example_setups`]: a sample or a named bad-record reason, never a panic; a sample has as
+/// many labels as ids, at most the context length, labels that are their own id or ignored,
+/// and its image spans in order inside the ids with every image position ignored. Returns how
+/// many samples each setup made (so that a replay can tell the checks were reached).
+pub fn train_examples(data: &[u8]) -> Vec<usize> {
+    let mut made = vec![0; example_setups().len()];
+    let Ok(text) = std::str::from_utf8(data) else { return made };
+    for record in parse_jsonl(text).into_iter().flatten() {
+        for ((tok, cfg), made) in example_setups().iter().zip(&mut made) {
+            let Ok(ex) = build_example(tok, cfg, &record) else { continue };
+            *made += 1;
+            assert_eq!(ex.ids.len(), ex.labels.len(), "{cfg:?}");
+            assert!(ex.ids.len() <= cfg.max_len, "{cfg:?}: {} ids", ex.ids.len());
+            for (&id, &label) in ex.ids.iter().zip(&ex.labels) {
+                assert!(label == IGNORE_INDEX || label == i64::from(id), "{cfg:?}: label {label} at id {id}");
+            }
+            let mut end = 0;
+            for span in &ex.image_spans {
+                assert!(
+                    span.start >= end && span.start + span.len <= ex.ids.len(),
+                    "{cfg:?}: {:?}",
+                    ex.image_spans
+                );
+                assert!(ex.labels[span.start..span.start + span.len].iter().all(|&l| l == IGNORE_INDEX));
+                end = span.start + span.len;
+            }
+        }
+    }
+    made
+}
+
+/// `data` in a fresh read-only anonymous map (the readers take a shared map).
+fn anon_map(data: &[u8]) -> Arc<memmap2::Mmap> {
+    let mut map = memmap2::MmapMut::map_anon(data.len().max(1)).expect("anonymous map");
+    map[..data.len()].copy_from_slice(data);
+    Arc::new(map.make_read_only().expect("read-only"))
+}
