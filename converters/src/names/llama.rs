@@ -697,6 +697,39 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any valid hyper-parameters, rotary base, RoPE scaling, epsilon, initialiser and context
+        /// length included (not only the fixtures' values), survive config.json and
+        /// model_config.yaml exactly, whatever their decimal spelling. config.json states LLaMA's
+        /// BOS/EOS ids 1 and 2 where none are known; the yaml carries none (NeMo takes them from
+        /// the tokenizer).
+        #[test]
+        fn hparams_round_trip_through_config_json_and_nemo_yaml(
+            groups in 1usize..5, hpg in 1usize..4, half_head in 1usize..65, ffn in 1usize..5000,
+            layers in 1usize..100, vocab in 1usize..200_000, max_positions in 1usize..1_000_000,
+            rope_theta in 1e-3f64..1e9, factor in proptest::option::of(1e-3f64..1e3),
+            norm_eps in 1e-12f64..1e-1, init_std in 1e-6f64..10.0, tied: bool,
+            bos in proptest::option::of(0i64..200_000), eos in proptest::option::of(0i64..200_000),
+            dialect in proptest::prop_oneof![proptest::strategy::Just(NemoDialect::Mcore), proptest::strategy::Just(NemoDialect::Legacy)],
+        ) {
+            let heads = groups * hpg;
+            let hp = LlamaHparams {
+                layers, hidden: heads * half_head * 2, ffn, heads, groups, head_dim: half_head * 2, vocab, max_positions,
+                rope_theta, rope_linear_factor: factor, norm_eps, init_std, tied, bos, eos,
+            };
+            hp.validate(Path::new("hp")).unwrap();
+            let json = hp.hf_config(DType::BF16);
+            let stated = LlamaHparams { bos: Some(bos.unwrap_or(1)), eos: Some(eos.unwrap_or(2)), ..hp.clone() };
+            proptest::prop_assert_eq!(&LlamaHparams::from_hf(&json, Path::new("j")).unwrap(), &stated);
+            let text = hp.nemo_yaml(&NemoYamlOptions {
+                dialect, dtype: DType::BF16, tp: 1, pp: 1, divisible_by: 1, tokenizer_model: None,
+            });
+            let cfg = NemoConfig::parse(text, Path::new("y")).unwrap();
+            let back = LlamaHparams::from_nemo(&cfg, vocab, Path::new("y")).unwrap();
+            proptest::prop_assert_eq!(LlamaHparams { bos, eos, ..back }, hp);
+        }
+    }
+
     #[test]
     fn gqa_fixture_reads_rope_scaling() {
         let hp = LlamaHparams::from_hf(&fixture_config("llama-gqa"), Path::new("gqa")).unwrap();

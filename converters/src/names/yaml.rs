@@ -86,23 +86,58 @@ fn scalar(node: &Node) -> String {
         Node::Bool(b) => b.to_string(),
         Node::Int(i) => i.to_string(),
         Node::Float(f) => float(*f),
-        Node::Str(s) => {
-            let plain = !s.is_empty()
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-/:${}".contains(c))
-                && !s.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.')
-                && !matches!(
-                    s.to_ascii_lowercase().as_str(),
-                    "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "~"
-                );
-            if plain {
-                s.clone()
-            } else {
-                format!("'{}'", s.replace('\'', "''"))
-            }
-        }
+        Node::Str(s) => string(s),
         Node::Seq(items) => format!("[{}]", items.iter().map(scalar).collect::<Vec<_>>().join(", ")),
         Node::Map(_) => unreachable!("maps are written as blocks"),
     }
+}
+
+/// A string as a YAML scalar that PyYAML (YAML 1.1) and YAML 1.2 readers both read back as that
+/// string: plain when it is a name or path that reads as nothing else (`bf16`,
+/// `nemo:abc_tokenizer.model`, `${model.x}`), single-quoted when it would read as a number, a
+/// bool, null or syntax, double-quoted with escapes when it holds a character single quotes
+/// cannot carry (a line break, which they fold into a space, or a non-printable character).
+fn string(s: &str) -> String {
+    let plain = s.starts_with(|c: char| c.is_ascii_alphabetic() || "_/$".contains(c))
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-/:${}".contains(c))
+        && !s.ends_with(':')
+        && !matches!(
+            s.to_ascii_lowercase().as_str(),
+            "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n"
+        );
+    if plain {
+        return s.to_string();
+    }
+    // YAML's printable set, less the line breaks YAML 1.1 adds (NEL, LS, PS) and the BOM.
+    let printable = |c: char| {
+        matches!(c, '\t' | '\u{20}'..='\u{7e}' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}' | '\u{10000}'..)
+            && !matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}')
+    };
+    if s.chars().all(printable) {
+        return format!("'{}'", s.replace('\'', "''"));
+    }
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if printable(c) => out.push(c),
+            c if (c as u32) <= 0xff => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if (c as u32) <= 0xffff => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => {
+                let _ = write!(out, "\\U{:08x}", c as u32);
+            }
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Emit a mapping as block YAML with two-space indentation.
@@ -143,6 +178,18 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any string (paths and ids a user passes end up in the yaml: a tower's directory, a
+        /// hub id) reads back as itself, whatever characters it holds.
+        #[test]
+        fn any_string_reads_back_as_itself(text in "\\PC*|[a-z:/ .#'\"\n\t\r\\{}\\[\\],&*!|>%@`-]{0,12}") {
+            let doc = emit(&[("k".into(), Node::Str(text.clone())), ("after".into(), Node::Int(1))]);
+            let v: serde_yaml::Value = serde_yaml::from_str(&doc).map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{doc:?}: {e}")))?;
+            proptest::prop_assert_eq!(v["k"].as_str(), Some(text.as_str()), "{:?}", doc);
+            proptest::prop_assert_eq!(v["after"].as_i64(), Some(1));
+        }
+    }
+
     #[test]
     fn strings_that_look_like_other_types_are_quoted() {
         let text = emit(&[
@@ -152,5 +199,11 @@ mod tests {
             ("d".into(), Node::Map(vec![("e".into(), "nemo:abc_tokenizer.model".into())])),
         ]);
         assert_eq!(text, "a: bf16\nb: '16'\nc: 'null'\nd:\n  e: nemo:abc_tokenizer.model\n");
+        // A trailing colon or a leading brace is syntax; a line break needs double quotes (single
+        // quotes fold it into a space). Checked against PyYAML 6 too.
+        assert_eq!(string("dir:"), "'dir:'");
+        assert_eq!(string("{}"), "'{}'");
+        assert_eq!(string("a\nb\\"), "\"a\\nb\\\\\"");
+        assert_eq!(string("x\u{85}"), "\"x\\x85\"");
     }
 }
