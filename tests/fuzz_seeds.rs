@@ -96,6 +96,26 @@ fn train_examples_seeds() {
     assert!(made.iter().all(|&n| n > 0), "samples made by each setup: {made:?}");
 }
 
+#[test]
+fn hf_config_seeds() {
+    replay("hf_config", checks::hf_config);
+}
+
+#[test]
+fn nemo_yaml_seeds() {
+    replay("nemo_yaml", checks::nemo_yaml);
+}
+
+#[test]
+fn tokenizer_json_seeds() {
+    replay("tokenizer_json", checks::tokenizer_json);
+}
+
+#[test]
+fn image_seeds() {
+    replay("image", checks::image);
+}
+
 /// Every target in the fuzz crate has seeds and a replay above.
 #[test]
 fn every_target_is_replayed() {

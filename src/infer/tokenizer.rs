@@ -218,7 +218,13 @@ impl Tokenizer {
         config: Option<&serde_json::Value>,
     ) -> Result<Self> {
         let origin = origin.into();
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+        // JSON first, strings decoded (skipping them would not check their UTF-8 and escapes):
+        // the tokenizers crate panics on some syntax errors instead of returning them (in a
+        // `decoder` section: `DecoderWrapper`'s `.expect("Helper")`, 0.23; found by the
+        // tokenizer_json fuzz target).
+        serde_json::from_slice::<serde_json::Value>(bytes)
+            .map_err(|e| tok_err(&origin, format!("not valid JSON: {e}")))?;
+        let inner = guarded(&origin, "reading it", || tokenizers::Tokenizer::from_bytes(bytes))?
             .map_err(|e| tok_err(&origin, format!("not a valid tokenizer.json: {e}")))?;
         let unk_id = match inner.get_model() {
             tokenizers::ModelWrapper::BPE(bpe) => {
@@ -418,8 +424,7 @@ impl Tokenizer {
 
     /// `inner`'s encoding of `prepared`, part of `text` (named in errors).
     fn encode_prepared(&self, prepared: &str, text: &str) -> Result<tokenizers::Encoding> {
-        self.inner
-            .encode_fast(prepared, false)
+        guarded(&self.origin, &format!("encoding {text:?}"), || self.inner.encode_fast(prepared, false))?
             .map_err(|e| tok_err(&self.origin, format!("cannot encode {text:?}: {e}")))
     }
 
@@ -853,6 +858,21 @@ fn read_tokenizer_config(tokenizer_json: &Path) -> Result<Option<serde_json::Val
     serde_json::from_str(&text).map(Some).map_err(|e| tok_err(&path, format!("not valid JSON: {e}")))
 }
 
+/// `f`, a call into the tokenizers crate, with a panic turned into an error naming the file:
+/// that crate trusts parts of a `tokenizer.json` it deserializes and panics on some malformed
+/// ones, while loading or while encoding (its open hardening work lists several), and a bad file
+/// must be a named error, not a crash.
+fn guarded<T>(origin: &Path, doing: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        tok_err(origin, format!("the tokenizers library failed {doing} (a malformed tokenizer.json?): {why}"))
+    })
+}
+
 fn tok_err(path: &Path, detail: impl Into<String>) -> Error {
     Error::Tokenizer { path: path.to_path_buf(), detail: detail.into() }
 }
@@ -916,6 +936,29 @@ mod tests {
                 assert_eq!(streamed, text, "{:?} streaming {:?}", tok.origin(), p.text);
             }
         }
+    }
+
+    /// Found by the tokenizer_json fuzz target: a syntax error inside `decoder` made the
+    /// tokenizers crate panic while loading; it is a named error now, and so is any panic of that
+    /// crate while loading or encoding.
+    #[test]
+    fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
+        // A key that is not a string, a lone surrogate, a byte that is not UTF-8 (the second
+        // find: the tokenizers crate decodes the strings a skipping parse let through).
+        for bad in [&br#"{"decoder": {1: 2}}"#[..], br#"{"decoder": "\ud800"}"#, b"{\"decoder\": \"\x9e\"}"] {
+            let Err(err) = Tokenizer::from_json_bytes(bad, "bad/tokenizer.json", None) else {
+                panic!("a broken decoder section was accepted")
+            };
+            let err = err.to_string();
+            assert!(err.contains("bad/tokenizer.json") && err.contains("not valid JSON"), "{err}");
+        }
+        let err = guarded(Path::new("t.json"), "reading it", || -> u32 { panic!("Helper") })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.json") && err.contains("failed reading it") && err.contains("Helper"),
+            "{err}"
+        );
     }
 
     #[test]

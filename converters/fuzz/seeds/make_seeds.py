@@ -181,6 +181,43 @@ def training():
     (d / "train-tiny.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in data).encode())
 
 
+def configs():
+    d = fresh("hf_config")
+    for name in ("llama-mha", "llama-gqa", "llava-tiny", "llava-orig-tiny", "llava-tiny-clip", "clip-vision"):
+        shutil.copy(FIXTURES / name / "config.json", d / f"{name}.json")
+    d = fresh("tokenizer_json")
+    for name in ("llama-gqa", "llava-tiny"):
+        shutil.copy(FIXTURES / name / "tokenizer.json", d / f"{name}.json")
+    for name in ("tokenizer_config.json", "added_tokens.json"):
+        shutil.copy(FIXTURES / "llava-tiny" / name, d / f"llava-tiny-{name}")
+    # Regression (the fuzzer's first find): a syntax error inside `decoder` made the tokenizers
+    # crate panic while loading.
+    text = (FIXTURES / "llava-tiny" / "tokenizer.json").read_text()
+    assert '"decoder": {' in text
+    (d / "broken-decoder.json").write_text(text.replace('"decoder": {', '"decoder": {7: 0, ', 1))
+    d = fresh("nemo_yaml")
+    with tarfile.open(FIXTURES / "nemo-dist" / "llama-mha-zarr.nemo") as t:
+        (member,) = [m for m in t.getmembers() if m.name.endswith("model_config.yaml")]
+        (d / "llama-mha.yaml").write_bytes(t.extractfile(member).read())
+    # NeVA's sections as convert writes them (mm_cfg, data, converted_from), comments and a
+    # flow sequence included.
+    (d / "neva.yaml").write_text(
+        "# a NeVA config\nmcore_gpt: true\nprecision: bf16\ntensor_model_parallel_size: 1\n"
+        "pipeline_model_parallel_size: 1\nnum_layers: 2\nhidden_size: 64\nffn_hidden_size: 172\n"
+        "num_attention_heads: 4\nnum_query_groups: 2\nencoder_seq_length: 64\n"
+        "max_position_embeddings: 64\nrotary_base: 10000.0\nlayernorm_epsilon: 1.0e-05\n"
+        "share_embeddings_and_output_weights: false\ntokenizer:\n  library: sentencepiece\n"
+        "  model: nemo:abc_tokenizer.model\nmm_cfg:\n  llm:\n    freeze: false\n"
+        "  vision_encoder:\n    from_pretrained: '/tmp/x-clip'\n    freeze: true  # referenced\n"
+        "    crop_size: [32, 32]\n  mm_mlp_adapter_type: mlp2x_gelu\ndata:\n  image_token_len: 16\n"
+        "  conv_template: v1\nconverted_from:\n  format: llava-hf\n  vocab_size: 320\n"
+        "  added_tokenizer_pieces: 8\n  image_token_index: 256\n  pad_token_id: 257\n")
+    d = fresh("image")
+    shutil.copy(FIXTURES / "llava-tiny" / "image.png", d / "llava-tiny.png")
+    for name in ("tall.png", "wide.png"):
+        shutil.copy(FIXTURES / "train-tiny" / "images" / name, d / name)
+
+
 if __name__ == "__main__":
     pickles()
     torch_zips()
@@ -188,5 +225,6 @@ if __name__ == "__main__":
     safetensors()
     tokenizers()
     training()
+    configs()
     total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file() and p.suffix != ".py")
     print(f"seeds written under {HERE} ({total} bytes)")

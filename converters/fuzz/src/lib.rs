@@ -8,15 +8,20 @@
 //! Fixtures are embedded with `include_bytes!` (paths relative to this file) so the checks run
 //! the same wherever they are compiled.
 
+use shardsmith::infer::image::{load_rgb_from_bytes, AspectMode, PreprocessConfig};
 use shardsmith::infer::template::{Flavour, ImageTokens, Template};
 use shardsmith::infer::tokenizer::Tokenizer;
 use shardsmith::train::data::{build_example, parse_json_array, parse_jsonl, ExampleConfig, IGNORE_INDEX};
+use shardsmith_converters::convert::clip::ClipVisionConfig;
 use shardsmith_converters::convert::sentencepiece::SentencePieceModel;
+use shardsmith_converters::convert::tokenizer::hf_added_tokens;
 use shardsmith_converters::describe::sentencepiece_pieces;
-use shardsmith_converters::formats::nemo::{list_members, read_tar_bytes};
+use shardsmith_converters::formats::nemo::{list_members, read_tar_bytes, NemoConfig};
 use shardsmith_converters::formats::pickle::{dump, load, AllowList, Value};
 use shardsmith_converters::formats::{safetensors, torch_zip};
-use shardsmith_converters::names::neva::EXTRA_IDS;
+use shardsmith_converters::names::llama::{LlamaHparams, NemoDialect, NemoYamlOptions};
+use shardsmith_converters::names::neva::{ConvertedFrom, EXTRA_IDS};
+use shardsmith_converters::DType;
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -185,7 +190,12 @@ pub fn sentencepiece(data: &[u8]) {
 /// decodes it.
 pub fn tokenizer_model(data: &[u8]) {
     let Ok(tok) = Tokenizer::from_sentencepiece_bytes(data, "fuzz.model") else { return };
-    for text in ["", "Hello world", "  two  spaces", "Ünïcödé 日本\n"] {
+    check_tokenizer(&tok);
+}
+
+/// A tokenizer encodes and decodes sample text, and streams it the same as it decodes it.
+fn check_tokenizer(tok: &Tokenizer) {
+    for text in ["", "Hello world", "  two  spaces", "Ünïcödé 日本\n", "<s>[INST] <image>\n</s>"] {
         let Ok(ids) = tok.encode(text, false) else { continue };
         let Ok(decoded) = tok.decode(&ids, true) else { continue };
         let mut stream = tok.stream(true);
@@ -306,6 +316,104 @@ pub fn train_examples(data: &[u8]) -> Vec<usize> {
         }
     }
     made
+}
+
+/// Text as an HF `config.json`: LLaMA's hyper-parameters and a CLIP tower's config are read or
+/// refused by name; hyper-parameters that pass validation write back to a config.json and a
+/// model_config.yaml that read back to themselves (config.json stating BOS/EOS 1 and 2 where
+/// none were given; the yaml carrying none).
+pub fn hf_config(data: &[u8]) {
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let _ = ClipVisionConfig::from_json(&json, "fuzz.json");
+    let Ok(hp) = LlamaHparams::from_hf(&json, Path::new("fuzz.json")) else { return };
+    if hp.validate(Path::new("fuzz.json")).is_err() {
+        return;
+    }
+    let stated =
+        LlamaHparams { bos: Some(hp.bos.unwrap_or(1)), eos: Some(hp.eos.unwrap_or(2)), ..hp.clone() };
+    let back = LlamaHparams::from_hf(&hp.hf_config(DType::BF16), Path::new("written.json"))
+        .expect("our own config.json");
+    assert_eq!(back, stated, "config.json round trip");
+    let text = hp.nemo_yaml(&NemoYamlOptions {
+        dialect: NemoDialect::Mcore,
+        dtype: DType::BF16,
+        tp: 1,
+        pp: 1,
+        divisible_by: 1,
+        tokenizer_model: None,
+    });
+    let cfg = NemoConfig::parse(text, Path::new("written.yaml")).expect("our own yaml");
+    let back = LlamaHparams::from_nemo(&cfg, hp.vocab, Path::new("written.yaml")).expect("our own yaml");
+    assert_eq!(LlamaHparams { bos: hp.bos, eos: hp.eos, ..back }, hp, "model_config.yaml round trip");
+}
+
+/// Text as a `.nemo`'s `model_config.yaml`: parsed or refused by name, and so are the LLaMA
+/// hyper-parameters and NeVA's conversion record in it; a scalar set by the line editor
+/// (`reshard`'s TP/PP edits, `--set`) is in the text afterwards, which parses to the same
+/// document with that one value changed, or the edit is refused and nothing changes.
+pub fn nemo_yaml(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(cfg) = NemoConfig::parse(text.to_string(), Path::new("fuzz.yaml")) else { return };
+    let _ = LlamaHparams::from_nemo(&cfg, 32000, Path::new("fuzz.yaml"));
+    let _ = ConvertedFrom::from_yaml(&cfg.value);
+    let edits: [(&str, serde_yaml::Value); 4] = [
+        ("tensor_model_parallel_size", 2.into()),
+        ("precision", "bf16".into()),
+        ("tokenizer.model", "nemo:x_tokenizer.model".into()),
+        ("mm_cfg.vision_encoder.freeze", true.into()),
+    ];
+    for (key, value) in edits {
+        let mut edited = cfg.clone();
+        match edited.set_scalar(key, value.clone()) {
+            Ok(()) => {
+                assert_eq!(edited.get(key), Some(&value), "set {key}");
+                let reread =
+                    NemoConfig::parse(edited.raw.clone(), Path::new("edited.yaml")).expect("the edit parses");
+                assert_eq!(reread.value, edited.value, "set {key}: the text and the parsed view agree");
+            }
+            Err(_) => assert_eq!(edited.raw, cfg.raw, "a refused edit changes nothing"),
+        }
+    }
+}
+
+/// Bytes as an HF `tokenizer.json` (the core's fast-tokenizer path) and as the files listing
+/// added tokens: a tokenizer that loads encodes and decodes text, and streams it as it decodes
+/// it; the added-token readers return the list or a named error.
+pub fn tokenizer_json(data: &[u8]) {
+    for name in ["tokenizer.json", "tokenizer_config.json", "added_tokens.json"] {
+        let read = |n: &str| Ok((n == name).then(|| data.to_vec()));
+        let _ = hf_added_tokens(read, Path::new("fuzz"));
+    }
+    let Ok(tok) = Tokenizer::from_json_bytes(data, "fuzz/tokenizer.json", None) else { return };
+    check_tokenizer(&tok);
+}
+
+/// Bytes as an image for the vision tower (`generate --image`, training images): decoded or
+/// refused by name; an image that decodes (within 2048 × 2048) preprocesses under every aspect
+/// mode to llava-tiny's 3 × crop × crop, all finite.
+pub fn image(data: &[u8]) {
+    let Ok(rgb) = load_rgb_from_bytes(data, "fuzz.png") else { return };
+    if rgb.width() > 2048 || rgb.height() > 2048 {
+        return;
+    }
+    for mode in [AspectMode::Square, AspectMode::Pad, AspectMode::Keep] {
+        let Ok(px) = preprocess_config().preprocess(&rgb, mode) else { continue };
+        assert_eq!(px.data.len(), 3 * px.height * px.width, "{mode:?}");
+        if mode != AspectMode::Keep {
+            let crop = preprocess_config().crop_size;
+            assert_eq!((px.height as u32, px.width as u32), crop, "{mode:?}");
+        }
+        assert!(px.data.iter().all(|v| v.is_finite()), "{mode:?}");
+    }
+}
+
+fn preprocess_config() -> &'static PreprocessConfig {
+    static CFG: OnceLock<PreprocessConfig> = OnceLock::new();
+    CFG.get_or_init(|| {
+        let json = include_bytes!("../../../fixtures/llava-tiny/preprocessor_config.json");
+        let json: serde_json::Value = serde_json::from_slice(json).expect("fixture json");
+        PreprocessConfig::from_json(&json, Path::new("preprocessor_config.json")).expect("fixture config")
+    })
 }
 
 /// `data` in a fresh read-only anonymous map (the readers take a shared map).
