@@ -4,13 +4,15 @@
 # rows are reported (ties may flip) but do not fail. Carry target/cuda-carry (bench/gpu_carry.sh).
 #   on the GPU machine, from the repository root:  bash bench/gpu_generate_check.sh
 set -uo pipefail
+START=$SECONDS
+BUDGET=${GPU_SH_BUDGET:-180}
 CARRY=${1:-target/cuda-carry}
 source "$(dirname "$0")/gpu_lib.sh"
 status=0
 compare() { # name, args...
     local name=$1; shift
-    timeout 60 "$SS" generate "$@" --device cpu --json >"$W/cpu.json" 2>"$W/cpu.err" || { echo "$name: cpu FAILED"; tail -3 "$W/cpu.err"; status=1; return; }
-    timeout 60 "$SS" generate "$@" --device cuda --json >"$W/gpu.json" 2>"$W/gpu.err" || { echo "$name: cuda FAILED"; tail -3 "$W/gpu.err"; status=1; return; }
+    timeout "$(limit 60)" "$SS" generate "$@" --device cpu --json >"$W/cpu.json" 2>"$W/cpu.err" || { echo "$name: cpu FAILED"; tail -3 "$W/cpu.err"; status=1; return; }
+    timeout "$(limit 60)" "$SS" generate "$@" --device cuda --json >"$W/gpu.json" 2>"$W/gpu.err" || { echo "$name: cuda FAILED"; tail -3 "$W/gpu.err"; status=1; return; }
     python3 - "$name" "$W/cpu.json" "$W/gpu.json" <<'PY' || status=1
 import json, sys
 name, a, b = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))

@@ -224,7 +224,7 @@ impl Tokenizer {
         // tokenizer_json fuzz target).
         serde_json::from_slice::<serde_json::Value>(bytes)
             .map_err(|e| tok_err(&origin, format!("not valid JSON: {e}")))?;
-        let inner = guarded(&origin, "reading it", || tokenizers::Tokenizer::from_bytes(bytes))?
+        let inner = guarded(&origin, || "reading it".into(), || tokenizers::Tokenizer::from_bytes(bytes))?
             .map_err(|e| tok_err(&origin, format!("not a valid tokenizer.json: {e}")))?;
         let unk_id = match inner.get_model() {
             tokenizers::ModelWrapper::BPE(bpe) => {
@@ -424,7 +424,7 @@ impl Tokenizer {
 
     /// `inner`'s encoding of `prepared`, part of `text` (named in errors).
     fn encode_prepared(&self, prepared: &str, text: &str) -> Result<tokenizers::Encoding> {
-        guarded(&self.origin, &format!("encoding {text:?}"), || self.inner.encode_fast(prepared, false))?
+        guarded(&self.origin, || format!("encoding {text:?}"), || self.inner.encode_fast(prepared, false))?
             .map_err(|e| tok_err(&self.origin, format!("cannot encode {text:?}: {e}")))
     }
 
@@ -858,18 +858,22 @@ fn read_tokenizer_config(tokenizer_json: &Path) -> Result<Option<serde_json::Val
     serde_json::from_str(&text).map(Some).map_err(|e| tok_err(&path, format!("not valid JSON: {e}")))
 }
 
-/// `f`, a call into the tokenizers crate, with a panic turned into an error naming the file:
-/// that crate trusts parts of a `tokenizer.json` it deserializes and panics on some malformed
-/// ones, while loading or while encoding (its open hardening work lists several), and a bad file
-/// must be a named error, not a crash.
-fn guarded<T>(origin: &Path, doing: &str, f: impl FnOnce() -> T) -> Result<T> {
+/// `f`, a call into the tokenizers crate, with a panic turned into an error naming the file and
+/// what was being done (`doing`, built only then): that crate trusts parts of a `tokenizer.json`
+/// it deserializes and panics on some malformed ones, while loading or while encoding (its open
+/// hardening work lists several), and a bad file must be a named error, not a crash. (The
+/// default panic hook still prints the panic before it is caught.)
+fn guarded<T>(origin: &Path, doing: impl FnOnce() -> String, f: impl FnOnce() -> T) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
         let why = panic
             .downcast_ref::<String>()
             .map(String::as_str)
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("no message");
-        tok_err(origin, format!("the tokenizers library failed {doing} (a malformed tokenizer.json?): {why}"))
+        tok_err(
+            origin,
+            format!("the tokenizers library failed {} (a malformed tokenizer.json?): {why}", doing()),
+        )
     })
 }
 
@@ -952,7 +956,7 @@ mod tests {
             let err = err.to_string();
             assert!(err.contains("bad/tokenizer.json") && err.contains("not valid JSON"), "{err}");
         }
-        let err = guarded(Path::new("t.json"), "reading it", || -> u32 { panic!("Helper") })
+        let err = guarded(Path::new("t.json"), || "reading it".into(), || -> u32 { panic!("Helper") })
             .unwrap_err()
             .to_string();
         assert!(

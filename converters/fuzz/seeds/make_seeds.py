@@ -4,7 +4,7 @@ target, taken from fixtures/torch/ or built here. Run from anywhere:
 
     python3 converters/fuzz/seeds/make_seeds.py
 
-Fills converters/fuzz/seeds/<target>/ for every target (about 80 KB in all).
+Fills converters/fuzz/seeds/<target>/ for every target (about 120 KB in all).
 """
 import collections
 import io

@@ -389,13 +389,17 @@ pub fn tokenizer_json(data: &[u8]) {
 }
 
 /// Bytes as an image for the vision tower (`generate --image`, training images): decoded or
-/// refused by name; an image that decodes (within 2048 × 2048) preprocesses under every aspect
+/// refused by name; an image that decodes (declared within 2048 × 2048) preprocesses under every aspect
 /// mode to llava-tiny's 3 × crop × crop, all finite.
 pub fn image(data: &[u8]) {
-    let Ok(rgb) = load_rgb_from_bytes(data, "fuzz.png") else { return };
-    if rgb.width() > 2048 || rgb.height() > 2048 {
-        return;
+    // The size from the header first: a valid header may declare a picture of gigabytes, which
+    // decoding would rightly try to allocate (up to the image crate's 512 MiB limit).
+    let header = image::ImageReader::new(Cursor::new(data)).with_guessed_format();
+    match header.ok().and_then(|r| r.into_dimensions().ok()) {
+        Some((w, h)) if w <= 2048 && h <= 2048 => {}
+        _ => return,
     }
+    let Ok(rgb) = load_rgb_from_bytes(data, "fuzz.png") else { return };
     for mode in [AspectMode::Square, AspectMode::Pad, AspectMode::Keep] {
         let Ok(px) = preprocess_config().preprocess(&rgb, mode) else { continue };
         assert_eq!(px.data.len(), 3 * px.height * px.width, "{mode:?}");

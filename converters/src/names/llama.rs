@@ -265,6 +265,9 @@ impl LlamaHparams {
     pub const MAX_LAYERS: usize = 1 << 14;
     /// The largest width, head count or vocabulary a config may have.
     pub const MAX_DIM: usize = 1 << 24;
+    /// The longest context a config may state (past it, a yaml integer or a rotary table would
+    /// overflow before anything useful happened).
+    pub const MAX_POSITIONS: usize = 1 << 30;
 
     /// Check internal consistency (heads divide into groups, hidden = heads·d is not required by
     /// LLaMA, but q/k/v shapes follow from these numbers) and bounds.
@@ -279,6 +282,7 @@ impl LlamaHparams {
             ("query groups", self.groups, Self::MAX_DIM),
             ("head size (head_dim / kv_channels, else hidden / heads)", self.head_dim, Self::MAX_DIM),
             ("vocabulary size", self.vocab, Self::MAX_DIM),
+            ("context length (max_position_embeddings)", self.max_positions, Self::MAX_POSITIONS),
         ];
         for (what, n, max) in sizes {
             if !(1..=max).contains(&n) {

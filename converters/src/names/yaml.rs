@@ -86,20 +86,31 @@ fn scalar(node: &Node) -> String {
         Node::Bool(b) => b.to_string(),
         Node::Int(i) => i.to_string(),
         Node::Float(f) => float(*f),
-        Node::Str(s) => string(s),
-        Node::Seq(items) => format!("[{}]", items.iter().map(scalar).collect::<Vec<_>>().join(", ")),
+        Node::Str(s) => string(s, false),
+        Node::Seq(items) => format!("[{}]", items.iter().map(flow_item).collect::<Vec<_>>().join(", ")),
         Node::Map(_) => unreachable!("maps are written as blocks"),
+    }
+}
+
+/// An item of a flow sequence: as [`scalar`], except that braces, which are syntax inside
+/// `[...]`, keep a string from being plain.
+fn flow_item(node: &Node) -> String {
+    match node {
+        Node::Str(s) => string(s, true),
+        other => scalar(other),
     }
 }
 
 /// A string as a YAML scalar that PyYAML (YAML 1.1) and YAML 1.2 readers both read back as that
 /// string: plain when it is a name or path that reads as nothing else (`bf16`,
-/// `nemo:abc_tokenizer.model`, `${model.x}`), single-quoted when it would read as a number, a
-/// bool, null or syntax, double-quoted with escapes when it holds a character single quotes
-/// cannot carry (a line break, which they fold into a space, or a non-printable character).
-fn string(s: &str) -> String {
+/// `nemo:abc_tokenizer.model`, `${model.x}` outside a flow sequence), single-quoted when it would
+/// read as a number, a bool, null or syntax, double-quoted with escapes when it holds a character
+/// single quotes cannot carry (a line break, which they fold into a space, or a non-printable
+/// character). `flow`: inside `[...]`, where braces are syntax too.
+fn string(s: &str, flow: bool) -> String {
     let plain = s.starts_with(|c: char| c.is_ascii_alphabetic() || "_/$".contains(c))
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-/:${}".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:$".contains(c) || (!flow && "{}".contains(c)))
         && !s.ends_with(':')
         && !matches!(
             s.to_ascii_lowercase().as_str(),
@@ -145,15 +156,16 @@ pub fn emit(map: &[(String, Node)]) -> String {
     fn go(out: &mut String, map: &[(String, Node)], indent: usize) {
         for (k, v) in map {
             match v {
+                // Keys quoted as values are: an HF config's `id2label` has keys like "0".
                 Node::Map(inner) if !inner.is_empty() => {
-                    let _ = writeln!(out, "{:indent$}{k}:", "");
+                    let _ = writeln!(out, "{:indent$}{}:", "", string(k, false));
                     go(out, inner, indent + 2);
                 }
                 Node::Map(_) => {
-                    let _ = writeln!(out, "{:indent$}{k}: {{}}", "");
+                    let _ = writeln!(out, "{:indent$}{}: {{}}", "", string(k, false));
                 }
                 _ => {
-                    let _ = writeln!(out, "{:indent$}{k}: {}", "", scalar(v));
+                    let _ = writeln!(out, "{:indent$}{}: {}", "", string(k, false), scalar(v));
                 }
             }
         }
@@ -180,12 +192,19 @@ mod tests {
 
     proptest::proptest! {
         /// Any string (paths and ids a user passes end up in the yaml: a tower's directory, a
-        /// hub id) reads back as itself, whatever characters it holds.
+        /// hub id; an HF vision config's keys and string lists) reads back as itself, whatever
+        /// characters it holds, as a value, a key or an item of a flow sequence.
         #[test]
         fn any_string_reads_back_as_itself(text in "\\PC*|[a-z:/ .#'\"\n\t\r\\{}\\[\\],&*!|>%@`-]{0,12}") {
-            let doc = emit(&[("k".into(), Node::Str(text.clone())), ("after".into(), Node::Int(1))]);
+            // As a value, an item of a flow sequence, and a key.
+            proptest::prop_assume!(!["k", "s", "after"].contains(&text.as_str()));
+            let seq = Node::Seq(vec![Node::Str(text.clone()), Node::Int(2)]);
+            let doc = emit(&[("k".into(), Node::Str(text.clone())), ("s".into(), seq), (text.clone(), Node::Int(3)), ("after".into(), Node::Int(1))]);
             let v: serde_yaml::Value = serde_yaml::from_str(&doc).map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{doc:?}: {e}")))?;
             proptest::prop_assert_eq!(v["k"].as_str(), Some(text.as_str()), "{:?}", doc);
+            proptest::prop_assert_eq!(v["s"][0].as_str(), Some(text.as_str()), "{:?}", doc);
+            proptest::prop_assert_eq!(v["s"][1].as_i64(), Some(2));
+            proptest::prop_assert_eq!(v.get(text.as_str()).and_then(serde_yaml::Value::as_i64), Some(3), "{:?}", doc);
             proptest::prop_assert_eq!(v["after"].as_i64(), Some(1));
         }
     }
@@ -201,9 +220,13 @@ mod tests {
         assert_eq!(text, "a: bf16\nb: '16'\nc: 'null'\nd:\n  e: nemo:abc_tokenizer.model\n");
         // A trailing colon or a leading brace is syntax; a line break needs double quotes (single
         // quotes fold it into a space). Checked against PyYAML 6 too.
-        assert_eq!(string("dir:"), "'dir:'");
-        assert_eq!(string("{}"), "'{}'");
-        assert_eq!(string("a\nb\\"), "\"a\\nb\\\\\"");
-        assert_eq!(string("x\u{85}"), "\"x\\x85\"");
+        assert_eq!(string("dir:", false), "'dir:'");
+        assert_eq!(string("{}", false), "'{}'");
+        assert_eq!(string("a\nb\\", false), "\"a\\nb\\\\\"");
+        assert_eq!(string("x\u{85}", false), "\"x\\x85\"");
+        // Braces are syntax in a flow sequence; a key reads as a string like a value does.
+        let text =
+            emit(&[("s".into(), Node::Seq(vec!["${a}".into(), "b".into()])), ("0".into(), "x".into())]);
+        assert_eq!(text, "s: ['${a}', b]\n'0': x\n");
     }
 }
