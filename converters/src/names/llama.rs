@@ -762,6 +762,11 @@ mod tests {
             ("num_hidden_layers", json!(0), "layers is 0"),
             ("intermediate_size", json!(0), "ffn hidden size is 0"),
             ("vocab_size", json!(1u64 << 40), "vocabulary size is 1099511627776"),
+            (
+                "max_position_embeddings",
+                json!(1u64 << 63),
+                "context length (max_position_embeddings) is 9223372036854775808",
+            ),
             ("num_key_value_heads", json!(3), "attention heads do not divide into 3 query groups"),
             ("rope_theta", json!(0.0), "rotary base (rope_theta / rotary_base) is 0"),
             ("rms_norm_eps", json!(-1e-5), "epsilon (rms_norm_eps / layernorm_epsilon) is -0.00001"),
