@@ -4,7 +4,7 @@ target, taken from fixtures/torch/ or built here. Run from anywhere:
 
     python3 converters/fuzz/seeds/make_seeds.py
 
-Fills converters/fuzz/seeds/<target>/ for every target (about 120 KB in all).
+Fills converters/fuzz/seeds/<target>/ for every target (about 150 KB in all).
 """
 import collections
 import io
@@ -185,7 +185,11 @@ def configs():
     d = fresh("hf_config")
     for name in ("llama-mha", "llama-gqa", "llava-tiny", "llava-orig-tiny", "llava-tiny-clip", "clip-vision"):
         shutil.copy(FIXTURES / name / "config.json", d / f"{name}.json")
+    # Inputs the fuzzer found (found-*) are kept as they are: nothing here could rebuild them.
+    found = {p.name: p.read_bytes() for p in (HERE / "tokenizer_json").glob("found-*")}
     d = fresh("tokenizer_json")
+    for name, data in found.items():
+        (d / name).write_bytes(data)
     for name in ("llama-gqa", "llava-tiny"):
         shutil.copy(FIXTURES / name / "tokenizer.json", d / f"{name}.json")
     for name in ("tokenizer_config.json", "added_tokens.json"):
