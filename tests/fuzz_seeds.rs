@@ -116,6 +116,11 @@ fn image_seeds() {
     replay("image", checks::image);
 }
 
+#[test]
+fn cli_specs_seeds() {
+    replay("cli_specs", checks::cli_specs);
+}
+
 /// Every target in the fuzz crate has seeds and a replay above.
 #[test]
 fn every_target_is_replayed() {

@@ -15,6 +15,9 @@ use serde_json::Value;
 
 use super::clip::get_weight;
 use crate::{Error, Result};
+// The deepest `mlpNx_gelu` accepted, shared with the converters: LLaVA uses 2; far deeper is a
+// typo, not a projector.
+use shardsmith_converters::names::neva::MAX_MLP_DEPTH;
 
 /// The projector architectures of `mm_mlp_adapter_type` / `mm_projector_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,9 +33,6 @@ pub enum ProjectorKind {
     /// No parameters; needs C_vision = H.
     Identity,
 }
-
-/// The deepest `mlpNx_gelu` accepted: LLaVA uses 2; far deeper is a typo, not a projector.
-const MAX_MLP_DEPTH: usize = 64;
 
 const VALID_FORMS: &str = "linear, mlp2x_gelu (any mlpNx_gelu with N >= 1), identity";
 

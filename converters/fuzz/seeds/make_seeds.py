@@ -222,6 +222,27 @@ def configs():
         shutil.copy(FIXTURES / "train-tiny" / "images" / name, d / name)
 
 
+# Specs as users type them: rename rules (groups, anchors), drop globs, init modes, token lists,
+# devices, hub references, projector / template / part / dtype names.
+SPECS = {
+    "rule.txt": r"^model\.layers\.(\d+)\.mlp\.(.*)$=layers.${1}.ffn.$2",
+    "glob.txt": "model.layers.*.self_attn.*",
+    "init.txt": "mean",
+    "tokens.txt": "<image>,<pad>,<extra_id_0>",
+    "device.txt": "cuda:1",
+    "hub.txt": "hf://llava-hf/llava-1.5-7b-hf@main",
+    "projector.txt": "mlp2x_gelu",
+    "template.txt": "vicuna_v1",
+    "dtype.txt": "bf16",
+}
+
+
+def specs():
+    d = fresh("cli_specs")
+    for name, text in SPECS.items():
+        (d / name).write_text(text)
+
+
 if __name__ == "__main__":
     pickles()
     torch_zips()
@@ -230,5 +251,6 @@ if __name__ == "__main__":
     tokenizers()
     training()
     configs()
+    specs()
     total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file() and p.suffix != ".py")
     print(f"seeds written under {HERE} ({total} bytes)")

@@ -420,6 +420,74 @@ fn preprocess_config() -> &'static PreprocessConfig {
     })
 }
 
+/// Text as each of the specs a user types on the command line or writes in a config field
+/// (`--rule`, `--pattern`, `--init`, `--tokens`, `--device`, `hf://` references, projector,
+/// template, part and dtype names): parsed or refused by name, never a panic; a rename rule or
+/// drop pattern that parses applies to a small checkpoint or is refused; a projector type that
+/// parses names a bounded list of tensors.
+pub fn cli_specs(data: &[u8]) {
+    use shardsmith_converters::names::neva::ProjectorType;
+    use shardsmith_converters::surgery::{parts::Part, rename, vocab};
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    let _ = shardsmith::hub::HubRef::parse(s);
+    let _ = shardsmith::models::parse_device(s);
+    let _ = shardsmith::models::projector::ProjectorKind::parse(s);
+    let _ = AspectMode::parse(s);
+    let _ = Template::parse(s);
+    let _ = shardsmith_converters::names::neva::Template::parse(s);
+    let _ = DType::parse(s);
+    let _ = Part::parse(s);
+    let _ = vocab::Init::parse(s);
+    let _ = vocab::parse_token_list(s);
+    if let Some(kind) = ProjectorType::parse(s) {
+        let shapes = kind.shapes(3, 4);
+        assert!(!shapes.is_empty() && shapes.len() <= 2 * shardsmith_converters::names::neva::MAX_MLP_DEPTH);
+        assert_eq!(ProjectorType::parse(&kind.name()), Some(kind), "its name parses back");
+    }
+    if let Ok(rule) = rename::RenameRule::parse(s) {
+        let _ = rename::rename(small_checkpoint(), &[rule]);
+    }
+    if rename::globs(&[s.to_string()]).is_ok() {
+        let _ = rename::drop(small_checkpoint(), &[s.to_string()]);
+    }
+}
+
+/// Two ranks of a few LLaMA-named tensors (for `cli_specs`' renames and drops).
+fn small_checkpoint() -> &'static shardsmith_converters::Checkpoint {
+    use shardsmith_converters::checkpoint::{
+        ByteSource, Flavour, Meta, Parallelism, Rank, Shard, TensorEntry,
+    };
+    static CKPT: OnceLock<shardsmith_converters::Checkpoint> = OnceLock::new();
+    CKPT.get_or_init(|| {
+        let origin: Arc<Path> = Arc::from(Path::new("small"));
+        let names = [
+            "model.embed_tokens.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.input_layernorm.weight",
+            "lm_head.weight",
+        ];
+        let tensors = |rank: u8| {
+            names
+                .iter()
+                .map(|n| {
+                    let bytes = ByteSource::owned(vec![rank; 8]);
+                    (n.to_string(), TensorEntry::new(DType::F32, vec![2], bytes, origin.clone()))
+                })
+                .collect()
+        };
+        let shards = (0..2).map(|tp| Shard::new(Rank { tp, pp: 0 }, tensors(tp as u8))).collect();
+        let meta = Meta {
+            path: "small".into(),
+            flavour: Flavour::SafetensorsFile,
+            parallel: Parallelism { tp: 2, pp: 1 },
+            config: None,
+            artifacts: vec![],
+        };
+        shardsmith_converters::Checkpoint { meta, shards }
+    })
+}
+
 /// `data` in a fresh read-only anonymous map (the readers take a shared map).
 fn anon_map(data: &[u8]) -> Arc<memmap2::Mmap> {
     let mut map = memmap2::MmapMut::map_anon(data.len().max(1)).expect("anonymous map");

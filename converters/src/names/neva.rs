@@ -101,15 +101,25 @@ pub enum ProjectorType {
     },
 }
 
+/// The deepest `mlpNx_gelu` projector accepted: LLaVA uses 2; far deeper is a typo, not a
+/// projector (and `mlp1000000000000x_gelu` in a config would otherwise size a list of 2·10¹²
+/// tensors to look for).
+pub const MAX_MLP_DEPTH: usize = 64;
+
 impl ProjectorType {
-    /// Parse `linear` or `mlp{N}x_gelu`; `None` for anything else (`identity` has no weights
-    /// and cannot be converted meaningfully, so it is not accepted either).
+    /// Parse `linear` or `mlp{N}x_gelu` with N digits from 1 to [`MAX_MLP_DEPTH`] (LLaVA's
+    /// `^mlp(\d+)x_gelu$`); `None` for anything else (`identity` has no weights and cannot be
+    /// converted meaningfully, so it is not accepted either).
     pub fn parse(s: &str) -> Option<Self> {
         if s == "linear" {
             return Some(ProjectorType::Linear);
         }
-        let depth: usize = s.strip_prefix("mlp")?.strip_suffix("x_gelu")?.parse().ok()?;
-        (depth >= 1).then_some(ProjectorType::MlpGelu { depth })
+        let digits = s.strip_prefix("mlp")?.strip_suffix("x_gelu")?;
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let depth: usize = digits.parse().ok()?;
+        (1..=MAX_MLP_DEPTH).contains(&depth).then_some(ProjectorType::MlpGelu { depth })
     }
 
     /// The config spelling.
@@ -518,6 +528,13 @@ mod tests {
         assert_eq!(ProjectorType::parse("mlp2x_gelu"), Some(ProjectorType::MlpGelu { depth: 2 }));
         assert_eq!(ProjectorType::parse("linear"), Some(ProjectorType::Linear));
         assert_eq!(ProjectorType::parse("identity"), None);
+        // Digits only, 1 to MAX_MLP_DEPTH: a typo'd depth must not size 10^12 tensors (fuzzer).
+        assert_eq!(ProjectorType::parse("mlp64x_gelu"), Some(ProjectorType::MlpGelu { depth: 64 }));
+        for bad in
+            ["mlp0x_gelu", "mlp65x_gelu", "mlp1000000000000x_gelu", "mlp+2x_gelu", "mlpx_gelu", "mlp 2x_gelu"]
+        {
+            assert_eq!(ProjectorType::parse(bad), None, "{bad}");
+        }
         let names: Vec<String> =
             ProjectorType::MlpGelu { depth: 2 }.shapes(48, 64).into_iter().map(|(n, _)| n).collect();
         assert_eq!(
