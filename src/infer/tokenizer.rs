@@ -218,14 +218,19 @@ impl Tokenizer {
         config: Option<&serde_json::Value>,
     ) -> Result<Self> {
         let origin = origin.into();
-        // JSON first, strings decoded (skipping them would not check their UTF-8 and escapes):
-        // the tokenizers crate panics on some syntax errors instead of returning them (in a
-        // `decoder` section: `DecoderWrapper`'s `.expect("Helper")`, 0.23; found by the
-        // tokenizer_json fuzz target).
-        serde_json::from_slice::<serde_json::Value>(bytes)
-            .map_err(|e| tok_err(&origin, format!("not valid JSON: {e}")))?;
-        let inner = guarded(&origin, || "reading it".into(), || tokenizers::Tokenizer::from_bytes(bytes))?
-            .map_err(|e| tok_err(&origin, format!("not a valid tokenizer.json: {e}")))?;
+        // Parsed as JSON here, then handed to the tokenizers crate as a value (its `from_bytes`
+        // is this same deserialization from the text): the crate panics on some syntax errors
+        // instead of returning them (in a `decoder` section: `DecoderWrapper`'s
+        // `.expect("Helper")`, 0.23; found by the tokenizer_json fuzz target), and a value has
+        // none left.
+        let json: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| tok_err(&origin, format!("not valid JSON: {e}")))?;
+        let inner = guarded(
+            &origin,
+            || "reading it".into(),
+            || serde_json::from_value::<tokenizers::Tokenizer>(json),
+        )?
+        .map_err(|e| tok_err(&origin, format!("not a valid tokenizer.json: {e}")))?;
         let unk_id = match inner.get_model() {
             tokenizers::ModelWrapper::BPE(bpe) => {
                 bpe.get_unk_token().as_deref().and_then(|t| inner.token_to_id(t))
