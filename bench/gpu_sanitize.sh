@@ -21,11 +21,13 @@ CARRY=${1:-target/cuda-carry}
 source "$(dirname "$0")/gpu_lib.sh"
 "$CS" --version | tail -1
 status=0 finished=0 checks=0
-# The wgmma backward (the default on Hopper, the most restructured) first, then the forwards,
+# The wgmma backward (the default on Hopper, the most restructured) first, then the forwards
+# (among them the warp-specialised one, whose mbarriers and named barriers synccheck covers),
 # then the mma.sync backward variants.
 for check in "racecheck wgmma_backward_matches_the_cpu" "memcheck wgmma_backward_matches_the_cpu" \
     "synccheck wgmma_backward_matches_the_cpu" "racecheck wgmma_forward_matches_the_cpu" \
-    "memcheck wgmma_forward_matches_the_cpu" "racecheck attention_backward_variants_agree" \
+    "memcheck wgmma_forward_matches_the_cpu" "synccheck wgmma_forward_matches_the_cpu" \
+    "racecheck attention_backward_variants_agree" \
     "memcheck attention_backward_variants_agree" "racecheck causal_attention_forward_and_backward" \
     "memcheck causal_attention_forward_and_backward" "synccheck causal_attention_forward_and_backward"; do
     set -- $check

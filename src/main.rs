@@ -346,7 +346,7 @@ enum BenchCommand {
         /// Head dim.
         #[arg(long, default_value_t = 128)]
         head_dim: usize,
-        /// bf16 CUDA forward kernels to time (comma-separated: mma, wgmma, wgmma128); default every one
+        /// bf16 CUDA forward kernels to time (comma-separated: mma, wgmma, wgmma128, ws); default every one
         /// this build and head dim have.
         #[arg(long, value_delimiter = ',')]
         forward: Vec<String>,

@@ -387,9 +387,11 @@ fn wgmma_backward_matches_the_cpu() {
     }
 }
 
-/// The wgmma forwards (kernels/src/flash_wg.cu, `FlashForward::Wgmma` and `Wgmma128`), causal and
-/// unmasked, against the CPU forward (o, lse) and against the mma.sync kernel on the same inputs. Skipped (with a
-/// line saying so) in a build without it (CUDA_COMPUTE_CAP other than 90).
+/// The wgmma forwards (kernels/src/flash_wg.cu, `FlashForward::Wgmma`, `Wgmma128` and the
+/// warp-specialised `Ws`), causal and unmasked, against the CPU forward (o, lse) and against the
+/// mma.sync kernel on the same inputs; whether `Ws` gives `Wgmma128`'s bits (the same products in
+/// the same order; the emulator's are identical) is printed. Skipped (with a line saying so) in a
+/// build without it (CUDA_COMPUTE_CAP other than 90).
 #[test]
 fn wgmma_forward_matches_the_cpu() {
     use ops::attention::{causal_attention_forward_with, full_attention, full_attention_with, FlashForward};
@@ -397,8 +399,15 @@ fn wgmma_forward_matches_the_cpu() {
         println!("parity wgmma forward: skipped (no sm_90a kernels in this build)");
         return;
     }
-    // (B, Hq, Hk, T, D): several 128-row blocks, a partial last tile, GQA, T 1; D 128 (LLaMA) and 64 (CLIP).
-    let cases = [(1, 4, 2, 300, 128), (2, 3, 1, 129, 64), (1, 2, 2, 1, 128), (1, 2, 1, 577, 64)];
+    // (B, Hq, Hk, T, D): several 128-row blocks, a partial last tile, GQA, T 1; D 128 (LLaMA) and 64
+    // (CLIP); nine 128-key tiles (every K/V buffer of the warp-specialised kernel refilled 4 times).
+    let cases = [
+        (1, 4, 2, 300, 128),
+        (2, 3, 1, 129, 64),
+        (1, 2, 2, 1, 128),
+        (1, 2, 1, 577, 64),
+        (1, 2, 1, 1030, 128),
+    ];
     for (b, hq, hk, t, d) in cases {
         let bf = |shape: &[usize], seed: u64| randn(shape, seed, 2.0).to_dtype(DType::BF16).unwrap();
         let (q, k, v) = (bf(&[b, hq, t, d], 31), bf(&[b, hk, t, d], 32), bf(&[b, hk, t, d], 33));
@@ -409,9 +418,20 @@ fn wgmma_forward_matches_the_cpu() {
         let (om, lm) = causal_attention_forward_with(FlashForward::MmaSync, &qg, &kg, &vg, scale).unwrap();
         let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let fc = full_attention(&f32(&q), &f32(&k), &f32(&v), scale).unwrap();
-        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128] {
+        let mut wide = None;
+        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws] {
             let name = format!("{} forward B{b} Hq{hq} Hk{hk} T{t} D{d}", variant.name());
             let (ow, lw) = causal_attention_forward_with(variant, &qg, &kg, &vg, scale).unwrap();
+            let bits =
+                |x: &Tensor| x.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            match variant {
+                FlashForward::Wgmma128 => wide = Some((bits(&ow), bits(&lw))),
+                FlashForward::Ws if d == 128 => {
+                    let same = wide.as_ref().is_some_and(|(o, l)| *o == bits(&ow) && *l == bits(&lw));
+                    println!("parity {name} causal o, lse bit for bit = wgmma128: {same}");
+                }
+                _ => {}
+            }
             check(&format!("{name} causal o"), &ow, &oc, 2e-2);
             check(&format!("{name} causal lse"), &lw, &lc, 1e-3);
             check(&format!("{name} causal o vs mma.sync"), &ow, &om.to_device(&Device::Cpu).unwrap(), 1e-2);

@@ -14,6 +14,12 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -298,6 +304,81 @@ inline void wgmma(float (&d)[N / 8][4], const uint32_t *a_regs, uint64_t desc_a,
 inline void wgmma_commit() { wgmma_state.commit(); }
 inline void wgmma_wait(int n) { wgmma_state.wait(n, wgmma_run); }
 
+// A wait that no arrival will ever satisfy (a kernel's deadlock) would hang the test suite:
+// every emulated barrier wait gives up after WAIT_LIMIT, saying which, and aborts the run.
+#ifndef EMU_WAIT_LIMIT_S
+#define EMU_WAIT_LIMIT_S 300
+#endif
+inline constexpr auto WAIT_LIMIT = std::chrono::seconds(EMU_WAIT_LIMIT_S);
+[[noreturn]] inline void deadlock(const char *what) {
+    std::fprintf(stderr, "emu: %s never completed (a deadlock): aborting\n", what);
+    std::fflush(stdout);
+    std::abort();
+}
+
+// mbarriers (kernels/src/pipeline.cuh), keyed by their shared-memory address: an arrival count,
+// the arrivals still pending in the current phase, and the phase number (its low bit is the
+// parity). mbar_wait(parity) blocks while the current phase's parity equals `parity`, i.e. until
+// the phase of that parity has completed. Reset for every block.
+struct MBarrier {
+    int count = 0, pending = 0;
+    unsigned phase = 0;
+};
+inline std::mutex mbar_mutex;
+inline std::condition_variable mbar_cv;
+inline std::map<const void *, MBarrier> mbars;
+inline void mbar_init(const void *b, int count) {
+    if (count <= 0) throw "emu: mbarrier count must be positive";
+    std::lock_guard<std::mutex> lock(mbar_mutex);
+    mbars[b] = MBarrier{count, count, 0};
+}
+inline MBarrier &mbar_at(const void *b) {
+    auto it = mbars.find(b);
+    if (it == mbars.end()) throw "emu: mbarrier used before mbar_init";
+    return it->second;
+}
+inline void mbar_arrive(const void *b) {
+    std::lock_guard<std::mutex> lock(mbar_mutex);
+    MBarrier &m = mbar_at(b);
+    if (--m.pending == 0) {
+        m.pending = m.count;
+        ++m.phase;
+        mbar_cv.notify_all();
+    }
+}
+inline void mbar_wait(const void *b, int parity) {
+    std::unique_lock<std::mutex> lock(mbar_mutex);
+    if (!mbar_cv.wait_for(lock, WAIT_LIMIT, [&] { return (int)(mbar_at(b).phase & 1) != (parity & 1); }))
+        deadlock("an mbarrier wait");
+}
+// Named barriers 1..15 (bar.sync / bar.arrive id, count): `count` arrivals complete a phase;
+// bar.sync arrives and waits for its phase to complete, bar.arrive only arrives. The count is
+// fixed by the first use in a block; a later use with another count is an error, as on the
+// device.
+struct NamedBarrier {
+    int count = 0, arrived = 0;
+    unsigned phase = 0;
+};
+inline NamedBarrier named_barriers[16];
+inline std::mutex named_mutex;
+inline std::condition_variable named_cv;
+inline void named_barrier(int id, int count, bool wait) {
+    if (id <= 0 || id >= 16 || count <= 0 || count % 32) throw "emu: named barrier id 1..15, count a multiple of 32";
+    std::unique_lock<std::mutex> lock(named_mutex);
+    NamedBarrier &n = named_barriers[id];
+    if (n.count == 0) n.count = count;
+    if (n.count != count) throw "emu: named barrier used with two thread counts";
+    const unsigned mine = n.phase;
+    if (++n.arrived == n.count) {
+        n.arrived = 0;
+        ++n.phase;
+        named_cv.notify_all();
+        return;
+    }
+    if (wait && !named_cv.wait_for(lock, WAIT_LIMIT, [&] { return n.phase != mine; }))
+        deadlock("a named barrier (bar.sync)");
+}
+
 template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K kernel, A... args) {
     if (smem > sizeof(dyn_smem)) throw "emu: dynamic shared memory too large";
     const unsigned n = block.x * block.y * block.z;
@@ -318,6 +399,8 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
                     for (auto &w : warpgroups) w.bar = std::make_unique<std::barrier<>>(128);
                 }
                 std::memset(dyn_smem, 0xcd, smem);  // garbage, like real shared memory
+                mbars.clear();
+                for (auto &n : named_barriers) n = NamedBarrier{};
                 std::vector<std::thread> ts;
                 ts.reserve(n);
                 for (unsigned i = 0; i < n; ++i)

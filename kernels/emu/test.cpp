@@ -274,6 +274,8 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
                     v.data(), o, lse, hq, hk, t, scale);
     });
     const int nq = (t + WG_BM - 1) / WG_BM;
+    std::vector<bf16> o128;  // the 128-key wgmma kernel's outputs, for the warp-specialised one
+    std::vector<float> lse128;
     auto wgmma = [&]<int BN>(const char *name) {
         std::vector<bf16> o0;
         std::vector<float> lse0;
@@ -284,6 +286,7 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
             o0.assign(o, o + ro.size());
             lse0.assign(lse, lse + rl.size());
         });
+        if (BN == 128) o128 = o0, lse128 = lse0;
         if (!causal || D != 128) return;
         // The profiled instantiation (causal, D 128): the same outputs, bit for bit, and every
         // per-tile phase run once a key tile by each of a block's 8 warps.
@@ -309,10 +312,32 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
     };
     if constexpr (D == 64 || D == 128) wgmma.template operator()<64>("wgmma");
     if constexpr (D == 128) wgmma.template operator()<128>("wgmma128");
+    if constexpr (D == 128) {
+        // The warp-specialised forward: the same products as the 128-key kernel in the same
+        // order, so the same bits, with and without the consumers' ping-pong.
+        auto ws = [&]<bool PINGPONG>(const char *name) {
+            std::vector<bf16> o1;
+            std::vector<float> lse1;
+            run(name, [&](bf16 *o, float *lse) {
+                auto kernel = causal ? flash_fwd_ws<D, true, PINGPONG> : flash_fwd_ws<D, false, PINGPONG>;
+                emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D>(), kernel, q.data(), k.data(),
+                            v.data(), o, lse, hq, hk, t, scale);
+                o1.assign(o, o + ro.size());
+                lse1.assign(lse, lse + rl.size());
+            });
+            const bool same = std::memcmp(o1.data(), o128.data(), o1.size() * sizeof(bf16)) == 0 &&
+                              std::memcmp(lse1.data(), lse128.data(), lse1.size() * sizeof(float)) == 0;
+            if (!same) failures++;
+            std::printf("fwd %s %s D%d B%d Hq%d Hk%d T%d = wgmma128 bit for bit: %s\n", name,
+                        causal ? "causal" : "full", D, B, hq, hk, t, same ? "ok" : "FAIL");
+        };
+        ws.template operator()<true>("ws");
+        ws.template operator()<false>("ws-no-pingpong");
+    }
 }
 
 // flash_wg.cu's wgmma_probe on small integers (every product and sum exact in f32, s exact in
-// bf16): each of its six outputs equal to its plain definition.
+// bf16): each of its seven outputs equal to its plain definition.
 void test_wgmma_probe() {
     std::uniform_int_distribution<int> d(-2, 2);
     auto ints = [&](size_t n) {
@@ -322,7 +347,7 @@ void test_wgmma_probe() {
     };
     auto af = ints(64 * 64), bf = ints(64 * 64), cf = ints(64 * 64), vf = ints(64 * 128);
     auto a = cast<bf16>(af), b = cast<bf16>(bf), c = cast<bf16>(cf), v = cast<bf16>(vf);
-    std::vector<float> out(8 * 64 * 64);
+    std::vector<float> out(10 * 64 * 64);
     emu::launch(dim3(1), dim3(WG_THREADS), WG_PROBE_SMEM, wgmma_probe, a.data(), b.data(), c.data(), v.data(),
                 out.data());
     std::vector<double> rs(64 * 64), ro(64 * 128), rp(64 * 64), ru(64 * 64), rw(64 * 128);
@@ -347,6 +372,7 @@ void test_wgmma_probe() {
     check("wgmma probe u = aT v[:, 64:] (ss, MN-major A, B)", part(16384, 4096), ru, 0);
     check("wgmma probe q = a bT (rs, A from wg_load_a, K-major B)", part(20480, 4096), rs, 0);
     check("wgmma probe w = a [b; c]T (rs, A from wg_load_a, K-major B, n128)", part(24576, 8192), rw, 0);
+    check("wgmma probe x = a [b; c]T (ss, K-major, n128)", part(32768, 8192), rw, 0);
 }
 
 template <class T> void test_rmsnorm(int rows, int h, double tol) {

@@ -40,6 +40,7 @@
 // Numerics as flash_fwd_tc: f32 accumulation, base-2 online softmax with the scale folded in,
 // P rounded to bf16 before P·V, l summed from the unrounded P, lse in natural units.
 #include "phases.cuh"
+#include "pipeline.cuh"
 #include "wgmma.cuh"
 
 #define LOG2E 1.4426950408889634f
@@ -70,17 +71,19 @@ template <int D> __device__ __forceinline__ void wg_load_a(uint32_t (&a)[D / 16]
 }
 
 // Rows [r0, r0 + N) of a row-major [t, D] bf16 matrix into dst in the canonical layout (zeros
-// past row t), by cp.async (the caller commits and waits). Chunk i: row (i/8/(D/8))·8 + i%8,
-// column chunk (i/8) % (D/8).
-template <int D, int N> __device__ __forceinline__ void wg_tile_load(bf16 *dst, const bf16 *__restrict__ src, int r0, int t) {
+// past row t), by cp.async (the caller commits and waits), shared by NTH threads of which the
+// caller is number `tid`. Chunk i: row (i/8/(D/8))·8 + i%8, column chunk (i/8) % (D/8).
+// UNROLL: how far the loop unrolls (default completely; the warp-specialised producer, with
+// 24 registers, unrolls it 2-fold).
+template <int D, int N, int NTH = WG_THREADS, int UNROLL = N * D / 8 / NTH>
+__device__ __forceinline__ void wg_tile_load(bf16 *dst, const bf16 *__restrict__ src, int r0, int t, int tid = threadIdx.x) {
     constexpr int C = D / 8;
-    // A whole number of chunks a thread (the kernels run WG_THREADS threads: require_smem), so
-    // the loop unrolls completely, without the bounds branches a strided loop from threadIdx
-    // compiles to.
-    static_assert(N * C % WG_THREADS == 0, "wg_tile_load: whole chunks per thread");
-#pragma unroll
-    for (int it = 0; it < N * C / WG_THREADS; ++it) {
-        const int i = threadIdx.x + it * WG_THREADS;
+    // A whole number of chunks a thread (the kernels run NTH threads: require_smem), so the loop
+    // unrolls completely, without the bounds branches a strided loop from threadIdx compiles to.
+    static_assert(N * C % NTH == 0, "wg_tile_load: whole chunks per thread");
+#pragma unroll(UNROLL)
+    for (int it = 0; it < N * C / NTH; ++it) {
+        const int i = tid + it * NTH;
         const int r8 = i % 8, c = (i / 8) % C, rg = i / 8 / C, r = 8 * rg + r8;
         const bool ok = r0 + r < t;
         cp_async16(dst + (rg * C + c) * 64 + r8 * 8, src + (size_t)(ok ? r0 + r : 0) * D + 8 * c, ok);
@@ -283,6 +286,222 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     }
     clk.mark(WF_EPILOGUE);
     clk.flush();
+}
+
+// Warp-specialised forward (FlashAttention-3's structure, D = 128; SHARDSMITH_FLASH_FWD=ws): the
+// products and numerics of flash_fwd_wg<128, 128> (S over 128-key tiles, P·V of tile j issued
+// with S of tile j + 1), reorganised so that loading, the two warpgroups' softmaxes and the
+// tensor cores overlap instead of taking turns behind block-wide barriers:
+//   warpgroup 0   producer: loads Q, then K_0, V_0, K_1, V_1, ... by cp.async into two buffers
+//                 each of K and V, two groups in flight; each tile, once its copies have landed
+//                 (cp.async.wait_group, fence.proxy.async), is signalled on its `full` mbarrier
+//                 (128 arrivals); a buffer is refilled only after its `empty` mbarrier says both
+//                 consumers are done with it (256 arrivals). Gives registers back (setmaxnreg 24).
+//   warpgroups    consumers, 64 query rows each (setmaxnreg 240): per key tile j, wait for K_j;
+//   1, 2          issue S = Q·K_jᵀ (8 × wgmma.m64n128k16, Q and K from shared memory, K-major)
+//                 and, once V_{j−1} is there, O += P_{j−1}·V_{j−1} (8 × m64n128k16, P from
+//                 registers, V MN-major); release K_j when S lands, compute the softmax of tile j
+//                 while P·V runs, release V_{j−1} when it lands, rescale O.
+//   ping-pong     with PINGPONG, the consumers take turns (named barriers 1 and 2): one issues
+//                 its S and P·V, and the other issues its own once that S has landed, so that
+//                 one warpgroup's products run on the tensor cores while the other computes its
+//                 softmax, rather than both issuing at once and both waiting at once.
+// No __syncthreads after the prologue: a consumer waits only for the buffers it reads.
+// Q stays in shared memory (the ss form; O's, S's and P's registers leave no room for Q's 64),
+// as in FlashAttention-3. Geometry: grid (⌈T/128⌉, Hq, B) read by heaviest_first, 384 threads,
+// one block an SM; smem ws_fwd_smem_bytes: Q [128], K [2][128], V [2][128] rows of D bf16 in
+// wgmma's canonical layout (as flash_fwd_wg; 160 KB), and the mbarriers in static shared memory.
+// Output o, lse as flash_fwd_wg<128, 128, CAUSAL>: the same products in the same order (S with Q
+// from shared memory rather than registers), the same softmax; bit for bit in the emulator.
+constexpr int WS_THREADS = 384, WS_BN = 128, WS_PRODUCER_REGS = 24, WS_CONSUMER_REGS = 240;
+template <int D> __host__ __device__ constexpr int ws_fwd_smem_bytes() { return (WG_BM + 4 * WS_BN) * D * 2; }
+
+template <int D, bool CAUSAL, bool PINGPONG = true>
+__device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                             bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale) {
+    static_assert(D == 128, "warp-specialised forward: D 128");
+    constexpr int BN = WS_BN, KS = D / 16, TILE = BN * D;
+    constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // Q, K
+    constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // V
+    constexpr int PRODUCER = 128, CONSUMERS = 256;               // threads
+    constexpr int TURN = 1;  // named barriers TURN + c: consumer c may issue
+    require_smem(ws_fwd_smem_bytes<D>(), WS_THREADS);
+    DYN_SMEM(smem);
+    bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [128 rows]
+    bf16 *sK = sQ + WG_BM * D;                    // [2][BN rows]
+    bf16 *sV = sK + 2 * TILE;                     // [2][BN rows]
+    // q_full; k_full, v_full, k_empty, v_empty [2] each
+    __shared__ uint64_t bars[9];  // 8-byte aligned, as mbarriers must be
+    uint64_t *q_full = bars, *k_full = bars + 1, *v_full = bars + 3, *k_empty = bars + 5, *v_empty = bars + 7;
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, PRODUCER);
+        for (int i = 0; i < 2; ++i) {
+            mbar_init(k_full + i, PRODUCER);
+            mbar_init(v_full + i, PRODUCER);
+            mbar_init(k_empty + i, CONSUMERS);
+            mbar_init(v_empty + i, CONSUMERS);
+        }
+    }
+    __syncthreads();
+
+    const int nq = (t + WG_BM - 1) / WG_BM;
+    const GridTile blk = heaviest_first();
+    const int q0 = (nq - 1 - blk.tile) * WG_BM;
+    const int ntiles = ((CAUSAL ? min(q0 + WG_BM, t) : t) + BN - 1) / BN;
+    const int wg = threadIdx.x / 128;
+
+    if (wg == 0) {  // the producer
+        setmaxnreg_dec<WS_PRODUCER_REGS>();
+        const int hkv = blk.head / (hq / hk), tid = threadIdx.x;
+        const bf16 *kh = k + ((size_t)blk.batch * hk + hkv) * t * D;
+        const bf16 *vh = v + ((size_t)blk.batch * hk + hkv) * t * D;
+        wg_tile_load<D, WG_BM, PRODUCER, 2>(sQ, q + ((size_t)blk.batch * hq + blk.head) * t * D, q0, t, tid);
+        cp_async_commit();
+        // Tile u of a buffer (u = j / 2) reuses it after the consumers' (u − 1)-th release.
+        for (int j = 0; j < ntiles; ++j) {
+            const int b = j & 1, reuse = (j >> 1) - 1;
+            if (reuse >= 0) mbar_wait(k_empty + b, reuse & 1);
+            wg_tile_load<D, BN, PRODUCER, 2>(sK + b * TILE, kh, j * BN, t, tid);
+            cp_async_commit();
+            cp_async_wait<1>();  // the previous group: Q (j = 0) or V_{j−1}
+            fence_proxy_async();
+            mbar_arrive(j == 0 ? q_full : v_full + ((j - 1) & 1));
+            if (reuse >= 0) mbar_wait(v_empty + b, reuse & 1);
+            wg_tile_load<D, BN, PRODUCER, 2>(sV + b * TILE, vh, j * BN, t, tid);
+            cp_async_commit();
+            cp_async_wait<1>();  // K_j
+            fence_proxy_async();
+            mbar_arrive(k_full + b);
+        }
+        cp_async_wait<0>();  // V of the last tile
+        fence_proxy_async();
+        mbar_arrive(v_full + ((ntiles - 1) & 1));
+        return;
+    }
+
+    setmaxnreg_inc<WS_CONSUMER_REGS>();
+    const int c = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int rq0 = q0 + 64 * c + 16 * warp;  // this warp's first query (rows rq0 + g, rq0 + g + 8)
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    float acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+    const float sl2 = scale * LOG2E;
+    const uint64_t q_desc = wgmma_desc(sQ + 64 * c * D, KMAJ_LBO, KMAJ_SBO);
+    uint32_t a[BN / 16][4];  // P of the previous tile: the A operand of its P·V
+    // O += P_j·V_j, once the caller has waited for V_j (v_full): before its wgmma_fence, since a
+    // spin loop between a group's products makes ptxas serialise them (C7514).
+    auto issue_pv = [&](int j) {
+        const uint64_t v_desc = wgmma_desc(sV + (j & 1) * TILE, MN_LBO, MN_SBO);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)  // 16 keys = 2 row groups (2·LBO bytes) along K
+            wgmma_rs_m64n128k16_tb(acc, a[kk], wgmma_desc_add(v_desc, 2 * MN_LBO * kk), 1);
+        wgmma_commit();
+    };
+    mbar_wait(q_full, 0);
+    if (PINGPONG && c == 1) named_arrive(TURN, CONSUMERS);  // consumer 0 issues first
+
+    for (int j = 0; j < ntiles; ++j) {
+        const int k0 = j * BN, b = j & 1;
+        // V_{j−1} is signalled before K_j (the producer's order): the first wait covers both.
+        mbar_wait(k_full + b, (j >> 1) & 1);
+        if (j > 0) mbar_wait(v_full + ((j - 1) & 1), ((j - 1) >> 1) & 1);
+        if (PINGPONG) named_sync(TURN + c, CONSUMERS);
+        float s[BN / 8][4], alpha[2];
+        wgmma_pin(s);
+        wgmma_pin(acc);
+        wgmma_pin(a);
+        wgmma_fence();  // acc was rescaled and a written by ordinary instructions
+        const uint64_t k_desc = wgmma_desc(sK + b * TILE, KMAJ_LBO, KMAJ_SBO);
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 2 core matrices (256 bytes) along K
+            wgmma_ss_m64n128k16(s, wgmma_desc_add(q_desc, 256 * ks), wgmma_desc_add(k_desc, 256 * ks), ks > 0);
+        wgmma_commit();
+        if (j > 0) issue_pv(j - 1);
+        if (j > 0)
+            wgmma_wait<1>();  // S done (the older group), P·V still in flight
+        else
+            wgmma_wait<0>();
+        wgmma_pin(s);
+        // The other consumer's turn, once S has landed (a bar.arrive between a group's issue and
+        // its wait makes ptxas serialise the products: C7514). Unconditionally, so consumer 0
+        // takes the one arrival too many after its loop.
+        if (PINGPONG) named_arrive(TURN + 1 - c, CONSUMERS);
+        mbar_arrive(k_empty + b);  // K_j read
+        {  // softmax of tile j, while the P·V of tile j − 1 runs (as flash_fwd_wg)
+            if (CAUSAL ? k0 + BN - 1 > rq0 : k0 + BN > t) {  // crosses the diagonal / the end
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int query = rq0 + g + 8 * (i >> 1), key = k0 + 8 * nt + 2 * tq + (i & 1);
+                        if (CAUSAL ? key > query : key >= t) s[nt][i] = -INFINITY;
+                    }
+            }
+            float mb[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = m_r[r];
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                alpha[r] = fast_exp2((m_r[r] - mx) * sl2);
+                m_r[r] = mx;
+                mb[r] = mx * sl2;
+                l_r[r] *= alpha[r];
+            }
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float p = fast_exp2(fmaf(s[nt][i], sl2, -mb[i >> 1]));
+                    l_r[i >> 1] += p;
+                    s[nt][i] = p;
+                }
+        }
+        wgmma_wait<0>();  // P·V of tile j − 1 done: acc is O up to tile j − 1
+        wgmma_pin(acc);
+        wgmma_pin(a);
+        if (j > 0) mbar_arrive(v_empty + ((j - 1) & 1));  // V_{j−1} read
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[nt][i] *= alpha[i >> 1];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
+    }
+    // Consumer 1's arrival after its last issue, so that every phase of both barriers completes.
+    if (PINGPONG && c == 0) named_sync(TURN, CONSUMERS);
+    mbar_wait(v_full + ((ntiles - 1) & 1), ((ntiles - 1) >> 1) & 1);
+    wgmma_pin(acc);
+    wgmma_pin(a);
+    wgmma_fence();
+    issue_pv(ntiles - 1);  // the last P·V
+    wgmma_wait<0>();
+    wgmma_pin(acc);
+
+    const GridTile here = heaviest_first();
+    const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
+    bf16 *oh = o + hoff * D;
+    float *lh = lse + hoff;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_r[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int query = rq0 + g + 8 * r;
+        if (query >= t) continue;
+        const float inv = 1.0f / l;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+            *reinterpret_cast<uint32_t *>(oh + (size_t)query * D + 8 * nt + 2 * tq) =
+                pack_bf16(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+        if (tq == 0) lh[query] = (m_r[r] * sl2 + log2f(l)) * LN2;
+    }
 }
 
 // Backward, all of dQ, dK, dV in one kernel on wgmma (D = 128; the FlashAttention-3 backward's
@@ -535,12 +754,12 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     clk.flush();
 }
 
-// The six wgmma forms above, each on one tile laid out and described exactly as the attention
+// The seven wgmma forms above, each on one tile laid out and described exactly as the attention
 // kernels lay out and describe theirs: a check of the descriptor and fragment conventions
 // (wgmma.cuh) on the device itself, which ops::attention's wgmma self-check runs once per GPU
 // before the first wgmma attention launch (the emulator checks it too). If they are wrong for
 // some GPU or toolkit, this says which form, and the self-check's index patterns say how.
-// Inputs bf16 row-major: a, b, c [64][64], v [64][128]. Output f32 [8·64·64], six blocks in order:
+// Inputs bf16 row-major: a, b, c [64][64], v [64][128]. Output f32 [10·64·64], seven blocks in order:
 //   s [64][64]   = a · bᵀ             ss, A and B K-major            (Sᵀ, dPᵀ)
 //   o [64][128]  = bf16(s) · v        rs, B MN-major, n128           (O = P V at D 128; dV, dK)
 //   p [64][64]   = bf16(s) · c        rs, B MN-major, n64            (O = P V at D 64)
@@ -548,6 +767,8 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 //   q [64][64]   = a · bᵀ             rs, A read by wg_load_a, B K-major (S = Q Kᵀ)
 //   w [64][128]  = a · [b; c]ᵀ        rs, A as q, B K-major, n128 (S over 128-key tiles): b and c
 //                                     lie one after the other, the canonical layout of [b; c]
+//   x [64][128]  = a · [b; c]ᵀ        ss, A and B K-major, n128 (S = Q Kᵀ of the warp-specialised
+//                                     forward, Q from shared memory)
 // One block of 256 threads: both warpgroups compute every product (no wgmma in a divergent
 // path); warpgroup 0 stores. Smem WG_PROBE_SMEM: a, b, c then v in the canonical layout.
 constexpr int WG_PROBE_SMEM = (3 * 64 * 64 + 64 * 128) * 2;
@@ -650,13 +871,31 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_pin(o);
+    float x[16][4];
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[j][i] = 0.f;
+    wgmma_pin(x);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+        wgmma_ss_m64n128k16(x, wgmma_desc_add(a_k, 256 * ks), wgmma_desc_add(b_k, 256 * ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(x);
     if (wg != 0) return;
+    float *ox = ow + 64 * 128;
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int j = 0; j < 16; ++j)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) ow[(16 * warp + g + 8 * r) * 128 + 8 * j + 2 * tq + e] = o[j][2 * r + e];
+            for (int e = 0; e < 2; ++e) {
+                const int at = (16 * warp + g + 8 * r) * 128 + 8 * j + 2 * tq + e;
+                ow[at] = o[j][2 * r + e];
+                ox[at] = x[j][2 * r + e];
+            }
 }
 
 // D = 128 needs more than the 128 registers of two blocks an SM (O alone is 64 a thread): one.
@@ -675,6 +914,17 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 FLASH_WG(64, 64, d64, 2)
 FLASH_WG(128, 64, d128, 1)
 FLASH_WG(128, 128, d128_n128, 1)
+// The warp-specialised forward: 384 threads, one block an SM (setmaxnreg needs the bound).
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    flash_fwd_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk, int t,
+                           float scale) {
+    flash_fwd_ws<128, true>(q, k, v, o, lse, hq, hk, t, scale);
+}
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    flash_fwd_full_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
+                                int t, float scale) {
+    flash_fwd_ws<128, false>(q, k, v, o, lse, hq, hk, t, scale);
+}
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     flash_bwd_wg_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
                            const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t, float scale) {

@@ -290,13 +290,14 @@ pub fn attention(
     let wgmma_bwd = wgmma_available() && head_dim == 128;
     let (forwards, backwards) = if bf16_cuda {
         let fwd = match kernels.forward.is_empty() {
-            // Each wgmma variant where it runs its own kernel (wgmma128 is wgmma below D 128).
+            // Each wgmma variant where it runs its own kernel (wgmma128 and ws are wgmma below D
+            // 128).
             true => FlashForward::ALL
                 .into_iter()
                 .filter(|f| match f {
                     FlashForward::MmaSync => true,
                     FlashForward::Wgmma => wgmma_fwd,
-                    FlashForward::Wgmma128 => wgmma_fwd && head_dim == 128,
+                    FlashForward::Wgmma128 | FlashForward::Ws => wgmma_fwd && head_dim == 128,
                 })
                 .collect(),
             false => kernels.forward.clone(),

@@ -275,7 +275,7 @@ impl AttentionGridOrder {
 }
 
 /// Which kernel runs the bf16 causal (and CLIP's unmasked) attention forward on CUDA. Chosen by
-/// `SHARDSMITH_FLASH_FWD` (`mma`, the default, `wgmma` or `wgmma128`; [`FlashForward::from_env`])
+/// `SHARDSMITH_FLASH_FWD` (`mma`, the default, `wgmma`, `wgmma128` or `ws`; [`FlashForward::from_env`])
 /// until GPU measurements settle on one. All give the same o and lse up to summation order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashForward {
@@ -291,6 +291,11 @@ pub enum FlashForward {
     /// block's barriers and O rescales, 254 registers instead of 200, 160 KB of shared memory
     /// instead of 96); head dim 64 runs `Wgmma`'s 64-key kernel.
     Wgmma128,
+    /// [`FlashForward::Wgmma128`]'s products warp-specialised at head dim 128 (`flash_fwd_ws`:
+    /// a producer warpgroup loads the tiles, two consumer warpgroups synchronise with it by
+    /// mbarriers and take turns on the tensor cores, FlashAttention-3's structure); head dim 64
+    /// runs `Wgmma`'s 64-key kernel.
+    Ws,
 }
 
 impl EnvChoice for FlashForward {
@@ -299,6 +304,7 @@ impl EnvChoice for FlashForward {
         ("mma", FlashForward::MmaSync),
         ("wgmma", FlashForward::Wgmma),
         ("wgmma128", FlashForward::Wgmma128),
+        ("ws", FlashForward::Ws),
     ];
     const NOUN: &'static str = "attention kernel";
     fn unavailable(self) -> Option<String> {
@@ -312,23 +318,29 @@ impl EnvChoice for FlashForward {
 }
 
 impl FlashForward {
-    pub const ALL: [FlashForward; 3] = [FlashForward::MmaSync, FlashForward::Wgmma, FlashForward::Wgmma128];
+    pub const ALL: [FlashForward; 4] =
+        [FlashForward::MmaSync, FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws];
 
     /// Whether this is one of the wgmma kernels (sm_90a builds only).
     pub fn is_wgmma(self) -> bool {
-        matches!(self, FlashForward::Wgmma | FlashForward::Wgmma128)
+        matches!(self, FlashForward::Wgmma | FlashForward::Wgmma128 | FlashForward::Ws)
+    }
+
+    /// Whether this variant runs the warp-specialised kernel at head dim `d`.
+    pub fn warp_specialized(self, d: usize) -> bool {
+        self == FlashForward::Ws && d == 128
     }
 
     /// Keys per tile of the wgmma kernel this variant runs at head dim `d` (None: mma.sync).
     pub fn wgmma_keys(self, d: usize) -> Option<usize> {
         match self {
             FlashForward::MmaSync => None,
-            FlashForward::Wgmma128 if d == 128 => Some(128),
+            FlashForward::Wgmma128 | FlashForward::Ws if d == 128 => Some(128),
             _ => Some(64),
         }
     }
 
-    /// `SHARDSMITH_FLASH_FWD`, read once: `mma` (or unset), `wgmma` or `wgmma128`; any other
+    /// `SHARDSMITH_FLASH_FWD`, read once: `mma` (or unset), `wgmma`, `wgmma128` or `ws`; any other
     /// value, or a wgmma one in a build without it, is an error naming the variable.
     pub fn from_env() -> Result<FlashForward> {
         Self::from_var()
@@ -534,11 +546,15 @@ mod tests {
         }
         assert!(fwd(Some("fa3")).unwrap_err().contains("SHARDSMITH_FLASH_FWD"));
         let err = FlashForward::named("fa3").unwrap_err().to_string();
-        assert!(err.contains("\"fa3\"") && err.contains("mma, wgmma, wgmma128"), "{err}");
+        assert!(err.contains("\"fa3\"") && err.contains("mma, wgmma, wgmma128, ws"), "{err}");
         assert_eq!(FlashForward::Wgmma128.wgmma_keys(128), Some(128));
         assert_eq!(FlashForward::Wgmma128.wgmma_keys(64), Some(64));
         assert_eq!(FlashForward::Wgmma.wgmma_keys(128), Some(64));
         assert_eq!(FlashForward::MmaSync.wgmma_keys(128), None);
+        assert_eq!(FlashForward::Ws.wgmma_keys(128), Some(128));
+        assert_eq!(FlashForward::Ws.wgmma_keys(64), Some(64));
+        assert!(FlashForward::Ws.warp_specialized(128) && !FlashForward::Ws.warp_specialized(64));
+        assert!(!FlashForward::Wgmma128.warp_specialized(128));
         let order = AttentionGridOrder::parse;
         assert_eq!(order(None), Ok(AttentionGridOrder::HeaviestFirst));
         assert_eq!(order(Some("head")), Ok(AttentionGridOrder::HeadMajor));

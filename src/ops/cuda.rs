@@ -1073,6 +1073,8 @@ pub(super) const ATTENTION_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 /// Head dims of the wgmma forward (flash_wg.cu) and its block size (2 warpgroups).
 const ATTENTION_WGMMA_HEAD_DIMS: [usize; 2] = [64, 128];
 const ATTN_WG_THREADS: u32 = 256;
+/// Block size of the warp-specialised forward (flash_fwd_ws: a producer and two consumer warpgroups).
+const ATTN_WS_THREADS: u32 = 384;
 
 /// Bytes of padding per shared-memory row of the f32 kernels (flash_attn.cu's PAD).
 fn attn_pad(dtype: DType) -> usize {
@@ -1151,13 +1153,18 @@ pub(super) fn attention_fwd(
         && dtype == DType::BF16
         && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
         && [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
-    if prof.is_some() && !(wgmma && causal && d == 128) {
-        bail!("{op}: the phase profile needs the causal wgmma kernel (sm_90a build, bf16, head dim 128, 16-byte aligned inputs, a wgmma variant); got {variant:?}, head dim {d}, {dtype:?}");
+    let ws = wgmma && variant.warp_specialized(d);
+    if prof.is_some() && !(wgmma && causal && d == 128 && !ws) {
+        bail!("{op}: the phase profile needs the causal wgmma kernel (sm_90a build, bf16, head dim 128, 16-byte aligned inputs, the wgmma or wgmma128 variant); got {variant:?}, head dim {d}, {dtype:?}");
     }
     if wgmma {
         super::wgmma_check::ensure_verified(qs.device(), super::wgmma_check::WgmmaKernels::Forward)?;
     }
-    let (module, smem, name) = if wgmma {
+    let (module, smem, name) = if ws {
+        let kind = if causal { "ws_bf16" } else { "full_ws_bf16" };
+        // Q [128] and K, V [2][128] rows of D bf16 (flash_wg.cu's ws_fwd_smem_bytes<D>).
+        (&kernels::FLASH_WG, ((128 + 4 * 128) * d * 2) as u32, format!("flash_fwd_{kind}_d{d}"))
+    } else if wgmma {
         let kind = match (causal, prof.is_some()) {
             (true, true) => "wg_prof_bf16",
             (true, false) => "wg_bf16",
@@ -1185,13 +1192,14 @@ pub(super) fn attention_fwd(
             bld.arg(p);
         }
         let (rows_per_block, threads) = match (wgmma, dtype) {
+            (true, _) if ws => (128, ATTN_WS_THREADS),
             (true, _) => (128, ATTN_WG_THREADS),
             (false, DType::BF16) => (ATTN_TC_BM, ATTN_TC_FWD_THREADS),
             _ => (64, 128),
         };
         let grid = (t.div_ceil(rows_per_block) as u32, hq as u32, b as u32);
-        // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, keys, causal, prof>: bf16, 16-byte aligned
-        // inputs; the profiled kernel's prof holds 2 × its phases) or
+        // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, keys, causal, prof> or flash_fwd_ws<D,
+        // causal>: bf16, 16-byte aligned inputs; the profiled kernel's prof holds 2 × its phases) or
         // flash_attn.cu (flash_fwd_tc<D, causal> for bf16, flash_fwd for f32); smem from the same
         // formula as the kernel's (which traps on less, or on another block size).
         unsafe { bld.launch(cfg(grid, threads, smem)) }.w()?;

@@ -2,7 +2,7 @@
 //! descriptors and register fragments whose conventions (`kernels/src/wgmma.cuh`) were written
 //! from the PTX ISA and checked only against the emulator's reading of the same text. A wrong
 //! convention gives wrong attention, not a crash. So before the first wgmma attention launch on
-//! a GPU, flash_wg.cu's `wgmma_probe` runs the six wgmma forms the kernels use, each on one tile
+//! a GPU, flash_wg.cu's `wgmma_probe` runs the seven wgmma forms the kernels use, each on one tile
 //! laid out as the kernels lay theirs out, and its outputs are compared here with their plain
 //! definitions; a failure refuses the wgmma kernels that use a wrong form on that GPU (the
 //! forward and the backward each need their own forms: [`WgmmaKernels`]) with a report that says
@@ -18,8 +18,8 @@ use std::fmt;
 const N: usize = 64;
 const VN: usize = 128;
 /// f32 values in the probe's output: s [64, 64], o [64, 128], p [64, 64], u [64, 64], q [64, 64],
-/// w [64, 128].
-pub const PROBE_OUT: usize = 4 * N * N + 2 * N * VN;
+/// w [64, 128], x [64, 128].
+pub const PROBE_OUT: usize = 4 * N * N + 3 * N * VN;
 
 /// One run's inputs, row-major, as f32 holding bf16-exact integers: a, b, c [64, 64], v [64, 128].
 #[derive(Clone, Debug)]
@@ -30,7 +30,7 @@ pub struct ProbeInputs {
     pub v: Vec<f32>,
 }
 
-/// The six products the probe outputs, in its order.
+/// The seven products the probe outputs, in its order.
 struct Form {
     name: &'static str,
     /// The wgmma form and the attention products that use it.
@@ -40,7 +40,7 @@ struct Form {
     cols: usize,
 }
 
-const FORMS: [Form; 6] = [
+const FORMS: [Form; 7] = [
     Form { name: "s = a·bᵀ", what: "ss, A and B K-major: Sᵀ, dPᵀ", at: 0, cols: N },
     Form {
         name: "o = bf16(s)·v",
@@ -67,6 +67,12 @@ const FORMS: [Form; 6] = [
         name: "w = a·[b; c]ᵀ",
         what: "rs, A from registers, B K-major, n128: S = Q·Kᵀ over 128-key tiles",
         at: 4 * N * N + N * VN,
+        cols: VN,
+    },
+    Form {
+        name: "x = a·[b; c]ᵀ",
+        what: "ss, A and B K-major, n128: S = Q·Kᵀ of the warp-specialised forward",
+        at: 4 * N * N + 2 * N * VN,
         cols: VN,
     },
 ];
@@ -119,7 +125,8 @@ fn expected(x: &ProbeInputs, s: &[f32]) -> Vec<f32> {
     let (oo, rest) = rest.split_at_mut(N * VN);
     let (op, rest) = rest.split_at_mut(N * N);
     let (ou, rest) = rest.split_at_mut(N * N);
-    let (oq, ow) = rest.split_at_mut(N * N);
+    let (oq, rest) = rest.split_at_mut(N * N);
+    let (ow, ox) = rest.split_at_mut(N * VN);
     for m in 0..N {
         for n in 0..N {
             let (mut sv, mut uv, mut cv) = (0f64, 0f64, 0f64);
@@ -132,6 +139,8 @@ fn expected(x: &ProbeInputs, s: &[f32]) -> Vec<f32> {
             oq[m * N + n] = sv as f32;
             ow[m * VN + n] = sv as f32;
             ow[m * VN + N + n] = cv as f32;
+            ox[m * VN + n] = sv as f32;
+            ox[m * VN + N + n] = cv as f32;
             ou[m * N + n] = uv as f32;
         }
         for n in 0..VN {
@@ -179,7 +188,7 @@ impl WgmmaReport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WgmmaKernels {
     /// flash_fwd_wg: S = Q·Kᵀ with Q in registers (q; w over 128-key tiles), O += P·V at D 128
-    /// (o) and 64 (p).
+    /// (o) and 64 (p); flash_fwd_ws: S with Q in shared memory (x), O += P·V (o).
     Forward,
     /// flash_bwd_wg: Sᵀ, dPᵀ (s), dV, dK (o), dQ (u).
     Backward,
@@ -188,7 +197,7 @@ pub enum WgmmaKernels {
 impl WgmmaKernels {
     fn forms(self) -> &'static [usize] {
         match self {
-            WgmmaKernels::Forward => &[1, 2, 4, 5],
+            WgmmaKernels::Forward => &[1, 2, 4, 5, 6],
             WgmmaKernels::Backward => &[0, 1, 3],
         }
     }
@@ -196,7 +205,7 @@ impl WgmmaKernels {
     /// The kernels and the variable that picks them, for messages.
     pub fn name(self) -> &'static str {
         match self {
-            WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128)",
+            WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128, ws)",
             WgmmaKernels::Backward => "backward (SHARDSMITH_FLASH_BWD=wgmma, the default in this build)",
         }
     }
@@ -263,7 +272,7 @@ pub fn check_with(mut run: impl FnMut(&ProbeInputs) -> Result<Vec<f32>>) -> Resu
     // Where the wrong elements come from: with identities for the A side, each output element
     // is one element of the B-side matrix, whose value names its row (one run) or column (the
     // other). Right, element (m, n) reads b[n][m] (s, q), v[m][n] (o), c[m][n] (p), v[m][64 + n]
-    // (u), and b[n][m] or c[n − 64][m] (w).
+    // (u), and b[n][m] or c[n − 64][m] (w, x).
     let s_runs = (probe(&ProbeInputs::s_pattern(true))?, probe(&ProbeInputs::s_pattern(false))?);
     let pv_runs = (probe(&ProbeInputs::pv_pattern(true))?, probe(&ProbeInputs::pv_pattern(false))?);
     let s_is_identity =
@@ -272,19 +281,19 @@ pub fn check_with(mut run: impl FnMut(&ProbeInputs) -> Result<Vec<f32>>) -> Resu
         if result.wrong == 0 {
             continue;
         }
-        let reads_b = matches!(idx, 0 | 4 | 5); // the S forms: a = I, b (and c) the patterns
+        let reads_b = matches!(idx, 0 | 4 | 5 | 6); // the S forms: a = I, b (and c) the patterns
         let (rows, cols) = if reads_b { (&s_runs.0, &s_runs.1) } else { (&pv_runs.0, &pv_runs.1) };
         let source = |m: usize, n: usize| -> (usize, usize) {
             match idx {
-                0 | 4 | 5 => (n % N, m),
+                0 | 4 | 5 | 6 => (n % N, m),
                 3 => (m, N + n),
                 _ => (m, n),
             }
         };
         let name = |n: usize| match idx {
             0 | 4 => "b",
-            5 if n < N => "b",
-            2 | 5 => "c",
+            5 | 6 if n < N => "b",
+            2 | 5 | 6 => "c",
             _ => "v",
         };
         if !reads_b && !s_is_identity {
@@ -411,7 +420,7 @@ mod tests {
         let report = check_with(right).unwrap();
         assert!(report.passed(), "{report}");
         assert!(report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
-        assert_eq!(report.forms.len(), 6);
+        assert_eq!(report.forms.len(), 7);
         assert!(report.to_string().lines().all(|l| l.ends_with("exact")), "{report}");
     }
 
@@ -492,6 +501,25 @@ mod tests {
         assert!(!report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
     }
 
+    /// The n128 shared-memory form (the warp-specialised forward's S) reading the first half of
+    /// its B with neighbouring rows exchanged: x alone is wrong, located in b.
+    #[test]
+    fn a_wrong_shared_memory_wide_form_is_located() {
+        let rows_swapped = |x: &ProbeInputs| {
+            right_but(x, (FORMS[6].at, VN), |_, m, k| x.a[m * N + k], |n, k| x.b[(n ^ 1) * N + k])
+        };
+        let report = check_with(rows_swapped).unwrap();
+        let text = report.to_string();
+        assert!(
+            report.forms[6].wrong > 0 && report.forms.iter().filter(|f| f.wrong > 0).count() == 1,
+            "{text}"
+        );
+        // x[0][0] = Σ_k a[0][k] b[1][k]: with a = I that is b[1][0] (should be b[0][0])
+        assert!(text.contains("[0][0] read b[1][0], should read b[0][0]"), "{text}");
+        assert!(text.contains("x = a·[b; c]ᵀ (ss, A and B K-major, n128"), "{text}");
+        assert!(!report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
+    }
+
     /// A P·V form reading its B with rows and columns of each 8×8 core matrix exchanged.
     #[test]
     fn a_transposed_operand_shows_in_the_index_patterns() {
@@ -515,6 +543,6 @@ mod tests {
     #[test]
     fn a_probe_with_the_wrong_output_size_is_an_error() {
         let err = check_with(|_| Ok(vec![0.0; 10])).unwrap_err().to_string();
-        assert!(err.contains("10 outputs, expected 32768"), "{err}");
+        assert!(err.contains("10 outputs, expected 40960"), "{err}");
     }
 }

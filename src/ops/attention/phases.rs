@@ -185,6 +185,9 @@ pub fn profile_forward(
     scale: f64,
 ) -> Result<(Tensor, Tensor, PhaseProfile)> {
     let kernel = match variant.wgmma_keys(128) {
+        _ if variant.warp_specialized(128) => {
+            bail!("phase profile: the warp-specialised forward (ws) has no profiled instantiation (wgmma, wgmma128 do)")
+        }
         Some(64) => "flash_fwd_wg_prof_bf16_d128",
         Some(_) => "flash_fwd_wg_prof_bf16_d128_n128",
         None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128)", variant.name()),

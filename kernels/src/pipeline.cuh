@@ -1,0 +1,64 @@
+// Hopper's primitives for warp-specialised kernels (sm_90), in which a producer warpgroup fills
+// shared-memory buffers and consumer warpgroups compute on them without block-wide barriers:
+//
+//   mbarrier   a 64-bit shared-memory barrier with an arrival count and a phase bit
+//              (PTX ISA "Parallel Synchronization and Communication Instructions: mbarrier").
+//              mbar_init(b, n): n arrivals complete a phase; mbar_arrive(b): one arrival (release,
+//              CTA scope); mbar_wait(b, parity) returns once the phase of that parity has
+//              completed (acquire), i.e. while the barrier's current phase bit still equals
+//              `parity` it spins. A buffer used for the u-th time (u = 0, 1, ...) is waited for
+//              with parity u & 1. Initialised by one thread, then made visible by __syncthreads.
+//   named      bar.sync / bar.arrive on hardware barriers 1..15 (0 is __syncthreads'), `count`
+//              threads a phase (a multiple of 32): named_sync waits for the phase, named_arrive
+//              counts towards it without waiting. Two warpgroups order their work by them.
+//   setmaxnreg a warpgroup gives registers back (dec) or takes more (inc): the producer needs
+//              few, the consumers' accumulators many. Every warp of the warpgroup executes it.
+//   fence      fence.proxy.async: this thread's generic-proxy writes to shared memory (ordinary
+//              stores, landed cp.async copies) made visible to the async proxy (wgmma) before
+//              it signals them by an mbarrier arrival.
+//
+// The emulator (kernels/emu/emu.h) runs mbarriers and named barriers on real thread
+// synchronisation, so a wait that no arrival matches deadlocks there as on the device.
+#pragma once
+#include "common.cuh"
+
+#ifdef SHARDSMITH_EMU
+__device__ __forceinline__ void mbar_init(uint64_t *b, int count) { emu::mbar_init(b, count); }
+__device__ __forceinline__ void mbar_arrive(uint64_t *b) { emu::mbar_arrive(b); }
+__device__ __forceinline__ void mbar_wait(uint64_t *b, int parity) { emu::mbar_wait(b, parity); }
+__device__ __forceinline__ void named_sync(int id, int count) { emu::named_barrier(id, count, true); }
+__device__ __forceinline__ void named_arrive(int id, int count) { emu::named_barrier(id, count, false); }
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {}
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {}
+__device__ __forceinline__ void fence_proxy_async() {}
+#else
+__device__ __forceinline__ void mbar_init(uint64_t *b, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t *b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *b, int parity) {
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_u32(b)), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void named_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
