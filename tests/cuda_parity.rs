@@ -489,12 +489,12 @@ fn wgmma_phase_profiles_match_the_plain_kernels() {
         );
         let scale = 1.0 / 128f64.sqrt();
         let name = format!("B{b} Hq{hq} Hk{hk} T{t}");
-        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128] {
+        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws] {
             let (o0, l0) = causal_attention_forward_with(variant, &q, &k, &v, scale).unwrap();
             let (o, l, p) = phases::profile_forward(variant, &q, &k, &v, scale).unwrap();
             same(&format!("profiled {} forward {name} o", variant.name()), &o, &o0);
             same(&format!("profiled {} forward {name} lse", variant.name()), &l, &l0);
-            p.check_runs(&phases::forward_runs(b, hq, t, variant.wgmma_keys(128).unwrap())).unwrap();
+            p.check_runs(&phases::forward_phases_of(variant, b, hq, t).unwrap().1).unwrap();
             cycles_where_run(&p);
         }
         let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, &q, &k, &v, scale).unwrap();

@@ -321,7 +321,7 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
             run(name, [&](bf16 *o, float *lse) {
                 auto kernel = causal ? flash_fwd_ws<D, true, PINGPONG> : flash_fwd_ws<D, false, PINGPONG>;
                 emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D>(), kernel, q.data(), k.data(),
-                            v.data(), o, lse, hq, hk, t, scale);
+                            v.data(), o, lse, hq, hk, t, scale, (unsigned long long *)nullptr);
                 o1.assign(o, o + ro.size());
                 lse1.assign(lse, lse + rl.size());
             });
@@ -329,7 +329,30 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
                               std::memcmp(lse1.data(), lse128.data(), lse1.size() * sizeof(float)) == 0;
             if (!same) failures++;
             std::printf("fwd %s %s D%d B%d Hq%d Hk%d T%d = wgmma128 bit for bit: %s\n", name,
-                        causal ? "causal" : "full", D, B, hq, hk, t, same ? "ok" : "FAIL");
+                        causal ? "causal" : "full", D, B, hq, hk, t, same ? "ok" : "FAIL");            if (!causal || !PINGPONG) return;
+            // The profiled instantiation: the same bits, and each phase run as often as the
+            // geometry says (12 warps a block: 8 consumers, 4 producers).
+            std::vector<bf16> o2(ro.size());
+            std::vector<float> lse2(rl.size());
+            std::vector<unsigned long long> prof(2 * WS_PHASES, 0);
+            emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D>(), flash_fwd_ws<D, true, true, true>,
+                        q.data(), k.data(), v.data(), o2.data(), lse2.data(), hq, hk, t, scale, prof.data());
+            const bool same2 = std::memcmp(o2.data(), o1.data(), o2.size() * sizeof(bf16)) == 0 &&
+                               std::memcmp(lse2.data(), lse1.data(), lse2.size() * sizeof(float)) == 0;
+            if (!same2) failures++;
+            std::printf("fwd ws causal D%d B%d Hq%d Hk%d T%d profiled identical: %s\n", D, B, hq, hk, t,
+                        same2 ? "ok" : "FAIL");
+            const unsigned long long blocks = (unsigned long long)nq * hq * B;
+            unsigned long long tiles = 0;
+            for (int i = 0; i < nq; ++i) tiles += (unsigned long long)B * hq * ((std::min((i + 1) * WG_BM, t) + 127) / 128);
+            char what[96];
+            std::snprintf(what, sizeof what, "fwd ws causal D%d B%d Hq%d Hk%d T%d", D, B, hq, hk, t);
+            check_phases(what, prof, WS_PHASES,
+                         {{WS_PROLOGUE, 12 * blocks}, {WS_TILE_WAIT, 8 * tiles}, {WS_TURN, 8 * tiles},
+                          {WS_ISSUE_WAIT_S, 8 * tiles}, {WS_SOFTMAX, 8 * tiles}, {WS_WAIT_PV, 8 * tiles},
+                          {WS_RESCALE, 8 * tiles}, {WS_LAST_PV, 8 * blocks}, {WS_EPILOGUE, 8 * blocks},
+                          {WS_LOAD_WAIT, 4 * 2 * tiles}, {WS_LOAD_ISSUE, 4 * (blocks + 2 * tiles)},
+                          {WS_LOAD_LANDED, 4 * (2 * tiles + blocks)}});
         };
         ws.template operator()<true>("ws");
         ws.template operator()<false>("ws-no-pingpong");

@@ -316,9 +316,19 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 constexpr int WS_THREADS = 384, WS_BN = 128, WS_PRODUCER_REGS = 24, WS_CONSUMER_REGS = 240;
 template <int D> __host__ __device__ constexpr int ws_fwd_smem_bytes() { return (WG_BM + 4 * WS_BN) * D * 2; }
 
-template <int D, bool CAUSAL, bool PINGPONG = true>
+// The phases of the profiled warp-specialised forward (PROF, phases.cuh), in the order and with
+// the meaning of ops::attention::phases::WS_FORWARD: the consumers' (prologue to epilogue), then
+// the producer's (load_*; its prologue is the first).
+enum WsFwdPhase {
+    WS_PROLOGUE, WS_TILE_WAIT, WS_TURN, WS_ISSUE_WAIT_S, WS_SOFTMAX, WS_WAIT_PV, WS_RESCALE, WS_LAST_PV,
+    WS_EPILOGUE, WS_LOAD_WAIT, WS_LOAD_ISSUE, WS_LOAD_LANDED, WS_PHASES
+};
+
+// PROF: the profiled instantiation, counting cycles by phase into prof [2][WS_PHASES] (phases.cuh).
+template <int D, bool CAUSAL, bool PINGPONG = true, bool PROF = false>
 __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                             bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale) {
+                             bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale,
+                             unsigned long long *prof = nullptr) {
     static_assert(D == 128, "warp-specialised forward: D 128");
     constexpr int BN = WS_BN, KS = D / 16, TILE = BN * D;
     constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // Q, K
@@ -326,6 +336,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     constexpr int PRODUCER = 128, CONSUMERS = 256;               // threads
     constexpr int TURN = 1;  // named barriers TURN + c: consumer c may issue
     require_smem(ws_fwd_smem_bytes<D>(), WS_THREADS);
+    PhaseClock<PROF, WS_PHASES, WS_THREADS / 32> clk(prof);
     DYN_SMEM(smem);
     bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [128 rows]
     bf16 *sK = sQ + WG_BM * D;                    // [2][BN rows]
@@ -352,30 +363,40 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
 
     if (wg == 0) {  // the producer
         setmaxnreg_dec<WS_PRODUCER_REGS>();
+        clk.mark(WS_PROLOGUE);
         const int hkv = blk.head / (hq / hk), tid = threadIdx.x;
         const bf16 *kh = k + ((size_t)blk.batch * hk + hkv) * t * D;
         const bf16 *vh = v + ((size_t)blk.batch * hk + hkv) * t * D;
         wg_tile_load<D, WG_BM, PRODUCER, 2>(sQ, q + ((size_t)blk.batch * hq + blk.head) * t * D, q0, t, tid);
         cp_async_commit();
+        clk.mark(WS_LOAD_ISSUE);
         // Tile u of a buffer (u = j / 2) reuses it after the consumers' (u − 1)-th release.
         for (int j = 0; j < ntiles; ++j) {
             const int b = j & 1, reuse = (j >> 1) - 1;
             if (reuse >= 0) mbar_wait(k_empty + b, reuse & 1);
+            clk.mark(WS_LOAD_WAIT);
             wg_tile_load<D, BN, PRODUCER, 2>(sK + b * TILE, kh, j * BN, t, tid);
             cp_async_commit();
+            clk.mark(WS_LOAD_ISSUE);
             cp_async_wait<1>();  // the previous group: Q (j = 0) or V_{j−1}
             fence_proxy_async();
             mbar_arrive(j == 0 ? q_full : v_full + ((j - 1) & 1));
+            clk.mark(WS_LOAD_LANDED);
             if (reuse >= 0) mbar_wait(v_empty + b, reuse & 1);
+            clk.mark(WS_LOAD_WAIT);
             wg_tile_load<D, BN, PRODUCER, 2>(sV + b * TILE, vh, j * BN, t, tid);
             cp_async_commit();
+            clk.mark(WS_LOAD_ISSUE);
             cp_async_wait<1>();  // K_j
             fence_proxy_async();
             mbar_arrive(k_full + b);
+            clk.mark(WS_LOAD_LANDED);
         }
         cp_async_wait<0>();  // V of the last tile
         fence_proxy_async();
         mbar_arrive(v_full + ((ntiles - 1) & 1));
+        clk.mark(WS_LOAD_LANDED);
+        clk.flush();
         return;
     }
 
@@ -403,13 +424,16 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     };
     mbar_wait(q_full, 0);
     if (PINGPONG && c == 1) named_arrive(TURN, CONSUMERS);  // consumer 0 issues first
+    clk.mark(WS_PROLOGUE);
 
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * BN, b = j & 1;
         // V_{j−1} is signalled before K_j (the producer's order): the first wait covers both.
         mbar_wait(k_full + b, (j >> 1) & 1);
         if (j > 0) mbar_wait(v_full + ((j - 1) & 1), ((j - 1) >> 1) & 1);
+        clk.mark(WS_TILE_WAIT);
         if (PINGPONG) named_sync(TURN + c, CONSUMERS);
+        clk.mark(WS_TURN);
         float s[BN / 8][4], alpha[2];
         wgmma_pin(s);
         wgmma_pin(acc);
@@ -426,6 +450,9 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         else
             wgmma_wait<0>();
         wgmma_pin(s);
+        // One phase from the issue to S landing: a clock mark between a group's issue and its
+        // wait makes ptxas serialise the products (C7514).
+        clk.mark(WS_ISSUE_WAIT_S);
         // The other consumer's turn, once S has landed (a bar.arrive between a group's issue and
         // its wait makes ptxas serialise the products: C7514). Unconditionally, so consumer 0
         // takes the one arrival too many after its loop.
@@ -463,9 +490,11 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
                     s[nt][i] = p;
                 }
         }
+        clk.mark(WS_SOFTMAX);
         wgmma_wait<0>();  // P·V of tile j − 1 done: acc is O up to tile j − 1
         wgmma_pin(acc);
         wgmma_pin(a);
+        clk.mark(WS_WAIT_PV);
         if (j > 0) mbar_arrive(v_empty + ((j - 1) & 1));  // V_{j−1} read
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt)
@@ -473,6 +502,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             for (int i = 0; i < 4; ++i) acc[nt][i] *= alpha[i >> 1];
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) acc_to_a(a[kk], s[2 * kk], s[2 * kk + 1]);
+        clk.mark(WS_RESCALE);
     }
     // Consumer 1's arrival after its last issue, so that every phase of both barriers completes.
     if (PINGPONG && c == 0) named_sync(TURN, CONSUMERS);
@@ -483,6 +513,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     issue_pv(ntiles - 1);  // the last P·V
     wgmma_wait<0>();
     wgmma_pin(acc);
+    clk.mark(WS_LAST_PV);
 
     const GridTile here = heaviest_first();
     const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
@@ -502,6 +533,8 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
                 pack_bf16(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
         if (tq == 0) lh[query] = (m_r[r] * sl2 + log2f(l)) * LN2;
     }
+    clk.mark(WS_EPILOGUE);
+    clk.flush();
 }
 
 // Backward, all of dQ, dK, dV in one kernel on wgmma (D = 128; the FlashAttention-3 backward's
@@ -919,6 +952,11 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     flash_fwd_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk, int t,
                            float scale) {
     flash_fwd_ws<128, true>(q, k, v, o, lse, hq, hk, t, scale);
+}
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    flash_fwd_ws_prof_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
+                                int t, float scale, unsigned long long *prof) {
+    flash_fwd_ws<128, true, true, true>(q, k, v, o, lse, hq, hk, t, scale, prof);
 }
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     flash_fwd_full_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,

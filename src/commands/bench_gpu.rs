@@ -403,7 +403,7 @@ fn attention_phases(
         println!("{line}");
         anyhow::Ok(())
     };
-    for variant in [FlashForward::Wgmma, FlashForward::Wgmma128] {
+    for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws] {
         let plain = time(c, || Ok(causal_attention_forward_with(variant, q, k, v, scale).map(drop)?))?;
         let mut last = None;
         let profiled = time(c, || {
@@ -411,8 +411,7 @@ fn attention_phases(
             Ok(())
         })?;
         let profile = last.expect("time runs at least once");
-        let keys = variant.wgmma_keys(128).expect("a wgmma variant");
-        profile.check_runs(&phases::forward_runs(s.batch, s.heads, s.seq, keys))?;
+        profile.check_runs(&phases::forward_phases_of(variant, s.batch, s.heads, s.seq)?.1)?;
         emit(&profile, plain, profiled)?;
     }
     let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, q, k, v, scale)?;

@@ -1154,14 +1154,18 @@ pub(super) fn attention_fwd(
         && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
         && [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
     let ws = wgmma && variant.warp_specialized(d);
-    if prof.is_some() && !(wgmma && causal && d == 128 && !ws) {
-        bail!("{op}: the phase profile needs the causal wgmma kernel (sm_90a build, bf16, head dim 128, 16-byte aligned inputs, the wgmma or wgmma128 variant); got {variant:?}, head dim {d}, {dtype:?}");
+    if prof.is_some() && !(wgmma && causal && d == 128) {
+        bail!("{op}: the phase profile needs the causal wgmma kernel (sm_90a build, bf16, head dim 128, 16-byte aligned inputs, a wgmma variant); got {variant:?}, head dim {d}, {dtype:?}");
     }
     if wgmma {
         super::wgmma_check::ensure_verified(qs.device(), super::wgmma_check::WgmmaKernels::Forward)?;
     }
     let (module, smem, name) = if ws {
-        let kind = if causal { "ws_bf16" } else { "full_ws_bf16" };
+        let kind = match (causal, prof.is_some()) {
+            (true, true) => "ws_prof_bf16",
+            (true, false) => "ws_bf16",
+            (false, _) => "full_ws_bf16",
+        };
         // Q [128] and K, V [2][128] rows of D bf16 (flash_wg.cu's ws_fwd_smem_bytes<D>).
         (&kernels::FLASH_WG, ((128 + 4 * 128) * d * 2) as u32, format!("flash_fwd_{kind}_d{d}"))
     } else if wgmma {

@@ -25,6 +25,33 @@ use candle_core::{bail, Result, Tensor};
 pub const FORWARD: [&str; 9] =
     ["prologue", "tile_wait", "issue", "wait_s", "softmax", "wait_pv", "rescale", "last_pv", "epilogue"];
 
+/// The phases of the warp-specialised forward (flash_wg.cu's `WsFwdPhase`, in order). A consumer
+/// warp (8 a block) meets:
+/// - `prologue`: until Q has landed (the producer's: until it starts loading);
+/// - per key tile: `tile_wait` (until K_j and V_{j−1} are signalled), `turn` (until the other
+///   consumer's S has landed: ping-pong), `issue_wait_s` (S and the previous P·V issued, until S
+///   has landed: one phase, since a clock read between the issue and the wait makes ptxas
+///   serialise the products), `softmax`, `wait_pv`, `rescale`;
+/// - `last_pv` and `epilogue` as in [`FORWARD`].
+///
+/// A producer warp (4 a block) meets, per K and per V tile: `load_wait` (until the buffer's
+/// consumers have released it), `load_issue` (the cp.async requests), `load_landed` (until the
+/// previous group has landed and is signalled).
+pub const WS_FORWARD: [&str; 12] = [
+    "prologue",
+    "tile_wait",
+    "turn",
+    "issue_wait_s",
+    "softmax",
+    "wait_pv",
+    "rescale",
+    "last_pv",
+    "epilogue",
+    "load_wait",
+    "load_issue",
+    "load_landed",
+];
+
 /// The phases of the wgmma backward (flash_wg.cu's `WgBwdPhase`, in order), as a warp of a
 /// 128-key block meets them:
 /// - `prologue`: K, V and the first step's tiles requested;
@@ -131,8 +158,10 @@ impl PhaseProfile {
     }
 }
 
-/// Warps a block of the wgmma kernels (2 warpgroups).
+/// Warps a block of the wgmma kernels (2 warpgroups); the warp-specialised forward has a
+/// producer warpgroup besides.
 const WARPS: u64 = 8;
+const WS_PRODUCER_WARPS: u64 = 4;
 /// Query rows a forward block, keys a backward block, queries a backward step (flash_wg.cu).
 const FWD_ROWS: usize = 128;
 const BWD_KEYS: usize = 128;
@@ -159,6 +188,47 @@ pub fn forward_runs(b: usize, hq: usize, t: usize, keys: usize) -> Vec<u64> {
     vec![blocks, tiles, tiles, tiles, tiles, tiles, tiles, blocks, blocks]
 }
 
+/// How many times the warps of the warp-specialised forward run each phase of [`WS_FORWARD`]:
+/// per block 8 consumer and 4 producer warps, 128-key tiles; a producer requests Q and then K
+/// and V per tile, and signals each once it has landed.
+pub fn ws_forward_runs(b: usize, hq: usize, t: usize) -> Vec<u64> {
+    let blocks = (b * hq * t.div_ceil(FWD_ROWS)) as u64;
+    let tiles = forward_tiles(b, hq, t, 128);
+    let (c, p) = (WARPS, WS_PRODUCER_WARPS);
+    let per_tile = c * tiles;
+    vec![
+        (c + p) * blocks,
+        per_tile,
+        per_tile,
+        per_tile,
+        per_tile,
+        per_tile,
+        per_tile,
+        c * blocks,
+        c * blocks,
+        p * 2 * tiles,
+        p * (blocks + 2 * tiles),
+        p * (2 * tiles + blocks),
+    ]
+}
+
+/// The phase names of `variant`'s profiled forward and how often each runs on the causal
+/// forward over B·Hq heads of T queries (head dim 128).
+pub fn forward_phases_of(
+    variant: FlashForward,
+    b: usize,
+    hq: usize,
+    t: usize,
+) -> Result<(&'static [&'static str], Vec<u64>)> {
+    if variant.warp_specialized(128) {
+        return Ok((&WS_FORWARD, ws_forward_runs(b, hq, t)));
+    }
+    match variant.wgmma_keys(128) {
+        Some(keys) => Ok((&FORWARD, forward_runs(b, hq, t, keys))),
+        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, ws)", variant.name()),
+    }
+}
+
 /// How many times the warps of the wgmma backward run each phase of [`BACKWARD`] over B × Hk
 /// K/V heads (Hq query heads): warpgroup 1 skips the first step of each query head in a block
 /// (its keys start 64 past the step's last query), every other step is worked by both.
@@ -175,8 +245,9 @@ pub fn backward_runs(b: usize, hq: usize, hk: usize, t: usize) -> Vec<u64> {
 const NEEDS_CUDA: &str =
     "phase profiles run the CUDA kernels: build with --features cuda for compute capability 9.0";
 
-/// The causal wgmma forward `variant` (`wgmma`: 64-key tiles, `wgmma128`: 128), profiled on q
-/// [B, Hq, T, 128], k, v [B, Hk, T, 128] (bf16 on CUDA, 16-byte aligned): (o, lse, its profile).
+/// The causal wgmma forward `variant` (`wgmma`: 64-key tiles, `wgmma128`: 128, `ws`: 128,
+/// warp-specialised), profiled on q [B, Hq, T, 128], k, v [B, Hk, T, 128] (bf16 on CUDA, 16-byte
+/// aligned): (o, lse, its profile).
 pub fn profile_forward(
     variant: FlashForward,
     q: &Tensor,
@@ -184,23 +255,21 @@ pub fn profile_forward(
     v: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Tensor, PhaseProfile)> {
-    let kernel = match variant.wgmma_keys(128) {
-        _ if variant.warp_specialized(128) => {
-            bail!("phase profile: the warp-specialised forward (ws) has no profiled instantiation (wgmma, wgmma128 do)")
-        }
-        Some(64) => "flash_fwd_wg_prof_bf16_d128",
-        Some(_) => "flash_fwd_wg_prof_bf16_d128_n128",
-        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128)", variant.name()),
+    let (kernel, names): (_, &'static [&'static str]) = match variant.wgmma_keys(128) {
+        _ if variant.warp_specialized(128) => ("flash_fwd_ws_prof_bf16_d128", &WS_FORWARD),
+        Some(64) => ("flash_fwd_wg_prof_bf16_d128", &FORWARD),
+        Some(_) => ("flash_fwd_wg_prof_bf16_d128_n128", &FORWARD),
+        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, ws)", variant.name()),
     };
     #[cfg(feature = "cuda")]
     {
         let (o, lse, c) =
-            super::super::cuda::attention_fwd_profiled(q, k, v, scale as f32, variant, FORWARD.len())?;
-        Ok((o, lse, PhaseProfile::from_counters(kernel, &FORWARD, &c)?))
+            super::super::cuda::attention_fwd_profiled(q, k, v, scale as f32, variant, names.len())?;
+        Ok((o, lse, PhaseProfile::from_counters(kernel, names, &c)?))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (kernel, q, k, v, scale);
+        let _ = (kernel, names, q, k, v, scale);
         bail!("{NEEDS_CUDA}")
     }
 }
@@ -255,6 +324,7 @@ mod tests {
         };
         assert_eq!(phases("WgFwdPhase", "WF_"), FORWARD);
         assert_eq!(phases("WgBwdPhase", "WB_"), BACKWARD);
+        assert_eq!(phases("WsFwdPhase", "WS_"), WS_FORWARD);
     }
 
     #[test]
@@ -278,6 +348,17 @@ mod tests {
         assert_eq!((f[0], f[1], f[7]), (3 * 8, 11 * 8, 3 * 8));
         assert_eq!(f.len(), FORWARD.len());
         assert_eq!(backward_runs(1, 1, 1, 1).len(), BACKWARD.len());
+        // The warp-specialised forward at T 300: 3 blocks, 1 + 2 + 3 128-key tiles; 12 warps a
+        // block, the 4 producer warps requesting Q once and K, V per tile.
+        let w = ws_forward_runs(1, 1, 300);
+        assert_eq!(w.len(), WS_FORWARD.len());
+        assert_eq!((w[0], w[1], w[7]), (3 * 12, 6 * 8, 3 * 8));
+        assert_eq!((w[9], w[10], w[11]), (4 * 12, 4 * (3 + 12), 4 * (12 + 3)));
+        let (names, runs) = forward_phases_of(FlashForward::Ws, 1, 1, 300).unwrap();
+        assert_eq!((names, runs), (&WS_FORWARD[..], w));
+        let (names, runs) = forward_phases_of(FlashForward::Wgmma, 1, 1, 300).unwrap();
+        assert_eq!((names, runs), (&FORWARD[..], forward_runs(1, 1, 300, 64)));
+        assert!(forward_phases_of(FlashForward::MmaSync, 1, 1, 300).is_err());
     }
 
     #[test]
