@@ -350,7 +350,7 @@ enum BenchCommand {
         /// this build and head dim have.
         #[arg(long, value_delimiter = ',')]
         forward: Vec<String>,
-        /// bf16 CUDA backward kernels to time (split, wide, fused, wgmma); default every one.
+        /// bf16 CUDA backward kernels to time (split, wide, fused, wgmma, ws); default every one.
         #[arg(long, value_delimiter = ',')]
         backward: Vec<String>,
         /// Then profile the wgmma kernels (head dim 128, sm_90a build): where their warps spend

@@ -366,10 +366,11 @@ fn wgmma_forms_are_exact() {
     assert!(report.passed(), "wgmma forms:\n{report}");
 }
 
-/// The wgmma backward (kernels/src/flash_wg.cu, `FlashBackward::Wgmma`, D 128) against the CPU
-/// and against Split on the same inputs (its own summation order: within a bf16 rounding).
-/// Skipped (with a line saying so) in a build without it. Its own test so that a fault in the
-/// kernel cannot hide the other variants' results.
+/// The wgmma backwards (kernels/src/flash_wg.cu, `FlashBackward::Wgmma` and the warp-specialised
+/// `Ws`, D 128) against the CPU and against Split on the same inputs (their own summation order:
+/// within a bf16 rounding), and Ws's dk, dv against Wgmma's bit for bit (the same products in the
+/// same order). Skipped (with a line saying so) in a build without them. Their own test so that a
+/// fault in a kernel cannot hide the other variants' results.
 #[test]
 fn wgmma_backward_matches_the_cpu() {
     use ops::attention::FlashBackward;
@@ -377,13 +378,31 @@ fn wgmma_backward_matches_the_cpu() {
         println!("parity wgmma backward: skipped (no sm_90a kernels in this build)");
         return;
     }
-    for (b, hq, hk, t, d) in [(1, 4, 2, 300, 128), (2, 3, 1, 200, 128), (1, 2, 2, 64, 128), (1, 1, 1, 1, 128)]
-    {
-        let grads = backward_variants(b, hq, hk, t, d, &[FlashBackward::Split, FlashBackward::Wgmma]);
-        let ((_, dk0, dv0), (_, dk, dv)) = (&grads[0], &grads[1]);
-        let name = format!("attention bwd Wgmma B{b} Hq{hq} Hk{hk} T{t} D{d}");
-        check(&format!("{name} dk vs Split"), dk, &dk0.to_device(&Device::Cpu).unwrap(), 1e-2);
-        check(&format!("{name} dv vs Split"), dv, &dv0.to_device(&Device::Cpu).unwrap(), 1e-2);
+    // The last case: 10 steps in the first K/V block (GQA 2), every buffer of Ws refilled.
+    let cases = [
+        (1, 4, 2, 300, 128),
+        (2, 3, 1, 200, 128),
+        (1, 2, 2, 64, 128),
+        (1, 1, 1, 1, 128),
+        (1, 2, 1, 260, 128),
+    ];
+    for (b, hq, hk, t, d) in cases {
+        let variants = [FlashBackward::Split, FlashBackward::Wgmma, FlashBackward::Ws];
+        let grads = backward_variants(b, hq, hk, t, d, &variants);
+        let (_, dk0, dv0) = &grads[0];
+        for (variant, (_, dk, dv)) in variants.iter().zip(&grads).skip(1) {
+            let name = format!("attention bwd {variant:?} B{b} Hq{hq} Hk{hk} T{t} D{d}");
+            check(&format!("{name} dk vs Split"), dk, &dk0.to_device(&Device::Cpu).unwrap(), 1e-2);
+            check(&format!("{name} dv vs Split"), dv, &dv0.to_device(&Device::Cpu).unwrap(), 1e-2);
+        }
+        let bits =
+            |x: &Tensor| x.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let ((_, dkw, dvw), (_, dks, dvs)) = (&grads[1], &grads[2]);
+        assert!(
+            bits(dkw) == bits(dks) && bits(dvw) == bits(dvs),
+            "attention bwd Ws B{b} Hq{hq} Hk{hk} T{t} D{d}: dk, dv differ from Wgmma's"
+        );
+        println!("parity attention bwd Ws B{b} Hq{hq} Hk{hk} T{t} D{d} dk, dv = Wgmma's bit for bit: ok");
     }
 }
 
@@ -1190,8 +1209,7 @@ fn bench_kernels_direct() {
     }
     let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale).unwrap();
     let fwd = fwd_ms;
-    for variant in FlashBackward::ALL.into_iter().filter(|b| *b != FlashBackward::Wgmma || wgmma_available())
-    {
+    for variant in FlashBackward::ALL.into_iter().filter(|b| !b.is_wgmma() || wgmma_available()) {
         let bwd = time_ms(&dev, 3, 20, || {
             ops::attention::causal_attention_backward_with(variant, &q, &k, &v, &o, &lse, &g, scale).unwrap();
         });

@@ -152,6 +152,19 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                               {WB_P, worked}, {WB_WAIT_DP, worked}, {WB_DS, worked}, {WB_SKIPPED, skipped},
                               {WB_BARRIER, 8 * steps}, {WB_DQ, 8 * steps}, {WB_ATOMICS, 8 * steps},
                               {WB_EPILOGUE, 8 * blocks}});
+                // The warp-specialised backward: the same products in the same order, so dk, dv
+                // bit for bit (dq: the same atomic adds, in another order).
+                std::vector<T> dk6(k.size()), dv6(v.size());
+                std::vector<float> dq6(q.size(), 0.f);
+                emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), ws_bwd_smem_bytes<D>(), flash_bwd_ws<D>, q.data(),
+                            k.data(), v.data(), dO.data(), lse.data(), delta.data(), dk6.data(), dv6.data(), dq6.data(),
+                            hq, hk, t, scale);
+                const bool same_ws = std::memcmp(dk6.data(), dk4.data(), dk4.size() * sizeof(T)) == 0 &&
+                                     std::memcmp(dv6.data(), dv4.data(), dv4.size() * sizeof(T)) == 0;
+                if (!same_ws) failures++;
+                std::printf("attn %s D%d B%d Hq%d Hk%d T%d ws bwd dk, dv = wgmma bwd's bit for bit: %s\n", name, D, B,
+                            hq, hk, t, same_ws ? "ok" : "FAIL");
+                extra.push_back({"ws dq", dq6, true});
                 extra.push_back({"wgmma dq", dq4, true});
                 extra.push_back({"wgmma dk", widen(dk4), false});
                 extra.push_back({"wgmma dv", widen(dv4), false});

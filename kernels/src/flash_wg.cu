@@ -787,6 +787,233 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     clk.flush();
 }
 
+// Warp-specialised backward (SHARDSMITH_FLASH_BWD=ws, D = 128): flash_bwd_wg's products in its
+// order (so dK and dV come out bit for bit the same, and dQ receives the same atomic adds),
+// reorganised as flash_fwd_ws is:
+//   warpgroup 0   producer (setmaxnreg 24): loads the block's K and V, then per step the Q and dO
+//                 tiles and lse, Δ by cp.async into two buffers, signalling each step on its
+//                 `full` mbarrier once it has landed, refilling a buffer once its `empty`
+//                 mbarrier says both consumers are done with the step that used it.
+//   warpgroups    consumers (setmaxnreg 240), flash_bwd_wg's two warpgroups: phases 1 and 2 on
+//   1, 2          their 64 keys, dSᵀ stored, one named barrier (dSᵀ of both complete), phase 3
+//                 (dQ, reading both halves of dSᵀ), the step's buffers released once phase 2's
+//                 and 3's products have landed, then the dQ atomics.
+// dSᵀ is double-buffered, so that one barrier a step suffices: a consumer storing step s + 2's
+// dSᵀ has passed step s + 1's barrier, which the other reaches only after its step-s phase 3.
+// flash_bwd_wg takes two __syncthreads a step across both warpgroups, with each thread also
+// issuing its share of the next step's loads.
+// Geometry as flash_bwd_wg, 384 threads; smem ws_bwd_smem_bytes: K, V [128], Q, dO [2][64] rows
+// of D, dSᵀ [2][128][64] bf16, lse, Δ [2][64] f32 (161 KB at D = 128), mbarriers static.
+constexpr int WSB_THREADS = 384;
+template <int D> __host__ __device__ constexpr int ws_bwd_smem_bytes() {
+    return (2 * 128 + 4 * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 4 * WGB_BQ * 4;
+}
+
+template <int D>
+__device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                             const bf16 *__restrict__ dout, const float *__restrict__ lse,
+                             const float *__restrict__ delta, bf16 *__restrict__ dk, bf16 *__restrict__ dv,
+                             float *__restrict__ dq_acc, int hq, int hk, int t, float scale) {
+    static_assert(D == 128, "warp-specialised backward: D 128");
+    constexpr int KS = D / 16, QT = WGB_BQ * D, DST = 128 * WGB_BQ;  // elements of a Q / dO / dSᵀ tile
+    constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K, V, Q, dO read K-major
+    constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // Q, dO, K read MN-major
+    constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
+    constexpr int PRODUCER = 128, CONSUMERS = 256, DS_READY = 1;  // threads; the named barrier
+    require_smem(ws_bwd_smem_bytes<D>(), WSB_THREADS);
+    DYN_SMEM(smem);
+    bf16 *sK = reinterpret_cast<bf16 *>(smem);  // [128 keys]
+    bf16 *sV = sK + 128 * D;                      // [128 keys]
+    bf16 *sQ = sV + 128 * D;                      // [2][64 queries]
+    bf16 *sdO = sQ + 2 * QT;                      // [2][64 queries]
+    bf16 *sdS = sdO + 2 * QT;                     // dSᵀ [2][128 keys][64 queries]
+    float *sL = reinterpret_cast<float *>(sdS + 2 * DST);  // [2][64]
+    float *sDl = sL + 2 * WGB_BQ;                           // [2][64]
+    __shared__ uint64_t bars[5];  // kv_full; full, empty [2]
+    uint64_t *kv_full = bars, *full = bars + 1, *empty = bars + 3;
+    if (threadIdx.x == 0) {
+        mbar_init(kv_full, PRODUCER);
+        for (int i = 0; i < 2; ++i) {
+            mbar_init(full + i, PRODUCER);
+            mbar_init(empty + i, CONSUMERS);
+        }
+    }
+    __syncthreads();
+
+    const GridTile blk = heaviest_first();
+    const int hkv = blk.head, b = blk.batch, group = hq / hk;
+    const int k0 = blk.tile * 128;
+    const size_t kvoff = ((size_t)b * hk + hkv) * t * D;
+    const int nqt = (t - k0 + WGB_BQ - 1) / WGB_BQ;  // query tiles from k0 (128 % 64 == 0)
+    const int steps = group * nqt;
+    const int wg = threadIdx.x / 128;
+
+    if (wg == 0) {  // the producer
+        setmaxnreg_dec<WS_PRODUCER_REGS>();
+        const int tid = threadIdx.x;
+        wg_tile_load<D, 128, PRODUCER, 2>(sK, k + kvoff, k0, t, tid);
+        wg_tile_load<D, 128, PRODUCER, 2>(sV, v + kvoff, k0, t, tid);
+        cp_async_commit();
+        // Step s into buffer s & 1, its u-th use (u = s / 2) after the consumers' (u − 1)-th release.
+        for (int s = 0; s < steps; ++s) {
+            const int buf = s & 1, reuse = (s >> 1) - 1;
+            if (reuse >= 0) mbar_wait(empty + buf, reuse & 1);
+            const int h = hkv * group + s / nqt, q0 = k0 + (s % nqt) * WGB_BQ;
+            const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
+            wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sQ + buf * QT, q + qoff, q0, t, tid);
+            wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sdO + buf * QT, dout + qoff, q0, t, tid);
+            stage_lse_delta_async<WGB_BQ, PRODUCER>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t);
+            cp_async_commit();
+            cp_async_wait<1>();  // the previous group: K and V (s = 0) or step s − 1
+            fence_proxy_async();
+            mbar_arrive(s == 0 ? kv_full : full + ((s - 1) & 1));
+        }
+        cp_async_wait<0>();  // the last step
+        fence_proxy_async();
+        mbar_arrive(full + ((steps - 1) & 1));
+        return;
+    }
+
+    setmaxnreg_inc<WS_CONSUMER_REGS>();
+    const int c = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;  // c: flash_bwd_wg's wg
+    const int g = lane >> 2, tq = lane & 3;
+    const int wk0 = k0 + 64 * c;      // this warpgroup's first key
+    const int rk0 = wk0 + 16 * warp;  // this warp's keys rk0 + g, rk0 + g + 8 (phases 1, 2)
+    const float sl2 = scale * LOG2E;
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.f;
+    const bf16 *wK = sK + 64 * c * D, *wV = sV + 64 * c * D;  // this warpgroup's 64 keys
+    mbar_wait(kv_full, 0);
+
+    for (int s = 0; s < steps; ++s) {
+        const int q0 = k0 + (s % nqt) * WGB_BQ, buf = s & 1;
+        mbar_wait(full + buf, (s >> 1) & 1);
+        const bf16 *cQ = sQ + buf * QT, *cdO = sdO + buf * QT;
+        const float *cL = sL + buf * WGB_BQ, *cDl = sDl + buf * WGB_BQ;
+        bf16 *cdS = sdS + buf * DST;
+
+        // Pᵀ, dSᵀ as the A operands of phase 2, whose products may still run during phase 3.
+        uint32_t ap[WGB_BQ / 16][4], ad[WGB_BQ / 16][4];
+        if (q0 + WGB_BQ - 1 >= wk0) {  // else every query precedes every key of this warpgroup
+            // 1. Sᵀ, dPᵀ [64 keys][64 queries], as flash_bwd_wg
+            float st[WGB_BQ / 8][4], dpt[WGB_BQ / 8][4];
+            wgmma_pin(st);
+            wgmma_pin(dpt);
+            const uint64_t k_desc = wgmma_desc(wK, KMAJ_LBO, KMAJ_SBO), q_desc = wgmma_desc(cQ, KMAJ_LBO, KMAJ_SBO);
+            const uint64_t v_desc = wgmma_desc(wV, KMAJ_LBO, KMAJ_SBO), o_desc = wgmma_desc(cdO, KMAJ_LBO, KMAJ_SBO);
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+                wgmma_ss_m64n64k16(st, wgmma_desc_add(k_desc, 256 * ks), wgmma_desc_add(q_desc, 256 * ks), ks > 0);
+            wgmma_commit();
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+                wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
+            wgmma_commit();
+            wgmma_wait<1>();  // Sᵀ done, dPᵀ in flight
+            wgmma_pin(st);
+            const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
+#pragma unroll
+            for (int j = 0; j < WGB_BQ / 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int qi = 8 * j + 2 * tq + (i & 1);  // query q0 + qi
+                    float p = fast_exp2(fmaf(st[j][i], sl2, -(cL[qi] * LOG2E)));  // cL: lse
+                    if (diag && rk0 + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
+                    st[j][i] = p;
+                }
+            // 2a. dV += Pᵀ dO, issued now so that it runs while dSᵀ is computed.
+            const uint64_t o_mn = wgmma_desc(cdO, MN_LBO, MN_SBO), q_mn = wgmma_desc(cQ, MN_LBO, MN_SBO);
+#pragma unroll
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
+            wgmma_pin(dv_acc);
+            wgmma_pin(ap);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk)
+                wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
+            wgmma_commit();
+            wgmma_wait<1>();  // dPᵀ done (the older group), dV in flight
+            wgmma_pin(dpt);
+#pragma unroll
+            for (int j = 0; j < WGB_BQ / 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - cDl[8 * j + 2 * tq + (i & 1)]) * scale;
+#pragma unroll
+            for (int j = 0; j < WGB_BQ / 8; ++j)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int key = 64 * c + 16 * warp + g + 8 * r;
+                    const int at = ((key / 8) * (WGB_BQ / 8) + j) * 64 + (key % 8) * 8 + 2 * tq;
+                    *reinterpret_cast<uint32_t *>(cdS + at) = pack_bf16(dpt[j][2 * r], dpt[j][2 * r + 1]);
+                }
+            // 2b. dK += dSᵀ Q.
+#pragma unroll
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ad[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+            wgmma_pin(dk_acc);
+            wgmma_pin(ad);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < WGB_BQ / 16; ++kk)
+                wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
+            wgmma_commit();  // 2a and 2b are waited for after phase 3's products are issued
+        } else {
+            // Zeros as its dSᵀ rows, so that phase 3 runs all eight products as one group.
+            uint4 *rows = reinterpret_cast<uint4 *>(cdS + 64 * c * WGB_BQ);  // 8 KB, contiguous
+#pragma unroll
+            for (int i = threadIdx.x % 128; i < 64 * WGB_BQ * 2 / 16; i += 128) rows[i] = make_uint4(0, 0, 0, 0);
+        }
+        wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
+        named_sync(DS_READY, CONSUMERS);
+
+        {  // 3. dQ [64 queries][head-dim half c] += dS K over the block's 128 keys
+            float acc[8][4];
+            const uint64_t ds_desc = wgmma_desc(cdS, DS_LBO, DS_SBO);
+            const uint64_t k_mn = wgmma_desc(sK + c * (D / 16) * 64, MN_LBO, MN_SBO);
+            wgmma_pin(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 128 / 16; ++kk)
+                wgmma_ss_m64n64k16_tt(acc, wgmma_desc_add(ds_desc, 2 * DS_LBO * kk),
+                                      wgmma_desc_add(k_mn, 2 * MN_LBO * kk), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();  // phase 2's and phase 3's products
+            wgmma_pin(acc);
+            wgmma_pin(dv_acc);
+            wgmma_pin(dk_acc);
+            wgmma_pin(ap);
+            wgmma_pin(ad);
+            mbar_arrive(empty + buf);  // Q, dO, lse, Δ of this step read
+            const int h = hkv * group + s / nqt;
+            float *dqh = dq_acc + ((size_t)b * hq + h) * t * D;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int query = q0 + 16 * warp + g + 8 * r;
+                if (query >= t) continue;
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    atomic_add2(dqh + (size_t)query * D + 64 * c + 8 * j + 2 * tq, acc[j][0 + 2 * r], acc[j][1 + 2 * r]);
+            }
+        }
+    }
+
+    bf16 *dkh = dk + kvoff, *dvh = dv + kvoff;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = rk0 + g + 8 * r;
+        if (key >= t) continue;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            const size_t at = (size_t)key * D + 8 * j + 2 * tq;
+            *reinterpret_cast<uint32_t *>(dkh + at) = pack_bf16(dk_acc[j][0 + 2 * r], dk_acc[j][1 + 2 * r]);
+            *reinterpret_cast<uint32_t *>(dvh + at) = pack_bf16(dv_acc[j][0 + 2 * r], dv_acc[j][1 + 2 * r]);
+        }
+    }
+}
+
 // The seven wgmma forms above, each on one tile laid out and described exactly as the attention
 // kernels lay out and describe theirs: a check of the descriptor and fragment conventions
 // (wgmma.cuh) on the device itself, which ops::attention's wgmma self-check runs once per GPU
@@ -967,6 +1194,13 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     flash_bwd_wg_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
                            const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t, float scale) {
     flash_bwd_wg<128>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
+}
+
+// The warp-specialised backward: 384 threads, one block an SM.
+extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
+    flash_bwd_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
+                           const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t, float scale) {
+    flash_bwd_ws<128>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
 }
 
 // The profiled instantiations (phases.cuh) of the causal kernels at D 128: the same arguments

@@ -303,9 +303,7 @@ pub fn attention(
             false => kernels.forward.clone(),
         };
         let bwd = match kernels.backward.is_empty() {
-            true => {
-                FlashBackward::ALL.into_iter().filter(|b| *b != FlashBackward::Wgmma || wgmma_bwd).collect()
-            }
+            true => FlashBackward::ALL.into_iter().filter(|b| !b.is_wgmma() || wgmma_bwd).collect(),
             false => kernels.backward.clone(),
         };
         (fwd, bwd)
@@ -328,7 +326,7 @@ pub fn attention(
         wgmma_available()
     );
     ensure!(
-        (wgmma_fwd || !forwards.iter().any(|f| f.is_wgmma())) && (wgmma_bwd || !backwards.contains(&FlashBackward::Wgmma)),
+        (wgmma_fwd || !forwards.iter().any(|f| f.is_wgmma())) && (wgmma_bwd || !backwards.iter().any(|b| b.is_wgmma())),
         "the wgmma attention kernels need an sm_90a build and head dim 128 (forward: 64 or 128); got head dim {head_dim}, sm_90a build: {}",
         wgmma_available()
     );

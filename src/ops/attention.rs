@@ -367,7 +367,8 @@ pub fn wgmma_available() -> bool {
 
 /// Which kernels run the bf16 causal-attention backward on CUDA. Split, Wide and Fused compute the
 /// same dK and dV (bit-identical), Wgmma the same up to summation order; dQ differs in summation
-/// order only. Chosen by `SHARDSMITH_FLASH_BWD` (`split`, `wide`, `fused` or `wgmma`;
+/// order only (Ws: Wgmma's dK and dV bit for bit). Chosen by `SHARDSMITH_FLASH_BWD` (`split`,
+/// `wide`, `fused`, `wgmma` or `ws`;
 /// [`FlashBackward::from_env`]); the default is Wgmma in a build that has it (at head dim 128;
 /// Split elsewhere), else Split.
 /// Measured on an H200 (B2 H32 S4096 D128, with the mma.sync forward, fwd+bwd TFLOP/s): split
@@ -390,6 +391,10 @@ pub enum FlashBackward {
     /// atomics), so neither is bf16 CUDA training: `SHARDSMITH_FLASH_BWD=split` makes it so.
     /// Self-checked as [`FlashForward::Wgmma`] is.
     Wgmma,
+    /// Wgmma's products warp-specialised (`flash_bwd_ws`: a producer warpgroup loads each step's
+    /// tiles, the two consumer warpgroups synchronise with it by mbarriers and with each other by
+    /// one named barrier a step), where Wgmma's kernel runs; Split elsewhere.
+    Ws,
 }
 
 impl EnvChoice for FlashBackward {
@@ -399,10 +404,11 @@ impl EnvChoice for FlashBackward {
         ("wide", FlashBackward::Wide),
         ("fused", FlashBackward::Fused),
         ("wgmma", FlashBackward::Wgmma),
+        ("ws", FlashBackward::Ws),
     ];
     const NOUN: &'static str = "attention kernel";
     fn unavailable(self) -> Option<String> {
-        (self == FlashBackward::Wgmma && !wgmma_available()).then(|| WGMMA_BUILD.to_string())
+        (self.is_wgmma() && !wgmma_available()).then(|| WGMMA_BUILD.to_string())
     }
     fn default_choice() -> Self {
         if wgmma_available() {
@@ -419,10 +425,20 @@ impl EnvChoice for FlashBackward {
 }
 
 impl FlashBackward {
-    pub const ALL: [FlashBackward; 4] =
-        [FlashBackward::Split, FlashBackward::Wide, FlashBackward::Fused, FlashBackward::Wgmma];
+    pub const ALL: [FlashBackward; 5] = [
+        FlashBackward::Split,
+        FlashBackward::Wide,
+        FlashBackward::Fused,
+        FlashBackward::Wgmma,
+        FlashBackward::Ws,
+    ];
 
-    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused` or `wgmma` (unset: wgmma in a
+    /// Whether this is one of the wgmma kernels (sm_90a builds only).
+    pub fn is_wgmma(self) -> bool {
+        matches!(self, FlashBackward::Wgmma | FlashBackward::Ws)
+    }
+
+    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused`, `wgmma` or `ws` (unset: wgmma in a
     /// build that has it, else split); any other value, or `wgmma` in a build without it, is an
     /// error naming the variable.
     pub fn from_env() -> Result<FlashBackward> {

@@ -1287,11 +1287,12 @@ pub(super) fn attention_bwd(
         let mut dv = unsafe { dev.alloc::<bf16>(b * hk * t * d)? };
         let kv_grid = (t.div_ceil(ATTN_TC_BK) as u32, hk as u32, b as u32);
         // The wgmma kernel reads every input with 16-byte cp.async (no unaligned fallback).
-        let wgmma = variant == FlashBackward::Wgmma
+        let wgmma = variant.is_wgmma()
             && kernels::WGMMA
             && d == 128
             && [ql, kl, vl, gl].iter().all(|l| l.start_offset().is_multiple_of(8));
-        if prof.is_some() && !wgmma {
+        let ws = wgmma && variant == FlashBackward::Ws;
+        if prof.is_some() && (!wgmma || ws) {
             bail!("{OP}: the phase profile needs the wgmma kernel (sm_90a build, head dim 128, 16-byte aligned inputs, variant wgmma); got {variant:?}, head dim {d}");
         }
         if wgmma {
@@ -1300,7 +1301,12 @@ pub(super) fn attention_bwd(
         // Wgmma where its kernel does not apply (D ≠ 128, unaligned) runs Split, the
         // bit-reproducible kernels, not Fused: it is the default on Hopper builds.
         if variant == FlashBackward::Fused || wgmma {
-            let (module, name, smem, threads) = if wgmma {
+            let (module, name, smem, threads) = if ws {
+                // K, V [128], Q, dO [2][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ [2][64] f32
+                // (flash_wg.cu's ws_bwd_smem_bytes).
+                let smem = ((2 * 128 + 4 * 64) * d * 2 + 2 * 128 * 64 * 2 + 4 * 64 * 4) as u32;
+                (&kernels::FLASH_WG, format!("flash_bwd_ws_{sfx}_d{d}"), smem, ATTN_WS_THREADS)
+            } else if wgmma {
                 // K, V [128], Q, dO [2][64] rows of D; dSᵀ [128][64] bf16; lse, Δ [2][64] f32
                 // (flash_wg.cu's wg_bwd_smem_bytes).
                 let smem = ((2 * 128 + 4 * 64) * d * 2 + 128 * 64 * 2 + 4 * 64 * 4) as u32;
@@ -1323,7 +1329,8 @@ pub(super) fn attention_bwd(
                 bld.arg(p);
             }
             // SAFETY: matches flash_attn.cu (flash_bwd_kv64_tc<D, true>) or flash_wg.cu
-            // (flash_bwd_wg<128, prof>: 16-byte aligned inputs; the profiled kernel's prof holds
+            // (flash_bwd_ws<128> or flash_bwd_wg<128, prof>: 16-byte aligned inputs, 384 or 256
+            // threads; the profiled kernel's prof holds
             // 2 × its phases), same arguments and grid; every dk/dv row < T is written; dq_acc is
             // zero-filled and only added to.
             unsafe { bld.launch(cfg(kv_grid, threads, smem)) }.w()?;

@@ -190,7 +190,7 @@ pub enum WgmmaKernels {
     /// flash_fwd_wg: S = Q·Kᵀ with Q in registers (q; w over 128-key tiles), O += P·V at D 128
     /// (o) and 64 (p); flash_fwd_ws: S with Q in shared memory (x), O += P·V (o).
     Forward,
-    /// flash_bwd_wg: Sᵀ, dPᵀ (s), dV, dK (o), dQ (u).
+    /// flash_bwd_wg and flash_bwd_ws: Sᵀ, dPᵀ (s), dV, dK (o), dQ (u).
     Backward,
 }
 
@@ -206,7 +206,9 @@ impl WgmmaKernels {
     pub fn name(self) -> &'static str {
         match self {
             WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128, ws)",
-            WgmmaKernels::Backward => "backward (SHARDSMITH_FLASH_BWD=wgmma, the default in this build)",
+            WgmmaKernels::Backward => {
+                "backward (SHARDSMITH_FLASH_BWD=wgmma, the default in this build, or ws)"
+            }
         }
     }
 
