@@ -92,6 +92,13 @@ fn compile(nvcc: &Path, ptxas: &Path, src: &Path, out: &Path, cap: &str) {
     if !serialised.is_empty() {
         panic!("{}: ptxas serialises wgmma:\n{}", src.display(), serialised.join("\n"));
     }
+    // Any word from ptxas about setmaxnreg means it did not take it as written (it ignores the
+    // instruction when it cannot tell the kernel's register count at entry, say): the
+    // warp-specialised kernels' consumers would then run capped at the launch count and spill.
+    let setmaxnreg: Vec<&str> = notes.lines().filter(|l| l.contains("setmaxnreg")).collect();
+    if !setmaxnreg.is_empty() {
+        panic!("{}: ptxas on setmaxnreg:\n{}", src.display(), setmaxnreg.join("\n"));
+    }
 }
 
 /// Runs `cmd`, panicking with its output on failure; its stdout and stderr otherwise.

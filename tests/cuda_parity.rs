@@ -517,14 +517,18 @@ fn wgmma_phase_profiles_match_the_plain_kernels() {
             cycles_where_run(&p);
         }
         let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, &q, &k, &v, scale).unwrap();
-        let (dq0, dk0, dv0) =
-            causal_attention_backward_with(FlashBackward::Wgmma, &q, &k, &v, &o, &lse, &g, scale).unwrap();
-        let ((dq, dk, dv), p) = phases::profile_backward(&q, &k, &v, &o, &lse, &g, scale).unwrap();
-        same(&format!("profiled backward {name} dk"), &dk, &dk0);
-        same(&format!("profiled backward {name} dv"), &dv, &dv0);
-        check(&format!("profiled backward {name} dq"), &dq, &dq0.to_device(&Device::Cpu).unwrap(), 1e-2);
-        p.check_runs(&phases::backward_runs(b, hq, hk, t)).unwrap();
-        cycles_where_run(&p);
+        for variant in [FlashBackward::Wgmma, FlashBackward::Ws] {
+            let (dq0, dk0, dv0) =
+                causal_attention_backward_with(variant, &q, &k, &v, &o, &lse, &g, scale).unwrap();
+            let ((dq, dk, dv), p) =
+                phases::profile_backward(variant, &q, &k, &v, &o, &lse, &g, scale).unwrap();
+            let what = format!("profiled {} backward {name}", variant.name());
+            same(&format!("{what} dk"), &dk, &dk0);
+            same(&format!("{what} dv"), &dv, &dv0);
+            check(&format!("{what} dq"), &dq, &dq0.to_device(&Device::Cpu).unwrap(), 1e-2);
+            p.check_runs(&phases::backward_phases_of(variant, b, hq, hk, t).unwrap().1).unwrap();
+            cycles_where_run(&p);
+        }
     }
 }
 

@@ -346,10 +346,18 @@ inline void mbar_arrive(const void *b) {
         mbar_cv.notify_all();
     }
 }
+// The kernels wait on each barrier once per phase, in order: a thread's n-th wait is for phase
+// n, and nothing can complete phase n + 1 before it has returned (the other side needs this
+// thread's next release or fill first). So it must find exactly n + 1 phases completed; more
+// means a phase was skipped, and a parity wait would then have passed (or hung) on the wrong one.
+inline thread_local std::map<const void *, unsigned> mbar_waits;
 inline void mbar_wait(const void *b, int parity) {
     std::unique_lock<std::mutex> lock(mbar_mutex);
     if (!mbar_cv.wait_for(lock, WAIT_LIMIT, [&] { return (int)(mbar_at(b).phase & 1) != (parity & 1); }))
         deadlock("an mbarrier wait");
+    const unsigned n = mbar_waits[b]++;
+    if (mbar_at(b).phase != n + 1) throw "emu: an mbarrier wait found a phase skipped (parity aliasing)";
+    if ((int)(n & 1) != (parity & 1)) throw "emu: an mbarrier wait with the wrong parity for its phase";
 }
 // Named barriers 1..15 (bar.sync / bar.arrive id, count): `count` arrivals complete a phase;
 // bar.sync arrives and waits for its phase to complete, bar.arrive only arrives. The count is
@@ -409,6 +417,7 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
                         blockIdx = dim3(bx, by, bz);
                         cp_state = {};
                         wgmma_state = {};
+                        mbar_waits.clear();
                         kernel(args...);
                         if (!wgmma_state.empty())
                             throw "emu: wgmma issued but never waited for";

@@ -382,15 +382,17 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             fence_proxy_async();
             mbar_arrive(j == 0 ? q_full : v_full + ((j - 1) & 1));
             clk.mark(WS_LOAD_LANDED);
+            // K_j is signalled as soon as it lands, before the wait for V_j's buffer: that wait
+            // ends only in the consumers' iteration j − 1, just before they need K_j.
+            cp_async_wait<0>();
+            fence_proxy_async();
+            mbar_arrive(k_full + b);
+            clk.mark(WS_LOAD_LANDED);
             if (reuse >= 0) mbar_wait(v_empty + b, reuse & 1);
             clk.mark(WS_LOAD_WAIT);
             wg_tile_load<D, BN, PRODUCER, 2>(sV + b * TILE, vh, j * BN, t, tid);
             cp_async_commit();
             clk.mark(WS_LOAD_ISSUE);
-            cp_async_wait<1>();  // K_j
-            fence_proxy_async();
-            mbar_arrive(k_full + b);
-            clk.mark(WS_LOAD_LANDED);
         }
         cp_async_wait<0>();  // V of the last tile
         fence_proxy_async();
@@ -809,11 +811,21 @@ template <int D> __host__ __device__ constexpr int ws_bwd_smem_bytes() {
     return (2 * 128 + 4 * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 4 * WGB_BQ * 4;
 }
 
-template <int D>
+// The phases of the profiled warp-specialised backward (PROF, phases.cuh), in the order and with
+// the meaning of ops::attention::phases::WS_BACKWARD: the consumers' (prologue to epilogue), then
+// the producer's (load_*; its prologue is the first).
+enum WsBwdPhase {
+    WSB_PROLOGUE, WSB_TILE_WAIT, WSB_ISSUE_WAIT_S, WSB_P, WSB_WAIT_DP, WSB_DS, WSB_SKIPPED, WSB_BARRIER, WSB_DQ,
+    WSB_ATOMICS, WSB_EPILOGUE, WSB_LOAD_WAIT, WSB_LOAD_ISSUE, WSB_LOAD_LANDED, WSB_PHASES
+};
+
+// PROF: the profiled instantiation, counting cycles by phase into prof [2][WSB_PHASES] (phases.cuh).
+template <int D, bool PROF = false>
 __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                              const bf16 *__restrict__ dout, const float *__restrict__ lse,
                              const float *__restrict__ delta, bf16 *__restrict__ dk, bf16 *__restrict__ dv,
-                             float *__restrict__ dq_acc, int hq, int hk, int t, float scale) {
+                             float *__restrict__ dq_acc, int hq, int hk, int t, float scale,
+                             unsigned long long *prof = nullptr) {
     static_assert(D == 128, "warp-specialised backward: D 128");
     constexpr int KS = D / 16, QT = WGB_BQ * D, DST = 128 * WGB_BQ;  // elements of a Q / dO / dSᵀ tile
     constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K, V, Q, dO read K-major
@@ -821,6 +833,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
     constexpr int PRODUCER = 128, CONSUMERS = 256, DS_READY = 1;  // threads; the named barrier
     require_smem(ws_bwd_smem_bytes<D>(), WSB_THREADS);
+    PhaseClock<PROF, WSB_PHASES, WSB_THREADS / 32> clk(prof);
     DYN_SMEM(smem);
     bf16 *sK = reinterpret_cast<bf16 *>(smem);  // [128 keys]
     bf16 *sV = sK + 128 * D;                      // [128 keys]
@@ -850,27 +863,44 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
 
     if (wg == 0) {  // the producer
         setmaxnreg_dec<WS_PRODUCER_REGS>();
+        clk.mark(WSB_PROLOGUE);
         const int tid = threadIdx.x;
         wg_tile_load<D, 128, PRODUCER, 2>(sK, k + kvoff, k0, t, tid);
         wg_tile_load<D, 128, PRODUCER, 2>(sV, v + kvoff, k0, t, tid);
         cp_async_commit();
+        clk.mark(WSB_LOAD_ISSUE);
         // Step s into buffer s & 1, its u-th use (u = s / 2) after the consumers' (u − 1)-th release.
         for (int s = 0; s < steps; ++s) {
             const int buf = s & 1, reuse = (s >> 1) - 1;
+            if (s > 0) {  // step s − 1, signalled as soon as it lands: not behind the wait below,
+                          // which ends only as the consumers finish step s − 2 and need step s − 1
+                cp_async_wait<0>();
+                fence_proxy_async();
+                mbar_arrive(full + ((s - 1) & 1));
+                clk.mark(WSB_LOAD_LANDED);
+            }
             if (reuse >= 0) mbar_wait(empty + buf, reuse & 1);
+            clk.mark(WSB_LOAD_WAIT);
             const int h = hkv * group + s / nqt, q0 = k0 + (s % nqt) * WGB_BQ;
             const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
             wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sQ + buf * QT, q + qoff, q0, t, tid);
             wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sdO + buf * QT, dout + qoff, q0, t, tid);
-            stage_lse_delta_async<WGB_BQ, PRODUCER>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t);
+            stage_lse_delta_async<WGB_BQ, PRODUCER>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t,
+                                                    tid);
             cp_async_commit();
-            cp_async_wait<1>();  // the previous group: K and V (s = 0) or step s − 1
-            fence_proxy_async();
-            mbar_arrive(s == 0 ? kv_full : full + ((s - 1) & 1));
+            clk.mark(WSB_LOAD_ISSUE);
+            if (s == 0) {  // K and V (the older group), step 0 still in flight
+                cp_async_wait<1>();
+                fence_proxy_async();
+                mbar_arrive(kv_full);
+                clk.mark(WSB_LOAD_LANDED);
+            }
         }
         cp_async_wait<0>();  // the last step
         fence_proxy_async();
         mbar_arrive(full + ((steps - 1) & 1));
+        clk.mark(WSB_LOAD_LANDED);
+        clk.flush();
         return;
     }
 
@@ -887,10 +917,12 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.f;
     const bf16 *wK = sK + 64 * c * D, *wV = sV + 64 * c * D;  // this warpgroup's 64 keys
     mbar_wait(kv_full, 0);
+    clk.mark(WSB_PROLOGUE);
 
     for (int s = 0; s < steps; ++s) {
         const int q0 = k0 + (s % nqt) * WGB_BQ, buf = s & 1;
         mbar_wait(full + buf, (s >> 1) & 1);
+        clk.mark(WSB_TILE_WAIT);
         const bf16 *cQ = sQ + buf * QT, *cdO = sdO + buf * QT;
         const float *cL = sL + buf * WGB_BQ, *cDl = sDl + buf * WGB_BQ;
         bf16 *cdS = sdS + buf * DST;
@@ -915,6 +947,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             wgmma_commit();
             wgmma_wait<1>();  // Sᵀ done, dPᵀ in flight
             wgmma_pin(st);
+            clk.mark(WSB_ISSUE_WAIT_S);
             const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
 #pragma unroll
             for (int j = 0; j < WGB_BQ / 8; ++j)
@@ -936,8 +969,10 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             for (int kk = 0; kk < WGB_BQ / 16; ++kk)
                 wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
             wgmma_commit();
+            clk.mark(WSB_P);
             wgmma_wait<1>();  // dPᵀ done (the older group), dV in flight
             wgmma_pin(dpt);
+            clk.mark(WSB_WAIT_DP);
 #pragma unroll
             for (int j = 0; j < WGB_BQ / 8; ++j)
 #pragma unroll
@@ -960,14 +995,17 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             for (int kk = 0; kk < WGB_BQ / 16; ++kk)
                 wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
             wgmma_commit();  // 2a and 2b are waited for after phase 3's products are issued
+            clk.mark(WSB_DS);
         } else {
             // Zeros as its dSᵀ rows, so that phase 3 runs all eight products as one group.
             uint4 *rows = reinterpret_cast<uint4 *>(cdS + 64 * c * WGB_BQ);  // 8 KB, contiguous
 #pragma unroll
             for (int i = threadIdx.x % 128; i < 64 * WGB_BQ * 2 / 16; i += 128) rows[i] = make_uint4(0, 0, 0, 0);
+            clk.mark(WSB_SKIPPED);
         }
         wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
         named_sync(DS_READY, CONSUMERS);
+        clk.mark(WSB_BARRIER);
 
         {  // 3. dQ [64 queries][head-dim half c] += dS K over the block's 128 keys
             float acc[8][4];
@@ -987,6 +1025,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             wgmma_pin(ap);
             wgmma_pin(ad);
             mbar_arrive(empty + buf);  // Q, dO, lse, Δ of this step read
+            clk.mark(WSB_DQ);
             const int h = hkv * group + s / nqt;
             float *dqh = dq_acc + ((size_t)b * hq + h) * t * D;
 #pragma unroll
@@ -997,6 +1036,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
                 for (int j = 0; j < 8; ++j)
                     atomic_add2(dqh + (size_t)query * D + 64 * c + 8 * j + 2 * tq, acc[j][0 + 2 * r], acc[j][1 + 2 * r]);
             }
+            clk.mark(WSB_ATOMICS);
         }
     }
 
@@ -1012,6 +1052,8 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             *reinterpret_cast<uint32_t *>(dvh + at) = pack_bf16(dv_acc[j][0 + 2 * r], dv_acc[j][1 + 2 * r]);
         }
     }
+    clk.mark(WSB_EPILOGUE);
+    clk.flush();
 }
 
 // The seven wgmma forms above, each on one tile laid out and described exactly as the attention
@@ -1201,6 +1243,13 @@ extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
     flash_bwd_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
                            const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t, float scale) {
     flash_bwd_ws<128>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
+    flash_bwd_ws_prof_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
+                                const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t,
+                                float scale, unsigned long long *prof) {
+    flash_bwd_ws<128, true>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale, prof);
 }
 
 // The profiled instantiations (phases.cuh) of the causal kernels at D 128: the same arguments

@@ -413,17 +413,19 @@ fn attention_phases(
         emit(&profile, plain, profiled)?;
     }
     let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, q, k, v, scale)?;
-    let plain = time(c, || {
-        Ok(causal_attention_backward_with(FlashBackward::Wgmma, q, k, v, &o, &lse, g, scale).map(drop)?)
-    })?;
-    let mut last = None;
-    let profiled = time(c, || {
-        last = Some(phases::profile_backward(q, k, v, &o, &lse, g, scale)?.1);
-        Ok(())
-    })?;
-    let profile = last.expect("time runs at least once");
-    profile.check_runs(&phases::backward_runs(s.batch, s.heads, s.kv_heads, s.seq))?;
-    emit(&profile, plain, profiled)
+    for variant in [FlashBackward::Wgmma, FlashBackward::Ws] {
+        let plain =
+            time(c, || Ok(causal_attention_backward_with(variant, q, k, v, &o, &lse, g, scale).map(drop)?))?;
+        let mut last = None;
+        let profiled = time(c, || {
+            last = Some(phases::profile_backward(variant, q, k, v, &o, &lse, g, scale)?.1);
+            Ok(())
+        })?;
+        let profile = last.expect("time runs at least once");
+        profile.check_runs(&phases::backward_phases_of(variant, s.batch, s.heads, s.kv_heads, s.seq)?.1)?;
+        emit(&profile, plain, profiled)?;
+    }
+    Ok(())
 }
 
 /// Seeded ids in [3, vocab) (SplitMix64).

@@ -1292,8 +1292,8 @@ pub(super) fn attention_bwd(
             && d == 128
             && [ql, kl, vl, gl].iter().all(|l| l.start_offset().is_multiple_of(8));
         let ws = wgmma && variant == FlashBackward::Ws;
-        if prof.is_some() && (!wgmma || ws) {
-            bail!("{OP}: the phase profile needs the wgmma kernel (sm_90a build, head dim 128, 16-byte aligned inputs, variant wgmma); got {variant:?}, head dim {d}");
+        if prof.is_some() && !wgmma {
+            bail!("{OP}: the phase profile needs a wgmma kernel (sm_90a build, head dim 128, 16-byte aligned inputs, variant wgmma or ws); got {variant:?}, head dim {d}");
         }
         if wgmma {
             super::wgmma_check::ensure_verified(dev, super::wgmma_check::WgmmaKernels::Backward)?;
@@ -1305,7 +1305,8 @@ pub(super) fn attention_bwd(
                 // K, V [128], Q, dO [2][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ [2][64] f32
                 // (flash_wg.cu's ws_bwd_smem_bytes).
                 let smem = ((2 * 128 + 4 * 64) * d * 2 + 2 * 128 * 64 * 2 + 4 * 64 * 4) as u32;
-                (&kernels::FLASH_WG, format!("flash_bwd_ws_{sfx}_d{d}"), smem, ATTN_WS_THREADS)
+                let kind = if prof.is_some() { "ws_prof" } else { "ws" };
+                (&kernels::FLASH_WG, format!("flash_bwd_{kind}_{sfx}_d{d}"), smem, ATTN_WS_THREADS)
             } else if wgmma {
                 // K, V [128], Q, dO [2][64] rows of D; dSᵀ [128][64] bf16; lse, Δ [2][64] f32
                 // (flash_wg.cu's wg_bwd_smem_bytes).
@@ -1427,6 +1428,7 @@ pub(super) fn attention_bwd_profiled(
     lse: &Tensor,
     g: &Tensor,
     scale: f32,
+    variant: FlashBackward,
     phases: usize,
 ) -> Result<((Tensor, Tensor, Tensor), Vec<u64>)> {
     let dev = match q.device() {
@@ -1434,7 +1436,7 @@ pub(super) fn attention_bwd_profiled(
         other => bail!("causal-attention phase profile: q is on {other:?}, not a cuda device"),
     };
     let mut counters = dev.alloc_zeros::<u64>(2 * phases)?;
-    let grads = attention_bwd(q, k, v, o, lse, g, scale, FlashBackward::Wgmma, Some(&mut counters))?;
+    let grads = attention_bwd(q, k, v, o, lse, g, scale, variant, Some(&mut counters))?;
     Ok((grads, dev.cuda_stream().clone_dtoh(&counters).w()?))
 }
 

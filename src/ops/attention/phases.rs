@@ -11,7 +11,7 @@
 //! ones do (the parity tests compare them bit for bit) but run a few more instructions per
 //! boundary, so their times are printed beside the plain kernels'.
 
-use super::FlashForward;
+use super::{FlashBackward, FlashForward};
 use candle_core::{bail, Result, Tensor};
 
 /// The phases of the causal wgmma forward (flash_wg.cu's `WgFwdPhase`, in order), as a warp of
@@ -75,6 +75,29 @@ pub const BACKWARD: [&str; 12] = [
     "dq",
     "atomics",
     "epilogue",
+];
+
+/// The phases of the warp-specialised backward (flash_wg.cu's `WsBwdPhase`, in order): a consumer
+/// warp meets [`BACKWARD`]'s phases but with `tile_wait` the wait for the producer's signal (no
+/// barrier), and `issue` and `wait_s` one phase (`issue_wait_s`: a clock read between them
+/// serialises the products); a producer warp meets, per step, `load_wait` (until the buffer is
+/// released), `load_issue` and `load_landed` (until the previous group has landed and is
+/// signalled), after its `prologue` and the K, V requests.
+pub const WS_BACKWARD: [&str; 14] = [
+    "prologue",
+    "tile_wait",
+    "issue_wait_s",
+    "p",
+    "wait_dp",
+    "ds",
+    "skipped",
+    "barrier",
+    "dq",
+    "atomics",
+    "epilogue",
+    "load_wait",
+    "load_issue",
+    "load_landed",
 ];
 
 /// One phase's totals over every warp of the grid.
@@ -240,6 +263,50 @@ pub fn backward_runs(b: usize, hq: usize, hk: usize, t: usize) -> Vec<u64> {
     vec![blocks, steps, worked, worked, worked, worked, worked, skipped, steps, steps, steps, blocks]
 }
 
+/// How many times the warps of the warp-specialised backward run each phase of [`WS_BACKWARD`]:
+/// the consumers as [`backward_runs`]'s warps, the 4 producer warps of a block once a step (the
+/// K, V requests and the last signal once a block besides).
+pub fn ws_backward_runs(b: usize, hq: usize, hk: usize, t: usize) -> Vec<u64> {
+    let wg = backward_runs(b, hq, hk, t);
+    let blocks = (b * hk * t.div_ceil(BWD_KEYS)) as u64;
+    let steps = backward_steps(b, hq, t);
+    let p = WS_PRODUCER_WARPS;
+    // backward_runs: prologue, tile_wait, issue, wait_s, p, wait_dp, ds, skipped, barrier, dq,
+    // atomics, epilogue (issue and wait_s merge here)
+    vec![
+        wg[0] + p * blocks,
+        wg[1],
+        wg[3],
+        wg[4],
+        wg[5],
+        wg[6],
+        wg[7],
+        wg[8],
+        wg[9],
+        wg[10],
+        wg[11],
+        p * steps,
+        p * (blocks + steps),
+        p * (steps + blocks),
+    ]
+}
+
+/// The phase names of `variant`'s profiled backward and how often each runs over B × Hk K/V heads
+/// (Hq query heads) of T positions (head dim 128).
+pub fn backward_phases_of(
+    variant: FlashBackward,
+    b: usize,
+    hq: usize,
+    hk: usize,
+    t: usize,
+) -> Result<(&'static [&'static str], Vec<u64>)> {
+    match variant {
+        FlashBackward::Wgmma => Ok((&BACKWARD, backward_runs(b, hq, hk, t))),
+        FlashBackward::Ws => Ok((&WS_BACKWARD, ws_backward_runs(b, hq, hk, t))),
+        other => bail!("phase profile: {} is not a wgmma backward (wgmma, ws)", other.name()),
+    }
+}
+
 /// Why the profiles need a GPU build.
 #[cfg(not(feature = "cuda"))]
 const NEEDS_CUDA: &str =
@@ -274,10 +341,12 @@ pub fn profile_forward(
     }
 }
 
-/// The wgmma backward profiled on the forward's inputs, o, lse and the output gradient g (bf16 on
-/// CUDA, head dim 128, 16-byte aligned): ((dq, dk, dv), its profile).
+/// The wgmma backward `variant` (`wgmma`, or `ws`: warp-specialised) profiled on the forward's
+/// inputs, o, lse and the output gradient g (bf16 on CUDA, head dim 128, 16-byte aligned):
+/// ((dq, dk, dv), its profile).
 #[allow(clippy::too_many_arguments)]
 pub fn profile_backward(
+    variant: FlashBackward,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -286,15 +355,29 @@ pub fn profile_backward(
     g: &Tensor,
     scale: f64,
 ) -> Result<((Tensor, Tensor, Tensor), PhaseProfile)> {
+    let (kernel, names): (_, &'static [&'static str]) = match variant {
+        FlashBackward::Wgmma => ("flash_bwd_wg_prof_bf16_d128", &BACKWARD),
+        FlashBackward::Ws => ("flash_bwd_ws_prof_bf16_d128", &WS_BACKWARD),
+        other => bail!("phase profile: {} is not a wgmma backward (wgmma, ws)", other.name()),
+    };
     #[cfg(feature = "cuda")]
     {
-        let (grads, c) =
-            super::super::cuda::attention_bwd_profiled(q, k, v, o, lse, g, scale as f32, BACKWARD.len())?;
-        Ok((grads, PhaseProfile::from_counters("flash_bwd_wg_prof_bf16_d128", &BACKWARD, &c)?))
+        let (grads, c) = super::super::cuda::attention_bwd_profiled(
+            q,
+            k,
+            v,
+            o,
+            lse,
+            g,
+            scale as f32,
+            variant,
+            names.len(),
+        )?;
+        Ok((grads, PhaseProfile::from_counters(kernel, names, &c)?))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k, v, o, lse, g, scale);
+        let _ = (kernel, names, q, k, v, o, lse, g, scale);
         bail!("{NEEDS_CUDA}")
     }
 }
@@ -325,6 +408,7 @@ mod tests {
         assert_eq!(phases("WgFwdPhase", "WF_"), FORWARD);
         assert_eq!(phases("WgBwdPhase", "WB_"), BACKWARD);
         assert_eq!(phases("WsFwdPhase", "WS_"), WS_FORWARD);
+        assert_eq!(phases("WsBwdPhase", "WSB_"), WS_BACKWARD);
     }
 
     #[test]
@@ -359,6 +443,15 @@ mod tests {
         let (names, runs) = forward_phases_of(FlashForward::Wgmma, 1, 1, 300).unwrap();
         assert_eq!((names, runs), (&FORWARD[..], forward_runs(1, 1, 300, 64)));
         assert!(forward_phases_of(FlashForward::MmaSync, 1, 1, 300).is_err());
+        // The warp-specialised backward at Hq 4 / Hk 2, T 40: 2 blocks of 12 warps, 4 steps, the
+        // producers once a step plus the K, V requests and the last signal once a block.
+        let w = ws_backward_runs(1, 4, 2, 40);
+        assert_eq!(w.len(), WS_BACKWARD.len());
+        assert_eq!((w[0], w[1], w[7], w[10]), (2 * 12, 4 * 8, 4 * 8, 2 * 8));
+        assert_eq!((w[2], w[6]), (4 * 4, 4 * 4), "issue_wait_s and skipped split the consumer warps");
+        assert_eq!((w[11], w[12], w[13]), (4 * 4, 4 * (2 + 4), 4 * (4 + 2)));
+        assert_eq!(backward_phases_of(FlashBackward::Ws, 1, 4, 2, 40).unwrap(), (&WS_BACKWARD[..], w));
+        assert!(backward_phases_of(FlashBackward::Split, 1, 4, 2, 40).is_err());
     }
 
     #[test]
@@ -385,7 +478,7 @@ mod tests {
         assert!(e.contains("--features cuda"), "{e}");
         let e = profile_forward(FlashForward::MmaSync, &x, &x, &x, 1.0).unwrap_err().to_string();
         assert!(e.contains("not a wgmma forward"), "{e}");
-        let e = profile_backward(&x, &x, &x, &x, &x, &x, 1.0).unwrap_err().to_string();
+        let e = profile_backward(FlashBackward::Wgmma, &x, &x, &x, &x, &x, &x, 1.0).unwrap_err().to_string();
         assert!(e.contains("--features cuda"), "{e}");
     }
 }
