@@ -133,6 +133,10 @@ if [[ -z ${GPU_SH_TINY:-} ]]; then
     # The same kernels with the blocks in head-major order (after the rows above: `find` takes
     # the first match, so the table's other cells stay heaviest-first).
     step ours-attention-head-major 30 env SHARDSMITH_ATTN_ORDER=head "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward mma,wgmma --backward split,wgmma
+    # The warp-specialised kernels' other configurations (after the rows above, likewise): three
+    # load stages; the forward's consumers without ping-pong.
+    step ours-attention-ws-s3 30 env SHARDSMITH_WS_STAGES=3 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws --backward ws
+    step ours-attention-ws-nopp 30 env SHARDSMITH_WS_PINGPONG=0 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws --backward ws
 fi
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 # --breakdown: the graph step's time by kind of launch, at each batch whose step is a graph
@@ -204,6 +208,11 @@ if o or t:
     line(name, "fwd+bwd TFLOP/s", g(o, "tflops_fwd_bwd"), g(t, "tflops_fwd_bwd"),
          f"flash {fmt(g(fl, 'tflops_fwd_bwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd_bwd'))}; ours {kern('attention', 'tflops_fwd_bwd')}; "
          f"blocks head-major instead of heaviest-first: mma+split {hm('mma', 'split', 'tflops_fwd_bwd')}, mma+wgmma {hm('mma', 'wgmma', 'tflops_fwd_bwd')}, wgmma+wgmma {hm('wgmma', 'wgmma', 'tflops_fwd_bwd')}")
+    wsc = lambda key, **kv: fmt(g(find("attention", "shardsmith", flash_fwd="ws", flash_bwd="ws", **kv), key))
+    line(name, "ws+ws fwd+bwd / fwd TFLOP/s", None, None,
+         f"2 stages with ping-pong {wsc('tflops_fwd_bwd', ws_stages=2, ws_pingpong=True)} / {wsc('tflops_fwd', ws_stages=2, ws_pingpong=True)}; "
+         f"3 stages {wsc('tflops_fwd_bwd', ws_stages=3)} / {wsc('tflops_fwd', ws_stages=3)}; "
+         f"no ping-pong {wsc('tflops_fwd_bwd', ws_pingpong=False)} / {wsc('tflops_fwd', ws_pingpong=False)}")
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
          f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}, wgmma128 {fmt(g(wg128, 'tflops_fwd'))}, ws {fmt(g(ws, 'tflops_fwd'))}; "
          f"head-major mma {hm('mma', 'wgmma', 'tflops_fwd')}, wgmma {hm('wgmma', 'wgmma', 'tflops_fwd')}")

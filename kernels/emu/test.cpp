@@ -165,6 +165,20 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                 std::printf("attn %s D%d B%d Hq%d Hk%d T%d ws bwd dk, dv = wgmma bwd's bit for bit: %s\n", name, D, B,
                             hq, hk, t, same_ws ? "ok" : "FAIL");
                 extra.push_back({"ws dq", dq6, true});
+                {  // 3 stages: dk, dv bit for bit again
+                    std::vector<T> dk8(k.size()), dv8(v.size());
+                    std::vector<float> dq8(q.size(), 0.f);
+                    emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), ws_bwd_smem_bytes<D, 3>(),
+                                flash_bwd_ws<D, false, 3>, q.data(), k.data(), v.data(), dO.data(), lse.data(),
+                                delta.data(), dk8.data(), dv8.data(), dq8.data(), hq, hk, t, scale,
+                                (unsigned long long *)nullptr);
+                    const bool same8 = std::memcmp(dk8.data(), dk4.data(), dk4.size() * sizeof(T)) == 0 &&
+                                       std::memcmp(dv8.data(), dv4.data(), dv4.size() * sizeof(T)) == 0;
+                    if (!same8) failures++;
+                    std::printf("attn %s D%d B%d Hq%d Hk%d T%d ws bwd 3 stages dk, dv = wgmma bwd's: %s\n", name, D, B,
+                                hq, hk, t, same8 ? "ok" : "FAIL");
+                    extra.push_back({"ws 3-stage dq", dq8, true});
+                }
                 {  // its profiled instantiation: dk, dv bit for bit, each phase as often as the
                    // geometry says (8 consumer warps as the wgmma backward's, 4 producer warps)
                     std::vector<T> dk7(k.size()), dv7(v.size());
@@ -390,6 +404,18 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
         };
         ws.template operator()<true>("ws");
         ws.template operator()<false>("ws-no-pingpong");
+        if (causal) {  // 3 stages (instantiated for the causal kernel): the same bits again
+            std::vector<bf16> o3(ro.size());
+            std::vector<float> lse3(rl.size());
+            emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D, 3>(),
+                        flash_fwd_ws<D, true, true, false, 3>, q.data(), k.data(), v.data(), o3.data(), lse3.data(), hq,
+                        hk, t, scale, (unsigned long long *)nullptr);
+            const bool same = std::memcmp(o3.data(), o128.data(), o3.size() * sizeof(bf16)) == 0 &&
+                              std::memcmp(lse3.data(), lse128.data(), lse3.size() * sizeof(float)) == 0;
+            if (!same) failures++;
+            std::printf("fwd ws 3 stages causal D%d B%d Hq%d Hk%d T%d = wgmma128 bit for bit: %s\n", D, B, hq, hk, t,
+                        same ? "ok" : "FAIL");
+        }
     }
 }
 

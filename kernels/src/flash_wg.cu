@@ -314,7 +314,10 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // Output o, lse as flash_fwd_wg<128, 128, CAUSAL>: the same products in the same order (S with Q
 // from shared memory rather than registers), the same softmax; bit for bit in the emulator.
 constexpr int WS_THREADS = 384, WS_BN = 128, WS_PRODUCER_REGS = 24, WS_CONSUMER_REGS = 240;
-template <int D> __host__ __device__ constexpr int ws_fwd_smem_bytes() { return (WG_BM + 4 * WS_BN) * D * 2; }
+// Q [128] and K, V [STAGES][128] rows of D bf16: 160 KB at D 128 with 2 stages, 224 KB with 3.
+template <int D, int STAGES = 2> __host__ __device__ constexpr int ws_fwd_smem_bytes() {
+    return (WG_BM + 2 * STAGES * WS_BN) * D * 2;
+}
 
 // The phases of the profiled warp-specialised forward (PROF, phases.cuh), in the order and with
 // the meaning of ops::attention::phases::WS_FORWARD: the consumers' (prologue to epilogue), then
@@ -325,7 +328,8 @@ enum WsFwdPhase {
 };
 
 // PROF: the profiled instantiation, counting cycles by phase into prof [2][WS_PHASES] (phases.cuh).
-template <int D, bool CAUSAL, bool PINGPONG = true, bool PROF = false>
+// STAGES: K and V buffers each (2; 3 lets the producer run a tile further ahead).
+template <int D, bool CAUSAL, bool PINGPONG = true, bool PROF = false, int STAGES = 2>
 __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                              bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale,
                              unsigned long long *prof = nullptr) {
@@ -335,18 +339,21 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // V
     constexpr int PRODUCER = 128, CONSUMERS = 256;               // threads
     constexpr int TURN = 1;  // named barriers TURN + c: consumer c may issue
-    require_smem(ws_fwd_smem_bytes<D>(), WS_THREADS);
+    static_assert(STAGES == 2 || STAGES == 3, "warp-specialised forward: 2 or 3 stages");
+    constexpr int S = STAGES;
+    require_smem(ws_fwd_smem_bytes<D, S>(), WS_THREADS);
     PhaseClock<PROF, WS_PHASES, WS_THREADS / 32> clk(prof);
     DYN_SMEM(smem);
     bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [128 rows]
-    bf16 *sK = sQ + WG_BM * D;                    // [2][BN rows]
-    bf16 *sV = sK + 2 * TILE;                     // [2][BN rows]
-    // q_full; k_full, v_full, k_empty, v_empty [2] each
-    __shared__ uint64_t bars[9];  // 8-byte aligned, as mbarriers must be
-    uint64_t *q_full = bars, *k_full = bars + 1, *v_full = bars + 3, *k_empty = bars + 5, *v_empty = bars + 7;
+    bf16 *sK = sQ + WG_BM * D;                    // [S][BN rows]
+    bf16 *sV = sK + S * TILE;                     // [S][BN rows]
+    // q_full; k_full, v_full, k_empty, v_empty [S] each
+    __shared__ uint64_t bars[1 + 4 * S];  // 8-byte aligned, as mbarriers must be
+    uint64_t *q_full = bars, *k_full = bars + 1, *v_full = bars + 1 + S, *k_empty = bars + 1 + 2 * S,
+             *v_empty = bars + 1 + 3 * S;
     if (threadIdx.x == 0) {
         mbar_init(q_full, PRODUCER);
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < S; ++i) {
             mbar_init(k_full + i, PRODUCER);
             mbar_init(v_full + i, PRODUCER);
             mbar_init(k_empty + i, CONSUMERS);
@@ -370,9 +377,10 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         wg_tile_load<D, WG_BM, PRODUCER, 2>(sQ, q + ((size_t)blk.batch * hq + blk.head) * t * D, q0, t, tid);
         cp_async_commit();
         clk.mark(WS_LOAD_ISSUE);
-        // Tile u of a buffer (u = j / 2) reuses it after the consumers' (u − 1)-th release.
+        // Tile j goes to buffer j % S, its u-th use (u = j / S), after the consumers' (u − 1)-th
+        // release of it.
         for (int j = 0; j < ntiles; ++j) {
-            const int b = j & 1, reuse = (j >> 1) - 1;
+            const int b = j % S, reuse = j / S - 1;
             if (reuse >= 0) mbar_wait(k_empty + b, reuse & 1);
             clk.mark(WS_LOAD_WAIT);
             wg_tile_load<D, BN, PRODUCER, 2>(sK + b * TILE, kh, j * BN, t, tid);
@@ -380,7 +388,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             clk.mark(WS_LOAD_ISSUE);
             cp_async_wait<1>();  // the previous group: Q (j = 0) or V_{j−1}
             fence_proxy_async();
-            mbar_arrive(j == 0 ? q_full : v_full + ((j - 1) & 1));
+            mbar_arrive(j == 0 ? q_full : v_full + (j - 1) % S);
             clk.mark(WS_LOAD_LANDED);
             // K_j is signalled as soon as it lands, before the wait for V_j's buffer: that wait
             // ends only in the consumers' iteration j − 1, just before they need K_j.
@@ -396,7 +404,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         }
         cp_async_wait<0>();  // V of the last tile
         fence_proxy_async();
-        mbar_arrive(v_full + ((ntiles - 1) & 1));
+        mbar_arrive(v_full + (ntiles - 1) % S);
         clk.mark(WS_LOAD_LANDED);
         clk.flush();
         return;
@@ -418,7 +426,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     // O += P_j·V_j, once the caller has waited for V_j (v_full): before its wgmma_fence, since a
     // spin loop between a group's products makes ptxas serialise them (C7514).
     auto issue_pv = [&](int j) {
-        const uint64_t v_desc = wgmma_desc(sV + (j & 1) * TILE, MN_LBO, MN_SBO);
+        const uint64_t v_desc = wgmma_desc(sV + (j % S) * TILE, MN_LBO, MN_SBO);
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk)  // 16 keys = 2 row groups (2·LBO bytes) along K
             wgmma_rs_m64n128k16_tb(acc, a[kk], wgmma_desc_add(v_desc, 2 * MN_LBO * kk), 1);
@@ -429,10 +437,10 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     clk.mark(WS_PROLOGUE);
 
     for (int j = 0; j < ntiles; ++j) {
-        const int k0 = j * BN, b = j & 1;
+        const int k0 = j * BN, b = j % S;
         // V_{j−1} is signalled before K_j (the producer's order): the first wait covers both.
-        mbar_wait(k_full + b, (j >> 1) & 1);
-        if (j > 0) mbar_wait(v_full + ((j - 1) & 1), ((j - 1) >> 1) & 1);
+        mbar_wait(k_full + b, (j / S) & 1);
+        if (j > 0) mbar_wait(v_full + (j - 1) % S, ((j - 1) / S) & 1);
         clk.mark(WS_TILE_WAIT);
         if (PINGPONG) named_sync(TURN + c, CONSUMERS);
         clk.mark(WS_TURN);
@@ -497,7 +505,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         wgmma_pin(acc);
         wgmma_pin(a);
         clk.mark(WS_WAIT_PV);
-        if (j > 0) mbar_arrive(v_empty + ((j - 1) & 1));  // V_{j−1} read
+        if (j > 0) mbar_arrive(v_empty + (j - 1) % S);  // V_{j−1} read
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
@@ -508,7 +516,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     }
     // Consumer 1's arrival after its last issue, so that every phase of both barriers completes.
     if (PINGPONG && c == 0) named_sync(TURN, CONSUMERS);
-    mbar_wait(v_full + ((ntiles - 1) & 1), ((ntiles - 1) >> 1) & 1);
+    mbar_wait(v_full + (ntiles - 1) % S, ((ntiles - 1) / S) & 1);
     wgmma_pin(acc);
     wgmma_pin(a);
     wgmma_fence();
@@ -807,8 +815,10 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // Geometry as flash_bwd_wg, 384 threads; smem ws_bwd_smem_bytes: K, V [128], Q, dO [2][64] rows
 // of D, dSᵀ [2][128][64] bf16, lse, Δ [2][64] f32 (161 KB at D = 128), mbarriers static.
 constexpr int WSB_THREADS = 384;
-template <int D> __host__ __device__ constexpr int ws_bwd_smem_bytes() {
-    return (2 * 128 + 4 * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 4 * WGB_BQ * 4;
+// K, V [128], Q, dO [STAGES][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ [STAGES][64] f32: 161 KB
+// at D 128 with 2 stages, 194 KB with 3.
+template <int D, int STAGES = 2> __host__ __device__ constexpr int ws_bwd_smem_bytes() {
+    return (2 * 128 + 2 * STAGES * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 2 * STAGES * WGB_BQ * 4;
 }
 
 // The phases of the profiled warp-specialised backward (PROF, phases.cuh), in the order and with
@@ -820,7 +830,8 @@ enum WsBwdPhase {
 };
 
 // PROF: the profiled instantiation, counting cycles by phase into prof [2][WSB_PHASES] (phases.cuh).
-template <int D, bool PROF = false>
+// STAGES: buffers of a step's Q, dO, lse, Δ (2; 3 lets the producer run a step further ahead).
+template <int D, bool PROF = false, int STAGES = 2>
 __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                              const bf16 *__restrict__ dout, const float *__restrict__ lse,
                              const float *__restrict__ delta, bf16 *__restrict__ dk, bf16 *__restrict__ dv,
@@ -832,21 +843,23 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // Q, dO, K read MN-major
     constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
     constexpr int PRODUCER = 128, CONSUMERS = 256, DS_READY = 1;  // threads; the named barrier
-    require_smem(ws_bwd_smem_bytes<D>(), WSB_THREADS);
+    static_assert(STAGES == 2 || STAGES == 3, "warp-specialised backward: 2 or 3 stages");
+    constexpr int S = STAGES;
+    require_smem(ws_bwd_smem_bytes<D, S>(), WSB_THREADS);
     PhaseClock<PROF, WSB_PHASES, WSB_THREADS / 32> clk(prof);
     DYN_SMEM(smem);
     bf16 *sK = reinterpret_cast<bf16 *>(smem);  // [128 keys]
     bf16 *sV = sK + 128 * D;                      // [128 keys]
-    bf16 *sQ = sV + 128 * D;                      // [2][64 queries]
-    bf16 *sdO = sQ + 2 * QT;                      // [2][64 queries]
-    bf16 *sdS = sdO + 2 * QT;                     // dSᵀ [2][128 keys][64 queries]
-    float *sL = reinterpret_cast<float *>(sdS + 2 * DST);  // [2][64]
-    float *sDl = sL + 2 * WGB_BQ;                           // [2][64]
-    __shared__ uint64_t bars[5];  // kv_full; full, empty [2]
-    uint64_t *kv_full = bars, *full = bars + 1, *empty = bars + 3;
+    bf16 *sQ = sV + 128 * D;                      // [S][64 queries]
+    bf16 *sdO = sQ + S * QT;                      // [S][64 queries]
+    bf16 *sdS = sdO + S * QT;                     // dSᵀ [2][128 keys][64 queries]
+    float *sL = reinterpret_cast<float *>(sdS + 2 * DST);  // [S][64]
+    float *sDl = sL + S * WGB_BQ;                           // [S][64]
+    __shared__ uint64_t bars[1 + 2 * S];  // kv_full; full, empty [S]
+    uint64_t *kv_full = bars, *full = bars + 1, *empty = bars + 1 + S;
     if (threadIdx.x == 0) {
         mbar_init(kv_full, PRODUCER);
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < S; ++i) {
             mbar_init(full + i, PRODUCER);
             mbar_init(empty + i, CONSUMERS);
         }
@@ -869,14 +882,14 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         wg_tile_load<D, 128, PRODUCER, 2>(sV, v + kvoff, k0, t, tid);
         cp_async_commit();
         clk.mark(WSB_LOAD_ISSUE);
-        // Step s into buffer s & 1, its u-th use (u = s / 2) after the consumers' (u − 1)-th release.
+        // Step s into buffer s % S, its u-th use (u = s / S) after the consumers' (u − 1)-th release.
         for (int s = 0; s < steps; ++s) {
-            const int buf = s & 1, reuse = (s >> 1) - 1;
+            const int buf = s % S, reuse = s / S - 1;
             if (s > 0) {  // step s − 1, signalled as soon as it lands: not behind the wait below,
                           // which ends only as the consumers finish step s − 2 and need step s − 1
                 cp_async_wait<0>();
                 fence_proxy_async();
-                mbar_arrive(full + ((s - 1) & 1));
+                mbar_arrive(full + (s - 1) % S);
                 clk.mark(WSB_LOAD_LANDED);
             }
             if (reuse >= 0) mbar_wait(empty + buf, reuse & 1);
@@ -898,7 +911,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         }
         cp_async_wait<0>();  // the last step
         fence_proxy_async();
-        mbar_arrive(full + ((steps - 1) & 1));
+        mbar_arrive(full + (steps - 1) % S);
         clk.mark(WSB_LOAD_LANDED);
         clk.flush();
         return;
@@ -920,12 +933,12 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     clk.mark(WSB_PROLOGUE);
 
     for (int s = 0; s < steps; ++s) {
-        const int q0 = k0 + (s % nqt) * WGB_BQ, buf = s & 1;
-        mbar_wait(full + buf, (s >> 1) & 1);
+        const int q0 = k0 + (s % nqt) * WGB_BQ, buf = s % S;
+        mbar_wait(full + buf, (s / S) & 1);
         clk.mark(WSB_TILE_WAIT);
         const bf16 *cQ = sQ + buf * QT, *cdO = sdO + buf * QT;
         const float *cL = sL + buf * WGB_BQ, *cDl = sDl + buf * WGB_BQ;
-        bf16 *cdS = sdS + buf * DST;
+        bf16 *cdS = sdS + (s & 1) * DST;  // double-buffered whatever S (the barrier argument)
 
         // Pᵀ, dSᵀ as the A operands of phase 2, whose products may still run during phase 3.
         uint32_t ap[WGB_BQ / 16][4], ad[WGB_BQ / 16][4];
@@ -1227,6 +1240,22 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
                                 int t, float scale, unsigned long long *prof) {
     flash_fwd_ws<128, true, true, true>(q, k, v, o, lse, hq, hk, t, scale, prof);
 }
+// Variants for timing (ops::attention::WsConfig: SHARDSMITH_WS_STAGES=3, SHARDSMITH_WS_PINGPONG=0).
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    flash_fwd_ws_s3_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk, int t,
+                              float scale) {
+    flash_fwd_ws<128, true, true, false, 3>(q, k, v, o, lse, hq, hk, t, scale);
+}
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    flash_fwd_ws_nopp_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
+                                int t, float scale) {
+    flash_fwd_ws<128, true, false>(q, k, v, o, lse, hq, hk, t, scale);
+}
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    flash_fwd_ws_s3_nopp_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
+                                   int t, float scale) {
+    flash_fwd_ws<128, true, false, false, 3>(q, k, v, o, lse, hq, hk, t, scale);
+}
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     flash_fwd_full_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
                                 int t, float scale) {
@@ -1245,6 +1274,12 @@ extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
     flash_bwd_ws<128>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
 }
 
+extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
+    flash_bwd_ws_s3_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
+                              const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t,
+                              float scale) {
+    flash_bwd_ws<128, false, 3>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
+}
 extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
     flash_bwd_ws_prof_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
                                 const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t,

@@ -350,6 +350,8 @@ pub fn attention(
                 "flash_fwd": fwd_variant.name(),
                 "flash_bwd": bwd_variant.name(),
                 "attn_order": crate::ops::attention::AttentionGridOrder::from_env()?.name(),
+                "ws_stages": crate::ops::attention::WsStages::from_env()?.count(),
+                "ws_pingpong": crate::ops::attention::WsPingpong::from_env()? == crate::ops::attention::WsPingpong::On,
                 "fwd_ms": fwd * 1e3,
                 "fwd_bwd_ms": fwd_bwd * 1e3,
                 "tflops_fwd": flops / fwd / 1e12,

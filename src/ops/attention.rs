@@ -237,6 +237,80 @@ fn forward_only(
 /// Why a wgmma variant cannot run in a build without the sm_90a kernels.
 const WGMMA_BUILD: &str = "needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)";
 
+/// Buffers in the warp-specialised kernels' load pipeline ([`FlashForward::Ws`]'s K and V,
+/// [`FlashBackward::Ws`]'s per-step Q, dO, lse, Δ), chosen by `SHARDSMITH_WS_STAGES` (`2`, the
+/// default, or `3`: the producer may run a tile further ahead, for 224 KB of shared memory in
+/// the forward and 194 KB in the backward) until a GPU measures both. The same results either
+/// way. The unmasked and the profiled forwards always run 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WsStages {
+    Two,
+    Three,
+}
+
+impl EnvChoice for WsStages {
+    const VAR: &'static str = "SHARDSMITH_WS_STAGES";
+    const CHOICES: &'static [(&'static str, WsStages)] = &[("2", WsStages::Two), ("3", WsStages::Three)];
+    const NOUN: &'static str = "warp-specialised pipeline depth";
+    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
+        static CELL: std::sync::OnceLock<std::result::Result<WsStages, String>> = std::sync::OnceLock::new();
+        &CELL
+    }
+}
+
+impl WsStages {
+    /// `SHARDSMITH_WS_STAGES`, read once.
+    pub fn from_env() -> Result<WsStages> {
+        Self::from_var()
+    }
+
+    pub fn count(self) -> usize {
+        match self {
+            WsStages::Two => 2,
+            WsStages::Three => 3,
+        }
+    }
+}
+
+/// Whether the warp-specialised forward's two consumer warpgroups take turns on the tensor cores
+/// (ping-pong), chosen by `SHARDSMITH_WS_PINGPONG` (`1`, the default, or `0`) until a GPU
+/// measures both. The same results either way. The unmasked and the profiled forwards always
+/// take turns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WsPingpong {
+    On,
+    Off,
+}
+
+impl EnvChoice for WsPingpong {
+    const VAR: &'static str = "SHARDSMITH_WS_PINGPONG";
+    const CHOICES: &'static [(&'static str, WsPingpong)] = &[("1", WsPingpong::On), ("0", WsPingpong::Off)];
+    const NOUN: &'static str = "warp-specialised ping-pong";
+    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
+        static CELL: std::sync::OnceLock<std::result::Result<WsPingpong, String>> =
+            std::sync::OnceLock::new();
+        &CELL
+    }
+}
+
+impl WsPingpong {
+    /// `SHARDSMITH_WS_PINGPONG`, read once.
+    pub fn from_env() -> Result<WsPingpong> {
+        Self::from_var()
+    }
+}
+
+/// The kernel-name suffix of the warp-specialised configuration (`_s3`, `_nopp`, `_s3_nopp` or
+/// none: flash_wg.cu's instantiations); the backward has no ping-pong.
+pub fn ws_suffix(stages: WsStages, pingpong: WsPingpong, forward: bool) -> &'static str {
+    match (stages, pingpong == WsPingpong::Off && forward) {
+        (WsStages::Two, false) => "",
+        (WsStages::Three, false) => "_s3",
+        (WsStages::Two, true) => "_nopp",
+        (WsStages::Three, true) => "_s3_nopp",
+    }
+}
+
 /// The order the flash attention kernels take their blocks in (kernels/src/common.cuh's
 /// `heaviest_first`). Chosen by `SHARDSMITH_ATTN_ORDER` (`heaviest`, the default: each head's
 /// tile i before any head's tile i + 1, so the heaviest tiles of every head start first; or
@@ -571,6 +645,13 @@ mod tests {
         assert_eq!(FlashForward::Ws.wgmma_keys(64), Some(64));
         assert!(FlashForward::Ws.warp_specialized(128) && !FlashForward::Ws.warp_specialized(64));
         assert!(!FlashForward::Wgmma128.warp_specialized(128));
+        assert_eq!(WsStages::parse(None), Ok(WsStages::Two));
+        assert_eq!(WsStages::parse(Some("3")).map(WsStages::count), Ok(3));
+        assert!(WsStages::parse(Some("4")).unwrap_err().contains("SHARDSMITH_WS_STAGES"));
+        assert_eq!(WsPingpong::parse(Some("0")), Ok(WsPingpong::Off));
+        assert_eq!(ws_suffix(WsStages::Three, WsPingpong::Off, true), "_s3_nopp");
+        assert_eq!(ws_suffix(WsStages::Three, WsPingpong::Off, false), "_s3");
+        assert_eq!(ws_suffix(WsStages::Two, WsPingpong::On, true), "");
         let order = AttentionGridOrder::parse;
         assert_eq!(order(None), Ok(AttentionGridOrder::HeaviestFirst));
         assert_eq!(order(Some("head")), Ok(AttentionGridOrder::HeadMajor));

@@ -1161,13 +1161,21 @@ pub(super) fn attention_fwd(
         super::wgmma_check::ensure_verified(qs.device(), super::wgmma_check::WgmmaKernels::Forward)?;
     }
     let (module, smem, name) = if ws {
-        let kind = match (causal, prof.is_some()) {
-            (true, true) => "ws_prof_bf16",
-            (true, false) => "ws_bf16",
-            (false, _) => "full_ws_bf16",
+        use super::attention::{ws_suffix, WsPingpong, WsStages};
+        // The configuration (SHARDSMITH_WS_STAGES, _PINGPONG) applies to the causal kernel; the
+        // unmasked and the profiled ones are instantiated for the default only.
+        let (stages, pingpong) = match (causal, prof.is_some()) {
+            (true, false) => (WsStages::from_env()?, WsPingpong::from_env()?),
+            _ => (WsStages::Two, WsPingpong::On),
         };
-        // Q [128] and K, V [2][128] rows of D bf16 (flash_wg.cu's ws_fwd_smem_bytes<D>).
-        (&kernels::FLASH_WG, ((128 + 4 * 128) * d * 2) as u32, format!("flash_fwd_{kind}_d{d}"))
+        let kind = match (causal, prof.is_some()) {
+            (true, true) => "ws_prof_bf16".to_string(),
+            (true, false) => format!("ws{}_bf16", ws_suffix(stages, pingpong, true)),
+            (false, _) => "full_ws_bf16".to_string(),
+        };
+        // Q [128] and K, V [stages][128] rows of D bf16 (flash_wg.cu's ws_fwd_smem_bytes<D, S>).
+        let smem = ((128 + 2 * stages.count() * 128) * d * 2) as u32;
+        (&kernels::FLASH_WG, smem, format!("flash_fwd_{kind}_d{d}"))
     } else if wgmma {
         let kind = match (causal, prof.is_some()) {
             (true, true) => "wg_prof_bf16",
@@ -1302,10 +1310,17 @@ pub(super) fn attention_bwd(
         // bit-reproducible kernels, not Fused: it is the default on Hopper builds.
         if variant == FlashBackward::Fused || wgmma {
             let (module, name, smem, threads) = if ws {
-                // K, V [128], Q, dO [2][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ [2][64] f32
-                // (flash_wg.cu's ws_bwd_smem_bytes).
-                let smem = ((2 * 128 + 4 * 64) * d * 2 + 2 * 128 * 64 * 2 + 4 * 64 * 4) as u32;
-                let kind = if prof.is_some() { "ws_prof" } else { "ws" };
+                use super::attention::{ws_suffix, WsPingpong, WsStages};
+                // The profiled kernel is instantiated for 2 stages only.
+                let stages = if prof.is_some() { WsStages::Two } else { WsStages::from_env()? };
+                let n = stages.count();
+                // K, V [128], Q, dO [stages][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ
+                // [stages][64] f32 (flash_wg.cu's ws_bwd_smem_bytes<D, S>).
+                let smem = ((2 * 128 + 2 * n * 64) * d * 2 + 2 * 128 * 64 * 2 + 2 * n * 64 * 4) as u32;
+                let kind = match prof {
+                    Some(_) => "ws_prof".to_string(),
+                    None => format!("ws{}", ws_suffix(stages, WsPingpong::On, false)),
+                };
                 (&kernels::FLASH_WG, format!("flash_bwd_{kind}_{sfx}_d{d}"), smem, ATTN_WS_THREADS)
             } else if wgmma {
                 // K, V [128], Q, dO [2][64] rows of D; dSᵀ [128][64] bf16; lse, Δ [2][64] f32
