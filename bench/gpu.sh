@@ -71,6 +71,11 @@ parity decode_gemv_forward SHARDSMITH_CUDA_GEMV=8
 parity graph_decode_matches_the_eager_steps SHARDSMITH_DECODE_FOLD_NORM=1
 # The attention kernels in blockIdx's own order (head-major) instead of heaviest-first.
 parity causal_attention_forward_and_backward SHARDSMITH_ATTN_ORDER=head
+# The warp-specialised kernels' other configurations (timed below): three load stages, and the
+# forward without ping-pong.
+parity wgmma_forward_matches_the_cpu SHARDSMITH_WS_STAGES=3
+parity wgmma_backward_matches_the_cpu SHARDSMITH_WS_STAGES=3
+parity wgmma_forward_matches_the_cpu SHARDSMITH_WS_PINGPONG=0
 
 echo "### trainer end to end (fixtures/train-tiny, f32, stage 1, 10 steps): CUDA losses against the CPU's"
 for d in cpu cuda; do

@@ -1158,7 +1158,9 @@ pub(super) fn attention_fwd(
         bail!("{op}: the phase profile needs the causal wgmma kernel (sm_90a build, bf16, head dim 128, 16-byte aligned inputs, a wgmma variant); got {variant:?}, head dim {d}, {dtype:?}");
     }
     if wgmma {
-        super::wgmma_check::ensure_verified(qs.device(), super::wgmma_check::WgmmaKernels::Forward)?;
+        use super::wgmma_check::WgmmaKernels;
+        let family = if ws { WgmmaKernels::ForwardWs } else { WgmmaKernels::Forward };
+        super::wgmma_check::ensure_verified(qs.device(), family)?;
     }
     let (module, smem, name) = if ws {
         use super::attention::{ws_suffix, WsPingpong, WsStages};

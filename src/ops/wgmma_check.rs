@@ -188,8 +188,10 @@ impl WgmmaReport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WgmmaKernels {
     /// flash_fwd_wg: S = Q·Kᵀ with Q in registers (q; w over 128-key tiles), O += P·V at D 128
-    /// (o) and 64 (p); flash_fwd_ws: S with Q in shared memory (x), O += P·V (o).
+    /// (o) and 64 (p).
     Forward,
+    /// flash_fwd_ws: S with Q in shared memory (x), O += P·V (o).
+    ForwardWs,
     /// flash_bwd_wg and flash_bwd_ws: Sᵀ, dPᵀ (s), dV, dK (o), dQ (u).
     Backward,
 }
@@ -197,7 +199,8 @@ pub enum WgmmaKernels {
 impl WgmmaKernels {
     fn forms(self) -> &'static [usize] {
         match self {
-            WgmmaKernels::Forward => &[1, 2, 4, 5, 6],
+            WgmmaKernels::Forward => &[1, 2, 4, 5],
+            WgmmaKernels::ForwardWs => &[1, 6],
             WgmmaKernels::Backward => &[0, 1, 3],
         }
     }
@@ -205,7 +208,8 @@ impl WgmmaKernels {
     /// The kernels and the variable that picks them, for messages.
     pub fn name(self) -> &'static str {
         match self {
-            WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128, ws)",
+            WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128)",
+            WgmmaKernels::ForwardWs => "warp-specialised forward (SHARDSMITH_FLASH_FWD=ws)",
             WgmmaKernels::Backward => {
                 "backward (SHARDSMITH_FLASH_BWD=wgmma, the default in this build, or ws)"
             }
@@ -215,7 +219,7 @@ impl WgmmaKernels {
     /// How to run without these kernels.
     pub fn remedy(self) -> &'static str {
         match self {
-            WgmmaKernels::Forward => {
+            WgmmaKernels::Forward | WgmmaKernels::ForwardWs => {
                 "Unset SHARDSMITH_FLASH_FWD (or set it to mma) to run the mma.sync forward."
             }
             WgmmaKernels::Backward => {
@@ -422,6 +426,7 @@ mod tests {
         let report = check_with(right).unwrap();
         assert!(report.passed(), "{report}");
         assert!(report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
+        assert!(report.passed_for(WgmmaKernels::ForwardWs));
         assert_eq!(report.forms.len(), 7);
         assert!(report.to_string().lines().all(|l| l.ends_with("exact")), "{report}");
     }
@@ -519,7 +524,9 @@ mod tests {
         // x[0][0] = Σ_k a[0][k] b[1][k]: with a = I that is b[1][0] (should be b[0][0])
         assert!(text.contains("[0][0] read b[1][0], should read b[0][0]"), "{text}");
         assert!(text.contains("x = a·[b; c]ᵀ (ss, A and B K-major, n128"), "{text}");
-        assert!(!report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
+        // Only the warp-specialised forward uses it: the other forwards and the backward stay.
+        assert!(!report.passed_for(WgmmaKernels::ForwardWs));
+        assert!(report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
     }
 
     /// A P·V form reading its B with rows and columns of each 8×8 core matrix exchanged.
