@@ -221,6 +221,25 @@ if o or t:
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
          f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}, wgmma128 {fmt(g(wg128, 'tflops_fwd'))}, ws {fmt(g(ws, 'tflops_fwd'))}; "
          f"head-major mma {hm('mma', 'wgmma', 'tflops_fwd')}, wgmma {hm('wgmma', 'wgmma', 'tflops_fwd')}")
+# Which attention kernels to make the defaults: the fastest forward by its own time, and the
+# fastest backward by fwd+bwd time less its forward's (heaviest-first rows; ws with its knobs).
+att = [r for r in rows if r["bench"] == "attention" and r["impl"] == "shardsmith" and r.get("attn_order", "heaviest") == "heaviest" and r.get("fwd_ms")]
+if att and att[0]["device"] == "cuda":
+    def label(kind, r):
+        v = r["flash_" + kind]
+        if v != "ws":
+            return v
+        pp = "" if kind == "bwd" or r.get("ws_pingpong", True) else ", no ping-pong"
+        return f"ws ({r.get('ws_stages', 2)} stages{pp})"
+    fwd_best, bwd_best = {}, {}
+    for r in att:
+        flops = r["tflops_fwd"] * r["fwd_ms"] * 1e9
+        fwd_best[label("fwd", r)] = max(fwd_best.get(label("fwd", r), 0), r["tflops_fwd"])
+        if r["fwd_bwd_ms"] > r["fwd_ms"]:
+            bwd = 2.5 * flops / ((r["fwd_bwd_ms"] - r["fwd_ms"]) * 1e9)
+            bwd_best[label("bwd", r)] = max(bwd_best.get(label("bwd", r), 0), bwd)
+    rank = lambda d: ", ".join(f"{k} {v:.1f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+    out += ["", f"Attention kernels, fastest first (TFLOP/s, B2 H32 S4096 D128): forward {rank(fwd_best)}; backward (fwd+bwd less fwd) {rank(bwd_best)}"]
 for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     # The default's GEMV rows: those of the first decode run, which sets no variable.
     dr = next((r.get("cuda_gemv_rows") for r in rows if r["bench"] == "decode" and r["impl"] == "shardsmith"), None)
