@@ -1,8 +1,10 @@
 // Attention on Hopper's warpgroup MMA: the forward (causal, and unmasked for CLIP) and the
 // backward (flash_bwd_wg, below). The FlashAttention-3 core (wgmma for every product, P kept in
-// registers as the A operand of P·V) without its warp specialisation and TMA: tiles come in by
-// cp.async, double-buffered, as in flash_attn.cu's mma.sync kernels, which stay the path on
-// other GPUs, head dims and alignments. Needs sm_90a (kernels/build.rs compiles for it when
+// registers as the A operand of P·V), first without its warp specialisation and TMA: tiles come
+// in by cp.async, double-buffered, as in flash_attn.cu's mma.sync kernels, which stay the path
+// on other GPUs, head dims and alignments. flash_fwd_ws and flash_bwd_ws (below) are the same
+// products warp-specialised: a producer warpgroup loads (still by cp.async), two consumer
+// warpgroups compute, synchronised by mbarriers (pipeline.cuh). Needs sm_90a (kernels/build.rs compiles for it when
 // CUDA_COMPUTE_CAP is 90); elsewhere this file compiles to nothing and the launcher keeps the
 // mma.sync kernels.
 //
