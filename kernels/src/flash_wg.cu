@@ -294,11 +294,12 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // products and numerics of flash_fwd_wg<128, 128> (S over 128-key tiles, P·V of tile j issued
 // with S of tile j + 1), reorganised so that loading, the two warpgroups' softmaxes and the
 // tensor cores overlap instead of taking turns behind block-wide barriers:
-//   warpgroup 0   producer: loads Q, then K_0, V_0, K_1, V_1, ... by cp.async into two buffers
-//                 each of K and V, two groups in flight; each tile, once its copies have landed
+//   warpgroup 0   producer: loads Q, then K_0, V_0, K_1, V_1, ... by cp.async into STAGES (2 or
+//                 3) buffers each of K and V; each tile, once its copies have landed
 //                 (cp.async.wait_group, fence.proxy.async), is signalled on its `full` mbarrier
-//                 (128 arrivals); a buffer is refilled only after its `empty` mbarrier says both
-//                 consumers are done with it (256 arrivals). Gives registers back (setmaxnreg 24).
+//                 (128 arrivals), never behind a wait for a buffer; a buffer is refilled only
+//                 after its `empty` mbarrier says both consumers are done with it (256
+//                 arrivals). Gives registers back (setmaxnreg 24).
 //   warpgroups    consumers, 64 query rows each (setmaxnreg 240): per key tile j, wait for K_j;
 //   1, 2          issue S = Q·K_jᵀ (8 × wgmma.m64n128k16, Q and K from shared memory, K-major)
 //                 and, once V_{j−1} is there, O += P_{j−1}·V_{j−1} (8 × m64n128k16, P from
@@ -311,8 +312,9 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // No __syncthreads after the prologue: a consumer waits only for the buffers it reads.
 // Q stays in shared memory (the ss form; O's, S's and P's registers leave no room for Q's 64),
 // as in FlashAttention-3. Geometry: grid (⌈T/128⌉, Hq, B) read by heaviest_first, 384 threads,
-// one block an SM; smem ws_fwd_smem_bytes: Q [128], K [2][128], V [2][128] rows of D bf16 in
-// wgmma's canonical layout (as flash_fwd_wg; 160 KB), and the mbarriers in static shared memory.
+// one block an SM; smem ws_fwd_smem_bytes: Q [128], K [STAGES][128], V [STAGES][128] rows of D
+// bf16 in wgmma's canonical layout (as flash_fwd_wg; 160 KB with 2 stages, 224 KB with 3), and
+// the mbarriers in static shared memory.
 // Output o, lse as flash_fwd_wg<128, 128, CAUSAL>: the same products in the same order (S with Q
 // from shared memory rather than registers), the same softmax; bit for bit in the emulator.
 constexpr int WS_THREADS = 384, WS_BN = 128, WS_PRODUCER_REGS = 24, WS_CONSUMER_REGS = 240;
@@ -803,9 +805,10 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // order (so dK and dV come out bit for bit the same, and dQ receives the same atomic adds),
 // reorganised as flash_fwd_ws is:
 //   warpgroup 0   producer (setmaxnreg 24): loads the block's K and V, then per step the Q and dO
-//                 tiles and lse, Δ by cp.async into two buffers, signalling each step on its
-//                 `full` mbarrier once it has landed, refilling a buffer once its `empty`
-//                 mbarrier says both consumers are done with the step that used it.
+//                 tiles and lse, Δ by cp.async into STAGES (2 or 3) buffers, signalling each
+//                 step on its `full` mbarrier as soon as it has landed (never behind a wait for
+//                 a buffer), refilling a buffer once its `empty` mbarrier says both consumers
+//                 are done with the step that used it.
 //   warpgroups    consumers (setmaxnreg 240), flash_bwd_wg's two warpgroups: phases 1 and 2 on
 //   1, 2          their 64 keys, dSᵀ stored, one named barrier (dSᵀ of both complete), phase 3
 //                 (dQ, reading both halves of dSᵀ), the step's buffers released once phase 2's
@@ -814,8 +817,9 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // dSᵀ has passed step s + 1's barrier, which the other reaches only after its step-s phase 3.
 // flash_bwd_wg takes two __syncthreads a step across both warpgroups, with each thread also
 // issuing its share of the next step's loads.
-// Geometry as flash_bwd_wg, 384 threads; smem ws_bwd_smem_bytes: K, V [128], Q, dO [2][64] rows
-// of D, dSᵀ [2][128][64] bf16, lse, Δ [2][64] f32 (161 KB at D = 128), mbarriers static.
+// Geometry as flash_bwd_wg, 384 threads; smem ws_bwd_smem_bytes: K, V [128], Q, dO [STAGES][64]
+// rows of D, dSᵀ [2][128][64] bf16, lse, Δ [STAGES][64] f32 (161 KB at D = 128 with 2 stages,
+// 194 KB with 3), mbarriers static.
 constexpr int WSB_THREADS = 384;
 // K, V [128], Q, dO [STAGES][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ [STAGES][64] f32: 161 KB
 // at D 128 with 2 stages, 194 KB with 3.
