@@ -92,6 +92,74 @@ __device__ __forceinline__ void wg_tile_load(bf16 *dst, const bf16 *__restrict__
     }
 }
 
+// The online softmax of one key tile (flash_fwd_wg and flash_fwd_ws): masks s [BN/8][4] (S of
+// keys k0 .. k0 + BN against this warp's rows rq0 + g, + 8) across the diagonal (CAUSAL) or the
+// end T, updates the running max m_r and sum l_r, and leaves P = exp2(s·sl2 − max·sl2) in s and
+// O's rescale factor in alpha, a row's two values each.
+template <int BN, bool CAUSAL>
+__device__ __forceinline__ void wg_fwd_softmax(float (&s)[BN / 8][4], float (&m_r)[2], float (&l_r)[2],
+                                               float (&alpha)[2], int k0, int rq0, int g, int tq, int t, float sl2) {
+    if (CAUSAL ? k0 + BN - 1 > rq0 : k0 + BN > t) {  // crosses the diagonal / the end
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int query = rq0 + g + 8 * (i >> 1), key = k0 + 8 * nt + 2 * tq + (i & 1);
+                if (CAUSAL ? key > query : key >= t) s[nt][i] = -INFINITY;
+            }
+    }
+    float mb[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = m_r[r];
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // finite once a row has seen key 0 (tile 0 is never skipped): a row whose keys in this
+        // tile all lie past it keeps its max (−∞ − m is −∞, p = 0)
+        alpha[r] = fast_exp2((m_r[r] - mx) * sl2);
+        m_r[r] = mx;
+        mb[r] = mx * sl2;
+        l_r[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float p = fast_exp2(fmaf(s[nt][i], sl2, -mb[i >> 1]));
+            l_r[i >> 1] += p;
+            s[nt][i] = p;
+        }
+}
+
+// The forward's epilogue (flash_fwd_wg and flash_fwd_ws): O = acc / l as bf16 and lse in natural
+// units for this warp's rows rq0 + g, + 8 below T. The block's head comes from heaviest_first
+// again, so nothing of the prologue's stays live across the loop.
+template <int D>
+__device__ __forceinline__ void wg_fwd_store(const float (&acc)[D / 8][4], const float (&m_r)[2], const float (&l_r)[2],
+                                             bf16 *__restrict__ o, float *__restrict__ lse, int hq, int t, int rq0,
+                                             int g, int tq, float sl2) {
+    const GridTile here = heaviest_first();
+    const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
+    bf16 *oh = o + hoff * D;
+    float *lh = lse + hoff;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_r[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int query = rq0 + g + 8 * r;
+        if (query >= t) continue;
+        const float inv = 1.0f / l;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+            *reinterpret_cast<uint32_t *>(oh + (size_t)query * D + 8 * nt + 2 * tq) =
+                pack_bf16(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+        if (tq == 0) lh[query] = (m_r[r] * sl2 + log2f(l)) * LN2;
+    }
+}
+
 // The phases of the profiled forward (PROF, phases.cuh), in the order and with the meaning of
 // ops::attention::phases::FORWARD.
 enum WgFwdPhase { WF_PROLOGUE, WF_TILE_WAIT, WF_ISSUE, WF_WAIT_S, WF_SOFTMAX, WF_WAIT_PV, WF_RESCALE, WF_LAST_PV, WF_EPILOGUE, WF_PHASES };
@@ -208,40 +276,8 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         }
         wgmma_pin(s);
         clk.mark(WF_WAIT_S);
-        {  // softmax of tile j, while the P·V of tile j − 1 runs
-            if (CAUSAL ? k0 + BN - 1 > rq0 : k0 + BN > t) {  // crosses the diagonal / the end
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int query = rq0 + g + 8 * (i >> 1), key = k0 + 8 * nt + 2 * tq + (i & 1);
-                        if (CAUSAL ? key > query : key >= t) s[nt][i] = -INFINITY;
-                    }
-            }
-            float mb[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = m_r[r];
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // finite once a row has seen key 0 (tile 0 is never skipped): a row whose keys
-                // in this tile all lie past it keeps its max (−∞ − m is −∞, p = 0)
-                alpha[r] = fast_exp2((m_r[r] - mx) * sl2);
-                m_r[r] = mx;
-                mb[r] = mx * sl2;
-                l_r[r] *= alpha[r];
-            }
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float p = fast_exp2(fmaf(s[nt][i], sl2, -mb[i >> 1]));
-                    l_r[i >> 1] += p;
-                    s[nt][i] = p;
-                }
-        }
+        // softmax of tile j, while the P·V of tile j − 1 runs
+        wg_fwd_softmax<BN, CAUSAL>(s, m_r, l_r, alpha, k0, rq0, g, tq, t, sl2);
         clk.mark(WF_SOFTMAX);
         wgmma_wait<0>();  // P·V of tile j − 1 done: acc is O up to tile j − 1
         wgmma_pin(acc);
@@ -268,24 +304,7 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     wgmma_pin(acc);
     clk.mark(WF_LAST_PV);
 
-    const GridTile here = heaviest_first();  // recomputed: nothing of `blk` stays live across the loop
-    const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
-    bf16 *oh = o + hoff * D;
-    float *lh = lse + hoff;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = l_r[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int query = rq0 + g + 8 * r;
-        if (query >= t) continue;
-        const float inv = 1.0f / l;
-#pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt)
-            *reinterpret_cast<uint32_t *>(oh + (size_t)query * D + 8 * nt + 2 * tq) =
-                pack_bf16(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
-        if (tq == 0) lh[query] = (m_r[r] * sl2 + log2f(l)) * LN2;
-    }
+    wg_fwd_store<D>(acc, m_r, l_r, o, lse, hq, t, rq0, g, tq, sl2);
     clk.mark(WF_EPILOGUE);
     clk.flush();
 }
@@ -472,38 +491,8 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         // takes the one arrival too many after its loop.
         if (PINGPONG) named_arrive(TURN + 1 - c, CONSUMERS);
         mbar_arrive(k_empty + b);  // K_j read
-        {  // softmax of tile j, while the P·V of tile j − 1 runs (as flash_fwd_wg)
-            if (CAUSAL ? k0 + BN - 1 > rq0 : k0 + BN > t) {  // crosses the diagonal / the end
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int query = rq0 + g + 8 * (i >> 1), key = k0 + 8 * nt + 2 * tq + (i & 1);
-                        if (CAUSAL ? key > query : key >= t) s[nt][i] = -INFINITY;
-                    }
-            }
-            float mb[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = m_r[r];
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                alpha[r] = fast_exp2((m_r[r] - mx) * sl2);
-                m_r[r] = mx;
-                mb[r] = mx * sl2;
-                l_r[r] *= alpha[r];
-            }
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float p = fast_exp2(fmaf(s[nt][i], sl2, -mb[i >> 1]));
-                    l_r[i >> 1] += p;
-                    s[nt][i] = p;
-                }
-        }
+        // softmax of tile j, while the P·V of tile j − 1 runs
+        wg_fwd_softmax<BN, CAUSAL>(s, m_r, l_r, alpha, k0, rq0, g, tq, t, sl2);
         clk.mark(WS_SOFTMAX);
         wgmma_wait<0>();  // P·V of tile j − 1 done: acc is O up to tile j − 1
         wgmma_pin(acc);
@@ -529,24 +518,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     wgmma_pin(acc);
     clk.mark(WS_LAST_PV);
 
-    const GridTile here = heaviest_first();
-    const size_t hoff = ((size_t)here.batch * hq + here.head) * t;
-    bf16 *oh = o + hoff * D;
-    float *lh = lse + hoff;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = l_r[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int query = rq0 + g + 8 * r;
-        if (query >= t) continue;
-        const float inv = 1.0f / l;
-#pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt)
-            *reinterpret_cast<uint32_t *>(oh + (size_t)query * D + 8 * nt + 2 * tq) =
-                pack_bf16(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
-        if (tq == 0) lh[query] = (m_r[r] * sl2 + log2f(l)) * LN2;
-    }
+    wg_fwd_store<D>(acc, m_r, l_r, o, lse, hq, t, rq0, g, tq, sl2);
     clk.mark(WS_EPILOGUE);
     clk.flush();
 }
@@ -582,6 +554,161 @@ template <int D> __host__ __device__ constexpr int wg_bwd_smem_bytes() {
     return (2 * 128 + 4 * WGB_BQ) * D * 2 + 128 * WGB_BQ * 2 + 4 * WGB_BQ * 4;
 }
 
+// The wgmma backward's per-step work (flash_bwd_wg and flash_bwd_ws), shared. The points where
+// the two kernels interleave their own work (the next step's loads, their phase-clock marks)
+// are `hook(stage)` calls, after:
+enum WgBwdStage {
+    WGB_ISSUED,     // Sᵀ's and dPᵀ's products issued
+    WGB_S_LANDED,   // Sᵀ landed
+    WGB_P_ISSUED,   // Pᵀ computed, dV += Pᵀ·dO issued
+    WGB_DP_LANDED,  // dPᵀ landed
+    WGB_DS_ISSUED,  // dSᵀ computed and stored, dK += dSᵀ·Q issued
+};
+
+// Phases 1 and 2 of a step for a warpgroup (`wgi`, keys wk0 ..) some of whose keys the step's
+// queries q0 .. reach: Sᵀ, dPᵀ from K (wK), V (wV), Q (cQ), dO (cdO); Pᵀ, dSᵀ with lse (cL) and
+// Δ (cDl); dSᵀ stored into the block's tile cdS; dV += Pᵀ·dO and dK += dSᵀ·Q issued, left in
+// flight (phase 3 waits for them), with their A operands in ap, ad.
+template <int D, class Hook>
+__device__ __forceinline__ void wg_bwd_dkdv(Hook hook, const bf16 *wK, const bf16 *wV, const bf16 *cQ, const bf16 *cdO,
+                                            const float *cL, const float *cDl, bf16 *cdS, int wgi, int warp, int g,
+                                            int tq, int q0, int wk0, int rk0, float sl2, float scale,
+                                            float (&dk_acc)[D / 8][4], float (&dv_acc)[D / 8][4],
+                                            uint32_t (&ap)[WGB_BQ / 16][4], uint32_t (&ad)[WGB_BQ / 16][4]) {
+    constexpr int KS = D / 16;
+    constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K, V, Q, dO read K-major
+    constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // Q, dO read MN-major
+    // 1. Sᵀ, dPᵀ [64 keys][64 queries]
+    float st[WGB_BQ / 8][4], dpt[WGB_BQ / 8][4];
+    wgmma_pin(st);
+    wgmma_pin(dpt);
+    const uint64_t k_desc = wgmma_desc(wK, KMAJ_LBO, KMAJ_SBO), q_desc = wgmma_desc(cQ, KMAJ_LBO, KMAJ_SBO);
+    const uint64_t v_desc = wgmma_desc(wV, KMAJ_LBO, KMAJ_SBO), o_desc = wgmma_desc(cdO, KMAJ_LBO, KMAJ_SBO);
+    // Sᵀ and dPᵀ as two groups: Pᵀ is computed while dPᵀ's products run.
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 256 bytes along K
+        wgmma_ss_m64n64k16(st, wgmma_desc_add(k_desc, 256 * ks), wgmma_desc_add(q_desc, 256 * ks), ks > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+        wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
+    wgmma_commit();
+    hook(WGB_ISSUED);
+    wgmma_wait<1>();  // Sᵀ done, dPᵀ in flight
+    wgmma_pin(st);
+    hook(WGB_S_LANDED);
+    const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
+#pragma unroll
+    for (int j = 0; j < WGB_BQ / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int qi = 8 * j + 2 * tq + (i & 1);  // query q0 + qi
+            float p = fast_exp2(fmaf(st[j][i], sl2, -(cL[qi] * LOG2E)));  // cL: lse
+            if (diag && rk0 + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
+            st[j][i] = p;
+        }
+    // 2a. dV += Pᵀ dO over the step's 64 queries, 16 at a time (A packed before the
+    // fence: registers wgmma reads are written first), issued now so that it runs while
+    // dSᵀ is computed.
+    const uint64_t o_mn = wgmma_desc(cdO, MN_LBO, MN_SBO), q_mn = wgmma_desc(cQ, MN_LBO, MN_SBO);
+#pragma unroll
+    for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
+    wgmma_pin(dv_acc);
+    wgmma_pin(ap);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < WGB_BQ / 16; ++kk)  // queries 16·kk ..: row groups 2kk, 2kk + 1
+        wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
+    wgmma_commit();
+    hook(WGB_P_ISSUED);
+    wgmma_wait<1>();  // dPᵀ done (the older group), dV in flight
+    wgmma_pin(dpt);
+    hook(WGB_DP_LANDED);
+#pragma unroll
+    for (int j = 0; j < WGB_BQ / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - cDl[8 * j + 2 * tq + (i & 1)]) * scale;
+    // dSᵀ rows 64·wgi + 16·warp + g (+8) of the block, queries 8j + 2t, +1
+#pragma unroll
+    for (int j = 0; j < WGB_BQ / 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int key = 64 * wgi + 16 * warp + g + 8 * r;
+            const int at = ((key / 8) * (WGB_BQ / 8) + j) * 64 + (key % 8) * 8 + 2 * tq;
+            *reinterpret_cast<uint32_t *>(cdS + at) = pack_bf16(dpt[j][2 * r], dpt[j][2 * r + 1]);
+        }
+    // 2b. dK += dSᵀ Q, the same way.
+#pragma unroll
+    for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ad[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+    wgmma_pin(dk_acc);
+    wgmma_pin(ad);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < WGB_BQ / 16; ++kk)
+        wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
+    wgmma_commit();  // 2a and 2b are waited for after phase 3's products are issued
+    hook(WGB_DS_ISSUED);
+}
+
+// Phase 3: dQ [64 queries][head-dim half `half`] of the step into acc, from the stored dSᵀ (cdS)
+// and K (sK) over the block's 128 keys, waited for together with phase 2's products.
+template <int D>
+__device__ __forceinline__ void wg_bwd_dq(float (&acc)[8][4], const bf16 *cdS, const bf16 *sK, int half,
+                                          float (&dk_acc)[D / 8][4], float (&dv_acc)[D / 8][4],
+                                          uint32_t (&ap)[WGB_BQ / 16][4], uint32_t (&ad)[WGB_BQ / 16][4]) {
+    constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // K read MN-major
+    constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
+    // keys 16·kk ..: 2 row groups of dSᵀ and of K (this warpgroup's 64 columns of K)
+    const uint64_t ds_desc = wgmma_desc(cdS, DS_LBO, DS_SBO);
+    const uint64_t k_mn = wgmma_desc(sK + half * (D / 16) * 64, MN_LBO, MN_SBO);
+    wgmma_pin(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 128 / 16; ++kk)
+        wgmma_ss_m64n64k16_tt(acc, wgmma_desc_add(ds_desc, 2 * DS_LBO * kk), wgmma_desc_add(k_mn, 2 * MN_LBO * kk),
+                              kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();  // phase 2's and phase 3's products
+    wgmma_pin(acc);
+    wgmma_pin(dv_acc);
+    wgmma_pin(dk_acc);
+    wgmma_pin(ap);
+    wgmma_pin(ad);
+}
+
+// dQ's head-dim half `half` of this warp's queries q0 + 16·warp + g (+ 8) below T, added into
+// the head's f32 accumulator dqh [T, D].
+template <int D>
+__device__ __forceinline__ void wg_bwd_dq_add(const float (&acc)[8][4], float *dqh, int q0, int half, int warp, int g,
+                                              int tq, int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int query = q0 + 16 * warp + g + 8 * r;
+        if (query >= t) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            atomic_add2(dqh + (size_t)query * D + 64 * half + 8 * j + 2 * tq, acc[j][0 + 2 * r], acc[j][1 + 2 * r]);
+    }
+}
+
+// dK and dV of this warp's keys rk0 + g (+ 8) below T, as bf16, into the K/V head's rows.
+template <int D>
+__device__ __forceinline__ void wg_bwd_store(const float (&dk_acc)[D / 8][4], const float (&dv_acc)[D / 8][4], bf16 *dkh,
+                                             bf16 *dvh, int rk0, int g, int tq, int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = rk0 + g + 8 * r;
+        if (key >= t) continue;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            const size_t at = (size_t)key * D + 8 * j + 2 * tq;
+            *reinterpret_cast<uint32_t *>(dkh + at) = pack_bf16(dk_acc[j][0 + 2 * r], dk_acc[j][1 + 2 * r]);
+            *reinterpret_cast<uint32_t *>(dvh + at) = pack_bf16(dv_acc[j][0 + 2 * r], dv_acc[j][1 + 2 * r]);
+        }
+    }
+}
+
 // The phases of the profiled backward (PROF, phases.cuh), in the order and with the meaning of
 // ops::attention::phases::BACKWARD.
 enum WgBwdPhase {
@@ -597,10 +724,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                              float *__restrict__ dq_acc, int hq, int hk, int t, float scale,
                              unsigned long long *prof = nullptr) {
     static_assert(D == 128, "wgmma backward: D 128");
-    constexpr int KS = D / 16, QT = WGB_BQ * D;  // elements of a Q or dO tile
-    constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K, V, Q, dO read K-major
-    constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // Q, dO, K read MN-major
-    constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
+    constexpr int QT = WGB_BQ * D;  // elements of a Q or dO tile
     require_smem(wg_bwd_smem_bytes<D>(), WG_THREADS);
     PhaseClock<PROF, WB_PHASES, WG_THREADS / 32> clk(prof);
     DYN_SMEM(smem);
@@ -666,78 +790,17 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
         // Pᵀ, dSᵀ as the A operands of phase 2, whose products may still run during phase 3.
         uint32_t ap[WGB_BQ / 16][4], ad[WGB_BQ / 16][4];
         if (q0 + WGB_BQ - 1 >= wk0) {  // else every query precedes every key of this warpgroup
-            // 1. Sᵀ, dPᵀ [64 keys][64 queries]
-            float st[WGB_BQ / 8][4], dpt[WGB_BQ / 8][4];
-            wgmma_pin(st);
-            wgmma_pin(dpt);
-            const uint64_t k_desc = wgmma_desc(wK, KMAJ_LBO, KMAJ_SBO), q_desc = wgmma_desc(cQ, KMAJ_LBO, KMAJ_SBO);
-            const uint64_t v_desc = wgmma_desc(wV, KMAJ_LBO, KMAJ_SBO), o_desc = wgmma_desc(cdO, KMAJ_LBO, KMAJ_SBO);
-            // Sᵀ and dPᵀ as two groups: Pᵀ is computed while dPᵀ's products run.
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 256 bytes along K
-                wgmma_ss_m64n64k16(st, wgmma_desc_add(k_desc, 256 * ks), wgmma_desc_add(q_desc, 256 * ks), ks > 0);
-            wgmma_commit();
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks)
-                wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
-            wgmma_commit();
-            issue_next();
-            clk.mark(WB_ISSUE);
-            wgmma_wait<1>();  // Sᵀ done, dPᵀ in flight
-            wgmma_pin(st);
-            clk.mark(WB_WAIT_S);
-            const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
-#pragma unroll
-            for (int j = 0; j < WGB_BQ / 8; ++j)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int qi = 8 * j + 2 * tq + (i & 1);  // query q0 + qi
-                    float p = fast_exp2(fmaf(st[j][i], sl2, -(cL[qi] * LOG2E)));  // cL: lse
-                    if (diag && rk0 + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
-                    st[j][i] = p;
-                }
-            // 2a. dV += Pᵀ dO over the step's 64 queries, 16 at a time (A packed before the
-            // fence: registers wgmma reads are written first), issued now so that it runs while
-            // dSᵀ is computed.
-            const uint64_t o_mn = wgmma_desc(cdO, MN_LBO, MN_SBO), q_mn = wgmma_desc(cQ, MN_LBO, MN_SBO);
-#pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
-            wgmma_pin(dv_acc);
-            wgmma_pin(ap);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk)  // queries 16·kk ..: row groups 2kk, 2kk + 1
-                wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
-            wgmma_commit();
-            clk.mark(WB_P);
-            wgmma_wait<1>();  // dPᵀ done (the older group), dV in flight
-            wgmma_pin(dpt);
-            clk.mark(WB_WAIT_DP);
-#pragma unroll
-            for (int j = 0; j < WGB_BQ / 8; ++j)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - cDl[8 * j + 2 * tq + (i & 1)]) * scale;
-            // dSᵀ rows 64·wg + 16·warp + g (+8) of the block, queries 8j + 2t, +1
-#pragma unroll
-            for (int j = 0; j < WGB_BQ / 8; ++j)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int key = 64 * wg + 16 * warp + g + 8 * r;
-                    const int at = ((key / 8) * (WGB_BQ / 8) + j) * 64 + (key % 8) * 8 + 2 * tq;
-                    *reinterpret_cast<uint32_t *>(sdS + at) = pack_bf16(dpt[j][2 * r], dpt[j][2 * r + 1]);
-                }
-            // 2b. dK += dSᵀ Q, the same way.
-#pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ad[kk], dpt[2 * kk], dpt[2 * kk + 1]);
-            wgmma_pin(dk_acc);
-            wgmma_pin(ad);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk)
-                wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
-            wgmma_commit();  // 2a and 2b are waited for after phase 3's products are issued
-            clk.mark(WB_DS);
+            wg_bwd_dkdv<D>(
+                [&](WgBwdStage stage) {
+                    switch (stage) {
+                    case WGB_ISSUED: issue_next(); clk.mark(WB_ISSUE); break;
+                    case WGB_S_LANDED: clk.mark(WB_WAIT_S); break;
+                    case WGB_P_ISSUED: clk.mark(WB_P); break;
+                    case WGB_DP_LANDED: clk.mark(WB_WAIT_DP); break;
+                    case WGB_DS_ISSUED: clk.mark(WB_DS); break;
+                    }
+                },
+                wK, wV, cQ, cdO, cL, cDl, sdS, wg, warp, g, tq, q0, wk0, rk0, sl2, scale, dk_acc, dv_acc, ap, ad);
         } else {
             issue_next();
             // Its dSᵀ rows are zeros (every key past every query), stored so that phase 3 runs
@@ -754,49 +817,15 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 
         {  // 3. dQ [64 queries][head-dim half wg] += dS K over the block's 128 keys
             float acc[8][4];
-            // keys 16·kk ..: 2 row groups of dSᵀ and of K (this warpgroup's 64 columns of K)
-            const uint64_t ds_desc = wgmma_desc(sdS, DS_LBO, DS_SBO);
-            const uint64_t k_mn = wgmma_desc(sK + wg * (D / 16) * 64, MN_LBO, MN_SBO);
-            wgmma_pin(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 128 / 16; ++kk)
-                wgmma_ss_m64n64k16_tt(acc, wgmma_desc_add(ds_desc, 2 * DS_LBO * kk),
-                                      wgmma_desc_add(k_mn, 2 * MN_LBO * kk), kk > 0);
-            wgmma_commit();
-            wgmma_wait<0>();  // phase 2's and phase 3's products
-            wgmma_pin(acc);
-            wgmma_pin(dv_acc);
-            wgmma_pin(dk_acc);
-            wgmma_pin(ap);
-            wgmma_pin(ad);
+            wg_bwd_dq<D>(acc, sdS, sK, wg, dk_acc, dv_acc, ap, ad);
             clk.mark(WB_DQ);
             const int h = hkv * group + s / nqt;
-            float *dqh = dq_acc + ((size_t)b * hq + h) * t * D;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int query = q0 + 16 * warp + g + 8 * r;
-                if (query >= t) continue;
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    atomic_add2(dqh + (size_t)query * D + 64 * wg + 8 * j + 2 * tq, acc[j][0 + 2 * r], acc[j][1 + 2 * r]);
-            }
+            wg_bwd_dq_add<D>(acc, dq_acc + ((size_t)b * hq + h) * t * D, q0, wg, warp, g, tq, t);
             clk.mark(WB_ATOMICS);
         }
     }
 
-    bf16 *dkh = dk + kvoff, *dvh = dv + kvoff;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = rk0 + g + 8 * r;
-        if (key >= t) continue;
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            const size_t at = (size_t)key * D + 8 * j + 2 * tq;
-            *reinterpret_cast<uint32_t *>(dkh + at) = pack_bf16(dk_acc[j][0 + 2 * r], dk_acc[j][1 + 2 * r]);
-            *reinterpret_cast<uint32_t *>(dvh + at) = pack_bf16(dv_acc[j][0 + 2 * r], dv_acc[j][1 + 2 * r]);
-        }
-    }
+    wg_bwd_store<D>(dk_acc, dv_acc, dk + kvoff, dv + kvoff, rk0, g, tq, t);
     clk.mark(WB_EPILOGUE);
     clk.flush();
 }
@@ -844,10 +873,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
                              float *__restrict__ dq_acc, int hq, int hk, int t, float scale,
                              unsigned long long *prof = nullptr) {
     static_assert(D == 128, "warp-specialised backward: D 128");
-    constexpr int KS = D / 16, QT = WGB_BQ * D, DST = 128 * WGB_BQ;  // elements of a Q / dO / dSᵀ tile
-    constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K, V, Q, dO read K-major
-    constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // Q, dO, K read MN-major
-    constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
+    constexpr int QT = WGB_BQ * D, DST = 128 * WGB_BQ;  // elements of a Q / dO / dSᵀ tile
     constexpr int PRODUCER = 128, CONSUMERS = 256, DS_READY = 1;  // threads; the named barrier
     static_assert(STAGES == 2 || STAGES == 3, "warp-specialised backward: 2 or 3 stages");
     constexpr int S = STAGES;
@@ -949,72 +975,18 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         // Pᵀ, dSᵀ as the A operands of phase 2, whose products may still run during phase 3.
         uint32_t ap[WGB_BQ / 16][4], ad[WGB_BQ / 16][4];
         if (q0 + WGB_BQ - 1 >= wk0) {  // else every query precedes every key of this warpgroup
-            // 1. Sᵀ, dPᵀ [64 keys][64 queries], as flash_bwd_wg
-            float st[WGB_BQ / 8][4], dpt[WGB_BQ / 8][4];
-            wgmma_pin(st);
-            wgmma_pin(dpt);
-            const uint64_t k_desc = wgmma_desc(wK, KMAJ_LBO, KMAJ_SBO), q_desc = wgmma_desc(cQ, KMAJ_LBO, KMAJ_SBO);
-            const uint64_t v_desc = wgmma_desc(wV, KMAJ_LBO, KMAJ_SBO), o_desc = wgmma_desc(cdO, KMAJ_LBO, KMAJ_SBO);
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks)
-                wgmma_ss_m64n64k16(st, wgmma_desc_add(k_desc, 256 * ks), wgmma_desc_add(q_desc, 256 * ks), ks > 0);
-            wgmma_commit();
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks)
-                wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
-            wgmma_commit();
-            wgmma_wait<1>();  // Sᵀ done, dPᵀ in flight
-            wgmma_pin(st);
-            clk.mark(WSB_ISSUE_WAIT_S);
-            const bool diag = q0 < wk0 + 63;  // some key lies past some query: mask
-#pragma unroll
-            for (int j = 0; j < WGB_BQ / 8; ++j)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int qi = 8 * j + 2 * tq + (i & 1);  // query q0 + qi
-                    float p = fast_exp2(fmaf(st[j][i], sl2, -(cL[qi] * LOG2E)));  // cL: lse
-                    if (diag && rk0 + g + 8 * (i >> 1) > q0 + qi) p = 0.f;
-                    st[j][i] = p;
-                }
-            // 2a. dV += Pᵀ dO, issued now so that it runs while dSᵀ is computed.
-            const uint64_t o_mn = wgmma_desc(cdO, MN_LBO, MN_SBO), q_mn = wgmma_desc(cQ, MN_LBO, MN_SBO);
-#pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
-            wgmma_pin(dv_acc);
-            wgmma_pin(ap);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk)
-                wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
-            wgmma_commit();
-            clk.mark(WSB_P);
-            wgmma_wait<1>();  // dPᵀ done (the older group), dV in flight
-            wgmma_pin(dpt);
-            clk.mark(WSB_WAIT_DP);
-#pragma unroll
-            for (int j = 0; j < WGB_BQ / 8; ++j)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - cDl[8 * j + 2 * tq + (i & 1)]) * scale;
-#pragma unroll
-            for (int j = 0; j < WGB_BQ / 8; ++j)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int key = 64 * c + 16 * warp + g + 8 * r;
-                    const int at = ((key / 8) * (WGB_BQ / 8) + j) * 64 + (key % 8) * 8 + 2 * tq;
-                    *reinterpret_cast<uint32_t *>(cdS + at) = pack_bf16(dpt[j][2 * r], dpt[j][2 * r + 1]);
-                }
-            // 2b. dK += dSᵀ Q.
-#pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ad[kk], dpt[2 * kk], dpt[2 * kk + 1]);
-            wgmma_pin(dk_acc);
-            wgmma_pin(ad);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < WGB_BQ / 16; ++kk)
-                wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
-            wgmma_commit();  // 2a and 2b are waited for after phase 3's products are issued
-            clk.mark(WSB_DS);
+            // No clock read between the issue and the wait (it would serialise the products).
+            wg_bwd_dkdv<D>(
+                [&](WgBwdStage stage) {
+                    switch (stage) {
+                    case WGB_ISSUED: break;
+                    case WGB_S_LANDED: clk.mark(WSB_ISSUE_WAIT_S); break;
+                    case WGB_P_ISSUED: clk.mark(WSB_P); break;
+                    case WGB_DP_LANDED: clk.mark(WSB_WAIT_DP); break;
+                    case WGB_DS_ISSUED: clk.mark(WSB_DS); break;
+                    }
+                },
+                wK, wV, cQ, cdO, cL, cDl, cdS, c, warp, g, tq, q0, wk0, rk0, sl2, scale, dk_acc, dv_acc, ap, ad);
         } else {
             // Zeros as its dSᵀ rows, so that phase 3 runs all eight products as one group.
             uint4 *rows = reinterpret_cast<uint4 *>(cdS + 64 * c * WGB_BQ);  // 8 KB, contiguous
@@ -1028,49 +1000,16 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
 
         {  // 3. dQ [64 queries][head-dim half c] += dS K over the block's 128 keys
             float acc[8][4];
-            const uint64_t ds_desc = wgmma_desc(cdS, DS_LBO, DS_SBO);
-            const uint64_t k_mn = wgmma_desc(sK + c * (D / 16) * 64, MN_LBO, MN_SBO);
-            wgmma_pin(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 128 / 16; ++kk)
-                wgmma_ss_m64n64k16_tt(acc, wgmma_desc_add(ds_desc, 2 * DS_LBO * kk),
-                                      wgmma_desc_add(k_mn, 2 * MN_LBO * kk), kk > 0);
-            wgmma_commit();
-            wgmma_wait<0>();  // phase 2's and phase 3's products
-            wgmma_pin(acc);
-            wgmma_pin(dv_acc);
-            wgmma_pin(dk_acc);
-            wgmma_pin(ap);
-            wgmma_pin(ad);
+            wg_bwd_dq<D>(acc, cdS, sK, c, dk_acc, dv_acc, ap, ad);
             mbar_arrive(empty + buf);  // Q, dO, lse, Δ of this step read
             clk.mark(WSB_DQ);
             const int h = hkv * group + s / nqt;
-            float *dqh = dq_acc + ((size_t)b * hq + h) * t * D;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int query = q0 + 16 * warp + g + 8 * r;
-                if (query >= t) continue;
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    atomic_add2(dqh + (size_t)query * D + 64 * c + 8 * j + 2 * tq, acc[j][0 + 2 * r], acc[j][1 + 2 * r]);
-            }
+            wg_bwd_dq_add<D>(acc, dq_acc + ((size_t)b * hq + h) * t * D, q0, c, warp, g, tq, t);
             clk.mark(WSB_ATOMICS);
         }
     }
 
-    bf16 *dkh = dk + kvoff, *dvh = dv + kvoff;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = rk0 + g + 8 * r;
-        if (key >= t) continue;
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            const size_t at = (size_t)key * D + 8 * j + 2 * tq;
-            *reinterpret_cast<uint32_t *>(dkh + at) = pack_bf16(dk_acc[j][0 + 2 * r], dk_acc[j][1 + 2 * r]);
-            *reinterpret_cast<uint32_t *>(dvh + at) = pack_bf16(dv_acc[j][0 + 2 * r], dv_acc[j][1 + 2 * r]);
-        }
-    }
+    wg_bwd_store<D>(dk_acc, dv_acc, dk + kvoff, dv + kvoff, rk0, g, tq, t);
     clk.mark(WSB_EPILOGUE);
     clk.flush();
 }
