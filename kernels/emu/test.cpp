@@ -152,54 +152,35 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                               {WB_P, worked}, {WB_WAIT_DP, worked}, {WB_DS, worked}, {WB_SKIPPED, skipped},
                               {WB_BARRIER, 8 * steps}, {WB_DQ, 8 * steps}, {WB_ATOMICS, 8 * steps},
                               {WB_EPILOGUE, 8 * blocks}});
-                // The warp-specialised backward: the same products in the same order, so dk, dv
-                // bit for bit (dq: the same atomic adds, in another order).
-                std::vector<T> dk6(k.size()), dv6(v.size());
-                std::vector<float> dq6(q.size(), 0.f);
-                emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), ws_bwd_smem_bytes<D>(), flash_bwd_ws<D>, q.data(),
-                            k.data(), v.data(), dO.data(), lse.data(), delta.data(), dk6.data(), dv6.data(), dq6.data(),
-                            hq, hk, t, scale, (unsigned long long *)nullptr);
-                const bool same_ws = std::memcmp(dk6.data(), dk4.data(), dk4.size() * sizeof(T)) == 0 &&
-                                     std::memcmp(dv6.data(), dv4.data(), dv4.size() * sizeof(T)) == 0;
-                if (!same_ws) failures++;
-                std::printf("attn %s D%d B%d Hq%d Hk%d T%d ws bwd dk, dv = wgmma bwd's bit for bit: %s\n", name, D, B,
-                            hq, hk, t, same_ws ? "ok" : "FAIL");
-                extra.push_back({"ws dq", dq6, true});
-                {  // 3 stages: dk, dv bit for bit again
-                    std::vector<T> dk8(k.size()), dv8(v.size());
-                    std::vector<float> dq8(q.size(), 0.f);
-                    emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), ws_bwd_smem_bytes<D, 3>(),
-                                flash_bwd_ws<D, false, 3>, q.data(), k.data(), v.data(), dO.data(), lse.data(),
-                                delta.data(), dk8.data(), dv8.data(), dq8.data(), hq, hk, t, scale,
-                                (unsigned long long *)nullptr);
-                    const bool same8 = std::memcmp(dk8.data(), dk4.data(), dk4.size() * sizeof(T)) == 0 &&
-                                       std::memcmp(dv8.data(), dv4.data(), dv4.size() * sizeof(T)) == 0;
-                    if (!same8) failures++;
-                    std::printf("attn %s D%d B%d Hq%d Hk%d T%d ws bwd 3 stages dk, dv = wgmma bwd's: %s\n", name, D, B,
-                                hq, hk, t, same8 ? "ok" : "FAIL");
-                    extra.push_back({"ws 3-stage dq", dq8, true});
-                }
-                {  // its profiled instantiation: dk, dv bit for bit, each phase as often as the
-                   // geometry says (8 consumer warps as the wgmma backward's, 4 producer warps)
-                    std::vector<T> dk7(k.size()), dv7(v.size());
-                    std::vector<float> dq7(q.size(), 0.f);
-                    std::vector<unsigned long long> wprof(2 * WSB_PHASES, 0);
-                    emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), ws_bwd_smem_bytes<D>(), flash_bwd_ws<D, true>,
-                                q.data(), k.data(), v.data(), dO.data(), lse.data(), delta.data(), dk7.data(),
-                                dv7.data(), dq7.data(), hq, hk, t, scale, wprof.data());
-                    const bool same7 = std::memcmp(dk7.data(), dk6.data(), dk6.size() * sizeof(T)) == 0 &&
-                                       std::memcmp(dv7.data(), dv6.data(), dv6.size() * sizeof(T)) == 0;
-                    if (!same7) failures++;
-                    std::printf("attn %s D%d B%d Hq%d Hk%d T%d profiled ws bwd identical: %s\n", name, D, B, hq, hk, t,
-                                same7 ? "ok" : "FAIL");
-                    std::snprintf(what, sizeof what, "attn %s D%d B%d Hq%d Hk%d T%d ws bwd", name, D, B, hq, hk, t);
-                    check_phases(what, wprof, WSB_PHASES,
-                                 {{WSB_PROLOGUE, 12 * blocks}, {WSB_TILE_WAIT, 8 * steps}, {WSB_ISSUE_WAIT_S, worked},
-                                  {WSB_P, worked}, {WSB_WAIT_DP, worked}, {WSB_DS, worked}, {WSB_SKIPPED, skipped},
-                                  {WSB_BARRIER, 8 * steps}, {WSB_DQ, 8 * steps}, {WSB_ATOMICS, 8 * steps},
-                                  {WSB_EPILOGUE, 8 * blocks}, {WSB_LOAD_WAIT, 4 * steps},
-                                  {WSB_LOAD_ISSUE, 4 * (blocks + steps)}, {WSB_LOAD_LANDED, 4 * (steps + blocks)}});
-                }
+                // The warp-specialised backward (2 and 3 stages, and profiled): the same products in
+                // the same order as the wgmma backward, so its dk, dv bit for bit (dq: the same
+                // atomic adds, in another order).
+                auto ws_bwd = [&]<bool PROF, int S>(const char *label, const char *dq_label, unsigned long long *prof) {
+                    std::vector<T> dk6(k.size()), dv6(v.size());
+                    std::vector<float> dq6(q.size(), 0.f);
+                    emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), ws_bwd_smem_bytes<D, S>(), flash_bwd_ws<D, PROF, S>,
+                                q.data(), k.data(), v.data(), dO.data(), lse.data(), delta.data(), dk6.data(),
+                                dv6.data(), dq6.data(), hq, hk, t, scale, prof);
+                    const bool same = std::memcmp(dk6.data(), dk4.data(), dk4.size() * sizeof(T)) == 0 &&
+                                      std::memcmp(dv6.data(), dv4.data(), dv4.size() * sizeof(T)) == 0;
+                    if (!same) failures++;
+                    std::printf("attn %s D%d B%d Hq%d Hk%d T%d %s dk, dv = wgmma bwd's bit for bit: %s\n", name, D, B, hq,
+                                hk, t, label, same ? "ok" : "FAIL");
+                    extra.push_back({dq_label, dq6, true});
+                };
+                ws_bwd.template operator()<false, 2>("ws bwd", "ws dq", nullptr);
+                ws_bwd.template operator()<false, 3>("ws bwd 3 stages", "ws 3-stage dq", nullptr);
+                // Profiled: besides, each phase as often as the geometry says (8 consumer warps as
+                // the wgmma backward's, 4 producer warps).
+                std::vector<unsigned long long> wprof(2 * WSB_PHASES, 0);
+                ws_bwd.template operator()<true, 2>("profiled ws bwd", "profiled ws dq", wprof.data());
+                std::snprintf(what, sizeof what, "attn %s D%d B%d Hq%d Hk%d T%d ws bwd", name, D, B, hq, hk, t);
+                check_phases(what, wprof, WSB_PHASES,
+                             {{WSB_PROLOGUE, 12 * blocks}, {WSB_TILE_WAIT, 8 * steps}, {WSB_ISSUE_WAIT_S, worked},
+                              {WSB_P, worked}, {WSB_WAIT_DP, worked}, {WSB_DS, worked}, {WSB_SKIPPED, skipped},
+                              {WSB_BARRIER, 8 * steps}, {WSB_DQ, 8 * steps}, {WSB_ATOMICS, 8 * steps},
+                              {WSB_EPILOGUE, 8 * blocks}, {WSB_LOAD_WAIT, 4 * steps},
+                              {WSB_LOAD_ISSUE, 4 * (blocks + steps)}, {WSB_LOAD_LANDED, 4 * (steps + blocks)}});
                 extra.push_back({"wgmma dq", dq4, true});
                 extra.push_back({"wgmma dk", widen(dk4), false});
                 extra.push_back({"wgmma dv", widen(dv4), false});
