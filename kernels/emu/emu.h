@@ -359,6 +359,13 @@ inline void mbar_wait(const void *b, int parity) {
     if (mbar_at(b).phase != n + 1) throw "emu: an mbarrier wait found a phase skipped (parity aliasing)";
     if ((int)(n & 1) != (parity & 1)) throw "emu: an mbarrier wait with the wrong parity for its phase";
 }
+// cp.async.mbarrier.arrive.noinc: the arrival comes once all of this thread's copies so far have
+// landed; here they land now (open and committed alike), then it arrives.
+inline void mbar_arrive_on_copies(const void *b) {
+    cp_async_commit();
+    cp_async_wait(0);
+    mbar_arrive(b);
+}
 // Named barriers 1..15 (bar.sync / bar.arrive id, count): `count` arrivals complete a phase;
 // bar.sync arrives and waits for its phase to complete, bar.arrive only arrives. The count is
 // fixed by the first use in a block; a later use with another count is an error, as on the

@@ -180,7 +180,7 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                               {WSB_P, worked}, {WSB_WAIT_DP, worked}, {WSB_DS, worked}, {WSB_SKIPPED, skipped},
                               {WSB_BARRIER, 8 * steps}, {WSB_DQ, 8 * steps}, {WSB_ATOMICS, 8 * steps},
                               {WSB_EPILOGUE, 8 * blocks}, {WSB_LOAD_WAIT, 4 * steps},
-                              {WSB_LOAD_ISSUE, 4 * (blocks + steps)}, {WSB_LOAD_LANDED, 4 * (steps + blocks)}});
+                              {WSB_LOAD_ISSUE, 4 * (blocks + steps)}});
                 extra.push_back({"wgmma dq", dq4, true});
                 extra.push_back({"wgmma dk", widen(dk4), false});
                 extra.push_back({"wgmma dv", widen(dv4), false});
@@ -381,8 +381,7 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
                          {{WS_PROLOGUE, 12 * blocks}, {WS_TILE_WAIT, 8 * tiles}, {WS_TURN, 8 * tiles},
                           {WS_ISSUE_WAIT_S, 8 * tiles}, {WS_SOFTMAX, 8 * tiles}, {WS_WAIT_PV, 8 * tiles},
                           {WS_RESCALE, 8 * tiles}, {WS_LAST_PV, 8 * blocks}, {WS_EPILOGUE, 8 * blocks},
-                          {WS_LOAD_WAIT, 4 * 2 * tiles}, {WS_LOAD_ISSUE, 4 * (blocks + 2 * tiles)},
-                          {WS_LOAD_LANDED, 4 * (2 * tiles + blocks)}});
+                          {WS_LOAD_WAIT, 4 * 2 * tiles}, {WS_LOAD_ISSUE, 4 * (blocks + 2 * tiles)}});
         };
         ws.template operator()<true>("ws");
         ws.template operator()<false>("ws-no-pingpong");

@@ -314,11 +314,11 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // with S of tile j + 1), reorganised so that loading, the two warpgroups' softmaxes and the
 // tensor cores overlap instead of taking turns behind block-wide barriers:
 //   warpgroup 0   producer: loads Q, then K_0, V_0, K_1, V_1, ... by cp.async into STAGES (2 or
-//                 3) buffers each of K and V; each tile, once its copies have landed
-//                 (cp.async.wait_group, fence.proxy.async), is signalled on its `full` mbarrier
-//                 (128 arrivals), never behind a wait for a buffer; a buffer is refilled only
-//                 after its `empty` mbarrier says both consumers are done with it (256
-//                 arrivals). Gives registers back (setmaxnreg 24).
+//                 3) buffers each of K and V; each tile's `full` mbarrier (128 arrivals)
+//                 completes when its copies land (cp.async.mbarrier.arrive.noinc: the producer
+//                 never waits for a copy, only for buffers); a buffer is refilled only after its
+//                 `empty` mbarrier says both consumers are done with it (256 arrivals). Gives
+//                 registers back (setmaxnreg 24).
 //   warpgroups    consumers, 64 query rows each (setmaxnreg 240): per key tile j, wait for K_j;
 //   1, 2          issue S = Q·K_jᵀ (8 × wgmma.m64n128k16, Q and K from shared memory, K-major)
 //                 and, once V_{j−1} is there, O += P_{j−1}·V_{j−1} (8 × m64n128k16, P from
@@ -347,7 +347,7 @@ template <int D, int STAGES = 2> __host__ __device__ constexpr int ws_fwd_smem_b
 // the producer's (load_*; its prologue is the first).
 enum WsFwdPhase {
     WS_PROLOGUE, WS_TILE_WAIT, WS_TURN, WS_ISSUE_WAIT_S, WS_SOFTMAX, WS_WAIT_PV, WS_RESCALE, WS_LAST_PV,
-    WS_EPILOGUE, WS_LOAD_WAIT, WS_LOAD_ISSUE, WS_LOAD_LANDED, WS_PHASES
+    WS_EPILOGUE, WS_LOAD_WAIT, WS_LOAD_ISSUE, WS_PHASES
 };
 
 // PROF: the profiled instantiation, counting cycles by phase into prof [2][WS_PHASES] (phases.cuh).
@@ -398,37 +398,26 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         const bf16 *kh = k + ((size_t)blk.batch * hk + hkv) * t * D;
         const bf16 *vh = v + ((size_t)blk.batch * hk + hkv) * t * D;
         wg_tile_load<D, WG_BM, PRODUCER, 2>(sQ, q + ((size_t)blk.batch * hq + blk.head) * t * D, q0, t, tid);
-        cp_async_commit();
+        mbar_arrive_on_copies(q_full);
         clk.mark(WS_LOAD_ISSUE);
         // Tile j goes to buffer j % S, its u-th use (u = j / S), after the consumers' (u − 1)-th
-        // release of it.
+        // release of it. Each tile's full barrier completes when its copies land: the producer
+        // never waits for them, only for buffers.
         for (int j = 0; j < ntiles; ++j) {
             const int b = j % S, reuse = j / S - 1;
             if (reuse >= 0) mbar_wait(k_empty + b, reuse & 1);
             clk.mark(WS_LOAD_WAIT);
             wg_tile_load<D, BN, PRODUCER, 2>(sK + b * TILE, kh, j * BN, t, tid);
-            cp_async_commit();
+            mbar_arrive_on_copies(k_full + b);
             clk.mark(WS_LOAD_ISSUE);
-            cp_async_wait<1>();  // the previous group: Q (j = 0) or V_{j−1}
-            fence_proxy_async();
-            mbar_arrive(j == 0 ? q_full : v_full + (j - 1) % S);
-            clk.mark(WS_LOAD_LANDED);
-            // K_j is signalled as soon as it lands, before the wait for V_j's buffer: that wait
-            // ends only in the consumers' iteration j − 1, just before they need K_j.
-            cp_async_wait<0>();
-            fence_proxy_async();
-            mbar_arrive(k_full + b);
-            clk.mark(WS_LOAD_LANDED);
             if (reuse >= 0) mbar_wait(v_empty + b, reuse & 1);
             clk.mark(WS_LOAD_WAIT);
             wg_tile_load<D, BN, PRODUCER, 2>(sV + b * TILE, vh, j * BN, t, tid);
-            cp_async_commit();
+            mbar_arrive_on_copies(v_full + b);
             clk.mark(WS_LOAD_ISSUE);
         }
-        cp_async_wait<0>();  // V of the last tile
-        fence_proxy_async();
-        mbar_arrive(v_full + (ntiles - 1) % S);
-        clk.mark(WS_LOAD_LANDED);
+        cp_async_commit();  // no copy outlives its thread
+        cp_async_wait<0>();
         clk.flush();
         return;
     }
@@ -455,15 +444,16 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             wgmma_rs_m64n128k16_tb(acc, a[kk], wgmma_desc_add(v_desc, 2 * MN_LBO * kk), 1);
         wgmma_commit();
     };
-    mbar_wait(q_full, 0);
+    mbar_wait_copies(q_full, 0);
     if (PINGPONG && c == 1) named_arrive(TURN, CONSUMERS);  // consumer 0 issues first
     clk.mark(WS_PROLOGUE);
 
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * BN, b = j % S;
-        // V_{j−1} is signalled before K_j (the producer's order): the first wait covers both.
-        mbar_wait(k_full + b, (j / S) & 1);
-        if (j > 0) mbar_wait(v_full + (j - 1) % S, ((j - 1) / S) & 1);
+        // V_{j−1} was issued before K_j, so K_j's arrivals come after its: the first wait covers
+        // both.
+        mbar_wait_copies(k_full + b, (j / S) & 1);
+        if (j > 0) mbar_wait_copies(v_full + (j - 1) % S, ((j - 1) / S) & 1);
         clk.mark(WS_TILE_WAIT);
         if (PINGPONG) named_sync(TURN + c, CONSUMERS);
         clk.mark(WS_TURN);
@@ -509,7 +499,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     }
     // Consumer 1's arrival after its last issue, so that every phase of both barriers completes.
     if (PINGPONG && c == 0) named_sync(TURN, CONSUMERS);
-    mbar_wait(v_full + (ntiles - 1) % S, ((ntiles - 1) / S) & 1);
+    mbar_wait_copies(v_full + (ntiles - 1) % S, ((ntiles - 1) / S) & 1);
     wgmma_pin(acc);
     wgmma_pin(a);
     wgmma_fence();
@@ -834,10 +824,10 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // order (so dK and dV come out bit for bit the same, and dQ receives the same atomic adds),
 // reorganised as flash_fwd_ws is:
 //   warpgroup 0   producer (setmaxnreg 24): loads the block's K and V, then per step the Q and dO
-//                 tiles and lse, Δ by cp.async into STAGES (2 or 3) buffers, signalling each
-//                 step on its `full` mbarrier as soon as it has landed (never behind a wait for
-//                 a buffer), refilling a buffer once its `empty` mbarrier says both consumers
-//                 are done with the step that used it.
+//                 tiles and lse, Δ by cp.async into STAGES (2 or 3) buffers, each step's `full`
+//                 mbarrier completing when its copies land (cp.async.mbarrier.arrive.noinc; the
+//                 producer never waits for a copy), refilling a buffer once its `empty` mbarrier
+//                 says both consumers are done with the step that used it.
 //   warpgroups    consumers (setmaxnreg 240), flash_bwd_wg's two warpgroups: phases 1 and 2 on
 //   1, 2          their 64 keys, dSᵀ stored, one named barrier (dSᵀ of both complete), phase 3
 //                 (dQ, reading both halves of dSᵀ), the step's buffers released once phase 2's
@@ -861,7 +851,7 @@ template <int D, int STAGES = 2> __host__ __device__ constexpr int ws_bwd_smem_b
 // the producer's (load_*; its prologue is the first).
 enum WsBwdPhase {
     WSB_PROLOGUE, WSB_TILE_WAIT, WSB_ISSUE_WAIT_S, WSB_P, WSB_WAIT_DP, WSB_DS, WSB_SKIPPED, WSB_BARRIER, WSB_DQ,
-    WSB_ATOMICS, WSB_EPILOGUE, WSB_LOAD_WAIT, WSB_LOAD_ISSUE, WSB_LOAD_LANDED, WSB_PHASES
+    WSB_ATOMICS, WSB_EPILOGUE, WSB_LOAD_WAIT, WSB_LOAD_ISSUE, WSB_PHASES
 };
 
 // PROF: the profiled instantiation, counting cycles by phase into prof [2][WSB_PHASES] (phases.cuh).
@@ -912,18 +902,13 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         const int tid = threadIdx.x;
         wg_tile_load<D, 128, PRODUCER, 2>(sK, k + kvoff, k0, t, tid);
         wg_tile_load<D, 128, PRODUCER, 2>(sV, v + kvoff, k0, t, tid);
-        cp_async_commit();
+        mbar_arrive_on_copies(kv_full);
         clk.mark(WSB_LOAD_ISSUE);
-        // Step s into buffer s % S, its u-th use (u = s / S) after the consumers' (u − 1)-th release.
+        // Step s into buffer s % S, its u-th use (u = s / S) after the consumers' (u − 1)-th
+        // release; its full barrier completes when its copies land (the producer never waits
+        // for them, only for buffers).
         for (int s = 0; s < steps; ++s) {
             const int buf = s % S, reuse = s / S - 1;
-            if (s > 0) {  // step s − 1, signalled as soon as it lands: not behind the wait below,
-                          // which ends only as the consumers finish step s − 2 and need step s − 1
-                cp_async_wait<0>();
-                fence_proxy_async();
-                mbar_arrive(full + (s - 1) % S);
-                clk.mark(WSB_LOAD_LANDED);
-            }
             if (reuse >= 0) mbar_wait(empty + buf, reuse & 1);
             clk.mark(WSB_LOAD_WAIT);
             const int h = hkv * group + s / nqt, q0 = k0 + (s % nqt) * WGB_BQ;
@@ -932,19 +917,11 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sdO + buf * QT, dout + qoff, q0, t, tid);
             stage_lse_delta_async<WGB_BQ, PRODUCER>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t,
                                                     tid);
-            cp_async_commit();
+            mbar_arrive_on_copies(full + buf);
             clk.mark(WSB_LOAD_ISSUE);
-            if (s == 0) {  // K and V (the older group), step 0 still in flight
-                cp_async_wait<1>();
-                fence_proxy_async();
-                mbar_arrive(kv_full);
-                clk.mark(WSB_LOAD_LANDED);
-            }
         }
-        cp_async_wait<0>();  // the last step
-        fence_proxy_async();
-        mbar_arrive(full + (steps - 1) % S);
-        clk.mark(WSB_LOAD_LANDED);
+        cp_async_commit();  // no copy outlives its thread
+        cp_async_wait<0>();
         clk.flush();
         return;
     }
@@ -961,12 +938,12 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
 #pragma unroll
         for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.f;
     const bf16 *wK = sK + 64 * c * D, *wV = sV + 64 * c * D;  // this warpgroup's 64 keys
-    mbar_wait(kv_full, 0);
+    mbar_wait_copies(kv_full, 0);
     clk.mark(WSB_PROLOGUE);
 
     for (int s = 0; s < steps; ++s) {
         const int q0 = k0 + (s % nqt) * WGB_BQ, buf = s % S;
-        mbar_wait(full + buf, (s / S) & 1);
+        mbar_wait_copies(full + buf, (s / S) & 1);
         clk.mark(WSB_TILE_WAIT);
         const bf16 *cQ = sQ + buf * QT, *cdO = sdO + buf * QT;
         const float *cL = sL + buf * WGB_BQ, *cDl = sDl + buf * WGB_BQ;

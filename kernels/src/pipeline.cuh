@@ -13,9 +13,15 @@
 //              counts towards it without waiting. Two warpgroups order their work by them.
 //   setmaxnreg a warpgroup gives registers back (dec) or takes more (inc): the producer needs
 //              few, the consumers' accumulators many. Every warp of the warpgroup executes it.
-//   fence      fence.proxy.async: this thread's generic-proxy writes to shared memory (ordinary
-//              stores, landed cp.async copies) made visible to the async proxy (wgmma) before
-//              it signals them by an mbarrier arrival.
+//   copies     mbar_arrive_on_copies(b) (cp.async.mbarrier.arrive.noinc): one arrival on b once
+//              every cp.async this thread has issued so far has landed, without the thread
+//              waiting for them, so a producer keeps issuing while its earlier tiles are in
+//              flight. noinc: the arrival is one of the count given to mbar_init (one a copying
+//              thread), not an extra one balanced by the instruction itself.
+//   fence      fence.proxy.async: generic-proxy writes to shared memory (ordinary stores,
+//              landed cp.async copies) made visible to the async proxy (wgmma). A producer
+//              that arrives by mbar_arrive_on_copies never sees its copies land, so the
+//              consumer fences after its wait instead: mbar_wait_copies.
 //
 // The emulator (kernels/emu/emu.h) runs mbarriers and named barriers on real thread
 // synchronisation, so a wait that no arrival matches deadlocks there as on the device.
@@ -26,6 +32,7 @@
 __device__ __forceinline__ void mbar_init(uint64_t *b, int count) { emu::mbar_init(b, count); }
 __device__ __forceinline__ void mbar_arrive(uint64_t *b) { emu::mbar_arrive(b); }
 __device__ __forceinline__ void mbar_wait(uint64_t *b, int parity) { emu::mbar_wait(b, parity); }
+__device__ __forceinline__ void mbar_arrive_on_copies(uint64_t *b) { emu::mbar_arrive_on_copies(b); }
 __device__ __forceinline__ void named_sync(int id, int count) { emu::named_barrier(id, count, true); }
 __device__ __forceinline__ void named_arrive(int id, int count) { emu::named_barrier(id, count, false); }
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {}
@@ -48,6 +55,9 @@ __device__ __forceinline__ void mbar_wait(uint64_t *b, int parity) {
         "r"(parity)
         : "memory");
 }
+__device__ __forceinline__ void mbar_arrive_on_copies(uint64_t *b) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(b)) : "memory");
+}
 __device__ __forceinline__ void named_sync(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
@@ -62,3 +72,10 @@ template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
+
+// Wait for a buffer that mbar_arrive_on_copies signalled, then make its copies visible to this
+// thread's wgmma (fence.proxy.async on the consumer's side; see `fence` above).
+__device__ __forceinline__ void mbar_wait_copies(uint64_t *b, int parity) {
+    mbar_wait(b, parity);
+    fence_proxy_async();
+}

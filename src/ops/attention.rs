@@ -443,10 +443,12 @@ pub fn wgmma_available() -> bool {
 /// same dK and dV (bit-identical), Wgmma the same up to summation order; dQ differs in summation
 /// order only (Ws: Wgmma's dK and dV bit for bit). Chosen by `SHARDSMITH_FLASH_BWD` (`split`,
 /// `wide`, `fused`, `wgmma` or `ws`;
-/// [`FlashBackward::from_env`]); the default is Wgmma in a build that has it (at head dim 128;
-/// Split elsewhere), else Split.
-/// Measured on an H200 (B2 H32 S4096 D128, with the mma.sync forward, fwd+bwd TFLOP/s): split
-/// 193, wide 205, fused 217, wgmma 242; a LLaMA-7B layer's fwd+bwd 449 → 467 (BENCHMARKS.md).
+/// [`FlashBackward::from_env`]); the default is Ws in a build that has the wgmma kernels (at
+/// head dim 128; Split elsewhere), else Split.
+/// Measured on an H200 (B2 H32 S4096 D128, with the mma.sync forward, fwd+bwd TFLOP/s; run 5 of
+/// BENCHMARKS.md's issue 7, part 14, before ws's producer stopped waiting for its copies):
+/// split 200, wide 207, fused 216, wgmma 273, ws 285; a LLaMA-7B layer's fwd+bwd 482 → 485
+/// (wgmma → ws).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashBackward {
     /// dQ per 128-query block and dK/dV per 128-key block in 32-query steps, no atomics
@@ -486,7 +488,7 @@ impl EnvChoice for FlashBackward {
     }
     fn default_choice() -> Self {
         if wgmma_available() {
-            FlashBackward::Wgmma
+            FlashBackward::Ws
         } else {
             FlashBackward::Split
         }
@@ -512,7 +514,7 @@ impl FlashBackward {
         matches!(self, FlashBackward::Wgmma | FlashBackward::Ws)
     }
 
-    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused`, `wgmma` or `ws` (unset: wgmma in a
+    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused`, `wgmma` or `ws` (unset: ws in a
     /// build that has it, else split); any other value, or `wgmma` in a build without it, is an
     /// error naming the variable.
     pub fn from_env() -> Result<FlashBackward> {

@@ -211,7 +211,7 @@ impl WgmmaKernels {
             WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128)",
             WgmmaKernels::ForwardWs => "warp-specialised forward (SHARDSMITH_FLASH_FWD=ws)",
             WgmmaKernels::Backward => {
-                "backward (SHARDSMITH_FLASH_BWD=wgmma, the default in this build, or ws)"
+                "backward (SHARDSMITH_FLASH_BWD=ws, the default in this build, or wgmma)"
             }
         }
     }

@@ -35,9 +35,9 @@ pub const FORWARD: [&str; 9] =
 /// - `last_pv` and `epilogue` as in [`FORWARD`].
 ///
 /// A producer warp (4 a block) meets, per K and per V tile: `load_wait` (until the buffer's
-/// consumers have released it), `load_issue` (the cp.async requests), `load_landed` (until the
-/// previous group has landed and is signalled).
-pub const WS_FORWARD: [&str; 12] = [
+/// consumers have released it) and `load_issue` (the cp.async requests; their landing is
+/// signalled without the producer waiting for it).
+pub const WS_FORWARD: [&str; 11] = [
     "prologue",
     "tile_wait",
     "turn",
@@ -49,7 +49,6 @@ pub const WS_FORWARD: [&str; 12] = [
     "epilogue",
     "load_wait",
     "load_issue",
-    "load_landed",
 ];
 
 /// The phases of the wgmma backward (flash_wg.cu's `WgBwdPhase`, in order), as a warp of a
@@ -81,9 +80,9 @@ pub const BACKWARD: [&str; 12] = [
 /// warp meets [`BACKWARD`]'s phases but with `tile_wait` the wait for the producer's signal (no
 /// barrier), and `issue` and `wait_s` one phase (`issue_wait_s`: a clock read between them
 /// serialises the products); a producer warp meets, per step, `load_wait` (until the buffer is
-/// released), `load_issue` and `load_landed` (until the previous group has landed and is
-/// signalled), after its `prologue` and the K, V requests.
-pub const WS_BACKWARD: [&str; 14] = [
+/// released) and `load_issue` (the requests, whose landing is signalled without the producer
+/// waiting for it), after its `prologue` and the K, V requests.
+pub const WS_BACKWARD: [&str; 13] = [
     "prologue",
     "tile_wait",
     "issue_wait_s",
@@ -97,7 +96,6 @@ pub const WS_BACKWARD: [&str; 14] = [
     "epilogue",
     "load_wait",
     "load_issue",
-    "load_landed",
 ];
 
 /// One phase's totals over every warp of the grid.
