@@ -210,8 +210,8 @@ pub fn forward_runs(b: usize, hq: usize, t: usize, keys: usize) -> Vec<u64> {
 }
 
 /// How many times the warps of the warp-specialised forward run each phase of [`WS_FORWARD`]:
-/// per block 8 consumer and 4 producer warps, 128-key tiles; a producer requests Q and then K
-/// and V per tile, and signals each once it has landed.
+/// per block 8 consumer and 4 producer warps, 128-key tiles; a producer warp requests Q and then
+/// K and V per tile.
 pub fn ws_forward_runs(b: usize, hq: usize, t: usize) -> Vec<u64> {
     let blocks = (b * hq * t.div_ceil(FWD_ROWS)) as u64;
     let tiles = forward_tiles(b, hq, t, 128);
@@ -229,7 +229,6 @@ pub fn ws_forward_runs(b: usize, hq: usize, t: usize) -> Vec<u64> {
         c * blocks,
         p * 2 * tiles,
         p * (blocks + 2 * tiles),
-        p * (2 * tiles + blocks),
     ]
 }
 
@@ -263,7 +262,7 @@ pub fn backward_runs(b: usize, hq: usize, hk: usize, t: usize) -> Vec<u64> {
 
 /// How many times the warps of the warp-specialised backward run each phase of [`WS_BACKWARD`]:
 /// the consumers as [`backward_runs`]'s warps, the 4 producer warps of a block once a step (the
-/// K, V requests and the last signal once a block besides).
+/// K, V requests once a block besides).
 pub fn ws_backward_runs(b: usize, hq: usize, hk: usize, t: usize) -> Vec<u64> {
     let wg = backward_runs(b, hq, hk, t);
     let blocks = (b * hk * t.div_ceil(BWD_KEYS)) as u64;
@@ -285,7 +284,6 @@ pub fn ws_backward_runs(b: usize, hq: usize, hk: usize, t: usize) -> Vec<u64> {
         wg[11],
         p * steps,
         p * (blocks + steps),
-        p * (steps + blocks),
     ]
 }
 
@@ -435,19 +433,19 @@ mod tests {
         let w = ws_forward_runs(1, 1, 300);
         assert_eq!(w.len(), WS_FORWARD.len());
         assert_eq!((w[0], w[1], w[7]), (3 * 12, 6 * 8, 3 * 8));
-        assert_eq!((w[9], w[10], w[11]), (4 * 12, 4 * (3 + 12), 4 * (12 + 3)));
+        assert_eq!((w[9], w[10]), (4 * 12, 4 * (3 + 12)));
         let (names, runs) = forward_phases_of(FlashForward::Ws, 1, 1, 300).unwrap();
         assert_eq!((names, runs), (&WS_FORWARD[..], w));
         let (names, runs) = forward_phases_of(FlashForward::Wgmma, 1, 1, 300).unwrap();
         assert_eq!((names, runs), (&FORWARD[..], forward_runs(1, 1, 300, 64)));
         assert!(forward_phases_of(FlashForward::MmaSync, 1, 1, 300).is_err());
         // The warp-specialised backward at Hq 4 / Hk 2, T 40: 2 blocks of 12 warps, 4 steps, the
-        // producers once a step plus the K, V requests and the last signal once a block.
+        // producers once a step plus the K, V requests once a block.
         let w = ws_backward_runs(1, 4, 2, 40);
         assert_eq!(w.len(), WS_BACKWARD.len());
         assert_eq!((w[0], w[1], w[7], w[10]), (2 * 12, 4 * 8, 4 * 8, 2 * 8));
         assert_eq!((w[2], w[6]), (4 * 4, 4 * 4), "issue_wait_s and skipped split the consumer warps");
-        assert_eq!((w[11], w[12], w[13]), (4 * 4, 4 * (2 + 4), 4 * (4 + 2)));
+        assert_eq!((w[11], w[12]), (4 * 4, 4 * (2 + 4)));
         assert_eq!(backward_phases_of(FlashBackward::Ws, 1, 4, 2, 40).unwrap(), (&WS_BACKWARD[..], w));
         assert!(backward_phases_of(FlashBackward::Split, 1, 4, 2, 40).is_err());
     }
