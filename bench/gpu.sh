@@ -111,10 +111,10 @@ step ours-gpu-layer 60 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@
 step ours-gpu-layer-composed 60 "$SS" bench gpu-layer --composed --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-gpu-layer-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 # The other bf16 attention kernels (ops::attention::FlashForward, FlashBackward) in the whole
-# layer (the default: mma forward, wgmma backward): backward split, wide, fused; the wgmma
-# forward (64- and 128-key tiles, and warp-specialised: ws) with the split backward and with wgmma's;
-# the warp-specialised backward (ws) with the mma.sync and the ws forwards.
-for kv in "mma split" "mma wide" "mma fused" "wgmma split" "wgmma wgmma" "wgmma128 wgmma" "ws wgmma" "mma ws" "ws ws"; do
+# layer (the default: mma forward, ws backward): backward split, wide, fused, wgmma; the wgmma
+# forward (64- and 128-key tiles, warp-specialised: ws, and that fed by TMA: tma) with the split
+# backward and with wgmma's or ws's.
+for kv in "mma split" "mma wide" "mma fused" "mma wgmma" "wgmma split" "wgmma wgmma" "wgmma128 wgmma" "ws wgmma" "ws ws" "tma ws"; do
     set -- $kv
     [[ -n ${GPU_SH_TINY:-} && ( $kv == *wgmma* || $kv == *ws* ) ]] && continue # a CPU build has no wgmma kernels
     step ours-gpu-layer-$1-$2 60 env SHARDSMITH_FLASH_FWD=$1 SHARDSMITH_FLASH_BWD=$2 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
@@ -133,15 +133,15 @@ AK=()
 [[ -n ${GPU_SH_TINY:-} ]] || AK=(--forward mma --backward split,wide,fused)
 step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}" ${AK[@]+"${AK[@]}"}
 if [[ -z ${GPU_SH_TINY:-} ]]; then
-    step ours-attention-wgmma 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,ws --backward split
+    step ours-attention-wgmma 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,ws,tma --backward split
     # --phases: then the profiled wgmma kernels, where their warps spend their cycles (tables below).
-    step ours-attention-wgmma-bwd 40 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,ws,mma --backward wgmma,ws --phases
+    step ours-attention-wgmma-bwd 40 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,ws,tma,mma --backward wgmma,ws --phases
     # The same kernels with the blocks in head-major order (after the rows above: `find` takes
     # the first match, so the table's other cells stay heaviest-first).
     step ours-attention-head-major 30 env SHARDSMITH_ATTN_ORDER=head "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward mma,wgmma --backward split,wgmma
     # The warp-specialised kernels' other configurations (after the rows above, likewise): three
     # load stages; the forward's consumers without ping-pong.
-    step ours-attention-ws-s3 30 env SHARDSMITH_WS_STAGES=3 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws --backward ws
+    step ours-attention-ws-s3 30 env SHARDSMITH_WS_STAGES=3 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws,tma --backward ws
     step ours-attention-ws-nopp 30 env SHARDSMITH_WS_PINGPONG=0 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws --backward ws
 fi
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
@@ -162,6 +162,7 @@ step ours-neva-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench neva-step
 step ours-neva-split 60 env SHARDSMITH_FLASH_BWD=split "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 [[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-wgmma 60 env SHARDSMITH_FLASH_FWD=wgmma SHARDSMITH_FLASH_BWD=wgmma "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 [[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-ws 60 env SHARDSMITH_FLASH_FWD=ws SHARDSMITH_FLASH_BWD=ws "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+[[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-tma 60 env SHARDSMITH_FLASH_FWD=tma SHARDSMITH_FLASH_BWD=ws "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-gemm-cublaslt 60 env SHARDSMITH_GEMM=cublaslt "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step torch-neva 60 $PY neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 
@@ -174,7 +175,7 @@ peak = float(sys.argv[2])
 # without wgmma defaults to split) and the variants measured beside them.
 first = next((r for r in rows if r["bench"] == "gpu_layer" and r["impl"] == "shardsmith"), {})
 DEF = dict(flash_fwd=first.get("flash_fwd", "mma"), flash_bwd=first.get("flash_bwd", "split"))
-VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("wgmma", "split"), ("wgmma", "wgmma"), ("wgmma128", "split"), ("wgmma128", "wgmma"), ("ws", "split"), ("ws", "wgmma"), ("mma", "ws"), ("ws", "ws")]
+VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("wgmma", "split"), ("wgmma", "wgmma"), ("wgmma128", "split"), ("wgmma128", "wgmma"), ("ws", "split"), ("ws", "wgmma"), ("mma", "ws"), ("ws", "ws"), ("tma", "split"), ("tma", "ws")]
             if (f, b) != (DEF["flash_fwd"], DEF["flash_bwd"])]
 def find(bench, impl, **kv):
     for r in rows:
@@ -205,7 +206,7 @@ if o or t:
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
     line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
 o, t = find("attention", "shardsmith", **DEF), find("attention", "pytorch")
-wg, wg128, ws = (find("attention", "shardsmith", flash_fwd=f) for f in ("wgmma", "wgmma128", "ws"))
+wg, wg128, ws, tma = (find("attention", "shardsmith", flash_fwd=f) for f in ("wgmma", "wgmma128", "ws", "tma"))
 fl, cu = find("attention", "pytorch_flash"), find("attention", "pytorch_cudnn")
 if o or t:
     r = o or t
@@ -220,7 +221,7 @@ if o or t:
          f"3 stages {wsc('tflops_fwd_bwd', ws_stages=3)} / {wsc('tflops_fwd', ws_stages=3)}; "
          f"no ping-pong {wsc('tflops_fwd_bwd', ws_pingpong=False)} / {wsc('tflops_fwd', ws_pingpong=False)}")
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
-         f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}, wgmma128 {fmt(g(wg128, 'tflops_fwd'))}, ws {fmt(g(ws, 'tflops_fwd'))}; "
+         f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}, wgmma128 {fmt(g(wg128, 'tflops_fwd'))}, ws {fmt(g(ws, 'tflops_fwd'))}, tma {fmt(g(tma, 'tflops_fwd'))}; "
          f"head-major mma {hm('mma', 'wgmma', 'tflops_fwd')}, wgmma {hm('wgmma', 'wgmma', 'tflops_fwd')}")
 # Which attention kernels to make the defaults: the fastest forward by its own time, and the
 # fastest backward by fwd+bwd time less its forward's (heaviest-first rows; ws with its knobs).
@@ -228,10 +229,10 @@ att = [r for r in rows if r["bench"] == "attention" and r["impl"] == "shardsmith
 if att and att[0]["device"] == "cuda":
     def label(kind, r):
         v = r["flash_" + kind]
-        if v != "ws":
+        if v not in ("ws", "tma"):
             return v
-        pp = "" if kind == "bwd" or r.get("ws_pingpong", True) else ", no ping-pong"
-        return f"ws ({r.get('ws_stages', 2)} stages{pp})"
+        pp = "" if kind == "bwd" or v == "tma" or r.get("ws_pingpong", True) else ", no ping-pong"
+        return f"{v} ({r.get('ws_stages', 2)} stages{pp})"
     fwd_best, bwd_best = {}, {}
     for r in att:
         flops = r["tflops_fwd"] * r["fwd_ms"] * 1e9
@@ -262,6 +263,7 @@ os_ = find("neva_step", "shardsmith", flash_fwd="mma", flash_bwd="split") if DEF
 ol = find("neva_step", "shardsmith", gemm="cublaslt")
 of = find("neva_step", "shardsmith", flash_fwd="wgmma", flash_bwd="wgmma")
 ow = find("neva_step", "shardsmith", flash_fwd="ws", flash_bwd="ws")
+otm = find("neva_step", "shardsmith", flash_fwd="tma", flash_bwd="ws")
 oc = find("neva_step", "shardsmith", layer_nodes=False)
 op = find("neva_step", "shardsmith", cuda_pool_keep=False)
 if o or t:
@@ -270,7 +272,7 @@ if o or t:
     parts = lambda r: "—" if r is None else f"fwd+bwd {r['fwd_bwd_ms']:.1f}, vision+projector fwd {r['vision_projector_ms']:.1f}"
     line(name, "step ms (ratio: eager ÷ ours)", g(o, "step_ms"), g(t, "step_ms"),
          f"ours: {parts(o)}; composed {fmt(g(oc, 'step_ms'))} ({parts(oc)}); pool released {fmt(g(op, 'step_ms'))}; "
-         f"attention kernels mma+split {fmt(g(os_, 'step_ms'))}, wgmma+wgmma {fmt(g(of, 'step_ms'))}, ws+ws {fmt(g(ow, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
+         f"attention kernels mma+split {fmt(g(os_, 'step_ms'))}, wgmma+wgmma {fmt(g(of, 'step_ms'))}, ws+ws {fmt(g(ow, 'step_ms'))}, tma+ws {fmt(g(otm, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
 gemm_rows = [r for r in rows if r["bench"] == "gemm" and r["impl"] == "shardsmith" and r["gemm"] == "candle"]
 if gemm_rows:
     out += ["", "| GEMM (bf16) | M×N×K | candle TFLOP/s | cublas | cublaslt | PyTorch |", "|---|---|---|---|---|---|"]

@@ -438,7 +438,7 @@ fn wgmma_forward_matches_the_cpu() {
         let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let fc = full_attention(&f32(&q), &f32(&k), &f32(&v), scale).unwrap();
         let mut wide = None;
-        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws] {
+        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws, FlashForward::WsTma] {
             let name = format!("{} forward B{b} Hq{hq} Hk{hk} T{t} D{d}", variant.name());
             let (ow, lw) = causal_attention_forward_with(variant, &qg, &kg, &vg, scale).unwrap();
             let bits =
@@ -447,10 +447,11 @@ fn wgmma_forward_matches_the_cpu() {
                 wide = Some((ow.clone(), lw.clone()));
             }
             match (variant, &wide) {
-                (FlashForward::Ws, Some((o128, l128))) if d == 128 => {
+                (FlashForward::Ws | FlashForward::WsTma, Some((o128, l128))) if d == 128 => {
                     // The same products in the same order (S from an ss rather than an rs
                     // wgmma form: not promised bit for bit), so within a rounding here; a
-                    // pipeline race that spoils part of a tile would show.
+                    // pipeline race that spoils part of a tile, or (tma) a swizzle that TMA and
+                    // the descriptors disagree on, would show.
                     let same = bits(&ow) == bits(o128) && bits(&lw) == bits(l128);
                     println!("parity {name} causal o, lse bit for bit = wgmma128: {same}");
                     check(
@@ -525,7 +526,7 @@ fn wgmma_phase_profiles_match_the_plain_kernels() {
         );
         let scale = 1.0 / 128f64.sqrt();
         let name = format!("B{b} Hq{hq} Hk{hk} T{t}");
-        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws] {
+        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws, FlashForward::WsTma] {
             let (o0, l0) = causal_attention_forward_with(variant, &q, &k, &v, scale).unwrap();
             let (o, l, p) = phases::profile_forward(variant, &q, &k, &v, scale).unwrap();
             same(&format!("profiled {} forward {name} o", variant.name()), &o, &o0);

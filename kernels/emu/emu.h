@@ -31,6 +31,7 @@
 #define __shared__ static
 #define __constant__
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) alignas(n)
 #define DYN_SMEM(name) unsigned char *name = emu::dyn_smem
 
@@ -82,7 +83,7 @@ inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 
 namespace emu {
-alignas(16) inline unsigned char dyn_smem[1 << 20];
+alignas(1024) inline unsigned char dyn_smem[1 << 20];
 inline std::barrier<> *block_bar;
 struct Warp {
     std::unique_ptr<std::barrier<>> bar;
@@ -223,6 +224,12 @@ inline void cp_async_wait(int n) {
     });
 }
 
+// The 128-byte swizzle of TMA and wgmma (CU_TENSOR_MAP_SWIZZLE_128B; the wgmma descriptor's
+// layout type 1): the 16-byte chunk index within a 128-byte row, address bits 4–6, is XORed with
+// the row index mod 8, bits 7–9, of the shared-memory address (here: the offset into dyn_smem,
+// which is 1024-byte aligned as the kernels align their swizzled tiles).
+inline size_t swizzle128(size_t off) { return off ^ (((off >> 7) & 7) << 4); }
+
 // wgmma (kernels/src/wgmma.cuh): descriptors hold the offset into dynamic shared memory (the
 // device's shared-window address); the no-swizzle canonical layouts decoded as the PTX ISA's
 // "Canonical Layouts" state them (K-major and MN-major, documented in wgmma.cuh).
@@ -234,12 +241,24 @@ inline uint64_t wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {
 }
 inline float wgmma_elem(uint64_t desc, int mn, int k, bool mn_major) {
     const size_t base = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
-    if (desc >> 62) throw "emu: only wgmma's no-swizzle layout is emulated";
-    const size_t off = mn_major ? (mn % 8) * 2 + (mn / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
-                                : (mn % 8) * 16 + (mn / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
-    if (base + off + 2 > sizeof(dyn_smem)) throw "emu: wgmma operand past shared memory";
+    const unsigned layout = desc >> 62;
+    size_t at;
+    if (layout == 0) {  // no swizzle: 8 × 16-byte core matrices, LBO along K, SBO along M/N
+        at = base + (mn_major ? (mn % 8) * 2 + (mn / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                              : (mn % 8) * 16 + (mn / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo);
+    } else if (layout == 1) {
+        // 128-byte swizzle, rows of 128 bytes, atoms of 8 rows. K-major: a row per M/N index
+        // (the k-slice's place in the row is in the start address), SBO from 8 rows to the
+        // next, LBO unused. MN-major: a row per K index holding 64 M/N elements, SBO from 8 K
+        // rows to the next, LBO from 64 M/N elements to the next (PTX ISA, "Strides").
+        at = swizzle128(base + (mn_major ? (mn % 64) * 2 + (mn / 64) * lbo + (k % 8) * 128 + (k / 8) * sbo
+                                         : (mn % 8) * 128 + (mn / 8) * sbo + k * 2));
+    } else {
+        throw "emu: only wgmma's no-swizzle and 128-byte swizzle layouts are emulated";
+    }
+    if (at + 2 > sizeof(dyn_smem)) throw "emu: wgmma operand past shared memory";
     uint16_t v;
-    std::memcpy(&v, dyn_smem + base + off, 2);
+    std::memcpy(&v, dyn_smem + at, 2);
     return __bfloat162float({v});
 }
 // wgmma.mma_async m64nNk16 bf16 → f32 for the calling thread's accumulator fragment: A [64][16]
@@ -323,6 +342,7 @@ inline constexpr auto WAIT_LIMIT = std::chrono::seconds(EMU_WAIT_LIMIT_S);
 struct MBarrier {
     int count = 0, pending = 0;
     unsigned phase = 0;
+    long long tx = 0;  // bytes still expected by the current phase (expect_tx minus complete_tx)
 };
 inline std::mutex mbar_mutex;
 inline std::condition_variable mbar_cv;
@@ -337,14 +357,37 @@ inline MBarrier &mbar_at(const void *b) {
     if (it == mbars.end()) throw "emu: mbarrier used before mbar_init";
     return it->second;
 }
-inline void mbar_arrive(const void *b) {
-    std::lock_guard<std::mutex> lock(mbar_mutex);
-    MBarrier &m = mbar_at(b);
-    if (--m.pending == 0) {
+// A phase completes once its arrivals and its expected bytes are all in.
+inline void mbar_complete_if_done(MBarrier &m) {
+    if (m.pending == 0 && m.tx == 0) {
         m.pending = m.count;
         ++m.phase;
         mbar_cv.notify_all();
     }
+}
+inline void mbar_arrive(const void *b) {
+    std::lock_guard<std::mutex> lock(mbar_mutex);
+    MBarrier &m = mbar_at(b);
+    if (m.pending == 0) throw "emu: an mbarrier arrival past its count";
+    --m.pending;
+    mbar_complete_if_done(m);
+}
+// mbarrier.arrive.expect_tx: the current phase also waits for `bytes` of asynchronous copies.
+inline void mbar_arrive_expect_tx(const void *b, unsigned bytes) {
+    std::lock_guard<std::mutex> lock(mbar_mutex);
+    MBarrier &m = mbar_at(b);
+    if (m.pending == 0) throw "emu: an mbarrier arrival past its count";
+    m.tx += bytes;
+    --m.pending;
+    mbar_complete_if_done(m);
+}
+// complete_tx: `bytes` of a copy that signals the barrier have landed.
+inline void mbar_complete_tx(const void *b, unsigned bytes) {
+    std::lock_guard<std::mutex> lock(mbar_mutex);
+    MBarrier &m = mbar_at(b);
+    m.tx -= bytes;
+    if (m.tx < 0) throw "emu: more bytes landed than the mbarrier's phase expects";
+    mbar_complete_if_done(m);
 }
 // The kernels wait on each barrier once per phase, in order: a thread's n-th wait is for phase
 // n, and nothing can complete phase n + 1 before it has returned (the other side needs this
@@ -365,6 +408,62 @@ inline void mbar_arrive_on_copies(const void *b) {
     cp_async_commit();
     cp_async_wait(0);
     mbar_arrive(b);
+}
+
+}  // namespace emu
+
+// A tiled tensor map (the driver's CUtensorMap, made by cuTensorMapEncodeTiled; here by
+// emu::encode_tiled): bf16 elements, rank ≤ 5, dims[0] contiguous, strides in bytes of dims 1..,
+// a box of box[i] elements per dim, optionally 128-byte swizzled.
+struct CUtensorMap {
+    const unsigned char *base = nullptr;
+    int rank = 0;
+    uint64_t dims[5] = {}, strides[5] = {};
+    uint32_t box[5] = {};
+    bool swizzle128 = false;
+};
+
+namespace emu {
+inline CUtensorMap encode_tiled(const void *base, int rank, const uint64_t *dims, const uint64_t *strides,
+                                const uint32_t *box, bool swizzle128) {
+    CUtensorMap m;
+    m.base = static_cast<const unsigned char *>(base);
+    m.rank = rank;
+    m.swizzle128 = swizzle128;
+    for (int i = 0; i < rank; ++i) {
+        m.dims[i] = dims[i];
+        m.box[i] = box[i];
+        m.strides[i] = i == 0 ? 2 : strides[i - 1];
+    }
+    if (swizzle128 && box[0] * 2 > 128) throw "emu: a 128-byte swizzled box's inner dimension exceeds 128 bytes";
+    return m;
+}
+// cp.async.bulk.tensor.3d (tile mode, global → shared, complete_tx on `bar`): the box at
+// coordinates c0, c1, c2 (elements), written row after row (dim 0 fastest) from dst, swizzled if
+// the map says so; elements outside the tensor are zeros. Lands at once: the consumers still
+// see it only through the barrier, whose phase needs these bytes.
+inline void tma_load_3d(void *dst, const CUtensorMap *map, int c0, int c1, int c2, const void *bar) {
+    const ptrdiff_t at = static_cast<unsigned char *>(dst) - dyn_smem;
+    if (map->rank != 3) throw "emu: tma_load_3d with a map of another rank";
+    if (at < 0 || at % 128 || (map->swizzle128 && at % 1024))
+        throw "emu: TMA destination outside shared memory or misaligned (128 B; 1024 B swizzled)";
+    const uint32_t b0 = map->box[0], b1 = map->box[1], b2 = map->box[2];
+    unsigned bytes = 0;
+    for (uint32_t i2 = 0; i2 < b2; ++i2)
+        for (uint32_t i1 = 0; i1 < b1; ++i1)
+            for (uint32_t i0 = 0; i0 < b0; ++i0) {
+                const uint64_t x = (uint64_t)c0 + i0, y = (uint64_t)c1 + i1, z = (uint64_t)c2 + i2;
+                uint16_t v = 0;
+                if (c0 + (int)i0 >= 0 && c1 + (int)i1 >= 0 && c2 + (int)i2 >= 0 && x < map->dims[0] &&
+                    y < map->dims[1] && z < map->dims[2])
+                    std::memcpy(&v, map->base + x * 2 + y * map->strides[1] + z * map->strides[2], 2);
+                size_t off = at + ((size_t)(i2 * b1 + i1) * b0 + i0) * 2;
+                if (map->swizzle128) off = swizzle128(off);
+                if (off + 2 > sizeof(dyn_smem)) throw "emu: TMA box past shared memory";
+                std::memcpy(dyn_smem + off, &v, 2);
+                bytes += 2;
+            }
+    mbar_complete_tx(bar, bytes);
 }
 // Named barriers 1..15 (bar.sync / bar.arrive id, count): `count` arrivals complete a phase;
 // bar.sync arrives and waits for its phase to complete, bar.arrive only arrives. The count is

@@ -343,14 +343,16 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
     if constexpr (D == 128) wgmma.template operator()<128>("wgmma128");
     if constexpr (D == 128) {
         // The warp-specialised forward: the same products as the 128-key kernel in the same
-        // order, so the same bits, with and without the consumers' ping-pong.
+        // order, so the same bits, with and without the consumers' ping-pong. (Through a function
+        // pointer every argument is passed: the tensor maps are the TMA kernels'.)
+        const CUtensorMap *const NO_MAP = nullptr;
         auto ws = [&]<bool PINGPONG>(const char *name) {
             std::vector<bf16> o1;
             std::vector<float> lse1;
             run(name, [&](bf16 *o, float *lse) {
                 auto kernel = causal ? flash_fwd_ws<D, true, PINGPONG> : flash_fwd_ws<D, false, PINGPONG>;
                 emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D>(), kernel, q.data(), k.data(),
-                            v.data(), o, lse, hq, hk, t, scale, (unsigned long long *)nullptr);
+                            v.data(), o, lse, hq, hk, t, scale, (unsigned long long *)nullptr, NO_MAP, NO_MAP, NO_MAP);
                 o1.assign(o, o + ro.size());
                 lse1.assign(lse, lse + rl.size());
             });
@@ -366,7 +368,8 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
             std::vector<float> lse2(rl.size());
             std::vector<unsigned long long> prof(2 * WS_PHASES, 0);
             emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D>(), flash_fwd_ws<D, true, true, true>,
-                        q.data(), k.data(), v.data(), o2.data(), lse2.data(), hq, hk, t, scale, prof.data());
+                        q.data(), k.data(), v.data(), o2.data(), lse2.data(), hq, hk, t, scale, prof.data(), NO_MAP,
+                        NO_MAP, NO_MAP);
             const bool same2 = std::memcmp(o2.data(), o1.data(), o2.size() * sizeof(bf16)) == 0 &&
                                std::memcmp(lse2.data(), lse1.data(), lse2.size() * sizeof(float)) == 0;
             if (!same2) failures++;
@@ -391,7 +394,7 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
             std::vector<float> lse3(rl.size());
             emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D, 3>(),
                         flash_fwd_ws<D, true, PINGPONG, false, 3>, q.data(), k.data(), v.data(), o3.data(),
-                        lse3.data(), hq, hk, t, scale, (unsigned long long *)nullptr);
+                        lse3.data(), hq, hk, t, scale, (unsigned long long *)nullptr, NO_MAP, NO_MAP, NO_MAP);
             const bool same = std::memcmp(o3.data(), o128.data(), o3.size() * sizeof(bf16)) == 0 &&
                               std::memcmp(lse3.data(), lse128.data(), lse3.size() * sizeof(float)) == 0;
             if (!same) failures++;
@@ -402,6 +405,46 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
             ws3.template operator()<true>("ws 3 stages");
             ws3.template operator()<false>("ws 3 stages no ping-pong");
         }
+        // Fed by TMA (tensor maps over [B·H][T][D], boxes of 128 rows × 64 columns, 128-byte
+        // swizzle, as ops::cuda encodes them): other tile layouts, the same products, so the
+        // same bits; 2 and 3 stages, and the profiled kernel's phases (one producer warp loads).
+        auto map = [&](const std::vector<bf16> &x, int heads) {
+            const uint64_t dims[3] = {(uint64_t)D, (uint64_t)t, (uint64_t)B * heads};
+            const uint64_t strides[2] = {(uint64_t)D * 2, (uint64_t)t * D * 2};
+            const uint32_t box[3] = {64, 128, 1};
+            return emu::encode_tiled(x.data(), 3, dims, strides, box, true);
+        };
+        const CUtensorMap tmq = map(q, hq), tmk = map(k, hk), tmv = map(v, hk);
+        auto tma = [&]<int STAGES, bool PROF>(const char *name) {
+            if (!causal && (STAGES != 2 || PROF)) return;
+            std::vector<bf16> o4(ro.size());
+            std::vector<float> lse4(rl.size());
+            std::vector<unsigned long long> prof(2 * WS_PHASES, 0);
+            auto kernel = causal ? flash_fwd_ws<D, true, true, PROF, STAGES, true>
+                                 : flash_fwd_ws<D, false, true, PROF, STAGES, true>;
+            emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D, STAGES, true>(), kernel,
+                        (const bf16 *)nullptr, (const bf16 *)nullptr, (const bf16 *)nullptr, o4.data(), lse4.data(),
+                        hq, hk, t, scale, PROF ? prof.data() : (unsigned long long *)nullptr, &tmq, &tmk, &tmv);
+            const bool same = std::memcmp(o4.data(), o128.data(), o4.size() * sizeof(bf16)) == 0 &&
+                              std::memcmp(lse4.data(), lse128.data(), lse4.size() * sizeof(float)) == 0;
+            if (!same) failures++;
+            std::printf("fwd %s %s D%d B%d Hq%d Hk%d T%d = wgmma128 bit for bit: %s\n", name,
+                        causal ? "causal" : "full", D, B, hq, hk, t, same ? "ok" : "FAIL");
+            if (!PROF) return;
+            const unsigned long long blocks = (unsigned long long)nq * hq * B;
+            unsigned long long tiles = 0;
+            for (int i = 0; i < nq; ++i) tiles += (unsigned long long)B * hq * ((std::min((i + 1) * WG_BM, t) + 127) / 128);
+            char what[96];
+            std::snprintf(what, sizeof what, "fwd tma causal D%d B%d Hq%d Hk%d T%d", D, B, hq, hk, t);
+            check_phases(what, prof, WS_PHASES,
+                         {{WS_PROLOGUE, 12 * blocks}, {WS_TILE_WAIT, 8 * tiles}, {WS_TURN, 8 * tiles},
+                          {WS_ISSUE_WAIT_S, 8 * tiles}, {WS_SOFTMAX, 8 * tiles}, {WS_WAIT_PV, 8 * tiles},
+                          {WS_RESCALE, 8 * tiles}, {WS_LAST_PV, 8 * blocks}, {WS_EPILOGUE, 8 * blocks},
+                          {WS_LOAD_WAIT, 2 * tiles}, {WS_LOAD_ISSUE, blocks + 2 * tiles}});
+        };
+        tma.template operator()<2, false>("tma");
+        tma.template operator()<3, false>("tma 3 stages");
+        tma.template operator()<2, true>("profiled tma");
     }
 }
 

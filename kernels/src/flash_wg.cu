@@ -337,9 +337,21 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 // Output o, lse as flash_fwd_wg<128, 128, CAUSAL>: the same products in the same order (S with Q
 // from shared memory rather than registers), the same softmax; bit for bit in the emulator.
 constexpr int WS_THREADS = 384, WS_BN = 128, WS_PRODUCER_REGS = 24, WS_CONSUMER_REGS = 240;
-// Q [128] and K, V [STAGES][128] rows of D bf16: 160 KB at D 128 with 2 stages, 224 KB with 3.
-template <int D, int STAGES = 2> __host__ __device__ constexpr int ws_fwd_smem_bytes() {
-    return (WG_BM + 2 * STAGES * WS_BN) * D * 2;
+// Q [128] and K, V [STAGES][128] rows of D bf16: 160 KB at D 128 with 2 stages, 224 KB with 3;
+// with TMA 1 KB more, to start the swizzled tiles on a 1024-byte boundary (align_smem).
+template <int D, int STAGES = 2, bool TMA = false> __host__ __device__ constexpr int ws_fwd_smem_bytes() {
+    return (WG_BM + 2 * STAGES * WS_BN) * D * 2 + (TMA ? 1024 : 0);
+}
+
+// With TMA: rows r0 .. r0 + ROWS of one head (`plane`: batch · heads + head of the map's
+// [planes][T][D]) into dst as D / 64 boxes of 64 columns, each ROWS rows × 128 bytes, 128-byte
+// swizzled: the atom columns wgmma_desc_sw128 reads, the one after the other (ROWS · 128 bytes
+// apart). Rows past T are zeros. Signals `bar` with ROWS · D · 2 bytes (the caller's
+// mbar_expect_tx).
+template <int D, int ROWS>
+__device__ __forceinline__ void tma_rows(bf16 *dst, const CUtensorMap *map, int r0, int plane, uint64_t *bar) {
+#pragma unroll
+    for (int h = 0; h < D / 64; ++h) tma_load_3d(dst + h * ROWS * 64, map, 64 * h, r0, plane, bar);
 }
 
 // The phases of the profiled warp-specialised forward (PROF, phases.cuh), in the order and with
@@ -352,10 +364,16 @@ enum WsFwdPhase {
 
 // PROF: the profiled instantiation, counting cycles by phase into prof [2][WS_PHASES] (phases.cuh).
 // STAGES: K and V buffers each (2; 3 lets the producer run a tile further ahead).
-template <int D, bool CAUSAL, bool PINGPONG = true, bool PROF = false, int STAGES = 2>
+// TMA: the producer's thread 0 loads every tile by TMA from the tensor maps tmq, tmk, tmv
+// (q, k, v as [B·H][T][D], boxes of 128 rows × 64 columns, 128-byte swizzle; q, k, v unused),
+// one instruction a box, instead of its 128 threads' 16-byte cp.async (run 5's profile: ~2200
+// cycles to issue a tile that way, the consumers waiting a third of their time). The tiles are
+// then 128-byte swizzled, and the consumers' descriptors say so.
+template <int D, bool CAUSAL, bool PINGPONG = true, bool PROF = false, int STAGES = 2, bool TMA = false>
 __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                              bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale,
-                             unsigned long long *prof = nullptr) {
+                             unsigned long long *prof = nullptr, const CUtensorMap *tmq = nullptr,
+                             const CUtensorMap *tmk = nullptr, const CUtensorMap *tmv = nullptr) {
     static_assert(D == 128, "warp-specialised forward: D 128");
     constexpr int BN = WS_BN, KS = D / 16, TILE = BN * D;
     constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // Q, K
@@ -364,9 +382,10 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     constexpr int TURN = 1;  // named barriers TURN + c: consumer c may issue
     static_assert(STAGES == 2 || STAGES == 3, "warp-specialised forward: 2 or 3 stages");
     constexpr int S = STAGES;
-    require_smem(ws_fwd_smem_bytes<D, S>(), WS_THREADS);
+    require_smem(ws_fwd_smem_bytes<D, S, TMA>(), WS_THREADS);
     PhaseClock<PROF, WS_PHASES, WS_THREADS / 32> clk(prof);
-    DYN_SMEM(smem);
+    DYN_SMEM(smem_raw);
+    unsigned char *smem = TMA ? align_smem<1024>(smem_raw) : smem_raw;
     bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [128 rows]
     bf16 *sK = sQ + WG_BM * D;                    // [S][BN rows]
     bf16 *sV = sK + S * TILE;                     // [S][BN rows]
@@ -374,11 +393,12 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     __shared__ uint64_t bars[1 + 4 * S];  // 8-byte aligned, as mbarriers must be
     uint64_t *q_full = bars, *k_full = bars + 1, *v_full = bars + 1 + S, *k_empty = bars + 1 + 2 * S,
              *v_empty = bars + 1 + 3 * S;
+    constexpr int FILLERS = TMA ? 1 : PRODUCER;  // arrivals a full barrier's phase needs
     if (threadIdx.x == 0) {
-        mbar_init(q_full, PRODUCER);
+        mbar_init(q_full, FILLERS);
         for (int i = 0; i < S; ++i) {
-            mbar_init(k_full + i, PRODUCER);
-            mbar_init(v_full + i, PRODUCER);
+            mbar_init(k_full + i, FILLERS);
+            mbar_init(v_full + i, FILLERS);
             mbar_init(k_empty + i, CONSUMERS);
             mbar_init(v_empty + i, CONSUMERS);
         }
@@ -395,6 +415,30 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         setmaxnreg_dec<WS_PRODUCER_REGS>();
         clk.mark(WS_PROLOGUE);
         const int hkv = blk.head / (hq / hk), tid = threadIdx.x;
+        if constexpr (TMA) {
+            if (tid == 0) {  // the other 127 threads have nothing to do
+                constexpr unsigned TILE_BYTES = BN * D * 2;
+                const int kv_plane = blk.batch * hk + hkv;
+                mbar_expect_tx(q_full, WG_BM * D * 2);
+                tma_rows<D, WG_BM>(sQ, tmq, q0, blk.batch * hq + blk.head, q_full);
+                clk.mark(WS_LOAD_ISSUE);
+                for (int j = 0; j < ntiles; ++j) {  // buffers and their reuse as below
+                    const int b = j % S, reuse = j / S - 1;
+                    if (reuse >= 0) mbar_wait(k_empty + b, reuse & 1);
+                    clk.mark(WS_LOAD_WAIT);
+                    mbar_expect_tx(k_full + b, TILE_BYTES);
+                    tma_rows<D, BN>(sK + b * TILE, tmk, j * BN, kv_plane, k_full + b);
+                    clk.mark(WS_LOAD_ISSUE);
+                    if (reuse >= 0) mbar_wait(v_empty + b, reuse & 1);
+                    clk.mark(WS_LOAD_WAIT);
+                    mbar_expect_tx(v_full + b, TILE_BYTES);
+                    tma_rows<D, BN>(sV + b * TILE, tmv, j * BN, kv_plane, v_full + b);
+                    clk.mark(WS_LOAD_ISSUE);
+                }
+            }
+            clk.flush();
+            return;
+        }
         const bf16 *kh = k + ((size_t)blk.batch * hk + hkv) * t * D;
         const bf16 *vh = v + ((size_t)blk.batch * hk + hkv) * t * D;
         wg_tile_load<D, WG_BM, PRODUCER, 2>(sQ, q + ((size_t)blk.batch * hq + blk.head) * t * D, q0, t, tid);
@@ -433,15 +477,24 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
     const float sl2 = scale * LOG2E;
-    const uint64_t q_desc = wgmma_desc(sQ + 64 * c * D, KMAJ_LBO, KMAJ_SBO);
+    // Q and K K-major, V MN-major; with TMA 128-byte swizzled, as D / 64 atom columns of 128
+    // rows × 128 bytes (16 KB) each.
+    constexpr int COLUMN = 128 * 128;  // bytes of a swizzled atom column of Q, K or V
+    const uint64_t q_desc = TMA ? wgmma_desc_sw128(sQ + 64 * c * 64, 16, 1024)
+                                : wgmma_desc(sQ + 64 * c * D, KMAJ_LBO, KMAJ_SBO);
+    // 16 columns of D further along K (no swizzle: 2 core matrices; swizzled: 32 bytes into the
+    // row, in atom column ks / 4)
+    auto kstep = [](int ks) { return TMA ? (ks / 4) * COLUMN + (ks % 4) * 32 : 256 * ks; };
     uint32_t a[BN / 16][4];  // P of the previous tile: the A operand of its P·V
     // O += P_j·V_j, once the caller has waited for V_j (v_full): before its wgmma_fence, since a
     // spin loop between a group's products makes ptxas serialise them (C7514).
     auto issue_pv = [&](int j) {
-        const uint64_t v_desc = wgmma_desc(sV + (j % S) * TILE, MN_LBO, MN_SBO);
+        const uint64_t v_desc = TMA ? wgmma_desc_sw128(sV + (j % S) * TILE, COLUMN, 1024)
+                                    : wgmma_desc(sV + (j % S) * TILE, MN_LBO, MN_SBO);
+        // 16 keys: 2 row groups (2·LBO bytes) along K; swizzled, 16 rows of 128 bytes
+        constexpr int KEYS16 = TMA ? 16 * 128 : 2 * MN_LBO;
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)  // 16 keys = 2 row groups (2·LBO bytes) along K
-            wgmma_rs_m64n128k16_tb(acc, a[kk], wgmma_desc_add(v_desc, 2 * MN_LBO * kk), 1);
+        for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_m64n128k16_tb(acc, a[kk], wgmma_desc_add(v_desc, KEYS16 * kk), 1);
         wgmma_commit();
     };
     mbar_wait_copies(q_full, 0);
@@ -462,10 +515,11 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         wgmma_pin(acc);
         wgmma_pin(a);
         wgmma_fence();  // acc was rescaled and a written by ordinary instructions
-        const uint64_t k_desc = wgmma_desc(sK + b * TILE, KMAJ_LBO, KMAJ_SBO);
+        const uint64_t k_desc =
+            TMA ? wgmma_desc_sw128(sK + b * TILE, 16, 1024) : wgmma_desc(sK + b * TILE, KMAJ_LBO, KMAJ_SBO);
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 2 core matrices (256 bytes) along K
-            wgmma_ss_m64n128k16(s, wgmma_desc_add(q_desc, 256 * ks), wgmma_desc_add(k_desc, 256 * ks), ks > 0);
+        for (int ks = 0; ks < KS; ++ks)
+            wgmma_ss_m64n128k16(s, wgmma_desc_add(q_desc, kstep(ks)), wgmma_desc_add(k_desc, kstep(ks)), ks > 0);
         wgmma_commit();
         if (j > 0) issue_pv(j - 1);
         if (j > 0)
@@ -1182,6 +1236,26 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     flash_fwd_full_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
                                 int t, float scale) {
     flash_fwd_ws<128, false>(q, k, v, o, lse, hq, hk, t, scale);
+}
+// The TMA-fed warp-specialised forward (SHARDSMITH_FLASH_FWD=tma): the tensor maps of q, k, v
+// ([B·H][T][128] bf16, boxes of 128 rows × 64 columns, 128-byte swizzle; ops::cuda encodes them)
+// as __grid_constant__ parameters, whose addresses TMA takes.
+#define FLASH_FWD_TMA(NAME, CAUSAL, STAGES)                                                               \
+    extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)                                            \
+        NAME(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,              \
+             const __grid_constant__ CUtensorMap tv, bf16 *o, float *lse, int hq, int hk, int t, float scale) { \
+        flash_fwd_ws<128, CAUSAL, true, false, STAGES, true>(nullptr, nullptr, nullptr, o, lse, hq, hk, t, scale, \
+                                                             nullptr, &tq, &tk, &tv);                     \
+    }
+FLASH_FWD_TMA(flash_fwd_tma_bf16_d128, true, 2)
+FLASH_FWD_TMA(flash_fwd_tma_s3_bf16_d128, true, 3)
+FLASH_FWD_TMA(flash_fwd_full_tma_bf16_d128, false, 2)
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    flash_fwd_tma_prof_bf16_d128(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                                 const __grid_constant__ CUtensorMap tv, bf16 *o, float *lse, int hq, int hk, int t,
+                                 float scale, unsigned long long *prof) {
+    flash_fwd_ws<128, true, true, true, 2, true>(nullptr, nullptr, nullptr, o, lse, hq, hk, t, scale, prof, &tq, &tk,
+                                                 &tv);
 }
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     flash_bwd_wg_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,

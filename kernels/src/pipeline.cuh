@@ -18,6 +18,13 @@
 //              waiting for them, so a producer keeps issuing while its earlier tiles are in
 //              flight. noinc: the arrival is one of the count given to mbar_init (one a copying
 //              thread), not an extra one balanced by the instruction itself.
+//   TMA        tma_load_3d(dst, map, c0, c1, c2, bar) (cp.async.bulk.tensor, tile mode): one
+//              thread copies a box of a tensor (a CUtensorMap the host encoded: dims, strides,
+//              box, swizzle) into shared memory, zero-filling what lies outside the tensor, and
+//              the copy's bytes count towards bar's current phase, which mbar_expect_tx(bar,
+//              bytes) (an arrival that also announces the bytes) set up before. No thread waits
+//              for the copy; the consumers wait on bar. The copy is in the async proxy, as wgmma
+//              is: no proxy fence between them.
 //   fence      fence.proxy.async: generic-proxy writes to shared memory (ordinary stores,
 //              landed cp.async copies) made visible to the async proxy (wgmma). A producer
 //              that arrives by mbar_arrive_on_copies never sees its copies land, so the
@@ -27,12 +34,19 @@
 // synchronisation, so a wait that no arrival matches deadlocks there as on the device.
 #pragma once
 #include "common.cuh"
+#ifndef SHARDSMITH_EMU
+#include <cuda.h>  // CUtensorMap
+#endif
 
 #ifdef SHARDSMITH_EMU
 __device__ __forceinline__ void mbar_init(uint64_t *b, int count) { emu::mbar_init(b, count); }
 __device__ __forceinline__ void mbar_arrive(uint64_t *b) { emu::mbar_arrive(b); }
 __device__ __forceinline__ void mbar_wait(uint64_t *b, int parity) { emu::mbar_wait(b, parity); }
 __device__ __forceinline__ void mbar_arrive_on_copies(uint64_t *b) { emu::mbar_arrive_on_copies(b); }
+__device__ __forceinline__ void mbar_expect_tx(uint64_t *b, unsigned bytes) { emu::mbar_arrive_expect_tx(b, bytes); }
+__device__ __forceinline__ void tma_load_3d(void *dst, const CUtensorMap *map, int c0, int c1, int c2, uint64_t *bar) {
+    emu::tma_load_3d(dst, map, c0, c1, c2, bar);
+}
 __device__ __forceinline__ void named_sync(int id, int count) { emu::named_barrier(id, count, true); }
 __device__ __forceinline__ void named_arrive(int id, int count) { emu::named_barrier(id, count, false); }
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {}
@@ -58,6 +72,17 @@ __device__ __forceinline__ void mbar_wait(uint64_t *b, int parity) {
 __device__ __forceinline__ void mbar_arrive_on_copies(uint64_t *b) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(b)) : "memory");
 }
+__device__ __forceinline__ void mbar_expect_tx(uint64_t *b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+// `map` is the address of a __grid_constant__ kernel parameter (a generic address of param space).
+__device__ __forceinline__ void tma_load_3d(void *dst, const CUtensorMap *map, int c0, int c1, int c2, uint64_t *bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(smem_u32(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+        : "memory");
+}
 __device__ __forceinline__ void named_sync(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
@@ -78,4 +103,17 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 __device__ __forceinline__ void mbar_wait_copies(uint64_t *b, int parity) {
     mbar_wait(b, parity);
     fence_proxy_async();
+}
+
+// `smem` advanced to the next multiple of ALIGN in the shared address space (a 128-byte swizzled
+// tile must start on a 1024-byte boundary for TMA's and wgmma's swizzles to agree; dynamic shared
+// memory is only 16-byte aligned, after the static variables). The caller allocates ALIGN − 16
+// bytes more.
+template <unsigned ALIGN> __device__ __forceinline__ unsigned char *align_smem(unsigned char *smem) {
+#ifdef SHARDSMITH_EMU
+    const size_t at = smem - emu::dyn_smem;
+#else
+    const unsigned at = smem_u32(smem);
+#endif
+    return smem + ((ALIGN - at % ALIGN) % ALIGN);
 }

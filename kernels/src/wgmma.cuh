@@ -12,9 +12,10 @@
 // for the warp's 16 rows, so an accumulator tile pair packs into it as in acc_to_a.
 //
 // Descriptors (PTX ISA, "Matrix Descriptor Format"): bits 0-13 start address >> 4, 16-29 leading
-// byte offset (LBO) >> 4, 32-45 stride byte offset (SBO) >> 4, 62-63 swizzle (0: none). Only the
-// no-swizzle ("interleaved") canonical layouts are used: the tile is made of core matrices of 8
-// rows × 16 bytes stored as 128 contiguous bytes;
+// byte offset (LBO) >> 4, 32-45 stride byte offset (SBO) >> 4, 62-63 swizzle (0: none, 1: 128
+// bytes). The tiles that TMA loads (flash_fwd_ws with TMA) are 128-byte swizzled
+// (wgmma_desc_sw128); every other tile uses the no-swizzle ("interleaved") canonical layouts,
+// made of core matrices of 8 rows × 16 bytes stored as 128 contiguous bytes;
 //   K-major  ((8,m),(T,2k)):((1T,SBO),(1,LBO)): element (mn, k) at byte
 //            (mn%8)·16 + (mn/8)·SBO + (k%8)·2 + (k/8)·LBO;
 //   MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)): element (mn, k) at byte
@@ -35,6 +36,15 @@
 // `desc` with its start address moved `bytes` (a multiple of 16) further into shared memory: one
 // add on the start-address field (bits 0-13), which shared memory's 228 KB cannot overflow.
 __device__ __forceinline__ uint64_t wgmma_desc_add(uint64_t desc, int bytes) { return desc + (uint64_t)(bytes >> 4); }
+__device__ __forceinline__ uint64_t wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo);
+// The descriptor of a 128-byte swizzled operand (layout type 1; the layout TMA's
+// CU_TENSOR_MAP_SWIZZLE_128B writes): rows of 128 bytes in atoms of 8 rows, 1024-byte aligned.
+// K-major: smem at the k-slice's place in the row (+32 bytes a 16-element step), SBO 1024 (8
+// rows to the next), LBO unused. MN-major: SBO 1024 (8 K rows), LBO from 64 M/N elements to the
+// next 64.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(const void *smem, uint32_t lbo, uint32_t sbo) {
+    return wgmma_desc(smem, lbo, sbo) | (1ull << 62);
+}
 
 #ifdef SHARDSMITH_EMU
 __device__ __forceinline__ uint64_t wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {

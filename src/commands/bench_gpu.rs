@@ -290,14 +290,16 @@ pub fn attention(
     let wgmma_bwd = wgmma_available() && head_dim == 128;
     let (forwards, backwards) = if bf16_cuda {
         let fwd = match kernels.forward.is_empty() {
-            // Each wgmma variant where it runs its own kernel (wgmma128 and ws are wgmma below D
-            // 128).
+            // Each wgmma variant where it runs its own kernel (wgmma128, ws and tma are wgmma
+            // below D 128).
             true => FlashForward::ALL
                 .into_iter()
                 .filter(|f| match f {
                     FlashForward::MmaSync => true,
                     FlashForward::Wgmma => wgmma_fwd,
-                    FlashForward::Wgmma128 | FlashForward::Ws => wgmma_fwd && head_dim == 128,
+                    FlashForward::Wgmma128 | FlashForward::Ws | FlashForward::WsTma => {
+                        wgmma_fwd && head_dim == 128
+                    }
                 })
                 .collect(),
             false => kernels.forward.clone(),
@@ -403,7 +405,7 @@ fn attention_phases(
         println!("{line}");
         anyhow::Ok(())
     };
-    for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws] {
+    for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws, FlashForward::WsTma] {
         let plain = time(c, || Ok(causal_attention_forward_with(variant, q, k, v, scale).map(drop)?))?;
         let mut last = None;
         let profiled = time(c, || {

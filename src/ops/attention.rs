@@ -370,6 +370,11 @@ pub enum FlashForward {
     /// mbarriers and take turns on the tensor cores, FlashAttention-3's structure); head dim 64
     /// runs `Wgmma`'s 64-key kernel.
     Ws,
+    /// [`FlashForward::Ws`] with its producer loading by TMA (`flash_fwd_ws<…, TMA>`: one thread
+    /// issues each tile as two tensor-map boxes into 128-byte swizzled tiles, instead of 128
+    /// threads' 16-byte cp.async); head dim 128, where the inputs are 16-byte aligned (TMA's
+    /// rule for a tensor map's base); elsewhere as `Ws`.
+    WsTma,
 }
 
 impl EnvChoice for FlashForward {
@@ -379,6 +384,7 @@ impl EnvChoice for FlashForward {
         ("wgmma", FlashForward::Wgmma),
         ("wgmma128", FlashForward::Wgmma128),
         ("ws", FlashForward::Ws),
+        ("tma", FlashForward::WsTma),
     ];
     const NOUN: &'static str = "attention kernel";
     fn unavailable(self) -> Option<String> {
@@ -392,29 +398,39 @@ impl EnvChoice for FlashForward {
 }
 
 impl FlashForward {
-    pub const ALL: [FlashForward; 4] =
-        [FlashForward::MmaSync, FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws];
+    pub const ALL: [FlashForward; 5] = [
+        FlashForward::MmaSync,
+        FlashForward::Wgmma,
+        FlashForward::Wgmma128,
+        FlashForward::Ws,
+        FlashForward::WsTma,
+    ];
 
     /// Whether this is one of the wgmma kernels (sm_90a builds only).
     pub fn is_wgmma(self) -> bool {
-        matches!(self, FlashForward::Wgmma | FlashForward::Wgmma128 | FlashForward::Ws)
+        self != FlashForward::MmaSync
     }
 
     /// Whether this variant runs the warp-specialised kernel at head dim `d`.
     pub fn warp_specialized(self, d: usize) -> bool {
-        self == FlashForward::Ws && d == 128
+        matches!(self, FlashForward::Ws | FlashForward::WsTma) && d == 128
+    }
+
+    /// Whether this variant's warp-specialised kernel loads by TMA at head dim `d`.
+    pub fn tma(self, d: usize) -> bool {
+        self == FlashForward::WsTma && d == 128
     }
 
     /// Keys per tile of the wgmma kernel this variant runs at head dim `d` (None: mma.sync).
     pub fn wgmma_keys(self, d: usize) -> Option<usize> {
         match self {
             FlashForward::MmaSync => None,
-            FlashForward::Wgmma128 | FlashForward::Ws if d == 128 => Some(128),
+            FlashForward::Wgmma128 | FlashForward::Ws | FlashForward::WsTma if d == 128 => Some(128),
             _ => Some(64),
         }
     }
 
-    /// `SHARDSMITH_FLASH_FWD`, read once: `mma` (or unset), `wgmma`, `wgmma128` or `ws`; any other
+    /// `SHARDSMITH_FLASH_FWD`, read once: `mma` (or unset), `wgmma`, `wgmma128`, `ws` or `tma`; any other
     /// value, or a wgmma one in a build without it, is an error naming the variable.
     pub fn from_env() -> Result<FlashForward> {
         Self::from_var()
@@ -647,6 +663,10 @@ mod tests {
         assert_eq!(FlashForward::Ws.wgmma_keys(64), Some(64));
         assert!(FlashForward::Ws.warp_specialized(128) && !FlashForward::Ws.warp_specialized(64));
         assert!(!FlashForward::Wgmma128.warp_specialized(128));
+        assert_eq!(FlashForward::named("tma").unwrap(), FlashForward::WsTma);
+        assert!(FlashForward::WsTma.warp_specialized(128) && FlashForward::WsTma.tma(128));
+        assert!(!FlashForward::WsTma.tma(64) && !FlashForward::Ws.tma(128));
+        assert_eq!(FlashForward::WsTma.wgmma_keys(64), Some(64));
         assert_eq!(WsStages::parse(None), Ok(WsStages::Two));
         assert_eq!(WsStages::parse(Some("3")).map(WsStages::count), Ok(3));
         assert!(WsStages::parse(Some("4")).unwrap_err().contains("SHARDSMITH_WS_STAGES"));

@@ -1154,6 +1154,7 @@ pub(super) fn attention_fwd(
         && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
         && [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
     let ws = wgmma && variant.warp_specialized(d);
+    let tma = ws && variant.tma(d);
     if prof.is_some() && !(wgmma && causal && d == 128) {
         bail!("{op}: the phase profile needs the causal wgmma kernel (sm_90a build, bf16, head dim 128, 16-byte aligned inputs, a wgmma variant); got {variant:?}, head dim {d}, {dtype:?}");
     }
@@ -1170,13 +1171,16 @@ pub(super) fn attention_fwd(
             (true, false) => (WsStages::from_env()?, WsPingpong::from_env()?),
             _ => (WsStages::Two, WsPingpong::On),
         };
+        // The TMA kernels take turns always (SHARDSMITH_WS_PINGPONG is the cp.async ones').
+        let (load, pingpong) = if tma { ("tma", WsPingpong::On) } else { ("ws", pingpong) };
         let kind = match (causal, prof.is_some()) {
-            (true, true) => "ws_prof_bf16".to_string(),
-            (true, false) => format!("ws{}_bf16", ws_suffix(stages, pingpong, true)),
-            (false, _) => "full_ws_bf16".to_string(),
+            (true, true) => format!("{load}_prof_bf16"),
+            (true, false) => format!("{load}{}_bf16", ws_suffix(stages, pingpong, true)),
+            (false, _) => format!("full_{load}_bf16"),
         };
-        // Q [128] and K, V [stages][128] rows of D bf16 (flash_wg.cu's ws_fwd_smem_bytes<D, S>).
-        let smem = ((128 + 2 * stages.count() * 128) * d * 2) as u32;
+        // Q [128] and K, V [stages][128] rows of D bf16, with TMA 1 KB to align them
+        // (flash_wg.cu's ws_fwd_smem_bytes<D, S, TMA>).
+        let smem = ((128 + 2 * stages.count() * 128) * d * 2 + if tma { 1024 } else { 0 }) as u32;
         (&kernels::FLASH_WG, smem, format!("flash_fwd_{kind}_d{d}"))
     } else if wgmma {
         let kind = match (causal, prof.is_some()) {
@@ -1199,8 +1203,20 @@ pub(super) fn attention_fwd(
         let mut lse = unsafe { dev.alloc::<f32>(b * hq * t)? };
         let (hq32, hk32, t32) = (hq as i32, hk as i32, t as i32);
         let stream = dev.cuda_stream();
+        let maps = match tma {
+            true => Some([
+                attention_tensor_map(qv.device_ptr(&stream).0, b * hq, t, d)?,
+                attention_tensor_map(kv.device_ptr(&stream).0, b * hk, t, d)?,
+                attention_tensor_map(vv.device_ptr(&stream).0, b * hk, t, d)?,
+            ]),
+            false => None,
+        };
         let mut bld = stream.launch_builder(&f);
-        bld.arg(&qv).arg(&kv).arg(&vv).arg(&mut o).arg(&mut lse);
+        match &maps {
+            Some([mq, mk, mv]) => bld.arg(mq).arg(mk).arg(mv),
+            None => bld.arg(&qv).arg(&kv).arg(&vv),
+        };
+        bld.arg(&mut o).arg(&mut lse);
         bld.arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
         if let Some(p) = prof {
             bld.arg(p);
@@ -1213,12 +1229,55 @@ pub(super) fn attention_fwd(
         };
         let grid = (t.div_ceil(rows_per_block) as u32, hq as u32, b as u32);
         // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, keys, causal, prof> or flash_fwd_ws<D,
-        // causal>: bf16, 16-byte aligned inputs; the profiled kernel's prof holds 2 × its phases) or
+        // causal>: bf16, 16-byte aligned inputs, with TMA as tensor maps over them, alive until
+        // the kernel ends as the views are; the profiled kernel's prof holds 2 × its phases) or
         // flash_attn.cu (flash_fwd_tc<D, causal> for bf16, flash_fwd for f32); smem from the same
         // formula as the kernel's (which traps on less, or on another block size).
         unsafe { bld.launch(cfg(grid, threads, smem)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), tensor(lse, dev, (b, hq, t))))
     })
+}
+
+/// A TMA tensor map (the driver's 128-byte CUtensorMap), passed by value: the kernels take it as
+/// a `__grid_constant__` parameter.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct TensorMap(candle_core::cuda_backend::cudarc::driver::sys::CUtensorMap);
+// SAFETY: plain bytes the driver copies into the kernel's parameter space, as the kernel declares.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for TensorMap {}
+
+/// The tensor map flash_fwd_ws<…, TMA> loads x through: bf16 [planes][t][d] contiguous at `addr`
+/// (16-byte aligned), boxes of 128 rows × 64 columns, 128-byte swizzled (the layout its wgmma
+/// descriptors read), rows past t zero-filled.
+fn attention_tensor_map(addr: u64, planes: usize, t: usize, d: usize) -> Result<TensorMap> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let dims = [d as u64, t as u64, planes as u64];
+    let strides = [(d * 2) as u64, (t * d * 2) as u64]; // bytes, of dims 1 and 2
+    let boxes = [64u32, 128, 1];
+    let element_strides = [1u32; 3];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every array has the rank's entries (strides rank − 1); the driver writes map.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!("causal-attention: cuTensorMapEncodeTiled failed ({r:?}) for a [{planes}][{t}][{d}] bf16 tensor at {addr:#x}");
+    }
+    // SAFETY: initialised by the successful call.
+    Ok(TensorMap(unsafe { map.assume_init() }))
 }
 
 /// Dynamic shared memory of flash_wg.cu's `wgmma_probe`: a, b, c [64][64] and v [64][128] bf16.

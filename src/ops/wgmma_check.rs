@@ -209,7 +209,7 @@ impl WgmmaKernels {
     pub fn name(self) -> &'static str {
         match self {
             WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128)",
-            WgmmaKernels::ForwardWs => "warp-specialised forward (SHARDSMITH_FLASH_FWD=ws)",
+            WgmmaKernels::ForwardWs => "warp-specialised forward (SHARDSMITH_FLASH_FWD=ws, tma)",
             WgmmaKernels::Backward => {
                 "backward (SHARDSMITH_FLASH_BWD=ws, the default in this build, or wgmma)"
             }

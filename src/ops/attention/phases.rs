@@ -210,12 +210,13 @@ pub fn forward_runs(b: usize, hq: usize, t: usize, keys: usize) -> Vec<u64> {
 }
 
 /// How many times the warps of the warp-specialised forward run each phase of [`WS_FORWARD`]:
-/// per block 8 consumer and 4 producer warps, 128-key tiles; a producer warp requests Q and then
-/// K and V per tile.
-pub fn ws_forward_runs(b: usize, hq: usize, t: usize) -> Vec<u64> {
+/// per block 8 consumer and 4 producer warps, 128-key tiles; a loading warp requests Q and then
+/// K and V per tile: all 4 producer warps with cp.async, the first alone with `tma`.
+pub fn ws_forward_runs(b: usize, hq: usize, t: usize, tma: bool) -> Vec<u64> {
     let blocks = (b * hq * t.div_ceil(FWD_ROWS)) as u64;
     let tiles = forward_tiles(b, hq, t, 128);
     let (c, p) = (WARPS, WS_PRODUCER_WARPS);
+    let l = if tma { 1 } else { p };
     let per_tile = c * tiles;
     vec![
         (c + p) * blocks,
@@ -227,8 +228,8 @@ pub fn ws_forward_runs(b: usize, hq: usize, t: usize) -> Vec<u64> {
         per_tile,
         c * blocks,
         c * blocks,
-        p * 2 * tiles,
-        p * (blocks + 2 * tiles),
+        l * 2 * tiles,
+        l * (blocks + 2 * tiles),
     ]
 }
 
@@ -241,11 +242,11 @@ pub fn forward_phases_of(
     t: usize,
 ) -> Result<(&'static [&'static str], Vec<u64>)> {
     if variant.warp_specialized(128) {
-        return Ok((&WS_FORWARD, ws_forward_runs(b, hq, t)));
+        return Ok((&WS_FORWARD, ws_forward_runs(b, hq, t, variant.tma(128))));
     }
     match variant.wgmma_keys(128) {
         Some(keys) => Ok((&FORWARD, forward_runs(b, hq, t, keys))),
-        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, ws)", variant.name()),
+        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, ws, tma)", variant.name()),
     }
 }
 
@@ -319,10 +320,11 @@ pub fn profile_forward(
     scale: f64,
 ) -> Result<(Tensor, Tensor, PhaseProfile)> {
     let (kernel, names): (_, &'static [&'static str]) = match variant.wgmma_keys(128) {
+        _ if variant.tma(128) => ("flash_fwd_tma_prof_bf16_d128", &WS_FORWARD),
         _ if variant.warp_specialized(128) => ("flash_fwd_ws_prof_bf16_d128", &WS_FORWARD),
         Some(64) => ("flash_fwd_wg_prof_bf16_d128", &FORWARD),
         Some(_) => ("flash_fwd_wg_prof_bf16_d128_n128", &FORWARD),
-        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, ws)", variant.name()),
+        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, ws, tma)", variant.name()),
     };
     #[cfg(feature = "cuda")]
     {
@@ -430,12 +432,16 @@ mod tests {
         assert_eq!(backward_runs(1, 1, 1, 1).len(), BACKWARD.len());
         // The warp-specialised forward at T 300: 3 blocks, 1 + 2 + 3 128-key tiles; 12 warps a
         // block, the 4 producer warps requesting Q once and K, V per tile.
-        let w = ws_forward_runs(1, 1, 300);
+        let w = ws_forward_runs(1, 1, 300, false);
         assert_eq!(w.len(), WS_FORWARD.len());
         assert_eq!((w[0], w[1], w[7]), (3 * 12, 6 * 8, 3 * 8));
         assert_eq!((w[9], w[10]), (4 * 12, 4 * (3 + 12)));
         let (names, runs) = forward_phases_of(FlashForward::Ws, 1, 1, 300).unwrap();
         assert_eq!((names, runs), (&WS_FORWARD[..], w));
+        // With TMA one producer warp loads (the others only pass their prologue).
+        let (names, runs) = forward_phases_of(FlashForward::WsTma, 1, 1, 300).unwrap();
+        assert_eq!(names, &WS_FORWARD[..]);
+        assert_eq!((runs[0], runs[9], runs[10]), (3 * 12, 12, 3 + 12));
         let (names, runs) = forward_phases_of(FlashForward::Wgmma, 1, 1, 300).unwrap();
         assert_eq!((names, runs), (&FORWARD[..], forward_runs(1, 1, 300, 64)));
         assert!(forward_phases_of(FlashForward::MmaSync, 1, 1, 300).is_err());
