@@ -349,8 +349,11 @@ impl AttentionGridOrder {
 }
 
 /// Which kernel runs the bf16 causal (and CLIP's unmasked) attention forward on CUDA. Chosen by
-/// `SHARDSMITH_FLASH_FWD` (`mma`, the default, `wgmma`, `wgmma128` or `ws`; [`FlashForward::from_env`])
-/// until GPU measurements settle on one. All give the same o and lse up to summation order.
+/// `SHARDSMITH_FLASH_FWD` (`mma`, `wgmma`, `wgmma128`, `ws` or `tma`; [`FlashForward::from_env`]);
+/// the default is `tma` in a build that has the wgmma kernels, else `mma`. All give the same o
+/// and lse up to summation order (`tma`, `ws` and `wgmma128` the same bits on an H200).
+/// Measured on an H200 (B2 H32 S4096 D128 causal, forward TFLOP/s; BENCHMARKS.md, issue 7, part
+/// 14): tma 492, mma 315, ws 245, wgmma128 231, wgmma 198; cuDNN 529.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashForward {
     /// FlashAttention-2 style on mma.sync (`flash_fwd_bf16`; any head dim, any alignment, any
@@ -373,7 +376,8 @@ pub enum FlashForward {
     /// [`FlashForward::Ws`] with its producer loading by TMA (`flash_fwd_ws<…, TMA>`: one thread
     /// issues each tile as two tensor-map boxes into 128-byte swizzled tiles, instead of 128
     /// threads' 16-byte cp.async); head dim 128, where the inputs are 16-byte aligned (TMA's
-    /// rule for a tensor map's base); elsewhere as `Ws`.
+    /// rule for a tensor map's base); elsewhere the mma.sync kernel (the default everywhere,
+    /// so head dims the TMA kernel lacks keep the kernel they had).
     WsTma,
 }
 
@@ -389,6 +393,13 @@ impl EnvChoice for FlashForward {
     const NOUN: &'static str = "attention kernel";
     fn unavailable(self) -> Option<String> {
         (self.is_wgmma() && !wgmma_available()).then(|| WGMMA_BUILD.to_string())
+    }
+    fn default_choice() -> Self {
+        if wgmma_available() {
+            FlashForward::WsTma
+        } else {
+            FlashForward::MmaSync
+        }
     }
     fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
         static CELL: std::sync::OnceLock<std::result::Result<FlashForward, String>> =
@@ -421,16 +432,19 @@ impl FlashForward {
         self == FlashForward::WsTma && d == 128
     }
 
-    /// Keys per tile of the wgmma kernel this variant runs at head dim `d` (None: mma.sync).
+    /// Keys per tile of the wgmma kernel this variant runs at head dim `d` (None: mma.sync; the
+    /// wgmma kernels also need a build for compute capability 9.0 and aligned inputs).
     pub fn wgmma_keys(self, d: usize) -> Option<usize> {
         match self {
             FlashForward::MmaSync => None,
             FlashForward::Wgmma128 | FlashForward::Ws | FlashForward::WsTma if d == 128 => Some(128),
+            FlashForward::WsTma => None,
             _ => Some(64),
         }
     }
 
-    /// `SHARDSMITH_FLASH_FWD`, read once: `mma` (or unset), `wgmma`, `wgmma128`, `ws` or `tma`; any other
+    /// `SHARDSMITH_FLASH_FWD`, read once: `mma`, `wgmma`, `wgmma128`, `ws` or `tma` (unset: tma in a
+    /// build that has it, else mma); any other
     /// value, or a wgmma one in a build without it, is an error naming the variable.
     pub fn from_env() -> Result<FlashForward> {
         Self::from_var()
@@ -666,7 +680,7 @@ mod tests {
         assert_eq!(FlashForward::named("tma").unwrap(), FlashForward::WsTma);
         assert!(FlashForward::WsTma.warp_specialized(128) && FlashForward::WsTma.tma(128));
         assert!(!FlashForward::WsTma.tma(64) && !FlashForward::Ws.tma(128));
-        assert_eq!(FlashForward::WsTma.wgmma_keys(64), Some(64));
+        assert_eq!(FlashForward::WsTma.wgmma_keys(64), None);
         assert_eq!(WsStages::parse(None), Ok(WsStages::Two));
         assert_eq!(WsStages::parse(Some("3")).map(WsStages::count), Ok(3));
         assert!(WsStages::parse(Some("4")).unwrap_err().contains("SHARDSMITH_WS_STAGES"));

@@ -1147,8 +1147,8 @@ pub(super) fn attention_fwd(
         bail!("{op}: the unmasked kernel is bf16 only, got {dtype:?}");
     }
     let dev = qs.device();
-    // The wgmma kernel reads every input with 16-byte cp.async (no unaligned fallback).
-    let wgmma = variant.is_wgmma()
+    // The wgmma kernel reads every input with 16-byte cp.async or TMA (no unaligned fallback).
+    let wgmma = variant.wgmma_keys(d).is_some()
         && kernels::WGMMA
         && dtype == DType::BF16
         && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
