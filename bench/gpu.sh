@@ -111,12 +111,12 @@ step ours-gpu-layer 60 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@
 step ours-gpu-layer-composed 60 "$SS" bench gpu-layer --composed --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-gpu-layer-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 # The other bf16 attention kernels (ops::attention::FlashForward, FlashBackward) in the whole
-# layer (the default: mma forward, ws backward): backward split, wide, fused, wgmma; the wgmma
-# forward (64- and 128-key tiles, warp-specialised: ws, and that fed by TMA: tma) with the split
-# backward and with wgmma's or ws's.
-for kv in "mma split" "mma wide" "mma fused" "mma wgmma" "wgmma split" "wgmma wgmma" "wgmma128 wgmma" "ws wgmma" "ws ws" "tma ws"; do
+# layer (the default: tma forward, ws backward): the mma.sync forward (every GPU's) with the
+# mma.sync backwards split and fused and with ws; the cp.async-fed ws forward; the tma forward
+# with the wgmma backward and with the TMA-fed ws backward (tma).
+for kv in "mma split" "mma fused" "mma ws" "ws ws" "tma wgmma" "tma tma"; do
     set -- $kv
-    [[ -n ${GPU_SH_TINY:-} && ( $kv == *wgmma* || $kv == *ws* ) ]] && continue # a CPU build has no wgmma kernels
+    [[ -n ${GPU_SH_TINY:-} && ( $kv == *wgmma* || $kv == *ws* || $kv == *tma* ) ]] && continue # a CPU build has no wgmma kernels
     step ours-gpu-layer-$1-$2 60 env SHARDSMITH_FLASH_FWD=$1 SHARDSMITH_FLASH_BWD=$2 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 done
 # The layer's GEMMs through cuBLAS directly (ops::cublas) instead of candle's matmul.
@@ -135,13 +135,13 @@ step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A
 if [[ -z ${GPU_SH_TINY:-} ]]; then
     step ours-attention-wgmma 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,ws,tma --backward split
     # --phases: then the profiled wgmma kernels, where their warps spend their cycles (tables below).
-    step ours-attention-wgmma-bwd 40 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,ws,tma,mma --backward wgmma,ws --phases
+    step ours-attention-wgmma-bwd 40 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,ws,tma,mma --backward wgmma,ws,tma --phases
     # The same kernels with the blocks in head-major order (after the rows above: `find` takes
     # the first match, so the table's other cells stay heaviest-first).
     step ours-attention-head-major 30 env SHARDSMITH_ATTN_ORDER=head "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward mma,wgmma --backward split,wgmma
     # The warp-specialised kernels' other configurations (after the rows above, likewise): three
     # load stages; the forward's consumers without ping-pong.
-    step ours-attention-ws-s3 30 env SHARDSMITH_WS_STAGES=3 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws,tma --backward ws
+    step ours-attention-ws-s3 30 env SHARDSMITH_WS_STAGES=3 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws,tma --backward ws,tma
     step ours-attention-ws-nopp 30 env SHARDSMITH_WS_PINGPONG=0 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws --backward ws
 fi
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
@@ -159,10 +159,10 @@ step torch-decode 60 $PY decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-neva 60 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-composed 60 "$SS" bench neva-step --composed --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
-step ours-neva-split 60 env SHARDSMITH_FLASH_BWD=split "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+step ours-neva-split 60 env SHARDSMITH_FLASH_FWD=mma SHARDSMITH_FLASH_BWD=split "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 [[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-wgmma 60 env SHARDSMITH_FLASH_FWD=wgmma SHARDSMITH_FLASH_BWD=wgmma "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 [[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-ws 60 env SHARDSMITH_FLASH_FWD=ws SHARDSMITH_FLASH_BWD=ws "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
-[[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-tma 60 env SHARDSMITH_FLASH_FWD=tma SHARDSMITH_FLASH_BWD=ws "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+[[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-tma 60 env SHARDSMITH_FLASH_FWD=tma SHARDSMITH_FLASH_BWD=tma "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-gemm-cublaslt 60 env SHARDSMITH_GEMM=cublaslt "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step torch-neva 60 $PY neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 
@@ -175,7 +175,7 @@ peak = float(sys.argv[2])
 # without wgmma defaults to split) and the variants measured beside them.
 first = next((r for r in rows if r["bench"] == "gpu_layer" and r["impl"] == "shardsmith"), {})
 DEF = dict(flash_fwd=first.get("flash_fwd", "mma"), flash_bwd=first.get("flash_bwd", "split"))
-VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("wgmma", "split"), ("wgmma", "wgmma"), ("wgmma128", "split"), ("wgmma128", "wgmma"), ("ws", "split"), ("ws", "wgmma"), ("mma", "ws"), ("ws", "ws"), ("tma", "split"), ("tma", "ws")]
+VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("mma", "ws"), ("mma", "tma"), ("wgmma", "split"), ("wgmma", "wgmma"), ("wgmma128", "split"), ("wgmma128", "wgmma"), ("ws", "split"), ("ws", "wgmma"), ("ws", "ws"), ("tma", "split"), ("tma", "wgmma"), ("tma", "ws"), ("tma", "tma")]
             if (f, b) != (DEF["flash_fwd"], DEF["flash_bwd"])]
 def find(bench, impl, **kv):
     for r in rows:
@@ -263,7 +263,7 @@ os_ = find("neva_step", "shardsmith", flash_fwd="mma", flash_bwd="split") if DEF
 ol = find("neva_step", "shardsmith", gemm="cublaslt")
 of = find("neva_step", "shardsmith", flash_fwd="wgmma", flash_bwd="wgmma")
 ow = find("neva_step", "shardsmith", flash_fwd="ws", flash_bwd="ws")
-otm = find("neva_step", "shardsmith", flash_fwd="tma", flash_bwd="ws")
+otm = find("neva_step", "shardsmith", flash_fwd="tma", flash_bwd="tma")
 oc = find("neva_step", "shardsmith", layer_nodes=False)
 op = find("neva_step", "shardsmith", cuda_pool_keep=False)
 if o or t:
@@ -272,7 +272,7 @@ if o or t:
     parts = lambda r: "—" if r is None else f"fwd+bwd {r['fwd_bwd_ms']:.1f}, vision+projector fwd {r['vision_projector_ms']:.1f}"
     line(name, "step ms (ratio: eager ÷ ours)", g(o, "step_ms"), g(t, "step_ms"),
          f"ours: {parts(o)}; composed {fmt(g(oc, 'step_ms'))} ({parts(oc)}); pool released {fmt(g(op, 'step_ms'))}; "
-         f"attention kernels mma+split {fmt(g(os_, 'step_ms'))}, wgmma+wgmma {fmt(g(of, 'step_ms'))}, ws+ws {fmt(g(ow, 'step_ms'))}, tma+ws {fmt(g(otm, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
+         f"attention kernels mma+split {fmt(g(os_, 'step_ms'))}, wgmma+wgmma {fmt(g(of, 'step_ms'))}, ws+ws {fmt(g(ow, 'step_ms'))}, tma+tma {fmt(g(otm, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
 gemm_rows = [r for r in rows if r["bench"] == "gemm" and r["impl"] == "shardsmith" and r["gemm"] == "candle"]
 if gemm_rows:
     out += ["", "| GEMM (bf16) | M×N×K | candle TFLOP/s | cublas | cublaslt | PyTorch |", "|---|---|---|---|---|---|"]

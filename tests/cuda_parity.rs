@@ -387,7 +387,7 @@ fn wgmma_backward_matches_the_cpu() {
         (1, 2, 1, 260, 128),
     ];
     for (b, hq, hk, t, d) in cases {
-        let variants = [FlashBackward::Split, FlashBackward::Wgmma, FlashBackward::Ws];
+        let variants = [FlashBackward::Split, FlashBackward::Wgmma, FlashBackward::Ws, FlashBackward::WsTma];
         let grads = backward_variants(b, hq, hk, t, d, &variants);
         let (_, dk0, dv0) = &grads[0];
         for (variant, (_, dk, dv)) in variants.iter().zip(&grads).skip(1) {
@@ -397,12 +397,14 @@ fn wgmma_backward_matches_the_cpu() {
         }
         let bits =
             |x: &Tensor| x.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-        let ((_, dkw, dvw), (_, dks, dvs)) = (&grads[1], &grads[2]);
-        assert!(
-            bits(dkw) == bits(dks) && bits(dvw) == bits(dvs),
-            "attention bwd Ws B{b} Hq{hq} Hk{hk} T{t} D{d}: dk, dv differ from Wgmma's"
-        );
-        println!("parity attention bwd Ws B{b} Hq{hq} Hk{hk} T{t} D{d} dk, dv = Wgmma's bit for bit: ok");
+        let (_, dkw, dvw) = &grads[1];
+        for (variant, (_, dks, dvs)) in variants.iter().zip(&grads).skip(2) {
+            assert!(
+                bits(dkw) == bits(dks) && bits(dvw) == bits(dvs),
+                "attention bwd {variant:?} B{b} Hq{hq} Hk{hk} T{t} D{d}: dk, dv differ from Wgmma's"
+            );
+            println!("parity attention bwd {variant:?} B{b} Hq{hq} Hk{hk} T{t} D{d} dk, dv = Wgmma's bit for bit: ok");
+        }
     }
 }
 
@@ -535,7 +537,7 @@ fn wgmma_phase_profiles_match_the_plain_kernels() {
             cycles_where_run(&p);
         }
         let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, &q, &k, &v, scale).unwrap();
-        for variant in [FlashBackward::Wgmma, FlashBackward::Ws] {
+        for variant in [FlashBackward::Wgmma, FlashBackward::Ws, FlashBackward::WsTma] {
             let (dq0, dk0, dv0) =
                 causal_attention_backward_with(variant, &q, &k, &v, &o, &lse, &g, scale).unwrap();
             let ((dq, dk, dv), p) =

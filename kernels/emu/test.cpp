@@ -155,12 +155,26 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                 // The warp-specialised backward (2 and 3 stages, and profiled): the same products in
                 // the same order as the wgmma backward, so its dk, dv bit for bit (dq: the same
                 // atomic adds, in another order).
-                auto ws_bwd = [&]<bool PROF, int S>(const char *label, const char *dq_label, unsigned long long *prof) {
+                // With TMA: tensor maps as ops::cuda encodes them ([B·H][T][D], boxes of 64 or 128
+                // rows × 64 columns, 128-byte swizzle), the tiles swizzled, the same products.
+                auto map = [&](const std::vector<T> &x, int heads, uint32_t rows) {
+                    const uint64_t dims[3] = {(uint64_t)D, (uint64_t)t, (uint64_t)B * heads};
+                    const uint64_t strides[2] = {(uint64_t)D * 2, (uint64_t)t * D * 2};
+                    const uint32_t box[3] = {64, rows, 1};
+                    return emu::encode_tiled(x.data(), 3, dims, strides, box, true);
+                };
+                const CUtensorMap tmq = map(q, hq, 64), tmk = map(k, hk, 128), tmv = map(v, hk, 128),
+                                  tmo = map(dO, hq, 64);
+                auto ws_bwd = [&]<bool PROF, int S, bool TMA = false>(const char *label, const char *dq_label,
+                                                                     unsigned long long *prof) {
                     std::vector<T> dk6(k.size()), dv6(v.size());
                     std::vector<float> dq6(q.size(), 0.f);
-                    emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), ws_bwd_smem_bytes<D, S>(), flash_bwd_ws<D, PROF, S>,
-                                q.data(), k.data(), v.data(), dO.data(), lse.data(), delta.data(), dk6.data(),
-                                dv6.data(), dq6.data(), hq, hk, t, scale, prof);
+                    const CUtensorMap *const none = nullptr;
+                    emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), ws_bwd_smem_bytes<D, S, TMA>(),
+                                flash_bwd_ws<D, PROF, S, TMA>, TMA ? nullptr : q.data(), TMA ? nullptr : k.data(),
+                                TMA ? nullptr : v.data(), TMA ? nullptr : dO.data(), lse.data(), delta.data(),
+                                dk6.data(), dv6.data(), dq6.data(), hq, hk, t, scale, prof, TMA ? &tmq : none,
+                                TMA ? &tmk : none, TMA ? &tmv : none, TMA ? &tmo : none);
                     const bool same = std::memcmp(dk6.data(), dk4.data(), dk4.size() * sizeof(T)) == 0 &&
                                       std::memcmp(dv6.data(), dv4.data(), dv4.size() * sizeof(T)) == 0;
                     if (!same) failures++;
@@ -170,12 +184,25 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                 };
                 ws_bwd.template operator()<false, 2>("ws bwd", "ws dq", nullptr);
                 ws_bwd.template operator()<false, 3>("ws bwd 3 stages", "ws 3-stage dq", nullptr);
+                ws_bwd.template operator()<false, 2, true>("tma bwd", "tma dq", nullptr);
+                ws_bwd.template operator()<false, 3, true>("tma bwd 3 stages", "tma 3-stage dq", nullptr);
+                // The TMA kernel's profile: the same phases as ws's (all 4 producer warps still
+                // stage lse and Δ each step).
+                std::vector<unsigned long long> tprof(2 * WSB_PHASES, 0);
+                ws_bwd.template operator()<true, 2, true>("profiled tma bwd", "profiled tma dq", tprof.data());
                 // Profiled: besides, each phase as often as the geometry says (8 consumer warps as
                 // the wgmma backward's, 4 producer warps).
                 std::vector<unsigned long long> wprof(2 * WSB_PHASES, 0);
                 ws_bwd.template operator()<true, 2>("profiled ws bwd", "profiled ws dq", wprof.data());
                 std::snprintf(what, sizeof what, "attn %s D%d B%d Hq%d Hk%d T%d ws bwd", name, D, B, hq, hk, t);
                 check_phases(what, wprof, WSB_PHASES,
+                             {{WSB_PROLOGUE, 12 * blocks}, {WSB_TILE_WAIT, 8 * steps}, {WSB_ISSUE_WAIT_S, worked},
+                              {WSB_P, worked}, {WSB_WAIT_DP, worked}, {WSB_DS, worked}, {WSB_SKIPPED, skipped},
+                              {WSB_BARRIER, 8 * steps}, {WSB_DQ, 8 * steps}, {WSB_ATOMICS, 8 * steps},
+                              {WSB_EPILOGUE, 8 * blocks}, {WSB_LOAD_WAIT, 4 * steps},
+                              {WSB_LOAD_ISSUE, 4 * (blocks + steps)}});
+                std::snprintf(what, sizeof what, "attn %s D%d B%d Hq%d Hk%d T%d tma bwd", name, D, B, hq, hk, t);
+                check_phases(what, tprof, WSB_PHASES,
                              {{WSB_PROLOGUE, 12 * blocks}, {WSB_TILE_WAIT, 8 * steps}, {WSB_ISSUE_WAIT_S, worked},
                               {WSB_P, worked}, {WSB_WAIT_DP, worked}, {WSB_DS, worked}, {WSB_SKIPPED, skipped},
                               {WSB_BARRIER, 8 * steps}, {WSB_DQ, 8 * steps}, {WSB_ATOMICS, 8 * steps},

@@ -613,7 +613,10 @@ enum WgBwdStage {
 // queries q0 .. reach: Sᵀ, dPᵀ from K (wK), V (wV), Q (cQ), dO (cdO); Pᵀ, dSᵀ with lse (cL) and
 // Δ (cDl); dSᵀ stored into the block's tile cdS; dV += Pᵀ·dO and dK += dSᵀ·Q issued, left in
 // flight (phase 3 waits for them), with their A operands in ap, ad.
-template <int D, class Hook>
+// SW: the K, V, Q and dO tiles are 128-byte swizzled (TMA's; D = 128): atom columns of the
+// tile's rows × 128 bytes, K and V 128 rows (wK, wV point at the warpgroup's 64 within the
+// first column), Q and dO 64; else the core-matrix layout of wg_tile_load.
+template <int D, bool SW = false, class Hook>
 __device__ __forceinline__ void wg_bwd_dkdv(Hook hook, const bf16 *wK, const bf16 *wV, const bf16 *cQ, const bf16 *cdO,
                                             const float *cL, const float *cDl, bf16 *cdS, int wgi, int warp, int g,
                                             int tq, int q0, int wk0, int rk0, float sl2, float scale,
@@ -622,21 +625,29 @@ __device__ __forceinline__ void wg_bwd_dkdv(Hook hook, const bf16 *wK, const bf1
     constexpr int KS = D / 16;
     constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // K, V, Q, dO read K-major
     constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // Q, dO read MN-major
+    static_assert(!SW || D == 128, "swizzled tiles: D 128");
+    auto kmajor = [](const bf16 *p) {
+        return SW ? wgmma_desc_sw128(p, 16, 1024) : wgmma_desc(p, KMAJ_LBO, KMAJ_SBO);
+    };
+    // 16 columns of D further along K in a tile of `rows` rows: 2 core matrices (256 bytes), or
+    // swizzled 32 bytes into the row in atom column ks / 4
+    auto kstep = [](int ks, int rows) { return SW ? (ks / 4) * rows * 128 + (ks % 4) * 32 : 256 * ks; };
     // 1. Sᵀ, dPᵀ [64 keys][64 queries]
     float st[WGB_BQ / 8][4], dpt[WGB_BQ / 8][4];
     wgmma_pin(st);
     wgmma_pin(dpt);
-    const uint64_t k_desc = wgmma_desc(wK, KMAJ_LBO, KMAJ_SBO), q_desc = wgmma_desc(cQ, KMAJ_LBO, KMAJ_SBO);
-    const uint64_t v_desc = wgmma_desc(wV, KMAJ_LBO, KMAJ_SBO), o_desc = wgmma_desc(cdO, KMAJ_LBO, KMAJ_SBO);
+    const uint64_t k_desc = kmajor(wK), q_desc = kmajor(cQ), v_desc = kmajor(wV), o_desc = kmajor(cdO);
     // Sᵀ and dPᵀ as two groups: Pᵀ is computed while dPᵀ's products run.
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks)  // 16 columns of D = 256 bytes along K
-        wgmma_ss_m64n64k16(st, wgmma_desc_add(k_desc, 256 * ks), wgmma_desc_add(q_desc, 256 * ks), ks > 0);
+    for (int ks = 0; ks < KS; ++ks)
+        wgmma_ss_m64n64k16(st, wgmma_desc_add(k_desc, kstep(ks, 128)), wgmma_desc_add(q_desc, kstep(ks, WGB_BQ)),
+                           ks > 0);
     wgmma_commit();
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks)
-        wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, 256 * ks), wgmma_desc_add(o_desc, 256 * ks), ks > 0);
+        wgmma_ss_m64n64k16(dpt, wgmma_desc_add(v_desc, kstep(ks, 128)), wgmma_desc_add(o_desc, kstep(ks, WGB_BQ)),
+                           ks > 0);
     wgmma_commit();
     hook(WGB_ISSUED);
     wgmma_wait<1>();  // Sᵀ done, dPᵀ in flight
@@ -655,15 +666,20 @@ __device__ __forceinline__ void wg_bwd_dkdv(Hook hook, const bf16 *wK, const bf1
     // 2a. dV += Pᵀ dO over the step's 64 queries, 16 at a time (A packed before the
     // fence: registers wgmma reads are written first), issued now so that it runs while
     // dSᵀ is computed.
-    const uint64_t o_mn = wgmma_desc(cdO, MN_LBO, MN_SBO), q_mn = wgmma_desc(cQ, MN_LBO, MN_SBO);
+    // Q, dO MN-major: swizzled, LBO from d 0..63 to 64..127 (an atom column), SBO 8 queries
+    auto mnmajor = [](const bf16 *p) {
+        return SW ? wgmma_desc_sw128(p, WGB_BQ * 128, 1024) : wgmma_desc(p, MN_LBO, MN_SBO);
+    };
+    constexpr int QUERIES16 = SW ? 16 * 128 : 2 * MN_LBO;  // 16 queries further along K
+    const uint64_t o_mn = mnmajor(cdO), q_mn = mnmajor(cQ);
 #pragma unroll
     for (int kk = 0; kk < WGB_BQ / 16; ++kk) acc_to_a(ap[kk], st[2 * kk], st[2 * kk + 1]);
     wgmma_pin(dv_acc);
     wgmma_pin(ap);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < WGB_BQ / 16; ++kk)  // queries 16·kk ..: row groups 2kk, 2kk + 1
-        wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, 2 * MN_LBO * kk), 1);
+    for (int kk = 0; kk < WGB_BQ / 16; ++kk)  // queries 16·kk ..
+        wgmma_rs_m64n128k16_tb(dv_acc, ap[kk], wgmma_desc_add(o_mn, QUERIES16 * kk), 1);
     wgmma_commit();
     hook(WGB_P_ISSUED);
     wgmma_wait<1>();  // dPᵀ done (the older group), dV in flight
@@ -690,14 +706,15 @@ __device__ __forceinline__ void wg_bwd_dkdv(Hook hook, const bf16 *wK, const bf1
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < WGB_BQ / 16; ++kk)
-        wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, 2 * MN_LBO * kk), 1);
+        wgmma_rs_m64n128k16_tb(dk_acc, ad[kk], wgmma_desc_add(q_mn, QUERIES16 * kk), 1);
     wgmma_commit();  // 2a and 2b are waited for after phase 3's products are issued
     hook(WGB_DS_ISSUED);
 }
 
 // Phase 3: dQ [64 queries][head-dim half `half`] of the step into acc, from the stored dSᵀ (cdS)
-// and K (sK) over the block's 128 keys, waited for together with phase 2's products.
-template <int D>
+// and K (sK) over the block's 128 keys, waited for together with phase 2's products. SW: K is
+// 128-byte swizzled (wg_bwd_dkdv), head-dim half `half` its atom column.
+template <int D, bool SW = false>
 __device__ __forceinline__ void wg_bwd_dq(float (&acc)[8][4], const bf16 *cdS, const bf16 *sK, int half,
                                           float (&dk_acc)[D / 8][4], float (&dv_acc)[D / 8][4],
                                           uint32_t (&ap)[WGB_BQ / 16][4], uint32_t (&ad)[WGB_BQ / 16][4]) {
@@ -705,12 +722,14 @@ __device__ __forceinline__ void wg_bwd_dq(float (&acc)[8][4], const bf16 *cdS, c
     constexpr uint32_t DS_LBO = WGB_BQ / 8 * 128, DS_SBO = 128;  // dSᵀ read as dS (MN-major A)
     // keys 16·kk ..: 2 row groups of dSᵀ and of K (this warpgroup's 64 columns of K)
     const uint64_t ds_desc = wgmma_desc(cdS, DS_LBO, DS_SBO);
-    const uint64_t k_mn = wgmma_desc(sK + half * (D / 16) * 64, MN_LBO, MN_SBO);
+    const uint64_t k_mn = SW ? wgmma_desc_sw128(sK + half * 128 * 64, 128 * 128, 1024)
+                             : wgmma_desc(sK + half * (D / 16) * 64, MN_LBO, MN_SBO);
+    constexpr int KEYS16 = SW ? 16 * 128 : 2 * MN_LBO;  // 16 keys further along K
     wgmma_pin(acc);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 128 / 16; ++kk)
-        wgmma_ss_m64n64k16_tt(acc, wgmma_desc_add(ds_desc, 2 * DS_LBO * kk), wgmma_desc_add(k_mn, 2 * MN_LBO * kk),
+        wgmma_ss_m64n64k16_tt(acc, wgmma_desc_add(ds_desc, 2 * DS_LBO * kk), wgmma_desc_add(k_mn, KEYS16 * kk),
                               kk > 0);
     wgmma_commit();
     wgmma_wait<0>();  // phase 2's and phase 3's products
@@ -896,8 +915,9 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 constexpr int WSB_THREADS = 384;
 // K, V [128], Q, dO [STAGES][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ [STAGES][64] f32: 161 KB
 // at D 128 with 2 stages, 194 KB with 3.
-template <int D, int STAGES = 2> __host__ __device__ constexpr int ws_bwd_smem_bytes() {
-    return (2 * 128 + 2 * STAGES * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 2 * STAGES * WGB_BQ * 4;
+// With TMA 1 KB more, to start the swizzled tiles on a 1024-byte boundary (align_smem).
+template <int D, int STAGES = 2, bool TMA = false> __host__ __device__ constexpr int ws_bwd_smem_bytes() {
+    return (2 * 128 + 2 * STAGES * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 2 * STAGES * WGB_BQ * 4 + (TMA ? 1024 : 0);
 }
 
 // The phases of the profiled warp-specialised backward (PROF, phases.cuh), in the order and with
@@ -910,20 +930,28 @@ enum WsBwdPhase {
 
 // PROF: the profiled instantiation, counting cycles by phase into prof [2][WSB_PHASES] (phases.cuh).
 // STAGES: buffers of a step's Q, dO, lse, Δ (2; 3 lets the producer run a step further ahead).
-template <int D, bool PROF = false, int STAGES = 2>
+// TMA: the producer's thread 0 loads K, V and each step's Q and dO by TMA from the tensor maps
+// tmk, tmv (boxes of 128 rows × 64 columns) and tmq, tmo (64 rows × 64 columns), 128-byte
+// swizzled (q, k, v, dout unused); lse and Δ stay 4-byte cp.async by the producer's 128 threads
+// (a tensor map's row stride must be a multiple of 16 bytes, T · 4 need not be), so a step's
+// `full` barrier takes their 128 arrivals and thread 0's announcing the TMA bytes.
+template <int D, bool PROF = false, int STAGES = 2, bool TMA = false>
 __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                              const bf16 *__restrict__ dout, const float *__restrict__ lse,
                              const float *__restrict__ delta, bf16 *__restrict__ dk, bf16 *__restrict__ dv,
                              float *__restrict__ dq_acc, int hq, int hk, int t, float scale,
-                             unsigned long long *prof = nullptr) {
+                             unsigned long long *prof = nullptr, const CUtensorMap *tmq = nullptr,
+                             const CUtensorMap *tmk = nullptr, const CUtensorMap *tmv = nullptr,
+                             const CUtensorMap *tmo = nullptr) {
     static_assert(D == 128, "warp-specialised backward: D 128");
     constexpr int QT = WGB_BQ * D, DST = 128 * WGB_BQ;  // elements of a Q / dO / dSᵀ tile
     constexpr int PRODUCER = 128, CONSUMERS = 256, DS_READY = 1;  // threads; the named barrier
     static_assert(STAGES == 2 || STAGES == 3, "warp-specialised backward: 2 or 3 stages");
     constexpr int S = STAGES;
-    require_smem(ws_bwd_smem_bytes<D, S>(), WSB_THREADS);
+    require_smem(ws_bwd_smem_bytes<D, S, TMA>(), WSB_THREADS);
     PhaseClock<PROF, WSB_PHASES, WSB_THREADS / 32> clk(prof);
-    DYN_SMEM(smem);
+    DYN_SMEM(smem_raw);
+    unsigned char *smem = TMA ? align_smem<1024>(smem_raw) : smem_raw;
     bf16 *sK = reinterpret_cast<bf16 *>(smem);  // [128 keys]
     bf16 *sV = sK + 128 * D;                      // [128 keys]
     bf16 *sQ = sV + 128 * D;                      // [S][64 queries]
@@ -934,9 +962,9 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     __shared__ uint64_t bars[1 + 2 * S];  // kv_full; full, empty [S]
     uint64_t *kv_full = bars, *full = bars + 1, *empty = bars + 1 + S;
     if (threadIdx.x == 0) {
-        mbar_init(kv_full, PRODUCER);
+        mbar_init(kv_full, TMA ? 1 : PRODUCER);
         for (int i = 0; i < S; ++i) {
-            mbar_init(full + i, PRODUCER);
+            mbar_init(full + i, TMA ? PRODUCER + 1 : PRODUCER);
             mbar_init(empty + i, CONSUMERS);
         }
     }
@@ -954,9 +982,15 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         setmaxnreg_dec<WS_PRODUCER_REGS>();
         clk.mark(WSB_PROLOGUE);
         const int tid = threadIdx.x;
-        wg_tile_load<D, 128, PRODUCER, 2>(sK, k + kvoff, k0, t, tid);
-        wg_tile_load<D, 128, PRODUCER, 2>(sV, v + kvoff, k0, t, tid);
-        mbar_arrive_on_copies(kv_full);
+        if (!TMA) {
+            wg_tile_load<D, 128, PRODUCER, 2>(sK, k + kvoff, k0, t, tid);
+            wg_tile_load<D, 128, PRODUCER, 2>(sV, v + kvoff, k0, t, tid);
+            mbar_arrive_on_copies(kv_full);
+        } else if (tid == 0) {
+            mbar_expect_tx(kv_full, 2 * 128 * D * 2);
+            tma_rows<D, 128>(sK, tmk, k0, b * hk + hkv, kv_full);
+            tma_rows<D, 128>(sV, tmv, k0, b * hk + hkv, kv_full);
+        }
         clk.mark(WSB_LOAD_ISSUE);
         // Step s into buffer s % S, its u-th use (u = s / S) after the consumers' (u − 1)-th
         // release; its full barrier completes when its copies land (the producer never waits
@@ -967,8 +1001,14 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             clk.mark(WSB_LOAD_WAIT);
             const int h = hkv * group + s / nqt, q0 = k0 + (s % nqt) * WGB_BQ;
             const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
-            wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sQ + buf * QT, q + qoff, q0, t, tid);
-            wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sdO + buf * QT, dout + qoff, q0, t, tid);
+            if (!TMA) {
+                wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sQ + buf * QT, q + qoff, q0, t, tid);
+                wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sdO + buf * QT, dout + qoff, q0, t, tid);
+            } else if (tid == 0) {
+                mbar_expect_tx(full + buf, 2 * WGB_BQ * D * 2);
+                tma_rows<D, WGB_BQ>(sQ + buf * QT, tmq, q0, b * hq + h, full + buf);
+                tma_rows<D, WGB_BQ>(sdO + buf * QT, tmo, q0, b * hq + h, full + buf);
+            }
             stage_lse_delta_async<WGB_BQ, PRODUCER>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t,
                                                     tid);
             mbar_arrive_on_copies(full + buf);
@@ -991,7 +1031,8 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.f;
-    const bf16 *wK = sK + 64 * c * D, *wV = sV + 64 * c * D;  // this warpgroup's 64 keys
+    // this warpgroup's 64 keys (swizzled: rows of the first atom column)
+    const bf16 *wK = sK + 64 * c * (TMA ? 64 : D), *wV = sV + 64 * c * (TMA ? 64 : D);
     mbar_wait_copies(kv_full, 0);
     clk.mark(WSB_PROLOGUE);
 
@@ -1007,7 +1048,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         uint32_t ap[WGB_BQ / 16][4], ad[WGB_BQ / 16][4];
         if (q0 + WGB_BQ - 1 >= wk0) {  // else every query precedes every key of this warpgroup
             // No clock read between the issue and the wait (it would serialise the products).
-            wg_bwd_dkdv<D>(
+            wg_bwd_dkdv<D, TMA>(
                 [&](WgBwdStage stage) {
                     switch (stage) {
                     case WGB_ISSUED: break;
@@ -1031,7 +1072,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
 
         {  // 3. dQ [64 queries][head-dim half c] += dS K over the block's 128 keys
             float acc[8][4];
-            wg_bwd_dq<D>(acc, cdS, sK, c, dk_acc, dv_acc, ap, ad);
+            wg_bwd_dq<D, TMA>(acc, cdS, sK, c, dk_acc, dv_acc, ap, ad);
             mbar_arrive(empty + buf);  // Q, dO, lse, Δ of this step read
             clk.mark(WSB_DQ);
             const int h = hkv * group + s / nqt;
@@ -1282,6 +1323,23 @@ extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
                                 float scale, unsigned long long *prof) {
     flash_bwd_ws<128, true>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale, prof);
 }
+// The TMA-fed warp-specialised backward (SHARDSMITH_FLASH_BWD=tma): the tensor maps of q, k, v
+// and dout ([B·H][T][128] bf16, boxes of 64 (q, dout) or 128 (k, v) rows × 64 columns, 128-byte
+// swizzle; ops::cuda encodes them) as __grid_constant__ parameters; lse, Δ as pointers.
+#define FLASH_BWD_TMA(NAME, PROF, STAGES, ...)                                                            \
+    extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)                                           \
+        NAME(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,              \
+             const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap tdo, const float *lse, \
+             const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t,                \
+             float scale __VA_ARGS__) {                                                                   \
+        flash_bwd_ws<128, PROF, STAGES, true>(nullptr, nullptr, nullptr, nullptr, lse, delta, dk, dv, dq_acc, hq, \
+                                              hk, t, scale, FLASH_BWD_TMA_PROF_##PROF, &tq, &tk, &tv, &tdo); \
+    }
+#define FLASH_BWD_TMA_PROF_false nullptr
+#define FLASH_BWD_TMA_PROF_true prof
+FLASH_BWD_TMA(flash_bwd_tma_bf16_d128, false, 2)
+FLASH_BWD_TMA(flash_bwd_tma_s3_bf16_d128, false, 3)
+FLASH_BWD_TMA(flash_bwd_tma_prof_bf16_d128, true, 2, , unsigned long long *prof)
 
 // The profiled instantiations (phases.cuh) of the causal kernels at D 128: the same arguments
 // plus prof, zero-filled [2][phases] u64 (ops::attention::phases).

@@ -417,7 +417,7 @@ fn attention_phases(
         emit(&profile, plain, profiled)?;
     }
     let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, q, k, v, scale)?;
-    for variant in [FlashBackward::Wgmma, FlashBackward::Ws] {
+    for variant in [FlashBackward::Wgmma, FlashBackward::Ws, FlashBackward::WsTma] {
         let plain =
             time(c, || Ok(causal_attention_backward_with(variant, q, k, v, &o, &lse, g, scale).map(drop)?))?;
         let mut last = None;

@@ -501,6 +501,10 @@ pub enum FlashBackward {
     /// tiles, the two consumer warpgroups synchronise with it by mbarriers and with each other by
     /// one named barrier a step), where Wgmma's kernel runs; Split elsewhere.
     Ws,
+    /// [`FlashBackward::Ws`] with its producer loading K, V, Q and dO by TMA into 128-byte
+    /// swizzled tiles (`flash_bwd_ws<…, TMA>`; lse and Δ still by cp.async), where Wgmma's kernel
+    /// runs; Split elsewhere. Wgmma's dK and dV bit for bit, as Ws.
+    WsTma,
 }
 
 impl EnvChoice for FlashBackward {
@@ -511,6 +515,7 @@ impl EnvChoice for FlashBackward {
         ("fused", FlashBackward::Fused),
         ("wgmma", FlashBackward::Wgmma),
         ("ws", FlashBackward::Ws),
+        ("tma", FlashBackward::WsTma),
     ];
     const NOUN: &'static str = "attention kernel";
     fn unavailable(self) -> Option<String> {
@@ -531,20 +536,26 @@ impl EnvChoice for FlashBackward {
 }
 
 impl FlashBackward {
-    pub const ALL: [FlashBackward; 5] = [
+    pub const ALL: [FlashBackward; 6] = [
         FlashBackward::Split,
         FlashBackward::Wide,
         FlashBackward::Fused,
         FlashBackward::Wgmma,
         FlashBackward::Ws,
+        FlashBackward::WsTma,
     ];
 
     /// Whether this is one of the wgmma kernels (sm_90a builds only).
     pub fn is_wgmma(self) -> bool {
-        matches!(self, FlashBackward::Wgmma | FlashBackward::Ws)
+        matches!(self, FlashBackward::Wgmma | FlashBackward::Ws | FlashBackward::WsTma)
     }
 
-    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused`, `wgmma` or `ws` (unset: ws in a
+    /// Whether this is one of the warp-specialised wgmma kernels.
+    pub fn warp_specialized(self) -> bool {
+        matches!(self, FlashBackward::Ws | FlashBackward::WsTma)
+    }
+
+    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused`, `wgmma`, `ws` or `tma` (unset: ws in a
     /// build that has it, else split); any other value, or `wgmma` in a build without it, is an
     /// error naming the variable.
     pub fn from_env() -> Result<FlashBackward> {
@@ -649,7 +660,7 @@ mod tests {
     #[test]
     fn kernel_choices_parse_and_name_the_variable_on_error() {
         let bwd = FlashBackward::parse;
-        let default = if wgmma_available() { FlashBackward::Wgmma } else { FlashBackward::Split };
+        let default = if wgmma_available() { FlashBackward::Ws } else { FlashBackward::Split };
         assert_eq!(bwd(None), Ok(default));
         assert_eq!(bwd(Some("")), Ok(default));
         for v in FlashBackward::ALL {
@@ -662,7 +673,10 @@ mod tests {
             "{err}"
         );
         let fwd = FlashForward::parse;
-        assert_eq!(fwd(None), Ok(FlashForward::MmaSync));
+        let default = if wgmma_available() { FlashForward::WsTma } else { FlashForward::MmaSync };
+        assert_eq!(fwd(None), Ok(default));
+        assert_eq!(FlashBackward::named("tma").unwrap(), FlashBackward::WsTma);
+        assert!(FlashBackward::WsTma.warp_specialized() && FlashBackward::WsTma.is_wgmma());
         for v in FlashForward::ALL {
             assert_eq!(fwd(Some(v.name())), Ok(v));
         }

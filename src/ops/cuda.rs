@@ -1205,9 +1205,9 @@ pub(super) fn attention_fwd(
         let stream = dev.cuda_stream();
         let maps = match tma {
             true => Some([
-                attention_tensor_map(qv.device_ptr(&stream).0, b * hq, t, d)?,
-                attention_tensor_map(kv.device_ptr(&stream).0, b * hk, t, d)?,
-                attention_tensor_map(vv.device_ptr(&stream).0, b * hk, t, d)?,
+                attention_tensor_map(qv.device_ptr(&stream).0, b * hq, t, d, 128)?,
+                attention_tensor_map(kv.device_ptr(&stream).0, b * hk, t, d, 128)?,
+                attention_tensor_map(vv.device_ptr(&stream).0, b * hk, t, d, 128)?,
             ]),
             false => None,
         };
@@ -1246,14 +1246,14 @@ struct TensorMap(candle_core::cuda_backend::cudarc::driver::sys::CUtensorMap);
 // SAFETY: plain bytes the driver copies into the kernel's parameter space, as the kernel declares.
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for TensorMap {}
 
-/// The tensor map flash_fwd_ws<…, TMA> loads x through: bf16 [planes][t][d] contiguous at `addr`
-/// (16-byte aligned), boxes of 128 rows × 64 columns, 128-byte swizzled (the layout its wgmma
-/// descriptors read), rows past t zero-filled.
-fn attention_tensor_map(addr: u64, planes: usize, t: usize, d: usize) -> Result<TensorMap> {
+/// The tensor map flash_fwd_ws<…, TMA> and flash_bwd_ws<…, TMA> load x through: bf16
+/// [planes][t][d] contiguous at `addr` (16-byte aligned), boxes of `rows` rows × 64 columns,
+/// 128-byte swizzled (the layout their wgmma descriptors read), rows past t zero-filled.
+fn attention_tensor_map(addr: u64, planes: usize, t: usize, d: usize, rows: u32) -> Result<TensorMap> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let dims = [d as u64, t as u64, planes as u64];
     let strides = [(d * 2) as u64, (t * d * 2) as u64]; // bytes, of dims 1 and 2
-    let boxes = [64u32, 128, 1];
+    let boxes = [64u32, rows, 1];
     let element_strides = [1u32; 3];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every array has the rank's entries (strides rank − 1); the driver writes map.
@@ -1360,7 +1360,8 @@ pub(super) fn attention_bwd(
             && kernels::WGMMA
             && d == 128
             && [ql, kl, vl, gl].iter().all(|l| l.start_offset().is_multiple_of(8));
-        let ws = wgmma && variant == FlashBackward::Ws;
+        let ws = wgmma && variant.warp_specialized();
+        let tma = ws && variant == FlashBackward::WsTma;
         if prof.is_some() && !wgmma {
             bail!("{OP}: the phase profile needs a wgmma kernel (sm_90a build, head dim 128, 16-byte aligned inputs, variant wgmma or ws); got {variant:?}, head dim {d}");
         }
@@ -1376,11 +1377,14 @@ pub(super) fn attention_bwd(
                 let stages = if prof.is_some() { WsStages::Two } else { WsStages::from_env()? };
                 let n = stages.count();
                 // K, V [128], Q, dO [stages][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ
-                // [stages][64] f32 (flash_wg.cu's ws_bwd_smem_bytes<D, S>).
-                let smem = ((2 * 128 + 2 * n * 64) * d * 2 + 2 * 128 * 64 * 2 + 2 * n * 64 * 4) as u32;
+                // [stages][64] f32; with TMA 1 KB to align the tiles (flash_wg.cu's
+                // ws_bwd_smem_bytes<D, S, TMA>).
+                let smem = ((2 * 128 + 2 * n * 64) * d * 2 + 2 * 128 * 64 * 2 + 2 * n * 64 * 4) as u32
+                    + if tma { 1024 } else { 0 };
+                let load = if tma { "tma" } else { "ws" };
                 let kind = match prof {
-                    Some(_) => "ws_prof".to_string(),
-                    None => format!("ws{}", ws_suffix(stages, WsPingpong::On, false)),
+                    Some(_) => format!("{load}_prof"),
+                    None => format!("{load}{}", ws_suffix(stages, WsPingpong::On, false)),
                 };
                 (&kernels::FLASH_WG, format!("flash_bwd_{kind}_{sfx}_d{d}"), smem, ATTN_WS_THREADS)
             } else if wgmma {
@@ -1399,14 +1403,28 @@ pub(super) fn attention_bwd(
             };
             let f = function_smem(dev, module, &name, smem)?;
             let mut dq_acc = dev.alloc_zeros::<f32>(rows * d)?;
+            let maps = match tma {
+                true => Some([
+                    attention_tensor_map(qv.device_ptr(&stream).0, b * hq, t, d, 64)?,
+                    attention_tensor_map(kv.device_ptr(&stream).0, b * hk, t, d, 128)?,
+                    attention_tensor_map(vv.device_ptr(&stream).0, b * hk, t, d, 128)?,
+                    attention_tensor_map(gv.device_ptr(&stream).0, b * hq, t, d, 64)?,
+                ]),
+                false => None,
+            };
             let mut bld = stream.launch_builder(&f);
-            bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta).arg(&mut dk).arg(&mut dv);
+            match &maps {
+                Some([mq, mk, mv, mo]) => bld.arg(mq).arg(mk).arg(mv).arg(mo),
+                None => bld.arg(&qv).arg(&kv).arg(&vv).arg(&gv),
+            };
+            bld.arg(&lv).arg(&delta).arg(&mut dk).arg(&mut dv);
             bld.arg(&mut dq_acc).arg(&hq32).arg(&hk32).arg(&t32).arg(&scale);
             if let Some(p) = prof {
                 bld.arg(p);
             }
             // SAFETY: matches flash_attn.cu (flash_bwd_kv64_tc<D, true>) or flash_wg.cu
-            // (flash_bwd_ws<128> or flash_bwd_wg<128, prof>: 16-byte aligned inputs, 384 or 256
+            // (flash_bwd_ws<128> or flash_bwd_wg<128, prof>: 16-byte aligned inputs, with TMA as
+            // tensor maps over them, alive until the kernel ends as the views are; 384 or 256
             // threads; the profiled kernel's prof holds
             // 2 × its phases), same arguments and grid; every dk/dv row < T is written; dq_acc is
             // zero-filled and only added to.

@@ -299,8 +299,8 @@ pub fn backward_phases_of(
 ) -> Result<(&'static [&'static str], Vec<u64>)> {
     match variant {
         FlashBackward::Wgmma => Ok((&BACKWARD, backward_runs(b, hq, hk, t))),
-        FlashBackward::Ws => Ok((&WS_BACKWARD, ws_backward_runs(b, hq, hk, t))),
-        other => bail!("phase profile: {} is not a wgmma backward (wgmma, ws)", other.name()),
+        FlashBackward::Ws | FlashBackward::WsTma => Ok((&WS_BACKWARD, ws_backward_runs(b, hq, hk, t))),
+        other => bail!("phase profile: {} is not a wgmma backward (wgmma, ws, tma)", other.name()),
     }
 }
 
@@ -356,7 +356,8 @@ pub fn profile_backward(
     let (kernel, names): (_, &'static [&'static str]) = match variant {
         FlashBackward::Wgmma => ("flash_bwd_wg_prof_bf16_d128", &BACKWARD),
         FlashBackward::Ws => ("flash_bwd_ws_prof_bf16_d128", &WS_BACKWARD),
-        other => bail!("phase profile: {} is not a wgmma backward (wgmma, ws)", other.name()),
+        FlashBackward::WsTma => ("flash_bwd_tma_prof_bf16_d128", &WS_BACKWARD),
+        other => bail!("phase profile: {} is not a wgmma backward (wgmma, ws, tma)", other.name()),
     };
     #[cfg(feature = "cuda")]
     {
@@ -452,7 +453,12 @@ mod tests {
         assert_eq!((w[0], w[1], w[7], w[10]), (2 * 12, 4 * 8, 4 * 8, 2 * 8));
         assert_eq!((w[2], w[6]), (4 * 4, 4 * 4), "issue_wait_s and skipped split the consumer warps");
         assert_eq!((w[11], w[12]), (4 * 4, 4 * (2 + 4)));
-        assert_eq!(backward_phases_of(FlashBackward::Ws, 1, 4, 2, 40).unwrap(), (&WS_BACKWARD[..], w));
+        assert_eq!(
+            backward_phases_of(FlashBackward::Ws, 1, 4, 2, 40).unwrap(),
+            (&WS_BACKWARD[..], w.clone())
+        );
+        // TMA loads Q, dO by one thread, but all 4 producer warps still stage lse and Δ.
+        assert_eq!(backward_phases_of(FlashBackward::WsTma, 1, 4, 2, 40).unwrap(), (&WS_BACKWARD[..], w));
         assert!(backward_phases_of(FlashBackward::Split, 1, 4, 2, 40).is_err());
     }
 
