@@ -67,6 +67,10 @@ struct uint4 {
     unsigned x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float __uint_as_float(uint32_t u) {
     float f;
@@ -221,6 +225,30 @@ inline void cp_async_wait(int n) {
     cp_state.wait(n, [](const CpAsync &c) {
         std::memset(c.dst, 0, c.bytes);
         if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);
+    });
+}
+
+// cp.reduce.async.bulk .add.f32 (global += shared): a thread's bulk operations in bulk groups, as
+// the device keeps them; wait_group(.read)(n) performs all but the newest n committed groups, so
+// an operation lands as late as the PTX semantics allow and a source overwritten before its
+// wait shows up as a wrong sum. Each element is added atomically (other blocks add too).
+struct BulkReduce {
+    float *dst;
+    const float *src;
+    int n;
+};
+inline thread_local AsyncGroups<BulkReduce> bulk_state;
+inline void bulk_reduce_add(float *dst, const float *src, unsigned bytes) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16 || bytes % 16)
+        throw "emu: bulk reduce address or size not a multiple of 16 bytes";
+    const ptrdiff_t at = reinterpret_cast<const unsigned char *>(src) - dyn_smem;
+    if (at < 0 || at + bytes > sizeof(dyn_smem)) throw "emu: bulk reduce source outside shared memory";
+    bulk_state.open.push_back({dst, src, (int)(bytes / 4)});
+}
+inline void bulk_commit() { bulk_state.commit(); }
+inline void bulk_wait(int n) {
+    bulk_state.wait(n, [](const BulkReduce &r) {
+        for (int i = 0; i < r.n; ++i) std::atomic_ref<float>(r.dst[i]).fetch_add(r.src[i]);
     });
 }
 
@@ -527,6 +555,7 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
                         kernel(args...);
                         if (!wgmma_state.empty())
                             throw "emu: wgmma issued but never waited for";
+                        if (!bulk_state.empty()) throw "emu: a bulk reduce issued but never waited for";
                         if (!cp_state.empty()) {
                             // Copies never waited for: legal only if nothing reads them; apply them
                             // so a missing wait shows up as a wrong result, not a silent skip.
@@ -546,6 +575,7 @@ template <class T> T __shfl_xor_sync(unsigned, T v, int m) {
 }
 template <class T> T __shfl_sync(unsigned, T v, int src) { return emu::shfl_from(v, src); }
 inline float atomicAdd(float *p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
 inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) {
     return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
 }

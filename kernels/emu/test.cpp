@@ -185,7 +185,6 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                 ws_bwd.template operator()<false, 2>("ws bwd", "ws dq", nullptr);
                 ws_bwd.template operator()<false, 3>("ws bwd 3 stages", "ws 3-stage dq", nullptr);
                 ws_bwd.template operator()<false, 2, true>("tma bwd", "tma dq", nullptr);
-                ws_bwd.template operator()<false, 3, true>("tma bwd 3 stages", "tma 3-stage dq", nullptr);
                 // The TMA kernel's profile: the same phases as ws's (all 4 producer warps still
                 // stage lse and Δ each step).
                 std::vector<unsigned long long> tprof(2 * WSB_PHASES, 0);

@@ -915,9 +915,25 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
 constexpr int WSB_THREADS = 384;
 // K, V [128], Q, dO [STAGES][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ [STAGES][64] f32: 161 KB
 // at D 128 with 2 stages, 194 KB with 3.
-// With TMA 1 KB more, to start the swizzled tiles on a 1024-byte boundary (align_smem).
+// With TMA also dQ [64] rows of D f32 (32 KB: 194 KB with 2 stages; a second tile would leave
+// the profiled kernel's counters no room under 227 KB), and 1 KB to start the swizzled tiles on
+// a 1024-byte boundary (align_smem).
 template <int D, int STAGES = 2, bool TMA = false> __host__ __device__ constexpr int ws_bwd_smem_bytes() {
-    return (2 * 128 + 2 * STAGES * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 2 * STAGES * WGB_BQ * 4 + (TMA ? 1024 : 0);
+    return (2 * 128 + 2 * STAGES * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 2 * STAGES * WGB_BQ * 4 +
+           (TMA ? WGB_BQ * D * 4 + 1024 : 0);
+}
+
+// dQ [64 queries][head-dim half `half`] of a step (wg_bwd_dq's acc) into the step's f32 tile
+// [64][D] in shared memory, row-major as dq_acc's rows are (one bulk reduce adds it there).
+template <int D>
+__device__ __forceinline__ void wg_bwd_dq_stage(const float (&acc)[8][4], float *tile, int half, int warp, int g, int tq) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float *row = tile + (16 * warp + g + 8 * r) * D + 64 * half + 2 * tq;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            *reinterpret_cast<float2 *>(row + 8 * j) = make_float2(acc[j][0 + 2 * r], acc[j][1 + 2 * r]);
+    }
 }
 
 // The phases of the profiled warp-specialised backward (PROF, phases.cuh), in the order and with
@@ -934,7 +950,12 @@ enum WsBwdPhase {
 // tmk, tmv (boxes of 128 rows × 64 columns) and tmq, tmo (64 rows × 64 columns), 128-byte
 // swizzled (q, k, v, dout unused); lse and Δ stay 4-byte cp.async by the producer's 128 threads
 // (a tensor map's row stride must be a multiple of 16 bytes, T · 4 need not be), so a step's
-// `full` barrier takes their 128 arrivals and thread 0's announcing the TMA bytes.
+// `full` barrier takes their 128 arrivals and thread 0's announcing the TMA bytes. And dQ is not
+// added by each thread's atomics (run 5's profile: 17% of the consumers' cycles) but staged in an
+// f32 tile and added by one bulk reduce a step (FlashAttention-3's way): once both consumers
+// have staged step s's tile (a second named barrier, DQ_READY), thread DQ_ISSUER issues it, and
+// waits until it has been read before step s + 1's first barrier, after which the tile is
+// staged again.
 template <int D, bool PROF = false, int STAGES = 2, bool TMA = false>
 __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                              const bf16 *__restrict__ dout, const float *__restrict__ lse,
@@ -948,6 +969,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     constexpr int PRODUCER = 128, CONSUMERS = 256, DS_READY = 1;  // threads; the named barrier
     static_assert(STAGES == 2 || STAGES == 3, "warp-specialised backward: 2 or 3 stages");
     constexpr int S = STAGES;
+    constexpr int DQ_ISSUER = 128, DQ_READY = 2;  // consumer 0's first thread; the named barrier
     require_smem(ws_bwd_smem_bytes<D, S, TMA>(), WSB_THREADS);
     PhaseClock<PROF, WSB_PHASES, WSB_THREADS / 32> clk(prof);
     DYN_SMEM(smem_raw);
@@ -959,6 +981,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     bf16 *sdS = sdO + S * QT;                     // dSᵀ [2][128 keys][64 queries]
     float *sL = reinterpret_cast<float *>(sdS + 2 * DST);  // [S][64]
     float *sDl = sL + S * WGB_BQ;                           // [S][64]
+    float *sdQ = sDl + S * WGB_BQ;                          // TMA: [64 queries][D]
     __shared__ uint64_t bars[1 + 2 * S];  // kv_full; full, empty [S]
     uint64_t *kv_full = bars, *full = bars + 1, *empty = bars + 1 + S;
     if (threadIdx.x == 0) {
@@ -1035,6 +1058,12 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     const bf16 *wK = sK + 64 * c * (TMA ? 64 : D), *wV = sV + 64 * c * (TMA ? 64 : D);
     mbar_wait_copies(kv_full, 0);
     clk.mark(WSB_PROLOGUE);
+    // TMA: step st's dQ tile (sdQ) added into dq_acc's rows below T by one bulk reduce.
+    auto dq_reduce = [&](int st) {
+        const int h = hkv * group + st / nqt, qs = k0 + (st % nqt) * WGB_BQ;
+        bulk_reduce_add(dq_acc + (((size_t)b * hq + h) * t + qs) * D, sdQ, min(WGB_BQ, t - qs) * D * 4);
+        bulk_commit();
+    };
 
     for (int s = 0; s < steps; ++s) {
         const int q0 = k0 + (s % nqt) * WGB_BQ, buf = s % S;
@@ -1067,6 +1096,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             clk.mark(WSB_SKIPPED);
         }
         wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
+        if (TMA && threadIdx.x == DQ_ISSUER) bulk_wait_read<0>();  // step s − 1's dQ tile read
         named_sync(DS_READY, CONSUMERS);
         clk.mark(WSB_BARRIER);
 
@@ -1075,11 +1105,19 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             wg_bwd_dq<D, TMA>(acc, cdS, sK, c, dk_acc, dv_acc, ap, ad);
             mbar_arrive(empty + buf);  // Q, dO, lse, Δ of this step read
             clk.mark(WSB_DQ);
-            const int h = hkv * group + s / nqt;
-            wg_bwd_dq_add<D>(acc, dq_acc + ((size_t)b * hq + h) * t * D, q0, c, warp, g, tq, t);
+            if constexpr (TMA) {
+                wg_bwd_dq_stage<D>(acc, sdQ, c, warp, g, tq);
+                wgmma_fence_smem();  // → visible to the bulk reduce (async proxy)
+                named_sync(DQ_READY, CONSUMERS);
+                if (threadIdx.x == DQ_ISSUER) dq_reduce(s);
+            } else {
+                const int h = hkv * group + s / nqt;
+                wg_bwd_dq_add<D>(acc, dq_acc + ((size_t)b * hq + h) * t * D, q0, c, warp, g, tq, t);
+            }
             clk.mark(WSB_ATOMICS);
         }
     }
+    if (TMA && threadIdx.x == DQ_ISSUER) bulk_wait<0>();  // the last step's reduce done
 
     wg_bwd_store<D>(dk_acc, dv_acc, dk + kvoff, dv + kvoff, rk0, g, tq, t);
     clk.mark(WSB_EPILOGUE);
@@ -1338,7 +1376,6 @@ extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
 #define FLASH_BWD_TMA_PROF_false nullptr
 #define FLASH_BWD_TMA_PROF_true prof
 FLASH_BWD_TMA(flash_bwd_tma_bf16_d128, false, 2)
-FLASH_BWD_TMA(flash_bwd_tma_s3_bf16_d128, false, 3)
 FLASH_BWD_TMA(flash_bwd_tma_prof_bf16_d128, true, 2, , unsigned long long *prof)
 
 // The profiled instantiations (phases.cuh) of the causal kernels at D 128: the same arguments

@@ -25,6 +25,12 @@
 //              bytes) (an arrival that also announces the bytes) set up before. No thread waits
 //              for the copy; the consumers wait on bar. The copy is in the async proxy, as wgmma
 //              is: no proxy fence between them.
+//   bulk       bulk_reduce_add(dst, src, bytes) (cp.reduce.async.bulk .add.f32): one thread adds
+//   reduce     `bytes` of f32 from shared memory into global memory (16-byte aligned, a multiple
+//              of 16 bytes) asynchronously, in its current bulk group; bulk_commit closes the
+//              group; bulk_wait_read<N> returns once all but the newest N groups have read their
+//              source (it may be overwritten), bulk_wait<N> once they have completed. The copy
+//              reads in the async proxy: the source's writers fence.proxy.async first.
 //   fence      fence.proxy.async: generic-proxy writes to shared memory (ordinary stores,
 //              landed cp.async copies) made visible to the async proxy (wgmma). A producer
 //              that arrives by mbar_arrive_on_copies never sees its copies land, so the
@@ -44,6 +50,12 @@ __device__ __forceinline__ void mbar_arrive(uint64_t *b) { emu::mbar_arrive(b); 
 __device__ __forceinline__ void mbar_wait(uint64_t *b, int parity) { emu::mbar_wait(b, parity); }
 __device__ __forceinline__ void mbar_arrive_on_copies(uint64_t *b) { emu::mbar_arrive_on_copies(b); }
 __device__ __forceinline__ void mbar_expect_tx(uint64_t *b, unsigned bytes) { emu::mbar_arrive_expect_tx(b, bytes); }
+__device__ __forceinline__ void bulk_reduce_add(float *dst, const float *src, unsigned bytes) {
+    emu::bulk_reduce_add(dst, src, bytes);
+}
+__device__ __forceinline__ void bulk_commit() { emu::bulk_commit(); }
+template <int N> __device__ __forceinline__ void bulk_wait_read() { emu::bulk_wait(N); }
+template <int N> __device__ __forceinline__ void bulk_wait() { emu::bulk_wait(N); }
 __device__ __forceinline__ void tma_load_3d(void *dst, const CUtensorMap *map, int c0, int c1, int c2, uint64_t *bar) {
     emu::tma_load_3d(dst, map, c0, c1, c2, bar);
 }
@@ -74,6 +86,18 @@ __device__ __forceinline__ void mbar_arrive_on_copies(uint64_t *b) {
 }
 __device__ __forceinline__ void mbar_expect_tx(uint64_t *b, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_reduce_add(float *dst, const float *src, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+                 "r"(smem_u32(src)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N> __device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
 // `map` is the address of a __grid_constant__ kernel parameter (a generic address of param space).
 __device__ __forceinline__ void tma_load_3d(void *dst, const CUtensorMap *map, int c0, int c1, int c2, uint64_t *bar) {

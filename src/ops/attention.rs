@@ -502,8 +502,10 @@ pub enum FlashBackward {
     /// one named barrier a step), where Wgmma's kernel runs; Split elsewhere.
     Ws,
     /// [`FlashBackward::Ws`] with its producer loading K, V, Q and dO by TMA into 128-byte
-    /// swizzled tiles (`flash_bwd_ws<…, TMA>`; lse and Δ still by cp.async), where Wgmma's kernel
-    /// runs; Split elsewhere. Wgmma's dK and dV bit for bit, as Ws.
+    /// swizzled tiles (`flash_bwd_ws<…, TMA>`; lse and Δ still by cp.async), and dQ staged in
+    /// shared memory and added by one bulk reduce a step instead of each thread's atomics;
+    /// where Wgmma's kernel runs (2 stages whatever `SHARDSMITH_WS_STAGES`); Split elsewhere.
+    /// Wgmma's dK and dV bit for bit, as Ws.
     WsTma,
 }
 

@@ -1373,14 +1373,14 @@ pub(super) fn attention_bwd(
         if variant == FlashBackward::Fused || wgmma {
             let (module, name, smem, threads) = if ws {
                 use super::attention::{ws_suffix, WsPingpong, WsStages};
-                // The profiled kernel is instantiated for 2 stages only.
-                let stages = if prof.is_some() { WsStages::Two } else { WsStages::from_env()? };
+                // The profiled and the TMA kernels are instantiated for 2 stages only.
+                let stages = if prof.is_some() || tma { WsStages::Two } else { WsStages::from_env()? };
                 let n = stages.count();
                 // K, V [128], Q, dO [stages][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ
-                // [stages][64] f32; with TMA 1 KB to align the tiles (flash_wg.cu's
-                // ws_bwd_smem_bytes<D, S, TMA>).
+                // [stages][64] f32; with TMA the dQ tile [64] rows of D f32 and 1 KB to align the
+                // tiles (flash_wg.cu's ws_bwd_smem_bytes<D, S, TMA>).
                 let smem = ((2 * 128 + 2 * n * 64) * d * 2 + 2 * 128 * 64 * 2 + 2 * n * 64 * 4) as u32
-                    + if tma { 1024 } else { 0 };
+                    + if tma { (64 * d * 4 + 1024) as u32 } else { 0 };
                 let load = if tma { "tma" } else { "ws" };
                 let kind = match prof {
                     Some(_) => format!("{load}_prof"),

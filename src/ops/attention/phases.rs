@@ -79,9 +79,10 @@ pub const BACKWARD: [&str; 12] = [
 /// The phases of the warp-specialised backward (flash_wg.cu's `WsBwdPhase`, in order): a consumer
 /// warp meets [`BACKWARD`]'s phases but with `tile_wait` the wait for the producer's signal (no
 /// barrier), and `issue` and `wait_s` one phase (`issue_wait_s`: a clock read between them
-/// serialises the products); a producer warp meets, per step, `load_wait` (until the buffer is
-/// released) and `load_issue` (the requests, whose landing is signalled without the producer
-/// waiting for it), after its `prologue` and the K, V requests.
+/// serialises the products), and with `tma` `atomics` the staging of dQ in shared memory, the
+/// barrier after it and the bulk reduce's issue; a producer warp meets, per step, `load_wait`
+/// (until the buffer is released) and `load_issue` (the requests, whose landing is signalled
+/// without the producer waiting for it), after its `prologue` and the K, V requests.
 pub const WS_BACKWARD: [&str; 13] = [
     "prologue",
     "tile_wait",
