@@ -67,8 +67,6 @@ for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softm
 done
 # The GEMV kernels at every row count they have (the default hands batches past 4 to cuBLAS).
 parity decode_gemv_forward SHARDSMITH_CUDA_GEMV=8
-# The RMSNorm folded into the decode GEMVs (opt-in until timed): graph steps still equal eager ones.
-parity graph_decode_matches_the_eager_steps SHARDSMITH_DECODE_FOLD_NORM=1
 # The attention kernels in blockIdx's own order (head-major) instead of heaviest-first.
 parity causal_attention_forward_and_backward SHARDSMITH_ATTN_ORDER=head
 # The warp-specialised kernels' other configurations (timed below): three load stages, and the
@@ -150,7 +148,6 @@ step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 BD=(--breakdown)
 [[ -n ${GPU_SH_TINY:-} ]] && BD=()
 step ours-decode 70 "$SS" bench decode --runs 3 ${BD[@]+"${BD[@]}"} "${L[@]}" "${C[@]}" "${D[@]}"
-step ours-decode-fold-norm 70 env SHARDSMITH_DECODE_FOLD_NORM=1 "$SS" bench decode --runs 3 ${BD[@]+"${BD[@]}"} "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-eager 60 env SHARDSMITH_CUDA_GRAPH=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-eager-events 60 env SHARDSMITH_CUDA_GRAPH=0 SHARDSMITH_CUDA_EVENTS=1 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-cublas 60 env SHARDSMITH_CUDA_GEMV=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
@@ -245,8 +242,7 @@ if att and att[0]["device"] == "cuda":
 for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     # The default's GEMV rows: those of the first decode run, which sets no variable.
     dr = next((r.get("cuda_gemv_rows") for r in rows if r["bench"] == "decode" and r["impl"] == "shardsmith"), None)
-    o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=True, cuda_events=False, decode_fold_norm=False), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
-    of = find("decode", "shardsmith", batch=b, decode_fold_norm=True)
+    o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=True, cuda_events=False), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
     oc = find("decode", "shardsmith", batch=b, cuda_gemv_rows=0)
     o8 = find("decode", "shardsmith", batch=b, cuda_gemv_rows=8)
     oe = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=False, cuda_events=False)
@@ -256,8 +252,7 @@ for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"),
          f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours: {g(o, 'graph_replays')} steps replayed from its graph, eager {fmt(g(oe, 'tokens_per_s'))}, "
          f"eager with cudarc events {fmt(g(ov, 'tokens_per_s'))}, all GEMMs by cuBLAS {fmt(g(oc, 'tokens_per_s'))}, "
-         f"GEMV kernels to batch 8 {fmt(g(o8, 'tokens_per_s'))} ({g(o8, 'graph_replays')} replayed), "
-         f"RMSNorm folded into the GEMVs {fmt(g(of, 'tokens_per_s'))}")
+         f"GEMV kernels to batch 8 {fmt(g(o8, 'tokens_per_s'))} ({g(o8, 'graph_replays')} replayed)")
 o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", **DEF), find("neva_step", "pytorch")
 os_ = find("neva_step", "shardsmith", flash_fwd="mma", flash_bwd="split") if DEF["flash_bwd"] != "split" else None
 ol = find("neva_step", "shardsmith", gemm="cublaslt")
@@ -284,8 +279,7 @@ if gemm_rows:
 for r in rows:
     if r["bench"] != "decode_breakdown" or "kernels" not in r:
         continue
-    fold = ", RMSNorm folded" if r.get("decode_fold_norm") else ""
-    out += ["", f"| decode step by launch (batch {r['batch']}, position {r['position']}, {r['dtype']}{fold}) | calls | ms per step | share of the step |",
+    out += ["", f"| decode step by launch (batch {r['batch']}, position {r['position']}, {r['dtype']}) | calls | ms per step | share of the step |",
             "|---|---|---|---|"]
     for k in r["kernels"]:
         out.append(f"| {k['kernel']} | {k['calls']} | {k['ms']:.3f} | {100 * k['ms'] / r['step_ms']:.1f}% |")

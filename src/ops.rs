@@ -337,15 +337,6 @@ pub fn cuda_graph_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_GRAPH").map_or(true, |v| v != "0"))
 }
 
-/// Whether a CUDA graph decode step folds each RMSNorm into the GEMV that reads its output
-/// (gemv.cu's `_norm` kernels: 65 launches fewer per 7B token, each GEMV block recomputing its
-/// rows' scale as rmsnorm.cu does, so the step stays bit-identical to eager steps).
-/// `SHARDSMITH_DECODE_FOLD_NORM=1` turns it on; off by default until timed on a GPU.
-pub fn decode_fold_norm() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SHARDSMITH_DECODE_FOLD_NORM").is_ok_and(|v| v == "1"))
-}
-
 /// Whether cudarc's per-buffer event tracking stays on for devices shardsmith opens
 /// (`SHARDSMITH_CUDA_EVENTS=1`, for comparisons); off by default (`quiet_event_tracking`).
 pub fn cuda_events_kept() -> bool {

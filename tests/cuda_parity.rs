@@ -848,8 +848,6 @@ fn batched_decode_matches_the_cpu() {
 fn graph_decode_matches_the_eager_steps() {
     use shardsmith::commands::bench_gpu::{random_llama, Common, LlamaShape};
     use shardsmith::models::tp::ParallelLlama;
-    // Hidden 512: past one 256-thread RMSNorm sweep, so SHARDSMITH_DECODE_FOLD_NORM=1's
-    // replayed reduction (gpu.sh runs this test with it too) sums two elements a thread.
     let shape = LlamaShape { layers: 2, hidden: 512, ffn: 688, heads: 8, kv_heads: 4, vocab: 512 };
     for dtype in [DType::F32, DType::BF16] {
         let c = Common { device: gpu(), dtype, runs: 1, warmup: 0 };
@@ -908,7 +906,6 @@ fn decode_profile_times_every_kind_of_launch() {
     let shape = LlamaShape { layers: 3, hidden: 256, ffn: 688, heads: 4, kv_heads: 2, vocab: 512 };
     let c = Common { device: gpu(), dtype: DType::BF16, runs: 1, warmup: 0 };
     let mut model = ParallelLlama::from_rank(random_llama(&shape, &c, false).unwrap(), shape.hparams());
-    let fold = ops::decode_fold_norm(); // SHARDSMITH_DECODE_FOLD_NORM=1: the norms have no rows
     let err = model.single_mut().unwrap().decode_profile(1, 5).unwrap_err().to_string();
     assert!(err.contains("nothing was prefilled"), "{err}");
     model.reserve(16);
@@ -917,8 +914,7 @@ fn decode_profile_times_every_kind_of_launch() {
     let (step, kinds) = model.single_mut().unwrap().decode_profile(1, 5).unwrap();
     println!("parity decode profile: step {step:.4} ms; {kinds:?}");
     assert!(step.is_finite() && step > 0.0);
-    let want: Vec<_> = StepKernel::ALL.into_iter().filter(|k| !(fold && k.folded())).collect();
-    assert_eq!(kinds.iter().map(|k| k.kernel).collect::<Vec<_>>(), want);
+    assert_eq!(kinds.iter().map(|k| k.kernel).collect::<Vec<_>>(), StepKernel::ALL);
     for k in &kinds {
         let per_layer = !matches!(k.kernel, StepKernel::Embed | StepKernel::FinalNorm | StepKernel::Head);
         assert_eq!(k.calls, if per_layer { 3 } else { 1 }, "{:?}", k.kernel);

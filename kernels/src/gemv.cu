@@ -20,14 +20,6 @@
 //   gemv_swiglu_T_mM    w [2N, K] = gate rows then up rows (the fused gate/up weight);
 //                       y = silu(g)·u with g = x·w[n]ᵀ, u = x·w[N + n]ᵀ each rounded to T first,
 //                       exactly swiglu.cu's formula: the composed GEMV + SwiGLU bit for bit.
-// Prologue (the `_norm` kernels, decode's RMSNorm folded into the GEMV that reads its output,
-// saving its launch): x holds the raw rows and the product is taken with RMSNorm(x) · g instead:
-// the block first computes each row's 1/rms exactly as rmsnorm.cu's forward does in a block of
-// NB threads (`nb`, the launcher's block size for that kernel: its 128 threads play the NB, each
-// virtual thread summing x² over its strided elements in order with fmaf, then the same xor trees
-// within each virtual warp and across them), then rounds every x element it multiplies as
-// rmsnorm_fwd rounds it, x̂ = T(g · T(x · r)); so the product is the composed RMSNorm + GEMV's
-// bit for bit. Each warp normalises its own loads of x (L1-resident) and g.
 // Launch: grid ⌈N / (4·C)⌉ with C = gemv_cols(M) ∈ {1, 2, 4} output columns per warp, block 128
 //         (4 warps), no shared memory: warp i of block b computes columns (4b + i)·C .. + C for
 //         all M rows. Lane l reads the 8-element chunks l, l + 32, l + 64, … of those columns'
@@ -82,38 +74,12 @@ __device__ __forceinline__ void unpack8(const Chunk8<float> &c, float v[8]) {
 
 enum GemvEpilogue { GEMV_PLAIN = 0, GEMV_ADD = 1, GEMV_SWIGLU = 2 };
 
-// The row scales 1/rms of x's M rows as rmsnorm_fwd computes them in a block of `nb` threads
-// (nb a multiple of 32, at most 256; the prologue above). Every thread of the block calls it.
-template <typename T, int M>
-__device__ void gemv_norm_scales(const T *__restrict__ x, long long ldx, int k, int nb, float eps, float r[M]) {
-    __shared__ float part[M][8];  // [row][virtual warp]: each virtual warp's xor-tree sum
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, vwarps = nb / 32;
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-        for (int vw = warp; vw < vwarps; vw += GEMV_WARPS) {
-            float ss = 0.f;
-            for (int i = 32 * vw + lane; i < k; i += nb) {
-                const float v = to_f32(x[m * ldx + i]);
-                ss = fmaf(v, v, ss);
-            }
-            ss = warp_sum(ss);
-            if (lane == 0) part[m][vw] = ss;
-        }
-    __syncthreads();
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-        const float t = warp_sum(lane < vwarps ? part[m][lane] : 0.f);
-        r[m] = 1.0f / sqrtf(t / (float)k + eps);
-    }
-}
-
 // One step of a lane: the chunks c0, c0 + 32, …, c0 + 32·(U − 1) of each of the R weight rows
 // `wr`, all loads issued before the first product. FULL: every one of them exists (no bounds
-// checks). With `g`, x is normalised on the fly by the row scales `r` and the norm weight g.
+// checks).
 template <typename T, int M, int U, int R, bool FULL>
 __device__ __forceinline__ void gemv_step(const T *__restrict__ x, long long ldx, const T *const wr[R], int c0,
-                                          int chunks, float acc[R][M], const T *__restrict__ g,
-                                          const float *r) {
+                                          int chunks, float acc[R][M]) {
     Chunk8<T> wc[R][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -126,17 +92,13 @@ __device__ __forceinline__ void gemv_step(const T *__restrict__ x, long long ldx
     for (int u = 0; u < U; ++u) {
         const int c = c0 + 32 * u;
         if (!FULL && c >= chunks) break;
-        float wv[R][8], gv[8];
+        float wv[R][8];
 #pragma unroll
         for (int q = 0; q < R; ++q) unpack8(wc[q][u], wv[q]);
-        if (g) load8(g + 8 * c, gv);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             float xv[8];
             load8(x + m * ldx + 8 * c, xv);
-            if (g)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) xv[j] = to_f32(from_f32<T>(gv[j] * to_f32(from_f32<T>(xv[j] * r[m]))));
 #pragma unroll
             for (int q = 0; q < R; ++q)
 #pragma unroll
@@ -150,13 +112,9 @@ __device__ __forceinline__ void gemv_step(const T *__restrict__ x, long long ldx
 // (ops::cuda::gemv) sizes the grid with the same function.
 __host__ __device__ constexpr int gemv_cols(int m) { return m <= 2 ? 1 : m <= 4 ? 2 : 4; }
 
-// `g` (with eps, nb): the normalising prologue; nullptr: x is multiplied as it is.
 template <typename T, int M, int MODE>
 __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict__ w, long long ldw,
-                     const T *__restrict__ r, T *__restrict__ y, int n, int k, const T *__restrict__ g = nullptr,
-                     float eps = 0.f, int nb = 0) {
-    float rs[M];
-    if (g) gemv_norm_scales<T, M>(x, ldx, k, nb, eps, rs);  // the whole block, before any return
+                     const T *__restrict__ r, T *__restrict__ y, int n, int k) {
     constexpr int C = gemv_cols(M);                 // output columns per warp
     constexpr int R = MODE == GEMV_SWIGLU ? 2 : 1;  // weight rows per output column
     constexpr int NR = R * C;                       // weight rows per warp: q·C + j
@@ -178,8 +136,8 @@ __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[q][m] = 0.f;
     int c0 = lane;
-    for (; c0 + 32 * (U - 1) < chunks; c0 += 32 * U) gemv_step<T, M, U, NR, true>(x, ldx, wr, c0, chunks, acc, g, rs);
-    if (c0 < chunks) gemv_step<T, M, U, NR, false>(x, ldx, wr, c0, chunks, acc, g, rs);  // the rest, in one step
+    for (; c0 + 32 * (U - 1) < chunks; c0 += 32 * U) gemv_step<T, M, U, NR, true>(x, ldx, wr, c0, chunks, acc);
+    if (c0 < chunks) gemv_step<T, M, U, NR, false>(x, ldx, wr, c0, chunks, acc);  // the rest, in one step
 #pragma unroll
     for (int q = 0; q < NR; ++q)
 #pragma unroll
@@ -218,16 +176,6 @@ __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict
         gemv_swiglu_##NAME##_m##M(const TY *x, long long ldx, const TY *w, long long ldw, TY *y, int n,    \
                                   int k) {                                                                \
         gemv<TY, M, GEMV_SWIGLU>(x, ldx, w, ldw, nullptr, y, n, k);                                       \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                         \
-        gemv_norm_##NAME##_m##M(const TY *x, long long ldx, const TY *g, float eps, int nb, const TY *w,   \
-                                long long ldw, TY *y, int n, int k) {                                     \
-        gemv<TY, M, GEMV_PLAIN>(x, ldx, w, ldw, nullptr, y, n, k, g, eps, nb);                            \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                         \
-        gemv_norm_swiglu_##NAME##_m##M(const TY *x, long long ldx, const TY *g, float eps, int nb,         \
-                                       const TY *w, long long ldw, TY *y, int n, int k) {                 \
-        gemv<TY, M, GEMV_SWIGLU>(x, ldx, w, ldw, nullptr, y, n, k, g, eps, nb);                           \
     }
 #define GEMV_ALL_M(TY, NAME) \
     GEMV(TY, NAME, 1)        \

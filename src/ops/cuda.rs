@@ -636,8 +636,7 @@ pub(super) fn gemv(
             let ((x, _gx), (w, _gw)) = (xv.device_ptr(&stream), wv.device_ptr(&stream));
             let r = rv.as_ref().map(|r| r.device_ptr(&stream));
             let (ya, _gy) = y.device_ptr_mut(&stream);
-            let args =
-                GemvArgs { x, ldx, w, ldw, r: r.as_ref().map(|(a, _)| *a), norm: None, y: ya, m, n, k };
+            let args = GemvArgs { x, ldx, w, ldw, r: r.as_ref().map(|(a, _)| *a), y: ya, m, n, k };
             // SAFETY: x holds M rows ldx apart, w N (2N for SwiGLU) rows ldw apart (sliced to
             // exactly that), both 16-byte aligned: every CudaStorage is a candle allocation
             // (cuMemAllocAsync: 256-byte aligned) and the offsets and strides were checked to be
@@ -869,16 +868,12 @@ pub(super) unsafe fn launch_rms_norm(
     Ok(())
 }
 
-/// The kernel family of a GEMV launch (gemv.cu's epilogues, and the RMSNorm prologue).
+/// The kernel family of a GEMV launch (gemv.cu's epilogues).
 #[derive(Clone, Copy)]
 pub(super) enum GemvKind {
     Plain,
     Add,
     SwiGlu,
-    /// RMSNorm(x)·g, then Plain.
-    NormPlain,
-    /// RMSNorm(x)·g, then SwiGlu.
-    NormSwiGlu,
 }
 
 pub(super) fn gemv_function(
@@ -891,22 +886,18 @@ pub(super) fn gemv_function(
         GemvKind::Plain => "gemv",
         GemvKind::Add => "gemv_add",
         GemvKind::SwiGlu => "gemv_swiglu",
-        GemvKind::NormPlain => "gemv_norm",
-        GemvKind::NormSwiGlu => "gemv_norm_swiglu",
     };
     function(dev, &kernels::GEMV, &format!("{kind}_{}_m{m}", suffix(dtype, "matmul (gemv)")?))
 }
 
 /// One GEMV launch: y [m, n] = x [m, k] (rows `ldx` apart) · wᵀ, w rows `ldw` apart (2n rows
-/// for SwiGLU), plus r [m, n] for the add epilogue; `norm` (the weight g [k], eps) for the
-/// RMSNorm prologue, x then being the raw rows.
+/// for SwiGLU), plus r [m, n] for the add epilogue.
 pub(super) struct GemvArgs {
     pub x: Addr,
     pub ldx: usize,
     pub w: Addr,
     pub ldw: usize,
     pub r: Option<Addr>,
-    pub norm: Option<(Addr, f32)>,
     pub y: Addr,
     pub m: usize,
     pub n: usize,
@@ -915,21 +906,11 @@ pub(super) struct GemvArgs {
 
 /// # Safety
 /// The buffers hold what [`GemvArgs`] says, x and w 16-byte aligned with k, ldx and ldw
-/// multiples of 8 (gemv.cu's header), 1 ≤ m ≤ 8, `r` is given exactly for `GemvKind::Add` and
-/// `norm` exactly for the Norm kinds (g holding k elements of x's dtype).
+/// multiples of 8 (gemv.cu's header), 1 ≤ m ≤ 8, `r` is given exactly for `GemvKind::Add`.
 pub(super) unsafe fn launch_gemv(stream: &CudaStream, f: &CudaFunction, a: &GemvArgs) -> Result<()> {
     let (ldx, ldw, n32, k32) = (a.ldx as i64, a.ldw as i64, a.n as i32, a.k as i32);
-    // The prologue reproduces rmsnorm.cu's reduction for the block size launch_rms_norm uses.
-    let (g, eps, nb) = match a.norm {
-        Some((g, eps)) => (g, eps, row_block(a.k, 256) as i32),
-        None => (0, 0.0, 0),
-    };
     let mut b = stream.launch_builder(f);
-    b.arg(&a.x).arg(&ldx);
-    if a.norm.is_some() {
-        b.arg(&g).arg(&eps).arg(&nb);
-    }
-    b.arg(&a.w).arg(&ldw);
+    b.arg(&a.x).arg(&ldx).arg(&a.w).arg(&ldw);
     if let Some(r) = &a.r {
         b.arg(r);
     }

@@ -18,10 +18,7 @@
 //! one at once, and the stale graph is never launched.
 //!
 //! The kernels are the eager path's own (`ops::cuda`'s `launch_*`, one argument list per
-//! kernel), so a replay computes what an eager step computes, bit for bit. With
-//! `SHARDSMITH_DECODE_FOLD_NORM=1` ([`super::decode_fold_norm`]) the three RMSNorm launches of a
-//! layer and the head are left out and the GEMVs reading their outputs normalise their input
-//! themselves (gemv.cu's `_norm` kernels), reproducing rmsnorm.cu's arithmetic: still bit for bit.
+//! kernel), so a replay computes what an eager step computes, bit for bit.
 
 use super::attention::decode_graph_splits;
 use super::cuda::{
@@ -149,11 +146,6 @@ impl StepKernel {
         StepKernel::Head,
     ];
 
-    /// Whether the RMSNorm fold ([`super::decode_fold_norm`]) removes this kind's launches.
-    pub fn folded(self) -> bool {
-        matches!(self, StepKernel::InputNorm | StepKernel::MlpNorm | StepKernel::FinalNorm)
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             StepKernel::Embed => "embedding rows",
@@ -186,8 +178,7 @@ pub struct KernelTime {
 /// graph of only its launches over the same tensors, each replayed `reps` times back to back
 /// (after 3 warm-up replays) at position `pos`. A launch's cost in a graph is its kernel plus
 /// the gap before the next node starts; the sum of the rows against the whole step shows how
-/// much the kernels' order and dependencies add. With the RMSNorm fold on, the norms have no
-/// rows (their work is in the GEMVs' rows). Ids are 0. The partial graphs compute garbage
+/// much the kernels' order and dependencies add. Ids are 0. The partial graphs compute garbage
 /// into the graphs' own buffers and into the caches' entry `pos`, which the caller must treat
 /// as unwritten (a later step or prefill overwrites it).
 pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f64, Vec<KernelTime>)> {
@@ -206,10 +197,8 @@ pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f
         Ok((t0.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64, calls))
     };
     let (whole, _) = time(&|_| true)?;
-    let fold = super::decode_fold_norm();
     let kinds = StepKernel::ALL
         .iter()
-        .filter(|k| !(fold && k.folded()))
         .map(|&kernel| {
             let (ms, calls) = time(&|k| k == kernel)?;
             Ok(KernelTime { kernel, calls, ms })
@@ -329,10 +318,6 @@ impl DecodeGraph {
         let fn_plain = gemv_function(dev, GemvKind::Plain, dtype, rows)?;
         let fn_add = gemv_function(dev, GemvKind::Add, dtype, rows)?;
         let fn_swiglu = gemv_function(dev, GemvKind::SwiGlu, dtype, rows)?;
-        // The RMSNorm fold: each norm's launch goes, the GEMV reading its output normalises.
-        let fold = super::decode_fold_norm();
-        let norm_fn = |kind| fold.then(|| gemv_function(dev, kind, dtype, rows)).transpose();
-        let (fn_norm_plain, fn_norm_swiglu) = (norm_fn(GemvKind::NormPlain)?, norm_fn(GemvKind::NormSwiGlu)?);
 
         // Work buffers (the graph's own; the residual stream ping-pongs between xa and xb so no
         // kernel writes the buffer it reads its residual from).
@@ -399,11 +384,6 @@ impl DecodeGraph {
                 bail!("decode graph: the {what} weight does not start on a 16-byte boundary");
             }
         }
-        // The fold's GEMVs read the norm weights with 16-byte loads too.
-        let norms = layers.iter().flat_map(|l| [l.attn_norm, l.mlp_norm]).chain([a_norm]);
-        if fold && norms.into_iter().any(|a| a % 16 != 0) {
-            bail!("decode graph: a norm weight does not start on a 16-byte boundary (SHARDSMITH_DECODE_FOLD_NORM=1)");
-        }
 
         let eps = m.eps;
         let scale = (1.0 / (d as f64).sqrt()) as f32; // as the eager step rounds it
@@ -416,16 +396,10 @@ impl DecodeGraph {
             w,
             ldw: k,
             r,
-            norm: None,
             y,
             m: rows,
             n,
             k,
-        };
-        // The same reading the raw rows x, normalised by RMSNorm with weight g first.
-        let gemv_norm = |x: Addr, g: Addr, w: Addr, y: Addr, n: usize| GemvArgs {
-            norm: Some((g, eps)),
-            ..gemv(x, h, w, None, y, n)
         };
         let calls = Cell::new(0);
         // Whether to record a launch of kind `k` (counted).
@@ -434,28 +408,24 @@ impl DecodeGraph {
             calls.set(calls.get() + on as usize);
             on
         };
-        // RMSNorm of x (weight `gw`) into hn, then y = hn·wᵀ by `gemv` (its kinds `norm` and
-        // `product`); with the fold, one launch of `folded` reading x itself.
+        // RMSNorm of x (weight `gw`) into hn, then y = hn·wᵀ by `gemv_fn` (its kinds `norm` and
+        // `product`).
         // SAFETY: as for the launches in `record` below.
         let normed_gemv = |(norm, product): (StepKernel, StepKernel),
-                           (gemv_fn, folded): (&CudaFunction, Option<&CudaFunction>),
+                           gemv_fn: &CudaFunction,
                            [x, gw, w, y]: [Addr; 4],
                            n: usize|
          -> Result<()> {
             unsafe {
-                if !fold && kept(norm) {
+                if kept(norm) {
                     launch_rms_norm(&stream, &fn_norm, [x, gw, a_hn], rows, h, eps)?;
                 }
                 if kept(product) {
-                    match folded {
-                        Some(f) => launch_gemv(&stream, f, &gemv_norm(x, gw, w, y, n))?,
-                        None => launch_gemv(&stream, gemv_fn, &gemv(a_hn, h, w, None, y, n))?,
-                    }
+                    launch_gemv(&stream, gemv_fn, &gemv(a_hn, h, w, None, y, n))?;
                 }
             }
             Ok(())
         };
-        let (norm_plain, norm_swiglu) = (fn_norm_plain.as_ref(), fn_norm_swiglu.as_ref());
         let record = || -> Result<()> {
             use StepKernel::*;
             // SAFETY (every launch below): the addresses are the tensors checked above, each
@@ -466,12 +436,7 @@ impl DecodeGraph {
                     launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
                 }
                 for l in &layers {
-                    normed_gemv(
-                        (InputNorm, Qkv),
-                        (&fn_plain, norm_plain),
-                        [a_xa, l.attn_norm, l.qkv, a_qkv],
-                        nqkv,
-                    )?;
+                    normed_gemv((InputNorm, Qkv), &fn_plain, [a_xa, l.attn_norm, l.qkv, a_qkv], nqkv)?;
                     let qkv_args = RopeQkvArgs {
                         q: (a_qkv, row_strides),
                         k: (offset(a_qkv, nq, dtype), row_strides),
@@ -503,7 +468,7 @@ impl DecodeGraph {
                     }
                     normed_gemv(
                         (MlpNorm, GateUpSwiglu),
-                        (&fn_swiglu, norm_swiglu),
+                        &fn_swiglu,
                         [a_xb, l.mlp_norm, l.gate_up, a_act],
                         f,
                     )?;
@@ -511,12 +476,7 @@ impl DecodeGraph {
                         launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h))?;
                     }
                 }
-                normed_gemv(
-                    (FinalNorm, Head),
-                    (&fn_plain, norm_plain),
-                    [a_xa, a_norm, a_head, a_logits],
-                    vocab_rows,
-                )?;
+                normed_gemv((FinalNorm, Head), &fn_plain, [a_xa, a_norm, a_head, a_logits], vocab_rows)?;
             }
             Ok(())
         };
