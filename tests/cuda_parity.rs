@@ -367,9 +367,9 @@ fn wgmma_forms_are_exact() {
 }
 
 /// The wgmma backwards (kernels/src/flash_wg.cu, `FlashBackward::Wgmma` and the warp-specialised
-/// `Ws`, D 128) against the CPU and against Split on the same inputs (their own summation order:
-/// within a bf16 rounding), and Ws's dk, dv against Wgmma's bit for bit (the same products in the
-/// same order). Skipped (with a line saying so) in a build without them. Their own test so that a
+/// `Ws` and `WsTma`, D 128) against the CPU and against Split on the same inputs (their own
+/// summation order: within a bf16 rounding), and Ws's and WsTma's dk, dv against Wgmma's bit for
+/// bit (the same products in the same order). Skipped (with a line saying so) in a build without them. Their own test so that a
 /// fault in a kernel cannot hide the other variants' results.
 #[test]
 fn wgmma_backward_matches_the_cpu() {

@@ -473,12 +473,11 @@ pub fn wgmma_available() -> bool {
 /// same dK and dV (bit-identical), Wgmma the same up to summation order; dQ differs in summation
 /// order only (Ws: Wgmma's dK and dV bit for bit). Chosen by `SHARDSMITH_FLASH_BWD` (`split`,
 /// `wide`, `fused`, `wgmma` or `ws`;
-/// [`FlashBackward::from_env`]); the default is Ws in a build that has the wgmma kernels (at
-/// head dim 128; Split elsewhere), else Split.
-/// Measured on an H200 (B2 H32 S4096 D128, with the mma.sync forward, fwd+bwd TFLOP/s; run 5 of
-/// BENCHMARKS.md's issue 7, part 14, before ws's producer stopped waiting for its copies):
-/// split 200, wide 207, fused 216, wgmma 273, ws 285; a LLaMA-7B layer's fwd+bwd 482 → 485
-/// (wgmma → ws).
+/// [`FlashBackward::from_env`]); the default is WsTma (`tma`) in a build that has the wgmma
+/// kernels (at head dim 128; Split elsewhere), else Split.
+/// Measured on an H200 (B2 H32 S4096 D128 causal, run 7 of BENCHMARKS.md's issue 7, part 14;
+/// the backward's TFLOP/s from fwd+bwd less fwd): tma 382, ws 318, wgmma 273, fused 219, wide
+/// 207, split 200; fwd+bwd with the tma forward 388 (cuDNN 480).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashBackward {
     /// dQ per 128-query block and dK/dV per 128-key block in 32-query steps, no atomics
@@ -525,7 +524,7 @@ impl EnvChoice for FlashBackward {
     }
     fn default_choice() -> Self {
         if wgmma_available() {
-            FlashBackward::Ws
+            FlashBackward::WsTma
         } else {
             FlashBackward::Split
         }
@@ -557,8 +556,8 @@ impl FlashBackward {
         matches!(self, FlashBackward::Ws | FlashBackward::WsTma)
     }
 
-    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused`, `wgmma`, `ws` or `tma` (unset: ws in a
-    /// build that has it, else split); any other value, or `wgmma` in a build without it, is an
+    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused`, `wgmma`, `ws` or `tma` (unset: tma
+    /// in a build that has it, else split); any other value, or `wgmma` in a build without it, is an
     /// error naming the variable.
     pub fn from_env() -> Result<FlashBackward> {
         Self::from_var()
@@ -662,7 +661,7 @@ mod tests {
     #[test]
     fn kernel_choices_parse_and_name_the_variable_on_error() {
         let bwd = FlashBackward::parse;
-        let default = if wgmma_available() { FlashBackward::Ws } else { FlashBackward::Split };
+        let default = if wgmma_available() { FlashBackward::WsTma } else { FlashBackward::Split };
         assert_eq!(bwd(None), Ok(default));
         assert_eq!(bwd(Some("")), Ok(default));
         for v in FlashBackward::ALL {
