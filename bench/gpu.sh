@@ -69,12 +69,6 @@ done
 parity decode_gemv_forward SHARDSMITH_CUDA_GEMV=8
 # The attention kernels in blockIdx's own order (head-major) instead of heaviest-first.
 parity causal_attention_forward_and_backward SHARDSMITH_ATTN_ORDER=head
-# The warp-specialised kernels' other configurations (timed below): three load stages, and the
-# forward without ping-pong.
-parity wgmma_forward_matches_the_cpu SHARDSMITH_WS_STAGES=3
-parity wgmma_backward_matches_the_cpu SHARDSMITH_WS_STAGES=3
-parity wgmma_forward_matches_the_cpu SHARDSMITH_WS_PINGPONG=0
-parity wgmma_forward_matches_the_cpu SHARDSMITH_WS_STAGES=3 SHARDSMITH_WS_PINGPONG=0
 
 echo "### trainer end to end (fixtures/train-tiny, f32, stage 1, 10 steps): CUDA losses against the CPU's"
 for d in cpu cuda; do
@@ -109,12 +103,11 @@ step ours-gpu-layer 60 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@
 step ours-gpu-layer-composed 60 "$SS" bench gpu-layer --composed --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step ours-gpu-layer-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 # The other bf16 attention kernels (ops::attention::FlashForward, FlashBackward) in the whole
-# layer (the default: tma forward, ws backward): the mma.sync forward (every GPU's) with the
-# mma.sync backwards split and fused and with ws; the cp.async-fed ws forward; the tma forward
-# with the wgmma backward and with the TMA-fed ws backward (tma).
-for kv in "mma split" "mma fused" "mma ws" "ws ws" "tma wgmma" "tma tma"; do
+# layer (the default: tma forward, tma backward): the mma.sync forward (every GPU's) with the
+# mma.sync backwards split and fused and with tma's; the tma forward with the wgmma backward.
+for kv in "mma split" "mma fused" "mma tma" "tma wgmma"; do
     set -- $kv
-    [[ -n ${GPU_SH_TINY:-} && ( $kv == *wgmma* || $kv == *ws* || $kv == *tma* ) ]] && continue # a CPU build has no wgmma kernels
+    [[ -n ${GPU_SH_TINY:-} && ( $kv == *wgmma* || $kv == *tma* ) ]] && continue # a CPU build has no wgmma kernels
     step ours-gpu-layer-$1-$2 60 env SHARDSMITH_FLASH_FWD=$1 SHARDSMITH_FLASH_BWD=$2 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 done
 # The layer's GEMMs through cuBLAS directly (ops::cublas) instead of candle's matmul.
@@ -131,16 +124,12 @@ AK=()
 [[ -n ${GPU_SH_TINY:-} ]] || AK=(--forward mma --backward split,wide,fused)
 step ours-attention 30 "$SS" bench attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}" ${AK[@]+"${AK[@]}"}
 if [[ -z ${GPU_SH_TINY:-} ]]; then
-    step ours-attention-wgmma 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,ws,tma --backward split
+    step ours-attention-wgmma 30 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,tma --backward split
     # --phases: then the profiled wgmma kernels, where their warps spend their cycles (tables below).
-    step ours-attention-wgmma-bwd 40 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,ws,tma,mma --backward wgmma,ws,tma --phases
+    step ours-attention-wgmma-bwd 40 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward wgmma,wgmma128,tma,mma --backward wgmma,tma --phases
     # The same kernels with the blocks in head-major order (after the rows above: `find` takes
     # the first match, so the table's other cells stay heaviest-first).
     step ours-attention-head-major 30 env SHARDSMITH_ATTN_ORDER=head "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward mma,wgmma --backward split,wgmma
-    # The warp-specialised kernels' other configurations (after the rows above, likewise): three
-    # load stages; the forward's consumers without ping-pong.
-    step ours-attention-ws-s3 30 env SHARDSMITH_WS_STAGES=3 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws,tma --backward ws,tma
-    step ours-attention-ws-nopp 30 env SHARDSMITH_WS_PINGPONG=0 "$SS" bench attention --runs 10 --warmup 2 "${A[@]}" --forward ws --backward ws
 fi
 step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 # --breakdown: the graph step's time by kind of launch, at each batch whose step is a graph
@@ -158,8 +147,6 @@ step ours-neva-composed 60 "$SS" bench neva-step --composed --runs 3 "${L[@]}" "
 step ours-neva-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-split 60 env SHARDSMITH_FLASH_FWD=mma SHARDSMITH_FLASH_BWD=split "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 [[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-wgmma 60 env SHARDSMITH_FLASH_FWD=wgmma SHARDSMITH_FLASH_BWD=wgmma "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
-[[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-ws 60 env SHARDSMITH_FLASH_FWD=ws SHARDSMITH_FLASH_BWD=ws "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
-[[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-tma 60 env SHARDSMITH_FLASH_FWD=tma SHARDSMITH_FLASH_BWD=tma "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-gemm-cublaslt 60 env SHARDSMITH_GEMM=cublaslt "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step torch-neva 60 $PY neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 
@@ -172,7 +159,7 @@ peak = float(sys.argv[2])
 # without wgmma defaults to split) and the variants measured beside them.
 first = next((r for r in rows if r["bench"] == "gpu_layer" and r["impl"] == "shardsmith"), {})
 DEF = dict(flash_fwd=first.get("flash_fwd", "mma"), flash_bwd=first.get("flash_bwd", "split"))
-VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("mma", "ws"), ("mma", "tma"), ("wgmma", "split"), ("wgmma", "wgmma"), ("wgmma128", "split"), ("wgmma128", "wgmma"), ("ws", "split"), ("ws", "wgmma"), ("ws", "ws"), ("tma", "split"), ("tma", "wgmma"), ("tma", "ws"), ("tma", "tma")]
+VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("mma", "tma"), ("wgmma", "split"), ("wgmma", "wgmma"), ("wgmma128", "split"), ("wgmma128", "wgmma"), ("tma", "split"), ("tma", "wgmma"), ("tma", "tma")]
             if (f, b) != (DEF["flash_fwd"], DEF["flash_bwd"])]
 def find(bench, impl, **kv):
     for r in rows:
@@ -203,7 +190,7 @@ if o or t:
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
     line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
 o, t = find("attention", "shardsmith", **DEF), find("attention", "pytorch")
-wg, wg128, ws, tma = (find("attention", "shardsmith", flash_fwd=f) for f in ("wgmma", "wgmma128", "ws", "tma"))
+wg, wg128, tma = (find("attention", "shardsmith", flash_fwd=f) for f in ("wgmma", "wgmma128", "tma"))
 fl, cu = find("attention", "pytorch_flash"), find("attention", "pytorch_cudnn")
 if o or t:
     r = o or t
@@ -212,24 +199,14 @@ if o or t:
     line(name, "fwd+bwd TFLOP/s", g(o, "tflops_fwd_bwd"), g(t, "tflops_fwd_bwd"),
          f"flash {fmt(g(fl, 'tflops_fwd_bwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd_bwd'))}; ours {kern('attention', 'tflops_fwd_bwd')}; "
          f"blocks head-major instead of heaviest-first: mma+split {hm('mma', 'split', 'tflops_fwd_bwd')}, mma+wgmma {hm('mma', 'wgmma', 'tflops_fwd_bwd')}, wgmma+wgmma {hm('wgmma', 'wgmma', 'tflops_fwd_bwd')}")
-    wsc = lambda key, **kv: fmt(g(find("attention", "shardsmith", flash_fwd="ws", flash_bwd="ws", **kv), key))
-    line(name, "ws+ws fwd+bwd / fwd TFLOP/s", None, None,
-         f"2 stages with ping-pong {wsc('tflops_fwd_bwd', ws_stages=2, ws_pingpong=True)} / {wsc('tflops_fwd', ws_stages=2, ws_pingpong=True)}; "
-         f"3 stages {wsc('tflops_fwd_bwd', ws_stages=3)} / {wsc('tflops_fwd', ws_stages=3)}; "
-         f"no ping-pong {wsc('tflops_fwd_bwd', ws_pingpong=False)} / {wsc('tflops_fwd', ws_pingpong=False)}")
     line(name, "fwd TFLOP/s", g(o, "tflops_fwd"), g(t, "tflops_fwd"),
-         f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}, wgmma128 {fmt(g(wg128, 'tflops_fwd'))}, ws {fmt(g(ws, 'tflops_fwd'))}, tma {fmt(g(tma, 'tflops_fwd'))}; "
+         f"flash {fmt(g(fl, 'tflops_fwd'))}, cuDNN {fmt(g(cu, 'tflops_fwd'))}; ours wgmma {fmt(g(wg, 'tflops_fwd'))}, wgmma128 {fmt(g(wg128, 'tflops_fwd'))}, tma {fmt(g(tma, 'tflops_fwd'))}; "
          f"head-major mma {hm('mma', 'wgmma', 'tflops_fwd')}, wgmma {hm('wgmma', 'wgmma', 'tflops_fwd')}")
 # Which attention kernels to make the defaults: the fastest forward by its own time, and the
-# fastest backward by fwd+bwd time less its forward's (heaviest-first rows; ws with its knobs).
+# fastest backward by fwd+bwd time less its forward's (heaviest-first rows).
 att = [r for r in rows if r["bench"] == "attention" and r["impl"] == "shardsmith" and r.get("attn_order", "heaviest") == "heaviest" and r.get("fwd_ms")]
 if att and att[0]["device"] == "cuda":
-    def label(kind, r):
-        v = r["flash_" + kind]
-        if v not in ("ws", "tma"):
-            return v
-        pp = "" if kind == "bwd" or v == "tma" or r.get("ws_pingpong", True) else ", no ping-pong"
-        return f"{v} ({r.get('ws_stages', 2)} stages{pp})"
+    label = lambda kind, r: r["flash_" + kind]
     fwd_best, bwd_best = {}, {}
     for r in att:
         flops = r["tflops_fwd"] * r["fwd_ms"] * 1e9
@@ -257,8 +234,6 @@ o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, ge
 os_ = find("neva_step", "shardsmith", flash_fwd="mma", flash_bwd="split") if DEF["flash_bwd"] != "split" else None
 ol = find("neva_step", "shardsmith", gemm="cublaslt")
 of = find("neva_step", "shardsmith", flash_fwd="wgmma", flash_bwd="wgmma")
-ow = find("neva_step", "shardsmith", flash_fwd="ws", flash_bwd="ws")
-otm = find("neva_step", "shardsmith", flash_fwd="tma", flash_bwd="tma")
 oc = find("neva_step", "shardsmith", layer_nodes=False)
 op = find("neva_step", "shardsmith", cuda_pool_keep=False)
 if o or t:
@@ -267,7 +242,7 @@ if o or t:
     parts = lambda r: "—" if r is None else f"fwd+bwd {r['fwd_bwd_ms']:.1f}, vision+projector fwd {r['vision_projector_ms']:.1f}"
     line(name, "step ms (ratio: eager ÷ ours)", g(o, "step_ms"), g(t, "step_ms"),
          f"ours: {parts(o)}; composed {fmt(g(oc, 'step_ms'))} ({parts(oc)}); pool released {fmt(g(op, 'step_ms'))}; "
-         f"attention kernels mma+split {fmt(g(os_, 'step_ms'))}, wgmma+wgmma {fmt(g(of, 'step_ms'))}, ws+ws {fmt(g(ow, 'step_ms'))}, tma+tma {fmt(g(otm, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
+         f"attention kernels mma+split {fmt(g(os_, 'step_ms'))}, wgmma+wgmma {fmt(g(of, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
 gemm_rows = [r for r in rows if r["bench"] == "gemm" and r["impl"] == "shardsmith" and r["gemm"] == "candle"]
 if gemm_rows:
     out += ["", "| GEMM (bf16) | M×N×K | candle TFLOP/s | cublas | cublaslt | PyTorch |", "|---|---|---|---|---|---|"]

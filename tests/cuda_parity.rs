@@ -367,9 +367,9 @@ fn wgmma_forms_are_exact() {
 }
 
 /// The wgmma backwards (kernels/src/flash_wg.cu, `FlashBackward::Wgmma` and the warp-specialised
-/// `Ws` and `WsTma`, D 128) against the CPU and against Split on the same inputs (their own
-/// summation order: within a bf16 rounding), and Ws's and WsTma's dk, dv against Wgmma's bit for
-/// bit (the same products in the same order). Skipped (with a line saying so) in a build without them. Their own test so that a
+/// `Tma`, D 128) against the CPU and against Split on the same inputs (their own summation
+/// order: within a bf16 rounding), and Tma's dk, dv against Wgmma's bit for bit (the same
+/// products in the same order). Skipped (with a line saying so) in a build without them. Their own test so that a
 /// fault in a kernel cannot hide the other variants' results.
 #[test]
 fn wgmma_backward_matches_the_cpu() {
@@ -378,7 +378,7 @@ fn wgmma_backward_matches_the_cpu() {
         println!("parity wgmma backward: skipped (no sm_90a kernels in this build)");
         return;
     }
-    // The last case: 10 steps in the first K/V block (GQA 2), every buffer of Ws refilled.
+    // The last case: 10 steps in the first K/V block (GQA 2), every buffer of Tma refilled.
     let cases = [
         (1, 4, 2, 300, 128),
         (2, 3, 1, 200, 128),
@@ -387,7 +387,7 @@ fn wgmma_backward_matches_the_cpu() {
         (1, 2, 1, 260, 128),
     ];
     for (b, hq, hk, t, d) in cases {
-        let variants = [FlashBackward::Split, FlashBackward::Wgmma, FlashBackward::Ws, FlashBackward::WsTma];
+        let variants = [FlashBackward::Split, FlashBackward::Wgmma, FlashBackward::Tma];
         let grads = backward_variants(b, hq, hk, t, d, &variants);
         let (_, dk0, dv0) = &grads[0];
         for (variant, (_, dk, dv)) in variants.iter().zip(&grads).skip(1) {
@@ -409,9 +409,9 @@ fn wgmma_backward_matches_the_cpu() {
 }
 
 /// The wgmma forwards (kernels/src/flash_wg.cu, `FlashForward::Wgmma`, `Wgmma128` and the
-/// warp-specialised `Ws`), causal and unmasked, against the CPU forward (o, lse) and against the
-/// mma.sync kernel on the same inputs; whether `Ws` gives `Wgmma128`'s bits (the same products in
-/// the same order; the emulator's are identical) is printed. Skipped (with a line saying so) in a
+/// warp-specialised `Tma`), causal and unmasked, against the CPU forward (o, lse) and against the
+/// mma.sync kernel on the same inputs; whether `Tma` gives `Wgmma128`'s bits (the same products in
+/// the same order; the emulator's and an H200's are identical) is printed. Skipped (with a line saying so) in a
 /// build without it (CUDA_COMPUTE_CAP other than 90).
 #[test]
 fn wgmma_forward_matches_the_cpu() {
@@ -440,7 +440,7 @@ fn wgmma_forward_matches_the_cpu() {
         let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let fc = full_attention(&f32(&q), &f32(&k), &f32(&v), scale).unwrap();
         let mut wide = None;
-        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws, FlashForward::WsTma] {
+        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Tma] {
             let name = format!("{} forward B{b} Hq{hq} Hk{hk} T{t} D{d}", variant.name());
             let (ow, lw) = causal_attention_forward_with(variant, &qg, &kg, &vg, scale).unwrap();
             let bits =
@@ -449,7 +449,7 @@ fn wgmma_forward_matches_the_cpu() {
                 wide = Some((ow.clone(), lw.clone()));
             }
             match (variant, &wide) {
-                (FlashForward::Ws | FlashForward::WsTma, Some((o128, l128))) if d == 128 => {
+                (FlashForward::Tma, Some((o128, l128))) if d == 128 => {
                     // The same products in the same order (S from an ss rather than an rs
                     // wgmma form: not promised bit for bit), so within a rounding here; a
                     // pipeline race that spoils part of a tile, or (tma) a swizzle that TMA and
@@ -528,7 +528,7 @@ fn wgmma_phase_profiles_match_the_plain_kernels() {
         );
         let scale = 1.0 / 128f64.sqrt();
         let name = format!("B{b} Hq{hq} Hk{hk} T{t}");
-        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws, FlashForward::WsTma] {
+        for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Tma] {
             let (o0, l0) = causal_attention_forward_with(variant, &q, &k, &v, scale).unwrap();
             let (o, l, p) = phases::profile_forward(variant, &q, &k, &v, scale).unwrap();
             same(&format!("profiled {} forward {name} o", variant.name()), &o, &o0);
@@ -537,7 +537,7 @@ fn wgmma_phase_profiles_match_the_plain_kernels() {
             cycles_where_run(&p);
         }
         let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, &q, &k, &v, scale).unwrap();
-        for variant in [FlashBackward::Wgmma, FlashBackward::Ws, FlashBackward::WsTma] {
+        for variant in [FlashBackward::Wgmma, FlashBackward::Tma] {
             let (dq0, dk0, dv0) =
                 causal_attention_backward_with(variant, &q, &k, &v, &o, &lse, &g, scale).unwrap();
             let ((dq, dk, dv), p) =

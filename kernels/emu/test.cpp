@@ -152,11 +152,10 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                               {WB_P, worked}, {WB_WAIT_DP, worked}, {WB_DS, worked}, {WB_SKIPPED, skipped},
                               {WB_BARRIER, 8 * steps}, {WB_DQ, 8 * steps}, {WB_ATOMICS, 8 * steps},
                               {WB_EPILOGUE, 8 * blocks}});
-                // The warp-specialised backward (2 and 3 stages, and profiled): the same products in
-                // the same order as the wgmma backward, so its dk, dv bit for bit (dq: the same
-                // atomic adds, in another order).
-                // With TMA: tensor maps as ops::cuda encodes them ([B·H][T][D], boxes of 64 or 128
-                // rows × 64 columns, 128-byte swizzle), the tiles swizzled, the same products.
+                // The warp-specialised backward fed by TMA (and profiled), over tensor maps as
+                // ops::cuda encodes them ([B·H][T][D], boxes of 64 or 128 rows × 64 columns,
+                // 128-byte swizzle): the same products in the same order as the wgmma backward, so
+                // its dk, dv bit for bit (dq: the same sums, by bulk reduces, in another order).
                 auto map = [&](const std::vector<T> &x, int heads, uint32_t rows) {
                     const uint64_t dims[3] = {(uint64_t)D, (uint64_t)t, (uint64_t)B * heads};
                     const uint64_t strides[2] = {(uint64_t)D * 2, (uint64_t)t * D * 2};
@@ -165,16 +164,12 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                 };
                 const CUtensorMap tmq = map(q, hq, 64), tmk = map(k, hk, 128), tmv = map(v, hk, 128),
                                   tmo = map(dO, hq, 64);
-                auto ws_bwd = [&]<bool PROF, int S, bool TMA = false>(const char *label, const char *dq_label,
-                                                                     unsigned long long *prof) {
+                auto tma_bwd = [&]<bool PROF>(const char *label, const char *dq_label, unsigned long long *prof) {
                     std::vector<T> dk6(k.size()), dv6(v.size());
                     std::vector<float> dq6(q.size(), 0.f);
-                    const CUtensorMap *const none = nullptr;
-                    emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), ws_bwd_smem_bytes<D, S, TMA>(),
-                                flash_bwd_ws<D, PROF, S, TMA>, TMA ? nullptr : q.data(), TMA ? nullptr : k.data(),
-                                TMA ? nullptr : v.data(), TMA ? nullptr : dO.data(), lse.data(), delta.data(),
-                                dk6.data(), dv6.data(), dq6.data(), hq, hk, t, scale, prof, TMA ? &tmq : none,
-                                TMA ? &tmk : none, TMA ? &tmv : none, TMA ? &tmo : none);
+                    emu::launch(dim3(nk, hk, B), dim3(WSB_THREADS), tma_bwd_smem_bytes<D>(), flash_bwd_tma<D, PROF>,
+                                &tmq, &tmk, &tmv, &tmo, lse.data(), delta.data(), dk6.data(), dv6.data(), dq6.data(),
+                                hq, hk, t, scale, prof);
                     const bool same = std::memcmp(dk6.data(), dk4.data(), dk4.size() * sizeof(T)) == 0 &&
                                       std::memcmp(dv6.data(), dv4.data(), dv4.size() * sizeof(T)) == 0;
                     if (!same) failures++;
@@ -182,24 +177,11 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                                 hk, t, label, same ? "ok" : "FAIL");
                     extra.push_back({dq_label, dq6, true});
                 };
-                ws_bwd.template operator()<false, 2>("ws bwd", "ws dq", nullptr);
-                ws_bwd.template operator()<false, 3>("ws bwd 3 stages", "ws 3-stage dq", nullptr);
-                ws_bwd.template operator()<false, 2, true>("tma bwd", "tma dq", nullptr);
-                // The TMA kernel's profile: the same phases as ws's (all 4 producer warps still
-                // stage lse and Δ each step).
-                std::vector<unsigned long long> tprof(2 * WSB_PHASES, 0);
-                ws_bwd.template operator()<true, 2, true>("profiled tma bwd", "profiled tma dq", tprof.data());
+                tma_bwd.template operator()<false>("tma bwd", "tma dq", nullptr);
                 // Profiled: besides, each phase as often as the geometry says (8 consumer warps as
-                // the wgmma backward's, 4 producer warps).
-                std::vector<unsigned long long> wprof(2 * WSB_PHASES, 0);
-                ws_bwd.template operator()<true, 2>("profiled ws bwd", "profiled ws dq", wprof.data());
-                std::snprintf(what, sizeof what, "attn %s D%d B%d Hq%d Hk%d T%d ws bwd", name, D, B, hq, hk, t);
-                check_phases(what, wprof, WSB_PHASES,
-                             {{WSB_PROLOGUE, 12 * blocks}, {WSB_TILE_WAIT, 8 * steps}, {WSB_ISSUE_WAIT_S, worked},
-                              {WSB_P, worked}, {WSB_WAIT_DP, worked}, {WSB_DS, worked}, {WSB_SKIPPED, skipped},
-                              {WSB_BARRIER, 8 * steps}, {WSB_DQ, 8 * steps}, {WSB_ATOMICS, 8 * steps},
-                              {WSB_EPILOGUE, 8 * blocks}, {WSB_LOAD_WAIT, 4 * steps},
-                              {WSB_LOAD_ISSUE, 4 * (blocks + steps)}});
+                // the wgmma backward's, 4 producer warps, all of which stage lse and Δ each step).
+                std::vector<unsigned long long> tprof(2 * WSB_PHASES, 0);
+                tma_bwd.template operator()<true>("profiled tma bwd", "profiled tma dq", tprof.data());
                 std::snprintf(what, sizeof what, "attn %s D%d B%d Hq%d Hk%d T%d tma bwd", name, D, B, hq, hk, t);
                 check_phases(what, tprof, WSB_PHASES,
                              {{WSB_PROLOGUE, 12 * blocks}, {WSB_TILE_WAIT, 8 * steps}, {WSB_ISSUE_WAIT_S, worked},
@@ -368,72 +350,10 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
     if constexpr (D == 64 || D == 128) wgmma.template operator()<64>("wgmma");
     if constexpr (D == 128) wgmma.template operator()<128>("wgmma128");
     if constexpr (D == 128) {
-        // The warp-specialised forward: the same products as the 128-key kernel in the same
-        // order, so the same bits, with and without the consumers' ping-pong. (Through a function
-        // pointer every argument is passed: the tensor maps are the TMA kernels'.)
-        const CUtensorMap *const NO_MAP = nullptr;
-        auto ws = [&]<bool PINGPONG>(const char *name) {
-            std::vector<bf16> o1;
-            std::vector<float> lse1;
-            run(name, [&](bf16 *o, float *lse) {
-                auto kernel = causal ? flash_fwd_ws<D, true, PINGPONG> : flash_fwd_ws<D, false, PINGPONG>;
-                emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D>(), kernel, q.data(), k.data(),
-                            v.data(), o, lse, hq, hk, t, scale, (unsigned long long *)nullptr, NO_MAP, NO_MAP, NO_MAP);
-                o1.assign(o, o + ro.size());
-                lse1.assign(lse, lse + rl.size());
-            });
-            const bool same = std::memcmp(o1.data(), o128.data(), o1.size() * sizeof(bf16)) == 0 &&
-                              std::memcmp(lse1.data(), lse128.data(), lse1.size() * sizeof(float)) == 0;
-            if (!same) failures++;
-            std::printf("fwd %s %s D%d B%d Hq%d Hk%d T%d = wgmma128 bit for bit: %s\n", name,
-                        causal ? "causal" : "full", D, B, hq, hk, t, same ? "ok" : "FAIL");
-            if (!causal || !PINGPONG) return;
-            // The profiled instantiation: the same bits, and each phase run as often as the
-            // geometry says (12 warps a block: 8 consumers, 4 producers).
-            std::vector<bf16> o2(ro.size());
-            std::vector<float> lse2(rl.size());
-            std::vector<unsigned long long> prof(2 * WS_PHASES, 0);
-            emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D>(), flash_fwd_ws<D, true, true, true>,
-                        q.data(), k.data(), v.data(), o2.data(), lse2.data(), hq, hk, t, scale, prof.data(), NO_MAP,
-                        NO_MAP, NO_MAP);
-            const bool same2 = std::memcmp(o2.data(), o1.data(), o2.size() * sizeof(bf16)) == 0 &&
-                               std::memcmp(lse2.data(), lse1.data(), lse2.size() * sizeof(float)) == 0;
-            if (!same2) failures++;
-            std::printf("fwd ws causal D%d B%d Hq%d Hk%d T%d profiled identical: %s\n", D, B, hq, hk, t,
-                        same2 ? "ok" : "FAIL");
-            const unsigned long long blocks = (unsigned long long)nq * hq * B;
-            unsigned long long tiles = 0;
-            for (int i = 0; i < nq; ++i) tiles += (unsigned long long)B * hq * ((std::min((i + 1) * WG_BM, t) + 127) / 128);
-            char what[96];
-            std::snprintf(what, sizeof what, "fwd ws causal D%d B%d Hq%d Hk%d T%d", D, B, hq, hk, t);
-            check_phases(what, prof, WS_PHASES,
-                         {{WS_PROLOGUE, 12 * blocks}, {WS_TILE_WAIT, 8 * tiles}, {WS_TURN, 8 * tiles},
-                          {WS_ISSUE_WAIT_S, 8 * tiles}, {WS_SOFTMAX, 8 * tiles}, {WS_WAIT_PV, 8 * tiles},
-                          {WS_RESCALE, 8 * tiles}, {WS_LAST_PV, 8 * blocks}, {WS_EPILOGUE, 8 * blocks},
-                          {WS_LOAD_WAIT, 4 * 2 * tiles}, {WS_LOAD_ISSUE, 4 * (blocks + 2 * tiles)}});
-        };
-        ws.template operator()<true>("ws");
-        ws.template operator()<false>("ws-no-pingpong");
-        // 3 stages, with and without ping-pong (instantiated for the causal kernel): the same bits
-        auto ws3 = [&]<bool PINGPONG>(const char *name) {
-            std::vector<bf16> o3(ro.size());
-            std::vector<float> lse3(rl.size());
-            emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D, 3>(),
-                        flash_fwd_ws<D, true, PINGPONG, false, 3>, q.data(), k.data(), v.data(), o3.data(),
-                        lse3.data(), hq, hk, t, scale, (unsigned long long *)nullptr, NO_MAP, NO_MAP, NO_MAP);
-            const bool same = std::memcmp(o3.data(), o128.data(), o3.size() * sizeof(bf16)) == 0 &&
-                              std::memcmp(lse3.data(), lse128.data(), lse3.size() * sizeof(float)) == 0;
-            if (!same) failures++;
-            std::printf("fwd %s causal D%d B%d Hq%d Hk%d T%d = wgmma128 bit for bit: %s\n", name, D, B, hq, hk, t,
-                        same ? "ok" : "FAIL");
-        };
-        if (causal) {
-            ws3.template operator()<true>("ws 3 stages");
-            ws3.template operator()<false>("ws 3 stages no ping-pong");
-        }
-        // Fed by TMA (tensor maps over [B·H][T][D], boxes of 128 rows × 64 columns, 128-byte
-        // swizzle, as ops::cuda encodes them): other tile layouts, the same products, so the
-        // same bits; 2 and 3 stages, and the profiled kernel's phases (one producer warp loads).
+        // The warp-specialised forward fed by TMA (tensor maps over [B·H][T][D], boxes of 128 rows
+        // × 64 columns, 128-byte swizzle, as ops::cuda encodes them): the 128-key kernel's
+        // products in the same order over other tile layouts, so the same bits; and the profiled
+        // kernel's phases (12 warps a block: 8 consumers, and one producer warp that loads).
         auto map = [&](const std::vector<bf16> &x, int heads) {
             const uint64_t dims[3] = {(uint64_t)D, (uint64_t)t, (uint64_t)B * heads};
             const uint64_t strides[2] = {(uint64_t)D * 2, (uint64_t)t * D * 2};
@@ -441,16 +361,15 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
             return emu::encode_tiled(x.data(), 3, dims, strides, box, true);
         };
         const CUtensorMap tmq = map(q, hq), tmk = map(k, hk), tmv = map(v, hk);
-        auto tma = [&]<int STAGES, bool PROF>(const char *name) {
-            if (!causal && (STAGES != 2 || PROF)) return;
+        auto tma = [&]<bool PROF>(const char *name) {
+            if (!causal && PROF) return;
             std::vector<bf16> o4(ro.size());
             std::vector<float> lse4(rl.size());
             std::vector<unsigned long long> prof(2 * WS_PHASES, 0);
-            auto kernel = causal ? flash_fwd_ws<D, true, true, PROF, STAGES, true>
-                                 : flash_fwd_ws<D, false, true, PROF, STAGES, true>;
-            emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), ws_fwd_smem_bytes<D, STAGES, true>(), kernel,
-                        (const bf16 *)nullptr, (const bf16 *)nullptr, (const bf16 *)nullptr, o4.data(), lse4.data(),
-                        hq, hk, t, scale, PROF ? prof.data() : (unsigned long long *)nullptr, &tmq, &tmk, &tmv);
+            auto kernel = causal ? flash_fwd_tma<D, true, PROF> : flash_fwd_tma<D, false, PROF>;
+            emu::launch(dim3(nq, hq, B), dim3(WS_THREADS), tma_fwd_smem_bytes<D>(), kernel, &tmq, &tmk, &tmv,
+                        o4.data(), lse4.data(), hq, hk, t, scale,
+                        PROF ? prof.data() : (unsigned long long *)nullptr);
             const bool same = std::memcmp(o4.data(), o128.data(), o4.size() * sizeof(bf16)) == 0 &&
                               std::memcmp(lse4.data(), lse128.data(), lse4.size() * sizeof(float)) == 0;
             if (!same) failures++;
@@ -468,9 +387,8 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
                           {WS_RESCALE, 8 * tiles}, {WS_LAST_PV, 8 * blocks}, {WS_EPILOGUE, 8 * blocks},
                           {WS_LOAD_WAIT, 2 * tiles}, {WS_LOAD_ISSUE, blocks + 2 * tiles}});
         };
-        tma.template operator()<2, false>("tma");
-        tma.template operator()<3, false>("tma 3 stages");
-        tma.template operator()<2, true>("profiled tma");
+        tma.template operator()<false>("tma");
+        tma.template operator()<true>("profiled tma");
     }
 }
 

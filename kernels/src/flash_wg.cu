@@ -2,9 +2,10 @@
 // backward (flash_bwd_wg, below). The FlashAttention-3 core (wgmma for every product, P kept in
 // registers as the A operand of P·V), first without its warp specialisation and TMA: tiles come
 // in by cp.async, double-buffered, as in flash_attn.cu's mma.sync kernels, which stay the path
-// on other GPUs, head dims and alignments. flash_fwd_ws and flash_bwd_ws (below) are the same
-// products warp-specialised: a producer warpgroup loads (still by cp.async), two consumer
-// warpgroups compute, synchronised by mbarriers (pipeline.cuh). Needs sm_90a (kernels/build.rs compiles for it when
+// on other GPUs, head dims and alignments. flash_fwd_tma and flash_bwd_tma (below) are the same
+// products warp-specialised and fed by TMA: a producer warpgroup's one thread loads 128-byte
+// swizzled tiles, two consumer warpgroups compute, synchronised by mbarriers (pipeline.cuh); the
+// defaults where built (FlashAttention-3's structure). Needs sm_90a (kernels/build.rs compiles for it when
 // CUDA_COMPUTE_CAP is 90); elsewhere this file compiles to nothing and the launcher keeps the
 // mma.sync kernels.
 //
@@ -73,17 +74,16 @@ template <int D> __device__ __forceinline__ void wg_load_a(uint32_t (&a)[D / 16]
 }
 
 // Rows [r0, r0 + N) of a row-major [t, D] bf16 matrix into dst in the canonical layout (zeros
-// past row t), by cp.async (the caller commits and waits), shared by NTH threads of which the
-// caller is number `tid`. Chunk i: row (i/8/(D/8))·8 + i%8, column chunk (i/8) % (D/8).
-// UNROLL: how far the loop unrolls (default completely; the warp-specialised producer, with
-// 24 registers, unrolls it 2-fold).
-template <int D, int N, int NTH = WG_THREADS, int UNROLL = N * D / 8 / NTH>
-__device__ __forceinline__ void wg_tile_load(bf16 *dst, const bf16 *__restrict__ src, int r0, int t, int tid = threadIdx.x) {
-    constexpr int C = D / 8;
+// past row t), by cp.async (the caller commits and waits), shared by the block's WG_THREADS.
+// Chunk i: row (i/8/(D/8))·8 + i%8, column chunk (i/8) % (D/8).
+template <int D, int N>
+__device__ __forceinline__ void wg_tile_load(bf16 *dst, const bf16 *__restrict__ src, int r0, int t) {
+    constexpr int C = D / 8, NTH = WG_THREADS;
+    const int tid = threadIdx.x;
     // A whole number of chunks a thread (the kernels run NTH threads: require_smem), so the loop
     // unrolls completely, without the bounds branches a strided loop from threadIdx compiles to.
     static_assert(N * C % NTH == 0, "wg_tile_load: whole chunks per thread");
-#pragma unroll(UNROLL)
+#pragma unroll
     for (int it = 0; it < N * C / NTH; ++it) {
         const int i = tid + it * NTH;
         const int r8 = i % 8, c = (i / 8) % C, rg = i / 8 / C, r = 8 * rg + r8;
@@ -92,7 +92,7 @@ __device__ __forceinline__ void wg_tile_load(bf16 *dst, const bf16 *__restrict__
     }
 }
 
-// The online softmax of one key tile (flash_fwd_wg and flash_fwd_ws): masks s [BN/8][4] (S of
+// The online softmax of one key tile (flash_fwd_wg and flash_fwd_tma): masks s [BN/8][4] (S of
 // keys k0 .. k0 + BN against this warp's rows rq0 + g, + 8) across the diagonal (CAUSAL) or the
 // end T, updates the running max m_r and sum l_r, and leaves P = exp2(s·sl2 − max·sl2) in s and
 // O's rescale factor in alpha, a row's two values each.
@@ -133,7 +133,7 @@ __device__ __forceinline__ void wg_fwd_softmax(float (&s)[BN / 8][4], float (&m_
         }
 }
 
-// The forward's epilogue (flash_fwd_wg and flash_fwd_ws): O = acc / l as bf16 and lse in natural
+// The forward's epilogue (flash_fwd_wg and flash_fwd_tma): O = acc / l as bf16 and lse in natural
 // units for this warp's rows rq0 + g, + 8 below T. The block's head comes from heaviest_first
 // again, so nothing of the prologue's stays live across the loop.
 template <int D>
@@ -309,45 +309,45 @@ __device__ void flash_fwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     clk.flush();
 }
 
-// Warp-specialised forward (FlashAttention-3's structure, D = 128; SHARDSMITH_FLASH_FWD=ws): the
-// products and numerics of flash_fwd_wg<128, 128> (S over 128-key tiles, P·V of tile j issued
-// with S of tile j + 1), reorganised so that loading, the two warpgroups' softmaxes and the
-// tensor cores overlap instead of taking turns behind block-wide barriers:
-//   warpgroup 0   producer: loads Q, then K_0, V_0, K_1, V_1, ... by cp.async into STAGES (2 or
-//                 3) buffers each of K and V; each tile's `full` mbarrier (128 arrivals)
-//                 completes when its copies land (cp.async.mbarrier.arrive.noinc: the producer
-//                 never waits for a copy, only for buffers); a buffer is refilled only after its
-//                 `empty` mbarrier says both consumers are done with it (256 arrivals). Gives
-//                 registers back (setmaxnreg 24).
+// Warp-specialised forward fed by TMA (FlashAttention-3's structure, D = 128;
+// SHARDSMITH_FLASH_FWD=tma): the products and numerics of flash_fwd_wg<128, 128> (S over
+// 128-key tiles, P·V of tile j issued with S of tile j + 1), reorganised so that loading, the two
+// warpgroups' softmaxes and the tensor cores overlap instead of taking turns behind block-wide
+// barriers:
+//   warpgroup 0   producer: its thread 0 loads Q, then K_0, V_0, K_1, V_1, ... by TMA from the
+//                 tensor maps tmq, tmk, tmv (q, k, v as [B·H][T][D], boxes of 128 rows × 64
+//                 columns, 128-byte swizzle; tma_rows) into 2 buffers each of K and V, one
+//                 instruction a box (the cp.async producer it replaced took ~2200 cycles to issue
+//                 a tile, and the consumers waited a third of their time: run 5); each tile's
+//                 `full` mbarrier completes when its bytes land (mbar_expect_tx); a buffer is
+//                 refilled only after its `empty` mbarrier says both consumers are done with it
+//                 (256 arrivals). The warpgroup gives its registers back (setmaxnreg 24).
 //   warpgroups    consumers, 64 query rows each (setmaxnreg 240): per key tile j, wait for K_j;
 //   1, 2          issue S = Q·K_jᵀ (8 × wgmma.m64n128k16, Q and K from shared memory, K-major)
 //                 and, once V_{j−1} is there, O += P_{j−1}·V_{j−1} (8 × m64n128k16, P from
 //                 registers, V MN-major); release K_j when S lands, compute the softmax of tile j
 //                 while P·V runs, release V_{j−1} when it lands, rescale O.
-//   ping-pong     with PINGPONG, the consumers take turns (named barriers 1 and 2): one issues
-//                 its S and P·V, and the other issues its own once that S has landed, so that
-//                 one warpgroup's products run on the tensor cores while the other computes its
-//                 softmax, rather than both issuing at once and both waiting at once.
+//   ping-pong     the consumers take turns (named barriers 1 and 2): one issues its S and P·V,
+//                 and the other issues its own once that S has landed, so that one warpgroup's
+//                 products run on the tensor cores while the other computes its softmax.
 // No __syncthreads after the prologue: a consumer waits only for the buffers it reads.
 // Q stays in shared memory (the ss form; O's, S's and P's registers leave no room for Q's 64),
 // as in FlashAttention-3. Geometry: grid (⌈T/128⌉, Hq, B) read by heaviest_first, 384 threads,
-// one block an SM; smem ws_fwd_smem_bytes: Q [128], K [STAGES][128], V [STAGES][128] rows of D
-// bf16 in wgmma's canonical layout (as flash_fwd_wg; 160 KB with 2 stages, 224 KB with 3), and
+// one block an SM; smem tma_fwd_smem_bytes: Q [128], K [2][128], V [2][128] rows of D bf16, each
+// tile D / 64 atom columns of its rows × 128 bytes, 128-byte swizzled (1024-byte aligned), and
 // the mbarriers in static shared memory.
 // Output o, lse as flash_fwd_wg<128, 128, CAUSAL>: the same products in the same order (S with Q
-// from shared memory rather than registers), the same softmax; bit for bit in the emulator.
+// from shared memory rather than registers), the same softmax; bit for bit on an H200 and in
+// the emulator.
 constexpr int WS_THREADS = 384, WS_BN = 128, WS_PRODUCER_REGS = 24, WS_CONSUMER_REGS = 240;
-// Q [128] and K, V [STAGES][128] rows of D bf16: 160 KB at D 128 with 2 stages, 224 KB with 3;
-// with TMA 1 KB more, to start the swizzled tiles on a 1024-byte boundary (align_smem).
-template <int D, int STAGES = 2, bool TMA = false> __host__ __device__ constexpr int ws_fwd_smem_bytes() {
-    return (WG_BM + 2 * STAGES * WS_BN) * D * 2 + (TMA ? 1024 : 0);
-}
+// Q [128] and K, V [2][128] rows of D bf16 (160 KB at D 128), and 1 KB to start the swizzled
+// tiles on a 1024-byte boundary (align_smem).
+template <int D> __host__ __device__ constexpr int tma_fwd_smem_bytes() { return (WG_BM + 4 * WS_BN) * D * 2 + 1024; }
 
-// With TMA: rows r0 .. r0 + ROWS of one head (`plane`: batch · heads + head of the map's
-// [planes][T][D]) into dst as D / 64 boxes of 64 columns, each ROWS rows × 128 bytes, 128-byte
-// swizzled: the atom columns wgmma_desc_sw128 reads, the one after the other (ROWS · 128 bytes
-// apart). Rows past T are zeros. Signals `bar` with ROWS · D · 2 bytes (the caller's
-// mbar_expect_tx).
+// Rows r0 .. r0 + ROWS of one head (`plane`: batch · heads + head of the map's [planes][T][D])
+// into dst as D / 64 boxes of 64 columns, each ROWS rows × 128 bytes, 128-byte swizzled: the atom
+// columns wgmma_desc_sw128 reads, the one after the other (ROWS · 128 bytes apart). Rows past T
+// are zeros. Signals `bar` with ROWS · D · 2 bytes (the caller's mbar_expect_tx).
 template <int D, int ROWS>
 __device__ __forceinline__ void tma_rows(bf16 *dst, const CUtensorMap *map, int r0, int plane, uint64_t *bar) {
 #pragma unroll
@@ -363,29 +363,19 @@ enum WsFwdPhase {
 };
 
 // PROF: the profiled instantiation, counting cycles by phase into prof [2][WS_PHASES] (phases.cuh).
-// STAGES: K and V buffers each (2; 3 lets the producer run a tile further ahead).
-// TMA: the producer's thread 0 loads every tile by TMA from the tensor maps tmq, tmk, tmv
-// (q, k, v as [B·H][T][D], boxes of 128 rows × 64 columns, 128-byte swizzle; q, k, v unused),
-// one instruction a box, instead of its 128 threads' 16-byte cp.async (run 5's profile: ~2200
-// cycles to issue a tile that way, the consumers waiting a third of their time). The tiles are
-// then 128-byte swizzled, and the consumers' descriptors say so.
-template <int D, bool CAUSAL, bool PINGPONG = true, bool PROF = false, int STAGES = 2, bool TMA = false>
-__device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                             bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale,
-                             unsigned long long *prof = nullptr, const CUtensorMap *tmq = nullptr,
-                             const CUtensorMap *tmk = nullptr, const CUtensorMap *tmv = nullptr) {
+template <int D, bool CAUSAL, bool PROF = false>
+__device__ void flash_fwd_tma(const CUtensorMap *tmq, const CUtensorMap *tmk, const CUtensorMap *tmv,
+                              bf16 *__restrict__ o, float *__restrict__ lse, int hq, int hk, int t, float scale,
+                              unsigned long long *prof = nullptr) {
     static_assert(D == 128, "warp-specialised forward: D 128");
     constexpr int BN = WS_BN, KS = D / 16, TILE = BN * D;
-    constexpr uint32_t KMAJ_LBO = 128, KMAJ_SBO = D / 8 * 128;  // Q, K
-    constexpr uint32_t MN_LBO = D / 8 * 128, MN_SBO = 128;       // V
-    constexpr int PRODUCER = 128, CONSUMERS = 256;               // threads
-    constexpr int TURN = 1;  // named barriers TURN + c: consumer c may issue
-    static_assert(STAGES == 2 || STAGES == 3, "warp-specialised forward: 2 or 3 stages");
-    constexpr int S = STAGES;
-    require_smem(ws_fwd_smem_bytes<D, S, TMA>(), WS_THREADS);
+    constexpr int CONSUMERS = 256;  // threads
+    constexpr int TURN = 1;         // named barriers TURN + c: consumer c may issue
+    constexpr int S = 2;            // buffers each of K and V
+    require_smem(tma_fwd_smem_bytes<D>(), WS_THREADS);
     PhaseClock<PROF, WS_PHASES, WS_THREADS / 32> clk(prof);
     DYN_SMEM(smem_raw);
-    unsigned char *smem = TMA ? align_smem<1024>(smem_raw) : smem_raw;
+    unsigned char *smem = align_smem<1024>(smem_raw);
     bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [128 rows]
     bf16 *sK = sQ + WG_BM * D;                    // [S][BN rows]
     bf16 *sV = sK + S * TILE;                     // [S][BN rows]
@@ -393,12 +383,11 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     __shared__ uint64_t bars[1 + 4 * S];  // 8-byte aligned, as mbarriers must be
     uint64_t *q_full = bars, *k_full = bars + 1, *v_full = bars + 1 + S, *k_empty = bars + 1 + 2 * S,
              *v_empty = bars + 1 + 3 * S;
-    constexpr int FILLERS = TMA ? 1 : PRODUCER;  // arrivals a full barrier's phase needs
     if (threadIdx.x == 0) {
-        mbar_init(q_full, FILLERS);
+        mbar_init(q_full, 1);  // the producer's expect_tx
         for (int i = 0; i < S; ++i) {
-            mbar_init(k_full + i, FILLERS);
-            mbar_init(v_full + i, FILLERS);
+            mbar_init(k_full + i, 1);
+            mbar_init(v_full + i, 1);
             mbar_init(k_empty + i, CONSUMERS);
             mbar_init(v_empty + i, CONSUMERS);
         }
@@ -415,53 +404,28 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         setmaxnreg_dec<WS_PRODUCER_REGS>();
         clk.mark(WS_PROLOGUE);
         const int hkv = blk.head / (hq / hk), tid = threadIdx.x;
-        if constexpr (TMA) {
-            if (tid == 0) {  // the other 127 threads have nothing to do
-                constexpr unsigned TILE_BYTES = BN * D * 2;
-                const int kv_plane = blk.batch * hk + hkv;
-                mbar_expect_tx(q_full, WG_BM * D * 2);
-                tma_rows<D, WG_BM>(sQ, tmq, q0, blk.batch * hq + blk.head, q_full);
+        if (tid == 0) {  // the other 127 threads have nothing to do
+            constexpr unsigned TILE_BYTES = BN * D * 2;
+            const int kv_plane = blk.batch * hk + hkv;
+            mbar_expect_tx(q_full, WG_BM * D * 2);
+            tma_rows<D, WG_BM>(sQ, tmq, q0, blk.batch * hq + blk.head, q_full);
+            clk.mark(WS_LOAD_ISSUE);
+            // Tile j goes to buffer j % S, its u-th use (u = j / S), after the consumers'
+            // (u − 1)-th release of it.
+            for (int j = 0; j < ntiles; ++j) {
+                const int b = j % S, reuse = j / S - 1;
+                if (reuse >= 0) mbar_wait(k_empty + b, reuse & 1);
+                clk.mark(WS_LOAD_WAIT);
+                mbar_expect_tx(k_full + b, TILE_BYTES);
+                tma_rows<D, BN>(sK + b * TILE, tmk, j * BN, kv_plane, k_full + b);
                 clk.mark(WS_LOAD_ISSUE);
-                for (int j = 0; j < ntiles; ++j) {  // buffers and their reuse as below
-                    const int b = j % S, reuse = j / S - 1;
-                    if (reuse >= 0) mbar_wait(k_empty + b, reuse & 1);
-                    clk.mark(WS_LOAD_WAIT);
-                    mbar_expect_tx(k_full + b, TILE_BYTES);
-                    tma_rows<D, BN>(sK + b * TILE, tmk, j * BN, kv_plane, k_full + b);
-                    clk.mark(WS_LOAD_ISSUE);
-                    if (reuse >= 0) mbar_wait(v_empty + b, reuse & 1);
-                    clk.mark(WS_LOAD_WAIT);
-                    mbar_expect_tx(v_full + b, TILE_BYTES);
-                    tma_rows<D, BN>(sV + b * TILE, tmv, j * BN, kv_plane, v_full + b);
-                    clk.mark(WS_LOAD_ISSUE);
-                }
+                if (reuse >= 0) mbar_wait(v_empty + b, reuse & 1);
+                clk.mark(WS_LOAD_WAIT);
+                mbar_expect_tx(v_full + b, TILE_BYTES);
+                tma_rows<D, BN>(sV + b * TILE, tmv, j * BN, kv_plane, v_full + b);
+                clk.mark(WS_LOAD_ISSUE);
             }
-            clk.flush();
-            return;
         }
-        const bf16 *kh = k + ((size_t)blk.batch * hk + hkv) * t * D;
-        const bf16 *vh = v + ((size_t)blk.batch * hk + hkv) * t * D;
-        wg_tile_load<D, WG_BM, PRODUCER, 2>(sQ, q + ((size_t)blk.batch * hq + blk.head) * t * D, q0, t, tid);
-        mbar_arrive_on_copies(q_full);
-        clk.mark(WS_LOAD_ISSUE);
-        // Tile j goes to buffer j % S, its u-th use (u = j / S), after the consumers' (u − 1)-th
-        // release of it. Each tile's full barrier completes when its copies land: the producer
-        // never waits for them, only for buffers.
-        for (int j = 0; j < ntiles; ++j) {
-            const int b = j % S, reuse = j / S - 1;
-            if (reuse >= 0) mbar_wait(k_empty + b, reuse & 1);
-            clk.mark(WS_LOAD_WAIT);
-            wg_tile_load<D, BN, PRODUCER, 2>(sK + b * TILE, kh, j * BN, t, tid);
-            mbar_arrive_on_copies(k_full + b);
-            clk.mark(WS_LOAD_ISSUE);
-            if (reuse >= 0) mbar_wait(v_empty + b, reuse & 1);
-            clk.mark(WS_LOAD_WAIT);
-            wg_tile_load<D, BN, PRODUCER, 2>(sV + b * TILE, vh, j * BN, t, tid);
-            mbar_arrive_on_copies(v_full + b);
-            clk.mark(WS_LOAD_ISSUE);
-        }
-        cp_async_commit();  // no copy outlives its thread
-        cp_async_wait<0>();
         clk.flush();
         return;
     }
@@ -477,28 +441,24 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
     const float sl2 = scale * LOG2E;
-    // Q and K K-major, V MN-major; with TMA 128-byte swizzled, as D / 64 atom columns of 128
-    // rows × 128 bytes (16 KB) each.
+    // Q and K K-major, V MN-major, 128-byte swizzled, as D / 64 atom columns of 128 rows × 128
+    // bytes (16 KB) each.
     constexpr int COLUMN = 128 * 128;  // bytes of a swizzled atom column of Q, K or V
-    const uint64_t q_desc = TMA ? wgmma_desc_sw128(sQ + 64 * c * 64, 16, 1024)
-                                : wgmma_desc(sQ + 64 * c * D, KMAJ_LBO, KMAJ_SBO);
-    // 16 columns of D further along K (no swizzle: 2 core matrices; swizzled: 32 bytes into the
-    // row, in atom column ks / 4)
-    auto kstep = [](int ks) { return TMA ? (ks / 4) * COLUMN + (ks % 4) * 32 : 256 * ks; };
+    const uint64_t q_desc = wgmma_desc_sw128(sQ + 64 * c * 64, 16, 1024);
+    // 16 columns of D further along K: 32 bytes into the row, in atom column ks / 4
+    auto kstep = [](int ks) { return (ks / 4) * COLUMN + (ks % 4) * 32; };
     uint32_t a[BN / 16][4];  // P of the previous tile: the A operand of its P·V
     // O += P_j·V_j, once the caller has waited for V_j (v_full): before its wgmma_fence, since a
     // spin loop between a group's products makes ptxas serialise them (C7514).
     auto issue_pv = [&](int j) {
-        const uint64_t v_desc = TMA ? wgmma_desc_sw128(sV + (j % S) * TILE, COLUMN, 1024)
-                                    : wgmma_desc(sV + (j % S) * TILE, MN_LBO, MN_SBO);
-        // 16 keys: 2 row groups (2·LBO bytes) along K; swizzled, 16 rows of 128 bytes
-        constexpr int KEYS16 = TMA ? 16 * 128 : 2 * MN_LBO;
+        const uint64_t v_desc = wgmma_desc_sw128(sV + (j % S) * TILE, COLUMN, 1024);
+        constexpr int KEYS16 = 16 * 128;  // 16 keys further along K: 16 rows of 128 bytes
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_m64n128k16_tb(acc, a[kk], wgmma_desc_add(v_desc, KEYS16 * kk), 1);
         wgmma_commit();
     };
     mbar_wait_copies(q_full, 0);
-    if (PINGPONG && c == 1) named_arrive(TURN, CONSUMERS);  // consumer 0 issues first
+    if (c == 1) named_arrive(TURN, CONSUMERS);  // consumer 0 issues first
     clk.mark(WS_PROLOGUE);
 
     for (int j = 0; j < ntiles; ++j) {
@@ -508,15 +468,14 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         mbar_wait_copies(k_full + b, (j / S) & 1);
         if (j > 0) mbar_wait_copies(v_full + (j - 1) % S, ((j - 1) / S) & 1);
         clk.mark(WS_TILE_WAIT);
-        if (PINGPONG) named_sync(TURN + c, CONSUMERS);
+        named_sync(TURN + c, CONSUMERS);
         clk.mark(WS_TURN);
         float s[BN / 8][4], alpha[2];
         wgmma_pin(s);
         wgmma_pin(acc);
         wgmma_pin(a);
         wgmma_fence();  // acc was rescaled and a written by ordinary instructions
-        const uint64_t k_desc =
-            TMA ? wgmma_desc_sw128(sK + b * TILE, 16, 1024) : wgmma_desc(sK + b * TILE, KMAJ_LBO, KMAJ_SBO);
+        const uint64_t k_desc = wgmma_desc_sw128(sK + b * TILE, 16, 1024);
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks)
             wgmma_ss_m64n128k16(s, wgmma_desc_add(q_desc, kstep(ks)), wgmma_desc_add(k_desc, kstep(ks)), ks > 0);
@@ -533,7 +492,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         // The other consumer's turn, once S has landed (a bar.arrive between a group's issue and
         // its wait makes ptxas serialise the products: C7514). Unconditionally, so consumer 0
         // takes the one arrival too many after its loop.
-        if (PINGPONG) named_arrive(TURN + 1 - c, CONSUMERS);
+        named_arrive(TURN + 1 - c, CONSUMERS);
         mbar_arrive(k_empty + b);  // K_j read
         // softmax of tile j, while the P·V of tile j − 1 runs
         wg_fwd_softmax<BN, CAUSAL>(s, m_r, l_r, alpha, k0, rq0, g, tq, t, sl2);
@@ -552,7 +511,7 @@ __device__ void flash_fwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         clk.mark(WS_RESCALE);
     }
     // Consumer 1's arrival after its last issue, so that every phase of both barriers completes.
-    if (PINGPONG && c == 0) named_sync(TURN, CONSUMERS);
+    if (c == 0) named_sync(TURN, CONSUMERS);
     mbar_wait_copies(v_full + (ntiles - 1) % S, ((ntiles - 1) / S) & 1);
     wgmma_pin(acc);
     wgmma_pin(a);
@@ -598,7 +557,7 @@ template <int D> __host__ __device__ constexpr int wg_bwd_smem_bytes() {
     return (2 * 128 + 4 * WGB_BQ) * D * 2 + 128 * WGB_BQ * 2 + 4 * WGB_BQ * 4;
 }
 
-// The wgmma backward's per-step work (flash_bwd_wg and flash_bwd_ws), shared. The points where
+// The wgmma backward's per-step work (flash_bwd_wg and flash_bwd_tma), shared. The points where
 // the two kernels interleave their own work (the next step's loads, their phase-clock marks)
 // are `hook(stage)` calls, after:
 enum WgBwdStage {
@@ -893,34 +852,35 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
     clk.flush();
 }
 
-// Warp-specialised backward (SHARDSMITH_FLASH_BWD=ws, D = 128): flash_bwd_wg's products in its
-// order (so dK and dV come out bit for bit the same, and dQ receives the same atomic adds),
-// reorganised as flash_fwd_ws is:
-//   warpgroup 0   producer (setmaxnreg 24): loads the block's K and V, then per step the Q and dO
-//                 tiles and lse, Δ by cp.async into STAGES (2 or 3) buffers, each step's `full`
-//                 mbarrier completing when its copies land (cp.async.mbarrier.arrive.noinc; the
-//                 producer never waits for a copy), refilling a buffer once its `empty` mbarrier
-//                 says both consumers are done with the step that used it.
+// Warp-specialised backward fed by TMA (SHARDSMITH_FLASH_BWD=tma, D = 128): flash_bwd_wg's
+// products in its order (so dK and dV come out bit for bit the same), reorganised as
+// flash_fwd_tma is:
+//   warpgroup 0   producer (setmaxnreg 24): its thread 0 loads the block's K and V, then per
+//                 step the Q and dO tiles by TMA from the tensor maps tmk, tmv (boxes of 128 rows
+//                 × 64 columns) and tmq, tmo (64 rows × 64 columns), 128-byte swizzled; its 128
+//                 threads stage lse and Δ by 4-byte cp.async (a tensor map's row stride must be a
+//                 multiple of 16 bytes, T · 4 need not be), each arriving when its copy lands
+//                 (cp.async.mbarrier.arrive.noinc), so a step's `full` barrier takes their 128
+//                 arrivals and thread 0's announcing the TMA bytes. 2 buffers; one is refilled
+//                 once its `empty` mbarrier says both consumers are done with the step that used it.
 //   warpgroups    consumers (setmaxnreg 240), flash_bwd_wg's two warpgroups: phases 1 and 2 on
 //   1, 2          their 64 keys, dSᵀ stored, one named barrier (dSᵀ of both complete), phase 3
 //                 (dQ, reading both halves of dSᵀ), the step's buffers released once phase 2's
-//                 and 3's products have landed, then the dQ atomics.
-// dSᵀ is double-buffered, so that one barrier a step suffices: a consumer storing step s + 2's
-// dSᵀ has passed step s + 1's barrier, which the other reaches only after its step-s phase 3.
-// flash_bwd_wg takes two __syncthreads a step across both warpgroups, with each thread also
-// issuing its share of the next step's loads.
-// Geometry as flash_bwd_wg, 384 threads; smem ws_bwd_smem_bytes: K, V [128], Q, dO [STAGES][64]
-// rows of D, dSᵀ [2][128][64] bf16, lse, Δ [STAGES][64] f32 (161 KB at D = 128 with 2 stages,
-// 194 KB with 3), mbarriers static.
+//                 and 3's products have landed, then dQ staged.
+// dSᵀ is double-buffered, so that one barrier a step suffices for it: a consumer storing step
+// s + 2's dSᵀ has passed step s + 1's barrier, which the other reaches only after its step-s
+// phase 3. dQ is not added by each thread's atomics (run 5's profile of the cp.async kernel this
+// replaced: 17% of the consumers' cycles) but staged in an f32 tile and added by one bulk reduce
+// a step (FlashAttention-3's way): once both consumers have staged step s's tile (a second named
+// barrier, DQ_READY), thread DQ_ISSUER issues it, and waits until it has been read before step
+// s + 1's first barrier, after which the tile is staged again.
+// Geometry as flash_bwd_wg, 384 threads; smem tma_bwd_smem_bytes, mbarriers static.
 constexpr int WSB_THREADS = 384;
-// K, V [128], Q, dO [STAGES][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ [STAGES][64] f32: 161 KB
-// at D 128 with 2 stages, 194 KB with 3.
-// With TMA also dQ [64] rows of D f32 (32 KB: 194 KB with 2 stages; a second tile would leave
-// the profiled kernel's counters no room under 227 KB), and 1 KB to start the swizzled tiles on
-// a 1024-byte boundary (align_smem).
-template <int D, int STAGES = 2, bool TMA = false> __host__ __device__ constexpr int ws_bwd_smem_bytes() {
-    return (2 * 128 + 2 * STAGES * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 2 * STAGES * WGB_BQ * 4 +
-           (TMA ? WGB_BQ * D * 4 + 1024 : 0);
+// K, V [128], Q, dO [2][64] rows of D, dSᵀ [2][128][64] bf16; lse, Δ [2][64], dQ [64] rows of D
+// f32 (194 KB at D 128; a second dQ tile would leave the profiled kernel's counters no room under
+// 227 KB); and 1 KB to start the swizzled tiles on a 1024-byte boundary (align_smem).
+template <int D> __host__ __device__ constexpr int tma_bwd_smem_bytes() {
+    return (2 * 128 + 4 * WGB_BQ) * D * 2 + 2 * 128 * WGB_BQ * 2 + 4 * WGB_BQ * 4 + WGB_BQ * D * 4 + 1024;
 }
 
 // dQ [64 queries][head-dim half `half`] of a step (wg_bwd_dq's acc) into the step's f32 tile
@@ -945,35 +905,20 @@ enum WsBwdPhase {
 };
 
 // PROF: the profiled instantiation, counting cycles by phase into prof [2][WSB_PHASES] (phases.cuh).
-// STAGES: buffers of a step's Q, dO, lse, Δ (2; 3 lets the producer run a step further ahead).
-// TMA: the producer's thread 0 loads K, V and each step's Q and dO by TMA from the tensor maps
-// tmk, tmv (boxes of 128 rows × 64 columns) and tmq, tmo (64 rows × 64 columns), 128-byte
-// swizzled (q, k, v, dout unused); lse and Δ stay 4-byte cp.async by the producer's 128 threads
-// (a tensor map's row stride must be a multiple of 16 bytes, T · 4 need not be), so a step's
-// `full` barrier takes their 128 arrivals and thread 0's announcing the TMA bytes. And dQ is not
-// added by each thread's atomics (run 5's profile: 17% of the consumers' cycles) but staged in an
-// f32 tile and added by one bulk reduce a step (FlashAttention-3's way): once both consumers
-// have staged step s's tile (a second named barrier, DQ_READY), thread DQ_ISSUER issues it, and
-// waits until it has been read before step s + 1's first barrier, after which the tile is
-// staged again.
-template <int D, bool PROF = false, int STAGES = 2, bool TMA = false>
-__device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                             const bf16 *__restrict__ dout, const float *__restrict__ lse,
-                             const float *__restrict__ delta, bf16 *__restrict__ dk, bf16 *__restrict__ dv,
-                             float *__restrict__ dq_acc, int hq, int hk, int t, float scale,
-                             unsigned long long *prof = nullptr, const CUtensorMap *tmq = nullptr,
-                             const CUtensorMap *tmk = nullptr, const CUtensorMap *tmv = nullptr,
-                             const CUtensorMap *tmo = nullptr) {
+template <int D, bool PROF = false>
+__device__ void flash_bwd_tma(const CUtensorMap *tmq, const CUtensorMap *tmk, const CUtensorMap *tmv,
+                              const CUtensorMap *tmo, const float *__restrict__ lse, const float *__restrict__ delta,
+                              bf16 *__restrict__ dk, bf16 *__restrict__ dv, float *__restrict__ dq_acc, int hq, int hk,
+                              int t, float scale, unsigned long long *prof = nullptr) {
     static_assert(D == 128, "warp-specialised backward: D 128");
     constexpr int QT = WGB_BQ * D, DST = 128 * WGB_BQ;  // elements of a Q / dO / dSᵀ tile
     constexpr int PRODUCER = 128, CONSUMERS = 256, DS_READY = 1;  // threads; the named barrier
-    static_assert(STAGES == 2 || STAGES == 3, "warp-specialised backward: 2 or 3 stages");
-    constexpr int S = STAGES;
+    constexpr int S = 2;                          // buffers of a step's Q, dO, lse, Δ
     constexpr int DQ_ISSUER = 128, DQ_READY = 2;  // consumer 0's first thread; the named barrier
-    require_smem(ws_bwd_smem_bytes<D, S, TMA>(), WSB_THREADS);
+    require_smem(tma_bwd_smem_bytes<D>(), WSB_THREADS);
     PhaseClock<PROF, WSB_PHASES, WSB_THREADS / 32> clk(prof);
     DYN_SMEM(smem_raw);
-    unsigned char *smem = TMA ? align_smem<1024>(smem_raw) : smem_raw;
+    unsigned char *smem = align_smem<1024>(smem_raw);
     bf16 *sK = reinterpret_cast<bf16 *>(smem);  // [128 keys]
     bf16 *sV = sK + 128 * D;                      // [128 keys]
     bf16 *sQ = sV + 128 * D;                      // [S][64 queries]
@@ -981,13 +926,13 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     bf16 *sdS = sdO + S * QT;                     // dSᵀ [2][128 keys][64 queries]
     float *sL = reinterpret_cast<float *>(sdS + 2 * DST);  // [S][64]
     float *sDl = sL + S * WGB_BQ;                           // [S][64]
-    float *sdQ = sDl + S * WGB_BQ;                          // TMA: [64 queries][D]
+    float *sdQ = sDl + S * WGB_BQ;                          // [64 queries][D]
     __shared__ uint64_t bars[1 + 2 * S];  // kv_full; full, empty [S]
     uint64_t *kv_full = bars, *full = bars + 1, *empty = bars + 1 + S;
     if (threadIdx.x == 0) {
-        mbar_init(kv_full, TMA ? 1 : PRODUCER);
+        mbar_init(kv_full, 1);  // the producer's expect_tx
         for (int i = 0; i < S; ++i) {
-            mbar_init(full + i, TMA ? PRODUCER + 1 : PRODUCER);
+            mbar_init(full + i, PRODUCER + 1);  // the lse, Δ copies' and the expect_tx
             mbar_init(empty + i, CONSUMERS);
         }
     }
@@ -1005,29 +950,22 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         setmaxnreg_dec<WS_PRODUCER_REGS>();
         clk.mark(WSB_PROLOGUE);
         const int tid = threadIdx.x;
-        if (!TMA) {
-            wg_tile_load<D, 128, PRODUCER, 2>(sK, k + kvoff, k0, t, tid);
-            wg_tile_load<D, 128, PRODUCER, 2>(sV, v + kvoff, k0, t, tid);
-            mbar_arrive_on_copies(kv_full);
-        } else if (tid == 0) {
+        if (tid == 0) {
             mbar_expect_tx(kv_full, 2 * 128 * D * 2);
             tma_rows<D, 128>(sK, tmk, k0, b * hk + hkv, kv_full);
             tma_rows<D, 128>(sV, tmv, k0, b * hk + hkv, kv_full);
         }
         clk.mark(WSB_LOAD_ISSUE);
         // Step s into buffer s % S, its u-th use (u = s / S) after the consumers' (u − 1)-th
-        // release; its full barrier completes when its copies land (the producer never waits
-        // for them, only for buffers).
+        // release; its full barrier completes when its bytes and copies land (the producer never
+        // waits for them, only for buffers).
         for (int s = 0; s < steps; ++s) {
             const int buf = s % S, reuse = s / S - 1;
             if (reuse >= 0) mbar_wait(empty + buf, reuse & 1);
             clk.mark(WSB_LOAD_WAIT);
             const int h = hkv * group + s / nqt, q0 = k0 + (s % nqt) * WGB_BQ;
-            const size_t qoff = ((size_t)b * hq + h) * t * D, loff = ((size_t)b * hq + h) * t;
-            if (!TMA) {
-                wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sQ + buf * QT, q + qoff, q0, t, tid);
-                wg_tile_load<D, WGB_BQ, PRODUCER, 2>(sdO + buf * QT, dout + qoff, q0, t, tid);
-            } else if (tid == 0) {
+            const size_t loff = ((size_t)b * hq + h) * t;
+            if (tid == 0) {
                 mbar_expect_tx(full + buf, 2 * WGB_BQ * D * 2);
                 tma_rows<D, WGB_BQ>(sQ + buf * QT, tmq, q0, b * hq + h, full + buf);
                 tma_rows<D, WGB_BQ>(sdO + buf * QT, tmo, q0, b * hq + h, full + buf);
@@ -1054,11 +992,11 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.f;
-    // this warpgroup's 64 keys (swizzled: rows of the first atom column)
-    const bf16 *wK = sK + 64 * c * (TMA ? 64 : D), *wV = sV + 64 * c * (TMA ? 64 : D);
+    // this warpgroup's 64 keys: rows of the first (swizzled) atom column
+    const bf16 *wK = sK + 64 * c * 64, *wV = sV + 64 * c * 64;
     mbar_wait_copies(kv_full, 0);
     clk.mark(WSB_PROLOGUE);
-    // TMA: step st's dQ tile (sdQ) added into dq_acc's rows below T by one bulk reduce.
+    // Step st's dQ tile (sdQ) added into dq_acc's rows below T by one bulk reduce.
     auto dq_reduce = [&](int st) {
         const int h = hkv * group + st / nqt, qs = k0 + (st % nqt) * WGB_BQ;
         bulk_reduce_add(dq_acc + (((size_t)b * hq + h) * t + qs) * D, sdQ, min(WGB_BQ, t - qs) * D * 4);
@@ -1077,7 +1015,7 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
         uint32_t ap[WGB_BQ / 16][4], ad[WGB_BQ / 16][4];
         if (q0 + WGB_BQ - 1 >= wk0) {  // else every query precedes every key of this warpgroup
             // No clock read between the issue and the wait (it would serialise the products).
-            wg_bwd_dkdv<D, TMA>(
+            wg_bwd_dkdv<D, true>(
                 [&](WgBwdStage stage) {
                     switch (stage) {
                     case WGB_ISSUED: break;
@@ -1096,28 +1034,23 @@ __device__ void flash_bwd_ws(const bf16 *__restrict__ q, const bf16 *__restrict_
             clk.mark(WSB_SKIPPED);
         }
         wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
-        if (TMA && threadIdx.x == DQ_ISSUER) bulk_wait_read<0>();  // step s − 1's dQ tile read
+        if (threadIdx.x == DQ_ISSUER) bulk_wait_read<0>();  // step s − 1's dQ tile read
         named_sync(DS_READY, CONSUMERS);
         clk.mark(WSB_BARRIER);
 
         {  // 3. dQ [64 queries][head-dim half c] += dS K over the block's 128 keys
             float acc[8][4];
-            wg_bwd_dq<D, TMA>(acc, cdS, sK, c, dk_acc, dv_acc, ap, ad);
+            wg_bwd_dq<D, true>(acc, cdS, sK, c, dk_acc, dv_acc, ap, ad);
             mbar_arrive(empty + buf);  // Q, dO, lse, Δ of this step read
             clk.mark(WSB_DQ);
-            if constexpr (TMA) {
-                wg_bwd_dq_stage<D>(acc, sdQ, c, warp, g, tq);
-                wgmma_fence_smem();  // → visible to the bulk reduce (async proxy)
-                named_sync(DQ_READY, CONSUMERS);
-                if (threadIdx.x == DQ_ISSUER) dq_reduce(s);
-            } else {
-                const int h = hkv * group + s / nqt;
-                wg_bwd_dq_add<D>(acc, dq_acc + ((size_t)b * hq + h) * t * D, q0, c, warp, g, tq, t);
-            }
+            wg_bwd_dq_stage<D>(acc, sdQ, c, warp, g, tq);
+            wgmma_fence_smem();  // → visible to the bulk reduce (async proxy)
+            named_sync(DQ_READY, CONSUMERS);
+            if (threadIdx.x == DQ_ISSUER) dq_reduce(s);
             clk.mark(WSB_ATOMICS);
         }
     }
-    if (TMA && threadIdx.x == DQ_ISSUER) bulk_wait<0>();  // the last step's reduce done
+    if (threadIdx.x == DQ_ISSUER) bulk_wait<0>();  // the last step's reduce done
 
     wg_bwd_store<D>(dk_acc, dv_acc, dk + kvoff, dv + kvoff, rk0, g, tq, t);
     clk.mark(WSB_EPILOGUE);
@@ -1285,98 +1218,41 @@ FLASH_WG(64, 64, d64, 2)
 FLASH_WG(128, 64, d128, 1)
 FLASH_WG(128, 128, d128_n128, 1)
 // The warp-specialised forward: 384 threads, one block an SM (setmaxnreg needs the bound).
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    flash_fwd_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk, int t,
-                           float scale) {
-    flash_fwd_ws<128, true>(q, k, v, o, lse, hq, hk, t, scale);
-}
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    flash_fwd_ws_prof_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
-                                int t, float scale, unsigned long long *prof) {
-    flash_fwd_ws<128, true, true, true>(q, k, v, o, lse, hq, hk, t, scale, prof);
-}
-// Variants for timing (ops::attention::WsConfig: SHARDSMITH_WS_STAGES=3, SHARDSMITH_WS_PINGPONG=0).
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    flash_fwd_ws_s3_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk, int t,
-                              float scale) {
-    flash_fwd_ws<128, true, true, false, 3>(q, k, v, o, lse, hq, hk, t, scale);
-}
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    flash_fwd_ws_nopp_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
-                                int t, float scale) {
-    flash_fwd_ws<128, true, false>(q, k, v, o, lse, hq, hk, t, scale);
-}
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    flash_fwd_ws_s3_nopp_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
-                                   int t, float scale) {
-    flash_fwd_ws<128, true, false, false, 3>(q, k, v, o, lse, hq, hk, t, scale);
-}
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    flash_fwd_full_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int hq, int hk,
-                                int t, float scale) {
-    flash_fwd_ws<128, false>(q, k, v, o, lse, hq, hk, t, scale);
-}
 // The TMA-fed warp-specialised forward (SHARDSMITH_FLASH_FWD=tma): the tensor maps of q, k, v
 // ([B·H][T][128] bf16, boxes of 128 rows × 64 columns, 128-byte swizzle; ops::cuda encodes them)
 // as __grid_constant__ parameters, whose addresses TMA takes.
-#define FLASH_FWD_TMA(NAME, CAUSAL, STAGES)                                                               \
+#define FLASH_FWD_TMA(NAME, CAUSAL, PROF, ...)                                                           \
     extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)                                            \
         NAME(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,              \
-             const __grid_constant__ CUtensorMap tv, bf16 *o, float *lse, int hq, int hk, int t, float scale) { \
-        flash_fwd_ws<128, CAUSAL, true, false, STAGES, true>(nullptr, nullptr, nullptr, o, lse, hq, hk, t, scale, \
-                                                             nullptr, &tq, &tk, &tv);                     \
+             const __grid_constant__ CUtensorMap tv, bf16 *o, float *lse, int hq, int hk, int t,          \
+             float scale __VA_ARGS__) {                                                                   \
+        flash_fwd_tma<128, CAUSAL, PROF>(&tq, &tk, &tv, o, lse, hq, hk, t, scale, FLASH_TMA_PROF_##PROF); \
     }
-FLASH_FWD_TMA(flash_fwd_tma_bf16_d128, true, 2)
-FLASH_FWD_TMA(flash_fwd_tma_s3_bf16_d128, true, 3)
-FLASH_FWD_TMA(flash_fwd_full_tma_bf16_d128, false, 2)
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    flash_fwd_tma_prof_bf16_d128(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
-                                 const __grid_constant__ CUtensorMap tv, bf16 *o, float *lse, int hq, int hk, int t,
-                                 float scale, unsigned long long *prof) {
-    flash_fwd_ws<128, true, true, true, 2, true>(nullptr, nullptr, nullptr, o, lse, hq, hk, t, scale, prof, &tq, &tk,
-                                                 &tv);
-}
+#define FLASH_TMA_PROF_false nullptr
+#define FLASH_TMA_PROF_true prof
+FLASH_FWD_TMA(flash_fwd_tma_bf16_d128, true, false)
+FLASH_FWD_TMA(flash_fwd_full_tma_bf16_d128, false, false)
+FLASH_FWD_TMA(flash_fwd_tma_prof_bf16_d128, true, true, , unsigned long long *prof)
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     flash_bwd_wg_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
                            const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t, float scale) {
     flash_bwd_wg<128>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
 }
 
-// The warp-specialised backward: 384 threads, one block an SM.
-extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
-    flash_bwd_ws_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
-                           const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t, float scale) {
-    flash_bwd_ws<128>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
-    flash_bwd_ws_s3_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
-                              const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t,
-                              float scale) {
-    flash_bwd_ws<128, false, 3>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale);
-}
-extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)
-    flash_bwd_ws_prof_bf16_d128(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
-                                const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t,
-                                float scale, unsigned long long *prof) {
-    flash_bwd_ws<128, true>(q, k, v, dout, lse, delta, dk, dv, dq_acc, hq, hk, t, scale, prof);
-}
-// The TMA-fed warp-specialised backward (SHARDSMITH_FLASH_BWD=tma): the tensor maps of q, k, v
-// and dout ([B·H][T][128] bf16, boxes of 64 (q, dout) or 128 (k, v) rows × 64 columns, 128-byte
-// swizzle; ops::cuda encodes them) as __grid_constant__ parameters; lse, Δ as pointers.
-#define FLASH_BWD_TMA(NAME, PROF, STAGES, ...)                                                            \
+// The TMA-fed warp-specialised backward (SHARDSMITH_FLASH_BWD=tma): 384 threads, one block an SM;
+// the tensor maps of q, k, v and dout ([B·H][T][128] bf16, boxes of 64 (q, dout) or 128 (k, v)
+// rows × 64 columns, 128-byte swizzle; ops::cuda encodes them) as __grid_constant__ parameters.
+#define FLASH_BWD_TMA(NAME, PROF, ...)                                                                   \
     extern "C" __global__ void __launch_bounds__(WSB_THREADS, 1)                                           \
         NAME(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,              \
              const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap tdo, const float *lse, \
              const float *delta, bf16 *dk, bf16 *dv, float *dq_acc, int hq, int hk, int t,                \
              float scale __VA_ARGS__) {                                                                   \
-        flash_bwd_ws<128, PROF, STAGES, true>(nullptr, nullptr, nullptr, nullptr, lse, delta, dk, dv, dq_acc, hq, \
-                                              hk, t, scale, FLASH_BWD_TMA_PROF_##PROF, &tq, &tk, &tv, &tdo); \
+        flash_bwd_tma<128, PROF>(&tq, &tk, &tv, &tdo, lse, delta, dk, dv, dq_acc, hq, hk, t, scale,       \
+                                 FLASH_TMA_PROF_##PROF);                                                  \
     }
-#define FLASH_BWD_TMA_PROF_false nullptr
-#define FLASH_BWD_TMA_PROF_true prof
-FLASH_BWD_TMA(flash_bwd_tma_bf16_d128, false, 2)
-FLASH_BWD_TMA(flash_bwd_tma_prof_bf16_d128, true, 2, , unsigned long long *prof)
+FLASH_BWD_TMA(flash_bwd_tma_bf16_d128, false)
+FLASH_BWD_TMA(flash_bwd_tma_prof_bf16_d128, true, , unsigned long long *prof)
 
 // The profiled instantiations (phases.cuh) of the causal kernels at D 128: the same arguments
 // plus prof, zero-filled [2][phases] u64 (ops::attention::phases).

@@ -290,16 +290,14 @@ pub fn attention(
     let wgmma_bwd = wgmma_available() && head_dim == 128;
     let (forwards, backwards) = if bf16_cuda {
         let fwd = match kernels.forward.is_empty() {
-            // Each wgmma variant where it runs its own kernel (wgmma128, ws and tma are wgmma
-            // below D 128).
+            // Each wgmma variant where it runs its own kernel (wgmma128 is wgmma below D 128, tma
+            // mma).
             true => FlashForward::ALL
                 .into_iter()
                 .filter(|f| match f {
                     FlashForward::MmaSync => true,
                     FlashForward::Wgmma => wgmma_fwd,
-                    FlashForward::Wgmma128 | FlashForward::Ws | FlashForward::WsTma => {
-                        wgmma_fwd && head_dim == 128
-                    }
+                    FlashForward::Wgmma128 | FlashForward::Tma => wgmma_fwd && head_dim == 128,
                 })
                 .collect(),
             false => kernels.forward.clone(),
@@ -352,8 +350,6 @@ pub fn attention(
                 "flash_fwd": fwd_variant.name(),
                 "flash_bwd": bwd_variant.name(),
                 "attn_order": crate::ops::attention::AttentionGridOrder::from_env()?.name(),
-                "ws_stages": crate::ops::attention::WsStages::from_env()?.count(),
-                "ws_pingpong": crate::ops::attention::WsPingpong::from_env()? == crate::ops::attention::WsPingpong::On,
                 "fwd_ms": fwd * 1e3,
                 "fwd_bwd_ms": fwd_bwd * 1e3,
                 "tflops_fwd": flops / fwd / 1e12,
@@ -405,7 +401,7 @@ fn attention_phases(
         println!("{line}");
         anyhow::Ok(())
     };
-    for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Ws, FlashForward::WsTma] {
+    for variant in [FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Tma] {
         let plain = time(c, || Ok(causal_attention_forward_with(variant, q, k, v, scale).map(drop)?))?;
         let mut last = None;
         let profiled = time(c, || {
@@ -417,7 +413,7 @@ fn attention_phases(
         emit(&profile, plain, profiled)?;
     }
     let (o, lse) = causal_attention_forward_with(FlashForward::MmaSync, q, k, v, scale)?;
-    for variant in [FlashBackward::Wgmma, FlashBackward::Ws, FlashBackward::WsTma] {
+    for variant in [FlashBackward::Wgmma, FlashBackward::Tma] {
         let plain =
             time(c, || Ok(causal_attention_backward_with(variant, q, k, v, &o, &lse, g, scale).map(drop)?))?;
         let mut last = None;

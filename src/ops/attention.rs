@@ -237,80 +237,6 @@ fn forward_only(
 /// Why a wgmma variant cannot run in a build without the sm_90a kernels.
 const WGMMA_BUILD: &str = "needs a --features cuda build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)";
 
-/// Buffers in the warp-specialised kernels' load pipeline ([`FlashForward::Ws`]'s K and V,
-/// [`FlashBackward::Ws`]'s per-step Q, dO, lse, Δ), chosen by `SHARDSMITH_WS_STAGES` (`2`, the
-/// default, or `3`: the producer may run a tile further ahead, for 224 KB of shared memory in
-/// the forward and 194 KB in the backward) until a GPU measures both. The same results either
-/// way. The unmasked and the profiled forwards always run 2.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WsStages {
-    Two,
-    Three,
-}
-
-impl EnvChoice for WsStages {
-    const VAR: &'static str = "SHARDSMITH_WS_STAGES";
-    const CHOICES: &'static [(&'static str, WsStages)] = &[("2", WsStages::Two), ("3", WsStages::Three)];
-    const NOUN: &'static str = "warp-specialised pipeline depth";
-    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
-        static CELL: std::sync::OnceLock<std::result::Result<WsStages, String>> = std::sync::OnceLock::new();
-        &CELL
-    }
-}
-
-impl WsStages {
-    /// `SHARDSMITH_WS_STAGES`, read once.
-    pub fn from_env() -> Result<WsStages> {
-        Self::from_var()
-    }
-
-    pub fn count(self) -> usize {
-        match self {
-            WsStages::Two => 2,
-            WsStages::Three => 3,
-        }
-    }
-}
-
-/// Whether the warp-specialised forward's two consumer warpgroups take turns on the tensor cores
-/// (ping-pong), chosen by `SHARDSMITH_WS_PINGPONG` (`1`, the default, or `0`) until a GPU
-/// measures both. The same results either way. The unmasked and the profiled forwards always
-/// take turns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WsPingpong {
-    On,
-    Off,
-}
-
-impl EnvChoice for WsPingpong {
-    const VAR: &'static str = "SHARDSMITH_WS_PINGPONG";
-    const CHOICES: &'static [(&'static str, WsPingpong)] = &[("1", WsPingpong::On), ("0", WsPingpong::Off)];
-    const NOUN: &'static str = "warp-specialised ping-pong";
-    fn cell() -> &'static std::sync::OnceLock<std::result::Result<Self, String>> {
-        static CELL: std::sync::OnceLock<std::result::Result<WsPingpong, String>> =
-            std::sync::OnceLock::new();
-        &CELL
-    }
-}
-
-impl WsPingpong {
-    /// `SHARDSMITH_WS_PINGPONG`, read once.
-    pub fn from_env() -> Result<WsPingpong> {
-        Self::from_var()
-    }
-}
-
-/// The kernel-name suffix of the warp-specialised configuration (`_s3`, `_nopp`, `_s3_nopp` or
-/// none: flash_wg.cu's instantiations); the backward has no ping-pong.
-pub fn ws_suffix(stages: WsStages, pingpong: WsPingpong, forward: bool) -> &'static str {
-    match (stages, pingpong == WsPingpong::Off && forward) {
-        (WsStages::Two, false) => "",
-        (WsStages::Three, false) => "_s3",
-        (WsStages::Two, true) => "_nopp",
-        (WsStages::Three, true) => "_s3_nopp",
-    }
-}
-
 /// The order the flash attention kernels take their blocks in (kernels/src/common.cuh's
 /// `heaviest_first`). Chosen by `SHARDSMITH_ATTN_ORDER` (`heaviest`, the default: each head's
 /// tile i before any head's tile i + 1, so the heaviest tiles of every head start first; or
@@ -349,11 +275,12 @@ impl AttentionGridOrder {
 }
 
 /// Which kernel runs the bf16 causal (and CLIP's unmasked) attention forward on CUDA. Chosen by
-/// `SHARDSMITH_FLASH_FWD` (`mma`, `wgmma`, `wgmma128`, `ws` or `tma`; [`FlashForward::from_env`]);
-/// the default is `tma` in a build that has the wgmma kernels, else `mma`. All give the same o
-/// and lse up to summation order (`tma`, `ws` and `wgmma128` the same bits on an H200).
+/// `SHARDSMITH_FLASH_FWD` (`mma`, `wgmma`, `wgmma128` or `tma`; [`FlashForward::from_env`]); the
+/// default is `tma` in a build that has the wgmma kernels, else `mma`. All give the same o and
+/// lse up to summation order (`tma` and `wgmma128` the same bits on an H200).
 /// Measured on an H200 (B2 H32 S4096 D128 causal, forward TFLOP/s; BENCHMARKS.md, issue 7, part
-/// 14): tma 492, mma 315, ws 245, wgmma128 231, wgmma 198; cuDNN 529.
+/// 14): tma 489, mma 306, wgmma128 232, wgmma 198 (and the cp.async-fed warp-specialised kernel
+/// that tma replaced 245); cuDNN 524.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashForward {
     /// FlashAttention-2 style on mma.sync (`flash_fwd_bf16`; any head dim, any alignment, any
@@ -368,17 +295,13 @@ pub enum FlashForward {
     /// block's barriers and O rescales, 254 registers instead of 200, 160 KB of shared memory
     /// instead of 96); head dim 64 runs `Wgmma`'s 64-key kernel.
     Wgmma128,
-    /// [`FlashForward::Wgmma128`]'s products warp-specialised at head dim 128 (`flash_fwd_ws`:
-    /// a producer warpgroup loads the tiles, two consumer warpgroups synchronise with it by
-    /// mbarriers and take turns on the tensor cores, FlashAttention-3's structure); head dim 64
-    /// runs `Wgmma`'s 64-key kernel.
-    Ws,
-    /// [`FlashForward::Ws`] with its producer loading by TMA (`flash_fwd_ws<…, TMA>`: one thread
-    /// issues each tile as two tensor-map boxes into 128-byte swizzled tiles, instead of 128
-    /// threads' 16-byte cp.async); head dim 128, where the inputs are 16-byte aligned (TMA's
-    /// rule for a tensor map's base); elsewhere the mma.sync kernel (the default everywhere,
-    /// so head dims the TMA kernel lacks keep the kernel they had).
-    WsTma,
+    /// [`FlashForward::Wgmma128`]'s products warp-specialised and fed by TMA at head dim 128
+    /// (`flash_fwd_tma`, FlashAttention-3's structure: a producer warpgroup's one thread loads
+    /// each tile as two tensor-map boxes into 128-byte swizzled tiles, two consumer warpgroups
+    /// synchronise with it by mbarriers and take turns on the tensor cores), where the inputs are
+    /// 16-byte aligned (TMA's rule for a tensor map's base); elsewhere the mma.sync kernel (the
+    /// default everywhere, so head dims the TMA kernel lacks keep the kernel they had).
+    Tma,
 }
 
 impl EnvChoice for FlashForward {
@@ -387,8 +310,7 @@ impl EnvChoice for FlashForward {
         ("mma", FlashForward::MmaSync),
         ("wgmma", FlashForward::Wgmma),
         ("wgmma128", FlashForward::Wgmma128),
-        ("ws", FlashForward::Ws),
-        ("tma", FlashForward::WsTma),
+        ("tma", FlashForward::Tma),
     ];
     const NOUN: &'static str = "attention kernel";
     fn unavailable(self) -> Option<String> {
@@ -396,7 +318,7 @@ impl EnvChoice for FlashForward {
     }
     fn default_choice() -> Self {
         if wgmma_available() {
-            FlashForward::WsTma
+            FlashForward::Tma
         } else {
             FlashForward::MmaSync
         }
@@ -409,27 +331,17 @@ impl EnvChoice for FlashForward {
 }
 
 impl FlashForward {
-    pub const ALL: [FlashForward; 5] = [
-        FlashForward::MmaSync,
-        FlashForward::Wgmma,
-        FlashForward::Wgmma128,
-        FlashForward::Ws,
-        FlashForward::WsTma,
-    ];
+    pub const ALL: [FlashForward; 4] =
+        [FlashForward::MmaSync, FlashForward::Wgmma, FlashForward::Wgmma128, FlashForward::Tma];
 
     /// Whether this is one of the wgmma kernels (sm_90a builds only).
     pub fn is_wgmma(self) -> bool {
         self != FlashForward::MmaSync
     }
 
-    /// Whether this variant runs the warp-specialised kernel at head dim `d`.
-    pub fn warp_specialized(self, d: usize) -> bool {
-        matches!(self, FlashForward::Ws | FlashForward::WsTma) && d == 128
-    }
-
-    /// Whether this variant's warp-specialised kernel loads by TMA at head dim `d`.
+    /// Whether this variant runs the warp-specialised TMA kernel at head dim `d`.
     pub fn tma(self, d: usize) -> bool {
-        self == FlashForward::WsTma && d == 128
+        self == FlashForward::Tma && d == 128
     }
 
     /// Keys per tile of the wgmma kernel this variant runs at head dim `d` (None: mma.sync; the
@@ -437,13 +349,13 @@ impl FlashForward {
     pub fn wgmma_keys(self, d: usize) -> Option<usize> {
         match self {
             FlashForward::MmaSync => None,
-            FlashForward::Wgmma128 | FlashForward::Ws | FlashForward::WsTma if d == 128 => Some(128),
-            FlashForward::WsTma => None,
+            FlashForward::Wgmma128 | FlashForward::Tma if d == 128 => Some(128),
+            FlashForward::Tma => None,
             _ => Some(64),
         }
     }
 
-    /// `SHARDSMITH_FLASH_FWD`, read once: `mma`, `wgmma`, `wgmma128`, `ws` or `tma` (unset: tma in a
+    /// `SHARDSMITH_FLASH_FWD`, read once: `mma`, `wgmma`, `wgmma128` or `tma` (unset: tma in a
     /// build that has it, else mma); any other
     /// value, or a wgmma one in a build without it, is an error naming the variable.
     pub fn from_env() -> Result<FlashForward> {
@@ -471,13 +383,14 @@ pub fn wgmma_available() -> bool {
 
 /// Which kernels run the bf16 causal-attention backward on CUDA. Split, Wide and Fused compute the
 /// same dK and dV (bit-identical), Wgmma the same up to summation order; dQ differs in summation
-/// order only (Ws: Wgmma's dK and dV bit for bit). Chosen by `SHARDSMITH_FLASH_BWD` (`split`,
-/// `wide`, `fused`, `wgmma` or `ws`;
-/// [`FlashBackward::from_env`]); the default is WsTma (`tma`) in a build that has the wgmma
-/// kernels (at head dim 128; Split elsewhere), else Split.
+/// order only (Tma: Wgmma's dK and dV bit for bit). Chosen by `SHARDSMITH_FLASH_BWD` (`split`,
+/// `wide`, `fused`, `wgmma` or `tma`;
+/// [`FlashBackward::from_env`]); the default is Tma in a build that has the wgmma kernels (at
+/// head dim 128; Split elsewhere), else Split.
 /// Measured on an H200 (B2 H32 S4096 D128 causal, run 7 of BENCHMARKS.md's issue 7, part 14;
-/// the backward's TFLOP/s from fwd+bwd less fwd): tma 382, ws 318, wgmma 273, fused 219, wide
-/// 207, split 200; fwd+bwd with the tma forward 388 (cuDNN 480).
+/// the backward's TFLOP/s from fwd+bwd less fwd): tma 382, wgmma 273, fused 219, wide 207,
+/// split 200 (and the cp.async-fed warp-specialised kernel that tma replaced 318); fwd+bwd with
+/// the tma forward 388 (cuDNN 480).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashBackward {
     /// dQ per 128-query block and dK/dV per 128-key block in 32-query steps, no atomics
@@ -496,16 +409,13 @@ pub enum FlashBackward {
     /// atomics), so neither is bf16 CUDA training: `SHARDSMITH_FLASH_BWD=split` makes it so.
     /// Self-checked as [`FlashForward::Wgmma`] is.
     Wgmma,
-    /// Wgmma's products warp-specialised (`flash_bwd_ws`: a producer warpgroup loads each step's
-    /// tiles, the two consumer warpgroups synchronise with it by mbarriers and with each other by
-    /// one named barrier a step), where Wgmma's kernel runs; Split elsewhere.
-    Ws,
-    /// [`FlashBackward::Ws`] with its producer loading K, V, Q and dO by TMA into 128-byte
-    /// swizzled tiles (`flash_bwd_ws<…, TMA>`; lse and Δ still by cp.async), and dQ staged in
-    /// shared memory and added by one bulk reduce a step instead of each thread's atomics;
-    /// where Wgmma's kernel runs (2 stages whatever `SHARDSMITH_WS_STAGES`); Split elsewhere.
-    /// Wgmma's dK and dV bit for bit, as Ws.
-    WsTma,
+    /// Wgmma's products warp-specialised and fed by TMA (`flash_bwd_tma`: a producer warpgroup
+    /// loads K, V and each step's Q and dO by TMA into 128-byte swizzled tiles and lse, Δ by
+    /// cp.async; the two consumer warpgroups synchronise with it by mbarriers and with each other
+    /// by named barriers; dQ staged in shared memory and added by one bulk reduce a step instead
+    /// of each thread's atomics), where Wgmma's kernel runs; Split elsewhere. Wgmma's dK and dV
+    /// bit for bit.
+    Tma,
 }
 
 impl EnvChoice for FlashBackward {
@@ -515,8 +425,7 @@ impl EnvChoice for FlashBackward {
         ("wide", FlashBackward::Wide),
         ("fused", FlashBackward::Fused),
         ("wgmma", FlashBackward::Wgmma),
-        ("ws", FlashBackward::Ws),
-        ("tma", FlashBackward::WsTma),
+        ("tma", FlashBackward::Tma),
     ];
     const NOUN: &'static str = "attention kernel";
     fn unavailable(self) -> Option<String> {
@@ -524,7 +433,7 @@ impl EnvChoice for FlashBackward {
     }
     fn default_choice() -> Self {
         if wgmma_available() {
-            FlashBackward::WsTma
+            FlashBackward::Tma
         } else {
             FlashBackward::Split
         }
@@ -537,26 +446,20 @@ impl EnvChoice for FlashBackward {
 }
 
 impl FlashBackward {
-    pub const ALL: [FlashBackward; 6] = [
+    pub const ALL: [FlashBackward; 5] = [
         FlashBackward::Split,
         FlashBackward::Wide,
         FlashBackward::Fused,
         FlashBackward::Wgmma,
-        FlashBackward::Ws,
-        FlashBackward::WsTma,
+        FlashBackward::Tma,
     ];
 
     /// Whether this is one of the wgmma kernels (sm_90a builds only).
     pub fn is_wgmma(self) -> bool {
-        matches!(self, FlashBackward::Wgmma | FlashBackward::Ws | FlashBackward::WsTma)
+        matches!(self, FlashBackward::Wgmma | FlashBackward::Tma)
     }
 
-    /// Whether this is one of the warp-specialised wgmma kernels.
-    pub fn warp_specialized(self) -> bool {
-        matches!(self, FlashBackward::Ws | FlashBackward::WsTma)
-    }
-
-    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused`, `wgmma`, `ws` or `tma` (unset: tma
+    /// `SHARDSMITH_FLASH_BWD`, read once: `split`, `wide`, `fused`, `wgmma` or `tma` (unset: tma
     /// in a build that has it, else split); any other value, or `wgmma` in a build without it, is an
     /// error naming the variable.
     pub fn from_env() -> Result<FlashBackward> {
@@ -661,7 +564,7 @@ mod tests {
     #[test]
     fn kernel_choices_parse_and_name_the_variable_on_error() {
         let bwd = FlashBackward::parse;
-        let default = if wgmma_available() { FlashBackward::WsTma } else { FlashBackward::Split };
+        let default = if wgmma_available() { FlashBackward::Tma } else { FlashBackward::Split };
         assert_eq!(bwd(None), Ok(default));
         assert_eq!(bwd(Some("")), Ok(default));
         for v in FlashBackward::ALL {
@@ -674,35 +577,25 @@ mod tests {
             "{err}"
         );
         let fwd = FlashForward::parse;
-        let default = if wgmma_available() { FlashForward::WsTma } else { FlashForward::MmaSync };
+        let default = if wgmma_available() { FlashForward::Tma } else { FlashForward::MmaSync };
         assert_eq!(fwd(None), Ok(default));
-        assert_eq!(FlashBackward::named("tma").unwrap(), FlashBackward::WsTma);
-        assert!(FlashBackward::WsTma.warp_specialized() && FlashBackward::WsTma.is_wgmma());
+        assert_eq!(FlashBackward::named("tma").unwrap(), FlashBackward::Tma);
+        assert!(FlashBackward::Tma.is_wgmma() && FlashBackward::named("ws").is_err());
         for v in FlashForward::ALL {
             assert_eq!(fwd(Some(v.name())), Ok(v));
         }
         assert!(fwd(Some("fa3")).unwrap_err().contains("SHARDSMITH_FLASH_FWD"));
         let err = FlashForward::named("fa3").unwrap_err().to_string();
-        assert!(err.contains("\"fa3\"") && err.contains("mma, wgmma, wgmma128, ws"), "{err}");
+        assert!(err.contains("\"fa3\"") && err.contains("mma, wgmma, wgmma128, tma"), "{err}");
         assert_eq!(FlashForward::Wgmma128.wgmma_keys(128), Some(128));
         assert_eq!(FlashForward::Wgmma128.wgmma_keys(64), Some(64));
         assert_eq!(FlashForward::Wgmma.wgmma_keys(128), Some(64));
         assert_eq!(FlashForward::MmaSync.wgmma_keys(128), None);
-        assert_eq!(FlashForward::Ws.wgmma_keys(128), Some(128));
-        assert_eq!(FlashForward::Ws.wgmma_keys(64), Some(64));
-        assert!(FlashForward::Ws.warp_specialized(128) && !FlashForward::Ws.warp_specialized(64));
-        assert!(!FlashForward::Wgmma128.warp_specialized(128));
-        assert_eq!(FlashForward::named("tma").unwrap(), FlashForward::WsTma);
-        assert!(FlashForward::WsTma.warp_specialized(128) && FlashForward::WsTma.tma(128));
-        assert!(!FlashForward::WsTma.tma(64) && !FlashForward::Ws.tma(128));
-        assert_eq!(FlashForward::WsTma.wgmma_keys(64), None);
-        assert_eq!(WsStages::parse(None), Ok(WsStages::Two));
-        assert_eq!(WsStages::parse(Some("3")).map(WsStages::count), Ok(3));
-        assert!(WsStages::parse(Some("4")).unwrap_err().contains("SHARDSMITH_WS_STAGES"));
-        assert_eq!(WsPingpong::parse(Some("0")), Ok(WsPingpong::Off));
-        assert_eq!(ws_suffix(WsStages::Three, WsPingpong::Off, true), "_s3_nopp");
-        assert_eq!(ws_suffix(WsStages::Three, WsPingpong::Off, false), "_s3");
-        assert_eq!(ws_suffix(WsStages::Two, WsPingpong::On, true), "");
+        assert_eq!(FlashForward::named("tma").unwrap(), FlashForward::Tma);
+        assert_eq!(FlashForward::Tma.wgmma_keys(128), Some(128));
+        assert_eq!(FlashForward::Tma.wgmma_keys(64), None, "the TMA kernel is D 128; D 64 keeps mma");
+        assert!(FlashForward::Tma.tma(128) && !FlashForward::Tma.tma(64) && !FlashForward::Wgmma128.tma(128));
+        assert!(FlashForward::named("ws").is_err());
         let order = AttentionGridOrder::parse;
         assert_eq!(order(None), Ok(AttentionGridOrder::HeaviestFirst));
         assert_eq!(order(Some("head")), Ok(AttentionGridOrder::HeadMajor));

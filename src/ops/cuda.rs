@@ -1054,7 +1054,7 @@ pub(super) const ATTENTION_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 /// Head dims of the wgmma forward (flash_wg.cu) and its block size (2 warpgroups).
 const ATTENTION_WGMMA_HEAD_DIMS: [usize; 2] = [64, 128];
 const ATTN_WG_THREADS: u32 = 256;
-/// Block size of the warp-specialised forward (flash_fwd_ws: a producer and two consumer warpgroups).
+/// Block size of the warp-specialised forward (flash_fwd_tma: a producer and two consumer warpgroups).
 const ATTN_WS_THREADS: u32 = 384;
 
 /// Bytes of padding per shared-memory row of the f32 kernels (flash_attn.cu's PAD).
@@ -1134,34 +1134,24 @@ pub(super) fn attention_fwd(
         && dtype == DType::BF16
         && ATTENTION_WGMMA_HEAD_DIMS.contains(&d)
         && [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
-    let ws = wgmma && variant.warp_specialized(d);
-    let tma = ws && variant.tma(d);
+    let tma = wgmma && variant.tma(d);
     if prof.is_some() && !(wgmma && causal && d == 128) {
         bail!("{op}: the phase profile needs the causal wgmma kernel (sm_90a build, bf16, head dim 128, 16-byte aligned inputs, a wgmma variant); got {variant:?}, head dim {d}, {dtype:?}");
     }
     if wgmma {
         use super::wgmma_check::WgmmaKernels;
-        let family = if ws { WgmmaKernels::ForwardWs } else { WgmmaKernels::Forward };
+        let family = if tma { WgmmaKernels::ForwardTma } else { WgmmaKernels::Forward };
         super::wgmma_check::ensure_verified(qs.device(), family)?;
     }
-    let (module, smem, name) = if ws {
-        use super::attention::{ws_suffix, WsPingpong, WsStages};
-        // The configuration (SHARDSMITH_WS_STAGES, _PINGPONG) applies to the causal kernel; the
-        // unmasked and the profiled ones are instantiated for the default only.
-        let (stages, pingpong) = match (causal, prof.is_some()) {
-            (true, false) => (WsStages::from_env()?, WsPingpong::from_env()?),
-            _ => (WsStages::Two, WsPingpong::On),
-        };
-        // The TMA kernels take turns always (SHARDSMITH_WS_PINGPONG is the cp.async ones').
-        let (load, pingpong) = if tma { ("tma", WsPingpong::On) } else { ("ws", pingpong) };
+    let (module, smem, name) = if tma {
         let kind = match (causal, prof.is_some()) {
-            (true, true) => format!("{load}_prof_bf16"),
-            (true, false) => format!("{load}{}_bf16", ws_suffix(stages, pingpong, true)),
-            (false, _) => format!("full_{load}_bf16"),
+            (true, true) => "tma_prof_bf16",
+            (true, false) => "tma_bf16",
+            (false, _) => "full_tma_bf16",
         };
-        // Q [128] and K, V [stages][128] rows of D bf16, with TMA 1 KB to align them
-        // (flash_wg.cu's ws_fwd_smem_bytes<D, S, TMA>).
-        let smem = ((128 + 2 * stages.count() * 128) * d * 2 + if tma { 1024 } else { 0 }) as u32;
+        // Q [128] and K, V [2][128] rows of D bf16, and 1 KB to align them (flash_wg.cu's
+        // tma_fwd_smem_bytes<D>).
+        let smem = ((128 + 4 * 128) * d * 2 + 1024) as u32;
         (&kernels::FLASH_WG, smem, format!("flash_fwd_{kind}_d{d}"))
     } else if wgmma {
         let kind = match (causal, prof.is_some()) {
@@ -1203,15 +1193,16 @@ pub(super) fn attention_fwd(
             bld.arg(p);
         }
         let (rows_per_block, threads) = match (wgmma, dtype) {
-            (true, _) if ws => (128, ATTN_WS_THREADS),
+            (true, _) if tma => (128, ATTN_WS_THREADS),
             (true, _) => (128, ATTN_WG_THREADS),
             (false, DType::BF16) => (ATTN_TC_BM, ATTN_TC_FWD_THREADS),
             _ => (64, 128),
         };
         let grid = (t.div_ceil(rows_per_block) as u32, hq as u32, b as u32);
-        // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, keys, causal, prof> or flash_fwd_ws<D,
-        // causal>: bf16, 16-byte aligned inputs, with TMA as tensor maps over them, alive until
-        // the kernel ends as the views are; the profiled kernel's prof holds 2 × its phases) or
+        // SAFETY: matches flash_wg.cu (flash_fwd_wg<D, keys, causal, prof> or flash_fwd_tma<D,
+        // causal, prof>: bf16, 16-byte aligned inputs, for tma as tensor maps over them, alive
+        // until the kernel ends as the views are; the profiled kernel's prof holds 2 × its
+        // phases) or
         // flash_attn.cu (flash_fwd_tc<D, causal> for bf16, flash_fwd for f32); smem from the same
         // formula as the kernel's (which traps on less, or on another block size).
         unsafe { bld.launch(cfg(grid, threads, smem)) }.w()?;
@@ -1341,10 +1332,9 @@ pub(super) fn attention_bwd(
             && kernels::WGMMA
             && d == 128
             && [ql, kl, vl, gl].iter().all(|l| l.start_offset().is_multiple_of(8));
-        let ws = wgmma && variant.warp_specialized();
-        let tma = ws && variant == FlashBackward::WsTma;
+        let tma = wgmma && variant == FlashBackward::Tma;
         if prof.is_some() && !wgmma {
-            bail!("{OP}: the phase profile needs a wgmma kernel (sm_90a build, head dim 128, 16-byte aligned inputs, variant wgmma or ws); got {variant:?}, head dim {d}");
+            bail!("{OP}: the phase profile needs a wgmma kernel (sm_90a build, head dim 128, 16-byte aligned inputs, variant wgmma or tma); got {variant:?}, head dim {d}");
         }
         if wgmma {
             super::wgmma_check::ensure_verified(dev, super::wgmma_check::WgmmaKernels::Backward)?;
@@ -1352,21 +1342,12 @@ pub(super) fn attention_bwd(
         // Wgmma where its kernel does not apply (D ≠ 128, unaligned) runs Split, the
         // bit-reproducible kernels, not Fused: it is the default on Hopper builds.
         if variant == FlashBackward::Fused || wgmma {
-            let (module, name, smem, threads) = if ws {
-                use super::attention::{ws_suffix, WsPingpong, WsStages};
-                // The profiled and the TMA kernels are instantiated for 2 stages only.
-                let stages = if prof.is_some() || tma { WsStages::Two } else { WsStages::from_env()? };
-                let n = stages.count();
-                // K, V [128], Q, dO [stages][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ
-                // [stages][64] f32; with TMA the dQ tile [64] rows of D f32 and 1 KB to align the
-                // tiles (flash_wg.cu's ws_bwd_smem_bytes<D, S, TMA>).
-                let smem = ((2 * 128 + 2 * n * 64) * d * 2 + 2 * 128 * 64 * 2 + 2 * n * 64 * 4) as u32
-                    + if tma { (64 * d * 4 + 1024) as u32 } else { 0 };
-                let load = if tma { "tma" } else { "ws" };
-                let kind = match prof {
-                    Some(_) => format!("{load}_prof"),
-                    None => format!("{load}{}", ws_suffix(stages, WsPingpong::On, false)),
-                };
+            let (module, name, smem, threads) = if tma {
+                // K, V [128], Q, dO [2][64] rows of D; dSᵀ [2][128][64] bf16; lse, Δ [2][64], dQ
+                // [64] rows of D f32; 1 KB to align the tiles (flash_wg.cu's tma_bwd_smem_bytes).
+                let smem =
+                    ((2 * 128 + 4 * 64) * d * 2 + 2 * 128 * 64 * 2 + 4 * 64 * 4 + 64 * d * 4 + 1024) as u32;
+                let kind = if prof.is_some() { "tma_prof" } else { "tma" };
                 (&kernels::FLASH_WG, format!("flash_bwd_{kind}_{sfx}_d{d}"), smem, ATTN_WS_THREADS)
             } else if wgmma {
                 // K, V [128], Q, dO [2][64] rows of D; dSᵀ [128][64] bf16; lse, Δ [2][64] f32

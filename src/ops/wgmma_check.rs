@@ -190,9 +190,11 @@ pub enum WgmmaKernels {
     /// flash_fwd_wg: S = Q·Kᵀ with Q in registers (q; w over 128-key tiles), O += P·V at D 128
     /// (o) and 64 (p).
     Forward,
-    /// flash_fwd_ws: S with Q in shared memory (x), O += P·V (o).
-    ForwardWs,
-    /// flash_bwd_wg and flash_bwd_ws: Sᵀ, dPᵀ (s), dV, dK (o), dQ (u).
+    /// flash_fwd_tma: S with Q in shared memory (x), O += P·V (o). The probe lays its tiles out
+    /// without swizzle; the TMA kernels' 128-byte swizzled descriptors are checked by the
+    /// parity tests (tests/cuda_parity.rs), not here.
+    ForwardTma,
+    /// flash_bwd_wg and flash_bwd_tma: Sᵀ, dPᵀ (s), dV, dK (o), dQ (u).
     Backward,
 }
 
@@ -200,7 +202,7 @@ impl WgmmaKernels {
     fn forms(self) -> &'static [usize] {
         match self {
             WgmmaKernels::Forward => &[1, 2, 4, 5],
-            WgmmaKernels::ForwardWs => &[1, 6],
+            WgmmaKernels::ForwardTma => &[1, 6],
             WgmmaKernels::Backward => &[0, 1, 3],
         }
     }
@@ -209,9 +211,9 @@ impl WgmmaKernels {
     pub fn name(self) -> &'static str {
         match self {
             WgmmaKernels::Forward => "forward (SHARDSMITH_FLASH_FWD=wgmma, wgmma128)",
-            WgmmaKernels::ForwardWs => "warp-specialised forward (SHARDSMITH_FLASH_FWD=ws, tma)",
+            WgmmaKernels::ForwardTma => "warp-specialised forward (SHARDSMITH_FLASH_FWD=tma)",
             WgmmaKernels::Backward => {
-                "backward (SHARDSMITH_FLASH_BWD=ws, the default in this build, or wgmma)"
+                "backward (SHARDSMITH_FLASH_BWD=tma, the default in this build, or wgmma)"
             }
         }
     }
@@ -219,7 +221,7 @@ impl WgmmaKernels {
     /// How to run without these kernels.
     pub fn remedy(self) -> &'static str {
         match self {
-            WgmmaKernels::Forward | WgmmaKernels::ForwardWs => {
+            WgmmaKernels::Forward | WgmmaKernels::ForwardTma => {
                 "Unset SHARDSMITH_FLASH_FWD (or set it to mma) to run the mma.sync forward."
             }
             WgmmaKernels::Backward => {
@@ -426,7 +428,7 @@ mod tests {
         let report = check_with(right).unwrap();
         assert!(report.passed(), "{report}");
         assert!(report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
-        assert!(report.passed_for(WgmmaKernels::ForwardWs));
+        assert!(report.passed_for(WgmmaKernels::ForwardTma));
         assert_eq!(report.forms.len(), 7);
         assert!(report.to_string().lines().all(|l| l.ends_with("exact")), "{report}");
     }
@@ -525,7 +527,7 @@ mod tests {
         assert!(text.contains("[0][0] read b[1][0], should read b[0][0]"), "{text}");
         assert!(text.contains("x = a·[b; c]ᵀ (ss, A and B K-major, n128"), "{text}");
         // Only the warp-specialised forward uses it: the other forwards and the backward stay.
-        assert!(!report.passed_for(WgmmaKernels::ForwardWs));
+        assert!(!report.passed_for(WgmmaKernels::ForwardTma));
         assert!(report.passed_for(WgmmaKernels::Forward) && report.passed_for(WgmmaKernels::Backward));
     }
 

@@ -25,7 +25,7 @@ use candle_core::{bail, Result, Tensor};
 pub const FORWARD: [&str; 9] =
     ["prologue", "tile_wait", "issue", "wait_s", "softmax", "wait_pv", "rescale", "last_pv", "epilogue"];
 
-/// The phases of the warp-specialised forward (flash_wg.cu's `WsFwdPhase`, in order). A consumer
+/// The phases of the warp-specialised TMA forward (flash_wg.cu's `WsFwdPhase`, in order). A consumer
 /// warp (8 a block) meets:
 /// - `prologue`: until Q has landed (the producer's: until it starts loading);
 /// - per key tile: `tile_wait` (until K_j and V_{j−1} are signalled), `turn` (until the other
@@ -34,9 +34,9 @@ pub const FORWARD: [&str; 9] =
 ///   serialise the products), `softmax`, `wait_pv`, `rescale`;
 /// - `last_pv` and `epilogue` as in [`FORWARD`].
 ///
-/// A producer warp (4 a block) meets, per K and per V tile: `load_wait` (until the buffer's
-/// consumers have released it) and `load_issue` (the cp.async requests; their landing is
-/// signalled without the producer waiting for it).
+/// The loading producer warp (the first of 4 a block; the others only pass their prologue) meets,
+/// per K and per V tile: `load_wait` (until the buffer's consumers have released it) and
+/// `load_issue` (the TMA requests; their landing is signalled without the producer waiting).
 pub const WS_FORWARD: [&str; 11] = [
     "prologue",
     "tile_wait",
@@ -76,13 +76,13 @@ pub const BACKWARD: [&str; 12] = [
     "epilogue",
 ];
 
-/// The phases of the warp-specialised backward (flash_wg.cu's `WsBwdPhase`, in order): a consumer
-/// warp meets [`BACKWARD`]'s phases but with `tile_wait` the wait for the producer's signal (no
-/// barrier), and `issue` and `wait_s` one phase (`issue_wait_s`: a clock read between them
-/// serialises the products), and with `tma` `atomics` the staging of dQ in shared memory, the
-/// barrier after it and the bulk reduce's issue; a producer warp meets, per step, `load_wait`
-/// (until the buffer is released) and `load_issue` (the requests, whose landing is signalled
-/// without the producer waiting for it), after its `prologue` and the K, V requests.
+/// The phases of the warp-specialised TMA backward (flash_wg.cu's `WsBwdPhase`, in order): a
+/// consumer warp meets [`BACKWARD`]'s phases but with `tile_wait` the wait for the producer's
+/// signal (no barrier), `issue` and `wait_s` one phase (`issue_wait_s`: a clock read between them
+/// serialises the products), and `atomics` the staging of dQ in shared memory, the barrier after
+/// it and the bulk reduce's issue; a producer warp meets, per step, `load_wait` (until the buffer
+/// is released) and `load_issue` (the requests, whose landing is signalled without the producer
+/// waiting for it), after its `prologue` and the K, V requests.
 pub const WS_BACKWARD: [&str; 13] = [
     "prologue",
     "tile_wait",
@@ -211,13 +211,13 @@ pub fn forward_runs(b: usize, hq: usize, t: usize, keys: usize) -> Vec<u64> {
 }
 
 /// How many times the warps of the warp-specialised forward run each phase of [`WS_FORWARD`]:
-/// per block 8 consumer and 4 producer warps, 128-key tiles; a loading warp requests Q and then
-/// K and V per tile: all 4 producer warps with cp.async, the first alone with `tma`.
-pub fn ws_forward_runs(b: usize, hq: usize, t: usize, tma: bool) -> Vec<u64> {
+/// per block 8 consumer and 4 producer warps, 128-key tiles; the first producer warp (whose
+/// thread 0 issues the TMA copies) requests Q and then K and V per tile.
+pub fn ws_forward_runs(b: usize, hq: usize, t: usize) -> Vec<u64> {
     let blocks = (b * hq * t.div_ceil(FWD_ROWS)) as u64;
     let tiles = forward_tiles(b, hq, t, 128);
     let (c, p) = (WARPS, WS_PRODUCER_WARPS);
-    let l = if tma { 1 } else { p };
+    let l = 1; // the loading warp
     let per_tile = c * tiles;
     vec![
         (c + p) * blocks,
@@ -242,12 +242,12 @@ pub fn forward_phases_of(
     hq: usize,
     t: usize,
 ) -> Result<(&'static [&'static str], Vec<u64>)> {
-    if variant.warp_specialized(128) {
-        return Ok((&WS_FORWARD, ws_forward_runs(b, hq, t, variant.tma(128))));
+    if variant.tma(128) {
+        return Ok((&WS_FORWARD, ws_forward_runs(b, hq, t)));
     }
     match variant.wgmma_keys(128) {
         Some(keys) => Ok((&FORWARD, forward_runs(b, hq, t, keys))),
-        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, ws, tma)", variant.name()),
+        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, tma)", variant.name()),
     }
 }
 
@@ -300,8 +300,8 @@ pub fn backward_phases_of(
 ) -> Result<(&'static [&'static str], Vec<u64>)> {
     match variant {
         FlashBackward::Wgmma => Ok((&BACKWARD, backward_runs(b, hq, hk, t))),
-        FlashBackward::Ws | FlashBackward::WsTma => Ok((&WS_BACKWARD, ws_backward_runs(b, hq, hk, t))),
-        other => bail!("phase profile: {} is not a wgmma backward (wgmma, ws, tma)", other.name()),
+        FlashBackward::Tma => Ok((&WS_BACKWARD, ws_backward_runs(b, hq, hk, t))),
+        other => bail!("phase profile: {} is not a wgmma backward (wgmma, tma)", other.name()),
     }
 }
 
@@ -310,7 +310,7 @@ pub fn backward_phases_of(
 const NEEDS_CUDA: &str =
     "phase profiles run the CUDA kernels: build with --features cuda for compute capability 9.0";
 
-/// The causal wgmma forward `variant` (`wgmma`: 64-key tiles, `wgmma128`: 128, `ws`: 128,
+/// The causal wgmma forward `variant` (`wgmma`: 64-key tiles, `wgmma128`: 128, `tma`: 128,
 /// warp-specialised), profiled on q [B, Hq, T, 128], k, v [B, Hk, T, 128] (bf16 on CUDA, 16-byte
 /// aligned): (o, lse, its profile).
 pub fn profile_forward(
@@ -322,10 +322,9 @@ pub fn profile_forward(
 ) -> Result<(Tensor, Tensor, PhaseProfile)> {
     let (kernel, names): (_, &'static [&'static str]) = match variant.wgmma_keys(128) {
         _ if variant.tma(128) => ("flash_fwd_tma_prof_bf16_d128", &WS_FORWARD),
-        _ if variant.warp_specialized(128) => ("flash_fwd_ws_prof_bf16_d128", &WS_FORWARD),
         Some(64) => ("flash_fwd_wg_prof_bf16_d128", &FORWARD),
         Some(_) => ("flash_fwd_wg_prof_bf16_d128_n128", &FORWARD),
-        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, ws, tma)", variant.name()),
+        None => bail!("phase profile: {} is not a wgmma forward (wgmma, wgmma128, tma)", variant.name()),
     };
     #[cfg(feature = "cuda")]
     {
@@ -340,7 +339,7 @@ pub fn profile_forward(
     }
 }
 
-/// The wgmma backward `variant` (`wgmma`, or `ws`: warp-specialised) profiled on the forward's
+/// The wgmma backward `variant` (`wgmma`, or `tma`: warp-specialised) profiled on the forward's
 /// inputs, o, lse and the output gradient g (bf16 on CUDA, head dim 128, 16-byte aligned):
 /// ((dq, dk, dv), its profile).
 #[allow(clippy::too_many_arguments)]
@@ -356,9 +355,8 @@ pub fn profile_backward(
 ) -> Result<((Tensor, Tensor, Tensor), PhaseProfile)> {
     let (kernel, names): (_, &'static [&'static str]) = match variant {
         FlashBackward::Wgmma => ("flash_bwd_wg_prof_bf16_d128", &BACKWARD),
-        FlashBackward::Ws => ("flash_bwd_ws_prof_bf16_d128", &WS_BACKWARD),
-        FlashBackward::WsTma => ("flash_bwd_tma_prof_bf16_d128", &WS_BACKWARD),
-        other => bail!("phase profile: {} is not a wgmma backward (wgmma, ws, tma)", other.name()),
+        FlashBackward::Tma => ("flash_bwd_tma_prof_bf16_d128", &WS_BACKWARD),
+        other => bail!("phase profile: {} is not a wgmma backward (wgmma, tma)", other.name()),
     };
     #[cfg(feature = "cuda")]
     {
@@ -433,17 +431,14 @@ mod tests {
         assert_eq!(f.len(), FORWARD.len());
         assert_eq!(backward_runs(1, 1, 1, 1).len(), BACKWARD.len());
         // The warp-specialised forward at T 300: 3 blocks, 1 + 2 + 3 128-key tiles; 12 warps a
-        // block, the 4 producer warps requesting Q once and K, V per tile.
-        let w = ws_forward_runs(1, 1, 300, false);
+        // block, one producer warp requesting Q once and K, V per tile (the others only pass
+        // their prologue).
+        let w = ws_forward_runs(1, 1, 300);
         assert_eq!(w.len(), WS_FORWARD.len());
         assert_eq!((w[0], w[1], w[7]), (3 * 12, 6 * 8, 3 * 8));
-        assert_eq!((w[9], w[10]), (4 * 12, 4 * (3 + 12)));
-        let (names, runs) = forward_phases_of(FlashForward::Ws, 1, 1, 300).unwrap();
+        assert_eq!((w[9], w[10]), (12, 3 + 12));
+        let (names, runs) = forward_phases_of(FlashForward::Tma, 1, 1, 300).unwrap();
         assert_eq!((names, runs), (&WS_FORWARD[..], w));
-        // With TMA one producer warp loads (the others only pass their prologue).
-        let (names, runs) = forward_phases_of(FlashForward::WsTma, 1, 1, 300).unwrap();
-        assert_eq!(names, &WS_FORWARD[..]);
-        assert_eq!((runs[0], runs[9], runs[10]), (3 * 12, 12, 3 + 12));
         let (names, runs) = forward_phases_of(FlashForward::Wgmma, 1, 1, 300).unwrap();
         assert_eq!((names, runs), (&FORWARD[..], forward_runs(1, 1, 300, 64)));
         assert!(forward_phases_of(FlashForward::MmaSync, 1, 1, 300).is_err());
@@ -454,12 +449,8 @@ mod tests {
         assert_eq!((w[0], w[1], w[7], w[10]), (2 * 12, 4 * 8, 4 * 8, 2 * 8));
         assert_eq!((w[2], w[6]), (4 * 4, 4 * 4), "issue_wait_s and skipped split the consumer warps");
         assert_eq!((w[11], w[12]), (4 * 4, 4 * (2 + 4)));
-        assert_eq!(
-            backward_phases_of(FlashBackward::Ws, 1, 4, 2, 40).unwrap(),
-            (&WS_BACKWARD[..], w.clone())
-        );
-        // TMA loads Q, dO by one thread, but all 4 producer warps still stage lse and Δ.
-        assert_eq!(backward_phases_of(FlashBackward::WsTma, 1, 4, 2, 40).unwrap(), (&WS_BACKWARD[..], w));
+        // TMA loads K, V, Q, dO by one thread, but all 4 producer warps stage lse and Δ.
+        assert_eq!(backward_phases_of(FlashBackward::Tma, 1, 4, 2, 40).unwrap(), (&WS_BACKWARD[..], w));
         assert!(backward_phases_of(FlashBackward::Split, 1, 4, 2, 40).is_err());
     }
 
