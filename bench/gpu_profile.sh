@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where the GPU time goes (issue 7), one device call: the `bench_layer_parts` micro-benchmarks of
-# tests/cuda_parity.rs (a 7B layer's GEMMs at B2×S4096 by kind, the attention kernels, a ViT-L
-# layer's pieces) and, when Nsight Systems is on the machine, the kernels of a NeVA step with 4
+# tests/cuda_parity.rs (a 7B layer's GEMMs at B2×S4096 by kind, the attention kernels, its
+# element-wise ops as often as a layer runs them, a ViT-L layer's pieces) and, when Nsight Systems is on the machine, the kernels of a NeVA step with 4
 # LLM layers by total time. Same carry as bench/gpu.sh (bash bench/gpu_carry.sh here), then on
 # the GPU machine:  bash bench/gpu_profile.sh
 set -uo pipefail

@@ -1257,7 +1257,8 @@ fn bench_kernels_direct() {
 
 /// Where a 7B decoder layer's and a ViT-L/14-336 layer's time goes, part by part (bf16, device
 /// synchronised around each timed call): the layer's GEMMs alone at its shapes (forward x·Wᵀ,
-/// input gradient dy·W, weight gradient dyᵀ·x), the attention kernels, and the CLIP layer's
+/// input gradient dy·W, weight gradient dyᵀ·x), the attention kernels, its element-wise ops
+/// (norms, head splits with rope, merges, SwiGLU, adds) as often as a layer runs them, and the CLIP layer's
 /// pieces (layer norm, attention block, MLP block, candle_nn's 3-D `Linear` against the same
 /// product as one 2-D GEMM). `bench gpu-layer` / `bench neva-step` give the totals.
 #[test]
@@ -1321,6 +1322,49 @@ fn bench_layer_parts() {
         2.5 * fl / ab / 1e9
     );
     drop((q, k, v, g, o, lse));
+
+    // The same layer's element-wise work (forward_node in models/llama.rs: what neither the
+    // GEMMs nor the attention kernels do), each op timed alone and summed by how often a layer's
+    // forward and backward run it, so that layer time − GEMMs − attention can be split.
+    let (x, w) = (on(&[b, t, h * d], 9), on(&[h * d], 10));
+    let ffn = on(&[b, t, 11008], 11);
+    let (cos, sin) = (on(&[t, d / 2], 12), on(&[t, d / 2], 13));
+    let heads4 = on(&[b, h, t, d], 14);
+    let mut per_layer = 0.0;
+    let mut part = |what: &str, per: usize, f: &dyn Fn()| {
+        let ms = time_ms(&dev, 3, 10, f);
+        per_layer += ms * per as f64;
+        println!("bench | 7B layer element-wise, B2×S4096 bf16 | {what} | {ms:.3} ms × {per} a layer");
+    };
+    part("RMSNorm forward [2, 4096, 4096]", 2, &|| {
+        ops::rms_norm(&x, &w, 1e-5).unwrap();
+    });
+    part("RMSNorm backward (dx and dw)", 2, &|| {
+        ops::rms_norm_backward(&x, &w, &x, 1e-5, true).unwrap();
+    });
+    part("split_heads with rope (q, k)", 2, &|| {
+        ops::split_heads(&x, h, Some((&cos, &sin))).unwrap();
+    });
+    part("split_heads without rope (v, dout)", 2, &|| {
+        ops::split_heads(&x, h, None).unwrap();
+    });
+    part("merge_heads (o, dv)", 2, &|| {
+        ops::merge_heads(&heads4).unwrap().contiguous().unwrap();
+    });
+    part("split_heads_backward with rope (dq, dk)", 2, &|| {
+        ops::split_heads_backward(&heads4, Some((&cos, &sin))).unwrap().contiguous().unwrap();
+    });
+    part("SwiGLU forward [2, 4096, 11008]", 1, &|| {
+        ops::swiglu(&ffn, &ffn).unwrap();
+    });
+    part("SwiGLU backward", 1, &|| {
+        ops::swiglu_backward(&ffn, &ffn, &ffn).unwrap();
+    });
+    part("add [2, 4096, 4096] (residuals, gradient sums)", 7, &|| {
+        ops::add_detached(&x, &x).unwrap();
+    });
+    println!("bench | 7B layer element-wise, B2×S4096 bf16 | all, as often as a layer runs them | {per_layer:.2} ms");
+    drop((x, w, ffn, cos, sin, heads4));
 
     // ViT-L/14-336 layer over 4 images: [4, 577, 1024], MLP 4096, 16 heads.
     let cfg = ClipVisionConfig {
