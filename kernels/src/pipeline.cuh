@@ -123,7 +123,9 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 #endif
 
 // Wait for a buffer that mbar_arrive_on_copies signalled, then make its copies visible to this
-// thread's wgmma (fence.proxy.async on the consumer's side; see `fence` above).
+// thread's wgmma (fence.proxy.async on the consumer's side; see `fence` above). The TMA kernels
+// wait this way too: for TMA-written tiles (async proxy already) the fence is not needed, but
+// they were measured and verified with it, and dropping it changes their SASS.
 __device__ __forceinline__ void mbar_wait_copies(uint64_t *b, int parity) {
     mbar_wait(b, parity);
     fence_proxy_async();
