@@ -13,7 +13,7 @@
 //
 // Descriptors (PTX ISA, "Matrix Descriptor Format"): bits 0-13 start address >> 4, 16-29 leading
 // byte offset (LBO) >> 4, 32-45 stride byte offset (SBO) >> 4, 62-63 swizzle (0: none, 1: 128
-// bytes). The tiles that TMA loads (flash_fwd_ws with TMA) are 128-byte swizzled
+// bytes). The tiles that TMA loads (flash_fwd_tma, flash_bwd_tma) are 128-byte swizzled
 // (wgmma_desc_sw128); every other tile uses the no-swizzle ("interleaved") canonical layouts,
 // made of core matrices of 8 rows × 16 bytes stored as 128 contiguous bytes;
 //   K-major  ((8,m),(T,2k)):((1T,SBO),(1,LBO)): element (mn, k) at byte

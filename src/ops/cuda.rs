@@ -1218,7 +1218,7 @@ struct TensorMap(candle_core::cuda_backend::cudarc::driver::sys::CUtensorMap);
 // SAFETY: plain bytes the driver copies into the kernel's parameter space, as the kernel declares.
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for TensorMap {}
 
-/// The tensor map flash_fwd_ws<…, TMA> and flash_bwd_ws<…, TMA> load x through: bf16
+/// The tensor map flash_fwd_tma and flash_bwd_tma load x through: bf16
 /// [planes][t][d] contiguous at `addr` (16-byte aligned), boxes of `rows` rows × 64 columns,
 /// 128-byte swizzled (the layout their wgmma descriptors read), rows past t zero-filled.
 fn attention_tensor_map(addr: u64, planes: usize, t: usize, d: usize, rows: u32) -> Result<TensorMap> {
@@ -1385,7 +1385,7 @@ pub(super) fn attention_bwd(
                 bld.arg(p);
             }
             // SAFETY: matches flash_attn.cu (flash_bwd_kv64_tc<D, true>) or flash_wg.cu
-            // (flash_bwd_ws<128> or flash_bwd_wg<128, prof>: 16-byte aligned inputs, with TMA as
+            // (flash_bwd_tma<128, prof> or flash_bwd_wg<128, prof>: 16-byte aligned inputs, for tma as
             // tensor maps over them, alive until the kernel ends as the views are; 384 or 256
             // threads; the profiled kernel's prof holds
             // 2 × its phases), same arguments and grid; every dk/dv row < T is written; dq_acc is
