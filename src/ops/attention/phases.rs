@@ -217,7 +217,6 @@ pub fn ws_forward_runs(b: usize, hq: usize, t: usize) -> Vec<u64> {
     let blocks = (b * hq * t.div_ceil(FWD_ROWS)) as u64;
     let tiles = forward_tiles(b, hq, t, 128);
     let (c, p) = (WARPS, WS_PRODUCER_WARPS);
-    let l = 1; // the loading warp
     let per_tile = c * tiles;
     vec![
         (c + p) * blocks,
@@ -229,8 +228,8 @@ pub fn ws_forward_runs(b: usize, hq: usize, t: usize) -> Vec<u64> {
         per_tile,
         c * blocks,
         c * blocks,
-        l * 2 * tiles,
-        l * (blocks + 2 * tiles),
+        2 * tiles,          // load_wait, the one loading warp's
+        blocks + 2 * tiles, // load_issue: Q, then K and V per tile
     ]
 }
 
