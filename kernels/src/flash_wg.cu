@@ -670,6 +670,16 @@ __device__ __forceinline__ void wg_bwd_dkdv(Hook hook, const bf16 *wK, const bf1
     hook(WGB_DS_ISSUED);
 }
 
+// Warpgroup `wgi`'s dSᵀ rows of the block's tile dS as zeros, where every key of it lies past
+// every query of the step (phases 1 and 2 skipped): stored so that phase 3 runs all eight of its
+// products as one group (a product skipped there by a branch made ptxas issue each of them as
+// its own serialised group). Its 64 rows are 8 KB, contiguous.
+__device__ __forceinline__ void wg_bwd_zero_ds(bf16 *dS, int wgi) {
+    uint4 *rows = reinterpret_cast<uint4 *>(dS + 64 * wgi * WGB_BQ);
+#pragma unroll
+    for (int i = threadIdx.x % 128; i < 64 * WGB_BQ * 2 / 16; i += 128) rows[i] = make_uint4(0, 0, 0, 0);
+}
+
 // Phase 3: dQ [64 queries][head-dim half `half`] of the step into acc, from the stored dSᵀ (cdS)
 // and K (sK) over the block's 128 keys, waited for together with phase 2's products. SW: K is
 // 128-byte swizzled (wg_bwd_dkdv), head-dim half `half` its atom column.
@@ -825,12 +835,7 @@ __device__ void flash_bwd_wg(const bf16 *__restrict__ q, const bf16 *__restrict_
                 wK, wV, cQ, cdO, cL, cDl, sdS, wg, warp, g, tq, q0, wk0, rk0, sl2, scale, dk_acc, dv_acc, ap, ad);
         } else {
             issue_next();
-            // Its dSᵀ rows are zeros (every key past every query), stored so that phase 3 runs
-            // all eight of its products as one group: a product skipped there by a branch made
-            // ptxas issue each of them as its own serialised group.
-            uint4 *rows = reinterpret_cast<uint4 *>(sdS + 64 * wg * WGB_BQ);  // 8 KB, contiguous
-#pragma unroll
-            for (int i = threadIdx.x % 128; i < 64 * WGB_BQ * 2 / 16; i += 128) rows[i] = make_uint4(0, 0, 0, 0);
+            wg_bwd_zero_ds(sdS, wg);
             clk.mark(WB_SKIPPED);
         }
         wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
@@ -1027,10 +1032,7 @@ __device__ void flash_bwd_tma(const CUtensorMap *tmq, const CUtensorMap *tmk, co
                 },
                 wK, wV, cQ, cdO, cL, cDl, cdS, c, warp, g, tq, q0, wk0, rk0, sl2, scale, dk_acc, dv_acc, ap, ad);
         } else {
-            // Zeros as its dSᵀ rows, so that phase 3 runs all eight products as one group.
-            uint4 *rows = reinterpret_cast<uint4 *>(cdS + 64 * c * WGB_BQ);  // 8 KB, contiguous
-#pragma unroll
-            for (int i = threadIdx.x % 128; i < 64 * WGB_BQ * 2 / 16; i += 128) rows[i] = make_uint4(0, 0, 0, 0);
+            wg_bwd_zero_ds(cdS, c);
             clk.mark(WSB_SKIPPED);
         }
         wgmma_fence_smem();  // the dSᵀ stores → visible to phase 3's wgmma
