@@ -393,14 +393,8 @@ inline void mbar_complete_if_done(MBarrier &m) {
         mbar_cv.notify_all();
     }
 }
-inline void mbar_arrive(const void *b) {
-    std::lock_guard<std::mutex> lock(mbar_mutex);
-    MBarrier &m = mbar_at(b);
-    if (m.pending == 0) throw "emu: an mbarrier arrival past its count";
-    --m.pending;
-    mbar_complete_if_done(m);
-}
-// mbarrier.arrive.expect_tx: the current phase also waits for `bytes` of asynchronous copies.
+// mbarrier.arrive(.expect_tx): one arrival; with `bytes`, the current phase also waits for that
+// many bytes of asynchronous copies.
 inline void mbar_arrive_expect_tx(const void *b, unsigned bytes) {
     std::lock_guard<std::mutex> lock(mbar_mutex);
     MBarrier &m = mbar_at(b);
@@ -409,6 +403,7 @@ inline void mbar_arrive_expect_tx(const void *b, unsigned bytes) {
     --m.pending;
     mbar_complete_if_done(m);
 }
+inline void mbar_arrive(const void *b) { mbar_arrive_expect_tx(b, 0); }
 // complete_tx: `bytes` of a copy that signals the barrier have landed.
 inline void mbar_complete_tx(const void *b, unsigned bytes) {
     std::lock_guard<std::mutex> lock(mbar_mutex);

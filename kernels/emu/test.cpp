@@ -62,6 +62,15 @@ static void check_phases(const char *what, const std::vector<unsigned long long>
     std::printf("%-44s phase counts %s\n", what, ok ? "ok" : "FAIL");
 }
 
+// The tensor map the TMA attention kernels read x through, as ops::cuda::attention_tensor_map
+// encodes it: bf16 [planes][t][d], boxes of `rows` rows × 64 columns, 128-byte swizzle.
+static CUtensorMap attention_map(const void *x, int d, int t, int planes, uint32_t rows) {
+    const uint64_t dims[3] = {(uint64_t)d, (uint64_t)t, (uint64_t)planes};
+    const uint64_t strides[2] = {(uint64_t)d * 2, (uint64_t)t * d * 2};
+    const uint32_t box[3] = {64, rows, 1};
+    return emu::encode_tiled(x, 3, dims, strides, box, true);
+}
+
 template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t, const char *name, double tol, int shift = 0) {
     const float scale = 1.0f / std::sqrt((float)D);
     auto qf = widen(cast<T>(randv((size_t)B * hq * t * D)));
@@ -157,10 +166,7 @@ template <class T, int D = 32> void test_attention(int B, int hq, int hk, int t,
                 // 128-byte swizzle): the same products in the same order as the wgmma backward, so
                 // its dk, dv bit for bit (dq: the same sums, by bulk reduces, in another order).
                 auto map = [&](const std::vector<T> &x, int heads, uint32_t rows) {
-                    const uint64_t dims[3] = {(uint64_t)D, (uint64_t)t, (uint64_t)B * heads};
-                    const uint64_t strides[2] = {(uint64_t)D * 2, (uint64_t)t * D * 2};
-                    const uint32_t box[3] = {64, rows, 1};
-                    return emu::encode_tiled(x.data(), 3, dims, strides, box, true);
+                    return attention_map(x.data(), D, t, B * heads, rows);
                 };
                 const CUtensorMap tmq = map(q, hq, 64), tmk = map(k, hk, 128), tmv = map(v, hk, 128),
                                   tmo = map(dO, hq, 64);
@@ -354,12 +360,7 @@ template <int D> void test_forward(int B, int hq, int hk, int t, bool causal, do
         // × 64 columns, 128-byte swizzle, as ops::cuda encodes them): the 128-key kernel's
         // products in the same order over other tile layouts, so the same bits; and the profiled
         // kernel's phases (12 warps a block: 8 consumers, and one producer warp that loads).
-        auto map = [&](const std::vector<bf16> &x, int heads) {
-            const uint64_t dims[3] = {(uint64_t)D, (uint64_t)t, (uint64_t)B * heads};
-            const uint64_t strides[2] = {(uint64_t)D * 2, (uint64_t)t * D * 2};
-            const uint32_t box[3] = {64, 128, 1};
-            return emu::encode_tiled(x.data(), 3, dims, strides, box, true);
-        };
+        auto map = [&](const std::vector<bf16> &x, int heads) { return attention_map(x.data(), D, t, B * heads, 128); };
         const CUtensorMap tmq = map(q, hq), tmk = map(k, hk), tmv = map(v, hk);
         auto tma = [&]<bool PROF>(const char *name) {
             if (!causal && PROF) return;
