@@ -322,12 +322,11 @@ __device__ __forceinline__ void cp_async4(void *dst, const void *src, bool valid
 // lse as it is (the caller scales it by log2 e where it reads it: the same rounding), both zero
 // past T. A query row past T then gets P = 2^(0 − 0) = 1 rather than 0, which changes nothing
 // because its Q and dO rows are zero-filled by the tile loads: its dP, hence dS, is 0, and P·dO
-// adds zeros. The caller is thread `tid` of the NTH.
+// adds zeros. Threads 0 .. NTH of the block call it.
 template <int N, int NTH>
 __device__ __forceinline__ void stage_lse_delta_async(float *sl, float *sd, const float *__restrict__ lse,
-                                                      const float *__restrict__ delta, size_t loff, int q0, int t,
-                                                      int tid = threadIdx.x) {
-    for (int i = tid; i < 2 * N; i += NTH) {
+                                                      const float *__restrict__ delta, size_t loff, int q0, int t) {
+    for (int i = threadIdx.x; i < 2 * N; i += NTH) {
         const int r = i % N;
         const bool ok = q0 + r < t;
         cp_async4(i < N ? sl + r : sd + r, (i < N ? lse : delta) + loff + (ok ? q0 + r : 0), ok);

@@ -975,8 +975,7 @@ __device__ void flash_bwd_tma(const CUtensorMap *tmq, const CUtensorMap *tmk, co
                 tma_rows<D, WGB_BQ>(sQ + buf * QT, tmq, q0, b * hq + h, full + buf);
                 tma_rows<D, WGB_BQ>(sdO + buf * QT, tmo, q0, b * hq + h, full + buf);
             }
-            stage_lse_delta_async<WGB_BQ, PRODUCER>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t,
-                                                    tid);
+            stage_lse_delta_async<WGB_BQ, PRODUCER>(sL + buf * WGB_BQ, sDl + buf * WGB_BQ, lse, delta, loff, q0, t);
             mbar_arrive_on_copies(full + buf);
             clk.mark(WSB_LOAD_ISSUE);
         }
