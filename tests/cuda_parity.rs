@@ -682,6 +682,52 @@ fn decode_attention_forward() {
     check("decode attention BF16 strided K/V rows (copied)", &yg, &yc, 1e-2);
 }
 
+/// Heads in and out of attention's layout (ops::heads; rope.cu's rope_heads) bit-identical to
+/// the CPU pass: split with and without rope from a contiguous product and from a column view of
+/// a wider one (rows strided, no copy), the gradient through autograd (the merge rotated by −θ),
+/// merge_heads and split_heads_backward; the 16-byte path (D 64) and the one-element path (D 12).
+#[test]
+fn head_splits_and_merges_are_exact() {
+    for (xd, cd, d) in
+        [(DType::F32, DType::F32, 64), (DType::BF16, DType::BF16, 64), (DType::BF16, DType::F32, 12)]
+    {
+        let (b, t, h) = (2, 9, 3);
+        let wide = randn(&[b, t, 3 * h * d], 60, 1.0).to_dtype(xd).unwrap();
+        let cos = randn(&[t, d / 2], 61, 1.0).to_dtype(cd).unwrap();
+        let sin = randn(&[t, d / 2], 62, 1.0).to_dtype(cd).unwrap();
+        let probe = randn(&[b, h, t, d], 63, 1.0).to_dtype(xd).unwrap();
+        let run = |dev: &Device, rotate: bool, view: bool| {
+            let (wide, cos, sin) =
+                (wide.to_device(dev).unwrap(), cos.to_device(dev).unwrap(), sin.to_device(dev).unwrap());
+            let x = wide.narrow(2, h * d, h * d).unwrap();
+            let x = if view { x } else { x.copy().unwrap() };
+            let rope = rotate.then_some((&cos, &sin));
+            let y = ops::split_heads(&x, h, rope).unwrap();
+            // A variable is a contiguous copy: the gradient goes through the split of one.
+            let x = Var::from_tensor(&x).unwrap();
+            let p = probe.to_device(dev).unwrap();
+            let grads = (ops::split_heads(x.as_tensor(), h, rope).unwrap().to_dtype(DType::F32).unwrap()
+                * p.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+            let merged = ops::merge_heads(&p).unwrap();
+            let back = ops::split_heads_backward(&p, rope).unwrap();
+            (y, grads.get(&x).unwrap().clone(), merged, back)
+        };
+        for (rotate, view) in [(true, false), (true, true), (false, true), (false, false)] {
+            let (g, c) = (run(&gpu(), rotate, view), run(&Device::Cpu, rotate, view));
+            let name = format!("heads x {xd:?} tables {cd:?} D{d} rope {rotate} column view {view}");
+            check(&format!("{name} split"), &g.0, &c.0, 0.0);
+            check(&format!("{name} split's gradient"), &g.1, &c.1, 0.0);
+            check(&format!("{name} merge"), &g.2, &c.2, 0.0);
+            check(&format!("{name} split_heads_backward"), &g.3, &c.3, 0.0);
+        }
+    }
+}
+
 /// One decode step's q, k, v into attention's layout and the KV cache (ops::kv_step): q and the
 /// cache bit-identical to the CPU op, with q, k, v as column views of one fused product, a
 /// cache with rows before and after the written positions, and every table dtype pairing.
@@ -1342,6 +1388,12 @@ fn bench_layer_parts() {
     part("RMSNorm backward (dx and dw)", 2, &|| {
         ops::rms_norm_backward(&x, &w, &x, 1e-5, true).unwrap();
     });
+    // What the one-pass kernel replaced (not counted in the layer's sum): a strided copy, then rope.
+    let composed = time_ms(&dev, 3, 10, || {
+        let y = x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        ops::rope(&y, &cos, &sin).unwrap();
+    });
+    println!("bench | 7B layer element-wise, B2×S4096 bf16 | composed head split + rope (before rope_heads) | {composed:.3} ms");
     part("split_heads with rope (q, k)", 2, &|| {
         ops::split_heads(&x, h, Some((&cos, &sin))).unwrap();
     });

@@ -674,6 +674,47 @@ void test_rope_qkv_cache(int B, int t, int hq, int g, int d, int cap, int pos, b
     check(buf, widen(kv), wkv, 0.0);
 }
 
+// Heads between [B, T, H·D] (rows `st` apart, st ≥ H·D: a column view of a wider product) and
+// [B, H, T, D], rotated by sign·θ or moved as they are, both directions; `offset` elements of
+// misalignment take the one-element path. Exact: the same float operations in the same order.
+template <class T, class C>
+void test_rope_heads(int B, int t, int h, int d, int extra, bool split, bool rotate, float sign, int offset = 0) {
+    const int half = d / 2;
+    const long long st = (long long)h * d + extra, sb = (long long)t * st;
+    const size_t heads_n = (size_t)B * h * t * d, tokens_n = (size_t)B * sb;
+    auto cs = cast<C>(randv((size_t)t * half)), sn = cast<C>(randv((size_t)t * half));
+    auto xs = cast<T>(randv((split ? tokens_n : heads_n) + offset));
+    const T sentinel = from_f32<T>(7.f);
+    std::vector<T> ys((split ? heads_n : tokens_n) + offset, sentinel);
+    const T *x = xs.data() + offset;
+    T *y = ys.data() + offset;
+    emu::launch(dim3(3), dim3(64), 0, rope_heads<T, C>, x, y, (const C *)cs.data(), (const C *)sn.data(), B, t, h, d,
+                sb, st, (int)split, (int)rotate, sign);
+    std::vector<double> want(ys.size(), 7.0);
+    for (int b = 0; b < B; ++b)
+        for (int hi = 0; hi < h; ++hi)
+            for (int p = 0; p < t; ++p) {
+                const size_t heads_at = (((size_t)b * h + hi) * t + p) * d, tokens_at = b * sb + p * st + (size_t)hi * d;
+                const T *src = x + (split ? tokens_at : heads_at);
+                const size_t to = offset + (split ? heads_at : tokens_at);
+                for (int i = 0; i < half; ++i) {
+                    const float a = to_f32(src[i]), bb = to_f32(src[i + half]);
+                    if (!rotate) {
+                        want[to + i] = a, want[to + i + half] = bb;
+                        continue;
+                    }
+                    const float c = to_f32(cs[p * half + i]), s = sign * to_f32(sn[p * half + i]);
+                    want[to + i] = to_f32(from_f32<T>(a * c - bb * s));
+                    want[to + i + half] = to_f32(from_f32<T>(bb * c + a * s));
+                }
+            }
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "rope_heads %s %s B%d T%d H%d D%d +%d%s%s", sizeof(T) == 4 ? "f32" : "bf16",
+                  split ? "split" : "merge", B, t, h, d, extra, rotate ? (sign > 0 ? " rot" : " rot-") : "",
+                  offset ? " misaligned" : "");
+    check(buf, widen(ys), want, 0.0);
+}
+
 // act(x + b) (+ r) over rows of `cols`: the vector path (cols % 8 == 0) and the scalar one.
 template <class T> void test_bias_act(int rows, int cols, int act, bool residual, double tol) {
     auto x = cast<T>(randv((size_t)rows * cols, -4, 4)), b = cast<T>(randv(cols)), r = cast<T>(randv((size_t)rows * cols));
@@ -747,6 +788,17 @@ int main() {
     test_decode_attn<bf16, 128>(2, 2, 1, 1000, 1000, 1e-2, false, 8);
     test_decode_attn<float, 32>(1, 4, 2, 300, 2000, 1e-5, true, 6);
     test_decode_attn<bf16, 64>(1, 2, 1, 1100, 1200, 1e-2, true, 2);
+    // 16-byte path (D/2 and the strides multiples of 8), a column view, the scalar path (D/2 = 4,
+    // an odd stride, a misaligned pointer), both directions, rotated either way or not
+    test_rope_heads<bf16, bf16>(2, 5, 3, 32, 0, true, true, 1.f);
+    test_rope_heads<bf16, bf16>(1, 4, 2, 16, 48, true, true, 1.f);
+    test_rope_heads<bf16, float>(2, 3, 2, 16, 0, false, true, -1.f);
+    test_rope_heads<float, float>(1, 3, 3, 16, 16, true, false, 1.f);
+    test_rope_heads<float, float>(2, 2, 2, 16, 0, false, false, 1.f);
+    test_rope_heads<bf16, bf16>(1, 3, 3, 8, 0, true, true, -1.f);
+    test_rope_heads<bf16, bf16>(2, 2, 2, 16, 5, true, true, 1.f);
+    test_rope_heads<bf16, bf16>(1, 3, 2, 16, 0, false, true, 1.f, 1);
+    test_rope_heads<float, float>(1, 2, 3, 12, 0, true, false, 1.f, 2);
     test_rope_qkv_cache<bf16, bf16>(2, 1, 4, 2, 16, 9, 5, true);
     test_rope_qkv_cache<float, float>(1, 1, 2, 1, 8, 6, 0, true);
     test_embed_rows<float>(11, 24);

@@ -22,6 +22,20 @@
 // Launch: 1-D grid-stride over B·T·(Hq + 2G)·D/2 (one thread per pair (i, i + D/2) of one head
 //         row), block 256.
 // Numerics: the rotation as above (bit-identical to ops::RopeQkvCache's CPU forward); v copied.
+//
+// rope_heads_*: attention heads between the projections' layout and attention's, rotated on the
+// way (ops::heads): one pass where a strided copy and a rotation were two.
+// Shapes: the tokens side [B, T, H·D], element (b, t, h, i) at b·sb + t·st + h·D + i (st ≥ H·D:
+//         column views of one fused projection are fine; i unit-stride); the heads side
+//         [B, H, T, D] contiguous; cos/sin [T, D/2]. `split` reads the tokens side and writes the
+//         heads side, else the reverse; `rotate` applies the rotation by sign·θ (sign ±1: −1 is
+//         its transpose, the backward), else the heads are moved as they are.
+// Launch: 1-D grid-stride over B·H·T·(D/2 or D)/W work items, block 256, where W = 8 consecutive
+//         elements moved with 16-byte accesses when every pointer is 16-byte aligned and sb, st
+//         and D/2 are multiples of 8, else W = 1.
+// Numerics: the rotation as rope's (each product and sum rounded on its own, then to T once) with
+//           s·sign in place of s: bit-identical to ops::heads' CPU pass and to the composed
+//           copy + rope (whose backward passes −sin).
 #include "common.cuh"
 
 template <typename T, typename C>
@@ -87,6 +101,74 @@ __device__ void rope_qkv_cache(const T *__restrict__ q, long long sqb, long long
     }
 }
 
+// W consecutive elements as f32 (W = 8: 16-byte accesses, see load8/store8).
+template <int W, typename T> __device__ __forceinline__ void load_w(const T *p, float v[W]) {
+    if constexpr (W == 8) {
+        load8(p, v);
+    } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) v[j] = to_f32(p[j]);
+    }
+}
+template <int W, typename T> __device__ __forceinline__ void store_w(T *p, const float v[W]) {
+    if constexpr (W == 8) {
+        store8(p, v);
+    } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) p[j] = from_f32<T>(v[j]);
+    }
+}
+
+template <int W, typename T, typename C>
+__device__ void rope_heads_w(const T *__restrict__ x, T *__restrict__ y, const C *__restrict__ cos,
+                             const C *__restrict__ sin, int b, int t, int h, int d, long long sb, long long st,
+                             bool split, bool rotate, float sign) {
+    const int half = d / 2;
+    const int items = (rotate ? half : d) / W;  // per head row
+    const long long total = (long long)b * h * t * items;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)(idx % items) * W;
+        const long long row = idx / items;  // (b, h, p) in the heads layout
+        const int p = (int)(row % t);
+        const long long bh = row / t;
+        const long long heads_at = row * d, tokens_at = (bh / h) * sb + p * st + (bh % h) * d;
+        const T *src = x + (split ? tokens_at : heads_at);
+        T *dst = y + (split ? heads_at : tokens_at);
+        float a[W];
+        load_w<W>(src + i, a);
+        if (!rotate) {
+            store_w<W>(dst + i, a);
+            continue;
+        }
+        float bv[W], c[W], s[W], lo[W], hi[W];
+        load_w<W>(src + i + half, bv);
+        load_w<W>(cos + (long long)p * half + i, c);
+        load_w<W>(sin + (long long)p * half + i, s);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+            const float sj = sign * s[j];
+            lo[j] = __fsub_rn(__fmul_rn(a[j], c[j]), __fmul_rn(bv[j], sj));
+            hi[j] = __fadd_rn(__fmul_rn(bv[j], c[j]), __fmul_rn(a[j], sj));
+        }
+        store_w<W>(dst + i, lo);
+        store_w<W>(dst + i + half, hi);
+    }
+}
+
+template <typename T, typename C>
+__device__ void rope_heads(const T *__restrict__ x, T *__restrict__ y, const C *__restrict__ cos,
+                           const C *__restrict__ sin, int b, int t, int h, int d, long long sb, long long st,
+                           int split, int rotate, float sign) {
+    // The tables are read only when rotating (the caller may pass empty ones otherwise).
+    const bool wide = aligned16(x) && aligned16(y) && sb % 8 == 0 && st % 8 == 0 && (d / 2) % 8 == 0 &&
+                      (!rotate || (aligned16(cos) && aligned16(sin)));
+    if (wide)
+        rope_heads_w<8>(x, y, cos, sin, b, t, h, d, sb, st, split != 0, rotate != 0, sign);
+    else
+        rope_heads_w<1>(x, y, cos, sin, b, t, h, d, sb, st, split != 0, rotate != 0, sign);
+}
+
 #define ROPE(TY, CY, NAME)                                                                            \
     extern "C" __global__ void rope_##NAME(const TY *x, const CY *cos, const CY *sin, TY *y,           \
                                            long long pairs, int t, int d) {                           \
@@ -98,6 +180,11 @@ __device__ void rope_qkv_cache(const T *__restrict__ q, long long sqb, long long
         int g, int d, int cap, int pos, const int *pos_dev) {                                               \
         rope_qkv_cache<TY, CY>(q, sqb, sqt, k, skb, skt, v, svb, svt, cos, sin, q_out, kv, b, t, hq, g, d, cap, \
                                pos, pos_dev);                                                               \
+    }                                                                                                       \
+    extern "C" __global__ void rope_heads_##NAME(const TY *x, TY *y, const CY *cos, const CY *sin, int b, int t, \
+                                                 int h, int d, long long sb, long long st, int split, int rotate,  \
+                                                 float sign) {                                              \
+        rope_heads<TY, CY>(x, y, cos, sin, b, t, h, d, sb, st, split, rotate, sign);                        \
     }
 ROPE(float, float, f32_f32)
 ROPE(bf16, bf16, bf16_bf16)

@@ -281,6 +281,69 @@ pub(super) fn rope(
     }
 }
 
+/// Heads between [B, T, H·D] and [B, H, T, D] (ops::heads; rope.cu's rope_heads), rotated by
+/// sign·θ with cos/sin [≥ T, D/2] when `rotate`. `split`: x is [B, T, H·D] with unit-stride rows
+/// at any batch and token strides (a column view of a fused product), else [B, H, T, D]
+/// contiguous; the output is the other layout, contiguous. Shapes checked by the caller.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rope_heads(
+    x: &CudaStorage,
+    xl: &Layout,
+    (cos, cl): (&CudaStorage, &Layout),
+    (sin, sl): (&CudaStorage, &Layout),
+    [b, t, h, d]: [usize; 4],
+    split: bool,
+    rotation: Option<f32>,
+) -> Result<CudaStorage> {
+    const OP: &str = "heads";
+    let (sb, st) = if split {
+        match xl.stride() {
+            &[sb, st, 1] => (sb, st),
+            other => bail!("{OP}: rows of [B, T, H·D] must be unit-stride, strides {other:?}"),
+        }
+    } else {
+        (t * h * d, h * d)
+    };
+    if cos.dtype() != sin.dtype() {
+        bail!("{OP}: cos is {:?} but sin is {:?}", cos.dtype(), sin.dtype());
+    }
+    let name = match (x.dtype(), cos.dtype()) {
+        (DType::F32, DType::F32) => "rope_heads_f32_f32",
+        (DType::BF16, DType::BF16) => "rope_heads_bf16_bf16",
+        (DType::BF16, DType::F32) => "rope_heads_bf16_f32",
+        (a, c) => bail!("{OP}: no cuda kernel for x {a:?} with tables {c:?}"),
+    };
+    let dev = x.device();
+    let f = function(dev, &kernels::ROPE, name)?;
+    let n = b * h * t * d;
+    let [b32, t32, h32, d32] = [b, t, h, d].map(|v| v as i32);
+    let (sb, st) = (sb as i64, st as i64);
+    let (split, rotate, sign) = (split as i32, rotation.is_some() as i32, rotation.unwrap_or(1.0));
+    // Work items of 8 elements (a rotated pair's 2·8 when rotating) on the kernel's 16-byte path.
+    let launch = cfg_1d(n.div_ceil(if rotate != 0 { 16 } else { 8 }));
+    macro_rules! go {
+        ($T:ty, $C:ty) => {{
+            let xv = if split != 0 { strided_view::<$T>(x, xl)? } else { view::<$T>(x, xl, OP)? };
+            let (cv, sv) = (view::<$C>(cos, cl, OP)?, view::<$C>(sin, sl, OP)?);
+            let mut y = unsafe { dev.alloc::<$T>(n)? };
+            let stream = dev.cuda_stream();
+            let mut a = stream.launch_builder(&f);
+            a.arg(&xv).arg(&mut y).arg(&cv).arg(&sv).arg(&b32).arg(&t32).arg(&h32).arg(&d32);
+            a.arg(&sb).arg(&st).arg(&split).arg(&rotate).arg(&sign);
+            // SAFETY: matches rope.cu's rope_heads: x spans (B−1)·sb + (T−1)·st + H·D elements
+            // from its view's start (strided_view), y holds B·H·T·D, and the tables (read only
+            // when rotating) T·D/2 each (checked by the caller).
+            unsafe { a.launch(launch) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        }};
+    }
+    match name {
+        "rope_heads_f32_f32" => go!(f32, f32),
+        "rope_heads_bf16_bf16" => go!(bf16, bf16),
+        _ => go!(bf16, f32),
+    }
+}
+
 /// One inference step into attention (ops::kv_step): q, k, v [B, T, H·D] views with unit-stride
 /// rows; q rotated is returned as [B, Hq, T, D], k rotated and v written into the cache `kv`
 /// [2, B, G, cap, D] (contiguous) at positions pos..pos+T. Shapes checked by the caller.

@@ -8,11 +8,13 @@
 //! inverse after attention. The values are those of the composed ops (a permutation is exact;
 //! the rotation is rope's arithmetic, rounded once).
 //!
-//! CPU only: elsewhere these are the composed ops, whose CUDA kernels (rope) already exist.
+//! On CUDA the same pass is rope.cu's `rope_heads` (f32 and bf16), which also reads the rows of a
+//! column view (one projection's slice of a fused product) without a copy; on other devices and
+//! dtypes these are the composed ops.
 
 use super::{as_f32, contiguous, par, Float};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// The permutation [B, T, H·D] ⇄ [B, H, T, D], with the rotary rotation applied by angle +θ
 /// (`sign` 1), −θ (`sign` −1, the transpose) or not at all.
@@ -29,6 +31,43 @@ impl Heads {
     /// The op whose forward is this op's backward: the inverse permutation and rotation.
     fn transposed(self) -> Self {
         Heads { split: !self.split, sign: -self.sign, ..self }
+    }
+
+    /// The permutation's sizes and output shape for input layout `l1`, with the tables' layouts
+    /// checked when rotating: a bad shape is an error naming the op.
+    fn plan(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(Geometry, Shape)> {
+        let h = self.heads;
+        let (b, t, d, out_shape) = if self.split {
+            let (b, t, hd) = l1.shape().dims3()?;
+            if h == 0 || !hd.is_multiple_of(h) || !(hd / h).is_multiple_of(2) {
+                bail!("split-heads: last dim {hd} is not {h} heads of an even size");
+            }
+            (b, t, hd / h, Shape::from((b, h, t, hd / h)))
+        } else {
+            let (b, hh, t, d) = l1.shape().dims4()?;
+            if hh != h {
+                bail!("merge-heads: {hh} heads, expected {h}");
+            }
+            (b, t, d, Shape::from((b, t, h * d)))
+        };
+        if self.rotate {
+            // Rotation pairs the two halves of a head: an odd size would leave an element unwritten.
+            if !d.is_multiple_of(2) {
+                bail!("{}: rotary heads need an even size, got {d}", self.name());
+            }
+            let half = d / 2;
+            for l in [l2, l3] {
+                if !l.is_contiguous() || l.shape().elem_count() < t * half {
+                    bail!(
+                        "{}: tables cover {} positions × {half} (contiguous: {}), need {t}",
+                        self.name(),
+                        l.shape().elem_count() / half.max(1),
+                        l.is_contiguous()
+                    );
+                }
+            }
+        }
+        Ok((Geometry { b, h, t, d, split: self.split }, out_shape))
     }
 }
 
@@ -51,35 +90,12 @@ impl CustomOp3 for Heads {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let h = self.heads;
-        let (b, t, d, out_shape) = if self.split {
-            let (b, t, hd) = l1.shape().dims3()?;
-            if h == 0 || !hd.is_multiple_of(h) || !(hd / h).is_multiple_of(2) {
-                bail!("split-heads: last dim {hd} is not {h} heads of an even size");
-            }
-            (b, t, hd / h, Shape::from((b, h, t, hd / h)))
-        } else {
-            let (b, hh, t, d) = l1.shape().dims4()?;
-            if hh != h {
-                bail!("merge-heads: {hh} heads, expected {h}");
-            }
-            (b, t, d, Shape::from((b, t, h * d)))
-        };
-        let half = d / 2;
+        let (geometry, out_shape) = self.plan(l1, l2, l3)?;
         let (cos, sin) = if self.rotate {
-            // Rotation pairs the two halves of a head: an odd size would leave an element unwritten.
-            if !d.is_multiple_of(2) {
-                bail!("{}: rotary heads need an even size, got {d}", self.name());
-            }
-            let (c, s) = (as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
-            if c.len() < t * half || s.len() < t * half {
-                bail!("{}: tables cover {} positions × {half}, need {t}", self.name(), c.len() / half.max(1));
-            }
-            (c, s)
+            (as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?)
         } else {
             Default::default()
         };
-        let geometry = Geometry { b, h, t, d, split: self.split };
         let rotation = self.rotate.then_some((&cos[..], &sin[..], self.sign));
         let out = match s1 {
             CpuStorage::F32(v) => {
@@ -94,6 +110,22 @@ impl CustomOp3 for Heads {
             other => bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
         };
         Ok((out, out_shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (g, out_shape) = self.plan(l1, l2, l3)?;
+        let dims = [g.b, g.t, g.h, g.d];
+        let rotation = self.rotate.then_some(self.sign);
+        Ok((super::cuda::rope_heads(s1, l1, (s2, l2), (s3, l3), dims, g.split, rotation)?, out_shape))
     }
 
     fn bwd(
@@ -160,7 +192,7 @@ fn permute<T: Float>(x: &[T], g: Geometry, rotation: Option<(&[f32], &[f32], f32
 /// differentiable in x.
 pub fn split_heads(x: &Tensor, heads: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
     let (b, t, hd) = x.dims3()?;
-    if !x.device().is_cpu() {
+    if !one_pass_here(x) {
         let y = x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()?;
         return match rope {
             Some((cos, sin)) => super::rope(&y, cos, sin),
@@ -169,14 +201,16 @@ pub fn split_heads(x: &Tensor, heads: usize, rope: Option<(&Tensor, &Tensor)>) -
     }
     let op = Heads { heads, split: true, rotate: rope.is_some(), sign: 1.0 };
     let (cos, sin) = tables(x, rope)?;
-    x.contiguous()?.apply_op3(&cos, &sin, op)
+    // The CUDA kernel reads rows at any stride; the CPU pass wants them contiguous.
+    let x = if x.device().is_cuda() && x.stride()[2] == 1 { x.clone() } else { x.contiguous()? };
+    x.apply_op3(&cos, &sin, op)
 }
 
 /// y [B, H, T, D] → [B, T, H·D] (attention's output back into the projections' layout);
 /// differentiable.
 pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = y.dims4()?;
-    if !y.device().is_cpu() {
+    if !one_pass_here(y) {
         return y.transpose(1, 2)?.reshape((b, t, h * d));
     }
     let (cos, sin) = tables(y, None)?;
@@ -187,7 +221,7 @@ pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
 /// [B, T, H·D], rotated back by −θ when the split rotated.
 pub fn split_heads_backward(g: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
     let (b, h, t, d) = g.dims4()?;
-    if !g.device().is_cpu() {
+    if !one_pass_here(g) {
         let g = match rope {
             Some((cos, sin)) => super::rope(g, cos, &sin.neg()?)?,
             None => g.clone(),
@@ -197,6 +231,12 @@ pub fn split_heads_backward(g: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Res
     let op = Heads { heads: h, split: true, rotate: rope.is_some(), sign: 1.0 }.transposed();
     let (cos, sin) = tables(g, rope)?;
     g.contiguous()?.apply_op3_no_bwd(&cos, &sin, &op)
+}
+
+/// Whether x's device and dtype have the one-pass op: the CPU's (any float), CUDA's kernel (f32,
+/// bf16).
+fn one_pass_here(x: &Tensor) -> bool {
+    x.device().is_cpu() || (x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16))
 }
 
 /// The rotary tables, contiguous, or empty stand-ins (never read) when not rotating.
