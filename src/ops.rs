@@ -445,7 +445,7 @@ impl CustomOp2 for RmsNorm {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
             // The formulas below in one kernel (rmsnorm.cu), dw summed in f32.
-            let (dx, dw) = cuda::rms_norm_bwd(x, w, g, self.eps)?;
+            let (dx, dw) = cuda::rms_norm_bwd(x, w, g, None, self.eps)?;
             return Ok((Some(dx), Some(dw.to_dtype(w.dtype())?)));
         }
         // In f32: n = x·r, r = (mean(x²) + eps)^-½; y = w·n. dw = Σ_rows g·n, and only for a
@@ -461,22 +461,30 @@ impl CustomOp2 for RmsNorm {
 }
 
 /// (dx, dw) of [`rms_norm`] outside autograd (hand-written backwards), dw (f32 `[H]`) only
-/// `with_weight`: on CUDA one kernel gives both in the same pass over x and g (rmsnorm.cu);
-/// elsewhere [`rms_norm_backward_input`] and [`rms_norm_backward_weight`].
+/// `with_weight`; with `skip` (the gradient reaching x around the norm, by a residual
+/// connection: same shape as x) dx + skip, as [`add_detached`] would sum them. On CUDA one kernel
+/// gives all of it in the same pass over x and g (rmsnorm.cu); elsewhere
+/// [`rms_norm_backward_input`], [`rms_norm_backward_weight`] and the add.
 pub fn rms_norm_backward(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
     eps: f64,
     with_weight: bool,
+    skip: Option<&Tensor>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
-        let (dx, dw) = cuda::rms_norm_bwd(x, w, g, eps as f32)?;
+        let (dx, dw) = cuda::rms_norm_bwd(x, w, g, skip, eps as f32)?;
         return Ok((dx, with_weight.then_some(dw)));
     }
     let dw = if with_weight { Some(rms_norm_backward_weight(x, g, eps)?) } else { None };
-    Ok((rms_norm_backward_input(x, w, g, eps)?, dw))
+    let dx = rms_norm_backward_input(x, w, g, eps)?;
+    let dx = match skip {
+        Some(s) => add_detached(&s.to_dtype(dx.dtype())?, &dx)?,
+        None => dx,
+    };
+    Ok((dx, dw))
 }
 
 /// dw of [`rms_norm`] at x [.., H] for the output gradient g: `Σ_rows g · x·r`, in f32 `[H]`.
@@ -537,7 +545,7 @@ impl CustomOp2 for RmsNormWeightGrad {
 pub fn rms_norm_backward_input(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
-        return Ok(cuda::rms_norm_bwd(x, w, g, eps as f32)?.0);
+        return Ok(cuda::rms_norm_bwd(x, w, g, None, eps as f32)?.0);
     }
     if x.device().is_cpu() {
         let w = w.to_dtype(x.dtype())?;

@@ -90,6 +90,18 @@ fn rms_norm_forward_and_backward() {
         check(&format!("{name} y"), &yg, &yc, tol(dtype, 1e-5));
         check(&format!("{name} dx"), &dxg, &dxc, tol(dtype, 1e-5));
         check(&format!("{name} dw"), &dwg, &dwc, tol(dtype, 1e-5));
+        // The hand-written backward with the residual's gradient summed in (the layer node's).
+        let skip = randn(&shape, 4, 1.0).to_dtype(dtype).unwrap();
+        let direct = |x: &Var, w: &Var| {
+            let dev = x.device();
+            let (g, s) = (probe.to_device(dev).unwrap(), skip.to_device(dev).unwrap());
+            let (dx, dw) =
+                ops::rms_norm_backward(x.as_tensor(), w.as_tensor(), &g, 1e-5, true, Some(&s)).unwrap();
+            (dx, dw.unwrap())
+        };
+        let ((dxg, dwg), (dxc, dwc)) = (direct(&xg, &wg), direct(&xc, &wc));
+        check(&format!("{name} dx + skip (direct)"), &dxg, &dxc, tol(dtype, 1e-5));
+        check(&format!("{name} dw (direct)"), &dwg, &dwc, tol(dtype, 1e-5));
     }
 }
 
@@ -1385,8 +1397,8 @@ fn bench_layer_parts() {
     part("RMSNorm forward [2, 4096, 4096]", 2, &|| {
         ops::rms_norm(&x, &w, 1e-5).unwrap();
     });
-    part("RMSNorm backward (dx and dw)", 2, &|| {
-        ops::rms_norm_backward(&x, &w, &x, 1e-5, true).unwrap();
+    part("RMSNorm backward (dx + the residual's gradient, dw)", 2, &|| {
+        ops::rms_norm_backward(&x, &w, &x, 1e-5, true, Some(&x)).unwrap();
     });
     // What the one-pass kernel replaced (not counted in the layer's sum): a strided copy, then rope.
     let composed = time_ms(&dev, 3, 10, || {
@@ -1412,7 +1424,7 @@ fn bench_layer_parts() {
     part("SwiGLU backward", 1, &|| {
         ops::swiglu_backward(&ffn, &ffn, &ffn).unwrap();
     });
-    part("add [2, 4096, 4096] (residuals, gradient sums)", 7, &|| {
+    part("add [2, 4096, 4096] (residuals, gradient sums)", 5, &|| {
         ops::add_detached(&x, &x).unwrap();
     });
     println!("bench | 7B layer element-wise, B2×S4096 bf16 | all, as often as a layer runs them | {per_layer:.2} ms");

@@ -441,7 +441,15 @@ template <class T> void test_rmsnorm(int rows, int h, double tol) {
     const int bs = std::min(256, (h + 31) / 32 * 32);
     emu::launch(dim3(rows), dim3(bs), 0, rmsnorm_fwd<T>, x.data(), w.data(), y.data(), h, 1e-5f);
     emu::launch(dim3(std::min(rows, 3)), dim3(bs), (size_t)h * 4, rmsnorm_bwd<T>, x.data(), w.data(), g.data(),
-                dx.data(), dw.data(), rows, h, 1e-5f);
+                (const T *)nullptr, dx.data(), dw.data(), rows, h, 1e-5f);
+    // With the skip connection's gradient: the same dx, plus skip, rounded once more (exact).
+    auto skip = cast<T>(randv((size_t)rows * h));
+    std::vector<T> dx_skip(x.size());
+    std::vector<float> dw2(h, 0.f);
+    emu::launch(dim3(2), dim3(bs), (size_t)h * 4, rmsnorm_bwd<T>, x.data(), w.data(), g.data(),
+                (const T *)skip.data(), dx_skip.data(), dw2.data(), rows, h, 1e-5f);
+    std::vector<double> want_skip(x.size());
+    for (size_t i = 0; i < x.size(); ++i) want_skip[i] = to_f32(from_f32<T>(to_f32(skip[i]) + to_f32(dx[i])));
     std::vector<double> ry(x.size()), rdx(x.size()), rdw(h, 0);
     for (int r = 0; r < rows; ++r) {
         double ss = 0, gwn = 0;
@@ -462,6 +470,8 @@ template <class T> void test_rmsnorm(int rows, int h, double tol) {
     check(buf, widen(dx), rdx, tol);
     std::snprintf(buf, sizeof buf, "rmsnorm %zu-byte R%d H%d dw", sizeof(T), rows, h);
     check(buf, dw, rdw, tol);
+    std::snprintf(buf, sizeof buf, "rmsnorm %zu-byte R%d H%d dx + skip", sizeof(T), rows, h);
+    check(buf, widen(dx_skip), want_skip, 0.0);
 }
 
 void test_softmax_ce(int rows, int n) {

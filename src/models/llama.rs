@@ -353,10 +353,18 @@ impl NodeNorm {
         Ok(ops::rms_norm(x, &self.w, self.eps)?)
     }
 
-    /// dx for the output gradient dy at input x; dw (in x's dtype, as the composed backward
-    /// rounds it, then the variable's) into `sink` when the weight trains.
-    fn backward(&self, x: &Tensor, dy: &Tensor, sink: &ops::GradSink) -> Result<Tensor> {
-        let (dx, dw) = ops::rms_norm_backward(x, &self.w, dy, self.eps, self.trains.is_some())?;
+    /// dx (+ skip) for the output gradient dy at input x, `skip` being the gradient reaching x
+    /// around the norm (the residual connection's: summed in the norm's pass on CUDA); dw (in
+    /// x's dtype, as the composed backward rounds it, then the variable's) into `sink` when the
+    /// weight trains.
+    fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        skip: Option<&Tensor>,
+        sink: &ops::GradSink,
+    ) -> Result<Tensor> {
+        let (dx, dw) = ops::rms_norm_backward(x, &self.w, dy, self.eps, self.trains.is_some(), skip)?;
         if let (Some(var), Some(dw)) = (&self.trains, dw) {
             sink.deposit(var, dw.to_dtype(x.dtype())?.to_dtype(var.dtype())?);
         }
@@ -810,7 +818,7 @@ impl DecoderLayer {
                 // MLP: y = h + down(swiglu(gate(n2), up(n2))), n2 = norm2(h).
                 let (dgate, dup) = ops::swiglu_backward(&gate, &up, &dp.backward(&act, dy, &sink)?)?;
                 let dn2 = add(&gp.backward(&n2, &dgate, &sink)?, &upp.backward(&n2, &dup, &sink)?)?;
-                let dh = add(dy, &norm2.backward(&h, &dn2, &sink)?)?;
+                let dh = norm2.backward(&h, &dn2, Some(dy), &sink)?;
                 // Attention: h = x + o_proj(merge(attn(q, k, v))), q/k/v from n1 = norm1(x).
                 let dout = ops::split_heads(&op.backward(&merged, &dh, &sink)?, heads, None)?;
                 let (dq, dk, dv) = ops::causal_attention_backward(&q, &k, &v, &o, &lse, &dout, scale)?;
@@ -822,7 +830,7 @@ impl DecoderLayer {
                     )?,
                     &vp.backward(&n1, &ops::merge_heads(&dv)?, &sink)?,
                 )?;
-                Ok(add(&dh, &norm1.backward(&xd, &dn1, &sink)?)?)
+                norm1.backward(&xd, &dn1, Some(&dh), &sink)
             };
             run().map_err(|e| candle_core::Error::Msg(format!("decoder layer backward: {e}")))
         };
@@ -1404,7 +1412,8 @@ impl Llama {
         let logits = head.forward(&normed)?;
         let sink = self.param_grads.clone();
         let backward = move |dy: &Tensor| -> candle_core::Result<Tensor> {
-            let run = || -> Result<Tensor> { norm.backward(&xd, &head.backward(&normed, dy, &sink)?, &sink) };
+            let run =
+                || -> Result<Tensor> { norm.backward(&xd, &head.backward(&normed, dy, &sink)?, None, &sink) };
             run().map_err(|e| candle_core::Error::Msg(format!("head backward: {e}")))
         };
         Ok(ops::opaque(x, logits, backward)?)

@@ -207,16 +207,30 @@ pub(super) fn rms_norm_fwd(
     })
 }
 
-/// (dx in x's dtype, dw f32) of RMSNorm for x, g [.., H], w [H].
-pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+/// (dx in x's dtype, dw f32) of RMSNorm for x, g [.., H], w [H]; with `skip` [.., H] (the
+/// gradient around the norm by the residual connection), dx + skip in the same pass.
+pub(super) fn rms_norm_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    skip: Option<&Tensor>,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
     const OP: &str = "rms-norm backward";
     let h = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / h.max(1);
-    let (x, w, g) =
-        (x.contiguous()?, w.to_dtype(x.dtype())?.contiguous()?, g.to_dtype(x.dtype())?.contiguous()?);
+    let like_x = |t: &Tensor| -> Result<Tensor> {
+        if t.shape() != x.shape() {
+            bail!("{OP}: gradient of shape {:?} for x of shape {:?}", t.shape(), x.shape());
+        }
+        t.to_dtype(x.dtype())?.contiguous()
+    };
+    let (x, w, g) = (x.contiguous()?, w.to_dtype(x.dtype())?.contiguous()?, like_x(g)?);
+    let skip = skip.map(like_x).transpose()?;
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
     let (gs, gl) = g.storage_and_layout();
+    let skip_sl = skip.as_ref().map(|s| s.storage_and_layout());
     let (xs, ws, gs) = (cuda_of(&xs, OP)?, cuda_of(&ws, OP)?, cuda_of(&gs, OP)?);
     let dev = xs.device();
     let name = format!("rmsnorm_bwd_{}", suffix(x.dtype(), OP)?);
@@ -226,14 +240,25 @@ pub(super) fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Resu
     let grid = rows.clamp(1, 256) as u32;
     with_float!(x.dtype(), OP, |T| {
         let (xv, wv, gv) = (view::<T>(xs, xl, OP)?, view::<T>(ws, wl, OP)?, view::<T>(gs, gl, OP)?);
+        let skip_v = match &skip_sl {
+            Some((s, l)) => Some(view::<T>(cuda_of(s, OP)?, l, OP)?),
+            None => None,
+        };
+        let null = 0u64;
         let mut dx = unsafe { dev.alloc::<T>(rows * h)? };
         let mut dw = dev.alloc_zeros::<f32>(h)?;
         let (rows32, h32) = (rows as i32, h as i32);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&xv).arg(&wv).arg(&gv).arg(&mut dx).arg(&mut dw);
+        b.arg(&xv).arg(&wv).arg(&gv);
+        match &skip_v {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&mut dx).arg(&mut dw);
         b.arg(&rows32).arg(&h32).arg(&eps);
-        // SAFETY: matches rmsnorm.cu; dw is zero-filled, smem holds h floats.
+        // SAFETY: matches rmsnorm.cu; dw is zero-filled, smem holds h floats, skip (or a null
+        // pointer) holds rows·h elements like x.
         unsafe { b.launch(cfg((grid, 1, 1), row_block(h, 256), smem)) }.w()?;
         Ok((tensor(dx, dev, x.shape().clone()), tensor(dw, dev, h)))
     })
