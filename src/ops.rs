@@ -372,7 +372,7 @@ pub use cast::cast;
 pub use fused::{
     adamw_step, adamw_step_ref, cross_entropy, cross_entropy_mean, swiglu, swiglu_backward, AdamWStep,
 };
-pub use heads::{merge_heads, split_heads, split_heads_backward};
+pub use heads::{merge_heads, split_heads, split_heads_backward, split_heads_backward_cat};
 pub use linear::{matmul, matmul_f32};
 pub use opaque::{opaque, GradSink};
 

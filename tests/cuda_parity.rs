@@ -737,6 +737,18 @@ fn head_splits_and_merges_are_exact() {
             check(&format!("{name} merge"), &g.2, &c.2, 0.0);
             check(&format!("{name} split_heads_backward"), &g.3, &c.3, 0.0);
         }
+        // A fused q/k/v product's gradient: three parts (GQA sizes) into one [B, T, ΣH·D].
+        let (gq, gk, gv) =
+            (randn(&[b, h, t, d], 64, 1.0), randn(&[b, 1, t, d], 65, 1.0), randn(&[b, 1, t, d], 66, 1.0));
+        let cat = |dev: &Device| {
+            let on = |x: &Tensor| x.to_dtype(xd).unwrap().to_device(dev).unwrap();
+            let (c, s) = (cos.to_device(dev).unwrap(), sin.to_device(dev).unwrap());
+            let (gq, gk, gv) = (on(&gq), on(&gk), on(&gv));
+            ops::split_heads_backward_cat(&[(&gq, Some((&c, &s))), (&gk, Some((&c, &s))), (&gv, None)])
+                .unwrap()
+        };
+        let what = format!("heads x {xd:?} tables {cd:?} D{d} split_heads_backward_cat");
+        check(&what, &cat(&gpu()), &cat(&Device::Cpu), 0.0);
     }
 }
 
@@ -1334,7 +1346,8 @@ fn bench_layer_parts() {
     // LLaMA-7B layer at B2 × S4096: (in, out, how many per layer).
     let m = 8192;
     let (mut fwd, mut dx, mut dw, mut flops) = (0.0, 0.0, 0.0, 0.0);
-    for (k, n, count) in [(4096, 4096, 4), (4096, 11008, 2), (11008, 4096, 1)] {
+    // q/k/v as one product (the CUDA layer node's), o, gate and up, down.
+    for (k, n, count) in [(4096, 12288, 1), (4096, 4096, 1), (4096, 11008, 2), (11008, 4096, 1)] {
         let (x, w, dy) = (on(&[m, k], 1), on(&[n, k], 2), on(&[m, n], 3));
         let f = time_ms(&dev, 3, 10, || {
             ops::matmul(&x, &w.t().unwrap()).unwrap();
@@ -1412,11 +1425,12 @@ fn bench_layer_parts() {
     part("split_heads without rope (v, dout)", 2, &|| {
         ops::split_heads(&x, h, None).unwrap();
     });
-    part("merge_heads (o, dv)", 2, &|| {
-        ops::merge_heads(&heads4).unwrap().contiguous().unwrap();
+    part("merge_heads (o)", 1, &|| {
+        ops::merge_heads(&heads4).unwrap();
     });
-    part("split_heads_backward with rope (dq, dk)", 2, &|| {
-        ops::split_heads_backward(&heads4, Some((&cos, &sin))).unwrap().contiguous().unwrap();
+    let rope = Some((&cos, &sin));
+    part("split_heads_backward_cat (dq, dk rotated back, dv) into [2, 4096, 3·4096]", 1, &|| {
+        ops::split_heads_backward_cat(&[(&heads4, rope), (&heads4, rope), (&heads4, None)]).unwrap();
     });
     part("SwiGLU forward [2, 4096, 11008]", 1, &|| {
         ops::swiglu(&ffn, &ffn).unwrap();
@@ -1424,7 +1438,8 @@ fn bench_layer_parts() {
     part("SwiGLU backward", 1, &|| {
         ops::swiglu_backward(&ffn, &ffn, &ffn).unwrap();
     });
-    part("add [2, 4096, 4096] (residuals, gradient sums)", 5, &|| {
+    // Two residuals in the forward, gate's and up's input gradients summed in the backward.
+    part("add [2, 4096, 4096] (residuals, gradient sums)", 3, &|| {
         ops::add_detached(&x, &x).unwrap();
     });
     println!("bench | 7B layer element-wise, B2×S4096 bf16 | all, as often as a layer runs them | {per_layer:.2} ms");

@@ -280,11 +280,14 @@ fn node_ready(w: &Tensor) -> bool {
 
 /// A projection inside a one-node layer ([`DecoderLayer::forward_node`]): the GEMM weight
 /// [out, in] in the compute dtype, made once for the forward and the backward, and the
-/// variable that trains, if the weight does.
+/// variables that train, if the weight does. Several projections of one input (q, k, v) may be
+/// one NodeProj ([`NodeProj::fused`]): their weights' rows stacked, each variable's gradient a
+/// block of rows of one.
 struct NodeProj {
     compute: DType,
     w: Tensor,
-    trains: Option<Tensor>,
+    /// The trained variables among the weights in `w`, each with its first row and row count.
+    trains: Vec<(Tensor, usize, usize)>,
     /// Wᵀ and W pre-packed, for a frozen weight ([`Proj::prepacked`]).
     packed: Option<Arc<ops::cpu_gemm::PackedB>>,
     packed_w: Option<Arc<ops::cpu_gemm::PackedB>>,
@@ -295,8 +298,42 @@ impl NodeProj {
         let (compute, w) = p.compute_weight(like)?;
         let rows = like.elem_count() / like.dim(D::Minus1)?.max(1);
         let (packed, packed_w) = (p.prepacked(&w, rows, Operand::Wt)?, p.prepacked(&w, rows, Operand::W)?);
-        let trains = p.weight.is_variable().then(|| p.weight.clone());
+        let out = w.dim(0)?;
+        let trains = p.weight.is_variable().then(|| (p.weight.clone(), 0, out)).into_iter().collect();
         Ok(NodeProj { compute, w: w.detach(), trains, packed, packed_w })
+    }
+
+    /// `projs` of one input as one product over their stacked weights, when they compute in one
+    /// dtype and either all train (variables of one dtype) or none does; else `None`. A frozen
+    /// set's stacked weight is `prefused`'s when that is in the compute dtype ([`FusedProj`],
+    /// made once), else stacked here, as trained weights are for every forward (one copy of the
+    /// weights, against wider GEMMs and one input-gradient product where there were three and
+    /// two adds).
+    fn fused(projs: &[&Proj], like: &Tensor, prefused: Option<&FusedProj>) -> Result<Option<Self>> {
+        let weights = projs.iter().map(|p| p.compute_weight(like)).collect::<Result<Vec<_>>>()?;
+        let compute = weights[0].0;
+        let vars: Vec<&Tensor> = projs.iter().map(|p| &p.weight).filter(|w| w.is_variable()).collect();
+        let all_or_none = vars.is_empty() || vars.len() == projs.len();
+        if !all_or_none
+            || weights.iter().any(|(c, _)| *c != compute)
+            || vars.iter().any(|v| v.dtype() != vars[0].dtype())
+        {
+            return Ok(None);
+        }
+        let w = match prefused {
+            Some(f) if vars.is_empty() && f.weight.dtype() == compute => f.weight.clone(),
+            _ => Tensor::cat(&weights.iter().map(|(_, w)| w.detach()).collect::<Vec<_>>(), 0)?,
+        };
+        let mut trains = Vec::new();
+        let mut row = 0;
+        for ((_, wi), p) in weights.iter().zip(projs) {
+            let n = wi.dim(0)?;
+            if p.weight.is_variable() {
+                trains.push((p.weight.clone(), row, n));
+            }
+            row += n;
+        }
+        Ok(Some(NodeProj { compute, w: w.detach(), trains, packed: None, packed_w: None }))
     }
 
     /// x [B, T, in] → [B, T, out] in x's dtype.
@@ -309,27 +346,92 @@ impl NodeProj {
         Ok(y.to_dtype(x.dtype())?)
     }
 
-    /// dx = dy·W for the output gradient dy at input x; for a trained weight also
+    /// dx = dy·W for the output gradient dy at input x; for trained weights also
     /// dW = dyᵀ·x over all rows, contiguous [out, in], into `sink`: computed from compute-dtype
     /// operands and kept at the GEMM's f32 precision for an f32 variable (the composed
     /// backward rounds it to bf16 first, then widens it: two passes over every weight, and
     /// precision lost on the way to an f32 master).
     fn backward(&self, x: &Tensor, dy: &Tensor, sink: &ops::GradSink) -> Result<Tensor> {
         let dyc = dy.to_dtype(self.compute)?;
-        if let Some(var) = &self.trains {
+        if let Some((first, ..)) = self.trains.first() {
             let x2 = x.to_dtype(self.compute)?.reshape(((), x.dim(D::Minus1)?))?;
             let dy2 = dyc.reshape(((), dyc.dim(D::Minus1)?))?;
-            let dw = match var.dtype() {
+            let dw = match first.dtype() {
                 DType::F32 => ops::matmul_f32(&dy2.t()?, &x2)?,
                 dtype => ops::matmul(&dy2.t()?, &x2)?.to_dtype(dtype)?,
             };
-            sink.deposit(var, dw);
+            // Each variable's rows of the stacked gradient: contiguous views, no copy.
+            for (var, row, n) in &self.trains {
+                let g = if *n == dw.dim(0)? { dw.clone() } else { dw.narrow(0, *row, *n)? };
+                sink.deposit(var, g);
+            }
         }
         let dx = match &self.packed_w {
             Some(p) => ops::linear::matmul_prepacked(&dyc, &self.w, p)?,
             None => ops::matmul(&dyc, &self.w)?,
         };
         Ok(dx.to_dtype(dy.dtype())?)
+    }
+}
+
+/// q, k and v inside a one-node layer: one product over their stacked weights
+/// ([`NodeProj::fused`]) or three.
+enum NodeQkv {
+    Fused(NodeProj),
+    Apart([NodeProj; 3]),
+}
+
+impl NodeQkv {
+    fn new(a: &Attention, like: &Tensor, fuse: bool) -> Result<Self> {
+        let projs = [&a.q_proj, &a.k_proj, &a.v_proj];
+        if fuse {
+            if let Some(f) = NodeProj::fused(&projs, like, a.qkv.as_ref())? {
+                return Ok(NodeQkv::Fused(f));
+            }
+        }
+        let [q, k, v] = projs.map(|p| NodeProj::new(p, like));
+        Ok(NodeQkv::Apart([q?, k?, v?]))
+    }
+
+    /// [q, k, v] of n1 [B, T, H]: [B, T, Hq·D], [B, T, G·D] twice (column views of one product
+    /// when fused: the head splits read them in place).
+    fn forward(&self, n1: &Tensor, a: &Attention) -> Result<[Tensor; 3]> {
+        match self {
+            NodeQkv::Fused(p) => {
+                let y = p.forward(n1)?;
+                let (q, kv) = (a.heads * a.head_dim, a.groups * a.head_dim);
+                Ok([y.narrow(2, 0, q)?, y.narrow(2, q, kv)?, y.narrow(2, q + kv, kv)?])
+            }
+            NodeQkv::Apart([q, k, v]) => Ok([q.forward(n1)?, k.forward(n1)?, v.forward(n1)?]),
+        }
+    }
+
+    /// dn1 for attention's input gradients dq [B, Hq, T, D], dk, dv [B, G, T, D], with q and k
+    /// rotated back by −θ; the weights' gradients into `sink`.
+    fn backward(
+        &self,
+        n1: &Tensor,
+        [dq, dk, dv]: [&Tensor; 3],
+        rope: (&Tensor, &Tensor),
+        sink: &ops::GradSink,
+    ) -> Result<Tensor> {
+        match self {
+            NodeQkv::Fused(p) => {
+                let d = ops::split_heads_backward_cat(&[(dq, Some(rope)), (dk, Some(rope)), (dv, None)])?;
+                p.backward(n1, &d, sink)
+            }
+            NodeQkv::Apart([qp, kp, vp]) => {
+                let add = ops::add_detached;
+                let rope = Some(rope);
+                Ok(add(
+                    &add(
+                        &qp.backward(n1, &ops::split_heads_backward(dq, rope)?, sink)?,
+                        &kp.backward(n1, &ops::split_heads_backward(dk, rope)?, sink)?,
+                    )?,
+                    &vp.backward(n1, &ops::merge_heads(dv)?, sink)?,
+                )?)
+            }
+        }
     }
 }
 
@@ -781,14 +883,27 @@ impl DecoderLayer {
     /// written out here and deposits the gradients of the weights that train into `sink`.
     /// candle's per-node gradient bookkeeping over the layer's ~17 nodes (a zero-filled
     /// accumulator and an add per gradient, bf16 adds through its slow path) was a fifth of a
-    /// bf16 step. Same ops, same values as the composed forward and backward.
-    fn forward_node(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, sink: &ops::GradSink) -> Result<Tensor> {
+    /// bf16 step. Same ops, same values as the composed forward and backward, except with
+    /// `fuse_qkv` (CUDA): q, k and v one product ([`NodeQkv`]), their input gradient one
+    /// product over the stacked heads' gradients, summed in the GEMM's f32 rather than by two
+    /// adds in x's dtype.
+    fn forward_node(
+        &mut self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        sink: &ops::GradSink,
+        fuse_qkv: bool,
+    ) -> Result<Tensor> {
+        if fuse_qkv && !self.decode_fused {
+            // Frozen q/k/v (and gate/up) stacked once, each weight a view of its rows: the
+            // fused product then needs no copy per step. Trained weights are left as they are.
+            self.fuse_for_decode()?;
+        }
         let (a, m) = (&self.self_attn, &self.mlp);
         let xd = x.detach();
-        let [qp, kp, vp, op, gp, upp, dp] = [
-            NodeProj::new(&a.q_proj, &xd)?,
-            NodeProj::new(&a.k_proj, &xd)?,
-            NodeProj::new(&a.v_proj, &xd)?,
+        let qkv = NodeQkv::new(a, &xd, fuse_qkv)?;
+        let [op, gp, upp, dp] = [
             NodeProj::new(&a.o_proj, &xd)?,
             NodeProj::new(&m.gate_proj, &xd)?,
             NodeProj::new(&m.up_proj, &xd)?,
@@ -798,9 +913,10 @@ impl DecoderLayer {
             (NodeNorm::new(&self.input_layernorm), NodeNorm::new(&self.post_attention_layernorm));
         let n1 = norm1.forward(&xd)?;
         let rope = Some((cos, sin));
-        let q = ops::split_heads(&qp.forward(&n1)?, a.heads, rope)?; // [B, Hq, T, D]
-        let k = ops::split_heads(&kp.forward(&n1)?, a.groups, rope)?; // [B, Hk, T, D]
-        let v = ops::split_heads(&vp.forward(&n1)?, a.groups, None)?;
+        let [q, k, v] = qkv.forward(&n1, a)?;
+        let q = ops::split_heads(&q, a.heads, rope)?; // [B, Hq, T, D]
+        let k = ops::split_heads(&k, a.groups, rope)?; // [B, Hk, T, D]
+        let v = ops::split_heads(&v, a.groups, None)?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale)?;
         let merged = ops::merge_heads(&o)?;
@@ -822,14 +938,7 @@ impl DecoderLayer {
                 // Attention: h = x + o_proj(merge(attn(q, k, v))), q/k/v from n1 = norm1(x).
                 let dout = ops::split_heads(&op.backward(&merged, &dh, &sink)?, heads, None)?;
                 let (dq, dk, dv) = ops::causal_attention_backward(&q, &k, &v, &o, &lse, &dout, scale)?;
-                let rope = Some((&cos, &sin));
-                let dn1 = add(
-                    &add(
-                        &qp.backward(&n1, &ops::split_heads_backward(&dq, rope)?, &sink)?,
-                        &kp.backward(&n1, &ops::split_heads_backward(&dk, rope)?, &sink)?,
-                    )?,
-                    &vp.backward(&n1, &ops::merge_heads(&dv)?, &sink)?,
-                )?;
+                let dn1 = qkv.backward(&n1, [&dq, &dk, &dv], (&cos, &sin), &sink)?;
                 norm1.backward(&xd, &dn1, Some(&dh), &sink)
             };
             run().map_err(|e| candle_core::Error::Msg(format!("decoder layer backward: {e}")))
@@ -1326,7 +1435,9 @@ impl Llama {
             && ops::attention::kernel_supports(x.device(), x.dtype(), layer.self_attn.head_dim)
         {
             self.node_forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return layer.forward_node(x, &s.cos, &s.sin, &self.param_grads);
+            // q/k/v as one product on CUDA; on the CPU the frozen weights' pre-packed panels
+            // (per projection) are worth more.
+            return layer.forward_node(x, &s.cos, &s.sin, &self.param_grads, x.device().is_cuda());
         }
         layer.forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
     }
@@ -1489,6 +1600,71 @@ mod tests {
     fn seq(t: usize, seed: f32) -> Tensor {
         let v: Vec<f32> = (0..2 * 3 * t * 4).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
         Tensor::from_vec(v, (2, 3, t, 4), &Device::Cpu).unwrap()
+    }
+
+    /// A layer node with q, k and v as one product over their stacked weights (the CUDA
+    /// node's) gives the three products' output, input gradient and weight gradients: every
+    /// weight trained (f32 and bf16, GQA) and every weight frozen (stacked once, in place).
+    #[test]
+    fn fused_qkv_node_matches_three_products() {
+        use crate::commands::synth::LlamaShape;
+        use crate::ops::testing::randn;
+        let shape = LlamaShape { layers: 1, hidden: 64, ffn: 96, heads: 4, kv_heads: 2, vocab: 32 };
+        let hp = shape.hparams();
+        let (b, t) = (2, 7);
+        for (trainable, dtype, tol) in
+            [(true, DType::F32, 1e-5), (true, DType::BF16, 2e-2), (false, DType::F32, 1e-5)]
+        {
+            let backend = Arc::new(crate::weights::RandomBackend::new(0.1, trainable));
+            let mut layer =
+                DecoderLayer::load(backend.var_builder(dtype, &Device::Cpu).pp("l"), &hp, 1).unwrap();
+            let (cos, sin) = Rope::new(&hp).tables(0, t, dtype, &Device::Cpu).unwrap();
+            let x = candle_core::Var::from_tensor(&randn(&[b, t, hp.hidden], 3).to_dtype(dtype).unwrap())
+                .unwrap();
+            let probe = randn(&[b, t, hp.hidden], 4);
+            let mut run = |fuse: bool| {
+                let sink = ops::GradSink::default();
+                let y = layer.forward_node(x.as_tensor(), &cos, &sin, &sink, fuse).unwrap();
+                let loss = (y.to_dtype(DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap();
+                let mut grads = loss.backward().unwrap();
+                sink.drain_into(&mut grads).unwrap();
+                let named: Vec<(String, Tensor)> = backend
+                    .vars()
+                    .iter()
+                    .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+                    .collect();
+                (y, grads.get(x.as_tensor()).unwrap().clone(), named)
+            };
+            let (y_apart, dx_apart, dw_apart) = run(false);
+            let (y_fused, dx_fused, dw_fused) = run(true);
+            let what = format!("trainable {trainable} {dtype:?}");
+            assert!(max_diff(&y_apart, &y_fused) <= tol as f32, "{what}: y");
+            let scale = |g: &Tensor| {
+                g.abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .max(1.0)
+            };
+            assert!(max_diff(&dx_apart, &dx_fused) <= tol as f32 * scale(&dx_apart), "{what}: dx");
+            assert_eq!(dw_apart.len(), if trainable { 9 } else { 0 }, "{what}: weight gradients");
+            assert_eq!(
+                dw_apart.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                dw_fused.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            );
+            for ((name, a), (_, f)) in dw_apart.iter().zip(&dw_fused) {
+                assert_eq!(a.dims(), f.dims(), "{what} {name}");
+                assert!(max_diff(a, f) <= tol as f32 * scale(a), "{what} {name}: {}", max_diff(a, f));
+            }
+            // Frozen weights were stacked once, each projection a view of its rows.
+            assert_eq!(layer.self_attn.qkv.is_some(), !trainable, "{what}");
+        }
     }
 
     /// Reserved or growing, the cache returns exactly the concatenation of what was appended,

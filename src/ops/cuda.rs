@@ -13,8 +13,8 @@ use super::fused::AdamWScalars;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
@@ -306,22 +306,68 @@ pub(super) fn rope(
     }
 }
 
+/// One launch of rope.cu's rope_heads: sizes [B, T, H, D], the tokens side's batch and token
+/// strides (elements), the direction, and the rotation's sign (none: moved as they are).
+#[derive(Clone, Copy)]
+struct HeadsLaunch {
+    dims: [usize; 4],
+    tokens_strides: (usize, usize),
+    split: bool,
+    rotation: Option<f32>,
+}
+
+/// rope_heads' name for x's and the tables' dtypes.
+fn rope_heads_name(x: DType, tables: DType) -> Result<&'static str> {
+    Ok(match (x, tables) {
+        (DType::F32, DType::F32) => "rope_heads_f32_f32",
+        (DType::BF16, DType::BF16) => "rope_heads_bf16_bf16",
+        (DType::BF16, DType::F32) => "rope_heads_bf16_f32",
+        (a, c) => bail!("heads: no cuda kernel for x {a:?} with tables {c:?}"),
+    })
+}
+
+/// Launch rope_heads from x into y (both views starting at their first element).
+///
+/// # Safety
+/// x and y span what rope.cu's header says for `l` (the tokens side (B−1)·sb + (T−1)·st + H·D
+/// elements, the heads side B·H·T·D), the tables (read only when rotating) T·D/2 each.
+unsafe fn launch_rope_heads<T, C>(
+    f: &CudaFunction,
+    stream: &Arc<CudaStream>,
+    (x, y): (&CudaView<T>, &mut CudaViewMut<T>),
+    (cos, sin): (&CudaView<C>, &CudaView<C>),
+    l: HeadsLaunch,
+) -> Result<()> {
+    let [b, t, h, d] = l.dims;
+    let [b32, t32, h32, d32] = l.dims.map(|v| v as i32);
+    let (sb, st) = (l.tokens_strides.0 as i64, l.tokens_strides.1 as i64);
+    let (split, rotate, sign) = (l.split as i32, l.rotation.is_some() as i32, l.rotation.unwrap_or(1.0));
+    let mut a = stream.launch_builder(f);
+    a.arg(x).arg(y).arg(cos).arg(sin).arg(&b32).arg(&t32).arg(&h32).arg(&d32);
+    a.arg(&sb).arg(&st).arg(&split).arg(&rotate).arg(&sign);
+    // Work items of 8 elements (a rotated pair's 2·8 when rotating) on the kernel's 16-byte path.
+    let items = (b * h * t * d).div_ceil(if rotate != 0 { 16 } else { 8 });
+    unsafe { a.launch(cfg_1d(items)) }.w()?;
+    Ok(())
+}
+
 /// Heads between [B, T, H·D] and [B, H, T, D] (ops::heads; rope.cu's rope_heads), rotated by
-/// sign·θ with cos/sin [≥ T, D/2] when `rotate`. `split`: x is [B, T, H·D] with unit-stride rows
-/// at any batch and token strides (a column view of a fused product), else [B, H, T, D]
-/// contiguous; the output is the other layout, contiguous. Shapes checked by the caller.
-#[allow(clippy::too_many_arguments)]
+/// sign·θ with cos/sin [≥ T, D/2] when `rotation` is some sign. `split`: x is [B, T, H·D] with
+/// unit-stride rows at any batch and token strides (a column view of a fused product), else
+/// [B, H, T, D] contiguous; the output is the other layout, contiguous. Shapes checked by the
+/// caller.
 pub(super) fn rope_heads(
     x: &CudaStorage,
     xl: &Layout,
     (cos, cl): (&CudaStorage, &Layout),
     (sin, sl): (&CudaStorage, &Layout),
-    [b, t, h, d]: [usize; 4],
+    dims: [usize; 4],
     split: bool,
     rotation: Option<f32>,
 ) -> Result<CudaStorage> {
     const OP: &str = "heads";
-    let (sb, st) = if split {
+    let [b, t, h, d] = dims;
+    let tokens_strides = if split {
         match xl.stride() {
             &[sb, st, 1] => (sb, st),
             other => bail!("{OP}: rows of [B, T, H·D] must be unit-stride, strides {other:?}"),
@@ -332,33 +378,19 @@ pub(super) fn rope_heads(
     if cos.dtype() != sin.dtype() {
         bail!("{OP}: cos is {:?} but sin is {:?}", cos.dtype(), sin.dtype());
     }
-    let name = match (x.dtype(), cos.dtype()) {
-        (DType::F32, DType::F32) => "rope_heads_f32_f32",
-        (DType::BF16, DType::BF16) => "rope_heads_bf16_bf16",
-        (DType::BF16, DType::F32) => "rope_heads_bf16_f32",
-        (a, c) => bail!("{OP}: no cuda kernel for x {a:?} with tables {c:?}"),
-    };
+    let name = rope_heads_name(x.dtype(), cos.dtype())?;
     let dev = x.device();
     let f = function(dev, &kernels::ROPE, name)?;
     let n = b * h * t * d;
-    let [b32, t32, h32, d32] = [b, t, h, d].map(|v| v as i32);
-    let (sb, st) = (sb as i64, st as i64);
-    let (split, rotate, sign) = (split as i32, rotation.is_some() as i32, rotation.unwrap_or(1.0));
-    // Work items of 8 elements (a rotated pair's 2·8 when rotating) on the kernel's 16-byte path.
-    let launch = cfg_1d(n.div_ceil(if rotate != 0 { 16 } else { 8 }));
+    let l = HeadsLaunch { dims, tokens_strides, split, rotation };
     macro_rules! go {
         ($T:ty, $C:ty) => {{
-            let xv = if split != 0 { strided_view::<$T>(x, xl)? } else { view::<$T>(x, xl, OP)? };
+            let xv = if split { strided_view::<$T>(x, xl)? } else { view::<$T>(x, xl, OP)? };
             let (cv, sv) = (view::<$C>(cos, cl, OP)?, view::<$C>(sin, sl, OP)?);
             let mut y = unsafe { dev.alloc::<$T>(n)? };
-            let stream = dev.cuda_stream();
-            let mut a = stream.launch_builder(&f);
-            a.arg(&xv).arg(&mut y).arg(&cv).arg(&sv).arg(&b32).arg(&t32).arg(&h32).arg(&d32);
-            a.arg(&sb).arg(&st).arg(&split).arg(&rotate).arg(&sign);
-            // SAFETY: matches rope.cu's rope_heads: x spans (B−1)·sb + (T−1)·st + H·D elements
-            // from its view's start (strided_view), y holds B·H·T·D, and the tables (read only
-            // when rotating) T·D/2 each (checked by the caller).
-            unsafe { a.launch(launch) }.w()?;
+            // SAFETY: x's view spans its layout (strided_view, or contiguous B·H·T·D), y holds
+            // B·H·T·D, the tables T·D/2 each (checked by the caller).
+            unsafe { launch_rope_heads(&f, &dev.cuda_stream(), (&xv, &mut y.slice_mut(..)), (&cv, &sv), l) }?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }};
     }
@@ -367,6 +399,66 @@ pub(super) fn rope_heads(
         "rope_heads_bf16_bf16" => go!(bf16, bf16),
         _ => go!(bf16, f32),
     }
+}
+
+/// ops::heads' `split_heads_backward_cat` on CUDA: each part g [B, Hᵢ, T, D] (contiguous) merged
+/// into its column block of one [B, T, ΣHᵢ·D] tensor, rotated by −θ where it has tables
+/// (contiguous [≥ T, D/2]); one rope_heads launch a part. Shapes checked by the caller.
+pub(super) fn merge_heads_cat(parts: &[(Tensor, Option<(Tensor, Tensor)>)]) -> Result<Tensor> {
+    const OP: &str = "split-heads backward (concatenated)";
+    let Some((first, _)) = parts.first() else { bail!("{OP}: no parts") };
+    let (b, _, t, d) = first.dims4()?;
+    let width: usize = parts.iter().map(|(g, _)| g.dim(1).unwrap_or(0) * d).sum();
+    let (fs, _) = first.storage_and_layout();
+    let dev = cuda_of(&fs, OP)?.device().clone();
+    drop(fs);
+    let stream = dev.cuda_stream();
+    with_float!(first.dtype(), OP, |T| {
+        let mut y = unsafe { dev.alloc::<T>(b * t * width)? };
+        let mut col = 0;
+        for (g, tables) in parts {
+            let h = g.dim(1)?;
+            let (gs, gl) = g.storage_and_layout();
+            let gv = view::<T>(cuda_of(&gs, OP)?, gl, OP)?;
+            let l = HeadsLaunch {
+                dims: [b, t, h, d],
+                tokens_strides: (t * width, width),
+                split: false,
+                rotation: None,
+            };
+            // The output's columns col.. of every row: the view starts there and runs to the end.
+            let mut out = y.slice_mut(col..);
+            match tables {
+                None => {
+                    let f = function(&dev, &kernels::ROPE, rope_heads_name(g.dtype(), g.dtype())?)?;
+                    let empty = gv.slice(0..0);
+                    // SAFETY: g holds B·H·T·D; from column `col` the output spans
+                    // (B−1)·T·W + (T−1)·W + H·D ≤ B·T·W − col elements; no tables are read.
+                    unsafe { launch_rope_heads(&f, &stream, (&gv, &mut out), (&empty, &empty), l) }?;
+                }
+                Some((cos, sin)) => {
+                    let (cs, cl) = cos.storage_and_layout();
+                    let (ss, sl) = sin.storage_and_layout();
+                    let (cs, ss) = (cuda_of(&cs, OP)?, cuda_of(&ss, OP)?);
+                    let f = function(&dev, &kernels::ROPE, rope_heads_name(g.dtype(), cs.dtype())?)?;
+                    let l = HeadsLaunch { rotation: Some(-1.0), ..l };
+                    macro_rules! rotated {
+                        ($C:ty) => {{
+                            let (cv, sv) = (view::<$C>(cs, cl, OP)?, view::<$C>(ss, sl, OP)?);
+                            // SAFETY: as above, and the tables hold T·D/2 each (the caller's check).
+                            unsafe { launch_rope_heads(&f, &stream, (&gv, &mut out), (&cv, &sv), l) }?
+                        }};
+                    }
+                    match cs.dtype() {
+                        DType::F32 => rotated!(f32),
+                        _ => rotated!(T),
+                    }
+                }
+            }
+            col += h * d;
+        }
+        Ok(tensor(y, &dev, (b, t, width)))
+    })
 }
 
 /// One inference step into attention (ops::kv_step): q, k, v [B, T, H·D] views with unit-stride

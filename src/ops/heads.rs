@@ -233,6 +233,54 @@ pub fn split_heads_backward(g: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Res
     g.contiguous()?.apply_op3_no_bwd(&cos, &sin, &op)
 }
 
+/// The gradient of several [`split_heads`] of column blocks of one product [B, T, ΣHᵢ·D] (q, k
+/// and v of a fused projection) outside autograd: each gᵢ [B, Hᵢ, T, D] merged back into its
+/// columns, rotated by −θ where its split rotated (tables [≥ T, D/2]). On CUDA each part is
+/// written straight into its columns (one launch a part); elsewhere the parts' merges are
+/// concatenated.
+pub fn split_heads_backward_cat(parts: &[(&Tensor, Option<(&Tensor, &Tensor)>)]) -> Result<Tensor> {
+    let Some((first, _)) = parts.first() else { bail!("split-heads backward: no parts") };
+    let (b, _, t, d) = first.dims4()?;
+    for (g, rope) in parts {
+        let (gb, _, gt, gd) = g.dims4()?;
+        if (gb, gt, gd) != (b, t, d) || g.dtype() != first.dtype() || !g.device().same_device(first.device())
+        {
+            bail!(
+                "split-heads backward: parts {:?} {:?} and {:?} {:?} differ in batch, length, head size, dtype or device",
+                first.shape(),
+                first.dtype(),
+                g.shape(),
+                g.dtype()
+            );
+        }
+        if let Some((c, s)) = rope {
+            for table in [c, s] {
+                if table.elem_count() < t * d / 2 {
+                    bail!(
+                        "split-heads backward: tables cover {} positions × {}, need {t}",
+                        table.elem_count() / (d / 2).max(1),
+                        d / 2
+                    );
+                }
+            }
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if first.device().is_cuda() && matches!(first.dtype(), DType::F32 | DType::BF16) {
+        let parts = parts
+            .iter()
+            .map(|(g, rope)| {
+                let tables =
+                    rope.map(|(c, s)| Ok::<_, candle_core::Error>((c.contiguous()?, s.contiguous()?)));
+                Ok((g.contiguous()?, tables.transpose()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return super::cuda::merge_heads_cat(&parts);
+    }
+    let merged = parts.iter().map(|(g, rope)| split_heads_backward(g, *rope)).collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&merged, 2)
+}
+
 /// Whether x's device and dtype have the one-pass op: the CPU's (any float), CUDA's kernel (f32,
 /// bf16).
 fn one_pass_here(x: &Tensor) -> bool {
