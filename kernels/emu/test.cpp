@@ -438,15 +438,15 @@ template <class T> void test_rmsnorm(int rows, int h, double tol) {
     auto x = cast<T>(xf), w = cast<T>(wf), g = cast<T>(gf);
     std::vector<T> y(x.size()), dx(x.size());
     std::vector<float> dw(h, 0.f);
-    const int bs = std::min(256, (h + 31) / 32 * 32);
-    emu::launch(dim3(rows), dim3(bs), 0, rmsnorm_fwd<T>, x.data(), w.data(), y.data(), h, 1e-5f);
-    emu::launch(dim3(std::min(rows, 3)), dim3(bs), (size_t)h * 4, rmsnorm_bwd<T>, x.data(), w.data(), g.data(),
+    const int bs = std::min(1024, ((h + 15) / 16 + 31) / 32 * 32);  // as ops::cuda's rms_block
+    emu::launch(dim3(rows), dim3(bs), 0, rmsnorm_fwd_any<T>, x.data(), w.data(), y.data(), h, 1e-5f);
+    emu::launch(dim3(std::min(rows, 3)), dim3(bs), (size_t)h * 4, rmsnorm_bwd_any<T>, x.data(), w.data(), g.data(),
                 (const T *)nullptr, dx.data(), dw.data(), rows, h, 1e-5f);
     // With the skip connection's gradient: the same dx, plus skip, rounded once more (exact).
     auto skip = cast<T>(randv((size_t)rows * h));
     std::vector<T> dx_skip(x.size());
     std::vector<float> dw2(h, 0.f);
-    emu::launch(dim3(2), dim3(bs), (size_t)h * 4, rmsnorm_bwd<T>, x.data(), w.data(), g.data(),
+    emu::launch(dim3(2), dim3(bs), (size_t)h * 4, rmsnorm_bwd_any<T>, x.data(), w.data(), g.data(),
                 (const T *)skip.data(), dx_skip.data(), dw2.data(), rows, h, 1e-5f);
     std::vector<double> want_skip(x.size());
     for (size_t i = 0; i < x.size(); ++i) want_skip[i] = to_f32(from_f32<T>(to_f32(skip[i]) + to_f32(dx[i])));
@@ -766,6 +766,13 @@ int main() {
     test_bias_act<bf16>(3, 12, 1, false, 1e-2);
     test_rmsnorm<float>(5, 37, 1e-5);
     test_rmsnorm<bf16>(4, 300, 2e-2);
+    // The 16-byte path: 2 chunks a thread (LLaMA's 4096 and 8192, and a block with a partial
+    // chunk), 1 (the block's one warp more than the row needs)
+    test_rmsnorm<float>(3, 64, 1e-5);
+    test_rmsnorm<bf16>(4, 4096, 2e-2);
+    test_rmsnorm<bf16>(2, 8192, 2e-2);
+    test_rmsnorm<bf16>(2, 2056, 2e-2);
+    test_rmsnorm<float>(2, 520, 1e-5);
     test_softmax_ce(3, 1000);
     test_softmax_ce(4, 7);
     test_gemv<float, 1>(37, 264, 1e-5);

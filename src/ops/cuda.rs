@@ -112,6 +112,12 @@ fn row_block(n: usize, max: usize) -> u32 {
     n.div_ceil(32).clamp(1, max / 32) as u32 * 32
 }
 
+/// rmsnorm.cu's block for rows of `h`: two 16-byte chunks of 8 a thread (its fast path keeps
+/// them in registers), a multiple of 32 threads, at most 1024.
+fn rms_block(h: usize) -> u32 {
+    row_block(h.div_ceil(16), 1024)
+}
+
 /// The contiguous elements of `l` in `s`.
 fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
@@ -259,7 +265,7 @@ pub(super) fn rms_norm_bwd(
         b.arg(&rows32).arg(&h32).arg(&eps);
         // SAFETY: matches rmsnorm.cu; dw is zero-filled, smem holds h floats, skip (or a null
         // pointer) holds rows·h elements like x.
-        unsafe { b.launch(cfg((grid, 1, 1), row_block(h, 256), smem)) }.w()?;
+        unsafe { b.launch(cfg((grid, 1, 1), rms_block(h), smem)) }.w()?;
         Ok((tensor(dx, dev, x.shape().clone()), tensor(dw, dev, h)))
     })
 }
@@ -1044,7 +1050,7 @@ pub(super) unsafe fn launch_rms_norm(
     let h32 = h as i32;
     let mut b = stream.launch_builder(f);
     b.arg(&x).arg(&w).arg(&y).arg(&h32).arg(&eps);
-    unsafe { b.launch(cfg((rows as u32, 1, 1), row_block(h, 256), 0)) }.w()?;
+    unsafe { b.launch(cfg((rows as u32, 1, 1), rms_block(h), 0)) }.w()?;
     Ok(())
 }
 
