@@ -114,6 +114,11 @@ done
 for g in cublas cublaslt; do
     step ours-gpu-layer-gemm-$g 60 env SHARDSMITH_GEMM=$g "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 done
+# f32 master weights, as `train` keeps them: cast to bf16 each step, the weight gradients f32
+# products (cuBLAS by default, ops::linear::GemmBackend::for_product; candle's product widened
+# by a second pass with SHARDSMITH_GEMM=candle).
+step ours-gpu-layer-f32-masters 60 "$SS" bench gpu-layer --f32-masters --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
+step ours-gpu-layer-f32-masters-candle 60 env SHARDSMITH_GEMM=candle "$SS" bench gpu-layer --f32-masters --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 step torch-gpu-layer 60 $PY gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 G=()
 [[ -n ${GPU_SH_TINY:-} ]] && G=(--rows 32 --square 48)
@@ -162,8 +167,10 @@ DEF = dict(flash_fwd=first.get("flash_fwd", "mma"), flash_bwd=first.get("flash_b
 VARIANTS = [(f, b) for f, b in [("mma", "split"), ("mma", "wide"), ("mma", "fused"), ("mma", "wgmma"), ("mma", "tma"), ("wgmma", "split"), ("wgmma", "wgmma"), ("wgmma128", "split"), ("wgmma128", "wgmma"), ("tma", "split"), ("tma", "wgmma"), ("tma", "tma")]
             if (f, b) != (DEF["flash_fwd"], DEF["flash_bwd"])]
 def find(bench, impl, **kv):
+    # A callable value is a test of the whole row.
+    ok = lambda r, k, v: v(r) if callable(v) else r.get(k) == v
     for r in rows:
-        if r["bench"] == bench and r["impl"] == impl and all(r.get(k) == v for k, v in kv.items()):
+        if r["bench"] == bench and r["impl"] == impl and all(ok(r, k, v) for k, v in kv.items()):
             return r
 def fmt(x, unit=""):
     return "—" if x is None else f"{x:.1f}{unit}"
@@ -175,7 +182,11 @@ def line(name, metric, ours, base, others, higher_better=True):
         ratio = ours / base if higher_better else base / ours
     out.append(f"| {name} | {metric} | {fmt(ours)} | {fmt(base)} | {'—' if ratio is None else f'{ratio:.2f}×'} | {others} |")
 g = lambda r, k: None if r is None else r[k]
-o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", **DEF), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+# Weights in the compute dtype (older runs wrote no "masters"), or f32 masters under bf16.
+same_masters = lambda r: r.get("masters", r["dtype"]) == r["dtype"]
+f32_masters = lambda r: r.get("masters") == "f32" and r["dtype"] != "f32"
+o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", masters=same_masters, **DEF), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+om, omc = (find("gpu_layer", "shardsmith", masters=f32_masters, gemm_f32=x) for x in ("cublas", "candle"))
 # The layer's variant runs are told apart from its GEMM-library runs by gemm; attention rows have no gemm.
 kern = lambda bench, key, **kv: ", ".join(f"{f}+{b} {fmt(g(find(bench, 'shardsmith', flash_fwd=f, flash_bwd=b, **kv), key))}" for f, b in VARIANTS)
 oc = find("gpu_layer", "shardsmith", layer_nodes=False)
@@ -189,6 +200,8 @@ if o or t:
          f"attention fwd+bwd kernels {kern('gpu_layer', 'tflops', gemm='candle')}; GEMMs by {gemms('gpu_layer', 'tflops')}")
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
     line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
+    line(name + ", f32 master weights (ours; PyTorch: bf16 weights)", "MFU %", mfu(om), mfu(t),
+         f"ours with the f32 weight gradients widened from candle's bf16 product: {fmt(mfu(omc))}")
 o, t = find("attention", "shardsmith", **DEF), find("attention", "pytorch")
 wg, wg128, tma = (find("attention", "shardsmith", flash_fwd=f) for f in ("wgmma", "wgmma128", "tma"))
 fl, cu = find("attention", "pytorch_flash"), find("attention", "pytorch_cudnn")

@@ -326,6 +326,10 @@ enum BenchCommand {
         /// hand-written backward (the default): for comparison.
         #[arg(long)]
         composed: bool,
+        /// Keep the weights as f32 variables (master weights, as `train` does) and compute in
+        /// --dtype: each step casts them, and the weight gradients are f32 products.
+        #[arg(long)]
+        f32_masters: bool,
     },
     /// Causal attention kernels forward and forward + backward (default B2 H32 S4096 D128 bf16).
     Attention {
@@ -875,11 +879,12 @@ fn run(command: Command) -> ExitCode {
             let o = bench::TrainStepOptions { stage, batch, seq, runs, dtype, checkpointing };
             bench::train_step(&model, &o)
         }
-        Command::Bench { what: BenchCommand::GpuLayer { shape, common, batch, seq, composed } } => {
-            common.common().and_then(|c| {
-                shardsmith::commands::bench_gpu::gpu_layer(&shape.shape(4), batch, seq, !composed, &c)
-            })
-        }
+        Command::Bench {
+            what: BenchCommand::GpuLayer { shape, common, batch, seq, composed, f32_masters },
+        } => common.common().and_then(|c| {
+            let masters = f32_masters.then_some(candle_core::DType::F32);
+            shardsmith::commands::bench_gpu::gpu_layer(&shape.shape(4), batch, seq, !composed, masters, &c)
+        }),
         Command::Bench {
             what:
                 BenchCommand::Attention {

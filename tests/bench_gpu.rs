@@ -36,10 +36,23 @@ fn gpu_layer_and_attention_run_at_toy_sizes() {
             assert_eq!(rows[0]["bench"], "gpu_layer");
             assert_eq!(rows[0]["dtype"], dtype);
             assert_eq!(rows[0]["layer_nodes"], !composed);
+            assert_eq!(rows[0]["masters"], dtype);
             positive(&rows[0], "step_ms");
             positive(&rows[0], "tflops");
         }
     }
+    // f32 master weights under bf16 compute, as `train` keeps them.
+    let rows = bench(
+        &[
+            &["gpu-layer"],
+            LLAMA,
+            COMMON,
+            &["--dtype", "bf16", "--batch", "2", "--seq", "16", "--f32-masters"],
+        ]
+        .concat(),
+    );
+    assert_eq!((&rows[0]["dtype"], &rows[0]["masters"]), (&"bf16".into(), &"f32".into()));
+    positive(&rows[0], "step_ms");
     let args = [
         &["attention"],
         COMMON,

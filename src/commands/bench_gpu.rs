@@ -133,9 +133,19 @@ pub fn random_llama(s: &LlamaShape, c: &Common, trainable: bool) -> Result<Llama
 }
 
 /// `bench gpu-layer`: `s.layers` decoder layers forward + backward on x [B, S, H], each layer
-/// one graph node with the hand-written backward (`layer_nodes`) or candle's composed ops.
-pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, layer_nodes: bool, c: &Common) -> Result<()> {
-    let mut llama = random_llama(s, c, true)?;
+/// one graph node with the hand-written backward (`layer_nodes`) or candle's composed ops; the
+/// weights are variables of `masters` (f32 master weights, cast to the compute dtype each step,
+/// as `train` keeps them) or of the compute dtype.
+pub fn gpu_layer(
+    s: &LlamaShape,
+    batch: usize,
+    seq: usize,
+    layer_nodes: bool,
+    masters: Option<DType>,
+    c: &Common,
+) -> Result<()> {
+    let weights = Common { dtype: masters.unwrap_or(c.dtype), ..c.clone() };
+    let mut llama = random_llama(s, &weights, true)?;
     llama.set_use_cache(false);
     llama.set_layer_nodes(layer_nodes);
     let inputs = llama.sequence_inputs(seq, c.dtype, &c.device)?;
@@ -169,7 +179,9 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, layer_nodes: bool, c:
         "cuda_pool_keep": cuda_pool_keep(),
         "flash_fwd": flash_names()?.0,
         "flash_bwd": flash_names()?.1,
+        "masters": dtype_name(weights.dtype),
         "gemm": GemmBackend::from_env()?.name(),
+        "gemm_f32": GemmBackend::for_product(true)?.name(),
         "step_ms": secs * 1e3,
         "tflops": flops / secs / 1e12,
     });
@@ -683,6 +695,7 @@ pub fn neva_step(s: &LlamaShape, v: &ClipShape, o: &NevaStepOptions, c: &Common)
         "flash_fwd": flash_names()?.0,
         "flash_bwd": flash_names()?.1,
         "gemm": GemmBackend::from_env()?.name(),
+        "gemm_f32": GemmBackend::for_product(true)?.name(),
         "loss": loss,
         "step_ms": secs * 1e3,
         "fwd_bwd_ms": fwd_bwd * 1e3,

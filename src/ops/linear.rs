@@ -28,14 +28,16 @@ struct Matmul {
     packed: Option<Arc<cpu_gemm::PackedB>>,
     /// Return f32 whatever the operands ([`matmul_f32`]).
     widen: bool,
-    /// The library of a CUDA product ([`GemmBackend::from_env`] when `None`).
+    /// The library of a CUDA product ([`GemmBackend::for_product`] when `None`).
     backend: Option<GemmBackend>,
 }
 
 /// Which library runs the CUDA products of [`matmul`] (all but decode's GEMV kernel). Chosen by
-/// `SHARDSMITH_GEMM` (`candle`, the default, `cublas` or `cublaslt`; [`GemmBackend::from_env`])
-/// until GPU measurements settle on one (`bench gemm` and `bench gpu-layer` run each). All three
-/// accumulate in f32; they differ in kernel choice (summation order) only.
+/// `SHARDSMITH_GEMM` (`candle`, `cublas` or `cublaslt`; unset: candle, and cuBLAS for products
+/// widened to f32, [`GemmBackend::for_product`]) until GPU measurements settle on one
+/// (`bench gemm` and `bench gpu-layer` run each). All three accumulate in f32; they differ in
+/// kernel choice (summation order) only, and candle rounds a widened product to the operands'
+/// dtype first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmBackend {
     /// candle's matmul: `cublasGemmStridedBatchedEx`, a batch of one, cuBLAS's default workspace.
@@ -78,6 +80,22 @@ impl GemmBackend {
     /// `SHARDSMITH_GEMM`, read once per process (unset or empty: `candle`).
     pub fn from_env() -> Result<GemmBackend> {
         Self::from_var()
+    }
+
+    /// The library for a product with an f32 result from narrower operands (`widen`: the
+    /// weight gradients of f32 master weights) or not: `SHARDSMITH_GEMM` when set; unset,
+    /// cuBLAS for a widened product and candle's matmul otherwise. cuBLAS writes the f32 result
+    /// straight from its accumulators where candle's product is rounded to bf16 and widened by
+    /// a second pass: at the 7B layer's weight-gradient shapes (M·N·K 12288·4096·8192 to
+    /// 22016·4096·8192) 1.07–2.15 ms against 1.46–2.86 ms, 1.3–1.45× (H200, BENCHMARKS.md
+    /// part 14, `bench gemm`), and exact to the f32 sums.
+    pub fn for_product(widen: bool) -> Result<GemmBackend> {
+        static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let set = *SET.get_or_init(|| std::env::var(Self::VAR).is_ok_and(|v| !v.is_empty()));
+        if widen && !set {
+            return Ok(GemmBackend::Cublas);
+        }
+        Self::from_env()
     }
 }
 
@@ -200,7 +218,7 @@ impl CustomOp2 for Matmul {
         }
         let backend = match self.backend {
             Some(b) => b,
-            None => GemmBackend::from_env()?,
+            None => GemmBackend::for_product(self.widen)?,
         };
         if let Some(c) = super::cublas::gemm(backend, s1, l1, s2, l2, (m, n, k), self.widen)? {
             return Ok((c, out_shape(shape, n)));
