@@ -138,3 +138,8 @@ fn every_target_is_replayed() {
         assert!(root.join("seeds").join(t).is_dir(), "target {t} has no seeds");
     }
 }
+
+#[test]
+fn metrics_log_seeds() {
+    replay("metrics_log", checks::metrics_log);
+}

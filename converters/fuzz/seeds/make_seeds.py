@@ -181,6 +181,19 @@ def training():
     (d / "train-tiny.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in data).encode())
 
 
+def metrics():
+    # Logs as `train` writes them: whole records, a null loss (a skipped step), an extra field,
+    # and a run killed mid-line.
+    d = fresh("metrics_log")
+    rec = lambda step, loss: json.dumps({"step": step, "loss": loss, "lr": 1e-4, "grad_norm": 0.5, "tokens": 64,
+                                         "consumed_samples": 4 * step, "tokens_per_s": 1000.0,
+                                         "elapsed_s": 0.25 * step}) + "\n"
+    (d / "three.jsonl").write_text(rec(1, 2.5) + rec(2, None) + rec(3, 2.25))
+    extra = json.loads(rec(1, 2.0))
+    extra["skipped_records"] = 2
+    (d / "torn.jsonl").write_text(json.dumps(extra) + "\n" + rec(2, 1.5) + rec(3, 1.25)[:40])
+
+
 def configs():
     d = fresh("hf_config")
     for name in ("llama-mha", "llama-gqa", "llava-tiny", "llava-orig-tiny", "llava-tiny-clip", "clip-vision"):
@@ -251,6 +264,7 @@ if __name__ == "__main__":
     tokenizers()
     training()
     configs()
+    metrics()
     specs()
     total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file() and p.suffix != ".py")
     print(f"seeds written under {HERE} ({total} bytes)")

@@ -217,6 +217,40 @@ pub fn train_records(data: &[u8]) {
     let _ = parse_json_array(text, Path::new("fuzz.json"));
 }
 
+/// Bytes as a run's metrics log (`metrics.jsonl`) reopened to resume after 0, 2 and every step
+/// (`MetricsLog::resume`), each time from a file of exactly those bytes: kept, it is a prefix of
+/// the input made of whole lines, empty exactly when no record is returned, that record at or
+/// before the step; refused, the error names the file and the file is left as it was.
+pub fn metrics_log(data: &[u8]) {
+    use shardsmith::train::metrics::MetricsLog;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let name =
+        format!("shardsmith-fuzz-{}-{}.jsonl", std::process::id(), CALLS.fetch_add(1, Ordering::Relaxed));
+    let path = std::env::temp_dir().join(&name);
+    for step in [0, 2, u64::MAX] {
+        std::fs::write(&path, data).expect("a temporary log");
+        match MetricsLog::resume(&path, step) {
+            Ok((_, last)) => {
+                let kept = std::fs::read(&path).expect("the kept log");
+                assert!(data.starts_with(&kept), "the kept log is a prefix of the input");
+                assert!(kept.is_empty() || kept.ends_with(b"\n"), "the kept log is whole lines");
+                assert_eq!(last.is_some(), !kept.is_empty(), "a record returned exactly when one is kept");
+                assert!(last.is_none_or(|r| r.step <= step), "a kept record after step {step}");
+            }
+            Err(e) => {
+                assert!(e.to_string().contains(&name), "the error names the log: {e}");
+                assert_eq!(
+                    std::fs::read(&path).expect("the refused log"),
+                    data,
+                    "a refused log is left as it was"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Text as a `train --config` YAML, with and without a `--set` override: Ok or a named error.
 pub fn train_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
