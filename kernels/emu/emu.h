@@ -570,6 +570,9 @@ template <class T> T __shfl_xor_sync(unsigned, T v, int m) {
 }
 template <class T> T __shfl_sync(unsigned, T v, int src) { return emu::shfl_from(v, src); }
 inline float atomicAdd(float *p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline unsigned atomicAdd(unsigned *p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <class T> T __ldcg(const T *p) { return *p; }
 
 inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) {
     return std::atomic_ref<unsigned long long>(*p).fetch_add(v);

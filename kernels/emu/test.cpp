@@ -606,10 +606,29 @@ void test_decode_attn(int B, int hq, int hk, int s, int cap, double tol, bool de
     std::vector<float> po((size_t)B * hq * ns * D), pm((size_t)B * hq * ns), pl(pm.size());
     emu::launch(dim3(hq, B, ns), dim3(32 * DECODE_WARPS), 0, decode_attn<T, D>, (const T *)q.data(),
                 (const T *)k.data(), (const T *)v.data(), sb, sh, out.data(), po.data(), pm.data(), pl.data(), hq, hk,
-                device_s ? -1 : s, split_want, scale, device_s ? &s_dev : (const int *)nullptr);
+                device_s ? -1 : s, split_want, scale, device_s ? &s_dev : (const int *)nullptr, (unsigned *)nullptr);
     if (ns > 1)
         emu::launch(dim3(hq, B), dim3((D + 31) / 32 * 32), 0, decode_attn_combine<T>, (const float *)po.data(),
                     (const float *)pm.data(), (const float *)pl.data(), out.data(), hq, D, ns);
+    // The same launch with counts: the last split of each row combines, bit for bit as the
+    // combine kernel, and leaves the counts at zero. Twice, as a graph replays it.
+    std::vector<unsigned> counts((size_t)B * hq, 0);
+    std::vector<T> out_counted(out.size());
+    for (auto *part : {&po, &pm, &pl}) std::fill(part->begin(), part->end(), NAN);  // a premature combine shows
+    bool same = true;
+    for (int rep = 0; rep < 2; ++rep) {
+        emu::launch(dim3(hq, B, ns), dim3(32 * DECODE_WARPS), 0, decode_attn<T, D>, (const T *)q.data(),
+                    (const T *)k.data(), (const T *)v.data(), sb, sh, out_counted.data(), po.data(), pm.data(),
+                    pl.data(), hq, hk, device_s ? -1 : s, split_want, scale,
+                    device_s ? &s_dev : (const int *)nullptr, counts.data());
+        same = same && std::all_of(counts.begin(), counts.end(), [](unsigned c) { return c == 0; });
+        for (size_t i = 0; i < out.size(); ++i) same = same && to_f32(out[i]) == to_f32(out_counted[i]);
+    }
+    if (!same) {
+        failures++;
+        std::printf("decode attention D%d S%d %d splits: the counted launch differs from the combine kernel's "
+                    "(or left a count)\n", D, s, ns);
+    }
     std::vector<double> want(out.size());
     for (int b = 0; b < B; ++b)
         for (int h = 0; h < hq; ++h) {

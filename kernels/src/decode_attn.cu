@@ -11,7 +11,10 @@
 //         CUDA graph; the grid is then sized for the cache's capacity and splits past S
 //         contribute nothing (max −∞, sum 0) to the combine.
 //         Split S (NS > 1): po [B, Hq, NS, D] f32 (unnormalised partial outputs), pm, pl
-//         [B, Hq, NS] f32 (each split's max and sum of exponentials, base 2).
+//         [B, Hq, NS] f32 (each split's max and sum of exponentials, base 2); counts (nullable)
+//         [B, Hq] u32, zero before the launch and left zero after it: each split counts itself
+//         done, and the last of a row's splits combines them (decode_combine_row, after a fence
+//         on both sides of the count), so no combine launch follows.
 // Launch: decode_attn_T_dD    grid (Hq, B, NS), block 128 (4 warps), static smem only. Split z
 //                             handles keys [z·C, min(S, (z+1)·C)) with C = decode_chunk(S, want):
 //                             S spread over `want` splits in multiples of 64 keys, at most
@@ -20,7 +23,8 @@
 //                             NS ≥ ⌈S / C⌉; splits past S are empty. NS = 1 writes out directly;
 //                             otherwise po/pm/pl. C depends on S and want only, so an eager step
 //                             (NS = ⌈S / C⌉) and a graph step (NS for the capacity) split alike.
-//         decode_attn_combine_T  grid (Hq, B), block D (a multiple of 32): out from the NS splits.
+//         decode_attn_combine_T  grid (Hq, B), block D (a multiple of 32): out from the NS splits,
+//                                when the splits ran without counts.
 //         Inside a block, lanes work in groups of L = D/8 rounded up to a power of two: lane
 //         `sub` of a group holds elements 8·sub..8·sub+7 of a row (16-byte loads when T is bf16),
 //         each group takes one key (or V row) per step, 32/L of them per warp.
@@ -48,11 +52,31 @@ template <int D> __host__ __device__ constexpr int decode_group() {
     return D / 8 <= 4 ? 4 : D / 8 <= 8 ? 8 : D / 8 <= 16 ? 16 : 32;
 }
 
+// Row `row`'s output from its NS splits' partials, one column a thread (any block size): the
+// combine kernel's block, or the last split's. The partials are read past L1 (__ldcg): other
+// blocks wrote them, and a block of an earlier launch on this SM may have cached their lines.
+template <typename T>
+__device__ void decode_combine_row(const float *po, const float *pm, const float *pl, T *out, long long row, int d,
+                                   int ns) {
+    const float *m = pm + row * ns, *l = pl + row * ns;
+    float mx = -INFINITY;
+    for (int i = 0; i < ns; ++i) mx = fmaxf(mx, __ldcg(m + i));
+    for (int x = threadIdx.x; x < d; x += blockDim.x) {
+        float den = 0.f, num = 0.f;
+        for (int i = 0; i < ns; ++i) {
+            const float w = exp2f(__ldcg(m + i) - mx);
+            den += w * __ldcg(l + i);
+            num += w * __ldcg(po + (row * ns + i) * d + x);
+        }
+        out[row * d + x] = from_f32<T>(num / den);
+    }
+}
+
 template <typename T, int D>
 __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
                             long long sb, long long sh, T *__restrict__ out, float *__restrict__ po,
                             float *__restrict__ pm, float *__restrict__ pl, int hq, int hk, int s, int want, float scale,
-                            const int *__restrict__ s_dev) {
+                            const int *__restrict__ s_dev, unsigned *__restrict__ counts) {
     if (s_dev) s = *s_dev;
     constexpr int L = decode_group<D>(), PER_WARP = 32 / L, STEP = DECODE_WARPS * PER_WARP;
     __shared__ float p[DECODE_CHUNK];                   // scores, then probabilities
@@ -125,30 +149,32 @@ __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, co
         pm[row * ns + split] = m;
         pl[row * ns + split] = l;
     }
+    if (ns > 1 && counts) {
+        __shared__ bool last;
+        __threadfence();  // this split's partials, device-wide before its count
+        __syncthreads();
+        if (threadIdx.x == 0) last = atomicAdd(counts + row, 1u) == (unsigned)ns - 1;
+        __syncthreads();
+        if (last) {
+            __threadfence();  // the other splits' partials, after their counts
+            decode_combine_row(po, pm, pl, out, row, D, ns);
+            if (threadIdx.x == 0) counts[row] = 0;  // for the next launch (stream-ordered)
+        }
+    }
 }
 
 template <typename T>
 __device__ void decode_attn_combine(const float *__restrict__ po, const float *__restrict__ pm,
                                     const float *__restrict__ pl, T *__restrict__ out, int hq, int d, int ns) {
-    const long long row = (long long)blockIdx.y * hq + blockIdx.x;
-    const float *m = pm + row * ns, *l = pl + row * ns;
-    float mx = -INFINITY;
-    for (int i = 0; i < ns; ++i) mx = fmaxf(mx, m[i]);
-    float den = 0.f, num = 0.f;
-    for (int i = 0; i < ns; ++i) {
-        const float w = exp2f(m[i] - mx);
-        den += w * l[i];
-        if ((int)threadIdx.x < d) num += w * po[(row * ns + i) * d + threadIdx.x];
-    }
-    if ((int)threadIdx.x < d) out[row * d + threadIdx.x] = from_f32<T>(num / den);
+    decode_combine_row(po, pm, pl, out, (long long)blockIdx.y * hq + blockIdx.x, d, ns);
 }
 
 #define DECODE_ATTN(TY, NAME, D)                                                                           \
     extern "C" __global__ void __launch_bounds__(32 * DECODE_WARPS)                                        \
         decode_attn_##NAME##_d##D(const TY *q, const TY *k, const TY *v, long long sb, long long sh, TY *out, \
                                   float *po, float *pm, float *pl, int hq, int hk, int s, int want,         \
-                                  float scale, const int *s_dev) {                                         \
-        decode_attn<TY, D>(q, k, v, sb, sh, out, po, pm, pl, hq, hk, s, want, scale, s_dev);               \
+                                  float scale, const int *s_dev, unsigned *counts) {                       \
+        decode_attn<TY, D>(q, k, v, sb, sh, out, po, pm, pl, hq, hk, s, want, scale, s_dev, counts);       \
     }
 #define DECODE_ATTN_COMBINE(TY, NAME)                                                                       \
     extern "C" __global__ void decode_attn_combine_##NAME(const float *po, const float *pm, const float *pl, \

@@ -986,6 +986,7 @@ pub(super) fn decode_attention(
                 splits: ns,
                 keys: StepPos::Host(s),
                 scale,
+                counts: if ns > 1 { decode_counts(dev, rows)? } else { 0 },
             };
             // SAFETY: q holds B·Hq rows of D, k and v every (b, h, j) row the strides reach
             // (sliced to exactly that), NS = decode_splits for S; po/pm/pl hold every split's
@@ -1006,10 +1007,14 @@ pub(super) fn decode_attention(
 /// A device address for a kernel's pointer argument (0 is null).
 pub(super) type Addr = u64;
 
-/// The device address of contiguous `t`'s first element (f32 or bf16; `op` names it in errors).
+/// The device address of contiguous `t`'s first element (f32, bf16 or u32; `op` names it in
+/// errors).
 pub(super) fn tensor_address(t: &Tensor, stream: &CudaStream, op: &str) -> Result<Addr> {
     let (s, l) = t.storage_and_layout();
     let s = cuda_of(&s, op)?;
+    if s.dtype() == DType::U32 {
+        return Ok(view::<u32>(s, l, op)?.device_ptr(stream).0);
+    }
     with_float!(s.dtype(), op, |T| Ok(view::<T>(s, l, op)?.device_ptr(stream).0))
 }
 
@@ -1173,6 +1178,29 @@ pub(super) unsafe fn launch_embed_rows(
     Ok(())
 }
 
+/// Rows (B·Hq) of the per-device counts that eager decode-attention launches share.
+const DECODE_COUNTS: usize = 1 << 16;
+
+/// The device's zeroed counts for eager decode attention (decode_attn.cu's `counts`), or 0 (the
+/// combine kernel then runs) past [`DECODE_COUNTS`] rows. Every launch leaves them zero, and
+/// launches run one after another on candle's stream, so one buffer serves them all; it lives
+/// as long as the process. A CUDA-graph step passes its own (`ops::decode_graph`).
+fn decode_counts(dev: &CudaDevice, rows: usize) -> Result<Addr> {
+    type Counts = Mutex<HashMap<DeviceId, CudaSlice<u32>>>;
+    static COUNTS: OnceLock<Counts> = OnceLock::new();
+    if rows > DECODE_COUNTS {
+        return Ok(0);
+    }
+    let mut map = COUNTS.get_or_init(Default::default).lock().expect("decode counts");
+    let counts = match map.entry(dev.id()) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(dev.alloc_zeros::<u32>(DECODE_COUNTS)?),
+    };
+    let stream = dev.cuda_stream();
+    let (addr, _sync) = counts.device_ptr(&stream);
+    Ok(addr)
+}
+
 /// decode_attn.cu's (attention, combine) kernels for a dtype and head dim.
 pub(super) fn decode_attention_functions(
     dev: &CudaDevice,
@@ -1204,11 +1232,15 @@ pub(super) struct DecodeAttnArgs {
     /// S: the keys attended to.
     pub keys: StepPos,
     pub scale: f32,
+    /// [B, Hq] u32 zeros (0: none) when NS > 1: the last split of each row combines and the
+    /// combine launch is skipped (decode_attn.cu's `counts`).
+    pub counts: Addr,
 }
 
 /// # Safety
 /// The buffers hold what decode_attn.cu's header says; `partials` is given exactly when
-/// `splits` > 1; the functions are [`decode_attention_functions`] for the buffers' dtype and D.
+/// `splits` > 1, and `counts`, when not 0, holds B·Hq zeroed u32 no other launch uses meanwhile;
+/// the functions are [`decode_attention_functions`] for the buffers' dtype and D.
 pub(super) unsafe fn launch_decode_attention(
     stream: &CudaStream,
     (attend, combine): (&CudaFunction, &CudaFunction),
@@ -1219,11 +1251,13 @@ pub(super) unsafe fn launch_decode_attention(
     let want32 = decode_want(b * hq) as i32;
     let (s32, s_dev) = a.keys.args();
     let (po, pm, pl) = a.partials.unwrap_or((0, 0, 0));
+    let counts: Addr = if a.splits > 1 { a.counts } else { 0 };
     let mut l = stream.launch_builder(attend);
     l.arg(&a.q).arg(&a.k).arg(&a.v).arg(&a.strides.0).arg(&a.strides.1).arg(&a.out);
     l.arg(&po).arg(&pm).arg(&pl).arg(&hq32).arg(&hk32).arg(&s32).arg(&want32).arg(&a.scale).arg(&s_dev);
+    l.arg(&counts);
     unsafe { l.launch(cfg((hq as u32, b as u32, a.splits as u32), DECODE_THREADS, 0)) }.w()?;
-    if a.splits > 1 {
+    if a.splits > 1 && counts == 0 {
         let mut l = stream.launch_builder(combine);
         l.arg(&po).arg(&pm).arg(&pl).arg(&a.out).arg(&hq32).arg(&d32).arg(&ns32);
         unsafe { l.launch(cfg((hq as u32, b as u32, 1), row_block(d, 128), 0)) }.w()?;

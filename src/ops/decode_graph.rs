@@ -327,9 +327,15 @@ impl DecodeGraph {
         let (qkv, q_rot, att) = (work(rows * nqkv, dtype)?, work(rows * nq, dtype)?, work(rows * nq, dtype)?);
         let act = work(rows * f, dtype)?;
         let logits = work(rows * vocab_rows, dtype)?.reshape((rows, vocab_rows))?;
+        // The splits' partials, and the counts by which the last split of a row combines them.
         let partials = if splits > 1 {
             let n = rows * hq * splits;
-            Some((work(n * d, DType::F32)?, work(n, DType::F32)?, work(n, DType::F32)?))
+            Some((
+                work(n * d, DType::F32)?,
+                work(n, DType::F32)?,
+                work(n, DType::F32)?,
+                work(rows * hq, DType::U32)?,
+            ))
         } else {
             None
         };
@@ -342,8 +348,12 @@ impl DecodeGraph {
             (at(&qkv, "qkv")?, at(&q_rot, "q")?, at(&att, "att")?, at(&act, "act")?);
         let a_logits = at(&logits, "logits")?;
         let a_partials = match &partials {
-            Some((po, pm, pl)) => Some((at(po, "po")?, at(pm, "pm")?, at(pl, "pl")?)),
+            Some((po, pm, pl, _)) => Some((at(po, "po")?, at(pm, "pm")?, at(pl, "pl")?)),
             None => None,
+        };
+        let a_counts = match &partials {
+            Some((.., counts)) => at(counts, "counts")?,
+            None => 0,
         };
         let a_ids = inputs.device_ptr(&stream).0;
         let a_pos = a_ids + (rows * std::mem::size_of::<u32>()) as Addr; // read as an int
@@ -459,6 +469,7 @@ impl DecodeGraph {
                         splits,
                         keys: StepPos::Device(a_pos + std::mem::size_of::<i32>() as Addr),
                         scale,
+                        counts: a_counts,
                     };
                     if kept(Attention) {
                         launch_decode_attention(&stream, (&fn_attn.0, &fn_attn.1), &attn_args)?;
@@ -492,7 +503,7 @@ impl DecodeGraph {
 
         let model_ids = m.tensors().iter().map(|t| t.id()).collect();
         let mut work = vec![xa, xb, hn, qkv, q_rot, att, act];
-        work.extend(partials.into_iter().flat_map(|(po, pm, pl)| [po, pm, pl]));
+        work.extend(partials.into_iter().flat_map(|(po, pm, pl, counts)| [po, pm, pl, counts]));
         let graph = DecodeGraph {
             graph: OwnedGraph(graph),
             stream,
