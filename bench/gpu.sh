@@ -60,13 +60,16 @@ for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softm
     wgmma_backward_matches_the_cpu wgmma_phase_profiles_match_the_plain_kernels \
     full_attention_forward \
     decode_gemv_forward decode_attention_forward \
-    rope_qkv_into_cache_is_exact bias_act_forward batched_decode_matches_the_cpu \
+    rope_qkv_into_cache_is_exact head_splits_and_merges_are_exact bias_act_forward batched_decode_matches_the_cpu \
     graph_decode_matches_the_eager_steps decode_profile_times_every_kind_of_launch \
     train_step_layer_nodes_match_the_composed_graph; do
     parity "$t"
 done
 # The GEMV kernels at every row count they have (the default hands batches past 4 to cuBLAS).
 parity decode_gemv_forward SHARDSMITH_CUDA_GEMV=8
+# The graph decode step with its RMSNorms as launches of their own (not folded into the GEMVs).
+parity graph_decode_matches_the_eager_steps SHARDSMITH_DECODE_NORM_FOLD=0
+parity decode_profile_times_every_kind_of_launch SHARDSMITH_DECODE_NORM_FOLD=0
 # The attention kernels in blockIdx's own order (head-major) instead of heaviest-first.
 parity causal_attention_forward_and_backward SHARDSMITH_ATTN_ORDER=head
 
@@ -142,6 +145,8 @@ step torch-attention 40 $PY attention --runs 10 --warmup 2 "${C[@]}" "${A[@]}"
 BD=(--breakdown)
 [[ -n ${GPU_SH_TINY:-} ]] && BD=()
 step ours-decode 70 "$SS" bench decode --runs 3 ${BD[@]+"${BD[@]}"} "${L[@]}" "${C[@]}" "${D[@]}"
+# The graph step with its RMSNorms as launches of their own instead of folded into the GEMVs.
+step ours-decode-no-fold 60 env SHARDSMITH_DECODE_NORM_FOLD=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-eager 60 env SHARDSMITH_CUDA_GRAPH=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-eager-events 60 env SHARDSMITH_CUDA_GRAPH=0 SHARDSMITH_CUDA_EVENTS=1 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
 step ours-decode-cublas 60 env SHARDSMITH_CUDA_GEMV=0 "$SS" bench decode --runs 3 "${L[@]}" "${C[@]}" "${D[@]}"
@@ -232,7 +237,9 @@ if att and att[0]["device"] == "cuda":
 for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     # The default's GEMV rows: those of the first decode run, which sets no variable.
     dr = next((r.get("cuda_gemv_rows") for r in rows if r["bench"] == "decode" and r["impl"] == "shardsmith"), None)
-    o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=True, cuda_events=False), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
+    folded = lambda r: r.get("decode_norm_fold", True)
+    o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=True, cuda_events=False, decode_norm_fold=folded), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
+    onf = find("decode", "shardsmith", batch=b, decode_norm_fold=False)
     oc = find("decode", "shardsmith", batch=b, cuda_gemv_rows=0)
     o8 = find("decode", "shardsmith", batch=b, cuda_gemv_rows=8)
     oe = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=False, cuda_events=False)
@@ -242,7 +249,8 @@ for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     line(name, "tokens/s", g(o, "tokens_per_s"), g(t, "tokens_per_s"),
          f"CUDA graphs {fmt(g(gr, 'tokens_per_s'))}; ours: {g(o, 'graph_replays')} steps replayed from its graph, eager {fmt(g(oe, 'tokens_per_s'))}, "
          f"eager with cudarc events {fmt(g(ov, 'tokens_per_s'))}, all GEMMs by cuBLAS {fmt(g(oc, 'tokens_per_s'))}, "
-         f"GEMV kernels to batch 8 {fmt(g(o8, 'tokens_per_s'))} ({g(o8, 'graph_replays')} replayed)")
+         f"GEMV kernels to batch 8 {fmt(g(o8, 'tokens_per_s'))} ({g(o8, 'graph_replays')} replayed), "
+         f"RMSNorms as their own launches {fmt(g(onf, 'tokens_per_s'))}")
 o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", **DEF), find("neva_step", "pytorch")
 os_ = find("neva_step", "shardsmith", flash_fwd="mma", flash_bwd="split") if DEF["flash_bwd"] != "split" else None
 ol = find("neva_step", "shardsmith", gemm="cublaslt")

@@ -337,6 +337,15 @@ pub fn cuda_graph_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_GRAPH").map_or(true, |v| v != "0"))
 }
 
+/// Whether a CUDA-graph decode step folds each RMSNorm after a residual GEMV into that GEMV's
+/// launch (`decode_graph`; gemv.cu's `gemv_add_norm`: its last block normalises, bit for bit as
+/// the RMSNorm kernel): the default; `SHARDSMITH_DECODE_NORM_FOLD=0` keeps the separate
+/// launches, for comparisons.
+pub fn decode_norm_fold() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SHARDSMITH_DECODE_NORM_FOLD").map_or(true, |v| v != "0"))
+}
+
 /// Whether cudarc's per-buffer event tracking stays on for devices shardsmith opens
 /// (`SHARDSMITH_CUDA_EVENTS=1`, for comparisons); off by default (`quiet_event_tracking`).
 pub fn cuda_events_kept() -> bool {

@@ -13,6 +13,7 @@
 #include "../src/softmax.cu"
 #include "../src/swiglu.cu"
 #include <cstdio>
+#include <string>
 #include <random>
 
 static std::mt19937 rng(7);
@@ -439,14 +440,15 @@ template <class T> void test_rmsnorm(int rows, int h, double tol) {
     std::vector<T> y(x.size()), dx(x.size());
     std::vector<float> dw(h, 0.f);
     const int bs = std::min(1024, ((h + 15) / 16 + 31) / 32 * 32);  // as ops::cuda's rms_block
+    const int bs_bwd = std::min(512, bs);                               // and rms_block_bwd
     emu::launch(dim3(rows), dim3(bs), 0, rmsnorm_fwd_any<T>, x.data(), w.data(), y.data(), h, 1e-5f);
-    emu::launch(dim3(std::min(rows, 3)), dim3(bs), (size_t)h * 4, rmsnorm_bwd_any<T>, x.data(), w.data(), g.data(),
+    emu::launch(dim3(std::min(rows, 3)), dim3(bs_bwd), (size_t)h * 4, rmsnorm_bwd_any<T>, x.data(), w.data(), g.data(),
                 (const T *)nullptr, dx.data(), dw.data(), rows, h, 1e-5f);
     // With the skip connection's gradient: the same dx, plus skip, rounded once more (exact).
     auto skip = cast<T>(randv((size_t)rows * h));
     std::vector<T> dx_skip(x.size());
     std::vector<float> dw2(h, 0.f);
-    emu::launch(dim3(2), dim3(bs), (size_t)h * 4, rmsnorm_bwd_any<T>, x.data(), w.data(), g.data(),
+    emu::launch(dim3(2), dim3(bs_bwd), (size_t)h * 4, rmsnorm_bwd_any<T>, x.data(), w.data(), g.data(),
                 (const T *)skip.data(), dx_skip.data(), dw2.data(), rows, h, 1e-5f);
     std::vector<double> want_skip(x.size());
     for (size_t i = 0; i < x.size(); ++i) want_skip[i] = to_f32(from_f32<T>(to_f32(skip[i]) + to_f32(dx[i])));
@@ -567,7 +569,8 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
     const T *xp = x.data() + 8;
     const int per_block = GEMV_WARPS * gemv_cols(M);
     emu::launch(dim3((n + per_block - 1) / per_block), dim3(32 * GEMV_WARPS), 0, gemv<T, M, MODE>, xp,
-                (long long)ldx, (const T *)w.data(), (long long)ldw, (const T *)r.data(), y.data(), n, k);
+                (long long)ldx, (const T *)w.data(), (long long)ldw, (const T *)r.data(), y.data(), n, k,
+                GemvNorm<T>{});
     auto dot = [&](int m, int row) {
         double s = 0;
         for (int i = 0; i < k; ++i) s += (double)to_f32(xp[m * ldx + i]) * to_f32(w[(size_t)row * ldw + i]);
@@ -586,6 +589,38 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
     std::snprintf(buf, sizeof buf, "gemv%s %s M%d N%d K%d", MODE == GEMV_ADD ? " + r" : MODE == GEMV_SWIGLU ? " swiglu" : "",
                   sizeof(T) == 4 ? "f32" : "bf16", M, n, k);
     check(buf, widen(y), want, tol);
+}
+
+// gemv_add_norm: y bit for bit gemv_add's, ny bit for bit rmsnorm.cu's kernel on that y (with
+// ops::cuda's rms_block threads), the count left zero; twice in a row, as a graph replays it,
+// ny poisoned before each launch.
+template <class T, int M> void test_gemv_add_norm(int n, int k) {
+    auto x = cast<T>(randv((size_t)M * k)), w = cast<T>(randv((size_t)n * k)), r = cast<T>(randv((size_t)M * n));
+    auto nw = cast<T>(randv(n, 0.5, 1.5));
+    std::vector<T> y_ref((size_t)M * n), ny_ref(y_ref.size()), y(y_ref.size()), ny(y_ref.size());
+    const int per_block = GEMV_WARPS * gemv_cols(M), blocks = (n + per_block - 1) / per_block;
+    emu::launch(dim3(blocks), dim3(32 * GEMV_WARPS), 0, gemv<T, M, GEMV_ADD>, (const T *)x.data(), (long long)k,
+                (const T *)w.data(), (long long)k, (const T *)r.data(), y_ref.data(), n, k, GemvNorm<T>{});
+    const int vb = std::min(1024, ((n + 15) / 16 + 31) / 32 * 32);
+    emu::launch(dim3(M), dim3(vb), 0, rmsnorm_fwd_any<T>, (const T *)y_ref.data(), (const T *)nw.data(),
+                ny_ref.data(), n, 1e-5f);
+    unsigned counts = 0;
+    bool same = true;
+    for (int rep = 0; rep < 2; ++rep) {
+        std::fill(ny.begin(), ny.end(), from_f32<T>(NAN));
+        emu::launch(dim3(blocks), dim3(32 * GEMV_WARPS), 0, gemv<T, M, GEMV_ADD_NORM>, (const T *)x.data(),
+                    (long long)k, (const T *)w.data(), (long long)k, (const T *)r.data(), y.data(), n, k,
+                    GemvNorm<T>{nw.data(), ny.data(), 1e-5f, vb, &counts});
+        same = same && counts == 0;
+        for (size_t i = 0; i < y.size(); ++i)
+            same = same && to_f32(y[i]) == to_f32(y_ref[i]) && to_f32(ny[i]) == to_f32(ny_ref[i]);
+    }
+    if (!same) failures++;
+    std::printf("%-44s %s\n",
+                (std::string("gemv + r + RMSNorm ") + (sizeof(T) == 4 ? "f32" : "bf16") + " M" + std::to_string(M) +
+                 " N" + std::to_string(n) + " = gemv + r, rmsnorm")
+                    .c_str(),
+                same ? "ok" : "FAIL");
 }
 
 // One query position per sequence against a KV cache of capacity `cap` > S (strided views),
@@ -726,12 +761,12 @@ void test_rope_heads(int B, int t, int h, int d, int extra, bool split, bool rot
                 const size_t heads_at = (((size_t)b * h + hi) * t + p) * d, tokens_at = b * sb + p * st + (size_t)hi * d;
                 const T *src = x + (split ? tokens_at : heads_at);
                 const size_t to = offset + (split ? heads_at : tokens_at);
+                if (!rotate) {  // every element, odd sizes' last one too
+                    for (int i = 0; i < d; ++i) want[to + i] = to_f32(src[i]);
+                    continue;
+                }
                 for (int i = 0; i < half; ++i) {
                     const float a = to_f32(src[i]), bb = to_f32(src[i + half]);
-                    if (!rotate) {
-                        want[to + i] = a, want[to + i + half] = bb;
-                        continue;
-                    }
                     const float c = to_f32(cs[p * half + i]), s = sign * to_f32(sn[p * half + i]);
                     want[to + i] = to_f32(from_f32<T>(a * c - bb * s));
                     want[to + i + half] = to_f32(from_f32<T>(bb * c + a * s));
@@ -792,6 +827,10 @@ int main() {
     test_rmsnorm<bf16>(2, 8192, 2e-2);
     test_rmsnorm<bf16>(2, 2056, 2e-2);
     test_rmsnorm<float>(2, 520, 1e-5);
+    // The one-element path with several warps (H 1001: 64 threads), and a row past the
+    // backward's reach (H 12000: the forward's 16-byte path, the backward's one-element path)
+    test_rmsnorm<bf16>(3, 1001, 2e-2);
+    test_rmsnorm<float>(2, 12000, 1e-5);
     test_softmax_ce(3, 1000);
     test_softmax_ce(4, 7);
     test_gemv<float, 1>(37, 264, 1e-5);
@@ -807,6 +846,13 @@ int main() {
     test_gemv<bf16, 4, GEMV_PLAIN>(19, 264, 1e-2);
     test_gemv<float, 8, GEMV_ADD>(37, 264, 1e-5);
     test_gemv<bf16, 6, GEMV_SWIGLU>(23, 2056, 1e-2);
+    // The next RMSNorm folded into the residual GEMV: 1 and 2 chunks a virtual thread (virtual
+    // blocks of 64, 96, 160 and 256; a partial chunk), idle warps in the last block (N 1032 at
+    // 16 columns a block)
+    test_gemv_add_norm<float, 3>(520, 40);
+    test_gemv_add_norm<bf16, 5>(4096, 16);
+    test_gemv_add_norm<bf16, 6>(1032, 16);
+    test_gemv_add_norm<bf16, 8>(2056, 8);
     test_decode_attn<float, 64>(2, 4, 2, 37, 40, 1e-5);
     test_rope_qkv_cache<float, float>(2, 1, 4, 2, 16, 9, 5);
     test_rope_qkv_cache<bf16, bf16>(1, 3, 2, 1, 8, 6, 2);
@@ -835,6 +881,12 @@ int main() {
     test_rope_heads<bf16, bf16>(2, 2, 2, 16, 5, true, true, 1.f);
     test_rope_heads<bf16, bf16>(1, 3, 2, 16, 0, false, true, 1.f, 1);
     test_rope_heads<float, float>(1, 2, 3, 12, 0, true, false, 1.f, 2);
+    // Odd head sizes moved as they are (H 8: strides multiples of 8, still the one-element path)
+    test_rope_heads<bf16, bf16>(2, 3, 8, 17, 0, false, false, 1.f);
+    test_rope_heads<bf16, bf16>(1, 2, 8, 17, 0, true, false, 1.f);
+    test_rope_heads<float, float>(1, 2, 8, 1, 8, false, false, 1.f);
+    // A merge into a column block of a wider row (split_heads_backward_cat's writes)
+    test_rope_heads<bf16, bf16>(2, 3, 2, 32, 64, false, true, -1.f);
     test_rope_qkv_cache<bf16, bf16>(2, 1, 4, 2, 16, 9, 5, true);
     test_rope_qkv_cache<float, float>(1, 1, 2, 1, 8, 6, 0, true);
     test_embed_rows<float>(11, 24);

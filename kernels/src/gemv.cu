@@ -20,6 +20,14 @@
 //   gemv_swiglu_T_mM    w [2N, K] = gate rows then up rows (the fused gate/up weight);
 //                       y = silu(g)·u with g = x·w[n]ᵀ, u = x·w[N + n]ᵀ each rounded to T first,
 //                       exactly swiglu.cu's formula: the composed GEMV + SwiGLU bit for bit.
+//   gemv_add_norm_T_mM  gemv_add, then ny [M, N] = RMSNorm(y) · nw (the next RMSNorm, saving its
+//                       launch): every block counts itself done on `counts` (one u32, zero before
+//                       and left zero after), and the last one normalises y's rows, exactly as
+//                       rmsnorm.cu's 16-byte path does with `vb` = ops::cuda's rms_block(N)
+//                       threads (its 128 threads take the vb virtual ones' sums in turn, then the
+//                       same trees: bit for bit), reading y past L1 (other blocks wrote it).
+//                       N % 8 == 0, vb a multiple of 32 with ⌈N/8 / vb⌉ ≤ 2, nw and ny 16-byte
+//                       aligned (the graph decode step's own buffers; ops::decode_graph checks).
 // Launch: grid ⌈N / (4·C)⌉ with C = gemv_cols(M) ∈ {1, 2, 4} output columns per warp, block 128
 //         (4 warps), no shared memory: warp i of block b computes columns (4b + i)·C .. + C for
 //         all M rows. Lane l reads the 8-element chunks l, l + 32, l + 64, … of those columns'
@@ -72,7 +80,62 @@ __device__ __forceinline__ void unpack8(const Chunk8<float> &c, float v[8]) {
     for (int i = 0; i < 8; ++i) v[i] = __uint_as_float(w[i]);
 }
 
-enum GemvEpilogue { GEMV_PLAIN = 0, GEMV_ADD = 1, GEMV_SWIGLU = 2 };
+enum GemvEpilogue { GEMV_PLAIN = 0, GEMV_ADD = 1, GEMV_SWIGLU = 2, GEMV_ADD_NORM = 3 };
+
+// Eight elements of T as f32, loaded past L1 (written by other blocks of this launch).
+__device__ __forceinline__ void load8_cg(const bf16 *p, float v[8]) {
+    const uint4 u = __ldcg(reinterpret_cast<const uint4 *>(p));
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void load8_cg(const float *p, float v[8]) {
+    const float4 a = __ldcg(reinterpret_cast<const float4 *>(p)), b = __ldcg(reinterpret_cast<const float4 *>(p) + 1);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+// gemv_add_norm's last block: ny [M, n] = RMSNorm(y [M, n]) · nw as rmsnorm_fwd_wide computes it
+// with vb threads. Virtual thread v (warp v / 32) sums its chunks (c·vb + v)·8, c = 0, 1, in
+// order; real warp i takes virtual warps i, i + GEMV_WARPS, …; block_sum's second tree follows.
+template <typename T, int M>
+__device__ void gemv_norm_rows(const T *y, const T *__restrict__ nw, T *__restrict__ ny, int n, float eps, int vb) {
+    __shared__ float part[32];  // the virtual warps' sums
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nvw = vb / 32;
+    const int ch = (n / 8 + vb - 1) / vb;
+    for (int m = 0; m < M; ++m) {
+        const T *yr = y + (long long)m * n;
+        for (int vw = warp; vw < nvw; vw += GEMV_WARPS) {
+            const int v = 32 * vw + lane;
+            float ss = 0.f;
+            for (int c = 0; c < ch; ++c) {
+                const int i = (c * vb + v) * 8;
+                if (i < n) {
+                    float xv[8];
+                    load8_cg(yr + i, xv);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) ss = fmaf(xv[j], xv[j], ss);
+                }
+            }
+            ss = warp_sum(ss);
+            if (lane == 0) part[vw] = ss;
+        }
+        __syncthreads();
+        const float total = warp_sum(lane < nvw ? part[lane] : 0.f);  // every warp: the same value
+        const float r = 1.0f / sqrtf(total / (float)n + eps);
+        for (int i = 8 * (int)threadIdx.x; i < n; i += 8 * (int)blockDim.x) {
+            float xv[8], wv[8], o[8];
+            load8_cg(yr + i, xv);
+            load8(nw + i, wv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) o[j] = wv[j] * to_f32(from_f32<T>(xv[j] * r));
+            store8(ny + (long long)m * n + i, o);
+        }
+        __syncthreads();  // `part` is the next row's
+    }
+}
 
 // One step of a lane: the chunks c0, c0 + 32, …, c0 + 32·(U − 1) of each of the R weight rows
 // `wr`, all loads issued before the first product. FULL: every one of them exists (no bounds
@@ -112,9 +175,32 @@ __device__ __forceinline__ void gemv_step(const T *__restrict__ x, long long ldx
 // (ops::cuda::gemv) sizes the grid with the same function.
 __host__ __device__ constexpr int gemv_cols(int m) { return m <= 2 ? 1 : m <= 4 ? 2 : 4; }
 
+// The next RMSNorm of gemv_add_norm: its weight, output, eps, virtual block size and count.
+template <typename T> struct GemvNorm {
+    const T *nw;
+    T *ny;
+    float eps;
+    int vb;
+    unsigned *counts;
+};
+
+// The end of every warp of a gemv_add_norm block (whether or not it had columns): the block
+// counts itself done once its stores are visible, and the last block of the launch normalises.
+template <typename T, int M> __device__ void gemv_norm_tail(const T *y, int n, const GemvNorm<T> &norm) {
+    __shared__ bool last;
+    __threadfence();  // this block's y, device-wide before its count
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(norm.counts, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // the other blocks' y, after their counts
+    gemv_norm_rows<T, M>(y, norm.nw, norm.ny, n, norm.eps, norm.vb);
+    if (threadIdx.x == 0) *norm.counts = 0;  // for the next launch (stream-ordered)
+}
+
 template <typename T, int M, int MODE>
 __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict__ w, long long ldw,
-                     const T *__restrict__ r, T *__restrict__ y, int n, int k) {
+                     const T *__restrict__ r, T *__restrict__ y, int n, int k, GemvNorm<T> norm = {}) {
     constexpr int C = gemv_cols(M);                 // output columns per warp
     constexpr int R = MODE == GEMV_SWIGLU ? 2 : 1;  // weight rows per output column
     constexpr int NR = R * C;                       // weight rows per warp: q·C + j
@@ -122,7 +208,12 @@ __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict
     constexpr int U = (sizeof(T) == 2 ? 8 : 4) / NR > 0 ? (sizeof(T) == 2 ? 8 : 4) / NR : 1;
     const int lane = threadIdx.x & 31;
     const int col0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * C;
-    if (col0 >= n) return;  // the whole warp: no shuffles below are left half-done
+    // A warp past N has nothing to compute (as a whole: no shuffle below is left half-done); with
+    // the norm it still takes part in the block's count.
+    if (col0 >= n) {
+        if constexpr (MODE == GEMV_ADD_NORM) gemv_norm_tail<T, M>(y, n, norm);
+        return;
+    }
     const T *wr[NR];
 #pragma unroll
     for (int q = 0; q < R; ++q)
@@ -151,7 +242,7 @@ __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict
                 const long long o = (long long)m * n + col0 + j;
                 if (MODE == GEMV_PLAIN) {
                     y[o] = from_f32<T>(acc[j][m]);
-                } else if (MODE == GEMV_ADD) {
+                } else if (MODE == GEMV_ADD || MODE == GEMV_ADD_NORM) {
                     y[o] = from_f32<T>(to_f32(from_f32<T>(acc[j][m])) + to_f32(r[o]));
                 } else {
                     const float g = to_f32(from_f32<T>(acc[j][m])), u = to_f32(from_f32<T>(acc[C + j][m]));
@@ -160,6 +251,7 @@ __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict
             }
         }
     }
+    if constexpr (MODE == GEMV_ADD_NORM) gemv_norm_tail<T, M>(y, n, norm);
 }
 
 #define GEMV(TY, NAME, M)                                                                                 \
@@ -176,6 +268,12 @@ __device__ void gemv(const T *__restrict__ x, long long ldx, const T *__restrict
         gemv_swiglu_##NAME##_m##M(const TY *x, long long ldx, const TY *w, long long ldw, TY *y, int n,    \
                                   int k) {                                                                \
         gemv<TY, M, GEMV_SWIGLU>(x, ldx, w, ldw, nullptr, y, n, k);                                       \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                         \
+        gemv_add_norm_##NAME##_m##M(const TY *x, long long ldx, const TY *w, long long ldw, const TY *r,   \
+                                    TY *y, int n, int k, const TY *nw, TY *ny, float eps, int vb,          \
+                                    unsigned *counts) {                                                   \
+        gemv<TY, M, GEMV_ADD_NORM>(x, ldx, w, ldw, r, y, n, k, GemvNorm<TY>{nw, ny, eps, vb, counts});   \
     }
 #define GEMV_ALL_M(TY, NAME) \
     GEMV(TY, NAME, 1)        \

@@ -5,10 +5,12 @@
 //         the gradient arriving around the norm by the residual connection, added to dx.
 // Launch: fwd  grid (R), block B = ⌈H/16⌉ rounded up to a multiple of 32, at most 1024 (two
 //              16-byte chunks a thread), no dynamic smem.
-//         bwd  grid (min(R, ~2·SMs)), block B as above, dynamic smem 4·H bytes (the one-element
+//         bwd  grid (min(R, ~2·SMs)), block B as above but at most 512 (its __launch_bounds__:
+//              the 16-byte path holds four arrays of chunks), dynamic smem 4·H bytes (the one-element
 //              path's dw partial sums; the caller opts in above 48 KiB); each block strides
 //              over rows.
-// Paths: with H a multiple of 8, every pointer 16-byte aligned and H ≤ 2·8·B, each thread
+// Paths: with H a multiple of 8, every pointer 16-byte aligned and H ≤ 2·8·B (the backward:
+//        H ≤ 8192 at its 512 threads), each thread
 //        keeps its part of a row in registers — chunk c ∈ {0, 1} of 8
 //        consecutive elements at (c·B + thread)·8, moved by 16-byte accesses — so x (and g, w,
 //        skip) are read once (the backward keeps w and its dw partial sums in registers across
@@ -206,7 +208,7 @@ __device__ void rmsnorm_bwd_any(const T *x, const T *w, const T *g, const T *ski
     extern "C" __global__ void rmsnorm_fwd_##NAME(const TY *x, const TY *w, TY *y, int h, float eps) { \
         rmsnorm_fwd_any<TY>(x, w, y, h, eps);                                                         \
     }                                                                                                 \
-    extern "C" __global__ void rmsnorm_bwd_##NAME(const TY *x, const TY *w, const TY *g, const TY *skip, \
+    extern "C" __global__ void __launch_bounds__(512) rmsnorm_bwd_##NAME(const TY *x, const TY *w, const TY *g, const TY *skip, \
                                                   TY *dx, float *dw, int rows, int h, float eps) {    \
         rmsnorm_bwd_any<TY>(x, w, g, skip, dx, dw, rows, h, eps);                                     \
     }

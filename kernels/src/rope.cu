@@ -31,8 +31,8 @@
 //         heads side, else the reverse; `rotate` applies the rotation by sign·θ (sign ±1: −1 is
 //         its transpose, the backward), else the heads are moved as they are.
 // Launch: 1-D grid-stride over B·H·T·(D/2 or D)/W work items, block 256, where W = 8 consecutive
-//         elements moved with 16-byte accesses when every pointer is 16-byte aligned and sb, st
-//         and D/2 are multiples of 8, else W = 1.
+//         elements moved with 16-byte accesses when every pointer is 16-byte aligned, sb and st
+//         are multiples of 8 and D of 16, else W = 1.
 // Numerics: the rotation as rope's (each product and sum rounded on its own, then to T once) with
 //           s·sign in place of s: bit-identical to ops::heads' CPU pass and to the composed
 //           copy + rope (whose backward passes −sin).
@@ -161,7 +161,7 @@ __device__ void rope_heads(const T *__restrict__ x, T *__restrict__ y, const C *
                            const C *__restrict__ sin, int b, int t, int h, int d, long long sb, long long st,
                            int split, int rotate, float sign) {
     // The tables are read only when rotating (the caller may pass empty ones otherwise).
-    const bool wide = aligned16(x) && aligned16(y) && sb % 8 == 0 && st % 8 == 0 && (d / 2) % 8 == 0 &&
+    const bool wide = aligned16(x) && aligned16(y) && sb % 8 == 0 && st % 8 == 0 && d % 16 == 0 &&
                       (!rotate || (aligned16(cos) && aligned16(sin)));
     if (wide)
         rope_heads_w<8>(x, y, cos, sin, b, t, h, d, sb, st, split != 0, rotate != 0, sign);

@@ -541,6 +541,7 @@ pub fn decode(
             "cuda_gemv_rows": crate::ops::cuda_gemv_rows()?,
             "cuda_graph": crate::ops::cuda_graph_enabled(),
             "cuda_events": crate::ops::cuda_events_kept(),
+            "decode_norm_fold": crate::ops::decode_norm_fold(),
             "graph_replays": replayed,
             "prefill_ms": prefill * 1e3,
             "ms_per_step": decode / steps as f64 * 1e3,

@@ -112,10 +112,17 @@ fn row_block(n: usize, max: usize) -> u32 {
     n.div_ceil(32).clamp(1, max / 32) as u32 * 32
 }
 
-/// rmsnorm.cu's block for rows of `h`: two 16-byte chunks of 8 a thread (its fast path keeps
-/// them in registers), a multiple of 32 threads, at most 1024.
+/// rmsnorm.cu's forward block for rows of `h`: two 16-byte chunks of 8 a thread (its fast path
+/// keeps them in registers), a multiple of 32 threads, at most 1024.
 fn rms_block(h: usize) -> u32 {
     row_block(h.div_ceil(16), 1024)
+}
+
+/// The backward's block: as the forward's, at most 512 threads (its `__launch_bounds__`: the
+/// backward keeps four arrays of chunks in registers, more than 1024 threads could hold; rows
+/// past 8192 take its one-element path).
+fn rms_block_bwd(h: usize) -> u32 {
+    row_block(h.div_ceil(16), 512)
 }
 
 /// The contiguous elements of `l` in `s`.
@@ -265,7 +272,7 @@ pub(super) fn rms_norm_bwd(
         b.arg(&rows32).arg(&h32).arg(&eps);
         // SAFETY: matches rmsnorm.cu; dw is zero-filled, smem holds h floats, skip (or a null
         // pointer) holds rows·h elements like x.
-        unsafe { b.launch(cfg((grid, 1, 1), rms_block(h), smem)) }.w()?;
+        unsafe { b.launch(cfg((grid, 1, 1), rms_block_bwd(h), smem)) }.w()?;
         Ok((tensor(dx, dev, x.shape().clone()), tensor(dw, dev, h)))
     })
 }
@@ -822,7 +829,8 @@ pub(super) fn gemv(
             let ((x, _gx), (w, _gw)) = (xv.device_ptr(&stream), wv.device_ptr(&stream));
             let r = rv.as_ref().map(|r| r.device_ptr(&stream));
             let (ya, _gy) = y.device_ptr_mut(&stream);
-            let args = GemvArgs { x, ldx, w, ldw, r: r.as_ref().map(|(a, _)| *a), y: ya, m, n, k };
+            let args =
+                GemvArgs { x, ldx, w, ldw, r: r.as_ref().map(|(a, _)| *a), y: ya, m, n, k, norm: None };
             // SAFETY: x holds M rows ldx apart, w N (2N for SwiGLU) rows ldw apart (sliced to
             // exactly that), both 16-byte aligned: every CudaStorage is a candle allocation
             // (cuMemAllocAsync: 256-byte aligned) and the offsets and strides were checked to be
@@ -1065,6 +1073,8 @@ pub(super) enum GemvKind {
     Plain,
     Add,
     SwiGlu,
+    /// Add, then the RMSNorm of the result ([`GemvNormArgs`]).
+    AddNorm,
 }
 
 pub(super) fn gemv_function(
@@ -1077,6 +1087,7 @@ pub(super) fn gemv_function(
         GemvKind::Plain => "gemv",
         GemvKind::Add => "gemv_add",
         GemvKind::SwiGlu => "gemv_swiglu",
+        GemvKind::AddNorm => "gemv_add_norm",
     };
     function(dev, &kernels::GEMV, &format!("{kind}_{}_m{m}", suffix(dtype, "matmul (gemv)")?))
 }
@@ -1093,11 +1104,30 @@ pub(super) struct GemvArgs {
     pub m: usize,
     pub n: usize,
     pub k: usize,
+    /// The RMSNorm `GemvKind::AddNorm` applies to y.
+    pub norm: Option<GemvNormArgs>,
+}
+
+/// The RMSNorm after an add-epilogue GEMV (gemv.cu's `gemv_add_norm`): weight `w` [n], output
+/// `y` [m, n] (both 16-byte aligned), eps, and `counts`, one u32 zero before the launch.
+#[derive(Clone, Copy)]
+pub(super) struct GemvNormArgs {
+    pub w: Addr,
+    pub y: Addr,
+    pub eps: f32,
+    pub counts: Addr,
+}
+
+/// Whether gemv_add_norm can normalise rows of `n` exactly as rmsnorm.cu does (its 16-byte
+/// path: n a multiple of 8, at most two chunks of 8 a thread of [`rms_block`]).
+pub(super) fn gemv_norm_fits(n: usize) -> bool {
+    n.is_multiple_of(8) && n.div_ceil(8).div_ceil(rms_block(n) as usize) <= 2
 }
 
 /// # Safety
 /// The buffers hold what [`GemvArgs`] says, x and w 16-byte aligned with k, ldx and ldw
-/// multiples of 8 (gemv.cu's header), 1 ≤ m ≤ 8, `r` is given exactly for `GemvKind::Add`.
+/// multiples of 8 (gemv.cu's header), 1 ≤ m ≤ 8, `r` is given exactly for `GemvKind::Add` and
+/// `AddNorm`, `norm` exactly for `AddNorm` (with [`gemv_norm_fits`] for n).
 pub(super) unsafe fn launch_gemv(stream: &CudaStream, f: &CudaFunction, a: &GemvArgs) -> Result<()> {
     let (ldx, ldw, n32, k32) = (a.ldx as i64, a.ldw as i64, a.n as i32, a.k as i32);
     let mut b = stream.launch_builder(f);
@@ -1106,6 +1136,10 @@ pub(super) unsafe fn launch_gemv(stream: &CudaStream, f: &CudaFunction, a: &Gemv
         b.arg(r);
     }
     b.arg(&a.y).arg(&n32).arg(&k32);
+    let vb = rms_block(a.n) as i32;
+    if let Some(norm) = &a.norm {
+        b.arg(&norm.w).arg(&norm.y).arg(&norm.eps).arg(&vb).arg(&norm.counts);
+    }
     let blocks = a.n.div_ceil(GEMV_WARPS * gemv_cols(a.m));
     unsafe { b.launch(cfg((blocks as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }.w()?;
     Ok(())

@@ -22,9 +22,9 @@
 
 use super::attention::decode_graph_splits;
 use super::cuda::{
-    decode_attention_functions, embed_rows_function, gemv_function, launch_decode_attention,
+    decode_attention_functions, embed_rows_function, gemv_function, gemv_norm_fits, launch_decode_attention,
     launch_embed_rows, launch_gemv, launch_rms_norm, launch_rope_qkv, rms_norm_function, rope_qkv_function,
-    tensor_address, Addr, DecodeAttnArgs, GemvArgs, GemvKind, RopeQkvArgs, StepPos,
+    tensor_address, Addr, DecodeAttnArgs, GemvArgs, GemvKind, GemvNormArgs, RopeQkvArgs, StepPos,
 };
 use super::linear::GEMV_MAX_ROWS;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -153,10 +153,10 @@ impl StepKernel {
             StepKernel::Qkv => "q/k/v GEMV",
             StepKernel::RopeQkv => "rope + KV-cache write",
             StepKernel::Attention => "decode attention (+ combine)",
-            StepKernel::OProjAdd => "o_proj GEMV + residual",
+            StepKernel::OProjAdd => "o_proj GEMV + residual (+ post-attention RMSNorm, folded)",
             StepKernel::MlpNorm => "post-attention RMSNorm",
             StepKernel::GateUpSwiglu => "gate/up GEMV + SwiGLU",
-            StepKernel::DownAdd => "down GEMV + residual",
+            StepKernel::DownAdd => "down GEMV + residual (+ next RMSNorm, folded)",
             StepKernel::FinalNorm => "final RMSNorm",
             StepKernel::Head => "lm_head GEMV",
         }
@@ -197,12 +197,14 @@ pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f
         Ok((t0.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64, calls))
     };
     let (whole, _) = time(&|_| true)?;
+    // Kinds the step does not launch (the norms folded into the GEMVs before them) are left out.
     let kinds = StepKernel::ALL
         .iter()
         .map(|&kernel| {
             let (ms, calls) = time(&|k| k == kernel)?;
             Ok(KernelTime { kernel, calls, ms })
         })
+        .filter(|t| !matches!(t, Ok(KernelTime { calls: 0, .. })))
         .collect::<Result<Vec<_>>>()?;
     Ok((whole, kinds))
 }
@@ -318,6 +320,7 @@ impl DecodeGraph {
         let fn_plain = gemv_function(dev, GemvKind::Plain, dtype, rows)?;
         let fn_add = gemv_function(dev, GemvKind::Add, dtype, rows)?;
         let fn_swiglu = gemv_function(dev, GemvKind::SwiGlu, dtype, rows)?;
+        let fn_add_norm = gemv_function(dev, GemvKind::AddNorm, dtype, rows)?;
 
         // Work buffers (the graph's own; the residual stream ping-pongs between xa and xb so no
         // kernel writes the buffer it reads its residual from).
@@ -339,6 +342,7 @@ impl DecodeGraph {
         } else {
             None
         };
+        let norm_counts = work(1, DType::U32)?; // gemv_add_norm's count (left zero by each launch)
         let stream = dev.cuda_stream();
         let inputs = stream.alloc_zeros::<u32>(rows + 2).w()?;
 
@@ -347,6 +351,7 @@ impl DecodeGraph {
         let (a_qkv, a_qrot, a_att, a_act) =
             (at(&qkv, "qkv")?, at(&q_rot, "q")?, at(&att, "att")?, at(&act, "act")?);
         let a_logits = at(&logits, "logits")?;
+        let a_norm_counts = at(&norm_counts, "norm counts")?;
         let a_partials = match &partials {
             Some((po, pm, pl, _)) => Some((at(po, "po")?, at(pm, "pm")?, at(pl, "pl")?)),
             None => None,
@@ -410,7 +415,20 @@ impl DecodeGraph {
             m: rows,
             n,
             k,
+            norm: None,
         };
+        // Each RMSNorm after a residual GEMV (the post-attention norm after o_proj, the next
+        // layer's input norm or the final norm after down_proj) folded into that GEMV's launch,
+        // into hn, where its output is exactly the RMSNorm kernel's: the norm weights 16-byte
+        // aligned (else the eager kernel takes its one-element path) and H within the fold's
+        // reach. The first layer's input norm, after the embedding, stays a launch.
+        let norms = layers.iter().flat_map(|l| [l.attn_norm, l.mlp_norm]).chain([a_norm]);
+        let fold = super::decode_norm_fold() && gemv_norm_fits(h) && norms.clone().all(|a| a % 16 == 0);
+        let residual_gemv = |x: Addr, k: usize, w: Addr, r: Addr, y: Addr, then_norm: Addr| GemvArgs {
+            norm: fold.then_some(GemvNormArgs { w: then_norm, y: a_hn, eps, counts: a_norm_counts }),
+            ..gemv(x, k, w, Some(r), y, h)
+        };
+        let fn_residual = if fold { &fn_add_norm } else { &fn_add };
         let calls = Cell::new(0);
         // Whether to record a launch of kind `k` (counted).
         let kept = |k: StepKernel| {
@@ -445,8 +463,15 @@ impl DecodeGraph {
                 if kept(Embed) {
                     launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
                 }
-                for l in &layers {
-                    normed_gemv((InputNorm, Qkv), &fn_plain, [a_xa, l.attn_norm, l.qkv, a_qkv], nqkv)?;
+                for (i, l) in layers.iter().enumerate() {
+                    if fold && i > 0 {
+                        // hn holds this layer's input norm: the previous down_proj's launch.
+                        if kept(Qkv) {
+                            launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv))?;
+                        }
+                    } else {
+                        normed_gemv((InputNorm, Qkv), &fn_plain, [a_xa, l.attn_norm, l.qkv, a_qkv], nqkv)?;
+                    }
                     let qkv_args = RopeQkvArgs {
                         q: (a_qkv, row_strides),
                         k: (offset(a_qkv, nq, dtype), row_strides),
@@ -475,19 +500,40 @@ impl DecodeGraph {
                         launch_decode_attention(&stream, (&fn_attn.0, &fn_attn.1), &attn_args)?;
                     }
                     if kept(OProjAdd) {
-                        launch_gemv(&stream, &fn_add, &gemv(a_att, nq, l.o, Some(a_xa), a_xb, h))?;
+                        launch_gemv(
+                            &stream,
+                            fn_residual,
+                            &residual_gemv(a_att, nq, l.o, a_xa, a_xb, l.mlp_norm),
+                        )?;
                     }
-                    normed_gemv(
-                        (MlpNorm, GateUpSwiglu),
-                        &fn_swiglu,
-                        [a_xb, l.mlp_norm, l.gate_up, a_act],
-                        f,
-                    )?;
+                    if fold {
+                        if kept(GateUpSwiglu) {
+                            launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f))?;
+                        }
+                    } else {
+                        normed_gemv(
+                            (MlpNorm, GateUpSwiglu),
+                            &fn_swiglu,
+                            [a_xb, l.mlp_norm, l.gate_up, a_act],
+                            f,
+                        )?;
+                    }
+                    let next_norm = layers.get(i + 1).map_or(a_norm, |n| n.attn_norm);
                     if kept(DownAdd) {
-                        launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h))?;
+                        launch_gemv(
+                            &stream,
+                            fn_residual,
+                            &residual_gemv(a_act, f, l.down, a_xb, a_xa, next_norm),
+                        )?;
                     }
                 }
-                normed_gemv((FinalNorm, Head), &fn_plain, [a_xa, a_norm, a_head, a_logits], vocab_rows)?;
+                if fold {
+                    if kept(Head) {
+                        launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, a_head, None, a_logits, vocab_rows))?;
+                    }
+                } else {
+                    normed_gemv((FinalNorm, Head), &fn_plain, [a_xa, a_norm, a_head, a_logits], vocab_rows)?;
+                }
             }
             Ok(())
         };
@@ -502,7 +548,7 @@ impl DecodeGraph {
         graph.upload().w()?;
 
         let model_ids = m.tensors().iter().map(|t| t.id()).collect();
-        let mut work = vec![xa, xb, hn, qkv, q_rot, att, act];
+        let mut work = vec![xa, xb, hn, qkv, q_rot, att, act, norm_counts];
         work.extend(partials.into_iter().flat_map(|(po, pm, pl, counts)| [po, pm, pl, counts]));
         let graph = DecodeGraph {
             graph: OwnedGraph(graph),

@@ -254,6 +254,10 @@ pub fn split_heads_backward_cat(parts: &[(&Tensor, Option<(&Tensor, &Tensor)>)])
             );
         }
         if let Some((c, s)) = rope {
+            // Rotation pairs the two halves of a head: an odd size would leave an element unwritten.
+            if !d.is_multiple_of(2) {
+                bail!("split-heads backward: rotary heads need an even size, got {d}");
+            }
             for table in [c, s] {
                 if table.elem_count() < t * d / 2 {
                     bail!(
