@@ -117,6 +117,8 @@ done
 for g in cublas cublaslt; do
     step ours-gpu-layer-gemm-$g 60 env SHARDSMITH_GEMM=$g "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 done
+# q, k and v as three products in the layer node instead of one over their stacked weights.
+step ours-gpu-layer-qkv-apart 60 env SHARDSMITH_NODE_FUSED_QKV=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 # f32 master weights, as `train` keeps them: cast to bf16 each step, the weight gradients f32
 # products (cuBLAS by default, ops::linear::GemmBackend::for_product; candle's product widened
 # by a second pass with SHARDSMITH_GEMM=candle).
@@ -190,7 +192,9 @@ g = lambda r, k: None if r is None else r[k]
 # Weights in the compute dtype (older runs wrote no "masters"), or f32 masters under bf16.
 same_masters = lambda r: r.get("masters", r["dtype"]) == r["dtype"]
 f32_masters = lambda r: r.get("masters") == "f32" and r["dtype"] != "f32"
-o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", masters=same_masters, **DEF), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+fused = lambda r: r.get("fused_qkv", True)
+o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", masters=same_masters, fused_qkv=fused, **DEF), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+oq = find("gpu_layer", "shardsmith", fused_qkv=False)
 om, omc = (find("gpu_layer", "shardsmith", masters=f32_masters, gemm_f32=x) for x in ("cublas", "candle"))
 # The layer's variant runs are told apart from its GEMM-library runs by gemm; attention rows have no gemm.
 kern = lambda bench, key, **kv: ", ".join(f"{f}+{b} {fmt(g(find(bench, 'shardsmith', flash_fwd=f, flash_bwd=b, **kv), key))}" for f, b in VARIANTS)
@@ -202,7 +206,8 @@ if o or t:
     name = f"LLaMA-7B layers ×{r['layers']} fwd+bwd, B{r['batch']}×S{r['seq']}"
     line(name, "TFLOP/s", g(o, "tflops"), g(t, "tflops"),
          f"full ckpt {fmt(g(c, 'tflops'))}; ours composed {fmt(g(oc, 'tflops'))}, pool released {fmt(g(op, 'tflops'))}; "
-         f"attention fwd+bwd kernels {kern('gpu_layer', 'tflops', gemm='candle')}; GEMMs by {gemms('gpu_layer', 'tflops')}")
+         f"attention fwd+bwd kernels {kern('gpu_layer', 'tflops', gemm='candle')}; GEMMs by {gemms('gpu_layer', 'tflops')}; "
+         f"q/k/v as three products {fmt(g(oq, 'tflops'))}")
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
     line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
     line(name + ", f32 master weights (ours; PyTorch: bf16 weights)", "MFU %", mfu(om), mfu(t),

@@ -346,6 +346,14 @@ pub fn decode_norm_fold() -> bool {
     *ON.get_or_init(|| std::env::var("SHARDSMITH_DECODE_NORM_FOLD").map_or(true, |v| v != "0"))
 }
 
+/// Whether a training layer node on CUDA runs q, k and v as one product over their stacked
+/// weights (`models::llama`'s `NodeQkv`): the default; `SHARDSMITH_NODE_FUSED_QKV=0` runs three,
+/// for comparisons.
+pub fn node_fused_qkv() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SHARDSMITH_NODE_FUSED_QKV").map_or(true, |v| v != "0"))
+}
+
 /// Whether cudarc's per-buffer event tracking stays on for devices shardsmith opens
 /// (`SHARDSMITH_CUDA_EVENTS=1`, for comparisons); off by default (`quiet_event_tracking`).
 pub fn cuda_events_kept() -> bool {

@@ -180,6 +180,7 @@ pub fn gpu_layer(
         "flash_fwd": flash_names()?.0,
         "flash_bwd": flash_names()?.1,
         "masters": dtype_name(weights.dtype),
+        "fused_qkv": crate::ops::node_fused_qkv(),
         "gemm": GemmBackend::from_env()?.name(),
         "gemm_f32": GemmBackend::for_product(true)?.name(),
         "step_ms": secs * 1e3,

@@ -1435,9 +1435,10 @@ impl Llama {
             && ops::attention::kernel_supports(x.device(), x.dtype(), layer.self_attn.head_dim)
         {
             self.node_forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // q/k/v as one product on CUDA; on the CPU the frozen weights' pre-packed panels
-            // (per projection) are worth more.
-            return layer.forward_node(x, &s.cos, &s.sin, &self.param_grads, x.device().is_cuda());
+            // q/k/v as one product on CUDA (`SHARDSMITH_NODE_FUSED_QKV=0`: three); on the CPU
+            // the frozen weights' pre-packed panels (per projection) are worth more.
+            let fuse_qkv = x.device().is_cuda() && ops::node_fused_qkv();
+            return layer.forward_node(x, &s.cos, &s.sin, &self.param_grads, fuse_qkv);
         }
         layer.forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
     }
