@@ -986,7 +986,7 @@ fn decode_profile_times_every_kind_of_launch() {
     assert!(step.is_finite() && step > 0.0);
     // With the RMSNorms folded into the residual GEMVs (the default), only the first layer's
     // input norm is a launch of its own.
-    let fold = shardsmith::ops::decode_norm_fold();
+    let fold = shardsmith::ops::decode_graph::folds(1, shape.hidden);
     let folded = |k: &StepKernel| fold && matches!(k, StepKernel::MlpNorm | StepKernel::FinalNorm);
     let expected: Vec<StepKernel> = StepKernel::ALL.into_iter().filter(|k| !folded(k)).collect();
     assert_eq!(kinds.iter().map(|k| k.kernel).collect::<Vec<_>>(), expected);

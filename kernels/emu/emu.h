@@ -447,6 +447,8 @@ struct CUtensorMap {
 };
 
 namespace emu {
+// Run the next launches' blocks in reverse index order (see launch).
+inline bool reverse_blocks = false;
 inline CUtensorMap encode_tiled(const void *base, int rank, const uint64_t *dims, const uint64_t *strides,
                                 const uint32_t *box, bool swizzle128) {
     CUtensorMap m;
@@ -522,9 +524,14 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
     if (n % 32 != 0) throw "emu: block size must be a multiple of 32";
     gridDim = grid;
     blockDim = block;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
+    for (unsigned bz0 = 0; bz0 < grid.z; ++bz0)
+        for (unsigned by0 = 0; by0 < grid.y; ++by0)
+            for (unsigned bx0 = 0; bx0 < grid.x; ++bx0) {
+                // Blocks run in index order, or in reverse with `reverse_blocks` (kernels whose
+                // blocks signal one another must not depend on which finishes last).
+                const unsigned bz = reverse_blocks ? grid.z - 1 - bz0 : bz0;
+                const unsigned by = reverse_blocks ? grid.y - 1 - by0 : by0;
+                const unsigned bx = reverse_blocks ? grid.x - 1 - bx0 : bx0;
                 std::barrier<> bar(n);
                 block_bar = &bar;
                 warps.clear();

@@ -593,7 +593,7 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
 
 // gemv_add_norm: y bit for bit gemv_add's, ny bit for bit rmsnorm.cu's kernel on that y (with
 // ops::cuda's rms_block threads), the count left zero; twice in a row, as a graph replays it,
-// ny poisoned before each launch.
+// blocks in index order then in reverse, y and ny poisoned before each launch.
 template <class T, int M> void test_gemv_add_norm(int n, int k) {
     auto x = cast<T>(randv((size_t)M * k)), w = cast<T>(randv((size_t)n * k)), r = cast<T>(randv((size_t)M * n));
     auto nw = cast<T>(randv(n, 0.5, 1.5));
@@ -608,9 +608,12 @@ template <class T, int M> void test_gemv_add_norm(int n, int k) {
     bool same = true;
     for (int rep = 0; rep < 2; ++rep) {
         std::fill(ny.begin(), ny.end(), from_f32<T>(NAN));
+        std::fill(y.begin(), y.end(), from_f32<T>(NAN));
+        emu::reverse_blocks = rep == 1;
         emu::launch(dim3(blocks), dim3(32 * GEMV_WARPS), 0, gemv<T, M, GEMV_ADD_NORM>, (const T *)x.data(),
                     (long long)k, (const T *)w.data(), (long long)k, (const T *)r.data(), y.data(), n, k,
                     GemvNorm<T>{nw.data(), ny.data(), 1e-5f, vb, &counts});
+        emu::reverse_blocks = false;
         same = same && counts == 0;
         for (size_t i = 0; i < y.size(); ++i)
             same = same && to_f32(y[i]) == to_f32(y_ref[i]) && to_f32(ny[i]) == to_f32(ny_ref[i]);
@@ -646,16 +649,21 @@ void test_decode_attn(int B, int hq, int hk, int s, int cap, double tol, bool de
         emu::launch(dim3(hq, B), dim3((D + 31) / 32 * 32), 0, decode_attn_combine<T>, (const float *)po.data(),
                     (const float *)pm.data(), (const float *)pl.data(), out.data(), hq, D, ns);
     // The same launch with counts: the last split of each row combines, bit for bit as the
-    // combine kernel, and leaves the counts at zero. Twice, as a graph replays it.
+    // combine kernel, and leaves the counts at zero. Twice, as a graph replays it: blocks in
+    // index order, then in reverse (so that the last to finish is another split), the partials
+    // and the output poisoned before each (a premature combine would read or leave NaN).
     std::vector<unsigned> counts((size_t)B * hq, 0);
     std::vector<T> out_counted(out.size());
-    for (auto *part : {&po, &pm, &pl}) std::fill(part->begin(), part->end(), NAN);  // a premature combine shows
     bool same = true;
     for (int rep = 0; rep < 2; ++rep) {
+        for (auto *part : {&po, &pm, &pl}) std::fill(part->begin(), part->end(), NAN);
+        std::fill(out_counted.begin(), out_counted.end(), from_f32<T>(NAN));
+        emu::reverse_blocks = rep == 1;
         emu::launch(dim3(hq, B, ns), dim3(32 * DECODE_WARPS), 0, decode_attn<T, D>, (const T *)q.data(),
                     (const T *)k.data(), (const T *)v.data(), sb, sh, out_counted.data(), po.data(), pm.data(),
                     pl.data(), hq, hk, device_s ? -1 : s, split_want, scale,
                     device_s ? &s_dev : (const int *)nullptr, counts.data());
+        emu::reverse_blocks = false;
         same = same && std::all_of(counts.begin(), counts.end(), [](unsigned c) { return c == 0; });
         for (size_t i = 0; i < out.size(); ++i) same = same && to_f32(out[i]) == to_f32(out_counted[i]);
     }

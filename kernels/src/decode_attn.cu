@@ -12,9 +12,11 @@
 //         contribute nothing (max −∞, sum 0) to the combine.
 //         Split S (NS > 1): po [B, Hq, NS, D] f32 (unnormalised partial outputs), pm, pl
 //         [B, Hq, NS] f32 (each split's max and sum of exponentials, base 2); counts (nullable)
-//         [B, Hq] u32, zero before the launch and left zero after it: each split counts itself
-//         done, and the last of a row's splits combines them (decode_combine_row, after a fence
-//         on both sides of the count), so no combine launch follows.
+//         [B, Hq] u32, zero before the launch and left zero after it, used by no other launch
+//         running meanwhile: each split counts itself done, and the last of a row's splits
+//         combines them (decode_combine_row), so no combine launch follows. The CUDA-graph
+//         step passes its own; eager launches pass none (streams are per thread, and tensor-
+//         parallel ranks decode on one device at once).
 // Launch: decode_attn_T_dD    grid (Hq, B, NS), block 128 (4 warps), static smem only. Split z
 //                             handles keys [z·C, min(S, (z+1)·C)) with C = decode_chunk(S, want):
 //                             S spread over `want` splits in multiples of 64 keys, at most
@@ -150,13 +152,18 @@ __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, co
         pl[row * ns + split] = l;
     }
     if (ns > 1 && counts) {
+        // The block's partials reach thread 0 by the barrier; its fences order them device-wide
+        // before the count, and the other splits' (counted before) before the combine's reads
+        // (cooperative groups' grid sync does the same).
         __shared__ bool last;
-        __threadfence();  // this split's partials, device-wide before its count
         __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(counts + row, 1u) == (unsigned)ns - 1;
+        if (threadIdx.x == 0) {
+            __threadfence();
+            last = atomicAdd(counts + row, 1u) == (unsigned)ns - 1;
+            __threadfence();
+        }
         __syncthreads();
         if (last) {
-            __threadfence();  // the other splits' partials, after their counts
             decode_combine_row(po, pm, pl, out, row, D, ns);
             if (threadIdx.x == 0) counts[row] = 0;  // for the next launch (stream-ordered)
         }

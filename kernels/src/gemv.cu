@@ -107,6 +107,7 @@ __device__ void gemv_norm_rows(const T *y, const T *__restrict__ nw, T *__restri
     const int ch = (n / 8 + vb - 1) / vb;
     for (int m = 0; m < M; ++m) {
         const T *yr = y + (long long)m * n;
+#pragma unroll 2
         for (int vw = warp; vw < nvw; vw += GEMV_WARPS) {
             const int v = 32 * vw + lane;
             float ss = 0.f;
@@ -125,6 +126,7 @@ __device__ void gemv_norm_rows(const T *y, const T *__restrict__ nw, T *__restri
         __syncthreads();
         const float total = warp_sum(lane < nvw ? part[lane] : 0.f);  // every warp: the same value
         const float r = 1.0f / sqrtf(total / (float)n + eps);
+#pragma unroll 4
         for (int i = 8 * (int)threadIdx.x; i < n; i += 8 * (int)blockDim.x) {
             float xv[8], wv[8], o[8];
             load8_cg(yr + i, xv);
@@ -187,13 +189,17 @@ template <typename T> struct GemvNorm {
 // The end of every warp of a gemv_add_norm block (whether or not it had columns): the block
 // counts itself done once its stores are visible, and the last block of the launch normalises.
 template <typename T, int M> __device__ void gemv_norm_tail(const T *y, int n, const GemvNorm<T> &norm) {
+    // The block's y reaches thread 0 by the barrier; its fences order it device-wide before the
+    // count, and the other blocks' y (counted before) before the norm's reads.
     __shared__ bool last;
-    __threadfence();  // this block's y, device-wide before its count
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(norm.counts, 1u) == gridDim.x - 1;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(norm.counts, 1u) == gridDim.x - 1;
+        __threadfence();
+    }
     __syncthreads();
     if (!last) return;
-    __threadfence();  // the other blocks' y, after their counts
     gemv_norm_rows<T, M>(y, norm.nw, norm.ny, n, norm.eps, norm.vb);
     if (threadIdx.x == 0) *norm.counts = 0;  // for the next launch (stream-ordered)
 }

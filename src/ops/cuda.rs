@@ -994,7 +994,10 @@ pub(super) fn decode_attention(
                 splits: ns,
                 keys: StepPos::Host(s),
                 scale,
-                counts: if ns > 1 { decode_counts(dev, rows)? } else { 0 },
+                // No counts: this thread's stream may run beside another's on the device (the
+                // ranks of a tensor-parallel model decode at once), and a shared count would mix
+                // their splits; the combine kernel follows instead (the same arithmetic).
+                counts: 0,
             };
             // SAFETY: q holds B·Hq rows of D, k and v every (b, h, j) row the strides reach
             // (sliced to exactly that), NS = decode_splits for S; po/pm/pl hold every split's
@@ -1212,29 +1215,6 @@ pub(super) unsafe fn launch_embed_rows(
     Ok(())
 }
 
-/// Rows (B·Hq) of the per-device counts that eager decode-attention launches share.
-const DECODE_COUNTS: usize = 1 << 16;
-
-/// The device's zeroed counts for eager decode attention (decode_attn.cu's `counts`), or 0 (the
-/// combine kernel then runs) past [`DECODE_COUNTS`] rows. Every launch leaves them zero, and
-/// launches run one after another on candle's stream, so one buffer serves them all; it lives
-/// as long as the process. A CUDA-graph step passes its own (`ops::decode_graph`).
-fn decode_counts(dev: &CudaDevice, rows: usize) -> Result<Addr> {
-    type Counts = Mutex<HashMap<DeviceId, CudaSlice<u32>>>;
-    static COUNTS: OnceLock<Counts> = OnceLock::new();
-    if rows > DECODE_COUNTS {
-        return Ok(0);
-    }
-    let mut map = COUNTS.get_or_init(Default::default).lock().expect("decode counts");
-    let counts = match map.entry(dev.id()) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => e.insert(dev.alloc_zeros::<u32>(DECODE_COUNTS)?),
-    };
-    let stream = dev.cuda_stream();
-    let (addr, _sync) = counts.device_ptr(&stream);
-    Ok(addr)
-}
-
 /// decode_attn.cu's (attention, combine) kernels for a dtype and head dim.
 pub(super) fn decode_attention_functions(
     dev: &CudaDevice,
@@ -1267,13 +1247,14 @@ pub(super) struct DecodeAttnArgs {
     pub keys: StepPos,
     pub scale: f32,
     /// [B, Hq] u32 zeros (0: none) when NS > 1: the last split of each row combines and the
-    /// combine launch is skipped (decode_attn.cu's `counts`).
+    /// combine launch is skipped (decode_attn.cu's `counts`). Only a CUDA-graph step's own.
     pub counts: Addr,
 }
 
 /// # Safety
 /// The buffers hold what decode_attn.cu's header says; `partials` is given exactly when
-/// `splits` > 1, and `counts`, when not 0, holds B·Hq zeroed u32 no other launch uses meanwhile;
+/// `splits` > 1, and `counts`, when not 0, holds B·Hq zeroed u32 that no launch on any stream
+/// uses meanwhile;
 /// the functions are [`decode_attention_functions`] for the buffers' dtype and D.
 pub(super) unsafe fn launch_decode_attention(
     stream: &CudaStream,

@@ -163,6 +163,15 @@ impl StepKernel {
     }
 }
 
+/// Whether a step for `rows` sequences of hidden size `h` folds each RMSNorm after a residual
+/// GEMV into it (gemv.cu's `gemv_add_norm`; also needs the norm weights 16-byte aligned): where
+/// enabled ([`super::decode_norm_fold`]), for rows of a size the fold replays exactly
+/// ([`gemv_norm_fits`]), and for 1 or 2 sequences: the launch's last block normalises the rows
+/// one after another, where the RMSNorm kernel spreads them over blocks.
+pub fn folds(rows: usize, h: usize) -> bool {
+    super::decode_norm_fold() && gemv_norm_fits(h) && rows <= 2
+}
+
 /// One kind of launch's share of a decode step ([`profile`]).
 #[derive(Clone, Copy, Debug)]
 pub struct KernelTime {
@@ -197,14 +206,17 @@ pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f
         Ok((t0.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64, calls))
     };
     let (whole, _) = time(&|_| true)?;
-    // Kinds the step does not launch (the norms folded into the GEMVs before them) are left out.
+    // Kinds the step does not launch (the norms folded into the GEMVs before them) are left out
+    // before recording: their graphs would be empty.
+    let h = m.embed.dim(1)?;
+    let folded = |k: StepKernel| folds(rows, h) && matches!(k, StepKernel::MlpNorm | StepKernel::FinalNorm);
     let kinds = StepKernel::ALL
-        .iter()
-        .map(|&kernel| {
+        .into_iter()
+        .filter(|&k| !folded(k))
+        .map(|kernel| {
             let (ms, calls) = time(&|k| k == kernel)?;
             Ok(KernelTime { kernel, calls, ms })
         })
-        .filter(|t| !matches!(t, Ok(KernelTime { calls: 0, .. })))
         .collect::<Result<Vec<_>>>()?;
     Ok((whole, kinds))
 }
@@ -421,9 +433,9 @@ impl DecodeGraph {
         // layer's input norm or the final norm after down_proj) folded into that GEMV's launch,
         // into hn, where its output is exactly the RMSNorm kernel's: the norm weights 16-byte
         // aligned (else the eager kernel takes its one-element path) and H within the fold's
-        // reach. The first layer's input norm, after the embedding, stays a launch.
+        // reach ([`folds`]). The first layer's input norm, after the embedding, stays a launch.
         let norms = layers.iter().flat_map(|l| [l.attn_norm, l.mlp_norm]).chain([a_norm]);
-        let fold = super::decode_norm_fold() && gemv_norm_fits(h) && norms.clone().all(|a| a % 16 == 0);
+        let fold = folds(rows, h) && norms.clone().all(|a| a % 16 == 0);
         let residual_gemv = |x: Addr, k: usize, w: Addr, r: Addr, y: Addr, then_norm: Addr| GemvArgs {
             norm: fold.then_some(GemvNormArgs { w: then_norm, y: a_hn, eps, counts: a_norm_counts }),
             ..gemv(x, k, w, Some(r), y, h)
