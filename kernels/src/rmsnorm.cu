@@ -10,11 +10,13 @@
 //              path's dw partial sums; the caller opts in above 48 KiB); each block strides
 //              over rows.
 // Paths: with H a multiple of 8, every pointer 16-byte aligned and H ≤ 2·8·B (the backward:
-//        H ≤ 8192 at its 512 threads), each thread
-//        keeps its part of a row in registers — chunk c ∈ {0, 1} of 8
-//        consecutive elements at (c·B + thread)·8, moved by 16-byte accesses — so x (and g, w,
-//        skip) are read once (the backward keeps w and its dw partial sums in registers across
-//        rows too); otherwise one element at a time, x read twice.
+//        H ≤ 8192 at its 512 threads), each thread keeps its part of a row in registers —
+//        chunk c ∈ {0, 1} of 8 consecutive elements at (c·B + thread)·8, moved by 16-byte
+//        accesses — so x (and g, w, skip) are read once (the backward keeps w and its dw partial
+//        sums in registers across rows too); otherwise one element at a time, x read twice.
+//        gemv.cu's gemv_add_norm replays the forward's 16-byte path bit for bit (the graph decode
+//        step's folded norms): change the two together (the emulator's test_gemv_add_norm
+//        compares them).
 // Numerics (reference: cpu_fwd of ops::RmsNorm and its composed backward):
 //   fwd  r = 1 / sqrt(Σx²/H + eps) in f32 (each thread's elements in order, then the block's
 //        tree; the two paths group the terms differently), y = round_T(w · round_T(x · r)):
