@@ -90,12 +90,16 @@ impl GemmBackend {
     /// 22016·4096·8192) 1.07–2.15 ms against 1.46–2.86 ms, 1.3–1.45× (H200, BENCHMARKS.md
     /// part 14, `bench gemm`), and exact to the f32 sums.
     pub fn for_product(widen: bool) -> Result<GemmBackend> {
-        static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let set = *SET.get_or_init(|| std::env::var(Self::VAR).is_ok_and(|v| !v.is_empty()));
-        if widen && !set {
+        if Self::defaults_to_cublas(widen) {
             return Ok(GemmBackend::Cublas);
         }
         Self::from_env()
+    }
+
+    /// Whether [`GemmBackend::for_product`] picks cuBLAS by default rather than as asked.
+    fn defaults_to_cublas(widen: bool) -> bool {
+        static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        widen && !*SET.get_or_init(|| std::env::var(Self::VAR).is_ok_and(|v| !v.is_empty()))
     }
 }
 
@@ -220,8 +224,13 @@ impl CustomOp2 for Matmul {
             Some(b) => b,
             None => GemmBackend::for_product(self.widen)?,
         };
-        if let Some(c) = super::cublas::gemm(backend, s1, l1, s2, l2, (m, n, k), self.widen)? {
-            return Ok((c, out_shape(shape, n)));
+        match super::cublas::gemm(backend, s1, l1, s2, l2, (m, n, k), self.widen) {
+            Ok(Some(c)) => return Ok((c, out_shape(shape, n))),
+            Ok(None) => {}
+            // cuBLAS picked by default (not asked for) and unable to run, e.g. no memory left
+            // for its handles' workspace: candle's product, as before that default.
+            Err(_) if self.backend.is_none() && GemmBackend::defaults_to_cublas(self.widen) => {}
+            Err(e) => return Err(e),
         }
         // candle's matmul reads only unpadded operands (plain or transposed): a padded view the
         // library turned down (its algorithms want aligned leading dims) is copied first.
