@@ -160,6 +160,7 @@ step ours-neva-pool-off 60 env SHARDSMITH_CUDA_POOL_KEEP=0 "$SS" bench neva-step
 step ours-neva-split 60 env SHARDSMITH_FLASH_FWD=mma SHARDSMITH_FLASH_BWD=split "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 [[ -n ${GPU_SH_TINY:-} ]] || step ours-neva-wgmma 60 env SHARDSMITH_FLASH_FWD=wgmma SHARDSMITH_FLASH_BWD=wgmma "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step ours-neva-gemm-cublaslt 60 env SHARDSMITH_GEMM=cublaslt "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
+step ours-neva-qkv-apart 60 env SHARDSMITH_NODE_FUSED_QKV=0 "$SS" bench neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 step torch-neva 60 $PY neva-step --runs 3 "${L[@]}" "${C[@]}" "${N[@]}"
 
 echo "### results ($GPU, peak $PEAK TFLOP/s bf16 for MFU; $((SECONDS - START)) s)"
@@ -256,7 +257,8 @@ for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
          f"eager with cudarc events {fmt(g(ov, 'tokens_per_s'))}, all GEMMs by cuBLAS {fmt(g(oc, 'tokens_per_s'))}, "
          f"GEMV kernels to batch 8 {fmt(g(o8, 'tokens_per_s'))} ({g(o8, 'graph_replays')} replayed), "
          f"RMSNorms as their own launches {fmt(g(onf, 'tokens_per_s'))}")
-o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", **DEF), find("neva_step", "pytorch")
+o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", fused_qkv=fused, **DEF), find("neva_step", "pytorch")
+oq = find("neva_step", "shardsmith", fused_qkv=False)
 os_ = find("neva_step", "shardsmith", flash_fwd="mma", flash_bwd="split") if DEF["flash_bwd"] != "split" else None
 ol = find("neva_step", "shardsmith", gemm="cublaslt")
 of = find("neva_step", "shardsmith", flash_fwd="wgmma", flash_bwd="wgmma")
@@ -268,7 +270,8 @@ if o or t:
     parts = lambda r: "—" if r is None else f"fwd+bwd {r['fwd_bwd_ms']:.1f}, vision+projector fwd {r['vision_projector_ms']:.1f}"
     line(name, "step ms (ratio: eager ÷ ours)", g(o, "step_ms"), g(t, "step_ms"),
          f"ours: {parts(o)}; composed {fmt(g(oc, 'step_ms'))} ({parts(oc)}); pool released {fmt(g(op, 'step_ms'))}; "
-         f"attention kernels mma+split {fmt(g(os_, 'step_ms'))}, wgmma+wgmma {fmt(g(of, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}", higher_better=False)
+         f"attention kernels mma+split {fmt(g(os_, 'step_ms'))}, wgmma+wgmma {fmt(g(of, 'step_ms'))}; GEMMs by cublaslt {fmt(g(ol, 'step_ms'))}; "
+         f"q/k/v as three products {fmt(g(oq, 'step_ms'))}", higher_better=False)
 gemm_rows = [r for r in rows if r["bench"] == "gemm" and r["impl"] == "shardsmith" and r["gemm"] == "candle"]
 if gemm_rows:
     out += ["", "| GEMM (bf16) | M×N×K | candle TFLOP/s | cublas | cublaslt | PyTorch |", "|---|---|---|---|---|---|"]

@@ -698,6 +698,7 @@ pub fn neva_step(s: &LlamaShape, v: &ClipShape, o: &NevaStepOptions, c: &Common)
         "flash_bwd": flash_names()?.1,
         "gemm": GemmBackend::from_env()?.name(),
         "gemm_f32": GemmBackend::for_product(true)?.name(),
+        "fused_qkv": crate::ops::node_fused_qkv(),
         "loss": loss,
         "step_ms": secs * 1e3,
         "fwd_bwd_ms": fwd_bwd * 1e3,
