@@ -83,18 +83,11 @@ __device__ __forceinline__ void unpack8(const Chunk8<float> &c, float v[8]) {
 enum GemvEpilogue { GEMV_PLAIN = 0, GEMV_ADD = 1, GEMV_SWIGLU = 2, GEMV_ADD_NORM = 3 };
 
 // Eight elements of T as f32, loaded past L1 (written by other blocks of this launch).
-__device__ __forceinline__ void load8_cg(const bf16 *p, float v[8]) {
-    const uint4 u = __ldcg(reinterpret_cast<const uint4 *>(p));
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+template <typename T> __device__ __forceinline__ void load8_cg(const T *p, float v[8]) {
+    Chunk8<T> c;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-__device__ __forceinline__ void load8_cg(const float *p, float v[8]) {
-    const float4 a = __ldcg(reinterpret_cast<const float4 *>(p)), b = __ldcg(reinterpret_cast<const float4 *>(p) + 1);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) c.u[i] = __ldcg(reinterpret_cast<const uint4 *>(p) + i);
+    unpack8(c, v);
 }
 
 // gemv_add_norm's last block: ny [M, n] = RMSNorm(y [M, n]) · nw as rmsnorm_fwd_wide computes it

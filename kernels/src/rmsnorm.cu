@@ -80,6 +80,9 @@ __device__ void rmsnorm_bwd(const T *__restrict__ x, const T *__restrict__ w, co
     for (int i = threadIdx.x; i < h; i += blockDim.x) atomicAdd(dw + i, dw_part[i]);
 }
 
+// The first element of this thread's chunk c on the 16-byte path.
+__device__ __forceinline__ int wide_at(int c) { return (c * (int)blockDim.x + (int)threadIdx.x) * 8; }
+
 // The 16-byte path (see Paths): CH chunks of 8 per thread.
 template <typename T, int CH>
 __device__ void rmsnorm_fwd_wide(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, int h,
@@ -92,7 +95,7 @@ __device__ void rmsnorm_fwd_wide(const T *__restrict__ x, const T *__restrict__ 
     float ss = 0.f;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-        const int i = (c * (int)blockDim.x + (int)threadIdx.x) * 8;
+        const int i = wide_at(c);
         if (i < h) {
             load8(xr + i, v[c]);
             load8(w + i, wv[c]);
@@ -104,7 +107,7 @@ __device__ void rmsnorm_fwd_wide(const T *__restrict__ x, const T *__restrict__ 
     const float r = 1.0f / sqrtf(ss / (float)h + eps);
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-        const int i = (c * (int)blockDim.x + (int)threadIdx.x) * 8;
+        const int i = wide_at(c);
         if (i < h) {
             float o[8];
 #pragma unroll
@@ -122,7 +125,7 @@ __device__ void rmsnorm_bwd_wide(const T *__restrict__ x, const T *__restrict__ 
     float wv[CH][8], acc[CH][8];
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-        const int i = (c * (int)blockDim.x + (int)threadIdx.x) * 8;
+        const int i = wide_at(c);
         if (i < h) load8(w + i, wv[c]);
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[c][j] = 0.f;
@@ -135,7 +138,7 @@ __device__ void rmsnorm_bwd_wide(const T *__restrict__ x, const T *__restrict__ 
         float ss = 0.f, gwx = 0.f;
 #pragma unroll
         for (int c = 0; c < CH; ++c) {
-            const int i = (c * (int)blockDim.x + (int)threadIdx.x) * 8;
+            const int i = wide_at(c);
             if (i < h) {
                 load8(xr + i, xv[c]);
                 load8(gr + i, gv[c]);
@@ -152,7 +155,7 @@ __device__ void rmsnorm_bwd_wide(const T *__restrict__ x, const T *__restrict__ 
         const float dot = gwx * r / (float)h;
 #pragma unroll
         for (int c = 0; c < CH; ++c) {
-            const int i = (c * (int)blockDim.x + (int)threadIdx.x) * 8;
+            const int i = wide_at(c);
             if (i < h) {
                 float o[8], sk[8];
                 if (sr) load8(sr + i, sk);
@@ -169,7 +172,7 @@ __device__ void rmsnorm_bwd_wide(const T *__restrict__ x, const T *__restrict__ 
     }
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-        const int i = (c * (int)blockDim.x + (int)threadIdx.x) * 8;
+        const int i = wide_at(c);
         if (i < h) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) atomicAdd(dw + i + j, acc[c][j]);

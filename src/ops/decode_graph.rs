@@ -448,16 +448,17 @@ impl DecodeGraph {
             calls.set(calls.get() + on as usize);
             on
         };
-        // RMSNorm of x (weight `gw`) into hn, then y = hn·wᵀ by `gemv_fn` (its kinds `norm` and
-        // `product`).
+        // RMSNorm of x (weight `gw`) into hn, unless the residual GEMV before it left it there
+        // (`folded`), then y = hn·wᵀ by `gemv_fn` (its kinds `norm` and `product`).
         // SAFETY: as for the launches in `record` below.
         let normed_gemv = |(norm, product): (StepKernel, StepKernel),
                            gemv_fn: &CudaFunction,
                            [x, gw, w, y]: [Addr; 4],
-                           n: usize|
+                           n: usize,
+                           folded: bool|
          -> Result<()> {
             unsafe {
-                if kept(norm) {
+                if !folded && kept(norm) {
                     launch_rms_norm(&stream, &fn_norm, [x, gw, a_hn], rows, h, eps)?;
                 }
                 if kept(product) {
@@ -476,14 +477,15 @@ impl DecodeGraph {
                     launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
                 }
                 for (i, l) in layers.iter().enumerate() {
-                    if fold && i > 0 {
-                        // hn holds this layer's input norm: the previous down_proj's launch.
-                        if kept(Qkv) {
-                            launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, l.qkv, None, a_qkv, nqkv))?;
-                        }
-                    } else {
-                        normed_gemv((InputNorm, Qkv), &fn_plain, [a_xa, l.attn_norm, l.qkv, a_qkv], nqkv)?;
-                    }
+                    // Past the first layer, the previous down_proj's launch left this input norm.
+                    let folded = fold && i > 0;
+                    normed_gemv(
+                        (InputNorm, Qkv),
+                        &fn_plain,
+                        [a_xa, l.attn_norm, l.qkv, a_qkv],
+                        nqkv,
+                        folded,
+                    )?;
                     let qkv_args = RopeQkvArgs {
                         q: (a_qkv, row_strides),
                         k: (offset(a_qkv, nq, dtype), row_strides),
@@ -518,18 +520,13 @@ impl DecodeGraph {
                             &residual_gemv(a_att, nq, l.o, a_xa, a_xb, l.mlp_norm),
                         )?;
                     }
-                    if fold {
-                        if kept(GateUpSwiglu) {
-                            launch_gemv(&stream, &fn_swiglu, &gemv(a_hn, h, l.gate_up, None, a_act, f))?;
-                        }
-                    } else {
-                        normed_gemv(
-                            (MlpNorm, GateUpSwiglu),
-                            &fn_swiglu,
-                            [a_xb, l.mlp_norm, l.gate_up, a_act],
-                            f,
-                        )?;
-                    }
+                    normed_gemv(
+                        (MlpNorm, GateUpSwiglu),
+                        &fn_swiglu,
+                        [a_xb, l.mlp_norm, l.gate_up, a_act],
+                        f,
+                        fold,
+                    )?;
                     let next_norm = layers.get(i + 1).map_or(a_norm, |n| n.attn_norm);
                     if kept(DownAdd) {
                         launch_gemv(
@@ -539,13 +536,13 @@ impl DecodeGraph {
                         )?;
                     }
                 }
-                if fold {
-                    if kept(Head) {
-                        launch_gemv(&stream, &fn_plain, &gemv(a_hn, h, a_head, None, a_logits, vocab_rows))?;
-                    }
-                } else {
-                    normed_gemv((FinalNorm, Head), &fn_plain, [a_xa, a_norm, a_head, a_logits], vocab_rows)?;
-                }
+                normed_gemv(
+                    (FinalNorm, Head),
+                    &fn_plain,
+                    [a_xa, a_norm, a_head, a_logits],
+                    vocab_rows,
+                    fold,
+                )?;
             }
             Ok(())
         };
