@@ -339,11 +339,12 @@ pub fn cuda_graph_enabled() -> bool {
 
 /// Whether a CUDA-graph decode step folds each RMSNorm after a residual GEMV into that GEMV's
 /// launch (`decode_graph`; gemv.cu's `gemv_add_norm`: its last block normalises, bit for bit as
-/// the RMSNorm kernel): the default; `SHARDSMITH_DECODE_NORM_FOLD=0` keeps the separate
-/// launches, for comparisons.
+/// the RMSNorm kernel) when `SHARDSMITH_DECODE_NORM_FOLD=1`. Off by default: on an H200 the
+/// folded step was slower (238.6 against 246.7 tokens/s at batch 1, BENCHMARKS.md part 16): the
+/// last block's normalisation adds ~2.5 µs to its GEMV, more than the launch it saves.
 pub fn decode_norm_fold() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SHARDSMITH_DECODE_NORM_FOLD").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("SHARDSMITH_DECODE_NORM_FOLD").is_ok_and(|v| v == "1"))
 }
 
 /// Whether a training layer node on CUDA runs q, k and v as one product over their stacked

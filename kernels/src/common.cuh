@@ -61,6 +61,47 @@ __device__ __forceinline__ void store8(bf16 *p, const float v[8]) {
 }
 __device__ __forceinline__ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// Eight elements of T as raw 16-byte words, loaded streaming (read once: no L1 allocation, so
+// L1 keeps what is read again, as a GEMV's x), and unpacked when used: a kernel that issues
+// several loads before it needs any keeps them raw, or the compiler waits on each to convert it.
+template <typename T> struct Chunk8 {
+    uint4 u[sizeof(T) / 2];
+};
+
+__device__ __forceinline__ uint4 ld_stream16(const void *p) {
+#ifdef SHARDSMITH_EMU
+    return *reinterpret_cast<const uint4 *>(p);
+#else
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+#endif
+}
+
+template <typename T> __device__ __forceinline__ Chunk8<T> load_chunk_stream(const T *p) {
+    Chunk8<T> c;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) c.u[i] = ld_stream16(reinterpret_cast<const uint4 *>(p) + i);
+    return c;
+}
+
+// The chunk's eight values as f32.
+__device__ __forceinline__ void unpack8(const Chunk8<bf16> &c, float v[8]) {
+    const uint32_t w[4] = {c.u[0].x, c.u[0].y, c.u[0].z, c.u[0].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void unpack8(const Chunk8<float> &c, float v[8]) {
+    const uint32_t w[8] = {c.u[0].x, c.u[0].y, c.u[0].z, c.u[0].w, c.u[1].x, c.u[1].y, c.u[1].z, c.u[1].w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __uint_as_float(w[i]);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -29,7 +29,8 @@
 //                                when the splits ran without counts.
 //         Inside a block, lanes work in groups of L = D/8 rounded up to a power of two: lane
 //         `sub` of a group holds elements 8·sub..8·sub+7 of a row (16-byte loads when T is bf16),
-//         each group takes one key (or V row) per step, 32/L of them per warp.
+//         each group takes one key (or V row) per step, 32/L of them per warp, and issues the
+//         loads of DECODE_INFLIGHT steps before it uses the first.
 // Numerics: f32 throughout: s_j = Σ_d q_d·k_jd · (scale·log2 e), m = max s, p_j = 2^(s_j − m),
 //           l = Σ p_j, o = Σ p_j·v_j / l, rounded to T once (the composed path rounds the scores
 //           and P to T as well). Splits combine as o = Σ 2^(m_i − M)·o_i / Σ 2^(m_i − M)·l_i.
@@ -41,6 +42,11 @@
 constexpr int DECODE_WARPS = 4;
 constexpr int DECODE_CHUNK = 512;     // most keys per split (the scores' shared array)
 constexpr int DECODE_MIN_CHUNK = 64;  // fewest keys per split (a smaller split's work is its launch)
+// Keys (and V rows) a lane group loads before it uses any. The kernel is latency-bound: a block
+// of 4 warps moves 8 rows (2 KB at D = 128, bf16) per dependent round trip to memory, where an
+// SM needs ~25 KB in flight to draw its share of HBM bandwidth (~36 B/ns × ~700 ns). With one
+// row in flight, 256 keys in 4 splits took 12.5 µs a layer (H200, run 8's decode breakdown).
+constexpr int DECODE_INFLIGHT = 8;
 
 // Keys per split for S keys spread over `want` splits: ⌈S / want⌉ rounded up to a multiple of
 // DECODE_MIN_CHUNK, clamped to [DECODE_MIN_CHUNK, DECODE_CHUNK]. ops::attention::decode::splits
@@ -97,19 +103,39 @@ __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, co
 #pragma unroll
         for (int i = 0; i < 8; ++i) qv[i] *= scale * LOG2E_F;
     }
-    // Scores: group `slot` of warp `warp` takes keys warp·PER_WARP + slot, + STEP, ...
-    for (int base = warp * PER_WARP; base < n; base += STEP) {
-        const int j = base + slot;
-        float part = 0.f;
-        if (active && j < n) {
-            float kr[8];
-            load8(kh + (long long)(j0 + j) * D + 8 * sub, kr);
+    // V rows of the group (see below) DECODE_INFLIGHT at a time, the first of them issued with
+    // the first keys: their round trip overlaps the scores' and softmax's (a 64-key split is one).
+    const int v0 = warp * PER_WARP + slot;
+    Chunk8<T> vr[DECODE_INFLIGHT];
+    auto load_v = [&](int base) {
 #pragma unroll
-            for (int i = 0; i < 8; ++i) part = fmaf(qv[i], kr[i], part);
+        for (int u = 0; u < DECODE_INFLIGHT; ++u)
+            if (active && base + u * STEP < n) vr[u] = load_chunk_stream(vh + (long long)(j0 + base + u * STEP) * D + 8 * sub);
+    };
+    load_v(v0);
+    // Scores: group `slot` of warp `warp` takes keys warp·PER_WARP + slot, + STEP, ..., loading
+    // DECODE_INFLIGHT of them before using any.
+    for (int base = warp * PER_WARP; base < n; base += STEP * DECODE_INFLIGHT) {
+        Chunk8<T> kr[DECODE_INFLIGHT];
+#pragma unroll
+        for (int u = 0; u < DECODE_INFLIGHT; ++u) {
+            const int j = base + u * STEP + slot;
+            if (active && j < n) kr[u] = load_chunk_stream(kh + (long long)(j0 + j) * D + 8 * sub);
         }
 #pragma unroll
-        for (int o = L / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-        if (sub == 0 && j < n) p[j] = part;
+        for (int u = 0; u < DECODE_INFLIGHT; ++u) {
+            const int j = base + u * STEP + slot;
+            float part = 0.f;
+            if (active && j < n) {
+                float kf[8];
+                unpack8(kr[u], kf);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) part = fmaf(qv[i], kf[i], part);
+            }
+#pragma unroll
+            for (int o = L / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+            if (sub == 0 && j < n) p[j] = part;
+        }
     }
     __syncthreads();
     float m = -INFINITY;
@@ -122,15 +148,21 @@ __device__ void decode_attn(const T *__restrict__ q, const T *__restrict__ k, co
         l += e;
     }
     l = block_sum(l, scratch);  // its barriers also publish p
-    // o = Σ p_j v_j: group `slot` takes rows as above, lane `sub` its 8 columns.
+    // o = Σ p_j v_j: group `slot` takes rows as the keys (summed in their order), lane `sub` its
+    // 8 columns.
     if (active) {
         float acc[8] = {};
-        for (int j = warp * PER_WARP + slot; j < n; j += STEP) {
-            float vr[8];
-            load8(vh + (long long)(j0 + j) * D + 8 * sub, vr);
-            const float pj = p[j];
+        for (int base = v0; base < n; base += STEP * DECODE_INFLIGHT) {
+            if (base != v0) load_v(base);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[i] = fmaf(pj, vr[i], acc[i]);
+            for (int u = 0; u < DECODE_INFLIGHT; ++u) {
+                if (base + u * STEP >= n) break;
+                const float pj = p[base + u * STEP];
+                float vf[8];
+                unpack8(vr[u], vf);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[i] = fmaf(pj, vf[i], acc[i]);
+            }
         }
 #pragma unroll
         for (int i = 0; i < 8; ++i) red[warp * PER_WARP + slot][8 * sub + i] = acc[i];
