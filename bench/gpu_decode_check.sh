@@ -5,7 +5,7 @@
 # alternating runs of the default and of each A/B variable given, and the 7B layer bench twice
 # (its run-to-run spread, next to the 60% MFU line). Same carry as bench/gpu.sh
 # (bash bench/gpu_carry.sh here); on the GPU machine, from the repository root:
-#   bash bench/gpu_decode_check.sh [VAR=VALUE ...]     (default: SHARDSMITH_DECODE_NORM_FOLD=1)
+#   bash bench/gpu_decode_check.sh [VAR=VALUE ...]     (default: SHARDSMITH_DECODE_NORM_FOLD=0)
 # JSON lines of every run in $OUT/decode_check.jsonl when $OUT is set.
 set -uo pipefail
 START=$SECONDS
@@ -17,7 +17,7 @@ RES=${OUT:-$W}/decode_check.jsonl
 : >"$RES"
 status=0
 VARIANTS=("$@")
-((${#VARIANTS[@]})) || VARIANTS=(SHARDSMITH_DECODE_NORM_FOLD=1)
+((${#VARIANTS[@]})) || VARIANTS=(SHARDSMITH_DECODE_NORM_FOLD=0)
 
 for t in decode_attention_forward batched_decode_matches_the_cpu graph_decode_matches_the_eager_steps \
     decode_profile_times_every_kind_of_launch; do

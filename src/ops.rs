@@ -337,14 +337,16 @@ pub fn cuda_graph_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("SHARDSMITH_CUDA_GRAPH").map_or(true, |v| v != "0"))
 }
 
-/// Whether a CUDA-graph decode step folds each RMSNorm after a residual GEMV into that GEMV's
-/// launch (`decode_graph`; gemv.cu's `gemv_add_norm`: its last block normalises, bit for bit as
-/// the RMSNorm kernel) when `SHARDSMITH_DECODE_NORM_FOLD=1`. Off by default: on an H200 the
-/// folded step was slower (238.6 against 246.7 tokens/s at batch 1, BENCHMARKS.md part 16): the
-/// last block's normalisation adds ~2.5 µs to its GEMV, more than the launch it saves.
+/// Whether a CUDA-graph decode step folds each RMSNorm into the GEMV that reads its output
+/// (`decode_graph`; gemv.cu's `gemv_norm`: every block normalises x into shared memory, bit for
+/// bit as the RMSNorm kernel, before its product): the default, 263.0–263.7 against
+/// 258.3–259.5 tokens/s at batch 1 on an H200 (BENCHMARKS.md part 16);
+/// `SHARDSMITH_DECODE_NORM_FOLD=0` keeps the separate launches, for comparisons. (A first fold,
+/// into the residual GEMV before each norm with its last block normalising, was slower than
+/// separate launches and is gone.)
 pub fn decode_norm_fold() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SHARDSMITH_DECODE_NORM_FOLD").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("SHARDSMITH_DECODE_NORM_FOLD").map_or(true, |v| v != "0"))
 }
 
 /// Whether a training layer node on CUDA runs q, k and v as one product over their stacked

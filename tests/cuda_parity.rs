@@ -995,15 +995,16 @@ fn decode_profile_times_every_kind_of_launch() {
     let (step, kinds) = model.single_mut().unwrap().decode_profile(1, 5).unwrap();
     println!("parity decode profile: step {step:.4} ms; {kinds:?}");
     assert!(step.is_finite() && step > 0.0);
-    // With the RMSNorms folded into the residual GEMVs (the default), only the first layer's
-    // input norm is a launch of its own.
-    let fold = shardsmith::ops::decode_graph::folds(1, shape.hidden);
-    let folded = |k: &StepKernel| fold && matches!(k, StepKernel::MlpNorm | StepKernel::FinalNorm);
-    let expected: Vec<StepKernel> = StepKernel::ALL.into_iter().filter(|k| !folded(k)).collect();
+    // With the RMSNorms folded into the GEMVs after them (the default; SHARDSMITH_DECODE_NORM_FOLD=0
+    // keeps them), none is a launch of its own.
+    let launches = |k: &StepKernel| shardsmith::ops::decode_graph::launches(*k, 1, shape.hidden, c.dtype);
+    let expected: Vec<StepKernel> = StepKernel::ALL.into_iter().filter(launches).collect();
     assert_eq!(kinds.iter().map(|k| k.kernel).collect::<Vec<_>>(), expected);
+    if shardsmith::ops::decode_norm_fold() {
+        assert_eq!(expected.len(), StepKernel::ALL.len() - 3, "{expected:?}");
+    }
     for k in &kinds {
-        let once = matches!(k.kernel, StepKernel::Embed | StepKernel::FinalNorm | StepKernel::Head)
-            || (fold && k.kernel == StepKernel::InputNorm);
+        let once = matches!(k.kernel, StepKernel::Embed | StepKernel::FinalNorm | StepKernel::Head);
         assert_eq!(k.calls, if once { 1 } else { 3 }, "{:?}", k.kernel);
         assert!(k.ms.is_finite() && k.ms > 0.0, "{:?}: {} ms", k.kernel, k.ms);
     }

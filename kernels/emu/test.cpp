@@ -570,7 +570,7 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
     const int per_block = GEMV_WARPS * gemv_cols(M);
     emu::launch(dim3((n + per_block - 1) / per_block), dim3(32 * GEMV_WARPS), 0, gemv<T, M, MODE>, xp,
                 (long long)ldx, (const T *)w.data(), (long long)ldw, (const T *)r.data(), y.data(), n, k,
-                GemvNorm<T>{});
+                GemvRms<T>{});
     auto dot = [&](int m, int row) {
         double s = 0;
         for (int i = 0; i < k; ++i) s += (double)to_f32(xp[m * ldx + i]) * to_f32(w[(size_t)row * ldw + i]);
@@ -591,37 +591,28 @@ template <class T, int M, int MODE = GEMV_PLAIN> void test_gemv(int n, int k, do
     check(buf, widen(y), want, tol);
 }
 
-// gemv_add_norm: y bit for bit gemv_add's, ny bit for bit rmsnorm.cu's kernel on that y (with
-// ops::cuda's rms_block threads), the count left zero; twice in a row, as a graph replays it,
-// blocks in index order then in reverse, y and ny poisoned before each launch.
-template <class T, int M> void test_gemv_add_norm(int n, int k) {
-    auto x = cast<T>(randv((size_t)M * k)), w = cast<T>(randv((size_t)n * k)), r = cast<T>(randv((size_t)M * n));
-    auto nw = cast<T>(randv(n, 0.5, 1.5));
-    std::vector<T> y_ref((size_t)M * n), ny_ref(y_ref.size()), y(y_ref.size()), ny(y_ref.size());
+// gemv_norm (MODE plain or SwiGLU): bit for bit rmsnorm.cu's kernel on x, then the GEMV.
+template <class T, int M, int MODE> void test_gemv_norm(int n, int k) {
+    constexpr int R = MODE == GEMV_SWIGLU ? 2 : 1;
+    auto x = cast<T>(randv((size_t)M * k, -2, 2)), w = cast<T>(randv((size_t)R * n * k));
+    auto nw = cast<T>(randv(k, 0.5, 1.5));
+    std::vector<T> xn((size_t)M * k), y_ref((size_t)M * n), y(y_ref.size(), from_f32<T>(NAN));
+    const int vb = std::min(1024, ((k + 15) / 16 + 31) / 32 * 32);  // ops::cuda's rms_block(k)
+    emu::launch(dim3(M), dim3(vb), 0, rmsnorm_fwd_any<T>, (const T *)x.data(), (const T *)nw.data(), xn.data(), k,
+                1e-5f);
     const int per_block = GEMV_WARPS * gemv_cols(M), blocks = (n + per_block - 1) / per_block;
-    emu::launch(dim3(blocks), dim3(32 * GEMV_WARPS), 0, gemv<T, M, GEMV_ADD>, (const T *)x.data(), (long long)k,
-                (const T *)w.data(), (long long)k, (const T *)r.data(), y_ref.data(), n, k, GemvNorm<T>{});
-    const int vb = std::min(1024, ((n + 15) / 16 + 31) / 32 * 32);
-    emu::launch(dim3(M), dim3(vb), 0, rmsnorm_fwd_any<T>, (const T *)y_ref.data(), (const T *)nw.data(),
-                ny_ref.data(), n, 1e-5f);
-    unsigned counts = 0;
+    emu::launch(dim3(blocks), dim3(32 * GEMV_WARPS), 0, gemv<T, M, MODE>, (const T *)xn.data(), (long long)k,
+                (const T *)w.data(), (long long)k, (const T *)nullptr, y_ref.data(), n, k, GemvRms<T>{});
+    emu::launch(dim3(blocks), dim3(32 * GEMV_WARPS), M * k * sizeof(T), gemv<T, M, MODE, true>, (const T *)x.data(),
+                (long long)k, (const T *)w.data(), (long long)k, (const T *)nullptr, y.data(), n, k,
+                GemvRms<T>{nw.data(), 1e-5f, vb});
     bool same = true;
-    for (int rep = 0; rep < 2; ++rep) {
-        std::fill(ny.begin(), ny.end(), from_f32<T>(NAN));
-        std::fill(y.begin(), y.end(), from_f32<T>(NAN));
-        emu::reverse_blocks = rep == 1;
-        emu::launch(dim3(blocks), dim3(32 * GEMV_WARPS), 0, gemv<T, M, GEMV_ADD_NORM>, (const T *)x.data(),
-                    (long long)k, (const T *)w.data(), (long long)k, (const T *)r.data(), y.data(), n, k,
-                    GemvNorm<T>{nw.data(), ny.data(), 1e-5f, vb, &counts});
-        emu::reverse_blocks = false;
-        same = same && counts == 0;
-        for (size_t i = 0; i < y.size(); ++i)
-            same = same && to_f32(y[i]) == to_f32(y_ref[i]) && to_f32(ny[i]) == to_f32(ny_ref[i]);
-    }
+    for (size_t i = 0; i < y.size(); ++i) same = same && to_f32(y[i]) == to_f32(y_ref[i]);
     if (!same) failures++;
     std::printf("%-44s %s\n",
-                (std::string("gemv + r + RMSNorm ") + (sizeof(T) == 4 ? "f32" : "bf16") + " M" + std::to_string(M) +
-                 " N" + std::to_string(n) + " = gemv + r, rmsnorm")
+                (std::string("RMSNorm + gemv") + (MODE == GEMV_SWIGLU ? " + SwiGLU " : " ") +
+                 (sizeof(T) == 4 ? "f32" : "bf16") + " M" + std::to_string(M) + " N" + std::to_string(n) + " K" +
+                 std::to_string(k) + " = rmsnorm, gemv")
                     .c_str(),
                 same ? "ok" : "FAIL");
 }
@@ -857,10 +848,12 @@ int main() {
     // The next RMSNorm folded into the residual GEMV: 1 and 2 chunks a virtual thread (virtual
     // blocks of 64, 96, 160 and 256; a partial chunk), idle warps in the last block (N 1032 at
     // 16 columns a block)
-    test_gemv_add_norm<float, 3>(520, 40);
-    test_gemv_add_norm<bf16, 5>(4096, 16);
-    test_gemv_add_norm<bf16, 6>(1032, 16);
-    test_gemv_add_norm<bf16, 8>(2056, 8);
+    test_gemv_norm<bf16, 1, GEMV_PLAIN>(13, 4096);
+    test_gemv_norm<bf16, 2, GEMV_SWIGLU>(9, 4096);
+    test_gemv_norm<float, 1, GEMV_SWIGLU>(6, 520);
+    test_gemv_norm<float, 2, GEMV_PLAIN>(17, 1032);
+    test_gemv_norm<bf16, 2, GEMV_PLAIN>(5, 16);
+    test_gemv_norm<bf16, 1, GEMV_PLAIN>(8, 2056);
     test_decode_attn<float, 64>(2, 4, 2, 37, 40, 1e-5);
     test_rope_qkv_cache<float, float>(2, 1, 4, 2, 16, 9, 5);
     test_rope_qkv_cache<bf16, bf16>(1, 3, 2, 1, 8, 6, 2);

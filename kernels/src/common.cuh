@@ -87,6 +87,14 @@ template <typename T> __device__ __forceinline__ Chunk8<T> load_chunk_stream(con
     return c;
 }
 
+// Eight elements of T as raw words, loaded as any other (kept in L1).
+template <typename T> __device__ __forceinline__ Chunk8<T> load_chunk(const T *p) {
+    Chunk8<T> c;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) c.u[i] = reinterpret_cast<const uint4 *>(p)[i];
+    return c;
+}
+
 // The chunk's eight values as f32.
 __device__ __forceinline__ void unpack8(const Chunk8<bf16> &c, float v[8]) {
     const uint32_t w[4] = {c.u[0].x, c.u[0].y, c.u[0].z, c.u[0].w};

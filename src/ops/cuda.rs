@@ -1076,8 +1076,10 @@ pub(super) enum GemvKind {
     Plain,
     Add,
     SwiGlu,
-    /// Add, then the RMSNorm of the result ([`GemvNormArgs`]).
-    AddNorm,
+    /// Plain, of the RMSNorm of x ([`GemvNormArgs`]; 1 or 2 rows).
+    Norm,
+    /// SwiGLU, of the RMSNorm of x ([`GemvNormArgs`]; 1 or 2 rows).
+    NormSwiGlu,
 }
 
 pub(super) fn gemv_function(
@@ -1090,7 +1092,8 @@ pub(super) fn gemv_function(
         GemvKind::Plain => "gemv",
         GemvKind::Add => "gemv_add",
         GemvKind::SwiGlu => "gemv_swiglu",
-        GemvKind::AddNorm => "gemv_add_norm",
+        GemvKind::Norm => "gemv_norm",
+        GemvKind::NormSwiGlu => "gemv_norm_swiglu",
     };
     function(dev, &kernels::GEMV, &format!("{kind}_{}_m{m}", suffix(dtype, "matmul (gemv)")?))
 }
@@ -1107,30 +1110,36 @@ pub(super) struct GemvArgs {
     pub m: usize,
     pub n: usize,
     pub k: usize,
-    /// The RMSNorm `GemvKind::AddNorm` applies to y.
+    /// The RMSNorm the `Norm` kinds apply to x first.
     pub norm: Option<GemvNormArgs>,
 }
 
-/// The RMSNorm after an add-epilogue GEMV (gemv.cu's `gemv_add_norm`): weight `w` [n], output
-/// `y` [m, n] (both 16-byte aligned), eps, and `counts`, one u32 zero before the launch.
+/// The RMSNorm before a GEMV (gemv.cu's `gemv_norm`): weight `w` [k] (16-byte aligned), eps, and
+/// the size of x's elements (the launch's shared memory holds the normalised rows).
 #[derive(Clone, Copy)]
 pub(super) struct GemvNormArgs {
     pub w: Addr,
-    pub y: Addr,
     pub eps: f32,
-    pub counts: Addr,
+    pub dtype: DType,
 }
 
-/// Whether gemv_add_norm can normalise rows of `n` exactly as rmsnorm.cu does (its 16-byte
-/// path: n a multiple of 8, at most two chunks of 8 a thread of [`rms_block`]).
-pub(super) fn gemv_norm_fits(n: usize) -> bool {
-    n.is_multiple_of(8) && n.div_ceil(8).div_ceil(rms_block(n) as usize) <= 2
+/// Whether gemv_norm can normalise `m` rows of `k` exactly as rmsnorm.cu does (its 16-byte path
+/// with [`rms_block`] threads: k a multiple of 8, at most two chunks of 8 a thread, and at most
+/// 256 threads, two virtual warps for each of the GEMV's 4 (gemv.cu's GEMV_NORM_VW)), with
+/// kernels for 1 or 2 rows and the rows within the default 48 KiB of shared memory.
+pub(super) fn gemv_norm_fits(m: usize, k: usize, dtype: DType) -> bool {
+    let vb = rms_block(k) as usize;
+    k.is_multiple_of(8)
+        && k.div_ceil(8).div_ceil(vb) <= 2
+        && vb <= 256
+        && (1..=2).contains(&m)
+        && m * k * dtype.size_in_bytes() <= 48 << 10
 }
 
 /// # Safety
 /// The buffers hold what [`GemvArgs`] says, x and w 16-byte aligned with k, ldx and ldw
-/// multiples of 8 (gemv.cu's header), 1 ≤ m ≤ 8, `r` is given exactly for `GemvKind::Add` and
-/// `AddNorm`, `norm` exactly for `AddNorm` (with [`gemv_norm_fits`] for n).
+/// multiples of 8 (gemv.cu's header), 1 ≤ m ≤ 8, `r` is given exactly for `GemvKind::Add`,
+/// `norm` exactly for the `Norm` kinds (with [`gemv_norm_fits`]).
 pub(super) unsafe fn launch_gemv(stream: &CudaStream, f: &CudaFunction, a: &GemvArgs) -> Result<()> {
     let (ldx, ldw, n32, k32) = (a.ldx as i64, a.ldw as i64, a.n as i32, a.k as i32);
     let mut b = stream.launch_builder(f);
@@ -1139,12 +1148,14 @@ pub(super) unsafe fn launch_gemv(stream: &CudaStream, f: &CudaFunction, a: &Gemv
         b.arg(r);
     }
     b.arg(&a.y).arg(&n32).arg(&k32);
-    let vb = rms_block(a.n) as i32;
+    let vb = rms_block(a.k) as i32;
+    let mut smem = 0;
     if let Some(norm) = &a.norm {
-        b.arg(&norm.w).arg(&norm.y).arg(&norm.eps).arg(&vb).arg(&norm.counts);
+        b.arg(&norm.w).arg(&norm.eps).arg(&vb);
+        smem = (a.m * a.k * norm.dtype.size_in_bytes()) as u32;
     }
     let blocks = a.n.div_ceil(GEMV_WARPS * gemv_cols(a.m));
-    unsafe { b.launch(cfg((blocks as u32, 1, 1), 32 * GEMV_WARPS as u32, 0)) }.w()?;
+    unsafe { b.launch(cfg((blocks as u32, 1, 1), 32 * GEMV_WARPS as u32, smem)) }.w()?;
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use super::cuda::{
 };
 use super::linear::GEMV_MAX_ROWS;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Device, Result, Tensor, TensorId};
 use std::cell::Cell;
@@ -150,26 +150,32 @@ impl StepKernel {
         match self {
             StepKernel::Embed => "embedding rows",
             StepKernel::InputNorm => "input RMSNorm",
-            StepKernel::Qkv => "q/k/v GEMV",
+            StepKernel::Qkv => "q/k/v GEMV (+ input RMSNorm, folded)",
             StepKernel::RopeQkv => "rope + KV-cache write",
             StepKernel::Attention => "decode attention (+ combine)",
-            StepKernel::OProjAdd => "o_proj GEMV + residual (+ post-attention RMSNorm, folded)",
+            StepKernel::OProjAdd => "o_proj GEMV + residual",
             StepKernel::MlpNorm => "post-attention RMSNorm",
-            StepKernel::GateUpSwiglu => "gate/up GEMV + SwiGLU",
-            StepKernel::DownAdd => "down GEMV + residual (+ next RMSNorm, folded)",
+            StepKernel::GateUpSwiglu => "gate/up GEMV + SwiGLU (+ post-attention RMSNorm, folded)",
+            StepKernel::DownAdd => "down GEMV + residual",
             StepKernel::FinalNorm => "final RMSNorm",
-            StepKernel::Head => "lm_head GEMV",
+            StepKernel::Head => "lm_head GEMV (+ final RMSNorm, folded)",
         }
     }
 }
 
-/// Whether a step for `rows` sequences of hidden size `h` folds each RMSNorm after a residual
-/// GEMV into it (gemv.cu's `gemv_add_norm`; also needs the norm weights 16-byte aligned): where
-/// enabled ([`super::decode_norm_fold`]), for rows of a size the fold replays exactly
-/// ([`gemv_norm_fits`]), and for 1 or 2 sequences: the launch's last block normalises the rows
-/// one after another, where the RMSNorm kernel spreads them over blocks.
-pub fn folds(rows: usize, h: usize) -> bool {
-    super::decode_norm_fold() && gemv_norm_fits(h) && rows <= 2
+/// Whether a step for `rows` sequences of hidden size `h` in `dtype` folds each RMSNorm into the
+/// GEMV that reads its output (gemv.cu's `gemv_norm`; also needs the norm weights 16-byte
+/// aligned): where enabled ([`super::decode_norm_fold`]), for 1 or 2 rows of a size the fold
+/// normalises exactly as the RMSNorm kernel ([`gemv_norm_fits`]).
+pub fn folds(rows: usize, h: usize, dtype: DType) -> bool {
+    super::decode_norm_fold() && gemv_norm_fits(rows, h, dtype)
+}
+
+/// Whether a step for `rows` sequences of hidden size `h` in `dtype` launches kernels of kind
+/// `k`: all but the RMSNorms when they are folded ([`folds`]).
+pub fn launches(k: StepKernel, rows: usize, h: usize, dtype: DType) -> bool {
+    !(folds(rows, h, dtype)
+        && matches!(k, StepKernel::InputNorm | StepKernel::MlpNorm | StepKernel::FinalNorm))
 }
 
 /// One kind of launch's share of a decode step ([`profile`]).
@@ -206,13 +212,12 @@ pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f
         Ok((t0.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64, calls))
     };
     let (whole, _) = time(&|_| true)?;
-    // Kinds the step does not launch (the norms folded into the GEMVs before them) are left out
+    // Kinds the step does not launch (the norms folded into the GEMVs after them) are left out
     // before recording: their graphs would be empty.
-    let h = m.embed.dim(1)?;
-    let folded = |k: StepKernel| folds(rows, h) && matches!(k, StepKernel::MlpNorm | StepKernel::FinalNorm);
+    let (h, dtype) = (m.embed.dim(1)?, m.embed.dtype());
     let kinds = StepKernel::ALL
         .into_iter()
-        .filter(|&k| !folded(k))
+        .filter(|&k| launches(k, rows, h, dtype))
         .map(|kernel| {
             let (ms, calls) = time(&|k| k == kernel)?;
             Ok(KernelTime { kernel, calls, ms })
@@ -332,7 +337,6 @@ impl DecodeGraph {
         let fn_plain = gemv_function(dev, GemvKind::Plain, dtype, rows)?;
         let fn_add = gemv_function(dev, GemvKind::Add, dtype, rows)?;
         let fn_swiglu = gemv_function(dev, GemvKind::SwiGlu, dtype, rows)?;
-        let fn_add_norm = gemv_function(dev, GemvKind::AddNorm, dtype, rows)?;
 
         // Work buffers (the graph's own; the residual stream ping-pongs between xa and xb so no
         // kernel writes the buffer it reads its residual from).
@@ -354,7 +358,6 @@ impl DecodeGraph {
         } else {
             None
         };
-        let norm_counts = work(1, DType::U32)?; // gemv_add_norm's count (left zero by each launch)
         let stream = dev.cuda_stream();
         let inputs = stream.alloc_zeros::<u32>(rows + 2).w()?;
 
@@ -363,7 +366,6 @@ impl DecodeGraph {
         let (a_qkv, a_qrot, a_att, a_act) =
             (at(&qkv, "qkv")?, at(&q_rot, "q")?, at(&att, "att")?, at(&act, "act")?);
         let a_logits = at(&logits, "logits")?;
-        let a_norm_counts = at(&norm_counts, "norm counts")?;
         let a_partials = match &partials {
             Some((po, pm, pl, _)) => Some((at(po, "po")?, at(pm, "pm")?, at(pl, "pl")?)),
             None => None,
@@ -429,18 +431,20 @@ impl DecodeGraph {
             k,
             norm: None,
         };
-        // Each RMSNorm after a residual GEMV (the post-attention norm after o_proj, the next
-        // layer's input norm or the final norm after down_proj) folded into that GEMV's launch,
-        // into hn, where its output is exactly the RMSNorm kernel's: the norm weights 16-byte
-        // aligned (else the eager kernel takes its one-element path) and H within the fold's
-        // reach ([`folds`]). The first layer's input norm, after the embedding, stays a launch.
+        // Each RMSNorm folded into the GEMV that reads its output (q/k/v, gate/up, lm_head), whose
+        // product is then exactly that of the RMSNorm kernel's output: the norm weights 16-byte
+        // aligned (else the eager kernel takes its one-element path) and the rows within the
+        // fold's reach ([`folds`]).
         let norms = layers.iter().flat_map(|l| [l.attn_norm, l.mlp_norm]).chain([a_norm]);
-        let fold = folds(rows, h) && norms.clone().all(|a| a % 16 == 0);
-        let residual_gemv = |x: Addr, k: usize, w: Addr, r: Addr, y: Addr, then_norm: Addr| GemvArgs {
-            norm: fold.then_some(GemvNormArgs { w: then_norm, y: a_hn, eps, counts: a_norm_counts }),
-            ..gemv(x, k, w, Some(r), y, h)
+        let fold = folds(rows, h, dtype) && norms.clone().all(|a| a % 16 == 0);
+        let fns_norm = if fold {
+            Some((
+                gemv_function(dev, GemvKind::Norm, dtype, rows)?,
+                gemv_function(dev, GemvKind::NormSwiGlu, dtype, rows)?,
+            ))
+        } else {
+            None
         };
-        let fn_residual = if fold { &fn_add_norm } else { &fn_add };
         let calls = Cell::new(0);
         // Whether to record a launch of kind `k` (counted).
         let kept = |k: StepKernel| {
@@ -448,20 +452,30 @@ impl DecodeGraph {
             calls.set(calls.get() + on as usize);
             on
         };
-        // RMSNorm of x (weight `gw`) into hn, unless the residual GEMV before it left it there
-        // (`folded`), then y = hn·wᵀ by `gemv_fn` (its kinds `norm` and `product`).
-        // SAFETY: as for the launches in `record` below.
+        // y = RMSNorm(x; weight `gw`)·wᵀ, plain or with the SwiGLU epilogue (its kinds `norm`
+        // and `product`): one launch of the folded GEMV, or the RMSNorm kernel into hn and the
+        // GEMV. SAFETY: as for the launches in `record` below.
         let normed_gemv = |(norm, product): (StepKernel, StepKernel),
-                           gemv_fn: &CudaFunction,
+                           swiglu: bool,
                            [x, gw, w, y]: [Addr; 4],
-                           n: usize,
-                           folded: bool|
+                           n: usize|
          -> Result<()> {
             unsafe {
-                if !folded && kept(norm) {
+                if let Some((fn_norm_plain, fn_norm_swiglu)) = &fns_norm {
+                    if kept(product) {
+                        let args = GemvArgs {
+                            norm: Some(GemvNormArgs { w: gw, eps, dtype }),
+                            ..gemv(x, h, w, None, y, n)
+                        };
+                        launch_gemv(&stream, if swiglu { fn_norm_swiglu } else { fn_norm_plain }, &args)?;
+                    }
+                    return Ok(());
+                }
+                if kept(norm) {
                     launch_rms_norm(&stream, &fn_norm, [x, gw, a_hn], rows, h, eps)?;
                 }
                 if kept(product) {
+                    let gemv_fn = if swiglu { &fn_swiglu } else { &fn_plain };
                     launch_gemv(&stream, gemv_fn, &gemv(a_hn, h, w, None, y, n))?;
                 }
             }
@@ -476,16 +490,8 @@ impl DecodeGraph {
                 if kept(Embed) {
                     launch_embed_rows(&stream, &fn_embed, [a_ids, a_embed, a_xa], (rows, h, vocab_rows))?;
                 }
-                for (i, l) in layers.iter().enumerate() {
-                    // Past the first layer, the previous down_proj's launch left this input norm.
-                    let folded = fold && i > 0;
-                    normed_gemv(
-                        (InputNorm, Qkv),
-                        &fn_plain,
-                        [a_xa, l.attn_norm, l.qkv, a_qkv],
-                        nqkv,
-                        folded,
-                    )?;
+                for l in &layers {
+                    normed_gemv((InputNorm, Qkv), false, [a_xa, l.attn_norm, l.qkv, a_qkv], nqkv)?;
                     let qkv_args = RopeQkvArgs {
                         q: (a_qkv, row_strides),
                         k: (offset(a_qkv, nq, dtype), row_strides),
@@ -514,35 +520,14 @@ impl DecodeGraph {
                         launch_decode_attention(&stream, (&fn_attn.0, &fn_attn.1), &attn_args)?;
                     }
                     if kept(OProjAdd) {
-                        launch_gemv(
-                            &stream,
-                            fn_residual,
-                            &residual_gemv(a_att, nq, l.o, a_xa, a_xb, l.mlp_norm),
-                        )?;
+                        launch_gemv(&stream, &fn_add, &gemv(a_att, nq, l.o, Some(a_xa), a_xb, h))?;
                     }
-                    normed_gemv(
-                        (MlpNorm, GateUpSwiglu),
-                        &fn_swiglu,
-                        [a_xb, l.mlp_norm, l.gate_up, a_act],
-                        f,
-                        fold,
-                    )?;
-                    let next_norm = layers.get(i + 1).map_or(a_norm, |n| n.attn_norm);
+                    normed_gemv((MlpNorm, GateUpSwiglu), true, [a_xb, l.mlp_norm, l.gate_up, a_act], f)?;
                     if kept(DownAdd) {
-                        launch_gemv(
-                            &stream,
-                            fn_residual,
-                            &residual_gemv(a_act, f, l.down, a_xb, a_xa, next_norm),
-                        )?;
+                        launch_gemv(&stream, &fn_add, &gemv(a_act, f, l.down, Some(a_xb), a_xa, h))?;
                     }
                 }
-                normed_gemv(
-                    (FinalNorm, Head),
-                    &fn_plain,
-                    [a_xa, a_norm, a_head, a_logits],
-                    vocab_rows,
-                    fold,
-                )?;
+                normed_gemv((FinalNorm, Head), false, [a_xa, a_norm, a_head, a_logits], vocab_rows)?;
             }
             Ok(())
         };
@@ -557,7 +542,7 @@ impl DecodeGraph {
         graph.upload().w()?;
 
         let model_ids = m.tensors().iter().map(|t| t.id()).collect();
-        let mut work = vec![xa, xb, hn, qkv, q_rot, att, act, norm_counts];
+        let mut work = vec![xa, xb, hn, qkv, q_rot, att, act];
         work.extend(partials.into_iter().flat_map(|(po, pm, pl, counts)| [po, pm, pl, counts]));
         let graph = DecodeGraph {
             graph: OwnedGraph(graph),
