@@ -330,6 +330,10 @@ enum BenchCommand {
         /// --dtype: each step casts them, and the weight gradients are f32 products.
         #[arg(long)]
         f32_masters: bool,
+        /// Then one more step with each part of the layer timed by CUDA events (ops::phases):
+        /// a second JSON line, "gpu_layer_phases", with the milliseconds by part.
+        #[arg(long)]
+        phases: bool,
     },
     /// Causal attention kernels forward and forward + backward (default B2 H32 S4096 D128 bf16).
     Attention {
@@ -880,10 +884,12 @@ fn run(command: Command) -> ExitCode {
             bench::train_step(&model, &o)
         }
         Command::Bench {
-            what: BenchCommand::GpuLayer { shape, common, batch, seq, composed, f32_masters },
+            what: BenchCommand::GpuLayer { shape, common, batch, seq, composed, f32_masters, phases },
         } => common.common().and_then(|c| {
             let masters = f32_masters.then_some(candle_core::DType::F32);
-            shardsmith::commands::bench_gpu::gpu_layer(&shape.shape(4), batch, seq, !composed, masters, &c)
+            let o =
+                shardsmith::commands::bench_gpu::GpuLayerOptions { layer_nodes: !composed, masters, phases };
+            shardsmith::commands::bench_gpu::gpu_layer(&shape.shape(4), batch, seq, &o, &c)
         }),
         Command::Bench {
             what:

@@ -384,6 +384,7 @@ pub mod kv_step;
 pub mod linear;
 pub mod opaque;
 pub(crate) mod par;
+pub mod phases;
 pub(crate) mod vmath;
 pub mod wgmma_check;
 

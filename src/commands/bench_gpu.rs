@@ -136,14 +136,18 @@ pub fn random_llama(s: &LlamaShape, c: &Common, trainable: bool) -> Result<Llama
 /// one graph node with the hand-written backward (`layer_nodes`) or candle's composed ops; the
 /// weights are variables of `masters` (f32 master weights, cast to the compute dtype each step,
 /// as `train` keeps them) or of the compute dtype.
-pub fn gpu_layer(
-    s: &LlamaShape,
-    batch: usize,
-    seq: usize,
-    layer_nodes: bool,
-    masters: Option<DType>,
-    c: &Common,
-) -> Result<()> {
+/// What `bench gpu-layer` runs besides the shape.
+pub struct GpuLayerOptions {
+    /// Decoder layers as one graph node each (the trainer's default) or candle's composed ops.
+    pub layer_nodes: bool,
+    /// The weights' dtype when it is not the compute dtype (f32 master weights).
+    pub masters: Option<DType>,
+    /// One more step with its parts timed ([`crate::ops::phases`]), as a second JSON line.
+    pub phases: bool,
+}
+
+pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, o: &GpuLayerOptions, c: &Common) -> Result<()> {
+    let (layer_nodes, masters) = (o.layer_nodes, o.masters);
     let weights = Common { dtype: masters.unwrap_or(c.dtype), ..c.clone() };
     let mut llama = random_llama(s, &weights, true)?;
     llama.set_use_cache(false);
@@ -151,7 +155,7 @@ pub fn gpu_layer(
     let inputs = llama.sequence_inputs(seq, c.dtype, &c.device)?;
     let x =
         Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, seq, s.hidden), &c.device)?.to_dtype(c.dtype)?)?;
-    let secs = time(c, || {
+    let mut step = || -> Result<()> {
         let mut y = x.as_tensor().clone();
         for i in 0..s.layers {
             y = llama.layer(i, &y, &inputs, &Solo)?;
@@ -161,7 +165,8 @@ pub fn gpu_layer(
         llama.take_param_grads(&mut grads)?;
         ensure!(grads.get(x.as_tensor()).is_some(), "no gradient reached the input");
         Ok(())
-    })?;
+    };
+    let secs = time(c, &mut step)?;
     let tokens = (batch * seq) as f64;
     let d = s.hidden / s.heads;
     let attn_fwd = 4.0 * (batch * s.heads * seq * seq * d) as f64 / 2.0;
@@ -187,6 +192,32 @@ pub fn gpu_layer(
         "tflops": flops / secs / 1e12,
     });
     println!("{line}");
+    if o.phases {
+        // The step once more, each part of the layers a region (DecoderLayer::forward_node's),
+        // the whole step timed by events around it too: what no region holds is the rest.
+        crate::ops::phases::record(true);
+        let timed = crate::ops::phases::span(&c.device, &mut step);
+        let regions = crate::ops::phases::take();
+        crate::ops::phases::record(false);
+        let (step_ms, regions) = (timed?, regions?);
+        let in_regions: f64 = regions.iter().map(|p| p.ms).sum();
+        let line = json!({
+            "impl": "shardsmith",
+            "bench": "gpu_layer_phases",
+            "device": device_name(&c.device),
+            "dtype": dtype_name(c.dtype),
+            "layers": s.layers,
+            "batch": batch,
+            "seq": seq,
+            "layer_nodes": layer_nodes,
+            "masters": dtype_name(weights.dtype),
+            "step_ms": step_ms,
+            "timed_step_ms": secs * 1e3,
+            "in_regions_ms": in_regions,
+            "phases": regions.iter().map(|p| json!({"name": p.name, "calls": p.calls, "ms": p.ms})).collect::<Vec<_>>(),
+        });
+        println!("{line}");
+    }
     Ok(())
 }
 

@@ -902,7 +902,11 @@ impl DecoderLayer {
         }
         let (a, m) = (&self.self_attn, &self.mlp);
         let xd = x.detach();
-        let qkv = NodeQkv::new(a, &xd, fuse_qkv)?;
+        // Each step a region of its own for `bench gpu-layer --phases` (ops::phases; nothing is
+        // recorded unless it asks).
+        let dev = x.device().clone();
+        let region = |name, f: &mut dyn FnMut() -> Result<Tensor>| ops::phases::region(name, &dev, f);
+        let qkv = ops::phases::region("fwd q/k/v weights stacked", &dev, || NodeQkv::new(a, &xd, fuse_qkv))?;
         let [op, gp, upp, dp] = [
             NodeProj::new(&a.o_proj, &xd)?,
             NodeProj::new(&m.gate_proj, &xd)?,
@@ -911,35 +915,55 @@ impl DecoderLayer {
         ];
         let (norm1, norm2) =
             (NodeNorm::new(&self.input_layernorm), NodeNorm::new(&self.post_attention_layernorm));
-        let n1 = norm1.forward(&xd)?;
+        let n1 = region("fwd RMSNorm", &mut || norm1.forward(&xd))?;
         let rope = Some((cos, sin));
-        let [q, k, v] = qkv.forward(&n1, a)?;
-        let q = ops::split_heads(&q, a.heads, rope)?; // [B, Hq, T, D]
-        let k = ops::split_heads(&k, a.groups, rope)?; // [B, Hk, T, D]
-        let v = ops::split_heads(&v, a.groups, None)?;
+        let [q, k, v] = ops::phases::region("fwd q/k/v product", &dev, || qkv.forward(&n1, a))?;
+        let [q, k, v] = ops::phases::region("fwd head split + rope", &dev, || -> Result<_> {
+            Ok([
+                ops::split_heads(&q, a.heads, rope)?,  // [B, Hq, T, D]
+                ops::split_heads(&k, a.groups, rope)?, // [B, Hk, T, D]
+                ops::split_heads(&v, a.groups, None)?,
+            ])
+        })?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
-        let (o, lse) = ops::causal_attention_forward(&q, &k, &v, scale)?;
-        let merged = ops::merge_heads(&o)?;
-        let h = ops::add_detached(&xd, &op.forward(&merged)?)?;
-        let n2 = norm2.forward(&h)?;
-        let (gate, up) = (gp.forward(&n2)?, upp.forward(&n2)?);
-        let act = ops::swiglu(&gate, &up)?;
-        let y = ops::add_detached(&h, &dp.forward(&act)?)?;
+        let (o, lse) =
+            ops::phases::region("fwd attention", &dev, || ops::causal_attention_forward(&q, &k, &v, scale))?;
+        let merged = region("fwd head merge", &mut || Ok(ops::merge_heads(&o)?))?;
+        let attn_out = region("fwd o_proj product", &mut || op.forward(&merged))?;
+        let h = region("fwd residual add", &mut || Ok(ops::add_detached(&xd, &attn_out)?))?;
+        let n2 = region("fwd RMSNorm", &mut || norm2.forward(&h))?;
+        let gate = region("fwd gate/up products", &mut || gp.forward(&n2))?;
+        let up = region("fwd gate/up products", &mut || upp.forward(&n2))?;
+        let act = region("fwd SwiGLU", &mut || Ok(ops::swiglu(&gate, &up)?))?;
+        let mlp_out = region("fwd down product", &mut || dp.forward(&act))?;
+        let y = region("fwd residual add", &mut || Ok(ops::add_detached(&h, &mlp_out)?))?;
 
         let heads = a.heads;
         let (cos, sin, sink) = (cos.clone(), sin.clone(), sink.clone());
         let backward = move |dy: &Tensor| -> candle_core::Result<Tensor> {
             let run = || -> Result<Tensor> {
+                let dev = dy.device();
+                let region = |name, f: &mut dyn FnMut() -> Result<Tensor>| ops::phases::region(name, dev, f);
                 let add = ops::add_detached;
                 // MLP: y = h + down(swiglu(gate(n2), up(n2))), n2 = norm2(h).
-                let (dgate, dup) = ops::swiglu_backward(&gate, &up, &dp.backward(&act, dy, &sink)?)?;
-                let dn2 = add(&gp.backward(&n2, &dgate, &sink)?, &upp.backward(&n2, &dup, &sink)?)?;
-                let dh = norm2.backward(&h, &dn2, Some(dy), &sink)?;
+                let dact = region("bwd down dW + dx", &mut || dp.backward(&act, dy, &sink))?;
+                let (dgate, dup) =
+                    ops::phases::region("bwd SwiGLU", dev, || ops::swiglu_backward(&gate, &up, &dact))?;
+                let dn2_gate = region("bwd gate/up dW + dx", &mut || gp.backward(&n2, &dgate, &sink))?;
+                let dn2_up = region("bwd gate/up dW + dx", &mut || upp.backward(&n2, &dup, &sink))?;
+                let dn2 = region("bwd gate + up dx add", &mut || Ok(add(&dn2_gate, &dn2_up)?))?;
+                let dh =
+                    region("bwd RMSNorm (+ residual)", &mut || norm2.backward(&h, &dn2, Some(dy), &sink))?;
                 // Attention: h = x + o_proj(merge(attn(q, k, v))), q/k/v from n1 = norm1(x).
-                let dout = ops::split_heads(&op.backward(&merged, &dh, &sink)?, heads, None)?;
-                let (dq, dk, dv) = ops::causal_attention_backward(&q, &k, &v, &o, &lse, &dout, scale)?;
-                let dn1 = qkv.backward(&n1, [&dq, &dk, &dv], (&cos, &sin), &sink)?;
-                norm1.backward(&xd, &dn1, Some(&dh), &sink)
+                let dmerged = region("bwd o_proj dW + dx", &mut || op.backward(&merged, &dh, &sink))?;
+                let dout = region("bwd head split", &mut || Ok(ops::split_heads(&dmerged, heads, None)?))?;
+                let (dq, dk, dv) = ops::phases::region("bwd attention", dev, || {
+                    ops::causal_attention_backward(&q, &k, &v, &o, &lse, &dout, scale)
+                })?;
+                let dn1 = region("bwd q/k/v merge + dW + dx", &mut || {
+                    qkv.backward(&n1, [&dq, &dk, &dv], (&cos, &sin), &sink)
+                })?;
+                region("bwd RMSNorm (+ residual)", &mut || norm1.backward(&xd, &dn1, Some(&dh), &sink))
             };
             run().map_err(|e| candle_core::Error::Msg(format!("decoder layer backward: {e}")))
         };
