@@ -705,6 +705,22 @@ fn decode_attention_forward() {
     check("decode attention BF16 strided K/V rows (copied)", &yg, &yc, 1e-2);
 }
 
+/// `ops::add_detached` (bias_act.cu without a bias) against candle's add, bit for bit: f32 and
+/// bf16, the 16-byte path and the one-element one (odd sizes, an operand at an odd offset).
+#[test]
+fn add_matches_candles_add() {
+    for dtype in [DType::F32, DType::BF16] {
+        for (n, offset) in [(4096, 0), (1001, 0), (64, 1)] {
+            let a = randn(&[n + offset], 70, 2.0).to_dtype(dtype).unwrap().to_device(&gpu()).unwrap();
+            let b = randn(&[n], 71, 2.0).to_dtype(dtype).unwrap().to_device(&gpu()).unwrap();
+            let a = a.narrow(0, offset, n).unwrap();
+            let ours = ops::add_detached(&a, &b).unwrap();
+            let candle = (&a + &b).unwrap();
+            check(&format!("add {dtype:?} n{n} offset {offset}"), &ours, &candle, 0.0);
+        }
+    }
+}
+
 /// Heads in and out of attention's layout (ops::heads; rope.cu's rope_heads) bit-identical to
 /// the CPU pass: split with and without rope from a contiguous product and from a column view of
 /// a wider one (rows strided, no copy), the gradient through autograd (the merge rotated by −θ),
@@ -1457,6 +1473,10 @@ fn bench_layer_parts() {
         ops::swiglu_backward(&ffn, &ffn, &ffn).unwrap();
     });
     // Two residuals in the forward, gate's and up's input gradients summed in the backward.
+    let candle_add = time_ms(&dev, 3, 10, &|| {
+        (&x + &x).unwrap();
+    });
+    println!("bench | 7B layer element-wise, B2×S4096 bf16 | candle's add (before bias_act's) | {candle_add:.3} ms");
     part("add [2, 4096, 4096] (residuals, gradient sums)", 3, &|| {
         ops::add_detached(&x, &x).unwrap();
     });

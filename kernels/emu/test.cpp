@@ -797,6 +797,22 @@ template <class T> void test_bias_act(int rows, int cols, int act, bool residual
     check(buf, widen(y), want, tol);
 }
 
+// x + r without a bias (ops::add_detached on CUDA): bit for bit one rounding of the f32 sum, as
+// candle's add; the vector path (cols = 8) and the scalar one (n not a multiple of 8, cols = 1).
+template <class T> void test_add(long long n, int cols) {
+    auto x = cast<T>(randv(n, -4, 4)), r = cast<T>(randv(n));
+    std::vector<T> y(x.size(), from_f32<T>(NAN));
+    emu::launch(dim3(3), dim3(64), 0, bias_act<T>, (const T *)x.data(), (const T *)nullptr, (const T *)r.data(),
+                y.data(), n, cols, 0);
+    bool same = true;
+    for (long long i = 0; i < n; ++i) same = same && to_f32(y[i]) == to_f32(from_f32<T>(to_f32(x[i]) + to_f32(r[i])));
+    if (!same) failures++;
+    std::printf("%-44s %s\n",
+                (std::string("add ") + (sizeof(T) == 4 ? "f32" : "bf16") + " n" + std::to_string(n) + " = x + r")
+                    .c_str(),
+                same ? "ok" : "FAIL");
+}
+
 // Rows of a [V, H] table by device ids, an out-of-range id giving zeros.
 template <class T> void test_embed_rows(int v, int h) {
     auto table = cast<T>(randv((size_t)v * h));
@@ -817,6 +833,9 @@ int main() {
     test_bias_act<float>(5, 13, 0, true, 1e-6);
     test_bias_act<bf16>(4, 64, 1, true, 1e-2);
     test_bias_act<bf16>(3, 12, 1, false, 1e-2);
+    test_add<bf16>(4096, 8);
+    test_add<float>(1000, 8);
+    test_add<bf16>(1001, 1);
     test_rmsnorm<float>(5, 37, 1e-5);
     test_rmsnorm<bf16>(4, 300, 2e-2);
     // The 16-byte path: 2 chunks a thread (LLaMA's 4096 and 8192, and a block with a partial

@@ -578,37 +578,43 @@ pub(super) fn swiglu_fwd(g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Lay
     })
 }
 
-/// act(x + b) (+ r) for x, r [.., C] and b [C] (ops::epilogue; checked by the caller).
+/// act(x + b) (+ r) for x, r [.., C] and b [C] (ops::epilogue; checked by the caller); without
+/// b, act(x) (+ r) (ops::add_detached: x + r).
 pub(super) fn bias_act(
     (x, xl): (&CudaStorage, &Layout),
-    (b, bl): (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
     r: Option<(&CudaStorage, &Layout)>,
     cols: usize,
     act: super::epilogue::Act,
 ) -> Result<CudaStorage> {
     const OP: &str = "bias-act";
     let dtype = x.dtype();
-    if b.dtype() != dtype || r.is_some_and(|(r, _)| r.dtype() != dtype) {
+    if b.is_some_and(|(b, _)| b.dtype() != dtype) || r.is_some_and(|(r, _)| r.dtype() != dtype) {
         bail!("{OP}: x, the bias and the residual must share a dtype");
     }
     let n = xl.shape().elem_count();
     let dev = x.device();
     let f = function(dev, &kernels::BIAS_ACT, &format!("bias_act_{}", suffix(dtype, OP)?))?;
     with_float!(dtype, OP, |T| {
-        let (xv, bv) = (view::<T>(x, xl, OP)?, view::<T>(b, bl, OP)?);
+        let xv = view::<T>(x, xl, OP)?;
+        let bv = b.map(|(b, bl)| view::<T>(b, bl, OP)).transpose()?;
         let rv = r.map(|(r, rl)| view::<T>(r, rl, OP)).transpose()?;
         let mut y = unsafe { dev.alloc::<T>(n)? };
         let (n64, c32, act) = (n as i64, cols as i32, act.code());
-        let null = 0u64; // no residual
+        let null = 0u64; // no bias, no residual
         let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&f);
-        launch.arg(&xv).arg(&bv);
+        launch.arg(&xv);
+        match &bv {
+            Some(bv) => launch.arg(bv),
+            None => launch.arg(&null),
+        };
         match &rv {
             Some(rv) => launch.arg(rv),
             None => launch.arg(&null),
         };
         launch.arg(&mut y).arg(&n64).arg(&c32).arg(&act);
-        // SAFETY: matches bias_act.cu: x, r and y hold n elements, b one row of `cols`.
+        // SAFETY: matches bias_act.cu: x, r and y hold n elements, b (if any) one row of `cols`.
         unsafe { launch.launch(cfg_1d(n.div_ceil(8))) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })

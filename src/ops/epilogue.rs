@@ -111,7 +111,7 @@ impl CustomOp2 for BiasAct {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let c = self.cols(l1, l2, None)?;
-        Ok((super::cuda::bias_act((s1, l1), (s2, l2), None, c, self.act)?, l1.shape().clone()))
+        Ok((super::cuda::bias_act((s1, l1), Some((s2, l2)), None, c, self.act)?, l1.shape().clone()))
     }
 }
 
@@ -143,7 +143,10 @@ impl CustomOp3 for BiasAct {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let c = self.cols(l1, l2, Some(l3))?;
-        Ok((super::cuda::bias_act((s1, l1), (s2, l2), Some((s3, l3)), c, self.act)?, l1.shape().clone()))
+        Ok((
+            super::cuda::bias_act((s1, l1), Some((s2, l2)), Some((s3, l3)), c, self.act)?,
+            l1.shape().clone(),
+        ))
     }
 }
 
