@@ -282,6 +282,17 @@ pub fn add_detached(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a + b
 }
 
+/// `parts` stacked along dim 0, as `Tensor::cat(parts, 0)` but outside autograd: on CUDA, for
+/// contiguous f32 or bf16 parts, one device-to-device copy each (candle's cat copies one element a
+/// thread); elsewhere candle's cat.
+pub fn cat_rows(parts: &[Tensor]) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(t) = cuda::cat_rows(parts)? {
+        return Ok(t);
+    }
+    Tensor::cat(parts, 0)
+}
+
 /// [`add_detached`]'s op: bf16 on the CPU, f32 and bf16 on CUDA.
 struct AddSame;
 

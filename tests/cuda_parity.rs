@@ -705,6 +705,26 @@ fn decode_attention_forward() {
     check("decode attention BF16 strided K/V rows (copied)", &yg, &yc, 1e-2);
 }
 
+/// `ops::cat_rows` (one device-to-device copy a part) against candle's cat along dim 0, bit for
+/// bit: f32 and bf16, a part that is a narrowed view at an offset, and a strided part (candle's
+/// cat then).
+#[test]
+fn cat_rows_matches_candles_cat() {
+    for dtype in [DType::F32, DType::BF16] {
+        let on = |shape: &[usize], seed| {
+            randn(shape, seed, 1.0).to_dtype(dtype).unwrap().to_device(&gpu()).unwrap()
+        };
+        let (a, b, wide) = (on(&[5, 24], 80), on(&[3, 24], 81), on(&[9, 24], 82));
+        let rows = wide.narrow(0, 2, 4).unwrap(); // contiguous, at an offset
+        let cols = on(&[6, 48], 83).narrow(1, 8, 24).unwrap(); // strided
+        for parts in [vec![a.clone(), rows.clone(), b.clone()], vec![a.clone(), cols.clone()]] {
+            let ours = ops::cat_rows(&parts).unwrap();
+            let candle = Tensor::cat(&parts, 0).unwrap();
+            check(&format!("cat_rows {dtype:?} {} parts", parts.len()), &ours, &candle, 0.0);
+        }
+    }
+}
+
 /// `ops::add_detached` (bias_act.cu without a bias) against candle's add, bit for bit: f32 and
 /// bf16, the 16-byte path and the one-element one (odd sizes, an operand at an odd offset).
 #[test]

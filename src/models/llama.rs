@@ -322,7 +322,7 @@ impl NodeProj {
         }
         let w = match prefused {
             Some(f) if vars.is_empty() && f.weight.dtype() == compute => f.weight.clone(),
-            _ => Tensor::cat(&weights.iter().map(|(_, w)| w.detach()).collect::<Vec<_>>(), 0)?,
+            _ => ops::cat_rows(&weights.iter().map(|(_, w)| w.detach()).collect::<Vec<_>>())?,
         };
         let mut trains = Vec::new();
         let mut row = 0;
