@@ -247,7 +247,7 @@ for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
     dr = next((r.get("cuda_gemv_rows") for r in rows if r["bench"] == "decode" and r["impl"] == "shardsmith"), None)
     # And whether it folds the RMSNorms into the GEMVs (runs before the fold existed did not).
     fold = lambda r: r.get("decode_norm_fold", False)
-    df = next((fold(r) for r in rows if r["bench"] == "decode" and r["impl"] == "shardsmith"), False)
+    df = next((fold(r) for r in rows if r["bench"] == "decode" and r["impl"] == "shardsmith" and r["batch"] == b), False)
     o, t, gr = find("decode", "shardsmith", batch=b, cuda_gemv_rows=dr, cuda_graph=True, cuda_events=False, decode_norm_fold=lambda r: fold(r) == df), find("decode", "pytorch", batch=b), find("decode", "pytorch_cudagraph", batch=b)
     onf = find("decode", "shardsmith", batch=b, decode_norm_fold=lambda r: "decode_norm_fold" in r and fold(r) != df)
     oc = find("decode", "shardsmith", batch=b, cuda_gemv_rows=0)

@@ -1033,7 +1033,8 @@ fn decode_profile_times_every_kind_of_launch() {
     assert!(step.is_finite() && step > 0.0);
     // With the RMSNorms folded into the GEMVs after them (the default; SHARDSMITH_DECODE_NORM_FOLD=0
     // keeps them), none is a launch of its own.
-    let launches = |k: &StepKernel| shardsmith::ops::decode_graph::launches(*k, 1, shape.hidden, c.dtype);
+    let fold = shardsmith::ops::decode_graph::folds(1, shape.hidden);
+    let launches = |k: &StepKernel| shardsmith::ops::decode_graph::launches(*k, fold);
     let expected: Vec<StepKernel> = StepKernel::ALL.into_iter().filter(launches).collect();
     assert_eq!(kinds.iter().map(|k| k.kernel).collect::<Vec<_>>(), expected);
     if shardsmith::ops::decode_norm_fold() {

@@ -864,21 +864,25 @@ int main() {
     test_gemv<bf16, 4, GEMV_PLAIN>(19, 264, 1e-2);
     test_gemv<float, 8, GEMV_ADD>(37, 264, 1e-5);
     test_gemv<bf16, 6, GEMV_SWIGLU>(23, 2056, 1e-2);
-    // The next RMSNorm folded into the residual GEMV: 1 and 2 chunks a virtual thread (virtual
-    // blocks of 64, 96, 160 and 256; a partial chunk), idle warps in the last block (N 1032 at
-    // 16 columns a block)
+    // The RMSNorm folded into the GEMV after it: 1 and 2 chunks a virtual thread (virtual
+    // blocks of 32, 64, 160 and 256; a partial chunk), warps past N in the last block, a first
+    // step full for some lanes and partial for others (K 1800)
     test_gemv_norm<bf16, 1, GEMV_PLAIN>(13, 4096);
     test_gemv_norm<bf16, 2, GEMV_SWIGLU>(9, 4096);
     test_gemv_norm<float, 1, GEMV_SWIGLU>(6, 520);
     test_gemv_norm<float, 2, GEMV_PLAIN>(17, 1032);
     test_gemv_norm<bf16, 2, GEMV_PLAIN>(5, 16);
     test_gemv_norm<bf16, 1, GEMV_PLAIN>(8, 2056);
+    test_gemv_norm<bf16, 1, GEMV_SWIGLU>(7, 1800);
     test_decode_attn<float, 64>(2, 4, 2, 37, 40, 1e-5);
     test_rope_qkv_cache<float, float>(2, 1, 4, 2, 16, 9, 5);
     test_rope_qkv_cache<bf16, bf16>(1, 3, 2, 1, 8, 6, 2);
     test_rope_qkv_cache<bf16, float>(2, 2, 3, 3, 12, 4, 0);
     test_decode_attn<bf16, 128>(1, 2, 1, 1100, 1104, 1e-2);
     test_decode_attn<bf16, 96>(1, 3, 3, 1, 8, 1e-2);
+    // D 96's idle lanes over several full batches of keys and a partial one
+    test_decode_attn<float, 96>(1, 2, 1, 300, 320, 1e-5, true, 2);
+    test_decode_attn<bf16, 96>(2, 2, 2, 601, 610, 1e-2);
     test_decode_attn<float, 32>(1, 2, 1, 513, 520, 1e-5);
     // CUDA-graph steps: S from device memory, the grid for the capacity (empty splits; one split)
     test_decode_attn<bf16, 128>(2, 4, 2, 37, 1100, 1e-2, true);

@@ -54,8 +54,8 @@ modules! {
     DECODE_ATTN = "decode_attn";
     /// `embed_rows_{f32,bf16}`.
     GATHER = "gather";
-    /// `gemv_{f32,bf16}_m{1..8}`, `gemv_add_*`, `gemv_swiglu_*` and `gemv_add_norm_*` (same
-    /// suffixes).
+    /// `gemv_{f32,bf16}_m{1..8}`, `gemv_add_*`, `gemv_swiglu_*` (same suffixes), and
+    /// `gemv_norm_{f32,bf16}_m{1,2}`, `gemv_norm_swiglu_*` (same suffixes).
     GEMV = "gemv";
     /// `flash_{fwd,bwd_pre,bwd}_f32_d*`, `flash_{fwd,fwd_full,bwd_pre,bwd_dq,bwd_dkdv,bwd_dkdv64,
     /// bwd_dkdvdq}_bf16_d*` (d 32, 64, 96, 128).

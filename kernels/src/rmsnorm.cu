@@ -14,9 +14,9 @@
 //        chunk c ∈ {0, 1} of 8 consecutive elements at (c·B + thread)·8, moved by 16-byte
 //        accesses — so x (and g, w, skip) are read once (the backward keeps w and its dw partial
 //        sums in registers across rows too); otherwise one element at a time, x read twice.
-//        gemv.cu's gemv_add_norm replays the forward's 16-byte path bit for bit (the graph decode
-//        step's folded norms): change the two together (the emulator's test_gemv_add_norm
-//        compares them).
+//        gemv.cu's gemv_rms_prologue (gemv_norm_*) replays the forward's 16-byte path bit for bit
+//        (the graph decode step's folded norms): change the two together (the emulator's
+//        test_gemv_norm compares them).
 // Numerics (reference: cpu_fwd of ops::RmsNorm and its composed backward):
 //   fwd  r = 1 / sqrt(Σx²/H + eps) in f32 (each thread's elements in order, then the block's
 //        tree; the two paths group the terms differently), y = round_T(w · round_T(x · r)):

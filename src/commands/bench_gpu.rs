@@ -99,6 +99,18 @@ fn cuda_pool_keep() -> bool {
     std::env::var("SHARDSMITH_CUDA_POOL_KEEP").map_or(true, |v| v != "0")
 }
 
+/// Whether a CUDA graph decode step of `rows` sequences at hidden size `h` folds its RMSNorms
+/// into the GEMVs (`ops::decode_graph::folds`: by default, at 1–2 rows of at most 4096).
+fn norms_folded(rows: usize, h: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::ops::decode_graph::folds(rows, h);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (rows, h);
+        false
+    }
+}
+
 /// Decode steps replayed from a CUDA graph so far on this thread (`ops::decode_graph`).
 fn graph_replays() -> usize {
     #[cfg(feature = "cuda")]
@@ -148,6 +160,11 @@ pub struct GpuLayerOptions {
 
 pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, o: &GpuLayerOptions, c: &Common) -> Result<()> {
     let (layer_nodes, masters) = (o.layer_nodes, o.masters);
+    if o.phases && !(layer_nodes && c.device.is_cuda()) {
+        anyhow::bail!(
+            "--phases times the parts of the one-node layers on a CUDA device: drop --composed, add --device cuda"
+        );
+    }
     let weights = Common { dtype: masters.unwrap_or(c.dtype), ..c.clone() };
     let mut llama = random_llama(s, &weights, true)?;
     llama.set_use_cache(false);
@@ -573,7 +590,7 @@ pub fn decode(
             "cuda_gemv_rows": crate::ops::cuda_gemv_rows()?,
             "cuda_graph": crate::ops::cuda_graph_enabled(),
             "cuda_events": crate::ops::cuda_events_kept(),
-            "decode_norm_fold": crate::ops::decode_norm_fold(),
+            "decode_norm_fold": norms_folded(b, s.hidden),
             "graph_replays": replayed,
             "prefill_ms": prefill * 1e3,
             "ms_per_step": decode / steps as f64 * 1e3,

@@ -1167,17 +1167,17 @@ pub(super) struct GemvNormArgs {
     pub dtype: DType,
 }
 
+/// Most threads of the RMSNorm a gemv_norm block replays: two virtual warps for each of its 4
+/// (gemv.cu's GEMV_NORM_VW · 32 · GEMV_WARPS), so rows of at most 4096.
+const GEMV_NORM_MAX_VB: usize = 256;
+
 /// Whether gemv_norm can normalise `m` rows of `k` exactly as rmsnorm.cu does (its 16-byte path
-/// with [`rms_block`] threads: k a multiple of 8, at most two chunks of 8 a thread, and at most
-/// 256 threads, two virtual warps for each of the GEMV's 4 (gemv.cu's GEMV_NORM_VW)), with
-/// kernels for 1 or 2 rows and the rows within the default 48 KiB of shared memory.
-pub(super) fn gemv_norm_fits(m: usize, k: usize, dtype: DType) -> bool {
+/// with [`rms_block`] threads: k a multiple of 8, at most two chunks of 8 a thread, at most
+/// [`GEMV_NORM_MAX_VB`] threads), with kernels for 1 or 2 rows (so at most 2·4096 f32 of shared
+/// memory: 32 KiB, within the default 48).
+pub(super) fn gemv_norm_fits(m: usize, k: usize) -> bool {
     let vb = rms_block(k) as usize;
-    k.is_multiple_of(8)
-        && k.div_ceil(8).div_ceil(vb) <= 2
-        && vb <= 256
-        && (1..=2).contains(&m)
-        && m * k * dtype.size_in_bytes() <= 48 << 10
+    k.is_multiple_of(8) && k.div_ceil(8).div_ceil(vb) <= 2 && vb <= GEMV_NORM_MAX_VB && (1..=2).contains(&m)
 }
 
 /// # Safety

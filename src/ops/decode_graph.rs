@@ -150,32 +150,48 @@ impl StepKernel {
         match self {
             StepKernel::Embed => "embedding rows",
             StepKernel::InputNorm => "input RMSNorm",
-            StepKernel::Qkv => "q/k/v GEMV (+ input RMSNorm, folded)",
+            StepKernel::Qkv => "q/k/v GEMV (+ input RMSNorm when folded)",
             StepKernel::RopeQkv => "rope + KV-cache write",
             StepKernel::Attention => "decode attention (+ combine)",
             StepKernel::OProjAdd => "o_proj GEMV + residual",
             StepKernel::MlpNorm => "post-attention RMSNorm",
-            StepKernel::GateUpSwiglu => "gate/up GEMV + SwiGLU (+ post-attention RMSNorm, folded)",
+            StepKernel::GateUpSwiglu => "gate/up GEMV + SwiGLU (+ post-attention RMSNorm when folded)",
             StepKernel::DownAdd => "down GEMV + residual",
             StepKernel::FinalNorm => "final RMSNorm",
-            StepKernel::Head => "lm_head GEMV (+ final RMSNorm, folded)",
+            StepKernel::Head => "lm_head GEMV (+ final RMSNorm when folded)",
         }
     }
 }
 
-/// Whether a step for `rows` sequences of hidden size `h` in `dtype` folds each RMSNorm into the
-/// GEMV that reads its output (gemv.cu's `gemv_norm`; also needs the norm weights 16-byte
-/// aligned): where enabled ([`super::decode_norm_fold`]), for 1 or 2 rows of a size the fold
-/// normalises exactly as the RMSNorm kernel ([`gemv_norm_fits`]).
-pub fn folds(rows: usize, h: usize, dtype: DType) -> bool {
-    super::decode_norm_fold() && gemv_norm_fits(rows, h, dtype)
+/// Whether a step for `rows` sequences of hidden size `h` folds each RMSNorm into the GEMV that
+/// reads its output (gemv.cu's `gemv_norm`), given norm weights on 16-byte boundaries (as
+/// candle allocates them; [`DecodeGraph::record`] checks): where enabled
+/// ([`super::decode_norm_fold`]), for 1 or 2 rows of a size the fold normalises exactly as the
+/// RMSNorm kernel ([`gemv_norm_fits`]).
+pub fn folds(rows: usize, h: usize) -> bool {
+    super::decode_norm_fold() && gemv_norm_fits(rows, h)
 }
 
-/// Whether a step for `rows` sequences of hidden size `h` in `dtype` launches kernels of kind
-/// `k`: all but the RMSNorms when they are folded ([`folds`]).
-pub fn launches(k: StepKernel, rows: usize, h: usize, dtype: DType) -> bool {
-    !(folds(rows, h, dtype)
-        && matches!(k, StepKernel::InputNorm | StepKernel::MlpNorm | StepKernel::FinalNorm))
+/// Whether a step folding its RMSNorms or not (`folded`) launches kernels of kind `k`: all but
+/// the RMSNorms when they are folded.
+pub fn launches(k: StepKernel, folded: bool) -> bool {
+    !(folded && matches!(k, StepKernel::InputNorm | StepKernel::MlpNorm | StepKernel::FinalNorm))
+}
+
+/// Whether the step over `m` for `rows` sequences folds its RMSNorms: [`folds`], and every norm
+/// weight on a 16-byte boundary (else the eager RMSNorm kernel takes its one-element path,
+/// which the fold does not replay).
+fn step_folds(m: &StepModel, rows: usize, stream: &std::sync::Arc<CudaStream>) -> Result<bool> {
+    if !folds(rows, m.embed.dim(1)?) {
+        return Ok(false);
+    }
+    let norms = m.layers.iter().flat_map(|l| [&l.attn_norm, &l.mlp_norm]).chain([&m.norm]);
+    for w in norms {
+        if tensor_address(w, stream, "decode graph: a norm weight")? % 16 != 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// One kind of launch's share of a decode step ([`profile`]).
@@ -214,10 +230,13 @@ pub fn profile(m: &StepModel, rows: usize, pos: usize, reps: usize) -> Result<(f
     let (whole, _) = time(&|_| true)?;
     // Kinds the step does not launch (the norms folded into the GEMVs after them) are left out
     // before recording: their graphs would be empty.
-    let (h, dtype) = (m.embed.dim(1)?, m.embed.dtype());
+    let Device::Cuda(dev) = m.embed.device() else {
+        bail!("decode graph: the model is not on a cuda device")
+    };
+    let folded = step_folds(m, rows, &dev.cuda_stream())?;
     let kinds = StepKernel::ALL
         .into_iter()
-        .filter(|&k| launches(k, rows, h, dtype))
+        .filter(|&k| launches(k, folded))
         .map(|kernel| {
             let (ms, calls) = time(&|k| k == kernel)?;
             Ok(KernelTime { kernel, calls, ms })
@@ -435,8 +454,7 @@ impl DecodeGraph {
         // product is then exactly that of the RMSNorm kernel's output: the norm weights 16-byte
         // aligned (else the eager kernel takes its one-element path) and the rows within the
         // fold's reach ([`folds`]).
-        let norms = layers.iter().flat_map(|l| [l.attn_norm, l.mlp_norm]).chain([a_norm]);
-        let fold = folds(rows, h, dtype) && norms.clone().all(|a| a % 16 == 0);
+        let fold = step_folds(m, rows, &stream)?;
         let fns_norm = if fold {
             Some((
                 gemv_function(dev, GemvKind::Norm, dtype, rows)?,
