@@ -60,7 +60,7 @@ for t in rms_norm_forward_and_backward rope_forward_and_backward_are_exact softm
     wgmma_backward_matches_the_cpu wgmma_phase_profiles_match_the_plain_kernels \
     full_attention_forward \
     decode_gemv_forward decode_attention_forward \
-    rope_qkv_into_cache_is_exact head_splits_and_merges_are_exact bias_act_forward add_matches_candles_add cat_rows_matches_candles_cat \
+    rope_qkv_into_cache_is_exact head_splits_and_merges_are_exact bias_act_forward add_matches_candles_add cat_rows_matches_candles_cat cast_matches_candles_to_dtype \
     batched_decode_matches_the_cpu \
     graph_decode_matches_the_eager_steps decode_profile_times_every_kind_of_launch \
     train_step_layer_nodes_match_the_composed_graph; do

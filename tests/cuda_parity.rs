@@ -725,6 +725,46 @@ fn cat_rows_matches_candles_cat() {
     }
 }
 
+/// `ops::cast` (cast.cu) against candle's `to_dtype`, bit for bit, f32 → bf16 → f32: ties,
+/// signed zero, infinities and NaN, the 16-byte path with a tail and the one-element path (an
+/// odd offset), and the gradient of a cast variable.
+#[test]
+fn cast_matches_candles_to_dtype() {
+    let mut v: Vec<f32> = randn(&[1003], 90, 3.0).to_vec1().unwrap();
+    v[..6].copy_from_slice(&[
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ]);
+    let x = Tensor::from_vec(v, 1003, &gpu()).unwrap();
+    for x in [x.clone(), x.narrow(0, 1, 1000).unwrap()] {
+        let (ours, candle) = (ops::cast(&x, DType::BF16).unwrap(), x.to_dtype(DType::BF16).unwrap());
+        let bits =
+            |t: &Tensor| t.to_vec1::<half::bf16>().unwrap().iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ours), bits(&candle), "f32 → bf16 of {} elements", x.elem_count());
+        let (back, candle_back) =
+            (ops::cast(&ours, DType::F32).unwrap(), candle.to_dtype(DType::F32).unwrap());
+        let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back), bits(&candle_back), "bf16 → f32 of {} elements", x.elem_count());
+        println!("parity cast f32 ⇄ bf16 of {} elements: bit for bit candle's  ok", x.elem_count());
+    }
+    let w = Var::from_tensor(&randn(&[64], 91, 1.0).to_device(&gpu()).unwrap()).unwrap();
+    let grads = ops::cast(w.as_tensor(), DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = grads.get(w.as_tensor()).unwrap();
+    assert_eq!(g.dtype(), DType::F32);
+    check("cast's gradient", g, &Tensor::ones(64, DType::F32, &gpu()).unwrap(), 0.0);
+}
+
 /// `ops::add_detached` (bias_act.cu without a bias) against candle's add, bit for bit: f32 and
 /// bf16, the 16-byte path and the one-element one (odd sizes, an operand at an odd offset).
 #[test]

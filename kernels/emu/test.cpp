@@ -2,6 +2,7 @@
 // Run: kernels/emu/run.sh. Shapes are small and odd on purpose: partial tiles, GQA, tiny rows.
 #include "../src/adamw.cu"
 #include "../src/bias_act.cu"
+#include "../src/cast.cu"
 #include "../src/cross_entropy.cu"
 #include "../src/decode_attn.cu"
 #include "../src/flash_attn.cu"
@@ -813,6 +814,28 @@ template <class T> void test_add(long long n, int cols) {
                 same ? "ok" : "FAIL");
 }
 
+// f32 → bf16 → f32 through cast.cu: bit for bit the scalar conversions (round to nearest even;
+// ties, specials), the 16-byte path with a tail (n 1003) and the one-element path (odd offset).
+void test_cast(long long n, int offset) {
+    auto x = randv(n + offset, -3, 3);
+    x[offset] = 0x1.01p0f;  // ties between two bf16 values: down to even, then up to even
+    x[offset + 1] = 0x1.03p0f;
+    x[offset + 2] = -0.0f;
+    x[offset + 3] = INFINITY;
+    std::vector<bf16> y(n);
+    std::vector<float> back(n);
+    emu::launch(dim3(2), dim3(64), 0, cast<float, bf16>, (const float *)x.data() + offset, y.data(), n);
+    emu::launch(dim3(2), dim3(64), 0, cast<bf16, float>, (const bf16 *)y.data(), back.data(), n);
+    bool same = true;
+    for (long long i = 0; i < n; ++i) {
+        const bf16 want = from_f32<bf16>(x[offset + i]);
+        same = same && __bfloat16_as_ushort(y[i]) == __bfloat16_as_ushort(want) && back[i] == to_f32(want);
+    }
+    if (!same) failures++;
+    std::printf("%-44s %s\n", ("cast f32 -> bf16 -> f32 n" + std::to_string(n) + " offset " + std::to_string(offset)).c_str(),
+                same ? "ok" : "FAIL");
+}
+
 // Rows of a [V, H] table by device ids, an out-of-range id giving zeros.
 template <class T> void test_embed_rows(int v, int h) {
     auto table = cast<T>(randv((size_t)v * h));
@@ -836,6 +859,8 @@ int main() {
     test_add<bf16>(4096, 8);
     test_add<float>(1000, 8);
     test_add<bf16>(1001, 1);
+    test_cast(1003, 0);
+    test_cast(64, 1);
     test_rmsnorm<float>(5, 37, 1e-5);
     test_rmsnorm<bf16>(4, 300, 2e-2);
     // The 16-byte path: 2 chunks a thread (LLaMA's 4096 and 8192, and a block with a partial

@@ -40,6 +40,8 @@ modules! {
     RMSNORM = "rmsnorm";
     /// `bias_act_{f32,bf16}`.
     BIAS_ACT = "bias_act";
+    /// `cast_f32_bf16`, `cast_bf16_f32`.
+    CAST = "cast";
     /// `rope_{f32_f32,bf16_bf16,bf16_f32}`, `rope_qkv_cache_*`, `rope_heads_*` (same suffixes).
     ROPE = "rope";
     /// `softmax_{f32,bf16}`.
