@@ -267,13 +267,16 @@ fn convert<A: Copy + Sync, B: Copy + Send>(src: &[A], f: impl Fn(A) -> B + Sync)
 /// `a + b` for same-shape tensors outside autograd (hand-written backwards), rounded to the
 /// dtype once as candle's add rounds. bf16 on the CPU is one parallel pass here: candle's bf16
 /// add converts through intrinsics it cannot inline (3–5 % of a bf16 training step). On CUDA
-/// (f32, bf16) it is bias_act.cu without a bias, 16 bytes a thread: candle's add moves one
-/// element a thread (a 64 MB bf16 sum at 1.3 TB/s on an H200; a training layer runs three).
+/// (f32, bf16) it is bias_act.cu without a bias, a thread per 16 bytes: candle's add, vectorised
+/// too, launches a thread per element, most of its blocks only starting to exit (a 64 MB bf16 sum
+/// at 1.3 TB/s on an H200; a training layer runs three).
 pub fn add_detached(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let same = a.shape() == b.shape() && a.dtype() == b.dtype();
     let kernel = match a.device() {
         candle_core::Device::Cpu => a.dtype() == DType::BF16,
-        candle_core::Device::Cuda(_) => matches!(a.dtype(), DType::F32 | DType::BF16),
+        candle_core::Device::Cuda(_) => {
+            cfg!(feature = "cuda") && matches!(a.dtype(), DType::F32 | DType::BF16)
+        }
         _ => false,
     };
     if same && kernel {
@@ -282,13 +285,15 @@ pub fn add_detached(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a + b
 }
 
-/// `parts` stacked along dim 0, as `Tensor::cat(parts, 0)` but outside autograd: on CUDA, for
-/// contiguous f32 or bf16 parts, one device-to-device copy each (candle's cat copies one element a
-/// thread); elsewhere candle's cat.
+/// `parts` stacked along dim 0, as `Tensor::cat(parts, 0)`: on CUDA, for contiguous f32 or bf16
+/// parts outside autograd, one device-to-device copy each (candle's cat copies one element a
+/// thread); elsewhere, or when a part carries a gradient, candle's cat.
 pub fn cat_rows(parts: &[Tensor]) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(t) = cuda::cat_rows(parts)? {
-        return Ok(t);
+    if !parts.iter().any(|t| t.track_op()) {
+        if let Some(t) = cuda::cat_rows(parts)? {
+            return Ok(t);
+        }
     }
     Tensor::cat(parts, 0)
 }
@@ -311,6 +316,9 @@ impl CustomOp2 for AddSame {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         // Rows of 8 take the kernel's 16-byte path; other sizes its one-element loop.
         let n = l1.shape().elem_count();
+        if l2.shape().elem_count() != n {
+            candle_core::bail!("add: {:?} and {:?} differ", l1.shape(), l2.shape());
+        }
         let cols = if n.is_multiple_of(8) { 8 } else { 1 };
         let y = cuda::bias_act((s1, l1), None, Some((s2, l2)), cols, epilogue::Act::Identity)?;
         Ok((y, l1.shape().clone()))
@@ -323,6 +331,13 @@ impl CustomOp2 for AddSame {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if (s1.dtype(), s2.dtype()) != (DType::BF16, DType::BF16) {
+            candle_core::bail!(
+                "add: the CPU kernel adds bf16 only, got {:?} and {:?}",
+                s1.dtype(),
+                s2.dtype()
+            );
+        }
         let ins = [Operand::new(s1, l1, self.name())?, Operand::new(s2, l2, self.name())?];
         let out = elementwise(ins, 1, 1 << 14, DType::BF16, self.name(), |[a, b], out| {
             out[0].iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a + b);

@@ -740,6 +740,11 @@ fn cast_matches_candles_to_dtype() {
         f32::NAN,
     ]);
     let x = Tensor::from_vec(v, 1003, &gpu()).unwrap();
+    // bf16 → f32 from a view at an odd offset too (the one-element path).
+    let odd_bf16 = x.to_dtype(DType::BF16).unwrap().narrow(0, 1, 1000).unwrap();
+    let (ours, candle) = (ops::cast(&odd_bf16, DType::F32).unwrap(), odd_bf16.to_dtype(DType::F32).unwrap());
+    let f32_bits = |t: &Tensor| t.to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(f32_bits(&ours), f32_bits(&candle), "bf16 → f32 at an odd offset");
     for x in [x.clone(), x.narrow(0, 1, 1000).unwrap()] {
         let (ours, candle) = (ops::cast(&x, DType::BF16).unwrap(), x.to_dtype(DType::BF16).unwrap());
         let bits =

@@ -545,10 +545,16 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
                 std::memset(dyn_smem, 0xcd, smem);  // garbage, like real shared memory
                 mbars.clear();
                 for (auto &n : named_barriers) n = NamedBarrier{};
+                // The block's threads count themselves done: a thread stuck at a __syncthreads
+                // or warp barrier that another thread never reaches (it returned early) would
+                // otherwise hang the run, as the mbarrier and named-barrier waits do not.
+                std::mutex done_m;
+                std::condition_variable done_cv;
+                unsigned done = 0;
                 std::vector<std::thread> ts;
                 ts.reserve(n);
                 for (unsigned i = 0; i < n; ++i)
-                    ts.emplace_back([=] {
+                    ts.emplace_back([=, &done_m, &done_cv, &done] {
                         threadIdx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
                         blockIdx = dim3(bx, by, bz);
                         cp_state = {};
@@ -564,7 +570,17 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, size_t smem, K
                             cp_async_commit();
                             cp_async_wait(0);
                         }
+                        {
+                            std::lock_guard<std::mutex> lock(done_m);
+                            ++done;
+                        }
+                        done_cv.notify_one();
                     });
+                {
+                    std::unique_lock<std::mutex> lock(done_m);
+                    if (!done_cv.wait_for(lock, WAIT_LIMIT, [&] { return done == n; }))
+                        deadlock("a block (a __syncthreads or warp barrier that some thread never reached)");
+                }
                 for (auto &t : ts) t.join();
             }
 }

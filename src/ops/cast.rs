@@ -2,9 +2,10 @@
 //!
 //! Training casts every f32 master weight to bf16 once per step (the compute copy the GEMMs
 //! read) and candle's CPU `to_dtype` does it element by element on one thread (`half`'s
-//! branchy `from_f32`): 5 % of a 134M bf16 step. On CUDA candle's cast kernel moves one element
-//! a thread; kernels/src/cast.cu moves eight with 16-byte accesses (a 7B layer's weights are
-//! 1.2 GB of cast traffic a step). Same rounding (nearest even, NaN kept quiet), so the same bits.
+//! branchy `from_f32`): 5 % of a 134M bf16 step. On CUDA kernels/src/cast.cu moves 8 elements a
+//! thread with a thread per 8 (candle's cast launches a thread per element, most of its blocks
+//! only starting to exit; a 7B layer's weights are 1.2 GB of cast traffic a step). Same rounding
+//! (nearest even, NaN kept quiet), so the same bits.
 
 use super::{contiguous, convert, cpu_gemm::to_bf16, Float};
 use candle_core::backend::BackendStorage;
@@ -51,11 +52,14 @@ impl CustomOp1 for Cast {
 }
 
 /// `t.to_dtype(dtype)`, differentiable like it; f32 → bf16 and bf16 → f32 on the CPU run as one
-/// parallel vectorised pass (the module docs) and on CUDA as cast.cu (8 elements a thread, where
-/// candle's kernel moves one), everything else is candle's cast.
+/// parallel vectorised pass (the module docs) and on CUDA as cast.cu (a thread per 8 elements),
+/// everything else is candle's cast.
 pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     let fast = matches!((t.dtype(), dtype), (DType::F32, DType::BF16) | (DType::BF16, DType::F32));
-    if t.dtype() == dtype || !fast || !(t.device().is_cpu() || t.device().is_cuda()) {
+    if t.dtype() == dtype
+        || !fast
+        || !(t.device().is_cpu() || (cfg!(feature = "cuda") && t.device().is_cuda()))
+    {
         return t.to_dtype(dtype);
     }
     t.contiguous()?.apply_op1(Cast { to: dtype })

@@ -658,8 +658,8 @@ pub(super) fn bias_act(
     })
 }
 
-/// x [..] (contiguous) cast f32 → bf16 or bf16 → f32 by cast.cu (8 elements a thread; candle's
-/// cast moves one); `None` for other pairs.
+/// x [..] (contiguous) cast f32 → bf16 or bf16 → f32 by cast.cu (a thread per 8 elements);
+/// `None` for other pairs.
 pub(super) fn cast(x: &CudaStorage, xl: &Layout, to: DType) -> Result<Option<CudaStorage>> {
     const OP: &str = "cast";
     let name = match (x.dtype(), to) {
