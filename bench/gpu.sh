@@ -120,6 +120,9 @@ for g in cublas cublaslt; do
 done
 # q, k and v as three products in the layer node instead of one over their stacked weights.
 step ours-gpu-layer-qkv-apart 60 env SHARDSMITH_NODE_FUSED_QKV=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
+# A graph node a layer instead of one for the chain of layers (candle's backward then zero-fills
+# and adds each layer's input gradient).
+step ours-gpu-layer-no-chain 60 env SHARDSMITH_LAYER_CHAIN=0 "$SS" bench gpu-layer --runs 5 "${L[@]}" "${C[@]}" ${L2[@]+"${L2[@]}"}
 # f32 master weights, as `train` keeps them: cast to bf16 each step, the weight gradients f32
 # products (cuBLAS by default, ops::linear::GemmBackend::for_product; candle's product widened
 # by a second pass with SHARDSMITH_GEMM=candle).
@@ -196,8 +199,10 @@ g = lambda r, k: None if r is None else r[k]
 same_masters = lambda r: r.get("masters", r["dtype"]) == r["dtype"]
 f32_masters = lambda r: r.get("masters") == "f32" and r["dtype"] != "f32"
 fused = lambda r: r.get("fused_qkv", True)
-o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", masters=same_masters, fused_qkv=fused, **DEF), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
+chain = lambda r: r.get("layer_chain", True)
+o, t, c = find("gpu_layer", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", masters=same_masters, fused_qkv=fused, layer_chain=chain, **DEF), find("gpu_layer", "pytorch"), find("gpu_layer", "pytorch_ckpt")
 oq = find("gpu_layer", "shardsmith", fused_qkv=False)
+on = find("gpu_layer", "shardsmith", layer_chain=False)
 om, omc = (find("gpu_layer", "shardsmith", masters=f32_masters, gemm_f32=x) for x in ("cublas", "candle"))
 # The layer's variant runs are told apart from its GEMM-library runs by gemm; attention rows have no gemm.
 kern = lambda bench, key, **kv: ", ".join(f"{f}+{b} {fmt(g(find(bench, 'shardsmith', flash_fwd=f, flash_bwd=b, **kv), key))}" for f, b in VARIANTS)
@@ -210,7 +215,7 @@ if o or t:
     line(name, "TFLOP/s", g(o, "tflops"), g(t, "tflops"),
          f"full ckpt {fmt(g(c, 'tflops'))}; ours composed {fmt(g(oc, 'tflops'))}, pool released {fmt(g(op, 'tflops'))}; "
          f"attention fwd+bwd kernels {kern('gpu_layer', 'tflops', gemm='candle')}; GEMMs by {gemms('gpu_layer', 'tflops')}; "
-         f"q/k/v as three products {fmt(g(oq, 'tflops'))}")
+         f"q/k/v as three products {fmt(g(oq, 'tflops'))}; a graph node a layer (no chain) {fmt(g(on, 'tflops'))}")
     mfu = lambda r: None if r is None else 100 * r["tflops"] / peak
     line(name, "MFU %", mfu(o), mfu(t), f"full ckpt {fmt(mfu(c))}; ours composed {fmt(mfu(oc))}, pool released {fmt(mfu(op))}")
     line(name + ", f32 master weights (ours; PyTorch: bf16 weights)", "MFU %", mfu(om), mfu(t),
@@ -261,7 +266,7 @@ for b in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
          f"eager with cudarc events {fmt(g(ov, 'tokens_per_s'))}, all GEMMs by cuBLAS {fmt(g(oc, 'tokens_per_s'))}, "
          f"GEMV kernels to batch 8 {fmt(g(o8, 'tokens_per_s'))} ({g(o8, 'graph_replays')} replayed), "
          f"RMSNorms {'as their own launches' if df else 'folded into the GEMVs'} {fmt(g(onf, 'tokens_per_s'))}")
-o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", fused_qkv=fused, **DEF), find("neva_step", "pytorch")
+o, t = find("neva_step", "shardsmith", layer_nodes=True, cuda_pool_keep=True, gemm="candle", fused_qkv=fused, layer_chain=chain, **DEF), find("neva_step", "pytorch")
 oq = find("neva_step", "shardsmith", fused_qkv=False)
 os_ = find("neva_step", "shardsmith", flash_fwd="mma", flash_bwd="split") if DEF["flash_bwd"] != "split" else None
 ol = find("neva_step", "shardsmith", gemm="cublaslt")

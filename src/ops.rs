@@ -407,6 +407,15 @@ pub fn node_fused_qkv() -> bool {
     *ON.get_or_init(|| std::env::var("SHARDSMITH_NODE_FUSED_QKV").map_or(true, |v| v != "0"))
 }
 
+/// Whether a training forward runs its one-node decoder layers as one graph node for the chain
+/// (`models::llama::Llama::layers`: candle's backward then zero-fills and adds one input
+/// gradient, not one a layer): the default; `SHARDSMITH_LAYER_CHAIN=0` makes a node a layer, for
+/// comparisons.
+pub fn layer_chain() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SHARDSMITH_LAYER_CHAIN").map_or(true, |v| v != "0"))
+}
+
 /// Whether cudarc's per-buffer event tracking stays on for devices shardsmith opens
 /// (`SHARDSMITH_CUDA_EVENTS=1`, for comparisons); off by default (`quiet_event_tracking`).
 pub fn cuda_events_kept() -> bool {

@@ -144,10 +144,6 @@ pub fn random_llama(s: &LlamaShape, c: &Common, trainable: bool) -> Result<Llama
     Ok(Llama::load(backend.var_builder(c.dtype, &c.device), &s.hparams(), layout)?)
 }
 
-/// `bench gpu-layer`: `s.layers` decoder layers forward + backward on x [B, S, H], each layer
-/// one graph node with the hand-written backward (`layer_nodes`) or candle's composed ops; the
-/// weights are variables of `masters` (f32 master weights, cast to the compute dtype each step,
-/// as `train` keeps them) or of the compute dtype.
 /// What `bench gpu-layer` runs besides the shape.
 pub struct GpuLayerOptions {
     /// Decoder layers as one graph node each (the trainer's default) or candle's composed ops.
@@ -158,6 +154,10 @@ pub struct GpuLayerOptions {
     pub phases: bool,
 }
 
+/// `bench gpu-layer`: `s.layers` decoder layers forward + backward on x [B, S, H], the layers
+/// as the trainer runs them (one graph node for their chain, `Llama::layers`) or candle's composed ops; the
+/// weights are variables of `masters` (f32 master weights, cast to the compute dtype each step,
+/// as `train` keeps them) or of the compute dtype.
 pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, o: &GpuLayerOptions, c: &Common) -> Result<()> {
     let (layer_nodes, masters) = (o.layer_nodes, o.masters);
     if o.phases && !(layer_nodes && c.device.is_cuda()) {
@@ -173,10 +173,8 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, o: &GpuLayerOptions, 
     let x =
         Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, seq, s.hidden), &c.device)?.to_dtype(c.dtype)?)?;
     let mut step = || -> Result<()> {
-        let mut y = x.as_tensor().clone();
-        for i in 0..s.layers {
-            y = llama.layer(i, &y, &inputs, &Solo)?;
-        }
+        // As the trainer runs them (one graph node for the chain of one-node layers).
+        let y = llama.layers(x.as_tensor(), &inputs, &Solo)?;
         let mut grads = y.backward()?;
         // One-node layers leave their weights' gradients aside: gather them as a step would.
         llama.take_param_grads(&mut grads)?;
@@ -203,6 +201,7 @@ pub fn gpu_layer(s: &LlamaShape, batch: usize, seq: usize, o: &GpuLayerOptions, 
         "flash_bwd": flash_names()?.1,
         "masters": dtype_name(weights.dtype),
         "fused_qkv": crate::ops::node_fused_qkv(),
+        "layer_chain": crate::ops::layer_chain(),
         "gemm": GemmBackend::from_env()?.name(),
         "gemm_f32": GemmBackend::for_product(true)?.name(),
         "step_ms": secs * 1e3,
@@ -747,6 +746,7 @@ pub fn neva_step(s: &LlamaShape, v: &ClipShape, o: &NevaStepOptions, c: &Common)
         "gemm": GemmBackend::from_env()?.name(),
         "gemm_f32": GemmBackend::for_product(true)?.name(),
         "fused_qkv": crate::ops::node_fused_qkv(),
+        "layer_chain": crate::ops::layer_chain(),
         "loss": loss,
         "step_ms": secs * 1e3,
         "fwd_bwd_ms": fwd_bwd * 1e3,

@@ -895,6 +895,21 @@ impl DecoderLayer {
         sink: &ops::GradSink,
         fuse_qkv: bool,
     ) -> Result<Tensor> {
+        let (y, backward) = self.forward_parts(x, cos, sin, sink, fuse_qkv)?;
+        Ok(ops::opaque(x, y, backward)?)
+    }
+
+    /// [`DecoderLayer::forward_node`]'s output (computed from x detached) and backward (output
+    /// gradient → x's), for the caller to make the graph node: one a layer, or one for a chain
+    /// of layers ([`Llama::layers`]).
+    fn forward_parts(
+        &mut self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        sink: &ops::GradSink,
+        fuse_qkv: bool,
+    ) -> Result<(Tensor, ops::opaque::Backward)> {
         if fuse_qkv && !self.decode_fused {
             // Frozen q/k/v (and gate/up) stacked once, each weight a view of its rows: the
             // fused product then needs no copy per step. Trained weights are left as they are.
@@ -967,8 +982,14 @@ impl DecoderLayer {
             };
             run().map_err(|e| candle_core::Error::Msg(format!("decoder layer backward: {e}")))
         };
-        Ok(ops::opaque(x, y, backward)?)
+        Ok((y, Box::new(backward)))
     }
+}
+
+/// Whether a one-node layer on x runs q/k/v as one product: on CUDA (`SHARDSMITH_NODE_FUSED_QKV=0`:
+/// three); on the CPU the frozen weights' pre-packed panels (per projection) are worth more.
+fn node_fuses_qkv(x: &Tensor) -> bool {
+    x.device().is_cuda() && ops::node_fused_qkv()
 }
 
 /// The dense gradient [V, H] of a gather of rows `ids` [N] from a [V, H] table, given the rows'
@@ -1450,21 +1471,58 @@ impl Llama {
         s: &SequenceInputs,
         comm: &dyn Collective,
     ) -> Result<Tensor> {
-        let layer = &mut self.layers[i];
-        if self.layer_nodes
+        if self.runs_as_node(i, x, s) {
+            self.node_forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let fuse_qkv = node_fuses_qkv(x);
+            return self.layers[i].forward_node(x, &s.cos, &s.sin, &self.param_grads, fuse_qkv);
+        }
+        self.layers[i].forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
+    }
+
+    /// Every decoder layer on x [B, T, H], in training: where each would run as one graph node
+    /// ([`Llama::layer`]), the whole chain is one node whose backward runs the layers'
+    /// backwards in turn. candle's backward zero-fills each node's input gradient and adds the
+    /// node's gradient to it (`GradStore::or_insert`, then an add: a memset and a [B, T, H] add
+    /// a layer on top of the layer's own work); one node for the chain pays that once.
+    /// Otherwise (or with `SHARDSMITH_LAYER_CHAIN=0`) the layers one by one.
+    pub fn layers(&mut self, x: &Tensor, s: &SequenceInputs, comm: &dyn Collective) -> Result<Tensor> {
+        let n = self.layers.len();
+        if n == 0 || !ops::layer_chain() || !(0..n).all(|i| self.runs_as_node(i, x, s)) {
+            let mut y = x.clone();
+            for i in 0..n {
+                y = self.layer(i, &y, s, comm)?;
+            }
+            return Ok(y);
+        }
+        let fuse_qkv = node_fuses_qkv(x);
+        let mut y = x.detach();
+        let mut backwards = Vec::with_capacity(n);
+        for layer in &mut self.layers {
+            self.node_forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (next, backward) = layer.forward_parts(&y, &s.cos, &s.sin, &self.param_grads, fuse_qkv)?;
+            backwards.push(backward);
+            y = next;
+        }
+        Ok(ops::opaque(x, y, move |dy: &Tensor| {
+            let mut g = dy.clone();
+            for backward in backwards.iter().rev() {
+                g = backward(&g)?;
+            }
+            Ok(g)
+        })?)
+    }
+
+    /// Whether decoder layer `i` on x runs as one graph node ([`DecoderLayer::forward_node`]):
+    /// nodes on, x's gradient wanted, one rank, a fresh sequence with the fused attention, and
+    /// weights that can live inside a node.
+    fn runs_as_node(&self, i: usize, x: &Tensor, s: &SequenceInputs) -> bool {
+        let layer = &self.layers[i];
+        self.layer_nodes
             && x.track_op()
             && self.layout.tp == 1
             && s.mask.is_none()
             && layer.node_ready()
             && ops::attention::kernel_supports(x.device(), x.dtype(), layer.self_attn.head_dim)
-        {
-            self.node_forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // q/k/v as one product on CUDA (`SHARDSMITH_NODE_FUSED_QKV=0`: three); on the CPU
-            // the frozen weights' pre-packed panels (per projection) are worth more.
-            let fuse_qkv = x.device().is_cuda() && ops::node_fused_qkv();
-            return layer.forward_node(x, &s.cos, &s.sin, &self.param_grads, fuse_qkv);
-        }
-        layer.forward(x, &s.cos, &s.sin, s.mask.as_ref(), comm)
     }
 
     /// Run decoder layers and the head in training as one graph node each (the default;
@@ -1625,6 +1683,62 @@ mod tests {
     fn seq(t: usize, seed: f32) -> Tensor {
         let v: Vec<f32> = (0..2 * 3 * t * 4).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
         Tensor::from_vec(v, (2, 3, t, 4), &Device::Cpu).unwrap()
+    }
+
+    /// The chain of one-node layers as one graph node ([`Llama::layers`]) gives the output, the
+    /// input's gradient and every weight's gradient of a node a layer, bit for bit (the same
+    /// backwards, in the same order; only candle's zero-filled accumulators between them go).
+    #[test]
+    fn layer_chain_matches_a_node_a_layer() {
+        use crate::commands::synth::LlamaShape;
+        use crate::ops::testing::randn;
+        use crate::parallel::Solo;
+        let shape = LlamaShape { layers: 3, hidden: 64, ffn: 96, heads: 4, kv_heads: 2, vocab: 32 };
+        let (b, t) = (2, 7);
+        for dtype in [DType::F32, DType::BF16] {
+            let backend = Arc::new(crate::weights::RandomBackend::new(0.1, true));
+            let layout = RankLayout { tp: 1, rank: 0, padded_vocab: shape.vocab };
+            let mut llama =
+                Llama::load(backend.var_builder(dtype, &Device::Cpu), &shape.hparams(), layout).unwrap();
+            llama.set_use_cache(false);
+            let s = llama.sequence_inputs(t, dtype, &Device::Cpu).unwrap();
+            let x = candle_core::Var::from_tensor(&randn(&[b, t, 64], 3).to_dtype(dtype).unwrap()).unwrap();
+            let probe = randn(&[b, t, 64], 4);
+            let mut run = |chain: bool| {
+                let before = llama.node_forwards();
+                let y = if chain {
+                    llama.layers(x.as_tensor(), &s, &Solo).unwrap()
+                } else {
+                    let mut y = x.as_tensor().clone();
+                    for i in 0..3 {
+                        y = llama.layer(i, &y, &s, &Solo).unwrap();
+                    }
+                    y
+                };
+                assert_eq!(llama.node_forwards() - before, 3, "every layer a node");
+                let loss = (y.to_dtype(DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap();
+                let mut grads = loss.backward().unwrap();
+                llama.take_param_grads(&mut grads).unwrap();
+                let named: Vec<(String, Tensor)> = backend
+                    .vars()
+                    .iter()
+                    .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+                    .collect();
+                (y, grads.get(x.as_tensor()).unwrap().clone(), named)
+            };
+            let (y_apart, dx_apart, dw_apart) = run(false);
+            let (y_chain, dx_chain, dw_chain) = run(true);
+            assert_eq!(max_diff(&y_apart, &y_chain), 0.0, "{dtype:?}: y");
+            assert_eq!(max_diff(&dx_apart, &dx_chain), 0.0, "{dtype:?}: dx");
+            assert_eq!(dw_apart.len(), 3 * 9, "{dtype:?}: the layers' weight gradients");
+            assert_eq!(
+                dw_apart.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                dw_chain.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            );
+            for ((name, a), (_, c)) in dw_apart.iter().zip(&dw_chain) {
+                assert_eq!(max_diff(a, c), 0.0, "{dtype:?} {name}");
+            }
+        }
     }
 
     /// A layer node with q, k and v as one product over their stacked weights (the CUDA

@@ -39,7 +39,7 @@ impl GradSink {
 }
 
 /// The backward of an opaque block: output gradient → input gradient.
-type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+pub type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 struct Opaque {
     /// The block's output, handed over by the forward (then dropped here).

@@ -308,10 +308,7 @@ impl TrainModel {
         let layers = llama.num_layers();
         let mut grads = GradStore::default();
         let (loss, tokens) = if !checkpointing {
-            let mut x = x0;
-            for i in 0..layers {
-                x = llama.layer(i, &x, &seq, &Solo)?;
-            }
+            let x = llama.layers(&x0, &seq, &Solo)?;
             let (loss, tokens) = masked_cross_entropy(&llama.head_native(&x, &Solo)?, &batch.labels)?;
             self.collect(&mut grads, loss.backward()?)?;
             (loss, tokens)
