@@ -921,13 +921,19 @@ impl DecoderLayer {
         // recorded unless it asks).
         let dev = x.device().clone();
         let region = |name, f: &mut dyn FnMut() -> Result<Tensor>| ops::phases::region(name, &dev, f);
-        let qkv = ops::phases::region("fwd q/k/v weights stacked", &dev, || NodeQkv::new(a, &xd, fuse_qkv))?;
-        let [op, gp, upp, dp] = [
-            NodeProj::new(&a.o_proj, &xd)?,
-            NodeProj::new(&m.gate_proj, &xd)?,
-            NodeProj::new(&m.up_proj, &xd)?,
-            NodeProj::new(&m.down_proj, &xd)?,
-        ];
+        // The weights in the compute dtype (f32 masters cast), q/k/v stacked.
+        let (qkv, [op, gp, upp, dp]) =
+            ops::phases::region("fwd weights: casts, q/k/v stacking", &dev, || {
+                Ok::<_, crate::error::Error>((
+                    NodeQkv::new(a, &xd, fuse_qkv)?,
+                    [
+                        NodeProj::new(&a.o_proj, &xd)?,
+                        NodeProj::new(&m.gate_proj, &xd)?,
+                        NodeProj::new(&m.up_proj, &xd)?,
+                        NodeProj::new(&m.down_proj, &xd)?,
+                    ],
+                ))
+            })?;
         let (norm1, norm2) =
             (NodeNorm::new(&self.input_layernorm), NodeNorm::new(&self.post_attention_layernorm));
         let n1 = region("fwd RMSNorm", &mut || norm1.forward(&xd))?;
