@@ -1691,6 +1691,18 @@ mod tests {
         Tensor::from_vec(v, (2, 3, t, 4), &Device::Cpu).unwrap()
     }
 
+    /// The gradients in `grads` of `backend`'s variables, by name, in its order.
+    fn var_grads(
+        backend: &crate::weights::RandomBackend,
+        grads: &candle_core::backprop::GradStore,
+    ) -> Vec<(String, Tensor)> {
+        backend
+            .vars()
+            .iter()
+            .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+            .collect()
+    }
+
     /// The chain of one-node layers as one graph node ([`Llama::layers`]) gives the output, the
     /// input's gradient and every weight's gradient of a node a layer, bit for bit (the same
     /// backwards, in the same order; only candle's zero-filled accumulators between them go).
@@ -1725,12 +1737,7 @@ mod tests {
                 let loss = (y.to_dtype(DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap();
                 let mut grads = loss.backward().unwrap();
                 llama.take_param_grads(&mut grads).unwrap();
-                let named: Vec<(String, Tensor)> = backend
-                    .vars()
-                    .iter()
-                    .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
-                    .collect();
-                (y, grads.get(x.as_tensor()).unwrap().clone(), named)
+                (y, grads.get(x.as_tensor()).unwrap().clone(), var_grads(&backend, &grads))
             };
             let (y_apart, dx_apart, dw_apart) = run(false);
             let (y_chain, dx_chain, dw_chain) = run(true);
@@ -1773,12 +1780,7 @@ mod tests {
                 let loss = (y.to_dtype(DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap();
                 let mut grads = loss.backward().unwrap();
                 sink.drain_into(&mut grads).unwrap();
-                let named: Vec<(String, Tensor)> = backend
-                    .vars()
-                    .iter()
-                    .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
-                    .collect();
-                (y, grads.get(x.as_tensor()).unwrap().clone(), named)
+                (y, grads.get(x.as_tensor()).unwrap().clone(), var_grads(&backend, &grads))
             };
             let (y_apart, dx_apart, dw_apart) = run(false);
             let (y_fused, dx_fused, dw_fused) = run(true);

@@ -661,37 +661,29 @@ pub(super) fn bias_act(
 /// x [..] (contiguous) cast f32 → bf16 or bf16 → f32 by cast.cu (a thread per 8 elements);
 /// `None` for other pairs.
 pub(super) fn cast(x: &CudaStorage, xl: &Layout, to: DType) -> Result<Option<CudaStorage>> {
-    const OP: &str = "cast";
-    let name = match (x.dtype(), to) {
-        (DType::F32, DType::BF16) => "cast_f32_bf16",
-        (DType::BF16, DType::F32) => "cast_bf16_f32",
-        _ => return Ok(None),
-    };
-    let n = xl.shape().elem_count();
-    let dev = x.device();
-    let f = function(dev, &kernels::CAST, name)?;
-    let n64 = n as i64;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    let y = match to {
-        DType::BF16 => {
-            let xv = view::<f32>(x, xl, OP)?;
-            let mut y = unsafe { dev.alloc::<bf16>(n)? };
-            b.arg(&xv).arg(&mut y).arg(&n64);
-            // SAFETY: matches cast.cu: x and y hold n elements.
-            unsafe { b.launch(cfg_1d(n.div_ceil(8))) }.w()?;
-            CudaStorage::wrap_cuda_slice(y, dev.clone())
-        }
-        _ => {
-            let xv = view::<bf16>(x, xl, OP)?;
-            let mut y = unsafe { dev.alloc::<f32>(n)? };
-            b.arg(&xv).arg(&mut y).arg(&n64);
-            // SAFETY: as above.
-            unsafe { b.launch(cfg_1d(n.div_ceil(8))) }.w()?;
-            CudaStorage::wrap_cuda_slice(y, dev.clone())
-        }
-    };
-    Ok(Some(y))
+    /// y [n] of B from x of A by cast.cu's `name`.
+    fn run<A: CudaDType, B: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        x: &CudaStorage,
+        xl: &Layout,
+        name: &str,
+    ) -> Result<CudaStorage> {
+        let n = xl.shape().elem_count();
+        let dev = x.device();
+        let f = function(dev, &kernels::CAST, name)?;
+        let (xv, n64) = (view::<A>(x, xl, "cast")?, n as i64);
+        let mut y = unsafe { dev.alloc::<B>(n)? };
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xv).arg(&mut y).arg(&n64);
+        // SAFETY: matches cast.cu: x and y hold n elements.
+        unsafe { b.launch(cfg_1d(n.div_ceil(8))) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    Ok(match (x.dtype(), to) {
+        (DType::F32, DType::BF16) => Some(run::<f32, bf16>(x, xl, "cast_f32_bf16")?),
+        (DType::BF16, DType::F32) => Some(run::<bf16, f32>(x, xl, "cast_bf16_f32")?),
+        _ => None,
+    })
 }
 
 /// [2·N]: d gate then d up.
